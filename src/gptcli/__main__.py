@@ -1,0 +1,4 @@
+from gptcli.cli.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The Backend protocol, the facts a backend reports about its model, and the backend registry.
+
+A backend loads a model folder, makes an empty cache, and runs ``forward(ids, cache)``: the logits of
+the last position (float32, shape ``[vocab]``) plus the cache grown by ``len(ids)``. It never samples,
+prints or reads config. Built-ins register first; third-party packages add backends through the
+``gptcli.backends`` entry-point group, and only the selected backend is ever imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from gptcli.errors import BackendError
+
+ENTRY_POINT_GROUP = "gptcli.backends"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the decoding loop and the CLI need to know about a loaded model."""
+
+    name: str
+    architecture: str
+    context_length: int
+    vocab_size: int
+    num_layers: int
+    params: int
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load: device, dtype, threads and the two opt-in safety switches."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A backend's KV cache: opaque to the loop except for how many positions it holds."""
+
+    @property
+    def length(self) -> int: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The protocol every backend implements (built-in or plugin)."""
+
+    name: ClassVar[str]
+    info: ModelInfo
+
+    @classmethod
+    def unavailable_reason(cls, device: str = "auto") -> str | None:
+        """None when this backend can run here on `device`, else a one-line reason."""
+        ...
+
+    @classmethod
+    def load(cls, folder: Path, options: LoadOptions) -> Backend: ...
+
+    def new_cache(self) -> Cache: ...
+
+    def forward(self, ids: Sequence[int], cache: Cache) -> tuple[np.ndarray, Cache]:
+        """Run ids after what the cache holds; return last-position float32 logits and the grown cache."""
+        ...
+
+    def truncate(self, cache: Cache, length: int) -> Cache:
+        """Drop cached positions past `length` (for reusing a shared prefix)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered backend: where it comes from and how to import it (lazily)."""
+
+    name: str
+    target: str  # "module:Class"
+    origin: str  # "built-in" or "<distribution> <version>"
+    conflict: str | None = None
+
+    def load_class(self) -> type[Backend]:
+        if self.conflict:
+            raise BackendError(self.conflict)
+        module_name, _, attr = self.target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            return getattr(module, attr)
+        except Exception as exc:  # a broken plugin must not take the program down with it
+            raise BackendError(
+                f"backend '{self.name}' ({self.origin}) failed to load: {type(exc).__name__}: {exc}",
+                hint="reinstall or remove the plugin; `gptcli backends` lists every backend",
+            ) from None
+
+
+BUILTINS = {
+    "torch": "gptcli.backends.torch_backend:TorchBackend",
+    "onnx": "gptcli.backends.onnx_backend:OnnxBackend",
+}
+
+
+def _plugin_filter() -> set[str] | None:
+    """GPTCLI_PLUGINS=none|name,...: which plugins may load (unset: all)."""
+    value = os.environ.get("GPTCLI_PLUGINS")
+    if value is None or value.strip() in {"", "all"}:
+        return None
+    if value.strip() == "none":
+        return set()
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+def list_backends() -> list[BackendSpec]:
+    """Built-ins first, then plugins from entry points (a plugin claiming a built-in name is a conflict)."""
+    specs = [
+        BackendSpec(name, target, "built-in")
+        for name, target in BUILTINS.items()
+        if importlib.util.find_spec(target.split(":")[0]) is not None
+    ]
+    # GPTCLI_BACKEND_PATHS="name=module:Class,..." registers backends from importable modules
+    # without packaging them (for trying out a backend, and for tests).
+    for item in filter(None, os.environ.get("GPTCLI_BACKEND_PATHS", "").split(",")):
+        name, _, target = item.partition("=")
+        specs.append(BackendSpec(name.strip(), target.strip(), "GPTCLI_BACKEND_PATHS"))
+    allowed = _plugin_filter()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else "plugin"
+        conflict = None
+        if ep.name in BUILTINS:
+            conflict = f"plugin {origin} claims the built-in backend name '{ep.name}'; it is ignored"
+        specs.append(BackendSpec(ep.name, ep.value, origin, conflict))
+    return specs
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    """Import and return only the selected backend's class."""
+    specs = [s for s in list_backends() if s.name == name and not s.conflict]
+    if not specs:
+        names = sorted({s.name for s in list_backends()})
+        raise BackendError(f"unknown backend '{name}'", hint=f"choose one of: {', '.join(names)}")
+    return specs[0].load_class()

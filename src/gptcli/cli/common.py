@@ -1,0 +1,130 @@
+"""Pieces shared by commands: option types, settings resolution, input reading, stderr output."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gptcli.errors import InputError
+
+# Options shared by every command that runs a model. Defaults are None: "not given on the
+# command line", so config files and the environment can supply the value.
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Catalogue alias, HF folder, .gguf file or hub id.")
+]
+BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help="Backend name (see `gptcli backends`).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when present).")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML config file (over the user config).")]
+AllowPickleOpt = Annotated[
+    bool | None, typer.Option("--allow-pickle", help="Allow pickled (.bin/.pt) weights. Only for trusted files.")
+]
+TrustRemoteCodeOpt = Annotated[
+    bool | None, typer.Option("--trust-remote-code", help="Run model code shipped with the model folder.")
+]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens under min-p × the top probability.")]
+RepetitionPenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="1.0 = off.")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most new tokens to generate.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System message for chat models.")]
+OverflowOpt = Annotated[
+    str | None, typer.Option("--on-overflow", help="error | truncate: a prompt longer than the context.")
+]
+
+
+def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
+    """Build Settings from all layers; flag names are Settings keys (sampling ones un-prefixed)."""
+    from gptcli.config import FIELDS, resolve
+
+    dotted: dict[str, Any] = {}
+    for name, value in flags.items():
+        key = name if name in FIELDS else f"sampling.{name}"
+        if name == "stop" and value is not None:
+            value = tuple(value) or None
+        dotted[key] = value
+    return resolve(config_file=config_file, flags=dotted)
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """A progress or warning line on stderr (model text never goes through here)."""
+    stderr_console().print(message, markup=False, style="dim")
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"warning: {message}", markup=False, style="yellow")
+
+
+def read_text_file(path: Path) -> str:
+    """Read a UTF-8 text file, or fail with a one-line InputError (exit 6)."""
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a file", hint="pass a text file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}", hint="check the path") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    return decode_text(data, str(path))
+
+
+def decode_text(data: bytes, where: str) -> str:
+    if b"\x00" in data[:65536]:
+        raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{where} is not valid UTF-8 (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
+        ) from None
+
+
+def read_stdin_if_piped() -> str:
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        return ""
+    try:
+        if stream.isatty():
+            return ""
+    except (ValueError, OSError):
+        return ""
+    buffer = getattr(stream, "buffer", None)
+    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
+    return decode_text(data, "standard input")
+
+
+def gather_prompt(argument: str | None, file: Path | None) -> str:
+    """stdin first, then the file, then the argument, joined by blank lines. Empty is an error."""
+    parts = [read_stdin_if_piped()]
+    if file is not None:
+        parts.append(read_text_file(file))
+    if argument is not None:
+        parts.append(argument)
+    text = "\n\n".join(p.strip("\n") for p in parts if p.strip())
+    if not text.strip():
+        raise InputError("the prompt is empty", hint="give it as an argument, with -f FILE, or on stdin")
+    return text
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}

@@ -1,0 +1,160 @@
+"""`gptcli generate`: stream a completion to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+from gptcli.errors import EXIT_INTERRUPTED
+
+
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt. Combined after stdin when both are given.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from a file.")] = None,
+    model: c.ModelOpt = None,
+    backend: c.BackendOpt = None,
+    device: c.DeviceOpt = None,
+    dtype: c.DtypeOpt = None,
+    threads: c.ThreadsOpt = None,
+    temperature: c.TemperatureOpt = None,
+    top_k: c.TopKOpt = None,
+    top_p: c.TopPOpt = None,
+    min_p: c.MinPOpt = None,
+    repetition_penalty: c.RepetitionPenaltyOpt = None,
+    max_tokens: c.MaxTokensOpt = None,
+    seed: c.SeedOpt = None,
+    stop: c.StopOpt = None,
+    system: c.SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
+    on_overflow: c.OverflowOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+    trust_remote_code: c.TrustRemoteCodeOpt = None,
+) -> None:
+    """Generate text from a prompt, streaming it to stdout.
+
+    Examples:
+      gptcli generate "Write a haiku about autumn."
+      gptcli generate -f prompt.txt --max-tokens 200 --temperature 0.8 --seed 7
+      cat notes.txt | gptcli generate "Rewrite this more politely:"
+    """
+    resolved = c.resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=stop,
+        system=system,
+        on_overflow=on_overflow,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    settings = resolved.settings
+    text = c.gather_prompt(prompt, file)
+    run_generation(settings, text, raw=raw, as_json=as_json, show_stats=stats)
+
+
+def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
+    """Load, fit the prompt, stream events to stdout; exit 130 after flushing on Ctrl-C."""
+    import secrets
+    from dataclasses import replace
+
+    from gptcli.decoding import Finished, Token, generate
+    from gptcli.prompts import fit_prompt
+    from gptcli.runtime import open_runtime
+
+    if settings.sampling.seed is None:
+        settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
+    runtime = open_runtime(settings, c.note)
+    if raw and settings.system:
+        c.warn("--system is ignored with --raw")
+    elif settings.system and not runtime.tokenizer.chat_template:
+        c.warn("this model has no chat template: --system is ignored")
+    prompt = fit_prompt(
+        runtime.tokenizer,
+        text,
+        context_length=runtime.backend.info.context_length,
+        max_tokens=settings.sampling.max_tokens,
+        on_overflow=settings.on_overflow,
+        system=settings.system,
+        raw=raw,
+    )
+    if prompt.warning:
+        c.warn(prompt.warning)
+
+    out = sys.stdout
+    finished: Finished | None = None
+    wrote_text = ""
+    try:
+        for event in generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling):
+            if isinstance(event, Token):
+                if not as_json and event.text:
+                    out.write(event.text)
+                    out.flush()
+                    wrote_text = event.text
+            else:
+                finished = event
+    except KeyboardInterrupt:
+        pass  # the consumer was interrupted between events: what was written stays written
+    if finished is None or finished.reason == "interrupted":
+        if not as_json:
+            out.write("\n")
+            out.flush()
+        c.stderr_console().print("interrupted", style="yellow")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+    if as_json:
+        payload = {
+            "text": finished.text,
+            "finish_reason": finished.reason,
+            "usage": {
+                "prompt_tokens": finished.stats.prompt_tokens,
+                "completion_tokens": finished.stats.new_tokens,
+                "total_tokens": finished.stats.prompt_tokens + finished.stats.new_tokens,
+            },
+            "timings": {
+                "ttft_s": round(finished.stats.ttft_s, 4),
+                "prefill_tokens_per_s": round(finished.stats.prefill_tokens_per_s, 2),
+                "decode_tokens_per_s": round(finished.stats.decode_tokens_per_s, 2),
+                "total_s": round(finished.stats.total_s, 4),
+            },
+            "model": runtime.model.name,
+            "backend": runtime.backend.name,
+            "device": runtime.backend.info.device,
+            "dtype": runtime.backend.info.dtype,
+            "seed": settings.sampling.seed,
+            "templated": prompt.templated,
+        }
+        out.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    elif not wrote_text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    if show_stats:
+        print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
+
+
+def print_stats(finished, backend: str, device: str, seed: int | None) -> None:
+    s = finished.stats
+    c.stderr_console().print(
+        f"prompt {s.prompt_tokens} tok · TTFT {s.ttft_s * 1000:.0f} ms · prefill {s.prefill_tokens_per_s:.1f} tok/s"
+        f" · {s.new_tokens} new tok · decode {s.decode_tokens_per_s:.1f} tok/s · total {s.total_s:.2f} s"
+        f" · finish {finished.reason} · {backend}/{device} · seed {seed}",
+        markup=False,
+        style="dim",
+    )

@@ -1,0 +1,267 @@
+"""Settings: frozen dataclasses, one YAML loader, one precedence order, one place for validation.
+
+Precedence, lowest first: built-in defaults < user config file < ``--config FILE`` < ``GPTCLI_*``
+environment variables < command-line flags. Every resolved value remembers where it came from so
+``gptcli config show`` can say so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import ConfigError
+from gptcli.paths import user_config_file
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the decoding loop picks tokens. temperature 0 means greedy."""
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to pick a model and backend and run the decoding loop."""
+
+    model: str = DEFAULT_MODEL
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    on_overflow: str = "error"
+    system: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One setting: its dotted key, type, range check, and the flag/env var that set it."""
+
+    key: str
+    kind: type
+    flag: str
+    check: Callable[[Any], bool] | None = None
+    expect: str = ""
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    @property
+    def env(self) -> str:
+        return "GPTCLI_" + self.key.split(".")[-1].upper()
+
+
+FIELDS: dict[str, FieldSpec] = {
+    spec.key: spec
+    for spec in [
+        FieldSpec("model", str, "--model"),
+        FieldSpec("backend", str, "--backend"),
+        FieldSpec("device", str, "--device", choices=("auto", "cpu", "cuda")),
+        FieldSpec("dtype", str, "--dtype", choices=("auto", "float32", "bfloat16", "float16")),
+        FieldSpec("threads", int, "--threads", lambda v: v >= 1, ">= 1", optional=True),
+        FieldSpec("on_overflow", str, "--on-overflow", choices=("error", "truncate")),
+        FieldSpec("system", str, "--system", optional=True),
+        FieldSpec("allow_pickle", bool, "--allow-pickle"),
+        FieldSpec("trust_remote_code", bool, "--trust-remote-code"),
+        FieldSpec("sampling.temperature", float, "--temperature", lambda v: v >= 0, ">= 0"),
+        FieldSpec("sampling.top_k", int, "--top-k", lambda v: v >= 0, ">= 0 (0 turns it off)"),
+        FieldSpec("sampling.top_p", float, "--top-p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        FieldSpec("sampling.min_p", float, "--min-p", lambda v: 0 <= v < 1, "in [0, 1)"),
+        FieldSpec("sampling.repetition_penalty", float, "--repetition-penalty", lambda v: v > 0, "> 0"),
+        FieldSpec("sampling.max_tokens", int, "--max-tokens", lambda v: v >= 1, ">= 1"),
+        FieldSpec("sampling.seed", int, "--seed", optional=True),
+        FieldSpec("sampling.stop", tuple, "--stop"),
+    ]
+}
+
+SECTIONS = {"sampling"}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings plus, for each dotted key, where its value came from."""
+
+    settings: Settings
+    sources: Mapping[str, str]
+
+    def rows(self) -> list[tuple[str, Any, str]]:
+        return [(key, get_value(self.settings, key), self.sources[key]) for key in FIELDS]
+
+
+def get_value(settings: Settings, key: str) -> Any:
+    obj: Any = settings
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
+    """Turn a raw value (YAML scalar, env string, flag) into the field's type and check its range."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise ConfigError(f"{where}: {spec.key} must not be empty", hint=f"set it with {spec.flag}")
+    try:
+        if spec.kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                value = lowered in {"1", "true", "yes", "on"}
+            elif not isinstance(value, bool):
+                raise ValueError(value)
+        elif spec.kind is tuple:
+            if isinstance(value, str):
+                value = (value,)
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = tuple(value)
+            else:
+                raise ValueError(value)
+        elif spec.kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            value = int(value)
+        elif spec.kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = float(value)
+        elif spec.kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            value = str(value)
+    except (TypeError, ValueError):
+        kind = {tuple: "a list of strings"}.get(spec.kind, f"a {spec.kind.__name__}")
+        raise ConfigError(f"{where}: {spec.key} must be {kind}, got {value!r}", hint=f"flag {spec.flag}") from None
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(
+            f"{where}: {spec.key} must be one of {', '.join(spec.choices)}, got {value!r}"
+            + _suggest(str(value), list(spec.choices)),
+            hint=f"flag {spec.flag}, config key {spec.key}",
+        )
+    if spec.check is not None and not spec.check(value):
+        raise ConfigError(
+            f"{where}: {spec.key} must be {spec.expect}, got {value!r}",
+            hint=f"flag {spec.flag}, config key {spec.key}",
+        )
+    return value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The one YAML reader: safe_load, a mapping at the top, errors that name the file."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: invalid YAML: {problem}", hint="fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def flatten_file(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Map a config file's nested keys onto dotted keys, rejecting unknown ones with a suggestion."""
+    flat: dict[str, Any] = {}
+    top_keys = [k for k in FIELDS if "." not in k] + sorted(SECTIONS)
+    for key, value in data.items():
+        key = str(key)
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key}: must be a mapping")
+            section_keys = [k.split(".", 1)[1] for k in FIELDS if k.startswith(key + ".")]
+            for sub, subvalue in value.items():
+                dotted = f"{key}.{sub}"
+                if dotted not in FIELDS:
+                    raise ConfigError(f"{where}: {key} -> {sub}: unknown key{_suggest(str(sub), section_keys)}")
+                flat[dotted] = subvalue
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            # A sampling key written at the top level is a common slip: point at the section.
+            nested = [k for k in FIELDS if k.endswith("." + key)]
+            hint = f" (did you mean '{nested[0].replace('.', ' -> ')}'?)" if nested else ""
+            raise ConfigError(f"{where}: {key}: unknown key{hint or _suggest(key, top_keys)}")
+    return flat
+
+
+def resolve(
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    user_file: Path | None = None,
+) -> Resolved:
+    """Resolve settings from every layer, in precedence order."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    defaults = Settings()
+    for key in FIELDS:
+        values[key] = get_value(defaults, key)
+        sources[key] = "default"
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    user_file = user_config_file() if user_file is None else user_file
+    if user_file.is_file():
+        layers.append((str(user_file), flatten_file(read_yaml(user_file), str(user_file))))
+    if config_file is not None:
+        layers.append((str(config_file), flatten_file(read_yaml(config_file), str(config_file))))
+    env_layer = {}
+    for key, spec in FIELDS.items():
+        if spec.env in environ:
+            raw: Any = environ[spec.env]
+            if spec.kind is tuple:
+                raw = tuple(s for s in raw.split(",") if s)
+            env_layer[key] = raw
+    layers.append(("env", env_layer))
+    layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
+
+    for source, layer in layers:
+        for key, raw in layer.items():
+            spec = FIELDS[key]
+            where = f"${spec.env}" if source == "env" else (spec.flag if source == "flag" else source)
+            values[key] = coerce(spec, raw, where)
+            sources[key] = f"${spec.env}" if source == "env" else source
+
+    sampling = SamplingConfig(**{f.name: values[f"sampling.{f.name}"] for f in fields(SamplingConfig)})
+    top = {f.name: values[f.name] for f in fields(Settings) if f.name != "sampling"}
+    return Resolved(Settings(**top, sampling=sampling), sources)
+
+
+def with_sampling(settings: Settings, **changes: Any) -> Settings:
+    """A copy of settings with some sampling values changed (validated like any other layer)."""
+    checked = {k: coerce(FIELDS[f"sampling.{k}"], v, FIELDS[f"sampling.{k}"].flag) for k, v in changes.items()}
+    return replace(settings, sampling=replace(settings.sampling, **checked))

@@ -1,0 +1,56 @@
+"""Every error a user can cause, each with its exit code (see the README's table)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_BACKEND = 4
+EXIT_MODEL = 5
+EXIT_INPUT = 6
+EXIT_INTERRUPTED = 130
+
+
+class GptcliError(Exception):
+    """Base of all user-facing errors: a one-line message, an optional hint, an exit code."""
+
+    exit_code: int = EXIT_RUNTIME
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(GptcliError):
+    """A config file, environment variable or flag value that cannot be used."""
+
+    exit_code = EXIT_CONFIG
+
+
+class BackendError(GptcliError):
+    """An unknown backend, or one that cannot run here (missing package, no GPU)."""
+
+    exit_code = EXIT_BACKEND
+
+
+class ModelError(GptcliError):
+    """A model reference that resolves to nothing, or to something that is not a usable model."""
+
+    exit_code = EXIT_MODEL
+
+
+class InputError(GptcliError):
+    """Bad user input: empty prompt, unreadable or binary file, prompt too long for the context."""
+
+    exit_code = EXIT_INPUT
+
+
+class UsageError(GptcliError):
+    """A combination of arguments that makes no sense."""
+
+    exit_code = EXIT_USAGE

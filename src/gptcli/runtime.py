@@ -1,0 +1,53 @@
+"""Open a model for a command: resolve the reference, pick and load the backend, load the tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gptcli.backends.base import Backend, LoadOptions, get_backend_class
+from gptcli.config import Settings
+from gptcli.errors import BackendError
+from gptcli.models import LocalModel, resolve_model
+from gptcli.tokenizer import Tokenizer
+
+
+@dataclass
+class Runtime:
+    model: LocalModel
+    backend: Backend
+    tokenizer: Tokenizer
+
+
+def check_backend(settings: Settings) -> type[Backend]:
+    """Fail early (exit 4) when the backend is unknown or cannot run here, before any loading."""
+    backend_cls = get_backend_class(settings.backend)
+    reason = backend_cls.unavailable_reason(settings.device)
+    if reason:
+        raise BackendError(
+            f"backend '{settings.backend}' cannot run here: {reason}",
+            hint="`gptcli backends` lists what can run here",
+        )
+    return backend_cls
+
+
+def load_options(settings: Settings) -> LoadOptions:
+    return LoadOptions(
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        allow_pickle=settings.allow_pickle,
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+def open_model(settings: Settings, notify: Callable[[str], None]) -> LocalModel:
+    return resolve_model(settings.model, allow_pickle=settings.allow_pickle, notify=notify)
+
+
+def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
+    backend_cls = check_backend(settings)
+    model = open_model(settings, notify)
+    tokenizer = Tokenizer(model.path)
+    backend = backend_cls.load(model.path, load_options(settings))
+    return Runtime(model, backend, tokenizer)

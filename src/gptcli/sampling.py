@@ -1,0 +1,68 @@
+"""Pure token-selection functions over one row of float32 logits.
+
+Order (the llama.cpp/transformers order): repetition penalty → temperature (0 = greedy) → top-k →
+top-p → min-p → draw from the explicit RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from gptcli.config import SamplingConfig
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
+    """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones."""
+    if penalty == 1.0 or len(history) == 0:
+        return logits
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    seen = seen[seen < logits.shape[-1]]
+    out = logits.copy()
+    values = out[seen]
+    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
+def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate ids (most likely first) and their renormalised probabilities after the filters."""
+    if min_p > 0.0:
+        candidates = np.flatnonzero(probs >= min_p * probs.max())
+    elif 0 < top_k < probs.shape[-1]:
+        candidates = np.argpartition(-probs, top_k - 1)[:top_k]
+    else:
+        candidates = np.arange(probs.shape[-1])
+    order = candidates[np.argsort(-probs[candidates], kind="stable")]
+    if 0 < top_k < order.shape[-1]:
+        order = order[:top_k]
+    kept = probs[order]
+    if top_p < 1.0:
+        # Keep each token whose preceding mass is still under top_p: the smallest prefix reaching it.
+        mass_before = np.cumsum(kept) - kept
+        cut = max(1, int(np.count_nonzero(mass_before < top_p * probs.sum() - 1e-9)))
+        order, kept = order[:cut], kept[:cut]
+    return order, kept / kept.sum()
+
+
+def sample(
+    logits: np.ndarray,
+    params: SamplingConfig,
+    rng: np.random.Generator,
+    history: Sequence[int] = (),
+) -> int:
+    """Pick the next token id from last-position logits."""
+    logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / params.temperature
+    scaled -= scaled.max()
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    ids, kept = filter_probs(probs, params.top_k, params.top_p, params.min_p)
+    choice = int(np.searchsorted(np.cumsum(kept), rng.random() * kept.sum(), side="right"))
+    return int(ids[min(choice, len(ids) - 1)])

@@ -1,0 +1,118 @@
+"""A light tokenizer over a model folder: `tokenizers` for the ids, jinja2 for the chat template.
+
+It deliberately avoids importing transformers so that every backend (the ONNX one included) starts
+fast, and renders chat templates the way transformers does (sandboxed jinja2, trim/lstrip blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import ModelError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Encode/decode text for one model folder, plus its chat template and end-of-sequence ids."""
+
+    def __init__(self, folder: Path) -> None:
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self.folder = folder
+        tokenizer_file = folder / "tokenizer.json"
+        if tokenizer_file.is_file():
+            self._tok = FastTokenizer.from_file(str(tokenizer_file))
+        else:
+            self._tok = self._convert_slow(folder)
+        cfg_path = folder / "tokenizer_config.json"
+        self._config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(self._config.get("bos_token"))
+        self.eos_token = _token_text(self._config.get("eos_token"))
+        self.chat_template = self._find_chat_template()
+        self.eos_ids = self._find_eos_ids()
+
+    @staticmethod
+    def _convert_slow(folder: Path) -> Any:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder).backend_tokenizer
+        except Exception as exc:
+            raise ModelError(f"{folder}: no usable tokenizer ({exc})", hint="add a tokenizer.json") from None
+
+    def _find_chat_template(self) -> str | None:
+        jinja = self.folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        template = self._config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template or None
+
+    def _find_eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            path = self.folder / name
+            if path.is_file():
+                value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+                if isinstance(value, int):
+                    ids.add(value)
+                elif isinstance(value, list):
+                    ids.update(v for v in value if isinstance(v, int))
+        if self.eos_token is not None:
+            token_id = self._tok.token_to_id(self.eos_token)
+            if token_id is not None:
+                ids.add(token_id)
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @cached_property
+    def _compiled_template(self) -> Any:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ModelError(f"chat template error: {message}")
+
+        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template or "")
+
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to messages, as text (tokenize with add_special_tokens=False)."""
+        if not self.chat_template:
+            raise ModelError("this model has no chat template", hint="use --raw for plain completion")
+        special = {k: _token_text(v) for k, v in self._config.items() if k.endswith("_token")}
+        return self._compiled_template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in special.items() if v is not None},
+        )

@@ -1,0 +1,151 @@
+"""Fixtures: tiny random-weight models (2-layer GPT-2 and Llama) with a tokenizer trained here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "Once upon a time there was a tiny model that wanted to write poems about autumn leaves.",
+    "The capital of France is Paris. The capital of Italy is Rome. Stop here: END.",
+    "def add(a, b):\n    return a + b\n",
+    "中文测试：你好，世界！ Emoji: 🙂🚀🍁 and accents: café, naïve, Zürich.",
+    "ROMEO: But soft, what light through yonder window breaks? It is the east.",
+] * 20
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def _save_tokenizer(tok, folder: Path, *, chat_template: str | None, eos: str) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+
+
+def _sharpen(model) -> None:
+    """Random init gives near-uniform logits; scale the matrices so greedy choices are decisive."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    tok = _train_tokenizer()
+    vocab = tok.get_vocab_size()
+    eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=96, vocab_size=vocab, bos_token_id=eot, eos_token_id=eot)
+    )
+    _sharpen(gpt2)
+    gpt2_dir = root / "tiny-gpt2"
+    gpt2.save_pretrained(gpt2_dir)
+    _save_tokenizer(tok, gpt2_dir, chat_template=None, eos="<|endoftext|>")
+
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            bos_token_id=eot,
+            eos_token_id=im_end,
+            pad_token_id=eot,
+        )
+    )
+    _sharpen(llama)
+    llama_dir = root / "tiny-llama"
+    llama.save_pretrained(llama_dir)
+    _save_tokenizer(tok, llama_dir, chat_template=CHATML, eos="<|im_end|>")
+    return {"gpt2": gpt2_dir, "llama": llama_dir}
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own gptcli home and user config, and no stray GPTCLI_* settings."""
+    for key in list(os.environ):
+        if key.startswith("GPTCLI_") and key not in {"GPTCLI_TEST_DEFAULT_HOME"}:
+            monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "gptcli-home"
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NO_COLOR", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_model_home(tmp_path_factory) -> Path:
+    """A gptcli home holding the converted default model, shared by the integration tests.
+
+    It lives under the repo's .cache/ so a second test run reuses the conversion.
+    """
+    home = Path(os.environ.get("GPTCLI_TEST_DEFAULT_HOME", REPO / ".cache" / "test-home"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def run_cli(
+    *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run the real `gptcli` program in a subprocess (the environment of the calling test)."""
+    data = input.encode() if isinstance(input, str) else input
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gptcli", *args],
+        input=data if data is not None else b"",
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data))

@@ -1,0 +1,307 @@
+"""The real program in a subprocess: exit codes, exact error lines, stdout holding only the product."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend"}
+
+
+def scripted_env(tokenizer_ids, **extra):
+    return {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(tokenizer_ids), **extra}
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def say(tok, text):
+    return [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("gptcli 0.1.0")
+
+
+def test_import_hygiene_cli_does_not_import_torch():
+    code = (
+        "import sys, gptcli.cli.app; print([m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_generate_streams_only_text_to_stdout(tiny_models, llama_tok):
+    env = scripted_env(say(llama_tok, "Paris is the capital."))
+    result = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "-b", "scripted", "--stats", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "Paris is the capital.\n"
+    assert "decode" in result.stderr.decode() and "\x1b[" not in result.stderr.decode()
+
+
+def test_json_output(tiny_models, llama_tok):
+    env = scripted_env(say(llama_tok, "Rome"))
+    result = run_cli(
+        "generate", "hi", "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "--seed", "7", env=env
+    )
+    data = json.loads(result.stdout)
+    assert data["text"] == "Rome"
+    assert data["finish_reason"] == "stop"
+    assert data["seed"] == 7
+    assert data["backend"] == "scripted"
+    assert data["usage"]["completion_tokens"] == len(say(llama_tok, "Rome")) - 1
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    assert set(data["timings"]) == {"ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s"}
+
+
+def test_stop_flag_and_max_tokens(tiny_models, llama_tok):
+    env = scripted_env(say(llama_tok, "one two END three"))
+    result = run_cli("generate", "x", "-m", str(tiny_models["llama"]), "-b", "scripted", "--stop", "END", env=env)
+    assert result.stdout.decode() == "one two \n"
+
+
+def test_stdin_then_argument_through_chat_template(tiny_models):
+    # The real torch backend on the tiny Llama: the prompt reaches the template as stdin + argument.
+    result = run_cli(
+        "generate",
+        "Rewrite this:",
+        "-m",
+        str(tiny_models["llama"]),
+        "--json",
+        "-n",
+        "3",
+        "--temperature",
+        "0",
+        input="notes from stdin\n",
+    )
+    data = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert data["templated"] is True
+    from gptcli.prompts import encode_prompt
+    from gptcli.tokenizer import Tokenizer
+
+    expected = encode_prompt(Tokenizer(tiny_models["llama"]), "notes from stdin\n\nRewrite this:")
+    assert data["usage"]["prompt_tokens"] == len(expected.ids)
+
+
+def test_raw_completion_on_base_model(tiny_models):
+    result = run_cli(
+        "generate", "ROMEO:", "--raw", "-m", str(tiny_models["gpt2"]), "-n", "5", "--json", "--temperature", "0"
+    )
+    data = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert data["templated"] is False and data["usage"]["completion_tokens"] == 5
+
+
+def test_prompt_from_file(tiny_models, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:")
+    result = run_cli("generate", "-f", str(prompt), "-m", str(tiny_models["gpt2"]), "-n", "2", "--json")
+    assert json.loads(result.stdout)["usage"]["prompt_tokens"] > 0
+
+
+def test_closed_pipe_ends_quietly(tiny_models, llama_tok):
+    env = {**os.environ, **scripted_env(say(llama_tok, "word " * 40))}
+    cmd = f"{sys.executable} -m gptcli generate hi -m {tiny_models['llama']} -b scripted -n 40 | head -c 5"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, env=env, cwd=REPO)
+    assert result.stdout == b"word "
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
+
+
+def test_ctrl_c_flushes_output_and_exits_130(tiny_models, llama_tok):
+    script = say(llama_tok, "word " * 500)
+    env = {**os.environ, **scripted_env(script, GPTCLI_TEST_DELAY="0.01", GPTCLI_TEST_CONTEXT="100000")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptcli",
+            "generate",
+            "hi",
+            "-b",
+            "scripted",
+            "-m",
+            str(tiny_models["llama"]),
+            "-n",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+    )
+    # Wait for the first streamed bytes, then interrupt.
+    first = proc.stdout.read(1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    produced = (first + rest).decode()
+    assert produced.startswith("word word") and produced.endswith("\n")
+    assert len(produced) < len("word " * 500)
+    assert b"Traceback" not in err
+    assert b"interrupted" in err
+
+
+ERRORS = [
+    # (args, stdin, exit code, stderr first line)
+    (["generate", "-f", "missing.txt"], "", 6, "error: file not found: missing.txt"),
+    (["generate", "-f", "."], "", 6, "error: . is a directory, not a file"),
+    (["generate"], "", 6, "error: the prompt is empty"),
+    (
+        ["generate", "hi", "--temperature", "-1"],
+        "",
+        3,
+        "error: --temperature: sampling.temperature must be >= 0, got -1.0",
+    ),
+    (["generate", "hi", "--top-p", "0"], "", 3, "error: --top-p: sampling.top_p must be in (0, 1], got 0.0"),
+    (["generate", "hi", "--top-p", "1.5"], "", 3, "error: --top-p: sampling.top_p must be in (0, 1], got 1.5"),
+    (["generate", "hi", "--max-tokens", "0"], "", 3, "error: --max-tokens: sampling.max_tokens must be >= 1, got 0"),
+    (["generate", "hi", "-m", "nosuchmodel"], "", 5, "error: unknown model 'nosuchmodel'"),
+    (["generate", "hi", "-b", "nosuch"], "", 4, "error: unknown backend 'nosuch'"),
+    (
+        ["generate", "hi", "--device", "cuda"],
+        "",
+        4,
+        "error: backend 'torch' cannot run here: CUDA requested but no GPU is available",
+    ),
+    (["generate", "hi", "-m", "someone/some-model"], "", 5, "error: cannot fetch 'someone/some-model' from the hub"),
+    (["generate", "--nope"], "", 2, None),
+]
+
+
+@pytest.mark.parametrize(("args", "stdin", "code", "first_line"), ERRORS)
+def test_error_exit_codes_and_messages(args, stdin, code, first_line):
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    result = run_cli(*args, input=stdin)
+    err = result.stderr.decode()
+    assert result.returncode == code, err
+    assert result.stdout == b""
+    assert "Traceback" not in err
+    if first_line:
+        lines = err.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+        assert lines[at].startswith(first_line)
+        assert lines[at + 1].startswith("hint: ")
+        assert len(lines) == at + 2  # nothing after the hint
+
+
+def test_binary_and_invalid_utf8_files(tmp_path):
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"abc\x00def")
+    latin = tmp_path / "l.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    r1 = run_cli("generate", "-f", str(binary))
+    r2 = run_cli("generate", "-f", str(latin))
+    r3 = run_cli("generate", input=b"\xff\xfe bad")
+    assert (r1.returncode, r2.returncode, r3.returncode) == (6, 6, 6)
+    assert "looks like a binary file" in r1.stderr.decode()
+    assert "is not valid UTF-8" in r2.stderr.decode()
+    assert "standard input is not valid UTF-8" in r3.stderr.decode()
+
+
+def test_prompt_longer_than_context(tiny_models):
+    long_prompt = "ROMEO: " * 200
+    result = run_cli("generate", long_prompt, "--raw", "-m", str(tiny_models["gpt2"]), "-n", "2")
+    assert result.returncode == 6
+    assert "error: the prompt is" in result.stderr.decode() and "context holds 96" in result.stderr.decode()
+    ok = run_cli(
+        "generate",
+        long_prompt,
+        "--raw",
+        "-m",
+        str(tiny_models["gpt2"]),
+        "-n",
+        "2",
+        "--on-overflow",
+        "truncate",
+        "--json",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["usage"]["prompt_tokens"] <= 96 - 2
+    assert "warning: the prompt was" in ok.stderr.decode()
+
+
+def test_not_a_model_folder_and_corrupt_weights(tiny_models, tmp_path):
+    import shutil
+
+    r1 = run_cli("generate", "hi", "-m", str(tmp_path))
+    assert r1.returncode == 5 and "is not a model folder" in r1.stderr.decode()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["gpt2"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    r2 = run_cli("generate", "hi", "-m", str(broken))
+    assert r2.returncode == 5 and "corrupt safetensors file" in r2.stderr.decode()
+
+
+def test_invalid_config_file_and_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling: [unclosed\n")
+    r1 = run_cli("generate", "hi", "--config", str(bad))
+    assert r1.returncode == 3 and "invalid YAML" in r1.stderr.decode()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("sampling:\n  temprature: 0.2\n")
+    r2 = run_cli("config", "show", "--config", str(typo))
+    assert r2.returncode == 3
+    assert r2.stderr.decode().splitlines()[0] == (
+        f"error: {typo}: sampling -> temprature: unknown key (did you mean 'temperature'?)"
+    )
+
+
+def test_config_show_reports_sources(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampling:\n  top_p: 0.5\n")
+    result = run_cli("config", "show", "--json", "--config", str(cfg), env={"GPTCLI_MAX_TOKENS": "9"})
+    data = json.loads(result.stdout)
+    assert data["sampling.top_p"] == {"value": 0.5, "source": str(cfg)}
+    assert data["sampling.max_tokens"] == {"value": 9, "source": "$GPTCLI_MAX_TOKENS"}
+    assert data["model"]["source"] == "default"
+
+
+def test_user_config_file_is_read(tmp_path):
+    user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
+    user.parent.mkdir(parents=True)
+    user.write_text("backend: scripted\n")
+    data = json.loads(run_cli("config", "show", "--json").stdout)
+    assert data["backend"] == {"value": "scripted", "source": str(user)}
+
+
+def test_backends_lists_status():
+    data = json.loads(run_cli("backends", "--json", env=SCRIPTED).stdout)
+    rows = {row["name"]: row for row in data}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["origin"] == "built-in"
+    assert rows["scripted"]["status"] == "ok"
+
+
+def test_broken_plugin_is_a_row_not_a_crash():
+    env = {"GPTCLI_BACKEND_PATHS": "broken=tests.does_not_exist:Nope"}
+    result = run_cli("backends", "--json", env=env)
+    assert result.returncode == 0
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert "failed to load" in rows["broken"]["status"]
+    assert run_cli("config", "show", env=env).returncode == 0
+
+
+def test_models_info_and_list_on_local_folder(tiny_models):
+    info = json.loads(run_cli("models", "info", str(tiny_models["llama"]), "--json").stdout)
+    assert info["layers"] == 2 and info["architecture"] == "LlamaForCausalLM"
+    listing = json.loads(run_cli("models", "list", "--json").stdout)
+    assert listing[0]["name"] == "smollm2-135m-instruct"

@@ -1,0 +1,155 @@
+import pytest
+
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token, generate
+from gptcli.tokenizer import Tokenizer
+from tests.scripted import ScriptedBackend
+
+GREEDY = SamplingConfig(temperature=0, max_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    return Tokenizer(tiny_models["llama"])
+
+
+def run(tokenizer, script, params=GREEDY, context=64, prompt=(1, 2, 3)):
+    """Generate from a scripted backend that says `script`, then end-of-sequence."""
+    eos = min(tokenizer.eos_ids)
+    backend = ScriptedBackend([*script, eos], tokenizer.vocab_size, context)
+    events = list(generate(backend, tokenizer, list(prompt), params))
+    assert isinstance(events[-1], Finished)
+    assert all(isinstance(e, Token) for e in events[:-1])
+    return events, backend
+
+
+TEXTS = [
+    "Hello world",
+    "中文测试：你好，世界！",
+    "Emoji 🙂🚀🍁 mixed with café and naïve",
+    "ROMEO: But soft, what light",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_joined_equals_full_decode_without_replacement_chars(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    events, _ = run(tokenizer, ids)
+    streamed = [e.text for e in events[:-1]]
+    assert "".join(streamed) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in streamed)
+    assert events[-1].text == text
+
+
+def test_multibyte_characters_really_span_tokens(tokenizer):
+    # The point of the test above: this tokenizer splits one emoji over several tokens.
+    ids = tokenizer.encode("🚀", add_special_tokens=False)
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.add(i) for i in ids][:-1] == [""] * (len(ids) - 1)
+
+
+STOP_CASES = [
+    # (text the model produces, stops, what the user sees, finish reason)
+    ("The capital of France is Paris. END of text", ["END"], "The capital of France is Paris. ", "stop"),
+    ("abc STOP def", ["STOP", "def"], "abc ", "stop"),
+    ("no stop string here", ["XYZ"], "no stop string here", "length"),
+    ("almost ST", ["STOP"], "almost ST", "length"),  # a partial stop at the end is released
+    ("line one\n\nline two", ["\n\n"], "line one", "stop"),
+    ("emoji 🙂 then END", ["🙂"], "emoji ", "stop"),
+    ("a stop that spans: R-O-M-E-O", ["R-O-M"], "a stop that spans: ", "stop"),
+]
+
+
+@pytest.mark.parametrize(("text", "stops", "shown", "reason"), STOP_CASES)
+def test_stop_strings_never_leak(tokenizer, text, stops, shown, reason):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingConfig(temperature=0, max_tokens=len(ids), stop=tuple(stops))
+    events, _ = run(tokenizer, ids, params)
+    streamed = "".join(e.text for e in events[:-1])
+    assert streamed == shown
+    assert events[-1].text == shown
+    assert events[-1].reason == reason
+    for stop in stops:
+        if reason == "stop":
+            assert stop not in streamed
+
+
+def test_stop_matcher_holds_only_a_possible_prefix():
+    matcher = StopMatcher(["</s>"])
+    assert matcher.push("hello <") == ("hello ", False)
+    assert matcher.push("b>") == ("<b>", False)
+    assert matcher.push("x</") == ("x", False)
+    assert matcher.push("s> tail") == ("", True)
+
+
+def test_eos_stops_and_is_not_shown(tokenizer):
+    ids = tokenizer.encode("Paris", add_special_tokens=False)
+    eos = next(iter(tokenizer.eos_ids))
+    events, _ = run(tokenizer, [*ids, eos, *ids])
+    assert events[-1].reason == "stop"
+    assert events[-1].text == "Paris"
+
+
+def test_max_tokens_counts_new_tokens(tokenizer):
+    ids = tokenizer.encode("one two three four five six", add_special_tokens=False)
+    events, _ = run(tokenizer, ids, SamplingConfig(temperature=0, max_tokens=3))
+    assert events[-1].reason == "length"
+    assert events[-1].stats.new_tokens == 3
+
+
+def test_stops_cleanly_at_the_context_end(tokenizer):
+    ids = tokenizer.encode("word " * 40, add_special_tokens=False)
+    events, backend = run(tokenizer, ids, context=10, prompt=(1, 2, 3, 4))
+    final = events[-1]
+    assert final.reason == "context"
+    assert final.stats.prompt_tokens + final.stats.new_tokens == 10 + 1  # the last token is never fed back
+    assert sum(len(c) for c in backend.calls) == 10
+
+
+def test_prefill_once_then_one_token_per_step(tokenizer):
+    ids = tokenizer.encode("a b c d", add_special_tokens=False)
+    _, backend = run(tokenizer, ids, prompt=(7, 8, 9, 10, 11))
+    assert backend.calls[0] == [7, 8, 9, 10, 11]
+    assert all(len(call) == 1 for call in backend.calls[1:])
+
+
+def test_stats_are_consistent(tokenizer):
+    ids = tokenizer.encode("counting the tokens", add_special_tokens=False)
+    events, _ = run(tokenizer, ids)
+    stats = events[-1].stats
+    assert stats.prompt_tokens == 3
+    assert stats.new_tokens == len(ids)
+    assert stats.decode_steps == len(ids)  # the last step produced end-of-sequence
+    assert 0 <= stats.ttft_s <= stats.total_s
+    assert stats.as_dict()["new_tokens"] == len(ids)
+
+
+def test_session_reuses_the_shared_prefix(tokenizer):
+    backend = ScriptedBackend([5] * 10, tokenizer.vocab_size)
+    session = KVSession(backend)
+    _, reused = session.feed([1, 2, 3, 4])
+    assert reused == 0
+    _, reused = session.feed([1, 2, 3, 4, 9, 9])
+    assert reused == 4 and backend.calls[-1] == [9, 9]
+    _, reused = session.feed([1, 2, 7])
+    assert reused == 2 and backend.calls[-1] == [7]
+    _, reused = session.feed([1, 2, 7])
+    assert reused == 2 and backend.calls[-1] == [7]  # identical prompt: rerun the last token for logits
+
+
+def test_interrupt_flushes_and_reports(tokenizer):
+    ids = tokenizer.encode("interrupt me please, now", add_special_tokens=False)
+
+    class Interrupting(ScriptedBackend):
+        def forward(self, ids, cache):
+            if len(self.calls) == 4:
+                raise KeyboardInterrupt
+            return super().forward(ids, cache)
+
+    backend = Interrupting(ids, tokenizer.vocab_size)
+    events = list(generate(backend, tokenizer, [1, 2], GREEDY))
+    final = events[-1]
+    assert final.reason == "interrupted"
+    assert final.stats.new_tokens == 4
+    assert "".join(e.text for e in events[:-1]) == final.text == tokenizer.decode(ids[:4])

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from gptcli.config import SamplingConfig
+from gptcli.sampling import apply_repetition_penalty, filter_probs, make_rng, sample
+
+
+def probs(*values):
+    p = np.array(values, dtype=np.float64)
+    return p / p.sum()
+
+
+def test_greedy_picks_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert sample(logits, SamplingConfig(temperature=0), make_rng(0)) == 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = np.array([2.0, -2.0, 1.0], dtype=np.float32)
+    out = apply_repetition_penalty(logits, [0, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0]  # input untouched
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = np.array([2.0, 1.5], dtype=np.float32)
+    assert sample(logits, SamplingConfig(temperature=0, repetition_penalty=2.0), make_rng(0), history=[0]) == 1
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p", "kept"),
+    [
+        (0, 1.0, 0.0, [0, 1, 2, 3]),
+        (2, 1.0, 0.0, [0, 1]),
+        (0, 0.4, 0.0, [0]),
+        (0, 0.5, 0.0, [0, 1]),  # cumulative 0.4, 0.7: the smallest prefix reaching 0.5 has two tokens
+        (0, 0.75, 0.0, [0, 1, 2]),
+        (0, 1.0, 0.5, [0, 1, 2]),  # keep p >= 0.5 * 0.4
+        (0, 1.0, 0.6, [0, 1]),
+        (3, 0.9, 0.0, [0, 1, 2]),
+    ],
+)
+def test_filters_keep_the_expected_candidates(top_k, top_p, min_p, kept):
+    p = probs(0.4, 0.3, 0.2, 0.1)
+    ids, renormalised = filter_probs(p, top_k, top_p, min_p)
+    assert ids.tolist() == kept
+    assert renormalised.sum() == pytest.approx(1.0)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = np.random.default_rng(3).normal(size=500).astype(np.float32)
+    params = SamplingConfig(temperature=1.0, top_p=1.0, min_p=0.0)
+    a = [sample(logits, params, rng) for rng in [make_rng(7)] for _ in range(50)]
+    b = [sample(logits, params, rng) for rng in [make_rng(7)] for _ in range(50)]
+    c = [sample(logits, params, rng) for rng in [make_rng(8)] for _ in range(50)]
+    assert a == b
+    assert a != c
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([0.7, 0.2, 0.1], dtype=np.float32))
+    rng = make_rng(0)
+    params = SamplingConfig(temperature=1.0, top_p=1.0, min_p=0.0)
+    draws = np.bincount([sample(logits, params, rng) for _ in range(4000)], minlength=3) / 4000
+    assert draws == pytest.approx([0.7, 0.2, 0.1], abs=0.03)
+
+
+def test_low_temperature_concentrates_mass():
+    logits = np.array([1.0, 0.9, 0.0], dtype=np.float32)
+    rng = make_rng(0)
+    params = SamplingConfig(temperature=0.01, top_p=1.0, min_p=0.0)
+    assert {sample(logits, params, rng) for _ in range(100)} == {0}
