@@ -42,6 +42,7 @@ class Settings:
     backend: str = "torch"
     device: str = "auto"
     dtype: str = "auto"
+    precision: str = "fp32"
     threads: int | None = None
     on_overflow: str = "error"
     system: str | None = None
@@ -74,6 +75,7 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("backend", str, "--backend"),
         FieldSpec("device", str, "--device", choices=("auto", "cpu", "cuda")),
         FieldSpec("dtype", str, "--dtype", choices=("auto", "float32", "bfloat16", "float16")),
+        FieldSpec("precision", str, "--precision", choices=("fp32", "fp16", "int8", "int4")),
         FieldSpec("threads", int, "--threads", lambda v: v >= 1, ">= 1", optional=True),
         FieldSpec("on_overflow", str, "--on-overflow", choices=("error", "truncate")),
         FieldSpec("system", str, "--system", optional=True),

@@ -35,6 +35,7 @@ def load_options(settings: Settings) -> LoadOptions:
     return LoadOptions(
         device=settings.device,
         dtype=settings.dtype,
+        precision=settings.precision,
         threads=settings.threads,
         allow_pickle=settings.allow_pickle,
         trust_remote_code=settings.trust_remote_code,

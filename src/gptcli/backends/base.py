@@ -44,6 +44,7 @@ class LoadOptions:
 
     device: str = "auto"
     dtype: str = "auto"
+    precision: str = "fp32"  # for backends that run exported/quantized graphs (onnx): fp32|fp16|int8|int4
     threads: int | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False

@@ -19,6 +19,9 @@ ModelOpt = Annotated[
 BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help="Backend name (see `gptcli backends`).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when present).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+PrecisionOpt = Annotated[
+    str | None, typer.Option("--precision", help="fp32 | fp16 | int8 | int4 (exported backends such as onnx).")
+]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML config file (over the user config).")]
 AllowPickleOpt = Annotated[

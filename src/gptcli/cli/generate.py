@@ -20,6 +20,7 @@ def generate(
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
+    precision: c.PrecisionOpt = None,
     threads: c.ThreadsOpt = None,
     temperature: c.TemperatureOpt = None,
     top_k: c.TopKOpt = None,
