@@ -52,6 +52,7 @@ def generate(
         backend=backend,
         device=device,
         dtype=dtype,
+        precision=precision,
         threads=threads,
         temperature=temperature,
         top_k=top_k,
