@@ -11,13 +11,43 @@ from gptcli.tokenizer import Tokenizer
 CPU32 = LoadOptions(device="cpu", dtype="float32")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_torch_backend_passes_the_contract(tiny_models, family):
-    check_backend_contract(TorchBackend, tiny_models[family])
+@pytest.fixture(params=["lean", "hf"])
+def impl(request, monkeypatch):
+    """Run a test against both torch engines."""
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_greedy_ids_match_transformers_generate(tiny_models, family):
+def test_torch_backend_passes_the_contract(tiny_models, family, impl):
+    backend = check_backend_contract(TorchBackend, tiny_models[family])
+    assert backend.implementation == impl
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lean_engine_matches_transformers_logits_while_the_cache_grows(tiny_models, family, monkeypatch):
+    from gptcli.backends import torch_lean
+
+    monkeypatch.setattr(torch_lean, "INITIAL_CACHE", 4)  # force several regrowths
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    lean = TorchBackend.load(tiny_models[family], CPU32)
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "hf")
+    hf = TorchBackend.load(tiny_models[family], CPU32)
+    lean_cache, hf_cache = lean.new_cache(), hf.new_cache()
+    chunks = [[5, 9, 14, 3, 7], [11], [12], [40, 41, 42, 43, 44, 45, 46], *[[i] for i in range(50, 70)]]
+    for chunk in chunks:
+        a, lean_cache = lean.forward(chunk, lean_cache)
+        b, hf_cache = hf.forward(chunk, hf_cache)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    lean_cache = lean.truncate(lean_cache, 6)
+    hf_cache = hf.truncate(hf_cache, 6)
+    a, _ = lean.forward([99, 98], lean_cache)
+    b, _ = hf.forward([99, 98], hf_cache)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_ids_match_transformers_generate(tiny_models, family, impl):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -50,11 +80,14 @@ def test_threads_option_is_applied(tiny_models):
         torch.set_num_threads(before)
 
 
-def test_bfloat16_runs_and_reports_dtype(tiny_models):
+def test_bfloat16_runs_and_reports_dtype(tiny_models, impl):
     backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="bfloat16"))
     assert backend.info.dtype == "bfloat16"
     logits, _ = backend.forward([1, 2, 3], backend.new_cache())
     assert logits.dtype == np.float32
+    reference = TorchBackend.load(tiny_models["llama"], CPU32)
+    expected, _ = reference.forward([1, 2, 3], reference.new_cache())
+    assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
 
 
 def test_cuda_without_gpu_is_a_backend_error(tiny_models):
@@ -77,3 +110,17 @@ def test_cuda_greedy_matches_cpu(tiny_models):
     a, _ = cpu.forward([1, 2, 3, 4], cpu.new_cache())
     b, _ = gpu.forward([1, 2, 3, 4], gpu.new_cache())
     np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_lean_path_never_imports_transformers(tiny_models):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from gptcli.backends.torch_backend import TorchBackend; "
+        "from gptcli.backends.base import LoadOptions; "
+        f"b = TorchBackend.load(Path({str(tiny_models['llama'])!r}), LoadOptions(device='cpu')); "
+        "b.forward([1, 2, 3], b.new_cache()); print(b.implementation, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["lean", "False"]

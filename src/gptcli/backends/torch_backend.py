@@ -1,7 +1,13 @@
-"""The PyTorch backend: a transformers causal LM driven step by step against an explicit KV cache."""
+"""The PyTorch backend: a transformers causal LM driven step by step against an explicit KV cache.
+
+Two engines sit behind it. For the Llama and GPT-2 families the lean engine (torch_lean.py) runs
+the same weights with fused, re-laid-out matrices and a preallocated cache; anything else runs
+through transformers' own forward with a DynamicCache. `GPTCLI_TORCH_IMPL=hf` forces the latter.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +17,7 @@ import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
 from gptcli.errors import BackendError, ModelError
-from gptcli.models import context_length, read_config
-
-
-@dataclass
-class TorchCache:
-    """transformers' DynamicCache plus the number of positions it holds."""
-
-    kv: Any
-    length: int = 0
+from gptcli.models import context_length, read_config, weight_files
 
 
 def quiet_transformers() -> None:
@@ -56,20 +54,79 @@ def resolve_dtype(requested: str, device: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
+@dataclass
+class TorchCache:
+    """An engine's cache (LeanCache or transformers' DynamicCache) plus the positions it holds."""
+
+    kv: Any
+    length: int = 0
+
+
+class HFEngine:
+    """transformers' own forward, one call per prefill or decode step."""
+
+    def __init__(self, model: Any) -> None:
+        import inspect
+
+        self.model = model
+        # transformers 5.x renamed `past_key_values` to `cache`; older releases only know the old name.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, ids: Sequence[int], kv: Any, start: int) -> Any:
+        import torch
+
+        device = self.model.device
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: kv},
+            )
+        return out.logits[0, -1].float()
+
+    def truncate(self, kv: Any, length: int, current: int) -> None:
+        kv.crop(length - current)  # negative: drop that many positions from the end
+
+
+class LeanEngine:
+    """torch_lean's fused forward for Llama / GPT-2."""
+
+    def __init__(self, lean: Any) -> None:
+        self.lean = lean
+
+    def new_cache(self) -> Any:
+        return self.lean.new_cache()
+
+    def forward(self, ids: Sequence[int], kv: Any, start: int) -> Any:
+        return self.lean.forward(list(ids), kv)
+
+    def truncate(self, kv: Any, length: int, current: int) -> None:
+        kv.length = length  # positions past `length` are overwritten by the next forward
+
+
+def torch_lean_supports(cfg: dict[str, Any]) -> bool:
+    from gptcli.backends import torch_lean
+
+    return torch_lean.supports(cfg)
+
+
 class TorchBackend:
     """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step."""
 
     name: ClassVar[str] = "torch"
 
-    def __init__(self, model: Any, info: ModelInfo, device: str) -> None:
-        import inspect
-
-        self.model = model
+    def __init__(self, engine: HFEngine | LeanEngine, info: ModelInfo) -> None:
+        self.engine = engine
         self.info = info
-        self.device = device
-        # transformers 5.x renamed `past_key_values` to `cache`; older releases only know the old name.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
@@ -88,13 +145,45 @@ class TorchBackend:
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:
         import torch
-        from transformers import AutoModelForCausalLM
 
-        quiet_transformers()
         if options.threads:
             torch.set_num_threads(options.threads)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
+        cfg = read_config(folder)
+        impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
+        files = weight_files(folder)
+        if impl != "hf" and files and torch_lean_supports(cfg):
+            return cls._load_lean(folder, cfg, files, device, dtype)
+        return cls._load_hf(folder, cfg, options, device, dtype)
+
+    @classmethod
+    def _load_lean(cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any) -> TorchBackend:
+        """Straight from safetensors into the lean engine: no transformers import at all."""
+        from gptcli.backends import torch_lean
+
+        try:
+            lean = torch_lean.build(cfg, files, device, dtype)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ModelError(f"cannot load model from {folder}: {type(exc).__name__}: {exc}") from None
+        arch = (cfg.get("architectures") or [cfg["model_type"]])[0]
+        info = ModelInfo(
+            folder.name,
+            arch,
+            lean.context_length,
+            lean.vocab_size,
+            lean.num_layers,
+            lean.params,
+            str(dtype).removeprefix("torch."),
+            device,
+        )
+        return cls(LeanEngine(lean), info)
+
+    @classmethod
+    def _load_hf(cls, folder: Path, cfg: dict[str, Any], options: LoadOptions, device: str, dtype: Any) -> TorchBackend:
+        from transformers import AutoModelForCausalLM
+
+        quiet_transformers()
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder,
@@ -111,7 +200,6 @@ class TorchBackend:
         except (OSError, RuntimeError, KeyError) as exc:
             raise ModelError(f"cannot load model from {folder}: {exc}") from None
         model.to(device).eval()
-        cfg = read_config(folder)
         info = ModelInfo(
             name=folder.name,
             architecture=type(model).__name__,
@@ -122,33 +210,22 @@ class TorchBackend:
             dtype=str(dtype).removeprefix("torch."),
             device=device,
         )
-        return cls(model, info, device)
+        return cls(HFEngine(model), info)
+
+    @property
+    def implementation(self) -> str:
+        return "lean" if isinstance(self.engine, LeanEngine) else "hf"
 
     def new_cache(self) -> TorchCache:
-        from transformers import DynamicCache
-
-        return TorchCache(DynamicCache(config=self.model.config))
+        return TorchCache(self.engine.new_cache())
 
     def forward(self, ids: Sequence[int], cache: TorchCache) -> tuple[np.ndarray, TorchCache]:
-        import torch
-
-        n = len(ids)
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        positions = torch.arange(cache.length, cache.length + n, device=self.device).unsqueeze(0)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: cache.kv},
-            )
-        logits = out.logits[0, -1].float().cpu().numpy()
-        cache.length += n
-        return logits, cache
+        logits = self.engine.forward(ids, cache.kv, cache.length)
+        cache.length += len(ids)
+        return logits.cpu().numpy(), cache
 
     def truncate(self, cache: TorchCache, length: int) -> TorchCache:
         if length < cache.length:
-            cache.kv.crop(length - cache.length)  # negative: drop that many positions from the end
+            self.engine.truncate(cache.kv, length, cache.length)
             cache.length = length
         return cache

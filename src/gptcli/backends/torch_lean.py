@@ -1,0 +1,270 @@
+"""A lean forward pass for the Llama and GPT-2 families, read straight from safetensors.
+
+Why: on CPU, batch-1 decoding is bound by how fast the weights stream through matrix-vector
+products, and transformers' module stack adds per-layer Python and mask/cache bookkeeping on top
+(and ~2 s of imports to every start). Here each layer is a handful of tensor ops over weights
+re-laid out once at load time:
+- Q/K/V and gate/up projections fused into one matrix each (fewer, larger products);
+- every matrix stored as [in, out] so `x @ W` streams it row-major (for the 49152-row tied lm_head,
+  torch's x @ W.T path reads memory at about half that speed here);
+- the KV cache is a preallocated buffer per layer, grown by doubling, written in place.
+Logits and greedy tokens match transformers (tests/test_torch_backend.py checks both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+INITIAL_CACHE = 256
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class LeanCache:
+    """Per-layer key/value buffers [kv_heads, capacity, head_dim] and the positions filled."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+
+def supports(cfg: dict[str, Any]) -> bool:
+    """Whether a config.json describes a model the lean path covers exactly."""
+    if cfg.get("model_type") == "llama":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        return (
+            rope.get("rope_type", rope.get("type", "default")) == "default"
+            and cfg.get("hidden_act", "silu") == "silu"
+            and not cfg.get("mlp_bias", False)
+            and cfg.get("pretraining_tp", 1) == 1
+        )
+    if cfg.get("model_type") == "gpt2":
+        return (
+            cfg.get("activation_function", "gelu_new") in {"gelu_new", "gelu_pytorch_tanh"}
+            and cfg.get("scale_attn_weights", True)
+            and not cfg.get("scale_attn_by_inverse_layer_idx", False)
+            and not cfg.get("reorder_and_upcast_attn", False)
+        )
+    return False
+
+
+def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
+    from safetensors.torch import load_file
+
+    tensors: Tensors = {}
+    for file in files:
+        for name, tensor in load_file(str(file), device=device).items():
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
+
+
+class LeanModel:
+    """Common cache handling and attention; subclasses define the embedding, layers and head."""
+
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    context_length: int
+    vocab_size: int
+    params: int
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+
+    def new_cache(self) -> LeanCache:
+        shape = (self.kv_heads, min(INITIAL_CACHE, self.context_length), self.head_dim)
+        return LeanCache(
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
+        )
+
+    def _reserve(self, cache: LeanCache, needed: int) -> None:
+        capacity = cache.keys[0].shape[1]
+        if needed <= capacity:
+            return
+        new_capacity = min(max(needed, 2 * capacity), max(needed, self.context_length))
+        for buffers in (cache.keys, cache.values):
+            for i, old in enumerate(buffers):
+                grown = torch.zeros((old.shape[0], new_capacity, old.shape[2]), device=self.device, dtype=self.dtype)
+                grown[:, : cache.length] = old[:, : cache.length]
+                buffers[i] = grown
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: LeanCache) -> torch.Tensor:
+        """q [heads, n, hd], k/v [kv_heads, n, hd] → [n, heads*hd], after writing k/v into the cache."""
+        n, start = q.shape[1], cache.length
+        end = start + n
+        cache.keys[layer][:, start:end] = k
+        cache.values[layer][:, start:end] = v
+        keys = cache.keys[layer][:, :end].unsqueeze(0)
+        values = cache.values[layer][:, :end].unsqueeze(0)
+        gqa = self.heads != self.kv_heads
+        if n == 1:
+            out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, enable_gqa=gqa)
+        else:
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
+            out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=gqa)
+        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+
+    def forward(self, ids: list[int], cache: LeanCache) -> torch.Tensor:
+        """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
+        self._reserve(cache, cache.length + len(ids))
+        with torch.inference_mode():
+            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=self.device), cache)
+        cache.length += len(ids)
+        return logits
+
+    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _head_and_embedding(self, tensors: Tensors, embed_key: str, tied: bool) -> None:
+        """Keep the lm_head as [hidden, vocab]; a tied embedding is read from its columns."""
+        embedding = tensors.pop(embed_key)
+        head = tensors.pop("lm_head.weight", None)
+        self.vocab_size = embedding.shape[0]
+        if head is None or tied:
+            self.embed = None
+            self.head = embedding.t().contiguous()
+        else:
+            self.embed = embedding
+            self.head = head.t().contiguous()
+
+
+def _taker(tensors: Tensors, prefix: str) -> Callable[[str], torch.Tensor]:
+    def take(name: str) -> torch.Tensor:
+        return tensors.pop(prefix + name)
+
+    return take
+
+
+class LeanLlama(LeanModel):
+    def __init__(self, cfg: dict[str, Any], tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device, dtype)
+        self.params = sum(t.numel() for t in tensors.values())
+        self.heads = cfg["num_attention_heads"]
+        self.kv_heads = cfg.get("num_key_value_heads") or self.heads
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.heads
+        self.num_layers = cfg["num_hidden_layers"]
+        self.context_length = cfg.get("max_position_embeddings", 2048)
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        rope = cfg.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        self.inv_freq = 1.0 / (theta**exponents)
+        self.layers = []
+        for i in range(self.num_layers):
+            take = _taker(tensors, f"model.layers.{i}.")
+            qkv = torch.cat([take(f"self_attn.{p}_proj.weight") for p in "qkv"], 0)
+            bias_names = [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
+            qkv_bias = torch.cat([tensors.pop(n) for n in bias_names]) if bias_names[0] in tensors else None
+            gate_up = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], 0)
+            self.layers.append(
+                (
+                    take("input_layernorm.weight"),
+                    qkv.t().contiguous(),
+                    qkv_bias,
+                    take("self_attn.o_proj.weight").t().contiguous(),
+                    take("post_attention_layernorm.weight"),
+                    gate_up.t().contiguous(),
+                    take("mlp.down_proj.weight").t().contiguous(),
+                )
+            )
+        self.norm = tensors.pop("model.norm.weight")
+        self._head_and_embedding(tensors, "model.embed_tokens.weight", cfg.get("tie_word_embeddings", False))
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        n, start = ids.shape[0], cache.length
+        x = self.embed[ids] if self.embed is not None else self.head[:, ids].t()
+        freqs = torch.outer(torch.arange(start, start + n, device=self.device).float(), self.inv_freq)
+        angles = torch.cat((freqs, freqs), -1)
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        half, hd = self.head_dim // 2, self.head_dim
+        q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
+
+        def rope(t: torch.Tensor) -> torch.Tensor:
+            return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+        for i, (norm_in, qkv, qkv_bias, out_proj, norm_post, gate_up, down) in enumerate(self.layers):
+            y = self._rms(x, norm_in) @ qkv
+            if qkv_bias is not None:
+                y = y + qkv_bias
+            q = rope(y[:, :q_end].view(n, self.heads, hd).transpose(0, 1))
+            k = rope(y[:, q_end:k_end].view(n, self.kv_heads, hd).transpose(0, 1))
+            v = y[:, k_end:].view(n, self.kv_heads, hd).transpose(0, 1)
+            x = x + self._attend(q, k, v, i, cache) @ out_proj
+            gate, up = (self._rms(x, norm_post) @ gate_up).chunk(2, -1)
+            x = x + (F.silu(gate) * up) @ down
+        return (self._rms(x[-1:], self.norm) @ self.head)[0].float()
+
+
+class LeanGPT2(LeanModel):
+    def __init__(self, cfg: dict[str, Any], tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device, dtype)
+        # Original OpenAI checkpoints name weights without the "transformer." prefix.
+        tensors = {
+            (k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
+            for k, v in tensors.items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias"))
+        }
+        self.params = sum(t.numel() for t in tensors.values())
+        self.heads = self.kv_heads = cfg["n_head"]
+        self.head_dim = cfg["n_embd"] // cfg["n_head"]
+        self.num_layers = cfg["n_layer"]
+        self.context_length = cfg.get("n_positions", 1024)
+        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.wpe = tensors.pop("transformer.wpe.weight")
+        self.layers = []
+        for i in range(self.num_layers):
+            take = _taker(tensors, f"transformer.h.{i}.")
+            # GPT-2's Conv1D already stores weights as [in, out].
+            self.layers.append(
+                (
+                    (take("ln_1.weight"), take("ln_1.bias")),
+                    take("attn.c_attn.weight"),
+                    take("attn.c_attn.bias"),
+                    take("attn.c_proj.weight"),
+                    take("attn.c_proj.bias"),
+                    (take("ln_2.weight"), take("ln_2.bias")),
+                    take("mlp.c_fc.weight"),
+                    take("mlp.c_fc.bias"),
+                    take("mlp.c_proj.weight"),
+                    take("mlp.c_proj.bias"),
+                )
+            )
+        self.ln_f = (tensors.pop("transformer.ln_f.weight"), tensors.pop("transformer.ln_f.bias"))
+        self._head_and_embedding(tensors, "transformer.wte.weight", cfg.get("tie_word_embeddings", True))
+
+    def _ln(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], self.eps)
+
+    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        n, start = ids.shape[0], cache.length
+        tokens = self.embed[ids] if self.embed is not None else self.head[:, ids].t()
+        x = tokens + self.wpe[start : start + n]
+        d = self.heads * self.head_dim
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_fc, b_fc, w_proj, b_proj) in enumerate(self.layers):
+            y = torch.addmm(b_qkv, self._ln(x, ln1), w_qkv)
+            q, k, v = (y[:, j * d : (j + 1) * d].view(n, self.heads, self.head_dim).transpose(0, 1) for j in range(3))
+            x = x + torch.addmm(b_o, self._attend(q, k, v, i, cache), w_o)
+            hidden = F.gelu(torch.addmm(b_fc, self._ln(x, ln2), w_fc), approximate="tanh")
+            x = x + torch.addmm(b_proj, hidden, w_proj)
+        return (self._ln(x[-1:], self.ln_f) @ self.head)[0].float()
+
+
+def build(cfg: dict[str, Any], files: list[Path], device: str, dtype: torch.dtype) -> LeanModel:
+    """Load safetensors files and build the lean model for a supported config."""
+    tensors = load_tensors(files, device, dtype)
+    cls = LeanLlama if cfg["model_type"] == "llama" else LeanGPT2
+    return cls(cfg, tensors, torch.device(device), dtype)
