@@ -11,12 +11,114 @@ import typer
 
 from gptcli.errors import InputError
 
+# Shell completion for option values. Each runs on a <TAB>, in a fresh process, so each reads only
+# light modules and files: never torch, onnxruntime or transformers, and never a backend module.
+Completion = list[tuple[str, str]]
+
+
+def _matching(items: Completion, incomplete: str) -> Completion:
+    seen: set[str] = set()
+    out = []
+    for value, help_text in items:
+        if value.startswith(incomplete) and value not in seen:
+            seen.add(value)
+            out.append((value, help_text))
+    return out
+
+
+def complete_model(incomplete: str) -> Completion:
+    """Catalogue names and aliases, then models in the cache (by the reference that reaches them)."""
+    import json
+
+    from gptcli.models import ALIASES, CATALOGUE, SOURCE_FILE
+    from gptcli.paths import models_dir
+
+    items = [(name, entry.description) for name, entry in CATALOGUE.items()]
+    items += [(alias, f"alias of {target}") for alias, target in ALIASES.items()]
+    root = models_dir()
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            record = folder / SOURCE_FILE
+            if folder.name in CATALOGUE or folder.name.startswith(".") or not record.is_file():
+                continue
+            try:
+                source = str(json.loads(record.read_text(encoding="utf-8")).get("source", ""))
+            except (OSError, ValueError):
+                continue
+            if source.startswith("hub:"):
+                items.append((source.removeprefix("hub:"), "cached from the hub"))
+            elif source.lower().endswith(".gguf") and Path(source).is_file():
+                items.append((source, "GGUF, converted in the cache"))
+            else:
+                items.append((str(folder), f"cached: {source}"))
+    return _matching(items, incomplete)
+
+
+def complete_backend(incomplete: str) -> Completion:
+    """Registered backends (built-ins, GPTCLI_BACKEND_PATHS, plugins), without importing any of them."""
+    from gptcli.backends.base import list_backends
+
+    try:
+        items = [(s.name, s.origin) for s in list_backends() if not s.conflict]
+    except Exception:  # completion must never print a traceback into the user's shell
+        return []
+    return _matching(items, incomplete)
+
+
+def complete_backend_list(incomplete: str) -> Completion:
+    """For comma-separated --backend lists (`bench`): complete the name after the last comma."""
+    done, _, last = incomplete.rpartition(",")
+    prefix = f"{done}," if done else ""
+    chosen = set(done.split(",")) if done else set()
+    return [(prefix + name, origin) for name, origin in complete_backend(last) if name not in chosen]
+
+
+def complete_template(incomplete: str) -> Completion:
+    """Built-in and user prompt templates."""
+    try:
+        from gptcli.templates import list_templates
+
+        items = [(t.name, t.description or t.source) for t in list_templates()]
+    except Exception:  # a broken user template must not break completion
+        return []
+    return _matching(items, incomplete)
+
+
+def preset_dirs() -> list[Path]:
+    """Where training presets live: gptcli/train/presets/ (found without importing gptcli.train)."""
+    return [Path(__file__).resolve().parents[1] / "train" / "presets"]
+
+
+def complete_preset(incomplete: str) -> Completion:
+    """Training presets: the *.yaml names under gptcli/train/presets/."""
+    items = [(p.stem, "training preset") for folder in preset_dirs() if folder.is_dir() for p in folder.glob("*.yaml")]
+    return _matching(sorted(items), incomplete)
+
+
 # Options shared by every command that runs a model. Defaults are None: "not given on the
 # command line", so config files and the environment can supply the value.
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Catalogue alias, HF folder, .gguf file or hub id.")
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Catalogue alias, HF folder, .gguf file or hub id.", autocompletion=complete_model
+    ),
 ]
-BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help="Backend name (see `gptcli backends`).")]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option("--backend", "-b", help="Backend name (see `gptcli backends`).", autocompletion=complete_backend),
+]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--template", "-T", help="A prompt template (see `gptcli templates list`).", autocompletion=complete_template
+    ),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", help="A training preset (a name from gptcli/train/presets).", autocompletion=complete_preset
+    ),
+]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when present).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 PrecisionOpt = Annotated[
@@ -64,9 +166,11 @@ def stderr_console() -> Any:
 
 
 def stdout_console() -> Any:
+    """Tables on stdout: terminal width on a TTY; wide enough to never cut a path in a pipe."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    piped = not sys.stdout.isatty()
+    return Console(highlight=False, soft_wrap=True, width=240 if piped else None)
 
 
 def note(message: str) -> None:
