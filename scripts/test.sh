@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+bash scripts/setup-plugins.sh  # the llama.cpp backend plugin (builds llama-cpp-python once; pip caches the wheel)
 venv="${GPTCLI_VENV:-.venv}"
-"$venv/bin/ruff" check src tests benchmarks
+"$venv/bin/ruff" check src tests benchmarks plugins scripts
 "$venv/bin/python" -m pytest -q "$@"

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from gptcli.errors import BackendError
+
+if TYPE_CHECKING:  # numpy only types the protocol: listing backends (shell completion) stays light
+    import numpy as np
 
 ENTRY_POINT_GROUP = "gptcli.backends"
 
@@ -87,16 +88,18 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A registered backend: where it comes from and how to import it (lazily)."""
+    """A registered backend: where it comes from and how to import it (lazily, only when chosen)."""
 
     name: str
     target: str  # "module:Class"
-    origin: str  # "built-in" or "<distribution> <version>"
+    origin: str  # "built-in", "GPTCLI_BACKEND_PATHS" or "<distribution> <version>"
     conflict: str | None = None
+    distribution: str | None = None  # plugins only
+    version: str | None = None
 
     def load_class(self) -> type[Backend]:
         if self.conflict:
-            raise BackendError(self.conflict)
+            raise BackendError(self.conflict, hint="uninstall the plugin or rename its entry point")
         module_name, _, attr = self.target.partition(":")
         try:
             module = importlib.import_module(module_name)
@@ -112,11 +115,12 @@ BUILTINS = {
     "torch": "gptcli.backends.torch_backend:TorchBackend",
     "onnx": "gptcli.backends.onnx_backend:OnnxBackend",
 }
+PLUGINS_ENV = "GPTCLI_PLUGINS"
 
 
 def _plugin_filter() -> set[str] | None:
-    """GPTCLI_PLUGINS=none|name,...: which plugins may load (unset: all)."""
-    value = os.environ.get("GPTCLI_PLUGINS")
+    """GPTCLI_PLUGINS=none|name,...: which plugins may load (unset, empty or "all": every one)."""
+    value = os.environ.get(PLUGINS_ENV)
     if value is None or value.strip() in {"", "all"}:
         return None
     if value.strip() == "none":
@@ -124,8 +128,25 @@ def _plugin_filter() -> set[str] | None:
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
+def _plugin_entry_points() -> list[metadata.EntryPoint]:
+    """Every `gptcli.backends` entry point, one per (distribution, name); reading them imports nothing."""
+    seen: set[tuple[str, str]] = set()
+    points = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        key = (dist.name if dist is not None else "", ep.name)
+        if key not in seen:  # a distribution found twice on sys.path is still one plugin
+            seen.add(key)
+            points.append(ep)
+    return points
+
+
 def list_backends() -> list[BackendSpec]:
-    """Built-ins first, then plugins from entry points (a plugin claiming a built-in name is a conflict)."""
+    """Built-ins first, then plugins from entry points. Imports no backend module.
+
+    A plugin claiming a built-in name (or one another plugin already took) is listed as a conflict
+    and never loaded; plugins left out by GPTCLI_PLUGINS are not listed at all.
+    """
     specs = [
         BackendSpec(name, target, "built-in")
         for name, target in BUILTINS.items()
@@ -137,22 +158,36 @@ def list_backends() -> list[BackendSpec]:
         name, _, target = item.partition("=")
         specs.append(BackendSpec(name.strip(), target.strip(), "GPTCLI_BACKEND_PATHS"))
     allowed = _plugin_filter()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in _plugin_entry_points():
         if allowed is not None and ep.name not in allowed:
             continue
         dist = getattr(ep, "dist", None)
-        origin = f"{dist.name} {dist.version}" if dist is not None else "plugin"
+        dist_name, version = (dist.name, dist.version) if dist is not None else (None, None)
+        origin = f"{dist_name} {version}" if dist is not None else "plugin"
         conflict = None
-        if ep.name in BUILTINS:
-            conflict = f"plugin {origin} claims the built-in backend name '{ep.name}'; it is ignored"
-        specs.append(BackendSpec(ep.name, ep.value, origin, conflict))
+        taken = next((s for s in specs if s.name == ep.name and not s.conflict), None)
+        if taken is not None:
+            owner = "the built-in backend" if taken.origin == "built-in" else f"the backend from {taken.origin}"
+            conflict = f"plugin {origin} claims the name '{ep.name}' of {owner}; it is ignored"
+        specs.append(BackendSpec(ep.name, ep.value, origin, conflict, dist_name, version))
     return specs
 
 
 def get_backend_class(name: str) -> type[Backend]:
     """Import and return only the selected backend's class."""
-    specs = [s for s in list_backends() if s.name == name and not s.conflict]
-    if not specs:
-        names = sorted({s.name for s in list_backends()})
+    specs = list_backends()
+    chosen = [s for s in specs if s.name == name and not s.conflict]
+    if not chosen:
+        if any(ep.name == name for ep in _plugin_entry_points()):
+            raise BackendError(
+                f"backend '{name}' is a plugin turned off by {PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')}",
+                hint=f"add '{name}' to {PLUGINS_ENV}, or unset it",
+            )
+        names = sorted({s.name for s in specs if not s.conflict})
         raise BackendError(f"unknown backend '{name}'", hint=f"choose one of: {', '.join(names)}")
-    return specs[0].load_class()
+    return chosen[0].load_class()
+
+
+def backend_names() -> list[str]:
+    """The names `--backend` accepts here (for shell completion: reads entry points, imports no backend)."""
+    return list(dict.fromkeys(s.name for s in list_backends() if not s.conflict))

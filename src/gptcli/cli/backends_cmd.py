@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,18 +13,17 @@ from gptcli.cli import common as c
 def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List backends (built-ins, then plugins) with `ok` or why they cannot run here.
 
-    Example: gptcli backends
+    A plugin that fails to import shows its distribution, version and error; one that claims a
+    name already taken is shown as a conflict. GPTCLI_PLUGINS=none|name,... limits which plugins load.
+
+    Examples:
+      gptcli backends
+      gptcli backends --json
+      GPTCLI_PLUGINS=none gptcli backends
     """
     from gptcli.backends.base import list_backends
-    from gptcli.errors import GptcliError
 
-    rows = []
-    for spec in list_backends():
-        try:
-            reason = spec.load_class().unavailable_reason("auto")
-        except GptcliError as exc:
-            reason = exc.message
-        rows.append({"name": spec.name, "origin": spec.origin, "status": reason or "ok"})
+    rows = [backend_row(spec) for spec in list_backends()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -36,3 +35,25 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
     for row in rows:
         table.add_row(row["name"], row["origin"], row["status"])
     c.stdout_console().print(table)
+
+
+def backend_row(spec: Any) -> dict[str, Any]:
+    """One row: importing the backend (and asking it) is the only way to know, so failures are caught."""
+    from gptcli.errors import GptcliError
+
+    error = None
+    try:
+        reason = spec.load_class().unavailable_reason("auto")
+    except GptcliError as exc:
+        reason = error = exc.message
+    except Exception as exc:  # a plugin's own unavailable_reason() can be broken too
+        reason = error = f"backend '{spec.name}' ({spec.origin}) failed: {type(exc).__name__}: {exc}"
+    return {
+        "name": spec.name,
+        "origin": spec.origin,
+        "distribution": spec.distribution,
+        "version": spec.version,
+        "status": reason or "ok",
+        "conflict": spec.conflict is not None,
+        "error": error,
+    }
