@@ -33,6 +33,10 @@ def generate(
     system: c.SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
     on_overflow: c.OverflowOpt = None,
+    template: Annotated[
+        str | None, typer.Option("--template", "-T", help="A prompt template (`gptcli templates list`).")
+    ] = None,
+    var: Annotated[list[str] | None, typer.Option("--var", help="A template variable NAME=VALUE (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     config: c.ConfigOpt = None,
@@ -45,6 +49,7 @@ def generate(
       gptcli generate "Write a haiku about autumn."
       gptcli generate -f prompt.txt --max-tokens 200 --temperature 0.8 --seed 7
       cat notes.txt | gptcli generate "Rewrite this more politely:"
+      gptcli generate -f article.txt --template translate --var to=French
     """
     resolved = c.resolve_settings(
         config,
@@ -68,7 +73,28 @@ def generate(
         trust_remote_code=trust_remote_code,
     )
     settings = resolved.settings
+    chosen = None
+    if template is not None:
+        from gptcli.templates import apply_sampling_defaults, get_template, parse_vars
+
+        chosen = get_template(template)
+        variables = parse_vars(var or [])
+        chosen.bind(variables)  # a missing or unknown variable fails here, before reading input or loading
+        settings = apply_sampling_defaults(resolved, chosen)
+    elif var:
+        from gptcli.errors import UsageError
+
+        raise UsageError("--var needs --template", hint="e.g. --template translate --var to=French")
     text = c.gather_prompt(prompt, file)
+    if chosen is not None:
+        from dataclasses import replace
+
+        system_text, text = chosen.render(text, variables)
+        if resolved.sources["system"] == "default" and system_text:
+            if raw:
+                text = f"{system_text}\n\n{text}"
+            else:
+                settings = replace(settings, system=system_text)
     run_generation(settings, text, raw=raw, as_json=as_json, show_stats=stats)
 
 

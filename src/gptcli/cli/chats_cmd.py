@@ -1,0 +1,93 @@
+"""`gptcli chats list|show|export|rm`: the conversations `gptcli chat` saved."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+from gptcli.errors import UsageError
+
+app = typer.Typer(help="List, show, export and delete saved chat conversations.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Saved conversations, most recent first.
+
+    Example: gptcli chats list
+    """
+    from gptcli.chat import ConversationStore
+
+    convs = ConversationStore().list()
+    if as_json:
+        rows = [
+            {"id": cv.id, "title": cv.title, "model": cv.model, "messages": len(cv.messages), "updated": cv.updated}
+            for cv in convs
+        ]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not convs:
+        c.note("no saved conversations yet (start one with `gptcli chat`)")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "updated", "messages", "model", "title"):
+        table.add_column(column)
+    for cv in convs:
+        table.add_row(cv.id, cv.updated[:16].replace("T", " "), str(len(cv.messages)), cv.model, cv.title)
+    c.stdout_console().print(table)
+
+
+@app.command()
+def show(conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")]) -> None:
+    """Print a conversation as Markdown.
+
+    Example: gptcli chats show 20260101-120000-ab12
+    """
+    from gptcli.chat import ConversationStore, to_markdown
+
+    sys.stdout.write(to_markdown(ConversationStore().load(conversation_id)))
+
+
+@app.command()
+def export(
+    conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")],
+    fmt: Annotated[str, typer.Option("--format", help="md | json")] = "md",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")] = None,
+) -> None:
+    """Export a conversation as Markdown or JSON.
+
+    Examples:
+      gptcli chats export 20260101-120000-ab12 --format json > chat.json
+      gptcli chats export 2026 --format md -o chat.md
+    """
+    from gptcli.chat import ConversationStore, atomic_write, to_markdown
+
+    if fmt not in {"md", "json"}:
+        raise UsageError(f"--format must be md or json, got {fmt!r}")
+    conv = ConversationStore().load(conversation_id)
+    text = to_markdown(conv) if fmt == "md" else json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(output, text)
+        c.note(f"wrote {output}")
+
+
+@app.command("rm")
+def rm(conversation_ids: Annotated[list[str], typer.Argument(help="Conversation ids (or unique prefixes).")]) -> None:
+    """Delete saved conversations.
+
+    Example: gptcli chats rm 20260101-120000-ab12
+    """
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    for ref in conversation_ids:
+        c.note(f"deleted {store.delete(ref)}")

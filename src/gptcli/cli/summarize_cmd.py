@@ -1,0 +1,150 @@
+"""`gptcli summarize`: a summary of a file or stdin, of any length (map-reduce when it outgrows the context)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gptcli.cli import common as c
+from gptcli.errors import InputError
+
+
+def summarize(
+    file: Annotated[Path | None, typer.Argument(help="The text file (default: stdin).")] = None,
+    length: Annotated[str, typer.Option("--length", "-l", help="short | medium | long")] = "medium",
+    fmt: Annotated[str, typer.Option("--format", help="paragraph | bullets")] = "paragraph",
+    strategy: Annotated[str, typer.Option("--strategy", help="auto | stuff | map-reduce")] = "auto",
+    chunk_tokens: Annotated[
+        int | None, typer.Option("--chunk-tokens", help="Most tokens per chunk (default: what the context allows).")
+    ] = None,
+    overlap: Annotated[int, typer.Option("--overlap", help="Tokens repeated from the previous chunk.")] = 100,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: summary, chunks, token counts, timings.")
+    ] = False,
+    model: c.ModelOpt = None,
+    backend: c.BackendOpt = None,
+    device: c.DeviceOpt = None,
+    dtype: c.DtypeOpt = None,
+    precision: c.PrecisionOpt = None,
+    threads: c.ThreadsOpt = None,
+    temperature: c.TemperatureOpt = None,
+    top_k: c.TopKOpt = None,
+    top_p: c.TopPOpt = None,
+    min_p: c.MinPOpt = None,
+    repetition_penalty: c.RepetitionPenaltyOpt = None,
+    max_tokens: c.MaxTokensOpt = None,
+    seed: c.SeedOpt = None,
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+    trust_remote_code: c.TrustRemoteCodeOpt = None,
+) -> None:
+    """Summarise a document of any length; only the summary goes to stdout.
+
+    Examples:
+      cat report.txt | gptcli summarize
+      gptcli summarize paper.txt --length short --format bullets
+      gptcli summarize big.txt --strategy map-reduce --chunk-tokens 1500 --overlap 100
+      gptcli summarize notes.md --json
+    """
+    from gptcli.runtime import open_runtime
+    from gptcli.summarize import FORMATS, LENGTHS, Summarizer, SummaryOptions
+    from gptcli.templates import apply_sampling_defaults, get_template
+
+    options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
+    options.check()
+    resolved = c.resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    template = get_template("summarize")
+    settings = apply_sampling_defaults(resolved, template)
+    if resolved.sources["sampling.max_tokens"] == "default":
+        settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
+    text = _read_input(file)
+    runtime = open_runtime(settings, c.note)
+    with ProgressBar() as progress:
+        summarizer = Summarizer(
+            runtime.backend,
+            runtime.tokenizer,
+            template,
+            settings.sampling,
+            progress=progress,
+            variables={"length": LENGTHS[length][0], "format": FORMATS[fmt]},
+        )
+        result = summarizer.run(text, options)
+    if result.strategy == "map-reduce":
+        c.note(
+            f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, "
+            f"{result.combine_levels} combine level(s)"
+        )
+    if as_json:
+        payload = {
+            **result.as_dict(),
+            "model": runtime.model.name,
+            "backend": runtime.backend.name,
+            "device": runtime.backend.info.device,
+        }
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+    else:
+        sys.stdout.write(result.summary.rstrip("\n") + "\n")
+        sys.stdout.flush()
+
+
+def _read_input(file: Path | None) -> str:
+    text = c.read_text_file(file) if file is not None else c.read_stdin_if_piped()
+    if not text.strip():
+        where = str(file) if file is not None else "standard input"
+        raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")
+    return text
+
+
+class ProgressBar:
+    """A Rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __enter__(self) -> Any:
+        console = c.stderr_console()
+        if not console.is_terminal:
+            self.bar = None
+            return lambda stage, done, total: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.bar.start()
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = self.bar.add_task(stage, total=total)
+            self.bar.update(tasks[stage], completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

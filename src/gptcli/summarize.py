@@ -1,0 +1,311 @@
+"""Summaries of any length of text: one pass when it fits, map-reduce on the model's own token counts otherwise.
+
+stuff:      the whole document in one prompt.
+map-reduce: split on paragraph, then sentence, then token boundaries into chunks that fit; summarise each
+            ("map"), then combine the partial summaries ("reduce"), in groups and recursively while they
+            still do not fit together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Finished, KVSession, generate
+from gptcli.errors import InputError, UsageError
+from gptcli.templates import Template
+
+LENGTHS = {
+    "short": ("in one or two sentences", 96),
+    "medium": ("in one short paragraph", 256),
+    "long": ("in a few detailed paragraphs", 512),
+}
+FORMATS = {"paragraph": "as plain prose", "bullets": "as a bulleted list of the key points"}
+STRATEGIES = ("auto", "stuff", "map-reduce")
+COMBINE_SYSTEM = "You merge partial summaries of one document into a single faithful summary. Never invent facts."
+COMBINE_USER = (
+    "These are summaries of consecutive parts of one document. Combine them into one summary of the whole "
+    "document {length}, {format}.\n\n{input}"
+)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    length: str = "medium"
+    format: str = "paragraph"
+    strategy: str = "auto"
+    chunk_tokens: int | None = None  # None: as large as the context allows
+    overlap: int = 100
+
+    def check(self) -> None:
+        if self.length not in LENGTHS:
+            raise UsageError(f"--length must be one of {', '.join(LENGTHS)}, got {self.length!r}")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 16:
+            raise UsageError(f"--chunk-tokens must be at least 16, got {self.chunk_tokens}")
+        if self.overlap < 0:
+            raise UsageError(f"--overlap must be >= 0, got {self.overlap}")
+
+
+@dataclass
+class Call:
+    """One model call: what it was for and its token counts."""
+
+    stage: str  # "stuff" | "map" | "combine"
+    level: int
+    prompt_tokens: int
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+    finish_reason: str
+
+
+@dataclass
+class SummaryResult:
+    summary: str
+    strategy: str
+    input_tokens: int
+    context_length: int
+    chunk_budget: int
+    chunks: list[int] = field(default_factory=list)  # token count of each map chunk
+    combine_levels: int = 0
+    calls: list[Call] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "strategy": self.strategy,
+            "input_tokens": self.input_tokens,
+            "context_length": self.context_length,
+            "chunk_budget": self.chunk_budget,
+            "chunks": len(self.chunks),
+            "chunk_tokens": self.chunks,
+            "combine_levels": self.combine_levels,
+            "calls": [c.__dict__ for c in self.calls],
+            "prompt_tokens": sum(c.prompt_tokens for c in self.calls),
+            "completion_tokens": sum(c.output_tokens for c in self.calls),
+            "total_s": round(self.seconds, 3),
+        }
+
+
+# -- splitting on the model's own token counts -------------------------------------------------------
+
+_PARAGRAPH = re.compile(r"\n\s*\n")
+_SENTENCE = re.compile(r"(?<=[.!?。！？;:])\s+")
+
+
+def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callable[[str, int], list[str]]) -> list[str]:
+    """Chunks of at most `budget` tokens each, broken at paragraphs, else sentences, else tokens."""
+    units: list[str] = []
+    for para in (p.strip() for p in _PARAGRAPH.split(text)):
+        if not para:
+            continue
+        if count(para) <= budget:
+            units.append(para)
+            continue
+        for sentence in (s.strip() for s in _SENTENCE.split(para)):
+            if not sentence:
+                continue
+            units.extend([sentence] if count(sentence) <= budget else cut(sentence, budget))
+    chunks: list[str] = []
+    current = ""
+    for unit in units:
+        candidate = f"{current}\n\n{unit}" if current else unit
+        if current and count(candidate) > budget:
+            chunks.append(current)
+            current = unit
+        else:
+            current = candidate
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class Summarizer:
+    """Runs the summary pipeline over one loaded model (backend + tokenizer)."""
+
+    def __init__(
+        self,
+        backend: Any,
+        tokenizer: Any,
+        template: Template,
+        sampling: SamplingConfig,
+        *,
+        progress: Progress | None = None,
+        variables: dict[str, str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.template = template
+        self.sampling = sampling
+        self.progress = progress or (lambda stage, done, total: None)
+        # Only the variables this template uses (a user's own summarize template may not have them all).
+        self.variables = {k: v for k, v in (variables or {}).items() if k in template.fields}
+        self.context = int(backend.info.context_length)
+        self.session = KVSession(backend)  # map calls share the template's head: prefill it once
+
+    # -- token accounting ----------------------------------------------------------------------
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def cut(self, text: str, budget: int) -> list[str]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.tokenizer.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
+
+    def prompt_ids(self, system: str | None, user: str) -> list[int]:
+        if self.tokenizer.chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            return self.tokenizer.encode(self.tokenizer.render_chat(messages), add_special_tokens=False)
+        head = f"{system}\n\n" if system else ""
+        return self.tokenizer.encode(f"{head}{user}\n\nSummary:", add_special_tokens=True)
+
+    def _render(self, combine: bool, text: str) -> tuple[str | None, str]:
+        if not combine:
+            return self.template.render(text, self.variables)
+        values = self.template.bind(self.variables)
+        user = COMBINE_USER.format(
+            length=values.get("length", LENGTHS["medium"][0]),
+            format=values.get("format", FORMATS["paragraph"]),
+            input=text,
+        )
+        return COMBINE_SYSTEM, user
+
+    def overhead(self, combine: bool = False) -> int:
+        return len(self.prompt_ids(*self._render(combine, "")))
+
+    def input_budget(self, combine: bool = False) -> int:
+        """Tokens of document text one call can take, leaving room for the instructions and the reply."""
+        return self.context - self.overhead(combine) - self.sampling.max_tokens - 8  # 8: join/re-tokenise slack
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def run(self, text: str, options: SummaryOptions) -> SummaryResult:
+        options.check()
+        start = time.perf_counter()
+        total = self.count(text)
+        strategy = options.strategy
+        # One pass when the text fits with room for a reply (shortened to what is left, if need be).
+        room = self.context - self.overhead() - 8 - total
+        fits = room >= min(self.sampling.max_tokens, 32)
+        if strategy == "auto":
+            strategy = "stuff" if fits else "map-reduce"
+        if strategy == "stuff":
+            if not fits:
+                raise InputError(
+                    f"the text is {total} tokens but one pass takes at most {self.input_budget()} with this model",
+                    hint="use --strategy map-reduce (or auto)",
+                )
+            self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
+        elif min(self.input_budget(), self.input_budget(combine=True)) < 2 * self.sampling.max_tokens:
+            # A combine step must fit at least two partial summaries, or it could never shrink them.
+            limit = (self.context - max(self.overhead(), self.overhead(True)) - 8) // 3
+            if limit < 16:
+                raise InputError(
+                    f"the model's context ({self.context} tokens) is too small to summarise this text: "
+                    f"the instructions alone take {max(self.overhead(), self.overhead(True))} tokens",
+                    hint="use a model with a longer context",
+                )
+            self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, limit))
+        budget, combine_budget = self.input_budget(), self.input_budget(combine=True)
+        chunk_budget = budget if options.chunk_tokens is None else min(options.chunk_tokens, budget)
+        result = SummaryResult("", strategy, total, self.context, chunk_budget)
+        if strategy == "stuff":
+            self.progress("summarize", 0, 1)
+            result.summary = self._call("stuff", 0, text, result)
+            self.progress("summarize", 1, 1)
+        else:
+            chunks = self.chunk(text, chunk_budget, options.overlap)
+            result.chunks = [self.count(c) for c in chunks]
+            partials = []
+            self.progress("map", 0, len(chunks))
+            for i, chunk in enumerate(chunks, 1):
+                partials.append(self._call("map", 0, chunk, result))
+                self.progress("map", i, len(chunks))
+            result.summary = self.reduce(partials, combine_budget, result)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def chunk(self, text: str, budget: int, overlap: int) -> list[str]:
+        """Split into chunks of `budget` tokens; each after the first starts with the previous one's tail."""
+        if overlap and overlap * 2 >= budget:
+            raise UsageError(f"--overlap {overlap} must be under half of the chunk size ({budget} tokens)")
+        step = budget - overlap
+        pieces = split_text(text, step, self.count, self.cut)
+        if not overlap:
+            return pieces
+        chunks = [pieces[0]]
+        for prev, piece in itertools.pairwise(pieces):
+            tail_ids = self.tokenizer.encode(prev, add_special_tokens=False)[-overlap:]
+            tail = self.tokenizer.decode(tail_ids).lstrip()
+            candidate = f"{tail} {piece}" if tail else piece
+            chunks.append(candidate if self.count(candidate) <= budget else piece)
+        return chunks
+
+    def reduce(self, partials: list[str], budget: int, result: SummaryResult) -> str:
+        """Combine partial summaries; group and recurse while they do not fit in one call."""
+        level = 0
+        while len(partials) > 1:
+            level += 1
+            groups = self._group(partials, budget)
+            self.progress(f"combine {level}", 0, len(groups))
+            merged = []
+            for i, group in enumerate(groups, 1):
+                merged.append(self._call("combine", level, "\n\n".join(group), result))
+                self.progress(f"combine {level}", i, len(groups))
+            partials = merged
+        result.combine_levels = level
+        return partials[0]
+
+    def _group(self, partials: Sequence[str], budget: int) -> list[list[str]]:
+        groups: list[list[str]] = [[]]
+        for part in partials:
+            part = self._clip(part, budget // 2)
+            trial = "\n\n".join([*groups[-1], part])
+            if groups[-1] and self.count(trial) > budget:
+                groups.append([part])
+            else:
+                groups[-1].append(part)
+        if len(groups) == len(partials):  # no pair fits together: merge pairs anyway (clipped to fit)
+            groups = [list(partials[i : i + 2]) for i in range(0, len(partials), 2)]
+            groups = [[self._clip(p, budget // 2) for p in g] for g in groups]
+        return groups
+
+    def _clip(self, text: str, budget: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
+
+    def _call(self, stage: str, level: int, text: str, result: SummaryResult) -> str:
+        system, user = self._render(stage == "combine", text)
+        ids = self.prompt_ids(system, user)
+        session = self.session if stage == "map" else KVSession(self.backend)
+        finished: Finished | None = None
+        for event in generate(self.backend, self.tokenizer, ids, self.sampling, session=session):
+            if isinstance(event, Finished):
+                finished = event
+        assert finished is not None  # generate() always ends with Finished
+        if finished.reason == "interrupted":
+            raise KeyboardInterrupt
+        result.calls.append(
+            Call(
+                stage=stage,
+                level=level,
+                prompt_tokens=len(ids),
+                input_tokens=self.count(text),
+                output_tokens=finished.stats.new_tokens,
+                seconds=round(finished.stats.total_s, 4),
+                finish_reason=finished.reason,
+            )
+        )
+        return finished.text.strip()

@@ -1,0 +1,188 @@
+"""Prompt templates: a system message, a user message with `{input}` and named variables, default sampling.
+
+Built-ins live in `gptcli/templates_builtin/*.yaml`; user templates in `<config dir>/templates/*.yaml`
+override a built-in of the same name. Everything is checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from gptcli.config import FIELDS, Resolved, Settings, coerce, read_yaml
+from gptcli.errors import ConfigError, UsageError
+from gptcli.paths import config_dir
+
+BUILTIN_DIR = Path(__file__).parent / "templates_builtin"
+TEMPLATE_KEYS = ("description", "system", "user", "variables", "sampling")
+
+
+def user_templates_dir() -> Path:
+    return config_dir() / "templates"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt. `variables` maps each name to its default (None: the user must give it)."""
+
+    name: str
+    user: str
+    system: str | None = None
+    description: str = ""
+    variables: Mapping[str, str | None] = field(default_factory=dict)
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "built-in"
+    path: Path | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        """Every `{name}` used in the system and user text, in order of appearance."""
+        names: list[str] = []
+        for text in (self.system or "", self.user):
+            for _, name, _, _ in string.Formatter().parse(text):
+                if name is not None and name not in names:
+                    names.append(name)
+        return names
+
+    @property
+    def required(self) -> list[str]:
+        return [n for n in self.fields if n != "input" and self.variables.get(n) is None]
+
+    def render(self, text: str, variables: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+        """(system, user) with `{input}` = text and the variables filled in."""
+        values = self.bind(variables or {})
+        values["input"] = text
+        system = self.system.format_map(values) if self.system else None
+        return system, self.user.format_map(values)
+
+    def bind(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Defaults overlaid with the given variables; unknown or missing names are usage errors."""
+        known = [n for n in self.fields if n != "input"]
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            listed = ", ".join(known) or "none"
+            raise UsageError(
+                f"template '{self.name}' has no variable '{unknown[0]}' (its variables: {listed})",
+                hint=f"see `gptcli templates show {self.name}`",
+            )
+        values = {k: v for k, v in self.variables.items() if v is not None}
+        values.update(given)
+        missing = [n for n in known if n not in values]
+        if missing:
+            raise UsageError(
+                f"template '{self.name}' needs the variable '{missing[0]}'",
+                hint=f"pass --var {missing[0]}=VALUE",
+            )
+        return values
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"description": self.description}
+        if self.system:
+            data["system"] = self.system
+        data["user"] = self.user
+        if self.variables:
+            data["variables"] = dict(self.variables)
+        if self.sampling:
+            data["sampling"] = dict(self.sampling)
+        return data
+
+
+def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, path: Path | None) -> Template:
+    """Validate a template mapping (as read from YAML); errors name the file and key."""
+    for key in data:
+        if key not in TEMPLATE_KEYS and key != "name":
+            raise ConfigError(f"{where}: {key}: unknown template key (expected one of {', '.join(TEMPLATE_KEYS)})")
+    user = data.get("user")
+    if not isinstance(user, str) or not user.strip():
+        raise ConfigError(f"{where}: user: a template needs a non-empty user message containing {{input}}")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"{where}: system: must be a string")
+    variables = data.get("variables") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"{where}: variables: must be a mapping of name to default (null: required)")
+    variables = {str(k): (None if v is None else str(v)) for k, v in variables.items()}
+    sampling_raw = data.get("sampling") or {}
+    if not isinstance(sampling_raw, dict):
+        raise ConfigError(f"{where}: sampling: must be a mapping")
+    sampling: dict[str, Any] = {}
+    for key, value in sampling_raw.items():
+        spec = FIELDS.get(f"sampling.{key}")
+        if spec is None:
+            raise ConfigError(f"{where}: sampling -> {key}: unknown key")
+        sampling[str(key)] = coerce(spec, value, where)
+    template = Template(
+        name=name,
+        user=user,
+        system=system,
+        description=str(data.get("description") or ""),
+        variables=variables,
+        sampling=sampling,
+        source=source,
+        path=path,
+    )
+    try:
+        fields_used = template.fields
+    except ValueError as exc:  # unbalanced braces
+        raise ConfigError(f"{where}: invalid placeholder: {exc}", hint="write a literal brace as {{ or }}") from None
+    if "input" not in fields_used:
+        raise ConfigError(f"{where}: user: the template never uses {{input}}")
+    bad = [n for n in fields_used if not n.isidentifier()]
+    if bad:
+        raise ConfigError(f"{where}: invalid placeholder {{{bad[0]}}}", hint="placeholders are plain names: {name}")
+    return template
+
+
+def _load_file(path: Path, source: str) -> Template:
+    return parse_template(path.stem, read_yaml(path), str(path), source, path)
+
+
+def list_templates() -> list[Template]:
+    """Built-ins, then user templates (a user template replaces the built-in of the same name)."""
+    found: dict[str, Template] = {}
+    for path in sorted(BUILTIN_DIR.glob("*.yaml")):
+        found[path.stem] = _load_file(path, "built-in")
+    folder = user_templates_dir()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.yaml")):
+            found[path.stem] = _load_file(path, "user")
+    return list(found.values())
+
+
+def get_template(name: str) -> Template:
+    user_file = user_templates_dir() / f"{name}.yaml"
+    if user_file.is_file():
+        return _load_file(user_file, "user")
+    builtin = BUILTIN_DIR / f"{name}.yaml"
+    if builtin.is_file():
+        return _load_file(builtin, "built-in")
+    import difflib
+
+    names = [t.name for t in list_templates()]
+    close = difflib.get_close_matches(name, names, n=1)
+    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UsageError(f"unknown template '{name}'{suggestion}", hint="`gptcli templates list` shows them all")
+
+
+def parse_vars(pairs: Sequence[str]) -> dict[str, str]:
+    """`k=v` strings (from repeated --var) into a dict."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--var expects NAME=VALUE, got {pair!r}", hint="e.g. --var to=French")
+        out[key] = value
+    return out
+
+
+def apply_sampling_defaults(resolved: Resolved, template: Template) -> Settings:
+    """The template's sampling values replace only built-in defaults, never what the user set."""
+    settings = resolved.settings
+    changes = {k: v for k, v in template.sampling.items() if resolved.sources.get(f"sampling.{k}") == "default"}
+    if not changes:
+        return settings
+    return replace(settings, sampling=replace(settings.sampling, **changes))

@@ -1,0 +1,259 @@
+"""Chat core: turns, context reuse between turns, trimming, saving, slash commands; chat through pipes."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.scripted import ScriptedBackend
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend"}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def say(tok, text):
+    """Token ids that make the scripted backend answer `text` then stop (one forward call per id)."""
+    return [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
+
+
+def make_chat(tok, script, *, context=4096, system=None, store=True, warn=None, max_tokens=64):
+    from gptcli.chat import ChatSession, Conversation, ConversationStore
+    from gptcli.config import SamplingConfig, Settings
+
+    backend = ScriptedBackend(script, tok.vocab_size, context)
+    settings = Settings(model="tiny", sampling=SamplingConfig(temperature=0, max_tokens=max_tokens))
+    conv = Conversation(model="tiny", system=system)
+    return ChatSession(
+        backend, tok, settings, conv, ConversationStore() if store else None, warn=warn or (lambda _: None)
+    )
+
+
+def reply(turn):
+    from gptcli.decoding import Token
+
+    return "".join(e.text for e in turn if isinstance(e, Token))
+
+
+def test_two_turns_reuse_the_context(tok):
+    chat = make_chat(tok, say(tok, "Hello there.") + say(tok, "You said hi."), system="Be brief.")
+    assert reply(chat.say("hi")) == "Hello there."
+    first_calls = len(chat.backend.calls)
+    assert reply(chat.say("What did I say?")) == "You said hi."
+    # The second turn's prefill is only the new suffix, not the whole history.
+    second_prefill = chat.backend.calls[first_calls]
+    full = chat.fit()
+    assert chat.last_stats.cached_tokens > 0
+    assert len(second_prefill) == chat.last_stats.prompt_tokens - chat.last_stats.cached_tokens
+    assert len(second_prefill) < len(full) // 2
+    roles = [m["role"] for m in chat.conversation.messages]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_no_reuse_prefills_everything(tok):
+    chat = make_chat(tok, say(tok, "A.") + say(tok, "B."))
+    chat.reuse_context = False
+    reply(chat.say("one"))
+    reply(chat.say("two"))
+    assert chat.last_stats.cached_tokens == 0
+
+
+def test_real_tiny_model_reuse_matches_full_prefill(tiny_models, tok):
+    """With the torch backend, a reused cache gives the same greedy reply as prefilling everything."""
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+    from gptcli.chat import ChatSession, Conversation
+    from gptcli.config import SamplingConfig, Settings
+
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="float32"))
+    settings = Settings(sampling=SamplingConfig(temperature=0, max_tokens=6))
+    replies = {}
+    for reuse in (True, False):
+        chat = ChatSession(backend, tok, settings, Conversation(model="tiny"), None, reuse_context=reuse)
+        replies[reuse] = [reply(chat.say("Once")), reply(chat.say("The capital"))]
+        if reuse:
+            assert chat.last_stats.cached_tokens > 0
+    assert replies[True] == replies[False]
+
+
+def test_saved_after_each_turn_atomically_with_mode_0600(tok, isolated_home):
+    chat = make_chat(tok, say(tok, "Paris."))
+    turn = chat.say("Capital of France?")
+    path = isolated_home / "data" / "chats" / f"{chat.conversation.id}.json"
+    saved = json.loads(path.read_text())  # the user message is on disk before the reply starts
+    assert [m["role"] for m in saved["messages"]] == ["user"]
+    assert reply(turn) == "Paris."
+    saved = json.loads(path.read_text())
+    assert saved["messages"][-1]["content"] == "Paris." and saved["messages"][-1]["stats"]["new_tokens"] > 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left behind
+
+
+def test_interrupted_turn_keeps_partial_reply(tok):
+    chat = make_chat(tok, say(tok, "one two three four five"))
+    turn = chat.say("count")
+    events = iter(turn)
+    next(events)
+    next(events)
+    turn.close()  # what the REPL does when Ctrl-C lands between events
+    last = chat.conversation.messages[-1]
+    assert last["role"] == "assistant" and last["interrupted"] is True
+    assert last["content"] and "five" not in last["content"]
+
+
+def test_context_overflow_drops_oldest_exchanges_not_the_system(tok):
+    warnings = []
+    script = []
+    for i in range(12):
+        script += say(tok, f"Reply number {i} is here.")
+    chat = make_chat(tok, script, context=120, system="Be brief.", warn=warnings.append, max_tokens=20)
+    for i in range(12):
+        reply(chat.say(f"Question number {i} please?"))
+        assert chat.prompt_tokens <= 120 - chat.reserve()
+    assert chat.conversation.window_start > 0
+    assert len(warnings) == 1  # said once
+    window = chat.conversation.window()
+    assert window[0] == {"role": "system", "content": "Be brief."}
+    assert window[1]["role"] == "user" and "Question number 0" not in window[1]["content"]
+    assert len(chat.conversation.messages) == 24  # nothing is lost from the saved transcript
+    from gptcli.chat import show_text
+
+    assert "oldest messages no longer sent" in show_text(chat)
+
+
+def test_message_longer_than_context_is_refused_and_forgotten(tok):
+    from gptcli.errors import InputError
+
+    chat = make_chat(tok, say(tok, "x"), context=64, max_tokens=8)
+    with pytest.raises(InputError, match="the context holds 64"):
+        chat.say("word " * 200)
+    assert chat.conversation.messages == []
+
+
+def test_slash_commands(tok, tmp_path):
+    from gptcli.chat import collect_message, read_conversation_file, run_command
+    from gptcli.errors import UsageError
+
+    chat = make_chat(tok, say(tok, "First.") + say(tok, "Second.") + say(tok, "Again."))
+    assert "/retry" in run_command(chat, "/help").output
+    assert run_command(chat, "/set temperature 0.4").output == "temperature = 0.4"
+    assert chat.settings.sampling.temperature == 0.4
+    assert run_command(chat, "/set seed none").output == "seed = None"
+    with pytest.raises(UsageError, match="unknown setting 'temprature' \\(did you mean 'temperature'\\?\\)"):
+        run_command(chat, "/set temprature 1")
+    with pytest.raises(UsageError, match="must be in \\(0, 1\\]"):
+        run_command(chat, "/set top_p 2")
+    with pytest.raises(UsageError, match="unknown command /nope"):
+        run_command(chat, "/nope")
+    run_command(chat, "/system You are terse.")
+    assert chat.conversation.system == "You are terse."
+    run_command(chat, "/set temperature 0")
+    reply(chat.say("one"))
+    reply(chat.say("two"))
+    assert "2 new tok" not in run_command(chat, "/stats").output and "TTFT" in run_command(chat, "/stats").output
+    assert run_command(chat, "/retry").action == "retry"
+    assert reply(chat.retry()) == "Again."
+    assert [m["content"] for m in chat.conversation.messages] == ["one", "First.", "two", "Again."]
+    run_command(chat, "/undo")
+    assert [m["content"] for m in chat.conversation.messages] == ["one", "First."]
+    show = run_command(chat, "/show").output
+    assert "tokens" in show and "left of 4096" in show and "temperature        0.0" in show
+    md, js = tmp_path / "c.md", tmp_path / "c.json"
+    run_command(chat, f"/save {md}")
+    run_command(chat, f"/save {js}")
+    assert "### You" in md.read_text() and "First." in md.read_text()
+    assert read_conversation_file(js).messages[1]["content"] == "First."
+    with pytest.raises(UsageError, match="cannot tell the format"):
+        run_command(chat, f"/save {tmp_path / 'c.txt'}")
+    old_id = chat.conversation.id
+    run_command(chat, "/reset")
+    assert chat.conversation.messages == [] and chat.conversation.id != old_id
+    out = run_command(chat, f"/load {js}").output
+    assert out.startswith("loaded 2 messages") and chat.conversation.system == "You are terse."
+    assert run_command(chat, "/exit").action == "exit"
+    lines = iter(["second line", 'end"""'])
+    assert collect_message('"""first', lambda: next(lines, None)) == "first\nsecond line\nend"
+    assert collect_message('"""one line"""', lambda: None) == "one line"
+
+
+def test_store_list_resolve_and_delete(tok):
+    from gptcli.chat import ConversationStore
+    from gptcli.errors import InputError
+
+    store = ConversationStore()
+    with pytest.raises(InputError, match="no saved conversation to continue"):
+        store.latest()
+    chat = make_chat(tok, say(tok, "ok"))
+    reply(chat.say("hello"))
+    conv_id = chat.conversation.id
+    assert store.latest().id == conv_id
+    assert store.load(conv_id[:10]).messages[0]["content"] == "hello"
+    assert store.delete(conv_id) == conv_id
+    with pytest.raises(InputError, match="no saved conversation"):
+        store.load(conv_id)
+
+
+def scripted_env(script, **extra):
+    return {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(script), "GPTCLI_TEST_CONTEXT": "4096", **extra}
+
+
+def test_piped_chat_one_turn_per_line(tiny_models, tok, isolated_home):
+    env = scripted_env(say(tok, "Hi!") + say(tok, "You said Hi."))
+    result = run_cli(
+        "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Hi\n\nWhat did I just say?\n", env=env
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == "Hi!\nYou said Hi.\n"
+    saved = list((isolated_home / "data" / "chats").glob("*.json"))
+    assert len(saved) == 1
+    messages = json.loads(saved[0].read_text())["messages"]
+    assert [m["content"] for m in messages] == ["Hi", "Hi!", "What did I just say?", "You said Hi."]
+
+    # --continue resumes it; the new reply sees the whole history (the prompt grows).
+    env = scripted_env(say(tok, "Still here."))
+    again = run_cli(
+        "chat", "--continue", "-m", str(tiny_models["llama"]), "-b", "scripted", input="/show\nMore\n", env=env
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    assert again.stdout.decode() == "Still here.\n"  # /show output goes to stderr on a pipe
+    assert "4 messages" in again.stderr.decode()
+    messages = json.loads(saved[0].read_text())["messages"]
+    assert len(messages) == 6
+
+
+def test_piped_chat_bad_command_goes_on_and_resume_errors(tiny_models, tok):
+    env = scripted_env(say(tok, "Fine."))
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="/bogus\nHello\n", env=env)
+    assert result.returncode == 0
+    assert result.stdout.decode() == "Fine.\n"
+    assert "error: unknown command /bogus" in result.stderr.decode()
+    missing = run_cli("chat", "--resume", "nope", env=env)
+    assert missing.returncode == 6 and "error: no saved conversation 'nope'" in missing.stderr.decode()
+    both = run_cli("chat", "--resume", "x", "--continue")
+    assert both.returncode == 2
+
+
+def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
+    env = scripted_env(say(tok, "**Bold** answer."))
+    run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Question?\n", env=env)
+    listing = json.loads(run_cli("chats", "list", "--json").stdout)
+    assert len(listing) == 1 and listing[0]["title"] == "Question?" and listing[0]["messages"] == 2
+    conv_id = listing[0]["id"]
+    shown = run_cli("chats", "show", conv_id).stdout.decode()
+    assert "### You\n\nQuestion?" in shown and "**Bold** answer." in shown
+    exported = json.loads(run_cli("chats", "export", conv_id, "--format", "json").stdout)
+    assert exported["messages"][1]["content"] == "**Bold** answer."
+    assert run_cli("chats", "export", conv_id, "--format", "xml").returncode == 2
+    assert run_cli("chats", "rm", conv_id).returncode == 0
+    assert json.loads(run_cli("chats", "list", "--json").stdout) == []
+    gone = run_cli("chats", "show", conv_id)
+    assert gone.returncode == 6 and gone.stderr.decode().startswith("error: no saved conversation")
+    assert not os.listdir(isolated_home / "data" / "chats")

@@ -1,0 +1,167 @@
+"""The chat REPL driven through a real pseudo-terminal: typing, commands, multi-line, Ctrl-C, Ctrl-D, resume."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pexpect = pytest.importorskip("pexpect")
+
+PROMPT = ">>>"  # prompt_toolkit draws the trailing space as a cursor move
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def say(tok, text):
+    return [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
+
+
+def spawn(tiny_models, script, *args, delay="0"):
+    env = {
+        **os.environ,
+        "GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend",
+        "GPTCLI_TEST_SCRIPT": json.dumps(script),
+        "GPTCLI_TEST_CONTEXT": "100000",
+        "GPTCLI_TEST_DELAY": delay,
+        "TERM": "xterm",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
+    cmd = [sys.executable, "-m", "gptcli", "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", *args]
+    child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO), timeout=30, dimensions=(40, 120), encoding="utf-8")
+    child.expect_exact(PROMPT)
+    return child
+
+
+def saved_conversations(home):
+    folder = home / "data" / "chats"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def test_repl_typing_commands_multiline_ctrl_c_ctrl_d_and_resume(tiny_models, tok, isolated_home):
+    script = say(tok, "Hello there.") + say(tok, "Multi ok.") + say(tok, "Esc ok.") + say(tok, "word " * 400)
+    child = spawn(tiny_models, script, "--plain", delay="0.02")
+
+    child.sendline("Hi")
+    child.expect_exact("Hello there.")
+    child.expect_exact(PROMPT)
+
+    child.sendline("/help")
+    child.expect_exact("/retry")
+    child.expect_exact(PROMPT)
+    child.sendline("/nope")
+    child.expect_exact("error: unknown command /nope")
+    child.expect_exact(PROMPT)
+
+    child.sendline('"""first line')
+    child.expect_exact("...")
+    child.sendline('second line"""')
+    child.expect_exact("Multi ok.")
+    child.expect_exact(PROMPT)
+
+    child.send("esc one\x1b\r")  # Esc-Enter: a newline in the message, not a send
+    child.send("esc two\r")
+    child.expect_exact("Esc ok.")
+    child.expect_exact(PROMPT)
+
+    # Ctrl-C mid-reply stops the reply, keeps it, and the session goes on.
+    child.sendline("Count")
+    child.expect_exact("word word word")
+    child.sendcontrol("c")
+    child.expect_exact("[interrupted: the partial reply is kept]")
+    child.expect_exact(PROMPT)
+    assert child.isalive()
+
+    child.sendline("/show")
+    child.expect("conversation +\\S+ \\(8 messages\\)")
+    child.expect_exact(PROMPT)
+
+    # Ctrl-C with text typed clears the line; at an empty prompt, Ctrl-D leaves (exit 0).
+    child.send("half typed")
+    child.sendcontrol("c")
+    child.sendcontrol("d")
+    child.expect_exact("saved as ")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    [conv] = saved_conversations(isolated_home)
+    contents = [m["content"] for m in conv["messages"]]
+    assert contents[:6] == ["Hi", "Hello there.", "first line\nsecond line", "Multi ok.", "esc one\nesc two", "Esc ok."]
+    assert contents[6] == "Count"
+    partial = conv["messages"][7]
+    assert partial["interrupted"] is True and partial["content"].startswith("word word word")
+    assert len(partial["content"]) < len("word " * 400)
+    assert "half typed" not in contents
+
+    # The input history persists (mode 0600), and --continue resumes the same conversation.
+    history = isolated_home / "data" / "chat-input-history"
+    assert "esc one" in history.read_text() and oct(history.stat().st_mode & 0o777) == "0o600"
+    child = spawn(tiny_models, say(tok, "Resumed."), "--continue", "--plain")
+    assert "resumed " + conv["id"] in child.before
+    child.sendline("Back again")
+    child.expect_exact("Resumed.")
+    child.expect_exact(PROMPT)
+    child.sendcontrol("c")  # Ctrl-C at an empty prompt leaves too
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    [conv2] = saved_conversations(isolated_home)
+    assert conv2["id"] == conv["id"] and conv2["messages"][-1]["content"] == "Resumed."
+
+
+def test_repl_renders_markdown_and_retry(tiny_models, tok, isolated_home):
+    child = spawn(tiny_models, say(tok, "Some **bold** text.") + say(tok, "Other text."))
+    child.sendline("Hi")
+    child.expect(r"Some (\x1b\[1m)?bold(\x1b\[0m)? text\.")  # Markdown rendered: bold, no asterisks
+    assert "**" not in child.before + child.after
+    child.expect_exact(PROMPT)
+    child.sendline("/retry")
+    child.expect_exact("Other text.")
+    child.expect_exact(PROMPT)
+    child.sendline('"""a draft')  # Ctrl-C inside a multi-line block drops the block, not the session
+    child.expect_exact("...")
+    child.sendcontrol("c")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    [conv] = saved_conversations(isolated_home)
+    assert [m["content"] for m in conv["messages"]] == ["Hi", "Other text."]
+
+
+def test_second_ctrl_c_during_a_reply_exits_130(tiny_models, tok, isolated_home):
+    """A slow backend call that ignores the first Ctrl-C: the second one leaves, saving the partial reply."""
+    from gptcli.cli.chat_cmd import ReplyInterrupts, SecondInterrupt
+
+    interrupts = ReplyInterrupts()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.handler(2, None)
+    with pytest.raises(SecondInterrupt):
+        interrupts.handler(2, None)
+
+    child = spawn(tiny_models, say(tok, "word " * 400), "--plain", delay="0.05")
+    child.sendline("Count")
+    child.expect_exact("word word")
+    os.kill(child.pid, 2)
+    os.kill(child.pid, 2)
+    # Two signals sent back to back can be merged into one by the OS: then the reply stops and the
+    # prompt comes back (Ctrl-D leaves). Otherwise the second lands in the same reply: exit 130.
+    if child.expect([pexpect.EOF, PROMPT]) == 1:
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    else:
+        child.close()
+        assert child.exitstatus == 130
+    [conv] = saved_conversations(isolated_home)
+    assert conv["messages"][-1]["interrupted"] is True

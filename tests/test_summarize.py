@@ -1,0 +1,259 @@
+"""Summaries: one pass when the text fits, map-reduce on the model's own token counts when it does not."""
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from gptcli.backends.base import ModelInfo
+from tests.conftest import run_cli
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend", "GPTCLI_TEST_CONTEXT": "4096"}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+@dataclass
+class TextCache:
+    ids: list = field(default_factory=list)
+
+    @property
+    def length(self):
+        return len(self.ids)
+
+
+class ReadingBackend:
+    """Reads each prompt it is given and answers like a summariser would: 'Part N.' per chunk,
+    'Merged N.' per combine call (or 'Final.' when it combines everything that is left)."""
+
+    name = "reading"
+
+    def __init__(self, tok, context, part_words=1):
+        self.tok = tok
+        self.info = ModelInfo("reading", "Reading", context, tok.vocab_size, 0, 0, "float32", "cpu")
+        self.prompts: list[tuple[str, str, int]] = []  # (kind, full prompt text, prompt tokens)
+        self.part_words = part_words
+        self.pending: list[int] = []
+        self.expected_partials = None
+
+    def new_cache(self):
+        return TextCache()
+
+    def truncate(self, cache, length):
+        cache.ids = cache.ids[:length]
+        return cache
+
+    def forward(self, ids, cache):
+        cache.ids = cache.ids + list(ids)
+        if len(ids) > 1:  # a prefill: decide the whole reply from the prompt
+            text = self.tok.decode(cache.ids, skip_special_tokens=False)
+            if "Combine them" in text:
+                parts = text.count("Part ") + text.count("Merged ")
+                kind = "combine"
+                n = sum(1 for k, _, _ in self.prompts if k == "combine") + 1
+                answer = "Final." if parts == self.expected_partials else f"Merged {n} " + "text " * self.part_words
+            else:
+                kind = "map"
+                n = sum(1 for k, _, _ in self.prompts if k == "map") + 1
+                answer = f"Part {n} " + "word " * self.part_words
+            self.prompts.append((kind, text, len(cache.ids)))
+            self.pending = [*self.tok.encode(answer.strip(), add_special_tokens=False), min(self.tok.eos_ids)]
+        logits = np.zeros(self.tok.vocab_size, dtype=np.float32)
+        logits[self.pending.pop(0) if self.pending else min(self.tok.eos_ids)] = 50.0
+        return logits, cache
+
+
+def document(paragraphs=30):
+    sentences = [
+        "The river rose slowly through the night and the town watched it climb.",
+        "By morning the bridge was closed and the market moved to the hill.",
+        "Children carried sandbags while the baker handed out bread for free.",
+    ]
+    return "\n\n".join(f"Chapter {i}. " + " ".join(sentences) for i in range(paragraphs))
+
+
+def summarizer(backend, tok, max_tokens=16):
+    from gptcli.config import SamplingConfig
+    from gptcli.summarize import Summarizer
+    from gptcli.templates import get_template
+
+    return Summarizer(backend, tok, get_template("summarize"), SamplingConfig(temperature=0, max_tokens=max_tokens))
+
+
+def test_short_text_goes_in_one_pass(tok):
+    from gptcli.summarize import SummaryOptions
+
+    backend = ReadingBackend(tok, 4096)
+    result = summarizer(backend, tok).run(document(2), SummaryOptions())
+    assert result.strategy == "stuff" and result.chunks == [] and result.summary == "Part 1 word"
+    assert [k for k, _, _ in backend.prompts] == ["map"]  # one call (the stuff prompt reads like a map prompt)
+
+
+def test_long_text_map_reduce_chunks_within_budget(tok):
+    from gptcli.summarize import SummaryOptions
+
+    text = document(30)
+    backend = ReadingBackend(tok, 512)
+    s = summarizer(backend, tok)
+    total = s.count(text)
+    budget = s.input_budget()
+    assert total > 512  # longer than the whole context
+    expected_chunks = len(s.chunk(text, budget, 0))
+    backend.expected_partials = expected_chunks
+    result = s.run(text, SummaryOptions(overlap=0))
+    assert result.strategy == "map-reduce"
+    assert len(result.chunks) == expected_chunks >= 2
+    assert all(n <= budget for n in result.chunks)
+    maps = [p for p in backend.prompts if p[0] == "map"]
+    assert len(maps) == expected_chunks
+    assert all(tokens + s.sampling.max_tokens <= 512 for _, _, tokens in backend.prompts)  # every call fits
+    # Every chunk starts on a paragraph boundary, and together they hold the whole text.
+    assert all(p[1].count("Chapter ") >= 1 for p in maps)
+    assert sum(s.count(c) for c in s.chunk(text, budget, 0)) >= total - 2 * expected_chunks
+    assert result.summary == "Final."  # the combine step's answer, not a chunk's
+    assert backend.prompts[-1][0] == "combine" and result.combine_levels == 1
+
+
+def test_combine_recurses_when_partials_do_not_fit_together(tok):
+    from gptcli.summarize import SummaryOptions
+
+    text = document(40)
+    backend = ReadingBackend(tok, 400, part_words=40)  # long partial summaries
+    s = summarizer(backend, tok, max_tokens=60)
+    result = s.run(text, SummaryOptions(overlap=0, chunk_tokens=120))
+    assert len(result.chunks) >= 6 and all(n <= 120 for n in result.chunks)
+    assert result.combine_levels >= 2
+    combines = [c for c in result.calls if c.stage == "combine"]
+    assert combines[-1].level == result.combine_levels
+    assert all(c.prompt_tokens + s.sampling.max_tokens <= 400 for c in result.calls)
+    assert result.summary.startswith("Merged")  # the last combine's output
+    data = result.as_dict()
+    assert data["chunks"] == len(result.chunks) and data["combine_levels"] == result.combine_levels
+
+
+def test_overlap_repeats_the_previous_tail(tok):
+    s = summarizer(ReadingBackend(tok, 4096), tok)
+    text = document(10)
+    chunks = s.chunk(text, 200, 40)
+    assert len(chunks) >= 2 and all(s.count(c) <= 200 for c in chunks)
+    tail = tok.decode(tok.encode(chunks[0], add_special_tokens=False)[-40:]).strip()
+    assert chunks[1].startswith(tail)  # the second chunk starts with the first one's last 40 tokens
+
+
+def test_unsplittable_sentence_is_cut_on_tokens(tok):
+    from gptcli.summarize import split_text
+
+    s = summarizer(ReadingBackend(tok, 4096), tok)
+    blob = "x" * 3000  # no paragraph or sentence boundary at all
+    chunks = split_text(blob, 50, s.count, s.cut)
+    assert len(chunks) > 1 and all(s.count(c) <= 50 for c in chunks)
+    assert "".join(chunks) == blob
+
+
+def test_stuff_refuses_a_text_that_does_not_fit(tok):
+    from gptcli.errors import InputError
+    from gptcli.summarize import SummaryOptions
+
+    with pytest.raises(InputError, match="one pass takes at most"):
+        summarizer(ReadingBackend(tok, 512), tok).run(document(30), SummaryOptions(strategy="stuff"))
+
+
+def test_cli_summarize_json_and_stdout_only_summary(tiny_models, tok, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(2))
+    env = {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps([*tok.encode("A flood.", add_special_tokens=False), 2])}
+    args = ["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == "A flood.\n"
+    as_json = json.loads(run_cli(*args, "--json", env=env).stdout)
+    assert as_json["summary"] == "A flood." and as_json["strategy"] == "stuff"
+    assert as_json["input_tokens"] > 0 and as_json["calls"][0]["stage"] == "stuff"
+    piped = run_cli("summarize", "-m", str(tiny_models["llama"]), "-b", "scripted", input=document(2), env=env)
+    assert piped.stdout.decode() == "A flood.\n"
+
+
+def test_cli_map_reduce_on_a_small_context(tiny_models, tok, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(20))
+    # Each call answers with the next scripted words; the last call's answer is the summary.
+    words = [*tok.encode("Part.", add_special_tokens=False), 2] * 200
+    env = {**SCRIPTED, "GPTCLI_TEST_CONTEXT": "600", "GPTCLI_TEST_SCRIPT": json.dumps(words)}
+    args = ["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "--overlap", "20"]
+    result = run_cli(*args, "--chunk-tokens", "200", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "map-reduce" and data["chunks"] >= 3
+    assert all(n <= 200 for n in data["chunk_tokens"])
+    assert data["calls"][-1]["stage"] == "combine"
+    assert "map-reduce:" in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        (b"", 6, "error: nothing to summarise: "),
+        (b"   \n\n", 6, "error: nothing to summarise: "),
+        (b"abc\x00def", 6, "looks like a binary file"),
+        ("café".encode("latin-1"), 6, "is not valid UTF-8"),
+    ],
+)
+def test_cli_bad_input(tmp_path, content, code, message):
+    path = tmp_path / "in.txt"
+    path.write_bytes(content)
+    result = run_cli("summarize", str(path), "-m", "/nonexistent")
+    assert result.returncode == code
+    assert message in result.stderr.decode().splitlines()[0]
+    assert result.stdout == b""
+
+
+def test_cli_missing_file_and_bad_options():
+    missing = run_cli("summarize", "missing.txt")
+    assert missing.returncode == 6 and missing.stderr.decode().startswith("error: file not found: missing.txt")
+    bad = run_cli("summarize", "x.txt", "--length", "huge")
+    assert bad.returncode == 2 and "--length must be one of short, medium, long" in bad.stderr.decode()
+
+
+PAGE = """\
+The first public library in the town of Millbrook opened in 1887, in a single room above the post office.
+It held four hundred books, most of them donated by a retired sea captain named Elias Hartley, who had
+collected them on his voyages. Hartley insisted that the library be free to everyone, including children,
+which was unusual at the time.
+
+For thirty years the library grew slowly. Volunteers ran it, and the collection was catalogued by hand in a
+large green ledger that still survives. In 1921 a fire in the post office destroyed nearly half of the books.
+The townspeople responded by raising money for a separate building made of brick, which opened in 1924 on
+Main Street.
+
+The new building had electric lights, a reading room with large windows, and a children's corner. Attendance
+tripled within a year. Today the Millbrook library lends more than fifty thousand books a year, runs reading
+programs for children, and keeps Hartley's original ledger in a glass case near the entrance.
+"""
+
+
+@pytest.mark.integration
+def test_default_model_summarises_a_page(default_model_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTCLI_HOME", str(default_model_home))
+    page = tmp_path / "page.txt"
+    page.write_text(PAGE)
+    result = run_cli("summarize", str(page), "--length", "short", "--temperature", "0", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "stuff" and data["model"] == "smollm2-135m-instruct"
+    summary = data["summary"].lower()
+    assert "library" in summary
+    assert len(summary) < len(PAGE)
+
+
+def test_context_too_small_for_the_instructions(tiny_models, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The river rose.\n\nThe town watched.\n")
+    result = run_cli("summarize", str(doc), "-m", str(tiny_models["llama"]))  # the real tiny model: 128 tokens
+    assert result.returncode == 6
+    assert result.stderr.decode().startswith("error: the model's context (128 tokens) is too small to summarise")

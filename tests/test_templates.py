@@ -1,0 +1,124 @@
+"""Prompt templates: built-ins, user templates, variables, sampling defaults, `generate --template`."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend"}
+
+
+def test_builtins_load_and_render():
+    from gptcli.templates import get_template, list_templates
+
+    names = [t.name for t in list_templates()]
+    assert names == ["explain", "qa", "summarize", "translate"]
+    translate = get_template("translate")
+    assert translate.required == ["to"]
+    system, user = translate.render("Bonjour {not a field}", {"to": "English"})
+    assert "translator" in system
+    assert user == "Translate the following text into English.\n\nBonjour {not a field}"
+    qa = get_template("qa")
+    assert qa.render("The sky is green.", {"question": "What colour?"})[1].endswith("Question: What colour?")
+    assert get_template("explain").render("x")[1].startswith("Explain the following to a curious beginner.")
+
+
+def test_missing_unknown_variables_and_unknown_template():
+    from gptcli.errors import UsageError
+    from gptcli.templates import get_template, parse_vars
+
+    with pytest.raises(UsageError, match="template 'translate' needs the variable 'to'") as missing:
+        get_template("translate").render("hi")
+    assert missing.value.hint == "pass --var to=VALUE"
+    with pytest.raises(UsageError, match="has no variable 'lang'"):
+        get_template("translate").bind({"lang": "fr"})
+    with pytest.raises(UsageError, match="unknown template 'translat' \\(did you mean 'translate'\\?\\)"):
+        get_template("translat")
+    assert parse_vars(["to=French", "x=a=b", "empty="]) == {"to": "French", "x": "a=b", "empty": ""}
+    with pytest.raises(UsageError, match="--var expects NAME=VALUE"):
+        parse_vars(["nope"])
+
+
+def test_user_template_overrides_and_is_validated(tmp_path):
+    from gptcli.errors import ConfigError
+    from gptcli.templates import get_template, list_templates, user_templates_dir
+
+    folder = user_templates_dir()
+    assert folder == tmp_path / "xdg-config" / "gptcli" / "templates"
+    folder.mkdir(parents=True)
+    (folder / "pirate.yaml").write_text(
+        "description: Talk like a pirate\nuser: 'Say this as a {who}: {input}'\n"
+        "variables:\n  who: pirate\nsampling:\n  temperature: 1.1\n  stop: ['ARR']\n"
+    )
+    (folder / "summarize.yaml").write_text("user: 'TL;DR {input}'\n")
+    pirate = get_template("pirate")
+    assert pirate.source == "user" and pirate.sampling == {"temperature": 1.1, "stop": ("ARR",)}
+    assert pirate.render("hello")[1] == "Say this as a pirate: hello"
+    assert get_template("summarize").user == "TL;DR {input}"
+    assert {t.name: t.source for t in list_templates()}["summarize"] == "user"
+
+    bad = {
+        "noinput.yaml": ("user: 'no placeholder here'\n", "never uses {input}"),
+        "typo.yaml": ("user: '{input}'\nsampling:\n  temprature: 1\n", "sampling -> temprature: unknown key"),
+        "range.yaml": ("user: '{input}'\nsampling:\n  top_p: 3\n", "must be in (0, 1]"),
+        "braces.yaml": ("user: '{input} {'\n", "invalid placeholder"),
+        "extra.yaml": ("user: '{input}'\nprompt: x\n", "prompt: unknown template key"),
+        "yaml.yaml": ("user: [unclosed\n", "invalid YAML"),
+    }
+    for name, (text, message) in bad.items():
+        (folder / name).write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")):
+            get_template(name.removesuffix(".yaml"))
+        (folder / name).unlink()
+
+
+def test_sampling_defaults_only_replace_defaults():
+    from gptcli.config import resolve
+    from gptcli.templates import apply_sampling_defaults, get_template
+
+    template = get_template("summarize")
+    plain = apply_sampling_defaults(resolve(environ={}), template)
+    assert plain.sampling.temperature == 0.3 and plain.sampling.max_tokens == 256
+    flagged = apply_sampling_defaults(resolve(environ={}, flags={"sampling.temperature": 0.9}), template)
+    assert flagged.sampling.temperature == 0.9 and flagged.sampling.max_tokens == 256
+
+
+def test_templates_commands(tmp_path):
+    listing = json.loads(run_cli("templates", "list", "--json").stdout)
+    assert {row["name"]: row["required"] for row in listing}["qa"] == ["question"]
+    shown = run_cli("templates", "show", "translate")
+    assert shown.returncode == 0 and "Translate the following text into {to}." in shown.stdout.decode()
+    assert run_cli("templates", "path").stdout.decode().strip() == str(tmp_path / "xdg-config" / "gptcli" / "templates")
+    missing = run_cli("templates", "show", "nope")
+    assert missing.returncode == 2 and missing.stderr.decode().startswith("error: unknown template 'nope'")
+
+
+def test_generate_with_template(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    env = {
+        **SCRIPTED,
+        "GPTCLI_TEST_CONTEXT": "4096",
+        "GPTCLI_TEST_SCRIPT": json.dumps([*tok.encode("Bonjour", add_special_tokens=False), 2]),
+    }
+    args = ["generate", "Hello", "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "--template", "translate"]
+    result = run_cli(*args, "--var", "to=French", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    data = json.loads(result.stdout)
+    from gptcli.prompts import encode_prompt
+    from gptcli.templates import get_template
+
+    system, user = get_template("translate").render("Hello", {"to": "French"})
+    assert data["usage"]["prompt_tokens"] == len(encode_prompt(tok, user, system=system).ids)
+
+    # A missing variable fails before the model loads (the model path does not even exist).
+    missing = run_cli("generate", "Hello", "-m", "/nonexistent", "--template", "translate")
+    assert missing.returncode == 2
+    assert missing.stderr.decode().splitlines() == [
+        "error: template 'translate' needs the variable 'to'",
+        "hint: pass --var to=VALUE",
+    ]
+    stray = run_cli("generate", "Hello", "--var", "to=French")
+    assert stray.returncode == 2 and "--var needs --template" in stray.stderr.decode()
