@@ -1,0 +1,99 @@
+"""`gptcli eval perplexity FILE`: how well a model (on any backend, at any precision) predicts a text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+
+app = typer.Typer(help="Evaluate a model on a text.", no_args_is_help=True)
+
+
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file (held-out text the model has not seen).")],
+    model: c.ModelOpt = None,
+    backend: c.BackendOpt = None,
+    device: c.DeviceOpt = None,
+    dtype: c.DtypeOpt = None,
+    precision: c.PrecisionOpt = None,
+    threads: c.ThreadsOpt = None,
+    window: Annotated[
+        int | None, typer.Option("--window", help="Tokens per window (default: min(context, 1024)).")
+    ] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Tokens between windows (default: window/2).")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", help="Score only the first N tokens of the file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+    trust_remote_code: c.TrustRemoteCodeOpt = None,
+) -> None:
+    """Perplexity of a text file, with strided windows over the model's context (lower is better).
+
+    Use it to check what a quantisation costs: run it at fp32 and at int8/int4 on the same file.
+
+    Examples:
+      gptcli eval perplexity holdout.txt
+      gptcli eval perplexity holdout.txt --backend onnx --precision int4
+      gptcli eval perplexity holdout.txt --window 512 --stride 256 --json
+    """
+    from gptcli.errors import InputError
+    from gptcli.evaluate import perplexity as measure
+    from gptcli.runtime import open_runtime
+
+    if max_tokens is not None and max_tokens < 2:
+        raise InputError("--max-tokens must be at least 2")
+    settings = c.resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).settings
+    text = c.read_text_file(file)
+    if not text.strip():
+        raise InputError(f"{file} is empty", hint="pass a file with some text")
+    runtime = open_runtime(settings, c.note)
+    ids = runtime.tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    console = c.stderr_console()
+    progress_shown = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal progress_shown
+        if console.is_terminal:
+            console.print(f"\rscored {done}/{total} tokens", end="", markup=False, style="dim")
+            progress_shown = True
+
+    result = measure(runtime.backend, ids, window=window, stride=stride, progress=progress)
+    if progress_shown:
+        console.print()
+    info = runtime.backend.info
+    record = {
+        "file": str(file),
+        "model": runtime.model.name,
+        "backend": runtime.backend.name,
+        "device": info.device,
+        "dtype": info.dtype,
+        **result.as_dict(),
+    }
+    if as_json:
+        print(json.dumps(record))
+        return
+    print(f"perplexity  {result.perplexity:.4f}")
+    print(f"nll/token   {result.mean_nll:.4f}")
+    print(f"tokens      {result.scored_tokens} scored of {result.total_tokens}")
+    print(f"windows     {result.windows} (window {result.window}, stride {result.stride})")
+    print(f"model       {runtime.model.name} · {runtime.backend.name}/{info.device} · {info.dtype}")
+    c.note(f"took {result.seconds:.1f} s ({result.scored_tokens / max(result.seconds, 1e-9):.0f} tok/s)")

@@ -1,0 +1,58 @@
+"""`gptcli export`: turn a model into a cached (or saved) ONNX Runtime graph ahead of time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+
+
+def export(
+    model: Annotated[str | None, typer.Argument(help="Model reference (default: the configured model).")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 (CUDA) | int8 | int4.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda: where the graph will run.")] = "auto",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the export to this folder instead of the cache.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Export again even when a cached export exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar record as JSON.")] = False,
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+) -> None:
+    """Export a model to ONNX (fused attention, KV cache I/O), cached for `--backend onnx`.
+
+    Prints the export folder on stdout. `gptcli generate --backend onnx` exports on first use too.
+
+    Examples:
+      gptcli export
+      gptcli export ./my-gpt2 --precision int4 --device cpu --output ./my-gpt2-onnx
+      gptcli export smollm2-135m-instruct --precision fp16 --device cuda
+    """
+    from gptcli.config import FIELDS
+    from gptcli.errors import UsageError
+    from gptcli.export import PRECISIONS, ensure_export
+    from gptcli.runtime import open_model
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'", hint=f"choose one of: {', '.join(PRECISIONS)}")
+    if device not in FIELDS["device"].choices:
+        raise UsageError(f"unknown device '{device}'", hint="choose auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if precision == "fp16" or _cuda_provider() else "cpu"
+    settings = c.resolve_settings(config, model=model, allow_pickle=allow_pickle).settings
+    local = open_model(settings, c.note)
+    result = ensure_export(local.path, precision=precision, device=device, output=output, force=force, notify=c.note)
+    if as_json:
+        print(json.dumps({"folder": str(result.folder), **result.meta}, indent=2))
+    else:
+        print(result.folder)
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()

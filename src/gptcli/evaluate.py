@@ -1,0 +1,110 @@
+"""Perplexity of any backend on a text, with strided windows over the model's context.
+
+A backend only returns the logits of the last position, so each window is scored token by token:
+prefill the window's context (the part already scored by the previous window), then feed the
+scored tokens one at a time, adding -log p(next token) at every step. Windows overlap by
+``window - stride`` tokens, so every scored token sees at least that much context (the usual
+Hugging Face recipe, expressed over the Backend protocol so torch, onnx and plugins compare fairly).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gptcli.backends.base import Backend
+from gptcli.errors import InputError, UsageError
+
+Progress = Callable[[int, int], None]
+DEFAULT_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float  # nats per scored token
+    scored_tokens: int
+    total_tokens: int
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def log_prob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token], in float64 so long texts do not lose precision."""
+    x = logits.astype(np.float64)
+    top = x.max()
+    return float(x[token] - top - math.log(np.exp(x - top).sum()))
+
+
+def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, first scored position, end) per window; no position is scored twice.
+
+    With stride < window every position 1..n-1 is scored; with stride == window the first token
+    of each later window has no context inside it and is skipped.
+    """
+    plans = []
+    scored_until = 1  # position 0 has nothing before it to predict it
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + window, n_tokens)
+        if end > scored_until:
+            plans.append((begin, max(scored_until, begin + 1), end))
+            scored_until = end
+        begin += stride
+    return plans
+
+
+def perplexity(
+    backend: Backend,
+    ids: Sequence[int],
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: Progress | None = None,
+) -> PerplexityResult:
+    """exp(mean negative log-likelihood) of `ids[1:]` under `backend`."""
+    ids = list(ids)
+    if len(ids) < 2:
+        raise InputError("the text is too short to measure perplexity (needs at least 2 tokens)")
+    context = backend.info.context_length
+    window = window or min(context, DEFAULT_WINDOW)
+    if window < 2 or window > context:
+        raise UsageError(f"--window must be in 2..{context} (the model's context)")
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise UsageError(f"--stride must be in 1..{window} (the window)")
+    plans = plan_windows(len(ids), window, stride)
+    total_scored = sum(end - first for _, first, end in plans)
+    started = time.perf_counter()
+    nll = 0.0
+    done = 0
+    for begin, first, end in plans:
+        cache = backend.new_cache()
+        logits, cache = backend.forward(ids[begin:first], cache)
+        for pos in range(first, end):
+            nll -= log_prob(logits, ids[pos])
+            done += 1
+            if pos + 1 < end:
+                logits, cache = backend.forward([ids[pos]], cache)
+            if progress is not None and (done % 64 == 0 or done == total_scored):
+                progress(done, total_scored)
+    mean = nll / total_scored
+    return PerplexityResult(
+        perplexity=math.exp(mean),
+        mean_nll=mean,
+        scored_tokens=total_scored,
+        total_tokens=len(ids),
+        windows=len(plans),
+        window=window,
+        stride=stride,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,101 @@
+"""Perplexity over any backend: the window plan, agreement with a direct computation, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.torch_backend import TorchBackend
+from gptcli.errors import InputError, UsageError
+from gptcli.evaluate import log_prob, perplexity, plan_windows
+from gptcli.tokenizer import Tokenizer
+from tests.conftest import CORPUS, run_cli
+
+CPU32 = LoadOptions(device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize(("n", "window", "stride"), [(10, 4, 2), (100, 32, 16), (7, 64, 32), (50, 8, 7)])
+def test_window_plan_scores_every_position_once(n, window, stride):
+    scored = []
+    for begin, first, end in plan_windows(n, window, stride):
+        assert begin < first < end <= begin + window
+        scored.extend(range(first, end))
+    assert scored == list(range(1, n))
+
+
+def test_log_prob_is_a_log_softmax():
+    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    expected = 2.0 - math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    assert log_prob(logits, 1) == pytest.approx(expected)
+
+
+def _direct_nll(folder, ids):
+    """Mean NLL from one full-sequence forward of the transformers model (a single window)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None]).mean()
+    return float(nll)
+
+
+def test_single_window_matches_a_direct_computation(tiny_models):
+    folder = tiny_models["llama"]
+    ids = Tokenizer(folder).encode(CORPUS[0] + " " + CORPUS[4])[:60]
+    result = perplexity(TorchBackend.load(folder, CPU32), ids)
+    assert result.windows == 1 and result.scored_tokens == len(ids) - 1
+    assert result.mean_nll == pytest.approx(_direct_nll(folder, ids), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.mean_nll))
+
+
+def test_strided_windows_on_onnx_match_torch(tiny_models):
+    from gptcli.backends.onnx_backend import OnnxBackend
+
+    folder = tiny_models["gpt2"]
+    ids = Tokenizer(folder).encode(" ".join(CORPUS[:6]))[:150]
+    a = perplexity(TorchBackend.load(folder, CPU32), ids, window=48, stride=16)
+    b = perplexity(OnnxBackend.load(folder, CPU32), ids, window=48, stride=16)
+    assert a.windows == b.windows > 3
+    assert b.perplexity == pytest.approx(a.perplexity, rel=1e-4)
+
+
+def test_bad_arguments(tiny_models):
+    backend = TorchBackend.load(tiny_models["gpt2"], CPU32)
+    with pytest.raises(InputError):
+        perplexity(backend, [1])
+    with pytest.raises(UsageError):
+        perplexity(backend, [1, 2, 3], window=10_000)
+    with pytest.raises(UsageError):
+        perplexity(backend, [1, 2, 3], window=8, stride=9)
+
+
+def test_cli_perplexity_json_and_text(tiny_models, tmp_path):
+    text = tmp_path / "holdout.txt"
+    text.write_text(" ".join(CORPUS[:3]), encoding="utf-8")
+    folder = str(tiny_models["llama"])
+    result = run_cli("eval", "perplexity", str(text), "-m", folder, "--backend", "onnx", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    record = json.loads(result.stdout)
+    assert record["backend"] == "onnx" and record["dtype"] == "fp32" and record["perplexity"] > 1
+    torch_run = run_cli("eval", "perplexity", str(text), "-m", folder, "--json")
+    assert json.loads(torch_run.stdout)["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)
+    plain = run_cli("eval", "perplexity", str(text), "-m", folder, "--window", "32", "-n", "50")
+    lines = plain.stdout.decode().splitlines()
+    assert lines[0].startswith("perplexity  ") and "49 scored of 50" in plain.stdout.decode()
+
+
+def test_cli_perplexity_input_errors(tiny_models, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    folder = str(tiny_models["gpt2"])
+    result = run_cli("eval", "perplexity", str(empty), "-m", folder)
+    assert result.returncode == 6 and result.stderr.decode().startswith("error: ")
+    missing = run_cli("eval", "perplexity", str(tmp_path / "nope.txt"), "-m", folder)
+    assert missing.returncode == 6 and "file not found" in missing.stderr.decode()
+    assert missing.stdout == b""

@@ -1,0 +1,172 @@
+"""Export: the I/O contract, the fused graph, the sidecar, the cache, atomicity and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gptcli import export as ex
+from gptcli.errors import ModelError, UsageError
+from tests.conftest import run_cli
+
+
+def _graph(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_io_names_follow_hugging_face_with_dynamic_dims(tiny_models, family):
+    result = ex.ensure_export(tiny_models[family])
+    graph = _graph(result.model_path).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert outputs == ["logits"] + [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch_size", "sequence_length"]
+    past = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
+    assert past[0] == "batch_size" and past[2] == "past_sequence_length"
+    logits = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert logits[1] == 1  # last position only
+    assert result.meta["io"]["inputs"] == inputs and result.meta["io"]["outputs"] == outputs
+
+
+@pytest.mark.parametrize(
+    ("family", "fused"),
+    [
+        ("llama", {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "QuickGelu"}),
+        ("gpt2", {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"}),
+    ],
+)
+def test_attention_and_norms_are_fused(tiny_models, family, fused):
+    graph = _graph(ex.ensure_export(tiny_models[family]).model_path).graph
+    ops = [node.op_type for node in graph.node]
+    assert fused <= set(ops)
+    assert ops.count("GroupQueryAttention") == 2  # one per layer
+    assert "Softmax" not in ops and "Transpose" not in ops
+    assert len(ops) < 15 + 12 * 2  # ~10 nodes per layer, not the ~75 of a traced export
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_graph_has_block_quantized_matmuls_lm_head_included(tiny_models, precision):
+    graph = _graph(ex.ensure_export(tiny_models["llama"], precision=precision).model_path).graph
+    ops = {node.name: node for node in graph.node}
+    assert not [n for n in ops.values() if n.op_type == "MatMul"], "every MatMul is quantized"
+    lm_head = next(n for name, n in ops.items() if name.startswith("lm_head"))
+    assert lm_head.op_type == "MatMulNBits"
+    bits = {a.name: a.i for a in lm_head.attribute}["bits"]
+    assert bits == 8
+    qkv_bits = {a.name: a.i for a in next(n for n in graph.node if "qkv" in n.name).attribute}["bits"]
+    assert qkv_bits == (8 if precision == "int8" else 4)
+
+
+def test_dynamic_batch_runs_two_rows(tiny_models):
+    import onnxruntime as ort
+
+    result = ex.ensure_export(tiny_models["llama"])
+    session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    model = result.meta["model"]
+    feed = {
+        "input_ids": np.array([[5, 6, 7], [5, 6, 7]], dtype=np.int64),
+        "attention_mask": np.ones((2, 3), dtype=np.int64),
+        "position_ids": np.array([[0, 1, 2]] * 2, dtype=np.int64),
+    }
+    for i in range(model["num_layers"]):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, model["num_kv_heads"], 0, model["head_dim"]), np.float32)
+    logits, *presents = session.run(None, feed)
+    assert logits.shape == (2, 1, model["vocab_size"])
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+    assert presents[0].shape == (2, model["num_kv_heads"], 3, model["head_dim"])
+
+
+def test_sidecar_records_source_hash_versions_and_model(tiny_models):
+    result = ex.ensure_export(tiny_models["gpt2"], precision="int4")
+    meta = json.loads((result.folder / ex.SIDECAR_FILE).read_text())
+    assert meta["source"]["sha256"] == ex.content_hash(tiny_models["gpt2"])
+    assert meta["precision"] == "int4" and meta["device"] == "cpu" and meta["opset"] == ex.OPSET
+    assert meta["onnxruntime_version"] and meta["gptcli_version"]
+    assert meta["model"]["architecture"] == "GPT2LMHeadModel" and meta["model"]["num_layers"] == 2
+    assert meta["quantization"]["bits"] == 4 and meta["quantization"]["block_size"] == 32
+    assert meta["files"]["model.onnx"] == (result.folder / "model.onnx").stat().st_size
+
+
+def test_cache_is_reused_and_keyed_by_precision_and_source(tiny_models, monkeypatch, tmp_path):
+    import shutil
+
+    first = ex.ensure_export(tiny_models["llama"])
+    calls = []
+    real_build = ex.build_export
+    monkeypatch.setattr(ex, "build_export", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    assert ex.ensure_export(tiny_models["llama"]).folder == first.folder
+    assert calls == []
+    assert ex.ensure_export(tiny_models["llama"], precision="int8").folder != first.folder
+    assert len(calls) == 1
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_models["llama"], changed)
+    (changed / "model.safetensors").touch()  # a changed source gets a new export
+    assert ex.cached_export_dir(changed, "fp32", "cpu").name != first.folder.name
+
+
+def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isolated_home):
+    def interrupted(folder, out, **_):
+        (out / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "build_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.ensure_export(tiny_models["gpt2"])
+    assert list((isolated_home / "cache" / "onnx").iterdir()) == []
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ModelError, match="supported architectures are GPT2LMHeadModel, LlamaForCausalLM"):
+        ex.model_shape(json.loads((tmp_path / "config.json").read_text()))
+
+
+def test_bad_choices_and_foreign_output_folder(tiny_models, tmp_path):
+    with pytest.raises(UsageError):
+        ex.ensure_export(tiny_models["gpt2"], precision="int3")
+    with pytest.raises(UsageError, match="CUDA"):
+        ex.ensure_export(tiny_models["gpt2"], precision="fp16", device="cpu")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not a gptcli ONNX export"):
+        ex.ensure_export(tiny_models["gpt2"], output=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_fp16_cuda_export_builds_a_half_graph(tiny_models, tmp_path):
+    from onnx import TensorProto
+
+    result = ex.ensure_export(tiny_models["llama"], precision="fp16", device="cuda", output=tmp_path / "fp16")
+    graph = _graph(result.model_path).graph
+    assert graph.input[3].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # logits stay float32
+
+
+def test_cli_export_prints_the_folder_and_progress_on_stderr(tiny_models, tmp_path):
+    out = tmp_path / "gpt2-onnx"
+    result = run_cli("export", str(tiny_models["gpt2"]), "--precision", "int4", "--device", "cpu", "--output", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == str(out)
+    assert "exporting tiny-gpt2 to ONNX (int4, cpu)" in result.stderr.decode()
+    assert (out / ex.SIDECAR_FILE).is_file()
+    again = run_cli("export", str(tiny_models["gpt2"]), "--precision", "int4", "--device", "cpu", "--output", str(out))
+    assert again.returncode == 0 and "exporting" not in again.stderr.decode()
+    bad = run_cli("export", str(tiny_models["gpt2"]), "--precision", "int3")
+    assert bad.returncode == 2 and "error: unknown precision 'int3'" in bad.stderr.decode()
+
+
+def test_a_new_version_replaces_the_stale_cached_export(tiny_models, monkeypatch):
+    old = ex.ensure_export(tiny_models["gpt2"]).folder
+    monkeypatch.setattr(ex, "GRAPH_VERSION", ex.GRAPH_VERSION + 1)
+    new = ex.ensure_export(tiny_models["gpt2"]).folder
+    assert new != old and new.is_dir() and not old.exists()

@@ -1,0 +1,178 @@
+"""The ONNX Runtime backend: parity with torch, fused graph, no torch on its path, errors and caching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.onnx_backend import OnnxBackend
+from gptcli.backends.torch_backend import TorchBackend
+from gptcli.errors import BackendError, ModelError
+from gptcli.testing import check_backend_contract, greedy_ids
+from tests.conftest import run_cli
+
+CPU32 = LoadOptions(device="cpu", dtype="float32", precision="fp32")
+HOLDOUT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small brass lantern "
+    "and a notebook in which he recorded the weather. On calm nights the sea lay flat and silver under the moon, "
+    "and he could hear the bell buoy ringing far out beyond the rocks. When storms came in from the west, the "
+    "whole tower seemed to hum, and spray reached the windows of the lamp room. He had kept the light burning "
+    "for thirty years, and in all that time only one ship had run aground on the reef below. Children from the "
+    "village sometimes visited him on Sunday afternoons. He showed them how the great lens turned on its bed of "
+    "mercury, how the clockwork had to be wound by hand, and how the beam could be seen from twenty miles away."
+)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fp32_matches_torch_logits_and_64_greedy_tokens(tiny_models, family):
+    # prefill, prefill on top of a past, single steps and truncation, all within 1e-4 of torch
+    check_backend_contract(OnnxBackend, tiny_models[family], reference=TorchBackend, options=CPU32, steps=64)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_long_prompt_and_many_steps_match_torch(tiny_models, family):
+    folder = tiny_models[family]
+    onnx, ref = OnnxBackend.load(folder, CPU32), TorchBackend.load(folder, CPU32)
+    prompt = [(i * 7) % 300 + 3 for i in range(40)]
+    assert greedy_ids(onnx, prompt, 50) == greedy_ids(ref, prompt, 50)
+
+
+@pytest.mark.parametrize(("precision", "min_correlation"), [("int8", 0.99), ("int4", 0.75)])
+def test_quantized_exports_run_and_stay_close(tiny_models, precision, min_correlation):
+    # Random, sharpened tiny weights are a worst case for 4 bits; the real check is the perplexity test.
+    folder = tiny_models["llama"]
+    backend = OnnxBackend.load(folder, LoadOptions(device="cpu", precision=precision))
+    assert backend.info.dtype == precision
+    fp32 = OnnxBackend.load(folder, CPU32)
+    prompt = list(range(3, 20))
+    logits, _ = backend.forward(prompt, backend.new_cache())
+    exact, _ = fp32.forward(prompt, fp32.new_cache())
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert np.corrcoef(logits, exact)[0, 1] > min_correlation
+
+
+def test_backend_imports_neither_torch_nor_transformers(tiny_models, isolated_home):
+    folder = tiny_models["llama"]
+    OnnxBackend.load(folder, CPU32)  # export first (the one-time step)
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from gptcli.backends.onnx_backend import OnnxBackend\n"
+        "from gptcli.backends.base import LoadOptions\n"
+        "from gptcli.tokenizer import Tokenizer\n"
+        f"folder = Path({str(folder)!r}); tok = Tokenizer(folder)\n"
+        "b = OnnxBackend.load(folder, LoadOptions(device='cpu'))\n"
+        "b.forward(tok.encode('Once upon a time'), b.new_cache())\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "exporting" not in out.stderr  # the cached export was reused
+
+
+def test_fp16_on_cpu_is_a_backend_error(tiny_models):
+    with pytest.raises(BackendError, match="CUDA only"):
+        OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cpu", precision="fp16"))
+
+
+def test_cuda_without_provider_is_exit_4(tiny_models):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has a CUDA provider here")
+    assert "CUDA" in OnnxBackend.unavailable_reason("cuda")
+    with pytest.raises(BackendError):
+        OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cuda"))
+    result = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--backend", "onnx", "--device", "cuda")
+    assert result.returncode == 4
+    assert result.stderr.decode().startswith("error: backend 'onnx' cannot run here: CUDA")
+
+
+def test_generate_exports_on_first_use_then_reuses(tiny_models):
+    args = ["generate", "Once upon a time", "-m", str(tiny_models["llama"]), "-n", "12", "--temperature", "0", "--raw"]
+    first = run_cli(*args, "--backend", "onnx", "--precision", "int8")
+    assert first.returncode == 0, first.stderr.decode()
+    assert "exporting tiny-llama to ONNX (int8, cpu)" in first.stderr.decode()
+    second = run_cli(*args, "--backend", "onnx", "--precision", "int8")
+    assert second.returncode == 0
+    assert "exporting" not in second.stderr.decode()
+    assert second.stdout == first.stdout and first.stdout.strip()
+    fp32 = run_cli(*args, "--backend", "onnx")
+    torch = run_cli(*args, "--backend", "torch")
+    assert fp32.stdout == torch.stdout
+
+
+def _export_dir(home: Path) -> Path:
+    (folder,) = (home / "cache" / "onnx").iterdir()
+    return folder
+
+
+def test_corrupt_graph_is_exit_5_not_a_crash(tiny_models, isolated_home):
+    folder = tiny_models["gpt2"]
+    OnnxBackend.load(folder, CPU32)
+    graph = _export_dir(isolated_home) / "model.onnx"
+    graph.write_bytes(b"\x00garbage" * (graph.stat().st_size // 8) + b"\x00" * (graph.stat().st_size % 8))
+    with pytest.raises(ModelError, match="cannot load ONNX model"):
+        OnnxBackend.load(folder, CPU32)
+    result = run_cli("generate", "hi", "-m", str(folder), "--backend", "onnx", "--raw")
+    assert result.returncode == 5
+    assert result.stderr.decode().startswith("error: cannot load ONNX model")
+
+
+def test_truncated_weights_are_exit_5(tiny_models, isolated_home):
+    folder = tiny_models["gpt2"]
+    OnnxBackend.load(folder, CPU32)
+    data = _export_dir(isolated_home) / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ModelError, match="corrupt or incomplete ONNX export"):
+        OnnxBackend.load(folder, CPU32)
+
+
+def test_context_overflow_is_an_input_error(tiny_models):
+    from gptcli.errors import InputError
+
+    backend = OnnxBackend.load(tiny_models["gpt2"], CPU32)
+    cache = backend.new_cache()
+    _, cache = backend.forward(list(range(90)), cache)
+    with pytest.raises(InputError):
+        backend.forward(list(range(10)), cache)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_model_parity_and_quantized_perplexity(default_model_home, monkeypatch):
+    from gptcli.evaluate import perplexity
+    from gptcli.models import resolve_model
+    from gptcli.tokenizer import Tokenizer
+
+    monkeypatch.setenv("GPTCLI_HOME", str(default_model_home))  # exports are cached with the model
+    folder = resolve_model("smollm2-135m-instruct").path
+    tokenizer = Tokenizer(folder)
+    prompt = tokenizer.encode("The capital of France is")
+    options = LoadOptions(device="cpu", dtype="float32", threads=2)
+    check_backend_contract(OnnxBackend, folder, reference=TorchBackend, options=options, prompt=prompt, steps=64)
+
+    ids = tokenizer.encode(HOLDOUT)
+    ppl = {}
+    for precision in ("fp32", "int8", "int4"):
+        backend = OnnxBackend.load(folder, LoadOptions(device="cpu", precision=precision, threads=2))
+        ppl[precision] = perplexity(backend, ids).perplexity
+    print(f"perplexity on {len(ids)} held-out tokens: {ppl}")
+    assert ppl["int8"] < ppl["fp32"] * 1.05
+    # The default model comes from a Q4_1 GGUF: a second 4-bit rounding costs more than on a bf16
+    # source. Measured here: +6 % with the 8-bit down/lm_head mix (all-int4 was +35 %).
+    assert ppl["int4"] < ppl["fp32"] * 1.10
+
+
+def test_loads_an_export_folder_directly(tiny_models, tmp_path):
+    from gptcli.export import ensure_export
+
+    out = ensure_export(tiny_models["gpt2"], precision="int8", output=tmp_path / "gpt2-onnx").folder
+    backend = OnnxBackend.load(out, CPU32)  # the sidecar says int8; the requested fp32 does not matter
+    assert backend.info.dtype == "int8" and backend.info.name == "tiny-gpt2"
+    logits, cache = backend.forward([3, 4, 5], backend.new_cache())
+    assert cache.length == 3 and np.isfinite(logits).all()
