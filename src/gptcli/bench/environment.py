@@ -1,0 +1,94 @@
+"""Where a benchmark ran: CPU and GPU model, threads, package versions, git commit, date."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gptcli.bench.roofline import cpu_model
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Physical cores we may use (what torch and onnxruntime pick by default), at least 1."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable_cpus()
+    except ImportError:
+        physical = usable_cpus()
+    return max(1, min(physical, usable_cpus()))
+
+
+def version_of(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_model() -> str | None:
+    """The GPU's name from nvidia-smi, without importing torch (None when there is none)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return ", ".join(names) if out.returncode == 0 and names else None
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout gptcli runs from (None for an installed wheel)."""
+    source = Path(__file__).resolve().parents[3]
+    if not (source / ".git").exists() or not shutil.which("git"):
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict[str, Any]:
+    from gptcli import __version__
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpus": usable_cpus(),
+        "gpu": gpu_model(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "gptcli": __version__,
+        "torch": version_of("torch"),
+        "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
+        "transformers": version_of("transformers"),
+        "numpy": version_of("numpy"),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,194 @@
+"""Timing loops: llama-bench micro tests on `backend.forward`, and vLLM-style request latency.
+
+Micro tests feed synthetic token ids straight to the backend, so tokenization and sampling are not
+timed. Latency runs real prompts through the real tokenizer, sampler and decoding loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gptcli.backends.base import Backend
+from gptcli.bench.spec import MicroTest
+from gptcli.bench.stats import distribution
+from gptcli.config import SamplingConfig
+from gptcli.tokenizer import Tokenizer
+
+Clock = Callable[[], float]
+Notify = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def time_micro(
+    backend: Backend,
+    test: MicroTest,
+    reps: int,
+    *,
+    clock: Clock = time.perf_counter,
+    seed: int = 0,
+    warmup: bool = True,
+    notify: Notify = _quiet,
+) -> list[float]:
+    """Seconds per repetition of `test`; only the test's own forward calls are inside the clock.
+
+    Depth is prefilled once (untimed) and the cache truncated back to it before each repetition.
+    A pure tgN runs after an untimed 1-token prompt. The warm-up (not recorded) runs the prefill and
+    a few decode steps, as llama-bench does.
+    """
+    rng = np.random.default_rng(seed)
+    vocab = backend.info.vocab_size
+
+    def ids(n: int) -> list[int]:
+        return rng.integers(0, vocab, size=n).tolist()
+
+    depth_cache = None
+    if test.depth:
+        _, depth_cache = backend.forward(ids(test.depth), backend.new_cache())
+
+    def fresh_cache() -> Any:
+        if depth_cache is None:
+            return backend.new_cache()
+        return backend.truncate(depth_cache, test.depth)
+
+    def once(n_gen: int) -> float:
+        cache = fresh_cache()
+        if test.n_prompt == 0:
+            _, cache = backend.forward(ids(1), cache)
+        prompt, steps = ids(test.n_prompt), ids(n_gen)
+        start = clock()
+        if prompt:
+            _, cache = backend.forward(prompt, cache)
+        for token in steps:
+            _, cache = backend.forward([token], cache)
+        return clock() - start
+
+    if warmup:
+        once(min(test.n_gen, 4))
+    samples = []
+    for rep in range(reps):
+        notify(f"{test.name}: repetition {rep + 1}/{reps}")
+        samples.append(once(test.n_gen))
+    return samples
+
+
+@dataclass
+class LatencySamples:
+    """Per-request numbers in seconds; ITL pooled over every gap between consecutive tokens."""
+
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for name in ("ttft", "tpot", "itl", "e2e"):
+            values = [v * 1000 for v in getattr(self, name)]
+            metrics[f"{name}_ms"] = distribution(values).as_dict() if values else None
+        total_time = sum(self.e2e)
+        return {
+            "requests": len(self.e2e),
+            "prompt_tokens": sum(self.prompt_tokens),
+            "output_tokens": sum(self.output_tokens),
+            "output_tokens_per_s": round(sum(self.output_tokens) / total_time, 3) if total_time > 0 else 0.0,
+            **metrics,
+            "samples": {
+                "ttft_ms": [round(v * 1000, 3) for v in self.ttft],
+                "tpot_ms": [round(v * 1000, 3) for v in self.tpot],
+                "itl_ms": [round(v * 1000, 3) for v in self.itl],
+                "e2e_ms": [round(v * 1000, 3) for v in self.e2e],
+                "output_tokens": list(self.output_tokens),
+                "finish_reasons": list(self.finish_reasons),
+            },
+        }
+
+
+def time_requests(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    reps: int,
+    *,
+    clock: Clock = time.perf_counter,
+    warmup: bool = True,
+    notify: Notify = _quiet,
+) -> LatencySamples:
+    """Each prompt, `reps` times, one request after another (batch 1), timed from the raw text:
+    chat template + tokenizer + prefill + sampling + detokenizer, i.e. what a user waits for."""
+    from gptcli.decoding import Finished, Token, generate
+    from gptcli.prompts import fit_prompt
+
+    def request(text: str) -> tuple[float, list[float], float, int, int, str]:
+        start = clock()
+        prompt = fit_prompt(
+            tokenizer,
+            text,
+            context_length=backend.info.context_length,
+            max_tokens=sampling.max_tokens,
+            on_overflow="truncate",
+        )
+        times: list[float] = []
+        reason = "length"
+        for event in generate(backend, tokenizer, prompt.ids, sampling, clock=clock):
+            if isinstance(event, Token) and event.id is not None:
+                times.append(event.t)
+            elif isinstance(event, Finished):
+                reason = event.reason
+        end = clock()
+        return start, times, end, len(prompt.ids), len(times), reason
+
+    if warmup:
+        request(prompts[0])
+    samples = LatencySamples()
+    total = reps * len(prompts)
+    done = 0
+    for _ in range(reps):
+        for text in prompts:
+            done += 1
+            notify(f"latency: request {done}/{total}")
+            start, times, end, n_prompt, n_out, reason = request(text)
+            e2e = end - start
+            ttft = (times[0] - start) if times else e2e
+            samples.ttft.append(ttft)
+            samples.e2e.append(e2e)
+            if n_out > 1:
+                samples.tpot.append((e2e - ttft) / (n_out - 1))
+            samples.itl += [b - a for a, b in itertools.pairwise(times)]
+            samples.prompt_tokens.append(n_prompt)
+            samples.output_tokens.append(n_out)
+            samples.finish_reasons.append(reason)
+    return samples
+
+
+def peak_memory() -> dict[str, float | None]:
+    """This process's peak resident set (MiB), and the peak CUDA memory torch allocated, if any."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mib = usage / 2**20 if sys.platform == "darwin" else usage / 1024  # bytes on macOS, KiB on Linux
+    gpu = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_rss_mib": round(rss_mib, 1), "gpu_peak_mib": round(gpu, 1) if gpu is not None else None}
+
+
+DEFAULT_PROMPTS = (
+    "Write a haiku about autumn.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses for a paperclip.",
+    "What is the capital of France, and what is it known for?",
+)

@@ -1,0 +1,104 @@
+"""What to benchmark: list flags (`-p 128,512`), llama-bench test names, and the configuration matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptcli.errors import UsageError
+
+
+def split_list(text: str, flag: str) -> list[str]:
+    """`a,b,c` → items; an empty item (`1,,2`, `1,`) is a usage error."""
+    items = [item.strip() for item in text.split(",")]
+    if any(not item for item in items):
+        raise UsageError(f"{flag}: bad list '{text}' (empty item)", hint=f"write a comma-separated list: {flag} 1,2")
+    return items
+
+
+def int_list(text: str, flag: str, *, minimum: int = 0) -> list[int]:
+    values = []
+    for item in split_list(text, flag):
+        try:
+            value = int(item)
+        except ValueError:
+            raise UsageError(
+                f"{flag}: '{item}' in '{text}' is not a whole number", hint=f"e.g. {flag} 128,512"
+            ) from None
+        if value < minimum:
+            raise UsageError(f"{flag}: {value} is below {minimum}", hint=f"e.g. {flag} 128,512")
+        values.append(value)
+    return list(dict.fromkeys(values))
+
+
+def name_list(text: str, flag: str) -> list[str]:
+    return list(dict.fromkeys(split_list(text, flag)))
+
+
+def pair(text: str, flag: str) -> tuple[int, int]:
+    """`512,128` → (512, 128) for --pg."""
+    values = int_list_raw(text, flag)
+    if len(values) != 2 or values[0] < 1 or values[1] < 1:
+        raise UsageError(
+            f"{flag}: expected two positive numbers 'PROMPT,GEN', got '{text}'", hint=f"e.g. {flag} 512,128"
+        )
+    return values[0], values[1]
+
+
+def int_list_raw(text: str, flag: str) -> list[int]:
+    """Like int_list but keeps duplicates and order (for pairs)."""
+    out = []
+    for item in split_list(text, flag):
+        try:
+            out.append(int(item))
+        except ValueError:
+            raise UsageError(f"{flag}: '{item}' in '{text}' is not a whole number") from None
+    return out
+
+
+@dataclass(frozen=True)
+class MicroTest:
+    """One llama-bench test: prefill n_prompt tokens and/or generate n_gen, after depth cached tokens."""
+
+    n_prompt: int
+    n_gen: int
+    depth: int = 0
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.n_prompt:
+            parts.append(f"pp{self.n_prompt}")
+        if self.n_gen:
+            parts.append(f"tg{self.n_gen}")
+        base = "+".join(parts)
+        return f"{base} @ d{self.depth}" if self.depth else base
+
+    @property
+    def tokens(self) -> int:
+        """Tokens counted for t/s: prompt plus generated (llama-bench's convention for ppN+tgM)."""
+        return self.n_prompt + self.n_gen
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.n_prompt == 0 and self.n_gen > 0
+
+    def context_needed(self) -> int:
+        # A pure tg test runs after a 1-token prompt.
+        return self.depth + max(self.n_prompt, 1 if self.n_gen else 0) + self.n_gen
+
+    def as_dict(self) -> dict[str, int]:
+        return {"n_prompt": self.n_prompt, "n_gen": self.n_gen, "depth": self.depth}
+
+
+def micro_tests(
+    prompts: list[int], gens: list[int], pairs: list[tuple[int, int]], depths: list[int]
+) -> list[MicroTest]:
+    """llama-bench's order: for each depth, the pp tests, then tg, then pp+tg pairs."""
+    tests: list[MicroTest] = []
+    for depth in depths:
+        tests += [MicroTest(n, 0, depth) for n in prompts if n > 0]
+        tests += [MicroTest(0, n, depth) for n in gens if n > 0]
+        tests += [MicroTest(p, g, depth) for p, g in pairs]
+    if not tests:
+        raise UsageError("nothing to benchmark: every test size is 0", hint="e.g. -p 512 -n 128")
+    return list(dict.fromkeys(tests))

@@ -1,0 +1,247 @@
+"""Train mode: time optimizer iterations of a training preset/config, report ms/iter, tokens/s, MFU.
+
+The step mirrors gptcli.train's loop (the same GPT-2 shape, AdamW with decay groups, grad clipping,
+bf16/fp16 autocast on CUDA, gradient accumulation) on synthetic token ids, so no corpus is needed and
+nothing is written. MFU = achieved model FLOPs/s (nanoGPT's 6N + attention estimate per token) over the
+device's peak FLOPS: a table for GPUs, an estimate from cores × clock × SIMD width for CPUs, or
+`--peak-tflops`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gptcli.bench.stats import mean, sample_sd
+
+Notify = Callable[[str], None]
+CHAR_VOCAB = 65  # nanoGPT's Shakespeare character set: the vocabulary a char preset ends up with
+
+# Dense peak TFLOPS (no sparsity): (16-bit tensor cores, fp32). Matched by substring of the device name.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "T4": (65.0, 8.1),
+    "V100": (125.0, 15.7),
+    "RTX 4090": (165.2, 82.6),
+    "RTX 3090": (71.0, 35.6),
+}
+
+
+def cpu_flops_per_cycle() -> tuple[int, str]:
+    """fp32 FLOPs per cycle per core from the SIMD flags (two FMA units assumed)."""
+    try:
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    except OSError:
+        flags = []
+    if "avx512f" in flags:
+        return 64, "AVX-512 FMA"
+    if "avx2" in flags and "fma" in flags:
+        return 32, "AVX2 FMA"
+    return 16, "SSE/NEON"
+
+
+def cpu_ghz() -> float | None:
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def peak_tflops_for(device: str, device_name: str, threads: int, half: bool) -> tuple[float | None, str]:
+    """(peak TFLOPS, where the number comes from) for MFU; None when unknown."""
+    if device.startswith("cuda"):
+        for key, (tensor, fp32) in GPU_PEAK_TFLOPS.items():
+            if key in device_name:
+                return (tensor, f"{key} dense 16-bit") if half else (fp32, f"{key} fp32")
+        return None, f"unknown GPU '{device_name}': pass --peak-tflops"
+    ghz = cpu_ghz()
+    if ghz is None:
+        return None, "unknown CPU clock: pass --peak-tflops"
+    per_cycle, simd = cpu_flops_per_cycle()
+    return threads * ghz * per_cycle / 1000, f"est. {threads} cores × {ghz:.2f} GHz × {per_cycle} ({simd})"
+
+
+def train_config(preset: str | None, config_file: Path | None) -> Any:
+    from gptcli.train.config import load_config
+
+    return load_config(preset=preset, config_file=config_file)
+
+
+def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
+    """The model the train loop would build (or the --init model), and its vocabulary size."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from gptcli.backends.torch_backend import quiet_transformers
+
+    quiet_transformers()
+    torch.manual_seed(cfg.train.seed)
+    if cfg.init:
+        from gptcli.models import resolve_model
+
+        folder = resolve_model(cfg.init, notify=notify).path
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model, model.config.vocab_size
+    m = cfg.model
+    vocab = CHAR_VOCAB if cfg.data.tokenizer == "char" else cfg.data.vocab_size
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=m.block_size,
+        n_embd=m.n_embd,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config), vocab
+
+
+def flops_per_token(model: Any, block: int) -> float:
+    try:
+        from gptcli.train.loop import flops_per_token as from_loop
+
+        return float(from_loop(model, block))
+    except ImportError:  # nanoGPT's estimate: 6N for the matmuls plus the attention term
+        cfg = model.config
+        params = sum(p.numel() for p in model.parameters())
+        return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * block
+
+
+def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Warm up, then time `reps` optimizer iterations; one record."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from gptcli.backends.torch_backend import resolve_device
+    from gptcli.bench.measure import peak_memory
+    from gptcli.train.config import load_config
+
+    cfg = load_config(base=job["train_config"])
+    threads = job["settings"]["threads"]
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(job["settings"]["device"] if job["settings"]["device"] != "auto" else cfg.train.device)
+    model, vocab = build_model(cfg, notify)
+    model.to(device).train()
+    block = min(cfg.model.block_size, getattr(model.config, "n_positions", None) or cfg.model.block_size)
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+
+    half = None
+    if device == "cuda" and cfg.train.dtype != "float32":
+        wanted = cfg.train.dtype
+        if wanted == "auto":
+            wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
+    autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
+    step_model = torch.compile(model) if cfg.train.compile else model
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+
+    def synthetic_batch() -> tuple[Any, Any]:
+        data = torch.randint(0, vocab, (batch, block + 1), generator=generator)
+        return data[:, :-1].to(device), data[:, 1:].to(device)
+
+    def iteration() -> float:
+        batches = [synthetic_batch() for _ in range(accum)]  # made before the clock starts
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        for x, y in batches:
+            with autocast():
+                logits = step_model(input_ids=x, use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / accum
+            scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return clock() - start
+
+    samples: list[float] = []
+    interrupted = False
+    try:
+        for _ in range(job.get("warmup_iters", 2)):
+            iteration()
+        for rep in range(job["reps"]):
+            notify(f"train: iteration {rep + 1}/{job['reps']}")
+            samples.append(iteration())
+    except KeyboardInterrupt:
+        if not samples:
+            raise
+        interrupted = True
+
+    tokens = batch * accum * block
+    flops = flops_per_token(model, block) * tokens
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    peak, source = peak_tflops_for(device, name, threads or torch.get_num_threads(), half is not None)
+    if job.get("peak_tflops"):
+        peak, source = float(job["peak_tflops"]), "--peak-tflops"
+    rates = [tokens / s for s in samples]
+    achieved = flops / mean(samples)
+    record = {
+        "mode": "train",
+        "model": job["model_name"],
+        "size_bytes": None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "backend": "torch",
+        "device": device,
+        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(half, "fp32"),
+        "dtype": str(half or torch.float32).removeprefix("torch."),
+        "threads": threads or torch.get_num_threads(),
+        "test": f"train b{batch}x{block}" + (f"x{accum}" if accum > 1 else ""),
+        "reps": len(samples),
+        "ms_per_iter": round(1000 * mean(samples), 3),
+        "ms_per_iter_sd": round(1000 * sample_sd(samples), 3),
+        "samples_s": [round(s, 6) for s in samples],
+        "tokens_per_iter": tokens,
+        "tokens_per_s": round(mean(rates), 3),
+        "tokens_per_s_sd": round(sample_sd(rates), 3),
+        "flops_per_iter": flops,
+        "achieved_tflops": round(achieved / 1e12, 4),
+        "peak_tflops": round(peak, 3) if peak else None,
+        "peak_source": source,
+        "mfu_pct": round(100 * achieved / (peak * 1e12), 3) if peak else None,
+        "synthetic_ids": True,
+        "compiled": cfg.train.compile,
+        **peak_memory(),
+        "isolated": job.get("isolated", False),
+    }
+    return {"records": [record], "skipped": [], "interrupted": interrupted}

@@ -1,0 +1,235 @@
+"""`gptcli bench`: llama-bench micro tests, vLLM-style latency, training steps; backends side by side."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
+
+MODES = ("micro", "latency", "train")
+
+
+def bench(
+    model: c.ModelOpt = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="Comma-separated backends (default: every one here).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="Comma-separated: fp32,fp16,int8,int4 (exported backends).")
+    ] = None,
+    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Comma-separated thread counts.")] = None,
+    device: c.DeviceOpt = None,
+    dtype: c.DtypeOpt = None,
+    n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prefill sizes: ppN tests (0 = none).")] = "512",
+    n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Generation lengths: tgN tests (0 = none).")] = "128",
+    pg: Annotated[list[str] | None, typer.Option("--pg", help="A ppN+tgM test as 'N,M' (repeatable).")] = None,
+    depth: Annotated[str, typer.Option("--depth", "-d", help="KV depths to run each test at ('@ dD').")] = "0",
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed repetitions (after a warm-up).")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="micro | latency | train.")] = "micro",
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Latency mode: a text file, one prompt per line.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Latency mode: most new tokens per request.")] = 128,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Latency mode: sampling temperature (0 = greedy).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Latency mode: sampling seed (fixed for comparability).")] = 0,
+    preset: Annotated[str | None, typer.Option("--preset", help="Train mode: a training preset name.")] = None,
+    train_config_file: Annotated[
+        Path | None, typer.Option("--train-config", help="Train mode: a training config file.")
+    ] = None,
+    peak_tflops: Annotated[
+        float | None, typer.Option("--peak-tflops", help="Train mode: the device's peak TFLOPS for MFU.")
+    ] = None,
+    output_format: Annotated[str, typer.Option("--output-format", "-o", help="table | md | csv | json | jsonl.")] = (
+        "table"
+    ),
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Also append every result as a JSON line to this file.")
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Compare with a saved run (-o json/jsonl or --output).")
+    ] = None,
+    fail_below: Annotated[
+        float | None, typer.Option("--fail-below", help="With --baseline: exit 1 if any ratio is under this.")
+    ] = None,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure memory bandwidth again.")] = False,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="Run every backend in this process (peak memory then mixes them).")
+    ] = False,
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+    trust_remote_code: c.TrustRemoteCodeOpt = None,
+) -> None:
+    """Benchmark backends side by side: llama-bench tests, request latency, or a training step.
+
+    Micro tests time backend.forward on synthetic token ids; tg rows show the share of the bandwidth floor.
+
+    Examples:
+      gptcli bench
+      gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -n 128 -r 10 -o md
+      gptcli bench -p 512 -n 128 --depth 0,1024
+      gptcli bench --mode latency --prompts prompts.txt --max-tokens 128
+      gptcli bench --output runs.jsonl && gptcli bench --baseline runs.jsonl --fail-below 0.9
+      gptcli bench --mode train --preset shakespeare-char
+    """
+    from dataclasses import asdict, replace
+
+    from gptcli.bench import baseline as base_mod
+    from gptcli.bench import report, spec
+    from gptcli.bench.environment import default_threads, environment
+    from gptcli.bench.runner import plan_configs, run_plan
+    from gptcli.config import FIELDS, coerce
+
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if output_format not in report.FORMATS:
+        raise UsageError(f"-o/--output-format must be one of {', '.join(report.FORMATS)}, got '{output_format}'")
+    if repetitions < 1:
+        raise UsageError(f"-r/--repetitions must be at least 1, got {repetitions}", hint="e.g. -r 5")
+    if fail_below is not None and baseline is None:
+        raise UsageError("--fail-below needs --baseline FILE")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+
+    backends = spec.name_list(backend, "--backend") if backend is not None else None
+    precisions = (
+        [coerce(FIELDS["precision"], p, "--precision") for p in spec.name_list(precision, "--precision")]
+        if precision is not None
+        else None
+    )
+    thread_counts = spec.int_list(threads, "--threads", minimum=1) if threads is not None else None
+    tests = []
+    if mode == "micro":
+        pairs = [spec.pair(p, "--pg") for p in pg or []]
+        tests = spec.micro_tests(
+            spec.int_list(n_prompt, "-p"), spec.int_list(n_gen, "-n"), pairs, spec.int_list(depth, "--depth")
+        )
+    prompt_texts: list[str] = []
+    if mode == "latency":
+        prompt_texts = read_prompts(prompts)
+    baseline_records = base_mod.load_records(baseline) if baseline is not None else None
+
+    settings = c.resolve_settings(
+        config,
+        model=model,
+        device=device,
+        dtype=dtype,
+        temperature=temperature,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).settings
+    precisions = precisions or [settings.precision]
+    thread_counts = thread_counts or [settings.threads or default_threads()]
+
+    if mode == "train":
+        from gptcli.bench.train import train_config
+
+        name = preset or (train_config_file.stem if train_config_file else None) or "shakespeare-char"
+        cfg = train_config(preset or (None if train_config_file else name), train_config_file)
+        plan = plan_configs(["torch"], ["fp32"], thread_counts, settings.device)
+        template = {
+            "mode": "train",
+            "train_config": cfg.to_dict(),
+            "model_name": name,
+            "reps": repetitions,
+            "peak_tflops": peak_tflops,
+        }
+        run = run_plan(plan, settings, template, isolate=not in_process, notify=c.note)
+        records = run.records
+        notes = [
+            "train: optimizer iterations (forward, backward, clip, AdamW step) on synthetic token ids after 2 "
+            f"warm-up iterations; ms/iter is the mean ± sample standard deviation over {repetitions}",
+            "MFU: (6 × params + attention) FLOPs per token × tokens/s over the peak TFLOPS shown",
+        ]
+    else:
+        plan = plan_configs(backends, precisions, thread_counts, settings.device)
+        for name, reason in plan.unavailable:
+            c.warn(f"backend '{name}' skipped: {reason}")
+        from gptcli.runtime import open_model
+
+        local = open_model(settings, c.note)
+        sampling = replace(settings.sampling, max_tokens=max_tokens, seed=seed)
+        template = {
+            "mode": mode,
+            "model_path": str(local.path),
+            "model_name": local.name,
+            "tests": [t.as_dict() for t in tests],
+            "reps": repetitions,
+            "prompts": prompt_texts,
+            "sampling": {**asdict(sampling), "stop": list(sampling.stop)},
+            "remeasure": remeasure,
+        }
+        run = run_plan(plan, replace(settings, model=str(local.path)), template, isolate=not in_process, notify=c.note)
+        records = run.records
+        notes = notes_for(mode, repetitions, run, in_process)
+
+    if baseline_records is not None:
+        base_mod.compare(records, baseline_records)
+    env = environment()
+    extra = {}
+    if run is not None:
+        extra = {"unavailable": [{"backend": n, "reason": r} for n, r in run.unavailable], "skipped": run.skipped}
+    if records:
+        text = report.render(output_format, records, environment=env, notes=notes, extra=extra)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    if output is not None and records:
+        base_mod.append_jsonl(output, report.jsonl_lines(records, env))
+        c.note(f"appended {len(records)} result(s) to {output}")
+    if run is not None and run.interrupted:
+        c.stderr_console().print("interrupted", style="yellow")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if baseline_records is not None and fail_below is not None:
+        slow = base_mod.regressions(records, fail_below)
+        if slow:
+            worst = min(slow, key=lambda r: r["baseline"]["ratio"])
+            raise GptcliError(
+                f"{len(slow)} result(s) fell below {fail_below:g}x the baseline; worst: {worst['test']} on "
+                f"{worst['backend']} {worst['precision']} at {worst['baseline']['ratio']:.2f}x",
+                hint=f"compared with {baseline}",
+            )
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    from gptcli.bench.measure import DEFAULT_PROMPTS
+    from gptcli.errors import InputError
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    lines = [line.strip() for line in c.read_text_file(path).splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path} holds no prompts", hint="one prompt per line")
+    return lines
+
+
+def notes_for(mode: str, reps: int, run, in_process: bool) -> list[str]:
+    from gptcli.bench.runner import SYNTHETIC_NOTE
+
+    notes = []
+    if mode == "micro":
+        notes.append(SYNTHETIC_NOTE)
+        notes.append(f"t/s is the mean ± sample standard deviation over {reps} repetitions after a warm-up")
+        roof = next((r for r in run.records if r.get("roofline_pct") is not None), None)
+        if roof is not None:
+            notes.append(
+                f"% of bw floor: measured t/s over (memory bandwidth {roof['bandwidth_gb_s']:.1f} GB/s, "
+                f"{roof['bandwidth_method']}) / (weight + KV bytes one decode step reads); --remeasure re-measures"
+            )
+    else:
+        notes.append(
+            f"latency: {reps} pass(es) over the prompts, one request at a time, through the chat template, "
+            "tokenizer, sampler and detokenizer; ITL pooled over all requests"
+        )
+    notes.append(
+        "peak mem: the whole process's peak RSS"
+        + (" (all backends in one process)" if in_process else ", one process per backend configuration")
+    )
+    notes += [f"skipped {s['test']} on {s['backend']}: {s['reason']}" for s in run.skipped]
+    notes += [f"backend {n} unavailable: {r}" for n, r in run.unavailable]
+    return notes

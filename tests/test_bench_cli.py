@@ -1,0 +1,265 @@
+"""`gptcli bench` as a user runs it: the real program in a subprocess, each backend configuration in
+its own worker process. The scripted backend keeps these fast; one slow test runs torch (and onnx)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptcli.bench import report
+from tests.conftest import run_cli
+from tests.test_bench_backends import REGISTRY
+
+BANDWIDTH = 20e9  # seeded into the cache so no test measures the machine
+
+
+@pytest.fixture
+def env(isolated_home):
+    from gptcli.bench.roofline import device_key
+
+    cache = isolated_home / "cache" / "bench"
+    cache.mkdir(parents=True)
+    (cache / "bandwidth.json").write_text(
+        json.dumps(
+            {
+                device_key("cpu"): {
+                    "bytes_per_s": BANDWIDTH,
+                    "method": "seeded",
+                    "device": "cpu",
+                    "measured_at": "2026-01-01T00:00:00+00:00",
+                }
+            }
+        )
+    )
+    return {"GPTCLI_BACKEND_PATHS": REGISTRY, "GPTCLI_TEST_SCRIPT": json.dumps([5] * 400), "GPTCLI_TEST_DELAY": "0.001"}
+
+
+def bench(model, *args, env, **kw):
+    return run_cli("bench", "-m", str(model), "-p", "8", "-n", "4", "-r", "2", *args, env=env, **kw)
+
+
+def test_json_has_samples_environment_notes_and_the_roofline(tiny_models, env):
+    result = bench(tiny_models["llama"], "-b", "scripted", "-o", "json", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    doc = json.loads(result.stdout)
+    pp, tg = doc["results"]
+    assert (pp["test"], tg["test"]) == ("pp8", "tg4")
+    assert len(pp["samples_s"]) == 2 and pp["synthetic_ids"] is True and pp["backend"] == "scripted"
+    assert pp["peak_rss_mib"] > 10 and pp["isolated"] is True
+    assert "roofline_pct" not in pp
+    assert tg["bandwidth_gb_s"] == BANDWIDTH / 1e9
+    expected = 100 * tg["tokens_per_s"] / (BANDWIDTH / tg["bytes_per_step"])
+    assert tg["roofline_pct"] == pytest.approx(expected, abs=0.006)
+    for key in ("cpu", "gptcli", "torch", "onnxruntime", "date", "git_commit"):
+        assert key in doc["environment"]
+    assert any("synthetic token ids" in note for note in doc["notes"])
+    assert "repetition" in result.stderr.decode()  # progress goes to stderr, never stdout
+
+
+@pytest.mark.parametrize("fmt", report.FORMATS)
+def test_each_output_format_parses_back(tiny_models, env, fmt):
+    result = bench(tiny_models["llama"], "-b", "scripted,scripted2", "-o", fmt, "--in-process", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    rows = report.parse_output(fmt, result.stdout.decode())
+    assert [r["test"] for r in rows] == ["pp8", "tg4", "pp8", "tg4"]
+    assert [r["backend"].split()[0] for r in rows] == ["scripted", "scripted", "scripted2", "scripted2"]
+    assert all(r["speedup"] not in (None, "") for r in rows)
+
+
+def test_threads_and_backends_form_a_cartesian_product(tiny_models, env):
+    result = bench(
+        tiny_models["llama"], "-b", "scripted,scripted2", "--threads", "1,2", "-n", "0", "-o", "jsonl", env=env
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [(r["backend"], r["threads"]) for r in rows] == [
+        ("scripted", 1),
+        ("scripted", 2),
+        ("scripted2", 1),
+        ("scripted2", 2),
+    ]
+
+
+def test_baseline_regression_exits_1_and_a_pass_exits_0(tiny_models, env, tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    first = bench(tiny_models["llama"], "-b", "scripted", "--output", str(runs), env=env)
+    assert first.returncode == 0, first.stderr.decode()
+    assert len(runs.read_text().splitlines()) == 2
+    slow_env = {**env, "GPTCLI_TEST_DELAY": "0.02"}  # 20x slower forward calls
+    slow = bench(tiny_models["llama"], "-b", "scripted", "--baseline", str(runs), "--fail-below", "0.9", env=slow_env)
+    assert slow.returncode == 1
+    err = slow.stderr.decode().splitlines()
+    assert any(line.startswith("error: 2 result(s) fell below 0.9x the baseline") for line in err), err
+    rows = report.parse_output("table", slow.stdout.decode())  # the table still comes first
+    assert all(float(r["vs baseline"].rstrip("x")) < 0.9 for r in rows)
+    ok = bench(tiny_models["llama"], "-b", "scripted", "--baseline", str(runs), "--fail-below", "0.01", env=env)
+    assert ok.returncode == 0, ok.stderr.decode()
+
+
+def test_latency_mode_counts_requests_and_tokens(tiny_models, env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe capital of France\n")
+    result = run_cli(
+        "bench",
+        "-m",
+        str(tiny_models["llama"]),
+        "-b",
+        "scripted",
+        "--mode",
+        "latency",
+        "--prompts",
+        str(prompts),
+        "--max-tokens",
+        "3",
+        "-r",
+        "2",
+        "-o",
+        "json",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    (record,) = json.loads(result.stdout)["results"]
+    assert record["requests"] == 4 and record["samples"]["output_tokens"] == [3, 3, 3, 3]
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(record[metric]) == {"mean", "median", "p90", "p99"}
+    assert record["ttft_ms"]["mean"] < record["e2e_ms"]["mean"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-b", "nope"], 4, "error: unknown backend 'nope'"),
+        (["-b", "broken"], 4, "error: no backend can run here (broken: needs a quantum accelerator)"),
+        (["-p", "1,,2"], 2, "error: -p: bad list '1,,2' (empty item)"),
+        (["-r", "0"], 2, "error: -r/--repetitions must be at least 1, got 0"),
+        (["-o", "xml"], 2, "error: -o/--output-format must be one of table, md, csv, json, jsonl, got 'xml'"),
+        (["--precision", "int3"], 3, "error: --precision: precision must be one of fp32, fp16, int8, int4"),
+        (["--baseline", "missing.jsonl"], 6, "error: baseline file not found: missing.jsonl"),
+    ],
+)
+def test_errors_are_one_line_with_their_exit_codes(tiny_models, env, args, code, message):
+    result = bench(tiny_models["llama"], *args, env=env)
+    err = result.stderr.decode()
+    assert result.returncode == code, err
+    assert err.splitlines()[0].startswith(message), err
+    assert result.stdout == b""
+
+
+def test_an_unavailable_backend_is_listed_and_the_rest_still_run(tiny_models, env):
+    result = bench(tiny_models["llama"], "-b", "scripted,broken", "-o", "md", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "warning: backend 'broken' skipped: needs a quantum accelerator" in result.stderr.decode()
+    out = result.stdout.decode()
+    assert "note: backend broken unavailable: needs a quantum accelerator" in out
+    assert len(report.parse_output("md", out)) == 2
+
+
+def test_too_deep_tests_are_skipped_with_a_note(tiny_models, env):
+    result = bench(tiny_models["llama"], "-b", "scripted", "-d", "60", "-o", "json", env=env)  # context 64
+    assert result.returncode == 0, result.stderr.decode()
+    doc = json.loads(result.stdout) if result.stdout else None
+    assert doc is None or doc["results"] == []
+    result = bench(tiny_models["llama"], "-b", "scripted", "-d", "0,60", "-o", "json", env=env)
+    doc = json.loads(result.stdout)
+    assert [r["test"] for r in doc["results"]] == ["pp8", "tg4"]
+    assert [s["test"] for s in doc["skipped"]] == ["pp8 @ d60", "tg4 @ d60"]
+
+
+@pytest.mark.slow
+def test_tiny_models_end_to_end_on_torch_and_onnx(tiny_models, isolated_home):
+    """The real backends on the fixture models; onnx joins when its backend is importable here."""
+    from gptcli.backends.base import BackendError, get_backend_class
+
+    backends = ["torch"]
+    try:
+        if get_backend_class("onnx").unavailable_reason("cpu") is None:
+            backends.append("onnx")
+    except BackendError:
+        pass
+    for family in ("gpt2", "llama"):
+        result = run_cli(
+            "bench",
+            "-m",
+            str(tiny_models[family]),
+            "-b",
+            ",".join(backends),
+            "-p",
+            "16",
+            "-n",
+            "8",
+            "-r",
+            "2",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            "json",
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        records = json.loads(result.stdout)["results"]
+        assert [(r["backend"], r["test"]) for r in records] == [(b, t) for b in backends for t in ("pp16", "tg8")]
+        for r in records:
+            assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 50 and r["precision"] == "fp32"
+        tg = [r for r in records if r["test"] == "tg8"]
+        assert all(r["roofline_pct"] > 0 for r in tg)
+        if len(backends) > 1:
+            assert all(r["speedup"] is not None for r in records)
+
+
+def test_train_mode_on_the_tiny_preset(env):
+    result = run_cli("bench", "--mode", "train", "--preset", "tiny", "-r", "2", "--threads", "1", "-o", "json", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    (record,) = json.loads(result.stdout)["results"]
+    assert record["mode"] == "train" and record["model"] == "tiny" and record["test"] == "train b4x16"
+    assert record["ms_per_iter"] > 0 and record["tokens_per_s"] > 0 and len(record["samples_s"]) == 2
+    assert record["peak_rss_mib"] > 50
+    bad = run_cli("bench", "--mode", "train", "--preset", "tinyy", env=env)
+    assert bad.returncode == 3 and bad.stderr.decode().startswith("error: unknown preset 'tinyy'")
+
+
+def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptcli",
+            "bench",
+            "-m",
+            str(tiny_models["llama"]),
+            "-b",
+            "scripted,scripted2",
+            "-p",
+            "8",
+            "-n",
+            "2",
+            "-r",
+            "500",
+            "-o",
+            "jsonl",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env, "GPTCLI_TEST_DELAY": "0.02"},
+        cwd=REPO,
+        start_new_session=True,
+    )
+    for line in proc.stderr:  # wait until pp8 is done and tg2 is under way
+        if b"tg2: repetition 3/500" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    rows = [json.loads(line) for line in out.decode().splitlines()]
+    assert [(r["backend"], r["test"]) for r in rows] == [("scripted", "pp8")]
+    assert len(rows[0]["samples_s"]) == 500
+    assert "interrupted" in err.decode()
