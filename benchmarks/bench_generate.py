@@ -62,8 +62,14 @@ def child(impl: str, dtype: str, tokens: int, threads: int) -> dict:
         def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
             clock = Clock()
             start = time.perf_counter()
-            model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           streamer=clock, pad_token_id=0)
+            model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
             return start, clock.times[1:]  # the first put() is the prompt itself
 
         run(ids, 4)  # warm-up
@@ -100,7 +106,10 @@ def child(impl: str, dtype: str, tokens: int, threads: int) -> dict:
 
 
 COLD_GPTCLI = [sys.executable, "-m", "gptcli", "generate", PROMPT, "-n", "1", "--temperature", "0"]
-COLD_HF = [sys.executable, "-c", f"""
+COLD_HF = [
+    sys.executable,
+    "-c",
+    f"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 from gptcli.models import resolve_model
@@ -110,7 +119,8 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 ids = tok.apply_chat_template([{{"role": "user", "content": {PROMPT!r}}}], add_generation_prompt=True,
                               return_tensors="pt", return_dict=True)["input_ids"]
 model.generate(ids, max_new_tokens=1, do_sample=False, streamer=TextStreamer(tok, skip_prompt=True))
-"""]
+""",
+]
 
 
 def cold_start(cmd: list[str]) -> float:
@@ -140,9 +150,21 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, (impl, dtype) in VARIANTS.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--child", impl, dtype, "--tokens", str(args.tokens),
-                 "--threads", str(args.threads)],
-                capture_output=True, text=True, check=True, cwd=REPO,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    impl,
+                    dtype,
+                    "--tokens",
+                    str(args.tokens),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
             )
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1}: {name}: {results[name][-1]}", file=sys.stderr)
@@ -153,17 +175,23 @@ def main() -> None:
         return statistics.median(r[key] for r in results[name])
 
     base = "generate fp32"
-    header = f"{'variant':32} {'decode tok/s':>13} {'x gen':>6} {'prefill-512 tok/s':>18} {'x gen':>6} " \
-             f"{'TTFT ms':>8} {'peak RSS MB':>12} {'cold start s':>13}"
-    print(f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, greedy, {args.tokens} new tokens, "
-          f"median of {args.rounds} rounds")
+    header = (
+        f"{'variant':32} {'decode tok/s':>13} {'x gen':>6} {'prefill-512 tok/s':>18} {'x gen':>6} "
+        f"{'TTFT ms':>8} {'peak RSS MB':>12} {'cold start s':>13}"
+    )
+    print(
+        f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, greedy, {args.tokens} new tokens, "
+        f"median of {args.rounds} rounds"
+    )
     print(header)
     print("-" * len(header))
     for name in VARIANTS:
         cold = f"{statistics.median(colds[name]):.2f}" if name in colds else "-"
-        print(f"{name:32} {med(name, 'decode'):13.1f} {med(name, 'decode') / med(base, 'decode'):6.2f} "
-              f"{med(name, 'prefill'):18.0f} {med(name, 'prefill') / med(base, 'prefill'):6.2f} "
-              f"{med(name, 'ttft') * 1000:8.0f} {med(name, 'rss'):12.0f} {cold:>13}")
+        print(
+            f"{name:32} {med(name, 'decode'):13.1f} {med(name, 'decode') / med(base, 'decode'):6.2f} "
+            f"{med(name, 'prefill'):18.0f} {med(name, 'prefill') / med(base, 'prefill'):6.2f} "
+            f"{med(name, 'ttft') * 1000:8.0f} {med(name, 'rss'):12.0f} {cold:>13}"
+        )
 
 
 if __name__ == "__main__":

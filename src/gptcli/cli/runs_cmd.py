@@ -1,0 +1,111 @@
+"""`gptcli runs list|show`: the training runs under a folder, and one run's config and results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gptcli.errors import InputError
+
+app = typer.Typer(help="List and inspect training runs (folders made by `gptcli train`).", no_args_is_help=True)
+
+
+def _summary(run: Path) -> dict[str, Any]:
+    from gptcli.train import checkpoint as ckpt
+
+    info = ckpt.read_run(run)
+    last_loss = last_val = None
+    for line in (
+        (run / ckpt.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+        if (run / ckpt.METRICS_FILE).is_file()
+        else []
+    ):
+        record = json.loads(line)
+        if "loss" in record:
+            last_loss = record["loss"]
+        if "val_loss" in record:
+            last_val = record["val_loss"]
+    return {
+        "run": str(run),
+        "step": info.get("step"),
+        "train_loss": last_loss,
+        "val_loss": last_val,
+        "best_val_loss": info.get("best_val_loss"),
+        "best_step": info.get("best"),
+        "latest": info.get("latest"),
+        "data": info.get("data"),
+        "created": info.get("created"),
+        "checkpoints": [p.name for p in ckpt.list_checkpoints(run)],
+    }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+@app.command("list")
+def list_runs(
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the runs under ROOT (default ./runs) with their step and losses.
+
+    Example:
+      gptcli runs list runs/
+    """
+    from gptcli.train import checkpoint as ckpt
+
+    if not root.is_dir():
+        raise InputError(f"no such folder: {root}", hint="pass the folder that holds your runs")
+    candidates = [root] if ckpt.is_run(root) else sorted(p for p in root.iterdir() if p.is_dir())
+    rows = [_summary(p) for p in candidates if ckpt.is_run(p)]
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    from rich.table import Table
+
+    from gptcli.cli.common import stdout_console
+
+    table = Table("run", "step", "train loss", "val loss", "best val", "created", box=None)
+    for r in rows:
+        table.add_row(
+            r["run"],
+            _fmt(r["step"]),
+            _fmt(r["train_loss"]),
+            _fmt(r["val_loss"]),
+            _fmt(r["best_val_loss"]),
+            _fmt(r["created"]),
+        )
+    stdout_console().print(table)
+
+
+@app.command("show")
+def show(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one run: its results, checkpoints and resolved training config.
+
+    Example:
+      gptcli runs show runs/shakespeare
+    """
+    import yaml
+
+    from gptcli.train import checkpoint as ckpt
+
+    summary = _summary(run)
+    summary["config"] = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    for key, value in summary.items():
+        if key == "config":
+            sys.stdout.write("config:\n" + yaml.safe_dump(value, sort_keys=False).replace("\n", "\n  ").rstrip() + "\n")
+        elif isinstance(value, list):
+            sys.stdout.write(f"{key}: {', '.join(value) or '-'}\n")
+        else:
+            sys.stdout.write(f"{key}: {_fmt(value)}\n")

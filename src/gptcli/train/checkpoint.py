@@ -1,0 +1,168 @@
+"""Run folders and checkpoints: atomic Hugging Face-format folders plus a weights_only training state.
+
+A run folder looks like this (the top level is itself a model folder holding the latest weights):
+
+    runs/shakespeare/
+      config.json  model.safetensors  generation_config.json  tokenizer.json  tokenizer_config.json
+      run.json             the data path, latest and best checkpoint (replaced atomically)
+      train_config.yaml    the resolved training config
+      metrics.jsonl        one JSON object per step and per eval
+      loss.png             train and val loss, redrawn at each eval
+      checkpoints/step-0000250/   the same model files + training_state.pt
+
+Each checkpoint is written to a temporary folder and renamed into place, so a crash or a full disk
+never leaves a half-written one; the top-level files are hard links replaced one by one with
+os.replace.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gptcli.train.errors import DiskFullError, RunError
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "train_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+STATE_FILE = "training_state.pt"
+CHECKPOINTS = "checkpoints"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left on device while writing {path}", hint="free some space") from None
+        raise
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / RUN_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise RunError(f"cannot resume {folder}: no such folder", hint="pass a folder made by `gptcli train`")
+    if not is_run(folder):
+        raise RunError(f"cannot resume {folder}: it is not a training run (no {RUN_FILE})", hint="check the path")
+    try:
+        info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot resume {folder}: corrupt {RUN_FILE} ({exc})") from None
+    return info
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    steps = list_checkpoints(folder)
+    return steps[-1] if steps else None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    root = folder / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Leftovers of a run killed mid-save (kill -9): temporary folders that never got renamed."""
+    root = folder / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+
+
+def save_checkpoint(
+    run: Path,
+    step: int,
+    model: Any,
+    files: dict[str, bytes],
+    state: dict[str, Any],
+    *,
+    keep_last: int,
+    best_step: int | None,
+    run_info: dict[str, Any],
+) -> Path:
+    """Write checkpoints/step-N atomically, publish its model files at the top level, rotate old ones."""
+    import torch
+
+    root = run / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    if not final.exists():
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            torch.save(state, tmp / STATE_FILE)
+            for p in tmp.iterdir():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise DiskFullError(
+                    f"no space left on device while writing checkpoint {final.name};"
+                    " the previous checkpoints are intact",
+                    hint=f"free some space, then `gptcli train --resume {run}`",
+                ) from None
+            raise
+    publish(run, final)
+    write_atomic(run / RUN_FILE, json.dumps({**run_info, "latest": final.name, "step": step}, indent=2).encode())
+    rotate(run, keep_last, best_step)
+    return final
+
+
+def publish(run: Path, checkpoint: Path) -> None:
+    """Make the top level of the run a loadable model folder holding this checkpoint's weights."""
+    for src in checkpoint.iterdir():
+        if src.name == STATE_FILE:
+            continue
+        dest = run / src.name
+        tmp = run / f".{src.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+
+
+def rotate(run: Path, keep_last: int, best_step: int | None) -> None:
+    checkpoints = list_checkpoints(run)
+    keep = set(checkpoints[-keep_last:])
+    if best_step is not None:
+        keep.add(run / CHECKPOINTS / f"step-{best_step:07d}")
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"cannot resume: {checkpoint / STATE_FILE} is unreadable ({exc})") from None

@@ -1,0 +1,312 @@
+"""The training config: frozen dataclasses filled from a preset, a YAML file, `--set` and flags.
+
+Precedence, lowest first: dataclass defaults < ``--preset`` < ``--config FILE`` < ``--set a.b=c`` <
+dedicated flags (``--lr``, ``--max-iters`` …). Unknown keys fail with the key path and a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gptcli.config import read_yaml
+from gptcli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-2-family architecture (ignored with --init, which brings its own)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str = "char"  # char | bpe | init (the --init model's tokenizer)
+    vocab_size: int = 8000  # for bpe
+    val_fraction: float = 0.1
+    dedup_lines: bool = False
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA when supported) | float32 | bfloat16 | float16
+    compile: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    decay_lr: bool = True
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval: int = 250
+    iters: int = 20
+    sample_tokens: int = 200
+    sample_prompt: str = "\n"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 250
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: str | None = None  # a model to fine-tune instead of a fresh GPT-2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Settings that may change when a run is resumed: everything else must match the run's config.
+RESUMABLE_CHANGES = ("train.max_iters", "train.device", "train.threads", "train.compile", "eval.", "checkpoint.")
+CHOICES = {
+    "data.tokenizer": ("char", "bpe", "init"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("gptcli.train") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(
+            f"unknown preset '{name}'{_suggest(name, names)}", hint=f"presets: {', '.join(names)}; or --config FILE"
+        )
+    return Path(str(resources.files("gptcli.train") / "presets" / f"{name}.yaml"))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(key: str, kind: Any, value: Any, where: str) -> Any:
+    optional = False
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional, kind = True, args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {key} must not be empty")
+    ok = True
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "on", "off", "1", "0"}:
+            value = value.lower() in {"true", "yes", "on", "1"}
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(
+            f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}"
+            + _suggest(str(value), list(CHOICES[key]))
+        )
+    return value
+
+
+def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Nested YAML mapping → dotted keys, checked against the dataclasses."""
+    flat: dict[str, Any] = {}
+    top = _field_types(TrainConfig)
+    for key, value in data.items():
+        key = str(key)
+        if key not in top:
+            nested = [f"{s} -> {key}" for s, t in top.items() if is_dataclass(t) and key in _field_types(t)]
+            hint = f" (did you mean '{nested[0]}'?)" if nested else _suggest(key, list(top))
+            raise ConfigError(f"{where}: {key}: unknown key{hint}")
+        kind = top[key]
+        if is_dataclass(kind):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {key}: must be a mapping")
+            sub_types = _field_types(kind)
+            for sub, sub_value in value.items():
+                if sub not in sub_types:
+                    raise ConfigError(f"{where}: {key} -> {sub}: unknown key{_suggest(str(sub), list(sub_types))}")
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set a.b=c` strings → dotted keys; values are YAML scalars (`3e-4`, `true`, `null`)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        parts = dotted.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def build(flat: Mapping[str, Any], where: Mapping[str, str]) -> TrainConfig:
+    """Dotted values (already checked for unknown keys) → a validated TrainConfig."""
+    top = _field_types(TrainConfig)
+    cfg = TrainConfig()
+    for key, value in flat.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            part = getattr(cfg, section)
+            kind = _field_types(type(part))[sub]
+            cfg = replace(cfg, **{section: replace(part, **{sub: _coerce(key, kind, value, where[key])})})
+        else:
+            cfg = replace(cfg, **{key: _coerce(key, top[key], value, where[key])})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    checks = [
+        (m.n_layer >= 1, "model.n_layer must be >= 1"),
+        (m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd must be a multiple of model.n_head"),
+        (m.block_size >= 2, "model.block_size must be >= 2"),
+        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
+        (cfg.data.vocab_size >= 64, "data.vocab_size must be >= 64"),
+        (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (t.max_iters >= 1, "train.max_iters must be >= 1"),
+        (t.threads is None or t.threads >= 1, "train.threads must be >= 1"),
+        (o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr must be > 0 and optim.min_lr in [0, lr]"),
+        (o.warmup_iters >= 0 and o.lr_decay_iters >= 1, "optim.warmup_iters >= 0 and optim.lr_decay_iters >= 1"),
+        (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
+        (cfg.eval.interval >= 1 and cfg.eval.iters >= 1, "eval.interval and eval.iters must be >= 1"),
+        (cfg.checkpoint.interval >= 1 and cfg.checkpoint.keep_last >= 1, "checkpoint.interval, keep_last >= 1"),
+        (cfg.data.tokenizer != "init" or cfg.init, "data.tokenizer 'init' needs --init MODEL"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_config(
+    *,
+    preset: str | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Resolve every layer into one TrainConfig. `base` (a saved run's config) goes under the rest."""
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def layer(data: Mapping[str, Any], source: str, nested: bool = True) -> None:
+        values = _flatten(data, source) if nested else _flatten(_nest(data), source)
+        flat.update(values)
+        where.update(dict.fromkeys(values, source))
+
+    if base is not None:
+        layer(base, "the run's train_config.yaml")
+    if preset is not None:
+        layer(read_yaml(preset_path(preset)), f"preset {preset}")
+    if config_file is not None:
+        layer(read_yaml(config_file), str(config_file))
+    if sets:
+        layer(parse_set(sets), "--set", nested=False)
+    if flags:
+        layer({k: v for k, v in flags.items() if v is not None}, "flag", nested=False)
+    return build(flat, where)
+
+
+def incompatible_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Dotted keys whose change would make a resumed run a different run."""
+    old_flat, new_flat = _flat_values(saved.to_dict()), _flat_values(new.to_dict())
+    return [
+        key
+        for key in old_flat
+        if old_flat[key] != new_flat.get(key) and not any(key.startswith(p) for p in RESUMABLE_CHANGES)
+    ]
+
+
+def _flat_values(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat_values(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,308 @@
+"""`gptcli train` end to end on the tiny preset: real data, real models, real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptcli.cli.app import run
+from tests.conftest import REPO, run_cli
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = (
+    "ROMEO: But soft, what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n"
+    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n"
+) * 60
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    if SHAKESPEARE.is_file():
+        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    else:
+        path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("sample")) for r in records(run_dir)]
+
+
+def train_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_cli("train", "--preset", "tiny", *args, **kwargs)
+
+
+def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train_cli("--data", str(corpus), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)  # stdout holds only the summary
+    assert summary["steps"] == 20 and summary["interrupted"] is False
+    assert summary["val_loss"] < 4.2  # ln(vocab) at random init is about 4.1
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    assert json.loads((out / "run.json").read_text())["latest"] == "step-0000020"
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20] and all(r["sample"].startswith("\n") for r in evals)
+    assert "val loss" in result.stderr.decode()
+
+    generated = run_cli("generate", "--model", str(out), "--raw", "ROMEO:", "--max-tokens", "8", "--seed", "1")
+    assert generated.returncode == 0, generated.stderr.decode()
+    assert generated.stdout.decode().strip()
+
+    listed = run_cli("runs", "list", str(tmp_path), "--json")
+    assert listed.returncode == 0
+    assert [Path(r["run"]).name for r in json.loads(listed.stdout)] == ["run"]
+    shown = run_cli("runs", "show", str(out), "--json")
+    assert json.loads(shown.stdout)["config"]["model"]["n_layer"] == 1
+
+
+def test_char_tokenizer_is_a_real_tokenizer_json(corpus, tmp_path):
+    from gptcli.tokenizer import Tokenizer
+    from gptcli.train.data import _encode, char_tokenizer
+
+    text = corpus.read_text()[:2000]
+    tok = char_tokenizer(text)
+    assert _encode(tok, [text], "char", None).tolist() == tok.encode(text).ids
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    reloaded = Tokenizer(tmp_path)
+    sample = text[100:160]
+    assert reloaded.decode(reloaded.encode(sample)) == sample
+    assert reloaded.decode(reloaded.encode("\x07")) == ""  # unseen characters become <unk>
+    assert reloaded.vocab_size == len(set(text)) + 1  # + <unk>
+
+
+def test_resume_continues_the_same_loss_curve_bit_for_bit(corpus, tmp_path, capsys):
+    # In-process (fast); the SIGINT test below covers resume across real processes.
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(whole)]) == 0
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(halves), "--max-iters", "10"]) == 0
+    stale = halves / "checkpoints" / ".tmp-step-0000015-999"
+    shutil.copytree(halves / "checkpoints" / "step-0000010", stale)  # what a kill -9 mid-save leaves behind
+    capsys.readouterr()
+    assert run(["train", "--resume", str(halves), "--max-iters", "20"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert curve(halves) == curve(whole)
+    assert not stale.exists()
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "NO_COLOR": "1"}
+    never = ["--max-iters", "100000", "--set", "checkpoint.interval=100000", "--set", "eval.interval=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *never],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr.decode()
+    assert "resume with: gptcli train --resume" in stderr.decode()
+    checkpoints = list((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and not checkpoints[0].name.startswith(".tmp")
+    step = json.loads((out / "run.json").read_text())["step"]
+    assert step >= 1
+    resumed = run_cli("train", "--resume", str(out), "--max-iters", str(step + 2))
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, step + 3))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_equals_gradient_accumulation(corpus, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    common = ["--data", str(corpus), "--max-iters", "4", "--set", "eval.interval=2", "--set", "checkpoint.interval=4"]
+    ddp, accum = tmp_path / "ddp", tmp_path / "accum"
+    launch = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "gptcli", "train", "--preset", "tiny"]
+    result = subprocess.run(
+        [*launch, *common, "--out", str(ddp)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert train_cli(*common, "--out", str(accum), "--grad-accum", "2").returncode == 0
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(ddp / "model.safetensors"), load_file(accum / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ddp_losses = [r["loss"] for r in records(ddp) if "loss" in r]
+    accum_losses = [r["loss"] for r in records(accum) if "loss" in r]
+    assert ddp_losses == pytest.approx(accum_losses, rel=1e-5)
+
+
+# ------------------------------------------------------------------ errors (in-process: fast)
+
+
+def fails(argv: list[str], capsys, code: int) -> str:
+    assert run(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err  # one line, after any progress notes
+    return err
+
+
+def test_empty_corpus(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\x01\n")
+    err = fails(["train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r")], capsys, 6)
+    assert "no text" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_binary_corpus(tmp_path, capsys):
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    assert "binary" in fails(["train", "--data", str(tmp_path / "blob.txt")], capsys, 6)
+
+
+def test_corpus_shorter_than_a_block(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("To be or not to be.")
+    err = fails(["train", "--preset", "tiny", "--data", str(tmp_path / "short.txt")], capsys, 6)
+    assert "too short" in err and "block" in err
+
+
+def test_unknown_preset_suggests(corpus, capsys):
+    err = fails(["train", "--preset", "shakespear-char", "--data", str(corpus)], capsys, 3)
+    assert "unknown preset 'shakespear-char' (did you mean 'shakespeare-char'?)" in err
+
+
+def test_unknown_key_suggests(corpus, capsys):
+    err = fails(["train", "--preset", "tiny", "--data", str(corpus), "--set", "optim.lrr=1"], capsys, 3)
+    assert "optim -> lrr: unknown key (did you mean 'lr'?)" in err
+
+
+def test_config_file_unknown_key_names_file(corpus, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("model:\n  n_layers: 2\n")
+    err = fails(["train", "--config", str(cfg), "--data", str(corpus)], capsys, 3)
+    assert f"{cfg}: model -> n_layers: unknown key (did you mean 'n_layer'?)" in err
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notarun").mkdir()
+    assert "not a training run" in fails(["train", "--resume", str(tmp_path / "notarun")], capsys, 6)
+
+
+def test_resume_with_an_incompatible_config(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "2"]) == 0
+    capsys.readouterr()
+    err = fails(["train", "--resume", str(out), "--set", "model.n_layer=2"], capsys, 6)
+    assert "model.n_layer" in err
+    err = fails(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out)], capsys, 6)
+    assert "is a training run" in err and "--resume" in err
+
+
+def test_disk_full_leaves_no_half_written_checkpoint(corpus, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from gptcli.train import checkpoint, loop
+    from gptcli.train.errors import DiskFullError
+
+    out = tmp_path / "run"
+    setup = loop.resolve_run(
+        data_path=corpus, out=out, resume=None, preset="tiny", config_file=None, sets=[], flags={"train.max_iters": 10}
+    )
+    loop.train(setup)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    weights = (out / "model.safetensors").read_bytes()
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    setup = loop.resolve_run(
+        data_path=None, out=None, resume=out, preset=None, config_file=None, sets=[], flags={"train.max_iters": 20}
+    )
+    with pytest.raises(DiskFullError) as info:
+        loop.train(setup)
+    assert "no space left" in str(info.value) and info.value.exit_code == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # no .tmp-* left behind
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert checkpoint.load_state(out / "checkpoints" / before[-1])["step"] == 10
+
+
+def test_nan_loss_stops_with_a_clear_error(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--lr", "1e30"]
+    err = fails([*argv, "--set", "optim.grad_clip=0", "--set", "optim.warmup_iters=0"], capsys, 1)
+    assert "the training loss became" in err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "n_layer: 1" in printed and "params:" in printed and "flops_per_iter:" in printed
+    assert not out.exists()
+
+
+def test_bpe_and_jsonl(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # generate reads a piped stdin
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": line}) for line in TEXT.splitlines()) + "\n")
+    out = tmp_path / "bpe"
+    argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--tokenizer", "bpe"]
+    assert run([*argv, "--vocab-size", "300"]) == 0, capsys.readouterr().err
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|endoftext|>"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] is not None
+    capsys.readouterr()
+    assert run(["generate", "--model", str(out), "--raw", "ROMEO", "--max-tokens", "5"]) == 0
+
+
+def test_fine_tune_with_init(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    out = tmp_path / "ft"
+    data = tmp_path / "chats.jsonl"
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
+    data.write_text("\n".join(json.dumps(c) for c in chats * 40) + "\n")
+    argv = ["--data", str(data), "--out", str(out), "--init", str(tiny_models["llama"]), "--max-iters", "3"]
+    assert run(["train", "--preset", "tiny", *argv]) == 0, capsys.readouterr().err
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    capsys.readouterr()
+    assert run(["generate", "--model", str(out), "hi", "--max-tokens", "3"]) == 0
+
+
+def test_config_precedence():
+    from gptcli.train.config import load_config, parse_set
+
+    cfg = load_config(preset="tiny", sets=["optim.lr=0.5", "eval.iters=3"], flags={"optim.lr": 0.25})
+    assert cfg.optim.lr == 0.25 and cfg.eval.iters == 3 and cfg.model.n_layer == 1
+    assert parse_set(["a.b=0.5", "c.d=true", "e.f=null"]) == {"a.b": 0.5, "c.d": True, "e.f": None}
+    assert load_config(preset="tiny", sets=["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as text
+    shakespeare = load_config(preset="shakespeare-char")
+    m, t = shakespeare.model, shakespeare.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (t.batch_size, t.max_iters, shakespeare.optim.lr_decay_iters) == (12, 2000, 2000)
