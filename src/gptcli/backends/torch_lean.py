@@ -54,13 +54,46 @@ def supports(cfg: dict[str, Any]) -> bool:
     return False
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
-    from safetensors.torch import load_file
+    """Read safetensors into tensors that own their memory (plain reads, no mmap).
+
+    A memory map would stay mapped for as long as any tensor viewed it, and its touched pages
+    count in RSS on top of the re-laid-out copies: reading each tensor into its own buffer keeps
+    peak memory near one copy of the weights.
+    """
+    from gptcli.models import safetensors_header
 
     tensors: Tensors = {}
     for file in files:
-        for name, tensor in load_file(str(file), device=device).items():
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        header = safetensors_header(file)
+        with file.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            base = 8 + header_len
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                tensor = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+                handle.seek(base + begin)
+                if end > begin:
+                    handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                tensors[name] = tensor.to(device) if device != "cpu" else tensor
     return tensors
 
 
