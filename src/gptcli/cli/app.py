@@ -9,7 +9,21 @@ from typing import Annotated
 import typer
 
 from gptcli import __version__
-from gptcli.cli import backends_cmd, config_cmd, generate, models_cmd
+from gptcli.cli import (
+    backends_cmd,
+    bench_cmd,
+    chat_cmd,
+    chats_cmd,
+    config_cmd,
+    eval_cmd,
+    export_cmd,
+    generate,
+    models_cmd,
+    runs_cmd,
+    summarize_cmd,
+    templates_cmd,
+    train_cmd,
+)
 from gptcli.cli.common import debug_enabled, stderr_console
 from gptcli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, GptcliError
 
@@ -38,10 +52,20 @@ def root(
     """Train, run, chat with and benchmark GPT-style language models."""
 
 
+# The four ways gptcli is used first, then the tools around them.
 app.command("generate")(generate.generate)
-app.command("backends")(backends_cmd.backends)
+app.command("chat")(chat_cmd.chat)
+app.command("summarize")(summarize_cmd.summarize)
+app.command("bench")(bench_cmd.bench)
+app.command("train")(train_cmd.train)
+app.command("export")(export_cmd.export)
+app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(chats_cmd.app, name="chats")
+app.add_typer(templates_cmd.app, name="templates")
+app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(config_cmd.app, name="config")
+app.command("backends")(backends_cmd.backends)
 
 
 def report(error: GptcliError) -> None:

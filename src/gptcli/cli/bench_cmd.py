@@ -17,7 +17,13 @@ MODES = ("micro", "latency", "train")
 def bench(
     model: c.ModelOpt = None,
     backend: Annotated[
-        str | None, typer.Option("--backend", "-b", help="Comma-separated backends (default: every one here).")
+        str | None,
+        typer.Option(
+            "--backend",
+            "-b",
+            help="Comma-separated backends (default: every one here).",
+            autocompletion=c.complete_backend_list,
+        ),
     ] = None,
     precision: Annotated[
         str | None, typer.Option("--precision", help="Comma-separated: fp32,fp16,int8,int4 (exported backends).")
@@ -39,7 +45,10 @@ def bench(
         float | None, typer.Option("--temperature", help="Latency mode: sampling temperature (0 = greedy).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Latency mode: sampling seed (fixed for comparability).")] = 0,
-    preset: Annotated[str | None, typer.Option("--preset", help="Train mode: a training preset name.")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help="Train mode: a training preset name.", autocompletion=c.complete_preset),
+    ] = None,
     train_config_file: Annotated[
         Path | None, typer.Option("--train-config", help="Train mode: a training config file.")
     ] = None,

@@ -34,7 +34,10 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
     on_overflow: c.OverflowOpt = None,
     template: Annotated[
-        str | None, typer.Option("--template", "-T", help="A prompt template (`gptcli templates list`).")
+        str | None,
+        typer.Option(
+            "--template", "-T", help="A prompt template (`gptcli templates list`).", autocompletion=c.complete_template
+        ),
     ] = None,
     var: Annotated[list[str] | None, typer.Option("--var", help="A template variable NAME=VALUE (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,

@@ -20,7 +20,10 @@ def train(
         Path | None, typer.Option("--data", "-d", help="A text file, a folder of them, or JSONL (text / messages).")
     ] = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", "-p", help="shakespeare-char | gpt2-small | tiny (see docs).")
+        str | None,
+        typer.Option(
+            "--preset", "-p", help="shakespeare-char | gpt2-small | tiny (see docs).", autocompletion=c.complete_preset
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="A training YAML (over the preset).")] = None,
     sets: Annotated[
