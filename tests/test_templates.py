@@ -122,3 +122,10 @@ def test_generate_with_template(tiny_models):
     ]
     stray = run_cli("generate", "Hello", "--var", "to=French")
     assert stray.returncode == 2 and "--var needs --template" in stray.stderr.decode()
+
+    # --to is the translate template with its variable: the same prompt as above.
+    shorthand = run_cli(
+        "generate", "Hello", "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "--to", "French", env=env
+    )
+    assert shorthand.returncode == 0, shorthand.stderr.decode()
+    assert json.loads(shorthand.stdout)["usage"] == data["usage"]

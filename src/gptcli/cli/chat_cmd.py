@@ -87,26 +87,7 @@ def chat(
 
     if continue_ and resume:
         raise UsageError("--continue and --resume cannot be used together")
-    resolved = c.resolve_settings(
-        config,
-        model=model,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        precision=precision,
-        threads=threads,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens,
-        seed=seed,
-        stop=stop,
-        system=system,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
+    resolved = c.resolve_settings_from(config, locals())
     settings = resolved.settings
     store = ConversationStore()
     conversation: Conversation | None = None

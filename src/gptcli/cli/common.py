@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from gptcli.errors import InputError
+from gptcli.textio import decode_text, read_text_file
 
 # Shell completion for option values. Each runs on a <TAB>, in a fresh process, so each reads only
 # light modules and files: never torch, onnxruntime or transformers, and never a backend module.
@@ -146,6 +147,14 @@ OverflowOpt = Annotated[
 ]
 
 
+def resolve_settings_from(config_file: Path | None, params: dict[str, Any]) -> Any:
+    """resolve_settings over a command's parameters: those named like a setting are its flags."""
+    from gptcli.config import FIELDS
+
+    names = {key.rsplit(".", 1)[-1] for key in FIELDS}
+    return resolve_settings(config_file, **{k: v for k, v in params.items() if k in names})
+
+
 def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
     """Build Settings from all layers; flag names are Settings keys (sampling ones un-prefixed)."""
     from gptcli.config import FIELDS, resolve
@@ -180,30 +189,6 @@ def note(message: str) -> None:
 
 def warn(message: str) -> None:
     stderr_console().print(f"warning: {message}", markup=False, style="yellow")
-
-
-def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file, or fail with a one-line InputError (exit 6)."""
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a file", hint="pass a text file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"file not found: {path}", hint="check the path") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    return decode_text(data, str(path))
-
-
-def decode_text(data: bytes, where: str) -> str:
-    if b"\x00" in data[:65536]:
-        raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{where} is not valid UTF-8 (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
-        ) from None
 
 
 def read_stdin_if_piped() -> str:

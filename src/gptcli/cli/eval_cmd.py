@@ -49,17 +49,7 @@ def perplexity(
 
     if max_tokens is not None and max_tokens < 2:
         raise InputError("--max-tokens must be at least 2")
-    settings = c.resolve_settings(
-        config,
-        model=model,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        precision=precision,
-        threads=threads,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    ).settings
+    settings = c.resolve_settings_from(config, locals()).settings
     text = c.read_text_file(file)
     if not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")

@@ -40,6 +40,10 @@ def generate(
         ),
     ] = None,
     var: Annotated[list[str] | None, typer.Option("--var", help="A template variable NAME=VALUE (repeatable).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Translate into LANG (the translate template).")] = None,
+    question: Annotated[
+        str | None, typer.Option("--question", help="Answer QUESTION from the input (the qa template).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     config: c.ConfigOpt = None,
@@ -53,29 +57,16 @@ def generate(
       gptcli generate -f prompt.txt --max-tokens 200 --temperature 0.8 --seed 7
       cat notes.txt | gptcli generate "Rewrite this more politely:"
       gptcli generate -f article.txt --template translate --var to=French
+      gptcli generate -f article.txt --to French
+      gptcli generate -f report.txt --question "Who signed it?"
     """
-    resolved = c.resolve_settings(
-        config,
-        model=model,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        precision=precision,
-        threads=threads,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens,
-        seed=seed,
-        stop=stop,
-        system=system,
-        on_overflow=on_overflow,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
+    resolved = c.resolve_settings_from(config, locals())
     settings = resolved.settings
+    # --to and --question are shorthands for the translate and qa templates' variables.
+    for name, value, implied in (("to", to, "translate"), ("question", question, "qa")):
+        if value is not None:
+            var = [*(var or []), f"{name}={value}"]
+            template = template or implied
     chosen = None
     if template is not None:
         from gptcli.templates import apply_sampling_defaults, get_template, parse_vars

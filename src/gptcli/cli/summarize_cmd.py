@@ -57,24 +57,7 @@ def summarize(
 
     options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
     options.check()
-    resolved = c.resolve_settings(
-        config,
-        model=model,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        precision=precision,
-        threads=threads,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens,
-        seed=seed,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
+    resolved = c.resolve_settings_from(config, locals())
     template = get_template("summarize")
     settings = apply_sampling_defaults(resolved, template)
     if resolved.sources["sampling.max_tokens"] == "default":
