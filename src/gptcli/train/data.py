@@ -21,6 +21,7 @@ import numpy as np
 
 from gptcli.errors import InputError
 from gptcli.paths import cache_dir
+from gptcli.textio import decode_text
 
 Notify = Callable[[str], None]
 ChatRenderer = Callable[[list[dict[str, str]]], str]
@@ -55,22 +56,11 @@ def corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def _decode(data: bytes, where: Path) -> str:
-    if b"\x00" in data[:65536]:
-        raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{where} is not valid UTF-8 (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
-        ) from None
-
-
 def read_documents(path: Path, chat: ChatRenderer | None = None) -> Iterator[str]:
     """Yield the raw documents: whole text files, or one per JSONL line (`text`, or chat `messages`)."""
     for file in corpus_files(path):
         try:
-            text = _decode(file.read_bytes(), file)
+            text = decode_text(file.read_bytes(), str(file))
         except OSError as exc:
             raise InputError(f"cannot read {file}: {exc.strerror}") from None
         if file.suffix.lower() != ".jsonl":
