@@ -8,15 +8,14 @@ each turn prefills only what changed since the last one (usually the new user me
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gptcli.atomicio import write_atomic
 from gptcli.config import SamplingConfig, Settings, with_sampling
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token, generate
 from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
@@ -35,22 +34,6 @@ def _now() -> str:
 
 def new_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write via a temp file in the same folder + fsync + os.replace: a crash leaves old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -147,10 +130,10 @@ def write_conversation_file(conv: Conversation, path: Path) -> str:
     """Save as Markdown (.md) or JSON (.json); returns the format used."""
     suffix = path.suffix.lower()
     if suffix in {".md", ".markdown"}:
-        atomic_write(path, to_markdown(conv), mode=0o600)
+        write_atomic(path, to_markdown(conv), mode=0o600)
         return "markdown"
     if suffix == ".json":
-        atomic_write(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
         return "json"
     raise UsageError(f"cannot tell the format of {path.name}", hint="name it .md (Markdown) or .json")
 
@@ -168,7 +151,7 @@ class ConversationStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         conv.updated = _now()
         path = self.path(conv.id)
-        atomic_write(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
         return path
 
     def ids(self) -> list[str]:

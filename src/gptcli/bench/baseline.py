@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from gptcli.atomicio import write_atomic
 from gptcli.bench.runner import headline
 from gptcli.errors import InputError
 
@@ -74,7 +74,4 @@ def append_jsonl(path: Path, lines: list[str]) -> None:
     old = path.read_bytes() if path.exists() else b""
     if old and not old.endswith(b"\n"):
         old += b"\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(old + "".join(line + "\n" for line in lines).encode("utf-8"))
-    os.replace(tmp, path)
+    write_atomic(path, old + "".join(line + "\n" for line in lines).encode("utf-8"))

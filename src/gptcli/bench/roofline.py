@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from gptcli.atomicio import write_atomic
 from gptcli.models import read_config, safetensors_header, weight_files
 from gptcli.paths import cache_dir
 
@@ -187,10 +188,7 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def bandwidth(

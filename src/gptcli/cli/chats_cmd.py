@@ -67,7 +67,8 @@ def export(
       gptcli chats export 20260101-120000-ab12 --format json > chat.json
       gptcli chats export 2026 --format md -o chat.md
     """
-    from gptcli.chat import ConversationStore, atomic_write, to_markdown
+    from gptcli.atomicio import write_atomic
+    from gptcli.chat import ConversationStore, to_markdown
 
     if fmt not in {"md", "json"}:
         raise UsageError(f"--format must be md or json, got {fmt!r}")
@@ -76,7 +77,7 @@ def export(
     if output is None:
         sys.stdout.write(text)
     else:
-        atomic_write(output, text)
+        write_atomic(output, text, mode=0o600)
         c.note(f"wrote {output}")
 
 

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gptcli import atomicio
 from gptcli.train.errors import DiskFullError, RunError
 
 RUN_FILE = "run.json"
@@ -35,15 +36,10 @@ CHECKPOINTS = "checkpoints"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """gptcli.atomicio.write_atomic, with a full disk reported as DiskFullError."""
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomicio.write_atomic(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(f"no space left on device while writing {path}", hint="free some space") from None
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from gptcli.atomicio import write_atomic
 from gptcli.errors import InputError
 from gptcli.paths import cache_dir
 from gptcli.textio import decode_text
@@ -159,18 +159,6 @@ class TokenData:
         return self.tokens[self.split :]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare(
     data_path: Path,
     *,
@@ -224,11 +212,11 @@ def prepare(
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "tokens.bin", ids.astype(dtype).tobytes())
+        write_atomic(folder / "tokens.bin", ids.astype(dtype).tobytes())
         tokenizer_json = tok.to_str()
-        _write_atomic(folder / "tokenizer.json", tokenizer_json.encode("utf-8"))
+        write_atomic(folder / "tokenizer.json", tokenizer_json.encode("utf-8"))
         meta = {"count": int(ids.size), "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot_id}
-        _write_atomic(meta_file, json.dumps(meta).encode("utf-8"))  # last: marks the entry complete
+        write_atomic(meta_file, json.dumps(meta).encode("utf-8"))  # last: marks the entry complete
         notify(f"tokens: {ids.size:,} (vocab {vocab}) cached in {folder}")
 
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["count"],))
