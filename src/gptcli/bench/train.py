@@ -92,9 +92,10 @@ def train_config(preset: str | None, config_file: Path | None) -> Any:
 def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
     """The model the train loop would build (or the --init model), and its vocabulary size."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from gptcli.backends.torch_backend import quiet_transformers
+    from gptcli.train.loop import new_gpt2
 
     quiet_transformers()
     torch.manual_seed(cfg.train.seed)
@@ -104,31 +105,8 @@ def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
         folder = resolve_model(cfg.init, notify=notify).path
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         return model, model.config.vocab_size
-    m = cfg.model
     vocab = CHAR_VOCAB if cfg.data.tokenizer == "char" else cfg.data.vocab_size
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=m.block_size,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
-        attn_implementation="sdpa",
-    )
-    return GPT2LMHeadModel(config), vocab
-
-
-def flops_per_token(model: Any, block: int) -> float:
-    try:
-        from gptcli.train.loop import flops_per_token as from_loop
-
-        return float(from_loop(model, block))
-    except ImportError:  # nanoGPT's estimate: 6N for the matmuls plus the attention term
-        cfg = model.config
-        params = sum(p.numel() for p in model.parameters())
-        return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * block
+    return new_gpt2(cfg, vocab, cfg.model.block_size), vocab
 
 
 def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], float] = time.perf_counter) -> dict:
@@ -141,6 +119,7 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
     from gptcli.backends.torch_backend import resolve_device
     from gptcli.bench.measure import peak_memory
     from gptcli.train.config import load_config
+    from gptcli.train.loop import flops_per_token
 
     cfg = load_config(base=job["train_config"])
     threads = job["settings"]["threads"]

@@ -260,7 +260,7 @@ def _cuda_or_cpu() -> str:
 
 def build_model(setup: RunSetup) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from gptcli.backends.torch_backend import quiet_transformers
 
@@ -270,11 +270,17 @@ def build_model(setup: RunSetup) -> Any:
     torch.manual_seed(setup.cfg.train.seed)
     if setup.init_folder is not None:
         return AutoModelForCausalLM.from_pretrained(setup.init_folder, dtype=torch.float32)
-    m = setup.cfg.model
-    eot = setup.data.eot_id
+    return new_gpt2(setup.cfg, setup.data.vocab_size, setup.block_size, eot=setup.data.eot_id)
+
+
+def new_gpt2(cfg: TrainConfig, vocab_size: int, block_size: int, eot: int | None = None) -> Any:
+    """A freshly initialised GPT-2 of the config's shape (seed it first for reproducibility)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
     config = GPT2Config(
-        vocab_size=setup.data.vocab_size,
-        n_positions=setup.block_size,
+        vocab_size=vocab_size,
+        n_positions=block_size,
         n_embd=m.n_embd,
         n_layer=m.n_layer,
         n_head=m.n_head,
