@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,14 @@ def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
         safetensors_header(file)
 
 
+def header_tensors(folder: Path) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """(name, header entry, element count) of every tensor in a folder's safetensors, loading none."""
+    for file in weight_files(folder):
+        for key, tensor in safetensors_header(file).items():
+            if key != "__metadata__":
+                yield key, tensor, math.prod(tensor["shape"])
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
@@ -291,15 +300,9 @@ def describe(model: LocalModel) -> dict[str, Any]:
     cfg = read_config(model.path)
     params = 0
     dtypes: set[str] = set()
-    for file in weight_files(model.path):
-        for key, tensor in safetensors_header(file).items():
-            if key == "__metadata__":
-                continue
-            count = 1
-            for dim in tensor["shape"]:
-                count *= dim
-            params += count
-            dtypes.add(tensor["dtype"])
+    for _, tensor, count in header_tensors(model.path):
+        params += count
+        dtypes.add(tensor["dtype"])
     size = sum(p.stat().st_size for p in model.path.iterdir() if p.is_file())
     source = model.source
     if (model.path / SOURCE_FILE).is_file():

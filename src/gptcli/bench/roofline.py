@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
-from gptcli.models import read_config, safetensors_header, weight_files
+from gptcli.models import header_tensors, read_config
 from gptcli.paths import cache_dir
 
 # Effective bytes per weight element as stored for a decode step. int8 carries a per-channel scale
@@ -69,20 +69,14 @@ def decode_shape(folder: Path) -> DecodeShape:
     cfg = read_config(folder)
     total = token = position = 0
     has_head = False
-    for file in weight_files(folder):
-        for key, tensor in safetensors_header(file).items():
-            if key == "__metadata__":
-                continue
-            count = 1
-            for dim in tensor["shape"]:
-                count *= dim
-            total += count
-            if key.endswith(TOKEN_EMBEDDINGS):
-                token += count
-            elif key.endswith(POSITION_EMBEDDINGS):
-                position += count
-            elif key.endswith(LM_HEADS):
-                has_head = True
+    for key, _, count in header_tensors(folder):
+        total += count
+        if key.endswith(TOKEN_EMBEDDINGS):
+            token += count
+        elif key.endswith(POSITION_EMBEDDINGS):
+            position += count
+        elif key.endswith(LM_HEADS):
+            has_head = True
     # Tied embeddings: no lm_head tensor, the embedding matrix is read in full as the output head.
     streamed = total - position - (token if has_head else 0)
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer", 0))
