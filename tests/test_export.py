@@ -56,13 +56,88 @@ def test_attention_and_norms_are_fused(tiny_models, family, fused):
 def test_quantized_graph_has_block_quantized_matmuls_lm_head_included(tiny_models, precision):
     graph = _graph(ex.ensure_export(tiny_models["llama"], precision=precision).model_path).graph
     ops = {node.name: node for node in graph.node}
-    assert not [n for n in ops.values() if n.op_type == "MatMul"], "every MatMul is quantized"
+    assert all(n.op_type == "MatMulNBits" for name, n in ops.items() if "MatMul" in name), "every MatMul is quantized"
     lm_head = next(n for name, n in ops.items() if name.startswith("lm_head"))
     assert lm_head.op_type == "MatMulNBits"
     bits = {a.name: a.i for a in lm_head.attribute}["bits"]
     assert bits == 8
     qkv_bits = {a.name: a.i for a in next(n for n in graph.node if "qkv" in n.name).attribute}["bits"]
     assert qkv_bits == (8 if precision == "int8" else 4)
+
+
+def _dequantize(packed, scales, zero_points, bits, n, k, block=32):
+    blocks = -(-k // block)
+    if bits == 4:
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block)
+        zero = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        q, zero = packed, zero_points.reshape(n, blocks)
+    w = (q.astype(np.float32) - zero[..., None]) * scales.reshape(n, blocks)[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantization_round_trips_within_half_a_step(bits):
+    rng = np.random.default_rng(0)
+    wt = rng.standard_normal((6, 96)).astype(np.float32) + 0.3  # 3 blocks: an odd count of 4-bit zero points
+    wt[0, :32] = 0.25  # a constant block is exact
+    packed, scales, zero_points = ex.quantize_blocks(wt, bits, 32)
+    back = _dequantize(packed, scales, zero_points, bits, 6, 96)
+    step = np.repeat(scales.reshape(6, 3), 32, axis=1)
+    assert np.all(np.abs(back - wt) <= step / 2 + 1e-6)
+    assert np.allclose(back[0, :32], 0.25)
+
+
+def _one_matmul_model(weight):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="layers.0/mlp/gate_up/MatMul")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_int4_stores_a_weight_already_on_a_4bit_grid_exactly():
+    # Q4_1-style blocks (min + step * q, q in 0..15) with minima that are not multiples of the step:
+    # an integer zero point cannot represent them, the affine form does.
+    rng = np.random.default_rng(1)
+    k, n = 64, 48
+    steps = rng.uniform(0.01, 0.03, (n, 2, 1)).astype(np.float32)
+    minima = rng.uniform(-0.3, -0.05, (n, 2, 1)).astype(np.float32)
+    q = rng.integers(0, 16, (n, 2, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    weight = np.ascontiguousarray((minima + steps * q).reshape(n, k).T, dtype=np.float32)
+    assert ex.on_grid(weight.T.copy(), 15, 32)
+    assert not ex.on_grid(weight.T + rng.normal(0, 1e-3, (n, k)).astype(np.float32), 15, 32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    exact = x @ weight
+    affine = ex.quantize(_one_matmul_model(weight), "int4")
+    ops = [node.op_type for node in affine.graph.node]
+    assert ops.count("MatMulNBits") == 1 and "Add" in ops
+    plain = _one_matmul_model(weight)
+    rounded = ex._nbits(plain.graph, plain.graph.node[0], "x", "y", weight.T.copy(), np.float32, 4)
+    del plain.graph.node[:]
+    plain.graph.initializer.remove(plain.graph.initializer[0])
+    plain.graph.node.append(rounded)
+    affine_error = np.abs(_run(affine, x) - exact).max()
+    rounded_error = np.abs(_run(plain, x) - exact).max()
+    # What is left is accuracy level 4's int8 rounding of x, far below a second 4-bit rounding.
+    assert affine_error < rounded_error / 5
 
 
 def test_dynamic_batch_runs_two_rows(tiny_models):

@@ -17,15 +17,7 @@ from gptcli.testing import check_backend_contract, greedy_ids
 from tests.conftest import run_cli
 
 CPU32 = LoadOptions(device="cpu", dtype="float32", precision="fp32")
-HOLDOUT = (
-    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small brass lantern "
-    "and a notebook in which he recorded the weather. On calm nights the sea lay flat and silver under the moon, "
-    "and he could hear the bell buoy ringing far out beyond the rocks. When storms came in from the west, the "
-    "whole tower seemed to hum, and spray reached the windows of the lamp room. He had kept the light burning "
-    "for thirty years, and in all that time only one ship had run aground on the reef below. Children from the "
-    "village sometimes visited him on Sunday afternoons. He showed them how the great lens turned on its bed of "
-    "mercury, how the clockwork had to be wound by hand, and how the beam could be seen from twenty miles away."
-)
+HOLDOUT = Path(__file__).parent / "data" / "holdout.txt"  # six paragraphs of original prose, ~800 tokens
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -156,16 +148,16 @@ def test_default_model_parity_and_quantized_perplexity(default_model_home, monke
     options = LoadOptions(device="cpu", dtype="float32", threads=2)
     check_backend_contract(OnnxBackend, folder, reference=TorchBackend, options=options, prompt=prompt, steps=64)
 
-    ids = tokenizer.encode(HOLDOUT)
+    ids = tokenizer.encode(HOLDOUT.read_text(encoding="utf-8"))
     ppl = {}
     for precision in ("fp32", "int8", "int4"):
         backend = OnnxBackend.load(folder, LoadOptions(device="cpu", precision=precision, threads=2))
         ppl[precision] = perplexity(backend, ids).perplexity
     print(f"perplexity on {len(ids)} held-out tokens: {ppl}")
+    # Measured here: fp32 30.77, int8 30.70, int4 31.17 (+1.3 %; its Q4_1 weights are stored exactly,
+    # a second 4-bit rounding cost +36 %).
     assert ppl["int8"] < ppl["fp32"] * 1.05
-    # The default model comes from a Q4_1 GGUF: a second 4-bit rounding costs more than on a bf16
-    # source. Measured here: +6 % with the 8-bit down/lm_head mix (all-int4 was +35 %).
-    assert ppl["int4"] < ppl["fp32"] * 1.10
+    assert ppl["int4"] < ppl["fp32"] * 1.05
 
 
 def test_loads_an_export_folder_directly(tiny_models, tmp_path):

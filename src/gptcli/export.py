@@ -11,9 +11,9 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 ``[batch, kv_heads, length, head_dim]``. When a past buffer and its present output are the same
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
-int8/int4 are weight-only block quantization (MatMulNBits, block 32, symmetric, accuracy level 4),
-applied to every MatMul including the (untied) lm_head; int4 keeps the down projection and the
-lm_head at 8 bits (see INT4_KEEP_8BIT for why).
+int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, accuracy level 4),
+applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, and stores
+weights that are already 4-bit (a Q4_1 GGUF source) exactly instead of rounding them twice.
 
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
@@ -42,7 +42,7 @@ Notify = Callable[[str], None]
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 4  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 5  # bump when the graph layout changes: old cached exports are then rebuilt
 MODEL_FILE = "model.onnx"
 SIDECAR_FILE = "gptcli-onnx.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -569,46 +569,150 @@ def _gpt2_body(g: GraphBuilder, shape: Shape, w: dict[str, np.ndarray], seqlens_
 # --------------------------------------------------------------------------- export = build + quantize + save
 
 
-# MatMuls kept at 8 bits in an int4 export (like llama.cpp's *_M mixes): the down projection and
-# the lm_head carry most of the error when the source itself came from a 4-bit GGUF (re-quantizing
-# Q4_1 weights onto a symmetric grid adds a second rounding). Measured on SmolLM2-135M (201 tokens
-# of held-out prose): all-int4 +35 % perplexity, this mix +6 %, int8 +2 %.
-INT4_KEEP_8BIT = ("/mlp/down/MatMul", "/proj/MatMul", "lm_head/MatMul")
+# MatMuls kept at 8 bits in an int4 export: the lm_head, which GGUF sources keep at 8 bits (Q8_0)
+# and which a 4-bit rounding costs most on (every logit goes through it).
+INT4_KEEP_8BIT = ("lm_head/MatMul",)
+# A weight whose blocks already sit on a 16-level grid (a 4-bit GGUF source such as Q4_1) within
+# this fraction of a step is stored exactly, as grid + block minimum (see _affine_int4).
+GRID_TOLERANCE = 1e-3
 
 
 def quantize(model: Any, precision: str) -> Any:
-    """Weight-only block quantization (MatMulNBits, block 32, symmetric, accuracy level 4).
+    """Weight-only block quantization: every MatMul with a constant weight becomes a MatMulNBits.
 
-    int8: every MatMul, the (untied) lm_head included, at 8 bits. int4: 4 bits, except the MatMuls
-    named in INT4_KEEP_8BIT, which get 8. The embedding Gather stays float (it reads one row per token).
+    int8: 8 bits everywhere, the (untied) lm_head included. int4: 4 bits, the MatMuls named in
+    INT4_KEEP_8BIT at 8. Blocks are asymmetric (scale + integer zero point, block 32, accuracy level
+    4). A 4-bit weight that is already on a per-block 16-level grid is re-expressed exactly instead
+    of rounded a second time: re-rounding the default model's Q4_1 weights onto a zero-point grid
+    costs +36 % perplexity, the exact form +0.9 %. The embedding Gather stays float.
     """
-    names = [node.name for node in model.graph.node if node.op_type == "MatMul"]
-    if precision == "int8":
-        return _quantize_nodes(model, 8, exclude=[])
-    eight = [n for n in names if n.endswith(INT4_KEEP_8BIT)]
-    model = _quantize_nodes(model, 8, exclude=[n for n in names if n not in eight])
-    return _quantize_nodes(model, 4, exclude=[])
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes: list[Any] = []
+    block_sums: dict[str, str] = {}
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        array = numpy_helper.to_array(weight)
+        graph.initializer.remove(weight)
+        del initializers[weight.name]
+        bits = 8 if precision == "int8" or node.name.endswith(INT4_KEEP_8BIT) else 4
+        wt = np.ascontiguousarray(array.T, dtype=np.float32)
+        if bits == 4 and on_grid(wt, 15, QUANT_BLOCK):
+            nodes += _affine_int4(graph, node, wt, array.dtype, block_sums)
+        else:
+            nodes.append(_nbits(graph, node, node.input[0], node.output[0], wt, array.dtype, bits))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
 
 
-def _quantize_nodes(model: Any, bits: int, *, exclude: list[str]) -> Any:
-    import logging
+def _nbits(graph: Any, node: Any, x: str, y: str, wt: np.ndarray, dtype: Any, bits: int, **quant: Any) -> Any:
+    """A MatMulNBits for weight `wt` [N, K] (blocks along K), initializers added to the graph."""
+    from onnx import helper, numpy_helper
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    n, k = wt.shape
+    packed, scales, zero_points = quantize_blocks(wt, bits, QUANT_BLOCK, **quant)
+    base = node.input[1]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(packed, f"{base}.q{bits}"),
+            numpy_helper.from_array(scales.astype(dtype), f"{base}.scales"),
+            numpy_helper.from_array(zero_points, f"{base}.zero_points"),
+        ]
+    )
+    inputs = [x, f"{base}.q{bits}", f"{base}.scales", f"{base}.zero_points"]
+    return helper.make_node(
+        "MatMulNBits",
+        inputs,
+        [y],
+        name=node.name + "NBits",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=QUANT_BLOCK,
+        accuracy_level=QUANT_ACCURACY_LEVEL,
+    )
 
-    for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    settings = {
-        "block_size": QUANT_BLOCK,
-        "is_symmetric": True,
-        "accuracy_level": QUANT_ACCURACY_LEVEL,
-        "op_types_to_quantize": ("MatMul",),
-        "quant_axes": (("MatMul", 0),),
-    }
-    config = DefaultWeightOnlyQuantConfig(bits=bits, **settings)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, algo_config=config, nodes_to_exclude=exclude, **settings)
-    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks have scale 0
-        quantizer.process()
-    return quantizer.model.model
+
+def _affine_int4(graph: Any, node: Any, wt: np.ndarray, dtype: Any, block_sums: dict[str, str]) -> list[Any]:
+    """w = d·q + m per block, exactly: MatMulNBits(x; q, d, zero point 0) + blocksum(x) @ m.
+
+    MatMulNBits' zero point is an integer, so a block minimum m that is not a multiple of the step
+    d cannot be stored in it; the m term goes through a small float MatMul over the per-block sums
+    of x instead ([.., K/32] @ [K/32, N]). Block sums of one input are shared by its MatMuls.
+    """
+    from onnx import helper, numpy_helper
+
+    n, k = wt.shape
+    blocks = k // QUANT_BLOCK
+    minimum = wt.reshape(n, blocks, QUANT_BLOCK).min(axis=2)
+    x, y, base = node.input[0], node.output[0], node.input[1]
+    nodes = []
+    if x not in block_sums:
+        indicator = np.repeat(np.eye(blocks, dtype=np.float32), QUANT_BLOCK, axis=0).astype(dtype)
+        graph.initializer.append(numpy_helper.from_array(indicator, f"{x}/block_indicator"))
+        block_sums[x] = f"{x}/block_sums"
+        nodes.append(helper.make_node("MatMul", [x, f"{x}/block_indicator"], [block_sums[x]], name=f"{x}/BlockSums"))
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(minimum.T).astype(dtype), f"{base}.minimum"))
+    nodes.append(_nbits(graph, node, x, f"{y}/grid", wt, dtype, 4, minimum=minimum))
+    nodes.append(
+        helper.make_node("MatMul", [block_sums[x], f"{base}.minimum"], [f"{y}/offset"], name=f"{node.name}/Offset")
+    )
+    nodes.append(helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{node.name}/Add"))
+    return nodes
+
+
+def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
+    """Whether every block of `wt` [N, K] is min + d·q with integer q in [0, steps] (a 4-bit GGUF source)."""
+    n, k = wt.shape
+    if k % block:
+        return False
+    x = wt.reshape(n, k // block, block)
+    low = x.min(axis=2, keepdims=True)
+    step = (x.max(axis=2, keepdims=True) - low) / steps
+    step = np.where(step > 0, step, 1.0)
+    position = (x - low) / step
+    return bool(np.abs(position - np.round(position)).max() < GRID_TOLERANCE)
+
+
+def quantize_blocks(
+    wt: np.ndarray, bits: int, block: int, *, minimum: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block quantization of `wt` [N, K] along K in MatMulNBits' layout: w ≈ (q - zero_point) · scale.
+
+    Asymmetric: each block of `block` values gets a float scale and an integer zero point, and its
+    range always includes 0. With `minimum` [N, K/block] (the affine form), q = (w - minimum) / scale
+    over the block's own range and the zero point is 0: the caller adds the minimum back. Returns the
+    packed weights [N, K/block, block·bits/8], the scales [N·K/block] and the packed zero points.
+    """
+    n, k = wt.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), dtype=np.float32)
+    padded[:, :k] = wt
+    x = padded.reshape(n, blocks, block)
+    top = (1 << bits) - 1
+    if minimum is not None:
+        low, high = minimum, x.max(axis=2)
+        x = x - minimum[..., None]
+    else:
+        low, high = np.minimum(x.min(axis=2), 0.0), np.maximum(x.max(axis=2), 0.0)
+    scale = (high - low) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero = np.zeros_like(scale) if minimum is not None else np.clip(np.round(-low / scale), 0, top)
+    q = np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    zero = zero.astype(np.uint8)
+    if bits == 8:
+        return q, scale.reshape(-1), zero.reshape(-1)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    if blocks % 2:
+        zero = np.concatenate([zero, np.zeros((n, 1), dtype=np.uint8)], axis=1)
+    return packed, scale.reshape(-1), (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)
 
 
 def build_export(folder: Path, out: Path, *, precision: str, device: str, notify: Notify = _noop) -> dict[str, Any]:
@@ -625,7 +729,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         raise ModelError(f"{folder}: weight {exc} is missing for a {shape.architecture}") from None
     del weights
     if precision in {"int8", "int4"}:
-        notify(f"quantizing weights to {precision} (block {QUANT_BLOCK}, symmetric)")
+        notify(f"quantizing weights to {precision} (block {QUANT_BLOCK})")
         model = quantize(model, precision)
     onnx.save_model(
         model,
@@ -677,9 +781,10 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
                 "method": "MatMulNBits",
                 "bits": 8 if precision == "int8" else 4,
                 "block_size": QUANT_BLOCK,
-                "symmetric": True,
+                "symmetric": False,
                 "accuracy_level": QUANT_ACCURACY_LEVEL,
                 "kept_at_8_bits": [] if precision == "int8" else list(INT4_KEEP_8BIT),
+                "exact_4bit_grid_matmuls": sum(n.name.endswith("/Offset") for n in model.graph.node),
             }
             if precision in {"int8", "int4"}
             else None
