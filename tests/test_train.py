@@ -306,3 +306,4 @@ def test_config_precedence():
     m, t = shakespeare.model, shakespeare.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (t.batch_size, t.max_iters, shakespeare.optim.lr_decay_iters) == (12, 2000, 2000)
+    assert (shakespeare.optim.lr, shakespeare.optim.min_lr) == (3e-3, 3e-4)
