@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int8,int4")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-cold", action="store_true")
-    parser.add_argument("--spin", action="store_true", help="let ORT's idle threads spin (default: sleep)")
+    parser.add_argument(
+        "--no-spin", dest="spin", action="store_false", help="idle ORT threads sleep (GPTCLI_ORT_SPIN=0)"
+    )
     args = parser.parse_args()
 
     home = os.environ.get("GPTCLI_HOME") or str(REPO / ".cache" / "test-home")

@@ -160,6 +160,21 @@ def test_default_model_parity_and_quantized_perplexity(default_model_home, monke
     assert ppl["int4"] < ppl["fp32"] * 1.05
 
 
+@pytest.mark.parametrize(("env", "expected"), [(None, None), ("0", "0"), ("off", "0"), ("1", None)])
+def test_idle_threads_spin_unless_gptcli_ort_spin_is_off(tiny_models, monkeypatch, env, expected):
+    if env is None:
+        monkeypatch.delenv("GPTCLI_ORT_SPIN", raising=False)
+    else:
+        monkeypatch.setenv("GPTCLI_ORT_SPIN", env)
+    backend = OnnxBackend.load(tiny_models["llama"], CPU32)
+    options = backend.session.get_session_options()
+    try:
+        entry = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except Exception:  # ORT raises for a key that was never set
+        entry = None
+    assert (entry or None) == expected  # unset = ORT's default, spinning
+
+
 def test_loads_an_export_folder_directly(tiny_models, tmp_path):
     from gptcli.export import ensure_export
 
