@@ -183,3 +183,23 @@ def test_loads_an_export_folder_directly(tiny_models, tmp_path):
     assert backend.info.dtype == "int8" and backend.info.name == "tiny-gpt2"
     logits, cache = backend.forward([3, 4, 5], backend.new_cache())
     assert cache.length == 3 and np.isfinite(logits).all()
+
+
+def test_an_export_folder_is_a_model_for_the_onnx_backend(tiny_models, tmp_path):
+    from gptcli.export import ensure_export
+
+    out = ensure_export(tiny_models["llama"], output=tmp_path / "llama-onnx").folder
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    source = run_cli("generate", "hello", "-m", str(tiny_models["llama"]), "--raw", "-n", "8", "--temperature", "0")
+    result = run_cli("generate", "hello", "-m", str(out), "--backend", "onnx", "--raw", "-n", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == source.stdout  # greedy: the export continues exactly like its source
+    wrong = run_cli("generate", "hello", "-m", str(out), "--raw", "-n", "2")
+    assert (
+        wrong.returncode == 2
+        and "is an ONNX export" in wrong.stderr.decode()
+        and "--backend onnx" in wrong.stderr.decode()
+    )
+    (out / "tokenizer.json").unlink()  # as an export made before exports carried their tokenizer
+    old = run_cli("generate", "hello", "-m", str(out), "--backend", "onnx", "-n", "2")
+    assert old.returncode == 5 and "export it again" in old.stderr.decode()

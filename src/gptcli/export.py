@@ -35,7 +35,7 @@ import numpy as np
 
 from gptcli import __version__
 from gptcli.errors import ModelError, UsageError
-from gptcli.models import context_length, read_config, weight_files
+from gptcli.models import MODEL_SIDE_FILES, ONNX_EXPORT_SIDECAR, context_length, read_config, weight_files
 from gptcli.paths import cache_dir
 
 Notify = Callable[[str], None]
@@ -44,7 +44,7 @@ OPSET = 21
 MS_OPSET = 1
 GRAPH_VERSION = 6  # bump when the graph layout changes: old cached exports are then rebuilt
 MODEL_FILE = "model.onnx"
-SIDECAR_FILE = "gptcli-onnx.json"
+SIDECAR_FILE = ONNX_EXPORT_SIDECAR
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DEVICES = ("cpu", "cuda")
 FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -753,6 +753,9 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         location=MODEL_FILE + ".data",
         size_threshold=1024,
     )
+    for name in MODEL_SIDE_FILES:  # the tokenizer and configs: the folder alone is a model for --backend onnx
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     meta = {
         "format": "gptcli-onnx",

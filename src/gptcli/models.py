@@ -87,6 +87,13 @@ def resolve_model(
         return _resolve_catalogue(CATALOGUE[name], notify)
     path = Path(ref).expanduser()
     if path.exists():
+        if path.is_dir() and is_onnx_export(path):
+            if not (path / "tokenizer.json").is_file():
+                raise ModelError(
+                    f"{path} is an ONNX export without its tokenizer (made by an older gptcli)",
+                    hint="export it again with `gptcli export SOURCE --output FOLDER --force`",
+                )
+            return LocalModel(path.resolve(), path.name, str(path.resolve()))
         if path.is_dir():
             validate_model_dir(path, allow_pickle=allow_pickle)
             return LocalModel(path.resolve(), path.name, str(path.resolve()))
@@ -255,6 +262,23 @@ def weight_files(folder: Path) -> list[Path]:
             raise ModelError(f"{folder}: missing weight shard {missing[0]}", hint="re-download the model")
         return [folder / s for s in shards]
     return sorted(p for p in folder.glob("*.safetensors"))
+
+
+ONNX_EXPORT_SIDECAR = "gptcli-onnx.json"
+# What an export copies from its source so that the export folder alone is a model for --backend onnx.
+MODEL_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def is_onnx_export(folder: Path) -> bool:
+    """A folder written by `gptcli export --output` (its sidecar names the source and precision)."""
+    return (folder / ONNX_EXPORT_SIDECAR).is_file()
 
 
 def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from gptcli.backends.base import Backend, LoadOptions, get_backend_class
 from gptcli.config import Settings
-from gptcli.errors import BackendError
-from gptcli.models import LocalModel, resolve_model
+from gptcli.errors import BackendError, UsageError
+from gptcli.models import LocalModel, is_onnx_export, resolve_model
 from gptcli.tokenizer import Tokenizer
 
 
@@ -49,6 +49,8 @@ def open_model(settings: Settings, notify: Callable[[str], None]) -> LocalModel:
 def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
     backend_cls = check_backend(settings)
     model = open_model(settings, notify)
+    if is_onnx_export(model.path) and settings.backend != "onnx":
+        raise UsageError(f"{model.path} is an ONNX export", hint="run it with --backend onnx")
     tokenizer = Tokenizer(model.path)
     backend = backend_cls.load(model.path, load_options(settings))
     return Runtime(model, backend, tokenizer)
