@@ -278,7 +278,7 @@ def test_bpe_and_jsonl(tmp_path, capsys, monkeypatch):
     assert tokenizer_config["eos_token"] == "<|endoftext|>"
     assert json.loads((out / "config.json").read_text())["eos_token_id"] is not None
     capsys.readouterr()
-    assert run(["generate", "--model", str(out), "--raw", "ROMEO", "--max-tokens", "5"]) == 0
+    assert run(["generate", "--model", str(out), "--raw", "ROMEO", "--max-tokens", "5"]) == 0, capsys.readouterr().err
 
 
 def test_fine_tune_with_init(tiny_models, tmp_path, capsys, monkeypatch):
@@ -307,3 +307,26 @@ def test_config_precedence():
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (t.batch_size, t.max_iters, shakespeare.optim.lr_decay_iters) == (12, 2000, 2000)
     assert (shakespeare.optim.lr, shakespeare.optim.min_lr) == (3e-3, 3e-4)
+
+
+def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
+    from gptcli.train.data import ENCODE_CHUNK, prepare
+
+    data = tmp_path / "docs.jsonl"
+    lines = [f"line {i}: {TEXT.splitlines()[i % 5]}" for i in range(ENCODE_CHUNK + 10)]
+    data.write_text("\n".join(json.dumps({"text": line}) for line in lines) + "\n")
+    calls: list[tuple[str, int, int | None]] = []
+    prepare(
+        data,
+        tokenizer="bpe",
+        vocab_size=300,
+        val_fraction=0.1,
+        block_size=8,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == ["reading", "cleaning", "training a 300-token BPE", "tokenizing"]
+    n = len(lines)
+    assert calls[n - 1] == ("reading", n, None) and ("cleaning", n, n) in calls
+    tokenizing = [done for stage, done, _ in calls if stage == "tokenizing"]
+    assert tokenizing == [ENCODE_CHUNK, n]  # chunked, so a big corpus moves the bar

@@ -24,11 +24,18 @@ from gptcli.paths import cache_dir
 from gptcli.textio import decode_text
 
 Notify = Callable[[str], None]
+# progress(stage, done, total): called as a long step advances; total None = not known in advance.
+Progress = Callable[[str, int, "int | None"], None]
+ENCODE_CHUNK = 256  # documents per tokenizer call, so that progress moves on big corpora
 ChatRenderer = Callable[[list[dict[str, str]]], str]
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl", ".py", ".csv", ".tex", ".html", ".json"}
 UNK = "<unk>"
 EOT = "<|endoftext|>"
 FORMAT_VERSION = "1"
+
+
+def _no_progress(_: str, __: int, ___: int | None) -> None:
+    pass
 
 
 def _noop(_: str) -> None:
@@ -172,9 +179,18 @@ def prepare(
     eot_token: str | None = None,
     streams: int = 1,
     notify: Notify = _noop,
+    progress: Progress = _no_progress,
 ) -> TokenData:
     """Read, clean, tokenize and cache the corpus; check that both splits hold a block per stream."""
-    documents = [clean(doc, dedup_lines=dedup_lines) for doc in read_documents(data_path, chat)]
+    raw = []
+    for doc in read_documents(data_path, chat):
+        raw.append(doc)
+        progress("reading", len(raw), None)
+    documents = []
+    for number, doc in enumerate(raw, 1):
+        documents.append(clean(doc, dedup_lines=dedup_lines))
+        progress("cleaning", number, len(raw))
+    del raw
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
         raise InputError(f"{data_path} has no text (empty after cleaning)", hint="check --data")
@@ -203,12 +219,14 @@ def prepare(
         if tokenizer == "char":
             tok = char_tokenizer("".join(documents) + "\n")
         elif tokenizer == "bpe":
+            progress(f"training a {vocab_size}-token BPE", 0, None)
             tok = bpe_tokenizer(documents, vocab_size)
+            progress(f"training a {vocab_size}-token BPE", 1, 1)
         else:
             assert init_tokenizer is not None
             tok = Tokenizer.from_file(str(init_tokenizer))
         eot_id = None if tokenizer == "char" else tok.token_to_id(eot_token or EOT)
-        ids = _encode(tok, documents, tokenizer, eot_id)
+        ids = _encode(tok, documents, tokenizer, eot_id, progress)
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         folder.mkdir(parents=True, exist_ok=True)
@@ -231,7 +249,9 @@ def prepare(
     return TokenData(folder / "tokens.bin", tokenizer_json, meta["vocab_size"], meta["eot_id"], tokens, split)
 
 
-def _encode(tok: Any, documents: list[str], kind: str, eot_id: int | None) -> np.ndarray:
+def _encode(
+    tok: Any, documents: list[str], kind: str, eot_id: int | None, progress: Progress = _no_progress
+) -> np.ndarray:
     if kind == "char":
         # One token per character: a table lookup equals the tokenizer's output, much faster.
         vocab = tok.get_vocab()
@@ -240,13 +260,14 @@ def _encode(tok: Any, documents: list[str], kind: str, eot_id: int | None) -> np
         table = {ord(ch): i for ch, i in vocab.items() if len(ch) == 1}
         unique, inverse = np.unique(codes, return_inverse=True)
         mapped = np.array([table.get(int(u), vocab[UNK]) for u in unique], dtype=np.int64)
+        progress("tokenizing", len(documents), len(documents))
         return mapped[inverse]
+    separator = [eot_id] if eot_id is not None else tok.encode("\n", add_special_tokens=False).ids
     pieces: list[np.ndarray] = []
-    for encoding in tok.encode_batch(documents, add_special_tokens=False):
-        pieces.append(np.asarray(encoding.ids, dtype=np.int64))
-        if eot_id is not None:
-            pieces.append(np.asarray([eot_id], dtype=np.int64))
-        else:
-            newline = tok.encode("\n", add_special_tokens=False).ids
-            pieces.append(np.asarray(newline, dtype=np.int64))
+    for start in range(0, len(documents), ENCODE_CHUNK):
+        chunk = documents[start : start + ENCODE_CHUNK]
+        for encoding in tok.encode_batch(chunk, add_special_tokens=False):
+            pieces.append(np.asarray(encoding.ids, dtype=np.int64))
+            pieces.append(np.asarray(separator, dtype=np.int64))
+        progress("tokenizing", start + len(chunk), len(documents))
     return np.concatenate(pieces)

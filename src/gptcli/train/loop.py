@@ -171,6 +171,7 @@ def resolve_run(
     sets: list[str],
     flags: dict[str, Any],
     notify: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str, int, int | None], None] = lambda _, __, ___: None,
 ) -> RunSetup:
     """Config, run folder, init model and token data: all the checks that can fail before training."""
     import yaml
@@ -239,6 +240,7 @@ def resolve_run(
         eot_token=eot_token,
         streams=streams,
         notify=notify,
+        progress=progress,
     )
     if dist.main:
         barrier(dist)
