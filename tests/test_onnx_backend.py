@@ -71,17 +71,70 @@ def test_fp16_on_cpu_is_a_backend_error(tiny_models):
         OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cpu", precision="fp16"))
 
 
-def test_cuda_without_provider_is_exit_4(tiny_models):
-    import onnxruntime as ort
+def test_cuda_unusable_is_exit_4_and_auto_runs_on_the_cpu(tiny_models):
+    from gptcli.backends.onnx_backend import cuda_unusable_reason
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("onnxruntime has a CUDA provider here")
-    assert "CUDA" in OnnxBackend.unavailable_reason("cuda")
+    reason = cuda_unusable_reason()
+    if reason is None:
+        pytest.skip("CUDA is usable here")
+    assert OnnxBackend.unavailable_reason("cuda") == f"CUDA requested but {reason}"
     with pytest.raises(BackendError):
         OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cuda"))
     result = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--backend", "onnx", "--device", "cuda")
     assert result.returncode == 4
-    assert result.stderr.decode().startswith("error: backend 'onnx' cannot run here: CUDA")
+    assert result.stderr.decode().startswith(f"error: backend 'onnx' cannot run here: CUDA requested but {reason}")
+    # auto goes straight to the CPU: no CUDA graph is exported first, no fallback warning
+    auto = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--backend", "onnx", "-n", "2")
+    assert auto.returncode == 0, auto.stderr.decode()
+    assert "-fp32-cpu-" in auto.stderr.decode()
+    assert "-cuda-" not in auto.stderr.decode() and "CUDA" not in auto.stderr.decode()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_cuda_keeps_the_cache_on_the_gpu_and_matches_torch(tiny_models, precision):
+    from gptcli.backends.onnx_backend import cuda_unusable_reason
+
+    reason = cuda_unusable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    folder = tiny_models["llama"]
+    backend = OnnxBackend.load(folder, LoadOptions(device="cuda", precision=precision))
+    assert backend.device == "cuda" and backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    cache = backend.new_cache()
+    assert {buffer.device_name().lower() for buffer in cache.buffers} == {"cuda"}  # IO binding, no host copies
+    reference = TorchBackend.load(folder, LoadOptions(device="cpu", dtype="float32"))
+    prompt = list(range(3, 20))
+    got, cache = backend.forward(prompt, cache)
+    want, _ = reference.forward(prompt, reference.new_cache())
+    assert np.corrcoef(got, want)[0, 1] > (0.999 if precision == "fp16" else 0.98)
+    step, cache = backend.forward([int(np.argmax(got))], cache)  # a decode step on the device-resident cache
+    assert cache.length == len(prompt) + 1 and np.isfinite(step).all()
+
+
+def test_a_listed_cuda_provider_without_a_driver_or_gpu_is_not_usable(monkeypatch):
+    import ctypes
+
+    from gptcli.backends import onnx_backend
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    class NoGpu:
+        def cuInit(self, flags):
+            return 0
+
+        def cuDeviceGetCount(self, count):
+            return 0  # success, and the count stays 0
+
+    onnx_backend.nvidia_gpu_reason.cache_clear()
+    try:
+        monkeypatch.setattr(ctypes, "CDLL", no_library)
+        assert "no NVIDIA driver" in onnx_backend.nvidia_gpu_reason()
+        onnx_backend.nvidia_gpu_reason.cache_clear()
+        monkeypatch.setattr(ctypes, "CDLL", lambda name: NoGpu())
+        assert "no usable GPU" in onnx_backend.nvidia_gpu_reason()
+    finally:
+        onnx_backend.nvidia_gpu_reason.cache_clear()
 
 
 def test_generate_exports_on_first_use_then_reuses(tiny_models):

@@ -10,6 +10,9 @@ in and the last-position logits come out per step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -44,10 +47,32 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _has_cuda_provider() -> bool:
+def cuda_unusable_reason() -> str | None:
+    """Why the CUDA execution provider cannot run here, or None when it can.
+
+    onnxruntime-gpu lists its CUDA provider on any machine, so a listed provider is not enough: the
+    NVIDIA driver must load and report a GPU too (asked through libcuda, no torch involved).
+    """
     import onnxruntime as ort
 
-    return CUDA_PROVIDER in ort.get_available_providers()
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+    return nvidia_gpu_reason()
+
+
+@functools.cache
+def nvidia_gpu_reason() -> str | None:
+    """None when the NVIDIA driver loads and counts at least one GPU, else why not."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver on this machine (libcuda not found)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "the NVIDIA driver reports no usable GPU"
+    return None
 
 
 class OnnxBackend:
@@ -72,12 +97,11 @@ class OnnxBackend:
 
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
-        import importlib.util
-
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
-        if device == "cuda" and not _has_cuda_provider():
-            return "CUDA requested but onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+        if device == "cuda":
+            reason = cuda_unusable_reason()
+            return f"CUDA requested but {reason}" if reason else None
         return None
 
     @classmethod
@@ -129,18 +153,17 @@ class OnnxBackend:
         if requested == "cpu":
             return "cpu"
         if requested == "cuda":
-            if not _has_cuda_provider():
-                raise BackendError(
-                    "CUDA requested but onnxruntime has no CUDA provider",
-                    hint="pip install onnxruntime-gpu, or use --device cpu",
-                )
+            reason = cuda_unusable_reason()
+            if reason:
+                raise BackendError(f"CUDA requested but {reason}", hint="use --device cpu")
             return "cuda"
-        return "cuda" if _has_cuda_provider() else "cpu"
+        return "cuda" if cuda_unusable_reason() is None else "cpu"
 
     @staticmethod
     def _session(path: Path, device: str, threads: int | None, spin: bool = True) -> Any:
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # errors only, also from provider loading outside the session
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -150,6 +173,9 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if device == "cuda" and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
+            with contextlib.redirect_stdout(sys.stderr):  # it reports what it cannot load on stdout
+                ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (pip install "gptcli[gpu]")
         providers = [(CUDA_PROVIDER, {"device_id": 0}), CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER]
         try:
             session = ort.InferenceSession(str(path), opts, providers=providers)
