@@ -28,8 +28,22 @@ from gptcli.train.data import EOT, UNK, TokenData, prepare
 from gptcli.train.errors import DivergedError, RunError
 
 Report = Callable[[str, dict[str, Any]], None]
-# Peak dense bf16 throughput used for MFU on CUDA, as nanoGPT does (A100: 312 TFLOPS).
+# Peak dense bf16 throughput used for MFU on a GPU that the bench's table does not know, as nanoGPT
+# does (A100: 312 TFLOPS).
 PEAK_FLOPS_CUDA = 312e12
+
+
+def peak_flops(device: str, amp: bool) -> float | None:
+    """The peak FLOP/s of one process's device, for MFU: the GPU table, or cores × clock × SIMD on a CPU."""
+    import torch
+
+    from gptcli.bench.train import peak_tflops_for
+
+    if device.startswith("cuda"):
+        peak, _ = peak_tflops_for(device, torch.cuda.get_device_name(device), 1, amp)
+        return peak * 1e12 if peak else PEAK_FLOPS_CUDA
+    peak, _ = peak_tflops_for("cpu", "", torch.get_num_threads(), False)
+    return peak * 1e12 if peak else None
 
 
 def _quiet(_: str, __: dict[str, Any]) -> None:
@@ -452,6 +466,7 @@ def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
     info = describe(setup, raw_model)
     tokens_per_step = info["tokens_per_iter"] * dist.world
     flops_per_step = info["flops_per_iter"] * dist.world
+    peak = peak_flops(device, amp_dtype is not None)
     run_info = {"data": str(setup.data_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if setup.resume_from is not None:
         run_info = {**ckpt.read_run(out), **run_info, "created": ckpt.read_run(out).get("created")}
@@ -535,8 +550,8 @@ def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
                     )
                 tok_s = tokens_per_step / dt
                 record = {"step": step, "loss": last_loss, "lr": lr, "ms": round(dt * 1000, 3), "tok_s": round(tok_s)}
-                if use_cuda:
-                    record["mfu"] = round(flops_per_step / dt / (PEAK_FLOPS_CUDA * dist.world), 4)
+                if peak:
+                    record["mfu"] = round(flops_per_step / dt / (peak * dist.world), 4)
                 log(record)
                 report("step", record)
 
