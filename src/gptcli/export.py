@@ -12,8 +12,8 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
 int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, accuracy level 4),
-applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, and stores
-weights that are already 4-bit (a Q4_1 GGUF source) exactly instead of rounding them twice.
+applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, and keeps
+weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice.
 
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
@@ -42,7 +42,7 @@ Notify = Callable[[str], None]
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 6  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 7  # bump when the graph layout changes: old cached exports are then rebuilt
 MODEL_FILE = "model.onnx"
 SIDECAR_FILE = ONNX_EXPORT_SIDECAR
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -607,17 +607,21 @@ def quantize(model: Any, precision: str) -> Any:
         else:
             codes, scales, zeros = quantize_blocks(wt, bits, QUANT_BLOCK)
             scales = scales.astype(array.dtype)
-            nodes.append(_nbits(graph, node.name + "NBits", node.input[0], node.output[0], bits, codes, scales, zeros))
+            k = wt.shape[1]
+            nodes.append(
+                _nbits(graph, node.name + "NBits", node.input[0], node.output[0], k, bits, codes, scales, zeros)
+            )
     del graph.node[:]
     graph.node.extend(nodes)
     return model
 
 
-def _nbits(graph: Any, name: str, x: str, y: str, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
-    """A MatMulNBits from unpacked codes [N, blocks, 32], scales and zero points [N, blocks]."""
+def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
+    """A MatMulNBits over x [.., k] from unpacked codes [N, blocks, 32] (k zero-padded to whole
+    blocks), scales and zero points [N, blocks]."""
     from onnx import helper, numpy_helper
 
-    n, blocks, block = codes.shape
+    n, _, block = codes.shape
     graph.initializer.extend(
         [
             numpy_helper.from_array(pack_codes(codes, bits), f"{name}.q{bits}"),
@@ -631,7 +635,7 @@ def _nbits(graph: Any, name: str, x: str, y: str, bits: int, codes: Any, scales:
         [y],
         name=name,
         domain="com.microsoft",
-        K=blocks * block,
+        K=k,
         N=n,
         bits=bits,
         block_size=block,
@@ -667,7 +671,7 @@ def _grid_int4(graph: Any, node: Any, wt: np.ndarray, dtype: Any, augmented: dic
         indicator = np.zeros((extra * block, blocks, block), dtype=np.uint8)  # [N, blocks, 32] codes
         indicator[np.arange(blocks), np.arange(blocks), :] = 1
         ones, zero = np.ones((extra * block, blocks), dtype=dtype), np.zeros((extra * block, blocks), dtype=np.uint8)
-        sums = _nbits(graph, f"{source}/BlockSums", source, f"{source}/block_sums", 4, indicator, ones, zero)
+        sums = _nbits(graph, f"{source}/BlockSums", source, f"{source}/block_sums", k, 4, indicator, ones, zero)
         augmented[source] = f"{source}/with_block_sums"
         nodes += [
             sums,
@@ -676,7 +680,10 @@ def _grid_int4(graph: Any, node: Any, wt: np.ndarray, dtype: Any, augmented: dic
     codes = np.concatenate([codes, r_codes], axis=1)
     scales = np.concatenate([step, r_scales], axis=1).astype(dtype)
     zeros = np.concatenate([zeros, r_zeros], axis=1)
-    nodes.append(_nbits(graph, node.name + "NBits", augmented[source], node.output[0], 4, codes, scales, zeros))
+    with_sums = k + extra * block
+    nodes.append(
+        _nbits(graph, node.name + "NBits", augmented[source], node.output[0], with_sums, 4, codes, scales, zeros)
+    )
     return nodes
 
 
