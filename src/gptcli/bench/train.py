@@ -111,7 +111,6 @@ def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
 
 def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Warm up, then time `reps` optimizer iterations; one record."""
-    import contextlib
 
     import torch
     import torch.nn.functional as F
@@ -119,7 +118,7 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
     from gptcli.backends.torch_backend import resolve_device
     from gptcli.bench.measure import peak_memory
     from gptcli.train.config import load_config
-    from gptcli.train.loop import flops_per_token
+    from gptcli.train.loop import flops_per_token, mixed_precision, new_optimizer
 
     cfg = load_config(base=job["train_config"])
     threads = job["settings"]["threads"]
@@ -131,22 +130,8 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
     block = min(cfg.model.block_size, getattr(model.config, "n_positions", None) or cfg.model.block_size)
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
 
-    half = None
-    if device == "cuda" and cfg.train.dtype != "float32":
-        wanted = cfg.train.dtype
-        if wanted == "auto":
-            wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
-    autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    try:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
+    half, autocast, scaler = mixed_precision(device, cfg.train.dtype)
+    optimizer = new_optimizer(model, cfg)
     step_model = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(cfg.train.seed)
 

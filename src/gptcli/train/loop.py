@@ -312,6 +312,37 @@ def new_gpt2(cfg: TrainConfig, vocab_size: int, block_size: int, eot: int | None
     return GPT2LMHeadModel(config)
 
 
+def mixed_precision(device: str, dtype: str) -> tuple[Any, Callable[[], Any], Any]:
+    """(autocast dtype or None, autocast context factory, gradient scaler) for a device and train.dtype.
+
+    On CUDA, unless float32 is asked for: bf16 autocast where supported, else fp16 with a scaler.
+    """
+    import torch
+
+    amp_dtype = None
+    if device.startswith("cuda") and dtype != "float32":
+        wanted = dtype
+        if wanted == "auto":
+            wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    return amp_dtype, autocast, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+
+def new_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    """AdamW (fused where available) with weight decay on matrices only."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
+
+
 def flops_per_token(model: Any, block: int) -> float:
     """nanoGPT's estimate: 6N for the matmuls plus the attention term (PaLM appendix B)."""
     cfg = model.config
@@ -388,14 +419,7 @@ def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
     use_cuda = device.startswith("cuda")
-    amp_dtype = None
-    if use_cuda and cfg.train.dtype != "float32":
-        wanted = cfg.train.dtype
-        if wanted == "auto":
-            wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype, autocast, scaler = mixed_precision(device, cfg.train.dtype)
 
     model = build_model(setup).to(device)
     model.train()
@@ -410,17 +434,7 @@ def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
         ckpt.write_atomic(out / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     barrier(dist)
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    try:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
+    optimizer = new_optimizer(model, cfg)
 
     accum = cfg.train.grad_accum
     batches = Batches(
