@@ -265,15 +265,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 ONNX_EXPORT_SIDECAR = "gptcli-onnx.json"
+# A model folder's tokenizer, as gptcli.tokenizer and transformers read it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # What an export copies from its source so that the export folder alone is a model for --backend onnx.
-MODEL_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+MODEL_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def is_onnx_export(folder: Path) -> bool:

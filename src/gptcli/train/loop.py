@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gptcli.errors import ConfigError
+from gptcli.models import TOKENIZER_FILES
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.data import EOT, UNK, TokenData, prepare
@@ -157,8 +158,7 @@ class RunSetup:
 def tokenizer_files(data: TokenData, cfg: TrainConfig, block: int, init_folder: Path | None) -> dict[str, bytes]:
     """The tokenizer files every checkpoint carries (the --init model's own files when fine-tuning)."""
     if init_folder is not None and cfg.data.tokenizer == "init":
-        names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-        return {n: (init_folder / n).read_bytes() for n in names if (init_folder / n).is_file()}
+        return {n: (init_folder / n).read_bytes() for n in TOKENIZER_FILES if (init_folder / n).is_file()}
     special = {"unk_token": UNK} if cfg.data.tokenizer == "char" else {"eos_token": EOT, "bos_token": EOT}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block, **special}
     return {
