@@ -602,8 +602,9 @@ def quantize(model: Any, precision: str) -> Any:
         del initializers[weight.name]
         bits = 8 if precision == "int8" or node.name.endswith(INT4_KEEP_8BIT) else 4
         wt = np.ascontiguousarray(array.T, dtype=np.float32)
-        if bits == 4 and on_grid(wt, 15, QUANT_BLOCK):
-            nodes += _grid_int4(graph, node, wt, array.dtype, augmented)
+        grid = grid_of(wt, 15, QUANT_BLOCK) if bits == 4 else None
+        if grid is not None:
+            nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
         else:
             codes, scales, zeros = quantize_blocks(wt, bits, QUANT_BLOCK)
             scales = scales.astype(array.dtype)
@@ -643,7 +644,7 @@ def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any,
     )
 
 
-def _grid_int4(graph: Any, node: Any, wt: np.ndarray, dtype: Any, augmented: dict[str, str]) -> list[Any]:
+def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str]) -> list[Any]:
     """A weight on a per-block grid, w = step·code + low (Q4_1), as one MatMulNBits with no rounding.
 
     MatMulNBits' zero point is an integer, so step·(code - zero) leaves a per-block residual
@@ -653,14 +654,9 @@ def _grid_int4(graph: Any, node: Any, wt: np.ndarray, dtype: Any, augmented: dic
     is the residuals' own rounding, about 1/25 of a plain second rounding. Two extra nodes per input
     instead of a MatMul and an Add per weight: int4 decode 145 vs 124 tok/s.
     """
-    n, k = wt.shape
-    block = QUANT_BLOCK
-    blocks, extra = k // block, -(-(k // block) // block)
-    x = wt.reshape(n, blocks, block)
-    low = x.min(axis=2)
-    step = (x.max(axis=2) - low) / 15
-    step = np.where(step > 0, step, 1.0).astype(np.float32)
-    codes = np.clip(np.round((x - low[..., None]) / step[..., None]), 0, 15).astype(np.uint8)
+    codes, low, step = grid
+    n, blocks, block = codes.shape
+    k, extra = blocks * block, -(-blocks // block)
     zeros = np.clip(np.round(-low / step), 0, 15).astype(np.uint8)
     residual = np.zeros((n, extra * block), dtype=np.float32)
     residual[:, :blocks] = low + zeros * step
@@ -693,17 +689,30 @@ def _node(op_type: str, inputs: list[str], output: str, name: str, **attrs: Any)
     return helper.make_node(op_type, inputs, [output], name=name, **attrs)
 
 
-def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
-    """Whether every block of `wt` [N, K] is min + d·q with integer q in [0, steps] (a 4-bit GGUF source)."""
+# A weight on a per-block grid: codes [N, blocks, block] (uint8), block minima and steps [N, blocks].
+Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
+    """`wt` [N, K] as low + step·code per block with integer codes in [0, steps], or None when it is not
+    on such a grid (within GRID_TOLERANCE of a step): a 4-bit GGUF source such as Q4_1 is."""
     n, k = wt.shape
     if k % block:
-        return False
+        return None
     x = wt.reshape(n, k // block, block)
-    low = x.min(axis=2, keepdims=True)
-    step = (x.max(axis=2, keepdims=True) - low) / steps
-    step = np.where(step > 0, step, 1.0)
-    position = (x - low) / step
-    return bool(np.abs(position - np.round(position)).max() < GRID_TOLERANCE)
+    low = x.min(axis=2)
+    step = (x.max(axis=2) - low) / steps
+    step = np.where(step > 0, step, 1.0).astype(np.float32)
+    position = (x - low[..., None]) / step[..., None]
+    codes = np.round(position)
+    if np.abs(position - codes).max() >= GRID_TOLERANCE:
+        return None
+    return np.clip(codes, 0, steps).astype(np.uint8), low, step
+
+
+def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
+    """Whether every block of `wt` [N, K] is min + d·q with integer q in [0, steps] (a 4-bit GGUF source)."""
+    return grid_of(wt, steps, block) is not None
 
 
 def quantize_blocks(wt: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
