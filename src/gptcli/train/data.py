@@ -182,15 +182,13 @@ def prepare(
     progress: Progress = _no_progress,
 ) -> TokenData:
     """Read, clean, tokenize and cache the corpus; check that both splits hold a block per stream."""
-    raw = []
-    for doc in read_documents(data_path, chat):
-        raw.append(doc)
-        progress("reading", len(raw), None)
     documents = []
-    for number, doc in enumerate(raw, 1):
-        documents.append(clean(doc, dedup_lines=dedup_lines))
-        progress("cleaning", number, len(raw))
-    del raw
+    for doc in read_documents(data_path, chat):
+        documents.append(doc)
+        progress("reading", len(documents), None)
+    for number, doc in enumerate(documents):  # in place: the raw text is not held twice
+        documents[number] = clean(doc, dedup_lines=dedup_lines)
+        progress("cleaning", number + 1, len(documents))
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
         raise InputError(f"{data_path} has no text (empty after cleaning)", hint="check --data")
