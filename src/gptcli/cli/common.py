@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -220,3 +221,53 @@ def gather_prompt(argument: str | None, file: Path | None) -> str:
 
 def debug_enabled() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
+
+
+class StageProgress:
+    """Rich bars on stderr (a terminal only) for a core `progress(stage, done, total)` callback.
+
+    One bar per stage; a stage gets its bar once it has run for `show_after` seconds, so quick steps
+    show none. `transient` bars disappear when the work is done.
+    """
+
+    def __init__(self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True) -> None:
+        self.console = stderr_console()
+        self.enabled = enabled and self.console.is_terminal
+        self.show_after = show_after
+        self.transient = transient
+        self.progress: Any = None
+        self.started: dict[str, float] = {}
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        started = self.started.setdefault(stage, now)
+        if stage not in self.tasks:
+            if now - started < self.show_after:
+                return
+            self.tasks[stage] = self._bars().add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def _bars(self) -> Any:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=self.transient,
+            )
+            self.progress.start()
+        return self.progress

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -64,7 +64,7 @@ def summarize(
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
     text = _read_input(file)
     runtime = open_runtime(settings, c.note)
-    with ProgressBar() as progress:
+    with c.StageProgress() as progress:
         summarizer = Summarizer(
             runtime.backend,
             runtime.tokenizer,
@@ -98,36 +98,3 @@ def _read_input(file: Path | None) -> str:
         where = str(file) if file is not None else "standard input"
         raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")
     return text
-
-
-class ProgressBar:
-    """A Rich progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __enter__(self) -> Any:
-        console = c.stderr_console()
-        if not console.is_terminal:
-            self.bar = None
-            return lambda stage, done, total: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.bar.start()
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = self.bar.add_task(stage, total=total)
-            self.bar.update(tasks[stage], completed=done, total=total)
-
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()

@@ -75,7 +75,8 @@ def train(
     main_rank = os.environ.get("RANK", "0") == "0"
     notify = c.note if main_rank else (lambda _: None)
     try:
-        with _DataProgress(enabled=main_rank) as data_progress:
+        # a bar for each data step that lasts (reading, cleaning, BPE, tokenizing); quick ones show none
+        with c.StageProgress(enabled=main_rank, show_after=0.5, transient=False) as data_progress:
             setup = loop.resolve_run(
                 data_path=data,
                 out=out,
@@ -118,56 +119,6 @@ def _dry_run(setup: Any, loop: Any) -> None:
     for key, value in info.items():
         shown = f"{value:,}" if isinstance(value, int) else (f"{value:.3e}" if isinstance(value, float) else value)
         sys.stdout.write(f"{key}: {shown}\n")
-
-
-class _DataProgress:
-    """Rich bars on stderr (a terminal only) for the data steps that last: reading, cleaning, BPE, tokenizing.
-
-    A step gets its bar once it has run for SHOW_AFTER seconds, so a small corpus shows none.
-    """
-
-    SHOW_AFTER = 0.5
-
-    def __init__(self, enabled: bool) -> None:
-        self.console = c.stderr_console()
-        self.enabled = enabled and self.console.is_terminal
-        self.progress: Any = None
-        self.started: dict[str, float] = {}
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _DataProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if not self.enabled:
-            return
-        import time
-
-        now = time.monotonic()
-        started = self.started.setdefault(stage, now)
-        if stage not in self.tasks:
-            if now - started < self.SHOW_AFTER:
-                return
-            self.tasks[stage] = self._bars().add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def _bars(self) -> Any:
-        if self.progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}", markup=False),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self.console,
-            )
-            self.progress.start()
-        return self.progress
 
 
 class _Renderer:
