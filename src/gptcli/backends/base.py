@@ -1,8 +1,11 @@
 """The Backend protocol, the facts a backend reports about its model, and the backend registry.
 
 A backend loads a model folder, makes an empty cache, and runs ``forward(ids, cache)``: the logits of
-the last position (float32, shape ``[vocab]``) plus the cache grown by ``len(ids)``. It never samples,
-prints or reads config. Built-ins register first; third-party packages add backends through the
+the last position (float32, shape ``[vocab]``) plus the cache grown by ``len(ids)``. ``step(batch)``
+advances several sequences at once, each ``(ids, cache)`` with its own cache: a native batched step
+sends all their tokens through the dense layers together (each weight is read once per step) while
+attention runs per sequence; `batched_step` gives every backend without one a correct default that
+loops over `forward`. It never samples, prints or reads config. Built-ins register first; third-party packages add backends through the
 ``gptcli.backends`` entry-point group, and only the selected backend is ever imported.
 """
 
@@ -37,6 +40,7 @@ class ModelInfo:
     params: int
     dtype: str
     device: str
+    kv_bytes_per_token: int = 0  # KV cache bytes one position costs (0: unknown, the engine estimates)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,38 @@ class Backend(Protocol):
     def truncate(self, cache: Cache, length: int) -> Cache:
         """Drop cached positions past `length` (for reusing a shared prefix)."""
         ...
+
+    # Optional (found with getattr, so plugins need neither):
+    #   step(batch: Sequence[tuple[Sequence[int], Cache]]) -> tuple[np.ndarray, list[Cache]]
+    #       logits [B, vocab] float32 of each entry's last position; entry i's cache grown by len(ids_i).
+    #       Entries may mix prefill chunks (many ids) and decode tokens (one id). Batching must not change
+    #       answers: row i equals forward(ids_i, cache_i) (fp32, within 1e-4).
+    #   release(cache) -> None
+    #       the engine is done with this cache: free or recycle its memory now.
+
+
+def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]]) -> tuple[np.ndarray, list[Cache]]:
+    """One step over several sequences: the backend's native `step`, or a loop over `forward`."""
+    import numpy as np
+
+    if not batch:
+        raise ValueError("batched_step() needs at least one sequence")
+    native = getattr(backend, "step", None)
+    if native is not None:
+        return native(batch)
+    rows, caches = [], []
+    for ids, cache in batch:
+        logits, cache = backend.forward(ids, cache)
+        rows.append(logits)
+        caches.append(cache)
+    return np.stack(rows), caches
+
+
+def release_cache(backend: Backend, cache: Cache) -> None:
+    """Hand a finished sequence's cache back to the backend (a no-op for backends without `release`)."""
+    release = getattr(backend, "release", None)
+    if release is not None:
+        release(cache)
 
 
 @dataclass(frozen=True)
