@@ -50,6 +50,10 @@ class InputError(GptcliError):
     exit_code = EXIT_INPUT
 
 
+class QueueFullError(InputError):
+    """The engine already holds as many waiting sequences as it may (server: 503 with Retry-After)."""
+
+
 class UsageError(GptcliError):
     """A combination of arguments that makes no sense."""
 
