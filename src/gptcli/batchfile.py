@@ -1,0 +1,255 @@
+"""Batch files: one JSON request per line in, one JSON result per line out, run concurrently by the engine.
+
+A request line is an object with `prompt` (text) or `messages` (chat messages), and optionally an
+`id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
+`top_p`, `top_k`, `min_p`, `repetition_penalty`, `max_tokens`, `seed`, `stop`). A line that cannot
+be run (bad JSON, unknown keys, a prompt over the context) becomes an error result for that line;
+the run goes on. Results are written in input order as soon as every earlier line is done, each line
+flushed and synced, so an interrupted run keeps everything finished and `--resume` skips the ids
+already in the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from gptcli.config import Settings, with_sampling
+from gptcli.decoding import Finished
+from gptcli.engine import Engine, run_all
+from gptcli.errors import ConfigError, GptcliError, InputError
+from gptcli.prompts import fit_prompt
+from gptcli.tokenizer import Tokenizer
+
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop")
+REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *SAMPLING_KEYS}
+FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One parsed line: what to run, or why it cannot run."""
+
+    index: int
+    id: str
+    prompt_ids: list[int] = field(default_factory=list)
+    settings: Settings | None = None
+    error: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    completion_tokens: int = 0
+    interrupted: bool = False
+
+
+def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread)."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
+                line = handle.readline(MAX_LINE_BYTES)
+            yield number, None
+        elif line.strip():
+            yield number, line
+
+
+def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise InputError("`messages` must be a non-empty list")
+    for message in messages:
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise InputError("each message needs a string `role` and `content`")
+    if not tokenizer.chat_template:
+        raise InputError("this model has no chat template: use `prompt` instead of `messages`")
+    rendered = tokenizer.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def parse_request(
+    number: int, raw: bytes | None, tokenizer: Tokenizer, settings: Settings, context_length: int
+) -> BatchRequest:
+    """Turn one line into a request; every problem becomes the line's error, never an exception."""
+    line_id = str(number)
+    try:
+        if raw is None:
+            raise InputError(f"the line is over {MAX_LINE_BYTES // (1024 * 1024)} MiB")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError("a line must be a JSON object")
+        if "id" in data:
+            if not isinstance(data["id"], (str, int)) or isinstance(data["id"], bool):
+                raise InputError("`id` must be a string or a number")
+            line_id = str(data["id"])
+        unknown = sorted(set(data) - REQUEST_KEYS)
+        if unknown:
+            raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
+        changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
+        line_settings = with_sampling(settings, **changes) if changes else settings
+        system = data.get("system", line_settings.system)
+        if ("prompt" in data) == ("messages" in data):
+            raise InputError("give exactly one of `prompt` or `messages`")
+        if "messages" in data:
+            ids = _encode_messages(tokenizer, data["messages"])
+            if len(ids) >= context_length:
+                raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
+        else:
+            if not isinstance(data["prompt"], str) or not data["prompt"].strip():
+                raise InputError("`prompt` must be non-empty text")
+            ids = fit_prompt(
+                tokenizer,
+                data["prompt"],
+                context_length=context_length,
+                max_tokens=line_settings.sampling.max_tokens,
+                on_overflow=line_settings.on_overflow,
+                system=system if isinstance(system, str) else None,
+                raw=bool(data.get("raw", False)),
+            ).ids
+        return BatchRequest(number, line_id, ids, line_settings)
+    except (InputError, ConfigError) as exc:
+        return BatchRequest(number, line_id, error=exc.message)
+
+
+def completed_ids(output: Path) -> set[str]:
+    """The ids already in an output file (for --resume); a torn last line is ignored."""
+    done: set[str] = set()
+    if not output.exists():
+        return done
+    with output.open("rb") as handle:
+        for _, raw in read_lines(handle):
+            try:
+                record = json.loads(raw) if raw is not None else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and "id" in record:
+                done.add(str(record["id"]))
+    return done
+
+
+class ResultWriter:
+    """Writes results in input order as soon as every earlier one is done; each line flushed and synced."""
+
+    def __init__(self, stream: IO[str], *, sync: bool = True) -> None:
+        self.stream = stream
+        self.sync = sync
+        self._waiting: dict[int, dict[str, Any]] = {}
+        self._order: list[int] = []
+
+    def expect(self, index: int) -> None:
+        self._order.append(index)
+
+    def add(self, index: int, record: dict[str, Any]) -> None:
+        self._waiting[index] = record
+        while self._order and self._order[0] in self._waiting:
+            self._write(self._waiting.pop(self._order.pop(0)))
+
+    def flush_all(self) -> None:
+        """On interrupt: write every finished result, even past a gap (their ids make --resume exact)."""
+        for index in list(self._order):
+            if index in self._waiting:
+                self._write(self._waiting.pop(index))
+                self._order.remove(index)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+        if self.sync:
+            with contextlib.suppress(OSError, ValueError):  # a pipe or a terminal: nothing to sync
+                os.fsync(self.stream.fileno())
+
+
+def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
+    stats = finished.stats
+    return {
+        "id": request.id,
+        "text": finished.text,
+        "finish_reason": FINISH_NAMES.get(finished.reason, finished.reason),
+        "usage": {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        },
+    }
+
+
+def error_record(request_id: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "error": {"message": message, "type": "invalid_request_error"}}
+
+
+def run_batch(
+    engine: Engine,
+    requests: Iterable[BatchRequest],
+    writer: ResultWriter,
+    *,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    on_token: Callable[[int], None] | None = None,
+) -> BatchSummary:
+    """Run every request through the engine; write each result (or the line's error) in order."""
+    summary = BatchSummary()
+    seen: set[str] = set()
+    by_index: dict[int, BatchRequest] = {}
+
+    def runnable() -> Iterator[tuple[list[int], Any]]:
+        for request in requests:
+            if request.id in skip:
+                summary.skipped += 1
+                continue
+            writer.expect(request.index)
+            if request.id in seen:
+                request = BatchRequest(request.index, request.id, error=f"duplicate id {request.id!r}")
+            seen.add(request.id)
+            if request.error is None and request.settings is not None:
+                try:
+                    engine.check_fits(len(request.prompt_ids), request.settings.sampling)
+                except InputError as exc:
+                    request = BatchRequest(request.index, request.id, error=exc.message)
+            if request.error is not None or request.settings is None:
+                summary.failed += 1
+                writer.add(request.index, error_record(request.id, request.error or "bad request"))
+                continue
+            by_index[len(by_index)] = request
+            yield request.prompt_ids, request.settings.sampling
+
+    try:
+        for position, event in run_all(engine, runnable()):
+            if isinstance(event, Finished):
+                request = by_index.pop(position)
+                if event.reason == "interrupted":  # unfinished: not written, so --resume runs it again
+                    summary.interrupted = True
+                    continue
+                record = result_record(request, event)
+                summary.ok += "error" not in record
+                summary.failed += "error" in record
+                summary.completion_tokens += event.stats.new_tokens
+                writer.add(request.index, record)
+            elif on_token is not None and event.id is not None:
+                on_token(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    except GptcliError:
+        writer.flush_all()
+        raise
+    if summary.interrupted:
+        writer.flush_all()
+    return summary

@@ -1,0 +1,145 @@
+"""Batch files: per-line errors, input order, per-line settings, resume, interruption."""
+
+import io
+import json
+
+import pytest
+
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.torch_backend import TorchBackend
+from gptcli.batchfile import (
+    MAX_LINE_BYTES,
+    ResultWriter,
+    completed_ids,
+    parse_request,
+    read_lines,
+    run_batch,
+)
+from gptcli.config import Settings, with_sampling
+from gptcli.engine import Engine, EngineLimits, generate
+from gptcli.prompts import encode_prompt
+from gptcli.tokenizer import Tokenizer
+from tests.scripted import ScriptedBackend
+
+CPU32 = LoadOptions(device="cpu", dtype="float32")
+SETTINGS = with_sampling(Settings(), temperature=0.0, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return TorchBackend.load(tiny_models["llama"], CPU32), Tokenizer(tiny_models["llama"])
+
+
+def _run(model, lines, *, skip=frozenset(), parallel=4, writer_stream=None):
+    backend, tok = model
+    stream = writer_stream or io.StringIO()
+    data = io.BytesIO("".join(line + "\n" for line in lines).encode())
+    requests = (
+        parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data)
+    )
+    engine = Engine(backend, tok, EngineLimits(max_running=parallel))
+    summary = run_batch(engine, requests, ResultWriter(stream, sync=False), skip=set(skip))
+    return summary, [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _alone(model, text, **sampling):
+    backend, tok = model
+    params = with_sampling(SETTINGS, **sampling).sampling
+    events = list(generate(backend, tok, encode_prompt(tok, text).ids, params))
+    return events[-1]
+
+
+def test_results_come_in_input_order_with_an_error_per_bad_line(model):
+    lines = [
+        json.dumps({"id": "a", "prompt": "Once upon a time"}),
+        "{not json",
+        json.dumps({"prompt": "The capital of France is", "max_tokens": 3}),
+        json.dumps({"id": "b", "prompt": "hi", "temprature": 1}),
+        json.dumps({"id": "c", "messages": [{"role": "user", "content": "ROMEO: But soft"}]}),
+        json.dumps({"id": "d", "prompt": "word " * 400}),
+        json.dumps({"id": "a", "prompt": "again"}),
+        json.dumps({"id": "e", "prompt": "x", "temperature": -1}),
+        json.dumps([1, 2]),
+    ]
+    summary, results = _run(model, lines)
+    assert [r["id"] for r in results] == ["a", "2", "3", "b", "c", "d", "a", "e", "9"]
+    assert summary.ok == 3 and summary.failed == 6
+    assert results[0]["text"] == _alone(model, "Once upon a time").text
+    assert results[2]["text"] == _alone(model, "The capital of France is", max_tokens=3).text
+    assert results[2]["usage"]["completion_tokens"] <= 3
+    assert results[0]["finish_reason"] in {"stop", "length"}
+    assert "not valid JSON" in results[1]["error"]["message"]
+    assert "unknown key 'temprature'" in results[3]["error"]["message"]
+    assert "context holds" in results[5]["error"]["message"]
+    assert "duplicate id 'a'" in results[6]["error"]["message"]
+    assert "temperature must be >= 0" in results[7]["error"]["message"]
+    assert "JSON object" in results[8]["error"]["message"]
+
+
+def test_batched_texts_equal_each_prompt_alone(model):
+    prompts = ["Once upon a time", "def add(a, b):", "中文测试", "The capital of Italy is", "a b c"]
+    _, results = _run(model, [json.dumps({"prompt": p}) for p in prompts], parallel=5)
+    assert [r["text"] for r in results] == [_alone(model, p).text for p in prompts]
+
+
+def test_resume_skips_the_ids_already_written(model, tmp_path):
+    out = tmp_path / "results.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "prompt": f"line {i}"}) for i in range(5)]
+    with out.open("w") as stream:
+        stream.write(json.dumps({"id": "r0", "text": "kept"}) + "\n" + json.dumps({"id": "r1", "text": "kept"}) + "\n")
+        stream.write('{"id": "r2", "te')  # a torn last line from a killed run
+    assert completed_ids(out) == {"r0", "r1"}
+    summary, results = _run(model, lines, skip=completed_ids(out))
+    assert summary.skipped == 2
+    assert [r["id"] for r in results] == ["r2", "r3", "r4"]
+
+
+def test_an_over_long_line_is_an_error_without_being_read_whole():
+    big = b'{"prompt": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}\n{"prompt": "ok"}\n'
+    lines = list(read_lines(io.BytesIO(big)))
+    assert lines[0] == (1, None) and lines[1] == (2, b'{"prompt": "ok"}\n')
+
+
+class NeverEnds(ScriptedBackend):
+    """Always the same non-EOS token: a sequence runs exactly max_tokens steps."""
+
+    def forward(self, ids, cache):
+        logits, cache = super().forward(ids, cache)
+        logits[:] = 0.0
+        logits[7] = 50.0
+        return logits, cache
+
+
+def test_ctrl_c_keeps_what_finished_and_resume_completes_it(model, monkeypatch):
+    _, tok = model
+    backend = NeverEnds([], tok.vocab_size, context_length=128)
+    original = Engine.step
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Engine, "step", interrupting)
+    lines = [json.dumps({"id": f"r{i}", "prompt": "hi", "max_tokens": 2 + 6 * i}) for i in range(3)]
+    summary, first = _run((backend, tok), lines, parallel=3)
+    assert summary.interrupted
+    assert [r["id"] for r in first] == ["r0"]  # r0 took 2 steps; r1 and r2 needed 8 and 14
+    monkeypatch.setattr(Engine, "step", original)
+    _, rest = _run((backend, tok), lines, skip={"r0"})
+    assert [r["id"] for r in rest] == ["r1", "r2"]
+    assert [r["usage"]["completion_tokens"] for r in rest] == [8, 14]
+
+
+def test_a_request_over_the_kv_budget_is_that_lines_error(model):
+    backend, tok = model
+    data = io.BytesIO(b'{"prompt": "hi", "max_tokens": 100}\n{"prompt": "hi", "max_tokens": 2}\n')
+    requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
+    engine = Engine(backend, tok, EngineLimits(max_running=2, kv_budget_tokens=20))
+    stream = io.StringIO()
+    summary = run_batch(engine, requests, ResultWriter(stream, sync=False))
+    results = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert "KV budget is 20" in results[0]["error"]["message"] and "text" in results[1]
+    assert summary.ok == 1 and summary.failed == 1
