@@ -4,6 +4,11 @@ stuff:      the whole document in one prompt.
 map-reduce: split on paragraph, then sentence, then token boundaries into chunks that fit; summarise each
             ("map"), then combine the partial summaries ("reduce"), in groups and recursively while they
             still do not fit together.
+
+The calls of one stage run concurrently through the engine (`parallel` sequences per backend step):
+decoding is bound by memory, so eight chunks summarised together cost little more than one. With
+`parallel` > 1 the chunks are cut smaller, so that the batch has one chunk per place: several short
+chunks are also cheaper to read than one long one (attention grows with length).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, KVSession, generate
+from gptcli.decoding import Finished, Token
+from gptcli.engine import Engine, EngineLimits, run_all
 from gptcli.errors import InputError, UsageError
 from gptcli.templates import Template
 
@@ -33,7 +39,30 @@ COMBINE_USER = (
     "document {length}, {format}.\n\n{input}"
 )
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+MIN_PARALLEL_CHUNK = 384  # tokens: below this a chunk's instructions outweigh its text
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """Where a summary stands: calls done in this stage, tokens generated so far, a rough ETA."""
+
+    stage: str
+    done: int
+    total: int
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    eta_s: float | None = None
+
+
+Progress = Callable[[StageProgress], None]
+
+
+class SummaryInterrupted(Exception):
+    """Ctrl-C during a summary: `result.partials` holds the chunk summaries that were finished."""
+
+    def __init__(self, result: SummaryResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -81,10 +110,16 @@ class SummaryResult:
     combine_levels: int = 0
     calls: list[Call] = field(default_factory=list)
     seconds: float = 0.0
+    parallel: int = 1
+    partials: list[str] = field(default_factory=list)  # the map stage's chunk summaries, as they finish
+    interrupted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "summary": self.summary,
+            "partial": self.interrupted,
+            "partials": self.partials if self.interrupted else [],
+            "parallel": self.parallel,
             "strategy": self.strategy,
             "input_tokens": self.input_tokens,
             "context_length": self.context_length,
@@ -144,16 +179,21 @@ class Summarizer:
         *,
         progress: Progress | None = None,
         variables: dict[str, str] | None = None,
+        parallel: int = 1,
+        kv_budget_tokens: int | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.template = template
         self.sampling = sampling
-        self.progress = progress or (lambda stage, done, total: None)
+        self.progress = progress or (lambda update: None)
         # Only the variables this template uses (a user's own summarize template may not have them all).
         self.variables = {k: v for k, v in (variables or {}).items() if k in template.fields}
         self.context = int(backend.info.context_length)
-        self.session = KVSession(backend)  # map calls share the template's head: prefill it once
+        if parallel < 1:
+            raise UsageError(f"--parallel must be at least 1, got {parallel}")
+        self.engine = Engine(backend, tokenizer, EngineLimits(max_running=parallel, kv_budget_tokens=kv_budget_tokens))
+        self.parallel = parallel
 
     # -- token accounting ----------------------------------------------------------------------
 
@@ -220,22 +260,24 @@ class Summarizer:
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, limit))
         budget, combine_budget = self.input_budget(), self.input_budget(combine=True)
         chunk_budget = budget if options.chunk_tokens is None else min(options.chunk_tokens, budget)
-        result = SummaryResult("", strategy, total, self.context, chunk_budget)
+        if options.chunk_tokens is None and self.parallel > 1:
+            chunk_budget = self.parallel_chunk(total, budget, options.overlap)
+        result = SummaryResult("", strategy, total, self.context, chunk_budget, parallel=self.parallel)
+        result.seconds = start  # until the end: when the run started (an interrupted result reports its time)
         if strategy == "stuff":
-            self.progress("summarize", 0, 1)
-            result.summary = self._call("stuff", 0, text, result)
-            self.progress("summarize", 1, 1)
+            result.summary = self._calls("stuff", 0, [text], result)[0]
         else:
             chunks = self.chunk(text, chunk_budget, options.overlap)
             result.chunks = [self.count(c) for c in chunks]
-            partials = []
-            self.progress("map", 0, len(chunks))
-            for i, chunk in enumerate(chunks, 1):
-                partials.append(self._call("map", 0, chunk, result))
-                self.progress("map", i, len(chunks))
+            partials = self._calls("map", 0, chunks, result)
             result.summary = self.reduce(partials, combine_budget, result)
         result.seconds = time.perf_counter() - start
         return result
+
+    def parallel_chunk(self, total: int, budget: int, overlap: int) -> int:
+        """A chunk size that gives every place in the batch a chunk, within [MIN_PARALLEL_CHUNK, budget]."""
+        per_place = -(-total // self.parallel) + overlap
+        return max(min(budget, MIN_PARALLEL_CHUNK), min(budget, per_place))
 
     def chunk(self, text: str, budget: int, overlap: int) -> list[str]:
         """Split into chunks of `budget` tokens; each after the first starts with the previous one's tail."""
@@ -259,12 +301,7 @@ class Summarizer:
         while len(partials) > 1:
             level += 1
             groups = self._group(partials, budget)
-            self.progress(f"combine {level}", 0, len(groups))
-            merged = []
-            for i, group in enumerate(groups, 1):
-                merged.append(self._call("combine", level, "\n\n".join(group), result))
-                self.progress(f"combine {level}", i, len(groups))
-            partials = merged
+            partials = self._calls("combine", level, ["\n\n".join(group) for group in groups], result)
         result.combine_levels = level
         return partials[0]
 
@@ -286,26 +323,54 @@ class Summarizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
 
-    def _call(self, stage: str, level: int, text: str, result: SummaryResult) -> str:
-        system, user = self._render(stage == "combine", text)
-        ids = self.prompt_ids(system, user)
-        session = self.session if stage == "map" else KVSession(self.backend)
-        finished: Finished | None = None
-        for event in generate(self.backend, self.tokenizer, ids, self.sampling, session=session):
-            if isinstance(event, Finished):
-                finished = event
-        assert finished is not None  # generate() always ends with Finished
-        if finished.reason == "interrupted":
-            raise KeyboardInterrupt
-        result.calls.append(
-            Call(
-                stage=stage,
-                level=level,
-                prompt_tokens=len(ids),
-                input_tokens=self.count(text),
-                output_tokens=finished.stats.new_tokens,
-                seconds=round(finished.stats.total_s, 4),
-                finish_reason=finished.reason,
+    def _calls(self, stage: str, level: int, texts: list[str], result: SummaryResult) -> list[str]:
+        """Run one stage's calls concurrently; their summaries in input order. Ctrl-C keeps what finished."""
+        label = stage if stage != "combine" else f"combine {level}"
+        prompts = [self.prompt_ids(*self._render(stage == "combine", text)) for text in texts]
+        outputs: list[str | None] = [None] * len(texts)
+        generated = [0] * len(texts)
+        began = time.perf_counter()
+        self.progress(StageProgress(label, 0, len(texts)))
+        done = 0
+        for index, event in run_all(self.engine, [(ids, self.sampling) for ids in prompts]):
+            if isinstance(event, Token):
+                if event.id is not None:
+                    generated[index] += 1
+                    self.progress(self._estimate(label, done, generated, outputs, began))
+                continue
+            assert isinstance(event, Finished)
+            if event.reason == "interrupted":
+                result.interrupted = True
+                continue
+            outputs[index] = event.text.strip()
+            if stage == "map":
+                result.partials.append(outputs[index] or "")
+            done += 1
+            result.calls.append(
+                Call(
+                    stage=stage,
+                    level=level,
+                    prompt_tokens=len(prompts[index]),
+                    input_tokens=self.count(texts[index]),
+                    output_tokens=event.stats.new_tokens,
+                    seconds=round(event.stats.total_s, 4),
+                    finish_reason=event.reason,
+                )
             )
-        )
-        return finished.text.strip()
+            self.progress(self._estimate(label, done, generated, outputs, began))
+        if result.interrupted:
+            result.seconds = time.perf_counter() - result.seconds
+            raise SummaryInterrupted(result)
+        return [text or "" for text in outputs]
+
+    def _estimate(
+        self, stage: str, done: int, generated: list[int], outputs: list[str | None], began: float
+    ) -> StageProgress:
+        """Tokens so far and an ETA: the unfinished calls' remaining max_tokens at the current rate."""
+        tokens = sum(generated)
+        elapsed = time.perf_counter() - began
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        unfinished = (n for n, out in zip(generated, outputs, strict=True) if out is None)
+        left = sum(max(self.sampling.max_tokens - n, 0) for n in unfinished)
+        eta = left / rate if rate > 0 else None
+        return StageProgress(stage, done, len(outputs), tokens, rate, eta)

@@ -70,7 +70,7 @@ def summarize(
             runtime.tokenizer,
             template,
             settings.sampling,
-            progress=progress,
+            progress=lambda update: progress(update.stage, update.done, update.total),
             variables={"length": LENGTHS[length][0], "format": FORMATS[fmt]},
         )
         result = summarizer.run(text, options)
