@@ -73,6 +73,8 @@ def test_an_unknown_family_is_other_not_an_error():
     arch = Architecture.from_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64})
     assert arch.family == "other" and arch.hidden == 64 and arch.layers == 0
     assert "not a Llama or GPT-2 model" in arch.fast_path_refusal()
+    per_layer = Architecture.from_config({"model_type": "openelm", "num_attention_heads": [4, 8], "vocab_size": 9})
+    assert per_layer.heads == 0 and per_layer.vocab == 9  # a list is another family's convention, not an error
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ class Architecture:
         family = known if known in FAMILIES.values() else "other"
         optional = {"kv_heads", "head_dim"} | ({"intermediate"} if family == "gpt2" else set())
         sizes = {
-            name: _size(cfg, keys, where, required=family != "other" and name not in optional)
+            name: _size(cfg, keys, where, known=family != "other", required=name not in optional)
             for name, keys in SIZE_KEYS.items()
         }
         heads, hidden = sizes["heads"], sizes["hidden"]
@@ -134,7 +134,7 @@ class Architecture:
             "head_dim": sizes["head_dim"] or (hidden // heads if heads else 0),
             "intermediate": sizes["intermediate"],
             "vocab": sizes["vocab"],
-            "context": _size(cfg, CONTEXT_KEYS, where, required=False) or DEFAULT_CONTEXT,
+            "context": _size(cfg, CONTEXT_KEYS, where, known=family != "other", required=False) or DEFAULT_CONTEXT,
             "rope_theta": _positive_float(cfg, rope, "rope_theta", 10000.0, where),
             "rope_scaling": dict(rope) if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
             "source": where,
@@ -259,13 +259,17 @@ def _impossible(where: str, key: str, value: Any, why: str) -> None:
     raise ModelError(f"{where}: {key} = {value!r} is impossible ({why})", hint="fix or replace the config.json")
 
 
-def _size(cfg: Mapping[str, Any], keys: Iterable[str], where: str, *, required: bool) -> int:
-    """The first of `keys` the config gives, checked to be a positive integer (0 when absent and optional)."""
+def _size(cfg: Mapping[str, Any], keys: Iterable[str], where: str, *, known: bool, required: bool) -> int:
+    """The first of `keys` the config gives, checked to be a positive integer; 0 when absent and optional.
+
+    A family the fast paths do not know (`known` false) may use a key for something else (a per-layer
+    list, say): only numbers are checked there, and nothing is required.
+    """
     keys = tuple(keys)
     key = _key(cfg, keys)
     value = cfg.get(key)
-    if value is None:
-        if required:
+    if value is None or (not known and (isinstance(value, bool) or not isinstance(value, int | float))):
+        if required and known:
             raise ModelError(f"{where}: {key} is missing", hint="fix or replace the config.json")
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
