@@ -36,9 +36,9 @@ class LeanCache:
     length: int = 0
 
 
-def architecture_of(config: Architecture | Mapping[str, Any]) -> Architecture:
+def architecture_of(config: Architecture | Mapping[str, Any], source: Path | str = "config.json") -> Architecture:
     """An Architecture, from a config.json dict where a caller still passes one."""
-    return config if isinstance(config, Architecture) else Architecture.from_config(config)
+    return config if isinstance(config, Architecture) else Architecture.from_config(config, source=source)
 
 
 def supports(config: Architecture | Mapping[str, Any]) -> bool:
@@ -291,7 +291,7 @@ def build(config: Architecture | Mapping[str, Any], files: list[Path], device: s
     The architecture is checked against the files' headers first, so a config that disagrees with
     the weights is a ModelError before any tensor is allocated.
     """
-    arch = architecture_of(config)
+    arch = architecture_of(config, files[0].parent / "config.json" if files else "config.json")
     arch.check_tensors({tensor.name: tensor for tensor in file_tensors(files)})
     tensors = load_tensors(files, device, dtype)
     cls = LeanLlama if arch.family == "llama" else LeanGPT2
