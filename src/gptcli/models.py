@@ -20,11 +20,9 @@ from gptcli.atomicio import publish_dir, temp_dir_beside
 from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
 from gptcli.hf import (
-    Architecture,
     has_source,
     header_tensors,
     read_architecture,
-    read_config,
     read_source,
     weight_files,
     write_source,
@@ -239,7 +237,7 @@ def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
 
 def describe(model: LocalModel) -> dict[str, Any]:
     """What `gptcli models info` shows, read from config.json and safetensors headers only."""
-    arch = Architecture.from_config(read_config(model.path), source=model.path / "config.json")
+    arch = read_architecture(model.path)
     params = 0
     dtypes: set[str] = set()
     for tensor in header_tensors(model.path):

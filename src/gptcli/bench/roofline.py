@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
-from gptcli.hf import Architecture, header_tensors, read_config
+from gptcli.hf import header_tensors, read_architecture
 from gptcli.paths import cache_dir
 
 # Effective bytes per weight element as stored for a decode step. int8 carries a per-channel scale
@@ -66,7 +66,7 @@ class DecodeShape:
 
 def decode_shape(folder: Path) -> DecodeShape:
     """Count from config.json and the safetensors headers (no weights are loaded)."""
-    arch = Architecture.from_config(read_config(folder), source=folder / "config.json")
+    arch = read_architecture(folder)
     total = token = position = 0
     has_head = False
     for tensor in header_tensors(folder):
