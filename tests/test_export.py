@@ -9,6 +9,7 @@ import pytest
 
 from gptcli import export as ex
 from gptcli.errors import ModelError, UsageError
+from gptcli.hf import Architecture
 from tests.conftest import run_cli
 
 
@@ -205,8 +206,23 @@ def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isol
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    arch = Architecture.from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert arch.family == "other"  # not an error in itself: such a model runs through transformers
     with pytest.raises(ModelError, match="supported architectures are GPT2LMHeadModel, LlamaForCausalLM"):
-        ex.model_shape(json.loads((tmp_path / "config.json").read_text()))
+        ex.check_exportable(arch)
+
+
+def test_a_config_that_disagrees_with_the_weights_fails_before_any_weight_is_read(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    monkeypatch.setattr(ex, "load_weights", lambda _: pytest.fail("weights were read"))
+    with pytest.raises(ModelError, match=r"intermediate_size disagrees with .*model\.safetensors") as info:
+        ex.ensure_export(folder)
+    assert info.value.exit_code == 5
 
 
 def test_bad_choices_and_foreign_output_folder(tiny_models, tmp_path):
@@ -246,6 +262,6 @@ def test_cli_export_prints_the_folder_and_progress_on_stderr(tiny_models, tmp_pa
 
 def test_a_new_version_replaces_the_stale_cached_export(tiny_models, monkeypatch):
     old = ex.ensure_export(tiny_models["gpt2"]).folder
-    monkeypatch.setattr(ex, "GRAPH_VERSION", ex.GRAPH_VERSION + 1)
+    monkeypatch.setattr(ex.graph, "GRAPH_VERSION", ex.graph.GRAPH_VERSION + 1)
     new = ex.ensure_export(tiny_models["gpt2"]).folder
     assert new != old and new.is_dir() and not old.exists()

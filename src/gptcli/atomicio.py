@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -28,3 +30,29 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_dir_beside(dest: Path) -> Path:
+    """A new, empty hidden folder next to `dest` (same file system, so publishing it is one rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
+    """Move a finished temp folder to `dest` with a rename, so readers see all of it or nothing.
+
+    An existing `dest` is swapped out as a whole when `replace` (moved aside, then deleted), else it
+    is kept (a concurrent writer finished first) and `tmp` is deleted.
+    """
+    if dest.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(tmp, dest)

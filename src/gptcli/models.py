@@ -7,27 +7,29 @@ safetensors in the cache, keyed by their source, so later starts read the cache 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import math
 import os
 import re
 import shutil
-import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptcli.atomicio import publish_dir, temp_dir_beside
 from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
-from gptcli.paths import models_dir
+from gptcli.hf import (
+    has_source,
+    header_tensors,
+    read_architecture,
+    read_source,
+    weight_files,
+    write_source,
+)
+from gptcli.paths import cache_key, models_dir
 
 Notify = Callable[[str], None]
-SOURCE_FILE = "gptcli-source.json"
-WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
@@ -114,7 +116,7 @@ def resolve_model(
 
 def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
     dest = models_dir() / entry.name
-    if _is_complete(dest):
+    if has_source(dest):
         return LocalModel(dest, entry.name, entry.description)
     gguf = entry.gguf_path()
     if gguf is None:
@@ -127,24 +129,23 @@ def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
 
 
 def _resolve_gguf_file(path: Path, notify: Notify) -> LocalModel:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    dest = models_dir() / f"gguf-{path.stem}-{key[:12]}"
-    if not _is_complete(dest):
+    key = cache_key(str(path.resolve()), files=[path], length=12)
+    dest = models_dir() / f"gguf-{path.stem}-{key}"
+    if not has_source(dest):
         convert_gguf(path, dest, source=str(path.resolve()), notify=notify)
     return LocalModel(dest, path.stem, str(path.resolve()))
 
 
 def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
     dest = models_dir() / ("hub--" + repo_id.replace("/", "--"))
-    if not _is_complete(dest):
+    if not has_source(dest):
         hint = "the hub is unreachable here: download the model elsewhere and pass its folder"
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
             raise ModelError(f"cannot fetch '{repo_id}': huggingface_hub is not installed", hint=hint) from None
         notify(f"downloading {repo_id} from the Hugging Face hub")
-        tmp = _temp_dir(dest)
+        tmp = temp_dir_beside(dest)
         try:
             snapshot_download(
                 repo_id,
@@ -153,8 +154,8 @@ def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
                 etag_timeout=5,
             )
             validate_model_dir(tmp, allow_pickle=False)
-            _write_source(tmp, f"hub:{repo_id}")
-            _publish(tmp, dest)
+            write_source(tmp, f"hub:{repo_id}")
+            publish_dir(tmp, dest, replace=not has_source(dest))
         except ModelError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -162,34 +163,6 @@ def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"cannot fetch '{repo_id}' from the hub: {type(exc).__name__}", hint=hint) from None
     return LocalModel(dest, repo_id, f"hub:{repo_id}")
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / SOURCE_FILE).is_file()
-
-
-def _temp_dir(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    return tmp
-
-
-def _write_source(folder: Path, source: str) -> None:
-    record = {"source": source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move a finished temp folder into place; a concurrent winner is kept."""
-    if dest.exists() and not _is_complete(dest):
-        shutil.rmtree(dest, ignore_errors=True)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_complete(dest):
-            raise
 
 
 def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop) -> None:
@@ -202,7 +175,7 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop)
     from gptcli.backends.torch_backend import quiet_transformers
 
     quiet_transformers()
-    tmp = _temp_dir(dest)
+    tmp = temp_dir_beside(dest)
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -224,44 +197,10 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop)
             raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_source(tmp, source)
-        _publish(tmp, dest)
+        write_source(tmp, source)
+        publish_dir(tmp, dest, replace=not has_source(dest))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """Read and check a safetensors header; a truncated or corrupt file is a ModelError."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as handle:
-            raw_len = handle.read(8)
-            if len(raw_len) < 8:
-                raise ValueError("file shorter than its header")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(size - 8, 100_000_000):
-                raise ValueError("header length past the end of the file")
-            header = json.loads(handle.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + end > size:
-            raise ValueError(f"truncated: {size} bytes, needs {8 + header_len + end}")
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as exc:
-        raise ModelError(f"corrupt safetensors file {path}: {exc}", hint="re-download or re-create the model") from None
-    return header
-
-
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise ModelError(f"corrupt index {index}: {exc}") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise ModelError(f"{folder}: missing weight shard {missing[0]}", hint="re-download the model")
-        return [folder / s for s in shards]
-    return sorted(p for p in folder.glob("*.safetensors"))
 
 
 ONNX_EXPORT_SIDECAR = "gptcli-onnx.json"
@@ -277,17 +216,12 @@ def is_onnx_export(folder: Path) -> bool:
 
 
 def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
-    """Check that a folder is a loadable HF model without loading it."""
-    config = folder / "config.json"
-    if not config.is_file():
+    """Check that a folder is a loadable HF model without loading it: config, headers, and their agreement."""
+    if not (folder / "config.json").is_file():
         raise ModelError(
             f"{folder} is not a model folder (no config.json)",
             hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
         )
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"corrupt {config}: {exc}") from None
     files = weight_files(folder)
     if not files:
         pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
@@ -298,57 +232,34 @@ def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
             )
         if not pickled:
             raise ModelError(f"{folder} has no weights (*.safetensors)", hint="is the download complete?")
-    for file in files:
-        safetensors_header(file)
-
-
-def header_tensors(folder: Path) -> Iterator[tuple[str, dict[str, Any], int]]:
-    """(name, header entry, element count) of every tensor in a folder's safetensors, loading none."""
-    for file in weight_files(folder):
-        for key, tensor in safetensors_header(file).items():
-            if key != "__metadata__":
-                yield key, tensor, math.prod(tensor["shape"])
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    read_architecture(folder, files=files)
 
 
 def describe(model: LocalModel) -> dict[str, Any]:
     """What `gptcli models info` shows, read from config.json and safetensors headers only."""
-    cfg = read_config(model.path)
+    arch = read_architecture(model.path)
     params = 0
     dtypes: set[str] = set()
-    for _, tensor, count in header_tensors(model.path):
-        params += count
-        dtypes.add(tensor["dtype"])
+    for tensor in header_tensors(model.path):
+        params += tensor.count
+        dtypes.add(tensor.dtype)
     size = sum(p.stat().st_size for p in model.path.iterdir() if p.is_file())
-    source = model.source
-    if (model.path / SOURCE_FILE).is_file():
-        source = json.loads((model.path / SOURCE_FILE).read_text())["source"]
     return {
         "name": model.name,
-        "architecture": (cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
-        "model_type": cfg.get("model_type"),
+        "architecture": arch.architecture,
+        "model_type": arch.model_type,
         "params": params,
-        "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
-        "hidden_size": cfg.get("hidden_size", cfg.get("n_embd")),
-        "heads": cfg.get("num_attention_heads", cfg.get("n_head")),
-        "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads", cfg.get("n_head"))),
-        "context_length": context_length(cfg),
-        "vocab_size": cfg.get("vocab_size"),
+        "layers": arch.layers or None,
+        "hidden_size": arch.hidden or None,
+        "heads": arch.heads or None,
+        "kv_heads": arch.kv_heads or None,
+        "context_length": arch.context,
+        "vocab_size": arch.vocab or None,
         "dtype": ",".join(sorted(dtypes)) or "?",
         "size_bytes": size,
-        "source": source,
+        "source": read_source(model.path) or model.source,
         "path": str(model.path),
     }
-
-
-def context_length(cfg: dict[str, Any]) -> int:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return 2048
 
 
 def folder_size(folder: Path) -> int:
@@ -368,17 +279,17 @@ def list_models() -> list[dict[str, Any]]:
                 "aliases": aliases,
                 "kind": "catalogue",
                 "installed": entry.gguf_path() is not None,
-                "cached": _is_complete(cached),
-                "size_bytes": folder_size(cached) if _is_complete(cached) else None,
-                "path": str(cached) if _is_complete(cached) else None,
+                "cached": has_source(cached),
+                "size_bytes": folder_size(cached) if has_source(cached) else None,
+                "path": str(cached) if has_source(cached) else None,
                 "description": entry.description,
             }
         )
     if root.is_dir():
         for folder in sorted(root.iterdir()):
-            if folder.name in CATALOGUE or folder.name.startswith(".") or not _is_complete(folder):
+            if folder.name in CATALOGUE or folder.name.startswith(".") or not has_source(folder):
                 continue
-            source = json.loads((folder / SOURCE_FILE).read_text())["source"]
+            source = read_source(folder) or "?"
             rows.append(
                 {
                     "name": folder.name,

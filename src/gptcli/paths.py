@@ -1,8 +1,10 @@
-"""Where gptcli keeps its cache, config and data. Every location can be moved with an env var."""
+"""Where gptcli keeps its cache, config and data (every location can be moved with an env var), and cache keys."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -45,3 +47,15 @@ def user_config_file() -> Path:
 def data_dir() -> Path:
     home = home_dir()
     return home / "data" if home else _platform_dir("data")
+
+
+def file_stamp(path: Path) -> str:
+    """A file's name, size and modification time: what changes when the file is rewritten."""
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def cache_key(*parts: str, files: Iterable[Path] = (), length: int = 16) -> str:
+    """The key of a cached artefact: a sha256 over `parts` and the stamps of the `files` it was made from."""
+    text = "\n".join([*parts, *(file_stamp(file) for file in files)])
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -17,7 +17,7 @@ import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
 from gptcli.errors import BackendError, ModelError
-from gptcli.models import context_length, read_config, weight_files
+from gptcli.hf import context_length, read_config, weight_files
 
 
 def quiet_transformers() -> None:

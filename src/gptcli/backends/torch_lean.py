@@ -13,13 +13,15 @@ Logits and greedy tokens match transformers (tests/test_torch_backend.py checks 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from gptcli.hf import Architecture, file_tensors, safetensors_header
 
 INITIAL_CACHE = 256
 Tensors = dict[str, torch.Tensor]
@@ -34,24 +36,14 @@ class LeanCache:
     length: int = 0
 
 
-def supports(cfg: dict[str, Any]) -> bool:
-    """Whether a config.json describes a model the lean path covers exactly."""
-    if cfg.get("model_type") == "llama":
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        return (
-            rope.get("rope_type", rope.get("type", "default")) == "default"
-            and cfg.get("hidden_act", "silu") == "silu"
-            and not cfg.get("mlp_bias", False)
-            and cfg.get("pretraining_tp", 1) == 1
-        )
-    if cfg.get("model_type") == "gpt2":
-        return (
-            cfg.get("activation_function", "gelu_new") in {"gelu_new", "gelu_pytorch_tanh"}
-            and cfg.get("scale_attn_weights", True)
-            and not cfg.get("scale_attn_by_inverse_layer_idx", False)
-            and not cfg.get("reorder_and_upcast_attn", False)
-        )
-    return False
+def architecture_of(config: Architecture | Mapping[str, Any], source: Path | str = "config.json") -> Architecture:
+    """An Architecture, from a config.json dict where a caller still passes one."""
+    return config if isinstance(config, Architecture) else Architecture.from_config(config, source=source)
+
+
+def supports(config: Architecture | Mapping[str, Any]) -> bool:
+    """Whether a model's architecture is one the lean path covers exactly."""
+    return architecture_of(config).fast_path_refusal() is None
 
 
 SAFETENSORS_DTYPES = {
@@ -75,8 +67,6 @@ def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
     count in RSS on top of the re-laid-out copies: reading each tensor into its own buffer keeps
     peak memory near one copy of the weights.
     """
-    from gptcli.models import safetensors_header
-
     tensors: Tensors = {}
     for file in files:
         header = safetensors_header(file)
@@ -178,17 +168,16 @@ def _taker(tensors: Tensors, prefix: str) -> Callable[[str], torch.Tensor]:
 
 
 class LeanLlama(LeanModel):
-    def __init__(self, cfg: dict[str, Any], tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, arch: Architecture, tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(device, dtype)
         self.params = sum(t.numel() for t in tensors.values())
-        self.heads = cfg["num_attention_heads"]
-        self.kv_heads = cfg.get("num_key_value_heads") or self.heads
-        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.heads
-        self.num_layers = cfg["num_hidden_layers"]
-        self.context_length = cfg.get("max_position_embeddings", 2048)
-        self.eps = cfg.get("rms_norm_eps", 1e-6)
-        rope = cfg.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        self.heads = arch.heads
+        self.kv_heads = arch.kv_heads
+        self.head_dim = arch.head_dim
+        self.num_layers = arch.layers
+        self.context_length = arch.context
+        self.eps = arch.norm_eps
+        theta = arch.rope_theta
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         self.inv_freq = 1.0 / (theta**exponents)
         self.layers = []
@@ -210,7 +199,7 @@ class LeanLlama(LeanModel):
                 )
             )
         self.norm = tensors.pop("model.norm.weight")
-        self._head_and_embedding(tensors, "model.embed_tokens.weight", cfg.get("tie_word_embeddings", False))
+        self._head_and_embedding(tensors, "model.embed_tokens.weight", arch.tied)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -243,7 +232,7 @@ class LeanLlama(LeanModel):
 
 
 class LeanGPT2(LeanModel):
-    def __init__(self, cfg: dict[str, Any], tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, arch: Architecture, tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(device, dtype)
         # Original OpenAI checkpoints name weights without the "transformer." prefix.
         tensors = {
@@ -252,11 +241,11 @@ class LeanGPT2(LeanModel):
             if not k.endswith((".attn.bias", ".attn.masked_bias"))
         }
         self.params = sum(t.numel() for t in tensors.values())
-        self.heads = self.kv_heads = cfg["n_head"]
-        self.head_dim = cfg["n_embd"] // cfg["n_head"]
-        self.num_layers = cfg["n_layer"]
-        self.context_length = cfg.get("n_positions", 1024)
-        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.heads = self.kv_heads = arch.heads
+        self.head_dim = arch.head_dim
+        self.num_layers = arch.layers
+        self.context_length = arch.context
+        self.eps = arch.norm_eps
         self.wpe = tensors.pop("transformer.wpe.weight")
         self.layers = []
         for i in range(self.num_layers):
@@ -277,7 +266,7 @@ class LeanGPT2(LeanModel):
                 )
             )
         self.ln_f = (tensors.pop("transformer.ln_f.weight"), tensors.pop("transformer.ln_f.bias"))
-        self._head_and_embedding(tensors, "transformer.wte.weight", cfg.get("tie_word_embeddings", True))
+        self._head_and_embedding(tensors, "transformer.wte.weight", arch.tied)
 
     def _ln(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], self.eps)
@@ -296,8 +285,14 @@ class LeanGPT2(LeanModel):
         return (self._ln(x[-1:], self.ln_f) @ self.head)[0].float()
 
 
-def build(cfg: dict[str, Any], files: list[Path], device: str, dtype: torch.dtype) -> LeanModel:
-    """Load safetensors files and build the lean model for a supported config."""
+def build(config: Architecture | Mapping[str, Any], files: list[Path], device: str, dtype: torch.dtype) -> LeanModel:
+    """Load safetensors files and build the lean model for a supported architecture.
+
+    The architecture is checked against the files' headers first, so a config that disagrees with
+    the weights is a ModelError before any tensor is allocated.
+    """
+    arch = architecture_of(config, files[0].parent / "config.json" if files else "config.json")
+    arch.check_tensors({tensor.name: tensor for tensor in file_tensors(files)})
     tensors = load_tensors(files, device, dtype)
-    cls = LeanLlama if cfg["model_type"] == "llama" else LeanGPT2
-    return cls(cfg, tensors, torch.device(device), dtype)
+    cls = LeanLlama if arch.family == "llama" else LeanGPT2
+    return cls(arch, tensors, torch.device(device), dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
-from gptcli.models import header_tensors, read_config
+from gptcli.hf import header_tensors, read_architecture
 from gptcli.paths import cache_dir
 
 # Effective bytes per weight element as stored for a decode step. int8 carries a per-channel scale
@@ -66,25 +66,20 @@ class DecodeShape:
 
 def decode_shape(folder: Path) -> DecodeShape:
     """Count from config.json and the safetensors headers (no weights are loaded)."""
-    cfg = read_config(folder)
+    arch = read_architecture(folder)
     total = token = position = 0
     has_head = False
-    for key, _, count in header_tensors(folder):
-        total += count
-        if key.endswith(TOKEN_EMBEDDINGS):
-            token += count
-        elif key.endswith(POSITION_EMBEDDINGS):
-            position += count
-        elif key.endswith(LM_HEADS):
+    for tensor in header_tensors(folder):
+        total += tensor.count
+        if tensor.name.endswith(TOKEN_EMBEDDINGS):
+            token += tensor.count
+        elif tensor.name.endswith(POSITION_EMBEDDINGS):
+            position += tensor.count
+        elif tensor.name.endswith(LM_HEADS):
             has_head = True
     # Tied embeddings: no lm_head tensor, the embedding matrix is read in full as the output head.
     streamed = total - position - (token if has_head else 0)
-    layers = cfg.get("num_hidden_layers", cfg.get("n_layer", 0))
-    heads = cfg.get("num_attention_heads", cfg.get("n_head", 1))
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    hidden = cfg.get("hidden_size", cfg.get("n_embd", 0))
-    head_dim = cfg.get("head_dim") or (hidden // heads if heads else 0)
-    return DecodeShape(total, streamed, 2 * layers * kv_heads * head_dim)
+    return DecodeShape(total, streamed, 2 * arch.layers * arch.kv_heads * arch.head_dim)
 
 
 def roofline_tokens_per_s(step_bytes: float, bandwidth_bytes_per_s: float) -> float:

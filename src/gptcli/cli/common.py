@@ -30,9 +30,8 @@ def _matching(items: Completion, incomplete: str) -> Completion:
 
 def complete_model(incomplete: str) -> Completion:
     """Catalogue names and aliases, then models in the cache (by the reference that reaches them)."""
-    import json
-
-    from gptcli.models import ALIASES, CATALOGUE, SOURCE_FILE
+    from gptcli.hf import read_source
+    from gptcli.models import ALIASES, CATALOGUE
     from gptcli.paths import models_dir
 
     items = [(name, entry.description) for name, entry in CATALOGUE.items()]
@@ -40,12 +39,8 @@ def complete_model(incomplete: str) -> Completion:
     root = models_dir()
     if root.is_dir():
         for folder in sorted(root.iterdir()):
-            record = folder / SOURCE_FILE
-            if folder.name in CATALOGUE or folder.name.startswith(".") or not record.is_file():
-                continue
-            try:
-                source = str(json.loads(record.read_text(encoding="utf-8")).get("source", ""))
-            except (OSError, ValueError):
+            source = None if folder.name in CATALOGUE or folder.name.startswith(".") else read_source(folder)
+            if source is None:
                 continue
             if source.startswith("hub:"):
                 items.append((source.removeprefix("hub:"), "cached from the hub"))

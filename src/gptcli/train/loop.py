@@ -234,7 +234,7 @@ def resolve_run(
 
     block = cfg.model.block_size
     if init_folder is not None:
-        from gptcli.models import context_length, read_config
+        from gptcli.hf import context_length, read_config
 
         block = min(block, context_length(read_config(init_folder)))
     dist = setup_distributed("cpu" if cfg.train.device == "cpu" else _cuda_or_cpu())

@@ -9,7 +9,6 @@ switching between caches costs a recompute of their differing suffix, never a wr
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
 from gptcli.errors import BackendError, ModelError
-from gptcli.models import CATALOGUE, SOURCE_FILE
+from gptcli.hf import read_source
+from gptcli.models import CATALOGUE
 
 GGUF_OPTION = "gguf"  # LoadOptions.extra["gguf"]: run this file instead of looking one up
 
@@ -58,7 +58,7 @@ def find_gguf(path: Path, options: LoadOptions | None = None) -> Path:
     inside = sorted(path.glob("*.gguf"))
     if len(inside) == 1:
         return inside[0]
-    source = _recorded_source(path)
+    source = read_source(path)
     for entry in CATALOGUE.values():
         if source == f"{entry.pip_requirement}:{entry.filename}" or (source is None and path.name == entry.name):
             packaged = entry.gguf_path()
@@ -73,38 +73,13 @@ def find_gguf(path: Path, options: LoadOptions | None = None) -> Path:
             return original
         raise ModelError(f"{path} was converted from {original}, which no longer exists", hint="pass a .gguf file")
     if (path / "config.json").is_file():
-        return _exported(path)
+        from gptcli_llamacpp.export import cached_gguf_export
+
+        return cached_gguf_export(path)
     raise ModelError(
         f"{path} has no GGUF file for the llamacpp backend",
         hint="pass a .gguf file, a catalogue alias or a Llama model folder with --model",
     )
-
-
-def _exported(folder: Path) -> Path:
-    """The cached F32 GGUF export of a Hugging Face folder, keyed by its files' sizes and times."""
-    import hashlib
-
-    from gptcli.paths import cache_dir
-    from gptcli_llamacpp.export import export_llama_gguf
-
-    stamp = [str(folder.resolve())]
-    for file in sorted(folder.iterdir()):
-        if file.suffix in (".json", ".safetensors"):
-            stat = file.stat()
-            stamp.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
-    dest = cache_dir() / "llamacpp" / f"{folder.name}-{key}.f32.gguf"
-    return dest if dest.is_file() else export_llama_gguf(folder, dest)
-
-
-def _recorded_source(folder: Path) -> str | None:
-    record = folder / SOURCE_FILE
-    if not record.is_file():
-        return None
-    try:
-        return json.loads(record.read_text(encoding="utf-8")).get("source")
-    except (ValueError, OSError):
-        return None
 
 
 def _silence_llama_cpp() -> None:

@@ -56,48 +56,51 @@ def _gguf_name(hf_name: str) -> str | None:
     return None
 
 
+def cached_gguf_export(folder: Path) -> Path:
+    """The cached F32 GGUF export of a Hugging Face folder, keyed by its files' sizes and times."""
+    from gptcli.paths import cache_dir, cache_key
+
+    files = [file for file in sorted(folder.iterdir()) if file.suffix in (".json", ".safetensors")]
+    dest = cache_dir() / "llamacpp" / f"{folder.name}-{cache_key(str(folder.resolve()), files=files)}.f32.gguf"
+    return dest if dest.is_file() else export_llama_gguf(folder, dest)
+
+
 def export_llama_gguf(folder: Path, dest: Path) -> Path:
     """Write `folder` as an F32 GGUF at `dest` (atomically: a temp file, then a rename)."""
     import gguf
     from safetensors.numpy import load_file
 
-    from gptcli.models import read_config, weight_files
+    from gptcli.hf import read_architecture, read_config, weight_files
 
-    cfg = read_config(folder)
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED:
+    arch = read_architecture(folder)
+    if arch.architecture not in SUPPORTED:
         raise ModelError(
-            f"the llamacpp backend can export only {', '.join(SUPPORTED)} folders to GGUF, not {arch}",
+            f"the llamacpp backend can export only {', '.join(SUPPORTED)} folders to GGUF, not {arch.architecture}",
             hint="convert it with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file",
         )
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ModelError(f"{folder} has no tokenizer.json to put in the GGUF")
-    n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_head
-    hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or hidden // n_head
-    rope = cfg.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
+    if arch.rope_scaling is not None:
         raise ModelError(f"{folder}: rope scaling is not supported by this exporter")
+    n_head, n_kv = arch.heads, arch.kv_heads
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(folder.name)
-        writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(cfg["num_hidden_layers"])
-        writer.add_feed_forward_length(cfg["intermediate_size"])
+        writer.add_context_length(arch.context)
+        writer.add_embedding_length(arch.hidden)
+        writer.add_block_count(arch.layers)
+        writer.add_feed_forward_length(arch.intermediate)
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope_theta))
-        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        writer.add_rope_dimension_count(arch.head_dim)
+        writer.add_rope_freq_base(arch.rope_theta)
+        writer.add_layer_norm_rms_eps(arch.norm_eps)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        _add_tokenizer(writer, tokenizer_file, cfg)
+        _add_tokenizer(writer, tokenizer_file, arch.vocab, read_config(folder))
 
         tensors: dict[str, np.ndarray] = {}
         for file in weight_files(folder):
@@ -123,8 +126,9 @@ def export_llama_gguf(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def _add_tokenizer(writer, tokenizer_file: Path, cfg: dict) -> None:
-    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary (tokens, types, merges)."""
+def _add_tokenizer(writer, tokenizer_file: Path, vocab_size: int, cfg: dict) -> None:
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary (tokens, types, merges), and the
+    config's bos/eos token ids."""
     import gguf
 
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
@@ -134,7 +138,7 @@ def _add_tokenizer(writer, tokenizer_file: Path, cfg: dict) -> None:
     vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
     vocab.update(special)
-    size = max(cfg.get("vocab_size", 0), max(vocab.values()) + 1)
+    size = max(vocab_size, max(vocab.values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, index in vocab.items():

@@ -1,0 +1,66 @@
+"""The export cache: ``cache_dir()/onnx/<source>-<precision>-<device>-<key>``, keyed by the source's files,
+the precision, device, opset, graph version and library versions; stale siblings are removed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from gptcli import __version__
+from gptcli.export import graph
+from gptcli.export.sidecar import SIDECAR_FILE
+from gptcli.hf import CONFIG_FILE, weight_files
+from gptcli.paths import cache_dir
+from gptcli.paths import cache_key as files_key
+
+
+def ort_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def source_fingerprint(folder: Path) -> str:
+    """A cheap key for the source: name, size and mtime of config.json and every weight file."""
+    return files_key(files=[folder / CONFIG_FILE, *weight_files(folder)], length=64)
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over config.json and every weight file's bytes (recorded in the sidecar)."""
+    digest = hashlib.sha256()
+    for file in [folder / CONFIG_FILE, *weight_files(folder)]:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(folder: Path, precision: str, device: str) -> str:
+    # graph.GRAPH_VERSION is read at call time, so a bumped version (or a test patching it) takes effect.
+    versions = [str(graph.OPSET), str(graph.GRAPH_VERSION), ort_version(), __version__]
+    return files_key(source_fingerprint(folder), precision, device, *versions)
+
+
+def cached_export_dir(folder: Path, precision: str, device: str) -> Path:
+    return cache_dir() / "onnx" / f"{folder.name}-{precision}-{device}-{cache_key(folder, precision, device)}"
+
+
+def remove_stale_exports(current: Path, source: Path) -> None:
+    """Older cached exports of the same source, precision and device (a changed source or version)."""
+    prefix = current.name.rsplit("-", 1)[0] + "-"
+    for sibling in current.parent.glob(prefix + "*"):
+        if sibling == current or not sibling.is_dir():
+            continue
+        try:
+            record = json.loads((sibling / SIDECAR_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if Path(record.get("source", {}).get("path", "")).resolve() == source.resolve():
+            shutil.rmtree(sibling, ignore_errors=True)

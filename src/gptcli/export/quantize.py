@@ -1,0 +1,186 @@
+"""Weight-only block quantization of the exported graph: every MatMul with a constant weight becomes a
+MatMulNBits (block 32, asymmetric, accuracy level 4); 4-bit weights already on a grid keep their grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+QUANT_BLOCK = 32
+QUANT_ACCURACY_LEVEL = 4
+
+# MatMuls kept at 8 bits in an int4 export: the lm_head, which GGUF sources keep at 8 bits (Q8_0)
+# and which a 4-bit rounding costs most on (every logit goes through it).
+INT4_KEEP_8BIT = ("lm_head/MatMul",)
+# A weight whose blocks already sit on a 16-level grid (a 4-bit GGUF source such as Q4_1) within
+# this fraction of a step is stored exactly rather than rounded twice (see _grid_int4).
+GRID_TOLERANCE = 1e-3
+
+
+def quantize(model: Any, precision: str) -> Any:
+    """Weight-only block quantization: every MatMul with a constant weight becomes a MatMulNBits.
+
+    int8: 8 bits everywhere, the (untied) lm_head included. int4: 4 bits, the MatMuls named in
+    INT4_KEEP_8BIT at 8. Blocks are asymmetric (scale + integer zero point, block 32, accuracy level
+    4). A 4-bit weight already on a per-block 16-level grid keeps its grid (see _grid_int4): on the
+    default model (Q4_1) re-rounding costs +36 % perplexity, keeping the grid -0.1 %. The embedding
+    Gather stays float.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes: list[Any] = []
+    augmented: dict[str, str] = {}
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        array = numpy_helper.to_array(weight)
+        graph.initializer.remove(weight)
+        del initializers[weight.name]
+        bits = 8 if precision == "int8" or node.name.endswith(INT4_KEEP_8BIT) else 4
+        wt = np.ascontiguousarray(array.T, dtype=np.float32)
+        grid = grid_of(wt, 15, QUANT_BLOCK) if bits == 4 else None
+        if grid is not None:
+            nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
+        else:
+            codes, scales, zeros = quantize_blocks(wt, bits, QUANT_BLOCK)
+            scales = scales.astype(array.dtype)
+            k = wt.shape[1]
+            nodes.append(
+                _nbits(graph, node.name + "NBits", node.input[0], node.output[0], k, bits, codes, scales, zeros)
+            )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
+    """A MatMulNBits over x [.., k] from unpacked codes [N, blocks, 32] (k zero-padded to whole
+    blocks), scales and zero points [N, blocks]."""
+    from onnx import helper, numpy_helper
+
+    n, _, block = codes.shape
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(pack_codes(codes, bits), f"{name}.q{bits}"),
+            numpy_helper.from_array(np.ascontiguousarray(scales).reshape(-1), f"{name}.scales"),
+            numpy_helper.from_array(pack_codes(zeros, bits).reshape(-1), f"{name}.zero_points"),
+        ]
+    )
+    return helper.make_node(
+        "MatMulNBits",
+        [x, f"{name}.q{bits}", f"{name}.scales", f"{name}.zero_points"],
+        [y],
+        name=name,
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=QUANT_ACCURACY_LEVEL,
+    )
+
+
+def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str]) -> list[Any]:
+    """A weight on a per-block grid, w = step·code + low (Q4_1), as one MatMulNBits with no rounding.
+
+    MatMulNBits' zero point is an integer, so step·(code - zero) leaves a per-block residual
+    low + zero·step in [-step/2, step/2]. That residual multiplies the block's sum of x, so x gets
+    its block sums appended (a small MatMulNBits over a 0/1 indicator, then Concat, shared by the
+    MatMuls reading the same x) and the weight gets the residuals as extra 4-bit rows: what is left
+    is the residuals' own rounding, about 1/25 of a plain second rounding. Two extra nodes per input
+    instead of a MatMul and an Add per weight: int4 decode 145 vs 124 tok/s.
+    """
+    codes, low, step = grid
+    n, blocks, block = codes.shape
+    k, extra = blocks * block, -(-blocks // block)
+    zeros = np.clip(np.round(-low / step), 0, 15).astype(np.uint8)
+    residual = np.zeros((n, extra * block), dtype=np.float32)
+    residual[:, :blocks] = low + zeros * step
+    r_codes, r_scales, r_zeros = quantize_blocks(residual, 4, block)
+    source = node.input[0]
+    nodes = []
+    if source not in augmented:
+        indicator = np.zeros((extra * block, blocks, block), dtype=np.uint8)  # [N, blocks, 32] codes
+        indicator[np.arange(blocks), np.arange(blocks), :] = 1
+        ones, zero = np.ones((extra * block, blocks), dtype=dtype), np.zeros((extra * block, blocks), dtype=np.uint8)
+        sums = _nbits(graph, f"{source}/BlockSums", source, f"{source}/block_sums", k, 4, indicator, ones, zero)
+        augmented[source] = f"{source}/with_block_sums"
+        nodes += [
+            sums,
+            _node("Concat", [source, f"{source}/block_sums"], augmented[source], f"{source}/AppendBlockSums", axis=-1),
+        ]
+    codes = np.concatenate([codes, r_codes], axis=1)
+    scales = np.concatenate([step, r_scales], axis=1).astype(dtype)
+    zeros = np.concatenate([zeros, r_zeros], axis=1)
+    with_sums = k + extra * block
+    nodes.append(
+        _nbits(graph, node.name + "NBits", augmented[source], node.output[0], with_sums, 4, codes, scales, zeros)
+    )
+    return nodes
+
+
+def _node(op_type: str, inputs: list[str], output: str, name: str, **attrs: Any) -> Any:
+    from onnx import helper
+
+    return helper.make_node(op_type, inputs, [output], name=name, **attrs)
+
+
+# A weight on a per-block grid: codes [N, blocks, block] (uint8), block minima and steps [N, blocks].
+Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
+    """`wt` [N, K] as low + step·code per block with integer codes in [0, steps], or None when it is not
+    on such a grid (within GRID_TOLERANCE of a step): a 4-bit GGUF source such as Q4_1 is."""
+    n, k = wt.shape
+    if k % block:
+        return None
+    x = wt.reshape(n, k // block, block)
+    low = x.min(axis=2)
+    step = (x.max(axis=2) - low) / steps
+    step = np.where(step > 0, step, 1.0).astype(np.float32)
+    position = (x - low[..., None]) / step[..., None]
+    codes = np.round(position)
+    if np.abs(position - codes).max() >= GRID_TOLERANCE:
+        return None
+    return np.clip(codes, 0, steps).astype(np.uint8), low, step
+
+
+def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
+    """Whether every block of `wt` [N, K] is min + d·q with integer q in [0, steps] (a 4-bit GGUF source)."""
+    return grid_of(wt, steps, block) is not None
+
+
+def quantize_blocks(wt: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric block quantization of `wt` [N, K] along K: w ≈ (code - zero) · scale.
+
+    Each block of `block` values gets a float scale and an integer zero point; its range always
+    includes 0, and a block of equal values is exact. K is zero-padded to whole blocks. Returns the
+    unpacked codes [N, blocks, block], scales and zero points [N, blocks].
+    """
+    n, k = wt.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), dtype=np.float32)
+    padded[:, :k] = wt
+    x = padded.reshape(n, blocks, block)
+    top = (1 << bits) - 1
+    low, high = np.minimum(x.min(axis=2), 0.0), np.maximum(x.max(axis=2), 0.0)
+    scale = (high - low) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-low / scale), 0, top)
+    codes = np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    return codes, scale, zero.astype(np.uint8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' packing along the last axis: 8 bits as is, 4 bits two per byte (low nibble first)."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), dtype=np.uint8)], axis=-1)
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4), dtype=np.uint8)
