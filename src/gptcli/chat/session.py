@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from gptcli.chat.conversation import Conversation, ConversationStore, new_id, now
-from gptcli.config import SamplingConfig, Settings, suggest, with_sampling
+from gptcli.config import Resolved, SamplingConfig, Settings, suggest, with_sampling
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token, generate
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.prompts import build_prompt, transcript
@@ -228,3 +229,29 @@ class ChatSession:
         except GptcliError:
             used = self.prompt_tokens
         return used, max(self.context_length - used, 0)
+
+
+def open_conversation(
+    resolved: Resolved, store: ConversationStore, *, latest: bool = False, ref: str | None = None
+) -> tuple[Settings, Conversation]:
+    """The conversation to hold (a new one, the latest, or `ref`) and the settings to hold it with.
+
+    A resumed conversation keeps its model unless one is given now, takes a new system message only
+    when one is given now, and gets back its `/set` changes except those given again as flags.
+    """
+    settings = resolved.settings
+    conversation = store.latest() if latest else store.load(ref) if ref else None
+    if conversation is None:
+        conversation = Conversation(system=settings.system)
+    else:
+        if conversation.model and resolved.sources["model"] == "default":
+            settings = replace(settings, model=conversation.model)
+        if resolved.sources["system"] != "default":
+            conversation.system = settings.system
+        for key in list(conversation.sampling):
+            if resolved.sources.get(f"sampling.{key}") == "flag":
+                del conversation.sampling[key]
+    if Path(settings.model).expanduser().exists():  # a folder or file: remember where, for a later --resume
+        settings = replace(settings, model=str(Path(settings.model).expanduser().resolve()))
+    conversation.model = settings.model
+    return settings, conversation
