@@ -154,19 +154,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
 
     if as_json:
         payload = {
-            "text": finished.text,
-            "finish_reason": finished.reason,
-            "usage": {
-                "prompt_tokens": finished.stats.prompt_tokens,
-                "completion_tokens": finished.stats.new_tokens,
-                "total_tokens": finished.stats.prompt_tokens + finished.stats.new_tokens,
-            },
-            "timings": {
-                "ttft_s": round(finished.stats.ttft_s, 4),
-                "prefill_tokens_per_s": round(finished.stats.prefill_tokens_per_s, 2),
-                "decode_tokens_per_s": round(finished.stats.decode_tokens_per_s, 2),
-                "total_s": round(finished.stats.total_s, 4),
-            },
+            **render.result_fields(finished),
             "model": runtime.model.name,
             "backend": runtime.backend.name,
             "device": runtime.backend.info.device,

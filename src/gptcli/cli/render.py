@@ -85,6 +85,26 @@ def stream_markdown(events: Iterable[Any]) -> None:
                 live.update(Markdown(text))
 
 
+def result_fields(finished: Any) -> dict[str, Any]:
+    """A finished reply for `--json`: text, finish reason, OpenAI-style usage, timings."""
+    stats = finished.stats
+    return {
+        "text": finished.text,
+        "finish_reason": finished.reason,
+        "usage": {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        },
+        "timings": {
+            "ttft_s": round(stats.ttft_s, 4),
+            "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "total_s": round(stats.total_s, 4),
+        },
+    }
+
+
 def print_stats(finished: Any, backend: str, device: str, seed: int | None) -> None:
     """The `--stats` line on stderr: timings, why it stopped, where it ran, the seed."""
     from gptcli.timings import timings_line
