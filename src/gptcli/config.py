@@ -98,6 +98,7 @@ FIELDS: dict[str, FieldSpec] = {
     ]
 }
 
+
 @dataclass(frozen=True)
 class Resolved:
     """The settings plus, for each dotted key, where its value came from."""
