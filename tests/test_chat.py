@@ -257,3 +257,31 @@ def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
     gone = run_cli("chats", "show", conv_id)
     assert gone.returncode == 6 and gone.stderr.decode().startswith("error: no saved conversation")
     assert not os.listdir(isolated_home / "data" / "chats")
+
+
+def test_one_dispatch_for_commands_messages_and_retry(tok):
+    from gptcli.chat import dispatch
+
+    chat = make_chat(tok, say(tok, "First.") + say(tok, "Again."))
+    help_step = dispatch(chat, "/help")
+    assert "/retry" in help_step.output and help_step.turn is None and not help_step.exit
+    assert reply(dispatch(chat, "one").turn) == "First."
+    retry = dispatch(chat, "/retry")
+    assert reply(retry.turn) == "Again."
+    assert [m["content"] for m in chat.conversation.messages] == ["one", "Again."]
+    assert dispatch(chat, "/exit").exit
+
+
+def test_plain_transcript_for_a_model_without_a_chat_template(tok):
+    from gptcli.prompts import build_prompt, transcript
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "again"},
+    ]
+    assert transcript(messages) == "Be brief.\nUser: hi\nAssistant: Hello.\nUser: again\nAssistant:"
+    prompt = build_prompt(tok, messages, raw=True, plain=transcript)
+    assert not prompt.templated
+    assert prompt.ids == tok.encode(transcript(messages), add_special_tokens=True)

@@ -75,3 +75,21 @@ def test_stop_list_from_yaml_and_env(tmp_path):
     assert resolve(config_file=cfg, environ={}, user_file=tmp_path / "n").settings.sampling.stop == ("###", "END")
     env = {"GPTCLI_STOP": "a,b"}
     assert resolve(environ=env, user_file=tmp_path / "n").settings.sampling.stop == ("a", "b")
+
+
+def test_one_engine_for_settings_and_training_config():
+    from gptcli.config import Settings, coerce_value, flatten
+    from gptcli.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^f.yaml: optim -> lrr: unknown key \(did you mean 'lr'\?\)$"):
+        flatten({"optim": {"lrr": 1}}, TrainConfig, "f.yaml")
+    with pytest.raises(ConfigError, match=r"^f.yaml: lr: unknown key \(did you mean 'optim -> lr'\?\)$"):
+        flatten({"lr": 1}, TrainConfig, "f.yaml")
+    assert flatten({"sampling": {"top_k": 3}, "model": "m"}, Settings, "f") == {"sampling.top_k": 3, "model": "m"}
+    assert coerce_value("train.threads", int | None, None, "x") is None
+    assert coerce_value("sampling.stop", tuple[str, ...], "END", "x") == ("END",)
+    assert coerce_value("train.compile", bool, "yes", "x") is True
+    with pytest.raises(ConfigError, match=r"^--set: train.compile must be a bool, got 'maybe'$"):
+        coerce_value("train.compile", bool, "maybe", "--set")
+    with pytest.raises(ConfigError, match=r"must be one of auto, cpu, cuda, got 'cdua' \(did you mean 'cuda'\?\)"):
+        coerce_value("train.device", str, "cdua", "x", choices=("auto", "cpu", "cuda"))

@@ -1,5 +1,9 @@
 """Settings: frozen dataclasses, one YAML loader, one precedence order, one place for validation.
 
+This is also the one config engine: `flatten` (nested mapping → dotted keys over any dataclass),
+`coerce_value` (a raw value → a field's type) and `suggest` (the "did you mean") serve the settings,
+the training config (`gptcli.train.config`), `/set` in chat and the prompt templates.
+
 Precedence, lowest first: built-in defaults < user config file < ``--config FILE`` < ``GPTCLI_*``
 environment variables < command-line flags. Every resolved value remembers where it came from so
 ``gptcli config show`` can say so.
@@ -9,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +98,6 @@ FIELDS: dict[str, FieldSpec] = {
     ]
 }
 
-SECTIONS = {"sampling"}
-
 
 @dataclass(frozen=True)
 class Resolved:
@@ -113,19 +117,46 @@ def get_value(settings: Settings, key: str) -> Any:
     return obj
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
+def suggest(name: str, candidates: list[str]) -> str:
+    """The one "did you mean": ` (did you mean 'x'?)` for the closest candidate, or ""."""
     close = difflib.get_close_matches(name, candidates, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
-    """Turn a raw value (YAML scalar, env string, flag) into the field's type and check its range."""
+def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
+    """`int | None` → (int, True); `tuple[str, ...]` → (tuple, False)."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return _unwrap_optional(args[0])[0], True
+    return typing.get_origin(kind) or kind, False
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field names and their resolved type hints."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def coerce_value(
+    key: str,
+    kind: Any,
+    value: Any,
+    where: str,
+    *,
+    choices: tuple[str, ...] = (),
+    hint: str | None = None,
+) -> Any:
+    """The one coercer: a raw value (YAML scalar, env string, flag, `/set` text) into the field's type.
+
+    `kind` is a type hint (`int`, `float | None`, `tuple[str, ...]`); bools accept yes/no/on/off/1/0.
+    """
+    kind, optional = _unwrap_optional(kind)
     if value is None:
-        if spec.optional:
+        if optional:
             return None
-        raise ConfigError(f"{where}: {spec.key} must not be empty", hint=f"set it with {spec.flag}")
+        raise ConfigError(f"{where}: {key} must not be empty", hint=hint)
     try:
-        if spec.kind is bool:
+        if kind is bool:
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
@@ -133,40 +164,79 @@ def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
                 value = lowered in {"1", "true", "yes", "on"}
             elif not isinstance(value, bool):
                 raise ValueError(value)
-        elif spec.kind is tuple:
+        elif kind is tuple:
             if isinstance(value, str):
                 value = (value,)
             elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 value = tuple(value)
             else:
                 raise ValueError(value)
-        elif spec.kind is int:
+        elif kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             value = int(value)
-        elif spec.kind is float:
+        elif kind is float:
             if isinstance(value, bool):
                 raise ValueError(value)
             value = float(value)
-        elif spec.kind is str:
+        elif kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
             value = str(value)
     except (TypeError, ValueError):
-        kind = {tuple: "a list of strings"}.get(spec.kind, f"a {spec.kind.__name__}")
-        raise ConfigError(f"{where}: {spec.key} must be {kind}, got {value!r}", hint=f"flag {spec.flag}") from None
-    if spec.choices and value not in spec.choices:
+        described = "a list of strings" if kind is tuple else f"a {kind.__name__}"
+        raise ConfigError(f"{where}: {key} must be {described}, got {value!r}", hint=hint) from None
+    if choices and value not in choices:
         raise ConfigError(
-            f"{where}: {spec.key} must be one of {', '.join(spec.choices)}, got {value!r}"
-            + _suggest(str(value), list(spec.choices)),
-            hint=f"flag {spec.flag}, config key {spec.key}",
-        )
-    if spec.check is not None and not spec.check(value):
-        raise ConfigError(
-            f"{where}: {spec.key} must be {spec.expect}, got {value!r}",
-            hint=f"flag {spec.flag}, config key {spec.key}",
+            f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}" + suggest(str(value), list(choices)),
+            hint=hint,
         )
     return value
+
+
+def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
+    """A setting's raw value into its type, then its range check (errors name the key and the flag)."""
+    long_hint = f"flag {spec.flag}, config key {spec.key}"
+    if value is None and not spec.optional:
+        raise ConfigError(f"{where}: {spec.key} must not be empty", hint=f"set it with {spec.flag}")
+    if value is None:
+        return None
+    value = coerce_value(spec.key, spec.kind, value, where, hint=f"flag {spec.flag}")
+    if spec.choices:
+        value = coerce_value(spec.key, spec.kind, value, where, choices=spec.choices, hint=long_hint)
+    if spec.check is not None and not spec.check(value):
+        raise ConfigError(f"{where}: {spec.key} must be {spec.expect}, got {value!r}", hint=long_hint)
+    return value
+
+
+def flatten(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """A config file's nested mapping → dotted keys, checked against the dataclass `cls`.
+
+    A field whose type is a dataclass is a section (`sampling:`, `optim:`). Unknown keys fail with the
+    file, the key path and a suggestion; a section key written at the top level points at its section.
+    """
+    flat: dict[str, Any] = {}
+    top = field_types(cls)
+    for key, value in data.items():
+        key = str(key)
+        if key not in top:
+            nested = [f"{s} -> {key}" for s, t in top.items() if is_dataclass(t) and key in field_types(t)]
+            hint = f" (did you mean '{nested[0]}'?)" if nested else suggest(key, list(top))
+            raise ConfigError(f"{where}: {key}: unknown key{hint}")
+        kind = top[key]
+        if not is_dataclass(kind):
+            flat[key] = value
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key}: must be a mapping")
+        section = field_types(kind)
+        for sub, sub_value in value.items():
+            if sub not in section:
+                raise ConfigError(f"{where}: {key} -> {sub}: unknown key{suggest(str(sub), list(section))}")
+            flat[f"{key}.{sub}"] = sub_value
+    return flat
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -194,30 +264,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def flatten_file(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Map a config file's nested keys onto dotted keys, rejecting unknown ones with a suggestion."""
-    flat: dict[str, Any] = {}
-    top_keys = [k for k in FIELDS if "." not in k] + sorted(SECTIONS)
-    for key, value in data.items():
-        key = str(key)
-        if key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key}: must be a mapping")
-            section_keys = [k.split(".", 1)[1] for k in FIELDS if k.startswith(key + ".")]
-            for sub, subvalue in value.items():
-                dotted = f"{key}.{sub}"
-                if dotted not in FIELDS:
-                    raise ConfigError(f"{where}: {key} -> {sub}: unknown key{_suggest(str(sub), section_keys)}")
-                flat[dotted] = subvalue
-        elif key in FIELDS:
-            flat[key] = value
-        else:
-            # A sampling key written at the top level is a common slip: point at the section.
-            nested = [k for k in FIELDS if k.endswith("." + key)]
-            hint = f" (did you mean '{nested[0].replace('.', ' -> ')}'?)" if nested else ""
-            raise ConfigError(f"{where}: {key}: unknown key{hint or _suggest(key, top_keys)}")
-    return flat
+    """A settings file's nested keys as dotted keys (unknown ones fail with a suggestion)."""
+    return flatten(data, Settings, where)
 
 
 def resolve(

@@ -1,7 +1,8 @@
-"""Turn user text into prompt token ids: chat template or raw, and what to do when it is too long."""
+"""Turn messages into prompt token ids (chat template or plain text), and what to do when they are too long."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptcli.errors import InputError
@@ -15,16 +16,42 @@ class Prompt:
     warning: str | None = None
 
 
-def messages_for(text: str, system: str | None) -> list[dict[str, str]]:
+Messages = list[dict[str, str]]
+
+
+def messages_for(text: str, system: str | None) -> Messages:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def user_text(messages: Messages) -> str:
+    """Without a chat template, `generate` sends the user's text alone (the system message is dropped)."""
+    return messages[-1]["content"]
+
+
+def transcript(messages: Messages) -> str:
+    """Without a chat template, a chat is a plain transcript the base model can continue."""
+    lines = [m["content"] if m["role"] == "system" else f"{m['role'].title()}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    messages: Messages,
+    *,
+    raw: bool = False,
+    plain: Callable[[Messages], str] = user_text,
+) -> Prompt:
+    """The one prompt builder: messages through the model's chat template, or, for a model without one
+    (or with `raw`), the text `plain(messages)` encoded as is. Chat, generate and summarize all come here."""
+    if raw or not tokenizer.chat_template:
+        return Prompt(tokenizer.encode(plain(messages), add_special_tokens=True), templated=False)
+    rendered = tokenizer.render_chat(messages)
+    return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, *, system: str | None = None, raw: bool = False) -> Prompt:
     """Wrap text as a user message when the model has a chat template (unless raw)."""
-    if raw or not tokenizer.chat_template:
-        return Prompt(tokenizer.encode(text, add_special_tokens=True), templated=False)
-    rendered = tokenizer.render_chat(messages_for(text, system))
-    return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
+    return build_prompt(tokenizer, messages_for(text, system), raw=raw)
 
 
 def fit_prompt(

@@ -24,6 +24,7 @@ from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
 from gptcli.engine import Engine, EngineLimits, run_all
 from gptcli.errors import InputError, UsageError
+from gptcli.prompts import Messages, build_prompt, messages_for
 from gptcli.templates import Template
 
 LENGTHS = {
@@ -167,6 +168,12 @@ def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callabl
     return chunks
 
 
+def _plain_summary_prompt(messages: Messages) -> str:
+    """Without a chat template: the instructions, the text, and a cue to start the summary."""
+    head = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
+    return f"{head}{messages[-1]['content']}\n\nSummary:"
+
+
 class Summarizer:
     """Runs the summary pipeline over one loaded model (backend + tokenizer)."""
 
@@ -205,11 +212,7 @@ class Summarizer:
         return [self.tokenizer.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
 
     def prompt_ids(self, system: str | None, user: str) -> list[int]:
-        if self.tokenizer.chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-            return self.tokenizer.encode(self.tokenizer.render_chat(messages), add_special_tokens=False)
-        head = f"{system}\n\n" if system else ""
-        return self.tokenizer.encode(f"{head}{user}\n\nSummary:", add_special_tokens=True)
+        return build_prompt(self.tokenizer, messages_for(user, system), plain=_plain_summary_prompt).ids
 
     def _render(self, combine: bool, text: str) -> tuple[str | None, str]:
         if not combine:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import FIELDS, Resolved, Settings, coerce, read_yaml
+from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file, read_yaml, suggest
 from gptcli.errors import ConfigError, UsageError
 from gptcli.paths import config_dir
 
@@ -108,12 +108,10 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     sampling_raw = data.get("sampling") or {}
     if not isinstance(sampling_raw, dict):
         raise ConfigError(f"{where}: sampling: must be a mapping")
-    sampling: dict[str, Any] = {}
-    for key, value in sampling_raw.items():
-        spec = FIELDS.get(f"sampling.{key}")
-        if spec is None:
-            raise ConfigError(f"{where}: sampling -> {key}: unknown key")
-        sampling[str(key)] = coerce(spec, value, where)
+    sampling = {
+        dotted.removeprefix("sampling."): coerce(FIELDS[dotted], value, where)
+        for dotted, value in flatten_file({"sampling": sampling_raw}, where).items()
+    }
     template = Template(
         name=name,
         user=user,
@@ -159,12 +157,8 @@ def get_template(name: str) -> Template:
     builtin = BUILTIN_DIR / f"{name}.yaml"
     if builtin.is_file():
         return _load_file(builtin, "built-in")
-    import difflib
-
     names = [t.name for t in list_templates()]
-    close = difflib.get_close_matches(name, names, n=1)
-    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UsageError(f"unknown template '{name}'{suggestion}", hint="`gptcli templates list` shows them all")
+    raise UsageError(f"unknown template '{name}'{suggest(name, names)}", hint="`gptcli templates list` shows them all")
 
 
 def parse_vars(pairs: Sequence[str]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from gptcli.cli import (
     templates_cmd,
     train_cmd,
 )
-from gptcli.cli.common import debug_enabled, stderr_console
+from gptcli.cli.render import report
 from gptcli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, GptcliError
 
 app = typer.Typer(
@@ -68,11 +68,9 @@ app.add_typer(config_cmd.app, name="config")
 app.command("backends")(backends_cmd.backends)
 
 
-def report(error: GptcliError) -> None:
-    console = stderr_console()
-    console.print(f"error: {error.message}", markup=False, style="bold red")
-    if error.hint:
-        console.print(f"hint: {error.hint}", markup=False)
+def debug_enabled() -> bool:
+    """GPTCLI_DEBUG=1: let errors out with their traceback."""
+    return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gptcli.cli import common as c
+from gptcli.cli import render
 from gptcli.errors import UsageError
 
 app = typer.Typer(help="List, show, export and delete saved chat conversations.", no_args_is_help=True)
@@ -32,7 +32,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     if not convs:
-        c.note("no saved conversations yet (start one with `gptcli chat`)")
+        render.note("no saved conversations yet (start one with `gptcli chat`)")
         return
     from rich.table import Table
 
@@ -41,7 +41,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         table.add_column(column)
     for cv in convs:
         table.add_row(cv.id, cv.updated[:16].replace("T", " "), str(len(cv.messages)), cv.model, cv.title)
-    c.stdout_console().print(table)
+    render.stdout_console().print(table)
 
 
 @app.command()
@@ -78,7 +78,7 @@ def export(
         sys.stdout.write(text)
     else:
         write_atomic(output, text, mode=0o600)
-        c.note(f"wrote {output}")
+        render.note(f"wrote {output}")
 
 
 @app.command("rm")
@@ -91,4 +91,4 @@ def rm(conversation_ids: Annotated[list[str], typer.Argument(help="Conversation 
 
     store = ConversationStore()
     for ref in conversation_ids:
-        c.note(f"deleted {store.delete(ref)}")
+        render.note(f"deleted {store.delete(ref)}")

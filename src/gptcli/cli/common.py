@@ -1,17 +1,22 @@
-"""Pieces shared by commands: option types, settings resolution, input reading, stderr output."""
+"""The command-line options shared by commands, and the shell completion of their values.
+
+Settings resolution is in `cli.settings`, rendering in `cli.render`, input reading in `cli.inputs`.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from gptcli.errors import InputError
-from gptcli.textio import decode_text, read_text_file
+# Re-exported for the commands that still reach them through `common` (train, bench, export, models, backends).
+from gptcli.cli.render import StageProgress, note, stderr_console, stdout_console, warn
+from gptcli.cli.settings import resolve_settings
+from gptcli.textio import read_text_file
+
+__all__ = ["StageProgress", "note", "read_text_file", "resolve_settings", "stderr_console", "stdout_console", "warn"]
+
 
 # Shell completion for option values. Each runs on a <TAB>, in a fresh process, so each reads only
 # light modules and files: never torch, onnxruntime or transformers, and never a backend module.
@@ -141,128 +146,3 @@ SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System me
 OverflowOpt = Annotated[
     str | None, typer.Option("--on-overflow", help="error | truncate: a prompt longer than the context.")
 ]
-
-
-def resolve_settings_from(config_file: Path | None, params: dict[str, Any]) -> Any:
-    """resolve_settings over a command's parameters: those named like a setting are its flags."""
-    from gptcli.config import FIELDS
-
-    names = {key.rsplit(".", 1)[-1] for key in FIELDS}
-    return resolve_settings(config_file, **{k: v for k, v in params.items() if k in names})
-
-
-def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
-    """Build Settings from all layers; flag names are Settings keys (sampling ones un-prefixed)."""
-    from gptcli.config import FIELDS, resolve
-
-    dotted: dict[str, Any] = {}
-    for name, value in flags.items():
-        key = name if name in FIELDS else f"sampling.{name}"
-        if name == "stop" and value is not None:
-            value = tuple(value) or None
-        dotted[key] = value
-    return resolve(config_file=config_file, flags=dotted)
-
-
-def stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def stdout_console() -> Any:
-    """Tables on stdout: terminal width on a TTY; wide enough to never cut a path in a pipe."""
-    from rich.console import Console
-
-    piped = not sys.stdout.isatty()
-    return Console(highlight=False, soft_wrap=True, width=240 if piped else None)
-
-
-def note(message: str) -> None:
-    """A progress or warning line on stderr (model text never goes through here)."""
-    stderr_console().print(message, markup=False, style="dim")
-
-
-def warn(message: str) -> None:
-    stderr_console().print(f"warning: {message}", markup=False, style="yellow")
-
-
-def read_stdin_if_piped() -> str:
-    stream = sys.stdin
-    if stream is None or stream.closed:
-        return ""
-    try:
-        if stream.isatty():
-            return ""
-    except (ValueError, OSError):
-        return ""
-    buffer = getattr(stream, "buffer", None)
-    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
-    return decode_text(data, "standard input")
-
-
-def gather_prompt(argument: str | None, file: Path | None) -> str:
-    """stdin first, then the file, then the argument, joined by blank lines. Empty is an error."""
-    parts = [read_stdin_if_piped()]
-    if file is not None:
-        parts.append(read_text_file(file))
-    if argument is not None:
-        parts.append(argument)
-    text = "\n\n".join(p.strip("\n") for p in parts if p.strip())
-    if not text.strip():
-        raise InputError("the prompt is empty", hint="give it as an argument, with -f FILE, or on stdin")
-    return text
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
-
-
-class StageProgress:
-    """Rich bars on stderr (a terminal only) for a core `progress(stage, done, total)` callback.
-
-    One bar per stage; a stage gets its bar once it has run for `show_after` seconds, so quick steps
-    show none. `transient` bars disappear when the work is done.
-    """
-
-    def __init__(self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True) -> None:
-        self.console = stderr_console()
-        self.enabled = enabled and self.console.is_terminal
-        self.show_after = show_after
-        self.transient = transient
-        self.progress: Any = None
-        self.started: dict[str, float] = {}
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> StageProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        started = self.started.setdefault(stage, now)
-        if stage not in self.tasks:
-            if now - started < self.show_after:
-                return
-            self.tasks[stage] = self._bars().add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def _bars(self) -> Any:
-        if self.progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}", markup=False),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=self.transient,
-            )
-            self.progress.start()
-        return self.progress

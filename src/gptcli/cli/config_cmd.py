@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli.render import stdout_console
+from gptcli.cli.settings import resolve_settings
 
 app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
 
@@ -21,7 +23,7 @@ def show(
 
     Example: gptcli config show --config my.yaml
     """
-    resolved = c.resolve_settings(config)
+    resolved = resolve_settings(config)
     rows = resolved.rows()
     if as_json:
         print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
@@ -33,7 +35,7 @@ def show(
         table.add_column(column)
     for key, value, source in rows:
         table.add_row(key, json.dumps(value) if not isinstance(value, str) else value, source)
-    c.stdout_console().print(table)
+    stdout_console().print(table)
 
 
 @app.command()

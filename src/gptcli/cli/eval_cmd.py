@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
+from gptcli.cli.settings import resolve_settings
+from gptcli.textio import read_text_file
 
 app = typer.Typer(help="Evaluate a model on a text.", no_args_is_help=True)
 
@@ -49,15 +52,25 @@ def perplexity(
 
     if max_tokens is not None and max_tokens < 2:
         raise InputError("--max-tokens must be at least 2")
-    settings = c.resolve_settings_from(config, locals()).settings
-    text = c.read_text_file(file)
+    settings = resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).settings
+    text = read_text_file(file)
     if not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")
-    runtime = open_runtime(settings, c.note)
+    runtime = open_runtime(settings, render.note)
     ids = runtime.tokenizer.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    console = c.stderr_console()
+    console = render.stderr_console()
     progress_shown = False
 
     def progress(done: int, total: int) -> None:
@@ -86,4 +99,4 @@ def perplexity(
     print(f"tokens      {result.scored_tokens} scored of {result.total_tokens}")
     print(f"windows     {result.windows} (window {result.window}, stride {result.stride})")
     print(f"model       {runtime.model.name} · {runtime.backend.name}/{info.device} · {info.dtype}")
-    c.note(f"took {result.seconds:.1f} s ({result.scored_tokens / max(result.seconds, 1e-9):.0f} tok/s)")
+    render.note(f"took {result.seconds:.1f} s ({result.scored_tokens / max(result.seconds, 1e-9):.0f} tok/s)")

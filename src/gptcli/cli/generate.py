@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
+from gptcli.cli.inputs import gather_prompt
+from gptcli.cli.settings import resolve_settings
 from gptcli.errors import EXIT_INTERRUPTED
 
 
@@ -60,7 +64,27 @@ def generate(
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
     """
-    resolved = c.resolve_settings_from(config, locals())
+    resolved = resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=stop,
+        system=system,
+        on_overflow=on_overflow,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     settings = resolved.settings
     # --to and --question are shorthands for the translate and qa templates' variables.
     for name, value, implied in (("to", to, "translate"), ("question", question, "qa")):
@@ -79,7 +103,7 @@ def generate(
         from gptcli.errors import UsageError
 
         raise UsageError("--var needs --template", hint="e.g. --template translate --var to=French")
-    text = c.gather_prompt(prompt, file)
+    text = gather_prompt(prompt, file)
     if chosen is not None:
         from dataclasses import replace
 
@@ -97,17 +121,17 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     import secrets
     from dataclasses import replace
 
-    from gptcli.decoding import Finished, Token, generate
+    from gptcli.decoding import generate
     from gptcli.prompts import fit_prompt
     from gptcli.runtime import open_runtime
 
     if settings.sampling.seed is None:
         settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
-    runtime = open_runtime(settings, c.note)
+    runtime = open_runtime(settings, render.note)
     if raw and settings.system:
-        c.warn("--system is ignored with --raw")
+        render.warn("--system is ignored with --raw")
     elif settings.system and not runtime.tokenizer.chat_template:
-        c.warn("this model has no chat template: --system is ignored")
+        render.warn("this model has no chat template: --system is ignored")
     prompt = fit_prompt(
         runtime.tokenizer,
         text,
@@ -118,44 +142,19 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         raw=raw,
     )
     if prompt.warning:
-        c.warn(prompt.warning)
+        render.warn(prompt.warning)
 
-    out = sys.stdout
-    finished: Finished | None = None
-    wrote_text = ""
-    try:
-        for event in generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling):
-            if isinstance(event, Token):
-                if not as_json and event.text:
-                    out.write(event.text)
-                    out.flush()
-                    wrote_text = event.text
-            else:
-                finished = event
-    except KeyboardInterrupt:
-        pass  # the consumer was interrupted between events: what was written stays written
+    events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
+    finished = None
+    with contextlib.suppress(KeyboardInterrupt):  # interrupted between events: what was written stays written
+        finished = render.stream_text(events, show=not as_json)
     if finished is None or finished.reason == "interrupted":
-        if not as_json:
-            out.write("\n")
-            out.flush()
-        c.stderr_console().print("interrupted", style="yellow")
+        render.stderr_console().print("interrupted", style="yellow")
         raise typer.Exit(EXIT_INTERRUPTED)
 
     if as_json:
         payload = {
-            "text": finished.text,
-            "finish_reason": finished.reason,
-            "usage": {
-                "prompt_tokens": finished.stats.prompt_tokens,
-                "completion_tokens": finished.stats.new_tokens,
-                "total_tokens": finished.stats.prompt_tokens + finished.stats.new_tokens,
-            },
-            "timings": {
-                "ttft_s": round(finished.stats.ttft_s, 4),
-                "prefill_tokens_per_s": round(finished.stats.prefill_tokens_per_s, 2),
-                "decode_tokens_per_s": round(finished.stats.decode_tokens_per_s, 2),
-                "total_s": round(finished.stats.total_s, 4),
-            },
+            **render.result_fields(finished),
             "model": runtime.model.name,
             "backend": runtime.backend.name,
             "device": runtime.backend.info.device,
@@ -163,20 +162,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
             "seed": settings.sampling.seed,
             "templated": prompt.templated,
         }
-        out.write(json.dumps(payload, ensure_ascii=False) + "\n")
-    elif not wrote_text.endswith("\n"):
-        out.write("\n")
-    out.flush()
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
     if show_stats:
-        print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
-
-
-def print_stats(finished, backend: str, device: str, seed: int | None) -> None:
-    s = finished.stats
-    c.stderr_console().print(
-        f"prompt {s.prompt_tokens} tok · TTFT {s.ttft_s * 1000:.0f} ms · prefill {s.prefill_tokens_per_s:.1f} tok/s"
-        f" · {s.new_tokens} new tok · decode {s.decode_tokens_per_s:.1f} tok/s · total {s.total_s:.2f} s"
-        f" · finish {finished.reason} · {backend}/{device} · seed {seed}",
-        markup=False,
-        style="dim",
-    )
+        render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)

@@ -68,7 +68,7 @@ def list_runs(
         return
     from rich.table import Table
 
-    from gptcli.cli.common import stdout_console
+    from gptcli.cli.render import stdout_console
 
     table = Table("run", "step", "train loss", "val loss", "best val", "created", box=None)
     for r in rows:

@@ -11,7 +11,11 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
+from gptcli.cli.inputs import read_stdin_if_piped
+from gptcli.cli.settings import resolve_settings
 from gptcli.errors import InputError
+from gptcli.textio import read_text_file
 
 
 def summarize(
@@ -57,14 +61,31 @@ def summarize(
 
     options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
     options.check()
-    resolved = c.resolve_settings_from(config, locals())
+    resolved = resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     template = get_template("summarize")
     settings = apply_sampling_defaults(resolved, template)
     if resolved.sources["sampling.max_tokens"] == "default":
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
     text = _read_input(file)
-    runtime = open_runtime(settings, c.note)
-    with c.StageProgress() as progress:
+    runtime = open_runtime(settings, render.note)
+    with render.StageProgress() as progress:
         summarizer = Summarizer(
             runtime.backend,
             runtime.tokenizer,
@@ -75,7 +96,7 @@ def summarize(
         )
         result = summarizer.run(text, options)
     if result.strategy == "map-reduce":
-        c.note(
+        render.note(
             f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, "
             f"{result.combine_levels} combine level(s)"
         )
@@ -93,7 +114,7 @@ def summarize(
 
 
 def _read_input(file: Path | None) -> str:
-    text = c.read_text_file(file) if file is not None else c.read_stdin_if_piped()
+    text = read_text_file(file) if file is not None else read_stdin_if_piped()
     if not text.strip():
         where = str(file) if file is not None else "standard input"
         raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")

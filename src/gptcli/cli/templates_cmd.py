@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gptcli.cli import common as c
+from gptcli.cli import render
 
 app = typer.Typer(help="Prompt templates for `gptcli generate --template NAME`.", no_args_is_help=True)
 
@@ -45,7 +45,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         names = [k for k in t.fields if k != "input"]
         variables = ", ".join(k if k in t.required else f"{k}={t.variables[k]!r}" for k in names)
         table.add_row(t.name, t.source, variables or "-", t.description)
-    c.stdout_console().print(table)
+    render.stdout_console().print(table)
 
 
 @app.command()
@@ -59,7 +59,7 @@ def show(name: Annotated[str, typer.Argument(help="Template name.")]) -> None:
     from gptcli.templates import get_template
 
     template = get_template(name)
-    c.note(f"# {template.source}: {template.path}")
+    render.note(f"# {template.source}: {template.path}")
     print(yaml.safe_dump(template.to_yaml_dict(), sort_keys=False, allow_unicode=True, width=100), end="")
 
 

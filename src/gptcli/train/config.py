@@ -6,16 +6,13 @@ dedicated flags (``--lr``, ``--max-iters`` …). Unknown keys fail with the key 
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import read_yaml
+from gptcli.config import coerce_value, field_types, flatten, read_yaml, suggest
 from gptcli.errors import ConfigError
 
 
@@ -100,11 +97,6 @@ CHOICES = {
 }
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def preset_names() -> list[str]:
     folder = resources.files("gptcli.train") / "presets"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
@@ -114,82 +106,13 @@ def preset_path(name: str) -> Path:
     names = preset_names()
     if name not in names:
         raise ConfigError(
-            f"unknown preset '{name}'{_suggest(name, names)}", hint=f"presets: {', '.join(names)}; or --config FILE"
+            f"unknown preset '{name}'{suggest(name, names)}", hint=f"presets: {', '.join(names)}; or --config FILE"
         )
     return Path(str(resources.files("gptcli.train") / "presets" / f"{name}.yaml"))
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
 def _coerce(key: str, kind: Any, value: Any, where: str) -> Any:
-    optional = False
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        optional, kind = True, args[0]
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: {key} must not be empty")
-    ok = True
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "on", "off", "1", "0"}:
-            value = value.lower() in {"true", "yes", "on", "1"}
-        ok = isinstance(value, bool)
-    elif kind is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                ok = False
-        ok = ok and isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                ok = False
-        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is str:
-        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
-        value = str(value) if ok else value
-    if not ok:
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(
-            f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}"
-            + _suggest(str(value), list(CHOICES[key]))
-        )
-    return value
-
-
-def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Nested YAML mapping → dotted keys, checked against the dataclasses."""
-    flat: dict[str, Any] = {}
-    top = _field_types(TrainConfig)
-    for key, value in data.items():
-        key = str(key)
-        if key not in top:
-            nested = [f"{s} -> {key}" for s, t in top.items() if is_dataclass(t) and key in _field_types(t)]
-            hint = f" (did you mean '{nested[0]}'?)" if nested else _suggest(key, list(top))
-            raise ConfigError(f"{where}: {key}: unknown key{hint}")
-        kind = top[key]
-        if is_dataclass(kind):
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: {key}: must be a mapping")
-            sub_types = _field_types(kind)
-            for sub, sub_value in value.items():
-                if sub not in sub_types:
-                    raise ConfigError(f"{where}: {key} -> {sub}: unknown key{_suggest(str(sub), list(sub_types))}")
-                flat[f"{key}.{sub}"] = sub_value
-        else:
-            flat[key] = value
-    return flat
+    return coerce_value(key, kind, value, where, choices=CHOICES.get(key, ()))
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -224,13 +147,13 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def build(flat: Mapping[str, Any], where: Mapping[str, str]) -> TrainConfig:
     """Dotted values (already checked for unknown keys) → a validated TrainConfig."""
-    top = _field_types(TrainConfig)
+    top = field_types(TrainConfig)
     cfg = TrainConfig()
     for key, value in flat.items():
         section, _, sub = key.partition(".")
         if sub:
             part = getattr(cfg, section)
-            kind = _field_types(type(part))[sub]
+            kind = field_types(type(part))[sub]
             cfg = replace(cfg, **{section: replace(part, **{sub: _coerce(key, kind, value, where[key])})})
         else:
             cfg = replace(cfg, **{key: _coerce(key, top[key], value, where[key])})
@@ -275,7 +198,7 @@ def load_config(
     where: dict[str, str] = {}
 
     def layer(data: Mapping[str, Any], source: str, nested: bool = True) -> None:
-        values = _flatten(data, source) if nested else _flatten(_nest(data), source)
+        values = flatten(data if nested else _nest(data), TrainConfig, source)
         flat.update(values)
         where.update(dict.fromkeys(values, source))
 

@@ -1,0 +1,155 @@
+"""Slash commands, terminal-independent, and the one dispatch of a typed line for the pipe and the REPL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptcli.chat.conversation import read_conversation_file, write_conversation_file
+from gptcli.chat.session import SAMPLING_KEYS, ChatSession, Turn
+from gptcli.errors import ConfigError, UsageError
+from gptcli.timings import timings_line
+
+COMMANDS: dict[str, str] = {
+    "/help": "list these commands",
+    "/system TEXT": "set the system message (no TEXT: show it)",
+    "/set KEY VALUE": "change a sampling setting: " + ", ".join(SAMPLING_KEYS),
+    "/show": "settings, model and the token budget used/left",
+    "/reset": "start a new conversation (the old one stays saved)",
+    "/retry": "regenerate the last reply",
+    "/undo": "drop the last exchange",
+    "/save FILE": "save the conversation as Markdown (.md) or JSON (.json)",
+    "/load FILE": "continue a conversation saved as JSON",
+    "/stats": "timings of the last reply",
+    "/exit": "leave (Ctrl-D does too)",
+}
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What the REPL should do: print `output`, then maybe 'retry' (generate again) or 'exit'."""
+
+    output: str = ""
+    action: str | None = None
+
+
+def is_command(line: str) -> bool:
+    return line.startswith("/") and not line.startswith("//")
+
+
+def help_text() -> str:
+    width = max(len(k) for k in COMMANDS)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in COMMANDS.items())
+
+
+def show_text(chat: ChatSession, backend_name: str = "") -> str:
+    conv = chat.conversation
+    used, left = chat.budget()
+    s = chat.settings.sampling
+    dropped = conv.window_start
+    lines = [
+        f"model              {conv.model}" + (f" ({backend_name}/{chat.backend.info.device})" if backend_name else ""),
+        f"conversation       {conv.id} ({len(conv.messages)} messages)",
+        f"system             {conv.system or '-'}",
+        f"tokens             {used} used / {left} left of {chat.context_length} (up to {s.max_tokens} per reply)",
+        "trimmed            " + (f"{dropped} oldest messages no longer sent to the model" if dropped else "none"),
+    ]
+    for key in SAMPLING_KEYS:
+        value = getattr(s, key)
+        lines.append(f"{key.ljust(18)} {', '.join(value) if isinstance(value, tuple) else value}")
+    return "\n".join(lines)
+
+
+def stats_text(chat: ChatSession) -> str:
+    if chat.last_stats is None:
+        return "no reply yet"
+    return timings_line(chat.last_stats, reused=True)
+
+
+def run_command(chat: ChatSession, line: str, backend_name: str = "") -> CommandResult:
+    """Execute a slash command. Errors raise GptcliError; the REPL prints them and goes on."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    name = name.lower()
+    if name in {"/exit", "/quit", "/bye"}:
+        return CommandResult(action="exit")
+    if name in {"/help", "/?"}:
+        return CommandResult(help_text())
+    if name == "/system":
+        if not arg:
+            return CommandResult(f"system: {chat.conversation.system or '-'}")
+        chat.set_system(arg)
+        return CommandResult("system message set")
+    if name == "/set":
+        key, _, value = arg.partition(" ")
+        if not key or not value.strip():
+            raise UsageError("usage: /set KEY VALUE", hint="settings: " + ", ".join(SAMPLING_KEYS))
+        try:
+            stored = chat.set_sampling(key, value.strip())
+        except ConfigError as exc:  # the flag-oriented message names --flags; say it in /set terms
+            raise UsageError(f"/set {key}: {exc.message.split(': ', 1)[-1]}") from None
+        return CommandResult(f"{key} = {stored}")
+    if name == "/show":
+        return CommandResult(show_text(chat, backend_name))
+    if name == "/reset":
+        chat.reset()
+        return CommandResult("new conversation " + chat.conversation.id)
+    if name == "/retry":
+        return CommandResult(action="retry")
+    if name == "/undo":
+        removed = chat.undo()
+        return CommandResult(f"dropped the last exchange ({removed} messages)")
+    if name == "/save":
+        if not arg:
+            raise UsageError("usage: /save FILE.md or /save FILE.json")
+        path = Path(arg).expanduser()
+        kind = write_conversation_file(chat.conversation, path)
+        return CommandResult(f"saved {kind} to {path}")
+    if name == "/load":
+        if not arg:
+            raise UsageError("usage: /load FILE.json")
+        chat.load(read_conversation_file(Path(arg).expanduser()))
+        count = len(chat.conversation.messages)
+        return CommandResult(f"loaded {count} messages as conversation {chat.conversation.id}")
+    if name == "/stats":
+        return CommandResult(stats_text(chat))
+    raise UsageError(f"unknown command {name}", hint="/help lists the commands")
+
+
+def collect_message(first: str, more: Callable[[], str | None]) -> str:
+    '''A message as typed: one line, or `"""` … `"""` spanning lines (`more()` gives the next, None at EOF).'''
+    if not first.lstrip().startswith('"""'):
+        return first
+    body = first.lstrip()[3:]
+    if body.rstrip().endswith('"""'):
+        return body.rstrip()[:-3]
+    lines = [body] if body else []
+    while (line := more()) is not None:
+        if line.rstrip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            break
+        lines.append(line)
+    return "\n".join(lines).strip("\n")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one typed line led to: command output to show, a reply to stream (`turn`), or leaving."""
+
+    output: str = ""
+    turn: Turn | None = None
+    exit: bool = False
+
+
+def dispatch(chat: ChatSession, text: str, backend_name: str = "") -> Step:
+    """The one dispatch, for the pipe and the REPL: a slash command, or a user message to reply to.
+
+    Errors raise GptcliError; the caller prints them and goes on.
+    """
+    if not is_command(text):
+        return Step(turn=chat.say(text))
+    result = run_command(chat, text, backend_name)
+    if result.action == "retry":
+        return Step(result.output, turn=chat.retry())
+    return Step(result.output, exit=result.action == "exit")

@@ -1,0 +1,187 @@
+"""A saved conversation: its data, its Markdown/JSON files, and the store of one file per chat."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptcli.atomicio import write_atomic
+from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.paths import data_dir
+
+FORMAT_VERSION = 1
+
+
+def chats_dir() -> Path:
+    return data_dir() / "chats"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+@dataclass
+class Conversation:
+    """A saved chat. `window_start` is the first message still sent to the model (older ones were
+    trimmed to fit the context; they stay in the file)."""
+
+    id: str = field(default_factory=new_id)
+    model: str = ""
+    system: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)  # /set changes, re-applied on resume
+    window_start: int = 0
+    created: str = field(default_factory=now)
+    updated: str = field(default_factory=now)
+
+    @property
+    def title(self) -> str:
+        first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+        line = " ".join(first.split())
+        return line[:60] + ("…" if len(line) > 60 else "")
+
+    def window(self) -> list[dict[str, str]]:
+        """The messages the model sees: the system message, then the untrimmed history."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[self.window_start :]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "id": self.id,
+            "title": self.title,
+            "model": self.model,
+            "created": self.created,
+            "updated": self.updated,
+            "system": self.system,
+            "sampling": self.sampling,
+            "window_start": self.window_start,
+            "messages": self.messages,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Conversation:
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise InputError(f"{where} is not a saved gptcli conversation", hint="it needs a 'messages' list")
+        messages = []
+        for m in data["messages"]:
+            if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
+                raise InputError(f"{where}: each message needs a role (user/assistant) and content")
+            if m["role"] == "system":  # a plain OpenAI-style list: lift the system message out
+                data = {**data, "system": str(m.get("content", ""))}
+                continue
+            messages.append({**m, "content": str(m.get("content", ""))})
+        conv = cls(
+            id=str(data.get("id") or new_id()),
+            model=str(data.get("model") or ""),
+            system=data.get("system"),
+            messages=messages,
+            sampling=dict(data.get("sampling") or {}),
+            window_start=int(data.get("window_start") or 0),
+        )
+        conv.created = str(data.get("created") or conv.created)
+        conv.updated = str(data.get("updated") or conv.updated)
+        return conv
+
+
+def to_markdown(conv: Conversation) -> str:
+    lines = [f"# {conv.title or 'Conversation'}", "", f"*{conv.id} · {conv.model} · {conv.created}*", ""]
+    if conv.system:
+        lines += ["**System:** " + conv.system, ""]
+    for m in conv.messages:
+        who = "You" if m["role"] == "user" else "Assistant"
+        mark = " *(interrupted)*" if m.get("interrupted") else ""
+        lines += [f"### {who}{mark}", "", m["content"], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def read_conversation_file(path: Path) -> Conversation:
+    """Load a conversation saved as JSON (by /save, `chats export` or the store)."""
+    if path.suffix.lower() != ".json":
+        raise InputError(f"{path}: only JSON conversations can be loaded", hint="save with /save FILE.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, list):
+        data = {"messages": data}
+    return Conversation.from_dict(data, str(path))
+
+
+def write_conversation_file(conv: Conversation, path: Path) -> str:
+    """Save as Markdown (.md) or JSON (.json); returns the format used."""
+    suffix = path.suffix.lower()
+    if suffix in {".md", ".markdown"}:
+        write_atomic(path, to_markdown(conv), mode=0o600)
+        return "markdown"
+    if suffix == ".json":
+        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        return "json"
+    raise UsageError(f"cannot tell the format of {path.name}", hint="name it .md (Markdown) or .json")
+
+
+class ConversationStore:
+    """One JSON file per conversation in the gptcli data folder (mode 0600, written atomically)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or chats_dir()
+
+    def path(self, conv_id: str) -> Path:
+        return self.root / f"{conv_id}.json"
+
+    def save(self, conv: Conversation) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conv.updated = now()
+        path = self.path(conv.id)
+        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        return path
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.json"))
+
+    def list(self) -> list[Conversation]:
+        """Every saved conversation, most recently updated first (unreadable files are skipped)."""
+        found = []
+        for conv_id in self.ids():
+            try:
+                found.append(read_conversation_file(self.path(conv_id)))
+            except GptcliError:
+                continue
+        return sorted(found, key=lambda c: (c.updated, c.id), reverse=True)
+
+    def resolve_id(self, ref: str) -> str:
+        ids = self.ids()
+        if ref in ids:
+            return ref
+        matches = [i for i in ids if i.startswith(ref)] if ref else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InputError(f"'{ref}' matches {len(matches)} conversations", hint="give more of the id")
+        raise InputError(f"no saved conversation '{ref}'", hint="`gptcli chats list` shows them")
+
+    def load(self, ref: str) -> Conversation:
+        return read_conversation_file(self.path(self.resolve_id(ref)))
+
+    def latest(self) -> Conversation:
+        convs = self.list()
+        if not convs:
+            raise InputError("there is no saved conversation to continue", hint="start one with `gptcli chat`")
+        return convs[0]
+
+    def delete(self, ref: str) -> str:
+        conv_id = self.resolve_id(ref)
+        self.path(conv_id).unlink()
+        return conv_id

@@ -1,0 +1,257 @@
+"""A conversation bound to a loaded model: fitting the context, turns, and the changes slash commands make.
+
+Nothing here knows about terminals. One `KVSession` lives as long as the conversation, so each turn
+prefills only what changed since the last one (usually the new user message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gptcli.chat.conversation import Conversation, ConversationStore, new_id, now
+from gptcli.config import Resolved, SamplingConfig, Settings, suggest, with_sampling
+from gptcli.decoding import Event, Finished, KVSession, Stats, Token, generate
+from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.prompts import build_prompt, transcript
+
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig))
+
+
+def parse_setting(key: str, value: str) -> Any:
+    """A `/set` value as typed: `none` clears seed, stop is comma-separated (the config engine checks it)."""
+    if key not in SAMPLING_KEYS:
+        raise UsageError(
+            f"unknown setting '{key}'{suggest(key, list(SAMPLING_KEYS))}", hint="settings: " + ", ".join(SAMPLING_KEYS)
+        )
+    if key == "seed" and value.lower() in {"none", "null", "random"}:
+        return None
+    if key == "stop":
+        return tuple(s for s in value.split(",") if s)
+    return value
+
+
+@dataclass
+class Turn:
+    """One reply in progress. Iterate for events; `close()` records whatever was said if iteration stopped."""
+
+    chat: ChatSession
+    events: Iterator[Event]
+    text: str = ""
+    finished: Finished | None = None
+    recorded: bool = False
+
+    def __iter__(self) -> Iterator[Event]:
+        for event in self.events:
+            if isinstance(event, Token):
+                self.text += event.text
+            else:
+                self.finished = event
+                self.chat._record_reply(event.text, event.reason == "interrupted", event.stats)
+                self.recorded = True
+            yield event
+
+    def close(self) -> None:
+        """Stop generating; keep the partial reply (marked interrupted)."""
+        if hasattr(self.events, "close"):
+            self.events.close()
+        if not self.recorded:
+            self.chat._record_reply(self.text, True, None)
+            self.recorded = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finished is None or self.finished.reason == "interrupted"
+
+
+class ChatSession:
+    """A conversation bound to a loaded model: fits the context, generates, saves after every change."""
+
+    def __init__(
+        self,
+        backend: Any,
+        tokenizer: Any,
+        settings: Settings,
+        conversation: Conversation,
+        store: ConversationStore | None = None,
+        warn: Callable[[str], None] = lambda _: None,
+        reuse_context: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.conversation = conversation
+        self.store = store
+        self.warn = warn
+        self.reuse_context = reuse_context
+        self.settings = settings
+        if conversation.sampling:
+            self.settings = with_sampling(settings, **conversation.sampling)
+        self.kv = KVSession(backend)
+        self.last_stats: Stats | None = None
+        self.prompt_tokens = 0
+        self._warned_trim = False
+
+    # -- context ---------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return int(self.backend.info.context_length)
+
+    def reserve(self) -> int:
+        """Room kept free for the reply."""
+        return max(1, min(self.settings.sampling.max_tokens, self.context_length // 2))
+
+    def encode_window(self) -> list[int]:
+        return build_prompt(self.tokenizer, self.conversation.window(), plain=transcript).ids
+
+    def fit(self) -> list[int]:
+        """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit."""
+        conv = self.conversation
+        ids = self.encode_window()
+        limit = self.context_length - self.reserve()
+        dropped = 0
+        while len(ids) > limit:
+            nxt = self._next_exchange_start(conv.window_start)
+            if nxt is None:
+                raise InputError(
+                    f"the message needs {len(ids)} tokens with the chat template; "
+                    f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
+                    hint="shorten it, or lower max_tokens with /set max_tokens N",
+                )
+            dropped += nxt - conv.window_start
+            conv.window_start = nxt
+            ids = self.encode_window()
+        if dropped and not self._warned_trim:
+            self.warn(
+                "the conversation outgrew the context: the oldest exchanges are no longer sent to the model "
+                "(they stay saved; /show says how many)"
+            )
+            self._warned_trim = True
+        self.prompt_tokens = len(ids)
+        return ids
+
+    def _next_exchange_start(self, start: int) -> int | None:
+        """Index of the second user message at or after `start` (so the last one is always kept)."""
+        msgs = self.conversation.messages
+        users = [i for i in range(start, len(msgs)) if msgs[i]["role"] == "user"]
+        return users[1] if len(users) > 1 else None
+
+    # -- turns -----------------------------------------------------------------------------------
+
+    def say(self, text: str) -> Turn:
+        """Append a user message (saved at once) and start the reply."""
+        if not text.strip():
+            raise InputError("the message is empty")
+        self.conversation.messages.append({"role": "user", "content": text, "time": now()})
+        try:
+            ids = self.fit()
+        except InputError:
+            self.conversation.messages.pop()
+            raise
+        self.save()
+        return self._reply(ids)
+
+    def retry(self) -> Turn:
+        """Drop the last reply and generate it again for the same user message."""
+        msgs = self.conversation.messages
+        if not msgs:
+            raise UsageError("nothing to retry yet")
+        if msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        return self._reply(self.fit())
+
+    def _reply(self, ids: list[int]) -> Turn:
+        if not self.reuse_context:
+            self.kv = KVSession(self.backend)
+        return Turn(self, generate(self.backend, self.tokenizer, ids, self.settings.sampling, session=self.kv))
+
+    def _record_reply(self, text: str, interrupted: bool, stats: Stats | None) -> None:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "time": now()}
+        if interrupted:
+            message["interrupted"] = True
+            # An interrupt can land inside a forward pass and leave the cache half-written: start clean.
+            self.kv = KVSession(self.backend)
+        if stats is not None:
+            self.last_stats = stats
+            message["stats"] = stats.as_dict()
+        self.conversation.messages.append(message)
+        self.save()
+
+    def undo(self) -> int:
+        """Drop the last exchange (the last user message and what followed it); returns messages removed."""
+        msgs = self.conversation.messages
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise UsageError("nothing to undo")
+        removed = len(msgs) - users[-1]
+        del msgs[users[-1] :]
+        self.conversation.window_start = min(self.conversation.window_start, len(msgs))
+        self.save()
+        return removed
+
+    def reset(self) -> None:
+        """Start a new conversation with the same model, system message and settings."""
+        old = self.conversation
+        self.conversation = Conversation(model=old.model, system=old.system, sampling=dict(old.sampling))
+        self._warned_trim = False
+
+    def load(self, conv: Conversation) -> None:
+        """Continue a conversation loaded from a file, as a new saved conversation."""
+        conv = replace(conv, id=new_id(), model=self.conversation.model)
+        self.conversation = conv
+        if conv.sampling:
+            self.settings = with_sampling(self.settings, **conv.sampling)
+        self._warned_trim = False
+        self.save()
+
+    def set_system(self, text: str) -> None:
+        self.conversation.system = text or None
+        self.save()
+
+    def set_sampling(self, key: str, raw: str) -> Any:
+        value = parse_setting(key, raw)
+        self.settings = with_sampling(self.settings, **{key: value})
+        stored = getattr(self.settings.sampling, key)
+        self.conversation.sampling[key] = list(stored) if isinstance(stored, tuple) else stored
+        self.save()
+        return stored
+
+    def save(self) -> None:
+        if self.store is not None and self.conversation.messages:
+            self.store.save(self.conversation)
+
+    def budget(self) -> tuple[int, int]:
+        """(tokens the window uses now, tokens left in the context)."""
+        try:
+            used = len(self.encode_window())
+        except GptcliError:
+            used = self.prompt_tokens
+        return used, max(self.context_length - used, 0)
+
+
+def open_conversation(
+    resolved: Resolved, store: ConversationStore, *, latest: bool = False, ref: str | None = None
+) -> tuple[Settings, Conversation]:
+    """The conversation to hold (a new one, the latest, or `ref`) and the settings to hold it with.
+
+    A resumed conversation keeps its model unless one is given now, takes a new system message only
+    when one is given now, and gets back its `/set` changes except those given again as flags.
+    """
+    settings = resolved.settings
+    conversation = store.latest() if latest else store.load(ref) if ref else None
+    if conversation is None:
+        conversation = Conversation(system=settings.system)
+    else:
+        if conversation.model and resolved.sources["model"] == "default":
+            settings = replace(settings, model=conversation.model)
+        if resolved.sources["system"] != "default":
+            conversation.system = settings.system
+        for key in list(conversation.sampling):
+            if resolved.sources.get(f"sampling.{key}") == "flag":
+                del conversation.sampling[key]
+    if Path(settings.model).expanduser().exists():  # a folder or file: remember where, for a later --resume
+        settings = replace(settings, model=str(Path(settings.model).expanduser().resolve()))
+    conversation.model = settings.model
+    return settings, conversation

@@ -1,0 +1,153 @@
+"""The interactive side of `gptcli chat`: prompt_toolkit for input, Ctrl-C handling, streamed replies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import typer
+
+from gptcli.cli import render
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+
+
+class SecondInterrupt(BaseException):
+    """A second Ctrl-C during the same reply: leave the program (exit 130) after saving."""
+
+
+class CancelledMessage(Exception):
+    """Ctrl-C at a continuation prompt: forget the message being typed."""
+
+
+class ReplyInterrupts:
+    """SIGINT handling while a reply streams: the first stops the reply, the second exits."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count >= 2:
+            raise SecondInterrupt
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> ReplyInterrupts:
+        self.count = 0
+        self._previous = signal.signal(signal.SIGINT, self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def stream_plain(turn: Any) -> bool:
+    """Write the reply as it comes (any Ctrl-C stops it, keeping the partial reply); return whether it was cut."""
+    try:
+        with ReplyInterrupts():
+            render.stream_text(turn)
+    except (KeyboardInterrupt, SecondInterrupt):
+        turn.close()
+    return turn.interrupted
+
+
+class Repl:
+    """The interactive loop: prompt_toolkit for input, Rich Live Markdown (or raw text) for replies."""
+
+    def __init__(self, session: Any, backend_name: str, *, markdown: bool) -> None:
+        self.session = session
+        self.backend_name = backend_name
+        self.markdown = markdown
+        self.err = render.stderr_console()
+        self.prompt = self._make_prompt()
+
+    def _make_prompt(self) -> Any:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        from gptcli.paths import data_dir
+
+        history_file = data_dir() / "chat-input-history"
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        history_file.touch(mode=0o600, exist_ok=True)
+        os.chmod(history_file, 0o600)
+        bindings = KeyBindings()
+
+        @bindings.add("escape", "enter")
+        def _newline(event: Any) -> None:
+            event.current_buffer.insert_text("\n")
+
+        @bindings.add("c-c")
+        def _interrupt(event: Any) -> None:
+            buffer = event.current_buffer
+            if buffer.text:
+                buffer.reset()  # Ctrl-C on a half-typed line clears it
+            else:
+                event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
+
+        return PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, multiline=False)
+
+    def read(self, continuation: bool = False) -> str:
+        return self.prompt.prompt("... " if continuation else ">>> ")
+
+    def _more(self) -> str | None:
+        try:
+            return self.read(continuation=True)
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            raise CancelledMessage from None
+
+    def run(self) -> None:
+        from gptcli.chat import collect_message, dispatch
+
+        conv = self.session.conversation
+        resumed = f" · resumed {conv.id} ({len(conv.messages)} messages)" if conv.messages else ""
+        self.err.print(
+            f"gptcli chat · {conv.model}{resumed} · /help for commands · Ctrl-D to leave", markup=False, style="dim"
+        )
+        while True:
+            try:
+                text = collect_message(self.read(), self._more)
+            except CancelledMessage:  # Ctrl-C inside a """ block drops the block, not the session
+                continue
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not text.strip():
+                continue
+            try:
+                step = dispatch(self.session, text, self.backend_name)
+            except GptcliError as exc:
+                render.report(exc)
+                continue
+            if step.output:
+                print(step.output, flush=True)
+            if step.exit:
+                break
+            if step.turn is not None:
+                self.show_reply(step.turn)
+        if self.session.conversation.messages:
+            conv_id = self.session.conversation.id
+            self.err.print(f"saved as {conv_id} · gptcli chat --resume {conv_id}", markup=False, style="dim")
+
+    def show_reply(self, turn: Any) -> None:
+        """Stream one reply. First Ctrl-C: stop it, keep it; second Ctrl-C: save and exit 130."""
+        try:
+            with ReplyInterrupts():
+                if self.markdown:
+                    render.stream_markdown(turn)
+                else:
+                    render.stream_text(turn)
+        except KeyboardInterrupt:
+            turn.close()
+        except SecondInterrupt:
+            turn.close()
+            if self.markdown:  # the plain stream has ended its line already
+                sys.stdout.write("\n")
+            self.err.print("interrupted", style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if turn.interrupted:
+            self.err.print("[interrupted: the partial reply is kept]", markup=False, style="yellow")

@@ -1,0 +1,166 @@
+"""Everything the CLI shows: the consoles, notes and warnings, error lines, streamed model text, the stats
+line and stage progress. Model text is written literally, never parsed as Rich markup.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from gptcli.errors import GptcliError
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Any:
+    """Tables on stdout: terminal width on a TTY; wide enough to never cut a path in a pipe."""
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty()
+    return Console(highlight=False, soft_wrap=True, width=240 if piped else None)
+
+
+def note(message: str) -> None:
+    """A progress or warning line on stderr (model text never goes through here)."""
+    stderr_console().print(message, markup=False, style="dim")
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"warning: {message}", markup=False, style="yellow")
+
+
+def report(error: GptcliError) -> None:
+    """`error: …` and, where there is one, `hint: …` on stderr."""
+    console = stderr_console()
+    console.print(f"error: {error.message}", markup=False, style="bold red")
+    if error.hint:
+        console.print(f"hint: {error.hint}", markup=False)
+
+
+def stream_text(events: Iterable[Any], out: TextIO | None = None, *, show: bool = True) -> Any:
+    """Write each Token's text as it comes; return the Finished event (None if cut short by Ctrl-C).
+
+    The text ends with a newline; an interrupted reply always gets one, so the next output starts clean.
+    A KeyboardInterrupt between events is re-raised after that newline: what was written stays written.
+    """
+    from gptcli.decoding import Token
+
+    out = out or sys.stdout
+    finished = None
+    last = ""
+    try:
+        for event in events:
+            if not isinstance(event, Token):
+                finished = event
+            elif show and event.text:
+                out.write(event.text)
+                out.flush()
+                last = event.text
+    finally:
+        interrupted = finished is None or finished.reason == "interrupted"
+        if show and (interrupted or not last.endswith("\n")):
+            out.write("\n")
+            out.flush()
+    return finished
+
+
+def stream_markdown(events: Iterable[Any]) -> None:
+    """Render a reply as Markdown on stdout, redrawn live as tokens arrive (a terminal only)."""
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    from gptcli.decoding import Token
+
+    text = ""
+    with Live(console=stdout_console(), refresh_per_second=12, vertical_overflow="visible") as live:
+        for event in events:
+            if isinstance(event, Token) and event.text:
+                text += event.text
+                live.update(Markdown(text))
+
+
+def result_fields(finished: Any) -> dict[str, Any]:
+    """A finished reply for `--json`: text, finish reason, OpenAI-style usage, timings."""
+    stats = finished.stats
+    return {
+        "text": finished.text,
+        "finish_reason": finished.reason,
+        "usage": {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        },
+        "timings": {
+            "ttft_s": round(stats.ttft_s, 4),
+            "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "total_s": round(stats.total_s, 4),
+        },
+    }
+
+
+def print_stats(finished: Any, backend: str, device: str, seed: int | None) -> None:
+    """The `--stats` line on stderr: timings, why it stopped, where it ran, the seed."""
+    from gptcli.timings import timings_line
+
+    stderr_console().print(
+        f"{timings_line(finished.stats)} · finish {finished.reason} · {backend}/{device} · seed {seed}",
+        markup=False,
+        style="dim",
+    )
+
+
+class StageProgress:
+    """Rich bars on stderr (a terminal only) for a core `progress(stage, done, total)` callback.
+
+    One bar per stage; a stage gets its bar once it has run for `show_after` seconds, so quick steps
+    show none. `transient` bars disappear when the work is done.
+    """
+
+    def __init__(self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True) -> None:
+        self.console = stderr_console()
+        self.enabled = enabled and self.console.is_terminal
+        self.show_after = show_after
+        self.transient = transient
+        self.progress: Any = None
+        self.started: dict[str, float] = {}
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        started = self.started.setdefault(stage, now)
+        if stage not in self.tasks:
+            if now - started < self.show_after:
+                return
+            self.tasks[stage] = self._bars().add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def _bars(self) -> Any:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=self.transient,
+            )
+            self.progress.start()
+        return self.progress

@@ -1,0 +1,24 @@
+"""From a command's flags to Settings: each command names its flags explicitly, this resolves every layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
+    """Build Settings from all layers; flag names are Settings keys (sampling ones un-prefixed).
+
+    A flag left at None was not given, so config files and the environment may supply the value.
+    """
+    from gptcli.config import FIELDS, resolve
+
+    dotted: dict[str, Any] = {}
+    for name, value in flags.items():
+        key = name if name in FIELDS else f"sampling.{name}"
+        if key not in FIELDS:
+            raise TypeError(f"resolve_settings: no setting named {name!r}")
+        if name == "stop" and value is not None:
+            value = tuple(value) or None
+        dotted[key] = value
+    return resolve(config_file=config_file, flags=dotted)

@@ -1,0 +1,22 @@
+"""A reply's timings as one line of text: the `--stats` line of generate and the `/stats` of chat.
+
+Plain text (no Rich): the CLI renders it; chat's slash commands return it.
+"""
+
+from __future__ import annotations
+
+from gptcli.decoding import Stats
+
+
+def timings_line(stats: Stats, *, reused: bool = False) -> str:
+    """`prompt … tok · TTFT … ms · prefill … tok/s · … new tok · decode … tok/s · total … s`.
+
+    `reused` adds how many prompt tokens came from the previous turn's cache (chat).
+    """
+    prompt = f"prompt {stats.prompt_tokens} tok"
+    if reused:
+        prompt += f" ({stats.cached_tokens} reused from the last turn)"
+    return (
+        f"{prompt} · TTFT {stats.ttft_s * 1000:.0f} ms · prefill {stats.prefill_tokens_per_s:.1f} tok/s"
+        f" · {stats.new_tokens} new tok · decode {stats.decode_tokens_per_s:.1f} tok/s · total {stats.total_s:.2f} s"
+    )
