@@ -22,6 +22,7 @@ def tok(tiny_models):
 @dataclass
 class TextCache:
     ids: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # the rest of this sequence's scripted reply
 
     @property
     def length(self):
@@ -39,7 +40,6 @@ class ReadingBackend:
         self.info = ModelInfo("reading", "Reading", context, tok.vocab_size, 0, 0, "float32", "cpu")
         self.prompts: list[tuple[str, str, int]] = []  # (kind, full prompt text, prompt tokens)
         self.part_words = part_words
-        self.pending: list[int] = []
         self.expected_partials = None
 
     def new_cache(self):
@@ -63,9 +63,9 @@ class ReadingBackend:
                 n = sum(1 for k, _, _ in self.prompts if k == "map") + 1
                 answer = f"Part {n} " + "word " * self.part_words
             self.prompts.append((kind, text, len(cache.ids)))
-            self.pending = [*self.tok.encode(answer.strip(), add_special_tokens=False), min(self.tok.eos_ids)]
+            cache.pending = [*self.tok.encode(answer.strip(), add_special_tokens=False), min(self.tok.eos_ids)]
         logits = np.zeros(self.tok.vocab_size, dtype=np.float32)
-        logits[self.pending.pop(0) if self.pending else min(self.tok.eos_ids)] = 50.0
+        logits[cache.pending.pop(0) if cache.pending else min(self.tok.eos_ids)] = 50.0
         return logits, cache
 
 

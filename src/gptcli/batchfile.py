@@ -131,6 +131,18 @@ def parse_request(
         return BatchRequest(number, line_id, error=exc.message)
 
 
+def count_lines(path: Path) -> int | None:
+    """Non-blank lines in a file, read in bounded blocks (for a progress total); None for stdin."""
+    if str(path) == "-":
+        return None
+    lines, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
 def completed_ids(output: Path) -> set[str]:
     """The ids already in an output file (for --resume); a torn last line is ignored."""
     done: set[str] = set()
@@ -204,6 +216,7 @@ def run_batch(
     *,
     skip: set[str] = frozenset(),  # type: ignore[assignment]
     on_token: Callable[[int], None] | None = None,
+    on_result: Callable[[BatchSummary], None] | None = None,
 ) -> BatchSummary:
     """Run every request through the engine; write each result (or the line's error) in order."""
     summary = BatchSummary()
@@ -227,6 +240,8 @@ def run_batch(
             if request.error is not None or request.settings is None:
                 summary.failed += 1
                 writer.add(request.index, error_record(request.id, request.error or "bad request"))
+                if on_result is not None:
+                    on_result(summary)
                 continue
             by_index[len(by_index)] = request
             yield request.prompt_ids, request.settings.sampling
@@ -243,6 +258,8 @@ def run_batch(
                 summary.failed += "error" in record
                 summary.completion_tokens += event.stats.new_tokens
                 writer.add(request.index, record)
+                if on_result is not None:
+                    on_result(summary)
             elif on_token is not None and event.id is not None:
                 on_token(1)
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ COMBINE_USER = (
 )
 
 MIN_PARALLEL_CHUNK = 384  # tokens: below this a chunk's instructions outweigh its text
+DEFAULT_PARALLEL = 8  # chunks summarised together when --parallel is not given (and the KV budget allows)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class Summarizer:
         *,
         progress: Progress | None = None,
         variables: dict[str, str] | None = None,
-        parallel: int = 1,
+        parallel: int | None = None,
         kv_budget_tokens: int | None = None,
     ) -> None:
         self.backend = backend
@@ -197,10 +198,13 @@ class Summarizer:
         # Only the variables this template uses (a user's own summarize template may not have them all).
         self.variables = {k: v for k, v in (variables or {}).items() if k in template.fields}
         self.context = int(backend.info.context_length)
-        if parallel < 1:
+        if parallel is not None and parallel < 1:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
-        self.engine = Engine(backend, tokenizer, EngineLimits(max_running=parallel, kv_budget_tokens=kv_budget_tokens))
-        self.parallel = parallel
+        limits = EngineLimits(max_running=parallel or DEFAULT_PARALLEL, kv_budget_tokens=kv_budget_tokens)
+        self.engine = Engine(backend, tokenizer, limits)
+        # Without --parallel: as many chunks at once as the KV budget holds at a typical chunk's size.
+        per_chunk = min(self.context, MIN_PARALLEL_CHUNK * 4) + sampling.max_tokens
+        self.parallel = parallel or max(1, min(DEFAULT_PARALLEL, self.engine.kv_budget // per_chunk))
 
     # -- token accounting ----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.inputs import gather_prompt
 from gptcli.cli.settings import resolve_settings
-from gptcli.errors import EXIT_INTERRUPTED
+from gptcli.errors import EXIT_INTERRUPTED, UsageError
 
 
 def generate(
@@ -48,6 +48,13 @@ def generate(
     question: Annotated[
         str | None, typer.Option("--question", help="Answer QUESTION from the input (the qa template).")
     ] = None,
+    batch: Annotated[
+        Path | None, typer.Option("--batch", help="A JSONL file of requests (prompt or messages per line).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="With --batch: append results here.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="With --batch: skip ids already in --output.")] = False,
+    parallel: c.ParallelOpt = None,
+    kv_budget: c.KvBudgetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     config: c.ConfigOpt = None,
@@ -63,6 +70,7 @@ def generate(
       gptcli generate -f article.txt --template translate --var to=French
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
+      gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
     """
     resolved = resolve_settings(
         config,
@@ -86,6 +94,14 @@ def generate(
         trust_remote_code=trust_remote_code,
     )
     settings = resolved.settings
+    if batch is not None:
+        from gptcli.cli.batch_run import run_batch_file
+
+        if prompt is not None or file is not None or template is not None or to or question:
+            raise UsageError("--batch takes its prompts from the file", hint="drop the prompt, -f and --template")
+        return run_batch_file(settings, batch, output=output, resume=resume, parallel=parallel, kv_budget=kv_budget)
+    if output is not None or resume:
+        raise UsageError("--output and --resume go with --batch", hint="redirect stdout to save a single completion")
     # --to and --question are shorthands for the translate and qa templates' variables.
     for name, value, implied in (("to", to, "translate"), ("question", question, "qa")):
         if value is not None:
@@ -100,8 +116,6 @@ def generate(
         chosen.bind(variables)  # a missing or unknown variable fails here, before reading input or loading
         settings = apply_sampling_defaults(resolved, chosen)
     elif var:
-        from gptcli.errors import UsageError
-
         raise UsageError("--var needs --template", hint="e.g. --template translate --var to=French")
     text = gather_prompt(prompt, file)
     if chosen is not None:

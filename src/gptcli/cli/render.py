@@ -139,7 +139,8 @@ class StageProgress:
         if self.progress is not None:
             self.progress.stop()
 
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
+    def __call__(self, stage: str, done: int, total: int | None, detail: str = "") -> None:
+        """Update `stage`'s bar; `detail` is free text after it (tokens, rate, ETA)."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -147,8 +148,8 @@ class StageProgress:
         if stage not in self.tasks:
             if now - started < self.show_after:
                 return
-            self.tasks[stage] = self._bars().add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+            self.tasks[stage] = self._bars().add_task(stage, total=total, detail=detail)
+        self.progress.update(self.tasks[stage], completed=done, total=total, detail=detail)
 
     def _bars(self) -> Any:
         if self.progress is None:
@@ -159,6 +160,7 @@ class StageProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
+                TextColumn("{task.fields[detail]}", markup=False),
                 console=self.console,
                 transient=self.transient,
             )

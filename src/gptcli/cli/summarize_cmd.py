@@ -14,7 +14,7 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.inputs import read_stdin_if_piped
 from gptcli.cli.settings import resolve_settings
-from gptcli.errors import InputError
+from gptcli.errors import EXIT_INTERRUPTED, InputError
 from gptcli.textio import read_text_file
 
 
@@ -43,6 +43,8 @@ def summarize(
     repetition_penalty: c.RepetitionPenaltyOpt = None,
     max_tokens: c.MaxTokensOpt = None,
     seed: c.SeedOpt = None,
+    parallel: c.ParallelOpt = None,
+    kv_budget: c.KvBudgetOpt = None,
     config: c.ConfigOpt = None,
     allow_pickle: c.AllowPickleOpt = None,
     trust_remote_code: c.TrustRemoteCodeOpt = None,
@@ -54,9 +56,11 @@ def summarize(
       gptcli summarize paper.txt --length short --format bullets
       gptcli summarize big.txt --strategy map-reduce --chunk-tokens 1500 --overlap 100
       gptcli summarize notes.md --json
+      gptcli summarize book.txt --parallel 4 --kv-budget 1GiB
     """
+    from gptcli.engine import parse_kv_budget
     from gptcli.runtime import open_runtime
-    from gptcli.summarize import FORMATS, LENGTHS, Summarizer, SummaryOptions
+    from gptcli.summarize import FORMATS, LENGTHS, Summarizer, SummaryInterrupted, SummaryOptions
     from gptcli.templates import apply_sampling_defaults, get_template
 
     options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
@@ -85,16 +89,25 @@ def summarize(
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
     text = _read_input(file)
     runtime = open_runtime(settings, render.note)
+    budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     with render.StageProgress() as progress:
         summarizer = Summarizer(
             runtime.backend,
             runtime.tokenizer,
             template,
             settings.sampling,
-            progress=lambda update: progress(update.stage, update.done, update.total),
+            progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
             variables={"length": LENGTHS[length][0], "format": FORMATS[fmt]},
+            parallel=parallel,
+            kv_budget_tokens=budget,
         )
-        result = summarizer.run(text, options)
+        try:
+            result = summarizer.run(text, options)
+        except SummaryInterrupted as stop:
+            result = stop.result
+    if result.interrupted:
+        _print_partial(result, as_json)
+        raise typer.Exit(EXIT_INTERRUPTED)
     if result.strategy == "map-reduce":
         render.note(
             f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, "
@@ -111,6 +124,25 @@ def summarize(
     else:
         sys.stdout.write(result.summary.rstrip("\n") + "\n")
         sys.stdout.flush()
+
+
+def _detail(update) -> str:
+    """`1,024 tokens, 61.2 tok/s, ETA 0:12` for the progress bar."""
+    eta = f", ETA {int(update.eta_s) // 60}:{int(update.eta_s) % 60:02d}" if update.eta_s is not None else ""
+    return f"{update.tokens:,} tokens, {update.tokens_per_s:.1f} tok/s{eta}" if update.tokens else ""
+
+
+def _print_partial(result, as_json: bool) -> None:
+    """Ctrl-C: the chunk summaries that finished go to stdout (JSON: marked partial), then exit 130."""
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
+    elif result.partials:
+        sys.stdout.write("\n\n".join(p.rstrip("\n") for p in result.partials) + "\n")
+        sys.stdout.flush()
+    done = len(result.partials)
+    render.stderr_console().print(
+        f"interrupted: {done} of {len(result.chunks) or 1} chunk summaries were finished", style="yellow", markup=False
+    )
 
 
 def _read_input(file: Path | None) -> str:

@@ -1,0 +1,92 @@
+"""`gptcli generate --batch FILE`: run a JSONL file of requests concurrently, results as JSONL."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import typer
+
+from gptcli.cli import render
+from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
+
+
+def run_batch_file(
+    settings: Any,
+    batch: Path,
+    *,
+    output: Path | None,
+    resume: bool,
+    parallel: int | None,
+    kv_budget: str | None,
+) -> None:
+    """Load the model once, run every line through the engine, write results in input order."""
+    from gptcli.batchfile import ResultWriter, completed_ids, count_lines, parse_request, read_lines, run_batch
+    from gptcli.engine import Engine, EngineLimits, parse_kv_budget
+    from gptcli.runtime import open_runtime
+
+    if resume and output is None:
+        raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
+    if output is not None and output.exists() and not resume and output.stat().st_size > 0:
+        raise UsageError(f"{output} already holds results", hint="pass --resume to continue it, or remove it")
+    try:
+        source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
+    except OSError as exc:
+        raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
+    runtime = open_runtime(settings, render.note)
+    info = runtime.backend.info
+    budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
+    limits = EngineLimits(max_running=parallel or 8, kv_budget_tokens=budget)
+    engine = Engine(runtime.backend, runtime.tokenizer, limits)
+    skip = completed_ids(output) if resume and output is not None else set()
+    if skip:
+        render.note(f"resuming: {len(skip)} results already in {output}")
+    requests = (
+        parse_request(number, raw, runtime.tokenizer, settings, info.context_length)
+        for number, raw in read_lines(source)
+    )
+    sink: IO[str]
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(output.open("a", encoding="utf-8")) if output is not None else sys.stdout
+        bar = stack.enter_context(render.StageProgress())
+        counter = _TokenRate(bar, count_lines(batch))
+        summary = run_batch(
+            engine, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result
+        )
+    render.note(
+        f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
+        f"{summary.completion_tokens} tokens at {counter.rate():.1f} tok/s"
+    )
+    if summary.interrupted:
+        render.stderr_console().print(
+            "interrupted: the finished results are written" + (f"; rerun with --resume -o {output}" if output else ""),
+            style="yellow",
+            markup=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+class _TokenRate:
+    """The progress line: results done of the lines in the file, tokens generated and tokens per second."""
+
+    def __init__(self, bar: render.StageProgress, lines: int | None) -> None:
+        self.bar = bar
+        self.lines = lines
+        self.done = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def result(self, summary: Any) -> None:
+        self.done = summary.ok + summary.failed + summary.skipped
+        self(0)
+
+    def __call__(self, count: int) -> None:
+        self.tokens += count
+        self.bar("batch", self.done, self.lines, f"{self.tokens} tokens, {self.rate():.1f} tok/s")
