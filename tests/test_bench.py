@@ -372,7 +372,7 @@ def test_train_mode_arithmetic_with_an_injected_clock():
 
 
 def test_peak_flops_table_and_cpu_estimate():
-    from gptcli.bench.train import peak_tflops_for
+    from gptcli.hardware import peak_tflops_for
 
     assert peak_tflops_for("cuda", "NVIDIA H100 80GB HBM3", 1, half=True) == (989.0, "H100 dense 16-bit")
     assert peak_tflops_for("cuda", "NVIDIA A100-SXM4-40GB", 1, half=False)[0] == 19.5

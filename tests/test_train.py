@@ -60,7 +60,7 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     assert json.loads((out / "run.json").read_text())["latest"] == "step-0000020"
     steps = [r for r in records(out) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 21))
-    from gptcli.train.loop import peak_flops
+    from gptcli.hardware import peak_flops
 
     if peak_flops("cpu", False):  # MFU against cores x clock x SIMD when the clock is readable
         assert all(0 < r["mfu"] < 1 for r in steps)

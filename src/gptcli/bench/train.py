@@ -19,69 +19,6 @@ from gptcli.bench.stats import mean, sample_sd
 Notify = Callable[[str], None]
 CHAR_VOCAB = 65  # nanoGPT's Shakespeare character set: the vocabulary a char preset ends up with
 
-# Dense peak TFLOPS (no sparsity): (16-bit tensor cores, fp32). Matched by substring of the device name.
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
-    "T4": (65.0, 8.1),
-    "V100": (125.0, 15.7),
-    "RTX 4090": (165.2, 82.6),
-    "RTX 3090": (71.0, 35.6),
-}
-
-
-def cpu_flops_per_cycle() -> tuple[int, str]:
-    """fp32 FLOPs per cycle per core from the SIMD flags (two FMA units assumed)."""
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        flags = []
-    if "avx512f" in flags:
-        return 64, "AVX-512 FMA"
-    if "avx2" in flags and "fma" in flags:
-        return 32, "AVX2 FMA"
-    return 16, "SSE/NEON"
-
-
-def cpu_ghz() -> float | None:
-    try:
-        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1]) / 1000
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def peak_tflops_for(device: str, device_name: str, threads: int, half: bool) -> tuple[float | None, str]:
-    """(peak TFLOPS, where the number comes from) for MFU; None when unknown."""
-    if device.startswith("cuda"):
-        for key, (tensor, fp32) in GPU_PEAK_TFLOPS.items():
-            if key in device_name:
-                return (tensor, f"{key} dense 16-bit") if half else (fp32, f"{key} fp32")
-        return None, f"unknown GPU '{device_name}': pass --peak-tflops"
-    ghz = cpu_ghz()
-    if ghz is None:
-        return None, "unknown CPU clock: pass --peak-tflops"
-    per_cycle, simd = cpu_flops_per_cycle()
-    return threads * ghz * per_cycle / 1000, f"est. {threads} cores × {ghz:.2f} GHz × {per_cycle} ({simd})"
-
 
 def train_config(preset: str | None, config_file: Path | None) -> Any:
     from gptcli.train.config import load_config
@@ -94,7 +31,7 @@ def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gptcli.backends.torch_backend import quiet_transformers
+    from gptcli.hardware import quiet_transformers
     from gptcli.train.loop import new_gpt2
 
     quiet_transformers()
@@ -115,8 +52,8 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
     import torch
     import torch.nn.functional as F
 
-    from gptcli.backends.torch_backend import resolve_device
     from gptcli.bench.measure import peak_memory
+    from gptcli.hardware import cuda_device_name, peak_tflops_for, resolve_device
     from gptcli.train.config import load_config
     from gptcli.train.loop import flops_per_token, mixed_precision, new_optimizer
 
@@ -174,8 +111,8 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
 
     tokens = batch * accum * block
     flops = flops_per_token(model, block) * tokens
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    peak, source = peak_tflops_for(device, name, threads or torch.get_num_threads(), half is not None)
+    used_threads = threads or torch.get_num_threads()
+    peak, source = peak_tflops_for(device, cuda_device_name(device), used_threads, half is not None)
     if job.get("peak_tflops"):
         peak, source = float(job["peak_tflops"]), "--peak-tflops"
     rates = [tokens / s for s in samples]

@@ -91,9 +91,10 @@ def bench(
 
     from gptcli.bench import baseline as base_mod
     from gptcli.bench import report, spec
-    from gptcli.bench.environment import default_threads, environment
+    from gptcli.bench.environment import environment
     from gptcli.bench.runner import plan_configs, run_plan
     from gptcli.config import FIELDS, coerce
+    from gptcli.hardware import default_threads
 
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gptcli.errors import ConfigError
+from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.models import TOKENIZER_FILES
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
@@ -29,22 +30,6 @@ from gptcli.train.data import EOT, UNK, TokenData, prepare
 from gptcli.train.errors import DivergedError, RunError
 
 Report = Callable[[str, dict[str, Any]], None]
-# Peak dense bf16 throughput used for MFU on a GPU that the bench's table does not know, as nanoGPT
-# does (A100: 312 TFLOPS).
-PEAK_FLOPS_CUDA = 312e12
-
-
-def peak_flops(device: str, amp: bool) -> float | None:
-    """The peak FLOP/s of one process's device, for MFU: the GPU table, or cores × clock × SIMD on a CPU."""
-    import torch
-
-    from gptcli.bench.train import peak_tflops_for
-
-    if device.startswith("cuda"):
-        peak, _ = peak_tflops_for(device, torch.cuda.get_device_name(device), 1, amp)
-        return peak * 1e12 if peak else PEAK_FLOPS_CUDA
-    peak, _ = peak_tflops_for("cpu", "", torch.get_num_threads(), False)
-    return peak * 1e12 if peak else None
 
 
 def _quiet(_: str, __: dict[str, Any]) -> None:
@@ -237,7 +222,7 @@ def resolve_run(
         from gptcli.models import context_length, read_config
 
         block = min(block, context_length(read_config(init_folder)))
-    dist = setup_distributed("cpu" if cfg.train.device == "cpu" else _cuda_or_cpu())
+    dist = setup_distributed(resolve_device("cpu" if cfg.train.device == "cpu" else "auto"))
     if not dist.main:
         barrier(dist)  # rank 0 tokenizes and fills the cache first; the others then read it
         notify = _silent
@@ -268,17 +253,11 @@ def _silent(_: str) -> None:
     pass
 
 
-def _cuda_or_cpu() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_model(setup: RunSetup) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gptcli.backends.torch_backend import quiet_transformers
+    from gptcli.hardware import quiet_transformers
 
     quiet_transformers()
     if setup.resume_from is not None:
@@ -394,24 +373,14 @@ class _Signals:
 
 def train(setup: RunSetup, report: Report = _quiet) -> dict[str, Any]:
     """Train to cfg.train.max_iters (or until a signal). Returns the summary; only rank 0 writes."""
-    import torch
-
-    cfg, dist = setup.cfg, setup.dist
-    report = report if dist.main else _quiet
-    threads_before = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    report = report if setup.dist.main else _quiet
+    with torch_threads(setup.cfg.train.threads):
         return _train(setup, report)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-
-    from gptcli.backends.torch_backend import resolve_device
 
     cfg, dist = setup.cfg, setup.dist
     device = resolve_device(cfg.train.device)
