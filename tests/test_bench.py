@@ -13,8 +13,9 @@ import pytest
 from gptcli.bench import baseline as base_mod
 from gptcli.bench import report, spec
 from gptcli.bench.measure import time_micro, time_requests
+from gptcli.bench.plan import plan_configs
 from gptcli.bench.roofline import BYTES_PER_WEIGHT, DecodeShape, decode_shape, percent_of_floor, roofline_tokens_per_s
-from gptcli.bench.runner import add_roofline, add_speedups, micro_record, plan_configs
+from gptcli.bench.runner import add_roofline, add_speedups, micro_record
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import distribution, mean, percentile, sample_sd
 from gptcli.config import SamplingConfig
@@ -343,7 +344,9 @@ def test_bandwidth_is_cached_until_remeasured(monkeypatch, isolated_home):
 
 
 def test_train_mode_arithmetic_with_an_injected_clock():
+    from gptcli.bench.job import Job
     from gptcli.bench.train import run_train_job, train_config
+    from gptcli.config import Settings
 
     cfg = train_config("tiny", None)
     ticks = iter(range(10_000))
@@ -351,14 +354,7 @@ def test_train_mode_arithmetic_with_an_injected_clock():
     def clock() -> float:  # every iteration reads the clock twice: each one takes exactly 0.25 s
         return next(ticks) * 0.25
 
-    job = {
-        "mode": "train",
-        "train_config": cfg.to_dict(),
-        "model_name": "tiny",
-        "reps": 3,
-        "peak_tflops": 0.001,
-        "settings": {"threads": 1, "device": "cpu"},
-    }
+    job = Job("train", "tiny", 3, Settings(threads=1, device="cpu"), train_config=cfg.to_dict(), peak_tflops=0.001)
     (record,) = run_train_job(job, notify=lambda _: None, clock=clock)["records"]
     tokens = 4 * 16  # batch 4 × block 16
     assert record["test"] == "train b4x16" and record["tokens_per_iter"] == tokens
@@ -372,7 +368,7 @@ def test_train_mode_arithmetic_with_an_injected_clock():
 
 
 def test_peak_flops_table_and_cpu_estimate():
-    from gptcli.bench.train import peak_tflops_for
+    from gptcli.hardware import peak_tflops_for
 
     assert peak_tflops_for("cuda", "NVIDIA H100 80GB HBM3", 1, half=True) == (989.0, "H100 dense 16-bit")
     assert peak_tflops_for("cuda", "NVIDIA A100-SXM4-40GB", 1, half=False)[0] == 19.5

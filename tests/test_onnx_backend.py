@@ -72,9 +72,9 @@ def test_fp16_on_cpu_is_a_backend_error(tiny_models):
 
 
 def test_cuda_unusable_is_exit_4_and_auto_runs_on_the_cpu(tiny_models):
-    from gptcli.backends.onnx_backend import cuda_unusable_reason
+    from gptcli.hardware import ONNXRUNTIME, cuda_unusable_reason
 
-    reason = cuda_unusable_reason()
+    reason = cuda_unusable_reason(ONNXRUNTIME)
     if reason is None:
         pytest.skip("CUDA is usable here")
     assert OnnxBackend.unavailable_reason("cuda") == f"CUDA requested but {reason}"
@@ -92,9 +92,9 @@ def test_cuda_unusable_is_exit_4_and_auto_runs_on_the_cpu(tiny_models):
 
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_cuda_keeps_the_cache_on_the_gpu_and_matches_torch(tiny_models, precision):
-    from gptcli.backends.onnx_backend import cuda_unusable_reason
+    from gptcli.hardware import ONNXRUNTIME, cuda_unusable_reason
 
-    reason = cuda_unusable_reason()
+    reason = cuda_unusable_reason(ONNXRUNTIME)
     if reason is not None:
         pytest.skip(reason)
     folder = tiny_models["llama"]
@@ -109,32 +109,6 @@ def test_cuda_keeps_the_cache_on_the_gpu_and_matches_torch(tiny_models, precisio
     assert np.corrcoef(got, want)[0, 1] > (0.999 if precision == "fp16" else 0.98)
     step, cache = backend.forward([int(np.argmax(got))], cache)  # a decode step on the device-resident cache
     assert cache.length == len(prompt) + 1 and np.isfinite(step).all()
-
-
-def test_a_listed_cuda_provider_without_a_driver_or_gpu_is_not_usable(monkeypatch):
-    import ctypes
-
-    from gptcli.backends import onnx_backend
-
-    def no_library(name):
-        raise OSError(f"{name}: cannot open shared object file")
-
-    class NoGpu:
-        def cuInit(self, flags):
-            return 0
-
-        def cuDeviceGetCount(self, count):
-            return 0  # success, and the count stays 0
-
-    onnx_backend.nvidia_gpu_reason.cache_clear()
-    try:
-        monkeypatch.setattr(ctypes, "CDLL", no_library)
-        assert "no NVIDIA driver" in onnx_backend.nvidia_gpu_reason()
-        onnx_backend.nvidia_gpu_reason.cache_clear()
-        monkeypatch.setattr(ctypes, "CDLL", lambda name: NoGpu())
-        assert "no usable GPU" in onnx_backend.nvidia_gpu_reason()
-    finally:
-        onnx_backend.nvidia_gpu_reason.cache_clear()
 
 
 def test_generate_exports_on_first_use_then_reuses(tiny_models):

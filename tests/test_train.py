@@ -60,7 +60,7 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     assert json.loads((out / "run.json").read_text())["latest"] == "step-0000020"
     steps = [r for r in records(out) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 21))
-    from gptcli.train.loop import peak_flops
+    from gptcli.hardware import peak_flops
 
     if peak_flops("cpu", False):  # MFU against cores x clock x SIMD when the clock is readable
         assert all(0 < r["mfu"] < 1 for r in steps)
@@ -334,3 +334,36 @@ def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
     assert calls[n - 1] == ("reading", n, None) and ("cleaning", n, n) in calls
     tokenizing = [done for stage, done, _ in calls if stage == "tokenizing"]
     assert tokenizing == [ENCODE_CHUNK, n]  # chunked, so a big corpus moves the bar
+
+
+def test_training_yields_typed_events_in_order(corpus, tmp_path):
+    from gptcli.train import events as ev
+    from gptcli.train import loop
+
+    setup = loop.resolve_run(
+        data_path=corpus,
+        out=tmp_path / "run",
+        resume=None,
+        preset="tiny",
+        config_file=None,
+        sets=["eval.interval=2", "checkpoint.interval=3"],
+        flags={"train.max_iters": 3},
+    )
+    seen = list(loop.training(setup))
+    assert [type(e) for e in seen] == [
+        ev.Started,
+        ev.Step,
+        ev.Step,
+        ev.Evaluated,
+        ev.Step,
+        ev.Evaluated,
+        ev.Checkpointed,
+        ev.Finished,
+    ]
+    started, finished = seen[0], seen[-1]
+    assert (started.start_step, started.max_iters, started.device) == (0, 3, "cpu")
+    assert [e.step for e in seen if isinstance(e, ev.Step)] == [1, 2, 3]
+    assert finished.steps == 3 and finished.interrupted is False and finished.best_step in (2, 3)
+    summary = finished.as_dict()
+    assert summary["params"] == started.info.params and summary["steps"] == 3
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]

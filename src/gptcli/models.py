@@ -172,7 +172,7 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptcli.backends.torch_backend import quiet_transformers
+    from gptcli.hardware import quiet_transformers
 
     quiet_transformers()
     tmp = temp_dir_beside(dest)

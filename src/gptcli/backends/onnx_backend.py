@@ -11,7 +11,6 @@ in and the last-position logits come out per step.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import sys
@@ -24,8 +23,8 @@ import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
 from gptcli.errors import BackendError, InputError, ModelError
+from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
-CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 # ORT's idle pool threads spin between nodes by default: the fastest on an idle machine (decode,
 # default model, 2 threads: fp32 55.5 vs 47.8 tok/s, int8 130 vs 123). On a busy or shared CPU the
@@ -45,34 +44,6 @@ class OnnxCache:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cuda_unusable_reason() -> str | None:
-    """Why the CUDA execution provider cannot run here, or None when it can.
-
-    onnxruntime-gpu lists its CUDA provider on any machine, so a listed provider is not enough: the
-    NVIDIA driver must load and report a GPU too (asked through libcuda, no torch involved).
-    """
-    import onnxruntime as ort
-
-    if CUDA_PROVIDER not in ort.get_available_providers():
-        return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
-    return nvidia_gpu_reason()
-
-
-@functools.cache
-def nvidia_gpu_reason() -> str | None:
-    """None when the NVIDIA driver loads and counts at least one GPU, else why not."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver on this machine (libcuda not found)"
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return "the NVIDIA driver reports no usable GPU"
-    return None
 
 
 class OnnxBackend:
@@ -100,7 +71,7 @@ class OnnxBackend:
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
         if device == "cuda":
-            reason = cuda_unusable_reason()
+            reason = cuda_unusable_reason(ONNXRUNTIME)
             return f"CUDA requested but {reason}" if reason else None
         return None
 
@@ -109,7 +80,7 @@ class OnnxBackend:
         from gptcli.export import SIDECAR_FILE, ensure_export, read_export
 
         notify = options.extra.get("notify") or _stderr
-        device = cls._resolve_device(options.device)
+        device = resolve_device(options.device, ONNXRUNTIME)
         precision = options.precision or "fp32"
         spin = options.extra.get("ort_spinning")
         if spin is None:
@@ -147,17 +118,6 @@ class OnnxBackend:
             device=device,
         )
         return cls(session, info, meta, device)
-
-    @staticmethod
-    def _resolve_device(requested: str) -> str:
-        if requested == "cpu":
-            return "cpu"
-        if requested == "cuda":
-            reason = cuda_unusable_reason()
-            if reason:
-                raise BackendError(f"CUDA requested but {reason}", hint="use --device cpu")
-            return "cuda"
-        return "cuda" if cuda_unusable_reason() is None else "cpu"
 
     @staticmethod
     def _session(path: Path, device: str, threads: int | None, spin: bool = True) -> Any:

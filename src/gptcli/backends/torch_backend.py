@@ -16,42 +16,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
-from gptcli.errors import BackendError, ModelError
+from gptcli.errors import ModelError
+from gptcli.hardware import (
+    TORCH,
+    cuda_unusable_reason,
+    quiet_transformers,
+    resolve_device,
+    resolve_dtype,
+    set_torch_threads,
+)
 from gptcli.hf import context_length, read_config, weight_files
-
-
-def quiet_transformers() -> None:
-    """No progress bars or deprecation chatter from transformers on our stderr."""
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
-
-
-def resolve_device(requested: str) -> str:
-    """'auto' → 'cuda' when a GPU is usable, else 'cpu'. Explicit 'cuda' without one is an error."""
-    import torch
-
-    if requested == "cpu":
-        return "cpu"
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda" and not has_cuda:
-        raise BackendError("CUDA requested but no GPU is available", hint="use --device cpu or --device auto")
-    return "cuda" if has_cuda else "cpu"
-
-
-def resolve_dtype(requested: str, device: str) -> Any:
-    import torch
-
-    if requested == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
 @dataclass
@@ -135,19 +109,12 @@ class TorchBackend:
         for package in ("torch", "transformers"):
             if importlib.util.find_spec(package) is None:
                 return f"{package} is not installed"
-        if device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                return "CUDA requested but no GPU is available"
-        return None
+        reason = cuda_unusable_reason(TORCH) if device == "cuda" else None
+        return f"CUDA requested but {reason}" if reason else None
 
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:
-        import torch
-
-        if options.threads:
-            torch.set_num_threads(options.threads)
+        set_torch_threads(options.threads)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         cfg = read_config(folder)

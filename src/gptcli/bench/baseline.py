@@ -8,7 +8,7 @@ from typing import Any
 
 from gptcli.atomicio import write_atomic
 from gptcli.bench.runner import headline
-from gptcli.errors import InputError
+from gptcli.errors import GptcliError, InputError
 
 KEY_FIELDS = ("model", "backend", "precision", "test", "threads")
 
@@ -67,6 +67,18 @@ def compare(records: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> No
 
 def regressions(records: list[dict[str, Any]], fail_below: float) -> list[dict[str, Any]]:
     return [r for r in records if r.get("baseline") and r["baseline"]["ratio"] < fail_below]
+
+
+def check_regressions(records: list[dict[str, Any]], fail_below: float, baseline: Path) -> None:
+    """A GptcliError (exit 1) naming the worst result when any fell below `fail_below` × the baseline."""
+    slow = regressions(records, fail_below)
+    if slow:
+        worst = min(slow, key=lambda r: r["baseline"]["ratio"])
+        raise GptcliError(
+            f"{len(slow)} result(s) fell below {fail_below:g}x the baseline; worst: {worst['test']} on "
+            f"{worst['backend']} {worst['precision']} at {worst['baseline']['ratio']:.2f}x",
+            hint=f"compared with {baseline}",
+        )
 
 
 def append_jsonl(path: Path, lines: list[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -12,23 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.bench.roofline import cpu_model
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """Physical cores we may use (what torch and onnxruntime pick by default), at least 1."""
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or usable_cpus()
-    except ImportError:
-        physical = usable_cpus()
-    return max(1, min(physical, usable_cpus()))
+from gptcli.hardware import usable_cpus
 
 
 def version_of(package: str) -> str | None:

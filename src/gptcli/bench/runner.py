@@ -1,19 +1,17 @@
-"""Run a benchmark: the configuration matrix (backend × precision × threads), one job per
-configuration, each in its own child process so its peak memory is its own."""
+"""Run a benchmark: each configuration of the plan as one job (load once, run every test), each job
+in its own child process (gptcli.bench.worker) unless asked otherwise; then the speedups between them."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gptcli.bench.job import Job
 from gptcli.bench.measure import peak_memory, time_micro, time_requests
+from gptcli.bench.plan import Plan
 from gptcli.bench.roofline import (
     DecodeShape,
     bandwidth,
@@ -24,13 +22,11 @@ from gptcli.bench.roofline import (
 )
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import mean, sample_sd
-from gptcli.config import SamplingConfig, Settings
-from gptcli.errors import BackendError, ConfigError, GptcliError, InputError, ModelError, UsageError
+from gptcli.bench.worker import run_isolated
+from gptcli.errors import BackendError, GptcliError
 
 Notify = Callable[[str], None]
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-# Backends known to honour LoadOptions.precision even if they do not declare `precisions`.
-PRECISION_AWARE = {"onnx"}
 SYNTHETIC_NOTE = (
     "micro tests feed synthetic token ids straight to backend.forward: tokenization and sampling are not timed"
 )
@@ -40,109 +36,28 @@ def _quiet(_: str) -> None:
     pass
 
 
-# --- settings across the process boundary ---------------------------------------------------------
-
-
-def settings_to_dict(settings: Settings) -> dict[str, Any]:
-    data = asdict(settings)
-    data["sampling"]["stop"] = list(settings.sampling.stop)
-    return data
-
-
-def settings_from_dict(data: dict[str, Any]) -> Settings:
-    sampling = dict(data.get("sampling", {}))
-    sampling["stop"] = tuple(sampling.get("stop", ()))
-    return Settings(**{**data, "sampling": SamplingConfig(**sampling)})
-
-
-# --- planning -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    """One column of the comparison: a backend at a precision with a thread count."""
-
-    backend: str
-    precision: str
-    threads: int
-    honours_precision: bool = True
-
-
-@dataclass
-class Plan:
-    configs: list[Config]
-    unavailable: list[tuple[str, str]] = field(default_factory=list)  # (backend, reason)
-
-
-def declared_precisions(backend_cls: type) -> tuple[str, ...] | None:
-    value = getattr(backend_cls, "precisions", None)
-    if value is not None:
-        return tuple(value)
-    return None
-
-
-def plan_configs(
-    backends: list[str] | None,
-    precisions: list[str],
-    threads: list[int],
-    device: str,
-) -> Plan:
-    """Check every backend before anything runs. Unknown names are an error (exit 4); a backend that
-    cannot run here is reported with its reason and skipped, unless none is left."""
-    from gptcli.backends.base import get_backend_class, list_backends
-
-    registered = list(dict.fromkeys(s.name for s in list_backends() if not s.conflict))
-    for name in backends or []:
-        if name not in registered:
-            get_backend_class(name)  # raises the registry's own error: unknown, or a plugin turned off
-    plan = Plan([])
-    for name in backends or registered:
-        try:
-            backend_cls = get_backend_class(name)
-            reason = backend_cls.unavailable_reason(device)
-        except BackendError as exc:  # a plugin that fails to import is unavailable, not fatal
-            reason = exc.message
-        if reason:
-            plan.unavailable.append((name, reason))
-            continue
-        declared = declared_precisions(backend_cls)
-        honours = declared is not None or name in PRECISION_AWARE
-        usable = [p for p in precisions if declared is None or p in declared]
-        if declared is not None and not usable:
-            plan.unavailable.append((name, f"supports precisions {', '.join(declared)} only"))
-            continue
-        # A backend that ignores --precision (torch: --dtype decides) runs once per thread count.
-        for precision in usable if honours else usable[:1]:
-            for count in threads:
-                plan.configs.append(Config(name, precision, count, honours))
-    if not plan.configs:
-        detail = "; ".join(f"{n}: {r}" for n, r in plan.unavailable) or "no backend is registered"
-        raise BackendError(f"no backend can run here ({detail})", hint="`gptcli backends` lists what can run here")
-    return plan
-
-
 # --- one job: load once, run every test ------------------------------------------------------------
 
 
-def run_job(job: dict[str, Any], *, notify: Notify = _quiet, clock: Callable[[], float] = time.perf_counter) -> dict:
+def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Load the backend of one configuration and run the job's tests; returns records (JSON-ready)."""
     from gptcli.runtime import check_backend, load_options
 
-    if job["mode"] == "train":
-        if job.get("prepare_only"):
+    if job.mode == "train":
+        if job.prepare_only:
             return {"records": [], "skipped": []}
         from gptcli.bench.train import run_train_job
 
         return run_train_job(job, notify=notify, clock=clock)
-    settings = settings_from_dict(job["settings"])
+    settings = job.settings
     backend_cls = check_backend(settings)
-    folder = Path(job["model_path"])
-    if job.get("prepare_only"):
+    folder = Path(str(job.model_path))
+    if job.prepare_only:
         # One-time work (an ONNX export, a conversion) happens here, in a throwaway process, so the
         # measured process's peak memory is what every later run costs.
         backend_cls.load(folder, load_options(settings))
         return {"records": [], "skipped": []}
-    honours = job.get("honours_precision", True)
+    honours = job.honours_precision
     notify(f"loading {settings.backend}{f' {settings.precision}' if honours else ''} ({settings.threads} threads)")
     backend = backend_cls.load(folder, load_options(settings))
     info = backend.info
@@ -152,7 +67,7 @@ def run_job(job: dict[str, Any], *, notify: Notify = _quiet, clock: Callable[[],
     if weights_bytes is None and shape is not None and known_precision(precision):
         weights_bytes = int(shape.weight_bytes(precision))
     common = {
-        "model": job["model_name"],
+        "model": job.model_name,
         "size_bytes": weights_bytes,
         "params": info.params,
         "backend": backend_cls.name,
@@ -165,7 +80,7 @@ def run_job(job: dict[str, Any], *, notify: Notify = _quiet, clock: Callable[[],
     skipped: list[dict[str, str]] = []
     interrupted = False
     try:
-        if job["mode"] == "micro":
+        if job.mode == "micro":
             run_micro_tests(job, backend, common, records, skipped, clock=clock, notify=notify)
         else:
             records.append(run_latency(job, backend, folder, common, clock=clock, notify=notify))
@@ -174,12 +89,12 @@ def run_job(job: dict[str, Any], *, notify: Notify = _quiet, clock: Callable[[],
     memory = peak_memory()
     for record in records:
         record.update(memory)
-        record["isolated"] = job.get("isolated", False)
+        record["isolated"] = job.isolated
     decode = [r for r in records if r["mode"] == "micro" and r["n_prompt"] == 0]
     if decode and shape is not None and known_precision(precision):
         # Measured last, so its buffer never counts in the peak memory above.
         try:
-            bw = None if interrupted else bandwidth(info.device, remeasure=job.get("remeasure", False), notify=notify)
+            bw = None if interrupted else bandwidth(info.device, remeasure=job.remeasure, notify=notify)
         except KeyboardInterrupt:
             interrupted, bw = True, None
         except Exception as exc:  # no roofline is better than no benchmark
@@ -191,7 +106,7 @@ def run_job(job: dict[str, Any], *, notify: Notify = _quiet, clock: Callable[[],
 
 
 def run_micro_tests(
-    job: dict[str, Any],
+    job: Job,
     backend: Any,
     common: dict[str, Any],
     records: list[dict[str, Any]],
@@ -202,19 +117,18 @@ def run_micro_tests(
 ) -> None:
     """Each test in turn; a result lands in `records` as soon as it is complete."""
     context = backend.info.context_length
-    for raw in job["tests"]:
-        test = MicroTest(**raw)
+    for test in job.tests:
         needed = test.context_needed()
         if needed > context:
             skipped.append({"test": test.name, "reason": f"needs {needed} positions; the context holds {context}"})
             continue
         notify(f"{common['backend']} {common['precision']}: {test.name}")
-        samples = time_micro(backend, test, job["reps"], clock=clock, warmup=job.get("warmup", True), notify=notify)
+        samples = time_micro(backend, test, job.reps, clock=clock, warmup=job.warmup, notify=notify)
         records.append(micro_record(common, test, samples))
 
 
 def run_latency(
-    job: dict[str, Any],
+    job: Job,
     backend: Any,
     folder: Path,
     common: dict[str, Any],
@@ -225,23 +139,16 @@ def run_latency(
     from gptcli.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(folder)
-    sampling = SamplingConfig(**{**job["sampling"], "stop": tuple(job["sampling"].get("stop", ()))})
+    sampling = job.sampling
     samples = time_requests(
-        backend,
-        tokenizer,
-        job["prompts"],
-        sampling,
-        job["reps"],
-        clock=clock,
-        notify=notify,
-        warmup=job.get("warmup", True),
+        backend, tokenizer, list(job.prompts), sampling, job.reps, clock=clock, notify=notify, warmup=job.warmup
     )
     return {
         "mode": "latency",
         **common,
         "test": "latency",
         "max_tokens": sampling.max_tokens,
-        "reps": job["reps"],
+        "reps": job.reps,
         **samples.summary(),
     }
 
@@ -281,64 +188,6 @@ def add_roofline(record: dict[str, Any], shape: DecodeShape, precision: str, bw:
     record["roofline_pct"] = round(percent_of_floor(record["tokens_per_s"], step, rate), 2)
 
 
-# --- isolation: one child process per configuration ---------------------------------------------------
-
-
-def error_from_exit_code(code: int) -> type[GptcliError]:
-    """The error class a worker's exit code stands for, so the parent re-raises the same kind."""
-    for cls in (BackendError, ConfigError, InputError, ModelError, UsageError):
-        if cls.exit_code == code:
-            return cls
-    return GptcliError
-
-
-def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
-    """Run `run_job` in a fresh interpreter; its progress goes straight to our stderr.
-
-    Ctrl-C reaches the worker too (same process group): it stops, and hands over what it finished.
-    Here the first Ctrl-C only sets a flag (a raising handler could drop the worker's answer in
-    flight); a second one kills the worker.
-    """
-    import signal
-    import threading
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptcli.bench.worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    interrupts: list[int] = []
-
-    def on_interrupt(signum: int, _frame: Any) -> None:
-        interrupts.append(signum)
-        if len(interrupts) > 1:
-            proc.kill()
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
-    try:
-        out, _ = proc.communicate(json.dumps({**job, "isolated": True}).encode())
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
-    stdout = out.decode().strip()
-    if not stdout and (interrupts or proc.returncode in (130, -2)):
-        raise KeyboardInterrupt
-    try:
-        result = json.loads(stdout.splitlines()[-1])
-    except (ValueError, IndexError):
-        raise GptcliError(
-            f"benchmark worker for {job['settings']['backend']} exited with status {proc.returncode} and no result",
-            hint="set GPTCLI_DEBUG=1 for its traceback, or pass --in-process",
-        ) from None
-    if interrupts:
-        result["interrupted"] = True
-    if "error" in result:
-        raise error_from_exit_code(result.get("exit_code", 1))(result["error"], hint=result.get("hint"))
-    return result
-
-
 # --- the whole run -------------------------------------------------------------------------------------
 
 
@@ -350,28 +199,24 @@ class BenchRun:
     interrupted: bool = False
 
 
-def run_plan(
-    plan: Plan,
-    base: Settings,
-    job_template: dict[str, Any],
-    *,
-    isolate: bool = True,
-    notify: Notify = _quiet,
-) -> BenchRun:
-    """Every configuration in turn; Ctrl-C keeps what finished."""
+def run_plan(plan: Plan, template: Job, *, isolate: bool = True, notify: Notify = _quiet) -> BenchRun:
+    """Every configuration in turn, each as `template` with the configuration's settings; Ctrl-C keeps
+    what finished."""
     run = BenchRun(unavailable=list(plan.unavailable))
     for index, config in enumerate(plan.configs):
-        settings = replace(base, backend=config.backend, precision=config.precision, threads=config.threads)
-        job = {
-            **job_template,
-            "settings": settings_to_dict(settings),
-            "honours_precision": config.honours_precision,
-            "remeasure": job_template.get("remeasure", False) and index == 0,
-        }
+        settings = replace(
+            template.settings, backend=config.backend, precision=config.precision, threads=config.threads
+        )
+        job = replace(
+            template,
+            settings=settings,
+            honours_precision=config.honours_precision,
+            remeasure=template.remeasure and index == 0,
+        )
         label = f" {config.precision}" if config.honours_precision else ""
         notify(f"[{index + 1}/{len(plan.configs)}] {config.backend}{label} threads={config.threads}")
         try:
-            if isolate and run_isolated({**job, "prepare_only": True}).get("interrupted"):
+            if isolate and run_isolated(replace(job, prepare_only=True)).get("interrupted"):
                 raise KeyboardInterrupt
             result = run_isolated(job) if isolate else run_job(job, notify=notify)
         except KeyboardInterrupt:
@@ -391,6 +236,32 @@ def run_plan(
         raise BackendError(f"no backend configuration could run ({detail})")
     add_speedups(run.records)
     return run
+
+
+def notes_for(mode: str, reps: int, run: BenchRun, in_process: bool) -> list[str]:
+    """The notes under a micro or latency table: what was timed, and what was skipped or unavailable."""
+    notes = []
+    if mode == "micro":
+        notes.append(SYNTHETIC_NOTE)
+        notes.append(f"t/s is the mean ± sample standard deviation over {reps} repetitions after a warm-up")
+        roof = next((r for r in run.records if r.get("roofline_pct") is not None), None)
+        if roof is not None:
+            notes.append(
+                f"% of bw floor: measured t/s over (memory bandwidth {roof['bandwidth_gb_s']:.1f} GB/s, "
+                f"{roof['bandwidth_method']}) / (weight + KV bytes one decode step reads); --remeasure re-measures"
+            )
+    else:
+        notes.append(
+            f"latency: {reps} pass(es) over the prompts, one request at a time, through the chat template, "
+            "tokenizer, sampler and detokenizer; ITL pooled over all requests"
+        )
+    notes.append(
+        "peak mem: the whole process's peak RSS"
+        + (" (all backends in one process)" if in_process else ", one process per backend configuration")
+    )
+    notes += [f"skipped {s['test']} on {s['backend']}: {s['reason']}" for s in run.skipped]
+    notes += [f"backend {n} unavailable: {r}" for n, r in run.unavailable]
+    return notes
 
 
 # --- comparisons -----------------------------------------------------------------------------------------

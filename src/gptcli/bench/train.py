@@ -1,10 +1,10 @@
 """Train mode: time optimizer iterations of a training preset/config, report ms/iter, tokens/s, MFU.
 
-The step mirrors gptcli.train's loop (the same GPT-2 shape, AdamW with decay groups, grad clipping,
-bf16/fp16 autocast on CUDA, gradient accumulation) on synthetic token ids, so no corpus is needed and
-nothing is written. MFU = achieved model FLOPs/s (nanoGPT's 6N + attention estimate per token) over the
-device's peak FLOPS: a table for GPUs, an estimate from cores × clock × SIMD width for CPUs, or
-`--peak-tflops`.
+The step is gptcli.train.step's, the one `gptcli train` runs (the same GPT-2 shape, AdamW with decay
+groups, grad clipping, bf16/fp16 autocast on CUDA, gradient accumulation), on synthetic token ids, so
+no corpus is needed and nothing is written. MFU = achieved model FLOPs/s (nanoGPT's 6N + attention
+estimate per token) over the device's peak FLOPS (gptcli.hardware: a table for GPUs, cores × clock ×
+SIMD width for CPUs), or `--peak-tflops`.
 """
 
 from __future__ import annotations
@@ -14,73 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gptcli.bench.job import Job
 from gptcli.bench.stats import mean, sample_sd
+from gptcli.config import Settings
 
 Notify = Callable[[str], None]
 CHAR_VOCAB = 65  # nanoGPT's Shakespeare character set: the vocabulary a char preset ends up with
-
-# Dense peak TFLOPS (no sparsity): (16-bit tensor cores, fp32). Matched by substring of the device name.
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
-    "T4": (65.0, 8.1),
-    "V100": (125.0, 15.7),
-    "RTX 4090": (165.2, 82.6),
-    "RTX 3090": (71.0, 35.6),
-}
-
-
-def cpu_flops_per_cycle() -> tuple[int, str]:
-    """fp32 FLOPs per cycle per core from the SIMD flags (two FMA units assumed)."""
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        flags = []
-    if "avx512f" in flags:
-        return 64, "AVX-512 FMA"
-    if "avx2" in flags and "fma" in flags:
-        return 32, "AVX2 FMA"
-    return 16, "SSE/NEON"
-
-
-def cpu_ghz() -> float | None:
-    try:
-        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1]) / 1000
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def peak_tflops_for(device: str, device_name: str, threads: int, half: bool) -> tuple[float | None, str]:
-    """(peak TFLOPS, where the number comes from) for MFU; None when unknown."""
-    if device.startswith("cuda"):
-        for key, (tensor, fp32) in GPU_PEAK_TFLOPS.items():
-            if key in device_name:
-                return (tensor, f"{key} dense 16-bit") if half else (fp32, f"{key} fp32")
-        return None, f"unknown GPU '{device_name}': pass --peak-tflops"
-    ghz = cpu_ghz()
-    if ghz is None:
-        return None, "unknown CPU clock: pass --peak-tflops"
-    per_cycle, simd = cpu_flops_per_cycle()
-    return threads * ghz * per_cycle / 1000, f"est. {threads} cores × {ghz:.2f} GHz × {per_cycle} ({simd})"
 
 
 def train_config(preset: str | None, config_file: Path | None) -> Any:
@@ -89,48 +28,59 @@ def train_config(preset: str | None, config_file: Path | None) -> Any:
     return load_config(preset=preset, config_file=config_file)
 
 
+def train_job(
+    preset: str | None, config_file: Path | None, reps: int, peak_tflops: float | None, settings: Settings
+) -> Job:
+    """The job for `bench --mode train`: the preset (or config file) by name; shakespeare-char by default."""
+    name = preset or (config_file.stem if config_file else None) or "shakespeare-char"
+    cfg = train_config(preset or (None if config_file else name), config_file)
+    return Job("train", name, reps, settings, train_config=cfg.to_dict(), peak_tflops=peak_tflops)
+
+
+def train_notes(reps: int) -> list[str]:
+    return [
+        "train: optimizer iterations (forward, backward, clip, AdamW step) on synthetic token ids after 2 "
+        f"warm-up iterations; ms/iter is the mean ± sample standard deviation over {reps}",
+        "MFU: (6 × params + attention) FLOPs per token × tokens/s over the peak TFLOPS shown",
+    ]
+
+
 def build_model(cfg: Any, notify: Notify) -> tuple[Any, int]:
     """The model the train loop would build (or the --init model), and its vocabulary size."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from gptcli.backends.torch_backend import quiet_transformers
-    from gptcli.train.loop import new_gpt2
+    from gptcli.hardware import quiet_transformers
+    from gptcli.train.step import load_causal_lm, new_gpt2
 
     quiet_transformers()
     torch.manual_seed(cfg.train.seed)
     if cfg.init:
         from gptcli.models import resolve_model
 
-        folder = resolve_model(cfg.init, notify=notify).path
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = load_causal_lm(resolve_model(cfg.init, notify=notify).path)
         return model, model.config.vocab_size
     vocab = CHAR_VOCAB if cfg.data.tokenizer == "char" else cfg.data.vocab_size
     return new_gpt2(cfg, vocab, cfg.model.block_size), vocab
 
 
-def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], float] = time.perf_counter) -> dict:
+def run_train_job(job: Job, *, notify: Notify, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Warm up, then time `reps` optimizer iterations; one record."""
-
     import torch
-    import torch.nn.functional as F
 
-    from gptcli.backends.torch_backend import resolve_device
-    from gptcli.bench.measure import peak_memory
+    from gptcli.hardware import resolve_device, set_torch_threads
     from gptcli.train.config import load_config
-    from gptcli.train.loop import flops_per_token, mixed_precision, new_optimizer
+    from gptcli.train.step import mixed_precision, new_optimizer, optimisation_step
 
-    cfg = load_config(base=job["train_config"])
-    threads = job["settings"]["threads"]
-    if threads:
-        torch.set_num_threads(threads)
-    device = resolve_device(job["settings"]["device"] if job["settings"]["device"] != "auto" else cfg.train.device)
+    cfg = load_config(base=job.train_config)
+    threads = job.settings.threads
+    set_torch_threads(threads)
+    device = resolve_device(job.settings.device if job.settings.device != "auto" else cfg.train.device)
     model, vocab = build_model(cfg, notify)
     model.to(device).train()
     block = min(cfg.model.block_size, getattr(model.config, "n_positions", None) or cfg.model.block_size)
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
 
-    half, autocast, scaler = mixed_precision(device, cfg.train.dtype)
+    precision = mixed_precision(device, cfg.train.dtype)
     optimizer = new_optimizer(model, cfg)
     step_model = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -144,17 +94,7 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
         if device == "cuda":
             torch.cuda.synchronize()
         start = clock()
-        for x, y in batches:
-            with autocast():
-                logits = step_model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / accum
-            scaler.scale(loss).backward()
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimisation_step(model, optimizer, precision, batches, accum, cfg.optim.grad_clip, step_model=step_model)
         if device == "cuda":
             torch.cuda.synchronize()
         return clock() - start
@@ -162,34 +102,45 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
     samples: list[float] = []
     interrupted = False
     try:
-        for _ in range(job.get("warmup_iters", 2)):
+        for _ in range(job.warmup_iters):
             iteration()
-        for rep in range(job["reps"]):
-            notify(f"train: iteration {rep + 1}/{job['reps']}")
+        for rep in range(job.reps):
+            notify(f"train: iteration {rep + 1}/{job.reps}")
             samples.append(iteration())
     except KeyboardInterrupt:
         if not samples:
             raise
         interrupted = True
+    record = train_record(job, cfg, model, device, precision, threads or torch.get_num_threads(), samples, block)
+    return {"records": [record], "skipped": [], "interrupted": interrupted}
 
+
+def train_record(
+    job: Job, cfg: Any, model: Any, device: str, precision: Any, threads: int, samples: list[float], block: int
+) -> dict[str, Any]:
+    """One result row: time per iteration, tokens/s, achieved TFLOPS and MFU against the peak."""
+    from gptcli.bench.measure import peak_memory
+    from gptcli.hardware import cuda_device_name, peak_tflops_for
+    from gptcli.train.step import flops_per_token
+
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     tokens = batch * accum * block
     flops = flops_per_token(model, block) * tokens
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    peak, source = peak_tflops_for(device, name, threads or torch.get_num_threads(), half is not None)
-    if job.get("peak_tflops"):
-        peak, source = float(job["peak_tflops"]), "--peak-tflops"
+    peak, source = peak_tflops_for(device, cuda_device_name(device), threads, precision.dtype is not None)
+    if job.peak_tflops:
+        peak, source = float(job.peak_tflops), "--peak-tflops"
     rates = [tokens / s for s in samples]
     achieved = flops / mean(samples)
-    record = {
+    return {
         "mode": "train",
-        "model": job["model_name"],
+        "model": job.model_name,
         "size_bytes": None,
         "params": sum(p.numel() for p in model.parameters()),
         "backend": "torch",
         "device": device,
-        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(half, "fp32"),
-        "dtype": str(half or torch.float32).removeprefix("torch."),
-        "threads": threads or torch.get_num_threads(),
+        "precision": precision.name,
+        "dtype": str(precision.dtype or "float32").removeprefix("torch."),
+        "threads": threads,
         "test": f"train b{batch}x{block}" + (f"x{accum}" if accum > 1 else ""),
         "reps": len(samples),
         "ms_per_iter": round(1000 * mean(samples), 3),
@@ -206,6 +157,5 @@ def run_train_job(job: dict[str, Any], *, notify: Notify, clock: Callable[[], fl
         "synthetic_ids": True,
         "compiled": cfg.train.compile,
         **peak_memory(),
-        "isolated": job.get("isolated", False),
+        "isolated": job.isolated,
     }
-    return {"records": [record], "skipped": [], "interrupted": interrupted}

@@ -9,9 +9,7 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
-
-MODES = ("micro", "latency", "train")
+from gptcli.errors import EXIT_INTERRUPTED, UsageError
 
 
 def bench(
@@ -87,13 +85,16 @@ def bench(
       gptcli bench --output runs.jsonl && gptcli bench --baseline runs.jsonl --fail-below 0.9
       gptcli bench --mode train --preset shakespeare-char
     """
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from gptcli.bench import baseline as base_mod
     from gptcli.bench import report, spec
-    from gptcli.bench.environment import default_threads, environment
-    from gptcli.bench.runner import plan_configs, run_plan
+    from gptcli.bench.environment import environment
+    from gptcli.bench.job import MODES, Job
+    from gptcli.bench.plan import plan_configs
+    from gptcli.bench.runner import notes_for, run_plan
     from gptcli.config import FIELDS, coerce
+    from gptcli.hardware import default_threads
 
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -119,9 +120,7 @@ def bench(
         tests = spec.micro_tests(
             spec.int_list(n_prompt, "-p"), spec.int_list(n_gen, "-n"), pairs, spec.int_list(depth, "--depth")
         )
-    prompt_texts: list[str] = []
-    if mode == "latency":
-        prompt_texts = read_prompts(prompts)
+    prompt_texts = read_prompts(prompts) if mode == "latency" else []
     baseline_records = base_mod.load_records(baseline) if baseline is not None else None
 
     settings = c.resolve_settings(
@@ -133,57 +132,42 @@ def bench(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     ).settings
-    precisions = precisions or [settings.precision]
     thread_counts = thread_counts or [settings.threads or default_threads()]
 
     if mode == "train":
-        from gptcli.bench.train import train_config
+        from gptcli.bench.train import train_job, train_notes
 
-        name = preset or (train_config_file.stem if train_config_file else None) or "shakespeare-char"
-        cfg = train_config(preset or (None if train_config_file else name), train_config_file)
         plan = plan_configs(["torch"], ["fp32"], thread_counts, settings.device)
-        template = {
-            "mode": "train",
-            "train_config": cfg.to_dict(),
-            "model_name": name,
-            "reps": repetitions,
-            "peak_tflops": peak_tflops,
-        }
-        run = run_plan(plan, settings, template, isolate=not in_process, notify=c.note)
-        records = run.records
-        notes = [
-            "train: optimizer iterations (forward, backward, clip, AdamW step) on synthetic token ids after 2 "
-            f"warm-up iterations; ms/iter is the mean ± sample standard deviation over {repetitions}",
-            "MFU: (6 × params + attention) FLOPs per token × tokens/s over the peak TFLOPS shown",
-        ]
+        job = train_job(preset, train_config_file, repetitions, peak_tflops, settings)
+        run = run_plan(plan, job, isolate=not in_process, notify=c.note)
+        notes = train_notes(repetitions)
     else:
-        plan = plan_configs(backends, precisions, thread_counts, settings.device)
+        plan = plan_configs(backends, precisions or [settings.precision], thread_counts, settings.device)
         for name, reason in plan.unavailable:
             c.warn(f"backend '{name}' skipped: {reason}")
         from gptcli.runtime import open_model
 
         local = open_model(settings, c.note)
         sampling = replace(settings.sampling, max_tokens=max_tokens, seed=seed)
-        template = {
-            "mode": mode,
-            "model_path": str(local.path),
-            "model_name": local.name,
-            "tests": [t.as_dict() for t in tests],
-            "reps": repetitions,
-            "prompts": prompt_texts,
-            "sampling": {**asdict(sampling), "stop": list(sampling.stop)},
-            "remeasure": remeasure,
-        }
-        run = run_plan(plan, replace(settings, model=str(local.path)), template, isolate=not in_process, notify=c.note)
-        records = run.records
+        job = Job(
+            mode,
+            local.name,
+            repetitions,
+            replace(settings, model=str(local.path)),
+            model_path=str(local.path),
+            tests=tuple(tests),
+            prompts=tuple(prompt_texts),
+            sampling=sampling,
+            remeasure=remeasure,
+        )
+        run = run_plan(plan, job, isolate=not in_process, notify=c.note)
         notes = notes_for(mode, repetitions, run, in_process)
+    records = run.records
 
     if baseline_records is not None:
         base_mod.compare(records, baseline_records)
     env = environment()
-    extra = {}
-    if run is not None:
-        extra = {"unavailable": [{"backend": n, "reason": r} for n, r in run.unavailable], "skipped": run.skipped}
+    extra = {"unavailable": [{"backend": n, "reason": r} for n, r in run.unavailable], "skipped": run.skipped}
     if records:
         text = report.render(output_format, records, environment=env, notes=notes, extra=extra)
         sys.stdout.write(text + "\n")
@@ -191,18 +175,11 @@ def bench(
     if output is not None and records:
         base_mod.append_jsonl(output, report.jsonl_lines(records, env))
         c.note(f"appended {len(records)} result(s) to {output}")
-    if run is not None and run.interrupted:
+    if run.interrupted:
         c.stderr_console().print("interrupted", style="yellow")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if baseline_records is not None and fail_below is not None:
-        slow = base_mod.regressions(records, fail_below)
-        if slow:
-            worst = min(slow, key=lambda r: r["baseline"]["ratio"])
-            raise GptcliError(
-                f"{len(slow)} result(s) fell below {fail_below:g}x the baseline; worst: {worst['test']} on "
-                f"{worst['backend']} {worst['precision']} at {worst['baseline']['ratio']:.2f}x",
-                hint=f"compared with {baseline}",
-            )
+    if baseline is not None and fail_below is not None:
+        base_mod.check_regressions(records, fail_below, baseline)
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -215,30 +192,3 @@ def read_prompts(path: Path | None) -> list[str]:
     if not lines:
         raise InputError(f"{path} holds no prompts", hint="one prompt per line")
     return lines
-
-
-def notes_for(mode: str, reps: int, run, in_process: bool) -> list[str]:
-    from gptcli.bench.runner import SYNTHETIC_NOTE
-
-    notes = []
-    if mode == "micro":
-        notes.append(SYNTHETIC_NOTE)
-        notes.append(f"t/s is the mean ± sample standard deviation over {reps} repetitions after a warm-up")
-        roof = next((r for r in run.records if r.get("roofline_pct") is not None), None)
-        if roof is not None:
-            notes.append(
-                f"% of bw floor: measured t/s over (memory bandwidth {roof['bandwidth_gb_s']:.1f} GB/s, "
-                f"{roof['bandwidth_method']}) / (weight + KV bytes one decode step reads); --remeasure re-measures"
-            )
-    else:
-        notes.append(
-            f"latency: {reps} pass(es) over the prompts, one request at a time, through the chat template, "
-            "tokenizer, sampler and detokenizer; ITL pooled over all requests"
-        )
-    notes.append(
-        "peak mem: the whole process's peak RSS"
-        + (" (all backends in one process)" if in_process else ", one process per backend configuration")
-    )
-    notes += [f"skipped {s['test']} on {s['backend']}: {s['reason']}" for s in run.skipped]
-    notes += [f"backend {n} unavailable: {r}" for n, r in run.unavailable]
-    return notes

@@ -41,8 +41,10 @@ def export(
         raise UsageError(f"unknown precision '{precision}'", hint=f"choose one of: {', '.join(PRECISIONS)}")
     if device not in FIELDS["device"].choices:
         raise UsageError(f"unknown device '{device}'", hint="choose auto, cpu or cuda")
-    if device == "auto":
-        device = "cuda" if precision == "fp16" or _cuda_provider() else "cpu"
+    if device == "auto":  # the answer the onnx backend gives: a listed CUDA provider is not enough
+        from gptcli.hardware import ONNXRUNTIME, resolve_device
+
+        device = "cuda" if precision == "fp16" else resolve_device("auto", ONNXRUNTIME)
     settings = c.resolve_settings(config, model=model, allow_pickle=allow_pickle).settings
     local = open_model(settings, c.note)
     result = ensure_export(local.path, precision=precision, device=device, output=output, force=force, notify=c.note)
@@ -50,9 +52,3 @@ def export(
         print(json.dumps({"folder": str(result.folder), **result.meta}, indent=2))
     else:
         print(result.folder)
-
-
-def _cuda_provider() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()

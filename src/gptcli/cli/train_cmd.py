@@ -56,6 +56,7 @@ def train(
       torchrun --standalone --nproc_per_node=2 -m gptcli train --data corpus/ --preset tiny
     """
     from gptcli.train import loop
+    from gptcli.train.distributed import shutdown_distributed
 
     flags: dict[str, Any] = {
         "init": init,
@@ -73,10 +74,10 @@ def train(
     if preset is None and config is None and resume is None:
         preset = "shakespeare-char"
     main_rank = os.environ.get("RANK", "0") == "0"
-    notify = c.note if main_rank else (lambda _: None)
+    renderer = _Renderer(enabled=main_rank)
     try:
         # a bar for each data step that lasts (reading, cleaning, BPE, tokenizing); quick ones show none
-        with c.StageProgress(enabled=main_rank, show_after=0.5, transient=False) as data_progress:
+        with c.StageProgress(enabled=main_rank, show_after=0.5, transient=False) as renderer.data_progress:
             setup = loop.resolve_run(
                 data_path=data,
                 out=out,
@@ -85,38 +86,38 @@ def train(
                 config_file=config,
                 sets=sets or [],
                 flags=flags,
-                notify=notify,
-                progress=data_progress,
+                on_event=renderer.show,
             )
         if dry_run:
-            _dry_run(setup, loop)
+            _dry_run(setup)
             return
-        with _Renderer(enabled=main_rank) as renderer:
-            summary = loop.train(setup, renderer.report)
+        with renderer:
+            finished = loop.train(setup, renderer.show)
     finally:
-        loop.shutdown_distributed()
+        shutdown_distributed()
     if not main_rank:
         return
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        sys.stdout.write(json.dumps(finished.as_dict()) + "\n")
     c.stderr_console().print(
-        f"{'interrupted at' if summary['interrupted'] else 'finished'} step {summary['steps']}"
-        f" · val loss {summary['val_loss']:.4f} · {summary['wall_s']:.1f} s · {summary['tokens_per_s'] or 0:,} tok/s"
+        f"{'interrupted at' if finished.interrupted else 'finished'} step {finished.steps}"
+        f" · val loss {finished.val_loss:.4f} · {finished.wall_s:.1f} s · {finished.tokens_per_s or 0:,} tok/s"
         f" · model in {setup.out}",
         markup=False,
     )
-    if summary["interrupted"]:
+    if finished.interrupted:
         c.stderr_console().print(f"resume with: gptcli train --resume {setup.out}", markup=False, style="dim")
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _dry_run(setup: Any, loop: Any) -> None:
+def _dry_run(setup: Any) -> None:
     import yaml
 
-    model = loop.build_model(setup)
-    info = loop.describe(setup, model)
+    from gptcli.train.setup import build_model, describe
+
+    info = describe(setup, build_model(setup))
     sys.stdout.write(yaml.safe_dump({"config": setup.cfg.to_dict()}, sort_keys=False))
-    for key, value in info.items():
+    for key, value in info.as_dict().items():
         shown = f"{value:,}" if isinstance(value, int) else (f"{value:.3e}" if isinstance(value, float) else value)
         sys.stdout.write(f"{key}: {shown}\n")
 
@@ -128,7 +129,8 @@ class _Renderer:
         self.enabled = enabled
         self.progress: Any = None
         self.task: Any = None
-        self.last_step: dict[str, Any] | None = None
+        self.last_step: Any = None  # the latest Step event
+        self.data_progress: Any = None  # the data steps' bars (a StageProgress), while the data is prepared
         self.console = c.stderr_console()
 
     def __enter__(self) -> _Renderer:
@@ -138,39 +140,43 @@ class _Renderer:
         if self.progress is not None:
             self.progress.stop()
 
-    def report(self, kind: str, data: dict[str, Any]) -> None:
+    def show(self, event: Any) -> None:
+        from gptcli.train import events as ev
+
         if not self.enabled:
             return
-        if kind == "note":
-            c.note(data["message"])
-        elif kind == "start":
-            self._start(data)
-        elif kind == "step":
-            self.last_step = data
-            text = f"step {data['step']} · loss {data['loss']:.4f} · lr {data['lr']:.2e} · {data['tok_s']:,} tok/s"
-            if "mfu" in data:
-                text += f" · MFU {100 * data['mfu']:.1f}%"
-            self.progress.update(self.task, completed=data["step"], description=text)
-        elif kind == "eval":
-            ppl = data["val_ppl"]
-            last = self.last_step or {}
+        if isinstance(event, ev.Note):
+            c.note(event.message)
+        elif isinstance(event, ev.DataProgress):
+            self.data_progress(event.stage, event.done, event.total)
+        elif isinstance(event, ev.Started):
+            self._start(event)
+        elif isinstance(event, ev.Step):
+            self.last_step = event
+            text = f"step {event.step} · loss {event.loss:.4f} · lr {event.lr:.2e} · {event.tok_s:,} tok/s"
+            if event.mfu is not None:
+                text += f" · MFU {100 * event.mfu:.1f}%"
+            self.progress.update(self.task, completed=event.step, description=text)
+        elif isinstance(event, ev.Evaluated):
+            last = self.last_step
             self.console.print(
-                f"step {data['step']}: train loss {last.get('loss', math.nan):.4f} · val loss {data['val_loss']:.4f}"
-                f" · ppl {ppl:.2f} · best {data['best_val_loss']:.4f} · {last.get('tok_s', 0):,} tok/s",
+                f"step {event.step}: train loss {last.loss if last else math.nan:.4f} · val loss {event.val_loss:.4f}"
+                f" · ppl {event.val_ppl:.2f} · best {event.best_val_loss:.4f} · {last.tok_s if last else 0:,} tok/s",
                 markup=False,
             )
-            if data.get("sample"):
-                self.console.print(data["sample"].rstrip(), markup=False, style="dim italic", highlight=False)
-        elif kind == "checkpoint":
-            self.console.print(f"saved {data['path']}", markup=False, style="dim")
+            if event.sample:
+                self.console.print(event.sample.rstrip(), markup=False, style="dim italic", highlight=False)
+        elif isinstance(event, ev.Checkpointed):
+            self.console.print(f"saved {event.path}", markup=False, style="dim")
 
-    def _start(self, data: dict[str, Any]) -> None:
+    def _start(self, started: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        info = started.info
         self.console.print(
-            f"training {data['params']:,} parameters on {data['train_tokens']:,} tokens"
-            f" ({data['tokens_per_iter']:,} tokens/step, {_flops(data['flops_per_iter'])} FLOPs/step)"
-            f" on {data['device']}",
+            f"training {info.params:,} parameters on {info.train_tokens:,} tokens"
+            f" ({info.tokens_per_iter:,} tokens/step, {_flops(info.flops_per_iter)} FLOPs/step)"
+            f" on {started.device}",
             markup=False,
         )
         self.progress = Progress(
@@ -183,7 +189,7 @@ class _Renderer:
             disable=not self.console.is_terminal,
         )
         self.progress.start()
-        self.task = self.progress.add_task("starting", total=data["max_iters"], completed=data["start_step"])
+        self.task = self.progress.add_task("starting", total=started.max_iters, completed=started.start_step)
 
 
 def _flops(value: float) -> str:

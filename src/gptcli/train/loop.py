@@ -1,54 +1,35 @@
 """The training loop: nanoGPT's recipe over a transformers GPT-2 (or any causal LM with --init).
 
-AdamW (fused where available) with weight decay on matrices only, linear warmup then cosine decay,
-gradient accumulation, clipping, bf16 autocast on CUDA (fp16 with a scaler), periodic evaluation
-with a sample, NaN stop, atomic checkpoints, bit-exact resume on CPU, and DistributedDataParallel
-under torchrun. Everything the user sees goes through `report(kind, data)`; this module never prints.
+Linear warmup then cosine decay, gradient accumulation, periodic evaluation with a sample, NaN stop,
+atomic checkpoints, bit-exact resume on CPU, and DistributedDataParallel under torchrun; one step is
+gptcli.train.step's. Everything the user sees is an event this module yields (gptcli.train.events);
+it never prints.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptcli.errors import ConfigError
-from gptcli.models import TOKENIZER_FILES
+from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
-from gptcli.train.config import TrainConfig, incompatible_changes, load_config
-from gptcli.train.data import EOT, UNK, TokenData, prepare
-from gptcli.train.errors import DivergedError, RunError
+from gptcli.train.batches import Batches, blocks
+from gptcli.train.config import TrainConfig
+from gptcli.train.distributed import barrier
+from gptcli.train.errors import DivergedError
+from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
+from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
+from gptcli.train.sample import sample_text
+from gptcli.train.setup import RunSetup, build_model, describe, resolve_run
+from gptcli.train.step import loss_of, mixed_precision, new_optimizer, optimisation_step
 
-Report = Callable[[str, dict[str, Any]], None]
-# Peak dense bf16 throughput used for MFU on a GPU that the bench's table does not know, as nanoGPT
-# does (A100: 312 TFLOPS).
-PEAK_FLOPS_CUDA = 312e12
-
-
-def peak_flops(device: str, amp: bool) -> float | None:
-    """The peak FLOP/s of one process's device, for MFU: the GPU table, or cores × clock × SIMD on a CPU."""
-    import torch
-
-    from gptcli.bench.train import peak_tflops_for
-
-    if device.startswith("cuda"):
-        peak, _ = peak_tflops_for(device, torch.cuda.get_device_name(device), 1, amp)
-        return peak * 1e12 if peak else PEAK_FLOPS_CUDA
-    peak, _ = peak_tflops_for("cpu", "", torch.get_num_threads(), False)
-    return peak * 1e12 if peak else None
-
-
-def _quiet(_: str, __: dict[str, Any]) -> None:
-    pass
+__all__ = ["RunSetup", "lr_at", "resolve_run", "train", "training"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,309 +43,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return o.min_lr
     ratio = (step - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
-
-
-# ---------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# ---------------------------------------------------------------- batches
-
-
-class Batches:
-    """Random blocks from the training tokens, one independent stream per micro-batch of a step.
-
-    A step uses `grad_accum × world` streams; stream j samples only from shard j of the training
-    tokens. Rank r runs streams r·accum … r·accum+accum-1, so a 2-process run and a 1-process run
-    with twice the accumulation see exactly the same batches. Each (step, stream) draws from a
-    generator seeded from (seed, stream, step): no sampler state to save, and a resumed run (on any
-    number of processes) continues with exactly the batches it would have seen.
-    """
-
-    def __init__(self, tokens: np.ndarray, streams: int, block: int, batch: int, seed: int, device: str) -> None:
-        import torch
-
-        self.tokens, self.block, self.batch, self.device, self.seed = tokens, block, batch, device, seed
-        size = len(tokens) // streams
-        self.shards = [(j * size, size) for j in range(streams)]
-        self.generator = torch.Generator()
-
-    def get(self, stream: int, step: int) -> tuple[Any, Any]:
-        start, size = self.shards[stream]
-        mixed = (self.seed * 0x9E3779B1 + stream * 0x85EBCA77 + step * 0xC2B2AE3D) % (2**63)
-        self.generator.manual_seed(mixed)
-        return blocks(self.tokens, start, size, self.block, self.batch, self.generator, self.device)
-
-
-def blocks(tokens: np.ndarray, start: int, size: int, block: int, batch: int, gen: Any, device: str) -> tuple:
-    import torch
-
-    ix = (torch.randint(size - block - 1, (batch,), generator=gen) + start).tolist()
-    chunk = np.stack([tokens[i : i + block + 1] for i in ix]).astype(np.int64)
-    data = torch.from_numpy(chunk)
-    x, y = data[:, :-1], data[:, 1:]
-    if device != "cpu":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
-
-
-# ---------------------------------------------------------------- the run
-
-
-@dataclass
-class RunSetup:
-    """Everything resolved before the first step."""
-
-    cfg: TrainConfig
-    out: Path
-    data_path: Path
-    data: TokenData
-    files: dict[str, bytes]
-    init_folder: Path | None
-    block_size: int
-    dist: Dist
-    resume_from: Path | None = None
-
-
-def tokenizer_files(data: TokenData, cfg: TrainConfig, block: int, init_folder: Path | None) -> dict[str, bytes]:
-    """The tokenizer files every checkpoint carries (the --init model's own files when fine-tuning)."""
-    if init_folder is not None and cfg.data.tokenizer == "init":
-        return {n: (init_folder / n).read_bytes() for n in TOKENIZER_FILES if (init_folder / n).is_file()}
-    special = {"unk_token": UNK} if cfg.data.tokenizer == "char" else {"eos_token": EOT, "bos_token": EOT}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block, **special}
-    return {
-        "tokenizer.json": data.tokenizer_json.encode("utf-8"),
-        "tokenizer_config.json": json.dumps(config, indent=2).encode("utf-8"),
-    }
-
-
-def default_out(data_path: Path) -> Path:
-    base = Path("runs") / (data_path.stem or "run")
-    out, n = base, 2
-    while out.exists():
-        out, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return out
-
-
-def resolve_run(
-    *,
-    data_path: Path | None,
-    out: Path | None,
-    resume: Path | None,
-    preset: str | None,
-    config_file: Path | None,
-    sets: list[str],
-    flags: dict[str, Any],
-    notify: Callable[[str], None] = lambda _: None,
-    progress: Callable[[str, int, int | None], None] = lambda _, __, ___: None,
-) -> RunSetup:
-    """Config, run folder, init model and token data: all the checks that can fail before training."""
-    import yaml
-
-    resume_from = None
-    if resume is not None:
-        info = ckpt.read_run(resume)
-        saved = load_config(base=yaml.safe_load((resume / ckpt.CONFIG_FILE).read_text(encoding="utf-8")))
-        cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
-        changed = incompatible_changes(saved, cfg)
-        if changed:
-            raise RunError(
-                f"cannot resume {resume} with a different {', '.join(changed)}",
-                hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
-            )
-        resume_from = ckpt.latest_checkpoint(resume)
-        if resume_from is None:
-            raise RunError(f"cannot resume {resume}: it has no complete checkpoint yet", hint="start it again")
-        data_path = data_path or Path(info["data"])
-        out = resume
-    else:
-        if data_path is None:
-            raise ConfigError("no training data", hint="pass --data FILE_OR_FOLDER (or --resume RUN)")
-        cfg = load_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
-        out = out or default_out(data_path)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            what = "a training run" if ckpt.is_run(out) else "not empty"
-            raise RunError(f"{out} is {what}", hint=f"continue it with --resume {out}, or pick a new --out")
-
-    init_folder = None
-    chat = None
-    eot_token = None
-    if cfg.init:
-        from gptcli.models import resolve_model
-        from gptcli.tokenizer import Tokenizer
-
-        init_folder = resolve_model(cfg.init, notify=notify).path
-        if cfg.data.tokenizer != "init":
-            cfg = load_config(base={**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "tokenizer": "init"}})
-        tok = Tokenizer(init_folder)
-        eot_token = tok.eos_token
-        if tok.chat_template:
-
-            def chat(messages: list[dict[str, str]]) -> str:
-                return tok.render_chat(messages, add_generation_prompt=False)
-
-    block = cfg.model.block_size
-    if init_folder is not None:
-        from gptcli.hf import context_length, read_config
-
-        block = min(block, context_length(read_config(init_folder)))
-    dist = setup_distributed("cpu" if cfg.train.device == "cpu" else _cuda_or_cpu())
-    if not dist.main:
-        barrier(dist)  # rank 0 tokenizes and fills the cache first; the others then read it
-        notify = _silent
-    streams = cfg.train.grad_accum * dist.world
-    data = prepare(
-        data_path,
-        tokenizer=cfg.data.tokenizer,
-        vocab_size=cfg.data.vocab_size,
-        val_fraction=cfg.data.val_fraction,
-        block_size=block,
-        dedup_lines=cfg.data.dedup_lines,
-        init_tokenizer=(init_folder / "tokenizer.json") if init_folder else None,
-        chat=chat,
-        eot_token=eot_token,
-        streams=streams,
-        notify=notify,
-        progress=progress,
-    )
-    if dist.main:
-        barrier(dist)
-    files = tokenizer_files(data, cfg, block, init_folder)
-    if resume_from is not None and (resume_from / "tokenizer.json").read_bytes() != files["tokenizer.json"]:
-        raise RunError(f"cannot resume {out}: the corpus gives a different tokenizer now", hint="use the same --data")
-    return RunSetup(cfg, out, data_path.resolve(), data, files, init_folder, block, dist, resume_from)
-
-
-def _silent(_: str) -> None:
-    pass
-
-
-def _cuda_or_cpu() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_model(setup: RunSetup) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from gptcli.backends.torch_backend import quiet_transformers
-
-    quiet_transformers()
-    if setup.resume_from is not None:
-        return AutoModelForCausalLM.from_pretrained(setup.resume_from, dtype=torch.float32)
-    torch.manual_seed(setup.cfg.train.seed)
-    if setup.init_folder is not None:
-        return AutoModelForCausalLM.from_pretrained(setup.init_folder, dtype=torch.float32)
-    return new_gpt2(setup.cfg, setup.data.vocab_size, setup.block_size, eot=setup.data.eot_id)
-
-
-def new_gpt2(cfg: TrainConfig, vocab_size: int, block_size: int, eot: int | None = None) -> Any:
-    """A freshly initialised GPT-2 of the config's shape (seed it first for reproducibility)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    m = cfg.model
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=block_size,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        # The same tanh-approximated GELU as GPT-2's gelu_new, but one fused kernel instead of five ops.
-        activation_function="gelu_pytorch_tanh",
-        attn_implementation="sdpa",
-    )
-    return GPT2LMHeadModel(config)
-
-
-def mixed_precision(device: str, dtype: str) -> tuple[Any, Callable[[], Any], Any]:
-    """(autocast dtype or None, autocast context factory, gradient scaler) for a device and train.dtype.
-
-    On CUDA, unless float32 is asked for: bf16 autocast where supported, else fp16 with a scaler.
-    """
-    import torch
-
-    amp_dtype = None
-    if device.startswith("cuda") and dtype != "float32":
-        wanted = dtype
-        if wanted == "auto":
-            wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    return amp_dtype, autocast, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-
-def new_optimizer(model: Any, cfg: TrainConfig) -> Any:
-    """AdamW (fused where available) with weight decay on matrices only."""
-    import torch
-
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
-
-
-def flops_per_token(model: Any, block: int) -> float:
-    """nanoGPT's estimate: 6N for the matmuls plus the attention term (PaLM appendix B)."""
-    cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    layers, width = cfg.num_hidden_layers, cfg.hidden_size
-    return 6 * params + 12 * layers * width * block
-
-
-def describe(setup: RunSetup, model: Any) -> dict[str, Any]:
-    cfg = setup.cfg
-    tokens_per_iter = cfg.train.batch_size * cfg.train.grad_accum * setup.block_size
-    return {
-        "out": str(setup.out),
-        "data": str(setup.data_path),
-        "params": sum(p.numel() for p in model.parameters()),
-        "vocab_size": setup.data.vocab_size,
-        "block_size": setup.block_size,
-        "train_tokens": len(setup.data.train),
-        "val_tokens": len(setup.data.val),
-        "tokens_per_iter": tokens_per_iter,
-        "flops_per_iter": flops_per_token(model, setup.block_size) * tokens_per_iter,
-    }
 
 
 class _Signals:
@@ -392,308 +70,247 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def train(setup: RunSetup, report: Report = _quiet) -> dict[str, Any]:
-    """Train to cfg.train.max_iters (or until a signal). Returns the summary; only rank 0 writes."""
-    import torch
+def training(setup: RunSetup) -> Iterator[TrainEvent]:
+    """Train to cfg.train.max_iters (or until a signal), yielding events; the last one is `Finished`.
 
-    cfg, dist = setup.cfg, setup.dist
-    report = report if dist.main else _quiet
-    threads_before = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _train(setup, report)
-    finally:
-        torch.set_num_threads(threads_before)
+    Only rank 0 writes the run folder and reports; every rank gets its `Finished`.
+    """
+    with torch_threads(setup.cfg.train.threads):
+        for event in _Run(setup).events():
+            if setup.dist.main or isinstance(event, Finished):
+                yield event
 
 
-def _train(setup: RunSetup, report: Report) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
+def train(setup: RunSetup, on_event: Callable[[TrainEvent], None] = lambda _: None) -> Finished:
+    """`training` run to its end, each event handed to `on_event`; returns the `Finished` event."""
+    finished = None
+    for event in training(setup):
+        on_event(event)
+        finished = event
+    assert isinstance(finished, Finished)
+    return finished
 
-    from gptcli.backends.torch_backend import resolve_device
 
-    cfg, dist = setup.cfg, setup.dist
-    device = resolve_device(cfg.train.device)
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(device)
-    use_cuda = device.startswith("cuda")
-    amp_dtype, autocast, scaler = mixed_precision(device, cfg.train.dtype)
+class _Run:
+    """One run's live state: the model, its optimizer and precision, the step, the best validation loss."""
 
-    model = build_model(setup).to(device)
-    model.train()
-    out = setup.out
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out)
-        for name, data in setup.files.items():  # the sampler's tokenizer reads these
-            ckpt.write_atomic(out / name, data)
-        import yaml
+    def __init__(self, setup: RunSetup) -> None:
+        import torch
 
-        ckpt.write_atomic(out / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    barrier(dist)
+        cfg, dist = setup.cfg, setup.dist
+        self.setup, self.cfg, self.dist, self.out = setup, cfg, dist, setup.out
+        device = resolve_device(cfg.train.device)
+        if device == "cuda" and dist.world > 1:
+            device = f"cuda:{dist.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = device
+        self.precision = mixed_precision(device, cfg.train.dtype)
+        self.model = build_model(setup).to(device)
+        self.model.train()
+        self._prepare_folder()
+        self.optimizer = new_optimizer(self.model, cfg)
+        accum = cfg.train.grad_accum
+        self.batches = Batches(
+            setup.data.train, accum * dist.world, setup.block_size, cfg.train.batch_size, cfg.train.seed, device
+        )
+        self.my_streams = [dist.rank * accum + i for i in range(accum)]
+        self.step, self.best_val, self.best_step = 0, math.inf, None
+        if setup.resume_from is not None:
+            self._restore(setup.resume_from)
+        self.step_model = self._wrapped(self.model)
 
-    optimizer = new_optimizer(model, cfg)
+        self.info = describe(setup, self.model)
+        self.tokens_per_step = self.info.tokens_per_iter * dist.world
+        self.flops_per_step = self.info.flops_per_iter * dist.world
+        self.peak = peak_flops(device, self.precision.dtype is not None)
+        self.run_info = {"data": str(setup.data_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if setup.resume_from is not None:
+            saved = ckpt.read_run(self.out)
+            self.run_info = {**saved, **self.run_info, "created": saved.get("created")}
+            if dist.main:
+                truncate_metrics(self.out / ckpt.METRICS_FILE, self.step)
+        self.metrics = MetricsLog(self.out, enabled=dist.main)
+        self.step_seconds = 0.0
 
-    accum = cfg.train.grad_accum
-    batches = Batches(
-        setup.data.train, accum * dist.world, setup.block_size, cfg.train.batch_size, cfg.train.seed, device
-    )
-    my_streams = [dist.rank * accum + i for i in range(accum)]
-    step, best_val, best_step = 0, math.inf, None
-    if setup.resume_from is not None:
-        state = ckpt.load_state(setup.resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+    def _prepare_folder(self) -> None:
+        """Rank 0 writes the tokenizer (the sampler reads it) and the config; the others wait for it."""
+        if self.dist.main:
+            import yaml
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.out)
+            for name, data in self.setup.files.items():
+                ckpt.write_atomic(self.out / name, data)
+            ckpt.write_atomic(self.out / ckpt.CONFIG_FILE, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode())
+        barrier(self.dist)
+
+    def _restore(self, checkpoint: Path) -> None:
+        import torch
+
+        state = ckpt.load_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        scaler = self.precision.scaler
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, best_val, best_step = int(state["step"]), float(state["best_val_loss"]), state.get("best_step")
-        report("note", {"message": f"resuming {out} at step {step}"})
+        self.step, self.best_val, self.best_step = (
+            int(state["step"]),
+            float(state["best_val_loss"]),
+            state.get("best_step"),
+        )
 
-    raw_model = model
-    step_model: Any = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def _wrapped(self, model: Any) -> Any:
+        """What runs forward: DDP-wrapped under torchrun, compiled with train.compile."""
+        import torch
 
-        step_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if use_cuda else None)
-    if cfg.train.compile:
-        step_model = torch.compile(step_model)
+        step_model = model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def loss_of(m: Any, x: Any, y: Any) -> Any:
-        with autocast():
-            logits = m(input_ids=x, use_cache=False).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
+            step_model = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.train.compile:
+            step_model = torch.compile(step_model)
+        return step_model
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        raw_model.eval()
+    def events(self) -> Iterator[TrainEvent]:
+        cfg = self.cfg
+        if self.setup.resume_from is not None:
+            yield Note(f"resuming {self.out} at step {self.step}")
+        yield Started(self.info, self.step, cfg.train.max_iters, self.device)
+        start_step, wall_start = self.step, time.perf_counter()
+        last_loss = last_val = math.nan
+        interrupted = False
+        try:
+            with _Signals() as signals:
+                while self.step < cfg.train.max_iters:
+                    stepped, stop = self._one_step(signals)
+                    last_loss = stepped.loss
+                    yield stepped
+                    last = self.step == cfg.train.max_iters
+                    if self.step % cfg.eval.interval == 0 or last:
+                        evaluated = self._evaluate()
+                        last_val = evaluated.val_loss
+                        yield evaluated
+                    if self.step % cfg.checkpoint.interval == 0 or last or stop:
+                        path = self._save()
+                        if path is not None:
+                            yield Checkpointed(self.step, str(path))
+                    if stop:
+                        interrupted = True
+                        break
+        finally:
+            self.metrics.close()
+        done = self.step - start_step
+        yield Finished(
+            info=self.info,
+            steps=self.step,
+            interrupted=interrupted,
+            train_loss=last_loss,
+            val_loss=last_val,
+            best_val_loss=self.best_val if self.best_step else None,
+            best_step=self.best_step,
+            wall_s=round(time.perf_counter() - wall_start, 3),
+            ms_per_iter=round(1000 * self.step_seconds / done, 3) if done else None,
+            tokens_per_s=round(self.tokens_per_step * done / self.step_seconds) if done else None,
+            device=self.device,
+            world_size=self.dist.world,
+        )
+
+    def _one_step(self, signals: _Signals) -> tuple[Step, bool]:
+        """One optimizer step at the scheduled learning rate; (its event, whether a signal asks to stop)."""
+        cfg, step = self.cfg, self.step
+        started = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = optimisation_step(
+            self.model,
+            self.optimizer,
+            self.precision,
+            (self.batches.get(stream, step) for stream in self.my_streams),
+            cfg.train.grad_accum,
+            cfg.optim.grad_clip,
+            step_model=self.step_model,
+            no_sync=self.step_model.no_sync if self.dist.world > 1 else None,
+        )
+        self.step = step = step + 1
+        loss, stop = self._agree(loss_sum, signals.received is not None)
+        seconds = time.perf_counter() - started
+        self.step_seconds += seconds
+        if not math.isfinite(loss):
+            raise DivergedError(
+                f"the training loss became {loss} at step {step}; the last good checkpoint is kept",
+                hint="lower --lr or set optim.grad_clip, then --resume (or start again)",
+            )
+        mfu = round(self.flops_per_step / seconds / (self.peak * self.dist.world), 4) if self.peak else None
+        event = Step(step, loss, lr, round(seconds * 1000, 3), round(self.tokens_per_step / seconds), mfu)
+        self.metrics.write(event.record())
+        return event, stop
+
+    def _agree(self, loss_sum: Any, stop: bool) -> tuple[float, bool]:
+        """The loss averaged over the ranks, and whether any rank received a signal."""
+        if self.dist.world == 1:
+            return loss_sum.item(), stop
+        import torch
+        import torch.distributed as tdist
+
+        both = torch.stack([loss_sum.float(), torch.tensor(float(stop), device=self.device)])
+        tdist.all_reduce(both)
+        return both[0].item() / self.dist.world, both[1].item() > 0
+
+    def _evaluate(self) -> Evaluated:
+        """The validation loss (and a sample), logged; loss.png redrawn."""
+        val = self._val_loss()
+        if val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+        main = self.dist.main
+        sample = (
+            sample_text(self.model, self.out, self.cfg, self.setup.block_size, self.device, self.step) if main else ""
+        )
+        evaluated = Evaluated(self.step, val, math.exp(min(val, 50)), sample, self.best_val)
+        self.metrics.write({"step": self.step, "val_loss": val, "val_ppl": evaluated.val_ppl, "sample": sample})
+        if main:
+            plot_losses(self.out)
+        return evaluated
+
+    def _val_loss(self) -> float:
+        import torch
+
+        cfg, model, val = self.cfg, self.model, self.setup.data.val
+        model.eval()
         gen = torch.Generator().manual_seed(cfg.train.seed + 7)
-        val = setup.data.val
-        losses = [
-            loss_of(raw_model, *blocks(val, 0, len(val), setup.block_size, cfg.train.batch_size, gen, device)).item()
-            for _ in range(cfg.eval.iters)
-        ]
-        raw_model.train()
+        with torch.no_grad():
+            losses = []
+            for _ in range(cfg.eval.iters):
+                x, y = blocks(val, 0, len(val), self.setup.block_size, cfg.train.batch_size, gen, self.device)
+                losses.append(loss_of(model, x, y, self.precision).item())
+        model.train()
         return float(np.mean(losses))
 
-    info = describe(setup, raw_model)
-    tokens_per_step = info["tokens_per_iter"] * dist.world
-    flops_per_step = info["flops_per_iter"] * dist.world
-    peak = peak_flops(device, amp_dtype is not None)
-    run_info = {"data": str(setup.data_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if setup.resume_from is not None:
-        run_info = {**ckpt.read_run(out), **run_info, "created": ckpt.read_run(out).get("created")}
-    if dist.main and setup.resume_from is not None:
-        _truncate_metrics(out / ckpt.METRICS_FILE, step)
-    metrics = open(out / ckpt.METRICS_FILE, "a", encoding="utf-8") if dist.main else None  # noqa: SIM115
-
-    def log(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def save(current: int) -> Path | None:
-        if not dist.main:
+    def _save(self) -> Path | None:
+        """A checkpoint of this step (rank 0 only): weights, optimizer, RNG, scaler and the best so far."""
+        if not self.dist.main:
             return None
+        import torch
+
+        scaler = self.precision.scaler
         state = {
-            "step": current,
-            "optimizer": optimizer.state_dict(),
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "best_val_loss": best_val,
-            "best_step": best_step,
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
         }
-        path = ckpt.save_checkpoint(
-            out,
-            current,
-            raw_model,
-            setup.files,
+        best_val = self.best_val if self.best_step else None
+        return ckpt.save_checkpoint(
+            self.out,
+            self.step,
+            self.model,
+            self.setup.files,
             state,
-            keep_last=cfg.checkpoint.keep_last,
-            best_step=best_step,
-            run_info={**run_info, "best": best_step, "best_val_loss": best_val if best_step else None},
+            keep_last=self.cfg.checkpoint.keep_last,
+            best_step=self.best_step,
+            run_info={**self.run_info, "best": self.best_step, "best_val_loss": best_val},
         )
-        report("checkpoint", {"step": current, "path": str(path)})
-        return path
-
-    report("start", {**info, "start_step": step, "max_iters": cfg.train.max_iters, "device": device})
-    start_step = step
-    wall_start = time.perf_counter()
-    step_seconds = 0.0
-    last_loss = math.nan
-    last_val = math.nan
-    interrupted = False
-    try:
-        with _Signals() as signals:
-            while step < cfg.train.max_iters:
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                for micro, stream in enumerate(my_streams):
-                    x, y = batches.get(stream, step)
-                    sync = dist.world == 1 or micro == accum - 1
-                    with contextlib.nullcontext() if sync else step_model.no_sync():
-                        loss = loss_of(step_model, x, y) / accum
-                        scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                if cfg.optim.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                stop = signals.received is not None
-                if dist.world > 1:
-                    import torch.distributed as tdist
-
-                    both = torch.stack([loss_sum.float(), torch.tensor(float(stop), device=device)])
-                    tdist.all_reduce(both)
-                    last_loss, stop = both[0].item() / dist.world, both[1].item() > 0
-                else:
-                    last_loss = loss_sum.item()
-                dt = time.perf_counter() - t0
-                step_seconds += dt
-                if not math.isfinite(last_loss):
-                    raise DivergedError(
-                        f"the training loss became {last_loss} at step {step}; the last good checkpoint is kept",
-                        hint="lower --lr or set optim.grad_clip, then --resume (or start again)",
-                    )
-                tok_s = tokens_per_step / dt
-                record = {"step": step, "loss": last_loss, "lr": lr, "ms": round(dt * 1000, 3), "tok_s": round(tok_s)}
-                if peak:
-                    record["mfu"] = round(flops_per_step / dt / (peak * dist.world), 4)
-                log(record)
-                report("step", record)
-
-                if step % cfg.eval.interval == 0 or step == cfg.train.max_iters:
-                    last_val = evaluate()
-                    if last_val < best_val:
-                        best_val, best_step = last_val, step
-                    sample = _sample(raw_model, out, cfg, setup.block_size, device, step) if dist.main else ""
-                    evaluation = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))}
-                    log({**evaluation, "sample": sample})
-                    report("eval", {**evaluation, "sample": sample, "best_val_loss": best_val})
-                    if dist.main:
-                        plot_losses(out)
-                due = step % cfg.checkpoint.interval == 0 or step == cfg.train.max_iters
-                if due or stop:
-                    save(step)
-                if stop:
-                    interrupted = True
-                    break
-    finally:
-        if metrics is not None:
-            metrics.close()
-    wall = time.perf_counter() - wall_start
-    done = step - start_step
-    return {
-        **info,
-        "steps": step,
-        "interrupted": interrupted,
-        "train_loss": last_loss,
-        "val_loss": last_val,
-        "best_val_loss": best_val if best_step else None,
-        "best_step": best_step,
-        "wall_s": round(wall, 3),
-        "ms_per_iter": round(1000 * step_seconds / done, 3) if done else None,
-        "tokens_per_s": round(tokens_per_step * done / step_seconds) if done else None,
-        "device": device,
-        "world_size": dist.world,
-    }
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint being resumed (written after it, before the stop)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
-    ckpt.write_atomic(path, ("\n".join(kept) + "\n").encode() if kept else b"")
-
-
-def _sample(model: Any, out: Path, cfg: TrainConfig, block: int, device: str, step: int) -> str:
-    """A short sample through the one decoding loop (gptcli.decoding), with its own RNG."""
-    from gptcli.backends.base import ModelInfo
-    from gptcli.config import SamplingConfig
-    from gptcli.decoding import Finished, generate
-    from gptcli.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(out)
-    prompt = tokenizer.encode(cfg.eval.sample_prompt, add_special_tokens=False) or [0]
-    room = block - len(prompt)
-    if room <= 0 or cfg.eval.sample_tokens <= 0:
-        return ""
-    info = ModelInfo("training", type(model).__name__, block, model.config.vocab_size, 0, 0, "float32", device)
-    params = SamplingConfig(
-        temperature=0.8, top_k=200, top_p=1.0, min_p=0.0, max_tokens=min(room, cfg.eval.sample_tokens), seed=step
-    )
-    model.eval()
-    try:
-        text = ""
-        for event in generate(_backend_over(model, info, device), tokenizer, prompt, params):
-            if isinstance(event, Finished):
-                text = event.text
-    finally:
-        model.train()
-    return cfg.eval.sample_prompt + text
-
-
-def _backend_over(model: Any, info: Any, device: str) -> Any:
-    """The torch backend over the in-memory model (HF engine), whichever constructor this version has."""
-    from gptcli.backends import torch_backend
-
-    engine_cls = getattr(torch_backend, "HFEngine", None)
-    if engine_cls is not None:
-        return torch_backend.TorchBackend(engine_cls(model), info)
-    return torch_backend.TorchBackend(model, info, device)  # type: ignore[call-arg]
-
-
-def plot_losses(out: Path) -> None:
-    """loss.png: the training loss (and a running mean) and the validation loss, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, losses, val_steps, vals = [], [], [], []
-    for line in _lines(out / ckpt.METRICS_FILE):
-        if "loss" in line:
-            steps.append(line["step"])
-            losses.append(line["loss"])
-        elif "val_loss" in line:
-            val_steps.append(line["step"])
-            vals.append(line["val_loss"])
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="train")
-    if len(losses) >= 20:
-        window = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, color="#3182bd", linewidth=1.5, label="train (mean)")
-    ax.plot(val_steps, vals, "o-", color="#e6550d", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(out.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out / f".{ckpt.PLOT_FILE}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out / ckpt.PLOT_FILE)
-
-
-def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield json.loads(line)
-
-
-def shutdown_distributed() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()

@@ -1,0 +1,248 @@
+"""The machine we run on: is CUDA usable, which device and dtype `auto` means, CPU threads and ISA, peak FLOPS.
+
+One answer for everyone (export, every backend, bench, train): `--device auto` is CUDA exactly when
+`cuda_unusable_reason(runtime)` is None for the runtime that will run the model. Nothing here imports
+torch or onnxruntime at module import time: `gptcli --help` and tab completion stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import BackendError
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# Peak dense bf16 throughput used for MFU on a GPU the table does not know, as nanoGPT does (A100: 312 TFLOPS).
+PEAK_FLOPS_CUDA = 312e12
+
+# Dense peak TFLOPS (no sparsity): (16-bit tensor cores, fp32). Matched by substring of the device name.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "T4": (65.0, 8.1),
+    "V100": (125.0, 15.7),
+    "RTX 4090": (165.2, 82.6),
+    "RTX 3090": (71.0, 35.6),
+}
+
+
+# ---------------------------------------------------------------- CUDA and devices
+
+
+@functools.cache
+def nvidia_gpu_reason() -> str | None:
+    """None when the NVIDIA driver loads and counts at least one GPU, else why not (libcuda, no torch)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver on this machine (libcuda not found)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "the NVIDIA driver reports no usable GPU"
+    return None
+
+
+def cuda_unusable_reason(runtime: str = TORCH) -> str | None:
+    """Why `runtime` ('torch' or 'onnxruntime') cannot run on CUDA here, or None when it can.
+
+    onnxruntime-gpu lists its CUDA provider on any machine, so a listed provider is not enough: the
+    NVIDIA driver must load and report a GPU too.
+    """
+    if runtime == ONNXRUNTIME:
+        import onnxruntime as ort
+
+        if CUDA_PROVIDER not in ort.get_available_providers():
+            return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+        return nvidia_gpu_reason()
+    import torch
+
+    return None if torch.cuda.is_available() else "no GPU is available"
+
+
+def resolve_device(requested: str, runtime: str = TORCH) -> str:
+    """'auto' → 'cuda' when CUDA is usable for `runtime`, else 'cpu'. Explicit 'cuda' without it is an error."""
+    if requested == "cpu":
+        return "cpu"
+    reason = cuda_unusable_reason(runtime)
+    if requested == "cuda" and reason:
+        raise BackendError(f"CUDA requested but {reason}", hint="use --device cpu or --device auto")
+    return "cuda" if reason is None else "cpu"
+
+
+def resolve_dtype(requested: str, device: str) -> Any:
+    """The torch dtype for --dtype: 'auto' is bf16 on a GPU that has it (else fp16), fp32 on a CPU."""
+    import torch
+
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def cuda_device_name(device: str) -> str:
+    """The GPU's name for a torch CUDA device ('' for the CPU)."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
+def quiet_transformers() -> None:
+    """No progress bars or deprecation chatter from transformers on our stderr."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+
+
+# ---------------------------------------------------------------- CPU threads
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Physical cores we may use (what torch and onnxruntime pick by default), at least 1."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable_cpus()
+    except ImportError:
+        physical = usable_cpus()
+    return max(1, min(physical, usable_cpus()))
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op thread count; None or 0 keeps torch's own choice."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """`set_torch_threads` for the duration of a block, then the count from before."""
+    import torch
+
+    before = torch.get_num_threads()
+    set_torch_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- CPU ISA and peak FLOPS
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """The SIMD and matrix extensions that decide which kernels (and how many FLOPs per cycle) a CPU has."""
+
+    avx2: bool = False
+    fma: bool = False
+    avx512f: bool = False
+    avx512_vnni: bool = False
+    avx512_bf16: bool = False
+    amx: bool = False
+
+    @classmethod
+    def from_flags(cls, flags: set[str]) -> CpuIsa:
+        return cls(
+            avx2="avx2" in flags,
+            fma="fma" in flags,
+            avx512f="avx512f" in flags,
+            avx512_vnni="avx512_vnni" in flags,
+            avx512_bf16="avx512_bf16" in flags,
+            amx=bool({"amx_tile", "amx_bf16", "amx_int8"} & flags),
+        )
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> CpuIsa:
+    return CpuIsa.from_flags(cpu_flags())
+
+
+def cpu_flops_per_cycle(isa: CpuIsa | None = None) -> tuple[int, str]:
+    """fp32 FLOPs per cycle per core from the SIMD flags (two FMA units assumed)."""
+    isa = isa or cpu_isa()
+    if isa.avx512f:
+        return 64, "AVX-512 FMA"
+    if isa.avx2 and isa.fma:
+        return 32, "AVX2 FMA"
+    return 16, "SSE/NEON"
+
+
+def cpu_ghz() -> float | None:
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def peak_tflops_for(device: str, device_name: str, threads: int, half: bool) -> tuple[float | None, str]:
+    """(peak TFLOPS, where the number comes from) for MFU; None when unknown."""
+    if device.startswith("cuda"):
+        for key, (tensor, fp32) in GPU_PEAK_TFLOPS.items():
+            if key in device_name:
+                return (tensor, f"{key} dense 16-bit") if half else (fp32, f"{key} fp32")
+        return None, f"unknown GPU '{device_name}': pass --peak-tflops"
+    ghz = cpu_ghz()
+    if ghz is None:
+        return None, "unknown CPU clock: pass --peak-tflops"
+    per_cycle, simd = cpu_flops_per_cycle()
+    return threads * ghz * per_cycle / 1000, f"est. {threads} cores × {ghz:.2f} GHz × {per_cycle} ({simd})"
+
+
+def peak_flops(device: str, amp: bool) -> float | None:
+    """The peak FLOP/s of one process's device, for MFU: the GPU table, or cores × clock × SIMD on a CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        peak, _ = peak_tflops_for(device, cuda_device_name(device), 1, amp)
+        return peak * 1e12 if peak else PEAK_FLOPS_CUDA
+    peak, _ = peak_tflops_for("cpu", "", torch.get_num_threads(), False)
+    return peak * 1e12 if peak else None

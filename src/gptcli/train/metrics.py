@@ -1,0 +1,78 @@
+"""metrics.jsonl (one line per step and per evaluation) and loss.png drawn from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptcli.train import checkpoint as ckpt
+
+
+class MetricsLog:
+    """Appends JSON lines to a run's metrics.jsonl, flushed at once (a no-op on ranks other than 0)."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.file = open(out / ckpt.METRICS_FILE, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint being resumed (written after it, before the stop)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+    ckpt.write_atomic(path, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+
+def plot_losses(out: Path) -> None:
+    """loss.png: the training loss (and a running mean) and the validation loss, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, val_steps, vals = [], [], [], []
+    for line in _lines(out / ckpt.METRICS_FILE):
+        if "loss" in line:
+            steps.append(line["step"])
+            losses.append(line["loss"])
+        elif "val_loss" in line:
+            val_steps.append(line["step"])
+            vals.append(line["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="train")
+    if len(losses) >= 20:
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="#3182bd", linewidth=1.5, label="train (mean)")
+    ax.plot(val_steps, vals, "o-", color="#e6550d", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / f".{ckpt.PLOT_FILE}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out / ckpt.PLOT_FILE)
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
