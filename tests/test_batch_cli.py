@@ -1,0 +1,72 @@
+"""`gptcli generate --batch`: the real program on a tiny model, its output file, misuse, Ctrl-C and --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import REPO, run_cli
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend", "GPTCLI_TEST_CONTEXT": "4096"}
+
+
+def test_batch_file_results_match_single_generations(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    prompts = ["Once upon a time", "The capital of France is", "def add(a, b):"]
+    batch = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(prompts)]
+    lines.insert(1, "{oops")
+    batch.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["-m", model, "--temperature", "0", "-n", "12", "--parallel", "3"]
+    result = run_cli("generate", "--batch", str(batch), "-o", str(out), *args)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b""  # with -o, nothing but the file
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["p0", "2", "p1", "p2"]
+    assert "not valid JSON" in records[1]["error"]["message"]
+    assert "3 done, 1 failed" in result.stderr.decode()
+    for i, prompt in enumerate(prompts):
+        alone = json.loads(run_cli("generate", prompt, *args[:-2], "--json").stdout)
+        assert records[[0, 2, 3][i]]["text"] == alone["text"], prompt
+        assert records[[0, 2, 3][i]]["finish_reason"] == alone["finish_reason"]
+
+
+def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"prompt": "hi"}\n')
+    no_output = run_cli("generate", "--batch", str(batch), "--resume", "-m", str(tiny_models["llama"]))
+    assert no_output.returncode == 2 and "--resume needs --output" in no_output.stderr.decode()
+    with_prompt = run_cli("generate", "hello", "--batch", str(batch))
+    assert with_prompt.returncode == 2 and "--batch takes its prompts from the file" in with_prompt.stderr.decode()
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "1", "text": "x"}\n')
+    exists = run_cli("generate", "--batch", str(batch), "-o", str(out), "-m", str(tiny_models["llama"]))
+    assert exists.returncode == 2 and "already holds results" in exists.stderr.decode()
+    assert "Traceback" not in (no_output.stderr + with_prompt.stderr + exists.stderr).decode()
+
+
+def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path):
+    batch = tmp_path / "in.jsonl"
+    batch.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": "hi", "max_tokens": 3 + 40 * i}) + "\n" for i in range(3))
+    )
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, **SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps([7] * 2000), "GPTCLI_TEST_DELAY": "0.02"}
+    args = ["generate", "--batch", str(batch), "-o", str(out), "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", *args], env=env, cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "rerun with --resume" in err.decode() and "Traceback" not in err.decode()
+    first = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert first[0] == "r0" and "r2" not in first
+    again = subprocess.run([sys.executable, "-m", "gptcli", *args, "--resume"], env=env, cwd=REPO, capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == ["r0", "r1", "r2"] and len(ids) == 3
