@@ -257,3 +257,74 @@ def test_context_too_small_for_the_instructions(tiny_models, tmp_path):
     result = run_cli("summarize", str(doc), "-m", str(tiny_models["llama"]))  # the real tiny model: 128 tokens
     assert result.returncode == 6
     assert result.stderr.decode().startswith("error: the model's context (128 tokens) is too small to summarise")
+
+
+def test_parallel_map_runs_chunks_in_one_step_and_gives_the_same_summary(tok):
+    from gptcli.summarize import SummaryOptions
+
+    class Stepping(ReadingBackend):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.widths = []
+
+        def step(self, batch):
+            self.widths.append(len(batch))
+            rows = [self.forward(ids, cache) for ids, cache in batch]
+            return np.stack([r[0] for r in rows]), [r[1] for r in rows]
+
+    text = document(30)
+    results = {}
+    for parallel in (1, 4):
+        backend = Stepping(tok, 512)
+        s = summarizer(backend, tok)
+        s.__init__(backend, tok, s.template, s.sampling, parallel=parallel)
+        backend.expected_partials = len(s.chunk(text, s.input_budget(), 0))
+        results[parallel] = (s.run(text, SummaryOptions(overlap=0, chunk_tokens=s.input_budget())), backend)
+    (one, serial), (four, batched) = results[1], results[4]
+    assert four.summary == one.summary == "Final."
+    assert four.chunks == one.chunks and len(one.chunks) >= 3
+    assert max(serial.widths) == 1 and max(batched.widths) == min(4, len(one.chunks))
+
+
+def test_parallel_cuts_smaller_chunks_to_fill_the_batch(tok):
+    backend = ReadingBackend(tok, 4096)
+    s = summarizer(backend, tok)
+    s.__init__(backend, tok, s.template, s.sampling, parallel=8)
+    total = s.count(document(60))
+    chunk = s.parallel_chunk(total, s.input_budget(), 0)
+    assert (chunk < s.input_budget() and -(-total // chunk) >= 8) or chunk == 384
+
+
+def test_ctrl_c_prints_the_finished_chunk_summaries_and_exits_130(tiny_models, tok, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(20))
+    # Short answers for the first chunks, then one that never ends: Ctrl-C lands while it runs.
+    answer = [*tok.encode("Part.", add_special_tokens=False), 2]
+    script = answer * 3 + [7] * 5000
+    env = {
+        **__import__("os").environ,
+        **SCRIPTED,
+        "GPTCLI_TEST_CONTEXT": "600",
+        "GPTCLI_TEST_SCRIPT": json.dumps(script),
+        "GPTCLI_TEST_DELAY": "0.01",
+    }
+    args = ["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted", "--parallel", "1"]
+    args += ["--chunk-tokens", "200", "--overlap", "0", "--max-tokens", "4000", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    import time
+
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    data = json.loads(out)
+    assert data["partial"] is True and data["partials"][:1] == ["Part."]
+    assert "chunk summaries were finished" in err.decode() and "Traceback" not in err.decode()
