@@ -17,7 +17,7 @@ from gptcli.server.middleware import ApiKeyGuard, BodyLimit, RequestCounter
 from gptcli.server.openai_routes import router
 from gptcli.server.state import ServerState
 
-OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key (the page asks for it)
+OPEN_PATHS = ("/health", "/")  # reachable without the API key (the page asks for it)
 # The page uses only inline script and style and talks to this origin: nothing else may load.
 PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
+import threading
+import time
 from typing import Any
 
 from gptcli.errors import GptcliError
@@ -80,3 +82,40 @@ def run_server(app: Any, sock: socket.socket, *, grace_s: float, log_level: str 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
     """Where uvicorn's re-raised SIGTERM lands once the graceful shutdown is over."""
+
+
+class ThreadedServer:
+    """Serve an app from a background thread on a free loopback port: `with ThreadedServer(app) as url:`.
+
+    For tests and embedding; signals stay with the main thread. Leaving the block shuts the server
+    down as SIGTERM would (in-flight requests get `grace_s`, then the app's lifespan stops the engine).
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, grace_s: float = 2.0) -> None:
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.url = url_of(self.sock)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=grace_s,
+            lifespan="on",
+            server_header=False,  # type: ignore[arg-type]
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise GptcliError("the server thread did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
