@@ -1,6 +1,9 @@
-"""The one decoding loop: prefill → sample → stop checks → incremental detokenize → events.
+"""The one per-sequence decoding state machine: sample → stop checks → incremental detokenize → events.
 
-generate, chat, summarize and bench all consume `generate()`; every backend feeds it.
+`SequenceDecoder` turns each row of logits a sequence receives into events (`Token`, then one
+`Finished`). The engine (gptcli.engine) feeds it: alone for generate and chat, many at a time in one
+batched backend step for summarize, batch files and the server. `generate()` is the pull-based form
+for one sequence.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from gptcli.config import SamplingConfig
 from gptcli.sampling import make_rng, sample
 from gptcli.tokenizer import Tokenizer
 
-FINISH_REASONS = ("stop", "length", "context", "interrupted")
+# stop: end-of-sequence or a stop string; length: max_tokens; context: the context window is full;
+# interrupted: Ctrl-C; cancelled: the caller gave up on it (a client disconnected); error: the step failed.
+FINISH_REASONS = ("stop", "length", "context", "interrupted", "cancelled", "error")
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,107 @@ class KVSession:
         return logits
 
 
+class SequenceDecoder:
+    """One sequence's decoding state, fed one row of logits at a time by whoever runs the backend.
+
+    `accept(logits, now, positions)` samples the next token and returns the events it causes; once it
+    returns a `Finished`, `done` is true. `positions` is how many positions the sequence's cache holds,
+    so the decoder can stop before the context overflows. `next_token` is what to feed back next.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingConfig,
+        *,
+        context_length: int,
+        start: float,
+        cached_tokens: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.params = params
+        self.context_length = context_length
+        self.clock = clock
+        self.rng = make_rng(params.seed)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stopper = StopMatcher(params.stop)
+        self.eos = tokenizer.eos_ids
+        self.prompt_tokens = len(prompt_ids)
+        self.cached_tokens = cached_tokens
+        self.history = list(prompt_ids)
+        self.pieces: list[str] = []
+        self.start = start
+        self.prefill_end: float | None = None
+        self.first_token_at: float | None = None
+        self.last_step_end = start
+        self.steps = 0
+        self.next_token: int | None = None
+        self.finished: Finished | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    def accept(self, logits: np.ndarray, now: float, positions: int) -> list[Event]:
+        """Sample from this step's logits; return the Token (if any) and, when it ends, the Finished."""
+        if self.prefill_end is None:
+            self.prefill_end = now
+        else:
+            self.steps += 1
+        self.last_step_end = now
+        token_id = sample(logits, self.params, self.rng, self.history)
+        self.next_token = None
+        if token_id in self.eos:
+            return self.finish("stop")
+        self.history.append(token_id)
+        text, hit_stop = self.stopper.push(self.detok.add(token_id))
+        emitted = self.clock()
+        if len(self.detok.ids) == 1:
+            self.first_token_at = emitted
+        self.pieces.append(text)
+        events: list[Event] = [Token(text, token_id, emitted)]
+        if hit_stop:
+            return events + self.finish("stop", stopped=True)
+        if len(self.detok.ids) >= self.params.max_tokens:
+            return events + self.finish("length")
+        if positions + 1 > self.context_length:
+            return events + self.finish("context")
+        self.next_token = token_id
+        return events
+
+    def finish(self, reason: str, *, stopped: bool = False) -> list[Event]:
+        """End the sequence: release held-back text (unless a stop string cut it) and report the stats."""
+        if self.finished is not None:
+            return []
+        events: list[Event] = []
+        if not stopped:
+            # Release what was held back: bytes of an unfinished character, the start of a stop string.
+            tail, hit_stop = self.stopper.push(self.detok.flush())
+            tail += "" if hit_stop else self.stopper.flush()
+            if tail:
+                self.pieces.append(tail)
+                events.append(Token(tail, None, self.clock()))
+        end = self.clock()
+        new = len(self.detok.ids)
+        prefill_end = self.prefill_end if self.prefill_end is not None else end
+        first = self.first_token_at if self.first_token_at is not None else end
+        stats = Stats(
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            new_tokens=new,
+            decode_steps=self.steps,
+            ttft_s=(first if new else end) - self.start,
+            prefill_s=prefill_end - self.start,
+            decode_s=max(self.last_step_end - first, 0.0) if self.steps else 0.0,
+            total_s=end - self.start,
+        )
+        self.next_token = None
+        self.finished = Finished(reason, stats, "".join(self.pieces), tuple(self.detok.ids))
+        events.append(self.finished)
+        return events
+
+
 def generate(
     backend: Backend,
     tokenizer: Tokenizer,
@@ -170,69 +276,11 @@ def generate(
     session: KVSession | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[Event]:
-    """Stream Token events, then one Finished. Ctrl-C ends it with reason 'interrupted'."""
-    if not prompt_ids:
-        raise ValueError("generate() needs at least one prompt token")
-    session = session or KVSession(backend)
-    rng = make_rng(params.seed)
-    detok = IncrementalDetokenizer(tokenizer)
-    stopper = StopMatcher(params.stop)
-    eos = tokenizer.eos_ids
-    context = backend.info.context_length
-    history = list(prompt_ids)
-    start = clock()
-    first_token_at = prefill_end = last_step_end = start
-    reason = "length"
-    hit_stop = False
-    pieces: list[str] = []
-    cached = 0
-    steps = 0
-    try:
-        logits, cached = session.feed(prompt_ids)
-        prefill_end = last_step_end = clock()
-        while True:
-            token_id = sample(logits, params, rng, history)
-            if token_id in eos:
-                reason = "stop"
-                break
-            history.append(token_id)
-            text, hit_stop = stopper.push(detok.add(token_id))
-            now = clock()
-            if len(detok.ids) == 1:
-                first_token_at = now
-            pieces.append(text)
-            yield Token(text, token_id, now)
-            if hit_stop:
-                reason = "stop"
-                break
-            if len(detok.ids) >= params.max_tokens:
-                reason = "length"
-                break
-            if len(session.ids) + 1 > context:
-                reason = "context"
-                break
-            logits = session.step(token_id)
-            steps += 1
-            last_step_end = clock()
-    except KeyboardInterrupt:
-        reason = "interrupted"
-    if not hit_stop:
-        # Release what was held back: bytes of an unfinished character, the start of a stop string.
-        tail, hit_stop = stopper.push(detok.flush())
-        tail += "" if hit_stop else stopper.flush()
-        if tail:
-            pieces.append(tail)
-            yield Token(tail, None, clock())
-    end = clock()
-    new = len(detok.ids)
-    stats = Stats(
-        prompt_tokens=len(prompt_ids),
-        cached_tokens=cached,
-        new_tokens=new,
-        decode_steps=steps,
-        ttft_s=(first_token_at if new else end) - start,
-        prefill_s=prefill_end - start,
-        decode_s=max(last_step_end - first_token_at, 0.0) if steps else 0.0,
-        total_s=end - start,
-    )
-    yield Finished(reason, stats, "".join(pieces), tuple(detok.ids))
+    """Stream one sequence's Token events, then one Finished. Ctrl-C ends it with reason 'interrupted'.
+
+    The same path as every batch: an engine running this one sequence (a compatibility entry point;
+    gptcli.engine.generate is the home).
+    """
+    from gptcli.engine import generate as engine_generate  # the engine sits above this module
+
+    return engine_generate(backend, tokenizer, prompt_ids, params, session=session, clock=clock)

@@ -54,6 +54,10 @@ class InputError(GptcliError):
     http_status = 400
 
 
+class QueueFullError(InputError):
+    """The engine already holds as many waiting sequences as it may (server: 503 with Retry-After)."""
+
+
 class UsageError(GptcliError):
     """A combination of arguments that makes no sense."""
 

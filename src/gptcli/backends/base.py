@@ -5,8 +5,9 @@ the last position (float32, shape ``[vocab]``) plus the cache grown by ``len(ids
 advances several sequences at once, each ``(ids, cache)`` with its own cache: a native batched step
 sends all their tokens through the dense layers together (each weight is read once per step) while
 attention runs per sequence; `batched_step` gives every backend without one a correct default that
-loops over `forward`. It never samples, prints or reads config. Built-ins register first; third-party packages add backends through the
-``gptcli.backends`` entry-point group, and only the selected backend is ever imported.
+loops over `forward`. It never samples, prints or reads config. Built-ins register first; third-party
+packages add backends through the ``gptcli.backends`` entry-point group, and only the selected backend
+is ever imported.
 """
 
 from __future__ import annotations

@@ -1,0 +1,533 @@
+"""The engine: many sequences decoded together, joining and leaving at step boundaries.
+
+Decoding is bound by memory: each step streams every weight once, so B sequences advanced in the same
+backend step cost little more than one. The engine keeps a queue of waiting sequences and a set of
+running ones; each `step()`:
+  1. drops cancelled sequences (their caches go back to the backend now),
+  2. admits waiting sequences while there is room (`max_running`) and KV budget,
+  3. builds one batch: a prefill chunk for each sequence still reading its prompt (at most
+     `prefill_chunk` tokens each, at fixed offsets, so a long prompt never stalls the others and a
+     sequence is cut the same way alone or in company) and one token for each decoding sequence,
+  4. runs `batched_step` once, and hands each finished prompt's logits to that sequence's
+     `SequenceDecoder` (the one decoding state machine), which emits its events.
+
+The KV budget is counted in positions: a sequence reserves `min(prompt + max_tokens, context)` when
+it is admitted, so a running sequence never runs out and nothing running is ever disturbed by a new
+one. A sequence that could never fit fails at `submit` with a clear error.
+
+The engine runs either in the caller's thread (`run`, `generate`: the CLI) or in a background thread
+(`start`/`stop`: the server). Events reach a sequence's owner through its `on_event` callback or its
+handle's queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gptcli.backends.base import Backend, batched_step, release_cache
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Event, Finished, KVSession, SequenceDecoder
+from gptcli.errors import ConfigError, InputError, QueueFullError
+from gptcli.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512
+KV_MEMORY_FRACTION = 0.5  # of the memory available at start, when no --kv-budget is given
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much the engine may run at once."""
+
+    max_running: int = 8  # sequences decoded together (--parallel)
+    kv_budget_tokens: int | None = None  # KV positions across running sequences (None: from free memory)
+    max_queue: int = 256  # waiting sequences before submit() refuses
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per sequence per step
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for progress lines and /metrics."""
+
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_budget_tokens: int
+    steps: int
+    tokens_generated: int
+    prompt_tokens: int
+
+
+class SequenceHandle:
+    """The caller's side of one submitted sequence: its id and, without a callback, its event queue."""
+
+    def __init__(self, seq_id: int, prompt_tokens: int, on_event: Callable[[Event], None] | None) -> None:
+        self.id = seq_id
+        self.prompt_tokens = prompt_tokens
+        self.done = False
+        self.result: Finished | None = None
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._on_event = on_event
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, Finished):
+            self.done = True
+            self.result = event
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._queue.put(event)
+
+    def _pending(self) -> Iterator[Event]:
+        """Events already delivered, without waiting."""
+        while True:
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Block for this sequence's events until its Finished (for a background engine)."""
+        while True:
+            event = self._queue.get(timeout=timeout)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+@dataclass
+class _Sequence:
+    handle: SequenceHandle
+    prompt: list[int]
+    params: SamplingConfig
+    session: KVSession
+    owns_session: bool
+    reserve: int
+    submitted: float
+    decoder: SequenceDecoder | None = None
+    started: bool = False  # its prompt's reusable prefix has been matched against the session
+    cached: int = 0  # prompt tokens the session already held
+    retired: bool = False
+    pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
+
+
+def parse_kv_budget(value: str | int | None, kv_bytes_per_token: int) -> int | None:
+    """`--kv-budget`: a number of positions ("16384") or a size ("512MiB", "2GiB", "800MB")."""
+    if value is None or value == "" or value == "auto":
+        return None
+    if isinstance(value, int):
+        tokens = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)?\s*", value.lower())
+        if not match:
+            raise ConfigError(
+                f"--kv-budget {value!r} is neither a number of tokens nor a size",
+                hint="use e.g. --kv-budget 16384 (tokens) or --kv-budget 512MiB",
+            )
+        number, unit = float(match.group(1)), match.group(2)
+        if unit is None:
+            tokens = int(number)
+        else:
+            scale = {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+            size = number * (1024 if "i" in unit else 1000) ** scale
+            if kv_bytes_per_token <= 0:
+                raise ConfigError(
+                    "--kv-budget as a size needs to know how much one position costs, and this backend does not say",
+                    hint="give --kv-budget as a number of tokens",
+                )
+            tokens = int(size // kv_bytes_per_token)
+    if tokens < 1:
+        raise ConfigError(f"--kv-budget {value!r} leaves no room for a single token", hint="raise --kv-budget")
+    return tokens
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def default_kv_budget(backend: Backend, max_running: int) -> int:
+    """Half the free memory's worth of KV positions, at least one full context; or max_running contexts."""
+    context = backend.info.context_length
+    per_token = getattr(backend.info, "kv_bytes_per_token", 0)
+    memory = available_memory_bytes()
+    if per_token <= 0 or memory is None:
+        return max_running * context
+    return max(context, int(memory * KV_MEMORY_FRACTION // per_token))
+
+
+class Engine:
+    """Continuous batching over one backend. See the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        limits: EngineLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.limits = limits or EngineLimits()
+        if self.limits.max_running < 1:
+            raise ConfigError("--parallel must be at least 1", hint="pass --parallel 1 or more")
+        if self.limits.prefill_chunk < 1:
+            raise ConfigError("the prefill chunk must be at least 1 token")
+        self.kv_budget = self.limits.kv_budget_tokens or default_kv_budget(backend, self.limits.max_running)
+        self.clock = clock
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._cancelled: set[int] = set()
+        self._kv_used = 0
+        self._steps = 0
+        self._generated = 0
+        self._prompt_tokens = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._background = False
+
+    # ------------------------------------------------------------------ submitting
+
+    def check_fits(self, prompt_tokens: int, params: SamplingConfig) -> int:
+        """The KV positions a sequence reserves; an InputError when it could never run."""
+        context = self.backend.info.context_length
+        if prompt_tokens < 1:
+            raise InputError("the prompt is empty", hint="give the model some text")
+        if prompt_tokens >= context:
+            raise InputError(
+                f"the prompt is {prompt_tokens} tokens but the model's context holds {context}",
+                hint="shorten the prompt",
+            )
+        reserve = min(prompt_tokens + max(params.max_tokens, 1), context)
+        if reserve > self.kv_budget:
+            raise InputError(
+                f"this sequence needs {reserve} KV positions (prompt {prompt_tokens} + max tokens "
+                f"{params.max_tokens}) but the KV budget is {self.kv_budget}",
+                hint="raise --kv-budget, or lower --max-tokens",
+            )
+        return reserve
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingConfig,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        session: KVSession | None = None,
+    ) -> SequenceHandle:
+        """Queue a sequence; thread-safe. `session` keeps its cache after the sequence (chat)."""
+        prompt = list(prompt_ids)
+        reserve = self.check_fits(len(prompt), params)
+        with self._lock:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down", hint="retry against another replica")
+            if len(self._waiting) >= self.limits.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.limits.max_queue})",
+                    hint="retry in a moment",
+                )
+            handle = SequenceHandle(next(self._ids), len(prompt), on_event)
+            owned = session is None
+            self._waiting.append(
+                _Sequence(handle, prompt, params, session or KVSession(self.backend), owned, reserve, self.clock())
+            )
+            self._lock.notify_all()
+        return handle
+
+    def cancel(self, handle: SequenceHandle) -> None:
+        """Thread-safe: the sequence ends with reason 'cancelled' and frees its cache at the next step."""
+        with self._lock:
+            if not handle.done:
+                self._cancelled.add(handle.id)
+                self._lock.notify_all()
+
+    # ------------------------------------------------------------------ one step
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._running
+
+    def snapshot(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=len(self._running),
+                waiting=len(self._waiting),
+                kv_used_tokens=self._kv_used,
+                kv_budget_tokens=self.kv_budget,
+                steps=self._steps,
+                tokens_generated=self._generated,
+                prompt_tokens=self._prompt_tokens,
+            )
+
+    def step(self) -> bool:
+        """Advance every running sequence by one backend step. False when there was nothing to do."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._running:
+            return False
+        batch = [seq for seq in self._running if seq.pending or seq.decoder is None or not seq.decoder.done]
+        inputs: list[tuple[list[int], object]] = []
+        for seq in batch:
+            if seq.pending:
+                ids = seq.pending[: self._chunk_size(seq)]
+            else:
+                assert seq.decoder is not None and seq.decoder.next_token is not None
+                ids = [seq.decoder.next_token]
+            inputs.append((ids, seq.session.cache))
+        try:
+            logits, caches = batched_step(self.backend, inputs)
+        except KeyboardInterrupt:
+            self._rewind(batch)
+            raise
+        except Exception as exc:
+            self._rewind(batch)
+            if not self._background:
+                raise
+            self._fail(batch, exc)
+            return True
+        now = self.clock()
+        self._steps += 1
+        for row, seq, (ids, _), cache in zip(logits, batch, inputs, caches, strict=True):
+            seq.session.cache = cache
+            seq.session.ids.extend(ids)
+            if seq.pending:
+                del seq.pending[: len(ids)]
+                if seq.pending:
+                    continue  # more of the prompt to read before this sequence can sample
+            if seq.decoder is None:
+                seq.decoder = self._new_decoder(seq)
+            else:
+                self._generated += 1
+            self._emit(seq, seq.decoder.accept(np.asarray(row), now, len(seq.session.ids)))
+        return True
+
+    def _chunk_size(self, seq: _Sequence) -> int:
+        """Prompt chunks at fixed offsets from where the prompt starts: the same cuts alone or batched."""
+        done = len(seq.prompt) - len(seq.pending) - seq.cached
+        return self.limits.prefill_chunk - done % self.limits.prefill_chunk
+
+    def _new_decoder(self, seq: _Sequence) -> SequenceDecoder:
+        return SequenceDecoder(
+            self.tokenizer,
+            seq.prompt,
+            seq.params,
+            context_length=self.backend.info.context_length,
+            start=seq.submitted,
+            cached_tokens=seq.cached,
+            clock=self.clock,
+        )
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._running) < self.limits.max_running:
+                seq = self._waiting[0]
+                if self._kv_used + seq.reserve > self.kv_budget and self._running:
+                    break  # wait for room; a sequence alone always fits (check_fits)
+                self._waiting.popleft()
+                self._kv_used += seq.reserve
+                self._running.append(seq)
+                self._prompt_tokens += len(seq.prompt)
+        for seq in self._running:
+            if not seq.started:
+                self._start_prefill(seq)
+
+    def _start_prefill(self, seq: _Sequence) -> None:
+        """Reuse the longest prefix the sequence's session already holds; read the rest as pending."""
+        session = seq.session
+        common = 0
+        for a, b in zip(session.ids, seq.prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(seq.prompt) - 1)  # at least one token must run to produce logits
+        if common < len(session.ids):
+            session.cache = self.backend.truncate(session.cache, common)
+            del session.ids[common:]
+        seq.started = True
+        seq.cached = common
+        seq.pending = seq.prompt[common:]
+
+    def _emit(self, seq: _Sequence, events: Iterable[Event]) -> None:
+        for event in events:
+            seq.handle._deliver(event)
+        if seq.decoder is not None and seq.decoder.done:
+            self._retire(seq)
+
+    def _retire(self, seq: _Sequence) -> None:
+        """Take a finished sequence out of the running set and give its cache back (once)."""
+        if seq.retired:
+            return
+        seq.retired = True
+        with self._lock:
+            if seq in self._running:
+                self._running.remove(seq)
+                self._kv_used -= seq.reserve
+            self._cancelled.discard(seq.handle.id)
+            self._lock.notify_all()
+        if seq.owns_session:
+            release_cache(self.backend, seq.session.cache)
+
+    def _rewind(self, batch: list[_Sequence]) -> None:
+        """After a failed or interrupted step, make each cache hold exactly the ids recorded for it."""
+        for seq in batch:
+            try:
+                seq.session.cache = self.backend.truncate(seq.session.cache, len(seq.session.ids))
+            except Exception:  # the cache is dropped below anyway when the sequence ends
+                seq.session.cache = self.backend.new_cache() if not seq.session.ids else seq.session.cache
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        if seq.decoder is None:
+            seq.decoder = self._new_decoder(seq)
+        self._emit(seq, seq.decoder.finish(reason))
+
+    def _fail(self, batch: list[_Sequence], exc: BaseException) -> None:
+        for seq in batch:
+            seq.handle.error = exc
+            self._finish(seq, "error")
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            if not self._cancelled:
+                return
+            gone = [s for s in itertools.chain(self._waiting, self._running) if s.handle.id in self._cancelled]
+            for seq in gone:
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+        for seq in gone:
+            self._finish(seq, "cancelled")
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """End every waiting and running sequence now (Ctrl-C in the CLI, shutdown in the server)."""
+        with self._lock:
+            everyone = list(self._running) + list(self._waiting)
+            self._waiting.clear()
+        for seq in everyone:
+            self._finish(seq, reason)
+
+    # ------------------------------------------------------------------ driving it
+
+    def run(self, handles: Iterable[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
+        """Step in this thread until the given sequences finish, yielding their events as they come.
+
+        Ctrl-C during a step ends every sequence with reason 'interrupted' (held-back text flushed)
+        and the events still come out; the caller decides the exit code.
+        """
+        pending = list(handles)
+        while pending:
+            yield from self.run_some(pending)
+            pending = [h for h in pending if not h.done]
+
+    def run_some(self, handles: list[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
+        """One step in this thread; yield the events it produced for `handles`, in their order."""
+        try:
+            progressed = self.step()
+        except KeyboardInterrupt:
+            self.interrupt()
+            progressed = True
+        for handle in handles:
+            for event in handle._pending():
+                yield handle, event
+        if not progressed and any(not h.done for h in handles):
+            raise RuntimeError("the engine has nothing to run but sequences are still pending")
+
+    def start(self) -> None:
+        """Run steps in a background thread (the server) until `stop`."""
+        if self._thread is not None:
+            return
+        self._background = True
+        self._thread = threading.Thread(target=self._loop, name="gptcli-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self.idle and not self._cancelled and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and self.idle:
+                    return
+            self.step()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new sequences, let running ones finish for up to `grace_s`, cancel the rest, end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        while not self.idle and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        if not self.idle:
+            with self._lock:
+                self._cancelled.update(s.handle.id for s in itertools.chain(self._waiting, self._running))
+                self._lock.notify_all()
+            if self._thread is None:
+                self._drop_cancelled()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+def generate(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingConfig,
+    *,
+    session: KVSession | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[Event]:
+    """One sequence through the engine, in this thread: Token events, then one Finished."""
+    if not prompt_ids:
+        raise ValueError("generate() needs at least one prompt token")
+    context = backend.info.context_length
+    limits = EngineLimits(max_running=1, kv_budget_tokens=context, max_queue=1)
+    engine = Engine(backend, tokenizer, limits, clock=clock)
+    handle = engine.submit(prompt_ids, params, session=session)
+    for _, event in engine.run([handle]):
+        yield event
+
+
+def run_all(
+    engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConfig]]
+) -> Iterator[tuple[int, Event]]:
+    """Run requests concurrently, in order of arrival, and yield (request index, event).
+
+    Requests are read lazily and submitted only while the engine has room to start them, so a batch
+    file of any length holds at most `max_running` sequences (plus one waiting) in memory.
+    """
+    source = iter(enumerate(requests))
+    live: dict[int, tuple[int, SequenceHandle]] = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(live) <= engine.limits.max_running:
+            item = next(source, None)
+            if item is None:
+                exhausted = True
+                break
+            index, (ids, params) = item
+            handle = engine.submit(ids, params)
+            live[handle.id] = (index, handle)
+        if not live:
+            return
+        for handle, event in engine.run_some([h for _, h in live.values()]):
+            yield live[handle.id][0], event
+            if isinstance(event, Finished):
+                del live[handle.id]

@@ -1,0 +1,187 @@
+"""The engine: continuous batching, chunked prefill, the KV budget, cancellation, background mode."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.torch_backend import TorchBackend
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Finished, Token
+from gptcli.engine import Engine, EngineLimits, generate, parse_kv_budget, run_all
+from gptcli.errors import ConfigError, InputError, QueueFullError
+from gptcli.tokenizer import Tokenizer
+from tests.scripted import ScriptedBackend
+
+GREEDY = SamplingConfig(temperature=0, max_tokens=12)
+CPU32 = LoadOptions(device="cpu", dtype="float32")
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def add(a, b):",
+    "ROMEO: But soft, what light through yonder window breaks? It is",
+    "中文测试",
+    "Emoji: 🙂",
+    "The capital of Italy is Rome. The capital of France",
+    "a",
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tiny_models):
+    backend = TorchBackend.load(tiny_models[request.param], CPU32)
+    return backend, Tokenizer(tiny_models[request.param])
+
+
+def _finished(events):
+    final = [e for e in events if isinstance(e, Finished)]
+    assert len(final) == 1 and events[-1] is final[0]
+    return final[0]
+
+
+def test_a_batch_of_eight_mixed_lengths_gives_each_sequence_its_tokens_alone(model):
+    backend, tok = model
+    prompts = [tok.encode(p) for p in PROMPTS]
+    alone = [_finished(list(generate(backend, tok, ids, GREEDY))) for ids in prompts]
+    engine = Engine(backend, tok, EngineLimits(max_running=8, prefill_chunk=5))
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for index, event in run_all(engine, [(ids, GREEDY) for ids in prompts]):
+        events[index].append(event)
+    for i, ids in enumerate(prompts):
+        together = _finished(events[i])
+        assert together.token_ids == alone[i].token_ids, PROMPTS[i]
+        assert together.text == alone[i].text == "".join(e.text for e in events[i] if isinstance(e, Token))
+        assert together.stats.prompt_tokens == len(ids)
+    assert engine.snapshot().running == 0 and engine.snapshot().kv_used_tokens == 0
+
+
+def test_sequences_join_and_leave_at_step_boundaries(model):
+    backend, tok = model
+    engine = Engine(backend, tok, EngineLimits(max_running=2))
+    short = SamplingConfig(temperature=0, max_tokens=2)
+    long = SamplingConfig(temperature=0, max_tokens=8)
+    handles = [engine.submit(tok.encode(p), params) for p, params in zip(PROMPTS[:3], [short, long, long], strict=True)]
+    running = []
+    while not all(h.done for h in handles):
+        engine.step()
+        running.append(engine.snapshot().running)
+    assert max(running) == 2  # the third waited for a free place, then joined while the long one ran
+    assert [h.result.stats.new_tokens for h in handles] == [2, 8, 8]
+
+
+class CountingBackend(ScriptedBackend):
+    """Scripted, but records every batch and which caches were released."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches, self.released = [], []
+
+    def step(self, batch):
+        self.batches.append([list(ids) for ids, _ in batch])
+        rows = [self.forward(ids, cache) for ids, cache in batch]
+        return np.stack([r[0] for r in rows]), [r[1] for r in rows]
+
+    def release(self, cache):
+        self.released.append(cache)
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(model):
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    engine = Engine(backend, tok, EngineLimits(max_running=2, prefill_chunk=4))
+    params = SamplingConfig(temperature=0, max_tokens=6)
+    first = engine.submit([1, 2], params)
+    engine.step()  # the short prompt is read: it decodes from now on
+    second = engine.submit(list(range(10, 20)), params)
+    while not (first.done and second.done):
+        engine.step()
+    lengths = [[len(ids) for ids in batch] for batch in backend.batches]
+    assert lengths[:4] == [[2], [1, 4], [1, 4], [1, 2]]  # 10 prompt tokens as 4 + 4 + 2 beside decode steps
+    assert len(backend.released) == 2
+
+
+def test_the_kv_budget_makes_sequences_wait_and_refuses_one_that_never_fits(model):
+    backend, tok = model
+    engine = Engine(backend, tok, EngineLimits(max_running=8, kv_budget_tokens=40))
+    params = SamplingConfig(temperature=0, max_tokens=10)
+    ids = tok.encode("Once upon a time")
+    handles = [engine.submit(ids, params) for _ in range(4)]
+    peak = 0
+    while not all(h.done for h in handles):
+        engine.step()
+        snap = engine.snapshot()
+        assert snap.kv_used_tokens <= 40
+        peak = max(peak, snap.running)
+    assert peak == 40 // (len(ids) + 10)
+    with pytest.raises(InputError, match="KV budget is 40"):
+        engine.submit(ids, SamplingConfig(max_tokens=100))
+
+
+def test_cancel_frees_the_cache_at_the_next_step(model):
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    params = SamplingConfig(temperature=0, max_tokens=50)
+    keep, drop = engine.submit([1, 2, 3], params), engine.submit([4, 5], params)
+    engine.step()
+    engine.step()
+    engine.cancel(drop)
+    engine.step()
+    assert drop.done and drop.result.reason == "cancelled"
+    assert len(backend.released) == 1 and engine.snapshot().running == 1
+    assert len(backend.batches[-1]) == 1  # the cancelled sequence took no part in that step
+    assert not keep.done
+
+
+def test_kv_budget_is_tokens_or_a_size():
+    with pytest.raises(ConfigError):
+        parse_kv_budget("lots", 100)
+    assert parse_kv_budget("1MiB", 1024) == 1024
+    assert parse_kv_budget("2048", 0) == 2048
+    assert parse_kv_budget(None, 10) is None
+    with pytest.raises(ConfigError, match="as a size needs"):
+        parse_kv_budget("1GiB", 0)
+
+
+def test_queue_full_is_its_own_error(model):
+    backend, tok = model
+    engine = Engine(backend, tok, EngineLimits(max_running=1, max_queue=2))
+    ids = tok.encode("hi")
+    engine.submit(ids, GREEDY)
+    engine.submit(ids, GREEDY)
+    with pytest.raises(QueueFullError):
+        engine.submit(ids, GREEDY)
+
+
+def test_background_engine_serves_threads_and_stops(model):
+    backend, tok = model
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    engine.start()
+    results = {}
+
+    def client(i):
+        handle = engine.submit(tok.encode(PROMPTS[i]), GREEDY)
+        results[i] = list(handle.events(timeout=60))[-1]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.stop(grace_s=5)
+    for i in range(4):
+        alone = _finished(list(generate(backend, tok, tok.encode(PROMPTS[i]), GREEDY)))
+        assert results[i].token_ids == alone.token_ids
+    with pytest.raises(QueueFullError, match="shutting down"):
+        engine.submit(tok.encode("hi"), GREEDY)
+
+
+def test_stop_cancels_what_does_not_finish_within_the_grace(model):
+    _, tok = model
+    backend = CountingBackend([7] * 10_000, tok.vocab_size, context_length=100_000)
+    engine = Engine(backend, tok, EngineLimits(max_running=1, kv_budget_tokens=100_000))
+    engine.start()
+    handle = engine.submit([1, 2], SamplingConfig(temperature=0, max_tokens=50_000))
+    engine.stop(grace_s=0.1)
+    assert handle.done and handle.result.reason == "cancelled"
