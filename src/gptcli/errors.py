@@ -57,18 +57,14 @@ class InputError(GptcliError):
 class QueueFullError(InputError):
     """The engine already holds as many waiting sequences as it may (server: 503 with Retry-After)."""
 
+    http_status = 503
+
 
 class UsageError(GptcliError):
     """A combination of arguments that makes no sense."""
 
     exit_code = EXIT_USAGE
     http_status = 400
-
-
-class QueueFullError(InputError):
-    """The engine already holds as many waiting sequences as it may (the server's --max-queue)."""
-
-    http_status = 503
 
 
 class RemoteError(GptcliError):
