@@ -23,7 +23,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0)] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences decoded together in one batch.", min=1)] = 8,
     kv_budget: Annotated[
-        int | None, typer.Option("--kv-budget", help="KV-cache positions across running sequences.", min=1)
+        str | None,
+        typer.Option("--kv-budget", help="KV-cache room across running sequences: tokens (16384) or a size (2GiB)."),
     ] = None,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Waiting requests before new ones get 503.", min=0)
@@ -69,10 +70,12 @@ def serve(
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
         app = build_app(settings, parallel, kv_budget, max_queue, api_key, grace, max_body, served_name)
-        c.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
         from gptcli.server.serving import run_server
 
-        run_server(app, sock, grace_s=grace, log_level=log_level)
+        def ready() -> None:
+            c.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
+
+        run_server(app, sock, grace_s=grace, log_level=log_level, on_ready=ready)
     finally:
         sock.close()
 
@@ -81,18 +84,16 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, grace, max_body
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
-    from gptcli.engine import Engine, EngineLimits
+    from gptcli.engine import Engine, EngineLimits, parse_kv_budget
     from gptcli.runtime import open_runtime
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
     from gptcli.server.state import ServerState
 
     runtime = open_runtime(settings, c.note)
-    engine = Engine(
-        runtime.backend,
-        runtime.tokenizer,
-        EngineLimits(max_running=parallel, kv_budget_tokens=kv_budget, max_queue=max_queue),
-    )
+    budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
+    limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue)
+    engine = Engine(runtime.backend, runtime.tokenizer, limits)
     state = ServerState(
         engine=engine,
         tokenizer=runtime.tokenizer,

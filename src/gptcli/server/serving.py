@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gptcli.errors import GptcliError
@@ -56,9 +57,25 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def run_server(app: Any, sock: socket.socket, *, grace_s: float, log_level: str = "info") -> None:
-    """Serve until SIGTERM or Ctrl-C; returns normally after SIGTERM, raises KeyboardInterrupt after Ctrl-C."""
+def run_server(
+    app: Any,
+    sock: socket.socket,
+    *,
+    grace_s: float,
+    log_level: str = "info",
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or Ctrl-C; returns normally after SIGTERM, raises KeyboardInterrupt after Ctrl-C.
+
+    `on_ready` runs once the app has started and uvicorn handles the signals (say "serving on ..." there).
+    """
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_ready is not None:
+                on_ready()
 
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -70,18 +87,21 @@ def run_server(app: Any, sock: socket.socket, *, grace_s: float, log_level: str 
         lifespan="on",
         server_header=False,
     )
-    server = uvicorn.Server(config)
-    previous = signal.signal(signal.SIGTERM, _ignore_signal)
+    server = Server(config)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # Before uvicorn takes the signal over: stop now (nothing is in flight). After its graceful
+        # shutdown it re-raises SIGTERM here: return, so the process exits 0 rather than by the signal.
+        if not server.started:
+            raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
         raise GptcliError("the server did not start", hint="see the log lines above")
-
-
-def _ignore_signal(signum: int, frame: Any) -> None:
-    """Where uvicorn's re-raised SIGTERM lands once the graceful shutdown is over."""
 
 
 class ThreadedServer:
