@@ -80,7 +80,7 @@ def _open_urllib(
 
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        response = urllib.request.urlopen(request, timeout=max(timeout, connect_timeout))
+        response = urllib.request.urlopen(request, timeout=timeout)  # one limit for connecting and reading
     except urllib.error.HTTPError as exc:
         response = exc  # an error status: its body is the OpenAI error
     except urllib.error.URLError as exc:
