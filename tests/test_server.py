@@ -100,7 +100,7 @@ def serve_runtime(runtime: Any, *, delay: float = 0.0, api_key: str | None = Non
         metrics=Metrics(engine.snapshot),
     )
     app = create_app(state, ServerConfig(api_key=api_key))
-    with ThreadedServer(app, grace_s=1.0) as url:
+    with ThreadedServer(app, grace_s=1.0, drain=engine.stop) as url:
         yield Live(url, state, engine)
 
 
@@ -470,6 +470,27 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok):
         assert response.status_code == 200
         assert response.json()["choices"][0]["text"] == text
         assert response.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sigterm_cancels_what_outlasts_the_grace(tiny_models, llama_tok):
+    env = scripted_env(llama_tok, "autumn leaves " * 30, delay=0.1)  # ~60 tokens: 6 s of work
+    with serve_process(tiny_models["llama"], "--grace", "0.5", "--log-level", "warning", env=env) as (process, url):
+        body = {"prompt": "x", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert time.monotonic() - signalled < 3.0  # the grace, then the engine cancelled it
+        assert "data: [DONE]" not in rest and not any('"finish_reason":"' in line for line in rest)
+        assert process.wait(timeout=10) == 0
+
+
+def test_ctrl_c_stops_with_130(tiny_models, llama_tok):
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=scripted_env(llama_tok, "hi")) as (process, _):
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 130
 
 
 def test_listening_beyond_loopback_needs_a_key():

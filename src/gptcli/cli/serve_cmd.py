@@ -69,18 +69,20 @@ def serve(
     settings = c.resolve_settings_from(config, locals()).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
-        app = build_app(settings, parallel, kv_budget, max_queue, api_key, grace, max_body, served_name)
-        from gptcli.server.serving import run_server
+        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name)
+        from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
             c.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
 
-        run_server(app, sock, grace_s=grace, log_level=log_level, on_ready=ready)
+        engine = app.state.gptcli.engine
+        server = make_server(app, grace_s=grace, drain=engine.stop, log_level=log_level, on_ready=ready)
+        run_server(server, sock)
     finally:
         sock.close()
 
 
-def build_app(settings, parallel, kv_budget, max_queue, api_key, grace, max_body, served_name):
+def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name):
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
@@ -103,4 +105,4 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, grace, max_body
         created=int(time.time()),
         metrics=Metrics(engine.snapshot),
     )
-    return create_app(state, ServerConfig(api_key=api_key, max_body_bytes=max_body, grace_s=grace))
+    return create_app(state, ServerConfig(api_key=api_key, max_body_bytes=max_body))

@@ -29,8 +29,7 @@ PAGE_CSP = (
 class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
-    grace_s: float = 10.0
-    manage_engine: bool = True  # start the engine with the app, stop it (after grace_s) when the app stops
+    manage_engine: bool = True  # start the engine with the app, stop it when the app stops
 
 
 def chat_page() -> str:
@@ -49,7 +48,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
             yield
         finally:
             if config.manage_engine:
-                # uvicorn has already waited up to --grace for in-flight requests; cancel what is left.
+                # The server's drain (serving.make_server) has let in-flight work finish; end what is left.
                 await asyncio.to_thread(state.engine.stop, 0.0)
 
     app = FastAPI(title="gptcli", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)

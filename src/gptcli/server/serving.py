@@ -1,7 +1,8 @@
 """Run the app under uvicorn: bind first (fail fast, before the model loads), graceful stop on signals.
 
-SIGTERM or Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for `grace_s` seconds,
-cancels the rest, then the app's lifespan stops the engine. uvicorn then re-raises the signal it
+SIGTERM or Ctrl-C: uvicorn stops accepting; the engine lets in-flight requests finish for `grace_s`
+seconds and cancels the rest (their streams end, non-streamed ones get 503); then the app's lifespan
+stops the engine's thread. uvicorn then re-raises the signal it
 caught: SIGINT becomes KeyboardInterrupt (the CLI exits 130); SIGTERM meets the no-op handler set
 here, so the process exits 0 instead of dying by the signal.
 """
@@ -57,17 +58,21 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def run_server(
+# uvicorn's own limit, past ours: by then the engine has cancelled what was left and the streams ended.
+BACKSTOP_S = 3.0
+
+
+def make_server(
     app: Any,
-    sock: socket.socket,
     *,
     grace_s: float,
+    drain: Callable[[float], None] | None = None,
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
-) -> None:
-    """Serve until SIGTERM or Ctrl-C; returns normally after SIGTERM, raises KeyboardInterrupt after Ctrl-C.
-
-    `on_ready` runs once the app has started and uvicorn handles the signals (say "serving on ..." there).
+) -> Any:
+    """A uvicorn.Server for the app. When shutdown begins, `drain(grace_s)` runs in a thread (the engine's
+    stop: refuse new work, let running sequences finish for grace_s, cancel the rest), so every stream
+    ends cleanly, before uvicorn's own timeout would cut the connections.
     """
     import uvicorn
 
@@ -77,17 +82,23 @@ def run_server(
             if self.started and on_ready is not None:
                 on_ready()
 
-    host, port = sock.getsockname()[:2]
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if drain is not None:
+                threading.Thread(target=drain, args=(grace_s,), name="gptcli-drain", daemon=True).start()
+            await super().shutdown(sockets=sockets)
+
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=grace_s,  # type: ignore[arg-type]  (a float works: asyncio.timeout)
+        timeout_graceful_shutdown=grace_s + BACKSTOP_S,  # type: ignore[arg-type]  (a float works: asyncio.timeout)
         lifespan="on",
         server_header=False,
     )
-    server = Server(config)
+    return Server(config)
+
+
+def run_server(server: Any, sock: socket.socket) -> None:
+    """Serve until SIGTERM or Ctrl-C; returns normally after SIGTERM, raises KeyboardInterrupt after Ctrl-C."""
 
     def on_sigterm(signum: int, frame: Any) -> None:
         # Before uvicorn takes the signal over: stop now (nothing is in flight). After its graceful
@@ -105,25 +116,24 @@ def run_server(
 
 
 class ThreadedServer:
-    """Serve an app from a background thread on a free loopback port: `with ThreadedServer(app) as url:`.
+    """Serve an app from a background thread on a free loopback port: `with ThreadedServer(app, ...) as url:`.
 
     For tests and embedding; signals stay with the main thread. Leaving the block shuts the server
-    down as SIGTERM would (in-flight requests get `grace_s`, then the app's lifespan stops the engine).
+    down as SIGTERM would (see make_server).
     """
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, grace_s: float = 2.0) -> None:
-        import uvicorn
-
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_s: float = 2.0,
+        drain: Callable[[float], None] | None = None,
+    ) -> None:
         self.sock = bind_socket(host, port)
         self.url = url_of(self.sock)
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            timeout_graceful_shutdown=grace_s,
-            lifespan="on",
-            server_header=False,  # type: ignore[arg-type]
-        )
-        self.server = uvicorn.Server(config)
+        self.server = make_server(app, grace_s=grace_s, drain=drain, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
