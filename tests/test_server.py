@@ -488,7 +488,8 @@ def test_sigterm_cancels_what_outlasts_the_grace(tiny_models, llama_tok):
 
 
 def test_ctrl_c_stops_with_130(tiny_models, llama_tok):
-    with serve_process(tiny_models["llama"], "--log-level", "warning", env=scripted_env(llama_tok, "hi")) as (process, _):
+    env = scripted_env(llama_tok, "hi")
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (process, _):
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 130
 
