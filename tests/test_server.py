@@ -281,6 +281,9 @@ def test_metrics(live):
     text = httpx.get(live.url + "/metrics").text
     assert re.search(r'^gptcli_requests_total\{route="/v1/completions",status="200"\} [1-9]', text, re.M)
     assert re.search(r'^gptcli_requests_total\{route="other",status="404"\} [1-9]', text, re.M)
+    httpx.get(live.v1 + "/models/tiny-llama")
+    text = httpx.get(live.url + "/metrics").text
+    assert 'gptcli_requests_total{route="/v1/models/{model_id:path}",status="200"} 1' in text
     for name in ("prompt_tokens_total", "generation_tokens_total"):
         assert re.search(rf"^gptcli_{name} [1-9]", text, re.M), name
     assert re.search(r"^gptcli_time_to_first_token_seconds_count [1-9]", text, re.M)
@@ -492,6 +495,19 @@ def test_ctrl_c_stops_with_130(tiny_models, llama_tok):
     with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (process, _):
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 130
+
+
+def imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
+    code = f"import sys; {statement}; print(' '.join(m for m in {modules!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return out.stdout.split()
+
+
+def test_import_hygiene():
+    # The CLI stays light (no web stack at import time); the server has no Typer or Rich.
+    web = ("fastapi", "starlette", "uvicorn", "httpx", "torch")
+    assert imported_after("import gptcli.cli.app, gptcli.cli.serve_cmd", web) == []
+    assert imported_after("import gptcli.server.app, gptcli.server.serving, gptcli.remote", ("typer", "rich")) == []
 
 
 def test_listening_beyond_loopback_needs_a_key():

@@ -32,13 +32,20 @@ class RequestCounter:
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Iterable[str]) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = set(routes)
+        self.routes = {r for r in routes if "{" not in r}
+        # Routes with a path parameter count under their template: "/v1/models/{model_id:path}".
+        self.templates = [(r.split("{", 1)[0], r) for r in routes if "{" in r]
+
+    def label(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return next((template for prefix, template in self.templates if path.startswith(prefix)), "other")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        route = self.label(scope["path"])
         status = 500
 
         async def counting_send(message: dict[str, Any]) -> None:
