@@ -36,6 +36,7 @@ class EngineStream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.finished: Finished | None = None
+        self.cancelled = False
         self.handle = engine.submit(prompt_ids, params, on_event=self._on_event)
 
     def _on_event(self, event: Event) -> None:
@@ -54,7 +55,9 @@ class EngineStream:
             self.cancel()
 
     def cancel(self) -> None:
-        if self.finished is None:
+        """Idempotent: the engine hears of it once, and not at all once the sequence has finished."""
+        if self.finished is None and not self.cancelled:
+            self.cancelled = True
             self.engine.cancel(self.handle)
 
 

@@ -132,17 +132,19 @@ async def respond(
     stream = EngineStream(state.engine, ids, body.sampling(state.defaults))
     timed = timed_events(stream, state, arrived)
     if body.stream:
-        return EventStreamResponse(stream_body(timed, shape, include_usage=body.include_usage))
+        return EventStreamResponse(stream_body(timed, shape, include_usage=body.include_usage), on_close=stream.cancel)
     waiter = asyncio.ensure_future(wait_for_disconnect(request))
     collector = asyncio.ensure_future(last_event(timed))
     try:
         await asyncio.wait({waiter, collector}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
-    if not collector.done():  # the client left: stop generating for it
-        collector.cancel()
-        await asyncio.gather(collector, return_exceptions=True)
-        return Response(status_code=499)
+        client_left = not collector.done()
+        if client_left:  # (or this task was cancelled): stop generating for it
+            stream.cancel()
+            collector.cancel()
+    if client_left:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     finished = collector.result()
     if finished.reason == "cancelled":
         raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
