@@ -23,6 +23,7 @@
 #   gptcli runs
 #   gptcli runs list
 #   gptcli runs show
+#   gptcli serve
 #   gptcli summarize
 #   gptcli templates
 #   gptcli templates list

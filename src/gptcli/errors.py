@@ -16,6 +16,8 @@ class GptcliError(Exception):
     """Base of all user-facing errors: a one-line message, an optional hint, an exit code."""
 
     exit_code: int = EXIT_RUNTIME
+    # The HTTP status the server answers with when a request causes this error.
+    http_status: int = 500
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -30,6 +32,7 @@ class ConfigError(GptcliError):
     """A config file, environment variable or flag value that cannot be used."""
 
     exit_code = EXIT_CONFIG
+    http_status = 400
 
 
 class BackendError(GptcliError):
@@ -48,13 +51,23 @@ class InputError(GptcliError):
     """Bad user input: empty prompt, unreadable or binary file, prompt too long for the context."""
 
     exit_code = EXIT_INPUT
+    http_status = 400
 
 
 class QueueFullError(InputError):
     """The engine already holds as many waiting sequences as it may (server: 503 with Retry-After)."""
+
+    http_status = 503
 
 
 class UsageError(GptcliError):
     """A combination of arguments that makes no sense."""
 
     exit_code = EXIT_USAGE
+    http_status = 400
+
+
+class RemoteError(GptcliError):
+    """An OpenAI-compatible server that cannot be reached, or that answered with an error."""
+
+    exit_code = EXIT_RUNTIME

@@ -20,6 +20,7 @@ from gptcli.cli import (
     generate,
     models_cmd,
     runs_cmd,
+    serve_cmd,
     summarize_cmd,
     templates_cmd,
     train_cmd,
@@ -56,6 +57,7 @@ def root(
 app.command("generate")(generate.generate)
 app.command("chat")(chat_cmd.chat)
 app.command("summarize")(summarize_cmd.summarize)
+app.command("serve")(serve_cmd.serve)
 app.command("bench")(bench_cmd.bench)
 app.command("train")(train_cmd.train)
 app.command("export")(export_cmd.export)

@@ -1,0 +1,108 @@
+"""`gptcli serve`: an OpenAI-compatible HTTP server and chat page over the batched engine."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gptcli.cli import common as c
+from gptcli.errors import UsageError
+
+
+def serve(
+    model: c.ModelOpt = None,
+    backend: c.BackendOpt = None,
+    device: c.DeviceOpt = None,
+    dtype: c.DtypeOpt = None,
+    precision: c.PrecisionOpt = None,
+    threads: c.ThreadsOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (others than loopback need a key).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0)] = 8080,
+    parallel: Annotated[int, typer.Option("--parallel", help="Sequences decoded together in one batch.", min=1)] = 8,
+    kv_budget: Annotated[
+        str | None,
+        typer.Option("--kv-budget", help="KV-cache room across running sequences: tokens (16384) or a size (2GiB)."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Waiting requests before new ones get 503.", min=0)
+    ] = 256,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="GPTCLI_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    ] = None,
+    insecure_no_key: Annotated[
+        bool, typer.Option("--insecure-no-key", help="Allow a non-loopback --host without --api-key.")
+    ] = False,
+    grace: Annotated[
+        float, typer.Option("--grace", help="Seconds in-flight requests get to finish on shutdown.", min=0)
+    ] = 10.0,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.", min=1)] = 1 << 20,
+    served_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="The model id clients see (default: its name).")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="critical | error | warning | info | debug.")] = "info",
+    config: c.ConfigOpt = None,
+    allow_pickle: c.AllowPickleOpt = None,
+    trust_remote_code: c.TrustRemoteCodeOpt = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /.
+
+    Requests join one running batch (continuous batching). Sampling defaults come from your config.
+
+    Examples:
+      gptcli serve
+      gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --port 9000 --parallel 8 --api-key "$KEY"
+      curl localhost:8080/v1/chat/completions -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
+    """
+    from gptcli.server.serving import bind_socket, is_loopback, url_of
+
+    if log_level not in {"critical", "error", "warning", "info", "debug"}:
+        raise UsageError(f"--log-level must be one of critical, error, warning, info, debug, got {log_level!r}")
+    if not is_loopback(host) and not api_key and not insecure_no_key:
+        raise UsageError(
+            f"listening on {host} would let anyone who can reach it use the model",
+            hint="pass --api-key KEY (or set GPTCLI_API_KEY), or --insecure-no-key if that is what you want",
+        )
+    settings = c.resolve_settings_from(config, locals()).settings
+    sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
+    try:
+        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name)
+        from gptcli.server.serving import make_server, run_server
+
+        def ready() -> None:
+            c.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
+
+        engine = app.state.gptcli.engine
+        server = make_server(app, grace_s=grace, drain=engine.stop, log_level=log_level, on_ready=ready)
+        run_server(server, sock)
+    finally:
+        sock.close()
+
+
+def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name):
+    """Load the model, build the engine around it, and the ASGI app around both."""
+    import time
+
+    from gptcli.engine import Engine, EngineLimits, parse_kv_budget
+    from gptcli.runtime import open_runtime
+    from gptcli.server.app import ServerConfig, create_app
+    from gptcli.server.metrics import Metrics
+    from gptcli.server.state import ServerState
+
+    runtime = open_runtime(settings, c.note)
+    budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
+    limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue)
+    engine = Engine(runtime.backend, runtime.tokenizer, limits)
+    state = ServerState(
+        engine=engine,
+        tokenizer=runtime.tokenizer,
+        model_name=served_name or runtime.model.name,
+        context_length=runtime.backend.info.context_length,
+        defaults=settings.sampling,
+        created=int(time.time()),
+        metrics=Metrics(engine.snapshot),
+    )
+    return create_app(state, ServerConfig(api_key=api_key, max_body_bytes=max_body))

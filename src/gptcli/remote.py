@@ -1,0 +1,334 @@
+"""A small client for any OpenAI-compatible server that yields the local loop's events.
+
+`RemoteModel.chat()` and `.complete()` stream from /v1/chat/completions and /v1/completions and
+yield `Token`s then one `Finished` with `Stats`, exactly like `gptcli.decoding.generate`, so chat,
+generate and summarize render a remote model unchanged. Server errors (HTTP status with OpenAI's
+error body), refused connections and timeouts become GptcliError subclasses with one-line messages.
+httpx is used when it is installed, the standard library otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Event, Finished, Stats, Token
+from gptcli.errors import GptcliError, InputError, ModelError, RemoteError
+
+DEFAULTS = SamplingConfig()
+# Parameters beyond OpenAI's own: sent only when set away from gptcli's defaults, since api.openai.com
+# refuses names it does not know (vLLM, llama.cpp and gptcli serve accept them).
+EXTRAS = {"top_k": 0, "min_p": DEFAULTS.min_p, "repetition_penalty": 1.0}
+
+
+@dataclass
+class Reply:
+    """An HTTP response being read: its status, its lines as they arrive, and how to stop reading."""
+
+    status: int
+    headers: Mapping[str, str]
+    lines: Iterator[str]
+    close: Callable[[], None]
+
+    def text(self) -> str:
+        try:
+            return "\n".join(self.lines)
+        finally:
+            self.close()
+
+
+def _open_httpx(
+    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float, connect_timeout: float
+) -> Reply:
+    import httpx
+
+    client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+    try:
+        response = client.send(client.build_request(method, url, headers=headers, content=body), stream=True)
+    except httpx.TimeoutException as exc:
+        client.close()
+        raise TimeoutError(str(exc)) from None
+    except httpx.TransportError as exc:
+        client.close()
+        raise ConnectionError(str(exc) or type(exc).__name__) from None
+
+    def lines() -> Iterator[str]:
+        try:
+            yield from response.iter_lines()
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
+
+    def close() -> None:
+        response.close()
+        client.close()
+
+    return Reply(response.status_code, dict(response.headers), lines(), close)
+
+
+def _open_urllib(
+    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float, connect_timeout: float
+) -> Reply:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # one limit for connecting and reading
+    except urllib.error.HTTPError as exc:
+        response = exc  # an error status: its body is the OpenAI error
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise TimeoutError(str(reason)) from None
+        raise ConnectionError(getattr(reason, "strerror", None) or str(reason)) from None
+    except TimeoutError as exc:
+        raise TimeoutError(str(exc)) from None
+
+    def lines() -> Iterator[str]:
+        try:
+            for raw in response:
+                yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        except TimeoutError as exc:
+            raise TimeoutError(str(exc)) from None
+        except OSError as exc:
+            raise ConnectionError(str(exc)) from None
+
+    return Reply(response.status, dict(response.headers.items()), lines(), response.close)
+
+
+def _opener() -> Callable[..., Reply]:
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        return _open_urllib
+    return _open_httpx
+
+
+class RemoteModel:
+    """One model behind an OpenAI-compatible base URL (…/v1)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        opener: Callable[..., Reply] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._open = opener or _opener()
+        self._model = model
+        self._card: dict[str, Any] | None = None
+
+    # --- requests -------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Reply:
+        headers = {"Accept": "application/json, text/event-stream"}
+        body = None
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(payload).encode()
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = self.base_url + path
+        try:
+            reply = self._open(method, url, headers, body, self.timeout, self.connect_timeout)
+        except TimeoutError:
+            raise self._timeout_error() from None
+        except ConnectionError as exc:
+            raise RemoteError(
+                f"cannot connect to {self.base_url}: {exc}",
+                hint="is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)",
+            ) from None
+        if reply.status >= 400:
+            raise self._status_error(reply)
+        return reply
+
+    def _timeout_error(self) -> RemoteError:
+        return RemoteError(f"{self.base_url} did not answer in time", hint="is the server overloaded?")
+
+    def _status_error(self, reply: Reply) -> GptcliError:
+        """An error status as the GptcliError it means, with the server's own message."""
+        try:
+            text = reply.text()
+        except (TimeoutError, ConnectionError):
+            text = ""
+        message, code = _error_message(text)
+        status = reply.status
+        where = f"{self.base_url} answered {status}"
+        message = " ".join((message or _REASONS.get(status, "request failed")).split())
+        if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+            return ModelError(f"{where}: {message}", hint="`curl <url>/models` lists what it serves")
+        if status in (400, 413, 422):
+            return InputError(f"{where}: {message}")
+        if status in (401, 403):
+            return RemoteError(f"{where}: {message}", hint="pass --api-key KEY or set OPENAI_API_KEY")
+        if status in (429, 503):
+            retry = reply.headers.get("retry-after") or reply.headers.get("Retry-After")
+            hint = f"retry in {retry} s" if retry else "retry later"
+            return RemoteError(f"{where}: {message}", hint=hint)
+        if status == 404:
+            return RemoteError(f"{where}: {message}", hint="the URL usually ends in /v1")
+        return RemoteError(f"{where}: {message}")
+
+    def _json(self, path: str) -> Any:
+        reply = self._request("GET", path)
+        try:
+            return json.loads(reply.text())
+        except (TimeoutError, ConnectionError) as exc:
+            raise RemoteError(f"{self.base_url}: the connection failed while reading: {exc}") from None
+        except ValueError:
+            raise RemoteError(
+                f"{self.base_url}{path} did not answer with JSON", hint="is this an OpenAI-style URL?"
+            ) from None
+
+    # --- models -----------------------------------------------------------------------------------
+    def models(self) -> list[dict[str, Any]]:
+        data = self._json("/models")
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise RemoteError(f"{self.base_url}/models did not list models")
+        return [card for card in cards if isinstance(card, dict)]
+
+    @property
+    def model(self) -> str:
+        """The model asked for, or the server's first one."""
+        if self._model is None:
+            cards = self.models()
+            if not cards:
+                raise ModelError(f"{self.base_url} serves no model")
+            self._card = cards[0]
+            self._model = str(cards[0].get("id"))
+        return self._model
+
+    @property
+    def context_length(self) -> int | None:
+        """The served model's context, where the server says it (gptcli serve and vLLM: max_model_len)."""
+        if self._card is None:
+            self._card = next((c for c in self.models() if c.get("id") == self.model), {})
+        value = self._card.get("max_model_len") or self._card.get("context_length")
+        return int(value) if isinstance(value, int) else None
+
+    # --- generation -------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[Mapping[str, str]], params: SamplingConfig) -> Iterator[Event]:
+        payload = {"messages": [dict(m) for m in messages], **self._sampling(params)}
+        return self._stream("/chat/completions", payload, chat=True)
+
+    def complete(self, prompt: str, params: SamplingConfig) -> Iterator[Event]:
+        return self._stream("/completions", {"prompt": prompt, **self._sampling(params)}, chat=False)
+
+    def _sampling(self, params: SamplingConfig) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        body.update(
+            {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}
+        )
+        return body
+
+    def _stream(self, path: str, payload: dict[str, Any], *, chat: bool) -> Iterator[Event]:
+        start = time.perf_counter()
+        reply = self._request("POST", path, payload)
+        pieces: list[str] = []
+        first_at: float | None = None
+        reason: str | None = None
+        usage: dict[str, Any] = {}
+        chunks = 0
+        done = False
+        try:
+            for line in reply.lines:
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": comments", "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = _parse_chunk(data, self.base_url)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        now = time.perf_counter()
+                        first_at = first_at or now
+                        chunks += 1
+                        pieces.append(text)
+                        yield Token(text, None, now)
+                    reason = choice.get("finish_reason") or reason
+        except KeyboardInterrupt:
+            reason, done = "interrupted", True
+        except TimeoutError:
+            raise self._timeout_error() from None
+        except ConnectionError as exc:
+            raise RemoteError(f"{self.base_url}: the connection broke mid-answer: {exc}") from None
+        finally:
+            reply.close()
+        if not done and reason is None:
+            raise RemoteError(f"{self.base_url} closed the stream before the answer finished")
+        end = time.perf_counter()
+        new = int(usage.get("completion_tokens") or chunks)
+        first = first_at if first_at is not None else end
+        details = usage.get("prompt_tokens_details") or {}
+        stats = Stats(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+            new_tokens=new,
+            decode_steps=max(new - 1, 0),
+            ttft_s=first - start,
+            prefill_s=first - start,
+            decode_s=end - first,
+            total_s=end - start,
+        )
+        yield Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
+
+
+_REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
+_REASON_NAMES = {"stop": "stop", "length": "length", "interrupted": "interrupted"}
+
+
+def _error_message(text: str) -> tuple[str, str | None]:
+    """OpenAI's {"error": {"message", "code"}}, or FastAPI's {"detail"}, or the body's first line."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return (text.strip().splitlines() or [""])[0][:200], None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or ""), error.get("code")
+    if isinstance(error, str):
+        return error, None
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return data["detail"], None
+    return text.strip()[:200], None
+
+
+def _parse_chunk(data: str, base_url: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise RemoteError(f"{base_url} sent a stream chunk that is not JSON: {data[:80]}") from None
+    if not isinstance(chunk, dict):
+        raise RemoteError(f"{base_url} sent a stream chunk that is not an object")
+    if "error" in chunk:
+        message, _ = _error_message(data)
+        raise RemoteError(f"{base_url} failed mid-answer: {message}")
+    return chunk

@@ -1,0 +1,77 @@
+"""The ASGI app factory: OpenAI routes, the chat page, /health and /metrics, guarded by the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI
+from starlette.responses import HTMLResponse, PlainTextResponse
+
+from gptcli import __version__
+from gptcli.server.errors import install_error_handlers
+from gptcli.server.middleware import ApiKeyGuard, BodyLimit, RequestCounter
+from gptcli.server.openai_routes import router
+from gptcli.server.state import ServerState
+
+OPEN_PATHS = ("/health", "/")  # reachable without the API key (the page asks for it)
+# The page uses only inline script and style and talks to this origin: nothing else may load.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    manage_engine: bool = True  # start the engine with the app, stop it when the app stops
+
+
+def chat_page() -> str:
+    return resources.files("gptcli.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI:
+    """The whole server as one ASGI application over an engine that the caller built."""
+    config = config or ServerConfig()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if config.manage_engine:
+            state.engine.start()
+        try:
+            yield
+        finally:
+            if config.manage_engine:
+                # The server's drain (serving.make_server) has let in-flight work finish; end what is left.
+                await asyncio.to_thread(state.engine.stop, 0.0)
+
+    app = FastAPI(title="gptcli", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gptcli = state
+    install_error_handlers(app)
+    app.include_router(router)
+    page = chat_page()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": state.model_name}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # Added innermost first: the counter sees every answer, the key is checked before the body is read.
+    routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in router.routes)]
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
+    app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)
+    return app

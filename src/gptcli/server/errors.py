@@ -1,0 +1,100 @@
+"""Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}} with the right HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from gptcli.errors import GptcliError, QueueFullError
+
+# OpenAI's error types by status (what its SDK and other clients look at besides the status).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "server_overloaded",
+}
+
+
+class APIError(Exception):
+    """An error the server answers with: status, one-line message, and OpenAI's param and code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_gptcli_error(error: GptcliError) -> APIError:
+    """A core error (engine, prompt building) as the API error it causes."""
+    message = error.message + (f" ({error.hint})" if error.hint else "")
+    if isinstance(error, QueueFullError):
+        return APIError(503, message, code="queue_full", headers={"Retry-After": "1"})
+    status = getattr(error, "http_status", 500)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return APIError(status, message, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem of a request body, named the way OpenAI names parameters."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the server in OpenAI's shape, including FastAPI's own (404 routes, 422 bodies)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(GptcliError)
+    async def gptcli_error(_: Request, exc: GptcliError) -> JSONResponse:
+        return from_gptcli_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()

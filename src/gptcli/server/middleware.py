@@ -1,0 +1,132 @@
+"""Pure ASGI middleware: request counting, the API key, and the body-size limit.
+
+They wrap the app outermost-first in that order, so a refused request is still counted, and an
+unauthenticated client never gets its body read.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gptcli.server.errors import APIError
+from gptcli.server.metrics import Metrics
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+ASGIApp = Callable[[Scope, Receive, Send], Any]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestCounter:
+    """Count every HTTP request by route and final status (unknown paths share one 'other' label)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Iterable[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = {r for r in routes if "{" not in r}
+        # Routes with a path parameter count under their template: "/v1/models/{model_id:path}".
+        self.templates = [(r.split("{", 1)[0], r) for r in routes if "{" in r]
+
+    def label(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return next((template for prefix, template in self.templates if path.startswith(prefix)), "other")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self.label(scope["path"])
+        status = 500
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.count_request(route, status)
+
+
+class ApiKeyGuard:
+    """With a key set, every path except the open ones needs `Authorization: Bearer <key>` (401 otherwise)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.open_paths = set(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.api_key or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"authorization") or ""
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            await self.app(scope, receive, send)
+            return
+        message = "invalid API key" if given else "missing API key: send the header 'Authorization: Bearer <key>'"
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413, while reading it and before anything parses it.
+
+    The body is read here in full (it is small by construction) and replayed to the app; later
+    receive() calls go to the server, so the app still hears about a client that disconnects.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413, f"the request body is over the server's limit of {self.limit} bytes", code="body_too_large"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS"}:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large().response()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large().response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,204 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from gptcli.decoding import Finished, Stats, Token
+from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
+from gptcli.server.errors import APIError, error_body
+from gptcli.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    chat_prompt_ids,
+    completion_prompt,
+    parse_body,
+)
+from gptcli.server.sse import DONE, EventStreamResponse, sse
+from gptcli.server.state import ServerState
+
+router = APIRouter(prefix="/v1")
+
+# Our finish reasons as OpenAI names them; "cancelled" (client gone, server stopping) is never sent.
+OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "interrupted": "stop"}
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.gptcli
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"object": "list", "data": [state.model_card()]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    state.check_model(model_id)
+    return state.model_card()
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = state_of(request)
+    body = await parse_body(request, ChatRequest)
+    state.check_model(body.model)
+    ids = chat_prompt_ids(state.tokenizer, body.messages)
+    return await respond(request, state, body, ids, Shape("chat", state.model_name))
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    state = state_of(request)
+    body = await parse_body(request, CompletionRequest)
+    state.check_model(body.model)
+    ids, prompt_text = completion_prompt(state.tokenizer, body.prompt)
+    shape = Shape("text", state.model_name, echo=prompt_text if body.echo else "")
+    return await respond(request, state, body, ids, shape)
+
+
+@dataclass
+class Shape:
+    """How one response is written: chat (message/delta) or text completion, with its id and model."""
+
+    kind: str
+    model: str
+    echo: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, *, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._envelope(True), "choices": [choice]}
+
+    def usage_chunk(self, stats: Stats) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": usage(stats)}
+
+    def whole(self, finished: Finished, finish: str) -> dict[str, Any]:
+        text = self.echo + finished.text
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._envelope(False), "choices": [choice], "usage": usage(finished.stats)}
+
+
+def usage(stats: Stats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.new_tokens,
+        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+    }
+
+
+async def respond(
+    request: Request, state: ServerState, body: SamplingRequest, ids: list[int], shape: Shape
+) -> Response:
+    """Check the prompt fits, submit it to the engine, then stream or wait for the whole answer."""
+    if len(ids) >= state.context_length:
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens but the model's context holds {state.context_length}",
+            param="messages" if shape.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    arrived = time.perf_counter()
+    stream = EngineStream(state.engine, ids, body.sampling(state.defaults))
+    timed = timed_events(stream, state, arrived)
+    if body.stream:
+        return EventStreamResponse(stream_body(timed, shape, include_usage=body.include_usage), on_close=stream.cancel)
+    waiter = asyncio.ensure_future(wait_for_disconnect(request))
+    collector = asyncio.ensure_future(last_event(timed))
+    try:
+        await asyncio.wait({waiter, collector}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        client_left = not collector.done()
+        if client_left:  # (or this task was cancelled): stop generating for it
+            stream.cancel()
+            collector.cancel()
+    if client_left:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+    finished = collector.result()
+    if finished.reason == "cancelled":
+        raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
+    if finished.reason == "error":
+        raise APIError(500, "the engine failed while generating this response")
+    return JSONResponse(shape.whole(finished, OPENAI_FINISH.get(finished.reason, "stop")))
+
+
+async def timed_events(stream: EngineStream, state: ServerState, arrived: float) -> AsyncIterator[Token | Finished]:
+    """The sequence's events, recording time to first token and end-to-end latency as they pass."""
+    first = True
+    async with aclosing(stream.events()) as events:
+        async for event in events:
+            if isinstance(event, Token) and first and event.id is not None:
+                first = False
+                state.metrics.observe_first_token(time.perf_counter() - arrived)
+            if isinstance(event, Finished):
+                state.metrics.observe_finished(
+                    prompt_tokens=event.stats.prompt_tokens,
+                    cached_tokens=event.stats.cached_tokens,
+                    new_tokens=event.stats.new_tokens,
+                    e2e_s=time.perf_counter() - arrived,
+                )
+            yield event
+
+
+async def last_event(events: AsyncIterator[Token | Finished]) -> Finished:
+    async with aclosing(events) as source:
+        async for event in source:
+            if isinstance(event, Finished):
+                return event
+    raise RuntimeError("the engine ended a sequence without a Finished event")
+
+
+async def stream_body(
+    events: AsyncIterator[Token | Finished], shape: Shape, *, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE chunks: the role (chat), text deltas, the finish reason, usage if asked, then [DONE]."""
+    async with aclosing(events) as source:
+        if shape.kind == "chat":
+            yield sse(shape.chunk(role=True))
+        if shape.echo:
+            yield sse(shape.chunk(text=shape.echo))
+        async for event in source:
+            if isinstance(event, Token):
+                if event.text:
+                    yield sse(shape.chunk(text=event.text))
+                continue
+            if event.reason == "cancelled":
+                return  # nobody is listening, or the server is stopping: no finish reason is sent
+            if event.reason == "error":
+                yield sse(error_body(500, "the engine failed while generating this response"))
+            else:
+                yield sse(shape.chunk(finish=OPENAI_FINISH.get(event.reason, "stop")))
+                if include_usage:
+                    yield sse(shape.usage_chunk(event.stats))
+        yield DONE

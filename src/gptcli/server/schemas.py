@@ -1,0 +1,189 @@
+"""Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
+
+Parameters OpenAI defines that we do not implement (frequency_penalty, logit_bias, tools, ...) are
+accepted and ignored (`extra="allow"`), so existing clients keep working; docs/serve.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+
+from gptcli.config import SamplingConfig
+from gptcli.errors import ModelError
+from gptcli.server.errors import APIError
+from gptcli.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 16
+Body = TypeVar("Body", bound=BaseModel)
+UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body as `model`, whatever Content-Type says (curl -d sends a form type); 400 otherwise."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # Drop the union-member names pydantic adds to the location ("stop.str" → "stop").
+        loc = [str(part) for part in first.get("loc", ()) if not UNION_MEMBER.match(str(part))]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What chat and text completions share: the model, sampling, stopping and streaming."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # Extras (vLLM and llama.cpp accept them too).
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, defaults: SamplingConfig) -> SamplingConfig:
+        """The server's defaults (its config files and flags), overridden by what the request sets."""
+        changes: dict[str, object] = {
+            name: getattr(self, name)
+            for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+            if getattr(self, name) is not None
+        }
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None:
+            changes["max_tokens"] = max_tokens
+        if self.stop is not None:
+            changes["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return replace(defaults, **changes)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400, f"messages.{index}: only text content is supported", param=f"messages.{index}.content"
+                )
+            pieces.append(part.text)
+        return "".join(pieces)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], str) and len(value) != 1:
+            raise ValueError("only one prompt per request is supported")
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Messages through the model's chat template, as `gptcli chat` and `gptcli generate` build them.
+
+    A model without a chat template (a base model) gets the messages' text joined by blank lines,
+    which is what `gptcli generate` sends such a model.
+    """
+    turns = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
+    ]
+    if not tokenizer.chat_template:
+        text = "\n\n".join(turn["content"] for turn in turns if turn["content"])
+        ids = tokenizer.encode(text, add_special_tokens=True)
+    else:
+        try:
+            rendered = tokenizer.render_chat(turns)
+        except ModelError as exc:  # the template's raise_exception: roles out of order and the like
+            raise APIError(400, exc.message, param="messages") from None
+        ids = tokenizer.encode(rendered, add_special_tokens=False)
+    if not ids:
+        raise APIError(400, "the messages are empty", param="messages")
+    return ids
+
+
+def completion_prompt(tokenizer: Tokenizer, prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
+    """The prompt's token ids (raw text, as `gptcli generate --raw` sends it) and its text (for echo)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        ids = [int(i) for i in prompt]
+        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
+            raise APIError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        return ids, tokenizer.decode(ids)
+    text = prompt if isinstance(prompt, str) else str(prompt[0])
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return ids, text

@@ -1,0 +1,151 @@
+"""Run the app under uvicorn: bind first (fail fast, before the model loads), graceful stop on signals.
+
+SIGTERM or Ctrl-C: uvicorn stops accepting; the engine lets in-flight requests finish for `grace_s`
+seconds and cancels the rest (their streams end, non-streamed ones get 503); then the app's lifespan
+stops the engine's thread. uvicorn then re-raises the signal it
+caught: SIGINT becomes KeyboardInterrupt (the CLI exits 130); SIGTERM meets the no-op handler set
+here, so the process exits 0 instead of dying by the signal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gptcli.errors import GptcliError
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one), or a one-line error saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise GptcliError(f"cannot listen on {host}:{port}: {exc}", hint="check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise GptcliError(f"cannot listen on {host}:{port}: {reason}", hint="choose another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+# uvicorn's own limit, past ours: by then the engine has cancelled what was left and the streams ended.
+BACKSTOP_S = 3.0
+
+
+def make_server(
+    app: Any,
+    *,
+    grace_s: float,
+    drain: Callable[[float], None] | None = None,
+    log_level: str = "info",
+    on_ready: Callable[[], None] | None = None,
+) -> Any:
+    """A uvicorn.Server for the app. When shutdown begins, `drain(grace_s)` runs in a thread (the engine's
+    stop: refuse new work, let running sequences finish for grace_s, cancel the rest), so every stream
+    ends cleanly, before uvicorn's own timeout would cut the connections.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if drain is not None:
+                threading.Thread(target=drain, args=(grace_s,), name="gptcli-drain", daemon=True).start()
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace_s + BACKSTOP_S,  # type: ignore[arg-type]  (a float works: asyncio.timeout)
+        lifespan="on",
+        server_header=False,
+    )
+    return Server(config)
+
+
+def run_server(server: Any, sock: socket.socket) -> None:
+    """Serve until SIGTERM or Ctrl-C; returns normally after SIGTERM, raises KeyboardInterrupt after Ctrl-C."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # Before uvicorn takes the signal over: stop now (nothing is in flight). After its graceful
+        # shutdown it re-raises SIGTERM here: return, so the process exits 0 rather than by the signal.
+        if not server.started:
+            raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise GptcliError("the server did not start", hint="see the log lines above")
+
+
+class ThreadedServer:
+    """Serve an app from a background thread on a free loopback port: `with ThreadedServer(app, ...) as url:`.
+
+    For tests and embedding; signals stay with the main thread. Leaving the block shuts the server
+    down as SIGTERM would (see make_server).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_s: float = 2.0,
+        drain: Callable[[float], None] | None = None,
+    ) -> None:
+        self.sock = bind_socket(host, port)
+        self.url = url_of(self.sock)
+        self.server = make_server(app, grace_s=grace_s, drain=drain, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise GptcliError("the server thread did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

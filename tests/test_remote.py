@@ -1,0 +1,222 @@
+"""gptcli.remote: the same events from any OpenAI-compatible server as from the local loop; errors as GptcliErrors.
+
+The happy paths run against `gptcli serve`'s app on the tiny Llama; the failures against a canned
+server (stdlib http.server) that answers what a real one might, so they need no model at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+
+from gptcli.config import SamplingConfig
+from gptcli.decoding import Finished, Token
+from gptcli.errors import InputError, ModelError, RemoteError
+from gptcli.remote import RemoteModel, _open_httpx, _open_urllib
+from tests.test_server import PROMPTS, free_port, reference, serve_runtime
+
+pytest.importorskip("fastapi")
+OPENERS = {"httpx": _open_httpx, "urllib": _open_urllib}
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_models):
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+
+    return open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def live(runtime):
+    with serve_runtime(runtime, max_running=4) as server:
+        yield server
+
+
+@pytest.fixture(params=sorted(OPENERS))
+def opener(request):
+    if request.param == "httpx":
+        pytest.importorskip("httpx")
+    return OPENERS[request.param]
+
+
+def test_chat_yields_the_local_loops_events(live, runtime, opener):
+    expected = reference(runtime, PROMPTS[0], 10)
+    model = RemoteModel(live.v1, api_key="unused", opener=opener)
+    events = list(model.chat([{"role": "user", "content": PROMPTS[0]}], GREEDY))
+    tokens, finished = events[:-1], events[-1]
+    assert all(isinstance(e, Token) for e in tokens) and isinstance(finished, Finished)
+    assert "".join(t.text for t in tokens) == finished.text == expected.text
+    assert finished.reason == expected.reason
+    assert finished.stats.prompt_tokens == expected.stats.prompt_tokens
+    assert finished.stats.new_tokens == expected.stats.new_tokens
+    assert finished.stats.total_s >= finished.stats.ttft_s > 0
+
+
+def test_complete_sends_raw_text(live, runtime, opener):
+    expected = reference(runtime, PROMPTS[1], 10, raw=True)
+    model = RemoteModel(live.v1, opener=opener)
+    *_, finished = model.complete(PROMPTS[1], GREEDY)
+    assert finished.text == expected.text
+    assert finished.stats.prompt_tokens == expected.stats.prompt_tokens
+
+
+def test_model_discovery_and_context(live):
+    model = RemoteModel(live.v1)
+    assert model.model == "tiny-llama"
+    assert model.context_length == 128
+
+
+def test_server_errors_from_gptcli_serve(live, opener):
+    with pytest.raises(ModelError, match=r"answered 404: the model 'gpt-9' does not exist"):
+        list(RemoteModel(live.v1, model="gpt-9", opener=opener).complete("hi", GREEDY))
+    too_long = RemoteModel(live.v1, opener=opener).chat([{"role": "user", "content": "autumn " * 300}], GREEDY)
+    with pytest.raises(InputError, match=r"answered 400: the prompt is \d+ tokens"):
+        list(too_long)
+
+
+# ------------------------------------------------------------------------------ a canned server
+
+
+class Canned(BaseHTTPRequestHandler):
+    """Answers by path; records the headers it was sent."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> None:
+        body = {"error": {"message": message, "type": "x", "param": None, "code": code}}
+        self._send(status, json.dumps(body).encode(), headers)
+
+    def _stream(self, events: list[str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(event.encode())
+            self.wfile.flush()
+
+    def do_GET(self) -> None:
+        Canned.seen.append(dict(self.headers))
+        self._send(200, json.dumps({"object": "list", "data": [{"id": "canned", "object": "model"}]}).encode())
+
+    def do_POST(self) -> None:
+        Canned.seen.append(dict(self.headers))
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        route = self.path.split("/")[1]
+        chunk = 'data: {"choices":[{"index":0,"text":"Hel","finish_reason":null}]}\n\n'
+        if route == "unauthorized":
+            self._error(401, "invalid API key", "invalid_api_key")
+        elif route == "busy":
+            self._error(503, "120 requests are already waiting", "queue_full", **{"Retry-After": "7"})
+        elif route == "bad":
+            self._error(400, "temperature: must be <= 2")
+        elif route == "html":
+            self._send(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
+        elif route == "slow":
+            time.sleep(3)
+            with contextlib.suppress(OSError):  # the client gave up long ago
+                self._error(500, "too late")
+        elif route == "midway-error":
+            self._stream([chunk, 'data: {"error":{"message":"the engine failed"}}\n\n'])
+        elif route == "cut":
+            self._stream([chunk])
+        else:  # a well-behaved stream, with comments and CRLF line ends as some servers send them
+            usage = '{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}'
+            self._stream(
+                [
+                    ": keep-alive\r\n\r\n",
+                    chunk.replace("\n", "\r\n"),
+                    'data: {"choices":[{"index":0,"text":"lo","finish_reason":"length"}]}\n\n',
+                    f'data: {{"choices":[],"usage":{usage}}}\n\n',
+                    "data: [DONE]\n\n",
+                ]
+            )
+
+
+@pytest.fixture(scope="module")
+def canned() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def remote(canned: str, route: str, opener: Any, **kwargs: Any) -> RemoteModel:
+    return RemoteModel(f"{canned}/{route}/v1", model="canned", opener=opener, **kwargs)
+
+
+def test_a_stream_with_comments_and_crlf(canned, opener):
+    events = list(remote(canned, "ok", opener).complete("hi", GREEDY))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo"]
+    finished = events[-1]
+    assert (finished.reason, finished.text, finished.stats.prompt_tokens, finished.stats.new_tokens) == (
+        "length",
+        "Hello",
+        3,
+        2,
+    )
+
+
+def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    list(remote(canned, "ok", opener).complete("hi", GREEDY))
+    assert Canned.seen[-1]["Authorization"] == "Bearer from-env"
+    list(remote(canned, "ok", opener, api_key="from-flag").complete("hi", GREEDY))
+    assert Canned.seen[-1]["Authorization"] == "Bearer from-flag"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    list(remote(canned, "ok", opener).complete("hi", GREEDY))
+    assert "Authorization" not in Canned.seen[-1]
+
+
+@pytest.mark.parametrize(
+    ("route", "error", "message", "hint"),
+    [
+        ("unauthorized", RemoteError, "answered 401: invalid API key", "--api-key KEY or set OPENAI_API_KEY"),
+        ("busy", RemoteError, "answered 503: 120 requests are already waiting", "retry in 7 s"),
+        ("bad", InputError, "answered 400: temperature: must be <= 2", None),
+        ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
+        ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
+        ("cut", RemoteError, "closed the stream before the answer finished", None),
+    ],
+)
+def test_server_failures_are_one_line_errors(canned, opener, route, error, message, hint):
+    with pytest.raises(error) as caught:
+        list(remote(canned, route, opener).complete("hi", GREEDY))
+    assert message in caught.value.message and "\n" not in caught.value.message
+    assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
+
+
+def test_a_refused_connection(opener):
+    port = free_port()  # bound and closed again: nothing listens there now
+    with pytest.raises(RemoteError) as caught:
+        list(RemoteModel(f"http://127.0.0.1:{port}/v1", model="m", opener=opener).complete("hi", GREEDY))
+    assert caught.value.message.startswith(f"cannot connect to http://127.0.0.1:{port}/v1: ")
+    assert "gptcli serve" in caught.value.hint
+
+
+def test_a_timeout(canned, opener):
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="did not answer in time"):
+        list(remote(canned, "slow", opener, timeout=0.5).complete("hi", GREEDY))
+    assert time.monotonic() - started < 2.5

@@ -1,0 +1,527 @@
+"""gptcli serve: the OpenAI-compatible routes, their errors, streaming, batching, disconnects and shutdown.
+
+Most tests talk to a real uvicorn server on a free loopback port (in this process, over the tiny Llama)
+with the real `openai` client; the flag, key, limit and SIGTERM tests start `python -m gptcli serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def add(a, b):",
+    "ROMEO: But soft",
+    "Emoji: 🙂🚀",
+    "中文测试：你好",
+    "Stop here: END.",
+    "autumn leaves",
+]
+
+
+class SlowBackend:
+    """A backend whose every step takes at least `delay` seconds, so a request is still running when we act."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if name == "step":
+
+            def slow_step(batch: Any) -> Any:
+                time.sleep(self._delay)
+                return value(batch)
+
+            return slow_step
+        return value
+
+    def forward(self, ids: Any, cache: Any) -> Any:
+        time.sleep(self._delay)
+        return self._inner.forward(ids, cache)
+
+
+@dataclass
+class Live:
+    url: str
+    state: Any
+    engine: Any
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, **kwargs: Any) -> Any:
+        return openai.OpenAI(base_url=self.v1, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+@contextlib.contextmanager
+def serve_runtime(runtime: Any, *, delay: float = 0.0, api_key: str | None = None, **limits: Any) -> Iterator[Live]:
+    """The real app and engine over an already loaded runtime, served from a thread."""
+    from gptcli.config import SamplingConfig
+    from gptcli.engine import Engine, EngineLimits
+    from gptcli.server.app import ServerConfig, create_app
+    from gptcli.server.metrics import Metrics
+    from gptcli.server.serving import ThreadedServer
+    from gptcli.server.state import ServerState
+
+    backend = SlowBackend(runtime.backend, delay) if delay else runtime.backend
+    engine = Engine(backend, runtime.tokenizer, EngineLimits(**limits))
+    state = ServerState(
+        engine=engine,
+        tokenizer=runtime.tokenizer,
+        model_name="tiny-llama",
+        context_length=runtime.backend.info.context_length,
+        defaults=SamplingConfig(),
+        metrics=Metrics(engine.snapshot),
+    )
+    app = create_app(state, ServerConfig(api_key=api_key))
+    with ThreadedServer(app, grace_s=1.0, drain=engine.stop) as url:
+        yield Live(url, state, engine)
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_models):
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+
+    return open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def live(runtime) -> Iterator[Live]:
+    with serve_runtime(runtime, max_running=8) as server:
+        yield server
+
+
+def reference(runtime: Any, prompt: str, max_tokens: int, *, raw: bool = False, stop: tuple[str, ...] = ()) -> Any:
+    """What `gptcli generate` produces for this prompt alone at temperature 0 (the same loop, in-process)."""
+    from gptcli.config import SamplingConfig
+    from gptcli.decoding import generate
+    from gptcli.prompts import encode_prompt
+
+    ids = encode_prompt(runtime.tokenizer, prompt, raw=raw).ids
+    params = SamplingConfig(temperature=0.0, max_tokens=max_tokens, stop=stop)
+    *_, finished = generate(runtime.backend, runtime.tokenizer, ids, params)
+    return finished
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def test_models_and_health(live):
+    client = live.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-llama"]
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    health = httpx.get(live.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_chat_completion_matches_generate(live, runtime):
+    expected = reference(runtime, PROMPTS[0], 12)
+    reply = live.client().chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0, max_tokens=12
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == {"stop": "stop", "length": "length", "context": "length"}[expected.reason]
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert reply.usage.completion_tokens == expected.stats.new_tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+
+
+def test_chat_stream_with_usage(live, runtime):
+    expected = reference(runtime, PROMPTS[1], 10)
+    stream = live.client().chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        temperature=0,
+        max_completion_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.stats.new_tokens
+
+
+def test_sse_framing_ends_with_done(live):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    # No Content-Type header, as `curl -d` sends it: the body is JSON all the same.
+    response = httpx.post(live.v1 + "/chat/completions", content=json.dumps(body))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in response.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert "usage" not in events[-2]  # include_usage was not asked for
+
+
+def test_completions_streamed_and_not(live, runtime):
+    expected = reference(runtime, PROMPTS[2], 8, raw=True)
+    client = live.client()
+    whole = client.completions.create(model="tiny-llama", prompt=PROMPTS[2], temperature=0, max_tokens=8)
+    assert whole.choices[0].text == expected.text
+    assert whole.usage.prompt_tokens == expected.stats.prompt_tokens
+    streamed = client.completions.create(
+        model="tiny-llama", prompt=PROMPTS[2], temperature=0, max_tokens=8, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+    echoed = client.completions.create(model="tiny-llama", prompt=PROMPTS[2], temperature=0, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == PROMPTS[2] + expected.text
+
+
+def test_stop_strings_and_ignored_parameters(live, runtime):
+    full = reference(runtime, PROMPTS[3], 16).text
+    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())
+    expected = full[: full.find(stop)]
+    reply = live.client().chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": PROMPTS[3]}],
+        temperature=0,
+        max_tokens=16,
+        stop=[stop, "never-appears"],
+        seed=3,
+        frequency_penalty=0.5,
+        presence_penalty=0.1,
+        user="someone",
+        extra_body={"top_k": 5, "min_p": 0.0, "repetition_penalty": 1.0, "logit_bias": {}},
+    )
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "stop"
+    single = live.client().completions.create(model="default", prompt="x", max_tokens=2, stop="zzz")
+    assert single.choices[0].finish_reason in {"stop", "length"}
+
+
+def test_sampling_with_a_seed_repeats(live):
+    client = live.client()
+    ask = dict(model="tiny-llama", prompt="Once", temperature=1.0, top_p=0.9, max_tokens=10, seed=42)
+    assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text
+
+
+def test_eight_concurrent_streams_match_generate_alone(live, runtime, tiny_models):
+    alone = [reference(runtime, prompt, 12) for prompt in PROMPTS]
+    expected = [finished.text for finished in alone]
+    # The same text as the real `gptcli generate` program gives (checked for one prompt: it is the same loop).
+    cli = run_cli("generate", PROMPTS[0], "-m", str(tiny_models["llama"]), "-t", "0", "-n", "12")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.decode().removesuffix("\n") == expected[0].removesuffix("\n")
+
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def ask(index: int) -> None:
+        client = live.client()
+        barrier.wait()
+        stream = client.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": PROMPTS[index]}],
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+        )
+        results[index] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    steps_before = live.engine.snapshot().steps
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [results.get(i) for i in range(len(PROMPTS))] == expected
+    assert live.engine.snapshot().running == 0
+    # They shared the engine's steps: one at a time, each would take a step per token.
+    assert live.engine.snapshot().steps - steps_before < sum(f.stats.new_tokens for f in alone) / 2
+
+
+def test_metrics(live):
+    live.client().completions.create(model="tiny-llama", prompt="Once", max_tokens=3)
+    httpx.get(live.url + "/nowhere")
+    text = httpx.get(live.url + "/metrics").text
+    assert re.search(r'^gptcli_requests_total\{route="/v1/completions",status="200"\} [1-9]', text, re.M)
+    assert re.search(r'^gptcli_requests_total\{route="other",status="404"\} [1-9]', text, re.M)
+    httpx.get(live.v1 + "/models/tiny-llama")
+    text = httpx.get(live.url + "/metrics").text
+    assert re.search(r'^gptcli_requests_total\{route="/v1/models/\{model_id:path\}",status="200"\} [1-9]', text, re.M)
+    for name in ("prompt_tokens_total", "generation_tokens_total"):
+        assert re.search(rf"^gptcli_{name} [1-9]", text, re.M), name
+    assert re.search(r"^gptcli_time_to_first_token_seconds_count [1-9]", text, re.M)
+    assert re.search(r'^gptcli_e2e_request_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
+    for gauge in ("queue_depth", "running_sequences", "kv_used_tokens", "kv_budget_tokens"):
+        assert re.search(rf"^# TYPE gptcli_{gauge} gauge\ngptcli_{gauge} \d", text, re.M), gauge
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_bad_parameters_are_400_in_openai_shape(live):
+    client = live.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert caught.value.param == "n" and "n=1" in caught.value.message
+    url = live.v1 + "/chat/completions"
+    cases = [
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ]
+    for body, param in cases:
+        response = httpx.post(url, json=body)
+        assert response.status_code == 400, body
+        error = error_of(response)
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+    broken = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
+
+
+def test_unknown_model_is_404(live):
+    with pytest.raises(openai.NotFoundError) as caught:
+        live.client().completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert caught.value.code == "model_not_found"
+    assert httpx.get(live.v1 + "/models/gpt-4o").status_code == 404
+    missing = httpx.get(live.url + "/v1/nothing-here")
+    assert missing.status_code == 404 and error_of(missing)["type"] == "not_found_error"
+
+
+def test_prompt_over_the_context_is_context_length_exceeded(live):
+    with pytest.raises(openai.BadRequestError) as caught:
+        live.client().chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "autumn leaves " * 200}]
+        )
+    assert caught.value.code == "context_length_exceeded"
+    assert "128" in caught.value.message
+
+
+# ---------------------------------------------------------------------------------------------- disconnects
+
+
+def test_a_client_that_disconnects_frees_its_slot(runtime):
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        cancelled = []
+        real_cancel = slow.engine.cancel
+        slow.engine.cancel = lambda handle: (cancelled.append(handle.id), real_cancel(handle))
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", slow.v1 + "/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if '"content"' in line and '"role"' not in line)
+            assert slow.engine.snapshot().running == 1
+        # The client is gone: the server cancels the sequence and the engine frees it at its next step.
+        assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
+        assert len(cancelled) == 1
+        metrics = httpx.get(slow.url + "/metrics").text
+        assert re.search(r"^gptcli_running_sequences 0$", metrics, re.M)
+        assert re.search(r"^gptcli_kv_used_tokens 0$", metrics, re.M)
+        # The slot is free again: the next request runs to the end.
+        after = httpx.post(slow.v1 + "/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=30)
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_non_streaming_client_that_disconnects_is_cancelled_too(runtime):
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        body = {"prompt": "Once", "max_tokens": 100}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(slow.v1 + "/completions", json=body, timeout=0.5)
+        assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
+        assert slow.engine.snapshot().tokens_generated < 60
+
+
+# ---------------------------------------------------------------------------------------------- the program
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def scripted_env(tok, text: str, delay: float = 0.0) -> dict[str, str]:
+    ids = [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
+    return {
+        "GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend",
+        "GPTCLI_TEST_SCRIPT": json.dumps(ids),
+        "GPTCLI_TEST_DELAY": str(delay),
+        "GPTCLI_TEST_CONTEXT": "128",
+    }
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, *flags: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m gptcli serve` on a free port; yields the process and its base URL once it serves."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "serve", "-m", str(model), "-b", "scripted", "--port", str(port), *flags],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stderr.readline()  # "serving on http://…": the app has started
+        assert line.startswith("serving on http://127.0.0.1:"), line + process.stderr.read()
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        process.stderr.close()
+
+
+def test_key_limits_and_queue_in_a_real_process(tiny_models, llama_tok):
+    flags = ("--api-key", "sesame", "--max-body", "2048", "--max-queue", "0", "--log-level", "warning")
+    with serve_process(tiny_models["llama"], *flags, env=scripted_env(llama_tok, "hi")) as (_, url):
+        assert httpx.get(url + "/health").status_code == 200  # open without the key
+        assert httpx.get(url + "/").status_code == 200  # the page asks for the key itself
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.get(url + "/v1/models", headers=headers)
+            assert refused.status_code == 401 and error_of(refused)["type"] == "authentication_error"
+        assert httpx.get(url + "/metrics").status_code == 401
+        key = {"Authorization": "Bearer sesame"}
+        assert httpx.get(url + "/v1/models", headers=key).json()["data"][0]["id"] == "tiny-llama"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        # An over-size body: refused while reading, before parsing, with or without a Content-Length.
+        big = b'{"prompt": "' + b"x" * 4096 + b'"}'
+        too_big = httpx.post(url + "/v1/completions", content=big, headers=key)
+        assert too_big.status_code == 413 and error_of(too_big)["code"] == "body_too_large"
+        chunked = httpx.post(url + "/v1/completions", content=iter([big[:1000], big[1000:]]), headers=key)
+        assert chunked.status_code == 413
+        # --max-queue 0: every request finds the queue full.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"] == "1"
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok):
+    text = "Once upon a time there was a tiny model"
+    env = scripted_env(llama_tok, text, delay=0.1)
+    with serve_process(tiny_models["llama"], "--grace", "20", "--log-level", "warning", env=env) as (process, url):
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            body = {"prompt": "x", "max_tokens": 50, "temperature": 0}
+            answer["response"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(0.5)  # the request is in flight: ~10 steps of 0.1 s
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):  # it no longer accepts connections
+            httpx.get(url + "/health", timeout=2)
+        asking.join(timeout=30)
+        assert process.wait(timeout=30) == 0
+        response = answer["response"]
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["text"] == text
+        assert response.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sigterm_cancels_what_outlasts_the_grace(tiny_models, llama_tok):
+    env = scripted_env(llama_tok, "autumn leaves " * 30, delay=0.1)  # ~60 tokens: 6 s of work
+    with serve_process(tiny_models["llama"], "--grace", "0.5", "--log-level", "warning", env=env) as (process, url):
+        body = {"prompt": "x", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert time.monotonic() - signalled < 3.0  # the grace, then the engine cancelled it
+        assert "data: [DONE]" not in rest and not any('"finish_reason":"' in line for line in rest)
+        assert process.wait(timeout=10) == 0
+
+
+def test_ctrl_c_stops_with_130(tiny_models, llama_tok):
+    env = scripted_env(llama_tok, "hi")
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (process, _):
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 130
+
+
+def imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
+    code = f"import sys; {statement}; print(' '.join(m for m in {modules!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return out.stdout.split()
+
+
+def test_import_hygiene():
+    # The CLI stays light (no web stack at import time); the server has no Typer or Rich.
+    web = ("fastapi", "starlette", "uvicorn", "httpx", "torch")
+    assert imported_after("import gptcli.cli.app, gptcli.cli.serve_cmd", web) == []
+    assert imported_after("import gptcli.server.app, gptcli.server.serving, gptcli.remote", ("typer", "rich")) == []
+
+
+def test_listening_beyond_loopback_needs_a_key():
+    result = run_cli("serve", "--host", "0.0.0.0", "--port", "9")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("error: listening on 0.0.0.0 would let anyone")
+    assert "--insecure-no-key" in result.stderr.decode()
+
+
+def test_a_busy_port_fails_before_loading(tiny_models):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = run_cli("serve", "-m", str(tiny_models["llama"]), "--port", str(port), timeout=60)
+    assert result.returncode == 1
+    assert re.match(rf"error: cannot listen on 127\.0\.0\.1:{port}: ", result.stderr.decode())

@@ -1,0 +1,187 @@
+"""The chat page in a real headless browser (Debian's chromium driven by Playwright).
+
+scripts/setup-browser.sh installs both; without chromium these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_server import PROMPTS, reference, serve_runtime, wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip(
+        "no /usr/bin/chromium: run scripts/setup-browser.sh (apt chromium + playwright)", allow_module_level=True
+    )
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: scripts/setup-browser.sh"
+)
+pytest.importorskip("fastapi")
+
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_models):
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+
+    return open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.problems = problems  # type: ignore[attr-defined]
+    yield page
+    context.close()
+
+
+def open_chat(page, url: str, *, temperature: str = "0", max_tokens: str = "10") -> None:
+    page.goto(url + "/")
+    page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
+    page.click("#toggle-settings")
+    page.fill("#temperature", temperature)
+    page.fill("#max-tokens", max_tokens)
+
+
+def say(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_a_conversation_streams_and_is_kept_in_the_page(page, runtime):
+    first = reference(runtime, PROMPTS[0], 10)
+    with serve_runtime(runtime, max_running=2) as live:
+        open_chat(page, live.url)
+        say(page, PROMPTS[0])
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert page.inner_text(".msg.user") == PROMPTS[0]
+        conversation = page.evaluate("conversation")
+        assert conversation == [
+            {"role": "user", "content": PROMPTS[0]},
+            {"role": "assistant", "content": first.text},
+        ]
+        # The second turn sends the whole conversation: the server sees both earlier messages.
+        say(page, "and then?")
+        page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
+        assert len(page.evaluate("conversation")) == 4
+        assert live.engine.snapshot().prompt_tokens > 2 * first.stats.prompt_tokens
+        # New chat forgets it.
+        page.click("#new-chat")
+        assert page.evaluate("conversation") == []
+        assert page.query_selector_all(".msg") == []
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_the_stop_button_cancels_on_the_server(page, runtime):
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        cancelled: list[int] = []
+        real_cancel = slow.engine.cancel
+        slow.engine.cancel = lambda handle: (cancelled.append(handle.id), real_cancel(handle))
+        open_chat(page, slow.url, temperature="0.7", max_tokens="100")
+        say(page, "tell me a long story")
+        page.wait_for_function("() => document.body.dataset.state === 'streaming'")
+        page.wait_for_function(
+            "() => conversation.length === 1 && document.querySelector('.msg.assistant').textContent"
+        )
+        page.click("#stop")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert "stopped" in page.inner_text(".msg.assistant .note")
+        assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
+        assert len(cancelled) == 1
+        assert page.is_enabled("#send") and not page.is_enabled("#stop")
+        # What was shown stays in the conversation.
+        assert page.evaluate("conversation")[1]["role"] == "assistant"
+
+
+def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
+    with serve_runtime(runtime, api_key="sesame") as guarded:
+        page.goto(guarded.url + "/")
+        page.wait_for_function("() => document.getElementById('model').textContent.includes('API key')")
+        assert page.is_visible("#api-key")
+        say(page, "hi")
+        page.wait_for_selector(".msg.error")
+        assert "API key" in page.inner_text(".msg.error")
+        assert page.evaluate("conversation") == []
+        page.fill("#api-key", "sesame")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
+        page.fill("#max-tokens", "3")
+        say(page, "hi")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert len(page.evaluate("conversation")) == 2
+
+
+MARKDOWN_CASES = [
+    ("**bold** and *it* and `x<y`", "<p><strong>bold</strong> and <em>it</em> and <code>x&lt;y</code></p>"),
+    ("- one\n- two", "<ul><li>one</li><li>two</li></ul>"),
+    ("1. one\n2. two", "<ol><li>one</li><li>two</li></ol>"),
+    ("```py\n<b>x</b> **no**\n```", '<pre><code class="language-py">&lt;b&gt;x&lt;/b&gt; **no**</code></pre>'),
+    (
+        "[site](https://example.org/a?b=1&c=2)",
+        '<p><a href="https://example.org/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">site</a></p>',
+    ),
+    ("<script>alert(1)</script>", "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>"),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    ('<img src=x onerror="alert(1)">', "<p>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;</p>"),
+    ("snake_case_name stays", "<p>snake_case_name stays</p>"),
+    ("line one\nline two\n\nnext", "<p>line one<br>line two</p><p>next</p>"),
+    ("```\nunfinished", "<pre><code>unfinished</code></pre>"),
+]
+
+
+def test_the_markdown_renderer_escapes_first(page, runtime):
+    with serve_runtime(runtime) as live:
+        page.goto(live.url + "/")
+        for source, html in MARKDOWN_CASES:
+            assert page.evaluate("renderMarkdown", source) == html, source
+        # Model text that looks like HTML is shown, never run.
+        page.evaluate("addMessage('assistant', '<img src=x onerror=\"window.pwned=1\">')")
+        assert page.evaluate("window.pwned") is None
+        assert page.query_selector(".msg.assistant img") is None
+
+
+def test_the_page_loads_nothing_from_outside(page, runtime):
+    with serve_runtime(runtime) as live:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        response = page.goto(live.url + "/")
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
+        assert requests and all(url.startswith(live.url) or url.startswith("data:") for url in requests)
+
+
+def test_setup_script_is_a_no_op_when_everything_is_there():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "setup-browser.sh"
+    venv = Path(sys.executable).parents[1]
+    result = subprocess.run(
+        ["bash", str(script)], env={**os.environ, "GPTCLI_VENV": str(venv)}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == result.stderr == ""
