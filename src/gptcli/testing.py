@@ -6,7 +6,9 @@
 It loads the backend and checks, in order: the name and `unavailable_reason`, `ModelInfo`, an empty
 cache, a prefill (float32 logits of shape [vocab], finite), decode steps that grow the cache by one,
 that a prefill equals the same tokens fed one at a time and split in two, that a truncated cache is
-reused, and (with a reference backend) that the logits match and greedy decoding picks the same tokens.
+reused, that a batched step (`batched_step`: the backend's native `step` or the looping default) over
+mixed prefills and decode tokens equals each sequence run alone, and (with a reference backend) that
+the logits match and greedy decoding picks the same tokens.
 
 Exact backends (torch vs onnx on an fp32 model) use the defaults. A backend that runs a quantised copy
 of the reference's weights (llama.cpp on Q4_1 vs torch on the dequantised fp32 model) loosens two
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.backends.base import Backend, LoadOptions, ModelInfo
+from gptcli.backends.base import Backend, Cache, LoadOptions, ModelInfo, batched_step
 
 
 def greedy_ids(backend: Backend, prompt: list[int], steps: int) -> list[int]:
@@ -66,6 +68,51 @@ def check_greedy_parity(
             f"them {gap:.4f} logits apart (allowed: {margin})"
         )
     return path
+
+
+def _cache_holding(backend: Backend, history: list[int]) -> Cache:
+    cache = backend.new_cache()
+    if history:
+        _, cache = backend.forward(history, cache)
+    return cache
+
+
+def check_batched_step(backend: Backend, prompt: list[int], *, atol: float = 1e-4) -> None:
+    """One batched step over mixed sequences equals each run alone, and so does the next (all-decode) step.
+
+    The batch mixes fresh prompts of different lengths, single decode tokens on caches that already
+    hold different lengths, and a prefill chunk on top of a past.
+    """
+    plans = [  # (what the cache holds before the step, the ids the step feeds)
+        ([], list(prompt)),
+        ([], list(prompt[:2])),
+        (list(prompt), [prompt[0]]),
+        (list(prompt[:3]), [prompt[3]]),
+        (list(prompt[1:]), list(prompt[:2])),
+    ]
+    logits, caches = batched_step(backend, [(ids, _cache_holding(backend, past)) for past, ids in plans])
+    vocab = backend.info.vocab_size
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32, "batched logits must be float32 numpy"
+    assert logits.shape == (len(plans), vocab), f"batched logits shape {logits.shape}, want ({len(plans)}, {vocab})"
+    assert len(caches) == len(plans), f"a step over {len(plans)} sequences returned {len(caches)} caches"
+    alone = [backend.forward(ids, _cache_holding(backend, past)) for past, ids in plans]
+    for i, ((past, ids), cache, (row, _)) in enumerate(zip(plans, caches, alone, strict=True)):
+        np.testing.assert_allclose(
+            logits[i], row, atol=atol, rtol=0, err_msg=f"batched step, sequence {i}: vs the same tokens alone"
+        )
+        want = len(past) + len(ids)
+        assert cache.length == want, f"batched step, sequence {i}: the cache holds {cache.length}, want {want}"
+
+    # The grown caches carry on: an all-decode step matches each cache continued alone.
+    tokens = [int(np.argmax(row)) for row, _ in alone]
+    logits, caches = batched_step(backend, [([t], c) for t, c in zip(tokens, caches, strict=True)])
+    for i, (token, (_, cache)) in enumerate(zip(tokens, alone, strict=True)):
+        row, _ = backend.forward([token], cache)
+        np.testing.assert_allclose(
+            logits[i], row, atol=atol, rtol=0, err_msg=f"batched decode step, sequence {i}: vs alone"
+        )
+        want = len(plans[i][0]) + len(plans[i][1]) + 1
+        assert caches[i].length == want, f"batched decode step, sequence {i}: the cache holds {caches[i].length}"
 
 
 def check_backend_contract(
@@ -137,6 +184,8 @@ def check_backend_contract(
     assert cache2.length == len(prompt) - 1, "truncate must leave exactly `length` positions"
     again, cache2 = backend.forward(prompt[-1:], cache2)
     np.testing.assert_allclose(again, logits, atol=atol, rtol=0, err_msg="truncated cache re-used")
+
+    check_batched_step(backend, prompt, atol=atol)
 
     if expected_greedy is not None:
         got = greedy_ids(backend, prompt, len(expected_greedy))

@@ -67,6 +67,19 @@ class HFEngine:
             )
         return out.logits[0, -1].float()
 
+    def step(self, batch: Sequence[tuple[Sequence[int], TorchCache]]) -> Any:
+        """No native batching here: one forward per sequence (transformers' cache is per sequence)."""
+        import torch
+
+        return torch.stack([self.forward(ids, cache.kv, cache.length) for ids, cache in batch])
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
+
     def truncate(self, kv: Any, length: int, current: int) -> None:
         kv.crop(length - current)  # negative: drop that many positions from the end
 
@@ -80,8 +93,13 @@ class LeanEngine:
     def new_cache(self) -> Any:
         return self.lean.new_cache()
 
-    def forward(self, ids: Sequence[int], kv: Any, start: int) -> Any:
-        return self.lean.forward(list(ids), kv)
+    def step(self, batch: Sequence[tuple[Sequence[int], TorchCache]]) -> Any:
+        """Native: all sequences' tokens through the dense layers together (torch_lean.LeanModel.step)."""
+        return self.lean.step([(ids, cache.kv) for ids, cache in batch])
+
+    def kv_bytes_per_token(self) -> int:
+        lean = self.lean
+        return 2 * lean.num_layers * lean.kv_heads * lean.head_dim * lean.dtype.itemsize
 
     def truncate(self, kv: Any, length: int, current: int) -> None:
         kv.length = length  # positions past `length` are overwritten by the next forward
@@ -94,7 +112,10 @@ def torch_lean_supports(cfg: dict[str, Any]) -> bool:
 
 
 class TorchBackend:
-    """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step."""
+    """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step.
+
+    `step` advances several sequences at once: natively on the lean engine, a loop on transformers'.
+    """
 
     name: ClassVar[str] = "torch"
 
@@ -134,6 +155,7 @@ class TorchBackend:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"cannot load model from {folder}: {type(exc).__name__}: {exc}") from None
         arch = (cfg.get("architectures") or [cfg["model_type"]])[0]
+        engine = LeanEngine(lean)
         info = ModelInfo(
             folder.name,
             arch,
@@ -143,8 +165,9 @@ class TorchBackend:
             lean.params,
             str(dtype).removeprefix("torch."),
             device,
+            kv_bytes_per_token=engine.kv_bytes_per_token(),
         )
-        return cls(LeanEngine(lean), info)
+        return cls(engine, info)
 
     @classmethod
     def _load_hf(cls, folder: Path, cfg: dict[str, Any], options: LoadOptions, device: str, dtype: Any) -> TorchBackend:
@@ -167,6 +190,7 @@ class TorchBackend:
         except (OSError, RuntimeError, KeyError) as exc:
             raise ModelError(f"cannot load model from {folder}: {exc}") from None
         model.to(device).eval()
+        engine = HFEngine(model)
         info = ModelInfo(
             name=folder.name,
             architecture=type(model).__name__,
@@ -176,8 +200,9 @@ class TorchBackend:
             params=sum(p.numel() for p in model.parameters()),
             dtype=str(dtype).removeprefix("torch."),
             device=device,
+            kv_bytes_per_token=engine.kv_bytes_per_token(),
         )
-        return cls(HFEngine(model), info)
+        return cls(engine, info)
 
     @property
     def implementation(self) -> str:
@@ -187,9 +212,15 @@ class TorchBackend:
         return TorchCache(self.engine.new_cache())
 
     def forward(self, ids: Sequence[int], cache: TorchCache) -> tuple[np.ndarray, TorchCache]:
-        logits = self.engine.forward(ids, cache.kv, cache.length)
-        cache.length += len(ids)
-        return logits.cpu().numpy(), cache
+        logits, _ = self.step([(ids, cache)])
+        return logits[0], cache
+
+    def step(self, batch: Sequence[tuple[Sequence[int], TorchCache]]) -> tuple[np.ndarray, list[TorchCache]]:
+        """Logits [B, vocab] of each sequence's last position; cache i grows by len(ids_i)."""
+        logits = self.engine.step(batch)
+        for ids, cache in batch:
+            cache.length += len(ids)
+        return logits.cpu().numpy(), [cache for _, cache in batch]
 
     def truncate(self, cache: TorchCache, length: int) -> TorchCache:
         if length < cache.length:

@@ -7,13 +7,17 @@ re-laid out once at load time:
 - Q/K/V and gate/up projections fused into one matrix each (fewer, larger products);
 - every matrix stored as [in, out] so `x @ W` streams it row-major (for the 49152-row tied lm_head,
   torch's x @ W.T path reads memory at about half that speed here);
-- the KV cache is a preallocated buffer per layer, grown by doubling, written in place.
+- the KV cache is a preallocated buffer per layer, grown by doubling, written in place;
+- a step runs several sequences at once (`LeanModel.step`): their tokens are concatenated into one
+  [sum(n_i), hidden] matrix, so every dense layer reads its weights once per step (decoding is memory
+  bound: eight sequences cost little more than one), while attention runs per sequence over its own
+  cache. `forward` is a step of one sequence, through the same code.
 Logits and greedy tokens match transformers (tests/test_torch_backend.py checks both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,15 @@ class LeanCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One sequence's rows [begin, end) in a step's concatenated tokens, and the cache they extend."""
+
+    begin: int
+    end: int
+    cache: LeanCache
 
 
 def architecture_of(config: Architecture | Mapping[str, Any], source: Path | str = "config.json") -> Architecture:
@@ -136,16 +149,61 @@ class LeanModel:
             out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
 
-    def forward(self, ids: list[int], cache: LeanCache) -> torch.Tensor:
+    def _attend_spans(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spans: list[Span]
+    ) -> torch.Tensor:
+        """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
+        if len(spans) == 1:
+            return self._attend(q, k, v, layer, spans[0].cache)
+        # One SDPA call per sequence: exactly what that sequence would compute alone.
+        outs = []
+        for span in spans:
+            rows = slice(span.begin, span.end)
+            outs.append(self._attend(q[:, rows], k[:, rows], v[:, rows], layer, span.cache))
+        return torch.cat(outs)
+
+    def forward(self, ids: Sequence[int], cache: LeanCache) -> torch.Tensor:
         """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
-        self._reserve(cache, cache.length + len(ids))
+        return self.step([(ids, cache)])[0]
+
+    def step(self, batch: Sequence[tuple[Sequence[int], LeanCache]]) -> torch.Tensor:
+        """Logits (float32, [B, vocab]) of each sequence's last position; cache i grows by len(ids_i).
+
+        Entries may mix prefill chunks and single decode tokens; each must bring its own cache.
+        """
+        if len({id(cache) for _, cache in batch}) != len(batch):
+            raise ValueError("a cache appears twice in one step")
+        flat: list[int] = []
+        positions: list[int] = []
+        spans: list[Span] = []
+        for ids, cache in batch:
+            if len(ids) == 0:
+                raise ValueError("every sequence in a step needs at least one token")
+            self._reserve(cache, cache.length + len(ids))
+            spans.append(Span(len(flat), len(flat) + len(ids), cache))
+            flat.extend(ids)
+            positions.extend(range(cache.length, cache.length + len(ids)))
         with torch.inference_mode():
-            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=self.device), cache)
-        cache.length += len(ids)
+            logits = self._step(
+                torch.tensor(flat, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device),
+                spans,
+            )
+        for span in spans:
+            span.cache.length += span.end - span.begin
         return logits
 
-    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """ids and positions [N] (all sequences' tokens, concatenated) → last-row logits [B, vocab]."""
         raise NotImplementedError
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[ids] if self.embed is not None else self.head[:, ids].t()
+
+    @staticmethod
+    def _last_rows(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """Each sequence's last row: the only ones the lm_head needs."""
+        return x[[s.end - 1 for s in spans]]
 
     def _head_and_embedding(self, tensors: Tensors, embed_key: str, tied: bool) -> None:
         """Keep the lm_head as [hidden, vocab]; a tied embedding is read from its columns."""
@@ -206,10 +264,10 @@ class LeanLlama(LeanModel):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
 
-    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
-        n, start = ids.shape[0], cache.length
-        x = self.embed[ids] if self.embed is not None else self.head[:, ids].t()
-        freqs = torch.outer(torch.arange(start, start + n, device=self.device).float(), self.inv_freq)
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        n = ids.shape[0]
+        x = self._embed(ids)
+        freqs = torch.outer(positions.float(), self.inv_freq)  # each row at its own sequence's position
         angles = torch.cat((freqs, freqs), -1)
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         half, hd = self.head_dim // 2, self.head_dim
@@ -225,10 +283,10 @@ class LeanLlama(LeanModel):
             q = rope(y[:, :q_end].view(n, self.heads, hd).transpose(0, 1))
             k = rope(y[:, q_end:k_end].view(n, self.kv_heads, hd).transpose(0, 1))
             v = y[:, k_end:].view(n, self.kv_heads, hd).transpose(0, 1)
-            x = x + self._attend(q, k, v, i, cache) @ out_proj
+            x = x + self._attend_spans(q, k, v, i, spans) @ out_proj
             gate, up = (self._rms(x, norm_post) @ gate_up).chunk(2, -1)
             x = x + (F.silu(gate) * up) @ down
-        return (self._rms(x[-1:], self.norm) @ self.head)[0].float()
+        return (self._rms(self._last_rows(x, spans), self.norm) @ self.head).float()
 
 
 class LeanGPT2(LeanModel):
@@ -271,18 +329,17 @@ class LeanGPT2(LeanModel):
     def _ln(self, x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], self.eps)
 
-    def _forward(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
-        n, start = ids.shape[0], cache.length
-        tokens = self.embed[ids] if self.embed is not None else self.head[:, ids].t()
-        x = tokens + self.wpe[start : start + n]
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        n = ids.shape[0]
+        x = self._embed(ids) + self.wpe[positions]
         d = self.heads * self.head_dim
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_fc, b_fc, w_proj, b_proj) in enumerate(self.layers):
             y = torch.addmm(b_qkv, self._ln(x, ln1), w_qkv)
             q, k, v = (y[:, j * d : (j + 1) * d].view(n, self.heads, self.head_dim).transpose(0, 1) for j in range(3))
-            x = x + torch.addmm(b_o, self._attend(q, k, v, i, cache), w_o)
+            x = x + torch.addmm(b_o, self._attend_spans(q, k, v, i, spans), w_o)
             hidden = F.gelu(torch.addmm(b_fc, self._ln(x, ln2), w_fc), approximate="tanh")
             x = x + torch.addmm(b_proj, hidden, w_proj)
-        return (self._ln(x[-1:], self.ln_f) @ self.head)[0].float()
+        return (self._ln(self._last_rows(x, spans), self.ln_f) @ self.head).float()
 
 
 def build(config: Architecture | Mapping[str, Any], files: list[Path], device: str, dtype: torch.dtype) -> LeanModel:
