@@ -17,7 +17,8 @@ from tests.scripted import ScriptedBackend
 REGISTRY = (
     "scripted=tests.scripted:ScriptedBackend,"
     "scripted2=tests.test_bench_backends:SecondScripted,"
-    "broken=tests.test_bench_backends:UnavailableBackend"
+    "broken=tests.test_bench_backends:UnavailableBackend,"
+    "stepping=tests.test_bench_backends:SteppingScripted"
 )
 
 
@@ -25,6 +26,29 @@ class SecondScripted(ScriptedBackend):
     """The scripted backend under another name, to compare two backends."""
 
     name: ClassVar[str] = "scripted2"
+
+
+class SteppingScripted(ScriptedBackend):
+    """The scripted backend with a native batched `step` and `release`, each call recorded."""
+
+    name: ClassVar[str] = "stepping"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[list[int]] = []  # per step call: how many ids each entry fed
+        self.released: list[object] = []
+
+    def step(self, batch):
+        self.steps.append([len(ids) for ids, _ in batch])
+        rows, caches = [], []
+        for ids, cache in batch:
+            logits, cache = ScriptedBackend.forward(self, ids, cache)
+            rows.append(logits)
+            caches.append(cache)
+        return np.stack(rows), caches
+
+    def release(self, cache) -> None:
+        self.released.append(cache)
 
 
 class UnavailableBackend(ScriptedBackend):
@@ -78,3 +102,19 @@ class TimedBackend:
     def truncate(self, cache: TimedCache, length: int) -> TimedCache:
         cache.length = min(cache.length, length)
         return cache
+
+
+class BatchedTimedBackend(TimedBackend):
+    """A native batched step that costs `cost(ids in the whole batch, step index)` once per call."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[list[tuple[int, int]]] = []  # per step call: (cache length before, ids fed) per entry
+
+    def step(self, batch):
+        self.clock.now += self.cost(sum(len(ids) for ids, _ in batch), len(self.steps))
+        self.steps.append([(cache.length, len(ids)) for ids, cache in batch])
+        for ids, cache in batch:
+            cache.length += len(ids)
+        logits = np.zeros((len(batch), self.info.vocab_size), dtype=np.float32)
+        return logits, [cache for _, cache in batch]

@@ -1,4 +1,5 @@
-"""Timing loops: llama-bench micro tests on `backend.forward`, and vLLM-style request latency.
+"""Timing loops: llama-bench micro tests on `backend.forward` (or, with --npl, llama-batched-bench's
+parallel sequences on `batched_step`), and vLLM-style request latency.
 
 Micro tests feed synthetic token ids straight to the backend, so tokenization and sampling are not
 timed. Latency runs real prompts through the real tokenizer, sampler and decoding loop.
@@ -12,14 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptcli.backends.base import Backend
+from gptcli.backends.base import Backend, batched_step, release_cache
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import distribution
 from gptcli.config import SamplingConfig
+from gptcli.textio import read_text_file
 from gptcli.tokenizer import Tokenizer
 
 Clock = Callable[[], float]
@@ -46,6 +49,8 @@ def time_micro(
     A pure tgN runs after an untimed 1-token prompt. The warm-up (not recorded) runs the prefill and
     a few decode steps, as llama-bench does.
     """
+    if test.npl is not None:
+        return time_batched(backend, test, reps, clock=clock, seed=seed, warmup=warmup, notify=notify)
     rng = np.random.default_rng(seed)
     vocab = backend.info.vocab_size
 
@@ -80,6 +85,69 @@ def time_micro(
         notify(f"{test.name}: repetition {rep + 1}/{reps}")
         samples.append(once(test.n_gen))
     return samples
+
+
+def time_batched(
+    backend: Backend,
+    test: MicroTest,
+    reps: int,
+    *,
+    clock: Clock = time.perf_counter,
+    seed: int = 0,
+    warmup: bool = True,
+    notify: Notify = _quiet,
+) -> list[float]:
+    """llama-batched-bench: seconds per repetition for `test.npl` sequences, each with its own cache.
+
+    The prefill is ONE `batched_step` of npl entries of n_prompt tokens; each decode step is ONE
+    `batched_step` of npl single tokens. Depth is prefilled once per sequence (untimed) and cut back
+    before each repetition; a pure tgN runs after an untimed 1-token prompt per sequence. Caches are
+    released once a repetition (or, with depth, the whole test) is done with them.
+    """
+    rng = np.random.default_rng(seed)
+    vocab, npl = backend.info.vocab_size, test.sequences
+
+    def ids(n: int) -> list[list[int]]:
+        return rng.integers(0, vocab, size=(npl, n)).tolist()
+
+    depth_caches: list[Any] | None = None
+    if test.depth:
+        _, depth_caches = batched_step(backend, [(row, backend.new_cache()) for row in ids(test.depth)])
+
+    def fresh_caches() -> list[Any]:
+        if depth_caches is None:
+            return [backend.new_cache() for _ in range(npl)]
+        return [backend.truncate(cache, test.depth) for cache in depth_caches]
+
+    def once(n_gen: int) -> float:
+        caches = fresh_caches()
+        if test.n_prompt == 0:
+            _, caches = batched_step(backend, list(zip(ids(1), caches, strict=True)))
+        prompts, steps = ids(test.n_prompt), ids(n_gen)
+        start = clock()
+        if test.n_prompt:
+            _, caches = batched_step(backend, list(zip(prompts, caches, strict=True)))
+        for step in range(n_gen):
+            _, caches = batched_step(backend, [([row[step]], cache) for row, cache in zip(steps, caches, strict=True)])
+        elapsed = clock() - start
+        if depth_caches is None:
+            for cache in caches:
+                release_cache(backend, cache)
+        else:
+            depth_caches[:] = caches  # a backend may hand back new cache objects: keep the latest
+        return elapsed
+
+    try:
+        if warmup:
+            once(min(test.n_gen, 4))
+        samples = []
+        for rep in range(reps):
+            notify(f"{test.name}: repetition {rep + 1}/{reps}")
+            samples.append(once(test.n_gen))
+        return samples
+    finally:
+        for cache in depth_caches or []:
+            release_cache(backend, cache)
 
 
 @dataclass
@@ -192,3 +260,15 @@ DEFAULT_PROMPTS = (
     "List three uses for a paperclip.",
     "What is the capital of France, and what is it known for?",
 )
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """Latency prompts: one per non-empty line of `path`, or the built-in ones."""
+    from gptcli.errors import InputError
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    lines = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path} holds no prompts", hint="one prompt per line")
+    return lines

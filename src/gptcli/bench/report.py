@@ -52,10 +52,17 @@ def _base(record: dict[str, Any]) -> str:
     return "n/a" if base is None else _ratio(base.get("ratio"))
 
 
+def _per_seq(record: dict[str, Any]) -> str:
+    if record.get("tokens_per_s_per_seq") is None:
+        return ""
+    return f"{record['tokens_per_s_per_seq']:.2f} ± {record['tokens_per_s_per_seq_sd']:.2f}"
+
+
 def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     speedup = any(r.get("speedup") is not None for r in records)
     baseline = any("baseline" in r for r in records)
-    headers = ["model", "size", "params", "backend", "threads", "test", "t/s"]
+    per_seq = any(r.get("tokens_per_s_per_seq") is not None for r in records)  # --npl (llama-batched-bench)
+    headers = ["model", "size", "params", "backend", "threads", "test", "t/s"] + ["t/s/seq"] * per_seq
     headers += ["speedup"] * speedup + ["vs baseline"] * baseline + ["% of bw floor", "peak mem"]
     rows = []
     for r in records:
@@ -68,7 +75,7 @@ def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             r["test"],
             f"{r['tokens_per_s']:.2f} ± {r['tokens_per_s_sd']:.2f}",
         ]
-        row += [_ratio(r.get("speedup"))] * speedup + [_base(r)] * baseline
+        row += [_per_seq(r)] * per_seq + [_ratio(r.get("speedup"))] * speedup + [_base(r)] * baseline
         floor = ""
         if r.get("roofline_pct") is not None:
             floor = f"{r['roofline_pct']:.1f}% of {r['roofline_tokens_per_s']:.1f} t/s"

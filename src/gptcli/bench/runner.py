@@ -30,6 +30,11 @@ DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 SYNTHETIC_NOTE = (
     "micro tests feed synthetic token ids straight to backend.forward: tokenization and sampling are not timed"
 )
+NPL_NOTE = (
+    "nplN: N sequences, each with its own cache, every prefill and decode step ONE batched step over all N "
+    "(a loop over forward where the backend has no native step); t/s is the aggregate over the N sequences "
+    "(N x tokens / time), t/s/seq = t/s / N"
+)
 
 
 def _quiet(_: str) -> None:
@@ -162,8 +167,9 @@ def _decode_shape_or_none(folder: Path) -> DecodeShape | None:
 
 
 def micro_record(common: dict[str, Any], test: MicroTest, samples_s: list[float]) -> dict[str, Any]:
+    """t/s over every sequence (the aggregate); with --npl also per sequence (aggregate / npl)."""
     rates = [test.tokens / s for s in samples_s]
-    return {
+    record = {
         "mode": "micro",
         **common,
         "test": test.name,
@@ -171,21 +177,28 @@ def micro_record(common: dict[str, Any], test: MicroTest, samples_s: list[float]
         "reps": len(samples_s),
         "tokens_per_s": round(mean(rates), 3),
         "tokens_per_s_sd": round(sample_sd(rates), 3),
-        "samples_s": [round(s, 6) for s in samples_s],
-        "synthetic_ids": True,
     }
+    if test.npl is not None:
+        record["tokens_per_s_per_seq"] = round(mean(rates) / test.npl, 3)
+        record["tokens_per_s_per_seq_sd"] = round(sample_sd(rates) / test.npl, 3)
+    return {**record, "samples_s": [round(s, 6) for s in samples_s], "synthetic_ids": True}
 
 
 def add_roofline(record: dict[str, Any], shape: DecodeShape, precision: str, bw: dict[str, Any]) -> None:
-    """Average context over the test: depth + the 1-token prompt + half the generated tokens."""
+    """Average context over the test: depth + the 1-token prompt + half the generated tokens.
+
+    A batched step (--npl N) reads the weights once and each of the N caches: it makes N tokens.
+    """
     context = record["depth"] + 1 + record["n_gen"] / 2
-    step = shape.step_bytes(precision, context)
+    npl = record.get("npl") or 1
+    kv = shape.step_bytes(precision, context) - shape.step_bytes(precision, 0)
+    step = shape.step_bytes(precision, context) + (npl - 1) * kv
     rate = bw["bytes_per_s"]
     record["bytes_per_step"] = int(step)
     record["bandwidth_gb_s"] = round(rate / 1e9, 3)
     record["bandwidth_method"] = bw["method"]
-    record["roofline_tokens_per_s"] = round(roofline_tokens_per_s(step, rate), 3)
-    record["roofline_pct"] = round(percent_of_floor(record["tokens_per_s"], step, rate), 2)
+    record["roofline_tokens_per_s"] = round(npl * roofline_tokens_per_s(step, rate), 3)
+    record["roofline_pct"] = round(percent_of_floor(record["tokens_per_s"] / npl, step, rate), 2)
 
 
 # --- the whole run -------------------------------------------------------------------------------------
@@ -244,6 +257,8 @@ def notes_for(mode: str, reps: int, run: BenchRun, in_process: bool) -> list[str
     if mode == "micro":
         notes.append(SYNTHETIC_NOTE)
         notes.append(f"t/s is the mean ± sample standard deviation over {reps} repetitions after a warm-up")
+        if any(r.get("npl") is not None for r in run.records):
+            notes.append(NPL_NOTE)
         roof = next((r for r in run.records if r.get("roofline_pct") is not None), None)
         if roof is not None:
             notes.append(

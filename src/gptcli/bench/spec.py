@@ -1,4 +1,5 @@
-"""What to benchmark: list flags (`-p 128,512`), llama-bench test names, and the configuration matrix."""
+"""What to benchmark: list flags (`-p 128,512`), llama-bench test names (and llama-batched-bench's
+parallel sequences, `--npl`), and the configuration matrix."""
 
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ def split_list(text: str, flag: str) -> list[str]:
     return items
 
 
-def int_list(text: str, flag: str, *, minimum: int = 0) -> list[int]:
+def int_list(text: str, flag: str, *, minimum: int = 0, example: str = "128,512") -> list[int]:
     values = []
     for item in split_list(text, flag):
         try:
             value = int(item)
         except ValueError:
             raise UsageError(
-                f"{flag}: '{item}' in '{text}' is not a whole number", hint=f"e.g. {flag} 128,512"
+                f"{flag}: '{item}' in '{text}' is not a whole number", hint=f"e.g. {flag} {example}"
             ) from None
         if value < minimum:
-            raise UsageError(f"{flag}: {value} is below {minimum}", hint=f"e.g. {flag} 128,512")
+            raise UsageError(f"{flag}: {value} is below {minimum}", hint=f"e.g. {flag} {example}")
         values.append(value)
     return list(dict.fromkeys(values))
 
@@ -55,13 +56,23 @@ def int_list_raw(text: str, flag: str) -> list[int]:
     return out
 
 
+def npl_list(text: str | None) -> list[int | None]:
+    """--npl: the parallel-sequence counts (each at least 1); [None] without the flag (one sequence, `forward`)."""
+    return [None] if text is None else list(int_list(text, "--npl", minimum=1, example="1,2,4,8"))
+
+
 @dataclass(frozen=True)
 class MicroTest:
-    """One llama-bench test: prefill n_prompt tokens and/or generate n_gen, after depth cached tokens."""
+    """One llama-bench test: prefill n_prompt tokens and/or generate n_gen, after depth cached tokens.
+
+    With `npl` (llama-batched-bench) it runs npl sequences, each with its own cache, every call one
+    `batched_step` over all of them; None is the single-sequence test on `forward`.
+    """
 
     n_prompt: int
     n_gen: int
     depth: int = 0
+    npl: int | None = None
 
     @property
     def name(self) -> str:
@@ -71,12 +82,19 @@ class MicroTest:
         if self.n_gen:
             parts.append(f"tg{self.n_gen}")
         base = "+".join(parts)
+        if self.npl is not None:
+            base += f" npl{self.npl}"
         return f"{base} @ d{self.depth}" if self.depth else base
 
     @property
+    def sequences(self) -> int:
+        return self.npl or 1
+
+    @property
     def tokens(self) -> int:
-        """Tokens counted for t/s: prompt plus generated (llama-bench's convention for ppN+tgM)."""
-        return self.n_prompt + self.n_gen
+        """Tokens counted for t/s: prompt plus generated (llama-bench's convention for ppN+tgM), over
+        every parallel sequence (llama-batched-bench's aggregate)."""
+        return (self.n_prompt + self.n_gen) * self.sequences
 
     @property
     def is_decode_only(self) -> bool:
@@ -87,18 +105,22 @@ class MicroTest:
         return self.depth + max(self.n_prompt, 1 if self.n_gen else 0) + self.n_gen
 
     def as_dict(self) -> dict[str, int]:
-        return {"n_prompt": self.n_prompt, "n_gen": self.n_gen, "depth": self.depth}
+        data = {"n_prompt": self.n_prompt, "n_gen": self.n_gen, "depth": self.depth}
+        return data if self.npl is None else {**data, "npl": self.npl}
 
 
 def micro_tests(
-    prompts: list[int], gens: list[int], pairs: list[tuple[int, int]], depths: list[int]
+    prompts: list[int],
+    gens: list[int],
+    pairs: list[tuple[int, int]],
+    depths: list[int],
+    npls: list[int | None] | None = None,
 ) -> list[MicroTest]:
-    """llama-bench's order: for each depth, the pp tests, then tg, then pp+tg pairs."""
+    """llama-bench's order: for each depth, the pp tests, then tg, then pp+tg pairs; each at every npl."""
     tests: list[MicroTest] = []
     for depth in depths:
-        tests += [MicroTest(n, 0, depth) for n in prompts if n > 0]
-        tests += [MicroTest(0, n, depth) for n in gens if n > 0]
-        tests += [MicroTest(p, g, depth) for p, g in pairs]
+        sizes = [(n, 0) for n in prompts if n > 0] + [(0, n) for n in gens if n > 0] + list(pairs)
+        tests += [MicroTest(p, g, depth, npl) for p, g in sizes for npl in npls or [None]]
     if not tests:
         raise UsageError("nothing to benchmark: every test size is 0", hint="e.g. -p 512 -n 128")
     return list(dict.fromkeys(tests))

@@ -33,6 +33,9 @@ def bench(
     n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Generation lengths: tgN tests (0 = none).")] = "128",
     pg: Annotated[list[str] | None, typer.Option("--pg", help="A ppN+tgM test as 'N,M' (repeatable).")] = None,
     depth: Annotated[str, typer.Option("--depth", "-d", help="KV depths to run each test at ('@ dD').")] = "0",
+    npl: Annotated[
+        str | None, typer.Option("--npl", help="Parallel sequences, each step batched (llama-batched-bench).")
+    ] = None,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed repetitions (after a warm-up).")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="micro | latency | train.")] = "micro",
     prompts: Annotated[
@@ -81,6 +84,7 @@ def bench(
       gptcli bench
       gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -n 128 -r 10 -o md
       gptcli bench -p 512 -n 128 --depth 0,1024
+      gptcli bench -p 512 -n 128 --npl 1,2,4,8
       gptcli bench --mode latency --prompts prompts.txt --max-tokens 128
       gptcli bench --output runs.jsonl && gptcli bench --baseline runs.jsonl --fail-below 0.9
       gptcli bench --mode train --preset shakespeare-char
@@ -91,6 +95,7 @@ def bench(
     from gptcli.bench import report, spec
     from gptcli.bench.environment import environment
     from gptcli.bench.job import MODES, Job
+    from gptcli.bench.measure import read_prompts
     from gptcli.bench.plan import plan_configs
     from gptcli.bench.runner import notes_for, run_plan
     from gptcli.config import FIELDS, coerce
@@ -117,9 +122,8 @@ def bench(
     tests = []
     if mode == "micro":
         pairs = [spec.pair(p, "--pg") for p in pg or []]
-        tests = spec.micro_tests(
-            spec.int_list(n_prompt, "-p"), spec.int_list(n_gen, "-n"), pairs, spec.int_list(depth, "--depth")
-        )
+        sizes = spec.int_list(n_prompt, "-p"), spec.int_list(n_gen, "-n"), pairs, spec.int_list(depth, "--depth")
+        tests = spec.micro_tests(*sizes, spec.npl_list(npl))
     prompt_texts = read_prompts(prompts) if mode == "latency" else []
     baseline_records = base_mod.load_records(baseline) if baseline is not None else None
 
@@ -180,15 +184,3 @@ def bench(
         raise typer.Exit(EXIT_INTERRUPTED)
     if baseline is not None and fail_below is not None:
         base_mod.check_regressions(records, fail_below, baseline)
-
-
-def read_prompts(path: Path | None) -> list[str]:
-    from gptcli.bench.measure import DEFAULT_PROMPTS
-    from gptcli.errors import InputError
-
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    lines = [line.strip() for line in c.read_text_file(path).splitlines() if line.strip()]
-    if not lines:
-        raise InputError(f"{path} holds no prompts", hint="one prompt per line")
-    return lines
