@@ -34,9 +34,7 @@ def _run(model, lines, *, skip=frozenset(), parallel=4, writer_stream=None):
     backend, tok = model
     stream = writer_stream or io.StringIO()
     data = io.BytesIO("".join(line + "\n" for line in lines).encode())
-    requests = (
-        parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data)
-    )
+    requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
     engine = Engine(backend, tok, EngineLimits(max_running=parallel))
     summary = run_batch(engine, requests, ResultWriter(stream, sync=False), skip=set(skip))
     return summary, [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -53,9 +53,7 @@ def run_batch_file(
         sink = stack.enter_context(output.open("a", encoding="utf-8")) if output is not None else sys.stdout
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
-        summary = run_batch(
-            engine, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result
-        )
+        summary = run_batch(engine, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
     render.note(
         f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
         f"{summary.completion_tokens} tokens at {counter.rate():.1f} tok/s"
