@@ -131,3 +131,22 @@ def test_attention_writes_into_the_pool_in_place(loaded):
     for cache, filled in ((first, 5), (second, 3)):
         assert np.abs(keys[cache.slot, :, :filled]).min(axis=-1).all()  # written
         assert not keys[cache.slot, :, filled:].any()  # never touched past the length
+
+
+def test_cuda_batches_equal_one_by_one_and_moves_slots_on_the_gpu(tiny_models):
+    from gptcli.backends.onnx_backend import cuda_unusable_reason
+
+    reason = cuda_unusable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    backend = OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cuda", precision="fp16"))
+    caches = [backend.new_cache() for _ in PROMPTS]
+    backend.release(caches.pop(1))  # a hole at slot 1: the decode rows must be moved together on the GPU
+    prompts = PROMPTS[:1] + PROMPTS[2:]
+    for prompt, cache in zip(prompts, caches, strict=True):
+        backend.forward(prompt, cache)
+    logits, _ = backend.step([([5], cache) for cache in caches])
+    for prompt, row in zip(prompts, logits, strict=True):
+        _, alone = backend.forward(prompt, backend.new_cache())
+        want, _ = backend.forward([5], alone)
+        assert np.corrcoef(row, want)[0, 1] > 0.999 and np.argmax(row) == np.argmax(want)
