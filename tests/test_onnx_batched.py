@@ -150,3 +150,18 @@ def test_cuda_batches_equal_one_by_one_and_moves_slots_on_the_gpu(tiny_models):
         _, alone = backend.forward(prompt, backend.new_cache())
         want, _ = backend.forward([5], alone)
         assert np.corrcoef(row, want)[0, 1] > 0.999 and np.argmax(row) == np.argmax(want)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_token_prompts_decode_beside_longer_rows(loaded, family):
+    backend = loaded(family)
+    longer = backend.new_cache()
+    backend.forward([3, 4, 5, 6, 7], longer)
+    fresh = [backend.new_cache(), backend.new_cache()]
+    logits, _ = backend.step([([9], fresh[0]), ([8], longer), ([10], fresh[1])])
+    for row, alone in enumerate(([9], [3, 4, 5, 6, 7, 8], [10])):
+        want, _ = backend.forward(alone, backend.new_cache())
+        np.testing.assert_allclose(logits[row], want, atol=1e-4, rtol=0, err_msg=f"row {row}")
+    assert [cache.length for cache in (*fresh, longer)] == [1, 1, 6]
+    both, _ = backend.step([([9], backend.new_cache()), ([10], backend.new_cache())])  # every row at position 0
+    np.testing.assert_allclose(both, logits[[0, 2]], atol=1e-4, rtol=0)
