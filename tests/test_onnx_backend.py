@@ -101,7 +101,7 @@ def test_cuda_keeps_the_cache_on_the_gpu_and_matches_torch(tiny_models, precisio
     backend = OnnxBackend.load(folder, LoadOptions(device="cuda", precision=precision))
     assert backend.device == "cuda" and backend.session.get_providers()[0] == "CUDAExecutionProvider"
     cache = backend.new_cache()
-    assert {buffer.device_name().lower() for buffer in cache.buffers} == {"cuda"}  # IO binding, no host copies
+    assert {block.device_name().lower() for block in backend.pool.blocks} == {"cuda"}  # IO binding, no host copies
     reference = TorchBackend.load(folder, LoadOptions(device="cpu", dtype="float32"))
     prompt = list(range(3, 20))
     got, cache = backend.forward(prompt, cache)

@@ -1,11 +1,14 @@
 """The ONNX Runtime backend: a cached, fused export driven with IO binding and in-place KV buffers.
 
 Nothing on this path imports torch or transformers: onnxruntime and numpy run the model (the one-time
-export in gptcli.export builds the graph from the safetensors weights). Each cache owns one
-preallocated key and value buffer per layer, ``[1, kv_heads, context, head_dim]``; the same buffer is
-bound as ``past_key_values.{i}.*`` and ``present.{i}.*``, so attention appends the new positions in
-place and nothing is copied between steps. On CUDA the buffers live on the GPU: only the token ids go
-in and the last-position logits come out per step.
+export in gptcli.export builds the graph from the safetensors weights). The KV cache lives in one pool
+per backend (`KvPool`: per layer a key and a value block ``[slots, kv_heads, context, head_dim]``); a
+cache is a slot and a length. The same memory is bound as ``past_key_values.{i}.*`` and
+``present.{i}.*``, so attention appends the new positions in place and nothing is copied between steps.
+`step` runs every one-token (decode) entry of a batch as ONE session call over a contiguous run of
+slots, each row attending over its own length (GroupQueryAttention takes per-row lengths from the
+attention mask); prefill chunks run one by one on their own slot. `forward` is a batch of one. On CUDA
+the pool lives on the GPU: only the token ids go in and the last-position logits come out per step.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from gptcli.backends.base import LoadOptions, ModelInfo
+from gptcli.backends.base import Cache, LoadOptions, ModelInfo
+from gptcli.backends.onnx_kvpool import KvPool
 from gptcli.errors import BackendError, InputError, ModelError
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
@@ -32,12 +36,11 @@ CPU_PROVIDER = "CPUExecutionProvider"
 SPIN_ENV = "GPTCLI_ORT_SPIN"
 
 
-@dataclass
+@dataclass(eq=False)
 class OnnxCache:
-    """Per-layer KV buffers bound to an IOBinding, and how many positions hold real data."""
+    """A slot of the backend's KV pool and how many positions of it hold real data (-1: released)."""
 
-    binding: Any
-    buffers: list[Any] = field(repr=False)
+    slot: int
     capacity: int
     length: int = 0
 
@@ -63,6 +66,9 @@ class OnnxBackend:
         self.kv_dtype = np.float16 if meta["io"]["kv_dtype"] == "float16" else np.float32
         self._ones = np.ones((1, info.context_length), dtype=np.int64)
         self._positions = np.arange(info.context_length, dtype=np.int64)[None, :]
+        self.pool = KvPool(2 * self.layers, self.kv_heads, info.context_length, self.head_dim, self.kv_dtype, device)
+        self._bindings: dict[tuple[int, int], Any] = {}  # (first slot, rows) -> IOBinding with the KV bound
+        self._bindings_generation = self.pool.generation
 
     # ------------------------------------------------------------------ availability and loading
 
@@ -116,6 +122,7 @@ class OnnxBackend:
             params=int(model["params"]),
             dtype=meta["precision"],
             device=device,
+            kv_bytes_per_token=_kv_bytes_per_token(model, meta["io"]["kv_dtype"]),
         )
         return cls(session, info, meta, device)
 
@@ -154,45 +161,101 @@ class OnnxBackend:
     # ------------------------------------------------------------------ the protocol
 
     def new_cache(self) -> OnnxCache:
-        import onnxruntime as ort
+        cache = OnnxCache(slot=-1, capacity=self.info.context_length)
+        self.pool.acquire(cache)
+        return cache
 
-        shape = [1, self.kv_heads, self.info.context_length, self.head_dim]
-        binding = self.session.io_binding()
-        buffers = []
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                if self.device == "cuda":
-                    value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
-                else:
-                    # np.zeros maps zero pages lazily: memory is committed only as positions fill.
-                    value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
-                buffers.append(value)
-        return OnnxCache(binding, buffers, self.info.context_length)
+    def release(self, cache: OnnxCache) -> None:
+        """Give the cache's slot back to the pool (a dropped cache is given back when it is collected)."""
+        self.pool.release(cache)
 
     def forward(self, ids: Sequence[int], cache: OnnxCache) -> tuple[np.ndarray, OnnxCache]:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        start, total = cache.length, cache.length + n
-        if total > cache.capacity:
-            raise InputError(
-                f"{total} tokens do not fit the model's context of {cache.capacity}",
-                hint="shorten the prompt or lower --max-tokens",
-            )
-        binding = cache.binding
-        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
-        logits = np.empty((1, 1, self.info.vocab_size), dtype=np.float32)
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", self._ones[:, :total])
-        binding.bind_cpu_input("position_ids", self._positions[:, start:total])
-        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        cache.length = total
-        return logits[0, 0], cache
+        logits, (cache,) = self.step([(ids, cache)])
+        return logits[0], cache
+
+    def step(self, batch: Sequence[tuple[Sequence[int], Cache]]) -> tuple[np.ndarray, list[OnnxCache]]:
+        """Advance every entry; all one-token entries share one session call, prefill chunks run alone."""
+        caches: list[OnnxCache] = [cache for _, cache in batch]  # type: ignore[misc]
+        self._check(batch, caches)
+        logits = np.empty((len(batch), self.info.vocab_size), dtype=np.float32)
+        decode = [row for row, (ids, _) in enumerate(batch) if len(ids) == 1]
+        if decode:
+            start = self.pool.arrange([caches[row] for row in decode])
+            decode.sort(key=lambda row: caches[row].slot)
+            self._run([batch[row][0] for row in decode], [caches[row] for row in decode], start, logits, decode)
+        for row, (ids, cache) in enumerate(batch):
+            if len(ids) > 1:
+                self._run([ids], [cache], cache.slot, logits, [row])
+        return logits, caches
 
     def truncate(self, cache: OnnxCache, length: int) -> OnnxCache:
         # Positions past `length` stay in the buffer but are never read again: the mask length says so.
         cache.length = max(0, min(length, cache.length))
         return cache
+
+    # ------------------------------------------------------------------ running the graph
+
+    def _check(self, batch: Sequence[tuple[Sequence[int], Cache]], caches: list[OnnxCache]) -> None:
+        if not batch:
+            raise ValueError("step() needs at least one sequence")
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("step() got the same cache twice")
+        for (ids, _), cache in zip(batch, caches, strict=True):
+            if len(ids) == 0:
+                raise ValueError("forward() needs at least one token")
+            if cache.slot < 0:
+                raise ValueError("this cache was released; make a new one with new_cache()")
+            total = cache.length + len(ids)
+            if total > cache.capacity:
+                raise InputError(
+                    f"{total} tokens do not fit the model's context of {cache.capacity}",
+                    hint="shorten the prompt or lower --max-tokens",
+                )
+
+    def _run(
+        self, ids: list[Sequence[int]], caches: list[OnnxCache], start: int, logits: np.ndarray, rows: list[int]
+    ) -> None:
+        """One session call over slots [start, start + len(caches)): every row has len(ids[0]) new tokens."""
+        count, new = len(caches), len(ids[0])
+        binding = self._binding(start, count)
+        input_ids = np.asarray(ids, dtype=np.int64).reshape(count, new)
+        if count == 1:
+            first = caches[0].length
+            mask = self._ones[:, : first + new]
+            positions = self._positions[:, first : first + new]
+        else:  # decode rows: each attends over its own length (the mask's row sums), the width is the longest
+            lengths = np.array([cache.length for cache in caches], dtype=np.int64)
+            positions = lengths[:, None]
+            mask = (self._positions[:, : int(lengths.max()) + 1] <= lengths[:, None]).astype(np.int64)
+        out = np.empty((count, 1, self.info.vocab_size), dtype=np.float32)
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        binding.bind_output("logits", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        logits[rows] = out[:, 0]
+        for cache in caches:
+            cache.length += new
+
+    def _binding(self, start: int, count: int) -> Any:
+        """An IOBinding with slots [start, start + count) of every layer bound as past and present."""
+        if self._bindings_generation != self.pool.generation or len(self._bindings) > 256:
+            self._bindings.clear()  # the pool was reallocated: old bindings point into freed memory
+            self._bindings_generation = self.pool.generation
+        binding = self._bindings.get((start, count))
+        if binding is None:
+            binding = self.session.io_binding()
+            shape = [count, self.kv_heads, self.info.context_length, self.head_dim]
+            for layer in range(self.layers):
+                for index, kind in enumerate(("key", "value")):
+                    pointer = self.pool.pointer(2 * layer + index, start)
+                    binding.bind_input(f"past_key_values.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, pointer)
+                    binding.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, pointer)
+            self._bindings[(start, count)] = binding
+        return binding
+
+
+def _kv_bytes_per_token(model: dict[str, Any], kv_dtype: str) -> int:
+    """Key and value of every layer for one position."""
+    itemsize = 2 if kv_dtype == "float16" else 4
+    return 2 * int(model["num_layers"]) * int(model["num_kv_heads"]) * int(model["head_dim"]) * itemsize
