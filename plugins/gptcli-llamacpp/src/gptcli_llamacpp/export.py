@@ -72,12 +72,14 @@ def export_llama_gguf(folder: Path, dest: Path) -> Path:
 
     from gptcli.hf import read_architecture, read_config, weight_files
 
-    arch = read_architecture(folder)
-    if arch.architecture not in SUPPORTED:
+    # Which architecture, before anything else: a folder of another family need not parse as a Llama.
+    named = (read_config(folder).get("architectures") or ["?"])[0]
+    if named not in SUPPORTED:
         raise ModelError(
-            f"the llamacpp backend can export only {', '.join(SUPPORTED)} folders to GGUF, not {arch.architecture}",
+            f"the llamacpp backend can export only {', '.join(SUPPORTED)} folders to GGUF, not {named}",
             hint="convert it with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file",
         )
+    arch = read_architecture(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ModelError(f"{folder} has no tokenizer.json to put in the GGUF")
