@@ -2,7 +2,8 @@
 # GPU check for the ONNX backend, in one run of a few minutes:
 #   1. export the default model and a GPT-2-124M-shaped model (fp16 on CUDA, fp32 with --device cpu),
 #   2. check parity against the torch backend on the same device,
-#   3. print decode and prefill tok/s of torch vs onnx (IO binding, in-place KV buffers).
+#   3. print decode and prefill tok/s of torch vs onnx (IO binding, in-place KV buffers);
+#   on CUDA it first runs the CUDA tests (IO binding, the batched KV pool, torch parity).
 #
 #   scripts/gpu_check.sh                 # CUDA (exits 4 when there is no usable GPU)
 #   scripts/gpu_check.sh --device cpu    # the same steps on the CPU (fp32): only the provider changes
@@ -30,6 +31,12 @@ export GPTCLI_HOME="${GPTCLI_HOME:-$PWD/.cache/gpu-check-home}"
 if [[ ! -d "$GPTCLI_HOME/cache/models/smollm2-135m-instruct" && -d .cache/test-home/cache/models/smollm2-135m-instruct ]]; then
     mkdir -p "$GPTCLI_HOME/cache/models"
     cp -r .cache/test-home/cache/models/smollm2-135m-instruct "$GPTCLI_HOME/cache/models/"
+fi
+
+# The CUDA tests (skipped on machines without a GPU): IO-bound caches, the batched KV pool, torch parity.
+if [[ "$DEVICE" == cuda ]]; then
+    "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
+        tests/test_onnx_backend.py tests/test_onnx_batched.py tests/test_torch_backend.py
 fi
 
 exec "$PYTHON" - "$DEVICE" "$DECODE" <<'PY'
