@@ -246,3 +246,15 @@ def peak_flops(device: str, amp: bool) -> float | None:
         return peak * 1e12 if peak else PEAK_FLOPS_CUDA
     peak, _ = peak_tflops_for("cpu", "", torch.get_num_threads(), False)
     return peak * 1e12 if peak else None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

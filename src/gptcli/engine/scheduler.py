@@ -1,4 +1,4 @@
-"""The engine: many sequences decoded together, joining and leaving at step boundaries.
+"""The scheduler: many sequences decoded together, joining and leaving at step boundaries.
 
 Decoding is bound by memory: each step streams every weight once, so B sequences advanced in the same
 backend step cost little more than one. The engine keeps a queue of waiting sequences and a set of
@@ -23,8 +23,6 @@ handle's queue.
 from __future__ import annotations
 
 import itertools
-import queue
-import re
 import threading
 import time
 from collections import deque
@@ -35,73 +33,11 @@ import numpy as np
 
 from gptcli.backends.base import Backend, batched_step, release_cache
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Event, Finished, KVSession, SequenceDecoder
+from gptcli.decoding import Event, KVSession, SequenceDecoder
+from gptcli.engine.handle import SequenceHandle
+from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget
 from gptcli.errors import ConfigError, InputError, QueueFullError
 from gptcli.tokenizer import Tokenizer
-
-DEFAULT_PREFILL_CHUNK = 512
-KV_MEMORY_FRACTION = 0.5  # of the memory available at start, when no --kv-budget is given
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """How much the engine may run at once."""
-
-    max_running: int = 8  # sequences decoded together (--parallel)
-    kv_budget_tokens: int | None = None  # KV positions across running sequences (None: from free memory)
-    max_queue: int = 256  # waiting sequences before submit() refuses
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per sequence per step
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for progress lines and /metrics."""
-
-    running: int
-    waiting: int
-    kv_used_tokens: int
-    kv_budget_tokens: int
-    steps: int
-    tokens_generated: int
-    prompt_tokens: int
-
-
-class SequenceHandle:
-    """The caller's side of one submitted sequence: its id and, without a callback, its event queue."""
-
-    def __init__(self, seq_id: int, prompt_tokens: int, on_event: Callable[[Event], None] | None) -> None:
-        self.id = seq_id
-        self.prompt_tokens = prompt_tokens
-        self.done = False
-        self.result: Finished | None = None
-        self.error: BaseException | None = None
-        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._on_event = on_event
-
-    def _deliver(self, event: Event) -> None:
-        if isinstance(event, Finished):
-            self.done = True
-            self.result = event
-        if self._on_event is not None:
-            self._on_event(event)
-        else:
-            self._queue.put(event)
-
-    def _pending(self) -> Iterator[Event]:
-        """Events already delivered, without waiting."""
-        while True:
-            try:
-                yield self._queue.get_nowait()
-            except queue.Empty:
-                return
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Block for this sequence's events until its Finished (for a background engine)."""
-        while True:
-            event = self._queue.get(timeout=timeout)
-            yield event
-            if isinstance(event, Finished):
-                return
 
 
 @dataclass
@@ -118,58 +54,6 @@ class _Sequence:
     cached: int = 0  # prompt tokens the session already held
     retired: bool = False
     pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
-
-
-def parse_kv_budget(value: str | int | None, kv_bytes_per_token: int) -> int | None:
-    """`--kv-budget`: a number of positions ("16384") or a size ("512MiB", "2GiB", "800MB")."""
-    if value is None or value == "" or value == "auto":
-        return None
-    if isinstance(value, int):
-        tokens = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)?\s*", value.lower())
-        if not match:
-            raise ConfigError(
-                f"--kv-budget {value!r} is neither a number of tokens nor a size",
-                hint="use e.g. --kv-budget 16384 (tokens) or --kv-budget 512MiB",
-            )
-        number, unit = float(match.group(1)), match.group(2)
-        if unit is None:
-            tokens = int(number)
-        else:
-            scale = {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
-            size = number * (1024 if "i" in unit else 1000) ** scale
-            if kv_bytes_per_token <= 0:
-                raise ConfigError(
-                    "--kv-budget as a size needs to know how much one position costs, and this backend does not say",
-                    hint="give --kv-budget as a number of tokens",
-                )
-            tokens = int(size // kv_bytes_per_token)
-    if tokens < 1:
-        raise ConfigError(f"--kv-budget {value!r} leaves no room for a single token", hint="raise --kv-budget")
-    return tokens
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def default_kv_budget(backend: Backend, max_running: int) -> int:
-    """Half the free memory's worth of KV positions, at least one full context; or max_running contexts."""
-    context = backend.info.context_length
-    per_token = getattr(backend.info, "kv_bytes_per_token", 0)
-    memory = available_memory_bytes()
-    if per_token <= 0 or memory is None:
-        return max_running * context
-    return max(context, int(memory * KV_MEMORY_FRACTION // per_token))
 
 
 class Engine:
@@ -483,51 +367,3 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-
-
-def generate(
-    backend: Backend,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    params: SamplingConfig,
-    *,
-    session: KVSession | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Iterator[Event]:
-    """One sequence through the engine, in this thread: Token events, then one Finished."""
-    if not prompt_ids:
-        raise ValueError("generate() needs at least one prompt token")
-    context = backend.info.context_length
-    limits = EngineLimits(max_running=1, kv_budget_tokens=context, max_queue=1)
-    engine = Engine(backend, tokenizer, limits, clock=clock)
-    handle = engine.submit(prompt_ids, params, session=session)
-    for _, event in engine.run([handle]):
-        yield event
-
-
-def run_all(
-    engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConfig]]
-) -> Iterator[tuple[int, Event]]:
-    """Run requests concurrently, in order of arrival, and yield (request index, event).
-
-    Requests are read lazily and submitted only while the engine has room to start them, so a batch
-    file of any length holds at most `max_running` sequences (plus one waiting) in memory.
-    """
-    source = iter(enumerate(requests))
-    live: dict[int, tuple[int, SequenceHandle]] = {}
-    exhausted = False
-    while True:
-        while not exhausted and len(live) <= engine.limits.max_running:
-            item = next(source, None)
-            if item is None:
-                exhausted = True
-                break
-            index, (ids, params) = item
-            handle = engine.submit(ids, params)
-            live[handle.id] = (index, handle)
-        if not live:
-            return
-        for handle, event in engine.run_some([h for _, h in live.values()]):
-            yield live[handle.id][0], event
-            if isinstance(event, Finished):
-                del live[handle.id]

@@ -1,0 +1,29 @@
+"""The engine: many sequences decoded together, joining and leaving at step boundaries (continuous batching).
+
+scheduler.py holds the Engine (the step, admission under the KV budget, cancellation, background mode);
+limits.py the limits and the KV budget; handle.py the caller's side of a sequence; run.py the drivers
+for the caller's thread (`generate` for one sequence, `run_all` for many).
+"""
+
+from gptcli.engine.handle import SequenceHandle
+from gptcli.engine.limits import (
+    DEFAULT_PREFILL_CHUNK,
+    EngineLimits,
+    EngineStats,
+    default_kv_budget,
+    parse_kv_budget,
+)
+from gptcli.engine.run import generate, run_all
+from gptcli.engine.scheduler import Engine
+
+__all__ = [
+    "DEFAULT_PREFILL_CHUNK",
+    "Engine",
+    "EngineLimits",
+    "EngineStats",
+    "SequenceHandle",
+    "default_kv_budget",
+    "generate",
+    "parse_kv_budget",
+    "run_all",
+]

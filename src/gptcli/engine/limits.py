@@ -1,0 +1,76 @@
+"""How much the engine may run at once: the limits, the KV budget (tokens or a size), a snapshot of its state."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gptcli.backends.base import Backend
+from gptcli.errors import ConfigError
+from gptcli.hardware import available_memory_bytes
+
+DEFAULT_PREFILL_CHUNK = 512
+KV_MEMORY_FRACTION = 0.5  # of the memory available at start, when no --kv-budget is given
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much the engine may run at once."""
+
+    max_running: int = 8  # sequences decoded together (--parallel)
+    kv_budget_tokens: int | None = None  # KV positions across running sequences (None: from free memory)
+    max_queue: int = 256  # waiting sequences before submit() refuses
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per sequence per step
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for progress lines and /metrics."""
+
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_budget_tokens: int
+    steps: int
+    tokens_generated: int
+    prompt_tokens: int
+
+
+def parse_kv_budget(value: str | int | None, kv_bytes_per_token: int) -> int | None:
+    """`--kv-budget`: a number of positions ("16384") or a size ("512MiB", "2GiB", "800MB")."""
+    if value is None or value == "" or value == "auto":
+        return None
+    if isinstance(value, int):
+        tokens = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)?\s*", value.lower())
+        if not match:
+            raise ConfigError(
+                f"--kv-budget {value!r} is neither a number of tokens nor a size",
+                hint="use e.g. --kv-budget 16384 (tokens) or --kv-budget 512MiB",
+            )
+        number, unit = float(match.group(1)), match.group(2)
+        if unit is None:
+            tokens = int(number)
+        else:
+            scale = {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+            size = number * (1024 if "i" in unit else 1000) ** scale
+            if kv_bytes_per_token <= 0:
+                raise ConfigError(
+                    "--kv-budget as a size needs to know how much one position costs, and this backend does not say",
+                    hint="give --kv-budget as a number of tokens",
+                )
+            tokens = int(size // kv_bytes_per_token)
+    if tokens < 1:
+        raise ConfigError(f"--kv-budget {value!r} leaves no room for a single token", hint="raise --kv-budget")
+    return tokens
+
+
+def default_kv_budget(backend: Backend, max_running: int) -> int:
+    """Half the free memory's worth of KV positions, at least one full context; or max_running contexts."""
+    context = backend.info.context_length
+    per_token = getattr(backend.info, "kv_bytes_per_token", 0)
+    memory = available_memory_bytes()
+    if per_token <= 0 or memory is None:
+        return max_running * context
+    return max(context, int(memory * KV_MEMORY_FRACTION // per_token))
