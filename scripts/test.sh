@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set up (idempotent), lint, then run the whole test suite. Extra arguments go to pytest.
+# Set up (idempotent), lint, check the import contracts, then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/setup-plugins.sh  # the llama.cpp backend plugin (builds llama-cpp-python once; pip caches the wheel)
 venv="${GPTCLI_VENV:-.venv}"
 "$venv/bin/ruff" check src tests benchmarks plugins scripts
+# The layering (ARCHITECTURE.md; contracts in pyproject.toml), on this checkout's sources.
+PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/lint-imports" --no-cache
 "$venv/bin/python" -m pytest -q "$@"

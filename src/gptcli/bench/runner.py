@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gptcli.bench.isolation import run_isolated
 from gptcli.bench.job import Job
 from gptcli.bench.measure import peak_memory, time_micro, time_requests
 from gptcli.bench.plan import Plan
@@ -22,7 +23,6 @@ from gptcli.bench.roofline import (
 )
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import mean, sample_sd
-from gptcli.bench.worker import run_isolated
 from gptcli.errors import BackendError, GptcliError
 
 Notify = Callable[[str], None]

@@ -18,8 +18,8 @@ weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
 
-The modules: graph (the builder, the I/O contract, shared pieces), llama and gpt2 (each family's
-body), quantize (MatMulNBits), cache (keys and stale exports), sidecar (the record and its reader).
+The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama and
+gpt2 (each family's body), quantize (MatMulNBits), cache (keys and stale exports), sidecar (the record and its reader).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from gptcli.export.cache import (
     remove_stale_exports,
     source_fingerprint,
 )
-from gptcli.export.graph import GRAPH_VERSION, MS_OPSET, OPSET, GraphBuilder, build_graph, compute_dtype
+from gptcli.export.decoder import build_graph
+from gptcli.export.graph import GRAPH_VERSION, MS_OPSET, OPSET, GraphBuilder, compute_dtype
 from gptcli.export.quantize import (
     GRID_TOLERANCE,
     INT4_KEEP_8BIT,

@@ -1,8 +1,8 @@
-"""The fused decoder graph: a thin builder over onnx.helper, the I/O contract and the pieces every family shares.
+"""A thin builder over onnx.helper and the pieces every family shares (attention, last position, lm_head).
 
-I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``position_ids``,
-``past_key_values.{i}.key|value`` → ``logits``, ``present.{i}.key|value``, caches in BNSH layout
-``[batch, kv_heads, length, head_dim]``. When a past buffer and its present output are the same
+They serve one I/O contract (assembled in decoder.py), with the Hugging Face names: ``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` → ``logits``, ``present.{i}.key|value``,
+caches in BNSH layout ``[batch, kv_heads, length, head_dim]``. When a past buffer and its present output are the same
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 """
 
@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from gptcli import __version__
 from gptcli.hf import Architecture
 
 OPSET = 21
@@ -65,61 +64,6 @@ _CONTRIB_OPS = {
 def compute_dtype(precision: str, device: str) -> str:
     """Activations and KV cache: float16 on CUDA (its GroupQueryAttention is half-only), else float32."""
     return "float16" if precision == "fp16" or device == "cuda" else "float32"
-
-
-def build_graph(arch: Architecture, weights: dict[str, np.ndarray], *, precision: str, device: str = "cpu") -> Any:
-    """The fused decoder graph as an onnx ModelProto (weights still inline)."""
-    from onnx import TensorProto, helper
-
-    from gptcli.export.gpt2 import gpt2_body  # the family bodies build on this module's pieces
-    from gptcli.export.llama import llama_body
-
-    half = compute_dtype(precision, device) == "float16"
-    float_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
-    g = GraphBuilder(float_type)
-    kv_shape = ["batch_size", arch.kv_heads, "past_sequence_length", arch.head_dim]
-    present_shape = ["batch_size", arch.kv_heads, "present_sequence_length", arch.head_dim]
-    g.inputs += [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-    ]
-    for i in range(arch.layers):
-        for kind in ("key", "value"):
-            g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", float_type, kv_shape))
-            g.outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", float_type, present_shape))
-    g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, arch.vocab]))
-
-    # Attention bookkeeping shared by all layers: GQA wants lengths, not a mask.
-    g.const("one_i64", np.array([1], dtype=np.int64))
-    mask_sum = g.op("ReduceSum", ["attention_mask", "one_i64"], "mask/sum", keepdims=0)
-    last_index = g.op("Sub", [mask_sum, "one_i64"], "mask/minus1")
-    seqlens_k = g.op("Cast", [last_index], "mask/seqlens_k", to=TensorProto.INT32)
-    mask_shape = g.op("Shape", ["attention_mask"], "mask/shape")
-    total_len = g.op("Gather", [mask_shape, g.const("idx1", np.array(1, dtype=np.int64))], "mask/total", axis=0)
-    total_len = g.op("Cast", [total_len], "mask/total_i32", to=TensorProto.INT32)
-
-    if arch.family == "llama":
-        hidden = llama_body(g, arch, weights, seqlens_k, total_len)
-        embed = weights["model.embed_tokens.weight"]
-        head = embed if arch.tied or "lm_head.weight" not in weights else weights["lm_head.weight"]
-    else:
-        hidden = gpt2_body(g, arch, weights, seqlens_k, total_len)
-        head = weights["transformer.wte.weight"]
-    logits = lm_head(g, hidden, head)
-    if float_type != TensorProto.FLOAT:
-        logits = g.op("Cast", [logits], "logits/cast", to=TensorProto.FLOAT)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/identity"))
-
-    graph = helper.make_graph(g.nodes, "gptcli-decoder", g.inputs, g.outputs, g.initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
-        producer_name="gptcli",
-        producer_version=__version__,
-    )
-    model.ir_version = 10
-    return model
 
 
 def last_position(g: GraphBuilder, hidden: str) -> str:

@@ -1,0 +1,1 @@
+"""`gptcli bench`: plan, run in isolation, measure, report and compare inference and training benchmarks."""

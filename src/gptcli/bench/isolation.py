@@ -1,0 +1,70 @@
+"""Isolation: each configuration runs in its own child process (gptcli.bench.worker), so its peak memory
+is its own. This is the parent's side: start the worker, hand it the job, read back its result or error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Any
+
+from gptcli.bench.job import Job
+from gptcli.errors import BackendError, ConfigError, GptcliError, InputError, ModelError, UsageError
+
+
+def error_from_exit_code(code: int) -> type[GptcliError]:
+    """The error class a worker's exit code stands for, so the parent re-raises the same kind."""
+    for cls in (BackendError, ConfigError, InputError, ModelError, UsageError):
+        if cls.exit_code == code:
+            return cls
+    return GptcliError
+
+
+def run_isolated(job: Job) -> dict[str, Any]:
+    """Run `run_job` in a fresh interpreter; its progress goes straight to our stderr.
+
+    Ctrl-C reaches the worker too (same process group): it stops, and hands over what it finished.
+    Here the first Ctrl-C only sets a flag (a raising handler could drop the worker's answer in
+    flight); a second one kills the worker.
+    """
+    import signal
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli.bench.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    interrupts: list[int] = []
+
+    def on_interrupt(signum: int, _frame: Any) -> None:
+        interrupts.append(signum)
+        if len(interrupts) > 1:
+            proc.kill()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
+    try:
+        out, _ = proc.communicate(replace(job, isolated=True).to_json().encode())
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    stdout = out.decode().strip()
+    if not stdout and (interrupts or proc.returncode in (130, -2)):
+        raise KeyboardInterrupt
+    try:
+        result = json.loads(stdout.splitlines()[-1])
+    except (ValueError, IndexError):
+        raise GptcliError(
+            f"benchmark worker for {job.settings.backend} exited with status {proc.returncode} and no result",
+            hint="set GPTCLI_DEBUG=1 for its traceback, or pass --in-process",
+        ) from None
+    if interrupts:
+        result["interrupted"] = True
+    if "error" in result:
+        raise error_from_exit_code(result.get("exit_code", 1))(result["error"], hint=result.get("hint"))
+    return result
