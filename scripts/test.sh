@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/setup-plugins.sh  # the llama.cpp backend plugin (builds llama-cpp-python once; pip caches the wheel)
+bash scripts/setup-browser.sh  # Debian's chromium + playwright, for the chat page's browser test
 venv="${GPTCLI_VENV:-.venv}"
 "$venv/bin/ruff" check src tests benchmarks plugins scripts
 # The layering (ARCHITECTURE.md; contracts in pyproject.toml), on this checkout's sources.
