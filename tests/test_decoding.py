@@ -153,3 +153,36 @@ def test_interrupt_flushes_and_reports(tokenizer):
     assert final.reason == "interrupted"
     assert final.stats.new_tokens == 4
     assert "".join(e.text for e in events[:-1]) == final.text == tokenizer.decode(ids[:4])
+
+
+def test_a_reply_that_only_repeats_itself_ends_with_reason_repetition(tokenizer):
+    sentence = tokenizer.encode(" I am glad you are happy.", add_special_tokens=False)
+    events, _ = run(tokenizer, sentence * 30, SamplingConfig(temperature=0, max_tokens=1000), context=4096)
+    final = events[-1]
+    assert final.reason == "repetition"
+    repeats = max(4, -(-48 // len(sentence)))
+    assert final.stats.new_tokens == len(sentence) * repeats  # stopped as soon as the loop was certain
+
+
+def test_repetition_stop_can_be_turned_off_and_spares_ordinary_text(tokenizer):
+    sentence = tokenizer.encode(" I am glad you are happy.", add_special_tokens=False)
+    off = SamplingConfig(temperature=0, max_tokens=200, repetition_stop=False)
+    events, _ = run(tokenizer, sentence * 30, off, context=4096)
+    assert events[-1].reason == "length"
+    # Text that repeats a word or a short rule a few times is not a loop.
+    text = "the cat and the dog and the bird ======== and the end of the story, the end."
+    events, _ = run(tokenizer, tokenizer.encode(text, add_special_tokens=False), GREEDY)
+    assert events[-1].reason == "stop" and events[-1].text == text
+
+
+def test_repetition_detector_finds_every_period():
+    from gptcli.decoding import RepetitionDetector
+
+    for period in (1, 2, 7, 40, 96):
+        detector = RepetitionDetector()
+        block = list(range(100, 100 + period))
+        hits = [detector.add(t) for t in block * 60]
+        first = hits.index(True)
+        assert first + 1 == period * max(4, -(-48 // period)), period
+    detector = RepetitionDetector()
+    assert not any(detector.add(t) for t in range(1000))

@@ -38,6 +38,7 @@ class SamplingConfig:
     max_tokens: int = 512
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_stop: bool = True  # end a reply that only repeats itself (finish reason "repetition")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("sampling.max_tokens", int, "--max-tokens", lambda v: v >= 1, ">= 1"),
         FieldSpec("sampling.seed", int, "--seed", optional=True),
         FieldSpec("sampling.stop", tuple, "--stop"),
+        FieldSpec("sampling.repetition_stop", bool, "--no-repetition-stop"),
     ]
 }
 

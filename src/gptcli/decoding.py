@@ -20,8 +20,9 @@ from gptcli.sampling import make_rng, sample
 from gptcli.tokenizer import Tokenizer
 
 # stop: end-of-sequence or a stop string; length: max_tokens; context: the context window is full;
-# interrupted: Ctrl-C; cancelled: the caller gave up on it (a client disconnected); error: the step failed.
-FINISH_REASONS = ("stop", "length", "context", "interrupted", "cancelled", "error")
+# repetition: the reply only repeats itself; interrupted: Ctrl-C; cancelled: the caller gave up on it
+# (a client disconnected); error: the step failed.
+FINISH_REASONS = ("stop", "length", "context", "repetition", "interrupted", "cancelled", "error")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,40 @@ class StopMatcher:
         return out
 
 
+class RepetitionDetector:
+    """Notices a reply that has fallen into a loop: the same block of tokens, over and over, at its end.
+
+    For each period p (1..MAX_PERIOD) it keeps how many of the latest tokens equal the token p back;
+    a block of p tokens repeated k times at the end is `run[p] >= (k - 1) * p`. A loop is a block of
+    any period seen at least 4 times that spans at least 48 tokens (so a 1-token block needs 48 in a
+    row: a long rule of `=====` in a document is not cut, a sentence said four times over is).
+    """
+
+    MAX_PERIOD = 96
+    MIN_REPEATS = 4
+    MIN_SPAN = 48
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.run = np.zeros(self.MAX_PERIOD + 1, dtype=np.int64)
+        periods = np.arange(self.MAX_PERIOD + 1)
+        repeats = np.maximum(self.MIN_REPEATS, -(-self.MIN_SPAN // np.maximum(periods, 1)))
+        self.needed = (repeats - 1) * periods  # run length that means a loop, per period
+        self.needed[0] = np.iinfo(np.int64).max
+
+    def add(self, token_id: int) -> bool:
+        """Add a generated token; True when the reply is now looping."""
+        self.ids.append(token_id)
+        n = len(self.ids)
+        limit = min(self.MAX_PERIOD, n - 1)
+        if limit < 1:
+            return False
+        back = np.asarray(self.ids[n - 1 - limit : n - 1][::-1])  # back[p-1] is the token p positions back
+        same = back == token_id
+        self.run[1 : limit + 1] = np.where(same, self.run[1 : limit + 1] + 1, 0)
+        return bool(np.any(self.run[1 : limit + 1] >= self.needed[1 : limit + 1]))
+
+
 class KVSession:
     """A backend cache plus the token ids it holds, so a new prompt re-uses the shared prefix."""
 
@@ -191,6 +226,7 @@ class SequenceDecoder:
         self.rng = make_rng(params.seed)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stopper = StopMatcher(params.stop)
+        self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = tokenizer.eos_ids
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
@@ -228,6 +264,8 @@ class SequenceDecoder:
         events: list[Event] = [Token(text, token_id, emitted)]
         if hit_stop:
             return events + self.finish("stop", stopped=True)
+        if self.loops is not None and self.loops.add(token_id):
+            return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
             return events + self.finish("length")
         if positions + 1 > self.context_length:

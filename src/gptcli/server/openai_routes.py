@@ -30,7 +30,7 @@ from gptcli.server.state import ServerState
 router = APIRouter(prefix="/v1")
 
 # Our finish reasons as OpenAI names them; "cancelled" (client gone, server stopping) is never sent.
-OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "interrupted": "stop"}
+OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "repetition": "stop", "interrupted": "stop"}
 
 
 def state_of(request: Request) -> ServerState:
