@@ -236,29 +236,9 @@ class LlamaBatchedBench:
 
     def run_all_npl(self, npls: Sequence[int], n_prompt: int, n_gen: int) -> None:
         context = max(npls) * (n_prompt + n_gen) + 64
-        cmd = [
-            str(BATCHED_BENCH),
-            "-m",
-            str(self.gguf),
-            "-c",
-            str(context),
-            "-b",
-            "2048",
-            "-ub",
-            "512",
-            "-npp",
-            str(n_prompt),
-            "-ntg",
-            str(n_gen),
-            "-npl",
-            ",".join(map(str, npls)),
-            "-t",
-            str(self.threads),
-            "-tb",
-            str(self.threads),
-            "--output-format",
-            "jsonl",
-        ]
+        npl_list, threads = ",".join(map(str, npls)), self.threads
+        flags = f"-c {context} -b 2048 -ub 512 -npp {n_prompt} -ntg {n_gen} -npl {npl_list} -t {threads} -tb {threads}"
+        cmd = [str(BATCHED_BENCH), "-m", str(self.gguf), *flags.split(), "--output-format", "jsonl"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"warning: {self.label} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
