@@ -324,7 +324,11 @@ def render(
         label: {str(npl): {"pp_tps": v[0], "tg_tps": v[1], "backend_share": v[2]} for npl, v in by_npl.items()}
         for label, by_npl in medians.items()
     }
-    return [*lines, "", *summary], numbers
+    legend = (
+        "PP, TG: aggregate t/s over all sequences (medians over rounds); TG/seq = TG / npl; in steps: share of "
+        "gptcli's wall time inside backend steps; = alone: batched greedy tokens equal each prompt's tokens alone"
+    )
+    return [*lines, "", legend, "", *summary], numbers
 
 
 def load_runtimes(args: argparse.Namespace, folder: Path, tokenizer, log: Callable[[str], None]):
@@ -427,7 +431,8 @@ def main() -> None:
     if hf is not None:
         hf.run(prompts, 1, 4)  # warm-up
 
-    results: dict[str, dict[int, list[Measure]]] = {}
+    order = [*gptcli_rows, hf, *llama_rows]  # the table's row order
+    results: dict[str, dict[int, list[Measure]]] = {runtime.label: {} for runtime in order if runtime}
 
     def sweep(runtime: GptcliRuntime | TransformersRuntime) -> None:
         for npl in npls:
