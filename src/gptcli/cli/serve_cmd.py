@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
+from gptcli.cli.settings import resolve_settings
 from gptcli.errors import UsageError
 
 
@@ -66,14 +68,24 @@ def serve(
             f"listening on {host} would let anyone who can reach it use the model",
             hint="pass --api-key KEY (or set GPTCLI_API_KEY), or --insecure-no-key if that is what you want",
         )
-    settings = c.resolve_settings_from(config, locals()).settings
+    settings = resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
         app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name)
         from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
-            c.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
+            render.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
 
         engine = app.state.gptcli.engine
         server = make_server(app, grace_s=grace, drain=engine.stop, log_level=log_level, on_ready=ready)
