@@ -36,7 +36,7 @@ class Limit:
 PROMPT = Limit(16 * MiB, "a prompt", "split it, or use `gptcli summarize` for a long document")
 DOCUMENT = Limit(64 * MiB, "a document to summarize", "split it and summarize the parts")
 EVAL_TEXT = Limit(64 * MiB, "a text to evaluate", "score a part of it, e.g. head -c 10M FILE > part.txt")
-CHAT_FILE = Limit(16 * MiB, "a chat file", "it is not a conversation gptcli saved; split or trim it")
+CHAT_FILE = Limit(16 * MiB, "a chat file", "a chat this long is unusual: trim the file, or start a new chat")
 CHAT_MESSAGE = Limit(1 * MiB, "one chat message", "shorten it, or use `gptcli summarize` for a long document")
 CONFIG_FILE = Limit(1 * MiB, "a config or template file", "a settings file is small: check that it is the right file")
 CORPUS_FILE = Limit(128 * MiB, "one training corpus file", "split it into several files in a folder (split -C 100M)")
