@@ -13,14 +13,20 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
 from gptcli.backends.base import Backend
 from gptcli.errors import InputError, UsageError
+from gptcli.textio import text_pieces
 
 Progress = Callable[[int, int], None]
 DEFAULT_WINDOW = 1024
+
+
+class Encoder(Protocol):
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,24 @@ def log_prob(logits: np.ndarray, token: int) -> float:
     x = logits.astype(np.float64)
     top = x.max()
     return float(x[token] - top - math.log(np.exp(x - top).sum()))
+
+
+def encode_text(tokenizer: Encoder, text: str, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of `text` (int32), a piece at a time, stopping once `max_tokens` are known.
+
+    A text under one piece encodes exactly as a single call would; a longer one may differ at the
+    piece boundaries (cut after newlines), which moves the perplexity by a hair, not the memory by GBs.
+    """
+    parts: list[np.ndarray] = []
+    count = 0
+    for number, piece in enumerate(text_pieces(text)):
+        ids = np.asarray(tokenizer.encode(piece, add_special_tokens=number == 0), dtype=np.int32)
+        parts.append(ids)
+        count += len(ids)
+        if max_tokens is not None and count >= max_tokens:
+            break
+    joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return joined[:max_tokens] if max_tokens is not None else joined
 
 
 def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -72,7 +96,7 @@ def perplexity(
     progress: Progress | None = None,
 ) -> PerplexityResult:
     """exp(mean negative log-likelihood) of `ids[1:]` under `backend`."""
-    ids = list(ids)
+    ids = np.asarray(ids, dtype=np.int64)
     if len(ids) < 2:
         raise InputError("the text is too short to measure perplexity (needs at least 2 tokens)")
     context = backend.info.context_length
@@ -89,12 +113,13 @@ def perplexity(
     done = 0
     for begin, first, end in plans:
         cache = backend.new_cache()
-        logits, cache = backend.forward(ids[begin:first], cache)
+        logits, cache = backend.forward(ids[begin:first].tolist(), cache)
         for pos in range(first, end):
-            nll -= log_prob(logits, ids[pos])
+            token = int(ids[pos])
+            nll -= log_prob(logits, token)
             done += 1
             if pos + 1 < end:
-                logits, cache = backend.forward([ids[pos]], cache)
+                logits, cache = backend.forward([token], cache)
             if progress is not None and (done % 64 == 0 or done == total_scored):
                 progress(done, total_scored)
     mean = nll / total_scored

@@ -24,6 +24,27 @@ def user_templates_dir() -> Path:
     return config_dir() / "templates"
 
 
+def placeholders(text: str) -> list[str]:
+    """The `{name}` placeholders of `text`; a format spec, a conversion, attribute or index access is refused.
+
+    `str.format_map` checks names but obeys specs, so `{input:>2000000000}` would ask for gigabytes.
+    Raises ValueError (unbalanced braces) or PlaceholderError.
+    """
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(text):
+        if name is None:
+            continue
+        if spec or conversion or not name.isidentifier():
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise PlaceholderError(f"{{{shown}}}")
+        names.append(name)
+    return names
+
+
+class PlaceholderError(ValueError):
+    """A placeholder that is more than a plain name (the message is the placeholder as written)."""
+
+
 @dataclass(frozen=True)
 class Template:
     """A named prompt. `variables` maps each name to its default (None: the user must give it)."""
@@ -42,8 +63,8 @@ class Template:
         """Every `{name}` used in the system and user text, in order of appearance."""
         names: list[str] = []
         for text in (self.system or "", self.user):
-            for _, name, _, _ in string.Formatter().parse(text):
-                if name is not None and name not in names:
+            for name in placeholders(text):
+                if name not in names:
                     names.append(name)
         return names
 
@@ -124,13 +145,15 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     )
     try:
         fields_used = template.fields
+    except PlaceholderError as exc:
+        raise ConfigError(
+            f"{where}: invalid placeholder {exc}: placeholders are plain names",
+            hint="write {name}, with no format spec (:...), conversion (!r), attribute or index",
+        ) from None
     except ValueError as exc:  # unbalanced braces
         raise ConfigError(f"{where}: invalid placeholder: {exc}", hint="write a literal brace as {{ or }}") from None
     if "input" not in fields_used:
         raise ConfigError(f"{where}: user: the template never uses {{input}}")
-    bad = [n for n in fields_used if not n.isidentifier()]
-    if bad:
-        raise ConfigError(f"{where}: invalid placeholder {{{bad[0]}}}", hint="placeholders are plain names: {name}")
     return template
 
 

@@ -1,14 +1,53 @@
-"""Reading user text: UTF-8 only, binary files refused, each failure a one-line InputError (exit 6)."""
+"""Reading user text: UTF-8 only, binary files refused, sizes bounded; each failure a one-line InputError (exit 6).
+
+Every reader of user input reads at most its limit plus one byte, so `/dev/zero`, `/dev/urandom`, a FIFO
+or a huge file fails fast with a clear error instead of filling the memory. The limits (also in the
+README's table, "Exit codes and errors") live here, in one place.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from gptcli.errors import InputError
 
+MiB = 1024 * 1024
+CHUNK = 64 * 1024  # the first chunk is checked for NUL bytes before more is read
+BINARY_PROBE = 65536
+PIECE_CHARS = 1 << 20  # a long text is tokenized a piece at a time: one encoding of a whole big text costs GBs
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The most bytes one kind of input may hold, what to call it in the error, and the way out."""
+
+    max_bytes: int
+    kind: str
+    hint: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.max_bytes // MiB} MiB" if self.max_bytes >= MiB else f"{self.max_bytes // 1024} KiB"
+
+
+PROMPT = Limit(16 * MiB, "a prompt", "split it, or use `gptcli summarize` for a long document")
+DOCUMENT = Limit(64 * MiB, "a document to summarize", "split it and summarize the parts")
+EVAL_TEXT = Limit(64 * MiB, "a text to evaluate", "score a part of it, e.g. head -c 10M FILE > part.txt")
+CHAT_FILE = Limit(16 * MiB, "a chat file", "a chat this long is unusual: trim the file, or start a new chat")
+CHAT_MESSAGE = Limit(1 * MiB, "one chat message", "shorten it, or use `gptcli summarize` for a long document")
+CONFIG_FILE = Limit(1 * MiB, "a config or template file", "a settings file is small: check that it is the right file")
+CORPUS_FILE = Limit(128 * MiB, "one training corpus file", "split it into several files in a folder (split -C 100M)")
+
+
+def over_limit(where: str, limit: Limit) -> InputError:
+    return InputError(f"{where}: over the {limit.label} limit for {limit.kind}", hint=limit.hint)
+
 
 def decode_text(data: bytes, where: str) -> str:
-    if b"\x00" in data[:65536]:
+    if b"\x00" in data[:BINARY_PROBE]:
         raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
     try:
         return data.decode("utf-8")
@@ -18,14 +57,47 @@ def decode_text(data: bytes, where: str) -> str:
         ) from None
 
 
-def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file, or fail with a one-line InputError."""
+def read_bounded(stream: BinaryIO, where: str, limit: Limit) -> bytes:
+    """At most `limit.max_bytes` from `stream`; binary input fails on its first chunk, a longer one at the limit."""
+    data = bytearray()
+    while len(data) <= limit.max_bytes:
+        chunk = stream.read(min(CHUNK if not data else MiB, limit.max_bytes + 1 - len(data)))
+        if not chunk:
+            break
+        if len(data) < BINARY_PROBE and b"\x00" in chunk[: BINARY_PROBE - len(data)]:
+            raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
+        data += chunk
+    if len(data) > limit.max_bytes:
+        raise over_limit(where, limit)
+    return bytes(data)
+
+
+def read_text_file(path: Path, limit: Limit = PROMPT) -> str:
+    """Read a UTF-8 text file of at most `limit`, or fail with a one-line InputError."""
     if path.is_dir():
         raise InputError(f"{path} is a directory, not a file", hint="pass a text file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = read_bounded(handle, str(path), limit)
     except FileNotFoundError:
         raise InputError(f"file not found: {path}", hint="check the path") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     return decode_text(data, str(path))
+
+
+def read_text_stream(stream: BinaryIO, where: str, limit: Limit) -> str:
+    """Read a UTF-8 text stream (stdin) of at most `limit`."""
+    return decode_text(read_bounded(stream, where, limit), where)
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, each cut after a newline where there is one."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            newline = text.rfind("\n", start, end)
+            end = newline + 1 if newline > start else end
+        yield text[start:end]
+        start = end

@@ -12,6 +12,7 @@ from typing import Any
 from gptcli.atomicio import write_atomic
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
+from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, over_limit, read_text_file
 
 FORMAT_VERSION = 1
 
@@ -72,9 +73,11 @@ class Conversation:
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise InputError(f"{where} is not a saved gptcli conversation", hint="it needs a 'messages' list")
         messages = []
-        for m in data["messages"]:
+        for number, m in enumerate(data["messages"], 1):
             if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
                 raise InputError(f"{where}: each message needs a role (user/assistant) and content")
+            if len(str(m.get("content", "")).encode("utf-8", "replace")) > CHAT_MESSAGE.max_bytes:
+                raise over_limit(f"{where}: message {number}", CHAT_MESSAGE)
             if m["role"] == "system":  # a plain OpenAI-style list: lift the system message out
                 data = {**data, "system": str(m.get("content", ""))}
                 continue
@@ -107,11 +110,10 @@ def read_conversation_file(path: Path) -> Conversation:
     """Load a conversation saved as JSON (by /save, `chats export` or the store)."""
     if path.suffix.lower() != ".json":
         raise InputError(f"{path}: only JSON conversations can be loaded", hint="save with /save FILE.json")
+    text = read_text_file(path, CHAT_FILE)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     if isinstance(data, list):
         data = {"messages": data}

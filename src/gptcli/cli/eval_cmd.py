@@ -11,7 +11,7 @@ import typer
 from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.settings import resolve_settings
-from gptcli.textio import read_text_file
+from gptcli.textio import EVAL_TEXT, read_text_file
 
 app = typer.Typer(help="Evaluate a model on a text.", no_args_is_help=True)
 
@@ -47,6 +47,7 @@ def perplexity(
       gptcli eval perplexity holdout.txt --window 512 --stride 256 --json
     """
     from gptcli.errors import InputError
+    from gptcli.evaluate import encode_text
     from gptcli.evaluate import perplexity as measure
     from gptcli.runtime import open_runtime
 
@@ -63,13 +64,12 @@ def perplexity(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     ).settings
-    text = read_text_file(file)
+    text = read_text_file(file, EVAL_TEXT)
     if not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")
     runtime = open_runtime(settings, render.note)
-    ids = runtime.tokenizer.encode(text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = encode_text(runtime.tokenizer, text, max_tokens)
+    del text
     console = render.stderr_console()
     progress_shown = False
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import InputError
-from gptcli.textio import decode_text, read_text_file
+from gptcli.textio import CHAT_MESSAGE, PROMPT, Limit, decode_text, over_limit, read_text_file, read_text_stream
+
+STDIN = "standard input"
 
 
 def isatty(stream: Any) -> bool:
@@ -18,7 +20,8 @@ def isatty(stream: Any) -> bool:
         return False
 
 
-def read_stdin_if_piped() -> str:
+def read_stdin_if_piped(limit: Limit = PROMPT) -> str:
+    """All of stdin when it is not a terminal, at most `limit` (an InputError past it)."""
     stream = sys.stdin
     if stream is None or stream.closed:
         return ""
@@ -28,15 +31,19 @@ def read_stdin_if_piped() -> str:
     except (ValueError, OSError):
         return ""
     buffer = getattr(stream, "buffer", None)
-    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
-    return decode_text(data, "standard input")
+    if buffer is not None:
+        return read_text_stream(buffer, STDIN, limit)
+    text = stream.read(limit.max_bytes + 1)  # a text stream without bytes (tests): characters, close enough
+    if len(text) > limit.max_bytes:
+        raise over_limit(STDIN, limit)
+    return text
 
 
 def gather_prompt(argument: str | None, file: Path | None) -> str:
     """stdin first, then the file, then the argument, joined by blank lines. Empty is an error."""
     parts = [read_stdin_if_piped()]
     if file is not None:
-        parts.append(read_text_file(file))
+        parts.append(read_text_file(file, PROMPT))
     if argument is not None:
         parts.append(argument)
     text = "\n\n".join(p.strip("\n") for p in parts if p.strip())
@@ -45,11 +52,13 @@ def gather_prompt(argument: str | None, file: Path | None) -> str:
     return text
 
 
-def stdin_lines() -> Iterator[str]:
-    """stdin line by line (decoded like any input, line ends dropped)."""
+def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str]:
+    """stdin line by line (decoded like any input, line ends dropped); a line over `limit` is an InputError."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         yield from (line.rstrip("\n") for line in sys.stdin)
         return
-    for raw in buffer:
-        yield decode_text(raw, "standard input").rstrip("\r\n")
+    while raw := buffer.readline(limit.max_bytes + 1):
+        if len(raw) > limit.max_bytes and not raw.endswith(b"\n"):
+            raise over_limit(f"{STDIN}, a line", limit)
+        yield decode_text(raw, STDIN).rstrip("\r\n")

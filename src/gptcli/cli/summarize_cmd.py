@@ -15,7 +15,7 @@ from gptcli.cli import render
 from gptcli.cli.inputs import read_stdin_if_piped
 from gptcli.cli.settings import resolve_settings
 from gptcli.errors import EXIT_INTERRUPTED, InputError
-from gptcli.textio import read_text_file
+from gptcli.textio import DOCUMENT, read_text_file
 
 
 def summarize(
@@ -146,7 +146,7 @@ def _print_partial(result, as_json: bool) -> None:
 
 
 def _read_input(file: Path | None) -> str:
-    text = read_text_file(file) if file is not None else read_stdin_if_piped()
+    text = read_text_file(file, DOCUMENT) if file is not None else read_stdin_if_piped(DOCUMENT)
     if not text.strip():
         where = str(file) if file is not None else "standard input"
         raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")

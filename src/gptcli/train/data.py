@@ -4,29 +4,41 @@ Three tokenizers: `char` (one token per character, a real `tokenizers` WordLevel
 other command reads it from tokenizer.json), `bpe` (byte-level BPE trained on the corpus) and `init`
 (the fine-tuned model's own tokenizer). Documents are joined with the end-of-text token where the
 tokenizer has one, and with a newline otherwise.
+
+The corpus streams: documents are read one at a time (a text file is one document, at most
+CORPUS_FILE; a JSONL file is read line by line), cleaned into a temporary spill file, and tokenized from
+there into the token file, so its size is bounded by the disk, not the memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import unicodedata
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from gptcli.atomicio import write_atomic
 from gptcli.errors import InputError
 from gptcli.paths import cache_dir
-from gptcli.textio import decode_text
+from gptcli.textio import CORPUS_FILE, decode_text, over_limit, read_text_file, text_pieces
 
 Notify = Callable[[str], None]
 # progress(stage, done, total): called as a long step advances; total None = not known in advance.
 Progress = Callable[[str, int, "int | None"], None]
 ENCODE_CHUNK = 256  # documents per tokenizer call, so that progress moves on big corpora
+# A long document is tokenized in pieces cut after newlines: one encoding of a whole big text costs GBs
+# (the tokenizer keeps offsets and alignments per byte). Measured on a 32 MB corpus of three files:
+# 2.2 GB peak with whole documents, about 400 MB with these sizes.
+ENCODE_PIECE_CHARS = 1 << 18  # the most characters encoded in one piece of a document
+ENCODE_BATCH_CHARS = 2 << 20  # and in one tokenizer call
+TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer takes 256 texts at a time, in parallel
 ChatRenderer = Callable[[list[dict[str, str]]], str]
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl", ".py", ".csv", ".tex", ".html", ".json"}
 UNK = "<unk>"
@@ -66,14 +78,24 @@ def corpus_files(path: Path) -> list[Path]:
 def read_documents(path: Path, chat: ChatRenderer | None = None) -> Iterator[str]:
     """Yield the raw documents: whole text files, or one per JSONL line (`text`, or chat `messages`)."""
     for file in corpus_files(path):
-        try:
-            text = decode_text(file.read_bytes(), str(file))
-        except OSError as exc:
-            raise InputError(f"cannot read {file}: {exc.strerror}") from None
-        if file.suffix.lower() != ".jsonl":
-            yield text
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
+        if file.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(file, chat)
+        else:
+            yield read_text_file(file, CORPUS_FILE)
+
+
+def _jsonl_documents(file: Path, chat: ChatRenderer | None) -> Iterator[str]:
+    try:
+        handle = file.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {file}: {exc.strerror}") from None
+    with handle:
+        number = 0
+        while raw := handle.readline(CORPUS_FILE.max_bytes + 1):
+            number += 1
+            if len(raw) > CORPUS_FILE.max_bytes and not raw.endswith(b"\n"):
+                raise over_limit(f"{file}:{number}", CORPUS_FILE)
+            line = decode_text(raw, f"{file}:{number}")
             if not line.strip():
                 continue
             try:
@@ -126,7 +148,7 @@ def char_tokenizer(chars: str) -> Any:
     return tok
 
 
-def bpe_tokenizer(documents: list[str], vocab_size: int) -> Any:
+def bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> Any:
     """A byte-level BPE (GPT-2 style) trained on the corpus, with an end-of-text token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -166,6 +188,31 @@ class TokenData:
         return self.tokens[self.split :]
 
 
+@dataclass
+class CleanCorpus:
+    """The cleaned, non-empty documents, spilled to a temporary file (length-prefixed UTF-8) as they stream by."""
+
+    spill: IO[bytes]
+    documents: int = 0
+    chars: int = 0
+    charset: set[str] = field(default_factory=set)
+    digests: Any = field(default_factory=hashlib.sha256)  # over each document's own sha256
+
+    def add(self, doc: str) -> None:
+        data = doc.encode("utf-8")
+        self.spill.write(len(data).to_bytes(8, "little") + data)
+        self.digests.update(hashlib.sha256(data).digest())
+        self.charset.update(doc)
+        self.documents += 1
+        self.chars += len(doc)
+
+    def __iter__(self) -> Iterator[str]:
+        self.spill.flush()
+        self.spill.seek(0)
+        while header := self.spill.read(8):
+            yield self.spill.read(int.from_bytes(header, "little")).decode("utf-8")
+
+
 def prepare(
     data_path: Path,
     *,
@@ -182,59 +229,40 @@ def prepare(
     progress: Progress = _no_progress,
 ) -> TokenData:
     """Read, clean, tokenize and cache the corpus; check that both splits hold a block per stream."""
-    documents = []
-    for doc in read_documents(data_path, chat):
-        documents.append(doc)
-        progress("reading", len(documents), None)
-    for number, doc in enumerate(documents):  # in place: the raw text is not held twice
-        documents[number] = clean(doc, dedup_lines=dedup_lines)
-        progress("cleaning", number + 1, len(documents))
-    documents = [doc for doc in documents if doc.strip()]
-    if not documents:
-        raise InputError(f"{data_path} has no text (empty after cleaning)", hint="check --data")
-
+    if tokenizer == "init" and init_tokenizer is None:
+        raise InputError("tokenizer 'init' needs --init MODEL")
+    total = 0
+    for total, _ in enumerate(read_documents(data_path, chat), 1):  # a first pass, to know the total
+        progress("reading", total, None)
+    spill_dir = cache_dir() / "train-data"
+    spill_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer == "init":
-        if init_tokenizer is None:
-            raise InputError("tokenizer 'init' needs --init MODEL")
+        assert init_tokenizer is not None
         spec = f"init:{eot_token}:" + hashlib.sha256(init_tokenizer.read_bytes()).hexdigest()
     else:
         spec = f"{tokenizer}:{vocab_size if tokenizer == 'bpe' else ''}:dedup={dedup_lines}"
-    digest = hashlib.sha256(f"v{FORMAT_VERSION}|{spec}|".encode())
-    for doc in documents:
-        digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
-    folder = cache_dir() / "train-data" / digest.hexdigest()[:24]
-    meta_file = folder / "meta.json"
-
-    if meta_file.is_file():
-        notify(f"tokens: cached in {folder}")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
-    else:
-        from tokenizers import Tokenizer
-
-        chars = sum(len(d) for d in documents)
-        notify(f"tokenizing {len(documents)} document(s), {chars:,} characters ({tokenizer})")
-        if tokenizer == "char":
-            tok = char_tokenizer("".join(documents) + "\n")
-        elif tokenizer == "bpe":
-            progress(f"training a {vocab_size}-token BPE", 0, None)
-            tok = bpe_tokenizer(documents, vocab_size)
-            progress(f"training a {vocab_size}-token BPE", 1, 1)
-        else:
-            assert init_tokenizer is not None
-            tok = Tokenizer.from_file(str(init_tokenizer))
-        eot_id = None if tokenizer == "char" else tok.token_to_id(eot_token or EOT)
-        ids = _encode(tok, documents, tokenizer, eot_id, progress)
-        vocab = tok.get_vocab_size(with_added_tokens=True)
-        dtype = np.uint16 if vocab <= 2**16 else np.uint32
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "tokens.bin", ids.astype(dtype).tobytes())
-        tokenizer_json = tok.to_str()
-        write_atomic(folder / "tokenizer.json", tokenizer_json.encode("utf-8"))
-        meta = {"count": int(ids.size), "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot_id}
-        write_atomic(meta_file, json.dumps(meta).encode("utf-8"))  # last: marks the entry complete
-        notify(f"tokens: {ids.size:,} (vocab {vocab}) cached in {folder}")
-
+    with tempfile.TemporaryFile(dir=spill_dir, prefix=".spill-") as spill:
+        corpus = CleanCorpus(spill)
+        for number, doc in enumerate(read_documents(data_path, chat), 1):
+            cleaned = clean(doc, dedup_lines=dedup_lines)
+            if cleaned.strip():
+                corpus.add(cleaned)
+            progress("cleaning", number, total)
+        if not corpus.documents:
+            raise InputError(f"{data_path} has no text (empty after cleaning)", hint="check --data")
+        digest = hashlib.sha256(f"v{FORMAT_VERSION}|{spec}|".encode())
+        digest.update(corpus.digests.digest())
+        folder = cache_dir() / "train-data" / digest.hexdigest()[:24]
+        meta, tokenizer_json = _token_cache(
+            folder,
+            corpus,
+            tokenizer,
+            vocab_size=vocab_size,
+            init_tokenizer=init_tokenizer,
+            eot_token=eot_token,
+            notify=notify,
+            progress=progress,
+        )
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["count"],))
     split = int(len(tokens) * (1 - val_fraction))
     need = streams * (block_size + 2)
@@ -247,25 +275,122 @@ def prepare(
     return TokenData(folder / "tokens.bin", tokenizer_json, meta["vocab_size"], meta["eot_id"], tokens, split)
 
 
+def _token_cache(
+    folder: Path,
+    corpus: CleanCorpus,
+    tokenizer: str,
+    *,
+    vocab_size: int,
+    init_tokenizer: Path | None,
+    eot_token: str | None,
+    notify: Notify,
+    progress: Progress,
+) -> tuple[dict[str, Any], str]:
+    """(meta, tokenizer.json) of the token file in `folder`, tokenizing `corpus` into it unless it is cached."""
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        notify(f"tokens: cached in {folder}")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    else:
+        from tokenizers import Tokenizer
+
+        notify(f"tokenizing {corpus.documents} document(s), {corpus.chars:,} characters ({tokenizer})")
+        if tokenizer == "char":
+            tok = char_tokenizer("".join(sorted(corpus.charset)) + "\n")
+        elif tokenizer == "bpe":
+            progress(f"training a {vocab_size}-token BPE", 0, None)
+            tok = bpe_tokenizer((p for doc in corpus for p in text_pieces(doc, TRAIN_PIECE_CHARS)), vocab_size)
+            progress(f"training a {vocab_size}-token BPE", 1, 1)
+        else:
+            assert init_tokenizer is not None
+            tok = Tokenizer.from_file(str(init_tokenizer))
+        eot_id = None if tokenizer == "char" else tok.token_to_id(eot_token or EOT)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = np.uint16 if vocab <= 2**16 else np.uint32
+        folder.mkdir(parents=True, exist_ok=True)
+        chunks = _encode_chunks(tok, corpus, tokenizer, eot_id, corpus.documents, progress)
+        count = _write_tokens(folder / "tokens.bin", chunks, dtype)
+        tokenizer_json = tok.to_str()
+        write_atomic(folder / "tokenizer.json", tokenizer_json.encode("utf-8"))
+        meta = {"count": count, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot_id}
+        write_atomic(meta_file, json.dumps(meta).encode("utf-8"))  # last: marks the entry complete
+        notify(f"tokens: {count:,} (vocab {vocab}) cached in {folder}")
+    return meta, tokenizer_json
+
+
 def _encode(
     tok: Any, documents: list[str], kind: str, eot_id: int | None, progress: Progress = _no_progress
 ) -> np.ndarray:
+    """All of `documents` as one array of token ids (see `_encode_chunks`)."""
+    return np.concatenate(list(_encode_chunks(tok, documents, kind, eot_id, len(documents), progress)))
+
+
+def _encode_chunks(
+    tok: Any, documents: Iterable[str], kind: str, eot_id: int | None, total: int, progress: Progress
+) -> Iterator[np.ndarray]:
+    """Token ids, a bounded piece at a time: char documents are joined by newlines, others each end with a
+    separator. A document longer than a piece is cut after newlines (for BPE this may tokenize the cut a
+    little differently from one whole call, which would cost GBs)."""
     if kind == "char":
         # One token per character: a table lookup equals the tokenizer's output, much faster.
         vocab = tok.get_vocab()
-        text = "\n".join(documents)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         table = {ord(ch): i for ch, i in vocab.items() if len(ch) == 1}
-        unique, inverse = np.unique(codes, return_inverse=True)
-        mapped = np.array([table.get(int(u), vocab[UNK]) for u in unique], dtype=np.int64)
-        progress("tokenizing", len(documents), len(documents))
-        return mapped[inverse]
-    separator = [eot_id] if eot_id is not None else tok.encode("\n", add_special_tokens=False).ids
-    pieces: list[np.ndarray] = []
-    for start in range(0, len(documents), ENCODE_CHUNK):
-        chunk = documents[start : start + ENCODE_CHUNK]
-        for encoding in tok.encode_batch(chunk, add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids, dtype=np.int64))
-            pieces.append(np.asarray(separator, dtype=np.int64))
-        progress("tokenizing", start + len(chunk), len(documents))
-    return np.concatenate(pieces)
+        newline = np.array([table.get(ord("\n"), vocab[UNK])], dtype=np.int64)
+        for number, doc in enumerate(documents, 1):
+            if number > 1:
+                yield newline
+            for start in range(0, len(doc), ENCODE_PIECE_CHARS):
+                codes = np.frombuffer(doc[start : start + ENCODE_PIECE_CHARS].encode("utf-32-le"), dtype=np.uint32)
+                unique, inverse = np.unique(codes, return_inverse=True)
+                yield np.array([table.get(int(u), vocab[UNK]) for u in unique], dtype=np.int64)[inverse]
+            if number % ENCODE_CHUNK == 0 or number == total:
+                progress("tokenizing", number, total)
+        return
+    separator = np.asarray([eot_id] if eot_id is not None else tok.encode("\n", add_special_tokens=False).ids)
+    pieces: list[str] = []
+    ends: list[bool] = []  # whether each piece ends its document
+    number = chars = 0
+    for number, doc in enumerate(documents, 1):
+        parts = list(text_pieces(doc, ENCODE_PIECE_CHARS)) or [""]
+        for index, part in enumerate(parts):
+            pieces.append(part)
+            ends.append(index == len(parts) - 1)
+            chars += len(part)
+            if len(pieces) >= ENCODE_CHUNK or chars >= ENCODE_BATCH_CHARS:
+                yield from _encode_batch(tok, pieces, ends, separator)
+                pieces, ends, chars = [], [], 0
+        if number % ENCODE_CHUNK == 0 and pieces:
+            yield from _encode_batch(tok, pieces, ends, separator)
+            pieces, ends, chars = [], [], 0
+        if number % ENCODE_CHUNK == 0:
+            progress("tokenizing", number, total)
+    if pieces:
+        yield from _encode_batch(tok, pieces, ends, separator)
+    if number % ENCODE_CHUNK:
+        progress("tokenizing", number, total)
+
+
+def _encode_batch(tok: Any, pieces: list[str], ends: list[bool], separator: np.ndarray) -> Iterator[np.ndarray]:
+    for encoding, last in zip(tok.encode_batch(pieces, add_special_tokens=False), ends, strict=True):
+        yield np.asarray(encoding.ids, dtype=np.int64)
+        if last:
+            yield separator
+
+
+def _write_tokens(path: Path, chunks: Iterable[np.ndarray], dtype: Any) -> int:
+    """Stream token ids into `path` (a temp file, fsynced, then renamed); returns how many."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for ids in chunks:
+                handle.write(ids.astype(dtype).tobytes())
+                count += len(ids)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
