@@ -186,3 +186,12 @@ def test_repetition_detector_finds_every_period():
         assert first + 1 == period * max(4, -(-48 // period)), period
     detector = RepetitionDetector()
     assert not any(detector.add(t) for t in range(1000))
+
+
+def test_ignore_eos_keeps_going_past_end_of_sequence(tokenizer):
+    ids = tokenizer.encode("Paris", add_special_tokens=False)
+    eos = next(iter(tokenizer.eos_ids))
+    params = SamplingConfig(temperature=0, max_tokens=2 * len(ids) + 1, ignore_eos=True)
+    events, _ = run(tokenizer, [*ids, eos, *ids], params)
+    assert events[-1].reason == "length"
+    assert events[-1].stats.new_tokens == 2 * len(ids) + 1

@@ -234,6 +234,13 @@ def test_stop_strings_and_ignored_parameters(live, runtime):
     assert single.choices[0].finish_reason in {"stop", "length"}
 
 
+def test_ignore_eos_generates_exactly_max_tokens(live):
+    forced = live.client().completions.create(
+        model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=60, extra_body={"ignore_eos": True}
+    )
+    assert forced.usage.completion_tokens == 60 and forced.choices[0].finish_reason == "length"
+
+
 def test_sampling_with_a_seed_repeats(live):
     client = live.client()
     ask = dict(model="tiny-llama", prompt="Once", temperature=1.0, top_p=0.9, max_tokens=10, seed=42)

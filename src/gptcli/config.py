@@ -39,6 +39,7 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_stop: bool = True  # end a reply that only repeats itself (finish reason "repetition")
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks: exactly max_tokens tokens)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("sampling.seed", int, "--seed", optional=True),
         FieldSpec("sampling.stop", tuple, "--stop"),
         FieldSpec("sampling.repetition_stop", bool, "--no-repetition-stop"),
+        FieldSpec("sampling.ignore_eos", bool, "--ignore-eos"),
     ]
 }
 

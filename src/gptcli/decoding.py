@@ -227,7 +227,7 @@ class SequenceDecoder:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stopper = StopMatcher(params.stop)
         self.loops = RepetitionDetector() if params.repetition_stop else None
-        self.eos = tokenizer.eos_ids
+        self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)

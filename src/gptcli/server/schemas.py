@@ -67,6 +67,8 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    # vLLM's and llama.cpp's benchmark switch: generate exactly max_tokens (no EOS, no repetition stop).
+    ignore_eos: bool | None = None
 
     @field_validator("n")
     @classmethod
@@ -101,6 +103,9 @@ class SamplingRequest(BaseModel):
             changes["max_tokens"] = max_tokens
         if self.stop is not None:
             changes["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.ignore_eos:
+            changes["ignore_eos"] = True
+            changes["repetition_stop"] = False
         return replace(defaults, **changes)
 
 
