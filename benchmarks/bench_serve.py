@@ -13,8 +13,8 @@ request throughput (req/s), output token throughput (tok/s), and TTFT, TPOT, ITL
   ITL   the gaps between consecutive streamed chunks, over all requests
 Prompts are random common words; with `--tokenizer FOLDER` (the served model's folder) they are cut to
 the exact token count. Output lengths come from the server's `usage` (else: streamed chunks). Servers
-that honour `ignore_eos` (vLLM, llama.cpp) always produce `--random-output-len` tokens; gptcli serve
-does not know it and may stop early at EOS: compare output tok/s, and check the mean output length.
+that honour `ignore_eos` (vLLM, llama.cpp, gptcli serve) always produce `--random-output-len` tokens;
+check the mean output length column for one that does not.
 """
 
 from __future__ import annotations
