@@ -1,0 +1,187 @@
+"""gptcli serve beside llama.cpp's own llama-server and `python -m llama_cpp.server`, in one run, one table.
+
+    benchmarks/peers/build_llamacpp.sh                      # once: llama-server and the F32/Q4_0 GGUFs
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_serve_peers.py [--quick]
+
+Each server is started in turn on a free loopback port with the same model (the default model: gptcli
+fp32 and int4 against llama-server on the F32 and Q4_0 GGUFs made from the same weights, `-np 8 -cb`),
+given the same load by bench_serve.py (vLLM's `bench serve` definitions, `ignore_eos`, greedy), then
+stopped. The table puts every server's output tok/s and TTFT/E2E beside its matched peer, with ratios.
+Servers whose binaries or packages are missing are skipped with a note. 2 threads each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serve
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO / ".cache" / "peers"
+LLAMA_SERVER = PEERS / "llama.cpp-build" / "bin" / "llama-server"
+GGUF = PEERS / "gguf" / "smollm2-135m-instruct-{}.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict[str, str]]]:
+    """(name, matched precision, command with {port}, extra environment)."""
+    python = sys.executable
+    gptcli = [
+        python,
+        "-m",
+        "gptcli",
+        "serve",
+        "--port",
+        "{port}",
+        "--parallel",
+        str(parallel),
+        "--threads",
+        str(threads),
+    ]
+    rows = [
+        ("gptcli serve onnx fp32", "fp32", [*gptcli, "--backend", "onnx", "--precision", "fp32"], {}),
+        ("gptcli serve onnx int4", "int4", [*gptcli, "--backend", "onnx", "--precision", "int4"], {}),
+        ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch"], {}),
+    ]
+    for label, precision in (("F32", "fp32"), ("Q4_0", "int4")):
+        model = Path(str(GGUF).format(label))
+        if LLAMA_SERVER.exists() and model.exists():
+            command = [str(LLAMA_SERVER), "-m", str(model), "--port", "{port}", "-np", str(parallel), "-cb"]
+            command += ["-t", str(threads), "-c", str(4096 * parallel), "--host", "127.0.0.1"]
+            rows.append((f"llama-server {label}", precision, command, {}))
+            llama_cpp = [python, "-m", "llama_cpp.server", "--model", str(model), "--port", "{port}"]
+            llama_cpp += ["--n_threads", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1"]
+            rows.append((f"llama_cpp.server {label}", precision, llama_cpp, {}))
+    return rows
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(base_url + "/v1/models", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def measure(name: str, command: list[str], env: dict[str, str], args) -> list[dict] | None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    argv = [part.replace("{port}", str(port)) for part in command]
+    log = open(REPO / ".cache" / f"serve-{name.replace(' ', '_')}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
+    try:
+        if not wait_ready(base_url, proc):
+            print(f"skip {name}: did not start (see {log.name})", file=sys.stderr)
+            return None
+        opts = argparse.Namespace(
+            base_url=base_url,
+            endpoint="/v1/completions",
+            api_key=None,
+            random_output_len=args.output_len,
+            ignore_eos=True,
+            timeout=600.0,
+        )
+        model = bench_serve.served_model(opts)
+        rows = []
+        for input_len in args.input_len:
+            for concurrency in args.concurrency:
+                count = args.num_prompts or max(8, 2 * concurrency)
+                prompts = bench_serve.make_prompts(count + 1, input_len, 0, args.tokenizer)
+                results, duration = asyncio.run(
+                    bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
+                )
+                rows.append(
+                    {
+                        "server": name,
+                        "input_len": input_len,
+                        "concurrency": concurrency,
+                        **bench_serve.summarize(results, duration),
+                    }
+                )
+                print(f"{name}: input {input_len}, concurrency {concurrency} done", file=sys.stderr)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=bench_serve.ints, default=[1, 4, 8, 16])
+    parser.add_argument("--input-len", type=bench_serve.ints, default=[128, 512])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--only", help="comma-separated name fragments of the servers to run")
+    parser.add_argument("--tokenizer", help="model folder: prompts of exact token counts")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,8, input 128, 32 output tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.input_len, args.output_len = [1, 8], [128], 32
+    chosen = servers(args.threads, args.parallel)
+    if args.only:
+        chosen = [s for s in chosen if any(part in s[0] for part in args.only.split(","))]
+    isa = sorted(
+        {f for f in Path("/proc/cpuinfo").read_text().split() if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}}
+    )
+    print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos")
+    rows, precision_of = [], {}
+    for name, precision, command, env in chosen:
+        measured = measure(name, command, env, args)
+        if measured:
+            rows.extend(measured)
+            precision_of[name] = precision
+    header = (
+        "| server | in | conc | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len | × llama-server |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    peer = {
+        (r["input_len"], r["concurrency"], precision_of[r["server"]]): r
+        for r in rows
+        if r["server"].startswith("llama-server")
+    }
+    for r in rows:
+        match = peer.get((r["input_len"], r["concurrency"], precision_of[r["server"]]))
+        ratio = (
+            f"{r['output_throughput'] / match['output_throughput']:.2f}"
+            if match and match["output_throughput"]
+            else "–"
+        )
+        print(
+            f"| {r['server']} | {r['input_len']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
+            f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} | "
+            f"{r['median_e2e_ms']:.0f} | "
+            f"{r['mean_output_tokens']:.0f} | {ratio} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
