@@ -117,7 +117,8 @@ def rope_settings(cfg: Mapping[str, Any], where: str, *, local: bool) -> dict[st
     else:
         full = rope
     quirks = []
-    for section_name, section in ((key, full), (f"{key}.{SLIDING}", sliding or {})):
+    sections = [(key, full)] + ([(f"{key}.{SLIDING}", sliding)] if sliding is not None else [])
+    for section_name, section in sections:
         partial = section.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         if partial not in (1, 1.0, None):
             quirks.append(f"{section_name}.partial_rotary_factor={partial}")
