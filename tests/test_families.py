@@ -156,6 +156,9 @@ def test_older_config_forms_read_the_same(family_models):
     assert arch.rope_scaling == {"rope_type": "linear", "factor": 2.0} and arch.rope_key == "rope_scaling"
     qwen = json.loads((family_models["qwen2"] / "config.json").read_text())
     assert Architecture.from_config({**qwen, "use_sliding_window": False}).layer_types == ()
+    unsaid = {k: v for k, v in qwen.items() if k not in {"use_sliding_window", "layer_types"}}
+    assert Architecture.from_config(unsaid).sliding_window is None  # transformers' default: no window
+    assert Architecture.from_config({**unsaid, "use_sliding_window": True}).layer_types == tuple(qwen["layer_types"])
 
 
 @pytest.mark.parametrize(

@@ -78,8 +78,8 @@ def decoder_fields(family: str, cfg: Mapping[str, Any], where: str, *, hidden: i
 def _sliding_layers(family: str, cfg: Mapping[str, Any], where: str, layers: int) -> tuple[int | None, tuple[str, ...]]:
     """(the window, each layer's attention type); (None, ()) when every layer attends to everything."""
     window = cfg.get("sliding_window")
-    if family in {"qwen2", "qwen3"} and cfg.get("use_sliding_window") is False:
-        window = None  # Qwen configs carry a window they do not use
+    if family in {"qwen2", "qwen3"} and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window they do not use (use_sliding_window defaults to false)
     if window is None or family == "llama":
         return None, ()
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
