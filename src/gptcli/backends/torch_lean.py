@@ -107,7 +107,7 @@ class LeanDecoder(LeanModel):
             else full_rope
         )
         self.layers = [
-            self._layer(arch, _taker(tensors, f"model.layers.{i}."), tensors, f"model.layers.{i}.", rope)
+            self._layer(arch, tensors, f"model.layers.{i}.", rope)
             for i, rope in enumerate(local_rope if slides else full_rope for slides in sliding)
         ]
         self.norm = self._norm_weight(tensors.pop("model.norm.weight"))
@@ -116,9 +116,9 @@ class LeanDecoder(LeanModel):
         if unused:  # a weight this engine would ignore: refuse rather than compute something else
             raise ValueError(f"weights the lean engine does not use: {', '.join(sorted(unused)[:3])}")
 
-    def _layer(
-        self, arch: Architecture, take: Callable[[str], torch.Tensor], tensors: Tensors, prefix: str, rope: RopeTable
-    ) -> DecoderLayer:
+    def _layer(self, arch: Architecture, tensors: Tensors, prefix: str, rope: RopeTable) -> DecoderLayer:
+        take = _taker(tensors, prefix)
+
         def optional(name: str) -> torch.Tensor | None:
             return tensors.pop(prefix + name, None)
 
@@ -126,8 +126,9 @@ class LeanDecoder(LeanModel):
             qkv, qkv_bias = take("self_attn.qkv_proj.weight"), optional("self_attn.qkv_proj.bias")
         else:
             qkv = torch.cat([take(f"self_attn.{p}_proj.weight") for p in "qkv"])
-            biases = [optional(f"self_attn.{p}_proj.bias") for p in "qkv"]
-            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+            q_bias = optional("self_attn.q_proj.bias")
+            kv_biases = [] if q_bias is None else [take(f"self_attn.{p}_proj.bias") for p in "kv"]
+            qkv_bias = None if q_bias is None else torch.cat([q_bias, *kv_biases])
         if arch.fused_gate_up:
             gate_up = take("mlp.gate_up_proj.weight")
         else:
