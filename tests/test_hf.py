@@ -49,7 +49,8 @@ def test_gpt2_config():
     assert (arch.vocab, arch.context) == (300, 96)
     assert (arch.norm, arch.norm_eps, arch.activation) == ("layernorm", 1e-5, "gelu_new")
     assert arch.tied and arch.qkv_bias and arch.mlp_bias
-    assert arch.rope_scaling is None and arch.fast_path_refusal() is None
+    assert arch.rope_scaling is None and arch.fast_path_refusal("lean") is None
+    assert arch.fast_path_refusal("onnx") is None
 
 
 def test_llama_config():
@@ -58,21 +59,28 @@ def test_llama_config():
     assert (arch.heads, arch.kv_heads, arch.head_dim, arch.vocab, arch.context) == (4, 2, 16, 300, 128)
     assert (arch.norm, arch.norm_eps, arch.rope_theta) == ("rmsnorm", 1e-6, 50000.0)
     assert arch.tied and not arch.qkv_bias and not arch.mlp_bias
-    assert arch.fast_path_refusal() is None
+    assert arch.fast_path_refusal("lean") is None and arch.fast_path_refusal("onnx") is None
+    assert (arch.layer_types, arch.sliding_window, arch.qk_norm, arch.norm_offset) == ((), None, False, 0.0)
 
 
 def test_rope_scaling_and_quirks_keep_the_fast_paths_away():
-    scaled = Architecture.from_config({**LLAMA_CONFIG, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
-    assert scaled.rope_scaling == {"rope_type": "llama3", "factor": 8.0}
-    assert "rope type 'llama3'" in scaled.fast_path_refusal()
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaled = Architecture.from_config({**LLAMA_CONFIG, "rope_parameters": llama3})
+    assert scaled.rope_scaling == llama3
+    assert scaled.fast_path_refusal("lean") is None  # the lean engine computes llama3 frequencies
+    assert "rope_parameters: rope type 'llama3' is not supported" in scaled.fast_path_refusal("onnx")
+    incomplete = Architecture.from_config({**LLAMA_CONFIG, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
+    assert "rope type 'llama3' needs 'low_freq_factor'" in incomplete.fast_path_refusal("lean")
+    dynamic = Architecture.from_config({**LLAMA_CONFIG, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    assert dynamic.fast_path_refusal("lean") == "rope_scaling: rope type 'dynamic' is not supported"
     quirky = Architecture.from_config({**GPT2_CONFIG, "scale_attn_by_inverse_layer_idx": True})
-    assert quirky.quirks == ("scale_attn_by_inverse_layer_idx=True",) and quirky.fast_path_refusal()
+    assert quirky.quirks == ("scale_attn_by_inverse_layer_idx=True",) and quirky.fast_path_refusal("lean")
 
 
 def test_an_unknown_family_is_other_not_an_error():
-    arch = Architecture.from_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64})
+    arch = Architecture.from_config({"architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": 64})
     assert arch.family == "other" and arch.hidden == 64 and arch.layers == 0
-    assert "not a Llama or GPT-2 model" in arch.fast_path_refusal()
+    assert "BloomForCausalLM is not a model family the lean path knows" in arch.fast_path_refusal("lean")
     per_layer = Architecture.from_config({"model_type": "openelm", "num_attention_heads": [4, 8], "vocab_size": 9})
     assert per_layer.heads == 0 and per_layer.vocab == 9  # a list is another family's convention, not an error
 

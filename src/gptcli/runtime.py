@@ -53,4 +53,6 @@ def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
         raise UsageError(f"{model.path} is an ONNX export", hint="run it with --backend onnx")
     tokenizer = Tokenizer(model.path)
     backend = backend_cls.load(model.path, load_options(settings))
+    if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
+        notify(f"{backend.name}: {backend.fallback_reason}")
     return Runtime(model, backend, tokenizer)

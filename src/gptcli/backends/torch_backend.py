@@ -1,8 +1,11 @@
 """The PyTorch backend: a transformers causal LM driven step by step against an explicit KV cache.
 
-Two engines sit behind it. For the Llama and GPT-2 families the lean engine (torch_lean.py) runs
-the same weights with fused, re-laid-out matrices and a preallocated cache; anything else runs
-through transformers' own forward with a DynamicCache. `GPTCLI_TORCH_IMPL=hf` forces the latter.
+Two engines sit behind it. For the families hf.FAMILIES names (Llama, GPT-2, Qwen2/3, Mistral, Gemma 3,
+Phi-3) the lean engine (torch_lean.py) runs the same weights with fused, re-laid-out matrices and a
+preallocated cache; anything else, or a setting the lean engine does not implement exactly (a rope type,
+say: `Architecture.fast_path_refusal("lean")`), runs through transformers' own forward with a
+DynamicCache, and `TorchBackend.fallback_reason` says why. `GPTCLI_TORCH_IMPL=hf` forces transformers'
+engine; `GPTCLI_TORCH_IMPL=lean` makes a refusal an error instead of a fallback.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class HFEngine:
 
 
 class LeanEngine:
-    """torch_lean's fused forward for Llama / GPT-2."""
+    """torch_lean's fused forward for the families it knows."""
 
     def __init__(self, lean: Any) -> None:
         self.lean = lean
@@ -105,10 +108,12 @@ class LeanEngine:
         kv.length = length  # positions past `length` are overwritten by the next forward
 
 
-def torch_lean_supports(cfg: dict[str, Any]) -> bool:
+def torch_lean_refusal(cfg: dict[str, Any], source: Path) -> tuple[str | None, bool]:
+    """(why the lean engine cannot run this model exactly or None, whether its family is one the lean engine knows)."""
     from gptcli.backends import torch_lean
 
-    return torch_lean.supports(cfg)
+    arch = torch_lean.architecture_of(cfg, source)
+    return torch_lean.refusal(arch), arch.family != "other"
 
 
 class TorchBackend:
@@ -119,9 +124,11 @@ class TorchBackend:
 
     name: ClassVar[str] = "torch"
 
-    def __init__(self, engine: HFEngine | LeanEngine, info: ModelInfo) -> None:
+    def __init__(self, engine: HFEngine | LeanEngine, info: ModelInfo, fallback_reason: str | None = None) -> None:
         self.engine = engine
         self.info = info
+        # Why a model of a family the lean engine knows runs on transformers' engine instead (None: it does not).
+        self.fallback_reason = fallback_reason
 
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
@@ -141,9 +148,18 @@ class TorchBackend:
         cfg = read_config(folder)
         impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
         files = weight_files(folder)
-        if impl != "hf" and files and torch_lean_supports(cfg):
+        refusal, known = torch_lean_refusal(cfg, folder / "config.json") if impl != "hf" else (None, False)
+        if impl != "hf" and files and refusal is None:
             return cls._load_lean(folder, cfg, files, device, dtype)
-        return cls._load_hf(folder, cfg, options, device, dtype)
+        if impl == "lean":
+            raise ModelError(
+                f"the lean torch engine cannot run {folder.name}: {refusal or 'no safetensors weights'}",
+                hint="unset GPTCLI_TORCH_IMPL to run it on transformers' engine",
+            )
+        backend = cls._load_hf(folder, cfg, options, device, dtype)
+        if known and refusal:
+            backend.fallback_reason = f"{refusal}: running transformers' engine instead of the lean one"
+        return backend
 
     @classmethod
     def _load_lean(cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any) -> TorchBackend:

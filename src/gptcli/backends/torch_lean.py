@@ -1,4 +1,4 @@
-"""A lean forward pass for the Llama and GPT-2 families, read straight from safetensors.
+"""A lean forward pass for the decoder-only families, read straight from safetensors.
 
 Why: on CPU, batch-1 decoding is bound by how fast the weights stream through matrix-vector
 products, and transformers' module stack adds per-layer Python and mask/cache bookkeeping on top
@@ -8,45 +8,37 @@ re-laid out once at load time:
 - every matrix stored as [in, out] so `x @ W` streams it row-major (for the 49152-row tied lm_head,
   torch's x @ W.T path reads memory at about half that speed here);
 - the KV cache is a preallocated buffer per layer, grown by doubling, written in place;
-- a step runs several sequences at once (`LeanModel.step`): their tokens are concatenated into one
-  [sum(n_i), hidden] matrix, so every dense layer reads its weights once per step (decoding is memory
-  bound: eight sequences cost little more than one), while attention runs per sequence over its own
-  cache. `forward` is a step of one sequence, through the same code.
-Logits and greedy tokens match transformers (tests/test_torch_backend.py checks both).
+- a step runs several sequences at once (`LeanModel.step`, lean_base.py): their tokens are concatenated
+  into one [sum(n_i), hidden] matrix, so every dense layer reads its weights once per step (decoding is
+  memory bound: eight sequences cost little more than one), while attention runs per sequence over its
+  own cache. `forward` is a step of one sequence, through the same code.
+`LeanDecoder` runs every llama-like family (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text, Phi-3) from
+the switches hf.Architecture reads once; `LeanGPT2` runs GPT-2. Logits and greedy tokens match
+transformers (tests/test_torch_backend.py, tests/test_families.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gptcli.hf import Architecture, file_tensors, safetensors_header
+from gptcli.backends.lean_base import LeanCache, LeanModel, Span, Tensors, load_tensors
+from gptcli.backends.lean_rope import RopeTable, rope_table
+from gptcli.hf import SLIDING, Architecture, file_tensors
 
-INITIAL_CACHE = 256
-Tensors = dict[str, torch.Tensor]
+__all__ = ["INITIAL_CACHE", "LeanCache", "LeanDecoder", "LeanGPT2", "LeanModel", "architecture_of", "build", "supports"]
 
-
-@dataclass
-class LeanCache:
-    """Per-layer key/value buffers [kv_heads, capacity, head_dim] and the positions filled."""
-
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    length: int = 0
-
-
-@dataclass(frozen=True)
-class Span:
-    """One sequence's rows [begin, end) in a step's concatenated tokens, and the cache they extend."""
-
-    begin: int
-    end: int
-    cache: LeanCache
+INITIAL_CACHE = 256  # positions a new cache holds before its first regrowth (read when a model is built)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
+}
 
 
 def architecture_of(config: Architecture | Mapping[str, Any], source: Path | str = "config.json") -> Architecture:
@@ -54,168 +46,14 @@ def architecture_of(config: Architecture | Mapping[str, Any], source: Path | str
     return config if isinstance(config, Architecture) else Architecture.from_config(config, source=source)
 
 
+def refusal(config: Architecture | Mapping[str, Any]) -> str | None:
+    """Why the lean engine cannot run this model exactly (transformers' engine runs it instead), or None."""
+    return architecture_of(config).fast_path_refusal("lean")
+
+
 def supports(config: Architecture | Mapping[str, Any]) -> bool:
     """Whether a model's architecture is one the lean path covers exactly."""
-    return architecture_of(config).fast_path_refusal() is None
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
-    """Read safetensors into tensors that own their memory (plain reads, no mmap).
-
-    A memory map would stay mapped for as long as any tensor viewed it, and its touched pages
-    count in RSS on top of the re-laid-out copies: reading each tensor into its own buffer keeps
-    peak memory near one copy of the weights.
-    """
-    tensors: Tensors = {}
-    for file in files:
-        header = safetensors_header(file)
-        with file.open("rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            base = 8 + header_len
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = meta["data_offsets"]
-                tensor = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
-                handle.seek(base + begin)
-                if end > begin:
-                    handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-                if tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                tensors[name] = tensor.to(device) if device != "cpu" else tensor
-    return tensors
-
-
-class LeanModel:
-    """Common cache handling and attention; subclasses define the embedding, layers and head."""
-
-    num_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    context_length: int
-    vocab_size: int
-    params: int
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device = device
-        self.dtype = dtype
-
-    def new_cache(self) -> LeanCache:
-        shape = (self.kv_heads, min(INITIAL_CACHE, self.context_length), self.head_dim)
-        return LeanCache(
-            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
-            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
-        )
-
-    def _reserve(self, cache: LeanCache, needed: int) -> None:
-        capacity = cache.keys[0].shape[1]
-        if needed <= capacity:
-            return
-        new_capacity = min(max(needed, 2 * capacity), max(needed, self.context_length))
-        for buffers in (cache.keys, cache.values):
-            for i, old in enumerate(buffers):
-                grown = torch.zeros((old.shape[0], new_capacity, old.shape[2]), device=self.device, dtype=self.dtype)
-                grown[:, : cache.length] = old[:, : cache.length]
-                buffers[i] = grown
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: LeanCache) -> torch.Tensor:
-        """q [heads, n, hd], k/v [kv_heads, n, hd] → [n, heads*hd], after writing k/v into the cache."""
-        n, start = q.shape[1], cache.length
-        end = start + n
-        cache.keys[layer][:, start:end] = k
-        cache.values[layer][:, start:end] = v
-        keys = cache.keys[layer][:, :end].unsqueeze(0)
-        values = cache.values[layer][:, :end].unsqueeze(0)
-        gqa = self.heads != self.kv_heads
-        if n == 1:
-            out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, enable_gqa=gqa)
-        else:
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
-            out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=gqa)
-        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
-
-    def _attend_spans(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spans: list[Span]
-    ) -> torch.Tensor:
-        """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
-        if len(spans) == 1:
-            return self._attend(q, k, v, layer, spans[0].cache)
-        # One SDPA call per sequence: exactly what that sequence would compute alone.
-        outs = []
-        for span in spans:
-            rows = slice(span.begin, span.end)
-            outs.append(self._attend(q[:, rows], k[:, rows], v[:, rows], layer, span.cache))
-        return torch.cat(outs)
-
-    def forward(self, ids: Sequence[int], cache: LeanCache) -> torch.Tensor:
-        """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
-        return self.step([(ids, cache)])[0]
-
-    def step(self, batch: Sequence[tuple[Sequence[int], LeanCache]]) -> torch.Tensor:
-        """Logits (float32, [B, vocab]) of each sequence's last position; cache i grows by len(ids_i).
-
-        Entries may mix prefill chunks and single decode tokens; each must bring its own cache.
-        """
-        if len({id(cache) for _, cache in batch}) != len(batch):
-            raise ValueError("a cache appears twice in one step")
-        flat: list[int] = []
-        positions: list[int] = []
-        spans: list[Span] = []
-        for ids, cache in batch:
-            if len(ids) == 0:
-                raise ValueError("every sequence in a step needs at least one token")
-            self._reserve(cache, cache.length + len(ids))
-            spans.append(Span(len(flat), len(flat) + len(ids), cache))
-            flat.extend(ids)
-            positions.extend(range(cache.length, cache.length + len(ids)))
-        with torch.inference_mode():
-            logits = self._step(
-                torch.tensor(flat, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device),
-                spans,
-            )
-        for span in spans:
-            span.cache.length += span.end - span.begin
-        return logits
-
-    def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
-        """ids and positions [N] (all sequences' tokens, concatenated) → last-row logits [B, vocab]."""
-        raise NotImplementedError
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[ids] if self.embed is not None else self.head[:, ids].t()
-
-    @staticmethod
-    def _last_rows(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
-        """Each sequence's last row: the only ones the lm_head needs."""
-        return x[[s.end - 1 for s in spans]]
-
-    def _head_and_embedding(self, tensors: Tensors, embed_key: str, tied: bool) -> None:
-        """Keep the lm_head as [hidden, vocab]; a tied embedding is read from its columns."""
-        embedding = tensors.pop(embed_key)
-        head = tensors.pop("lm_head.weight", None)
-        self.vocab_size = embedding.shape[0]
-        if head is None or tied:
-            self.embed = None
-            self.head = embedding.t().contiguous()
-        else:
-            self.embed = embedding
-            self.head = head.t().contiguous()
+    return refusal(config) is None
 
 
 def _taker(tensors: Tensors, prefix: str) -> Callable[[str], torch.Tensor]:
@@ -225,67 +63,141 @@ def _taker(tensors: Tensors, prefix: str) -> Callable[[str], torch.Tensor]:
     return take
 
 
-class LeanLlama(LeanModel):
+@dataclass
+class DecoderLayer:
+    """One llama-like block's weights, every matrix as [in, out]; None where the family has no such part."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # over each head, before rope (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None  # Gemma's sandwich norms
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
+    down: torch.Tensor
+    post_mlp_norm: torch.Tensor | None
+    rope: RopeTable
+
+
+class LeanDecoder(LeanModel):
+    """The llama-like families: pre-norm rope attention and a gated MLP, with per-family switches."""
+
     def __init__(self, arch: Architecture, tensors: Tensors, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(device, dtype)
         self.params = sum(t.numel() for t in tensors.values())
-        self.heads = arch.heads
-        self.kv_heads = arch.kv_heads
-        self.head_dim = arch.head_dim
+        self.heads, self.kv_heads, self.head_dim = arch.heads, arch.kv_heads, arch.head_dim
         self.num_layers = arch.layers
         self.context_length = arch.context
-        self.eps = arch.norm_eps
-        theta = arch.rope_theta
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        self.inv_freq = 1.0 / (theta**exponents)
-        self.layers = []
-        for i in range(self.num_layers):
-            take = _taker(tensors, f"model.layers.{i}.")
-            qkv = torch.cat([take(f"self_attn.{p}_proj.weight") for p in "qkv"], 0)
-            bias_names = [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
-            qkv_bias = torch.cat([tensors.pop(n) for n in bias_names]) if bias_names[0] in tensors else None
-            gate_up = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], 0)
-            self.layers.append(
-                (
-                    take("input_layernorm.weight"),
-                    qkv.t().contiguous(),
-                    qkv_bias,
-                    take("self_attn.o_proj.weight").t().contiguous(),
-                    take("post_attention_layernorm.weight"),
-                    gate_up.t().contiguous(),
-                    take("mlp.down_proj.weight").t().contiguous(),
-                )
-            )
-        self.norm = tensors.pop("model.norm.weight")
+        self.eps, self.norm_offset = arch.norm_eps, arch.norm_offset
+        self.activation = ACTIVATIONS[arch.activation]
+        self.attention_scale = arch.attention_scale
+        # Gemma scales the embedding by sqrt(hidden) rounded to the weights' dtype, as transformers does.
+        self.embedding_scale = (
+            torch.tensor(arch.embedding_scale).to(device=device, dtype=dtype) if arch.embedding_scale != 1.0 else None
+        )
+        sliding = [kind == SLIDING for kind in arch.layer_types] or [False] * arch.layers
+        self.windows = [arch.sliding_window if slides else None for slides in sliding]
+        full_rope = rope_table(arch.rope_theta, arch.rope_scaling, arch.head_dim, arch.context, device)
+        local_rope = (
+            rope_table(arch.rope_local_theta, None, arch.head_dim, arch.context, device)
+            if arch.rope_local_theta is not None
+            else full_rope
+        )
+        self.layers = [
+            self._layer(arch, tensors, f"model.layers.{i}.", rope)
+            for i, rope in enumerate(local_rope if slides else full_rope for slides in sliding)
+        ]
+        self.norm = self._norm_weight(tensors.pop("model.norm.weight"))
         self._head_and_embedding(tensors, "model.embed_tokens.weight", arch.tied)
+        unused = [name for name in tensors if not name.endswith("rotary_emb.inv_freq")]
+        if unused:  # a weight this engine would ignore: refuse rather than compute something else
+            raise ValueError(f"weights the lean engine does not use: {', '.join(sorted(unused)[:3])}")
+
+    def _layer(self, arch: Architecture, tensors: Tensors, prefix: str, rope: RopeTable) -> DecoderLayer:
+        take = _taker(tensors, prefix)
+
+        def optional(name: str) -> torch.Tensor | None:
+            return tensors.pop(prefix + name, None)
+
+        if arch.fused_qkv:
+            qkv, qkv_bias = take("self_attn.qkv_proj.weight"), optional("self_attn.qkv_proj.bias")
+        else:
+            qkv = torch.cat([take(f"self_attn.{p}_proj.weight") for p in "qkv"])
+            q_bias = optional("self_attn.q_proj.bias")
+            kv_biases = [] if q_bias is None else [take(f"self_attn.{p}_proj.bias") for p in "kv"]
+            qkv_bias = None if q_bias is None else torch.cat([q_bias, *kv_biases])
+        if arch.fused_gate_up:
+            gate_up = take("mlp.gate_up_proj.weight")
+        else:
+            gate_up = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+        norm = self._norm_weight
+        # Without sandwich norms, "post_attention_layernorm" is the norm before the MLP (Llama's name for it).
+        post_attn = norm(take("post_attention_layernorm.weight"))
+        mlp_norm = norm(take("pre_feedforward_layernorm.weight")) if arch.sandwich_norms else post_attn
+        return DecoderLayer(
+            attn_norm=norm(take("input_layernorm.weight")),
+            qkv=qkv.t().contiguous(),
+            qkv_bias=qkv_bias,
+            q_norm=norm(take("self_attn.q_norm.weight")) if arch.qk_norm else None,
+            k_norm=norm(take("self_attn.k_norm.weight")) if arch.qk_norm else None,
+            out=take("self_attn.o_proj.weight").t().contiguous(),
+            out_bias=optional("self_attn.o_proj.bias"),
+            post_attn_norm=post_attn if arch.sandwich_norms else None,
+            mlp_norm=mlp_norm,
+            gate_up=gate_up.t().contiguous(),
+            down=take("mlp.down_proj.weight").t().contiguous(),
+            post_mlp_norm=norm(take("post_feedforward_layernorm.weight")) if arch.sandwich_norms else None,
+            rope=rope,
+        )
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Gemma's (1 + w), kept in float32 as transformers computes it; others' w as stored."""
+        return self.norm_offset + weight.float() if self.norm_offset else weight
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
+        return (x32 * weight).to(x.dtype) if self.norm_offset else weight * x32.to(x.dtype)
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
         n = ids.shape[0]
         x = self._embed(ids)
-        freqs = torch.outer(positions.float(), self.inv_freq)  # each row at its own sequence's position
-        angles = torch.cat((freqs, freqs), -1)
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        if self.embedding_scale is not None:
+            x = x * self.embedding_scale
+        seq_ends = [span.cache.length + span.end - span.begin for span in spans for _ in range(span.begin, span.end)]
+        tables = {id(layer.rope): layer.rope for layer in self.layers}
+        cos_sin = {key: table.cos_sin(positions, seq_ends, self.dtype) for key, table in tables.items()}
         half, hd = self.head_dim // 2, self.head_dim
         q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
 
-        def rope(t: torch.Tensor) -> torch.Tensor:
+        def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
 
-        for i, (norm_in, qkv, qkv_bias, out_proj, norm_post, gate_up, down) in enumerate(self.layers):
-            y = self._rms(x, norm_in) @ qkv
-            if qkv_bias is not None:
-                y = y + qkv_bias
-            q = rope(y[:, :q_end].view(n, self.heads, hd).transpose(0, 1))
-            k = rope(y[:, q_end:k_end].view(n, self.kv_heads, hd).transpose(0, 1))
+        for i, layer in enumerate(self.layers):
+            y = self._rms(x, layer.attn_norm) @ layer.qkv
+            if layer.qkv_bias is not None:
+                y = y + layer.qkv_bias
+            q = y[:, :q_end].view(n, self.heads, hd)
+            k = y[:, q_end:k_end].view(n, self.kv_heads, hd)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
+            cos, sin = cos_sin[id(layer.rope)]
+            q, k = rope(q.transpose(0, 1), cos, sin), rope(k.transpose(0, 1), cos, sin)
             v = y[:, k_end:].view(n, self.kv_heads, hd).transpose(0, 1)
-            x = x + self._attend_spans(q, k, v, i, spans) @ out_proj
-            gate, up = (self._rms(x, norm_post) @ gate_up).chunk(2, -1)
-            x = x + (F.silu(gate) * up) @ down
+            attended = self._attend_spans(q, k, v, i, spans) @ layer.out
+            if layer.out_bias is not None:
+                attended = attended + layer.out_bias
+            if layer.post_attn_norm is not None:
+                attended = self._rms(attended, layer.post_attn_norm)
+            x = x + attended
+            gate, up = (self._rms(x, layer.mlp_norm) @ layer.gate_up).chunk(2, -1)
+            mlp = (self.activation(gate) * up) @ layer.down
+            if layer.post_mlp_norm is not None:
+                mlp = self._rms(mlp, layer.post_mlp_norm)
+            x = x + mlp
         return (self._rms(self._last_rows(x, spans), self.norm) @ self.head).float()
 
 
@@ -351,5 +263,7 @@ def build(config: Architecture | Mapping[str, Any], files: list[Path], device: s
     arch = architecture_of(config, files[0].parent / "config.json" if files else "config.json")
     arch.check_tensors({tensor.name: tensor for tensor in file_tensors(files)})
     tensors = load_tensors(files, device, dtype)
-    cls = LeanLlama if arch.family == "llama" else LeanGPT2
-    return cls(arch, tensors, torch.device(device), dtype)
+    cls = LeanGPT2 if arch.family == "gpt2" else LeanDecoder
+    model = cls(arch, tensors, torch.device(device), dtype)
+    model.initial_cache = INITIAL_CACHE
+    return model

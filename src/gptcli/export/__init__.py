@@ -58,7 +58,7 @@ from gptcli.export.quantize import (
     quantize_blocks,
 )
 from gptcli.export.sidecar import MODEL_FILE, SIDECAR_FILE, Export, io_record, model_record, read_export, write_sidecar
-from gptcli.hf import FAMILIES, Architecture, read_architecture, weight_files
+from gptcli.hf import FAMILIES, FAST_PATH_FAMILIES, Architecture, read_architecture, weight_files
 from gptcli.models import MODEL_SIDE_FILES
 
 __all__ = [
@@ -92,11 +92,11 @@ def check_exportable(arch: Architecture) -> None:
     """A ModelError (with the torch backend as the hint) for a model the fused graph cannot express exactly."""
     hint = "use --backend torch for this model"
     if arch.family not in {"llama", "gpt2"}:
-        supported = ", ".join(sorted(FAMILIES))
+        supported = ", ".join(sorted(a for a, family in FAMILIES.items() if family in FAST_PATH_FAMILIES["onnx"]))
         raise ModelError(
             f"cannot export {arch.architecture} to ONNX: supported architectures are {supported}", hint=hint
         )
-    refusal = arch.fast_path_refusal() or (
+    refusal = arch.fast_path_refusal("onnx") or (
         "attention biases are not supported" if arch.family == "llama" and arch.qkv_bias else None
     )
     if refusal:

@@ -1,0 +1,206 @@
+"""The lean engine's common parts: reading safetensors, the KV cache, attention, the batched step.
+
+Each family module (torch_lean.py) defines the embedding, the layers and the head over these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gptcli.hf import safetensors_header
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class LeanCache:
+    """Per-layer key/value buffers [kv_heads, capacity, head_dim] and the positions filled."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One sequence's rows [begin, end) in a step's concatenated tokens, and the cache they extend."""
+
+    begin: int
+    end: int
+    cache: LeanCache
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
+    """Read safetensors into tensors that own their memory (plain reads, no mmap).
+
+    A memory map would stay mapped for as long as any tensor viewed it, and its touched pages
+    count in RSS on top of the re-laid-out copies: reading each tensor into its own buffer keeps
+    peak memory near one copy of the weights.
+    """
+    tensors: Tensors = {}
+    for file in files:
+        header = safetensors_header(file)
+        with file.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            base = 8 + header_len
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                tensor = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+                handle.seek(base + begin)
+                if end > begin:
+                    handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                tensors[name] = tensor.to(device) if device != "cpu" else tensor
+    return tensors
+
+
+class LeanModel:
+    """Common cache handling and attention; subclasses define the embedding, layers and head."""
+
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    context_length: int
+    vocab_size: int
+    params: int
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.initial_cache = 256  # positions a new cache holds before its first regrowth
+        self.windows: list[int | None] = []  # per layer: attend to at most this many last positions (None: all)
+        self.attention_scale: float | None = None  # None: head_dim ** -0.5
+
+    def new_cache(self) -> LeanCache:
+        shape = (self.kv_heads, min(self.initial_cache, self.context_length), self.head_dim)
+        return LeanCache(
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
+        )
+
+    def _reserve(self, cache: LeanCache, needed: int) -> None:
+        capacity = cache.keys[0].shape[1]
+        if needed <= capacity:
+            return
+        new_capacity = min(max(needed, 2 * capacity), max(needed, self.context_length))
+        for buffers in (cache.keys, cache.values):
+            for i, old in enumerate(buffers):
+                grown = torch.zeros((old.shape[0], new_capacity, old.shape[2]), device=self.device, dtype=self.dtype)
+                grown[:, : cache.length] = old[:, : cache.length]
+                buffers[i] = grown
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: LeanCache) -> torch.Tensor:
+        """q [heads, n, hd], k/v [kv_heads, n, hd] → [n, heads*hd], after writing k/v into the cache.
+
+        A sliding layer's query at position p sees positions (p - window, p], as transformers' mask; the
+        cache keeps every position, so only the keys some query of this chunk can see are read.
+        """
+        n, start = q.shape[1], cache.length
+        end = start + n
+        cache.keys[layer][:, start:end] = k
+        cache.values[layer][:, start:end] = v
+        window = self.windows[layer] if self.windows else None
+        first = 0 if window is None else max(0, start + 1 - window)
+        keys = cache.keys[layer][:, first:end].unsqueeze(0)
+        values = cache.values[layer][:, first:end].unsqueeze(0)
+        gqa = self.heads != self.kv_heads
+        mask = None
+        if n > 1:
+            rows = torch.arange(start, end, device=self.device)[:, None]
+            cols = torch.arange(first, end, device=self.device)[None, :]
+            mask = cols <= rows if window is None else (cols <= rows) & (cols > rows - window)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=gqa, scale=self.attention_scale
+        )
+        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+
+    def _attend_spans(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spans: list[Span]
+    ) -> torch.Tensor:
+        """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
+        if len(spans) == 1:
+            return self._attend(q, k, v, layer, spans[0].cache)
+        # One SDPA call per sequence: exactly what that sequence would compute alone.
+        outs = []
+        for span in spans:
+            rows = slice(span.begin, span.end)
+            outs.append(self._attend(q[:, rows], k[:, rows], v[:, rows], layer, span.cache))
+        return torch.cat(outs)
+
+    def forward(self, ids: Sequence[int], cache: LeanCache) -> torch.Tensor:
+        """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
+        return self.step([(ids, cache)])[0]
+
+    def step(self, batch: Sequence[tuple[Sequence[int], LeanCache]]) -> torch.Tensor:
+        """Logits (float32, [B, vocab]) of each sequence's last position; cache i grows by len(ids_i).
+
+        Entries may mix prefill chunks and single decode tokens; each must bring its own cache.
+        """
+        if len({id(cache) for _, cache in batch}) != len(batch):
+            raise ValueError("a cache appears twice in one step")
+        flat: list[int] = []
+        positions: list[int] = []
+        spans: list[Span] = []
+        for ids, cache in batch:
+            if len(ids) == 0:
+                raise ValueError("every sequence in a step needs at least one token")
+            self._reserve(cache, cache.length + len(ids))
+            spans.append(Span(len(flat), len(flat) + len(ids), cache))
+            flat.extend(ids)
+            positions.extend(range(cache.length, cache.length + len(ids)))
+        with torch.inference_mode():
+            logits = self._step(
+                torch.tensor(flat, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device),
+                spans,
+            )
+        for span in spans:
+            span.cache.length += span.end - span.begin
+        return logits
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """ids and positions [N] (all sequences' tokens, concatenated) → last-row logits [B, vocab]."""
+        raise NotImplementedError
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[ids] if self.embed is not None else self.head[:, ids].t()
+
+    @staticmethod
+    def _last_rows(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """Each sequence's last row: the only ones the lm_head needs."""
+        return x[[s.end - 1 for s in spans]]
+
+    def _head_and_embedding(self, tensors: Tensors, embed_key: str, tied: bool) -> None:
+        """Keep the lm_head as [hidden, vocab]; a tied embedding is read from its columns."""
+        embedding = tensors.pop(embed_key)
+        head = tensors.pop("lm_head.weight", None)
+        self.vocab_size = embedding.shape[0]
+        if head is None or tied:
+            self.embed = None
+            self.head = embedding.t().contiguous()
+        else:
+            self.embed = embedding
+            self.head = head.t().contiguous()

@@ -1,0 +1,39 @@
+"""The Hugging Face model folder format, read in one place: config.json, safetensors headers, the sidecar.
+
+`Architecture.from_config` turns a config.json into one typed description that every reader uses
+(the lean torch engine, the ONNX exporter, `models info`, the roofline, the llama.cpp exporter).
+Impossible values (a size that is not a positive integer, a dimension that disagrees with the
+tensors in the safetensors files) are a ModelError naming the file and the key, found from the
+headers alone: nothing is allocated before the check passes.
+
+The families the fast paths know are in `FAMILIES` (families.py: Llama, GPT-2, Qwen2, Qwen3, Mistral,
+Gemma 3, Phi-3); any other model is family "other", which is not an error: it simply runs through
+transformers. `Architecture.fast_path_refusal(path)` is the one rule for what each fast path covers.
+"""
+
+from gptcli.hf.architecture import FAST_PATH_FAMILIES, SIZE_KEYS, Architecture, read_architecture
+from gptcli.hf.families import FAMILIES, FULL, LLAMA_LIKE, SLIDING
+from gptcli.hf.files import (
+    CONFIG_FILE,
+    CONTEXT_KEYS,
+    DEFAULT_CONTEXT,
+    DTYPE_SIZES,
+    SOURCE_FILE,
+    TensorHeader,
+    context_length,
+    file_tensors,
+    has_source,
+    header_tensors,
+    read_config,
+    read_source,
+    safetensors_header,
+    weight_files,
+    write_source,
+)
+
+__all__ = [
+    "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",
+    "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "Architecture", "TensorHeader", "context_length",
+    "file_tensors", "has_source", "header_tensors", "read_architecture", "read_config", "read_source",
+    "safetensors_header", "weight_files", "write_source",
+]  # fmt: skip

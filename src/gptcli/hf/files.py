@@ -1,0 +1,153 @@
+"""The files of a model folder: config.json, the safetensors headers and weight shards, the source sidecar."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import ModelError
+
+CONFIG_FILE = "config.json"
+SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
+DEFAULT_CONTEXT = 2048
+# Bytes per element of the safetensors dtypes, to check that a header's shapes match its byte ranges.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json as a dict; a missing or unreadable one is a ModelError."""
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder} is not a model folder (no {CONFIG_FILE})") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"corrupt {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"corrupt {path}: not a JSON object")
+    return config
+
+
+def context_length(cfg: Mapping[str, Any]) -> int:
+    """The longest sequence the model was trained for (2048 when the config does not say)."""
+    for key in CONTEXT_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return DEFAULT_CONTEXT
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as a safetensors header describes it (nothing of its data is read)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """Read and check a safetensors header; a truncated or corrupt file is a ModelError."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            raw_len = handle.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file shorter than its header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(size - 8, 100_000_000):
+                raise ValueError("header length past the end of the file")
+            header = json.loads(handle.read(header_len))
+        end = 0
+        for name, entry in header.items():
+            if name != "__metadata__":
+                end = max(end, _checked_entry(name, entry))
+        if 8 + header_len + end > size:
+            raise ValueError(f"truncated: {size} bytes, needs {8 + header_len + end}")
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, struct.error) as exc:
+        raise ModelError(f"corrupt safetensors file {path}: {exc}", hint="re-download or re-create the model") from None
+    return header
+
+
+def _checked_entry(name: str, entry: Mapping[str, Any]) -> int:
+    """A header entry's end offset, after checking that its shape and byte range agree."""
+    shape, (begin, end) = entry["shape"], entry["data_offsets"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"tensor {name} has an impossible shape {shape}")
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        raise ValueError(f"tensor {name} has impossible data offsets {[begin, end]}")
+    width = DTYPE_SIZES.get(entry["dtype"])
+    if width is not None and end - begin != math.prod(shape) * width:
+        raise ValueError(f"tensor {name}: shape {shape} needs {math.prod(shape) * width} bytes, it has {end - begin}")
+    return end
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder (the shards its index names, or every *.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"corrupt index {index}: {exc}") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelError(f"{folder}: missing weight shard {missing[0]}", hint="re-download the model")
+        return [folder / s for s in shards]
+    return sorted(p for p in folder.glob("*.safetensors"))
+
+
+def file_tensors(files: Iterable[Path]) -> Iterator[TensorHeader]:
+    """Every tensor of these safetensors files, from their headers only."""
+    for file in files:
+        for name, entry in safetensors_header(file).items():
+            if name != "__metadata__":
+                yield TensorHeader(name, entry["dtype"], tuple(entry["shape"]), file)
+
+
+def header_tensors(folder: Path) -> Iterator[TensorHeader]:
+    """Every tensor of a folder's safetensors, loading none."""
+    return file_tensors(weight_files(folder))
+
+
+# --------------------------------------------------------------------------- the source sidecar
+
+
+def read_source(folder: Path) -> str | None:
+    """Where a cached model folder came from (gptcli-source.json), or None when it has no readable record."""
+    try:
+        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source is not None else None
+
+
+def write_source(folder: Path, source: str) -> None:
+    record = {"source": source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def has_source(folder: Path) -> bool:
+    """Whether a cache folder is complete: the sidecar is written last, just before publishing."""
+    return (folder / SOURCE_FILE).is_file()
