@@ -111,6 +111,22 @@ def test_resume_continues_the_same_loss_curve_bit_for_bit(corpus, tmp_path, caps
     assert not stale.exists()
 
 
+def test_resume_reuses_the_saved_settings(corpus, tmp_path, capsys):
+    """No --data, --preset or --set on --resume: the run's own data and settings, not the preset's."""
+    from gptcli.train import checkpoint
+
+    out = tmp_path / "run"
+    sets = ["--set", "eval.interval=3", "--set", "checkpoint.interval=3", "--set", "checkpoint.keep_last=5"]
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "4", *sets]
+    assert run([*argv, "--lr", "1e-3"]) == 0, capsys.readouterr().err
+    assert run(["train", "--resume", str(out), "--max-iters", "8"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in records(out) if "val_loss" in r] == [3, 4, 6, 8]  # eval.interval 3, as saved
+    kept = ["step-0000003", "step-0000004", "step-0000006", "step-0000008"]  # checkpoint.interval 3, keep_last 5
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == kept
+    assert [r["lr"] for r in records(out) if "lr" in r][4] < 1e-3  # the saved --lr 1e-3, not the preset's 3e-3
+    assert json.loads((out / "run.json").read_text())["data"] == str(corpus)
+
+
 def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "NO_COLOR": "1"}
