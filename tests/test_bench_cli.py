@@ -97,6 +97,62 @@ def test_baseline_regression_exits_1_and_a_pass_exits_0(tiny_models, env, tmp_pa
     assert ok.returncode == 0, ok.stderr.decode()
 
 
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_output_appends_whole_lines_atomically(tmp_path, monkeypatch, failing):
+    """--output goes through append_jsonl: a write that fails half-way (a full disk, a kill before the
+    rename) leaves the old file exactly as it was, and no temporary file beside it."""
+    import errno
+    import os
+
+    from gptcli.bench.baseline import append_jsonl
+
+    runs = tmp_path / "runs.jsonl"
+    runs.write_bytes(b'{"a": 1}\n{"b": 2}')  # a last line without its newline gets one
+    append_jsonl(runs, ['{"c": 3}', '{"d": 4}'])
+    before = runs.read_bytes()
+    assert before == b'{"a": 1}\n{"b": 2}\n{"c": 3}\n{"d": 4}\n'
+
+    def disk_full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, failing, disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        append_jsonl(runs, ['{"e": 5}'] * 1000)
+    assert runs.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]
+
+
+def test_output_is_left_whole_when_the_cli_cannot_finish_writing_it(tiny_models, env, tmp_path, capsys, monkeypatch):
+    """`bench --output` itself (in-process): a rename that fails leaves the earlier results as they were."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from gptcli.cli.app import run
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runs = tmp_path / "results" / "runs.jsonl"
+    argv = ["bench", "-m", str(tiny_models["llama"]), "-p", "8", "-n", "4", "-r", "2", "-b", "scripted"]
+    argv += ["--in-process", "--output", str(runs)]
+    assert run(argv) == 0, capsys.readouterr().err
+    before = runs.read_bytes()
+    assert len(before.splitlines()) == 2
+    real_replace = os.replace
+
+    def full_disk_for_runs(src, dst, **kwargs):
+        if Path(dst).name == runs.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_runs)
+    capsys.readouterr()
+    assert run(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert runs.read_bytes() == before
+    assert [p.name for p in runs.parent.iterdir()] == [runs.name]
+
+
 def test_latency_mode_counts_requests_and_tokens(tiny_models, env, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\n\nThe capital of France\n")

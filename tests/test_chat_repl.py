@@ -11,6 +11,7 @@ from tests.conftest import REPO
 pexpect = pytest.importorskip("pexpect")
 
 PROMPT = ">>>"  # prompt_toolkit draws the trailing space as a cursor move
+BACKENDS = "scripted=tests.scripted:ScriptedBackend,stubborn=tests.stubborn_backend:StubbornBackend"
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +25,17 @@ def say(tok, text):
     return [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
 
 
-def spawn(tiny_models, script, *args, delay="0"):
+def spawn(tiny_models, script, *args, delay="0", backend="scripted"):
     env = {
         **os.environ,
-        "GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend",
+        "GPTCLI_BACKEND_PATHS": BACKENDS,
         "GPTCLI_TEST_SCRIPT": json.dumps(script),
         "GPTCLI_TEST_CONTEXT": "100000",
         "GPTCLI_TEST_DELAY": delay,
         "TERM": "xterm",
         "PROMPT_TOOLKIT_NO_CPR": "1",
     }
-    cmd = [sys.executable, "-m", "gptcli", "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", *args]
+    cmd = [sys.executable, "-m", "gptcli", "chat", "-m", str(tiny_models["llama"]), "-b", backend, *args]
     child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO), timeout=30, dimensions=(40, 120), encoding="utf-8")
     child.expect_exact(PROMPT)
     return child
@@ -83,9 +84,15 @@ def test_repl_typing_commands_multiline_ctrl_c_ctrl_d_and_resume(tiny_models, to
     child.expect("conversation +\\S+ \\(8 messages\\)")
     child.expect_exact(PROMPT)
 
-    # Ctrl-C with text typed clears the line; at an empty prompt, Ctrl-D leaves (exit 0).
+    # Ctrl-C with text typed clears the line and the session goes on: the next command runs alone.
     child.send("half typed")
+    child.expect_exact("half typed")
     child.sendcontrol("c")
+    child.sendline("/show")
+    child.expect("conversation +\\S+ \\(8 messages\\)", timeout=10)
+    child.expect_exact(PROMPT)
+    assert child.isalive()
+    # At an empty prompt, Ctrl-D leaves (exit 0).
     child.sendcontrol("d")
     child.expect_exact("saved as ")
     child.expect(pexpect.EOF)
@@ -139,8 +146,9 @@ def test_repl_renders_markdown_and_retry(tiny_models, tok, isolated_home):
 
 
 def test_second_ctrl_c_during_a_reply_exits_130(tiny_models, tok, isolated_home):
-    """A slow backend call that ignores the first Ctrl-C: the second one leaves, saving the partial reply."""
+    """The first Ctrl-C lands in a backend call that swallows it; the second leaves (130), saving the reply."""
     from gptcli.cli.chat_cmd import ReplyInterrupts, SecondInterrupt
+    from tests.stubborn_backend import SWALLOWED, WAITING
 
     interrupts = ReplyInterrupts()
     with pytest.raises(KeyboardInterrupt):
@@ -148,20 +156,17 @@ def test_second_ctrl_c_during_a_reply_exits_130(tiny_models, tok, isolated_home)
     with pytest.raises(SecondInterrupt):
         interrupts.handler(2, None)
 
-    child = spawn(tiny_models, say(tok, "word " * 400), "--plain", delay="0.05")
+    child = spawn(tiny_models, say(tok, "word " * 400), "--plain", delay="0.05", backend="stubborn")
     child.sendline("Count")
-    child.expect_exact("word word")
-    os.kill(child.pid, 2)
-    os.kill(child.pid, 2)
-    # Two signals sent back to back can be merged into one by the OS: then the reply stops and the
-    # prompt comes back (Ctrl-D leaves). Otherwise the second lands in the same reply: exit 130.
-    if child.expect([pexpect.EOF, PROMPT]) == 1:
-        child.sendcontrol("d")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-    else:
-        child.close()
-        assert child.exitstatus == 130
+    child.expect_exact(WAITING)
+    child.sendcontrol("c")
+    child.expect_exact(SWALLOWED)  # the reply goes on: the first Ctrl-C was spent
+    child.expect_exact("word")
+    child.sendcontrol("c")
+    child.expect_exact("interrupted")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
     [conv] = saved_conversations(isolated_home)
     assert conv["messages"][-1]["interrupted"] is True
+    assert conv["messages"][-1]["content"].startswith("word word")

@@ -1,7 +1,9 @@
 """The real program in a subprocess: exit codes, exact error lines, stdout holding only the product."""
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,3 +307,41 @@ def test_models_info_and_list_on_local_folder(tiny_models):
     assert info["layers"] == 2 and info["architecture"] == "LlamaForCausalLM"
     listing = json.loads(run_cli("models", "list", "--json").stdout)
     assert listing[0]["name"] == "smollm2-135m-instruct"
+
+
+def test_resuming_a_chat_reuses_its_model_system_and_set_values(tiny_models, llama_tok, capsys, monkeypatch):
+    # In-process, on a pipe: /show goes to stderr.
+    from pathlib import Path
+
+    from gptcli.cli.app import run
+
+    for key, value in scripted_env(say(llama_tok, "Hi!"), GPTCLI_TEST_CONTEXT="4096").items():
+        monkeypatch.setenv(key, value)
+    model = Path(tiny_models["llama"]).resolve()
+
+    def chat(typed: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+        code = run(["chat", "-b", "scripted", *args])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        return err
+
+    def shown(err: str, key: str) -> str:
+        return re.search(rf"^{key} +(.*)$", err, re.M).group(1)
+
+    chat("/set temperature 0.5\n/set max_tokens 7\nHi\n", "-m", str(model), "--system", "Be terse.")
+    resumed = chat("/show\n", "--continue")  # no -m: the conversation's model, not the default one
+    assert [shown(resumed, k) for k in ("model", "system", "temperature", "max_tokens")] == [
+        f"{model} (scripted/cpu)",
+        "Be terse.",
+        "0.5",
+        "7",
+    ]
+    # Flags given now win over what was saved; the rest is kept.
+    changed = chat("/show\n", "--continue", "--temperature", "0.2", "--system", "Be kind.")
+    assert [shown(changed, k) for k in ("model", "system", "temperature", "max_tokens")] == [
+        f"{model} (scripted/cpu)",
+        "Be kind.",
+        "0.2",
+        "7",
+    ]

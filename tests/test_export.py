@@ -265,3 +265,23 @@ def test_a_new_version_replaces_the_stale_cached_export(tiny_models, monkeypatch
     monkeypatch.setattr(ex.graph, "GRAPH_VERSION", ex.graph.GRAPH_VERSION + 1)
     new = ex.ensure_export(tiny_models["gpt2"]).folder
     assert new != old and new.is_dir() and not old.exists()
+
+
+def test_cli_export_force_rebuilds_a_corrupt_cached_export(tiny_models, capsys):
+    from pathlib import Path
+
+    from gptcli.cli.app import run
+
+    args = ["export", str(tiny_models["gpt2"]), "--device", "cpu"]
+    assert run(args) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    graph = folder / "model.onnx"
+    good = graph.read_bytes()
+    graph.write_bytes(good[: len(good) // 2])  # as a disk error might leave it
+    assert run(args) == 5  # without --force the cached export is checked, not rebuilt
+    assert "error: corrupt or incomplete ONNX export" in capsys.readouterr().err
+    assert run([*args, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(folder) and "exporting tiny-gpt2 to ONNX (fp32, cpu)" in err
+    assert graph.read_bytes() == good
+    assert ex.read_export(folder).meta["files"]["model.onnx"] == len(good)

@@ -125,6 +125,28 @@ def test_generate_exports_on_first_use_then_reuses(tiny_models):
     assert fp32.stdout == torch.stdout
 
 
+def test_chat_context_reuse_gives_the_same_tokens_on_onnx(tiny_models):
+    """Three chat turns on the onnx backend: reusing the KV session's prefix changes no generated token."""
+    from gptcli.chat import ChatSession, Conversation
+    from gptcli.config import SamplingConfig, Settings
+    from gptcli.decoding import Token
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    backend = OnnxBackend.load(tiny_models["llama"], CPU32)
+    settings = Settings(sampling=SamplingConfig(temperature=0, max_tokens=8))
+    replies, reused = {}, {}
+    for reuse in (True, False):
+        chat = ChatSession(backend, tok, settings, Conversation(model="tiny"), None, reuse_context=reuse)
+        replies[reuse] = []
+        for text in ("Once", "The capital", "ROMEO"):
+            replies[reuse].append([e.id for e in chat.say(text) if isinstance(e, Token)])
+            reused.setdefault(reuse, []).append(chat.last_stats.cached_tokens)
+    assert reused[False] == [0, 0, 0] and all(n > 0 for n in reused[True][1:])
+    assert all(replies[False]), "every turn must generate something for the comparison to mean anything"
+    assert replies[True] == replies[False]
+
+
 def _export_dir(home: Path) -> Path:
     (folder,) = (home / "cache" / "onnx").iterdir()
     return folder
@@ -195,11 +217,12 @@ def test_idle_threads_spin_unless_gptcli_ort_spin_is_off(tiny_models, monkeypatc
         monkeypatch.setenv("GPTCLI_ORT_SPIN", env)
     backend = OnnxBackend.load(tiny_models["llama"], CPU32)
     options = backend.session.get_session_options()
-    try:
-        entry = options.get_session_config_entry("session.intra_op.allow_spinning")
-    except Exception:  # ORT raises for a key that was never set
-        entry = None
-    assert (entry or None) == expected  # unset = ORT's default, spinning
+    key = "session.intra_op.allow_spinning"
+    if expected is None:  # never set: ORT's default, spinning. ORT says so by raising for that key, and only so.
+        with pytest.raises(RuntimeError, match=f"does not have configuration with key: {key}$"):
+            options.get_session_config_entry(key)
+    else:
+        assert options.get_session_config_entry(key) == expected
 
 
 def test_loads_an_export_folder_directly(tiny_models, tmp_path):

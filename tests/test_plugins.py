@@ -228,7 +228,7 @@ def test_contract_kit_catches_broken_backends(tiny_models, broken, message):
 def test_contract_kit_greedy_parity_and_margin(tiny_models):
     """Two different models disagree on greedy tokens; a huge margin accepts them, expected_greedy pins them."""
     from gptcli.backends.torch_backend import TorchBackend
-    from gptcli.testing import check_backend_contract, greedy_ids
+    from gptcli.testing import check_backend_contract, check_greedy_parity, greedy_ids
 
     options = LoadOptions(device="cpu", dtype="float32")
     llama = TorchBackend.load(tiny_models["llama"], options)
@@ -242,14 +242,44 @@ def test_contract_kit_greedy_parity_and_margin(tiny_models):
     noisy = _perturbed_copy(tiny_models["llama"], tiny_models["llama"].parent / "tiny-llama-noisy")
     with pytest.raises(AssertionError, match="logits vs the reference"):
         check_backend_contract(TorchBackend, tiny_models["llama"], reference=TorchBackend, reference_folder=noisy)
+    # Its greedy picks differ from the reference's: with no margin (the default) the kit fails on that alone.
+    with pytest.raises(AssertionError, match=r"greedy step \d+: backend picks token \d+, reference picks \d+"):
+        check_backend_contract(
+            TorchBackend,
+            tiny_models["llama"],
+            reference=TorchBackend,
+            reference_folder=noisy,
+            compare_reference_logits=False,
+        )
+    # The margin is a bound, not a switch: just under the widest gap fails, the widest gap itself passes.
+    noisy_backend = TorchBackend.load(noisy, options)
+    widest = _widest_greedy_gap(llama, noisy_backend, prompt, 16)
+    assert widest > 0
+    with pytest.raises(AssertionError, match="greedy step"):
+        check_greedy_parity(llama, noisy_backend, prompt, 16, margin=widest * 0.99)
     check_backend_contract(
         TorchBackend,
         tiny_models["llama"],
+        prompt=prompt,
         reference=TorchBackend,
         reference_folder=noisy,
         compare_reference_logits=False,
-        greedy_margin=1e9,
+        greedy_margin=widest,
     )
+
+
+def _widest_greedy_gap(backend, reference, prompt: list[int], steps: int) -> float:
+    """Along the reference's greedy path: the largest reference-logit gap between its pick and the backend's."""
+    from gptcli.testing import greedy_ids, step_logits
+
+    path = greedy_ids(reference, prompt, steps)
+    gaps = [
+        float(ref[wanted] - ref[int(np.argmax(mine))])
+        for mine, ref, wanted in zip(
+            step_logits(backend, prompt, path), step_logits(reference, prompt, path), path, strict=True
+        )
+    ]
+    return max(gaps)
 
 
 def _perturbed_copy(folder: Path, dest: Path) -> Path:

@@ -220,6 +220,47 @@ def test_cli_missing_file_and_bad_options():
     assert bad.returncode == 2 and "--length must be one of short, medium, long" in bad.stderr.decode()
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "instruction", "max_tokens"),
+    [
+        (["--length", "short"], {}, "in one or two sentences", 96),
+        ([], {}, "in one short paragraph", 256),  # medium is the default
+        (["--length", "long"], {}, "in a few detailed paragraphs", 512),
+        (["--length", "long", "--max-tokens", "20"], {}, "in a few detailed paragraphs", 20),  # a flag wins
+        (["--length", "short"], {"GPTCLI_MAX_TOKENS": "30"}, "in one or two sentences", 30),  # so does the env
+    ],
+)
+def test_length_sets_the_instruction_and_the_default_max_tokens(
+    tiny_models, tok, tmp_path, capsys, monkeypatch, args, env, instruction, max_tokens
+):
+    """In-process, with a model that never stops: each reply runs to its max_tokens."""
+    import io
+    import sys
+
+    from gptcli.cli.app import run
+    from tests.scripted import ScriptedBackend
+
+    loaded: list[ScriptedBackend] = []
+    real_load = ScriptedBackend.load.__func__
+    monkeypatch.setattr(
+        ScriptedBackend, "load", classmethod(lambda cls, *a: loaded.append(real_load(cls, *a)) or loaded[-1])
+    )
+    never_stops = tok.encode("word " * 600, add_special_tokens=False)
+    for key, value in {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(never_stops), **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The river rose.\n\nThe town watched.\n")
+    code = run(["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [call] = json.loads(out)["calls"]
+    assert (call["stage"], call["output_tokens"]) == ("stuff", max_tokens)
+    [backend] = loaded
+    prompt = tok.decode(backend.calls[0], skip_special_tokens=False)
+    assert instruction in prompt
+
+
 PAGE = """\
 The first public library in the town of Millbrook opened in 1887, in a single room above the post office.
 It held four hundred books, most of them donated by a retired sea captain named Elias Hartley, who had

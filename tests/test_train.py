@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -53,7 +54,9 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout)  # stdout holds only the summary
     assert summary["steps"] == 20 and summary["interrupted"] is False
-    assert summary["val_loss"] < 4.2  # ln(vocab) at random init is about 4.1
+    # An untrained model scores about ln(vocab): 4.08 on Shakespeare's 59 characters (TEXT: 3.61 on 36).
+    # The 20 steps reach 3.52 (TEXT: 3.11).
+    assert summary["val_loss"] < math.log(summary["vocab_size"]) - 0.25
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "loss.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
@@ -108,6 +111,22 @@ def test_resume_continues_the_same_loss_curve_bit_for_bit(corpus, tmp_path, caps
     assert not stale.exists()
 
 
+def test_resume_reuses_the_saved_settings(corpus, tmp_path, capsys):
+    """No --data, --preset or --set on --resume: the run's own data and settings, not the preset's."""
+    from gptcli.train import checkpoint
+
+    out = tmp_path / "run"
+    sets = ["--set", "eval.interval=3", "--set", "checkpoint.interval=3", "--set", "checkpoint.keep_last=5"]
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "4", *sets]
+    assert run([*argv, "--lr", "1e-3"]) == 0, capsys.readouterr().err
+    assert run(["train", "--resume", str(out), "--max-iters", "8"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in records(out) if "val_loss" in r] == [3, 4, 6, 8]  # eval.interval 3, as saved
+    kept = ["step-0000003", "step-0000004", "step-0000006", "step-0000008"]  # checkpoint.interval 3, keep_last 5
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == kept
+    assert [r["lr"] for r in records(out) if "lr" in r][4] < 1e-3  # the saved --lr 1e-3, not the preset's 3e-3
+    assert json.loads((out / "run.json").read_text())["data"] == str(corpus)
+
+
 def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "NO_COLOR": "1"}
@@ -134,6 +153,63 @@ def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     resumed = run_cli("train", "--resume", str(out), "--max-iters", str(step + 2))
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, step + 3))
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_130(corpus, tmp_path, monkeypatch, capsys):
+    # In-process: SIGTERM is raised during step 3. Were training not to handle it, the guard below fails the run.
+    from gptcli.train import loop
+
+    def not_handled(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: training does not handle it")
+
+    real_step, steps = loop.optimisation_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(loop, "optimisation_step", step_then_sigterm)
+    out = tmp_path / "run"
+    never = ["--max-iters", "100000", "--set", "checkpoint.interval=100000", "--set", "eval.interval=100000"]
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        code = run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *never])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert f"resume with: gptcli train --resume {out}" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]  # the step in flight finished
+    assert json.loads((out / "run.json").read_text())["latest"] == "step-0000003"
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
+
+
+def test_rotation_keeps_the_last_checkpoints_and_the_best(corpus, tmp_path, monkeypatch):
+    from gptcli.train import checkpoint, loop
+
+    val_losses = iter([3.0, 1.0, 2.0, 2.5, 2.6])  # evaluated at steps 2, 4, 6, 8, 10: the best is step 4
+    monkeypatch.setattr(loop._Run, "_val_loss", lambda self: next(val_losses))
+    out = tmp_path / "run"
+    setup = loop.resolve_run(
+        data_path=corpus,
+        out=out,
+        resume=None,
+        preset="tiny",
+        config_file=None,
+        sets=["eval.interval=2", "checkpoint.interval=2", "checkpoint.keep_last=2"],
+        flags={"train.max_iters": 10},
+    )
+    finished = loop.train(setup)
+    assert finished.best_step == 4
+    kept = [p.name for p in checkpoint.list_checkpoints(out)]
+    assert kept == ["step-0000004", "step-0000008", "step-0000010"]  # the best, then the last two
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    run_info = json.loads((out / "run.json").read_text())
+    assert (run_info["latest"], run_info["best"], run_info["best_val_loss"]) == ("step-0000010", 4, 1.0)
+    assert checkpoint.load_state(out / "checkpoints" / "step-0000004")["step"] == 4
 
 
 @pytest.mark.slow
@@ -261,6 +337,31 @@ def test_nan_loss_stops_with_a_clear_error(corpus, tmp_path, capsys):
     argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--lr", "1e30"]
     err = fails([*argv, "--set", "optim.grad_clip=0", "--set", "optim.warmup_iters=0"], capsys, 1)
     assert "the training loss became" in err
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    from gptcli.train import checkpoint, loop
+
+    out = tmp_path / "run"
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "10"]) == 0
+    real_step, steps = loop.optimisation_step, []
+
+    def nan_at_the_second_step(*args, **kwargs):  # steps 11 (good) and 12 (NaN) after the resume
+        loss = real_step(*args, **kwargs)
+        steps.append(1)
+        return loss * float("nan") if len(steps) == 2 else loss
+
+    monkeypatch.setattr(loop, "optimisation_step", nan_at_the_second_step)
+    capsys.readouterr()
+    argv = ["train", "--resume", str(out), "--max-iters", "20", "--set", "checkpoint.interval=1"]
+    assert "the training loss became nan at step 12; the last good checkpoint is kept" in fails(argv, capsys, 1)
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-0000010", "step-0000011"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000011"]
+    run_info = json.loads((out / "run.json").read_text())
+    assert (run_info["latest"], run_info["step"]) == ("step-0000011", 11)
+    last_good = out / "checkpoints" / "step-0000011"
+    assert (out / "model.safetensors").read_bytes() == (last_good / "model.safetensors").read_bytes()
+    assert checkpoint.load_state(last_good)["step"] == 11
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(corpus, tmp_path, capsys):
