@@ -182,6 +182,6 @@ def test_stop_cancels_what_does_not_finish_within_the_grace(model):
     backend = CountingBackend([7] * 10_000, tok.vocab_size, context_length=100_000)
     engine = Engine(backend, tok, EngineLimits(max_running=1, kv_budget_tokens=100_000))
     engine.start()
-    handle = engine.submit([1, 2], SamplingConfig(temperature=0, max_tokens=50_000))
+    handle = engine.submit([1, 2], SamplingConfig(temperature=0, max_tokens=50_000, repetition_stop=False))
     engine.stop(grace_s=0.1)
     assert handle.done and handle.result.reason == "cancelled"

@@ -354,6 +354,7 @@ def test_ctrl_c_prints_the_finished_chunk_summaries_and_exits_130(tiny_models, t
         "GPTCLI_TEST_CONTEXT": "600",
         "GPTCLI_TEST_SCRIPT": json.dumps(script),
         "GPTCLI_TEST_DELAY": "0.01",
+        "GPTCLI_REPETITION_STOP": "0",  # the endless chunk must not be cut as a loop
     }
     args = ["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted", "--parallel", "1"]
     args += ["--chunk-tokens", "200", "--overlap", "0", "--max-tokens", "4000", "--json"]

@@ -177,9 +177,7 @@ class LeanDecoder(LeanModel):
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
 
         for i, layer in enumerate(self.layers):
-            y = self._rms(x, layer.attn_norm) @ layer.qkv
-            if layer.qkv_bias is not None:
-                y = y + layer.qkv_bias
+            y = self._mm(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
             q = y[:, :q_end].view(n, self.heads, hd)
             k = y[:, q_end:k_end].view(n, self.kv_heads, hd)
             if layer.q_norm is not None and layer.k_norm is not None:
@@ -187,18 +185,16 @@ class LeanDecoder(LeanModel):
             cos, sin = cos_sin[id(layer.rope)]
             q, k = rope(q.transpose(0, 1), cos, sin), rope(k.transpose(0, 1), cos, sin)
             v = y[:, k_end:].view(n, self.kv_heads, hd).transpose(0, 1)
-            attended = self._attend_spans(q, k, v, i, spans) @ layer.out
-            if layer.out_bias is not None:
-                attended = attended + layer.out_bias
+            attended = self._mm(self._attend_spans(q, k, v, i, spans), layer.out, layer.out_bias)
             if layer.post_attn_norm is not None:
                 attended = self._rms(attended, layer.post_attn_norm)
             x = x + attended
-            gate, up = (self._rms(x, layer.mlp_norm) @ layer.gate_up).chunk(2, -1)
-            mlp = (self.activation(gate) * up) @ layer.down
+            gate, up = self._mm(self._rms(x, layer.mlp_norm), layer.gate_up).chunk(2, -1)
+            mlp = self._mm(self.activation(gate) * up, layer.down)
             if layer.post_mlp_norm is not None:
                 mlp = self._rms(mlp, layer.post_mlp_norm)
             x = x + mlp
-        return (self._rms(self._last_rows(x, spans), self.norm) @ self.head).float()
+        return self._mm(self._rms(self._last_rows(x, spans), self.norm), self.head).float()
 
 
 class LeanGPT2(LeanModel):
@@ -246,12 +242,12 @@ class LeanGPT2(LeanModel):
         x = self._embed(ids) + self.wpe[positions]
         d = self.heads * self.head_dim
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_fc, b_fc, w_proj, b_proj) in enumerate(self.layers):
-            y = torch.addmm(b_qkv, self._ln(x, ln1), w_qkv)
+            y = self._mm(self._ln(x, ln1), w_qkv, b_qkv)
             q, k, v = (y[:, j * d : (j + 1) * d].view(n, self.heads, self.head_dim).transpose(0, 1) for j in range(3))
-            x = x + torch.addmm(b_o, self._attend_spans(q, k, v, i, spans), w_o)
-            hidden = F.gelu(torch.addmm(b_fc, self._ln(x, ln2), w_fc), approximate="tanh")
-            x = x + torch.addmm(b_proj, hidden, w_proj)
-        return (self._ln(self._last_rows(x, spans), self.ln_f) @ self.head).float()
+            x = x + self._mm(self._attend_spans(q, k, v, i, spans), w_o, b_o)
+            hidden = F.gelu(self._mm(self._ln(x, ln2), w_fc, b_fc), approximate="tanh")
+            x = x + self._mm(hidden, w_proj, b_proj)
+        return self._mm(self._ln(self._last_rows(x, spans), self.ln_f), self.head).float()
 
 
 def build(config: Architecture | Mapping[str, Any], files: list[Path], device: str, dtype: torch.dtype) -> LeanModel:
