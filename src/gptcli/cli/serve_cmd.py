@@ -66,7 +66,17 @@ def serve(
             f"listening on {host} would let anyone who can reach it use the model",
             hint="pass --api-key KEY (or set GPTCLI_API_KEY), or --insecure-no-key if that is what you want",
         )
-    settings = c.resolve_settings_from(config, locals()).settings
+    settings = c.resolve_settings(
+        config,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
         app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name)
