@@ -163,11 +163,14 @@ class ChatSession:
         """Append a user message (saved at once) and start the reply."""
         if not text.strip():
             raise InputError("the message is empty")
-        self.conversation.messages.append({"role": "user", "content": text, "time": now()})
+        conv = self.conversation
+        conv.messages.append({"role": "user", "content": text, "time": now()})
+        start = conv.window_start
         try:
             turn = self._reply(self.fit())
-        except GptcliError:  # not sent (too long, or a server that refused it): not kept either
-            self.conversation.messages.pop()
+        except GptcliError:  # not sent (too long, or a server that refused it): not kept, nothing dropped for it
+            conv.messages.pop()
+            conv.window_start = start
             raise
         self.save()
         return turn
