@@ -8,14 +8,18 @@ local run does: at temperature 0 the text must then be the text of the same comm
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_server import free_port, serve_process
+from tests.conftest import REPO, run_cli
+from tests.test_server import free_port, scripted_env, serve_process
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -213,3 +217,24 @@ def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
     # 50 - 10 kept for the reply = 40: each window sent held the last exchange and the new message (33).
     assert server.sent == [1, 3, 3] and chat.conversation.window_start == 2
     assert chat.budget_line() == "about 38 used / 12 left of 50 (up to 10 per reply)"  # and its reply now
+
+
+def test_ctrl_c_keeps_what_was_printed_and_exits_130(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    text = "Once upon a time there was a tiny model that wanted to write poems about autumn leaves. " * 3
+    env = scripted_env(Tokenizer(tiny_models["llama"]), text, delay=0.05)  # a slow server: 20 tokens a second
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (_, url):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "gptcli", "generate", "x", "--url", url + "/v1", "-n", "100", "--raw"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        first = os.read(client.stdout.fileno(), 100)  # the reply has begun
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+    printed = (first + out).decode()
+    assert client.returncode == 130, err.decode()
+    assert printed.strip() and text.startswith(printed.rstrip("\n")) and len(printed) < len(text)
+    assert err.decode().rstrip().endswith("interrupted") and b"Traceback" not in err
