@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,3 +239,47 @@ def test_ctrl_c_keeps_what_was_printed_and_exits_130(tiny_models):
     assert client.returncode == 130, err.decode()
     assert printed.strip() and text.startswith(printed.rstrip("\n")) and len(printed) < len(text)
     assert err.decode().rstrip().endswith("interrupted") and b"Traceback" not in err
+
+
+def running(url: str) -> float:
+    """The server's running sequences, from its /metrics."""
+    import re
+
+    import httpx
+
+    return float(re.search(r"^gptcli_running_sequences (\S+)$", httpx.get(url + "/metrics").text, re.M).group(1))
+
+
+def test_ctrl_c_during_summarize_prints_the_partial_result_and_exits_130(tiny_models, tmp_path):
+    from gptcli.tokenizer import Tokenizer
+
+    env = scripted_env(Tokenizer(tiny_models["llama"]), "x", delay=0.05)
+    env = {**env, "GPTCLI_TEST_CONTEXT": "600", "GPTCLI_TEST_SCRIPT": json.dumps([7] * 5000)}  # no end of sequence
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT * 3)
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (_, url):
+        args = ["summarize", str(doc), "--url", url + "/v1", "--strategy", "map-reduce", "--chunk-tokens", "60"]
+        client = subprocess.Popen(
+            [sys.executable, "-m", "gptcli", *args, "-n", "400", "--parallel", "3", "--overlap", "0", "--json"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(300):  # until the server decodes the three calls the client sent together
+            if running(url) == 3 or client.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert running(url) == 3
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 130, err.decode()
+        data = json.loads(out)
+        assert data["partial"] is True and data["partials"] == [] and data["parallel"] == 3
+        assert "0 of " in err.decode() and "chunk summaries were finished" in err.decode()
+        assert b"Traceback" not in err
+        # The threads closed their connections: the server stops decoding for them.
+        for _ in range(100):
+            if running(url) == 0:
+                break
+            time.sleep(0.1)
+        assert running(url) == 0
