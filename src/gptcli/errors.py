@@ -54,6 +54,10 @@ class InputError(GptcliError):
     http_status = 400
 
 
+class ContextLengthError(InputError):
+    """A prompt that does not fit the model's context, as a server says it (OpenAI's context_length_exceeded)."""
+
+
 class QueueFullError(InputError):
     """The engine already holds as many waiting sequences as it may (server: 503 with Retry-After)."""
 

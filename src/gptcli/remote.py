@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,12 +21,26 @@ from typing import Any
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
-from gptcli.errors import GptcliError, InputError, ModelError, RemoteError
+from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError
 
 DEFAULTS = SamplingConfig()
 # Parameters beyond OpenAI's own: sent only when set away from gptcli's defaults, since api.openai.com
 # refuses names it does not know (vLLM, llama.cpp and gptcli serve accept them).
 EXTRAS = {"top_k": 0, "min_p": DEFAULTS.min_p, "repetition_penalty": 1.0}
+
+CHARS_PER_TOKEN = 4
+
+
+class EstimatedTokenizer:
+    """A served model's tokenizer when it is not here: 4 characters a token (English; code takes more)."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+
+    def decode(self, pieces: Sequence[str]) -> str:
+        return "".join(pieces)
 
 
 @dataclass
@@ -111,6 +128,10 @@ def _opener() -> Callable[..., Reply]:
     return _open_httpx
 
 
+# How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
+_CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
+
+
 class RemoteModel:
     """One model behind an OpenAI-compatible base URL (…/v1)."""
 
@@ -170,6 +191,8 @@ class RemoteModel:
         message = " ".join((message or _REASONS.get(status, "request failed")).split())
         if status == 404 and (code == "model_not_found" or "model" in message.lower()):
             return ModelError(f"{where}: {message}", hint="`curl <url>/models` lists what it serves")
+        if status == 400 and (code == "context_length_exceeded" or _CONTEXT_WORDS.search(message)):
+            return ContextLengthError(f"{where}: {message}")
         if status in (400, 413, 422):
             return InputError(f"{where}: {message}")
         if status in (401, 403):
@@ -227,6 +250,49 @@ class RemoteModel:
 
     def complete(self, prompt: str, params: SamplingConfig) -> Iterator[Event]:
         return self._stream("/completions", {"prompt": prompt, **self._sampling(params)}, chat=False)
+
+    def chat_many(
+        self, requests: Sequence[Sequence[Mapping[str, str]]], params: SamplingConfig, parallel: int
+    ) -> Iterator[tuple[int, Event]]:
+        """(request index, event) for many chats sent `parallel` at a time from threads, so the server
+        batches them (as `engine.run_all` does locally). Ctrl-C stops them all: unfinished ones end "interrupted"."""
+        results: queue.Queue[tuple[int, Event | Exception]] = queue.Queue()
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        stop = threading.Event()
+        for index in range(len(requests)):
+            todo.put(index)
+
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    stream = self.chat(requests[index], params)
+                    for event in stream:
+                        results.put((index, event))
+                        if stop.is_set():
+                            stream.close()  # closes the connection: the server stops generating
+                except Exception as exc:  # raised in the caller's thread
+                    results.put((index, exc))
+
+        for _ in range(min(parallel, len(requests))):
+            threading.Thread(target=worker, daemon=True).start()
+        unfinished = set(range(len(requests)))
+        try:
+            while unfinished:
+                index, event = results.get()
+                if isinstance(event, Exception):
+                    raise event
+                if isinstance(event, Finished):
+                    unfinished.discard(index)
+                yield index, event
+        except KeyboardInterrupt:
+            for index in sorted(unfinished):
+                yield index, Finished("interrupted", Stats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0), "", ())
+        finally:
+            stop.set()
 
     def _sampling(self, params: SamplingConfig) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -8,7 +8,8 @@ map-reduce: split on paragraph, then sentence, then token boundaries into chunks
 The calls of one stage run concurrently through the engine (`parallel` sequences per backend step):
 decoding is bound by memory, so eight chunks summarised together cost little more than one. With
 `parallel` > 1 the chunks are cut smaller, so that the batch has one chunk per place: several short
-chunks are also cheaper to read than one long one (attention grows with length).
+chunks are also cheaper to read than one long one (attention grows with length). Another way to run
+a stage's calls can be given (`calls`: an OpenAI-compatible server, `parallel` requests at a time).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, Token
+from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, EngineLimits, run_all
 from gptcli.errors import InputError, UsageError
 from gptcli.prompts import Messages, build_prompt, messages_for
@@ -57,6 +58,8 @@ class StageProgress:
 
 
 Progress = Callable[[StageProgress], None]
+# Runs a stage's calls (each the messages of one prompt) and yields (call index, event) as they come.
+StageCalls = Callable[[list[Messages], SamplingConfig], Iterator[tuple[int, Event]]]
 
 
 class SummaryInterrupted(Exception):
@@ -176,7 +179,8 @@ def _plain_summary_prompt(messages: Messages) -> str:
 
 
 class Summarizer:
-    """Runs the summary pipeline over one loaded model (backend + tokenizer)."""
+    """Runs the summary pipeline over one loaded model (backend + tokenizer), or over `calls` made
+    elsewhere (then `backend` is None, `context_length` is that model's, and `tokenizer` may estimate)."""
 
     def __init__(
         self,
@@ -189,6 +193,8 @@ class Summarizer:
         variables: dict[str, str] | None = None,
         parallel: int | None = None,
         kv_budget_tokens: int | None = None,
+        calls: StageCalls | None = None,
+        context_length: int | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -197,9 +203,13 @@ class Summarizer:
         self.progress = progress or (lambda update: None)
         # Only the variables this template uses (a user's own summarize template may not have them all).
         self.variables = {k: v for k, v in (variables or {}).items() if k in template.fields}
-        self.context = int(backend.info.context_length)
         if parallel is not None and parallel < 1:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
+        if calls is not None:
+            self.calls, self.context, self.parallel = calls, int(context_length or 0), parallel or DEFAULT_PARALLEL
+            return
+        self.calls = self._engine_calls
+        self.context = int(backend.info.context_length)
         limits = EngineLimits(max_running=parallel or DEFAULT_PARALLEL, kv_budget_tokens=kv_budget_tokens)
         self.engine = Engine(backend, tokenizer, limits)
         # Without --parallel: as many chunks at once as the KV budget holds at a typical chunk's size.
@@ -217,6 +227,10 @@ class Summarizer:
 
     def prompt_ids(self, system: str | None, user: str) -> list[int]:
         return build_prompt(self.tokenizer, messages_for(user, system), plain=_plain_summary_prompt).ids
+
+    def _engine_calls(self, requests: list[Messages], sampling: SamplingConfig) -> Iterator[tuple[int, Event]]:
+        prompts = (build_prompt(self.tokenizer, messages, plain=_plain_summary_prompt).ids for messages in requests)
+        return run_all(self.engine, [(ids, sampling) for ids in prompts])
 
     def _render(self, combine: bool, text: str) -> tuple[str | None, str]:
         if not combine:
@@ -333,13 +347,13 @@ class Summarizer:
     def _calls(self, stage: str, level: int, texts: list[str], result: SummaryResult) -> list[str]:
         """Run one stage's calls concurrently; their summaries in input order. Ctrl-C keeps what finished."""
         label = stage if stage != "combine" else f"combine {level}"
-        prompts = [self.prompt_ids(*self._render(stage == "combine", text)) for text in texts]
+        requests = [messages_for(user, system) for system, user in (self._render(stage == "combine", t) for t in texts)]
         outputs: list[str | None] = [None] * len(texts)
         generated = [0] * len(texts)
         began = time.perf_counter()
         self.progress(StageProgress(label, 0, len(texts)))
         done = 0
-        for index, event in run_all(self.engine, [(ids, self.sampling) for ids in prompts]):
+        for index, event in self.calls(requests, self.sampling):
             if isinstance(event, Token):
                 if event.id is not None:
                     generated[index] += 1
@@ -357,7 +371,7 @@ class Summarizer:
                 Call(
                     stage=stage,
                     level=level,
-                    prompt_tokens=len(prompts[index]),
+                    prompt_tokens=event.stats.prompt_tokens,
                     input_tokens=self.count(texts[index]),
                     output_tokens=event.stats.new_tokens,
                     seconds=round(event.stats.total_s, 4),

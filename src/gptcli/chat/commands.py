@@ -45,14 +45,13 @@ def help_text() -> str:
 
 def show_text(chat: ChatSession, backend_name: str = "") -> str:
     conv = chat.conversation
-    used, left = chat.budget()
     s = chat.settings.sampling
     dropped = conv.window_start
     lines = [
-        f"model              {conv.model}" + (f" ({backend_name}/{chat.backend.info.device})" if backend_name else ""),
+        f"model              {conv.model}{chat.where(backend_name)}",
         f"conversation       {conv.id} ({len(conv.messages)} messages)",
         f"system             {conv.system or '-'}",
-        f"tokens             {used} used / {left} left of {chat.context_length} (up to {s.max_tokens} per reply)",
+        f"tokens             {chat.budget_line()}",
         "trimmed            " + (f"{dropped} oldest messages no longer sent to the model" if dropped else "none"),
     ]
     for key in SAMPLING_KEYS:

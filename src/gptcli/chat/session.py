@@ -88,7 +88,7 @@ class ChatSession:
         self.settings = settings
         if conversation.sampling:
             self.settings = with_sampling(settings, **conversation.sampling)
-        self.kv = KVSession(backend)
+        self._fresh_cache()
         self.last_stats: Stats | None = None
         self.prompt_tokens = 0
         self._warned_trim = False
@@ -99,6 +99,21 @@ class ChatSession:
     def context_length(self) -> int:
         return int(self.backend.info.context_length)
 
+    def _fresh_cache(self) -> None:
+        """An empty KV cache: the next turn prefills the whole window."""
+        self.kv = KVSession(self.backend)
+
+    def where(self, backend_name: str) -> str:
+        """Where the model runs, for /show."""
+        return f" ({backend_name}/{self.backend.info.device})" if backend_name else ""
+
+    def budget_line(self) -> str:
+        """The /show line on the token budget."""
+        used, left = self.budget()
+        return (
+            f"{used} used / {left} left of {self.context_length} (up to {self.settings.sampling.max_tokens} per reply)"
+        )
+
     def reserve(self) -> int:
         """Room kept free for the reply."""
         return max(1, min(self.settings.sampling.max_tokens, self.context_length // 2))
@@ -108,29 +123,33 @@ class ChatSession:
 
     def fit(self) -> list[int]:
         """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit."""
-        conv = self.conversation
         ids = self.encode_window()
         limit = self.context_length - self.reserve()
-        dropped = 0
         while len(ids) > limit:
-            nxt = self._next_exchange_start(conv.window_start)
-            if nxt is None:
+            if not self.drop_oldest_exchange():
                 raise InputError(
                     f"the message needs {len(ids)} tokens with the chat template; "
                     f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
                     hint="shorten it, or lower max_tokens with /set max_tokens N",
                 )
-            dropped += nxt - conv.window_start
-            conv.window_start = nxt
             ids = self.encode_window()
-        if dropped and not self._warned_trim:
+        self.prompt_tokens = len(ids)
+        return ids
+
+    def drop_oldest_exchange(self) -> bool:
+        """Stop sending the oldest exchange (never the system message, nor the last user message)."""
+        conv = self.conversation
+        nxt = self._next_exchange_start(conv.window_start)
+        if nxt is None:
+            return False
+        conv.window_start = nxt
+        if not self._warned_trim:
             self.warn(
                 "the conversation outgrew the context: the oldest exchanges are no longer sent to the model "
                 "(they stay saved; /show says how many)"
             )
             self._warned_trim = True
-        self.prompt_tokens = len(ids)
-        return ids
+        return True
 
     def _next_exchange_start(self, start: int) -> int | None:
         """Index of the second user message at or after `start` (so the last one is always kept)."""
@@ -144,14 +163,17 @@ class ChatSession:
         """Append a user message (saved at once) and start the reply."""
         if not text.strip():
             raise InputError("the message is empty")
-        self.conversation.messages.append({"role": "user", "content": text, "time": now()})
+        conv = self.conversation
+        conv.messages.append({"role": "user", "content": text, "time": now()})
+        start = conv.window_start
         try:
-            ids = self.fit()
-        except InputError:
-            self.conversation.messages.pop()
+            turn = self._reply(self.fit())
+        except GptcliError:  # not sent (too long, or a server that refused it): not kept, nothing dropped for it
+            conv.messages.pop()
+            conv.window_start = start
             raise
         self.save()
-        return self._reply(ids)
+        return turn
 
     def retry(self) -> Turn:
         """Drop the last reply and generate it again for the same user message."""
@@ -164,7 +186,7 @@ class ChatSession:
 
     def _reply(self, ids: list[int]) -> Turn:
         if not self.reuse_context:
-            self.kv = KVSession(self.backend)
+            self._fresh_cache()
         return Turn(self, generate(self.backend, self.tokenizer, ids, self.settings.sampling, session=self.kv))
 
     def _record_reply(self, text: str, interrupted: bool, stats: Stats | None) -> None:
@@ -172,7 +194,7 @@ class ChatSession:
         if interrupted:
             message["interrupted"] = True
             # An interrupt can land inside a forward pass and leave the cache half-written: start clean.
-            self.kv = KVSession(self.backend)
+            self._fresh_cache()
         if stats is not None:
             self.last_stats = stats
             message["stats"] = stats.as_dict()

@@ -19,6 +19,8 @@ __all__ = ["ReplyInterrupts", "SecondInterrupt", "chat", "run_piped"]
 
 def chat(
     model: c.ModelOpt = None,
+    url: c.UrlOpt = None,
+    api_key: c.ApiKeyOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -54,11 +56,23 @@ def chat(
       gptcli chat --system "You are terse." --temperature 0.3
       gptcli chat --continue
       printf 'Hi\\nWhat did I just say?\\n' | gptcli chat
+      gptcli chat --url http://127.0.0.1:8080/v1    # the model runs on that server
     """
     from gptcli.chat import ChatSession, ConversationStore
     from gptcli.chat.session import open_conversation
+    from gptcli.cli.remote_run import check_client_flags
     from gptcli.runtime import open_runtime
 
+    check_client_flags(
+        url,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     if continue_ and resume:
         raise UsageError("--continue and --resume cannot be used together")
     resolved = resolve_settings(
@@ -83,24 +97,30 @@ def chat(
     )
     store = ConversationStore()
     settings, conversation = open_conversation(resolved, store, latest=continue_, ref=resume)
-    runtime = open_runtime(settings, render.note)
-    session = ChatSession(
-        runtime.backend,
-        runtime.tokenizer,
-        settings,
-        conversation,
-        store,
-        warn=render.warn,
-        reuse_context=not no_reuse,
-    )
-    if settings.system and not runtime.tokenizer.chat_template:
-        render.warn("this model has no chat template: the conversation is sent as a plain transcript")
+    if url is not None:
+        from gptcli.cli.remote_run import open_remote, remote_chat_session
+
+        session, where = remote_chat_session(open_remote(url, api_key, model), settings, conversation, store), "remote"
+    else:
+        runtime = open_runtime(settings, render.note)
+        session = ChatSession(
+            runtime.backend,
+            runtime.tokenizer,
+            settings,
+            conversation,
+            store,
+            warn=render.warn,
+            reuse_context=not no_reuse,
+        )
+        if settings.system and not runtime.tokenizer.chat_template:
+            render.warn("this model has no chat template: the conversation is sent as a plain transcript")
+        where = runtime.backend.name
     if isatty(sys.stdin) and isatty(sys.stdout):
         from gptcli.cli.chat_repl import Repl
 
-        Repl(session, runtime.backend.name, markdown=not plain).run()
+        Repl(session, where, markdown=not plain).run()
     else:
-        run_piped(session, runtime.backend.name)
+        run_piped(session, where)
 
 
 def run_piped(session: Any, backend_name: str) -> None:

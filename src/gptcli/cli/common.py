@@ -151,3 +151,21 @@ SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System me
 OverflowOpt = Annotated[
     str | None, typer.Option("--on-overflow", help="error | truncate: a prompt longer than the context.")
 ]
+# Client mode: the model runs on an OpenAI-compatible server (gptcli serve, llama-server, ollama, vLLM).
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Run on an OpenAI-compatible server at this base URL (…/v1); -m names its model.",
+        show_default=False,
+    ),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="OPENAI_API_KEY",
+        help="With --url: the server's key (gptcli serve --api-key).",
+        show_default=False,
+    ),
+]

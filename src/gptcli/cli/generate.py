@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,13 +13,15 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.inputs import gather_prompt
 from gptcli.cli.settings import resolve_settings
-from gptcli.errors import EXIT_INTERRUPTED, UsageError
+from gptcli.errors import UsageError
 
 
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt. Combined after stdin when both are given.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from a file.")] = None,
     model: c.ModelOpt = None,
+    url: c.UrlOpt = None,
+    api_key: c.ApiKeyOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -71,7 +72,24 @@ def generate(
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
       gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
+      gptcli generate "hi" --url http://127.0.0.1:8080/v1    # the model runs on that server
     """
+    from gptcli.cli.remote_run import check_client_flags
+
+    check_client_flags(
+        url,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        kv_budget=kv_budget,
+        on_overflow=on_overflow,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    if url is not None and batch is not None:
+        raise UsageError("--batch does not work with --url yet", hint="run the batch here, without --url")
     resolved = resolve_settings(
         config,
         model=model,
@@ -127,6 +145,11 @@ def generate(
                 text = f"{system_text}\n\n{text}"
             else:
                 settings = replace(settings, system=system_text)
+    if url is not None:
+        from gptcli.cli.remote_run import open_remote, run_remote_generation
+
+        remote = open_remote(url, api_key, model)
+        return run_remote_generation(remote, settings, text, raw=raw, as_json=as_json, show_stats=stats)
     run_generation(settings, text, raw=raw, as_json=as_json, show_stats=stats)
 
 
@@ -135,6 +158,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     import secrets
     from dataclasses import replace
 
+    from gptcli.cli.remote_run import stream_or_exit
     from gptcli.decoding import generate
     from gptcli.prompts import fit_prompt
     from gptcli.runtime import open_runtime
@@ -159,13 +183,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         render.warn(prompt.warning)
 
     events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
-    finished = None
-    with contextlib.suppress(KeyboardInterrupt):  # interrupted between events: what was written stays written
-        finished = render.stream_text(events, show=not as_json)
-    if finished is None or finished.reason == "interrupted":
-        render.stderr_console().print("interrupted", style="yellow")
-        raise typer.Exit(EXIT_INTERRUPTED)
-
+    finished = stream_or_exit(events, show=not as_json)
     if as_json:
         payload = {
             **render.result_fields(finished),

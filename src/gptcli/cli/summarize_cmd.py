@@ -31,6 +31,8 @@ def summarize(
         bool, typer.Option("--json", help="One JSON object: summary, chunks, token counts, timings.")
     ] = False,
     model: c.ModelOpt = None,
+    url: c.UrlOpt = None,
+    api_key: c.ApiKeyOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -57,11 +59,23 @@ def summarize(
       gptcli summarize big.txt --strategy map-reduce --chunk-tokens 1500 --overlap 100
       gptcli summarize notes.md --json
       gptcli summarize book.txt --parallel 4 --kv-budget 1GiB
+      cat doc.txt | gptcli summarize --url http://127.0.0.1:8080/v1    # on that server, 8 calls at a time
     """
-    from gptcli.engine import parse_kv_budget
-    from gptcli.runtime import open_runtime
-    from gptcli.summarize import FORMATS, LENGTHS, Summarizer, SummaryInterrupted, SummaryOptions
+    from gptcli.cli.remote_run import check_client_flags
+    from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions
     from gptcli.templates import apply_sampling_defaults, get_template
+
+    check_client_flags(
+        url,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        threads=threads,
+        kv_budget=kv_budget,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
 
     options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
     options.check()
@@ -88,18 +102,17 @@ def summarize(
     if resolved.sources["sampling.max_tokens"] == "default":
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
     text = _read_input(file)
-    runtime = open_runtime(settings, render.note)
-    budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     with render.StageProgress() as progress:
-        summarizer = Summarizer(
-            runtime.backend,
-            runtime.tokenizer,
+        summarizer, where = _summarizer(
+            url,
+            api_key,
+            model,
+            settings,
             template,
-            settings.sampling,
             progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
             variables={"length": LENGTHS[length][0], "format": FORMATS[fmt]},
             parallel=parallel,
-            kv_budget_tokens=budget,
+            kv_budget=kv_budget,
         )
         try:
             result = summarizer.run(text, options)
@@ -114,16 +127,33 @@ def summarize(
             f"{result.combine_levels} combine level(s)"
         )
     if as_json:
-        payload = {
-            **result.as_dict(),
-            "model": runtime.model.name,
-            "backend": runtime.backend.name,
-            "device": runtime.backend.info.device,
-        }
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        print(json.dumps({**result.as_dict(), **where}, ensure_ascii=False, indent=2))
     else:
         sys.stdout.write(result.summary.rstrip("\n") + "\n")
         sys.stdout.flush()
+
+
+def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options):
+    """The Summarizer over the model loaded here, or over a server's (--url); and where it runs, for --json."""
+    if url is not None:
+        from gptcli.cli.remote_run import open_remote, remote_summarizer
+
+        remote = open_remote(url, api_key, model)
+        return remote_summarizer(remote, template, settings.sampling, **options), {
+            "model": remote.model,
+            "url": remote.base_url,
+        }
+    from gptcli.engine import parse_kv_budget
+    from gptcli.runtime import open_runtime
+    from gptcli.summarize import Summarizer
+
+    runtime = open_runtime(settings, render.note)
+    budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
+    summarizer = Summarizer(
+        runtime.backend, runtime.tokenizer, template, settings.sampling, kv_budget_tokens=budget, **options
+    )
+    where = {"model": runtime.model.name, "backend": runtime.backend.name, "device": runtime.backend.info.device}
+    return summarizer, where
 
 
 def _detail(update) -> str:

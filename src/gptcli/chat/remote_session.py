@@ -1,0 +1,109 @@
+"""A conversation with a model on an OpenAI-compatible server (`gptcli chat --url`).
+
+The window goes to the server as messages and the server applies its own chat template. Sizes come
+from the model's tokenizer when it is here, else from an estimate (the `tokenizer` given: see
+`gptcli.remote.EstimatedTokenizer`). When the server reports its context, the oldest exchanges that
+would not fit are dropped before sending, as in a local chat; whatever the estimate says, a server's
+"context length exceeded" answer drops the oldest exchange and sends again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from gptcli.chat.conversation import Conversation, ConversationStore
+from gptcli.chat.session import ChatSession, Turn
+from gptcli.config import SamplingConfig, Settings
+from gptcli.decoding import Event
+from gptcli.errors import ContextLengthError
+
+MESSAGE_OVERHEAD = 4  # tokens a chat template adds around each message (role markers), roughly
+
+
+class ChatServer(Protocol):
+    """What the session needs of `gptcli.remote.RemoteModel`."""
+
+    base_url: str
+
+    def chat(self, messages: Sequence[Mapping[str, str]], params: SamplingConfig) -> Iterator[Event]: ...
+
+
+class RemoteChatSession(ChatSession):
+    """A ChatSession whose replies come from a server; saving, /commands and trimming are the local ones."""
+
+    def __init__(
+        self,
+        server: ChatServer,
+        tokenizer: Any,
+        settings: Settings,
+        conversation: Conversation,
+        store: ConversationStore | None = None,
+        warn: Callable[[str], None] = lambda _: None,
+        *,
+        context_length: int | None = None,
+    ) -> None:
+        self.server = server
+        self.server_context = context_length  # None: the server does not say
+        super().__init__(None, tokenizer, settings, conversation, store, warn, reuse_context=False)
+
+    def _fresh_cache(self) -> None:
+        self.kv = None  # the server keeps (and re-uses) its own cache
+
+    @property
+    def context_length(self) -> int:
+        return self.server_context or 0
+
+    def where(self, backend_name: str) -> str:
+        return f" (at {self.server.base_url})"
+
+    def estimate(self) -> int:
+        window = self.conversation.window()
+        return sum(len(self.tokenizer.encode(m["content"])) + MESSAGE_OVERHEAD for m in window)
+
+    def budget(self) -> tuple[int, int]:
+        used = self.estimate()
+        return used, max(self.context_length - used, 0)
+
+    def budget_line(self) -> str:
+        per_reply = f"up to {self.settings.sampling.max_tokens} per reply"
+        if not self.server_context:
+            return f"about {self.estimate()} used; the server does not say its context ({per_reply})"
+        used, left = self.budget()
+        return f"about {used} used / {left} left of {self.context_length} ({per_reply})"
+
+    def fit(self) -> list[dict[str, str]]:  # type: ignore[override]
+        """The window as messages, without the oldest exchanges that would not fit (by the estimate)."""
+        if self.server_context:
+            limit = self.server_context - self.reserve()
+            while self.estimate() > limit and self.drop_oldest_exchange():
+                pass
+        self.prompt_tokens = self.estimate()
+        return self.conversation.window()
+
+    def _reply(self, window: list[dict[str, str]]) -> Turn:  # type: ignore[override]
+        """Send the window; on "context length exceeded", drop the oldest exchange and send again.
+
+        The request is made here, not when the reply is read, so that a refusal is an error of this
+        turn (the message is not kept) rather than one in the middle of streaming it.
+        """
+        while True:
+            events = self.server.chat(window, self.settings.sampling)
+            try:
+                first = next(events)
+            except ContextLengthError:
+                if not self.drop_oldest_exchange():
+                    raise
+                window = self.conversation.window()
+                continue
+            return Turn(self, _prepend(first, events))
+
+
+def _prepend(first: Event, events: Iterator[Event]) -> Iterator[Event]:
+    """`first`, then the rest; closing it closes `events` (and so the connection)."""
+    try:
+        yield first
+        yield from events
+    finally:
+        if hasattr(events, "close"):
+            events.close()

@@ -1,0 +1,143 @@
+"""Client mode (`--url`): generate, chat and summarize with the model on an OpenAI-compatible server.
+
+The model runs there (gptcli serve, llama-server, ollama, vLLM); the sampling settings are sent with
+every request. Token counts use the served model's tokenizer when it is here (a catalogue model in
+the cache, or a folder of that name), else an estimate of 4 characters a token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gptcli.cli import render
+from gptcli.errors import EXIT_INTERRUPTED, UsageError
+
+DEFAULT_CONTEXT = 4096  # for summarize, when the server does not say its model's context
+
+
+def check_client_flags(url: str | None, **flags: Any) -> None:
+    """Flags about running the model here make no sense with --url: a usage error (exit 2) names them."""
+    given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value not in (None, False)]
+    if url is not None and given:
+        raise UsageError(
+            f"{', '.join(given)}: not used with --url (the model runs on the server)",
+            hint="drop them, or drop --url to run the model here",
+        )
+
+
+def open_remote(url: str, api_key: str | None, model: str | None) -> Any:
+    """The server's model (`model`, or the first it lists); a refused connection fails here, before any work."""
+    from gptcli.remote import RemoteModel
+
+    remote = RemoteModel(url, api_key=api_key, model=model)
+    render.note(f"using {remote.model} at {remote.base_url}")
+    return remote
+
+
+def served_tokenizer(name: str) -> Any:
+    """The served model's tokenizer when it is here (never fetched nor converted), else the estimate."""
+    from gptcli.models import ALIASES, CATALOGUE
+    from gptcli.paths import models_dir
+    from gptcli.remote import EstimatedTokenizer
+    from gptcli.tokenizer import Tokenizer
+
+    name = ALIASES.get(name, name)
+    folder = models_dir() / name if name in CATALOGUE else Path(name).expanduser()
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return Tokenizer(folder)
+        except Exception:  # an unreadable tokenizer only costs exact counts
+            pass
+    return EstimatedTokenizer()
+
+
+def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
+    """`generate --url`: the prompt as a user message (or raw text), streamed as a local one is."""
+    from gptcli.prompts import messages_for
+
+    if raw and settings.system:
+        render.warn("--system is ignored with --raw")
+    sampling = settings.sampling
+    events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
+    first = next(events)  # the request is made here: a refusal is an error before anything is printed
+    finished = stream_or_exit(itertools.chain([first], events), show=not as_json)
+    if as_json:
+        payload = {
+            **render.result_fields(finished),
+            "model": remote.model,
+            "url": remote.base_url,
+            "seed": sampling.seed,
+            "templated": not raw,
+        }
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    if show_stats:
+        print_remote_stats(finished, remote)
+
+
+def stream_or_exit(events: Any, *, show: bool) -> Any:
+    """Stream to stdout and return the Finished event; on Ctrl-C keep what was written and exit 130."""
+    import contextlib
+
+    finished = None
+    with contextlib.suppress(KeyboardInterrupt):  # interrupted between events: what was written stays written
+        finished = render.stream_text(events, show=show)
+    if finished is None or finished.reason == "interrupted":
+        render.stderr_console().print("interrupted", style="yellow")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    return finished
+
+
+def print_remote_stats(finished: Any, remote: Any) -> None:
+    """The `--stats` line: timings as the client saw them (network included), why it stopped, where it ran."""
+    from gptcli.timings import timings_line
+
+    line = f"{timings_line(finished.stats)} · finish {finished.reason} · {remote.model} at {remote.base_url}"
+    render.stderr_console().print(line, markup=False, style="dim")
+
+
+def remote_chat_session(remote: Any, settings: Any, conversation: Any, store: Any) -> Any:
+    """`chat --url`: the conversation (saved as a local one) with its replies from the server."""
+    from gptcli.chat.remote_session import RemoteChatSession
+
+    conversation.model = remote.model
+    return RemoteChatSession(
+        remote,
+        served_tokenizer(remote.model),
+        settings,
+        conversation,
+        store,
+        warn=render.warn,
+        context_length=remote.context_length,
+    )
+
+
+def remote_summarizer(remote: Any, template: Any, sampling: Any, *, parallel: int | None, **options: Any) -> Any:
+    """`summarize --url`: the one pipeline, each stage's calls sent `parallel` (8) at a time for the server to batch."""
+    from gptcli.summarize import DEFAULT_PARALLEL, Summarizer
+
+    context = remote.context_length
+    if context is None:
+        render.note(f"the server does not say its model's context: assuming {DEFAULT_CONTEXT} tokens")
+    threads = parallel or DEFAULT_PARALLEL
+
+    def calls(requests: list, params: Any) -> Any:
+        return remote.chat_many(requests, params, threads)
+
+    tokenizer = served_tokenizer(remote.model)
+    return Summarizer(
+        None,
+        tokenizer,
+        template,
+        sampling,
+        parallel=parallel,
+        calls=calls,
+        context_length=context or DEFAULT_CONTEXT,
+        **options,
+    )

@@ -1,0 +1,285 @@
+"""Client mode (`--url`): generate, chat and summarize against a real `gptcli serve` process.
+
+One server (the tiny Llama on the torch backend, behind a key) serves the whole module. It names its
+model by the model's folder, so the clients find the tokenizer here and count tokens exactly, as a
+local run does: at temperature 0 the text must then be the text of the same command run locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_server import free_port, scripted_env, serve_process
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+KEY = "sesame"
+DOCUMENT = "\n\n".join(
+    f"Chapter {i}. The river rose slowly through the night and the town watched it climb. "
+    "By morning the bridge was closed and the market moved to the hill."
+    for i in range(6)
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """`gptcli serve` of the tiny Llama; yields the model's folder and the client flags that reach it."""
+    # A context of 1024 (rotary positions: the weights do not change), so that summarize's instructions fit.
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama-1k"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    model = str(folder)
+    home = tmp_path_factory.mktemp("server-home")
+    env = {"GPTCLI_HOME": str(home), "XDG_CONFIG_HOME": str(home / "xdg"), "HF_HUB_OFFLINE": "1"}
+    env = {**env, "GPTCLI_BACKEND_PATHS": ""}
+    # serve_process asks for the scripted backend; the later --backend wins (click keeps the last value).
+    flags = ("--backend", "torch", "--api-key", KEY, "--served-model-name", model, "--log-level", "warning")
+    with serve_process(folder, *flags, env=env) as (_, url):
+        yield {"model": model, "url": url + "/v1"}
+
+
+def remote(server: dict[str, str], *args: str) -> tuple[str, ...]:
+    return (*args, "--url", server["url"], "--api-key", KEY)
+
+
+def ok(result: Any) -> str:
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+    return result.stdout.decode()
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
+def test_generate_gives_the_local_text(server, raw):
+    args = ("generate", "Once upon a time", "-t", "0", "-n", "12", *(["--raw"] if raw else []))
+    here = ok(run_cli(*args, "-m", server["model"]))
+    there = ok(run_cli(*remote(server, *args)))
+    assert there == here and there.strip()
+
+
+def test_generate_json_and_stats(server):
+    result = run_cli(*remote(server, "generate", "The capital of France is", "-t", "0", "-n", "6", "--json", "--stats"))
+    data = json.loads(ok(result))
+    assert data["model"] == server["model"] and data["url"] == server["url"] and data["templated"] is True
+    assert data["finish_reason"] in {"stop", "length"} and isinstance(data["text"], str)
+    usage = data["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert set(data["timings"]) == {"ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s"}
+    assert f"finish {data['finish_reason']} · {server['model']} at {server['url']}" in result.stderr.decode()
+
+
+def test_generate_templates_render_here(server):
+    args = ("generate", "Bonjour", "--to", "English", "-t", "0", "-n", "8")
+    assert ok(run_cli(*remote(server, *args))) == ok(run_cli(*args, "-m", server["model"]))
+
+
+def test_chat_pipe_two_turns_are_saved(server, isolated_home):
+    from gptcli.chat import ConversationStore
+
+    turns = "Hello there\n/show\nWhat did I just say?\n/stats\n"
+    here = ok(run_cli("chat", "-m", server["model"], "-t", "0", "-n", "8", input=turns))
+    # The key from the environment this time.
+    result = run_cli("chat", "--url", server["url"], "-t", "0", "-n", "8", input=turns, env={"OPENAI_API_KEY": KEY})
+    there = ok(result)
+    assert there == here
+    err = result.stderr.decode()
+    assert f"at {server['url']}" in err and "about " in err and "tok/s" in err  # /show, then /stats
+    conversations = ConversationStore().list()
+    assert len(conversations) == 2
+    saved = ConversationStore().latest()
+    assert saved.model == server["model"]
+    assert [m["role"] for m in saved.messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in saved.messages[::2]] == ["Hello there", "What did I just say?"]
+    replies = [m["content"] for m in saved.messages[1::2]]
+    assert there == "".join(r if r.endswith("\n") else r + "\n" for r in replies)
+    assert all("stats" in m for m in saved.messages[1::2])
+
+
+def test_summarize_gives_the_local_summary(server):
+    args = ("summarize", "-t", "0", "-n", "8", "--parallel", "4", "--chunk-tokens", "120", "--overlap", "0", "--json")
+    args += ("--strategy", "map-reduce")
+    here = json.loads(ok(run_cli(*args, "-m", server["model"], input=DOCUMENT)))
+    there = json.loads(ok(run_cli(*remote(server, *args), input=DOCUMENT)))
+    assert there["strategy"] == "map-reduce" and len(there["chunk_tokens"]) >= 2  # several calls, on threads
+    assert there["chunk_tokens"] == here["chunk_tokens"] and there["combine_levels"] == here["combine_levels"]
+    assert there["summary"] == here["summary"] and there["summary"]
+    assert there["url"] == server["url"] and len(there["calls"]) == len(here["calls"])
+
+
+def test_summarize_without_the_tokenizer_estimates(server):
+    # "default" is an alias the server answers to, and no model here: 4 characters a token.
+    result = run_cli(*remote(server, "summarize", "-m", "default", "-t", "0", "-n", "6"), input="A short note.")
+    assert ok(result).strip()
+    assert "does not say its model's context: assuming 4096 tokens" in result.stderr.decode()
+
+
+def test_a_wrong_key_is_one_clear_error(server):
+    result = run_cli("generate", "hi", "--url", server["url"], "--api-key", "wrong")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b""
+    assert err.startswith("error: ") and "401" in err.splitlines()[0] and "Traceback" not in err
+    assert "hint: pass --api-key KEY or set OPENAI_API_KEY" in err
+
+
+def test_a_refused_connection_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    for args in (("generate", "hi"), ("summarize",), ("chat",)):
+        result = run_cli(*args, "--url", url, input="some text")
+        err = result.stderr.decode()
+        assert result.returncode == 1 and result.stdout == b"", err
+        assert err.startswith(f"error: cannot connect to {url}") and "hint: is the server running?" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("generate", "hi", "--backend", "torch"),
+        ("generate", "hi", "--device", "cpu", "--dtype", "float32"),
+        ("generate", "--batch", "requests.jsonl"),
+        ("chat", "--precision", "int4"),
+        ("summarize", "--threads", "2"),
+    ],
+)
+def test_flags_for_a_local_model_are_usage_errors(args):
+    result = run_cli(*args, "--url", "http://127.0.0.1:9/v1", input="text")
+    assert result.returncode == 2, result.stderr.decode()
+    assert "--url" in result.stderr.decode() and "Traceback" not in result.stderr.decode()
+
+
+# ------------------------------------------------------------------ the chat session, without a server
+
+
+class Refusing:
+    """A server whose context holds `limit` messages: more are refused as OpenAI refuses them."""
+
+    base_url = "http://server/v1"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent: list[int] = []
+
+    def chat(self, messages, params) -> Iterator[Any]:
+        from gptcli.decoding import Finished, Stats, Token
+        from gptcli.errors import ContextLengthError
+
+        self.sent.append(len(messages))
+        if len(messages) > self.limit:
+            raise ContextLengthError("answered 400: maximum context length exceeded")
+        yield Token("ok", None, 0.0)
+        yield Finished("stop", Stats(len(messages), 0, 1, 0, 0.1, 0.1, 0.0, 0.1), "ok", ())
+
+
+def test_a_refused_window_drops_the_oldest_exchange_and_sends_again():
+    from gptcli.chat import Conversation
+    from gptcli.chat.remote_session import RemoteChatSession
+    from gptcli.config import Settings
+    from gptcli.errors import ContextLengthError
+    from gptcli.remote import EstimatedTokenizer
+
+    warnings: list[str] = []
+    server = Refusing(limit=4)
+    chat = RemoteChatSession(server, EstimatedTokenizer(), Settings(), Conversation(), warn=warnings.append)
+    for text in ("one", "two", "three"):
+        assert "".join(e.text for e in chat.say(text) if hasattr(e, "id")) == "ok"
+    assert server.sent == [1, 3, 5, 3]  # the third window was refused, then sent without the first exchange
+    assert chat.conversation.window_start == 2 and len(chat.conversation.messages) == 6  # all saved
+    assert len(warnings) == 1 and "outgrew the context" in warnings[0]
+    server.limit = 0  # nothing fits: the message is not kept
+    with pytest.raises(ContextLengthError):
+        chat.say("four")
+    assert len(chat.conversation.messages) == 6 and chat.conversation.window_start == 2
+
+
+def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
+    from gptcli.chat import Conversation
+    from gptcli.chat.remote_session import RemoteChatSession
+    from gptcli.config import SamplingConfig, Settings
+    from gptcli.remote import EstimatedTokenizer
+
+    server = Refusing(limit=100)
+    settings = Settings(sampling=SamplingConfig(max_tokens=10))
+    chat = RemoteChatSession(server, EstimatedTokenizer(), settings, Conversation(), context_length=50)
+    for text in ("x" * 40, "y" * 40, "z" * 40):  # 10 estimated tokens + 4 per message
+        list(chat.say(text))
+    # 50 - 10 kept for the reply = 40: each window sent held the last exchange and the new message (33).
+    assert server.sent == [1, 3, 3] and chat.conversation.window_start == 2
+    assert chat.budget_line() == "about 38 used / 12 left of 50 (up to 10 per reply)"  # and its reply now
+
+
+def test_ctrl_c_keeps_what_was_printed_and_exits_130(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    text = "Once upon a time there was a tiny model that wanted to write poems about autumn leaves. " * 3
+    env = scripted_env(Tokenizer(tiny_models["llama"]), text, delay=0.05)  # a slow server: 20 tokens a second
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (_, url):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "gptcli", "generate", "x", "--url", url + "/v1", "-n", "100", "--raw"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        first = os.read(client.stdout.fileno(), 100)  # the reply has begun
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+    printed = (first + out).decode()
+    assert client.returncode == 130, err.decode()
+    assert printed.strip() and text.startswith(printed.rstrip("\n")) and len(printed) < len(text)
+    assert err.decode().rstrip().endswith("interrupted") and b"Traceback" not in err
+
+
+def running(url: str) -> float:
+    """The server's running sequences, from its /metrics."""
+    import re
+
+    import httpx
+
+    return float(re.search(r"^gptcli_running_sequences (\S+)$", httpx.get(url + "/metrics").text, re.M).group(1))
+
+
+def test_ctrl_c_during_summarize_prints_the_partial_result_and_exits_130(tiny_models, tmp_path):
+    from gptcli.tokenizer import Tokenizer
+
+    env = scripted_env(Tokenizer(tiny_models["llama"]), "x", delay=0.05)
+    env = {**env, "GPTCLI_TEST_CONTEXT": "600", "GPTCLI_TEST_SCRIPT": json.dumps([7] * 5000)}  # no end of sequence
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT * 3)
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=env) as (_, url):
+        args = ["summarize", str(doc), "--url", url + "/v1", "--strategy", "map-reduce", "--chunk-tokens", "60"]
+        client = subprocess.Popen(
+            [sys.executable, "-m", "gptcli", *args, "-n", "400", "--parallel", "3", "--overlap", "0", "--json"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(300):  # until the server decodes the three calls the client sent together
+            if running(url) == 3 or client.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert running(url) == 3
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 130, err.decode()
+        data = json.loads(out)
+        assert data["partial"] is True and data["partials"] == [] and data["parallel"] == 3
+        assert "0 of " in err.decode() and "chunk summaries were finished" in err.decode()
+        assert b"Traceback" not in err
+        # The threads closed their connections: the server stops decoding for them.
+        for _ in range(100):
+            if running(url) == 0:
+                break
+            time.sleep(0.1)
+        assert running(url) == 0
