@@ -1,7 +1,8 @@
 import pytest
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token, generate
+from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token
+from gptcli.engine import generate
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
 

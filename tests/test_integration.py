@@ -71,7 +71,7 @@ def test_greedy_parity_with_transformers_generate(default_model, torch_backend, 
     import torch
 
     from gptcli.config import SamplingConfig
-    from gptcli.decoding import generate
+    from gptcli.engine import generate
     from gptcli.prompts import encode_prompt
     from gptcli.tokenizer import Tokenizer
 
@@ -107,7 +107,8 @@ def test_generate_answers_a_question(default_home):
 
 def test_chinese_and_emoji_stream_without_replacement_chars(default_model, torch_backend):
     from gptcli.config import SamplingConfig
-    from gptcli.decoding import Token, generate
+    from gptcli.decoding import Token
+    from gptcli.engine import generate
     from gptcli.prompts import encode_prompt
     from gptcli.tokenizer import Tokenizer
 

@@ -121,7 +121,7 @@ def live(runtime) -> Iterator[Live]:
 def reference(runtime: Any, prompt: str, max_tokens: int, *, raw: bool = False, stop: tuple[str, ...] = ()) -> Any:
     """What `gptcli generate` produces for this prompt alone at temperature 0 (the same loop, in-process)."""
     from gptcli.config import SamplingConfig
-    from gptcli.decoding import generate
+    from gptcli.engine import generate
     from gptcli.prompts import encode_prompt
 
     ids = encode_prompt(runtime.tokenizer, prompt, raw=raw).ids

@@ -4,7 +4,8 @@ import pytest
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, generate
+from gptcli.decoding import Finished
+from gptcli.engine import generate
 from gptcli.testing import check_backend_contract
 from gptcli.tokenizer import Tokenizer
 

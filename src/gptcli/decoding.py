@@ -2,14 +2,13 @@
 
 `SequenceDecoder` turns each row of logits a sequence receives into events (`Token`, then one
 `Finished`). The engine (gptcli.engine) feeds it: alone for generate and chat, many at a time in one
-batched backend step for summarize, batch files and the server. `generate()` is the pull-based form
-for one sequence.
+batched backend step for summarize, batch files and the server.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,22 +302,3 @@ class SequenceDecoder:
         self.finished = Finished(reason, stats, "".join(self.pieces), tuple(self.detok.ids))
         events.append(self.finished)
         return events
-
-
-def generate(
-    backend: Backend,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    params: SamplingConfig,
-    *,
-    session: KVSession | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Iterator[Event]:
-    """Stream one sequence's Token events, then one Finished. Ctrl-C ends it with reason 'interrupted'.
-
-    The same path as every batch: an engine running this one sequence (a compatibility entry point;
-    gptcli.engine.generate is the home).
-    """
-    from gptcli.engine import generate as engine_generate  # the engine sits above this module
-
-    return engine_generate(backend, tokenizer, prompt_ids, params, session=session, clock=clock)

@@ -1,7 +1,7 @@
 """A small client for any OpenAI-compatible server that yields the local loop's events.
 
 `RemoteModel.chat()` and `.complete()` stream from /v1/chat/completions and /v1/completions and
-yield `Token`s then one `Finished` with `Stats`, exactly like `gptcli.decoding.generate`, so chat,
+yield `Token`s then one `Finished` with `Stats`, exactly like `gptcli.engine.generate`, so chat,
 generate and summarize render a remote model unchanged. Server errors (HTTP status with OpenAI's
 error body), refused connections and timeouts become GptcliError subclasses with one-line messages.
 httpx is used when it is installed, the standard library otherwise.

@@ -198,7 +198,8 @@ def time_requests(
 ) -> LatencySamples:
     """Each prompt, `reps` times, one request after another (batch 1), timed from the raw text:
     chat template + tokenizer + prefill + sampling + detokenizer, i.e. what a user waits for."""
-    from gptcli.decoding import Finished, Token, generate
+    from gptcli.decoding import Finished, Token
+    from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
     def request(text: str) -> tuple[float, list[float], float, int, int, str]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from gptcli.chat.conversation import Conversation, ConversationStore, new_id, now
 from gptcli.config import Resolved, SamplingConfig, Settings, suggest, with_sampling
-from gptcli.decoding import Event, Finished, KVSession, Stats, Token, generate
+from gptcli.decoding import Event, Finished, KVSession, Stats, Token
+from gptcli.engine import generate
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.prompts import build_prompt, transcript
 

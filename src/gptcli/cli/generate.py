@@ -159,7 +159,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     from dataclasses import replace
 
     from gptcli.cli.remote_run import stream_or_exit
-    from gptcli.decoding import generate
+    from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
     from gptcli.runtime import open_runtime
 

@@ -12,7 +12,8 @@ def sample_text(model: Any, out: Path, cfg: TrainConfig, block: int, device: str
     """A short sample through the one decoding loop (gptcli.decoding), with its own RNG."""
     from gptcli.backends.base import ModelInfo
     from gptcli.config import SamplingConfig
-    from gptcli.decoding import Finished, generate
+    from gptcli.decoding import Finished
+    from gptcli.engine import generate
     from gptcli.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(out)
