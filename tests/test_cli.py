@@ -345,3 +345,14 @@ def test_resuming_a_chat_reuses_its_model_system_and_set_values(tiny_models, lla
         "0.2",
         "7",
     ]
+
+
+def test_a_looping_reply_stops_with_reason_repetition_unless_turned_off(tiny_models, llama_tok):
+    loop = llama_tok.encode(" I am glad you are happy.", add_special_tokens=False) * 40
+    env = scripted_env(loop, GPTCLI_TEST_CONTEXT="4096")
+    args = ["generate", "hi", "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "-n", "120"]
+    cut = json.loads(run_cli(*args, env=env).stdout)
+    assert cut["finish_reason"] == "repetition" and cut["usage"]["completion_tokens"] < 120
+    kept = run_cli(*args, "--no-repetition-stop", env=env)
+    assert json.loads(kept.stdout)["finish_reason"] == "length"
+    assert json.loads(run_cli(*args, env={**env, "GPTCLI_REPETITION_STOP": "0"}).stdout)["finish_reason"] == "length"

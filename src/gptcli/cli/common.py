@@ -146,6 +146,10 @@ MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens unde
 RepetitionPenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="1.0 = off.")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most new tokens to generate.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+RepetitionStopOpt = Annotated[
+    bool | None,
+    typer.Option("--repetition-stop/--no-repetition-stop", help="End a reply that only repeats itself (default on)."),
+]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System message for chat models.")]
 OverflowOpt = Annotated[

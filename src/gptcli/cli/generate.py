@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gptcli.cli import common as c
-from gptcli.cli import render
 from gptcli.cli.inputs import gather_prompt
 from gptcli.cli.settings import resolve_settings
 from gptcli.errors import UsageError
@@ -35,6 +32,7 @@ def generate(
     max_tokens: c.MaxTokensOpt = None,
     seed: c.SeedOpt = None,
     stop: c.StopOpt = None,
+    repetition_stop: c.RepetitionStopOpt = None,
     system: c.SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
     on_overflow: c.OverflowOpt = None,
@@ -106,6 +104,7 @@ def generate(
         max_tokens=max_tokens,
         seed=seed,
         stop=stop,
+        repetition_stop=repetition_stop,
         system=system,
         on_overflow=on_overflow,
         allow_pickle=allow_pickle,
@@ -150,51 +149,6 @@ def generate(
 
         remote = open_remote(url, api_key, model)
         return run_remote_generation(remote, settings, text, raw=raw, as_json=as_json, show_stats=stats)
+    from gptcli.cli.local_run import run_generation
+
     run_generation(settings, text, raw=raw, as_json=as_json, show_stats=stats)
-
-
-def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
-    """Load, fit the prompt, stream events to stdout; exit 130 after flushing on Ctrl-C."""
-    import secrets
-    from dataclasses import replace
-
-    from gptcli.cli.remote_run import stream_or_exit
-    from gptcli.engine import generate
-    from gptcli.prompts import fit_prompt
-    from gptcli.runtime import open_runtime
-
-    if settings.sampling.seed is None:
-        settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
-    runtime = open_runtime(settings, render.note)
-    if raw and settings.system:
-        render.warn("--system is ignored with --raw")
-    elif settings.system and not runtime.tokenizer.chat_template:
-        render.warn("this model has no chat template: --system is ignored")
-    prompt = fit_prompt(
-        runtime.tokenizer,
-        text,
-        context_length=runtime.backend.info.context_length,
-        max_tokens=settings.sampling.max_tokens,
-        on_overflow=settings.on_overflow,
-        system=settings.system,
-        raw=raw,
-    )
-    if prompt.warning:
-        render.warn(prompt.warning)
-
-    events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
-    finished = stream_or_exit(events, show=not as_json)
-    if as_json:
-        payload = {
-            **render.result_fields(finished),
-            "model": runtime.model.name,
-            "backend": runtime.backend.name,
-            "device": runtime.backend.info.device,
-            "dtype": runtime.backend.info.dtype,
-            "seed": settings.sampling.seed,
-            "templated": prompt.templated,
-        }
-        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    if show_stats:
-        render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)

@@ -1,0 +1,55 @@
+"""One completion from a model loaded here: load, fit the prompt, stream to stdout (generate's local path)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from gptcli.cli import render
+
+
+def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
+    """Load, fit the prompt, stream events to stdout; exit 130 after flushing on Ctrl-C."""
+    import secrets
+    from dataclasses import replace
+
+    from gptcli.cli.remote_run import stream_or_exit
+    from gptcli.engine import generate
+    from gptcli.prompts import fit_prompt
+    from gptcli.runtime import open_runtime
+
+    if settings.sampling.seed is None:
+        settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
+    runtime = open_runtime(settings, render.note)
+    if raw and settings.system:
+        render.warn("--system is ignored with --raw")
+    elif settings.system and not runtime.tokenizer.chat_template:
+        render.warn("this model has no chat template: --system is ignored")
+    prompt = fit_prompt(
+        runtime.tokenizer,
+        text,
+        context_length=runtime.backend.info.context_length,
+        max_tokens=settings.sampling.max_tokens,
+        on_overflow=settings.on_overflow,
+        system=settings.system,
+        raw=raw,
+    )
+    if prompt.warning:
+        render.warn(prompt.warning)
+
+    events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
+    finished = stream_or_exit(events, show=not as_json)
+    if as_json:
+        payload = {
+            **render.result_fields(finished),
+            "model": runtime.model.name,
+            "backend": runtime.backend.name,
+            "device": runtime.backend.info.device,
+            "dtype": runtime.backend.info.dtype,
+            "seed": settings.sampling.seed,
+            "templated": prompt.templated,
+        }
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    if show_stats:
+        render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
