@@ -45,6 +45,7 @@ SIZE_KEYS = {
     "vocab": ("vocab_size",),
 }
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+MAX_SIZE = 2**24  # past every real size (the longest context, Llama 4 Scout's, is 10M): a larger one is corrupt
 
 
 # --------------------------------------------------------------------------- config.json
@@ -210,6 +211,7 @@ class Architecture:
                 "transformer.wte.weight": ((self.vocab, self.hidden), ("vocab_size", "n_embd")),
                 "transformer.h.0.attn.c_attn.weight": ((self.hidden, 3 * self.hidden), ("n_embd", "n_embd")),
                 "transformer.h.0.mlp.c_fc.weight": ((self.hidden, self.intermediate), ("n_embd", "n_inner")),
+                "transformer.wpe.weight": ((self.context, self.hidden), ("n_positions", "n_embd")),
             }
             layer_prefix, layers_key = "transformer.h.", "n_layer"
         else:
@@ -272,8 +274,8 @@ def _size(cfg: Mapping[str, Any], keys: Iterable[str], where: str, *, known: boo
         if required and known:
             raise ModelError(f"{where}: {key} is missing", hint="fix or replace the config.json")
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _impossible(where, key, value, "must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+        _impossible(where, key, value, f"must be a positive integer, at most {MAX_SIZE:,}")
     return value
 
 
