@@ -73,12 +73,14 @@ def environment_error(exc: OSError) -> GptcliError | None:
 
     A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME).
     """
-    if exc.errno not in ENVIRONMENT_ERRNOS or not exc.filename:
+    if exc.errno not in ENVIRONMENT_ERRNOS:
         return None
+    cause = exc.strerror or str(exc)
+    if not exc.filename:  # a write to an open file: Python does not say which
+        return GptcliError(f"a write failed: {cause}", hint="set GPTCLI_DEBUG=1 to see where")
     path = Path(os.fsdecode(exc.filename))
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names
         path = path.parent
-    cause = exc.strerror or str(exc)
     if any(path == root or root in path.parents for root in (cache_dir(), data_dir())):
         home = home_dir()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if debug_enabled():
             raise
-        error = environment_error(exc) or _stdout_error(exc)
+        error = _stdout_error(exc) or environment_error(exc)
         report(error or _internal(exc))
         return error.exit_code if error else EXIT_RUNTIME
     except MemoryError as exc:
