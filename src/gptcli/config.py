@@ -95,7 +95,7 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("sampling.min_p", float, "--min-p", lambda v: 0 <= v < 1, "in [0, 1)"),
         FieldSpec("sampling.repetition_penalty", float, "--repetition-penalty", lambda v: v > 0, "> 0"),
         FieldSpec("sampling.max_tokens", int, "--max-tokens", lambda v: v >= 1, ">= 1"),
-        FieldSpec("sampling.seed", int, "--seed", optional=True),
+        FieldSpec("sampling.seed", int, "--seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)", optional=True),
         FieldSpec("sampling.stop", tuple, "--stop"),
         FieldSpec("sampling.repetition_stop", bool, "--no-repetition-stop"),
         FieldSpec("sampling.ignore_eos", bool, "--ignore-eos"),
@@ -183,6 +183,8 @@ def coerce_value(
             if isinstance(value, bool):
                 raise ValueError(value)
             value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):  # nan, ±inf: no setting means them
+                raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}", hint=hint)
         elif kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)

@@ -32,6 +32,10 @@ from gptcli.pull import PackagedFile, fetch_packaged_file
 
 Notify = Callable[[str], None]
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+PICKLE_WARNING = (
+    "warning: pickle loading is on (--allow-pickle or GPTCLI_ALLOW_PICKLE): pickled weights can run any code"
+    " when loaded; allow it only for files you trust"
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ def resolve_model(
     notify: Notify = _noop,
 ) -> LocalModel:
     """Turn any model reference into a validated local folder, converting or fetching once."""
+    if allow_pickle:  # every time, so that an opt-in left in the environment is never silent
+        notify(PICKLE_WARNING)
     name = ALIASES.get(ref, ref)
     if name in CATALOGUE:
         return _resolve_catalogue(CATALOGUE[name], notify)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from gptcli.errors import GptcliError
 
 
 def _platform_dir(kind: str) -> Path:
@@ -59,3 +62,30 @@ def cache_key(*parts: str, files: Iterable[Path] = (), length: int = 16) -> str:
     """The key of a cached artefact: a sha256 over `parts` and the stamps of the `files` it was made from."""
     text = "\n".join([*parts, *(file_stamp(file) for file in files)])
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# A failed write that the environment causes (full disk, read-only or foreign folder), not gptcli.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def environment_error(exc: OSError) -> GptcliError | None:
+    """A one-line error naming the path and the cause of a write the environment refused, or None.
+
+    A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME).
+    """
+    if exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    cause = exc.strerror or str(exc)
+    if not exc.filename:  # a write to an open file: Python does not say which
+        return GptcliError(f"a write failed: {cause}", hint="set GPTCLI_DEBUG=1 to see where")
+    path = Path(os.fsdecode(exc.filename))
+    if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names
+        path = path.parent
+    if any(path == root or root in path.parents for root in (cache_dir(), data_dir())):
+        home = home_dir()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "free some space, or set GPTCLI_HOME to a folder on another disk"
+        else:
+            hint = f"make {home or path} writable, or set GPTCLI_HOME to a writable folder"
+        return GptcliError(f"cannot write {path}: {cause}", hint=hint)
+    return GptcliError(f"{path}: {cause}")

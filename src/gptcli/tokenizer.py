@@ -13,7 +13,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ModelError
+from gptcli.errors import GptcliError, ModelError
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """One of the folder's JSON files; a corrupt one is a ModelError naming it (hf.read_config is the twin)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"corrupt {path}: {exc}", hint="re-download or replace the file") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"corrupt {path}: not a JSON object", hint="re-download or replace the file")
+    return data
 
 
 def _token_text(value: Any) -> str | None:
@@ -31,11 +42,14 @@ class Tokenizer:
         self.folder = folder
         tokenizer_file = folder / "tokenizer.json"
         if tokenizer_file.is_file():
-            self._tok = FastTokenizer.from_file(str(tokenizer_file))
+            try:
+                self._tok = FastTokenizer.from_file(str(tokenizer_file))
+            except Exception as exc:  # the Rust side raises a bare Exception for any parse error
+                raise ModelError(f"corrupt {tokenizer_file}: {exc}", hint="re-download or replace the file") from None
         else:
             self._tok = self._convert_slow(folder)
         cfg_path = folder / "tokenizer_config.json"
-        self._config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        self._config: dict[str, Any] = _read_json_object(cfg_path) if cfg_path.is_file() else {}
         self.bos_token = _token_text(self._config.get("bos_token"))
         self.eos_token = _token_text(self._config.get("eos_token"))
         self.chat_template = self._find_chat_template()
@@ -52,8 +66,13 @@ class Tokenizer:
 
     def _find_chat_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"
+        self.chat_template_file = jinja  # where the template comes from, for error messages
         if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
+            try:
+                return jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelError(f"unreadable {jinja}: {exc}", hint="re-download or replace the file") from None
+        self.chat_template_file = self.folder / "tokenizer_config.json"
         template = self._config.get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
             named = {t.get("name"): t.get("template") for t in template}
@@ -65,7 +84,7 @@ class Tokenizer:
         for name in ("generation_config.json", "config.json"):
             path = self.folder / name
             if path.is_file():
-                value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+                value = _read_json_object(path).get("eos_token_id")
                 if isinstance(value, int):
                     ids.add(value)
                 elif isinstance(value, list):
@@ -95,7 +114,7 @@ class Tokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
-            raise ModelError(f"chat template error: {message}")
+            raise ModelError(f"{self.chat_template_file}: chat template error: {message}")
 
         def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
             return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
@@ -111,8 +130,16 @@ class Tokenizer:
         if not self.chat_template:
             raise ModelError("this model has no chat template", hint="use --raw for plain completion")
         special = {k: _token_text(v) for k, v in self._config.items() if k.endswith("_token")}
-        return self._compiled_template.render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in special.items() if v is not None},
-        )
+        try:
+            return self._compiled_template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in special.items() if v is not None},
+            )
+        except GptcliError:
+            raise
+        except Exception as exc:  # syntax, sandbox (SecurityError), undefined names, or Python errors inside it
+            raise ModelError(
+                f"{self.chat_template_file}: the chat template fails: {type(exc).__name__}: {exc}",
+                hint="fix the template, or use --raw for plain completion",
+            ) from None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,7 +27,8 @@ from gptcli.cli import (
     train_cmd,
 )
 from gptcli.cli.render import report
-from gptcli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError
+from gptcli.paths import environment_error
 
 app = typer.Typer(
     name="gptcli",
@@ -77,8 +79,10 @@ def debug_enabled() -> bool:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
+    _mark_stdout_errors()
     try:
         result = app(args=argv, prog_name="gptcli", standalone_mode=False)
+        sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
@@ -91,20 +95,96 @@ def run(argv: list[str] | None = None) -> int:
         report(exc)
         return exc.exit_code
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        _discard_stdout()  # the reader went away (`| head`): stop quietly, exit 0
+        return EXIT_OK
+    except SystemExit as exc:
+        if exc.code != 1 or not _reader_went_away():
+            raise
+        _discard_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if debug_enabled():
+            raise
+        error = _stdout_error(exc) or environment_error(exc)
+        report(error or _internal(exc))
+        return error.exit_code if error else EXIT_RUNTIME
+    except MemoryError as exc:
+        if debug_enabled():
+            raise
+        report(GptcliError(f"out of memory{': ' if str(exc) else ''}{exc}", hint="try a smaller model or input"))
+        return EXIT_RUNTIME
     except Exception as exc:
         if _is_usage_error(exc):  # Typer's (vendored) click usage errors: they print themselves
             exc.show()  # type: ignore[attr-defined]
             return exc.exit_code  # type: ignore[attr-defined]
         if debug_enabled():
             raise
-        report(GptcliError(f"internal error: {type(exc).__name__}: {exc}", hint="set GPTCLI_DEBUG=1 for the traceback"))
+        report(_internal(exc))
         return EXIT_RUNTIME
+
+
+def _internal(exc: BaseException) -> GptcliError:
+    return GptcliError(f"internal error: {type(exc).__name__}: {exc}", hint="set GPTCLI_DEBUG=1 for the traceback")
+
+
+def _reader_went_away() -> bool:
+    """Typer and Rich answer a closed stdout pipe with SystemExit(1): Typer after wrapping stdout in a
+    PacifyFlushWrapper, Rich after pointing stdout at /dev/null."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit neither fails nor complains."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _stdout_error(exc: OSError) -> GptcliError | None:
+    """An error naming stdout when writing to it failed (`> /dev/full`), else None."""
+    if not getattr(exc, "on_stdout", False):
+        return None
+    try:
+        target = f" ({os.readlink(f'/proc/self/fd/{sys.stdout.fileno()}')})"
+    except (OSError, ValueError):
+        target = ""
+    _discard_stdout()
+    return GptcliError(f"cannot write to stdout{target}: {exc.strerror or exc}")
+
+
+class _StdoutFile(io.FileIO):
+    """stdout's file descriptor, marking the errors of its writes so that the error line can name stdout."""
+
+    def write(self, data: Any) -> int | None:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            exc.on_stdout = True  # type: ignore[attr-defined]
+            raise
+
+
+def _mark_stdout_errors() -> None:
+    """Put the interpreter's stdout on a _StdoutFile (same descriptor, encoding and buffering)."""
+    stdout = sys.stdout
+    if stdout is None or stdout is not sys.__stdout__:  # captured by a test, or already done
+        return
+    try:
+        fd = stdout.fileno()
+        if stdout.isatty():  # a terminal is never full; leave the interactive stdout as it is
+            return
+        stdout.flush()
+    except (OSError, ValueError):
+        return
+    raw = _StdoutFile(fd, "w", closefd=False)
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(raw), encoding=stdout.encoding, errors=stdout.errors, line_buffering=stdout.line_buffering
+    )
 
 
 def _is_usage_error(exc: Exception) -> bool:

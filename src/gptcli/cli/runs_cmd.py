@@ -93,6 +93,8 @@ def show(
     Example:
       gptcli runs show runs/shakespeare
     """
+    import textwrap
+
     import yaml
 
     from gptcli.train import checkpoint as ckpt
@@ -104,7 +106,7 @@ def show(
         return
     for key, value in summary.items():
         if key == "config":
-            sys.stdout.write("config:\n" + yaml.safe_dump(value, sort_keys=False).replace("\n", "\n  ").rstrip() + "\n")
+            sys.stdout.write("config:\n" + textwrap.indent(yaml.safe_dump(value, sort_keys=False), "  "))
         elif isinstance(value, list):
             sys.stdout.write(f"{key}: {', '.join(value) or '-'}\n")
         else:

@@ -82,8 +82,14 @@ def remove_stale_temporaries(folder: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+# What torch.save's C++ stream writer says when a write fails short (a full disk): it drops the errno.
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
 def _is_disk_full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in TORCH_SHORT_WRITE)
 
 
 def save_checkpoint(
@@ -119,12 +125,19 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):
                 raise DiskFullError(
-                    f"no space left on device while writing checkpoint {final.name};"
-                    " the previous checkpoints are intact",
+                    f"no space left on device while writing checkpoint {final}; the previous checkpoints are intact",
                     hint=f"free some space, then `gptcli train --resume {run}`",
                 ) from None
             raise
-    publish(run, final)
+    try:
+        publish(run, final)
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(
+                f"no space left on device while publishing {final} in {run}; the checkpoint itself is complete",
+                hint=f"free some space, then `gptcli train --resume {run}`",
+            ) from None
+        raise
     write_atomic(run / RUN_FILE, json.dumps({**run_info, "latest": final.name, "step": step}, indent=2).encode())
     rotate(run, keep_last, best_step)
     return final

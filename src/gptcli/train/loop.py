@@ -24,6 +24,7 @@ from gptcli.train.config import TrainConfig
 from gptcli.train.distributed import barrier
 from gptcli.train.errors import DivergedError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
+from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
 from gptcli.train.sample import sample_text
 from gptcli.train.setup import RunSetup, build_model, describe, resolve_run
@@ -75,7 +76,7 @@ def training(setup: RunSetup) -> Iterator[TrainEvent]:
 
     Only rank 0 writes the run folder and reports; every rank gets its `Finished`.
     """
-    with torch_threads(setup.cfg.train.threads):
+    with torch_threads(setup.cfg.train.threads), run_lock(setup.out, enabled=setup.dist.main):
         for event in _Run(setup).events():
             if setup.dist.main or isinstance(event, Finished):
                 yield event

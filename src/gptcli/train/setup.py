@@ -17,6 +17,7 @@ from gptcli.train.data import EOT, UNK, TokenData, prepare
 from gptcli.train.distributed import Dist, barrier, setup_distributed
 from gptcli.train.errors import RunError
 from gptcli.train.events import DataProgress, Note, RunInfo
+from gptcli.train.lock import LOCK_FILE, check_unlocked
 from gptcli.train.step import flops_per_token, load_causal_lm, new_gpt2
 
 
@@ -80,6 +81,7 @@ def resolve_run(
 
     resume_from = None
     if resume is not None:
+        check_unlocked(resume)
         info = ckpt.read_run(resume)
         saved = load_config(base=yaml.safe_load((resume / ckpt.CONFIG_FILE).read_text(encoding="utf-8")))
         cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
@@ -99,7 +101,8 @@ def resolve_run(
             raise ConfigError("no training data", hint="pass --data FILE_OR_FOLDER (or --resume RUN)")
         cfg = load_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
         out = out or default_out(data_path)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        check_unlocked(out)
+        if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
             what = "a training run" if ckpt.is_run(out) else "not empty"
             raise RunError(f"{out} is {what}", hint=f"continue it with --resume {out}, or pick a new --out")
 
