@@ -194,6 +194,7 @@ class Architecture:
                 "transformer.wte.weight": ((self.vocab, self.hidden), ("vocab_size", "n_embd")),
                 "transformer.h.0.attn.c_attn.weight": ((self.hidden, 3 * self.hidden), ("n_embd", "n_embd")),
                 "transformer.h.0.mlp.c_fc.weight": ((self.hidden, self.intermediate), ("n_embd", "n_inner")),
+                "transformer.wpe.weight": ((self.context, self.hidden), ("n_positions", "n_embd")),
             }
             layer_prefix, layers_key = "transformer.h.", "n_layer"
         else:

@@ -15,6 +15,8 @@ from typing import Any
 
 from gptcli.errors import ModelError
 
+MAX_SIZE = 2**24  # past every real size (the longest context, Llama 4 Scout's, is 10M): a larger one is corrupt
+
 # The architecture (config "architectures"[0]) each fast-path family covers.
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -171,8 +173,8 @@ def config_size(cfg: Mapping[str, Any], keys: Iterable[str], where: str, *, know
         if required and known:
             raise ModelError(f"{where}: {key} is missing", hint="fix or replace the config.json")
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        impossible(where, key, value, "must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+        impossible(where, key, value, f"must be a positive integer, at most {MAX_SIZE:,}")
     return value
 
 
