@@ -246,7 +246,9 @@ def test_length_sets_the_instruction_and_the_default_max_tokens(
         ScriptedBackend, "load", classmethod(lambda cls, *a: loaded.append(real_load(cls, *a)) or loaded[-1])
     )
     never_stops = tok.encode("word " * 600, add_special_tokens=False)
-    for key, value in {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(never_stops), **env}.items():
+    # "word word word ..." is a loop to the repetition stop: turn it off, this model must run to max_tokens.
+    unstoppable = {"GPTCLI_TEST_SCRIPT": json.dumps(never_stops), "GPTCLI_REPETITION_STOP": "0"}
+    for key, value in {**SCRIPTED, **unstoppable, **env}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     doc = tmp_path / "doc.txt"
