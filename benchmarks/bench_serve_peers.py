@@ -66,7 +66,9 @@ def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict
             rows.append((f"llama-server {label}", precision, command, {}))
             llama_cpp = [python, "-m", "llama_cpp.server", "--model", str(model), "--port", "{port}"]
             llama_cpp += ["--n_threads", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1"]
-            rows.append((f"llama_cpp.server {label}", precision, llama_cpp, {}))
+            # llama_cpp.server's own dependencies, kept out of the project's environment (see build_llamacpp.sh).
+            extra = {"PYTHONPATH": str(PEERS / "serverdeps")}
+            rows.append((f"llama_cpp.server {label}", precision, llama_cpp, extra))
     return rows
 
 

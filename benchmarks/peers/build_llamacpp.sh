@@ -8,7 +8,7 @@
 # Outputs (all under .cache/peers/, git-ignored; nothing of it is committed):
 #     .cache/peers/llama.cpp-build/bin/llama-{batched-bench,bench,server,quantize}
 #     .cache/peers/gguf/smollm2-135m-instruct-{F32,F16,Q8_0,Q4_0}.gguf
-# Environment: PYTHON (default /work/main/.venv/bin/python, else .venv/bin/python, else python3), JOBS (default 2).
+# Environment: PYTHON (default .venv/bin/python, else python3), JOBS (default 2).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -21,7 +21,7 @@ MODEL_NAME="smollm2-135m-instruct"
 TARGETS=(llama-batched-bench llama-server llama-quantize llama-bench)
 
 if [[ -z "${PYTHON:-}" ]]; then
-    for candidate in /work/main/.venv/bin/python "$ROOT/.venv/bin/python" python3; do
+    for candidate in "$ROOT/.venv/bin/python" python3; do
         if command -v "$candidate" >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
     done
 fi
@@ -90,3 +90,10 @@ done
 
 say "binaries: $BUILD/bin"
 ls -l "$GGUF_DIR"/*.gguf >&2
+
+# `python -m llama_cpp.server` (a peer of `gptcli serve` in bench_serve_peers.py) needs packages the project
+# does not: install them beside the peers, never into the project's environment.
+if [ ! -d "$PEERS/serverdeps/sse_starlette" ]; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --target "$PEERS/serverdeps" \
+    sse-starlette starlette-context pydantic-settings python-dotenv
+fi

@@ -5,11 +5,10 @@ map-reduce: split on paragraph, then sentence, then token boundaries into chunks
             ("map"), then combine the partial summaries ("reduce"), in groups and recursively while they
             still do not fit together.
 
-The calls of one stage run concurrently through the engine (`parallel` sequences per backend step):
-decoding is bound by memory, so eight chunks summarised together cost little more than one. With
-`parallel` > 1 the chunks are cut smaller, so that the batch has one chunk per place: several short
-chunks are also cheaper to read than one long one (attention grows with length). Another way to run
-a stage's calls can be given (`calls`: an OpenAI-compatible server, `parallel` requests at a time).
+A stage's calls run concurrently through the engine (`parallel` per step; decoding is bound by memory,
+so eight chunks together cost little more than one), with chunks cut to give every place one (short
+chunks are also cheaper to read: attention grows with length). `calls` runs them elsewhere instead
+(an OpenAI-compatible server, `parallel` requests at a time).
 """
 
 from __future__ import annotations
@@ -289,9 +288,13 @@ class Summarizer:
             result.summary = self._calls("stuff", 0, [text], result)[0]
         else:
             chunks = self.chunk(text, chunk_budget, options.overlap)
+            # Paragraph cuts leave chunks short: grow the size until one wave fits the batch (no lone 9th chunk).
+            while options.chunk_tokens is None and len(chunks) > self.parallel > 1 and chunk_budget < budget:
+                chunk_budget = min(budget, chunk_budget + max(chunk_budget // 8, 16))
+                chunks = self.chunk(text, chunk_budget, options.overlap)
+            result.chunk_budget = chunk_budget
             result.chunks = [self.count(c) for c in chunks]
-            partials = self._calls("map", 0, chunks, result)
-            result.summary = self.reduce(partials, combine_budget, result)
+            result.summary = self.reduce(self._calls("map", 0, chunks, result), combine_budget, result)
         result.seconds = time.perf_counter() - start
         return result
 
