@@ -356,3 +356,12 @@ def test_a_looping_reply_stops_with_reason_repetition_unless_turned_off(tiny_mod
     kept = run_cli(*args, "--no-repetition-stop", env=env)
     assert json.loads(kept.stdout)["finish_reason"] == "length"
     assert json.loads(run_cli(*args, env={**env, "GPTCLI_REPETITION_STOP": "0"}).stdout)["finish_reason"] == "length"
+
+
+def test_running_into_the_context_limit_is_said_on_stderr(tiny_models, llama_tok):
+    words = llama_tok.encode(" one two three four five six seven eight nine ten", add_special_tokens=False) * 20
+    env = scripted_env(words, GPTCLI_TEST_CONTEXT="24", GPTCLI_REPETITION_STOP="0")
+    result = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "-b", "scripted", "--raw", "-n", "100", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "stopped at the model's context limit (24 tokens, prompt included)" in result.stderr.decode()
+    assert result.stdout.strip()

@@ -185,3 +185,28 @@ def test_stop_cancels_what_does_not_finish_within_the_grace(model):
     handle = engine.submit([1, 2], SamplingConfig(temperature=0, max_tokens=50_000, repetition_stop=False))
     engine.stop(grace_s=0.1)
     assert handle.done and handle.result.reason == "cancelled"
+
+
+def test_caches_are_made_in_the_engines_thread_not_the_submitters(model):
+    """A new cache may grow a backend's KV pool (onnx): only the thread that runs steps may do that."""
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    made_in = []
+    original = backend.new_cache
+    backend.new_cache = lambda: made_in.append(threading.get_ident()) or original()
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    engine.start()
+    handles = []
+    submitters = [
+        threading.Thread(target=lambda: handles.append(engine.submit([1, 2, 3], SamplingConfig(max_tokens=3))))
+        for _ in range(4)
+    ]
+    for thread in submitters:
+        thread.start()
+    for thread in submitters:
+        thread.join()
+    for handle in handles:
+        list(handle.events(timeout=30))
+    engine_thread = engine._thread.ident
+    engine.stop()
+    assert len(made_in) == 4 and set(made_in) == {engine_thread}

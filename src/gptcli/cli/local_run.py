@@ -39,6 +39,9 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
 
     events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
     finished = stream_or_exit(events, show=not as_json)
+    if finished.reason == "context":  # as llama-cli does: say why it stopped short of --max-tokens
+        context = runtime.backend.info.context_length
+        render.warn(f"stopped at the model's context limit ({context} tokens, prompt included)")
     if as_json:
         payload = {
             **render.result_fields(finished),

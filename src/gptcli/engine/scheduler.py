@@ -45,7 +45,7 @@ class _Sequence:
     handle: SequenceHandle
     prompt: list[int]
     params: SamplingConfig
-    session: KVSession
+    session: KVSession | None  # made in the engine's thread when the sequence starts, unless given
     owns_session: bool
     reserve: int
     submitted: float
@@ -132,7 +132,9 @@ class Engine:
             handle = SequenceHandle(next(self._ids), len(prompt), on_event)
             owned = session is None
             self._waiting.append(
-                _Sequence(handle, prompt, params, session or KVSession(self.backend), owned, reserve, self.clock())
+                # Not KVSession(backend) here: a new cache may grow the backend's KV pool, which only the
+                # engine's thread may touch (this may be a server's request thread).
+                _Sequence(handle, prompt, params, session, owned, reserve, self.clock())
             )
             self._lock.notify_all()
         return handle
@@ -236,6 +238,8 @@ class Engine:
 
     def _start_prefill(self, seq: _Sequence) -> None:
         """Reuse the longest prefix the sequence's session already holds; read the rest as pending."""
+        if seq.session is None:
+            seq.session = KVSession(self.backend)
         session = seq.session
         common = 0
         for a, b in zip(session.ids, seq.prompt, strict=False):
@@ -267,7 +271,7 @@ class Engine:
                 self._kv_used -= seq.reserve
             self._cancelled.discard(seq.handle.id)
             self._lock.notify_all()
-        if seq.owns_session:
+        if seq.owns_session and seq.session is not None:
             release_cache(self.backend, seq.session.cache)
 
     def _rewind(self, batch: list[_Sequence]) -> None:
