@@ -131,6 +131,22 @@ def default_model_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def default_model(default_model_home):
+    """The default model converted into the shared test home (GPTCLI_HOME pointed there only meanwhile)."""
+    old = os.environ.get("GPTCLI_HOME")
+    os.environ["GPTCLI_HOME"] = str(default_model_home)
+    try:
+        from gptcli.models import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
+    finally:
+        if old is None:
+            os.environ.pop("GPTCLI_HOME")
+        else:
+            os.environ["GPTCLI_HOME"] = old
+
+
 def run_cli(
     *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:

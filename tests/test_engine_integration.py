@@ -21,21 +21,6 @@ PROMPTS = [
 GREEDY = SamplingConfig(temperature=0, max_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def default_model(default_model_home):
-    old = os.environ.get("GPTCLI_HOME")
-    os.environ["GPTCLI_HOME"] = str(default_model_home)
-    try:
-        from gptcli.models import resolve_model
-
-        yield resolve_model("smollm2-135m-instruct")
-    finally:
-        if old is None:
-            os.environ.pop("GPTCLI_HOME", None)
-        else:
-            os.environ["GPTCLI_HOME"] = old
-
-
 @pytest.mark.parametrize("backend_name", ["torch", "onnx"])
 def test_eight_mixed_prompts_batched_give_each_its_tokens_alone(default_model, default_model_home, backend_name):
     from gptcli.backends.base import LoadOptions, get_backend_class

@@ -18,23 +18,6 @@ def default_home(default_model_home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def default_model(default_model_home):
-    import os
-
-    old = os.environ.get("GPTCLI_HOME")
-    os.environ["GPTCLI_HOME"] = str(default_model_home)
-    try:
-        from gptcli.models import resolve_model
-
-        return resolve_model("smollm2-135m-instruct")
-    finally:
-        if old is None:
-            os.environ.pop("GPTCLI_HOME")
-        else:
-            os.environ["GPTCLI_HOME"] = old
-
-
-@pytest.fixture(scope="module")
 def torch_backend(default_model):
     from gptcli.backends.base import LoadOptions
     from gptcli.backends.torch_backend import TorchBackend
