@@ -44,7 +44,8 @@ def test_a_batch_of_eight_mixed_lengths_gives_each_sequence_its_tokens_alone(mod
     backend, tok = model
     prompts = [tok.encode(p) for p in PROMPTS]
     alone = [_finished(list(generate(backend, tok, ids, GREEDY))) for ids in prompts]
-    engine = Engine(backend, tok, EngineLimits(max_running=8, prefill_chunk=5))
+    # Chunks of 5 and at most 7 prompt tokens a step: prompts wait their turn without changing an answer.
+    engine = Engine(backend, tok, EngineLimits(max_running=8, prefill_chunk=5, step_prefill_tokens=7))
     events: dict[int, list] = {i: [] for i in range(len(prompts))}
     for index, event in run_all(engine, [(ids, GREEDY) for ids in prompts]):
         events[index].append(event)
@@ -99,6 +100,34 @@ def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(model):
     lengths = [[len(ids) for ids in batch] for batch in backend.batches]
     assert lengths[:4] == [[2], [1, 4], [1, 4], [1, 2]]  # 10 prompt tokens as 4 + 4 + 2 beside decode steps
     assert len(backend.released) == 2
+
+
+def test_a_burst_of_prompts_is_read_oldest_first_within_the_steps_prefill_budget(model):
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=4, step_prefill_tokens=6))
+    params = SamplingConfig(temperature=0, max_tokens=3)
+    first = engine.submit([1, 2], params)
+    engine.step()  # decoding from now on
+    burst = [engine.submit(list(range(10, 10 + n)), params) for n in (5, 3, 2)]
+    while not all(h.done for h in [first, *burst]):
+        engine.step()
+    lengths = [[len(ids) for ids in batch] for batch in backend.batches]
+    # Step 2: the decoding one and the oldest prompt's first chunk (4); 4 + 3 would pass the budget of 6,
+    # and the youngest (2) may not jump the queue. Step 3: the rest of the oldest (1), the next (3) and
+    # the youngest (2): 6 in all. Step 4: the three of the burst decode (the first has its 3 tokens).
+    assert lengths[:4] == [[2], [1, 4], [1, 1, 3, 2], [1, 1, 1]]
+    assert [h.result.stats.new_tokens for h in burst] == [3, 3, 3]
+
+
+def test_one_chunk_always_goes_even_over_the_steps_prefill_budget(model):
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    engine = Engine(backend, tok, EngineLimits(max_running=2, prefill_chunk=8, step_prefill_tokens=3))
+    handle = engine.submit(list(range(10, 20)), SamplingConfig(temperature=0, max_tokens=2))
+    while not handle.done:
+        engine.step()
+    assert [[len(ids) for ids in batch] for batch in backend.batches][:2] == [[8], [2]]
 
 
 def test_the_kv_budget_makes_sequences_wait_and_refuses_one_that_never_fits(model):

@@ -5,9 +5,10 @@ backend step cost little more than one. The engine keeps a queue of waiting sequ
 running ones; each `step()`:
   1. drops cancelled sequences (their caches go back to the backend now),
   2. admits waiting sequences while there is room (`max_running`) and KV budget,
-  3. builds one batch: a prefill chunk for each sequence still reading its prompt (at most
-     `prefill_chunk` tokens each, at fixed offsets, so a long prompt never stalls the others and a
-     sequence is cut the same way alone or in company) and one token for each decoding sequence,
+  3. builds one batch: one token for each decoding sequence and prefill chunks for sequences still
+     reading their prompt (at most `prefill_chunk` tokens each, at fixed offsets, so a sequence is cut
+     the same way alone or in company; at most `step_prefill_tokens` in all, oldest first, so a burst
+     of long prompts never stalls the sequences already decoding),
   4. runs `batched_step` once, and hands each finished prompt's logits to that sequence's
      `SequenceDecoder` (the one decoding state machine), which emits its events.
 
@@ -170,15 +171,7 @@ class Engine:
         self._admit()
         if not self._running:
             return False
-        batch = [seq for seq in self._running if seq.pending or seq.decoder is None or not seq.decoder.done]
-        inputs: list[tuple[list[int], object]] = []
-        for seq in batch:
-            if seq.pending:
-                ids = seq.pending[: self._chunk_size(seq)]
-            else:
-                assert seq.decoder is not None and seq.decoder.next_token is not None
-                ids = [seq.decoder.next_token]
-            inputs.append((ids, seq.session.cache))
+        batch, inputs = self._plan_step()
         try:
             logits, caches = batched_step(self.backend, inputs)
         except KeyboardInterrupt:
@@ -205,6 +198,32 @@ class Engine:
                 self._generated += 1
             self._emit(seq, seq.decoder.accept(np.asarray(row), now, len(seq.session.ids)))
         return True
+
+    def _plan_step(self) -> tuple[list[_Sequence], list[tuple[list[int], object]]]:
+        """This step's rows: one token for every decoding sequence, then prompt chunks in order of arrival
+        while they fit the step's prefill budget (the first always goes, so every step makes progress).
+
+        Capping the prompt tokens per step keeps a burst of long prompts from stalling the sequences
+        already decoding (their inter-token latency) and gives the earliest arrivals their first token first.
+        """
+        batch: list[_Sequence] = []
+        inputs: list[tuple[list[int], object]] = []
+        prefill, full = 0, False
+        for seq in self._running:
+            if seq.pending:
+                ids = seq.pending[: self._chunk_size(seq)]
+                full = full or (prefill > 0 and prefill + len(ids) > self.limits.step_prefill_tokens)
+                if full:
+                    continue  # it and every later arrival wait for a later step; chunk boundaries do not move
+                prefill += len(ids)
+            elif seq.decoder is not None and not seq.decoder.done:
+                assert seq.decoder.next_token is not None
+                ids = [seq.decoder.next_token]
+            else:
+                continue
+            batch.append(seq)
+            inputs.append((ids, seq.session.cache))
+        return batch, inputs
 
     def _chunk_size(self, seq: _Sequence) -> int:
         """Prompt chunks at fixed offsets from where the prompt starts: the same cuts alone or batched."""
