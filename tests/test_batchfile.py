@@ -141,3 +141,22 @@ def test_a_request_over_the_kv_budget_is_that_lines_error(model):
     results = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert "KV budget is 20" in results[0]["error"]["message"] and "text" in results[1]
     assert summary.ok == 1 and summary.failed == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(tiny_models, family):
+    """One prompt builder: a conversation is the chat template, or a plain transcript for a base model."""
+    from gptcli.batchfile import _encode_messages
+    from gptcli.prompts import build_prompt, transcript
+    from gptcli.server.schemas import ChatMessage, chat_prompt_ids
+
+    tok = Tokenizer(tiny_models[family])
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "ROMEO: But soft"},
+        {"role": "assistant", "content": "what light"},
+        {"role": "user", "content": "through yonder window"},
+    ]
+    expected = build_prompt(tok, turns, plain=transcript).ids
+    assert _encode_messages(tok, turns) == expected
+    assert chat_prompt_ids(tok, [ChatMessage(**t) for t in turns]) == expected

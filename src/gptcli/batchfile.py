@@ -23,7 +23,7 @@ from gptcli.config import Settings, with_sampling
 from gptcli.decoding import Finished
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
-from gptcli.prompts import fit_prompt
+from gptcli.prompts import build_prompt, fit_prompt, transcript
 from gptcli.tokenizer import Tokenizer
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
@@ -78,10 +78,9 @@ def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
             and isinstance(message.get("content"), str)
         ):
             raise InputError("each message needs a string `role` and `content`")
-    if not tokenizer.chat_template:
-        raise InputError("this model has no chat template: use `prompt` instead of `messages`")
-    rendered = tokenizer.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
-    return tokenizer.encode(rendered, add_special_tokens=False)
+    # As `gptcli chat` builds a conversation: the chat template, or a plain transcript for a base model.
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return build_prompt(tokenizer, turns, plain=transcript).ids
 
 
 def parse_request(

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from gptcli.config import SamplingConfig
 from gptcli.errors import ModelError
+from gptcli.prompts import build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.tokenizer import Tokenizer
 
@@ -158,23 +159,14 @@ class CompletionRequest(SamplingRequest):
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Messages through the model's chat template, as `gptcli chat` and `gptcli generate` build them.
-
-    A model without a chat template (a base model) gets the messages' text joined by blank lines,
-    which is what `gptcli generate` sends such a model.
-    """
+    """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base model."""
     turns = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
     ]
-    if not tokenizer.chat_template:
-        text = "\n\n".join(turn["content"] for turn in turns if turn["content"])
-        ids = tokenizer.encode(text, add_special_tokens=True)
-    else:
-        try:
-            rendered = tokenizer.render_chat(turns)
-        except ModelError as exc:  # the template's raise_exception: roles out of order and the like
-            raise APIError(400, exc.message, param="messages") from None
-        ids = tokenizer.encode(rendered, add_special_tokens=False)
+    try:
+        ids = build_prompt(tokenizer, turns, plain=transcript).ids
+    except ModelError as exc:  # the template's raise_exception: roles out of order and the like
+        raise APIError(400, exc.message, param="messages") from None
     if not ids:
         raise APIError(400, "the messages are empty", param="messages")
     return ids
