@@ -5,9 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run_cli
-from tests.test_chat import say, scripted_env, tok  # noqa: F401 (the fixture)
+from tests.test_chat import say, scripted_env
 from tests.test_hardening import _without_file_permission_bypass
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
 
 
 def test_jsonl_gives_one_object_per_reply_even_a_multi_line_one(tiny_models, tok, isolated_home):
