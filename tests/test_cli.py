@@ -365,3 +365,68 @@ def test_running_into_the_context_limit_is_said_on_stderr(tiny_models, llama_tok
     assert result.returncode == 0, result.stderr.decode()
     assert "stopped at the model's context limit (24 tokens, prompt included)" in result.stderr.decode()
     assert result.stdout.strip()
+
+
+# ------------------------------------------------------------------ --help at 80 columns
+
+
+def _commands():
+    """(argv, click command) for the root, every group and every command."""
+    import typer
+
+    from gptcli.cli.app import app
+
+    found = []
+
+    def walk(command, path):
+        found.append((path, command))
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def _docstring(command) -> str:
+    import inspect
+
+    return inspect.cleandoc((command.callback.__doc__ if command.callback else None) or command.help or "")
+
+
+def _example_lines(doc: str) -> list[str]:
+    lines = []
+    for paragraph in doc.split("\n\n"):
+        head, *rest = paragraph.split("\n")
+        if head.startswith(("Example:", "Examples:")):
+            lines += [head.split(":", 1)[1].strip()] if not rest else [line.strip() for line in rest]
+    return [line for line in lines if line]
+
+
+@pytest.mark.parametrize(("argv", "command"), _commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_help_at_80_columns_keeps_words_and_examples_whole(argv, command, capsys, monkeypatch):
+    from gptcli.cli.app import run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<bool>" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    shown = {line.strip() for line in out.splitlines()}
+    doc = _docstring(command)
+    examples = _example_lines(doc)
+    assert argv == [] or getattr(command, "commands", None) or examples, f"{argv}: no example in the help"
+    for example in examples:
+        assert example in shown, f"example broken or missing in `gptcli {' '.join(argv)} --help`: {example}"
+    words = set(out.split())
+    texts = [doc] + [p.help or "" for p in command.params]
+    texts += [_docstring(sub).split("\n\n")[0] for sub in getattr(command, "commands", {}).values()]
+    for text in texts:
+        cut = [word for word in text.split() if word not in words]
+        assert cut == [], f"`gptcli {' '.join(argv)} --help` breaks or drops: {cut}"
+
+
+def test_help_of_a_flag_shows_no_placeholder_in_a_subprocess():
+    result = run_cli("chat", "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    out = result.stdout.decode()
+    assert "  --plain  " in out and "--repetition-stop / --no-repetition-stop" in out and "<bool>" not in out

@@ -26,6 +26,7 @@ from gptcli.cli import (
     templates_cmd,
     train_cmd,
 )
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.render import report
 from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError
 from gptcli.paths import environment_error
@@ -37,6 +38,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=HelpGroup,
+    rich_markup_mode=None,  # Click's plain layout: readable at 80 columns (see cli.helpfmt)
 )
 
 

@@ -82,11 +82,12 @@ def bench(
 
     Examples:
       gptcli bench
-      gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -n 128 -r 10 -o md
+      gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -o md
       gptcli bench -p 512 -n 128 --depth 0,1024
       gptcli bench -p 512 -n 128 --npl 1,2,4,8
       gptcli bench --mode latency --prompts prompts.txt --max-tokens 128
-      gptcli bench --output runs.jsonl && gptcli bench --baseline runs.jsonl --fail-below 0.9
+      gptcli bench --output runs.jsonl
+      gptcli bench --baseline runs.jsonl --fail-below 0.9    # exit 1 if slower
       gptcli bench --mode train --preset shakespeare-char
     """
     from dataclasses import replace

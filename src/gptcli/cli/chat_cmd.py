@@ -61,8 +61,8 @@ def chat(
       gptcli chat --system "You are terse." --temperature 0.3
       gptcli chat --continue
       printf 'Hi\\nWhat did I just say?\\n' | gptcli chat
-      printf 'Hi\\n' | gptcli chat --jsonl    # {"role": "assistant", "content": ...}
-      gptcli chat --url http://127.0.0.1:8080/v1    # the model runs on that server
+      printf 'Hi\\n' | gptcli chat --jsonl    # {"role": "assistant", ...}
+      gptcli chat --url http://127.0.0.1:8080/v1    # the model on that server
     """
     from gptcli.chat import ChatSession, ConversationStore
     from gptcli.chat.session import open_conversation

@@ -10,9 +10,15 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import render
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import UsageError
 
-app = typer.Typer(help="List, show, export and delete saved chat conversations.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show, export and delete saved chat conversations.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command("list")

@@ -8,10 +8,16 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.render import stdout_console
 from gptcli.cli.settings import resolve_settings
 
-app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+app = typer.Typer(
+    help="Show the resolved configuration.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command()

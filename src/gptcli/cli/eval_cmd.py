@@ -10,10 +10,16 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli import render
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.settings import resolve_settings
 from gptcli.textio import EVAL_TEXT, read_text_file
 
-app = typer.Typer(help="Evaluate a model on a text.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a model on a text.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command()

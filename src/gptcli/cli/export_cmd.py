@@ -29,7 +29,7 @@ def export(
 
     Examples:
       gptcli export
-      gptcli export ./my-gpt2 --precision int4 --device cpu --output ./my-gpt2-onnx
+      gptcli export ./my-gpt2 --precision int4 --output ./my-gpt2-onnx
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
     from gptcli.config import FIELDS

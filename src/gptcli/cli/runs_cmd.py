@@ -9,9 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import InputError
 
-app = typer.Typer(help="List and inspect training runs (folders made by `gptcli train`).", no_args_is_help=True)
+app = typer.Typer(
+    help="List and inspect training runs (folders made by `gptcli train`).",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 def _summary(run: Path) -> dict[str, Any]:

@@ -56,8 +56,10 @@ def serve(
 
     Examples:
       gptcli serve
-      gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --port 9000 --parallel 8 --api-key "$KEY"
-      curl localhost:8080/v1/chat/completions -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
+      gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --parallel 8
+      gptcli serve --host 0.0.0.0 --port 9000 --api-key "$KEY"
+      curl localhost:8080/v1/chat/completions \\
+        -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
     """
     from gptcli.server.serving import bind_socket, is_loopback, url_of
 

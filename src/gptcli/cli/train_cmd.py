@@ -50,10 +50,10 @@ def train(
     """Train a GPT on your text (or fine-tune a model) into a Hugging Face-format run folder.
 
     Examples:
-      gptcli train --data input.txt --preset shakespeare-char --out runs/shakespeare
-      gptcli train --data corpus/ --preset gpt2-small --tokenizer bpe --vocab-size 8000
+      gptcli train --data in.txt --preset shakespeare-char --out runs/shakespeare
+      gptcli train --data corpus/ --preset gpt2-small --tokenizer bpe
       gptcli train --resume runs/shakespeare --max-iters 4000
-      torchrun --standalone --nproc_per_node=2 -m gptcli train --data corpus/ --preset tiny
+      torchrun --standalone --nproc_per_node=2 -m gptcli train --data corpus/
     """
     from gptcli.train import loop
     from gptcli.train.distributed import shutdown_distributed
