@@ -27,8 +27,8 @@ from gptcli.cli import (
     train_cmd,
 )
 from gptcli.cli.helpfmt import HelpGroup
-from gptcli.cli.render import report
-from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError
+from gptcli.cli.render import NORMAL, QUIET, VERBOSE, report, set_verbosity
+from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError, UsageError
 from gptcli.paths import environment_error
 
 app = typer.Typer(
@@ -54,8 +54,17 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only errors on stderr: no progress, notes or warnings.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also what was loaded from where, and timings.")
+    ] = False,
 ) -> None:
     """Train, run, chat with and benchmark GPT-style language models."""
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose cannot be used together")
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
 # The four ways gptcli is used first, then the tools around them.
@@ -83,6 +92,7 @@ def debug_enabled() -> bool:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
     _mark_stdout_errors()
+    set_verbosity(NORMAL)  # the root callback sets -q/-v; a run that never reaches it starts from normal
     try:
         result = app(args=argv, prog_name="gptcli", standalone_mode=False)
         sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below

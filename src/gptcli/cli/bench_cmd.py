@@ -26,7 +26,7 @@ def bench(
     precision: Annotated[
         str | None, typer.Option("--precision", help="Comma-separated: fp32,fp16,int8,int4 (exported backends).")
     ] = None,
-    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Comma-separated thread counts.")] = None,
+    threads: Annotated[str | None, typer.Option("--threads", help="Comma-separated thread counts.")] = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
     n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prefill sizes: ppN tests (0 = none).")] = "512",
@@ -43,7 +43,7 @@ def bench(
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Latency mode: most new tokens per request.")] = 128,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Latency mode: sampling temperature (0 = greedy).")
+        float | None, typer.Option("--temperature", "-t", help="Latency mode: sampling temperature (0 = greedy).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Latency mode: sampling seed (fixed for comparability).")] = 0,
     preset: Annotated[

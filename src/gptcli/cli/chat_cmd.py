@@ -66,8 +66,8 @@ def chat(
     """
     from gptcli.chat import ChatSession, ConversationStore
     from gptcli.chat.session import open_conversation
+    from gptcli.cli.local_run import load_runtime
     from gptcli.cli.remote_run import check_client_flags
-    from gptcli.runtime import open_runtime
 
     check_client_flags(
         url,
@@ -109,7 +109,7 @@ def chat(
 
         session, where = remote_chat_session(open_remote(url, api_key, model), settings, conversation, store), "remote"
     else:
-        runtime = open_runtime(settings, render.note)
+        runtime = load_runtime(settings)
         session = ChatSession(
             runtime.backend,
             runtime.tokenizer,

@@ -100,13 +100,13 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
+    from gptcli.cli.local_run import load_runtime
     from gptcli.engine import Engine, EngineLimits, parse_kv_budget
-    from gptcli.runtime import open_runtime
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
     from gptcli.server.state import ServerState
 
-    runtime = open_runtime(settings, c.note)
+    runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue)
     engine = Engine(runtime.backend, runtime.tokenizer, limits)

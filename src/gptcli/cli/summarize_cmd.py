@@ -145,11 +145,11 @@ def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options
             "model": remote.model,
             "url": remote.base_url,
         }
+    from gptcli.cli.local_run import load_runtime
     from gptcli.engine import parse_kv_budget
-    from gptcli.runtime import open_runtime
     from gptcli.summarize import Summarizer
 
-    runtime = open_runtime(settings, render.note)
+    runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     summarizer = Summarizer(
         runtime.backend, runtime.tokenizer, template, settings.sampling, kv_budget_tokens=budget, **options
