@@ -94,6 +94,11 @@ def run(argv: list[str] | None = None) -> int:
     _mark_stdout_errors()
     set_verbosity(NORMAL)  # the root callback sets -q/-v; a run that never reaches it starts from normal
     try:
+        os.getcwd()
+    except FileNotFoundError:  # torch and friends fail obscurely (or abort) in a deleted folder: say it first
+        report(GptcliError("the current folder no longer exists", hint="cd to a folder that exists"))
+        return EXIT_RUNTIME
+    try:
         result = app(args=argv, prog_name="gptcli", standalone_mode=False)
         sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below
         return result if isinstance(result, int) else 0
@@ -123,6 +128,20 @@ def run(argv: list[str] | None = None) -> int:
         error = _stdout_error(exc) or environment_error(exc)
         report(error or _internal(exc))
         return error.exit_code if error else EXIT_RUNTIME
+    except UnicodeEncodeError as exc:  # stdout set to an encoding that cannot hold the text (PYTHONIOENCODING=ascii)
+        if debug_enabled():
+            raise
+        if exc.encoding != getattr(sys.stdout, "encoding", None):
+            report(_internal(exc))
+            return EXIT_RUNTIME
+        _discard_stdout()
+        report(
+            GptcliError(
+                f"cannot write to stdout: its encoding ({exc.encoding}) has no {exc.object[exc.start]!r}",
+                hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
+            )
+        )
+        return EXIT_RUNTIME
     except MemoryError as exc:
         if debug_enabled():
             raise

@@ -30,6 +30,8 @@ def run_batch_file(
 
     if resume and output is None:
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
+    if output is not None and output.is_dir():
+        raise InputError(f"{output} is a folder", hint="give a file for the results, e.g. results.jsonl")
     if output is not None and output.exists() and not resume and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds results", hint="pass --resume to continue it, or remove it")
     try:

@@ -29,7 +29,10 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     """
     from gptcli.chat import ConversationStore
 
-    convs = ConversationStore().list()
+    store = ConversationStore()
+    convs = store.list()
+    for reason in store.skipped:
+        render.warn(f"skipped {reason}")
     if as_json:
         rows = [
             {"id": cv.id, "title": cv.title, "model": cv.model, "messages": len(cv.messages), "updated": cv.updated}

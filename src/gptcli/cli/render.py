@@ -61,9 +61,14 @@ def warn(message: str) -> None:
 def report(error: GptcliError) -> None:
     """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`)."""
     console = _error_console()
-    console.print(f"error: {error.message}", markup=False, style="bold red")
+    console.print(f"error: {one_line(error.message)}", markup=False, style="bold red")
     if error.hint:
-        console.print(f"hint: {error.hint}", markup=False)
+        console.print(f"hint: {one_line(error.hint)}", markup=False)
+
+
+def one_line(text: str) -> str:
+    """A message that a library wrote over several lines, on one (an error is one line, then its hint)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def _error_console() -> Any:

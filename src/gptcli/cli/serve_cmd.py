@@ -22,7 +22,9 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (others than loopback need a key).")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0)] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0, max=65535)
+    ] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences decoded together in one batch.", min=1)] = 8,
     kv_budget: Annotated[
         str | None,
