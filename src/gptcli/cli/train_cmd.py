@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from gptcli.cli import common as c
-from gptcli.errors import EXIT_INTERRUPTED
+from gptcli.errors import EXIT_INTERRUPTED, InputError
 
 
 def train(
@@ -71,6 +71,8 @@ def train(
         "train.seed": seed,
         "train.compile": compile_model,
     }
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", hint="give a folder for the run")
     if preset is None and config is None and resume is None:
         preset = "shakespeare-char"
     main_rank = os.environ.get("RANK", "0") == "0"
