@@ -53,12 +53,6 @@ def test_jsonl_answers_a_refused_message_with_an_error_record(tiny_models, tok):
     assert "error: unknown command /bogus" in result.stderr.decode()
 
 
-def test_plain_pipe_mode_is_unchanged_by_the_jsonl_flag_s_absence(tiny_models, tok):
-    env = scripted_env(say(tok, "One.\nTwo."))
-    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Hi\n", env=env)
-    assert result.stdout.decode() == "One.\nTwo.\n"
-
-
 def test_a_read_only_store_warns_once_keeps_answering_and_fails_at_the_end(tiny_models, tok, isolated_home):
     data = isolated_home / "data"
     data.mkdir(parents=True)

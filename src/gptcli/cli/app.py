@@ -137,7 +137,7 @@ def run(argv: list[str] | None = None) -> int:
         _discard_stdout()
         report(
             GptcliError(
-                f"cannot write to stdout: its encoding ({exc.encoding}) has no {exc.object[exc.start]!r}",
+                f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{ord(exc.object[exc.start]):04X}",
                 hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
             )
         )

@@ -38,6 +38,7 @@ def run_batch_file(
         source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
+    parse_kv_budget(kv_budget, 1)  # its syntax, before the model is loaded (a size needs the model's numbers)
     runtime = load_runtime(settings)
     info = runtime.backend.info
     budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
