@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -190,19 +190,30 @@ def _stdout_error(exc: OSError) -> GptcliError | None:
     return GptcliError(f"cannot write to stdout{target}: {exc.strerror or exc}")
 
 
-class _StdoutFile(io.FileIO):
-    """stdout's file descriptor, marking the errors of its writes so that the error line can name stdout."""
+class _StdoutText(io.TextIOWrapper):
+    """stdout, marking the errors of its writes so that the error line can name stdout.
 
-    def write(self, data: Any) -> int | None:
+    The marking sits above the buffer, not on the raw file: a Ctrl-C that lands just after a raw write
+    (in Python code there) made the buffer keep bytes already written and write them a second time.
+    """
+
+    def write(self, text: str) -> int:
         try:
-            return super().write(data)
+            return super().write(text)
+        except OSError as exc:
+            exc.on_stdout = True  # type: ignore[attr-defined]
+            raise
+
+    def flush(self) -> None:
+        try:
+            super().flush()
         except OSError as exc:
             exc.on_stdout = True  # type: ignore[attr-defined]
             raise
 
 
 def _mark_stdout_errors() -> None:
-    """Put the interpreter's stdout on a _StdoutFile (same descriptor, encoding and buffering)."""
+    """Put the interpreter's stdout on a _StdoutText (same descriptor, encoding and buffering)."""
     stdout = sys.stdout
     if stdout is None or stdout is not sys.__stdout__:  # captured by a test, or already done
         return
@@ -213,8 +224,8 @@ def _mark_stdout_errors() -> None:
         stdout.flush()
     except (OSError, ValueError):
         return
-    raw = _StdoutFile(fd, "w", closefd=False)
-    sys.stdout = io.TextIOWrapper(
+    raw = io.FileIO(fd, "w", closefd=False)
+    sys.stdout = _StdoutText(
         io.BufferedWriter(raw), encoding=stdout.encoding, errors=stdout.errors, line_buffering=stdout.line_buffering
     )
 
