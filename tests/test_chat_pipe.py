@@ -38,6 +38,15 @@ def test_jsonl_gives_one_object_per_reply_even_a_multi_line_one(tiny_models, tok
     assert [m["content"] for m in messages] == ["Hi", "One.\nTwo.", "second\nmessage", "Three."]
 
 
+def test_verbose_chat_gives_each_reply_s_timings(tiny_models, tok):
+    env = scripted_env(say(tok, "One.") + say(tok, "Two."))
+    result = run_cli("-v", "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="a\nb\n", env=env)
+    assert result.returncode == 0 and result.stdout.decode() == "One.\nTwo.\n"
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("loaded tiny-llama ") and len(lines) == 3
+    assert all(line.startswith("prompt ") and " reused" in line for line in lines[1:]), lines
+
+
 def test_jsonl_answers_a_refused_message_with_an_error_record(tiny_models, tok):
     env = scripted_env(say(tok, "Fine."), GPTCLI_TEST_CONTEXT="48")
     too_long = "word " * 200

@@ -22,7 +22,7 @@ from gptcli.errors import EXIT_INTERRUPTED, GptcliError
 
 def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
     """Answer stdin line by line; Ctrl-C stops the current reply (kept, marked interrupted) and exits 130."""
-    from gptcli.chat import collect_message, dispatch, is_command
+    from gptcli.chat import collect_message, dispatch, is_command, stats_text
 
     lines = stdin_lines()
     for first in lines:
@@ -43,6 +43,7 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
         if step.turn is None:
             continue
         interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
+        render.detail(stats_text(session))  # -v: the reply's timings
         if interrupted:
             render.stderr_console().print("interrupted", style="yellow")
             raise typer.Exit(EXIT_INTERRUPTED)

@@ -159,3 +159,6 @@ class Repl:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if turn.interrupted:
             self.err.print("[interrupted: the partial reply is kept]", markup=False, style="yellow")
+        from gptcli.chat import stats_text
+
+        render.detail(stats_text(self.session))  # -v: the reply's timings
