@@ -10,6 +10,7 @@
 #   gptcli chats rm
 #   gptcli chats show
 #   gptcli config
+#   gptcli config init
 #   gptcli config path
 #   gptcli config show
 #   gptcli eval

@@ -170,3 +170,39 @@ def test_second_ctrl_c_during_a_reply_exits_130(tiny_models, tok, isolated_home)
     [conv] = saved_conversations(isolated_home)
     assert conv["messages"][-1]["interrupted"] is True
     assert conv["messages"][-1]["content"].startswith("word word")
+
+
+def test_repl_in_a_read_only_home_keeps_going_and_names_the_path_on_leaving(tiny_models, tok, isolated_home):
+    from tests.test_hardening import _without_file_permission_bypass
+
+    data = isolated_home / "data"
+    data.mkdir(parents=True)
+    data.chmod(0o500)
+    env = {
+        **os.environ,
+        "GPTCLI_BACKEND_PATHS": BACKENDS,
+        "GPTCLI_TEST_SCRIPT": json.dumps(say(tok, "Unsaved but here.")),
+        "GPTCLI_TEST_CONTEXT": "100000",
+        "TERM": "xterm",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
+    cmd = [*_without_file_permission_bypass(), sys.executable, "-m", "gptcli", "chat", "--plain"]
+    cmd += ["-m", str(tiny_models["llama"]), "-b", "scripted"]
+    try:
+        child = pexpect.spawn(
+            cmd[0], cmd[1:], env=env, cwd=str(REPO), timeout=30, dimensions=(40, 200), encoding="utf-8"
+        )
+        child.expect_exact(f"warning: cannot write {data}/chat-input-history: Permission denied")
+        child.expect_exact(PROMPT)
+        child.sendline("Hi")
+        child.expect_exact(f"warning: cannot write {data}/chats: Permission denied: the chat goes on unsaved")
+        child.expect_exact("Unsaved but here.")
+        child.expect_exact(PROMPT)
+        child.sendcontrol("d")
+        child.expect_exact(f"error: cannot write {data}/chats: Permission denied")
+        child.expect(pexpect.EOF)
+        child.close()
+    finally:
+        data.chmod(0o700)
+    assert "saved as" not in child.before and "Traceback" not in child.before
+    assert child.exitstatus == 1

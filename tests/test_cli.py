@@ -365,3 +365,123 @@ def test_running_into_the_context_limit_is_said_on_stderr(tiny_models, llama_tok
     assert result.returncode == 0, result.stderr.decode()
     assert "stopped at the model's context limit (24 tokens, prompt included)" in result.stderr.decode()
     assert result.stdout.strip()
+
+
+# ------------------------------------------------------------------ --help at 80 columns
+
+
+def _commands():
+    """(argv, click command) for the root, every group and every command."""
+    import typer
+
+    from gptcli.cli.app import app
+
+    found = []
+
+    def walk(command, path):
+        found.append((path, command))
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def _docstring(command) -> str:
+    import inspect
+
+    return inspect.cleandoc((command.callback.__doc__ if command.callback else None) or command.help or "")
+
+
+def _example_lines(doc: str) -> list[str]:
+    lines = []
+    for paragraph in doc.split("\n\n"):
+        head, *rest = paragraph.split("\n")
+        if head.startswith(("Example:", "Examples:")):
+            lines += [head.split(":", 1)[1].strip()] if not rest else [line.strip() for line in rest]
+    return [line for line in lines if line]
+
+
+@pytest.mark.parametrize(("argv", "command"), _commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_help_at_80_columns_keeps_words_and_examples_whole(argv, command, capsys, monkeypatch):
+    from gptcli.cli.app import run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<bool>" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    shown = {line.strip() for line in out.splitlines()}
+    doc = _docstring(command)
+    examples = _example_lines(doc)
+    assert argv == [] or getattr(command, "commands", None) or examples, f"{argv}: no example in the help"
+    for example in examples:
+        assert example in shown, f"example broken or missing in `gptcli {' '.join(argv)} --help`: {example}"
+    words = set(out.split())
+    texts = [doc] + [p.help or "" for p in command.params]
+    texts += [_docstring(sub).split("\n\n")[0] for sub in getattr(command, "commands", {}).values()]
+    for text in texts:
+        cut = [word for word in text.split() if word not in words]
+        assert cut == [], f"`gptcli {' '.join(argv)} --help` breaks or drops: {cut}"
+
+
+def test_help_of_a_flag_shows_no_placeholder_in_a_subprocess():
+    result = run_cli("chat", "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    out = result.stdout.decode()
+    assert "  --plain  " in out and "--repetition-stop / --no-repetition-stop" in out and "<bool>" not in out
+
+
+# ------------------------------------------------------------------ -q / -v
+
+
+def test_quiet_leaves_only_errors_and_asked_for_output(tiny_models, llama_tok):
+    model = str(tiny_models["llama"])
+    env = scripted_env(say(llama_tok, "Hi") + say(llama_tok, "Hi"))
+    normal = run_cli("generate", "-m", model, "-b", "scripted", "--raw", "--system", "x", "hello", env=env)
+    assert normal.stderr.decode() == "warning: --system is ignored with --raw\n"
+    quiet = run_cli("-q", "generate", "-m", model, "-b", "scripted", "--raw", "--system", "x", "hello", env=env)
+    assert quiet.returncode == 0 and quiet.stdout.decode() == "Hi\n"
+    assert quiet.stderr.decode() == ""
+    stats = run_cli("--quiet", "generate", "-m", model, "-b", "scripted", "--stats", "hello", env=env)
+    assert stats.stderr.decode().startswith("prompt ")  # --stats was asked for: it stays
+    failed = run_cli("-q", "generate", "-m", model, "-b", "nope", "hello")
+    assert failed.returncode == 4 and failed.stderr.decode().startswith("error: unknown backend 'nope'")
+
+
+def test_verbose_says_what_was_loaded_and_the_timings(tiny_models, llama_tok):
+    model = tiny_models["llama"]
+    env = scripted_env(say(llama_tok, "Hi"))
+    result = run_cli("-v", "generate", "-m", str(model), "-b", "scripted", "hello", env=env)
+    assert result.returncode == 0 and result.stdout.decode() == "Hi\n"
+    lines = result.stderr.decode().splitlines()
+    assert re.fullmatch(
+        rf"loaded tiny-llama \({re.escape(str(model))}\): Scripted, 0 parameters, 0 layers, context 64, vocab 400"
+        r" · scripted/cpu/float32 · \d+\.\d\d s",
+        lines[0],
+    ), lines
+    assert lines[1].startswith("prompt ") and "finish stop · scripted/cpu" in lines[1]
+    assert len(lines) == 2
+
+
+def test_quiet_and_verbose_together_are_a_usage_error():
+    result = run_cli("-q", "-v", "config", "show")
+    assert result.returncode == 2
+    assert result.stderr.decode() == "error: --quiet and --verbose cannot be used together\n"
+
+
+def test_short_options_that_name_a_shared_setting_mean_it_everywhere():
+    """-t is --temperature wherever it exists (it was --threads in bench); the same for -m, -b, -c, -s, -n."""
+    from collections import defaultdict
+
+    meanings = defaultdict(set)
+    for argv, command in _commands():
+        for param in command.params:
+            longs = tuple(o for o in param.opts if o.startswith("--"))
+            for short in (o for o in param.opts if len(o) == 2):
+                meanings[short].add((longs, argv[0] if argv else ""))
+    assert {longs for longs, _ in meanings["-t"]} == {("--temperature",)}
+    for short, long in [("-m", "--model"), ("-b", "--backend"), ("-c", "--config"), ("-s", "--system")]:
+        assert {longs for longs, _ in meanings[short]} == {(long,)}, short
+    assert {longs for longs, cmd in meanings["-n"] if cmd != "bench"} == {("--max-tokens",)}
+    assert not any("--threads" in longs for ms in meanings.values() for longs, _ in ms)

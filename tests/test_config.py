@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from gptcli.config import resolve
@@ -93,3 +95,74 @@ def test_one_engine_for_settings_and_training_config():
         coerce_value("train.compile", bool, "maybe", "--set")
     with pytest.raises(ConfigError, match=r"must be one of auto, cpu, cuda, got 'cdua' \(did you mean 'cuda'\?\)"):
         coerce_value("train.device", str, "cdua", "x", choices=("auto", "cpu", "cuda"))
+
+
+# ------------------------------------------------------------------ gptcli config init / show (subprocess)
+
+
+def test_config_init_writes_every_key_with_its_default_commented_out(tmp_path):
+    import re
+
+    import yaml
+
+    from gptcli.config import FIELDS, Settings, get_value
+    from tests.conftest import run_cli
+
+    user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
+    result = run_cli("config", "init")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr.decode() == f"wrote {user}\n" and result.stdout.decode() == ""
+    text = user.read_text()
+    assert yaml.safe_load(text) == {"sampling": None}  # all commented out: the file changes nothing
+    shown = run_cli("config", "show", "--json")
+    assert {v["source"] for v in yaml.safe_load(shown.stdout).values()} == {"default"}
+    # Uncommented, every key is there once, at its default, with its flag and environment variable named.
+    keys = re.findall(r"^( *)# (\w+): (.*?) +# (--[\w-]+), \$(GPTCLI_\w+)$", text, flags=re.M)
+    found = {("sampling." if indent else "") + name: value for indent, name, value, _, _ in keys}
+    assert list(found) == list(FIELDS)
+    for key, value in found.items():
+        default = get_value(Settings(), key)
+        assert yaml.safe_load(value) == (list(default) if isinstance(default, tuple) else default), key
+    uncommented = re.sub(r"^( *)# (\w+: .*?) +# --.*$", r"\1\2", text, flags=re.M)
+    user.write_text(uncommented)
+    data = yaml.safe_load(run_cli("config", "show", "--json").stdout)
+    assert {v["source"] for v in data.values()} == {str(user)}
+    assert all(v["value"] == yaml.safe_load(found[k]) for k, v in data.items())
+
+
+def test_config_init_refuses_to_replace_a_file_without_force(tmp_path):
+    from tests.conftest import run_cli
+
+    target = tmp_path / "mine.yaml"
+    target.write_text("model: mine\n")
+    result = run_cli("config", "init", str(target))
+    assert result.returncode == 6
+    assert result.stderr.decode() == f"error: {target} already exists\nhint: add --force to replace it\n"
+    assert target.read_text() == "model: mine\n"
+    forced = run_cli("config", "init", str(target), "--force")
+    assert forced.returncode == 0 and target.read_text().startswith("# gptcli settings")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
+    folder = run_cli("config", "init", str(tmp_path))
+    assert folder.returncode == 6 and folder.stderr.decode().startswith(f"error: {tmp_path} is a folder\n")
+
+
+def test_config_show_says_which_files_it_looked_for(tmp_path):
+    from tests.conftest import run_cli
+
+    user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
+    extra = write(tmp_path, "extra.yaml", "sampling:\n  top_p: 0.5\n")
+    result = run_cli("config", "show", "--config", str(extra), env={"GPTCLI_SEED": "3"})
+    assert result.returncode == 0
+    head = result.stdout.decode().split("\n\n")[0].splitlines()
+    assert head == [
+        "config files, lowest precedence first:",
+        f"  user      {user} (not found)",
+        f"  --config  {extra} (found)",
+        "environment: GPTCLI_SEED",
+    ]
+    user.parent.mkdir(parents=True)
+    user.write_text("model: x\n")
+    as_json = run_cli("config", "show", "--json")
+    assert f"  user      {user} (found)" in as_json.stderr.decode().splitlines()
+    assert "environment: no GPTCLI_* setting" in as_json.stderr.decode()
+    assert json.loads(as_json.stdout)["model"] == {"value": "x", "source": str(user)}

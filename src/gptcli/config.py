@@ -173,6 +173,7 @@ def coerce_value(
                 value = (value,)
             elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 value = tuple(value)
+                "".join(value).encode("utf-8")
             else:
                 raise ValueError(value)
         elif kind is int:
@@ -189,6 +190,9 @@ def coerce_value(
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
             value = str(value)
+            value.encode("utf-8")  # bytes from the command line that are not UTF-8 come as surrogates
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where}: {key} is not valid UTF-8 text", hint=hint) from None
     except (TypeError, ValueError):
         described = "a list of strings" if kind is tuple else f"a {kind.__name__}"
         raise ConfigError(f"{where}: {key} must be {described}, got {value!r}", hint=hint) from None
@@ -264,8 +268,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {exc.start})") from None
     if len(raw) > CONFIG_FILE.max_bytes:
         raise over_limit(str(path), CONFIG_FILE)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptcli.chat.conversation import read_conversation_file, write_conversation_file
 from gptcli.chat.session import SAMPLING_KEYS, ChatSession, Turn
-from gptcli.errors import ConfigError, UsageError
+from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.timings import timings_line
 
 COMMANDS: dict[str, str] = {
@@ -103,7 +103,10 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
         if not arg:
             raise UsageError("usage: /save FILE.md or /save FILE.json")
         path = Path(arg).expanduser()
-        kind = write_conversation_file(chat.conversation, path)
+        try:
+            kind = write_conversation_file(chat.conversation, path)
+        except OSError as exc:  # a folder that cannot be made or written: say so, the chat goes on
+            raise InputError(f"cannot save to {path}: {exc.strerror or exc}") from None
         return CommandResult(f"saved {kind} to {path}")
     if name == "/load":
         if not arg:

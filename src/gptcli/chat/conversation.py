@@ -137,6 +137,7 @@ class ConversationStore:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or chats_dir()
+        self.skipped: list[str] = []  # why files were left out of the last list()
 
     def path(self, conv_id: str) -> Path:
         return self.root / f"{conv_id}.json"
@@ -156,11 +157,12 @@ class ConversationStore:
     def list(self) -> list[Conversation]:
         """Every saved conversation, most recently updated first (unreadable files are skipped)."""
         found = []
+        self.skipped = []
         for conv_id in self.ids():
             try:
                 found.append(read_conversation_file(self.path(conv_id)))
-            except GptcliError:
-                continue
+            except GptcliError as exc:
+                self.skipped.append(exc.message)
         return sorted(found, key=lambda c: (c.updated, c.id), reverse=True)
 
     def resolve_id(self, ref: str) -> str:

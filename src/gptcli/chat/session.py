@@ -16,6 +16,7 @@ from gptcli.config import Resolved, SamplingConfig, Settings, suggest, with_samp
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
 from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.paths import environment_error
 from gptcli.prompts import build_prompt, transcript
 
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig))
@@ -91,6 +92,7 @@ class ChatSession:
             self.settings = with_sampling(settings, **conversation.sampling)
         self._fresh_cache()
         self.last_stats: Stats | None = None
+        self.save_error: GptcliError | None = None
         self.prompt_tokens = 0
         self._warned_trim = False
 
@@ -242,8 +244,19 @@ class ChatSession:
         return stored
 
     def save(self) -> None:
-        if self.store is not None and self.conversation.messages:
+        """Save to the store. A store that cannot be written (a read-only home, a full disk) is warned about
+        once and the chat goes on; `save_error` holds the error until a later save succeeds."""
+        if self.store is None or not self.conversation.messages:
+            return
+        try:
             self.store.save(self.conversation)
+        except OSError as exc:
+            error = environment_error(exc) or GptcliError(f"cannot save the conversation: {exc}")
+            if self.save_error is None:
+                self.warn(f"{error.message}: the chat goes on unsaved (/save FILE.json keeps a copy elsewhere)")
+            self.save_error = error
+            return
+        self.save_error = None
 
     def budget(self) -> tuple[int, int]:
         """(tokens the window uses now, tokens left in the context)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -26,8 +26,9 @@ from gptcli.cli import (
     templates_cmd,
     train_cmd,
 )
-from gptcli.cli.render import report
-from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError
+from gptcli.cli.helpfmt import HelpGroup
+from gptcli.cli.render import NORMAL, QUIET, VERBOSE, report, set_verbosity
+from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError, UsageError
 from gptcli.paths import environment_error
 
 app = typer.Typer(
@@ -37,6 +38,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=HelpGroup,
+    rich_markup_mode=None,  # Click's plain layout: readable at 80 columns (see cli.helpfmt)
 )
 
 
@@ -51,8 +54,17 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only errors on stderr: no progress, notes or warnings.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also what was loaded from where, and timings.")
+    ] = False,
 ) -> None:
     """Train, run, chat with and benchmark GPT-style language models."""
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose cannot be used together")
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
 # The four ways gptcli is used first, then the tools around them.
@@ -80,6 +92,12 @@ def debug_enabled() -> bool:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
     _mark_stdout_errors()
+    set_verbosity(NORMAL)  # the root callback sets -q/-v; a run that never reaches it starts from normal
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch and friends fail obscurely (or abort) in a deleted folder: say it first
+        report(GptcliError("the current folder no longer exists", hint="cd to a folder that exists"))
+        return EXIT_RUNTIME
     try:
         result = app(args=argv, prog_name="gptcli", standalone_mode=False)
         sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below
@@ -110,6 +128,20 @@ def run(argv: list[str] | None = None) -> int:
         error = _stdout_error(exc) or environment_error(exc)
         report(error or _internal(exc))
         return error.exit_code if error else EXIT_RUNTIME
+    except UnicodeEncodeError as exc:  # stdout set to an encoding that cannot hold the text (PYTHONIOENCODING=ascii)
+        if debug_enabled():
+            raise
+        if exc.encoding != getattr(sys.stdout, "encoding", None):
+            report(_internal(exc))
+            return EXIT_RUNTIME
+        _discard_stdout()
+        report(
+            GptcliError(
+                f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{ord(exc.object[exc.start]):04X}",
+                hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
+            )
+        )
+        return EXIT_RUNTIME
     except MemoryError as exc:
         if debug_enabled():
             raise
@@ -158,19 +190,30 @@ def _stdout_error(exc: OSError) -> GptcliError | None:
     return GptcliError(f"cannot write to stdout{target}: {exc.strerror or exc}")
 
 
-class _StdoutFile(io.FileIO):
-    """stdout's file descriptor, marking the errors of its writes so that the error line can name stdout."""
+class _StdoutText(io.TextIOWrapper):
+    """stdout, marking the errors of its writes so that the error line can name stdout.
 
-    def write(self, data: Any) -> int | None:
+    The marking sits above the buffer, not on the raw file: a Ctrl-C that lands just after a raw write
+    (in Python code there) made the buffer keep bytes already written and write them a second time.
+    """
+
+    def write(self, text: str) -> int:
         try:
-            return super().write(data)
+            return super().write(text)
+        except OSError as exc:
+            exc.on_stdout = True  # type: ignore[attr-defined]
+            raise
+
+    def flush(self) -> None:
+        try:
+            super().flush()
         except OSError as exc:
             exc.on_stdout = True  # type: ignore[attr-defined]
             raise
 
 
 def _mark_stdout_errors() -> None:
-    """Put the interpreter's stdout on a _StdoutFile (same descriptor, encoding and buffering)."""
+    """Put the interpreter's stdout on a _StdoutText (same descriptor, encoding and buffering)."""
     stdout = sys.stdout
     if stdout is None or stdout is not sys.__stdout__:  # captured by a test, or already done
         return
@@ -181,8 +224,8 @@ def _mark_stdout_errors() -> None:
         stdout.flush()
     except (OSError, ValueError):
         return
-    raw = _StdoutFile(fd, "w", closefd=False)
-    sys.stdout = io.TextIOWrapper(
+    raw = io.FileIO(fd, "w", closefd=False)
+    sys.stdout = _StdoutText(
         io.BufferedWriter(raw), encoding=stdout.encoding, errors=stdout.errors, line_buffering=stdout.line_buffering
     )
 

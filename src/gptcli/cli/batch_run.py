@@ -25,18 +25,21 @@ def run_batch_file(
 ) -> None:
     """Load the model once, run every line through the engine, write results in input order."""
     from gptcli.batchfile import ResultWriter, completed_ids, count_lines, parse_request, read_lines, run_batch
+    from gptcli.cli.local_run import load_runtime
     from gptcli.engine import Engine, EngineLimits, parse_kv_budget
-    from gptcli.runtime import open_runtime
 
     if resume and output is None:
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
+    if output is not None and output.is_dir():
+        raise InputError(f"{output} is a folder", hint="give a file for the results, e.g. results.jsonl")
     if output is not None and output.exists() and not resume and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds results", hint="pass --resume to continue it, or remove it")
     try:
         source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
-    runtime = open_runtime(settings, render.note)
+    parse_kv_budget(kv_budget, 1)  # its syntax, before the model is loaded (a size needs the model's numbers)
+    runtime = load_runtime(settings)
     info = runtime.backend.info
     budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
     limits = EngineLimits(max_running=parallel or 8, kv_budget_tokens=budget)

@@ -26,7 +26,7 @@ def bench(
     precision: Annotated[
         str | None, typer.Option("--precision", help="Comma-separated: fp32,fp16,int8,int4 (exported backends).")
     ] = None,
-    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Comma-separated thread counts.")] = None,
+    threads: Annotated[str | None, typer.Option("--threads", help="Comma-separated thread counts.")] = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
     n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prefill sizes: ppN tests (0 = none).")] = "512",
@@ -43,7 +43,7 @@ def bench(
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Latency mode: most new tokens per request.")] = 128,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Latency mode: sampling temperature (0 = greedy).")
+        float | None, typer.Option("--temperature", "-t", help="Latency mode: sampling temperature (0 = greedy).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Latency mode: sampling seed (fixed for comparability).")] = 0,
     preset: Annotated[
@@ -82,11 +82,12 @@ def bench(
 
     Examples:
       gptcli bench
-      gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -n 128 -r 10 -o md
+      gptcli bench --backend torch,onnx --precision fp32,int8 -p 128,512 -o md
       gptcli bench -p 512 -n 128 --depth 0,1024
       gptcli bench -p 512 -n 128 --npl 1,2,4,8
       gptcli bench --mode latency --prompts prompts.txt --max-tokens 128
-      gptcli bench --output runs.jsonl && gptcli bench --baseline runs.jsonl --fail-below 0.9
+      gptcli bench --output runs.jsonl
+      gptcli bench --baseline runs.jsonl --fail-below 0.9    # exit 1 if slower
       gptcli bench --mode train --preset shakespeare-char
     """
     from dataclasses import replace

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from gptcli.cli import common as c
 from gptcli.cli import render
-from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, stream_plain
-from gptcli.cli.inputs import isatty, stdin_lines
+from gptcli.cli.chat_pipe import run_piped
+from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt
+from gptcli.cli.inputs import isatty
 from gptcli.cli.settings import resolve_settings
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
+from gptcli.errors import UsageError
 
 __all__ = ["ReplyInterrupts", "SecondInterrupt", "chat", "run_piped"]
 
@@ -39,6 +40,9 @@ def chat(
     continue_: Annotated[bool, typer.Option("--continue", help="Resume the most recent conversation.")] = False,
     resume: Annotated[str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text replies (no Markdown rendering).")] = False,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Pipe mode with one JSON object per reply on stdout (even on a terminal).")
+    ] = False,
     no_reuse: Annotated[
         bool, typer.Option("--no-context-reuse", help="Prefill the whole history every turn (for comparison).")
     ] = False,
@@ -57,12 +61,13 @@ def chat(
       gptcli chat --system "You are terse." --temperature 0.3
       gptcli chat --continue
       printf 'Hi\\nWhat did I just say?\\n' | gptcli chat
-      gptcli chat --url http://127.0.0.1:8080/v1    # the model runs on that server
+      printf 'Hi\\n' | gptcli chat --jsonl    # {"role": "assistant", ...}
+      gptcli chat --url http://127.0.0.1:8080/v1    # the model on that server
     """
     from gptcli.chat import ChatSession, ConversationStore
     from gptcli.chat.session import open_conversation
+    from gptcli.cli.local_run import load_runtime
     from gptcli.cli.remote_run import check_client_flags
-    from gptcli.runtime import open_runtime
 
     check_client_flags(
         url,
@@ -104,7 +109,7 @@ def chat(
 
         session, where = remote_chat_session(open_remote(url, api_key, model), settings, conversation, store), "remote"
     else:
-        runtime = open_runtime(settings, render.note)
+        runtime = load_runtime(settings)
         session = ChatSession(
             runtime.backend,
             runtime.tokenizer,
@@ -117,32 +122,11 @@ def chat(
         if settings.system and not runtime.tokenizer.chat_template:
             render.warn("this model has no chat template: the conversation is sent as a plain transcript")
         where = runtime.backend.name
-    if isatty(sys.stdin) and isatty(sys.stdout):
+    if isatty(sys.stdin) and isatty(sys.stdout) and not jsonl:
         from gptcli.cli.chat_repl import Repl
 
         Repl(session, where, markdown=not plain).run()
     else:
-        run_piped(session, where)
-
-
-def run_piped(session: Any, backend_name: str) -> None:
-    """One user turn per line (or a \"\"\" block); replies, and only replies, on stdout."""
-    from gptcli.chat import collect_message, dispatch
-
-    lines = stdin_lines()
-    for first in lines:
-        text = collect_message(first, lambda: next(lines, None))
-        if not text.strip():
-            continue
-        try:
-            step = dispatch(session, text, backend_name)
-        except GptcliError as exc:
-            render.report(exc)
-            continue
-        if step.output:
-            print(step.output, file=sys.stderr)
-        if step.exit:
-            break
-        if step.turn is not None and stream_plain(step.turn):
-            render.stderr_console().print("interrupted", style="yellow")
-            raise typer.Exit(EXIT_INTERRUPTED)
+        run_piped(session, where, jsonl=jsonl)
+    if session.save_error is not None:  # warned when it happened; the replies were given all the same
+        raise session.save_error

@@ -71,9 +71,17 @@ class Repl:
         from gptcli.paths import data_dir
 
         history_file = data_dir() / "chat-input-history"
-        history_file.parent.mkdir(parents=True, exist_ok=True)
-        history_file.touch(mode=0o600, exist_ok=True)
-        os.chmod(history_file, 0o600)
+        history: Any
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history_file.touch(mode=0o600, exist_ok=True)
+            os.chmod(history_file, 0o600)
+            history = FileHistory(str(history_file))
+        except OSError as exc:  # a read-only home: keep the input history for this session only
+            from prompt_toolkit.history import InMemoryHistory
+
+            render.warn(f"cannot write {history_file}: {exc.strerror or exc}: the input history is not kept")
+            history = InMemoryHistory()
         bindings = KeyBindings()
 
         @bindings.add("escape", "enter")
@@ -88,7 +96,7 @@ class Repl:
             else:
                 event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
-        return PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, multiline=False)
+        return PromptSession(history=history, key_bindings=bindings, multiline=False)
 
     def read(self, continuation: bool = False) -> str:
         return self.prompt.prompt("... " if continuation else ">>> ")
@@ -129,7 +137,7 @@ class Repl:
                 break
             if step.turn is not None:
                 self.show_reply(step.turn)
-        if self.session.conversation.messages:
+        if self.session.conversation.messages and self.session.save_error is None:
             conv_id = self.session.conversation.id
             self.err.print(f"saved as {conv_id} · gptcli chat --resume {conv_id}", markup=False, style="dim")
 
@@ -151,3 +159,6 @@ class Repl:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if turn.interrupted:
             self.err.print("[interrupted: the partial reply is kept]", markup=False, style="yellow")
+        from gptcli.chat import stats_text
+
+        render.detail(stats_text(self.session))  # -v: the reply's timings

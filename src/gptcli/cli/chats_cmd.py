@@ -10,9 +10,15 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import render
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import UsageError
 
-app = typer.Typer(help="List, show, export and delete saved chat conversations.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show, export and delete saved chat conversations.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command("list")
@@ -23,7 +29,10 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     """
     from gptcli.chat import ConversationStore
 
-    convs = ConversationStore().list()
+    store = ConversationStore()
+    convs = store.list()
+    for reason in store.skipped:
+        render.warn(f"skipped {reason}")
     if as_json:
         rows = [
             {"id": cv.id, "title": cv.title, "model": cv.model, "messages": len(cv.messages), "updated": cv.updated}

@@ -127,7 +127,9 @@ PrecisionOpt = Annotated[
     str | None, typer.Option("--precision", help="fp32 | fp16 | int8 | int4 (exported backends such as onnx).")
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
-ParallelOpt = Annotated[int | None, typer.Option("--parallel", "-P", help="Sequences decoded together in one step.")]
+ParallelOpt = Annotated[
+    int | None, typer.Option("--parallel", "-P", help="Sequences decoded together in one step.", min=1)
+]
 KvBudgetOpt = Annotated[
     str | None,
     typer.Option("--kv-budget", help="KV cache for all sequences: tokens (16384) or a size (512MiB)."),

@@ -10,10 +10,16 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli import render
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.settings import resolve_settings
 from gptcli.textio import EVAL_TEXT, read_text_file
 
-app = typer.Typer(help="Evaluate a model on a text.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a model on a text.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command()
@@ -46,10 +52,10 @@ def perplexity(
       gptcli eval perplexity holdout.txt --backend onnx --precision int4
       gptcli eval perplexity holdout.txt --window 512 --stride 256 --json
     """
+    from gptcli.cli.local_run import load_runtime
     from gptcli.errors import InputError
     from gptcli.evaluate import encode_text
     from gptcli.evaluate import perplexity as measure
-    from gptcli.runtime import open_runtime
 
     if max_tokens is not None and max_tokens < 2:
         raise InputError("--max-tokens must be at least 2")
@@ -67,7 +73,7 @@ def perplexity(
     text = read_text_file(file, EVAL_TEXT)
     if not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")
-    runtime = open_runtime(settings, render.note)
+    runtime = load_runtime(settings)
     ids = encode_text(runtime.tokenizer, text, max_tokens)
     del text
     console = render.stderr_console()

@@ -29,7 +29,7 @@ def export(
 
     Examples:
       gptcli export
-      gptcli export ./my-gpt2 --precision int4 --device cpu --output ./my-gpt2-onnx
+      gptcli export ./my-gpt2 --precision int4 --output ./my-gpt2-onnx
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
     from gptcli.config import FIELDS
@@ -37,6 +37,10 @@ def export(
     from gptcli.export import PRECISIONS, ensure_export
     from gptcli.runtime import open_model
 
+    if output is not None and output.exists() and not output.is_dir():
+        from gptcli.errors import InputError
+
+        raise InputError(f"--output {output} is a file, not a folder", hint="give a folder for the export")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}'", hint=f"choose one of: {', '.join(PRECISIONS)}")
     if device not in FIELDS["device"].choices:

@@ -70,7 +70,7 @@ def generate(
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
       gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
-      gptcli generate "hi" --url http://127.0.0.1:8080/v1    # the model runs on that server
+      gptcli generate "hi" --url http://127.0.0.1:8080/v1    # on that server
     """
     from gptcli.cli.remote_run import check_client_flags
 

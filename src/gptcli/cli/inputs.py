@@ -45,7 +45,7 @@ def gather_prompt(argument: str | None, file: Path | None) -> str:
     if file is not None:
         parts.append(read_text_file(file, PROMPT))
     if argument is not None:
-        parts.append(argument)
+        parts.append(check_utf8(argument, "the prompt argument"))
     text = "\n\n".join(p.strip("\n") for p in parts if p.strip())
     if not text.strip():
         raise InputError("the prompt is empty", hint="give it as an argument, with -f FILE, or on stdin")
@@ -54,6 +54,8 @@ def gather_prompt(argument: str | None, file: Path | None) -> str:
 
 def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str]:
     """stdin line by line (decoded like any input, line ends dropped); a line over `limit` is an InputError."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`): no lines
+        return
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         yield from (line.rstrip("\n") for line in sys.stdin)
@@ -62,3 +64,12 @@ def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str]:
         if len(raw) > limit.max_bytes and not raw.endswith(b"\n"):
             raise over_limit(f"{STDIN}, a line", limit)
         yield decode_text(raw, STDIN).rstrip("\r\n")
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` from the command line; bytes that are not UTF-8 (kept by Python as surrogates) are an InputError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} is not valid UTF-8 (at character {exc.start + 1})") from None
+    return text

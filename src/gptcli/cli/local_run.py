@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from typing import Any
 
 from gptcli.cli import render
+
+
+def load_runtime(settings: Any) -> Any:
+    """`runtime.open_runtime` with notes on stderr, and under `-v` what was loaded, where it runs, how long it took."""
+    from gptcli.runtime import open_runtime
+
+    started = time.perf_counter()
+    runtime = open_runtime(settings, render.note)
+    info = runtime.backend.info
+    render.detail(
+        f"loaded {runtime.model.name} ({runtime.model.path}): {info.architecture}, {info.params:,} parameters,"
+        f" {info.num_layers} layers, context {info.context_length}, vocab {info.vocab_size}"
+        f" · {runtime.backend.name}/{info.device}/{info.dtype} · {time.perf_counter() - started:.2f} s"
+    )
+    return runtime
 
 
 def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
@@ -16,11 +33,10 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     from gptcli.cli.remote_run import stream_or_exit
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
-    from gptcli.runtime import open_runtime
 
     if settings.sampling.seed is None:
         settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
-    runtime = open_runtime(settings, render.note)
+    runtime = load_runtime(settings)
     if raw and settings.system:
         render.warn("--system is ignored with --raw")
     elif settings.system and not runtime.tokenizer.chat_template:
@@ -54,5 +70,5 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         }
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
-    if show_stats:
+    if show_stats or render.verbosity() >= render.VERBOSE:
         render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)

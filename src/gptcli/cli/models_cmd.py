@@ -8,8 +8,14 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli.helpfmt import HelpGroup
 
-app = typer.Typer(help="List, fetch and inspect models.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, fetch and inspect models.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 def human_size(n: int | None) -> str:

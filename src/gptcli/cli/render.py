@@ -11,11 +11,25 @@ from typing import Any, TextIO
 
 from gptcli.errors import GptcliError
 
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+_verbosity = NORMAL
+
+
+def set_verbosity(level: int) -> None:
+    """`gptcli -q` (QUIET: errors only) or `gptcli -v` (VERBOSE: load details and timings too)."""
+    global _verbosity
+    _verbosity = level
+
+
+def verbosity() -> int:
+    return _verbosity
+
 
 def stderr_console() -> Any:
+    """The console for everything on stderr but errors: silent under `-q` (notes, warnings, progress)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_verbosity <= QUIET)
 
 
 def stdout_console() -> Any:
@@ -27,8 +41,17 @@ def stdout_console() -> Any:
 
 
 def note(message: str) -> None:
-    """A progress or warning line on stderr (model text never goes through here)."""
-    stderr_console().print(message, markup=False, style="dim")
+    """A progress or warning line on stderr (model text never goes through here).
+
+    Under `-q` only safety warnings pass (`warning: pickle loading is on …`, said every time it is used)."""
+    console = _error_console() if message.startswith("warning: pickle") else stderr_console()
+    console.print(message, markup=False, style="dim")
+
+
+def detail(message: str) -> None:
+    """A line shown only under `-v`: what was loaded from where, how long things took."""
+    if _verbosity >= VERBOSE:
+        stderr_console().print(message, markup=False, style="dim")
 
 
 def warn(message: str) -> None:
@@ -36,11 +59,22 @@ def warn(message: str) -> None:
 
 
 def report(error: GptcliError) -> None:
-    """`error: …` and, where there is one, `hint: …` on stderr."""
-    console = stderr_console()
-    console.print(f"error: {error.message}", markup=False, style="bold red")
+    """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`)."""
+    console = _error_console()
+    console.print(f"error: {one_line(error.message)}", markup=False, style="bold red")
     if error.hint:
-        console.print(f"hint: {error.hint}", markup=False)
+        console.print(f"hint: {one_line(error.hint)}", markup=False)
+
+
+def one_line(text: str) -> str:
+    """A message that a library wrote over several lines, on one (an error is one line, then its hint)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _error_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def stream_text(events: Iterable[Any], out: TextIO | None = None, *, show: bool = True) -> Any:
@@ -109,7 +143,7 @@ def print_stats(finished: Any, backend: str, device: str, seed: int | None) -> N
     """The `--stats` line on stderr: timings, why it stopped, where it ran, the seed."""
     from gptcli.timings import timings_line
 
-    stderr_console().print(
+    _error_console().print(  # asked for: shown under -q too
         f"{timings_line(finished.stats)} · finish {finished.reason} · {backend}/{device} · seed {seed}",
         markup=False,
         style="dim",
@@ -125,7 +159,7 @@ class StageProgress:
 
     def __init__(self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True) -> None:
         self.console = stderr_console()
-        self.enabled = enabled and self.console.is_terminal
+        self.enabled = enabled and self.console.is_terminal and _verbosity > QUIET
         self.show_after = show_after
         self.transient = transient
         self.progress: Any = None

@@ -9,22 +9,33 @@ from typing import Annotated, Any
 
 import typer
 
+from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import InputError
 
-app = typer.Typer(help="List and inspect training runs (folders made by `gptcli train`).", no_args_is_help=True)
+app = typer.Typer(
+    help="List and inspect training runs (folders made by `gptcli train`).",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 def _summary(run: Path) -> dict[str, Any]:
     from gptcli.train import checkpoint as ckpt
 
-    info = ckpt.read_run(run)
+    if not run.is_dir():
+        what = "is not a folder" if run.exists() else "does not exist"
+        raise InputError(f"{run} {what}", hint="pass a folder made by `gptcli train`")
+    if not ckpt.is_run(run):
+        raise InputError(f"{run} is not a training run (no {ckpt.RUN_FILE} and {ckpt.CONFIG_FILE})")
+    try:
+        info = json.loads((run / ckpt.RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{run / ckpt.RUN_FILE}: cannot read it: {exc}") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{run / ckpt.RUN_FILE}: not a JSON object")
     last_loss = last_val = None
-    for line in (
-        (run / ckpt.METRICS_FILE).read_text(encoding="utf-8").splitlines()
-        if (run / ckpt.METRICS_FILE).is_file()
-        else []
-    ):
-        record = json.loads(line)
+    for record in _metrics(run / ckpt.METRICS_FILE):
         if "loss" in record:
             last_loss = record["loss"]
         if "val_loss" in record:
@@ -41,6 +52,20 @@ def _summary(run: Path) -> dict[str, Any]:
         "created": info.get("created"),
         "checkpoints": [p.name for p in ckpt.list_checkpoints(run)],
     }
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """The metrics records; a line that is not a JSON object (a write cut short by `kill -9`) is skipped."""
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _fmt(value: Any) -> str:
@@ -62,7 +87,14 @@ def list_runs(
     if not root.is_dir():
         raise InputError(f"no such folder: {root}", hint="pass the folder that holds your runs")
     candidates = [root] if ckpt.is_run(root) else sorted(p for p in root.iterdir() if p.is_dir())
-    rows = [_summary(p) for p in candidates if ckpt.is_run(p)]
+    rows = []
+    for candidate in (p for p in candidates if ckpt.is_run(p)):
+        try:
+            rows.append(_summary(candidate))
+        except InputError as exc:  # one damaged run does not hide the others
+            from gptcli.cli.render import warn
+
+            warn(f"skipped {exc.message}")
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
@@ -97,10 +129,11 @@ def show(
 
     import yaml
 
+    from gptcli.config import read_yaml
     from gptcli.train import checkpoint as ckpt
 
     summary = _summary(run)
-    summary["config"] = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    summary["config"] = read_yaml(run / ckpt.CONFIG_FILE)
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return

@@ -22,7 +22,9 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (others than loopback need a key).")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0)] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).", min=0, max=65535)
+    ] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences decoded together in one batch.", min=1)] = 8,
     kv_budget: Annotated[
         str | None,
@@ -56,8 +58,10 @@ def serve(
 
     Examples:
       gptcli serve
-      gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --port 9000 --parallel 8 --api-key "$KEY"
-      curl localhost:8080/v1/chat/completions -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
+      gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --parallel 8
+      gptcli serve --host 0.0.0.0 --port 9000 --api-key "$KEY"
+      curl localhost:8080/v1/chat/completions \\
+        -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
     """
     from gptcli.server.serving import bind_socket, is_loopback, url_of
 
@@ -98,13 +102,13 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
+    from gptcli.cli.local_run import load_runtime
     from gptcli.engine import Engine, EngineLimits, parse_kv_budget
-    from gptcli.runtime import open_runtime
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
     from gptcli.server.state import ServerState
 
-    runtime = open_runtime(settings, c.note)
+    runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue)
     engine = Engine(runtime.backend, runtime.tokenizer, limits)

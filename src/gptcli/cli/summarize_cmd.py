@@ -57,10 +57,10 @@ def summarize(
     Examples:
       cat report.txt | gptcli summarize
       gptcli summarize paper.txt --length short --format bullets
-      gptcli summarize big.txt --strategy map-reduce --chunk-tokens 1500 --overlap 100
+      gptcli summarize big.txt --strategy map-reduce --chunk-tokens 1500
       gptcli summarize notes.md --json
       gptcli summarize book.txt --parallel 4 --kv-budget 1GiB
-      cat doc.txt | gptcli summarize --url http://127.0.0.1:8080/v1    # on that server, 8 calls at a time
+      gptcli summarize doc.txt --url http://127.0.0.1:8080/v1    # on that server
     """
     from gptcli.cli.remote_run import check_client_flags
     from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions
@@ -145,11 +145,11 @@ def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options
             "model": remote.model,
             "url": remote.base_url,
         }
+    from gptcli.cli.local_run import load_runtime
     from gptcli.engine import parse_kv_budget
-    from gptcli.runtime import open_runtime
     from gptcli.summarize import Summarizer
 
-    runtime = open_runtime(settings, render.note)
+    runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     summarizer = Summarizer(
         runtime.backend, runtime.tokenizer, template, settings.sampling, kv_budget_tokens=budget, **options

@@ -8,8 +8,14 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import render
+from gptcli.cli.helpfmt import HelpGroup
 
-app = typer.Typer(help="Prompt templates for `gptcli generate --template NAME`.", no_args_is_help=True)
+app = typer.Typer(
+    help="Prompt templates for `gptcli generate --template NAME`.",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    rich_markup_mode=None,
+)
 
 
 @app.command("list")

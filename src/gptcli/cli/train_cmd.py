@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from gptcli.cli import common as c
-from gptcli.errors import EXIT_INTERRUPTED
+from gptcli.errors import EXIT_INTERRUPTED, InputError
 
 
 def train(
@@ -50,10 +50,10 @@ def train(
     """Train a GPT on your text (or fine-tune a model) into a Hugging Face-format run folder.
 
     Examples:
-      gptcli train --data input.txt --preset shakespeare-char --out runs/shakespeare
-      gptcli train --data corpus/ --preset gpt2-small --tokenizer bpe --vocab-size 8000
+      gptcli train --data in.txt --preset shakespeare-char --out runs/shakespeare
+      gptcli train --data corpus/ --preset gpt2-small --tokenizer bpe
       gptcli train --resume runs/shakespeare --max-iters 4000
-      torchrun --standalone --nproc_per_node=2 -m gptcli train --data corpus/ --preset tiny
+      torchrun --standalone --nproc_per_node=2 -m gptcli train --data corpus/
     """
     from gptcli.train import loop
     from gptcli.train.distributed import shutdown_distributed
@@ -71,6 +71,8 @@ def train(
         "train.seed": seed,
         "train.compile": compile_model,
     }
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", hint="give a folder for the run")
     if preset is None and config is None and resume is None:
         preset = "shakespeare-char"
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -172,6 +172,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.max_iters >= 1, "train.max_iters must be >= 1"),
+        (0 <= t.seed < 2**63, f"train.seed (--seed) must be in [0, 2**63), not {t.seed}"),
         (t.threads is None or t.threads >= 1, "train.threads must be >= 1"),
         (o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr must be > 0 and optim.min_lr in [0, lr]"),
         (o.warmup_iters >= 0 and o.lr_decay_iters >= 1, "optim.warmup_iters >= 0 and optim.lr_decay_iters >= 1"),

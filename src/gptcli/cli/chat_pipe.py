@@ -1,0 +1,86 @@
+"""`gptcli chat` on a pipe: one user turn per line (or a \"\"\" block), replies and only replies on stdout.
+
+Plain mode writes each reply as it streams, ending with a newline. `--jsonl` writes one JSON object per
+user message, so a reply spanning lines stays one record:
+`{"role": "assistant", "content": …, "finish_reason": …, "conversation": …, "usage": {…}}`;
+a message that could not be answered gets `{"error": …, "hint": …}` in its place.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from gptcli.cli import render
+from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, stream_plain
+from gptcli.cli.inputs import stdin_lines
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+
+
+def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
+    """Answer stdin line by line; Ctrl-C stops the current reply (kept, marked interrupted) and exits 130."""
+    from gptcli.chat import collect_message, dispatch, is_command, stats_text
+
+    lines = stdin_lines()
+    for first in lines:
+        text = collect_message(first, lambda: next(lines, None))
+        if not text.strip():
+            continue
+        try:
+            step = dispatch(session, text, backend_name)
+        except GptcliError as exc:
+            render.report(exc)
+            if jsonl and not is_command(text):  # one record per user message, even a refused one
+                write_record({"error": exc.message, "hint": exc.hint})
+            continue
+        if step.output:
+            print(step.output, file=sys.stderr)
+        if step.exit:
+            break
+        if step.turn is None:
+            continue
+        interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
+        render.detail(stats_text(session))  # -v: the reply's timings
+        if interrupted:
+            render.stderr_console().print("interrupted", style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def collect_json(turn: Any, session: Any) -> bool:
+    """Run one reply to its end and write it as one JSON line; return whether Ctrl-C cut it."""
+    try:
+        with ReplyInterrupts():
+            for _ in turn:
+                pass
+    except (KeyboardInterrupt, SecondInterrupt):
+        turn.close()
+    write_record(reply_record(turn, session.conversation.id))
+    return bool(turn.interrupted)
+
+
+def reply_record(turn: Any, conversation_id: str) -> dict[str, Any]:
+    """A finished (or interrupted) reply as a JSON-ready dict."""
+    finished = turn.finished
+    text = finished.text if finished is not None else turn.text
+    record: dict[str, Any] = {
+        "role": "assistant",
+        "content": text,
+        "finish_reason": finished.reason if finished is not None else "interrupted",
+        "conversation": conversation_id,
+    }
+    if finished is not None and finished.stats is not None:
+        stats = finished.stats
+        record["usage"] = {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        }
+    return record
+
+
+def write_record(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,88 @@
+"""`gptcli chat` on a pipe: --jsonl records, and a chat whose store cannot be written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_chat import say, scripted_env
+from tests.test_hardening import _without_file_permission_bypass
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def test_jsonl_gives_one_object_per_reply_even_a_multi_line_one(tiny_models, tok, isolated_home):
+    env = scripted_env(say(tok, "One.\nTwo.") + say(tok, "Three."))
+    lines = 'Hi\n/show\n"""\nsecond\nmessage\n"""\n'
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--jsonl", input=lines, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(records) == 2  # /show's output went to stderr
+    assert [r["content"] for r in records] == ["One.\nTwo.", "Three."]
+    assert {r["role"] for r in records} == {"assistant"}
+    assert {r["finish_reason"] for r in records} == {"stop"}
+    saved = list((isolated_home / "data" / "chats").glob("*.json"))
+    assert [r["conversation"] for r in records] == [saved[0].stem] * 2
+    first, second = (r["usage"] for r in records)
+    assert first["completion_tokens"] == len(say(tok, "One.\nTwo.")) - 1  # the end token is not counted
+    assert second["prompt_tokens"] > first["prompt_tokens"]  # the second turn sees the history
+    messages = json.loads(saved[0].read_text())["messages"]
+    assert [m["content"] for m in messages] == ["Hi", "One.\nTwo.", "second\nmessage", "Three."]
+
+
+def test_verbose_chat_gives_each_reply_s_timings(tiny_models, tok):
+    env = scripted_env(say(tok, "One.") + say(tok, "Two."))
+    result = run_cli("-v", "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="a\nb\n", env=env)
+    assert result.returncode == 0 and result.stdout.decode() == "One.\nTwo.\n"
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("loaded tiny-llama ") and len(lines) == 3
+    assert all(line.startswith("prompt ") and " reused" in line for line in lines[1:]), lines
+
+
+def test_jsonl_answers_a_refused_message_with_an_error_record(tiny_models, tok):
+    env = scripted_env(say(tok, "Fine."), GPTCLI_TEST_CONTEXT="48")
+    too_long = "word " * 200
+    result = run_cli(
+        "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--jsonl", "-n", "4",
+        input=f"/bogus\n{too_long}\nHi\n", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(records) == 2  # nothing for the bad slash command, an error for the refused message
+    assert records[0]["error"].startswith("the message needs ")
+    assert records[1]["role"] == "assistant"
+    assert "error: unknown command /bogus" in result.stderr.decode()
+
+
+def test_a_read_only_store_warns_once_keeps_answering_and_fails_at_the_end(tiny_models, tok, isolated_home):
+    data = isolated_home / "data"
+    data.mkdir(parents=True)
+    data.chmod(0o500)
+    try:
+        env = scripted_env(say(tok, "First.") + say(tok, "Second."))
+        command = [*_without_file_permission_bypass(), sys.executable, "-m", "gptcli"]
+        command += ["chat", "-m", str(tiny_models["llama"]), "-b", "scripted"]
+        result = subprocess.run(
+            command, input=b"a\nb\n", capture_output=True, cwd=REPO, env={**os.environ, **env}, timeout=120
+        )
+    finally:
+        data.chmod(0o700)
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert result.stdout.decode() == "First.\nSecond.\n"  # the conversation went on
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: cannot write {data}/chats: Permission denied: the chat goes on unsaved "
+        "(/save FILE.json keeps a copy elsewhere)"
+    ]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot write {data}/chats: Permission denied"]
+    assert result.returncode == 1

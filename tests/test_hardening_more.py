@@ -1,0 +1,307 @@
+"""More bad inputs, hostile files and broken environments across the commands (issue 15's "twenty more").
+
+Each runs the real program in a subprocess and checks the exact first error line (or warning), the exit
+code, and that no traceback leaks. Most fail before a model is loaded, so they are quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_hardening import _without_file_permission_bypass, first_error
+
+SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend", "GPTCLI_TEST_CONTEXT": "4096"}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def scripted(tok, text: str) -> dict[str, str]:
+    """Environment that makes the scripted backend answer `text`."""
+    ids = [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
+    return {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(ids)}
+
+
+def shell(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script` run by bash with "$@" = python -m gptcli ARGS (for closed descriptors and deleted folders)."""
+    command = ["bash", "-c", script, "bash", sys.executable, "-m", "gptcli", *args]
+    return subprocess.run(command, capture_output=True, cwd=REPO, timeout=120)
+
+
+def lines_of(result: subprocess.CompletedProcess) -> list[str]:
+    err = result.stderr.decode()
+    assert "Traceback" not in err, err
+    return err.splitlines()
+
+
+# ------------------------------------------------------------------ hostile or broken files
+
+
+@pytest.mark.slow  # transformers is imported for its tokenizer fallback
+def test_a_tokenizer_error_that_spans_lines_is_one_line(tiny_models, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "tokenizer.json").unlink()
+    result = run_cli("generate", "-m", str(folder), "hi")
+    assert result.returncode == 5
+    error, hint = lines_of(result)  # the library's message had several lines; ours is one, then the hint
+    assert error.startswith(f"error: {folder}: no usable tokenizer (") and error.endswith(")")
+    assert hint == "hint: add a tokenizer.json"
+
+
+def test_a_config_json_that_is_not_an_object(tiny_models, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "config.json").write_text("[1, 2]")
+    result = run_cli("generate", "-m", str(folder), "hi")
+    assert first_error(result) == f"error: corrupt {folder}/config.json: not a JSON object"
+    assert result.returncode == 5
+
+
+def test_a_safetensors_header_longer_than_the_file(tiny_models, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    with (folder / "model.safetensors").open("r+b") as handle:
+        handle.write(struct.pack("<Q", 2**62))
+    result = run_cli("generate", "-m", str(folder), "hi")
+    assert first_error(result) == (
+        f"error: corrupt safetensors file {folder}/model.safetensors: header length past the end of the file"
+    )
+    assert result.returncode == 5
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.mkdir(), "cannot read config file {p}: Is a directory"),
+        (lambda p: p.write_bytes(b"\xff\xfemodel: x\n"), "cannot read config file {p}: not UTF-8 text (byte 0)"),
+        (lambda p: p.write_text("- a\n- b\n"), "{p}: the top level must be a mapping of settings"),
+    ],
+    ids=["folder", "not-utf8", "a-list"],
+)
+def test_a_config_file_that_is_not_a_settings_file(tmp_path, make, message):
+    path = tmp_path / "cfg.yaml"
+    make(path)
+    result = run_cli("config", "show", "--config", str(path))
+    assert first_error(result) == "error: " + message.format(p=path)
+    assert result.returncode == 3
+
+
+def test_an_unreadable_user_config(tmp_path):
+    user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
+    user.parent.mkdir(parents=True)
+    user.write_text("model: x\n")
+    user.chmod(0)
+    command = [*_without_file_permission_bypass(), sys.executable, "-m", "gptcli", "config", "show"]
+    result = subprocess.run(command, capture_output=True, cwd=REPO, timeout=60)
+    assert first_error(result) == f"error: cannot read config file {user}: Permission denied"
+    assert result.returncode == 3
+
+
+def test_a_saved_chat_whose_messages_are_not_a_list(isolated_home):
+    chats = isolated_home / "data" / "chats"
+    chats.mkdir(parents=True)
+    (chats / "20260101-000000-abcd.json").write_text('{"messages": "nope"}')
+    result = run_cli("chats", "show", "20260101")
+    assert first_error(result) == f"error: {chats}/20260101-000000-abcd.json is not a saved gptcli conversation"
+    assert result.returncode == 6
+
+
+def test_chats_list_says_which_files_it_skipped(isolated_home):
+    chats = isolated_home / "data" / "chats"
+    chats.mkdir(parents=True)
+    (chats / "20260101-000000-abcd.json").write_text("{bad")
+    result = run_cli("chats", "list")
+    assert result.returncode == 0
+    assert lines_of(result)[0] == (
+        f"warning: skipped cannot read {chats}/20260101-000000-abcd.json: "
+        "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    )
+
+
+def _run_folder(path: Path, metrics: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "run.json").write_text('{"step": 3}')
+    (path / "train_config.yaml").write_text("model: {n_layer: 1}\n")
+    (path / "metrics.jsonl").write_text(metrics)
+    return path
+
+
+def test_runs_show_skips_a_metrics_line_cut_short_by_kill_9(tmp_path):
+    run = _run_folder(tmp_path / "run", '{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    result = run_cli("runs", "show", str(run), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    shown = json.loads(result.stdout)
+    assert shown["train_loss"] == 2.5 and shown["config"] == {"model": {"n_layer": 1}}
+
+
+def test_runs_list_goes_past_a_damaged_run(tmp_path):
+    good = _run_folder(tmp_path / "runs" / "good", '{"step": 1, "loss": 2.5}\n')
+    bad = _run_folder(tmp_path / "runs" / "bad", "")
+    (bad / "run.json").write_text("{bad")
+    result = run_cli("runs", "list", str(tmp_path / "runs"), "--json")
+    assert result.returncode == 0
+    assert [row["run"] for row in json.loads(result.stdout)] == [str(good)]
+    assert lines_of(result)[0].startswith(f"warning: skipped {bad}/run.json: cannot read it: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("missing", "{p} does not exist"),
+        ("a-file", "{p} is not a folder"),
+        ("empty", "{p} is not a training run (no run.json and train_config.yaml)"),
+    ],
+)
+def test_runs_show_on_something_that_is_not_a_run(tmp_path, name, message):
+    path = tmp_path / name
+    if name == "a-file":
+        path.write_text("x")
+    elif name == "empty":
+        path.mkdir()
+    result = run_cli("runs", "show", str(path))
+    assert first_error(result) == "error: " + message.format(p=path)
+    assert result.returncode == 6
+
+
+# ------------------------------------------------------------------ bad arguments
+
+
+def test_bytes_that_are_not_utf8_in_the_prompt_and_in_system(tiny_models):
+    model = str(tiny_models["llama"])
+    bad = os.fsdecode(b"caf\xe9")
+    result = run_cli("generate", "-m", model, bad)
+    assert first_error(result) == "error: the prompt argument is not valid UTF-8 (at character 4)"
+    assert result.returncode == 6
+    result = run_cli("generate", "-m", model, "--system", bad, "hi")
+    assert first_error(result) == "error: --system: system is not valid UTF-8 text"
+    assert result.returncode == 3
+
+
+def test_a_url_that_is_not_http():
+    result = run_cli("generate", "--url", "localhost:8080", "hi")
+    assert first_error(result) == "error: --url localhost:8080: not an http:// or https:// URL"
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["serve", "--port", "70000"], ["generate", "--batch", "x.jsonl", "-P", "0"], ["summarize", "-P", "0", "x.txt"]],
+    ids=["port", "batch-parallel", "summarize-parallel"],
+)
+def test_numbers_out_of_range_are_usage_errors(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert lines_of(result)[-1].startswith(
+        f"Error: Invalid value for '{args[-2] if args[0] == 'serve' else '--parallel'}'"
+    )
+
+
+def test_a_bad_kv_budget_and_an_unknown_training_key(tiny_models, tmp_path):
+    (tmp_path / "in.txt").write_text("some text to train on\n" * 20)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    batch = ["generate", "-m", str(tiny_models["llama"]), "--batch", str(tmp_path / "in.jsonl")]
+    result = run_cli(*batch, "--kv-budget", "lots")
+    assert first_error(result) == "error: --kv-budget 'lots' is neither a number of tokens nor a size"
+    assert result.returncode == 3
+    result = run_cli("train", "--data", str(tmp_path / "in.txt"), "--set", "optim.lrr=1", "--dry-run")
+    assert first_error(result) == "error: --set: optim -> lrr: unknown key (did you mean 'lr'?)"
+    assert result.returncode == 3
+
+
+def test_a_training_seed_out_of_range(tmp_path):
+    from gptcli.errors import ConfigError
+    from gptcli.train.config import load_config
+
+    (tmp_path / "in.txt").write_text("some text to train on\n" * 20)
+    result = run_cli("train", "--data", str(tmp_path / "in.txt"), "--seed", "-1", "--dry-run")
+    assert first_error(result) == "error: train.seed (--seed) must be in [0, 2**63), not -1"
+    assert result.returncode == 3
+    with pytest.raises(
+        ConfigError, match=r"^train.seed \(--seed\) must be in \[0, 2\*\*63\), not 9223372036854775808$"
+    ):
+        load_config(flags={"train.seed": 2**63})
+    with pytest.raises(ConfigError, match=r"not -3$"):
+        load_config(sets=["train.seed=-3"])
+    assert load_config(flags={"train.seed": 2**63 - 1}).train.seed == 2**63 - 1
+
+
+# ------------------------------------------------------------------ outputs that cannot be written
+
+
+def test_outputs_that_are_files_or_folders_where_the_other_is_needed(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    result = run_cli("generate", "-m", model, "--batch", str(tmp_path / "in.jsonl"), "-o", str(tmp_path))
+    assert first_error(result) == f"error: {tmp_path} is a folder"
+    assert result.returncode == 6
+    result = run_cli("export", model, "--output", str(a_file))
+    assert first_error(result) == f"error: --output {a_file} is a file, not a folder"
+    assert result.returncode == 6
+    result = run_cli("train", "--data", str(a_file), "--out", str(a_file))
+    assert first_error(result) == f"error: --out {a_file} is a file, not a folder"
+    assert result.returncode == 6
+
+
+def test_save_to_a_path_that_cannot_be_written_leaves_the_chat_going(tiny_models, tok, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "chat.md"
+    env = scripted(tok, "Still here.")
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input=f"/save {target}\nhi\n", env=env)
+    assert result.returncode == 0
+    assert lines_of(result)[0].startswith(f"error: cannot save to {target}: ")
+    assert result.stdout.decode() == "Still here.\n"
+
+
+def test_a_stdout_encoding_without_the_reply_s_characters(tiny_models, tok):
+    env = {**scripted(tok, "Olé"), "PYTHONIOENCODING": "ascii"}
+    result = run_cli("generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "hi", env=env)
+    assert first_error(result) == "error: cannot write to stdout: its encoding (ascii) cannot hold U+00E9"
+    assert result.returncode == 1
+
+
+def test_serve_on_a_port_that_is_taken(tiny_models):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "-m", str(tiny_models["llama"]), "--port", str(port), timeout=120)
+    assert first_error(result) == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert result.returncode == 1
+
+
+# ------------------------------------------------------------------ broken environments
+
+
+def test_chat_with_stdin_closed_ends_quietly(tiny_models, tok):
+    env = {**os.environ, **scripted(tok, "Hi")}
+    command = ["bash", "-c", 'exec "$@" <&-', "bash", sys.executable, "-m", "gptcli"]
+    command += ["chat", "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    result = subprocess.run(command, capture_output=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0
+    assert lines_of(result) == [] and result.stdout == b""
+
+
+def test_a_working_folder_that_was_deleted(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = shell(f'cd {gone} && rmdir {gone} && exec "$@"', "config", "show")
+    assert first_error(result) == "error: the current folder no longer exists"
+    assert result.returncode == 1
