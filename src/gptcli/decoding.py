@@ -15,12 +15,13 @@ import numpy as np
 
 from gptcli.backends.base import Backend
 from gptcli.config import SamplingConfig
+from gptcli.constraints import TokenConstraint, open_constraint
 from gptcli.sampling import make_rng, sample
 from gptcli.tokenizer import Tokenizer
 
-# stop: end-of-sequence or a stop string; length: max_tokens; context: the context window is full;
-# repetition: the reply only repeats itself; interrupted: Ctrl-C; cancelled: the caller gave up on it
-# (a client disconnected); error: the step failed.
+# stop: end-of-sequence, a stop string, or a structured output that is complete; length: max_tokens;
+# context: the context window is full; repetition: the reply only repeats itself; interrupted: Ctrl-C;
+# cancelled: the caller gave up on it (a client disconnected); error: the step failed.
 FINISH_REASONS = ("stop", "length", "context", "repetition", "interrupted", "cancelled", "error")
 
 
@@ -227,6 +228,10 @@ class SequenceDecoder:
         self.stopper = StopMatcher(params.stop)
         self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
+        # Structured output: a token mask before every sample (sampling.py never sees a disallowed token).
+        self.constraint: TokenConstraint | None = (
+            open_constraint(params.constraint, tokenizer) if params.constraint is not None else None
+        )
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
@@ -250,8 +255,19 @@ class SequenceDecoder:
         else:
             self.steps += 1
         self.last_step_end = now
-        token_id = sample(logits, self.params, self.rng, self.history)
         self.next_token = None
+        if self.constraint is None:
+            token_id = sample(logits, self.params, self.rng, self.history)
+        else:
+            masked = self.constraint.mask(logits)
+            if masked is None:  # the grammar allows nothing (not even end-of-sequence)
+                return self.finish("stop" if self.constraint.accepting else "error")
+            token_id = sample(masked, self.params, self.rng, self.history)
+            if not self.constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed
+                token_id = int(np.argmax(masked))
+            if self.constraint.is_end(token_id):
+                return self.finish("stop")
+            self.constraint.advance(token_id)
         if token_id in self.eos:
             return self.finish("stop")
         self.history.append(token_id)
@@ -263,6 +279,8 @@ class SequenceDecoder:
         events: list[Event] = [Token(text, token_id, emitted)]
         if hit_stop:
             return events + self.finish("stop", stopped=True)
+        if self.constraint is not None and self.constraint.complete:
+            return events + self.finish("stop")
         if self.loops is not None and self.loops.add(token_id):
             return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
