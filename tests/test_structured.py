@@ -284,3 +284,64 @@ def test_default_model_writes_the_grace_hopper_json(default_model):
     data = json.loads(finished.text)
     jsonschema.validate(data, GRACE)
     assert "Grace" in data["name"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    pytest.importorskip("fastapi")
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+    from tests.test_server import serve_runtime
+
+    runtime = open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+    with serve_runtime(runtime, max_running=8) as live:
+        yield live
+
+
+def test_server_response_format_json_schema_and_json_object(server):
+    httpx = pytest.importorskip("httpx")
+    url = server.v1 + "/chat/completions"
+    schema = SCHEMAS["nested"]
+    base = {"messages": [{"role": "user", "content": "Who?"}], "temperature": 0.9, "max_tokens": 60}
+    formatted = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    for seed in range(3):
+        reply = httpx.post(url, json={**base, "seed": seed, "response_format": formatted}, timeout=60).json()
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    streamed = httpx.post(url, json={**base, "seed": 7, "stream": True, "response_format": formatted}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    jsonschema.validate(json.loads(text), schema)
+    text_url = server.v1 + "/completions"
+    array = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS["array"]}}
+    done = httpx.post(text_url, json={"prompt": "x", "max_tokens": 40, "response_format": array}, timeout=60).json()
+    jsonschema.validate(json.loads(done["choices"][0]["text"]), SCHEMAS["array"])
+    obj = {**base, "seed": 1, "max_tokens": 80, "response_format": {"type": "json_object"}}
+    content = httpx.post(url, json=obj, timeout=60).json()["choices"][0]["message"]["content"]
+    assert content.startswith("{")
+    plain = {**base, "temperature": 0, "response_format": {"type": "text"}}
+    assert (
+        httpx.post(url, json=plain, timeout=60).json()["choices"][0]["message"]["content"]
+        == (httpx.post(url, json={**base, "temperature": 0}, timeout=60).json()["choices"][0]["message"]["content"])
+    )
+
+
+def test_server_bad_schema_is_400_in_openai_shape(server):
+    httpx = pytest.importorskip("httpx")
+    url = server.v1 + "/chat/completions"
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+            "response_format.json_schema.schema: JSON Schema keyword not supported: uniqueItems",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: required"),
+        ({"type": "yaml"}, "response_format.type"),
+    ]
+    for response_format, message in cases:
+        response = httpx.post(url, json={**base, "response_format": response_format}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"].startswith("response_format")
+        assert error["message"].startswith(message), error

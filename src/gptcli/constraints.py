@@ -163,9 +163,9 @@ class TokenConstraint:
         """An end-of-sequence token: the grammar allowed it, so the reply is complete."""
         return token_id in self._eos
 
-    def advance(self, token_id: int) -> None:
-        if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"the grammar rejected token {token_id}: {self._matcher.get_error()}")
+    def advance(self, token_id: int) -> bool:
+        """Move the grammar past this token; False (the matcher is now in error) if it did not fit."""
+        return bool(self._matcher.consume_token(token_id))
 
     @property
     def complete(self) -> bool:

@@ -229,9 +229,15 @@ class SequenceDecoder:
         self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
         # Structured output: a token mask before every sample (sampling.py never sees a disallowed token).
-        self.constraint: TokenConstraint | None = (
-            open_constraint(params.constraint, tokenizer) if params.constraint is not None else None
-        )
+        # The front doors check the grammar first; one that still fails ends only this sequence ("error"),
+        # never the engine's step that the other sequences share.
+        self.constraint: TokenConstraint | None = None
+        self.constraint_failed = False
+        if params.constraint is not None:
+            try:
+                self.constraint = open_constraint(params.constraint, tokenizer)
+            except Exception:
+                self.constraint_failed = True
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
@@ -256,18 +262,13 @@ class SequenceDecoder:
             self.steps += 1
         self.last_step_end = now
         self.next_token = None
-        if self.constraint is None:
+        if self.constraint is None and not self.constraint_failed:
             token_id = sample(logits, self.params, self.rng, self.history)
         else:
-            masked = self.constraint.mask(logits)
-            if masked is None:  # the grammar allows nothing (not even end-of-sequence)
-                return self.finish("stop" if self.constraint.accepting else "error")
-            token_id = sample(masked, self.params, self.rng, self.history)
-            if not self.constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed
-                token_id = int(np.argmax(masked))
-            if self.constraint.is_end(token_id):
-                return self.finish("stop")
-            self.constraint.advance(token_id)
+            picked = self._constrained_pick(logits)
+            if isinstance(picked, str):
+                return self.finish(picked)
+            token_id = picked
         if token_id in self.eos:
             return self.finish("stop")
         self.history.append(token_id)
@@ -289,6 +290,21 @@ class SequenceDecoder:
             return events + self.finish("context")
         self.next_token = token_id
         return events
+
+    def _constrained_pick(self, logits: np.ndarray) -> int | str:
+        """The next token among those the grammar allows, or the finish reason when the reply ends here."""
+        constraint = self.constraint
+        if constraint is None:
+            return "error"
+        masked = constraint.mask(logits)
+        if masked is None:  # the grammar allows nothing, not even end-of-sequence
+            return "stop" if constraint.accepting else "error"
+        token_id = sample(masked, self.params, self.rng, self.history)
+        if not constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed one
+            token_id = int(np.argmax(masked))
+        if constraint.is_end(token_id):  # end-of-sequence is allowed only once the match is complete
+            return "stop"
+        return token_id if constraint.advance(token_id) else "error"
 
     def finish(self, reason: str, *, stopped: bool = False) -> list[Event]:
         """End the sequence: release held-back text (unless a stop string cut it) and report the stats."""
