@@ -259,6 +259,13 @@ def test_cli_generate_and_batch_follow_the_constraint(tiny_models, tmp_path):
         jsonschema.validate(json.loads(line["text"]), SCHEMAS["array"])
 
 
+def test_cli_chat_constrains_every_reply(tiny_models):
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "--regex", "(yes|no)", "-t", "0.9", input="hi\nagain\n")
+    assert result.returncode == 0, result.stderr.decode()
+    replies = result.stdout.decode().splitlines()
+    assert len(replies) == 2 and all(reply in {"yes", "no"} for reply in replies), replies
+
+
 GRACE = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
@@ -267,23 +274,37 @@ GRACE = {
 }
 
 
+@pytest.fixture(scope="module")
+def smollm(default_model):
+    return TorchBackend.load(default_model.path, CPU32), Tokenizer(default_model.path)
+
+
+def _chat_ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(tok.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+
+
 @pytest.mark.integration
-def test_default_model_writes_the_grace_hopper_json(default_model):
-    folder = default_model
-    backend, tok = TorchBackend.load(folder, CPU32), Tokenizer(folder)
-    messages = [
-        {
-            "role": "user",
-            "content": "Return a JSON object with the keys name and age for Grace Hopper, born 1906.",
-        }
-    ]
-    ids = tok.encode(tok.render_chat(messages), add_special_tokens=False)
+@pytest.mark.slow
+def test_default_model_writes_the_grace_hopper_json(smollm):
+    backend, tok = smollm
+    ids = _chat_ids(tok, "Return a JSON object with the keys name and age for Grace Hopper, born 1906.")
     params = SamplingConfig(temperature=0, max_tokens=60, constraint=constraints.schema_constraint(GRACE, "t"))
     finished = _final(generate(backend, tok, ids, params))
     assert finished.reason == "stop"
     data = json.loads(finished.text)
     jsonschema.validate(data, GRACE)
     assert "Grace" in data["name"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_model_greedy_under_an_anything_regex_equals_free_greedy(smollm):
+    backend, tok = smollm
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
+    ids = _chat_ids(tok, "Write one sentence about the sea.")
+    free = _final(generate(backend, tok, ids, greedy))
+    held = _final(generate(backend, tok, ids, replace(greedy, constraint=constraints.regex(r"(?s:.*)"))))
+    assert held.token_ids == free.token_ids and held.text == free.text and len(free.token_ids) > 5
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
         return ANY_JSON
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {type(schema).__name__}")
-    constraint = OutputConstraint("json_schema", json.dumps(schema, sort_keys=True))
+    constraint = OutputConstraint("json_schema", json.dumps(schema))  # key order kept: properties come in it
     check(constraint, where)
     return constraint
 
@@ -84,11 +84,9 @@ def from_flags(schema_file: Path | None, output_format: str | None, pattern: str
         return json_schema(read_text_file(schema_file, SCHEMA_FILE), str(schema_file))
     if pattern is not None:
         return regex(pattern)
-    if output_format is None or output_format == "text":
-        return None
-    if output_format != "json":
+    if output_format is not None and output_format not in FORMATS:
         raise UsageError(f"--format: unknown format '{output_format}'", hint="use --format json (or text)")
-    return ANY_JSON
+    return ANY_JSON if output_format == "json" else None
 
 
 @lru_cache(maxsize=256)
