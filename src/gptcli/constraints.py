@@ -205,11 +205,20 @@ _BRIDGES: weakref.WeakKeyDictionary[Tokenizer, _Bridge] = weakref.WeakKeyDiction
 _LOCK = threading.Lock()
 
 
-def open_constraint(constraint: OutputConstraint, tokenizer: Tokenizer) -> TokenConstraint:
-    """A fresh matcher for one sequence (the token table and the compiled grammar are cached)."""
+def _prototype(constraint: OutputConstraint, tokenizer: Tokenizer) -> tuple[Any, _Bridge]:
     with _LOCK:
         bridge = _BRIDGES.get(tokenizer)
         if bridge is None:
             bridge = _BRIDGES[tokenizer] = _Bridge(tokenizer)
-        matcher = bridge.matcher(constraint)
+        return bridge.matcher(constraint), bridge
+
+
+def prepare(constraint: OutputConstraint, tokenizer: Tokenizer) -> None:
+    """Build the token table and compile the grammar now (the server, off the engine's thread)."""
+    _prototype(constraint, tokenizer)
+
+
+def open_constraint(constraint: OutputConstraint, tokenizer: Tokenizer) -> TokenConstraint:
+    """A fresh matcher for one sequence (the token table and the compiled grammar are cached)."""
+    matcher, bridge = _prototype(constraint, tokenizer)
     return TokenConstraint(matcher, bridge.eos, bridge.ll.vocab_size)
