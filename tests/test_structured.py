@@ -134,6 +134,24 @@ def test_sampled_replies_all_match_the_regex(llama):
             assert re.fullmatch(pattern, reply.text), (pattern, reply.text)
 
 
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"temperature": 0},
+        {"temperature": 1.5, "top_k": 5, "top_p": 1.0, "min_p": 0.0},
+        {"temperature": 1.2, "top_p": 0.5, "min_p": 0.0},
+        {"temperature": 1.0, "top_p": 1.0, "min_p": 0.2},
+        {"temperature": 0.8, "repetition_penalty": 1.5},
+    ],
+)
+def test_every_sampler_respects_the_mask(llama, sampler):
+    backend, tok = llama
+    pattern = r"[0-9]{3}-(yes|no)"
+    params = [replace(SAMPLED, seed=seed, **sampler, constraint=constraints.regex(pattern)) for seed in range(8)]
+    for reply in _run_together(backend, tok, "The capital of France is", params):
+        assert reply.reason == "stop" and re.fullmatch(pattern, reply.text), (sampler, reply.text)
+
+
 def _allowed_prefix(constraint: OutputConstraint, tok: Tokenizer, ids: tuple[int, ...], width: int) -> int:
     """How many of `ids` the constraint lets through before it first refuses one."""
     matcher = constraints.open_constraint(constraint, tok)
