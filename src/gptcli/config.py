@@ -27,6 +27,14 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output (JSON, a JSON Schema or a regex), set per run or request: `gptcli.constraints` compiles it."""
+
+    kind: str  # "json" | "json_schema" | "regex"
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How the decoding loop picks tokens. temperature 0 means greedy."""
 
@@ -40,6 +48,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     repetition_stop: bool = True  # end a reply that only repeats itself (finish reason "repetition")
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks: exactly max_tokens tokens)
+    constraint: OutputConstraint | None = None  # structured output; not a config-file setting (no FieldSpec)
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,9 @@ def resolve(
             values[key] = coerce(spec, raw, where)
             sources[key] = f"${spec.env}" if source == "env" else source
 
-    sampling = SamplingConfig(**{f.name: values[f"sampling.{f.name}"] for f in fields(SamplingConfig)})
+    sampling = SamplingConfig(
+        **{f.name: values[f"sampling.{f.name}"] for f in fields(SamplingConfig) if f"sampling.{f.name}" in FIELDS}
+    )
     top = {f.name: values[f.name] for f in fields(Settings) if f.name != "sampling"}
     return Resolved(Settings(**top, sampling=sampling), sources)
 

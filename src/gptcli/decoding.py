@@ -15,12 +15,13 @@ import numpy as np
 
 from gptcli.backends.base import Backend
 from gptcli.config import SamplingConfig
+from gptcli.constraints import TokenConstraint, open_constraint
 from gptcli.sampling import make_rng, sample
 from gptcli.tokenizer import Tokenizer
 
-# stop: end-of-sequence or a stop string; length: max_tokens; context: the context window is full;
-# repetition: the reply only repeats itself; interrupted: Ctrl-C; cancelled: the caller gave up on it
-# (a client disconnected); error: the step failed.
+# stop: end-of-sequence, a stop string, or a structured output that is complete; length: max_tokens;
+# context: the context window is full; repetition: the reply only repeats itself; interrupted: Ctrl-C;
+# cancelled: the caller gave up on it (a client disconnected); error: the step failed.
 FINISH_REASONS = ("stop", "length", "context", "repetition", "interrupted", "cancelled", "error")
 
 
@@ -227,6 +228,16 @@ class SequenceDecoder:
         self.stopper = StopMatcher(params.stop)
         self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
+        # Structured output: a token mask before every sample (sampling.py never sees a disallowed token).
+        # The front doors check the grammar first; one that still fails ends only this sequence ("error"),
+        # never the engine's step that the other sequences share.
+        self.constraint: TokenConstraint | None = None
+        self.constraint_failed = False
+        if params.constraint is not None:
+            try:
+                self.constraint = open_constraint(params.constraint, tokenizer)
+            except Exception:
+                self.constraint_failed = True
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
@@ -250,8 +261,14 @@ class SequenceDecoder:
         else:
             self.steps += 1
         self.last_step_end = now
-        token_id = sample(logits, self.params, self.rng, self.history)
         self.next_token = None
+        if self.constraint is None and not self.constraint_failed:
+            token_id = sample(logits, self.params, self.rng, self.history)
+        else:
+            picked = self._constrained_pick(logits)
+            if isinstance(picked, str):
+                return self.finish(picked)
+            token_id = picked
         if token_id in self.eos:
             return self.finish("stop")
         self.history.append(token_id)
@@ -263,6 +280,8 @@ class SequenceDecoder:
         events: list[Event] = [Token(text, token_id, emitted)]
         if hit_stop:
             return events + self.finish("stop", stopped=True)
+        if self.constraint is not None and self.constraint.complete:
+            return events + self.finish("stop")
         if self.loops is not None and self.loops.add(token_id):
             return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
@@ -271,6 +290,21 @@ class SequenceDecoder:
             return events + self.finish("context")
         self.next_token = token_id
         return events
+
+    def _constrained_pick(self, logits: np.ndarray) -> int | str:
+        """The next token among those the grammar allows, or the finish reason when the reply ends here."""
+        constraint = self.constraint
+        if constraint is None:
+            return "error"
+        masked = constraint.mask(logits)
+        if masked is None:  # the grammar allows nothing, not even end-of-sequence
+            return "stop" if constraint.accepting else "error"
+        token_id = sample(masked, self.params, self.rng, self.history)
+        if not constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed one
+            token_id = int(np.argmax(masked))
+        if constraint.is_end(token_id):  # end-of-sequence is allowed only once the match is complete
+            return "stop"
+        return token_id if constraint.advance(token_id) else "error"
 
     def finish(self, reason: str, *, stopped: bool = False) -> list[Event]:
         """End the sequence: release held-back text (unless a stop string cut it) and report the stats."""

@@ -108,6 +108,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text (what grammar libraries build their token tables from)."""
+        return self._tok.to_str()
+
     @cached_property
     def _compiled_template(self) -> Any:
         from jinja2.ext import loopcontrols

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.chat.conversation import Conversation, ConversationStore, new_id, now
-from gptcli.config import Resolved, SamplingConfig, Settings, suggest, with_sampling
+from gptcli.config import FIELDS, Resolved, SamplingConfig, Settings, suggest, with_sampling
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import environment_error
 from gptcli.prompts import build_prompt, transcript
 
-SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig))
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig) if f"sampling.{f.name}" in FIELDS)
 
 
 def parse_setting(key: str, value: str) -> Any:

@@ -12,7 +12,7 @@ from gptcli.cli import render
 from gptcli.cli.chat_pipe import run_piped
 from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt
 from gptcli.cli.inputs import isatty
-from gptcli.cli.settings import resolve_settings
+from gptcli.cli.settings import constrain, output_constraint, resolve_settings
 from gptcli.errors import UsageError
 
 __all__ = ["ReplyInterrupts", "SecondInterrupt", "chat", "run_piped"]
@@ -37,6 +37,9 @@ def chat(
     seed: c.SeedOpt = None,
     stop: c.StopOpt = None,
     system: c.SystemOpt = None,
+    json_schema: c.JsonSchemaOpt = None,
+    output_format: c.FormatOpt = None,
+    regex: c.RegexOpt = None,
     continue_: Annotated[bool, typer.Option("--continue", help="Resume the most recent conversation.")] = False,
     resume: Annotated[str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text replies (no Markdown rendering).")] = False,
@@ -81,6 +84,7 @@ def chat(
     )
     if continue_ and resume:
         raise UsageError("--continue and --resume cannot be used together")
+    structured = output_constraint(json_schema, output_format, regex, url)
     resolved = resolve_settings(
         config,
         model=model,
@@ -104,6 +108,7 @@ def chat(
     )
     store = ConversationStore()
     settings, conversation = open_conversation(resolved, store, latest=continue_, ref=resume)
+    settings = constrain(settings, structured)  # every reply of this session
     if url is not None:
         from gptcli.cli.remote_run import open_remote, remote_chat_session
 

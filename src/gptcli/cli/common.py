@@ -175,3 +175,10 @@ ApiKeyOpt = Annotated[
         show_default=False,
     ),
 ]
+# Structured output (generate, chat): at most one of the three; the reply is constrained token by token.
+JsonSchemaOpt = Annotated[
+    Path | None,
+    typer.Option("--json-schema", help="Make the output JSON that validates against this JSON Schema file."),
+]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="json: the output is valid JSON (text: free text).")]
+RegexOpt = Annotated[str | None, typer.Option("--regex", help="Make the output match this regular expression.")]

@@ -9,7 +9,7 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli.inputs import gather_prompt
-from gptcli.cli.settings import resolve_settings
+from gptcli.cli.settings import constrain, output_constraint, resolve_settings
 from gptcli.errors import UsageError
 
 
@@ -55,6 +55,9 @@ def generate(
     parallel: c.ParallelOpt = None,
     kv_budget: c.KvBudgetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    json_schema: c.JsonSchemaOpt = None,
+    output_format: c.FormatOpt = None,
+    regex: c.RegexOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     config: c.ConfigOpt = None,
     allow_pickle: c.AllowPickleOpt = None,
@@ -71,6 +74,7 @@ def generate(
       gptcli generate -f report.txt --question "Who signed it?"
       gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
       gptcli generate "hi" --url http://127.0.0.1:8080/v1    # on that server
+      gptcli generate -f invoice.txt --json-schema schema.json
     """
     from gptcli.cli.remote_run import check_client_flags
 
@@ -86,6 +90,7 @@ def generate(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
+    structured = output_constraint(json_schema, output_format, regex, url)
     if url is not None and batch is not None:
         raise UsageError("--batch does not work with --url yet", hint="run the batch here, without --url")
     resolved = resolve_settings(
@@ -116,6 +121,7 @@ def generate(
 
         if prompt is not None or file is not None or template is not None or to or question:
             raise UsageError("--batch takes its prompts from the file", hint="drop the prompt, -f and --template")
+        settings = constrain(settings, structured)  # every row gets the run's constraint
         return run_batch_file(settings, batch, output=output, resume=resume, parallel=parallel, kv_budget=kv_budget)
     if output is not None or resume:
         raise UsageError("--output and --resume go with --batch", hint="redirect stdout to save a single completion")
@@ -144,6 +150,7 @@ def generate(
                 text = f"{system_text}\n\n{text}"
             else:
                 settings = replace(settings, system=system_text)
+    settings = constrain(settings, structured)
     if url is not None:
         from gptcli.cli.remote_run import open_remote, run_remote_generation
 

@@ -22,3 +22,23 @@ def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
             value = tuple(value) or None
         dotted[key] = value
     return resolve(config_file=config_file, flags=dotted)
+
+
+def output_constraint(json_schema: Path | None, output_format: str | None, regex: str | None, url: str | None) -> Any:
+    """--json-schema / --format / --regex as a checked `OutputConstraint` (or None), before any model loads."""
+    from gptcli.constraints import from_flags
+    from gptcli.errors import UsageError
+
+    constraint = from_flags(json_schema, output_format, regex)
+    if constraint is not None and url is not None:
+        raise UsageError("--json-schema, --format and --regex do not work with --url yet", hint="drop --url")
+    return constraint
+
+
+def constrain(settings: Any, constraint: Any) -> Any:
+    """Settings whose sampling carries the structured-output constraint (unchanged when there is none)."""
+    if constraint is None:
+        return settings
+    from dataclasses import replace
+
+    return replace(settings, sampling=replace(settings.sampling, constraint=constraint))

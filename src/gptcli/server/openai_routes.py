@@ -129,7 +129,12 @@ async def respond(
             code="context_length_exceeded",
         )
     arrived = time.perf_counter()
-    stream = EngineStream(state.engine, ids, body.sampling(state.defaults))
+    params = body.sampling(state.defaults)
+    if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
+        from gptcli.constraints import prepare
+
+        await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
+    stream = EngineStream(state.engine, ids, params)
     timed = timed_events(stream, state, arrived)
     if body.stream:
         return EventStreamResponse(stream_body(timed, shape, include_usage=body.include_usage), on_close=stream.cancel)

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
 Parameters OpenAI defines that we do not implement (frequency_penalty, logit_bias, tools, ...) are
-accepted and ignored (`extra="allow"`), so existing clients keep working; docs/serve.md lists them.
+accepted and ignored (`extra="allow"`), so existing clients keep working; the README lists them.
+`response_format` (text, json_object, json_schema) is enforced by gptcli.constraints.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 
-from gptcli.config import SamplingConfig
-from gptcli.errors import ModelError
+from gptcli.config import OutputConstraint, SamplingConfig
+from gptcli.errors import ConfigError, ModelError
 from gptcli.prompts import build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.tokenizer import Tokenizer
@@ -50,6 +51,40 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: a name, the schema, and `strict` (always enforced here)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that fits a schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> OutputConstraint | None:
+        """The structured-output constraint, checked now: a bad schema is a 400 that names the problem."""
+        from gptcli import constraints
+
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return constraints.JSON_OBJECT
+        param = "response_format.json_schema"
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise APIError(400, f"{param}.schema: required for type json_schema", param=param, code="invalid_value")
+        try:
+            return constraints.schema_constraint(self.json_schema.schema_, f"{param}.schema")
+        except ConfigError as exc:
+            raise APIError(400, exc.message, param=f"{param}.schema", code="invalid_value") from None
+
+
 class SamplingRequest(BaseModel):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
@@ -70,6 +105,7 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     # vLLM's and llama.cpp's benchmark switch: generate exactly max_tokens (no EOS, no repetition stop).
     ignore_eos: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("n")
     @classmethod
@@ -107,6 +143,8 @@ class SamplingRequest(BaseModel):
         if self.ignore_eos:
             changes["ignore_eos"] = True
             changes["repetition_stop"] = False
+        if self.response_format is not None:
+            changes["constraint"] = self.response_format.constraint()
         return replace(defaults, **changes)
 
 

@@ -1,0 +1,386 @@
+"""Structured output: JSON Schema, any JSON and regex constraints as token masks in the decoding loop."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import jsonschema
+import numpy as np
+import pytest
+
+from gptcli import constraints
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.torch_backend import TorchBackend
+from gptcli.config import OutputConstraint, SamplingConfig
+from gptcli.decoding import Finished, Token
+from gptcli.engine import Engine, EngineLimits, generate, run_all
+from gptcli.errors import ConfigError, UsageError
+from gptcli.tokenizer import Tokenizer
+from tests.conftest import run_cli
+
+CPU32 = LoadOptions(device="cpu", dtype="float32")
+SAMPLED = SamplingConfig(temperature=1.0, top_p=0.95, min_p=0.0, max_tokens=80, repetition_stop=False)
+SAMPLES = 50
+
+# Small, bounded schemas (short keys, bounded numbers and strings): a random model cannot write forever
+# inside them, so every reply completes well within max_tokens and the model's small context.
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "n": {"type": "string", "maxLength": 3},
+            "p": {
+                "type": "object",
+                "properties": {"c": {"enum": ["Paris", "Rome"]}, "z": {"type": "integer", "minimum": 0, "maximum": 99}},
+                "required": ["c", "z"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["n", "p"],
+        "additionalProperties": False,
+    },
+    "array": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -5, "maximum": 99},
+        "minItems": 1,
+        "maxItems": 3,
+    },
+    "enum_and_bounds": {
+        "type": "object",
+        "properties": {
+            "c": {"enum": ["red", "green", "blue"]},
+            "s": {"type": "number", "minimum": 0, "maximum": 1},
+            "ok": {"type": "boolean"},
+            "r": {"type": "integer", "minimum": 1, "maximum": 10},
+        },
+        "required": ["c", "s", "ok", "r"],
+        "additionalProperties": False,
+    },
+}
+REGEXES = [
+    r"[A-Z]{1,2}[0-9][0-9A-Z]? [0-9][A-Z]{2}",
+    r"(yes|no)",
+    r"-?[0-9]{1,4}\.[0-9]{2}",
+    r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)",
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tiny_models):
+    folder = tiny_models[request.param]
+    return TorchBackend.load(folder, CPU32), Tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return TorchBackend.load(tiny_models["llama"], CPU32), Tokenizer(tiny_models["llama"])
+
+
+def _final(events) -> Finished:
+    return next(e for e in events if isinstance(e, Finished))
+
+
+def _run_together(backend, tok, prompt: str, params: list[SamplingConfig]) -> list[Finished]:
+    """One reply per params, all decoded together through the engine."""
+    ids = tok.encode(prompt)
+    engine = Engine(backend, tok, EngineLimits(max_running=64))
+    done = {i: e for i, e in run_all(engine, [(ids, p) for p in params]) if isinstance(e, Finished)}
+    return [done[i] for i in range(len(params))]
+
+
+@pytest.mark.slow
+def test_fifty_sampled_replies_per_schema_all_validate(llama):
+    backend, tok = llama
+    names = sorted(SCHEMAS)
+    params = [
+        replace(SAMPLED, seed=seed, constraint=constraints.schema_constraint(SCHEMAS[name], name))
+        for name in names
+        for seed in range(SAMPLES)
+    ]
+    replies = _run_together(backend, tok, "Once upon a time", params)
+    for i, name in enumerate(names):
+        mine = replies[i * SAMPLES : (i + 1) * SAMPLES]
+        assert {r.reason for r in mine} == {"stop"}, name
+        for reply in mine:
+            jsonschema.validate(json.loads(reply.text), SCHEMAS[name])
+        assert len({r.text for r in mine}) > 10, name  # sampling still samples: the replies differ
+
+
+def test_any_json_replies_parse(llama):
+    backend, tok = llama
+    params = replace(SAMPLED, constraint=constraints.ANY_JSON, max_tokens=60)
+    replies = _run_together(backend, tok, "The capital of France is", [replace(params, seed=i) for i in range(10)])
+    complete = [r for r in replies if r.reason == "stop"]
+    assert complete, "no reply completed"
+    for reply in complete:
+        json.loads(reply.text)
+
+
+def test_sampled_replies_all_match_the_regex(llama):
+    backend, tok = llama
+    n = 10
+    params = [
+        replace(SAMPLED, seed=seed, max_tokens=40, constraint=constraints.regex(pattern))
+        for pattern in REGEXES
+        for seed in range(n)
+    ]
+    replies = _run_together(backend, tok, "A code:", params)
+    for i, pattern in enumerate(REGEXES):
+        mine = replies[i * n : (i + 1) * n]
+        assert {r.reason for r in mine} == {"stop"}, pattern
+        for reply in mine:
+            assert re.fullmatch(pattern, reply.text), (pattern, reply.text)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"temperature": 0},
+        {"temperature": 1.5, "top_k": 5, "top_p": 1.0, "min_p": 0.0},
+        {"temperature": 1.2, "top_p": 0.5, "min_p": 0.0},
+        {"temperature": 1.0, "top_p": 1.0, "min_p": 0.2},
+        {"temperature": 0.8, "repetition_penalty": 1.5},
+    ],
+)
+def test_every_sampler_respects_the_mask(llama, sampler):
+    backend, tok = llama
+    pattern = r"[0-9]{3}-(yes|no)"
+    params = [replace(SAMPLED, seed=seed, **sampler, constraint=constraints.regex(pattern)) for seed in range(8)]
+    for reply in _run_together(backend, tok, "The capital of France is", params):
+        assert reply.reason == "stop" and re.fullmatch(pattern, reply.text), (sampler, reply.text)
+
+
+def _allowed_prefix(constraint: OutputConstraint, tok: Tokenizer, ids: tuple[int, ...], width: int) -> int:
+    """How many of `ids` the constraint lets through before it first refuses one."""
+    matcher = constraints.open_constraint(constraint, tok)
+    for n, token in enumerate(ids):
+        if matcher.mask(np.zeros(width, dtype=np.float32)) is None or not matcher.allows(token):
+            return n
+        matcher.advance(token)
+    return len(ids)
+
+
+def test_greedy_under_a_constraint_is_unconstrained_greedy_while_the_grammar_allows_it(model):
+    # A random model soon writes bytes that are not UTF-8, which even `(?s:.*)` refuses: up to that
+    # point the masked greedy choice must be exactly the free one.
+    backend, tok = model
+    greedy = SamplingConfig(temperature=0, max_tokens=30, repetition_stop=False)
+    anything = constraints.regex(r"(?s:.*)")
+    compared = 0
+    for prompt in ["Once upon a time", "The capital of France is", "def add(a, b):", "ROMEO:"]:
+        ids = tok.encode(prompt)
+        free = _final(generate(backend, tok, ids, greedy))
+        held = _final(generate(backend, tok, ids, replace(greedy, constraint=anything)))
+        n = _allowed_prefix(anything, tok, free.token_ids, backend.info.vocab_size)
+        assert held.token_ids[:n] == free.token_ids[:n]
+        if n < len(free.token_ids):
+            assert held.token_ids[n] != free.token_ids[n]
+        compared += n
+    assert compared >= 4
+
+
+def test_batched_sequences_each_keep_their_own_constraint(llama):
+    backend, tok = llama
+    ids = tok.encode("Once upon a time")
+    kinds = [
+        (constraints.regex(r"(yes|no)"), lambda t: re.fullmatch(r"(yes|no)", t)),
+        (
+            constraints.schema_constraint(SCHEMAS["array"], "t"),
+            lambda t: jsonschema.validate(json.loads(t), SCHEMAS["array"]) or True,
+        ),
+        (None, lambda t: True),
+        (constraints.regex(r"[0-9]{3}"), lambda t: re.fullmatch(r"[0-9]{3}", t)),
+    ]
+    requests = [(ids, replace(SAMPLED, seed=i, constraint=kinds[i % 4][0])) for i in range(12)]
+    engine = Engine(backend, tok, EngineLimits(max_running=12))
+    done = {i: e for i, e in run_all(engine, requests) if isinstance(e, Finished)}
+    for i in range(12):
+        assert kinds[i % 4][1](done[i].text), (i, done[i].text)
+
+
+def test_running_out_of_tokens_mid_object_is_length_with_the_partial_text(model):
+    backend, tok = model
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    params = replace(SAMPLED, seed=1, max_tokens=5, constraint=constraints.schema_constraint(schema, "t"))
+    events = list(generate(backend, tok, tok.encode("Once"), params))
+    finished = events[-1]
+    assert finished.reason == "length" and len(finished.token_ids) == 5
+    assert finished.text == "".join(e.text for e in events if isinstance(e, Token))
+    assert finished.text.startswith('{"a')
+    with pytest.raises(ValueError):
+        json.loads(finished.text)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "array", "uniqueItems": True}, "test: JSON Schema keyword not supported: uniqueItems"),
+        ({"not": {"type": "string"}}, "test: JSON Schema keyword not supported: not"),
+        ({"type": "strin"}, "test: invalid JSON Schema: Invalid type: strin"),
+        ({"required": "name"}, "test: invalid JSON Schema: Expected array for 'required', got \"name\""),
+        ([1, 2], "test: a JSON Schema must be a JSON object, not list"),
+    ],
+)
+def test_a_bad_schema_is_a_config_error_naming_the_problem(schema, message):
+    with pytest.raises(ConfigError) as info:
+        constraints.schema_constraint(schema, "test")
+    assert str(info.value) == message and "\n" not in str(info.value)
+
+
+def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--regex: invalid regex '\(': unclosed group$"):
+        constraints.regex("(")
+    with pytest.raises(UsageError, match="--format and --regex cannot be used together"):
+        constraints.from_flags(None, "json", "[a-z]")
+    with pytest.raises(UsageError, match="unknown format 'yaml'"):
+        constraints.from_flags(None, "yaml", None)
+    assert constraints.from_flags(None, "text", None) is None
+    assert constraints.from_flags(None, "json", None) == OutputConstraint("json")
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: not valid JSON"):
+        constraints.from_flags(schema, None, None)
+
+
+def test_cli_bad_schema_exits_3_with_one_line(tiny_models, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "array", "uniqueItems": True}), encoding="utf-8")
+    result = run_cli("generate", "hi", "-m", str(tiny_models["gpt2"]), "--json-schema", str(schema))
+    assert result.returncode == 3
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[0] == f"error: {schema}: JSON Schema keyword not supported: uniqueItems"
+    assert "Traceback" not in result.stderr.decode() and result.stdout == b""
+    both = run_cli("generate", "hi", "-m", str(tiny_models["gpt2"]), "--format", "json", "--regex", "a")
+    assert both.returncode == 2 and "cannot be used together" in both.stderr.decode()
+
+
+def test_cli_generate_and_batch_follow_the_constraint(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    pattern = r"[A-Z]{1,2}[0-9] [0-9][A-Z]{2}"
+    out = run_cli("generate", "A UK postcode:", "-m", model, "--regex", pattern, "-t", "0.8", "--seed", "3")
+    assert out.returncode == 0, out.stderr.decode()
+    assert re.fullmatch(pattern, out.stdout.decode().rstrip("\n"))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS["array"]), encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"Row {i}"}) + "\n" for i in range(4)), encoding="utf-8"
+    )
+    results = tmp_path / "out.jsonl"
+    batch = run_cli("generate", "--batch", str(rows), "-m", model, "--json-schema", str(schema), "-o", str(results))
+    assert batch.returncode == 0, batch.stderr.decode()
+    lines = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        jsonschema.validate(json.loads(line["text"]), SCHEMAS["array"])
+
+
+def test_cli_chat_constrains_every_reply(tiny_models):
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "--regex", "(yes|no)", "-t", "0.9", input="hi\nagain\n")
+    assert result.returncode == 0, result.stderr.decode()
+    replies = result.stdout.decode().splitlines()
+    assert len(replies) == 2 and all(reply in {"yes", "no"} for reply in replies), replies
+
+
+GRACE = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def smollm(default_model):
+    return TorchBackend.load(default_model.path, CPU32), Tokenizer(default_model.path)
+
+
+def _chat_ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(tok.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_model_writes_the_grace_hopper_json(smollm):
+    backend, tok = smollm
+    ids = _chat_ids(tok, "Return a JSON object with the keys name and age for Grace Hopper, born 1906.")
+    params = SamplingConfig(temperature=0, max_tokens=60, constraint=constraints.schema_constraint(GRACE, "t"))
+    finished = _final(generate(backend, tok, ids, params))
+    assert finished.reason == "stop"
+    data = json.loads(finished.text)
+    jsonschema.validate(data, GRACE)
+    assert "Grace" in data["name"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_default_model_greedy_under_an_anything_regex_equals_free_greedy(smollm):
+    backend, tok = smollm
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
+    ids = _chat_ids(tok, "Write one sentence about the sea.")
+    free = _final(generate(backend, tok, ids, greedy))
+    held = _final(generate(backend, tok, ids, replace(greedy, constraint=constraints.regex(r"(?s:.*)"))))
+    assert held.token_ids == free.token_ids and held.text == free.text and len(free.token_ids) > 5
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    pytest.importorskip("fastapi")
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+    from tests.test_server import serve_runtime
+
+    runtime = open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+    with serve_runtime(runtime, max_running=8) as live:
+        yield live
+
+
+def test_server_response_format_json_schema_and_json_object(server):
+    httpx = pytest.importorskip("httpx")
+    url = server.v1 + "/chat/completions"
+    schema = SCHEMAS["nested"]
+    base = {"messages": [{"role": "user", "content": "Who?"}], "temperature": 0.9, "max_tokens": 60}
+    formatted = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    for seed in range(3):
+        reply = httpx.post(url, json={**base, "seed": seed, "response_format": formatted}, timeout=60).json()
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    streamed = httpx.post(url, json={**base, "seed": 7, "stream": True, "response_format": formatted}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    jsonschema.validate(json.loads(text), schema)
+    text_url = server.v1 + "/completions"
+    array = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS["array"]}}
+    done = httpx.post(text_url, json={"prompt": "x", "max_tokens": 40, "response_format": array}, timeout=60).json()
+    jsonschema.validate(json.loads(done["choices"][0]["text"]), SCHEMAS["array"])
+    obj = {**base, "seed": 1, "max_tokens": 80, "response_format": {"type": "json_object"}}
+    content = httpx.post(url, json=obj, timeout=60).json()["choices"][0]["message"]["content"]
+    assert content.startswith("{")
+    plain = {**base, "temperature": 0, "response_format": {"type": "text"}}
+    assert (
+        httpx.post(url, json=plain, timeout=60).json()["choices"][0]["message"]["content"]
+        == (httpx.post(url, json={**base, "temperature": 0}, timeout=60).json()["choices"][0]["message"]["content"])
+    )
+
+
+def test_server_bad_schema_is_400_in_openai_shape(server):
+    httpx = pytest.importorskip("httpx")
+    url = server.v1 + "/chat/completions"
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+            "response_format.json_schema.schema: JSON Schema keyword not supported: uniqueItems",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: required"),
+        ({"type": "yaml"}, "response_format.type"),
+    ]
+    for response_format, message in cases:
+        response = httpx.post(url, json={**base, "response_format": response_format}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"].startswith("response_format")
+        assert error["message"].startswith(message), error
