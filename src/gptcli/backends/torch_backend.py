@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
-from gptcli.errors import ModelError
+from gptcli.errors import BackendError, ModelError
 from gptcli.hardware import (
     TORCH,
     cuda_unusable_reason,
@@ -116,6 +116,23 @@ def torch_lean_refusal(cfg: dict[str, Any], source: Path) -> tuple[str | None, b
     return torch_lean.refusal(arch), arch.family != "other"
 
 
+def _check_precision(precision: str, device: str) -> bool:
+    """Whether --precision asks for quantized weights; an error for one torch cannot run here."""
+    from gptcli.backends.lean_quant import PRECISIONS, bits_of
+
+    if precision not in PRECISIONS:
+        raise BackendError(
+            f"the torch backend runs --precision {', '.join(PRECISIONS)}, not {precision}",
+            hint="for 16-bit weights use --dtype bfloat16 or float16 (--precision fp16 is for onnx)",
+        )
+    quantized = bits_of(precision) is not None
+    if quantized and device != "cpu":
+        raise BackendError(
+            f"--precision {precision} on torch runs on the CPU only", hint="add --device cpu, or use --backend onnx"
+        )
+    return quantized
+
+
 class TorchBackend:
     """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step.
 
@@ -123,12 +140,21 @@ class TorchBackend:
     """
 
     name: ClassVar[str] = "torch"
+    # --precision on torch: fp32 runs the weights at --dtype; int8/int4 quantize them (lean engine, CPU).
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int4")
 
     def __init__(self, engine: HFEngine | LeanEngine, info: ModelInfo, fallback_reason: str | None = None) -> None:
         self.engine = engine
         self.info = info
         # Why a model of a family the lean engine knows runs on transformers' engine instead (None: it does not).
         self.fallback_reason = fallback_reason
+        self.weights_bytes: int | None = None  # the quantized weights' size (None: params × dtype size)
+
+    @property
+    def precision(self) -> str:
+        """What the weights run at, as bench labels it: int8/int4 when quantized, else the dtype (fp32, bf16)."""
+        dtype = self.info.dtype
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
@@ -145,12 +171,20 @@ class TorchBackend:
         set_torch_threads(options.threads)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
+        quantized = _check_precision(options.precision, device)
         cfg = read_config(folder)
         impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
         files = weight_files(folder)
         refusal, known = torch_lean_refusal(cfg, folder / "config.json") if impl != "hf" else (None, False)
         if impl != "hf" and files and refusal is None:
-            return cls._load_lean(folder, cfg, files, device, dtype)
+            return cls._load_lean(folder, cfg, files, device, dtype, options.precision)
+        if quantized:
+            why = "GPTCLI_TORCH_IMPL=hf" if impl == "hf" else refusal or "no safetensors weights"
+            raise BackendError(
+                f"--precision {options.precision} on torch needs the lean engine, which cannot run {folder.name}: "
+                f"{why}",
+                hint="use --precision fp32, or --backend onnx for quantized weights",
+            )
         if impl == "lean":
             raise ModelError(
                 f"the lean torch engine cannot run {folder.name}: {refusal or 'no safetensors weights'}",
@@ -162,14 +196,17 @@ class TorchBackend:
         return backend
 
     @classmethod
-    def _load_lean(cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any) -> TorchBackend:
+    def _load_lean(
+        cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any, precision: str = "fp32"
+    ) -> TorchBackend:
         """Straight from safetensors into the lean engine: no transformers import at all."""
-        from gptcli.backends import torch_lean
+        from gptcli.backends import lean_quant, torch_lean
 
         try:
             lean = torch_lean.build(cfg, files, device, dtype)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"cannot load model from {folder}: {type(exc).__name__}: {exc}") from None
+        quantized_bytes = lean_quant.quantize_model(lean, precision)
         arch = (cfg.get("architectures") or [cfg["model_type"]])[0]
         engine = LeanEngine(lean)
         info = ModelInfo(
@@ -179,11 +216,13 @@ class TorchBackend:
             lean.vocab_size,
             lean.num_layers,
             lean.params,
-            str(dtype).removeprefix("torch."),
+            precision if quantized_bytes else str(dtype).removeprefix("torch."),
             device,
             kv_bytes_per_token=engine.kv_bytes_per_token(),
         )
-        return cls(engine, info)
+        backend = cls(engine, info)
+        backend.weights_bytes = quantized_bytes or None
+        return backend
 
     @classmethod
     def _load_hf(cls, folder: Path, cfg: dict[str, Any], options: LoadOptions, device: str, dtype: Any) -> TorchBackend:
