@@ -21,6 +21,7 @@ attention and the KV cache stay in the model's dtype. A matrix whose shape the i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -167,14 +168,7 @@ def quantize_model(model: Any, precision: str, group: int = GROUP_SIZE) -> int:
         return 0
     if model.device.type != "cpu":
         raise ValueError("quantized weights run on the CPU only (--device cpu)")
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, tuple):  # GPT-2: (ln1, qkv, qkv_b, out, out_b, ln2, fc, fc_b, proj, proj_b)
-            model.layers[i] = tuple(
-                quantize_matrix(part, bits, group) if j in (1, 3, 6, 8) else part for j, part in enumerate(layer)
-            )
-        else:
-            for name in ("qkv", "out", "gate_up", "down"):
-                setattr(layer, name, quantize_matrix(getattr(layer, name), bits, group))
+    replace_layer_matrices(model, lambda weight: quantize_matrix(weight, bits, group))
     tied_table = model.head.t() if model.embed is None else None
     model.head = quantize_matrix(model.head, HEAD_BITS if bits == 4 else bits, group)
     if tied_table is not None:  # tied: the lookups read int8 rows of the embedding the head is made of
@@ -185,6 +179,45 @@ def quantize_model(model: Any, precision: str, group: int = GROUP_SIZE) -> int:
             else Int8Rows.of(tied_table)
         )
     return weight_bytes(model)
+
+
+def replace_layer_matrices(model: Any, convert: Callable[[torch.Tensor], Any]) -> None:
+    """Every layer's matrices (not the head) through `convert`: LeanDecoder's DecoderLayer fields, LeanGPT2's tuples."""
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, tuple):  # GPT-2: (ln1, qkv, qkv_b, out, out_b, ln2, fc, fc_b, proj, proj_b)
+            model.layers[i] = tuple(convert(part) if j in (1, 3, 6, 8) else part for j, part in enumerate(layer))
+        else:
+            for name in ("qkv", "out", "gate_up", "down"):
+                setattr(layer, name, convert(getattr(layer, name)))
+
+
+class PackedMatrix(QuantMatrix):
+    """A bf16 matrix in oneDNN's packed layout: for one row too, ~2x faster than `x @ W` in bf16 (which
+    takes a slow path: measured, 1 thread, the 49152-row head 10.6 ms, packed 2.7 ms, float32 5.2 ms)."""
+
+    bits = 16
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.in_features, self.out_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 1)
+
+    def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        return self.in_features * self.out_features * 2
+
+
+def pack_bf16(model: Any) -> bool:
+    """Repack a bf16 CPU model's matrices for oneDNN (PackedMatrix); False where that does not apply."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    replace_layer_matrices(model, PackedMatrix)
+    if model.embed is None:  # tied: the lookups need the rows, which the packed layout hides
+        model.embed = model.head.t().contiguous()
+    model.head = PackedMatrix(model.head)
+    return True
 
 
 def weight_bytes(model: Any) -> int:
