@@ -119,3 +119,13 @@ def test_default_model_quantized_perplexity(default_model):
     # Measured here: fp32 29.93, int8 30.10 (+0.6 %), int4 30.07 (+0.5 %, its 8-bit head; 31.55 with a 4-bit one).
     assert ppl["int8"] < ppl["fp32"] * 1.05
     assert ppl["int4"] < ppl["fp32"] * 1.10
+
+
+def test_quantized_weights_run_on_the_cpu_even_with_a_gpu_about(tiny_models, monkeypatch):
+    import gptcli.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "resolve_device", lambda requested: "cuda")  # as on a machine with a usable GPU
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="auto", dtype="float32", precision="int8"))
+    assert backend.info.device == "cpu" and backend.info.dtype == "int8"
+    with pytest.raises(BackendError, match="CPU only"):
+        TorchBackend.load(tiny_models["llama"], LoadOptions(device="cuda", precision="int4"))

@@ -124,7 +124,8 @@ def _stderr(message: str) -> None:
 
 
 def _check_precision(precision: str, device: str) -> bool:
-    """Whether --precision asks for quantized weights; an error for one torch cannot run here."""
+    """Whether --precision asks for quantized weights (CPU only: `--device auto` means the CPU then);
+    an error for a precision torch cannot run, or one on `--device cuda`."""
     from gptcli.backends.lean_quant import PRECISIONS, bits_of
 
     if precision not in PRECISIONS:
@@ -133,7 +134,7 @@ def _check_precision(precision: str, device: str) -> bool:
             hint="for 16-bit weights use --dtype bfloat16 or float16 (--precision fp16 is for onnx)",
         )
     quantized = bits_of(precision) is not None
-    if quantized and device != "cpu":
+    if quantized and device == "cuda":
         raise BackendError(
             f"--precision {precision} on torch runs on the CPU only", hint="add --device cpu, or use --backend onnx"
         )
@@ -181,13 +182,13 @@ class TorchBackend:
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:
         set_torch_threads(options.threads)
-        device = resolve_device(options.device)
+        quantized = _check_precision(options.precision, options.device)
+        device = "cpu" if quantized else resolve_device(options.device)  # quantized weights: CPU kernels
         if device == "cpu":
             warning = cpu_dtype(options.dtype).warning
             if warning:
                 (options.extra.get("notify") or _stderr)(warning)
         dtype = resolve_dtype(options.dtype, device)
-        quantized = _check_precision(options.precision, device)
         cfg = read_config(folder)
         impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
         files = weight_files(folder)
