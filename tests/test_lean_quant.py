@@ -129,3 +129,20 @@ def test_quantized_weights_run_on_the_cpu_even_with_a_gpu_about(tiny_models, mon
     assert backend.info.device == "cpu" and backend.info.dtype == "int8"
     with pytest.raises(BackendError, match="CPU only"):
         TorchBackend.load(tiny_models["llama"], LoadOptions(device="cuda", precision="int4"))
+
+
+def test_bf16_packs_for_onednn_where_it_can_and_runs_plain_where_it_cannot(tiny_models, monkeypatch):
+    options = LoadOptions(device="cpu", dtype="bfloat16", threads=1)
+    monkeypatch.setattr(lean_quant, "onednn_bf16", lambda: False)  # as on an AVX2-only CPU: oneDNN refuses bf16
+    plain = TorchBackend.load(tiny_models["llama"], options)
+    assert isinstance(plain.engine.lean.head, torch.Tensor)
+    expected, _ = plain.forward(PROMPT, plain.new_cache())
+    monkeypatch.undo()
+    if not lean_quant.onednn_bf16():
+        pytest.skip("oneDNN has no bf16 on this CPU")
+    packed = TorchBackend.load(tiny_models["llama"], options)
+    lean = packed.engine.lean
+    assert isinstance(lean.head, lean_quant.PackedMatrix) and isinstance(lean.layers[0].qkv, lean_quant.PackedMatrix)
+    assert isinstance(lean.embed, torch.Tensor)  # the tied embedding keeps its rows
+    logits, _ = packed.forward(PROMPT, packed.new_cache())
+    assert np.corrcoef(logits, expected)[0, 1] > 0.99

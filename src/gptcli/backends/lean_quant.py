@@ -209,9 +209,20 @@ class PackedMatrix(QuantMatrix):
         return self.in_features * self.out_features * 2
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN packs bf16 weights here (it refuses without avx512bw/vl/dq or avx_ne_convert)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(supported()) if supported is not None else False
+    except RuntimeError:
+        return False
+
+
 def pack_bf16(model: Any) -> bool:
     """Repack a bf16 CPU model's matrices for oneDNN (PackedMatrix); False where that does not apply."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not onednn_bf16():
         return False
     replace_layer_matrices(model, PackedMatrix)
     if model.embed is None:  # tied: the lookups need the rows, which the packed layout hides
