@@ -145,6 +145,16 @@ def test_torch_backend_follows_the_cpu_choice_and_warns(tiny_models, monkeypatch
     assert logits.shape == (backend.info.vocab_size,)
 
 
+def test_dtype_auto_stays_float32_on_transformers_engine(tiny_models, monkeypatch):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+
+    monkeypatch.setattr(hardware, "cpu_isa", lambda: AVX512_BF16)
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "hf")  # its bf16 linear layers are slower than float32 on a CPU
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="auto", threads=1))
+    assert backend.implementation == "hf" and backend.info.dtype == "float32"
+
+
 def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
     from gptcli.bench.environment import environment
 
