@@ -146,3 +146,13 @@ def test_bf16_packs_for_onednn_where_it_can_and_runs_plain_where_it_cannot(tiny_
     assert isinstance(lean.embed, torch.Tensor)  # the tied embedding keeps its rows
     logits, _ = packed.forward(PROMPT, packed.new_cache())
     assert np.corrcoef(logits, expected)[0, 1] > 0.99
+
+
+def test_dtype_auto_keeps_float32_around_quantized_weights(tiny_models, monkeypatch):
+    from gptcli import hardware
+
+    monkeypatch.setattr(hardware, "cpu_isa", lambda: hardware.CpuIsa(avx512f=True, avx512_bf16=True))
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="auto", precision="int4"))
+    assert backend.engine.lean.dtype == torch.float32
+    plain = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="auto"))
+    assert plain.info.dtype == "bfloat16"
