@@ -182,7 +182,8 @@ class TorchBackend:
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:
         set_torch_threads(options.threads)
-        quantized = _check_precision(options.precision, options.device)
+        precision = options.precision or "fp32"
+        quantized = _check_precision(precision, options.device)
         device = "cpu" if quantized else resolve_device(options.device)  # quantized weights: CPU kernels
         if device == "cpu":
             warning = cpu_dtype(options.dtype).warning
@@ -196,12 +197,11 @@ class TorchBackend:
         files = weight_files(folder)
         refusal, known = torch_lean_refusal(cfg, folder / "config.json") if impl != "hf" else (None, False)
         if impl != "hf" and files and refusal is None:
-            return cls._load_lean(folder, cfg, files, device, dtype, options.precision)
+            return cls._load_lean(folder, cfg, files, device, dtype, precision)
         if quantized:
             why = "GPTCLI_TORCH_IMPL=hf" if impl == "hf" else refusal or "no safetensors weights"
             raise BackendError(
-                f"--precision {options.precision} on torch needs the lean engine, which cannot run {folder.name}: "
-                f"{why}",
+                f"--precision {precision} on torch needs the lean engine, which cannot run {folder.name}: {why}",
                 hint="use --precision fp32, or --backend onnx for quantized weights",
             )
         if impl == "lean":
