@@ -83,7 +83,8 @@ def test_cli_perplexity_json_and_text(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     record = json.loads(result.stdout)
     assert record["backend"] == "onnx" and record["dtype"] == "fp32" and record["perplexity"] > 1
-    torch_run = run_cli("eval", "perplexity", str(text), "-m", folder, "--json")
+    # float32 on torch too: --dtype auto is bf16 on a CPU that computes it natively
+    torch_run = run_cli("eval", "perplexity", str(text), "-m", folder, "--dtype", "float32", "--json")
     assert json.loads(torch_run.stdout)["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)
     plain = run_cli("eval", "perplexity", str(text), "-m", folder, "--window", "32", "-n", "50")
     lines = plain.stdout.decode().splitlines()

@@ -88,3 +88,79 @@ def test_torch_threads_are_restored():
     with hardware.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+AVX2_ONLY = hardware.CpuIsa.from_flags({"avx2", "fma"})
+AVX512_BF16 = hardware.CpuIsa.from_flags({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})
+AMX = hardware.CpuIsa.from_flags({"avx2", "fma", "avx512f", "amx_bf16", "amx_tile"})
+
+
+def test_dtype_auto_on_a_cpu_is_bf16_only_where_the_cpu_computes_it():
+    torch = pytest.importorskip("torch")
+    for isa in (AVX512_BF16, AMX):
+        choice = hardware.cpu_dtype("auto", isa)
+        assert (choice.dtype, choice.warning) == ("bfloat16", None) and "natively" in choice.reason
+        assert hardware.resolve_dtype("auto", "cpu", isa) == torch.bfloat16
+        assert hardware.resolve_dtype("bfloat16", "cpu", isa) == torch.bfloat16
+        assert hardware.cpu_dtype("bfloat16", isa).warning is None
+    choice = hardware.cpu_dtype("auto", AVX2_ONLY)
+    assert (choice.dtype, choice.warning) == ("float32", None) and "no native bf16" in choice.reason
+    assert hardware.resolve_dtype("auto", "cpu", AVX2_ONLY) == torch.float32
+    assert hardware.resolve_dtype("float32", "cpu", AVX512_BF16) == torch.float32  # an explicit choice stands
+
+
+def test_bf16_asked_for_where_it_is_emulated_warns_with_the_cost():
+    choice = hardware.cpu_dtype("bfloat16", AVX2_ONLY)
+    assert choice.dtype == "bfloat16"  # still honoured
+    assert choice.warning and "emulates bfloat16" in choice.warning
+    assert f"~{hardware.EMULATED_BF16_SLOWDOWN}x slower than float32" in choice.warning
+    assert hardware.cpu_dtype("float32", AVX2_ONLY).warning is None
+
+
+def test_isa_summary_names_the_flags_and_the_choice():
+    summary = hardware.isa_summary(AVX2_ONLY)
+    assert summary["cpu_isa"] == ["avx2", "fma"] and summary["torch_cpu_dtype_auto"] == "float32"
+    assert hardware.isa_summary(AMX)["torch_cpu_dtype_auto"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("isa", "requested", "dtype", "warns"),
+    [
+        (AVX2_ONLY, "auto", "float32", False),
+        (AVX2_ONLY, "bfloat16", "bfloat16", True),
+        (AVX512_BF16, "auto", "bfloat16", False),
+    ],
+)
+def test_torch_backend_follows_the_cpu_choice_and_warns(tiny_models, monkeypatch, isa, requested, dtype, warns):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+
+    monkeypatch.setattr(hardware, "cpu_isa", lambda: isa)
+    notes: list[str] = []
+    options = LoadOptions(device="cpu", dtype=requested, threads=1, extra={"notify": notes.append})
+    backend = TorchBackend.load(tiny_models["llama"], options)
+    assert backend.info.dtype == dtype
+    assert bool(notes) == warns and all("slower than float32" in note for note in notes)
+    logits, _ = backend.forward([3, 5, 7], backend.new_cache())
+    assert logits.shape == (backend.info.vocab_size,)
+
+
+def test_dtype_auto_stays_float32_on_transformers_engine(tiny_models, monkeypatch):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+
+    monkeypatch.setattr(hardware, "cpu_isa", lambda: AVX512_BF16)
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "hf")  # its bf16 linear layers are slower than float32 on a CPU
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="auto", threads=1))
+    assert backend.implementation == "hf" and backend.info.dtype == "float32"
+
+
+def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
+    from gptcli.bench.environment import environment
+
+    assert run(["backends", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    expected = hardware.isa_summary()
+    assert rows["torch"]["auto"] == expected
+    env = environment()
+    assert env["torch_cpu_dtype_auto"] == expected["torch_cpu_dtype_auto"] and env["cpu_isa"] == expected["cpu_isa"]

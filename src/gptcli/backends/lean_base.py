@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptcli.backends.lean_quant import QuantMatrix
 from gptcli.hf import safetensors_header
 
 Tensors = dict[str, torch.Tensor]
@@ -97,8 +98,10 @@ class LeanModel:
         self.windows: list[int | None] = []  # per layer: attend to at most this many last positions (None: all)
         self.attention_scale: float | None = None  # None: head_dim ** -0.5
 
-    def _mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight (+ bias), weight stored [in, out].
+    def _mm(
+        self, x: torch.Tensor, weight: torch.Tensor | QuantMatrix, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x @ weight (+ bias), weight stored [in, out] (or quantized: lean_quant.py, its own kernels).
 
         One sequence: MKL on the [in, out] layout, the fastest matrix-vector product here. Several
         sequences at once: oneDNN on a packed copy of the weight, made the first time a batched step
@@ -107,6 +110,8 @@ class LeanModel:
         batched step would cost 3x a single one instead of little more. The price: in batched use the
         weights are held twice.
         """
+        if isinstance(weight, QuantMatrix):
+            return weight.mm(x, bias)
         if self._many and self._onednn:
             packed = self._packed.get(id(weight))
             if packed is None:

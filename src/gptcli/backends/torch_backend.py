@@ -11,6 +11,7 @@ engine; `GPTCLI_TORCH_IMPL=lean` makes a refusal an error instead of a fallback.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
-from gptcli.errors import ModelError
+from gptcli.errors import BackendError, ModelError
 from gptcli.hardware import (
     TORCH,
+    cpu_dtype,
     cuda_unusable_reason,
+    isa_summary,
     quiet_transformers,
     resolve_device,
     resolve_dtype,
@@ -116,6 +119,28 @@ def torch_lean_refusal(cfg: dict[str, Any], source: Path) -> tuple[str | None, b
     return torch_lean.refusal(arch), arch.family != "other"
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_precision(precision: str, device: str) -> bool:
+    """Whether --precision asks for quantized weights (CPU only: `--device auto` means the CPU then);
+    an error for a precision torch cannot run, or one on `--device cuda`."""
+    from gptcli.backends.lean_quant import PRECISIONS, bits_of
+
+    if precision not in PRECISIONS:
+        raise BackendError(
+            f"the torch backend runs --precision {', '.join(PRECISIONS)}, not {precision}",
+            hint="for 16-bit weights use --dtype bfloat16 or float16 (--precision fp16 is for onnx)",
+        )
+    quantized = bits_of(precision) is not None
+    if quantized and device == "cuda":
+        raise BackendError(
+            f"--precision {precision} on torch runs on the CPU only", hint="add --device cpu, or use --backend onnx"
+        )
+    return quantized
+
+
 class TorchBackend:
     """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step.
 
@@ -123,12 +148,21 @@ class TorchBackend:
     """
 
     name: ClassVar[str] = "torch"
+    # --precision on torch: fp32 runs the weights at --dtype; int8/int4 quantize them (lean engine, CPU).
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int4")
 
     def __init__(self, engine: HFEngine | LeanEngine, info: ModelInfo, fallback_reason: str | None = None) -> None:
         self.engine = engine
         self.info = info
         # Why a model of a family the lean engine knows runs on transformers' engine instead (None: it does not).
         self.fallback_reason = fallback_reason
+        self.weights_bytes: int | None = None  # the quantized weights' size (None: params × dtype size)
+
+    @property
+    def precision(self) -> str:
+        """What the weights run at, as bench labels it: int8/int4 when quantized, else the dtype (fp32, bf16)."""
+        dtype = self.info.dtype
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
@@ -141,35 +175,63 @@ class TorchBackend:
         return f"CUDA requested but {reason}" if reason else None
 
     @classmethod
+    def auto_choices(cls) -> dict[str, Any]:
+        """What `--dtype auto` picks on this CPU and why (for `gptcli backends --json`; imports no torch)."""
+        return isa_summary()
+
+    @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:
         set_torch_threads(options.threads)
-        device = resolve_device(options.device)
-        dtype = resolve_dtype(options.dtype, device)
+        precision = options.precision or "fp32"
+        quantized = _check_precision(precision, options.device)
+        device = "cpu" if quantized else resolve_device(options.device)  # quantized weights: CPU kernels
+        if device == "cpu":
+            warning = cpu_dtype(options.dtype).warning
+            if warning:
+                (options.extra.get("notify") or _stderr)(warning)
+        # auto with quantized weights: float32 around them (their kernels take bf16 activations anyway;
+        # measured, 2 threads: int4 73 tok/s around float32, 52 around bf16)
+        dtype = resolve_dtype("float32" if quantized and options.dtype == "auto" else options.dtype, device)
         cfg = read_config(folder)
         impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
         files = weight_files(folder)
         refusal, known = torch_lean_refusal(cfg, folder / "config.json") if impl != "hf" else (None, False)
         if impl != "hf" and files and refusal is None:
-            return cls._load_lean(folder, cfg, files, device, dtype)
+            return cls._load_lean(folder, cfg, files, device, dtype, precision)
+        if quantized:
+            why = "GPTCLI_TORCH_IMPL=hf" if impl == "hf" else refusal or "no safetensors weights"
+            raise BackendError(
+                f"--precision {precision} on torch needs the lean engine, which cannot run {folder.name}: {why}",
+                hint="use --precision fp32, or --backend onnx for quantized weights",
+            )
         if impl == "lean":
             raise ModelError(
                 f"the lean torch engine cannot run {folder.name}: {refusal or 'no safetensors weights'}",
                 hint="unset GPTCLI_TORCH_IMPL to run it on transformers' engine",
             )
+        if device == "cpu" and options.dtype == "auto":
+            # auto's bf16 pays off through the lean engine's packed matrices; transformers' bf16 linear
+            # layers take torch's slow path on a CPU (the 49152-row head: 8.5 ms vs 5.2 in float32)
+            dtype = resolve_dtype("float32", device)
         backend = cls._load_hf(folder, cfg, options, device, dtype)
         if known and refusal:
             backend.fallback_reason = f"{refusal}: running transformers' engine instead of the lean one"
         return backend
 
     @classmethod
-    def _load_lean(cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any) -> TorchBackend:
+    def _load_lean(
+        cls, folder: Path, cfg: dict[str, Any], files: list[Path], device: str, dtype: Any, precision: str = "fp32"
+    ) -> TorchBackend:
         """Straight from safetensors into the lean engine: no transformers import at all."""
-        from gptcli.backends import torch_lean
+        from gptcli.backends import lean_quant, torch_lean
 
         try:
             lean = torch_lean.build(cfg, files, device, dtype)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"cannot load model from {folder}: {type(exc).__name__}: {exc}") from None
+        quantized_bytes = lean_quant.quantize_model(lean, precision)
+        if not quantized_bytes:
+            lean_quant.pack_bf16(lean)  # bf16 on a CPU: oneDNN's packed layout, ~2x the speed of x @ W
         arch = (cfg.get("architectures") or [cfg["model_type"]])[0]
         engine = LeanEngine(lean)
         info = ModelInfo(
@@ -179,11 +241,13 @@ class TorchBackend:
             lean.vocab_size,
             lean.num_layers,
             lean.params,
-            str(dtype).removeprefix("torch."),
+            precision if quantized_bytes else str(dtype).removeprefix("torch."),
             device,
             kv_bytes_per_token=engine.kv_bytes_per_token(),
         )
-        return cls(engine, info)
+        backend = cls(engine, info)
+        backend.weights_bytes = quantized_bytes or None
+        return backend
 
     @classmethod
     def _load_hf(cls, folder: Path, cfg: dict[str, Any], options: LoadOptions, device: str, dtype: Any) -> TorchBackend:

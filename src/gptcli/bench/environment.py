@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.bench.roofline import cpu_model
-from gptcli.hardware import usable_cpus
+from gptcli.hardware import isa_summary, usable_cpus
 
 
 def version_of(package: str) -> str | None:
@@ -74,4 +74,5 @@ def environment() -> dict[str, Any]:
         "transformers": version_of("transformers"),
         "numpy": version_of("numpy"),
         "git_commit": git_commit(),
+        **isa_summary(),  # the CPU's ISA flags and what `--dtype auto` picks on torch here
     }

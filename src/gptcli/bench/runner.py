@@ -66,7 +66,10 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
     notify(f"loading {settings.backend}{f' {settings.precision}' if honours else ''} ({settings.threads} threads)")
     backend = backend_cls.load(folder, load_options(settings))
     info = backend.info
-    precision = settings.precision if honours else DTYPE_PRECISION.get(info.dtype, info.dtype)
+    # A backend may say what its weights run at (torch: --precision fp32 runs them at --dtype).
+    precision = getattr(backend, "precision", None) or (
+        settings.precision if honours else DTYPE_PRECISION.get(info.dtype, info.dtype)
+    )
     shape = _decode_shape_or_none(folder)
     weights_bytes = getattr(backend, "weights_bytes", None)
     if weights_bytes is None and shape is not None and known_precision(precision):

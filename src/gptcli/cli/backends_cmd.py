@@ -56,4 +56,13 @@ def backend_row(spec: Any) -> dict[str, Any]:
         "status": reason or "ok",
         "conflict": spec.conflict is not None,
         "error": error,
+        "auto": _auto_choices(spec) if reason is None else None,  # what `auto` settings pick here
     }
+
+
+def _auto_choices(spec: Any) -> dict[str, Any] | None:
+    try:
+        choices = getattr(spec.load_class(), "auto_choices", None)
+        return choices() if choices is not None else None
+    except Exception:  # a plugin's answer is optional and never breaks the listing
+        return None
