@@ -18,8 +18,9 @@ weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
 
-The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama and
-gpt2 (each family's body), quantize (MatMulNBits), cache (keys and stale exports), sidecar (the record and its reader).
+The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama (the
+body of every llama-like family: Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) and gpt2, quantize (MatMulNBits),
+cache (keys and stale exports), sidecar (the record and its reader).
 """
 
 from __future__ import annotations
@@ -91,14 +92,12 @@ def check_choice(precision: str, device: str) -> None:
 def check_exportable(arch: Architecture) -> None:
     """A ModelError (with the torch backend as the hint) for a model the fused graph cannot express exactly."""
     hint = "use --backend torch for this model"
-    if arch.family not in {"llama", "gpt2"}:
+    if arch.family not in FAST_PATH_FAMILIES["onnx"]:
         supported = ", ".join(sorted(a for a, family in FAMILIES.items() if family in FAST_PATH_FAMILIES["onnx"]))
         raise ModelError(
             f"cannot export {arch.architecture} to ONNX: supported architectures are {supported}", hint=hint
         )
-    refusal = arch.fast_path_refusal("onnx") or (
-        "attention biases are not supported" if arch.family == "llama" and arch.qkv_bias else None
-    )
+    refusal = arch.fast_path_refusal("onnx")
     if refusal:
         raise ModelError(f"cannot export {arch.architecture} to ONNX: {refusal}", hint=hint)
 
