@@ -12,8 +12,9 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
 int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, accuracy level 4),
-applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, and keeps
-weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice.
+applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, keeps
+weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice,
+and keeps at 8 bits weights already on a finer grid (the 5- to 8-bit tensors of a Q4_K_M GGUF).
 
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
@@ -52,6 +53,7 @@ from gptcli.export.quantize import (
     INT4_KEEP_8BIT,
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
+    fine_grid_kept,
     grid_of,
     on_grid,
     pack_codes,
@@ -190,6 +192,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         "symmetric": False,
         "accuracy_level": QUANT_ACCURACY_LEVEL,
         "kept_at_8_bits": [] if precision == "int8" else list(INT4_KEEP_8BIT),
+        "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),
     }
     meta = {
