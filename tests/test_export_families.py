@@ -25,6 +25,7 @@ from tests.family_models import FAMILY_MODELS, VOCAB, WINDOW, build_model, build
 from tests.test_onnx_batched import _mixed_step_matches_forward
 
 FAMILIES = list(FAMILY_MODELS)
+ROPES = ["llama3", "yarn"]  # the scaled rope types baked into the graph besides linear (Gemma 3's global layers)
 CPU32 = LoadOptions(device="cpu", dtype="float32")
 QUIET = {"notify": lambda _: None}
 # A 20-token prefill, decode steps, an 11-token chunk, more decode steps: 51 positions, past 4 windows of 8.
@@ -35,7 +36,7 @@ CHUNKS = [list(range(3, 23)), [30], [31], list(range(40, 51)), *[[i] for i in ra
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-families")
     folders = {family: build_model(root / family, family) for family in FAMILIES}
-    folders.update({f"rope-{v}": build_rope_variant(root / f"rope-{v}", v) for v in ("llama3", "dynamic")})
+    folders.update({f"rope-{v}": build_rope_variant(root / f"rope-{v}", v) for v in (*ROPES, "longrope", "dynamic")})
     return folders
 
 
@@ -61,7 +62,7 @@ def loaded(models, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + [f"rope-{v}" for v in ROPES])
 def test_onnx_logits_match_transformers_while_the_cache_grows(loaded, family):
     onnx, hf = loaded(family), loaded(f"hf:{family}")
     onnx_cache, hf_cache = onnx.new_cache(), hf.new_cache()
@@ -134,8 +135,8 @@ def test_quantized_exports_keep_the_perplexity_of_text_the_model_wrote(loaded, f
 
 
 def test_rope_the_graph_does_not_bake_is_refused_by_its_config_key(models):
-    with pytest.raises(ModelError, match="cannot export LlamaForCausalLM to ONNX: rope_parameters: rope type 'llama3'"):
-        ex.check_exportable(read_architecture(models["rope-llama3"]))
+    with pytest.raises(ModelError, match="export Phi3ForCausalLM to ONNX: rope_parameters: rope type 'longrope'"):
+        ex.check_exportable(read_architecture(models["rope-longrope"]))
     with pytest.raises(ModelError, match="rope type 'dynamic' is not supported") as info:
         ex.ensure_export(models["rope-dynamic"])
     assert info.value.hint == "use --backend torch for this model"

@@ -123,9 +123,9 @@ def test_the_exporter_takes_the_new_families_but_refuses_rope_it_does_not_bake(f
 
     for family in FAMILIES:
         export.check_exportable(read_architecture(family_models[family]))  # tests/test_export_families.py runs them
-    llama3 = read_architecture(family_models["rope-llama3"])
-    with pytest.raises(ModelError, match="rope type 'llama3' is not supported"):
-        export.check_exportable(llama3)
+    longrope = read_architecture(family_models["rope-longrope"])
+    with pytest.raises(ModelError, match="rope type 'longrope' is not supported"):
+        export.check_exportable(longrope)
 
 
 def test_each_family_is_described_once(family_models):

@@ -9,12 +9,12 @@ base), a sliding window per layer (GroupQueryAttention's local_window_size), Gem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from gptcli.export.graph import GraphBuilder, gqa, last_position
+from gptcli.export.rope import rope_frequencies
 from gptcli.hf import SLIDING, Architecture
 
 # Activation of the gated MLP → (contrib op, attributes): QuickGelu(alpha=1) is x·sigmoid(x) = SiLU;
@@ -26,25 +26,14 @@ ACTIVATIONS = {
 }
 
 
-def inverse_frequencies(theta: float, scaling: Mapping[str, Any] | None, dim: int) -> np.ndarray:
-    """Rope's inverse frequencies as transformers computes them (float32); "linear" divides them by its factor.
-
-    Only the rope types hf.FAST_PATH_ROPE_TYPES["onnx"] lets through reach this.
-    """
-    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
-    rope_type = "default" if not scaling else str(scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type == "linear":
-        inv_freq = (inv_freq / np.float32(scaling["factor"])).astype(np.float32)  # type: ignore[index]
-    elif rope_type != "default":
-        raise ValueError(f"rope type '{rope_type}' is not implemented in the ONNX graph")
-    return inv_freq
-
-
 def rope_caches(g: GraphBuilder, arch: Architecture, name: str, theta: float, scaling: Any) -> tuple[str, str]:
-    """cos and sin tables [context, head_dim / 2] (float32 outer product, as transformers)."""
-    inv_freq = inverse_frequencies(theta, scaling, arch.head_dim)
+    """cos and sin tables [context, head_dim / 2] (float32 outer product, as transformers), times the factor."""
+    inv_freq, factor = rope_frequencies(theta, scaling, arch.head_dim, arch.context)
     freqs = np.outer(np.arange(arch.context, dtype=np.float32), inv_freq).astype(np.float32)
-    return g.weight(f"{name}cos_cache", np.cos(freqs)), g.weight(f"{name}sin_cache", np.sin(freqs))
+    cos, sin = np.cos(freqs), np.sin(freqs)
+    if factor != 1.0:
+        cos, sin = cos * np.float32(factor), sin * np.float32(factor)
+    return g.weight(f"{name}cos_cache", cos), g.weight(f"{name}sin_cache", sin)
 
 
 def _norm_weight(arch: Architecture, weight: np.ndarray) -> np.ndarray:

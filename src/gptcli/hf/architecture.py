@@ -44,7 +44,7 @@ SIZE_KEYS = {
 FAST_PATH_FAMILIES = {"lean": frozenset(FAMILIES.values()), "onnx": frozenset(FAMILIES.values())}
 FAST_PATH_ROPE_TYPES = {
     "lean": frozenset({"default", "linear", "llama3", "yarn", "longrope"}),
-    "onnx": frozenset({"default", "linear"}),  # tables baked into the graph (export/llama.py)
+    "onnx": frozenset({"default", "linear", "llama3", "yarn"}),  # tables baked into the graph (export/rope.py)
 }
 GPT2_ACTIVATIONS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
 DECODER_ACTIVATIONS = {
