@@ -146,19 +146,24 @@ def test_rope_the_graph_does_not_bake_is_refused_by_its_config_key(models):
         ex.check_exportable(softcapped)
 
 
-def test_fp16_cuda_graph_of_gemma_folds_the_norm_offset_in_float32(models):
-    weights = ex.load_weights(models["gemma3"])
-    arch = read_architecture(models["gemma3"])
-    model = ex.build_graph(arch, weights, precision="fp16", device="cuda")
-    from onnx import TensorProto, numpy_helper
+def test_gemma_is_kept_off_the_float16_cuda_graph(models, monkeypatch):
+    """Gemma 3 270M's residual stream reaches 1e5, past float16's 65504: on CUDA it would be NaN, not slow."""
+    with pytest.raises(ModelError, match="to ONNX for CUDA: Gemma 3's activations outgrow float16") as info:
+        ex.ensure_export(models["gemma3"], precision="fp16", device="cuda")
+    assert info.value.hint == "export it for the CPU (--device cpu), or use --backend torch on the GPU"
+    from gptcli.backends import onnx_backend
 
-    inits = {t.name: t for t in model.graph.initializer}
-    assert inits["ln.0"].data_type == TensorProto.FLOAT16
-    folded = numpy_helper.to_array(inits["ln.0"]).astype(np.float32)
-    np.testing.assert_allclose(folded, 1.0 + weights["model.layers.0.input_layernorm.weight"], atol=2e-3)
+    monkeypatch.setattr(onnx_backend, "resolve_device", lambda *_: "cuda")  # as if a GPU were here
+    said = []
+    backend = OnnxBackend.load(models["gemma3"], LoadOptions(device="auto", extra={"notify": said.append}))
+    assert backend.device == "cpu" and backend.meta["device"] == "cpu"
+    assert said[0] == (
+        "warning: Gemma 3's activations outgrow float16, in which the CUDA graph computes; "
+        "running the ONNX model on the CPU"
+    )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3"])
 def test_fp16_on_cuda_follows_fp32_while_the_cache_grows(loaded, models, family):
     """Needs a GPU (skipped here): half-precision logits track fp32 past the window, batched or alone."""
     from gptcli.backends.onnx_backend import cuda_unusable_reason

@@ -68,7 +68,7 @@ __all__ = [
     "DEVICES", "GRAPH_VERSION", "GRID_TOLERANCE", "INT4_KEEP_8BIT", "MODEL_FILE", "MS_OPSET", "OPSET", "PRECISIONS",
     "QUANT_ACCURACY_LEVEL", "QUANT_BLOCK", "SIDECAR_FILE", "Export", "GraphBuilder", "build_export", "build_graph",
     "cache_key", "cached_export_dir", "check_choice", "check_exportable", "compute_dtype", "content_hash",
-    "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version", "pack_codes", "quantize",
+    "cuda_refusal", "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version", "pack_codes", "quantize",
     "quantize_blocks", "read_export", "source_fingerprint",
 ]  # fmt: skip
 
@@ -91,9 +91,22 @@ def check_choice(precision: str, device: str) -> None:
         raise UsageError("fp16 exports are for CUDA", hint="use --precision fp32, int8 or int4 on the CPU")
 
 
-def check_exportable(arch: Architecture) -> None:
+def cuda_refusal(arch: Architecture) -> str | None:
+    """Why a model cannot run in the CUDA graph, which computes in float16; None when it can."""
+    if arch.family == "gemma3":  # Gemma 3 270M's residual stream reaches 1e5 (float16 ends at 65504)
+        return "Gemma 3's activations outgrow float16, in which the CUDA graph computes"
+    return None
+
+
+def check_exportable(arch: Architecture, device: str = "cpu") -> None:
     """A ModelError (with the torch backend as the hint) for a model the fused graph cannot express exactly."""
     hint = "use --backend torch for this model"
+    refusal = cuda_refusal(arch) if device == "cuda" else None
+    if refusal:
+        raise ModelError(
+            f"cannot export {arch.architecture} to ONNX for CUDA: {refusal}",
+            hint="export it for the CPU (--device cpu), or use --backend torch on the GPU",
+        )
     if arch.family not in FAST_PATH_FAMILIES["onnx"]:
         supported = ", ".join(sorted(a for a, family in FAMILIES.items() if family in FAST_PATH_FAMILIES["onnx"]))
         raise ModelError(
@@ -163,7 +176,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
     import onnx
 
     arch = read_architecture(folder)  # checked against the safetensors headers before any weight is read
-    check_exportable(arch)
+    check_exportable(arch, device)
     notify(f"building the {arch.family} graph ({arch.layers} layers) from {folder.name}")
     weights = load_weights(folder)
     try:
