@@ -208,7 +208,7 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     arch = Architecture.from_config(json.loads((tmp_path / "config.json").read_text()))
     assert arch.family == "other"  # not an error in itself: such a model runs through transformers
-    with pytest.raises(ModelError, match="supported architectures are GPT2LMHeadModel, LlamaForCausalLM"):
+    with pytest.raises(ModelError, match="supported architectures are GPT2LMHeadModel, Gemma3ForCausalLM, Llama"):
         ex.check_exportable(arch)
 
 

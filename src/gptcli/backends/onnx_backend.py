@@ -101,6 +101,8 @@ class OnnxBackend:
                 raise BackendError(f"{folder} was exported for CUDA", hint="export it again with --device cpu")
             device = export.meta["device"]
         else:
+            if device == "cuda" and options.device == "auto" and precision != "fp16":
+                device = _cpu_for_what_cuda_cannot(folder, notify)
             export = ensure_export(folder, precision=precision, device=device, notify=notify)
         try:
             session = cls._session(export.model_path, device, options.threads, spin)
@@ -253,6 +255,18 @@ class OnnxBackend:
                     binding.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, pointer)
             self._bindings[(start, count)] = binding
         return binding
+
+
+def _cpu_for_what_cuda_cannot(folder: Path, notify: Any) -> str:
+    """For --device auto: the CPU (with a warning) for a model the float16 CUDA graph cannot run, else CUDA."""
+    from gptcli.export import cuda_refusal
+    from gptcli.hf import read_architecture
+
+    reason = cuda_refusal(read_architecture(folder))
+    if reason is None:
+        return "cuda"
+    notify(f"warning: {reason}; running the ONNX model on the CPU")
+    return "cpu"
 
 
 def _kv_bytes_per_token(model: dict[str, Any], kv_dtype: str) -> int:

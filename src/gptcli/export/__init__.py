@@ -12,14 +12,16 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
 int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, accuracy level 4),
-applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, and keeps
-weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice.
+applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, keeps
+weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice,
+and keeps at 8 bits weights already on a finer grid (the 5- to 8-bit tensors of a Q4_K_M GGUF).
 
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
 
-The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama and
-gpt2 (each family's body), quantize (MatMulNBits), cache (keys and stale exports), sidecar (the record and its reader).
+The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama (the
+body of every llama-like family: Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) and gpt2, quantize (MatMulNBits),
+cache (keys and stale exports), sidecar (the record and its reader).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from gptcli.export.quantize import (
     INT4_KEEP_8BIT,
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
+    fine_grid_kept,
     grid_of,
     on_grid,
     pack_codes,
@@ -65,7 +68,7 @@ __all__ = [
     "DEVICES", "GRAPH_VERSION", "GRID_TOLERANCE", "INT4_KEEP_8BIT", "MODEL_FILE", "MS_OPSET", "OPSET", "PRECISIONS",
     "QUANT_ACCURACY_LEVEL", "QUANT_BLOCK", "SIDECAR_FILE", "Export", "GraphBuilder", "build_export", "build_graph",
     "cache_key", "cached_export_dir", "check_choice", "check_exportable", "compute_dtype", "content_hash",
-    "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version", "pack_codes", "quantize",
+    "cuda_refusal", "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version", "pack_codes", "quantize",
     "quantize_blocks", "read_export", "source_fingerprint",
 ]  # fmt: skip
 
@@ -88,17 +91,28 @@ def check_choice(precision: str, device: str) -> None:
         raise UsageError("fp16 exports are for CUDA", hint="use --precision fp32, int8 or int4 on the CPU")
 
 
-def check_exportable(arch: Architecture) -> None:
+def cuda_refusal(arch: Architecture) -> str | None:
+    """Why a model cannot run in the CUDA graph, which computes in float16; None when it can."""
+    if arch.family == "gemma3":  # Gemma 3 270M's residual stream reaches 1e5 (float16 ends at 65504)
+        return "Gemma 3's activations outgrow float16, in which the CUDA graph computes"
+    return None
+
+
+def check_exportable(arch: Architecture, device: str = "cpu") -> None:
     """A ModelError (with the torch backend as the hint) for a model the fused graph cannot express exactly."""
     hint = "use --backend torch for this model"
-    if arch.family not in {"llama", "gpt2"}:
+    refusal = cuda_refusal(arch) if device == "cuda" else None
+    if refusal:
+        raise ModelError(
+            f"cannot export {arch.architecture} to ONNX for CUDA: {refusal}",
+            hint="export it for the CPU (--device cpu), or use --backend torch on the GPU",
+        )
+    if arch.family not in FAST_PATH_FAMILIES["onnx"]:
         supported = ", ".join(sorted(a for a, family in FAMILIES.items() if family in FAST_PATH_FAMILIES["onnx"]))
         raise ModelError(
             f"cannot export {arch.architecture} to ONNX: supported architectures are {supported}", hint=hint
         )
-    refusal = arch.fast_path_refusal("onnx") or (
-        "attention biases are not supported" if arch.family == "llama" and arch.qkv_bias else None
-    )
+    refusal = arch.fast_path_refusal("onnx")
     if refusal:
         raise ModelError(f"cannot export {arch.architecture} to ONNX: {refusal}", hint=hint)
 
@@ -162,7 +176,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
     import onnx
 
     arch = read_architecture(folder)  # checked against the safetensors headers before any weight is read
-    check_exportable(arch)
+    check_exportable(arch, device)
     notify(f"building the {arch.family} graph ({arch.layers} layers) from {folder.name}")
     weights = load_weights(folder)
     try:
@@ -191,6 +205,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         "symmetric": False,
         "accuracy_level": QUANT_ACCURACY_LEVEL,
         "kept_at_8_bits": [] if precision == "int8" else list(INT4_KEEP_8BIT),
+        "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),
     }
     meta = {

@@ -1,5 +1,5 @@
 """The fused decoder graph: its inputs and outputs (the I/O contract), the shared attention bookkeeping,
-then the family's body (llama.py, gpt2.py) and the lm_head. A new family adds its body here."""
+then the family's body (llama.py for every llama-like family, gpt2.py) and the lm_head."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gptcli import __version__
 from gptcli.export.gpt2 import gpt2_body
 from gptcli.export.graph import MS_OPSET, OPSET, GraphBuilder, compute_dtype, lm_head
 from gptcli.export.llama import llama_body
-from gptcli.hf import Architecture
+from gptcli.hf import LLAMA_LIKE, Architecture
 
 
 def build_graph(arch: Architecture, weights: dict[str, np.ndarray], *, precision: str, device: str = "cpu") -> Any:
@@ -43,9 +43,9 @@ def build_graph(arch: Architecture, weights: dict[str, np.ndarray], *, precision
     total_len = g.op("Gather", [mask_shape, g.const("idx1", np.array(1, dtype=np.int64))], "mask/total", axis=0)
     total_len = g.op("Cast", [total_len], "mask/total_i32", to=TensorProto.INT32)
 
-    if arch.family == "llama":
+    if arch.family in LLAMA_LIKE:
         hidden = llama_body(g, arch, weights, seqlens_k, total_len)
-        embed = weights["model.embed_tokens.weight"]
+        embed = weights["model.embed_tokens.weight"]  # unscaled: Gemma scales only the input embedding
         head = embed if arch.tied or "lm_head.weight" not in weights else weights["lm_head.weight"]
     else:
         hidden = gpt2_body(g, arch, weights, seqlens_k, total_len)

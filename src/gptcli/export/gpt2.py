@@ -29,7 +29,7 @@ def gpt2_body(g: GraphBuilder, arch: Architecture, w: dict[str, np.ndarray], seq
         name = f"h.{i}"
         qkv = g.op("MatMul", [normed, g.weight(f"{name}.c_attn.w", w[f"{p}.attn.c_attn.weight"])], f"{name}/qkv/MatMul")
         qkv = g.op("Add", [qkv, g.weight(f"{name}.c_attn.b", w[f"{p}.attn.c_attn.bias"])], f"{name}/qkv/Add")
-        attn = gqa(g, name, i, qkv, arch, seqlens_k, total_len, rotary=False)
+        attn = gqa(g, name, i, qkv, arch, seqlens_k, total_len, rope=None)
         attn = g.op("MatMul", [attn, g.weight(f"{name}.c_proj.w", w[f"{p}.attn.c_proj.weight"])], f"{name}/o/MatMul")
         normed, _, _, residual = g.op(
             "SkipLayerNormalization",

@@ -16,7 +16,7 @@ from gptcli.hf import Architecture
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 7  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 8  # bump when the graph layout changes: old cached exports are then rebuilt
 
 
 class GraphBuilder:
@@ -86,16 +86,21 @@ def gqa(
     g: GraphBuilder,
     prefix: str,
     layer: int,
-    qkv: str,
+    qkv: str | list[str],
     arch: Architecture,
     seqlens_k: str,
     total_len: str,
     *,
-    rotary: bool,
+    rope: tuple[str, str] | None,
+    window: int | None = None,
 ) -> str:
-    inputs = [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", seqlens_k, total_len]
-    if rotary:
-        inputs += ["cos_cache", "sin_cache", "position_ids"]
+    """One GroupQueryAttention over packed QKV (or separate q, k, v), rotary inside when `rope` names the
+    cos/sin tables, and a sliding window of `window` positions (the query's own included) when given."""
+    qkv_inputs = [qkv, "", ""] if isinstance(qkv, str) else list(qkv)
+    inputs = [*qkv_inputs, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", seqlens_k, total_len]
+    if rope is not None:
+        inputs += [*rope, "position_ids"]
+    scale = arch.attention_scale if arch.attention_scale is not None else 1.0 / np.sqrt(arch.head_dim)
     return g.op(
         "GroupQueryAttention",
         inputs,
@@ -103,7 +108,9 @@ def gqa(
         outputs=[f"{prefix}/attn/out", f"present.{layer}.key", f"present.{layer}.value"],
         num_heads=arch.heads,
         kv_num_heads=arch.kv_heads,
-        do_rotary=int(rotary),
+        do_rotary=int(rope is not None),
         rotary_interleaved=0,
-        scale=float(1.0 / np.sqrt(arch.head_dim)),
+        scale=float(scale),
+        # the query's own position included, as transformers' `sliding_window` (checked against it in tests)
+        local_window_size=-1 if window is None else window,
     )[0]

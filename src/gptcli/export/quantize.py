@@ -1,5 +1,6 @@
 """Weight-only block quantization of the exported graph: every MatMul with a constant weight becomes a
-MatMulNBits (block 32, asymmetric, accuracy level 4); 4-bit weights already on a grid keep their grid."""
+MatMulNBits (block 32, asymmetric, accuracy level 4); 4-bit weights already on a grid keep their grid,
+and in an int4 export weights on a finer grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits."""
 
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ INT4_KEEP_8BIT = ("lm_head/MatMul",)
 # A weight whose blocks already sit on a 16-level grid (a 4-bit GGUF source such as Q4_1) within
 # this fraction of a step is stored exactly rather than rounded twice (see _grid_int4).
 GRID_TOLERANCE = 1e-3
+# An int4 export keeps at 8 bits a weight that sits on a finer grid (up to 256 levels in blocks of
+# FINE_GRID_BLOCK: GGUF's Q5_0, Q6_K, Q8_0): a "Q4_K_M" file keeps those tensors at 5 to 8 bits, and
+# rounding them to 4 costs Gemma 3 270M +37 % perplexity.
+FINE_GRID_BLOCK = 16
 
 
 def quantize(model: Any, precision: str) -> Any:
     """Weight-only block quantization: every MatMul with a constant weight becomes a MatMulNBits.
 
     int8: 8 bits everywhere, the (untied) lm_head included. int4: 4 bits, the MatMuls named in
-    INT4_KEEP_8BIT at 8. Blocks are asymmetric (scale + integer zero point, block 32, accuracy level
-    4). A 4-bit weight already on a per-block 16-level grid keeps its grid (see _grid_int4): on the
-    default model (Q4_1) re-rounding costs +36 % perplexity, keeping the grid -0.1 %. The embedding
-    Gather stays float.
+    INT4_KEEP_8BIT at 8, and so is a weight already on a grid finer than 4 bits (a GGUF's 5-, 6- or
+    8-bit tensors: see fine_grid_kept). Blocks are asymmetric (scale + integer zero point, block
+    32, accuracy level 4). A 4-bit weight already on a per-block 16-level grid keeps its grid (see
+    _grid_int4): on the default model (Q4_1) re-rounding costs +36 % perplexity, keeping the grid
+    -0.1 %. The embedding Gather stays float.
     """
     from onnx import numpy_helper
 
@@ -44,6 +50,8 @@ def quantize(model: Any, precision: str) -> Any:
         bits = 8 if precision == "int8" or node.name.endswith(INT4_KEEP_8BIT) else 4
         wt = np.ascontiguousarray(array.T, dtype=np.float32)
         grid = grid_of(wt, 15, QUANT_BLOCK) if bits == 4 else None
+        if bits == 4 and grid is None and grid_of(wt, 255, FINE_GRID_BLOCK) is not None:
+            bits = 8
         if grid is not None:
             nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
         else:
@@ -56,6 +64,19 @@ def quantize(model: Any, precision: str) -> Any:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def fine_grid_kept(model: Any) -> list[str]:
+    """The MatMuls an int4 export kept at 8 bits because their weight was on a finer grid."""
+    from onnx import helper
+
+    return [
+        node.name.removesuffix("NBits")
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+        and not node.name.endswith(tuple(name + "NBits" for name in INT4_KEEP_8BIT))
+        and next(helper.get_attribute_value(a) for a in node.attribute if a.name == "bits") == 8
+    ]
 
 
 def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
@@ -136,19 +157,40 @@ Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
     """`wt` [N, K] as low + step·code per block with integer codes in [0, steps], or None when it is not
-    on such a grid (within GRID_TOLERANCE of a step): a 4-bit GGUF source such as Q4_1 is."""
+    on such a grid (within GRID_TOLERANCE of a step): a weight dequantized from a GGUF block type is.
+
+    The step is each block's smallest gap between distinct values, or that gap divided by a small
+    integer when the codes in between are unused (up to 1/3, or 1/64 on a grid of more than 64 levels),
+    so a block need not use its lowest and highest codes. A few rows are tried first: a float weight is
+    turned down after them.
+    """
     n, k = wt.shape
-    if k % block:
+    if k % block or (n > 8 and grid_of(wt[:8], steps, block) is None):
         return None
-    x = wt.reshape(n, k // block, block)
+    x = wt.reshape(n, k // block, block).astype(np.float64)
     low = x.min(axis=2)
-    step = (x.max(axis=2) - low) / steps
-    step = np.where(step > 0, step, 1.0).astype(np.float32)
-    position = (x - low[..., None]) / step[..., None]
-    codes = np.round(position)
-    if np.abs(position - codes).max() >= GRID_TOLERANCE:
+    spread = x.max(axis=2) - low
+    gaps = np.diff(np.sort(x, axis=2), axis=2)
+    gaps = np.where(gaps > spread[..., None] * 1e-6, gaps, np.inf)  # equal values are one code
+    smallest = gaps.min(axis=2)
+    smallest = np.where(np.isfinite(smallest), smallest, 1.0)  # a block of one value: any step
+    step = np.zeros_like(low)
+    for divisor in range(1, 4 if steps < 64 else 65):
+        levels = np.round(spread / (smallest / divisor))
+        trial = np.where(levels > 0, spread / np.maximum(levels, 1), 1.0)  # from the span: float32-exact enough
+        position = (x - low[..., None]) / trial[..., None]
+        fits = (np.abs(position - np.round(position)).max(axis=2) < GRID_TOLERANCE) & (
+            np.round(spread / trial) <= steps
+        )
+        step = np.where((step == 0) & fits, trial, step)
+        if (step > 0).all():
+            break
+        if divisor == 3 and (step > 0).sum() < step.size / 2:
+            return None  # most blocks fit no coarse step: not a grid at all
+    else:
         return None
-    return np.clip(codes, 0, steps).astype(np.uint8), low, step
+    codes = np.round((x - low[..., None]) / step[..., None])
+    return np.clip(codes, 0, steps).astype(np.uint8), low.astype(np.float32), step.astype(np.float32)
 
 
 def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:

@@ -41,13 +41,16 @@ SIZE_KEYS = {
 }
 # What each fast path runs exactly: "lean" (the torch lean engine) and "onnx" (the fused-graph exporter).
 # Anything else is refused by `fast_path_refusal`: the torch backend then runs transformers' engine.
-FAST_PATH_FAMILIES = {"lean": frozenset(FAMILIES.values()), "onnx": frozenset({"llama", "gpt2"})}
+FAST_PATH_FAMILIES = {"lean": frozenset(FAMILIES.values()), "onnx": frozenset(FAMILIES.values())}
 FAST_PATH_ROPE_TYPES = {
     "lean": frozenset({"default", "linear", "llama3", "yarn", "longrope"}),
-    "onnx": frozenset({"default"}),
+    "onnx": frozenset({"default", "linear", "llama3", "yarn"}),  # tables baked into the graph (export/rope.py)
 }
 GPT2_ACTIVATIONS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
-DECODER_ACTIVATIONS = {"lean": frozenset({"silu", "gelu_pytorch_tanh", "gelu_new"}), "onnx": frozenset({"silu"})}
+DECODER_ACTIVATIONS = {
+    "lean": frozenset({"silu", "gelu_pytorch_tanh", "gelu_new"}),
+    "onnx": frozenset({"silu", "gelu_pytorch_tanh", "gelu_new"}),
+}
 # The settings each implemented rope type cannot do without.
 ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
