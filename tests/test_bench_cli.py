@@ -250,6 +250,8 @@ def test_tiny_models_end_to_end_on_torch_and_onnx(tiny_models, isolated_home):
             "1",
             "--device",
             "cpu",
+            "--dtype",
+            "float32",  # auto is bf16 on a CPU with avx512_bf16
             "-o",
             "json",
             timeout=300,
