@@ -125,3 +125,26 @@ def test_lean_path_never_imports_transformers(tiny_models):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["lean", "False"]
+
+
+def test_bfloat16_decode_attention_groups_query_heads_like_sdpa_gqa(tiny_models, monkeypatch):
+    """bf16 decode attends per key-head group (lean_base._attend); it must equal SDPA's own GQA."""
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    lean = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="bfloat16")).engine.lean
+    assert lean.heads > lean.kv_heads > 1
+    cache = lean.new_cache()
+    generator = torch.Generator().manual_seed(0)
+    past = torch.randn(lean.kv_heads, 2, 40, lean.head_dim, generator=generator).to(torch.bfloat16)
+    cache.keys[0][:, :40], cache.values[0][:, :40], cache.length = past[:, 0], past[:, 1], 40
+    q = torch.randn(lean.heads, 1, lean.head_dim, generator=generator).to(torch.bfloat16)
+    kv = torch.randn(lean.kv_heads, 2, 1, lean.head_dim, generator=generator).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = lean._attend(q, kv[:, 0], kv[:, 1], 0, cache)
+        keys, values = cache.keys[0][:, :41].float(), cache.values[0][:, :41].float()
+        expected = F.scaled_dot_product_attention(q.float()[None], keys[None], values[None], enable_gqa=True)
+    expected = expected[0].transpose(0, 1).reshape(1, -1)
+    assert out.shape == expected.shape
+    assert (out.float() - expected).abs().max() < 0.02
