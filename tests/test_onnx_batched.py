@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -165,3 +166,26 @@ def test_one_token_prompts_decode_beside_longer_rows(loaded, family):
     assert [cache.length for cache in (*fresh, longer)] == [1, 1, 6]
     both, _ = backend.step([([9], backend.new_cache()), ([10], backend.new_cache())])  # every row at position 0
     np.testing.assert_allclose(both, logits[[0, 2]], atol=1e-4, rtol=0)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_a_fresh_slot_commits_only_the_positions_written():
+    """The pool's memory is committed in small pages as positions fill, never a 2 MiB page per head row.
+
+    (numpy's zeros asks for huge pages at this size: each 128-token prefill into a fresh slot then zeroed
+    360 MB of the default model's pool, 1.1 s instead of 0.17 s.)
+    """
+    from gptcli.backends.onnx_kvpool import KvPool
+
+    pool = KvPool(blocks=8, kv_heads=3, context=8192, head_dim=64, dtype=np.float32, device="cpu")
+    pool._grow(8)  # 8 slots x 8 blocks x 6 MiB, untouched
+    before = _resident_bytes()
+    for block in pool.blocks:
+        block[5, :, :128] = 1.0  # one 128-token prefill into slot 5: 3 head rows of 32 KiB per block
+    grown = _resident_bytes() - before
+    assert grown < 4 * 2**20, f"{grown / 2**20:.1f} MiB committed for 768 KiB written"
