@@ -56,7 +56,7 @@ def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict
     rows = [
         ("gptcli serve onnx fp32", "fp32", [*gptcli, "--backend", "onnx", "--precision", "fp32"], {}),
         ("gptcli serve onnx int4", "int4", [*gptcli, "--backend", "onnx", "--precision", "int4"], {}),
-        ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch"], {}),
+        ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch", "--dtype", "float32"], {}),
     ]
     for label, precision in (("F32", "fp32"), ("Q4_0", "int4")):
         model = Path(str(GGUF).format(label))
