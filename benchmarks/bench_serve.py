@@ -50,6 +50,12 @@ class Result:
     error: str = ""
 
 
+def level_seed(seed: int, input_len: int, concurrency: int) -> int:
+    """Each level its own prompts: a server with a prompt cache (llama-server's cache_prompt is on by
+    default) would otherwise re-serve the previous level's prompts from its slots, skipping their prefill."""
+    return seed * 1_000_000 + input_len * 1_000 + concurrency
+
+
 def make_prompts(count: int, length: int, seed: int, tokenizer_folder: str | None) -> list[str]:
     rng = random.Random(seed)
     tokenizer = None
@@ -242,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     for input_len in args.random_input_len:
         for concurrency in args.max_concurrency:
             count = args.num_prompts or max(8, 4 * concurrency)
-            prompts = make_prompts(count + args.warmup, input_len, args.seed, args.tokenizer)
+            prompts = make_prompts(
+                count + args.warmup, input_len, level_seed(args.seed, input_len, concurrency), args.tokenizer
+            )
             measured, warmup = prompts[args.warmup :], prompts[: args.warmup]
             results, duration = asyncio.run(run_level(args, measured, warmup, concurrency, model))
             row = {

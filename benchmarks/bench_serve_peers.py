@@ -109,7 +109,8 @@ def measure(name: str, command: list[str], env: dict[str, str], args) -> list[di
         for input_len in args.input_len:
             for concurrency in args.concurrency:
                 count = args.num_prompts or max(8, 2 * concurrency)
-                prompts = bench_serve.make_prompts(count + 1, input_len, 0, args.tokenizer)
+                seed = bench_serve.level_seed(0, input_len, concurrency)
+                prompts = bench_serve.make_prompts(count + 1, input_len, seed, args.tokenizer)
                 results, duration = asyncio.run(
                     bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
                 )
