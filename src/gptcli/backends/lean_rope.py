@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gptcli.hf.rope import rope_type, yarn
+
 
 @dataclass(frozen=True)
 class RopeTable:
@@ -47,18 +49,18 @@ def rope_table(
     theta: float, scaling: Mapping[str, Any] | None, head_dim: int, context: int, device: torch.device
 ) -> RopeTable:
     """The table of a rope type that hf.Architecture.fast_path_refusal("lean") lets through."""
-    rope_type = "default" if not scaling else str(scaling.get("rope_type", scaling.get("type", "default")))
+    kind = rope_type(scaling)
     plain = 1.0 / (theta ** _exponents(head_dim, device))
-    if scaling is None or rope_type == "default":
+    if scaling is None or kind == "default":
         return RopeTable(plain)
     original = int(scaling.get("original_max_position_embeddings") or context)
-    if rope_type == "linear":
+    if kind == "linear":
         return RopeTable(plain / scaling["factor"])
-    if rope_type == "llama3":
+    if kind == "llama3":
         return RopeTable(_llama3(plain, scaling, original))
-    if rope_type == "yarn":
+    if kind == "yarn":
         return _yarn(theta, scaling, head_dim, context, original, device)
-    if rope_type == "longrope":
+    if kind == "longrope":
         factor = scaling.get("factor") or context / original
         attention_factor = scaling.get("attention_factor")
         if attention_factor is None:
@@ -69,7 +71,7 @@ def rope_table(
             return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * base)
 
         return RopeTable(scaled(scaling["short_factor"]), attention_factor, scaled(scaling["long_factor"]), original)
-    raise ValueError(f"rope type '{rope_type}' is not implemented")
+    raise ValueError(f"rope type '{kind}' is not implemented")
 
 
 def _llama3(inv_freq: torch.Tensor, scaling: Mapping[str, Any], original: int) -> torch.Tensor:
@@ -88,31 +90,9 @@ def _yarn(
     theta: float, scaling: Mapping[str, Any], dim: int, context: int, original: int, device: torch.device
 ) -> RopeTable:
     """YaRN: interpolate the low frequencies, extrapolate the high ones, scale cos/sin by an mscale."""
-    factor = scaling.get("factor") or context / original
-    attention_factor = scaling.get("attention_factor")
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-
-    def get_mscale(scale: float, m: float = 1) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
-        else:
-            attention_factor = get_mscale(factor)
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # as transformers: no division by zero
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    y = yarn(theta, scaling, dim, context, original)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - y.low) / (y.high - y.low), 0, 1).to(device)
     pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (y.factor * pos_freqs)
     keep = 1 - ramp
-    return RopeTable(interpolation * (1 - keep) + extrapolation * keep, attention_factor)
+    return RopeTable(interpolation * (1 - keep) + extrapolation * keep, y.attention_factor)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from gptcli.hf.rope import rope_type, yarn
+
 F32 = np.float32
 
 
@@ -25,18 +27,18 @@ def rope_frequencies(
     theta: float, scaling: Mapping[str, Any] | None, dim: int, context: int
 ) -> tuple[np.ndarray, float]:
     """(inverse frequencies [dim / 2] float32, the factor on cos and sin) of a rope type the graph bakes."""
-    rope_type = "default" if not scaling else str(scaling.get("rope_type", scaling.get("type", "default")))
+    kind = rope_type(scaling)
     plain = _plain(theta, dim)
-    if scaling is None or rope_type == "default":
+    if scaling is None or kind == "default":
         return plain, 1.0
     original = int(scaling.get("original_max_position_embeddings") or context)
-    if rope_type == "linear":
+    if kind == "linear":
         return (plain / F32(scaling["factor"])).astype(F32), 1.0
-    if rope_type == "llama3":
+    if kind == "llama3":
         return _llama3(plain, scaling, original), 1.0
-    if rope_type == "yarn":
+    if kind == "yarn":
         return _yarn(theta, scaling, dim, context, original)
-    raise ValueError(f"rope type '{rope_type}' is not implemented in the ONNX graph")
+    raise ValueError(f"rope type '{kind}' is not implemented in the ONNX graph")
 
 
 def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any], original: int) -> np.ndarray:
@@ -53,31 +55,9 @@ def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any], original: int) -> 
 
 def _yarn(theta: float, scaling: Mapping[str, Any], dim: int, context: int, original: int) -> tuple[np.ndarray, float]:
     """YaRN: interpolate the low frequencies, extrapolate the high ones, scale cos/sin by an mscale."""
-    factor = scaling.get("factor") or context / original
-    attention_factor = scaling.get("attention_factor")
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-
-    def get_mscale(scale: float, m: float = 1) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
-        else:
-            attention_factor = get_mscale(factor)
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # as transformers: no division by zero
-    ramp = np.clip((np.arange(dim // 2, dtype=F32) - F32(low)) / F32(high - low), 0, 1).astype(F32)
+    y = yarn(theta, scaling, dim, context, original)
+    ramp = np.clip((np.arange(dim // 2, dtype=F32) - F32(y.low)) / F32(y.high - y.low), 0, 1).astype(F32)
     pos_freqs = (theta ** (np.arange(0, dim, 2).astype(F32) / dim)).astype(F32)
-    extrapolation, interpolation = (1.0 / pos_freqs).astype(F32), (1.0 / (F32(factor) * pos_freqs)).astype(F32)
+    extrapolation, interpolation = (1.0 / pos_freqs).astype(F32), (1.0 / (F32(y.factor) * pos_freqs)).astype(F32)
     keep = (1 - ramp).astype(F32)
-    return (interpolation * (1 - keep) + extrapolation * keep).astype(F32), float(attention_factor)
+    return (interpolation * (1 - keep) + extrapolation * keep).astype(F32), y.attention_factor

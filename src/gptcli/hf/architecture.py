@@ -28,6 +28,7 @@ from gptcli.hf.files import (
     read_config,
     weight_files,
 )
+from gptcli.hf.rope import rope_type as scaling_rope_type
 
 # The same size under the names different families give it (transformers' attribute_map), first wins.
 SIZE_KEYS = {
@@ -160,9 +161,7 @@ class Architecture:
 
     @property
     def rope_type(self) -> str:
-        if not self.rope_scaling:
-            return "default"
-        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+        return scaling_rope_type(self.rope_scaling)
 
     def fast_path_refusal(self, path: str) -> str | None:
         """Why a fast path ("lean": the torch lean engine, "onnx": the exporter) cannot run this model exactly.

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gptcli.errors import ModelError
+from gptcli.hf.rope import rope_type
 
 MAX_SIZE = 2**24  # past every real size (the longest context, Llama 4 Scout's, is 10M): a larger one is corrupt
 
@@ -129,11 +130,11 @@ def rope_settings(cfg: Mapping[str, Any], where: str, *, local: bool) -> dict[st
         "rope_scaling": None,
         "rope_key": f"{key}.{FULL}" if sliding is not None else key,
     }
-    rope_type = full.get("rope_type", full.get("type", "default"))
-    if rope_type != "default":
+    kind = rope_type(full)
+    if kind != "default":
         scaling = dict(full)
         original = cfg.get("original_max_position_embeddings")
-        if original is not None and rope_type in NEEDS_ORIGINAL_CONTEXT:
+        if original is not None and kind in NEEDS_ORIGINAL_CONTEXT:
             scaling["original_max_position_embeddings"] = original  # Phi-3 keeps it outside, and it wins there
         settings["rope_scaling"] = scaling
     if local:
@@ -141,7 +142,7 @@ def rope_settings(cfg: Mapping[str, Any], where: str, *, local: bool) -> dict[st
         settings["rope_local_theta"] = positive_float(
             {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}, section, "rope_theta", 10000.0, where
         )
-        local_type = section.get("rope_type", section.get("type", "default"))
+        local_type = rope_type(section)
         if local_type != "default":
             quirks.append(f"{key}.{SLIDING}.rope_type={local_type}")
     settings["rope_quirks"] = tuple(quirks)
