@@ -7,6 +7,7 @@ batched backend step for summarize, batch files and the server.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -232,12 +233,10 @@ class SequenceDecoder:
         # The front doors check the grammar first; one that still fails ends only this sequence ("error"),
         # never the engine's step that the other sequences share.
         self.constraint: TokenConstraint | None = None
-        self.constraint_failed = False
         if params.constraint is not None:
-            try:
+            # A grammar that cannot be opened leaves this None: _constrained_pick ends the sequence ("error").
+            with contextlib.suppress(Exception):
                 self.constraint = open_constraint(params.constraint, tokenizer)
-            except Exception:
-                self.constraint_failed = True
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
@@ -262,7 +261,7 @@ class SequenceDecoder:
             self.steps += 1
         self.last_step_end = now
         self.next_token = None
-        if self.constraint is None and not self.constraint_failed:
+        if self.params.constraint is None:
             token_id = sample(logits, self.params, self.rng, self.history)
         else:
             picked = self._constrained_pick(logits)
@@ -294,7 +293,7 @@ class SequenceDecoder:
     def _constrained_pick(self, logits: np.ndarray) -> int | str:
         """The next token among those the grammar allows, or the finish reason when the reply ends here."""
         constraint = self.constraint
-        if constraint is None:
+        if constraint is None:  # the grammar could not be opened
             return "error"
         masked = constraint.mask(logits)
         if masked is None:  # the grammar allows nothing, not even end-of-sequence

@@ -123,24 +123,17 @@ def llama_body(g: GraphBuilder, arch: Architecture, w: dict[str, np.ndarray], se
     def norm(key: str, name: str) -> str:
         return g.weight(name, _norm_weight(arch, w[key]))
 
-    normed = g.op(
-        "SimplifiedLayerNormalization",
-        [x, norm("model.layers.0.input_layernorm.weight", "ln.0")],
-        "layers.0/input_norm",
-        axis=-1,
-        epsilon=eps,
-    )
+    def rms_norm(x: str, key: str, weight_name: str, node: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, norm(key, weight_name)], node, axis=-1, epsilon=eps)
+
+    normed = rms_norm(x, "model.layers.0.input_layernorm.weight", "ln.0", "layers.0/input_norm")
     residual = x
     for i in range(arch.layers):
         p, name = f"model.layers.{i}", f"layers.{i}"
         attn = _attention(g, arch, w, i, normed, ctx)
         if arch.sandwich_norms:  # Gemma: norm the attention output, then the pre-MLP norm with the residual add
-            attn = g.op(
-                "SimplifiedLayerNormalization",
-                [attn, norm(f"{p}.post_attention_layernorm.weight", f"{name}.post_attn_ln")],
-                f"{name}/post_attn_norm",
-                axis=-1,
-                epsilon=eps,
+            attn = rms_norm(
+                attn, f"{p}.post_attention_layernorm.weight", f"{name}.post_attn_ln", f"{name}/post_attn_norm"
             )
             pre_mlp = norm(f"{p}.pre_feedforward_layernorm.weight", f"{name}.pre_mlp_ln")
         else:
@@ -154,12 +147,8 @@ def llama_body(g: GraphBuilder, arch: Architecture, w: dict[str, np.ndarray], se
         )
         mlp = _mlp(g, arch, w, i, normed)
         if arch.sandwich_norms:
-            mlp = g.op(
-                "SimplifiedLayerNormalization",
-                [mlp, norm(f"{p}.post_feedforward_layernorm.weight", f"{name}.post_mlp_ln")],
-                f"{name}/post_mlp_norm",
-                axis=-1,
-                epsilon=eps,
+            mlp = rms_norm(
+                mlp, f"{p}.post_feedforward_layernorm.weight", f"{name}.post_mlp_ln", f"{name}/post_mlp_norm"
             )
         next_key = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < arch.layers else "model.norm.weight"
         normed, _, _, residual = g.op(
