@@ -82,6 +82,20 @@ class OnnxBackend:
         return None
 
     @classmethod
+    def auto_choices(cls) -> dict[str, Any]:
+        """The MatMulNBits compute type int8/int4 exports use on this CPU (for `gptcli backends --json`)."""
+        from gptcli.export.nbits_choice import cached_choice
+
+        choice = cached_choice()
+        if choice is None:
+            return {"matmulnbits_accuracy_level": None, "reason": "measured at this machine's first int8/int4 export"}
+        return {
+            "matmulnbits_accuracy_level": {f"int{bits}": level for bits, level in choice.levels.items()},
+            "reason": choice.reason,
+            "timings_ms": choice.timings_ms,
+        }
+
+    @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> OnnxBackend:
         from gptcli.export import SIDECAR_FILE, ensure_export, read_export
 

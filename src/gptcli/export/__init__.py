@@ -11,7 +11,8 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 ``[batch, kv_heads, length, head_dim]``. When a past buffer and its present output are the same
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
-int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, accuracy level 4),
+int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, the accuracy level
+measured per CPU by nbits_choice),
 applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, keeps
 weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice,
 and keeps at 8 bits weights already on a finer grid (the 5- to 8-bit tensors of a Q4_K_M GGUF).
@@ -21,7 +22,8 @@ opset and versions, and published atomically (temp folder + rename) with a sidec
 
 The modules: graph (the builder, shared pieces), decoder (the I/O contract, one graph per family), llama (the
 body of every llama-like family: Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) and gpt2, quantize (MatMulNBits),
-cache (keys and stale exports), sidecar (the record and its reader).
+nbits_choice (which compute type is fastest on this CPU), cache (keys and stale exports), sidecar
+(the record and its reader).
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ from gptcli.export.cache import (
 )
 from gptcli.export.decoder import build_graph
 from gptcli.export.graph import GRAPH_VERSION, MS_OPSET, OPSET, GraphBuilder, compute_dtype
+from gptcli.export.nbits_choice import choose_levels
 from gptcli.export.quantize import (
     GRID_TOLERANCE,
     INT4_KEEP_8BIT,
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
+    apply_accuracy_levels,
     fine_grid_kept,
     grid_of,
     on_grid,
@@ -184,9 +188,14 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
     except KeyError as exc:
         raise ModelError(f"{folder}: weight {exc} is missing for a {arch.architecture}") from None
     del weights
+    levels = None
     if precision in {"int8", "int4"}:
         notify(f"quantizing weights to {precision} (block {QUANT_BLOCK})")
         model = quantize(model, precision)
+        if device == "cpu":
+            notify("timing MatMulNBits compute types on this CPU (once per machine)")
+            levels = choose_levels((8,) if precision == "int8" else (4, 8), arch.hidden)
+            apply_accuracy_levels(model, levels.levels)
     onnx.save_model(
         model,
         str(out / MODEL_FILE),
@@ -203,7 +212,8 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         "bits": 8 if precision == "int8" else 4,
         "block_size": QUANT_BLOCK,
         "symmetric": False,
-        "accuracy_level": QUANT_ACCURACY_LEVEL,
+        "accuracy_level": {str(bits): (levels.level(bits) if levels else QUANT_ACCURACY_LEVEL) for bits in (4, 8)},
+        "accuracy_level_choice": levels.as_dict() if levels else None,
         "kept_at_8_bits": [] if precision == "int8" else list(INT4_KEEP_8BIT),
         "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),

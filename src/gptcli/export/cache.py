@@ -1,5 +1,6 @@
 """The export cache: ``cache_dir()/onnx/<source>-<precision>-<device>-<key>``, keyed by the source's files,
-the precision, device, opset, graph version and library versions; stale siblings are removed."""
+the precision, device, opset, graph version and library versions (a quantized CPU export also by the CPU's
+kernel flags: its compute type is measured per machine, see nbits_choice); stale siblings are removed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from gptcli import __version__
 from gptcli.export import graph
+from gptcli.export.nbits_choice import machine_key
 from gptcli.export.sidecar import SIDECAR_FILE
 from gptcli.hf import CONFIG_FILE, weight_files
 from gptcli.paths import cache_dir
@@ -45,6 +47,8 @@ def content_hash(folder: Path) -> str:
 def cache_key(folder: Path, precision: str, device: str) -> str:
     # graph.GRAPH_VERSION is read at call time, so a bumped version (or a test patching it) takes effect.
     versions = [str(graph.OPSET), str(graph.GRAPH_VERSION), ort_version(), __version__]
+    if precision in {"int8", "int4"} and device == "cpu":  # its compute type is chosen per machine
+        versions.append(machine_key())
     return files_key(source_fingerprint(folder), precision, device, *versions)
 
 

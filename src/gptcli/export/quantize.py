@@ -1,6 +1,7 @@
 """Weight-only block quantization of the exported graph: every MatMul with a constant weight becomes a
-MatMulNBits (block 32, asymmetric, accuracy level 4); 4-bit weights already on a grid keep their grid,
-and in an int4 export weights on a finer grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits."""
+MatMulNBits (block 32, asymmetric; accuracy level 4 until apply_accuracy_levels writes the per-CPU
+choice); 4-bit weights already on a grid keep their grid, and in an int4 export weights on a finer
+grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def quantize(model: Any, precision: str) -> Any:
     int8: 8 bits everywhere, the (untied) lm_head included. int4: 4 bits, the MatMuls named in
     INT4_KEEP_8BIT at 8, and so is a weight already on a grid finer than 4 bits (a GGUF's 5-, 6- or
     8-bit tensors: see fine_grid_kept). Blocks are asymmetric (scale + integer zero point, block
-    32, accuracy level 4). A 4-bit weight already on a per-block 16-level grid keeps its grid (see
-    _grid_int4): on the default model (Q4_1) re-rounding costs +36 % perplexity, keeping the grid
-    -0.1 %. The embedding Gather stays float.
+    32, accuracy level 4 until apply_accuracy_levels). A 4-bit weight already on a per-block
+    16-level grid keeps its grid (see _grid_int4): on the default model (Q4_1) re-rounding costs
+    +36 % perplexity, keeping the grid -0.1 %. The embedding Gather stays float.
     """
     from onnx import numpy_helper
 
@@ -64,6 +65,20 @@ def quantize(model: Any, precision: str) -> Any:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def apply_accuracy_levels(model: Any, levels: dict[int, int]) -> None:
+    """Set each MatMulNBits' accuracy level (compute type) by its bit width (see nbits_choice)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        bits = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "bits")
+        if bits in levels:
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = levels[bits]
 
 
 def fine_grid_kept(model: Any) -> list[str]:
