@@ -79,6 +79,53 @@ def test_block_quantization_round_trips_within_half_a_step(bits):
     assert np.allclose(back[0, :32], 0.25)
 
 
+def test_an_8bit_grid_is_stored_exactly_and_anything_else_is_rounded():
+    # Q8_0-style blocks: d * q with q in -127..127, some blocks all positive or all negative.
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.001, 0.01, (5, 3, 1)).astype(np.float32)
+    q = rng.integers(-127, 128, (5, 3, 32))
+    q[0, 0] = rng.integers(3, 128, 32)
+    q[1, 1] = -rng.integers(3, 128, 32)
+    wt = (d * q).reshape(5, 96).astype(np.float32)
+    codes, scales, zeros = ex.eight_bit_blocks(wt)
+    back = ((codes.astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(5, 96)
+    np.testing.assert_allclose(back, wt, rtol=1e-5, atol=1e-7)
+    noisy = wt + rng.normal(0, 1e-4, wt.shape).astype(np.float32)
+    for got, want in zip(ex.eight_bit_blocks(noisy), ex.quantize_blocks(noisy, 8, 32), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_quantized_cpu_export_gathers_the_embedding_from_8bit_blocks(tiny_models, precision):
+    import onnxruntime as ort
+
+    quantized = ex.ensure_export(tiny_models["llama"], precision=precision)
+    graph = _graph(quantized.model_path).graph
+    embed = next(node for node in graph.node if node.name.startswith("embed"))
+    assert embed.op_type == "GatherBlockQuantized"
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    assert quantized.meta["quantization"]["embedding_8_bit_gathers"] == ["embed"]
+    # The gathered rows are the float table's to within half an 8-bit step: the first layer's input
+    # differs that little, so the logits stay near the fp32 export's (a wrong row or scale would not).
+    feed = {
+        "input_ids": np.array([[5, 6, 7]], dtype=np.int64),
+        "attention_mask": np.ones((1, 3), dtype=np.int64),
+        "position_ids": np.array([[0, 1, 2]], dtype=np.int64),
+    }
+    logits = {}
+    for name, export in (("fp32", ex.ensure_export(tiny_models["llama"])), (precision, quantized)):
+        model = export.meta["model"]
+        past = np.zeros((1, model["num_kv_heads"], 0, model["head_dim"]), np.float32)
+        inputs = {
+            **feed,
+            **{f"past_key_values.{i}.{k}": past for i in range(model["num_layers"]) for k in ("key", "value")},
+        }
+        session = ort.InferenceSession(str(export.model_path), providers=["CPUExecutionProvider"])
+        logits[name] = session.run(["logits"], inputs)[0]
+    spread = np.abs(logits["fp32"]).max()
+    assert np.abs(logits[precision] - logits["fp32"]).max() < (0.05 if precision == "int8" else 0.3) * spread
+
+
 def _one_matmul_model(weight):
     from onnx import TensorProto, helper, numpy_helper
 

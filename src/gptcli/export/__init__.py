@@ -12,10 +12,11 @@ I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``positio
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.
 
 int8/int4 are weight-only block quantization (MatMulNBits, block 32, asymmetric, the accuracy level
-measured per CPU by nbits_choice),
-applied to every MatMul including the (untied) lm_head; int4 keeps the lm_head at 8 bits, keeps
-weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them twice,
-and keeps at 8 bits weights already on a finer grid (the 5- to 8-bit tensors of a Q4_K_M GGUF).
+measured per CPU by nbits_choice), applied to every MatMul including the (untied) lm_head, and on the
+CPU to the token embedding's Gather (GatherBlockQuantized, 8 bits); int4 keeps the lm_head at 8 bits,
+keeps weights that are already 4-bit (a Q4_1 GGUF source) on their own grid instead of rounding them
+twice, and keeps at 8 bits weights already on a finer grid (the 5- to 8-bit tensors of a Q4_K_M GGUF).
+An 8-bit weight already on an 8-bit grid (a GGUF's Q8_0) is stored exactly.
 
 Exports are cached under ``cache_dir()/onnx/`` keyed by the source fingerprint, precision, device,
 opset and versions, and published atomically (temp folder + rename) with a sidecar JSON.
@@ -57,12 +58,14 @@ from gptcli.export.quantize import (
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
     apply_accuracy_levels,
+    eight_bit_blocks,
     fine_grid_kept,
     grid_of,
     on_grid,
     pack_codes,
     quantize,
     quantize_blocks,
+    quantize_embedding,
 )
 from gptcli.export.sidecar import MODEL_FILE, SIDECAR_FILE, Export, io_record, model_record, read_export, write_sidecar
 from gptcli.hf import FAMILIES, FAST_PATH_FAMILIES, Architecture, read_architecture, weight_files
@@ -72,8 +75,8 @@ __all__ = [
     "DEVICES", "GRAPH_VERSION", "GRID_TOLERANCE", "INT4_KEEP_8BIT", "MODEL_FILE", "MS_OPSET", "OPSET", "PRECISIONS",
     "QUANT_ACCURACY_LEVEL", "QUANT_BLOCK", "SIDECAR_FILE", "Export", "GraphBuilder", "build_export", "build_graph",
     "cache_key", "cached_export_dir", "check_choice", "check_exportable", "compute_dtype", "content_hash",
-    "cuda_refusal", "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version", "pack_codes", "quantize",
-    "quantize_blocks", "read_export", "source_fingerprint",
+    "cuda_refusal", "eight_bit_blocks", "ensure_export", "grid_of", "load_weights", "on_grid", "ort_version",
+    "pack_codes", "quantize", "quantize_blocks", "read_export", "source_fingerprint",
 ]  # fmt: skip
 
 Notify = Callable[[str], None]
@@ -188,11 +191,12 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
     except KeyError as exc:
         raise ModelError(f"{folder}: weight {exc} is missing for a {arch.architecture}") from None
     del weights
-    levels = None
+    levels, embedding = None, []
     if precision in {"int8", "int4"}:
         notify(f"quantizing weights to {precision} (block {QUANT_BLOCK})")
         model = quantize(model, precision)
         if device == "cpu":
+            embedding = quantize_embedding(model)
             notify("timing MatMulNBits compute types on this CPU (once per machine)")
             levels = choose_levels((8,) if precision == "int8" else (4, 8), arch.hidden)
             apply_accuracy_levels(model, levels.levels)
@@ -215,6 +219,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         "accuracy_level": {str(bits): (levels.level(bits) if levels else QUANT_ACCURACY_LEVEL) for bits in (4, 8)},
         "accuracy_level_choice": levels.as_dict() if levels else None,
         "kept_at_8_bits": [] if precision == "int8" else list(INT4_KEEP_8BIT),
+        "embedding_8_bit_gathers": embedding,
         "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),
     }

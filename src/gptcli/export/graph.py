@@ -16,7 +16,7 @@ from gptcli.hf import Architecture
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 8  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 9  # bump when the graph layout changes: old cached exports are then rebuilt
 
 
 class GraphBuilder:

@@ -5,6 +5,7 @@ grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ QUANT_ACCURACY_LEVEL = 4
 # MatMuls kept at 8 bits in an int4 export: the lm_head, which GGUF sources keep at 8 bits (Q8_0)
 # and which a 4-bit rounding costs most on (every logit goes through it).
 INT4_KEEP_8BIT = ("lm_head/MatMul",)
+# The token embedding's Gather in each family's graph (llama.py, gpt2.py): 8-bit in a quantized CPU export.
+EMBEDDING_GATHERS = ("embed", "wte")
 # A weight whose blocks already sit on a 16-level grid (a 4-bit GGUF source such as Q4_1) within
 # this fraction of a step is stored exactly rather than rounded twice (see _grid_int4).
 GRID_TOLERANCE = 1e-3
@@ -56,7 +59,7 @@ def quantize(model: Any, precision: str) -> Any:
         if grid is not None:
             nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
         else:
-            codes, scales, zeros = quantize_blocks(wt, bits, QUANT_BLOCK)
+            codes, scales, zeros = eight_bit_blocks(wt) if bits == 8 else quantize_blocks(wt, 4, QUANT_BLOCK)
             scales = scales.astype(array.dtype)
             k = wt.shape[1]
             nodes.append(
@@ -65,6 +68,65 @@ def quantize(model: Any, precision: str) -> Any:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def quantize_embedding(model: Any) -> list[str]:
+    """The token embedding's Gather as a GatherBlockQuantized over 8-bit blocks (see eight_bit_blocks).
+
+    A float table is most of a quantized export's bytes otherwise (the default model: 113 of 223 MB),
+    all read when the session is created. Returns the names of the Gathers replaced.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input)
+    replaced = []
+    for index, node in enumerate(graph.node):
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        if node.name not in EMBEDDING_GATHERS or table is None or readers[table.name] != 1:
+            continue
+        array = numpy_helper.to_array(table)
+        if array.ndim != 2 or array.shape[1] % QUANT_BLOCK:
+            continue
+        codes, scales, zeros = eight_bit_blocks(array.astype(np.float32))
+        graph.initializer.remove(table)
+        name = node.name + "Quantized"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes.reshape(array.shape), f"{name}.q8"),
+                numpy_helper.from_array(scales.astype(array.dtype), f"{name}.scales"),
+                numpy_helper.from_array(zeros, f"{name}.zero_points"),
+            ]
+        )
+        gather = helper.make_node(
+            "GatherBlockQuantized", [f"{name}.q8", node.input[1], f"{name}.scales", f"{name}.zero_points"],
+            list(node.output), name=name, domain="com.microsoft",
+            bits=8, block_size=QUANT_BLOCK, gather_axis=0, quantize_axis=1,
+        )  # fmt: skip
+        replaced.append(node.name)
+        graph.node[index].CopyFrom(gather)  # `node` is this entry: its name changes too
+    return replaced
+
+
+def eight_bit_blocks(wt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`wt` [N, K] in 8-bit blocks of QUANT_BLOCK: codes [N, blocks, block], scales and zero points [N, blocks].
+
+    A weight already on a per-block grid with an integer zero (a GGUF's Q8_0, or any 4-bit type with
+    it) is stored exactly, w = (code - zero) · step, the zero chosen so every code fits a byte; any
+    other weight is rounded by quantize_blocks.
+    """
+    grid = grid_of(wt, 255, QUANT_BLOCK)
+    if grid is not None:
+        codes, low, step = grid
+        zero = -low / step
+        if np.abs(zero - np.round(zero)).max() < GRID_TOLERANCE:
+            signed = codes.astype(np.int64) - np.round(zero).astype(np.int64)[..., None]
+            lowest, highest = -signed.min(axis=2), 255 - signed.max(axis=2)
+            shift = np.clip(128, lowest, highest)
+            if ((shift >= lowest) & (shift <= highest) & (shift >= 0) & (shift <= 255)).all():
+                return (signed + shift[..., None]).astype(np.uint8), step, shift.astype(np.uint8)
+    return quantize_blocks(wt, 8, QUANT_BLOCK)
 
 
 def apply_accuracy_levels(model: Any, levels: dict[int, int]) -> None:
