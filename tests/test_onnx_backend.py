@@ -235,6 +235,16 @@ def test_loads_an_export_folder_directly(tiny_models, tmp_path):
     assert cache.length == 3 and np.isfinite(logits).all()
 
 
+def test_an_int4_export_folder_runs_and_is_labelled_int4_whatever_precision_says(tiny_models, tmp_path):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.onnx_backend import OnnxBackend
+    from gptcli.export import ensure_export
+
+    out = ensure_export(tiny_models["llama"], precision="int4", output=tmp_path / "llama-int4").folder
+    backend = OnnxBackend.load(out, LoadOptions(device="cpu", precision="fp32", threads=1))
+    assert backend.precision == "int4"  # bench's precision column once said fp32 for such a folder
+
+
 def test_an_export_folder_is_a_model_for_the_onnx_backend(tiny_models, tmp_path):
     from gptcli.export import ensure_export
 

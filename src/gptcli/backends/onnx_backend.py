@@ -81,6 +81,11 @@ class OnnxBackend:
             return f"CUDA requested but {reason}" if reason else None
         return None
 
+    @property
+    def precision(self) -> str:
+        """The loaded export's precision (an export folder's own, whatever --precision asked for)."""
+        return self.info.dtype
+
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:
         """The MatMulNBits compute type int8/int4 exports use on this CPU (for `gptcli backends --json`)."""
