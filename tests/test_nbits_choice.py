@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gptcli import tuning
 from gptcli.export import nbits_choice
 from gptcli.export.nbits_choice import CANDIDATES, choose_levels, measure_levels
 
@@ -44,9 +45,9 @@ def test_the_choice_is_measured_once_per_machine_and_cached():
     assert choose_levels((8,), 64, fake_timer(times, calls)) == first and calls == []
     both = choose_levels((4, 8), 64, fake_timer(times, calls))  # a bit width not measured yet: measured now
     assert both.levels == {4: 1, 8: 1} and calls
-    stored = json.loads(nbits_choice.choice_file().read_text())
-    assert stored[nbits_choice.machine_key()]["levels"] == {"4": 1, "8": 1}
-    nbits_choice.choice_file().write_text("{not json")  # a damaged file is measured again, not an error
+    stored = json.loads(tuning.tuning_file().read_text())
+    assert stored[nbits_choice.TUNING_NAME][nbits_choice.machine_key()]["levels"] == {"4": 1, "8": 1}
+    tuning.tuning_file().write_text("{not json")  # a damaged file is measured again, not an error
     assert choose_levels((8,), 64, fake_timer(times, calls)).levels == {8: 1}
 
 

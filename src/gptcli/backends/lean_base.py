@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcli.backends.lean_quant import QuantMatrix
+from gptcli.backends.lean_tuning import PACK_ROWS, one_row_packed
 from gptcli.hf import safetensors_header
 
 Tensors = dict[str, torch.Tensor]
@@ -94,6 +95,7 @@ class LeanModel:
         self._many = False  # this step advances several sequences (set by `step`)
         self._packed: dict[int, torch.Tensor] = {}  # id(weight) → its oneDNN-packed copy
         self._onednn = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self._one_row_packed: bool | None = None  # decided at the first one-row product
         self.initial_cache = 256  # positions a new cache holds before its first regrowth
         self.windows: list[int | None] = []  # per layer: attend to at most this many last positions (None: all)
         self.attention_scale: float | None = None  # None: head_dim ** -0.5
@@ -103,22 +105,28 @@ class LeanModel:
     ) -> torch.Tensor:
         """x @ weight (+ bias), weight stored [in, out] (or quantized: lean_quant.py, its own kernels).
 
-        One sequence: MKL on the [in, out] layout, the fastest matrix-vector product here. Several
-        sequences at once: oneDNN on a packed copy of the weight, made the first time a batched step
-        needs it. MKL's few-row sgemm falls far below the bandwidth floor (measured, 1 thread: the
-        49152-row head at 8 rows took 34 ms in MKL, 10 ms packed; at 1 row MKL's 6.6 ms wins), so a
-        batched step would cost 3x a single one instead of little more. The price: in batched use the
-        weights are held twice.
+        One sequence: MKL on the [in, out] layout, or the packed copy below where that is faster on
+        this machine (lean_tuning measures it once). Several sequences at once: oneDNN on a packed
+        copy of the weight, made the first time a step needs it. MKL's few-row sgemm falls far below
+        the bandwidth floor (measured, 1 thread: the 49152-row head at 8 rows took 34 ms in MKL, 10 ms
+        packed; at 1 row MKL's 6.6 ms wins), so a batched step would cost 3x a single one instead of
+        little more. The price: where the packed copy is used the weights are held twice.
         """
         if isinstance(weight, QuantMatrix):
             return weight.mm(x, bias)
-        if self._many and self._onednn:
+        if self._onednn and (self._many or (x.shape[0] == 1 and self._packed_one_row())):
             packed = self._packed.get(id(weight))
             if packed is None:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 8)
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), PACK_ROWS)
                 self._packed[id(weight)] = packed
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+    def _packed_one_row(self) -> bool:
+        """Whether one-row products use the packed weights too: this machine's measured choice (lean_tuning)."""
+        if self._one_row_packed is None:
+            self._one_row_packed = one_row_packed(self.params)
+        return self._one_row_packed
 
     def new_cache(self) -> LeanCache:
         shape = (self.kv_heads, min(self.initial_cache, self.context_length), self.head_dim)

@@ -25,6 +25,7 @@ from gptcli.hardware import (
     TORCH,
     cpu_dtype,
     cuda_unusable_reason,
+    default_threads,
     isa_summary,
     quiet_transformers,
     resolve_device,
@@ -176,8 +177,16 @@ class TorchBackend:
 
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:
-        """What `--dtype auto` picks on this CPU and why (for `gptcli backends --json`; imports no torch)."""
-        return isa_summary()
+        """What `--dtype auto` picks on this CPU and why, and the float32 one-row kernel measured here
+        (for `gptcli backends --json`; imports no torch)."""
+        from gptcli.backends.lean_tuning import cached_choice
+
+        one_row = cached_choice(default_threads())
+        return {
+            **isa_summary(),
+            "float32_one_row_kernel": one_row["kernel"] if one_row else None,
+            "float32_one_row_reason": one_row["reason"] if one_row else "measured when a model is first decoded here",
+        }
 
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> TorchBackend:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.bench.roofline import cpu_model
-from gptcli.hardware import isa_summary, usable_cpus
+from gptcli.hardware import default_threads, isa_summary, usable_cpus
 
 
 def version_of(package: str) -> str | None:
@@ -75,4 +75,22 @@ def environment() -> dict[str, Any]:
         "numpy": version_of("numpy"),
         "git_commit": git_commit(),
         **isa_summary(),  # the CPU's ISA flags and what `--dtype auto` picks on torch here
+        **measured_kernels(),
+    }
+
+
+def measured_kernels() -> dict[str, Any]:
+    """The kernel choices this machine has measured (gptcli.tuning): None for one not measured yet."""
+    from gptcli.backends.lean_tuning import cached_choice
+
+    one_row = cached_choice(default_threads())
+    try:
+        from gptcli.export.nbits_choice import cached_choice as nbits_choice
+
+        nbits = nbits_choice()
+    except ImportError:  # no onnxruntime
+        nbits = None
+    return {
+        "torch_float32_one_row_kernel": one_row["kernel"] if one_row else None,
+        "onnx_matmulnbits_accuracy_level": {f"int{b}": level for b, level in nbits.levels.items()} if nbits else None,
     }

@@ -5,8 +5,8 @@ compute type (accuracy level 4) is 15x faster than float32 compute for the defau
 (benchmarks/README.md), while on a CPU without VNNI its integer path may lose. So an int8/int4 export
 for the CPU times each candidate on a decode-shaped product (1 row and 8 rows against a weight larger
 than a typical last-level cache, `bits` wide, the model's hidden size as K) and writes the fastest into
-every MatMulNBits. The result is cached per (CPU flags, ONNX Runtime version, threads) beside the
-exports, and `gptcli backends --json` shows it.
+every MatMulNBits. The result is cached per (CPU flags, ONNX Runtime version, threads) by
+gptcli.tuning, and `gptcli backends --json` shows it.
 
 Both candidates compute the same weight-only product; level 4 also rounds the activations to int8
 per block, which is part of what `--precision int4|int8` means (greedy tokens matched at every level).
@@ -14,19 +14,15 @@ per block, which is part of what `--precision int4|int8` means (greedy tokens ma
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptcli.atomicio import write_atomic
-from gptcli.hardware import cpu_flags, default_threads
-from gptcli.paths import cache_dir
-from gptcli.paths import cache_key as files_key
+from gptcli import tuning
+from gptcli.hardware import default_threads
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute: what the export writes where nothing was measured (CUDA)
 CANDIDATES = {4: "int8", 1: "fp32"}  # accuracy level: compute type (the usual winner first: it sets the limit)
@@ -36,8 +32,7 @@ REPEATS = 3
 # A candidate slower than this many times the best so far is not timed further (nor at 8 rows).
 DROP_FACTOR = 2.0
 BLOCK = 32
-# The flags that decide which MLAS kernel runs a MatMulNBits (and so which level wins).
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+TUNING_NAME = "onnx-matmulnbits-accuracy-level"
 
 # (bits, level, k, rows, give up after s) -> seconds a product; a first run past the limit is the answer.
 Timer = Callable[[int, int, int, int, float], float]
@@ -66,28 +61,19 @@ class NbitsChoice:
         return cls(levels, dict(record.get("timings_ms", {})), record.get("machine", ""), record.get("reason", ""))
 
 
-def kernel_flags() -> list[str]:
-    flags = cpu_flags()
-    return [flag for flag in KERNEL_FLAGS if flag in flags]
-
-
 def machine_key(threads: int | None = None) -> str:
     """What the choice depends on: the kernel flags, ONNX Runtime's version (its kernels) and the threads."""
     import onnxruntime
 
-    return files_key(",".join(kernel_flags()), onnxruntime.__version__, str(threads or default_threads()), length=16)
-
-
-def choice_file() -> Path:
-    return cache_dir() / "onnx" / "matmulnbits-choice.json"
+    return tuning.machine_key(onnxruntime.__version__, str(threads or default_threads()))
 
 
 def cached_choice(threads: int | None = None) -> NbitsChoice | None:
     """This machine's measured choice, when an export has measured it (None otherwise)."""
+    record = tuning.cached(TUNING_NAME, machine_key(threads))
     try:
-        record = json.loads(choice_file().read_text(encoding="utf-8"))
-        return NbitsChoice.from_dict(record[machine_key(threads)])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return NbitsChoice.from_dict(record) if record is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -98,7 +84,7 @@ def choose_levels(bit_widths: tuple[int, ...], k: int, timer: Timer | None = Non
     if cached is not None and all(bits in cached.levels for bits in bit_widths):
         return cached
     measured = measure_levels(bit_widths, k, threads, timer or ort_timer(threads))
-    _store(machine_key(threads), measured)
+    tuning.store(TUNING_NAME, machine_key(threads), measured.as_dict())
     return measured
 
 
@@ -118,7 +104,7 @@ def measure_levels(bit_widths: tuple[int, ...], k: int, threads: int, timer: Tim
                 totals = {level: t for level, t in totals.items() if t <= DROP_FACTOR * best}
         levels[bits] = min(totals, key=lambda level: totals[level])
     names = ", ".join(f"int{bits}: level {level} ({CANDIDATES[level]} compute)" for bits, level in levels.items())
-    flags = " ".join(kernel_flags()) or "no AVX2"
+    flags = " ".join(tuning.kernel_flags()) or "no AVX2"
     reason = f"fastest of levels {sorted(CANDIDATES)} measured here ({flags}; {threads} threads): {names}"
     return NbitsChoice(levels, timings, machine_key(threads), reason)
 
@@ -177,16 +163,3 @@ def _session(bits: int, level: int, k: int, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _store(key: str, choice: NbitsChoice) -> None:
-    path = choice_file()
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict):
-            record = {}
-    except (OSError, ValueError):
-        record = {}
-    record[key] = choice.as_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=2) + "\n")
