@@ -197,7 +197,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         model = quantize(model, precision)
         if device == "cpu":
             embedding = quantize_embedding(model)
-            notify("timing MatMulNBits compute types on this CPU (once per machine)")
+            notify("choosing the MatMulNBits compute type for this CPU (timed once per machine, then cached)")
             levels = choose_levels((8,) if precision == "int8" else (4, 8), arch.hidden)
             apply_accuracy_levels(model, levels.levels)
     onnx.save_model(
