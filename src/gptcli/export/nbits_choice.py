@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 
 from gptcli import tuning
+from gptcli.export.quantize import QUANT_ACCURACY_LEVEL
+from gptcli.export.quantize import QUANT_BLOCK as BLOCK
 from gptcli.hardware import default_threads
 
-DEFAULT_ACCURACY_LEVEL = 4  # int8 compute: what the export writes where nothing was measured (CUDA)
 CANDIDATES = {4: "int8", 1: "fp32"}  # accuracy level: compute type (the usual winner first: it sets the limit)
 WEIGHT_BYTES = 16 << 20  # the measured weight: past L2, as a decode step's matrices are (~0.5 s in all)
 ROWS = (1, 8)  # one sequence decoding, and eight in one batched step
 REPEATS = 3
 # A candidate slower than this many times the best so far is not timed further (nor at 8 rows).
 DROP_FACTOR = 2.0
-BLOCK = 32
 TUNING_NAME = "onnx-matmulnbits-accuracy-level"
 
 # (bits, level, k, rows, give up after s) -> seconds a product; a first run past the limit is the answer.
@@ -48,7 +48,7 @@ class NbitsChoice:
     reason: str = ""
 
     def level(self, bits: int) -> int:
-        return self.levels.get(bits, DEFAULT_ACCURACY_LEVEL)
+        return self.levels.get(bits, QUANT_ACCURACY_LEVEL)  # what quantize writes before a choice
 
     def as_dict(self) -> dict[str, Any]:
         record = asdict(self)
