@@ -11,7 +11,7 @@ import pytest
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
 from gptcli.errors import InputError, UsageError
-from gptcli.evaluate import log_prob, perplexity, plan_windows
+from gptcli.evaluate import log_probs, perplexity, plan_windows
 from gptcli.tokenizer import Tokenizer
 from tests.conftest import CORPUS, run_cli
 
@@ -27,10 +27,11 @@ def test_window_plan_scores_every_position_once(n, window, stride):
     assert scored == list(range(1, n))
 
 
-def test_log_prob_is_a_log_softmax():
-    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+def test_log_probs_are_a_log_softmax_per_row():
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1000.0]], dtype=np.float32)
     expected = 2.0 - math.log(math.exp(1) + math.exp(2) + math.exp(3))
-    assert log_prob(logits, 1) == pytest.approx(expected)
+    got = log_probs(logits, np.array([1, 2]))
+    assert got[0] == pytest.approx(expected) and got[1] == pytest.approx(0.0)
 
 
 def _direct_nll(folder, ids):
@@ -100,3 +101,42 @@ def test_cli_perplexity_input_errors(tiny_models, tmp_path):
     missing = run_cli("eval", "perplexity", str(tmp_path / "nope.txt"), "-m", folder)
     assert missing.returncode == 6 and "file not found" in missing.stderr.decode()
     assert missing.stdout == b""
+
+
+class _NoScore:
+    """A backend seen without its native `score`: perplexity falls back to one forward per token."""
+
+    def __init__(self, backend):
+        self.backend, self.info = backend, backend.info
+
+    def new_cache(self):
+        return self.backend.new_cache()
+
+    def forward(self, ids, cache):
+        return self.backend.forward(ids, cache)
+
+
+@pytest.mark.parametrize(("backend_name", "model"), [("torch", "llama"), ("onnx", "llama"), ("onnx", "gpt2")])
+def test_native_scoring_gives_the_token_by_token_perplexity(tiny_models, monkeypatch, backend_name, model):
+    import gptcli.evaluate as evaluate
+    from gptcli.backends.onnx_backend import OnnxBackend
+
+    cls = TorchBackend if backend_name == "torch" else OnnxBackend
+    backend = cls.load(tiny_models[model], CPU32)
+    assert hasattr(backend, "score")
+    ids = Tokenizer(tiny_models[model]).encode(" ".join(CORPUS[:6]))[:150]
+    # Small passes: several per window, so the passes' seams are crossed too.
+    monkeypatch.setattr(evaluate, "SCORE_LOGITS_BYTES", 4 * backend.info.vocab_size * 7)
+    native = perplexity(backend, ids, window=48, stride=16)
+    looped = perplexity(_NoScore(backend), ids, window=48, stride=16)
+    assert native.scored_tokens == looped.scored_tokens == len(ids) - 1
+    assert native.mean_nll == pytest.approx(looped.mean_nll, rel=1e-5)
+
+
+def test_scoring_hf_engine_matches_its_decoding(tiny_models, monkeypatch):
+    from gptcli.testing import check_scoring
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "hf")
+    backend = TorchBackend.load(tiny_models["llama"], CPU32)
+    assert backend.implementation == "hf"
+    check_scoring(backend, Tokenizer(tiny_models["llama"]).encode(CORPUS[0])[:12])

@@ -25,15 +25,15 @@ def test_io_names_follow_hugging_face_with_dynamic_dims(tiny_models, family):
     graph = _graph(result.model_path).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
-    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert inputs[:4] == ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
+    assert inputs[4:] == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
     assert outputs == ["logits"] + [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch_size", "sequence_length"]
-    past = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
+    past = [d.dim_param or d.dim_value for d in graph.input[4].type.tensor_type.shape.dim]
     assert past[0] == "batch_size" and past[2] == "past_sequence_length"
     logits = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    assert logits[1] == 1  # last position only
+    assert logits[1] == "logits_length"  # the last logits_to_keep positions
     assert result.meta["io"]["inputs"] == inputs and result.meta["io"]["outputs"] == outputs
 
 
@@ -111,6 +111,7 @@ def test_a_quantized_cpu_export_gathers_the_embedding_from_8bit_blocks(tiny_mode
         "input_ids": np.array([[5, 6, 7]], dtype=np.int64),
         "attention_mask": np.ones((1, 3), dtype=np.int64),
         "position_ids": np.array([[0, 1, 2]], dtype=np.int64),
+        "logits_to_keep": np.array([1], dtype=np.int64),
     }
     logits = {}
     for name, export in (("fp32", ex.ensure_export(tiny_models["llama"])), (precision, quantized)):
@@ -202,6 +203,7 @@ def test_dynamic_batch_runs_two_rows(tiny_models):
         "input_ids": np.array([[5, 6, 7], [5, 6, 7]], dtype=np.int64),
         "attention_mask": np.ones((2, 3), dtype=np.int64),
         "position_ids": np.array([[0, 1, 2]] * 2, dtype=np.int64),
+        "logits_to_keep": np.array([1], dtype=np.int64),
     }
     for i in range(model["num_layers"]):
         for kind in ("key", "value"):
@@ -210,6 +212,9 @@ def test_dynamic_batch_runs_two_rows(tiny_models):
     assert logits.shape == (2, 1, model["vocab_size"])
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
     assert presents[0].shape == (2, model["num_kv_heads"], 3, model["head_dim"])
+    every, *_ = session.run(None, {**feed, "logits_to_keep": np.array([3], dtype=np.int64)})
+    assert every.shape == (2, 3, model["vocab_size"])
+    np.testing.assert_allclose(every[:, -1:], logits, atol=1e-5)
 
 
 def test_sidecar_records_source_hash_versions_and_model(tiny_models):
@@ -290,7 +295,8 @@ def test_fp16_cuda_export_builds_a_half_graph(tiny_models, tmp_path):
 
     result = ex.ensure_export(tiny_models["llama"], precision="fp16", device="cuda", output=tmp_path / "fp16")
     graph = _graph(result.model_path).graph
-    assert graph.input[3].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert graph.input[4].name == "past_key_values.0.key"
+    assert graph.input[4].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # logits stay float32
 
 

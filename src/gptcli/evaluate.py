@@ -1,8 +1,9 @@
 """Perplexity of any backend on a text, with strided windows over the model's context.
 
-A backend only returns the logits of the last position, so each window is scored token by token:
-prefill the window's context (the part already scored by the previous window), then feed the
-scored tokens one at a time, adding -log p(next token) at every step. Windows overlap by
+Each window prefills its context (the part already scored by the previous window), then scores the
+rest: the backend's `score` gives the logits of every position in one pass (a few hundred positions
+at a time, to bound the logits' memory); a backend without it is fed the scored tokens one at a time
+(`score_positions`). Every scored token adds -log p(next token). Windows overlap by
 ``window - stride`` tokens, so every scored token sees at least that much context (the usual
 Hugging Face recipe, expressed over the Backend protocol so torch, onnx and plugins compare fairly).
 """
@@ -17,12 +18,13 @@ from typing import Protocol
 
 import numpy as np
 
-from gptcli.backends.base import Backend
+from gptcli.backends.base import Backend, score_positions
 from gptcli.errors import InputError, UsageError
 from gptcli.textio import text_pieces
 
 Progress = Callable[[int, int], None]
 DEFAULT_WINDOW = 1024
+SCORE_LOGITS_BYTES = 64 * 2**20  # the logits one scoring pass may hold (341 positions of a 49k vocabulary)
 
 
 class Encoder(Protocol):
@@ -44,11 +46,12 @@ class PerplexityResult:
         return asdict(self)
 
 
-def log_prob(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token], in float64 so long texts do not lose precision."""
+def log_probs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log softmax(row i)[tokens[i]] for every row of logits [n, vocab], in float64 so long texts keep precision."""
     x = logits.astype(np.float64)
-    top = x.max()
-    return float(x[token] - top - math.log(np.exp(x - top).sum()))
+    top = x.max(axis=1, keepdims=True)
+    norm = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+    return x[np.arange(len(tokens)), tokens] - norm
 
 
 def encode_text(tokenizer: Encoder, text: str, max_tokens: int | None = None) -> np.ndarray:
@@ -108,19 +111,21 @@ def perplexity(
         raise UsageError(f"--stride must be in 1..{window} (the window)")
     plans = plan_windows(len(ids), window, stride)
     total_scored = sum(end - first for _, first, end in plans)
+    chunk = max(1, SCORE_LOGITS_BYTES // (4 * backend.info.vocab_size))
     started = time.perf_counter()
     nll = 0.0
     done = 0
     for begin, first, end in plans:
         cache = backend.new_cache()
-        logits, cache = backend.forward(ids[begin:first].tolist(), cache)
-        for pos in range(first, end):
-            token = int(ids[pos])
-            nll -= log_prob(logits, token)
-            done += 1
-            if pos + 1 < end:
-                logits, cache = backend.forward([token], cache)
-            if progress is not None and (done % 64 == 0 or done == total_scored):
+        if first - 1 > begin:  # the context before the first scored token's predecessor
+            _, cache = backend.forward(ids[begin : first - 1].tolist(), cache)
+        # Position p's logits predict token p + 1: score positions first-1 .. end-2.
+        for at in range(first - 1, end - 1, chunk):
+            upto = min(at + chunk, end - 1)
+            logits, cache = score_positions(backend, ids[at:upto].tolist(), cache)
+            nll -= float(log_probs(logits, ids[at + 1 : upto + 1]).sum())
+            done += upto - at
+            if progress is not None:
                 progress(done, total_scored)
     mean = nll / total_scored
     return PerplexityResult(

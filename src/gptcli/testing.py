@@ -7,8 +7,9 @@ It loads the backend and checks, in order: the name and `unavailable_reason`, `M
 cache, a prefill (float32 logits of shape [vocab], finite), decode steps that grow the cache by one,
 that a prefill equals the same tokens fed one at a time and split in two, that a truncated cache is
 reused, that a batched step (`batched_step`: the backend's native `step` or the looping default) over
-mixed prefills and decode tokens equals each sequence run alone, and (with a reference backend) that
-the logits match and greedy decoding picks the same tokens.
+mixed prefills and decode tokens equals each sequence run alone, that scoring (`score_positions`: the
+backend's native `score` or the looping default) gives every position's logits as token-by-token
+feeding does, and (with a reference backend) that the logits match and greedy decoding picks the same tokens.
 
 Exact backends (torch vs onnx on an fp32 model) use the defaults. A backend that runs a quantised copy
 of the reference's weights (llama.cpp on Q4_1 vs torch on the dequantised fp32 model) loosens two
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.backends.base import Backend, Cache, LoadOptions, ModelInfo, batched_step
+from gptcli.backends.base import Backend, Cache, LoadOptions, ModelInfo, batched_step, score_positions
 
 
 def greedy_ids(backend: Backend, prompt: list[int], steps: int) -> list[int]:
@@ -115,6 +116,20 @@ def check_batched_step(backend: Backend, prompt: list[int], *, atol: float = 1e-
         assert caches[i].length == want, f"batched decode step, sequence {i}: the cache holds {caches[i].length}"
 
 
+def check_scoring(backend: Backend, prompt: list[int], *, atol: float = 1e-4) -> None:
+    """Every position's logits from one scoring pass (on top of a past) equal token-by-token feeding."""
+    past, scored = prompt[:2], prompt[2:]
+    logits, cache = score_positions(backend, scored, _cache_holding(backend, past))
+    vocab = backend.info.vocab_size
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32, "scored logits must be float32 numpy"
+    assert logits.shape == (len(scored), vocab), f"scored logits shape {logits.shape}, want ({len(scored)}, {vocab})"
+    assert cache.length == len(prompt), f"scoring left the cache at {cache.length} positions, want {len(prompt)}"
+    stepwise = _cache_holding(backend, past)
+    for j, token in enumerate(scored):
+        row, stepwise = backend.forward([token], stepwise)
+        np.testing.assert_allclose(logits[j], row, atol=atol, rtol=0, err_msg=f"scored position {j} vs fed alone")
+
+
 def check_backend_contract(
     backend_cls: type[Backend],
     folder: Path,
@@ -186,6 +201,7 @@ def check_backend_contract(
     np.testing.assert_allclose(again, logits, atol=atol, rtol=0, err_msg="truncated cache re-used")
 
     check_batched_step(backend, prompt, atol=atol)
+    check_scoring(backend, prompt, atol=atol)
 
     if expected_greedy is not None:
         got = greedy_ids(backend, prompt, len(expected_greedy))

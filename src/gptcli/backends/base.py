@@ -97,6 +97,9 @@ class Backend(Protocol):
     #       answers: row i equals forward(ids_i, cache_i) (fp32, within 1e-4).
     #   release(cache) -> None
     #       the engine is done with this cache: free or recycle its memory now.
+    #   score(ids: Sequence[int], cache) -> tuple[np.ndarray, Cache]
+    #       logits [len(ids), vocab] float32 of EVERY position of ids, in one pass (scoring a text);
+    #       the cache grows by len(ids). Row j equals forward(ids[j:j+1]) after ids[:j] (fp32, within 1e-4).
 
 
 def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]]) -> tuple[np.ndarray, list[Cache]]:
@@ -114,6 +117,24 @@ def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]])
         rows.append(logits)
         caches.append(cache)
     return np.stack(rows), caches
+
+
+def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple[np.ndarray, Cache]:
+    """Logits [len(ids), vocab] of every position of ids: the backend's native `score`, or one forward per token.
+
+    The caller bounds len(ids): the result holds len(ids) x vocab floats."""
+    import numpy as np
+
+    if len(ids) == 0:
+        raise ValueError("score_positions() needs at least one token")
+    native = getattr(backend, "score", None)
+    if native is not None:
+        return native(ids, cache)
+    rows = []
+    for token in ids:
+        logits, cache = backend.forward([token], cache)
+        rows.append(logits)
+    return np.stack(rows), cache
 
 
 def release_cache(backend: Backend, cache: Cache) -> None:

@@ -93,6 +93,7 @@ class LeanModel:
         self.device = device
         self.dtype = dtype
         self._many = False  # this step advances several sequences (set by `step`)
+        self._every_row = False  # the lm_head runs on every position, not each sequence's last (set by `score`)
         self._packed: dict[int, torch.Tensor] = {}  # id(weight) → its oneDNN-packed copy
         self._onednn = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self._one_row_packed: bool | None = None  # decided at the first one-row product
@@ -195,6 +196,14 @@ class LeanModel:
         """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
         return self.step([(ids, cache)])[0]
 
+    def score(self, ids: Sequence[int], cache: LeanCache) -> torch.Tensor:
+        """Logits (float32, [len(ids), vocab]) of every position (scoring a text); the cache grows by len(ids)."""
+        self._every_row = True
+        try:
+            return self.step([(ids, cache)])
+        finally:
+            self._every_row = False
+
     def step(self, batch: Sequence[tuple[Sequence[int], LeanCache]]) -> torch.Tensor:
         """Logits (float32, [B, vocab]) of each sequence's last position; cache i grows by len(ids_i).
 
@@ -230,10 +239,9 @@ class LeanModel:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed[ids] if self.embed is not None else self.head[:, ids].t()
 
-    @staticmethod
-    def _last_rows(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
-        """Each sequence's last row: the only ones the lm_head needs."""
-        return x[[s.end - 1 for s in spans]]
+    def _last_rows(self, x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """Each sequence's last row: the only ones the lm_head needs (every row while scoring)."""
+        return x if self._every_row else x[[s.end - 1 for s in spans]]
 
     def _head_and_embedding(self, tensors: Tensors, embed_key: str, tied: bool) -> None:
         """Keep the lm_head as [hidden, vocab]; a tied embedding is read from its columns."""

@@ -27,6 +27,7 @@ import numpy as np
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
 from gptcli.backends.onnx_kvpool import KvPool
 from gptcli.errors import BackendError, InputError, ModelError
+from gptcli.export.graph import LOGITS_TO_KEEP
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -69,6 +70,8 @@ class OnnxBackend:
         self.pool = KvPool(2 * self.layers, self.kv_heads, info.context_length, self.head_dim, self.kv_dtype, device)
         self._bindings: dict[tuple[int, int], Any] = {}  # (first slot, rows) -> IOBinding with the KV bound
         self._bindings_generation = self.pool.generation
+        # Exports before graph version 10 have no `logits_to_keep` input (an export folder loaded as is).
+        self._keeps_logits = LOGITS_TO_KEEP in {arg.name for arg in session.get_inputs()}
 
     # ------------------------------------------------------------------ availability and loading
 
@@ -203,11 +206,20 @@ class OnnxBackend:
         if decode:
             start = self.pool.arrange([caches[row] for row in decode])
             decode.sort(key=lambda row: caches[row].slot)
-            self._run([batch[row][0] for row in decode], [caches[row] for row in decode], start, logits, decode)
+            rows = self._run([batch[row][0] for row in decode], [caches[row] for row in decode], start)
+            logits[decode] = rows[:, 0]
         for row, (ids, cache) in enumerate(batch):
             if len(ids) > 1:
-                self._run([ids], [cache], cache.slot, logits, [row])
+                logits[row] = self._run([ids], [cache], cache.slot)[0, 0]
         return logits, caches
+
+    def score(self, ids: Sequence[int], cache: OnnxCache) -> tuple[np.ndarray, OnnxCache]:
+        """Float32 logits [len(ids), vocab] of every position of `ids` in one session call (perplexity);
+        the cache grows by len(ids). An export made before the graph had `logits_to_keep` runs token by token."""
+        self._check([(ids, cache)], [cache])
+        if not self._keeps_logits:
+            return np.stack([self.forward([token], cache)[0] for token in ids]), cache
+        return self._run([ids], [cache], cache.slot, keep=len(ids))[0], cache
 
     def truncate(self, cache: OnnxCache, length: int) -> OnnxCache:
         # Positions past `length` stay in the buffer but are never read again: the mask length says so.
@@ -233,10 +245,10 @@ class OnnxBackend:
                     hint="shorten the prompt or lower --max-tokens",
                 )
 
-    def _run(
-        self, ids: list[Sequence[int]], caches: list[OnnxCache], start: int, logits: np.ndarray, rows: list[int]
-    ) -> None:
-        """One session call over slots [start, start + len(caches)): every row has len(ids[0]) new tokens."""
+    def _run(self, ids: list[Sequence[int]], caches: list[OnnxCache], start: int, *, keep: int = 1) -> np.ndarray:
+        """One session call over slots [start, start + len(caches)): every row has len(ids[0]) new tokens.
+
+        Returns the logits [rows, keep, vocab] of each row's last `keep` positions."""
         count, new = len(caches), len(ids[0])
         binding = self._binding(start, count)
         input_ids = np.asarray(ids, dtype=np.int64).reshape(count, new)
@@ -248,15 +260,17 @@ class OnnxBackend:
             lengths = np.array([cache.length for cache in caches], dtype=np.int64)
             positions = lengths[:, None]
             mask = (self._positions[:, : int(lengths.max()) + 1] <= lengths[:, None]).astype(np.int64)
-        out = np.empty((count, 1, self.info.vocab_size), dtype=np.float32)
+        out = np.empty((count, keep, self.info.vocab_size), dtype=np.float32)
+        if self._keeps_logits:  # bound every call: the binding is shared with calls that keep one position
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
         binding.bind_output("logits", "cpu", 0, np.float32, out.shape, out.ctypes.data)
         self.session.run_with_iobinding(binding)
-        logits[rows] = out[:, 0]
         for cache in caches:
             cache.length += new
+        return out
 
     def _binding(self, start: int, count: int) -> Any:
         """An IOBinding with slots [start, start + count) of every layer bound as past and present."""

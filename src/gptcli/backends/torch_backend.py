@@ -59,6 +59,10 @@ class HFEngine:
         return DynamicCache(config=self.model.config)
 
     def forward(self, ids: Sequence[int], kv: Any, start: int) -> Any:
+        return self._run(ids, kv, start, keep=1)[0, -1].float()
+
+    def _run(self, ids: Sequence[int], kv: Any, start: int, *, keep: int) -> Any:
+        """transformers' logits [1, keep, vocab] of the last `keep` positions (0: all of them)."""
         import torch
 
         device = self.model.device
@@ -69,16 +73,20 @@ class HFEngine:
                 input_ids=input_ids,
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 **{self._cache_kw: kv},
             )
-        return out.logits[0, -1].float()
+        return out.logits
 
     def step(self, batch: Sequence[tuple[Sequence[int], TorchCache]]) -> Any:
         """No native batching here: one forward per sequence (transformers' cache is per sequence)."""
         import torch
 
         return torch.stack([self.forward(ids, cache.kv, cache.length) for ids, cache in batch])
+
+    def score(self, ids: Sequence[int], kv: Any, start: int) -> Any:
+        """Logits [len(ids), vocab] of every position."""
+        return self._run(ids, kv, start, keep=0)[0].float()
 
     def kv_bytes_per_token(self) -> int:
         config = self.model.config
@@ -103,6 +111,9 @@ class LeanEngine:
     def step(self, batch: Sequence[tuple[Sequence[int], TorchCache]]) -> Any:
         """Native: all sequences' tokens through the dense layers together (torch_lean.LeanModel.step)."""
         return self.lean.step([(ids, cache.kv) for ids, cache in batch])
+
+    def score(self, ids: Sequence[int], kv: Any, start: int) -> Any:
+        return self.lean.score(ids, kv)
 
     def kv_bytes_per_token(self) -> int:
         lean = self.lean
@@ -310,6 +321,12 @@ class TorchBackend:
         for ids, cache in batch:
             cache.length += len(ids)
         return logits.cpu().numpy(), [cache for _, cache in batch]
+
+    def score(self, ids: Sequence[int], cache: TorchCache) -> tuple[np.ndarray, TorchCache]:
+        """Logits [len(ids), vocab] of every position of ids (scoring a text); the cache grows by len(ids)."""
+        logits = self.engine.score(ids, cache.kv, cache.length)
+        cache.length += len(ids)
+        return logits.cpu().numpy(), cache
 
     def truncate(self, cache: TorchCache, length: int) -> TorchCache:
         if length < cache.length:

@@ -3,10 +3,11 @@
 The graph is built directly from the safetensors weights with the ONNX helper API, the way
 onnxruntime-genai's model builder does it, so it comes out already fused: one GroupQueryAttention
 per layer (packed QKV projection, rotary inside the op for Llama), SkipSimplifiedLayerNormalization /
-SkipLayerNormalization for the residual adds, packed gate-up MatMul, logits for the last position only.
+SkipLayerNormalization for the residual adds, packed gate-up MatMul, logits for the last position only
+(unless the ``logits_to_keep`` input asks for more: scoring a text).
 That is ~10 nodes per layer instead of the ~75 of a traced export, which is what makes decoding fast.
 
-I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``position_ids``,
+I/O follows the Hugging Face names: ``input_ids``, ``attention_mask``, ``position_ids``, ``logits_to_keep``,
 ``past_key_values.{i}.key|value`` → ``logits``, ``present.{i}.key|value``, caches in BNSH layout
 ``[batch, kv_heads, length, head_dim]``. When a past buffer and its present output are the same
 tensor (IO binding), attention writes the new keys in place: the backend relies on that.

@@ -9,7 +9,7 @@ import numpy as np
 
 from gptcli import __version__
 from gptcli.export.gpt2 import gpt2_body
-from gptcli.export.graph import MS_OPSET, OPSET, GraphBuilder, compute_dtype, lm_head
+from gptcli.export.graph import LOGITS_TO_KEEP, MS_OPSET, OPSET, GraphBuilder, compute_dtype, lm_head
 from gptcli.export.llama import llama_body
 from gptcli.hf import LLAMA_LIKE, Architecture
 
@@ -27,12 +27,14 @@ def build_graph(arch: Architecture, weights: dict[str, np.ndarray], *, precision
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]),  # 1 when decoding
     ]
     for i in range(arch.layers):
         for kind in ("key", "value"):
             g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", float_type, kv_shape))
             g.outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", float_type, present_shape))
-    g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, arch.vocab]))
+    logits_shape = ["batch_size", "logits_length", arch.vocab]
+    g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape))
 
     # Attention bookkeeping shared by all layers: GQA wants lengths, not a mask.
     g.const("one_i64", np.array([1], dtype=np.int64))

@@ -16,7 +16,7 @@ from gptcli.hf import Architecture
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 9  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 10  # bump when the graph layout changes: old cached exports are then rebuilt
 
 
 class GraphBuilder:
@@ -66,15 +66,21 @@ def compute_dtype(precision: str, device: str) -> str:
     return "float16" if precision == "fp16" or device == "cuda" else "float32"
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # an input: how many trailing positions get logits (1 when decoding)
+
+
 def last_position(g: GraphBuilder, hidden: str) -> str:
-    """hidden[:, -1:, :] so only the last position reaches the lm_head."""
-    starts = g.const("last/starts", np.array([-1], dtype=np.int64))
+    """hidden[:, -k:, :] with k = the `logits_to_keep` input, so only those positions reach the lm_head.
+
+    Decoding keeps the default, the last position; scoring a text (perplexity) asks for every position.
+    """
+    starts = g.op("Neg", [LOGITS_TO_KEEP], "last/starts")
     ends = g.const("last/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
     return g.op("Slice", [hidden, starts, ends, "one_i64"], "last/slice")
 
 
 def lm_head(g: GraphBuilder, hidden: str, head: np.ndarray) -> str:
-    """hidden [B, 1, H] → logits [B, 1, V] through a [H, V] initializer (a copy when tied).
+    """hidden [B, k, H] → logits [B, k, V] through a [H, V] initializer (a copy when tied).
 
     A plain MatMul is what the block quantizer picks up, and on fp32 it decodes ~15 % faster here
     than Gemm(transB=1) over the shared embedding (34 vs 30 tok/s), at the cost of one more copy on disk.

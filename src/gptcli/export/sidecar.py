@@ -56,12 +56,12 @@ def read_export(folder: Path) -> Export:
 def io_record(arch: Architecture, kv_dtype: str) -> dict[str, Any]:
     """The graph's I/O contract, as the sidecar states it."""
     return {
-        "inputs": ["input_ids", "attention_mask", "position_ids"]
+        "inputs": ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
         + [f"past_key_values.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")],
         "outputs": ["logits"] + [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")],
         "kv_layout": "batch, kv_heads, sequence, head_dim",
         "kv_dtype": kv_dtype,
-        "logits": "float32, last position only",
+        "logits": "float32 [batch, logits_to_keep, vocab]: the last logits_to_keep positions (int64 [1]; 1 to decode)",
     }
 
 
