@@ -95,6 +95,27 @@ def test_an_8bit_grid_is_stored_exactly_and_anything_else_is_rounded():
         np.testing.assert_array_equal(got, want)
 
 
+def test_grid_of_gives_the_same_grid_whatever_its_slices(monkeypatch):
+    import importlib
+
+    quantize = importlib.import_module("gptcli.export.quantize")
+    # 8-bit blocks, a third of them using only codes 0, 4 and 9 (their step is a quarter of the smallest gap,
+    # found only past the coarse divisors 1..3): a slice holding only those must not turn the matrix down.
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 256, (24, 4, 32))
+    q[8:16] = rng.choice([0, 4, 9], (8, 4, 32))
+    q[8:16, :, :3] = [0, 4, 9]
+    wt = (rng.uniform(0.001, 0.01, (24, 4, 1)) * (q - 127)).reshape(24, 128).astype(np.float32)
+    whole = ex.grid_of(wt, 255, 32)
+    assert whole is not None
+    monkeypatch.setattr(quantize, "GRID_ROWS", 12)  # rows 9-11 and 12-14 make slices of coarse blocks only
+    sliced = ex.grid_of(wt, 255, 32)
+    assert sliced is not None
+    for got, want in zip(sliced, whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert ex.grid_of(wt + rng.normal(0, 1e-4, wt.shape).astype(np.float32), 255, 32) is None
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_a_quantized_cpu_export_gathers_the_embedding_from_8bit_blocks(tiny_models, precision):
     import onnxruntime as ort

@@ -120,12 +120,16 @@ def eight_bit_blocks(wt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if grid is not None:
         codes, low, step = grid
         zero = -low / step
-        if np.abs(zero - np.round(zero)).max() < GRID_TOLERANCE:
-            signed = codes.astype(np.int64) - np.round(zero).astype(np.int64)[..., None]
+        whole = np.round(zero)
+        # A zero past ±510 leaves some code - zero outside any byte's reach: no shift can fit it.
+        if np.abs(zero - whole).max() < GRID_TOLERANCE and np.abs(whole).max() <= 510:
+            signed = codes.astype(np.int16)  # code - zero in [-510, 765]; int16 keeps the temporaries small
+            signed -= whole.astype(np.int16)[..., None]
             lowest, highest = -signed.min(axis=2), 255 - signed.max(axis=2)
             shift = np.clip(128, lowest, highest)
             if ((shift >= lowest) & (shift <= highest) & (shift >= 0) & (shift <= 255)).all():
-                return (signed + shift[..., None]).astype(np.uint8), step, shift.astype(np.uint8)
+                signed += shift[..., None]
+                return signed.astype(np.uint8), step, shift.astype(np.uint8)
     return quantize_blocks(wt, 8, QUANT_BLOCK)
 
 
@@ -244,30 +248,60 @@ def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
     n, k = wt.shape
     if k % block or (n > 8 and grid_of(wt[:8], steps, block) is None):
         return None
-    x = wt.reshape(n, k // block, block).astype(np.float64)
-    low = x.min(axis=2)
-    spread = x.max(axis=2) - low
-    gaps = np.diff(np.sort(x, axis=2), axis=2)
-    gaps = np.where(gaps > spread[..., None] * 1e-6, gaps, np.inf)  # equal values are one code
-    smallest = gaps.min(axis=2)
+    flat = wt.reshape(-1, block)  # blocks as rows
+    codes = np.empty(flat.shape, dtype=np.uint8)
+    low = np.empty(len(flat), dtype=np.float32)
+    step = np.empty(len(flat), dtype=np.float32)
+    # A slice of blocks at a time: the same answer per block, and the float64 temporaries stay small
+    # (whole-matrix ones for a 262k-row embedding cost more in page faults than in arithmetic).
+    coarse_misses = 0  # blocks that fit no step of up to 1/3 of their smallest gap
+    for first in range(0, len(flat), GRID_ROWS):
+        part = slice(first, first + GRID_ROWS)
+        found, misses = _blocks_on_grid(flat[part], steps)
+        if found is None:
+            return None
+        codes[part], low[part], step[part] = found
+        coarse_misses += misses
+    if coarse_misses > len(flat) / 2:
+        return None  # most blocks fit no coarse step: not a grid at all
+    shape = (n, k // block)
+    return codes.reshape(n, k // block, block), low.reshape(shape), step.reshape(shape)
+
+
+GRID_ROWS = 16384  # blocks per slice in grid_of
+
+
+def _blocks_on_grid(blocks: np.ndarray, steps: int) -> tuple[Grid | None, int]:
+    """grid_of for blocks [B, block]: (codes [B, block], lows and steps [B]) or None unless every block
+    fits, and how many blocks fit no step of up to 1/3 of their smallest gap."""
+    ordered = np.sort(blocks, axis=1).astype(np.float64)  # sorting float32 gives the same order
+    x = blocks.astype(np.float64)
+    low = ordered[:, 0]
+    spread = ordered[:, -1] - low
+    gaps = np.diff(ordered, axis=1)
+    gaps = np.where(gaps > spread[:, None] * 1e-6, gaps, np.inf)  # equal values are one code
+    smallest = gaps.min(axis=1)
     smallest = np.where(np.isfinite(smallest), smallest, 1.0)  # a block of one value: any step
     step = np.zeros_like(low)
+    todo = np.arange(len(low))  # the blocks without a step yet: each pass tries only those
     for divisor in range(1, 4 if steps < 64 else 65):
-        levels = np.round(spread / (smallest / divisor))
-        trial = np.where(levels > 0, spread / np.maximum(levels, 1), 1.0)  # from the span: float32-exact enough
-        position = (x - low[..., None]) / trial[..., None]
-        fits = (np.abs(position - np.round(position)).max(axis=2) < GRID_TOLERANCE) & (
-            np.round(spread / trial) <= steps
+        rows = x if len(todo) == len(low) else x[todo]
+        levels = np.round(spread[todo] / (smallest[todo] / divisor))
+        trial = np.where(levels > 0, spread[todo] / np.maximum(levels, 1), 1.0)  # from the span: float32-exact enough
+        position = (rows - low[todo, None]) / trial[:, None]
+        fits = (np.abs(position - np.round(position)).max(axis=1) < GRID_TOLERANCE) & (
+            np.round(spread[todo] / trial) <= steps
         )
-        step = np.where((step == 0) & fits, trial, step)
-        if (step > 0).all():
+        step[todo[fits]] = trial[fits]
+        todo = todo[~fits]
+        if divisor <= 3:
+            coarse_misses = len(todo)
+        if not len(todo):
             break
-        if divisor == 3 and (step > 0).sum() < step.size / 2:
-            return None  # most blocks fit no coarse step: not a grid at all
     else:
-        return None
-    codes = np.round((x - low[..., None]) / step[..., None])
-    return np.clip(codes, 0, steps).astype(np.uint8), low.astype(np.float32), step.astype(np.float32)
+        return None, coarse_misses
+    codes = np.round((x - low[:, None]) / step[:, None])
+    return (np.clip(codes, 0, steps).astype(np.uint8), low.astype(np.float32), step.astype(np.float32)), coarse_misses
 
 
 def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
