@@ -116,7 +116,7 @@ def test_default_model_quantized_perplexity(default_model):
         for precision in lean_quant.PRECISIONS
     }
     print(f"torch perplexity on {len(ids)} held-out tokens: {ppl}")
-    # Measured here: fp32 29.93, int8 30.10 (+0.6 %), int4 30.07 (+0.5 %, its 8-bit head; 31.55 with a 4-bit one).
+    # Measured here: fp32 29.93, int8 30.16 (+0.8 %), int4 29.96 (+0.1 %, its 8-bit head; 31.55 with a 4-bit one).
     assert ppl["int8"] < ppl["fp32"] * 1.05
     assert ppl["int4"] < ppl["fp32"] * 1.10
 
