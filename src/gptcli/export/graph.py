@@ -72,7 +72,7 @@ LOGITS_TO_KEEP = "logits_to_keep"  # an input: how many trailing positions get l
 def last_position(g: GraphBuilder, hidden: str) -> str:
     """hidden[:, -k:, :] with k = the `logits_to_keep` input, so only those positions reach the lm_head.
 
-    Decoding keeps the default, the last position; scoring a text (perplexity) asks for every position.
+    Decoding passes 1, the last position; scoring a text (perplexity) asks for every position.
     """
     starts = g.op("Neg", [LOGITS_TO_KEEP], "last/starts")
     ends = g.const("last/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
