@@ -12,6 +12,7 @@ already in the output.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -220,7 +221,8 @@ def run_batch(
     """Run every request through the engine; write each result (or the line's error) in order."""
     summary = BatchSummary()
     seen: set[str] = set()
-    by_index: dict[int, BatchRequest] = {}
+    by_index: dict[int, BatchRequest] = {}  # run_all's position (the n-th request yielded) -> the request
+    positions = itertools.count()
 
     def runnable() -> Iterator[tuple[list[int], Any]]:
         for request in requests:
@@ -242,7 +244,7 @@ def run_batch(
                 if on_result is not None:
                     on_result(summary)
                 continue
-            by_index[len(by_index)] = request
+            by_index[next(positions)] = request  # not len(by_index): finished requests leave it
             yield request.prompt_ids, request.settings.sampling
 
     try:
