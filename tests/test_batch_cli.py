@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO, run_cli
 
 SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend", "GPTCLI_TEST_CONTEXT": "4096"}
@@ -14,24 +16,25 @@ SCRIPTED = {"GPTCLI_BACKEND_PATHS": "scripted=tests.scripted:ScriptedBackend", "
 
 def test_batch_file_results_match_single_generations(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
-    prompts = ["Once upon a time", "The capital of France is", "def add(a, b):"]
+    # More prompts than --parallel: later ones start as earlier ones finish (their results once got mixed up).
+    prompts = ["Once upon a time", "The capital of France is", "def add(a, b):", "A haiku:"]
     batch = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"p{i}", "prompt": p}) for i, p in enumerate(prompts)]
     lines.insert(1, "{oops")
     batch.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    args = ["-m", model, "--temperature", "0", "-n", "12", "--parallel", "3"]
+    args = ["-m", model, "--temperature", "0", "-n", "12", "--parallel", "2"]
     result = run_cli("generate", "--batch", str(batch), "-o", str(out), *args)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b""  # with -o, nothing but the file
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == ["p0", "2", "p1", "p2"]
+    assert [r["id"] for r in records] == ["p0", "2", "p1", "p2", "p3"]
     assert "not valid JSON" in records[1]["error"]["message"]
-    assert "3 done, 1 failed" in result.stderr.decode()
+    assert "4 done, 1 failed" in result.stderr.decode()
     for i, prompt in enumerate(prompts):
         alone = json.loads(run_cli("generate", prompt, *args[:-2], "--json").stdout)
-        assert records[[0, 2, 3][i]]["text"] == alone["text"], prompt
-        assert records[[0, 2, 3][i]]["finish_reason"] == alone["finish_reason"]
+        assert records[[0, 2, 3, 4][i]]["text"] == alone["text"], prompt
+        assert records[[0, 2, 3, 4][i]]["finish_reason"] == alone["finish_reason"]
 
 
 def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
@@ -48,7 +51,8 @@ def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
     assert "Traceback" not in (no_output.stderr + with_prompt.stderr + exists.stderr).decode()
 
 
-def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path):
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "1"]])  # 1: r2 is not read yet when Ctrl-C comes
+def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path, parallel):
     batch = tmp_path / "in.jsonl"
     batch.write_text(
         "".join(json.dumps({"id": f"r{i}", "prompt": "hi", "max_tokens": 3 + 40 * i}) + "\n" for i in range(3))
@@ -56,6 +60,7 @@ def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path
     out = tmp_path / "out.jsonl"
     env = {**os.environ, **SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps([7] * 2000), "GPTCLI_TEST_DELAY": "0.02"}
     args = ["generate", "--batch", str(batch), "-o", str(out), "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    args += parallel
     proc = subprocess.Popen([sys.executable, "-m", "gptcli", *args], env=env, cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):

@@ -38,7 +38,8 @@ def run_all(engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConf
     """Run requests concurrently, in order of arrival, and yield (request index, event).
 
     Requests are read lazily and submitted only while the engine has room to start them, so a batch
-    file of any length holds at most `max_running` sequences (plus one waiting) in memory.
+    file of any length holds at most `max_running` sequences (plus one waiting) in memory. Ctrl-C (a
+    sequence finished 'interrupted') ends the run: the requests not yet read are never started.
     """
     source = iter(enumerate(requests))
     live: dict[int, tuple[int, SequenceHandle]] = {}
@@ -58,3 +59,4 @@ def run_all(engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConf
             yield live[handle.id][0], event
             if isinstance(event, Finished):
                 del live[handle.id]
+                exhausted = exhausted or event.reason == "interrupted"
