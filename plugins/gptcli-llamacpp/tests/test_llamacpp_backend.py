@@ -90,6 +90,23 @@ def test_find_gguf_follows_the_conversion_record(tmp_path):
     assert find_gguf(tmp_path, explicit) == packaged
 
 
+def test_the_header_reader_agrees_with_gguf_and_stops_at_its_key(tmp_path):
+    from gguf import GGUFReader
+    from gptcli_llamacpp.backend import gguf_header_value
+
+    packaged = default_gguf()
+    fields = GGUFReader(packaged).fields
+    for key in ("general.file_type", "general.architecture", "llama.context_length"):
+        field = fields[key]
+        want = field.parts[field.data[0]]
+        want = bytes(want).decode() if key == "general.architecture" else int(want[0])
+        assert gguf_header_value(packaged, key) == want
+    assert gguf_header_value(packaged, "no.such.key") is None  # past every array, the vocabulary included
+    (tmp_path / "x.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_header_value(tmp_path / "x.gguf", "general.file_type")
+
+
 def test_export_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "tokenizer.json").write_text("{}")

@@ -10,6 +10,7 @@ switching between caches costs a recompute of their differing suffix, never a wr
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,12 +229,53 @@ class LlamaCppBackend:
 def _is_all_f32(gguf: Path) -> bool:
     """Whether the GGUF says its weights are all F32 (`general.file_type` 0), read from its header."""
     try:
-        from gguf import GGUFReader, LlamaFileType
-
-        field = GGUFReader(gguf).fields.get("general.file_type")
-        return field is not None and int(field.parts[field.data[0]][0]) == LlamaFileType.ALL_F32
-    except Exception:  # an unreadable header is llama.cpp's to report, with a better message
+        return gguf_header_value(gguf, "general.file_type") == 0  # LLAMA_FTYPE_ALL_F32
+    except (OSError, ValueError, struct.error):  # an unreadable header is llama.cpp's to report, better
         return False
+
+
+# GGUF metadata value types: struct formats of the fixed-size ones; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_header_value(path: Path, key: str) -> Any:
+    """One metadata value of a GGUF file, or None: the header is read up to that key only.
+
+    gguf's GGUFReader parses every field first, a 262k-token vocabulary included (14 s for Gemma 3 here);
+    `general.*` keys come first in llama.cpp's files, so this reads a few hundred bytes.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        _version, _tensors, count = struct.unpack("<IQQ", handle.read(20))
+
+        def string() -> bytes:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            return handle.read(length)
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[kind]
+                return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+            if kind == 8:
+                return string().decode("utf-8", "replace")
+            if kind == 9:
+                (item, length) = struct.unpack("<IQ", handle.read(12))
+                if item in _GGUF_SCALARS:  # skipped whole: no caller asks for an array
+                    handle.seek(length * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
+                else:
+                    for _ in range(length):
+                        value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        for _ in range(count):
+            name = string().decode("utf-8", "replace")
+            (kind,) = struct.unpack("<I", handle.read(4))
+            found = value(kind)
+            if name == key:
+                return found
+    return None
 
 
 def _file_type(model: Any) -> str:
