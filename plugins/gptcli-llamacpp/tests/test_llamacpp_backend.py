@@ -105,6 +105,9 @@ def test_the_header_reader_agrees_with_gguf_and_stops_at_its_key(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGML" + bytes(20))
     with pytest.raises(ValueError, match="not a GGUF file"):
         gguf_header_value(tmp_path / "x.gguf", "general.file_type")
+    (tmp_path / "y.gguf").write_bytes(b"GGUF" + bytes(4) + bytes(8) + (1).to_bytes(8, "little") + b"\xff" * 8)
+    with pytest.raises(ValueError, match="corrupt GGUF header"):  # a key 2^64 - 1 bytes long
+        gguf_header_value(tmp_path / "y.gguf", "general.file_type")
 
 
 def test_export_refuses_other_architectures(tmp_path):

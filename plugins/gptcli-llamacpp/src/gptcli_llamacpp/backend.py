@@ -248,9 +248,12 @@ def gguf_header_value(path: Path, key: str) -> Any:
         if handle.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
         _version, _tensors, count = struct.unpack("<IQQ", handle.read(20))
+        size = os.fstat(handle.fileno()).st_size
 
         def string() -> bytes:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size:  # a corrupt header: never try to allocate it
+                raise ValueError(f"{path} has a corrupt GGUF header")
             return handle.read(length)
 
         def value(kind: int) -> Any:
