@@ -244,9 +244,14 @@ def _gemma_backend(cls, folder, **options):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_gemma3_270m_greedy_text_is_the_same_on_torch_and_onnx_and_int4_keeps_its_perplexity(
+def test_gemma3_270m_greedy_text_is_llamacpps_on_torch_and_onnx_int4_and_int4_keeps_its_perplexity(
     gemma, default_model_home, monkeypatch
 ):
+    """The real model through the int4 graph (its Q4_K grid kept) against torch's fp32 dequantized copy.
+
+    The fp32 graph's exactness is checked on the tiny Gemma 3 models above (against transformers); a
+    second, fp32 export of this model would cost the suite ~40 s for no other check.
+    """
     from pathlib import Path
 
     from gptcli.evaluate import perplexity
@@ -257,19 +262,18 @@ def test_gemma3_270m_greedy_text_is_the_same_on_torch_and_onnx_and_int4_keeps_it
     tokenizer = Tokenizer(gemma)
     prompt = tokenizer.encode(GEMMA_PROMPT)
     torch = _gemma_backend(TorchBackend, gemma, dtype="float32")
-    onnx = _gemma_backend(OnnxBackend, gemma, precision="fp32")
-    ours = greedy_ids(onnx, prompt, 24)
-    assert ours == greedy_ids(torch, prompt, 24)
-    assert tokenizer.decode(ours[:8]) == " the capital of the country of France."  # llama.cpp's 8 tokens too
+    onnx = _gemma_backend(OnnxBackend, gemma, precision="int4")
+    llamacpp_greedy = " the capital of the country of France."  # llama.cpp's 8 tokens on the same GGUF
+    assert tokenizer.decode(greedy_ids(torch, prompt, 8)) == llamacpp_greedy
+    assert tokenizer.decode(greedy_ids(onnx, prompt, 8)) == llamacpp_greedy
 
-    # Measured on the whole held-out text (779 tokens): fp32 29.41, int8 29.66 (+0.9 %), int4 29.37 (-0.1 %:
-    # its Q4_K tensors keep their grid, the Q5_0/Q6_K/Q8_0 ones stay at 8 bits; plain 4 bits: 40.19, +37 %).
+    # Measured on the whole held-out text (779 tokens, so past the 512-position sliding window): torch fp32
+    # 29.41; onnx fp32 29.41, int8 29.66 (+0.9 %), int4 29.39 (-0.1 %: its Q4_K tensors keep their grid, the
+    # Q5_0/Q6_K/Q8_0 ones stay at 8 bits; plain 4 bits: 40.19, +37 %).
     ids = tokenizer.encode((Path(__file__).parent / "data" / "holdout.txt").read_text(encoding="utf-8"))
-    # int8 is bounded on the tiny models above already (there within 1.2 %); here int4 only, to save an export.
-    ppl = {"fp32": perplexity(onnx, ids).perplexity}
-    ppl["int4"] = perplexity(_gemma_backend(OnnxBackend, gemma, precision="int4"), ids).perplexity
+    ppl = {"torch fp32": perplexity(torch, ids).perplexity, "onnx int4": perplexity(onnx, ids).perplexity}
     print(f"gemma3-270m perplexity on {len(ids)} held-out tokens: {ppl}")
-    assert ppl["int4"] < ppl["fp32"] * 1.05
+    assert ppl["onnx int4"] < ppl["torch fp32"] * 1.05
 
 
 @pytest.mark.integration
