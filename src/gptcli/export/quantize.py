@@ -25,6 +25,7 @@ GRID_TOLERANCE = 1e-3
 # FINE_GRID_BLOCK: GGUF's Q5_0, Q6_K, Q8_0): a "Q4_K_M" file keeps those tensors at 5 to 8 bits, and
 # rounding them to 4 costs Gemma 3 270M +37 % perplexity.
 FINE_GRID_BLOCK = 16
+GRID_ROWS = 16384  # blocks per slice in grid_of: its float64 temporaries stay a few MB
 
 
 def quantize(model: Any, precision: str) -> Any:
@@ -268,9 +269,6 @@ def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
     return codes.reshape(n, k // block, block), low.reshape(shape), step.reshape(shape)
 
 
-GRID_ROWS = 16384  # blocks per slice in grid_of
-
-
 def _blocks_on_grid(blocks: np.ndarray, steps: int) -> tuple[Grid | None, int]:
     """grid_of for blocks [B, block]: (codes [B, block], lows and steps [B]) or None unless every block
     fits, and how many blocks fit no step of up to 1/3 of their smallest gap."""
@@ -285,10 +283,9 @@ def _blocks_on_grid(blocks: np.ndarray, steps: int) -> tuple[Grid | None, int]:
     step = np.zeros_like(low)
     todo = np.arange(len(low))  # the blocks without a step yet: each pass tries only those
     for divisor in range(1, 4 if steps < 64 else 65):
-        rows = x if len(todo) == len(low) else x[todo]
         levels = np.round(spread[todo] / (smallest[todo] / divisor))
         trial = np.where(levels > 0, spread[todo] / np.maximum(levels, 1), 1.0)  # from the span: float32-exact enough
-        position = (rows - low[todo, None]) / trial[:, None]
+        position = (x[todo] - low[todo, None]) / trial[:, None]
         fits = (np.abs(position - np.round(position)).max(axis=1) < GRID_TOLERANCE) & (
             np.round(spread[todo] / trial) <= steps
         )
