@@ -239,3 +239,47 @@ def test_caches_are_made_in_the_engines_thread_not_the_submitters(model):
     engine_thread = engine._thread.ident
     engine.stop()
     assert len(made_in) == 4 and set(made_in) == {engine_thread}
+
+
+def test_a_sequence_that_fails_in_the_background_ends_alone_and_the_engine_keeps_serving(model):
+    """A seed numpy refuses (past the front doors' checks) ends its own sequence with 'error'; the
+    sequence sharing its steps finishes, and so does one submitted afterwards (the thread lives on)."""
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    engine.start()
+    try:
+        good = engine.submit([1, 2, 3], SamplingConfig(temperature=0, max_tokens=5, repetition_stop=False))
+        bad = engine.submit([1, 2, 3], SamplingConfig(temperature=0, max_tokens=5, seed=-5))
+        assert _finished(list(bad.events(timeout=30))).reason == "error"
+        assert isinstance(bad.error, ValueError)
+        assert _finished(list(good.events(timeout=30))).reason == "length"
+        later = engine.submit([4, 5], SamplingConfig(temperature=0, max_tokens=3, repetition_stop=False))
+        assert _finished(list(later.events(timeout=30))).reason == "length"
+    finally:
+        engine.stop()
+    assert len(backend.released) == 3  # the failed sequence's cache went back too
+
+
+def test_a_failure_outside_any_sequences_decoding_ends_the_running_ones_not_the_thread(model):
+    _, tok = model
+    backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
+    original, calls = backend.new_cache, []
+
+    def new_cache():  # the first cache cannot be made (a KV pool that cannot grow)
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for a KV cache")
+        return original()
+
+    backend.new_cache = new_cache
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    engine.start()
+    try:
+        first = engine.submit([1, 2, 3], SamplingConfig(temperature=0, max_tokens=3))
+        assert _finished(list(first.events(timeout=30))).reason == "error"
+        assert isinstance(first.error, MemoryError)
+        second = engine.submit([1, 2, 3], SamplingConfig(temperature=0, max_tokens=3, repetition_stop=False))
+        assert _finished(list(second.events(timeout=30))).reason == "length"
+    finally:
+        engine.stop()

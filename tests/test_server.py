@@ -245,6 +245,11 @@ def test_sampling_with_a_seed_repeats(live):
     client = live.client()
     ask = dict(model="tiny-llama", prompt="Once", temperature=1.0, top_p=0.9, max_tokens=10, seed=42)
     assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text
+    # -1 is llama.cpp's "a fresh seed": it samples (before, numpy refused it and the engine's thread died,
+    # so every later request hung).
+    for _ in range(2):
+        fresh = client.with_options(timeout=30).completions.create(**{**ask, "seed": -1})
+        assert fresh.choices[0].finish_reason in ("length", "stop")
 
 
 def test_eight_concurrent_streams_match_generate_alone(live, runtime, tiny_models):
@@ -318,6 +323,8 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop"),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": -2}, "seed"),  # -1 is "random"
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "seed"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),

@@ -24,11 +24,12 @@ handle's queue.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -39,6 +40,8 @@ from gptcli.engine.handle import SequenceHandle
 from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget
 from gptcli.errors import ConfigError, InputError, QueueFullError
 from gptcli.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,11 +195,16 @@ class Engine:
                 del seq.pending[: len(ids)]
                 if seq.pending:
                     continue  # more of the prompt to read before this sequence can sample
-            if seq.decoder is None:
-                seq.decoder = self._new_decoder(seq)
-            else:
-                self._generated += 1
-            self._emit(seq, seq.decoder.accept(np.asarray(row), now, len(seq.session.ids)))
+            try:
+                if seq.decoder is None:
+                    seq.decoder = self._new_decoder(seq)
+                else:
+                    self._generated += 1
+                self._emit(seq, seq.decoder.accept(np.asarray(row), now, len(seq.session.ids)))
+            except Exception as exc:  # one sequence's failure ends that sequence, not the step it shared
+                if not self._background:
+                    raise
+                self._fail([seq], exc)
         return True
 
     def _plan_step(self) -> tuple[list[_Sequence], list[tuple[list[int], object]]]:
@@ -230,11 +238,11 @@ class Engine:
         done = len(seq.prompt) - len(seq.pending) - seq.cached
         return self.limits.prefill_chunk - done % self.limits.prefill_chunk
 
-    def _new_decoder(self, seq: _Sequence) -> SequenceDecoder:
+    def _new_decoder(self, seq: _Sequence, params: SamplingConfig | None = None) -> SequenceDecoder:
         return SequenceDecoder(
             self.tokenizer,
             seq.prompt,
-            seq.params,
+            params or seq.params,
             context_length=self.backend.info.context_length,
             start=seq.submitted,
             cached_tokens=seq.cached,
@@ -302,12 +310,16 @@ class Engine:
                 seq.session.cache = self.backend.new_cache() if not seq.session.ids else seq.session.cache
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
-        if seq.decoder is None:
-            seq.decoder = self._new_decoder(seq)
+        if seq.decoder is None:  # it never sampled: a decoder only to report the end, without the sampling
+            # settings (one that broke the sequence, such as a seed numpy refuses, must not break its end)
+            seq.decoder = self._new_decoder(seq, replace(seq.params, seed=None, constraint=None))
         self._emit(seq, seq.decoder.finish(reason))
 
     def _fail(self, batch: list[_Sequence], exc: BaseException) -> None:
         for seq in batch:
+            if seq.handle.done:
+                continue
+            _log.error("sequence %d failed", seq.handle.id, exc_info=exc)
             seq.handle.error = exc
             self._finish(seq, "error")
 
@@ -371,7 +383,10 @@ class Engine:
                     self._lock.wait()
                 if self._stopping and self.idle:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a failure outside any one sequence: end those it may have touched,
+                self._fail(list(self._running), exc)  # never the thread every later request waits on
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new sequences, let running ones finish for up to `grace_s`, cancel the rest, end the thread."""

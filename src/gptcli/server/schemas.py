@@ -95,7 +95,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-1, lt=2**63)  # -1: a fresh random seed, as llama.cpp's server takes it
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -135,6 +135,8 @@ class SamplingRequest(BaseModel):
             for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
             if getattr(self, name) is not None
         }
+        if self.seed == -1:
+            changes["seed"] = None
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None:
             changes["max_tokens"] = max_tokens
