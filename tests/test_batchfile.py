@@ -11,6 +11,7 @@ from gptcli.batchfile import (
     MAX_LINE_BYTES,
     ResultWriter,
     completed_ids,
+    open_results,
     parse_request,
     read_lines,
     run_batch,
@@ -90,6 +91,29 @@ def test_resume_skips_the_ids_already_written(model, tmp_path):
     summary, results = _run(model, lines, skip=completed_ids(out))
     assert summary.skipped == 2
     assert [r["id"] for r in results] == ["r2", "r3", "r4"]
+
+
+@pytest.mark.parametrize(
+    ("tail", "done"),
+    [('{"id": "r2", "te', {"r0", "r1"}), ('{"id": "r2", "text": "whole, only its newline lost"}', {"r0", "r1", "r2"})],
+)
+def test_resume_appends_on_a_line_of_its_own(model, tmp_path, tail, done):
+    """A torn last line is cut (its request runs again); a whole one keeps its place and gets its newline."""
+    out = tmp_path / "not" / "yet" / "results.jsonl"
+    with open_results(out, resume=False) as stream:  # the folder is made
+        stream.write(json.dumps({"id": "r0", "text": "kept"}) + "\n" + json.dumps({"id": "r1", "text": "kept"}) + "\n")
+        stream.write(tail)
+    assert completed_ids(out) == done
+    lines = [json.dumps({"id": f"r{i}", "prompt": f"line {i}"}) for i in range(4)]
+    backend, tok = model
+    requests = (
+        parse_request(n, raw, tok, SETTINGS, backend.info.context_length)
+        for n, raw in read_lines(io.BytesIO("\n".join(lines).encode()))
+    )
+    with open_results(out, resume=True) as stream:
+        run_batch(Engine(backend, tok), requests, ResultWriter(stream, sync=False), skip=completed_ids(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["r0", "r1", "r2", "r3"]
 
 
 def test_an_over_long_line_is_an_error_without_being_read_whole():

@@ -12,6 +12,7 @@ already in the output.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -150,13 +151,54 @@ def completed_ids(output: Path) -> set[str]:
         return done
     with output.open("rb") as handle:
         for _, raw in read_lines(handle):
-            try:
-                record = json.loads(raw) if raw is not None else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(record, dict) and "id" in record:
-                done.add(str(record["id"]))
+            result_id = _result_id(raw)
+            if result_id is not None:
+                done.add(result_id)
     return done
+
+
+def _result_id(raw: bytes | None) -> str | None:
+    """The id of a results-file line, or None for a line that is not a whole result."""
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return str(record["id"]) if isinstance(record, dict) and "id" in record else None
+
+
+def open_results(output: Path, *, resume: bool) -> IO[str]:
+    """The results file, opened for appending (its folder made); on --resume, a torn last line is
+    settled first so the next result starts on a line of its own: kept with its newline when it is a
+    whole record (it counts as done), cut off when it is not (its request runs again)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if resume and output.exists():
+            _settle_last_line(output)
+        return output.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
+
+
+def _settle_last_line(output: Path) -> None:
+    with output.open("r+b") as handle:
+        end = handle.seek(0, io.SEEK_END)
+        start = end
+        while start > 0:  # back to the byte after the last newline, a block at a time
+            step = min(1 << 16, start)
+            handle.seek(start - step)
+            block = handle.read(step)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                start = start - step + newline + 1
+                break
+            start -= step
+        if start == end:
+            return  # empty, or it ends with a newline
+        handle.seek(start)
+        if end - start <= MAX_LINE_BYTES and _result_id(handle.read()) is not None:
+            handle.write(b"\n")
+        else:
+            handle.truncate(start)
 
 
 class ResultWriter:

@@ -24,7 +24,15 @@ def run_batch_file(
     kv_budget: str | None,
 ) -> None:
     """Load the model once, run every line through the engine, write results in input order."""
-    from gptcli.batchfile import ResultWriter, completed_ids, count_lines, parse_request, read_lines, run_batch
+    from gptcli.batchfile import (
+        ResultWriter,
+        completed_ids,
+        count_lines,
+        open_results,
+        parse_request,
+        read_lines,
+        run_batch,
+    )
     from gptcli.cli.local_run import load_runtime
     from gptcli.engine import Engine, EngineLimits, parse_kv_budget
 
@@ -53,7 +61,7 @@ def run_batch_file(
     )
     sink: IO[str]
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(output.open("a", encoding="utf-8")) if output is not None else sys.stdout
+        sink = stack.enter_context(open_results(output, resume=resume)) if output is not None else sys.stdout
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
         summary = run_batch(engine, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
