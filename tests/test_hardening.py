@@ -284,12 +284,27 @@ def test_a_second_train_on_one_run_folder_is_refused_and_a_stale_lock_taken_over
         ("--seed", str(2**63), f"error: --seed: sampling.seed must be in [0, 2**63), got {2**63}"),
         ("--temperature", "inf", "error: --temperature: sampling.temperature must be a finite number, got inf"),
         ("--top-p", "nan", "error: --top-p: sampling.top_p must be a finite number, got nan"),
+        # Before the bound, 100000 spent minutes and 16 GB creating threads before the first token.
+        ("--threads", "100000", "error: --threads: threads must be in 1..1024, got 100000"),
     ],
 )
 def test_out_of_range_numbers_are_config_errors(tiny_models, flag, value, message):
     result = run_cli("generate", "-m", str(tiny_models["llama"]), "-n", "2", f"{flag}={value}", "hi")
     assert first_error(result) == message
     assert result.returncode == 3
+
+
+def test_more_threads_than_cpus_warn_and_bench_bounds_its_thread_list(tiny_models):
+    from gptcli.hardware import usable_cpus
+
+    more = usable_cpus() + 1
+    result = run_cli("generate", "-m", str(tiny_models["llama"]), "-n", "2", "--threads", str(more), "hi")
+    assert result.returncode == 0
+    assert f"warning: --threads {more} is more than the {usable_cpus()} CPUs here" in result.stderr.decode()
+    result = run_cli("bench", "-m", str(tiny_models["llama"]), "--threads", "0")
+    assert first_error(result) == "error: --threads: 0 is below 1" and "e.g. --threads 1,2" in result.stderr.decode()
+    result = run_cli("bench", "-m", str(tiny_models["llama"]), "--threads", "2,5000")
+    assert first_error(result) == "error: --threads: 5000 is above 1024" and result.returncode == 2
 
 
 @pytest.mark.parametrize(("args", "env"), [(["--allow-pickle"], {}), ([], {"GPTCLI_ALLOW_PICKLE": "1"})])

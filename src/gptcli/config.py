@@ -24,6 +24,9 @@ from gptcli.errors import ConfigError
 from gptcli.paths import user_config_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The most CPU threads any command takes: past the machine's cores more only slow a step down, and a
+# runaway value (100000) once spent minutes and 16 GB creating threads before the first token.
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("device", str, "--device", choices=("auto", "cpu", "cuda")),
         FieldSpec("dtype", str, "--dtype", choices=("auto", "float32", "bfloat16", "float16")),
         FieldSpec("precision", str, "--precision", choices=("fp32", "fp16", "int8", "int4")),
-        FieldSpec("threads", int, "--threads", lambda v: v >= 1, ">= 1", optional=True),
+        FieldSpec("threads", int, "--threads", lambda v: 1 <= v <= MAX_THREADS, f"in 1..{MAX_THREADS}", optional=True),
         FieldSpec("on_overflow", str, "--on-overflow", choices=("error", "truncate")),
         FieldSpec("system", str, "--system", optional=True),
         FieldSpec("allow_pickle", bool, "--allow-pickle"),

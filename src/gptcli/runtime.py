@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from gptcli.backends.base import Backend, LoadOptions, get_backend_class
 from gptcli.config import Settings
 from gptcli.errors import BackendError, UsageError
+from gptcli.hardware import usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
 from gptcli.tokenizer import Tokenizer
 
@@ -51,6 +52,11 @@ def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
     model = open_model(settings, notify)
     if is_onnx_export(model.path) and settings.backend != "onnx":
         raise UsageError(f"{model.path} is an ONNX export", hint="run it with --backend onnx")
+    cpus = usable_cpus()
+    if settings.threads is not None and settings.threads > cpus:
+        notify(
+            f"warning: --threads {settings.threads} is more than the {cpus} CPUs here: sharing cores slows every step"
+        )
     tokenizer = Tokenizer(model.path)
     backend = backend_cls.load(model.path, load_options(settings))
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why

@@ -16,7 +16,9 @@ def split_list(text: str, flag: str) -> list[str]:
     return items
 
 
-def int_list(text: str, flag: str, *, minimum: int = 0, example: str = "128,512") -> list[int]:
+def int_list(
+    text: str, flag: str, *, minimum: int = 0, maximum: int | None = None, example: str = "128,512"
+) -> list[int]:
     values = []
     for item in split_list(text, flag):
         try:
@@ -27,6 +29,8 @@ def int_list(text: str, flag: str, *, minimum: int = 0, example: str = "128,512"
             ) from None
         if value < minimum:
             raise UsageError(f"{flag}: {value} is below {minimum}", hint=f"e.g. {flag} {example}")
+        if maximum is not None and value > maximum:
+            raise UsageError(f"{flag}: {value} is above {maximum}", hint=f"e.g. {flag} {example}")
         values.append(value)
     return list(dict.fromkeys(values))
 

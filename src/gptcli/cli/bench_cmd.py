@@ -99,7 +99,7 @@ def bench(
     from gptcli.bench.measure import read_prompts
     from gptcli.bench.plan import plan_configs
     from gptcli.bench.runner import notes_for, run_plan
-    from gptcli.config import FIELDS, coerce
+    from gptcli.config import FIELDS, MAX_THREADS, coerce
     from gptcli.hardware import default_threads
 
     if mode not in MODES:
@@ -119,7 +119,11 @@ def bench(
         if precision is not None
         else None
     )
-    thread_counts = spec.int_list(threads, "--threads", minimum=1) if threads is not None else None
+    thread_counts = (
+        spec.int_list(threads, "--threads", minimum=1, maximum=MAX_THREADS, example="1,2")
+        if threads is not None
+        else None
+    )
     tests = []
     if mode == "micro":
         pairs = [spec.pair(p, "--pg") for p in pg or []]

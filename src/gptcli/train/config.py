@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import coerce_value, field_types, flatten, read_yaml, suggest
+from gptcli.config import MAX_THREADS, coerce_value, field_types, flatten, read_yaml, suggest
 from gptcli.errors import ConfigError
 
 
@@ -173,7 +173,7 @@ def validate(cfg: TrainConfig) -> None:
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.max_iters >= 1, "train.max_iters must be >= 1"),
         (0 <= t.seed < 2**63, f"train.seed (--seed) must be in [0, 2**63), not {t.seed}"),
-        (t.threads is None or t.threads >= 1, "train.threads must be >= 1"),
+        (t.threads is None or 1 <= t.threads <= MAX_THREADS, f"train.threads must be in 1..{MAX_THREADS}"),
         (o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr must be > 0 and optim.min_lr in [0, lr]"),
         (o.warmup_iters >= 0 and o.lr_decay_iters >= 1, "optim.warmup_iters >= 0 and optim.lr_decay_iters >= 1"),
         (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
