@@ -158,6 +158,31 @@ def test_ctrl_c_flushes_output_and_exits_130(tiny_models, llama_tok):
     assert b"interrupted" in err
 
 
+def test_ctrl_c_under_json_prints_the_partial_reply_and_exits_130(tiny_models, llama_tok):
+    """--json streams nothing, so before this an interrupted run printed nothing at all."""
+    script = say(llama_tok, "word " * 500)
+    env = {**os.environ, **scripted_env(script, GPTCLI_TEST_DELAY="0.01", GPTCLI_TEST_CONTEXT="100000")}
+    args = ["-v", "generate", "hi", "-b", "scripted", "-m", str(tiny_models["llama"]), "-n", "100000", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+    )
+    while b"loaded" not in proc.stderr.readline():  # -v says when the model is loaded: decoding starts
+        assert proc.poll() is None
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    reply = json.loads(out)
+    assert reply["finish_reason"] == "interrupted" and reply["text"].startswith("word word")
+    assert 0 < reply["usage"]["completion_tokens"] < 500
+    assert b"Traceback" not in err and b"interrupted" in err
+
+
 ERRORS = [
     # (args, stdin, exit code, stderr first line)
     (["generate", "-f", "missing.txt"], "", 6, "error: file not found: missing.txt"),

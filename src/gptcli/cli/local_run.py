@@ -30,7 +30,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     import secrets
     from dataclasses import replace
 
-    from gptcli.cli.remote_run import stream_or_exit
+    from gptcli.cli.remote_run import exit_if_interrupted, stream_or_exit
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
@@ -70,5 +70,6 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         }
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
+    exit_if_interrupted(finished)
     if show_stats or render.verbosity() >= render.VERBOSE:
         render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)

@@ -79,21 +79,30 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
         }
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
+    exit_if_interrupted(finished)
     if show_stats:
         print_remote_stats(finished, remote)
 
 
 def stream_or_exit(events: Any, *, show: bool) -> Any:
-    """Stream to stdout and return the Finished event; on Ctrl-C keep what was written and exit 130."""
+    """Stream to stdout and return the Finished event; on Ctrl-C keep what was written and exit 130.
+
+    Without `show` (--json) a reply the engine ended as interrupted is returned with its partial text:
+    the caller prints it, then calls `exit_if_interrupted`."""
     import contextlib
 
     finished = None
     with contextlib.suppress(KeyboardInterrupt):  # interrupted between events: what was written stays written
         finished = render.stream_text(events, show=show)
+    if finished is None or show:
+        exit_if_interrupted(finished)
+    return finished
+
+
+def exit_if_interrupted(finished: Any) -> None:
     if finished is None or finished.reason == "interrupted":
         render.stderr_console().print("interrupted", style="yellow")
         raise typer.Exit(EXIT_INTERRUPTED)
-    return finished
 
 
 def print_remote_stats(finished: Any, remote: Any) -> None:
