@@ -101,6 +101,16 @@ def test_cli_perplexity_input_errors(tiny_models, tmp_path):
     missing = run_cli("eval", "perplexity", str(tmp_path / "nope.txt"), "-m", folder)
     assert missing.returncode == 6 and "file not found" in missing.stderr.decode()
     assert missing.stdout == b""
+    text = tmp_path / "text.txt"
+    text.write_text("some words to score " * 20)
+    # Out-of-range options are usage errors (exit 2); 0 was once taken silently as "the default".
+    for option, value, message in [
+        ("--window", "0", "error: --window must be in 2.."),
+        ("--stride", "0", "error: --stride must be in 1.."),
+        ("-n", "1", "error: --max-tokens must be at least 2"),
+    ]:
+        result = run_cli("eval", "perplexity", str(text), "-m", folder, option, value)
+        assert result.returncode == 2 and result.stderr.decode().startswith(message), (option, result.stderr)
 
 
 class _NoScore:

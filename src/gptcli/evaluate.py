@@ -103,10 +103,10 @@ def perplexity(
     if len(ids) < 2:
         raise InputError("the text is too short to measure perplexity (needs at least 2 tokens)")
     context = backend.info.context_length
-    window = window or min(context, DEFAULT_WINDOW)
+    window = min(context, DEFAULT_WINDOW) if window is None else window
     if window < 2 or window > context:
         raise UsageError(f"--window must be in 2..{context} (the model's context)")
-    stride = stride or max(1, window // 2)
+    stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window:
         raise UsageError(f"--stride must be in 1..{window} (the window)")
     plans = plan_windows(len(ids), window, stride)

@@ -53,12 +53,12 @@ def perplexity(
       gptcli eval perplexity holdout.txt --window 512 --stride 256 --json
     """
     from gptcli.cli.local_run import load_runtime
-    from gptcli.errors import InputError
+    from gptcli.errors import InputError, UsageError
     from gptcli.evaluate import encode_text
     from gptcli.evaluate import perplexity as measure
 
     if max_tokens is not None and max_tokens < 2:
-        raise InputError("--max-tokens must be at least 2")
+        raise UsageError("--max-tokens must be at least 2", hint="perplexity scores each token after the first")
     settings = resolve_settings(
         config,
         model=model,
