@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptcli import export as ex
-from gptcli.errors import ModelError, UsageError
+from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.hf import Architecture
 from tests.conftest import run_cli
 
@@ -306,7 +306,7 @@ def test_bad_choices_and_foreign_output_folder(tiny_models, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="not a gptcli ONNX export"):
+    with pytest.raises(InputError, match="not a gptcli ONNX export"):  # exit 6: an output of the wrong kind
         ex.ensure_export(tiny_models["gpt2"], output=mine)
     assert (mine / "notes.txt").read_text() == "keep me"
 
@@ -331,7 +331,7 @@ def test_cli_export_prints_the_folder_and_progress_on_stderr(tiny_models, tmp_pa
     again = run_cli("export", str(tiny_models["gpt2"]), "--precision", "int4", "--device", "cpu", "--output", str(out))
     assert again.returncode == 0 and "exporting" not in again.stderr.decode()
     bad = run_cli("export", str(tiny_models["gpt2"]), "--precision", "int3")
-    assert bad.returncode == 2 and "error: unknown precision 'int3'" in bad.stderr.decode()
+    assert bad.returncode == 3 and "must be one of fp32, fp16, int8, int4, got 'int3'" in bad.stderr.decode()
 
 
 def test_a_new_version_replaces_the_stale_cached_export(tiny_models, monkeypatch):

@@ -192,9 +192,10 @@ def test_bytes_that_are_not_utf8_in_the_prompt_and_in_system(tiny_models):
     assert result.returncode == 3
 
 
-def test_a_url_that_is_not_http():
-    result = run_cli("generate", "--url", "localhost:8080", "hi")
-    assert first_error(result) == "error: --url localhost:8080: not an http:// or https:// URL"
+@pytest.mark.parametrize("url", ["localhost:8080", "http://", "https:///v1"])
+def test_a_url_that_is_not_http(url):
+    result = run_cli("generate", "--url", url, "hi")
+    assert first_error(result) == f"error: --url {url}: not an http:// or https:// URL with a host"
     assert result.returncode == 2
 
 

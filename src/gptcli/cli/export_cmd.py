@@ -32,19 +32,16 @@ def export(
       gptcli export ./my-gpt2 --precision int4 --output ./my-gpt2-onnx
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
-    from gptcli.config import FIELDS
-    from gptcli.errors import UsageError
-    from gptcli.export import PRECISIONS, ensure_export
+    from gptcli.config import FIELDS, coerce
+    from gptcli.export import ensure_export
     from gptcli.runtime import open_model
 
     if output is not None and output.exists() and not output.is_dir():
         from gptcli.errors import InputError
 
         raise InputError(f"--output {output} is a file, not a folder", hint="give a folder for the export")
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'", hint=f"choose one of: {', '.join(PRECISIONS)}")
-    if device not in FIELDS["device"].choices:
-        raise UsageError(f"unknown device '{device}'", hint="choose auto, cpu or cuda")
+    precision = coerce(FIELDS["precision"], precision, "--precision")  # exit 3, as for every command
+    device = coerce(FIELDS["device"], device, "--device")
     if device == "auto":  # the answer the onnx backend gives: a listed CUDA provider is not enough
         from gptcli.hardware import ONNXRUNTIME, resolve_device
 

@@ -23,8 +23,14 @@ DEFAULT_CONTEXT = 4096  # for summarize, when the server does not say its model'
 
 def check_client_flags(url: str | None, **flags: Any) -> None:
     """Flags about running the model here make no sense with --url: a usage error (exit 2) names them."""
-    if url is not None and not url.lower().startswith(("http://", "https://")):
-        raise UsageError(f"--url {url}: not an http:// or https:// URL", hint="e.g. --url http://127.0.0.1:8080/v1")
+    if url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise UsageError(
+                f"--url {url}: not an http:// or https:// URL with a host", hint="e.g. --url http://127.0.0.1:8080/v1"
+            )
     given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value not in (None, False)]
     if url is not None and given:
         raise UsageError(

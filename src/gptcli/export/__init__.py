@@ -40,7 +40,7 @@ import numpy as np
 
 from gptcli import __version__
 from gptcli.atomicio import publish_dir, temp_dir_beside
-from gptcli.errors import ModelError, UsageError
+from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.export import graph
 from gptcli.export.cache import (
     cache_key,
@@ -142,7 +142,7 @@ def ensure_export(
         if output is None or existing.meta.get("cache_key") == cache_key(folder, precision, device):
             return existing
     if output is not None and output.exists() and any(output.iterdir()) and not (output / SIDECAR_FILE).is_file():
-        raise UsageError(f"{output} exists and is not a gptcli ONNX export", hint="choose an empty or new folder")
+        raise InputError(f"{output} exists and is not a gptcli ONNX export", hint="choose an empty or new folder")
     where = f"into {dest}" if output is not None else f"once, cached in {dest}"
     notify(f"exporting {folder.name} to ONNX ({precision}, {device}) {where}")
     if device == "cuda" and precision in {"fp32", "int8", "int4"}:
