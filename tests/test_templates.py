@@ -92,6 +92,17 @@ def test_templates_commands(tmp_path):
     assert run_cli("templates", "path").stdout.decode().strip() == str(tmp_path / "xdg-config" / "gptcli" / "templates")
     missing = run_cli("templates", "show", "nope")
     assert missing.returncode == 2 and missing.stderr.decode().startswith("error: unknown template 'nope'")
+    # One broken user template is left out of the list with a warning; the others still show.
+    folder = tmp_path / "xdg-config" / "gptcli" / "templates"
+    folder.mkdir(parents=True)
+    (folder / "broken.yaml").write_text("user: '{input}'\nsampling:\n  temperature: -1\n")
+    (folder / "fine.yaml").write_text("user: 'Fine: {input}'\n")
+    listed = run_cli("templates", "list", "--json")
+    assert listed.returncode == 0
+    assert {"fine", "qa"} <= {row["name"] for row in json.loads(listed.stdout)}
+    assert "broken" not in {row["name"] for row in json.loads(listed.stdout)}
+    assert listed.stderr.decode().startswith("warning: left out: ") and "broken.yaml" in listed.stderr.decode()
+    assert run_cli("templates", "show", "broken").returncode == 3  # asked for by name, it is still an error
 
 
 def test_generate_with_template(tiny_models):

@@ -7,7 +7,7 @@ override a built-in of the same name. Everything is checked before any model is 
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -161,16 +161,26 @@ def _load_file(path: Path, source: str) -> Template:
     return parse_template(path.stem, read_yaml(path), str(path), source, path)
 
 
-def list_templates() -> list[Template]:
-    """Built-ins, then user templates (a user template replaces the built-in of the same name)."""
+def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> list[Template]:
+    """Built-ins, then user templates (a user template replaces the built-in of the same name).
+
+    A user template that does not load raises, or with `on_error` is reported to it and left out."""
     found: dict[str, Template] = {}
     for path in sorted(BUILTIN_DIR.glob("*.yaml")):
         found[path.stem] = _load_file(path, "built-in")
-    folder = user_templates_dir()
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.yaml")):
+    for path in _user_files():
+        try:
             found[path.stem] = _load_file(path, "user")
+        except ConfigError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
     return list(found.values())
+
+
+def _user_files() -> list[Path]:
+    folder = user_templates_dir()
+    return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 def get_template(name: str) -> Template:
@@ -180,7 +190,7 @@ def get_template(name: str) -> Template:
     builtin = BUILTIN_DIR / f"{name}.yaml"
     if builtin.is_file():
         return _load_file(builtin, "built-in")
-    names = [t.name for t in list_templates()]
+    names = sorted({path.stem for path in [*BUILTIN_DIR.glob("*.yaml"), *_user_files()]})
     raise UsageError(f"unknown template '{name}'{suggest(name, names)}", hint="`gptcli templates list` shows them all")
 
 

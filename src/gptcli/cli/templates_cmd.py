@@ -26,7 +26,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     """
     from gptcli.templates import list_templates
 
-    templates = list_templates()
+    templates = list_templates(on_error=lambda exc: render.warn(f"left out: {exc.message}"))
     if as_json:
         rows = [
             {
