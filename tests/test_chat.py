@@ -201,6 +201,24 @@ def test_store_list_resolve_and_delete(tok):
         store.load(conv_id)
 
 
+def test_a_file_put_in_the_store_by_hand_keeps_its_name_and_its_time(tok):
+    """A plain JSON list (what /load accepts) copied into the chats folder: before, it was listed under a
+    new random id on every read (so `chats show` could not find it) and dated "now" (so it was always the
+    conversation `chat --continue` picked)."""
+    import os
+
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    chat = make_chat(tok, say(tok, "ok"))
+    reply(chat.say("hello"))
+    store.root.joinpath("20200101-000000-cafe.json").write_text('[{"role": "user", "content": "by hand"}]')
+    os.utime(store.root / "20200101-000000-cafe.json", (1577836800, 1577836800))  # 2020-01-01
+    assert [c.id for c in store.list()] == [chat.conversation.id, "20200101-000000-cafe"]
+    assert store.load("20200101-000000-cafe").messages[0]["content"] == "by hand"
+    assert store.latest().id == chat.conversation.id
+
+
 def scripted_env(script, **extra):
     return {**SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps(script), "GPTCLI_TEST_CONTEXT": "4096", **extra}
 

@@ -21,8 +21,9 @@ def chats_dir() -> Path:
     return data_dir() / "chats"
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def now(at: float | None = None) -> str:
+    """A conversation's time stamp: now, or the given epoch seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
 
 
 def new_id() -> str:
@@ -69,7 +70,7 @@ class Conversation:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> Conversation:
+    def from_dict(cls, data: Any, where: str, *, default_time: str | None = None) -> Conversation:
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise InputError(f"{where} is not a saved gptcli conversation", hint="it needs a 'messages' list")
         messages = []
@@ -90,8 +91,8 @@ class Conversation:
             sampling=dict(data.get("sampling") or {}),
             window_start=int(data.get("window_start") or 0),
         )
-        conv.created = str(data.get("created") or conv.created)
-        conv.updated = str(data.get("updated") or conv.updated)
+        conv.created = str(data.get("created") or default_time or conv.created)
+        conv.updated = str(data.get("updated") or default_time or conv.updated)
         return conv
 
 
@@ -106,8 +107,9 @@ def to_markdown(conv: Conversation) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def read_conversation_file(path: Path) -> Conversation:
-    """Load a conversation saved as JSON (by /save, `chats export` or the store)."""
+def read_conversation_file(path: Path, *, default_time: str | None = None) -> Conversation:
+    """Load a conversation saved as JSON (by /save, `chats export` or the store); `default_time` dates
+    one whose file says nothing of its times."""
     if path.suffix.lower() != ".json":
         raise InputError(f"{path}: only JSON conversations can be loaded", hint="save with /save FILE.json")
     text = read_text_file(path, CHAT_FILE)
@@ -117,7 +119,7 @@ def read_conversation_file(path: Path) -> Conversation:
         raise InputError(f"cannot read {path}: {exc}") from None
     if isinstance(data, list):
         data = {"messages": data}
-    return Conversation.from_dict(data, str(path))
+    return Conversation.from_dict(data, str(path), default_time=default_time)
 
 
 def write_conversation_file(conv: Conversation, path: Path) -> str:
@@ -160,7 +162,7 @@ class ConversationStore:
         self.skipped = []
         for conv_id in self.ids():
             try:
-                found.append(read_conversation_file(self.path(conv_id)))
+                found.append(self._read(conv_id))
             except GptcliError as exc:
                 self.skipped.append(exc.message)
         return sorted(found, key=lambda c: (c.updated, c.id), reverse=True)
@@ -177,7 +179,19 @@ class ConversationStore:
         raise InputError(f"no saved conversation '{ref}'", hint="`gptcli chats list` shows them")
 
     def load(self, ref: str) -> Conversation:
-        return read_conversation_file(self.path(self.resolve_id(ref)))
+        return self._read(self.resolve_id(ref))
+
+    def _read(self, conv_id: str) -> Conversation:
+        """A stored conversation's id is its file's name, and a file without times (a JSON list copied
+        in by hand) dates from its last change: never a new id, nor "now", on every read."""
+        path = self.path(conv_id)
+        try:
+            changed = now(path.stat().st_mtime)
+        except OSError:
+            changed = None  # read_conversation_file reports the missing or unreadable file
+        conv = read_conversation_file(path, default_time=changed)
+        conv.id = conv_id
+        return conv
 
     def latest(self) -> Conversation:
         convs = self.list()
