@@ -59,10 +59,11 @@ def test_results_come_in_input_order_with_an_error_per_bad_line(model):
         json.dumps({"id": "a", "prompt": "again"}),
         json.dumps({"id": "e", "prompt": "x", "temperature": -1}),
         json.dumps([1, 2]),
+        json.dumps({"id": 3, "prompt": "the id of line 3, which has none"}),
     ]
     summary, results = _run(model, lines)
-    assert [r["id"] for r in results] == ["a", "2", "3", "b", "c", "d", "a", "e", "9"]
-    assert summary.ok == 3 and summary.failed == 6
+    assert [r["id"] for r in results] == ["a", "2", "3", "b", "c", "d", "a", "e", "9", "3"]
+    assert summary.ok == 3 and summary.failed == 7
     assert results[0]["text"] == _alone(model, "Once upon a time").text
     assert results[2]["text"] == _alone(model, "The capital of France is", max_tokens=3).text
     assert results[2]["usage"]["completion_tokens"] <= 3
@@ -73,6 +74,8 @@ def test_results_come_in_input_order_with_an_error_per_bad_line(model):
     assert "duplicate id 'a'" in results[6]["error"]["message"]
     assert "temperature must be >= 0" in results[7]["error"]["message"]
     assert "JSON object" in results[8]["error"]["message"]
+    assert "duplicate id '3' (a line without an id gets its line number" in results[9]["error"]["message"]
+    assert "line number" not in results[6]["error"]["message"]
 
 
 def test_batched_texts_equal_each_prompt_alone(model):

@@ -43,6 +43,7 @@ class BatchRequest:
     prompt_ids: list[int] = field(default_factory=list)
     settings: Settings | None = None
     error: str | None = None
+    numbered: bool = False  # the line has no `id`: its id is its line number
 
 
 @dataclass
@@ -89,7 +90,7 @@ def parse_request(
     number: int, raw: bytes | None, tokenizer: Tokenizer, settings: Settings, context_length: int
 ) -> BatchRequest:
     """Turn one line into a request; every problem becomes the line's error, never an exception."""
-    line_id = str(number)
+    line_id, numbered = str(number), True
     try:
         if raw is None:
             raise InputError(f"the line is over {MAX_LINE_BYTES // (1024 * 1024)} MiB")
@@ -102,7 +103,7 @@ def parse_request(
         if "id" in data:
             if not isinstance(data["id"], (str, int)) or isinstance(data["id"], bool):
                 raise InputError("`id` must be a string or a number")
-            line_id = str(data["id"])
+            line_id, numbered = str(data["id"]), False
         unknown = sorted(set(data) - REQUEST_KEYS)
         if unknown:
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
@@ -127,9 +128,9 @@ def parse_request(
                 system=system if isinstance(system, str) else None,
                 raw=bool(data.get("raw", False)),
             ).ids
-        return BatchRequest(number, line_id, ids, line_settings)
+        return BatchRequest(number, line_id, ids, line_settings, numbered=numbered)
     except (InputError, ConfigError) as exc:
-        return BatchRequest(number, line_id, error=exc.message)
+        return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
 
 def count_lines(path: Path) -> int | None:
@@ -262,7 +263,7 @@ def run_batch(
 ) -> BatchSummary:
     """Run every request through the engine; write each result (or the line's error) in order."""
     summary = BatchSummary()
-    seen: set[str] = set()
+    seen: dict[str, bool] = {}  # id -> whether it was a line number
     by_index: dict[int, BatchRequest] = {}  # run_all's position (the n-th request yielded) -> the request
     positions = itertools.count()
 
@@ -273,8 +274,11 @@ def run_batch(
                 continue
             writer.expect(request.index)
             if request.id in seen:
-                request = BatchRequest(request.index, request.id, error=f"duplicate id {request.id!r}")
-            seen.add(request.id)
+                why = f"duplicate id {request.id!r}"
+                if request.numbered or seen[request.id]:
+                    why += " (a line without an id gets its line number: give every line an id, or none)"
+                request = BatchRequest(request.index, request.id, error=why)
+            seen.setdefault(request.id, request.numbered)
             if request.error is None and request.settings is not None:
                 try:
                     engine.check_fits(len(request.prompt_ids), request.settings.sampling)
