@@ -244,6 +244,18 @@ def test_binary_and_invalid_utf8_files(tmp_path):
     assert "standard input is not valid UTF-8" in r3.stderr.decode()
 
 
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; it was kept, and cost a token of every prompt."""
+    from gptcli.textio import PROMPT, read_text_file, read_text_stream
+
+    marked = tmp_path / "notes.txt"
+    marked.write_bytes("\ufeffhello".encode())
+    assert read_text_file(marked) == "hello"
+    assert read_text_stream(io.BytesIO("\ufeffhello".encode()), "standard input", PROMPT) == "hello"
+    inside = "a\ufeffb"  # only a leading mark goes
+    assert read_text_stream(io.BytesIO(inside.encode()), "standard input", PROMPT) == inside
+
+
 def test_prompt_longer_than_context(tiny_models):
     long_prompt = "ROMEO: " * 200
     result = run_cli("generate", long_prompt, "--raw", "-m", str(tiny_models["gpt2"]), "-n", "2")

@@ -51,7 +51,7 @@ def decode_text(data: bytes, where: str) -> str:
     if b"\x00" in data[:BINARY_PROBE]:
         raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{where} is not valid UTF-8 (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
