@@ -68,7 +68,7 @@ def test_range_errors_name_key_and_flag(tmp_path, flags, message):
 
 
 def test_bad_env_value_names_the_variable(tmp_path):
-    with pytest.raises(ConfigError, match=r"\$GPTCLI_TEMPERATURE: sampling.temperature must be a float"):
+    with pytest.raises(ConfigError, match=r"\$GPTCLI_TEMPERATURE: sampling.temperature must be a number"):
         resolve(environ={"GPTCLI_TEMPERATURE": "hot"}, user_file=tmp_path / "none.yaml")
 
 
@@ -91,7 +91,7 @@ def test_one_engine_for_settings_and_training_config():
     assert coerce_value("train.threads", int | None, None, "x") is None
     assert coerce_value("sampling.stop", tuple[str, ...], "END", "x") == ("END",)
     assert coerce_value("train.compile", bool, "yes", "x") is True
-    with pytest.raises(ConfigError, match=r"^--set: train.compile must be a bool, got 'maybe'$"):
+    with pytest.raises(ConfigError, match=r"^--set: train.compile must be true or false, got 'maybe'$"):
         coerce_value("train.compile", bool, "maybe", "--set")
     with pytest.raises(ConfigError, match=r"must be one of auto, cpu, cuda, got 'cdua' \(did you mean 'cuda'\?\)"):
         coerce_value("train.device", str, "cdua", "x", choices=("auto", "cpu", "cuda"))

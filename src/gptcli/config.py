@@ -27,6 +27,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # The most CPU threads any command takes: past the machine's cores more only slow a step down, and a
 # runaway value (100000) once spent minutes and 16 GB creating threads before the first token.
 MAX_THREADS = 1024
+# How a value's expected type reads in an error ("must be a whole number, got 'x'").
+KIND_NAMES: dict[type, str] = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    tuple: "a list of strings",
+}
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,7 @@ def coerce_value(
     except UnicodeEncodeError:
         raise ConfigError(f"{where}: {key} is not valid UTF-8 text", hint=hint) from None
     except (TypeError, ValueError):
-        described = "a list of strings" if kind is tuple else f"a {kind.__name__}"
+        described = KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise ConfigError(f"{where}: {key} must be {described}, got {value!r}", hint=hint) from None
     if choices and value not in choices:
         raise ConfigError(
