@@ -48,6 +48,9 @@ def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
     out.write_text('{"id": "1", "text": "x"}\n')
     exists = run_cli("generate", "--batch", str(batch), "-o", str(out), "-m", str(tiny_models["llama"]))
     assert exists.returncode == 2 and "already holds results" in exists.stderr.decode()
+    # The input as its own output: every line would have counted as done (its "id"), so nothing ran.
+    itself = run_cli("generate", "--batch", str(batch), "-o", str(batch), "--resume", "-m", str(tiny_models["llama"]))
+    assert itself.returncode == 2 and "is the --batch file itself" in itself.stderr.decode()
     assert "Traceback" not in (no_output.stderr + with_prompt.stderr + exists.stderr).decode()
 
 

@@ -50,7 +50,12 @@ def generate(
     batch: Annotated[
         Path | None, typer.Option("--batch", help="A JSONL file of requests (prompt or messages per line).")
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="With --batch: append results here.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="With --batch: write results here (a new or empty file; --resume continues one)."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="With --batch: skip ids already in --output.")] = False,
     parallel: c.ParallelOpt = None,
     kv_budget: c.KvBudgetOpt = None,
