@@ -95,6 +95,12 @@ def test_baseline_regression_exits_1_and_a_pass_exits_0(tiny_models, env, tmp_pa
     assert all(float(r["vs baseline"].rstrip("x")) < 0.9 for r in rows)
     ok = bench(tiny_models["llama"], "-b", "scripted", "--baseline", str(runs), "--fail-below", "0.01", env=env)
     assert ok.returncode == 0, ok.stderr.decode()
+    other_tests = ["-p", "7", "-n", "3"]  # pp7 and tg3: the baseline holds pp8 and tg4
+    other = bench(
+        tiny_models["llama"], "-b", "scripted", *other_tests, "--baseline", str(runs), "--fail-below", "1", env=env
+    )
+    assert other.returncode == 1  # a gate that compared nothing does not pass
+    assert "nothing was compared" in other.stderr.decode()
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])

@@ -70,7 +70,13 @@ def regressions(records: list[dict[str, Any]], fail_below: float) -> list[dict[s
 
 
 def check_regressions(records: list[dict[str, Any]], fail_below: float, baseline: Path) -> None:
-    """A GptcliError (exit 1) naming the worst result when any fell below `fail_below` × the baseline."""
+    """A GptcliError (exit 1) naming the worst result when any fell below `fail_below` × the baseline,
+    or when none had a baseline to compare with (a gate that compared nothing must not pass)."""
+    if not any(record.get("baseline") for record in records):
+        raise GptcliError(
+            f"no result matched one in {baseline}: nothing was compared",
+            hint="results match by model, backend, precision, test and threads; run the same configuration",
+        )
     slow = regressions(records, fail_below)
     if slow:
         worst = min(slow, key=lambda r: r["baseline"]["ratio"])
