@@ -119,6 +119,13 @@ def test_resume_appends_on_a_line_of_its_own(model, tmp_path, tail, done):
     assert sorted(r["id"] for r in records) == ["r0", "r1", "r2", "r3"]
 
 
+def test_a_message_role_the_server_would_refuse_is_the_lines_error(model):
+    backend, tok = model
+    line = json.dumps({"messages": [{"role": "bot", "content": "hi"}]}).encode()
+    request = parse_request(1, line, tok, SETTINGS, backend.info.context_length)
+    assert request.error is not None and request.error.startswith("unknown message role 'bot' (known: system,")
+
+
 def test_an_over_long_line_is_an_error_without_being_read_whole():
     big = b'{"prompt": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}\n{"prompt": "ok"}\n'
     lines = list(read_lines(io.BytesIO(big)))

@@ -25,7 +25,7 @@ from gptcli.config import Settings, with_sampling
 from gptcli.decoding import Finished
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
-from gptcli.prompts import build_prompt, fit_prompt, transcript
+from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, transcript
 from gptcli.tokenizer import Tokenizer
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
@@ -81,6 +81,8 @@ def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
             and isinstance(message.get("content"), str)
         ):
             raise InputError("each message needs a string `role` and `content`")
+        if message["role"] not in MESSAGE_ROLES:
+            raise InputError(f"unknown message role {message['role']!r} (known: {', '.join(MESSAGE_ROLES)})")
     # As `gptcli chat` builds a conversation: the chat template, or a plain transcript for a base model.
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     return build_prompt(tokenizer, turns, plain=transcript).ids

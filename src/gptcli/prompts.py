@@ -17,6 +17,8 @@ class Prompt:
 
 
 Messages = list[dict[str, str]]
+# The roles a message may have (OpenAI's): batch files and the server take the same ones.
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def messages_for(text: str, system: str | None) -> Messages:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.errors import ConfigError, ModelError
-from gptcli.prompts import build_prompt, transcript
+from gptcli.prompts import MESSAGE_ROLES, build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.tokenizer import Tokenizer
 
@@ -158,7 +158,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal[MESSAGE_ROLES]  # type: ignore[valid-type]
     content: str | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
