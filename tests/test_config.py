@@ -72,6 +72,13 @@ def test_bad_env_value_names_the_variable(tmp_path):
         resolve(environ={"GPTCLI_TEMPERATURE": "hot"}, user_file=tmp_path / "none.yaml")
 
 
+def test_an_empty_env_variable_counts_as_not_set(tmp_path):
+    cfg = write(tmp_path, "c.yaml", "threads: 3\nsampling:\n  temperature: 0.5\n")
+    empty = {"GPTCLI_THREADS": "", "GPTCLI_TEMPERATURE": ""}  # was "must be a whole number, got ''"
+    settings = resolve(config_file=cfg, environ=empty, user_file=tmp_path / "n").settings
+    assert settings.threads == 3 and settings.sampling.temperature == 0.5
+
+
 def test_stop_list_from_yaml_and_env(tmp_path):
     cfg = write(tmp_path, "c.yaml", "sampling:\n  stop: ['###', 'END']\n")
     assert resolve(config_file=cfg, environ={}, user_file=tmp_path / "n").settings.sampling.stop == ("###", "END")

@@ -382,7 +382,7 @@ def resolve(
         layers.append((str(config_file), flatten_file(read_yaml(config_file), str(config_file))))
     env_layer = {}
     for key, spec in FIELDS.items():
-        if spec.env in environ:
+        if environ.get(spec.env):  # set and not empty: `GPTCLI_THREADS= gptcli …` means "not set", as in a shell
             raw: Any = environ[spec.env]
             if spec.kind is tuple:
                 raw = tuple(s for s in raw.split(",") if s)
