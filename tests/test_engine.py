@@ -283,3 +283,23 @@ def test_a_failure_outside_any_sequences_decoding_ends_the_running_ones_not_the_
         assert _finished(list(second.events(timeout=30))).reason == "length"
     finally:
         engine.stop()
+
+
+def test_ctrl_c_between_two_events_still_ends_the_reply_with_its_text(model, monkeypatch):
+    """KeyboardInterrupt lands in the caller (not in a step) about as often as the caller's share of the
+    time: thrown into `generate`, it ends the sequence 'interrupted' with the text so far, as mid-step."""
+    from gptcli.cli import remote_run, render
+
+    backend, tok = model
+    params = SamplingConfig(temperature=0, max_tokens=40, repetition_stop=False)
+    alone = _finished(list(generate(backend, tok, tok.encode(PROMPTS[0]), params)))
+
+    def interrupted_after_three(events, show):
+        for _ in range(3):
+            next(events)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render, "stream_text", interrupted_after_three)
+    finished = remote_run.stream_or_exit(generate(backend, tok, tok.encode(PROMPTS[0]), params), show=False)
+    assert finished.reason == "interrupted"
+    assert finished.token_ids == alone.token_ids[: len(finished.token_ids)] and len(finished.token_ids) >= 3

@@ -95,14 +95,32 @@ def stream_or_exit(events: Any, *, show: bool) -> Any:
 
     Without `show` (--json) a reply the engine ended as interrupted is returned with its partial text:
     the caller prints it, then calls `exit_if_interrupted`."""
-    import contextlib
-
     finished = None
-    with contextlib.suppress(KeyboardInterrupt):  # interrupted between events: what was written stays written
+    try:
         finished = render.stream_text(events, show=show)
+    except KeyboardInterrupt:  # between two events: what was written stays written
+        if not show:
+            finished = _ended_after_interrupt(events)
     if finished is None or show:
         exit_if_interrupted(finished)
     return finished
+
+
+def _ended_after_interrupt(events: Any) -> Any:
+    """Ctrl-C came between two events: the engine's generator (`engine.generate`) takes it thrown in and
+    still ends the reply ('interrupted', with its text); None from anything that cannot."""
+    import contextlib
+
+    from gptcli.decoding import Finished
+
+    if not hasattr(events, "throw"):
+        return None
+    with contextlib.suppress(KeyboardInterrupt, StopIteration):
+        event = events.throw(KeyboardInterrupt())
+        while not isinstance(event, Finished):
+            event = next(events)
+        return event
+    return None
 
 
 def exit_if_interrupted(finished: Any) -> None:

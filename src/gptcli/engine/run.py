@@ -31,7 +31,10 @@ def generate(
     engine = Engine(backend, tokenizer, limits, clock=clock)
     handle = engine.submit(prompt_ids, params, session=session)
     for _, event in engine.run([handle]):
-        yield event
+        try:
+            yield event
+        except KeyboardInterrupt:  # thrown in by a caller Ctrl-C'd between two events: end as mid-step
+            engine.interrupt()  # the rest of the text and the Finished ('interrupted') come next
 
 
 def run_all(engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConfig]]) -> Iterator[tuple[int, Event]]:
