@@ -206,8 +206,8 @@ def test_a_config_file_over_the_limit(tmp_path):
 
 
 def test_a_recursive_yaml_alias_is_a_config_error(tmp_path):
-    from gptcli.config import read_yaml
     from gptcli.errors import ConfigError
+    from gptcli.textio import read_yaml
 
     config = tmp_path / "loop.yaml"
     config.write_text("sampling:\n  stop: &a [*a]\n")

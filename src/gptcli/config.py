@@ -22,6 +22,7 @@ from typing import Any
 
 from gptcli.errors import ConfigError
 from gptcli.paths import user_config_file
+from gptcli.textio import read_yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The most CPU threads any command takes: past the machine's cores more only slow a step down, and a
@@ -266,92 +267,6 @@ def flatten(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: {key} -> {sub}: unknown key{suggest(str(sub), list(section))}")
             flat[f"{key}.{sub}"] = sub_value
     return flat
-
-
-MAX_YAML_VALUES = 1_000_000  # after aliases are expanded: "billion laughs" stops here, not in the memory
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The one YAML reader: safe_load, a mapping at the top, errors that name the file.
-
-    The file may hold at most 1 MiB (InputError, exit 6), and its aliases may not expand it past
-    MAX_YAML_VALUES values (safe_load shares aliased nodes, but every reader walks them out in full).
-    """
-    import yaml
-
-    from gptcli.textio import CONFIG_FILE, over_limit
-
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(CONFIG_FILE.max_bytes + 1)
-        text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {exc.start})") from None
-    if len(raw) > CONFIG_FILE.max_bytes:
-        raise over_limit(str(path), CONFIG_FILE)
-    try:
-        data = _load_checked(yaml.SafeLoader, text, path)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{where}: invalid YAML: {problem}", hint="fix the YAML syntax") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    return data
-
-
-def _load_checked(loader_class: Any, text: str, path: Path) -> Any:
-    """safe_load, with the size of the node graph checked before any Python object is built."""
-    loader = loader_class(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_size(node, path)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _check_yaml_size(root: Any, path: Path) -> None:
-    """Count the values of the YAML node graph as if its aliases were written out (iteratively, memoised)."""
-    import yaml
-
-    sizes: dict[int, int] = {}
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    open_nodes: set[int] = set()
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if isinstance(node, yaml.ScalarNode):
-            sizes[key] = 1
-            continue
-        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
-        if children_done:
-            open_nodes.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
-            if sizes[key] > MAX_YAML_VALUES:
-                raise ConfigError(
-                    f"{path}: its YAML aliases expand to over {MAX_YAML_VALUES:,} values",
-                    hint="write the values out instead of repeating &anchors with *aliases",
-                )
-            continue
-        if key in sizes:
-            continue
-        if key in open_nodes:
-            raise ConfigError(f"{path}: a YAML alias refers to a value that contains it", hint="remove the alias")
-        open_nodes.add(key)
-        stack.append((node, True))
-        stack.extend((c, False) for c in children if id(c) not in sizes)
 
 
 def flatten_file(data: Mapping[str, Any], where: str) -> dict[str, Any]:

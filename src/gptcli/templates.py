@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file, read_yaml, suggest
+from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file, suggest
 from gptcli.errors import ConfigError, UsageError
 from gptcli.paths import config_dir
+from gptcli.textio import read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "templates_builtin"
 TEMPLATE_KEYS = ("description", "system", "user", "variables", "sampling")

@@ -129,7 +129,7 @@ def show(
 
     import yaml
 
-    from gptcli.config import read_yaml
+    from gptcli.textio import read_yaml
     from gptcli.train import checkpoint as ckpt
 
     summary = _summary(run)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from gptcli.backends.base import Backend
-from gptcli.errors import ConfigError
+from gptcli.errors import ConfigError, InputError
 from gptcli.hardware import available_memory_bytes
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -75,3 +75,21 @@ def default_kv_budget(backend: Backend, max_running: int) -> int:
     if per_token <= 0 or memory is None:
         return max_running * context
     return max(context, int(memory * KV_MEMORY_FRACTION // per_token))
+
+
+def kv_reserve(prompt_tokens: int, max_tokens: int, context: int, kv_budget: int) -> int:
+    """The KV positions a sequence reserves when it starts; an InputError when it could never run."""
+    if prompt_tokens < 1:
+        raise InputError("the prompt is empty", hint="give the model some text")
+    if prompt_tokens >= context:
+        raise InputError(
+            f"the prompt is {prompt_tokens} tokens but the model's context holds {context}", hint="shorten the prompt"
+        )
+    reserve = min(prompt_tokens + max(max_tokens, 1), context)
+    if reserve > kv_budget:
+        raise InputError(
+            f"this sequence needs {reserve} KV positions (prompt {prompt_tokens} + max tokens {max_tokens})"
+            f" but the KV budget is {kv_budget}",
+            hint="raise --kv-budget, or lower --max-tokens",
+        )
+    return reserve

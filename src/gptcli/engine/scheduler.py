@@ -37,8 +37,8 @@ from gptcli.backends.base import Backend, batched_step, release_cache
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, KVSession, SequenceDecoder
 from gptcli.engine.handle import SequenceHandle
-from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget
-from gptcli.errors import ConfigError, InputError, QueueFullError
+from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve
+from gptcli.errors import ConfigError, QueueFullError
 from gptcli.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -97,22 +97,7 @@ class Engine:
 
     def check_fits(self, prompt_tokens: int, params: SamplingConfig) -> int:
         """The KV positions a sequence reserves; an InputError when it could never run."""
-        context = self.backend.info.context_length
-        if prompt_tokens < 1:
-            raise InputError("the prompt is empty", hint="give the model some text")
-        if prompt_tokens >= context:
-            raise InputError(
-                f"the prompt is {prompt_tokens} tokens but the model's context holds {context}",
-                hint="shorten the prompt",
-            )
-        reserve = min(prompt_tokens + max(params.max_tokens, 1), context)
-        if reserve > self.kv_budget:
-            raise InputError(
-                f"this sequence needs {reserve} KV positions (prompt {prompt_tokens} + max tokens "
-                f"{params.max_tokens}) but the KV budget is {self.kv_budget}",
-                hint="raise --kv-budget, or lower --max-tokens",
-            )
-        return reserve
+        return kv_reserve(prompt_tokens, params.max_tokens, self.backend.info.context_length, self.kv_budget)
 
     def submit(
         self,

@@ -12,8 +12,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import MAX_THREADS, coerce_value, field_types, flatten, read_yaml, suggest
+from gptcli.config import MAX_THREADS, coerce_value, field_types, flatten, suggest
 from gptcli.errors import ConfigError
+from gptcli.textio import read_yaml
 
 
 @dataclass(frozen=True)
