@@ -177,8 +177,23 @@ def test_queue_full_is_its_own_error(model):
     backend, tok = model
     engine = Engine(backend, tok, EngineLimits(max_running=1, max_queue=2))
     ids = tok.encode("hi")
+    for _ in range(3):  # the free slot, then two in the queue
+        engine.submit(ids, GREEDY)
+    with pytest.raises(QueueFullError, match="2 requests are already waiting for a slot"):
+        engine.submit(ids, GREEDY)
+
+
+def test_free_slots_are_not_the_queue(model):
+    """Sequences wait for the next step even when a slot is free: those do not fill --max-queue (0 refused
+    every request of an idle server, and a burst was turned away with slots free)."""
+    backend, tok = model
+    engine = Engine(backend, tok, EngineLimits(max_running=2, max_queue=0))
+    ids = tok.encode("hi")
     engine.submit(ids, GREEDY)
     engine.submit(ids, GREEDY)
+    with pytest.raises(QueueFullError):
+        engine.submit(ids, GREEDY)
+    engine.step()  # both admitted: still no free slot and no queue
     with pytest.raises(QueueFullError):
         engine.submit(ids, GREEDY)
 

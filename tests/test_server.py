@@ -438,8 +438,20 @@ def serve_process(model: Path, *flags: str, env: dict[str, str]) -> Iterator[tup
 
 
 def test_key_limits_and_queue_in_a_real_process(tiny_models, llama_tok):
-    flags = ("--api-key", "sesame", "--max-body", "2048", "--max-queue", "0", "--log-level", "warning")
-    with serve_process(tiny_models["llama"], *flags, env=scripted_env(llama_tok, "hi")) as (_, url):
+    flags = (
+        "--api-key",
+        "sesame",
+        "--max-body",
+        "2048",
+        "--parallel",
+        "1",
+        "--max-queue",
+        "0",
+        "--log-level",
+        "warning",
+    )
+    env = scripted_env(llama_tok, "one two three four five six seven eight nine ten", delay=0.1)
+    with serve_process(tiny_models["llama"], *flags, env=env) as (_, url):
         assert httpx.get(url + "/health").status_code == 200  # open without the key
         assert httpx.get(url + "/").status_code == 200  # the page asks for the key itself
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -456,10 +468,16 @@ def test_key_limits_and_queue_in_a_real_process(tiny_models, llama_tok):
         assert too_big.status_code == 413 and error_of(too_big)["code"] == "body_too_large"
         chunked = httpx.post(url + "/v1/completions", content=iter([big[:1000], big[1000:]]), headers=key)
         assert chunked.status_code == 413
-        # --max-queue 0: every request finds the queue full.
+        # --parallel 1 --max-queue 0: a request takes the free slot (before, 0 refused every request);
+        # one that comes while the slot is taken finds no queue.
         client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices[0].text
+        long = threading.Thread(target=client.completions.create, kwargs={"model": "tiny-llama", "prompt": "hi"})
+        long.start()
+        time.sleep(0.4)  # its ~11 steps of 0.1 s have begun
         with pytest.raises(openai.APIStatusError) as caught:
             client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
+        long.join(30)
         assert caught.value.status_code == 503
         assert caught.value.response.headers["retry-after"] == "1"
 

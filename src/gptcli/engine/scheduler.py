@@ -113,9 +113,12 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise QueueFullError("the server is shutting down", hint="retry against another replica")
-            if len(self._waiting) >= self.limits.max_queue:
+            # Until the next step admits them, new sequences wait even for a free slot: only those
+            # beyond the free slots are queued (--max-queue 0: no queue, not "refuse everything").
+            queued = len(self._waiting) - max(0, self.limits.max_running - len(self._running))
+            if queued >= self.limits.max_queue:
                 raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.limits.max_queue})",
+                    f"{queued} requests are already waiting for a slot (--max-queue {self.limits.max_queue})",
                     hint="retry in a moment",
                 )
             handle = SequenceHandle(next(self._ids), len(prompt), on_event)
