@@ -135,6 +135,15 @@ def test_a_wrong_key_is_one_clear_error(server):
     assert "hint: pass --api-key KEY or set OPENAI_API_KEY" in err
 
 
+def test_a_piped_chat_ends_at_an_error_that_is_not_the_messages_own(server, isolated_home):
+    """An unknown model (404): each line failed alike and the chat still exited 0."""
+    result = run_cli(*remote(server, "chat", "-m", "nosuch", "--jsonl"), input="hi\nhello\n")
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 5, result.stderr.decode()
+    assert len(records) == 1 and "nosuch" in records[0]["error"]  # the first line's record, then the end
+    assert result.stderr.decode().count("error: ") == 1
+
+
 def test_a_refused_connection_is_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}/v1"
     for args in (("generate", "hi"), ("summarize",), ("chat",)):

@@ -3,7 +3,8 @@
 Plain mode writes each reply as it streams, ending with a newline. `--jsonl` writes one JSON object per
 user message, so a reply spanning lines stays one record:
 `{"role": "assistant", "content": …, "finish_reason": …, "conversation": …, "usage": {…}}`;
-a message that could not be answered gets `{"error": …, "hint": …}` in its place.
+a message that could not be answered gets `{"error": …, "hint": …}` in its place, and when the fault is
+not the message's own (the server is gone, the model unknown) the chat ends there with that error's exit code.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import typer
 from gptcli.cli import render
 from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, stream_plain
 from gptcli.cli.inputs import stdin_lines
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, ConfigError, GptcliError, InputError, UsageError
+
+# What one line can get wrong (too long, a bad command or /set value): that line is answered with the
+# error and the chat goes on. Anything else (a server gone, an unknown model) ends it with its exit code.
+MESSAGE_ERRORS = (InputError, UsageError, ConfigError)
 
 
 def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
@@ -35,6 +40,8 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
             render.report(exc)
             if jsonl and not is_command(text):  # one record per user message, even a refused one
                 write_record({"error": exc.message, "hint": exc.hint})
+            if not isinstance(exc, MESSAGE_ERRORS):  # the server or the model failed, not this message:
+                raise typer.Exit(exc.exit_code) from None  # the next lines would fail alike (saved so far)
             continue
         if step.output:
             print(step.output, file=sys.stderr)
