@@ -467,4 +467,9 @@ def test_training_yields_typed_events_in_order(corpus, tmp_path):
     assert finished.steps == 3 and finished.interrupted is False and finished.best_step in (2, 3)
     summary = finished.as_dict()
     assert summary["params"] == started.info.params and summary["steps"] == 3
+    # Stopped before the first evaluation: the val loss is null in the JSON summary (it was NaN: not JSON).
+    from dataclasses import replace
+
+    early = replace(finished, val_loss=math.nan, best_val_loss=None).as_dict()
+    assert early["val_loss"] is None and json.loads(json.dumps(early, allow_nan=False))["val_loss"] is None
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]

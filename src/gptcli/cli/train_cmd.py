@@ -100,10 +100,11 @@ def train(
     if not main_rank:
         return
     if as_json:
-        sys.stdout.write(json.dumps(finished.as_dict()) + "\n")
+        sys.stdout.write(json.dumps(finished.as_dict(), allow_nan=False) + "\n")
+    val = f"val loss {finished.val_loss:.4f}" if math.isfinite(finished.val_loss) else "no val loss yet"
     c.stderr_console().print(
         f"{'interrupted at' if finished.interrupted else 'finished'} step {finished.steps}"
-        f" · val loss {finished.val_loss:.4f} · {finished.wall_s:.1f} s · {finished.tokens_per_s or 0:,} tok/s"
+        f" · {val} · {finished.wall_s:.1f} s · {finished.tokens_per_s or 0:,} tok/s"
         f" · model in {setup.out}",
         markup=False,
     )

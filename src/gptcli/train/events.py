@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -98,6 +99,8 @@ class Finished:
     def as_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         del fields["info"]
+        # A loss not measured yet (stopped before the first evaluation) is NaN here, null in JSON.
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         return {**self.info.as_dict(), **fields}
 
 
