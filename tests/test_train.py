@@ -80,6 +80,15 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     assert [Path(r["run"]).name for r in json.loads(listed.stdout)] == ["run"]
     shown = run_cli("runs", "show", str(out), "--json")
     assert json.loads(shown.stdout)["config"]["model"]["n_layer"] == 1
+    # By the name `runs list` shows, from the folder that holds ./runs.
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "runs").symlink_to(tmp_path)
+    by_name = subprocess.run(
+        [sys.executable, "-m", "gptcli", "runs", "show", "run", "--json"], cwd=here, capture_output=True
+    )
+    assert by_name.returncode == 0, by_name.stderr.decode()
+    assert json.loads(by_name.stdout)["config"]["model"]["n_layer"] == 1
 
 
 def test_char_tokenizer_is_a_real_tokenizer_json(corpus, tmp_path):

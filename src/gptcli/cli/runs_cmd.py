@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 
 
+DEFAULT_ROOT = Path("runs")  # where `gptcli train` puts runs by default, and where `runs list` looks
+
+
 def _summary(run: Path) -> dict[str, Any]:
     from gptcli.train import checkpoint as ckpt
 
@@ -74,7 +77,7 @@ def _fmt(value: Any) -> str:
 
 @app.command("list")
 def list_runs(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = DEFAULT_ROOT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the runs under ROOT (default ./runs) with their step and losses.
@@ -117,7 +120,7 @@ def list_runs(
 
 @app.command("show")
 def show(
-    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    run: Annotated[Path, typer.Argument(help="A run folder, or a run's name under ./runs (as `runs list` shows).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one run: its results, checkpoints and resolved training config.
@@ -132,6 +135,8 @@ def show(
     from gptcli.textio import read_yaml
     from gptcli.train import checkpoint as ckpt
 
+    if not run.exists() and not run.is_absolute() and (DEFAULT_ROOT / run).is_dir():
+        run = DEFAULT_ROOT / run
     summary = _summary(run)
     summary["config"] = read_yaml(run / ckpt.CONFIG_FILE)
     if as_json:
