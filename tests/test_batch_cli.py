@@ -51,6 +51,8 @@ def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
     # The input as its own output: every line would have counted as done (its "id"), so nothing ran.
     itself = run_cli("generate", "--batch", str(batch), "-o", str(batch), "--resume", "-m", str(tiny_models["llama"]))
     assert itself.returncode == 2 and "is the --batch file itself" in itself.stderr.decode()
+    missing = run_cli("generate", "--batch", str(tmp_path / "nope.jsonl"), "-o", str(out), "--resume")
+    assert missing.returncode == 6 and "cannot read" in missing.stderr.decode()
     assert "Traceback" not in (no_output.stderr + with_prompt.stderr + exists.stderr).decode()
 
 

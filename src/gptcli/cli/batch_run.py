@@ -40,7 +40,7 @@ def run_batch_file(
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
     if output is not None and output.is_dir():
         raise InputError(f"{output} is a folder", hint="give a file for the results, e.g. results.jsonl")
-    if output is not None and str(batch) != "-" and output.exists() and output.samefile(batch):
+    if output is not None and str(batch) != "-" and output.exists() and batch.exists() and output.samefile(batch):
         raise UsageError(f"--output {output} is the --batch file itself", hint="write the results to another file")
     if output is not None and output.exists() and not resume and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds results", hint="pass --resume to continue it, or remove it")
