@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from gptcli.hardware import cpu_isa
+
 REPO = Path(__file__).resolve().parents[1]
 GPTCLI = str(Path(sys.executable).with_name("gptcli"))
 DEFAULT_ARGS = ["--backend", "onnx", "--precision", "int4"]
@@ -56,7 +58,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, env in envs.items():
             times[name].append(first_byte(cmd, env))
-    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_vnni", "amx_tile"})
+    flags = [name for name, present in vars(cpu_isa()).items() if present]
     print(f"`{' '.join(['gptcli', *cmd[1:]])}`, first output byte, {args.rounds} rounds, cpu: {' '.join(flags)}")
     print("| variant | median s | min s | vs this checkout |\n|---|---:|---:|---:|")
     base = statistics.median(times["this checkout"])
