@@ -10,6 +10,8 @@ from pathlib import Path
 
 from gptcli.errors import GptcliError
 
+RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
+
 
 def _platform_dir(kind: str) -> Path:
     import platformdirs

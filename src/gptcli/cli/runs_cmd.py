@@ -11,6 +11,7 @@ import typer
 
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import InputError
+from gptcli.paths import RUNS_DIR
 
 app = typer.Typer(
     help="List and inspect training runs (folders made by `gptcli train`).",
@@ -18,9 +19,6 @@ app = typer.Typer(
     cls=HelpGroup,
     rich_markup_mode=None,
 )
-
-
-DEFAULT_ROOT = Path("runs")  # where `gptcli train` puts runs by default, and where `runs list` looks
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -77,7 +75,7 @@ def _fmt(value: Any) -> str:
 
 @app.command("list")
 def list_runs(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = DEFAULT_ROOT,
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = RUNS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the runs under ROOT (default ./runs) with their step and losses.
@@ -135,8 +133,8 @@ def show(
     from gptcli.textio import read_yaml
     from gptcli.train import checkpoint as ckpt
 
-    if not run.exists() and not run.is_absolute() and (DEFAULT_ROOT / run).is_dir():
-        run = DEFAULT_ROOT / run
+    if not run.exists() and not run.is_absolute() and (RUNS_DIR / run).is_dir():
+        run = RUNS_DIR / run
     summary = _summary(run)
     summary["config"] = read_yaml(run / ckpt.CONFIG_FILE)
     if as_json:

@@ -11,6 +11,7 @@ from typing import Any
 from gptcli.errors import ConfigError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
+from gptcli.paths import RUNS_DIR
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.data import EOT, UNK, TokenData, prepare
@@ -49,7 +50,7 @@ def tokenizer_files(data: TokenData, cfg: TrainConfig, block: int, init_folder: 
 
 
 def default_out(data_path: Path) -> Path:
-    base = Path("runs") / (data_path.stem or "run")
+    base = RUNS_DIR / (data_path.stem or "run")
     out, n = base, 2
     while out.exists():
         out, n = base.with_name(f"{base.name}-{n}"), n + 1
