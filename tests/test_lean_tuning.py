@@ -17,7 +17,7 @@ BIG = lean_tuning.MIN_PARAMS
 
 def test_a_small_model_keeps_mkl_without_measuring(monkeypatch):
     monkeypatch.setattr(lean_tuning, "measure", lambda threads: pytest.fail("measured for a tiny model"))
-    assert lean_tuning.one_row_packed(BIG - 1) is False
+    assert lean_tuning.one_row_kernel(BIG - 1) == lean_tuning.MKL
 
 
 def test_the_choice_is_measured_once_per_thread_count_and_cached(monkeypatch):
@@ -33,10 +33,10 @@ def test_the_choice_is_measured_once_per_thread_count_and_cached(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert lean_tuning.one_row_packed(BIG) and lean_tuning.one_row_packed(BIG)
+        assert lean_tuning.one_row_kernel(BIG) == lean_tuning.one_row_kernel(BIG) == lean_tuning.ONEDNN
         assert calls == [1]
         torch.set_num_threads(2)
-        lean_tuning.one_row_packed(BIG)
+        lean_tuning.one_row_kernel(BIG)
         assert calls == [1, 2]  # another thread count is another choice
     finally:
         torch.set_num_threads(before)
@@ -44,33 +44,63 @@ def test_the_choice_is_measured_once_per_thread_count_and_cached(monkeypatch):
     assert [record["kernel"] for record in stored.values()] == [lean_tuning.ONEDNN] * 2
 
 
-def test_both_kernels_are_timed_on_this_cpu():
+def test_every_kernel_is_timed_on_this_cpu():
     record = lean_tuning.measure(1)
-    assert record["kernel"] in {lean_tuning.MKL, lean_tuning.ONEDNN}
-    assert set(record["timings_ms"]) == {lean_tuning.MKL, lean_tuning.ONEDNN}
+    kernels = {lean_tuning.MKL, lean_tuning.ONEDNN, lean_tuning.NUMPY_BLAS}
+    assert record["kernel"] in kernels
+    assert set(record["timings_ms"]) == kernels
     assert all(ms > 0 for ms in record["timings_ms"].values())
 
 
+def greedy(backend, steps: int = 12) -> tuple[list[int], np.ndarray]:
+    logits, cache = backend.forward([3, 9, 4, 17], backend.new_cache())
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        logits, cache = backend.forward([tokens[-1]], cache)
+    return tokens, logits
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_one_row_products_on_the_packed_weights_give_the_same_greedy_text(tiny_models, family, monkeypatch):
+@pytest.mark.parametrize("kernel", [lean_tuning.ONEDNN, lean_tuning.NUMPY_BLAS])
+def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, kernel, monkeypatch):
+    import torch
+
+    from gptcli.backends import lean_base
+
     monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
-    options = LoadOptions(device="cpu", dtype="float32", threads=1)
+    options = LoadOptions(device="cpu", dtype="float32", threads=2)
     plain = TorchBackend.load(tiny_models[family], options)
-    packed = TorchBackend.load(tiny_models[family], options)
-    if not packed.engine.lean._onednn:
+    other = TorchBackend.load(tiny_models[family], options)
+    if not other.engine.lean._onednn:
         pytest.skip("torch has no oneDNN here")
-    plain.engine.lean._one_row_packed, packed.engine.lean._one_row_packed = False, True
-    prompt = [3, 9, 4, 17]
-    for backend in (plain, packed):
-        logits, cache = backend.forward(prompt, backend.new_cache())
-        tokens = []
-        for _ in range(12):
-            tokens.append(int(np.argmax(logits)))
-            logits, cache = backend.forward([tokens[-1]], cache)
-        backend.tokens, backend.last = tokens, logits  # type: ignore[attr-defined]
-    assert packed.tokens == plain.tokens  # type: ignore[attr-defined]
-    np.testing.assert_allclose(packed.last, plain.last, atol=1e-4, rtol=0)  # type: ignore[attr-defined]
-    assert packed.engine.lean._packed and not plain.engine.lean._packed  # the packed run really used packed weights
+    plain.engine.lean._one_row_kernel, other.engine.lean._one_row_kernel = lean_tuning.MKL, kernel
+    expected_tokens, expected_logits = greedy(plain)
+    numpy_threads: list[int] = []  # torch's thread count during each product on numpy's BLAS
+    product = lean_base.numpy_product
+    monkeypatch.setattr(
+        lean_base, "numpy_product", lambda x, w: (numpy_threads.append(torch.get_num_threads()), product(x, w))[1]
+    )
+    tokens, logits = greedy(other)
+    assert tokens == expected_tokens
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+    assert torch.get_num_threads() == 2  # given back after every one-row step
+    if kernel == lean_tuning.ONEDNN:  # the run really used its kernel
+        assert other.engine.lean._packed and not plain.engine.lean._packed and not numpy_threads
+    else:  # every one-row product of the 12 decode steps, with torch's own pool down to one thread
+        assert len(numpy_threads) >= 12 * plain.info.num_layers and set(numpy_threads) == {1}
+        assert not other.engine.lean._packed
+
+
+def test_quantized_weights_keep_their_own_kernels_where_numpy_blas_won(tiny_models, monkeypatch):
+    from gptcli.backends import lean_base
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", precision="int8", threads=2))
+    backend.engine.lean._one_row_kernel = lean_tuning.NUMPY_BLAS
+    monkeypatch.setattr(lean_base, "numpy_product", lambda x, w: pytest.fail("a quantized model used numpy's BLAS"))
+    greedy(backend, 3)
+    assert not backend.engine.lean._numpy_step(1)  # nor does it take torch's threads away from those kernels
 
 
 def test_backends_json_and_bench_environment_say_which_kernel_this_machine_uses(capsys):

@@ -160,6 +160,28 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def set_blas_threads(threads: int | None) -> None:
+    """The thread count of numpy's BLAS (OpenBLAS in numpy's wheels); None or 0 keeps its own.
+
+    Lasting for the process, as set_torch_threads: the lean engine's one-row products may run there
+    (backends/lean_tuning.py). A BLAS threadpoolctl cannot reach keeps its count."""
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+
+
+def blas_name() -> str:
+    """numpy's BLAS library and version as threadpoolctl sees it ("openblas 0.3.31"), or "numpy's BLAS"."""
+    import numpy  # noqa: F401  (its BLAS is loaded with it)
+    from threadpoolctl import threadpool_info
+
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            return f"{info.get('internal_api')} {info.get('version') or ''}".strip()
+    return "numpy's BLAS"
+
+
 # ---------------------------------------------------------------- CPU ISA and peak FLOPS
 
 

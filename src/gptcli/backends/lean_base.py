@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from gptcli.backends.lean_quant import QuantMatrix
-from gptcli.backends.lean_tuning import PACK_ROWS, one_row_packed
+from gptcli.backends.lean_tuning import NUMPY_BLAS, ONEDNN, PACK_ROWS, numpy_product, one_row_kernel
+from gptcli.hardware import set_blas_threads, torch_threads
 from gptcli.hf import safetensors_header
 
 Tensors = dict[str, torch.Tensor]
@@ -96,7 +97,8 @@ class LeanModel:
         self._every_row = False  # the lm_head runs on every position, not each sequence's last (set by `score`)
         self._packed: dict[int, torch.Tensor] = {}  # id(weight) → its oneDNN-packed copy
         self._onednn = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        self._one_row_packed: bool | None = None  # decided at the first one-row product
+        self._one_row_kernel: str | None = None  # lean_tuning's choice, decided at the first one-row step
+        self._on_numpy = False  # this step is one row whose float32 products run on numpy's BLAS (`step`)
         self.initial_cache = 256  # positions a new cache holds before its first regrowth
         self.windows: list[int | None] = []  # per layer: attend to at most this many last positions (None: all)
         self.attention_scale: float | None = None  # None: head_dim ** -0.5
@@ -106,8 +108,8 @@ class LeanModel:
     ) -> torch.Tensor:
         """x @ weight (+ bias), weight stored [in, out] (or quantized: lean_quant.py, its own kernels).
 
-        One sequence: MKL on the [in, out] layout, or the packed copy below where that is faster on
-        this machine (lean_tuning measures it once). Several sequences at once: oneDNN on a packed
+        One sequence: MKL or numpy's BLAS on the [in, out] layout, or the packed copy below, whichever
+        is fastest on this machine (lean_tuning measures it once). Several sequences at once: oneDNN on a packed
         copy of the weight, made the first time a step needs it. MKL's few-row sgemm falls far below
         the bandwidth floor (measured, 1 thread: the 49152-row head at 8 rows took 34 ms in MKL, 10 ms
         packed; at 1 row MKL's 6.6 ms wins), so a batched step would cost 3x a single one instead of
@@ -115,7 +117,10 @@ class LeanModel:
         """
         if isinstance(weight, QuantMatrix):
             return weight.mm(x, bias)
-        if self._onednn and (self._many or (x.shape[0] == 1 and self._packed_one_row())):
+        if self._on_numpy and x.shape[0] == 1:
+            y = numpy_product(x, weight)
+            return y if bias is None else y.add_(bias)
+        if self._onednn and (self._many or (x.shape[0] == 1 and self._row_kernel() == ONEDNN)):
             packed = self._packed.get(id(weight))
             if packed is None:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), PACK_ROWS)
@@ -123,11 +128,18 @@ class LeanModel:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
-    def _packed_one_row(self) -> bool:
-        """Whether one-row products use the packed weights too: this machine's measured choice (lean_tuning)."""
-        if self._one_row_packed is None:
-            self._one_row_packed = one_row_packed(self.params)
-        return self._one_row_packed
+    def _row_kernel(self) -> str:
+        """The float32 kernel of one-row products: this machine's measured choice (lean_tuning)."""
+        if self._one_row_kernel is None:
+            self._one_row_kernel = one_row_kernel(self.params)
+            if self._one_row_kernel == NUMPY_BLAS:
+                set_blas_threads(torch.get_num_threads())  # the count the choice was measured at
+        return self._one_row_kernel
+
+    def _numpy_step(self, rows: int) -> bool:
+        """Whether a step of `rows` tokens runs its products on numpy's BLAS: one row of a float32 model
+        (quantized weights keep their own kernels) on a machine where that kernel was measured fastest."""
+        return rows == 1 and self._onednn and isinstance(self.head, torch.Tensor) and self._row_kernel() == NUMPY_BLAS
 
     def new_cache(self) -> LeanCache:
         shape = (self.kv_heads, min(self.initial_cache, self.context_length), self.head_dim)
@@ -222,7 +234,9 @@ class LeanModel:
             flat.extend(ids)
             positions.extend(range(cache.length, cache.length + len(ids)))
         self._many = len(spans) > 1
-        with torch.inference_mode():
+        self._on_numpy = self._numpy_step(len(flat))
+        # numpy's BLAS brings its own threads: torch's would spin beside them and both pools lose the cores.
+        with torch.inference_mode(), torch_threads(1 if self._on_numpy else None):
             logits = self._step(
                 torch.tensor(flat, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -1,12 +1,16 @@
 """Which float32 kernel the lean engine uses for one-row products (a single sequence decoding), per machine.
 
 Decoding one sequence is a matrix-vector product per weight. torch sends `x @ w` to MKL; oneDNN on a
-packed copy of the weight (what a batched step uses) is another way. Which is faster depends on the
-CPU and the thread count: on this project's AMD EPYC (AVX-512) at 2 threads the packed kernel decoded
-the default model 10-25 % faster and Gemma 3 270M 27 % faster, while at 1 thread MKL was 20 % faster.
-So the first fp32 model big enough to matter times both on decode-shaped products and the answer is
-cached per (CPU flags, torch version, threads) by gptcli.tuning: each machine keeps its own choice.
-The price of the packed kernel: the float32 weights are held twice (as in batched use).
+packed copy of the weight (what a batched step uses) is another way; numpy's BLAS (OpenBLAS in numpy's
+wheels) on the same [in, out] memory is a third. Which is fastest depends on the CPU and the thread
+count: on this project's AMD EPYC (AVX-512) at 2 threads the packed kernel decoded the default model
+10-25 % faster than MKL and Gemma 3 270M 27 % faster (MKL takes a slow path on AMD CPUs), and
+OpenBLAS's sgemv streamed the same weights faster again (benchmarks/README.md), while at 1 thread MKL
+was 20 % faster than oneDNN. So the first fp32 model big enough to matter times all three on
+decode-shaped products and the answer is cached per (CPU flags, torch and numpy versions, threads)
+by gptcli.tuning: each machine keeps its own choice. The price of the packed kernel: the float32
+weights are held twice (as in batched use). numpy's BLAS runs its own threads: while it does a step's
+products torch keeps one thread (LeanModel.step), or the two pools would fight over the cores.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from importlib.metadata import version
 from typing import Any
 
 from gptcli import tuning
+from gptcli.hardware import blas_name, set_blas_threads, torch_threads
 
 TUNING_NAME = "torch-float32-one-row-kernel"
 MIN_PARAMS = 20_000_000  # smaller models (the tests' tiny ones) keep MKL: too small to be worth the measuring
@@ -25,22 +30,30 @@ MIN_PARAMS = 20_000_000  # smaller models (the tests' tiny ones) keep MKL: too s
 LAYER = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 3072), (1536, 576))
 SHAPES = LAYER * 6
 PASSES = 7
-MKL, ONEDNN = "mkl", "onednn-packed"
+MKL, ONEDNN, NUMPY_BLAS = "mkl", "onednn-packed", "numpy-blas"
 PACK_ROWS = 8  # the row count oneDNN packs for: the batched step's, so both uses share one packed copy
 
 
-def one_row_packed(params: int) -> bool:
-    """Whether one-row float32 products should use oneDNN's packed weights here (measured once, then cached)."""
+def one_row_kernel(params: int) -> str:
+    """The float32 kernel for one-row products here: MKL, ONEDNN or NUMPY_BLAS (measured once, then cached)."""
     import torch
 
     if params < MIN_PARAMS or not torch.backends.mkldnn.is_available():
-        return False
+        return MKL
     threads = torch.get_num_threads()
-    return tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(threads))["kernel"] == ONEDNN
+    kernel = tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(threads))["kernel"]
+    return kernel if kernel in (MKL, ONEDNN, NUMPY_BLAS) else MKL
+
+
+def numpy_product(x: Any, weight: Any) -> Any:
+    """x @ weight on numpy's BLAS, as a torch tensor (float32 CPU tensors; the same memory, no copies)."""
+    import torch
+
+    return torch.from_numpy(x.numpy() @ weight.numpy())
 
 
 def machine_key(threads: int) -> str:
-    return tuning.machine_key(version("torch"), str(threads))
+    return tuning.machine_key(version("torch"), version("numpy"), str(threads))
 
 
 def cached_choice(threads: int) -> dict[str, Any] | None:
@@ -49,7 +62,9 @@ def cached_choice(threads: int) -> dict[str, Any] | None:
 
 
 def measure(threads: int) -> dict[str, Any]:
-    """Time a pass over SHAPES with each kernel (medians of PASSES, interleaved) and pick the faster."""
+    """Time a pass over SHAPES with each kernel (medians of PASSES) and pick the fastest.
+
+    numpy's BLAS is timed as LeanModel.step runs it: its pool at `threads`, torch's at one."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -63,20 +78,24 @@ def measure(threads: int) -> dict[str, Any]:
                 torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                 for x, p in zip(inputs, packed, strict=True)
             ],
+            NUMPY_BLAS: lambda: [numpy_product(x, w) for x, w in zip(inputs, weights, strict=True)],
         }
+        set_blas_threads(threads)
         times: dict[str, list[float]] = {name: [] for name in kernels}
-        for run in kernels.values():
-            run()  # warm-up
-        for _ in range(PASSES):
-            for name, run in kernels.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        # Kernel by kernel, not interleaved: each thread pool spins a while after its work (OpenBLAS's
+        # for ~0.1 s) and would slow the next kernel down; the first pass of each warms up.
+        for name, run in kernels.items():
+            with torch_threads(1 if name == NUMPY_BLAS else threads):
+                for _ in range(PASSES + 1):
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
     kernel = min(medians, key=lambda name: medians[name])
     flags = " ".join(tuning.kernel_flags()) or "no AVX2"
+    chosen = f"{kernel} ({blas_name()})" if kernel == NUMPY_BLAS else kernel
     return {
         "kernel": kernel,
         "timings_ms": {name: round(value, 3) for name, value in medians.items()},
-        "reason": f"faster for one-row float32 products here ({flags}; {threads} threads): {kernel}",
+        "reason": f"fastest for one-row float32 products here ({flags}; {threads} threads): {chosen}",
     }
