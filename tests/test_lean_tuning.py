@@ -89,7 +89,7 @@ def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, ker
         assert other.engine.lean._packed and not plain.engine.lean._packed and not numpy_threads
     else:  # every one-row product of the 12 decode steps, with torch's own pool down to one thread
         assert len(numpy_threads) >= 12 * plain.info.num_layers and set(numpy_threads) == {1}
-        assert not other.engine.lean._packed
+        assert list(other.engine.lean._packed) == [id(other.engine.lean.head)]  # only the prefill's head
 
 
 def test_quantized_weights_keep_their_own_kernels_where_numpy_blas_won(tiny_models, monkeypatch):
@@ -100,7 +100,7 @@ def test_quantized_weights_keep_their_own_kernels_where_numpy_blas_won(tiny_mode
     backend.engine.lean._one_row_kernel = lean_tuning.NUMPY_BLAS
     monkeypatch.setattr(lean_base, "numpy_product", lambda x, w: pytest.fail("a quantized model used numpy's BLAS"))
     greedy(backend, 3)
-    assert not backend.engine.lean._numpy_step(1)  # nor does it take torch's threads away from those kernels
+    assert not backend.engine.lean._numpy_step(1, 0)  # nor does it take torch's threads away from those kernels
 
 
 def test_backends_json_and_bench_environment_say_which_kernel_this_machine_uses(capsys):
@@ -114,3 +114,18 @@ def test_backends_json_and_bench_environment_say_which_kernel_this_machine_uses(
     torch_row = next(row for row in json.loads(capsys.readouterr().out) if row["name"] == "torch")
     assert torch_row["auto"]["float32_one_row_kernel"] == lean_tuning.ONEDNN
     assert environment()["torch_float32_one_row_kernel"] == lean_tuning.ONEDNN
+
+
+def test_numpy_blas_steps_stop_where_attention_reads_a_tenth_of_the_weights(tiny_models, monkeypatch):
+    from gptcli.backends.lean_base import NUMPY_KV_SHARE
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="float32", threads=2))
+    lean = backend.engine.lean
+    if not lean._onednn:
+        pytest.skip("torch has no oneDNN here")
+    lean._one_row_kernel = lean_tuning.NUMPY_BLAS
+    limit = int(NUMPY_KV_SHARE * lean.params * 4 / backend.engine.kv_bytes_per_token())
+    assert lean._numpy_step(1, 0) and lean._numpy_step(1, limit)
+    assert not lean._numpy_step(1, limit + 1)  # attention on torch's full pool from here on
+    assert not lean._numpy_step(2, 0)  # a prefill chunk or a batched step: oneDNN/MKL with torch's threads

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcli.backends.lean_quant import QuantMatrix
-from gptcli.backends.lean_tuning import NUMPY_BLAS, ONEDNN, PACK_ROWS, numpy_product, one_row_kernel
+from gptcli.backends.lean_tuning import MKL, NUMPY_BLAS, PACK_ROWS, numpy_product, one_row_kernel
 from gptcli.hardware import set_blas_threads, torch_threads
 from gptcli.hf import safetensors_header
 
@@ -79,6 +79,13 @@ def load_tensors(files: list[Path], device: str, dtype: torch.dtype) -> Tensors:
     return tensors
 
 
+# A one-row step on numpy's BLAS holds torch to one thread, attention included: once the KV cache a token
+# reads passes this share of the weights' bytes, attention on one thread costs more than the faster products
+# gain (default model, 2 threads, on numpy's BLAS vs packed weights: 29.0 vs 24.0 tok/s at the start of a
+# sequence, 18.5 vs 20.2 at 2,048 positions, where the cache read is 17 % of the weights).
+NUMPY_KV_SHARE = 0.1
+
+
 class LeanModel:
     """Common cache handling and attention; subclasses define the embedding, layers and head."""
 
@@ -109,7 +116,9 @@ class LeanModel:
         """x @ weight (+ bias), weight stored [in, out] (or quantized: lean_quant.py, its own kernels).
 
         One sequence: MKL or numpy's BLAS on the [in, out] layout, or the packed copy below, whichever
-        is fastest on this machine (lean_tuning measures it once). Several sequences at once: oneDNN on a packed
+        is fastest on this machine (lean_tuning measures it once); where numpy's BLAS won, a one-row
+        product outside a numpy step (`_numpy_step`: deep in the cache, a prefill's head) runs packed,
+        as a batched step's do. Several sequences at once: oneDNN on a packed
         copy of the weight, made the first time a step needs it. MKL's few-row sgemm falls far below
         the bandwidth floor (measured, 1 thread: the 49152-row head at 8 rows took 34 ms in MKL, 10 ms
         packed; at 1 row MKL's 6.6 ms wins), so a batched step would cost 3x a single one instead of
@@ -120,7 +129,7 @@ class LeanModel:
         if self._on_numpy and x.shape[0] == 1:
             y = numpy_product(x, weight)
             return y if bias is None else y.add_(bias)
-        if self._onednn and (self._many or (x.shape[0] == 1 and self._row_kernel() == ONEDNN)):
+        if self._onednn and (self._many or (x.shape[0] == 1 and self._row_kernel() != MKL)):
             packed = self._packed.get(id(weight))
             if packed is None:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), PACK_ROWS)
@@ -136,10 +145,14 @@ class LeanModel:
                 set_blas_threads(torch.get_num_threads())  # the count the choice was measured at
         return self._one_row_kernel
 
-    def _numpy_step(self, rows: int) -> bool:
-        """Whether a step of `rows` tokens runs its products on numpy's BLAS: one row of a float32 model
-        (quantized weights keep their own kernels) on a machine where that kernel was measured fastest."""
-        return rows == 1 and self._onednn and isinstance(self.head, torch.Tensor) and self._row_kernel() == NUMPY_BLAS
+    def _numpy_step(self, rows: int, depth: int) -> bool:
+        """Whether a step of `rows` tokens after `depth` cached positions runs its products on numpy's BLAS:
+        one row of a float32 model (quantized weights keep their own kernels), on a machine where that
+        kernel was measured fastest, while attention reads little beside the weights (NUMPY_KV_SHARE)."""
+        if rows != 1 or not self._onednn or not isinstance(self.head, torch.Tensor):
+            return False
+        kv_bytes = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize * depth
+        return kv_bytes <= NUMPY_KV_SHARE * self.params * self.dtype.itemsize and self._row_kernel() == NUMPY_BLAS
 
     def new_cache(self) -> LeanCache:
         shape = (self.kv_heads, min(self.initial_cache, self.context_length), self.head_dim)
@@ -234,7 +247,7 @@ class LeanModel:
             flat.extend(ids)
             positions.extend(range(cache.length, cache.length + len(ids)))
         self._many = len(spans) > 1
-        self._on_numpy = self._numpy_step(len(flat))
+        self._on_numpy = self._numpy_step(len(flat), batch[0][1].length)
         # numpy's BLAS brings its own threads: torch's would spin beside them and both pools lose the cores.
         with torch.inference_mode(), torch_threads(1 if self._on_numpy else None):
             logits = self._step(
