@@ -522,3 +522,37 @@ def test_short_options_that_name_a_shared_setting_mean_it_everywhere():
         assert {longs for longs, _ in meanings[short]} == {(long,)}, short
     assert {longs for longs, cmd in meanings["-n"] if cmd != "bench"} == {("--max-tokens",)}
     assert not any("--threads" in longs for ms in meanings.values() for longs, _ in ms)
+
+
+# ------------------------------------------------------------------ a run converts only the command it names
+
+
+def test_a_run_that_names_its_command_builds_only_that_command(monkeypatch):
+    import typer
+
+    from gptcli.cli.app import COMMANDS, build_app, invoked_command
+
+    monkeypatch.delenv("_GPTCLI_COMPLETE", raising=False)
+    assert invoked_command(["generate", "hi"]) == "generate"
+    assert invoked_command(["-q", "--verbose", "eval", "perplexity"]) == "eval"
+    for argv in ([], ["--help"], ["-V"], ["-q"], ["generat", "hi"], ["hi", "generate"]):
+        assert invoked_command(argv) is None, argv  # help, version, typos: the whole CLI
+    monkeypatch.setenv("_GPTCLI_COMPLETE", "complete_bash")
+    assert invoked_command(["generate"]) is None  # completion lists every command
+    full, one = typer.main.get_command(build_app()), typer.main.get_command(build_app("eval"))
+    assert set(full.commands) == set(COMMANDS) and list(one.commands) == ["eval"]
+    assert [p.name for p in one.params] == [p.name for p in full.params]  # the same root options
+    assert list(one.commands["eval"].commands) == list(full.commands["eval"].commands)
+
+
+def test_the_one_command_cli_answers_as_the_whole_one():
+    for argv, usage in (
+        (["-q", "generate", "--help"], "Usage: gptcli generate [OPTIONS] [prompt]"),
+        (["eval", "--help"], "Usage: gptcli eval [OPTIONS] COMMAND"),
+        (["--help"], "Usage: gptcli [OPTIONS] COMMAND"),
+    ):
+        result = run_cli(*argv)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout.decode().startswith(usage), result.stdout.decode()[:200]
+    typo = run_cli("generat", "hi")
+    assert typo.returncode == 2 and "Did you mean 'generate'?" in typo.stderr.decode()

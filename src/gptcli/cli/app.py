@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -31,16 +32,7 @@ from gptcli.cli.render import NORMAL, QUIET, VERBOSE, report, set_verbosity
 from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError, UsageError
 from gptcli.paths import environment_error
 
-app = typer.Typer(
-    name="gptcli",
-    help="Train, run, chat with and benchmark GPT-style language models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    cls=HelpGroup,
-    rich_markup_mode=None,  # Click's plain layout: readable at 80 columns (see cli.helpfmt)
-)
+ROOT_FLAGS = {"-q", "--quiet", "-v", "--verbose"}
 
 
 def _version(value: bool) -> None:
@@ -49,7 +41,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     version: Annotated[
         bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
@@ -67,21 +58,63 @@ def root(
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
-# The four ways gptcli is used first, then the tools around them.
-app.command("generate")(generate.generate)
-app.command("chat")(chat_cmd.chat)
-app.command("summarize")(summarize_cmd.summarize)
-app.command("serve")(serve_cmd.serve)
-app.command("bench")(bench_cmd.bench)
-app.command("train")(train_cmd.train)
-app.command("export")(export_cmd.export)
-app.add_typer(eval_cmd.app, name="eval")
-app.add_typer(models_cmd.app, name="models")
-app.add_typer(chats_cmd.app, name="chats")
-app.add_typer(templates_cmd.app, name="templates")
-app.add_typer(runs_cmd.app, name="runs")
-app.add_typer(config_cmd.app, name="config")
-app.command("backends")(backends_cmd.backends)
+# The four ways gptcli is used first, then the tools around them (the order `gptcli --help` lists them in).
+COMMANDS: dict[str, Callable[..., Any] | typer.Typer] = {
+    "generate": generate.generate,
+    "chat": chat_cmd.chat,
+    "summarize": summarize_cmd.summarize,
+    "serve": serve_cmd.serve,
+    "bench": bench_cmd.bench,
+    "train": train_cmd.train,
+    "export": export_cmd.export,
+    "eval": eval_cmd.app,
+    "models": models_cmd.app,
+    "chats": chats_cmd.app,
+    "templates": templates_cmd.app,
+    "runs": runs_cmd.app,
+    "config": config_cmd.app,
+    "backends": backends_cmd.backends,
+}
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The CLI, or with `only` the same CLI holding just that command.
+
+    Typer turns every command's signature into Click parameters on each run, ~40 ms for all of them:
+    a run that names its command (`invoked_command`) converts only that one.
+    """
+    cli = typer.Typer(
+        name="gptcli",
+        help="Train, run, chat with and benchmark GPT-style language models.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        cls=HelpGroup,
+        rich_markup_mode=None,  # Click's plain layout: readable at 80 columns (see cli.helpfmt)
+    )
+    cli.callback()(root)
+    for name, command in COMMANDS.items():
+        if only in (None, name):
+            if isinstance(command, typer.Typer):
+                cli.add_typer(command, name=name)
+            else:
+                cli.command(name)(command)
+    return cli
+
+
+app = build_app()
+
+
+def invoked_command(argv: list[str]) -> str | None:
+    """The command `argv` names (after any -q/-v), or None: no command, --help/--version, a typo, or
+    shell completion asking (those need every command)."""
+    if any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
+        return None
+    for arg in argv:
+        if arg not in ROOT_FLAGS:
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def debug_enabled() -> bool:
@@ -99,7 +132,8 @@ def run(argv: list[str] | None = None) -> int:
         report(GptcliError("the current folder no longer exists", hint="cd to a folder that exists"))
         return EXIT_RUNTIME
     try:
-        result = app(args=argv, prog_name="gptcli", standalone_mode=False)
+        cli = build_app(invoked_command(sys.argv[1:] if argv is None else argv))
+        result = cli(args=argv, prog_name="gptcli", standalone_mode=False)
         sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
