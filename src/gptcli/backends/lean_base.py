@@ -115,21 +115,21 @@ class LeanModel:
     ) -> torch.Tensor:
         """x @ weight (+ bias), weight stored [in, out] (or quantized: lean_quant.py, its own kernels).
 
-        One sequence: MKL or numpy's BLAS on the [in, out] layout, or the packed copy below, whichever
-        is fastest on this machine (lean_tuning measures it once); where numpy's BLAS won, a one-row
-        product outside a numpy step (`_numpy_step`: deep in the cache, a prefill's head) runs packed,
-        as a batched step's do. Several sequences at once: oneDNN on a packed
-        copy of the weight, made the first time a step needs it. MKL's few-row sgemm falls far below
-        the bandwidth floor (measured, 1 thread: the 49152-row head at 8 rows took 34 ms in MKL, 10 ms
-        packed; at 1 row MKL's 6.6 ms wins), so a batched step would cost 3x a single one instead of
-        little more. The price: where the packed copy is used the weights are held twice.
+        One row (one sequence decoding): MKL or numpy's BLAS on the [in, out] layout, or the packed copy
+        below, whichever is fastest on this machine (lean_tuning measures it once); where numpy's BLAS
+        won, a one-row product outside a numpy step (`_numpy_step`: deep in the cache) runs packed.
+        Several rows (a prefill chunk, or several sequences at once): oneDNN on a packed copy of the
+        weight, made the first time a step needs it. MKL's few-row sgemm falls far below the bandwidth
+        floor (measured, 1 thread: the 49152-row head at 8 rows took 34 ms in MKL, 10 ms packed), so a
+        batched step would cost 3x a single one instead of little more; at 64-512 rows (a prefill) it
+        was 1.2-1.6x slower than packed (AMD EPYC, 2 threads). The price: the weights are held twice.
         """
         if isinstance(weight, QuantMatrix):
             return weight.mm(x, bias)
         if self._on_numpy and x.shape[0] == 1:
             y = numpy_product(x, weight)
             return y if bias is None else y.add_(bias)
-        if self._onednn and (self._many or (x.shape[0] == 1 and self._row_kernel() != MKL)):
+        if self._onednn and (x.shape[0] > 1 or self._row_kernel() != MKL):
             packed = self._packed.get(id(weight))
             if packed is None:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), PACK_ROWS)
