@@ -168,3 +168,21 @@ def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
     }
     env = environment()
     assert env["torch_cpu_dtype_auto"] == expected["torch_cpu_dtype_auto"] and env["cpu_isa"] == expected["cpu_isa"]
+
+
+def test_default_threads_counts_the_physical_cores_under_our_cpus(tmp_path, monkeypatch):
+    import os
+
+    for cpu, core in enumerate([0, 0, 1, 1]):  # two cores with two hyper-threads each
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    for affinity, cores in (({0, 1, 2, 3}, 2), ({0, 2}, 2), ({0, 1}, 1), ({3}, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cpus=affinity: cpus)
+        assert hardware._physical_cores_in_use(tmp_path) == cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 7})  # cpu7 has no topology here
+    assert hardware._physical_cores_in_use(tmp_path) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(hardware, "_physical_cores_in_use", lambda: 1)
+    assert hardware.default_threads() == 1  # one core's two hyper-threads: one thread
