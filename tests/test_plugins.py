@@ -124,6 +124,14 @@ def test_a_plugin_cannot_take_a_builtin_name(plugin_env, monkeypatch):
     assert base.backend_names()[:1] == ["torch"] and base.backend_names().count("torch") == 1
 
 
+def test_a_builtin_backend_loads_without_reading_any_entry_point(monkeypatch):
+    from gptcli.backends import base
+    from gptcli.backends.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(base, "_plugin_entry_points", lambda: pytest.fail("entry points read for a built-in"))
+    assert base.get_backend_class("onnx") is OnnxBackend
+
+
 def test_two_plugins_claiming_one_name_conflict(tmp_path, monkeypatch):
     from gptcli.backends import base
 

@@ -19,14 +19,12 @@ from gptcli.paths import cache_key as files_key
 
 
 def ort_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return "unknown"
+    """The installed ONNX Runtime's version (onnxruntime or onnxruntime-gpu: the same module), or "unknown"."""
+    try:
+        import onnxruntime  # what runs the export next: its import is not an extra cost
+    except ImportError:
+        return "unknown"
+    return str(onnxruntime.__version__)
 
 
 def source_fingerprint(folder: Path) -> str:
