@@ -4,7 +4,7 @@ Decoding one sequence is a matrix-vector product per weight. torch sends `x @ w`
 packed copy of the weight (what a batched step uses) is another way; numpy's BLAS (OpenBLAS in numpy's
 wheels) on the same [in, out] memory is a third. Which is fastest depends on the CPU and the thread
 count: on this project's AMD EPYC (AVX-512) at 2 threads the packed kernel decoded the default model
-10-25 % faster than MKL and Gemma 3 270M 27 % faster (MKL takes a slow path on AMD CPUs), and
+10-25 % faster than MKL and Gemma 3 270M 27 % faster (MKL is the slowest of the three there), and
 OpenBLAS's sgemv streamed the same weights faster again (benchmarks/README.md), while at 1 thread MKL
 was 20 % faster than oneDNN. So the first fp32 model big enough to matter times all three on
 decode-shaped products and the answer is cached per (CPU flags, torch and numpy versions, threads)
