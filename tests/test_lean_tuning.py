@@ -61,6 +61,16 @@ def greedy(backend, steps: int = 12) -> tuple[list[int], np.ndarray]:
     return tokens, logits
 
 
+def float32_lean(tiny_models, monkeypatch, kernel: str, threads: int = 2, family: str = "llama") -> TorchBackend:
+    """A tiny float32 model on the lean engine with its one-row kernel set to `kernel` (skips without oneDNN)."""
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    backend = TorchBackend.load(tiny_models[family], LoadOptions(device="cpu", dtype="float32", threads=threads))
+    if not backend.engine.lean._onednn:
+        pytest.skip("torch has no oneDNN here")
+    backend.engine.lean._one_row_kernel = kernel
+    return backend
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("kernel", [lean_tuning.ONEDNN, lean_tuning.NUMPY_BLAS])
 def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, kernel, monkeypatch):
@@ -68,13 +78,8 @@ def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, ker
 
     from gptcli.backends import lean_base
 
-    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
-    options = LoadOptions(device="cpu", dtype="float32", threads=2)
-    plain = TorchBackend.load(tiny_models[family], options)
-    other = TorchBackend.load(tiny_models[family], options)
-    if not other.engine.lean._onednn:
-        pytest.skip("torch has no oneDNN here")
-    plain.engine.lean._one_row_kernel, other.engine.lean._one_row_kernel = lean_tuning.MKL, kernel
+    plain = float32_lean(tiny_models, monkeypatch, lean_tuning.MKL, family=family)
+    other = float32_lean(tiny_models, monkeypatch, kernel, family=family)
     expected_tokens, expected_logits = greedy(plain)
     numpy_threads: list[int] = []  # torch's thread count during each product on numpy's BLAS
     product = lean_base.numpy_product
@@ -94,12 +99,8 @@ def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, ker
 def test_a_prefill_runs_on_the_packed_weights(tiny_models, monkeypatch):
     """Several rows of one sequence: oneDNN on packed weights, as a batched step (MKL's sgemm was 1.2-1.6x
     slower at 64-512 rows on this project's machine), whatever kernel one-row products use."""
-    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
-    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="float32", threads=1))
+    backend = float32_lean(tiny_models, monkeypatch, lean_tuning.MKL, threads=1)
     lean = backend.engine.lean
-    if not lean._onednn:
-        pytest.skip("torch has no oneDNN here")
-    lean._one_row_kernel = lean_tuning.MKL
     backend.forward([3, 9, 4, 17], backend.new_cache())
     assert len(lean._packed) == 4 * lean.num_layers  # qkv, out, gate_up and down of every layer (the head: one row)
 
@@ -131,12 +132,8 @@ def test_backends_json_and_bench_environment_say_which_kernel_this_machine_uses(
 def test_numpy_blas_steps_stop_where_attention_reads_a_tenth_of_the_weights(tiny_models, monkeypatch):
     from gptcli.backends.lean_base import NUMPY_KV_SHARE
 
-    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
-    backend = TorchBackend.load(tiny_models["llama"], LoadOptions(device="cpu", dtype="float32", threads=2))
+    backend = float32_lean(tiny_models, monkeypatch, lean_tuning.NUMPY_BLAS)
     lean = backend.engine.lean
-    if not lean._onednn:
-        pytest.skip("torch has no oneDNN here")
-    lean._one_row_kernel = lean_tuning.NUMPY_BLAS
     limit = int(NUMPY_KV_SHARE * lean.params * 4 / backend.engine.kv_bytes_per_token())
     assert lean._numpy_step(1, 0) and lean._numpy_step(1, limit)
     assert not lean._numpy_step(1, limit + 1)  # attention on torch's full pool from here on
