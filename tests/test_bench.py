@@ -273,6 +273,18 @@ def test_latency_and_train_tables_parse_back():
     }
     rows = report.parse_output("table", report.render("table", [train], environment={}, notes=[]))
     assert rows[0]["ms/iter"] == "12.5 ± 0.5" and rows[0]["MFU"] == "1.50%"
+    rows = report.parse_output("table", report.render("table", [{**train, "reps": 1}], environment={}, notes=[]))
+    assert rows[0]["ms/iter"] == "12.5"  # one repetition has no spread: no "± 0.0"
+
+
+def test_one_repetition_shows_no_spread_and_says_so():
+    from gptcli.bench.runner import notes_for
+    from gptcli.bench.stats import mean_sd_text
+
+    assert mean_sd_text(135.28, 0.0, reps=1) == "135.28" and mean_sd_text(135.28, 1.5, reps=3) == "135.28 ± 1.50"
+    run = type("Run", (), {"records": [], "skipped": [], "unavailable": []})()
+    assert "t/s is one repetition (no spread) after a warm-up" in notes_for("micro", 1, run, in_process=False)
+    assert any("mean ± sample standard deviation over 5" in n for n in notes_for("micro", 5, run, in_process=False))
 
 
 # --- baseline ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from gptcli.bench.stats import mean_sd_text
+
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 SCHEMA = 1
 
@@ -55,7 +57,7 @@ def _base(record: dict[str, Any]) -> str:
 def _per_seq(record: dict[str, Any]) -> str:
     if record.get("tokens_per_s_per_seq") is None:
         return ""
-    return f"{record['tokens_per_s_per_seq']:.2f} ± {record['tokens_per_s_per_seq_sd']:.2f}"
+    return mean_sd_text(record["tokens_per_s_per_seq"], record["tokens_per_s_per_seq_sd"], record.get("reps", 2))
 
 
 def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -73,7 +75,7 @@ def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             _backend(r),
             str(r["threads"]),
             r["test"],
-            f"{r['tokens_per_s']:.2f} ± {r['tokens_per_s_sd']:.2f}",
+            mean_sd_text(r["tokens_per_s"], r["tokens_per_s_sd"], r.get("reps", 2)),
         ]
         row += [_per_seq(r)] * per_seq + [_ratio(r.get("speedup"))] * speedup + [_base(r)] * baseline
         floor = ""
@@ -118,7 +120,7 @@ def train_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             _backend(r),
             str(r["threads"]),
             r["test"],
-            f"{r['ms_per_iter']:.1f} ± {r['ms_per_iter_sd']:.1f}",
+            mean_sd_text(r["ms_per_iter"], r["ms_per_iter_sd"], r.get("reps", 2), digits=1),
             f"{r['tokens_per_s']:.1f}",
             mfu,
             peak,

@@ -22,7 +22,7 @@ from gptcli.bench.roofline import (
     roofline_tokens_per_s,
 )
 from gptcli.bench.spec import MicroTest
-from gptcli.bench.stats import mean, sample_sd
+from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.errors import BackendError, GptcliError
 
 Notify = Callable[[str], None]
@@ -259,7 +259,7 @@ def notes_for(mode: str, reps: int, run: BenchRun, in_process: bool) -> list[str
     notes = []
     if mode == "micro":
         notes.append(SYNTHETIC_NOTE)
-        notes.append(f"t/s is the mean ± sample standard deviation over {reps} repetitions after a warm-up")
+        notes.append(f"t/s is {spread_words(reps)} after a warm-up")
         if any(r.get("npl") is not None for r in run.records):
             notes.append(NPL_NOTE)
         roof = next((r for r in run.records if r.get("roofline_pct") is not None), None)

@@ -21,6 +21,16 @@ def sample_sd(values: Sequence[float]) -> float:
     return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def mean_sd_text(value: float, sd: float, reps: int, digits: int = 2) -> str:
+    """`value ± sd` as a table cell; one repetition has no spread to show ("± 0.00" would claim one)."""
+    return f"{value:.{digits}f}" if reps < 2 else f"{value:.{digits}f} ± {sd:.{digits}f}"
+
+
+def spread_words(reps: int) -> str:
+    """How a table's `±` cells were made, for its notes."""
+    return "one repetition (no spread)" if reps < 2 else f"the mean ± sample standard deviation over {reps} repetitions"
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default method)."""
     if not values:

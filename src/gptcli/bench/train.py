@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.bench.job import Job
-from gptcli.bench.stats import mean, sample_sd
+from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.config import Settings
 
 Notify = Callable[[str], None]
@@ -40,7 +40,7 @@ def train_job(
 def train_notes(reps: int) -> list[str]:
     return [
         "train: optimizer iterations (forward, backward, clip, AdamW step) on synthetic token ids after 2 "
-        f"warm-up iterations; ms/iter is the mean ± sample standard deviation over {reps}",
+        f"warm-up iterations; ms/iter is {spread_words(reps)}",
         "MFU: (6 × params + attention) FLOPs per token × tokens/s over the peak TFLOPS shown",
     ]
 
