@@ -126,6 +126,30 @@ def test_a_message_role_the_server_would_refuse_is_the_lines_error(model):
     assert request.error is not None and request.error.startswith("unknown message role 'bot' (known: system,")
 
 
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ({"prompt": "hi", "raw": True, "system": "Be brief."}, "`raw: true` sends the prompt without the chat"),
+        ({"messages": [{"role": "user", "content": "hi"}], "system": "Be brief."}, "`system` and `raw` go with"),
+        ({"messages": [{"role": "user", "content": "hi"}], "raw": True}, "`system` and `raw` go with `prompt`"),
+        ({"prompt": "hi", "raw": "false"}, "`raw` must be true or false"),
+        ({"prompt": "hi", "system": 3}, "`system` must be text"),
+    ],
+)
+def test_a_system_or_raw_that_would_be_dropped_is_the_lines_error(model, line, error):
+    backend, tok = model
+    request = parse_request(1, json.dumps(line).encode(), tok, SETTINGS, backend.info.context_length)
+    assert request.error is not None and request.error.startswith(error), request.error
+
+
+def test_system_and_raw_still_shape_a_prompt(model):
+    _, tok = model
+    with_system = parse_request(1, b'{"prompt": "hi", "system": "Be brief."}', tok, SETTINGS, 2048)
+    raw = parse_request(2, b'{"prompt": "hi", "raw": true}', tok, SETTINGS, 2048)
+    assert with_system.error is None and with_system.prompt_ids == encode_prompt(tok, "hi", system="Be brief.").ids
+    assert raw.error is None and raw.prompt_ids == encode_prompt(tok, "hi", raw=True).ids
+
+
 def test_an_over_long_line_is_an_error_without_being_read_whole():
     big = b'{"prompt": "' + b"x" * (MAX_LINE_BYTES + 10) + b'"}\n{"prompt": "ok"}\n'
     lines = list(read_lines(io.BytesIO(big)))

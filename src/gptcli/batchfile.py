@@ -114,6 +114,7 @@ def parse_request(
         system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")
+        _check_prompt_options(data)
         if "messages" in data:
             ids = _encode_messages(tokenizer, data["messages"])
             if len(ids) >= context_length:
@@ -127,12 +128,24 @@ def parse_request(
                 context_length=context_length,
                 max_tokens=line_settings.sampling.max_tokens,
                 on_overflow=line_settings.on_overflow,
-                system=system if isinstance(system, str) else None,
-                raw=bool(data.get("raw", False)),
+                system=system,
+                raw=data.get("raw", False),
             ).ids
         return BatchRequest(number, line_id, ids, line_settings, numbered=numbered)
     except (InputError, ConfigError) as exc:
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
+
+
+def _check_prompt_options(data: dict) -> None:
+    """`system` and `raw` shape a `prompt` through the chat template: refuse what would be silently dropped."""
+    if "system" in data and not isinstance(data["system"], str):
+        raise InputError("`system` must be text")
+    if "raw" in data and not isinstance(data["raw"], bool):
+        raise InputError("`raw` must be true or false")
+    if "messages" in data and ("system" in data or "raw" in data):
+        raise InputError('`system` and `raw` go with `prompt`; in `messages`, give a {"role": "system"} message')
+    if data.get("raw") and "system" in data:
+        raise InputError("`raw: true` sends the prompt without the chat template, so `system` would be dropped")
 
 
 def count_lines(path: Path) -> int | None:
