@@ -36,6 +36,10 @@ def test_missing_unknown_variables_and_unknown_template():
     with pytest.raises(UsageError, match="unknown template 'translat' \\(did you mean 'translate'\\?\\)"):
         get_template("translat")
     assert parse_vars(["to=French", "x=a=b", "empty="]) == {"to": "French", "x": "a=b", "empty": ""}
+    for blank in ("", "  "):  # a required variable has no default: empty is as good as missing
+        with pytest.raises(UsageError, match="template 'translate' needs a value for 'to', not an empty one"):
+            get_template("translate").render("hi", {"to": blank})
+    assert get_template("summarize").bind({"format": ""})["format"] == ""  # a defaulted one may be emptied
     with pytest.raises(UsageError, match="--var expects NAME=VALUE"):
         parse_vars(["nope"])
 

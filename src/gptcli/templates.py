@@ -92,6 +92,12 @@ class Template:
             )
         values = {k: v for k, v in self.variables.items() if v is not None}
         values.update(given)
+        blank = [n for n in self.required if n in given and not given[n].strip()]
+        if blank:  # a required variable has no default to fall back on: empty would make a broken prompt
+            raise UsageError(
+                f"template '{self.name}' needs a value for '{blank[0]}', not an empty one",
+                hint=f"pass --var {blank[0]}=VALUE",
+            )
         missing = [n for n in known if n not in values]
         if missing:
             raise UsageError(
