@@ -200,17 +200,21 @@ def _plugin_entry_points() -> list[Any]:
     return points
 
 
+def _builtin_spec(name: str) -> BackendSpec | None:
+    """The built-in backend `name` when its module is installed, else None."""
+    target = BUILTINS.get(name)
+    if target is None or importlib.util.find_spec(target.split(":")[0]) is None:
+        return None
+    return BackendSpec(name, target, "built-in")
+
+
 def list_backends() -> list[BackendSpec]:
     """Built-ins first, then plugins from entry points. Imports no backend module.
 
     A plugin claiming a built-in name (or one another plugin already took) is listed as a conflict
     and never loaded; plugins left out by GPTCLI_PLUGINS are not listed at all.
     """
-    specs = [
-        BackendSpec(name, target, "built-in")
-        for name, target in BUILTINS.items()
-        if importlib.util.find_spec(target.split(":")[0]) is not None
-    ]
+    specs = [spec for spec in map(_builtin_spec, BUILTINS) if spec is not None]
     # GPTCLI_BACKEND_PATHS="name=module:Class,..." registers backends from importable modules
     # without packaging them (for trying out a backend, and for tests).
     for item in filter(None, os.environ.get("GPTCLI_BACKEND_PATHS", "").split(",")):
@@ -234,10 +238,11 @@ def list_backends() -> list[BackendSpec]:
 
 def get_backend_class(name: str) -> type[Backend]:
     """Import and return only the selected backend's class."""
-    if name in BUILTINS and importlib.util.find_spec(BUILTINS[name].split(":")[0]) is not None:
+    builtin = _builtin_spec(name)
+    if builtin is not None:
         # What list_backends would choose (built-ins come first and win every conflict), without
         # reading every installed distribution's entry points (~8 ms of each start).
-        return BackendSpec(name, BUILTINS[name], "built-in").load_class()
+        return builtin.load_class()
     specs = list_backends()
     chosen = [s for s in specs if s.name == name and not s.conflict]
     if not chosen:

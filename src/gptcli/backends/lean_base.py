@@ -5,6 +5,7 @@ Each family module (torch_lean.py) defines the embedding, the layers and the hea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,12 @@ class LeanModel:
         kernel was measured fastest, while attention reads little beside the weights (NUMPY_KV_SHARE)."""
         if rows != 1 or not self._onednn or not isinstance(self.head, torch.Tensor):
             return False
-        kv_bytes = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize * depth
+        kv_bytes = self.kv_bytes_per_position() * depth
         return kv_bytes <= NUMPY_KV_SHARE * self.params * self.dtype.itemsize and self._row_kernel() == NUMPY_BLAS
+
+    def kv_bytes_per_position(self) -> int:
+        """Key and value of every layer for one cached position."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def new_cache(self) -> LeanCache:
         shape = (self.kv_heads, min(self.initial_cache, self.context_length), self.head_dim)
@@ -249,7 +254,7 @@ class LeanModel:
         self._many = len(spans) > 1
         self._on_numpy = self._numpy_step(len(flat), batch[0][1].length)
         # numpy's BLAS brings its own threads: torch's would spin beside them and both pools lose the cores.
-        with torch.inference_mode(), torch_threads(1 if self._on_numpy else None):
+        with torch.inference_mode(), torch_threads(1) if self._on_numpy else contextlib.nullcontext():
             logits = self._step(
                 torch.tensor(flat, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -116,8 +116,7 @@ class LeanEngine:
         return self.lean.score(ids, kv)
 
     def kv_bytes_per_token(self) -> int:
-        lean = self.lean
-        return 2 * lean.num_layers * lean.kv_heads * lean.head_dim * lean.dtype.itemsize
+        return self.lean.kv_bytes_per_position()
 
     def truncate(self, kv: Any, length: int, current: int) -> None:
         kv.length = length  # positions past `length` are overwritten by the next forward
