@@ -382,7 +382,9 @@ def test_a_client_that_disconnects_frees_its_slot(runtime):
 
 def test_a_non_streaming_client_that_disconnects_is_cancelled_too(runtime):
     with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
-        body = {"prompt": "Once", "max_tokens": 100}
+        # Greedy: this prompt runs all 100 tokens (5 s here). Sampled, 5 seeds in 200 drew EOS within the
+        # 0.5 s the client waits, and the reply came back before it could disconnect.
+        body = {"prompt": "Once", "max_tokens": 100, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(slow.v1 + "/completions", json=body, timeout=0.5)
         assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
