@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO / "src"))
 PEERS = REPO / ".cache" / "peers"
 BATCHED_BENCH = PEERS / "llama.cpp-build" / "bin" / "llama-batched-bench"
 GGUF_DIR = PEERS / "gguf"
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
 PROMPTS = (
     "Explain in simple words why the sky is blue during the day and red at sunset.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -252,13 +251,14 @@ class LlamaBatchedBench:
 
 
 def cpu_isa() -> str:
-    """The ISA flags that decide which kernels run, from /proc/cpuinfo (Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
+    """The ISA flags that decide which kernels run (gptcli.tuning's list), each marked present or absent."""
+    from gptcli.hardware import cpu_flags
+    from gptcli.tuning import KERNEL_FLAGS
+
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    return " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in ISA_FLAGS)
+    return " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in KERNEL_FLAGS)
 
 
 def median_measure(runs: list[Measure]) -> tuple[float, float, float | None]:

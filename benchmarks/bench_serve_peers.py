@@ -150,9 +150,9 @@ def main() -> int:
     chosen = servers(args.threads, args.parallel)
     if args.only:
         chosen = [s for s in chosen if any(part in s[0] for part in args.only.split(","))]
-    isa = sorted(
-        {f for f in Path("/proc/cpuinfo").read_text().split() if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}}
-    )
+    from gptcli.tuning import kernel_flags
+
+    isa = kernel_flags()
     print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos")
     rows, precision_of = [], {}
     for name, precision, command, env in chosen:

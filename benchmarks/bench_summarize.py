@@ -48,7 +48,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     text = CORPUS.read_bytes()[: args.bytes]
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in {"avx2", "avx512f", "avx512_vnni"}})
+    from gptcli.tuning import kernel_flags
+
+    flags = kernel_flags()
     print(
         f"# {args.bytes} bytes of tinyshakespeare, default model, {args.threads} threads, cpu flags: {' '.join(flags)}"
     )

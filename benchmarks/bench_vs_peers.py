@@ -43,7 +43,6 @@ GENAI_MODELS = REPO / ".cache" / "genai-models"
 MODEL = "smollm2-135m-instruct"
 HOLDOUT = REPO / "tests" / "data" / "holdout.txt"
 PPL_TOKENS = 300
-ISA_WORDS = ("avx", "fma", "f16c", "amx", "vnni", "bf16")
 
 # (who, precision) over (who, precision): issue 17's targets.
 TARGETS = [
@@ -283,9 +282,9 @@ def configurations(args: argparse.Namespace, folder: Path) -> list[tuple[str, st
 
 
 def isa_flags() -> str:
-    from gptcli.hardware import cpu_flags
+    from gptcli.tuning import kernel_flags
 
-    return " ".join(sorted(f for f in cpu_flags() if f.startswith(ISA_WORDS))) or "(no /proc/cpuinfo flags)"
+    return " ".join(kernel_flags()) or "none of gptcli.tuning.KERNEL_FLAGS"
 
 
 def cpu_name() -> str:
