@@ -52,6 +52,11 @@ def test_every_kernel_is_timed_on_this_cpu():
     assert all(ms > 0 for ms in record["timings_ms"].values())
 
 
+def test_tall_matrices_are_timed_in_both_memory_orders():
+    times = lean_tuning.measure_tall(1)
+    assert set(times) == {"[in, out]", "[out, in]"} and all(ms > 0 for ms in times.values())
+
+
 def greedy(backend, steps: int = 12) -> tuple[list[int], np.ndarray]:
     logits, cache = backend.forward([3, 9, 4, 17], backend.new_cache())
     tokens = []
@@ -94,6 +99,37 @@ def test_each_one_row_kernel_gives_the_same_greedy_text(tiny_models, family, ker
         assert not numpy_threads
     else:  # every one-row product of the 12 decode steps, with torch's own pool down to one thread
         assert len(numpy_threads) >= 12 * plain.info.num_layers and set(numpy_threads) == {1}
+
+
+def test_tall_matrices_held_as_out_in_give_the_same_text_and_keep_their_packed_copies(tiny_models, monkeypatch):
+    """Where numpy's BLAS won and read tall matrices faster as [out, in], the model re-lays them at its first
+    one-row step: the same greedy text, the same shapes, and the packed copies a prefill made are kept."""
+    from gptcli.backends import lean_base
+
+    plain = float32_lean(tiny_models, monkeypatch, lean_tuning.MKL)
+    expected_tokens, expected_logits = greedy(plain)
+    backend = float32_lean(tiny_models, monkeypatch, lean_tuning.MKL)
+    lean = backend.engine.lean
+    lean._one_row_kernel = None  # decided at the first one-row step, from this record
+    choice = {"kernel": lean_tuning.NUMPY_BLAS, lean_tuning.TALL_OUT_IN: True}
+    monkeypatch.setattr(lean_base, "one_row_choice", lambda params: choice)
+    tall = [
+        (layer, name)
+        for layer, name in lean._matrices()
+        if getattr(layer, name).shape[0] > getattr(layer, name).shape[1]
+    ]
+    assert tall, "the tiny model has a down projection with more inputs than outputs"
+    shapes = [getattr(layer, name).shape for layer, name in tall]
+    tokens, logits = greedy(backend)  # the prompt is a prefill (packed copies), then one-row steps
+    assert tokens == expected_tokens
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+    for (layer, name), shape in zip(tall, shapes, strict=True):
+        weight = getattr(layer, name)
+        assert weight.shape == shape and weight.t().is_contiguous() and not weight.is_contiguous()
+    # every packed copy belongs to a matrix the model holds now (moved along with it, not left behind)
+    current = {id(getattr(layer, name)) for layer, name in lean._matrices()} | {id(lean.head)}
+    assert set(lean._packed) <= current and len(lean._packed) >= 4 * lean.num_layers
+    assert lean.layers[0].qkv.is_contiguous()  # wider than tall: untouched
 
 
 def test_a_prefill_runs_on_the_packed_weights(tiny_models, monkeypatch):

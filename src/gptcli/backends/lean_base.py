@@ -9,12 +9,13 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gptcli.backends.lean_quant import QuantMatrix
-from gptcli.backends.lean_tuning import MKL, NUMPY_BLAS, PACK_ROWS, numpy_product, one_row_kernel
+from gptcli.backends.lean_tuning import MKL, NUMPY_BLAS, PACK_ROWS, TALL_OUT_IN, numpy_product, one_row_choice
 from gptcli.hardware import set_blas_threads, torch_threads
 from gptcli.hf import safetensors_header
 
@@ -141,10 +142,32 @@ class LeanModel:
     def _row_kernel(self) -> str:
         """The float32 kernel of one-row products: this machine's measured choice (lean_tuning)."""
         if self._one_row_kernel is None:
-            self._one_row_kernel = one_row_kernel(self.params)
+            choice = one_row_choice(self.params)
+            self._one_row_kernel = choice["kernel"]
             if self._one_row_kernel == NUMPY_BLAS:
                 set_blas_threads(torch.get_num_threads())  # the count the choice was measured at
+                if choice.get(TALL_OUT_IN):
+                    self.hold_tall_as_out_in()
         return self._one_row_kernel
+
+    def hold_tall_as_out_in(self) -> None:
+        """Keep each float matrix with more inputs than outputs as [out, in] memory, still seen as [in, out].
+
+        numpy's BLAS then reads it as one dot product per output, which lean_tuning measured faster for such
+        shapes on this machine. The products are the same up to summation order; a packed copy moves along.
+        """
+        for owner, name in self._matrices():
+            weight = getattr(owner, name)
+            if isinstance(weight, torch.Tensor) and weight.shape[0] > weight.shape[1] and weight.is_contiguous():
+                moved = weight.t().contiguous().t()
+                packed = self._packed.pop(id(weight), None)
+                if packed is not None:
+                    self._packed[id(moved)] = packed
+                setattr(owner, name, moved)
+
+    def _matrices(self) -> list[tuple[Any, str]]:
+        """(object, attribute) of each layer matrix that may change memory order (none unless a family says)."""
+        return []
 
     def _numpy_step(self, rows: int, depth: int) -> bool:
         """Whether a step of `rows` tokens after `depth` cached positions runs its products on numpy's BLAS:

@@ -11,6 +11,10 @@ decode-shaped products and the answer is cached per (CPU flags, torch and numpy 
 by gptcli.tuning: each machine keeps its own choice. The price of the packed kernel: the float32
 weights are held twice (as in batched use). numpy's BLAS runs its own threads: while it does a step's
 products torch keeps one thread (LeanModel.step), or the two pools would fight over the cores.
+
+Where numpy's BLAS wins, the measurement also times a tall matrix (more inputs than outputs: an MLP's
+down projection) in both memory orders: read as [out, in] it is one dot product per output, and on an
+AVX2-only AMD EPYC that decoded the default model 7 % faster (`TALL_OUT_IN`; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from gptcli import tuning
 from gptcli.hardware import blas_name, set_blas_threads, torch_threads
 
-TUNING_NAME = "torch-float32-one-row-kernel"
+TUNING_NAME = "torch-float32-one-row-kernel-2"  # -2: the record also says how tall matrices are read
 MIN_PARAMS = 20_000_000  # smaller models (the tests' tiny ones) keep MKL: too small to be worth the measuring
 # Six decoder layers of the default model ([in, out]: q, k, v, o, gate-up, down): ~85 MB of float32,
 # past a typical L3 as a decode step's weights are, with the small matrices where the kernels differ most.
@@ -32,17 +36,25 @@ SHAPES = LAYER * 6
 PASSES = 7
 MKL, ONEDNN, NUMPY_BLAS = "mkl", "onednn-packed", "numpy-blas"
 PACK_ROWS = 8  # the row count oneDNN packs for: the batched step's, so both uses share one packed copy
+TALL = (1536, 576)  # [in, out] of the default model's down projection, timed in both memory orders
+TALL_COPIES = 30  # one per layer: ~106 MB, past the caches as a step's weights are
+TALL_OUT_IN = "numpy_tall_out_in"  # the record's key: hold tall matrices as [out, in] memory for numpy's BLAS
 
 
 def one_row_kernel(params: int) -> str:
     """The float32 kernel for one-row products here: MKL, ONEDNN or NUMPY_BLAS (measured once, then cached)."""
+    return one_row_choice(params)["kernel"]
+
+
+def one_row_choice(params: int) -> dict[str, Any]:
+    """This machine's record: "kernel" (as one_row_kernel) and, for NUMPY_BLAS, TALL_OUT_IN."""
     import torch
 
     if params < MIN_PARAMS or not torch.backends.mkldnn.is_available():
-        return MKL
+        return {"kernel": MKL}
     threads = torch.get_num_threads()
-    kernel = tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(threads))["kernel"]
-    return kernel if kernel in (MKL, ONEDNN, NUMPY_BLAS) else MKL
+    record = tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(threads))
+    return record if record.get("kernel") in (MKL, ONEDNN, NUMPY_BLAS) else {"kernel": MKL}
 
 
 def numpy_product(x: Any, weight: Any) -> Any:
@@ -94,8 +106,35 @@ def measure(threads: int) -> dict[str, Any]:
     kernel = min(medians, key=lambda name: medians[name])
     flags = " ".join(tuning.kernel_flags()) or "no AVX2"
     chosen = f"{kernel} ({blas_name()})" if kernel == NUMPY_BLAS else kernel
-    return {
+    record: dict[str, Any] = {
         "kernel": kernel,
         "timings_ms": {name: round(value, 3) for name, value in medians.items()},
         "reason": f"fastest for one-row float32 products here ({flags}; {threads} threads): {chosen}",
     }
+    if kernel == NUMPY_BLAS:
+        tall = measure_tall(threads)
+        record[TALL_OUT_IN] = tall["[out, in]"] < tall["[in, out]"]
+        record["tall_timings_ms"] = tall
+        if record[TALL_OUT_IN]:
+            record["reason"] += "; matrices with more inputs than outputs held as [out, in]"
+    return record
+
+
+def measure_tall(threads: int) -> dict[str, float]:
+    """numpy's BLAS on TALL_COPIES tall matrices stored [in, out] and as [out, in] memory (ms, medians)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    layouts = {"[in, out]": [torch.randn(*TALL, generator=generator) for _ in range(TALL_COPIES)]}
+    layouts["[out, in]"] = [w.t().contiguous().t() for w in layouts["[in, out]"]]  # the same [in, out] view
+    x = torch.randn(1, TALL[0], generator=generator)
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    set_blas_threads(threads)
+    with torch.inference_mode(), torch_threads(1):
+        for _ in range(PASSES + 1):
+            for name, weights in layouts.items():  # alternating: both pools here are numpy's one
+                start = time.perf_counter()
+                for w in weights:
+                    numpy_product(x, w)
+                times[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(values[1:]) * 1e3, 3) for name, values in times.items()}

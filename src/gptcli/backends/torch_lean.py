@@ -153,6 +153,9 @@ class LeanDecoder(LeanModel):
             rope=rope,
         )
 
+    def _matrices(self) -> list[tuple[Any, str]]:
+        return [(layer, name) for layer in self.layers for name in ("qkv", "out", "gate_up", "down")]
+
     def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Gemma's (1 + w), kept in float32 as transformers computes it; others' w as stored."""
         return self.norm_offset + weight.float() if self.norm_offset else weight
