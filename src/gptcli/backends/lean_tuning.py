@@ -14,7 +14,8 @@ products torch keeps one thread (LeanModel.step), or the two pools would fight o
 
 Where numpy's BLAS wins, the measurement also times a tall matrix (more inputs than outputs: an MLP's
 down projection) in both memory orders: read as [out, in] it is one dot product per output, and on an
-AVX2-only AMD EPYC that decoded the default model 7 % faster (`TALL_OUT_IN`; benchmarks/README.md).
+AVX2-only AMD EPYC those products took 0.72-0.82x the time and a decode step ~0.95x (`TALL_OUT_IN`;
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PASSES = 7
 MKL, ONEDNN, NUMPY_BLAS = "mkl", "onednn-packed", "numpy-blas"
 PACK_ROWS = 8  # the row count oneDNN packs for: the batched step's, so both uses share one packed copy
 TALL = (1536, 576)  # [in, out] of the default model's down projection, timed in both memory orders
-TALL_COPIES = 30  # one per layer: ~106 MB, past the caches as a step's weights are
+TALL_COPIES = 16  # ~57 MB in each order: past a typical L3, as a step's weights are
 TALL_OUT_IN = "numpy_tall_out_in"  # the record's key: hold tall matrices as [out, in] memory for numpy's BLAS
 
 
