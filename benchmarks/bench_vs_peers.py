@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -133,19 +132,15 @@ def genai_perplexity_child(folder: str, precision: str) -> dict:
     """GenAI's export scored with a plain ORT session: every position's logits of one window, gptcli's arithmetic."""
     import numpy as np
     import onnxruntime as ort
+    from profile_ops import empty_past, feeds
 
     from gptcli.evaluate import log_probs
     from gptcli.tokenizer import Tokenizer
 
     ids = Tokenizer(Path(folder)).encode(HOLDOUT.read_text())[:PPL_TOKENS]
-    out = genai_export(Path(folder), precision)
-    head_size = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
-    session = ort.InferenceSession(str(out / "model.onnx"))
-    feeds: dict = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for arg in session.get_inputs():
-        if arg.name.startswith("past_key_values"):
-            feeds[arg.name] = np.zeros((1, arg.shape[1], 0, head_size), dtype=np.float32)
-    logits = session.run(["logits"], feeds)[0][0]
+    model_path = genai_export(Path(folder), precision) / "model.onnx"
+    session = ort.InferenceSession(str(model_path))
+    logits = session.run(["logits"], feeds(session, ids, empty_past(session, model_path), 0))[0][0]
     nll = -log_probs(logits[:-1], np.array(ids[1:])).mean()
     return {"perplexity": float(np.exp(nll))}
 
@@ -287,16 +282,6 @@ def isa_flags() -> str:
     return " ".join(kernel_flags()) or "none of gptcli.tuning.KERNEL_FLAGS"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def per_pass(values: list[float]) -> str:
     return " / ".join("–" if v != v else f"{v:.1f}" for v in values)
 
@@ -325,6 +310,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "src"))
+    from gptcli.bench.roofline import cpu_model
     from gptcli.models import resolve_model
 
     folder = resolve_model(MODEL, notify=lambda m: print(m, file=sys.stderr)).path
@@ -339,7 +325,7 @@ def main() -> None:
             rows[who, precision].decode.append(result.get(tg, float("nan")))
             rows[who, precision].prefill.append(result.get(pp, float("nan")))
 
-    print(f"\n{cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads; ISA flags: {isa_flags()}")
+    print(f"\n{cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads; ISA flags: {isa_flags()}")
     print(f"{MODEL}, {tg} decode and {pp} prefill t/s, median of {args.r} each, {args.passes} interleaved passes\n")
     print(f"| runtime | precision | decode {tg} t/s (per pass) | prefill {pp} t/s (per pass) |")
     print("|---|---|---|---|")
@@ -371,7 +357,7 @@ def main() -> None:
         print(" llama-perplexity on the same file, -c 128; compare each with its own fp32 row)")
     if args.json:
         payload = {
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "isa_flags": isa_flags(),
             "threads": args.threads,
             "rows": [vars(row) for row in rows.values()],

@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +26,12 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
-NP_TYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16}
+NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(float16)": np.float16,
+}
 # Ops that read one row of their constant tables a token (an embedding; attention's cos/sin caches), not all.
 ROW_READS = {"Gather", "GatherBlockQuantized", "GroupQueryAttention"}
 
@@ -52,7 +58,7 @@ def node_weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
 def feeds(session: ort.InferenceSession, ids: list[int], past: dict[str, np.ndarray], kv_len: int) -> dict:
     out = {}
     for arg in session.get_inputs():
-        dtype = NP_TYPES[{"tensor(float)": 1, "tensor(int32)": 6, "tensor(int64)": 7, "tensor(float16)": 10}[arg.type]]
+        dtype = NP_TYPES[arg.type]
         if arg.name == "input_ids":
             out[arg.name] = np.array([ids], dtype=dtype)
         elif arg.name == "attention_mask":
@@ -68,13 +74,19 @@ def feeds(session: ort.InferenceSession, ids: list[int], past: dict[str, np.ndar
     return out
 
 
-def empty_past(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+def empty_past(session: ort.InferenceSession, model_path: Path) -> dict[str, np.ndarray]:
+    """Zero-length past keys and values; a head size the graph leaves symbolic (GenAI's) comes from the
+    genai_config.json beside it."""
     past = {}
     for arg in session.get_inputs():
         if arg.name.startswith("past_key_values"):
             heads, dim = arg.shape[1], arg.shape[3]
-            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
-            past[arg.name] = np.zeros((1, heads, 0, dim if isinstance(dim, int) else 64), dtype=dtype)
+            if not isinstance(dim, int):
+                config = model_path.parent / "genai_config.json"
+                if not config.is_file():
+                    raise SystemExit(f"{arg.name} has a symbolic head size and there is no {config}")
+                dim = int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+            past[arg.name] = np.zeros((1, heads, 0, dim), dtype=NP_TYPES[arg.type])
     return past
 
 
@@ -100,7 +112,7 @@ def main() -> None:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
     kv_names = [o.name for o in session.get_outputs() if o.name.startswith("present")]
-    past = empty_past(session)
+    past = empty_past(session, args.model)
     rng = np.random.default_rng(0)
     kv_len = 0
     windows = []
@@ -139,8 +151,9 @@ def main() -> None:
     if args.bandwidth:
         bandwidth = args.bandwidth * 1e9
     else:
-        cached = json.loads((Path.home() / ".cache" / "gptcli" / "bench" / "bandwidth.json").read_text())
-        bandwidth = next(iter(cached.values()))["bytes_per_s"]
+        from gptcli.bench.roofline import bandwidth as machine_bandwidth
+
+        bandwidth = machine_bandwidth("cpu", notify=lambda m: print(m, file=sys.stderr))["bytes_per_s"]
     print(f"{args.model}  threads={args.threads}  {steps} decode steps after a {args.prompt}-token prompt")
     print(f"step {run_us / 1000:.2f} ms ({1e6 / run_us:.1f} tok/s); read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print("| op | nodes | ms a step | share | MB a step | GB/s | of bandwidth |")
