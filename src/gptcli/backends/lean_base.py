@@ -147,10 +147,10 @@ class LeanModel:
             if self._one_row_kernel == NUMPY_BLAS:
                 set_blas_threads(torch.get_num_threads())  # the count the choice was measured at
                 if choice.get(TALL_OUT_IN):
-                    self.hold_tall_as_out_in()
+                    self._hold_tall_as_out_in()
         return self._one_row_kernel
 
-    def hold_tall_as_out_in(self) -> None:
+    def _hold_tall_as_out_in(self) -> None:
         """Keep each float matrix with more inputs than outputs as [out, in] memory, still seen as [in, out].
 
         numpy's BLAS then reads it as one dot product per output, which lean_tuning measured faster for such

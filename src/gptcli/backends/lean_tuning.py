@@ -103,13 +103,13 @@ def measure(threads: int) -> dict[str, Any]:
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
+    medians = {name: _median_ms(values) for name, values in times.items()}
     kernel = min(medians, key=lambda name: medians[name])
     flags = " ".join(tuning.kernel_flags()) or "no AVX2"
     chosen = f"{kernel} ({blas_name()})" if kernel == NUMPY_BLAS else kernel
     record: dict[str, Any] = {
         "kernel": kernel,
-        "timings_ms": {name: round(value, 3) for name, value in medians.items()},
+        "timings_ms": medians,
         "reason": f"fastest for one-row float32 products here ({flags}; {threads} threads): {chosen}",
     }
     if kernel == NUMPY_BLAS:
@@ -138,4 +138,9 @@ def measure_tall(threads: int) -> dict[str, float]:
                 for w in weights:
                     numpy_product(x, w)
                 times[name].append(time.perf_counter() - start)
-    return {name: round(statistics.median(values[1:]) * 1e3, 3) for name, values in times.items()}
+    return {name: _median_ms(values) for name, values in times.items()}
+
+
+def _median_ms(seconds: list[float]) -> float:
+    """The median of timed passes in ms, the first (warm-up) pass left out."""
+    return round(statistics.median(seconds[1:]) * 1e3, 3)
