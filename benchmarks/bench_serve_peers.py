@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> b
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            return False
+            return
         try:
             if httpx.get(base_url + "/v1/models", timeout=5).status_code == 200:
                 return True
@@ -86,7 +87,9 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> b
     return False
 
 
-def measure(name: str, command: list[str], env: dict[str, str], args) -> list[dict] | None:
+def measure(name: str, command: list[str], env: dict[str, str], args, rows: list[dict]) -> None:
+    """Run one server through every load, appending each finished cell to `rows` as it finishes (an
+    interrupted run keeps them); a server that does not start is skipped."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     argv = [part.replace("{port}", str(port)) for part in command]
@@ -95,7 +98,7 @@ def measure(name: str, command: list[str], env: dict[str, str], args) -> list[di
     try:
         if not wait_ready(base_url, proc):
             print(f"skip {name}: did not start (see {log.name})", file=sys.stderr)
-            return None
+            return
         opts = argparse.Namespace(
             base_url=base_url,
             endpoint="/v1/completions",
@@ -105,7 +108,6 @@ def measure(name: str, command: list[str], env: dict[str, str], args) -> list[di
             timeout=600.0,
         )
         model = bench_serve.served_model(opts)
-        rows = []
         for input_len in args.input_len:
             for concurrency in args.concurrency:
                 count = args.num_prompts or max(8, 2 * concurrency)
@@ -114,16 +116,18 @@ def measure(name: str, command: list[str], env: dict[str, str], args) -> list[di
                 results, duration = asyncio.run(
                     bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
                 )
-                rows.append(
-                    {
-                        "server": name,
-                        "input_len": input_len,
-                        "concurrency": concurrency,
-                        **bench_serve.summarize(results, duration),
-                    }
+                row = {
+                    "server": name,
+                    "input_len": input_len,
+                    "concurrency": concurrency,
+                    **bench_serve.summarize(results, duration),
+                }
+                rows.append(row)
+                print(
+                    f"{name}: input {input_len}, concurrency {concurrency}: {row['output_throughput']:.1f} tok/s, "
+                    f"TTFT p99 {row['p99_ttft_ms']:.0f} ms",
+                    file=sys.stderr,
                 )
-                print(f"{name}: input {input_len}, concurrency {concurrency} done", file=sys.stderr)
-        return rows
     finally:
         proc.terminate()
         try:
@@ -154,12 +158,17 @@ def main() -> int:
 
     isa = kernel_flags()
     print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos")
-    rows, precision_of = [], {}
-    for name, precision, command, env in chosen:
-        measured = measure(name, command, env, args)
-        if measured:
-            rows.extend(measured)
-            precision_of[name] = precision
+    rows: list[dict] = []
+    stopped = False
+    precision_of = {name: precision for name, precision, _, _ in chosen}
+    # A stopped run (Ctrl-C, or `timeout`'s SIGTERM) still prints the table of the cells that finished.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for name, _, command, env in chosen:
+            measure(name, command, env, args, rows)
+    except KeyboardInterrupt:
+        stopped = True
+        print(f"stopped: the table has the {len(rows)} cells that finished", file=sys.stderr)
     header = (
         "| server | in | conc | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len | × llama-server |"
     )
@@ -183,7 +192,7 @@ def main() -> int:
             f"{r['median_e2e_ms']:.0f} | "
             f"{r['mean_output_tokens']:.0f} | {ratio} |"
         )
-    return 0
+    return 130 if stopped else 0
 
 
 if __name__ == "__main__":
