@@ -77,7 +77,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> b
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            return
+            return False
         try:
             if httpx.get(base_url + "/v1/models", timeout=5).status_code == 200:
                 return True
