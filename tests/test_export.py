@@ -156,8 +156,8 @@ def _one_matmul_model(weight):
     graph = helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "m", k])],  # [batch, sequence, k], as exported
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "m", n])],
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(
@@ -178,7 +178,7 @@ def _run(model, x):
 def test_quantized_matmul_matches_its_dequantized_weight_in_onnx_runtime(precision):
     rng = np.random.default_rng(2)
     weight = rng.standard_normal((80, 40)).astype(np.float32)  # 2.5 blocks: padded, an odd count of zero points
-    x = rng.standard_normal((2, 80)).astype(np.float32)
+    x = rng.standard_normal((1, 2, 80)).astype(np.float32)
     codes, scales, zeros = ex.quantize_blocks(np.ascontiguousarray(weight.T), 8 if precision == "int8" else 4, 32)
     dequantized = ((codes.astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(40, 96)[:, :80].T
     got = _run(ex.quantize(_one_matmul_model(weight), precision), x)
@@ -198,11 +198,11 @@ def test_int4_keeps_a_weight_already_on_a_4bit_grid():
     weight = np.ascontiguousarray((minima + steps * q).reshape(n, k).T, dtype=np.float32)
     assert ex.on_grid(weight.T.copy(), 15, 32)
     assert not ex.on_grid(weight.T + rng.normal(0, 1e-3, (n, k)).astype(np.float32), 15, 32)
-    x = rng.standard_normal((3, k)).astype(np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
     exact = x @ weight
     kept = ex.quantize(_one_matmul_model(weight), "int4")
     ops = [node.op_type for node in kept.graph.node]
-    assert ops == ["MatMulNBits", "Concat", "MatMulNBits"]  # block sums, appended, then the weight
+    assert ops == ["Reshape", "ReduceSum", "Concat", "MatMulNBits"]  # block sums, appended, then the weight
     kept_error = np.abs(_run(kept, x) - exact).max()
     # the same weight nudged off its grid is rounded the ordinary way
     rounded = ex.quantize(

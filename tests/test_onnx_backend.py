@@ -203,7 +203,7 @@ def test_default_model_parity_and_quantized_perplexity(default_model_home, monke
         backend = OnnxBackend.load(folder, LoadOptions(device="cpu", precision=precision, threads=2))
         ppl[precision] = perplexity(backend, ids).perplexity
     print(f"perplexity on {len(ids)} held-out tokens: {ppl}")
-    # Measured here: fp32 30.77, int8 30.72, int4 30.78 (its Q4_1 weights are stored exactly, the embedding and
+    # Measured here: fp32 30.77, int8 30.72, int4 30.86 (its Q4_1 weights are stored exactly, the embedding and
     # head at 8 bits; a second 4-bit rounding cost +36 %).
     assert ppl["int8"] < ppl["fp32"] * 1.05
     assert ppl["int4"] < ppl["fp32"] * 1.05

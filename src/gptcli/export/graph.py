@@ -16,7 +16,7 @@ from gptcli.hf import Architecture
 
 OPSET = 21
 MS_OPSET = 1
-GRAPH_VERSION = 10  # bump when the graph layout changes: old cached exports are then rebuilt
+GRAPH_VERSION = 11  # bump when the graph layout changes: old cached exports are then rebuilt
 
 
 class GraphBuilder:
