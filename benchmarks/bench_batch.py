@@ -331,6 +331,9 @@ def render(
     return [*lines, "", legend, "", *summary], numbers
 
 
+RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int4", "transformers", "llamacpp")
+
+
 def load_runtimes(args: argparse.Namespace, folder: Path, tokenizer, log: Callable[[str], None]):
     """The gptcli rows, the transformers peer and the llama.cpp peers that were asked for (and are there)."""
     from gptcli.backends.base import LoadOptions, get_backend_class
@@ -386,13 +389,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--npl", default="1,2,4,8", help="parallel sequences to test, comma-separated")
-    parser.add_argument("--runtimes", default="torch-fp32,onnx-fp32,onnx-int4,transformers,llamacpp")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, from the default")
     parser.add_argument("--quick", action="store_true", help="a short check: 16 tokens, 1 round")
     parser.add_argument("--json", type=Path, help="also write the medians here")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.rounds = 16, 1
     npls = sorted({int(n) for n in args.npl.split(",")})
+    unknown = set(args.runtimes.split(",")) - set(RUNTIMES)
+    if unknown:
+        parser.error(f"unknown --runtimes {', '.join(sorted(unknown))}: choose from {', '.join(RUNTIMES)}")
     if max(npls) > len(PROMPTS) or min(npls) < 1:
         parser.error(f"--npl takes 1 to {len(PROMPTS)} (there are {len(PROMPTS)} prompts)")
 
