@@ -137,6 +137,7 @@ async def run_level(
         }
         if args.ignore_eos:
             payload["ignore_eos"] = True
+        payload.update(getattr(args, "extra_body", None) or {})
         return payload
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -237,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, help="requests per level (default: 4 × concurrency, at least 8)")
     parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly --random-output-len tokens")
     parser.add_argument("--tokenizer", help="a model folder: prompts of exactly --random-input-len tokens")
+    parser.add_argument(
+        "--extra-body",
+        type=json.loads,
+        help='JSON merged into every request, e.g. \'{"logit_bias": {"2": -100}}\' for a server without ignore_eos',
+    )
     parser.add_argument("--warmup", type=int, default=1, help="requests before each measured level")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0)

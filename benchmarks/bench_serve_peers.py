@@ -8,6 +8,10 @@ fp32 and int4 against llama-server on the F32 and Q4_0 GGUFs made from the same 
 given the same load by bench_serve.py (vLLM's `bench serve` definitions, `ignore_eos`, greedy), then
 stopped. The table puts every server's output tok/s and TTFT/E2E beside its matched peer, with ratios.
 Servers whose binaries or packages are missing are skipped with a note. 2 threads each.
+
+`llama_cpp.server` serves one request at a time. It is started with `--interrupt_requests False`, so a new
+request waits instead of cutting the running one short. It has no `ignore_eos`, so its requests bias the
+end-of-sequence tokens out of reach (`logit_bias` -100) to get the same output length.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict[str, str]]]:
-    """(name, matched precision, command with {port}, extra environment)."""
+def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict[str, str], dict]]:
+    """(name, matched precision, command with {port}, extra environment, extra request body)."""
     python = sys.executable
     gptcli = [
         python,
@@ -54,23 +58,37 @@ def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict
         "--threads",
         str(threads),
     ]
+    # llama_cpp.server has no ignore_eos: an end-of-sequence token biased out of reach does the same.
+    no_eos = {"logit_bias": {str(token): -100 for token in sorted(eos_ids())}}
     rows = [
-        ("gptcli serve onnx fp32", "fp32", [*gptcli, "--backend", "onnx", "--precision", "fp32"], {}),
-        ("gptcli serve onnx int4", "int4", [*gptcli, "--backend", "onnx", "--precision", "int4"], {}),
-        ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch", "--dtype", "float32"], {}),
+        ("gptcli serve onnx fp32", "fp32", [*gptcli, "--backend", "onnx", "--precision", "fp32"], {}, {}),
+        ("gptcli serve onnx int4", "int4", [*gptcli, "--backend", "onnx", "--precision", "int4"], {}, {}),
+        ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch", "--dtype", "float32"], {}, {}),
     ]
     for label, precision in (("F32", "fp32"), ("Q4_0", "int4")):
         model = Path(str(GGUF).format(label))
         if LLAMA_SERVER.exists() and model.exists():
             command = [str(LLAMA_SERVER), "-m", str(model), "--port", "{port}", "-np", str(parallel), "-cb"]
             command += ["-t", str(threads), "-c", str(4096 * parallel), "--host", "127.0.0.1"]
-            rows.append((f"llama-server {label}", precision, command, {}))
+            rows.append((f"llama-server {label}", precision, command, {}, {}))
             llama_cpp = [python, "-m", "llama_cpp.server", "--model", str(model), "--port", "{port}"]
             llama_cpp += ["--n_threads", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1"]
+            # It runs one request at a time; by default a new request interrupts the running one, which
+            # ended most responses after a few tokens at concurrency 8. Queued instead, as a client expects.
+            llama_cpp += ["--interrupt_requests", "False"]
             # llama_cpp.server's own dependencies, kept out of the project's environment (see build_llamacpp.sh).
             extra = {"PYTHONPATH": str(PEERS / "serverdeps")}
-            rows.append((f"llama_cpp.server {label}", precision, llama_cpp, extra))
+            rows.append((f"llama_cpp.server {label}", precision, llama_cpp, extra, no_eos))
     return rows
+
+
+def eos_ids() -> frozenset[int]:
+    """The default model's end-of-sequence ids (the GGUFs are made from the same weights and vocabulary)."""
+    from gptcli.config import DEFAULT_MODEL
+    from gptcli.models import resolve_model
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(resolve_model(DEFAULT_MODEL).path).eos_ids
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> bool:
@@ -87,7 +105,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> b
     return False
 
 
-def measure(name: str, command: list[str], env: dict[str, str], args, rows: list[dict]) -> None:
+def measure(name: str, command: list[str], env: dict[str, str], body: dict, args, rows: list[dict]) -> None:
     """Run one server through every load, appending each finished cell to `rows` as it finishes (an
     interrupted run keeps them); a server that does not start is skipped."""
     port = free_port()
@@ -105,6 +123,7 @@ def measure(name: str, command: list[str], env: dict[str, str], args, rows: list
             api_key=None,
             random_output_len=args.output_len,
             ignore_eos=True,
+            extra_body=body,
             timeout=600.0,
         )
         model = bench_serve.served_model(opts)
@@ -160,12 +179,12 @@ def main() -> int:
     print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos")
     rows: list[dict] = []
     stopped = False
-    precision_of = {name: precision for name, precision, _, _ in chosen}
+    precision_of = {name: precision for name, precision, *_ in chosen}
     # A stopped run (Ctrl-C, or `timeout`'s SIGTERM) still prints the table of the cells that finished.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for name, _, command, env in chosen:
-            measure(name, command, env, args, rows)
+        for name, _, command, env, body in chosen:
+            measure(name, command, env, body, args, rows)
     except KeyboardInterrupt:
         stopped = True
         print(f"stopped: the table has the {len(rows)} cells that finished", file=sys.stderr)
