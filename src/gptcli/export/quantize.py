@@ -198,7 +198,7 @@ def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[st
     left is the residuals' own rounding, about 1/25 of a plain second rounding. Three small nodes per
     input instead of a MatMul and an Add per weight: int4 decode 145 vs 124 tok/s. ReduceSum rather
     than a MatMulNBits over a 0/1 indicator: exact sums instead of int8-rounded ones, and a decode step
-    3-7 % faster on AVX-512 (benchmarks/README.md). Activations are [batch, sequence, k], as in every
+    3-11 % faster on AVX-512 (benchmarks/README.md). Activations are [batch, sequence, k], as in every
     graph the exporter writes.
     """
     from onnx import numpy_helper
