@@ -137,7 +137,7 @@ async def run_level(
         }
         if args.ignore_eos:
             payload["ignore_eos"] = True
-        payload.update(getattr(args, "extra_body", None) or {})
+        payload.update(args.extra_body or {})
         return payload
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
