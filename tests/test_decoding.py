@@ -196,3 +196,18 @@ def test_ignore_eos_keeps_going_past_end_of_sequence(tokenizer):
     events, _ = run(tokenizer, [*ids, eos, *ids], params)
     assert events[-1].reason == "length"
     assert events[-1].stats.new_tokens == 2 * len(ids) + 1
+
+
+def test_logprobs_ride_on_each_token_and_do_not_change_the_tokens(tokenizer):
+    ids = tokenizer.encode("café 🙂 soft", add_special_tokens=False)
+    plain, _ = run(tokenizer, ids)
+    scored, _ = run(tokenizer, ids, SamplingConfig(temperature=0, max_tokens=200, logprobs=2))
+    assert [e.id for e in plain[:-1]] == [e.id for e in scored[:-1]] and plain[-1].text == scored[-1].text
+    assert all(e.logprob is None for e in plain[:-1]) and plain[-1].logprobs == ()
+    tokens = [e for e in scored[:-1] if e.id is not None]
+    assert [e.id for e in tokens] == list(scored[-1].token_ids) == ids
+    assert [e.logprob for e in tokens] == list(scored[-1].logprobs)
+    for event in tokens:
+        # The scripted backend puts all its mass on the token it says: log-probability ~0, itself the best.
+        assert event.logprob.logprob == pytest.approx(0.0, abs=1e-6)
+        assert len(event.logprob.top) == 2 and event.logprob.top[0][0] == event.id

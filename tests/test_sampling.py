@@ -1,8 +1,17 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from gptcli.config import SamplingConfig
-from gptcli.sampling import apply_repetition_penalty, filter_probs, make_rng, sample
+from gptcli.sampling import (
+    apply_logit_bias,
+    apply_repetition_penalty,
+    filter_probs,
+    make_rng,
+    sample,
+    token_logprobs,
+)
 
 
 def probs(*values):
@@ -70,3 +79,28 @@ def test_low_temperature_concentrates_mass():
     rng = make_rng(0)
     params = SamplingConfig(temperature=0.01, top_p=1.0, min_p=0.0)
     assert {sample(logits, params, rng) for _ in range(100)} == {0}
+
+
+def test_logit_bias_adds_to_the_listed_tokens_and_bans_or_forces():
+    logits = np.array([2.0, 1.0, 0.5, -1.0], dtype=np.float32)
+    out = apply_logit_bias(logits, ((1, 1.5), (3, -2.0), (99, 5.0)))  # 99 is past the row: left out
+    assert out.tolist() == [2.0, 2.5, 0.5, -3.0]
+    assert logits.tolist() == [2.0, 1.0, 0.5, -1.0]  # input untouched
+    greedy = SamplingConfig(temperature=0)
+    assert sample(logits, replace(greedy, logit_bias=((0, -100.0),)), make_rng(0)) == 1
+    assert sample(logits, replace(greedy, logit_bias=((3, 100.0),)), make_rng(0)) == 3
+    # Sampling at a temperature: a banned token is never drawn.
+    banned = replace(SamplingConfig(temperature=1.0, top_p=1.0, min_p=0.0), logit_bias=((0, -100.0),))
+    rng = make_rng(1)
+    assert 0 not in {sample(logits, banned, rng) for _ in range(300)}
+
+
+def test_token_logprobs_are_the_models_log_softmax_with_the_best_alternatives():
+    logits = np.array([2.0, 1.0, 3.0, -1.0, 3.0], dtype=np.float32)
+    expected = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    scored = token_logprobs(logits, 1, top=3)
+    assert scored.logprob == pytest.approx(expected[1], abs=1e-12)
+    assert [token for token, _ in scored.top] == [2, 4, 0]  # most likely first, ties in id order
+    assert [value for _, value in scored.top] == pytest.approx(expected[[2, 4, 0]].tolist(), abs=1e-12)
+    assert token_logprobs(logits, 3).top == ()
+    assert len(token_logprobs(logits, 0, top=50).top) == 5  # never more than the vocabulary

@@ -234,6 +234,70 @@ def test_stop_strings_and_ignored_parameters(live, runtime):
     assert single.choices[0].finish_reason in {"stop", "length"}
 
 
+def test_chat_logprobs_streamed_and_not(live, runtime):
+    client = live.client()
+    ask = dict(model="tiny-llama", messages=[{"role": "user", "content": PROMPTS[4]}], temperature=0, max_tokens=10)
+    whole = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for entry in content:
+        values = [alternative.logprob for alternative in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] <= 0
+        # Greedy: the chosen token is the model's most likely one, with the same log-probability.
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob == values[0]
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+    expected = reference(runtime, PROMPTS[4], 10)
+    assert whole.choices[0].message.content == expected.text
+    # The first token's log-probability is the model's own log-softmax over the prompt.
+    import numpy as np
+
+    from gptcli.prompts import encode_prompt
+
+    logits, _ = runtime.backend.forward(encode_prompt(runtime.tokenizer, PROMPTS[4]).ids, runtime.backend.new_cache())
+    row = np.asarray(logits, dtype=np.float64)
+    log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    assert content[0].logprob == pytest.approx(float(log_softmax[expected.token_ids[0]]), abs=1e-5)
+    streamed = list(client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
+    plain = client.chat.completions.create(**ask)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == expected.text
+    bare = client.chat.completions.create(**ask, logprobs=True)
+    assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[]] * len(content)
+
+
+def test_completion_logprobs_in_the_legacy_format(live, runtime):
+    client = live.client()
+    reply = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=8, logprobs=2)
+    scored = reply.choices[0].logprobs
+    assert len(scored.tokens) == len(scored.token_logprobs) == len(scored.text_offset) == reply.usage.completion_tokens
+    assert scored.text_offset[0] == 0
+    steps = zip(scored.text_offset, scored.text_offset[1:], scored.tokens, strict=False)
+    assert all(b - a == len(token) for a, b, token in steps)  # each token's text starts where the last one ended
+    for token, value, top in zip(scored.tokens, scored.token_logprobs, scored.top_logprobs, strict=True):
+        assert top[token] == value and max(top.values()) == value  # greedy: the chosen token is the best
+    streamed = list(client.completions.create(
+        model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=8, logprobs=2, stream=True
+    ))  # fmt: skip
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == scored.tokens and offsets == scored.text_offset
+
+
+def test_logit_bias_bans_and_forces_tokens(live, runtime):
+    expected = reference(runtime, PROMPTS[1], 6, raw=True)
+    client = live.client()
+    ask = dict(model="tiny-llama", prompt=PROMPTS[1], temperature=0, max_tokens=6)
+    banned = expected.token_ids[0]
+    reply = client.completions.create(**ask, logprobs=0, logit_bias={str(banned): -100})
+    first = reply.choices[0].logprobs.tokens[0]
+    assert first != runtime.tokenizer.decode([banned], skip_special_tokens=False)
+    forced = 42 if banned != 42 else 43
+    reply = client.completions.create(**ask, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == runtime.tokenizer.decode([forced] * 6)
+
+
 def test_ignore_eos_generates_exactly_max_tokens(live):
     forced = live.client().completions.create(
         model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=60, extra_body={"ignore_eos": True}
@@ -328,12 +392,19 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"10": 101}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"ten": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ]
     for body, param in cases:
         response = httpx.post(url, json=body)
         assert response.status_code == 400, body
         error = error_of(response)
         assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+    echo = httpx.post(live.v1 + "/completions", json={"prompt": "hi", "echo": True, "logprobs": 1})
+    assert echo.status_code == 400 and error_of(echo)["param"] == "echo"
     broken = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
 

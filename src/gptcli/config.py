@@ -60,6 +60,9 @@ class SamplingConfig:
     repetition_stop: bool = True  # end a reply that only repeats itself (finish reason "repetition")
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks: exactly max_tokens tokens)
     constraint: OutputConstraint | None = None  # structured output; not a config-file setting (no FieldSpec)
+    # Per request (the server, batch files), not config-file settings either:
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
 
 
 @dataclass(frozen=True)

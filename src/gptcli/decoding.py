@@ -17,7 +17,7 @@ import numpy as np
 from gptcli.backends.base import Backend
 from gptcli.config import SamplingConfig
 from gptcli.constraints import TokenConstraint, open_constraint
-from gptcli.sampling import make_rng, sample
+from gptcli.sampling import TokenLogprob, make_rng, sample, token_logprobs
 from gptcli.tokenizer import Tokenizer
 
 # stop: end-of-sequence, a stop string, or a structured output that is complete; length: max_tokens;
@@ -63,21 +63,26 @@ class Stats:
 
 @dataclass(frozen=True)
 class Token:
-    """Text that can no longer change. id is None for held-back text released at the end."""
+    """Text that can no longer change. id is None for held-back text released at the end.
+
+    logprob is the token's log-probability (and the alternatives asked for) when the sampling settings
+    ask for logprobs; the text of a token may be held back and come out with a later one."""
 
     text: str
     id: int | None
     t: float
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
 class Finished:
-    """The last event: why generation stopped, its timings and the whole text."""
+    """The last event: why generation stopped, its timings and the whole text (and each token's logprob, if asked)."""
 
     reason: str
     stats: Stats
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 Event = Token | Finished
@@ -241,6 +246,7 @@ class SequenceDecoder:
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
         self.pieces: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
         self.start = start
         self.prefill_end: float | None = None
         self.first_token_at: float | None = None
@@ -270,13 +276,17 @@ class SequenceDecoder:
             token_id = picked
         if token_id in self.eos:
             return self.finish("stop")
+        logprob = None
+        if self.params.logprobs is not None:
+            logprob = token_logprobs(logits, token_id, self.params.logprobs)
+            self.logprobs.append(logprob)
         self.history.append(token_id)
         text, hit_stop = self.stopper.push(self.detok.add(token_id))
         emitted = self.clock()
         if len(self.detok.ids) == 1:
             self.first_token_at = emitted
         self.pieces.append(text)
-        events: list[Event] = [Token(text, token_id, emitted)]
+        events: list[Event] = [Token(text, token_id, emitted, logprob)]
         if hit_stop:
             return events + self.finish("stop", stopped=True)
         if self.constraint is not None and self.constraint.complete:
@@ -332,6 +342,6 @@ class SequenceDecoder:
             total_s=end - self.start,
         )
         self.next_token = None
-        self.finished = Finished(reason, stats, "".join(self.pieces), tuple(self.detok.ids))
+        self.finished = Finished(reason, stats, "".join(self.pieces), tuple(self.detok.ids), tuple(self.logprobs))
         events.append(self.finished)
         return events

@@ -1,12 +1,14 @@
 """Pure token-selection functions over one row of float32 logits.
 
-Order (the llama.cpp/transformers order): repetition penalty → temperature (0 = greedy) → top-k →
-top-p → min-p → draw from the explicit RNG.
+Order (the llama.cpp/transformers order): logit bias → repetition penalty → temperature (0 = greedy) →
+top-k → top-p → min-p → draw from the explicit RNG. `token_logprobs` reports what the model itself gave a
+token (the raw logits, before any of these), as OpenAI's and vLLM's `logprobs` do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,6 +17,40 @@ from gptcli.config import SamplingConfig
 
 def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def apply_logit_bias(logits: np.ndarray, bias: Sequence[tuple[int, float]]) -> np.ndarray:
+    """OpenAI's logit_bias: add each listed token's bias to its logit (-100 all but bans it, +100 all but forces it)."""
+    if not bias:
+        return logits
+    ids = np.fromiter((token for token, _ in bias), dtype=np.int64, count=len(bias))
+    values = np.fromiter((value for _, value in bias), dtype=np.float64, count=len(bias))
+    inside = ids < logits.shape[-1]
+    out = logits.copy()
+    np.add.at(out, ids[inside], values[inside].astype(out.dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model, and the `top` most likely tokens (id, log-probability)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, token_id: int, top: int = 0) -> TokenLogprob:
+    """Log-softmax of one row of raw logits (float64): the token's value and the `top` best, most likely first."""
+    row = logits.astype(np.float64)
+    peak = row.max()
+    log_total = peak + np.log(np.exp(row - peak).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        count = min(top, row.shape[-1])
+        ids = np.argpartition(-row, count - 1)[:count]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = tuple((int(i), float(row[i] - log_total)) for i in ids)
+    return TokenLogprob(float(row[token_id] - log_total), best)
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -56,6 +92,7 @@ def sample(
     history: Sequence[int] = (),
 ) -> int:
     """Pick the next token id from last-position logits."""
+    logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))

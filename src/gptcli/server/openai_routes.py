@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished, Stats, Token
+from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
 from gptcli.server.schemas import (
@@ -26,6 +27,7 @@ from gptcli.server.schemas import (
 )
 from gptcli.server.sse import DONE, EventStreamResponse, sse
 from gptcli.server.state import ServerState
+from gptcli.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1")
 
@@ -56,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
     state.check_model(body.model)
     ids = chat_prompt_ids(state.tokenizer, body.messages)
-    return await respond(request, state, body, ids, Shape("chat", state.model_name))
+    return await respond(request, state, body, ids, Shape("chat", state.model_name, tokenizer=state.tokenizer))
 
 
 @router.post("/completions")
@@ -65,46 +67,101 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
     ids, prompt_text = completion_prompt(state.tokenizer, body.prompt)
-    shape = Shape("text", state.model_name, echo=prompt_text if body.echo else "")
+    shape = Shape("text", state.model_name, echo=prompt_text if body.echo else "", tokenizer=state.tokenizer)
     return await respond(request, state, body, ids, shape)
 
 
 @dataclass
 class Shape:
-    """How one response is written: chat (message/delta) or text completion, with its id and model."""
+    """How one response is written: chat (message/delta) or text completion, with its id and model.
+
+    Logprobs, when asked for, come in each kind's own OpenAI format: chat's `content` list of
+    {token, logprob, bytes, top_logprobs}, the legacy completion's parallel lists (tokens,
+    token_logprobs, top_logprobs, text_offset). A token is named by its own decoded text."""
 
     kind: str
     model: str
     echo: str = ""
+    tokenizer: Tokenizer | None = None
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self._text_offset = len(self.echo)  # where the next token's text starts (legacy text_offset)
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, *, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        *,
+        text: str | None = None,
+        finish: str | None = None,
+        role: bool = False,
+        logprobs: list[tuple[int, TokenLogprob]] | None = None,
+    ) -> dict[str, Any]:
+        scored = self.logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": scored, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": scored, "finish_reason": finish}
         return {**self._envelope(True), "choices": [choice]}
+
+    def logprobs(self, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
+        """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format."""
+        if self.kind == "chat":
+            content = [
+                {
+                    **self._named(token, scored.logprob),
+                    "top_logprobs": [self._named(other, value) for other, value in scored.top],
+                }
+                for token, scored in tokens
+            ]
+            return {"content": content, "refusal": None}
+        names = [self._token_text(token) for token, _ in tokens]
+        offsets = []
+        for name in names:
+            offsets.append(self._text_offset)
+            self._text_offset += len(name)
+        tops = []
+        for (_, scored), name in zip(tokens, names, strict=True):
+            top: dict[str, float] = {}
+            for other, value in scored.top:  # tokens that read the same (byte pieces): the likelier one stays
+                top.setdefault(self._token_text(other), value)
+            top.setdefault(name, scored.logprob)  # the chosen token is always listed, as OpenAI does
+            tops.append(top)
+        return {
+            "tokens": names,
+            "token_logprobs": [scored.logprob for _, scored in tokens],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _named(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self._token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _token_text(self, token: int) -> str:
+        assert self.tokenizer is not None, "logprobs need the tokenizer"
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def usage_chunk(self, stats: Stats) -> dict[str, Any]:
         return {**self._envelope(True), "choices": [], "usage": usage(stats)}
 
-    def whole(self, finished: Finished, finish: str) -> dict[str, Any]:
+    def whole(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
         text = self.echo + finished.text
+        scored = None
+        if with_logprobs:
+            scored = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
-            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": scored, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": finish}
         return {**self._envelope(False), "choices": [choice], "usage": usage(finished.stats)}
 
 
@@ -129,7 +186,7 @@ async def respond(
             code="context_length_exceeded",
         )
     arrived = time.perf_counter()
-    params = body.sampling(state.defaults)
+    params = body.sampling(state.defaults, state.tokenizer.vocab_size)
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
         from gptcli.constraints import prepare
 
@@ -155,7 +212,8 @@ async def respond(
         raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
     if finished.reason == "error":
         raise APIError(500, "the engine failed while generating this response")
-    return JSONResponse(shape.whole(finished, OPENAI_FINISH.get(finished.reason, "stop")))
+    finish = OPENAI_FINISH.get(finished.reason, "stop")
+    return JSONResponse(shape.whole(finished, finish, with_logprobs=params.logprobs is not None))
 
 
 async def timed_events(stream: EngineStream, state: ServerState, arrived: float) -> AsyncIterator[Token | Finished]:
@@ -187,7 +245,12 @@ async def last_event(events: AsyncIterator[Token | Finished]) -> Finished:
 async def stream_body(
     events: AsyncIterator[Token | Finished], shape: Shape, *, include_usage: bool
 ) -> AsyncIterator[str]:
-    """SSE chunks: the role (chat), text deltas, the finish reason, usage if asked, then [DONE]."""
+    """SSE chunks: the role (chat), text deltas, the finish reason, usage if asked, then [DONE].
+
+    A token's logprobs ride on the chunk that carries its text; a token whose text is held back (part of
+    a character, the start of a possible stop string) has them sent with the next text, or before the
+    finish reason."""
+    scored: list[tuple[int, TokenLogprob]] = []
     async with aclosing(events) as source:
         if shape.kind == "chat":
             yield sse(shape.chunk(role=True))
@@ -195,14 +258,19 @@ async def stream_body(
             yield sse(shape.chunk(text=shape.echo))
         async for event in source:
             if isinstance(event, Token):
+                if event.id is not None and event.logprob is not None:
+                    scored.append((event.id, event.logprob))
                 if event.text:
-                    yield sse(shape.chunk(text=event.text))
+                    yield sse(shape.chunk(text=event.text, logprobs=scored))
+                    scored = []
                 continue
             if event.reason == "cancelled":
                 return  # nobody is listening, or the server is stopping: no finish reason is sent
             if event.reason == "error":
                 yield sse(error_body(500, "the engine failed while generating this response"))
             else:
+                if scored:
+                    yield sse(shape.chunk(text="", logprobs=scored))
                 yield sse(shape.chunk(finish=OPENAI_FINISH.get(event.reason, "stop")))
                 if include_usage:
                     yield sse(shape.usage_chunk(event.stats))

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
-Parameters OpenAI defines that we do not implement (frequency_penalty, logit_bias, tools, ...) are
-accepted and ignored (`extra="allow"`), so existing clients keep working; the README lists them.
-`response_format` (text, json_object, json_schema) is enforced by gptcli.constraints.
+Parameters OpenAI defines that we do not implement (frequency_penalty, tools, ...) are accepted and
+ignored (`extra="allow"`), so existing clients keep working; the README lists them. `response_format`
+(text, json_object, json_schema) is enforced by gptcli.constraints; `logit_bias` and `logprobs` go to
+the sampling settings (gptcli.sampling).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from gptcli.server.errors import APIError
 from gptcli.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 to 100
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (vLLM's default too); legacy completions share it here
 Body = TypeVar("Body", bound=BaseModel)
 UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
 
@@ -106,6 +110,21 @@ class SamplingRequest(BaseModel):
     # vLLM's and llama.cpp's benchmark switch: generate exactly max_tokens (no EOS, no repetition stop).
     ignore_eos: bool | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        for key, bias in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys are token ids (as strings), not {key!r}")
+            if not -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE:
+                raise ValueError(f"a bias is between -100 and 100, not {bias} (token {key})")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -124,11 +143,15 @@ class SamplingRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives each token's logprobs entry lists (0: the token only); None: no logprobs."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, defaults: SamplingConfig) -> SamplingConfig:
+    def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
         """The server's defaults (its config files and flags), overridden by what the request sets."""
         changes: dict[str, object] = {
             name: getattr(self, name)
@@ -147,6 +170,14 @@ class SamplingRequest(BaseModel):
             changes["repetition_stop"] = False
         if self.response_format is not None:
             changes["constraint"] = self.response_format.constraint()
+        if self.logit_bias:
+            bias = tuple((int(key), float(value)) for key, value in self.logit_bias.items())
+            if (worst := max(token for token, _ in bias)) >= vocab_size:
+                raise APIError(
+                    400, f"logit_bias: token {worst} is not in the vocabulary [0, {vocab_size})", param="logit_bias", code="invalid_value"
+                )
+            changes["logit_bias"] = bias
+        changes["logprobs"] = self.requested_logprobs()
         return replace(defaults, **changes)
 
 
@@ -179,14 +210,33 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def requested_logprobs(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise APIError(
+                400,
+                "echo: the prompt's logprobs (echo with logprobs) are not supported; leave out echo, "
+                "or score a text with `gptcli eval perplexity`",
+                param="echo",
+                code="invalid_value",
+            )
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
