@@ -57,6 +57,48 @@ def test_a_batch_of_eight_mixed_lengths_gives_each_sequence_its_tokens_alone(mod
     assert engine.snapshot().running == 0 and engine.snapshot().kv_used_tokens == 0
 
 
+def test_a_sequence_can_score_its_prompt_beside_the_batch_without_changing_any_answer(model, monkeypatch):
+    from dataclasses import replace
+
+    from gptcli.backends.base import score_positions
+    from gptcli.engine import scheduler
+
+    backend, tok = model
+    monkeypatch.setattr(scheduler, "SCORE_ROWS", 3)  # several score calls per chunk, and a short last one
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    alone = [_finished(list(generate(backend, tok, ids, GREEDY))) for ids in prompts]
+    scoring = replace(GREEDY, prompt_logprobs=2)
+    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=5, step_prefill_tokens=7))
+    jobs = [(ids, scoring if i == 3 else GREEDY) for i, ids in enumerate(prompts)]
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for index, event in run_all(engine, jobs):
+        events[index].append(event)
+    for i in range(len(prompts)):  # the batch's answers, the scoring sequence's own included, are unchanged
+        assert _finished(events[i]).token_ids == alone[i].token_ids, PROMPTS[i]
+    scored = _finished(events[3]).prompt_logprobs
+    ids = prompts[3]
+    assert len(scored) == len(ids) and scored[0] is None
+    rows, _ = score_positions(backend, ids, backend.new_cache())
+    rows = np.asarray(rows, dtype=np.float64)
+    log_softmax = rows - rows.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    for position in range(1, len(ids)):
+        expected = log_softmax[position - 1]
+        assert scored[position].logprob == pytest.approx(expected[ids[position]], abs=1e-4)
+        assert [t for t, _ in scored[position].top] == list(np.argsort(-expected, kind="stable")[:2])
+    assert _finished(events[0]).prompt_logprobs == ()  # only asked for where asked
+
+
+def test_max_tokens_zero_reads_the_prompt_and_generates_nothing(model):
+    from dataclasses import replace
+
+    backend, tok = model
+    ids = tok.encode(PROMPTS[1])
+    final = _finished(list(generate(backend, tok, ids, replace(GREEDY, max_tokens=0, prompt_logprobs=0))))
+    assert final.reason == "length" and final.token_ids == () and final.text == ""
+    assert len(final.prompt_logprobs) == len(ids)
+
+
 def test_sequences_join_and_leave_at_step_boundaries(model):
     backend, tok = model
     engine = Engine(backend, tok, EngineLimits(max_running=2))

@@ -285,6 +285,33 @@ def test_completion_logprobs_in_the_legacy_format(live, runtime):
     assert tokens == scored.tokens and offsets == scored.text_offset
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(live, runtime):
+    import numpy as np
+
+    from gptcli.backends.base import score_positions
+
+    client = live.client()
+    ask = dict(model="tiny-llama", prompt=PROMPTS[3], temperature=0, echo=True, logprobs=1)
+    scored = client.completions.create(**ask, max_tokens=0)
+    choice = scored.choices[0]
+    ids = runtime.tokenizer.encode(PROMPTS[3], add_special_tokens=True)
+    assert choice.text == PROMPTS[3] and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    rows, _ = score_positions(runtime.backend, ids, runtime.backend.new_cache())
+    rows = np.asarray(rows, dtype=np.float64)
+    log_softmax = rows - rows.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    expected = [float(log_softmax[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    # With new tokens too: the prompt's entries, then the same entries a request without echo gets.
+    both = client.completions.create(**ask, max_tokens=4).choices[0]
+    plain = client.completions.create(**{**ask, "echo": False}, max_tokens=4).choices[0]
+    assert both.text == PROMPTS[3] + plain.text
+    assert both.logprobs.token_logprobs == lp.token_logprobs + plain.logprobs.token_logprobs
+    assert both.logprobs.tokens == lp.tokens + plain.logprobs.tokens
+
+
 def test_logit_bias_bans_and_forces_tokens(live, runtime):
     expected = reference(runtime, PROMPTS[1], 6, raw=True)
     client = live.client()
@@ -403,8 +430,13 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         assert response.status_code == 400, body
         error = error_of(response)
         assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
-    echo = httpx.post(live.v1 + "/completions", json={"prompt": "hi", "echo": True, "logprobs": 1})
-    assert echo.status_code == 400 and error_of(echo)["param"] == "echo"
+    completions = [
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 only scores the prompt (echo and logprobs)
+        ({"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True}, "stream"),
+    ]
+    for body, param in completions:
+        response = httpx.post(live.v1 + "/completions", json=body)
+        assert response.status_code == 400 and error_of(response)["param"] == param, (body, response.text)
     broken = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
 

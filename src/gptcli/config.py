@@ -63,6 +63,7 @@ class SamplingConfig:
     # Per request (the server, batch files), not config-file settings either:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo with logprobs)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class Finished:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # None for the first prompt token (nothing predicts it)
 
 
 Event = Token | Finished
@@ -225,8 +226,10 @@ class SequenceDecoder:
         start: float,
         cached_tokens: int = 0,
         clock: Callable[[], float] = time.perf_counter,
+        prompt_logprobs: Sequence[TokenLogprob | None] = (),
     ) -> None:
         self.params = params
+        self.prompt_logprobs = tuple(prompt_logprobs)
         self.context_length = context_length
         self.clock = clock
         self.rng = make_rng(params.seed)
@@ -267,6 +270,8 @@ class SequenceDecoder:
             self.steps += 1
         self.last_step_end = now
         self.next_token = None
+        if self.params.max_tokens == 0:  # only the prompt was wanted (its logprobs: the server's echo)
+            return self.finish("length")
         if self.params.constraint is None:
             token_id = sample(logits, self.params, self.rng, self.history)
         else:
@@ -342,6 +347,8 @@ class SequenceDecoder:
             total_s=end - self.start,
         )
         self.next_token = None
-        self.finished = Finished(reason, stats, "".join(self.pieces), tuple(self.detok.ids), tuple(self.logprobs))
+        self.finished = Finished(
+            reason, stats, "".join(self.pieces), tuple(self.detok.ids), tuple(self.logprobs), self.prompt_logprobs
+        )
         events.append(self.finished)
         return events

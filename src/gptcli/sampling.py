@@ -53,6 +53,11 @@ def token_logprobs(logits: np.ndarray, token_id: int, top: int = 0) -> TokenLogp
     return TokenLogprob(float(row[token_id] - log_total), best)
 
 
+def next_token_logprobs(rows: np.ndarray, targets: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """token_logprobs for each row of logits [n, vocab] and the token that followed it (a prompt's own tokens)."""
+    return [token_logprobs(row, int(target), top) for row, target in zip(rows, targets, strict=True)]
+
+
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
     """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones."""
     if penalty == 1.0 or len(history) == 0:

@@ -10,7 +10,8 @@ running ones; each `step()`:
      the same way alone or in company; at most `step_prefill_tokens` in all, oldest first, so a burst
      of long prompts never stalls the sequences already decoding),
   4. runs `batched_step` once, and hands each finished prompt's logits to that sequence's
-     `SequenceDecoder` (the one decoding state machine), which emits its events.
+     `SequenceDecoder` (the one decoding state machine), which emits its events. A sequence that asks
+     for its prompt's logprobs reads its prompt through `score_positions` instead, beside the batch.
 
 The KV budget is counted in positions: a sequence reserves `min(prompt + max_tokens, context)` when
 it is admitted, so a running sequence never runs out and nothing running is ever disturbed by a new
@@ -33,15 +34,20 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gptcli.backends.base import Backend, batched_step, release_cache
+from gptcli.backends.base import Backend, batched_step, release_cache, score_positions
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, KVSession, SequenceDecoder
 from gptcli.engine.handle import SequenceHandle
 from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve
 from gptcli.errors import ConfigError, QueueFullError
+from gptcli.sampling import TokenLogprob, next_token_logprobs
 from gptcli.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
+
+# Prompt positions scored per backend call when a sequence asks for its prompt's logprobs: the logits of
+# every position are [rows, vocab] floats, 64 MiB at 64 rows of a 262,144-token vocabulary.
+SCORE_ROWS = 64
 
 
 @dataclass
@@ -58,6 +64,7 @@ class _Sequence:
     cached: int = 0  # prompt tokens the session already held
     retired: bool = False
     pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
 
 
 class Engine:
@@ -164,7 +171,7 @@ class Engine:
             return False
         batch, inputs = self._plan_step()
         try:
-            logits, caches = batched_step(self.backend, inputs)
+            logits, caches, scores = self._run_step(batch, inputs)
         except KeyboardInterrupt:
             self._rewind(batch)
             raise
@@ -176,9 +183,10 @@ class Engine:
             return True
         now = self.clock()
         self._steps += 1
-        for row, seq, (ids, _), cache in zip(logits, batch, inputs, caches, strict=True):
+        for index, (row, seq, (ids, _), cache) in enumerate(zip(logits, batch, inputs, caches, strict=True)):
             seq.session.cache = cache
             seq.session.ids.extend(ids)
+            seq.prompt_scores.extend(scores.get(index, ()))
             if seq.pending:
                 del seq.pending[: len(ids)]
                 if seq.pending:
@@ -194,6 +202,33 @@ class Engine:
                     raise
                 self._fail([seq], exc)
         return True
+
+    def _run_step(
+        self, batch: list[_Sequence], inputs: list[tuple[list[int], object]]
+    ) -> tuple[list[np.ndarray], list[object], dict[int, list[TokenLogprob]]]:
+        """One backend step over the planned rows: each row's last logits and cache, and for the rows that
+        score their prompt (prompt_logprobs), the logprobs of the prompt tokens their chunk predicts."""
+        scoring = [i for i, seq in enumerate(batch) if seq.pending and seq.params.prompt_logprobs is not None]
+        rest = [i for i in range(len(batch)) if i not in scoring]
+        logits: list[np.ndarray] = [np.empty(0)] * len(batch)
+        caches: list[object] = [None] * len(batch)
+        if rest:
+            rows, outs = batched_step(self.backend, [inputs[i] for i in rest])
+            for i, row, cache in zip(rest, rows, outs, strict=True):
+                logits[i], caches[i] = row, cache
+        scores: dict[int, list[TokenLogprob]] = {}
+        for i in scoring:
+            seq, (ids, cache) = batch[i], inputs[i]
+            start = len(seq.session.ids)  # this chunk's first prompt position (the prompt is never cached)
+            following = seq.prompt[start + 1 : start + len(ids) + 1]  # the token each position predicts
+            scores[i] = []
+            for at in range(0, len(ids), SCORE_ROWS):
+                rows, cache = score_positions(self.backend, ids[at : at + SCORE_ROWS], cache)
+                targets = following[at : at + SCORE_ROWS]
+                scores[i] += next_token_logprobs(rows[: len(targets)], targets, seq.params.prompt_logprobs or 0)
+                logits[i] = rows[-1]
+            caches[i] = cache
+        return logits, caches, scores
 
     def _plan_step(self) -> tuple[list[_Sequence], list[tuple[list[int], object]]]:
         """This step's rows: one token for every decoding sequence, then prompt chunks in order of arrival
@@ -235,6 +270,7 @@ class Engine:
             start=seq.submitted,
             cached_tokens=seq.cached,
             clock=self.clock,
+            prompt_logprobs=seq.prompt_scores,
         )
 
     def _admit(self) -> None:
@@ -262,6 +298,9 @@ class Engine:
                 break
             common += 1
         common = min(common, len(seq.prompt) - 1)  # at least one token must run to produce logits
+        if seq.params.prompt_logprobs is not None:
+            common = 0  # every prompt token is scored, so none is taken from the cache
+            seq.prompt_scores = [None]  # nothing predicts the first one
         if common < len(session.ids):
             session.cache = self.backend.truncate(session.cache, common)
             del session.ids[common:]

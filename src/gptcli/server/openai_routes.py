@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -67,7 +67,9 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
     ids, prompt_text = completion_prompt(state.tokenizer, body.prompt)
-    shape = Shape("text", state.model_name, echo=prompt_text if body.echo else "", tokenizer=state.tokenizer)
+    shape = Shape(
+        "text", state.model_name, echo=prompt_text if body.echo else "", tokenizer=state.tokenizer, prompt_ids=ids
+    )
     return await respond(request, state, body, ids, shape)
 
 
@@ -83,6 +85,7 @@ class Shape:
     model: str
     echo: str = ""
     tokenizer: Tokenizer | None = None
+    prompt_ids: list[int] = field(default_factory=list)  # the echoed prompt's tokens (its logprobs)
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -111,8 +114,9 @@ class Shape:
             choice = {"index": 0, "text": text or "", "logprobs": scored, "finish_reason": finish}
         return {**self._envelope(True), "choices": [choice]}
 
-    def logprobs(self, tokens: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
-        """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format."""
+    def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
+        """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
+        (None: the prompt's first token, which has no logprob)."""
         if self.kind == "chat":
             content = [
                 {
@@ -120,6 +124,7 @@ class Shape:
                     "top_logprobs": [self._named(other, value) for other, value in scored.top],
                 }
                 for token, scored in tokens
+                if scored is not None
             ]
             return {"content": content, "refusal": None}
         names = [self._token_text(token) for token, _ in tokens]
@@ -127,8 +132,11 @@ class Shape:
         for name in names:
             offsets.append(self._text_offset)
             self._text_offset += len(name)
-        tops = []
+        tops: list[dict[str, float] | None] = []
         for (_, scored), name in zip(tokens, names, strict=True):
+            if scored is None:
+                tops.append(None)
+                continue
             top: dict[str, float] = {}
             for other, value in scored.top:  # tokens that read the same (byte pieces): the likelier one stays
                 top.setdefault(self._token_text(other), value)
@@ -136,7 +144,7 @@ class Shape:
             tops.append(top)
         return {
             "tokens": names,
-            "token_logprobs": [scored.logprob for _, scored in tokens],
+            "token_logprobs": [None if scored is None else scored.logprob for _, scored in tokens],
             "top_logprobs": tops,
             "text_offset": offsets,
         }
@@ -155,7 +163,12 @@ class Shape:
     def whole(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
         text = self.echo + finished.text
         scored = None
-        if with_logprobs:
+        if with_logprobs and finished.prompt_logprobs:  # echo: the prompt's tokens come first
+            self._text_offset = 0
+            prompt = self.logprobs(list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)))
+            answer = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
+            scored = {key: prompt[key] + answer[key] for key in prompt}
+        elif with_logprobs:
             scored = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}

@@ -147,6 +147,10 @@ class SamplingRequest(BaseModel):
         """How many alternatives each token's logprobs entry lists (0: the token only); None: no logprobs."""
         return None
 
+    def requested_prompt_logprobs(self) -> int | None:
+        """The same for the prompt's tokens (completions with echo); None: not asked for."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -173,11 +177,11 @@ class SamplingRequest(BaseModel):
         if self.logit_bias:
             bias = tuple((int(key), float(value)) for key, value in self.logit_bias.items())
             if (worst := max(token for token, _ in bias)) >= vocab_size:
-                raise APIError(
-                    400, f"logit_bias: token {worst} is not in the vocabulary [0, {vocab_size})", param="logit_bias", code="invalid_value"
-                )
+                message = f"logit_bias: token {worst} is not in the vocabulary [0, {vocab_size})"
+                raise APIError(400, message, param="logit_bias", code="invalid_value")
             changes["logit_bias"] = bias
         changes["logprobs"] = self.requested_logprobs()
+        changes["prompt_logprobs"] = self.requested_prompt_logprobs()
         return replace(defaults, **changes)
 
 
@@ -226,14 +230,30 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # 0 with echo and logprobs: score the prompt and generate nothing (what evaluation harnesses ask).
+    max_tokens: int | None = Field(None, ge=0)
 
-    def requested_logprobs(self) -> int | None:
-        if self.logprobs is not None and self.echo:
+    def requested_max_tokens(self) -> int | None:
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
             raise APIError(
                 400,
-                "echo: the prompt's logprobs (echo with logprobs) are not supported; leave out echo, "
-                "or score a text with `gptcli eval perplexity`",
-                param="echo",
+                "max_tokens: 0 only scores the prompt, with echo and logprobs; ask for 1 or more tokens",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        if self.logprobs is None or not self.echo:
+            return None
+        if self.stream:
+            raise APIError(
+                400,
+                "echo with logprobs (the prompt's logprobs) is not streamed; ask with stream false",
+                param="stream",
                 code="invalid_value",
             )
         return self.logprobs
