@@ -218,3 +218,15 @@ def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(ti
     expected = build_prompt(tok, turns, plain=transcript).ids
     assert _encode_messages(tok, turns) == expected
     assert chat_prompt_ids(tok, [ChatMessage(**t) for t in turns]) == expected
+
+
+def test_openai_penalties_are_per_line_settings(model):
+    lines = [
+        json.dumps({"id": "p", "prompt": "Once upon a time", "presence_penalty": 2.0, "frequency_penalty": 1.5}),
+        json.dumps({"id": "q", "prompt": "Once upon a time", "presence_penalty": 3}),
+    ]
+    summary, results = _run(model, lines)
+    assert summary.ok == 1 and summary.failed == 1
+    expected = _alone(model, "Once upon a time", presence_penalty=2.0, frequency_penalty=1.5)
+    assert results[0]["text"] == expected.text != _alone(model, "Once upon a time").text
+    assert "presence_penalty" in results[1]["error"]["message"]

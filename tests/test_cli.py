@@ -197,6 +197,12 @@ ERRORS = [
     (["generate", "hi", "--top-p", "0"], "", 3, "error: --top-p: sampling.top_p must be in (0, 1], got 0.0"),
     (["generate", "hi", "--top-p", "1.5"], "", 3, "error: --top-p: sampling.top_p must be in (0, 1], got 1.5"),
     (["generate", "hi", "--max-tokens", "0"], "", 3, "error: --max-tokens: sampling.max_tokens must be >= 1, got 0"),
+    (
+        ["chat", "--presence-penalty", "2.5"],
+        "hi\n",
+        3,
+        "error: --presence-penalty: sampling.presence_penalty must be in [-2, 2], got 2.5",
+    ),
     (["generate", "hi", "-m", "nosuchmodel"], "", 5, "error: unknown model 'nosuchmodel'"),
     (["generate", "hi", "-b", "nosuch"], "", 4, "error: unknown backend 'nosuch'"),
     (

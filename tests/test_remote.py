@@ -69,6 +69,19 @@ def test_complete_sends_raw_text(live, runtime, opener):
     assert finished.stats.prompt_tokens == expected.stats.prompt_tokens
 
 
+def test_the_openai_penalties_go_to_the_server(live, runtime, opener):
+    from dataclasses import replace
+
+    from gptcli.engine import generate
+    from gptcli.prompts import encode_prompt
+
+    params = replace(GREEDY, max_tokens=24, presence_penalty=2.0, frequency_penalty=2.0, repetition_stop=False)
+    ids = encode_prompt(runtime.tokenizer, PROMPTS[0], raw=True).ids
+    *_, expected = generate(runtime.backend, runtime.tokenizer, ids, params)
+    *_, finished = RemoteModel(live.v1, opener=opener).complete(PROMPTS[0], params)
+    assert finished.text == expected.text != reference(runtime, PROMPTS[0], 24, raw=True).text
+
+
 def test_model_discovery_and_context(live):
     model = RemoteModel(live.v1)
     assert model.model == "tiny-llama"

@@ -5,6 +5,7 @@ import pytest
 
 from gptcli.config import SamplingConfig
 from gptcli.sampling import (
+    apply_frequency_presence,
     apply_logit_bias,
     apply_repetition_penalty,
     filter_probs,
@@ -104,3 +105,16 @@ def test_token_logprobs_are_the_models_log_softmax_with_the_best_alternatives():
     assert [value for _, value in scored.top] == pytest.approx(expected[[2, 4, 0]].tolist(), abs=1e-12)
     assert token_logprobs(logits, 3).top == ()
     assert len(token_logprobs(logits, 0, top=50).top) == 5  # never more than the vocabulary
+
+
+def test_frequency_and_presence_penalties_count_the_reply_only():
+    logits = np.array([3.0, 2.5, 1.0, 0.0], dtype=np.float32)
+    out = apply_frequency_presence(logits, [0, 0, 2, 99], frequency=0.5, presence=0.25)  # 99: past the row
+    assert out.tolist() == [3.0 - 2 * 0.5 - 0.25, 2.5, 1.0 - 0.5 - 0.25, 0.0]
+    assert logits.tolist() == [3.0, 2.5, 1.0, 0.0]  # input untouched
+    greedy = SamplingConfig(temperature=0, presence_penalty=1.0)
+    # Token 0 was in the reply: penalised below token 1. In the prompt only (history), it is not.
+    assert sample(logits, greedy, make_rng(0), history=[0], generated=[0]) == 1
+    assert sample(logits, greedy, make_rng(0), history=[0], generated=[]) == 0
+    # A negative frequency penalty favours what was said already.
+    assert sample(logits, SamplingConfig(temperature=0, frequency_penalty=-2.0), make_rng(0), generated=[1]) == 1

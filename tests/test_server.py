@@ -223,8 +223,6 @@ def test_stop_strings_and_ignored_parameters(live, runtime):
         max_tokens=16,
         stop=[stop, "never-appears"],
         seed=3,
-        frequency_penalty=0.5,
-        presence_penalty=0.1,
         user="someone",
         extra_body={"top_k": 5, "min_p": 0.0, "repetition_penalty": 1.0, "logit_bias": {}},
     )
@@ -325,6 +323,22 @@ def test_logit_bias_bans_and_forces_tokens(live, runtime):
     assert reply.choices[0].text == runtime.tokenizer.decode([forced] * 6)
 
 
+def test_frequency_and_presence_penalties_shape_the_reply(live, runtime):
+    from gptcli.config import SamplingConfig
+    from gptcli.engine import generate
+    from gptcli.prompts import encode_prompt
+
+    ids = encode_prompt(runtime.tokenizer, PROMPTS[0], raw=True).ids
+    penalties = dict(presence_penalty=2.0, frequency_penalty=2.0)
+    params = SamplingConfig(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_stop=False, **penalties)
+    *_, alone = generate(runtime.backend, runtime.tokenizer, ids, params)
+    client = live.client()
+    ask = dict(model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    served = client.completions.create(**ask, **penalties).choices[0].text
+    plain = client.completions.create(**ask).choices[0].text
+    assert served == alone.text != plain
+
+
 def test_ignore_eos_generates_exactly_max_tokens(live):
     forced = live.client().completions.create(
         model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=60, extra_body={"ignore_eos": True}
@@ -420,6 +434,8 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"10": 101}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, "frequency_penalty"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"ten": 1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),

@@ -2,7 +2,8 @@
 
 A request line is an object with `prompt` (text) or `messages` (chat messages), and optionally an
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
-`top_p`, `top_k`, `min_p`, `repetition_penalty`, `max_tokens`, `seed`, `stop`). A line that cannot
+`top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
+`seed`, `stop`). A line that cannot
 be run (bad JSON, unknown keys, a prompt over the context) becomes an error result for that line;
 the run goes on. Results are written in input order as soon as every earlier line is done, each line
 flushed and synced, so an interrupted run keeps everything finished and `--resume` skips the ids
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from gptcli.config import Settings, with_sampling
+from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
 from gptcli.decoding import Finished
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
@@ -29,7 +30,7 @@ from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, transcript
 from gptcli.tokenizer import Tokenizer
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop")
+SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *SAMPLING_KEYS}
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 

@@ -45,6 +45,18 @@ class OutputConstraint:
     source: str = ""
 
 
+# The numeric sampling settings a single request may set (a batch-file line, a server request), by name.
+SAMPLING_KNOBS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the decoding loop picks tokens. temperature 0 means greedy."""
@@ -54,6 +66,8 @@ class SamplingConfig:
     top_p: float = 0.95
     min_p: float = 0.05
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus this x each token's count in the reply so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token already in the reply
     max_tokens: int = 512
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -118,6 +132,8 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("sampling.top_p", float, "--top-p", lambda v: 0 < v <= 1, "in (0, 1]"),
         FieldSpec("sampling.min_p", float, "--min-p", lambda v: 0 <= v < 1, "in [0, 1)"),
         FieldSpec("sampling.repetition_penalty", float, "--repetition-penalty", lambda v: v > 0, "> 0"),
+        FieldSpec("sampling.frequency_penalty", float, "--frequency-penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+        FieldSpec("sampling.presence_penalty", float, "--presence-penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
         FieldSpec("sampling.max_tokens", int, "--max-tokens", lambda v: v >= 1, ">= 1"),
         FieldSpec("sampling.seed", int, "--seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)", optional=True),
         FieldSpec("sampling.stop", tuple, "--stop"),

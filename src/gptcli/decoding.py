@@ -273,7 +273,7 @@ class SequenceDecoder:
         if self.params.max_tokens == 0:  # only the prompt was wanted (its logprobs: the server's echo)
             return self.finish("length")
         if self.params.constraint is None:
-            token_id = sample(logits, self.params, self.rng, self.history)
+            token_id = sample(logits, self.params, self.rng, self.history, self.detok.ids)
         else:
             picked = self._constrained_pick(logits)
             if isinstance(picked, str):
@@ -313,7 +313,7 @@ class SequenceDecoder:
         masked = constraint.mask(logits)
         if masked is None:  # the grammar allows nothing, not even end-of-sequence
             return "stop" if constraint.accepting else "error"
-        token_id = sample(masked, self.params, self.rng, self.history)
+        token_id = sample(masked, self.params, self.rng, self.history, self.detok.ids)
         if not constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed one
             token_id = int(np.argmax(masked))
         if constraint.is_end(token_id):  # end-of-sequence is allowed only once the match is complete

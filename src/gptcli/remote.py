@@ -307,6 +307,9 @@ class RemoteModel:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's own: sent when set
+            if getattr(params, name) != 0.0:
+                body[name] = getattr(params, name)
         body.update(
             {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}
         )

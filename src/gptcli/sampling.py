@@ -1,8 +1,9 @@
 """Pure token-selection functions over one row of float32 logits.
 
-Order (the llama.cpp/transformers order): logit bias → repetition penalty → temperature (0 = greedy) →
-top-k → top-p → min-p → draw from the explicit RNG. `token_logprobs` reports what the model itself gave a
-token (the raw logits, before any of these), as OpenAI's and vLLM's `logprobs` do.
+Order (the llama.cpp/transformers order): logit bias → repetition penalty → frequency and presence
+penalties → temperature (0 = greedy) → top-k → top-p → min-p → draw from the explicit RNG.
+`token_logprobs` reports what the model itself gave a token (the raw logits, before any of these), as
+OpenAI's and vLLM's `logprobs` do.
 """
 
 from __future__ import annotations
@@ -70,6 +71,21 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty
     return out
 
 
+def apply_frequency_presence(
+    logits: np.ndarray, generated: Sequence[int], frequency: float, presence: float
+) -> np.ndarray:
+    """OpenAI's penalties over the reply so far (not the prompt, as vLLM counts them): each token's logit
+    goes down by frequency x its count, and by presence once it has appeared (negative values favour repeats)."""
+    if (frequency == 0.0 and presence == 0.0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    inside = ids < logits.shape[-1]
+    ids, counts = ids[inside], counts[inside]
+    out = logits.copy()
+    out[ids] -= (frequency * counts + presence).astype(out.dtype)
+    return out
+
+
 def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> tuple[np.ndarray, np.ndarray]:
     """The candidate ids (most likely first) and their renormalised probabilities after the filters."""
     if min_p > 0.0:
@@ -95,10 +111,13 @@ def sample(
     params: SamplingConfig,
     rng: np.random.Generator,
     history: Sequence[int] = (),
+    generated: Sequence[int] = (),
 ) -> int:
-    """Pick the next token id from last-position logits."""
+    """Pick the next token id from last-position logits. `history` is the prompt and the reply so far (the
+    repetition penalty's span), `generated` the reply alone (the frequency and presence penalties')."""
     logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    logits = apply_frequency_presence(logits, generated, params.frequency_penalty, params.presence_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature

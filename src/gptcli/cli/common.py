@@ -146,6 +146,12 @@ TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most li
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
 MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens under min-p × the top probability.")]
 RepetitionPenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="1.0 = off.")]
+FrequencyPenaltyOpt = Annotated[
+    float | None, typer.Option("--frequency-penalty", help="Lower a token by this × its count so far (-2..2).")
+]
+PresencePenaltyOpt = Annotated[
+    float | None, typer.Option("--presence-penalty", help="Lower every token used so far by this (-2..2).")
+]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most new tokens to generate.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
 RepetitionStopOpt = Annotated[

@@ -154,6 +154,8 @@ KEY_HELP = {
     "sampling.top_p": "nucleus sampling mass",
     "sampling.min_p": "drop tokens under min_p x the top probability",
     "sampling.repetition_penalty": "1.0 = off",
+    "sampling.frequency_penalty": "OpenAI's: minus this x a token's count in the reply (0 = off)",
+    "sampling.presence_penalty": "OpenAI's: minus this from tokens already in the reply (0 = off)",
     "sampling.max_tokens": "most new tokens per reply",
     "sampling.seed": "seed for reproducible sampling (null: a new one each run)",
     "sampling.stop": "stop at any of these strings",

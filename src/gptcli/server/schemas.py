@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
-Parameters OpenAI defines that we do not implement (frequency_penalty, tools, ...) are accepted and
+Parameters OpenAI defines that we do not implement (tools, audio, ...) are accepted and
 ignored (`extra="allow"`), so existing clients keep working; the README lists them. `response_format`
 (text, json_object, json_schema) is enforced by gptcli.constraints; `logit_bias` and `logprobs` go to
 the sampling settings (gptcli.sampling).
@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 
-from gptcli.config import OutputConstraint, SamplingConfig
+from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ConfigError, ModelError
 from gptcli.prompts import MESSAGE_ROLES, build_prompt, transcript
 from gptcli.server.errors import APIError
@@ -97,6 +97,8 @@ class SamplingRequest(BaseModel):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-1, lt=2**63)  # -1: a fresh random seed, as llama.cpp's server takes it
@@ -158,9 +160,7 @@ class SamplingRequest(BaseModel):
     def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
         """The server's defaults (its config files and flags), overridden by what the request sets."""
         changes: dict[str, object] = {
-            name: getattr(self, name)
-            for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-            if getattr(self, name) is not None
+            name: getattr(self, name) for name in (*SAMPLING_KNOBS, "seed") if getattr(self, name) is not None
         }
         if self.seed == -1:
             changes["seed"] = None
