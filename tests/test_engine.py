@@ -99,6 +99,50 @@ def test_max_tokens_zero_reads_the_prompt_and_generates_nothing(model):
     assert len(final.prompt_logprobs) == len(ids)
 
 
+def _one(engine, ids, params=GREEDY):
+    events = [event for _, event in run_all(engine, [(ids, params)])]
+    return _finished(events)
+
+
+def test_the_prefix_cache_reuses_whole_chunks_and_changes_no_answer(model):
+    backend, tok = model
+    base = tok.encode(PROMPTS[3])
+    later = base + tok.encode(" and the sun rises", add_special_tokens=False)
+    chunk = next(size for size in (4, 3, 5) if len(base) % size)  # the prompt ends inside a chunk
+    limits = EngineLimits(max_running=4, prefill_chunk=chunk, step_prefill_tokens=8, prefix_cache=2)
+    engine = Engine(backend, tok, limits)
+    first = _one(engine, base)
+    assert first.token_ids == _finished(list(generate(backend, tok, base, GREEDY))).token_ids
+    whole_chunks = len(base) - len(base) % chunk
+    assert whole_chunks >= 2 * chunk and engine.snapshot().kv_cached_tokens == whole_chunks  # the rest is freed
+    second = _one(engine, later)
+    assert second.stats.cached_tokens == whole_chunks  # the first prompt's whole chunks, read once
+    assert second.token_ids == _finished(list(generate(backend, tok, later, GREEDY))).token_ids
+    # A prompt that leaves the cached one inside its first chunk reuses nothing, and answers as alone.
+    other = base[:2] + tok.encode(" something else entirely", add_special_tokens=False)
+    third = _one(engine, other)
+    assert third.stats.cached_tokens == 0
+    assert third.token_ids == _finished(list(generate(backend, tok, other, GREEDY))).token_ids
+    assert len(engine._retained) <= 2  # --prefix-cache entries at most
+
+
+def test_the_prefix_cache_gives_its_room_back_before_anyone_waits(model):
+    backend, tok = model
+    base = tok.encode(PROMPTS[3])
+    budget = len(base) + GREEDY.max_tokens
+    limits = EngineLimits(max_running=2, kv_budget_tokens=budget, prefill_chunk=4, prefix_cache=4)
+    engine = Engine(backend, tok, limits)
+    _one(engine, base)
+    assert engine.snapshot().kv_cached_tokens > 0
+    fresh = tok.encode("A completely different prompt of its own", add_special_tokens=False)
+    long_reply = SamplingConfig(temperature=0, max_tokens=budget - len(fresh))  # all the budget
+    handle = engine.submit(fresh, long_reply)
+    assert engine.step()  # admitted at once: the cached positions were given back
+    assert engine.snapshot().running == 1 and engine.snapshot().kv_cached_tokens == 0
+    engine.cancel(handle)
+    list(engine.run([handle]))
+
+
 def test_sequences_join_and_leave_at_step_boundaries(model):
     backend, tok = model
     engine = Engine(backend, tok, EngineLimits(max_running=2))

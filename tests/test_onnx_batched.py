@@ -189,3 +189,23 @@ def test_a_fresh_slot_commits_only_the_positions_written():
         block[5, :, :128] = 1.0  # one 128-token prefill into slot 5: 3 head rows of 32 KiB per block
     grown = _resident_bytes() - before
     assert grown < 4 * 2**20, f"{grown / 2**20:.1f} MiB committed for 768 KiB written"
+
+
+def test_the_prefix_cache_on_onnx_slots_answers_as_alone(loaded, tiny_models):
+    """Cached caches keep their pool slots (and are moved like any other) while others decode beside them."""
+    from gptcli.config import SamplingConfig
+    from gptcli.engine import Engine, EngineLimits, generate, run_all
+    from gptcli.tokenizer import Tokenizer
+
+    backend, tok = loaded("llama"), Tokenizer(tiny_models["llama"])
+    greedy = SamplingConfig(temperature=0, max_tokens=8)
+    base = [3 + (11 * j) % 190 for j in range(14)]
+    prompts = [*([*base, 40 + i, 50 + i] for i in range(4)), [9, 8, 7, 6, 5]]
+    alone = [list(generate(backend, tok, ids, greedy))[-1].token_ids for ids in prompts]
+    engine = Engine(backend, tok, EngineLimits(max_running=3, prefill_chunk=4, prefix_cache=3))
+    list(run_all(engine, [(base, greedy)]))  # fills the prefix cache
+    finished = {}
+    for index, event in run_all(engine, [(ids, greedy) for ids in prompts]):
+        finished[index] = event
+    assert [finished[i].token_ids for i in range(len(prompts))] == alone
+    assert [finished[i].stats.cached_tokens for i in range(len(prompts))].count(12) >= 1

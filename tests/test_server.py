@@ -339,6 +339,28 @@ def test_frequency_and_presence_penalties_shape_the_reply(live, runtime):
     assert served == alone.text != plain
 
 
+def test_a_conversation_that_grows_reuses_its_prefix_and_answers_as_fresh(runtime):
+    history = [{"role": "user", "content": PROMPTS[3] + " " + PROMPTS[0]}]
+    with serve_runtime(runtime, max_running=4, prefill_chunk=8, prefix_cache=4) as server:
+        client = server.client()
+        first = client.chat.completions.create(model="default", messages=history, temperature=0, max_tokens=8)
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": PROMPTS[1]},
+        ]
+        second = client.chat.completions.create(model="default", messages=history, temperature=0, max_tokens=8)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached >= 8 and cached % 8 == 0 and cached < second.usage.prompt_tokens
+        metrics = httpx.get(server.url + "/metrics").text
+        assert re.search(r"^gptcli_kv_cached_tokens [1-9]", metrics, re.M)
+    with serve_runtime(runtime, max_running=4, prefill_chunk=8) as fresh_server:  # no prefix cache
+        fresh = fresh_server.client().chat.completions.create(
+            model="default", messages=history, temperature=0, max_tokens=8
+        )
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.choices[0].message.content == fresh.choices[0].message.content
+
+
 def test_ignore_eos_generates_exactly_max_tokens(live):
     forced = live.client().completions.create(
         model="tiny-llama", prompt=PROMPTS[0], temperature=0, max_tokens=60, extra_body={"ignore_eos": True}

@@ -33,6 +33,15 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Waiting requests before new ones get 503.", min=0)
     ] = 256,
+    prefix_cache: Annotated[
+        int | None,
+        typer.Option(
+            "--prefix-cache",
+            help="Finished requests whose prompt KV is kept for prompts that start alike (0: off; default: "
+            "--parallel on the CPU, 0 on CUDA).",
+            min=0,
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="GPTCLI_API_KEY", help="Require 'Authorization: Bearer KEY'."),
@@ -85,7 +94,7 @@ def serve(
     ).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
-        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name)
+        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache)
         from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
@@ -98,7 +107,7 @@ def serve(
         sock.close()
 
 
-def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name):
+def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None):
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
@@ -110,7 +119,9 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
 
     runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
-    limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue)
+    if prefix_cache is None:  # a CUDA KV pool preallocates whole slots; CPU pages are committed as they fill
+        prefix_cache = 0 if runtime.backend.info.device == "cuda" else parallel
+    limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue, prefix_cache=prefix_cache)
     engine = Engine(runtime.backend, runtime.tokenizer, limits)
     state = ServerState(
         engine=engine,

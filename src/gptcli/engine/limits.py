@@ -22,6 +22,7 @@ class EngineLimits:
     max_queue: int = 256  # waiting sequences before submit() refuses
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per sequence per step
     step_prefill_tokens: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step in all (one chunk always goes)
+    prefix_cache: int = 0  # finished sequences whose prompt KV is kept for later prompts that start alike
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class EngineStats:
     waiting: int
     kv_used_tokens: int
     kv_budget_tokens: int
+    kv_cached_tokens: int  # positions held by the prefix cache (given back whenever a sequence needs them)
     steps: int
     tokens_generated: int
     prompt_tokens: int

@@ -17,6 +17,12 @@ The KV budget is counted in positions: a sequence reserves `min(prompt + max_tok
 it is admitted, so a running sequence never runs out and nothing running is ever disturbed by a new
 one. A sequence that could never fit fails at `submit` with a clear error.
 
+The prefix cache (`prefix_cache` > 0, the server) keeps the caches of finished sequences, cut back to
+their prompt's whole prefill chunks, and gives a new sequence the one whose chunks its prompt starts
+with. Only whole chunks are reused: a fresh run would have read those positions in the very same
+chunks (the same tokens at the same offsets), so a reused prefix gives the same answers as none. Cached
+positions count against the KV budget but never make a sequence wait: the oldest are given back first.
+
 The engine runs either in the caller's thread (`run`, `generate`: the CLI) or in a background thread
 (`start`/`stop`: the server). Events reach a sequence's owner through its `on_event` callback or its
 handle's queue.
@@ -48,6 +54,14 @@ _log = logging.getLogger(__name__)
 # Prompt positions scored per backend call when a sequence asks for its prompt's logprobs: the logits of
 # every position are [rows, vocab] floats, 64 MiB at 64 rows of a 262,144-token vocabulary.
 SCORE_ROWS = 64
+
+
+@dataclass
+class _Retained:
+    """A finished sequence's session, kept for the prefix cache: its first `positions` are whole chunks."""
+
+    session: KVSession
+    positions: int
 
 
 @dataclass
@@ -93,6 +107,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._kv_used = 0
+        self._retained: list[_Retained] = []  # the prefix cache, oldest first (touched by the engine's thread only)
+        self._retained_positions = 0
         self._steps = 0
         self._generated = 0
         self._prompt_tokens = 0
@@ -158,6 +174,7 @@ class Engine:
                 waiting=len(self._waiting),
                 kv_used_tokens=self._kv_used,
                 kv_budget_tokens=self.kv_budget,
+                kv_cached_tokens=self._retained_positions,
                 steps=self._steps,
                 tokens_generated=self._generated,
                 prompt_tokens=self._prompt_tokens,
@@ -277,6 +294,8 @@ class Engine:
         with self._lock:
             while self._waiting and len(self._running) < self.limits.max_running:
                 seq = self._waiting[0]
+                while self._retained and self._kv_used + self._retained_positions + seq.reserve > self.kv_budget:
+                    self._forget(0)  # the prefix cache never makes a sequence wait
                 if self._kv_used + seq.reserve > self.kv_budget and self._running:
                     break  # wait for room; a sequence alone always fits (check_fits)
                 self._waiting.popleft()
@@ -289,15 +308,14 @@ class Engine:
 
     def _start_prefill(self, seq: _Sequence) -> None:
         """Reuse the longest prefix the sequence's session already holds; read the rest as pending."""
+        reuse = None
         if seq.session is None:
-            seq.session = KVSession(self.backend)
+            seq.session, reuse = self._from_prefix_cache(seq)
         session = seq.session
-        common = 0
-        for a, b in zip(session.ids, seq.prompt, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = _common_prefix(session.ids, seq.prompt)
         common = min(common, len(seq.prompt) - 1)  # at least one token must run to produce logits
+        if reuse is not None:
+            common = reuse  # whole chunks only (see the module docstring)
         if seq.params.prompt_logprobs is not None:
             common = 0  # every prompt token is scored, so none is taken from the cache
             seq.prompt_scores = [None]  # nothing predicts the first one
@@ -307,6 +325,49 @@ class Engine:
         seq.started = True
         seq.cached = common
         seq.pending = seq.prompt[common:]
+
+    def _from_prefix_cache(self, seq: _Sequence) -> tuple[KVSession, int | None]:
+        """The cached session whose whole chunks the prompt starts with (and how many positions to reuse),
+        or a new session and None."""
+        if seq.params.prompt_logprobs is None:
+            chunk = self.limits.prefill_chunk
+            best, best_positions = -1, 0
+            for index, kept in enumerate(self._retained):
+                usable = min(_common_prefix(kept.session.ids, seq.prompt), kept.positions, len(seq.prompt) - 1)
+                usable -= usable % chunk
+                if usable > best_positions:
+                    best, best_positions = index, usable
+            if best >= 0:
+                with self._lock:
+                    kept = self._retained.pop(best)
+                    self._retained_positions -= kept.positions
+                return kept.session, best_positions
+        return KVSession(self.backend), None
+
+    def _keep_for_reuse(self, seq: _Sequence) -> bool:
+        """Put a finished sequence's session in the prefix cache, cut back to its prompt's whole chunks."""
+        session = seq.session
+        if self.limits.prefix_cache < 1 or session is None or seq.handle.error is not None:
+            return False
+        chunk = self.limits.prefill_chunk
+        positions = min(len(seq.prompt), len(session.ids))
+        positions -= positions % chunk
+        if positions == 0 or seq.params.prompt_logprobs is not None:
+            return False
+        session.cache = self.backend.truncate(session.cache, positions)
+        del session.ids[positions:]
+        with self._lock:
+            self._retained.append(_Retained(session, positions))
+            self._retained_positions += positions
+            while len(self._retained) > self.limits.prefix_cache:
+                self._forget(0)
+        return True
+
+    def _forget(self, index: int) -> None:
+        """Drop one prefix-cache entry and give its cache back to the backend."""
+        kept = self._retained.pop(index)
+        self._retained_positions -= kept.positions
+        release_cache(self.backend, kept.session.cache)
 
     def _emit(self, seq: _Sequence, events: Iterable[Event]) -> None:
         for event in events:
@@ -325,7 +386,7 @@ class Engine:
                 self._kv_used -= seq.reserve
             self._cancelled.discard(seq.handle.id)
             self._lock.notify_all()
-        if seq.owns_session and seq.session is not None:
+        if seq.owns_session and seq.session is not None and not self._keep_for_reuse(seq):
             release_cache(self.backend, seq.session.cache)
 
     def _rewind(self, batch: list[_Sequence]) -> None:
@@ -432,3 +493,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    common = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common += 1
+    return common

@@ -87,6 +87,7 @@ class Metrics:
             "queue_depth": getattr(snap, "waiting", 0),
             "running_sequences": getattr(snap, "running", 0),
             "kv_used_tokens": getattr(snap, "kv_used_tokens", 0),
+            "kv_cached_tokens": getattr(snap, "kv_cached_tokens", 0),
         }
         budget = getattr(snap, "kv_budget_tokens", None)
         if budget:
@@ -146,6 +147,7 @@ class Metrics:
             "queue_depth": "Sequences waiting for a slot in the running batch.",
             "running_sequences": "Sequences in the running batch.",
             "kv_used_tokens": "KV-cache positions held by running sequences.",
+            "kv_cached_tokens": "KV-cache positions the prefix cache holds for later prompts (given back on demand).",
             "kv_budget_tokens": "KV-cache positions the engine may hold.",
             "kv_usage_ratio": "kv_used_tokens / kv_budget_tokens.",
         }
