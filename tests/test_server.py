@@ -212,6 +212,44 @@ def test_completions_streamed_and_not(live, runtime):
     assert echoed.choices[0].text == PROMPTS[2] + expected.text
 
 
+def test_completions_with_several_prompts_answer_each_as_alone(live, runtime):
+    prompts = [PROMPTS[0], PROMPTS[5], PROMPTS[2]]
+    expected = [reference(runtime, prompt, 8, raw=True) for prompt in prompts]
+    client = live.client()
+    whole = client.completions.create(model="tiny-llama", prompt=prompts, temperature=0, max_tokens=8)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [e.text for e in expected]
+    assert whole.usage.prompt_tokens == sum(e.stats.prompt_tokens for e in expected)
+    assert whole.usage.completion_tokens == sum(e.stats.new_tokens for e in expected)
+    chunks = list(
+        client.completions.create(
+            model="tiny-llama", prompt=prompts, temperature=0, max_tokens=8, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == [e.text for e in expected]
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    ids = [runtime.tokenizer.encode(prompt) for prompt in prompts[:2]]
+    by_ids = client.completions.create(model="tiny-llama", prompt=ids, temperature=0, max_tokens=8)
+    assert [c.text for c in by_ids.choices] == [e.text for e in expected[:2]]
+    # Evaluation harnesses score a batch of prompts in one request.
+    scored = client.completions.create(model="tiny-llama", prompt=prompts, echo=True, logprobs=0, max_tokens=0)
+    assert [len(c.logprobs.tokens) for c in scored.choices] == [e.stats.prompt_tokens for e in expected]
+    for body in ({"prompt": ["x"] * 65}, {"prompt": ["x", ""]}, {"prompt": [[1, 2], []]}):
+        response = httpx.post(live.v1 + "/completions", json={**body, "max_tokens": 2})
+        assert response.status_code == 400 and error_of(response)["param"].startswith("prompt"), response.text
+
+
+def test_a_prompt_list_the_queue_cannot_take_runs_none_of_its_prompts(runtime):
+    with serve_runtime(runtime, max_running=1, max_queue=0) as server:
+        response = httpx.post(server.v1 + "/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 50})
+        assert response.status_code == 503 and "Retry-After" in response.headers
+        assert wait_until(lambda: server.engine.idle)
+        assert server.engine.snapshot().tokens_generated == 0
+
+
 def test_stop_strings_and_ignored_parameters(live, runtime):
     full = reference(runtime, PROMPTS[3], 16).text
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())

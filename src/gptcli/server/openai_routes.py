@@ -22,7 +22,7 @@ from gptcli.server.schemas import (
     CompletionRequest,
     SamplingRequest,
     chat_prompt_ids,
-    completion_prompt,
+    completion_prompts,
     parse_body,
 )
 from gptcli.server.sse import DONE, EventStreamResponse, sse
@@ -58,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
     state.check_model(body.model)
     ids = chat_prompt_ids(state.tokenizer, body.messages)
-    return await respond(request, state, body, ids, Shape("chat", state.model_name, tokenizer=state.tokenizer))
+    return await respond(request, state, body, [ids], [Shape("chat", state.model_name, tokenizer=state.tokenizer)])
 
 
 @router.post("/completions")
@@ -66,16 +66,28 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
-    ids, prompt_text = completion_prompt(state.tokenizer, body.prompt)
-    shape = Shape(
-        "text", state.model_name, echo=prompt_text if body.echo else "", tokenizer=state.tokenizer, prompt_ids=ids
-    )
-    return await respond(request, state, body, ids, shape)
+    prompts = completion_prompts(state.tokenizer, body.prompt)
+    first = Shape("text", state.model_name)
+    shapes = [
+        Shape(
+            "text",
+            state.model_name,
+            echo=text if body.echo else "",
+            tokenizer=state.tokenizer,
+            prompt_ids=ids,
+            index=index,
+            response_id=first.response_id,
+            created=first.created,
+        )
+        for index, (ids, text) in enumerate(prompts)
+    ]
+    return await respond(request, state, body, [ids for ids, _ in prompts], shapes)
 
 
 @dataclass
 class Shape:
-    """How one response is written: chat (message/delta) or text completion, with its id and model.
+    """How one choice of a response is written: chat (message/delta) or text completion, with the response's
+    id and model. A completions request with several prompts has one choice, and one Shape, per prompt.
 
     Logprobs, when asked for, come in each kind's own OpenAI format: chat's `content` list of
     {token, logprob, bytes, top_logprobs}, the legacy completion's parallel lists (tokens,
@@ -86,15 +98,19 @@ class Shape:
     echo: str = ""
     tokenizer: Tokenizer | None = None
     prompt_ids: list[int] = field(default_factory=list)  # the echoed prompt's tokens (its logprobs)
+    index: int = 0  # the choice's index
+    response_id: str = ""  # shared by a response's choices (made here when empty)
+    created: int = 0
 
     def __post_init__(self) -> None:
-        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
+        if not self.response_id:
+            self.response_id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+            self.created = int(time.time())
         self._text_offset = len(self.echo)  # where the next token's text starts (legacy text_offset)
 
-    def _envelope(self, chunk: bool) -> dict[str, Any]:
+    def envelope(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
 
     def chunk(
         self,
@@ -109,10 +125,10 @@ class Shape:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": scored, "finish_reason": finish}
+            choice = {"index": self.index, "delta": delta, "logprobs": scored, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": scored, "finish_reason": finish}
-        return {**self._envelope(True), "choices": [choice]}
+            choice = {"index": self.index, "text": text or "", "logprobs": scored, "finish_reason": finish}
+        return {**self.envelope(True), "choices": [choice]}
 
     def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
         """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
@@ -157,10 +173,11 @@ class Shape:
         assert self.tokenizer is not None, "logprobs need the tokenizer"
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def usage_chunk(self, stats: Stats) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [], "usage": usage(stats)}
+    def usage_chunk(self, stats: list[Stats]) -> dict[str, Any]:
+        return {**self.envelope(True), "choices": [], "usage": usage(stats)}
 
-    def whole(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
+    def choice(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
+        """The whole (not streamed) choice."""
         text = self.echo + finished.text
         scored = None
         if with_logprobs and finished.prompt_logprobs:  # echo: the prompt's tokens come first
@@ -172,61 +189,108 @@ class Shape:
             scored = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
-            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": scored, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": finish}
-        return {**self._envelope(False), "choices": [choice], "usage": usage(finished.stats)}
+            return {"index": self.index, "message": message, "logprobs": scored, "finish_reason": finish}
+        return {"index": self.index, "text": text, "logprobs": scored, "finish_reason": finish}
 
 
-def usage(stats: Stats) -> dict[str, Any]:
+def usage(stats: list[Stats]) -> dict[str, Any]:
+    """A response's usage: the sums over its choices."""
+    prompt = sum(s.prompt_tokens for s in stats)
+    completion = sum(s.new_tokens for s in stats)
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.new_tokens,
-        "total_tokens": stats.prompt_tokens + stats.new_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in stats)},
     }
 
 
 async def respond(
-    request: Request, state: ServerState, body: SamplingRequest, ids: list[int], shape: Shape
+    request: Request, state: ServerState, body: SamplingRequest, prompts: list[list[int]], shapes: list[Shape]
 ) -> Response:
-    """Check the prompt fits, submit it to the engine, then stream or wait for the whole answer."""
-    if len(ids) >= state.context_length:
-        raise APIError(
-            400,
-            f"the prompt is {len(ids)} tokens but the model's context holds {state.context_length}",
-            param="messages" if shape.kind == "chat" else "prompt",
-            code="context_length_exceeded",
-        )
+    """Check each prompt fits, submit them all to the engine, then stream or wait for the whole answer."""
+    for ids in prompts:
+        if len(ids) >= state.context_length:
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens but the model's context holds {state.context_length}",
+                param="messages" if shapes[0].kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
     arrived = time.perf_counter()
     params = body.sampling(state.defaults, state.tokenizer.vocab_size)
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
         from gptcli.constraints import prepare
 
         await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
-    stream = EngineStream(state.engine, ids, params)
-    timed = timed_events(stream, state, arrived)
+    streams: list[EngineStream] = []
+    try:
+        for ids in prompts:
+            streams.append(EngineStream(state.engine, ids, params))
+    except BaseException:  # a full queue for one prompt: none of the request's prompts runs
+        for stream in streams:
+            stream.cancel()
+        raise
+
+    def cancel_all() -> None:
+        for stream in streams:
+            stream.cancel()
+
+    events = merged([timed_events(stream, state, arrived) for stream in streams])
     if body.stream:
-        return EventStreamResponse(stream_body(timed, shape, include_usage=body.include_usage), on_close=stream.cancel)
+        return EventStreamResponse(stream_body(events, shapes, include_usage=body.include_usage), on_close=cancel_all)
     waiter = asyncio.ensure_future(wait_for_disconnect(request))
-    collector = asyncio.ensure_future(last_event(timed))
+    collector = asyncio.ensure_future(last_events(events, len(streams)))
     try:
         await asyncio.wait({waiter, collector}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
         client_left = not collector.done()
         if client_left:  # (or this task was cancelled): stop generating for it
-            stream.cancel()
+            cancel_all()
             collector.cancel()
     if client_left:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     finished = collector.result()
-    if finished.reason == "cancelled":
+    if any(f.reason == "cancelled" for f in finished):
         raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
-    if finished.reason == "error":
+    if any(f.reason == "error" for f in finished):
         raise APIError(500, "the engine failed while generating this response")
-    finish = OPENAI_FINISH.get(finished.reason, "stop")
-    return JSONResponse(shape.whole(finished, finish, with_logprobs=params.logprobs is not None))
+    with_logprobs = params.logprobs is not None
+    choices = [
+        shape.choice(done, OPENAI_FINISH.get(done.reason, "stop"), with_logprobs=with_logprobs)
+        for shape, done in zip(shapes, finished, strict=True)
+    ]
+    whole = {**shapes[0].envelope(False), "choices": choices, "usage": usage([f.stats for f in finished])}
+    return JSONResponse(whole)
+
+
+async def merged(sources: list[AsyncIterator[Token | Finished]]) -> AsyncIterator[tuple[int, Token | Finished]]:
+    """(source index, event) as the sources' events come; each source's own order is kept. Leaving early
+    closes every source (which cancels its sequence)."""
+    if len(sources) == 1:  # the usual case, without a task in between
+        async with aclosing(sources[0]) as only:
+            async for event in only:
+                yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Token | Finished]] = asyncio.Queue()
+
+    async def pump(index: int, source: AsyncIterator[Token | Finished]) -> None:
+        async with aclosing(source) as events:
+            async for event in events:
+                await queue.put((index, event))
+
+    tasks = [asyncio.ensure_future(pump(index, source)) for index, source in enumerate(sources)]
+    try:
+        remaining = len(sources)
+        while remaining:
+            index, event = await queue.get()
+            remaining -= isinstance(event, Finished)
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def timed_events(stream: EngineStream, state: ServerState, arrived: float) -> AsyncIterator[Token | Finished]:
@@ -247,44 +311,53 @@ async def timed_events(stream: EngineStream, state: ServerState, arrived: float)
             yield event
 
 
-async def last_event(events: AsyncIterator[Token | Finished]) -> Finished:
+async def last_events(events: AsyncIterator[tuple[int, Token | Finished]], count: int) -> list[Finished]:
+    """Each of `count` sequences' Finished event, by index."""
+    finished: dict[int, Finished] = {}
     async with aclosing(events) as source:
-        async for event in source:
+        async for index, event in source:
             if isinstance(event, Finished):
-                return event
-    raise RuntimeError("the engine ended a sequence without a Finished event")
+                finished[index] = event
+    if len(finished) != count:
+        raise RuntimeError("the engine ended a sequence without a Finished event")
+    return [finished[index] for index in range(count)]
 
 
 async def stream_body(
-    events: AsyncIterator[Token | Finished], shape: Shape, *, include_usage: bool
+    events: AsyncIterator[tuple[int, Token | Finished]], shapes: list[Shape], *, include_usage: bool
 ) -> AsyncIterator[str]:
-    """SSE chunks: the role (chat), text deltas, the finish reason, usage if asked, then [DONE].
+    """SSE chunks: the role (chat), text deltas, each choice's finish reason, usage if asked, then [DONE].
 
     A token's logprobs ride on the chunk that carries its text; a token whose text is held back (part of
     a character, the start of a possible stop string) has them sent with the next text, or before the
-    finish reason."""
-    scored: list[tuple[int, TokenLogprob]] = []
+    finish reason. Several prompts' choices interleave, each chunk naming its choice's index."""
+    scored: list[list[tuple[int, TokenLogprob]]] = [[] for _ in shapes]
+    stats: list[Stats] = []
     async with aclosing(events) as source:
-        if shape.kind == "chat":
-            yield sse(shape.chunk(role=True))
-        if shape.echo:
-            yield sse(shape.chunk(text=shape.echo))
-        async for event in source:
+        for shape in shapes:
+            if shape.kind == "chat":
+                yield sse(shape.chunk(role=True))
+            if shape.echo:
+                yield sse(shape.chunk(text=shape.echo))
+        async for index, event in source:
+            shape = shapes[index]
             if isinstance(event, Token):
                 if event.id is not None and event.logprob is not None:
-                    scored.append((event.id, event.logprob))
+                    scored[index].append((event.id, event.logprob))
                 if event.text:
-                    yield sse(shape.chunk(text=event.text, logprobs=scored))
-                    scored = []
+                    yield sse(shape.chunk(text=event.text, logprobs=scored[index]))
+                    scored[index] = []
                 continue
             if event.reason == "cancelled":
                 return  # nobody is listening, or the server is stopping: no finish reason is sent
             if event.reason == "error":
                 yield sse(error_body(500, "the engine failed while generating this response"))
-            else:
-                if scored:
-                    yield sse(shape.chunk(text="", logprobs=scored))
-                yield sse(shape.chunk(finish=OPENAI_FINISH.get(event.reason, "stop")))
-                if include_usage:
-                    yield sse(shape.usage_chunk(event.stats))
+                yield DONE
+                return
+            if scored[index]:
+                yield sse(shape.chunk(text="", logprobs=scored[index]))
+            yield sse(shape.chunk(finish=OPENAI_FINISH.get(event.reason, "stop")))
+            stats.append(event.stats)
+        if include_usage:
+            yield sse(shapes[0].usage_chunk(stats))
         yield DONE

@@ -25,6 +25,7 @@ from gptcli.tokenizer import Tokenizer
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 to 100
+MAX_PROMPTS = 64  # prompts in one completions request (each is one choice)
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (vLLM's default too); legacy completions share it here
 Body = TypeVar("Body", bound=BaseModel)
 UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
@@ -227,7 +228,7 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # 0 with echo and logprobs: score the prompt and generate nothing (what evaluation harnesses ask).
@@ -260,11 +261,11 @@ class CompletionRequest(SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str) and len(value) != 1:
-            raise ValueError("only one prompt per request is supported")
-        if not value:
+    def _some_prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if not value or (isinstance(value, list) and any(not item and item != 0 for item in value)):
             raise ValueError("the prompt is empty")
+        if isinstance(value, list) and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return value
 
 
@@ -282,15 +283,28 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[i
     return ids
 
 
-def completion_prompt(tokenizer: Tokenizer, prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
-    """The prompt's token ids (raw text, as `gptcli generate --raw` sends it) and its text (for echo)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        ids = [int(i) for i in prompt]
-        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
-            raise APIError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        return ids, tokenizer.decode(ids)
-    text = prompt if isinstance(prompt, str) else str(prompt[0])
-    ids = tokenizer.encode(text, add_special_tokens=True)
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    return ids, text
+def completion_prompts(
+    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[tuple[list[int], str]]:
+    """Each prompt's token ids (raw text, as `gptcli generate --raw` sends it) and its text (for echo): a
+    string, a list of strings, a list of token ids (one prompt) or a list of such lists."""
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif isinstance(prompt[0], int):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    prompts = []
+    for index, item in enumerate(items):
+        where = "prompt" if len(items) == 1 else f"prompt.{index}"
+        if isinstance(item, list):
+            ids = [int(i) for i in item]
+            if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
+                raise APIError(400, f"{where}: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+            prompts.append((ids, tokenizer.decode(ids)))
+            continue
+        ids = tokenizer.encode(item, add_special_tokens=True)
+        if not ids:
+            raise APIError(400, f"{where}: the prompt is empty", param="prompt")
+        prompts.append((ids, item))
+    return prompts
