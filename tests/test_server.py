@@ -250,6 +250,31 @@ def test_a_prompt_list_the_queue_cannot_take_runs_none_of_its_prompts(runtime):
         assert server.engine.snapshot().tokens_generated == 0
 
 
+def test_tokenize_and_detokenize_in_both_peers_shapes(live, runtime):
+    tok = runtime.tokenizer
+    vllm = httpx.post(live.url + "/tokenize", json={"model": "tiny-llama", "prompt": PROMPTS[5]}).json()
+    assert vllm["tokens"] == tok.encode(PROMPTS[5], add_special_tokens=True) and vllm["count"] == len(vllm["tokens"])
+    assert vllm["max_model_len"] == live.state.context_length
+    llama = httpx.post(live.url + "/tokenize", json={"content": PROMPTS[5], "with_pieces": True}).json()
+    plain = tok.encode(PROMPTS[5], add_special_tokens=False)
+    assert [t["id"] for t in llama["tokens"]] == plain
+    assert all(t["piece"] == tok.decode([t["id"]], skip_special_tokens=False) for t in llama["tokens"])
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat = httpx.post(live.url + "/tokenize", json={"messages": messages}).json()
+    reply = live.client().chat.completions.create(model="default", messages=messages, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    back = httpx.post(live.url + "/detokenize", json={"tokens": vllm["tokens"]}).json()
+    assert back["prompt"] == back["content"] == tok.decode(vllm["tokens"], skip_special_tokens=False)
+    for path, body, param in [
+        ("/tokenize", {"prompt": "a", "content": "b"}, None),
+        ("/tokenize", {}, None),
+        ("/detokenize", {"tokens": [tok.vocab_size]}, "tokens"),
+    ]:
+        response = httpx.post(live.url + path, json=body)
+        assert response.status_code == 400 and error_of(response)["param"] == param, response.text
+    assert httpx.post(live.url + "/tokenize", json={"model": "gpt-4o", "prompt": "a"}).status_code == 404
+
+
 def test_stop_strings_and_ignored_parameters(live, runtime):
     full = reference(runtime, PROMPTS[3], 16).text
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())

@@ -16,6 +16,7 @@ from gptcli.server.errors import install_error_handlers
 from gptcli.server.middleware import ApiKeyGuard, BodyLimit, RequestCounter
 from gptcli.server.openai_routes import router
 from gptcli.server.state import ServerState
+from gptcli.server.token_routes import router as token_router
 
 OPEN_PATHS = ("/health", "/")  # reachable without the API key (the page asks for it)
 # The page uses only inline script and style and talks to this origin: nothing else may load.
@@ -55,6 +56,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     app.state.gptcli = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(token_router)
     page = chat_page()
 
     @app.get("/", include_in_schema=False)
@@ -70,7 +72,8 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # Added innermost first: the counter sees every answer, the key is checked before the body is read.
-    routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in router.routes)]
+    served = [*router.routes, *token_router.routes]
+    routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)

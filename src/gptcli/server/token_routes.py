@@ -1,0 +1,80 @@
+"""/tokenize and /detokenize: the served model's tokenizer, in vLLM's and llama.cpp's server shapes.
+
+A client that counts tokens before it sends (to fit a context, to price a prompt) asks the server that
+will read them. Both peers' request fields are taken: vLLM's `prompt` / `messages` and
+`add_special_tokens` (default true), llama.cpp's `content`, `add_special` (default false) and
+`with_pieces`. The answer carries both peers' fields too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gptcli.server.errors import APIError
+from gptcli.server.schemas import ChatMessage, chat_prompt_ids, parse_body
+from gptcli.server.state import ServerState
+
+router = APIRouter()
+MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize request (the body limit comes first in practice)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None  # vLLM
+    content: str | None = None  # llama.cpp
+    messages: list[ChatMessage] | None = None  # vLLM: the chat template's rendering, as the chat route sends it
+    add_special_tokens: bool | None = None  # vLLM (default true)
+    add_special: bool | None = None  # llama.cpp (default false)
+    with_pieces: bool = False  # llama.cpp: each token as {"id", "piece"}
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        given = [name for name in ("prompt", "content", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("send exactly one of prompt, content (text) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.gptcli
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    body = await parse_body(request, TokenizeRequest)
+    state.check_model(body.model)
+    if body.messages is not None:
+        ids = chat_prompt_ids(state.tokenizer, body.messages)
+    else:
+        text = body.prompt if body.prompt is not None else body.content
+        special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
+        if special is None:
+            special = body.prompt is not None  # each peer's own default
+        ids = state.tokenizer.encode(text or "", add_special_tokens=special)
+    tokens: list[Any] = ids
+    if body.with_pieces:
+        tokens = [{"id": i, "piece": state.tokenizer.decode([i], skip_special_tokens=False)} for i in ids]
+    return {"tokens": tokens, "count": len(ids), "max_model_len": state.context_length}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    body = await parse_body(request, DetokenizeRequest)
+    state.check_model(body.model)
+    vocab = state.tokenizer.vocab_size
+    if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
+        raise APIError(400, f"tokens: token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+    text = state.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    return {"prompt": text, "content": text}
