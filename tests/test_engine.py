@@ -10,6 +10,7 @@ from gptcli.backends.torch_backend import TorchBackend
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
 from gptcli.engine import Engine, EngineLimits, generate, parse_kv_budget, run_all
+from gptcli.engine.run import drive
 from gptcli.errors import ConfigError, InputError, QueueFullError
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
@@ -61,10 +62,10 @@ def test_a_sequence_can_score_its_prompt_beside_the_batch_without_changing_any_a
     from dataclasses import replace
 
     from gptcli.backends.base import score_positions
-    from gptcli.engine import scheduler
+    from gptcli.engine import scoring
 
     backend, tok = model
-    monkeypatch.setattr(scheduler, "SCORE_ROWS", 3)  # several score calls per chunk, and a short last one
+    monkeypatch.setattr(scoring, "SCORE_ROWS", 3)  # several score calls per chunk, and a short last one
     prompts = [tok.encode(p) for p in PROMPTS[:4]]
     alone = [_finished(list(generate(backend, tok, ids, GREEDY))) for ids in prompts]
     scoring = replace(GREEDY, prompt_logprobs=2)
@@ -123,7 +124,7 @@ def test_the_prefix_cache_reuses_whole_chunks_and_changes_no_answer(model):
     third = _one(engine, other)
     assert third.stats.cached_tokens == 0
     assert third.token_ids == _finished(list(generate(backend, tok, other, GREEDY))).token_ids
-    assert len(engine._retained) <= 2  # --prefix-cache entries at most
+    assert len(engine._prefixes) <= 2  # --prefix-cache entries at most
 
 
 def test_the_prefix_cache_gives_its_room_back_before_anyone_waits(model):
@@ -140,7 +141,7 @@ def test_the_prefix_cache_gives_its_room_back_before_anyone_waits(model):
     assert engine.step()  # admitted at once: the cached positions were given back
     assert engine.snapshot().running == 1 and engine.snapshot().kv_cached_tokens == 0
     engine.cancel(handle)
-    list(engine.run([handle]))
+    list(drive(engine, [handle]))
 
 
 def test_sequences_join_and_leave_at_step_boundaries(model):

@@ -180,6 +180,16 @@ class RepetitionDetector:
         return bool(np.any(self.run[1 : limit + 1] >= self.needed[1 : limit + 1]))
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two sequences share."""
+    common = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common += 1
+    return common
+
+
 class KVSession:
     """A backend cache plus the token ids it holds, so a new prompt re-uses the shared prefix."""
 
@@ -190,12 +200,7 @@ class KVSession:
 
     def feed(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Make the cache hold `ids`; return last-position logits and how many ids were re-used."""
-        common = 0
-        for a, b in zip(self.ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token must run to produce logits
+        common = min(common_prefix(self.ids, ids), len(ids) - 1)  # at least one token must run for logits
         if common < len(self.ids):
             self.cache = self.backend.truncate(self.cache, common)
         logits, self.cache = self.backend.forward(ids[common:], self.cache)

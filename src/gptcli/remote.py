@@ -24,9 +24,8 @@ from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError
 
 DEFAULTS = SamplingConfig()
-# Parameters beyond OpenAI's own: sent only when set away from gptcli's defaults, since api.openai.com
-# refuses names it does not know (vLLM, llama.cpp and gptcli serve accept them).
-EXTRAS = {"top_k": 0, "min_p": DEFAULTS.min_p, "repetition_penalty": 1.0}
+# Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
+EXTRAS = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p, repetition_penalty=1.0)
 
 CHARS_PER_TOKEN = 4
 
@@ -307,9 +306,6 @@ class RemoteModel:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's own: sent when set
-            if getattr(params, name) != 0.0:
-                body[name] = getattr(params, name)
         body.update(
             {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}
         )

@@ -30,7 +30,7 @@ def generate(
     limits = EngineLimits(max_running=1, kv_budget_tokens=context, max_queue=1)
     engine = Engine(backend, tokenizer, limits, clock=clock)
     handle = engine.submit(prompt_ids, params, session=session)
-    for _, event in engine.run([handle]):
+    for _, event in drive(engine, [handle]):
         try:
             yield event
         except KeyboardInterrupt:  # thrown in by a caller Ctrl-C'd between two events: end as mid-step
@@ -58,8 +58,34 @@ def run_all(engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConf
             live[handle.id] = (index, handle)
         if not live:
             return
-        for handle, event in engine.run_some([h for _, h in live.values()]):
+        for handle, event in step_once(engine, [h for _, h in live.values()]):
             yield live[handle.id][0], event
             if isinstance(event, Finished):
                 del live[handle.id]
                 exhausted = exhausted or event.reason == "interrupted"
+
+
+def drive(engine: Engine, handles: Iterable[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
+    """Step in this thread until the given sequences finish, yielding their events as they come.
+
+    Ctrl-C during a step ends every sequence with reason 'interrupted' (held-back text flushed)
+    and the events still come out; the caller decides the exit code.
+    """
+    pending = list(handles)
+    while pending:
+        yield from step_once(engine, pending)
+        pending = [h for h in pending if not h.done]
+
+
+def step_once(engine: Engine, handles: list[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
+    """One step in this thread; yield the events it produced for `handles`, in their order."""
+    try:
+        progressed = engine.step()
+    except KeyboardInterrupt:
+        engine.interrupt()
+        progressed = True
+    for handle in handles:
+        for event in handle._pending():
+            yield handle, event
+    if not progressed and any(not h.done for h in handles):
+        raise RuntimeError("the engine has nothing to run but sequences are still pending")

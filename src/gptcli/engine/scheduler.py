@@ -11,20 +11,17 @@ running ones; each `step()`:
      of long prompts never stalls the sequences already decoding),
   4. runs `batched_step` once, and hands each finished prompt's logits to that sequence's
      `SequenceDecoder` (the one decoding state machine), which emits its events. A sequence that asks
-     for its prompt's logprobs reads its prompt through `score_positions` instead, beside the batch.
+     for its prompt's logprobs reads its prompt beside the batch instead (scoring.py).
 
 The KV budget is counted in positions: a sequence reserves `min(prompt + max_tokens, context)` when
 it is admitted, so a running sequence never runs out and nothing running is ever disturbed by a new
 one. A sequence that could never fit fails at `submit` with a clear error.
 
-The prefix cache (`prefix_cache` > 0, the server) keeps the caches of finished sequences, cut back to
-their prompt's whole prefill chunks, and gives a new sequence the one whose chunks its prompt starts
-with. Only whole chunks are reused: a fresh run would have read those positions in the very same
-chunks (the same tokens at the same offsets), so a reused prefix gives the same answers as none. Cached
-positions count against the KV budget but never make a sequence wait: the oldest are given back first.
+With `prefix_cache` > 0 (the server), finished sequences' caches are kept for prompts that start
+alike (prefix_cache.py); kept positions count against the KV budget but never make a sequence wait.
 
-The engine runs either in the caller's thread (`run`, `generate`: the CLI) or in a background thread
-(`start`/`stop`: the server). Events reach a sequence's owner through its `on_event` callback or its
+The engine runs either in the caller's thread (run.py: `generate`, `run_all`, the CLI) or in a background
+thread (`start`/`stop`: the server). Events reach a sequence's owner through its `on_event` callback or its
 handle's queue.
 """
 
@@ -35,33 +32,23 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gptcli.backends.base import Backend, batched_step, release_cache, score_positions
+from gptcli.backends.base import Backend, release_cache
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Event, KVSession, SequenceDecoder
+from gptcli.decoding import Event, KVSession, SequenceDecoder, common_prefix
 from gptcli.engine.handle import SequenceHandle
 from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve
+from gptcli.engine.prefix_cache import PrefixCache
+from gptcli.engine.scoring import step_scoring_prompts
 from gptcli.errors import ConfigError, QueueFullError
-from gptcli.sampling import TokenLogprob, next_token_logprobs
+from gptcli.sampling import TokenLogprob
 from gptcli.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
-
-# Prompt positions scored per backend call when a sequence asks for its prompt's logprobs: the logits of
-# every position are [rows, vocab] floats, 64 MiB at 64 rows of a 262,144-token vocabulary.
-SCORE_ROWS = 64
-
-
-@dataclass
-class _Retained:
-    """A finished sequence's session, kept for the prefix cache: its first `positions` are whole chunks."""
-
-    session: KVSession
-    positions: int
 
 
 @dataclass
@@ -107,16 +94,15 @@ class Engine:
         self._running: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._kv_used = 0
-        self._retained: list[_Retained] = []  # the prefix cache, oldest first (touched by the engine's thread only)
-        self._retained_positions = 0
+        self._prefixes = PrefixCache(
+            self.limits.prefix_cache, self.limits.prefill_chunk, lambda s: release_cache(backend, s.cache)
+        )
         self._steps = 0
         self._generated = 0
         self._prompt_tokens = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._background = False
-
-    # ------------------------------------------------------------------ submitting
 
     def check_fits(self, prompt_tokens: int, params: SamplingConfig) -> int:
         """The KV positions a sequence reserves; an InputError when it could never run."""
@@ -161,8 +147,6 @@ class Engine:
                 self._cancelled.add(handle.id)
                 self._lock.notify_all()
 
-    # ------------------------------------------------------------------ one step
-
     @property
     def idle(self) -> bool:
         return not self._waiting and not self._running
@@ -174,7 +158,7 @@ class Engine:
                 waiting=len(self._waiting),
                 kv_used_tokens=self._kv_used,
                 kv_budget_tokens=self.kv_budget,
-                kv_cached_tokens=self._retained_positions,
+                kv_cached_tokens=self._prefixes.positions,
                 steps=self._steps,
                 tokens_generated=self._generated,
                 prompt_tokens=self._prompt_tokens,
@@ -223,29 +207,12 @@ class Engine:
     def _run_step(
         self, batch: list[_Sequence], inputs: list[tuple[list[int], object]]
     ) -> tuple[list[np.ndarray], list[object], dict[int, list[TokenLogprob]]]:
-        """One backend step over the planned rows: each row's last logits and cache, and for the rows that
-        score their prompt (prompt_logprobs), the logprobs of the prompt tokens their chunk predicts."""
-        scoring = [i for i, seq in enumerate(batch) if seq.pending and seq.params.prompt_logprobs is not None]
-        rest = [i for i in range(len(batch)) if i not in scoring]
-        logits: list[np.ndarray] = [np.empty(0)] * len(batch)
-        caches: list[object] = [None] * len(batch)
-        if rest:
-            rows, outs = batched_step(self.backend, [inputs[i] for i in rest])
-            for i, row, cache in zip(rest, rows, outs, strict=True):
-                logits[i], caches[i] = row, cache
-        scores: dict[int, list[TokenLogprob]] = {}
-        for i in scoring:
-            seq, (ids, cache) = batch[i], inputs[i]
-            start = len(seq.session.ids)  # this chunk's first prompt position (the prompt is never cached)
-            following = seq.prompt[start + 1 : start + len(ids) + 1]  # the token each position predicts
-            scores[i] = []
-            for at in range(0, len(ids), SCORE_ROWS):
-                rows, cache = score_positions(self.backend, ids[at : at + SCORE_ROWS], cache)
-                targets = following[at : at + SCORE_ROWS]
-                scores[i] += next_token_logprobs(rows[: len(targets)], targets, seq.params.prompt_logprobs or 0)
-                logits[i] = rows[-1]
-            caches[i] = cache
-        return logits, caches, scores
+        scoring = {
+            row: (seq.prompt, len(seq.session.ids), seq.params.prompt_logprobs or 0)
+            for row, seq in enumerate(batch)
+            if seq.pending and seq.params.prompt_logprobs is not None
+        }
+        return step_scoring_prompts(self.backend, inputs, scoring)
 
     def _plan_step(self) -> tuple[list[_Sequence], list[tuple[list[int], object]]]:
         """This step's rows: one token for every decoding sequence, then prompt chunks in order of arrival
@@ -294,8 +261,8 @@ class Engine:
         with self._lock:
             while self._waiting and len(self._running) < self.limits.max_running:
                 seq = self._waiting[0]
-                while self._retained and self._kv_used + self._retained_positions + seq.reserve > self.kv_budget:
-                    self._forget(0)  # the prefix cache never makes a sequence wait
+                while self._prefixes and self._kv_used + self._prefixes.positions + seq.reserve > self.kv_budget:
+                    self._prefixes.evict_oldest()  # the prefix cache never makes a sequence wait
                 if self._kv_used + seq.reserve > self.kv_budget and self._running:
                     break  # wait for room; a sequence alone always fits (check_fits)
                 self._waiting.popleft()
@@ -310,12 +277,13 @@ class Engine:
         """Reuse the longest prefix the sequence's session already holds; read the rest as pending."""
         reuse = None
         if seq.session is None:
-            seq.session, reuse = self._from_prefix_cache(seq)
+            with self._lock:
+                reuse = self._prefixes.take(seq.prompt) if seq.params.prompt_logprobs is None else None
+            seq.session = reuse[0] if reuse else KVSession(self.backend)
         session = seq.session
-        common = _common_prefix(session.ids, seq.prompt)
-        common = min(common, len(seq.prompt) - 1)  # at least one token must run to produce logits
-        if reuse is not None:
-            common = reuse  # whole chunks only (see the module docstring)
+        common = min(common_prefix(session.ids, seq.prompt), len(seq.prompt) - 1)  # one token must run
+        if reuse:
+            common = reuse[1]  # whole chunks only (prefix_cache.py)
         if seq.params.prompt_logprobs is not None:
             common = 0  # every prompt token is scored, so none is taken from the cache
             seq.prompt_scores = [None]  # nothing predicts the first one
@@ -325,49 +293,6 @@ class Engine:
         seq.started = True
         seq.cached = common
         seq.pending = seq.prompt[common:]
-
-    def _from_prefix_cache(self, seq: _Sequence) -> tuple[KVSession, int | None]:
-        """The cached session whose whole chunks the prompt starts with (and how many positions to reuse),
-        or a new session and None."""
-        if seq.params.prompt_logprobs is None:
-            chunk = self.limits.prefill_chunk
-            best, best_positions = -1, 0
-            for index, kept in enumerate(self._retained):
-                usable = min(_common_prefix(kept.session.ids, seq.prompt), kept.positions, len(seq.prompt) - 1)
-                usable -= usable % chunk
-                if usable > best_positions:
-                    best, best_positions = index, usable
-            if best >= 0:
-                with self._lock:
-                    kept = self._retained.pop(best)
-                    self._retained_positions -= kept.positions
-                return kept.session, best_positions
-        return KVSession(self.backend), None
-
-    def _keep_for_reuse(self, seq: _Sequence) -> bool:
-        """Put a finished sequence's session in the prefix cache, cut back to its prompt's whole chunks."""
-        session = seq.session
-        if self.limits.prefix_cache < 1 or session is None or seq.handle.error is not None:
-            return False
-        chunk = self.limits.prefill_chunk
-        positions = min(len(seq.prompt), len(session.ids))
-        positions -= positions % chunk
-        if positions == 0 or seq.params.prompt_logprobs is not None:
-            return False
-        session.cache = self.backend.truncate(session.cache, positions)
-        del session.ids[positions:]
-        with self._lock:
-            self._retained.append(_Retained(session, positions))
-            self._retained_positions += positions
-            while len(self._retained) > self.limits.prefix_cache:
-                self._forget(0)
-        return True
-
-    def _forget(self, index: int) -> None:
-        """Drop one prefix-cache entry and give its cache back to the backend."""
-        kept = self._retained.pop(index)
-        self._retained_positions -= kept.positions
-        release_cache(self.backend, kept.session.cache)
 
     def _emit(self, seq: _Sequence, events: Iterable[Event]) -> None:
         for event in events:
@@ -386,8 +311,11 @@ class Engine:
                 self._kv_used -= seq.reserve
             self._cancelled.discard(seq.handle.id)
             self._lock.notify_all()
-        if seq.owns_session and seq.session is not None and not self._keep_for_reuse(seq):
-            release_cache(self.backend, seq.session.cache)
+        if seq.owns_session and seq.session is not None:
+            reusable = seq.handle.error is None and seq.params.prompt_logprobs is None
+            with self._lock:
+                if not (reusable and self._prefixes.keep(seq.session, len(seq.prompt))):
+                    release_cache(self.backend, seq.session.cache)
 
     def _rewind(self, batch: list[_Sequence]) -> None:
         """After a failed or interrupted step, make each cache hold exactly the ids recorded for it."""
@@ -430,31 +358,7 @@ class Engine:
         for seq in everyone:
             self._finish(seq, reason)
 
-    # ------------------------------------------------------------------ driving it
-
-    def run(self, handles: Iterable[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
-        """Step in this thread until the given sequences finish, yielding their events as they come.
-
-        Ctrl-C during a step ends every sequence with reason 'interrupted' (held-back text flushed)
-        and the events still come out; the caller decides the exit code.
-        """
-        pending = list(handles)
-        while pending:
-            yield from self.run_some(pending)
-            pending = [h for h in pending if not h.done]
-
-    def run_some(self, handles: list[SequenceHandle]) -> Iterator[tuple[SequenceHandle, Event]]:
-        """One step in this thread; yield the events it produced for `handles`, in their order."""
-        try:
-            progressed = self.step()
-        except KeyboardInterrupt:
-            self.interrupt()
-            progressed = True
-        for handle in handles:
-            for event in handle._pending():
-                yield handle, event
-        if not progressed and any(not h.done for h in handles):
-            raise RuntimeError("the engine has nothing to run but sequences are still pending")
+    # ------------------------------------------------------------------ in the background (run.py: in this thread)
 
     def start(self) -> None:
         """Run steps in a background thread (the server) until `stop`."""
@@ -493,12 +397,3 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    common = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        common += 1
-    return common

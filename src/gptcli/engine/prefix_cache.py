@@ -1,0 +1,71 @@
+"""The prefix cache: finished sequences' KV sessions, kept for later prompts that start the same way.
+
+Each kept session is cut back to its prompt's whole prefill chunks, and a new prompt reuses the longest
+run of whole chunks it shares with one. Only whole chunks are reused: a fresh run would have read those
+positions in the very same chunks (the same tokens at the same offsets), so a reused prefix gives the
+same answers as none. The engine counts the kept positions against its KV budget and evicts the oldest
+before any sequence would wait for room. Touched by the engine's thread only (the engine's lock guards
+what other threads read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gptcli.decoding import KVSession, common_prefix
+
+
+@dataclass
+class _Kept:
+    session: KVSession
+    positions: int  # its first `positions` are whole chunks of a prompt
+
+
+class PrefixCache:
+    """At most `capacity` sessions, oldest first; `release` gives an evicted session's cache back."""
+
+    def __init__(self, capacity: int, chunk: int, release: Callable[[KVSession], None]) -> None:
+        self.capacity = capacity
+        self.chunk = chunk
+        self.release = release
+        self.kept: list[_Kept] = []
+        self.positions = 0  # KV positions held, for the budget
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def take(self, prompt: Sequence[int]) -> tuple[KVSession, int] | None:
+        """The session holding the most whole chunks `prompt` starts with (out of the cache), and how many
+        of its positions to keep; None when no whole chunk matches."""
+        best, best_positions = -1, 0
+        for index, kept in enumerate(self.kept):
+            usable = min(common_prefix(kept.session.ids, prompt), kept.positions, len(prompt) - 1)
+            usable -= usable % self.chunk
+            if usable > best_positions:
+                best, best_positions = index, usable
+        if best < 0:
+            return None
+        kept = self.kept.pop(best)
+        self.positions -= kept.positions
+        return kept.session, best_positions
+
+    def keep(self, session: KVSession, prompt_length: int) -> bool:
+        """Cut the session back to its prompt's whole chunks and keep it (evicting the oldest past
+        `capacity`); False when there is nothing to keep."""
+        positions = min(prompt_length, len(session.ids))
+        positions -= positions % self.chunk
+        if self.capacity < 1 or positions == 0:
+            return False
+        session.cache = session.backend.truncate(session.cache, positions)
+        del session.ids[positions:]
+        self.kept.append(_Kept(session, positions))
+        self.positions += positions
+        while len(self.kept) > self.capacity:
+            self.evict_oldest()
+        return True
+
+    def evict_oldest(self) -> None:
+        kept = self.kept.pop(0)
+        self.positions -= kept.positions
+        self.release(kept.session)
