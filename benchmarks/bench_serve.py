@@ -12,7 +12,9 @@ request throughput (req/s), output token throughput (tok/s), and TTFT, TPOT, ITL
   TPOT  (E2E − TTFT) / (output tokens − 1), per request
   ITL   the gaps between consecutive streamed chunks, over all requests
 Prompts are random common words; with `--tokenizer FOLDER` (the served model's folder) they are cut to
-the exact token count. Output lengths come from the server's `usage` (else: streamed chunks). Servers
+the exact token count. `--random-prefix-len N` (vLLM's option) starts every prompt of a level with the
+same N-token prefix, as a shared system prompt or document does: a server with a prefix cache reads it
+once. Output lengths come from the server's `usage` (else: streamed chunks). Servers
 that honour `ignore_eos` (vLLM, llama.cpp, gptcli serve) always produce `--random-output-len` tokens;
 check the mean output length column for one that does not.
 """
@@ -56,7 +58,9 @@ def level_seed(seed: int, input_len: int, concurrency: int) -> int:
     return seed * 1_000_000 + input_len * 1_000 + concurrency
 
 
-def make_prompts(count: int, length: int, seed: int, tokenizer_folder: str | None) -> list[str]:
+def make_prompts(count: int, length: int, seed: int, tokenizer_folder: str | None, prefix_len: int = 0) -> list[str]:
+    """`count` prompts of `length` random words (tokens, with a tokenizer), each after the same
+    `prefix_len`-long prefix."""
     rng = random.Random(seed)
     tokenizer = None
     if tokenizer_folder:
@@ -64,18 +68,19 @@ def make_prompts(count: int, length: int, seed: int, tokenizer_folder: str | Non
         from gptcli.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(Path(tokenizer_folder))
-    prompts = []
-    for _ in range(count):
-        words = [rng.choice(WORDS) for _ in range(length)]
-        if tokenizer is not None:  # cut to exactly `length` tokens
+
+    def random_text(size: int) -> str:
+        words = [rng.choice(WORDS) for _ in range(size)]
+        if tokenizer is None:
+            return " ".join(words)
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+        while len(ids) < size:  # cut to exactly `size` tokens
+            words.append(rng.choice(WORDS))
             ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
-            while len(ids) < length:
-                words.append(rng.choice(WORDS))
-                ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
-            prompts.append(tokenizer.decode(ids[:length]))
-        else:
-            prompts.append(" ".join(words))
-    return prompts
+        return tokenizer.decode(ids[:size])
+
+    prefix = random_text(prefix_len) + " " if prefix_len else ""
+    return [prefix + random_text(length) for _ in range(count)]
 
 
 async def one_request(client, url: str, body: dict, headers: dict) -> Result:
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly --random-output-len tokens")
     parser.add_argument("--tokenizer", help="a model folder: prompts of exactly --random-input-len tokens")
     parser.add_argument(
+        "--random-prefix-len", type=int, default=0, help="a prefix of this many tokens shared by a level's prompts"
+    )
+    parser.add_argument(
         "--extra-body",
         type=json.loads,
         help='JSON merged into every request, e.g. \'{"logit_bias": {"2": -100}}\' for a server without ignore_eos',
@@ -255,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in args.max_concurrency:
             count = args.num_prompts or max(8, 4 * concurrency)
             prompts = make_prompts(
-                count + args.warmup, input_len, level_seed(args.seed, input_len, concurrency), args.tokenizer
+                count + args.warmup,
+                input_len,
+                level_seed(args.seed, input_len, concurrency),
+                args.tokenizer,
+                args.random_prefix_len,
             )
             measured, warmup = prompts[args.warmup :], prompts[: args.warmup]
             results, duration = asyncio.run(run_level(args, measured, warmup, concurrency, model))
@@ -267,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(f"done: input {input_len}, concurrency {concurrency}", file=sys.stderr)
-    print(f"model {model} at {args.base_url}, output {args.random_output_len} tokens, ignore_eos={args.ignore_eos}")
+    prefix = f", a shared {args.random_prefix_len}-token prefix" if args.random_prefix_len else ""
+    print(
+        f"model {model} at {args.base_url}, output {args.random_output_len} tokens{prefix}, "
+        f"ignore_eos={args.ignore_eos}"
+    )
     print(table(rows))
     for row in rows:
         for error in row.get("errors", []):
