@@ -7,7 +7,9 @@ Each server is started in turn on a free loopback port with the same model (the 
 fp32 and int4 against llama-server on the F32 and Q4_0 GGUFs made from the same weights, `-np 8 -cb`),
 given the same load by bench_serve.py (vLLM's `bench serve` definitions, `ignore_eos`, greedy), then
 stopped. The table puts every server's output tok/s and TTFT/E2E beside its matched peer, with ratios.
-Servers whose binaries or packages are missing are skipped with a note. 2 threads each.
+Servers whose binaries or packages are missing are skipped with a note. 2 threads each. With
+`--prefix-len N` every prompt of a level starts with the same N tokens (a shared system prompt or
+document), and gptcli int4 also runs with `--prefix-cache 0` to show what its prefix cache saves.
 
 `llama_cpp.server` serves one request at a time. It is started with `--interrupt_requests False`, so a new
 request waits instead of cutting the running one short. It has no `ignore_eos`, so its requests bias the
@@ -43,8 +45,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict[str, str], dict]]:
-    """(name, matched precision, command with {port}, extra environment, extra request body)."""
+Server = tuple[str, str, list[str], dict[str, str], dict]
+
+
+def servers(threads: int, parallel: int, prefix: bool = False) -> list[Server]:
+    """(name, matched precision, command with {port}, extra environment, extra request body); with `prefix`
+    (prompts behind a shared prefix) also gptcli int4 without its prefix cache."""
     python = sys.executable
     gptcli = [
         python,
@@ -65,6 +71,9 @@ def servers(threads: int, parallel: int) -> list[tuple[str, str, list[str], dict
         ("gptcli serve onnx int4", "int4", [*gptcli, "--backend", "onnx", "--precision", "int4"], {}, {}),
         ("gptcli serve torch fp32", "fp32", [*gptcli, "--backend", "torch", "--dtype", "float32"], {}, {}),
     ]
+    if prefix:
+        no_cache = [*gptcli, "--backend", "onnx", "--precision", "int4", "--prefix-cache", "0"]
+        rows.insert(2, ("gptcli serve onnx int4 no-prefix-cache", "int4", no_cache, {}, {}))
     for label, precision in (("F32", "fp32"), ("Q4_0", "int4")):
         model = Path(str(GGUF).format(label))
         if LLAMA_SERVER.exists() and model.exists():
@@ -131,7 +140,7 @@ def measure(name: str, command: list[str], env: dict[str, str], body: dict, args
             for concurrency in args.concurrency:
                 count = args.num_prompts or max(8, 2 * concurrency)
                 seed = bench_serve.level_seed(0, input_len, concurrency)
-                prompts = bench_serve.make_prompts(count + 1, input_len, seed, args.tokenizer)
+                prompts = bench_serve.make_prompts(count + 1, input_len, seed, args.tokenizer, args.prefix_len)
                 results, duration = asyncio.run(
                     bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
                 )
@@ -166,17 +175,19 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--only", help="comma-separated name fragments of the servers to run")
     parser.add_argument("--tokenizer", help="model folder: prompts of exact token counts")
+    parser.add_argument("--prefix-len", type=int, default=0, help="a shared prefix of this many tokens per level")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,8, input 128, 32 output tokens")
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.input_len, args.output_len = [1, 8], [128], 32
-    chosen = servers(args.threads, args.parallel)
+    chosen = servers(args.threads, args.parallel, prefix=args.prefix_len > 0)
     if args.only:
         chosen = [s for s in chosen if any(part in s[0] for part in args.only.split(","))]
     from gptcli.tuning import kernel_flags
 
     isa = kernel_flags()
-    print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos")
+    prefix = f" | a shared {args.prefix_len}-token prefix" if args.prefix_len else ""
+    print(f"cpu flags: {' '.join(isa)} | threads {args.threads} | parallel slots {args.parallel} | ignore_eos{prefix}")
     rows: list[dict] = []
     stopped = False
     precision_of = {name: precision for name, precision, *_ in chosen}
