@@ -127,6 +127,22 @@ def test_the_prefix_cache_reuses_whole_chunks_and_changes_no_answer(model):
     assert len(engine._prefixes) <= 2  # --prefix-cache entries at most
 
 
+def test_sequences_that_arrive_together_each_get_a_copy_of_the_cached_prefix(model):
+    backend, tok = model
+    base = tok.encode(PROMPTS[3])
+    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=4, prefix_cache=2))
+    _one(engine, base)
+    cached = engine.snapshot().kv_cached_tokens
+    prompts = [base + tok.encode(tail, add_special_tokens=False) for tail in (" one", " two two", " three")]
+    events: dict[int, list] = {i: [] for i in range(3)}
+    for index, event in run_all(engine, [(ids, GREEDY) for ids in prompts]):
+        events[index].append(event)
+    for i, ids in enumerate(prompts):
+        together = _finished(events[i])
+        assert together.stats.cached_tokens == cached  # one prefix, three copies
+        assert together.token_ids == _finished(list(generate(backend, tok, ids, GREEDY))).token_ids
+
+
 def test_the_prefix_cache_gives_its_room_back_before_anyone_waits(model):
     backend, tok = model
     base = tok.encode(PROMPTS[3])

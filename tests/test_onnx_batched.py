@@ -208,4 +208,5 @@ def test_the_prefix_cache_on_onnx_slots_answers_as_alone(loaded, tiny_models):
     for index, event in run_all(engine, [(ids, greedy) for ids in prompts]):
         finished[index] = event
     assert [finished[i].token_ids for i in range(len(prompts))] == alone
-    assert [finished[i].stats.cached_tokens for i in range(len(prompts))].count(12) >= 1
+    # Three arrive together with the cache's prompt: each gets a copy of its 12 whole-chunk positions.
+    assert [finished[i].stats.cached_tokens for i in range(len(prompts))] == [12, 12, 12, 12, 0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcli.backends.base import Backend
+from gptcli.backends.base import Backend, Cache
 from gptcli.config import SamplingConfig
 from gptcli.constraints import TokenConstraint, open_constraint
 from gptcli.sampling import TokenLogprob, make_rng, sample, token_logprobs
@@ -193,10 +193,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class KVSession:
     """A backend cache plus the token ids it holds, so a new prompt re-uses the shared prefix."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, cache: Cache | None = None, ids: Sequence[int] = ()) -> None:
+        """A new empty cache, or `cache` holding `ids`."""
         self.backend = backend
-        self.cache = backend.new_cache()
-        self.ids: list[int] = []
+        self.cache = backend.new_cache() if cache is None else cache
+        self.ids: list[int] = list(ids)
 
     def feed(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Make the cache hold `ids`; return last-position logits and how many ids were re-used."""

@@ -26,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.backends.base import Backend, Cache, LoadOptions, ModelInfo, batched_step, score_positions
+from gptcli.backends.base import (
+    Backend,
+    Cache,
+    LoadOptions,
+    ModelInfo,
+    batched_step,
+    fork_of,
+    release_cache,
+    score_positions,
+)
 
 
 def greedy_ids(backend: Backend, prompt: list[int], steps: int) -> list[int]:
@@ -130,6 +139,24 @@ def check_scoring(backend: Backend, prompt: list[int], *, atol: float = 1e-4) ->
         np.testing.assert_allclose(logits[j], row, atol=atol, rtol=0, err_msg=f"scored position {j} vs fed alone")
 
 
+def check_fork(backend: Backend, prompt: list[int], *, atol: float = 1e-4) -> None:
+    """A fork holds a copy of the source's first positions: it continues as the source would have from
+    there, and the source (left as it was) continues as before. Backends without `fork` skip this."""
+    fork = fork_of(backend)
+    if fork is None:
+        return
+    logits, source = backend.forward(prompt, backend.new_cache())
+    split = len(prompt) // 2
+    forked = fork(source, split)
+    assert forked.length == split and source.length == len(prompt), "fork must copy, not move, the positions"
+    again, forked = backend.forward(prompt[split:], forked)
+    np.testing.assert_allclose(again, logits, atol=atol, rtol=0, err_msg="a fork continued differently")
+    after, _ = backend.forward([prompt[0]], source)
+    whole, _ = backend.forward([*prompt, prompt[0]], backend.new_cache())
+    np.testing.assert_allclose(after, whole, atol=atol, rtol=0, err_msg="forking changed the source")
+    release_cache(backend, forked)
+
+
 def check_backend_contract(
     backend_cls: type[Backend],
     folder: Path,
@@ -202,6 +229,7 @@ def check_backend_contract(
 
     check_batched_step(backend, prompt, atol=atol)
     check_scoring(backend, prompt, atol=atol)
+    check_fork(backend, prompt, atol=atol)
 
     if expected_greedy is not None:
         got = greedy_ids(backend, prompt, len(expected_greedy))

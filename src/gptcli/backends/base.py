@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -99,6 +99,9 @@ class Backend(Protocol):
     #   score(ids: Sequence[int], cache) -> tuple[np.ndarray, Cache]
     #       logits [len(ids), vocab] float32 of EVERY position of ids, in one pass (scoring a text);
     #       the cache grows by len(ids). Row j equals forward(ids[j:j+1]) after ids[:j] (fp32, within 1e-4).
+    #   fork(cache, length) -> Cache
+    #       a new cache holding a copy of the first `length` positions of `cache` (which is left as it is):
+    #       the server's prefix cache gives one prefix to several sequences at once.
 
 
 def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]]) -> tuple[np.ndarray, list[Cache]]:
@@ -134,6 +137,11 @@ def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple
         logits, cache = backend.forward([token], cache)
         rows.append(logits)
     return np.stack(rows), cache
+
+
+def fork_of(backend: Backend) -> Callable[[Cache, int], Cache] | None:
+    """The backend's `fork` (copy a cache's first positions into a new cache), or None when it has none."""
+    return getattr(backend, "fork", None)
 
 
 def release_cache(backend: Backend, cache: Cache) -> None:

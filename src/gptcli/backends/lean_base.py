@@ -189,6 +189,16 @@ class LeanModel:
             [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)],
         )
 
+    def fork(self, cache: LeanCache, length: int) -> LeanCache:
+        """A new cache holding a copy of the first `length` positions of `cache`."""
+        copy = self.new_cache()
+        self._reserve(copy, length)
+        for target, source in ((copy.keys, cache.keys), (copy.values, cache.values)):
+            for layer, buffer in enumerate(source):
+                target[layer][:, :length] = buffer[:, :length]
+        copy.length = length
+        return copy
+
     def _reserve(self, cache: LeanCache, needed: int) -> None:
         capacity = cache.keys[0].shape[1]
         if needed <= capacity:

@@ -193,6 +193,14 @@ class OnnxBackend:
         """Give the cache's slot back to the pool (a dropped cache is given back when it is collected)."""
         self.pool.release(cache)
 
+    def fork(self, cache: OnnxCache, length: int) -> OnnxCache:
+        """A new cache (slot) holding a copy of the first `length` positions of `cache`."""
+        copy = self.new_cache()  # may grow the pool: slots keep their numbers
+        length = min(length, cache.length)
+        self.pool.copy_prefix(cache, copy, length)
+        copy.length = length
+        return copy
+
     def forward(self, ids: Sequence[int], cache: OnnxCache) -> tuple[np.ndarray, OnnxCache]:
         logits, (cache,) = self.step([(ids, cache)])
         return logits[0], cache

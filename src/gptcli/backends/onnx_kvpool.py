@@ -59,6 +59,11 @@ class KvPool:
             self.owners[owner.slot] = None
         owner.slot = -1
 
+    def copy_prefix(self, source: SlotOwner, target: SlotOwner, length: int) -> None:
+        """Copy positions [0, length) of `source`'s slot into `target`'s (every block)."""
+        for block in range(self.block_count):
+            self._copy(self.blocks[block], target.slot, self.blocks[block], source.slot, length)
+
     def owner_of(self, slot: int) -> SlotOwner | None:
         ref = self.owners[slot] if 0 <= slot < self.slots else None
         return ref() if ref is not None else None

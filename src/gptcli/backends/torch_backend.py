@@ -98,6 +98,13 @@ class HFEngine:
     def truncate(self, kv: Any, length: int, current: int) -> None:
         kv.crop(length - current)  # negative: drop that many positions from the end
 
+    def fork(self, kv: Any, length: int, current: int) -> Any:
+        import copy
+
+        forked = copy.deepcopy(kv)
+        self.truncate(forked, length, current)
+        return forked
+
 
 class LeanEngine:
     """torch_lean's fused forward for the families it knows."""
@@ -120,6 +127,9 @@ class LeanEngine:
 
     def truncate(self, kv: Any, length: int, current: int) -> None:
         kv.length = length  # positions past `length` are overwritten by the next forward
+
+    def fork(self, kv: Any, length: int, current: int) -> Any:
+        return self.lean.fork(kv, min(length, current))
 
 
 def torch_lean_refusal(cfg: dict[str, Any], source: Path) -> tuple[str | None, bool]:
@@ -326,6 +336,11 @@ class TorchBackend:
         logits = self.engine.score(ids, cache.kv, cache.length)
         cache.length += len(ids)
         return logits.cpu().numpy(), cache
+
+    def fork(self, cache: TorchCache, length: int) -> TorchCache:
+        """A new cache holding a copy of the first `length` positions of `cache`."""
+        length = min(length, cache.length)
+        return TorchCache(self.engine.fork(cache.kv, length, cache.length), length)
 
     def truncate(self, cache: TorchCache, length: int) -> TorchCache:
         if length < cache.length:

@@ -1,11 +1,13 @@
 """The prefix cache: finished sequences' KV sessions, kept for later prompts that start the same way.
 
 Each kept session is cut back to its prompt's whole prefill chunks, and a new prompt reuses the longest
-run of whole chunks it shares with one. Only whole chunks are reused: a fresh run would have read those
-positions in the very same chunks (the same tokens at the same offsets), so a reused prefix gives the
-same answers as none. The engine counts the kept positions against its KV budget and evicts the oldest
-before any sequence would wait for room. Touched by the engine's thread only (the engine's lock guards
-what other threads read).
+run of whole chunks it shares with one: a copy of them (the backend's `fork`), so several sequences that
+arrive together share one prefix; a backend without `fork` hands the kept session itself over.
+
+Only whole chunks are reused: a fresh run would have read those positions in the very same chunks (the
+same tokens at the same offsets), so a reused prefix gives the same answers as none. The engine counts
+the kept positions against its KV budget and evicts the oldest before any sequence would wait for room.
+Touched by the engine's thread only (the engine's lock guards what other threads read).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from gptcli.backends.base import Cache
 from gptcli.decoding import KVSession, common_prefix
 
 
@@ -25,10 +28,17 @@ class _Kept:
 class PrefixCache:
     """At most `capacity` sessions, oldest first; `release` gives an evicted session's cache back."""
 
-    def __init__(self, capacity: int, chunk: int, release: Callable[[KVSession], None]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        chunk: int,
+        release: Callable[[KVSession], None],
+        fork: Callable[[Cache, int], Cache] | None = None,
+    ) -> None:
         self.capacity = capacity
         self.chunk = chunk
         self.release = release
+        self.fork = fork
         self.kept: list[_Kept] = []
         self.positions = 0  # KV positions held, for the budget
 
@@ -47,6 +57,10 @@ class PrefixCache:
         if best < 0:
             return None
         kept = self.kept.pop(best)
+        if self.fork is not None:  # a copy: the entry stays, now the newest
+            self.kept.append(kept)
+            session = kept.session
+            return KVSession(session.backend, self.fork(session.cache, best_positions), session.ids), best_positions
         self.positions -= kept.positions
         return kept.session, best_positions
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gptcli.backends.base import Backend, release_cache
+from gptcli.backends.base import Backend, fork_of, release_cache
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, KVSession, SequenceDecoder, common_prefix
 from gptcli.engine.handle import SequenceHandle
@@ -94,9 +94,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._kv_used = 0
-        self._prefixes = PrefixCache(
-            self.limits.prefix_cache, self.limits.prefill_chunk, lambda s: release_cache(backend, s.cache)
-        )
+        release = lambda session: release_cache(backend, session.cache)  # noqa: E731
+        self._prefixes = PrefixCache(self.limits.prefix_cache, self.limits.prefill_chunk, release, fork_of(backend))
         self._steps = 0
         self._generated = 0
         self._prompt_tokens = 0
