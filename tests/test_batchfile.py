@@ -31,20 +31,20 @@ def model(tiny_models):
     return TorchBackend.load(tiny_models["llama"], CPU32), Tokenizer(tiny_models["llama"])
 
 
-def _run(model, lines, *, skip=frozenset(), parallel=4, writer_stream=None):
+def _run(model, lines, *, skip=frozenset(), parallel=4, writer_stream=None, **limits):
     backend, tok = model
     stream = writer_stream or io.StringIO()
     data = io.BytesIO("".join(line + "\n" for line in lines).encode())
     requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
-    engine = Engine(backend, tok, EngineLimits(max_running=parallel))
+    engine = Engine(backend, tok, EngineLimits(max_running=parallel, **limits))
     summary = run_batch(engine, requests, ResultWriter(stream, sync=False), skip=set(skip))
     return summary, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-def _alone(model, text, **sampling):
+def _alone(model, text, raw=False, **sampling):
     backend, tok = model
     params = with_sampling(SETTINGS, **sampling).sampling
-    events = list(generate(backend, tok, encode_prompt(tok, text).ids, params))
+    events = list(generate(backend, tok, encode_prompt(tok, text, raw=raw).ids, params))
     return events[-1]
 
 
@@ -230,3 +230,15 @@ def test_openai_penalties_are_per_line_settings(model):
     expected = _alone(model, "Once upon a time", presence_penalty=2.0, frequency_penalty=1.5)
     assert results[0]["text"] == expected.text != _alone(model, "Once upon a time").text
     assert "presence_penalty" in results[1]["error"]["message"]
+
+
+def test_lines_that_share_a_start_read_it_once_and_answer_as_alone(model):
+    shots = "Q: the capital of France? A: Paris. Q: the capital of Italy? A: Rome. Q: the capital of"
+    questions = [" Spain? A:", " Peru? A:", " Japan? A:", " Chile? A:", " Kenya? A:"]
+    lines = [json.dumps({"id": str(i), "prompt": shots + q, "raw": True}) for i, q in enumerate(questions)]
+    summary, results = _run(model, lines, parallel=2, prefill_chunk=8, prefix_cache=2)
+    assert summary.ok == 5
+    for result, question in zip(results, questions, strict=True):
+        assert result["text"] == _alone(model, shots + question, raw=True).text
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results]
+    assert cached[:2] == [0, 0] and all(c > 0 and c % 8 == 0 for c in cached[2:])  # after the first two finish

@@ -260,6 +260,7 @@ def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.new_tokens,
             "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         },
     }
 

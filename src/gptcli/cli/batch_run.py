@@ -34,7 +34,7 @@ def run_batch_file(
         run_batch,
     )
     from gptcli.cli.local_run import load_runtime
-    from gptcli.engine import Engine, EngineLimits, parse_kv_budget
+    from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
 
     if resume and output is None:
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
@@ -52,7 +52,10 @@ def run_batch_file(
     runtime = load_runtime(settings)
     info = runtime.backend.info
     budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
-    limits = EngineLimits(max_running=parallel or 8, kv_budget_tokens=budget)
+    running = parallel or 8
+    # Lines that share a long start (a few-shot prefix, a document) read it once: the answers are unchanged.
+    prefix_cache = default_prefix_cache(runtime.backend, running)
+    limits = EngineLimits(max_running=running, kv_budget_tokens=budget, prefix_cache=prefix_cache)
     engine = Engine(runtime.backend, runtime.tokenizer, limits)
     skip = completed_ids(output) if resume and output is not None else set()
     if skip:

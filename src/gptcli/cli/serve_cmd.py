@@ -112,15 +112,15 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
     import time
 
     from gptcli.cli.local_run import load_runtime
-    from gptcli.engine import Engine, EngineLimits, parse_kv_budget
+    from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
     from gptcli.server.state import ServerState
 
     runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
-    if prefix_cache is None:  # a CUDA KV pool preallocates whole slots; CPU pages are committed as they fill
-        prefix_cache = 0 if runtime.backend.info.device == "cuda" else parallel
+    if prefix_cache is None:
+        prefix_cache = default_prefix_cache(runtime.backend, parallel)
     limits = EngineLimits(max_running=parallel, kv_budget_tokens=budget, max_queue=max_queue, prefix_cache=prefix_cache)
     engine = Engine(runtime.backend, runtime.tokenizer, limits)
     state = ServerState(

@@ -13,6 +13,7 @@ from gptcli.engine.limits import (
     EngineLimits,
     EngineStats,
     default_kv_budget,
+    default_prefix_cache,
     parse_kv_budget,
 )
 from gptcli.engine.run import generate, run_all
@@ -25,6 +26,7 @@ __all__ = [
     "EngineStats",
     "SequenceHandle",
     "default_kv_budget",
+    "default_prefix_cache",
     "generate",
     "parse_kv_budget",
     "run_all",

@@ -79,6 +79,12 @@ def default_kv_budget(backend: Backend, max_running: int) -> int:
     return max(context, int(memory * KV_MEMORY_FRACTION // per_token))
 
 
+def default_prefix_cache(backend: Backend, max_running: int) -> int:
+    """Finished sequences whose prompt KV the engine keeps: `max_running` on the CPU, where a kept cache
+    commits memory only for its positions; none on CUDA, where the KV pool reserves whole context slots."""
+    return 0 if backend.info.device == "cuda" else max_running
+
+
 def kv_reserve(prompt_tokens: int, max_tokens: int, context: int, kv_budget: int) -> int:
     """The KV positions a sequence reserves when it starts; an InputError when it could never run."""
     if prompt_tokens < 1:

@@ -59,8 +59,9 @@ class PrefixCache:
         kept = self.kept.pop(best)
         if self.fork is not None:  # a copy: the entry stays, now the newest
             self.kept.append(kept)
-            session = kept.session
-            return KVSession(session.backend, self.fork(session.cache, best_positions), session.ids), best_positions
+            source = kept.session
+            copy = KVSession(source.backend, self.fork(source.cache, best_positions), source.ids[:best_positions])
+            return copy, best_positions
         self.positions -= kept.positions
         return kept.session, best_positions
 
