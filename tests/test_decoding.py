@@ -1,7 +1,7 @@
 import pytest
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token
+from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token, common_prefix
 from gptcli.engine import generate
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
@@ -211,3 +211,15 @@ def test_logprobs_ride_on_each_token_and_do_not_change_the_tokens(tokenizer):
         # The scripted backend puts all its mass on the token it says: log-probability ~0, itself the best.
         assert event.logprob.logprob == pytest.approx(0.0, abs=1e-6)
         assert len(event.logprob.top) == 2 and event.logprob.top[0][0] == event.id
+
+
+def test_common_prefix_finds_the_first_difference_anywhere():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randint(0, 3) for _ in range(rng.randint(0, 40))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 10))]
+        pairs = enumerate(zip(a, b, strict=False))
+        expected = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == common_prefix(tuple(b), a) == expected

@@ -143,6 +143,22 @@ def test_sequences_that_arrive_together_each_get_a_copy_of_the_cached_prefix(mod
         assert together.token_ids == _finished(list(generate(backend, tok, ids, GREEDY))).token_ids
 
 
+def test_sequences_that_start_alike_together_read_each_shared_chunk_once(model):
+    backend, tok = model
+    base = tok.encode(PROMPTS[3] + " " + PROMPTS[6])
+    prompts = [base + tok.encode(tail, add_special_tokens=False) for tail in (" one", " two two", " three", " 4")]
+    # One chunk a step: the first arrival reads each chunk, the others copy it before their turn comes.
+    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=4, step_prefill_tokens=4, prefix_cache=1))
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for index, event in run_all(engine, [(ids, GREEDY) for ids in prompts]):
+        events[index].append(event)
+    shared = len(base) - len(base) % 4
+    cached = [_finished(events[i]).stats.cached_tokens for i in range(len(prompts))]
+    assert cached[0] == 0 and all(c >= shared - 4 for c in cached[1:]), (cached, shared)
+    for i, ids in enumerate(prompts):
+        assert _finished(events[i]).token_ids == _finished(list(generate(backend, tok, ids, GREEDY))).token_ids
+
+
 def test_the_prefix_cache_gives_its_room_back_before_anyone_waits(model):
     backend, tok = model
     base = tok.encode(PROMPTS[3])

@@ -2,7 +2,9 @@
 
 Each kept session is cut back to its prompt's whole prefill chunks, and a new prompt reuses the longest
 run of whole chunks it shares with one: a copy of them (the backend's `fork`), so several sequences that
-arrive together share one prefix; a backend without `fork` hands the kept session itself over.
+arrive together share one prefix; a backend without `fork` hands the kept session itself over. Running
+sequences share too (`share`): before a sequence reads its next chunk, it copies the whole chunks another
+running sequence has already read of the same prompt start, so a burst of alike prompts reads it once.
 
 Only whole chunks are reused: a fresh run would have read those positions in the very same chunks (the
 same tokens at the same offsets), so a reused prefix gives the same answers as none. The engine counts
@@ -26,13 +28,13 @@ class _Kept:
 
 
 class PrefixCache:
-    """At most `capacity` sessions, oldest first; `release` gives an evicted session's cache back."""
+    """At most `capacity` sessions, oldest first; `release` gives a cache it drops back to the backend."""
 
     def __init__(
         self,
         capacity: int,
         chunk: int,
-        release: Callable[[KVSession], None],
+        release: Callable[[Cache], None],
         fork: Callable[[Cache, int], Cache] | None = None,
     ) -> None:
         self.capacity = capacity
@@ -65,6 +67,28 @@ class PrefixCache:
         self.positions -= kept.positions
         return kept.session, best_positions
 
+    def share(self, session: KVSession, prompt: Sequence[int], others: list[tuple[KVSession, int]]) -> int:
+        """Before `session` reads the next chunk of `prompt`: when another running session (with its prompt's
+        length) has already read more of the same whole chunks, replace `session`'s cache with a copy of
+        them and return how many positions it now holds (0: nothing to share, or no `fork`)."""
+        if self.capacity < 1 or self.fork is None:
+            return 0
+        done, need = len(session.ids), len(session.ids) + self.chunk
+        best, source = done, None
+        for other, prompt_length in others:
+            if len(other.ids) < need or other.ids[:need] != list(prompt[:need]):
+                continue  # cheap test first: not even the next chunk in common
+            usable = min(common_prefix(other.ids, prompt), prompt_length, len(prompt) - 1)
+            usable -= usable % self.chunk
+            if usable > best:
+                best, source = usable, other
+        if source is None:
+            return 0
+        old = session.cache
+        session.cache, session.ids = self.fork(source.cache, best), list(prompt[:best])
+        self.release(old)
+        return best
+
     def keep(self, session: KVSession, prompt_length: int) -> bool:
         """Cut the session back to its prompt's whole chunks and keep it (evicting the oldest past
         `capacity`); False when there is nothing to keep."""
@@ -83,4 +107,4 @@ class PrefixCache:
     def evict_oldest(self) -> None:
         kept = self.kept.pop(0)
         self.positions -= kept.positions
-        self.release(kept.session)
+        self.release(kept.session.cache)

@@ -27,13 +27,14 @@ handle's queue.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -44,28 +45,12 @@ from gptcli.engine.handle import SequenceHandle
 from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve
 from gptcli.engine.prefix_cache import PrefixCache
 from gptcli.engine.scoring import step_scoring_prompts
+from gptcli.engine.sequence import SequenceState
 from gptcli.errors import ConfigError, QueueFullError
 from gptcli.sampling import TokenLogprob
 from gptcli.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Sequence:
-    handle: SequenceHandle
-    prompt: list[int]
-    params: SamplingConfig
-    session: KVSession | None  # made in the engine's thread when the sequence starts, unless given
-    owns_session: bool
-    reserve: int
-    submitted: float
-    decoder: SequenceDecoder | None = None
-    started: bool = False  # its prompt's reusable prefix has been matched against the session
-    cached: int = 0  # prompt tokens the session already held
-    retired: bool = False
-    pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
-    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
 
 
 class Engine:
@@ -90,11 +75,11 @@ class Engine:
         self.clock = clock
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._waiting: deque[SequenceState] = deque()
+        self._running: list[SequenceState] = []
         self._cancelled: set[int] = set()
         self._kv_used = 0
-        release = lambda session: release_cache(backend, session.cache)  # noqa: E731
+        release = functools.partial(release_cache, backend)
         self._prefixes = PrefixCache(self.limits.prefix_cache, self.limits.prefill_chunk, release, fork_of(backend))
         self._steps = 0
         self._generated = 0
@@ -134,7 +119,7 @@ class Engine:
             self._waiting.append(
                 # Not KVSession(backend) here: a new cache may grow the backend's KV pool, which only the
                 # engine's thread may touch (this may be a server's request thread).
-                _Sequence(handle, prompt, params, session, owned, reserve, self.clock())
+                SequenceState(handle, prompt, params, session, owned, reserve, self.clock())
             )
             self._lock.notify_all()
         return handle
@@ -204,7 +189,7 @@ class Engine:
         return True
 
     def _run_step(
-        self, batch: list[_Sequence], inputs: list[tuple[list[int], object]]
+        self, batch: list[SequenceState], inputs: list[tuple[list[int], object]]
     ) -> tuple[list[np.ndarray], list[object], dict[int, list[TokenLogprob]]]:
         scoring = {
             row: (seq.prompt, len(seq.session.ids), seq.params.prompt_logprobs or 0)
@@ -213,18 +198,19 @@ class Engine:
         }
         return step_scoring_prompts(self.backend, inputs, scoring)
 
-    def _plan_step(self) -> tuple[list[_Sequence], list[tuple[list[int], object]]]:
+    def _plan_step(self) -> tuple[list[SequenceState], list[tuple[list[int], object]]]:
         """This step's rows: one token for every decoding sequence, then prompt chunks in order of arrival
         while they fit the step's prefill budget (the first always goes, so every step makes progress).
 
         Capping the prompt tokens per step keeps a burst of long prompts from stalling the sequences
         already decoding (their inter-token latency) and gives the earliest arrivals their first token first.
         """
-        batch: list[_Sequence] = []
+        batch: list[SequenceState] = []
         inputs: list[tuple[list[int], object]] = []
         prefill, full = 0, False
         for seq in self._running:
             if seq.pending:
+                self._share(seq)
                 ids = seq.pending[: self._chunk_size(seq)]
                 full = full or (prefill > 0 and prefill + len(ids) > self.limits.step_prefill_tokens)
                 if full:
@@ -239,12 +225,19 @@ class Engine:
             inputs.append((ids, seq.session.cache))
         return batch, inputs
 
-    def _chunk_size(self, seq: _Sequence) -> int:
+    def _share(self, seq: SequenceState) -> None:
+        """Copy the whole chunks another running sequence has already read of this prompt, not read them again."""
+        if seq.owns_session and seq.params.prompt_logprobs is None:
+            others = [(o.session, len(o.prompt)) for o in self._running if o is not seq and o.owns_session]
+            if reused := self._prefixes.share(seq.session, seq.prompt, others):
+                seq.pending, seq.cached = seq.prompt[reused:], reused
+
+    def _chunk_size(self, seq: SequenceState) -> int:
         """Prompt chunks at fixed offsets from where the prompt starts: the same cuts alone or batched."""
         done = len(seq.prompt) - len(seq.pending) - seq.cached
         return self.limits.prefill_chunk - done % self.limits.prefill_chunk
 
-    def _new_decoder(self, seq: _Sequence, params: SamplingConfig | None = None) -> SequenceDecoder:
+    def _new_decoder(self, seq: SequenceState, params: SamplingConfig | None = None) -> SequenceDecoder:
         return SequenceDecoder(
             self.tokenizer,
             seq.prompt,
@@ -272,7 +265,7 @@ class Engine:
             if not seq.started:
                 self._start_prefill(seq)
 
-    def _start_prefill(self, seq: _Sequence) -> None:
+    def _start_prefill(self, seq: SequenceState) -> None:
         """Reuse the longest prefix the sequence's session already holds; read the rest as pending."""
         reuse = None
         if seq.session is None:
@@ -293,13 +286,13 @@ class Engine:
         seq.cached = common
         seq.pending = seq.prompt[common:]
 
-    def _emit(self, seq: _Sequence, events: Iterable[Event]) -> None:
+    def _emit(self, seq: SequenceState, events: Iterable[Event]) -> None:
         for event in events:
             seq.handle._deliver(event)
         if seq.decoder is not None and seq.decoder.done:
             self._retire(seq)
 
-    def _retire(self, seq: _Sequence) -> None:
+    def _retire(self, seq: SequenceState) -> None:
         """Take a finished sequence out of the running set and give its cache back (once)."""
         if seq.retired:
             return
@@ -316,7 +309,7 @@ class Engine:
                 if not (reusable and self._prefixes.keep(seq.session, len(seq.prompt))):
                     release_cache(self.backend, seq.session.cache)
 
-    def _rewind(self, batch: list[_Sequence]) -> None:
+    def _rewind(self, batch: list[SequenceState]) -> None:
         """After a failed or interrupted step, make each cache hold exactly the ids recorded for it."""
         for seq in batch:
             try:
@@ -324,13 +317,13 @@ class Engine:
             except Exception:  # the cache is dropped below anyway when the sequence ends
                 seq.session.cache = self.backend.new_cache() if not seq.session.ids else seq.session.cache
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: SequenceState, reason: str) -> None:
         if seq.decoder is None:  # it never sampled: a decoder only to report the end, without the sampling
             # settings (one that broke the sequence, such as a seed numpy refuses, must not break its end)
             seq.decoder = self._new_decoder(seq, replace(seq.params, seed=None, constraint=None))
         self._emit(seq, seq.decoder.finish(reason))
 
-    def _fail(self, batch: list[_Sequence], exc: BaseException) -> None:
+    def _fail(self, batch: list[SequenceState], exc: BaseException) -> None:
         for seq in batch:
             if seq.handle.done:
                 continue

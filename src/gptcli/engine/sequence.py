@@ -1,0 +1,27 @@
+"""The engine's record of one submitted sequence: its prompt, settings, cache and decoding state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gptcli.config import SamplingConfig
+from gptcli.decoding import KVSession, SequenceDecoder
+from gptcli.engine.handle import SequenceHandle
+from gptcli.sampling import TokenLogprob
+
+
+@dataclass
+class SequenceState:
+    handle: SequenceHandle
+    prompt: list[int]
+    params: SamplingConfig
+    session: KVSession | None  # made in the engine's thread when the sequence starts, unless given
+    owns_session: bool
+    reserve: int
+    submitted: float
+    decoder: SequenceDecoder | None = None
+    started: bool = False  # its prompt's reusable prefix has been matched against the session
+    cached: int = 0  # prompt tokens the session already held
+    retired: bool = False
+    pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
