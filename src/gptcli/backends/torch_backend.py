@@ -129,7 +129,7 @@ class LeanEngine:
         kv.length = length  # positions past `length` are overwritten by the next forward
 
     def fork(self, kv: Any, length: int, current: int) -> Any:
-        return self.lean.fork(kv, min(length, current))
+        return self.lean.fork(kv, length)
 
 
 def torch_lean_refusal(cfg: dict[str, Any], source: Path) -> tuple[str | None, bool]:

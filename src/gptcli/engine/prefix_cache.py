@@ -52,8 +52,7 @@ class PrefixCache:
         of its positions to keep; None when no whole chunk matches."""
         best, best_positions = -1, 0
         for index, kept in enumerate(self.kept):
-            usable = min(common_prefix(kept.session.ids, prompt), kept.positions, len(prompt) - 1)
-            usable -= usable % self.chunk
+            usable = self._whole_chunks(kept.session.ids, prompt, kept.positions)
             if usable > best_positions:
                 best, best_positions = index, usable
         if best < 0:
@@ -78,8 +77,7 @@ class PrefixCache:
         for other, prompt_length in others:
             if len(other.ids) < need or other.ids[:need] != list(prompt[:need]):
                 continue  # cheap test first: not even the next chunk in common
-            usable = min(common_prefix(other.ids, prompt), prompt_length, len(prompt) - 1)
-            usable -= usable % self.chunk
+            usable = self._whole_chunks(other.ids, prompt, prompt_length)
             if usable > best:
                 best, source = usable, other
         if source is None:
@@ -88,6 +86,12 @@ class PrefixCache:
         session.cache, session.ids = self.fork(source.cache, best), list(prompt[:best])
         self.release(old)
         return best
+
+    def _whole_chunks(self, ids: Sequence[int], prompt: Sequence[int], limit: int) -> int:
+        """How many positions of `ids` (whole chunks, at most `limit`) `prompt` may take: at least one of
+        its tokens must still run to give logits."""
+        usable = min(common_prefix(ids, prompt), limit, len(prompt) - 1)
+        return usable - usable % self.chunk
 
     def keep(self, session: KVSession, prompt_length: int) -> bool:
         """Cut the session back to its prompt's whole chunks and keep it (evicting the oldest past

@@ -194,7 +194,7 @@ class Engine:
         scoring = {
             row: (seq.prompt, len(seq.session.ids), seq.params.prompt_logprobs or 0)
             for row, seq in enumerate(batch)
-            if seq.pending and seq.params.prompt_logprobs is not None
+            if seq.pending and seq.scores_prompt
         }
         return step_scoring_prompts(self.backend, inputs, scoring)
 
@@ -227,8 +227,8 @@ class Engine:
 
     def _share(self, seq: SequenceState) -> None:
         """Copy the whole chunks another running sequence has already read of this prompt, not read them again."""
-        if seq.owns_session and seq.params.prompt_logprobs is None:
-            others = [(o.session, len(o.prompt)) for o in self._running if o is not seq and o.owns_session]
+        if self._prefixes.capacity and seq.shares_prefix:  # nothing to build when the cache is off (the CLI)
+            others = [(o.session, len(o.prompt)) for o in self._running if o is not seq and o.shares_prefix]
             if reused := self._prefixes.share(seq.session, seq.prompt, others):
                 seq.pending, seq.cached = seq.prompt[reused:], reused
 
@@ -270,13 +270,13 @@ class Engine:
         reuse = None
         if seq.session is None:
             with self._lock:
-                reuse = self._prefixes.take(seq.prompt) if seq.params.prompt_logprobs is None else None
+                reuse = self._prefixes.take(seq.prompt) if seq.shares_prefix else None
             seq.session = reuse[0] if reuse else KVSession(self.backend)
         session = seq.session
         common = min(common_prefix(session.ids, seq.prompt), len(seq.prompt) - 1)  # one token must run
         if reuse:
             common = reuse[1]  # whole chunks only (prefix_cache.py)
-        if seq.params.prompt_logprobs is not None:
+        if seq.scores_prompt:
             common = 0  # every prompt token is scored, so none is taken from the cache
             seq.prompt_scores = [None]  # nothing predicts the first one
         if common < len(session.ids):
@@ -304,7 +304,7 @@ class Engine:
             self._cancelled.discard(seq.handle.id)
             self._lock.notify_all()
         if seq.owns_session and seq.session is not None:
-            reusable = seq.handle.error is None and seq.params.prompt_logprobs is None
+            reusable = seq.handle.error is None and seq.shares_prefix
             with self._lock:
                 if not (reusable and self._prefixes.keep(seq.session, len(seq.prompt))):
                     release_cache(self.backend, seq.session.cache)

@@ -25,3 +25,13 @@ class SequenceState:
     retired: bool = False
     pending: list[int] = field(default_factory=list)  # prompt ids not yet in the cache
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
+
+    @property
+    def scores_prompt(self) -> bool:
+        """It wants its prompt's own logprobs: every prompt position is read, none copied."""
+        return self.params.prompt_logprobs is not None
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Its prompt's KV may come from the prefix cache or another sequence, and go to the cache."""
+        return self.owns_session and not self.scores_prompt

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -67,18 +67,9 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
     prompts = completion_prompts(state.tokenizer, body.prompt)
-    first = Shape("text", state.model_name)
+    one = Shape("text", state.model_name, tokenizer=state.tokenizer)  # the response's id, for every choice
     shapes = [
-        Shape(
-            "text",
-            state.model_name,
-            echo=text if body.echo else "",
-            tokenizer=state.tokenizer,
-            prompt_ids=ids,
-            index=index,
-            response_id=first.response_id,
-            created=first.created,
-        )
+        replace(one, echo=text if body.echo else "", prompt_ids=ids, index=index)
         for index, (ids, text) in enumerate(prompts)
     ]
     return await respond(request, state, body, [ids for ids, _ in prompts], shapes)
@@ -180,13 +171,12 @@ class Shape:
         """The whole (not streamed) choice."""
         text = self.echo + finished.text
         scored = None
-        if with_logprobs and finished.prompt_logprobs:  # echo: the prompt's tokens come first
-            self._text_offset = 0
-            prompt = self.logprobs(list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)))
-            answer = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
-            scored = {key: prompt[key] + answer[key] for key in prompt}
-        elif with_logprobs:
-            scored = self.logprobs(list(zip(finished.token_ids, finished.logprobs, strict=True)))
+        if with_logprobs:
+            tokens: list[tuple[int, TokenLogprob | None]] = [*zip(finished.token_ids, finished.logprobs, strict=True)]
+            if finished.prompt_logprobs:  # echo: the prompt's tokens come first, text offsets from its start
+                self._text_offset = 0
+                tokens = list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)) + tokens
+            scored = self.logprobs(tokens)
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
             return {"index": self.index, "message": message, "logprobs": scored, "finish_reason": finish}
