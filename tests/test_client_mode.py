@@ -120,11 +120,30 @@ def test_summarize_gives_the_local_summary(server):
     assert there["url"] == server["url"] and len(there["calls"]) == len(here["calls"])
 
 
-def test_summarize_without_the_tokenizer_estimates(server):
-    # "default" is an alias the server answers to, and no model here: 4 characters a token.
-    result = run_cli(*remote(server, "summarize", "-m", "default", "-t", "0", "-n", "6"), input="A short note.")
-    assert ok(result).strip()
-    assert "does not say its model's context: assuming 4096 tokens" in result.stderr.decode()
+def test_summarize_counts_with_the_servers_tokenizer_when_it_is_not_here(server):
+    # "default" is an alias the server answers to, and no model here: the server's /tokenize counts.
+    args = ("summarize", "-t", "0", "-n", "8", "--parallel", "4", "--chunk-tokens", "120", "--overlap", "0", "--json")
+    args += ("--strategy", "map-reduce")
+    here = json.loads(ok(run_cli(*args, "-m", server["model"], input=DOCUMENT)))
+    result = run_cli(*remote(server, *args, "-m", "default"), input=DOCUMENT)
+    there = json.loads(ok(result))
+    assert there["chunk_tokens"] == here["chunk_tokens"] and len(there["chunk_tokens"]) >= 2
+    assert "estimated" not in result.stderr.decode()
+
+
+def test_a_server_without_tokenize_leaves_the_estimate(capsys):
+    from gptcli.cli.remote_run import served_tokenizer
+    from gptcli.errors import RemoteError
+    from gptcli.remote_tokens import EstimatedTokenizer
+
+    class NoTokenize:
+        model, root_url = "gpt-4o-mini", "http://127.0.0.1:9"
+
+        def post_json(self, path: str, payload: Any, *, at_root: bool = False) -> Any:
+            raise RemoteError(f"{self.root_url}{path} answered 404: not found")
+
+    assert isinstance(served_tokenizer(NoTokenize()), EstimatedTokenizer)
+    assert "http://127.0.0.1:9 has no /tokenize: token counts are estimated" in capsys.readouterr().err
 
 
 def test_a_wrong_key_is_one_clear_error(server):
@@ -197,7 +216,7 @@ def test_a_refused_window_drops_the_oldest_exchange_and_sends_again():
     from gptcli.chat.remote_session import RemoteChatSession
     from gptcli.config import Settings
     from gptcli.errors import ContextLengthError
-    from gptcli.remote import EstimatedTokenizer
+    from gptcli.remote_tokens import EstimatedTokenizer
 
     warnings: list[str] = []
     server = Refusing(limit=4)
@@ -217,7 +236,7 @@ def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
     from gptcli.chat import Conversation
     from gptcli.chat.remote_session import RemoteChatSession
     from gptcli.config import SamplingConfig, Settings
-    from gptcli.remote import EstimatedTokenizer
+    from gptcli.remote_tokens import EstimatedTokenizer
 
     server = Refusing(limit=100)
     settings = Settings(sampling=SamplingConfig(max_tokens=10))

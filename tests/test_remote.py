@@ -20,6 +20,7 @@ from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
 from gptcli.errors import InputError, ModelError, RemoteError
 from gptcli.remote import RemoteModel, _open_httpx, _open_urllib
+from gptcli.remote_tokens import ServedTokenizer, request_pieces
 from tests.test_server import PROMPTS, free_port, reference, serve_runtime
 
 pytest.importorskip("fastapi")
@@ -88,6 +89,19 @@ def test_model_discovery_and_context(live):
     assert model.context_length == 128
 
 
+def test_the_servers_own_tokenizer_counts_as_the_model_does(live, runtime, opener, monkeypatch):
+    import gptcli.remote_tokens as remote_tokens
+
+    served = ServedTokenizer.probe(RemoteModel(live.v1, opener=opener))
+    assert served is not None and served.field == "prompt"  # gptcli serve reads vLLM's shape
+    text = " ".join(PROMPTS) + "\n\nThe end, naïvely — 🎉."
+    ids = runtime.tokenizer.encode(text, add_special_tokens=False)
+    assert served.encode(text) == ids and served.decode(ids) == runtime.tokenizer.decode(ids)
+    monkeypatch.setattr(remote_tokens, "PIECE_CHARS", 16)  # a long text goes in pieces, cut before spaces
+    assert ServedTokenizer.probe(RemoteModel(live.v1, opener=opener)).encode(text) == ids
+    assert served.decode([]) == ""
+
+
 def test_server_errors_from_gptcli_serve(live, opener):
     with pytest.raises(ModelError, match=r"answered 404: the model 'gpt-9' does not exist"):
         list(RemoteModel(live.v1, model="gpt-9", opener=opener).complete("hi", GREEDY))
@@ -127,14 +141,26 @@ class Canned(BaseHTTPRequestHandler):
             self.wfile.write(event.encode())
             self.wfile.flush()
 
+    def _tokenizer(self, route: str, body: dict[str, Any]) -> None:
+        """llama-server's /tokenize and /detokenize (one id a character) on route "llamacpp"; else no such route."""
+        if route != "llamacpp":
+            self._error(404, "File Not Found")
+        elif self.path.endswith("/detokenize"):
+            self._send(200, json.dumps({"content": "".join(chr(i) for i in body["tokens"])}).encode())
+        else:  # llama-server reads `content` only: a `prompt` gets no tokens
+            self._send(200, json.dumps({"tokens": [ord(c) for c in body.get("content", "")]}).encode())
+
     def do_GET(self) -> None:
         Canned.seen.append(dict(self.headers))
         self._send(200, json.dumps({"object": "list", "data": [{"id": "canned", "object": "model"}]}).encode())
 
     def do_POST(self) -> None:
         Canned.seen.append(dict(self.headers))
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         route = self.path.split("/")[1]
+        if self.path.endswith("tokenize"):
+            self._tokenizer(route, body)
+            return
         chunk = 'data: {"choices":[{"index":0,"text":"Hel","finish_reason":null}]}\n\n'
         if route == "unauthorized":
             self._error(401, "invalid API key", "invalid_api_key")
@@ -233,3 +259,18 @@ def test_a_timeout(canned, opener):
     with pytest.raises(RemoteError, match="did not answer in time"):
         list(remote(canned, "slow", opener, timeout=0.5).complete("hi", GREEDY))
     assert time.monotonic() - started < 2.5
+
+
+def test_a_llama_server_tokenizer_and_none_at_all(canned, opener):
+    served = ServedTokenizer.probe(remote(canned, "llamacpp", opener))
+    assert served is not None and served.field == "content"
+    assert served.encode("abc") == [97, 98, 99] and served.decode([104, 105]) == "hi"
+    assert ServedTokenizer.probe(remote(canned, "ok", opener)) is None  # 404: an estimate it is
+
+
+def test_request_pieces_cut_before_whitespace():
+    text = "alpha beta\ngamma delta epsilon " + "x" * 40
+    pieces = request_pieces(text, limit=12)
+    assert "".join(pieces) == text and all(len(p) <= 12 for p in pieces)
+    assert pieces[:3] == ["alpha beta", "\ngamma", " delta"]
+    assert pieces[3:] == [" epsilon", " " + "x" * 11, "x" * 12, "x" * 12, "x" * 5]  # no space: cut at the limit

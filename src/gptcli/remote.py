@@ -27,20 +27,6 @@ DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
 EXTRAS = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p, repetition_penalty=1.0)
 
-CHARS_PER_TOKEN = 4
-
-
-class EstimatedTokenizer:
-    """A served model's tokenizer when it is not here: 4 characters a token (English; code takes more)."""
-
-    chat_template = None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
-        return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
-
-    def decode(self, pieces: Sequence[str]) -> str:
-        return "".join(pieces)
-
 
 @dataclass
 class Reply:
@@ -153,7 +139,14 @@ class RemoteModel:
         self._card: dict[str, Any] | None = None
 
     # --- requests -------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Reply:
+    @property
+    def root_url(self) -> str:
+        """The server itself: the base URL without its /v1 (where /tokenize, /health and /metrics live)."""
+        return self.base_url.removesuffix("/v1")
+
+    def _request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, *, at_root: bool = False
+    ) -> Reply:
         headers = {"Accept": "application/json, text/event-stream"}
         body = None
         if payload is not None:
@@ -161,7 +154,7 @@ class RemoteModel:
             body = json.dumps(payload).encode()
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = self.base_url + path
+        url = (self.root_url if at_root else self.base_url) + path
         try:
             reply = self._open(method, url, headers, body, self.timeout, self.connect_timeout)
         except TimeoutError:
@@ -204,16 +197,21 @@ class RemoteModel:
             return RemoteError(f"{where}: {message}", hint="the URL usually ends in /v1")
         return RemoteError(f"{where}: {message}")
 
+    def post_json(self, path: str, payload: dict[str, Any], *, at_root: bool = False) -> Any:
+        """POST `payload` to `path` (under the base URL, or the server's root) and read the JSON answer."""
+        where = (self.root_url if at_root else self.base_url) + path
+        return self._read_json(self._request("POST", path, payload, at_root=at_root), where)
+
     def _json(self, path: str) -> Any:
-        reply = self._request("GET", path)
+        return self._read_json(self._request("GET", path), self.base_url + path)
+
+    def _read_json(self, reply: Reply, where: str) -> Any:
         try:
             return json.loads(reply.text())
         except (TimeoutError, ConnectionError) as exc:
             raise RemoteError(f"{self.base_url}: the connection failed while reading: {exc}") from None
         except ValueError:
-            raise RemoteError(
-                f"{self.base_url}{path} did not answer with JSON", hint="is this an OpenAI-style URL?"
-            ) from None
+            raise RemoteError(f"{where} did not answer with JSON", hint="is this an OpenAI-style URL?") from None
 
     # --- models -----------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """A conversation with a model on an OpenAI-compatible server (`gptcli chat --url`).
 
 The window goes to the server as messages and the server applies its own chat template. Sizes come
-from the model's tokenizer when it is here, else from an estimate (the `tokenizer` given: see
-`gptcli.remote.EstimatedTokenizer`). When the server reports its context, the oldest exchanges that
-would not fit are dropped before sending, as in a local chat; whatever the estimate says, a server's
-"context length exceeded" answer drops the oldest exchange and sends again.
+from the `tokenizer` given: the model's own when it is here or the server offers it, else an estimate
+(see `gptcli.remote_tokens`). When the server reports its context, the oldest exchanges that would not
+fit are dropped before sending, as in a local chat; whatever the count says, a server's "context length
+exceeded" answer drops the oldest exchange and sends again.
 """
 
 from __future__ import annotations

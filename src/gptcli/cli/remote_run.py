@@ -2,7 +2,7 @@
 
 The model runs there (gptcli serve, llama-server, ollama, vLLM); the sampling settings are sent with
 every request. Token counts use the served model's tokenizer when it is here (a catalogue model in
-the cache, or a folder of that name), else an estimate of 4 characters a token.
+the cache, or a folder of that name), else the server's /tokenize, else an estimate of 4 characters a token.
 """
 
 from __future__ import annotations
@@ -48,20 +48,25 @@ def open_remote(url: str, api_key: str | None, model: str | None) -> Any:
     return remote
 
 
-def served_tokenizer(name: str) -> Any:
-    """The served model's tokenizer when it is here (never fetched nor converted), else the estimate."""
+def served_tokenizer(remote: Any) -> Any:
+    """The served model's tokenizer: here when it is (never fetched nor converted), else the server's own
+    (/tokenize: gptcli serve, vLLM, llama-server), else an estimate of 4 characters a token."""
     from gptcli.models import ALIASES, CATALOGUE
     from gptcli.paths import models_dir
-    from gptcli.remote import EstimatedTokenizer
+    from gptcli.remote_tokens import EstimatedTokenizer, ServedTokenizer
     from gptcli.tokenizer import Tokenizer
 
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(remote.model, remote.model)
     folder = models_dir() / name if name in CATALOGUE else Path(name).expanduser()
     if (folder / "tokenizer.json").is_file():
         try:
             return Tokenizer(folder)
-        except Exception:  # an unreadable tokenizer only costs exact counts
+        except Exception:  # an unreadable tokenizer: ask the server instead
             pass
+    served = ServedTokenizer.probe(remote)
+    if served is not None:
+        return served
+    render.note(f"{remote.root_url} has no /tokenize: token counts are estimated at 4 characters a token")
     return EstimatedTokenizer()
 
 
@@ -144,7 +149,7 @@ def remote_chat_session(remote: Any, settings: Any, conversation: Any, store: An
     conversation.model = remote.model
     return RemoteChatSession(
         remote,
-        served_tokenizer(remote.model),
+        served_tokenizer(remote),
         settings,
         conversation,
         store,
@@ -165,7 +170,7 @@ def remote_summarizer(remote: Any, template: Any, sampling: Any, *, parallel: in
     def calls(requests: list, params: Any) -> Any:
         return remote.chat_many(requests, params, threads)
 
-    tokenizer = served_tokenizer(remote.model)
+    tokenizer = served_tokenizer(remote)
     return Summarizer(
         None,
         tokenizer,
