@@ -7,17 +7,10 @@ import pytest
 
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
-from gptcli.batchfile import (
-    MAX_LINE_BYTES,
-    ResultWriter,
-    completed_ids,
-    open_results,
-    parse_request,
-    read_lines,
-    run_batch,
-)
+from gptcli.batchfile import LocalLines, parse_request, run_batch
 from gptcli.config import Settings, with_sampling
 from gptcli.engine import Engine, EngineLimits, generate
+from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, completed_ids, open_results, read_lines
 from gptcli.prompts import encode_prompt
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
@@ -37,7 +30,7 @@ def _run(model, lines, *, skip=frozenset(), parallel=4, writer_stream=None, **li
     data = io.BytesIO("".join(line + "\n" for line in lines).encode())
     requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
     engine = Engine(backend, tok, EngineLimits(max_running=parallel, **limits))
-    summary = run_batch(engine, requests, ResultWriter(stream, sync=False), skip=set(skip))
+    summary = run_batch(LocalLines(engine), requests, ResultWriter(stream, sync=False), skip=set(skip))
     return summary, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
@@ -114,7 +107,7 @@ def test_resume_appends_on_a_line_of_its_own(model, tmp_path, tail, done):
         for n, raw in read_lines(io.BytesIO("\n".join(lines).encode()))
     )
     with open_results(out, resume=True) as stream:
-        run_batch(Engine(backend, tok), requests, ResultWriter(stream, sync=False), skip=completed_ids(out))
+        run_batch(LocalLines(Engine(backend, tok)), requests, ResultWriter(stream, sync=False), skip=completed_ids(out))
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == ["r0", "r1", "r2", "r3"]
 
@@ -195,7 +188,7 @@ def test_a_request_over_the_kv_budget_is_that_lines_error(model):
     requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
     engine = Engine(backend, tok, EngineLimits(max_running=2, kv_budget_tokens=20))
     stream = io.StringIO()
-    summary = run_batch(engine, requests, ResultWriter(stream, sync=False))
+    summary = run_batch(LocalLines(engine), requests, ResultWriter(stream, sync=False))
     results = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert "KV budget is 20" in results[0]["error"]["message"] and "text" in results[1]
     assert summary.ok == 1 and summary.failed == 1

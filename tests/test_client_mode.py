@@ -146,6 +146,40 @@ def test_a_server_without_tokenize_leaves_the_estimate(capsys):
     assert "http://127.0.0.1:9 has no /tokenize: token counts are estimated" in capsys.readouterr().err
 
 
+def test_a_batch_file_on_the_server_gives_the_local_results(server, tmp_path):
+    lines = [
+        {"id": "p", "prompt": "Once upon a time"},
+        {"id": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {"id": "r", "prompt": "The river rose", "raw": True, "max_tokens": 5},
+        {"id": "s", "prompt": "Once upon a time", "temperature": 0.9, "seed": 7},
+        {"id": "bad", "prompt": "hi", "temprature": 1},
+        {"id": "long", "prompt": "word " * 1200},  # over the 1024-token context: the server refuses it
+        {"id": "p", "prompt": "a duplicate id"},
+    ]
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ("generate", "--batch", str(batch), "-t", "0", "-n", "8", "--parallel", "3")
+    here = [json.loads(line) for line in ok(run_cli(*args, "-m", server["model"])).splitlines()]
+    out = tmp_path / "results.jsonl"
+    result = run_cli(*remote(server, *args, "-o", str(out)))
+    ok(result)
+    there = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in there] == ["p", "m", "r", "s", "bad", "long", "p"]
+    for mine, theirs in zip(here[:4], there[:4], strict=True):
+        assert theirs["text"] == mine["text"] and theirs["usage"] == mine["usage"], theirs["id"]
+    assert "temprature" in there[4]["error"]["message"] and "duplicate id" in there[6]["error"]["message"]
+    assert "answered 400" in there[5]["error"]["message"] and "1024" in there[5]["error"]["message"]
+    assert "4 done, 3 failed, 0 skipped" in result.stderr.decode()
+    # --resume sends only what the file lacks; a wrong key ends the run with one clear error (exit 1).
+    out.write_text("".join(json.dumps(r) + "\n" for r in there[:2]))
+    result = run_cli(*remote(server, *args, "-o", str(out), "--resume"))
+    assert ok(result) == "" and "resuming: 2 results" in result.stderr.decode()
+    assert "2 done, 2 failed, 3 skipped" in result.stderr.decode()  # the duplicate "p" is skipped with the first
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["p", "m", "r", "s", "bad", "long"]
+    wrong = run_cli(*args, "--url", server["url"], "--api-key", "wrong")
+    assert wrong.returncode == 1 and wrong.stderr.decode().count("error: ") == 1 and "401" in wrong.stderr.decode()
+
+
 def test_a_wrong_key_is_one_clear_error(server):
     result = run_cli("generate", "hi", "--url", server["url"], "--api-key", "wrong")
     err = result.stderr.decode()
@@ -177,7 +211,7 @@ def test_a_refused_connection_is_a_clear_error():
     [
         ("generate", "hi", "--backend", "torch"),
         ("generate", "hi", "--device", "cpu", "--dtype", "float32"),
-        ("generate", "--batch", "requests.jsonl"),
+        ("generate", "--batch", "requests.jsonl", "--kv-budget", "4096"),
         ("chat", "--precision", "int4"),
         ("summarize", "--threads", "2"),
     ],

@@ -274,3 +274,32 @@ def test_request_pieces_cut_before_whitespace():
     assert "".join(pieces) == text and all(len(p) <= 12 for p in pieces)
     assert pieces[:3] == ["alpha beta", "\ngamma", " delta"]
     assert pieces[3:] == [" epsilon", " " + "x" * 11, "x" * 12, "x" * 12, "x" * 5]  # no space: cut at the limit
+
+
+def test_run_streams_starts_lazily_and_hands_a_streams_error_back():
+    import itertools
+
+    from gptcli.fanout import NO_STATS, run_streams
+
+    started: list[int] = []
+
+    def start(index: int) -> Any:
+        def stream() -> Iterator[Any]:
+            started.append(index)
+            if index == 1:
+                raise InputError("refused")
+            yield Token(str(index), None, 0.0)
+            yield Finished("stop", NO_STATS, str(index), ())
+
+        return stream
+
+    events = run_streams((start(i) for i in itertools.count()), 2)
+    ended: dict[int, Any] = {}
+    for index, event in events:
+        if isinstance(event, (Finished, InputError)):
+            ended[index] = event
+        if len(ended) == 4:
+            break
+    events.close()
+    assert isinstance(ended[1], InputError) and ended[0].text == "0" and len(ended) == 4
+    assert len(started) <= 6  # at most two running, from an endless source

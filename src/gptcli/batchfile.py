@@ -1,4 +1,7 @@
-"""Batch files: one JSON request per line in, one JSON result per line out, run concurrently by the engine.
+"""Batch files: one JSON request per line in, one JSON result per line out, run concurrently.
+
+The lines run through the local engine (`LocalLines`) or, in client mode, as concurrent requests to an
+OpenAI-compatible server (`RemoteLines`: the server applies its chat template and batches them).
 
 A request line is an object with `prompt` (text) or `messages` (chat messages), and optionally an
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
@@ -12,24 +15,22 @@ already in the output.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import functools
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
-from gptcli.decoding import Finished
+from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
-from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, transcript
+from gptcli.fanout import run_streams
+from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter
+from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for, transcript
 from gptcli.tokenizer import Tokenizer
 
-MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *SAMPLING_KEYS}
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
@@ -41,8 +42,10 @@ class BatchRequest:
 
     index: int
     id: str
-    prompt_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # run here: the prompt, templated and encoded
     settings: Settings | None = None
+    messages: list[dict[str, str]] | None = None  # run on a server: the chat to send
+    text: str | None = None  # run on a server: a `raw` prompt, sent to /v1/completions as is
     error: str | None = None
     numbered: bool = False  # the line has no `id`: its id is its line number
 
@@ -56,23 +59,7 @@ class BatchSummary:
     interrupted: bool = False
 
 
-def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread)."""
-    number = 0
-    while True:
-        line = handle.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        number += 1
-        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
-                line = handle.readline(MAX_LINE_BYTES)
-            yield number, None
-        elif line.strip():
-            yield number, line
-
-
-def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
+def _checked_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise InputError("`messages` must be a non-empty list")
     for message in messages:
@@ -84,15 +71,20 @@ def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
             raise InputError("each message needs a string `role` and `content`")
         if message["role"] not in MESSAGE_ROLES:
             raise InputError(f"unknown message role {message['role']!r} (known: {', '.join(MESSAGE_ROLES)})")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
     # As `gptcli chat` builds a conversation: the chat template, or a plain transcript for a base model.
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return build_prompt(tokenizer, turns, plain=transcript).ids
+    return build_prompt(tokenizer, _checked_messages(messages), plain=transcript).ids
 
 
 def parse_request(
-    number: int, raw: bytes | None, tokenizer: Tokenizer, settings: Settings, context_length: int
+    number: int, raw: bytes | None, tokenizer: Tokenizer | None, settings: Settings, context_length: int
 ) -> BatchRequest:
-    """Turn one line into a request; every problem becomes the line's error, never an exception."""
+    """Turn one line into a request; every problem becomes the line's error, never an exception.
+
+    Without a tokenizer (the model is on a server) the request keeps its messages, or its raw text, to send."""
     line_id, numbered = str(number), True
     try:
         if raw is None:
@@ -116,13 +108,13 @@ def parse_request(
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")
         _check_prompt_options(data)
+        if tokenizer is None:
+            return BatchRequest(number, line_id, settings=line_settings, numbered=numbered, **_to_send(data, system))
         if "messages" in data:
             ids = _encode_messages(tokenizer, data["messages"])
             if len(ids) >= context_length:
                 raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
         else:
-            if not isinstance(data["prompt"], str) or not data["prompt"].strip():
-                raise InputError("`prompt` must be non-empty text")
             ids = fit_prompt(
                 tokenizer,
                 data["prompt"],
@@ -137,8 +129,19 @@ def parse_request(
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
 
+def _to_send(data: dict, system: str | None) -> dict[str, Any]:
+    """What a server is sent for a line: its messages, a prompt as a user message, or a raw prompt as text."""
+    if "messages" in data:
+        return {"messages": _checked_messages(data["messages"])}
+    if data.get("raw"):
+        return {"text": data["prompt"]}
+    return {"messages": messages_for(data["prompt"], system)}
+
+
 def _check_prompt_options(data: dict) -> None:
     """`system` and `raw` shape a `prompt` through the chat template: refuse what would be silently dropped."""
+    if "prompt" in data and (not isinstance(data["prompt"], str) or not data["prompt"].strip()):
+        raise InputError("`prompt` must be non-empty text")
     if "system" in data and not isinstance(data["system"], str):
         raise InputError("`system` must be text")
     if "raw" in data and not isinstance(data["raw"], bool):
@@ -147,107 +150,6 @@ def _check_prompt_options(data: dict) -> None:
         raise InputError('`system` and `raw` go with `prompt`; in `messages`, give a {"role": "system"} message')
     if data.get("raw") and "system" in data:
         raise InputError("`raw: true` sends the prompt without the chat template, so `system` would be dropped")
-
-
-def count_lines(path: Path) -> int | None:
-    """Non-blank lines in a file, read in bounded blocks (for a progress total); None for stdin."""
-    if str(path) == "-":
-        return None
-    lines, last = 0, b"\n"
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
-
-
-def completed_ids(output: Path) -> set[str]:
-    """The ids already in an output file (for --resume); a torn last line is ignored."""
-    done: set[str] = set()
-    if not output.exists():
-        return done
-    with output.open("rb") as handle:
-        for _, raw in read_lines(handle):
-            result_id = _result_id(raw)
-            if result_id is not None:
-                done.add(result_id)
-    return done
-
-
-def _result_id(raw: bytes | None) -> str | None:
-    """The id of a results-file line, or None for a line that is not a whole result."""
-    try:
-        record = json.loads(raw) if raw is not None else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return str(record["id"]) if isinstance(record, dict) and "id" in record else None
-
-
-def open_results(output: Path, *, resume: bool) -> IO[str]:
-    """The results file, opened for appending (its folder made); on --resume, a torn last line is
-    settled first so the next result starts on a line of its own: kept with its newline when it is a
-    whole record (it counts as done), cut off when it is not (its request runs again)."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if resume and output.exists():
-            _settle_last_line(output)
-        return output.open("a", encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
-
-
-def _settle_last_line(output: Path) -> None:
-    with output.open("r+b") as handle:
-        end = handle.seek(0, io.SEEK_END)
-        start = end
-        while start > 0:  # back to the byte after the last newline, a block at a time
-            step = min(1 << 16, start)
-            handle.seek(start - step)
-            block = handle.read(step)
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                start = start - step + newline + 1
-                break
-            start -= step
-        if start == end:
-            return  # empty, or it ends with a newline
-        handle.seek(start)
-        if end - start <= MAX_LINE_BYTES and _result_id(handle.read()) is not None:
-            handle.write(b"\n")
-        else:
-            handle.truncate(start)
-
-
-class ResultWriter:
-    """Writes results in input order as soon as every earlier one is done; each line flushed and synced."""
-
-    def __init__(self, stream: IO[str], *, sync: bool = True) -> None:
-        self.stream = stream
-        self.sync = sync
-        self._waiting: dict[int, dict[str, Any]] = {}
-        self._order: list[int] = []
-
-    def expect(self, index: int) -> None:
-        self._order.append(index)
-
-    def add(self, index: int, record: dict[str, Any]) -> None:
-        self._waiting[index] = record
-        while self._order and self._order[0] in self._waiting:
-            self._write(self._waiting.pop(self._order.pop(0)))
-
-    def flush_all(self) -> None:
-        """On interrupt: write every finished result, even past a gap (their ids make --resume exact)."""
-        for index in list(self._order):
-            if index in self._waiting:
-                self._write(self._waiting.pop(index))
-                self._order.remove(index)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.stream.flush()
-        if self.sync:
-            with contextlib.suppress(OSError, ValueError):  # a pipe or a terminal: nothing to sync
-                os.fsync(self.stream.fileno())
 
 
 def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
@@ -269,8 +171,50 @@ def error_record(request_id: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "error": {"message": message, "type": "invalid_request_error"}}
 
 
+class Lines(Protocol):
+    """Where the lines run: `check` refuses one that can never run (its error is the line's result), `run`
+    yields (position in `requests`, event), or a GptcliError in place of a line's Finished."""
+
+    def check(self, request: BatchRequest) -> None: ...
+    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]: ...
+
+
+class LocalLines:
+    """The lines through this process's engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def check(self, request: BatchRequest) -> None:
+        assert request.settings is not None
+        self.engine.check_fits(len(request.prompt_ids), request.settings.sampling)
+
+    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]:
+        return run_all(self.engine, ((r.prompt_ids, r.settings.sampling) for r in requests))  # type: ignore[union-attr]
+
+
+class RemoteLines:
+    """The lines as requests to an OpenAI-compatible server (`gptcli.remote.RemoteModel`), `parallel` at a time."""
+
+    def __init__(self, remote: Any, parallel: int) -> None:
+        self.remote = remote
+        self.parallel = parallel
+
+    def check(self, request: BatchRequest) -> None:
+        pass  # the server says what it refuses
+
+    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]:
+        return run_streams((self._start(r) for r in requests), self.parallel)
+
+    def _start(self, request: BatchRequest) -> Callable[[], Iterator[Event]]:
+        params = request.settings.sampling  # type: ignore[union-attr]
+        if request.text is not None:
+            return functools.partial(self.remote.complete, request.text, params)
+        return functools.partial(self.remote.chat, request.messages, params)
+
+
 def run_batch(
-    engine: Engine,
+    lines: Lines,
     requests: Iterable[BatchRequest],
     writer: ResultWriter,
     *,
@@ -278,13 +222,22 @@ def run_batch(
     on_token: Callable[[int], None] | None = None,
     on_result: Callable[[BatchSummary], None] | None = None,
 ) -> BatchSummary:
-    """Run every request through the engine; write each result (or the line's error) in order."""
+    """Run every request; write each result (or the line's error) in order.
+
+    A line the server refuses (a 400: a bad setting, a prompt over its context) is that line's error; any
+    other failure (the server gone, a wrong key) ends the run with every finished result written."""
     summary = BatchSummary()
     seen: dict[str, bool] = {}  # id -> whether it was a line number
-    by_index: dict[int, BatchRequest] = {}  # run_all's position (the n-th request yielded) -> the request
+    by_index: dict[int, BatchRequest] = {}  # the run's position (the n-th request yielded) -> the request
     positions = itertools.count()
 
-    def runnable() -> Iterator[tuple[list[int], Any]]:
+    def failed(request: BatchRequest, message: str) -> None:
+        summary.failed += 1
+        writer.add(request.index, error_record(request.id, message))
+        if on_result is not None:
+            on_result(summary)
+
+    def runnable() -> Iterator[BatchRequest]:
         for request in requests:
             if request.id in skip:
                 summary.skipped += 1
@@ -298,21 +251,22 @@ def run_batch(
             seen.setdefault(request.id, request.numbered)
             if request.error is None and request.settings is not None:
                 try:
-                    engine.check_fits(len(request.prompt_ids), request.settings.sampling)
+                    lines.check(request)
                 except InputError as exc:
                     request = BatchRequest(request.index, request.id, error=exc.message)
             if request.error is not None or request.settings is None:
-                summary.failed += 1
-                writer.add(request.index, error_record(request.id, request.error or "bad request"))
-                if on_result is not None:
-                    on_result(summary)
+                failed(request, request.error or "bad request")
                 continue
             by_index[next(positions)] = request  # not len(by_index): finished requests leave it
-            yield request.prompt_ids, request.settings.sampling
+            yield request
 
     try:
-        for position, event in run_all(engine, runnable()):
-            if isinstance(event, Finished):
+        for position, event in lines.run(runnable()):
+            if isinstance(event, GptcliError):
+                if not isinstance(event, InputError):
+                    raise event
+                failed(by_index.pop(position), event.message)
+            elif isinstance(event, Finished):
                 request = by_index.pop(position)
                 if event.reason == "interrupted":  # unfinished: not written, so --resume runs it again
                     summary.interrupted = True
@@ -324,7 +278,7 @@ def run_batch(
                 writer.add(request.index, record)
                 if on_result is not None:
                     on_result(summary)
-            elif on_token is not None and event.id is not None:
+            elif on_token is not None and isinstance(event, Token):
                 on_token(1)
     except KeyboardInterrupt:
         summary.interrupted = True

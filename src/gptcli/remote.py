@@ -9,11 +9,10 @@ httpx is used when it is installed, the standard library otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import queue
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError
+from gptcli.fanout import run_streams
 
 DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
@@ -253,43 +253,11 @@ class RemoteModel:
     ) -> Iterator[tuple[int, Event]]:
         """(request index, event) for many chats sent `parallel` at a time from threads, so the server
         batches them (as `engine.run_all` does locally). Ctrl-C stops them all: unfinished ones end "interrupted"."""
-        results: queue.Queue[tuple[int, Event | Exception]] = queue.Queue()
-        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-        stop = threading.Event()
-        for index in range(len(requests)):
-            todo.put(index)
-
-        def worker() -> None:
-            while not stop.is_set():
-                try:
-                    index = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    stream = self.chat(requests[index], params)
-                    for event in stream:
-                        results.put((index, event))
-                        if stop.is_set():
-                            stream.close()  # closes the connection: the server stops generating
-                except Exception as exc:  # raised in the caller's thread
-                    results.put((index, exc))
-
-        for _ in range(min(parallel, len(requests))):
-            threading.Thread(target=worker, daemon=True).start()
-        unfinished = set(range(len(requests)))
-        try:
-            while unfinished:
-                index, event = results.get()
-                if isinstance(event, Exception):
-                    raise event
-                if isinstance(event, Finished):
-                    unfinished.discard(index)
-                yield index, event
-        except KeyboardInterrupt:
-            for index in sorted(unfinished):
-                yield index, Finished("interrupted", Stats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0), "", ())
-        finally:
-            stop.set()
+        starts = (functools.partial(self.chat, messages, params) for messages in requests)
+        for index, event in run_streams(starts, parallel):
+            if isinstance(event, GptcliError):
+                raise event
+            yield index, event
 
     def _sampling(self, params: SamplingConfig) -> dict[str, Any]:
         body: dict[str, Any] = {

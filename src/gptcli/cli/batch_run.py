@@ -22,19 +22,11 @@ def run_batch_file(
     resume: bool,
     parallel: int | None,
     kv_budget: str | None,
+    remote: Any = None,
 ) -> None:
-    """Load the model once, run every line through the engine, write results in input order."""
-    from gptcli.batchfile import (
-        ResultWriter,
-        completed_ids,
-        count_lines,
-        open_results,
-        parse_request,
-        read_lines,
-        run_batch,
-    )
-    from gptcli.cli.local_run import load_runtime
-    from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
+    """Load the model once (or use the server's: `remote`), run every line, write results in input order."""
+    from gptcli.batchfile import run_batch
+    from gptcli.jsonl import ResultWriter, completed_ids, count_lines, open_results, read_lines
 
     if resume and output is None:
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
@@ -48,31 +40,19 @@ def run_batch_file(
         source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
-    parse_kv_budget(kv_budget, 1)  # its syntax, before the model is loaded (a size needs the model's numbers)
-    runtime = load_runtime(settings)
-    info = runtime.backend.info
-    budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
-    running = parallel or 8
-    # Lines that share a long start (a few-shot prefix, a document) read it once: the answers are unchanged.
-    prefix_cache = default_prefix_cache(runtime.backend, running)
-    limits = EngineLimits(max_running=running, kv_budget_tokens=budget, prefix_cache=prefix_cache)
-    engine = Engine(runtime.backend, runtime.tokenizer, limits)
+    lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
     skip = completed_ids(output) if resume and output is not None else set()
     if skip:
         render.note(f"resuming: {len(skip)} results already in {output}")
-    requests = (
-        parse_request(number, raw, runtime.tokenizer, settings, info.context_length)
-        for number, raw in read_lines(source)
-    )
     sink: IO[str]
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open_results(output, resume=resume)) if output is not None else sys.stdout
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
-        summary = run_batch(engine, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
+        summary = run_batch(lines, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
     render.note(
         f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
-        f"{summary.completion_tokens} tokens at {counter.rate():.1f} tok/s"
+        f"{summary.completion_tokens} tokens at {counter.rate(summary.completion_tokens):.1f} tok/s"
     )
     if summary.interrupted:
         render.stderr_console().print(
@@ -81,6 +61,27 @@ def run_batch_file(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _lines(settings: Any, numbered_lines: Any, running: int, kv_budget: str | None, remote: Any) -> tuple[Any, Any]:
+    """Where the lines run (this machine's engine, or the server), and the parsed requests, read lazily."""
+    from gptcli.batchfile import LocalLines, RemoteLines, parse_request
+
+    if remote is not None:  # the server applies its template and checks its context
+        return RemoteLines(remote, running), (parse_request(n, raw, None, settings, 0) for n, raw in numbered_lines)
+    from gptcli.cli.local_run import load_runtime
+    from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
+
+    parse_kv_budget(kv_budget, 1)  # its syntax, before the model is loaded (a size needs the model's numbers)
+    runtime = load_runtime(settings)
+    info = runtime.backend.info
+    budget = parse_kv_budget(kv_budget, info.kv_bytes_per_token)
+    # Lines that share a long start (a few-shot prefix, a document) read it once: the answers are unchanged.
+    prefix_cache = default_prefix_cache(runtime.backend, running)
+    limits = EngineLimits(max_running=running, kv_budget_tokens=budget, prefix_cache=prefix_cache)
+    engine = Engine(runtime.backend, runtime.tokenizer, limits)
+    requests = (parse_request(n, raw, runtime.tokenizer, settings, info.context_length) for n, raw in numbered_lines)
+    return LocalLines(engine), requests
 
 
 class _TokenRate:
@@ -93,9 +94,9 @@ class _TokenRate:
         self.tokens = 0
         self.start = time.perf_counter()
 
-    def rate(self) -> float:
+    def rate(self, tokens: int | None = None) -> float:
         elapsed = time.perf_counter() - self.start
-        return self.tokens / elapsed if elapsed > 0 else 0.0
+        return (self.tokens if tokens is None else tokens) / elapsed if elapsed > 0 else 0.0
 
     def result(self, summary: Any) -> None:
         self.done = summary.ok + summary.failed + summary.skipped

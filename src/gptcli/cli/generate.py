@@ -80,6 +80,7 @@ def generate(
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
       gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
+      gptcli generate --batch prompts.jsonl -o results.jsonl --url http://127.0.0.1:8080/v1
       gptcli generate "hi" --url http://127.0.0.1:8080/v1    # on that server
       gptcli generate -f invoice.txt --json-schema schema.json
     """
@@ -98,8 +99,6 @@ def generate(
         trust_remote_code=trust_remote_code,
     )
     structured = output_constraint(json_schema, output_format, regex, url)
-    if url is not None and batch is not None:
-        raise UsageError("--batch does not work with --url yet", hint="run the batch here, without --url")
     resolved = resolve_settings(
         config,
         model=model,
@@ -131,7 +130,13 @@ def generate(
         if prompt is not None or file is not None or template is not None or to or question:
             raise UsageError("--batch takes its prompts from the file", hint="drop the prompt, -f and --template")
         settings = constrain(settings, structured)  # every row gets the run's constraint
-        return run_batch_file(settings, batch, output=output, resume=resume, parallel=parallel, kv_budget=kv_budget)
+        remote = None
+        if url is not None:
+            from gptcli.cli.remote_run import open_remote
+
+            remote = open_remote(url, api_key, model)
+        options = dict(output=output, resume=resume, parallel=parallel, kv_budget=kv_budget, remote=remote)
+        return run_batch_file(settings, batch, **options)
     if output is not None or resume:
         raise UsageError("--output and --resume go with --batch", hint="redirect stdout to save a single completion")
     # --to and --question are shorthands for the translate and qa templates' variables.

@@ -1,0 +1,137 @@
+"""JSON Lines files, read and written in bounded pieces: a batch's requests in, its results out.
+
+Lines are read at most MAX_LINE_BYTES at a time (a longer one is reported, never held whole). Results
+are written in input order as soon as every earlier one is done, each line flushed and synced, and read
+back for --resume: a torn last line is settled first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from gptcli.errors import InputError
+
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
+
+
+def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread)."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
+                line = handle.readline(MAX_LINE_BYTES)
+            yield number, None
+        elif line.strip():
+            yield number, line
+
+
+def count_lines(path: Path) -> int | None:
+    """Non-blank lines in a file, read in bounded blocks (for a progress total); None for stdin."""
+    if str(path) == "-":
+        return None
+    lines, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def completed_ids(output: Path) -> set[str]:
+    """The ids already in an output file (for --resume); a torn last line is ignored."""
+    done: set[str] = set()
+    if not output.exists():
+        return done
+    with output.open("rb") as handle:
+        for _, raw in read_lines(handle):
+            result_id = _result_id(raw)
+            if result_id is not None:
+                done.add(result_id)
+    return done
+
+
+def _result_id(raw: bytes | None) -> str | None:
+    """The id of a results-file line, or None for a line that is not a whole result."""
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return str(record["id"]) if isinstance(record, dict) and "id" in record else None
+
+
+def open_results(output: Path, *, resume: bool) -> IO[str]:
+    """The results file, opened for appending (its folder made); on --resume, a torn last line is
+    settled first so the next result starts on a line of its own: kept with its newline when it is a
+    whole record (it counts as done), cut off when it is not (its request runs again)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if resume and output.exists():
+            _settle_last_line(output)
+        return output.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
+
+
+def _settle_last_line(output: Path) -> None:
+    with output.open("r+b") as handle:
+        end = handle.seek(0, io.SEEK_END)
+        start = end
+        while start > 0:  # back to the byte after the last newline, a block at a time
+            step = min(1 << 16, start)
+            handle.seek(start - step)
+            block = handle.read(step)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                start = start - step + newline + 1
+                break
+            start -= step
+        if start == end:
+            return  # empty, or it ends with a newline
+        handle.seek(start)
+        if end - start <= MAX_LINE_BYTES and _result_id(handle.read()) is not None:
+            handle.write(b"\n")
+        else:
+            handle.truncate(start)
+
+
+class ResultWriter:
+    """Writes results in input order as soon as every earlier one is done; each line flushed and synced."""
+
+    def __init__(self, stream: IO[str], *, sync: bool = True) -> None:
+        self.stream = stream
+        self.sync = sync
+        self._waiting: dict[int, dict[str, Any]] = {}
+        self._order: list[int] = []
+
+    def expect(self, index: int) -> None:
+        self._order.append(index)
+
+    def add(self, index: int, record: dict[str, Any]) -> None:
+        self._waiting[index] = record
+        while self._order and self._order[0] in self._waiting:
+            self._write(self._waiting.pop(self._order.pop(0)))
+
+    def flush_all(self) -> None:
+        """On interrupt: write every finished result, even past a gap (their ids make --resume exact)."""
+        for index in list(self._order):
+            if index in self._waiting:
+                self._write(self._waiting.pop(index))
+                self._order.remove(index)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+        if self.sync:
+            with contextlib.suppress(OSError, ValueError):  # a pipe or a terminal: nothing to sync
+                os.fsync(self.stream.fileno())
