@@ -243,11 +243,21 @@ def test_completions_with_several_prompts_answer_each_as_alone(live, runtime):
 
 
 def test_a_prompt_list_the_queue_cannot_take_runs_none_of_its_prompts(runtime):
-    with serve_runtime(runtime, max_running=1, max_queue=0) as server:
-        response = httpx.post(server.v1 + "/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 50})
-        assert response.status_code == 503 and "Retry-After" in response.headers
+    with serve_runtime(runtime, delay=0.05, max_running=1, max_queue=1) as server:
+        body = {"prompt": "a", "max_tokens": 12, "ignore_eos": True}
+        busy = threading.Thread(target=httpx.post, args=(server.v1 + "/completions",), kwargs={"json": body})
+        busy.start()
+        assert wait_until(lambda: server.engine.snapshot().running == 1)
+        response = httpx.post(server.v1 + "/completions", json={"prompt": ["b", "c"], "max_tokens": 50})
+        assert response.status_code == 503 and "Retry-After" in response.headers  # "c" finds the queue full
+        busy.join()
         assert wait_until(lambda: server.engine.idle)
-        assert server.engine.snapshot().tokens_generated == 0
+        stats = server.engine.snapshot()
+        assert stats.prompt_tokens == 1 and stats.tokens_generated <= 12  # the busy request's: "b" never ran
+        # More prompts than the server ever takes at once: a 400 that says so, not a 503 to retry forever.
+        too_many = httpx.post(server.v1 + "/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert too_many.status_code == 400 and error_of(too_many)["param"] == "prompt"
+        assert "at most 2 at once (--parallel 1 + --max-queue 1)" in error_of(too_many)["message"]
 
 
 def test_tokenize_and_detokenize_in_both_peers_shapes(live, runtime):
@@ -540,6 +550,46 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         assert response.status_code == 400 and error_of(response)["param"] == param, (body, response.text)
     broken = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
+
+
+def test_hostile_bodies_are_400s_that_name_the_field(live):
+    """What a careless or hostile client sends: never a 500, and the server stays well."""
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "/chat/completions", "messages.0.content"),
+        (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "/chat/completions", "messages.0.content"),
+        (b'{"prompt": "x", "model": "\\udfff"}', "/completions", "model"),
+        (b'{"prompt": ["ok", "\\ud800"]}', "/completions", "prompt.1"),
+        (b"[" * 5000 + b"]" * 5000, "/chat/completions", None),
+        (json.dumps({"messages": hi, "max_tokens": True}).encode(), "/chat/completions", "max_tokens"),
+        (json.dumps({"messages": hi, "max_tokens": "5"}).encode(), "/chat/completions", "max_tokens"),
+        (json.dumps({"prompt": [True, 2]}).encode(), "/completions", "prompt"),
+        (json.dumps({"messages": hi, "logit_bias": {"\u00b2": 1}}).encode(), "/chat/completions", "logit_bias"),
+        (json.dumps({"messages": hi, "logit_bias": {"5": 60, "05": 60}}).encode(), "/chat/completions", "logit_bias"),
+        (json.dumps({"messages": hi, "stream_options": {"include_usage": True}}).encode(), "/chat/completions", None),
+    ]
+    for raw, route, param in cases:
+        response = httpx.post(live.v1 + route, content=raw)
+        assert response.status_code == 400, (raw[:60], response.text)
+        error = error_of(response)
+        assert param is None or error["param"] == param, (raw[:60], error)
+    assert error["param"] == "stream_options"
+    for route, body in (("/tokenize", b'{"prompt": "\\ud800"}'), ("/tokenize", b'{"messages": []}')):
+        response = httpx.post(live.url + route, content=body)
+        assert response.status_code == 400, response.text
+    # An emoji escaped as a surrogate pair (as json.dumps writes it) is text.
+    emoji = json.dumps({"messages": [{"role": "user", "content": "\U0001f389"}], "max_tokens": 2}).encode()
+    assert httpx.post(live.v1 + "/chat/completions", content=emoji).status_code == 200
+
+
+def test_tiny_temperatures_and_penalties_sample_rather_than_fail(live):
+    hi = [{"role": "user", "content": "hi"}]
+    for extra in ({"temperature": 1e-308}, {"temperature": 1, "repetition_penalty": 1e-38}):
+        response = httpx.post(live.v1 + "/chat/completions", json={"messages": hi, "max_tokens": 4, **extra})
+        assert response.status_code == 200, (extra, response.text)
+    greedy = httpx.post(live.v1 + "/chat/completions", json={"messages": hi, "max_tokens": 6, "temperature": 0})
+    tiny = httpx.post(live.v1 + "/chat/completions", json={"messages": hi, "max_tokens": 6, "temperature": 1e-6})
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
 
 
 def test_unknown_model_is_404(live):

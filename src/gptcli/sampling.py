@@ -40,6 +40,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+# A temperature this small is greedy (vLLM's rule): dividing logits by less could overflow them.
+GREEDY_BELOW = 1e-5
+
+
 def token_logprobs(logits: np.ndarray, token_id: int, top: int = 0) -> TokenLogprob:
     """Log-softmax of one row of raw logits (float64): the token's value and the `top` best, most likely first."""
     row = logits.astype(np.float64)
@@ -67,7 +71,8 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty
     seen = seen[seen < logits.shape[-1]]
     out = logits.copy()
     values = out[seen]
-    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    with np.errstate(over="ignore"):  # a tiny penalty may push a logit to inf: sample() takes that
+        out[seen] = np.where(values > 0, values / penalty, values * penalty)
     return out
 
 
@@ -118,9 +123,11 @@ def sample(
     logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     logits = apply_frequency_presence(logits, generated, params.frequency_penalty, params.presence_penalty)
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
+    # A tiny repetition penalty can push a logit to inf: it is then the (only) likeliest token, not a NaN.
+    scaled = np.nan_to_num(scaled, nan=-np.inf, posinf=np.finfo(np.float64).max)
     scaled -= scaled.max()
     probs = np.exp(scaled)
     probs /= probs.sum()

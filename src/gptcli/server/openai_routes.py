@@ -199,6 +199,14 @@ async def respond(
     request: Request, state: ServerState, body: SamplingRequest, prompts: list[list[int]], shapes: list[Shape]
 ) -> Response:
     """Check each prompt fits, submit them all to the engine, then stream or wait for the whole answer."""
+    limits = state.engine.limits
+    if len(prompts) > limits.max_running + limits.max_queue:  # a 503 would send the client round forever
+        message = (
+            f"prompt: {len(prompts)} prompts, but this server runs and queues at most "
+            f"{limits.max_running + limits.max_queue} at once (--parallel {limits.max_running} + "
+            f"--max-queue {limits.max_queue}); send fewer in one request"
+        )
+        raise APIError(400, message, param="prompt", code="invalid_value")
     for ids in prompts:
         if len(ids) >= state.context_length:
             raise APIError(

@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
-Parameters OpenAI defines that we do not implement (tools, audio, ...) are accepted and
-ignored (`extra="allow"`), so existing clients keep working; the README lists them. `response_format`
-(text, json_object, json_schema) is enforced by gptcli.constraints; `logit_bias` and `logprobs` go to
-the sampling settings (gptcli.sampling).
+Parameters OpenAI defines that we do not implement (tools, audio, ...) are accepted and ignored
+(`extra="allow"`), so existing clients keep working; the README lists them. The known ones are strictly
+typed, as OpenAI checks them. `response_format` (text, json_object, json_schema) is enforced by
+gptcli.constraints; `logit_bias` and `logprobs` go to the sampling settings (gptcli.sampling).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 to 100
 MAX_PROMPTS = 64  # prompts in one completions request (each is one choice)
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (vLLM's default too); legacy completions share it here
 Body = TypeVar("Body", bound=BaseModel)
+# Unknown fields are kept (and ignored); known ones have strict types, as OpenAI's API checks them: "5" is
+# not a number and true is not 1.
+REQUEST_MODEL = ConfigDict(extra="allow", strict=True)
 UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
 
 
@@ -38,8 +41,13 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if MAYBE_SURROGATE.search(raw) and (where := lone_surrogate_at(data)) is not None:
+        message = f"{where}: holds a lone UTF-16 surrogate, which is not text"
+        raise APIError(400, message, param=where, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -51,15 +59,41 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
 
 
+# How a lone surrogate reaches a JSON body: an escape (\ud800) or its UTF-8-like bytes, which json.loads
+# lets through. A valid escaped pair (an emoji as ASCII JSON sends it) matches too, and the walk then finds
+# nothing: it only runs for such bodies.
+MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(data: Any) -> str | None:
+    """The dotted path of the first string (or key) in `data` that holds a lone surrogate, else None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if LONE_SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if LONE_SURROGATE.search(str(key)):
+                    return where
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value) if isinstance(item, (str, dict, list)))
+    return None
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     include_usage: bool = False
 
 
 class JsonSchemaFormat(BaseModel):
     """OpenAI's `response_format.json_schema`: a name, the schema, and `strict` (always enforced here)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(**REQUEST_MODEL, populate_by_name=True)
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
@@ -69,7 +103,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: free text, any JSON object, or JSON that fits a schema."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -93,7 +127,7 @@ class ResponseFormat(BaseModel):
 class SamplingRequest(BaseModel):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -122,11 +156,15 @@ class SamplingRequest(BaseModel):
             return value
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        tokens: dict[int, str] = {}
         for key, bias in value.items():
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit()):
                 raise ValueError(f"keys are token ids (as strings), not {key!r}")
             if not -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE:
                 raise ValueError(f"a bias is between -100 and 100, not {bias} (token {key})")
+            if (token := int(key)) in tokens:
+                raise ValueError(f"token {token} is given twice ({tokens[token]!r} and {key!r})")
+            tokens[token] = key
         return value
 
     @field_validator("n")
@@ -163,6 +201,9 @@ class SamplingRequest(BaseModel):
         changes: dict[str, object] = {
             name: getattr(self, name) for name in (*SAMPLING_KNOBS, "seed") if getattr(self, name) is not None
         }
+        if self.stream_options is not None and not self.stream:
+            message = "stream_options: only allowed when stream is true"
+            raise APIError(400, message, param="stream_options", code="invalid_value")
         if self.seed == -1:
             changes["seed"] = None
         max_tokens = self.requested_max_tokens()
@@ -187,13 +228,13 @@ class SamplingRequest(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     role: Literal[MESSAGE_ROLES]  # type: ignore[valid-type]
     content: str | list[ContentPart] | None = None
 
@@ -206,7 +247,10 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.type != "text" or part.text is None:
                 raise APIError(
-                    400, f"messages.{index}: only text content is supported", param=f"messages.{index}.content"
+                    400,
+                    f"messages.{index}: only text content is supported",
+                    param=f"messages.{index}.content",
+                    code="invalid_value",
                 )
             pieces.append(part.text)
         return "".join(pieces)
@@ -300,11 +344,12 @@ def completion_prompts(
         if isinstance(item, list):
             ids = [int(i) for i in item]
             if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
-                raise APIError(400, f"{where}: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+                message = f"{where}: token ids must be in [0, {tokenizer.vocab_size})"
+                raise APIError(400, message, param="prompt", code="invalid_value")
             prompts.append((ids, tokenizer.decode(ids)))
             continue
         ids = tokenizer.encode(item, add_special_tokens=True)
         if not ids:
-            raise APIError(400, f"{where}: the prompt is empty", param="prompt")
+            raise APIError(400, f"{where}: the prompt is empty", param="prompt", code="invalid_value")
         prompts.append((ids, item))
     return prompts

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from gptcli.server.errors import APIError
-from gptcli.server.schemas import ChatMessage, chat_prompt_ids, parse_body
+from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, chat_prompt_ids, parse_body
 from gptcli.server.state import ServerState
 
 router = APIRouter()
@@ -22,11 +22,11 @@ MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize request (the body limit
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     model: str | None = None
     prompt: str | None = None  # vLLM
     content: str | None = None  # llama.cpp
-    messages: list[ChatMessage] | None = None  # vLLM: the chat template's rendering, as the chat route sends it
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # vLLM: rendered as the chat route does
     add_special_tokens: bool | None = None  # vLLM (default true)
     add_special: bool | None = None  # llama.cpp (default false)
     with_pieces: bool = False  # llama.cpp: each token as {"id", "piece"}
@@ -40,7 +40,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_MODEL
     model: str | None = None
     tokens: list[int] = Field(max_length=MAX_DETOKENIZE)
 
