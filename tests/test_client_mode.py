@@ -180,6 +180,18 @@ def test_a_batch_file_on_the_server_gives_the_local_results(server, tmp_path):
     assert wrong.returncode == 1 and wrong.stderr.decode().count("error: ") == 1 and "401" in wrong.stderr.decode()
 
 
+def test_structured_output_goes_to_the_server_as_response_format(server, tmp_path):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}))
+    args = ("generate", "Who are you?", "-t", "0", "-n", "24", "--json-schema", str(schema))
+    here = ok(run_cli(*args, "-m", server["model"]))
+    assert ok(run_cli(*remote(server, *args))) == here
+    loose = ok(run_cli(*remote(server, "generate", "Hi", "-t", "0", "-n", "24", "--format", "json")))
+    assert loose.startswith("{")  # a JSON object (OpenAI's json_object), whole when it ends before -n
+    refused = run_cli(*remote(server, "generate", "Hi", "--regex", "[0-9]+"))
+    assert refused.returncode == 2 and "OpenAI's API has no regex format" in refused.stderr.decode()
+
+
 def test_a_wrong_key_is_one_clear_error(server):
     result = run_cli("generate", "hi", "--url", server["url"], "--api-key", "wrong")
     err = result.stderr.decode()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gptcli.config import SamplingConfig
+from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError
 from gptcli.fanout import run_streams
@@ -275,6 +275,8 @@ class RemoteModel:
         body.update(
             {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}
         )
+        if params.constraint is not None:
+            body["response_format"] = response_format(params.constraint)
         return body
 
     def _stream(self, path: str, payload: dict[str, Any], *, chat: bool) -> Iterator[Event]:
@@ -330,6 +332,16 @@ class RemoteModel:
             total_s=end - start,
         )
         yield Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
+
+
+def response_format(constraint: OutputConstraint) -> dict[str, Any]:
+    """Structured output in OpenAI's words: `--format json` as a JSON object, `--json-schema` as itself."""
+    if constraint.kind == "json":
+        return {"type": "json_object"}
+    if constraint.kind != "json_schema":
+        raise InputError(f"a {constraint.kind} constraint has no OpenAI format", hint="run the model here")
+    schema = json.loads(constraint.source)
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
 
 
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}

@@ -30,8 +30,11 @@ def output_constraint(json_schema: Path | None, output_format: str | None, regex
     from gptcli.errors import UsageError
 
     constraint = from_flags(json_schema, output_format, regex)
-    if constraint is not None and url is not None:
-        raise UsageError("--json-schema, --format and --regex do not work with --url yet", hint="drop --url")
+    if constraint is not None and constraint.kind == "regex" and url is not None:
+        raise UsageError(
+            "--regex does not work with --url: OpenAI's API has no regex format",
+            hint="use --json-schema or --format json there, or drop --url to run the model here",
+        )
     return constraint
 
 
