@@ -306,3 +306,70 @@ def test_a_working_folder_that_was_deleted(tmp_path):
     result = shell(f'cd {gone} && rmdir {gone} && exec "$@"', "config", "show")
     assert first_error(result) == "error: the current folder no longer exists"
     assert result.returncode == 1
+
+
+# ------------------------------------------------------------------ the third sweep (session 14)
+
+
+def test_write_atomic_follows_a_link_and_writes_through_a_fifo(tmp_path):
+    import threading
+
+    from gptcli.atomicio import write_atomic
+
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_atomic(fifo, "through")
+    reader.join(timeout=10)
+    assert got == [b"through"] and fifo.is_fifo()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_atomic(tmp_path, "x")
+    assert caught.value.filename == str(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError) as caught:
+        write_atomic(tmp_path / "a-file" / "sub.yaml", "x")
+    assert caught.value.filename == str(tmp_path / "a-file" / "sub.yaml")
+
+
+def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))
+    assert first_error(result) == f"error: cannot write {tmp_path / 'a-file' / 'config.yaml'}: Not a directory"
+    assert result.returncode == 6
+
+
+def test_a_batch_from_a_pipe_a_device_and_a_binary_file(tiny_models, tok, tmp_path):
+    lines = '{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}\n'
+    args = ("generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "2", "--batch")
+    # A pipe (what <(cat file) gives): read once, so the progress total must not read it first.
+    piped = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m gptcli \"$@\" <(printf %s '{lines}')", "_", *args],
+        capture_output=True,
+        env={**os.environ, **scripted(tok, "ok")},
+        cwd=REPO,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert [json.loads(line)["id"] for line in piped.stdout.decode().splitlines()] == ["a", "b"]
+    for source in ("/dev/zero", str(tmp_path / "blob.bin")):
+        (tmp_path / "blob.bin").write_bytes(b"PK\x03\x04\x00\x00" + bytes(range(256)) * 4)
+        result = run_cli(*args, source, env=scripted(tok, "ok"), timeout=60)
+        assert first_error(result) == "error: line 1 holds a NUL byte: this is binary data, not JSON Lines"
+        assert result.returncode == 6
+
+
+def test_resume_refuses_a_file_that_does_not_hold_results(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("l1\nimportant last line")
+    result = run_cli("generate", "--batch", str(tmp_path / "in.jsonl"), "-o", str(notes), "--resume")
+    assert first_error(result) == f"error: {notes} does not hold results (its first line is not a result)"
+    assert result.returncode == 6 and notes.read_text() == "l1\nimportant last line"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,9 +17,32 @@ def _default_mode() -> int:
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
-    """Temp file in the same folder + fsync + os.replace. mode defaults to what open() would give."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Temp file in the same folder + fsync + os.replace. mode defaults to what open() would give.
+
+    A symlink is followed: its target is replaced and the link stays. A FIFO or a device (`-o /dev/stdout`)
+    is written through, never replaced. An OSError names `path`, so the one-line error can say which file.
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        target = Path(os.path.realpath(path))
+        if target.exists() and not target.is_file():
+            if target.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            with target.open("wb") as handle:
+                handle.write(payload)
+            return
+        _replace(target, payload, mode)
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+
+
+def _replace(path: Path, payload: bytes, mode: int | None) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where one of the path's folders should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _default_mode() if mode is None else mode)

@@ -21,24 +21,34 @@ MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error r
 
 
 def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread)."""
+    """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread).
+
+    A NUL byte means binary data (a device such as /dev/zero, an archive), not JSON Lines: an InputError,
+    before any more of it is read."""
     number = 0
     while True:
-        line = handle.readline(MAX_LINE_BYTES + 1)
+        line = _text(handle.readline(MAX_LINE_BYTES + 1), number + 1)
         if not line:
             return
         number += 1
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
             while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
-                line = handle.readline(MAX_LINE_BYTES)
+                line = _text(handle.readline(MAX_LINE_BYTES), number)
             yield number, None
         elif line.strip():
             yield number, line
 
 
+def _text(piece: bytes, number: int) -> bytes:
+    if b"\0" in piece:
+        raise InputError(f"line {number} holds a NUL byte: this is binary data, not JSON Lines", hint="check the file")
+    return piece
+
+
 def count_lines(path: Path) -> int | None:
-    """Non-blank lines in a file, read in bounded blocks (for a progress total); None for stdin."""
-    if str(path) == "-":
+    """Non-blank lines in a regular file, read in bounded blocks (for a progress total); None for anything
+    else (stdin, a pipe such as <(…), a device), which can be read only once."""
+    if str(path) == "-" or not path.is_file():
         return None
     lines, last = 0, b"\n"
     with path.open("rb") as handle:
@@ -46,6 +56,20 @@ def count_lines(path: Path) -> int | None:
             lines += block.count(b"\n")
             last = block[-1:]
     return lines + (last != b"\n")
+
+
+def check_results_file(output: Path) -> None:
+    """Before --resume appends to `output` (and cuts a torn last line off it): it must hold results."""
+    if not output.is_file() or output.stat().st_size == 0:
+        return
+    with output.open("rb") as handle:
+        first = handle.readline(MAX_LINE_BYTES + 1)
+    torn = first.startswith(b"{") and not first.endswith(b"\n")  # a kill during the first result's write
+    if not torn and _result_id(first) is None:
+        raise InputError(
+            f"{output} does not hold results (its first line is not a result)",
+            hint="give --output the results file of this batch, or a new file",
+        )
 
 
 def completed_ids(output: Path) -> set[str]:

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.errors import GptcliError
+from gptcli.errors import GptcliError, InputError
 
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
 
@@ -67,15 +67,18 @@ def cache_key(*parts: str, files: Iterable[Path] = (), length: int = 16) -> str:
 
 
 # A failed write that the environment causes (full disk, read-only or foreign folder), not gptcli.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# A path of the wrong shape (a folder where a file goes, a file where a folder goes): the user's input.
+PATH_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 def environment_error(exc: OSError) -> GptcliError | None:
     """A one-line error naming the path and the cause of a write the environment refused, or None.
 
-    A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME).
+    A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME); a path
+    of the wrong shape elsewhere (`-o` a folder, a file where a folder goes) is the user's input (exit 6).
     """
-    if exc.errno not in ENVIRONMENT_ERRNOS:
+    if exc.errno not in ENVIRONMENT_ERRNOS | PATH_ERRNOS or (exc.errno in PATH_ERRNOS and not exc.filename):
         return None
     cause = exc.strerror or str(exc)
     if not exc.filename:  # a write to an open file: Python does not say which
@@ -90,4 +93,6 @@ def environment_error(exc: OSError) -> GptcliError | None:
         else:
             hint = f"make {home or path} writable, or set GPTCLI_HOME to a writable folder"
         return GptcliError(f"cannot write {path}: {cause}", hint=hint)
+    if exc.errno in PATH_ERRNOS:
+        return InputError(f"cannot write {path}: {cause}", hint="check the path")
     return GptcliError(f"{path}: {cause}")
