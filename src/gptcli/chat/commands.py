@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.chat.conversation import read_conversation_file, write_conversation_file
+from gptcli.chat.conversation import ChatFileError, read_conversation_file, write_conversation_file
 from gptcli.chat.session import SAMPLING_KEYS, ChatSession, Turn
 from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.timings import timings_line
@@ -111,7 +111,13 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
     if name == "/load":
         if not arg:
             raise UsageError("usage: /load FILE.json")
-        chat.load(read_conversation_file(Path(arg).expanduser()))
+        path = Path(arg).expanduser()
+        try:
+            chat.load(read_conversation_file(path))
+        except ChatFileError as exc:  # too long to save: refused before anything changed
+            raise InputError(
+                f"cannot load {path}: {exc.message}", hint="trim the file: drop its oldest messages"
+            ) from None
         count = len(chat.conversation.messages)
         return CommandResult(f"loaded {count} messages as conversation {chat.conversation.id}")
     if name == "/stats":

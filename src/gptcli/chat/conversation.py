@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -12,9 +13,25 @@ from typing import Any
 from gptcli.atomicio import write_atomic
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
-from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, over_limit, read_text_file
+from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, MiB, over_limit, read_text_file
 
 FORMAT_VERSION = 1
+# A JSON escape that may stand for a lone surrogate (valid JSON, but no text: it cannot be saved as UTF-8).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class ChatFileError(InputError):
+    """A conversation the store could not read back if it wrote it (over the chat-file limit, or not
+    text): nothing is written."""
+
+
+def not_text(where: str, exc: UnicodeEncodeError) -> InputError:
+    """The error for a lone surrogate (a JSON "\\ud800" escape), which no UTF-8 file can hold."""
+    char = f"U+{ord(exc.object[exc.start]):04X}"
+    return InputError(
+        f"{where} holds {char}, a lone surrogate that is not text",
+        hint=f"remove or fix the \\u{char[2:].lower()} escape in the file",
+    )
 
 
 def chats_dir() -> Path:
@@ -77,7 +94,11 @@ class Conversation:
         for number, m in enumerate(data["messages"], 1):
             if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
                 raise InputError(f"{where}: each message needs a role (user/assistant) and content")
-            if len(str(m.get("content", "")).encode("utf-8", "replace")) > CHAT_MESSAGE.max_bytes:
+            try:
+                size = len(str(m.get("content", "")).encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise not_text(f"{where}: message {number}", exc) from None
+            if size > CHAT_MESSAGE.max_bytes:
                 raise over_limit(f"{where}: message {number}", CHAT_MESSAGE)
             if m["role"] == "system":  # a plain OpenAI-style list: lift the system message out
                 data = {**data, "system": str(m.get("content", ""))}
@@ -109,7 +130,11 @@ def to_markdown(conv: Conversation) -> str:
 
 def read_conversation_file(path: Path, *, default_time: str | None = None) -> Conversation:
     """Load a conversation saved as JSON (by /save, `chats export` or the store); `default_time` dates
-    one whose file says nothing of its times."""
+    one whose file says nothing of its times. A lone surrogate anywhere in it is refused: it could not be saved."""
+    if path.is_dir():
+        raise InputError(
+            f"{path} is a folder: /load needs a conversation file", hint="give a .json file saved with /save FILE.json"
+        )
     if path.suffix.lower() != ".json":
         raise InputError(f"{path}: only JSON conversations can be loaded", hint="save with /save FILE.json")
     text = read_text_file(path, CHAT_FILE)
@@ -119,7 +144,30 @@ def read_conversation_file(path: Path, *, default_time: str | None = None) -> Co
         raise InputError(f"cannot read {path}: {exc}") from None
     if isinstance(data, list):
         data = {"messages": data}
-    return Conversation.from_dict(data, str(path), default_time=default_time)
+    conv = Conversation.from_dict(data, str(path), default_time=default_time)
+    if SURROGATE_ESCAPE.search(text):  # the messages' contents are checked already; this is the rest
+        try:
+            json.dumps(conv.to_dict(), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise not_text(str(path), exc) from None
+    return conv
+
+
+def conversation_json(conv: Conversation) -> bytes:
+    """`conv` as the store writes it: indented JSON, or compact where indented would pass the chat-file limit."""
+    data = conv.to_dict()
+    try:
+        payload = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+        if len(payload) > CHAT_FILE.max_bytes:
+            payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError as exc:
+        error = not_text("the conversation", exc)
+        raise ChatFileError(error.message, hint=error.hint) from None
+    return payload
+
+
+def size_text(size: int) -> str:
+    return f"{size / MiB:.1f} MiB" if size >= MiB else f"{size / 1024:.1f} KiB"
 
 
 def write_conversation_file(conv: Conversation, path: Path) -> str:
@@ -128,8 +176,8 @@ def write_conversation_file(conv: Conversation, path: Path) -> str:
     if suffix in {".md", ".markdown"}:
         write_atomic(path, to_markdown(conv), mode=0o600)
         return "markdown"
-    if suffix == ".json":
-        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
+    if suffix == ".json":  # a copy, even of a chat too long for the store (/load will say so)
+        write_atomic(path, conversation_json(conv), mode=0o600)
         return "json"
     raise UsageError(f"cannot tell the format of {path.name}", hint="name it .md (Markdown) or .json")
 
@@ -145,10 +193,18 @@ class ConversationStore:
         return self.root / f"{conv_id}.json"
 
     def save(self, conv: Conversation) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write `conv`; one the store could not read back is a ChatFileError, and nothing is written."""
         conv.updated = now()
+        payload = conversation_json(conv)
+        if len(payload) > CHAT_FILE.max_bytes:
+            raise ChatFileError(
+                f"as saved, the conversation would be {size_text(len(payload))}: "
+                f"over the {CHAT_FILE.label} limit for {CHAT_FILE.kind}",
+                hint="/reset starts a new conversation (this one stays saved as it was)",
+            )
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.path(conv.id)
-        write_atomic(path, json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        write_atomic(path, payload, mode=0o600)
         return path
 
     def ids(self) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gptcli.chat.conversation import Conversation, ConversationStore, new_id, now
+from gptcli.chat.conversation import ChatFileError, Conversation, ConversationStore, new_id, now
 from gptcli.config import FIELDS, Resolved, SamplingConfig, Settings, suggest, with_sampling
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
@@ -175,7 +175,14 @@ class ChatSession:
             conv.messages.pop()
             conv.window_start = start
             raise
-        self.save()
+        try:
+            self.save(strict=True)
+        except ChatFileError as exc:  # the chat is full: the store keeps it as it was
+            if hasattr(turn.events, "close"):
+                turn.events.close()
+            conv.messages.pop()
+            conv.window_start = start
+            raise InputError(f"cannot add the message: {exc.message}", hint=exc.hint) from None
         return turn
 
     def retry(self) -> Turn:
@@ -223,13 +230,19 @@ class ChatSession:
         self._warned_trim = False
 
     def load(self, conv: Conversation) -> None:
-        """Continue a conversation loaded from a file, as a new saved conversation."""
+        """Continue a conversation loaded from a file, as a new saved conversation. One the store could
+        not read back is refused (ChatFileError) and the chat goes on as it was."""
+        before = self.conversation, self.settings, self._warned_trim
         conv = replace(conv, id=new_id(), model=self.conversation.model)
         self.conversation = conv
         if conv.sampling:
             self.settings = with_sampling(self.settings, **conv.sampling)
         self._warned_trim = False
-        self.save()
+        try:
+            self.save(strict=True)
+        except ChatFileError:
+            self.conversation, self.settings, self._warned_trim = before
+            raise
 
     def set_system(self, text: str) -> None:
         self.conversation.system = text or None
@@ -243,20 +256,30 @@ class ChatSession:
         self.save()
         return stored
 
-    def save(self) -> None:
+    def save(self, *, strict: bool = False) -> None:
         """Save to the store. A store that cannot be written (a read-only home, a full disk) is warned about
-        once and the chat goes on; `save_error` holds the error until a later save succeeds."""
+        once and the chat goes on; `save_error` holds the error until a later save succeeds. So is a
+        conversation the store could not read back (grown past the chat-file limit), unless `strict`:
+        then that raises ChatFileError, and nothing is written."""
         if self.store is None or not self.conversation.messages:
             return
+        error: GptcliError
         try:
             self.store.save(self.conversation)
+        except ChatFileError as exc:
+            if strict:
+                raise
+            error = exc
+        except GptcliError as exc:  # a write the store turned into a one-line error
+            error = exc
         except OSError as exc:
             error = environment_error(exc) or GptcliError(f"cannot save the conversation: {exc}")
-            if self.save_error is None:
-                self.warn(f"{error.message}: the chat goes on unsaved (/save FILE.json keeps a copy elsewhere)")
-            self.save_error = error
+        else:
+            self.save_error = None
             return
-        self.save_error = None
+        if self.save_error is None:
+            self.warn(f"{error.message}: the chat goes on unsaved (/save FILE.json keeps a copy elsewhere)")
+        self.save_error = error
 
     def budget(self) -> tuple[int, int]:
         """(tokens the window uses now, tokens left in the context)."""

@@ -78,11 +78,13 @@ def export(
     """
     from gptcli.atomicio import write_atomic
     from gptcli.chat import ConversationStore, to_markdown
+    from gptcli.chat.conversation import conversation_json
 
     if fmt not in {"md", "json"}:
         raise UsageError(f"--format must be md or json, got {fmt!r}")
     conv = ConversationStore().load(conversation_id)
-    text = to_markdown(conv) if fmt == "md" else json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    # JSON as the store writes it (compact when long), so that /load takes back what the store holds
+    text = to_markdown(conv) if fmt == "md" else conversation_json(conv).decode("utf-8")
     if output is None:
         sys.stdout.write(text)
     else:
