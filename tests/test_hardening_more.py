@@ -373,3 +373,22 @@ def test_resume_refuses_a_file_that_does_not_hold_results(tmp_path):
     result = run_cli("generate", "--batch", str(tmp_path / "in.jsonl"), "-o", str(notes), "--resume")
     assert first_error(result) == f"error: {notes} does not hold results (its first line is not a result)"
     assert result.returncode == 6 and notes.read_text() == "l1\nimportant last line"
+
+
+def test_text_that_is_not_text_is_an_input_error_and_a_batch_lines_own(tiny_models, tok, tmp_path):
+    model = str(tiny_models["llama"])
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"id": "a", "prompt": "\\ud800 x"}\n{"id": "b", "prompt": "fine"}\n')
+    result = run_cli("generate", "-m", model, "-b", "scripted", "-n", "2", "--batch", str(batch), env=scripted(tok, "ok"))
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 0, result.stderr.decode()
+    assert "U+D800, a lone surrogate" in records[0]["error"]["message"] and records[1]["text"]
+    result = subprocess.run(
+        [sys.executable, "-m", "gptcli", "generate", "-m", model, "--to", os.fsdecode(b"\xff"), "hi"],
+        capture_output=True,
+        env={**os.environ, **scripted(tok, "ok"), "GPTCLI_BACKEND": "scripted"},
+        cwd=REPO,
+        timeout=120,
+    )
+    assert first_error(result) == "error: the text holds U+DCFF, a lone surrogate that is not text"
+    assert result.returncode == 6

@@ -20,7 +20,7 @@ from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
 from gptcli.errors import InputError, ModelError, RemoteError
 from gptcli.remote import RemoteModel, _open_httpx, _open_urllib
-from gptcli.remote_tokens import ServedTokenizer, request_pieces
+from gptcli.remote_tokens import ServedTokenizer
 from tests.test_server import PROMPTS, free_port, reference, serve_runtime
 
 pytest.importorskip("fastapi")
@@ -268,12 +268,13 @@ def test_a_llama_server_tokenizer_and_none_at_all(canned, opener):
     assert ServedTokenizer.probe(remote(canned, "ok", opener)) is None  # 404: an estimate it is
 
 
-def test_request_pieces_cut_before_whitespace():
+def test_text_pieces_cut_after_a_newline_else_before_a_space():
+    from gptcli.textio import text_pieces
+
     text = "alpha beta\ngamma delta epsilon " + "x" * 40
-    pieces = request_pieces(text, limit=12)
+    pieces = list(text_pieces(text, 12))
     assert "".join(pieces) == text and all(len(p) <= 12 for p in pieces)
-    assert pieces[:3] == ["alpha beta", "\ngamma", " delta"]
-    assert pieces[3:] == [" epsilon", " " + "x" * 11, "x" * 12, "x" * 12, "x" * 5]  # no space: cut at the limit
+    assert pieces == ["alpha beta\n", "gamma delta", " epsilon", " " + "x" * 11, "x" * 12, "x" * 12, "x" * 5]
 
 
 def test_run_streams_starts_lazily_and_hands_a_streams_error_back():

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gptcli.errors import GptcliError, RemoteError
+from gptcli.textio import text_pieces
 
 CHARS_PER_TOKEN = 4
 PIECE_CHARS = 100_000  # text per /tokenize request: far below a server's body limit, even JSON-escaped
@@ -73,7 +74,7 @@ class ServedTokenizer:
             self._counted.move_to_end(key)
             return list(self._counted[key])
         ids: list[int] = []
-        for index, piece in enumerate(request_pieces(text, PIECE_CHARS)):
+        for index, piece in enumerate(text_pieces(text, PIECE_CHARS)):
             ids += self._tokenize(piece, add_special_tokens=add_special_tokens and index == 0)
         if len(text) <= CACHED_CHARS:
             self._counted[key] = list(ids)
@@ -98,19 +99,3 @@ class ServedTokenizer:
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise RemoteError(f"{self.server.root_url}/tokenize did not answer with token ids")
         return tokens
-
-
-def request_pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
-    """`text` in pieces of at most `limit` characters, each cut just before a space or newline where there is
-    one, so that a word keeps the space before it, as BPE pre-tokenizers group them: for ordinary text the
-    pieces' tokens are the whole text's."""
-    pieces = []
-    start = 0
-    while len(text) - start > limit:
-        end = start + limit
-        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-        cut = cut if cut > start else end
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces

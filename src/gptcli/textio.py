@@ -8,6 +8,7 @@ README's table, "Exit codes and errors") live here, in one place, and so does th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,16 @@ CORPUS_FILE = Limit(128 * MiB, "one training corpus file", "split it into severa
 
 def over_limit(where: str, limit: Limit) -> InputError:
     return InputError(f"{where}: over the {limit.label} limit for {limit.kind}", hint=limit.hint)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in `text` as "U+D800" (a JSON escape or non-UTF-8 bytes made it; it
+    is not text and no UTF-8 file or tokenizer can hold it), or None."""
+    found = LONE_SURROGATE.search(text)
+    return f"U+{ord(found.group()):04X}" if found else None
 
 
 def decode_text(data: bytes, where: str) -> str:
@@ -94,13 +105,15 @@ def read_text_stream(stream: BinaryIO, where: str, limit: Limit) -> str:
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of about `size` characters, each cut after a newline where there is one."""
+    """`text` in pieces of at most `size` characters, each cut after a newline where there is one, else
+    before a space (a word keeps the space in front of it, as BPE pre-tokenizers group them)."""
     start = 0
     while start < len(text):
         end = start + size
         if end < len(text):
             newline = text.rfind("\n", start, end)
-            end = newline + 1 if newline > start else end
+            space = text.rfind(" ", start + 1, end)
+            end = newline + 1 if newline > start else space if space > start else end
         yield text[start:end]
         start = end
 

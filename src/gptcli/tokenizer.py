@@ -13,7 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import GptcliError, ModelError
+from gptcli.errors import GptcliError, InputError, ModelError
+from gptcli.textio import lone_surrogate
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -100,6 +101,12 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; text that holds a lone surrogate (no text at all: see textio) is an InputError."""
+        if (char := lone_surrogate(text)) is not None:
+            raise InputError(
+                f"the text holds {char}, a lone surrogate that is not text",
+                hint="it comes from a \\ud800-style JSON escape or bytes that are not UTF-8: fix the input",
+            )
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

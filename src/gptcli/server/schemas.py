@@ -20,6 +20,7 @@ from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ConfigError, ModelError
 from gptcli.prompts import MESSAGE_ROLES, build_prompt, transcript
 from gptcli.server.errors import APIError
+from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
@@ -63,7 +64,6 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
 # lets through. A valid escaped pair (an emoji as ASCII JSON sends it) matches too, and the walk then finds
 # nothing: it only runs for such bodies.
 MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def lone_surrogate_at(data: Any) -> str | None:
@@ -72,12 +72,12 @@ def lone_surrogate_at(data: Any) -> str | None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if LONE_SURROGATE.search(value):
+            if lone_surrogate(value):
                 return path or "body"
         elif isinstance(value, dict):
             for key, item in value.items():
                 where = f"{path}.{key}" if path else str(key)
-                if LONE_SURROGATE.search(str(key)):
+                if lone_surrogate(str(key)):
                     return where
                 stack.append((where, item))
         elif isinstance(value, list):
