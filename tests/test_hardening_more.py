@@ -379,7 +379,9 @@ def test_text_that_is_not_text_is_an_input_error_and_a_batch_lines_own(tiny_mode
     model = str(tiny_models["llama"])
     batch = tmp_path / "in.jsonl"
     batch.write_text('{"id": "a", "prompt": "\\ud800 x"}\n{"id": "b", "prompt": "fine"}\n')
-    result = run_cli("generate", "-m", model, "-b", "scripted", "-n", "2", "--batch", str(batch), env=scripted(tok, "ok"))
+    result = run_cli(
+        "generate", "-m", model, "-b", "scripted", "-n", "2", "--batch", str(batch), env=scripted(tok, "ok")
+    )
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert result.returncode == 0, result.stderr.decode()
     assert "U+D800, a lone surrogate" in records[0]["error"]["message"] and records[1]["text"]
@@ -392,3 +394,18 @@ def test_text_that_is_not_text_is_an_input_error_and_a_batch_lines_own(tiny_mode
     )
     assert first_error(result) == "error: the text holds U+DCFF, a lone surrogate that is not text"
     assert result.returncode == 6
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "error: --url http://[::1: not a valid URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:abc/v1", "error: --url http://127.0.0.1:abc/v1: not a valid URL"),
+        ("http://a\nb/v1", "error: --url 'http://a\\nb/v1': a URL has no spaces or control characters"),
+        ("http://u:secret@127.0.0.1:9/v1", "error: --url: credentials in the URL would show in every message"),
+    ],
+)
+def test_urls_that_cannot_be_used_are_usage_errors(url, message):
+    result = run_cli("generate", "--url", url, "hi")
+    assert first_error(result).startswith(message) and "secret" not in result.stderr.decode()
+    assert result.returncode == 2

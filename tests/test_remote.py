@@ -152,6 +152,8 @@ class Canned(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         Canned.seen.append(dict(self.headers))
+        if self.path.startswith("/slow/"):
+            time.sleep(3)
         self._send(200, json.dumps({"object": "list", "data": [{"id": "canned", "object": "model"}]}).encode())
 
     def do_POST(self) -> None:
@@ -252,6 +254,25 @@ def test_a_refused_connection(opener):
         list(RemoteModel(f"http://127.0.0.1:{port}/v1", model="m", opener=opener).complete("hi", GREEDY))
     assert caught.value.message.startswith(f"cannot connect to http://127.0.0.1:{port}/v1: ")
     assert "gptcli serve" in caught.value.hint
+
+
+def test_a_lookup_that_never_answers_fails_in_seconds_not_minutes(canned, opener, monkeypatch):
+    import gptcli.remote
+
+    monkeypatch.setattr(gptcli.remote, "LOOKUP_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="did not answer in time"):
+        RemoteModel(f"{canned}/slow/v1", opener=opener).model  # noqa: B018  (the stream timeout stays 600 s)
+    assert time.monotonic() - started < 2.5
+
+
+def test_an_api_key_a_header_cannot_carry_is_a_usage_error_that_does_not_show_it():
+    from gptcli.errors import UsageError
+
+    for key in ("sk-é", "abc\ndef", "two words"):
+        with pytest.raises(UsageError) as caught:
+            RemoteModel("http://127.0.0.1:9/v1", api_key=key, model="m")
+        assert key not in caught.value.message and "--api-key" in caught.value.message
 
 
 def test_a_timeout(canned, opener):

@@ -20,7 +20,7 @@ from typing import Any
 
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
-from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError
+from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
 
 DEFAULTS = SamplingConfig()
@@ -117,6 +117,9 @@ def _opener() -> Callable[..., Reply]:
 _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
 
 
+LOOKUP_TIMEOUT_S = 30.0
+
+
 class RemoteModel:
     """One model behind an OpenAI-compatible base URL (…/v1)."""
 
@@ -132,7 +135,13 @@ class RemoteModel:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
+        if self.api_key and not (self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key):
+            raise UsageError(  # never echoed: it is a secret
+                "the API key (--api-key or OPENAI_API_KEY) holds characters an HTTP header cannot carry",
+                hint="check the key: keys are printable ASCII without spaces",
+            )
+        self.timeout = timeout  # a stream's first byte may wait for a busy server's queue
+        self.lookup_timeout = min(timeout, LOOKUP_TIMEOUT_S)  # /models, /tokenize: answered at once by any server
         self.connect_timeout = connect_timeout
         self._open = opener or _opener()
         self._model = model
@@ -145,7 +154,13 @@ class RemoteModel:
         return self.base_url.removesuffix("/v1")
 
     def _request(
-        self, method: str, path: str, payload: dict[str, Any] | None = None, *, at_root: bool = False
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        at_root: bool = False,
+        timeout: float | None = None,
     ) -> Reply:
         headers = {"Accept": "application/json, text/event-stream"}
         body = None
@@ -156,7 +171,7 @@ class RemoteModel:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = (self.root_url if at_root else self.base_url) + path
         try:
-            reply = self._open(method, url, headers, body, self.timeout, self.connect_timeout)
+            reply = self._open(method, url, headers, body, timeout or self.timeout, self.connect_timeout)
         except TimeoutError:
             raise self._timeout_error() from None
         except ConnectionError as exc:
@@ -200,10 +215,11 @@ class RemoteModel:
     def post_json(self, path: str, payload: dict[str, Any], *, at_root: bool = False) -> Any:
         """POST `payload` to `path` (under the base URL, or the server's root) and read the JSON answer."""
         where = (self.root_url if at_root else self.base_url) + path
-        return self._read_json(self._request("POST", path, payload, at_root=at_root), where)
+        reply = self._request("POST", path, payload, at_root=at_root, timeout=self.lookup_timeout)
+        return self._read_json(reply, where)
 
     def _json(self, path: str) -> Any:
-        return self._read_json(self._request("GET", path), self.base_url + path)
+        return self._read_json(self._request("GET", path, timeout=self.lookup_timeout), self.base_url + path)
 
     def _read_json(self, reply: Reply, where: str) -> Any:
         try:

@@ -24,18 +24,33 @@ DEFAULT_CONTEXT = 4096  # for summarize, when the server does not say its model'
 def check_client_flags(url: str | None, **flags: Any) -> None:
     """Flags about running the model here make no sense with --url: a usage error (exit 2) names them."""
     if url is not None:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise UsageError(
-                f"--url {url}: not an http:// or https:// URL with a host", hint="e.g. --url http://127.0.0.1:8080/v1"
-            )
+        check_url(url)
     given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value not in (None, False)]
     if url is not None and given:
         raise UsageError(
             f"{', '.join(given)}: not used with --url (the model runs on the server)",
             hint="drop them, or drop --url to run the model here",
+        )
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL with a host and, if any, a numeric port; no credentials (they would show in errors)."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. --url http://127.0.0.1:8080/v1"
+    shown = url if url.isprintable() else repr(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise UsageError(f"--url {shown}: not a valid URL ({exc})", hint=example) from None
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise UsageError(f"--url {shown}: a URL has no spaces or control characters", hint=example)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--url {shown}: not an http:// or https:// URL with a host", hint=example)
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            "--url: credentials in the URL would show in every message", hint="give the key with --api-key"
         )
 
 
