@@ -409,3 +409,25 @@ def test_urls_that_cannot_be_used_are_usage_errors(url, message):
     result = run_cli("generate", "--url", url, "hi")
     assert first_error(result).startswith(message) and "secret" not in result.stderr.decode()
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("extra", [["--json"], []], ids=["json", "text"])
+def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, tok, extra):
+    import signal
+    import time
+
+    text = "the leaves fall and the wind carries them over the hill " * 4
+    env = {**os.environ, **scripted(tok, text), "GPTCLI_TEST_DELAY": "0.05"}
+    args = ["generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "200", "hi", *extra]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(4)  # loaded, and some tokens in
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()
+    assert b"Traceback" not in err and err.decode().rstrip().endswith("interrupted")
+    printed = json.loads(out)["text"] if extra else out.decode()
+    assert printed.strip() and text.startswith(printed.strip()) and len(printed) < len(text)
+    if extra:
+        assert json.loads(out)["finish_reason"] == "interrupted"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -122,8 +124,30 @@ def debug_enabled() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a timeout, a service manager), raised as an interrupt: every command keeps what it
+    made as on Ctrl-C (the partial --json object, the finished results), then gptcli exits 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+_terminated = False
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
+    code = _run(argv)
+    return EXIT_TERMINATED if _terminated and code == EXIT_INTERRUPTED else code
+
+
+def _run(argv: list[str] | None) -> int:
+    if threading.current_thread() is threading.main_thread():  # train and serve set their own while they run
+        signal.signal(signal.SIGTERM, _on_sigterm)
     _mark_stdout_errors()
     set_verbosity(NORMAL)  # the root callback sets -q/-v; a run that never reaches it starts from normal
     try:
