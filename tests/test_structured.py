@@ -384,3 +384,29 @@ def test_server_bad_schema_is_400_in_openai_shape(server):
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"].startswith("response_format")
         assert error["message"].startswith(message), error
+
+
+def test_a_grammar_that_matches_nothing_or_gives_out_is_an_error_not_a_quiet_empty_reply(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    nothing = run_cli("generate", "hi", "-m", model, "-n", "4", "--regex", r"[^\s\S]", "--json")
+    assert nothing.returncode == 3, nothing.stderr.decode()
+    assert json.loads(nothing.stdout)["error"] == "the schema or regex matches no text at all"
+    assert nothing.stderr.decode().startswith("error: the reply stopped: the schema or regex matches no text at all")
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"id": "a", "prompt": "hi"}\n')
+    lines = run_cli("generate", "-m", model, "-n", "4", "--batch", str(batch), "--regex", r"[^\s\S]")
+    assert lines.returncode == 0 and "matches no text" in json.loads(lines.stdout)["error"]["message"]
+
+
+def test_server_schema_that_matches_nothing_is_a_400(server):
+    httpx = pytest.importorskip("httpx")
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
+    }
+    response = httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format", response.text
+    assert "matches no text" in response.json()["error"]["message"]
+    streamed = httpx.post(server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=30).text
+    assert '"param":"response_format"' in streamed and streamed.rstrip().endswith("data: [DONE]")

@@ -153,6 +153,8 @@ def _check_prompt_options(data: dict) -> None:
 
 
 def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
+    if finished.reason == "error":  # the line's output grammar could not go on (its own schema or format)
+        return error_record(request.id, finished.error or "generation failed")
     stats = finished.stats
     return {
         "id": request.id,

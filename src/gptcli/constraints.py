@@ -142,6 +142,9 @@ class TokenConstraint:
     def mask(self, logits: np.ndarray) -> np.ndarray | None:
         """A copy of `logits` with every disallowed token at -inf; None when no token is allowed."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if self._matcher.is_error():  # the grammar can go no further (or matches no text at all)
+            self._allowed = None
+            return None
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")  # token i is bit i (little-endian)
         width = logits.shape[-1]
         if bits.shape[0] < width:  # the model has more rows than the tokenizer has tokens: those are never text
@@ -173,6 +176,14 @@ class TokenConstraint:
     @property
     def accepting(self) -> bool:
         return bool(self._matcher.is_accepting())
+
+    @property
+    def error(self) -> str:
+        """Why the grammar can go no further, in one line ("" when it can)."""
+        if not self._matcher.is_error():
+            return ""
+        first = (self._matcher.get_error() or "").strip().splitlines()
+        return first[0] if first else "the grammar failed"
 
 
 class _Bridge:

@@ -7,7 +7,6 @@ batched backend step for summarize, batch files and the server.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +83,7 @@ class Finished:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # None for the first prompt token (nothing predicts it)
+    error: str = ""  # with reason "error": what went wrong, in one line, when it is known (structured output)
 
 
 Event = Token | Finished
@@ -252,10 +252,13 @@ class SequenceDecoder:
         # The front doors check the grammar first; one that still fails ends only this sequence ("error"),
         # never the engine's step that the other sequences share.
         self.constraint: TokenConstraint | None = None
+        self.failure = ""  # why the sequence ends with "error", when it does
         if params.constraint is not None:
             # A grammar that cannot be opened leaves this None: _constrained_pick ends the sequence ("error").
-            with contextlib.suppress(Exception):
+            try:
                 self.constraint = open_constraint(params.constraint, tokenizer)
+            except Exception as exc:
+                self.failure = f"the output grammar could not be opened: {exc}".splitlines()[0]
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = cached_tokens
         self.history = list(prompt_ids)
@@ -323,13 +326,22 @@ class SequenceDecoder:
             return "error"
         masked = constraint.mask(logits)
         if masked is None:  # the grammar allows nothing, not even end-of-sequence
-            return "stop" if constraint.accepting else "error"
+            if constraint.accepting:
+                return "stop"
+            if not self.detok.ids:
+                self.failure = "the schema or regex matches no text at all"
+            else:
+                self.failure = f"no token can continue the output grammar ({constraint.error or 'no match'})"
+            return "error"
         token_id = sample(masked, self.params, self.rng, self.history, self.detok.ids)
         if not constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed one
             token_id = int(np.argmax(masked))
         if constraint.is_end(token_id):  # end-of-sequence is allowed only once the match is complete
             return "stop"
-        return token_id if constraint.advance(token_id) else "error"
+        if constraint.advance(token_id):
+            return token_id
+        self.failure = f"the output grammar failed: {constraint.error or 'a token did not fit'}"
+        return "error"
 
     def finish(self, reason: str, *, stopped: bool = False) -> list[Event]:
         """End the sequence: release held-back text (unless a stop string cut it) and report the stats."""
@@ -359,7 +371,13 @@ class SequenceDecoder:
         )
         self.next_token = None
         self.finished = Finished(
-            reason, stats, "".join(self.pieces), tuple(self.detok.ids), tuple(self.logprobs), self.prompt_logprobs
+            reason,
+            stats,
+            "".join(self.pieces),
+            tuple(self.detok.ids),
+            tuple(self.logprobs),
+            self.prompt_logprobs,
+            self.failure if reason == "error" else "",
         )
         events.append(self.finished)
         return events

@@ -71,5 +71,15 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     exit_if_interrupted(finished)
+    fail_if_errored(finished)
     if show_stats or render.verbosity() >= render.VERBOSE:
         render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
+
+
+def fail_if_errored(finished: Any) -> None:
+    """A reply that ended in error (its structured output could not go on) is an error exit, not a quiet 0."""
+    if finished.reason == "error":
+        from gptcli.errors import ConfigError
+
+        reason = finished.error or "generation failed"
+        raise ConfigError(f"the reply stopped: {reason}", hint="see the README's Structured output section")

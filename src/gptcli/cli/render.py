@@ -125,6 +125,7 @@ def result_fields(finished: Any) -> dict[str, Any]:
     return {
         "text": finished.text,
         "finish_reason": finished.reason,
+        **({"error": finished.error} if getattr(finished, "error", "") else {}),
         "usage": {
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.new_tokens,

@@ -252,8 +252,8 @@ async def respond(
     finished = collector.result()
     if any(f.reason == "cancelled" for f in finished):
         raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
-    if any(f.reason == "error" for f in finished):
-        raise APIError(500, "the engine failed while generating this response")
+    if failed := next((f for f in finished if f.reason == "error"), None):
+        raise failure_error(failed)
     with_logprobs = params.logprobs is not None
     choices = [
         shape.choice(done, OPENAI_FINISH.get(done.reason, "stop"), with_logprobs=with_logprobs)
@@ -261,6 +261,13 @@ async def respond(
     ]
     whole = {**shapes[0].envelope(False), "choices": choices, "usage": usage([f.stats for f in finished])}
     return JSONResponse(whole)
+
+
+def failure_error(finished: Finished) -> APIError:
+    """A reply that ended in error: the request's output grammar (400, with why), else the engine (500)."""
+    if finished.error:  # only structured output says why: the request's own schema or format
+        return APIError(400, f"response_format: {finished.error}", param="response_format", code="invalid_value")
+    return APIError(500, "the engine failed while generating this response")
 
 
 async def merged(sources: list[AsyncIterator[Token | Finished]]) -> AsyncIterator[tuple[int, Token | Finished]]:
@@ -349,7 +356,8 @@ async def stream_body(
             if event.reason == "cancelled":
                 return  # nobody is listening, or the server is stopping: no finish reason is sent
             if event.reason == "error":
-                yield sse(error_body(500, "the engine failed while generating this response"))
+                error = failure_error(event)
+                yield sse(error_body(error.status, error.message, param=error.param, code=error.code))
                 yield DONE
                 return
             if scored[index]:
