@@ -431,3 +431,19 @@ def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, t
     assert printed.strip() and text.startswith(printed.strip()) and len(printed) < len(text)
     if extra:
         assert json.loads(out)["finish_reason"] == "interrupted"
+
+
+def test_options_and_environment_that_were_ignored_or_crashed(tmp_path):
+    result = run_cli("generate", "hi", "--kv-budget", "lots")
+    assert first_error(result) == "error: --output, --resume and --kv-budget go with --batch"
+    assert result.returncode == 2
+    result = run_cli("serve", "--grace", "nan")
+    assert first_error(result) == "error: --grace must be a number of seconds, not nan" and result.returncode == 2
+    result = run_cli("generate", "hi", "-b", "x", env={"GPTCLI_BACKEND_PATHS": "x=os:path"})
+    message = "error: backend 'x' (GPTCLI_BACKEND_PATHS): os:path is not a backend class (no load, unavailable_reason)"
+    assert first_error(result) == message and result.returncode == 4
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "a-file" / "home"
+    result = run_cli("generate", "hi", "-n", "2", env={"GPTCLI_HOME": str(home)})
+    assert first_error(result).startswith(f"error: cannot write {home}") and result.returncode == 1
+    assert f"hint: make {home} writable, or set GPTCLI_HOME to a writable folder" in result.stderr.decode()

@@ -86,8 +86,8 @@ def environment_error(exc: OSError) -> GptcliError | None:
     path = Path(os.fsdecode(exc.filename))
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names
         path = path.parent
-    if any(path == root or root in path.parents for root in (cache_dir(), data_dir())):
-        home = home_dir()
+    roots = [cache_dir(), data_dir(), *([home] if (home := home_dir()) is not None else [])]
+    if any(path == root or root in path.parents for root in roots):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = "free some space, or set GPTCLI_HOME to a folder on another disk"
         else:

@@ -166,14 +166,19 @@ class BackendSpec:
         if self.conflict:
             raise BackendError(self.conflict, hint="uninstall the plugin or rename its entry point")
         module_name, _, attr = self.target.partition(":")
+        hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
         try:
             module = importlib.import_module(module_name)
-            return getattr(module, attr)
+            loaded = getattr(module, attr)
         except Exception as exc:  # a broken plugin must not take the program down with it
             raise BackendError(
-                f"backend '{self.name}' ({self.origin}) failed to load: {type(exc).__name__}: {exc}",
-                hint="reinstall or remove the plugin; `gptcli backends` lists every backend",
+                f"backend '{self.name}' ({self.origin}) failed to load: {type(exc).__name__}: {exc}", hint=hint
             ) from None
+        missing = [name for name in ("load", "unavailable_reason") if not callable(getattr(loaded, name, None))]
+        if not isinstance(loaded, type) or missing:
+            what = f"{self.target} is not a backend class" + (f" (no {', '.join(missing)})" if missing else "")
+            raise BackendError(f"backend '{self.name}' ({self.origin}): {what}", hint=hint)
+        return loaded
 
 
 BUILTINS = {

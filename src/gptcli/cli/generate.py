@@ -137,8 +137,8 @@ def generate(
             remote = open_remote(url, api_key, model)
         options = dict(output=output, resume=resume, parallel=parallel, kv_budget=kv_budget, remote=remote)
         return run_batch_file(settings, batch, **options)
-    if output is not None or resume:
-        raise UsageError("--output and --resume go with --batch", hint="redirect stdout to save a single completion")
+    if output is not None or resume or kv_budget is not None:
+        raise UsageError("--output, --resume and --kv-budget go with --batch", hint="one completion needs none of them")
     # --to and --question are shorthands for the translate and qa templates' variables.
     for name, value, implied in (("to", to, "translate"), ("question", question, "qa")):
         if value is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -74,6 +75,8 @@ def serve(
     """
     from gptcli.server.serving import bind_socket, is_loopback, url_of
 
+    if not math.isfinite(grace):
+        raise UsageError(f"--grace must be a number of seconds, not {grace}", hint="e.g. --grace 10")
     if log_level not in {"critical", "error", "warning", "info", "debug"}:
         raise UsageError(f"--log-level must be one of critical, error, warning, info, debug, got {log_level!r}")
     if not is_loopback(host) and not api_key and not insecure_no_key:
