@@ -447,3 +447,18 @@ def test_options_and_environment_that_were_ignored_or_crashed(tmp_path):
     result = run_cli("generate", "hi", "-n", "2", env={"GPTCLI_HOME": str(home)})
     assert first_error(result).startswith(f"error: cannot write {home}") and result.returncode == 1
     assert f"hint: make {home} writable, or set GPTCLI_HOME to a writable folder" in result.stderr.decode()
+
+
+def test_batch_and_summarize_check_their_paths_and_budget_before_loading(tiny_models, tok, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    missing = str(tmp_path / "no-such-model")  # never reached: the checks come first
+    out = tmp_path / "a-file" / "o.jsonl"
+    result = run_cli("generate", "-m", missing, "--batch", str(tmp_path / "in.jsonl"), "-o", str(out))
+    assert first_error(result) == f"error: cannot write {out}: Not a directory" and result.returncode == 6
+    result = run_cli("summarize", "-m", missing, "--kv-budget", "lots", str(tmp_path / "in.jsonl"))
+    assert first_error(result) == "error: --kv-budget 'lots' is neither a number of tokens nor a size"
+    if Path("/dev/full").exists():  # a full disk under the results: the file is named
+        args = ("generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "2")
+        result = run_cli(*args, "--batch", str(tmp_path / "in.jsonl"), "-o", "/dev/full", env=scripted(tok, "ok"))
+        assert first_error(result) == "error: /dev/full: No space left on device" and result.returncode == 1

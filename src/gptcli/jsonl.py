@@ -8,6 +8,7 @@ back for --resume: a torn last line is settled first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -104,7 +105,9 @@ def open_results(output: Path, *, resume: bool) -> IO[str]:
             _settle_last_line(output)
         return output.open("a", encoding="utf-8")
     except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
+        # mkdir says "File exists" when a file stands where one of the path's folders should be
+        cause = os.strerror(errno.ENOTDIR) if isinstance(exc, FileExistsError) else exc.strerror
+        raise InputError(f"cannot write {output}: {cause}", hint="check the path and its permissions") from None
 
 
 def _settle_last_line(output: Path) -> None:
@@ -154,8 +157,14 @@ class ResultWriter:
                 self._order.remove(index)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        except OSError as exc:  # a full disk: say which file (a write to an open file does not)
+            name = getattr(self.stream, "name", None)
+            if exc.filename or exc.errno is None or not isinstance(name, str) or name.startswith("<"):
+                raise
+            raise type(exc)(exc.errno, exc.strerror, name) from None
         if self.sync:
             with contextlib.suppress(OSError, ValueError):  # a pipe or a terminal: nothing to sync
                 os.fsync(self.stream.fileno())

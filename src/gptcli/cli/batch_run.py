@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,13 +43,14 @@ def run_batch_file(
         source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
-    lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
     skip = completed_ids(output) if resume and output is not None else set()
     if skip:
         render.note(f"resuming: {len(skip)} results already in {output}")
     sink: IO[str]
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(open_results(output, resume=resume)) if output is not None else sys.stdout
+        # The output first: a path that cannot be written fails before the model loads.
+        sink = stack.enter_context(_closed_after(open_results(output, resume=resume))) if output else sys.stdout
+        lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
         summary = run_batch(lines, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
@@ -63,6 +65,18 @@ def run_batch_file(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _closed_after(handle: IO[str]) -> Iterator[IO[str]]:
+    """Close the results file; after a failure (a full disk), quietly: the first error is the one to report."""
+    try:
+        yield handle
+    except BaseException:
+        with contextlib.suppress(OSError):
+            handle.close()
+        raise
+    handle.close()
 
 
 def _lines(settings: Any, numbered_lines: Any, running: int, kv_budget: str | None, remote: Any) -> tuple[Any, Any]:

@@ -153,6 +153,7 @@ def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options
     from gptcli.engine import parse_kv_budget
     from gptcli.summarize import Summarizer
 
+    parse_kv_budget(kv_budget, 1)  # its syntax, before the model loads (a size needs the model's numbers)
     runtime = load_runtime(settings)
     budget = parse_kv_budget(kv_budget, runtime.backend.info.kv_bytes_per_token)
     summarizer = Summarizer(
