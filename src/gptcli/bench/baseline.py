@@ -1,16 +1,23 @@
-"""Compare a run with a saved one: match by (model, backend, precision, test, threads)."""
+"""Compare a run with a saved one: match by (model, backend, precision, test, threads); save a run
+(`--output`, JSON lines); and check those paths and `--fail-below` before anything runs."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
 from gptcli.bench.runner import headline
-from gptcli.errors import GptcliError, InputError
+from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.textio import Limit, MiB, decode_text, read_bounded
 
 KEY_FIELDS = ("model", "backend", "precision", "test", "threads")
+BASELINE_LIMIT = Limit(64 * MiB, "a bench baseline", "compare with recent runs: tail -n 1000 runs.jsonl > recent.jsonl")
+MAX_FAIL_BELOW = 10.0  # a ratio; a larger value is a percentage by mistake (--fail-below 90)
 
 
 def key_of(record: dict[str, Any]) -> tuple:
@@ -20,11 +27,13 @@ def key_of(record: dict[str, Any]) -> tuple:
 def load_records(path: Path) -> list[dict[str, Any]]:
     """A `-o json` document, a JSON list, or JSON lines (`-o jsonl`, `--output FILE`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = read_bounded(handle, str(path), BASELINE_LIMIT)
     except FileNotFoundError:
         raise InputError(f"baseline file not found: {path}", hint="save one with --output FILE or -o json") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read baseline {path}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read baseline {path}: {exc.strerror or exc}") from None
+    text = decode_text(data, str(path))
     try:
         data = json.loads(text)
     except ValueError:
@@ -65,6 +74,16 @@ def compare(records: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> No
         record["baseline"] = {"ratio": round(value / reference, 3), "value": round(reference, 3)}
 
 
+def check_fail_below(ratio: float | None) -> None:
+    """--fail-below: a finite ratio to the baseline (0.9: fail when over 10% slower), above 0 and at most
+    MAX_FAIL_BELOW; NaN, 0 or a negative one could never fail, a percentage (90) always would."""
+    if ratio is not None and not (math.isfinite(ratio) and 0 < ratio <= MAX_FAIL_BELOW):
+        raise UsageError(
+            f"--fail-below must be a ratio to the baseline above 0 and at most {MAX_FAIL_BELOW:g}, got {ratio:g}",
+            hint="e.g. --fail-below 0.9 fails when a result is over 10% slower than the baseline",
+        )
+
+
 def regressions(records: list[dict[str, Any]], fail_below: float) -> list[dict[str, Any]]:
     return [r for r in records if r.get("baseline") and r["baseline"]["ratio"] < fail_below]
 
@@ -85,6 +104,50 @@ def check_regressions(records: list[dict[str, Any]], fail_below: float, baseline
             f"{worst['backend']} {worst['precision']} at {worst['baseline']['ratio']:.2f}x",
             hint=f"compared with {baseline}",
         )
+
+
+def check_output(path: Path | None) -> None:
+    """--output before anything runs: an existing regular file, or a new one (its missing folders are
+    made) under a folder this process may write in; an InputError (exit 6) naming the path otherwise."""
+    if path is None:
+        return
+    hint = "give a file to append the results to, e.g. --output runs.jsonl"
+    mode = _mode_of(path)
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"--output {path} is a folder", hint=hint)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"--output {path} is not a regular file", hint=hint)
+    if mode is not None and not os.access(path, os.R_OK):
+        raise InputError(f"--output {path} cannot be read (the results are appended to it)", hint=hint)
+    folder = path.parent
+    while _mode_of(folder) is None and folder != folder.parent:
+        folder = folder.parent
+    folder_mode = _mode_of(folder)
+    if folder_mode is None or not stat.S_ISDIR(folder_mode):
+        raise InputError(f"--output {path}: {folder} is not a folder", hint=hint)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--output {path}: cannot write in {folder}", hint="choose a folder you may write in")
+
+
+def _mode_of(path: Path) -> int | None:
+    """The st_mode of `path` (links followed), None when nothing is there; an InputError when it cannot be looked at."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise InputError(f"--output {path}: {exc.strerror or exc}", hint="check the path and its permissions") from None
+
+
+def save_results(path: Path, lines: list[str]) -> None:
+    """append_jsonl, a failed write (a full disk, a folder that became read-only) as one line naming the file."""
+    try:
+        append_jsonl(path, lines)
+    except OSError as exc:
+        raise GptcliError(
+            f"cannot append the results to {path}: {exc.strerror or exc}",
+            hint="the results went to stdout only; free some space or fix the path, then run again",
+        ) from None
 
 
 def append_jsonl(path: Path, lines: list[str]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from gptcli.bench.isolation import run_isolated
 from gptcli.bench.job import Job
-from gptcli.bench.measure import peak_memory, time_micro, time_requests
+from gptcli.bench.measure import free_memory_bytes, peak_memory, time_micro, time_requests
 from gptcli.bench.plan import Plan
 from gptcli.bench.roofline import (
     DecodeShape,
@@ -35,6 +35,10 @@ NPL_NOTE = (
     "(a loop over forward where the backend has no native step); t/s is the aggregate over the N sequences "
     "(N x tokens / time), t/s/seq = t/s / N"
 )
+
+# A test runs only when its KV caches fit in this share of the free memory; the rest is for the
+# activations of its batched steps (a prefill of --npl N prompts is one step of N x n_prompt tokens).
+KV_MEMORY_SHARE = 0.5
 
 
 def _quiet(_: str) -> None:
@@ -130,9 +134,31 @@ def run_micro_tests(
         if needed > context:
             skipped.append({"test": test.name, "reason": f"needs {needed} positions; the context holds {context}"})
             continue
+        shortfall = kv_shortfall(backend.info, test)
+        if shortfall is not None:
+            skipped.append({"test": test.name, "reason": shortfall})
+            continue
         notify(f"{common['backend']} {common['precision']}: {test.name}")
         samples = time_micro(backend, test, job.reps, clock=clock, warmup=job.warmup, notify=notify)
         records.append(micro_record(common, test, samples))
+
+
+def kv_shortfall(info: Any, test: MicroTest) -> str | None:
+    """Why `test` cannot run here: the KV caches of its sequences, each at its full length, need more than
+    KV_MEMORY_SHARE of the free memory; None when they fit, or when the backend or system does not say."""
+    per_position = getattr(info, "kv_bytes_per_token", 0) or 0
+    free = free_memory_bytes(info.device) if per_position > 0 else None
+    if not free:
+        return None
+    sequences, length = test.sequences, test.context_needed()
+    kv_bytes = sequences * length * per_position
+    if kv_bytes <= KV_MEMORY_SHARE * free:
+        return None
+    return f"its KV caches ({sequences} x {length} positions) need {_size(kv_bytes)}, over half the {_size(free)} free"
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def run_latency(

@@ -7,6 +7,20 @@ from dataclasses import dataclass
 
 from gptcli.errors import UsageError
 
+# Each parallel sequence costs a cache and a row of every batched step; llama-batched-bench runs go to a
+# few dozen. The KV caches themselves are checked against the free memory before each test (runner).
+MAX_NPL = 256
+MAX_REPETITIONS = 1000  # timed repetitions of each test (llama-bench's default is 5)
+MAX_TESTS = 4096  # tests in one run: sizes x depths x --npl values
+
+
+def check_repetitions(reps: int) -> None:
+    """-r/--repetitions: 1 to MAX_REPETITIONS, else a usage error."""
+    if reps < 1:
+        raise UsageError(f"-r/--repetitions must be at least 1, got {reps}", hint="e.g. -r 5")
+    if reps > MAX_REPETITIONS:
+        raise UsageError(f"-r/--repetitions must be at most {MAX_REPETITIONS}, got {reps}", hint="e.g. -r 5")
+
 
 def split_list(text: str, flag: str) -> list[str]:
     """`a,b,c` → items; an empty item (`1,,2`, `1,`) is a usage error."""
@@ -61,8 +75,10 @@ def int_list_raw(text: str, flag: str) -> list[int]:
 
 
 def npl_list(text: str | None) -> list[int | None]:
-    """--npl: the parallel-sequence counts (each at least 1); [None] without the flag (one sequence, `forward`)."""
-    return [None] if text is None else list(int_list(text, "--npl", minimum=1, example="1,2,4,8"))
+    """--npl: the parallel-sequence counts (1 to MAX_NPL); [None] without the flag (one sequence, `forward`)."""
+    if text is None:
+        return [None]
+    return list(int_list(text, "--npl", minimum=1, maximum=MAX_NPL, example="1,2,4,8"))
 
 
 @dataclass(frozen=True)
@@ -120,10 +136,18 @@ def micro_tests(
     depths: list[int],
     npls: list[int | None] | None = None,
 ) -> list[MicroTest]:
-    """llama-bench's order: for each depth, the pp tests, then tg, then pp+tg pairs; each at every npl."""
+    """llama-bench's order: for each depth, the pp tests, then tg, then pp+tg pairs; each at every npl.
+
+    More than MAX_TESTS tests is a usage error, raised before any is built."""
+    sizes = [(n, 0) for n in prompts if n > 0] + [(0, n) for n in gens if n > 0] + list(dict.fromkeys(pairs))
+    count = len(set(depths)) * len(sizes) * len(set(npls or [None]))
+    if count > MAX_TESTS:
+        raise UsageError(
+            f"{count} tests (test sizes x depths x --npl values) is over the limit of {MAX_TESTS}",
+            hint="run fewer -p/-n/--pg sizes, --depth or --npl values at once",
+        )
     tests: list[MicroTest] = []
     for depth in depths:
-        sizes = [(n, 0) for n in prompts if n > 0] + [(0, n) for n in gens if n > 0] + list(pairs)
         tests += [MicroTest(p, g, depth, npl) for p, g in sizes for npl in npls or [None]]
     if not tests:
         raise UsageError("nothing to benchmark: every test size is 0", hint="e.g. -p 512 -n 128")

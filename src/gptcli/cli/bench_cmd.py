@@ -34,7 +34,7 @@ def bench(
     pg: Annotated[list[str] | None, typer.Option("--pg", help="A ppN+tgM test as 'N,M' (repeatable).")] = None,
     depth: Annotated[str, typer.Option("--depth", "-d", help="KV depths to run each test at ('@ dD').")] = "0",
     npl: Annotated[
-        str | None, typer.Option("--npl", help="Parallel sequences, each step batched (llama-batched-bench).")
+        str | None, typer.Option("--npl", help="Parallel sequences (1-256), each step batched (llama-batched-bench).")
     ] = None,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed repetitions (after a warm-up).")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="micro | latency | train.")] = "micro",
@@ -106,10 +106,11 @@ def bench(
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     if output_format not in report.FORMATS:
         raise UsageError(f"-o/--output-format must be one of {', '.join(report.FORMATS)}, got '{output_format}'")
-    if repetitions < 1:
-        raise UsageError(f"-r/--repetitions must be at least 1, got {repetitions}", hint="e.g. -r 5")
+    spec.check_repetitions(repetitions)
     if fail_below is not None and baseline is None:
         raise UsageError("--fail-below needs --baseline FILE")
+    base_mod.check_fail_below(fail_below)
+    base_mod.check_output(output)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
 
@@ -182,7 +183,7 @@ def bench(
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     if output is not None and records:
-        base_mod.append_jsonl(output, report.jsonl_lines(records, env))
+        base_mod.save_results(output, report.jsonl_lines(records, env))
         c.note(f"appended {len(records)} result(s) to {output}")
     if run.interrupted:
         c.stderr_console().print("interrupted", style="yellow")
