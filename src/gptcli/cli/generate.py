@@ -80,7 +80,7 @@ def generate(
       gptcli generate -f article.txt --to French
       gptcli generate -f report.txt --question "Who signed it?"
       gptcli generate --batch prompts.jsonl -o results.jsonl --parallel 8
-      gptcli generate --batch prompts.jsonl -o results.jsonl --url http://127.0.0.1:8080/v1
+      gptcli generate --batch prompts.jsonl --url http://127.0.0.1:8080/v1
       gptcli generate "hi" --url http://127.0.0.1:8080/v1    # on that server
       gptcli generate -f invoice.txt --json-schema schema.json
     """
