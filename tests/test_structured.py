@@ -410,3 +410,17 @@ def test_server_schema_that_matches_nothing_is_a_400(server):
     assert "matches no text" in response.json()["error"]["message"]
     streamed = httpx.post(server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=30).text
     assert '"param":"response_format"' in streamed and streamed.rstrip().endswith("data: [DONE]")
+
+
+def test_the_compiled_grammar_cache_is_bounded_by_the_size_of_its_schemas(tiny_models, monkeypatch):
+    from gptcli import constraints
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    monkeypatch.setattr(constraints, "MAX_GRAMMAR_SOURCE", 100)
+    first, second = constraints.regex("a" * 60 + "[0-9]+"), constraints.regex("b" * 60 + "[0-9]+")
+    constraints.prepare(first, tok)
+    constraints.prepare(second, tok)
+    bridge = constraints._BRIDGES[tok]
+    assert list(bridge.matchers) == [second] and bridge.source_bytes == len(second.source)
+    assert constraints.open_constraint(first, tok) is not None  # compiled again when asked for again

@@ -42,6 +42,7 @@ ANY_JSON = OutputConstraint("json")
 JSON_OBJECT = OutputConstraint("json_schema", '{"type": "object"}')
 FORMATS = ("text", "json")  # the values of --format
 MAX_GRAMMARS = 64  # compiled grammars kept per tokenizer (the server may see many schemas)
+MAX_GRAMMAR_SOURCE = 2 * 1024 * 1024  # and at most this much schema/regex text behind them (~70 MB compiled)
 REGEX_HINT = "the syntax is Rust's regex crate: no look-around, no back-references"
 SCHEMA_HINT = "see the README's Structured output section for the JSON Schema subset gptcli supports"
 
@@ -89,7 +90,7 @@ def from_flags(schema_file: Path | None, output_format: str | None, pattern: str
     return ANY_JSON if output_format == "json" else None
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint."""
     import llguidance
@@ -196,6 +197,7 @@ class _Bridge:
         self.ll = llguidance.LLTokenizer(tokenizer.to_json(), eos_token=eos or None)
         self.eos = frozenset(self.ll.eos_tokens)
         self.matchers: OrderedDict[OutputConstraint, Any] = OrderedDict()
+        self.source_bytes = 0  # of the cached grammars' schemas and regexes
 
     def matcher(self, constraint: OutputConstraint) -> Any:
         import llguidance
@@ -206,8 +208,13 @@ class _Bridge:
             if prototype.is_error():
                 raise ConfigError(describe(constraint, prototype.get_error()), hint=SCHEMA_HINT)
             self.matchers[constraint] = prototype
-            while len(self.matchers) > MAX_GRAMMARS:
-                self.matchers.popitem(last=False)
+            self.source_bytes += len(constraint.source)
+            # Compiled grammars take ~35x their source in memory: bound both their number and their size.
+            while len(self.matchers) > MAX_GRAMMARS or (
+                self.source_bytes > MAX_GRAMMAR_SOURCE and len(self.matchers) > 1
+            ):
+                evicted, _ = self.matchers.popitem(last=False)
+                self.source_bytes -= len(evicted.source)
         self.matchers.move_to_end(constraint)
         return prototype.deep_copy()
 
