@@ -42,6 +42,12 @@ def test_sampling_key_at_top_level_points_at_section(tmp_path):
     bad = write(tmp_path, "bad.yaml", "temperature: 0.3\n")
     with pytest.raises(ConfigError, match=r"temperature: unknown key \(did you mean 'sampling -> temperature'\?\)"):
         resolve(config_file=bad, environ={}, user_file=tmp_path / "none.yaml")
+    misspelt = write(tmp_path, "misspelt.yaml", "temprature: 0.3\n")
+    with pytest.raises(ConfigError, match=r"temprature: unknown key \(did you mean 'sampling -> temperature'\?\)"):
+        resolve(config_file=misspelt, environ={}, user_file=tmp_path / "none.yaml")
+    section = write(tmp_path, "section.yaml", "samplng: {}\n")
+    with pytest.raises(ConfigError, match=r"samplng: unknown key \(did you mean 'sampling'\?\)"):
+        resolve(config_file=section, environ={}, user_file=tmp_path / "none.yaml")
 
 
 def test_invalid_yaml_names_line(tmp_path):

@@ -270,8 +270,19 @@ def flatten(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
     for key, value in data.items():
         key = str(key)
         if key not in top:
-            nested = [f"{s} -> {key}" for s, t in top.items() if is_dataclass(t) and key in field_types(t)]
-            hint = f" (did you mean '{nested[0]}'?)" if nested else suggest(key, list(top))
+            # A section's key at the top level, as written or misspelt: point at it in its section.
+            inside = {f"{s} -> {k}": k for s, t in top.items() if is_dataclass(t) for k in field_types(t)}
+            nested = [path for path, k in inside.items() if k == key]
+            nested = (
+                nested
+                or difflib.get_close_matches(key, list(top), n=1)
+                or [
+                    path
+                    for path, k in inside.items()
+                    if k in difflib.get_close_matches(key, list(inside.values()), n=1)
+                ]
+            )
+            hint = f" (did you mean '{nested[0]}'?)" if nested else ""
             raise ConfigError(f"{where}: {key}: unknown key{hint}")
         kind = top[key]
         if not is_dataclass(kind):
