@@ -86,7 +86,7 @@ class ServedTokenizer:
         if not ids:
             return ""
         data = self.server.post_json("/detokenize", {"model": self.server.model, "tokens": list(ids)}, at_root=True)
-        text = data.get(self.field, data.get("prompt", data.get("content"))) if isinstance(data, dict) else None
+        text = data.get("prompt", data.get("content")) if isinstance(data, dict) else None  # vLLM's, llama.cpp's
         if not isinstance(text, str):
             raise RemoteError(f"{self.server.root_url}/detokenize did not answer with text")
         return text
