@@ -206,3 +206,18 @@ def test_repl_in_a_read_only_home_keeps_going_and_names_the_path_on_leaving(tiny
         data.chmod(0o700)
     assert "saved as" not in child.before and "Traceback" not in child.before
     assert child.exitstatus == 1
+
+
+def test_sigterm_at_the_prompt_keeps_the_chat_and_exits_143(tiny_models, tok, isolated_home):
+    import signal
+
+    child = spawn(tiny_models, say(tok, "Kept."), "--plain")
+    child.sendline("Hello")
+    child.expect_exact("Kept.")
+    child.expect_exact(PROMPT)
+    child.kill(signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143
+    [conv] = saved_conversations(isolated_home)
+    assert [m["content"] for m in conv["messages"]] == ["Hello", "Kept."]

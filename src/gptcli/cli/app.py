@@ -142,7 +142,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
     code = _run(argv)
-    return EXIT_TERMINATED if _terminated and code == EXIT_INTERRUPTED else code
+    # A command may take the interrupt as its way out (the chat REPL leaves at its prompt): still 143.
+    return EXIT_TERMINATED if _terminated and code in (EXIT_OK, EXIT_INTERRUPTED) else code
 
 
 def _run(argv: list[str] | None) -> int:
