@@ -71,6 +71,7 @@ def test_repetitions_and_the_number_of_tests_are_bounded():
         (["--npl", "257"], "error: --npl: 257 is above 256"),
         (["-r", "1001"], "error: -r/--repetitions must be at most 1000, got 1001"),
         (["-d", ",".join(map(str, range(2049)))], "error: 4098 tests (test sizes x depths x --npl values)"),
+        (["--mode", "train", "--peak-tflops", "nan"], "error: --peak-tflops must be a positive number, got nan"),
     ],
 )
 def test_bounds_exit_2_before_anything_runs(tiny_models, env, args, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -113,6 +114,8 @@ def bench(
     base_mod.check_output(output)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise UsageError(f"--peak-tflops must be a positive number, got {peak_tflops:g}", hint="e.g. --peak-tflops 312")
 
     backends = spec.name_list(backend, "--backend") if backend is not None else None
     precisions = (
