@@ -327,3 +327,41 @@ def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
     assert [(r["backend"], r["test"]) for r in rows] == [("scripted", "pp8")]
     assert len(rows[0]["samples_s"]) == 500
     assert "interrupted" in err.decode()
+
+
+def test_sigterm_reaches_the_worker_as_ctrl_c_keeps_the_finished_results_and_exits_143(tiny_models, env):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    args = ["bench", "-m", str(tiny_models["llama"]), "-b", "scripted", "-p", "8", "-n", "2", "-r", "500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *args, "-o", "jsonl"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env, "GPTCLI_TEST_DELAY": "0.02"},
+        cwd=REPO,
+        start_new_session=True,
+    )
+    for line in proc.stderr:  # wait until pp8 is done and tg2 is under way
+        if b"tg2: repetition 3/500" in line:
+            break
+    proc.send_signal(signal.SIGTERM)  # a kill: only the parent gets it, not the worker
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()
+    rows = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["test"] for r in rows] == ["pp8"] and len(rows[0]["samples_s"]) == 500
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the worker stopped too: nothing is left in the session
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the benchmark worker outlived gptcli bench")

@@ -10,6 +10,7 @@ EXIT_BACKEND = 4
 EXIT_MODEL = 5
 EXIT_INPUT = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class GptcliError(Exception):
@@ -75,3 +76,10 @@ class RemoteError(GptcliError):
     """An OpenAI-compatible server that cannot be reached, or that answered with an error."""
 
     exit_code = EXIT_RUNTIME
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a timeout, a service manager), raised as an interrupt by the handler gptcli.cli.app
+    installs: every command keeps what it made as on Ctrl-C, then gptcli exits 143."""
+
+    seen = False  # one arrived in this process (also where it was passed on as Ctrl-C: bench's worker)

@@ -4,6 +4,7 @@ is its own. This is the parent's side: start the worker, hand it the job, read b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from gptcli.bench.job import Job
-from gptcli.errors import BackendError, ConfigError, GptcliError, InputError, ModelError, UsageError
+from gptcli.errors import BackendError, ConfigError, GptcliError, InputError, ModelError, Terminated, UsageError
 
 
 def error_from_exit_code(code: int) -> type[GptcliError]:
@@ -26,7 +27,8 @@ def error_from_exit_code(code: int) -> type[GptcliError]:
 def run_isolated(job: Job) -> dict[str, Any]:
     """Run `run_job` in a fresh interpreter; its progress goes straight to our stderr.
 
-    Ctrl-C reaches the worker too (same process group): it stops, and hands over what it finished.
+    Ctrl-C reaches the worker too (same process group): it stops, and hands over what it finished; a
+    SIGTERM, which reaches only this process, is passed on to it as Ctrl-C.
     Here the first Ctrl-C only sets a flag (a raising handler could drop the worker's answer in
     flight); a second one kills the worker.
     """
@@ -43,16 +45,21 @@ def run_isolated(job: Job) -> dict[str, Any]:
 
     def on_interrupt(signum: int, _frame: Any) -> None:
         interrupts.append(signum)
+        if signum == signal.SIGTERM:  # a kill reaches only us: pass it on as Ctrl-C (gptcli still exits 143)
+            Terminated.seen = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
         if len(interrupts) > 1:
             proc.kill()
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in signals}
     try:
         out, _ = proc.communicate(replace(job, isolated=True).to_json().encode())
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     stdout = out.decode().strip()
     if not stdout and (interrupts or proc.returncode in (130, -2)):
         raise KeyboardInterrupt

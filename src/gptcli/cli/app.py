@@ -31,7 +31,15 @@ from gptcli.cli import (
 )
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.render import NORMAL, QUIET, VERBOSE, report, set_verbosity
-from gptcli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, GptcliError, UsageError
+from gptcli.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_TERMINATED,
+    GptcliError,
+    Terminated,
+    UsageError,
+)
 from gptcli.paths import environment_error
 
 ROOT_FLAGS = {"-q", "--quiet", "-v", "--verbose"}
@@ -124,26 +132,16 @@ def debug_enabled() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a timeout, a service manager), raised as an interrupt: every command keeps what it
-    made as on Ctrl-C (the partial --json object, the finished results), then gptcli exits 143."""
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
-    global _terminated
-    _terminated = True
+    Terminated.seen = True
     raise Terminated()
-
-
-_terminated = False
-EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
     code = _run(argv)
     # A command may take the interrupt as its way out (the chat REPL leaves at its prompt): still 143.
-    return EXIT_TERMINATED if _terminated and code in (EXIT_OK, EXIT_INTERRUPTED) else code
+    return EXIT_TERMINATED if Terminated.seen and code in (EXIT_OK, EXIT_INTERRUPTED) else code
 
 
 def _run(argv: list[str] | None) -> int:
