@@ -284,42 +284,34 @@ def test_train_mode_on_the_tiny_preset(env):
     assert bad.returncode == 3 and bad.stderr.decode().startswith("error: unknown preset 'tinyy'")
 
 
-def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
+def _slow_bench_under_way(tiny_models, env, backends: str):
+    """`gptcli bench` in a session of its own, returned once pp8 is done and tg2 is under way."""
     import os
-    import signal
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
+    args = ["bench", "-m", str(tiny_models["llama"]), "-b", backends, "-p", "8", "-n", "2", "-r", "500", "-o", "jsonl"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gptcli",
-            "bench",
-            "-m",
-            str(tiny_models["llama"]),
-            "-b",
-            "scripted,scripted2",
-            "-p",
-            "8",
-            "-n",
-            "2",
-            "-r",
-            "500",
-            "-o",
-            "jsonl",
-        ],
+        [sys.executable, "-m", "gptcli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **env, "GPTCLI_TEST_DELAY": "0.02"},
         cwd=REPO,
         start_new_session=True,
     )
-    for line in proc.stderr:  # wait until pp8 is done and tg2 is under way
+    for line in proc.stderr:
         if b"tg2: repetition 3/500" in line:
             break
+    return proc
+
+
+def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
+    import os
+    import signal
+
+    proc = _slow_bench_under_way(tiny_models, env, "scripted,scripted2")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
@@ -332,24 +324,9 @@ def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
 def test_sigterm_reaches_the_worker_as_ctrl_c_keeps_the_finished_results_and_exits_143(tiny_models, env):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from tests.conftest import REPO
-
-    args = ["bench", "-m", str(tiny_models["llama"]), "-b", "scripted", "-p", "8", "-n", "2", "-r", "500"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptcli", *args, "-o", "jsonl"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **env, "GPTCLI_TEST_DELAY": "0.02"},
-        cwd=REPO,
-        start_new_session=True,
-    )
-    for line in proc.stderr:  # wait until pp8 is done and tg2 is under way
-        if b"tg2: repetition 3/500" in line:
-            break
+    proc = _slow_bench_under_way(tiny_models, env, "scripted")
     proc.send_signal(signal.SIGTERM)  # a kill: only the parent gets it, not the worker
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err.decode()

@@ -20,22 +20,14 @@ from gptcli.bench.job import Job
 from gptcli.bench.spec import MicroTest
 from gptcli.errors import InputError, UsageError
 from gptcli.textio import Limit
+from tests import test_bench_npl
 from tests.conftest import run_cli
-from tests.test_bench_backends import REGISTRY, SteppingScripted
+from tests.test_bench_backends import SteppingScripted
 
 MiB = 2**20
 
 
-@pytest.fixture
-def env(isolated_home):
-    """The scripted backends, and a bandwidth seeded into the cache so no test measures the machine."""
-    from gptcli.bench.roofline import device_key
-
-    cache = isolated_home / "cache" / "bench"
-    cache.mkdir(parents=True)
-    seeded = {"bytes_per_s": 20e9, "method": "seeded", "device": "cpu", "measured_at": "2026-01-01T00:00:00+00:00"}
-    (cache / "bandwidth.json").write_text(json.dumps({device_key("cpu"): seeded}))
-    return {"GPTCLI_BACKEND_PATHS": REGISTRY, "GPTCLI_TEST_SCRIPT": json.dumps([5] * 400)}
+env = test_bench_npl.env  # the same scripted backends and seeded bandwidth: one definition
 
 
 def bench(model: Path, *args: str, env: dict[str, str]):

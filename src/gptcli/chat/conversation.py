@@ -13,7 +13,7 @@ from typing import Any
 from gptcli.atomicio import write_atomic
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
-from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, MiB, over_limit, read_text_file
+from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, MiB, lone_surrogate, over_limit, read_text_file
 
 FORMAT_VERSION = 1
 # A JSON escape that may stand for a lone surrogate (valid JSON, but no text: it cannot be saved as UTF-8).
@@ -25,9 +25,9 @@ class ChatFileError(InputError):
     text): nothing is written."""
 
 
-def not_text(where: str, exc: UnicodeEncodeError) -> InputError:
-    """The error for a lone surrogate (a JSON "\\ud800" escape), which no UTF-8 file can hold."""
-    char = f"U+{ord(exc.object[exc.start]):04X}"
+def not_text(where: str, char: str) -> InputError:
+    """The error for a lone surrogate `char` ("U+D800", from a JSON "\\ud800" escape: see
+    textio.lone_surrogate), which no UTF-8 file can hold."""
     return InputError(
         f"{where} holds {char}, a lone surrogate that is not text",
         hint=f"remove or fix the \\u{char[2:].lower()} escape in the file",
@@ -94,11 +94,10 @@ class Conversation:
         for number, m in enumerate(data["messages"], 1):
             if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
                 raise InputError(f"{where}: each message needs a role (user/assistant) and content")
-            try:
-                size = len(str(m.get("content", "")).encode("utf-8"))
-            except UnicodeEncodeError as exc:
-                raise not_text(f"{where}: message {number}", exc) from None
-            if size > CHAT_MESSAGE.max_bytes:
+            content = str(m.get("content", ""))
+            if (char := lone_surrogate(content)) is not None:
+                raise not_text(f"{where}: message {number}", char)
+            if len(content.encode("utf-8")) > CHAT_MESSAGE.max_bytes:
                 raise over_limit(f"{where}: message {number}", CHAT_MESSAGE)
             if m["role"] == "system":  # a plain OpenAI-style list: lift the system message out
                 data = {**data, "system": str(m.get("content", ""))}
@@ -145,11 +144,9 @@ def read_conversation_file(path: Path, *, default_time: str | None = None) -> Co
     if isinstance(data, list):
         data = {"messages": data}
     conv = Conversation.from_dict(data, str(path), default_time=default_time)
-    if SURROGATE_ESCAPE.search(text):  # the messages' contents are checked already; this is the rest
-        try:
-            json.dumps(conv.to_dict(), ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise not_text(str(path), exc) from None
+    # The messages' contents are checked already; an escape in the file may hide one in the rest.
+    if SURROGATE_ESCAPE.search(text) and (char := lone_surrogate(json.dumps(conv.to_dict(), ensure_ascii=False))):
+        raise not_text(str(path), char)
     return conv
 
 
@@ -161,7 +158,7 @@ def conversation_json(conv: Conversation) -> bytes:
         if len(payload) > CHAT_FILE.max_bytes:
             payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
     except UnicodeEncodeError as exc:
-        error = not_text("the conversation", exc)
+        error = not_text("the conversation", f"U+{ord(exc.object[exc.start]):04X}")  # utf-8 fails only there
         raise ChatFileError(error.message, hint=error.hint) from None
     return payload
 

@@ -169,19 +169,22 @@ class ChatSession:
         conv = self.conversation
         conv.messages.append({"role": "user", "content": text, "time": now()})
         start = conv.window_start
-        try:
-            turn = self._reply(self.fit())
-        except GptcliError:  # not sent (too long, or a server that refused it): not kept, nothing dropped for it
+
+        def take_back() -> None:  # the message is not kept, and nothing was dropped for it
             conv.messages.pop()
             conv.window_start = start
+
+        try:
+            turn = self._reply(self.fit())
+        except GptcliError:  # not sent: too long, or a server that refused it
+            take_back()
             raise
         try:
             self.save(strict=True)
         except ChatFileError as exc:  # the chat is full: the store keeps it as it was
             if hasattr(turn.events, "close"):
                 turn.events.close()
-            conv.messages.pop()
-            conv.window_start = start
+            take_back()
             raise InputError(f"cannot add the message: {exc.message}", hint=exc.hint) from None
         return turn
 
