@@ -103,7 +103,7 @@ def parse_request(
         if unknown:
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
-        line_settings = with_sampling(settings, **changes) if changes else settings
+        line_settings = with_sampling(settings, "the line's `{key}`", **changes) if changes else settings
         system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")

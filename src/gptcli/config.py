@@ -350,7 +350,13 @@ def resolve(
     return Resolved(Settings(**top, sampling=sampling), sources)
 
 
-def with_sampling(settings: Settings, **changes: Any) -> Settings:
-    """A copy of settings with some sampling values changed (validated like any other layer)."""
-    checked = {k: coerce(FIELDS[f"sampling.{k}"], v, FIELDS[f"sampling.{k}"].flag) for k, v in changes.items()}
+def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> Settings:
+    """A copy of settings with some sampling values changed (validated like any other layer).
+
+    `where` names the source in an error, formatted with the value's `key` and `flag` (a batch line
+    says "the line's `{key}`", not the command-line flag it did not use)."""
+    checked = {}
+    for key, value in changes.items():
+        spec = FIELDS[f"sampling.{key}"]
+        checked[key] = coerce(spec, value, where.format(key=key, flag=spec.flag))
     return replace(settings, sampling=replace(settings.sampling, **checked))

@@ -86,8 +86,8 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
             raise UsageError("usage: /set KEY VALUE", hint="settings: " + ", ".join(SAMPLING_KEYS))
         try:
             stored = chat.set_sampling(key, value.strip())
-        except ConfigError as exc:  # the flag-oriented message names --flags; say it in /set terms
-            raise UsageError(f"/set {key}: {exc.message.split(': ', 1)[-1]}") from None
+        except ConfigError as exc:  # its message names "/set KEY" (set_sampling); its hint names the flag
+            raise UsageError(exc.message) from None
         return CommandResult(f"{key} = {stored}")
     if name == "/show":
         return CommandResult(show_text(chat, backend_name))

@@ -253,7 +253,7 @@ class ChatSession:
 
     def set_sampling(self, key: str, raw: str) -> Any:
         value = parse_setting(key, raw)
-        self.settings = with_sampling(self.settings, **{key: value})
+        self.settings = with_sampling(self.settings, "/set {key}", **{key: value})
         stored = getattr(self.settings.sampling, key)
         self.conversation.sampling[key] = list(stored) if isinstance(stored, tuple) else stored
         self.save()
