@@ -160,6 +160,17 @@ def test_gptcli_plugins_limits_loading(plugin_env, value, expected):
     assert rows["torch"][0]["origin"] == "built-in"
 
 
+def test_a_plugin_name_no_plugin_has_is_a_warning(plugin_env):
+    result = run_cli("backends", "--json", env={**plugin_env, "GPTCLI_PLUGINS": "godo,good"})
+    assert result.returncode == 0
+    warning = result.stderr.decode()
+    assert warning.startswith("warning: GPTCLI_PLUGINS names 'godo' (did you mean 'good'?), which no installed")
+    assert "'good'" not in warning.split("installed plugins:")[0].replace("(did you mean 'good'?)", "")
+    assert "good" in _rows(result)
+    quiet = run_cli("backends", "--json", env={**plugin_env, "GPTCLI_PLUGINS": "good"})
+    assert quiet.stderr.decode() == ""
+
+
 def test_a_plugin_turned_off_says_so(plugin_env):
     result = run_cli("generate", "hi", "--backend", "good", env={**plugin_env, "GPTCLI_PLUGINS": "none"})
     assert result.returncode == 4

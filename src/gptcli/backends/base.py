@@ -249,6 +249,30 @@ def list_backends() -> list[BackendSpec]:
     return specs
 
 
+def unmatched_plugin_names() -> list[str]:
+    """Names in GPTCLI_PLUGINS that no installed plugin has (a typo there hides every plugin silently)."""
+    allowed = _plugin_filter()
+    if not allowed:
+        return []
+    installed = {ep.name for ep in _plugin_entry_points()}
+    return sorted(allowed - installed)
+
+
+def plugin_filter_warning() -> str | None:
+    """What to tell a user whose GPTCLI_PLUGINS names a plugin that is not installed, or None."""
+    from gptcli.config import suggest
+
+    unmatched = unmatched_plugin_names()
+    if not unmatched:
+        return None
+    installed = sorted({ep.name for ep in _plugin_entry_points()})
+    names = ", ".join(f"'{name}'{suggest(name, installed)}" for name in unmatched)
+    return (
+        f"{PLUGINS_ENV} names {names}, which no installed plugin has"
+        f" (installed plugins: {', '.join(installed) or 'none'})"
+    )
+
+
 def get_backend_class(name: str) -> type[Backend]:
     """Import and return only the selected backend's class."""
     builtin = _builtin_spec(name)
