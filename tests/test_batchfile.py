@@ -235,3 +235,19 @@ def test_lines_that_share_a_start_read_it_once_and_answer_as_alone(model):
         assert result["text"] == _alone(model, shots + question, raw=True).text
     cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results]
     assert cached[:2] == [0, 0] and all(c > 0 and c % 8 == 0 for c in cached[2:])  # after the first two finish
+
+
+def test_live_token_count_equals_the_tokens_generated(model):
+    """Text held back (a possible stop string) comes out once more at the end: it is not a new token."""
+    _, tok = model
+    script = [*tok.encode("Hello wor", add_special_tokens=False), min(tok.eos_ids)]
+    backend = ScriptedBackend(script, tok.vocab_size, context_length=64)
+    line = json.dumps({"prompt": "hi", "stop": ["Hello world"]}).encode()
+    requests = [parse_request(1, line, tok, SETTINGS, 64)]
+    counted: list[int] = []
+    stream = io.StringIO()
+    engine = Engine(backend, tok, EngineLimits(max_running=1))
+    summary = run_batch(LocalLines(engine), requests, ResultWriter(stream, sync=False), on_token=counted.append)
+    (result,) = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert result["text"] == "Hello wor"
+    assert sum(counted) == summary.completion_tokens == len(script) - 1

@@ -177,12 +177,18 @@ class Lines(Protocol):
     """Where the lines run: `check` refuses one that can never run (its error is the line's result), `run`
     yields (position in `requests`, event), or a GptcliError in place of a line's Finished."""
 
+    # Whether every streamed piece is a token: a server streams about one a piece, with no ids; the local
+    # engine gives ids, and a piece without one is held-back text of tokens already counted.
+    pieces_are_tokens: bool
+
     def check(self, request: BatchRequest) -> None: ...
     def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]: ...
 
 
 class LocalLines:
     """The lines through this process's engine."""
+
+    pieces_are_tokens = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -197,6 +203,8 @@ class LocalLines:
 
 class RemoteLines:
     """The lines as requests to an OpenAI-compatible server (`gptcli.remote.RemoteModel`), `parallel` at a time."""
+
+    pieces_are_tokens = True
 
     def __init__(self, remote: Any, parallel: int) -> None:
         self.remote = remote
@@ -213,6 +221,10 @@ class RemoteLines:
         if request.text is not None:
             return functools.partial(self.remote.complete, request.text, params)
         return functools.partial(self.remote.chat, request.messages, params)
+
+
+def _is_new_token(event: Event | GptcliError, lines: Lines) -> bool:
+    return isinstance(event, Token) and (event.id is not None or lines.pieces_are_tokens)
 
 
 def run_batch(
@@ -280,7 +292,7 @@ def run_batch(
                 writer.add(request.index, record)
                 if on_result is not None:
                     on_result(summary)
-            elif on_token is not None and isinstance(event, Token):
+            elif on_token is not None and _is_new_token(event, lines):
                 on_token(1)
     except KeyboardInterrupt:
         summary.interrupted = True
