@@ -263,3 +263,20 @@ class LongestPiece:
     def encode(self, text, **kwargs):
         self.longest = max(self.longest, len(text))
         return self.tok.encode(text, **kwargs)
+
+
+def test_sizes_are_written_one_way():
+    from gptcli.textio import human_bytes
+
+    sizes = [0, 800, 1024, 1536, 2**20 - 1, 32 * 2**20, int(1.6 * 2**30), 5000 * 2**30]
+    assert [human_bytes(n) for n in sizes] == [
+        "0 B",
+        "800 B",
+        "1 KiB",
+        "1.5 KiB",
+        "1 MiB",
+        "32 MiB",
+        "1.6 GiB",
+        "5000 GiB",
+    ]
+    assert human_bytes(256.57 * 2**20, digits=2) == "256.57 MiB"

@@ -22,6 +22,20 @@ BINARY_PROBE = 65536
 PIECE_CHARS = 1 << 20  # a long text is tokenized a piece at a time: one encoding of a whole big text costs GBs
 
 
+def human_bytes(size: float, digits: int = 1) -> str:
+    """A byte count in binary units, the one way gptcli writes a size: "1.5 GiB", "32 MiB", "800 B".
+
+    `digits` decimals, dropped when they are all zero."""
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        text = f"{size:.{digits}f}"
+        if float(text) < 1024 or unit == "GiB":  # 1023.99 KiB shows as 1 MiB, not 1024 KiB
+            break
+    return f"{text.rstrip('0').rstrip('.') if '.' in text else text} {unit}"
+
+
 @dataclass(frozen=True)
 class Limit:
     """The most bytes one kind of input may hold, what to call it in the error, and the way out."""
@@ -32,7 +46,7 @@ class Limit:
 
     @property
     def label(self) -> str:
-        return f"{self.max_bytes // MiB} MiB" if self.max_bytes >= MiB else f"{self.max_bytes // 1024} KiB"
+        return human_bytes(self.max_bytes)
 
 
 PROMPT = Limit(16 * MiB, "a prompt", "split it, or use `gptcli summarize` for a long document")

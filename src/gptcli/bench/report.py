@@ -10,18 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from gptcli.bench.stats import mean_sd_text
+from gptcli.textio import human_bytes
 
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 SCHEMA = 1
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+def _bytes_cell(n: float | None) -> str:
+    return "" if n is None else human_bytes(n, digits=2)
 
 
 def human_count(n: int | None) -> str:
@@ -70,7 +66,7 @@ def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     for r in records:
         row = [
             r["model"],
-            human_bytes(r.get("size_bytes")),
+            _bytes_cell(r.get("size_bytes")),
             human_count(r.get("params")),
             _backend(r),
             str(r["threads"]),

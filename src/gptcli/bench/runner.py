@@ -24,6 +24,7 @@ from gptcli.bench.roofline import (
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.errors import BackendError, GptcliError
+from gptcli.textio import human_bytes
 
 Notify = Callable[[str], None]
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -154,11 +155,8 @@ def kv_shortfall(info: Any, test: MicroTest) -> str | None:
     kv_bytes = sequences * length * per_position
     if kv_bytes <= KV_MEMORY_SHARE * free:
         return None
-    return f"its KV caches ({sequences} x {length} positions) need {_size(kv_bytes)}, over half the {_size(free)} free"
-
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+    need, have = human_bytes(kv_bytes), human_bytes(free)
+    return f"its KV caches ({sequences} x {length} positions) need {need}, over half the {have} free"
 
 
 def run_latency(

@@ -13,7 +13,7 @@ from typing import Any
 from gptcli.atomicio import write_atomic
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
-from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, MiB, lone_surrogate, over_limit, read_text_file
+from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
 
 FORMAT_VERSION = 1
 # A JSON escape that may stand for a lone surrogate (valid JSON, but no text: it cannot be saved as UTF-8).
@@ -163,10 +163,6 @@ def conversation_json(conv: Conversation) -> bytes:
     return payload
 
 
-def size_text(size: int) -> str:
-    return f"{size / MiB:.1f} MiB" if size >= MiB else f"{size / 1024:.1f} KiB"
-
-
 def write_conversation_file(conv: Conversation, path: Path) -> str:
     """Save as Markdown (.md) or JSON (.json); returns the format used."""
     suffix = path.suffix.lower()
@@ -195,7 +191,7 @@ class ConversationStore:
         payload = conversation_json(conv)
         if len(payload) > CHAT_FILE.max_bytes:
             raise ChatFileError(
-                f"as saved, the conversation would be {size_text(len(payload))}: "
+                f"as saved, the conversation would be {human_bytes(len(payload))}: "
                 f"over the {CHAT_FILE.label} limit for {CHAT_FILE.kind}",
                 hint="/reset starts a new conversation (this one stays saved as it was)",
             )
