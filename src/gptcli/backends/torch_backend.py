@@ -162,6 +162,15 @@ def _check_precision(precision: str, device: str) -> bool:
     return quantized
 
 
+def _avoid_cudnn_attention() -> None:
+    """Decode without cuDNN's attention: it builds an execution plan for each new key length, that is every
+    decode step. Measured on an H200 (a 135M Llama, 40 steps from 37 positions): 79 ms a step in float16
+    with it, 17 ms without (bfloat16 99 vs 21); float32 never used it (24 ms either way)."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class TorchBackend:
     """transformers AutoModelForCausalLM on CPU or CUDA; prefill once, then one token per step.
 
@@ -214,6 +223,8 @@ class TorchBackend:
         precision = options.precision or "fp32"
         quantized = _check_precision(precision, options.device)
         device = "cpu" if quantized else resolve_device(options.device)  # quantized weights: CPU kernels
+        if device == "cuda":
+            _avoid_cudnn_attention()
         if device == "cpu":
             warning = cpu_dtype(options.dtype).warning
             if warning:
