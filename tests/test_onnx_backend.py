@@ -102,11 +102,18 @@ def test_cuda_keeps_the_cache_on_the_gpu_and_matches_torch(tiny_models, precisio
     assert backend.device == "cuda" and backend.session.get_providers()[0] == "CUDAExecutionProvider"
     cache = backend.new_cache()
     assert {block.device_name().lower() for block in backend.pool.blocks} == {"cuda"}  # IO binding, no host copies
-    reference = TorchBackend.load(folder, LoadOptions(device="cpu", dtype="float32"))
+    # int4: the same 4-bit weights on the CPU (on this sharpened tiny model, 4 bits alone move the logits far
+    # from float32's: correlation 0.84 on either device, measured on an H200); fp16: torch in float32.
+    # CUDA computes int4 in float16, the CPU quantizes activations to int8: 0.9985 between them there.
+    if precision == "int4":
+        reference = OnnxBackend.load(folder, LoadOptions(device="cpu", precision=precision))
+    else:
+        reference = TorchBackend.load(folder, LoadOptions(device="cpu", dtype="float32"))
     prompt = list(range(3, 20))
     got, cache = backend.forward(prompt, cache)
     want, _ = reference.forward(prompt, reference.new_cache())
-    assert np.corrcoef(got, want)[0, 1] > (0.999 if precision == "fp16" else 0.98)
+    assert np.corrcoef(got, want)[0, 1] > (0.999 if precision == "fp16" else 0.995)
+    assert int(np.argmax(got)) == int(np.argmax(want))
     step, cache = backend.forward([int(np.argmax(got))], cache)  # a decode step on the device-resident cache
     assert cache.length == len(prompt) + 1 and np.isfinite(step).all()
 
