@@ -139,6 +139,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except with GPTCLI_DEBUG=1)."""
+    Terminated.seen = False  # per run: tests run several in one process
     code = _run(argv)
     # A command may take the interrupt as its way out (the chat REPL leaves at its prompt): still 143.
     return EXIT_TERMINATED if Terminated.seen and code in (EXIT_OK, EXIT_INTERRUPTED) else code

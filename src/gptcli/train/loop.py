@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gptcli.errors import Terminated
 from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
@@ -54,6 +55,8 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGTERM:
+            Terminated.seen = True  # the run still ends as on Ctrl-C, then gptcli exits 143
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
