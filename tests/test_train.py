@@ -423,6 +423,22 @@ def test_config_precedence():
     assert (shakespeare.optim.lr, shakespeare.optim.min_lr) == (3e-3, 3e-4)
 
 
+def test_a_learning_rate_alone_brings_its_own_floor(tmp_path):
+    """README's fine-tune example: --lr 5e-5 under the default preset (min_lr 3e-4) was a config error."""
+    from gptcli.errors import ConfigError
+    from gptcli.train.config import load_config
+
+    optim = load_config(preset="shakespeare-char", flags={"optim.lr": 5e-5}).optim
+    assert (optim.lr, optim.min_lr) == (5e-5, 5e-6)
+    assert load_config(preset="shakespeare-char", sets=["optim.lr=1e-5"]).optim.min_lr == 1e-6
+    config = tmp_path / "train.yaml"
+    config.write_text("optim: {lr: 1.0e-3, min_lr: 2.0e-4}\n")
+    assert load_config(preset="tiny", config_file=config).optim.min_lr == 2e-4  # set beside its lr: kept
+    assert load_config(preset="tiny", sets=["optim.min_lr=1e-6"], flags={"optim.lr": 5e-5}).optim.min_lr == 1e-6
+    with pytest.raises(ConfigError, match=r"min_lr in \[0, lr\] \(lr 5e-05, min_lr 0.001\)"):
+        load_config(preset="tiny", sets=["optim.min_lr=1e-3"], flags={"optim.lr": 5e-5})  # asked for: refused
+
+
 def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
     from gptcli.train.data import ENCODE_CHUNK, prepare
 

@@ -90,6 +90,7 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed: everything else must match the run's config.
+MIN_LR_RATIO = 10  # optim.min_lr = optim.lr / this when only the learning rate is given (nanoGPT, Chinchilla)
 RESUMABLE_CHANGES = ("train.max_iters", "train.device", "train.threads", "train.compile", "eval.", "checkpoint.")
 CHOICES = {
     "data.tokenizer": ("char", "bpe", "init"),
@@ -146,8 +147,10 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def build(flat: Mapping[str, Any], where: Mapping[str, str]) -> TrainConfig:
-    """Dotted values (already checked for unknown keys) → a validated TrainConfig."""
+def build(flat: Mapping[str, Any], where: Mapping[str, str], *, min_lr_follows: bool = False) -> TrainConfig:
+    """Dotted values (already checked for unknown keys) → a validated TrainConfig.
+
+    `min_lr_follows`: optim.min_lr becomes optim.lr / MIN_LR_RATIO (nanoGPT's ratio)."""
     top = field_types(TrainConfig)
     cfg = TrainConfig()
     for key, value in flat.items():
@@ -158,6 +161,8 @@ def build(flat: Mapping[str, Any], where: Mapping[str, str]) -> TrainConfig:
             cfg = replace(cfg, **{section: replace(part, **{sub: _coerce(key, kind, value, where[key])})})
         else:
             cfg = replace(cfg, **{key: _coerce(key, top[key], value, where[key])})
+    if min_lr_follows:
+        cfg = replace(cfg, optim=replace(cfg.optim, min_lr=float(f"{cfg.optim.lr / MIN_LR_RATIO:.12g}")))
     validate(cfg)
     return cfg
 
@@ -175,7 +180,10 @@ def validate(cfg: TrainConfig) -> None:
         (t.max_iters >= 1, "train.max_iters must be >= 1"),
         (0 <= t.seed < 2**63, f"train.seed (--seed) must be in [0, 2**63), not {t.seed}"),
         (t.threads is None or 1 <= t.threads <= MAX_THREADS, f"train.threads must be in 1..{MAX_THREADS}"),
-        (o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr must be > 0 and optim.min_lr in [0, lr]"),
+        (
+            o.lr > 0 and 0 <= o.min_lr <= o.lr,
+            f"optim.lr must be > 0 and optim.min_lr in [0, lr] (lr {o.lr:g}, min_lr {o.min_lr:g})",
+        ),
         (o.warmup_iters >= 0 and o.lr_decay_iters >= 1, "optim.warmup_iters >= 0 and optim.lr_decay_iters >= 1"),
         (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
         (cfg.eval.interval >= 1 and cfg.eval.iters >= 1, "eval.interval and eval.iters must be >= 1"),
@@ -198,11 +206,13 @@ def load_config(
     """Resolve every layer into one TrainConfig. `base` (a saved run's config) goes under the rest."""
     flat: dict[str, Any] = {}
     where: dict[str, str] = {}
+    rank: dict[str, int] = {}  # each source's place, lowest first
 
     def layer(data: Mapping[str, Any], source: str, nested: bool = True) -> None:
         values = flatten(data if nested else _nest(data), TrainConfig, source)
         flat.update(values)
         where.update(dict.fromkeys(values, source))
+        rank[source] = len(rank)
 
     if base is not None:
         layer(base, "the run's train_config.yaml")
@@ -214,7 +224,13 @@ def load_config(
         layer(parse_set(sets), "--set", nested=False)
     if flags:
         layer({k: v for k, v in flags.items() if v is not None}, "flag", nested=False)
-    return build(flat, where)
+    lr_from, min_lr_from = where.get("optim.lr"), where.get("optim.min_lr")
+    # A learning rate given above the file that set min_lr (a preset's) brings its own floor, a tenth of
+    # it; a min_lr given on the command line (--set) is kept.
+    min_lr_follows = lr_from is not None and (
+        min_lr_from is None or (min_lr_from != "--set" and rank[min_lr_from] < rank[lr_from])
+    )
+    return build(flat, where, min_lr_follows=min_lr_follows)
 
 
 def incompatible_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
