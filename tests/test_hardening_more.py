@@ -207,9 +207,9 @@ def test_a_url_that_is_not_http(url):
 def test_numbers_out_of_range_are_usage_errors(args):
     result = run_cli(*args)
     assert result.returncode == 2
-    assert lines_of(result)[-1].startswith(
-        f"Error: Invalid value for '{args[-2] if args[0] == 'serve' else '--parallel'}'"
-    )
+    first, hint = lines_of(result)
+    assert first.startswith(f"error: Invalid value for '{args[-2] if args[0] == 'serve' else '--parallel'}'")
+    assert hint == f"hint: see `gptcli {args[0]} -h`"
 
 
 def test_a_bad_kv_budget_and_an_unknown_training_key(tiny_models, tmp_path):

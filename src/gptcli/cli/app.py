@@ -206,8 +206,10 @@ def _run(argv: list[str] | None) -> int:
         report(GptcliError(f"out of memory{': ' if str(exc) else ''}{exc}", hint="try a smaller model or input"))
         return EXIT_RUNTIME
     except Exception as exc:
-        if _is_usage_error(exc):  # Typer's (vendored) click usage errors: they print themselves
-            exc.show()  # type: ignore[attr-defined]
+        if _is_usage_error(exc):  # Typer's (vendored) click errors, in gptcli's own two lines
+            context = getattr(exc, "ctx", None)
+            command = context.command_path if context is not None else "gptcli"
+            report(GptcliError(exc.format_message(), hint=f"see `{command} -h`"))  # type: ignore[attr-defined]
             return exc.exit_code  # type: ignore[attr-defined]
         if debug_enabled():
             raise
