@@ -124,7 +124,8 @@ PresetOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when present).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 PrecisionOpt = Annotated[
-    str | None, typer.Option("--precision", help="fp32 | fp16 | int8 | int4 (exported backends such as onnx).")
+    str | None,
+    typer.Option("--precision", help="fp32 | fp16 | int8 | int4 (onnx: all; torch: fp32, int8, int4 on the CPU)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
 ParallelOpt = Annotated[
