@@ -164,14 +164,14 @@ def test_config_show_says_which_files_it_looked_for(tmp_path):
 
     user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
     extra = write(tmp_path, "extra.yaml", "sampling:\n  top_p: 0.5\n")
-    result = run_cli("config", "show", "--config", str(extra), env={"GPTCLI_SEED": "3"})
+    result = run_cli("config", "show", "--config", str(extra), env={"GPTCLI_SEED": "3", "GPTCLI_MAX_TOKENS": ""})
     assert result.returncode == 0
     head = result.stdout.decode().split("\n\n")[0].splitlines()
     assert head == [
         "config files, lowest precedence first:",
         f"  user      {user} (not found)",
         f"  --config  {extra} (found)",
-        "environment: GPTCLI_SEED",
+        "environment: GPTCLI_SEED",  # an empty variable is not a setting
     ]
     user.parent.mkdir(parents=True)
     user.write_text("model: x\n")

@@ -69,7 +69,8 @@ def looked_for(config: Path | None) -> list[str]:
     lines = ["config files, lowest precedence first:", f"  user      {user} ({_exists(user)})"]
     if config is not None:
         lines.append(f"  --config  {config} ({_exists(config)})")
-    env = sorted({spec.env for spec in FIELDS.values()} & set(__import__("os").environ))
+    environ = __import__("os").environ
+    env = sorted(spec.env for spec in FIELDS.values() if environ.get(spec.env))  # empty counts as not set
     lines.append(f"environment: {', '.join(env) if env else 'no GPTCLI_* setting'}")
     return lines
 
