@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -275,6 +276,24 @@ def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isol
     with pytest.raises(KeyboardInterrupt):
         ex.ensure_export(tiny_models["gpt2"])
     assert list((isolated_home / "cache" / "onnx").iterdir()) == []
+
+
+def test_an_export_killed_with_9_leaves_no_folder_for_good(tiny_models, isolated_home):
+    """kill -9 skips every `finally`: the next export of the same folder removes what the dead one left."""
+    import subprocess
+    import sys
+
+    dest = ex.cached_export_dir(tiny_models["gpt2"], "fp32", "cpu")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    left = [dest.parent / f".tmp-{dest.name}-{dead_pid}-1", dest.parent / f".old-{dest.name}-{dead_pid}-2"]
+    alive = dest.parent / f".tmp-{dest.name}-{os.getppid()}-3"  # a writer still running: kept
+    other = dest.parent / f".tmp-{dest.name}-x-{dead_pid}-4"  # another folder's name: kept
+    for folder in [*left, alive, other]:
+        folder.mkdir(parents=True)
+        (folder / "model.onnx.data").write_bytes(b"half")
+    ex.ensure_export(tiny_models["gpt2"])
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([dest.name, alive.name, other.name])
 
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
