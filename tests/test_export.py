@@ -278,6 +278,24 @@ def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isol
     assert list((isolated_home / "cache" / "onnx").iterdir()) == []
 
 
+def test_a_full_disk_during_an_export_names_the_export(tiny_models, monkeypatch, isolated_home, capsys):
+    import errno
+
+    from gptcli.cli.app import run
+
+    def full(folder, out, **_):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as onnx's writer raises it: no file name
+
+    monkeypatch.setattr(ex, "build_export", full)
+    assert run(["export", str(tiny_models["gpt2"])]) == 1
+    dest = ex.cached_export_dir(tiny_models["gpt2"], "fp32", "cpu")
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: cannot write {dest}: No space left on device",
+        "hint: free some space, or set GPTCLI_HOME to a folder on another disk",
+    ]
+    assert list(dest.parent.iterdir()) == []
+
+
 def test_an_export_killed_with_9_leaves_no_folder_for_good(tiny_models, isolated_home):
     """kill -9 skips every `finally`: the next export of the same folder removes what the dead one left."""
     import subprocess

@@ -152,6 +152,10 @@ def ensure_export(
     try:
         meta = build_export(folder, tmp, precision=precision, device=device, notify=notify)
         publish_dir(tmp, dest)  # an old export at dest is replaced as a whole
+    except OSError as exc:
+        if not exc.filename:  # a full disk inside onnx's writer names no file: the error names the export
+            exc.filename = str(dest)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if output is None:
