@@ -20,7 +20,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,12 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 STATE_FILE = "training_state.pt"
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged-"  # a checkpoint that did not read back on --resume is kept under this prefix
+# What a resume needs from training_state.pt (scaler and best_step are optional).
+STATE_KEYS = ("step", "optimizer", "torch_rng", "best_val_loss")
+# The temporary files gptcli writes beside a run's own files: write_atomic's `.run.json.<random>.tmp`,
+# publish's `.config.json.<pid>.tmp` and plot_losses' `.loss.png.<pid>.tmp.png`.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+\.tmp|[0-9]+\.tmp\.png)")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -62,8 +71,10 @@ def read_run(folder: Path) -> dict[str, Any]:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint (one with its tokenizer.json first: a resume compares it with the corpus')."""
     steps = list_checkpoints(folder)
-    return steps[-1] if steps else None
+    whole = [p for p in steps if (p / "tokenizer.json").is_file()]
+    return (whole or steps)[-1] if steps else None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -73,13 +84,22 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Leftovers of a run killed mid-save (kill -9): temporary folders that never got renamed."""
+def remove_stale_temporaries(folder: Path, names: Iterable[str] = ()) -> None:
+    """Leftovers of a run killed mid-save (kill -9): temporary checkpoint folders that never got renamed, and
+    the temporary files of the run's own files (run.json, the config, the metrics, the plot, a checkpoint's
+    files published at the top level, `names`). The caller holds the run's lock: no other gptcli writes there."""
     root = folder / CHECKPOINTS
+    ours = {RUN_FILE, CONFIG_FILE, METRICS_FILE, PLOT_FILE, *names}
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith("step-") and p.is_dir():
+                ours.update(f.name for f in p.iterdir())
+    for p in folder.iterdir():
+        match = _TEMPORARY.fullmatch(p.name)
+        if match and match["name"] in ours and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 # What torch.save's C++ stream writer says when a write fails short (a full disk): it drops the errno.
@@ -169,9 +189,66 @@ def rotate(run: Path, keep_last: int, best_step: int | None) -> None:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """training_state.pt, read with weights_only=True and checked for what a resume needs (else RunError)."""
     import torch
 
+    path = checkpoint / STATE_FILE
     try:
-        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RunError(f"cannot resume: {checkpoint / STATE_FILE} is unreadable ({exc})") from None
+        raise RunError(f"{path} is unreadable ({short_reason(exc)})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{path} is not a training state (a {type(state).__name__}, not a dict)")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise RunError(f"{path} lacks {', '.join(map(repr, missing))}")
+    wrong = [
+        key
+        for key, ok in (
+            ("step", isinstance(state["step"], int) and not isinstance(state["step"], bool) and state["step"] >= 0),
+            ("optimizer", isinstance(state["optimizer"], dict)),
+            ("torch_rng", isinstance(state["torch_rng"], torch.Tensor) and state["torch_rng"].dtype == torch.uint8),
+            ("best_val_loss", isinstance(state["best_val_loss"], (int, float))),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise RunError(f"{path} has a bad {', '.join(map(repr, wrong))}")
+    return state
+
+
+def short_reason(exc: BaseException) -> str:
+    """What a library says is wrong with a file, in a few words: its first sentence, capped. Never torch's
+    advice to load the file with weights_only=False (that would unpickle it: run its code)."""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return "not a file of tensors and plain values"
+    if isinstance(exc, EOFError):
+        return "empty or cut short"
+    text = str(exc).strip().split("\n")[0].split(". ")[0].strip() or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def fall_back(run: Path, checkpoint: Path, state: dict[str, Any]) -> dict[str, str]:
+    """Make `checkpoint` the run's latest again when the newer ones do not read back: each newer step folder is
+    kept as checkpoints/damaged-step-N (a new save of its step must not find it in place), the checkpoint's
+    model files are published at the top level, run.json names it. Returns {old name: new name}."""
+    root = run / CHECKPOINTS
+    moved = {}
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("step-") and path.name > checkpoint.name and path.is_dir():
+            target, n = root / f"{DAMAGED}{path.name}", 2
+            while target.exists():
+                target, n = root / f"{DAMAGED}{path.name}-{n}", n + 1
+            os.rename(path, target)
+            moved[path.name] = target.name
+    publish(run, checkpoint)
+    best = state.get("best_step")
+    info = {
+        **read_run(run),
+        "latest": checkpoint.name,
+        "step": state["step"],
+        "best": best,
+        "best_val_loss": float(state["best_val_loss"]) if best else None,
+    }
+    write_atomic(run / RUN_FILE, json.dumps(info, indent=2).encode())
+    return moved

@@ -46,15 +46,8 @@ EOT = "<|endoftext|>"
 FORMAT_VERSION = "1"
 
 
-def _no_progress(_: str, __: int, ___: int | None) -> None:
-    pass
-
-
-def _noop(_: str) -> None:
-    pass
-
-
-# ---------------------------------------------------------------- reading and cleaning
+def _ignore(*_: Any) -> None:
+    """The default `notify` and `progress`: nobody listens."""
 
 
 def corpus_files(path: Path) -> list[Path]:
@@ -132,9 +125,6 @@ def clean(text: str, *, dedup_lines: bool = False) -> str:
     return text
 
 
-# ---------------------------------------------------------------- tokenizers
-
-
 def char_tokenizer(chars: str) -> Any:
     """A `tokenizers` tokenizer with one token per character (ids in sorted character order)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -163,9 +153,6 @@ def bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> Any:
     )
     tok.train_from_iterator(documents, trainer)
     return tok
-
-
-# ---------------------------------------------------------------- the token file
 
 
 @dataclass(frozen=True)
@@ -225,8 +212,8 @@ def prepare(
     chat: ChatRenderer | None = None,
     eot_token: str | None = None,
     streams: int = 1,
-    notify: Notify = _noop,
-    progress: Progress = _no_progress,
+    notify: Notify = _ignore,
+    progress: Progress = _ignore,
 ) -> TokenData:
     """Read, clean, tokenize and cache the corpus; check that both splits hold a block per stream."""
     if tokenizer == "init" and init_tokenizer is None:
@@ -288,13 +275,15 @@ def _token_cache(
 ) -> tuple[dict[str, Any], str]:
     """(meta, tokenizer.json) of the token file in `folder`, tokenizing `corpus` into it unless it is cached."""
     meta_file = folder / "meta.json"
-    if meta_file.is_file():
+    cached = _cached(folder)
+    if cached is not None:
         notify(f"tokens: cached in {folder}")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        meta, tokenizer_json = cached
     else:
         from tokenizers import Tokenizer
 
+        if meta_file.exists():
+            notify(f"tokens: the cache in {folder} does not read back; tokenizing again")
         notify(f"tokenizing {corpus.documents} document(s), {corpus.chars:,} characters ({tokenizer})")
         if tokenizer == "char":
             tok = char_tokenizer("".join(sorted(corpus.charset)) + "\n")
@@ -319,9 +308,22 @@ def _token_cache(
     return meta, tokenizer_json
 
 
-def _encode(
-    tok: Any, documents: list[str], kind: str, eot_id: int | None, progress: Progress = _no_progress
-) -> np.ndarray:
+def _cached(folder: Path) -> tuple[dict[str, Any], str] | None:
+    """(meta, tokenizer.json) of an entry that reads back whole and agrees with tokens.bin's size, else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        json.loads(tokenizer_json)
+        ints = all(type(meta[key]) is int and meta[key] >= 0 for key in ("count", "vocab_size"))
+        size = meta["count"] * np.dtype(meta["dtype"]).itemsize if meta["dtype"] in ("uint16", "uint32") else -1
+        if ints and type(meta["eot_id"]) in (int, type(None)) and (folder / "tokens.bin").stat().st_size == size:
+            return meta, tokenizer_json
+    except (OSError, ValueError, TypeError, KeyError):  # ValueError: bad JSON or UTF-8
+        pass
+    return None
+
+
+def _encode(tok: Any, documents: list[str], kind: str, eot_id: int | None, progress: Progress = _ignore) -> np.ndarray:
     """All of `documents` as one array of token ids (see `_encode_chunks`)."""
     return np.concatenate(list(_encode_chunks(tok, documents, kind, eot_id, len(documents), progress)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -37,7 +38,13 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown_distributed() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
+    """Leave the process group, if one was joined. It imports nothing: after an interrupt inside the first
+    `import torch` (SIGTERM at start-up), importing torch.distributed from the half-imported torch would
+    fail and hide the interrupt."""
+    tdist = sys.modules.get("torch.distributed")
+    try:
+        joined = tdist is not None and tdist.is_available() and tdist.is_initialized()
+    except AttributeError:  # itself cut short mid-import
+        return
+    if joined:
         tdist.destroy_process_group()

@@ -9,9 +9,11 @@ it never prints.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
 from gptcli.train.config import TrainConfig
 from gptcli.train.distributed import barrier
-from gptcli.train.errors import DivergedError
+from gptcli.train.errors import DivergedError, RunError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
 from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
@@ -109,18 +111,25 @@ class _Run:
             torch.cuda.set_device(device)
         self.device = device
         self.precision = mixed_precision(device, cfg.train.dtype)
-        self.model = build_model(setup).to(device)
+        self.notes: list[str] = []
+        self.unreadable: list[tuple[Path, str]] = []  # checkpoints newer than the one resumed, and why
+        state = None
+        if setup.resume_from is None:
+            self.model = build_model(setup).to(device)
+            self.optimizer = new_optimizer(self.model, cfg)
+        else:
+            state = self._resumable()
+            setup = self.setup
         self.model.train()
         self._prepare_folder()
-        self.optimizer = new_optimizer(self.model, cfg)
         accum = cfg.train.grad_accum
         self.batches = Batches(
             setup.data.train, accum * dist.world, setup.block_size, cfg.train.batch_size, cfg.train.seed, device
         )
         self.my_streams = [dist.rank * accum + i for i in range(accum)]
         self.step, self.best_val, self.best_step = 0, math.inf, None
-        if setup.resume_from is not None:
-            self._restore(setup.resume_from)
+        if state is not None:
+            self._restore(state)
         self.step_model = self._wrapped(self.model)
 
         self.info = describe(setup, self.model)
@@ -142,17 +151,49 @@ class _Run:
             import yaml
 
             self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.out)
+            ckpt.remove_stale_temporaries(self.out, self.setup.files)
             for name, data in self.setup.files.items():
                 ckpt.write_atomic(self.out / name, data)
             ckpt.write_atomic(self.out / ckpt.CONFIG_FILE, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode())
         barrier(self.dist)
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _resumable(self) -> dict[str, Any]:
+        """Load the newest checkpoint whose training state, weights and optimizer state all read back: the
+        model, the optimizer and self.setup resume from it; returns its state. Those newer that do not are
+        listed in self.unreadable (_restore sets them aside); none readable: RunError."""
+        latest = self.setup.resume_from
+        assert latest is not None
+        for checkpoint in reversed([p for p in ckpt.list_checkpoints(self.out) if p.name <= latest.name]):
+            self.setup = replace(self.setup, resume_from=checkpoint)
+            try:
+                state = ckpt.load_state(checkpoint)
+                self.model = build_model(self.setup).to(self.device)
+                self.optimizer = new_optimizer(self.model, self.cfg)
+                self.optimizer.load_state_dict(state["optimizer"])
+                return state
+            except RunError as exc:
+                self.unreadable.append((checkpoint, exc.message.replace(f"{checkpoint}{os.sep}", "")))
+            except Exception as exc:  # the weights (safetensors, config.json), an optimizer state that does not fit
+                if isinstance(exc, MemoryError) or "out of memory" in str(exc):
+                    raise  # not the checkpoint's fault: an older one would not fit either
+                self.unreadable.append((checkpoint, ckpt.short_reason(exc)))
+        what = "; ".join(f"{path.name}: {why}" for path, why in self.unreadable)
+        raise RunError(
+            f"cannot resume {self.out}: no checkpoint reads back ({what})", hint="start it again (a new --out)"
+        )
+
+    def _restore(self, state: dict[str, Any]) -> None:
         import torch
 
-        state = ckpt.load_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        resumed = self.setup.resume_from
+        assert resumed is not None
+        if self.dist.main and (self.unreadable or ckpt.read_run(self.out).get("latest") != resumed.name):
+            moved = ckpt.fall_back(self.out, resumed, state)
+            reasons = {path.name: f"does not read back ({why})" for path, why in self.unreadable}
+            for old, new in moved.items():
+                what = reasons.get(old, "is incomplete")
+                kept = f"kept as {resumed.parent / new}, resuming from {resumed.name}"
+                self.notes.append(f"warning: {resumed.parent / old} {what}; {kept}")
         torch.set_rng_state(state["torch_rng"])
         scaler = self.precision.scaler
         if scaler.is_enabled() and state.get("scaler"):
@@ -179,6 +220,8 @@ class _Run:
 
     def events(self) -> Iterator[TrainEvent]:
         cfg = self.cfg
+        for note in self.notes:
+            yield Note(note)
         if self.setup.resume_from is not None:
             yield Note(f"resuming {self.out} at step {self.step}")
         yield Started(self.info, self.step, cfg.train.max_iters, self.device)

@@ -33,7 +33,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the checkpoint being resumed (written after it, before the stop)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+    kept = [text for text, record in _records(path) if record["step"] <= step]  # unreadable lines go too
     ckpt.write_atomic(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
 
@@ -46,10 +46,10 @@ def plot_losses(out: Path) -> None:
 
     steps, losses, val_steps, vals = [], [], [], []
     for line in _lines(out / ckpt.METRICS_FILE):
-        if "loss" in line:
+        if _number(line.get("loss")):
             steps.append(line["step"])
             losses.append(line["loss"])
-        elif "val_loss" in line:
+        elif _number(line.get("val_loss")):
             val_steps.append(line["step"])
             vals.append(line["val_loss"])
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -72,7 +72,24 @@ def plot_losses(out: Path) -> None:
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield json.loads(line)
+    for _, record in _records(path):
+        yield record
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for each record of metrics.jsonl. A line that does not read back as one (a write torn
+    by kill -9 or a full disk: cut JSON, stray bytes) is skipped: it never stops a resume or a plot."""
+    if not path.is_file():
+        return
+    for raw in path.read_bytes().splitlines():
+        try:
+            text = raw.decode("utf-8")
+            record = json.loads(text)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            continue
+        if isinstance(record, dict) and _number(record.get("step")):
+            yield text, record
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

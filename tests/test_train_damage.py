@@ -1,0 +1,186 @@
+"""A run folder or a data cache damaged the way a crash, a kill -9 or a full disk leaves it: training carries on
+(or says in one line what is wrong), and what the user made is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptcli.cli.app import run
+from tests.conftest import REPO
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = (
+    "ROMEO: But soft, what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n"
+    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n"
+) * 60
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else TEXT
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def trained(corpus: Path, tmp_path: Path, capsys) -> Path:
+    """A finished tiny run: 20 steps, checkpoints step-0000010 and step-0000020."""
+    out = tmp_path / "run"
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    capsys.readouterr()
+    return out
+
+
+def steps(out: Path) -> list[int]:
+    """The training steps in metrics.jsonl (every line must read back)."""
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_bytes().splitlines()) if "loss" in r]
+
+
+def test_a_torn_metrics_line_does_not_stop_the_resume(trained, capsys):
+    from gptcli.train.metrics import plot_losses
+
+    with (trained / "metrics.jsonl").open("ab") as handle:  # stray bytes, then an append cut short by kill -9
+        handle.write(b'\xff\xfe\n{"step": 21, "loss": 3.1')
+    plot_losses(trained)
+    assert run(["train", "--resume", str(trained), "--max-iters", "22"]) == 0, capsys.readouterr().err
+    assert steps(trained) == list(range(1, 23))
+
+
+@pytest.mark.parametrize("damage", ["garbage state", "state without keys", "torn weights"])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(trained, damage, monkeypatch, capsys):
+    import torch
+
+    from gptcli.train import checkpoint, loop
+
+    latest = trained / "checkpoints" / "step-0000020"
+    if damage == "garbage state":
+        (latest / "training_state.pt").write_text("garbage\n")
+    elif damage == "state without keys":
+        torch.save({"step": 5}, latest / "training_state.pt")
+    else:
+        weights = (latest / "model.safetensors").read_bytes()
+        (latest / "model.safetensors").unlink()  # a new file: the top level's hard link keeps the intact weights
+        (latest / "model.safetensors").write_bytes(weights[:300])
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # a resume stopped before its first step: run.json already names the checkpoint it resumed from
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "optimisation_step", stop)
+        assert run(["train", "--resume", str(trained), "--max-iters", "22"]) == 130
+    err = capsys.readouterr().err
+    assert "step-0000020 does not read back" in err and "resuming from step-0000010" in err, err
+    assert "weights_only" not in err and "internal error" not in err
+    assert json.loads((trained / "run.json").read_text())["latest"] == "step-0000010"
+    assert (trained / "checkpoints" / "damaged-step-0000020").is_dir()  # kept for the user, out of the way
+
+    assert run(["train", "--resume", str(trained), "--max-iters", "22"]) == 0
+    err = capsys.readouterr().err
+    assert "at step 10" in err and "does not read back" not in err, err
+    assert steps(trained) == list(range(1, 23))
+    assert json.loads((trained / "run.json").read_text())["latest"] == "step-0000022"
+    assert checkpoint.load_state(latest)["step"] == 20  # step 20 saved anew, not the damaged one kept
+
+
+def test_no_readable_checkpoint_is_one_short_error(trained, capsys):
+    import torch
+
+    torch.save({"step": 5}, trained / "checkpoints" / "step-0000020" / "training_state.pt")
+    (trained / "checkpoints" / "step-0000010" / "training_state.pt").write_text("garbage\n")
+    assert run(["train", "--resume", str(trained), "--max-iters", "25"]) == 6
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) < 300, err
+    assert "step-0000020" in errors[0] and "'optimizer'" in errors[0] and "step-0000010" in errors[0]
+    assert "weights_only" not in err and "internal error" not in err and "Traceback" not in err
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+
+
+SIGTERM_IN_IMPORT_TORCH = """
+import builtins, os, signal, sys
+from gptcli.cli.app import run
+
+real_import = builtins.__import__
+
+def sigterm_inside_import_torch(name, *args, **kwargs):
+    if name.startswith("torch._prims") and not os.environ.get("FIRED"):
+        os.environ["FIRED"] = "1"
+        print("SIGTERM now", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = sigterm_inside_import_torch
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_sigterm_inside_the_first_import_of_torch_exits_143(corpus, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SIGTERM_IN_IMPORT_TORCH)
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    result = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, cwd=REPO, env=os.environ.copy(), timeout=120
+    )
+    err = result.stderr.decode()
+    assert "SIGTERM now" in err  # the signal did arrive inside `import torch`
+    assert result.returncode == 143 and "internal error" not in err, err
+
+
+def test_shutdown_distributed_imports_nothing():
+    code = "import sys; from gptcli.train.distributed import shutdown_distributed; shutdown_distributed()"
+    code += "; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=60, check=True)
+    assert result.stdout.decode().strip() == "False"
+
+
+@pytest.mark.parametrize("damage", ["torn meta.json", "torn tokens.bin", "count too big", "meta not an object"])
+def test_a_damaged_token_cache_is_rebuilt(corpus, damage):
+    from gptcli.paths import cache_dir
+    from gptcli.train.data import prepare
+
+    def tokens(notes: list[str]) -> list[int]:
+        data = prepare(corpus, tokenizer="char", vocab_size=0, val_fraction=0.1, block_size=16, notify=notes.append)
+        return data.tokens.tolist()
+
+    first = tokens([])
+    (entry,) = (cache_dir() / "train-data").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    if damage == "torn meta.json":
+        (entry / "meta.json").write_bytes((entry / "meta.json").read_bytes()[:10])
+    elif damage == "torn tokens.bin":
+        (entry / "tokens.bin").write_bytes((entry / "tokens.bin").read_bytes()[:100])
+    elif damage == "count too big":
+        (entry / "meta.json").write_text(json.dumps({**meta, "count": meta["count"] + 1}))
+    else:
+        (entry / "meta.json").write_text("[1, 2]")
+    notes: list[str] = []
+    assert tokens(notes) == first
+    assert any("does not read back" in note for note in notes), notes
+    assert json.loads((entry / "meta.json").read_text()) == meta  # the entry is whole again
+    notes.clear()
+    assert tokens(notes) == first and any("cached" in note for note in notes)
+
+
+def test_stale_temporaries_of_the_run_files_are_removed(tmp_path):
+    from gptcli.train.checkpoint import remove_stale_temporaries
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-0000010" / "model.safetensors").write_bytes(b"x")
+    stale = [".run.json.k2j4h5g1.tmp", ".metrics.jsonl.a_b9c8d7.tmp", ".model.safetensors.4242.tmp"]
+    stale.append(".loss.png.4242.tmp.png")
+    users = ["run.json", ".notes.txt.k2j4h5g1.tmp", "my.run.json.tmp", ".run.json.k2j4h5g1.tmp.bak"]
+    for name in stale + users:
+        (run_dir / name).write_text("x")
+    remove_stale_temporaries(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == sorted(users)
