@@ -116,11 +116,11 @@ def train(
 def _dry_run(setup: Any) -> None:
     import yaml
 
-    from gptcli.train.setup import build_model, describe
+    from gptcli.train.setup import describe
 
-    info = describe(setup, build_model(setup))
+    info = describe(setup)  # from the model's shape: a dry run builds no model
     sys.stdout.write(yaml.safe_dump({"config": setup.cfg.to_dict()}, sort_keys=False))
-    for key, value in info.as_dict().items():
+    for key, value in {**info.as_dict(), "memory_estimate_bytes": setup.memory_bytes}.items():
         shown = f"{value:,}" if isinstance(value, int) else (f"{value:.3e}" if isinstance(value, float) else value)
         sys.stdout.write(f"{key}: {shown}\n")
 

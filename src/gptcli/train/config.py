@@ -92,6 +92,15 @@ class TrainConfig:
 # Settings that may change when a run is resumed: everything else must match the run's config.
 MIN_LR_RATIO = 10  # optim.min_lr = optim.lr / this when only the learning rate is given (nanoGPT, Chinchilla)
 RESUMABLE_CHANGES = ("train.max_iters", "train.device", "train.threads", "train.compile", "eval.", "checkpoint.")
+# Upper bounds no real run on one machine reaches: past them a value is a typo, and torch or the BPE
+# trainer would fail with an overflow (or try to allocate it) instead of a one-line error.
+MAX_BATCH_SIZE = 1 << 16  # train.batch_size: sequences per micro-batch
+MAX_GRAD_ACCUM = 1 << 16  # train.grad_accum: micro-batches per step
+MAX_BLOCK_SIZE = 1 << 20  # model.block_size: tokens of context (1 Mi)
+MAX_LAYERS = 1 << 10  # model.n_layer
+MAX_EMBD = 1 << 16  # model.n_embd
+MAX_HEADS = 1 << 10  # model.n_head
+MAX_VOCAB = 1 << 21  # data.vocab_size (2 Mi tokens; real vocabularies stay under 300k)
 CHOICES = {
     "data.tokenizer": ("char", "bpe", "init"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -169,14 +178,26 @@ def build(flat: Mapping[str, Any], where: Mapping[str, str], *, min_lr_follows: 
 
 def validate(cfg: TrainConfig) -> None:
     m, t, o = cfg.model, cfg.train, cfg.optim
+    bounded = [
+        ("model.n_layer", m.n_layer, 1, MAX_LAYERS),
+        ("model.n_head", m.n_head, 1, MAX_HEADS),
+        ("model.n_embd", m.n_embd, 1, MAX_EMBD),
+        ("model.block_size", m.block_size, 2, MAX_BLOCK_SIZE),
+        ("data.vocab_size (--vocab-size)", cfg.data.vocab_size, 64, MAX_VOCAB),
+        ("train.batch_size (--batch-size)", t.batch_size, 1, MAX_BATCH_SIZE),
+        ("train.grad_accum (--grad-accum)", t.grad_accum, 1, MAX_GRAD_ACCUM),
+    ]
+    for name, value, low, high in bounded:
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be in {low}..{high:,}, not {_short(value)}")
     checks = [
-        (m.n_layer >= 1, "model.n_layer must be >= 1"),
-        (m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd must be a multiple of model.n_head"),
-        (m.block_size >= 2, "model.block_size must be >= 2"),
+        (m.n_embd % m.n_head == 0, "model.n_embd must be a multiple of model.n_head"),
         (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
-        (cfg.data.vocab_size >= 64, "data.vocab_size must be >= 64"),
         (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
-        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (
+            0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+            f"optim.beta1 and optim.beta2 must be in [0, 1) (beta1 {o.beta1:g}, beta2 {o.beta2:g})",
+        ),
         (t.max_iters >= 1, "train.max_iters must be >= 1"),
         (0 <= t.seed < 2**63, f"train.seed (--seed) must be in [0, 2**63), not {t.seed}"),
         (t.threads is None or 1 <= t.threads <= MAX_THREADS, f"train.threads must be in 1..{MAX_THREADS}"),
@@ -193,6 +214,12 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _short(value: int) -> str:
+    """A number for a message: a huge one by its size, not its hundred digits."""
+    text = str(value)
+    return text if len(text) <= 15 else f"a {len(text)}-digit number"
 
 
 def load_config(

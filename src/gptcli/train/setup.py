@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ConfigError
+from gptcli.errors import ConfigError, GptcliError, ModelError, UsageError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
 from gptcli.paths import RUNS_DIR
+from gptcli.textio import human_bytes, read_yaml
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.data import EOT, UNK, TokenData, prepare
@@ -20,6 +23,96 @@ from gptcli.train.errors import RunError
 from gptcli.train.events import DataProgress, Note, RunInfo
 from gptcli.train.lock import LOCK_FILE, check_unlocked
 from gptcli.train.step import flops_per_token, load_causal_lm, new_gpt2
+
+# The rough memory a training step takes (checked before anything big is allocated):
+PARAM_BYTES = 16  # per parameter: float32 weights, gradients and AdamW's two moments
+LAYER_FLOATS = 20  # activations kept for the backward pass, per token, layer and n_embd (measured: GPT-2, fp32)
+LOGIT_FLOATS = 4  # per token and vocabulary entry: the logits, their float copy, log-softmax, gradients
+# What a start writes before its first checkpoint: a folder holding only these (no run.json) is a
+# failed start, which `--out` may reuse.
+STARTUP_FILES = frozenset({*TOKENIZER_FILES, ckpt.CONFIG_FILE, ckpt.METRICS_FILE, ckpt.PLOT_FILE})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate and the dry run need of the model, known without building it."""
+
+    params: int
+    layers: int
+    width: int
+    vocab: int
+    folder: Path | None = None  # where the weights come from (--init or the checkpoint resumed)
+
+
+def gpt2_shape(cfg: TrainConfig, vocab: int, block: int) -> ModelShape:
+    """A fresh GPT-2's size, counted: token and position embeddings (the LM head is tied to the first),
+    per layer two LayerNorms, attention (qkv + projection) and the 4x MLP, and the final LayerNorm."""
+    h, n = cfg.model.n_embd, cfg.model.n_layer
+    return ModelShape(vocab * h + block * h + n * (12 * h * h + 13 * h) + 2 * h, n, h, vocab)
+
+
+def folder_shape(folder: Path) -> ModelShape:
+    """A model folder's size from config.json and the safetensors headers: nothing is loaded (ModelError
+    for a missing or corrupt file)."""
+    from gptcli.hf import header_tensors, read_architecture, read_config, weight_files
+
+    if not isinstance(read_config(folder).get("model_type"), str):
+        raise ModelError(f"{folder / 'config.json'} names no model_type")
+    if not weight_files(folder):
+        raise ModelError(f"{folder / 'model.safetensors'} is missing")
+    arch = read_architecture(folder)
+    params = sum(t.count for t in header_tensors(folder))
+    return ModelShape(params, arch.layers, arch.hidden, arch.vocab, folder)
+
+
+def memory_needed(cfg: TrainConfig, shape: ModelShape, block: int, mixed: bool) -> tuple[int, int]:
+    """(bytes for the weights, gradients and optimizer state, bytes of activations for one micro-batch).
+
+    Rough on purpose: enough to refuse a run that cannot fit before it fills the memory."""
+    tokens = cfg.train.batch_size * block
+    layer_bytes = (2 if mixed else 4) * LAYER_FLOATS * shape.layers * shape.width  # bf16/fp16 under autocast
+    return PARAM_BYTES * shape.params, tokens * (layer_bytes + 4 * LOGIT_FLOATS * shape.vocab)
+
+
+def available_memory(cfg: TrainConfig, dist: Dist) -> tuple[int | None, str]:
+    """The memory this process may use where it will train, and that device; None when unknown."""
+    from gptcli.hardware import available_memory_bytes, cuda_unusable_reason
+
+    if cfg.train.device != "cpu" and cuda_unusable_reason() is None:
+        import torch
+
+        index = dist.local_rank
+        free, _total = torch.cuda.mem_get_info(index)
+        return int(free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)), f"cuda:{index}"
+    if cfg.train.device == "cuda":
+        return None, "cuda"  # not usable: the loop says so
+    available = available_memory_bytes()
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes on this machine
+    return (available // processes if available is not None else None), "cpu"
+
+
+def check_memory(cfg: TrainConfig, shape: ModelShape, block: int, dist: Dist, *, resuming: bool = False) -> int:
+    """The estimated bytes a training step needs; ConfigError (exit 3) when that is over what is available."""
+    available, device = available_memory(cfg, dist)
+    mixed = device.startswith("cuda") and cfg.train.dtype != "float32"
+    state, activations = memory_needed(cfg, shape, block, mixed)
+    if available is None or state + activations <= available:
+        return state + activations
+    if resuming:
+        lower = "the memory other programs use, or resume on a bigger machine (--device may change)"
+    elif activations > state:
+        lower = "train.batch_size (--batch-size, with --grad-accum to keep the tokens per step) or model.block_size"
+    elif shape.folder is not None:
+        lower = "the model size: fine-tune a smaller --init model"
+    else:
+        lower = "model.n_layer or model.n_embd" + (" or data.vocab_size" if shape.vocab > 4 * shape.width else "")
+    raise ConfigError(
+        f"training needs about {human_bytes(state + activations)} of memory ({human_bytes(state)} for"
+        f" {shape.params:,} parameters with their gradients and AdamW state, {human_bytes(activations)} of"
+        f" activations for batch_size {cfg.train.batch_size} x block_size {block}),"
+        f" more than the {human_bytes(available)} available on {device}",
+        hint=f"lower {lower}",
+    )
 
 
 @dataclass
@@ -35,6 +128,9 @@ class RunSetup:
     block_size: int
     dist: Dist
     resume_from: Path | None = None
+    shape: ModelShape | None = None  # the model's size, known without building it
+    memory_bytes: int = 0  # the estimated memory of a training step
+    leftovers: tuple[Path, ...] = ()  # a failed start's files in `out`, removed before this start writes its own
 
 
 def tokenizer_files(data: TokenData, cfg: TrainConfig, block: int, init_folder: Path | None) -> dict[str, bytes]:
@@ -72,7 +168,6 @@ def resolve_run(
 
     Notes and the data steps' progress go to `on_event` (on rank 0 only).
     """
-    import yaml
 
     def notify(message: str) -> None:
         on_event(Note(message))
@@ -80,22 +175,16 @@ def resolve_run(
     def progress(stage: str, done: int, total: int | None) -> None:
         on_event(DataProgress(stage, done, total))
 
-    resume_from = None
+    resume_from, leftovers = None, ()
+    shape: ModelShape | None = None
     if resume is not None:
-        check_unlocked(resume)
-        info = ckpt.read_run(resume)
-        saved = load_config(base=yaml.safe_load((resume / ckpt.CONFIG_FILE).read_text(encoding="utf-8")))
-        cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
-        changed = incompatible_changes(saved, cfg)
-        if changed:
-            raise RunError(
-                f"cannot resume {resume} with a different {', '.join(changed)}",
-                hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
+        if out is not None and out.resolve() != resume.resolve():
+            raise UsageError(
+                f"--out {out} cannot be used with --resume: a resumed run continues in its own folder ({resume})",
+                hint=f"drop --out (to branch the run, copy {resume} and resume the copy)",
             )
-        resume_from = ckpt.latest_checkpoint(resume)
-        if resume_from is None:
-            raise RunError(f"cannot resume {resume}: it has no complete checkpoint yet", hint="start it again")
-        data_path = data_path or Path(info["data"])
+        check_unlocked(resume)
+        cfg, resume_from, data_path = _resumed(resume, data_path, preset, config_file, sets, flags)
         out = resume
     else:
         if data_path is None:
@@ -103,9 +192,7 @@ def resolve_run(
         cfg = load_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
         out = out or default_out(data_path)
         check_unlocked(out)
-        if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
-            what = "a training run" if ckpt.is_run(out) else "not empty"
-            raise RunError(f"{out} is {what}", hint=f"continue it with --resume {out}, or pick a new --out")
+        leftovers = _reusable(out)
 
     init_folder = None
     chat = None
@@ -129,7 +216,14 @@ def resolve_run(
         from gptcli.hf import context_length, read_config
 
         block = min(block, context_length(read_config(init_folder)))
+        try:
+            shape = folder_shape(init_folder)
+        except ModelError:
+            shape = None  # weights in another format (pytorch_model.bin): its memory is not estimated
     dist = setup_distributed(resolve_device("cpu" if cfg.train.device == "cpu" else "auto"))
+    # before the data (its vocabulary is not known yet for a fresh model: its share is counted after)
+    if init_folder is None or shape is not None:
+        check_memory(cfg, shape or gpt2_shape(cfg, 0, block), block, dist, resuming=resume is not None)
     if not dist.main:
         barrier(dist)  # rank 0 tokenizes and fills the cache first; the others then read it
         on_event = _silent
@@ -150,10 +244,78 @@ def resolve_run(
     )
     if dist.main:
         barrier(dist)
+    if init_folder is None:
+        shape = gpt2_shape(cfg, data.vocab_size, block)
+    memory = check_memory(cfg, shape, block, dist, resuming=resume is not None) if shape is not None else 0
     files = tokenizer_files(data, cfg, block, init_folder)
-    if resume_from is not None and (resume_from / "tokenizer.json").read_bytes() != files["tokenizer.json"]:
-        raise RunError(f"cannot resume {out}: the corpus gives a different tokenizer now", hint="use the same --data")
-    return RunSetup(cfg, out, data_path.resolve(), data, files, init_folder, block, dist, resume_from)
+    if resume_from is not None:
+        try:
+            same = (resume_from / "tokenizer.json").read_bytes() == files["tokenizer.json"]
+        except OSError as exc:
+            raise RunError(f"cannot resume {out}: cannot read {resume_from / 'tokenizer.json'} ({exc})") from None
+        if not same:
+            raise RunError(f"cannot resume {out}: the corpus gives another tokenizer now", hint="use the same --data")
+    return RunSetup(
+        cfg, out, data_path.resolve(), data, files, init_folder, block, dist, resume_from, shape, memory, leftovers
+    )
+
+
+def _resumed(
+    run: Path, data_path: Path | None, preset: str | None, config_file: Path | None, sets: list[str], flags: Any
+) -> tuple[TrainConfig, Path, Path]:
+    """A run folder's config (with the changes a resume may make), its latest checkpoint and its data."""
+    info = ckpt.read_run(run)
+    if not isinstance(info, dict):
+        raise RunError(f"cannot resume {run}: corrupt {run / ckpt.RUN_FILE} (not a JSON object)")
+    saved_data = info.get("data")
+    if data_path is None and not (isinstance(saved_data, str) and saved_data):  # with --data, it is replaced
+        raise RunError(f'cannot resume {run}: corrupt {run / ckpt.RUN_FILE} ("data" is not a path)', hint="pass --data")
+    try:
+        saved = load_config(base=read_yaml(run / ckpt.CONFIG_FILE))
+    except GptcliError as exc:
+        raise RunError(f"cannot resume {run}: {exc.message}", hint="the run's train_config.yaml is damaged") from None
+    cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
+    changed = incompatible_changes(saved, cfg)
+    if changed:
+        raise RunError(
+            f"cannot resume {run} with a different {', '.join(changed)}",
+            hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
+        )
+    latest = ckpt.latest_checkpoint(run)
+    if latest is None:
+        raise RunError(f"cannot resume {run}: it has no complete checkpoint yet", hint="start it again")
+    step = latest.name.removeprefix("step-")
+    if step.isdigit() and cfg.train.max_iters <= int(step):
+        raise ConfigError(
+            f"{run} is already at step {int(step)}: train.max_iters (--max-iters) must be above it,"
+            f" not {cfg.train.max_iters}",
+            hint=f"continue it with e.g. --max-iters {2 * int(step)}",
+        )
+    return cfg, latest, data_path or Path(saved_data)
+
+
+def _reusable(out: Path) -> tuple[Path, ...]:
+    """The files of a failed start in `out` (reused by a new start); RunError for a folder that holds more."""
+    if not out.exists():
+        return ()
+    if not out.is_dir():
+        raise RunError(f"{out} is a file, not a folder", hint="pick a new --out")
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return ()
+    if ckpt.is_run(out):
+        raise RunError(f"{out} is a training run", hint=f"continue it with --resume {out}, or pick a new --out")
+    for p in entries:
+        # its own files, or their temporaries (`.train_config.yaml.<random>.tmp`: killed mid-write)
+        startup = p.is_file() and (p.name in STARTUP_FILES or any(p.name.startswith(f".{n}.") for n in STARTUP_FILES))
+        # a first checkpoint that never completed (full disk, kill -9) leaves only temporaries
+        if not startup and not (p.name == ckpt.CHECKPOINTS and _only_temporaries(p)):
+            raise RunError(f"{out} is not empty (it holds {p.name})", hint="pick a new --out, or empty that folder")
+    return tuple(entries)
+
+
+def _only_temporaries(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and all(p.name.startswith(".tmp-") for p in folder.iterdir())
 
 
 def _silent(_: Any) -> None:
@@ -161,11 +323,19 @@ def _silent(_: Any) -> None:
 
 
 def build_model(setup: RunSetup) -> Any:
-    """The checkpoint being resumed, the --init model, or a fresh GPT-2 (seeded from train.seed)."""
+    """The checkpoint being resumed, the --init model, or a fresh GPT-2 (seeded from train.seed).
+
+    Training calls it first, before it writes to the run folder: a failed start's files go here."""
     import torch
 
+    if setup.dist.main:
+        for path in setup.leftovers:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     if setup.resume_from is not None:
-        return load_causal_lm(setup.resume_from)
+        return _checkpoint_model(setup.resume_from)
     torch.manual_seed(setup.cfg.train.seed)
     if setup.init_folder is not None:
         return load_causal_lm(setup.init_folder)
@@ -175,17 +345,39 @@ def build_model(setup: RunSetup) -> Any:
     return new_gpt2(setup.cfg, setup.data.vocab_size, setup.block_size, eot=setup.data.eot_id)
 
 
-def describe(setup: RunSetup, model: Any) -> RunInfo:
+def _checkpoint_model(checkpoint: Path) -> Any:
+    """A checkpoint's model; one whose files are missing or damaged is a RunError naming the file."""
+    try:
+        folder_shape(checkpoint)  # config.json and the safetensors headers, checked before anything is loaded
+        return load_causal_lm(checkpoint)
+    except ModelError as exc:
+        raise RunError(exc.message, hint="the checkpoint is damaged") from None
+    except Exception as exc:  # what transformers raises for a model it cannot build or read
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RunError(f"the model in {checkpoint} does not load ({reason})") from None
+
+
+def describe(setup: RunSetup, model: Any = None) -> RunInfo:
+    """The run's numbers: counted on `model`, or computed from the model's shape without building it."""
     cfg = setup.cfg
     tokens_per_iter = cfg.train.batch_size * cfg.train.grad_accum * setup.block_size
+    shape = setup.shape
+    if model is None and shape is None:  # an --init model whose size is not known from its files
+        model = load_causal_lm(setup.init_folder)
+    if model is not None:
+        params, per_token = sum(p.numel() for p in model.parameters()), flops_per_token(model, setup.block_size)
+    else:
+        assert shape is not None
+        params = shape.params  # and flops_per_token's estimate, from the shape
+        per_token = 6 * params + 12 * shape.layers * shape.width * setup.block_size
     return RunInfo(
         out=str(setup.out),
         data=str(setup.data_path),
-        params=sum(p.numel() for p in model.parameters()),
+        params=params,
         vocab_size=setup.data.vocab_size,
         block_size=setup.block_size,
         train_tokens=len(setup.data.train),
         val_tokens=len(setup.data.val),
         tokens_per_iter=tokens_per_iter,
-        flops_per_iter=flops_per_token(model, setup.block_size) * tokens_per_iter,
+        flops_per_iter=per_token * tokens_per_iter,
     )

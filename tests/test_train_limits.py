@@ -1,0 +1,222 @@
+"""`gptcli train` at its limits: memory it cannot have, numbers out of range, damaged run folders, a start
+that failed, and flags a resume cannot honour. Each is a one-line error with its exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptcli.cli.app import run
+from tests.test_train import SHAKESPEARE, TEXT, records
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    if SHAKESPEARE.is_file():
+        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    else:
+        path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def fails(argv: list[str], capsys, code: int) -> str:
+    """Run in-process; the exit code, exactly one `error:` line, no traceback; returns stderr."""
+    assert run(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def train(corpus: Path, out: Path, *args: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *args]
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_a_run_over_the_available_memory_is_refused_before_anything_is_built(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("gptcli.hardware.available_memory_bytes", lambda: 1_000_000)
+    out = tmp_path / "run"
+    err = fails(train(corpus, out, "--device", "cpu", "--batch-size", "256"), capsys, 3)
+    assert "training needs about" in err and "more than the 976.6 KiB available on cpu" in err
+    assert "hint: lower train.batch_size" in err  # the activations are most of it
+    assert not out.exists()
+    err = fails(train(corpus, out, "--device", "cpu", "--set", "model.n_embd=256"), capsys, 3)
+    assert "parameters" in err and "hint: lower model.n_layer or model.n_embd" in err  # the weights are most of it
+    assert not out.exists()
+
+
+def test_a_dry_run_of_a_model_too_big_allocates_nothing(corpus, tmp_path, capsys):
+    # 1024 layers 65536 wide: 53 trillion parameters. The old dry run built it ("can't allocate memory").
+    sets = ["--set", "model.n_layer=1024", "--set", "model.n_embd=65536", "--set", "model.n_head=1"]
+    err = fails([*train(corpus, tmp_path / "run", "--device", "cpu", "--dry-run"), *sets], capsys, 3)
+    assert "training needs about" in err and "52,777,431,728,128 parameters" in err  # the parameter count, computed
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_counts_the_parameters_without_building_the_model(corpus, tmp_path, capsys):
+    from gptcli.train import loop
+    from gptcli.train.setup import build_model, describe
+
+    sets = ["model.n_layer=2", "model.n_embd=48"]
+    assert run([*train(corpus, tmp_path / "run", "--dry-run"), "--set", sets[0], "--set", sets[1]]) == 0
+    printed = capsys.readouterr().out
+    assert "memory_estimate_bytes:" in printed and not (tmp_path / "run").exists()
+    setup = loop.resolve_run(
+        data_path=corpus, out=tmp_path / "run", resume=None, preset="tiny", config_file=None, sets=sets, flags={}
+    )
+    model = build_model(setup)
+    assert describe(setup) == describe(setup, model)  # the shape's count and FLOPs are the model's
+    assert f"params: {sum(p.numel() for p in model.parameters()):,}\n" in printed
+
+
+def test_a_fine_tune_is_sized_from_the_model_files(tiny_models):
+    from gptcli.train.setup import folder_shape
+    from gptcli.train.step import load_causal_lm
+
+    for name in ("gpt2", "llama"):
+        shape = folder_shape(tiny_models[name])
+        model = load_causal_lm(tiny_models[name])
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        assert (shape.layers, shape.width) == (model.config.num_hidden_layers, model.config.hidden_size)
+
+
+# ------------------------------------------------------------------ numbers out of range
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--batch-size", "99999999999999999999999"], "train.batch_size"),
+        (["--tokenizer", "bpe", "--vocab-size", "99999999999999999999999"], "data.vocab_size"),
+        (["--set", "optim.beta1=2"], "optim.beta1"),
+        (["--set", "optim.beta2=-1"], "optim.beta2"),
+        (["--set", "model.block_size=1000000000000000000000000000000"], "model.block_size"),
+        (["--set", "model.n_embd=1000000000000000000000000000000"], "model.n_embd"),
+    ],
+)
+def test_a_number_out_of_range_is_a_config_error(corpus, tmp_path, capsys, args, named):
+    err = fails(train(corpus, tmp_path / "run", *args), capsys, 3)
+    assert named in err and len(err.splitlines()[-1]) < 160  # one short line, not a C++ stack dump
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "train.batch_size=65537",
+        "train.grad_accum=65537",
+        "model.block_size=1048577",
+        "model.n_layer=1025",
+        "model.n_embd=65538",  # a multiple of the tiny preset's 2 heads
+        "model.n_head=1025,model.n_embd=2050",
+        "data.vocab_size=2097153",
+        "optim.beta1=1",
+        "optim.beta2=1.5",
+        "optim.beta1=-0.1",
+    ],
+)
+def test_validate_has_upper_bounds(setting):
+    from gptcli.errors import ConfigError
+    from gptcli.train.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(preset="tiny", sets=setting.split(","))
+    assert setting.split("=")[0] in info.value.message
+
+
+# ------------------------------------------------------------------ damaged run folders
+
+
+def fake_run(folder: Path, corpus: Path) -> Path:
+    """The two files that make a folder a run (no checkpoint: these errors come first)."""
+    from gptcli.train.config import load_config
+
+    folder.mkdir()
+    (folder / "train_config.yaml").write_text(yaml.safe_dump(load_config(preset="tiny").to_dict()))
+    (folder / "run.json").write_text(json.dumps({"data": str(corpus)}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("run.json", "[1, 2]", "run.json (not a JSON object)"),
+        ("run.json", '{"data": 5}', 'run.json ("data" is not a path)'),
+        ("train_config.yaml", "model: [\n", "train_config.yaml:2:1: invalid YAML"),
+        ("train_config.yaml", "- 1\n- 2\n", "train_config.yaml"),
+    ],
+)
+def test_a_damaged_run_file_is_a_one_line_error(corpus, tmp_path, capsys, name, content, said):
+    folder = fake_run(tmp_path / "run", corpus)
+    (folder / name).write_text(content)
+    err = fails(["train", "--resume", str(folder), "--max-iters", "20"], capsys, 6)
+    assert said in err and "cannot resume" in err
+
+
+def test_a_checkpoint_whose_model_does_not_load_is_a_one_line_error(corpus, tmp_path, capsys):
+    done = tmp_path / "done"
+    assert run(train(corpus, done, "--max-iters", "10")) == 0  # one checkpoint: step-0000010
+    damages = {
+        "garbage weights": ("model.safetensors", b"garbage"),
+        "no weights": ("model.safetensors", None),
+        "empty config": ("config.json", b"{}"),
+    }
+    for what, (name, content) in damages.items():
+        folder = tmp_path / what.replace(" ", "-")
+        shutil.copytree(done, folder)
+        damaged = folder / "checkpoints" / "step-0000010" / name
+        damaged.unlink()
+        if content is not None:
+            damaged.write_bytes(content)
+        capsys.readouterr()
+        err = fails(["train", "--resume", str(folder), "--max-iters", "12"], capsys, 6)
+        assert name in err, what
+
+
+# ------------------------------------------------------------------ a failed start
+
+
+def test_a_failed_start_leaves_a_folder_a_new_start_reuses(corpus, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert "the training loss became" in fails(train(corpus, out, "--lr", "1e300"), capsys, 1)
+    assert (out / "tokenizer.json").is_file() and (out / "train_config.yaml").is_file()
+    assert not (out / "run.json").exists()
+    assert "not a training run" in fails(["train", "--resume", str(out)], capsys, 6)
+    assert run(train(corpus, out, "--max-iters", "3")) == 0, capsys.readouterr().err
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]  # the failed start's lines are gone
+    assert json.loads((out / "run.json").read_text())["step"] == 3
+
+
+def test_a_folder_with_other_files_is_refused_without_suggesting_resume(corpus, tmp_path, capsys):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    err = fails(train(corpus, out), capsys, 6)
+    assert "is not empty" in err and "notes.txt" in err and "--resume" not in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "tokenizer.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------ flags a resume cannot honour
+
+
+def test_resume_refuses_max_iters_it_has_passed_and_another_out(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(train(corpus, out, "--max-iters", "10")) == 0
+    capsys.readouterr()
+    for more in (["--max-iters", "10"], ["--max-iters", "5"], []):  # none: the saved 10
+        err = fails(["train", "--resume", str(out), *more], capsys, 3)
+        assert "already at step 10" in err and "--max-iters" in err
+    elsewhere = tmp_path / "elsewhere"
+    err = fails(["train", "--resume", str(out), "--max-iters", "12", "--out", str(elsewhere)], capsys, 2)
+    assert "--out" in err and "--resume" in err and not elsewhere.exists()
+    assert run(["train", "--resume", str(out), "--max-iters", "12", "--out", str(out)]) == 0  # the same folder
+    assert json.loads((out / "run.json").read_text())["step"] == 12
