@@ -286,9 +286,12 @@ class _Run:
         seconds = time.perf_counter() - started
         self.step_seconds += seconds
         if not math.isfinite(loss):
+            saved = ckpt.list_checkpoints(self.out)
             raise DivergedError(
-                f"the training loss became {loss} at step {step}; the last good checkpoint is kept",
-                hint="lower --lr or set optim.grad_clip, then --resume (or start again)",
+                f"the training loss became {loss} at step {step}; "
+                + ("the last good checkpoint is kept" if saved else "no checkpoint was saved yet"),
+                hint="lower --lr or set optim.grad_clip, then "
+                + ("--resume (or start again)" if saved else "start again"),
             )
         mfu = round(self.flops_per_step / seconds / (self.peak * self.dist.world), 4) if self.peak else None
         event = Step(step, loss, lr, round(seconds * 1000, 3), round(self.tokens_per_step / seconds), mfu)
