@@ -64,6 +64,23 @@ def _sharpen(model) -> None:
                 p.mul_(8.0)
 
 
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TRAIN_TEXT = (
+    "ROMEO: But soft, what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n"
+    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n"
+) * 60
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small training text: 20,000 characters of Shakespeare (or a repeated verse without shared/)."""
+    path = tmp_path / "corpus.txt"
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else TRAIN_TEXT
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     import torch

@@ -16,24 +16,7 @@ from pathlib import Path
 import pytest
 
 from gptcli.cli.app import run
-from tests.conftest import REPO, run_cli
-
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-TEXT = (
-    "ROMEO: But soft, what light through yonder window breaks?\n"
-    "It is the east, and Juliet is the sun.\n"
-    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n"
-) * 60
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    if SHAKESPEARE.is_file():
-        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    else:
-        path.write_text(TEXT, encoding="utf-8")
-    return path
+from tests.conftest import REPO, TRAIN_TEXT, run_cli
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -54,8 +37,8 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout)  # stdout holds only the summary
     assert summary["steps"] == 20 and summary["interrupted"] is False
-    # An untrained model scores about ln(vocab): 4.08 on Shakespeare's 59 characters (TEXT: 3.61 on 36).
-    # The 20 steps reach 3.52 (TEXT: 3.11).
+    # An untrained model scores about ln(vocab): 4.08 on Shakespeare's 59 characters (TRAIN_TEXT: 3.61 on 36).
+    # The 20 steps reach 3.52 (TRAIN_TEXT: 3.11).
     assert summary["val_loss"] < math.log(summary["vocab_size"]) - 0.25
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "loss.png"):
         assert (out / name).is_file(), name
@@ -384,7 +367,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(corpus, tmp_path, capsys):
 def test_bpe_and_jsonl(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # generate reads a piped stdin
     data = tmp_path / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": line}) for line in TEXT.splitlines()) + "\n")
+    data.write_text("\n".join(json.dumps({"text": line}) for line in TRAIN_TEXT.splitlines()) + "\n")
     out = tmp_path / "bpe"
     argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--tokenizer", "bpe"]
     assert run([*argv, "--vocab-size", "300"]) == 0, capsys.readouterr().err
@@ -443,7 +426,7 @@ def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
     from gptcli.train.data import ENCODE_CHUNK, prepare
 
     data = tmp_path / "docs.jsonl"
-    lines = [f"line {i}: {TEXT.splitlines()[i % 5]}" for i in range(ENCODE_CHUNK + 10)]
+    lines = [f"line {i}: {TRAIN_TEXT.splitlines()[i % 5]}" for i in range(ENCODE_CHUNK + 10)]
     data.write_text("\n".join(json.dumps({"text": line}) for line in lines) + "\n")
     calls: list[tuple[str, int, int | None]] = []
     prepare(

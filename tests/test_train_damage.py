@@ -14,21 +14,6 @@ import pytest
 from gptcli.cli.app import run
 from tests.conftest import REPO
 
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-TEXT = (
-    "ROMEO: But soft, what light through yonder window breaks?\n"
-    "It is the east, and Juliet is the sun.\n"
-    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n"
-) * 60
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000] if SHAKESPEARE.is_file() else TEXT
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 @pytest.fixture
 def trained(corpus: Path, tmp_path: Path, capsys) -> Path:

@@ -11,17 +11,7 @@ import pytest
 import yaml
 
 from gptcli.cli.app import run
-from tests.test_train import SHAKESPEARE, TEXT, records
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    if SHAKESPEARE.is_file():
-        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    else:
-        path.write_text(TEXT, encoding="utf-8")
-    return path
+from tests.test_train import records
 
 
 def fails(argv: list[str], capsys, code: int) -> str:
