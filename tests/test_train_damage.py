@@ -169,3 +169,24 @@ def test_stale_temporaries_of_the_run_files_are_removed(tmp_path):
         (run_dir / name).write_text("x")
     remove_stale_temporaries(run_dir)
     assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == sorted(users)
+
+
+def test_a_full_disk_while_drawing_the_plot_names_it(tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from gptcli.train.metrics import plot_losses
+
+    def full(self, path, **_):
+        Path(path).write_bytes(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as the PNG writer raises it: no file name
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(OSError) as raised:
+        plot_losses(out)
+    assert raised.value.filename == str(out / "loss.png")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no half-written temporary

@@ -66,9 +66,15 @@ def plot_losses(out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = out / f".{ckpt.PLOT_FILE}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out / ckpt.PLOT_FILE)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out / ckpt.PLOT_FILE)
+    except OSError as exc:  # a full disk inside the PNG writer names no file: the error names the plot
+        tmp.unlink(missing_ok=True)
+        exc.filename = exc.filename or str(out / ckpt.PLOT_FILE)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
