@@ -211,3 +211,15 @@ def test_resume_refuses_max_iters_it_has_passed_and_another_out(corpus, tmp_path
     assert "--out" in err and "--resume" in err and not elsewhere.exists()
     assert run(["train", "--resume", str(out), "--max-iters", "12", "--out", str(out)]) == 0  # the same folder
     assert json.loads((out / "run.json").read_text())["step"] == 12
+
+
+def test_data_that_is_a_pipe_or_a_link_to_nowhere_says_so(tmp_path, capsys):
+    import os
+
+    fifo, loop = tmp_path / "data.fifo", tmp_path / "loop.txt"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    err = fails(train(fifo, tmp_path / "a"), capsys, 6)  # it was "has no text files": treated as a folder
+    assert f"error: {fifo} is neither a file nor a folder" in err and "save the data to a file first" in err
+    err = fails(train(loop, tmp_path / "b"), capsys, 6)
+    assert f"error: a symbolic link that leads nowhere: {loop}" in err

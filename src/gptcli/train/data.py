@@ -53,16 +53,14 @@ def _ignore(*_: Any) -> None:
 def corpus_files(path: Path) -> list[Path]:
     """A file, or the text files under a folder (sorted, hidden ones skipped)."""
     if not path.exists():
-        raise InputError(f"no such file or folder: {path}", hint="check --data")
+        what = "a symbolic link that leads nowhere" if path.is_symlink() else "no such file or folder"
+        raise InputError(f"{what}: {path}", hint="check --data")
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        and p.suffix.lower() in TEXT_SUFFIXES
-    )
+    if not path.is_dir():  # a pipe or a device: training reads its data more than once
+        raise InputError(f"{path} is neither a file nor a folder", hint="save the data to a file first")
+    visible = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise InputError(f"{path} has no text files ({', '.join(sorted(TEXT_SUFFIXES))})", hint="check --data")
     return files
