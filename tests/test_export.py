@@ -396,3 +396,15 @@ def test_cli_export_force_rebuilds_a_corrupt_cached_export(tiny_models, capsys):
     assert out.strip() == str(folder) and "exporting tiny-gpt2 to ONNX (fp32, cpu)" in err
     assert graph.read_bytes() == good
     assert ex.read_export(folder).meta["files"]["model.onnx"] == len(good)
+
+
+def test_an_output_under_a_file_says_a_file_is_in_the_way(tiny_models, tmp_path, capsys):
+    from gptcli.cli.app import run
+
+    (tmp_path / "ok.txt").write_text("mine")
+    assert run(["export", str(tiny_models["gpt2"]), "--output", str(tmp_path / "ok.txt" / "sub")]) == 6
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: cannot write {tmp_path / 'ok.txt'}: a file is there, where a folder should be",  # was "File exists"
+        "hint: check the path",
+    ]
+    assert (tmp_path / "ok.txt").read_text() == "mine"

@@ -94,5 +94,7 @@ def environment_error(exc: OSError) -> GptcliError | None:
             hint = f"make {home or path} writable, or set GPTCLI_HOME to a writable folder"
         return GptcliError(f"cannot write {path}: {cause}", hint=hint)
     if exc.errno in PATH_ERRNOS:
+        if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
+            cause = "a file is there, where a folder should be"
         return InputError(f"cannot write {path}: {cause}", hint="check the path")
     return GptcliError(f"{path}: {cause}")
