@@ -223,3 +223,13 @@ def test_data_that_is_a_pipe_or_a_link_to_nowhere_says_so(tmp_path, capsys):
     assert f"error: {fifo} is neither a file nor a folder" in err and "save the data to a file first" in err
     err = fails(train(loop, tmp_path / "b"), capsys, 6)
     assert f"error: a symbolic link that leads nowhere: {loop}" in err
+
+
+def test_every_file_of_a_run_gets_the_usual_mode(corpus, tmp_path, capsys):
+    from gptcli.atomicio import default_mode
+
+    out = tmp_path / "run"
+    assert run(train(corpus, out, "--max-iters", "2", "--set", "checkpoint.interval=1")) == 0, capsys.readouterr()
+    files = [p for p in [*out.iterdir(), *(out / "checkpoints").glob("*/*")] if p.is_file()]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(default_mode())}, modes  # model.safetensors came out 0o600

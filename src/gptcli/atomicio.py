@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 
-def _default_mode() -> int:
+def default_mode() -> int:
+    """The mode open() gives a new file here (0o666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -46,7 +47,7 @@ def _replace(path: Path, payload: bytes, mode: int | None) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _default_mode() if mode is None else mode)
+        os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -138,6 +138,7 @@ def save_checkpoint(
                 (tmp / name).write_bytes(data)
             torch.save(state, tmp / STATE_FILE)
             for p in tmp.iterdir():
+                os.chmod(p, atomicio.default_mode())  # transformers writes the weights 0600, the rest as open()
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
             os.replace(tmp, final)
