@@ -74,7 +74,7 @@ def export(
 
     Examples:
       gptcli chats export 20260101-120000-ab12 --format json > chat.json
-      gptcli chats export 2026 --format md -o chat.md
+      gptcli chats export 20260101-12 --format md -o chat.md   # a unique start
     """
     from gptcli.atomicio import write_atomic
     from gptcli.chat import ConversationStore, to_markdown
