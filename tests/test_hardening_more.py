@@ -212,6 +212,16 @@ def test_numbers_out_of_range_are_usage_errors(args):
     assert hint == f"hint: see `gptcli {args[0]} -h`"
 
 
+@pytest.mark.parametrize("argv", [[], ["models"], ["eval"]], ids=["gptcli", "models", "eval"])
+def test_a_command_group_alone_prints_its_help(argv):
+    """Its usage block is help, not an error: it stays Click's, whole (not one `error:` line)."""
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert lines[0] == f"Usage: {' '.join(['gptcli', *argv])} [OPTIONS] COMMAND [ARGS]..."
+    assert "Commands:" in lines and not any(line.startswith("error:") for line in lines)
+
+
 def test_a_bad_kv_budget_and_an_unknown_training_key(tiny_models, tmp_path):
     (tmp_path / "in.txt").write_text("some text to train on\n" * 20)
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')

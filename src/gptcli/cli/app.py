@@ -207,6 +207,9 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_RUNTIME
     except Exception as exc:
         if _is_usage_error(exc):  # Typer's (vendored) click errors, in gptcli's own two lines
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a command group called alone: its help, exit 2
+                exc.show()  # type: ignore[attr-defined]
+                return exc.exit_code  # type: ignore[attr-defined]
             context = getattr(exc, "ctx", None)
             command = context.command_path if context is not None else "gptcli"
             report(GptcliError(exc.format_message(), hint=f"see `{command} -h`"))  # type: ignore[attr-defined]
