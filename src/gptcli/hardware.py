@@ -346,6 +346,17 @@ def peak_flops(device: str, amp: bool) -> float | None:
     return peak * 1e12 if peak else None
 
 
+def free_memory_bytes(device: str) -> int | None:
+    """Memory that new tensors on `device` may still take: on CUDA the device's free memory plus what torch
+    holds unused in its cache (torch must be imported already); elsewhere the system's available memory.
+    None when unknown. Bench checks its KV caches against it, train its estimate of a step."""
+    torch = sys.modules.get("torch")
+    if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return available_memory_bytes()
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
     try:

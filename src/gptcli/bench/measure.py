@@ -255,18 +255,6 @@ def peak_memory() -> dict[str, float | None]:
     return {"peak_rss_mib": round(rss_mib, 1), "gpu_peak_mib": round(gpu, 1) if gpu is not None else None}
 
 
-def free_memory_bytes(device: str) -> int | None:
-    """Memory a test's caches may still take: on CUDA the device's free memory plus what torch holds
-    unused in its cache; elsewhere the system's available memory. None when unknown."""
-    from gptcli.hardware import available_memory_bytes
-
-    torch = sys.modules.get("torch")
-    if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return available_memory_bytes()
-
-
 DEFAULT_PROMPTS = (
     "Write a haiku about autumn.",
     "Explain in two sentences why the sky is blue.",

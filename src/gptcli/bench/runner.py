@@ -11,7 +11,7 @@ from typing import Any
 
 from gptcli.bench.isolation import run_isolated
 from gptcli.bench.job import Job
-from gptcli.bench.measure import free_memory_bytes, peak_memory, time_micro, time_requests
+from gptcli.bench.measure import peak_memory, time_micro, time_requests
 from gptcli.bench.plan import Plan
 from gptcli.bench.roofline import (
     DecodeShape,
@@ -24,6 +24,7 @@ from gptcli.bench.roofline import (
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.errors import BackendError, GptcliError
+from gptcli.hardware import free_memory_bytes
 from gptcli.textio import human_bytes
 
 Notify = Callable[[str], None]

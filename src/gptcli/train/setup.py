@@ -76,17 +76,16 @@ def memory_needed(cfg: TrainConfig, shape: ModelShape, block: int, mixed: bool) 
 
 def available_memory(cfg: TrainConfig, dist: Dist) -> tuple[int | None, str]:
     """The memory this process may use where it will train, and that device; None when unknown."""
-    from gptcli.hardware import available_memory_bytes, cuda_unusable_reason
+    from gptcli.hardware import cuda_unusable_reason, free_memory_bytes
 
     if cfg.train.device != "cpu" and cuda_unusable_reason() is None:
-        import torch
+        import torch  # noqa: F401  (free_memory_bytes reads CUDA's numbers through an imported torch)
 
-        index = dist.local_rank
-        free, _total = torch.cuda.mem_get_info(index)
-        return int(free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)), f"cuda:{index}"
+        device = f"cuda:{dist.local_rank}"
+        return free_memory_bytes(device), device
     if cfg.train.device == "cuda":
         return None, "cuda"  # not usable: the loop says so
-    available = available_memory_bytes()
+    available = free_memory_bytes("cpu")
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes on this machine
     return (available // processes if available is not None else None), "cpu"
 
