@@ -352,8 +352,7 @@ def _checkpoint_model(checkpoint: Path) -> Any:
     except ModelError as exc:
         raise RunError(exc.message, hint="the checkpoint is damaged") from None
     except Exception as exc:  # what transformers raises for a model it cannot build or read
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RunError(f"the model in {checkpoint} does not load ({reason})") from None
+        raise RunError(f"the model in {checkpoint} does not load ({ckpt.short_reason(exc)})") from None
 
 
 def describe(setup: RunSetup, model: Any = None) -> RunInfo:
