@@ -249,23 +249,18 @@ def list_backends() -> list[BackendSpec]:
     return specs
 
 
-def unmatched_plugin_names() -> list[str]:
-    """Names in GPTCLI_PLUGINS that no installed plugin has (a typo there hides every plugin silently)."""
+def plugin_filter_warning() -> str | None:
+    """What to tell a user whose GPTCLI_PLUGINS names a plugin that is not installed (a typo there hides
+    every plugin silently), or None."""
     allowed = _plugin_filter()
     if not allowed:
-        return []
-    installed = {ep.name for ep in _plugin_entry_points()}
-    return sorted(allowed - installed)
-
-
-def plugin_filter_warning() -> str | None:
-    """What to tell a user whose GPTCLI_PLUGINS names a plugin that is not installed, or None."""
-    from gptcli.config import suggest
-
-    unmatched = unmatched_plugin_names()
-    if not unmatched:
         return None
     installed = sorted({ep.name for ep in _plugin_entry_points()})
+    unmatched = sorted(allowed - set(installed))
+    if not unmatched:
+        return None
+    from gptcli.config import suggest
+
     names = ", ".join(f"'{name}'{suggest(name, installed)}" for name in unmatched)
     return (
         f"{PLUGINS_ENV} names {names}, which no installed plugin has"
