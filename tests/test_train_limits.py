@@ -111,6 +111,11 @@ def test_a_number_out_of_range_is_a_config_error(corpus, tmp_path, capsys, args,
         "optim.beta1=1",
         "optim.beta2=1.5",
         "optim.beta1=-0.1",
+        "train.max_iters=1000000000001",
+        "optim.lr_decay_iters=1000000000001",
+        "eval.iters=100001",  # every evaluation would run them all
+        "eval.interval=0",
+        "checkpoint.interval=1000000000001",
     ],
 )
 def test_validate_has_upper_bounds(setting):

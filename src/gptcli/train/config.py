@@ -101,6 +101,8 @@ MAX_LAYERS = 1 << 10  # model.n_layer
 MAX_EMBD = 1 << 16  # model.n_embd
 MAX_HEADS = 1 << 10  # model.n_head
 MAX_VOCAB = 1 << 21  # data.vocab_size (2 Mi tokens; real vocabularies stay under 300k)
+MAX_ITERS = 10**12  # train.max_iters and the other step counts: a typo's 30 digits is refused, not run
+MAX_EVAL_ITERS = 100_000  # eval.iters: batches per evaluation (nanoGPT uses 200); each eval runs them all
 CHOICES = {
     "data.tokenizer": ("char", "bpe", "init"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -186,6 +188,12 @@ def validate(cfg: TrainConfig) -> None:
         ("data.vocab_size (--vocab-size)", cfg.data.vocab_size, 64, MAX_VOCAB),
         ("train.batch_size (--batch-size)", t.batch_size, 1, MAX_BATCH_SIZE),
         ("train.grad_accum (--grad-accum)", t.grad_accum, 1, MAX_GRAD_ACCUM),
+        ("train.max_iters (--max-iters)", t.max_iters, 1, MAX_ITERS),
+        ("optim.warmup_iters", o.warmup_iters, 0, MAX_ITERS),
+        ("optim.lr_decay_iters", o.lr_decay_iters, 1, MAX_ITERS),
+        ("eval.interval", cfg.eval.interval, 1, MAX_ITERS),
+        ("eval.iters", cfg.eval.iters, 1, MAX_EVAL_ITERS),
+        ("checkpoint.interval", cfg.checkpoint.interval, 1, MAX_ITERS),
     ]
     for name, value, low, high in bounded:
         if not low <= value <= high:
@@ -198,17 +206,14 @@ def validate(cfg: TrainConfig) -> None:
             0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
             f"optim.beta1 and optim.beta2 must be in [0, 1) (beta1 {o.beta1:g}, beta2 {o.beta2:g})",
         ),
-        (t.max_iters >= 1, "train.max_iters must be >= 1"),
         (0 <= t.seed < 2**63, f"train.seed (--seed) must be in [0, 2**63), not {t.seed}"),
         (t.threads is None or 1 <= t.threads <= MAX_THREADS, f"train.threads must be in 1..{MAX_THREADS}"),
         (
             o.lr > 0 and 0 <= o.min_lr <= o.lr,
             f"optim.lr must be > 0 and optim.min_lr in [0, lr] (lr {o.lr:g}, min_lr {o.min_lr:g})",
         ),
-        (o.warmup_iters >= 0 and o.lr_decay_iters >= 1, "optim.warmup_iters >= 0 and optim.lr_decay_iters >= 1"),
         (o.grad_clip >= 0 and o.weight_decay >= 0, "optim.grad_clip and optim.weight_decay must be >= 0"),
-        (cfg.eval.interval >= 1 and cfg.eval.iters >= 1, "eval.interval and eval.iters must be >= 1"),
-        (cfg.checkpoint.interval >= 1 and cfg.checkpoint.keep_last >= 1, "checkpoint.interval, keep_last >= 1"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
         (cfg.data.tokenizer != "init" or cfg.init, "data.tokenizer 'init' needs --init MODEL"),
     ]
     for ok, message in checks:
