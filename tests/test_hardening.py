@@ -181,7 +181,10 @@ def test_a_home_that_cannot_be_a_folder_is_named(tiny_models, tmp_path):
     home = tmp_path / "a-file" / "home"
     result = run_cli("generate", "-m", str(tiny_models["llama"]), "--backend", "onnx", "-n", "2", "hi",
                      env={"GPTCLI_HOME": str(home)})  # fmt: skip
-    assert first_error(result) == f"error: cannot write {home}/cache/onnx: Not a directory"
+    assert (
+        first_error(result)
+        == f"error: cannot write {home}/cache/onnx: {tmp_path / 'a-file'} is a file, where a folder should be"
+    )
     assert result.returncode == 1
 
 

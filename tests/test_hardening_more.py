@@ -352,7 +352,9 @@ def test_write_atomic_follows_a_link_and_writes_through_a_fifo(tmp_path):
 def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))
-    assert first_error(result) == f"error: cannot write {tmp_path / 'a-file' / 'config.yaml'}: Not a directory"
+    blocker = tmp_path / "a-file"
+    said = f"error: cannot write {blocker / 'config.yaml'}: {blocker} is a file, where a folder should be"
+    assert first_error(result) == said
     assert result.returncode == 6
 
 
@@ -465,7 +467,10 @@ def test_batch_and_summarize_check_their_paths_and_budget_before_loading(tiny_mo
     missing = str(tmp_path / "no-such-model")  # never reached: the checks come first
     out = tmp_path / "a-file" / "o.jsonl"
     result = run_cli("generate", "-m", missing, "--batch", str(tmp_path / "in.jsonl"), "-o", str(out))
-    assert first_error(result) == f"error: cannot write {out}: Not a directory" and result.returncode == 6
+    assert (
+        first_error(result) == f"error: cannot write {out}: {out.parent} is a file, where a folder should be"
+        and result.returncode == 6
+    )
     result = run_cli("summarize", "-m", missing, "--kv-budget", "lots", str(tmp_path / "in.jsonl"))
     assert first_error(result) == "error: --kv-budget 'lots' is neither a number of tokens nor a size"
     if Path("/dev/full").exists():  # a full disk under the results: the file is named

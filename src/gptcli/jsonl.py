@@ -104,10 +104,12 @@ def open_results(output: Path, *, resume: bool) -> IO[str]:
         if resume and output.exists():
             _settle_last_line(output)
         return output.open("a", encoding="utf-8")
+    except (FileExistsError, NotADirectoryError):
+        # a file where one of the path's folders should be (mkdir says "File exists"): left to the caller's
+        # paths.environment_error, which names that file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(output)) from None
     except OSError as exc:
-        # mkdir says "File exists" when a file stands where one of the path's folders should be
-        cause = os.strerror(errno.ENOTDIR) if isinstance(exc, FileExistsError) else exc.strerror
-        raise InputError(f"cannot write {output}: {cause}", hint="check the path and its permissions") from None
+        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
 
 
 def _settle_last_line(output: Path) -> None:

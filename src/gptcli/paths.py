@@ -81,6 +81,8 @@ def environment_error(exc: OSError) -> GptcliError | None:
     if exc.errno not in ENVIRONMENT_ERRNOS | PATH_ERRNOS or (exc.errno in PATH_ERRNOS and not exc.filename):
         return None
     cause = exc.strerror or str(exc)
+    if exc.errno == errno.ENOTDIR and exc.filename and (blocker := _file_on_the_way(Path(os.fsdecode(exc.filename)))):
+        cause = f"{blocker} is a file, where a folder should be"
     if not exc.filename:  # a write to an open file: Python does not say which
         return GptcliError(f"a write failed: {cause}", hint="set GPTCLI_DEBUG=1 to see where")
     path = Path(os.fsdecode(exc.filename))
@@ -98,3 +100,11 @@ def environment_error(exc: OSError) -> GptcliError | None:
             cause = "a file is there, where a folder should be"
         return InputError(f"cannot write {path}: {cause}", hint="check the path")
     return GptcliError(f"{path}: {cause}")
+
+
+def _file_on_the_way(path: Path) -> Path | None:
+    """The first parent of `path` that is there but is not a folder (what ENOTDIR means), if any."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
