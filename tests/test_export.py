@@ -265,6 +265,9 @@ def test_cache_is_reused_and_keyed_by_precision_and_source(tiny_models, monkeypa
     shutil.copytree(tiny_models["llama"], changed)
     (changed / "model.safetensors").touch()  # a changed source gets a new export
     assert ex.cached_export_dir(changed, "fp32", "cpu").name != first.folder.name
+    twin = tmp_path / "elsewhere" / tiny_models["llama"].name
+    shutil.copytree(tiny_models["llama"], twin)  # same name, sizes and mtimes (copy2), another place
+    assert ex.cached_export_dir(twin, "fp32", "cpu") != first.folder  # its damage could not reach the first's export
 
 
 def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isolated_home):

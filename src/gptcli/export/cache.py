@@ -28,8 +28,11 @@ def ort_version() -> str:
 
 
 def source_fingerprint(folder: Path) -> str:
-    """A cheap key for the source: name, size and mtime of config.json and every weight file."""
-    return files_key(files=[folder / CONFIG_FILE, *weight_files(folder)], length=64)
+    """A cheap key for the source: where it is, and name, size and mtime of config.json and every weight file.
+
+    The place is part of it: a copy keeps its files' stamps (cp -a), so a damaged or edited copy of a model
+    would otherwise share, and could overwrite, the original's export."""
+    return files_key(str(folder.resolve()), files=[folder / CONFIG_FILE, *weight_files(folder)], length=64)
 
 
 def content_hash(folder: Path) -> str:
