@@ -18,7 +18,8 @@ REGISTRY = (
     "scripted=tests.scripted:ScriptedBackend,"
     "scripted2=tests.test_bench_backends:SecondScripted,"
     "broken=tests.test_bench_backends:UnavailableBackend,"
-    "stepping=tests.test_bench_backends:SteppingScripted"
+    "stepping=tests.test_bench_backends:SteppingScripted,"
+    "refusing=tests.test_bench_backends:RefusingBackend"
 )
 
 
@@ -57,6 +58,18 @@ class UnavailableBackend(ScriptedBackend):
     @classmethod
     def unavailable_reason(cls, device: str = "auto") -> str | None:
         return "needs a quantum accelerator"
+
+
+class RefusingBackend(ScriptedBackend):
+    """Available, but refuses the model when it loads it (as an exporter refuses an activation)."""
+
+    name: ClassVar[str] = "refusing"
+
+    @classmethod
+    def load(cls, folder, options):
+        from gptcli.errors import ModelError
+
+        raise ModelError("cannot export this model: activation relu6 is not supported")
 
 
 class FakeClock:

@@ -10,6 +10,7 @@ import pytest
 from gptcli.bench import report
 from tests.conftest import run_cli
 from tests.test_bench_backends import REGISTRY
+from tests.test_hardening import first_error
 
 BANDWIDTH = 20e9  # seeded into the cache so no test measures the machine
 
@@ -195,6 +196,7 @@ def test_latency_mode_counts_requests_and_tokens(tiny_models, env, tmp_path):
         (["-b", "broken"], 4, "error: no backend can run here (broken: needs a quantum accelerator)"),
         (["-p", "1,,2"], 2, "error: -p: bad list '1,,2' (empty item)"),
         (["-r", "0"], 2, "error: -r/--repetitions must be at least 1, got 0"),
+        (["--mode", "latency", "-b", "scripted", "--seed", "-1"], 3, "error: --seed: sampling.seed must be in"),
         (["-o", "xml"], 2, "error: -o/--output-format must be one of table, md, csv, json, jsonl, got 'xml'"),
         (["--precision", "int3"], 3, "error: --precision: precision must be one of fp32, fp16, int8, int4"),
         (["--baseline", "missing.jsonl"], 6, "error: baseline file not found: missing.jsonl"),
@@ -217,11 +219,23 @@ def test_an_unavailable_backend_is_listed_and_the_rest_still_run(tiny_models, en
     assert len(report.parse_output("md", out)) == 2
 
 
+def test_a_backend_that_refuses_the_model_is_listed_and_the_finished_rows_are_kept(tiny_models, env):
+    result = bench(tiny_models["llama"], "-b", "scripted,refusing", "-o", "md", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "warning: refusing fp32 skipped: cannot export this model" in result.stderr.decode()
+    out = result.stdout.decode()
+    assert "refusing fp32 unavailable: cannot export this model" in out
+    assert len(report.parse_output("md", out)) == 2
+    alone = bench(tiny_models["llama"], "-b", "refusing", env=env)  # nothing else ran: its own error and exit code
+    assert alone.returncode == 5 and first_error(alone) == (
+        "error: cannot export this model: activation relu6 is not supported"
+    )
+
+
 def test_too_deep_tests_are_skipped_with_a_note(tiny_models, env):
     result = bench(tiny_models["llama"], "-b", "scripted", "-d", "60", "-o", "json", env=env)  # context 64
-    assert result.returncode == 0, result.stderr.decode()
-    doc = json.loads(result.stdout) if result.stdout else None
-    assert doc is None or doc["results"] == []
+    assert result.returncode == 6 and result.stdout == b""  # nothing ran: say why, not an empty table
+    assert first_error(result).startswith("error: no test ran (pp8 @ d60 on scripted: needs 68 positions")
     result = bench(tiny_models["llama"], "-b", "scripted", "-d", "0,60", "-o", "json", env=env)
     doc = json.loads(result.stdout)
     assert [r["test"] for r in doc["results"]] == ["pp8", "tg4"]

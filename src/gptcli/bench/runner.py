@@ -244,6 +244,7 @@ def run_plan(plan: Plan, template: Job, *, isolate: bool = True, notify: Notify 
     """Every configuration in turn, each as `template` with the configuration's settings; Ctrl-C keeps
     what finished."""
     run = BenchRun(unavailable=list(plan.unavailable))
+    failures: list[GptcliError] = []
     for index, config in enumerate(plan.configs):
         settings = replace(
             template.settings, backend=config.backend, precision=config.precision, threads=config.threads
@@ -263,8 +264,9 @@ def run_plan(plan: Plan, template: Job, *, isolate: bool = True, notify: Notify 
         except KeyboardInterrupt:
             run.interrupted = True
             break
-        except BackendError as exc:  # e.g. fp16 ONNX on a CPU: list it, run the rest
+        except GptcliError as exc:  # fp16 ONNX on a CPU, a model one backend cannot export: list it, run the rest
             run.unavailable.append((f"{config.backend} {config.precision}", exc.message))
+            failures.append(exc)
             notify(f"warning: {config.backend} {config.precision} skipped: {exc.message}")
             continue
         run.records += result["records"]
@@ -272,7 +274,9 @@ def run_plan(plan: Plan, template: Job, *, isolate: bool = True, notify: Notify 
         if result.get("interrupted"):
             run.interrupted = True
             break
-    if not run.records and not run.interrupted and run.unavailable and len(run.unavailable) > len(plan.unavailable):
+    if not run.records and not run.interrupted and failures:
+        if len(failures) == 1:
+            raise failures[0]  # with its own exit code (a model error stays exit 5)
         detail = "; ".join(f"{n}: {r}" for n, r in run.unavailable)
         raise BackendError(f"no backend configuration could run ({detail})")
     add_speedups(run.records)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
-from gptcli.errors import EXIT_INTERRUPTED, UsageError
+from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 
 
 def bench(
@@ -100,7 +100,7 @@ def bench(
     from gptcli.bench.measure import read_prompts
     from gptcli.bench.plan import plan_configs
     from gptcli.bench.runner import notes_for, run_plan
-    from gptcli.config import FIELDS, MAX_THREADS, coerce
+    from gptcli.config import FIELDS, MAX_THREADS, coerce, with_sampling
     from gptcli.hardware import default_threads
 
     if mode not in MODES:
@@ -160,8 +160,8 @@ def bench(
             c.warn(f"backend '{name}' skipped: {reason}")
         from gptcli.runtime import open_model
 
+        sampling = with_sampling(settings, max_tokens=max_tokens, seed=seed).sampling  # checked before loading
         local = open_model(settings, c.note)
-        sampling = replace(settings.sampling, max_tokens=max_tokens, seed=seed)
         job = Job(
             mode,
             local.name,
@@ -185,6 +185,9 @@ def bench(
         text = report.render(output_format, records, environment=env, notes=notes, extra=extra)
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+    elif run.skipped and not run.interrupted:
+        detail = "; ".join(f"{s['test']} on {s['backend']}: {s['reason']}" for s in run.skipped[:4])
+        raise InputError(f"no test ran ({detail})", hint="lower -p / -n / --depth / --npl to fit")
     if output is not None and records:
         base_mod.save_results(output, report.jsonl_lines(records, env))
         c.note(f"appended {len(records)} result(s) to {output}")
