@@ -172,6 +172,66 @@ def test_a_header_whose_shape_outgrows_its_bytes_is_corrupt(tmp_path):
         hf.safetensors_header(path)
 
 
+def _safetensors(path, header, data: int):
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        ({"w": {"dtype": "XQ", "shape": [2], "data_offsets": [0, 8]}}, "dtype 'XQ', not one gptcli can read"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]},
+            },
+            "has a gap at byte 8",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            "overlaps at byte 4",
+        ),
+    ],
+)
+def test_a_header_the_safetensors_library_would_refuse_is_corrupt_here(tmp_path, header, said):
+    path = _safetensors(tmp_path / "model.safetensors", header, 24)
+    with pytest.raises(ModelError, match=re.escape(said)):
+        hf.safetensors_header(path)
+
+
+def test_model_json_files_are_bounded_and_a_pipe_is_not_waited_for(tiny_models, tmp_path):
+    import os
+
+    from gptcli.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    with (folder / "tokenizer.json").open("r+b") as handle:
+        handle.truncate(MAX_TOKENIZER_BYTES + 1)  # sparse: no disk, and nothing read
+    with pytest.raises(ModelError, match=r"tokenizer\.json: over 64 MiB"):
+        Tokenizer(folder)
+    with (folder / "config.json").open("r+b") as handle:
+        handle.truncate(3 << 30)  # was read whole: 6 GB of RSS
+    with pytest.raises(ModelError, match=r"config\.json: over 16 MiB"):
+        hf.read_config(folder)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(ModelError, match=r"config\.json: not a regular file"):
+        hf.read_config(folder)
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    with pytest.raises(ModelError, match=r"model\.safetensors is not a regular file"):
+        hf.weight_files(folder)
+
+
 def test_header_tensors_name_their_file(tiny_models):
     tensors = list(hf.header_tensors(tiny_models["llama"]))
     assert tensors and all(t.file.name == "model.safetensors" for t in tensors)

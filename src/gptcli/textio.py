@@ -8,6 +8,7 @@ README's table, "Exit codes and errors") live here, in one place, and so does th
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,23 @@ def read_text_file(path: Path, limit: Limit = PROMPT) -> str:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     return decode_text(data, str(path))
+
+
+def read_json_file(path: Path, max_bytes: int) -> Any:
+    """A JSON file of a model folder (config.json, tokenizer.json, an index) of at most `max_bytes`.
+
+    Not user text, so the caller turns the ValueError (too big, too deeply nested, not JSON, not a regular
+    file: a FIFO would block) into its own error; OSError passes through."""
+    if not path.is_file() and path.exists():
+        raise ValueError("not a regular file")
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"over {human_bytes(max_bytes)}, far more than such a file holds")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def read_text_stream(stream: BinaryIO, where: str, limit: Limit) -> str:

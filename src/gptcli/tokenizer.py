@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import GptcliError, InputError, ModelError
-from gptcli.textio import lone_surrogate
+from gptcli.textio import MiB, human_bytes, lone_surrogate, read_json_file
+
+MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json and its config: Gemma 3's 262k vocabulary is 33 MB
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """One of the folder's JSON files; a corrupt one is a ModelError naming it (hf.read_config is the twin)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path, MAX_TOKENIZER_BYTES)
     except (OSError, ValueError) as exc:
         raise ModelError(f"corrupt {path}: {exc}", hint="re-download or replace the file") from None
     if not isinstance(data, dict):
@@ -43,6 +45,12 @@ class Tokenizer:
         self.folder = folder
         tokenizer_file = folder / "tokenizer.json"
         if tokenizer_file.is_file():
+            if tokenizer_file.stat().st_size > MAX_TOKENIZER_BYTES:
+                limit = human_bytes(MAX_TOKENIZER_BYTES)
+                raise ModelError(
+                    f"corrupt {tokenizer_file}: over {limit}, far more than a tokenizer holds",
+                    hint="re-download or replace the file",
+                )
             try:
                 self._tok = FastTokenizer.from_file(str(tokenizer_file))
             except Exception as exc:  # the Rust side raises a bare Exception for any parse error

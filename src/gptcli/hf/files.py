@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ModelError
+from gptcli.textio import MiB, read_json_file
 
 CONFIG_FILE = "config.json"
 SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
@@ -21,6 +22,7 @@ DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
+MAX_CONFIG_BYTES = 16 * MiB  # config.json, the shard index: real ones are kilobytes
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 
 
@@ -31,7 +33,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     """config.json as a dict; a missing or unreadable one is a ModelError."""
     path = folder / CONFIG_FILE
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ModelError(f"{folder} is not a model folder (no {CONFIG_FILE})") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -79,28 +81,34 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             if header_len > min(size - 8, 100_000_000):
                 raise ValueError("header length past the end of the file")
             header = json.loads(handle.read(header_len))
+        ranges = sorted(_checked_entry(name, entry) for name, entry in header.items() if name != "__metadata__")
         end = 0
-        for name, entry in header.items():
-            if name != "__metadata__":
-                end = max(end, _checked_entry(name, entry))
+        for begin, stop in ranges:  # what the safetensors library requires: the tensors tile the data, in order
+            if begin != end:
+                raise ValueError(f"tensor data {'overlaps' if begin < end else 'has a gap'} at byte {min(begin, end)}")
+            end = stop
         if 8 + header_len + end > size:
             raise ValueError(f"truncated: {size} bytes, needs {8 + header_len + end}")
+    except RecursionError:
+        raise ModelError(f"corrupt safetensors file {path}: its header is nested too deeply") from None
     except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, struct.error) as exc:
         raise ModelError(f"corrupt safetensors file {path}: {exc}", hint="re-download or re-create the model") from None
     return header
 
 
-def _checked_entry(name: str, entry: Mapping[str, Any]) -> int:
-    """A header entry's end offset, after checking that its shape and byte range agree."""
+def _checked_entry(name: str, entry: Mapping[str, Any]) -> tuple[int, int]:
+    """A header entry's byte range, after checking its dtype and that its shape and range agree."""
     shape, (begin, end) = entry["shape"], entry["data_offsets"]
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ValueError(f"tensor {name} has an impossible shape {shape}")
     if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
         raise ValueError(f"tensor {name} has impossible data offsets {[begin, end]}")
     width = DTYPE_SIZES.get(entry["dtype"])
-    if width is not None and end - begin != math.prod(shape) * width:
+    if width is None:
+        raise ValueError(f"tensor {name} has dtype {str(entry['dtype'])[:20]!r}, not one gptcli can read")
+    if end - begin != math.prod(shape) * width:
         raise ValueError(f"tensor {name}: shape {shape} needs {math.prod(shape) * width} bytes, it has {end - begin}")
-    return end
+    return begin, end
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -108,14 +116,18 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            shards = sorted(set(read_json_file(index, MAX_CONFIG_BYTES)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"corrupt index {index}: {exc}") from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ModelError(f"{folder}: missing weight shard {missing[0]}", hint="re-download the model")
         return [folder / s for s in shards]
-    return sorted(p for p in folder.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors"))
+    odd = next((f for f in files if not f.is_file()), None)
+    if odd is not None:  # a FIFO would block every read; a folder or a dangling link is not weights either
+        raise ModelError(f"{odd} is not a regular file", hint="replace it with the model's weights")
+    return files
 
 
 def file_tensors(files: Iterable[Path]) -> Iterator[TensorHeader]:
