@@ -221,3 +221,25 @@ def test_sigterm_at_the_prompt_keeps_the_chat_and_exits_143(tiny_models, tok, is
     assert child.exitstatus == 143
     [conv] = saved_conversations(isolated_home)
     assert [m["content"] for m in conv["messages"]] == ["Hello", "Kept."]
+
+
+def test_sigterm_during_a_reply_or_a_block_keeps_the_chat_and_exits_143(tiny_models, tok, isolated_home):
+    import signal
+
+    child = spawn(tiny_models, say(tok, "word " * 400), "--plain", delay="0.05")
+    child.sendline("Count")
+    child.expect_exact("word word")
+    child.kill(signal.SIGTERM)  # was: the reply stopped and the chat went on, at the prompt
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143
+    [conv] = saved_conversations(isolated_home)
+    assert conv["messages"][-1]["interrupted"] is True and conv["messages"][-1]["content"].startswith("word word")
+
+    child = spawn(tiny_models, say(tok, "Kept."), "--plain", "--continue")
+    child.sendline('"""first line')
+    child.expect_exact("...")
+    child.kill(signal.SIGTERM)  # was: the block dropped and the chat went on
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143

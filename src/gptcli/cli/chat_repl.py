@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
 from gptcli.cli import render
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, Terminated
 
 
 class SecondInterrupt(BaseException):
@@ -106,6 +106,8 @@ class Repl:
             return self.read(continuation=True)
         except EOFError:
             return None
+        except Terminated:
+            raise  # `kill` leaves, as at the first prompt; only Ctrl-C drops the block and stays
         except KeyboardInterrupt:
             raise CancelledMessage from None
 
@@ -153,12 +155,19 @@ class Repl:
             turn.close()
         except SecondInterrupt:
             turn.close()
-            if self.markdown:  # the plain stream has ended its line already
-                sys.stdout.write("\n")
-            self.err.print("interrupted", style="yellow")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            self._leave()
+        if Terminated.seen:  # `kill` (wherever the turn caught it): the partial reply is kept; leave (143), not stay
+            self._leave()
         if turn.interrupted:
             self.err.print("[interrupted: the partial reply is kept]", markup=False, style="yellow")
         from gptcli.chat import stats_text
 
         render.detail(stats_text(self.session))  # -v: the reply's timings
+
+    def _leave(self) -> NoReturn:
+        """After a reply cut by a second Ctrl-C or by SIGTERM: end its line, say so, exit (run() makes
+        SIGTERM's 143 of it)."""
+        if self.markdown:  # the plain stream has ended its line already
+            sys.stdout.write("\n")
+        self.err.print("interrupted", style="yellow")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
