@@ -251,3 +251,37 @@ def test_live_token_count_equals_the_tokens_generated(model):
     (result,) = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert result["text"] == "Hello wor"
     assert sum(counted) == summary.completion_tokens == len(script) - 1
+
+
+def test_a_line_too_deep_or_too_big_for_the_parser_is_that_lines_error(model, tmp_path):
+    lines = [
+        json.dumps({"id": "a", "prompt": "Once upon a time"}),
+        "[" * 100_000 + "]" * 100_000,  # was: RecursionError, the run lost
+        '{"id": ' + "1" * 5000 + ', "prompt": "x"}',  # was: int()'s digit limit
+        json.dumps({"id": "b", "prompt": "hi"}),
+    ]
+    summary, results = _run(model, lines)
+    assert [r["id"] for r in results] == ["a", "2", "3", "b"] and summary.ok == 2
+    assert results[1]["error"]["message"] == "not valid JSON (nested too deeply)"
+    assert results[2]["error"]["message"].startswith("not valid JSON (Exceeds the limit")
+    from gptcli.jsonl import completed_ids
+
+    done = tmp_path / "done.jsonl"
+    done.write_text("[" * 100_000 + "\n" + '{"id": ' + "1" * 5000 + "}\n")
+    assert completed_ids(done) == set()  # --resume reads such lines as not done, not as a crash
+
+
+def test_finished_results_are_written_before_an_unexpected_failure_ends_the_run(model):
+    backend, tok = model
+    stream = io.StringIO()
+    lines = [{"prompt": "a long one", "max_tokens": 40}, {"prompt": "a short one", "max_tokens": 1}]
+    requests = [parse_request(n, json.dumps(line).encode(), tok, SETTINGS, 4096) for n, line in enumerate(lines, 1)]
+
+    def broken(summary):
+        raise RuntimeError("a progress display broke")
+
+    engine = Engine(backend, tok, EngineLimits(max_running=2))
+    with pytest.raises(RuntimeError):
+        run_batch(LocalLines(engine), iter(requests), ResultWriter(stream, sync=False), on_result=broken)
+    # line 2 finished first and waited for line 1 in the writer: it is on disk, not lost
+    assert [json.loads(line)["id"] for line in stream.getvalue().splitlines()] == ["2"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
 from gptcli.fanout import run_streams
-from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter
+from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, parse_line
 from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for, transcript
 from gptcli.tokenizer import Tokenizer
 
@@ -90,9 +89,9 @@ def parse_request(
         if raw is None:
             raise InputError(f"the line is over {MAX_LINE_BYTES // (1024 * 1024)} MiB")
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"not valid JSON ({exc})") from None
+            data = parse_line(raw)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         if not isinstance(data, dict):
             raise InputError("a line must be a JSON object")
         if "id" in data:
@@ -296,7 +295,7 @@ def run_batch(
                 on_token(1)
     except KeyboardInterrupt:
         summary.interrupted = True
-    except GptcliError:
+    except BaseException:  # a failure of the whole run: every finished result is written first
         writer.flush_all()
         raise
     if summary.interrupted:

@@ -86,11 +86,24 @@ def completed_ids(output: Path) -> set[str]:
     return done
 
 
+def parse_line(raw: bytes) -> Any:
+    """One JSON Lines line as a value; any line that is not one (not UTF-8, not JSON, nested too deeply for
+    the parser, an integer of thousands of digits) is a ValueError saying why, never another exception."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, and int()'s digit limit
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def _result_id(raw: bytes | None) -> str | None:
     """The id of a results-file line, or None for a line that is not a whole result."""
     try:
-        record = json.loads(raw) if raw is not None else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = parse_line(raw) if raw is not None else None
+    except ValueError:
         return None
     return str(record["id"]) if isinstance(record, dict) and "id" in record else None
 
