@@ -321,6 +321,14 @@ def test_config_show_reports_sources(tmp_path):
     assert data["model"]["source"] == "default"
 
 
+def test_tables_print_user_text_literally(tmp_path):
+    env = {"GPTCLI_SYSTEM": "Answer in [/] style", "GPTCLI_MODEL": "[bold]x"}
+    result = run_cli("config", "show", env=env)  # was: MarkupError, and "[bold]x" shown as "x"
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "Answer in [/] style" in out and "[bold]x" in out
+
+
 def test_user_config_file_is_read(tmp_path):
     user = tmp_path / "xdg-config" / "gptcli" / "config.yaml"
     user.parent.mkdir(parents=True)

@@ -37,7 +37,7 @@ def stdout_console() -> Any:
     from rich.console import Console
 
     piped = not sys.stdout.isatty()
-    return Console(highlight=False, soft_wrap=True, width=240 if piped else None)
+    return Console(highlight=False, soft_wrap=True, width=240 if piped else None, markup=False)  # cells are user text
 
 
 def note(message: str) -> None:
