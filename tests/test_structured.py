@@ -242,6 +242,9 @@ def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
     schema.write_text('{"type": "object"', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: not valid JSON"):
         constraints.from_flags(schema, None, None)
+    schema.write_text('{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: nested too deeply"):  # was RecursionError
+        constraints.from_flags(schema, None, None)
 
 
 def test_cli_bad_schema_exits_3_with_one_line(tiny_models, tmp_path):

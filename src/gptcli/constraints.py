@@ -53,6 +53,8 @@ def json_schema(text: str, where: str) -> OutputConstraint:
         schema = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{where}: not valid JSON ({exc})", hint="a JSON Schema is a JSON object") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a usable JSON Schema", hint=SCHEMA_HINT) from None
     return schema_constraint(schema, where)
 
 
