@@ -126,3 +126,51 @@ def test_load_of_a_folder_says_a_file_is_needed(tok, tmp_path):
         folder.mkdir(exist_ok=True)
         with pytest.raises(InputError, match=f"^{folder} is a folder: /load needs a conversation file"):
             run_command(chat, f"/load {folder}")
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"window_start": "abc"}, "'window_start' must be a message number from 0 to 2"),
+        ({"window_start": 1000}, "'window_start' must be a message number from 0 to 2"),  # was: messages unsent
+        ({"window_start": 1e400}, "'window_start' must be a message number"),  # was: OverflowError
+        ({"sampling": "xyz"}, "'sampling' must be a mapping of settings"),
+        ({"sampling": {"bogus": 1}}, "sampling.bogus: unknown sampling setting"),  # was: KeyError
+        ({"sampling": {"temperature": "hot"}}, "sampling.temperature: "),  # was: blamed a --temperature flag
+        ({"system": {"a": 1}}, "'system' must be text"),  # was: accepted, then the template failed
+        ({"messages": [{"role": "user", "content": 5}]}, "message 1: its content must be text"),
+    ],
+)
+def test_a_chat_file_with_a_wrong_value_is_refused_and_the_rest_go_on(tiny_models, tok, isolated_home, change, said):
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    store.root.mkdir(parents=True)
+    good = {
+        "id": "20200101-000000-good",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+    }
+    store.path("20200101-000000-good").write_text(json.dumps(good))
+    bad = store.path("20200101-000000-bad1")
+    bad.write_text(json.dumps({**good, "id": "20200101-000000-bad1", **change}))
+    shown = run_cli("chats", "show", "20200101-000000-bad1")
+    err = shown.stderr.decode()
+    assert shown.returncode == 6 and err.startswith(f"error: {bad}") and said in err.splitlines()[0], err
+    listing = run_cli("chats", "list", "--json")
+    assert listing.returncode == 0 and [c["id"] for c in json.loads(listing.stdout)] == ["20200101-000000-good"]
+    env = scripted_env(say(tok, "Fine."))
+    piped = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--jsonl", "-t", "0.5",
+                    input=f"/load {bad}\nHi\n", env=env)  # fmt: skip
+    assert piped.returncode == 0 and said in piped.stderr.decode()  # /load says why; the chat goes on
+    [record] = [json.loads(line) for line in piped.stdout.decode().splitlines()]
+    assert record["content"] == "Fine."
+    saved = [json.loads(p.read_text()) for p in store.root.glob("*.json") if p not in (bad, store.path(good["id"]))]
+    assert [c["messages"][0]["content"] for c in saved] == ["Hi"] and saved[0]["sampling"] == {}
+
+
+def test_per_request_sampling_options_are_not_config_file_settings(tmp_path):
+    cfg = tmp_path / "lp.yaml"
+    cfg.write_text("sampling:\n  logprobs: 3\n")
+    result = run_cli("config", "show", "-c", str(cfg))
+    err = result.stderr.decode()
+    assert result.returncode == 3 and err.startswith(f"error: {cfg}: sampling -> logprobs: unknown key"), err

@@ -301,8 +301,15 @@ def flatten(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
 
 
 def flatten_file(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A settings file's nested keys as dotted keys (unknown ones fail with a suggestion)."""
-    return flatten(data, Settings, where)
+    """A settings file's nested keys as dotted keys (unknown ones fail with a suggestion); a sampling field
+    that is a per-request option (logprobs, logit_bias, a constraint) is not a setting a file can hold."""
+    flat = flatten(data, Settings, where)
+    for key in flat:
+        if key not in FIELDS:
+            section, name = key.split(".", 1) if "." in key else ("", key)
+            settable = [f.split(".", 1)[-1] for f in FIELDS if f.startswith(f"{section}.")]
+            raise ConfigError(f"{where}: {section} -> {name}: unknown key{suggest(name, settable)}")
+    return flat
 
 
 def resolve(
@@ -357,6 +364,11 @@ def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> 
     says "the line's `{key}`", not the command-line flag it did not use)."""
     checked = {}
     for key, value in changes.items():
-        spec = FIELDS[f"sampling.{key}"]
+        spec = FIELDS.get(f"sampling.{key}")
+        if spec is None:
+            settable = [name.split(".", 1)[1] for name in FIELDS if name.startswith("sampling.")]
+            raise ConfigError(
+                f"{where.format(key=key, flag=key)}: unknown sampling setting{suggest(str(key), settable)}"
+            )
         checked[key] = coerce(spec, value, where.format(key=key, flag=spec.flag))
     return replace(settings, sampling=replace(settings.sampling, **checked))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
-from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
 from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
 
@@ -94,26 +94,52 @@ class Conversation:
         for number, m in enumerate(data["messages"], 1):
             if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
                 raise InputError(f"{where}: each message needs a role (user/assistant) and content")
-            content = str(m.get("content", ""))
+            content = m.get("content") or ""
+            if not isinstance(content, str):
+                raise InputError(f"{where}: message {number}: its content must be text")
             if (char := lone_surrogate(content)) is not None:
                 raise not_text(f"{where}: message {number}", char)
             if len(content.encode("utf-8")) > CHAT_MESSAGE.max_bytes:
                 raise over_limit(f"{where}: message {number}", CHAT_MESSAGE)
             if m["role"] == "system":  # a plain OpenAI-style list: lift the system message out
-                data = {**data, "system": str(m.get("content", ""))}
+                data = {**data, "system": content}
                 continue
-            messages.append({**m, "content": str(m.get("content", ""))})
+            messages.append({**m, "content": content})
+        system, window_start = data.get("system"), data.get("window_start") or 0
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"{where}: 'system' must be text")
+        if (
+            not isinstance(window_start, int)
+            or isinstance(window_start, bool)
+            or not 0 <= window_start <= len(messages)
+        ):
+            raise InputError(f"{where}: 'window_start' must be a message number from 0 to {len(messages)}")
         conv = cls(
             id=str(data.get("id") or new_id()),
             model=str(data.get("model") or ""),
-            system=data.get("system"),
+            system=system,
             messages=messages,
-            sampling=dict(data.get("sampling") or {}),
-            window_start=int(data.get("window_start") or 0),
+            sampling=_checked_sampling(data.get("sampling"), where),
+            window_start=window_start,
         )
         conv.created = str(data.get("created") or default_time or conv.created)
         conv.updated = str(data.get("updated") or default_time or conv.updated)
         return conv
+
+
+def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
+    """A saved chat's sampling settings, each checked as a config file's would be (a bad file is exit 6)."""
+    from gptcli.config import Settings, with_sampling
+
+    if not sampling:
+        return {}
+    if not isinstance(sampling, dict):
+        raise InputError(f"{where}: 'sampling' must be a mapping of settings")
+    try:
+        with_sampling(Settings(), where.replace("{", "{{").replace("}", "}}") + ": sampling.{key}", **sampling)
+    except ConfigError as exc:
+        raise InputError(exc.message, hint="fix or remove that setting in the file") from None
+    return dict(sampling)
 
 
 def to_markdown(conv: Conversation) -> str:

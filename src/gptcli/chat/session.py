@@ -237,9 +237,8 @@ class ChatSession:
         not read back is refused (ChatFileError) and the chat goes on as it was."""
         before = self.conversation, self.settings, self._warned_trim
         conv = replace(conv, id=new_id(), model=self.conversation.model)
-        self.conversation = conv
-        if conv.sampling:
-            self.settings = with_sampling(self.settings, **conv.sampling)
+        settings = with_sampling(self.settings, **conv.sampling) if conv.sampling else self.settings  # may refuse
+        self.conversation, self.settings = conv, settings
         self._warned_trim = False
         try:
             self.save(strict=True)
