@@ -80,3 +80,13 @@ def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path
     assert again.returncode == 0, again.stderr.decode()
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == ["r0", "r1", "r2"] and len(ids) == 3
+
+
+def test_resume_into_a_pipe_is_refused_at_once(tiny_models, tmp_path):
+    batch = tmp_path / "in.jsonl"
+    batch.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    result = run_cli("generate", "--batch", str(batch), "-o", str(fifo), "--resume", "-m", str(tiny_models["llama"]),
+                     timeout=60)  # fmt: skip  # was: blocked forever reading the pipe back
+    assert result.returncode == 6 and "must be a regular file, not a pipe" in result.stderr.decode()

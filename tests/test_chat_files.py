@@ -174,3 +174,23 @@ def test_per_request_sampling_options_are_not_config_file_settings(tmp_path):
     result = run_cli("config", "show", "-c", str(cfg))
     err = result.stderr.decode()
     assert result.returncode == 3 and err.startswith(f"error: {cfg}: sampling -> logprobs: unknown key"), err
+
+
+def test_a_pipe_in_the_chats_or_templates_folder_is_skipped_not_waited_for(isolated_home):
+    import os
+
+    from gptcli.chat import ConversationStore
+    from gptcli.templates import user_templates_dir
+
+    store = ConversationStore()
+    store.root.mkdir(parents=True)
+    os.mkfifo(store.path("20240101-000000-fifo"))
+    templates = user_templates_dir()
+    templates.mkdir(parents=True)
+    os.mkfifo(templates / "stuck.yaml")
+    listing = run_cli("chats", "list", "--json", timeout=60)  # was: blocked forever on the FIFO
+    assert listing.returncode == 0 and json.loads(listing.stdout) == []
+    assert "is a pipe or a device, not a saved chat" in listing.stderr.decode()
+    shown = run_cli("chats", "show", "20240101-000000-fifo", timeout=60)
+    assert shown.returncode == 6 and "is a pipe or a device, not a saved chat" in shown.stderr.decode()
+    assert run_cli("templates", "list", timeout=60).returncode == 0

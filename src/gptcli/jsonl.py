@@ -61,6 +61,8 @@ def count_lines(path: Path) -> int | None:
 
 def check_results_file(output: Path) -> None:
     """Before --resume appends to `output` (and cuts a torn last line off it): it must hold results."""
+    if output.exists() and not output.is_file() and not output.is_dir():  # a folder has its own error
+        raise InputError(f"--resume reads {output} back, so it must be a regular file, not a pipe or a device")
     if not output.is_file() or output.stat().st_size == 0:
         return
     with output.open("rb") as handle:

@@ -187,7 +187,7 @@ def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> lis
 
 def _user_files() -> list[Path]:
     folder = user_templates_dir()
-    return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    return sorted(p for p in folder.glob("*.yaml") if p.is_file()) if folder.is_dir() else []  # not a FIFO
 
 
 def get_template(name: str) -> Template:

@@ -260,6 +260,9 @@ class ConversationStore:
         """A stored conversation's id is its file's name, and a file without times (a JSON list copied
         in by hand) dates from its last change: never a new id, nor "now", on every read."""
         path = self.path(conv_id)
+        if path.exists() and not path.is_file():  # a FIFO would block the read; a folder is not a chat either
+            kind = "a folder" if path.is_dir() else "a pipe or a device"
+            raise InputError(f"{path} is {kind}, not a saved chat", hint="move it out of the chats folder")
         try:
             changed = now(path.stat().st_mtime)
         except OSError:
