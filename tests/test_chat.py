@@ -303,3 +303,14 @@ def test_plain_transcript_for_a_model_without_a_chat_template(tok):
     prompt = build_prompt(tok, messages, raw=True, plain=transcript)
     assert not prompt.templated
     assert prompt.ids == tok.encode(transcript(messages), add_special_tokens=True)
+
+
+def test_undo_of_the_only_exchange_leaves_no_saved_copy(tok, isolated_home):
+    from gptcli.chat import ConversationStore, run_command
+
+    chat = make_chat(tok, say(tok, "Noted."))
+    reply(chat.say("Secret I regret typing"))
+    path = ConversationStore().path(chat.conversation.id)
+    assert path.is_file()
+    run_command(chat, "/undo")
+    assert chat.conversation.messages == [] and not path.exists()  # was: kept, and --continue brought it back

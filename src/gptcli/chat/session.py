@@ -263,11 +263,14 @@ class ChatSession:
         once and the chat goes on; `save_error` holds the error until a later save succeeds. So is a
         conversation the store could not read back (grown past the chat-file limit), unless `strict`:
         then that raises ChatFileError, and nothing is written."""
-        if self.store is None or not self.conversation.messages:
+        if self.store is None:
             return
         error: GptcliError
         try:
-            self.store.save(self.conversation)
+            if self.conversation.messages:
+                self.store.save(self.conversation)
+            else:  # /undo of its only exchange: the stored copy goes too, not left behind to --continue
+                self.store.path(self.conversation.id).unlink(missing_ok=True)
         except ChatFileError as exc:
             if strict:
                 raise
