@@ -162,6 +162,13 @@ def test_resolving_a_folder_with_an_impossible_config_is_exit_5(tiny_models, tmp
     assert info.value.exit_code == 5
 
 
+@pytest.mark.parametrize("factor", [0, -2, "x", True])
+def test_a_rope_scaling_factor_that_is_not_positive_is_impossible(tiny_models, tmp_path, factor):
+    folder = _with_config(tiny_models, tmp_path, "llama", rope_scaling={"rope_type": "linear", "factor": factor})
+    with pytest.raises(ModelError, match=r"rope_scaling\.factor = .* is impossible \(must be a positive number\)"):
+        hf.read_architecture(folder)  # was: accepted, and every logit NaN (an empty reply, exit 0)
+
+
 def test_a_header_whose_shape_outgrows_its_bytes_is_corrupt(tmp_path):
     import struct
 

@@ -132,6 +132,10 @@ def rope_settings(cfg: Mapping[str, Any], where: str, *, local: bool) -> dict[st
     }
     kind = rope_type(full)
     if kind != "default":
+        for factor in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
+            value = full.get(factor)  # rope divides by them: 0 would make every logit NaN
+            if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                impossible(where, f"{key}.{factor}", value, "must be a positive number")
         scaling = dict(full)
         original = cfg.get("original_max_position_embeddings")
         if original is not None and kind in NEEDS_ORIGINAL_CONTEXT:
