@@ -44,6 +44,10 @@ def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
     assert no_output.returncode == 2 and "--resume needs --output" in no_output.stderr.decode()
     with_prompt = run_cli("generate", "hello", "--batch", str(batch))
     assert with_prompt.returncode == 2 and "--batch takes its prompts from the file" in with_prompt.stderr.decode()
+    for flag in (["--raw"], ["--json"], ["--stats"], ["--var", "x=y"]):  # were silently ignored
+        ignored = run_cli("generate", "--batch", str(batch), *flag, "-m", str(tiny_models["llama"]))
+        err = ignored.stderr.decode()
+        assert ignored.returncode == 2 and ("with --batch" in err or "from the file" in err), (flag, err)
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "1", "text": "x"}\n')
     exists = run_cli("generate", "--batch", str(batch), "-o", str(out), "-m", str(tiny_models["llama"]))

@@ -127,8 +127,10 @@ def generate(
     if batch is not None:
         from gptcli.cli.batch_run import run_batch_file
 
-        if prompt is not None or file is not None or template is not None or to or question:
-            raise UsageError("--batch takes its prompts from the file", hint="drop the prompt, -f and --template")
+        if prompt is not None or file is not None or template is not None or to or question or var:
+            raise UsageError("--batch takes its prompts from the file", hint="drop the prompt, -f, --template, --var")
+        if raw or as_json or stats:  # each line says `"raw": true` itself; its results are JSON lines already
+            raise UsageError("--raw, --json and --stats do not go with --batch", hint='a line sets "raw": true itself')
         settings = constrain(settings, structured)  # every row gets the run's constraint
         remote = None
         if url is not None:
