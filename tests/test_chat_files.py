@@ -194,3 +194,21 @@ def test_a_pipe_in_the_chats_or_templates_folder_is_skipped_not_waited_for(isola
     shown = run_cli("chats", "show", "20240101-000000-fifo", timeout=60)
     assert shown.returncode == 6 and "is a pipe or a device, not a saved chat" in shown.stderr.decode()
     assert run_cli("templates", "list", timeout=60).returncode == 0
+
+
+def test_continue_names_a_chat_file_it_could_not_read(tiny_models, tok, isolated_home):
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    store.root.mkdir(parents=True)
+    older = {
+        "id": "20200101-000000-old1",
+        "updated": "2020-01-01T00:00:00",
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    store.path(older["id"]).write_text(json.dumps(older))
+    store.path("20990101-000000-torn").write_text('{"messages": [{"role": "user", "con')
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--continue", "--jsonl",
+                     input="Again\n", env=scripted_env(say(tok, "Yes.")))  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"warning: skipped cannot read {store.path('20990101-000000-torn')}" in result.stderr.decode()

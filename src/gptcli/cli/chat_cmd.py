@@ -112,6 +112,8 @@ def chat(
     )
     store = ConversationStore()
     settings, conversation = open_conversation(resolved, store, latest=continue_, ref=resume)
+    for reason in store.skipped:  # --continue went past a file it could not read: it may have been the newest
+        render.warn(f"skipped {reason}")
     settings = constrain(settings, structured)  # every reply of this session
     if url is not None:
         from gptcli.cli.remote_run import open_remote, remote_chat_session
