@@ -144,3 +144,14 @@ def test_generate_with_template(tiny_models):
     )
     assert shorthand.returncode == 0, shorthand.stderr.decode()
     assert json.loads(shorthand.stdout)["usage"] == data["usage"]
+
+
+def test_a_template_with_thousands_of_variables_lists_in_linear_time(isolated_home):
+    from gptcli.templates import user_templates_dir
+
+    names = [f"v{i}" for i in range(3000)]
+    folder = user_templates_dir()
+    folder.mkdir(parents=True)
+    (folder / "many.yaml").write_text('user: "{input} ' + " ".join("{" + n + "}" for n in names) + '"\n')
+    result = run_cli("templates", "list", timeout=60)  # was cubic: past 120 s for these 3,000 names
+    assert result.returncode == 0 and "v2999" in result.stdout.decode()

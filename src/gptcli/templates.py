@@ -62,12 +62,10 @@ class Template:
     @property
     def fields(self) -> list[str]:
         """Every `{name}` used in the system and user text, in order of appearance."""
-        names: list[str] = []
+        names: dict[str, None] = {}  # ordered, and a set's lookups: a template may use thousands of names
         for text in (self.system or "", self.user):
-            for name in placeholders(text):
-                if name not in names:
-                    names.append(name)
-        return names
+            names.update(dict.fromkeys(placeholders(text)))
+        return list(names)
 
     @property
     def required(self) -> list[str]:
@@ -83,7 +81,8 @@ class Template:
     def bind(self, given: Mapping[str, str]) -> dict[str, str]:
         """Defaults overlaid with the given variables; unknown or missing names are usage errors."""
         known = [n for n in self.fields if n != "input"]
-        unknown = [k for k in given if k not in known]
+        known_set = set(known)
+        unknown = [k for k in given if k not in known_set]
         if unknown:
             listed = ", ".join(known) or "none"
             raise UsageError(

@@ -48,8 +48,8 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     for column in ("name", "source", "variables", "description"):
         table.add_column(column)
     for t in templates:
-        names = [k for k in t.fields if k != "input"]
-        variables = ", ".join(k if k in t.required else f"{k}={t.variables[k]!r}" for k in names)
+        names, required = [k for k in t.fields if k != "input"], set(t.required)
+        variables = ", ".join(k if k in required else f"{k}={t.variables[k]!r}" for k in names)
         table.add_row(t.name, t.source, variables or "-", t.description)
     render.stdout_console().print(table)
 
