@@ -314,3 +314,19 @@ def test_undo_of_the_only_exchange_leaves_no_saved_copy(tok, isolated_home):
     assert path.is_file()
     run_command(chat, "/undo")
     assert chat.conversation.messages == [] and not path.exists()  # was: kept, and --continue brought it back
+
+
+def test_fitting_a_long_chat_takes_a_few_encodings_not_one_per_exchange(tok):
+    chat = make_chat(tok, say(tok, "Ok."), context=512, store=False, max_tokens=16)
+    for i in range(2000):
+        chat.conversation.messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    chat.conversation.messages.append({"role": "user", "content": "last"})
+    calls = []
+    real = chat.encode_window
+    chat.encode_window = lambda: calls.append(1) or real()
+    ids = chat.fit()
+    assert len(ids) <= 512 - 16 and len(calls) <= 16  # was: one re-encoding of the whole window per dropped exchange
+    window = chat.conversation.window()
+    assert window[-1]["content"] == "last"
+    chat.conversation.window_start -= 2  # one exchange more would not have fitted: the window is the longest that fits
+    assert len(chat.encode_window()) > 512 - 16

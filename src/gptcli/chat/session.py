@@ -125,40 +125,60 @@ class ChatSession:
         return build_prompt(self.tokenizer, self.conversation.window(), plain=transcript).ids
 
     def fit(self) -> list[int]:
-        """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit."""
+        """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit.
+
+        The first start that fits is found by bisection over the exchanges' starts (fewer messages never
+        make more tokens), so a chat of thousands of messages costs a few encodings, not one per exchange."""
         ids = self.encode_window()
         limit = self.context_length - self.reserve()
-        while len(ids) > limit:
-            if not self.drop_oldest_exchange():
+        if len(ids) > limit:
+            conv = self.conversation
+            starts = self._exchange_starts(conv.window_start)
+            low, high = 0, len(starts)  # starts[high:] fit (high == len: none known to)
+            while low < high:
+                middle = (low + high) // 2
+                conv.window_start = starts[middle]
+                if len(self.encode_window()) <= limit:
+                    high = middle
+                else:
+                    low = middle + 1
+            if high == len(starts):
+                if starts:
+                    conv.window_start = starts[-1]
+                    ids = self.encode_window()
                 raise InputError(
                     f"the message needs {len(ids)} tokens with the chat template; "
                     f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
                     hint="shorten it, or lower max_tokens with /set max_tokens N",
                 )
+            conv.window_start = starts[high]
+            self._warn_trim()
             ids = self.encode_window()
         self.prompt_tokens = len(ids)
         return ids
 
     def drop_oldest_exchange(self) -> bool:
         """Stop sending the oldest exchange (never the system message, nor the last user message)."""
-        conv = self.conversation
-        nxt = self._next_exchange_start(conv.window_start)
-        if nxt is None:
+        starts = self._exchange_starts(self.conversation.window_start)
+        if not starts:
             return False
-        conv.window_start = nxt
+        self.conversation.window_start = starts[0]
+        self._warn_trim()
+        return True
+
+    def _warn_trim(self) -> None:
         if not self._warned_trim:
             self.warn(
                 "the conversation outgrew the context: the oldest exchanges are no longer sent to the model "
                 "(they stay saved; /show says how many)"
             )
             self._warned_trim = True
-        return True
 
-    def _next_exchange_start(self, start: int) -> int | None:
-        """Index of the second user message at or after `start` (so the last one is always kept)."""
+    def _exchange_starts(self, start: int) -> list[int]:
+        """Where the window could start after `start`: each later user message, the last one included (it is
+        always sent)."""
         msgs = self.conversation.messages
-        users = [i for i in range(start, len(msgs)) if msgs[i]["role"] == "user"]
-        return users[1] if len(users) > 1 else None
+        return [i for i in range(start, len(msgs)) if msgs[i]["role"] == "user"][1:]
 
     # -- turns -----------------------------------------------------------------------------------
 
