@@ -136,6 +136,14 @@ def test_sizes_that_disagree_with_the_safetensors_headers(tiny_models, tmp_path,
     assert hf.read_architecture(tiny_models[family]).family == family  # the untouched folder passes
 
 
+def test_a_family_without_known_shapes_cannot_claim_more_layers_than_its_weights_hold(tiny_models, tmp_path):
+    other = {"architectures": ["GraniteForCausalLM"], "model_type": "granite"}
+    folder = _with_config(tiny_models, tmp_path, "llama", **other, num_hidden_layers=100_000)
+    with pytest.raises(ModelError, match="100000 layers disagree with the weights, which hold 2"):
+        hf.read_architecture(folder)  # was: unchecked, and transformers built 100,000 layers
+    assert hf.read_architecture(_with_config(tiny_models, tmp_path / "ok", "llama", **other)).family == "other"
+
+
 def test_the_check_reads_headers_only(tiny_models, tmp_path, monkeypatch):
     """No tensor is read or allocated: the check runs from the headers, the lean engine never loads."""
     import safetensors

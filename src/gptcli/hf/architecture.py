@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ class Architecture:
             }
             layer_prefix, layers_key = "transformer.h.", "n_layer"
         else:
+            self._check_layer_count(tensors)
             return
         for name, (shape, keys) in expected.items():
             tensor = tensors.get(name)
@@ -218,6 +220,25 @@ class Architecture:
                 f"{self.source}: {layers_key} = {self.layers} disagrees with the weights, which hold "
                 f"{len(present)} layers", hint="the config.json does not belong to these weights",
             )  # fmt: skip
+
+    def _check_layer_count(self, tensors: Mapping[str, TensorHeader]) -> None:
+        """A family without known shapes: its layer count must not outgrow the numbered stacks its weights hold
+        (`model.layers.N.`, `transformer.h.N.`, ...). transformers builds every layer the config names before
+        it loads a weight: 100,000 of them filled the memory."""
+        stacks: dict[str, set[int]] = {}
+        for name in tensors:
+            match = NUMBERED.match(name)
+            if match:
+                stacks.setdefault(match.group(1), set()).add(int(match.group(2)))
+        held = max((len(indices) for indices in stacks.values()), default=0)
+        if held and self.layers > held:
+            raise ModelError(
+                f"{self.source}: {self.layers} layers disagree with the weights, which hold {held}",
+                hint="the config.json does not belong to these weights",
+            )
+
+
+NUMBERED = re.compile(r"^(.*?\.)(\d+)\.")  # a tensor in a numbered stack: its prefix and its layer
 
 
 def _decoder_shapes(arch: Architecture) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
