@@ -32,6 +32,16 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
     assert logits.tolist() == [2.0, -2.0, 1.0]  # input untouched
 
 
+def test_a_penalty_too_small_for_float32_warns_nothing():
+    import warnings
+
+    logits = np.array([1.0, -1.0, 0.5], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: "RuntimeWarning: divide by zero" on the user's stderr
+        out = apply_repetition_penalty(logits, [0, 1], 1e-300)
+    assert out[0] == np.inf and out[2] == np.float32(0.5)
+
+
 def test_repetition_penalty_changes_greedy_choice():
     logits = np.array([2.0, 1.5], dtype=np.float32)
     assert sample(logits, SamplingConfig(temperature=0, repetition_penalty=2.0), make_rng(0), history=[0]) == 1

@@ -71,7 +71,8 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty
     seen = seen[seen < logits.shape[-1]]
     out = logits.copy()
     values = out[seen]
-    with np.errstate(over="ignore"):  # a tiny penalty may push a logit to inf: sample() takes that
+    # A tiny penalty may push a logit to inf (or be 0 in the logits' float32): sample() takes that.
+    with np.errstate(over="ignore", divide="ignore"):
         out[seen] = np.where(values > 0, values / penalty, values * penalty)
     return out
 
