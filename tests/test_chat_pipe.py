@@ -86,3 +86,15 @@ def test_a_read_only_store_warns_once_keeps_answering_and_fails_at_the_end(tiny_
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: cannot write {data}/chats: Permission denied"]
     assert result.returncode == 1
+
+
+def test_a_piped_line_over_the_limit_is_answered_with_its_error_and_the_chat_goes_on(tiny_models, tok):
+    env = scripted_env(say(tok, "Fine."))
+    lines = b"x" * (3 * 1024 * 1024) + b"\n\xff-not-utf8\nHi\n"
+    result = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--jsonl", "-n", "4",
+                     input=lines, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()  # was: exit 6 at the long line, "Hi" never answered
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert "over the 1 MiB limit for one chat message" in records[0]["error"]
+    assert "not valid UTF-8" in records[1]["error"]
+    assert records[2]["content"] == "Fine."

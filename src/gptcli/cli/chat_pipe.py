@@ -30,11 +30,21 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
     from gptcli.chat import collect_message, dispatch, is_command, stats_text
 
     lines = stdin_lines()
+
+    def next_line() -> str | None:  # inside a """ block: a line that is no message ends the block's input
+        line = next(lines, None)
+        if isinstance(line, InputError):
+            raise line
+        return line
+
     for first in lines:
-        text = collect_message(first, lambda: next(lines, None))
-        if not text.strip():
-            continue
+        text = ""
         try:
+            if isinstance(first, InputError):  # too long, or not text: that line's error, and the chat goes on
+                raise first
+            text = collect_message(first, next_line)
+            if not text.strip():
+                continue
             step = dispatch(session, text, backend_name)
         except GptcliError as exc:
             render.report(exc)

@@ -52,8 +52,9 @@ def gather_prompt(argument: str | None, file: Path | None) -> str:
     return text
 
 
-def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str]:
-    """stdin line by line (decoded like any input, line ends dropped); a line over `limit` is an InputError."""
+def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str | InputError]:
+    """stdin line by line (decoded like any input, line ends dropped). A line over `limit`, or one that is not
+    text, comes as its InputError (the rest of it read past, never held), so the reader answers it and goes on."""
     if sys.stdin is None:  # started with stdin closed (`<&-`): no lines
         return
     buffer = getattr(sys.stdin, "buffer", None)
@@ -62,8 +63,14 @@ def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str]:
         return
     while raw := buffer.readline(limit.max_bytes + 1):
         if len(raw) > limit.max_bytes and not raw.endswith(b"\n"):
-            raise over_limit(f"{STDIN}, a line", limit)
-        yield decode_text(raw, STDIN).rstrip("\r\n")
+            while (rest := buffer.readline(limit.max_bytes)) and not rest.endswith(b"\n"):
+                pass
+            yield over_limit(f"{STDIN}, a line", limit)
+            continue
+        try:
+            yield decode_text(raw, STDIN).rstrip("\r\n")
+        except InputError as exc:
+            yield exc
 
 
 def check_utf8(text: str, what: str) -> str:
