@@ -119,7 +119,8 @@ def preset_path(name: str) -> Path:
     names = preset_names()
     if name not in names:
         raise ConfigError(
-            f"unknown preset '{name}'{suggest(name, names)}", hint=f"presets: {', '.join(names)}; or --config FILE"
+            f"unknown preset '{name}'{suggest(name, names)}",
+            hint=f"presets: {', '.join(names)}; or a config file (train --config, bench --train-config)",
         )
     return Path(str(resources.files("gptcli.train") / "presets" / f"{name}.yaml"))
 
