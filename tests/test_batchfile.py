@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from gptcli.backends.torch_backend import TorchBackend
 from gptcli.batchfile import LocalLines, parse_request, run_batch
 from gptcli.config import Settings, with_sampling
 from gptcli.engine import Engine, EngineLimits, generate
+from gptcli.errors import InputError
 from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, completed_ids, open_results, read_lines
 from gptcli.prompts import encode_prompt
 from gptcli.tokenizer import Tokenizer
@@ -77,6 +79,13 @@ def test_batched_texts_equal_each_prompt_alone(model):
     assert [r["text"] for r in results] == [_alone(model, p).text for p in prompts]
 
 
+def test_resume_names_the_results_file_whose_middle_holds_nul_bytes(tmp_path):
+    out = tmp_path / "results.jsonl"
+    out.write_bytes(b'{"id": "r0"}\n\0\0\n{"id": "r1"}\n')
+    with pytest.raises(InputError, match=f"^{re.escape(str(out))}: line 2 holds a NUL byte"):
+        completed_ids(out)
+
+
 def test_resume_skips_the_ids_already_written(model, tmp_path):
     out = tmp_path / "results.jsonl"
     lines = [json.dumps({"id": f"r{i}", "prompt": f"line {i}"}) for i in range(5)]
@@ -91,7 +100,11 @@ def test_resume_skips_the_ids_already_written(model, tmp_path):
 
 @pytest.mark.parametrize(
     ("tail", "done"),
-    [('{"id": "r2", "te', {"r0", "r1"}), ('{"id": "r2", "text": "whole, only its newline lost"}', {"r0", "r1", "r2"})],
+    [
+        ('{"id": "r2", "te', {"r0", "r1"}),
+        ('{"id": "r2", "text": "whole, only its newline lost"}', {"r0", "r1", "r2"}),
+        ("\0" * 4096, {"r0", "r1"}),  # what a crash can leave at a file's end (was: "line 3 holds a NUL byte")
+    ],
 )
 def test_resume_appends_on_a_line_of_its_own(model, tmp_path, tail, done):
     """A torn last line is cut (its request runs again); a whole one keeps its place and gets its newline."""

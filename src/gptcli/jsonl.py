@@ -81,10 +81,14 @@ def completed_ids(output: Path) -> set[str]:
     if not output.exists():
         return done
     with output.open("rb") as handle:
-        for _, raw in read_lines(handle):
-            result_id = _result_id(raw)
-            if result_id is not None:
-                done.add(result_id)
+        try:
+            for _, raw in read_lines(handle):
+                result_id = _result_id(raw)
+                if result_id is not None:
+                    done.add(result_id)
+        except InputError as exc:  # NUL bytes: in the last line, what a crash leaves (cut off when resuming)
+            if handle.read(1):
+                raise InputError(f"{output}: {exc.message}", hint="give --output this batch's results file") from None
     return done
 
 
