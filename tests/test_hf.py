@@ -136,6 +136,12 @@ def test_sizes_that_disagree_with_the_safetensors_headers(tiny_models, tmp_path,
     assert hf.read_architecture(tiny_models[family]).family == family  # the untouched folder passes
 
 
+def test_architectures_given_as_one_string_names_the_family(tiny_models, tmp_path):
+    folder = _with_config(tiny_models, tmp_path, "llama", architectures="LlamaForCausalLM")
+    arch = hf.read_architecture(folder)  # was: architecture "L", family "other"
+    assert (arch.architecture, arch.family) == ("LlamaForCausalLM", "llama")
+
+
 def test_a_family_without_known_shapes_cannot_claim_more_layers_than_its_weights_hold(tiny_models, tmp_path):
     other = {"architectures": ["GraniteForCausalLM"], "model_type": "granite"}
     folder = _with_config(tiny_models, tmp_path, "llama", **other, num_hidden_layers=100_000)

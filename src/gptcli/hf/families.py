@@ -39,6 +39,8 @@ NEEDS_ORIGINAL_CONTEXT = ("llama3", "yarn", "longrope")
 def family_of(cfg: Mapping[str, Any]) -> tuple[str, str]:
     """(family, architecture name); a family the fast paths do not know is "other"."""
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):  # a hand-written config's one name, not a list of them
+        archs = [archs]
     model_type = cfg.get("model_type")
     architecture = str(archs[0] if archs else model_type or "?")
     family = FAMILIES.get(architecture) if archs else MODEL_TYPES.get(str(model_type))
