@@ -317,6 +317,9 @@ def test_baseline_reads_a_json_document_and_rejects_junk(tmp_path):
     junk.write_text("not json\n")
     with pytest.raises(InputError, match="not JSON"):
         base_mod.load_records(junk)
+    junk.write_text("[" * 100_000 + "\n")  # was: RecursionError, an internal error
+    with pytest.raises(InputError, match=r"junk\.txt:1: not JSON"):
+        base_mod.load_records(junk)
     with pytest.raises(InputError, match="not found"):
         base_mod.load_records(tmp_path / "missing.json")
 

@@ -36,7 +36,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     text = decode_text(data, str(path))
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON lines, or not JSON (each line says which below)
         data = None
     if isinstance(data, dict) and isinstance(data.get("results"), list):
         records = data["results"]
@@ -51,7 +51,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 records.append(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise InputError(
                     f"{path}:{number}: not JSON", hint="a baseline is the output of -o json, -o jsonl or --output"
                 ) from None
