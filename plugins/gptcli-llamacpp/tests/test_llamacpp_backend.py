@@ -117,6 +117,18 @@ def test_export_refuses_other_architectures(tmp_path):
         find_gguf(tmp_path)
 
 
+def test_export_of_a_torn_tokenizer_is_a_model_error(tiny_llama, tmp_path):
+    import shutil
+
+    from gptcli_llamacpp.export import export_llama_gguf
+
+    folder = tmp_path / "torn"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "tokenizer.json").write_text('{"model": {"type": "BP')  # was: an internal JSONDecodeError
+    with pytest.raises(ModelError, match=r"corrupt .*tokenizer\.json"):
+        export_llama_gguf(folder, tmp_path / "out.gguf")
+
+
 def test_contract_on_a_tiny_llama_exported_to_f32_gguf(tiny_llama):
     """F32 weights on both sides: llama.cpp must match torch closely and pick the same greedy tokens."""
     from gptcli.backends.torch_backend import TorchBackend

@@ -9,7 +9,6 @@ rope pairs neighbouring values, so q and k rows are permuted back.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -133,8 +132,14 @@ def _add_tokenizer(writer, tokenizer_file: Path, vocab_size: int, cfg: dict) -> 
     config's bos/eos token ids."""
     import gguf
 
-    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    model = data.get("model", {})
+    from gptcli.textio import read_json_file
+    from gptcli.tokenizer import MAX_TOKENIZER_BYTES
+
+    try:
+        data = read_json_file(tokenizer_file, MAX_TOKENIZER_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"corrupt {tokenizer_file}: {exc}", hint="re-download or replace the file") from None
+    model = data.get("model", {}) if isinstance(data, dict) else {}
     if model.get("type") != "BPE":
         raise ModelError(f"{tokenizer_file}: only byte-level BPE tokenizers can be exported")
     vocab: dict[str, int] = dict(model["vocab"])
