@@ -207,8 +207,7 @@ class _Bridge:
         prototype = self.matchers.get(constraint)
         if prototype is None:
             prototype = llguidance.LLMatcher(self.ll, grammar(constraint), log_level=0)
-            if prototype.is_error():
-                raise ConfigError(describe(constraint, prototype.get_error()), hint=SCHEMA_HINT)
+            self._check_first_mask(constraint, prototype)
             self.matchers[constraint] = prototype
             self.source_bytes += len(constraint.source)
             # Compiled grammars take ~35x their source in memory: bound both their number and their size.
@@ -219,6 +218,20 @@ class _Bridge:
                 self.source_bytes -= len(evicted.source)
         self.matchers.move_to_end(constraint)
         return prototype.deep_copy()
+
+    def _check_first_mask(self, constraint: OutputConstraint, prototype: Any) -> None:
+        """What the first step would find, found now (some grammars fail only once the lexer meets the
+        vocabulary: `a{1000000}`; some match no text at all: `[a&&b]`), so it is an error before any decoding."""
+        probe = prototype.deep_copy()
+        bits = np.zeros((self.ll.vocab_size + 31) // 32, dtype=np.int32)
+        if not probe.is_error():
+            probe.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
+        message = probe.get_error() if probe.is_error() else ""
+        if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
+            message = "error: it matches no text at all"
+        if message:
+            raise ConfigError(describe(constraint, message), hint=hint)
 
 
 _BRIDGES: weakref.WeakKeyDictionary[Tokenizer, _Bridge] = weakref.WeakKeyDictionary()

@@ -58,6 +58,10 @@ def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
             f"warning: --threads {settings.threads} is more than the {cpus} CPUs here: sharing cores slows every step"
         )
     tokenizer = Tokenizer(model.path)
+    if settings.sampling.constraint is not None:  # a grammar that compiles only with the vocabulary fails here,
+        from gptcli.constraints import prepare  # before the model loads (the tokenizer-free check let it pass)
+
+        prepare(settings.sampling.constraint, tokenizer)
     backend = backend_cls.load(model.path, load_options(settings))
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
         notify(f"{backend.name}: {backend.fallback_reason}")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished, Stats, Token
+from gptcli.errors import ConfigError
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
@@ -220,7 +221,12 @@ async def respond(
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
         from gptcli.constraints import prepare
 
-        await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
+        try:
+            await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
+        except ConfigError as exc:  # it matches nothing, or fails at its first token: the request's own format
+            raise APIError(
+                400, f"response_format: {exc.message}", param="response_format", code="invalid_value"
+            ) from None
     streams: list[EngineStream] = []
     try:
         for ids in prompts:
