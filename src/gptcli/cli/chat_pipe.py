@@ -31,7 +31,7 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
 
     lines = stdin_lines()
 
-    def next_line() -> str | None:  # inside a """ block: a line that is no message ends the block's input
+    def next_line() -> str | None:  # inside a """ block: a bad line is the whole block's error
         line = next(lines, None)
         if isinstance(line, InputError):
             raise line
