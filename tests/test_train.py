@@ -179,6 +179,29 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(corpus, tmp_
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
 
 
+def test_sigterm_during_a_long_evaluation_cuts_it_short_saves_and_exits_143(corpus, tmp_path, monkeypatch, capsys):
+    # Was: the flag was read only after the evaluation, so `timeout` or a service manager waited for all of it.
+    from gptcli.train import loop
+
+    real_loss, batches = loop.loss_of, []
+
+    def loss_then_sigterm(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "loss_of", loss_then_sigterm)
+    out = tmp_path / "run"
+    long_eval = ["--max-iters", "100", "--set", "eval.interval=2", "--set", "eval.iters=100000"]
+    code = run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *long_eval])
+    err = capsys.readouterr().err
+    assert code == 143, err
+    assert len(batches) < 10  # the evaluation stopped at the signal, not after 100,000 batches
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not [r for r in records(out) if "val_loss" in r]  # a cut evaluation is not logged as one
+
+
 def test_rotation_keeps_the_last_checkpoints_and_the_best(corpus, tmp_path, monkeypatch):
     from gptcli.train import checkpoint, loop
 

@@ -105,6 +105,7 @@ class _Run:
 
         cfg, dist = setup.cfg, setup.dist
         self.setup, self.cfg, self.dist, self.out = setup, cfg, dist, setup.out
+        self.signals: _Signals | None = None  # while training: what an evaluation checks between its batches
         device = resolve_device(cfg.train.device)
         if device == "cuda" and dist.world > 1:
             device = f"cuda:{dist.local_rank}"
@@ -230,6 +231,7 @@ class _Run:
         interrupted = False
         try:
             with _Signals() as signals:
+                self.signals = signals
                 while self.step < cfg.train.max_iters:
                     stepped, stop = self._one_step(signals)
                     last_loss = stepped.loss
@@ -237,8 +239,11 @@ class _Run:
                     last = self.step == cfg.train.max_iters
                     if self.step % cfg.eval.interval == 0 or last:
                         evaluated = self._evaluate()
-                        last_val = evaluated.val_loss
-                        yield evaluated
+                        if evaluated is None:  # a signal cut it short: save this step and stop
+                            stop = True
+                        else:
+                            last_val = evaluated.val_loss
+                            yield evaluated
                     if self.step % cfg.checkpoint.interval == 0 or last or stop:
                         path = self._save()
                         if path is not None:
@@ -309,9 +314,11 @@ class _Run:
         tdist.all_reduce(both)
         return both[0].item() / self.dist.world, both[1].item() > 0
 
-    def _evaluate(self) -> Evaluated:
-        """The validation loss (and a sample), logged; loss.png redrawn."""
+    def _evaluate(self) -> Evaluated | None:
+        """The validation loss (and a sample), logged; loss.png redrawn. None: a signal cut it short."""
         val = self._val_loss()
+        if val is None:
+            return None
         if val < self.best_val:
             self.best_val, self.best_step = val, self.step
         main = self.dist.main
@@ -324,7 +331,9 @@ class _Run:
             plot_losses(self.out)
         return evaluated
 
-    def _val_loss(self) -> float:
+    def _val_loss(self) -> float | None:
+        """The mean loss of eval.iters validation batches; None when Ctrl-C or SIGTERM came meanwhile (one
+        process only: the ranks of a distributed run finish it together, to agree at the next step)."""
         import torch
 
         cfg, model, val = self.cfg, self.model, self.setup.data.val
@@ -333,6 +342,9 @@ class _Run:
         with torch.no_grad():
             losses = []
             for _ in range(cfg.eval.iters):
+                if self.dist.world == 1 and self.signals is not None and self.signals.received is not None:
+                    model.train()
+                    return None
                 x, y = blocks(val, 0, len(val), self.setup.block_size, cfg.train.batch_size, gen, self.device)
                 losses.append(loss_of(model, x, y, self.precision).item())
         model.train()
