@@ -147,7 +147,7 @@ def test_overlap_repeats_the_previous_tail(tok):
 
 
 def test_unsplittable_sentence_is_cut_on_tokens(tok):
-    from gptcli.summarize import split_text
+    from gptcli.textio import split_text
 
     s = summarizer(ReadingBackend(tok, 4096), tok)
     blob = "x" * 3000  # no paragraph or sentence boundary at all
@@ -336,6 +336,31 @@ def test_parallel_cuts_smaller_chunks_to_fill_the_batch(tok):
     total = s.count(document(60))
     chunk = s.parallel_chunk(total, s.input_budget(), 0)
     assert (chunk < s.input_budget() and -(-total // chunk) >= 8) or chunk == 384
+
+
+def test_a_long_text_is_counted_and_cut_a_piece_at_a_time(tok, monkeypatch):
+    from gptcli.textio import PIECE_CHARS
+
+    s = summarizer(ReadingBackend(tok, 4096), tok)
+    longest = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: longest.append(len(text)) or real(text, **kw))
+    blob = "word " * (PIECE_CHARS // 2)  # 2.5 Mi characters (one 60 MB line took 8.6 GB encoded whole)
+    total = s.count(blob)
+    chunks = s.cut(blob, 4000)
+    assert max(longest) <= PIECE_CHARS and total > 500_000
+    assert "".join(chunks) == blob and all(s.count(c) <= 4000 for c in chunks[:3])
+
+
+def test_an_overlap_fits_the_chunks_parallel_cuts_and_the_kv_budget_caps_them(tok):
+    backend = ReadingBackend(tok, 4096)
+    s = summarizer(backend, tok)
+    s.__init__(backend, tok, s.template, s.sampling, parallel=8)
+    chunk = s.parallel_chunk(s.count(document(12)), s.input_budget(), 600)
+    assert chunk > 1200  # was 384 + ...: under twice the overlap, so chunk() refused the user's --overlap
+    s.chunk(document(12), chunk, 600)
+    s.__init__(backend, tok, s.template, s.sampling, kv_budget_tokens=1000)
+    assert s.input_budget() <= 1000 - 16  # a chunk's prompt and reply fit the budget (was: the context's 4096)
 
 
 def test_ctrl_c_prints_the_finished_chunk_summaries_and_exits_130(tiny_models, tok, tmp_path):

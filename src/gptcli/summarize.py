@@ -14,7 +14,6 @@ chunks are also cheaper to read: attention grows with length). `calls` runs them
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from gptcli.engine import Engine, EngineLimits, run_all
 from gptcli.errors import InputError, UsageError
 from gptcli.prompts import Messages, build_prompt, messages_for
 from gptcli.templates import Template
+from gptcli.textio import split_text, text_pieces
 
 LENGTHS = {
     "short": ("in one or two sentences", 96),
@@ -138,39 +138,6 @@ class SummaryResult:
         }
 
 
-# -- splitting on the model's own token counts -------------------------------------------------------
-
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_SENTENCE = re.compile(r"(?<=[.!?。！？;:])\s+")
-
-
-def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callable[[str, int], list[str]]) -> list[str]:
-    """Chunks of at most `budget` tokens each, broken at paragraphs, else sentences, else tokens."""
-    units: list[str] = []
-    for para in (p.strip() for p in _PARAGRAPH.split(text)):
-        if not para:
-            continue
-        if count(para) <= budget:
-            units.append(para)
-            continue
-        for sentence in (s.strip() for s in _SENTENCE.split(para)):
-            if not sentence:
-                continue
-            units.extend([sentence] if count(sentence) <= budget else cut(sentence, budget))
-    chunks: list[str] = []
-    current = ""
-    for unit in units:
-        candidate = f"{current}\n\n{unit}" if current else unit
-        if current and count(candidate) > budget:
-            chunks.append(current)
-            current = unit
-        else:
-            current = candidate
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 def _plain_summary_prompt(messages: Messages) -> str:
     """Without a chat template: the instructions, the text, and a cue to start the summary."""
     head = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
@@ -206,11 +173,13 @@ class Summarizer:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
         if calls is not None:
             self.calls, self.context, self.parallel = calls, int(context_length or 0), parallel or DEFAULT_PARALLEL
+            self.window = self.context
             return
         self.calls = self._engine_calls
         self.context = int(backend.info.context_length)
         limits = EngineLimits(max_running=parallel or DEFAULT_PARALLEL, kv_budget_tokens=kv_budget_tokens)
         self.engine = Engine(backend, tokenizer, limits)
+        self.window = min(self.context, self.engine.kv_budget)  # one call's prompt and reply: what the KV budget holds
         # Without --parallel: as many chunks at once as the KV budget holds at a typical chunk's size.
         per_chunk = min(self.context, MIN_PARALLEL_CHUNK * 4) + sampling.max_tokens
         self.parallel = parallel or max(1, min(DEFAULT_PARALLEL, self.engine.kv_budget // per_chunk))
@@ -218,11 +187,19 @@ class Summarizer:
     # -- token accounting ----------------------------------------------------------------------
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        """Tokens in `text`, a piece at a time (one encoding of a 60 MB text took 8.6 GB and ignored Ctrl-C)."""
+        return sum(len(self.tokenizer.encode(piece, add_special_tokens=False)) for piece in text_pieces(text))
 
     def cut(self, text: str, budget: int) -> list[str]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return [self.tokenizer.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
+        """`text` cut every `budget` tokens, encoded a piece at a time."""
+        chunks: list[str] = []
+        ids: list[int] = []
+        for piece in text_pieces(text):
+            ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+            whole = len(ids) - len(ids) % budget
+            chunks.extend(self.tokenizer.decode(ids[i : i + budget]) for i in range(0, whole, budget))
+            del ids[:whole]
+        return chunks + ([self.tokenizer.decode(ids)] if ids else [])
 
     def prompt_ids(self, system: str | None, user: str) -> list[int]:
         return build_prompt(self.tokenizer, messages_for(user, system), plain=_plain_summary_prompt).ids
@@ -247,7 +224,7 @@ class Summarizer:
 
     def input_budget(self, combine: bool = False) -> int:
         """Tokens of document text one call can take, leaving room for the instructions and the reply."""
-        return self.context - self.overhead(combine) - self.sampling.max_tokens - 8  # 8: join/re-tokenise slack
+        return self.window - self.overhead(combine) - self.sampling.max_tokens - 8  # 8: join/re-tokenise slack
 
     # -- the pipeline --------------------------------------------------------------------------
 
@@ -257,7 +234,7 @@ class Summarizer:
         total = self.count(text)
         strategy = options.strategy
         # One pass when the text fits with room for a reply (shortened to what is left, if need be).
-        room = self.context - self.overhead() - 8 - total
+        room = self.window - self.overhead() - 8 - total
         fits = room >= min(self.sampling.max_tokens, 32)
         if strategy == "auto":
             strategy = "stuff" if fits else "map-reduce"
@@ -270,7 +247,7 @@ class Summarizer:
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
         elif min(self.input_budget(), self.input_budget(combine=True)) < 2 * self.sampling.max_tokens:
             # A combine step must fit at least two partial summaries, or it could never shrink them.
-            limit = (self.context - max(self.overhead(), self.overhead(True)) - 8) // 3
+            limit = (self.window - max(self.overhead(), self.overhead(True)) - 8) // 3
             if limit < 16:
                 raise InputError(
                     f"the model's context ({self.context} tokens) is too small to summarise this text: "
@@ -301,7 +278,8 @@ class Summarizer:
     def parallel_chunk(self, total: int, budget: int, overlap: int) -> int:
         """A chunk size that gives every place in the batch a chunk, within [MIN_PARALLEL_CHUNK, budget]."""
         per_place = -(-total // self.parallel) + overlap
-        return max(min(budget, MIN_PARALLEL_CHUNK), min(budget, per_place))
+        smallest = max(MIN_PARALLEL_CHUNK, 2 * overlap + 1)  # the overlap must stay under half a chunk
+        return max(min(budget, smallest), min(budget, per_place))
 
     def chunk(self, text: str, budget: int, overlap: int) -> list[str]:
         """Split into chunks of `budget` tokens; each after the first starts with the previous one's tail."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -148,6 +148,38 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
             end = newline + 1 if newline > start else space if space > start else end
         yield text[start:end]
         start = end
+
+
+_PARAGRAPH = re.compile(r"\n\s*\n")
+_SENTENCE = re.compile(r"(?<=[.!?。！？;:])\s+")
+
+
+def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callable[[str, int], list[str]]) -> list[str]:
+    """Chunks of at most `budget` tokens each (as `count` counts them), broken at paragraphs, else sentences,
+    else where `cut` cuts (summarize's map step)."""
+    units: list[str] = []
+    for para in (p.strip() for p in _PARAGRAPH.split(text)):
+        if not para:
+            continue
+        if count(para) <= budget:
+            units.append(para)
+            continue
+        for sentence in (s.strip() for s in _SENTENCE.split(para)):
+            if not sentence:
+                continue
+            units.extend([sentence] if count(sentence) <= budget else cut(sentence, budget))
+    chunks: list[str] = []
+    current = ""
+    for unit in units:
+        candidate = f"{current}\n\n{unit}" if current else unit
+        if current and count(candidate) > budget:
+            chunks.append(current)
+            current = unit
+        else:
+            current = candidate
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 MAX_YAML_VALUES = 1_000_000  # after aliases are expanded: "billion laughs" stops here, not in the memory
