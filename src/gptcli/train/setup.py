@@ -22,7 +22,7 @@ from gptcli.train.distributed import Dist, barrier, setup_distributed
 from gptcli.train.errors import RunError
 from gptcli.train.events import DataProgress, Note, RunInfo
 from gptcli.train.lock import LOCK_FILE, check_unlocked
-from gptcli.train.step import flops_per_token, load_causal_lm, new_gpt2
+from gptcli.train.step import estimated_flops_per_token, flops_per_token, load_causal_lm, new_gpt2
 
 # The rough memory a training step takes (checked before anything big is allocated):
 PARAM_BYTES = 16  # per parameter: float32 weights, gradients and AdamW's two moments
@@ -366,8 +366,8 @@ def describe(setup: RunSetup, model: Any = None) -> RunInfo:
         params, per_token = sum(p.numel() for p in model.parameters()), flops_per_token(model, setup.block_size)
     else:
         assert shape is not None
-        params = shape.params  # and flops_per_token's estimate, from the shape
-        per_token = 6 * params + 12 * shape.layers * shape.width * setup.block_size
+        params = shape.params
+        per_token = estimated_flops_per_token(params, shape.layers, shape.width, setup.block_size)
     return RunInfo(
         out=str(setup.out),
         data=str(setup.data_path),

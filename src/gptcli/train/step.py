@@ -98,10 +98,14 @@ def new_optimizer(model: Any, cfg: TrainConfig) -> Any:
 
 
 def flops_per_token(model: Any, block: int) -> float:
-    """nanoGPT's estimate: 6N for the matmuls plus the attention term (PaLM appendix B)."""
+    """nanoGPT's estimate for a built model (see estimated_flops_per_token)."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    layers, width = cfg.num_hidden_layers, cfg.hidden_size
+    return estimated_flops_per_token(params, cfg.num_hidden_layers, cfg.hidden_size, block)
+
+
+def estimated_flops_per_token(params: int, layers: int, width: int, block: int) -> float:
+    """nanoGPT's estimate: 6N for the matmuls plus the attention term (PaLM appendix B)."""
     return 6 * params + 12 * layers * width * block
 
 
