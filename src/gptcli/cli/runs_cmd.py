@@ -23,6 +23,7 @@ app = typer.Typer(
 
 def _summary(run: Path) -> dict[str, Any]:
     from gptcli.train import checkpoint as ckpt
+    from gptcli.train.metrics import read_metrics
 
     if not run.is_dir():
         what = "is not a folder" if run.exists() else "does not exist"
@@ -36,7 +37,7 @@ def _summary(run: Path) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise InputError(f"{run / ckpt.RUN_FILE}: not a JSON object")
     last_loss = last_val = None
-    for record in _metrics(run / ckpt.METRICS_FILE):
+    for record in read_metrics(run / ckpt.METRICS_FILE):
         if "loss" in record:
             last_loss = record["loss"]
         if "val_loss" in record:
@@ -53,20 +54,6 @@ def _summary(run: Path) -> dict[str, Any]:
         "created": info.get("created"),
         "checkpoints": [p.name for p in ckpt.list_checkpoints(run)],
     }
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """The metrics records; a line that is not a JSON object (a write cut short by `kill -9`) is skipped."""
-    records = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _fmt(value: Any) -> str:

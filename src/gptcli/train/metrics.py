@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gptcli.jsonl import parse_line
 from gptcli.train import checkpoint as ckpt
 
 
@@ -45,7 +46,7 @@ def plot_losses(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps, losses, val_steps, vals = [], [], [], []
-    for line in _lines(out / ckpt.METRICS_FILE):
+    for line in read_metrics(out / ckpt.METRICS_FILE):
         if _number(line.get("loss")):
             steps.append(line["step"])
             losses.append(line["loss"])
@@ -77,7 +78,8 @@ def plot_losses(out: Path) -> None:
         plt.close(fig)
 
 
-def _lines(path: Path) -> Iterator[dict[str, Any]]:
+def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a metrics.jsonl, torn lines skipped (see _records); `runs show` reads them too."""
     for _, record in _records(path):
         yield record
 
@@ -89,12 +91,11 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     for raw in path.read_bytes().splitlines():
         try:
-            text = raw.decode("utf-8")
-            record = json.loads(text)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            record = parse_line(raw)
+        except ValueError:
             continue
         if isinstance(record, dict) and _number(record.get("step")):
-            yield text, record
+            yield raw.decode("utf-8"), record
 
 
 def _number(value: Any) -> bool:
