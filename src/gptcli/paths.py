@@ -81,11 +81,11 @@ def environment_error(exc: OSError) -> GptcliError | None:
     if exc.errno not in ENVIRONMENT_ERRNOS | PATH_ERRNOS or (exc.errno in PATH_ERRNOS and not exc.filename):
         return None
     cause = exc.strerror or str(exc)
-    if exc.errno == errno.ENOTDIR and exc.filename and (blocker := _file_on_the_way(Path(os.fsdecode(exc.filename)))):
-        cause = f"{blocker} is a file, where a folder should be"
     if not exc.filename:  # a write to an open file: Python does not say which
         return GptcliError(f"a write failed: {cause}", hint="set GPTCLI_DEBUG=1 to see where")
     path = Path(os.fsdecode(exc.filename))
+    if exc.errno == errno.ENOTDIR and (blocker := _file_on_the_way(path)):
+        cause = f"{blocker} is a file, where a folder should be"
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names
         path = path.parent
     roots = [cache_dir(), data_dir(), *([home] if (home := home_dir()) is not None else [])]
