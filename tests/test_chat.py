@@ -184,6 +184,33 @@ def test_slash_commands(tok, tmp_path):
     assert collect_message('"""one line"""', lambda: None) == "one line"
 
 
+def test_save_replaces_only_its_own_files(tok, tmp_path):
+    """/save never overwrites a file the user made: only an earlier save of this conversation, or a
+    file this chat saved or loaded."""
+    from gptcli.chat import run_command
+    from gptcli.errors import InputError
+
+    chat = make_chat(tok, say(tok, "First."))
+    reply(chat.say("one"))
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    with pytest.raises(InputError, match=r"notes\.md already exists and is not a save of this conversation"):
+        run_command(chat, f"/save {notes}")
+    assert notes.read_text() == "my own notes\n"
+    md, js = tmp_path / "c.md", tmp_path / "c.json"
+    run_command(chat, f"/save {md}")
+    run_command(chat, f"/save {js}")
+    run_command(chat, f"/save {md}")  # an earlier save of this conversation: replaced
+    other = make_chat(tok, say(tok, "Other."))  # another chat may not replace this one's files
+    reply(other.say("two"))
+    with pytest.raises(InputError, match=r"c\.md already exists and is not a save of this conversation"):
+        run_command(other, f"/save {md}")
+    run_command(chat, "/reset")  # the old conversation stays in the store: this chat's file may take the new one
+    run_command(chat, f"/save {md}")
+    run_command(chat, f"/load {js}")  # continued under a new id: the file it came from may be written back
+    assert run_command(chat, f"/save {js}").output.startswith("saved json")
+
+
 def test_store_list_resolve_and_delete(tok):
     from gptcli.chat import ConversationStore
     from gptcli.errors import InputError

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.chat.conversation import ChatFileError, read_conversation_file, write_conversation_file
+from gptcli.chat.conversation import ChatFileError, is_save_of, read_conversation_file, write_conversation_file
 from gptcli.chat.session import SAMPLING_KEYS, ChatSession, Turn
 from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.timings import timings_line
@@ -103,10 +103,16 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
         if not arg:
             raise UsageError("usage: /save FILE.md or /save FILE.json")
         path = Path(arg).expanduser()
+        if path.is_file() and path.resolve() not in chat.own_files and not is_save_of(path, chat.conversation):
+            raise InputError(
+                f"{path} already exists and is not a save of this conversation",
+                hint="choose another name, or remove that file first",
+            )
         try:
             kind = write_conversation_file(chat.conversation, path)
         except OSError as exc:  # a folder that cannot be made or written: say so, the chat goes on
             raise InputError(f"cannot save to {path}: {exc.strerror or exc}") from None
+        chat.own_files.add(path.resolve())
         return CommandResult(f"saved {kind} to {path}")
     if name == "/load":
         if not arg:
@@ -118,6 +124,7 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
             raise InputError(
                 f"cannot load {path}: {exc.message}", hint="trim the file: drop its oldest messages"
             ) from None
+        chat.own_files.add(path.resolve())  # /save may write it back
         count = len(chat.conversation.messages)
         return CommandResult(f"loaded {count} messages as conversation {chat.conversation.id}")
     if name == "/stats":

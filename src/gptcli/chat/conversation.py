@@ -16,6 +16,7 @@ from gptcli.paths import data_dir
 from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
 
 FORMAT_VERSION = 1
+SAVE_ID_PEEK = 64 * 1024  # bytes of a file read to tell an earlier /save of a conversation (its id is near the top)
 # A JSON escape that may stand for a lone surrogate (valid JSON, but no text: it cannot be saved as UTF-8).
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -199,6 +200,16 @@ def write_conversation_file(conv: Conversation, path: Path) -> str:
         write_atomic(path, conversation_json(conv), mode=0o600)
         return "json"
     raise UsageError(f"cannot tell the format of {path.name}", hint="name it .md (Markdown) or .json")
+
+
+def is_save_of(path: Path, conv: Conversation) -> bool:
+    """Whether the file at `path` is an earlier /save of `conv`: both formats name its id near the top."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(SAVE_ID_PEEK)
+    except OSError:
+        return False
+    return conv.id.encode("utf-8") in head
 
 
 class ConversationStore:

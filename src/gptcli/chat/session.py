@@ -95,6 +95,7 @@ class ChatSession:
         self.save_error: GptcliError | None = None
         self.prompt_tokens = 0
         self._warned_trim = False
+        self.own_files: set[Path] = set()  # files /save wrote or /load read: /save may replace them
 
     # -- context ---------------------------------------------------------------------------------
 
