@@ -427,3 +427,20 @@ def test_the_compiled_grammar_cache_is_bounded_by_the_size_of_its_schemas(tiny_m
     bridge = constraints._BRIDGES[tok]
     assert list(bridge.matchers) == [second] and bridge.source_bytes == len(second.source)
     assert constraints.open_constraint(first, tok) is not None  # compiled again when asked for again
+
+
+def test_a_grammar_that_gives_out_after_its_first_mask_is_refused_before_decoding(tiny_models):
+    """`a{1000000}` passes one mask, then its lexer is out of expressions for every later sequence."""
+    import numpy as np
+
+    from gptcli import constraints
+    from gptcli.errors import ConfigError
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    with pytest.raises(ConfigError, match=r"invalid regex 'a\{1000000\}': lexer error: too many expressions"):
+        constraints.prepare(constraints.regex("a{1000000}"), tok)
+    fine = constraints.regex("a{3}")
+    constraints.prepare(fine, tok)
+    for _ in range(3):  # a grammar that passes works for every sequence
+        assert constraints.open_constraint(fine, tok).mask(np.zeros(tok.vocab_size, dtype=np.float32)) is not None

@@ -221,11 +221,18 @@ class _Bridge:
 
     def _check_first_mask(self, constraint: OutputConstraint, prototype: Any) -> None:
         """What the first step would find, found now (some grammars fail only once the lexer meets the
-        vocabulary: `a{1000000}`; some match no text at all: `[a&&b]`), so it is an error before any decoding."""
-        probe = prototype.deep_copy()
+        vocabulary: `a{1000000}`; some match no text at all: `[a&&b]`), so it is an error before any decoding.
+        Twice, on two copies: the lexer's expressions are shared between copies, and a grammar that passes
+        its first mask may already have used up their limit, failing every sequence after (`a{1000000}`)."""
         bits = np.zeros((self.ll.vocab_size + 31) // 32, dtype=np.int32)
-        if not probe.is_error():
+        for _ in range(2):
+            probe = prototype.deep_copy()
+            if probe.is_error():
+                break
+            bits[:] = 0
             probe.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            if probe.is_error():
+                break
         hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
         message = probe.get_error() if probe.is_error() else ""
         if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
