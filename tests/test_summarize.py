@@ -156,6 +156,30 @@ def test_unsplittable_sentence_is_cut_on_tokens(tok):
     assert "".join(chunks) == blob
 
 
+def test_split_text_counts_each_piece_about_once_and_keeps_every_chunk_in_budget(tok):
+    """Packing re-counted the growing chunk at every paragraph: a 1 MB text took a minute to split."""
+    from gptcli.textio import split_text
+
+    s = summarizer(ReadingBackend(tok, 4096), tok)
+    counted = []
+
+    def count(text: str) -> int:
+        counted.append(len(text))
+        return s.count(text)
+
+    text = "\n\n".join(f"Paragraph {i} says a few words, then stops." for i in range(2000))
+    chunks = split_text(text, 1000, count, s.cut)
+    assert len(chunks) > 1 and all(s.count(c) <= 1000 for c in chunks)
+    assert "\n\n".join(chunks) == text
+    assert sum(counted) < 3 * len(text), sum(counted) / len(text)  # each piece, then each chunk: ~2x the text
+
+    def merging(text: str) -> int:  # joints that cost more than the pieces and a sample joint say: still in budget
+        return s.count(text) + 5 * text.count("\n\nP")
+
+    chunks = split_text(text, 200, merging, s.cut)
+    assert all(merging(c) <= 200 for c in chunks) and "\n\n".join(chunks) == text
+
+
 def test_stuff_refuses_a_text_that_does_not_fit(tok):
     from gptcli.errors import InputError
     from gptcli.summarize import SummaryOptions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,33 +153,52 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE = re.compile(r"(?<=[.!?。！？;:])\s+")
+_JOINT = "\n\n"  # between the paragraphs and sentences of a chunk
 
 
 def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callable[[str, int], list[str]]) -> list[str]:
     """Chunks of at most `budget` tokens each (as `count` counts them), broken at paragraphs, else sentences,
-    else where `cut` cuts (summarize's map step)."""
-    units: list[str] = []
+    else where `cut` cuts (summarize's map step).
+
+    Each piece is counted once and chunks are packed by adding up the counts (re-counting every growing
+    chunk made a 1 MB text take a minute); each chunk is then counted whole, since tokens can merge across a
+    joint, and one over the budget gives up its last pieces to a chunk of their own.
+    """
+    units: list[tuple[str, int]] = []
     for para in (p.strip() for p in _PARAGRAPH.split(text)):
         if not para:
             continue
-        if count(para) <= budget:
-            units.append(para)
+        size = count(para)
+        if size <= budget:
+            units.append((para, size))
             continue
         for sentence in (s.strip() for s in _SENTENCE.split(para)):
             if not sentence:
                 continue
-            units.extend([sentence] if count(sentence) <= budget else cut(sentence, budget))
+            size = count(sentence)
+            pieces = [sentence] if size <= budget else cut(sentence, budget)
+            units.extend((piece, size if len(pieces) == 1 else count(piece)) for piece in pieces)
+    joint = max(0, count(f"a{_JOINT}a") - 2 * count("a"))  # in context (alone, "\n\n" can be one token fewer)
+    groups: deque[list[str]] = deque()
+    group: list[str] = []
+    used = 0
+    for unit, size in units:
+        if group and used + joint + size > budget:
+            groups.append(group)
+            group, used = [], 0
+        used += size + (joint if group else 0)
+        group.append(unit)
+    if group:
+        groups.append(group)
     chunks: list[str] = []
-    current = ""
-    for unit in units:
-        candidate = f"{current}\n\n{unit}" if current else unit
-        if current and count(candidate) > budget:
-            chunks.append(current)
-            current = unit
-        else:
-            current = candidate
-    if current:
-        chunks.append(current)
+    while groups:
+        group = groups.popleft()
+        spill: list[str] = []
+        while len(group) > 1 and count(_JOINT.join(group)) > budget:
+            spill.insert(0, group.pop())
+        chunks.append(_JOINT.join(group))
+        if spill:
+            groups.appendleft(spill)
     return chunks
 
 
