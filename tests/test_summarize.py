@@ -424,3 +424,47 @@ def test_ctrl_c_prints_the_finished_chunk_summaries_and_exits_130(tiny_models, t
     data = json.loads(out)
     assert data["partial"] is True and data["partials"][:1] == ["Part."]
     assert "chunk summaries were finished" in err.decode() and "Traceback" not in err.decode()
+
+
+def _calls_finishing(order: list[int], interrupted: set[int]):
+    """StageCalls whose map calls finish in `order` (the rest: interrupted), answering 'Part N.'."""
+    from gptcli.decoding import Finished, Stats
+
+    def calls(requests, sampling):
+        stats = Stats(1, 0, 1, 1, 0.0, 0.0, 0.0, 0.0)
+        for index in order:
+            yield index, Finished("stop", stats, f"Part {index}.", ())
+        for index in sorted(interrupted):
+            yield index, Finished("interrupted", stats, "", ())
+
+    return calls
+
+
+def test_ctrl_c_keeps_the_finished_chunk_summaries_in_the_documents_order(tok):
+    from gptcli.config import SamplingConfig
+    from gptcli.summarize import Summarizer, SummaryInterrupted, SummaryOptions
+    from gptcli.templates import get_template
+
+    calls = _calls_finishing([3, 0, 2], {1, 4})
+    s = Summarizer(None, tok, get_template("summarize"), SamplingConfig(max_tokens=16), calls=calls, context_length=600)
+    with pytest.raises(SummaryInterrupted) as stop:
+        s.run(document(20), SummaryOptions(strategy="map-reduce", chunk_tokens=200, overlap=0))
+    result = stop.value.result
+    assert len(result.chunks) == 20 and result.partials == ["Part 0.", "Part 2.", "Part 3."]  # not 3, 0, 2
+
+
+def test_ctrl_c_while_the_text_is_counted_is_an_interrupted_summary(tok):
+    """Ctrl-C before the first model call (a long text is still being counted and cut) used to leave
+    `--json` with no output at all."""
+    from gptcli.summarize import SummaryInterrupted, SummaryOptions
+
+    s = summarizer(ReadingBackend(tok, 4096), tok)
+
+    def count(text):
+        raise KeyboardInterrupt
+
+    s.count = count
+    with pytest.raises(SummaryInterrupted) as stop:
+        s.run(document(20), SummaryOptions())
+    result = stop.value.result
+    assert result.interrupted and result.partials == [] and result.as_dict()["partial"] is True

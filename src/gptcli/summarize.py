@@ -115,7 +115,7 @@ class SummaryResult:
     calls: list[Call] = field(default_factory=list)
     seconds: float = 0.0
     parallel: int = 1
-    partials: list[str] = field(default_factory=list)  # the map stage's chunk summaries, as they finish
+    partials: list[str] = field(default_factory=list)  # the map stage's finished chunk summaries, in order
     interrupted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -229,9 +229,22 @@ class Summarizer:
     # -- the pipeline --------------------------------------------------------------------------
 
     def run(self, text: str, options: SummaryOptions) -> SummaryResult:
+        """The summary; Ctrl-C at any point (even while the text is counted and cut) is a SummaryInterrupted
+        holding the chunk summaries that finished."""
         options.check()
         start = time.perf_counter()
-        total = self.count(text)
+        result = SummaryResult("", options.strategy, 0, self.context, 0, parallel=self.parallel)
+        result.seconds = start  # until the end: when the run started (an interrupted result reports its time)
+        try:
+            return self._run(text, options, result)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            result.seconds = time.perf_counter() - start
+            raise SummaryInterrupted(result) from None
+
+    def _run(self, text: str, options: SummaryOptions, result: SummaryResult) -> SummaryResult:
+        start = result.seconds
+        total = result.input_tokens = self.count(text)
         strategy = options.strategy
         # One pass when the text fits with room for a reply (shortened to what is left, if need be).
         room = self.window - self.overhead() - 8 - total
@@ -259,8 +272,7 @@ class Summarizer:
         chunk_budget = budget if options.chunk_tokens is None else min(options.chunk_tokens, budget)
         if options.chunk_tokens is None and self.parallel > 1:
             chunk_budget = self.parallel_chunk(total, budget, options.overlap)
-        result = SummaryResult("", strategy, total, self.context, chunk_budget, parallel=self.parallel)
-        result.seconds = start  # until the end: when the run started (an interrupted result reports its time)
+        result.strategy, result.chunk_budget = strategy, chunk_budget
         if strategy == "stuff":
             result.summary = self._calls("stuff", 0, [text], result)[0]
         else:
@@ -345,8 +357,8 @@ class Summarizer:
                 result.interrupted = True
                 continue
             outputs[index] = event.text.strip()
-            if stage == "map":
-                result.partials.append(outputs[index] or "")
+            if stage == "map":  # the finished ones in the document's order, whenever the run stops
+                result.partials = [text or "" for text in outputs if text is not None]
             done += 1
             result.calls.append(
                 Call(

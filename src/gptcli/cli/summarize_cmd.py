@@ -177,9 +177,8 @@ def _print_partial(result, as_json: bool) -> None:
         sys.stdout.write("\n\n".join(p.rstrip("\n") for p in result.partials) + "\n")
         sys.stdout.flush()
     done = len(result.partials)
-    render.stderr_console().print(
-        f"interrupted: {done} of {len(result.chunks) or 1} chunk summaries were finished", style="yellow", markup=False
-    )
+    said = f"{done} of {len(result.chunks)} chunk summaries were finished" if result.chunks else "no summary yet"
+    render.stderr_console().print(f"interrupted: {said}", style="yellow", markup=False)
 
 
 def _read_input(file: Path | None) -> str:
