@@ -297,6 +297,8 @@ def test_stop_strings_and_ignored_parameters(live, runtime):
         stop=[stop, "never-appears"],
         seed=3,
         user="someone",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice="auto",  # the model's choice: it answers in text
         extra_body={"top_k": 5, "min_p": 0.0, "repetition_penalty": 1.0, "logit_bias": {}},
     )
     assert reply.choices[0].message.content == expected
@@ -535,6 +537,10 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        # A demanded tool call would come back as text, which the client would take for a broken call.
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "function_call": {"name": "f"}}, "function_call"),
     ]
     for body, param in cases:
         response = httpx.post(url, json=body)
@@ -766,16 +772,38 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok):
 def test_sigterm_cancels_what_outlasts_the_grace(tiny_models, llama_tok):
     env = scripted_env(llama_tok, "autumn leaves " * 30, delay=0.1)  # ~60 tokens: 6 s of work
     with serve_process(tiny_models["llama"], "--grace", "0.5", "--log-level", "warning", env=env) as (process, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(model="tiny-llama", prompt="x", max_tokens=100, stream=True)
+        text = next(stream).choices[0].text
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        # The cut-off reply ends with an error event, which OpenAI's client raises: not a silent, short answer.
+        with pytest.raises(openai.APIError, match="the server is shutting down"):
+            for chunk in stream:
+                assert chunk.choices[0].finish_reason is None
+                text += chunk.choices[0].text
+        assert time.monotonic() - signalled < 3.0  # the grace, then the engine cancelled it
+        assert text and len(text) < len("autumn leaves " * 30)
+        assert process.wait(timeout=10) == 0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny_models, llama_tok):
+    env = scripted_env(llama_tok, "autumn leaves " * 30, delay=0.1)
+    with serve_process(tiny_models["llama"], "--grace", "30", "--log-level", "warning", env=env) as (process, url):
         body = {"prompt": "x", "max_tokens": 100, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
+            process.send_signal(signal.SIGINT)  # the first waits up to --grace for the reply
+            time.sleep(0.3)
             signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            rest = list(lines)
-        assert time.monotonic() - signalled < 3.0  # the grace, then the engine cancelled it
-        assert "data: [DONE]" not in rest and not any('"finish_reason":"' in line for line in rest)
-        assert process.wait(timeout=10) == 0
+            process.send_signal(signal.SIGINT)  # the second does not
+            assert process.wait(timeout=10) == 130
+            assert time.monotonic() - signalled < 3.0
+            with pytest.raises(httpx.RemoteProtocolError):
+                list(lines)
+        log = process.stderr.read()
+        assert "Traceback" not in log and log.strip().endswith("stopped at once: 1 request(s) in flight cut off")
 
 
 def test_ctrl_c_stops_with_130(tiny_models, llama_tok):
@@ -803,6 +831,16 @@ def test_listening_beyond_loopback_needs_a_key():
     assert result.returncode == 2
     assert result.stderr.decode().startswith("error: listening on 0.0.0.0 would let anyone")
     assert "--insecure-no-key" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("key", ["", "café", " sesame", "tab\tkey", "two words"])
+def test_an_api_key_no_client_could_send_is_a_usage_error_that_does_not_show_it(key):
+    # Before: the server started, and then refused every client (or, empty, had no key at all).
+    result = run_cli("serve", "--port", "9", "--api-key", key)
+    assert result.returncode == 2
+    stderr = result.stderr.decode()
+    assert stderr.startswith("error: ") and re.search(r"api[- ]key", stderr, re.IGNORECASE)
+    assert not key.strip() or key.strip() not in stderr
 
 
 def test_a_busy_port_fails_before_loading(tiny_models):

@@ -79,6 +79,8 @@ def serve(
         raise UsageError(f"--grace must be a number of seconds, not {grace}", hint="e.g. --grace 10")
     if log_level not in {"critical", "error", "warning", "info", "debug"}:
         raise UsageError(f"--log-level must be one of critical, error, warning, info, debug, got {log_level!r}")
+    if api_key is not None:
+        check_api_key(api_key)
     if not is_loopback(host) and not api_key and not insecure_no_key:
         raise UsageError(
             f"listening on {host} would let anyone who can reach it use the model",
@@ -108,6 +110,19 @@ def serve(
         run_server(server, sock)
     finally:
         sock.close()
+
+
+def check_api_key(key: str) -> None:
+    """A key clients can send: an empty one (an unset variable?) would leave the server open, and one an HTTP
+    header cannot carry (beyond printable ASCII, spaces) would refuse every client. Never shown: it is a secret."""
+    if not key:
+        raise UsageError("--api-key is empty, which would leave the server open", hint="is the variable set?")
+    if not (key.isascii() and key.isprintable() and " " not in key):
+        raise UsageError(
+            "the API key (--api-key or GPTCLI_API_KEY) holds characters an HTTP header cannot carry, so no "
+            "client could send it",
+            hint="use printable ASCII without spaces, e.g. from `openssl rand -hex 16`",
+        )
 
 
 def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None):

@@ -32,7 +32,8 @@ from gptcli.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1")
 
-# Our finish reasons as OpenAI names them; "cancelled" (client gone, server stopping) is never sent.
+# Our finish reasons as OpenAI names them; "cancelled" (client gone, server stopping) is never sent: a stream
+# still read when the server's shutdown cancels it ends with an error event instead.
 OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "repetition": "stop", "interrupted": "stop"}
 
 
@@ -257,7 +258,7 @@ async def respond(
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     finished = collector.result()
     if any(f.reason == "cancelled" for f in finished):
-        raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
+        raise shutdown_error()
     if failed := next((f for f in finished if f.reason == "error"), None):
         raise failure_error(failed)
     with_logprobs = params.logprobs is not None
@@ -267,6 +268,11 @@ async def respond(
     ]
     whole = {**shapes[0].envelope(False), "choices": choices, "usage": usage([f.stats for f in finished])}
     return JSONResponse(whole)
+
+
+def shutdown_error() -> APIError:
+    """A request the engine cancelled while the client still waits: the server is stopping (--grace ran out)."""
+    return APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
 
 
 def failure_error(finished: Finished) -> APIError:
@@ -359,10 +365,11 @@ async def stream_body(
                     yield sse(shape.chunk(text=event.text, logprobs=scored[index]))
                     scored[index] = []
                 continue
-            if event.reason == "cancelled":
-                return  # nobody is listening, or the server is stopping: no finish reason is sent
-            if event.reason == "error":
-                error = failure_error(event)
+            if event.reason in ("cancelled", "error"):
+                # An error event rather than a silent end, so that a client (OpenAI's SDK raises on it) does not
+                # take a cut-off reply for a whole one. A client that left reads nothing more: only the server's
+                # shutdown cancels a sequence whose stream is still read.
+                error = shutdown_error() if event.reason == "cancelled" else failure_error(event)
                 yield sse(error_body(error.status, error.message, param=error.param, code=error.code))
                 yield DONE
                 return

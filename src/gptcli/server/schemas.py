@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
 Parameters OpenAI defines that we do not implement (tools, audio, ...) are accepted and ignored
-(`extra="allow"`), so existing clients keep working; the README lists them. The known ones are strictly
+(`extra="allow"`), so existing clients keep working; the README lists them. A demanded tool call is the
+exception (ChatRequest): it would come back as text. The known ones are strictly
 typed, as OpenAI checks them. `response_format` (text, json_object, json_schema) is enforced by
 gptcli.constraints; `logit_bias` and `logprobs` go to the sampling settings (gptcli.sampling).
 """
@@ -261,6 +262,20 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Tools are not called here: `tools` is ignored, and so is a choice the model may make ("auto", "none");
+    # a client that demands a call would take the text reply for a broken one, so that is a 400.
+    tool_choice: Any = None
+    function_call: Any = None  # the older name
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_forced_call(cls, value: Any) -> Any:
+        if value in (None, "auto", "none"):
+            return value
+        raise ValueError(
+            "this server does not call tools or functions (it answers in text; 'auto' and 'none' are accepted "
+            "and ignored); for JSON output, use response_format"
+        )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

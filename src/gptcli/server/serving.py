@@ -1,23 +1,27 @@
 """Run the app under uvicorn: bind first (fail fast, before the model loads), graceful stop on signals.
 
 SIGTERM or Ctrl-C: uvicorn stops accepting; the engine lets in-flight requests finish for `grace_s`
-seconds and cancels the rest (their streams end, non-streamed ones get 503); then the app's lifespan
-stops the engine's thread. uvicorn then re-raises the signal it
+seconds and cancels the rest (their streams end with an error event, non-streamed ones get 503); then
+the app's lifespan stops the engine's thread. uvicorn then re-raises the signal it
 caught: SIGINT becomes KeyboardInterrupt (the CLI exits 130); SIGTERM meets the no-op handler set
-here, so the process exits 0 instead of dying by the signal.
+here, so the process exits 0 instead of dying by the signal. A second Ctrl-C during that wait ends the
+process at once (exit 130): uvicorn's own "force exit" would cancel the tasks in flight, print a
+traceback for each and answer their clients with a bare 500.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from gptcli.errors import GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -81,6 +85,15 @@ def make_server(
             await super().startup(sockets=sockets)
             if self.started and on_ready is not None:
                 on_ready()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: stop now, not after the grace
+                cut = len(self.server_state.tasks)
+                note = f": {cut} request(s) in flight cut off" if cut else ""
+                sys.stderr.write(f"stopped at once{note}\n")
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+            super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             if drain is not None:
