@@ -19,12 +19,13 @@ import pytest
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
 from gptcli.errors import InputError, ModelError, RemoteError
-from gptcli.remote import RemoteModel, _open_httpx, _open_urllib
+from gptcli.remote import RemoteModel
+from gptcli.remote_http import open_httpx, open_urllib
 from gptcli.remote_tokens import ServedTokenizer
 from tests.test_server import PROMPTS, free_port, reference, serve_runtime
 
 pytest.importorskip("fastapi")
-OPENERS = {"httpx": _open_httpx, "urllib": _open_urllib}
+OPENERS = {"httpx": open_httpx, "urllib": open_urllib}
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=10)
 
 
@@ -117,6 +118,7 @@ class Canned(BaseHTTPRequestHandler):
     """Answers by path; records the headers it was sent."""
 
     seen: ClassVar[list[dict[str, str]]] = []
+    busy: ClassVar[dict[str, int]] = {}  # busy answers given, by route
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -168,6 +170,9 @@ class Canned(BaseHTTPRequestHandler):
             self._error(401, "invalid API key", "invalid_api_key")
         elif route == "busy":
             self._error(503, "120 requests are already waiting", "queue_full", **{"Retry-After": "7"})
+        elif route.startswith("busy-then-ok") and Canned.busy.get(route, 0) < 2:  # twice busy, then a stream
+            Canned.busy[route] = Canned.busy.get(route, 0) + 1
+            self._error(503, "2 requests are already waiting", "queue_full", **{"Retry-After": "0.2"})
         elif route == "bad":
             self._error(400, "temperature: must be <= 2")
         elif route == "html":
@@ -242,10 +247,22 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
     ],
 )
 def test_server_failures_are_one_line_errors(canned, opener, route, error, message, hint):
-    with pytest.raises(error) as caught:
-        list(remote(canned, route, opener).complete("hi", GREEDY))
+    with pytest.raises(error) as caught:  # (a timeout under the busy server's Retry-After: no waiting for it)
+        list(remote(canned, route, opener, timeout=5).complete("hi", GREEDY))
     assert message in caught.value.message and "\n" not in caught.value.message
     assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
+
+
+def test_a_busy_server_that_says_when_to_come_back_is_asked_again(canned, opener):
+    # A full queue (503 or 429 with Retry-After) is waited out within the request's timeout, as the OpenAI
+    # client does, so that a batch or summary sent --parallel 8 to a smaller server does not end at the first.
+    Canned.busy.clear()
+    started = time.monotonic()
+    events = list(remote(canned, "busy-then-ok", opener).complete("hi", GREEDY))
+    assert events[-1].text == "Hello" and Canned.busy["busy-then-ok"] == 2
+    assert 0.4 <= time.monotonic() - started < 3
+    with pytest.raises(RemoteError, match="answered 503: 2 requests are already waiting"):  # the wait outlasts it
+        list(remote(canned, "busy-then-ok-2", opener, timeout=0.3).complete("hi", GREEDY))
 
 
 def test_a_refused_connection(opener):

@@ -4,7 +4,7 @@
 yield `Token`s then one `Finished` with `Stats`, exactly like `gptcli.engine.generate`, so chat,
 generate and summarize render a remote model unchanged. Server errors (HTTP status with OpenAI's
 error body), refused connections and timeouts become GptcliError subclasses with one-line messages.
-httpx is used when it is installed, the standard library otherwise.
+HTTP itself (httpx, or the standard library) is gptcli.remote_http.
 """
 
 from __future__ import annotations
@@ -15,102 +15,17 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
+from gptcli.remote_http import Reply, default_opener, retry_after
 
 DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
 EXTRAS = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p, repetition_penalty=1.0)
-
-
-@dataclass
-class Reply:
-    """An HTTP response being read: its status, its lines as they arrive, and how to stop reading."""
-
-    status: int
-    headers: Mapping[str, str]
-    lines: Iterator[str]
-    close: Callable[[], None]
-
-    def text(self) -> str:
-        try:
-            return "\n".join(self.lines)
-        finally:
-            self.close()
-
-
-def _open_httpx(
-    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float, connect_timeout: float
-) -> Reply:
-    import httpx
-
-    client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
-    try:
-        response = client.send(client.build_request(method, url, headers=headers, content=body), stream=True)
-    except httpx.TimeoutException as exc:
-        client.close()
-        raise TimeoutError(str(exc)) from None
-    except httpx.TransportError as exc:
-        client.close()
-        raise ConnectionError(str(exc) or type(exc).__name__) from None
-
-    def lines() -> Iterator[str]:
-        try:
-            yield from response.iter_lines()
-        except httpx.TimeoutException as exc:
-            raise TimeoutError(str(exc)) from None
-        except httpx.TransportError as exc:
-            raise ConnectionError(str(exc) or type(exc).__name__) from None
-
-    def close() -> None:
-        response.close()
-        client.close()
-
-    return Reply(response.status_code, dict(response.headers), lines(), close)
-
-
-def _open_urllib(
-    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float, connect_timeout: float
-) -> Reply:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # one limit for connecting and reading
-    except urllib.error.HTTPError as exc:
-        response = exc  # an error status: its body is the OpenAI error
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            raise TimeoutError(str(reason)) from None
-        raise ConnectionError(getattr(reason, "strerror", None) or str(reason)) from None
-    except TimeoutError as exc:
-        raise TimeoutError(str(exc)) from None
-
-    def lines() -> Iterator[str]:
-        try:
-            for raw in response:
-                yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        except TimeoutError as exc:
-            raise TimeoutError(str(exc)) from None
-        except OSError as exc:
-            raise ConnectionError(str(exc)) from None
-
-    return Reply(response.status, dict(response.headers.items()), lines(), response.close)
-
-
-def _opener() -> Callable[..., Reply]:
-    try:
-        import httpx  # noqa: F401
-    except ImportError:
-        return _open_urllib
-    return _open_httpx
 
 
 # How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
@@ -118,6 +33,7 @@ _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.
 
 
 LOOKUP_TIMEOUT_S = 30.0
+MIN_RETRY_S = 0.25  # the least wait before sending again after a busy answer (a "Retry-After: 0" too)
 
 
 class RemoteModel:
@@ -143,7 +59,7 @@ class RemoteModel:
         self.timeout = timeout  # a stream's first byte may wait for a busy server's queue
         self.lookup_timeout = min(timeout, LOOKUP_TIMEOUT_S)  # /models, /tokenize: answered at once by any server
         self.connect_timeout = connect_timeout
-        self._open = opener or _opener()
+        self._open = opener or default_opener()
         self._model = model
         self._card: dict[str, Any] | None = None
 
@@ -170,18 +86,28 @@ class RemoteModel:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = (self.root_url if at_root else self.base_url) + path
-        try:
-            reply = self._open(method, url, headers, body, timeout or self.timeout, self.connect_timeout)
-        except TimeoutError:
-            raise self._timeout_error() from None
-        except ConnectionError as exc:
-            raise RemoteError(
-                f"cannot connect to {self.base_url}: {exc}",
-                hint="is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)",
-            ) from None
-        if reply.status >= 400:
-            raise self._status_error(reply)
-        return reply
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        busy: GptcliError | None = None  # the last "busy, retry after" answer, while waiting to send again
+        while True:
+            try:
+                reply = self._open(method, url, headers, body, timeout, self.connect_timeout)
+            except TimeoutError:
+                raise busy or self._timeout_error() from None
+            except ConnectionError as exc:
+                raise busy or RemoteError(
+                    f"cannot connect to {self.base_url}: {exc}",
+                    hint="is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)",
+                ) from None
+            if reply.status < 400:
+                return reply
+            wait = retry_after(reply) if reply.status in (429, 503) else None
+            busy = self._status_error(reply)
+            # A full queue (or a rate limit) that says when to come back: wait, as the request would have
+            # waited in a queue with room, for as long as the request's own timeout allows.
+            if wait is None or time.monotonic() + wait >= deadline:
+                raise busy
+            time.sleep(max(wait, MIN_RETRY_S))
 
     def _timeout_error(self) -> RemoteError:
         return RemoteError(f"{self.base_url} did not answer in time", hint="is the server overloaded?")
