@@ -504,6 +504,13 @@ def test_metrics(live):
     assert re.search(r'^gptcli_e2e_request_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
     for gauge in ("queue_depth", "running_sequences", "kv_used_tokens", "kv_budget_tokens"):
         assert re.search(rf"^# TYPE gptcli_{gauge} gauge\ngptcli_{gauge} \d", text, re.M), gauge
+    # A client that leaves while sending its body is no server error (it was counted a 500): nginx's 499.
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+    left = r'^gptcli_requests_total\{route="/v1/completions",status="499"\} 1$'
+    assert wait_until(lambda: re.search(left, httpx.get(live.url + "/metrics").text, re.M))
+    assert 'route="/v1/completions",status="500"' not in httpx.get(live.url + "/metrics").text
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -46,7 +46,8 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         route = self.label(scope["path"])
-        status = 500
+        status: int | None = None
+        failed = True
 
         async def counting_send(message: dict[str, Any]) -> None:
             nonlocal status
@@ -56,8 +57,11 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, counting_send)
+            failed = False
         finally:
-            self.metrics.count_request(route, status)
+            # No answer at all: the app failed (500), or the client left before one was due (499, as nginx
+            # logs a client that closed its request), e.g. while sending its body. Not a server error.
+            self.metrics.count_request(route, status or (500 if failed else 499))
 
 
 class ApiKeyGuard:
