@@ -285,6 +285,47 @@ def test_tokenize_and_detokenize_in_both_peers_shapes(live, runtime):
     assert httpx.post(live.url + "/tokenize", json={"model": "gpt-4o", "prompt": "a"}).status_code == 404
 
 
+def test_prompts_are_tokenized_off_the_event_loop_without_the_gil(live, runtime, monkeypatch):
+    """A 1 MB prompt took a second to tokenize on the event loop, holding the GIL: no stream moved meanwhile."""
+    import asyncio
+
+    tokenizer_class = type(runtime.tokenizer)
+    encode = tokenizer_class.encode
+    on_loop: list[bool] = []
+
+    def watched(self, text, **kwargs):
+        on_loop.append(asyncio._get_running_loop() is not None)
+        return encode(self, text, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "encode", watched)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    httpx.post(live.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=30)
+    httpx.post(live.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1}, timeout=30)
+    httpx.post(live.url + "/tokenize", json={"messages": messages}, timeout=30)
+    httpx.post(live.url + "/tokenize", json={"prompt": "a"}, timeout=30)
+    assert len(on_loop) >= 5 and not any(on_loop), on_loop
+    monkeypatch.undo()
+
+    text = " ".join(f"w{i * 7919 % 100_003}" for i in range(200_000))  # ~1.4 MB that tokenizes slowly
+    ticks = 0
+    done = threading.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            time.sleep(0.001)
+            ticks += 1
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.perf_counter()
+    runtime.tokenizer.encode(text)
+    took = time.perf_counter() - started
+    done.set()
+    ticker.join()
+    assert took < 0.1 or ticks > 10, (took, ticks)  # another thread ran while it worked (with the GIL held: ~2)
+
+
 def test_stop_strings_and_ignored_parameters(live, runtime):
     full = reference(runtime, PROMPTS[3], 16).text
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())

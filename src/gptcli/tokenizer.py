@@ -115,7 +115,9 @@ class Tokenizer:
                 f"the text holds {char}, a lone surrogate that is not text",
                 hint="it comes from a \\ud800-style JSON escape or bytes that are not UTF-8: fix the input",
             )
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it: a 1 MB text stalled the server's
+        # engine thread and every stream for a second); the same ids.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

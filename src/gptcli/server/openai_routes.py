@@ -59,7 +59,9 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, ChatRequest)
     state.check_model(body.model)
-    ids = chat_prompt_ids(state.tokenizer, body.messages)
+    ids = await asyncio.to_thread(
+        chat_prompt_ids, state.tokenizer, body.messages
+    )  # off the event loop: long ones take a while
     return await respond(request, state, body, [ids], [Shape("chat", state.model_name, tokenizer=state.tokenizer)])
 
 
@@ -68,7 +70,7 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
-    prompts = completion_prompts(state.tokenizer, body.prompt)
+    prompts = await asyncio.to_thread(completion_prompts, state.tokenizer, body.prompt)
     one = Shape("text", state.model_name, tokenizer=state.tokenizer)  # the response's id, for every choice
     shapes = [
         replace(one, echo=text if body.echo else "", prompt_ids=ids, index=index)

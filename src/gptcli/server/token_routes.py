@@ -8,6 +8,7 @@ will read them. Both peers' request fields are taken: vLLM's `prompt` / `message
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -55,13 +56,13 @@ async def tokenize(request: Request) -> dict[str, Any]:
     body = await parse_body(request, TokenizeRequest)
     state.check_model(body.model)
     if body.messages is not None:
-        ids = chat_prompt_ids(state.tokenizer, body.messages)
+        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages)  # off the event loop
     else:
         text = body.prompt if body.prompt is not None else body.content
         special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
         if special is None:
             special = body.prompt is not None  # each peer's own default
-        ids = state.tokenizer.encode(text or "", add_special_tokens=special)
+        ids = await asyncio.to_thread(state.tokenizer.encode, text or "", add_special_tokens=special)
     tokens: list[Any] = ids
     if body.with_pieces:
         tokens = [{"id": i, "piece": state.tokenizer.decode([i], skip_special_tokens=False)} for i in ids]
