@@ -747,6 +747,40 @@ def serve_process(model: Path, *flags: str, env: dict[str, str]) -> Iterator[tup
         process.stderr.close()
 
 
+def test_a_body_that_stops_coming_is_a_408_not_a_connection_held_forever():
+    """A body shorter than its Content-Length (or one byte a minute) used to keep its task waiting forever."""
+    import asyncio
+
+    from gptcli.server.middleware import BodyLimit
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the app ran on a body that never came")
+
+    def drive(idle_s: float, total_s: float, pieces: list[bytes], gap_s: float) -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            if pieces:
+                await asyncio.sleep(gap_s)
+                return {"type": "http.request", "body": pieces.pop(0), "more_body": True}
+            await asyncio.sleep(3600)  # the rest never comes
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"100")]}
+        limit = BodyLimit(never_called, limit=1 << 20, idle_s=idle_s, total_s=total_s)
+        asyncio.run(asyncio.wait_for(limit(scope, receive, send), timeout=30))
+        return sent
+
+    stalled = drive(0.2, 60, [b'{"prompt": '], 0.0)  # 11 bytes, then nothing
+    assert stalled[0]["status"] == 408
+    error = json.loads(stalled[1]["body"])["error"]
+    assert error["code"] == "request_timeout" and "11 bytes arrived, 100 were due" in error["message"]
+    trickle = drive(0.5, 0.6, [b"x"] * 20, 0.1)  # each byte in time, the whole too slow
+    assert trickle[0]["status"] == 408
+
+
 def test_key_limits_and_queue_in_a_real_process(tiny_models, llama_tok):
     flags = (
         "--api-key",

@@ -6,7 +6,9 @@ unauthenticated client never gets its body read.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -86,16 +88,25 @@ class ApiKeyGuard:
         await error.response()(scope, receive, send)
 
 
+# A body must keep coming (nginx's client_body_timeout) and arrive whole within a bound: one shorter than its
+# Content-Length, or sent a byte at a time, held its connection and task forever.
+BODY_IDLE_S = 30.0
+BODY_TOTAL_S = 300.0
+
+
 class BodyLimit:
-    """Refuse a request body over `limit` bytes with 413, while reading it and before anything parses it.
+    """Refuse a request body over `limit` bytes with 413, while reading it and before anything parses it;
+    one that stalls for `idle_s` or is not whole after `total_s` gets 408.
 
     The body is read here in full (it is small by construction) and replayed to the app; later
     receive() calls go to the server, so the app still hears about a client that disconnects.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, idle_s: float = BODY_IDLE_S, total_s: float = BODY_TOTAL_S) -> None:
         self.app = app
         self.limit = limit
+        self.idle_s = idle_s
+        self.total_s = total_s
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -112,8 +123,21 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.total_s
         while True:
-            message = await receive()
+            wait = min(self.idle_s, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                error = APIError(
+                    408,
+                    f"the request body stopped coming (or took over {self.total_s:g} s): "
+                    f"{size} bytes arrived, {_header(scope, b'content-length') or 'more'} were due",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
+                await error.response()(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
