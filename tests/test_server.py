@@ -747,6 +747,17 @@ def serve_process(model: Path, *flags: str, env: dict[str, str]) -> Iterator[tup
         process.stderr.close()
 
 
+def test_a_request_the_kv_budget_cannot_hold_names_max_tokens_not_a_cli_flag(runtime):
+    with serve_runtime(runtime, kv_budget_tokens=64) as server:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+        refused = httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
+        error = error_of(refused)
+        assert refused.status_code == 400 and error["param"] == "max_tokens", refused.text
+        assert "KV budget is 64" in error["message"] and "--max-tokens" not in error["message"]
+        body["max_tokens"] = 8
+        assert httpx.post(server.v1 + "/chat/completions", json=body, timeout=30).status_code == 200
+
+
 def test_a_body_that_stops_coming_is_a_408_not_a_connection_held_forever():
     """A body shorter than its Content-Length (or one byte a minute) used to keep its task waiting forever."""
     import asyncio

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished, Stats, Token
-from gptcli.errors import ConfigError
+from gptcli.errors import ConfigError, InputError
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
@@ -230,6 +230,12 @@ async def respond(
             raise APIError(
                 400, f"response_format: {exc.message}", param="response_format", code="invalid_value"
             ) from None
+    for ids in prompts:  # a request the KV budget can never hold: named in the request's own terms
+        try:
+            state.engine.check_fits(len(ids), params)
+        except InputError as exc:
+            message = f"max_tokens: {exc.message}; ask for fewer tokens (the server's --kv-budget sets the budget)"
+            raise APIError(400, message, param="max_tokens", code="invalid_value") from None
     streams: list[EngineStream] = []
     try:
         for ids in prompts:
