@@ -758,6 +758,28 @@ def test_a_request_the_kv_budget_cannot_hold_names_max_tokens_not_a_cli_flag(run
         assert httpx.post(server.v1 + "/chat/completions", json=body, timeout=30).status_code == 200
 
 
+def test_another_sites_page_may_not_make_the_server_generate(live):
+    """Any web page could POST to a keyless loopback server (a form or a no-cors fetch) and spend the machine."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    host = live.url.removeprefix("http://")
+    for headers in (
+        {"Origin": "https://evil.example"},  # an older browser: no Sec-Fetch-Site
+        {"Origin": "null"},  # a sandboxed or file:// page
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"},
+    ):
+        refused = httpx.post(live.v1 + "/chat/completions", json=body, headers=headers, timeout=30)
+        assert refused.status_code == 403 and error_of(refused)["code"] == "cross_origin", (headers, refused.text)
+    for headers in (
+        {},  # curl, the SDKs
+        {"Origin": live.url},  # the chat page itself
+        {"Origin": "https://chat.example.com", "Sec-Fetch-Site": "same-origin", "Host": host},  # behind a proxy
+    ):
+        answered = httpx.post(live.v1 + "/chat/completions", json=body, headers=headers, timeout=30)
+        assert answered.status_code == 200, (headers, answered.text)
+    assert httpx.get(live.v1 + "/models", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
 def test_a_body_that_stops_coming_is_a_408_not_a_connection_held_forever():
     """A body shorter than its Content-Length (or one byte a minute) used to keep its task waiting forever."""
     import asyncio

@@ -13,7 +13,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse
 
 from gptcli import __version__
 from gptcli.server.errors import install_error_handlers
-from gptcli.server.middleware import ApiKeyGuard, BodyLimit, RequestCounter
+from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CrossSiteGuard, RequestCounter
 from gptcli.server.openai_routes import router
 from gptcli.server.state import ServerState
 from gptcli.server.token_routes import router as token_router
@@ -75,6 +75,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     served = [*router.routes, *token_router.routes]
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(CrossSiteGuard)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)
     return app

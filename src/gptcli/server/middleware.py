@@ -1,7 +1,7 @@
-"""Pure ASGI middleware: request counting, the API key, and the body-size limit.
+"""Pure ASGI middleware: request counting, the API key, other sites' pages, and the body-size limit.
 
 They wrap the app outermost-first in that order, so a refused request is still counted, and an
-unauthenticated client never gets its body read.
+unauthenticated or cross-site client never gets its body read.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from gptcli.server.errors import APIError
 from gptcli.server.metrics import Metrics
@@ -86,6 +87,37 @@ class ApiKeyGuard:
         message = "invalid API key" if given else "missing API key: send the header 'Authorization: Bearer <key>'"
         error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await error.response()(scope, receive, send)
+
+
+class CrossSiteGuard:
+    """Refuse (403) a request that another site's web page made a browser send, as ollama does by default.
+
+    A page anywhere could otherwise POST to a keyless server on the user's loopback and make the model
+    generate (it cannot read the answer: no CORS headers are sent, but the machine works for it). The chat
+    page is this origin's own; API clients (curl, SDKs) send no Origin. Reading (GET) stays open.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in {"GET", "HEAD", "OPTIONS"}:
+            origin = _header(scope, b"origin")
+            fetch_site = _header(scope, b"sec-fetch-site")
+            host = (_header(scope, b"host") or "").lower()
+            # The browser's own word first (behind a reverse proxy, Host is the proxy's upstream); else Origin.
+            if fetch_site in {"cross-site", "same-site"} or (
+                fetch_site is None
+                and origin is not None
+                and (origin == "null" or urlsplit(origin).netloc.lower() != host)
+            ):
+                message = (
+                    f"a web page from {origin or 'another site'} may not use this server: only its own chat page "
+                    "and programs (curl, OpenAI's SDK) may"
+                )
+                await APIError(403, message, code="cross_origin").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # A body must keep coming (nginx's client_body_timeout) and arrive whole within a bound: one shorter than its
