@@ -143,6 +143,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
 
 
 def test_models_and_health(live):
+    assert httpx.head(live.url + "/health").status_code == 200  # was 405
     client = live.client()
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-llama"]

@@ -63,7 +63,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": state.model_name}
 
