@@ -145,6 +145,7 @@ def fake_run(folder: Path, corpus: Path) -> Path:
     [
         ("run.json", "[1, 2]", "run.json (not a JSON object)"),
         ("run.json", '{"data": 5}', 'run.json ("data" is not a path)'),
+        ("run.json", "[" * 100_000 + "]" * 100_000, "run.json (not valid JSON (nested too deeply))"),
         ("train_config.yaml", "model: [\n", "train_config.yaml:2:1: invalid YAML"),
         ("train_config.yaml", "- 1\n- 2\n", "train_config.yaml"),
     ],
@@ -154,6 +155,22 @@ def test_a_damaged_run_file_is_a_one_line_error(corpus, tmp_path, capsys, name, 
     (folder / name).write_text(content)
     err = fails(["train", "--resume", str(folder), "--max-iters", "20"], capsys, 6)
     assert said in err and "cannot resume" in err
+
+
+def test_runs_show_and_list_read_a_damaged_run_file_without_a_traceback(corpus, tmp_path, capsys):
+    nested = fake_run(tmp_path / "nested", corpus)
+    (nested / "run.json").write_text("{" + '"a": {' * 50_000 + "}" * 50_001)  # the JSON parser's recursion limit
+    odd = fake_run(tmp_path / "odd", corpus)
+    (odd / "run.json").write_text(json.dumps({"data": [1, 2], "step": {"a": 1}, "created": None}))
+    assert "nested/run.json: cannot read it: not valid JSON (nested too deeply)" in fails(
+        ["runs", "show", str(nested)], capsys, 6
+    )
+    assert run(["runs", "show", str(odd)]) == 0  # a list where a path belongs is shown, not joined
+    assert "data: [1, 2]" in capsys.readouterr().out
+    assert run(["runs", "list", str(tmp_path), "--json"]) == 0  # the damaged run is skipped, not fatal
+    captured = capsys.readouterr()
+    assert [row["run"] for row in json.loads(captured.out)] == [str(odd)]
+    assert "skipped" in captured.err and "Traceback" not in captured.err
 
 
 def test_a_checkpoint_whose_model_does_not_load_is_a_one_line_error(corpus, tmp_path, capsys):

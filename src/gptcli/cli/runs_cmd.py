@@ -31,11 +31,9 @@ def _summary(run: Path) -> dict[str, Any]:
     if not ckpt.is_run(run):
         raise InputError(f"{run} is not a training run (no {ckpt.RUN_FILE} and {ckpt.CONFIG_FILE})")
     try:
-        info = json.loads((run / ckpt.RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        info = ckpt.run_record(run)
+    except ValueError as exc:
         raise InputError(f"{run / ckpt.RUN_FILE}: cannot read it: {exc}") from None
-    if not isinstance(info, dict):
-        raise InputError(f"{run / ckpt.RUN_FILE}: not a JSON object")
     last_loss = last_val = None
     for record in read_metrics(run / ckpt.METRICS_FILE):
         if "loss" in record:
@@ -130,7 +128,7 @@ def show(
     for key, value in summary.items():
         if key == "config":
             sys.stdout.write("config:\n" + textwrap.indent(yaml.safe_dump(value, sort_keys=False), "  "))
-        elif isinstance(value, list):
+        elif key == "checkpoints":
             sys.stdout.write(f"{key}: {', '.join(value) or '-'}\n")
         else:
             sys.stdout.write(f"{key}: {_fmt(value)}\n")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli import atomicio
+from gptcli.jsonl import parse_line
 from gptcli.train.errors import DiskFullError, RunError
 
 RUN_FILE = "run.json"
@@ -64,9 +65,19 @@ def read_run(folder: Path) -> dict[str, Any]:
     if not is_run(folder):
         raise RunError(f"cannot resume {folder}: it is not a training run (no {RUN_FILE})", hint="check the path")
     try:
-        info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        return run_record(folder)
+    except ValueError as exc:
         raise RunError(f"cannot resume {folder}: corrupt {RUN_FILE} ({exc})") from None
+
+
+def run_record(folder: Path) -> dict[str, Any]:
+    """run.json as a dict (`runs` reads it too); ValueError saying why it is not one (never another error)."""
+    try:
+        info = parse_line((folder / RUN_FILE).read_bytes())
+    except OSError as exc:
+        raise ValueError(exc.strerror or type(exc).__name__) from None
+    if not isinstance(info, dict):
+        raise ValueError("not a JSON object")
     return info
 
 

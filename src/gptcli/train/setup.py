@@ -264,8 +264,6 @@ def _resumed(
 ) -> tuple[TrainConfig, Path, Path]:
     """A run folder's config (with the changes a resume may make), its latest checkpoint and its data."""
     info = ckpt.read_run(run)
-    if not isinstance(info, dict):
-        raise RunError(f"cannot resume {run}: corrupt {run / ckpt.RUN_FILE} (not a JSON object)")
     saved_data = info.get("data")
     if data_path is None and not (isinstance(saved_data, str) and saved_data):  # with --data, it is replaced
         raise RunError(f'cannot resume {run}: corrupt {run / ckpt.RUN_FILE} ("data" is not a path)', hint="pass --data")
