@@ -147,7 +147,8 @@ def save_checkpoint(
             model.save_pretrained(tmp)
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
-            torch.save(state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as fh:  # a full disk is then an OSError, not torch's iostream error
+                torch.save(state, fh)
             for p in tmp.iterdir():
                 os.chmod(p, atomicio.default_mode())  # transformers writes the weights 0600, the rest as open()
                 with open(p, "rb") as fh:
