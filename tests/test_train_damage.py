@@ -211,3 +211,26 @@ def test_a_full_disk_inside_torch_save_is_a_disk_full_error(tmp_path):
         checkpoint.save_checkpoint(run_folder, 1, Model(), {}, state, keep_last=1, best_step=None, run_info={})
     assert "no space left on device while writing checkpoint" in raised.value.message
     assert list((run_folder / "checkpoints").iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_to_start_again(corpus, tmp_path, capsys, monkeypatch):
+    """Before the first checkpoint there is no run.json: `--resume` (the old hint) refuses the folder."""
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "10"]
+    monkeypatch.setattr(torch, "save", full)
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved yet" in err and "--resume" not in err, err
+    assert "start the run again" in err
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command reuses the folder
+    assert run(argv) == 0, capsys.readouterr().err
+    assert (out / "checkpoints" / "step-0000010").is_dir()

@@ -157,10 +157,7 @@ def save_checkpoint(
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):
-                raise DiskFullError(
-                    f"no space left on device while writing checkpoint {final}; the previous checkpoints are intact",
-                    hint=f"free some space, then `gptcli train --resume {run}`",
-                ) from None
+                raise _disk_full_while_writing(run, final) from None
             raise
     try:
         publish(run, final)
@@ -174,6 +171,18 @@ def save_checkpoint(
     write_atomic(run / RUN_FILE, json.dumps({**run_info, "latest": final.name, "step": step}, indent=2).encode())
     rotate(run, keep_last, best_step)
     return final
+
+
+def _disk_full_while_writing(run: Path, checkpoint: Path) -> DiskFullError:
+    if is_run(run):  # run.json names an earlier checkpoint: a resume continues from it
+        return DiskFullError(
+            f"no space left on device while writing checkpoint {checkpoint}; the previous checkpoints are intact",
+            hint=f"free some space, then `gptcli train --resume {run}`",
+        )
+    return DiskFullError(  # the first checkpoint: nothing to resume, and a new start reuses the folder
+        f"no space left on device while writing checkpoint {checkpoint}; no checkpoint was saved yet",
+        hint=f"free some space, then start the run again (the same command: it reuses {run})",
+    )
 
 
 def publish(run: Path, checkpoint: Path) -> None:
