@@ -247,6 +247,20 @@ def test_data_that_is_a_pipe_or_a_link_to_nowhere_says_so(tmp_path, capsys):
     assert f"error: a symbolic link that leads nowhere: {loop}" in err
 
 
+def test_a_data_folder_that_holds_the_runs_is_read_without_them(corpus, tmp_path, capsys):
+    # `gptcli train --data .` puts its run in ./runs: a resume then read runs/x/metrics.jsonl as a corpus file
+    # ("expected a `text` string"), and a new start would have trained on the run's json files too.
+    from gptcli.train.data import corpus_files
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "corpus.txt")
+    out = folder / "runs" / "first"
+    assert run(train(folder, out, "--max-iters", "2")) == 0, capsys.readouterr().err
+    assert corpus_files(folder) == [folder / "corpus.txt"]
+    assert run(["train", "--resume", str(out), "--max-iters", "3"]) == 0, capsys.readouterr().err
+
+
 def test_every_file_of_a_run_gets_the_usual_mode(corpus, tmp_path, capsys):
     from gptcli.atomicio import default_mode
 

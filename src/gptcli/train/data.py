@@ -28,6 +28,7 @@ from gptcli.atomicio import write_atomic
 from gptcli.errors import InputError
 from gptcli.paths import cache_dir
 from gptcli.textio import CORPUS_FILE, decode_text, over_limit, read_text_file, text_pieces
+from gptcli.train.checkpoint import CONFIG_FILE as RUN_CONFIG
 
 Notify = Callable[[str], None]
 # progress(stage, done, total): called as a long step advances; total None = not known in advance.
@@ -51,7 +52,7 @@ def _ignore(*_: Any) -> None:
 
 
 def corpus_files(path: Path) -> list[Path]:
-    """A file, or the text files under a folder (sorted, hidden ones skipped)."""
+    """A file, or the text files under a folder (sorted; hidden ones and those of training runs skipped)."""
     if not path.exists():
         what = "a symbolic link that leads nowhere" if path.is_symlink() else "no such file or folder"
         raise InputError(f"{what}: {path}", hint="check --data")
@@ -59,8 +60,10 @@ def corpus_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():  # a pipe or a device: training reads its data more than once
         raise InputError(f"{path} is neither a file nor a folder", hint="save the data to a file first")
+    runs = {p.parent for p in path.rglob(RUN_CONFIG)}  # training runs (`--data .` holds ./runs) are no corpus
     visible = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
-    files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    texts = (p for p in visible if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    files = sorted(p for p in texts if runs.isdisjoint(p.parents))
     if not files:
         raise InputError(f"{path} has no text files ({', '.join(sorted(TEXT_SUFFIXES))})", hint="check --data")
     return files
