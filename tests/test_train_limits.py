@@ -221,6 +221,39 @@ def test_a_folder_with_other_files_is_refused_without_suggesting_resume(corpus, 
 # ------------------------------------------------------------------ flags a resume cannot honour
 
 
+def test_a_run_trained_by_another_process_while_the_data_was_prepared_is_not_overwritten(corpus, tmp_path):
+    # The lock is taken to train: two starts into one folder both pass the checks while they prepare their data.
+    # The later one used to train over the first's finished run (its checkpoint kept, run.json and metrics mixed).
+    from gptcli.train import loop
+    from gptcli.train.errors import RunError
+
+    out = tmp_path / "run"
+
+    def resolve(data: Path | None, resume: Path | None, iters: int) -> loop.RunSetup:
+        return loop.resolve_run(
+            data_path=data,
+            out=None if resume else out,
+            resume=resume,
+            preset=None if resume else "tiny",
+            config_file=None,
+            sets=[],
+            flags={"train.max_iters": iters, "train.device": "cpu"},
+        )
+
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    late, first = resolve(other, None, 2), resolve(corpus, None, 2)
+    loop.train(first)
+    with pytest.raises(RunError, match="became a training run while this one prepared its data"):
+        loop.train(late)
+    assert json.loads((out / "run.json").read_text())["data"] == str(corpus.resolve())
+    late, first = resolve(None, out, 4), resolve(None, out, 3)  # two resumes of the same run
+    loop.train(first)
+    with pytest.raises(RunError, match="was trained further while this one prepared its data"):
+        loop.train(late)
+    assert json.loads((out / "run.json").read_text())["step"] == 3
+
+
 def test_resume_refuses_max_iters_it_has_passed_and_another_out(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(train(corpus, out, "--max-iters", "10")) == 0

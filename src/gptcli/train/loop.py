@@ -30,7 +30,7 @@ from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started
 from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
 from gptcli.train.sample import sample_text
-from gptcli.train.setup import RunSetup, build_model, describe, resolve_run
+from gptcli.train.setup import RunSetup, build_model, check_unchanged, describe, resolve_run
 from gptcli.train.step import loss_of, mixed_precision, new_optimizer, optimisation_step
 
 __all__ = ["RunSetup", "lr_at", "resolve_run", "train", "training"]
@@ -82,6 +82,8 @@ def training(setup: RunSetup) -> Iterator[TrainEvent]:
     Only rank 0 writes the run folder and reports; every rank gets its `Finished`.
     """
     with torch_threads(setup.cfg.train.threads), run_lock(setup.out, enabled=setup.dist.main):
+        if setup.dist.main:
+            check_unchanged(setup)
         for event in _Run(setup).events():
             if setup.dist.main or isinstance(event, Finished):
                 yield event

@@ -311,6 +311,19 @@ def _reusable(out: Path) -> tuple[Path, ...]:
     return tuple(entries)
 
 
+def check_unchanged(setup: RunSetup) -> None:
+    """Under the run's lock, before anything is written: the folder is still as resolve_run found it. The lock is
+    taken to train, so another gptcli may have trained there while this one prepared its data (RunError)."""
+    out = setup.out
+    if setup.resume_from is None and ckpt.is_run(out):
+        raise RunError(
+            f"{out} became a training run while this one prepared its data",
+            hint=f"continue it with --resume {out}, or pick a new --out",
+        )
+    if setup.resume_from is not None and ckpt.latest_checkpoint(out) != setup.resume_from:
+        raise RunError(f"{out} was trained further while this one prepared its data", hint="resume it again")
+
+
 def _only_temporaries(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and all(p.name.startswith(".tmp-") for p in folder.iterdir())
 
