@@ -234,3 +234,29 @@ def test_a_full_disk_at_the_first_checkpoint_says_to_start_again(corpus, tmp_pat
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command reuses the folder
     assert run(argv) == 0, capsys.readouterr().err
     assert (out / "checkpoints" / "step-0000010").is_dir()
+
+
+def test_metrics_are_read_a_line_at_a_time(tmp_path, monkeypatch):
+    """`runs list`, the plot and a resume read metrics.jsonl: it was read whole (twice its size in memory, a
+    300 MB file took 650 MB). Now one line at a time, and a line over the cap is skipped, never held."""
+    import tracemalloc
+
+    from gptcli.train import metrics
+
+    monkeypatch.setattr(metrics, "MAX_LINE_BYTES", 1 << 20, raising=False)
+    path = tmp_path / "metrics.jsonl"
+    with path.open("wb") as handle:
+        handle.write(b'{"step": 1, "loss": 3.0}\n')
+        for _ in range(20):  # 20 MiB of one line with no newline in it (stray bytes, a wrong file)
+            handle.write(b"a" * (1 << 20))
+        handle.write(b'\n{"step": 2, "loss": 2.5}\n{"step": 3, "val_loss": 2.4}')
+    tracemalloc.start()
+    try:
+        records = list(metrics.read_metrics(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert peak < 8 << 20, peak
+    metrics.truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'

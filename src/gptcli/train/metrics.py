@@ -13,6 +13,8 @@ import numpy as np
 from gptcli.jsonl import parse_line
 from gptcli.train import checkpoint as ckpt
 
+MAX_LINE_BYTES = 64 << 20  # a metrics line (an evaluation's holds its sample); a longer one is skipped unread
+
 
 class MetricsLog:
     """Appends JSON lines to a run's metrics.jsonl, flushed at once (a no-op on ranks other than 0)."""
@@ -89,13 +91,18 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     by kill -9 or a full disk: cut JSON, stray bytes) is skipped: it never stops a resume or a plot."""
     if not path.is_file():
         return
-    for raw in path.read_bytes().splitlines():
-        try:
-            record = parse_line(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and _number(record.get("step")):
-            yield raw.decode("utf-8"), record
+    with path.open("rb") as handle:  # a line at a time: the file grows with the run (and may be anything)
+        while raw := handle.readline(MAX_LINE_BYTES + 1):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # no record of ours is this long: skipped, never held
+                    raw = handle.readline(MAX_LINE_BYTES)
+                continue
+            try:
+                record = parse_line(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and _number(record.get("step")):
+                yield raw.decode("utf-8").rstrip("\r\n"), record
 
 
 def _number(value: Any) -> bool:
