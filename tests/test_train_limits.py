@@ -4,6 +4,7 @@ that failed, and flags a resume cannot honour. Each is a one-line error with its
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -302,3 +303,19 @@ def test_every_file_of_a_run_gets_the_usual_mode(corpus, tmp_path, capsys):
     files = [p for p in [*out.iterdir(), *(out / "checkpoints").glob("*/*")] if p.is_file()]
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(default_mode())}, modes  # model.safetensors came out 0o600
+
+
+def test_a_full_disk_while_the_data_is_cached_names_the_cache(corpus, tmp_path, capsys, monkeypatch):
+    # The spill and token files are written through open files: Python's ENOSPC names no file, and the error
+    # was "a write failed: No space left on device" (the cache may be on another disk than the run).
+    import errno
+
+    from gptcli.train.data import CleanCorpus
+
+    def full(self, doc):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CleanCorpus, "add", full)
+    err = fails(train(corpus, tmp_path / "run"), capsys, 1)
+    assert "cannot write" in err and f"{os.sep}train-data: No space left on device" in err, err
+    assert "hint: free some space, or set GPTCLI_HOME" in err

@@ -13,7 +13,7 @@ from typing import Any
 from gptcli.errors import ConfigError, GptcliError, ModelError, UsageError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
-from gptcli.paths import RUNS_DIR
+from gptcli.paths import RUNS_DIR, cache_dir
 from gptcli.textio import human_bytes, read_yaml
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
@@ -227,20 +227,24 @@ def resolve_run(
         barrier(dist)  # rank 0 tokenizes and fills the cache first; the others then read it
         on_event = _silent
     streams = cfg.train.grad_accum * dist.world
-    data = prepare(
-        data_path,
-        tokenizer=cfg.data.tokenizer,
-        vocab_size=cfg.data.vocab_size,
-        val_fraction=cfg.data.val_fraction,
-        block_size=block,
-        dedup_lines=cfg.data.dedup_lines,
-        init_tokenizer=(init_folder / "tokenizer.json") if init_folder else None,
-        chat=chat,
-        eot_token=eot_token,
-        streams=streams,
-        notify=notify,
-        progress=progress,
-    )
+    try:
+        data = prepare(
+            data_path,
+            tokenizer=cfg.data.tokenizer,
+            vocab_size=cfg.data.vocab_size,
+            val_fraction=cfg.data.val_fraction,
+            block_size=block,
+            dedup_lines=cfg.data.dedup_lines,
+            init_tokenizer=(init_folder / "tokenizer.json") if init_folder else None,
+            chat=chat,
+            eot_token=eot_token,
+            streams=streams,
+            notify=notify,
+            progress=progress,
+        )
+    except OSError as exc:  # a write to the spill or token file (a full disk) names no file: they are in the cache
+        exc.filename = exc.filename or str(cache_dir() / "train-data")
+        raise
     if dist.main:
         barrier(dist)
     if init_folder is None:
