@@ -260,3 +260,30 @@ def test_metrics_are_read_a_line_at_a_time(tmp_path, monkeypatch):
     assert peak < 8 << 20, peak
     metrics.truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_while_the_metrics_are_written_is_a_disk_full_error(tmp_path):
+    """A full disk met first by a metrics line (written every step) was "a write failed" with no file named."""
+    from gptcli.train.errors import DiskFullError
+    from gptcli.train.metrics import MetricsLog
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    log = MetricsLog(out, enabled=True)
+    with pytest.raises(DiskFullError) as raised:
+        log.write({"step": 1, "loss": 3.0})
+    assert (
+        raised.value.message
+        == f"no space left on device while writing {out / 'metrics.jsonl'}; no checkpoint was saved yet"
+    )
+    log.close()  # the line that failed is not raised again on the way out
+    (out / "run.json").write_text("{}")  # a checkpoint was saved: the run resumes from it
+    (out / "train_config.yaml").write_text("{}")
+    log = MetricsLog(out, enabled=True)
+    with pytest.raises(DiskFullError) as raised:
+        log.write({"step": 2, "loss": 3.0})
+    assert "the previous checkpoints are intact" in raised.value.message
+    assert raised.value.hint == f"free some space, then `gptcli train --resume {out}`"
+    log.close()

@@ -157,7 +157,7 @@ def save_checkpoint(
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):
-                raise _disk_full_while_writing(run, final) from None
+                raise disk_full(run, f"checkpoint {final}") from None
             raise
     try:
         publish(run, final)
@@ -173,14 +173,16 @@ def save_checkpoint(
     return final
 
 
-def _disk_full_while_writing(run: Path, checkpoint: Path) -> DiskFullError:
+def disk_full(run: Path, what: str) -> DiskFullError:
+    """No space left while training wrote `what` (a checkpoint, the metrics): resume, or before the first
+    checkpoint (no run.json yet), start again."""
     if is_run(run):  # run.json names an earlier checkpoint: a resume continues from it
         return DiskFullError(
-            f"no space left on device while writing checkpoint {checkpoint}; the previous checkpoints are intact",
+            f"no space left on device while writing {what}; the previous checkpoints are intact",
             hint=f"free some space, then `gptcli train --resume {run}`",
         )
     return DiskFullError(  # the first checkpoint: nothing to resume, and a new start reuses the folder
-        f"no space left on device while writing checkpoint {checkpoint}; no checkpoint was saved yet",
+        f"no space left on device while writing {what}; no checkpoint was saved yet",
         hint=f"free some space, then start the run again (the same command: it reuses {run})",
     )
 

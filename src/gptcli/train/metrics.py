@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -20,16 +22,25 @@ class MetricsLog:
     """Appends JSON lines to a run's metrics.jsonl, flushed at once (a no-op on ranks other than 0)."""
 
     def __init__(self, out: Path, enabled: bool) -> None:
+        self.out = out
         self.file = open(out / ckpt.METRICS_FILE, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as exc:  # Python names no file; a torn last line is dropped on --resume
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ckpt.disk_full(self.out, str(self.out / ckpt.METRICS_FILE)) from None
+                exc.filename = exc.filename or str(self.out / ckpt.METRICS_FILE)
+                raise
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # each line was flushed when written: a failed one was reported
+                file.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
