@@ -176,6 +176,7 @@ def test_a_full_disk_while_drawing_the_plot_names_it(tmp_path, monkeypatch):
 
     from matplotlib.figure import Figure
 
+    from gptcli.train.errors import DiskFullError
     from gptcli.train.metrics import plot_losses
 
     def full(self, path, **_):
@@ -186,9 +187,12 @@ def test_a_full_disk_while_drawing_the_plot_names_it(tmp_path, monkeypatch):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     monkeypatch.setattr(Figure, "savefig", full)
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(DiskFullError) as raised:  # it was an OSError: "loss.png: No space left on device", no hint
         plot_losses(out)
-    assert raised.value.filename == str(out / "loss.png")
+    assert (
+        raised.value.message == f"no space left on device while writing {out / 'loss.png'}; no checkpoint was saved yet"
+    )
+    assert raised.value.hint.startswith("free some space")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no half-written temporary
 
 

@@ -85,6 +85,8 @@ def plot_losses(out: Path) -> None:
         os.replace(tmp, out / ckpt.PLOT_FILE)
     except OSError as exc:  # a full disk inside the PNG writer names no file: the error names the plot
         tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ckpt.disk_full(out, str(out / ckpt.PLOT_FILE)) from None
         exc.filename = exc.filename or str(out / ckpt.PLOT_FILE)
         raise
     finally:
