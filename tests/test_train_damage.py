@@ -291,3 +291,28 @@ def test_a_full_disk_while_the_metrics_are_written_is_a_disk_full_error(tmp_path
     assert "the previous checkpoints are intact" in raised.value.message
     assert raised.value.hint == f"free some space, then `gptcli train --resume {out}`"
     log.close()
+
+
+def test_a_token_file_left_by_a_kill_9_is_removed_by_the_next_writer(tmp_path):
+    """Tokenizing killed with -9 left its temporary token file in the cache for good (21 MB for 13 MB of text)."""
+    import numpy as np
+
+    from gptcli.train.data import _write_tokens
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    killed = (
+        "import os, signal, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from gptcli.train.data import _write_tokens\n"
+        "def chunks():\n"
+        "    yield np.arange(1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "_write_tokens(Path(sys.argv[1]), chunks(), np.uint16)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(entry / "tokens.bin")], cwd=REPO, timeout=120)
+    assert done.returncode == -9
+    assert os.listdir(entry)  # what the killed writer left
+    assert _write_tokens(entry / "tokens.bin", iter([np.arange(5)]), np.uint16) == 5
+    assert os.listdir(entry) == ["tokens.bin"]

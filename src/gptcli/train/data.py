@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from gptcli.atomicio import write_atomic
+from gptcli.atomicio import temp_dir_beside, write_atomic
 from gptcli.errors import InputError
 from gptcli.paths import cache_dir
 from gptcli.textio import CORPUS_FILE, decode_text, over_limit, read_text_file, text_pieces
@@ -383,17 +384,16 @@ def _encode_batch(tok: Any, pieces: list[str], ends: list[bool], separator: np.n
 
 def _write_tokens(path: Path, chunks: Iterable[np.ndarray], dtype: Any) -> int:
     """Stream token ids into `path` (a temp file, fsynced, then renamed); returns how many."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = temp_dir_beside(path)  # named after this process: those of writers killed with -9 (GBs) go
     count = 0
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(folder / path.name, "wb") as handle:
             for ids in chunks:
                 handle.write(ids.astype(dtype).tobytes())
                 count += len(ids)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return count
