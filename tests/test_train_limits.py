@@ -174,6 +174,19 @@ def test_runs_show_and_list_read_a_damaged_run_file_without_a_traceback(corpus, 
     assert "skipped" in captured.err and "Traceback" not in captured.err
 
 
+def test_runs_json_is_json_when_a_loss_is_not_a_number(corpus, tmp_path, capsys):
+    folder = fake_run(tmp_path / "run", corpus)
+    (folder / "run.json").write_text('{"data": "x", "step": 3, "best_val_loss": Infinity}')
+    (folder / "metrics.jsonl").write_text('{"step": 3, "loss": 2.0}\n{"step": 3, "val_loss": NaN, "val_ppl": NaN}\n')
+    for argv in (["runs", "list", str(tmp_path), "--json"], ["runs", "show", str(folder), "--json"]):
+        assert run(argv) == 0
+        printed = capsys.readouterr().out
+        assert "NaN" not in printed and "Infinity" not in printed, printed
+        summary = json.loads(printed)
+        summary = summary[0] if isinstance(summary, list) else summary
+        assert (summary["train_loss"], summary["val_loss"], summary["best_val_loss"]) == (2.0, None, None)
+
+
 def test_a_checkpoint_whose_model_does_not_load_is_a_one_line_error(corpus, tmp_path, capsys):
     done = tmp_path / "done"
     assert run(train(corpus, done, "--max-iters", "10")) == 0  # one checkpoint: step-0000010

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,7 +41,7 @@ def _summary(run: Path) -> dict[str, Any]:
             last_loss = record["loss"]
         if "val_loss" in record:
             last_val = record["val_loss"]
-    return {
+    summary = {
         "run": str(run),
         "step": info.get("step"),
         "train_loss": last_loss,
@@ -52,6 +53,8 @@ def _summary(run: Path) -> dict[str, Any]:
         "created": info.get("created"),
         "checkpoints": [p.name for p in ckpt.list_checkpoints(run)],
     }
+    # a NaN validation loss (an fp16 evaluation that overflowed) is null: --json prints JSON, not `NaN`
+    return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in summary.items()}
 
 
 def _fmt(value: Any) -> str:
