@@ -207,6 +207,24 @@ def test_a_checkpoint_whose_model_does_not_load_is_a_one_line_error(corpus, tmp_
         assert name in err, what
 
 
+def test_a_model_whose_tokenizer_outgrows_its_embeddings_is_a_model_error(corpus, tmp_path, capsys):
+    # A token added to the tokenizer without resizing the embeddings: torch's IndexError at the first step.
+    made = tmp_path / "made"
+    assert run(train(corpus, made, "--max-iters", "1")) == 0, capsys.readouterr().err
+    model = tmp_path / "grown"
+    shutil.copytree(made, model, ignore=shutil.ignore_patterns("checkpoints"))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    extra = {"content": "<|x|>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    tokenizer["added_tokens"].append({"id": 10_000, **extra, "special": True})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    data = tmp_path / "data.txt"
+    data.write_text(corpus.read_text().replace("\n", "<|x|>\n"))  # in every block the steps draw
+    capsys.readouterr()
+    err = fails(train(data, tmp_path / "run", "--init", str(model), "--max-iters", "2"), capsys, 5)
+    assert "gives token id" in err and "past the model's" in err and "resize_token_embeddings" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 # ------------------------------------------------------------------ a failed start
 
 

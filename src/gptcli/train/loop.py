@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.errors import Terminated
+from gptcli.errors import ModelError, Terminated
 from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
@@ -99,6 +99,17 @@ def train(setup: RunSetup, on_event: Callable[[TrainEvent], None] = lambda _: No
     return finished
 
 
+def _check_vocabulary(model: Any, setup: RunSetup) -> None:
+    """An --init model whose tokenizer gives ids past its embeddings (tokens added without resizing them)
+    fails at the first step with torch's IndexError: a ModelError before anything is written."""
+    rows = model.get_input_embeddings().num_embeddings
+    if setup.data.vocab_size > rows and (top := int(setup.data.tokens.max())) >= rows:
+        raise ModelError(
+            f"the tokenizer of {setup.cfg.init} gives token id {top} for this data, past the model's {rows} embeddings",
+            hint="resize its embeddings to the tokenizer (resize_token_embeddings) and save it, or use another model",
+        )
+
+
 class _Run:
     """One run's live state: the model, its optimizer and precision, the step, the best validation loss."""
 
@@ -119,6 +130,7 @@ class _Run:
         state = None
         if setup.resume_from is None:
             self.model = build_model(setup).to(device)
+            _check_vocabulary(self.model, setup)
             self.optimizer = new_optimizer(self.model, cfg)
         else:
             state = self._resumable()
