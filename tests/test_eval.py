@@ -10,7 +10,7 @@ import pytest
 
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
-from gptcli.errors import InputError, UsageError
+from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.evaluate import log_probs, perplexity, plan_windows
 from gptcli.tokenizer import Tokenizer
 from tests.conftest import CORPUS, run_cli
@@ -74,6 +74,9 @@ def test_bad_arguments(tiny_models):
         perplexity(backend, [1, 2, 3], window=10_000)
     with pytest.raises(UsageError):
         perplexity(backend, [1, 2, 3], window=8, stride=9)
+    # a tokenizer with tokens past the embeddings (added without resizing them): an IndexError in the model
+    with pytest.raises(ModelError, match="past the model's"):
+        perplexity(backend, [1, backend.info.vocab_size, 3])
 
 
 def test_cli_perplexity_json_and_text(tiny_models, tmp_path):
