@@ -316,3 +316,29 @@ def test_a_token_file_left_by_a_kill_9_is_removed_by_the_next_writer(tmp_path):
     assert os.listdir(entry)  # what the killed writer left
     assert _write_tokens(entry / "tokens.bin", iter([np.arange(5)]), np.uint16) == 5
     assert os.listdir(entry) == ["tokens.bin"]
+
+
+def test_a_full_disk_after_the_first_checkpoint_but_before_run_json_leaves_a_folder_to_start_again(
+    corpus, tmp_path, capsys, monkeypatch
+):
+    """The first checkpoint complete and published, run.json not written: `--resume` refused the folder (no
+    run.json) and so did a new start (it holds checkpoints/ and model files). It goes back to a failed start."""
+    from gptcli.train import checkpoint
+
+    real_write = checkpoint.write_atomic
+
+    def full(path: Path, data: bytes) -> None:
+        if path.name == "run.json":
+            raise checkpoint.DiskFullError(f"no space left on device while writing {path}")
+        real_write(path, data)
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "10"]
+    monkeypatch.setattr(checkpoint, "write_atomic", full)
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved yet" in err and "start the run again" in err, err
+    assert not (out / "model.safetensors").exists() and list((out / "checkpoints").iterdir()) == []
+    monkeypatch.setattr(checkpoint, "write_atomic", real_write)
+    assert run(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["latest"] == "step-0000010"

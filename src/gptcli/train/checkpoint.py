@@ -159,16 +159,24 @@ def save_checkpoint(
             if _is_disk_full(exc):
                 raise disk_full(run, f"checkpoint {final}") from None
             raise
+    first = not is_run(run)
     try:
         publish(run, final)
-    except OSError as exc:
-        if _is_disk_full(exc):
+        write_atomic(run / RUN_FILE, json.dumps({**run_info, "latest": final.name, "step": step}, indent=2).encode())
+    except BaseException as exc:
+        full = isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and _is_disk_full(exc))
+        if first:  # no run.json: not resumable, and its model files make it no failed start either; go back to one
+            for name in {p.name for p in final.iterdir()} - {STATE_FILE, *files}:
+                (run / name).unlink(missing_ok=True)
+            shutil.rmtree(final, ignore_errors=True)
+            if full:
+                raise disk_full(run, f"checkpoint {final}") from None
+        elif full and not isinstance(exc, DiskFullError):
             raise DiskFullError(
                 f"no space left on device while publishing {final} in {run}; the checkpoint itself is complete",
                 hint=f"free some space, then `gptcli train --resume {run}`",
             ) from None
         raise
-    write_atomic(run / RUN_FILE, json.dumps({**run_info, "latest": final.name, "step": step}, indent=2).encode())
     rotate(run, keep_last, best_step)
     return final
 
