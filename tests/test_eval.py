@@ -79,6 +79,23 @@ def test_bad_arguments(tiny_models):
         perplexity(backend, [1, backend.info.vocab_size, 3])
 
 
+def test_nan_logits_are_a_model_error_not_a_nan_perplexity(tiny_models, monkeypatch):
+    # damaged weights or an overflow in bf16/fp16: `--json` printed "perplexity": NaN (not JSON), exit 0
+    import gptcli.evaluate
+
+    real = gptcli.evaluate.score_positions
+
+    def nan_scores(backend, ids, cache):
+        logits, cache = real(backend, ids, cache)
+        return np.full_like(logits, np.nan), cache
+
+    monkeypatch.setattr(gptcli.evaluate, "score_positions", nan_scores)
+    backend = TorchBackend.load(tiny_models["gpt2"], CPU32)
+    with pytest.raises(ModelError, match="NaN log-probabilities") as raised:
+        perplexity(backend, list(range(2, 40)))
+    assert "--dtype float32" in raised.value.hint
+
+
 def test_cli_perplexity_json_and_text(tiny_models, tmp_path):
     text = tmp_path / "holdout.txt"
     text.write_text(" ".join(CORPUS[:3]), encoding="utf-8")

@@ -129,6 +129,11 @@ def perplexity(
             upto = min(at + chunk, end - 1)
             logits, cache = score_positions(backend, ids[at:upto].tolist(), cache)
             nll -= float(log_probs(logits, ids[at + 1 : upto + 1]).sum())
+            if math.isnan(nll):  # damaged weights, or an overflow at this precision: no perplexity to print
+                raise ModelError(
+                    f"the model gives NaN log-probabilities (tokens {at + 1}..{upto} of the text)",
+                    hint="try --dtype float32 (--precision fp32 on onnx); if NaN again, the weights are damaged",
+                )
             done += upto - at
             if progress is not None:
                 progress(done, total_scored)
