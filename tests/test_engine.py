@@ -437,3 +437,24 @@ def test_ctrl_c_between_two_events_still_ends_the_reply_with_its_text(model, mon
     finished = remote_run.stream_or_exit(generate(backend, tok, tok.encode(PROMPTS[0]), params), show=False)
     assert finished.reason == "interrupted"
     assert finished.token_ids == alone.token_ids[: len(finished.token_ids)] and len(finished.token_ids) >= 3
+
+
+def test_a_tokenizer_that_outgrows_the_embeddings_is_a_model_error_not_an_index_error(tiny_models, tmp_path):
+    """A token added to tokenizer.json without resizing the embeddings: `generate` died with an IndexError."""
+    import json
+    import re
+    import shutil
+
+    from tests.conftest import run_cli
+
+    model = tmp_path / "grown"
+    shutil.copytree(tiny_models["llama"], model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    extra = {"content": "<|x|>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    tokenizer["added_tokens"].append({"id": 10_000, **extra, "special": True})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    failed = run_cli("generate", "--raw", "a<|x|>b", "-m", str(model), "-n", "2")
+    err = failed.stderr.decode()
+    assert failed.returncode == 5 and re.search(r"gives token id \d+, past the model's \d+ embeddings", err), err
+    assert "Traceback" not in err
+    assert run_cli("generate", "--raw", "ab", "-m", str(model), "-n", "2").returncode == 0  # the ids it has: fine

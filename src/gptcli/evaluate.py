@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gptcli.backends.base import Backend, score_positions
+from gptcli.backends.base import Backend, check_token_ids, score_positions
 from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.textio import text_pieces
 
@@ -102,11 +102,7 @@ def perplexity(
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) < 2:
         raise InputError("the text is too short to measure perplexity (needs at least 2 tokens)")
-    if (top := int(ids.max())) >= backend.info.vocab_size:  # else an IndexError deep in the model
-        raise ModelError(
-            f"the tokenizer gives token id {top}, past the model's {backend.info.vocab_size} embeddings",
-            hint="the model's tokenizer does not match its weights: resize its embeddings, or use another model",
-        )
+    check_token_ids(ids, backend.info.vocab_size)
     context = backend.info.context_length
     window = min(context, DEFAULT_WINDOW) if window is None else window
     if window < 2 or window > context:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from gptcli.errors import BackendError
+from gptcli.errors import BackendError, ModelError
 
 if TYPE_CHECKING:  # numpy only types the protocol: listing backends (shell completion) stays light
     import numpy as np
@@ -119,6 +119,16 @@ def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]])
         rows.append(logits)
         caches.append(cache)
     return np.stack(rows), caches
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """A ModelError when a tokenizer gave an id past the model's embeddings (a token added to tokenizer.json
+    without resizing them), before it becomes an IndexError deep in a step."""
+    if len(ids) and (top := int(max(ids))) >= vocab_size:
+        raise ModelError(
+            f"the tokenizer gives token id {top}, past the model's {vocab_size} embeddings",
+            hint="the model's tokenizer does not match its weights: resize its embeddings, or use another model",
+        )
 
 
 def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple[np.ndarray, Cache]:

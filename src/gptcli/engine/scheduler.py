@@ -38,7 +38,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from gptcli.backends.base import Backend, fork_of, release_cache
+from gptcli.backends.base import Backend, check_token_ids, fork_of, release_cache
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, KVSession, SequenceDecoder, common_prefix
 from gptcli.engine.handle import SequenceHandle
@@ -102,6 +102,7 @@ class Engine:
     ) -> SequenceHandle:
         """Queue a sequence; thread-safe. `session` keeps its cache after the sequence (chat)."""
         prompt = list(prompt_ids)
+        check_token_ids(prompt, self.backend.info.vocab_size)
         reserve = self.check_fits(len(prompt), params)
         with self._lock:
             if self._stopping:
