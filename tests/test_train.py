@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -145,6 +146,40 @@ def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     resumed = run_cli("train", "--resume", str(out), "--max-iters", str(step + 2))
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, step + 3))
+
+
+def test_sighup_with_the_terminal_gone_still_saves_a_checkpoint(corpus, tmp_path):
+    """Closing the terminal (or a dropped ssh session) killed the run as kill -9 does: the steps since the last
+    checkpoint were lost. Now it stops as on SIGTERM, its output to the dead terminal silenced."""
+    import pty
+
+    out = tmp_path / "run"
+    never = ["--max-iters", "100000", "--set", "checkpoint.interval=100000", "--set", "eval.interval=100000"]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *never],
+        cwd=REPO,
+        env={**os.environ, "NO_COLOR": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            with contextlib.suppress(OSError):
+                os.read(controller, 65536)  # keep the terminal drained while it runs
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)  # as the kernel hangs up: the signal, then writes fail (EIO)
+        time.sleep(0.2)
+    finally:
+        os.close(controller)
+    assert proc.wait(timeout=60) == 143
+    checkpoints = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("step-"), checkpoints
+    assert json.loads((out / "run.json").read_text())["step"] >= 1
 
 
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(corpus, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.errors import ModelError, Terminated
+from gptcli.errors import ModelError
 from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
@@ -31,6 +30,7 @@ from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
 from gptcli.train.sample import sample_text
 from gptcli.train.setup import RunSetup, build_model, check_unchanged, describe, resolve_run
+from gptcli.train.signals import StopSignals
 from gptcli.train.step import loss_of, mixed_precision, new_optimizer, optimisation_step
 
 __all__ = ["RunSetup", "lr_at", "resolve_run", "train", "training"]
@@ -47,33 +47,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return o.min_lr
     ratio = (step - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
-
-
-class _Signals:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if signum == signal.SIGTERM:
-            Terminated.seen = True  # the run still ends as on Ctrl-C, then gptcli exits 143
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __enter__(self) -> _Signals:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def training(setup: RunSetup) -> Iterator[TrainEvent]:
@@ -118,7 +91,7 @@ class _Run:
 
         cfg, dist = setup.cfg, setup.dist
         self.setup, self.cfg, self.dist, self.out = setup, cfg, dist, setup.out
-        self.signals: _Signals | None = None  # while training: what an evaluation checks between its batches
+        self.signals: StopSignals | None = None  # while training: what an evaluation checks between its batches
         device = resolve_device(cfg.train.device)
         if device == "cuda" and dist.world > 1:
             device = f"cuda:{dist.local_rank}"
@@ -244,7 +217,7 @@ class _Run:
         last_loss = last_val = math.nan
         interrupted = False
         try:
-            with _Signals() as signals:
+            with StopSignals() as signals:
                 self.signals = signals
                 while self.step < cfg.train.max_iters:
                     stepped, stop = self._one_step(signals)
@@ -283,7 +256,7 @@ class _Run:
             world_size=self.dist.world,
         )
 
-    def _one_step(self, signals: _Signals) -> tuple[Step, bool]:
+    def _one_step(self, signals: StopSignals) -> tuple[Step, bool]:
         """One optimizer step at the scheduled learning rate; (its event, whether a signal asks to stop)."""
         cfg, step = self.cfg, self.step
         started = time.perf_counter()

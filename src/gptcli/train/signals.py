@@ -1,0 +1,57 @@
+"""The signals that stop a training run between two steps, so that it saves a checkpoint first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+from gptcli.errors import Terminated
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP set a flag the loop checks after each step; a second one interrupts at once.
+
+    SIGHUP (the terminal closed, an ssh session dropped) used to kill the run as kill -9 does, losing up to
+    a checkpoint interval: it now stops it as SIGTERM does (exit 143), with the output that went to the
+    closed terminal sent to /dev/null, since writing there fails and would end the run before it saves.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            _silence_terminal()
+        if signum != signal.SIGINT:
+            Terminated.seen = True  # the run still ends as on Ctrl-C, then gptcli exits 143
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _silence_terminal() -> None:
+    """Point stdout and stderr, where they are a terminal, at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
