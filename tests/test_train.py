@@ -420,6 +420,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "n_layer: 1" in printed and "params:" in printed and "flops_per_iter:" in printed
     assert not out.exists()
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)  # was YAML
+    assert plan["config"]["model"]["n_layer"] == 1 and plan["params"] > 0 and plan["flops_per_iter"] > 0
+    assert not out.exists()
 
 
 def test_bpe_and_jsonl(tmp_path, capsys, monkeypatch):

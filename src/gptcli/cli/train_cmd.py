@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli.train_view import TrainRenderer, print_dry_run
 from gptcli.errors import EXIT_INTERRUPTED, InputError
 
 
@@ -76,7 +77,7 @@ def train(
     if preset is None and config is None and resume is None:
         preset = "shakespeare-char"
     main_rank = os.environ.get("RANK", "0") == "0"
-    renderer = _Renderer(enabled=main_rank)
+    renderer = TrainRenderer(enabled=main_rank)
     try:
         # a bar for each data step that lasts (reading, cleaning, BPE, tokenizing); quick ones show none
         with c.StageProgress(enabled=main_rank, show_after=0.5, transient=False) as renderer.data_progress:
@@ -91,7 +92,7 @@ def train(
                 on_event=renderer.show,
             )
         if dry_run:
-            _dry_run(setup)
+            print_dry_run(setup, as_json=as_json)
             return
         with renderer:
             finished = loop.train(setup, renderer.show)
@@ -111,90 +112,3 @@ def train(
     if finished.interrupted:
         c.stderr_console().print(f"resume with: gptcli train --resume {setup.out}", markup=False, style="dim")
         raise typer.Exit(EXIT_INTERRUPTED)
-
-
-def _dry_run(setup: Any) -> None:
-    import yaml
-
-    from gptcli.train.setup import describe
-
-    info = describe(setup)  # from the model's shape: a dry run builds no model
-    sys.stdout.write(yaml.safe_dump({"config": setup.cfg.to_dict()}, sort_keys=False))
-    for key, value in {**info.as_dict(), "memory_estimate_bytes": setup.memory_bytes}.items():
-        shown = f"{value:,}" if isinstance(value, int) else (f"{value:.3e}" if isinstance(value, float) else value)
-        sys.stdout.write(f"{key}: {shown}\n")
-
-
-class _Renderer:
-    """Rich progress on stderr: one live line (step, loss, lr, tok/s, ETA) plus eval lines and samples."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.progress: Any = None
-        self.task: Any = None
-        self.last_step: Any = None  # the latest Step event
-        self.data_progress: Any = None  # the data steps' bars (a StageProgress), while the data is prepared
-        self.console = c.stderr_console()
-
-    def __enter__(self) -> _Renderer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def show(self, event: Any) -> None:
-        from gptcli.train import events as ev
-
-        if not self.enabled:
-            return
-        if isinstance(event, ev.Note):
-            c.note(event.message)
-        elif isinstance(event, ev.DataProgress):
-            self.data_progress(event.stage, event.done, event.total)
-        elif isinstance(event, ev.Started):
-            self._start(event)
-        elif isinstance(event, ev.Step):
-            self.last_step = event
-            text = f"step {event.step} · loss {event.loss:.4f} · lr {event.lr:.2e} · {event.tok_s:,} tok/s"
-            if event.mfu is not None:
-                text += f" · MFU {100 * event.mfu:.1f}%"
-            self.progress.update(self.task, completed=event.step, description=text)
-        elif isinstance(event, ev.Evaluated):
-            last = self.last_step
-            self.console.print(
-                f"step {event.step}: train loss {last.loss if last else math.nan:.4f} · val loss {event.val_loss:.4f}"
-                f" · ppl {event.val_ppl:.2f} · best {event.best_val_loss:.4f} · {last.tok_s if last else 0:,} tok/s",
-                markup=False,
-            )
-            if event.sample:
-                self.console.print(event.sample.rstrip(), markup=False, style="dim italic", highlight=False)
-        elif isinstance(event, ev.Checkpointed):
-            self.console.print(f"saved {event.path}", markup=False, style="dim")
-
-    def _start(self, started: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        info = started.info
-        self.console.print(
-            f"training {info.params:,} parameters on {info.train_tokens:,} tokens"
-            f" ({info.tokens_per_iter:,} tokens/step, {_flops(info.flops_per_iter)} FLOPs/step)"
-            f" on {started.device}",
-            markup=False,
-        )
-        self.progress = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("starting", total=started.max_iters, completed=started.start_step)
-
-
-def _flops(value: float) -> str:
-    exponent = min(4, int(math.log10(max(value, 1)) // 3))
-    return f"{value / 1000**exponent:.2f}{' KMGT'[exponent].strip()}"
