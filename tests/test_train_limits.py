@@ -300,6 +300,18 @@ def test_resume_refuses_max_iters_it_has_passed_and_another_out(corpus, tmp_path
     assert json.loads((out / "run.json").read_text())["step"] == 12
 
 
+def test_resume_after_the_data_moved_says_so_and_takes_its_new_place(corpus, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(corpus.read_text())
+    out = tmp_path / "run"
+    assert run(train(data, out, "--max-iters", "2")) == 0
+    capsys.readouterr()
+    moved = data.rename(tmp_path / "moved.txt")
+    err = fails(["train", "--resume", str(out), "--max-iters", "4"], capsys, 6)  # said "check --data", not given
+    assert f"its data {data} is gone" in err and "pass --data" in err
+    assert run(["train", "--resume", str(out), "--max-iters", "4", "--data", str(moved)]) == 0
+
+
 def test_data_that_is_a_pipe_or_a_link_to_nowhere_says_so(tmp_path, capsys):
     import os
 

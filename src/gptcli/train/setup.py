@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ConfigError, GptcliError, ModelError, UsageError
+from gptcli.errors import ConfigError, GptcliError, InputError, ModelError, UsageError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
 from gptcli.paths import RUNS_DIR, cache_dir
@@ -292,6 +292,8 @@ def _resumed(
             f" not {cfg.train.max_iters}",
             hint=f"continue it with e.g. --max-iters {2 * int(step)}",
         )
+    if data_path is None and not Path(saved_data).exists():  # moved or deleted since: "check --data" misled
+        raise InputError(f"cannot resume {run}: its data {saved_data} is gone", hint="pass --data with where it is now")
     return cfg, latest, data_path or Path(saved_data)
 
 
