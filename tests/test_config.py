@@ -56,6 +56,15 @@ def test_invalid_yaml_names_line(tmp_path):
         resolve(config_file=bad, environ={}, user_file=tmp_path / "none.yaml")
 
 
+def test_a_key_given_twice_is_an_error_not_a_setting_quietly_lost(tmp_path):
+    twice = write(tmp_path, "twice.yaml", "sampling:\n  temperature: 0.2\n  top_p: 0.9\n  temperature: 0.8\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml:4: 'temperature' is given twice in the same mapping"):
+        resolve(config_file=twice, environ={}, user_file=tmp_path / "none.yaml")
+    merged = write(tmp_path, "merged.yaml", "base: &b {temperature: 0.2}\nsampling:\n  <<: *b\n  top_p: 0.9\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # anchors and merge keys are no duplicates
+        resolve(config_file=merged, environ={}, user_file=tmp_path / "none.yaml")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

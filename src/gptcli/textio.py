@@ -282,5 +282,20 @@ def _check_yaml_size(root: Any, path: Path) -> None:
         if key in open_nodes:
             raise ConfigError(f"{path}: a YAML alias refers to a value that contains it", hint="remove the alias")
         open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            _check_unique_keys(node, path)
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def _check_unique_keys(node: Any, path: Path) -> None:
+    """A key given twice in one mapping is a ConfigError (PyYAML quietly keeps the last: a setting lost)."""
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        name = getattr(key_node, "value", None)
+        if not isinstance(name, str) or name == "<<":  # merge keys may repeat
+            continue
+        if name in seen:
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"{path}:{line}: '{name}' is given twice in the same mapping", hint="keep one of them")
+        seen.add(name)
