@@ -414,6 +414,12 @@ def test_nan_loss_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, 
     assert checkpoint.load_state(last_good)["step"] == 11
 
 
+def test_a_half_precision_dtype_on_the_cpu_is_said_to_be_ignored(corpus, tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "run"), "--max-iters", "1"]
+    assert run([*argv, "--device", "cpu", "--set", "train.dtype=bfloat16"]) == 0
+    assert "train.dtype bfloat16 applies on CUDA only: the CPU trains in float32" in capsys.readouterr().err
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--dry-run"]) == 0

@@ -99,6 +99,8 @@ class _Run:
         self.device = device
         self.precision = mixed_precision(device, cfg.train.dtype)
         self.notes: list[str] = []
+        if cfg.train.dtype in ("bfloat16", "float16") and not device.startswith("cuda"):  # it was ignored silently
+            self.notes.append(f"train.dtype {cfg.train.dtype} applies on CUDA only: the CPU trains in float32")
         self.unreadable: list[tuple[Path, str]] = []  # checkpoints newer than the one resumed, and why
         state = None
         if setup.resume_from is None:
