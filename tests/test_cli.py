@@ -284,6 +284,30 @@ def test_prompt_longer_than_context(tiny_models):
     assert "warning: the prompt was" in ok.stderr.decode()
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_long_prompt_is_counted_a_piece_at_a_time_never_encoded_whole(tiny_models, monkeypatch, raw):
+    """A 13 MB prompt was encoded in one call (2.7 GB RSS) only to be refused or cut to the context."""
+    from gptcli import prompts, textio
+    from gptcli.errors import InputError
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    monkeypatch.setattr(prompts, "PIECE_CHARS", 500, raising=False)
+    monkeypatch.setattr(prompts, "text_pieces", lambda text: textio.text_pieces(text, 500), raising=False)
+    text = "\n".join(f"line {i} of a long letter" for i in range(2000))  # ~50,000 characters
+    whole = len(prompts.encode_prompt(tok, text, raw=raw).ids)
+    longest: list[int] = []
+    encode = type(tok).encode
+    monkeypatch.setattr(type(tok), "encode", lambda self, t, **kw: longest.append(len(t)) or encode(self, t, **kw))
+    fit = dict(context_length=128, max_tokens=8, raw=raw)
+    with pytest.raises(InputError, match=f"the prompt is {whole} tokens but the model's context holds 128"):
+        prompts.fit_prompt(tok, text, on_overflow="error", **fit)
+    assert max(longest) <= 500
+    cut = prompts.fit_prompt(tok, text, on_overflow="truncate", **fit)
+    assert len(cut.ids) <= 128 - 8 and cut.warning.startswith(f"the prompt was {whole} tokens")
+    assert max(longest) < 2000 and "line 1998 of a long letter\nline 1999 of a long letter" in tok.decode(cut.ids)
+
+
 def test_not_a_model_folder_and_corrupt_weights(tiny_models, tmp_path):
     import shutil
 

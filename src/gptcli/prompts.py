@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptcli.errors import InputError
+from gptcli.textio import PIECE_CHARS, text_pieces
 from gptcli.tokenizer import Tokenizer
 
 
@@ -66,18 +67,28 @@ def fit_prompt(
     system: str | None = None,
     raw: bool = False,
 ) -> Prompt:
-    """Encode, then check the prompt leaves room to generate; truncate from the front if asked."""
-    prompt = encode_prompt(tokenizer, text, system=system, raw=raw)
-    if len(prompt.ids) < context_length:
-        return prompt
+    """Encode, then check the prompt leaves room to generate; truncate from the front if asked.
+
+    A text over PIECE_CHARS is counted a piece at a time first (encoding 16 MB at once took 2 GB), and only
+    its last pieces, enough to fill the context, are ever encoded whole.
+    """
+    overhead = len(encode_prompt(tokenizer, "", system=system, raw=raw).ids)
+    total = None
+    if len(text) > PIECE_CHARS:
+        text, counted = _tail_holding(tokenizer, text, context_length)
+        total = counted + overhead
+    if total is None or total < context_length:
+        prompt = encode_prompt(tokenizer, text, system=system, raw=raw)
+        total = len(prompt.ids)
+        if total < context_length:
+            return prompt
     if on_overflow != "truncate":
         raise InputError(
-            f"the prompt is {len(prompt.ids)} tokens but the model's context holds {context_length}",
+            f"the prompt is {total} tokens but the model's context holds {context_length}",
             hint="shorten the prompt, or pass --on-overflow truncate to keep its end",
         )
     # Keep the end of the user's text (the instruction usually comes last) and leave room to answer.
     reserve = max(1, min(max_tokens, context_length // 2))
-    overhead = len(encode_prompt(tokenizer, "", system=system, raw=raw).ids)
     budget = context_length - reserve - overhead
     if budget < 1:
         raise InputError(
@@ -90,5 +101,16 @@ def fit_prompt(
     while len(fitted.ids) > context_length - reserve and kept_text:
         kept_text = kept_text[len(kept_text) // 10 + 1 :]  # re-tokenizing can grow a little; trim more
         fitted = encode_prompt(tokenizer, kept_text, system=system, raw=raw)
-    warning = f"the prompt was {len(prompt.ids)} tokens; kept its last {len(fitted.ids)} to fit the context"
+    warning = f"the prompt was {total} tokens; kept its last {len(fitted.ids)} to fit the context"
     return Prompt(fitted.ids, fitted.templated, warning)
+
+
+def _tail_holding(tokenizer: Tokenizer, text: str, tokens: int) -> tuple[str, int]:
+    """The text's tokens, counted a piece at a time, and its shortest tail of whole pieces holding `tokens`."""
+    pieces = list(text_pieces(text))
+    counts = [len(tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces]
+    start, kept = len(pieces), 0
+    while start > 0 and kept < tokens:
+        start -= 1
+        kept += counts[start]
+    return "".join(pieces[start:]), sum(counts)
