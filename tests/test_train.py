@@ -453,6 +453,8 @@ def test_fine_tune_with_init(tiny_models, tmp_path, capsys, monkeypatch):
     chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
     data.write_text("\n".join(json.dumps(c) for c in chats * 40) + "\n")
     argv = ["--data", str(data), "--out", str(out), "--init", str(tiny_models["llama"]), "--max-iters", "3"]
+    assert run(["train", "--preset", "tiny", *argv, "--tokenizer", "char"]) == 2  # was replaced silently
+    assert "--tokenizer char cannot go with --init" in capsys.readouterr().err and not out.exists()
     assert run(["train", "--preset", "tiny", *argv]) == 0, capsys.readouterr().err
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"

@@ -13,7 +13,7 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli.train_view import TrainRenderer, print_dry_run
-from gptcli.errors import EXIT_INTERRUPTED, InputError
+from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 
 
 def train(
@@ -72,6 +72,11 @@ def train(
         "train.seed": seed,
         "train.compile": compile_model,
     }
+    if init is not None and tokenizer in ("char", "bpe"):  # it was replaced by the model's own, silently
+        raise UsageError(
+            f"--tokenizer {tokenizer} cannot go with --init: a fine-tuned model keeps its own tokenizer",
+            hint="drop --tokenizer (or pass --tokenizer init)",
+        )
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder", hint="give a folder for the run")
     if preset is None and config is None and resume is None:
