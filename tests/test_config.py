@@ -142,6 +142,9 @@ def test_config_init_writes_every_key_with_its_default_commented_out(tmp_path):
     keys = re.findall(r"^( *)# (\w+): (.*?) +# (--[\w-]+), \$(GPTCLI_\w+)$", text, flags=re.M)
     found = {("sampling." if indent else "") + name: value for indent, name, value, _, _ in keys}
     assert list(found) == list(FIELDS)
+    for spec in FIELDS.values():  # each choice list is written once, after what the key does
+        if spec.choices:
+            assert text.count(" | ".join(spec.choices)) == 1, spec.flag
     for key, value in found.items():
         default = get_value(Settings(), key)
         assert yaml.safe_load(value) == (list(default) if isinstance(default, tuple) else default), key

@@ -144,7 +144,7 @@ KEY_HELP = {
     "backend": "which backend runs the model (`gptcli backends`)",
     "device": "where it runs (auto = CUDA when present)",
     "dtype": "weight and compute type of the torch backend",
-    "precision": "fp32 | fp16 | int8 | int4 (onnx: all; torch: fp32, int8, int4 on the CPU)",
+    "precision": "weight precision (onnx: all; torch: fp32, int8, int4 on the CPU)",
     "threads": "CPU threads for the backend (null: the backend decides)",
     "on_overflow": "a prompt longer than the context: fail, or keep its end",
     "system": "system message for chat models",
