@@ -146,3 +146,20 @@ def test_backend_list_completion_completes_after_the_last_comma(monkeypatch):
     assert [v for v, _ in complete_backend_list("torch,scr")] == ["torch,scripted"]
     assert "torch" not in {v.split(",")[-1] for v, _ in complete_backend_list("torch,")}
     assert [v for v, _ in complete_backend_list("tor")] == ["torch"]
+
+
+def test_fish_and_zsh_help_texts_stay_on_their_line_in_a_narrow_terminal():
+    """Typer wraps a candidate's help at the terminal width: fish read the wrapped part as a candidate."""
+    from tests.conftest import run_cli
+
+    words = "gptcli generate --model "
+    fish = {"_GPTCLI_COMPLETE": "complete_fish", "_TYPER_COMPLETE_FISH_ACTION": "get-args"}
+    for env in (fish, {"_GPTCLI_COMPLETE": "complete_zsh"}):
+        result = run_cli(env={**env, "_TYPER_COMPLETE_ARGS": words, "COLUMNS": "40", "TERMINAL_WIDTH": ""})
+        assert result.returncode == 0, result.stderr.decode()
+        lines = result.stdout.decode().splitlines()
+        if env is fish:  # one `value<TAB>help` line per candidate
+            assert all("\t" in line for line in lines), lines
+            assert lines[0].startswith("smollm2-135m-instruct\t")
+        else:  # `_arguments '*: :(("value":"help" ...))'`, a candidate a line
+            assert all(line.count('"') == 4 for line in lines), lines

@@ -119,12 +119,17 @@ app = build_app()
 def invoked_command(argv: list[str]) -> str | None:
     """The command `argv` names (after any -q/-v), or None: no command, --help/--version, a typo, or
     shell completion asking (those need every command)."""
-    if any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
+    if completing():
         return None
     for arg in argv:
         if arg not in ROOT_FLAGS:
             return arg if arg in COMMANDS else None
     return None
+
+
+def completing() -> bool:
+    """A shell asking for completions ($_GPTCLI_COMPLETE, or the variable of `python -m gptcli`)."""
+    return any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ)
 
 
 def debug_enabled() -> bool:
@@ -155,6 +160,8 @@ def _run(argv: list[str] | None) -> int:
     except FileNotFoundError:  # torch and friends fail obscurely (or abort) in a deleted folder: say it first
         report(GptcliError("the current folder no longer exists", hint="cd to a folder that exists"))
         return EXIT_RUNTIME
+    if completing():  # Typer renders zsh/fish help texts with Rich: wrapped, a long one became a bogus candidate
+        os.environ["TERMINAL_WIDTH"] = str(1 << 16)
     try:
         cli = build_app(invoked_command(sys.argv[1:] if argv is None else argv))
         result = cli(args=argv, prog_name="gptcli", standalone_mode=False)
