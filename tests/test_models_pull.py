@@ -257,6 +257,27 @@ def test_models_list_shows_pullable_and_pulled_models(tiny_index, conversions, c
     assert re.search(r"tiny-pull\s+-\s+cached\s+\d+\.\d KB\s+Tiny Terms\s+/", tiny_line)
 
 
+def test_models_list_on_an_80_column_terminal_cuts_no_name_and_no_path(tiny_index, conversions, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from gptcli.cli import common
+
+    assert run(["models", "pull", "tiny-pull"]) == 0
+    screen = io.StringIO()
+    monkeypatch.setattr(common, "stdout_console", lambda: Console(file=screen, width=80, markup=False))
+    assert run(["models", "list"]) == 0
+    table = screen.getvalue()
+    assert "…" not in table
+    assert all(name in table.split() for name in ("smollm2-135m-instruct", "gemma3-270m", "tiny-pull"))
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("tiny-pull"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    path = "".join(line.split()[-1] for line in lines[start:end])  # the last column, folded over the lines
+    assert path == str(models.models_dir() / "tiny-pull")
+
+
 def test_pulled_but_not_yet_converted_is_listed_as_pulled(tiny_index, isolated_home):
     entry = CATALOGUE["tiny-pull"]
     entry.pulled_dir().mkdir(parents=True)

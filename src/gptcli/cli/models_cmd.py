@@ -43,9 +43,12 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         return
     from rich.table import Table
 
+    # On a narrow terminal the other columns wrap: the name (what you type) and the path are never cut.
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "aliases", "status", "size", "licence", "source / path"):
+    table.add_column("name", no_wrap=True, min_width=max((len(row["name"]) for row in rows), default=4))
+    for column in ("aliases", "status", "size", "licence"):
         table.add_column(column)
+    table.add_column("source / path", overflow="fold")
     for row in rows:
         size = human_size(row["size_bytes"])
         if row["status"] == "pullable":
