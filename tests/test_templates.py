@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 
@@ -93,6 +94,11 @@ def test_templates_commands(tmp_path):
     assert {row["name"]: row["required"] for row in listing}["qa"] == ["question"]
     shown = run_cli("templates", "show", "translate")
     assert shown.returncode == 0 and "Translate the following text into {to}." in shown.stdout.decode()
+    # Written as a template file is: the multi-line text a `|-` block, not a quoted string with doubled newlines.
+    assert "user: |-\n  Translate the following text into {to}.\n\n  {input}\n" in shown.stdout.decode()
+    from gptcli.templates import get_template
+
+    assert yaml.safe_load(shown.stdout) == get_template("translate").to_yaml_dict()
     assert run_cli("templates", "path").stdout.decode().strip() == str(tmp_path / "xdg-config" / "gptcli" / "templates")
     missing = run_cli("templates", "show", "nope")
     assert missing.returncode == 2 and missing.stderr.decode().startswith("error: unknown template 'nope'")

@@ -64,9 +64,17 @@ def show(name: Annotated[str, typer.Argument(help="Template name.")]) -> None:
 
     from gptcli.templates import get_template
 
+    class Dumper(yaml.SafeDumper):
+        """Multi-line text as a `|` block, as a template file is written (PyYAML quotes it where it must)."""
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
     template = get_template(name)
     render.note(f"# {template.source}: {template.path}")
-    print(yaml.safe_dump(template.to_yaml_dict(), sort_keys=False, allow_unicode=True, width=100), end="")
+    data = template.to_yaml_dict()
+    print(yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=100), end="")
 
 
 @app.command()
