@@ -594,3 +594,42 @@ def test_the_one_command_cli_answers_as_the_whole_one():
         assert result.stdout.decode().startswith(usage), result.stdout.decode()[:200]
     typo = run_cli("generat", "hi")
     assert typo.returncode == 2 and "Did you mean 'generate'?" in typo.stderr.decode()
+
+
+# ------------------------------------------------------------------ names other tools use, by habit
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "hint"),
+    [
+        (["run", "smollm2"], "No such command 'run'.", 'use gptcli generate "PROMPT" for one reply'),
+        (["list"], "No such command 'list'.", "use gptcli models list"),
+        (["pull", "gemma3-270m"], "No such command 'pull'.", "use gptcli models pull NAME"),
+        (["generate", "hi", "--temp", "0.5"], "No such option: --temp", "use --temperature"),
+        (["chat", "--n-predict", "5"], "No such option: --n-predict", "use --max-tokens"),
+        (["generate", "-p", "hi"], "No such option: -p", 'the prompt is the argument: gptcli generate "PROMPT"'),
+        (
+            ["generate", "hi", "--ctx-size", "512"],
+            "No such option: --ctx-size",
+            "gptcli always uses the model's whole context",
+        ),
+    ],
+)
+def test_a_name_from_ollama_or_llama_cpp_gets_gptclis_name(argv, message, hint, capsys):
+    """Not Click's nearest spelling ("Did you mean 'runs'?", "Possible options: --stop, --system")."""
+    from gptcli.cli.app import run
+
+    assert run(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"error: {message}" and lines[1].startswith(f"hint: {hint}") and len(lines) == 2
+
+
+def test_an_unknown_name_no_tool_uses_keeps_clicks_suggestion(capsys):
+    from gptcli.cli.app import run
+
+    assert run(["generat", "hi"]) == 2
+    assert (
+        capsys.readouterr().err == "error: No such command 'generat'. Did you mean 'generate'?\nhint: see `gptcli -h`\n"
+    )
+    assert run(["chat", "-p", "x"]) == 2  # -p is a prompt only for generate
+    assert capsys.readouterr().err == "error: No such option: -p\nhint: see `gptcli chat -h`\n"

@@ -29,6 +29,7 @@ from gptcli.cli import (
     templates_cmd,
     train_cmd,
 )
+from gptcli.cli.habits import habit_hint
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.render import NORMAL, QUIET, VERBOSE, report, set_verbosity
 from gptcli.errors import (
@@ -219,7 +220,8 @@ def _run(argv: list[str] | None) -> int:
                 return exc.exit_code  # type: ignore[attr-defined]
             context = getattr(exc, "ctx", None)
             command = context.command_path if context is not None else "gptcli"
-            report(GptcliError(exc.format_message(), hint=f"see `{command} -h`"))  # type: ignore[attr-defined]
+            message, hint = habit_hint(exc) or (exc.format_message(), f"see `{command} -h`")  # type: ignore[attr-defined]
+            report(GptcliError(message, hint=hint))
             return exc.exit_code  # type: ignore[attr-defined]
         if debug_enabled():
             raise
