@@ -34,6 +34,7 @@ OPTIONS = {
 }
 PROMPT_FLAGS = {"-p", "--prompt"}  # llama.cpp's: gptcli's prompt is the argument
 CONTEXT_FLAGS = {"--ctx-size", "--ctx_size", "--num-ctx", "--context-length"}
+ROOT_FLAGS = {"-q", "--quiet", "-v", "--verbose", "-V", "--version"}  # gptcli's own, before the command
 _NO_SUCH_COMMAND = re.compile(r"^No such command '([^']*)'")
 
 
@@ -53,6 +54,9 @@ def habit_hint(exc: Any) -> tuple[str, str] | None:
         return message, f"use {OPTIONS[name]}"
     if name in PROMPT_FLAGS and context.command.name == "generate":
         return message, 'the prompt is the argument: gptcli generate "PROMPT" (or -f FILE, or stdin)'
+    if name in ROOT_FLAGS and context.parent is not None:
+        words = context.command_path.split()
+        return message, f"{name} goes before the command: {' '.join([words[0], name, *words[1:]])} ..."
     if name in CONTEXT_FLAGS:
         return message, "gptcli always uses the model's whole context (`gptcli models info` shows it)"
     return None
