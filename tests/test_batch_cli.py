@@ -94,3 +94,12 @@ def test_resume_into_a_pipe_is_refused_at_once(tiny_models, tmp_path):
     result = run_cli("generate", "--batch", str(batch), "-o", str(fifo), "--resume", "-m", str(tiny_models["llama"]),
                      timeout=60)  # fmt: skip  # was: blocked forever reading the pipe back
     assert result.returncode == 6 and "must be a regular file, not a pipe" in result.stderr.decode()
+
+
+def test_batch_from_a_closed_stdin_runs_no_line(tiny_models):
+    """`--batch -` with stdin closed (`<&-`) was an internal error ('NoneType' object has no attribute 'buffer')."""
+    args = [sys.executable, "-m", "gptcli", "generate", "--batch", "-", "-m", str(tiny_models["llama"])]
+    result = subprocess.run(args, env={**os.environ, **SCRIPTED}, cwd=REPO, capture_output=True, timeout=120,
+                            stdin=None, preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"" and "0 done, 0 failed, 0 skipped" in result.stderr.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +41,8 @@ def run_batch_file(
     if output is not None and resume:
         check_results_file(output)
     try:
-        source = batch.open("rb") if str(batch) != "-" else sys.stdin.buffer
+        # `-` is stdin; one that was closed (`<&-`, sys.stdin None) holds no lines, as an empty one.
+        source = batch.open("rb") if str(batch) != "-" else getattr(sys.stdin, "buffer", None) or io.BytesIO()
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
     skip = completed_ids(output) if resume and output is not None else set()
