@@ -635,3 +635,17 @@ def test_an_unknown_name_no_tool_uses_keeps_clicks_suggestion(capsys):
     )
     assert run(["chat", "-p", "x"]) == 2  # -p is a prompt only for generate
     assert capsys.readouterr().err == "error: No such option: -p\nhint: see `gptcli chat -h`\n"
+
+
+def test_an_option_without_its_value_points_at_its_commands_help(capsys):
+    """Click raises this one without a context: the hint said `gptcli -h`, whose help has no --model."""
+    from gptcli.cli.app import run
+
+    for argv, command in (
+        (["generate", "--model"], "gptcli generate"),
+        (["-q", "models", "info", "--config"], "gptcli models info"),
+        (["chat", "-n"], "gptcli chat"),
+    ):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: Option '") and err.endswith(f"hint: see `{command} -h`\n"), err

@@ -163,8 +163,9 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_RUNTIME
     if completing():  # Typer renders zsh/fish help texts with Rich: wrapped, a long one became a bogus candidate
         os.environ["TERMINAL_WIDTH"] = str(1 << 16)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cli = build_app(invoked_command(sys.argv[1:] if argv is None else argv))
+        cli = build_app(invoked_command(argv))
         result = cli(args=argv, prog_name="gptcli", standalone_mode=False)
         sys.stdout.flush()  # a full device fails here for short outputs, inside the error handling below
         return result if isinstance(result, int) else 0
@@ -219,7 +220,7 @@ def _run(argv: list[str] | None) -> int:
                 exc.show()  # type: ignore[attr-defined]
                 return exc.exit_code  # type: ignore[attr-defined]
             context = getattr(exc, "ctx", None)
-            command = context.command_path if context is not None else "gptcli"
+            command = context.command_path if context is not None else _command_path(cli, argv)
             message, hint = habit_hint(exc) or (exc.format_message(), f"see `{command} -h`")  # type: ignore[attr-defined]
             report(GptcliError(message, hint=hint))
             return exc.exit_code  # type: ignore[attr-defined]
@@ -227,6 +228,19 @@ def _run(argv: list[str] | None) -> int:
             raise
         report(_internal(exc))
         return EXIT_RUNTIME
+
+
+def _command_path(cli: typer.Typer, argv: list[str]) -> str:
+    """`gptcli COMMAND [SUBCOMMAND]` as argv names it, for an error Click raised without its context
+    (`gptcli generate --model` with no value)."""
+    command, words = typer.main.get_command(cli), ["gptcli"]
+    for arg in argv:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None and (arg not in ROOT_FLAGS or len(words) > 1):
+            break
+        if sub is not None:
+            command, words = sub, [*words, arg]
+    return " ".join(words)
 
 
 def _internal(exc: BaseException) -> GptcliError:
