@@ -608,6 +608,8 @@ def test_the_one_command_cli_answers_as_the_whole_one():
         (["generate", "hi", "--temp", "0.5"], "No such option: --temp", "use --temperature"),
         (["chat", "--n-predict", "5"], "No such option: --n-predict", "use --max-tokens"),
         (["generate", "-p", "hi"], "No such option: -p", 'the prompt is the argument: gptcli generate "PROMPT"'),
+        (["generate", "Write", "a", "haiku"], "Got unexpected extra argument(s) (a haiku)", "quote a prompt"),
+        (["chat", "hello there"], "Got unexpected extra argument(s) (hello there)", "chat takes no prompt: type it"),
         (["generate", "hi", "-q"], "No such option: -q", "-q goes before the command: gptcli -q generate ..."),
         (["models", "list", "--verbose"], "No such option: --verbose", "--verbose goes before the command: gptcli"),
         (

@@ -36,6 +36,12 @@ PROMPT_FLAGS = {"-p", "--prompt"}  # llama.cpp's: gptcli's prompt is the argumen
 CONTEXT_FLAGS = {"--ctx-size", "--ctx_size", "--num-ctx", "--context-length"}
 ROOT_FLAGS = {"-q", "--quiet", "-v", "--verbose", "-V", "--version"}  # gptcli's own, before the command
 _NO_SUCH_COMMAND = re.compile(r"^No such command '([^']*)'")
+# Words past what a command takes: an unquoted prompt, or a prompt given to chat as to `ollama run`.
+EXTRA_WORDS = {
+    "generate": 'quote a prompt of several words: gptcli generate "Write a haiku"',
+    "chat": 'chat takes no prompt: type it at its prompt, pipe it in (echo "TEXT" | gptcli chat), '
+    'or use gptcli generate "TEXT"',
+}
 
 
 def habit_hint(exc: Any) -> tuple[str, str] | None:
@@ -46,6 +52,9 @@ def habit_hint(exc: Any) -> tuple[str, str] | None:
         return f"No such command '{command[1]}'.", f"use {COMMANDS[command[1]]}"
     name = getattr(exc, "option_name", None)
     context = getattr(exc, "ctx", None)
+    if message.startswith("Got unexpected extra argument") and context is not None:
+        hint = EXTRA_WORDS.get(context.command.name)
+        return (message, hint) if hint else None
     if not name or context is None:
         return None
     flags = {flag for param in context.command.params for flag in getattr(param, "opts", ())}
