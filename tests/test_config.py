@@ -191,3 +191,14 @@ def test_config_show_says_which_files_it_looked_for(tmp_path):
     assert f"  user      {user} (found)" in as_json.stderr.decode().splitlines()
     assert "environment: no GPTCLI_* setting" in as_json.stderr.decode()
     assert json.loads(as_json.stdout)["model"] == {"value": "x", "source": str(user)}
+
+
+def test_a_missing_config_file_hints_at_the_path_and_minus_c_a_number_at_what_c_is(tmp_path, capsys):
+    from gptcli.cli.app import run
+
+    assert run(["config", "show", "-c", str(tmp_path / "nope.yaml")]) == 3
+    assert capsys.readouterr().err == f"error: config file not found: {tmp_path / 'nope.yaml'}\nhint: check the path\n"
+    assert run(["generate", "hi", "-c", "2048"]) == 3  # llama.cpp's -c is the context size
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: config file not found: 2048"
+    assert err[1].startswith("hint: -c is --config, a YAML file (not llama.cpp's context size")

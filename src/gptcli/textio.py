@@ -218,7 +218,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             raw = handle.read(CONFIG_FILE.max_bytes + 1)
         text = raw.decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}", hint="check the path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

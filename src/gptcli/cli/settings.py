@@ -12,7 +12,13 @@ def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
     A flag left at None was not given, so config files and the environment may supply the value.
     """
     from gptcli.config import FIELDS, resolve
+    from gptcli.errors import ConfigError
 
+    if config_file is not None and config_file.name.isdigit() and not config_file.exists():  # `-c 4096`
+        raise ConfigError(
+            f"config file not found: {config_file}",
+            hint="-c is --config, a YAML file (not llama.cpp's context size: gptcli uses the model's whole context)",
+        )
     dotted: dict[str, Any] = {}
     for name, value in flags.items():
         key = name if name in FIELDS else f"sampling.{name}"
