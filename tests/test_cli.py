@@ -607,6 +607,7 @@ def test_the_one_command_cli_answers_as_the_whole_one():
         (["pull", "gemma3-270m"], "No such command 'pull'.", "use gptcli models pull NAME"),
         (["generate", "hi", "--temp", "0.5"], "No such option: --temp", "use --temperature"),
         (["chat", "--n-predict", "5"], "No such option: --n-predict", "use --max-tokens"),
+        (["generate", "hi", "--n_predict", "5"], "No such option: --n_predict", "use --max-tokens"),
         (["generate", "-p", "hi"], "No such option: -p", 'the prompt is the argument: gptcli generate "PROMPT"'),
         (["generate", "Write", "a", "haiku"], "Got unexpected extra argument(s) (a haiku)", "quote a prompt"),
         (["chat", "hello there"], "Got unexpected extra argument(s) (hello there)", "chat takes no prompt: type it"),

@@ -59,8 +59,9 @@ def habit_hint(exc: Any) -> tuple[str, str] | None:
         return None
     flags = {flag for param in context.command.params for flag in getattr(param, "opts", ())}
     message = f"No such option: {name}"
-    if name in OPTIONS and OPTIONS[name] in flags:
-        return message, f"use {OPTIONS[name]}"
+    ours = OPTIONS.get(name.replace("_", "-"))  # llama.cpp spells some with underscores (--n_predict)
+    if ours in flags:
+        return message, f"use {ours}"
     if name in PROMPT_FLAGS and context.command.name == "generate":
         return message, 'the prompt is the argument: gptcli generate "PROMPT" (or -f FILE, or stdin)'
     if name in ROOT_FLAGS and context.parent is not None:
