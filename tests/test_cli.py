@@ -652,3 +652,14 @@ def test_an_option_without_its_value_points_at_its_commands_help(capsys):
         assert run(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: Option '") and err.endswith(f"hint: see `{command} -h`\n"), err
+
+
+def test_a_file_of_dash_is_stdin_as_for_cat(tmp_path):
+    """`generate -f -` and `summarize -` said 'file not found: -' (`--batch -` already read stdin)."""
+    empty = run_cli("generate", "-f", "-", input=b"")
+    assert empty.returncode == 6 and empty.stderr.decode().startswith("error: the prompt is empty"), empty.stderr
+    nothing = run_cli("summarize", "-", input=b"\n")
+    assert nothing.returncode == 6
+    assert nothing.stderr.decode().startswith("error: nothing to summarise: standard input is empty")
+    binary = run_cli("summarize", "-", input=b"\x00\x01")  # read, as stdin is, by the checked reader
+    assert binary.returncode == 6 and "standard input looks like a binary file" in binary.stderr.decode()

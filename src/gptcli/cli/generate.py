@@ -15,7 +15,7 @@ from gptcli.errors import UsageError
 
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt. Combined after stdin when both are given.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from a file.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from a file (- is stdin).")] = None,
     model: c.ModelOpt = None,
     url: c.UrlOpt = None,
     api_key: c.ApiKeyOpt = None,

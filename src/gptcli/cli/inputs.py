@@ -20,13 +20,19 @@ def isatty(stream: Any) -> bool:
         return False
 
 
-def read_stdin_if_piped(limit: Limit = PROMPT) -> str:
-    """All of stdin when it is not a terminal, at most `limit` (an InputError past it)."""
+def is_stdin(file: Path | None) -> bool:
+    """A FILE argument of `-`: standard input, as for cat (the file `./-` is still a file)."""
+    return file is not None and str(file) == "-"
+
+
+def read_stdin_if_piped(limit: Limit = PROMPT, *, terminal: bool = False) -> str:
+    """All of stdin when it is not a terminal (with `terminal`, from a terminal too: a FILE of `-`),
+    at most `limit` (an InputError past it)."""
     stream = sys.stdin
     if stream is None or stream.closed:
         return ""
     try:
-        if stream.isatty():
+        if stream.isatty() and not terminal:
             return ""
     except (ValueError, OSError):
         return ""
@@ -41,8 +47,8 @@ def read_stdin_if_piped(limit: Limit = PROMPT) -> str:
 
 def gather_prompt(argument: str | None, file: Path | None) -> str:
     """stdin first, then the file, then the argument, joined by blank lines. Empty is an error."""
-    parts = [read_stdin_if_piped()]
-    if file is not None:
+    parts = [read_stdin_if_piped(terminal=is_stdin(file))]
+    if file is not None and not is_stdin(file):
         parts.append(read_text_file(file, PROMPT))
     if argument is not None:
         parts.append(check_utf8(argument, "the prompt argument"))

@@ -12,14 +12,14 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli import render
-from gptcli.cli.inputs import read_stdin_if_piped
+from gptcli.cli.inputs import is_stdin, read_stdin_if_piped
 from gptcli.cli.settings import resolve_settings
 from gptcli.errors import EXIT_INTERRUPTED, InputError
 from gptcli.textio import DOCUMENT, read_text_file
 
 
 def summarize(
-    file: Annotated[Path | None, typer.Argument(help="The text file (default: stdin).")] = None,
+    file: Annotated[Path | None, typer.Argument(help="The text file (default, or -: stdin).")] = None,
     length: Annotated[str, typer.Option("--length", "-l", help="short | medium | long")] = "medium",
     fmt: Annotated[str, typer.Option("--format", help="paragraph | bullets")] = "paragraph",
     strategy: Annotated[str, typer.Option("--strategy", help="auto | stuff | map-reduce")] = "auto",
@@ -182,8 +182,10 @@ def _print_partial(result, as_json: bool) -> None:
 
 
 def _read_input(file: Path | None) -> str:
-    text = read_text_file(file, DOCUMENT) if file is not None else read_stdin_if_piped(DOCUMENT)
+    if file is None or is_stdin(file):
+        text, where = read_stdin_if_piped(DOCUMENT, terminal=is_stdin(file)), "standard input"
+    else:
+        text, where = read_text_file(file, DOCUMENT), str(file)
     if not text.strip():
-        where = str(file) if file is not None else "standard input"
         raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")
     return text
