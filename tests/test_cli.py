@@ -604,6 +604,7 @@ def test_the_one_command_cli_answers_as_the_whole_one():
     [
         (["run", "smollm2"], "No such command 'run'.", 'use gptcli generate "PROMPT" for one reply'),
         (["list"], "No such command 'list'.", "use gptcli models list"),
+        (["help"], "No such command 'help'.", "use gptcli --help, or gptcli COMMAND --help"),
         (["pull", "gemma3-270m"], "No such command 'pull'.", "use gptcli models pull NAME"),
         (["generate", "hi", "--temp", "0.5"], "No such option: --temp", "use --temperature"),
         (["chat", "--n-predict", "5"], "No such option: --n-predict", "use --max-tokens"),

@@ -21,6 +21,8 @@ COMMANDS = {
     "info": "gptcli models info NAME",
     "server": "gptcli serve",
     "logs": "gptcli chats list (saved conversations)",
+    "help": "gptcli --help, or gptcli COMMAND --help",
+    "version": "gptcli --version",
 }
 # A flag of another tool → gptcli's, when the command has it.
 OPTIONS = {
