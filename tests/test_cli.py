@@ -664,3 +664,11 @@ def test_a_file_of_dash_is_stdin_as_for_cat(tmp_path):
     assert nothing.stderr.decode().startswith("error: nothing to summarise: standard input is empty")
     binary = run_cli("summarize", "-", input=b"\x00\x01")  # read, as stdin is, by the checked reader
     assert binary.returncode == 6 and "standard input looks like a binary file" in binary.stderr.decode()
+
+
+def test_parallel_and_kv_budget_help_give_their_defaults():
+    """The README gives both defaults (8; half the free memory); --help gave neither."""
+    for command in ("generate", "summarize"):
+        text = " ".join(run_cli(command, "--help").stdout.decode().split())
+        assert "Sequences decoded together in one step (default: 8)." in text, command
+        assert "or a size (512MiB); default: half the free memory." in text, command

@@ -129,11 +129,14 @@ PrecisionOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
 ParallelOpt = Annotated[
-    int | None, typer.Option("--parallel", "-P", help="Sequences decoded together in one step.", min=1)
+    int | None, typer.Option("--parallel", "-P", help="Sequences decoded together in one step (default: 8).", min=1)
 ]
 KvBudgetOpt = Annotated[
     str | None,
-    typer.Option("--kv-budget", help="KV cache for all sequences: tokens (16384) or a size (512MiB)."),
+    typer.Option(
+        "--kv-budget",
+        help="KV cache for all sequences: tokens (16384) or a size (512MiB); default: half the free memory.",
+    ),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML config file (over the user config).")]
 AllowPickleOpt = Annotated[
