@@ -56,8 +56,13 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     ]
     for key in SAMPLING_KEYS:
         value = getattr(s, key)
-        lines.append(f"{key.ljust(18)} {', '.join(value) if isinstance(value, tuple) else value}")
+        lines.append(f"{key.ljust(18)} {_shown(value)}")
     return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    """A setting's value as /show and /set print it: stop strings comma-separated, as /set takes them."""
+    return ", ".join(value) if isinstance(value, tuple) else str(value)
 
 
 def stats_text(chat: ChatSession) -> str:
@@ -88,7 +93,7 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
             stored = chat.set_sampling(key, value.strip())
         except ConfigError as exc:  # its message names "/set KEY" (set_sampling); its hint names the flag
             raise UsageError(exc.message) from None
-        return CommandResult(f"{key} = {stored}")
+        return CommandResult(f"{key} = {_shown(stored)}")
     if name == "/show":
         return CommandResult(show_text(chat, backend_name))
     if name == "/reset":
