@@ -411,3 +411,20 @@ def test_an_output_under_a_file_says_a_file_is_in_the_way(tiny_models, tmp_path,
         "hint: check the path",
     ]
     assert (tmp_path / "ok.txt").read_text() == "mine"
+
+
+def test_models_info_on_an_export_folder_reports_its_parameters_and_precision(tiny_models, tmp_path):
+    """An export has no safetensors: `models info` said `params 0 (0.0 M)` and `dtype ?`."""
+    import json
+
+    from gptcli.models import LocalModel, describe
+
+    out = tmp_path / "llama-onnx"
+    ex.ensure_export(tiny_models["llama"], precision="int8", device="cpu", output=out)
+    result = run_cli("models", "info", str(out), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    facts = json.loads(result.stdout)
+    expected = describe(LocalModel(path=tiny_models["llama"], name="tiny-llama", source=str(tiny_models["llama"])))
+    assert facts["params"] == expected["params"] > 0
+    assert facts["dtype"] == "onnx int8 (cpu)"
+    assert facts["source"] == f"ONNX export of tiny-llama ({tiny_models['llama']})"

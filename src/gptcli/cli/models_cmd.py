@@ -104,11 +104,19 @@ def info(
 
     Example: gptcli models info smollm2-135m-instruct
     """
-    from gptcli.models import describe
+    from gptcli.models import describe, is_onnx_export
     from gptcli.runtime import open_model
 
     settings = c.resolve_settings(config, model=model or None).settings
-    facts = describe(open_model(settings, c.note))
+    local = open_model(settings, c.note)
+    facts = describe(local)
+    if is_onnx_export(local.path):  # no safetensors to count: the sidecar knows what was exported
+        from gptcli.export.sidecar import read_export
+
+        meta = read_export(local.path).meta
+        facts["params"] = int(meta["model"].get("params") or 0)
+        facts["dtype"] = f"onnx {meta['precision']} ({meta['device']})"
+        facts["source"] = f"ONNX export of {meta['source']['name']} ({meta['source']['path']})"
     if as_json:
         print(json.dumps(facts, indent=2))
         return
