@@ -163,3 +163,13 @@ def test_fish_and_zsh_help_texts_stay_on_their_line_in_a_narrow_terminal():
             assert lines[0].startswith("smollm2-135m-instruct\t")
         else:  # `_arguments '*: :(("value":"help" ...))'`, a candidate a line
             assert all(line.count('"') == 4 for line in lines), lines
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_device_dtype_and_precision_complete_their_choices():
+    """They completed nothing (bash then offered file names)."""
+    device, modules, _ = _complete(["gptcli", "generate", "--device", ""])
+    assert device == ["auto", "cpu", "cuda"]
+    assert not _heavy(modules)
+    assert _complete(["gptcli", "chat", "--precision", "in"])[0] == ["int8", "int4"]
+    assert _complete(["gptcli", "bench", "--dtype", "b"])[0] == ["bfloat16"]

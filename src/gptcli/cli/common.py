@@ -5,6 +5,7 @@ Settings resolution is in `cli.settings`, rendering in `cli.render`, input readi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -97,6 +98,17 @@ def complete_preset(incomplete: str) -> Completion:
     return _matching(sorted(items), incomplete)
 
 
+def complete_choices(key: str) -> Callable[[str], Completion]:
+    """For a setting with fixed choices (`--device` → auto, cpu, cuda), from its one definition in config."""
+
+    def complete(incomplete: str) -> Completion:
+        from gptcli.config import FIELDS
+
+        return _matching([(choice, "") for choice in FIELDS[key].choices], incomplete)
+
+    return complete
+
+
 # Options shared by every command that runs a model. Defaults are None: "not given on the
 # command line", so config files and the environment can supply the value.
 ModelOpt = Annotated[
@@ -121,11 +133,23 @@ PresetOpt = Annotated[
         "--preset", help="A training preset (a name from gptcli/train/presets).", autocompletion=complete_preset
     ),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (auto = CUDA when present).")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="auto | cpu | cuda (auto = CUDA when present).", autocompletion=complete_choices("device")
+    ),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.", autocompletion=complete_choices("dtype")),
+]
 PrecisionOpt = Annotated[
     str | None,
-    typer.Option("--precision", help="fp32 | fp16 | int8 | int4 (onnx: all; torch: fp32, int8, int4 on the CPU)."),
+    typer.Option(
+        "--precision",
+        help="fp32 | fp16 | int8 | int4 (onnx: all; torch: fp32, int8, int4 on the CPU).",
+        autocompletion=complete_choices("precision"),
+    ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for the backend.")]
 ParallelOpt = Annotated[
