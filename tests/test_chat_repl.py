@@ -168,6 +168,7 @@ def test_second_ctrl_c_during_a_reply_exits_130(tiny_models, tok, isolated_home)
     child.close()
     assert child.exitstatus == 130
     [conv] = saved_conversations(isolated_home)
+    assert f"saved as {conv['id']} · gptcli chat --resume {conv['id']}" in child.before  # as on any other way out
     assert conv["messages"][-1]["interrupted"] is True
     assert conv["messages"][-1]["content"].startswith("word word")
 

@@ -139,6 +139,10 @@ class Repl:
                 break
             if step.turn is not None:
                 self.show_reply(step.turn)
+        self._say_saved()
+
+    def _say_saved(self) -> None:
+        """On leaving: the id to resume the conversation by (when it was saved)."""
         if self.session.conversation.messages and self.session.save_error is None:
             conv_id = self.session.conversation.id
             self.err.print(f"saved as {conv_id} · gptcli chat --resume {conv_id}", markup=False, style="dim")
@@ -170,4 +174,5 @@ class Repl:
         if self.markdown:  # the plain stream has ended its line already
             sys.stdout.write("\n")
         self.err.print("interrupted", style="yellow")
+        self._say_saved()
         raise typer.Exit(EXIT_INTERRUPTED) from None
