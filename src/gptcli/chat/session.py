@@ -23,15 +23,15 @@ SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig) if f"sampling.{f.na
 
 
 def parse_setting(key: str, value: str) -> Any:
-    """A `/set` value as typed: `none` clears seed, stop is comma-separated (the config engine checks it)."""
+    """A `/set` value as typed: `none` clears seed and stop, stop is comma-separated (the config engine checks it)."""
     if key not in SAMPLING_KEYS:
         raise UsageError(
             f"unknown setting '{key}'{suggest(key, list(SAMPLING_KEYS))}", hint="settings: " + ", ".join(SAMPLING_KEYS)
         )
     if key == "seed" and value.lower() in {"none", "null", "random"}:
         return None
-    if key == "stop":
-        return tuple(s for s in value.split(",") if s)
+    if key == "stop":  # `none`, as for seed (it was the stop string "none"; a literal one: `/set stop none,`)
+        return () if value.lower() in {"none", "null"} else tuple(s for s in value.split(",") if s)
     return value
 
 
