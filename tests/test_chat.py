@@ -359,3 +359,15 @@ def test_fitting_a_long_chat_takes_a_few_encodings_not_one_per_exchange(tok):
     assert window[-1]["content"] == "last"
     chat.conversation.window_start -= 2  # one exchange more would not have fitted: the window is the longest that fits
     assert len(chat.encode_window()) > 512 - 16
+
+
+def test_a_base_models_reply_ends_where_it_would_write_the_users_turn(tiny_models):
+    """Without a chat template the chat is a transcript: the model went on with 'User: ...' and answered itself."""
+    from gptcli.tokenizer import Tokenizer
+
+    base = Tokenizer(tiny_models["gpt2"])
+    assert not base.chat_template
+    chat = make_chat(base, say(base, "Hi there.\nUser: and who am I?\nAssistant: you."))
+    assert reply(chat.say("hello")) == "Hi there."
+    assert chat.conversation.messages[-1]["content"] == "Hi there."
+    assert chat.settings.sampling.stop == ()  # the user's own settings are unchanged

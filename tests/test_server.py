@@ -967,3 +967,28 @@ def test_a_busy_port_fails_before_loading(tiny_models):
         result = run_cli("serve", "-m", str(tiny_models["llama"]), "--port", str(port), timeout=60)
     assert result.returncode == 1
     assert re.match(rf"error: cannot listen on 127\.0\.0\.1:{port}: ", result.stderr.decode())
+
+
+def test_a_base_models_chat_reply_ends_where_it_would_write_the_users_turn(tiny_models, tmp_path):
+    """A model without a chat template gets a transcript: its reply went on with 'User: ...' (and so did a batch
+    file's messages line)."""
+    from gptcli.tokenizer import Tokenizer
+
+    base = Tokenizer(tiny_models["gpt2"])
+    env = scripted_env(base, "Hi there.\nUser: and who am I?")
+    with serve_process(tiny_models["gpt2"], "--log-level", "warning", env=env) as (_, url):
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]
+        assert answer["message"]["content"] == "Hi there." and answer["finish_reason"] == "stop", answer
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    argv = ["generate", "--batch", str(lines), "-m", str(tiny_models["gpt2"]), "-b", "scripted", "-n", "40"]
+    batch = subprocess.run(
+        [sys.executable, "-m", "gptcli", *argv],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=120,
+    )
+    assert batch.returncode == 0, batch.stderr.decode()
+    assert json.loads(batch.stdout.decode().splitlines()[0])["text"] == "Hi there."

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
@@ -27,7 +27,7 @@ from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
 from gptcli.fanout import run_streams
 from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, parse_line
-from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for, transcript
+from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for, transcript, transcript_sampling
 from gptcli.tokenizer import Tokenizer
 
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
@@ -113,6 +113,7 @@ def parse_request(
             ids = _encode_messages(tokenizer, data["messages"])
             if len(ids) >= context_length:
                 raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
+            line_settings = replace(line_settings, sampling=transcript_sampling(line_settings.sampling, tokenizer))
         else:
             ids = fit_prompt(
                 tokenizer,

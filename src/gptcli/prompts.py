@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from gptcli.config import SamplingConfig
 from gptcli.errors import InputError
 from gptcli.textio import PIECE_CHARS, text_pieces
 from gptcli.tokenizer import Tokenizer
@@ -35,6 +36,18 @@ def transcript(messages: Messages) -> str:
     """Without a chat template, a chat is a plain transcript the base model can continue."""
     lines = [m["content"] if m["role"] == "system" else f"{m['role'].title()}: {m['content']}" for m in messages]
     return "\n".join([*lines, "Assistant:"])
+
+
+# Where a base model continuing a transcript starts the user's next turn: its reply ends there (it went on
+# to write "User: ..." and answer itself).
+TRANSCRIPT_STOP = "\nUser:"
+
+
+def transcript_sampling(sampling: SamplingConfig, tokenizer: Tokenizer) -> SamplingConfig:
+    """A chat's sampling: with no chat template (a transcript), the reply also stops at TRANSCRIPT_STOP."""
+    if tokenizer.chat_template or TRANSCRIPT_STOP in sampling.stop:
+        return sampling
+    return replace(sampling, stop=(*sampling.stop, TRANSCRIPT_STOP))
 
 
 def build_prompt(

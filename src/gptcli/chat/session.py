@@ -17,7 +17,7 @@ from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import environment_error
-from gptcli.prompts import build_prompt, transcript
+from gptcli.prompts import build_prompt, transcript, transcript_sampling
 
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingConfig) if f"sampling.{f.name}" in FIELDS)
 
@@ -221,7 +221,8 @@ class ChatSession:
     def _reply(self, ids: list[int]) -> Turn:
         if not self.reuse_context:
             self._fresh_cache()
-        return Turn(self, generate(self.backend, self.tokenizer, ids, self.settings.sampling, session=self.kv))
+        sampling = transcript_sampling(self.settings.sampling, self.tokenizer)
+        return Turn(self, generate(self.backend, self.tokenizer, ids, sampling, session=self.kv))
 
     def _record_reply(self, text: str, interrupted: bool, stats: Stats | None) -> None:
         message: dict[str, Any] = {"role": "assistant", "content": text, "time": now()}

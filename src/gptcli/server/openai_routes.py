@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished, Stats, Token
 from gptcli.errors import ConfigError, InputError
+from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
@@ -221,6 +222,8 @@ async def respond(
             )
     arrived = time.perf_counter()
     params = body.sampling(state.defaults, state.tokenizer.vocab_size)
+    if shapes[0].kind == "chat":  # a base model's transcript: its reply ends where it would write the user's turn
+        params = transcript_sampling(params, state.tokenizer)
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
         from gptcli.constraints import prepare
 
