@@ -80,6 +80,12 @@ def test_generate_json_and_stats(server):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert set(data["timings"]) == {"ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s"}
     assert f"finish {data['finish_reason']} · {server['model']} at {server['url']}" in result.stderr.decode()
+    # A drawn seed is reported (it was null), and repeats the sampled reply as a local run's does.
+    sampled = ("generate", "Once upon a time", "-t", "1.0", "-n", "8", "--json")
+    first = json.loads(ok(run_cli(*remote(server, *sampled))))
+    assert isinstance(first["seed"], int)
+    again = json.loads(ok(run_cli(*remote(server, *sampled, "--seed", str(first["seed"])))))
+    assert again["text"] == first["text"]
 
 
 def test_generate_templates_render_here(server):

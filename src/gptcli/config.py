@@ -357,6 +357,15 @@ def resolve(
     return Resolved(Settings(**top, sampling=sampling), sources)
 
 
+def with_drawn_seed(settings: Settings) -> Settings:
+    """Settings with a seed: the given one, else a random one drawn now (reported, so any run can be repeated)."""
+    import secrets
+
+    if settings.sampling.seed is not None:
+        return settings
+    return replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
+
+
 def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> Settings:
     """A copy of settings with some sampling values changed (validated like any other layer).
 

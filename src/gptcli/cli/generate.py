@@ -10,6 +10,7 @@ import typer
 from gptcli.cli import common as c
 from gptcli.cli.inputs import gather_prompt
 from gptcli.cli.settings import constrain, output_constraint, resolve_settings
+from gptcli.config import with_drawn_seed
 from gptcli.errors import UsageError
 
 
@@ -166,7 +167,7 @@ def generate(
                 text = f"{system_text}\n\n{text}"
             else:
                 settings = replace(settings, system=system_text)
-    settings = constrain(settings, structured)
+    settings = with_drawn_seed(constrain(settings, structured))  # local or --url, --json reports the seed
     if url is not None:
         from gptcli.cli.remote_run import open_remote, run_remote_generation
 

@@ -27,15 +27,11 @@ def load_runtime(settings: Any) -> Any:
 
 def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:
     """Load, fit the prompt, stream events to stdout; exit 130 after flushing on Ctrl-C."""
-    import secrets
-    from dataclasses import replace
 
     from gptcli.cli.remote_run import exit_if_interrupted, stream_or_exit
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
-    if settings.sampling.seed is None:
-        settings = replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
     runtime = load_runtime(settings)
     if raw and settings.system:
         render.warn("--system is ignored with --raw")
