@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -169,6 +171,11 @@ def test_config_init_refuses_to_replace_a_file_without_force(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     folder = run_cli("config", "init", str(tmp_path))
     assert folder.returncode == 6 and folder.stderr.decode().startswith(f"error: {tmp_path} is a folder\n")
+    printed = subprocess.run(
+        [sys.executable, "-m", "gptcli", "config", "init", "-"], cwd=tmp_path, capture_output=True, timeout=60
+    )  # - is stdout (it wrote a file named "-")
+    assert printed.returncode == 0 and printed.stdout.decode().startswith("# gptcli settings"), printed.stderr
+    assert not (tmp_path / "-").exists()
 
 
 def test_config_show_says_which_files_it_looked_for(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +83,8 @@ def _exists(path: Path) -> str:
 @app.command()
 def init(
     target: Annotated[
-        Path | None, typer.Argument(help="Where to write it (default: the user config file).", show_default=False)
+        Path | None,
+        typer.Argument(help="Where to write it (default: the user config file; - prints it).", show_default=False),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a file that is already there.")] = False,
 ) -> None:
@@ -93,11 +95,15 @@ def init(
     Examples:
       gptcli config init
       gptcli config init ./project.yaml && gptcli generate -c ./project.yaml "hi"
+      gptcli config init - | less   # print it instead
     """
     from gptcli.atomicio import write_atomic
     from gptcli.errors import InputError
     from gptcli.paths import user_config_file
 
+    if str(target) == "-":  # stdout, as `-` means elsewhere (it wrote a file named "-")
+        sys.stdout.write(commented_config())
+        return
     path = target if target is not None else user_config_file()
     if path.is_dir():
         raise InputError(f"{path} is a folder", hint="give a file name, e.g. config.yaml")
