@@ -321,3 +321,27 @@ def test_pull_gemma_and_generate(default_model_home, monkeypatch):
     # llama.cpp, greedy on the same GGUF, continues with exactly these 8 tokens.
     assert reply["text"] == " the capital of the country of France."
     assert (reply["finish_reason"], reply["usage"]["completion_tokens"]) == ("length", 8)
+
+
+def test_models_rm_deletes_a_models_cached_copies_and_its_exports_only(tiny_models, capsys):
+    """There was no way to free a model's disk space but finding its folders by hand (ollama users: `ollama rm`)."""
+    import shutil
+
+    from gptcli.export.sidecar import SIDECAR_FILE
+    from gptcli.paths import cache_dir, models_dir
+
+    mine, other = models_dir() / "mine", models_dir() / "other"
+    for folder in (mine, other):
+        shutil.copytree(tiny_models["llama"], folder)
+    exports = {name: cache_dir() / "onnx" / f"{name}-fp32-cpu-0123" for name in ("mine", "other")}
+    for name, export in exports.items():
+        export.mkdir(parents=True)
+        (export / SIDECAR_FILE).write_text(json.dumps({"source": {"path": str(models_dir() / name)}}))
+    assert run(["models", "rm", "mine"]) == 0
+    assert "removed mine: 2 folder(s)" in capsys.readouterr().err
+    assert not mine.exists() and not exports["mine"].exists()
+    assert other.is_dir() and exports["other"].is_dir()  # another model's copies stay
+    for ref, said in (("mine", "mine is not in the cache"), ("../other", "is not a name in gptcli's cache")):
+        assert run(["models", "rm", ref]) == 6
+        assert said in capsys.readouterr().err
+    assert other.is_dir()

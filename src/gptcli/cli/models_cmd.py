@@ -94,6 +94,24 @@ def pull(
     print(pulled.model.path)
 
 
+@app.command("rm")
+def rm(
+    models: Annotated[list[str], typer.Argument(help="Model names, as `gptcli models list` shows them.")],
+) -> None:
+    """Delete models from gptcli's cache: the converted folder, the pulled download, the ONNX exports.
+
+    A model shipped in an installed package stays installed: its next run converts it again.
+
+    Example: gptcli models rm gemma3-270m
+    """
+    from gptcli.model_cache import remove_model
+
+    for ref in models:
+        removed = remove_model(ref)
+        again = " (its package is installed: the next run converts it again)" if removed.still_installed else ""
+        c.note(f"removed {removed.name}: {len(removed.folders)} folder(s), {human_size(removed.size_bytes)}{again}")
+
+
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Model reference (default: the default model).")] = "",

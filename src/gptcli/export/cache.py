@@ -69,3 +69,18 @@ def remove_stale_exports(current: Path, source: Path) -> None:
             continue
         if Path(record.get("source", {}).get("path", "")).resolve() == source.resolve():
             shutil.rmtree(sibling, ignore_errors=True)
+
+
+def exports_of(source: Path) -> list[Path]:
+    """Every cached export made from the model folder `source` (its sidecar names where it came from)."""
+    root = cache_dir() / "onnx"
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            record = json.loads((folder / SIDECAR_FILE).read_text(encoding="utf-8"))
+            made_from = Path(record["source"]["path"]).resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if made_from == source.resolve():
+            found.append(folder)
+    return found
