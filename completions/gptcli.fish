@@ -21,6 +21,7 @@
 #   gptcli models info
 #   gptcli models list
 #   gptcli models pull
+#   gptcli models rm
 #   gptcli runs
 #   gptcli runs list
 #   gptcli runs show

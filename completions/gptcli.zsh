@@ -22,6 +22,7 @@
 #   gptcli models info
 #   gptcli models list
 #   gptcli models pull
+#   gptcli models rm
 #   gptcli runs
 #   gptcli runs list
 #   gptcli runs show
