@@ -444,3 +444,39 @@ def test_a_grammar_that_gives_out_after_its_first_mask_is_refused_before_decodin
     constraints.prepare(fine, tok)
     for _ in range(3):  # a grammar that passes works for every sequence
         assert constraints.open_constraint(fine, tok).mask(np.zeros(tok.vocab_size, dtype=np.float32)) is not None
+
+
+def test_a_stop_string_never_cuts_a_structured_output_short_of_a_match(llama, tiny_models):
+    """A stop string inside the match gave `{"a` with finish_reason "stop" (which is to mean a whole match)."""
+    from gptcli.batchfile import parse_request
+    from gptcli.config import Settings
+    from gptcli.remote import RemoteModel
+
+    backend, tok = llama
+    pattern = r"abc-(yes|no)"
+    for seed in range(3):
+        params = replace(SAMPLED, seed=seed, stop=("b", "-"), constraint=constraints.regex(pattern))
+        finished = _final(generate(backend, tok, tok.encode("A code:"), params))
+        assert finished.reason == "stop" and re.fullmatch(pattern, finished.text), finished.text
+    constrained = replace(SAMPLED, stop=("}",), constraint=constraints.ANY_JSON)
+    assert "stop" not in RemoteModel("http://127.0.0.1:9/v1", model="m")._sampling(constrained)  # --url
+    settings = replace(Settings(), sampling=replace(SAMPLED, constraint=constraints.ANY_JSON))
+    line = parse_request(1, b'{"prompt": "hi", "stop": ["}"]}', tok, settings, 128)
+    assert line.error == "`stop` does not go with structured output: the reply ends where its grammar does"
+    chat = run_cli(
+        "chat", "-m", str(tiny_models["llama"]), "--format", "json", "--stop", "}", "-n", "8", input="/set stop x\n"
+    )
+    said = chat.stderr.decode()
+    assert chat.returncode == 0, said
+    assert "warning: stop strings are ignored with structured output" in said
+    assert "error: /set stop: stop strings do not go with structured output" in said
+
+
+def test_server_refuses_stop_strings_with_a_json_response_format(server):
+    httpx = pytest.importorskip("httpx")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stop": ["}"]}
+    for response_format in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {}}}):
+        response = httpx.post(server.v1 + "/chat/completions", json={**body, "response_format": response_format})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stop", response.text
+    text = httpx.post(server.v1 + "/chat/completions", json={**body, "response_format": {"type": "text"}}, timeout=30)
+    assert text.status_code == 200, text.text

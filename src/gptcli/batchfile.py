@@ -103,6 +103,8 @@ def parse_request(
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
         line_settings = with_sampling(settings, "the line's `{key}`", **changes) if changes else settings
+        if data.get("stop") and settings.sampling.constraint is not None:
+            raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")

@@ -245,7 +245,9 @@ class SequenceDecoder:
         self.clock = clock
         self.rng = make_rng(params.seed)
         self.detok = IncrementalDetokenizer(tokenizer)
-        self.stopper = StopMatcher(params.stop)
+        # A stop string would cut a structured output short of a match and still say "stop": the grammar
+        # alone says where such a reply ends (the front doors refuse or warn about stop strings with one).
+        self.stopper = StopMatcher(params.stop if params.constraint is None else ())
         self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
         # Structured output: a token mask before every sample (sampling.py never sees a disallowed token).

@@ -212,7 +212,7 @@ class RemoteModel:
         }
         if params.seed is not None:
             body["seed"] = params.seed
-        if params.stop:
+        if params.stop and params.constraint is None:  # a structured output ends where its grammar does
             body["stop"] = list(params.stop)
         body.update(
             {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}

@@ -274,6 +274,10 @@ class ChatSession:
 
     def set_sampling(self, key: str, raw: str) -> Any:
         value = parse_setting(key, raw)
+        if key == "stop" and value and self.settings.sampling.constraint is not None:
+            raise UsageError(
+                "/set stop: stop strings do not go with structured output (it ends where its grammar does)",
+            )
         self.settings = with_sampling(self.settings, "/set {key}", **{key: value})
         stored = getattr(self.settings.sampling, key)
         self.conversation.sampling[key] = list(stored) if isinstance(stored, tuple) else stored

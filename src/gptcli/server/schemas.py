@@ -217,6 +217,9 @@ class SamplingRequest(BaseModel):
             changes["repetition_stop"] = False
         if self.response_format is not None:
             changes["constraint"] = self.response_format.constraint()
+            if changes["constraint"] is not None and changes.get("stop"):  # it would cut the JSON short of a match
+                message = "stop: stop strings do not go with a JSON response_format (the schema says where it ends)"
+                raise APIError(400, message, param="stop", code="invalid_value")
         if self.logit_bias:
             bias = tuple((int(key), float(value)) for key, value in self.logit_bias.items())
             if (worst := max(token for token, _ in bias)) >= vocab_size:
