@@ -480,3 +480,16 @@ def test_server_refuses_stop_strings_with_a_json_response_format(server):
         assert response.status_code == 400 and response.json()["error"]["param"] == "stop", response.text
     text = httpx.post(server.v1 + "/chat/completions", json={**body, "response_format": {"type": "text"}}, timeout=30)
     assert text.status_code == 200, text.text
+
+
+def test_cli_says_when_max_tokens_cut_the_json_short(tiny_models, tmp_path):
+    """`{"a":` on stdout with exit 0 and not a word on stderr: a script only found out when its parser failed."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
+    cut = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--json-schema", str(schema), "-n", "4")
+    assert cut.returncode == 0 and cut.stdout.decode().startswith('{"a')
+    said = "warning: the output was cut at --max-tokens (4) before the JSON was complete: it does not parse"
+    assert said in cut.stderr.decode()
+    whole = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--regex", "(yes|no)", "-n", "8")
+    assert whole.returncode == 0 and whole.stdout.decode().strip() in {"yes", "no"}
+    assert "warning" not in whole.stderr.decode()
