@@ -125,6 +125,8 @@ def describe(constraint: OutputConstraint, message: str) -> str:
     if keys:
         names = ", ".join(k.strip().strip('"') for k in keys.group(1).split(","))
         return f"JSON Schema keyword not supported: {names}"
+    if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
+        return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
     detail = errors[0] if errors else (lines[0] if lines else "unknown error")
