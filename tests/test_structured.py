@@ -497,3 +497,17 @@ def test_cli_says_when_max_tokens_cut_the_json_short(tiny_models, tmp_path):
     whole = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "--regex", "(yes|no)", "-n", "8")
     assert whole.returncode == 0 and whole.stdout.decode().strip() in {"yes", "no"}
     assert "warning" not in whole.stderr.decode()
+
+
+def test_ignore_eos_keeps_a_constrained_reply_going_while_its_grammar_can(llama):
+    """ignore_eos (the server's benchmark switch) ended `(ab)+` at `ab`: the grammar let EOS through."""
+    backend, tok = llama
+    pairs = SamplingConfig(temperature=0, max_tokens=12, ignore_eos=True, repetition_stop=False)
+    for prompt in ["Once upon a time", "hi", "A code:"]:
+        finished = _final(
+            generate(backend, tok, tok.encode(prompt), replace(pairs, constraint=constraints.regex("(ab)+")))
+        )
+        assert finished.reason == "length" and finished.text == "ab" * 6, finished
+    params = replace(SAMPLED, ignore_eos=True, constraint=constraints.schema_constraint({"enum": ["yes"]}, "t"))
+    finished = _final(generate(backend, tok, tok.encode("Once"), params))  # a whole match still ends it
+    assert finished.reason == "stop" and finished.text == '"yes"'

@@ -165,6 +165,10 @@ class TokenConstraint:
         allowed = self._allowed
         return allowed is not None and 0 <= token_id < allowed.shape[0] and bool(allowed[token_id])
 
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
     def is_end(self, token_id: int) -> bool:
         """An end-of-sequence token: the grammar allowed it, so the reply is complete."""
         return token_id in self._eos

@@ -335,6 +335,10 @@ class SequenceDecoder:
             else:
                 self.failure = f"no token can continue the output grammar ({constraint.error or 'no match'})"
             return "error"
+        if self.params.ignore_eos:  # end-of-sequence only where the grammar allows nothing else
+            others = masked.copy()
+            others[[i for i in constraint.eos_ids if i < others.shape[-1]]] = -np.inf
+            masked = others if np.isfinite(others).any() else masked
         token_id = sample(masked, self.params, self.rng, self.history, self.detok.ids)
         if not constraint.allows(token_id):  # rounding in top-p's cumulative sum: take the best allowed one
             token_id = int(np.argmax(masked))
