@@ -511,3 +511,18 @@ def test_ignore_eos_keeps_a_constrained_reply_going_while_its_grammar_can(llama)
     params = replace(SAMPLED, ignore_eos=True, constraint=constraints.schema_constraint({"enum": ["yes"]}, "t"))
     finished = _final(generate(backend, tok, tok.encode("Once"), params))  # a whole match still ends it
     assert finished.reason == "stop" and finished.text == '"yes"'
+
+
+def test_a_schema_with_a_key_twice_or_a_nan_is_refused_by_name(tmp_path):
+    """`{"type": "integer", ..., "type": "string"}` ran as a string schema (json.loads kept the last quietly);
+    a NaN or 1e999 came back as llguidance's 'expected value at line 1 column 32' of text the user never wrote."""
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "integer", "properties": {"a": {}, "a": {}}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: the key 'a' is given twice in one object$"):
+        constraints.from_flags(schema, None, None)
+    for number in ("NaN", "-Infinity", "1e999"):
+        schema.write_text('{"type": "number", "maximum": ' + number + "}", encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: NaN and Infinity are not JSON numbers$"):
+            constraints.from_flags(schema, None, None)
+    with pytest.raises(ConfigError, match=r"^body: NaN and Infinity are not JSON numbers$"):  # the server's way in
+        constraints.schema_constraint({"enum": [float("nan")]}, "body")

@@ -49,8 +49,17 @@ SCHEMA_HINT = "see the README's Structured output section for the JSON Schema su
 
 def json_schema(text: str, where: str) -> OutputConstraint:
     """A JSON Schema given as JSON text; a ConfigError naming `where` when it is not one we can enforce."""
+
+    def one_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) < len(pairs):  # json.loads would quietly keep the last: a keyword lost
+            seen: set[str] = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise ConfigError(f"{where}: the key '{twice}' is given twice in one object", hint="keep one of them")
+        return value
+
     try:
-        schema = json.loads(text)
+        schema = json.loads(text, object_pairs_hook=one_each)
     except ValueError as exc:
         raise ConfigError(f"{where}: not valid JSON ({exc})", hint="a JSON Schema is a JSON object") from None
     except RecursionError:
@@ -64,7 +73,11 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
         return ANY_JSON
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {type(schema).__name__}")
-    constraint = OutputConstraint("json_schema", json.dumps(schema))  # key order kept: properties come in it
+    try:
+        source = json.dumps(schema, allow_nan=False)  # key order kept: properties come in it
+    except ValueError:
+        raise ConfigError(f"{where}: NaN and Infinity are not JSON numbers", hint="write a finite number") from None
+    constraint = OutputConstraint("json_schema", source)
     check(constraint, where)
     return constraint
 
