@@ -526,3 +526,14 @@ def test_a_schema_with_a_key_twice_or_a_nan_is_refused_by_name(tmp_path):
             constraints.from_flags(schema, None, None)
     with pytest.raises(ConfigError, match=r"^body: NaN and Infinity are not JSON numbers$"):  # the server's way in
         constraints.schema_constraint({"enum": [float("nan")]}, "body")
+
+
+def test_a_repetition_the_grammar_forces_is_not_cut_as_a_loop(llama):
+    """`(ab){40}` (or an array of 30 `true`s) was cut as "repetition" at 48 tokens: the model had no choice."""
+    backend, tok = llama
+    greedy = SamplingConfig(temperature=0, max_tokens=100)  # the repetition stop on, as by default
+    ids = tok.encode("hi")
+    forced = _final(generate(backend, tok, ids, replace(greedy, constraint=constraints.regex("(ab){40}"))))
+    assert forced.reason == "stop" and forced.text == "ab" * 40, forced
+    free = _final(generate(backend, tok, ids, replace(greedy, constraint=constraints.regex("(ab)+c"))))
+    assert free.reason == "repetition", free  # a loop the model chose is still one

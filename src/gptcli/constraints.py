@@ -151,8 +151,9 @@ def describe(constraint: OutputConstraint, message: str) -> str:
 class TokenConstraint:
     """One sequence's matcher: which tokens may come next, and the grammar's state after each token."""
 
-    def __init__(self, matcher: Any, eos_ids: frozenset[int], vocab_size: int) -> None:
+    def __init__(self, matcher: Any, eos_ids: frozenset[int], vocab_size: int, ll: Any = None) -> None:
         self._matcher = matcher
+        self._ll = ll  # the llguidance token table: each token's bytes
         self._eos = eos_ids
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._allowed: np.ndarray | None = None
@@ -185,6 +186,12 @@ class TokenConstraint:
     def is_end(self, token_id: int) -> bool:
         """An end-of-sequence token: the grammar allowed it, so the reply is complete."""
         return token_id in self._eos
+
+    def forced(self, token_id: int) -> bool:
+        """Whether the grammar left no choice of text here: the token only spells bytes it forces next
+        (`[true, true, ...]` of a fixed-length array), so a loop it makes is the schema's, not the model's."""
+        ahead = self._matcher.compute_ff_bytes() if self._ll is not None else b""
+        return bool(ahead) and ahead.startswith(self._ll.decode_bytes([token_id]))
 
     def advance(self, token_id: int) -> bool:
         """Move the grammar past this token; False (the matcher is now in error) if it did not fit."""
@@ -280,4 +287,4 @@ def prepare(constraint: OutputConstraint, tokenizer: Tokenizer) -> None:
 def open_constraint(constraint: OutputConstraint, tokenizer: Tokenizer) -> TokenConstraint:
     """A fresh matcher for one sequence (the token table and the compiled grammar are cached)."""
     matcher, bridge = _prototype(constraint, tokenizer)
-    return TokenConstraint(matcher, bridge.eos, bridge.ll.vocab_size)
+    return TokenConstraint(matcher, bridge.eos, bridge.ll.vocab_size, bridge.ll)

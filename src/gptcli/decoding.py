@@ -255,6 +255,7 @@ class SequenceDecoder:
         # never the engine's step that the other sequences share.
         self.constraint: TokenConstraint | None = None
         self.failure = ""  # why the sequence ends with "error", when it does
+        self.forced = False  # the last token was one the grammar left no choice about
         if params.constraint is not None:
             # A grammar that cannot be opened leaves this None: _constrained_pick ends the sequence ("error").
             try:
@@ -312,7 +313,7 @@ class SequenceDecoder:
             return events + self.finish("stop", stopped=True)
         if self.constraint is not None and self.constraint.complete:
             return events + self.finish("stop")
-        if self.loops is not None and self.loops.add(token_id):
+        if self.loops is not None and not self.forced and self.loops.add(token_id):
             return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
             return events + self.finish("length")
@@ -344,6 +345,7 @@ class SequenceDecoder:
             token_id = int(np.argmax(masked))
         if constraint.is_end(token_id):  # end-of-sequence is allowed only once the match is complete
             return "stop"
+        self.forced = constraint.forced(token_id)  # text the grammar forced is no loop of the model's
         if constraint.advance(token_id):
             return token_id
         self.failure = f"the output grammar failed: {constraint.error or 'a token did not fit'}"
