@@ -244,3 +244,15 @@ def test_sigterm_during_a_reply_or_a_block_keeps_the_chat_and_exits_143(tiny_mod
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 143
+
+
+def test_repl_shows_structured_output_as_written_not_as_markdown(tiny_models, tok, isolated_home):
+    """`--regex`/`--json-schema` replies were rendered as Markdown: `{"a": "**b**"}` showed a bold b, no asterisks."""
+    child = spawn(tiny_models, say(tok, "Some **bold** text."), "--regex", r"[A-Za-z *.]+")
+    child.sendline("Hi")
+    child.expect_exact("Some **bold** text.")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

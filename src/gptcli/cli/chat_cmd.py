@@ -136,7 +136,7 @@ def chat(
     if isatty(sys.stdin) and isatty(sys.stdout) and not jsonl:
         from gptcli.cli.chat_repl import Repl
 
-        Repl(session, where, markdown=not plain).run()
+        Repl(session, where, markdown=not plain and structured is None).run()  # JSON, a regex: as written
     else:
         run_piped(session, where, jsonl=jsonl)
     if session.save_error is not None:  # warned when it happened; the replies were given all the same
