@@ -68,7 +68,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         sys.stdout.flush()
     exit_if_interrupted(finished)
     fail_if_errored(finished)
-    warn_if_incomplete(finished, settings.sampling)
+    render.warn_if_incomplete(finished, settings.sampling)
     if show_stats or render.verbosity() >= render.VERBOSE:
         render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
 
@@ -80,25 +80,3 @@ def fail_if_errored(finished: Any) -> None:
 
         reason = finished.error or "generation failed"
         raise ConfigError(f"the reply stopped: {reason}", hint="see the README's Structured output section")
-
-
-INCOMPLETE = {
-    "length": "at --max-tokens ({max_tokens})",
-    "repetition": "as a loop (--no-repetition-stop lets it run on)",
-    "context": "at the model's context limit",
-}
-
-
-def warn_if_incomplete(finished: Any, sampling: Any) -> None:
-    """Structured output cut short (exit 0, as any reply cut short) says on stderr that it is not whole."""
-    where = INCOMPLETE.get(finished.reason)
-    if sampling.constraint is None or where is None:
-        return
-    cut = f"the output was cut {where.format(max_tokens=sampling.max_tokens)}"
-    if sampling.constraint.kind == "regex":
-        render.warn(f"{cut}: it may not match --regex in full")
-        return
-    try:
-        json.loads(finished.text)
-    except ValueError:
-        render.warn(f"{cut} before the JSON was complete: it does not parse")

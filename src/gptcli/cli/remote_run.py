@@ -106,9 +106,7 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     exit_if_interrupted(finished)
-    from gptcli.cli.local_run import warn_if_incomplete
-
-    warn_if_incomplete(finished, sampling)
+    render.warn_if_incomplete(finished, sampling)
     if show_stats:
         print_remote_stats(finished, remote)
 

@@ -4,6 +4,7 @@ line and stage progress. Model text is written literally, never parsed as Rich m
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterable
@@ -201,3 +202,25 @@ class StageProgress:
             )
             self.progress.start()
         return self.progress
+
+
+INCOMPLETE = {
+    "length": "at --max-tokens ({max_tokens})",
+    "repetition": "as a loop (--no-repetition-stop lets it run on)",
+    "context": "at the model's context limit",
+}
+
+
+def warn_if_incomplete(finished: Any, sampling: Any) -> None:
+    """Structured output cut short (exit 0, as any reply cut short) says on stderr that it is not whole."""
+    where = INCOMPLETE.get(finished.reason)
+    if sampling.constraint is None or where is None:
+        return
+    cut = f"the output was cut {where.format(max_tokens=sampling.max_tokens)}"
+    if sampling.constraint.kind == "regex":
+        warn(f"{cut}: it may not match --regex in full")
+        return
+    try:
+        json.loads(finished.text)
+    except ValueError:
+        warn(f"{cut} before the JSON was complete: it does not parse")
