@@ -537,3 +537,34 @@ def test_a_repetition_the_grammar_forces_is_not_cut_as_a_loop(llama):
     assert forced.reason == "stop" and forced.text == "ab" * 40, forced
     free = _final(generate(backend, tok, ids, replace(greedy, constraint=constraints.regex("(ab)+c"))))
     assert free.reason == "repetition", free  # a loop the model chose is still one
+
+
+def test_a_batch_line_sets_its_own_response_format(tiny_models, tmp_path):
+    """OpenAI's batch lines carry `response_format`: it was "unknown key", so one run could have one schema only."""
+
+    def line(i: int, response_format: object) -> str:
+        return json.dumps({"id": f"r{i}", "prompt": f"Row {i}", "max_tokens": 60, "response_format": response_format})
+
+    formats = [
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS["array"], "strict": True}},
+        {"type": "json_schema", "json_schema": {"schema": SCHEMAS["enum_and_bounds"]}},
+        {"type": "json_object"},
+        {"type": "text"},  # over the run's --regex: free text
+        {"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}},
+        {"type": "yaml"},
+    ]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(line(i, f) + "\n" for i, f in enumerate(formats)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    model = str(tiny_models["llama"])
+    result = run_cli("generate", "--batch", str(rows), "-m", model, "--regex", "[0-9]{3}", "-o", str(out), "-t", "0")
+    assert result.returncode == 0, result.stderr.decode()
+    got = [json.loads(text) for text in out.read_text(encoding="utf-8").splitlines()]
+    jsonschema.validate(json.loads(got[0]["text"]), SCHEMAS["array"])
+    jsonschema.validate(json.loads(got[1]["text"]), SCHEMAS["enum_and_bounds"])
+    assert isinstance(json.loads(got[2]["text"]), dict)
+    assert got[3]["finish_reason"] == "length" and not re.fullmatch("[0-9]{3}", got[3]["text"])
+    assert got[4]["error"]["message"] == (
+        "the line's `response_format`.json_schema.schema: JSON Schema keyword not supported: uniqueItems"
+    )
+    assert got[5]["error"]["message"].startswith("the line's `response_format`: type must be text, json_object or")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
+from gptcli.constraints import response_format
 from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, run_all
 from gptcli.errors import ConfigError, GptcliError, InputError
@@ -31,7 +32,7 @@ from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for
 from gptcli.tokenizer import Tokenizer
 
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
-REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *SAMPLING_KEYS}
+REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS}
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 
 
@@ -103,7 +104,10 @@ def parse_request(
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
         line_settings = with_sampling(settings, "the line's `{key}`", **changes) if changes else settings
-        if data.get("stop") and settings.sampling.constraint is not None:
+        if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
+            constraint = response_format(data["response_format"], "the line's `response_format`")
+            line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
+        if data.get("stop") and line_settings.sampling.constraint is not None:
             raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):

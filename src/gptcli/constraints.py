@@ -105,6 +105,20 @@ def from_flags(schema_file: Path | None, output_format: str | None, pattern: str
     return ANY_JSON if output_format == "json" else None
 
 
+def response_format(value: Any, where: str) -> OutputConstraint | None:
+    """OpenAI's `response_format` as plain JSON (a batch-file line): text, json_object or json_schema and its schema."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind != "json_schema":
+        raise ConfigError(f"{where}: type must be text, json_object or json_schema", hint=SCHEMA_HINT)
+    if not isinstance(value.get("json_schema"), dict) or "schema" not in value["json_schema"]:
+        raise ConfigError(f"{where}: json_schema.schema is required for type json_schema", hint=SCHEMA_HINT)
+    return schema_constraint(value["json_schema"]["schema"], f"{where}.json_schema.schema")
+
+
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint."""
