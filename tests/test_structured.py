@@ -568,3 +568,19 @@ def test_a_batch_line_sets_its_own_response_format(tiny_models, tmp_path):
         "the line's `response_format`.json_schema.schema: JSON Schema keyword not supported: uniqueItems"
     )
     assert got[5]["error"]["message"].startswith("the line's `response_format`: type must be text, json_object or")
+
+
+def test_an_object_with_too_many_optional_properties_is_refused_before_decoding(llama):
+    """1000 optional properties passed every check, then the first `{` failed mid-reply with llguidance's
+    'Parser Error: Current row has 4007 items; max is 2000; consider making your grammar left-recursive'."""
+    backend, tok = llama
+    wide = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    said = r"too many choices open at one point \(4007 items, at most 2000\): give fewer optional properties or choices"
+    with pytest.raises(ConfigError, match=f"^{said}$"):
+        constraints.prepare(constraints.schema_constraint(wide, "t"), tok)
+    nested = constraints.schema_constraint({"type": "array", "items": wide}, "t")  # past `[`: found while decoding
+    params = SamplingConfig(
+        temperature=0, max_tokens=8, logit_bias=((tok.encode("{", add_special_tokens=False)[0], 50),)
+    )
+    finished = _final(generate(backend, tok, tok.encode("hi"), replace(params, constraint=nested)))
+    assert finished.reason == "error" and finished.error == f"the output grammar failed: {said}".replace("\\", "")

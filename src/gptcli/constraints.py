@@ -146,12 +146,19 @@ def check(constraint: OutputConstraint, where: str) -> None:
         raise ConfigError(f"{where}: {describe(constraint, messages[0] if messages else '')}", hint=hint)
 
 
+# llguidance's limit on the choices open at one point (its Earley row): ~500 optional properties of one object.
+TOO_WIDE = re.compile(r"Current row has (\d+) items; max is (\d+)")
+TOO_WIDE_SAYS = "too many choices open at one point ({} items, at most {}): give fewer optional properties or choices"
+
+
 def describe(constraint: OutputConstraint, message: str) -> str:
     """llguidance's (sometimes multi-line) message as one line that names the offending keyword."""
     keys = re.match(r"Unimplemented keys: \[(.*)\]", message)
     if keys:
         names = ", ".join(k.strip().strip('"') for k in keys.group(1).split(","))
         return f"JSON Schema keyword not supported: {names}"
+    if row := TOO_WIDE.search(message):
+        return f"{TOO_WIDE_SAYS.format(*row.groups())}"
     if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
         return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -225,7 +232,10 @@ class TokenConstraint:
         """Why the grammar can go no further, in one line ("" when it can)."""
         if not self._matcher.is_error():
             return ""
-        first = (self._matcher.get_error() or "").strip().splitlines()
+        message = self._matcher.get_error() or ""
+        if row := TOO_WIDE.search(message):
+            return TOO_WIDE_SAYS.format(*row.groups())
+        first = message.strip().splitlines()
         return first[0] if first else "the grammar failed"
 
 
@@ -273,6 +283,10 @@ class _Bridge:
             probe.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
             if probe.is_error():
                 break
+        if not probe.is_error() and bits.any():  # and past the text it forces (an object's `{` opens every key)
+            forced = probe.compute_ff_tokens()
+            if forced and probe.consume_tokens(forced):
+                probe.unsafe_compute_mask_ptr(np.zeros_like(bits).ctypes.data, bits.nbytes)
         hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
         message = probe.get_error() if probe.is_error() else ""
         if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
