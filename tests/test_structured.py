@@ -484,6 +484,8 @@ def test_server_refuses_stop_strings_with_a_json_response_format(server):
         assert response.status_code == 400 and response.json()["error"]["param"] == "stop", response.text
     text = httpx.post(server.v1 + "/chat/completions", json={**body, "response_format": {"type": "text"}}, timeout=30)
     assert text.status_code == 200, text.text
+    empty = {**body, "stop": [""], "response_format": {"type": "json_object"}}  # an empty stop string stops nothing
+    assert httpx.post(server.v1 + "/chat/completions", json=empty, timeout=30).status_code == 200
 
 
 def test_cli_says_when_max_tokens_cut_the_json_short(tiny_models, tmp_path):

@@ -107,7 +107,7 @@ def parse_request(
         if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
             constraint = response_format(data["response_format"], "the line's `response_format`")
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
-        if data.get("stop") and line_settings.sampling.constraint is not None:
+        if "stop" in data and any(line_settings.sampling.stop) and line_settings.sampling.constraint is not None:
             raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):

@@ -50,7 +50,7 @@ def constrain(settings: Any, constraint: Any) -> Any:
         return settings
     from dataclasses import replace
 
-    if settings.sampling.stop:
+    if any(settings.sampling.stop):
         from gptcli.cli import render
 
         render.warn("stop strings are ignored with structured output: it ends where its grammar does")

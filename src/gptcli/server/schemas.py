@@ -217,7 +217,7 @@ class SamplingRequest(BaseModel):
             changes["repetition_stop"] = False
         if self.response_format is not None:
             changes["constraint"] = self.response_format.constraint()
-            if changes["constraint"] is not None and changes.get("stop"):  # it would cut the JSON short of a match
+            if changes["constraint"] is not None and any(changes.get("stop", ())):  # it would cut the JSON short
                 message = "stop: stop strings do not go with a JSON response_format (the schema says where it ends)"
                 raise APIError(400, message, param="stop", code="invalid_value")
         if self.logit_bias:
