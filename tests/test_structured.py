@@ -586,3 +586,20 @@ def test_an_object_with_too_many_optional_properties_is_refused_before_decoding(
     )
     finished = _final(generate(backend, tok, tok.encode("hi"), replace(params, constraint=nested)))
     assert finished.reason == "error" and finished.error == f"the output grammar failed: {said}".replace("\\", "")
+
+
+def test_chat_says_when_its_output_grammar_stopped_a_reply(tiny_models, tmp_path):
+    """`generate` exits 3 on a reply its grammar could not finish; chat showed the `{` and nothing else."""
+    wide = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    pair = {"type": "object", "properties": {"b": wide}, "required": ["b"], "additionalProperties": False}
+    either = [{"type": "array", "items": wide, "minItems": 1}, pair]
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"anyOf": either}), encoding="utf-8")  # no text forced: it fails only mid-reply
+    args = ("chat", "-m", str(tiny_models["llama"]), "-t", "0", "-n", "8")
+    chat = run_cli(*args, "--json-schema", str(schema), input="hi\n")
+    said = chat.stderr.decode()
+    assert chat.returncode == 0 and chat.stdout.decode().strip() in {"[", "{"}, said
+    assert "error: the reply stopped: the output grammar failed: too many choices open at one point" in said
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
+    short = run_cli(*args[:-1], "2", "--json-schema", str(schema), input="hi\n")  # and a reply cut short
+    assert "warning: the output was cut at --max-tokens (2) before the JSON was complete" in short.stderr.decode()

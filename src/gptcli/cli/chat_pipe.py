@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from gptcli.cli import render
-from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, stream_plain
+from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, report_end, stream_plain
 from gptcli.cli.inputs import stdin_lines
 from gptcli.errors import EXIT_INTERRUPTED, ConfigError, GptcliError, InputError, UsageError
 
@@ -60,6 +60,7 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
         if step.turn is None:
             continue
         interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
+        report_end(step.turn, session.settings.sampling)
         render.detail(stats_text(session))  # -v: the reply's timings
         if interrupted:
             render.stderr_console().print("interrupted", style="yellow")

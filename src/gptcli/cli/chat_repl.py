@@ -53,6 +53,17 @@ def stream_plain(turn: Any) -> bool:
     return turn.interrupted
 
 
+def report_end(turn: Any, sampling: Any) -> None:
+    """A reply its output grammar could not finish (`error`) or one cut short of a whole match: said on stderr."""
+    finished = turn.finished
+    if finished is None:
+        return
+    if finished.reason == "error":  # the chat goes on; `generate` exits 3 on it
+        render.report(GptcliError(f"the reply stopped: {finished.error or 'generation failed'}"))
+    else:
+        render.warn_if_incomplete(finished, sampling)
+
+
 class Repl:
     """The interactive loop: prompt_toolkit for input, Rich Live Markdown (or raw text) for replies."""
 
@@ -164,6 +175,7 @@ class Repl:
             self._leave()
         if turn.interrupted:
             self.err.print("[interrupted: the partial reply is kept]", markup=False, style="yellow")
+        report_end(turn, self.session.settings.sampling)
         from gptcli.chat import stats_text
 
         render.detail(stats_text(self.session))  # -v: the reply's timings
