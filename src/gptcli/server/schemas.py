@@ -216,10 +216,9 @@ class SamplingRequest(BaseModel):
             changes["ignore_eos"] = True
             changes["repetition_stop"] = False
         if self.response_format is not None:
+            # With a JSON format, stop strings are accepted and not applied (the decoder's rule: the grammar ends
+            # the reply; a stop would cut the JSON short of a match). Not a 400: clients send `stop` routinely.
             changes["constraint"] = self.response_format.constraint()
-            if changes["constraint"] is not None and any(changes.get("stop", ())):  # it would cut the JSON short
-                message = "stop: stop strings do not go with a JSON response_format (the schema says where it ends)"
-                raise APIError(400, message, param="stop", code="invalid_value")
         if self.logit_bias:
             bias = tuple((int(key), float(value)) for key, value in self.logit_bias.items())
             if (worst := max(token for token, _ in bias)) >= vocab_size:
