@@ -165,3 +165,36 @@ def test_bfloat16_decode_attention_groups_query_heads_like_sdpa_gqa(tiny_models,
     expected = expected[0].transpose(0, 1).reshape(1, -1)
     assert out.shape == expected.shape
     assert (out.float() - expected).abs().max() < 0.02
+
+
+def test_batched_steps_of_many_row_counts_do_not_grow_memory_for_ever(tiny_models):
+    """A server's steps have as many row counts as its prompts have lengths; oneDNN compiled and kept a kernel
+    per shape (1,024 per cache), so RSS grew by ~2 MB per new row count here (270 MB over this test). Bounded now.
+    In a fresh process: oneDNN reads its cache sizes once."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pathlib import Path
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.torch_backend import TorchBackend
+
+def rss_kb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+
+lean = TorchBackend.load(Path({str(tiny_models["llama"])!r}), LoadOptions(device="cpu", dtype="float32")).engine.lean
+assert lean.context_length > 115
+def step(rows):  # two sequences, rows tokens in all (each starts a fresh cache)
+    lean.step([([5] * (rows // 2), lean.new_cache()), ([7] * (rows - rows // 2), lean.new_cache())])
+for rows in range(2, 102):  # past any bounded cache's size
+    step(rows)
+before = rss_kb()
+for rows in range(102, 230):
+    step(rows)
+print((rss_kb() - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown_mb = int(out.stdout.split()[-1])
+    assert grown_mb < 40, f"RSS grew {grown_mb} MB over 128 new row counts"
