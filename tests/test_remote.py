@@ -342,3 +342,22 @@ def test_run_streams_starts_lazily_and_hands_a_streams_error_back():
     events.close()
     assert isinstance(ended[1], InputError) and ended[0].text == "0" and len(ended) == 4
     assert len(started) <= 6  # at most two running, from an endless source
+
+
+def test_requests_share_one_tls_context(canned, monkeypatch):
+    """httpx loaded the CA bundle for each request (~20 ms of CPU): a batch file through --url spent more of
+    its time there than the server did. One context serves every request."""
+    import ssl
+
+    loads: list[object] = []
+    real = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(args or kwargs)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    for _ in range(5):
+        events = list(remote(canned, "ok", open_httpx).complete("hi", GREEDY))
+        assert events[-1].text == "Hello"
+    assert len(loads) <= 1
