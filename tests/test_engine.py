@@ -127,6 +127,22 @@ def test_the_prefix_cache_reuses_whole_chunks_and_changes_no_answer(model):
     assert len(engine._prefixes) <= 2  # --prefix-cache entries at most
 
 
+def test_the_prefix_cache_keeps_one_entry_per_prefix(model):
+    """Requests on one system prompt filled every entry with copies of its prefix, evicting every other
+    prompt's: a prefix used a moment ago was read again in full."""
+    backend, tok = model
+    first, other = tok.encode(PROMPTS[3]), tok.encode(PROMPTS[6])
+    engine = Engine(backend, tok, EngineLimits(max_running=2, prefill_chunk=4, prefix_cache=2))
+    _one(engine, first + tok.encode(" one", add_special_tokens=False))
+    for question in ("two", "six", "ten"):  # the same whole chunks each time: one system prompt, short questions
+        _one(engine, other + tok.encode(f" {question}", add_special_tokens=False)[:2])
+    assert len(engine._prefixes) == 2
+    whole = len(first) - len(first) % 4
+    again = first + tok.encode(" five", add_special_tokens=False)
+    assert _one(engine, again).stats.cached_tokens >= whole
+    assert _one(engine, again).token_ids == _finished(list(generate(backend, tok, again, GREEDY))).token_ids
+
+
 def test_sequences_that_arrive_together_each_get_a_copy_of_the_cached_prefix(model):
     backend, tok = model
     base = tok.encode(PROMPTS[3])

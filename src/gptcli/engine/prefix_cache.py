@@ -95,11 +95,24 @@ class PrefixCache:
 
     def keep(self, session: KVSession, prompt_length: int) -> bool:
         """Cut the session back to its prompt's whole chunks and keep it (evicting the oldest past
-        `capacity`); False when there is nothing to keep."""
+        `capacity`); False when there is nothing new to keep.
+
+        One entry per prefix: a session whose chunks an entry already holds only makes that entry the
+        newest, and entries the session holds all of go. Otherwise a run of requests on one system prompt
+        filled every entry with copies of it and evicted every other prompt's prefix."""
         positions = min(prompt_length, len(session.ids))
         positions -= positions % self.chunk
         if self.capacity < 1 or positions == 0:
             return False
+        ids = session.ids[:positions]
+        for index, kept in enumerate(self.kept):
+            if kept.positions >= positions and kept.session.ids[:positions] == ids:
+                self.kept.append(self.kept.pop(index))
+                return False
+        for kept in [k for k in self.kept if k.session.ids[: k.positions] == ids[: k.positions]]:
+            self.kept.remove(kept)
+            self.positions -= kept.positions
+            self.release(kept.session.cache)
         session.cache = session.backend.truncate(session.cache, positions)
         del session.ids[positions:]
         self.kept.append(_Kept(session, positions))
