@@ -286,7 +286,8 @@ class _Bridge:
         if not probe.is_error() and bits.any():  # and past the text it forces (an object's `{` opens every key)
             forced = probe.compute_ff_tokens()
             if forced and probe.consume_tokens(forced):
-                probe.unsafe_compute_mask_ptr(np.zeros_like(bits).ctypes.data, bits.nbytes)
+                after = np.zeros_like(bits)  # held by a name: a temporary's buffer is freed before the call writes it
+                probe.unsafe_compute_mask_ptr(after.ctypes.data, after.nbytes)
         hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
         message = probe.get_error() if probe.is_error() else ""
         if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
