@@ -168,6 +168,7 @@ def test_slash_commands(tok, tmp_path):
     assert [m["content"] for m in chat.conversation.messages] == ["one", "First."]
     show = run_command(chat, "/show").output
     assert "tokens" in show and "left of 4096" in show and "temperature        0.0" in show
+    assert "output             free text" in show
     md, js = tmp_path / "c.md", tmp_path / "c.json"
     run_command(chat, f"/save {md}")
     run_command(chat, f"/save {js}")
@@ -371,3 +372,20 @@ def test_a_base_models_reply_ends_where_it_would_write_the_users_turn(tiny_model
     assert reply(chat.say("hello")) == "Hi there."
     assert chat.conversation.messages[-1]["content"] == "Hi there."
     assert chat.settings.sampling.stop == ()  # the user's own settings are unchanged
+
+
+def test_show_names_the_output_format_a_structured_chat_follows(tok):
+    """`/show` listed every setting but the one that shapes every reply (--json-schema, --format json, --regex)."""
+    from dataclasses import replace
+
+    from gptcli.chat import run_command
+    from gptcli.config import OutputConstraint
+
+    chat = make_chat(tok, say(tok, "ok"))
+    for constraint, said in (
+        (OutputConstraint("json"), "any JSON (--format json)"),
+        (OutputConstraint("regex", "(yes|no)"), "regex (yes|no) (--regex)"),
+        (OutputConstraint("json_schema", '{"type": "object",\n "properties": {}}'), 'JSON Schema {"type": "object",'),
+    ):
+        chat.settings = replace(chat.settings, sampling=replace(chat.settings.sampling, constraint=constraint))
+        assert f"output             {said}" in run_command(chat, "/show").output

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gptcli.chat.conversation import ChatFileError, is_save_of, read_conversation_file, write_conversation_file
 from gptcli.chat.session import SAMPLING_KEYS, ChatSession, Turn
+from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.timings import timings_line
 
@@ -57,7 +58,19 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     for key in SAMPLING_KEYS:
         value = getattr(s, key)
         lines.append(f"{key.ljust(18)} {_shown(value)}")
+    lines.append(f"{'output'.ljust(18)} {_output_format(s.constraint)}")
     return "\n".join(lines)
+
+
+def _output_format(constraint: OutputConstraint | None) -> str:
+    """The structured output the replies must follow (--json-schema, --format json, --regex), in one line."""
+    if constraint is None:
+        return "free text"
+    if constraint.kind == "json":
+        return "any JSON (--format json)"
+    source = " ".join(constraint.source.split())
+    shown = source if len(source) <= 60 else source[:59] + "…"
+    return f"regex {shown} (--regex)" if constraint.kind == "regex" else f"JSON Schema {shown} (--json-schema)"
 
 
 def _shown(value: object) -> str:
