@@ -46,6 +46,14 @@ def saved_conversations(home):
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
+def leave(child) -> None:
+    """/exit: the REPL ends at once with exit 0."""
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_repl_typing_commands_multiline_ctrl_c_ctrl_d_and_resume(tiny_models, tok, isolated_home):
     script = say(tok, "Hello there.") + say(tok, "Multi ok.") + say(tok, "Esc ok.") + say(tok, "word " * 400)
     child = spawn(tiny_models, script, "--plain", delay="0.02")
@@ -137,10 +145,7 @@ def test_repl_renders_markdown_and_retry(tiny_models, tok, isolated_home):
     child.expect_exact("...")
     child.sendcontrol("c")
     child.expect_exact(PROMPT)
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
     [conv] = saved_conversations(isolated_home)
     assert [m["content"] for m in conv["messages"]] == ["Hi", "Other text."]
 
@@ -252,7 +257,4 @@ def test_repl_shows_structured_output_as_written_not_as_markdown(tiny_models, to
     child.sendline("Hi")
     child.expect_exact("Some **bold** text.")
     child.expect_exact(PROMPT)
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)

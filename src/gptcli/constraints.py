@@ -151,14 +151,20 @@ TOO_WIDE = re.compile(r"Current row has (\d+) items; max is (\d+)")
 TOO_WIDE_SAYS = "too many choices open at one point ({} items, at most {}): give fewer optional properties or choices"
 
 
+def too_wide(message: str) -> str:
+    """llguidance's "Current row has N items; max is M" in our words, or "" for any other message."""
+    row = TOO_WIDE.search(message)
+    return TOO_WIDE_SAYS.format(*row.groups()) if row else ""
+
+
 def describe(constraint: OutputConstraint, message: str) -> str:
     """llguidance's (sometimes multi-line) message as one line that names the offending keyword."""
     keys = re.match(r"Unimplemented keys: \[(.*)\]", message)
     if keys:
         names = ", ".join(k.strip().strip('"') for k in keys.group(1).split(","))
         return f"JSON Schema keyword not supported: {names}"
-    if row := TOO_WIDE.search(message):
-        return f"{TOO_WIDE_SAYS.format(*row.groups())}"
+    if wide := too_wide(message):
+        return wide
     if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
         return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -233,8 +239,8 @@ class TokenConstraint:
         if not self._matcher.is_error():
             return ""
         message = self._matcher.get_error() or ""
-        if row := TOO_WIDE.search(message):
-            return TOO_WIDE_SAYS.format(*row.groups())
+        if wide := too_wide(message):
+            return wide
         first = message.strip().splitlines()
         return first[0] if first else "the grammar failed"
 

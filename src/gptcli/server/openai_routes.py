@@ -60,9 +60,8 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, ChatRequest)
     state.check_model(body.model)
-    ids = await asyncio.to_thread(
-        chat_prompt_ids, state.tokenizer, body.messages
-    )  # off the event loop: long ones take a while
+    # Off the event loop: a long prompt takes a while to tokenize.
+    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages)
     return await respond(request, state, body, [ids], [Shape("chat", state.model_name, tokenizer=state.tokenizer)])
 
 
