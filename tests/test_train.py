@@ -290,6 +290,30 @@ def test_ddp_on_two_cpu_processes_equals_gradient_accumulation(corpus, tmp_path)
     assert ddp_losses == pytest.approx(accum_losses, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_its_one_error(corpus, tmp_path):
+    # Rank 0 alone writes the run folder (here loss.png, which cannot replace a folder). The other rank was then in
+    # the next step's collectives, waiting for a rank that was gone: it died on gloo's 'Connection closed by peer',
+    # a second error (an internal one); with NCCL across machines it waited for the collective's timeout.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    out = tmp_path / "run"
+    launch = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "gptcli", "train"]
+    first = [*launch, "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "2"]
+    result = subprocess.run([*first, "--set", "eval.interval=2"], cwd=REPO, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    (out / "loss.png").unlink()
+    (out / "loss.png").mkdir()
+    (out / "loss.png" / "keep").touch()
+    resumed = [*launch, "--resume", str(out), "--max-iters", "6"]  # loss.png drawn at step 4, of 6
+    result = subprocess.run(resumed, cwd=REPO, capture_output=True, timeout=60)  # a timeout: a rank kept waiting
+    stderr = result.stderr.decode()
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0
+    assert len(errors) == 1 and "loss.png" in errors[0], stderr[-3000:]
+
+
 # ------------------------------------------------------------------ errors (in-process: fast)
 
 

@@ -58,6 +58,7 @@ def train(
     """
     from gptcli.train import loop
     from gptcli.train.distributed import shutdown_distributed
+    from gptcli.train.errors import RankStopped
 
     flags: dict[str, Any] = {
         "init": init,
@@ -101,6 +102,8 @@ def train(
             return
         with renderer:
             finished = loop.train(setup, renderer.show)
+    except RankStopped as exc:  # rank 0 failed and says why: the other ranks of a torchrun leave quietly
+        raise typer.Exit(exc.exit_code) from None
     finally:
         shutdown_distributed()
     if not main_rank:

@@ -21,3 +21,12 @@ class DiskFullError(GptcliError):
     """No space left while writing a checkpoint; the previous checkpoints are intact (exit 1)."""
 
     exit_code = EXIT_RUNTIME
+
+
+class RankStopped(GptcliError):
+    """Under torchrun, rank 0 failed while this rank waited for it: it stops too, with rank 0's exit code (rank 0
+    reports the error; the others need not repeat it)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

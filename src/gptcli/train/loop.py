@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
 from gptcli.train.config import TrainConfig
-from gptcli.train.distributed import barrier
+from gptcli.train.distributed import main_checked, main_first
 from gptcli.train.errors import DivergedError, RunError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
 from gptcli.train.lock import run_lock
@@ -54,9 +55,11 @@ def training(setup: RunSetup) -> Iterator[TrainEvent]:
 
     Only rank 0 writes the run folder and reports; every rank gets its `Finished`.
     """
-    with torch_threads(setup.cfg.train.threads), run_lock(setup.out, enabled=setup.dist.main):
-        if setup.dist.main:
-            check_unchanged(setup)
+    with torch_threads(setup.cfg.train.threads), ExitStack() as held:
+        with main_first(setup.dist):  # the others wait for rank 0 to lock and check the folder
+            if setup.dist.main:
+                held.enter_context(run_lock(setup.out))
+                check_unchanged(setup)
         for event in _Run(setup).events():
             if setup.dist.main or isinstance(event, Finished):
                 yield event
@@ -118,34 +121,35 @@ class _Run:
         )
         self.my_streams = [dist.rank * accum + i for i in range(accum)]
         self.step, self.best_val, self.best_step = 0, math.inf, None
-        if state is not None:
-            self._restore(state)
-        self.step_model = self._wrapped(self.model)
-
         self.info = describe(setup, self.model)
         self.tokens_per_step = self.info.tokens_per_iter * dist.world
         self.flops_per_step = self.info.flops_per_iter * dist.world
         self.peak = peak_flops(device, self.precision.dtype is not None)
         self.run_info = {"data": str(setup.data_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if setup.resume_from is not None:
-            saved = ckpt.read_run(self.out)
-            self.run_info = {**saved, **self.run_info, "created": saved.get("created")}
-            if dist.main:
-                truncate_metrics(self.out / ckpt.METRICS_FILE, self.step)
-        self.metrics = MetricsLog(self.out, enabled=dist.main)
+        with main_checked(dist):  # rank 0 alone sets aside unreadable checkpoints and trims the metrics
+            if state is not None:
+                self._restore(state)
+            if setup.resume_from is not None:
+                saved = ckpt.read_run(self.out)
+                self.run_info = {**saved, **self.run_info, "created": saved.get("created")}
+                if dist.main:
+                    truncate_metrics(self.out / ckpt.METRICS_FILE, self.step)
+            self.metrics = MetricsLog(self.out, enabled=dist.main)
+        self.step_model = self._wrapped(self.model)
         self.step_seconds = 0.0
 
     def _prepare_folder(self) -> None:
         """Rank 0 writes the tokenizer (the sampler reads it) and the config; the others wait for it."""
-        if self.dist.main:
-            import yaml
+        with main_first(self.dist):
+            if self.dist.main:
+                import yaml
 
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.out, self.setup.files)
-            for name, data in self.setup.files.items():
-                ckpt.write_atomic(self.out / name, data)
-            ckpt.write_atomic(self.out / ckpt.CONFIG_FILE, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode())
-        barrier(self.dist)
+                self.out.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale_temporaries(self.out, self.setup.files)
+                for name, data in self.setup.files.items():
+                    ckpt.write_atomic(self.out / name, data)
+                config = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode()
+                ckpt.write_atomic(self.out / ckpt.CONFIG_FILE, config)
 
     def _resumable(self) -> dict[str, Any]:
         """Load the newest checkpoint whose training state, weights and optimizer state all read back: the
@@ -222,21 +226,24 @@ class _Run:
             with StopSignals() as signals:
                 self.signals = signals
                 while self.step < cfg.train.max_iters:
-                    stepped, stop = self._one_step(signals)
-                    last_loss = stepped.loss
-                    yield stepped
-                    last = self.step == cfg.train.max_iters
-                    if self.step % cfg.eval.interval == 0 or last:
-                        evaluated = self._evaluate()
-                        if evaluated is None:  # a signal cut it short: save this step and stop
-                            stop = True
-                        else:
-                            last_val = evaluated.val_loss
-                            yield evaluated
-                    if self.step % cfg.checkpoint.interval == 0 or last or stop:
-                        path = self._save()
-                        if path is not None:
-                            yield Checkpointed(self.step, str(path))
+                    # rank 0 alone logs, samples, plots and saves: the others learn whether it failed before
+                    # they start the next step, whose collectives it would never join
+                    with main_checked(self.dist):
+                        stepped, stop = self._one_step(signals)
+                        last_loss = stepped.loss
+                        yield stepped
+                        last = self.step == cfg.train.max_iters
+                        if self.step % cfg.eval.interval == 0 or last:
+                            evaluated = self._evaluate()
+                            if evaluated is None:  # a signal cut it short: save this step and stop
+                                stop = True
+                            else:
+                                last_val = evaluated.val_loss
+                                yield evaluated
+                        if self.step % cfg.checkpoint.interval == 0 or last or stop:
+                            path = self._save()
+                            if path is not None:
+                                yield Checkpointed(self.step, str(path))
                     if stop:
                         interrupted = True
                         break

@@ -18,7 +18,7 @@ from gptcli.textio import human_bytes, read_yaml
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.data import EOT, UNK, TokenData, prepare
-from gptcli.train.distributed import Dist, barrier, setup_distributed
+from gptcli.train.distributed import Dist, main_first, setup_distributed
 from gptcli.train.errors import RunError
 from gptcli.train.events import DataProgress, Note, RunInfo
 from gptcli.train.lock import LOCK_FILE, check_unlocked
@@ -224,29 +224,27 @@ def resolve_run(
     if init_folder is None or shape is not None:
         check_memory(cfg, shape or gpt2_shape(cfg, 0, block), block, dist, resuming=resume is not None)
     if not dist.main:
-        barrier(dist)  # rank 0 tokenizes and fills the cache first; the others then read it
         on_event = _silent
     streams = cfg.train.grad_accum * dist.world
-    try:
-        data = prepare(
-            data_path,
-            tokenizer=cfg.data.tokenizer,
-            vocab_size=cfg.data.vocab_size,
-            val_fraction=cfg.data.val_fraction,
-            block_size=block,
-            dedup_lines=cfg.data.dedup_lines,
-            init_tokenizer=(init_folder / "tokenizer.json") if init_folder else None,
-            chat=chat,
-            eot_token=eot_token,
-            streams=streams,
-            notify=notify,
-            progress=progress,
-        )
+    try:  # rank 0 tokenizes and fills the cache first; the others then read it
+        with main_first(dist):
+            data = prepare(
+                data_path,
+                tokenizer=cfg.data.tokenizer,
+                vocab_size=cfg.data.vocab_size,
+                val_fraction=cfg.data.val_fraction,
+                block_size=block,
+                dedup_lines=cfg.data.dedup_lines,
+                init_tokenizer=(init_folder / "tokenizer.json") if init_folder else None,
+                chat=chat,
+                eot_token=eot_token,
+                streams=streams,
+                notify=notify,
+                progress=progress,
+            )
     except OSError as exc:  # a write to the spill or token file (a full disk) names no file: they are in the cache
         exc.filename = exc.filename or str(cache_dir() / "train-data")
         raise
-    if dist.main:
-        barrier(dist)
     if init_folder is None:
         shape = gpt2_shape(cfg, data.vocab_size, block)
     memory = check_memory(cfg, shape, block, dist, resuming=resume is not None) if shape is not None else 0
