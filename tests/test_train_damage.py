@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -342,3 +343,35 @@ def test_a_full_disk_after_the_first_checkpoint_but_before_run_json_leaves_a_fol
     monkeypatch.setattr(checkpoint, "write_atomic", real_write)
     assert run(argv) == 0, capsys.readouterr().err
     assert json.loads((out / "run.json").read_text())["latest"] == "step-0000010"
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_refused(trained, tmp_path, capsys):
+    # `cp -r other/checkpoints/step-N run/checkpoints/`: the newest checkpoint was resumed whatever its model (its
+    # 2 layers trained on as this 1-layer run's, then saved over the run's own model files) or its tokenizer.
+    corpus = tmp_path / "corpus.txt"
+    letters = sorted(set(corpus.read_text()) - {"\n"})
+    unused = next(chr(c) for c in range(ord("A"), ord("z")) if chr(c) not in letters)
+    swapped = tmp_path / "swapped.txt"  # as many characters, one of them another: the same vocabulary size
+    swapped.write_text(corpus.read_text().replace(letters[-1], unused))
+    for name, data, sets in (("deeper", corpus, ["model.n_layer=2"]), ("swapped", swapped, [])):
+        other = tmp_path / name
+        argv = ["train", "--preset", "tiny", "--data", str(data), "--out", str(other), "--max-iters", "30"]
+        assert run([*argv, *(a for s in sets for a in ("--set", s))]) == 0
+        shutil.copytree(other / "checkpoints" / "step-0000030", trained / "checkpoints" / "step-0000030")
+        assert run(["train", "--resume", str(trained), "--max-iters", "40"]) == 6
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        copied = trained / "checkpoints" / "step-0000030"
+        expected = "another model (layers 2) than this run's config gives (layers 1)" if sets else "another tokenizer"
+        assert errors == [
+            f"error: cannot resume {trained}: {copied} holds {expected}" + ("" if sets else " than this run's")
+        ]
+        assert json.loads((trained / "run.json").read_text())["latest"] == "step-0000020"
+        shutil.rmtree(copied)
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 0  # its own checkpoint resumes
+
+
+def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    assert "the corpus gives another tokenizer now" in capsys.readouterr().err

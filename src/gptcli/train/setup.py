@@ -10,18 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ConfigError, GptcliError, InputError, ModelError, UsageError
+from gptcli.errors import ConfigError, ModelError, UsageError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
 from gptcli.paths import RUNS_DIR, cache_dir
-from gptcli.textio import human_bytes, read_yaml
+from gptcli.textio import human_bytes
 from gptcli.train import checkpoint as ckpt
-from gptcli.train.config import TrainConfig, incompatible_changes, load_config
+from gptcli.train.config import TrainConfig, load_config
 from gptcli.train.data import EOT, UNK, TokenData, prepare
 from gptcli.train.distributed import Dist, main_first, setup_distributed
 from gptcli.train.errors import RunError
 from gptcli.train.events import DataProgress, Note, RunInfo
 from gptcli.train.lock import LOCK_FILE, check_unlocked
+from gptcli.train.resume import check_checkpoint, resumed_config
 from gptcli.train.step import estimated_flops_per_token, flops_per_token, load_causal_lm, new_gpt2
 
 # The rough memory a training step takes (checked before anything big is allocated):
@@ -183,7 +184,7 @@ def resolve_run(
                 hint=f"drop --out (to branch the run, copy {resume} and resume the copy)",
             )
         check_unlocked(resume)
-        cfg, resume_from, data_path = _resumed(resume, data_path, preset, config_file, sets, flags)
+        cfg, resume_from, data_path = resumed_config(resume, data_path, preset, config_file, sets, flags)
         out = resume
     else:
         if data_path is None:
@@ -250,49 +251,10 @@ def resolve_run(
     memory = check_memory(cfg, shape, block, dist, resuming=resume is not None) if shape is not None else 0
     files = tokenizer_files(data, cfg, block, init_folder)
     if resume_from is not None:
-        try:
-            same = (resume_from / "tokenizer.json").read_bytes() == files["tokenizer.json"]
-        except OSError as exc:
-            raise RunError(f"cannot resume {out}: cannot read {resume_from / 'tokenizer.json'} ({exc})") from None
-        if not same:
-            raise RunError(f"cannot resume {out}: the corpus gives another tokenizer now", hint="use the same --data")
+        check_checkpoint(out, resume_from, cfg, data.vocab_size, block, init_folder, files["tokenizer.json"])
     return RunSetup(
         cfg, out, data_path.resolve(), data, files, init_folder, block, dist, resume_from, shape, memory, leftovers
     )
-
-
-def _resumed(
-    run: Path, data_path: Path | None, preset: str | None, config_file: Path | None, sets: list[str], flags: Any
-) -> tuple[TrainConfig, Path, Path]:
-    """A run folder's config (with the changes a resume may make), its latest checkpoint and its data."""
-    info = ckpt.read_run(run)
-    saved_data = info.get("data")
-    if data_path is None and not (isinstance(saved_data, str) and saved_data):  # with --data, it is replaced
-        raise RunError(f'cannot resume {run}: corrupt {run / ckpt.RUN_FILE} ("data" is not a path)', hint="pass --data")
-    try:
-        saved = load_config(base=read_yaml(run / ckpt.CONFIG_FILE))
-    except GptcliError as exc:
-        raise RunError(f"cannot resume {run}: {exc.message}", hint="the run's train_config.yaml is damaged") from None
-    cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
-    changed = incompatible_changes(saved, cfg)
-    if changed:
-        raise RunError(
-            f"cannot resume {run} with a different {', '.join(changed)}",
-            hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
-        )
-    latest = ckpt.latest_checkpoint(run)
-    if latest is None:
-        raise RunError(f"cannot resume {run}: it has no complete checkpoint yet", hint="start it again")
-    step = latest.name.removeprefix("step-")
-    if step.isdigit() and cfg.train.max_iters <= int(step):
-        raise ConfigError(
-            f"{run} is already at step {int(step)}: train.max_iters (--max-iters) must be above it,"
-            f" not {cfg.train.max_iters}",
-            hint=f"continue it with e.g. --max-iters {2 * int(step)}",
-        )
-    if data_path is None and not Path(saved_data).exists():  # moved or deleted since: "check --data" misled
-        raise InputError(f"cannot resume {run}: its data {saved_data} is gone", hint="pass --data with where it is now")
-    return cfg, latest, data_path or Path(saved_data)
 
 
 def _reusable(out: Path) -> tuple[Path, ...]:

@@ -1,0 +1,125 @@
+"""What a resume continues: the run's config (with the changes a resume may make) and its latest checkpoint, which
+must be this run's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptcli.errors import ConfigError, GptcliError, InputError, ModelError
+from gptcli.textio import read_yaml
+from gptcli.train import checkpoint as ckpt
+from gptcli.train.config import TrainConfig, incompatible_changes, load_config
+from gptcli.train.errors import RunError
+
+FOREIGN_HINT = "it was copied from another run: move it out of {where} (or resume the run it came from)"
+
+
+def resumed_config(
+    run: Path, data_path: Path | None, preset: str | None, config_file: Path | None, sets: list[str], flags: Any
+) -> tuple[TrainConfig, Path, Path]:
+    """A run folder's config (with the changes a resume may make), its latest checkpoint and its data."""
+    info = ckpt.read_run(run)
+    saved_data = info.get("data")
+    if data_path is None and not (isinstance(saved_data, str) and saved_data):  # with --data, it is replaced
+        raise RunError(f'cannot resume {run}: corrupt {run / ckpt.RUN_FILE} ("data" is not a path)', hint="pass --data")
+    try:
+        saved = load_config(base=read_yaml(run / ckpt.CONFIG_FILE))
+    except GptcliError as exc:
+        raise RunError(f"cannot resume {run}: {exc.message}", hint="the run's train_config.yaml is damaged") from None
+    cfg = load_config(base=saved.to_dict(), preset=preset, config_file=config_file, sets=sets, flags=flags)
+    changed = incompatible_changes(saved, cfg)
+    if changed:
+        raise RunError(
+            f"cannot resume {run} with a different {', '.join(changed)}",
+            hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
+        )
+    latest = ckpt.latest_checkpoint(run)
+    if latest is None:
+        raise RunError(f"cannot resume {run}: it has no complete checkpoint yet", hint="start it again")
+    step = latest.name.removeprefix("step-")
+    if step.isdigit() and cfg.train.max_iters <= int(step):
+        raise ConfigError(
+            f"{run} is already at step {int(step)}: train.max_iters (--max-iters) must be above it,"
+            f" not {cfg.train.max_iters}",
+            hint=f"continue it with e.g. --max-iters {2 * int(step)}",
+        )
+    if data_path is None and not Path(saved_data).exists():  # moved or deleted since: "check --data" misled
+        raise InputError(f"cannot resume {run}: its data {saved_data} is gone", hint="pass --data with where it is now")
+    return cfg, latest, data_path or Path(saved_data)
+
+
+def check_checkpoint(
+    run: Path, checkpoint: Path, cfg: TrainConfig, vocab: int, block: int, init: Path | None, tokenizer: bytes
+) -> None:
+    """The corpus still gives the run's tokenizer, and the checkpoint to resume holds this run's model and tokenizer:
+    one copied in from another run (`cp -r other/checkpoints/step-N run/checkpoints/`) was trained on silently,
+    whatever its shape (RunError)."""
+    corpus_changed = RunError(
+        f"cannot resume {run}: the corpus gives another tokenizer now", hint="use the same --data"
+    )
+    foreign = FOREIGN_HINT.format(where=checkpoint.parent)
+    own = _read(run / "tokenizer.json")  # each start and resume writes the run's own
+    if own is not None and own != tokenizer:
+        raise corpus_changed
+    expected = _sizes(
+        init
+        or {
+            "model_type": "gpt2",
+            "n_layer": cfg.model.n_layer,
+            "n_embd": cfg.model.n_embd,
+            "n_head": cfg.model.n_head,
+            "vocab_size": vocab,
+            "n_positions": block,
+        }
+    )
+    found = _sizes(checkpoint)
+    if found is not None and expected is not None and found != expected:
+        differ = [key for key in expected if found[key] != expected[key]]
+
+        def listed(sizes: dict[str, Any]) -> str:
+            return ", ".join(f"{key} {sizes[key]}" for key in differ)
+
+        raise RunError(
+            f"cannot resume {run}: {checkpoint} holds another model ({listed(found)})"
+            f" than this run's config gives ({listed(expected)})",
+            hint=foreign,
+        )
+    try:
+        same = (checkpoint / "tokenizer.json").read_bytes() == tokenizer
+    except OSError as exc:
+        raise RunError(f"cannot resume {run}: cannot read {checkpoint / 'tokenizer.json'} ({exc})") from None
+    if not same and own is None:
+        raise corpus_changed
+    if not same:
+        raise RunError(f"cannot resume {run}: {checkpoint} holds another tokenizer than this run's", hint=foreign)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _sizes(model: Path | dict[str, Any]) -> dict[str, Any] | None:
+    """What a resume must find unchanged in a model's config.json (a folder's, or a dict like one); None when
+    it does not read (a damaged checkpoint: the resume says so, or falls back to an older one)."""
+    from gptcli.hf.architecture import Architecture
+    from gptcli.hf.files import read_config
+
+    try:
+        config = read_config(model) if isinstance(model, Path) else model
+        if not isinstance(config.get("model_type"), str):
+            return None
+        arch = Architecture.from_config(config)
+    except ModelError:
+        return None
+    return {
+        "model type": arch.model_type,
+        "layers": arch.layers,
+        "width": arch.hidden,
+        "heads": arch.heads,
+        "vocabulary": arch.vocab,
+        "context": arch.context,
+    }
