@@ -700,6 +700,45 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled_too(runtime):
         assert slow.engine.snapshot().tokens_generated < 60
 
 
+def test_a_client_that_resets_mid_stream_leaves_no_asyncio_warning(runtime, caplog):
+    # A client gone mid-stream (a reset: SO_LINGER 0) is heard of at the next read or write. When the loop was busy
+    # (many streams), the events queued meanwhile were all written without yielding to it, so uvicorn never learnt
+    # of the loss, and asyncio logged "socket.send() raised exception." from the fifth write on.
+    import asyncio
+    import struct
+
+    held, reset = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:  # as other streams would: the engine goes on meanwhile, its events queue up
+        held.set()
+        assert reset.wait(10)
+        start = slow.engine.snapshot().tokens_generated
+        assert wait_until(lambda: slow.engine.snapshot().tokens_generated >= start + 30, 10)
+
+    with serve_runtime(runtime, delay=0.01, max_running=1) as slow:
+        loops = []
+        submit = slow.engine.submit
+        slow.engine.submit = lambda *a, **k: (loops.append(asyncio.get_running_loop()), submit(*a, **k))[1]
+        host, port = slow.url.removeprefix("http://").split(":")
+        context = runtime.backend.info.context_length
+        body = {"prompt": "Once", "max_tokens": context - 8, "ignore_eos": True, "stream": True}
+        data = json.dumps(body).encode()
+        request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request += b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        with caplog.at_level("WARNING", logger="asyncio"):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(request)
+                received = b""
+                while received.count(b"data: ") < 2:
+                    received += sock.recv(65536)
+                loops[0].call_soon_threadsafe(hold_the_loop)
+                assert held.wait(10)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.set()
+            assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 # ---------------------------------------------------------------------------------------------- the program
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from starlette.responses import StreamingResponse
 
 DONE = "data: [DONE]\n\n"
@@ -41,7 +42,7 @@ class EventStreamResponse(StreamingResponse):
 
                 group.start_soon(watch_disconnect)
                 with contextlib.suppress(OSError):  # the client went away while we were writing
-                    await self.stream_response(send)
+                    await self.stream_response(_yielding(send))
                 group.cancel_scope.cancel()
         finally:
             close = getattr(self.body_iterator, "aclose", None)
@@ -50,3 +51,15 @@ class EventStreamResponse(StreamingResponse):
                     await close()
             if self.on_close is not None:  # also when the source never started
                 self.on_close()
+
+
+def _yielding(send: Any) -> Any:
+    """`send`, then a turn of the event loop. A write is what finds a client gone (a reset), and the server learns
+    of it only at the loop's next turn: the events queued meanwhile (a busy loop) were written back to back into
+    the closed socket, and asyncio logged "socket.send() raised exception." from the fifth on."""
+
+    async def send_then_yield(message: Any) -> None:
+        await send(message)
+        await anyio.lowlevel.checkpoint()
+
+    return send_then_yield
