@@ -575,29 +575,102 @@ def test_a_batch_line_sets_its_own_response_format(tiny_models, tmp_path):
     assert got[5]["error"]["message"].startswith("the line's `response_format`: type must be text, json_object or")
 
 
+WIDE_OBJECT = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+HALF_WIDE = [{"type": "object", "properties": {f"{side}{i}": {"type": "integer"} for i in range(300)}} for side in "ab"]
+SAID_WIDE = (
+    r"too many choices open at one point \((\d+) items, at most 2000\){}: give fewer optional properties or choices"
+)
+
+
 def test_an_object_with_too_many_optional_properties_is_refused_before_decoding(llama):
     """1000 optional properties passed every check, then the first `{` failed mid-reply with llguidance's
     'Parser Error: Current row has 4007 items; max is 2000; consider making your grammar left-recursive'."""
-    backend, tok = llama
-    wide = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
-    said = r"too many choices open at one point \(4007 items, at most 2000\): give fewer optional properties or choices"
-    with pytest.raises(ConfigError, match=f"^{said}$"):
-        constraints.prepare(constraints.schema_constraint(wide, "t"), tok)
-    nested = constraints.schema_constraint({"type": "array", "items": wide}, "t")  # past `[`: found while decoding
-    params = SamplingConfig(
-        temperature=0, max_tokens=8, logit_bias=((tok.encode("{", add_special_tokens=False)[0], 50),)
+    _, tok = llama
+    said = SAID_WIDE.format("").replace(r"(\d+)", "4007")
+    with pytest.raises(ConfigError, match=f"^t: {said}$"):
+        constraints.schema_constraint(WIDE_OBJECT, "t")
+    with pytest.raises(ConfigError, match=f"^{said}$"):  # the first-mask check says the same
+        constraints.prepare(OutputConstraint("json_schema", json.dumps(WIDE_OBJECT)), tok)
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "array", "items": WIDE_OBJECT}, "/items"),
+        ({"type": "object", "properties": {"rows": {"type": "array", "items": WIDE_OBJECT}}}, "/properties/rows/items"),
+        ({"$defs": {"row": WIDE_OBJECT}, "type": "array", "items": {"$ref": "#/$defs/row"}}, "/$defs/row"),
+        ({"type": "object", "additionalProperties": WIDE_OBJECT}, "/additionalProperties"),
+        ({"anyOf": [{"type": "string"}, {"type": "array", "items": WIDE_OBJECT}]}, "/anyOf/1/items"),
+        ({"type": "array", "items": {"anyOf": HALF_WIDE}}, "/items"),  # 300 + 300 keys open at one `{`
+        ({"type": "array", "items": {"allOf": HALF_WIDE}}, "/items"),
+        ({"type": "object", "properties": {"enum": WIDE_OBJECT}}, "/properties/enum"),  # a property's name
+        ({**WIDE_OBJECT, "required": ["k999"]}, ""),  # 999 optional keys before the required one
+    ],
+)
+def test_a_wide_object_anywhere_in_a_schema_is_refused_before_any_token(schema, where):
+    """The up-front check reached only the top level: an array of 1000-property objects passed it, then
+    every reply failed at its first `{` (generate exited 3 mid-reply, the server sent a 200 stream that
+    ended in an error event)."""
+    place = f" in the object at {re.escape(where)}" if where else ""
+    with pytest.raises(ConfigError, match=f"^t: {SAID_WIDE.format(place)}$"):
+        constraints.schema_constraint(schema, "t")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {**WIDE_OBJECT, "required": list(WIDE_OBJECT["properties"])},  # one choice at a time
+        {**WIDE_OBJECT, "required": [f"k{i}" for i in range(0, 1000, 300)]},  # runs of 299 optional keys
+        {"type": "array", "items": {"anyOf": [HALF_WIDE[0], {"type": "string"}]}},
+    ],
+)
+def test_many_properties_in_runs_llguidance_can_open_still_pass(schema):
+    constraints.schema_constraint(schema, "t")  # no error: these replies can be written
+
+
+def test_a_schema_over_llguidances_size_limit_says_so_in_our_words():
+    """'invalid JSON Schema: schema too large' (llguidance's words) named neither the limit nor the fix."""
+    keys = [f"k{i}" for i in range(17_000)]  # three subschemas each: over the 50,000 llguidance compiles
+    huge = {"type": "object", "properties": {key: {"type": "string"} for key in keys}, "required": keys}
+    said = "t: the JSON Schema is too large to compile (over 50,000 subschemas): make it smaller or split it"
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        constraints.schema_constraint(huge, "t")
+
+
+def test_cli_and_server_refuse_a_nested_wide_object_before_generating(tiny_models, tmp_path, server):
+    httpx = pytest.importorskip("httpx")
+    rows = {"type": "array", "items": WIDE_OBJECT}
+    schema = tmp_path / "rows.json"
+    schema.write_text(json.dumps(rows), encoding="utf-8")
+    run = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "-n", "8", "--json-schema", str(schema))
+    said = run.stderr.decode()
+    assert run.returncode == 3 and run.stdout == b"", said
+    assert said.splitlines()[0] == (
+        f"error: {schema}: too many choices open at one point (4007 items, at most 2000) in the object at /items: "
+        "give fewer optional properties or choices"
     )
-    finished = _final(generate(backend, tok, tok.encode("hi"), replace(params, constraint=nested)))
-    assert finished.reason == "error" and finished.error == f"the output grammar failed: {said}".replace("\\", "")
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "rows", "schema": rows}},
+    }
+    for stream in (False, True):
+        response = httpx.post(server.v1 + "/chat/completions", json={**body, "stream": stream}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "response_format.json_schema.schema" and "in the object at /items" in error["message"]
 
 
 def test_chat_says_when_its_output_grammar_stopped_a_reply(tiny_models, tmp_path):
     """`generate` exits 3 on a reply its grammar could not finish; chat showed the `{` and nothing else."""
-    wide = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
-    pair = {"type": "object", "properties": {"b": wide}, "required": ["b"], "additionalProperties": False}
-    either = [{"type": "array", "items": wide, "minItems": 1}, pair]
+    # Two 300-key objects merged by allOf through `$ref`s outside $defs: the up-front check cannot probe
+    # them together, so the 600 keys fail only at the reply's `{` (no text is forced before it).
+    parts = {"a": HALF_WIDE[0], "b": HALF_WIDE[1]}
+    merged = {"allOf": [{"$ref": "#/parts/a"}, {"$ref": "#/parts/b"}]}
+    pair = {"type": "object", "properties": {"b": merged}, "required": ["b"], "additionalProperties": False}
+    either = [{"type": "array", "items": merged, "minItems": 1}, pair]
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"anyOf": either}), encoding="utf-8")  # no text forced: it fails only mid-reply
+    schema.write_text(json.dumps({"parts": parts, "anyOf": either}), encoding="utf-8")
     args = ("chat", "-m", str(tiny_models["llama"]), "-t", "0", "-n", "8")
     chat = run_cli(*args, "--json-schema", str(schema), input="hi\n")
     said = chat.stderr.decode()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gptcli import schema_width
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError, UsageError
 from gptcli.textio import SCHEMA_FILE, read_text_file
@@ -144,17 +145,32 @@ def check(constraint: OutputConstraint, where: str) -> None:
     if failed:
         hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
         raise ConfigError(f"{where}: {describe(constraint, messages[0] if messages else '')}", hint=hint)
+    if wide := wide_object(constraint):  # it compiles, but the reply would fail at this object's `{`
+        raise ConfigError(f"{where}: {wide}", hint=SCHEMA_HINT)
 
 
-# llguidance's limit on the choices open at one point (its Earley row): ~500 optional properties of one object.
-TOO_WIDE = re.compile(r"Current row has (\d+) items; max is (\d+)")
-TOO_WIDE_SAYS = "too many choices open at one point ({} items, at most {}): give fewer optional properties or choices"
+TOO_WIDE_SAYS = "too many choices open at one point ({} items, at most {}){}: give fewer optional properties or choices"
+# llguidance's message when a schema has more than its 50,000 subschemas (`max_size`), and ours
+TOO_LARGE = "schema too large"
+TOO_LARGE_SAYS = "the JSON Schema is too large to compile (over 50,000 subschemas): make it smaller or split it"
+
+
+@lru_cache(maxsize=MAX_GRAMMARS)
+def wide_object(constraint: OutputConstraint) -> str:
+    """Why an object nested anywhere in a JSON Schema cannot be opened (too many optional properties), or ""."""
+    if constraint.kind != "json_schema":
+        return ""
+    found = schema_width.first_too_wide(json.loads(constraint.source), JSON_OPTIONS)
+    if found is None:
+        return ""
+    items, limit, pointer = found
+    return TOO_WIDE_SAYS.format(items, limit, "" if pointer == "/" else f" in the object at {pointer}")
 
 
 def too_wide(message: str) -> str:
     """llguidance's "Current row has N items; max is M" in our words, or "" for any other message."""
-    row = TOO_WIDE.search(message)
-    return TOO_WIDE_SAYS.format(*row.groups()) if row else ""
+    row = schema_width.too_wide(message)
+    return TOO_WIDE_SAYS.format(*row, "") if row else ""
 
 
 def describe(constraint: OutputConstraint, message: str) -> str:
@@ -165,6 +181,8 @@ def describe(constraint: OutputConstraint, message: str) -> str:
         return f"JSON Schema keyword not supported: {names}"
     if wide := too_wide(message):
         return wide
+    if message.strip().removeprefix("error: ") == TOO_LARGE:
+        return TOO_LARGE_SAYS
     if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
         return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]

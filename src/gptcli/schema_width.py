@@ -1,0 +1,139 @@
+"""The JSON objects of a schema too wide for llguidance's parser, found before any token is generated.
+
+llguidance keeps every choice open at one point of the text in one Earley row, at most 2,000 items:
+an object's run of optional properties costs ~4 items each, so ~500 of them fail, but only once the
+text reaches that object's `{`. The tokenizer-free check compiles the whole grammar yet parses no text,
+and the first-mask check reaches only the top level; an array of wide objects failed mid-reply.
+
+So each wide object anywhere in the schema (under items, properties, $defs, anyOf, ...) is parsed on
+its own by a one-byte-per-token matcher up to its `{`, and the row there is the row the reply would
+meet. Past a required property the next run of optional ones opens a row of its own, so each run is
+probed as an object of its own; choices (anyOf, oneOf, allOf) whose objects open many properties at
+one `{` together are probed whole. A probe that cannot compile alone (a `$ref` outside $defs) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+TOO_WIDE = re.compile(r"Current row has (\d+) items; max is (\d+)")
+WIDE = 100  # properties in one run before it is worth a probe (a probe of 1,000 takes ~80 ms)
+# The keywords whose values are data, not schemas, and those whose values map names to schemas.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "type", "pattern", "format"})
+CHOICES = ("anyOf", "oneOf", "allOf")
+NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def too_wide(message: str) -> tuple[str, str] | None:
+    """The (items, limit) of llguidance's "Current row has N items; max is M", or None for another message."""
+    row = TOO_WIDE.search(message)
+    return (row.group(1), row.group(2)) if row else None
+
+
+def first_too_wide(schema: Any, options: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(items, limit, where) of the first object run in `schema` that llguidance cannot open, or None."""
+    shared = {key: schema[key] for key in ("$defs", "definitions") if isinstance(schema, dict) and key in schema}
+    try:
+        for where, probe in _runs(schema, "", root=schema):
+            row = too_wide(_error_after_open(json.dumps({**probe, **shared}), options))
+            if row:
+                return row[0], row[1], where or "/"
+    except RecursionError:  # nested deeper than Python walks: the decoding still says so if it fails
+        pass
+    return None
+
+
+def _runs(node: Any, where: str, root: Any, named: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(JSON pointer, object schema) for each wide run of optional properties in the schema (and the
+    required property closing it, if any, as an object of its own with the same additionalProperties),
+    and each choice (anyOf, oneOf, allOf) whose objects open that many properties at one `{` together."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _runs(item, f"{where}/{i}", root)
+        return
+    if not isinstance(node, dict):
+        return
+    if not named and any(key in node for key in CHOICES) and _open_at_brace(node, root, set()) >= WIDE:
+        yield where, node
+    properties = node.get("properties") if not named else None
+    if isinstance(properties, dict) and len(properties) >= WIDE:
+        required = set(node["required"]) if isinstance(node.get("required"), list) else set()
+        extra = {"additionalProperties": node["additionalProperties"]} if "additionalProperties" in node else {}
+        run: dict[str, Any] = {}
+        for name, value in properties.items():
+            run[name] = value
+            if name in required or len(run) == len(properties):
+                if len(run) >= WIDE:
+                    closed = {"required": [name]} if name in required else {}
+                    yield where, {"type": "object", "properties": run, **closed, **extra}
+                run = {}
+    for key, value in node.items():
+        if named or key not in DATA_KEYWORDS:
+            yield from _runs(value, f"{where}/{_escape(key)}", root, named=not named and key in NAMED_SCHEMAS)
+
+
+def _open_at_brace(node: Any, root: Any, seen: set[str]) -> int:
+    """How many properties a `{` of this schema may open: its own, its choices' and what it refers to."""
+    if not isinstance(node, dict):
+        return 0
+    count = len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+    for key in CHOICES:
+        if isinstance(node.get(key), list):
+            count += sum(_open_at_brace(member, root, seen) for member in node[key])
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#") and ref not in seen:  # a local reference, followed once
+        seen.add(ref)
+        count += _open_at_brace(_resolve(root, ref), root, seen)
+    return count
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The schema a local `$ref` ("#/$defs/item") points at, or None."""
+    node = root
+    for part in ref.removeprefix("#").split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+@lru_cache(maxsize=1)
+def _bytes_tokenizer() -> Any:
+    """A token table of the 256 bytes and an end token: any text is reachable one byte at a time."""
+    import llguidance
+
+    encoder = {bytes([b]): b for b in range(256)}
+    return llguidance.LLTokenizer.from_tiktoken(
+        encoder=encoder, special_tokens={"<|end|>": 256}, pattern=".", eos_token=256, slices=[]
+    )
+
+
+def _error_after_open(schema_source: str, options: dict[str, Any]) -> str:
+    """llguidance's error once an object's `{` is read (if the schema allows one there), or ""."""
+    import llguidance
+
+    tokenizer = _bytes_tokenizer()
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_source, defaults=options)
+    except ValueError as exc:
+        return str(exc)
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    bits = np.zeros((tokenizer.vocab_size + 31) // 32, dtype=np.int32)  # held by a name while the calls write it
+    matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+    if not matcher.is_error() and matcher.consume_token(ord("{")):
+        matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+    return (matcher.get_error() or "") if matcher.is_error() else ""
