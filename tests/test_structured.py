@@ -393,6 +393,52 @@ def test_server_bad_schema_is_400_in_openai_shape(server):
         assert error["message"].startswith(message), error
 
 
+MISMATCHED_FORMATS = [  # OpenAI's shape: text | json_object | json_schema with json_schema: {name, schema, strict}
+    ({"type": "json_object", "json_schema": {"name": "x", "schema": SCHEMAS["array"]}}, "response_format.json_schema"),
+    ({"type": "text", "json_schema": {"name": "x", "schema": SCHEMAS["array"]}}, "response_format.json_schema"),
+    ({"type": "json_schema", "schema": SCHEMAS["array"]}, "response_format.schema"),
+    ({"type": "json_object", "schema": SCHEMAS["array"]}, "response_format.schema"),
+    (
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "type": "object"}},
+        "response_format.json_schema.type",
+    ),
+    ({"type": "json_schema", "json_schema": {"type": "object"}}, "response_format.json_schema.schema"),  # inline
+]
+
+
+def test_a_response_format_whose_fields_do_not_fit_its_type_is_a_400_naming_the_field(server):
+    """`json_schema` beside type json_object (or a schema at the wrong level) was silently ignored: the
+    client believed its schema held while the reply was any JSON object, or free text."""
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for response_format, param in MISMATCHED_FORMATS:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="tiny-llama", messages=messages, max_tokens=4, response_format=response_format
+            )
+        assert caught.value.param == param and f"400 - {param}: " in caught.value.message, caught.value.message
+        body = {"prompt": "hi", "max_tokens": 4, "response_format": response_format, "stream": True}
+        response = httpx.post(server.v1 + "/completions", json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    fits = {"type": "json_object", "json_schema": None}  # a null field counts as not given
+    reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=4, response_format=fits)
+    assert reply.choices[0].message.content.startswith("{")
+
+
+def test_a_batch_lines_response_format_follows_the_same_shape(tiny_models, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    lines = [{"id": f"r{i}", "prompt": "hi", "response_format": f} for i, (f, _) in enumerate(MISMATCHED_FORMATS)]
+    rows.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = run_cli("generate", "--batch", str(rows), "-m", str(tiny_models["llama"]), "-n", "4", "-o", str(out))
+    assert run.returncode == 0, run.stderr.decode()
+    got = [json.loads(text)["error"]["message"] for text in out.read_text(encoding="utf-8").splitlines()]
+    expected = [param.replace("response_format", "the line's `response_format`", 1) for _, param in MISMATCHED_FORMATS]
+    assert [message.split(": ")[0] for message in got] == expected, got
+
+
 def test_a_grammar_that_matches_nothing_or_gives_out_is_an_error_not_a_quiet_empty_reply(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
     said = "error: invalid regex '[^\\s\\S]': it matches no text at all"
@@ -572,7 +618,7 @@ def test_a_batch_line_sets_its_own_response_format(tiny_models, tmp_path):
     assert got[4]["error"]["message"] == (
         "the line's `response_format`.json_schema.schema: JSON Schema keyword not supported: uniqueItems"
     )
-    assert got[5]["error"]["message"].startswith("the line's `response_format`: type must be text, json_object or")
+    assert got[5]["error"]["message"].startswith("the line's `response_format`.type: must be text, json_object or")
 
 
 WIDE_OBJECT = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}

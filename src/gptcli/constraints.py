@@ -106,17 +106,52 @@ def from_flags(schema_file: Path | None, output_format: str | None, pattern: str
     return ANY_JSON if output_format == "json" else None
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+JSON_SCHEMA_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "name": (str, "a string"),
+    "description": (str, "a string"),
+    "schema": ((dict, bool), "a JSON Schema (an object)"),
+    "strict": (bool, "true or false"),
+}
+SHAPE = "response_format takes type and, for type json_schema, json_schema: {name, schema, strict}"
+
+
+def response_format_mismatch(value: dict[str, Any]) -> tuple[str, str] | None:
+    """The field of OpenAI's `response_format` that does not fit its documented shape, and why, as
+    (".json_schema", "..."); None when it fits. A field given as null counts as not given."""
+    given = {key: item for key, item in value.items() if item is not None}
+    kind = given.get("type")
+    if kind not in RESPONSE_FORMATS:
+        return ".type", "must be text, json_object or json_schema"
+    if extra := next((key for key in given if key not in ("type", "json_schema")), None):
+        return f".{extra}", f"not a field of response_format ({SHAPE})"
+    spec = given.get("json_schema")
+    if kind != "json_schema":
+        if spec is None:
+            return None
+        return ".json_schema", f"only for type json_schema, not {kind}: set type to json_schema or drop json_schema"
+    if not isinstance(spec, dict) or spec.get("schema") is None:
+        where = ".json_schema" if not isinstance(spec, dict) else ".json_schema.schema"
+        return where, "required for type json_schema (the JSON Schema goes in json_schema.schema)"
+    for key, item in spec.items():
+        if key not in JSON_SCHEMA_FIELDS:
+            return f".json_schema.{key}", f"not a field of json_schema ({SHAPE})"
+        kinds, says = JSON_SCHEMA_FIELDS[key]
+        if item is not None and not isinstance(item, kinds):
+            return f".json_schema.{key}", f"must be {says}"
+    return None
+
+
 def response_format(value: Any, where: str) -> OutputConstraint | None:
     """OpenAI's `response_format` as plain JSON (a batch-file line): text, json_object or json_schema and its schema."""
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be an object ({SHAPE})", hint=SCHEMA_HINT)
+    if mismatch := response_format_mismatch(value):
+        raise ConfigError(f"{where}{mismatch[0]}: {mismatch[1]}", hint=SCHEMA_HINT)
+    if value["type"] == "text":
         return None
-    if kind == "json_object":
+    if value["type"] == "json_object":
         return JSON_OBJECT
-    if kind != "json_schema":
-        raise ConfigError(f"{where}: type must be text, json_object or json_schema", hint=SCHEMA_HINT)
-    if not isinstance(value.get("json_schema"), dict) or "schema" not in value["json_schema"]:
-        raise ConfigError(f"{where}: json_schema.schema is required for type json_schema", hint=SCHEMA_HINT)
     return schema_constraint(value["json_schema"]["schema"], f"{where}.json_schema.schema")
 
 

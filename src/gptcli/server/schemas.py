@@ -109,20 +109,23 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
     def constraint(self) -> OutputConstraint | None:
-        """The structured-output constraint, checked now: a bad schema is a 400 that names the problem."""
+        """The structured-output constraint, checked now: a bad schema, or a field that does not fit the
+        type (`json_schema` with type json_object, an unknown field), is a 400 that names the field."""
         from gptcli import constraints
 
+        if mismatch := constraints.response_format_mismatch(self.model_dump(by_alias=True)):
+            param = f"response_format{mismatch[0]}"
+            raise APIError(400, f"{param}: {mismatch[1]}", param=param, code="invalid_value")
         if self.type == "text":
             return None
         if self.type == "json_object":
             return constraints.JSON_OBJECT
-        param = "response_format.json_schema"
-        if self.json_schema is None or self.json_schema.schema_ is None:
-            raise APIError(400, f"{param}.schema: required for type json_schema", param=param, code="invalid_value")
+        param = "response_format.json_schema.schema"
+        schema = self.json_schema.schema_ if self.json_schema is not None else None  # given: checked above
         try:
-            return constraints.schema_constraint(self.json_schema.schema_, f"{param}.schema")
+            return constraints.schema_constraint(schema, param)
         except ConfigError as exc:
-            raise APIError(400, exc.message, param=f"{param}.schema", code="invalid_value") from None
+            raise APIError(400, exc.message, param=param, code="invalid_value") from None
 
 
 class SamplingRequest(BaseModel):
