@@ -366,6 +366,11 @@ def with_drawn_seed(settings: Settings) -> Settings:
     return replace(settings, sampling=replace(settings.sampling, seed=secrets.randbelow(2**31)))
 
 
+def with_output(settings: Settings, constraint: OutputConstraint | None) -> Settings:
+    """A copy of settings whose replies follow `constraint` (None: free text)."""
+    return replace(settings, sampling=replace(settings.sampling, constraint=constraint))
+
+
 def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> Settings:
     """A copy of settings with some sampling values changed (validated like any other layer).
 

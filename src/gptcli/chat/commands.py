@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "/help": "list these commands",
     "/system TEXT": "set the system message (no TEXT: show it)",
     "/set KEY VALUE": "change a sampling setting: " + ", ".join(SAMPLING_KEYS),
+    "/format KIND": "the replies' output format: text, json, schema FILE or regex PATTERN (no KIND: show it)",
     "/show": "settings, model and the token budget used/left",
     "/reset": "start a new conversation (the old one stays saved)",
     "/retry": "regenerate the last reply",
@@ -73,6 +74,26 @@ def _output_format(constraint: OutputConstraint | None) -> str:
     return f"regex {shown} (--regex)" if constraint.kind == "regex" else f"JSON Schema {shown} (--json-schema)"
 
 
+FORMAT_USAGE = "usage: /format text | json | schema FILE | regex PATTERN"
+
+
+def parse_format(arg: str) -> OutputConstraint | None:
+    """`/format`'s argument as an output format, checked as the flags are (None: free text)."""
+    from gptcli import constraints
+    from gptcli.textio import SCHEMA_FILE, read_text_file
+
+    kind, _, rest = arg.partition(" ")
+    rest = rest.strip()
+    if kind in {"text", "json"} and not rest:
+        return constraints.ANY_JSON if kind == "json" else None
+    if kind == "schema" and rest:
+        path = Path(rest).expanduser()
+        return constraints.json_schema(read_text_file(path, SCHEMA_FILE), str(path))
+    if kind == "regex" and rest:
+        return constraints.regex(rest, "/format regex")
+    raise UsageError(FORMAT_USAGE, hint="text: free replies; json: any JSON; a JSON Schema file; a regex")
+
+
 def _shown(value: object) -> str:
     """A setting's value as /show and /set print it: stop strings comma-separated, as /set takes them."""
     return ", ".join(value) if isinstance(value, tuple) else str(value)
@@ -107,6 +128,10 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
         except ConfigError as exc:  # its message names "/set KEY" (set_sampling); its hint names the flag
             raise UsageError(exc.message) from None
         return CommandResult(f"{key} = {_shown(stored)}")
+    if name == "/format":
+        if arg:
+            chat.set_output(parse_format(arg))
+        return CommandResult(f"output: {_output_format(chat.settings.sampling.constraint)}")
     if name == "/show":
         return CommandResult(show_text(chat, backend_name))
     if name == "/reset":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import write_atomic
+from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
 from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
@@ -59,6 +60,7 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # /set changes, re-applied on resume
     window_start: int = 0
+    output: OutputConstraint | None = None  # the structured output replies follow (None: free text)
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
 
@@ -84,6 +86,7 @@ class Conversation:
             "system": self.system,
             "sampling": self.sampling,
             "window_start": self.window_start,
+            **({"output": output_to_json(self.output)} if self.output is not None else {}),
             "messages": self.messages,
         }
 
@@ -122,6 +125,7 @@ class Conversation:
             messages=messages,
             sampling=_checked_sampling(data.get("sampling"), where),
             window_start=window_start,
+            output=output_from_json(data.get("output"), where),
         )
         conv.created = str(data.get("created") or default_time or conv.created)
         conv.updated = str(data.get("updated") or default_time or conv.updated)
@@ -141,6 +145,38 @@ def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
     except ConfigError as exc:
         raise InputError(exc.message, hint="fix or remove that setting in the file") from None
     return dict(sampling)
+
+
+def output_to_json(constraint: OutputConstraint) -> dict[str, Any]:
+    """The output format as a chat file keeps it, named as the flags are: {"format": "json"},
+    {"json_schema": {...}} or {"regex": "..."}."""
+    if constraint.kind == "json_schema":
+        return {"json_schema": json.loads(constraint.source)}
+    if constraint.kind == "regex":
+        return {"regex": constraint.source}
+    return {"format": "json"}
+
+
+def output_from_json(value: Any, where: str) -> OutputConstraint | None:
+    """A chat file's `output` (absent in files from before it was kept: free text). Its shape is checked
+    here; the grammar is compiled when the chat is resumed or loaded (`chats list` stays quick)."""
+    if value is None:
+        return None
+    kind = next(iter(value), None) if isinstance(value, dict) and len(value) == 1 else None
+    item = value[kind] if kind is not None else None
+    if kind == "format" and item == "json":
+        return OutputConstraint("json")
+    if kind == "regex" and isinstance(item, str) and item:
+        return OutputConstraint("regex", item)
+    if kind == "json_schema" and isinstance(item, dict):
+        try:
+            return OutputConstraint("json_schema", json.dumps(item, allow_nan=False))
+        except ValueError:  # NaN: no JSON Schema
+            pass
+    raise InputError(
+        f'{where}: \'output\' must be {{"format": "json"}}, {{"json_schema": {{...}}}} or {{"regex": "..."}}',
+        hint="fix or remove 'output' in the file (without it, replies are free text)",
+    )
 
 
 def to_markdown(conv: Conversation) -> str:

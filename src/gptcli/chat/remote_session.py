@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 from gptcli.chat.conversation import Conversation, ConversationStore
 from gptcli.chat.session import ChatSession, Turn
-from gptcli.config import SamplingConfig, Settings
+from gptcli.config import OutputConstraint, SamplingConfig, Settings
+from gptcli.constraints import check
 from gptcli.decoding import Event
-from gptcli.errors import ContextLengthError
+from gptcli.errors import ContextLengthError, UsageError
 
 MESSAGE_OVERHEAD = 4  # tokens a chat template adds around each message (role markers), roughly
 
@@ -80,6 +81,15 @@ class RemoteChatSession(ChatSession):
                 pass
         self.prompt_tokens = self.estimate()
         return self.conversation.window()
+
+    def check_output(self, constraint: OutputConstraint, where: str) -> None:
+        """The server enforces the format: OpenAI's `response_format` has no regex (see cli.settings)."""
+        if constraint.kind == "regex":
+            raise UsageError(
+                f"{where}: a regex does not work with --url: OpenAI's API has no regex format",
+                hint="use /format json or /format schema FILE here",
+            )
+        check(constraint, where)  # no prepare: the vocabulary is the server's
 
     def _reply(self, window: list[dict[str, str]]) -> Turn:  # type: ignore[override]
         """Send the window; on "context length exceeded", drop the oldest exchange and send again.

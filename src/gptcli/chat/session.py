@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.chat.conversation import ChatFileError, Conversation, ConversationStore, new_id, now
-from gptcli.config import FIELDS, Resolved, SamplingConfig, Settings, suggest, with_sampling
+from gptcli.config import (
+    FIELDS,
+    OutputConstraint,
+    Resolved,
+    SamplingConfig,
+    Settings,
+    suggest,
+    with_output,
+    with_sampling,
+)
+from gptcli.constraints import check
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
-from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
 from gptcli.paths import environment_error
 from gptcli.prompts import build_prompt, transcript, transcript_sampling
 
@@ -90,6 +100,8 @@ class ChatSession:
         self.settings = settings
         if conversation.sampling:
             self.settings = with_sampling(settings, **conversation.sampling)
+        if conversation.output is not None:  # a resumed chat's too: compiled for this model (a regex: not over --url)
+            self.check_output(conversation.output, f"conversation {conversation.id}: its output format")
         self._fresh_cache()
         self.last_stats: Stats | None = None
         self.save_error: GptcliError | None = None
@@ -251,22 +263,48 @@ class ChatSession:
     def reset(self) -> None:
         """Start a new conversation with the same model, system message and settings."""
         old = self.conversation
-        self.conversation = Conversation(model=old.model, system=old.system, sampling=dict(old.sampling))
+        self.conversation = Conversation(
+            model=old.model, system=old.system, sampling=dict(old.sampling), output=old.output
+        )
         self._warned_trim = False
 
     def load(self, conv: Conversation) -> None:
-        """Continue a conversation loaded from a file, as a new saved conversation. One the store could
-        not read back is refused (ChatFileError) and the chat goes on as it was."""
+        """Continue a conversation loaded from a file, as a new saved conversation, with its output format
+        (one without keeps the current one). One the store could not read back is refused (ChatFileError)
+        and the chat goes on as it was."""
         before = self.conversation, self.settings, self._warned_trim
-        conv = replace(conv, id=new_id(), model=self.conversation.model)
+        output = conv.output if conv.output is not None else self.conversation.output
+        if output is not None and output != self.conversation.output:
+            self.check_output(output, "the file's output format")
+        conv = replace(conv, id=new_id(), model=self.conversation.model, output=output)
         settings = with_sampling(self.settings, **conv.sampling) if conv.sampling else self.settings  # may refuse
-        self.conversation, self.settings = conv, settings
+        self.conversation, self.settings = conv, with_output(settings, output)
         self._warned_trim = False
         try:
             self.save(strict=True)
         except ChatFileError:
             self.conversation, self.settings, self._warned_trim = before
             raise
+
+    def check_output(self, constraint: OutputConstraint, where: str) -> None:
+        """Compile a new output format against this model's vocabulary (a ConfigError naming `where`)."""
+        from gptcli.constraints import prepare
+
+        check(constraint, where)
+        try:
+            prepare(constraint, self.tokenizer)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+
+    def set_output(self, constraint: OutputConstraint | None) -> None:
+        """Follow another output format from the next reply on (None: free text); the chat file keeps it."""
+        if constraint is not None:
+            self.check_output(constraint, "/format")
+            if any(self.settings.sampling.stop):
+                self.warn("stop strings are ignored with structured output: it ends where its grammar does")
+        self.settings = with_output(self.settings, constraint)
+        self.conversation.output = constraint
+        self.save()
 
     def set_system(self, text: str) -> None:
         self.conversation.system = text or None
@@ -322,12 +360,19 @@ class ChatSession:
 
 
 def open_conversation(
-    resolved: Resolved, store: ConversationStore, *, latest: bool = False, ref: str | None = None
+    resolved: Resolved,
+    store: ConversationStore,
+    *,
+    latest: bool = False,
+    ref: str | None = None,
+    output: OutputConstraint | None = None,
+    output_given: bool = False,
 ) -> tuple[Settings, Conversation]:
     """The conversation to hold (a new one, the latest, or `ref`) and the settings to hold it with.
 
     A resumed conversation keeps its model unless one is given now, takes a new system message only
-    when one is given now, and gets back its `/set` changes except those given again as flags.
+    when one is given now, gets back its `/set` changes except those given again as flags, and keeps
+    its output format unless one is given now (`output_given`: --json-schema, --format, --regex).
     """
     settings = resolved.settings
     conversation = store.latest() if latest else store.load(ref) if ref else None
@@ -341,7 +386,11 @@ def open_conversation(
         for key in list(conversation.sampling):
             if resolved.sources.get(f"sampling.{key}") == "flag":
                 del conversation.sampling[key]
+    if output_given:
+        conversation.output = output
+    elif conversation.output is not None:  # checked before the model loads, as the flags are
+        check(conversation.output, f"conversation {conversation.id}: its output format")
     if Path(settings.model).expanduser().exists():  # a folder or file: remember where, for a later --resume
         settings = replace(settings, model=str(Path(settings.model).expanduser().resolve()))
     conversation.model = settings.model
-    return settings, conversation
+    return with_output(settings, conversation.output), conversation

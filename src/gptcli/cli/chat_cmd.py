@@ -111,10 +111,13 @@ def chat(
         trust_remote_code=trust_remote_code,
     )
     store = ConversationStore()
-    settings, conversation = open_conversation(resolved, store, latest=continue_, ref=resume)
+    given = structured is not None or output_format == "text"  # a resumed chat keeps its own otherwise
+    settings, conversation = open_conversation(
+        resolved, store, latest=continue_, ref=resume, output=structured, output_given=given
+    )
     for reason in store.skipped:  # --continue went past a file it could not read: it may have been the newest
         render.warn(f"skipped {reason}")
-    settings = constrain(settings, structured)  # every reply of this session
+    settings = constrain(settings, conversation.output)  # every reply, until /format changes it
     if url is not None:
         from gptcli.cli.remote_run import open_remote, remote_chat_session
 
@@ -136,7 +139,7 @@ def chat(
     if isatty(sys.stdin) and isatty(sys.stdout) and not jsonl:
         from gptcli.cli.chat_repl import Repl
 
-        Repl(session, where, markdown=not plain and structured is None).run()  # JSON, a regex: as written
+        Repl(session, where, markdown=not plain).run()
     else:
         run_piped(session, where, jsonl=jsonl)
     if session.save_error is not None:  # warned when it happened; the replies were given all the same

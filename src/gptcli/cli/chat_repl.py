@@ -74,6 +74,11 @@ class Repl:
         self.err = render.stderr_console()
         self.prompt = self._make_prompt()
 
+    @property
+    def rich(self) -> bool:
+        """Replies render as Markdown: unless --plain, or they follow an output format (JSON, a regex: as written)."""
+        return self.markdown and self.session.settings.sampling.constraint is None
+
     def _make_prompt(self) -> Any:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory
@@ -162,7 +167,7 @@ class Repl:
         """Stream one reply. First Ctrl-C: stop it, keep it; second Ctrl-C: save and exit 130."""
         try:
             with ReplyInterrupts():
-                if self.markdown:
+                if self.rich:
                     render.stream_markdown(turn)
                 else:
                     render.stream_text(turn)
@@ -183,7 +188,7 @@ class Repl:
     def _leave(self) -> NoReturn:
         """After a reply cut by a second Ctrl-C or by SIGTERM: end its line, say so, exit (run() makes
         SIGTERM's 143 of it)."""
-        if self.markdown:  # the plain stream has ended its line already
+        if self.rich:  # the plain stream has ended its line already
             sys.stdout.write("\n")
         self.err.print("interrupted", style="yellow")
         self._say_saved()

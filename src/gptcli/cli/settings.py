@@ -48,10 +48,10 @@ def constrain(settings: Any, constraint: Any) -> Any:
     """Settings whose sampling carries the structured-output constraint (unchanged when there is none)."""
     if constraint is None:
         return settings
-    from dataclasses import replace
+    from gptcli.config import with_output
 
     if any(settings.sampling.stop):
         from gptcli.cli import render
 
         render.warn("stop strings are ignored with structured output: it ends where its grammar does")
-    return replace(settings, sampling=replace(settings.sampling, constraint=constraint))
+    return with_output(settings, constraint)
