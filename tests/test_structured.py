@@ -396,8 +396,9 @@ def test_server_bad_schema_is_400_in_openai_shape(server):
 MISMATCHED_FORMATS = [  # OpenAI's shape: text | json_object | json_schema with json_schema: {name, schema, strict}
     ({"type": "json_object", "json_schema": {"name": "x", "schema": SCHEMAS["array"]}}, "response_format.json_schema"),
     ({"type": "text", "json_schema": {"name": "x", "schema": SCHEMAS["array"]}}, "response_format.json_schema"),
-    ({"type": "json_schema", "schema": SCHEMAS["array"]}, "response_format.schema"),
-    ({"type": "json_object", "schema": SCHEMAS["array"]}, "response_format.schema"),
+    ({"type": "text", "schema": SCHEMAS["array"]}, "response_format.schema"),  # llama-server's place, not for text
+    ({"type": "json_schema", "schema": {}, "json_schema": {"schema": {}}}, "response_format.schema"),  # given twice
+    ({"type": "json_object", "schema": "an array"}, "response_format.schema"),
     (
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "type": "object"}},
         "response_format.json_schema.type",
@@ -425,6 +426,27 @@ def test_a_response_format_whose_fields_do_not_fit_its_type_is_a_400_naming_the_
     fits = {"type": "json_object", "json_schema": None}  # a null field counts as not given
     reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=4, response_format=fits)
     assert reply.choices[0].message.content.startswith("{")
+
+
+def test_llama_servers_schema_beside_the_type_constrains_the_reply(server, tiny_models, tmp_path):
+    """llama-server takes `{"type": "json_object", "schema": {...}}` (and the same with json_schema): clients
+    written for it get their schema here too, on the server and in batch lines, not a 400."""
+    httpx = pytest.importorskip("httpx")
+    forms = [{"type": kind, "schema": SCHEMAS["array"]} for kind in ("json_object", "json_schema")]
+    for form in forms:
+        body = {"prompt": "x", "max_tokens": 40, "response_format": form}
+        done = httpx.post(server.v1 + "/completions", json=body, timeout=60).json()
+        jsonschema.validate(json.loads(done["choices"][0]["text"]), SCHEMAS["array"])
+    wrong = {"type": "json_object", "schema": {"$ref": "#"}}
+    refused = httpx.post(server.v1 + "/completions", json={"prompt": "x", "response_format": wrong}, timeout=30)
+    assert refused.status_code == 400 and "matches no text" in refused.json()["error"]["message"], refused.text
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "x", "response_format": f}) + "\n" for f in forms), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = run_cli("generate", "--batch", str(rows), "-m", str(tiny_models["llama"]), "-n", "40", "-o", str(out))
+    assert run.returncode == 0, run.stderr.decode()
+    for line in out.read_text(encoding="utf-8").splitlines():
+        jsonschema.validate(json.loads(json.loads(line)["text"]), SCHEMAS["array"])
 
 
 def test_a_batch_lines_response_format_follows_the_same_shape(tiny_models, tmp_path):

@@ -118,14 +118,22 @@ SHAPE = "response_format takes type and, for type json_schema, json_schema: {nam
 
 def response_format_mismatch(value: dict[str, Any]) -> tuple[str, str] | None:
     """The field of OpenAI's `response_format` that does not fit its documented shape, and why, as
-    (".json_schema", "..."); None when it fits. A field given as null counts as not given."""
+    (".json_schema", "..."); None when it fits. A field given as null counts as not given. llama-server's
+    extension, the schema beside the type (`{"type": "json_object", "schema": {...}}`), fits too."""
     given = {key: item for key, item in value.items() if item is not None}
     kind = given.get("type")
     if kind not in RESPONSE_FORMATS:
         return ".type", "must be text, json_object or json_schema"
-    if extra := next((key for key in given if key not in ("type", "json_schema")), None):
+    if extra := next((key for key in given if key not in ("type", "json_schema", "schema")), None):
         return f".{extra}", f"not a field of response_format ({SHAPE})"
     spec = given.get("json_schema")
+    if "schema" in given:
+        if kind == "text":
+            return ".schema", "not for type text: set type to json_schema"
+        if spec is not None:
+            return ".schema", "give the schema once, in json_schema.schema"
+        kinds, says = JSON_SCHEMA_FIELDS["schema"]
+        return None if isinstance(given["schema"], kinds) else (".schema", f"must be {says}")
     if kind != "json_schema":
         if spec is None:
             return None
@@ -142,6 +150,16 @@ def response_format_mismatch(value: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def response_format_schema(value: dict[str, Any]) -> tuple[str, Any] | None:
+    """Where a fitting `response_format`'s JSON Schema is (".json_schema.schema", or llama-server's ".schema")
+    and the schema; None when it has none (text, or any JSON object)."""
+    if value.get("schema") is not None:
+        return ".schema", value["schema"]
+    if value.get("type") == "json_schema":
+        return ".json_schema.schema", value["json_schema"]["schema"]
+    return None
+
+
 def response_format(value: Any, where: str) -> OutputConstraint | None:
     """OpenAI's `response_format` as plain JSON (a batch-file line): text, json_object or json_schema and its schema."""
     if not isinstance(value, dict):
@@ -150,9 +168,9 @@ def response_format(value: Any, where: str) -> OutputConstraint | None:
         raise ConfigError(f"{where}{mismatch[0]}: {mismatch[1]}", hint=SCHEMA_HINT)
     if value["type"] == "text":
         return None
-    if value["type"] == "json_object":
+    if (found := response_format_schema(value)) is None:
         return JSON_OBJECT
-    return schema_constraint(value["json_schema"]["schema"], f"{where}.json_schema.schema")
+    return schema_constraint(found[1], f"{where}{found[0]}")
 
 
 @lru_cache(maxsize=MAX_GRAMMARS)

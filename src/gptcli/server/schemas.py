@@ -113,17 +113,17 @@ class ResponseFormat(BaseModel):
         type (`json_schema` with type json_object, an unknown field), is a 400 that names the field."""
         from gptcli import constraints
 
-        if mismatch := constraints.response_format_mismatch(self.model_dump(by_alias=True)):
+        value = self.model_dump(by_alias=True)
+        if mismatch := constraints.response_format_mismatch(value):
             param = f"response_format{mismatch[0]}"
             raise APIError(400, f"{param}: {mismatch[1]}", param=param, code="invalid_value")
         if self.type == "text":
             return None
-        if self.type == "json_object":
+        if (found := constraints.response_format_schema(value)) is None:
             return constraints.JSON_OBJECT
-        param = "response_format.json_schema.schema"
-        schema = self.json_schema.schema_ if self.json_schema is not None else None  # given: checked above
+        param = f"response_format{found[0]}"
         try:
-            return constraints.schema_constraint(schema, param)
+            return constraints.schema_constraint(found[1], param)
         except ConfigError as exc:
             raise APIError(400, exc.message, param=param, code="invalid_value") from None
 
