@@ -83,7 +83,7 @@ def conversions(monkeypatch) -> list[tuple[Path, Path]]:
     """Replace the (slow, real-GGUF) conversion by one that records what it was given."""
     calls: list[tuple[Path, Path]] = []
 
-    def fake_convert(gguf, dest, *, source, notify=None, extra_files=()):
+    def fake_convert(gguf, dest, *, source, notify=None, extra_files=(), progress=None):
         calls.append((gguf, dest))
         dest.mkdir(parents=True)
         for extra in extra_files:

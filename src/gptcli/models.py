@@ -8,10 +8,8 @@ safetensors in the cache, keyed by their source, so later starts read the cache 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 from gptcli.atomicio import publish_dir, temp_dir_beside
 from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
+from gptcli.gguf_convert import Notify, Progress, convert_gguf
 from gptcli.hf import (
     has_source,
     header_tensors,
@@ -30,7 +29,6 @@ from gptcli.hf import (
 from gptcli.paths import cache_dir, cache_key, models_dir
 from gptcli.pull import PackagedFile, fetch_packaged_file
 
-Notify = Callable[[str], None]
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_WARNING = (
     "warning: pickle loading is on (--allow-pickle or GPTCLI_ALLOW_PICKLE): pickled weights can run any code"
@@ -128,13 +126,16 @@ def resolve_model(
     *,
     allow_pickle: bool = False,
     notify: Notify = _noop,
+    progress: Progress | None = None,
 ) -> LocalModel:
-    """Turn any model reference into a validated local folder, converting or fetching once."""
+    """Turn any model reference into a validated local folder, converting or fetching once.
+
+    `progress` hears how a conversion (a first use of a GGUF, tens of seconds) is getting on."""
     if allow_pickle:  # every time, so that an opt-in left in the environment is never silent
         notify(PICKLE_WARNING)
     name = ALIASES.get(ref, ref)
     if name in CATALOGUE:
-        return _resolve_catalogue(CATALOGUE[name], notify)
+        return _resolve_catalogue(CATALOGUE[name], notify, progress)
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir() and is_onnx_export(path):
@@ -148,7 +149,7 @@ def resolve_model(
             validate_model_dir(path, allow_pickle=allow_pickle)
             return LocalModel(path.resolve(), path.name, str(path.resolve()))
         if path.suffix.lower() == ".gguf":
-            return _resolve_gguf_file(path, notify)
+            return _resolve_gguf_file(path, notify, progress)
         raise ModelError(
             f"{ref} is a file, not a model",
             hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
@@ -162,7 +163,7 @@ def resolve_model(
     raise ModelError(f"unknown model '{ref}'{suggestion}", hint="see `gptcli models list`")
 
 
-def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
+def _resolve_catalogue(entry: CatalogueEntry, notify: Notify, progress: Progress | None = None) -> LocalModel:
     dest = models_dir() / entry.name
     if has_source(dest):
         return LocalModel(dest, entry.name, entry.description)
@@ -175,7 +176,8 @@ def _resolve_catalogue(entry: CatalogueEntry, notify: Notify) -> LocalModel:
         )
     extras = [gguf.parent / Path(name).name for name in entry.files.extras]
     source = f"{entry.pip_requirement}:{entry.filename}"
-    convert_gguf(gguf, dest, source=source, notify=notify, extra_files=[p for p in extras if p.is_file()])
+    extra_files = [p for p in extras if p.is_file()]
+    convert_gguf(gguf, dest, source=source, notify=notify, extra_files=extra_files, progress=progress)
     return LocalModel(dest, entry.name, entry.description)
 
 
@@ -192,7 +194,7 @@ def catalogue_entry(ref: str) -> CatalogueEntry | None:
     return CATALOGUE.get(ALIASES.get(ref, ref))
 
 
-def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop) -> Pulled:
+def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop, progress: Progress | None = None) -> Pulled:
     """Fetch a catalogue model's GGUF into the cache (with pip, not into the environment), then convert it."""
     if has_source(models_dir() / entry.name):
         return Pulled(_resolve_catalogue(entry, notify), already=True)
@@ -204,14 +206,14 @@ def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop) -> Pulled:
     copies = [copy for copy in copies if copy.is_file()]
     where = f" (a copy: {copies[0]})" if copies else ""
     notice = f"{entry.notice}{where}" if entry.notice else None
-    return Pulled(_resolve_catalogue(entry, notify), already=False, notice=notice)
+    return Pulled(_resolve_catalogue(entry, notify, progress), already=False, notice=notice)
 
 
-def _resolve_gguf_file(path: Path, notify: Notify) -> LocalModel:
+def _resolve_gguf_file(path: Path, notify: Notify, progress: Progress | None) -> LocalModel:
     key = cache_key(str(path.resolve()), files=[path], length=12)
     dest = models_dir() / f"gguf-{path.stem}-{key}"
     if not has_source(dest):
-        convert_gguf(path, dest, source=str(path.resolve()), notify=notify)
+        convert_gguf(path, dest, source=str(path.resolve()), notify=notify, progress=progress)
     return LocalModel(dest, path.stem, str(path.resolve()))
 
 
@@ -242,51 +244,6 @@ def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"cannot fetch '{repo_id}' from the hub: {type(exc).__name__}", hint=hint) from None
     return LocalModel(dest, repo_id, f"hub:{repo_id}")
-
-
-def convert_gguf(
-    gguf: Path, dest: Path, *, source: str, notify: Notify = _noop, extra_files: Sequence[Path] = ()
-) -> None:
-    """Dequantize a GGUF into a plain fp32 safetensors folder, atomically (temp folder + rename).
-
-    `extra_files` (a licence, a notice) are copied into the folder as they are.
-    """
-    notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own tqdm bar
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gptcli.hardware import quiet_transformers
-
-    quiet_transformers()
-    tmp = temp_dir_beside(dest)
-    try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except Exception as exc:
-            raise ModelError(f"cannot read GGUF file {gguf}: {exc}", hint="is it a complete GGUF file?") from None
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain one.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict(), strict=False)
-        plain.tie_weights()
-        plain.eval()
-        probe = torch.tensor([[1, 2, 3, 4]])
-        with torch.inference_mode():
-            same = torch.allclose(loaded(probe).logits, plain(probe).logits, atol=1e-5)
-        if not same:
-            raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for extra in extra_files:
-            shutil.copyfile(extra, tmp / extra.name)
-        write_source(tmp, source)
-        publish_dir(tmp, dest, replace=not has_source(dest))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 ONNX_EXPORT_SIDECAR = "gptcli-onnx.json"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from gptcli.backends.base import Backend, LoadOptions, get_backend_class
 from gptcli.config import Settings
 from gptcli.errors import BackendError, UsageError
+from gptcli.gguf_convert import Progress
 from gptcli.hardware import usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
 from gptcli.tokenizer import Tokenizer
@@ -43,13 +44,14 @@ def load_options(settings: Settings) -> LoadOptions:
     )
 
 
-def open_model(settings: Settings, notify: Callable[[str], None]) -> LocalModel:
-    return resolve_model(settings.model, allow_pickle=settings.allow_pickle, notify=notify)
+def open_model(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> LocalModel:
+    """The settings' model as a local folder; `progress` hears how a first-use conversion is getting on."""
+    return resolve_model(settings.model, allow_pickle=settings.allow_pickle, notify=notify, progress=progress)
 
 
-def open_runtime(settings: Settings, notify: Callable[[str], None]) -> Runtime:
+def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> Runtime:
     backend_cls = check_backend(settings)
-    model = open_model(settings, notify)
+    model = open_model(settings, notify, progress)
     if is_onnx_export(model.path) and settings.backend != "onnx":
         raise UsageError(f"{model.path} is an ONNX export", hint="run it with --backend onnx")
     cpus = usable_cpus()

@@ -158,10 +158,10 @@ def bench(
         plan = plan_configs(backends, precisions or [settings.precision], thread_counts, settings.device)
         for name, reason in plan.unavailable:
             c.warn(f"backend '{name}' skipped: {reason}")
-        from gptcli.runtime import open_model
+        from gptcli.cli.local_run import open_local_model
 
         sampling = with_sampling(settings, max_tokens=max_tokens, seed=seed).sampling  # checked before loading
-        local = open_model(settings, c.note)
+        local = open_local_model(settings)
         job = Job(
             mode,
             local.name,

@@ -15,7 +15,8 @@ def load_runtime(settings: Any) -> Any:
     from gptcli.runtime import open_runtime
 
     started = time.perf_counter()
-    runtime = open_runtime(settings, render.note)
+    with render.StageProgress(plain_lines=True) as conversion:  # a first use converts the model: tens of seconds
+        runtime = open_runtime(settings, render.note, conversion)
     info = runtime.backend.info
     render.detail(
         f"loaded {runtime.model.name} ({runtime.model.path}): {info.architecture}, {info.params:,} parameters,"
@@ -23,6 +24,14 @@ def load_runtime(settings: Any) -> Any:
         f" · {runtime.backend.name}/{info.device}/{info.dtype} · {time.perf_counter() - started:.2f} s"
     )
     return runtime
+
+
+def open_local_model(settings: Any) -> Any:
+    """`runtime.open_model` with notes on stderr and a first use's conversion shown as it goes."""
+    from gptcli.runtime import open_model
+
+    with render.StageProgress(plain_lines=True) as conversion:
+        return open_model(settings, render.note, conversion)
 
 
 def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats: bool) -> None:

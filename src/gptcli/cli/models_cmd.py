@@ -82,11 +82,12 @@ def pull(
     settings = c.resolve_settings(config, model=model or None).settings
     entry = catalogue_entry(settings.model)
     if entry is None:
-        from gptcli.runtime import open_model
+        from gptcli.cli.local_run import open_local_model
 
-        print(open_model(settings, c.note).path)
+        print(open_local_model(settings).path)
         return
-    pulled = pull_model(entry, notify=c.note)
+    with c.StageProgress(plain_lines=True) as conversion:
+        pulled = pull_model(entry, notify=c.note, progress=conversion)
     if pulled.notice:
         c.stderr_console().print(f"notice: {pulled.notice}", markup=False)
     if pulled.already:
@@ -122,11 +123,11 @@ def info(
 
     Example: gptcli models info smollm2-135m-instruct
     """
+    from gptcli.cli.local_run import open_local_model
     from gptcli.models import describe, is_onnx_export
-    from gptcli.runtime import open_model
 
     settings = c.resolve_settings(config, model=model or None).settings
-    local = open_model(settings, c.note)
+    local = open_local_model(settings)
     facts = describe(local)
     if is_onnx_export(local.path):  # no safetensors to count: the sidecar knows what was exported
         from gptcli.export.sidecar import read_export

@@ -28,9 +28,24 @@ def verbosity() -> int:
 
 def stderr_console() -> Any:
     """The console for everything on stderr but errors: silent under `-q` (notes, warnings, progress)."""
+    return _shared_stderr_console(quiet=_verbosity <= QUIET)
+
+
+_stderr_consoles: dict[bool, tuple[Any, Any]] = {}  # quiet? -> (the sys.stderr it writes to, the console)
+
+
+def _shared_stderr_console(*, quiet: bool) -> Any:
+    """One console per stderr stream: a note printed while a progress bar is live must go through the bar's
+    own console, which prints it above the bar; a console of its own would tear the bar."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_verbosity <= QUIET)
+    # A live display swaps sys.stderr for a proxy of itself: the stream under it is the one to match.
+    stream = getattr(sys.stderr, "rich_proxied_file", sys.stderr)
+    made = _stderr_consoles.get(quiet)
+    if made is None or made[0] is not stream:  # tests swap sys.stderr between runs
+        made = (stream, Console(stderr=True, highlight=False, soft_wrap=True, quiet=quiet))
+        _stderr_consoles[quiet] = made
+    return made[1]
 
 
 def stdout_console() -> Any:
@@ -73,9 +88,8 @@ def one_line(text: str) -> str:
 
 
 def _error_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    """Errors, the pickle warning and asked-for stats: shown under `-q` too."""
+    return _shared_stderr_console(quiet=False)
 
 
 def stream_text(events: Iterable[Any], out: TextIO | None = None, *, show: bool = True) -> Any:
@@ -156,17 +170,24 @@ class StageProgress:
     """Rich bars on stderr (a terminal only) for a core `progress(stage, done, total)` callback.
 
     One bar per stage; a stage gets its bar once it has run for `show_after` seconds, so quick steps
-    show none. `transient` bars disappear when the work is done.
+    show none. `transient` bars disappear when the work is done. With `plain_lines`, stderr that is not a
+    terminal (a CI log) gets one line as each step starts (a new `detail`), with the time so far, instead
+    of nothing; the caller says when the stage is done.
     """
 
-    def __init__(self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True) -> None:
+    def __init__(
+        self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True, plain_lines: bool = False
+    ) -> None:
         self.console = stderr_console()
-        self.enabled = enabled and self.console.is_terminal and _verbosity > QUIET
+        shown = enabled and _verbosity > QUIET
+        self.enabled = shown and self.console.is_terminal
+        self.plain = shown and plain_lines and not self.console.is_terminal
         self.show_after = show_after
         self.transient = transient
         self.progress: Any = None
         self.started: dict[str, float] = {}
         self.tasks: dict[str, Any] = {}
+        self.said: dict[str, str] = {}
 
     def __enter__(self) -> StageProgress:
         return self
@@ -177,10 +198,13 @@ class StageProgress:
 
     def __call__(self, stage: str, done: int, total: int | None, detail: str = "") -> None:
         """Update `stage`'s bar; `detail` is free text after it (tokens, rate, ETA)."""
-        if not self.enabled:
-            return
         now = time.monotonic()
         started = self.started.setdefault(stage, now)
+        if self.plain and self.said.get(stage) != detail and (total is None or done < total):
+            self.said[stage] = detail
+            self.console.print(f"{stage}: {detail} ({now - started:.0f} s)", markup=False, style="dim")
+        if not self.enabled:
+            return
         if stage not in self.tasks:
             if now - started < self.show_after:
                 return

@@ -1,0 +1,126 @@
+"""A GGUF file → a plain fp32 safetensors model folder, once, with its progress reported as it goes.
+
+The conversion takes 25–70 s for the default model (most of it in transformers' GGUF reader, which
+parses the file's metadata for the tokenizer and again for the weights), so it says which step it is in
+through a `progress(stage, done, total, detail)` callback; the caller draws it (a bar in a terminal,
+plain lines in a log).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from gptcli.atomicio import publish_dir, temp_dir_beside
+from gptcli.errors import ModelError
+from gptcli.hf import has_source, write_source
+
+Notify = Callable[[str], None]
+# (stage, steps done, steps in all, the step under way): the shape `cli.render.StageProgress` draws.
+Progress = Callable[[str, int, int | None, str], None]
+STEPS = (
+    "loading transformers",
+    "reading the tokenizer",
+    "reading the weights",
+    "checking the conversion",
+    "writing safetensors",
+)
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+@contextmanager
+def _no_tqdm_bar() -> Iterator[None]:
+    """Without the tqdm bar transformers' GGUF reader draws on stderr: in a terminal it fights ours, in a log it
+    is carriage-return spam. (TQDM_DISABLE works only before tqdm is imported, and importing torch imports it.)"""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # another transformers: its bar, if any, stays
+        yield
+        return
+    drawn = reader.__dict__.get("tqdm")
+    reader.tqdm = lambda iterable, *args, **kwargs: iterable  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if drawn is None:
+            del reader.tqdm
+        else:
+            reader.tqdm = drawn  # type: ignore[attr-defined]
+
+
+def convert_gguf(
+    gguf: Path,
+    dest: Path,
+    *,
+    source: str,
+    notify: Notify = _ignore,
+    extra_files: Sequence[Path] = (),
+    progress: Progress | None = None,
+) -> None:
+    """Dequantize a GGUF into a plain fp32 safetensors folder, atomically (temp folder + rename).
+
+    `extra_files` (a licence, a notice) are copied into the folder as they are. Interrupted (Ctrl-C), it
+    says so and leaves nothing in the cache: the next run converts again.
+    """
+    notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
+    started = time.monotonic()
+    stage = f"converting {gguf.name}"
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress(stage, done, len(STEPS), STEPS[done] if done < len(STEPS) else "done")
+
+    step(0)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptcli.hardware import quiet_transformers
+
+    quiet_transformers()
+    tmp = temp_dir_beside(dest)
+    published = False
+    try:
+        try:
+            step(1)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            step(2)
+            with _no_tqdm_bar():
+                loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelError(f"cannot read GGUF file {gguf}: {exc}", hint="is it a complete GGUF file?") from None
+        step(3)
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain one.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=False)
+        plain.tie_weights()
+        plain.eval()
+        probe = torch.tensor([[1, 2, 3, 4]])
+        with torch.inference_mode():
+            same = torch.allclose(loaded(probe).logits, plain(probe).logits, atol=1e-5)
+        if not same:
+            raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
+        step(4)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / extra.name)
+        write_source(tmp, source)
+        publish_dir(tmp, dest, replace=not has_source(dest))
+        published = True
+        step(len(STEPS))
+    except KeyboardInterrupt:
+        if not published:
+            notify(f"interrupted: {gguf.name} was not converted; nothing was kept, the next run converts it again")
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    notify(f"converted {gguf.name} in {time.monotonic() - started:.0f} s")

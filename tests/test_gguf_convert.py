@@ -1,0 +1,100 @@
+"""A GGUF's first use converts it (25-70 s for the default model): the steps are reported as they go, drawn
+on stderr (a bar in a terminal, plain lines in a log), never on stdout; Ctrl-C says so and keeps nothing."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from gptcli.cli import render
+from gptcli.cli.app import run
+from gptcli.models import models_dir, resolve_model
+from tests.tiny_gguf import write_tiny_gguf
+
+STEPS = ["loading transformers", "reading the tokenizer", "reading the weights", "checking the conversion"]
+STEPS += ["writing safetensors"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(autouse=True)
+def empty_stdin(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # generate reads a piped stdin first
+
+
+def leftovers() -> list[str]:
+    return [p.name for p in models_dir().parent.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_the_conversion_reports_each_step_in_order(tiny_gguf):
+    updates, notes = [], []
+    model = resolve_model(str(tiny_gguf), notify=notes.append, progress=lambda *update: updates.append(update))
+    assert (model.path / "model.safetensors").is_file()
+    assert [done for _, done, _, _ in updates] == list(range(len(STEPS) + 1))  # one step after the other
+    assert {(stage, total) for stage, _, total, _ in updates} == {("converting tiny.gguf", len(STEPS))}
+    assert [detail for *_, detail in updates] == [*STEPS, "done"]
+    assert notes[0].startswith("converting tiny.gguf to safetensors (once; cached in ")
+    assert re.fullmatch(r"converted tiny\.gguf in \d+ s", notes[-1])
+    updates.clear()
+    resolve_model(str(tiny_gguf), progress=lambda *update: updates.append(update))
+    assert updates == []  # converted once: the next start reads the cache
+
+
+def test_a_log_gets_one_plain_line_per_step_and_stdout_only_the_text(tiny_gguf, capsys):
+    assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3", "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "convert" not in out and out.endswith("\n")  # stdout is the product: the text alone
+    assert "\r" not in err and "\x1b" not in err  # no bar redrawn in place in a CI log
+    lines = err.splitlines()
+    steps = [line for line in lines if line.startswith("converting tiny.gguf: ")]
+    assert [re.sub(r" \(\d+ s\)$", "", line.split(": ", 1)[1]) for line in steps] == STEPS
+    assert re.fullmatch(r"converted tiny\.gguf in \d+ s", lines[lines.index(steps[-1]) + 1])
+
+
+def test_quiet_shows_no_conversion_steps(tiny_gguf, capsys):
+    assert run(["-q", "generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_in_the_conversion_says_nothing_was_kept_and_the_next_run_converts(tiny_gguf, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", interrupted)
+        assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "interrupted: tiny.gguf was not converted; nothing was kept, the next run converts it again"
+    )
+    assert leftovers() == [] and not any(models_dir().iterdir())
+    assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 0
+    assert "converted tiny.gguf in" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_note_during_a_live_bar_is_printed_above_it_through_the_same_console(monkeypatch):
+    """A note from its own console was written after the bar on the bar's line, and the bar redrawn over it."""
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setenv("TERM", "xterm")
+    with render.StageProgress(plain_lines=True) as progress:
+        progress("converting tiny.gguf", 1, 5, "reading the tokenizer")
+        render.note("a note while the bar runs")
+        progress("converting tiny.gguf", 2, 5, "reading the weights")
+    drawn = terminal.getvalue()
+    assert "reading the tokenizer" in drawn  # a bar was drawn, not plain lines
+    assert re.search(r"\r\x1b\[2K(\x1b\[[0-9;]*m)*a note while the bar runs", drawn), repr(drawn)
+    assert render.stderr_console() is render.stderr_console()
