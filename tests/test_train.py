@@ -7,10 +7,12 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +148,51 @@ def test_sigint_saves_a_checkpoint_and_exits_130(corpus, tmp_path):
     resumed = run_cli("train", "--resume", str(out), "--max-iters", str(step + 2))
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, step + 3))
+
+
+def test_ctrl_c_while_a_bpe_is_trained_says_what_it_stopped_and_that_nothing_was_saved(tmp_path):
+    """Ctrl-C in the data steps (a BPE trained on the corpus, its tokens encoded) waited for the tokenizers
+    library's Rust call to end, then exited 130 without a word; now it says which step it stopped and what
+    is kept, at once (the call goes on in a thread the exit abandons)."""
+    import random
+
+    words = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=3 + i % 7)) for i in range(20000)]
+    rng = random.Random(0)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(40000)), encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--tokenizer", "bpe", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *argv],
+        cwd=REPO,
+        env={**os.environ, "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    said = b""
+    while b"tokenizing" not in said and (line := proc.stderr.readline()):  # the data is read: the BPE starts
+        said += line
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    err = (said + stderr).decode()
+    assert proc.returncode == 130, err
+    # the step it stopped in (the BPE, most often; where the signal lands is the machine's timing)
+    assert re.search(r"^interrupted before the first step \([^)]+\): nothing was saved$", err, re.M)
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_ctrl_c_stops_the_wait_for_a_call_that_never_looks_at_signals():
+    from gptcli.train.vocab import run_interruptibly
+
+    release = threading.Event()  # stands for the Rust call: it ends only when it is done, not on Ctrl-C
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(lambda: release.wait(30), name="test-native-call")
+    assert not release.is_set()  # the wait ended, the call had not
+    release.set()
+    assert run_interruptibly(lambda: 42, name="test-result") == 42
+    with pytest.raises(ValueError, match="raised on the waiting thread"):
+        run_interruptibly(lambda: int("raised on the waiting thread"), name="test-error")
 
 
 def test_sighup_with_the_terminal_gone_still_saves_a_checkpoint(corpus, tmp_path):
@@ -536,7 +583,7 @@ def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
     n = len(lines)
     assert calls[n - 1] == ("reading", n, None) and ("cleaning", n, n) in calls
     tokenizing = [done for stage, done, _ in calls if stage == "tokenizing"]
-    assert tokenizing == [ENCODE_CHUNK, n]  # chunked, so a big corpus moves the bar
+    assert tokenizing == [0, ENCODE_CHUNK, n]  # said as it starts, then chunked, so a big corpus moves the bar
 
 
 def test_training_yields_typed_events_in_order(corpus, tmp_path):

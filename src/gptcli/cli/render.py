@@ -196,6 +196,11 @@ class StageProgress:
         if self.progress is not None:
             self.progress.stop()
 
+    @property
+    def stage(self) -> str | None:
+        """The stage it heard of last, shown or not: where a Ctrl-C stopped the work."""
+        return next(reversed(self.started), None)
+
     def __call__(self, stage: str, done: int, total: int | None, detail: str = "") -> None:
         """Update `stage`'s bar; `detail` is free text after it (tokens, rate, ETA)."""
         now = time.monotonic()

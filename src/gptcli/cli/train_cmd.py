@@ -87,16 +87,21 @@ def train(
     try:
         # a bar for each data step that lasts (reading, cleaning, BPE, tokenizing); quick ones show none
         with c.StageProgress(enabled=main_rank, show_after=0.5, transient=False) as renderer.data_progress:
-            setup = loop.resolve_run(
-                data_path=data,
-                out=out,
-                resume=resume,
-                preset=preset,
-                config_file=config,
-                sets=sets or [],
-                flags=flags,
-                on_event=renderer.show,
-            )
+            try:
+                setup = loop.resolve_run(
+                    data_path=data,
+                    out=out,
+                    resume=resume,
+                    preset=preset,
+                    config_file=config,
+                    sets=sets or [],
+                    flags=flags,
+                    on_event=renderer.show,
+                )
+            except KeyboardInterrupt:  # before the first step: there is no checkpoint to save
+                if main_rank:
+                    _say_interrupted_before_training(renderer.data_progress.stage)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
         if dry_run:
             print_dry_run(setup, as_json=as_json)
             return
@@ -120,3 +125,10 @@ def train(
     if finished.interrupted:
         c.stderr_console().print(f"resume with: gptcli train --resume {setup.out}", markup=False, style="dim")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _say_interrupted_before_training(stage: str | None) -> None:
+    """Ctrl-C while the run was set up (an --init GGUF converted, a BPE trained): what it stopped, what is kept."""
+    where = f" ({stage})" if stage else ""
+    message = f"interrupted before the first step{where}: nothing was saved"
+    c.stderr_console().print(message, style="yellow", markup=False)

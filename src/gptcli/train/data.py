@@ -30,6 +30,7 @@ from gptcli.errors import InputError
 from gptcli.paths import cache_dir
 from gptcli.textio import CORPUS_FILE, decode_text, over_limit, read_text_file, text_pieces
 from gptcli.train.checkpoint import CONFIG_FILE as RUN_CONFIG
+from gptcli.train.vocab import EOT, UNK, bpe_tokenizer, char_tokenizer, run_interruptibly
 
 Notify = Callable[[str], None]
 # progress(stage, done, total): called as a long step advances; total None = not known in advance.
@@ -43,8 +44,6 @@ ENCODE_BATCH_CHARS = 2 << 20  # and in one tokenizer call
 TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer takes 256 texts at a time, in parallel
 ChatRenderer = Callable[[list[dict[str, str]]], str]
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl", ".py", ".csv", ".tex", ".html", ".json"}
-UNK = "<unk>"
-EOT = "<|endoftext|>"
 FORMAT_VERSION = "1"
 
 
@@ -125,36 +124,6 @@ def clean(text: str, *, dedup_lines: bool = False) -> str:
             kept.append(line)
         text = "\n".join(kept)
     return text
-
-
-def char_tokenizer(chars: str) -> Any:
-    """A `tokenizers` tokenizer with one token per character (ids in sorted character order)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(set(chars)))}
-    vocab[UNK] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([UNK])
-    return tok
-
-
-def bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> Any:
-    """A byte-level BPE (GPT-2 style) trained on the corpus, with an end-of-text token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(documents, trainer)
-    return tok
 
 
 @dataclass(frozen=True)
@@ -336,6 +305,7 @@ def _encode_chunks(
     """Token ids, a bounded piece at a time: char documents are joined by newlines, others each end with a
     separator. A document longer than a piece is cut after newlines (for BPE this may tokenize the cut a
     little differently from one whole call, which would cost GBs)."""
+    progress("tokenizing", 0, total)  # from the start: a Ctrl-C in the first batch names this step
     if kind == "char":
         # One token per character: a table lookup equals the tokenizer's output, much faster.
         vocab = tok.get_vocab()
@@ -376,7 +346,8 @@ def _encode_chunks(
 
 
 def _encode_batch(tok: Any, pieces: list[str], ends: list[bool], separator: np.ndarray) -> Iterator[np.ndarray]:
-    for encoding, last in zip(tok.encode_batch(pieces, add_special_tokens=False), ends, strict=True):
+    encodings = run_interruptibly(lambda: tok.encode_batch(pieces, add_special_tokens=False), name="gptcli-encode")
+    for encoding, last in zip(encodings, ends, strict=True):
         yield np.asarray(encoding.ids, dtype=np.int64)
         if last:
             yield separator
