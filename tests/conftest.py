@@ -123,6 +123,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"gpt2": gpt2_dir, "llama": llama_dir}
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny llama as a GGUF file (float32 tensors): its conversion takes seconds."""
+    from tests.tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own gptcli home and user config, and no stray GPTCLI_* settings."""

@@ -11,15 +11,9 @@ import pytest
 from gptcli.cli import render
 from gptcli.cli.app import run
 from gptcli.models import models_dir, resolve_model
-from tests.tiny_gguf import write_tiny_gguf
 
 STEPS = ["loading transformers", "reading the tokenizer", "reading the weights", "checking the conversion"]
 STEPS += ["writing safetensors"]
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(autouse=True)

@@ -586,6 +586,27 @@ def test_data_preparation_reports_progress_for_each_long_step(tmp_path):
     assert tokenizing == [0, ENCODE_CHUNK, n]  # said as it starts, then chunked, so a big corpus moves the bar
 
 
+def test_an_init_gguf_is_converted_with_its_steps_shown_as_data_progress(tiny_gguf, corpus, tmp_path):
+    """`train --init model.gguf` converted it first (25-70 s for the default model) with no progress at all."""
+    from gptcli.train import events as ev
+    from gptcli.train import loop
+
+    seen: list = []
+    flags = {"init": str(tiny_gguf), "train.max_iters": 1}
+    loop.resolve_run(
+        data_path=corpus,
+        out=tmp_path / "run",
+        resume=None,
+        preset="tiny",
+        config_file=None,
+        sets=[],
+        flags=flags,
+        on_event=seen.append,
+    )
+    steps = [(e.done, e.total) for e in seen if isinstance(e, ev.DataProgress) and e.stage == "converting tiny.gguf"]
+    assert steps == [(done, 5) for done in range(6)]
+
+
 def test_training_yields_typed_events_in_order(corpus, tmp_path):
     from gptcli.train import events as ev
     from gptcli.train import loop

@@ -172,7 +172,7 @@ def resolve_run(
     def notify(message: str) -> None:
         on_event(Note(message))
 
-    def progress(stage: str, done: int, total: int | None) -> None:
+    def progress(stage: str, done: int, total: int | None, _step: str = "") -> None:  # an --init GGUF's too
         on_event(DataProgress(stage, done, total))
 
     resume_from, leftovers = None, ()
@@ -201,7 +201,7 @@ def resolve_run(
         from gptcli.models import resolve_model
         from gptcli.tokenizer import Tokenizer
 
-        init_folder = resolve_model(cfg.init, notify=notify).path
+        init_folder = resolve_model(cfg.init, notify=notify, progress=progress).path
         if cfg.data.tokenizer != "init":
             cfg = load_config(base={**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "tokenizer": "init"}})
         tok = Tokenizer(init_folder)
