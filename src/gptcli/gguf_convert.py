@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from gptcli.atomicio import publish_dir, temp_dir_beside
@@ -52,6 +52,15 @@ def _no_tqdm_bar() -> Iterator[None]:
             del reader.tqdm
         else:
             reader.tqdm = drawn  # type: ignore[attr-defined]
+
+
+def _no_random_init() -> AbstractContextManager[object]:
+    """transformers' switch that builds a model without drawing its random initial weights (a no-op elsewhere)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return nullcontext()
+    return no_init_weights()
 
 
 def convert_gguf(
@@ -99,8 +108,9 @@ def convert_gguf(
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict(), strict=False)
+        with _no_random_init():  # every weight comes from the GGUF: a random init first took ~2.5 s
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=False, assign=True)  # shares the tensors, no copy
         plain.tie_weights()
         plain.eval()
         probe = torch.tensor([[1, 2, 3, 4]])
