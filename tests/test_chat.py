@@ -307,6 +307,19 @@ def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
     assert not os.listdir(isolated_home / "data" / "chats")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_chats_export_into_a_folder_that_takes_no_files_names_the_file(capsys):
+    from gptcli.chat import Conversation, ConversationStore
+    from gptcli.cli.app import run
+
+    conv = Conversation(messages=[{"role": "user", "content": "hi"}])
+    ConversationStore().save(conv)
+    # the temporary file beside the target failed: it was "cannot write /proc: No such file or directory"
+    assert run(["chats", "export", conv.id, "-o", "/proc/x.md"]) == 6
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: cannot write /proc/x.md: cannot create a file in /proc (No such file or directory)"]
+
+
 def test_one_dispatch_for_commands_messages_and_retry(tok):
     from gptcli.chat import dispatch
 

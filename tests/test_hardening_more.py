@@ -349,6 +349,22 @@ def test_write_atomic_follows_a_link_and_writes_through_a_fifo(tmp_path):
     assert caught.value.filename == str(tmp_path / "a-file" / "sub.yaml")
 
 
+def test_a_write_refused_outside_gptcli_folders_names_the_fix(tmp_path):
+    import errno
+
+    from gptcli.paths import environment_error
+
+    target = tmp_path / "out.md"  # the hint was missing: "error: .../out.md: Permission denied", and nothing more
+    for code, hint in (
+        (errno.EACCES, "check its permissions, or choose another path"),
+        (errno.EROFS, "choose a path on a writable disk"),
+        (errno.ENOSPC, "free some space, or choose a path on another disk"),
+    ):
+        error = environment_error(OSError(code, os.strerror(code), str(target)))
+        assert error is not None and error.message == f"{target}: {os.strerror(code)}" and error.hint == hint
+        assert error.exit_code == 1
+
+
 def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))

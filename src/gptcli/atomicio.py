@@ -45,14 +45,20 @@ def _replace(path: Path, payload: bytes, mode: int | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file where one of the path's folders should be
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # named by its temporary file: the error names `path`, and the folder as the cause
+        raise type(exc)(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})") from None
     try:
         os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror) from None  # named by the temporary file: write_atomic names path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -99,7 +99,13 @@ def environment_error(exc: OSError) -> GptcliError | None:
         if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
             cause = "a file is there, where a folder should be"
         return InputError(f"cannot write {path}: {cause}", hint="check the path")
-    return GptcliError(f"{path}: {cause}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, or choose a path on another disk"
+    elif exc.errno == errno.EROFS:
+        hint = "choose a path on a writable disk"
+    else:
+        hint = "check its permissions, or choose another path"
+    return GptcliError(f"{path}: {cause}", hint=hint)
 
 
 def _file_on_the_way(path: Path) -> Path | None:
