@@ -175,19 +175,16 @@ def test_stale_temporaries_of_the_run_files_are_removed(tmp_path):
 def test_a_full_disk_while_drawing_the_plot_names_it(tmp_path, monkeypatch):
     import errno
 
-    from matplotlib.figure import Figure
-
     from gptcli.train.errors import DiskFullError
     from gptcli.train.metrics import plot_losses
 
-    def full(self, path, **_):
-        Path(path).write_bytes(b"half a png")
-        raise OSError(errno.ENOSPC, "No space left on device")  # as the PNG writer raises it: no file name
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk raises it: no file name
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
-    monkeypatch.setattr(Figure, "savefig", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFullError) as raised:  # it was an OSError: "loss.png: No space left on device", no hint
         plot_losses(out)
     assert (
@@ -195,6 +192,19 @@ def test_a_full_disk_while_drawing_the_plot_names_it(tmp_path, monkeypatch):
     )
     assert raised.value.hint.startswith("free some space")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no half-written temporary
+
+
+def test_a_folder_where_the_plot_goes_is_named_with_the_fix(trained, capsys):
+    (trained / "loss.png").unlink()
+    (trained / "loss.png" / "x").mkdir(parents=True)
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    # it named the temporary file: "error: cannot write run/.loss.png.<pid>.tmp.png: Is a directory"
+    assert [line for line in err.splitlines() if line.startswith(("error: ", "hint: "))] == [
+        f"error: cannot write {trained / 'loss.png'}: it is a folder",
+        "hint: give the path of a file (or move that folder away)",
+    ], err
+    assert (trained / "loss.png" / "x").is_dir() and not [p for p in trained.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")

@@ -98,6 +98,10 @@ def environment_error(exc: OSError) -> GptcliError | None:
     if exc.errno in PATH_ERRNOS:
         if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
             cause = "a file is there, where a folder should be"
+        if exc.errno == errno.EISDIR and path.is_dir():  # a file's path, where a folder is
+            return InputError(
+                f"cannot write {path}: it is a folder", hint="give the path of a file (or move that folder away)"
+            )
         return InputError(f"cannot write {path}: {cause}", hint="check the path")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "free some space, or choose a path on another disk"

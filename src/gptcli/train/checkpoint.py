@@ -41,7 +41,7 @@ DAMAGED = "damaged-"  # a checkpoint that did not read back on --resume is kept 
 # What a resume needs from training_state.pt (scaler and best_step are optional).
 STATE_KEYS = ("step", "optimizer", "torch_rng", "best_val_loss")
 # The temporary files gptcli writes beside a run's own files: write_atomic's `.run.json.<random>.tmp`,
-# publish's `.config.json.<pid>.tmp` and plot_losses' `.loss.png.<pid>.tmp.png`.
+# publish's `.config.json.<pid>.tmp` and the `.loss.png.<pid>.tmp.png` plot_losses wrote before it used write_atomic.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+\.tmp|[0-9]+\.tmp\.png)")
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gptcli import atomicio
 from gptcli.jsonl import parse_line
 from gptcli.train import checkpoint as ckpt
 
@@ -79,18 +80,17 @@ def plot_losses(out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out / f".{ckpt.PLOT_FILE}.{os.getpid()}.tmp.png"
+    png = io.BytesIO()  # drawn in memory, then written as the run's other files: an error names loss.png
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out / ckpt.PLOT_FILE)
-    except OSError as exc:  # a full disk inside the PNG writer names no file: the error names the plot
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ckpt.disk_full(out, str(out / ckpt.PLOT_FILE)) from None
-        exc.filename = exc.filename or str(out / ckpt.PLOT_FILE)
-        raise
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
+    try:
+        atomicio.write_atomic(out / ckpt.PLOT_FILE, png.getvalue())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ckpt.disk_full(out, str(out / ckpt.PLOT_FILE)) from None
+        raise
 
 
 def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
