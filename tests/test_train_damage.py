@@ -380,6 +380,25 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(trained, tmp_path, c
     assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 0  # its own checkpoint resumes
 
 
+def test_a_checkpoint_copied_in_is_refused_when_the_resume_falls_back_to_it(trained, tmp_path, capsys):
+    # the newest checkpoint does not read back, and the one before was copied in from a 2-layer run: the fallback
+    # resumed it unchecked (trained on as this 1-layer run's, then saved over the run's model files)
+    other = tmp_path / "deeper"
+    argv = ["train", "--preset", "tiny", "--data", str(tmp_path / "corpus.txt"), "--out", str(other)]
+    assert run([*argv, "--max-iters", "10", "--set", "model.n_layer=2"]) == 0
+    older = trained / "checkpoints" / "step-0000010"
+    shutil.rmtree(older)
+    shutil.copytree(other / "checkpoints" / "step-0000010", older)
+    (trained / "checkpoints" / "step-0000020" / "training_state.pt").write_text("garbage\n")
+    capsys.readouterr()
+    assert run(["train", "--resume", str(trained), "--max-iters", "22"]) == 6
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    said = f"{older} holds another model (layers 2) than this run's config gives (layers 1)"
+    assert errors == [f"error: cannot resume {trained}: {said}"]
+    assert json.loads((trained / "run.json").read_text())["latest"] == "step-0000020"
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+
+
 def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")

@@ -29,6 +29,7 @@ from gptcli.train.errors import DivergedError, RunError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
 from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
+from gptcli.train.resume import check_checkpoint
 from gptcli.train.sample import sample_text
 from gptcli.train.setup import RunSetup, build_model, check_unchanged, describe, resolve_run
 from gptcli.train.signals import StopSignals
@@ -155,10 +156,13 @@ class _Run:
         """Load the newest checkpoint whose training state, weights and optimizer state all read back: the
         model, the optimizer and self.setup resume from it; returns its state. Those newer that do not are
         listed in self.unreadable (_restore sets them aside); none readable: RunError."""
-        latest = self.setup.resume_from
+        latest, setup = self.setup.resume_from, self.setup
         assert latest is not None
         for checkpoint in reversed([p for p in ckpt.list_checkpoints(self.out) if p.name <= latest.name]):
-            self.setup = replace(self.setup, resume_from=checkpoint)
+            if checkpoint != latest:  # resolve_run checked the newest: one fallen back to must be this run's too
+                vocab, tokenizer = setup.data.vocab_size, setup.files["tokenizer.json"]
+                check_checkpoint(self.out, checkpoint, self.cfg, vocab, setup.block_size, setup.init_folder, tokenizer)
+            self.setup = replace(setup, resume_from=checkpoint)
             try:
                 state = ckpt.load_state(checkpoint)
                 self.model = build_model(self.setup).to(self.device)
