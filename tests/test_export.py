@@ -413,6 +413,17 @@ def test_an_output_under_a_file_says_a_file_is_in_the_way(tiny_models, tmp_path,
     assert (tmp_path / "ok.txt").read_text() == "mine"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_in_a_folder_that_takes_no_folders_names_the_output(tiny_models, capsys):
+    from gptcli.cli.app import run
+
+    assert run(["export", str(tiny_models["gpt2"]), "--output", "/proc/onnx-out"]) == 6
+    assert capsys.readouterr().err.splitlines()[-2:] == [  # was "cannot write /proc": the temporary folder's
+        "error: cannot write /proc/onnx-out: cannot create a folder in /proc (No such file or directory)",
+        "hint: check the path",
+    ]
+
+
 def test_models_info_on_an_export_folder_reports_its_parameters_and_precision(tiny_models, tmp_path):
     """An export has no safetensors: `models info` said `params 0 (0.0 M)` and `dtype ?`."""
     import json

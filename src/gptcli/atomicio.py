@@ -72,7 +72,10 @@ def temp_dir_beside(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(dest)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:  # named by the temporary folder: the error names `dest`, and the folder as the cause
+        raise type(exc)(exc.errno, f"cannot create a folder in {dest.parent} ({exc.strerror})", str(dest)) from None
     return tmp
 
 
