@@ -114,6 +114,54 @@ def test_selecting_a_broken_plugin_is_a_backend_error(plugin_env):
     assert lines[1].startswith("hint: ")
 
 
+ODD_MODULE = """
+class _Backend:
+    @classmethod
+    def load(cls, path, options):
+        raise AssertionError("never loaded")
+
+
+class Raises(_Backend):
+    @classmethod
+    def unavailable_reason(cls, device):
+        raise ValueError("no driver table")
+
+
+class Number(_Backend):
+    @classmethod
+    def unavailable_reason(cls, device):
+        return 42
+"""
+
+
+def test_a_plugin_that_exits_or_answers_wrongly_is_named(tmp_path, monkeypatch, capsys):
+    from gptcli.cli.app import run
+
+    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "odd_plugin.py").write_text(ODD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    paths = "exits=exiting_plugin:Backend,raises=odd_plugin:Raises,number=odd_plugin:Number"
+    monkeypatch.setenv("GPTCLI_BACKEND_PATHS", paths)
+    # `backends` exited 3 with no output (the import's SystemExit), or crashed on the 42 (internal error)
+    assert run(["backends", "--json"]) == 0
+    rows = {row["name"]: row["error"] for row in json.loads(capsys.readouterr().out)}
+    origin = "(GPTCLI_BACKEND_PATHS)"
+    expected = {
+        "exits": f"backend 'exits' {origin} failed to load: SystemExit: 3",
+        "raises": f"backend 'raises' {origin} failed in unavailable_reason(): ValueError: no driver table",
+        "number": f"backend 'number' {origin}: unavailable_reason() gave 42, not a string or None",
+    }
+    assert {name: rows[name] for name in expected} == expected
+    assert run(["backends"]) == 0
+    # choosing one: exit 4 naming it (it was exit 3 unexplained, or "internal error: ValueError" exit 1)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH", "")]))}
+    for name, said in expected.items():
+        result = run_cli("generate", "-b", name, "hi", env=env)
+        assert result.returncode == 4, result.stderr.decode()
+        error = result.stderr.decode().splitlines()[0]
+        assert error == "error: " + (said if name == "exits" else said.replace(f" {origin}", ""))
+
+
 def test_a_plugin_cannot_take_a_builtin_name(plugin_env, monkeypatch):
     from gptcli.backends import base
     from gptcli.backends.torch_backend import TorchBackend

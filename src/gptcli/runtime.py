@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gptcli.backends.base import Backend, LoadOptions, get_backend_class
+from gptcli.backends.base import Backend, LoadOptions, get_backend_class, unavailable_reason
 from gptcli.config import Settings
 from gptcli.errors import BackendError, UsageError
 from gptcli.gguf_convert import Progress
@@ -24,7 +24,7 @@ class Runtime:
 def check_backend(settings: Settings) -> type[Backend]:
     """Fail early (exit 4) when the backend is unknown or cannot run here, before any loading."""
     backend_cls = get_backend_class(settings.backend)
-    reason = backend_cls.unavailable_reason(settings.device)
+    reason = unavailable_reason(backend_cls, f"backend '{settings.backend}'", settings.device)
     if reason:
         raise BackendError(
             f"backend '{settings.backend}' cannot run here: {reason}",

@@ -180,7 +180,7 @@ class BackendSpec:
         try:
             module = importlib.import_module(module_name)
             loaded = getattr(module, attr)
-        except Exception as exc:  # a broken plugin must not take the program down with it
+        except (Exception, SystemExit) as exc:  # a broken plugin (even one that exits) must not take gptcli down
             raise BackendError(
                 f"backend '{self.name}' ({self.origin}) failed to load: {type(exc).__name__}: {exc}", hint=hint
             ) from None
@@ -189,6 +189,19 @@ class BackendSpec:
             what = f"{self.target} is not a backend class" + (f" (no {', '.join(missing)})" if missing else "")
             raise BackendError(f"backend '{self.name}' ({self.origin}): {what}", hint=hint)
         return loaded
+
+
+def unavailable_reason(backend: type[Backend], who: str, device: str) -> str | None:
+    """Why `backend` cannot run on `device` here (None: it can). A plugin's broken answer (an exception, a value
+    that is not a string) is a BackendError naming `who` (e.g. "backend 'x' (its origin)"), not an internal error."""
+    hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
+    try:
+        reason = backend.unavailable_reason(device)
+    except (Exception, SystemExit) as exc:
+        raise BackendError(f"{who} failed in unavailable_reason(): {type(exc).__name__}: {exc}", hint=hint) from None
+    if reason is not None and not isinstance(reason, str):
+        raise BackendError(f"{who}: unavailable_reason() gave {reason!r:.60}, not a string or None", hint=hint)
+    return reason or None
 
 
 BUILTINS = {

@@ -41,7 +41,7 @@ def plan_configs(
 ) -> Plan:
     """Check every backend before anything runs. Unknown names are an error (exit 4); a backend that
     cannot run here is reported with its reason and skipped, unless none is left."""
-    from gptcli.backends.base import get_backend_class, list_backends
+    from gptcli.backends.base import get_backend_class, list_backends, unavailable_reason
 
     registered = list(dict.fromkeys(s.name for s in list_backends() if not s.conflict))
     for name in backends or []:
@@ -51,8 +51,8 @@ def plan_configs(
     for name in backends or registered:
         try:
             backend_cls = get_backend_class(name)
-            reason = backend_cls.unavailable_reason(device)
-        except BackendError as exc:  # a plugin that fails to import is unavailable, not fatal
+            reason = unavailable_reason(backend_cls, f"backend '{name}'", device)
+        except BackendError as exc:  # a plugin that fails to import or to answer is unavailable, not fatal
             reason = exc.message
         if reason:
             plan.unavailable.append((name, reason))

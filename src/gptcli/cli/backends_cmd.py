@@ -42,15 +42,14 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
 
 def backend_row(spec: Any) -> dict[str, Any]:
     """One row: importing the backend (and asking it) is the only way to know, so failures are caught."""
+    from gptcli.backends.base import unavailable_reason
     from gptcli.errors import GptcliError
 
     error = None
     try:
-        reason = spec.load_class().unavailable_reason("auto")
-    except GptcliError as exc:
+        reason = unavailable_reason(spec.load_class(), f"backend '{spec.name}' ({spec.origin})", "auto")
+    except GptcliError as exc:  # a plugin that does not import, or whose own unavailable_reason() is broken
         reason = error = exc.message
-    except Exception as exc:  # a plugin's own unavailable_reason() can be broken too
-        reason = error = f"backend '{spec.name}' ({spec.origin}) failed: {type(exc).__name__}: {exc}"
     return {
         "name": spec.name,
         "origin": spec.origin,
@@ -67,5 +66,5 @@ def _auto_choices(spec: Any) -> dict[str, Any] | None:
     try:
         choices = getattr(spec.load_class(), "auto_choices", None)
         return choices() if choices is not None else None
-    except Exception:  # a plugin's answer is optional and never breaks the listing
+    except (Exception, SystemExit):  # a plugin's answer is optional and never breaks the listing
         return None
