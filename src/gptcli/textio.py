@@ -220,9 +220,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", hint="check the path") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        hint = "give a YAML file, not a folder" if path.is_dir() else "check its permissions"
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}", hint=hint) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot read config file {path}: not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 text (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
+        ) from None
     if len(raw) > CONFIG_FILE.max_bytes:
         raise over_limit(str(path), CONFIG_FILE)
     try:
