@@ -424,6 +424,19 @@ def test_an_output_in_a_folder_that_takes_no_folders_names_the_output(tiny_model
     ]
 
 
+def test_an_output_that_links_to_a_folder_is_exported_into_that_folder(tiny_models, tmp_path, capsys):
+    from gptcli.cli.app import run
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    for _ in range(2):  # into the empty folder, then over the export there
+        assert run(["export", str(tiny_models["gpt2"]), "--output", str(tmp_path / "link"), "--force"]) == 0
+        # the link was moved aside as a hidden .old-link-<pid>-<ns> (and never removed), the export made beside it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / ex.SIDECAR_FILE).is_file()
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "link")] * 2
+
+
 def test_models_info_on_an_export_folder_reports_its_parameters_and_precision(tiny_models, tmp_path):
     """An export has no safetensors: `models info` said `params 0 (0.0 M)` and `dtype ?`."""
     import json

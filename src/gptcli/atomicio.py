@@ -69,6 +69,7 @@ def temp_dir_beside(dest: Path) -> Path:
 
     Folders an earlier writer of `dest` left behind (killed with -9 mid-export: 627 MB for the default
     model) are removed first, once the process that made them is gone."""
+    dest = _followed(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(dest)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
@@ -106,8 +107,10 @@ def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
     """Move a finished temp folder to `dest` with a rename, so readers see all of it or nothing.
 
     An existing `dest` is swapped out as a whole when `replace` (moved aside, then deleted), else it
-    is kept (a concurrent writer finished first) and `tmp` is deleted.
+    is kept (a concurrent writer finished first) and `tmp` is deleted. A link to a folder is followed (as
+    temp_dir_beside does): its target is replaced and the link stays.
     """
+    dest = _followed(dest)
     if dest.exists():
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -118,3 +121,8 @@ def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     os.replace(tmp, dest)
+
+
+def _followed(path: Path) -> Path:
+    """Where `path` leads when it is a link (a linked folder is replaced at its target), else `path`."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
