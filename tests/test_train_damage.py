@@ -207,6 +207,16 @@ def test_a_folder_where_the_plot_goes_is_named_with_the_fix(trained, capsys):
     assert (trained / "loss.png" / "x").is_dir() and not [p for p in trained.iterdir() if p.name.startswith(".")]
 
 
+def test_a_folder_where_a_model_file_is_published_is_named(trained, capsys):
+    (trained / "config.json").unlink()
+    (trained / "config.json" / "x").mkdir(parents=True)
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    # it was "cannot write run: it is a folder" (the run folder, from the temporary file's name), the temporary left
+    assert f"error: cannot write {trained / 'config.json'}: it is a folder" in err.splitlines(), err
+    assert not [p.name for p in trained.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_inside_torch_save_is_a_disk_full_error(tmp_path):
     """torch.save given a path says `basic_ios::clear: iostream error` when a small write fails (seen on a

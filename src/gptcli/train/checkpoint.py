@@ -207,7 +207,11 @@ def publish(run: Path, checkpoint: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copy2(src, tmp)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:  # a folder at `dest`: named by the temporary file, which goes
+            tmp.unlink(missing_ok=True)
+            raise type(exc)(exc.errno, exc.strerror, str(dest)) from None
 
 
 def rotate(run: Path, keep_last: int, best_step: int | None) -> None:
