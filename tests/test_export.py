@@ -437,6 +437,20 @@ def test_an_output_that_links_to_a_folder_is_exported_into_that_folder(tiny_mode
     assert capsys.readouterr().out.splitlines() == [str(tmp_path / "link")] * 2
 
 
+def test_exporting_an_export_says_what_it_is(tiny_models, tmp_path, capsys):
+    from gptcli.cli.app import run
+
+    assert run(["export", str(tiny_models["gpt2"]), "--output", str(tmp_path / "onnx")]) == 0
+    capsys.readouterr()
+    assert run(["export", str(tmp_path / "onnx"), "--output", str(tmp_path / "again")]) == 5
+    # it was "error: .../onnx: weight 'transformer.wte.weight' is missing for a GPT2LMHeadModel"
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: {tmp_path / 'onnx'} is already an ONNX export",
+        "hint: run it with --backend onnx, or export the model it was made from (`gptcli models info` names it)",
+    ]
+    assert not (tmp_path / "again").exists()
+
+
 def test_models_info_on_an_export_folder_reports_its_parameters_and_precision(tiny_models, tmp_path):
     """An export has no safetensors: `models info` said `params 0 (0.0 M)` and `dtype ?`."""
     import json

@@ -136,6 +136,11 @@ def ensure_export(
 ) -> Export:
     """Return the cached export of `folder`, building it first when missing (progress through notify)."""
     check_choice(precision, device)
+    if (folder / SIDECAR_FILE).is_file():  # it has no weights to build from: "weight ... is missing" misled
+        raise ModelError(
+            f"{folder} is already an ONNX export",
+            hint="run it with --backend onnx, or export the model it was made from (`gptcli models info` names it)",
+        )
     dest = output if output is not None else cached_export_dir(folder, precision, device)
     if not force and (dest / SIDECAR_FILE).is_file():
         existing = read_export(dest)
