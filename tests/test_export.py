@@ -393,7 +393,11 @@ def test_cli_export_force_rebuilds_a_corrupt_cached_export(tiny_models, capsys):
     good = graph.read_bytes()
     graph.write_bytes(good[: len(good) // 2])  # as a disk error might leave it
     assert run(args) == 5  # without --force the cached export is checked, not rebuilt
-    assert "error: corrupt or incomplete ONNX export" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: corrupt or incomplete ONNX export" in err
+    # the hint was "delete the folder and export again (`gptcli export`)": that command met this error again
+    again = f"gptcli export {tiny_models['gpt2']} --precision fp32 --device cpu --force"
+    assert f"hint: `{again}` exports it again" in err, err
     assert run([*args, "--force"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(folder) and "exporting tiny-gpt2 to ONNX (fp32, cpu)" in err

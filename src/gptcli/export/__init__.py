@@ -30,6 +30,7 @@ nbits_choice (which compute type is fastest on this CPU), cache (keys and stale 
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -143,7 +144,12 @@ def ensure_export(
         )
     dest = output if output is not None else cached_export_dir(folder, precision, device)
     if not force and (dest / SIDECAR_FILE).is_file():
-        existing = read_export(dest)
+        try:
+            existing = read_export(dest)
+        except ModelError as exc:  # its hint, "export again (`gptcli export`)", met this same check again
+            again = ["gptcli", "export", str(folder), "--precision", precision, "--device", device]
+            again += ["--output", str(output)] if output is not None else []
+            raise ModelError(exc.message, hint=f"`{shlex.join([*again, '--force'])}` exports it again") from None
         if output is None or existing.meta.get("cache_key") == cache_key(folder, precision, device):
             return existing
     if output is not None and output.exists() and any(output.iterdir()) and not (output / SIDECAR_FILE).is_file():
