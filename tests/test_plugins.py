@@ -162,6 +162,28 @@ def test_a_plugin_that_exits_or_answers_wrongly_is_named(tmp_path, monkeypatch, 
         assert error == "error: " + (said if name == "exits" else said.replace(f" {origin}", ""))
 
 
+def test_a_plugin_that_prints_leaves_the_json_listing_whole(tmp_path, monkeypatch, capsys):
+    from gptcli.cli.app import run
+
+    (tmp_path / "noisy_plugin.py").write_text(
+        "print('noisy: imported')\n"
+        "class Noisy:\n"
+        "    @classmethod\n"
+        "    def load(cls, path, options): ...\n"
+        "    @classmethod\n"
+        "    def unavailable_reason(cls, device):\n"
+        "        print('noisy: asked')\n"
+        "        return 'needs its card'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GPTCLI_BACKEND_PATHS", "noisy=noisy_plugin:Noisy")
+    assert run(["backends", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = {row["name"]: row["status"] for row in json.loads(out)}  # the prints came first on stdout: not JSON
+    assert rows["noisy"] == "needs its card"
+    assert err.splitlines() == ["noisy: imported", "noisy: asked"]
+
+
 def test_a_plugin_cannot_take_a_builtin_name(plugin_env, monkeypatch):
     from gptcli.backends import base
     from gptcli.backends.torch_backend import TorchBackend

@@ -12,9 +12,11 @@ is ever imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +180,8 @@ class BackendSpec:
         module_name, _, attr = self.target.partition(":")
         hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
         try:
-            module = importlib.import_module(module_name)
+            with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints must not mix into stdout (--json)
+                module = importlib.import_module(module_name)
             loaded = getattr(module, attr)
         except (Exception, SystemExit) as exc:  # a broken plugin (even one that exits) must not take gptcli down
             raise BackendError(
@@ -196,7 +199,8 @@ def unavailable_reason(backend: type[Backend], who: str, device: str) -> str | N
     that is not a string) is a BackendError naming `who` (e.g. "backend 'x' (its origin)"), not an internal error."""
     hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
     try:
-        reason = backend.unavailable_reason(device)
+        with contextlib.redirect_stdout(sys.stderr):
+            reason = backend.unavailable_reason(device)
     except (Exception, SystemExit) as exc:
         raise BackendError(f"{who} failed in unavailable_reason(): {type(exc).__name__}: {exc}", hint=hint) from None
     if reason is not None and not isinstance(reason, str):
