@@ -92,3 +92,34 @@ def test_a_note_during_a_live_bar_is_printed_above_it_through_the_same_console(m
     assert "reading the tokenizer" in drawn  # a bar was drawn, not plain lines
     assert re.search(r"\r\x1b\[2K(\x1b\[[0-9;]*m)*a note while the bar runs", drawn), repr(drawn)
     assert render.stderr_console() is render.stderr_console()
+
+
+def test_a_gguf_cut_short_says_so_with_both_sizes_before_converting(tiny_gguf, tmp_path, capsys):
+    """A cut-short file failed deep in transformers' reader: 'cannot reshape array of size … into shape …'."""
+    whole = tiny_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) - 1000])
+    assert run(["generate", "-m", str(cut), "hi", "-n", "3"]) == 5
+    out, err = capsys.readouterr()
+    assert out == "" and "converting" not in err
+    assert err.splitlines() == [
+        f"error: cannot read GGUF file {cut}: it is cut short "
+        f"(a complete file has {len(whole)} bytes, this one {len(whole) - 1000})",
+        "hint: the file is incomplete (an interrupted download or copy?): download or copy it again",
+    ]
+    cut.write_bytes(whole[:200])  # cut inside the metadata: no tensor told where the data ends
+    assert run(["generate", "-m", str(cut), "hi"]) == 5
+    assert "it is cut short in its header (200 bytes)" in capsys.readouterr().err
+    assert not models_dir().exists()  # stopped before a temporary folder was made
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [(b"", "it is empty"), (b"PK\x03\x04 a zip", "it is not a GGUF file (it does not start with 'GGUF')")],
+)
+def test_an_empty_file_or_one_that_is_no_gguf_says_which(content, said, tmp_path, capsys):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    assert run(["generate", "-m", str(path), "hi"]) == 5
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[0] == f"error: cannot read GGUF file {path}: {said}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gptcli.atomicio import publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
+from gptcli.gguf_header import check_gguf_file
 from gptcli.hf import has_source, write_source
 
 Notify = Callable[[str], None]
@@ -95,6 +96,7 @@ def convert_gguf(
     `extra_files` (a licence, a notice) are copied into the folder as they are. Interrupted (Ctrl-C), it
     says so and leaves nothing in the cache: the next run converts again.
     """
+    check_gguf_file(gguf)  # an empty, foreign or cut-short file, said in a millisecond rather than by numpy
     notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
     started = time.monotonic()
     stage = f"converting {gguf.name}"
