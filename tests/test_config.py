@@ -209,3 +209,27 @@ def test_a_missing_config_file_hints_at_the_path_and_minus_c_a_number_at_what_c_
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: config file not found: 2048"
     assert err[1].startswith("hint: -c is --config, a YAML file (not llama.cpp's context size")
+
+
+def test_a_folder_where_the_user_config_file_goes_stops_every_command_as_a_config_folder_does(
+    tiny_models, capsys, monkeypatch
+):
+    """It was skipped: `generate` ran with the defaults and only `config show` said 'a folder, not a file'."""
+    import io
+
+    from gptcli.cli.app import run
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # generate reads a piped stdin first
+    from gptcli.paths import user_config_file
+
+    user = user_config_file()
+    user.mkdir(parents=True)
+    said = [
+        f"error: the user config file {user} is a folder, not a file",
+        "hint: remove or rename that folder; `gptcli config init` writes the file there",
+    ]
+    for command in (["generate", "-m", str(tiny_models["gpt2"]), "hi", "-n", "2"], ["config", "show"]):
+        assert run(command) == 3
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines() == said
+    assert run(["config", "path"]) == 0 and capsys.readouterr().out == f"{user}\n"  # how to find it still works

@@ -329,6 +329,11 @@ def resolve(
 
     layers: list[tuple[str, dict[str, Any]]] = []
     user_file = user_config_file() if user_file is None else user_file
+    if user_file.is_dir():  # not a missing file: skipping it ran with settings other than the user meant
+        raise ConfigError(
+            f"the user config file {user_file} is a folder, not a file",
+            hint="remove or rename that folder; `gptcli config init` writes the file there",
+        )
     if user_file.is_file():
         layers.append((str(user_file), flatten_file(read_yaml(user_file), str(user_file))))
     if config_file is not None:

@@ -77,7 +77,7 @@ def looked_for(config: Path | None) -> list[str]:
 
 
 def _exists(path: Path) -> str:
-    return "found" if path.is_file() else "a folder, not a file" if path.is_dir() else "not found"
+    return "found" if path.is_file() else "not found"  # a folder stopped resolve_settings before
 
 
 @app.command()
