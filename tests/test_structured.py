@@ -645,6 +645,10 @@ def test_a_batch_line_sets_its_own_response_format(tiny_models, tmp_path):
 
 WIDE_OBJECT = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
 HALF_WIDE = [{"type": "object", "properties": {f"{side}{i}": {"type": "integer"} for i in range(300)}} for side in "ab"]
+TREE = {"type": "object", "properties": {**HALF_WIDE[0]["properties"], "child": {"$ref": "#"}}}
+PARTS_REFS = [{"$ref": "#/parts/a"}, {"$ref": "#/parts/b"}]
+PARTS = {"a": HALF_WIDE[0], "b": HALF_WIDE[1]}
+ANCHORED = {side: {**half, "$anchor": side} for side, half in PARTS.items()}
 SAID_WIDE = (
     r"too many choices open at one point \((\d+) items, at most 2000\){}: give fewer optional properties or choices"
 )
@@ -673,6 +677,10 @@ def test_an_object_with_too_many_optional_properties_is_refused_before_decoding(
         ({"type": "array", "items": {"allOf": HALF_WIDE}}, "/items"),
         ({"type": "object", "properties": {"enum": WIDE_OBJECT}}, "/properties/enum"),  # a property's name
         ({**WIDE_OBJECT, "required": ["k999"]}, ""),  # 999 optional keys before the required one
+        # Merged through `$ref`s outside $defs, or to `$anchor`s: the probe could not compile them alone
+        # and skipped them, and every reply failed at its first `{`.
+        ({"parts": PARTS, "type": "array", "items": {"allOf": PARTS_REFS}}, "/items"),
+        ({"$defs": ANCHORED, "type": "array", "items": {"allOf": [{"$ref": "#a"}, {"$ref": "#b"}]}}, "/items"),
     ],
 )
 def test_a_wide_object_anywhere_in_a_schema_is_refused_before_any_token(schema, where):
@@ -690,6 +698,8 @@ def test_a_wide_object_anywhere_in_a_schema_is_refused_before_any_token(schema, 
         {**WIDE_OBJECT, "required": list(WIDE_OBJECT["properties"])},  # one choice at a time
         {**WIDE_OBJECT, "required": [f"k{i}" for i in range(0, 1000, 300)]},  # runs of 299 optional keys
         {"type": "array", "items": {"anyOf": [HALF_WIDE[0], {"type": "string"}]}},
+        {"parts": {"a": HALF_WIDE[0]}, "type": "array", "items": {"anyOf": [PARTS_REFS[0], {"type": "string"}]}},
+        {"$defs": {"node": TREE}, "$ref": "#/$defs/node"},  # a recursive `$ref`, copied into the probe once
     ],
 )
 def test_many_properties_in_runs_llguidance_can_open_still_pass(schema):
@@ -729,21 +739,54 @@ def test_cli_and_server_refuse_a_nested_wide_object_before_generating(tiny_model
         assert error["param"] == "response_format.json_schema.schema" and "in the object at /items" in error["message"]
 
 
-def test_chat_says_when_its_output_grammar_stopped_a_reply(tiny_models, tmp_path):
+class _RowOverflowAfterOneToken:
+    """llguidance's matcher that meets a row too wide at the reply's second token (as an object too wide
+    for it did when the up-front check could not probe it): nothing the check lets through does that now."""
+
+    def __init__(self, matcher) -> None:
+        self._matcher = matcher
+        self._consumed = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._matcher, name)
+
+    def consume_token(self, token_id: int) -> bool:
+        self._consumed += 1
+        return self._consumed == 1 and self._matcher.consume_token(token_id)
+
+    def is_error(self) -> bool:
+        return self._consumed > 1 or self._matcher.is_error()
+
+    def get_error(self) -> str:
+        return "Parser Error: Current row has 2407 items; max is 2000; consider making your grammar left-recursive"
+
+
+def test_chat_says_when_its_output_grammar_stopped_a_reply(tiny_models, tmp_path, capsys, monkeypatch):
     """`generate` exits 3 on a reply its grammar could not finish; chat showed the `{` and nothing else."""
-    # Two 300-key objects merged by allOf through `$ref`s outside $defs: the up-front check cannot probe
-    # them together, so the 600 keys fail only at the reply's `{` (no text is forced before it).
-    parts = {"a": HALF_WIDE[0], "b": HALF_WIDE[1]}
-    merged = {"allOf": [{"$ref": "#/parts/a"}, {"$ref": "#/parts/b"}]}
-    pair = {"type": "object", "properties": {"b": merged}, "required": ["b"], "additionalProperties": False}
-    either = [{"type": "array", "items": merged, "minItems": 1}, pair]
+    import io
+
+    from gptcli.cli.app import run
+
+    wrapped = constraints.TokenConstraint.__init__
+
+    def overflowing(self, matcher, *args, **kwargs) -> None:
+        wrapped(self, _RowOverflowAfterOneToken(matcher), *args, **kwargs)
+
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"parts": parts, "anyOf": either}), encoding="utf-8")
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}), encoding="utf-8")
+    args = ("-m", str(tiny_models["llama"]), "-t", "0", "-n", "8", "--json-schema", str(schema))
+    said = "error: the reply stopped: the output grammar failed: too many choices open at one point"
+    with monkeypatch.context() as patch:
+        patch.setattr(constraints.TokenConstraint, "__init__", overflowing)
+        patch.setattr("sys.stdin", io.StringIO("hi\n"))
+        assert run(["chat", *args]) == 0  # the chat goes on
+        out, err = capsys.readouterr()
+        assert out.strip() == "{" and said in err, err
+        patch.setattr("sys.stdin", io.StringIO(""))
+        assert run(["generate", "hi", *args]) == 3
+        out, err = capsys.readouterr()
+        assert out.strip() == "{" and said in err, err
     args = ("chat", "-m", str(tiny_models["llama"]), "-t", "0", "-n", "8")
-    chat = run_cli(*args, "--json-schema", str(schema), input="hi\n")
-    said = chat.stderr.decode()
-    assert chat.returncode == 0 and chat.stdout.decode().strip() in {"[", "{"}, said
-    assert "error: the reply stopped: the output grammar failed: too many choices open at one point" in said
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
     short = run_cli(*args[:-1], "2", "--json-schema", str(schema), input="hi\n")  # and a reply cut short
     assert "warning: the output was cut at --max-tokens (2) before the JSON was complete" in short.stderr.decode()

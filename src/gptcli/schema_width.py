@@ -9,7 +9,8 @@ So each wide object anywhere in the schema (under items, properties, $defs, anyO
 its own by a one-byte-per-token matcher up to its `{`, and the row there is the row the reply would
 meet. Past a required property the next run of optional ones opens a row of its own, so each run is
 probed as an object of its own; choices (anyOf, oneOf, allOf) whose objects open many properties at
-one `{` together are probed whole. A probe that cannot compile alone (a `$ref` outside $defs) is skipped.
+one `{` together are probed whole, each local `$ref` it holds copied into its own `$defs` (wherever the
+reference points: `#/$defs/...` or `#/parts/a`). A probe that still cannot compile alone is skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -38,10 +40,9 @@ def too_wide(message: str) -> tuple[str, str] | None:
 
 def first_too_wide(schema: Any, options: dict[str, Any]) -> tuple[str, str, str] | None:
     """(items, limit, where) of the first object run in `schema` that llguidance cannot open, or None."""
-    shared = {key: schema[key] for key in ("$defs", "definitions") if isinstance(schema, dict) and key in schema}
     try:
         for where, probe in _runs(schema, "", root=schema):
-            row = too_wide(_error_after_open(json.dumps({**probe, **shared}), options))
+            row = too_wide(_error_after_open(json.dumps(_self_contained(probe, schema)), options))
             if row:
                 return row[0], row[1], where or "/"
     except RecursionError:  # nested deeper than Python walks: the decoding still says so if it fails
@@ -78,6 +79,42 @@ def _runs(node: Any, where: str, root: Any, named: bool = False) -> Iterator[tup
             yield from _runs(value, f"{where}/{_escape(key)}", root, named=not named and key in NAMED_SCHEMAS)
 
 
+def _self_contained(probe: dict[str, Any], root: Any) -> dict[str, Any]:
+    """The probe with each local `$ref` ("#/$defs/row", "#/parts/a", "#") pointed at a copy of its target
+    in the probe's own `$defs`, so that it compiles alone (a `$ref` it cannot resolve stays as it is)."""
+    defs: dict[str, Any] = {}
+    names: dict[str, str] = {}
+
+    def target(ref: str) -> str:
+        if ref not in names:
+            found = _resolve(root, ref)
+            if found is None:
+                return ref
+            names[ref] = f"ref{len(names)}"  # named before its target is copied: a recursive $ref ends here
+            defs[names[ref]] = rewrite(found, named=False)
+        return f"#/$defs/{names[ref]}"
+
+    def rewrite(node: Any, named: bool) -> Any:
+        if isinstance(node, list):
+            return [rewrite(item, named=False) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if named:  # {name: schema}: the names are data
+            return {key: rewrite(value, named=False) for key, value in node.items()}
+        copied: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+                copied[key] = target(value)
+            elif key in DATA_KEYWORDS:
+                copied[key] = value
+            else:
+                copied[key] = rewrite(value, named=key in NAMED_SCHEMAS)
+        return copied
+
+    contained = rewrite(probe, named=False)
+    return {**contained, "$defs": defs} if defs else contained
+
+
 def _open_at_brace(node: Any, root: Any, seen: set[str]) -> int:
     """How many properties a `{` of this schema may open: its own, its choices' and what it refers to."""
     if not isinstance(node, dict):
@@ -94,10 +131,13 @@ def _open_at_brace(node: Any, root: Any, seen: set[str]) -> int:
 
 
 def _resolve(root: Any, ref: str) -> Any:
-    """The schema a local `$ref` ("#/$defs/item") points at, or None."""
+    """The schema a local `$ref` points at ("#/$defs/item", a JSON pointer in a URI fragment, or "#item",
+    a schema's `$anchor`), or None."""
+    if ref != "#" and not ref.startswith("#/"):
+        return next(_anchored(root, unquote(ref[1:])), None)
     node = root
     for part in ref.removeprefix("#").split("/")[1:]:
-        part = part.replace("~1", "/").replace("~0", "~")
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict):
             node = node.get(part)
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -105,6 +145,19 @@ def _resolve(root: Any, ref: str) -> Any:
         else:
             return None
     return node
+
+
+def _anchored(node: Any, anchor: str, named: bool = False) -> Iterator[dict[str, Any]]:
+    """The schemas under `node` whose `$anchor` is `anchor` (data keywords' values are not schemas)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _anchored(item, anchor)
+    elif isinstance(node, dict):
+        if not named and node.get("$anchor") == anchor:
+            yield node
+        for key, value in node.items():
+            if named or key not in DATA_KEYWORDS:
+                yield from _anchored(value, anchor, named=not named and key in NAMED_SCHEMAS)
 
 
 def _escape(key: str) -> str:
