@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -81,14 +82,25 @@ def temp_dir_beside(dest: Path) -> Path:
 
 
 def remove_abandoned(dest: Path) -> None:
-    """Delete `.tmp-`/`.old-` folders of `dest` (temp_dir_beside, publish_dir) whose process has ended."""
+    """Delete `.tmp-`/`.old-` folders of `dest` (temp_dir_beside, publish_dir) whose process has ended,
+    and `.old-` files (a file that stood where publish_dir put a folder)."""
     for kind in (".tmp-", ".old-"):
         for left in dest.parent.glob(f"{kind}{glob.escape(dest.name)}-*-*"):
             pid, _, stamp = left.name[len(kind) + len(dest.name) + 1 :].partition("-")
-            if not (pid.isdigit() and stamp.isdigit()) or left.is_symlink() or not left.is_dir():
+            ours = left.is_dir() or (kind == ".old-" and left.is_file())
+            if not (pid.isdigit() and stamp.isdigit()) or left.is_symlink() or not ours:
                 continue  # not one of ours (another name that starts like this one)
             if not _running(int(pid)):
-                shutil.rmtree(left, ignore_errors=True)
+                _remove(left)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder and all in it, or a file; what cannot be deleted stays (the next writer tries again)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
@@ -118,7 +130,7 @@ def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
         old = dest.parent / f".old-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(dest, old)
         os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)  # a folder, or the file that stood at `dest`
         return
     os.replace(tmp, dest)
 
