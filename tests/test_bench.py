@@ -324,6 +324,30 @@ def test_baseline_reads_a_json_document_and_rejects_junk(tmp_path):
         base_mod.load_records(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"test": ["tg4"]}, "'test' must be a plain value"),  # was: TypeError, unhashable type: 'list'
+        ({"threads": {"n": 1}}, "'threads' must be a plain value"),
+        ({"tokens_per_s": "fast"}, "'tokens_per_s' must be a number"),  # was: TypeError in the ratio
+        ({"tokens_per_s": -5.0}, "'tokens_per_s' must be a number"),  # was: a regression at -2.00x
+        ({"tokens_per_s": float("nan")}, "'tokens_per_s' must be a number"),  # was: a gate that always passed
+        ({"mode": "latency", "e2e_ms": 5}, "'e2e_ms' must be a mapping"),  # was: AttributeError
+        ({"mode": "latency", "e2e_ms": {"mean": "x"}}, "'e2e_ms.mean' must be a number"),
+    ],
+)
+def test_a_baseline_result_of_the_wrong_types_is_refused_before_the_run(tmp_path, change, message):
+    """A hand-edited baseline used to pass load_records and crash in compare, after the whole run."""
+    path = tmp_path / "runs.jsonl"
+    good = report.jsonl_lines(sample_records(), {"cpu": "x"})
+    bad = json.dumps({**json.loads(good[1]), **change})
+    path.write_text("\n".join([good[0], bad]) + "\n")
+    with pytest.raises(InputError, match=rf"runs\.jsonl: result 2: {message}"):
+        base_mod.load_records(path)
+    path.write_text(good[0] + "\n" + json.dumps({**json.loads(good[1]), "tokens_per_s": None}) + "\n")
+    assert len(base_mod.load_records(path)) == 2  # a result without its number is kept (it compares with nothing)
+
+
 # --- planning -----------------------------------------------------------------------------------------------------
 
 

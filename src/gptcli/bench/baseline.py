@@ -58,7 +58,29 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     records = [r for r in records if isinstance(r, dict) and all(k in r for k in ("mode", *KEY_FIELDS))]
     if not records:
         raise InputError(f"{path} holds no benchmark results", hint="save one with --output FILE or -o json")
+    for number, record in enumerate(records, 1):
+        _check_record(record, f"{path}: result {number}")
     return records
+
+
+def _check_record(record: dict[str, Any], where: str) -> None:
+    """A saved result that comparing can use: plain key values (a list cannot be matched) and a headline
+    number that is absent or a finite one, not negative (a word or a NaN would break or fool the ratio)."""
+    hint = "fix or remove that result; a baseline is the output of -o json, -o jsonl or --output"
+    for name in KEY_FIELDS:
+        if not isinstance(record[name], str | int | float | bool | None):
+            raise InputError(f"{where}: '{name}' must be a plain value, got {json.dumps(record[name])[:60]}", hint=hint)
+    name, value = "tokens_per_s", record.get("tokens_per_s")
+    if record["mode"] == "latency":
+        e2e = record.get("e2e_ms")
+        if e2e is not None and not isinstance(e2e, dict):
+            raise InputError(
+                f"{where}: 'e2e_ms' must be a mapping of statistics, got {json.dumps(e2e)[:60]}", hint=hint
+            )
+        name, value = "e2e_ms.mean", (e2e or {}).get("mean")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is not None and not (number and math.isfinite(value) and value >= 0):
+        raise InputError(f"{where}: '{name}' must be a number of at least 0, got {json.dumps(value)[:60]}", hint=hint)
 
 
 def compare(records: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> None:
