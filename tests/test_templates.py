@@ -152,6 +152,22 @@ def test_generate_with_template(tiny_models):
     assert json.loads(shorthand.stdout)["usage"] == data["usage"]
 
 
+def test_a_summarize_template_with_a_variable_summarize_does_not_fill_names_the_file(tmp_path):
+    """`summarize` has no --var: it said "hint: pass --var who=VALUE" (exit 2), after loading the model."""
+    folder = tmp_path / "xdg-config" / "gptcli" / "templates"
+    folder.mkdir(parents=True)
+    (folder / "summarize.yaml").write_text("user: 'Summarise {length} for {who}: {input}'\n")
+    result = run_cli("summarize", "-m", "/nonexistent", input="Some text.")  # fails before the model loads
+    assert result.returncode == 3, result.stderr.decode()
+    assert result.stderr.decode().splitlines() == [
+        f"error: {folder / 'summarize.yaml'}: variables: 'who' has no default, and `gptcli summarize` fills only "
+        "{length}, {format}",
+        "hint: give it one in the template (variables: who: VALUE), or remove {who}",
+    ]
+    (folder / "summarize.yaml").write_text("user: 'Summarise {length} for {who}: {input}'\nvariables: {who: me}\n")
+    assert run_cli("summarize", "-m", "/nonexistent", input="Some text.").returncode == 5  # now on to the model
+
+
 def test_a_template_with_thousands_of_variables_lists_in_linear_time(isolated_home):
     from gptcli.templates import user_templates_dir
 

@@ -169,6 +169,7 @@ class Summarizer:
         self.progress = progress or (lambda update: None)
         # Only the variables this template uses (a user's own summarize template may not have them all).
         self.variables = {k: v for k, v in (variables or {}).items() if k in template.fields}
+        template.check_filled_by("gptcli summarize", variables or {})
         if parallel is not None and parallel < 1:
             raise UsageError(f"--parallel must be at least 1, got {parallel}")
         if calls is not None:

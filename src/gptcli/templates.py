@@ -105,6 +105,18 @@ class Template:
             )
         return values
 
+    def check_filled_by(self, command: str, filled: Mapping[str, str]) -> None:
+        """For a command that fills only `filled` (no --var): every other variable needs a default, said
+        as a config error naming the file, before any model loads."""
+        missing = [name for name in self.required if name not in filled]
+        if missing:
+            where = self.path or f"the {self.source} template '{self.name}'"
+            names = ", ".join(f"{{{name}}}" for name in filled)
+            raise ConfigError(
+                f"{where}: variables: '{missing[0]}' has no default, and `{command}` fills only {names}",
+                hint=f"give it one in the template (variables: {missing[0]}: VALUE), or remove {{{missing[0]}}}",
+            )
+
     def to_yaml_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"description": self.description}
         if self.system:

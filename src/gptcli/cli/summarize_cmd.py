@@ -104,6 +104,8 @@ def summarize(
         trust_remote_code=trust_remote_code,
     )
     template = get_template("summarize")
+    variables = {"length": LENGTHS[length][0], "format": FORMATS[fmt]}
+    template.check_filled_by("gptcli summarize", variables)  # before the model loads
     settings = apply_sampling_defaults(resolved, template)
     if resolved.sources["sampling.max_tokens"] == "default":
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
@@ -116,7 +118,7 @@ def summarize(
             settings,
             template,
             progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
-            variables={"length": LENGTHS[length][0], "format": FORMATS[fmt]},
+            variables=variables,
             parallel=parallel,
             kv_budget=kv_budget,
         )
