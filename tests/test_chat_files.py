@@ -196,6 +196,19 @@ def test_a_pipe_in_the_chats_or_templates_folder_is_skipped_not_waited_for(isola
     assert run_cli("templates", "list", timeout=60).returncode == 0
 
 
+def test_chats_rm_of_a_folder_in_the_chats_folder_says_it_is_not_a_chat(isolated_home):
+    """It was "cannot write <folder>: Is a directory" with a hint to make GPTCLI_HOME writable (exit 1)."""
+    from gptcli.chat import ConversationStore
+    from gptcli.errors import InputError
+
+    store = ConversationStore()
+    folder = store.path("20240101-000000-dir0")
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"dir0\.json is a folder, not a saved chat"):
+        store.delete("20240101-000000-dir0")
+    assert (folder / "inside").is_dir()  # nothing of it was removed
+
+
 def test_continue_names_a_chat_file_it_could_not_read(tiny_models, tok, isolated_home):
     from gptcli.chat import ConversationStore
 

@@ -306,10 +306,7 @@ class ConversationStore:
     def _read(self, conv_id: str) -> Conversation:
         """A stored conversation's id is its file's name, and a file without times (a JSON list copied
         in by hand) dates from its last change: never a new id, nor "now", on every read."""
-        path = self.path(conv_id)
-        if path.exists() and not path.is_file():  # a FIFO would block the read; a folder is not a chat either
-            kind = "a folder" if path.is_dir() else "a pipe or a device"
-            raise InputError(f"{path} is {kind}, not a saved chat", hint="move it out of the chats folder")
+        path = self._chat_file(conv_id)
         try:
             changed = now(path.stat().st_mtime)
         except OSError:
@@ -326,5 +323,13 @@ class ConversationStore:
 
     def delete(self, ref: str) -> str:
         conv_id = self.resolve_id(ref)
-        self.path(conv_id).unlink()
+        self._chat_file(conv_id).unlink()
         return conv_id
+
+    def _chat_file(self, conv_id: str) -> Path:
+        """The path of a stored chat; a folder or a FIFO by that name is not one (an InputError)."""
+        path = self.path(conv_id)
+        if path.exists() and not path.is_file():  # a FIFO would block the read; a folder is not a chat either
+            kind = "a folder" if path.is_dir() else "a pipe or a device"
+            raise InputError(f"{path} is {kind}, not a saved chat", hint="move it out of the chats folder")
+        return path
