@@ -231,6 +231,23 @@ def test_store_list_resolve_and_delete(tok):
         store.load(conv_id)
 
 
+def test_a_chat_whose_file_another_chat_changed_is_saved_on_under_a_new_id(tok):
+    from gptcli.chat import ConversationStore
+
+    warnings: list[str] = []
+    chat = make_chat(tok, say(tok, "one") + say(tok, "two"), warn=warnings.append)
+    reply(chat.say("hello"))
+    first_id = chat.conversation.id
+    other = ConversationStore()  # another `gptcli chat --resume` of it, which answered meanwhile
+    theirs = other.load(first_id)
+    theirs.messages.append({"role": "user", "content": "elsewhere"})
+    other.save(theirs)
+    reply(chat.say("again"))
+    assert warnings == [f"another gptcli chat changed {first_id}: this chat is saved on as {chat.conversation.id}"]
+    assert [m["content"] for m in other.load(first_id).messages] == ["hello", "one", "elsewhere"]
+    assert [m["content"] for m in other.load(chat.conversation.id).messages] == ["hello", "one", "again", "two"]
+
+
 def test_a_file_put_in_the_store_by_hand_keeps_its_name_and_its_time(tok):
     """A plain JSON list (what /load accepts) copied into the chats folder: before, it was listed under a
     new random id on every read (so `chats show` could not find it) and dated "now" (so it was always the

@@ -209,6 +209,27 @@ def test_chats_rm_of_a_folder_in_the_chats_folder_says_it_is_not_a_chat(isolated
     assert (folder / "inside").is_dir()  # nothing of it was removed
 
 
+def test_two_chats_on_one_conversation_lose_neither_ones_messages(isolated_home):
+    """Two `gptcli chat --resume ID` at once: the second to save overwrote the first one's messages."""
+    from gptcli.chat import Conversation, ConversationStore
+
+    first, second = ConversationStore(), ConversationStore()  # two processes
+    first.save(Conversation(id="20240101-000000-both", messages=[{"role": "user", "content": "start"}]))
+    mine, theirs = first.load("20240101-000000-both"), second.load("20240101-000000-both")
+    theirs.messages.append({"role": "user", "content": "from the other chat"})
+    second.save(theirs)
+    mine.messages.append({"role": "user", "content": "from this chat"})
+    path = first.save(mine)
+    assert mine.id != "20240101-000000-both" and path == first.path(mine.id)  # saved on under a new id
+    contents = {cv.id: [m["content"] for m in cv.messages] for cv in ConversationStore().list()}
+    assert contents == {
+        "20240101-000000-both": ["start", "from the other chat"],
+        mine.id: ["start", "from this chat"],
+    }
+    mine.messages.append({"role": "user", "content": "more"})
+    assert first.save(mine) == path  # its own file now: saved in place
+
+
 def test_continue_names_a_chat_file_it_could_not_read(tiny_models, tok, isolated_home):
     from gptcli.chat import ConversationStore
 

@@ -254,12 +254,16 @@ class ConversationStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or chats_dir()
         self.skipped: list[str] = []  # why files were left out of the last list()
+        self.seen: dict[str, tuple[int, int, int] | None] = {}  # each file as this store last read or wrote it
 
     def path(self, conv_id: str) -> Path:
         return self.root / f"{conv_id}.json"
 
     def save(self, conv: Conversation) -> Path:
-        """Write `conv`; one the store could not read back is a ChatFileError, and nothing is written."""
+        """Write `conv`; one the store could not read back is a ChatFileError, and nothing is written.
+
+        When its file changed since this store last read or wrote it (another `gptcli chat` on the same
+        conversation), that file is left as it is and `conv` is saved on under a new id: nothing is lost."""
         conv.updated = now()
         payload = conversation_json(conv)
         if len(payload) > CHAT_FILE.max_bytes:
@@ -269,8 +273,12 @@ class ConversationStore:
                 hint="/reset starts a new conversation (this one stays saved as it was)",
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if conv.id in self.seen and _stamp(self.path(conv.id)) not in {self.seen[conv.id], None}:
+            conv.id = _unused_id(self.root)
+            payload = conversation_json(conv)
         path = self.path(conv.id)
         write_atomic(path, payload, mode=0o600)
+        self.seen[conv.id] = _stamp(path)
         return path
 
     def ids(self) -> list[str]:
@@ -311,8 +319,10 @@ class ConversationStore:
             changed = now(path.stat().st_mtime)
         except OSError:
             changed = None  # read_conversation_file reports the missing or unreadable file
+        stamp = _stamp(path)
         conv = read_conversation_file(path, default_time=changed)
         conv.id = conv_id
+        self.seen[conv_id] = stamp
         return conv
 
     def latest(self) -> Conversation:
@@ -333,3 +343,19 @@ class ConversationStore:
             kind = "a folder" if path.is_dir() else "a pipe or a device"
             raise InputError(f"{path} is {kind}, not a saved chat", hint="move it out of the chats folder")
         return path
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another (an atomic write makes a new inode); None: no file."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _unused_id(root: Path) -> str:
+    """A new conversation id no file in `root` has (one made in the same second could)."""
+    while (root / f"{(conv_id := new_id())}.json").exists():
+        pass
+    return conv_id

@@ -332,7 +332,10 @@ class ChatSession:
         error: GptcliError
         try:
             if self.conversation.messages:
+                old_id = self.conversation.id
                 self.store.save(self.conversation)
+                if self.conversation.id != old_id:
+                    self.warn(f"another gptcli chat changed {old_id}: this chat is saved on as {self.conversation.id}")
             else:  # /undo of its only exchange: the stored copy goes too, not left behind to --continue
                 self.store.path(self.conversation.id).unlink(missing_ok=True)
         except ChatFileError as exc:
