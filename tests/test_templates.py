@@ -168,6 +168,18 @@ def test_a_summarize_template_with_a_variable_summarize_does_not_fill_names_the_
     assert run_cli("summarize", "-m", "/nonexistent", input="Some text.").returncode == 5  # now on to the model
 
 
+def test_a_template_that_repeats_input_cannot_build_a_prompt_past_the_prompt_limit():
+    """{input} 5,000 times over a 4 kB input: it built the 20 MB prompt (a 1 MB template of them took gigabytes)."""
+    from gptcli.errors import InputError
+    from gptcli.templates import Template
+
+    many = Template(name="many", user="{input}" * 5000, system="{tone}", variables={"tone": "calm"})
+    with pytest.raises(InputError, match=r"template 'many' makes a prompt of 19\.5 MiB .*\{input\} 5000 time"):
+        many.render("x" * 4096)
+    system, user = many.render("x" * 100)  # within the limit it renders as before
+    assert system == "calm" and len(user) == 500_000
+
+
 def test_a_template_with_thousands_of_variables_lists_in_linear_time(isolated_home):
     from gptcli.templates import user_templates_dir
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file, suggest
-from gptcli.errors import ConfigError, UsageError
+from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.paths import config_dir
-from gptcli.textio import read_yaml
+from gptcli.textio import PROMPT, human_bytes, read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "templates_builtin"
 TEMPLATE_KEYS = ("description", "system", "user", "variables", "sampling")
@@ -75,8 +75,25 @@ class Template:
         """(system, user) with `{input}` = text and the variables filled in."""
         values = self.bind(variables or {})
         values["input"] = text
+        self._check_size(values)
         system = self.system.format_map(values) if self.system else None
         return system, self.user.format_map(values)
+
+    def _check_size(self, values: Mapping[str, str]) -> None:
+        """The prompt's size, counted before it is built: a template may use {input} thousands of times, and
+        a 10 kB input then made gigabytes of prompt (an InputError over the prompt limit, exit 6)."""
+        sizes = {name: len(value.encode("utf-8", "surrogatepass")) for name, value in values.items()}
+        total = uses = 0
+        for text in (self.system or "", self.user):
+            for literal, name, _, _ in string.Formatter().parse(text):
+                total += len(literal.encode("utf-8", "surrogatepass")) + (sizes[name] if name is not None else 0)
+                uses += name == "input"
+        if total > PROMPT.max_bytes:
+            raise InputError(
+                f"template '{self.name}' makes a prompt of {human_bytes(total)} from this input ({{input}} {uses} "
+                f"time(s)): over the {PROMPT.label} limit for {PROMPT.kind}",
+                hint=f"shorten the input, or use {{input}} fewer times in {self.path or 'the template'}",
+            )
 
     def bind(self, given: Mapping[str, str]) -> dict[str, str]:
         """Defaults overlaid with the given variables; unknown or missing names are usage errors."""
