@@ -168,6 +168,21 @@ def test_a_summarize_template_with_a_variable_summarize_does_not_fill_names_the_
     assert run_cli("summarize", "-m", "/nonexistent", input="Some text.").returncode == 5  # now on to the model
 
 
+def test_a_template_named_by_a_path_is_refused_not_looked_up_in_the_templates_folder(isolated_home, tmp_path):
+    """`--template ./pirate` read <templates>/./pirate.yaml, not ./pirate.yaml; '../x' and '/abs/x' read any YAML."""
+    from gptcli.errors import UsageError
+    from gptcli.templates import get_template, user_templates_dir
+
+    folder = user_templates_dir()
+    folder.mkdir(parents=True)
+    (folder / "pirate.yaml").write_text("user: 'Pirate: {input}'\n")
+    (tmp_path / "elsewhere.yaml").write_text("user: 'Elsewhere: {input}'\n")
+    assert get_template("pirate").user == "Pirate: {input}"
+    for name in ("./pirate", "../templates/pirate", str(tmp_path / "elsewhere"), "a/b"):
+        with pytest.raises(UsageError, match=r"is a path: a template is named by its file NAME\.yaml in "):
+            get_template(name)
+
+
 def test_a_template_that_repeats_input_cannot_build_a_prompt_past_the_prompt_limit():
     """{input} 5,000 times over a 4 kB input: it built the 20 MB prompt (a 1 MB template of them took gigabytes)."""
     from gptcli.errors import InputError

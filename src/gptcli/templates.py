@@ -219,6 +219,11 @@ def _user_files() -> list[Path]:
 
 
 def get_template(name: str) -> Template:
+    if Path(name).name != name:  # './pirate' named templates/./pirate.yaml, never ./pirate.yaml here
+        raise UsageError(
+            f"'{name}' is a path: a template is named by its file NAME.yaml in {user_templates_dir()}",
+            hint="put the file in that folder (`gptcli templates path`) and give its name",
+        )
     user_file = user_templates_dir() / f"{name}.yaml"
     if user_file.is_file():
         return _load_file(user_file, "user")
