@@ -376,6 +376,20 @@ def test_undo_of_the_only_exchange_leaves_no_saved_copy(tok, isolated_home):
     assert chat.conversation.messages == [] and not path.exists()  # was: kept, and --continue brought it back
 
 
+def test_undo_keeps_the_file_when_another_chat_on_it_answered_meanwhile(tok, isolated_home):
+    """/undo of the only exchange deleted the file, with the messages another `chat --resume` of it had saved."""
+    from gptcli.chat import ConversationStore, run_command
+
+    chat = make_chat(tok, say(tok, "Noted."))
+    reply(chat.say("first"))
+    other = ConversationStore()
+    theirs = other.load(chat.conversation.id)
+    theirs.messages.append({"role": "user", "content": "from the other chat"})
+    other.save(theirs)
+    run_command(chat, "/undo")
+    assert [m["content"] for m in other.load(theirs.id).messages] == ["first", "Noted.", "from the other chat"]
+
+
 def test_fitting_a_long_chat_takes_a_few_encodings_not_one_per_exchange(tok):
     chat = make_chat(tok, say(tok, "Ok."), context=512, store=False, max_tokens=16)
     for i in range(2000):

@@ -281,6 +281,12 @@ class ConversationStore:
         self.seen[conv.id] = _stamp(path)
         return path
 
+    def discard(self, conv_id: str) -> None:
+        """Remove a conversation's file, unless another chat changed it since this store read or wrote it."""
+        path = self.path(conv_id)
+        if self.seen.get(conv_id, _stamp(path)) == _stamp(path):
+            path.unlink(missing_ok=True)
+
     def ids(self) -> list[str]:
         if not self.root.is_dir():
             return []

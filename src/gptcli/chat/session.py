@@ -337,7 +337,7 @@ class ChatSession:
                 if self.conversation.id != old_id:
                     self.warn(f"another gptcli chat changed {old_id}: this chat is saved on as {self.conversation.id}")
             else:  # /undo of its only exchange: the stored copy goes too, not left behind to --continue
-                self.store.path(self.conversation.id).unlink(missing_ok=True)
+                self.store.discard(self.conversation.id)
         except ChatFileError as exc:
             if strict:
                 raise
