@@ -368,6 +368,27 @@ def test_a_write_refused_outside_gptcli_folders_names_the_fix(tmp_path):
         assert error.exit_code == 1
 
 
+def test_a_thing_of_the_wrong_kind_in_gptcli_folders_is_named_with_the_fix(isolated_home):
+    """A file named like the chats folder said "File exists" with a hint to make GPTCLI_HOME writable."""
+    import errno
+
+    from gptcli.paths import data_dir, environment_error
+
+    chats = data_dir() / "chats"
+    chats.parent.mkdir(parents=True)
+    chats.write_text("not a folder")
+    error = environment_error(FileExistsError(errno.EEXIST, "File exists", str(chats)))
+    assert error is not None and error.message == f"cannot write {chats}: a file is there, where a folder should be"
+    assert error.hint == "move it out of the way, or set GPTCLI_HOME to another folder" and error.exit_code == 1
+    chats.unlink()
+    (chats / "20240101-000000-dir0.json").mkdir(parents=True)  # a chat's file name taken by a folder
+    error = environment_error(
+        IsADirectoryError(errno.EISDIR, "Is a directory", str(chats / "20240101-000000-dir0.json"))
+    )
+    assert error is not None and error.message.endswith("dir0.json: it is a folder")
+    assert error.hint == "move it out of the way, or set GPTCLI_HOME to another folder"
+
+
 def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))
@@ -477,7 +498,7 @@ def test_options_and_environment_that_were_ignored_or_crashed(tmp_path):
     home = tmp_path / "a-file" / "home"
     result = run_cli("generate", "hi", "-n", "2", env={"GPTCLI_HOME": str(home)})
     assert first_error(result).startswith(f"error: cannot write {home}") and result.returncode == 1
-    assert f"hint: make {home} writable, or set GPTCLI_HOME to a writable folder" in result.stderr.decode()
+    assert "hint: move it out of the way, or set GPTCLI_HOME to another folder" in result.stderr.decode()  # a-file
 
 
 def test_batch_and_summarize_check_their_paths_and_budget_before_loading(tiny_models, tok, tmp_path):

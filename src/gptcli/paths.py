@@ -88,16 +88,19 @@ def environment_error(exc: OSError) -> GptcliError | None:
         cause = f"{blocker} is a file, where a folder should be"
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names
         path = path.parent
+    if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
+        cause = "a file is there, where a folder should be"
     roots = [cache_dir(), data_dir(), *([home] if (home := home_dir()) is not None else [])]
     if any(path == root or root in path.parents for root in roots):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = "free some space, or set GPTCLI_HOME to a folder on another disk"
+        elif exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a thing of the wrong kind in the way
+            cause = "it is a folder" if exc.errno == errno.EISDIR and path.is_dir() else cause
+            hint = "move it out of the way, or set GPTCLI_HOME to another folder"
         else:
             hint = f"make {home or path} writable, or set GPTCLI_HOME to a writable folder"
         return GptcliError(f"cannot write {path}: {cause}", hint=hint)
     if exc.errno in PATH_ERRNOS:
-        if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
-            cause = "a file is there, where a folder should be"
         if exc.errno == errno.EISDIR and path.is_dir():  # a file's path, where a folder is
             return InputError(
                 f"cannot write {path}: it is a folder", hint="give the path of a file (or move that folder away)"
