@@ -188,6 +188,28 @@ def test_stuff_refuses_a_text_that_does_not_fit(tok):
         summarizer(ReadingBackend(tok, 512), tok).run(document(30), SummaryOptions(strategy="stuff"))
 
 
+def test_stuff_says_the_most_one_pass_really_takes(tok):
+    """It said "at most 216" (the context less a whole --max-tokens reply) of a context where a pass shortens its
+    reply and takes 440 tokens of text; and a negative "at most -286" where the instructions fill the context."""
+    import re
+
+    from gptcli.errors import InputError
+    from gptcli.summarize import SummaryOptions
+
+    stuff = SummaryOptions(strategy="stuff")
+    with pytest.raises(InputError) as caught:
+        summarizer(ReadingBackend(tok, 512), tok, max_tokens=256).run(document(30), stuff)
+    most = int(re.search(r"one pass takes at most (\d+) ", caught.value.message)[1])
+    s = summarizer(ReadingBackend(tok, 512), tok, max_tokens=256)
+    over = next(c for n in range(most + 1, most + 9) if s.count(c := s.cut(document(30), n)[0]) > most)
+    with pytest.raises(InputError, match=rf"the text is {s.count(over)} tokens but one pass takes at most {most} "):
+        s.run(over, stuff)
+    under = next(c for n in range(most, most - 9, -1) if s.count(c := s.cut(document(30), n)[0]) <= most)
+    assert s.run(under, stuff).strategy == "stuff"
+    with pytest.raises(InputError, match=r"context \(40 tokens\) is too small for one pass: the instructions alone"):
+        summarizer(ReadingBackend(tok, 40), tok).run(document(1), stuff)
+
+
 def test_cli_summarize_json_and_stdout_only_summary(tiny_models, tok, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(document(2))

@@ -253,10 +253,14 @@ class Summarizer:
         if strategy == "auto":
             strategy = "stuff" if fits else "map-reduce"
         if strategy == "stuff":
-            if not fits:
+            if not fits:  # at most: what leaves room for the shortest reply a pass is given
+                most = room + total - min(self.sampling.max_tokens, 32)
                 raise InputError(
-                    f"the text is {total} tokens but one pass takes at most {self.input_budget()} with this model",
-                    hint="use --strategy map-reduce (or auto)",
+                    f"the text is {total} tokens but one pass takes at most {most} with this model"
+                    if most > 0
+                    else f"the model's context ({self.context} tokens) is too small for one pass: the instructions "
+                    f"alone take {self.overhead()} tokens",
+                    hint="use --strategy map-reduce (or auto)" if most > 0 else "use a model with a longer context",
                 )
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
         elif min(self.input_budget(), self.input_budget(combine=True)) < 2 * self.sampling.max_tokens:
