@@ -490,3 +490,26 @@ def test_ctrl_c_while_the_text_is_counted_is_an_interrupted_summary(tok):
         s.run(document(20), SummaryOptions())
     result = stop.value.result
     assert result.interrupted and result.partials == [] and result.as_dict()["partial"] is True
+
+
+def test_ctrl_c_while_the_model_loads_still_gives_json_its_partial_object(tiny_models, tmp_path, monkeypatch, capsys):
+    """README: with --json, Ctrl-C prints the object marked partial, also before the first chunk is done; during
+    the model's load (a first run converts it: tens of seconds) stdout was empty."""
+    import io
+    import sys
+
+    from gptcli.cli import local_run
+    from gptcli.cli.app import run
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_run, "load_runtime", interrupted)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The river rose.\n")
+    code = run(["summarize", str(doc), "-m", str(tiny_models["llama"]), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    assert json.loads(out)["partial"] is True and json.loads(out)["partials"] == []
+    assert "interrupted: no summary yet" in err

@@ -65,7 +65,7 @@ def summarize(
       gptcli summarize doc.txt --url http://127.0.0.1:8080/v1    # on that server
     """
     from gptcli.cli.remote_run import check_client_flags
-    from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions
+    from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions, SummaryResult
     from gptcli.templates import apply_sampling_defaults, get_template
 
     check_client_flags(
@@ -111,21 +111,23 @@ def summarize(
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
     text = _read_input(file)
     with render.StageProgress() as progress:
-        summarizer, where = _summarizer(
-            url,
-            api_key,
-            model,
-            settings,
-            template,
-            progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
-            variables=variables,
-            parallel=parallel,
-            kv_budget=kv_budget,
-        )
         try:
+            summarizer, where = _summarizer(
+                url,
+                api_key,
+                model,
+                settings,
+                template,
+                progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
+                variables=variables,
+                parallel=parallel,
+                kv_budget=kv_budget,
+            )
             result = summarizer.run(text, options)
         except SummaryInterrupted as stop:
             result = stop.result
+        except KeyboardInterrupt:  # while the model loads: --json still gets its partial object
+            result = SummaryResult("", "", 0, 0, 0, interrupted=True)
     if result.interrupted:
         _print_partial(result, as_json)
         raise typer.Exit(EXIT_INTERRUPTED)
