@@ -129,6 +129,26 @@ def test_output_appends_whole_lines_atomically(tmp_path, monkeypatch, failing):
     assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]
 
 
+def test_output_appends_without_reading_the_history_whole(tmp_path, monkeypatch):
+    """A long `--output` history was read into memory whole (path.read_bytes()) on every append; it is
+    copied in pieces now, with the same bytes as the result."""
+    from pathlib import Path
+
+    from gptcli.bench.baseline import append_jsonl
+
+    runs = tmp_path / "runs.jsonl"
+    history = b"".join(b'{"n": %d}\n' % i for i in range(50_000)) + b'{"last": 1}'  # ~0.6 MB, no final newline
+    runs.write_bytes(history)
+
+    def whole(self):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    append_jsonl(runs, ['{"new": 1}'])
+    monkeypatch.undo()
+    assert runs.read_bytes() == history + b'\n{"new": 1}\n'
+
+
 def test_output_is_left_whole_when_the_cli_cannot_finish_writing_it(tiny_models, env, tmp_path, capsys, monkeypatch):
     """`bench --output` itself (in-process): a rename that fails leaves the earlier results as they were."""
     import errno

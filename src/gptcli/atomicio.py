@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 
 def default_mode() -> int:
@@ -19,11 +20,13 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
+def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep_old: bool = False) -> None:
     """Temp file in the same folder + fsync + os.replace. mode defaults to what open() would give.
 
     A symlink is followed: its target is replaced and the link stays. A FIFO or a device (`-o /dev/stdout`)
     is written through, never replaced. An OSError names `path`, so the one-line error can say which file.
+    With `keep_old`, the new file is the old one's bytes (copied in pieces, never read whole), a newline if
+    its last line lacked one, then `data`: an append that a crash or a full disk cannot leave half done.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -34,14 +37,14 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
             with target.open("wb") as handle:
                 handle.write(payload)
             return
-        _replace(target, payload, mode)
+        _replace(target, payload, mode, keep_old=keep_old)
     except OSError as exc:
         if exc.filename or exc.errno is None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None
 
 
-def _replace(path: Path, payload: bytes, mode: int | None) -> None:
+def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file where one of the path's folders should be
@@ -53,6 +56,8 @@ def _replace(path: Path, payload: bytes, mode: int | None) -> None:
     try:
         os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
+            if keep_old:
+                _copy_lines(path, handle)
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
@@ -63,6 +68,20 @@ def _replace(path: Path, payload: bytes, mode: int | None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _copy_lines(path: Path, handle: BinaryIO) -> None:
+    """`path`'s bytes into `handle` a MiB at a time, ending with a newline (nothing when there is no file)."""
+    try:
+        old = path.open("rb")
+    except FileNotFoundError:
+        return
+    with old:
+        shutil.copyfileobj(old, handle, 1 << 20)
+        if old.tell():
+            old.seek(-1, os.SEEK_END)
+            if old.read(1) != b"\n":
+                handle.write(b"\n")
 
 
 def temp_dir_beside(dest: Path) -> Path:

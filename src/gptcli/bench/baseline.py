@@ -173,8 +173,6 @@ def save_results(path: Path, lines: list[str]) -> None:
 
 
 def append_jsonl(path: Path, lines: list[str]) -> None:
-    """Append whole lines atomically: the old file plus the new lines, written aside then renamed."""
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    write_atomic(path, old + "".join(line + "\n" for line in lines).encode("utf-8"))
+    """Append whole lines atomically: the old file plus the new lines, written aside then renamed (the old
+    file is copied in pieces: a long history is never held in memory whole)."""
+    write_atomic(path, "".join(line + "\n" for line in lines), keep_old=True)
