@@ -107,6 +107,7 @@ def train(
             return
         with renderer:
             finished = loop.train(setup, renderer.show)
+        shutdown_distributed(together=True)
     except RankStopped as exc:  # rank 0 failed and says why: the other ranks of a torchrun leave quietly
         raise typer.Exit(exc.exit_code) from None
     finally:

@@ -90,7 +90,7 @@ def _outcome(code: int) -> int:
     return int(shared.item())
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, together: bool = False) -> None:
     """Leave the process group, if one was joined. It imports nothing: after an interrupt inside the first
     `import torch` (SIGTERM at start-up), importing torch.distributed from the half-imported torch would
     fail and hide the interrupt."""
@@ -100,4 +100,6 @@ def shutdown_distributed() -> None:
     except AttributeError:  # itself cut short mid-import
         return
     if joined:
+        if together:  # every rank is here: none leaves while another still tears its connections down
+            tdist.barrier()
         tdist.destroy_process_group()
