@@ -32,7 +32,7 @@ import numpy as np
 
 from gptcli import schema_width
 from gptcli.config import OutputConstraint
-from gptcli.errors import ConfigError, UsageError
+from gptcli.errors import ConfigError, ResponseFormatError, UsageError
 from gptcli.textio import SCHEMA_FILE, read_text_file
 from gptcli.tokenizer import Tokenizer
 
@@ -161,16 +161,20 @@ def response_format_schema(value: dict[str, Any]) -> tuple[str, Any] | None:
 
 
 def response_format(value: Any, where: str) -> OutputConstraint | None:
-    """OpenAI's `response_format` as plain JSON (a batch-file line): text, json_object or json_schema and its schema."""
+    """OpenAI's `response_format` (a request, a batch line) as a constraint; ResponseFormatError names a bad field."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: must be an object ({SHAPE})", hint=SCHEMA_HINT)
+        raise ResponseFormatError(f"{where}: must be an object ({SHAPE})", where, SCHEMA_HINT)
     if mismatch := response_format_mismatch(value):
-        raise ConfigError(f"{where}{mismatch[0]}: {mismatch[1]}", hint=SCHEMA_HINT)
+        raise ResponseFormatError(f"{where}{mismatch[0]}: {mismatch[1]}", f"{where}{mismatch[0]}", SCHEMA_HINT)
     if value["type"] == "text":
         return None
     if (found := response_format_schema(value)) is None:
         return JSON_OBJECT
-    return schema_constraint(found[1], f"{where}{found[0]}")
+    param = f"{where}{found[0]}"
+    try:
+        return schema_constraint(found[1], param)
+    except ConfigError as exc:
+        raise ResponseFormatError(exc.message, param, hint=exc.hint) from None
 
 
 @lru_cache(maxsize=MAX_GRAMMARS)

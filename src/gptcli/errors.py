@@ -36,6 +36,14 @@ class ConfigError(GptcliError):
     http_status = 400
 
 
+class ResponseFormatError(ConfigError):
+    """A `response_format` (server request, batch line) that cannot be used; `param` names the field."""
+
+    def __init__(self, message: str, param: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
+
+
 class BackendError(GptcliError):
     """An unknown backend, or one that cannot run here (missing package, no GPU)."""
 

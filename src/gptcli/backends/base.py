@@ -178,7 +178,7 @@ class BackendSpec:
         if self.conflict:
             raise BackendError(self.conflict, hint="uninstall the plugin or rename its entry point")
         module_name, _, attr = self.target.partition(":")
-        hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
+        hint = PLUGIN_HINT
         try:
             with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints must not mix into stdout (--json)
                 module = importlib.import_module(module_name)
@@ -194,10 +194,13 @@ class BackendSpec:
         return loaded
 
 
+PLUGIN_HINT = "reinstall or remove the plugin; `gptcli backends` lists every backend"
+
+
 def unavailable_reason(backend: type[Backend], who: str, device: str) -> str | None:
     """Why `backend` cannot run on `device` here (None: it can). A plugin's broken answer (an exception, a value
     that is not a string) is a BackendError naming `who` (e.g. "backend 'x' (its origin)"), not an internal error."""
-    hint = "reinstall or remove the plugin; `gptcli backends` lists every backend"
+    hint = PLUGIN_HINT
     try:
         with contextlib.redirect_stdout(sys.stderr):
             reason = backend.unavailable_reason(device)

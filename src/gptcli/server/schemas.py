@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.requests import Request
 
 from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
-from gptcli.errors import ConfigError, ModelError
+from gptcli.errors import ModelError, ResponseFormatError
 from gptcli.prompts import MESSAGE_ROLES, build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
@@ -113,19 +113,10 @@ class ResponseFormat(BaseModel):
         type (`json_schema` with type json_object, an unknown field), is a 400 that names the field."""
         from gptcli import constraints
 
-        value = self.model_dump(by_alias=True)
-        if mismatch := constraints.response_format_mismatch(value):
-            param = f"response_format{mismatch[0]}"
-            raise APIError(400, f"{param}: {mismatch[1]}", param=param, code="invalid_value")
-        if self.type == "text":
-            return None
-        if (found := constraints.response_format_schema(value)) is None:
-            return constraints.JSON_OBJECT
-        param = f"response_format{found[0]}"
         try:
-            return constraints.schema_constraint(found[1], param)
-        except ConfigError as exc:
-            raise APIError(400, exc.message, param=param, code="invalid_value") from None
+            return constraints.response_format(self.model_dump(by_alias=True), "response_format")
+        except ResponseFormatError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
 
 class SamplingRequest(BaseModel):
