@@ -1,4 +1,4 @@
-"""A GGUF's first use converts it (25-70 s for the default model): the steps are reported as they go, drawn
+"""A GGUF's first use converts it (~12 s for the default model): the steps are reported as they go, drawn
 on stderr (a bar in a terminal, plain lines in a log), never on stdout; Ctrl-C says so and keeps nothing."""
 
 from __future__ import annotations
@@ -37,6 +37,24 @@ def test_the_conversion_reports_each_step_in_order(tiny_gguf):
     updates.clear()
     resolve_model(str(tiny_gguf), progress=lambda *update: updates.append(update))
     assert updates == []  # converted once: the next start reads the cache
+
+
+def test_the_conversion_parses_the_gguf_once_and_leaves_gguf_as_it_was(tiny_gguf, monkeypatch):
+    """transformers parsed the file three times (tokenizer, config, weights: ~2.5 s each for the default model)."""
+    import gguf
+
+    built = gguf.GGUFReader
+    parsed = []
+
+    def counting(*args, **kwargs):
+        parsed.append(args[0])
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    model = resolve_model(str(tiny_gguf))
+    assert (model.path / "model.safetensors").is_file()
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is counting  # put back: nothing after the conversion shares its reader
 
 
 def test_a_log_gets_one_plain_line_per_step_and_stdout_only_the_text(tiny_gguf, capsys):
