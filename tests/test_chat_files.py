@@ -136,7 +136,10 @@ def test_load_of_a_folder_says_a_file_is_needed(tok, tmp_path):
         ({"window_start": 1e400}, "'window_start' must be a message number"),  # was: OverflowError
         ({"sampling": "xyz"}, "'sampling' must be a mapping of settings"),
         ({"sampling": {"bogus": 1}}, "sampling.bogus: unknown sampling setting"),  # was: KeyError
-        ({"sampling": {"temperature": "hot"}}, "sampling.temperature: "),  # was: blamed a --temperature flag
+        (
+            {"sampling": {"temperature": "hot"}},
+            ": sampling.temperature must be a number",
+        ),  # was: blamed a --temperature flag
         ({"system": {"a": 1}}, "'system' must be text"),  # was: accepted, then the template failed
         ({"messages": [{"role": "user", "content": 5}]}, "message 1: its content must be text"),
     ],
@@ -166,6 +169,26 @@ def test_a_chat_file_with_a_wrong_value_is_refused_and_the_rest_go_on(tiny_model
     assert record["content"] == "Fine."
     saved = [json.loads(p.read_text()) for p in store.root.glob("*.json") if p not in (bad, store.path(good["id"]))]
     assert [c["messages"][0]["content"] for c in saved] == ["Hi"] and saved[0]["sampling"] == {}
+
+
+@pytest.mark.parametrize(
+    ("sampling", "said"),
+    [
+        ({"temperature": -1}, "sampling.temperature must be >= 0, got -1.0"),
+        ({"temperature": "hot"}, "sampling.temperature must be a number, got 'hot'"),
+        ({"tempreture": 1}, "sampling.tempreture: unknown sampling setting (did you mean 'temperature'?)"),
+    ],
+)
+def test_a_chat_files_bad_sampling_setting_is_named_once(tmp_path, sampling, said):
+    from gptcli.chat.conversation import read_conversation_file
+    from gptcli.errors import InputError
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"messages": [], "sampling": sampling}))
+    with pytest.raises(InputError) as caught:  # was: "bad.json: sampling.temperature: sampling.temperature must be"
+        read_conversation_file(path)
+    assert caught.value.message == f"{path}: {said}"
+    assert caught.value.hint == "fix or remove that setting in the file"
 
 
 def test_per_request_sampling_options_are_not_config_file_settings(tmp_path):

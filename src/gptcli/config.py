@@ -380,14 +380,16 @@ def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> 
     """A copy of settings with some sampling values changed (validated like any other layer).
 
     `where` names the source in an error, formatted with the value's `key` and `flag` (a batch line
-    says "the line's `{key}`", not the command-line flag it did not use)."""
+    says "the line's `{key}`", not the command-line flag it did not use); the error names the setting
+    itself (`sampling.temperature must be ...`), so a source such as a file need not."""
     checked = {}
     for key, value in changes.items():
         spec = FIELDS.get(f"sampling.{key}")
         if spec is None:
             settable = [name.split(".", 1)[1] for name in FIELDS if name.startswith("sampling.")]
             raise ConfigError(
-                f"{where.format(key=key, flag=key)}: unknown sampling setting{suggest(str(key), settable)}"
+                f"{where.format(key=key, flag=key)}: sampling.{key}: unknown sampling setting"
+                + suggest(str(key), settable)
             )
         checked[key] = coerce(spec, value, where.format(key=key, flag=spec.flag))
     return replace(settings, sampling=replace(settings.sampling, **checked))

@@ -141,7 +141,7 @@ def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
     if not isinstance(sampling, dict):
         raise InputError(f"{where}: 'sampling' must be a mapping of settings")
     try:
-        with_sampling(Settings(), where.replace("{", "{{").replace("}", "}}") + ": sampling.{key}", **sampling)
+        with_sampling(Settings(), where.replace("{", "{{").replace("}", "}}"), **sampling)
     except ConfigError as exc:
         raise InputError(exc.message, hint="fix or remove that setting in the file") from None
     return dict(sampling)
