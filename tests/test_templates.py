@@ -78,6 +78,38 @@ def test_user_template_overrides_and_is_validated(tmp_path):
         (folder / name).unlink()
 
 
+@pytest.mark.parametrize(
+    ("text", "said", "hint"),
+    [
+        ("description: [1, 2]\n", "description must be text, got [1, 2]", 'description: "..."'),
+        ("description: {a: 1}\n", "description must be text, got {'a': 1}", 'description: "..."'),
+        ("variables:\n  who: [pirate]\n", "variables.who must be text, got ['pirate']", 'who: "..."'),
+        ("variables:\n  who: yes\n", "variables.who must be text, got True", 'who: "..."'),  # was: "True"
+    ],
+)
+def test_a_template_value_that_is_not_text_is_refused_not_turned_into_text(isolated_home, text, said, hint):
+    """`description: [1, 2]` was listed and shown as the text '[1, 2]'; a default of `yes` filled {who} with 'True'."""
+    from gptcli.templates import user_templates_dir
+
+    folder = user_templates_dir()
+    folder.mkdir(parents=True)
+    (folder / "odd.yaml").write_text(text + "user: 'Say {input} as {who}'\n")
+    result = run_cli("templates", "show", "odd")
+    assert result.returncode == 3
+    assert result.stderr.decode().splitlines() == [
+        f"error: {folder / 'odd.yaml'}: {said}",
+        f"hint: write it as text in quotes ({hint})",
+    ]
+
+
+def test_a_template_number_is_text_as_written():
+    from gptcli.templates import parse_template
+
+    data = {"description": 2024, "user": "{input} {n}", "variables": {"n": 3, "m": None}}
+    template = parse_template("n", data, "n.yaml", "user", None)
+    assert template.description == "2024" and template.variables == {"n": "3", "m": None}
+
+
 def test_sampling_defaults_only_replace_defaults():
     from gptcli.config import resolve
     from gptcli.templates import apply_sampling_defaults, get_template

@@ -34,6 +34,7 @@ KIND_NAMES: dict[type, str] = {
     float: "a number",
     bool: "true or false",
     tuple: "a list of strings",
+    str: "text",
 }
 
 

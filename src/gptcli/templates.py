@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file, suggest
+from gptcli.config import FIELDS, Resolved, Settings, coerce, coerce_value, flatten_file, suggest
 from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.paths import config_dir
 from gptcli.textio import PROMPT, human_bytes, read_yaml
@@ -160,7 +160,7 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     variables = data.get("variables") or {}
     if not isinstance(variables, dict):
         raise ConfigError(f"{where}: variables: must be a mapping of name to default (null: required)")
-    variables = {str(k): (None if v is None else str(v)) for k, v in variables.items()}
+    variables = {str(k): _text(f"variables.{k}", v, where, k) for k, v in variables.items()}
     sampling_raw = data.get("sampling") or {}
     if not isinstance(sampling_raw, dict):
         raise ConfigError(f"{where}: sampling: must be a mapping")
@@ -172,7 +172,7 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
         name=name,
         user=user,
         system=system,
-        description=str(data.get("description") or ""),
+        description=_text("description", data.get("description"), where, "description") or "",
         variables=variables,
         sampling=sampling,
         source=source,
@@ -190,6 +190,12 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     if "input" not in fields_used:
         raise ConfigError(f"{where}: user: the template never uses {{input}}")
     return template
+
+
+def _text(key: str, value: Any, where: str, written: object) -> str | None:
+    """A template's text value (a number reads as written); a list, mapping or YAML's yes/no is refused,
+    never turned into "[1, 2]" or "True"."""
+    return coerce_value(key, str | None, value, where, hint=f'write it as text in quotes ({written}: "...")')
 
 
 def _load_file(path: Path, source: str) -> Template:
