@@ -110,6 +110,21 @@ def test_a_template_number_is_text_as_written():
     assert template.description == "2024" and template.variables == {"n": "3", "m": None}
 
 
+def test_a_template_that_is_not_utf8_is_called_a_template_file(isolated_home):
+    """It said 'cannot read config file PATH: not UTF-8 text': the user looked for a config file."""
+    from gptcli.templates import user_templates_dir
+
+    folder = user_templates_dir()
+    folder.mkdir(parents=True)
+    (folder / "latin.yaml").write_bytes("description: café\nuser: '{input}'\n".encode("latin-1"))
+    said = f"cannot read template file {folder / 'latin.yaml'}: not UTF-8 text (byte 16)"
+    shown = run_cli("templates", "show", "latin")
+    assert shown.returncode == 3
+    assert shown.stderr.decode().splitlines() == [f"error: {said}", "hint: convert it, e.g. iconv -t UTF-8"]
+    listed = run_cli("templates", "list")
+    assert listed.returncode == 0 and f"left out: {said}" in listed.stderr.decode()
+
+
 def test_sampling_defaults_only_replace_defaults():
     from gptcli.config import resolve
     from gptcli.templates import apply_sampling_defaults, get_template

@@ -199,7 +199,7 @@ def _text(key: str, value: Any, where: str, written: object) -> str | None:
 
 
 def _load_file(path: Path, source: str) -> Template:
-    return parse_template(path.stem, read_yaml(path), str(path), source, path)
+    return parse_template(path.stem, read_yaml(path, "template file"), str(path), source, path)
 
 
 def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> list[Template]:

@@ -205,8 +205,8 @@ def split_text(text: str, budget: int, count: Callable[[str], int], cut: Callabl
 MAX_YAML_VALUES = 1_000_000  # after aliases are expanded: "billion laughs" stops here, not in the memory
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The one YAML reader: safe_load, a mapping at the top, errors that name the file.
+def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
+    """The one YAML reader: safe_load, a mapping at the top, errors that name the file (as `kind`).
 
     The file may hold at most 1 MiB (InputError, exit 6), and its aliases may not expand it past
     MAX_YAML_VALUES values (safe_load shares aliased nodes, but every reader walks them out in full).
@@ -218,13 +218,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
             raw = handle.read(CONFIG_FILE.max_bytes + 1)
         text = raw.decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}", hint="check the path") from None
+        raise ConfigError(f"{kind} not found: {path}", hint="check the path") from None
     except OSError as exc:
         hint = "give a YAML file, not a folder" if path.is_dir() else "check its permissions"
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}", hint=hint) from None
+        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror or exc}", hint=hint) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"cannot read config file {path}: not UTF-8 text (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
+            f"cannot read {kind} {path}: not UTF-8 text (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
         ) from None
     if len(raw) > CONFIG_FILE.max_bytes:
         raise over_limit(str(path), CONFIG_FILE)
