@@ -183,6 +183,29 @@ def test_ctrl_c_under_json_prints_the_partial_reply_and_exits_130(tiny_models, l
     assert b"Traceback" not in err and b"interrupted" in err
 
 
+def test_ctrl_c_while_the_model_loads_still_gives_json_its_interrupted_object(tiny_models, monkeypatch, capsys):
+    """README: with --json, Ctrl-C prints the object with "finish_reason": "interrupted"; during the model's load
+    (a first run converts it: tens of seconds) stdout was empty, as summarize's was."""
+    import io
+
+    from gptcli.cli import local_run
+    from gptcli.cli.app import run
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_run, "load_runtime", interrupted)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code = run(["generate", "hi", "-m", str(tiny_models["llama"]), "--json", "--seed", "7"])
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    reply = json.loads(out)
+    assert reply["text"] == "" and reply["finish_reason"] == "interrupted" and reply["seed"] == 7
+    assert reply["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert [reply[key] for key in ("model", "backend", "device", "dtype", "templated")] == [None] * 5
+    assert "interrupted" in err
+
+
 ERRORS = [
     # (args, stdin, exit code, stderr first line)
     (["generate", "-f", "missing.txt"], "", 6, "error: file not found: missing.txt"),

@@ -318,7 +318,8 @@ def test_text_pieces_cut_after_a_newline_else_before_a_space():
 def test_run_streams_starts_lazily_and_hands_a_streams_error_back():
     import itertools
 
-    from gptcli.fanout import NO_STATS, run_streams
+    from gptcli.decoding import NO_STATS
+    from gptcli.fanout import run_streams
 
     started: list[int] = []
 

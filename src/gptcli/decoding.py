@@ -60,6 +60,9 @@ class Stats:
         }
 
 
+NO_STATS = Stats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)  # a reply that never started (Ctrl-C before it did)
+
+
 @dataclass(frozen=True)
 class Token:
     """Text that can no longer change. id is None for held-back text released at the end.

@@ -11,11 +11,10 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from gptcli.decoding import Event, Finished, Stats
+from gptcli.decoding import NO_STATS, Event, Finished
 from gptcli.errors import GptcliError
 
 Start = Callable[[], Iterator[Event]]
-NO_STATS = Stats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
 
 
 def run_streams(starts: Iterable[Start], parallel: int) -> Iterator[tuple[int, Event | GptcliError]]:

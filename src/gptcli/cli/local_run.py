@@ -38,40 +38,46 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     """Load, fit the prompt, stream events to stdout; exit 130 after flushing on Ctrl-C."""
 
     from gptcli.cli.remote_run import exit_if_interrupted, stream_or_exit
+    from gptcli.decoding import NO_STATS, Finished
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
-    runtime = load_runtime(settings)
-    if raw and settings.system:
-        render.warn("--system is ignored with --raw")
-    elif settings.system and not runtime.tokenizer.chat_template:
-        render.warn("this model has no chat template: --system is ignored")
-    prompt = fit_prompt(
-        runtime.tokenizer,
-        text,
-        context_length=runtime.backend.info.context_length,
-        max_tokens=settings.sampling.max_tokens,
-        on_overflow=settings.on_overflow,
-        system=settings.system,
-        raw=raw,
-    )
-    if prompt.warning:
-        render.warn(prompt.warning)
-
-    events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
-    finished = stream_or_exit(events, show=not as_json)
-    if finished.reason == "context":  # as llama-cli does: say why it stopped short of --max-tokens
-        context = runtime.backend.info.context_length
-        render.warn(f"stopped at the model's context limit ({context} tokens, prompt included)")
+    runtime = prompt = None
+    try:
+        runtime = load_runtime(settings)
+        if raw and settings.system:
+            render.warn("--system is ignored with --raw")
+        elif settings.system and not runtime.tokenizer.chat_template:
+            render.warn("this model has no chat template: --system is ignored")
+        prompt = fit_prompt(
+            runtime.tokenizer,
+            text,
+            context_length=runtime.backend.info.context_length,
+            max_tokens=settings.sampling.max_tokens,
+            on_overflow=settings.on_overflow,
+            system=settings.system,
+            raw=raw,
+        )
+    except KeyboardInterrupt:  # while the model loads (a first run converts it): --json still gets its object
+        finished = Finished("interrupted", NO_STATS, "", ())
+    else:
+        if prompt.warning:
+            render.warn(prompt.warning)
+        events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
+        finished = stream_or_exit(events, show=not as_json)
+        if finished.reason == "context":  # as llama-cli does: say why it stopped short of --max-tokens
+            context = runtime.backend.info.context_length
+            render.warn(f"stopped at the model's context limit ({context} tokens, prompt included)")
     if as_json:
+        info = runtime.backend.info if runtime else None
         payload = {
             **render.result_fields(finished),
-            "model": runtime.model.name,
-            "backend": runtime.backend.name,
-            "device": runtime.backend.info.device,
-            "dtype": runtime.backend.info.dtype,
+            "model": runtime.model.name if runtime else None,  # None: interrupted before the model was loaded
+            "backend": runtime.backend.name if runtime else None,
+            "device": info.device if info else None,
+            "dtype": info.dtype if info else None,
             "seed": settings.sampling.seed,
-            "templated": prompt.templated,
+            "templated": prompt.templated if prompt else None,
         }
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         sys.stdout.flush()
