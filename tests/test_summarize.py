@@ -266,25 +266,37 @@ def test_cli_missing_file_and_bad_options():
     assert bad.returncode == 2 and "--length must be one of short, medium, long" in bad.stderr.decode()
 
 
+OWN_SUMMARIZE = "user: 'Sum up {input} {length}, {format}'\nsampling:\n  max_tokens: 40\n"  # a user summarize.yaml
+
+
 @pytest.mark.parametrize(
-    ("args", "env", "instruction", "max_tokens"),
+    ("args", "env", "template", "instruction", "max_tokens"),
     [
-        (["--length", "short"], {}, "in one or two sentences", 96),
-        ([], {}, "in one short paragraph", 256),  # medium is the default
-        (["--length", "long"], {}, "in a few detailed paragraphs", 512),
-        (["--length", "long", "--max-tokens", "20"], {}, "in a few detailed paragraphs", 20),  # a flag wins
-        (["--length", "short"], {"GPTCLI_MAX_TOKENS": "30"}, "in one or two sentences", 30),  # so does the env
+        (["--length", "short"], {}, None, "in one or two sentences", 96),
+        ([], {}, None, "in one short paragraph", 256),  # medium is the default
+        (["--length", "long"], {}, None, "in a few detailed paragraphs", 512),
+        (["--length", "long", "--max-tokens", "20"], {}, None, "in a few detailed paragraphs", 20),  # a flag wins
+        (["--length", "short"], {"GPTCLI_MAX_TOKENS": "30"}, None, "in one or two sentences", 30),  # so does the env
+        ([], {}, OWN_SUMMARIZE, "in one short paragraph", 40),  # was: 256, --length's default beat the template
+        (["--length", "short"], {}, OWN_SUMMARIZE, "in one or two sentences", 96),  # an explicit --length wins
+        (["--max-tokens", "20"], {}, OWN_SUMMARIZE, "in one short paragraph", 20),
+        ([], {}, OWN_SUMMARIZE.split("sampling")[0], "in one short paragraph", 256),  # the template says nothing
     ],
 )
 def test_length_sets_the_instruction_and_the_default_max_tokens(
-    tiny_models, tok, tmp_path, capsys, monkeypatch, args, env, instruction, max_tokens
+    tiny_models, tok, tmp_path, capsys, monkeypatch, args, env, template, instruction, max_tokens
 ):
     """In-process, with a model that never stops: each reply runs to its max_tokens."""
     import io
     import sys
 
     from gptcli.cli.app import run
+    from gptcli.templates import user_templates_dir
     from tests.scripted import ScriptedBackend
+
+    if template is not None:
+        user_templates_dir().mkdir(parents=True)
+        (user_templates_dir() / "summarize.yaml").write_text(template)
 
     loaded: list[ScriptedBackend] = []
     real_load = ScriptedBackend.load.__func__

@@ -20,7 +20,7 @@ from gptcli.textio import DOCUMENT, read_text_file
 
 def summarize(
     file: Annotated[Path | None, typer.Argument(help="The text file (default, or -: stdin).")] = None,
-    length: Annotated[str, typer.Option("--length", "-l", help="short | medium | long")] = "medium",
+    length: Annotated[str | None, typer.Option("--length", "-l", help="short | medium (default) | long")] = None,
     fmt: Annotated[str, typer.Option("--format", help="paragraph | bullets")] = "paragraph",
     strategy: Annotated[str, typer.Option("--strategy", help="auto | stuff | map-reduce")] = "auto",
     chunk_tokens: Annotated[
@@ -80,7 +80,7 @@ def summarize(
         trust_remote_code=trust_remote_code,
     )
 
-    options = SummaryOptions(length, fmt, strategy, chunk_tokens, overlap)
+    options = SummaryOptions("medium" if length is None else length, fmt, strategy, chunk_tokens, overlap)
     options.check()
     resolved = resolve_settings(
         config,
@@ -104,11 +104,14 @@ def summarize(
         trust_remote_code=trust_remote_code,
     )
     template = get_template("summarize")
-    variables = {"length": LENGTHS[length][0], "format": FORMATS[fmt]}
+    variables = {"length": LENGTHS[options.length][0], "format": FORMATS[fmt]}
     template.check_filled_by("gptcli summarize", variables)  # before the model loads
     settings = apply_sampling_defaults(resolved, template)
-    if resolved.sources["sampling.max_tokens"] == "default":
-        settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[length][1]))
+    # max_tokens you set (flag, env, config) > an explicit --length > the template's > --length's default
+    if resolved.sources["sampling.max_tokens"] == "default" and (
+        length is not None or "max_tokens" not in template.sampling
+    ):
+        settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[options.length][1]))
     text = _read_input(file)
     with render.StageProgress() as progress:
         try:
