@@ -185,6 +185,12 @@ class Canned(BaseHTTPRequestHandler):
             self._stream([chunk, 'data: {"error":{"message":"the engine failed"}}\n\n'])
         elif route == "cut":
             self._stream([chunk])
+        elif route == "garbled":  # a text that is not a string: a proxy or a server of another API
+            self._stream([chunk, 'data: {"choices":[{"index":0,"text":["lo"]}]}\n\n'])
+        elif route == "odd-usage":  # counts that are not counts: the text still stands, the stats estimate
+            usage = '{"prompt_tokens":3,"completion_tokens":"two","prompt_tokens_details":[4]}'
+            end = '{"choices":[{"index":0,"text":"lo","finish_reason":"stop"}],"usage":' + usage + "}"
+            self._stream([chunk, f"data: {end}\n\n", "data: [DONE]\n\n"])
         else:  # a well-behaved stream, with comments and CRLF line ends as some servers send them
             usage = '{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}'
             self._stream(
@@ -244,6 +250,7 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
         ("cut", RemoteError, "closed the stream before the answer finished", None),
+        ("garbled", RemoteError, "sent a stream chunk not in OpenAI's shape (a text is not a string)", None),
     ],
 )
 def test_server_failures_are_one_line_errors(canned, opener, route, error, message, hint):
@@ -251,6 +258,13 @@ def test_server_failures_are_one_line_errors(canned, opener, route, error, messa
         list(remote(canned, route, opener, timeout=5).complete("hi", GREEDY))
     assert message in caught.value.message and "\n" not in caught.value.message
     assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
+
+
+def test_usage_counts_that_are_not_counts_leave_the_text_and_estimate_the_stats(canned, opener):
+    events = list(remote(canned, "odd-usage", opener).complete("hi", GREEDY))
+    finished = events[-1]
+    assert (finished.reason, finished.text) == ("stop", "Hello")
+    assert (finished.stats.prompt_tokens, finished.stats.cached_tokens, finished.stats.new_tokens) == (3, 0, 2)
 
 
 def test_a_busy_server_that_says_when_to_come_back_is_asked_again(canned, opener):

@@ -238,8 +238,8 @@ class RemoteModel:
                 if data == "[DONE]":
                     done = True
                     break
-                chunk = _parse_chunk(data, self.base_url)
-                usage = chunk.get("usage") or usage
+                chunk = _parse_chunk(data, self.base_url, chat=chat)
+                usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else usage
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     if text:
@@ -260,12 +260,11 @@ class RemoteModel:
         if not done and reason is None:
             raise RemoteError(f"{self.base_url} closed the stream before the answer finished")
         end = time.perf_counter()
-        new = int(usage.get("completion_tokens") or chunks)
+        new = _count(usage, "completion_tokens") or chunks
         first = first_at if first_at is not None else end
-        details = usage.get("prompt_tokens_details") or {}
         stats = Stats(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0),
+            prompt_tokens=_count(usage, "prompt_tokens"),
+            cached_tokens=_count(usage.get("prompt_tokens_details"), "cached_tokens"),
             new_tokens=new,
             decode_steps=max(new - 1, 0),
             ttft_s=first - start,
@@ -306,7 +305,7 @@ def _error_message(text: str) -> tuple[str, str | None]:
     return text.strip()[:200], None
 
 
-def _parse_chunk(data: str, base_url: str) -> dict[str, Any]:
+def _parse_chunk(data: str, base_url: str, *, chat: bool) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
@@ -316,4 +315,30 @@ def _parse_chunk(data: str, base_url: str) -> dict[str, Any]:
     if "error" in chunk:
         message, _ = _error_message(data)
         raise RemoteError(f"{base_url} failed mid-answer: {message}")
+    if problem := _chunk_problem(chunk, chat=chat):
+        raise RemoteError(f"{base_url} sent a stream chunk not in OpenAI's shape ({problem}): {data[:80]}")
     return chunk
+
+
+def _chunk_problem(chunk: dict[str, Any], *, chat: bool) -> str | None:
+    """What of a chunk's choices is not in OpenAI's shape (a list of objects, their text a string), else None."""
+    choices = chunk.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+        return "choices is not a list of objects"
+    for choice in choices or []:
+        delta = choice.get("delta")
+        if delta is not None and not isinstance(delta, dict):
+            return "a delta is not an object"
+        name, text = ("delta.content", (delta or {}).get("content")) if chat else ("text", choice.get("text"))
+        if text is not None and not isinstance(text, str):
+            return f"a {name} is not a string"
+        if not isinstance(choice.get("finish_reason"), (str, type(None))):
+            return "a finish_reason is not a string"
+    return None
+
+
+def _count(usage: Any, key: str) -> int:
+    """A token count from a server's usage object; 0 where it gives none or one that is not a count, as for a
+    server that sends no usage (the new tokens are then counted from the chunks)."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
