@@ -223,3 +223,21 @@ def test_common_prefix_finds_the_first_difference_anywhere():
         pairs = enumerate(zip(a, b, strict=False))
         expected = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
         assert common_prefix(a, b) == common_prefix(tuple(b), a) == expected
+
+
+def test_token_bytes_of_a_character_split_over_tokens_join_to_its_utf8(tokenizer, tmp_path):
+    # Each piece of an emoji decodes alone to U+FFFD; its bytes (OpenAI's logprobs `bytes`) must be its own.
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, **{f"<0x{byte:02X}>": byte + 1 for byte in range(256)}, "hi": 257}
+    fallback = FastTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    fallback.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fallback.save(str(tmp_path / "tokenizer.json"))  # sentencepiece's byte tokens, as Llama 2's
+    for tok in (tokenizer, Tokenizer(tmp_path)):  # byte-level BPE (GPT-2, Llama 3, SmolLM) and <0xF0> pieces
+        pieces = tok.encode("🚀", add_special_tokens=False)
+        assert len(pieces) > 1 and all(tok.decode([i]) == "\ufffd" for i in pieces)
+        assert b"".join(tok.token_bytes(i) for i in pieces) == "🚀".encode()
+        assert (
+            b"".join(tok.token_bytes(i) for i in tok.encode("hi 🚀 é", add_special_tokens=False)) == "hi 🚀 é".encode()
+        )

@@ -360,7 +360,8 @@ def test_chat_logprobs_streamed_and_not(live, runtime):
         assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] <= 0
         # Greedy: the chosen token is the model's most likely one, with the same log-probability.
         assert entry.top_logprobs[0].token == entry.token and entry.logprob == values[0]
-        assert entry.bytes == list(entry.token.encode("utf-8"))
+        # A piece of a character (its token decodes to U+FFFD) has its own bytes; a whole token's are its UTF-8.
+        assert entry.bytes == list(entry.token.encode("utf-8")) or entry.token == "\ufffd"
     expected = reference(runtime, PROMPTS[4], 10)
     assert whole.choices[0].message.content == expected.text
     # The first token's log-probability is the model's own log-softmax over the prompt.
@@ -380,6 +381,21 @@ def test_chat_logprobs_streamed_and_not(live, runtime):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == expected.text
     bare = client.chat.completions.create(**ask, logprobs=True)
     assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[]] * len(content)
+
+
+def test_chat_logprobs_bytes_are_a_split_characters_own(live, runtime):
+    # A token that is a piece of a character decodes alone to U+FFFD; `bytes` is what lets a client join
+    # the pieces back (OpenAI's reason for the field), so it carries the piece's bytes, not U+FFFD's.
+    pieces = runtime.tokenizer.encode("🚀", add_special_tokens=False)
+    assert len(pieces) > 1
+    client = live.client()
+    ask = dict(model="tiny-llama", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0, max_tokens=4)
+    reply = client.chat.completions.create(
+        **ask, logprobs=True, top_logprobs=1, logit_bias={str(pieces[0]): 100}, extra_body={"ignore_eos": True}
+    )
+    entries = reply.choices[0].logprobs.content
+    assert len({bytes(e.bytes) for e in entries}) == 1 and entries[0].token == "\ufffd"
+    assert entries[0].bytes and "🚀".encode().startswith(bytes(entries[0].bytes))
 
 
 def test_completion_logprobs_in_the_legacy_format(live, runtime):

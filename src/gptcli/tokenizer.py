@@ -7,6 +7,7 @@ fast, and renders chat templates the way transformers does (sandboxed jinja2, tr
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -17,6 +18,20 @@ from gptcli.errors import GptcliError, InputError, ModelError
 from gptcli.textio import MiB, human_bytes, lone_surrogate, read_json_file
 
 MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json and its config: Gemma 3's 262k vocabulary is 33 MB
+BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte tokens (Llama 2, Mistral)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character → byte: printable bytes stand for themselves, the others
+    for the characters from U+0100 on (a token piece such as 'ðŁĺ' is the bytes F0 9F 98)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    table = {chr(byte): byte for byte in printable}
+    table.update({chr(256 + n): byte for n, byte in enumerate(others)})
+    return table
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -121,6 +136,19 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as OpenAI's logprobs `bytes` list them: its text's UTF-8, or, for a
+        piece of a character (an emoji is often three tokens, each decoding alone to U+FFFD), that piece's bytes."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        piece = self._tok.id_to_token(token_id) if "\ufffd" in text else None
+        if piece is None:
+            return text.encode("utf-8")
+        if match := BYTE_FALLBACK_PIECE.fullmatch(piece):
+            return bytes([int(match[1], 16)])
+        if all(char in BYTE_LEVEL_ALPHABET for char in piece):
+            return bytes(BYTE_LEVEL_ALPHABET[char] for char in piece)
+        return text.encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -161,8 +161,9 @@ class Shape:
         }
 
     def _named(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self._token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        assert self.tokenizer is not None, "logprobs need the tokenizer"
+        data = list(self.tokenizer.token_bytes(token))  # a piece of a character: its own bytes, not U+FFFD's
+        return {"token": self._token_text(token), "logprob": logprob, "bytes": data}
 
     def _token_text(self, token: int) -> str:
         assert self.tokenizer is not None, "logprobs need the tokenizer"
