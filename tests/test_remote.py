@@ -175,6 +175,13 @@ class Canned(BaseHTTPRequestHandler):
             self._error(503, "2 requests are already waiting", "queue_full", **{"Retry-After": "0.2"})
         elif route == "bad":
             self._error(400, "temperature: must be <= 2")
+        elif route == "vllm-bad":  # vLLM's ErrorResponse: the message at the top, beside object "error"
+            body = {
+                "object": "error",
+                "message": "temperature must be non-negative, got -1.0.",
+                "type": "BadRequestError",
+            }
+            self._send(400, json.dumps({**body, "param": None, "code": 400}).encode())
         elif route == "html":
             self._send(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
         elif route == "slow":
@@ -247,6 +254,7 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("unauthorized", RemoteError, "answered 401: invalid API key", "--api-key KEY or set OPENAI_API_KEY"),
         ("busy", RemoteError, "answered 503: 120 requests are already waiting", "retry in 7 s"),
         ("bad", InputError, "answered 400: temperature: must be <= 2", None),
+        ("vllm-bad", InputError, "answered 400: temperature must be non-negative, got -1.0.", None),
         ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
         ("cut", RemoteError, "closed the stream before the answer finished", None),

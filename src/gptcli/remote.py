@@ -290,7 +290,8 @@ _REASON_NAMES = {"stop": "stop", "length": "length", "interrupted": "interrupted
 
 
 def _error_message(text: str) -> tuple[str, str | None]:
-    """OpenAI's {"error": {"message", "code"}}, or FastAPI's {"detail"}, or the body's first line."""
+    """OpenAI's {"error": {"message", "code"}}, vLLM's {"object": "error", "message"}, FastAPI's {"detail"}, or
+    the body's first line."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -300,6 +301,8 @@ def _error_message(text: str) -> tuple[str, str | None]:
         return str(error.get("message") or ""), error.get("code")
     if isinstance(error, str):
         return error, None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data["message"], data.get("code") if isinstance(data.get("code"), str) else None
     if isinstance(data, dict) and isinstance(data.get("detail"), str):
         return data["detail"], None
     return text.strip()[:200], None
