@@ -67,7 +67,7 @@ def test_results_come_in_input_order_with_an_error_per_bad_line(model):
     assert "unknown key 'temprature'" in results[3]["error"]["message"]
     assert "context holds" in results[5]["error"]["message"]
     assert "duplicate id 'a'" in results[6]["error"]["message"]
-    assert results[7]["error"]["message"].startswith("the line's `temperature`: sampling.temperature must be >= 0")
+    assert results[7]["error"]["message"].startswith("the line: sampling.temperature must be >= 0, got -")
     assert "JSON object" in results[8]["error"]["message"]
     assert "duplicate id '3' (a line without an id gets its line number" in results[9]["error"]["message"]
     assert "line number" not in results[6]["error"]["message"]

@@ -151,7 +151,7 @@ def test_slash_commands(tok, tmp_path):
     assert run_command(chat, "/set stop none").output == "stop = "  # none again, as for seed
     with pytest.raises(UsageError, match="unknown setting 'temprature' \\(did you mean 'temperature'\\?\\)"):
         run_command(chat, "/set temprature 1")
-    with pytest.raises(UsageError, match=r"^/set top_p: sampling\.top_p must be in \(0, 1\]"):
+    with pytest.raises(UsageError, match=r"^/set: sampling\.top_p must be in \(0, 1\]"):
         run_command(chat, "/set top_p 2")
     with pytest.raises(UsageError, match="unknown command /nope"):
         run_command(chat, "/nope")

@@ -103,7 +103,7 @@ def parse_request(
         if unknown:
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
-        line_settings = with_sampling(settings, "the line's `{key}`", **changes) if changes else settings
+        line_settings = with_sampling(settings, "the line", **changes) if changes else settings
         if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
             constraint = response_format(data["response_format"], "the line's `response_format`")
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))

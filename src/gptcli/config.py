@@ -380,9 +380,9 @@ def with_output(settings: Settings, constraint: OutputConstraint | None) -> Sett
 def with_sampling(settings: Settings, where: str = "{flag}", **changes: Any) -> Settings:
     """A copy of settings with some sampling values changed (validated like any other layer).
 
-    `where` names the source in an error, formatted with the value's `key` and `flag` (a batch line
-    says "the line's `{key}`", not the command-line flag it did not use); the error names the setting
-    itself (`sampling.temperature must be ...`), so a source such as a file need not."""
+    `where` names the source in an error, formatted with the value's `key` and `flag` (a flag by default; a
+    batch line says "the line", not the command-line flag it did not use); the error names the setting
+    itself (`sampling.temperature must be ...`), so a source such as a file, a line or /set need not."""
     checked = {}
     for key, value in changes.items():
         spec = FIELDS.get(f"sampling.{key}")

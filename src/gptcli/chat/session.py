@@ -316,7 +316,7 @@ class ChatSession:
             raise UsageError(
                 "/set stop: stop strings do not go with structured output (it ends where its grammar does)",
             )
-        self.settings = with_sampling(self.settings, "/set {key}", **{key: value})
+        self.settings = with_sampling(self.settings, "/set", **{key: value})
         stored = getattr(self.settings.sampling, key)
         self.conversation.sampling[key] = list(stored) if isinstance(stored, tuple) else stored
         self.save()
