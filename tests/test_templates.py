@@ -1,6 +1,7 @@
 """Prompt templates: built-ins, user templates, variables, sampling defaults, `generate --template`."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -108,6 +109,17 @@ def test_a_template_number_is_text_as_written():
     data = {"description": 2024, "user": "{input} {n}", "variables": {"n": 3, "m": None}}
     template = parse_template("n", data, "n.yaml", "user", None)
     assert template.description == "2024" and template.variables == {"n": "3", "m": None}
+
+
+@pytest.mark.parametrize("name", [1, True, "my topic", "2nd"])
+def test_a_variable_whose_name_no_placeholder_can_use_is_refused(name):
+    """YAML's `1:` or `yes:` became the variable "1" / "True": declared, never fillable, silently."""
+    from gptcli.errors import ConfigError
+    from gptcli.templates import parse_template
+
+    data = {"user": "{input}", "variables": {name: "x"}}
+    with pytest.raises(ConfigError, match=f"n.yaml: variables: {re.escape(repr(name))} is not a plain name"):
+        parse_template("n", data, "n.yaml", "user", None)
 
 
 def test_a_template_that_is_not_utf8_is_called_a_template_file(isolated_home):

@@ -160,7 +160,13 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     variables = data.get("variables") or {}
     if not isinstance(variables, dict):
         raise ConfigError(f"{where}: variables: must be a mapping of name to default (null: required)")
-    variables = {str(k): _text(f"variables.{k}", v, where, k) for k, v in variables.items()}
+    for key in variables:
+        if not isinstance(key, str) or not key.isidentifier():  # YAML's `1:` or `yes:`: no {placeholder} names it
+            raise ConfigError(
+                f"{where}: variables: {key!r} is not a plain name, so no {{placeholder}} can use it",
+                hint="name it with letters, digits and _ (not starting with a digit), e.g. topic",
+            )
+    variables = {k: _text(f"variables.{k}", v, where, k) for k, v in variables.items()}
     sampling_raw = data.get("sampling") or {}
     if not isinstance(sampling_raw, dict):
         raise ConfigError(f"{where}: sampling: must be a mapping")
