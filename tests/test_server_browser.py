@@ -185,6 +185,30 @@ def test_the_page_loads_nothing_from_outside(page, runtime):
         assert requests and all(url.startswith(live.url) or url.startswith("data:") for url in requests)
 
 
+def test_only_the_pages_own_script_and_style_run(page, runtime):
+    """The CSP allows the page's inline <script> and <style> by hash: injected markup stays inert."""
+    with serve_runtime(runtime) as live:
+        refused: list[str] = []
+        page.on("console", lambda message: "Content Security Policy" in message.text and refused.append(message.text))
+        response = page.goto(live.url + "/")
+        policy = response.headers["content-security-policy"]
+        assert "unsafe-inline" not in policy and "'sha256-" in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+        page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
+        assert page.evaluate("getComputedStyle(document.getElementById('settings')).display") == "none"
+        assert refused == []
+        # Markup that reached the DOM without the renderer (a bug there, an extension) runs no handler.
+        page.evaluate(
+            """() => new Promise((done) => {
+                document.getElementById('messages').insertAdjacentHTML('beforeend',
+                    '<img id="bait" src="x" onerror="window.pwned = 1"><p id="styled" style="display: none">x</p>');
+                document.getElementById('bait').addEventListener('error', done);
+            })"""
+        )
+        assert page.evaluate("window.pwned") is None
+        assert page.is_visible("#styled")
+
+
 def test_setup_script_is_a_no_op_when_everything_is_there():
     script = Path(__file__).resolve().parents[1] / "scripts" / "setup-browser.sh"
     venv = Path(sys.executable).parents[1]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,11 +22,24 @@ from gptcli.server.state import ServerState
 from gptcli.server.token_routes import router as token_router
 
 OPEN_PATHS = ("/health", "/")  # reachable without the API key (the page asks for it)
-# The page uses only inline script and style and talks to this origin: nothing else may load.
+# The page talks to this origin only, and only its own <script> and <style> (by hash) may run: markup that
+# reached the DOM some other way (an inline handler, a <script>, a style attribute) stays inert.
 PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "default-src 'none'; script-src {script}; style-src {style}; connect-src 'self'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+def inline_hashes(page: str, tag: str) -> str:
+    """The CSP source list that allows exactly the page's inline <tag> blocks ('none' if it has none)."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
+    return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+
+def page_headers(page: str) -> dict[str, str]:
+    csp = PAGE_CSP.format(script=inline_hashes(page, "script"), style=inline_hashes(page, "style"))
+    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 @dataclass(frozen=True)
@@ -58,10 +74,11 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     app.include_router(router)
     app.include_router(token_router)
     page = chat_page()
+    headers = page_headers(page)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+        return HTMLResponse(page, headers=headers)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> dict[str, str]:
