@@ -146,6 +146,7 @@ def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
         assert len(page.evaluate("conversation")) == 2
 
 
+LINK = '<a href="{url}" target="_blank" rel="noopener noreferrer">{label}</a>'
 MARKDOWN_CASES = [
     ("**bold** and *it* and `x<y`", "<p><strong>bold</strong> and <em>it</em> and <code>x&lt;y</code></p>"),
     ("- one\n- two", "<ul><li>one</li><li>two</li></ul>"),
@@ -161,6 +162,14 @@ MARKDOWN_CASES = [
     ("snake_case_name stays", "<p>snake_case_name stays</p>"),
     ("line one\nline two\n\nnext", "<p>line one<br>line two</p><p>next</p>"),
     ("```\nunfinished", "<pre><code>unfinished</code></pre>"),
+    # Emphasis never reaches inside a link's attributes: not its URL, not the target="_blank" it adds.
+    ("[a](https://x.org/_y_/*z*)", f"<p>{LINK.format(url='https://x.org/_y_/*z*', label='a')}</p>"),
+    ("[docs](https://x.org) is my_ thing", f"<p>{LINK.format(url='https://x.org', label='docs')} is my_ thing</p>"),
+    ("*see [it](https://x.org) now*", f"<p><em>see {LINK.format(url='https://x.org', label='it')} now</em></p>"),
+    (
+        "[**b** `c_d_`](https://x.org)",
+        f"<p>{LINK.format(url='https://x.org', label='<strong>b</strong> <code>c_d_</code>')}</p>",
+    ),
 ]
 
 
