@@ -128,6 +128,29 @@ def test_the_stop_button_cancels_on_the_server(page, runtime):
         assert page.evaluate("conversation")[1]["role"] == "assistant"
 
 
+def test_new_chat_during_a_reply_starts_empty(page, runtime):
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        open_chat(page, slow.url, temperature="0.7", max_tokens="100")
+        sent: list[list[dict]] = []
+
+        def forward(route):
+            body = {**route.request.post_data_json, "ignore_eos": True}  # still streaming when we click
+            sent.append(body["messages"])
+            route.continue_(post_data=json.dumps(body))
+
+        page.route("**/v1/chat/completions", forward)
+        say(page, "tell me a long story")
+        page.wait_for_function("() => document.querySelector('.msg.assistant')?.textContent")
+        page.click("#new-chat")
+        page.wait_for_function("() => document.body.dataset.state === 'idle'")
+        # The cut-short reply ended after the click: it must not join the new conversation.
+        assert page.evaluate("conversation") == []
+        page.fill("#max-tokens", "2")
+        say(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert sent[-1] == [{"role": "user", "content": "hello"}]
+
+
 def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
     with serve_runtime(runtime, api_key="sesame") as guarded:
         page.goto(guarded.url + "/")
