@@ -169,6 +169,22 @@ def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
         assert len(page.evaluate("conversation")) == 2
 
 
+def test_a_refused_question_goes_back_to_the_box(page, runtime):
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        say(page, PROMPTS[0])
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        too_long = " ".join(["word"] * 300)  # over the tiny model's 128-token context: a 400
+        say(page, too_long)
+        page.wait_for_selector(".msg.error")
+        assert "context" in page.inner_text(".msg.error")
+        # The page shows the conversation the server will see, and the question is there to shorten and resend.
+        assert [question.inner_text() for question in page.query_selector_all(".msg.user")] == [PROMPTS[0]]
+        assert len(page.evaluate("conversation")) == 2
+        assert page.input_value("#input") == too_long
+        assert page.is_enabled("#send")
+
+
 LINK = '<a href="{url}" target="_blank" rel="noopener noreferrer">{label}</a>'
 MARKDOWN_CASES = [
     ("**bold** and *it* and `x<y`", "<p><strong>bold</strong> and <em>it</em> and <code>x&lt;y</code></p>"),
