@@ -185,6 +185,33 @@ def test_a_refused_question_goes_back_to_the_box(page, runtime):
         assert page.is_enabled("#send")
 
 
+def streamed(text: str) -> str:
+    """The event stream of a chat reply of `text`, a few characters a chunk, as the server sends it."""
+    chunks = [{"choices": [{"index": 0, "delta": {"content": text[i : i + 3]}}]} for i in range(0, len(text), 3)]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+def reply_with(page, text: str) -> None:
+    """Every chat request gets `text` as its reply."""
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=streamed(text)),
+    )
+
+
+def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
+    page.set_viewport_size({"width": 375, "height": 640})
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        reply_with(page, "Here:\n```python\nx = '" + "a" * 300 + "'\n```\nand a long line " + "b" * 300)
+        say(page, "a wide answer please")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        # The message fits the screen, so its prose can be read; the code line scrolls inside its block.
+        assert page.evaluate("document.querySelector('.msg.assistant').getBoundingClientRect().right") <= 375
+        assert page.evaluate("(pre => pre.scrollWidth > pre.clientWidth)(document.querySelector('.msg pre'))")
+
+
 LINK = '<a href="{url}" target="_blank" rel="noopener noreferrer">{label}</a>'
 MARKDOWN_CASES = [
     ("**bold** and *it* and `x<y`", "<p><strong>bold</strong> and <em>it</em> and <code>x&lt;y</code></p>"),
