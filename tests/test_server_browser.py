@@ -151,6 +151,33 @@ def test_new_chat_during_a_reply_starts_empty(page, runtime):
         assert sent[-1] == [{"role": "user", "content": "hello"}]
 
 
+def test_a_streaming_reply_leaves_a_reader_who_scrolled_up_where_they_are(page, runtime):
+    page.set_viewport_size({"width": 800, "height": 320})  # with Settings open, room for a few lines only
+    grown = "(n) => document.querySelectorAll('.msg.assistant')[1].textContent.length > n"
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        open_chat(page, slow.url, temperature="0.7", max_tokens="60")
+        reply_with(page, "\n\n".join("abcdefgh"))  # a first answer taller than the room, in few tokens
+        say(page, "a long first answer")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        page.unroute("**/v1/chat/completions")
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
+        )
+        say(page, "go on")
+        page.wait_for_function(grown, arg=0)
+        page.evaluate("document.getElementById('messages').scrollTop = 0")
+        shown = page.evaluate("document.querySelectorAll('.msg.assistant')[1].textContent.length")
+        page.wait_for_function(grown, arg=shown + 5)
+        assert page.evaluate("document.getElementById('messages').scrollTop") == 0
+        # Back at the end, the reply is followed again.
+        page.evaluate("document.getElementById('messages').scrollTop = 1e9")
+        shown = page.evaluate("document.querySelectorAll('.msg.assistant')[1].textContent.length")
+        page.wait_for_function(grown, arg=shown + 5)
+        page.wait_for_function("atBottom")
+        page.wait_for_function("() => document.body.dataset.state === 'idle'")
+
+
 def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
     with serve_runtime(runtime, api_key="sesame") as guarded:
         page.goto(guarded.url + "/")
