@@ -239,6 +239,17 @@ def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
         assert page.evaluate("(pre => pre.scrollWidth > pre.clientWidth)(document.querySelector('.msg pre'))")
 
 
+def test_a_server_that_cannot_be_reached_is_named(page, runtime):
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+        say(page, "hello?")
+        page.wait_for_selector(".msg.error")
+        assert "cannot reach the server" in page.inner_text(".msg.error")
+        assert "gptcli serve" in page.inner_text(".msg.error")
+        assert page.input_value("#input") == "hello?"
+
+
 LINK = '<a href="{url}" target="_blank" rel="noopener noreferrer">{label}</a>'
 MARKDOWN_CASES = [
     ("**bold** and *it* and `x<y`", "<p><strong>bold</strong> and <em>it</em> and <code>x&lt;y</code></p>"),
