@@ -266,6 +266,9 @@ MARKDOWN_CASES = [
     ("snake_case_name stays", "<p>snake_case_name stays</p>"),
     ("line one\nline two\n\nnext", "<p>line one<br>line two</p><p>next</p>"),
     ("```\nunfinished", "<pre><code>unfinished</code></pre>"),
+    # A fence's info string may say more than the language; what follows the block is not code.
+    ("```bash title=run.sh\necho hi\n```\nafter", '<pre><code class="language-bash">echo hi</code></pre><p>after</p>'),
+    ('```js" onclick="x\n1\n```', '<pre><code class="language-js">1</code></pre>'),
     # Emphasis never reaches inside a link's attributes: not its URL, not the target="_blank" it adds.
     ("[a](https://x.org/_y_/*z*)", f"<p>{LINK.format(url='https://x.org/_y_/*z*', label='a')}</p>"),
     ("[docs](https://x.org) is my_ thing", f"<p>{LINK.format(url='https://x.org', label='docs')} is my_ thing</p>"),
