@@ -185,8 +185,14 @@ def test_errors_are_shown_and_the_key_is_asked_for(page, runtime):
         assert page.is_visible("#api-key")
         say(page, "hi")
         page.wait_for_selector(".msg.error")
-        assert "API key" in page.inner_text(".msg.error")
+        assert page.inner_text(".msg.error") == "this server needs an API key: enter it in Settings"
         assert page.evaluate("conversation") == []
+        page.fill("#api-key", "open sesame")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("() => document.getElementById('model').textContent.includes('refused')")
+        say(page, "hi")
+        page.wait_for_function("() => document.querySelectorAll('.msg.error').length === 2")
+        assert page.inner_text(".msg.error >> nth=1") == "the server refused the API key: check it in Settings"
         page.fill("#api-key", "sesame")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
@@ -204,7 +210,7 @@ def test_a_refused_question_goes_back_to_the_box(page, runtime):
         too_long = " ".join(["word"] * 300)  # over the tiny model's 128-token context: a 400
         say(page, too_long)
         page.wait_for_selector(".msg.error")
-        assert "context" in page.inner_text(".msg.error")
+        assert "context" in page.inner_text(".msg.error") and "New chat" in page.inner_text(".msg.error")
         # The page shows the conversation the server will see, and the question is there to shorten and resend.
         assert [question.inner_text() for question in page.query_selector_all(".msg.user")] == [PROMPTS[0]]
         assert len(page.evaluate("conversation")) == 2
