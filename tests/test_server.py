@@ -404,8 +404,9 @@ def test_completion_logprobs_in_the_legacy_format(live, runtime):
     scored = reply.choices[0].logprobs
     assert len(scored.tokens) == len(scored.token_logprobs) == len(scored.text_offset) == reply.usage.completion_tokens
     assert scored.text_offset[0] == 0
-    steps = zip(scored.text_offset, scored.text_offset[1:], scored.tokens, strict=False)
-    assert all(b - a == len(token) for a, b, token in steps)  # each token's text starts where the last one ended
+    text = reply.choices[0].text
+    for token, offset in zip(scored.tokens, scored.text_offset, strict=True):  # each token's text is where it says
+        assert token == "\ufffd" or text[offset:].startswith(token), (token, offset, text)
     for token, value, top in zip(scored.tokens, scored.token_logprobs, scored.top_logprobs, strict=True):
         assert top[token] == value and max(top.values()) == value  # greedy: the chosen token is the best
     streamed = list(client.completions.create(
@@ -414,6 +415,20 @@ def test_completion_logprobs_in_the_legacy_format(live, runtime):
     tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert tokens == scored.tokens and offsets == scored.text_offset
+
+
+def test_completion_text_offsets_index_the_text_across_a_split_character(live, runtime):
+    # Each of "日本語" and "コ" is several tokens (pieces decoding alone to U+FFFD); a piece adds no character
+    # to the text, so every offset after one still points into the returned text, as the prompt's own do.
+    prompt = "日本語の文章:コ ok"
+    assert any(runtime.tokenizer.decode([i]) == "\ufffd" for i in runtime.tokenizer.encode(prompt))
+    ask = dict(model="tiny-llama", prompt=prompt, temperature=0, echo=True, logprobs=1, max_tokens=0)
+    choice = live.client().completions.create(**ask).choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert choice.text == prompt and offsets == sorted(offsets) and offsets[-1] < len(prompt)
+    for token, offset in zip(tokens, offsets, strict=True):
+        assert token == "\ufffd" or prompt[offset:].startswith(token), (token, offset)
+    assert offsets[-1] + len(tokens[-1]) == len(prompt)
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(live, runtime):

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from gptcli.decoding import Finished, Stats, Token
+from gptcli.decoding import Finished, IncrementalDetokenizer, Stats, Token
 from gptcli.errors import ConfigError, InputError
 from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
@@ -102,6 +102,7 @@ class Shape:
             self.response_id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
             self.created = int(time.time())
         self._text_offset = len(self.echo)  # where the next token's text starts (legacy text_offset)
+        self._text: IncrementalDetokenizer | None = None  # the reply's text as the decoder writes it
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
@@ -140,9 +141,12 @@ class Shape:
             return {"content": content, "refusal": None}
         names = [self._token_text(token) for token, _ in tokens]
         offsets = []
-        for name in names:
-            offsets.append(self._text_offset)
-            self._text_offset += len(name)
+        self._text = self._text or IncrementalDetokenizer(self.tokenizer)  # type: ignore[arg-type]
+        for token, name in zip((token for token, _ in tokens), names, strict=True):
+            # Offsets index the returned text: the pieces of a split character all point at its start.
+            written = len(self._text.add(token))
+            offsets.append(max(self._text_offset, self._text_offset + written - len(name)))
+            self._text_offset += written
         tops: list[dict[str, float] | None] = []
         for (_, scored), name in zip(tokens, names, strict=True):
             if scored is None:
@@ -180,6 +184,7 @@ class Shape:
             tokens: list[tuple[int, TokenLogprob | None]] = [*zip(finished.token_ids, finished.logprobs, strict=True)]
             if finished.prompt_logprobs:  # echo: the prompt's tokens come first, text offsets from its start
                 self._text_offset = 0
+                self._text = None
                 tokens = list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)) + tokens
             scored = self.logprobs(tokens)
         if self.kind == "chat":
