@@ -638,6 +638,23 @@ def test_bad_parameters_are_400_in_openai_shape(live):
     assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
 
 
+def test_nan_and_infinity_are_400s_that_say_a_number_must_be_finite(live):
+    # Python's JSON reads NaN and Infinity; "temperature: NaN" was told it must be at most 2, and
+    # "repetition_penalty: Infinity" (only bounded below) was taken.
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("-inf")}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"logit_bias": {"5": float("nan")}}, "logit_bias.5"),
+    ]
+    for fields, param in cases:
+        response = httpx.post(live.v1 + "/chat/completions", content=json.dumps({"messages": hi, **fields}))
+        error = error_of(response)
+        assert response.status_code == 400 and error["param"] == param, (fields, error)
+        assert error["message"] == f"{param}: Input should be a finite number", error
+
+
 def test_hostile_bodies_are_400s_that_name_the_field(live):
     """What a careless or hostile client sends: never a 500, and the server stays well."""
     hi = [{"role": "user", "content": "hi"}]

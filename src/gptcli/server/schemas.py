@@ -31,8 +31,8 @@ MAX_PROMPTS = 64  # prompts in one completions request (each is one choice)
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (vLLM's default too); legacy completions share it here
 Body = TypeVar("Body", bound=BaseModel)
 # Unknown fields are kept (and ignored); known ones have strict types, as OpenAI's API checks them: "5" is
-# not a number and true is not 1.
-REQUEST_MODEL = ConfigDict(extra="allow", strict=True)
+# not a number and true is not 1. Python's JSON reads NaN and Infinity, which no number field takes.
+REQUEST_MODEL = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
 
 
