@@ -190,6 +190,9 @@ class Canned(BaseHTTPRequestHandler):
                 self._error(500, "too late")
         elif route == "midway-error":
             self._stream([chunk, 'data: {"error":{"message":"the engine failed"}}\n\n'])
+        elif route == "null-error":  # "error": null on every chunk: no error at all
+            end = '{"choices":[{"index":0,"text":"lo","finish_reason":"stop"}],"error":null}'
+            self._stream([chunk.replace("}]}", '}],"error":null}'), f"data: {end}\n\n", "data: [DONE]\n\n"])
         elif route == "cut":
             self._stream([chunk])
         elif route == "garbled":  # a text that is not a string: a proxy or a server of another API
@@ -266,6 +269,11 @@ def test_server_failures_are_one_line_errors(canned, opener, route, error, messa
         list(remote(canned, route, opener, timeout=5).complete("hi", GREEDY))
     assert message in caught.value.message and "\n" not in caught.value.message
     assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
+
+
+def test_a_null_error_in_a_chunk_is_no_error(canned, opener):
+    events = list(remote(canned, "null-error", opener).complete("hi", GREEDY))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo"] and (events[-1].reason, events[-1].text) == ("stop", "Hello")
 
 
 def test_usage_counts_that_are_not_counts_leave_the_text_and_estimate_the_stats(canned, opener):

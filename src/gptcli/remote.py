@@ -315,7 +315,7 @@ def _parse_chunk(data: str, base_url: str, *, chat: bool) -> dict[str, Any]:
         raise RemoteError(f"{base_url} sent a stream chunk that is not JSON: {data[:80]}") from None
     if not isinstance(chunk, dict):
         raise RemoteError(f"{base_url} sent a stream chunk that is not an object")
-    if "error" in chunk:
+    if chunk.get("error") is not None:  # a field "error": null (beside the text) is no error
         message, _ = _error_message(data)
         raise RemoteError(f"{base_url} failed mid-answer: {message}")
     if problem := _chunk_problem(chunk, chat=chat):
