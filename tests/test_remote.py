@@ -156,7 +156,9 @@ class Canned(BaseHTTPRequestHandler):
         Canned.seen.append(dict(self.headers))
         if self.path.startswith("/slow/"):
             time.sleep(3)
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "canned", "object": "model"}]}).encode())
+        cards = {"null-id": [{"id": None}, {"id": "second"}], "no-id": [{"id": None}, {"object": "model"}]}
+        data = cards.get(self.path.split("/")[1], [{"id": "canned", "object": "model"}])
+        self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
     def do_POST(self) -> None:
         Canned.seen.append(dict(self.headers))
@@ -269,6 +271,15 @@ def test_server_failures_are_one_line_errors(canned, opener, route, error, messa
         list(remote(canned, route, opener, timeout=5).complete("hi", GREEDY))
     assert message in caught.value.message and "\n" not in caught.value.message
     assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
+
+
+def test_a_model_listed_without_an_id_is_never_asked_for(canned, opener):
+    # A card with "id": null was taken for the first model, and requests asked for model "None".
+    assert RemoteModel(f"{canned}/null-id/v1", opener=opener).model == "second"
+    with pytest.raises(RemoteError) as caught:
+        RemoteModel(f"{canned}/no-id/v1", opener=opener).model  # noqa: B018
+    assert caught.value.message.endswith("/no-id/v1/models listed no model with an id")
+    assert "--model" in (caught.value.hint or "")
 
 
 def test_a_null_error_in_a_chunk_is_no_error(canned, opener):

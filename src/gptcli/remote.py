@@ -161,7 +161,10 @@ class RemoteModel:
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             raise RemoteError(f"{self.base_url}/models did not list models")
-        return [card for card in cards if isinstance(card, dict)]
+        named = [card for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str)]
+        if cards and not named:  # entries, but none a request could name
+            raise RemoteError(f"{self.base_url}/models listed no model with an id", hint="name it with --model NAME")
+        return named
 
     @property
     def model(self) -> str:
@@ -171,7 +174,7 @@ class RemoteModel:
             if not cards:
                 raise ModelError(f"{self.base_url} serves no model")
             self._card = cards[0]
-            self._model = str(cards[0].get("id"))
+            self._model = cards[0]["id"]
         return self._model
 
     @property
