@@ -195,6 +195,11 @@ class Canned(BaseHTTPRequestHandler):
         elif route == "null-error":  # "error": null on every chunk: no error at all
             end = '{"choices":[{"index":0,"text":"lo","finish_reason":"stop"}],"error":null}'
             self._stream([chunk.replace("}]}", '}],"error":null}'), f"data: {end}\n\n", "data: [DONE]\n\n"])
+        elif route == "whole":  # a server that ignores "stream": true and sends the whole answer
+            choice = (
+                {"message": {"content": "hi"}} if "/chat/" in self.path else {"text": "hi", "finish_reason": "length"}
+            )
+            self._send(200, json.dumps({"choices": [choice], "usage": {"completion_tokens": 2}}).encode())
         elif route == "cut":
             self._stream([chunk])
         elif route == "garbled":  # a text that is not a string: a proxy or a server of another API
@@ -280,6 +285,16 @@ def test_a_model_listed_without_an_id_is_never_asked_for(canned, opener):
         RemoteModel(f"{canned}/no-id/v1", opener=opener).model  # noqa: B018
     assert caught.value.message.endswith("/no-id/v1/models listed no model with an id")
     assert "--model" in (caught.value.hint or "")
+
+
+def test_a_whole_json_answer_to_a_stream_request_is_taken_as_it_comes(canned, opener):
+    # Some OpenAI-compatible servers ignore "stream": true and answer with one application/json body; that
+    # was "closed the stream before the answer finished".
+    model = remote(canned, "whole", opener)
+    chat = list(model.chat([{"role": "user", "content": "hi"}], GREEDY))
+    assert [e.text for e in chat[:-1]] == ["hi"] and (chat[-1].reason, chat[-1].text) == ("stop", "hi")
+    text = list(model.complete("hi", GREEDY))
+    assert [e.text for e in text[:-1]] == ["hi"] and (text[-1].reason, text[-1].stats.new_tokens) == ("length", 2)
 
 
 def test_a_null_error_in_a_chunk_is_no_error(canned, opener):

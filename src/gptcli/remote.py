@@ -131,7 +131,7 @@ class RemoteModel:
         if status in (401, 403):
             return RemoteError(f"{where}: {message}", hint="pass --api-key KEY or set OPENAI_API_KEY")
         if status in (429, 503):
-            retry = reply.headers.get("retry-after") or reply.headers.get("Retry-After")
+            retry = reply.header("Retry-After")
             hint = f"retry in {retry} s" if retry else "retry later"
             return RemoteError(f"{where}: {message}", hint=hint)
         if status == 404:
@@ -234,14 +234,10 @@ class RemoteModel:
         chunks = 0
         done = False
         try:
-            for line in reply.lines:
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": comments", "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
+            for chunk in self._chunks(reply, chat=chat):
+                if chunk is None:
                     done = True
                     break
-                chunk = _parse_chunk(data, self.base_url, chat=chat)
                 usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else usage
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
@@ -277,6 +273,20 @@ class RemoteModel:
         )
         yield Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
 
+    def _chunks(self, reply: Reply, *, chat: bool) -> Iterator[dict[str, Any] | None]:
+        """The stream's chunks, then None at its end ([DONE]). A server that ignores `stream` and sends the
+        whole answer as one JSON object (Content-Type application/json) gives it as one chunk and its end."""
+        content_type = (reply.header("Content-Type") or "").lower()
+        if "application/json" in content_type and "event-stream" not in content_type:
+            yield _parse_chunk(reply.text(), self.base_url, chat=chat, whole=True)
+            yield None
+            return
+        for line in reply.lines:
+            if not line.startswith("data:"):
+                continue  # blank separators, ": comments", "event:" lines
+            data = line[5:].strip()
+            yield None if data == "[DONE]" else _parse_chunk(data, self.base_url, chat=chat)
+
 
 def response_format(constraint: OutputConstraint) -> dict[str, Any]:
     """Structured output in OpenAI's words: `--format json` as a JSON object, `--json-schema` as itself."""
@@ -311,18 +321,22 @@ def _error_message(text: str) -> tuple[str, str | None]:
     return text.strip()[:200], None
 
 
-def _parse_chunk(data: str, base_url: str, *, chat: bool) -> dict[str, Any]:
+def _parse_chunk(data: str, base_url: str, *, chat: bool, whole: bool = False) -> dict[str, Any]:
+    """A stream chunk, checked; or (`whole`) a whole answer as one chunk, each chat message as its delta."""
+    what = "an answer" if whole else "a stream chunk"
     try:
         chunk = json.loads(data)
     except ValueError:
-        raise RemoteError(f"{base_url} sent a stream chunk that is not JSON: {data[:80]}") from None
+        raise RemoteError(f"{base_url} sent {what} that is not JSON: {data[:80]}") from None
     if not isinstance(chunk, dict):
-        raise RemoteError(f"{base_url} sent a stream chunk that is not an object")
+        raise RemoteError(f"{base_url} sent {what} that is not an object")
     if chunk.get("error") is not None:  # a field "error": null (beside the text) is no error
         message, _ = _error_message(data)
         raise RemoteError(f"{base_url} failed mid-answer: {message}")
+    if whole and chat and isinstance(chunk.get("choices"), list):
+        chunk["choices"] = [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in chunk["choices"]]
     if problem := _chunk_problem(chunk, chat=chat):
-        raise RemoteError(f"{base_url} sent a stream chunk not in OpenAI's shape ({problem}): {data[:80]}")
+        raise RemoteError(f"{base_url} sent {what} not in OpenAI's shape ({problem}): {data[:80]}")
     return chunk
 
 

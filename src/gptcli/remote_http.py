@@ -18,6 +18,11 @@ class Reply:
     lines: Iterator[str]
     close: Callable[[], None]
 
+    def header(self, name: str) -> str | None:
+        """A header's value, whatever case the server (or the HTTP library) gave its name."""
+        name = name.lower()
+        return next((value for key, value in self.headers.items() if key.lower() == name), None)
+
     def text(self) -> str:
         try:
             return "\n".join(self.lines)
@@ -106,7 +111,7 @@ def default_opener() -> Callable[..., Reply]:
 
 def retry_after(reply: Reply) -> float | None:
     """The seconds a 429 or 503 asks the client to wait before sending again (Retry-After in seconds), or None."""
-    value = (reply.headers.get("retry-after") or reply.headers.get("Retry-After") or "").strip()
+    value = (reply.header("Retry-After") or "").strip()
     try:
         seconds = float(value)
     except ValueError:  # absent, or an HTTP date (rare): not retried
