@@ -152,8 +152,24 @@ class Canned(BaseHTTPRequestHandler):
         else:  # llama-server reads `content` only: a `prompt` gets no tokens
             self._send(200, json.dumps({"tokens": [ord(c) for c in body.get("content", "")]}).encode())
 
+    def _drip(self, status: int, content_type: str, start: bytes) -> None:
+        """`start`, then a byte every 50 ms for 3 s: each read waits little, the answer never ends in time."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(start) + 60))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gave up
+            self.wfile.write(start)
+            for _ in range(60):
+                self.wfile.flush()
+                time.sleep(0.05)
+                self.wfile.write(b"x")
+
     def do_GET(self) -> None:
         Canned.seen.append(dict(self.headers))
+        if self.path.startswith("/drip/"):
+            self._drip(200, "application/json", b'{"object": "list", "data": [')
+            return
         if self.path.startswith("/slow/"):
             time.sleep(3)
         cards = {"null-id": [{"id": None}, {"id": "second"}], "no-id": [{"id": None}, {"object": "model"}]}
@@ -184,6 +200,10 @@ class Canned(BaseHTTPRequestHandler):
                 "type": "BadRequestError",
             }
             self._send(400, json.dumps({**body, "param": None, "code": 400}).encode())
+        elif route == "drip":  # a stream whose first line never ends
+            self._drip(200, "text/event-stream", b'data: {"choices": [{"index": 0, "text": "')
+        elif route == "drip-error":
+            self._drip(500, "application/json", b'{"error": {"message": "')
         elif route == "html":
             self._send(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
         elif route == "slow":
@@ -295,6 +315,43 @@ def test_a_whole_json_answer_to_a_stream_request_is_taken_as_it_comes(canned, op
     assert [e.text for e in chat[:-1]] == ["hi"] and (chat[-1].reason, chat[-1].text) == ("stop", "hi")
     text = list(model.complete("hi", GREEDY))
     assert [e.text for e in text[:-1]] == ["hi"] and (text[-1].reason, text[-1].stats.new_tokens) == ("length", 2)
+
+
+def test_a_server_that_sends_a_byte_at_a_time_cannot_hold_the_client(canned, opener, monkeypatch):
+    # Each read gets a byte within its timeout, so a limit per read never fired: /models, an error's body and
+    # a stream's line were waited for as long as the server kept sending.
+    import gptcli.remote
+
+    monkeypatch.setattr(gptcli.remote, "LOOKUP_TIMEOUT_S", 0.5)
+    calls = [
+        ("did not answer in time", lambda: RemoteModel(f"{canned}/drip/v1", opener=opener).model),
+        ("did not answer in time", lambda: list(remote(canned, "drip", opener, timeout=0.5).complete("hi", GREEDY))),
+        ("answered 500", lambda: list(remote(canned, "drip-error", opener).complete("hi", GREEDY))),
+    ]
+    for message, call in calls:
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match=message):
+            call()
+        assert time.monotonic() - started < 2, message
+
+
+def test_an_error_body_is_read_no_further_than_its_first_64_kib():
+    from gptcli.remote_http import Reply
+
+    read: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        yield b'{"error": {"message": "no such route"}}'
+        while len(read) < 10_000:  # 10 MB of padding, as a broken proxy might send without end
+            read.append(1024)
+            yield b" " * 1024
+
+    def opener(*args: Any) -> Reply:
+        return Reply(400, {"Content-Type": "application/json"}, endless(), lambda: None)
+
+    with pytest.raises(InputError, match="answered 400: no such route"):
+        list(RemoteModel("http://127.0.0.1:9/v1", model="m", opener=opener).complete("hi", GREEDY))
+    assert sum(read) <= 65536
 
 
 def test_a_null_error_in_a_chunk_is_no_error(canned, opener):

@@ -33,6 +33,8 @@ _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.
 
 
 LOOKUP_TIMEOUT_S = 30.0
+MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the first line or two
+MAX_JSON_BYTES = 16 << 20  # of a whole JSON answer (/models, /tokenize, an answer that was not streamed)
 MIN_RETRY_S = 0.25  # the least wait before sending again after a busy answer (a "Retry-After: 0" too)
 
 
@@ -92,6 +94,7 @@ class RemoteModel:
         while True:
             try:
                 reply = self._open(method, url, headers, body, timeout, self.connect_timeout)
+                reply.deadline = deadline
             except TimeoutError:
                 raise busy or self._timeout_error() from None
             except ConnectionError as exc:
@@ -114,8 +117,8 @@ class RemoteModel:
 
     def _status_error(self, reply: Reply) -> GptcliError:
         """An error status as the GptcliError it means, with the server's own message."""
-        try:
-            text = reply.text()
+        try:  # answered at once by any server: neither a large body nor a slow one is waited for
+            text = reply.text(MAX_ERROR_BYTES, min(reply.deadline, time.monotonic() + self.lookup_timeout))
         except (TimeoutError, ConnectionError):
             text = ""
         message, code = _error_message(text)
@@ -149,11 +152,23 @@ class RemoteModel:
 
     def _read_json(self, reply: Reply, where: str) -> Any:
         try:
-            return json.loads(reply.text())
-        except (TimeoutError, ConnectionError) as exc:
-            raise RemoteError(f"{self.base_url}: the connection failed while reading: {exc}") from None
+            return json.loads(self._whole_body(reply, where))
         except ValueError:
             raise RemoteError(f"{where} did not answer with JSON", hint="is this an OpenAI-style URL?") from None
+
+    def _whole_body(self, reply: Reply, where: str) -> bytes:
+        """A body read whole, by the request's deadline (a server sending a byte at a time does not hold us)."""
+        try:
+            data = reply.body(MAX_JSON_BYTES + 1)
+        except TimeoutError:
+            raise self._timeout_error() from None
+        except ConnectionError as exc:
+            raise RemoteError(f"{self.base_url}: the connection failed while reading: {exc}") from None
+        if len(data) > MAX_JSON_BYTES:
+            raise RemoteError(
+                f"{where} answered more than {MAX_JSON_BYTES >> 20} MiB", hint="is this an OpenAI-style URL?"
+            )
+        return data
 
     # --- models -----------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
@@ -278,10 +293,11 @@ class RemoteModel:
         whole answer as one JSON object (Content-Type application/json) gives it as one chunk and its end."""
         content_type = (reply.header("Content-Type") or "").lower()
         if "application/json" in content_type and "event-stream" not in content_type:
-            yield _parse_chunk(reply.text(), self.base_url, chat=chat, whole=True)
+            whole = self._whole_body(reply, self.base_url).decode("utf-8", errors="replace")
+            yield _parse_chunk(whole, self.base_url, chat=chat, whole=True)
             yield None
             return
-        for line in reply.lines:
+        for line in reply.lines(idle_s=self.timeout):  # a long answer, but never a long wait for its next line
             if not line.startswith("data:"):
                 continue  # blank separators, ": comments", "event:" lines
             data = line[5:].strip()

@@ -1,33 +1,78 @@
-"""HTTP for the remote client: one request as a `Reply` (status, headers, lines as they arrive), through
-httpx when it is installed, the standard library otherwise; and what a busy answer asks of the client."""
+"""HTTP for the remote client: one request as a `Reply` (status, headers, the body as it arrives), through
+httpx when it is installed, the standard library otherwise; and what a busy answer asks of the client.
+
+Every read is bounded: each wait for bytes by the request's read timeout, and the body as a whole by size and
+by a deadline (a whole body) or by the wait for each line (a stream), so a server that sends a byte at a time,
+or without end, cannot hold the client."""
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+MAX_LINE_BYTES = 16 << 20  # one line of a stream (an SSE event): a few hundred bytes in practice
+READ_BYTES = 65536  # the most one read asks for
+
 
 @dataclass
 class Reply:
-    """An HTTP response being read: its status, its lines as they arrive, and how to stop reading."""
+    """An HTTP response being read: its status, its body's bytes as they arrive, and how to stop reading."""
 
     status: int
     headers: Mapping[str, str]
-    lines: Iterator[str]
+    chunks: Iterator[bytes]
     close: Callable[[], None]
+    deadline: float = float("inf")  # time.monotonic() by which the request as a whole must be answered
 
     def header(self, name: str) -> str | None:
         """A header's value, whatever case the server (or the HTTP library) gave its name."""
         name = name.lower()
         return next((value for key, value in self.headers.items() if key.lower() == name), None)
 
-    def text(self) -> str:
+    def body(self, limit: int, deadline: float | None = None) -> bytes:
+        """At most `limit` bytes of the body (the rest is never read), read by `deadline` (default: the
+        request's), else TimeoutError; then the reply is closed."""
+        deadline = self.deadline if deadline is None else deadline
+        data = bytearray()
         try:
-            return "\n".join(self.lines)
+            for chunk in self.chunks:
+                data += chunk
+                if len(data) >= limit:
+                    return bytes(data[:limit])
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the answer did not end in time")
+            return bytes(data)
         finally:
             self.close()
+
+    def text(self, limit: int, deadline: float | None = None) -> str:
+        return self.body(limit, deadline).decode("utf-8", errors="replace")
+
+    def lines(self, idle_s: float) -> Iterator[str]:
+        """The body's lines as they arrive, without their line ends; TimeoutError when no line ends for `idle_s`
+        seconds however many bytes come (a server sending a byte at a time), ConnectionError for a line over
+        MAX_LINE_BYTES."""
+        parts: list[bytes] = []  # the line being read
+        size = 0
+        last = time.monotonic()
+        for chunk in self.chunks:
+            *complete, rest = chunk.split(b"\n")
+            if complete:
+                complete[0], parts, size = b"".join((*parts, complete[0])), [], 0
+                for raw in complete:
+                    yield raw.decode("utf-8", errors="replace").removesuffix("\r")
+                last = time.monotonic()  # (the time the caller spends on a line is not the server's)
+            elif time.monotonic() - last > idle_s:
+                raise TimeoutError(f"no line in {idle_s:g} s")
+            parts.append(rest)
+            size += len(rest)
+            if size > MAX_LINE_BYTES:
+                raise ConnectionError(f"a line of over {MAX_LINE_BYTES >> 20} MiB")
+        if size:
+            yield b"".join(parts).decode("utf-8", errors="replace").removesuffix("\r")
 
 
 @functools.cache
@@ -55,9 +100,9 @@ def open_httpx(
         client.close()
         raise ConnectionError(str(exc) or type(exc).__name__) from None
 
-    def lines() -> Iterator[str]:
+    def chunks() -> Iterator[bytes]:
         try:
-            yield from response.iter_lines()
+            yield from response.iter_bytes()  # what each read brings (decompressed), each read under `timeout`
         except httpx.TimeoutException as exc:
             raise TimeoutError(str(exc)) from None
         except httpx.TransportError as exc:
@@ -67,7 +112,7 @@ def open_httpx(
         response.close()
         client.close()
 
-    return Reply(response.status_code, dict(response.headers), lines(), close)
+    return Reply(response.status_code, dict(response.headers), chunks(), close)
 
 
 def open_urllib(
@@ -89,16 +134,16 @@ def open_urllib(
     except TimeoutError as exc:
         raise TimeoutError(str(exc)) from None
 
-    def lines() -> Iterator[str]:
+    def chunks() -> Iterator[bytes]:
         try:
-            for raw in response:
-                yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            while chunk := response.read1(READ_BYTES):  # what one read brings, under `timeout`
+                yield chunk
         except TimeoutError as exc:
             raise TimeoutError(str(exc)) from None
         except OSError as exc:
             raise ConnectionError(str(exc)) from None
 
-    return Reply(response.status, dict(response.headers.items()), lines(), response.close)
+    return Reply(response.status, dict(response.headers.items()), chunks(), response.close)
 
 
 def default_opener() -> Callable[..., Reply]:
