@@ -103,3 +103,25 @@ def test_batch_from_a_closed_stdin_runs_no_line(tiny_models):
                             stdin=None, preexec_fn=lambda: os.close(0))  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"" and "0 done, 0 failed, 0 skipped" in result.stderr.decode()
+
+
+def test_a_requests_file_as_the_output_is_never_taken_for_results(tiny_models, tmp_path):
+    """A copy of the input (or the input on stdin) as --output: its lines have ids, so --resume counted every
+    line as done, ran nothing and exited 0; another requests file got results appended to it."""
+    batch = tmp_path / "in.jsonl"
+    requests = "".join(json.dumps({"id": f"q{i}", "prompt": "hi"}) + "\n" for i in range(3))
+    batch.write_text(requests)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(requests)
+    model = ["-m", str(tiny_models["llama"])]
+    resumed = run_cli("generate", "--batch", str(batch), "-o", str(copy), "--resume", *model)
+    assert resumed.returncode == 6, resumed.stderr.decode()
+    assert f"error: {copy} does not hold results" in resumed.stderr.decode()
+    from_stdin = run_cli("generate", "--batch", "-", "-o", str(batch), "--resume", *model, input=requests)
+    assert from_stdin.returncode == 6 and "does not hold results" in from_stdin.stderr.decode()
+    fresh = run_cli("generate", "--batch", str(batch), "-o", str(copy), *model)  # no hint to remove a requests file
+    assert fresh.returncode == 2 and fresh.stderr.decode().splitlines() == [
+        f"error: {copy} is not empty and does not hold results",
+        "hint: give --output a new file",
+    ]
+    assert batch.read_text() == copy.read_text() == requests

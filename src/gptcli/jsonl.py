@@ -65,14 +65,19 @@ def check_results_file(output: Path) -> None:
         raise InputError(f"--resume reads {output} back, so it must be a regular file, not a pipe or a device")
     if not output.is_file() or output.stat().st_size == 0:
         return
-    with output.open("rb") as handle:
-        first = handle.readline(MAX_LINE_BYTES + 1)
-    torn = first.startswith(b"{") and not first.endswith(b"\n")  # a kill during the first result's write
-    if not torn and _result_id(first) is None:
+    if not holds_results(output):
         raise InputError(
             f"{output} does not hold results (its first line is not a result)",
             hint="give --output the results file of this batch, or a new file",
         )
+
+
+def holds_results(output: Path) -> bool:
+    """Whether a non-empty file's first line is a result (or one a kill cut short): a requests file is not."""
+    with output.open("rb") as handle:
+        first = handle.readline(MAX_LINE_BYTES + 1)
+    torn = first.startswith(b"{") and not first.endswith(b"\n")  # a kill during the first result's write
+    return torn or _result_id(first) is not None
 
 
 def completed_ids(output: Path) -> set[str]:
@@ -106,12 +111,15 @@ def parse_line(raw: bytes) -> Any:
 
 
 def _result_id(raw: bytes | None) -> str | None:
-    """The id of a results-file line, or None for a line that is not a whole result."""
+    """The id of a results-file line, or None for a line that is not a whole result: a result has its
+    `text` or its `error` beside the id (a request line has an id too, and neither)."""
     try:
         record = parse_line(raw) if raw is not None else None
     except ValueError:
         return None
-    return str(record["id"]) if isinstance(record, dict) and "id" in record else None
+    if not isinstance(record, dict) or "id" not in record or not ("text" in record or "error" in record):
+        return None
+    return str(record["id"])
 
 
 def open_results(output: Path, *, resume: bool) -> IO[str]:

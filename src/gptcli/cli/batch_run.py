@@ -28,7 +28,15 @@ def run_batch_file(
 ) -> None:
     """Load the model once (or use the server's: `remote`), run every line, write results in input order."""
     from gptcli.batchfile import run_batch
-    from gptcli.jsonl import ResultWriter, check_results_file, completed_ids, count_lines, open_results, read_lines
+    from gptcli.jsonl import (
+        ResultWriter,
+        check_results_file,
+        completed_ids,
+        count_lines,
+        holds_results,
+        open_results,
+        read_lines,
+    )
 
     if resume and output is None:
         raise UsageError("--resume needs --output FILE", hint="it skips the ids already in that file")
@@ -37,6 +45,8 @@ def run_batch_file(
     if output is not None and str(batch) != "-" and output.exists() and batch.exists() and output.samefile(batch):
         raise UsageError(f"--output {output} is the --batch file itself", hint="write the results to another file")
     if output is not None and output.exists() and not resume and output.stat().st_size > 0:
+        if not holds_results(output):  # a requests file, say: never hint at removing it
+            raise UsageError(f"{output} is not empty and does not hold results", hint="give --output a new file")
         raise UsageError(f"{output} already holds results", hint="pass --resume to continue it, or remove it")
     if output is not None and resume:
         check_results_file(output)
