@@ -162,6 +162,14 @@ def test_an_over_long_line_is_an_error_without_being_read_whole():
     assert lines[0] == (1, None) and lines[1] == (2, b'{"prompt": "ok"}\n')
 
 
+def test_a_file_from_a_windows_editor_reads_as_its_lines():
+    """A byte-order mark before the first line made it the line's error ('Unexpected UTF-8 BOM')."""
+    data = b'\xef\xbb\xbf{"id": "a", "prompt": "hi"}\r\n\r\n{"id": "b", "prompt": "yo"}\r\n'
+    requests = [parse_request(n, raw, None, SETTINGS, 0) for n, raw in read_lines(io.BytesIO(data))]
+    assert [(r.id, r.error) for r in requests] == [("a", None), ("b", None)]
+    assert [n for n, _ in read_lines(io.BytesIO(b"\xef\xbb\xbf\n{}\n"))] == [2]  # a mark alone: a blank line
+
+
 class NeverEnds(ScriptedBackend):
     """Always the same non-EOS token: a sequence runs exactly max_tokens steps."""
 

@@ -7,6 +7,7 @@ back for --resume: a torn last line is settled first.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import io
@@ -25,13 +26,16 @@ def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes) for each non-blank line; None for a line over MAX_LINE_BYTES (skipped unread).
 
     A NUL byte means binary data (a device such as /dev/zero, an archive), not JSON Lines: an InputError,
-    before any more of it is read."""
+    before any more of it is read. A byte-order mark before the first line (Windows editors write one) is
+    not part of it."""
     number = 0
     while True:
         line = _text(handle.readline(MAX_LINE_BYTES + 1), number + 1)
         if not line:
             return
         number += 1
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
             while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
                 line = _text(handle.readline(MAX_LINE_BYTES), number)
