@@ -170,6 +170,13 @@ def test_a_file_from_a_windows_editor_reads_as_its_lines():
     assert [n for n, _ in read_lines(io.BytesIO(b"\xef\xbb\xbf\n{}\n"))] == [2]  # a mark alone: a blank line
 
 
+@pytest.mark.parametrize("bad_id", ["1.0", "true", "null", "[1]"])
+def test_an_id_that_is_not_text_or_a_whole_number_says_so(bad_id):
+    """`"id": 1.0` was refused as not 'a string or a number', though it is a number."""
+    raw = b'{"id": ' + bad_id.encode() + b', "prompt": "hi"}'
+    assert parse_request(1, raw, None, SETTINGS, 0).error == "`id` must be a string or a whole number"
+
+
 class NeverEnds(ScriptedBackend):
     """Always the same non-EOS token: a sequence runs exactly max_tokens steps."""
 

@@ -97,7 +97,7 @@ def parse_request(
             raise InputError("a line must be a JSON object")
         if "id" in data:
             if not isinstance(data["id"], (str, int)) or isinstance(data["id"], bool):
-                raise InputError("`id` must be a string or a number")
+                raise InputError("`id` must be a string or a whole number")
             line_id, numbered = str(data["id"]), False
         unknown = sorted(set(data) - REQUEST_KEYS)
         if unknown:
