@@ -37,7 +37,8 @@ def env(isolated_home):
 
 
 def bench(model, *args, env, **kw):
-    return run_cli("bench", "-m", str(model), "-p", "8", "-n", "4", "-r", "2", *args, env=env, **kw)
+    sizes = [] if "--mode" in args else ["-p", "8", "-n", "4"]  # micro tests' sizes: another mode refuses them
+    return run_cli("bench", "-m", str(model), *sizes, "-r", "2", *args, env=env, **kw)
 
 
 def test_json_has_samples_environment_notes_and_the_roofline(tiny_models, env):

@@ -63,7 +63,6 @@ def test_repetitions_and_the_number_of_tests_are_bounded():
         (["--npl", "257"], "error: --npl: 257 is above 256"),
         (["-r", "1001"], "error: -r/--repetitions must be at most 1000, got 1001"),
         (["-d", ",".join(map(str, range(2049)))], "error: 4098 tests (test sizes x depths x --npl values)"),
-        (["--mode", "train", "--peak-tflops", "nan"], "error: --peak-tflops must be a positive number, got nan"),
     ],
 )
 def test_bounds_exit_2_before_anything_runs(tiny_models, env, args, message):
@@ -72,6 +71,28 @@ def test_bounds_exit_2_before_anything_runs(tiny_models, env, args, message):
     assert result.returncode == 2, err
     assert err.splitlines()[0].startswith(message), err
     assert result.stdout == b"" and "repetition 1/" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "train", "--peak-tflops", "nan"], "error: --peak-tflops must be a positive number, got nan"),
+        # Options another mode reads were ignored without a word: latency ran one request at a time, train torch.
+        (["--mode", "latency", "--npl", "8"], "error: --npl is for --mode micro, not --mode latency"),
+        (["--mode", "latency", "-p", "64"], "error: -p/--n-prompt is for --mode micro, not --mode latency"),
+        (
+            ["--mode", "train", "-b", "onnx"],
+            "error: -b/--backend is for --mode micro or --mode latency, not --mode train",
+        ),
+        (["--max-tokens", "5"], "error: --max-tokens is for --mode latency, not --mode micro"),
+        (["--preset", "tiny"], "error: --preset is for --mode train, not --mode micro"),
+    ],
+)
+def test_an_option_of_another_mode_is_a_usage_error(tiny_models, env, args, message):
+    result = run_cli("bench", "-m", str(tiny_models["llama"]), "-r", "1", *args, env=env)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.splitlines()[0] == message, err
+    assert result.stdout == b"" and "loading" not in err
 
 
 def test_a_test_whose_kv_caches_would_not_fit_is_skipped_before_any_is_made(monkeypatch):

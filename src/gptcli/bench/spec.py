@@ -13,6 +13,34 @@ MAX_NPL = 256
 MAX_REPETITIONS = 1000  # timed repetitions of each test (llama-bench's default is 5)
 MAX_TESTS = 4096  # tests in one run: sizes x depths x --npl values
 
+# The options only some modes read: given to another mode they would be ignored without a word (latency
+# sends one request at a time whatever --npl says; train always times torch in fp32).
+MODE_OPTIONS = {
+    "--n-prompt": ("micro",),
+    "--n-gen": ("micro",),
+    "--pg": ("micro",),
+    "--depth": ("micro",),
+    "--npl": ("micro",),
+    "--prompts": ("latency",),
+    "--max-tokens": ("latency",),
+    "--temperature": ("latency",),
+    "--seed": ("latency",),
+    "--preset": ("train",),
+    "--train-config": ("train",),
+    "--peak-tflops": ("train",),
+    "--backend": ("micro", "latency"),
+    "--precision": ("micro", "latency"),
+}
+
+
+def check_mode_options(mode: str, given: list[str]) -> None:
+    """A usage error for an option (as typed: `-p/--n-prompt`) that `mode` does not read."""
+    for flag in given:
+        modes = MODE_OPTIONS.get(flag.split("/")[-1], (mode,))
+        if mode not in modes:
+            also = " or ".join(f"--mode {m}" for m in modes)
+            raise UsageError(f"{flag} is for {also}, not --mode {mode}", hint=f"drop {flag}, or run {also}")
+
 
 def check_repetitions(reps: int) -> None:
     """-r/--repetitions: 1 to MAX_REPETITIONS, else a usage error."""

@@ -14,6 +14,7 @@ from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 
 
 def bench(
+    ctx: typer.Context,
     model: c.ModelOpt = None,
     backend: Annotated[
         str | None,
@@ -105,6 +106,7 @@ def bench(
 
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    spec.check_mode_options(mode, c.given_options(ctx))
     if output_format not in report.FORMATS:
         raise UsageError(f"-o/--output-format must be one of {', '.join(report.FORMATS)}, got '{output_format}'")
     spec.check_repetitions(repetitions)

@@ -109,6 +109,13 @@ def complete_choices(key: str) -> Callable[[str], Completion]:
     return complete
 
 
+def given_options(ctx: typer.Context) -> list[str]:
+    """The options typed on this command line (not defaults), each as its help names it: `-p/--n-prompt`."""
+    params = ctx.command.params
+    typed = [p for p in params if p.name and ctx.get_parameter_source(p.name).name == "COMMANDLINE"]
+    return ["/".join(sorted(p.opts, key=len)) for p in typed if p.opts and p.opts[0].startswith("-")]
+
+
 # Options shared by every command that runs a model. Defaults are None: "not given on the
 # command line", so config files and the environment can supply the value.
 ModelOpt = Annotated[
