@@ -637,6 +637,13 @@ def test_the_one_command_cli_answers_as_the_whole_one():
         (["chat", "hello there"], "Got unexpected extra argument(s) (hello there)", "chat takes no prompt: type it"),
         (["generate", "hi", "-q"], "No such option: -q", "-q goes before the command: gptcli -q generate ..."),
         (["models", "list", "--verbose"], "No such option: --verbose", "--verbose goes before the command: gptcli"),
+        # -m elsewhere; Click said "Possible options: --help"
+        (["export", "--model", "x"], "No such option: --model", "the model is the argument here: gptcli export MODEL"),
+        (
+            ["models", "info", "-m", "x"],
+            "No such option: -m",
+            "the model is the argument here: gptcli models info MODEL",
+        ),
         (
             ["generate", "hi", "--ctx-size", "512"],
             "No such option: --ctx-size",

@@ -34,6 +34,7 @@ OPTIONS = {
     "--system-prompt": "--system",
     "--key": "--api-key",
 }
+MODEL_FLAGS = {"-m", "--model"}  # gptcli's own: `export` and `models info` take the model as their argument
 PROMPT_FLAGS = {"-p", "--prompt"}  # llama.cpp's: gptcli's prompt is the argument
 CONTEXT_FLAGS = {"--ctx-size", "--ctx_size", "--num-ctx", "--context-length"}
 ROOT_FLAGS = {"-q", "--quiet", "-v", "--verbose", "-V", "--version"}  # gptcli's own, before the command
@@ -71,4 +72,8 @@ def habit_hint(exc: Any) -> tuple[str, str] | None:
         return message, f"{name} goes before the command: {' '.join([words[0], name, *words[1:]])} ..."
     if name in CONTEXT_FLAGS:
         return message, "gptcli always uses the model's whole context (`gptcli models info` shows it)"
+    if name in MODEL_FLAGS and any(
+        p.name == "model" and p.param_type_name == "argument" for p in context.command.params
+    ):
+        return message, f"the model is the argument here: {context.command_path} MODEL"  # -m everywhere else
     return None
