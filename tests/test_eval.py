@@ -96,6 +96,24 @@ def test_nan_logits_are_a_model_error_not_a_nan_perplexity(tiny_models, monkeypa
     assert "--dtype float32" in raised.value.hint
 
 
+def test_logits_too_sure_of_the_wrong_tokens_are_a_model_error_not_an_overflow(tiny_models, monkeypatch):
+    # a mean NLL over 709.8 nats: math.exp raised OverflowError, an internal error (exit 1)
+    import gptcli.evaluate
+
+    real = gptcli.evaluate.score_positions
+
+    def wrong_by_far(backend, ids, cache):
+        logits, cache = real(backend, ids, cache)
+        logits = np.zeros_like(logits)
+        logits[:, 0] = 1e4  # every position bets everything on token 0
+        return logits, cache
+
+    monkeypatch.setattr(gptcli.evaluate, "score_positions", wrong_by_far)
+    backend = TorchBackend.load(tiny_models["gpt2"], CPU32)
+    with pytest.raises(ModelError, match="perplexity is too large to compute: mean NLL 10000 nats per token"):
+        perplexity(backend, list(range(2, 40)))
+
+
 def test_cli_perplexity_json_and_text(tiny_models, tmp_path):
     text = tmp_path / "holdout.txt"
     text.write_text(" ".join(CORPUS[:3]), encoding="utf-8")

@@ -11,6 +11,7 @@ Hugging Face recipe, expressed over the Backend protocol so torch, onnx and plug
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from gptcli.textio import text_pieces
 Progress = Callable[[int, int], None]
 DEFAULT_WINDOW = 1024
 SCORE_LOGITS_BYTES = 64 * 2**20  # the logits one scoring pass may hold (341 positions of a 49k vocabulary)
+MAX_MEAN_NLL = math.log(sys.float_info.max)  # 709.8 nats per token: past it, exp(mean) is no float
 
 
 class Encoder(Protocol):
@@ -134,6 +136,12 @@ def perplexity(
             if progress is not None:
                 progress(done, total_scored)
     mean = nll / total_scored
+    if mean > MAX_MEAN_NLL:  # math.exp would raise OverflowError
+        raise ModelError(
+            f"the model's perplexity is too large to compute: mean NLL {mean:.6g} nats per token (a working model "
+            "gives a few)",
+            hint="the weights are likely damaged; try --dtype float32 (--precision fp32 on onnx) to rule out overflow",
+        )
     return PerplexityResult(
         perplexity=math.exp(mean),
         mean_nll=mean,
