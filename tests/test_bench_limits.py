@@ -171,6 +171,27 @@ def test_an_output_that_is_a_folder_or_under_a_file_exits_6_before_anything_runs
         assert result.stdout == b"" and "repetition 1/" not in err  # checked before the benchmark
 
 
+def test_an_output_that_is_not_bench_json_lines_is_left_as_it_is(tiny_models, env, tmp_path):
+    """--output appended its lines to any file: an -o json document (which --baseline then refused: 'line 1: not
+    JSON'), a prompts file."""
+    document = tmp_path / "run.json"
+    document.write_bytes(bench(tiny_models["llama"], "-o", "json", env=env).stdout)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hi"}\n')
+    for output in (document, prompts):
+        before = output.read_bytes()
+        result = bench(tiny_models["llama"], "--output", str(output), env=env)
+        err = result.stderr.decode()
+        assert result.returncode == 6 and output.read_bytes() == before, err
+        assert err.splitlines()[0].endswith(
+            f"{output} does not hold bench results as JSON lines (its first line is not one)"
+        )
+    runs = tmp_path / "runs.jsonl"
+    runs.write_bytes(bench(tiny_models["llama"], "-o", "jsonl", env=env).stdout)  # -o jsonl's lines: appended to
+    assert bench(tiny_models["llama"], "--output", str(runs), env=env).returncode == 0
+    assert len(base_mod.load_records(runs)) == 2 * len(base_mod.load_records(document))
+
+
 def test_output_checks_name_an_unwritable_folder_and_an_unreadable_file(tmp_path, monkeypatch):
     new = tmp_path / "results" / "deeper" / "runs.jsonl"
     base_mod.check_output(new)  # missing folders are made when the results are written

@@ -13,6 +13,7 @@ from typing import Any
 from gptcli.atomicio import write_atomic
 from gptcli.bench.runner import headline
 from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.jsonl import MAX_LINE_BYTES, parse_line
 from gptcli.textio import Limit, MiB, decode_text, read_bounded
 
 KEY_FIELDS = ("model", "backend", "precision", "test", "threads")
@@ -141,6 +142,12 @@ def check_output(path: Path | None) -> None:
         raise InputError(f"--output {path} is not a regular file", hint=hint)
     if mode is not None and not os.access(path, os.R_OK):
         raise InputError(f"--output {path} cannot be read (the results are appended to it)", hint=hint)
+    if mode is not None and not _holds_results(path):  # a -o json document, a prompts file: lines would break it
+        raise InputError(
+            f"--output {path} does not hold bench results as JSON lines (its first line is not one)",
+            hint="appending would break it: give a new file, or one --output wrote (an -o json document is a "
+            "--baseline as it is)",
+        )
     folder = path.parent
     while _mode_of(folder) is None and folder != folder.parent:
         folder = folder.parent
@@ -149,6 +156,17 @@ def check_output(path: Path | None) -> None:
         raise InputError(f"--output {path}: {folder} is not a folder", hint=hint)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--output {path}: cannot write in {folder}", hint="choose a folder you may write in")
+
+
+def _holds_results(path: Path) -> bool:
+    """Whether a file is empty or starts with a result line, as --output and -o jsonl write them."""
+    with path.open("rb") as handle:
+        first = handle.readline(MAX_LINE_BYTES + 1)
+    try:
+        record = parse_line(first) if first.strip() else {"mode": None}
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "mode" in record
 
 
 def _mode_of(path: Path) -> int | None:
