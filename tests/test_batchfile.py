@@ -210,6 +210,34 @@ def test_ctrl_c_keeps_what_finished_and_resume_completes_it(model, monkeypatch):
     assert [r["usage"]["completion_tokens"] for r in rest] == [8, 14]
 
 
+def test_ctrl_c_before_a_line_finishes_never_lets_its_duplicates_error_mark_it_done(model, monkeypatch):
+    """The error of a later line with the same id was written at Ctrl-C, past the gap: --resume then took the
+    id as done and never ran the first line (its result lost, the run 'complete')."""
+    _, tok = model
+    backend = NeverEnds([], tok.vocab_size, context_length=128)
+    original = Engine.step
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Engine, "step", interrupting)
+    lines = [
+        json.dumps({"id": "x", "prompt": "hi", "max_tokens": 20}),
+        json.dumps({"id": "x", "prompt": "again", "max_tokens": 1}),
+        json.dumps({"id": "y", "prompt": "hi", "max_tokens": 1}),
+    ]
+    summary, first = _run((backend, tok), lines, parallel=3)
+    assert summary.interrupted and [r["id"] for r in first] == ["y"]
+    monkeypatch.setattr(Engine, "step", original)
+    _, rest = _run((backend, tok), lines, skip={r["id"] for r in first})
+    assert [(r["id"], "text" in r) for r in rest] == [("x", True), ("x", False)]
+    assert rest[0]["usage"]["completion_tokens"] == 20
+
+
 def test_a_request_over_the_kv_budget_is_that_lines_error(model):
     backend, tok = model
     data = io.BytesIO(b'{"prompt": "hi", "max_tokens": 100}\n{"prompt": "hi", "max_tokens": 2}\n')

@@ -249,6 +249,7 @@ def run_batch(
     summary = BatchSummary()
     seen: dict[str, bool] = {}  # id -> whether it was a line number
     by_index: dict[int, BatchRequest] = {}  # the run's position (the n-th request yielded) -> the request
+    unfinished: set[str] = set()  # ids of lines an interrupt ended: a duplicate's error must not mark them done
     positions = itertools.count()
 
     def failed(request: BatchRequest, message: str) -> None:
@@ -290,6 +291,7 @@ def run_batch(
                 request = by_index.pop(position)
                 if event.reason == "interrupted":  # unfinished: not written, so --resume runs it again
                     summary.interrupted = True
+                    unfinished.add(request.id)
                     continue
                 record = result_record(request, event)
                 summary.ok += "error" not in record
@@ -303,8 +305,8 @@ def run_batch(
     except KeyboardInterrupt:
         summary.interrupted = True
     except BaseException:  # a failure of the whole run: every finished result is written first
-        writer.flush_all()
+        writer.flush_all(unfinished | {r.id for r in by_index.values()})
         raise
     if summary.interrupted:
-        writer.flush_all()
+        writer.flush_all(unfinished | {r.id for r in by_index.values()})
     return summary

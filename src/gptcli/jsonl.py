@@ -13,7 +13,7 @@ import errno
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,11 +182,14 @@ class ResultWriter:
         while self._order and self._order[0] in self._waiting:
             self._write(self._waiting.pop(self._order.pop(0)))
 
-    def flush_all(self) -> None:
-        """On interrupt: write every finished result, even past a gap (their ids make --resume exact)."""
+    def flush_all(self, unfinished_ids: Collection[str] = ()) -> None:
+        """On interrupt: write every finished result, even past a gap (their ids make --resume exact), but
+        none whose id is also an unfinished line's (a duplicate's error): --resume would count that line done."""
         for index in list(self._order):
             if index in self._waiting:
-                self._write(self._waiting.pop(index))
+                record = self._waiting.pop(index)
+                if str(record.get("id")) not in unfinished_ids:
+                    self._write(record)
                 self._order.remove(index)
 
     def _write(self, record: dict[str, Any]) -> None:
