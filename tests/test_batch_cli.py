@@ -125,3 +125,18 @@ def test_a_requests_file_as_the_output_is_never_taken_for_results(tiny_models, t
         "hint: give --output a new file",
     ]
     assert batch.read_text() == copy.read_text() == requests
+
+
+def test_resume_reads_a_results_file_an_editor_saved_with_a_byte_order_mark(tiny_models, tmp_path):
+    """Its first line was 'not a result' (exit 6), though the lines after it were read as results."""
+    batch = tmp_path / "in.jsonl"
+    batch.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "done"}\r\n')
+    result = run_cli("generate", "--batch", str(batch), "-o", str(out), "--resume", "-m", str(tiny_models["llama"]))
+    assert result.returncode == 0, result.stderr.decode()
+    assert "0 done, 0 failed, 1 skipped" in result.stderr.decode()
+    out.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "done"}')  # its newline lost too: kept, not cut off
+    result = run_cli("generate", "--batch", str(batch), "-o", str(out), "--resume", "-m", str(tiny_models["llama"]))
+    assert "0 done, 0 failed, 1 skipped" in result.stderr.decode()
+    assert out.read_bytes() == b'\xef\xbb\xbf{"id": "a", "text": "done"}\n'

@@ -79,7 +79,7 @@ def check_results_file(output: Path) -> None:
 def holds_results(output: Path) -> bool:
     """Whether a non-empty file's first line is a result (or one a kill cut short): a requests file is not."""
     with output.open("rb") as handle:
-        first = handle.readline(MAX_LINE_BYTES + 1)
+        first = handle.readline(MAX_LINE_BYTES + 1).removeprefix(codecs.BOM_UTF8)  # as read_lines reads it
     torn = first.startswith(b"{") and not first.endswith(b"\n")  # a kill during the first result's write
     return torn or _result_id(first) is not None
 
@@ -159,7 +159,10 @@ def _settle_last_line(output: Path) -> None:
         if start == end:
             return  # empty, or it ends with a newline
         handle.seek(start)
-        if end - start <= MAX_LINE_BYTES and _result_id(handle.read()) is not None:
+        last = handle.read(MAX_LINE_BYTES + 1)  # at the end now, when it is short enough to keep
+        if start == 0:  # the file's only line: read as read_lines reads it
+            last = last.removeprefix(codecs.BOM_UTF8)
+        if end - start <= MAX_LINE_BYTES and _result_id(last) is not None:
             handle.write(b"\n")
         else:
             handle.truncate(start)
