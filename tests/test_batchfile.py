@@ -12,7 +12,7 @@ from gptcli.batchfile import LocalLines, parse_request, run_batch
 from gptcli.config import Settings, with_sampling
 from gptcli.engine import Engine, EngineLimits, generate
 from gptcli.errors import InputError
-from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, completed_ids, open_results, read_lines
+from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, completed_ids, count_lines, open_results, read_lines
 from gptcli.prompts import encode_prompt
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
@@ -175,6 +175,13 @@ def test_an_id_that_is_not_text_or_a_whole_number_says_so(bad_id):
     """`"id": 1.0` was refused as not 'a string or a number', though it is a number."""
     raw = b'{"id": ' + bad_id.encode() + b', "prompt": "hi"}'
     assert parse_request(1, raw, None, SETTINGS, 0).error == "`id` must be a string or a whole number"
+
+
+def test_the_progress_total_counts_the_lines_that_run(tmp_path):
+    """Blank lines counted: the bar ended at 2/4 for a file with two requests."""
+    batch = tmp_path / "in.jsonl"
+    batch.write_bytes(b'\xef\xbb\xbf\n{"prompt": "a"}\r\n \t\r\n\n{"prompt": "b"}')
+    assert count_lines(batch) == len(list(read_lines(batch.open("rb")))) == 2
 
 
 class NeverEnds(ScriptedBackend):

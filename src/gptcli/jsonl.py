@@ -51,16 +51,21 @@ def _text(piece: bytes, number: int) -> bytes:
 
 
 def count_lines(path: Path) -> int | None:
-    """Non-blank lines in a regular file, read in bounded blocks (for a progress total); None for anything
-    else (stdin, a pipe such as <(…), a device), which can be read only once."""
+    """Non-blank lines (those read_lines yields) in a regular file, read in bounded blocks (for a progress
+    total); None for anything else (stdin, a pipe such as <(…), a device), which can be read only once."""
     if str(path) == "-" or not path.is_file():
         return None
-    lines, last = 0, b"\n"
+    lines, pending = 0, False  # pending: the line read so far holds more than blanks
     with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
+        block = handle.read(1 << 20).removeprefix(codecs.BOM_UTF8)
+        while block:
+            *ended, rest = block.split(b"\n")
+            for piece in ended:
+                lines += pending or bool(piece.strip())
+                pending = False
+            pending = pending or bool(rest.strip())
+            block = handle.read(1 << 20)
+    return lines + pending
 
 
 def check_results_file(output: Path) -> None:
