@@ -152,6 +152,16 @@ def test_models_and_health(live):
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_the_chat_page_answers_head_as_get_without_a_body(live):
+    """`curl -I` and load balancers probe the page with HEAD: the GET's status and headers, no body."""
+    page = httpx.get(live.url + "/")
+    head = httpx.head(live.url + "/")
+    assert head.status_code == 200  # was 405
+    assert head.content == b""
+    for name in ("content-type", "content-length", "content-security-policy", "x-content-type-options"):
+        assert head.headers[name] == page.headers[name], name
+
+
 def test_chat_completion_matches_generate(live, runtime):
     expected = reference(runtime, PROMPTS[0], 12)
     reply = live.client().chat.completions.create(

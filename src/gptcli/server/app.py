@@ -76,7 +76,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     page = chat_page()
     headers = page_headers(page)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: curl -I, load balancers
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=headers)
 
