@@ -233,6 +233,37 @@ def reply_with(page, text: str) -> None:
     )
 
 
+def reply_and_record(page, text: str) -> list[dict]:
+    """Every chat request gets `text` as its reply; the list fills with the requests' bodies."""
+    sent: list[dict] = []
+
+    def answer(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=streamed(text))
+
+    page.route("**/v1/chat/completions", answer)
+    return sent
+
+
+def test_a_question_keeps_its_first_lines_indentation(page, runtime):
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        sent = reply_and_record(page, "ok")
+        page.fill("#system", "\n  Answer in code.  \n")
+        say(page, "\n  \n    def f():\n        return 1  \n\n")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        code = "    def f():\n        return 1"  # was "def f():\n        return 1"
+        assert sent[0]["messages"] == [
+            {"role": "system", "content": "  Answer in code."},
+            {"role": "user", "content": code},
+        ]
+        assert page.evaluate("document.querySelector('.msg.user').textContent") == code
+        # A question of only whitespace is still not sent (the page sends, or not, as Enter is pressed).
+        say(page, " \n\t\n  ")
+        assert len(page.query_selector_all(".msg.user")) == 1 and page.input_value("#input") == " \n\t\n  "
+        assert len(sent) == 1
+
+
 def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
     page.set_viewport_size({"width": 375, "height": 640})
     with serve_runtime(runtime) as live:
