@@ -264,6 +264,25 @@ def test_a_question_keeps_its_first_lines_indentation(page, runtime):
         assert len(sent) == 1
 
 
+@pytest.mark.parametrize("event", ["{'choices': []}", "null", '{"choices": [{"delta": {"content": "cut'])
+def test_an_unreadable_event_is_named_and_the_reply_so_far_kept(page, runtime, event):
+    body = streamed("Hello there").replace("data: [DONE]", f"data: {event}\n\ndata: [DONE]")
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body),
+        )
+        say(page, "hi")
+        page.wait_for_selector(".msg.error")
+        # Was the browser's own words: "Expected property name or '}' in JSON at position 1 (line 1 column 2)".
+        assert page.inner_text(".msg.error") == "the server sent an event the page cannot read; the reply stops here"
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        assert page.inner_text(".msg.assistant") == "Hello there"
+        assert page.evaluate("conversation")[1] == {"role": "assistant", "content": "Hello there"}
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
 def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
     page.set_viewport_size({"width": 375, "height": 640})
     with serve_runtime(runtime) as live:
