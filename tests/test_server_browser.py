@@ -287,12 +287,16 @@ def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
     page.set_viewport_size({"width": 375, "height": 640})
     with serve_runtime(runtime) as live:
         open_chat(page, live.url)
-        reply_with(page, "Here:\n```python\nx = '" + "a" * 300 + "'\n```\nand a long line " + "b" * 300)
+        table = "| " + " | ".join(["column"] * 30) + " |\n" + "|---" * 30 + "|\n"
+        reply_with(
+            page, "Here:\n```python\nx = '" + "a" * 300 + "'\n```\nand a long line " + "b" * 300 + "\n\n" + table
+        )
         say(page, "a wide answer please")
         page.wait_for_selector(".msg.assistant[data-state=done]")
         # The message fits the screen, so its prose can be read; the code line scrolls inside its block.
         assert page.evaluate("document.querySelector('.msg.assistant').getBoundingClientRect().right") <= 375
         assert page.evaluate("(pre => pre.scrollWidth > pre.clientWidth)(document.querySelector('.msg pre'))")
+        assert page.evaluate("(table => table.scrollWidth > table.clientWidth)(document.querySelector('.msg table'))")
 
 
 def test_a_server_that_cannot_be_reached_is_named(page, runtime):
@@ -333,6 +337,35 @@ MARKDOWN_CASES = [
         "[**b** `c_d_`](https://x.org)",
         f"<p>{LINK.format(url='https://x.org', label='<strong>b</strong> <code>c_d_</code>')}</p>",
     ),
+    # GitHub's tables, escaped as everywhere else (were one paragraph of pipes and dashes).
+    (
+        "| a | b |\n|---|---|\n| 1 | **2** |",
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td><strong>2</strong></td></tr></tbody></table>",
+    ),
+    (
+        "Compare:\nx | y | z\n:-- | :-: | --:\n1 | 2 | 3\nafter",
+        '<p>Compare:</p><table><thead><tr><th class="left">x</th><th class="center">y</th><th class="right">z</th>'
+        '</tr></thead><tbody><tr><td class="left">1</td><td class="center">2</td><td class="right">3</td></tr>'
+        "</tbody></table>"
+        "<p>after</p>",
+    ),
+    (
+        '| <script>alert(1)</script> | b |\n|-|-|\n| <img src=x onerror="alert(1)"> | `x\\|y` |',
+        "<table><thead><tr><th>&lt;script&gt;alert(1)&lt;/script&gt;</th><th>b</th></tr></thead><tbody><tr>"
+        "<td>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;</td><td><code>x|y</code></td></tr></tbody></table>",
+    ),
+    (
+        "| a | b |\n| --- | --- |\n| 1 |\n| 1 | 2 | 3 |",
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td></td></tr>"
+        "<tr><td>1</td><td>2</td></tr></tbody></table>",
+    ),
+    ("| a |\n| --- |", "<table><thead><tr><th>a</th></tr></thead></table>"),
+    ("a | b\n---", "<p>a | b<br>---</p>"),  # no "|" in the dashes, and one cell for two: not a table
+    ("a | b\n|---|", "<p>a | b<br>|---|</p>"),
+    # ~~~ fences (were prose), and fences longer than three marks, closed by as many of the same mark.
+    ("~~~python\nx = 1\n```\n~~~\nafter", '<pre><code class="language-python">x = 1\n```</code></pre><p>after</p>'),
+    ("````md\n```py\nx\n```\n````", '<pre><code class="language-md">```py\nx\n```</code></pre>'),
+    ("~~~\n<b>\n~~~~", "<pre><code>&lt;b&gt;</code></pre>"),
 ]
 
 
@@ -343,6 +376,8 @@ def test_the_markdown_renderer_escapes_first(page, runtime):
             assert page.evaluate("renderMarkdown", source) == html, source
         # Model text that looks like HTML is shown, never run.
         page.evaluate("addMessage('assistant', '<img src=x onerror=\"window.pwned=1\">')")
+        page.evaluate("addMessage('assistant', '| <img src=x onerror=\"window.pwned=1\"> |\\n|---|')")
+        assert page.query_selector(".msg.assistant table th")
         assert page.evaluate("window.pwned") is None
         assert page.query_selector(".msg.assistant img") is None
 
