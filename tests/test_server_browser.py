@@ -283,6 +283,95 @@ def test_an_unreadable_event_is_named_and_the_reply_so_far_kept(page, runtime, e
     assert page.problems == []  # type: ignore[attr-defined]
 
 
+def reload(page) -> None:
+    page.reload()
+    page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llama'")
+
+
+def test_a_reload_keeps_the_conversation_until_new_chat(page, runtime):
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        sent = reply_and_record(page, "**Hi** there")
+        say(page, "hello")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        reload(page)  # was an empty page: the conversation lived in a variable
+        turn = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "**Hi** there"}]
+        assert page.evaluate("conversation") == turn
+        assert page.inner_text(".msg.user") == "hello"
+        assert page.inner_html(".msg.assistant") == "<p><strong>Hi</strong> there</p>"
+        # The next question goes out with the restored conversation.
+        say(page, "and?")
+        page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
+        assert sent[-1]["messages"] == [*turn, {"role": "user", "content": "and?"}]
+        page.click("#new-chat")
+        reload(page)
+        assert page.evaluate("conversation") == [] and page.query_selector_all(".msg") == []
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_reply_streaming_when_the_page_reloads_is_kept_as_far_as_it_got(page, runtime):
+    with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
+        open_chat(page, slow.url, temperature="0.7", max_tokens="100")
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
+        )
+        say(page, "tell me a long story")
+        page.wait_for_function("() => streamingReply && streamingReply.length > 5")
+        so_far = page.evaluate("streamingReply")
+        reload(page)
+        question, reply = page.evaluate("conversation")
+        assert question == {"role": "user", "content": "tell me a long story"}
+        assert reply["role"] == "assistant" and reply["content"].startswith(so_far)
+        assert page.inner_text(".msg.assistant .note") == "the page was reloaded before this reply ended"
+        assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)  # the reload ended the request
+
+
+def test_what_is_stored_is_bounded_and_a_full_storage_never_stops_the_page(page, runtime):
+    with serve_runtime(runtime) as live:
+        open_chat(page, live.url)
+        # Three turns of 900,000 characters each: past the bound, the oldest turn is left out.
+        page.evaluate(
+            """() => {
+                for (const mark of "abc") conversation.push(
+                    { role: "user", content: mark.repeat(900000) }, { role: "assistant", content: mark });
+                saveConversation();
+            }"""
+        )
+        stored = page.evaluate("JSON.parse(localStorage.getItem('gptcli-conversation')).messages")
+        assert [(m["role"], m["content"][0]) for m in stored] == [("user", "b"), ("assistant", "b")] * 1 + [
+            ("user", "c"),
+            ("assistant", "c"),
+        ]
+        # Storage that another key has filled: the newest turns that fit are kept, and nothing throws.
+        page.click("#new-chat")
+        room = page.evaluate(
+            """() => {
+                const fillers = {};
+                for (let size = 1 << 24; size >= 16; ) {
+                    const key = "filler" + Object.keys(fillers).length;
+                    try { localStorage.setItem(key, "x".repeat(size)); fillers[key] = size; } catch (_) { size >>= 1; }
+                }
+                const [key] = Object.entries(fillers).find(([key, size]) => size === 1 << 18);
+                localStorage.removeItem(key);
+                let fits = 0;  // how many characters fit now, as the browser counts them
+                for (let step = 1 << 20; step >= 1; step >>= 1) {
+                    try { localStorage.setItem("probe", "x".repeat(fits + step)); fits += step; } catch (_) {}
+                }
+                localStorage.removeItem("probe");
+                return fits;
+            }"""
+        )
+        reply_with(page, "ok")
+        for n, mark in enumerate("abc"):  # each turn 40 % of the room: the three do not fit
+            say(page, mark * int(room * 0.4))
+            page.wait_for_function("(n) => conversation.length === n && !controller", arg=2 * n + 2)
+        reload(page)
+        kept = page.evaluate("conversation")
+        assert 0 < len(kept) < 6 and kept[0]["role"] == "user" and kept[-2]["content"][0] == "c"
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
 def test_a_wide_code_block_scrolls_inside_its_message_on_a_phone(page, runtime):
     page.set_viewport_size({"width": 375, "height": 640})
     with serve_runtime(runtime) as live:
