@@ -303,6 +303,13 @@ def test_a_reload_keeps_the_conversation_until_new_chat(page, runtime):
         say(page, "and?")
         page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
         assert sent[-1]["messages"] == [*turn, {"role": "user", "content": "and?"}]
+        other = page.context.new_page()  # another tab has its own conversation: it neither sees nor replaces this one
+        try:
+            other.goto(live.url)
+            other.wait_for_function("() => typeof conversation !== 'undefined'")
+            assert other.evaluate("conversation") == []
+        finally:
+            other.close()
         page.click("#new-chat")
         reload(page)
         assert page.evaluate("conversation") == [] and page.query_selector_all(".msg") == []
@@ -338,7 +345,7 @@ def test_what_is_stored_is_bounded_and_a_full_storage_never_stops_the_page(page,
                 saveConversation();
             }"""
         )
-        stored = page.evaluate("JSON.parse(localStorage.getItem('gptcli-conversation')).messages")
+        stored = page.evaluate("JSON.parse(sessionStorage.getItem('gptcli-conversation')).messages")
         assert [(m["role"], m["content"][0]) for m in stored] == [("user", "b"), ("assistant", "b")] * 1 + [
             ("user", "c"),
             ("assistant", "c"),
@@ -350,15 +357,16 @@ def test_what_is_stored_is_bounded_and_a_full_storage_never_stops_the_page(page,
                 const fillers = {};
                 for (let size = 1 << 24; size >= 16; ) {
                     const key = "filler" + Object.keys(fillers).length;
-                    try { localStorage.setItem(key, "x".repeat(size)); fillers[key] = size; } catch (_) { size >>= 1; }
+                    try { sessionStorage.setItem(key, "x".repeat(size)); fillers[key] = size; }
+                    catch (_) { size >>= 1; }
                 }
                 const [key] = Object.entries(fillers).find(([key, size]) => size === 1 << 18);
-                localStorage.removeItem(key);
+                sessionStorage.removeItem(key);
                 let fits = 0;  // how many characters fit now, as the browser counts them
                 for (let step = 1 << 20; step >= 1; step >>= 1) {
-                    try { localStorage.setItem("probe", "x".repeat(fits + step)); fits += step; } catch (_) {}
+                    try { sessionStorage.setItem("probe", "x".repeat(fits + step)); fits += step; } catch (_) {}
                 }
-                localStorage.removeItem("probe");
+                sessionStorage.removeItem("probe");
                 return fits;
             }"""
         )
