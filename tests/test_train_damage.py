@@ -409,6 +409,20 @@ def test_a_checkpoint_copied_in_is_refused_when_the_resume_falls_back_to_it(trai
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
 
 
+def test_a_hand_edited_model_in_train_config_is_named_not_the_checkpoint(trained, capsys):
+    # was: "step-0000020 holds another model ... hint: it was copied from another run: move it out of checkpoints"
+    # (moving the run's own checkpoint out, as told, leaves a run with nothing to resume)
+    config = trained / "train_config.yaml"
+    config.write_text(config.read_text().replace("n_layer: 1", "n_layer: 2"))
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    assert f"error: cannot resume {trained}: its train_config.yaml gives another model (layers 2)" in err
+    assert "than the run trained (layers 1)" in err
+    assert f"hint: undo that change to {config}" in err
+    assert "copied from another run" not in err
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+
+
 def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")

@@ -13,6 +13,7 @@ from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.errors import RunError
 
 FOREIGN_HINT = "it was copied from another run: move it out of {where} (or resume the run it came from)"
+MAY_CHANGE = "only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change"
 
 
 def resumed_config(
@@ -32,7 +33,7 @@ def resumed_config(
     if changed:
         raise RunError(
             f"cannot resume {run} with a different {', '.join(changed)}",
-            hint="only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change",
+            hint=MAY_CHANGE,
         )
     latest = ckpt.latest_checkpoint(run)
     if latest is None:
@@ -80,6 +81,12 @@ def check_checkpoint(
         def listed(sizes: dict[str, Any]) -> str:
             return ", ".join(f"{key} {sizes[key]}" for key in differ)
 
+        if _sizes(run) == found:  # the run's own model is the checkpoint's: its config was edited since
+            raise RunError(
+                f"cannot resume {run}: its {ckpt.CONFIG_FILE} gives another model ({listed(expected)})"
+                f" than the run trained ({listed(found)})",
+                hint=f"undo that change to {run / ckpt.CONFIG_FILE}: on a resume {MAY_CHANGE}",
+            )
         raise RunError(
             f"cannot resume {run}: {checkpoint} holds another model ({listed(found)})"
             f" than this run's config gives ({listed(expected)})",
