@@ -233,3 +233,21 @@ def test_a_folder_where_the_user_config_file_goes_stops_every_command_as_a_confi
         out, err = capsys.readouterr()
         assert out == "" and err.splitlines() == said
     assert run(["config", "path"]) == 0 and capsys.readouterr().out == f"{user}\n"  # how to find it still works
+
+
+def test_an_empty_model_is_a_config_error_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`--model ""` or `model: ""` in a config file was read as the path '.': "error: . is not a model folder
+    (no config.json)" (exit 5), naming a folder the user never gave."""
+    import io
+
+    from gptcli.cli.app import run
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert run(["generate", "--model", "", "hi", "-n", "2"]) == 3
+    assert (
+        capsys.readouterr().err.splitlines()[0] == "error: --model: model must be a model name, folder or file, got ''"
+    )
+    cfg = write(tmp_path, "c.yaml", 'model: " "\n')
+    with pytest.raises(ConfigError, match=r"c\.yaml: model must be a model name, folder or file, got ' '"):
+        resolve(config_file=cfg, environ={}, user_file=tmp_path / "none.yaml")
+    assert resolve(environ={"GPTCLI_MODEL": ""}, user_file=tmp_path / "n").sources["model"] == "default"

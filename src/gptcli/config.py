@@ -118,7 +118,7 @@ class FieldSpec:
 FIELDS: dict[str, FieldSpec] = {
     spec.key: spec
     for spec in [
-        FieldSpec("model", str, "--model"),
+        FieldSpec("model", str, "--model", lambda v: bool(v.strip()), "a model name, folder or file"),
         FieldSpec("backend", str, "--backend"),
         FieldSpec("device", str, "--device", choices=("auto", "cpu", "cuda")),
         FieldSpec("dtype", str, "--dtype", choices=("auto", "float32", "bfloat16", "float16")),
