@@ -263,3 +263,22 @@ def test_a_template_with_thousands_of_variables_lists_in_linear_time(isolated_ho
     (folder / "many.yaml").write_text('user: "{input} ' + " ".join("{" + n + "}" for n in names) + '"\n')
     result = run_cli("templates", "list", timeout=60)  # was cubic: past 120 s for these 3,000 names
     assert result.returncode == 0 and "v2999" in result.stdout.decode()
+
+
+def test_a_template_name_that_is_a_folder_or_a_broken_link_is_named_not_skipped(isolated_home):
+    """A summarize.yaml folder (or a link to a moved file) was skipped: the built-in ran instead, and a name
+    with no built-in was an 'unknown template' while templates list said nothing of it."""
+    from gptcli.errors import ConfigError
+    from gptcli.templates import get_template, list_templates, user_templates_dir
+
+    folder = user_templates_dir()
+    (folder / "summarize.yaml").mkdir(parents=True)
+    (folder / "pirate.yaml").symlink_to(folder / "moved.yaml")
+    with pytest.raises(ConfigError, match=r"summarize\.yaml is a folder, not a YAML file"):
+        get_template("summarize")
+    with pytest.raises(ConfigError, match=r"pirate\.yaml is a link to a missing file, not a YAML file"):
+        get_template("pirate")
+    left_out: list[str] = []
+    names = [t.name for t in list_templates(on_error=lambda exc: left_out.append(exc.message))]
+    assert "pirate" not in names and len(left_out) == 2
+    assert get_template("translate").source == "built-in"  # the others still load

@@ -215,9 +215,11 @@ def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> lis
     found: dict[str, Template] = {}
     for path in sorted(BUILTIN_DIR.glob("*.yaml")):
         found[path.stem] = _load_file(path, "built-in")
-    for path in _user_files():
+    folder = user_templates_dir()
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
         try:
-            found[path.stem] = _load_file(path, "user")
+            if _is_user_file(path):
+                found[path.stem] = _load_file(path, "user")
         except ConfigError as exc:
             if on_error is None:
                 raise
@@ -230,6 +232,20 @@ def _user_files() -> list[Path]:
     return sorted(p for p in folder.glob("*.yaml") if p.is_file()) if folder.is_dir() else []  # not a FIFO
 
 
+def _is_user_file(path: Path) -> bool:
+    """Whether a user template's file is there. Something else by its name (a folder, a link to a missing
+    file, a FIFO) is a ConfigError: skipped, the built-in of that name ran instead, or 'unknown template'."""
+    if path.is_file():
+        return True
+    if not (path.exists() or path.is_symlink()):
+        return False
+    kind = "a folder" if path.is_dir() else "a link to a missing file" if not path.exists() else "a pipe or a device"
+    raise ConfigError(
+        f"the template {path} is {kind}, not a YAML file",
+        hint="replace it with the template's file, or move it out of the templates folder",
+    )
+
+
 def get_template(name: str) -> Template:
     if Path(name).name != name:  # './pirate' named templates/./pirate.yaml, never ./pirate.yaml here
         raise UsageError(
@@ -237,7 +253,7 @@ def get_template(name: str) -> Template:
             hint="put the file in that folder (`gptcli templates path`) and give its name",
         )
     user_file = user_templates_dir() / f"{name}.yaml"
-    if user_file.is_file():
+    if _is_user_file(user_file):
         return _load_file(user_file, "user")
     builtin = BUILTIN_DIR / f"{name}.yaml"
     if builtin.is_file():
