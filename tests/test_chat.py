@@ -306,6 +306,18 @@ def test_piped_chat_bad_command_goes_on_and_resume_errors(tiny_models, tok):
     assert both.returncode == 2
 
 
+def test_resume_of_an_empty_id_is_an_error_not_a_new_chat(tiny_models, tok, isolated_home):
+    """`chat --resume "$ID"` with $ID empty started a new conversation, exit 0, as if no --resume was given."""
+    env = scripted_env(say(tok, "Fine."))
+    run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Hello\n", env=env)
+    saved = os.listdir(isolated_home / "data" / "chats")
+    empty = run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--resume", "", input="Hi\n", env=env)
+    assert empty.returncode == 6 and empty.stdout == b""
+    assert empty.stderr.decode().startswith("error: no saved conversation ''")
+    assert os.listdir(isolated_home / "data" / "chats") == saved  # no new conversation either
+    assert run_cli("chat", "--resume", "", "--continue").returncode == 2
+
+
 def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
     env = scripted_env(say(tok, "**Bold** answer."))
     run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Question?\n", env=env)

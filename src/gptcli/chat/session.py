@@ -378,7 +378,7 @@ def open_conversation(
     its output format unless one is given now (`output_given`: --json-schema, --format, --regex).
     """
     settings = resolved.settings
-    conversation = store.latest() if latest else store.load(ref) if ref else None
+    conversation = store.latest() if latest else store.load(ref) if ref is not None else None  # '': no such id
     if conversation is None:
         conversation = Conversation(system=settings.system)
     else:

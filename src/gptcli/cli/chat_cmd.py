@@ -84,7 +84,7 @@ def chat(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
-    if continue_ and resume:
+    if continue_ and resume is not None:
         raise UsageError("--continue and --resume cannot be used together")
     structured = output_constraint(json_schema, output_format, regex, url)
     resolved = resolve_settings(
