@@ -133,9 +133,24 @@ def test_message_longer_than_context_is_refused_and_forgotten(tok):
     from gptcli.errors import InputError
 
     chat = make_chat(tok, say(tok, "x"), context=64, max_tokens=8)
-    with pytest.raises(InputError, match="the context holds 64"):
+    with pytest.raises(InputError, match="the context holds 64") as info:
         chat.say("word " * 200)
     assert chat.conversation.messages == []
+    assert info.value.hint == "shorten it"  # was: "..., or lower max_tokens with /set max_tokens N": no N helps
+
+
+def test_a_message_that_fits_with_a_shorter_reply_names_the_max_tokens_that_makes_room(tok):
+    from gptcli.chat import run_command
+    from gptcli.errors import InputError
+
+    chat = make_chat(tok, say(tok, "x"), context=64, max_tokens=32)
+    message = "word " * 5
+    with pytest.raises(InputError, match="with 32 kept for the reply") as info:
+        chat.say(message)
+    setting = info.value.hint.removeprefix("shorten it, or lower max_tokens with ")
+    assert setting.startswith("/set max_tokens ")
+    run_command(chat, setting)
+    reply(chat.say(message))  # what the hint said makes room for it
 
 
 def test_slash_commands(tok, tmp_path):

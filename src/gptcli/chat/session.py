@@ -159,10 +159,11 @@ class ChatSession:
                 if starts:
                     conv.window_start = starts[-1]
                     ids = self.encode_window()
+                room = self.context_length - len(ids)  # the most max_tokens may be for it to fit
                 raise InputError(
                     f"the message needs {len(ids)} tokens with the chat template; "
                     f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
-                    hint="shorten it, or lower max_tokens with /set max_tokens N",
+                    hint=f"shorten it, or lower max_tokens with /set max_tokens {room}" if room > 0 else "shorten it",
                 )
             conv.window_start = starts[high]
             self._warn_trim()
