@@ -142,6 +142,16 @@ def test_load_of_a_folder_says_a_file_is_needed(tok, tmp_path):
         ),  # was: blamed a --temperature flag
         ({"system": {"a": 1}}, "'system' must be text"),  # was: accepted, then the template failed
         ({"messages": [{"role": "user", "content": 5}]}, "message 1: its content must be text"),
+        # was: "internal error: TypeError: unhashable type" (exit 1), and `chats list` failed on the one file
+        (
+            {"messages": [{"role": ["user"], "content": "Hi"}]},
+            'message 1: its role must be user, assistant or system, got ["user"]',
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}]},
+            'message 2: its role must be user, assistant or system, got "tool"',
+        ),
+        ({"messages": [{"content": "Hi"}]}, "message 1: its role must be user, assistant or system, it has none"),
     ],
 )
 def test_a_chat_file_with_a_wrong_value_is_refused_and_the_rest_go_on(tiny_models, tok, isolated_home, change, said):

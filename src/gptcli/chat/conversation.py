@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 SAVE_ID_PEEK = 64 * 1024  # bytes of a file read to tell an earlier /save of a conversation (its id is near the top)
 # A JSON escape that may stand for a lone surrogate (valid JSON, but no text: it cannot be saved as UTF-8).
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+ROLES = ("user", "assistant", "system")  # a chat file's roles (a system message is lifted out of the list)
 
 
 class ChatFileError(InputError):
@@ -96,8 +97,14 @@ class Conversation:
             raise InputError(f"{where} is not a saved gptcli conversation", hint="it needs a 'messages' list")
         messages = []
         for number, m in enumerate(data["messages"], 1):
-            if not isinstance(m, dict) or m.get("role") not in {"user", "assistant", "system"}:
-                raise InputError(f"{where}: each message needs a role (user/assistant) and content")
+            if not isinstance(m, dict):
+                raise InputError(f"{where}: message {number} must be an object with a role and its content")
+            if m.get("role") not in ROLES:  # not a set: a role that is a list or an object is no key
+                got = f"got {json.dumps(m['role'], ensure_ascii=False)[:40]}" if "role" in m else "it has none"
+                raise InputError(
+                    f"{where}: message {number}: its role must be user, assistant or system, {got}",
+                    hint="fix or remove that message in the file",
+                )
             content = m.get("content") or ""
             if not isinstance(content, str):
                 raise InputError(f"{where}: message {number}: its content must be text")
