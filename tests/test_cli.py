@@ -691,7 +691,7 @@ def test_a_file_of_dash_is_stdin_as_for_cat(tmp_path):
     assert empty.returncode == 6 and empty.stderr.decode().startswith("error: the prompt is empty"), empty.stderr
     nothing = run_cli("summarize", "-", input=b"\n")
     assert nothing.returncode == 6
-    assert nothing.stderr.decode().startswith("error: nothing to summarise: standard input is empty")
+    assert nothing.stderr.decode().startswith("error: nothing to summarise: standard input holds only whitespace")
     binary = run_cli("summarize", "-", input=b"\x00\x01")  # read, as stdin is, by the checked reader
     assert binary.returncode == 6 and "standard input looks like a binary file" in binary.stderr.decode()
 

@@ -244,8 +244,8 @@ def test_cli_map_reduce_on_a_small_context(tiny_models, tok, tmp_path):
 @pytest.mark.parametrize(
     ("content", "code", "message"),
     [
-        (b"", 6, "error: nothing to summarise: "),
-        (b"   \n\n", 6, "error: nothing to summarise: "),
+        (b"", 6, "error: nothing to summarise: {path} is empty"),
+        (b"   \n\n", 6, "error: nothing to summarise: {path} holds only whitespace"),  # was: "is empty"
         (b"abc\x00def", 6, "looks like a binary file"),
         ("café".encode("latin-1"), 6, "is not valid UTF-8"),
     ],
@@ -255,7 +255,7 @@ def test_cli_bad_input(tmp_path, content, code, message):
     path.write_bytes(content)
     result = run_cli("summarize", str(path), "-m", "/nonexistent")
     assert result.returncode == code
-    assert message in result.stderr.decode().splitlines()[0]
+    assert message.format(path=path) in result.stderr.decode().splitlines()[0]
     assert result.stdout == b""
 
 

@@ -194,5 +194,6 @@ def _read_input(file: Path | None) -> str:
     else:
         text, where = read_text_file(file, DOCUMENT), str(file)
     if not text.strip():
-        raise InputError(f"nothing to summarise: {where} is empty", hint="pass a text file or pipe text in")
+        holds = "holds only whitespace" if text else "is empty"  # a file of spaces is not "empty" to its owner
+        raise InputError(f"nothing to summarise: {where} {holds}", hint="pass a text file or pipe text in")
     return text
