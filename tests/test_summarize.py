@@ -421,6 +421,23 @@ def test_an_overlap_fits_the_chunks_parallel_cuts_and_the_kv_budget_caps_them(to
     assert s.input_budget() <= 1000 - 16  # a chunk's prompt and reply fit the budget (was: the context's 4096)
 
 
+def test_a_kv_budget_too_small_for_the_instructions_is_named_not_the_context(tok):
+    """--kv-budget 40 on a 4096-token model said "the model's context (4096 tokens) is too small ... hint: use a
+    model with a longer context"."""
+    from gptcli.errors import InputError
+    from gptcli.summarize import SummaryOptions
+
+    backend = ReadingBackend(tok, 4096)
+    s = summarizer(backend, tok)
+    s.__init__(backend, tok, s.template, s.sampling, kv_budget_tokens=40)
+    for strategy, what in (("stuff", "for one pass"), ("map-reduce", "to summarise this text")):
+        with pytest.raises(
+            InputError, match=rf"^the KV budget \(40 tokens, --kv-budget\) is too small {what}: "
+        ) as info:
+            s.run(document(1), SummaryOptions(strategy=strategy))
+        assert info.value.hint == "raise --kv-budget"
+
+
 def test_ctrl_c_prints_the_finished_chunk_summaries_and_exits_130(tiny_models, tok, tmp_path):
     import signal
     import subprocess

@@ -255,23 +255,22 @@ class Summarizer:
         if strategy == "stuff":
             if not fits:  # at most: what leaves room for the shortest reply a pass is given
                 most = room + total - min(self.sampling.max_tokens, 32)
+                window, lift = self.window_limit()
                 raise InputError(
                     f"the text is {total} tokens but one pass takes at most {most} with this model"
                     if most > 0
-                    else f"the model's context ({self.context} tokens) is too small for one pass: the instructions "
-                    f"alone take {self.overhead()} tokens",
-                    hint="use --strategy map-reduce (or auto)" if most > 0 else "use a model with a longer context",
+                    else f"{window} is too small for one pass: the instructions alone take {self.overhead()} tokens",
+                    hint="use --strategy map-reduce (or auto)" if most > 0 else lift,
                 )
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
         elif min(self.input_budget(), self.input_budget(combine=True)) < 2 * self.sampling.max_tokens:
             # A combine step must fit at least two partial summaries, or it could never shrink them.
             limit = (self.window - max(self.overhead(), self.overhead(True)) - 8) // 3
             if limit < 16:
-                raise InputError(
-                    f"the model's context ({self.context} tokens) is too small to summarise this text: "
-                    f"the instructions alone take {max(self.overhead(), self.overhead(True))} tokens",
-                    hint="use a model with a longer context",
-                )
+                window, lift = self.window_limit()
+                overhead = max(self.overhead(), self.overhead(True))
+                said = f"{window} is too small to summarise this text: the instructions alone take {overhead} tokens"
+                raise InputError(said, hint=lift)
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, limit))
         budget, combine_budget = self.input_budget(), self.input_budget(combine=True)
         chunk_budget = budget if options.chunk_tokens is None else min(options.chunk_tokens, budget)
@@ -291,6 +290,12 @@ class Summarizer:
             result.summary = self.reduce(self._calls("map", 0, chunks, result), combine_budget, result)
         result.seconds = time.perf_counter() - start
         return result
+
+    def window_limit(self) -> tuple[str, str]:
+        """What caps one call's prompt and reply (the context, or a smaller --kv-budget), and how to lift it."""
+        if self.window < self.context:
+            return f"the KV budget ({self.window} tokens, --kv-budget)", "raise --kv-budget"
+        return f"the model's context ({self.context} tokens)", "use a model with a longer context"
 
     def parallel_chunk(self, total: int, budget: int, overlap: int) -> int:
         """A chunk size that gives every place in the batch a chunk, within [MIN_PARALLEL_CHUNK, budget]."""
