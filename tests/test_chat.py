@@ -333,6 +333,25 @@ def test_resume_of_an_empty_id_is_an_error_not_a_new_chat(tiny_models, tok, isol
     assert run_cli("chat", "--resume", "", "--continue").returncode == 2
 
 
+def test_continue_of_a_chat_whose_model_folder_is_gone_names_the_conversation(tiny_models, tok, tmp_path):
+    """It said only "no such file or folder: PATH, hint: check the path", a path the user did not give."""
+    import shutil
+
+    env = scripted_env(say(tok, "Fine."))
+    model = tmp_path / "moved-model"
+    shutil.copytree(tiny_models["llama"], model)
+    assert run_cli("chat", "-m", str(model), "-b", "scripted", input="Hello\n", env=env).returncode == 0
+    shutil.rmtree(model)
+    gone = run_cli("chat", "--continue", "-b", "scripted", input="Hi\n", env=env)
+    [conv_id] = [p.stem for p in (tmp_path / "gptcli-home" / "data" / "chats").glob("*.json")]
+    assert gone.returncode == 5 and gone.stderr.decode().splitlines() == [
+        f"error: conversation {conv_id}'s model: no such file or folder: {model}",
+        "hint: check the path, or continue it with another model: --model NAME",
+    ]
+    other = run_cli("chat", "--continue", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Hi\n", env=env)
+    assert other.returncode == 0 and other.stdout.decode() == "Fine.\n"
+
+
 def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
     env = scripted_env(say(tok, "**Bold** answer."))
     run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Question?\n", env=env)

@@ -13,7 +13,7 @@ from gptcli.cli.chat_pipe import run_piped
 from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt
 from gptcli.cli.inputs import isatty
 from gptcli.cli.settings import constrain, output_constraint, resolve_settings
-from gptcli.errors import UsageError
+from gptcli.errors import ModelError, UsageError
 
 __all__ = ["ReplyInterrupts", "SecondInterrupt", "chat", "run_piped"]
 
@@ -123,7 +123,13 @@ def chat(
 
         session, where = remote_chat_session(open_remote(url, api_key, model), settings, conversation, store), "remote"
     else:
-        runtime = load_runtime(settings)
+        try:
+            runtime = load_runtime(settings)
+        except ModelError as exc:  # a resumed chat's model, moved or deleted since: said as such, not a bare path
+            if resolved.sources["model"] != "default" or settings.model == resolved.settings.model:
+                raise
+            hint = f"{exc.hint}, or continue it with another model: --model NAME" if exc.hint else "pass --model NAME"
+            raise ModelError(f"conversation {conversation.id}'s model: {exc.message}", hint=hint) from None
         session = ChatSession(
             runtime.backend,
             runtime.tokenizer,
