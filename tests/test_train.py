@@ -533,6 +533,27 @@ def test_fine_tune_with_init(tiny_models, tmp_path, capsys, monkeypatch):
     assert run(["generate", "--model", str(out), "hi", "--max-tokens", "3"]) == 0
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},  # OpenAI's parts
+        {"role": ["user"], "content": "hi"},
+        {"role": "user"},
+        "hi",
+    ],
+)
+def test_a_chat_line_whose_message_is_not_text_names_the_line_not_the_template(tiny_models, tmp_path, capsys, message):
+    """It failed inside the model's chat template: "the chat template fails: TypeError ... hint: fix the template,
+    or use --raw" (exit 5), blaming the model for the data."""
+    data = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [good["messages"][0], message]}) + "\n")
+    argv = ["--data", str(data), "--out", str(tmp_path / "ft"), "--init", str(tiny_models["llama"])]
+    assert run(["train", "--preset", "tiny", *argv, "--max-iters", "1"]) == 6
+    err = capsys.readouterr().err
+    assert f"error: {data}:2: message 2 needs a `role` and a `content` that are text" in err and "template" not in err
+
+
 def test_config_precedence():
     from gptcli.train.config import load_config, parse_set
 

@@ -104,9 +104,21 @@ def _jsonl_documents(file: Path, chat: ChatRenderer | None) -> Iterator[str]:
                         f"{file}:{number}: chat messages need a chat template",
                         hint="fine-tune a chat model with --init MODEL, or give a `text` field",
                     )
-                yield chat(record["messages"])
+                yield chat(_checked_messages(record["messages"], f"{file}:{number}"))
             else:
                 raise InputError(f"{file}:{number}: expected a `text` string or a `messages` list")
+
+
+def _checked_messages(messages: list[Any], where: str) -> list[dict[str, str]]:
+    """A line's chat messages, each with a text `role` and `content` (else the chat template failed on them and
+    the error blamed the model's template)."""
+    for number, message in enumerate(messages, 1):
+        if not (isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))):
+            raise InputError(
+                f"{where}: message {number} needs a `role` and a `content` that are text",
+                hint='give each message as {"role": "user", "content": "..."} (content as one string, not parts)',
+            )
+    return messages
 
 
 def clean(text: str, *, dedup_lines: bool = False) -> str:
