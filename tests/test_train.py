@@ -390,6 +390,14 @@ def test_corpus_shorter_than_a_block(tmp_path, capsys):
     assert "too short" in err and "block" in err
 
 
+def test_a_validation_split_one_token_short_says_what_each_split_has_and_needs(tmp_path, capsys):
+    """It said "169 tokens, but one block needs 17 tokens in each split": the 17-token validation split had 17."""
+    (tmp_path / "short.txt").write_text("a" * 169)
+    err = fails(["train", "--preset", "tiny", "--data", str(tmp_path / "short.txt")], capsys, 6)
+    assert "its 169 tokens split into 152 for training and 17 for validation (fraction 0.1)" in err
+    assert "each split needs at least 18\n" in err
+
+
 def test_unknown_preset_suggests(corpus, capsys):
     err = fails(["train", "--preset", "shakespear-char", "--data", str(corpus)], capsys, 3)
     assert "unknown preset 'shakespear-char' (did you mean 'shakespeare-char'?)" in err

@@ -237,9 +237,10 @@ def prepare(
     split = int(len(tokens) * (1 - val_fraction))
     need = streams * (block_size + 2)
     if split < need or len(tokens) - split < block_size + 2:
-        raise InputError(
-            f"the corpus is too short: {len(tokens):,} tokens, but one block needs {block_size + 1} tokens"
-            f" in each split ({streams} training stream(s), validation fraction {val_fraction})",
+        raise InputError(  # a block's window and the token after it, drawn from at least two starts: block + 2
+            f"the corpus is too short: its {len(tokens):,} tokens split into {split:,} for training and"
+            f" {len(tokens) - split:,} for validation (fraction {val_fraction}); each split needs at least"
+            f" {block_size + 2}" + (f" (training {need}: {streams} streams)" if streams > 1 else ""),
             hint="give more text, or a smaller --set model.block_size",
         )
     return TokenData(folder / "tokens.bin", tokenizer_json, meta["vocab_size"], meta["eot_id"], tokens, split)
