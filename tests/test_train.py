@@ -562,6 +562,18 @@ def test_a_chat_line_whose_message_is_not_text_names_the_line_not_the_template(t
     assert f"error: {data}:2: message 2 needs a `role` and a `content` that are text" in err and "template" not in err
 
 
+def test_an_empty_data_out_or_resume_is_a_usage_error_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`--data "$DATA"` with DATA unset trained on every text file of the current folder (Path("") is "."), and
+    `--out ""` wrote the run there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello world " * 500)
+    for argv in (["--data", ""], ["--data", "notes.txt", "--out", ""], ["--resume", ""]):
+        assert run(["train", "--preset", "tiny", "--max-iters", "1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "an empty path (to mean this folder, give '.')" in err.splitlines()[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing trained, no run written
+
+
 def test_config_precedence():
     from gptcli.train.config import load_config, parse_set
 

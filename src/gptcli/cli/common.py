@@ -170,6 +170,16 @@ KvBudgetOpt = Annotated[
     ),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML config file (over the user config).")]
+
+
+def nonempty_path(value: str) -> Path:
+    """A path option's value: an empty one (`--data "$DIR"`, DIR unset) is a usage error, not Path(""): the current
+    folder, which `train` would have read as its corpus or written its run into."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (to mean this folder, give '.')")
+    return Path(value)
+
+
 AllowPickleOpt = Annotated[
     bool | None, typer.Option("--allow-pickle", help="Allow pickled (.bin/.pt) weights. Only for trusted files.")
 ]

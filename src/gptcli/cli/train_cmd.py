@@ -18,7 +18,14 @@ from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 
 def train(
     data: Annotated[
-        Path | None, typer.Option("--data", "-d", help="A text file, a folder of them, or JSONL (text / messages).")
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            parser=c.nonempty_path,
+            metavar="<path>",
+            help="A text file, a folder of them, or JSONL (text / messages).",
+        ),
     ] = None,
     preset: Annotated[
         str | None,
@@ -30,8 +37,16 @@ def train(
     sets: Annotated[
         list[str] | None, typer.Option("--set", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="The run folder (default runs/<data name>).")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run where it stopped.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", parser=c.nonempty_path, metavar="<path>", help="The run folder (default runs/<data name>)."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", parser=c.nonempty_path, metavar="<path>", help="Continue this run where it stopped."),
+    ] = None,
     init: Annotated[str | None, typer.Option("--init", help="Fine-tune this model instead of a fresh GPT-2.")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="char | bpe | init.")] = None,
     vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size.")] = None,
