@@ -64,6 +64,8 @@ def test_tiny_run_is_a_model_every_command_loads(corpus, tmp_path):
     listed = run_cli("runs", "list", str(tmp_path), "--json")
     assert listed.returncode == 0
     assert [Path(r["run"]).name for r in json.loads(listed.stdout)] == ["run"]
+    table = run_cli("runs", "list", str(tmp_path)).stdout.decode().splitlines()
+    assert table[0].startswith("run ") and table[1].startswith(str(out))  # flush left, as every other list
     shown = run_cli("runs", "show", str(out), "--json")
     assert json.loads(shown.stdout)["config"]["model"]["n_layer"] == 1
     # By the name `runs list` shows, from the folder that holds ./runs.

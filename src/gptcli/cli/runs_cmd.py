@@ -91,7 +91,7 @@ def list_runs(
 
     from gptcli.cli.render import stdout_console
 
-    table = Table("run", "step", "train loss", "val loss", "best val", "created", box=None)
+    table = Table("run", "step", "train loss", "val loss", "best val", "created", box=None, pad_edge=False)
     for r in rows:
         table.add_row(
             r["run"],
