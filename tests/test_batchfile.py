@@ -177,6 +177,19 @@ def test_an_id_that_is_not_text_or_a_whole_number_says_so(bad_id):
     assert parse_request(1, raw, None, SETTINGS, 0).error == "`id` must be a string or a whole number"
 
 
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        (b'{"id": "a", "prompt": "x", "id": "b"}', "id"),
+        (b'{"prompt": "x", "messages": [{"role": "user", "role": "x"}]}', "role"),
+    ],
+)
+def test_a_key_given_twice_is_that_lines_error(line, key):
+    """`{"id":"a","prompt":"x","id":"b"}` ran silently as id "b": json.loads keeps the last of a repeated key."""
+    request = parse_request(1, line, None, SETTINGS, 0)
+    assert (request.id, request.error) == ("1", f"the key '{key}' is given twice in one object")
+
+
 def test_the_progress_total_counts_the_lines_that_run(tmp_path):
     """Blank lines counted: the bar ended at 2/4 for a file with two requests."""
     batch = tmp_path / "in.jsonl"

@@ -33,6 +33,7 @@ import numpy as np
 from gptcli import schema_width
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError, ResponseFormatError, UsageError
+from gptcli.jsonl import RepeatedKeyError, unique_keys
 from gptcli.textio import SCHEMA_FILE, read_text_file
 from gptcli.tokenizer import Tokenizer
 
@@ -50,17 +51,10 @@ SCHEMA_HINT = "see the README's Structured output section for the JSON Schema su
 
 def json_schema(text: str, where: str) -> OutputConstraint:
     """A JSON Schema given as JSON text; a ConfigError naming `where` when it is not one we can enforce."""
-
-    def one_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        value = dict(pairs)
-        if len(value) < len(pairs):  # json.loads would quietly keep the last: a keyword lost
-            seen: set[str] = set()
-            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-            raise ConfigError(f"{where}: the key '{twice}' is given twice in one object", hint="keep one of them")
-        return value
-
     try:
-        schema = json.loads(text, object_pairs_hook=one_each)
+        schema = json.loads(text, object_pairs_hook=unique_keys)
+    except RepeatedKeyError as exc:  # a keyword lost, were the last kept
+        raise ConfigError(f"{where}: {exc}", hint="keep one of them") from None
     except ValueError as exc:
         raise ConfigError(f"{where}: not valid JSON ({exc})", hint="a JSON Schema is a JSON object") from None
     except RecursionError:

@@ -106,15 +106,35 @@ def completed_ids(output: Path) -> set[str]:
     return done
 
 
+class RepeatedKeyError(ValueError):
+    """A JSON object that gives one key twice: json.loads would quietly keep the last (a value lost)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key '{key}' is given twice in one object")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice (a RepeatedKeyError naming it)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        raise RepeatedKeyError(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
 def parse_line(raw: bytes) -> Any:
-    """One JSON Lines line as a value; any line that is not one (not UTF-8, not JSON, nested too deeply for
-    the parser, an integer of thousands of digits) is a ValueError saying why, never another exception."""
+    """One JSON Lines line as a value; any line that is not one (not UTF-8, not JSON, a key given twice,
+    nested too deeply for the parser, an integer of thousands of digits) is a ValueError saying why, never
+    another exception."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
+    except RepeatedKeyError:
+        raise
     except ValueError as exc:  # JSONDecodeError, and int()'s digit limit
         raise ValueError(f"not valid JSON ({exc})") from None
 
