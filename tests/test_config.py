@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from gptcli.config import resolve
+from gptcli.config import FIELDS, coerce, resolve
 from gptcli.errors import ConfigError
 
 
@@ -119,6 +119,15 @@ def test_one_engine_for_settings_and_training_config():
         coerce_value("train.compile", bool, "maybe", "--set")
     with pytest.raises(ConfigError, match=r"must be one of auto, cpu, cuda, got 'cdua' \(did you mean 'cuda'\?\)"):
         coerce_value("train.device", str, "cdua", "x", choices=("auto", "cpu", "cuda"))
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("gpu", "cuda"), ("GPU", "cuda"), ("CUDA", "cuda"), ("CPU", "cpu")])
+def test_a_device_by_another_name_or_case_suggests_the_choice_it_means(typed, meant):
+    """`--device gpu` was asked 'did you mean 'cpu'?' (the nearest spelling); GPU and CUDA got no suggestion."""
+    with pytest.raises(ConfigError, match=rf"got '{typed}' \(did you mean '{meant}'\?\)$"):
+        coerce(FIELDS["device"], typed, "--device")
+    with pytest.raises(ConfigError, match=r"got 'bf16' \(did you mean 'bfloat16'\?\)$"):
+        coerce(FIELDS["dtype"], "bf16", "--dtype")
 
 
 # ------------------------------------------------------------------ gptcli config init / show (subprocess)

@@ -36,6 +36,7 @@ KIND_NAMES: dict[type, str] = {
     tuple: "a list of strings",
     str: "text",
 }
+OTHER_NAMES = {"gpu": "cuda", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float16": "fp16"}  # choices'
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,10 @@ def get_value(settings: Settings, key: str) -> Any:
 
 
 def suggest(name: str, candidates: list[str]) -> str:
-    """The one "did you mean": ` (did you mean 'x'?)` for the closest candidate, or ""."""
-    close = difflib.get_close_matches(name, candidates, n=1)
+    """The one "did you mean": ` (did you mean 'x'?)` for the candidate `name` means in another case or by
+    another name (gpu: cuda), else the closest spelling, or ""."""
+    meant = OTHER_NAMES.get(name.lower(), name.lower())
+    close = [meant] if meant in candidates else difflib.get_close_matches(name, candidates, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
