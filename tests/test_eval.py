@@ -11,7 +11,8 @@ import pytest
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
 from gptcli.errors import InputError, ModelError, UsageError
-from gptcli.evaluate import log_probs, perplexity, plan_windows
+from gptcli.evaluate import encode_file_start, encode_text, log_probs, perplexity, plan_windows
+from gptcli.textio import EVAL_TEXT
 from gptcli.tokenizer import Tokenizer
 from tests.conftest import CORPUS, run_cli
 
@@ -149,6 +150,33 @@ def test_cli_perplexity_input_errors(tiny_models, tmp_path):
     ]:
         result = run_cli("eval", "perplexity", str(text), "-m", folder, option, value)
         assert result.returncode == 2 and result.stderr.decode().startswith(message), (option, result.stderr)
+
+
+def test_max_tokens_reads_only_the_start_of_a_file_over_the_size_limit(tiny_models, tmp_path):
+    """`eval perplexity big.txt -n 2000` on a file over the 64 MiB limit was refused for its size (exit 6),
+    though only its start is scored: with -n only what the first N tokens take is read."""
+    big = tmp_path / "big.txt"
+    with big.open("wb") as handle:
+        handle.write(" ".join(CORPUS * 20).encode())  # ~140 KiB of text
+        handle.truncate(EVAL_TEXT.max_bytes + 1)  # then a sparse tail past the limit (never read)
+    folder = str(tiny_models["llama"])
+    result = run_cli("eval", "perplexity", str(big), "-m", folder, "--window", "64", "-n", "3000", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["total_tokens"] == 3000
+    whole = run_cli("eval", "perplexity", str(big), "-m", folder, "--window", "64")  # -n or not, the limit holds
+    assert whole.returncode == 6 and "over the 64 MiB limit" in whole.stderr.decode()
+
+
+def test_the_start_of_a_file_encodes_as_the_whole_text_does(tiny_models, tmp_path, monkeypatch):
+    import gptcli.evaluate
+
+    monkeypatch.setattr(gptcli.evaluate, "HEAD_BYTES_PER_TOKEN", 1)  # a guess short of what tokens take: read on
+    tok = Tokenizer(tiny_models["llama"])
+    text = "\n".join(CORPUS * 300)
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    for wanted in (2, 40000, 10**6):  # within the first read (~30k tokens), past it, more than the file holds
+        assert encode_file_start(tok, path, EVAL_TEXT, wanted).tolist() == encode_text(tok, text, wanted).tolist()
 
 
 class _NoScore:

@@ -15,18 +15,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from gptcli.backends.base import Backend, check_token_ids, score_positions
 from gptcli.errors import InputError, ModelError, UsageError
-from gptcli.textio import text_pieces
+from gptcli.textio import CHUNK, Limit, read_text_head, text_pieces
 
 Progress = Callable[[int, int], None]
 DEFAULT_WINDOW = 1024
 SCORE_LOGITS_BYTES = 64 * 2**20  # the logits one scoring pass may hold (341 positions of a 49k vocabulary)
 MAX_MEAN_NLL = math.log(sys.float_info.max)  # 709.8 nats per token: past it, exp(mean) is no float
+HEAD_BYTES_PER_TOKEN = 8  # a first guess at the bytes N tokens take (English runs ~4); read 4x more while short
+HEAD_SLACK_TOKENS = 16  # tokens read past those wanted, where a cut mid-word may have changed them
 
 
 class Encoder(Protocol):
@@ -72,6 +75,21 @@ def encode_text(tokenizer: Encoder, text: str, max_tokens: int | None = None) ->
             break
     joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     return joined[:max_tokens] if max_tokens is not None else joined
+
+
+def encode_file_start(tokenizer: Encoder, path: Path, limit: Limit, max_tokens: int) -> np.ndarray:
+    """The first `max_tokens` token ids of a text file, reading only as much of it as they take (a file over
+    `limit` is fine when its start holds them; the limit bounds what is read, not the file).
+
+    A start cut off may end mid-word, so it is read on until it holds HEAD_SLACK_TOKENS more than wanted: the
+    tokens before them are those the whole file gives."""
+    size = max(CHUNK, max_tokens * HEAD_BYTES_PER_TOKEN)
+    while True:
+        text, whole = read_text_head(path, limit, size)
+        ids = encode_text(tokenizer, text, max_tokens + HEAD_SLACK_TOKENS)
+        if whole or len(ids) == max_tokens + HEAD_SLACK_TOKENS:
+            return ids[:max_tokens]
+        size *= 4  # past the limit, read_text_head refuses the file
 
 
 def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -8,6 +8,7 @@ README's table, "Exit codes and errors") live here, in one place, and so does th
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections import deque
@@ -75,10 +76,14 @@ def lone_surrogate(text: str) -> str | None:
     return f"U+{ord(found.group()):04X}" if found else None
 
 
-def decode_text(data: bytes, where: str) -> str:
+def decode_text(data: bytes, where: str, *, final: bool = True) -> str:
+    """UTF-8 text (a byte-order mark dropped); with final=False `data` is only a file's start, and a
+    character its end cuts is left off."""
     if b"\x00" in data[:BINARY_PROBE]:
         raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
     try:
+        if not final:
+            return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=False)
         return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except UnicodeDecodeError as exc:
         raise InputError(
@@ -88,31 +93,47 @@ def decode_text(data: bytes, where: str) -> str:
 
 def read_bounded(stream: BinaryIO, where: str, limit: Limit) -> bytes:
     """At most `limit.max_bytes` from `stream`; binary input fails on its first chunk, a longer one at the limit."""
+    data = read_upto(stream, where, limit.max_bytes + 1)
+    if len(data) > limit.max_bytes:
+        raise over_limit(where, limit)
+    return data
+
+
+def read_upto(stream: BinaryIO, where: str, size: int) -> bytes:
+    """At most `size` bytes from `stream`; binary input fails on its first chunk."""
     data = bytearray()
-    while len(data) <= limit.max_bytes:
-        chunk = stream.read(min(CHUNK if not data else MiB, limit.max_bytes + 1 - len(data)))
+    while len(data) < size:
+        chunk = stream.read(min(CHUNK if not data else MiB, size - len(data)))
         if not chunk:
             break
         if len(data) < BINARY_PROBE and b"\x00" in chunk[: BINARY_PROBE - len(data)]:
             raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
         data += chunk
-    if len(data) > limit.max_bytes:
-        raise over_limit(where, limit)
     return bytes(data)
 
 
 def read_text_file(path: Path, limit: Limit = PROMPT) -> str:
     """Read a UTF-8 text file of at most `limit`, or fail with a one-line InputError."""
+    return read_text_head(path, limit, limit.max_bytes)[0]
+
+
+def read_text_head(path: Path, limit: Limit, size: int) -> tuple[str, bool]:
+    """The start of a UTF-8 text file, at most `size` bytes of it (ending on a whole character), and whether
+    that is the whole file; a file read past `limit` is refused, as read_text_file refuses it."""
     if path.is_dir():
         raise InputError(f"{path} is a directory, not a file", hint="pass a text file")
+    size = min(size, limit.max_bytes)
     try:
         with path.open("rb") as handle:
-            data = read_bounded(handle, str(path), limit)
+            data = read_upto(handle, str(path), size + 1)  # the byte past `size` says whether more follows
     except FileNotFoundError:
         raise InputError(f"file not found: {path}", hint="check the path") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    return decode_text(data, str(path))
+    whole = len(data) <= size
+    if not whole and size == limit.max_bytes:
+        raise over_limit(str(path), limit)
+    return decode_text(data if whole else data[:size], str(path), final=whole), whole
 
 
 def read_json_file(path: Path, max_bytes: int) -> Any:

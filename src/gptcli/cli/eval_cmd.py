@@ -12,7 +12,7 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.settings import resolve_settings
-from gptcli.textio import EVAL_TEXT, read_text_file
+from gptcli.textio import CHUNK, EVAL_TEXT, read_text_head
 
 app = typer.Typer(
     help="Evaluate a model on a text.",
@@ -54,7 +54,7 @@ def perplexity(
     """
     from gptcli.cli.local_run import load_runtime
     from gptcli.errors import InputError, UsageError
-    from gptcli.evaluate import encode_text
+    from gptcli.evaluate import encode_file_start, encode_text
     from gptcli.evaluate import perplexity as measure
 
     if max_tokens is not None and max_tokens < 2:
@@ -70,11 +70,15 @@ def perplexity(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     ).settings
-    text = read_text_file(file, EVAL_TEXT)
-    if not text.strip():
+    # With -n only the start of the file is read (as much as N tokens take), however large the file is.
+    text, whole = read_text_head(file, EVAL_TEXT, EVAL_TEXT.max_bytes if max_tokens is None else CHUNK)
+    if whole and not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")
     runtime = load_runtime(settings)
-    ids = encode_text(runtime.tokenizer, text, max_tokens)
+    if whole:
+        ids = encode_text(runtime.tokenizer, text, max_tokens)
+    else:
+        ids = encode_file_start(runtime.tokenizer, file, EVAL_TEXT, max_tokens or 0)  # only with -n
     del text
     console = render.stderr_console()
     progress_shown = False
