@@ -179,6 +179,39 @@ def test_the_start_of_a_file_encodes_as_the_whole_text_does(tiny_models, tmp_pat
         assert encode_file_start(tok, path, EVAL_TEXT, wanted).tolist() == encode_text(tok, text, wanted).tolist()
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_prints_the_perplexity_of_what_was_scored_and_exits_130(
+    tiny_models, tmp_path, monkeypatch, capsys, as_json
+):
+    """Ctrl-C during `eval perplexity` exited 130 with nothing of the part already scored."""
+    import gptcli.evaluate
+    from gptcli.cli.app import run
+
+    real, calls = gptcli.evaluate.score_positions, []
+
+    def interrupted_at_the_third_window(backend, ids, cache):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(backend, ids, cache)
+
+    monkeypatch.setattr(gptcli.evaluate, "score_positions", interrupted_at_the_third_window)
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(CORPUS), encoding="utf-8")
+    args = ["eval", "perplexity", str(text), "-m", str(tiny_models["llama"]), "--window", "16", "--stride", "16"]
+    code = run([*args, "-n", "100", "--dtype", "float32"] + (["--json"] if as_json else []))
+    out, err = capsys.readouterr()
+    scored = sum(calls[:2])
+    assert code == 130, err
+    assert f"interrupted after {scored} of 93 tokens: the perplexity is of those" in err
+    if as_json:
+        record = json.loads(out)
+        assert record["partial"] is True and record["scored_tokens"] == scored and record["to_score"] == 93
+        assert record["perplexity"] == pytest.approx(math.exp(record["mean_nll"]))
+    else:
+        assert out.startswith("perplexity  ") and f"tokens      {scored} scored of 100" in out
+
+
 class _NoScore:
     """A backend seen without its native `score`: perplexity falls back to one forward per token."""
 

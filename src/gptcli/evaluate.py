@@ -38,17 +38,27 @@ class Encoder(Protocol):
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    perplexity: float
-    mean_nll: float  # nats per scored token
+    perplexity: float | None  # None: interrupted before a token was scored
+    mean_nll: float | None  # nats per scored token
     scored_tokens: int
     total_tokens: int
     windows: int
     window: int
     stride: int
     seconds: float
+    partial: bool = False  # interrupted: over the tokens scored so far, `to_score` were planned
+    to_score: int = 0
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | bool | None]:
         return asdict(self)
+
+
+class PerplexityInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) while a text was scored: `result` is the perplexity of the tokens scored so far."""
+
+    def __init__(self, result: PerplexityResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 def log_probs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -136,37 +146,54 @@ def perplexity(
     started = time.perf_counter()
     nll = 0.0
     done = 0
-    for begin, first, end in plans:
-        cache = backend.new_cache()
-        if first - 1 > begin:  # the context before the first scored token's predecessor
-            _, cache = backend.forward(ids[begin : first - 1].tolist(), cache)
-        # Position p's logits predict token p + 1: score positions first-1 .. end-2.
-        for at in range(first - 1, end - 1, chunk):
-            upto = min(at + chunk, end - 1)
-            logits, cache = score_positions(backend, ids[at:upto].tolist(), cache)
-            nll -= float(log_probs(logits, ids[at + 1 : upto + 1]).sum())
-            if math.isnan(nll):  # damaged weights, or an overflow at this precision: no perplexity to print
-                raise ModelError(
-                    f"the model gives NaN log-probabilities (tokens {at + 1}..{upto} of the text)",
-                    hint="try --dtype float32 (--precision fp32 on onnx); if NaN again, the weights are damaged",
-                )
-            done += upto - at
-            if progress is not None:
-                progress(done, total_scored)
+    shape = {"total_tokens": len(ids), "windows": len(plans), "window": window, "stride": stride}
+    try:
+        for begin, first, end in plans:
+            cache = backend.new_cache()
+            if first - 1 > begin:  # the context before the first scored token's predecessor
+                _, cache = backend.forward(ids[begin : first - 1].tolist(), cache)
+            # Position p's logits predict token p + 1: score positions first-1 .. end-2.
+            for at in range(first - 1, end - 1, chunk):
+                upto = min(at + chunk, end - 1)
+                logits, cache = score_positions(backend, ids[at:upto].tolist(), cache)
+                nll -= float(log_probs(logits, ids[at + 1 : upto + 1]).sum())
+                if math.isnan(nll):  # damaged weights, or an overflow at this precision: no perplexity to print
+                    raise ModelError(
+                        f"the model gives NaN log-probabilities (tokens {at + 1}..{upto} of the text)",
+                        hint="try --dtype float32 (--precision fp32 on onnx); if NaN again, the weights are damaged",
+                    )
+                done += upto - at
+                if progress is not None:
+                    progress(done, total_scored)
+    except KeyboardInterrupt:  # what was scored so far still has a perplexity
+        mean = nll / done if done else None
+        partial = PerplexityResult(
+            perplexity=_exp(mean) if mean is not None else None,
+            mean_nll=mean,
+            scored_tokens=done,
+            seconds=time.perf_counter() - started,
+            partial=True,
+            to_score=total_scored,
+            **shape,
+        )
+        raise PerplexityInterrupted(partial) from None
     mean = nll / total_scored
+    return PerplexityResult(
+        perplexity=_exp(mean),
+        mean_nll=mean,
+        scored_tokens=total_scored,
+        seconds=time.perf_counter() - started,
+        to_score=total_scored,
+        **shape,
+    )
+
+
+def _exp(mean: float) -> float:
+    """The perplexity of a mean NLL; a ModelError where it is past what a float holds (damaged weights)."""
     if mean > MAX_MEAN_NLL:  # math.exp would raise OverflowError
         raise ModelError(
             f"the model's perplexity is too large to compute: mean NLL {mean:.6g} nats per token (a working model "
             "gives a few)",
             hint="the weights are likely damaged; try --dtype float32 (--precision fp32 on onnx) to rule out overflow",
         )
-    return PerplexityResult(
-        perplexity=math.exp(mean),
-        mean_nll=mean,
-        scored_tokens=total_scored,
-        total_tokens=len(ids),
-        windows=len(plans),
-        window=window,
-        stride=stride,
-        seconds=time.perf_counter() - started,
-    )
+    return math.exp(mean)

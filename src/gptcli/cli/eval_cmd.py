@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.settings import resolve_settings
+from gptcli.errors import EXIT_INTERRUPTED
 from gptcli.textio import CHUNK, EVAL_TEXT, read_text_head
 
 app = typer.Typer(
@@ -54,7 +56,7 @@ def perplexity(
     """
     from gptcli.cli.local_run import load_runtime
     from gptcli.errors import InputError, UsageError
-    from gptcli.evaluate import encode_file_start, encode_text
+    from gptcli.evaluate import PerplexityInterrupted, encode_file_start, encode_text
     from gptcli.evaluate import perplexity as measure
 
     if max_tokens is not None and max_tokens < 2:
@@ -89,7 +91,10 @@ def perplexity(
             console.print(f"\rscored {done}/{total} tokens", end="", markup=False, style="dim")
             progress_shown = True
 
-    result = measure(runtime.backend, ids, window=window, stride=stride, progress=progress)
+    try:
+        result = measure(runtime.backend, ids, window=window, stride=stride, progress=progress)
+    except PerplexityInterrupted as stop:  # Ctrl-C: the perplexity of what was scored, marked partial
+        result = stop.result
     if progress_shown:
         console.print()
     info = runtime.backend.info
@@ -103,10 +108,16 @@ def perplexity(
     }
     if as_json:
         print(json.dumps(record))
-        return
-    print(f"perplexity  {result.perplexity:.4f}")
-    print(f"nll/token   {result.mean_nll:.4f}")
-    print(f"tokens      {result.scored_tokens} scored of {result.total_tokens}")
-    print(f"windows     {result.windows} (window {result.window}, stride {result.stride})")
-    print(f"model       {runtime.model.name} · {runtime.backend.name}/{info.device} · {info.dtype}")
+    elif result.perplexity is not None and result.mean_nll is not None:
+        print(f"perplexity  {result.perplexity:.4f}")
+        print(f"nll/token   {result.mean_nll:.4f}")
+        print(f"tokens      {result.scored_tokens} scored of {result.total_tokens}")
+        print(f"windows     {result.windows} (window {result.window}, stride {result.stride})")
+        print(f"model       {runtime.model.name} · {runtime.backend.name}/{info.device} · {info.dtype}")
+    if result.partial:
+        sys.stdout.flush()
+        said = "the perplexity is of those" if result.scored_tokens else "none scored yet"
+        message = f"interrupted after {result.scored_tokens} of {result.to_score} tokens: {said}"
+        console.print(message, style="yellow", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
     render.note(f"took {result.seconds:.1f} s ({result.scored_tokens / max(result.seconds, 1e-9):.0f} tok/s)")
