@@ -223,6 +223,17 @@ def test_greedy_generation_on_a_tiny_llama_matches_torch(tiny_llama):
     assert ours == greedy_ids(TorchBackend.load(tiny_llama, CPU), prompt, 40)
 
 
+def test_the_context_is_the_models_own_not_llama_cpps_rounded_allocation(tiny_llama):
+    """llm.n_ctx() is rounded up to 256: a model trained on 128 said 256, so eval -b llamacpp scored other windows
+    than torch and onnx (and generation ran past what the model was trained on)."""
+    from gptcli.backends.torch_backend import TorchBackend
+
+    assert LlamaCppBackend.load(tiny_llama, CPU).info.context_length == 128
+    assert TorchBackend.load(tiny_llama, CPU).info.context_length == 128
+    smaller = LoadOptions(device="cpu", dtype="float32", threads=1, extra={"n_ctx": 100})
+    assert LlamaCppBackend.load(tiny_llama, smaller).info.context_length == 100
+
+
 def test_cuda_without_gpu_support_is_a_backend_error():
     import llama_cpp
 

@@ -178,7 +178,7 @@ class LlamaCppBackend:
         info = ModelInfo(
             name=Path(folder).name if Path(folder).is_dir() else gguf.stem,
             architecture=f"llama.cpp:{metadata.get('general.architecture', '?')}",
-            context_length=llm.n_ctx(),
+            context_length=_context_length(llm, n_ctx),
             vocab_size=llm.n_vocab(),
             num_layers=int(llama_cpp.llama_model_n_layer(model.model)),
             params=int(model.n_params()),
@@ -279,6 +279,15 @@ def gguf_header_value(path: Path, key: str) -> Any:
             if name == key:
                 return found
     return None
+
+
+def _context_length(llm: Any, asked: int) -> int:
+    """The model's trained context, capped by the one asked for (extra["n_ctx"]) and the one allocated.
+
+    llama.cpp rounds an allocated context up to a multiple of 256, so llm.n_ctx() alone says 256 for a model
+    trained on 128: eval would score windows the model never saw (and torch and onnx say 128)."""
+    limits = [int(llm.n_ctx()), int(llm._model.n_ctx_train()), asked]
+    return min(limit for limit in limits if limit > 0)
 
 
 def _file_type(model: Any) -> str:
