@@ -207,6 +207,19 @@ class NeverEnds(ScriptedBackend):
         return logits, cache
 
 
+def test_a_result_behind_a_slower_line_waits_in_memory_until_an_interrupt_writes_it():
+    """What the README promises: results are written in input order, so one that finished behind a slower earlier
+    line is only in memory (kill -9 loses it; --resume runs it again) until Ctrl-C or SIGTERM writes it."""
+    stream = io.StringIO()
+    writer = ResultWriter(stream, sync=False)
+    for index in (1, 2):
+        writer.expect(index)
+    writer.add(2, {"id": "fast", "text": "done"})
+    assert stream.getvalue() == ""
+    writer.flush_all(unfinished_ids={"slow"})
+    assert [json.loads(line)["id"] for line in stream.getvalue().splitlines()] == ["fast"]
+
+
 def test_ctrl_c_keeps_what_finished_and_resume_completes_it(model, monkeypatch):
     _, tok = model
     backend = NeverEnds([], tok.vocab_size, context_length=128)
