@@ -89,6 +89,19 @@ def test_bad_env_value_names_the_variable(tmp_path):
         resolve(environ={"GPTCLI_TEMPERATURE": "hot"}, user_file=tmp_path / "none.yaml")
 
 
+@pytest.mark.parametrize("value", ["nan", "hot", "-1"])
+def test_a_bad_value_hints_at_the_variable_or_file_key_it_came_from_not_the_flag(tmp_path, value):
+    """`GPTCLI_TEMPERATURE=nan` got the hint 'flag --temperature', a flag the user never gave."""
+    with pytest.raises(ConfigError) as info:
+        resolve(environ={"GPTCLI_TEMPERATURE": value}, user_file=tmp_path / "none.yaml")
+    assert info.value.hint == "environment variable GPTCLI_TEMPERATURE"
+    config = write(tmp_path, "c.yaml", f"sampling:\n  temperature: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        resolve(config_file=config, environ={}, user_file=tmp_path / "none.yaml")
+    assert str(info.value).startswith(f"{config}: sampling.temperature must be")
+    assert info.value.hint == "config key sampling.temperature"
+
+
 def test_an_empty_env_variable_counts_as_not_set(tmp_path):
     cfg = write(tmp_path, "c.yaml", "threads: 3\nsampling:\n  temperature: 0.5\n")
     empty = {"GPTCLI_THREADS": "", "GPTCLI_TEMPERATURE": ""}  # was "must be a whole number, got ''"

@@ -248,14 +248,15 @@ def coerce_value(
     return value
 
 
-def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
-    """A setting's raw value into its type, then its range check (errors name the key and the flag)."""
-    long_hint = f"flag {spec.flag}, config key {spec.key}"
+def coerce(spec: FieldSpec, value: Any, where: str, origin: str = "flag") -> Any:
+    """A raw value into the setting's type and range; a hint names where to fix it (`origin`: flag, env, file)."""
+    place = {"env": f"environment variable {spec.env}", "file": f"config key {spec.key}"}.get(origin)
+    long_hint = place or f"flag {spec.flag}, config key {spec.key}"
     if value is None and not spec.optional:
-        raise ConfigError(f"{where}: {spec.key} must not be empty", hint=f"set it with {spec.flag}")
+        raise ConfigError(f"{where}: {spec.key} must not be empty", hint=f"set it with {place or spec.flag}")
     if value is None:
         return None
-    value = coerce_value(spec.key, spec.kind, value, where, hint=f"flag {spec.flag}")
+    value = coerce_value(spec.key, spec.kind, value, where, hint=place or f"flag {spec.flag}")
     if spec.choices:
         value = coerce_value(spec.key, spec.kind, value, where, choices=spec.choices, hint=long_hint)
     if spec.check is not None and not spec.check(value):
@@ -356,7 +357,7 @@ def resolve(
         for key, raw in layer.items():
             spec = FIELDS[key]
             where = f"${spec.env}" if source == "env" else (spec.flag if source == "flag" else source)
-            values[key] = coerce(spec, raw, where)
+            values[key] = coerce(spec, raw, where, source if source in ("env", "flag") else "file")
             sources[key] = f"${spec.env}" if source == "env" else source
 
     sampling = SamplingConfig(

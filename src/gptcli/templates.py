@@ -171,7 +171,7 @@ def parse_template(name: str, data: Mapping[str, Any], where: str, source: str, 
     if not isinstance(sampling_raw, dict):
         raise ConfigError(f"{where}: sampling: must be a mapping")
     sampling = {
-        dotted.removeprefix("sampling."): coerce(FIELDS[dotted], value, where)
+        dotted.removeprefix("sampling."): coerce(FIELDS[dotted], value, where, "file")
         for dotted, value in flatten_file({"sampling": sampling_raw}, where).items()
     }
     template = Template(
