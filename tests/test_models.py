@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 
+from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
-from gptcli.models import describe, resolve_model
+from gptcli.models import CATALOGUE, catalogue_entry, describe, resolve_model
 
 
 def copy_model(src, dst):
@@ -74,3 +75,32 @@ def test_describe_reads_headers_only(tiny_models):
     assert facts["vocab_size"] == cfg["vocab_size"]
     assert facts["dtype"] == "F32"
     assert facts["params"] > 0
+
+
+def test_a_catalogue_name_or_alias_in_another_case_names_the_catalogue_model():
+    """`models pull GEMMA3-270M` said "unknown model" with no suggestion: a name is not case-sensitive."""
+    assert catalogue_entry("GEMMA3-270M") is CATALOGUE["gemma3-270m"]
+    assert catalogue_entry("Default") is CATALOGUE[DEFAULT_MODEL]
+    with pytest.raises(ModelError, match=r"^model 'gemma3-270m' is not pulled yet$"):
+        resolve_model("Gemma3-270M")
+
+
+def test_an_existing_path_spelt_like_a_name_in_another_case_is_the_path(tiny_models, tmp_path, monkeypatch):
+    copy_model(tiny_models["llama"], tmp_path / "Default")
+    monkeypatch.chdir(tmp_path)
+    assert catalogue_entry("Default") is None
+    assert resolve_model("Default").path == (tmp_path / "Default").resolve()
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("jemma3-270m", "unknown model 'jemma3-270m' (did you mean 'gemma3-270m'?)"),
+        ("GEMA3-270M", "unknown model 'GEMA3-270M' (did you mean 'gemma3-270m'?)"),
+        ("smoothie", "unknown model 'smoothie'"),  # was "did you mean 'smollm2-135m-instruct'", on 3 letters
+    ],
+)
+def test_an_unknown_model_suggests_the_closest_name(ref, message):
+    with pytest.raises(ModelError) as info:
+        resolve_model(ref)
+    assert info.value.message == message

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gptcli.errors import InputError
 from gptcli.export.cache import exports_of
-from gptcli.models import ALIASES, catalogue_entry, folder_size
+from gptcli.models import catalogue_entry, catalogue_name, folder_size
 from gptcli.paths import models_dir
 
 
@@ -24,7 +24,7 @@ class Removed:
 def remove_model(ref: str) -> Removed:
     """Delete every cached copy of the model `ref` names (a catalogue name, an alias, or a cache entry of
     `gptcli models list`); an InputError when there is none."""
-    name = ALIASES.get(ref, ref)
+    name = catalogue_name(ref) or ref
     converted = models_dir() / name
     if not name or name in {".", ".."} or converted.resolve().parent != models_dir().resolve():
         raise InputError(f"{ref!r} is not a name in gptcli's cache", hint="`gptcli models list` shows the names")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import publish_dir, temp_dir_beside
-from gptcli.config import DEFAULT_MODEL
+from gptcli.config import DEFAULT_MODEL, suggest
 from gptcli.errors import ModelError
 from gptcli.gguf_convert import Notify, Progress, convert_gguf
 from gptcli.hf import (
@@ -107,6 +107,18 @@ CATALOGUE: dict[str, CatalogueEntry] = {
 ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
 
 
+def catalogue_name(ref: str) -> str | None:
+    """The catalogue model `ref` names, by its name or an alias in any case (`GEMMA3-270M`), else None.
+
+    A name is not a path: spelt exactly it is the catalogue's, but in another case a path that exists wins."""
+    name = ALIASES.get(ref, ref)
+    if name in CATALOGUE:
+        return name
+    folded = ref.lower()
+    name = ALIASES.get(folded, folded)
+    return name if name in CATALOGUE and not Path(ref).expanduser().exists() else None
+
+
 @dataclass(frozen=True)
 class LocalModel:
     """A resolved model: the folder a backend loads, a display name, and where it came from."""
@@ -132,8 +144,8 @@ def resolve_model(
     `progress` hears how a conversion (a first use of a GGUF, tens of seconds) is getting on."""
     if allow_pickle:  # every time, so that an opt-in left in the environment is never silent
         notify(PICKLE_WARNING)
-    name = ALIASES.get(ref, ref)
-    if name in CATALOGUE:
+    name = catalogue_name(ref)
+    if name is not None:
         return _resolve_catalogue(CATALOGUE[name], notify, progress)
     path = Path(ref).expanduser()
     if path.exists():
@@ -157,8 +169,7 @@ def resolve_model(
         return _resolve_hub(ref, notify)
     if "/" in ref or ref.startswith(".") or ref.endswith(".gguf"):
         raise ModelError(f"no such file or folder: {ref}", hint="check the path")
-    close = [a for a in [*CATALOGUE, *ALIASES] if a.startswith(ref[:3])]
-    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+    suggestion = suggest(ref.lower(), [*CATALOGUE, *ALIASES])
     raise ModelError(f"unknown model '{ref}'{suggestion}", hint="see `gptcli models list`")
 
 
@@ -204,7 +215,8 @@ class Pulled:
 
 
 def catalogue_entry(ref: str) -> CatalogueEntry | None:
-    return CATALOGUE.get(ALIASES.get(ref, ref))
+    name = catalogue_name(ref)
+    return None if name is None else CATALOGUE[name]
 
 
 def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop, progress: Progress | None = None) -> Pulled:

@@ -66,13 +66,13 @@ def open_remote(url: str, api_key: str | None, model: str | None) -> Any:
 def served_tokenizer(remote: Any) -> Any:
     """The served model's tokenizer: here when it is (never fetched nor converted), else the server's own
     (/tokenize: gptcli serve, vLLM, llama-server), else an estimate of 4 characters a token."""
-    from gptcli.models import ALIASES, CATALOGUE
+    from gptcli.models import catalogue_name
     from gptcli.paths import models_dir
     from gptcli.remote_tokens import EstimatedTokenizer, ServedTokenizer
     from gptcli.tokenizer import Tokenizer
 
-    name = ALIASES.get(remote.model, remote.model)
-    folder = models_dir() / name if name in CATALOGUE else Path(name).expanduser()
+    name = catalogue_name(remote.model)
+    folder = models_dir() / name if name is not None else Path(remote.model).expanduser()
     if (folder / "tokenizer.json").is_file():
         try:
             return Tokenizer(folder)
