@@ -70,7 +70,7 @@ def chat(
       gptcli chat --url http://127.0.0.1:8080/v1    # the model on that server
     """
     from gptcli.chat import ChatSession, ConversationStore
-    from gptcli.chat.session import open_conversation
+    from gptcli.chat.opening import open_conversation
     from gptcli.cli.local_run import load_runtime
     from gptcli.cli.remote_run import check_client_flags
 
