@@ -443,7 +443,7 @@ def test_fitting_a_long_chat_takes_a_few_encodings_not_one_per_exchange(tok):
     chat.conversation.messages.append({"role": "user", "content": "last"})
     calls = []
     real = chat.encode_window
-    chat.encode_window = lambda: calls.append(1) or real()
+    chat.encode_window = lambda *args: calls.append(1) or real(*args)
     ids = chat.fit()
     assert len(ids) <= 512 - 16 and len(calls) <= 16  # was: one re-encoding of the whole window per dropped exchange
     window = chat.conversation.window()
@@ -479,3 +479,23 @@ def test_show_names_the_output_format_a_structured_chat_follows(tok):
     ):
         chat.settings = replace(chat.settings, sampling=replace(chat.settings.sampling, constraint=constraint))
         assert f"output             {said}" in run_command(chat, "/show").output
+
+
+def test_show_after_a_long_reply_counts_what_the_next_turn_sends(tok):
+    """A reply that filled the context made /show say '224 used / 0 left of 128': it counted the window the next
+    turn trims; it now counts what that turn sends before the message, and says what the turn drops."""
+    from gptcli.chat import show_text
+
+    long_reply = say(tok, "word " * 60)
+    chat = make_chat(tok, say(tok, "Hello.") + long_reply + say(tok, "Fine."), context=128, max_tokens=1000)
+    reply(chat.say("Hi"))
+    reply(chat.say("More"))
+    assert len(chat.encode_window()) > 128 - chat.reserve()  # the window as it stands would not fit
+    used, left = chat.budget()
+    assert used + left == 128 and used <= 128 - chat.reserve()
+    show = show_text(chat)
+    assert f"tokens             {used} used / {left} left of 128 (up to 1000 per reply)" in show
+    assert "trimmed            none; the next message drops the oldest 4 (no room for them)" in show
+    reply(chat.say("ok"))
+    assert chat.conversation.window_start == 4 and used <= chat.prompt_tokens <= 128 - chat.reserve()
+    assert "trimmed            4 oldest messages no longer sent to the model" in show_text(chat)

@@ -285,7 +285,7 @@ def test_a_refused_window_drops_the_oldest_exchange_and_sends_again():
 
 
 def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
-    from gptcli.chat import Conversation
+    from gptcli.chat import Conversation, show_text
     from gptcli.chat.remote_session import RemoteChatSession
     from gptcli.config import SamplingConfig, Settings
     from gptcli.remote_tokens import EstimatedTokenizer
@@ -297,7 +297,9 @@ def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
         list(chat.say(text))
     # 50 - 10 kept for the reply = 40: each window sent held the last exchange and the new message (33).
     assert server.sent == [1, 3, 3] and chat.conversation.window_start == 2
-    assert chat.budget_line() == "about 38 used / 12 left of 50 (up to 10 per reply)"  # and its reply now
+    # The window is 38 now, but the next message's 4 make 42: that turn drops the exchange before (was '38 used').
+    assert chat.budget_line() == "about 23 used / 27 left of 50 (up to 10 per reply)"
+    assert "trimmed            2 oldest messages no longer sent to the model; the next drops 2 more" in show_text(chat)
 
 
 def test_ctrl_c_keeps_what_was_printed_and_exits_130(tiny_models):

@@ -49,12 +49,17 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     conv = chat.conversation
     s = chat.settings.sampling
     dropped = conv.window_start
+    trimmed = f"{dropped} oldest messages no longer sent to the model" if dropped else "none"
+    more = chat.next_turn()[0] - dropped  # a long last reply leaves no room for older exchanges
+    if more > 0:
+        trimmed += f"; the next message drops the oldest {more}" if not dropped else f"; the next drops {more} more"
+        trimmed += " (no room for them)"
     lines = [
         f"model              {conv.model}{chat.where(backend_name)}",
         f"conversation       {conv.id} ({len(conv.messages)} messages)",
         f"system             {conv.system or '-'}",
         f"tokens             {chat.budget_line()}",
-        "trimmed            " + (f"{dropped} oldest messages no longer sent to the model" if dropped else "none"),
+        f"trimmed            {trimmed}",
     ]
     for key in SAMPLING_KEYS:
         value = getattr(s, key)

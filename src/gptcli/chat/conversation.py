@@ -71,10 +71,11 @@ class Conversation:
         line = " ".join(first.split())
         return line[:60] + ("…" if len(line) > 60 else "")
 
-    def window(self) -> list[dict[str, str]]:
-        """The messages the model sees: the system message, then the untrimmed history."""
+    def window(self, start: int | None = None) -> list[dict[str, str]]:
+        """The messages the model sees: the system message, then the untrimmed history (from `start`)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[self.window_start :]]
+        first = self.window_start if start is None else start
+        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[first:]]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -58,19 +58,29 @@ class RemoteChatSession(ChatSession):
     def where(self, backend_name: str) -> str:
         return f" (at {self.server.base_url})"
 
-    def estimate(self) -> int:
-        window = self.conversation.window()
+    def estimate(self, start: int | None = None) -> int:
+        window = self.conversation.window(start)
         return sum(len(self.tokenizer.encode(m["content"])) + MESSAGE_OVERHEAD for m in window)
 
-    def budget(self) -> tuple[int, int]:
-        used = self.estimate()
-        return used, max(self.context_length - used, 0)
+    def next_turn(self) -> tuple[int, int]:
+        """As a local chat's, by the estimate: the window start the next message is sent with, at the latest,
+        and the tokens sent before its own (the message's overhead included)."""
+        conv = self.conversation
+        head = self.estimate(len(conv.messages)) + MESSAGE_OVERHEAD  # the system message, the new one's markers
+        costs = [len(self.tokenizer.encode(m["content"])) + MESSAGE_OVERHEAD for m in conv.messages]
+        start = conv.window_start
+        if self.server_context:
+            limit = self.server_context - self.reserve()
+            for start in [conv.window_start, *self._exchange_starts(conv.window_start, pending=True)]:
+                if head + sum(costs[start:]) <= limit:
+                    break
+        return start, head + sum(costs[start:])
 
     def budget_line(self) -> str:
         per_reply = f"up to {self.settings.sampling.max_tokens} per reply"
-        if not self.server_context:
-            return f"about {self.estimate()} used; the server does not say its context ({per_reply})"
         used, left = self.budget()
+        if not self.server_context:
+            return f"about {used} used; the server does not say its context ({per_reply})"
         return f"about {used} used / {left} left of {self.context_length} ({per_reply})"
 
     def fit(self) -> list[dict[str, str]]:  # type: ignore[override]

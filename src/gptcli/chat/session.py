@@ -123,7 +123,7 @@ class ChatSession:
         return f" ({backend_name}/{self.backend.info.device})" if backend_name else ""
 
     def budget_line(self) -> str:
-        """The /show line on the token budget."""
+        """The /show line on the token budget: what the next turn sends before the message's own tokens."""
         used, left = self.budget()
         return (
             f"{used} used / {left} left of {self.context_length} (up to {self.settings.sampling.max_tokens} per reply)"
@@ -133,42 +133,57 @@ class ChatSession:
         """Room kept free for the reply."""
         return max(1, min(self.settings.sampling.max_tokens, self.context_length // 2))
 
-    def encode_window(self) -> list[int]:
-        return build_prompt(self.tokenizer, self.conversation.window(), plain=transcript).ids
+    def encode_window(self, start: int | None = None, then: tuple[dict[str, str], ...] = ()) -> list[int]:
+        """The prompt of the window from `start` (default: where it starts now), with `then` after it."""
+        return build_prompt(self.tokenizer, [*self.conversation.window(start), *then], plain=transcript).ids
+
+    def _fitting(self, then: tuple[dict[str, str], ...] = ()) -> tuple[int, list[int], bool]:
+        """(the window start a turn uses, its prompt ids, whether they fit), with `then` after the messages: the
+        current start if it fits, else the first later exchange's that does, else the last one's (no fit).
+
+        Found by bisection over the exchanges' starts (fewer messages never make more tokens), so a chat of
+        thousands of messages costs a few encodings, not one per exchange. Nothing changes."""
+        start = self.conversation.window_start
+        limit = self.context_length - self.reserve()
+        ids = self.encode_window(start, then)
+        if len(ids) <= limit:
+            return start, ids, True
+        starts = self._exchange_starts(start, pending=bool(then))
+        low, high = 0, len(starts)  # starts[high:] fit (high == len: none known to)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self.encode_window(starts[middle], then)) <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        if high == len(starts):
+            return (starts[-1], self.encode_window(starts[-1], then), False) if starts else (start, ids, False)
+        return starts[high], self.encode_window(starts[high], then), True
 
     def fit(self) -> list[int]:
-        """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit.
-
-        The first start that fits is found by bisection over the exchanges' starts (fewer messages never
-        make more tokens), so a chat of thousands of messages costs a few encodings, not one per exchange."""
-        ids = self.encode_window()
-        limit = self.context_length - self.reserve()
-        if len(ids) > limit:
-            conv = self.conversation
-            starts = self._exchange_starts(conv.window_start)
-            low, high = 0, len(starts)  # starts[high:] fit (high == len: none known to)
-            while low < high:
-                middle = (low + high) // 2
-                conv.window_start = starts[middle]
-                if len(self.encode_window()) <= limit:
-                    high = middle
-                else:
-                    low = middle + 1
-            if high == len(starts):
-                if starts:
-                    conv.window_start = starts[-1]
-                    ids = self.encode_window()
-                room = self.context_length - len(ids)  # the most max_tokens may be for it to fit
-                raise InputError(
-                    f"the message needs {len(ids)} tokens with the chat template; "
-                    f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
-                    hint=f"shorten it, or lower max_tokens with /set max_tokens {room}" if room > 0 else "shorten it",
-                )
-            conv.window_start = starts[high]
+        """Prompt ids for the window, dropping the oldest exchanges (never the system message) to fit."""
+        start, ids, fits = self._fitting()
+        if not fits:
+            room = self.context_length - len(ids)  # the most max_tokens may be for it to fit
+            raise InputError(
+                f"the message needs {len(ids)} tokens with the chat template; "
+                f"the context holds {self.context_length} with {self.reserve()} kept for the reply",
+                hint=f"shorten it, or lower max_tokens with /set max_tokens {room}" if room > 0 else "shorten it",
+            )
+        if start != self.conversation.window_start:
+            self.conversation.window_start = start
             self._warn_trim()
-            ids = self.encode_window()
         self.prompt_tokens = len(ids)
         return ids
+
+    def next_turn(self) -> tuple[int, int]:
+        """(the window start the next message is sent with, at the latest, tokens sent before its own): the
+        window trimmed as that turn will trim it, a long last reply may leave no room for older exchanges."""
+        try:
+            start, ids, _ = self._fitting(({"role": "user", "content": ""},))
+        except GptcliError:  # a chat template that fails on this window: the last turn's count
+            return self.conversation.window_start, self.prompt_tokens
+        return start, len(ids)
 
     def drop_oldest_exchange(self) -> bool:
         """Stop sending the oldest exchange (never the system message, nor the last user message)."""
@@ -187,11 +202,12 @@ class ChatSession:
             )
             self._warned_trim = True
 
-    def _exchange_starts(self, start: int) -> list[int]:
+    def _exchange_starts(self, start: int, *, pending: bool = False) -> list[int]:
         """Where the window could start after `start`: each later user message, the last one included (it is
-        always sent)."""
+        always sent), or, with a user message `pending` after the messages, where that one will be."""
         msgs = self.conversation.messages
-        return [i for i in range(start, len(msgs)) if msgs[i]["role"] == "user"][1:]
+        users = [i for i in range(start, len(msgs)) if msgs[i]["role"] == "user"]
+        return users[1:] + ([len(msgs)] if pending and users else [])
 
     # -- turns -----------------------------------------------------------------------------------
 
@@ -354,9 +370,6 @@ class ChatSession:
         self.save_error = error
 
     def budget(self) -> tuple[int, int]:
-        """(tokens the window uses now, tokens left in the context)."""
-        try:
-            used = len(self.encode_window())
-        except GptcliError:
-            used = self.prompt_tokens
+        """(tokens the next turn sends before its message's own, tokens left in the context)."""
+        used = self.next_turn()[1]
         return used, max(self.context_length - used, 0)
