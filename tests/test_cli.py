@@ -702,3 +702,30 @@ def test_parallel_and_kv_budget_help_give_their_defaults():
         text = " ".join(run_cli(command, "--help").stdout.decode().split())
         assert "Sequences decoded together in one step (default: 8)." in text, command
         assert "or a size (512MiB); default: half the free memory." in text, command
+
+
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["generate", "-f", "", "-m", "nosuchmodel"], "give a file"),
+        (["generate", "--batch", "", "-m", "nosuchmodel"], "give a file"),
+        (["generate", "hi", "--json-schema", "", "-m", "nosuchmodel"], "give a file"),
+        (["summarize", "", "-m", "nosuchmodel"], "give a file"),
+        (["config", "show", "-c", ""], "give a file"),
+        (["config", "init", ""], "give a file"),
+        (["chats", "export", "x", "-o", ""], "give a file"),
+        (["eval", "perplexity", "", "-m", "nosuchmodel"], "give a file"),
+        (["bench", "--mode", "latency", "--prompts", "", "-m", "nosuchmodel"], "give a file"),
+        (["export", "nosuchmodel", "-o", ""], "to mean this folder, give '.'"),
+        (["runs", "list", ""], "to mean this folder, give '.'"),
+        (["runs", "show", ""], "to mean this folder, give '.'"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(argv, fix, tmp_path, monkeypatch, capsys):
+    """`generate -f "$F"` with F unset said '. is a folder' (Path("") is "."): a path no one gave."""
+    from gptcli.cli.app import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(argv) == 2
+    assert f"an empty path ({fix})" in capsys.readouterr().err.splitlines()[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written here

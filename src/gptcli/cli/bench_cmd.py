@@ -41,7 +41,7 @@ def bench(
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed repetitions (after a warm-up).")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="micro | latency | train.")] = "micro",
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="Latency mode: a text file, one prompt per line.")
+        Path | None, c.path_option("--prompts", help="Latency mode: a text file, one prompt per line.")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Latency mode: most new tokens per request.")] = 128,
     temperature: Annotated[
@@ -53,7 +53,7 @@ def bench(
         typer.Option("--preset", help="Train mode: a training preset name.", autocompletion=c.complete_preset),
     ] = None,
     train_config_file: Annotated[
-        Path | None, typer.Option("--train-config", help="Train mode: a training config file.")
+        Path | None, c.path_option("--train-config", help="Train mode: a training config file.")
     ] = None,
     peak_tflops: Annotated[
         float | None, typer.Option("--peak-tflops", help="Train mode: the device's peak TFLOPS for MFU.")
@@ -62,10 +62,10 @@ def bench(
         "table"
     ),
     output: Annotated[
-        Path | None, typer.Option("--output", help="Also append every result as a JSON line to this file.")
+        Path | None, c.path_option("--output", help="Also append every result as a JSON line to this file.")
     ] = None,
     baseline: Annotated[
-        Path | None, typer.Option("--baseline", help="Compare with a saved run (-o json/jsonl or --output).")
+        Path | None, c.path_option("--baseline", help="Compare with a saved run (-o json/jsonl or --output).")
     ] = None,
     fail_below: Annotated[
         float | None, typer.Option("--fail-below", help="With --baseline: exit 1 if any ratio is under this.")

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import UsageError
@@ -68,7 +69,7 @@ def show(conversation_id: Annotated[str, typer.Argument(help="Conversation id (o
 def export(
     conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")],
     fmt: Annotated[str, typer.Option("--format", help="md | json")] = "md",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")] = None,
+    output: Annotated[Path | None, c.path_option("--output", "-o", help="Write to a file instead of stdout.")] = None,
 ) -> None:
     """Export a conversation as Markdown or JSON.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -169,7 +169,6 @@ KvBudgetOpt = Annotated[
         help="KV cache for all sequences: tokens (16384) or a size (512MiB); default: half the free memory.",
     ),
 ]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML config file (over the user config).")]
 
 
 def nonempty_path(value: str) -> Path:
@@ -178,6 +177,27 @@ def nonempty_path(value: str) -> Path:
     if not value.strip():
         raise typer.BadParameter("an empty path (to mean this folder, give '.')")
     return Path(value)
+
+
+def nonempty_file(value: str) -> Path:
+    """A file option's value: an empty one is a usage error, not Path("") ('. is a folder')."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (give a file)")
+    return Path(value)
+
+
+def path_option(*names: str, help: str, folder: bool = False) -> Any:
+    """A typer.Option for a path that refuses an empty one: a file's (nonempty_file), or one that may name a folder
+    (nonempty_path)."""
+    return typer.Option(*names, parser=nonempty_path if folder else nonempty_file, metavar="<path>", help=help)
+
+
+def path_argument(help: str, *, folder: bool = False, **options: Any) -> Any:
+    """A typer.Argument for a path that refuses an empty one, as path_option."""
+    return typer.Argument(parser=nonempty_path if folder else nonempty_file, help=help, **options)
+
+
+ConfigOpt = Annotated[Path | None, path_option("--config", "-c", help="A YAML config file (over the user config).")]
 
 
 AllowPickleOpt = Annotated[
@@ -229,7 +249,7 @@ ApiKeyOpt = Annotated[
 # Structured output (generate, chat): at most one of the three; the reply is constrained token by token.
 JsonSchemaOpt = Annotated[
     Path | None,
-    typer.Option("--json-schema", help="Make the output JSON that validates against this JSON Schema file."),
+    path_option("--json-schema", help="Make the output JSON that validates against this JSON Schema file."),
 ]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="json: the output is valid JSON (text: free text).")]
 RegexOpt = Annotated[str | None, typer.Option("--regex", help="Make the output match this regular expression.")]

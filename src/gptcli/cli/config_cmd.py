@@ -84,7 +84,7 @@ def _exists(path: Path) -> str:
 def init(
     target: Annotated[
         Path | None,
-        typer.Argument(help="Where to write it (default: the user config file; - prints it).", show_default=False),
+        c.path_argument("Where to write it (default: the user config file; - prints it).", show_default=False),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a file that is already there.")] = False,
 ) -> None:

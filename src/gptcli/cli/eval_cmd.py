@@ -26,7 +26,7 @@ app = typer.Typer(
 
 @app.command()
 def perplexity(
-    file: Annotated[Path, typer.Argument(help="A UTF-8 text file (held-out text the model has not seen).")],
+    file: Annotated[Path, c.path_argument("A UTF-8 text file (held-out text the model has not seen).")],
     model: c.ModelOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,

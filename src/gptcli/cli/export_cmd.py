@@ -16,7 +16,8 @@ def export(
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 (CUDA) | int8 | int4.")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda: where the graph will run.")] = "auto",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the export to this folder instead of the cache.")
+        Path | None,
+        c.path_option("--output", "-o", help="Write the export to this folder instead of the cache.", folder=True),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Export again even when a cached export exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar record as JSON.")] = False,

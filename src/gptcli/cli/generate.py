@@ -16,7 +16,9 @@ from gptcli.errors import UsageError
 
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt. Combined after stdin when both are given.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from a file (- is stdin).")] = None,
+    file: Annotated[
+        Path | None, c.path_option("--file", "-f", help="Read the prompt from a file (- is stdin).")
+    ] = None,
     model: c.ModelOpt = None,
     url: c.UrlOpt = None,
     api_key: c.ApiKeyOpt = None,
@@ -51,11 +53,11 @@ def generate(
         str | None, typer.Option("--question", help="Answer QUESTION from the input (the qa template).")
     ] = None,
     batch: Annotated[
-        Path | None, typer.Option("--batch", help="A JSONL file of requests (prompt or messages per line).")
+        Path | None, c.path_option("--batch", help="A JSONL file of requests (prompt or messages per line).")
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option(
+        c.path_option(
             "--output", "-o", help="With --batch: write results here (a new or empty file; --resume continues one)."
         ),
     ] = None,

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gptcli.cli import common as c
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.errors import InputError
 from gptcli.paths import RUNS_DIR
@@ -63,7 +64,7 @@ def _fmt(value: Any) -> str:
 
 @app.command("list")
 def list_runs(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = RUNS_DIR,
+    root: Annotated[Path, c.path_argument("Folder holding run folders.", folder=True)] = RUNS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the runs under ROOT (default ./runs) with their step and losses.
@@ -106,7 +107,9 @@ def list_runs(
 
 @app.command("show")
 def show(
-    run: Annotated[Path, typer.Argument(help="A run folder, or a run's name under ./runs (as `runs list` shows).")],
+    run: Annotated[
+        Path, c.path_argument("A run folder, or a run's name under ./runs (as `runs list` shows).", folder=True)
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one run: its results, checkpoints and resolved training config.

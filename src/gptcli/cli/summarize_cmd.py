@@ -19,7 +19,7 @@ from gptcli.textio import DOCUMENT, read_text_file
 
 
 def summarize(
-    file: Annotated[Path | None, typer.Argument(help="The text file (default, or -: stdin).")] = None,
+    file: Annotated[Path | None, c.path_argument("The text file (default, or -: stdin).")] = None,
     length: Annotated[str | None, typer.Option("--length", "-l", help="short | medium (default) | long")] = None,
     fmt: Annotated[str, typer.Option("--format", help="paragraph | bullets")] = "paragraph",
     strategy: Annotated[str, typer.Option("--strategy", help="auto | stuff | map-reduce")] = "auto",

@@ -33,7 +33,7 @@ def train(
             "--preset", "-p", help="shakespeare-char | gpt2-small | tiny (see docs).", autocompletion=c.complete_preset
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="A training YAML (over the preset).")] = None,
+    config: Annotated[Path | None, c.path_option("--config", "-c", help="A training YAML (over the preset).")] = None,
     sets: Annotated[
         list[str] | None, typer.Option("--set", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
     ] = None,
