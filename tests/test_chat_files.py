@@ -152,6 +152,10 @@ def test_load_of_a_folder_says_a_file_is_needed(tok, tmp_path):
             'message 2: its role must be user, assistant or system, got "tool"',
         ),
         ({"messages": [{"content": "Hi"}]}, "message 1: its role must be user, assistant or system, it has none"),
+        # was: shown as "{'a': 1}" and sorted first by `chats list`, so `chat --continue` took this file
+        ({"updated": {"a": 1}}, "'updated' must be a time stamp such as 20"),
+        ({"updated": "yesterday"}, "'updated' must be a time stamp such as 20"),
+        ({"created": 17}, "'created' must be a time stamp such as 20"),
     ],
 )
 def test_a_chat_file_with_a_wrong_value_is_refused_and_the_rest_go_on(tiny_models, tok, isolated_home, change, said):
@@ -279,3 +283,14 @@ def test_continue_names_a_chat_file_it_could_not_read(tiny_models, tok, isolated
                      input="Again\n", env=scripted_env(say(tok, "Yes.")))  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     assert f"warning: skipped cannot read {store.path('20990101-000000-torn')}" in result.stderr.decode()
+
+
+def test_chats_list_sorts_by_time_not_by_the_text_of_the_time_stamps(isolated_home):
+    """Sorted as text, a time stamp in another zone or form came before a later one."""
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    store.root.mkdir(parents=True)
+    for conv_id, updated in (("a", "2024-05-01T12:00:00+0000"), ("b", "2024-05-01T11:00:00-0300")):
+        store.path(conv_id).write_text(json.dumps({"updated": updated, "messages": []}))
+    assert [c.id for c in store.list()] == ["b", "a"]  # 14:00 UTC, then 12:00 UTC

@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,32 @@ class Conversation:
             window_start=window_start,
             output=output_from_json(data.get("output"), where),
         )
-        conv.created = str(data.get("created") or default_time or conv.created)
-        conv.updated = str(data.get("updated") or default_time or conv.updated)
+        conv.created = _time_stamp(data, "created", where) or default_time or conv.created
+        conv.updated = _time_stamp(data, "updated", where) or default_time or conv.updated
         return conv
+
+
+def _time_stamp(data: dict[str, Any], key: str, where: str) -> str | None:
+    """A chat file's `created` or `updated`: an ISO 8601 time stamp, or None when it has none. Anything else
+    (a number, an object, 'yesterday') is refused: `chats list` sorts by it and `--continue` takes the first."""
+    value = data.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            datetime.fromisoformat(value)
+            return value
+        except ValueError:
+            pass
+    raise InputError(
+        f"{where}: '{key}' must be a time stamp such as {now()}, got {json.dumps(value, ensure_ascii=False)[:40]}",
+        hint=f"fix or remove '{key}' in the file",
+    )
+
+
+def sort_time(stamp: str) -> float:
+    """A conversation's time stamp as seconds since the epoch, to sort by (one without a zone is local time)."""
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
@@ -309,7 +333,7 @@ class ConversationStore:
                 found.append(self._read(conv_id))
             except GptcliError as exc:
                 self.skipped.append(exc.message)
-        return sorted(found, key=lambda c: (c.updated, c.id), reverse=True)
+        return sorted(found, key=lambda c: (sort_time(c.updated), c.id), reverse=True)
 
     def resolve_id(self, ref: str) -> str:
         ids = self.ids()
