@@ -499,3 +499,16 @@ def test_show_after_a_long_reply_counts_what_the_next_turn_sends(tok):
     reply(chat.say("ok"))
     assert chat.conversation.window_start == 4 and used <= chat.prompt_tokens <= 128 - chat.reserve()
     assert "trimmed            4 oldest messages no longer sent to the model" in show_text(chat)
+
+
+def test_system_none_clears_the_system_message(tok, isolated_home):
+    """`/system none` set the system message "none": there was no way to clear it mid-chat."""
+    from gptcli.chat import ConversationStore, run_command
+
+    chat = make_chat(tok, say(tok, "Yes.") + say(tok, "No."), system="Be brief.")
+    reply(chat.say("One?"))
+    assert run_command(chat, "/system None").output == "system message cleared"
+    assert chat.conversation.system is None and run_command(chat, "/system").output == "system: -"
+    reply(chat.say("Two?"))
+    assert chat.conversation.window()[0] == {"role": "user", "content": "One?"}  # the next turn sends none
+    assert ConversationStore().load(chat.conversation.id).system is None

@@ -14,7 +14,7 @@ from gptcli.timings import timings_line
 
 COMMANDS: dict[str, str] = {
     "/help": "list these commands",
-    "/system TEXT": "set the system message (no TEXT: show it)",
+    "/system TEXT": "set the system message (no TEXT: show it; none: clear it)",
     "/set KEY VALUE": "change a sampling setting: " + ", ".join(SAMPLING_KEYS),
     "/format KIND": "the replies' output format: text, json, schema FILE or regex PATTERN (no KIND: show it)",
     "/show": "settings, model and the token budget used/left",
@@ -122,6 +122,9 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
     if name == "/system":
         if not arg:
             return CommandResult(f"system: {chat.conversation.system or '-'}")
+        if arg.lower() in {"none", "null"}:  # as /set seed none and /set stop none
+            chat.set_system("")
+            return CommandResult("system message cleared")
         chat.set_system(arg)
         return CommandResult("system message set")
     if name == "/set":
