@@ -423,6 +423,26 @@ def test_a_hand_edited_model_in_train_config_is_named_not_the_checkpoint(trained
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (("lr: 0.003", "lr: 0.006"), "gives a learning rate of 0.000343298 at step 20 (optim.lr, min_lr,"),
+        (("weight_decay: 0.1", "weight_decay: 0.2"), "gives optim.weight_decay 0.2, but the run trained with 0.1"),
+        (("beta2: 0.99", "beta2: 0.95"), "gives optim.beta2 0.95, but the run trained with 0.99"),
+    ],
+)
+def test_a_hand_edited_optimizer_setting_in_train_config_is_refused_as_the_flag_is(trained, edit, said, capsys):
+    """`--set optim.lr=...` on a resume is refused; the same change made in train_config.yaml resumed (exit 0)."""
+    config = trained / "train_config.yaml"
+    assert edit[0] in config.read_text()
+    config.write_text(config.read_text().replace(edit[0], edit[1]))
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    assert f"error: cannot resume {trained}: its train_config.yaml {said}" in err, err
+    assert "(step-0000020 records it)" in err and f"hint: undo that change to {config}, or start a new run" in err
+    assert config.read_text().count(edit[1]) == 1 and steps(trained)[-1] == 20  # nothing rewritten, nothing trained
+
+
 def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")

@@ -23,32 +23,18 @@ from gptcli.errors import ModelError
 from gptcli.hardware import peak_flops, resolve_device, torch_threads
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.batches import Batches, blocks
-from gptcli.train.config import TrainConfig
 from gptcli.train.distributed import main_checked, main_first
 from gptcli.train.errors import DivergedError, RunError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
 from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
-from gptcli.train.resume import check_checkpoint
+from gptcli.train.resume import check_checkpoint, check_recorded_optimizer
 from gptcli.train.sample import sample_text
 from gptcli.train.setup import RunSetup, build_model, check_unchanged, describe, resolve_run
 from gptcli.train.signals import StopSignals
-from gptcli.train.step import loss_of, mixed_precision, new_optimizer, optimisation_step
+from gptcli.train.step import loss_of, lr_at, mixed_precision, new_optimizer, optimisation_step
 
 __all__ = ["RunSetup", "lr_at", "resolve_run", "train", "training"]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's get_lr)."""
-    o = cfg.optim
-    if not o.decay_lr:
-        return o.lr
-    if step < o.warmup_iters:
-        return o.lr * (step + 1) / (o.warmup_iters + 1)
-    if step > o.lr_decay_iters:
-        return o.min_lr
-    ratio = (step - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
-    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
 
 
 def training(setup: RunSetup) -> Iterator[TrainEvent]:
@@ -168,13 +154,15 @@ class _Run:
                 self.model = build_model(self.setup).to(self.device)
                 self.optimizer = new_optimizer(self.model, self.cfg)
                 self.optimizer.load_state_dict(state["optimizer"])
-                return state
             except RunError as exc:
                 self.unreadable.append((checkpoint, exc.message.replace(f"{checkpoint}{os.sep}", "")))
             except Exception as exc:  # the weights (safetensors, config.json), an optimizer state that does not fit
                 if isinstance(exc, MemoryError) or "out of memory" in str(exc):
                     raise  # not the checkpoint's fault: an older one would not fit either
                 self.unreadable.append((checkpoint, ckpt.short_reason(exc)))
+            else:  # it reads back: the run's config must still give the optimizer it records
+                check_recorded_optimizer(self.out, checkpoint, self.cfg, state)
+                return state
         what = "; ".join(f"{path.name}: {why}" for path, why in self.unreadable)
         raise RunError(
             f"cannot resume {self.out}: no checkpoint reads back ({what})", hint="start it again (a new --out)"

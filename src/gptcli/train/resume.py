@@ -3,6 +3,7 @@ must be this run's own."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from gptcli.textio import read_yaml
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, incompatible_changes, load_config
 from gptcli.train.errors import RunError
+from gptcli.train.step import lr_at
 
 FOREIGN_HINT = "it was copied from another run: move it out of {where} (or resume the run it came from)"
 MAY_CHANGE = "only train.max_iters, train.device/threads/compile, eval.* and checkpoint.* may change"
@@ -100,6 +102,40 @@ def check_checkpoint(
         raise corpus_changed
     if not same:
         raise RunError(f"cannot resume {run}: {checkpoint} holds another tokenizer than this run's", hint=foreign)
+
+
+def check_recorded_optimizer(run: Path, checkpoint: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """The optimizer settings the run's train_config.yaml gives against those its checkpoint's optimizer state
+    records: a hand edit of optim.* that the same flags could not make (RunError naming the key and the file).
+
+    The state records the betas, the weight decay and the learning rate of the last step (the schedule's:
+    optim.lr, min_lr, warmup_iters, lr_decay_iters, decay_lr). It does not record train.batch_size, data.* or
+    optim.grad_clip, so edits of those are not seen here."""
+    optim, step = cfg.optim, state["step"]
+    try:
+        group = state["optimizer"]["param_groups"][0]  # the decayed parameters' (the other's decay is 0)
+        recorded = {
+            "optim.beta1": (optim.beta1, float(group["betas"][0])),
+            "optim.beta2": (optim.beta2, float(group["betas"][1])),
+            "optim.weight_decay": (optim.weight_decay, float(group["weight_decay"])),
+            "learning rate": (lr_at(step - 1, cfg) if step else optim.lr, float(group["lr"])),
+        }
+    except (KeyError, IndexError, TypeError, ValueError):  # not the optimizer state gptcli writes: nothing to tell
+        return
+    for key, (given, trained) in recorded.items():
+        if not math.isclose(given, trained, rel_tol=1e-6, abs_tol=1e-12):
+            what = (
+                f"a learning rate of {given:g} at step {step} (optim.lr, min_lr, warmup_iters, lr_decay_iters and"
+                " decay_lr give it)"
+                if key == "learning rate"
+                else f"{key} {given:g}"
+            )
+            raise RunError(
+                f"cannot resume {run}: its {ckpt.CONFIG_FILE} gives {what}, but the run trained with {trained:g}"
+                f" ({checkpoint.name} records it)",
+                hint=f"undo that change to {run / ckpt.CONFIG_FILE}, or start a new run with it (a new --out):"
+                f" on a resume {MAY_CHANGE}",
+            )
 
 
 def _read(path: Path) -> bytes | None:

@@ -8,6 +8,7 @@ decay on matrices only, gradient accumulation over micro-batches, clipping of th
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,19 @@ def mixed_precision(device: str, dtype: str) -> MixedPrecision:
             wanted = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[wanted]
     return MixedPrecision(amp_dtype, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's get_lr)."""
+    o = cfg.optim
+    if not o.decay_lr:
+        return o.lr
+    if step < o.warmup_iters:
+        return o.lr * (step + 1) / (o.warmup_iters + 1)
+    if step > o.lr_decay_iters:
+        return o.min_lr
+    ratio = (step - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
 
 
 def new_optimizer(model: Any, cfg: TrainConfig) -> Any:
