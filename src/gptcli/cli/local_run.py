@@ -59,6 +59,8 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
             raw=raw,
         )
     except KeyboardInterrupt:  # while the model loads (a first run converts it): --json still gets its object
+        if not as_json:
+            raise  # nothing to flush: exit 130 (the loader said what it left, if anything)
         finished = Finished("interrupted", NO_STATS, "", ())
     else:
         if prompt.warning:
