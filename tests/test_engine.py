@@ -308,6 +308,15 @@ def test_kv_budget_is_tokens_or_a_size():
         parse_kv_budget("1GiB", 0)
 
 
+@pytest.mark.parametrize("absurd", ["9" * 400, "9" * 400 + "MiB", "1" + "0" * 30, "1" + "0" * 30 + "TiB"])
+def test_an_absurd_kv_budget_is_a_config_error_not_an_internal_one(absurd):
+    # 400 nines read as float infinity (or NaN once divided), and int() of it ended the command with
+    # "internal error: OverflowError"; 10**30 tokens passed, a budget no machine holds and no int64 counts.
+    with pytest.raises(ConfigError, match="is too large to be a budget"):
+        parse_kv_budget(absurd, 1024)
+    assert parse_kv_budget(str(2**40), 1024) == 2**40  # large but real: kept
+
+
 def test_queue_full_is_its_own_error(model):
     backend, tok = model
     engine = Engine(backend, tok, EngineLimits(max_running=1, max_queue=2))

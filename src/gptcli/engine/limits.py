@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from gptcli.hardware import available_memory_bytes
 
 DEFAULT_PREFILL_CHUNK = 512
 KV_MEMORY_FRACTION = 0.5  # of the memory available at start, when no --kv-budget is given
+MAX_KV_BUDGET = 2**63 - 1  # positions: past this a count is no budget at all (and no int64 holds it)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def parse_kv_budget(value: str | int | None, kv_bytes_per_token: int) -> int | N
             )
         number, unit = float(match.group(1)), match.group(2)
         if unit is None:
-            tokens = int(number)
+            tokens = int(number) if math.isfinite(number) else MAX_KV_BUDGET + 1
         else:
             scale = {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
             size = number * (1024 if "i" in unit else 1000) ** scale
@@ -63,7 +65,12 @@ def parse_kv_budget(value: str | int | None, kv_bytes_per_token: int) -> int | N
                     "--kv-budget as a size needs to know how much one position costs, and this backend does not say",
                     hint="give --kv-budget as a number of tokens",
                 )
-            tokens = int(size // kv_bytes_per_token)
+            tokens = int(size // kv_bytes_per_token) if math.isfinite(size) else MAX_KV_BUDGET + 1
+    if tokens > MAX_KV_BUDGET:  # 400 nines read as float infinity: int() of it was an internal error
+        raise ConfigError(
+            f"--kv-budget {value!r} is too large to be a budget",
+            hint="use e.g. --kv-budget 16384 (tokens) or --kv-budget 8GiB, or leave it out for half the free memory",
+        )
     if tokens < 1:
         raise ConfigError(f"--kv-budget {value!r} leaves no room for a single token", hint="raise --kv-budget")
     return tokens
