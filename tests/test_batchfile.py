@@ -271,6 +271,33 @@ def test_ctrl_c_before_a_line_finishes_never_lets_its_duplicates_error_mark_it_d
     assert rest[0]["usage"]["completion_tokens"] == 20
 
 
+def test_results_held_for_input_order_behind_a_long_line_stay_bounded(model, monkeypatch):
+    """A long first line and many short ones: every short result was held until the first was written (all
+    100 here; all 9,999 of a 10,000-line file). Now no line starts while MAX_HELD_RESULTS are held."""
+    from gptcli import batchfile
+
+    _, tok = model
+    backend = NeverEnds([], tok.vocab_size, context_length=128)
+    monkeypatch.setattr(batchfile, "MAX_HELD_RESULTS", 5, raising=False)
+    peak = 0
+
+    class Watched(ResultWriter):
+        def add(self, index, record):
+            nonlocal peak
+            super().add(index, record)
+            peak = max(peak, len(self._waiting))
+
+    lines = [json.dumps({"id": "long", "prompt": "hi", "max_tokens": 60})]
+    lines += [json.dumps({"id": f"s{i}", "prompt": "hi", "max_tokens": 1}) for i in range(100)]
+    data = io.BytesIO("".join(line + "\n" for line in lines).encode())
+    requests = (parse_request(n, raw, tok, SETTINGS, 128) for n, raw in read_lines(data))
+    stream = io.StringIO()
+    summary = run_batch(LocalLines(Engine(backend, tok, EngineLimits(max_running=4))), requests, Watched(stream))
+    results = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["id"] for r in results] == ["long"] + [f"s{i}" for i in range(100)] and summary.ok == 101
+    assert peak <= 5 + 4  # the bound, plus what the lines already running finish in one step
+
+
 def test_a_request_over_the_kv_budget_is_that_lines_error(model):
     backend, tok = model
     data = io.BytesIO(b'{"prompt": "hi", "max_tokens": 100}\n{"prompt": "hi", "max_tokens": 2}\n')

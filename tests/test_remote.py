@@ -458,6 +458,28 @@ def test_run_streams_starts_lazily_and_hands_a_streams_error_back():
     assert len(started) <= 6  # at most two running, from an endless source
 
 
+def test_run_streams_starts_no_stream_while_the_caller_says_wait():
+    """A batch file through --url holds finished results for input order; `may_start` is how it says it holds
+    enough: while it says no, no stream starts beside those running (none running: one starts anyway)."""
+    from gptcli.decoding import NO_STATS
+    from gptcli.fanout import run_streams
+
+    started: list[int] = []
+
+    def start(index: int) -> Any:
+        def stream() -> Iterator[Any]:
+            started.append(index)
+            yield Finished("stop", NO_STATS, str(index), ())
+
+        return stream
+
+    allowed = {"yes": False}
+    events = run_streams((start(i) for i in range(5)), 4, may_start=lambda: allowed["yes"])
+    ended = [index for index, event in events if isinstance(event, Finished)]
+    assert ended == [0, 1, 2, 3, 4]  # one at a time, each after the last ended, though four may run
+    assert started == [0, 1, 2, 3, 4]
+
+
 def test_requests_share_one_tls_context(canned, monkeypatch):
     """httpx loaded the CA bundle for each request (~20 ms of CPU): a batch file through --url spent more of
     its time there than the server did. One context serves every request."""

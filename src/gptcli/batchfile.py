@@ -8,9 +8,9 @@ A request line is an object with `prompt` (text) or `messages` (chat messages), 
 `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
 `seed`, `stop`). A line that cannot
 be run (bad JSON, unknown keys, a prompt over the context) becomes an error result for that line;
-the run goes on. Results are written in input order as soon as every earlier line is done, each line
-flushed and synced, so an interrupted run keeps everything finished and `--resume` skips the ids
-already in the output.
+the run goes on. Results are written in input order as soon as every earlier line is done (no line starts
+while MAX_HELD_RESULTS wait behind one still running), each line flushed and synced, so an interrupted
+run keeps everything finished and `--resume` skips the ids already in the output.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from gptcli.tokenizer import Tokenizer
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS}
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
+# Results held back for input order behind a line still running (a long first line, thousands of short ones
+# after it, each finished and kept until the first is written): past this many, no line starts until the
+# oldest unfinished one is done, so memory stays bounded however long the file.
+MAX_HELD_RESULTS = 1024
 
 
 @dataclass(frozen=True)
@@ -181,14 +185,17 @@ def error_record(request_id: str, message: str) -> dict[str, Any]:
 
 class Lines(Protocol):
     """Where the lines run: `check` refuses one that can never run (its error is the line's result), `run`
-    yields (position in `requests`, event), or a GptcliError in place of a line's Finished."""
+    yields (position in `requests`, event), or a GptcliError in place of a line's Finished, starting another
+    request while some run only when `may_start()` says yes."""
 
     # Whether every streamed piece is a token: a server streams about one a piece, with no ids; the local
     # engine gives ids, and a piece without one is held-back text of tokens already counted.
     pieces_are_tokens: bool
 
     def check(self, request: BatchRequest) -> None: ...
-    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]: ...
+    def run(
+        self, requests: Iterable[BatchRequest], may_start: Callable[[], bool]
+    ) -> Iterator[tuple[int, Event | GptcliError]]: ...
 
 
 class LocalLines:
@@ -203,8 +210,11 @@ class LocalLines:
         assert request.settings is not None
         self.engine.check_fits(len(request.prompt_ids), request.settings.sampling)
 
-    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]:
-        return run_all(self.engine, ((r.prompt_ids, r.settings.sampling) for r in requests))  # type: ignore[union-attr]
+    def run(
+        self, requests: Iterable[BatchRequest], may_start: Callable[[], bool]
+    ) -> Iterator[tuple[int, Event | GptcliError]]:
+        jobs = ((r.prompt_ids, r.settings.sampling) for r in requests)  # type: ignore[union-attr]
+        return run_all(self.engine, jobs, may_start=may_start)
 
 
 class RemoteLines:
@@ -219,8 +229,10 @@ class RemoteLines:
     def check(self, request: BatchRequest) -> None:
         pass  # the server says what it refuses
 
-    def run(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[int, Event | GptcliError]]:
-        return run_streams((self._start(r) for r in requests), self.parallel)
+    def run(
+        self, requests: Iterable[BatchRequest], may_start: Callable[[], bool]
+    ) -> Iterator[tuple[int, Event | GptcliError]]:
+        return run_streams((self._start(r) for r in requests), self.parallel, may_start=may_start)
 
     def _start(self, request: BatchRequest) -> Callable[[], Iterator[Event]]:
         params = request.settings.sampling  # type: ignore[union-attr]
@@ -282,7 +294,7 @@ def run_batch(
             yield request
 
     try:
-        for position, event in lines.run(runnable()):
+        for position, event in lines.run(runnable(), lambda: writer.held < MAX_HELD_RESULTS):
             if isinstance(event, GptcliError):
                 if not isinstance(event, InputError):
                     raise event

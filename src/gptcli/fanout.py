@@ -17,8 +17,11 @@ from gptcli.errors import GptcliError
 Start = Callable[[], Iterator[Event]]
 
 
-def run_streams(starts: Iterable[Start], parallel: int) -> Iterator[tuple[int, Event | GptcliError]]:
-    """(stream index, event) as events arrive, from at most `parallel` streams at once.
+def run_streams(
+    starts: Iterable[Start], parallel: int, *, may_start: Callable[[], bool] | None = None
+) -> Iterator[tuple[int, Event | GptcliError]]:
+    """(stream index, event) as events arrive, from at most `parallel` streams at once (and, while some
+    run, only when `may_start` says yes: the caller's own bound, as in `engine.run_all`).
 
     A stream that fails with a GptcliError yields it in place of its Finished (the caller decides whether
     that ends the run); any other exception is raised here. Ctrl-C stops every stream: the unfinished ones
@@ -43,7 +46,7 @@ def run_streams(starts: Iterable[Start], parallel: int) -> Iterator[tuple[int, E
     exhausted = False
     try:
         while True:
-            while not exhausted and len(live) < max(parallel, 1):
+            while not exhausted and len(live) < max(parallel, 1) and (not live or may_start is None or may_start()):
                 item = next(source, None)
                 if item is None:
                     exhausted = True

@@ -205,6 +205,11 @@ class ResultWriter:
     def expect(self, index: int) -> None:
         self._order.append(index)
 
+    @property
+    def held(self) -> int:
+        """Finished results waiting for an earlier one before they can be written."""
+        return len(self._waiting)
+
     def add(self, index: int, record: dict[str, Any]) -> None:
         self._waiting[index] = record
         while self._order and self._order[0] in self._waiting:

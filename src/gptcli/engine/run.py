@@ -37,18 +37,27 @@ def generate(
             engine.interrupt()  # the rest of the text and the Finished ('interrupted') come next
 
 
-def run_all(engine: Engine, requests: Iterable[tuple[Sequence[int], SamplingConfig]]) -> Iterator[tuple[int, Event]]:
+def run_all(
+    engine: Engine,
+    requests: Iterable[tuple[Sequence[int], SamplingConfig]],
+    *,
+    may_start: Callable[[], bool] | None = None,
+) -> Iterator[tuple[int, Event]]:
     """Run requests concurrently, in order of arrival, and yield (request index, event).
 
     Requests are read lazily and submitted only while the engine has room to start them, so a batch
-    file of any length holds at most `max_running` sequences (plus one waiting) in memory. Ctrl-C (a
-    sequence finished 'interrupted') ends the run: the requests not yet read are never started.
+    file of any length holds at most `max_running` sequences (plus one waiting) in memory. `may_start`,
+    when given, must also say yes before another request is read while some still run (the caller's own
+    bound: results it holds). Ctrl-C (a sequence finished 'interrupted') ends the run: the requests not
+    yet read are never started.
     """
     source = iter(enumerate(requests))
     live: dict[int, tuple[int, SequenceHandle]] = {}
     exhausted = False
     while True:
-        while not exhausted and len(live) <= engine.limits.max_running:
+        while (
+            not exhausted and len(live) <= engine.limits.max_running and (not live or may_start is None or may_start())
+        ):
             item = next(source, None)
             if item is None:
                 exhausted = True
