@@ -280,6 +280,9 @@ def test_the_kv_budget_makes_sequences_wait_and_refuses_one_that_never_fits(mode
     assert peak == 40 // (len(ids) + 10)
     with pytest.raises(InputError, match="KV budget is 40"):
         engine.submit(ids, SamplingConfig(max_tokens=100))
+    with pytest.raises(InputError, match=r"KV budget \(40\) leaves no room for a reply") as refused:
+        engine.submit(list(range(1, 41)), SamplingConfig(max_tokens=1))  # no max_tokens helps: not the hint
+    assert refused.value.hint == "raise --kv-budget, or shorten the prompt"
 
 
 def test_cancel_frees_the_cache_at_the_next_step(model):

@@ -856,6 +856,20 @@ def test_a_request_the_kv_budget_cannot_hold_names_max_tokens_not_a_cli_flag(run
         assert httpx.post(server.v1 + "/chat/completions", json=body, timeout=30).status_code == 200
 
 
+def test_a_prompt_that_alone_fills_the_kv_budget_says_to_shorten_it_not_to_ask_fewer_tokens(runtime):
+    """'ask for fewer tokens' sent the client round in circles: with the prompt alone over the budget, even
+    max_tokens 1 is refused. It is the prompt's error, as a prompt over the context is."""
+    with serve_runtime(runtime, kv_budget_tokens=40) as server:
+        body = {"messages": [{"role": "user", "content": "autumn leaves " * 20}], "max_tokens": 1}
+        refused = httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
+        error = error_of(refused)
+        assert refused.status_code == 400 and error["param"] == "messages", refused.text
+        assert error["code"] == "context_length_exceeded" and "KV budget (40)" in error["message"]
+        assert "shorten" in error["message"] and "fewer tokens" not in error["message"]
+        refused = httpx.post(server.v1 + "/completions", json={"prompt": "x " * 60, "max_tokens": 1}, timeout=30)
+        assert refused.status_code == 400 and error_of(refused)["param"] == "prompt", refused.text
+
+
 def test_another_sites_page_may_not_make_the_server_generate(live):
     """Any web page could POST to a keyless loopback server (a form or a no-cors fetch) and spend the machine."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -100,6 +100,11 @@ def kv_reserve(prompt_tokens: int, max_tokens: int, context: int, kv_budget: int
         raise InputError(
             f"the prompt is {prompt_tokens} tokens but the model's context holds {context}", hint="shorten the prompt"
         )
+    if prompt_tokens >= kv_budget:  # no max_tokens helps: the hint to lower it sent users round in circles
+        raise InputError(
+            f"the prompt is {prompt_tokens} tokens, and the KV budget ({kv_budget}) leaves no room for a reply",
+            hint="raise --kv-budget, or shorten the prompt",
+        )
     reserve = min(prompt_tokens + max(max_tokens, 1), context)
     if reserve > kv_budget:
         raise InputError(

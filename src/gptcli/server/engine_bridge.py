@@ -16,18 +16,38 @@ from starlette.requests import Request
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished
+from gptcli.errors import InputError
+from gptcli.server.errors import APIError
 
 
 class EngineLike(Protocol):
     """What the server needs of gptcli.engine.Engine."""
 
     limits: Any  # gptcli.engine.EngineLimits: max_running, max_queue
+    kv_budget: int
+
+    def check_fits(self, prompt_tokens: int, params: SamplingConfig) -> int: ...
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingConfig, *, on_event: Any = None) -> Any: ...
     def cancel(self, handle: Any) -> None: ...
     def snapshot(self) -> Any: ...
     def start(self) -> None: ...
     def stop(self, grace_s: float = 0.0) -> None: ...
+
+
+def check_fits(engine: EngineLike, prompts: list[list[int]], params: SamplingConfig, *, prompt_param: str) -> None:
+    """A request the KV budget can never hold: a 400 in the request's own terms, naming what would make it fit
+    (fewer tokens asked for, or a shorter prompt when the prompt alone fills the budget)."""
+    for ids in prompts:
+        try:
+            engine.check_fits(len(ids), params)
+        except InputError as exc:
+            server = "the server's --kv-budget sets the budget"
+            if len(ids) >= engine.kv_budget:
+                message = f"{prompt_param}: {exc.message}; shorten it ({server})"
+                raise APIError(400, message, param=prompt_param, code="context_length_exceeded") from None
+            message = f"max_tokens: {exc.message}; ask for fewer tokens ({server})"
+            raise APIError(400, message, param="max_tokens", code="invalid_value") from None
 
 
 class EngineStream:

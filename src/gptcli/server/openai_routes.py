@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished, IncrementalDetokenizer, Stats, Token
-from gptcli.errors import ConfigError, InputError
+from gptcli.errors import ConfigError
 from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
-from gptcli.server.engine_bridge import EngineStream, wait_for_disconnect
+from gptcli.server.engine_bridge import EngineStream, check_fits, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
 from gptcli.server.schemas import (
     ChatRequest,
@@ -238,12 +238,7 @@ async def respond(
             raise APIError(
                 400, f"response_format: {exc.message}", param="response_format", code="invalid_value"
             ) from None
-    for ids in prompts:  # a request the KV budget can never hold: named in the request's own terms
-        try:
-            state.engine.check_fits(len(ids), params)
-        except InputError as exc:
-            message = f"max_tokens: {exc.message}; ask for fewer tokens (the server's --kv-budget sets the budget)"
-            raise APIError(400, message, param="max_tokens", code="invalid_value") from None
+    check_fits(state.engine, prompts, params, prompt_param="messages" if shapes[0].kind == "chat" else "prompt")
     streams: list[EngineStream] = []
     try:
         for ids in prompts:
