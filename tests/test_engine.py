@@ -330,6 +330,23 @@ def test_queue_full_is_its_own_error(model):
         engine.submit(ids, GREEDY)
 
 
+def test_slots_the_kv_budget_cannot_fill_are_not_free_either(model):
+    """With the KV budget room for one sequence, three of four slots were taken for free: --max-queue 1
+    let five requests wait, not one (the queue bound was --parallel - 1 looser than asked)."""
+    backend, tok = model
+    ids = tok.encode("hi")
+    reserve = len(ids) + GREEDY.max_tokens
+    engine = Engine(backend, tok, EngineLimits(max_running=4, max_queue=1, kv_budget_tokens=reserve + 5))
+    engine.submit(ids, GREEDY)  # the next step starts it
+    engine.submit(ids, GREEDY)  # no KV room left beside it: the queue
+    with pytest.raises(QueueFullError, match="1 requests are already waiting"):
+        engine.submit(ids, GREEDY)
+    engine.step()
+    assert engine.snapshot().running == 1 and engine.snapshot().waiting == 1
+    with pytest.raises(QueueFullError):
+        engine.submit(ids, GREEDY)
+
+
 def test_free_slots_are_not_the_queue(model):
     """Sequences wait for the next step even when a slot is free: those do not fill --max-queue (0 refused
     every request of an idle server, and a burst was turned away with slots free)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gptcli.backends.base import Backend
@@ -90,6 +91,17 @@ def default_prefix_cache(backend: Backend, max_running: int) -> int:
     """Finished sequences whose prompt KV the engine keeps: `max_running` on the CPU, where a kept cache
     commits memory only for its positions; none on CUDA, where the KV pool reserves whole context slots."""
     return 0 if backend.info.device == "cuda" else max_running
+
+
+def startable(reserves: Iterable[int], free_slots: int, kv_room: int) -> int:
+    """How many waiting sequences (their KV reserves, oldest first) the next step starts, as the engine admits
+    them: while a slot is free and the KV budget has room. The rest are the queue `--max-queue` bounds."""
+    count = 0
+    for reserve in reserves:
+        if count >= free_slots or reserve > kv_room:
+            break
+        count, kv_room = count + 1, kv_room - reserve
+    return count
 
 
 def kv_reserve(prompt_tokens: int, max_tokens: int, context: int, kv_budget: int) -> int:

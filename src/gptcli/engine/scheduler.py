@@ -42,7 +42,7 @@ from gptcli.backends.base import Backend, check_token_ids, fork_of, release_cach
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, KVSession, SequenceDecoder, common_prefix
 from gptcli.engine.handle import SequenceHandle
-from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve
+from gptcli.engine.limits import EngineLimits, EngineStats, default_kv_budget, kv_reserve, startable
 from gptcli.engine.prefix_cache import PrefixCache
 from gptcli.engine.scoring import step_scoring_prompts
 from gptcli.engine.sequence import SequenceState
@@ -107,12 +107,14 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise QueueFullError("the server is shutting down", hint="retry against another replica")
-            # Until the next step admits them, new sequences wait even for a free slot: only those
-            # beyond the free slots are queued (--max-queue 0: no queue, not "refuse everything").
-            queued = len(self._waiting) - max(0, self.limits.max_running - len(self._running))
-            if queued >= self.limits.max_queue:
+            # Until the next step admits them, new sequences wait even for a free slot: only those the next
+            # step cannot start (no slot, or no KV room) are queued (--max-queue 0: no queue, not "refuse everything").
+            free = max(0, self.limits.max_running - len(self._running))
+            reserves = [*(s.reserve for s in self._waiting), reserve]  # with this one
+            room = self.kv_budget - self._kv_used  # the prefix cache's positions give way (_admit)
+            if (queued := len(reserves) - startable(reserves, free, room)) > self.limits.max_queue:
                 raise QueueFullError(
-                    f"{queued} requests are already waiting for a slot (--max-queue {self.limits.max_queue})",
+                    f"{queued - 1} requests are already waiting for a slot (--max-queue {self.limits.max_queue})",
                     hint="retry in a moment",
                 )
             handle = SequenceHandle(next(self._ids), len(prompt), on_event)
