@@ -191,6 +191,36 @@ def test_a_fresh_slot_commits_only_the_positions_written():
     assert grown < 4 * 2**20, f"{grown / 2**20:.1f} MiB committed for 768 KiB written"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_a_released_slot_gives_its_memory_back():
+    """A slot kept its pages after its cache was released (or moved away): the pool stayed at its high-water
+    mark, every slot as full as it had ever been, past what --kv-budget lets run (the default model: four
+    ended sequences of 2,048 positions held 360 MB)."""
+    from gptcli.backends.onnx_kvpool import KvPool
+
+    class Owner:
+        slot, length = -1, 0
+
+    pool = KvPool(blocks=8, kv_heads=3, context=8192, head_dim=64, dtype=np.float32, device="cpu")
+    gone, kept = Owner(), Owner()
+    for owner in (gone, kept):
+        pool.acquire(owner)
+        owner.length = 2048
+        for block in pool.blocks:
+            block[owner.slot, :, :2048] = 1.0  # 1.5 MiB per block
+    before = _resident_bytes()
+    slot = gone.slot
+    pool.release(gone)
+    freed = before - _resident_bytes()
+    assert freed > 10 * 2**20, f"{freed / 2**20:.1f} MiB given back of 12 MiB released"
+    assert all(block[kept.slot, :, :2048].min() == 1.0 for block in pool.blocks)  # its neighbour untouched
+    again = Owner()
+    pool.acquire(again)  # the same slot, empty and usable
+    assert again.slot == slot and not pool.blocks[0][slot].any()
+    pool.blocks[0][slot, :, :4] = 2.0
+    assert pool.blocks[0][slot, 0, 3, 0] == 2.0
+
+
 def test_the_prefix_cache_on_onnx_slots_answers_as_alone(loaded, tiny_models):
     """Cached caches keep their pool slots (and are moved like any other) while others decode beside them."""
     from gptcli.config import SamplingConfig

@@ -4,8 +4,8 @@ A cache is a slot in the pool plus a length. A batched decode step binds a conti
 ``block[start:start + n]``, as both past and present of every layer, so GroupQueryAttention writes each
 row's new position in place; `arrange` moves caches (copying only their filled positions) when the
 sequences decoding together do not sit side by side, which happens only as sequences join or leave.
-On the CPU the blocks are ``np.zeros`` arrays (pages are committed only as positions fill); on CUDA they
-are device OrtValues, moved with the CUDA runtime's 2-D copy.
+On the CPU the blocks are anonymous mappings (pages are committed only as positions fill, and given back
+when a slot is freed); on CUDA they are device OrtValues, moved with the CUDA runtime's 2-D copy.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class KvPool:
     def release(self, owner: SlotOwner) -> None:
         if self.owner_of(owner.slot) is owner:
             self.owners[owner.slot] = None
+            self._give_back(owner.slot)
         owner.slot = -1
 
     def copy_prefix(self, source: SlotOwner, target: SlotOwner, length: int) -> None:
@@ -90,6 +91,26 @@ class KvPool:
         for slot, held in enumerate(self.owners):
             if held is ref:
                 self.owners[slot] = None
+                self._give_back(slot)
+
+    def _give_back(self, slot: int) -> None:
+        """Return a freed slot's memory to the system (CPU); a later owner commits pages again as it fills.
+        Kept, the pool held every slot as full as it had ever been: memory at its high-water mark, past
+        what --kv-budget lets run (4 sequences of 2,048 positions, all ended: 360 MB on the default model)."""
+        if self.device == "cuda" or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-slot * self.slot_bytes // page) * page  # whole pages inside the slot only
+        end = (slot + 1) * self.slot_bytes // page * page
+        if end <= start:
+            return
+        for block in self.blocks:
+            memory = block
+            while memory is not None and not isinstance(memory, mmap.mmap):
+                # the array's view chain down to its mapping (np.frombuffer's base is a memoryview of it)
+                memory = memory.obj if isinstance(memory, memoryview) else getattr(memory, "base", None)
+            if memory is not None:
+                memory.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _free_slot(self, lowest: int) -> int:
         for slot in range(lowest, self.slots):
@@ -104,6 +125,7 @@ class KvPool:
         for block in range(self.block_count):
             self._copy(self.blocks[block], target, self.blocks[block], owner.slot, owner.length)
         self.owners[target], self.owners[owner.slot] = self.owners[owner.slot], None
+        self._give_back(owner.slot)
         owner.slot = target
 
     def _grow(self, slots: int) -> None:
