@@ -325,6 +325,36 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
         ex.check_exportable(arch)
 
 
+@pytest.mark.parametrize(("heads", "size"), [(4, 12), (6, 8)])
+def test_heads_onnx_attention_cannot_run_are_refused_also_from_the_cache(tmp_path, monkeypatch, heads, size):
+    """Heads of 12 (or 8) dimensions exported fine and every run then failed inside ORT's GroupQueryAttention
+    ('internal error: RuntimeError ... head_size must be a multiple of 8', exit 1; 16 with the rotary embedding
+    inside, as every family but GPT-2 has it): now a ModelError naming the size, at export and for an export
+    cached before the rule."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.onnx_backend import OnnxBackend
+    from gptcli.hf import architecture
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    folder = tmp_path / f"head-{size}"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    with pytest.raises(ModelError, match=rf"{size} dimensions .* multiple of 16") as info:
+        ex.ensure_export(folder)
+    assert info.value.exit_code == 5 and "--backend torch" in (info.value.hint or "")
+    with monkeypatch.context() as older:  # as an older gptcli exported it
+        older.setitem(architecture.ONNX_HEAD_DIM_MULTIPLE, "rotary", 4)
+        ex.ensure_export(folder)
+    with pytest.raises(ModelError, match="multiple of 16"):
+        OnnxBackend.load(folder, LoadOptions(device="cpu"))
+
+
 def test_a_config_that_disagrees_with_the_weights_fails_before_any_weight_is_read(tiny_models, tmp_path, monkeypatch):
     import shutil
 

@@ -142,6 +142,8 @@ def ensure_export(
             f"{folder} is already an ONNX export",
             hint="run it with --backend onnx, or export the model it was made from (`gptcli models info` names it)",
         )
+    # Before the cache too: an export made before a rule refused its model must not run (and fail in ORT).
+    check_exportable(read_architecture(folder), device)
     dest = output if output is not None else cached_export_dir(folder, precision, device)
     if not force and (dest / SIDECAR_FILE).is_file():
         try:

@@ -48,6 +48,9 @@ FAST_PATH_ROPE_TYPES = {
     "lean": frozenset({"default", "linear", "llama3", "yarn", "longrope"}),
     "onnx": frozenset({"default", "linear", "llama3", "yarn"}),  # tables baked into the graph (export/rope.py)
 }
+# The head sizes ONNX Runtime's GroupQueryAttention (one per layer of the fused graph) runs: whole 8s, and
+# whole 16s where it applies the rotary embedding itself (every family but GPT-2).
+ONNX_HEAD_DIM_MULTIPLE = {"plain": 8, "rotary": 16}
 GPT2_ACTIVATIONS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
 DECODER_ACTIVATIONS = {
     "lean": frozenset({"silu", "gelu_pytorch_tanh", "gelu_new"}),
@@ -183,6 +186,12 @@ class Architecture:
             return "mlp_bias: MLP biases are not supported"
         if self.quirks:
             return f"{', '.join(self.quirks)} is not supported"
+        multiple = ONNX_HEAD_DIM_MULTIPLE["plain" if self.family == "gpt2" else "rotary"]
+        if path == "onnx" and self.head_dim % multiple:
+            return (
+                f"its attention heads have {self.head_dim} dimensions (hidden size / heads, or head_dim);"
+                f" ONNX Runtime's attention needs a multiple of {multiple}"
+            )
         return None
 
     def check_tensors(self, tensors: Mapping[str, TensorHeader]) -> None:
