@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from gptcli.backends.base import Backend, LoadOptions, get_backend_class, unavailable_reason
+from gptcli.backends.base import BUILTINS, PLUGIN_HINT, Backend, LoadOptions, get_backend_class, unavailable_reason
 from gptcli.config import Settings
-from gptcli.errors import BackendError, UsageError
+from gptcli.errors import BackendError, GptcliError, UsageError
 from gptcli.gguf_convert import Progress
 from gptcli.hardware import usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
@@ -44,6 +45,22 @@ def load_options(settings: Settings) -> LoadOptions:
     )
 
 
+def load_backend(backend_cls: type[Backend], settings: Settings, folder: Path) -> Backend:
+    """Load `folder` with the chosen backend; a plugin that raises anything but a GptcliError is a
+    BackendError naming it (a built-in's own failure stays an internal error: a bug to report)."""
+    try:
+        return backend_cls.load(folder, load_options(settings))
+    except GptcliError:
+        raise
+    except Exception as exc:
+        if settings.backend in BUILTINS:
+            raise
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise BackendError(
+            f"backend '{settings.backend}' failed to load {folder.name}: {message}", hint=PLUGIN_HINT
+        ) from None
+
+
 def open_model(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> LocalModel:
     """The settings' model as a local folder; `progress` hears how a first-use conversion is getting on."""
     return resolve_model(settings.model, allow_pickle=settings.allow_pickle, notify=notify, progress=progress)
@@ -64,7 +81,7 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
         from gptcli.constraints import prepare  # before the model loads (the tokenizer-free check let it pass)
 
         prepare(settings.sampling.constraint, tokenizer)
-    backend = backend_cls.load(model.path, load_options(settings))
+    backend = load_backend(backend_cls, settings, model.path)
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
         notify(f"{backend.name}: {backend.fallback_reason}")
     return Runtime(model, backend, tokenizer)

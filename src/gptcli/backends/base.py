@@ -114,13 +114,50 @@ def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]])
         raise ValueError("batched_step() needs at least one sequence")
     native = getattr(backend, "step", None)
     if native is not None:
-        return native(batch)
+        logits, caches = native(batch)
+        return checked_logits(backend, logits, len(batch), "step()"), checked_caches(backend, caches, len(batch))
     rows, caches = [], []
     for ids, cache in batch:
         logits, cache = backend.forward(ids, cache)
-        rows.append(logits)
+        rows.append(checked_logits(backend, logits, None, "forward()"))
         caches.append(cache)
     return np.stack(rows), caches
+
+
+def checked_logits(backend: Backend, logits: Any, rows: int | None, call: str) -> np.ndarray:
+    """`logits` when they are what the protocol promises ([rows, vocab], or [vocab] when rows is None, no NaN);
+    else a BackendError naming the backend: a wrong shape or NaN would be sampled into a wrong answer or fail
+    deep in sampling."""
+    import numpy as np
+
+    vocab = backend.info.vocab_size
+    want = (vocab,) if rows is None else (rows, vocab)
+    who, hint = _blamed(backend)
+    shape = getattr(logits, "shape", None)
+    if shape != want:
+        got = f"logits of shape {tuple(shape)}" if shape is not None else f"{type(logits).__name__} for logits"
+        axes = "(vocabulary,)" if rows is None else "(rows, vocabulary)"
+        raise BackendError(f"{who}: {call} gave {got}, not {want} {axes}", hint=hint)
+    if np.isnan(logits).any():
+        raise BackendError(
+            f"{who}: {call} gave NaN logits",
+            hint=hint or "the model's weights hold NaN, or its arithmetic overflowed: try --dtype float32",
+        )
+    return logits
+
+
+def checked_caches(backend: Backend, caches: Sequence[Cache], rows: int) -> list[Cache]:
+    """The caches a step gave, one per entry of its batch (else a BackendError naming the backend)."""
+    if len(caches) != rows:
+        who, hint = _blamed(backend)
+        raise BackendError(f"{who}: step() gave {len(caches)} caches for {rows} rows", hint=hint)
+    return list(caches)
+
+
+def _blamed(backend: Backend) -> tuple[str, str | None]:
+    """How an error names `backend`, and its hint (a plugin's: reinstall or remove it)."""
+    name = getattr(backend, "name", type(backend).__name__)
+    return f"backend '{name}'", (None if name in BUILTINS else PLUGIN_HINT)
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
@@ -143,11 +180,12 @@ def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple
         raise ValueError("score_positions() needs at least one token")
     native = getattr(backend, "score", None)
     if native is not None:
-        return native(ids, cache)
+        logits, cache = native(ids, cache)
+        return checked_logits(backend, logits, len(ids), "score()"), cache
     rows = []
     for token in ids:
         logits, cache = backend.forward([token], cache)
-        rows.append(logits)
+        rows.append(checked_logits(backend, logits, None, "forward()"))
     return np.stack(rows), cache
 
 

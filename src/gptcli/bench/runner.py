@@ -52,7 +52,7 @@ def _quiet(_: str) -> None:
 
 def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Load the backend of one configuration and run the job's tests; returns records (JSON-ready)."""
-    from gptcli.runtime import check_backend, load_options
+    from gptcli.runtime import check_backend, load_backend
 
     if job.mode == "train":
         if job.prepare_only:
@@ -66,11 +66,11 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
     if job.prepare_only:
         # One-time work (an ONNX export, a conversion) happens here, in a throwaway process, so the
         # measured process's peak memory is what every later run costs.
-        backend_cls.load(folder, load_options(settings))
+        load_backend(backend_cls, settings, folder)
         return {"records": [], "skipped": []}
     honours = job.honours_precision
     notify(f"loading {settings.backend}{f' {settings.precision}' if honours else ''} ({settings.threads} threads)")
-    backend = backend_cls.load(folder, load_options(settings))
+    backend = load_backend(backend_cls, settings, folder)
     info = backend.info
     # A backend may say what its weights run at (torch: --precision fp32 runs them at --dtype).
     precision = getattr(backend, "precision", None) or (
