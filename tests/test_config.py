@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,14 @@ def test_an_empty_model_is_a_config_error_not_the_current_folder(tmp_path, capsy
     with pytest.raises(ConfigError, match=r"c\.yaml: model must be a model name, folder or file, got ' '"):
         resolve(config_file=cfg, environ={}, user_file=tmp_path / "none.yaml")
     assert resolve(environ={"GPTCLI_MODEL": ""}, user_file=tmp_path / "n").sources["model"] == "default"
+
+
+def test_a_choice_in_the_wrong_case_suggests_the_right_spelling():
+    """'Int8' was told 'did you mean int8?' but 'INT4' (and --backend ONNX) nothing: difflib minds case."""
+    from gptcli.backends.base import get_backend_class
+    from gptcli.errors import BackendError
+
+    with pytest.raises(ConfigError, match=r"got 'INT4' \(did you mean 'int4'\?\)$"):
+        resolve(flags={"precision": "INT4"}, environ={}, user_file=Path("/nonexistent/gptcli.yaml"))
+    with pytest.raises(BackendError, match=r"^unknown backend 'ONNX' \(did you mean 'onnx'\?\)$"):
+        get_backend_class("ONNX")

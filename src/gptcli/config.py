@@ -164,11 +164,11 @@ def get_value(settings: Settings, key: str) -> Any:
 
 
 def suggest(name: str, candidates: list[str]) -> str:
-    """The one "did you mean": ` (did you mean 'x'?)` for the candidate `name` means in another case or by
-    another name (gpu: cuda), else the closest spelling, or ""."""
-    meant = OTHER_NAMES.get(name.lower(), name.lower())
-    close = [meant] if meant in candidates else difflib.get_close_matches(name, candidates, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """The one ` (did you mean 'x'?)`: the choice meant in any case or by another name (gpu), else the nearest."""
+    folded = {candidate.casefold(): candidate for candidate in reversed(candidates)}  # the first spelling wins
+    meant = OTHER_NAMES.get(name.casefold(), name.casefold())
+    close = [meant] if meant in folded else difflib.get_close_matches(name.casefold(), list(folded), n=1)
+    return f" (did you mean '{folded[close[0]]}'?)" if close else ""
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:

@@ -351,8 +351,10 @@ def get_backend_class(name: str) -> type[Backend]:
                 f"backend '{name}' is a plugin turned off by {PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')}",
                 hint=f"add '{name}' to {PLUGINS_ENV}, or unset it",
             )
+        from gptcli.config import suggest
+
         names = sorted({s.name for s in specs if not s.conflict})
-        raise BackendError(f"unknown backend '{name}'", hint=f"choose one of: {', '.join(names)}")
+        raise BackendError(f"unknown backend '{name}'{suggest(name, names)}", hint=f"choose one of: {', '.join(names)}")
     return chosen[0].load_class()
 
 
