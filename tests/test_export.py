@@ -270,6 +270,30 @@ def test_cache_is_reused_and_keyed_by_precision_and_source(tiny_models, monkeypa
     assert ex.cached_export_dir(twin, "fp32", "cpu") != first.folder  # its damage could not reach the first's export
 
 
+def test_two_processes_exporting_at_once_keep_the_first_cached_export(tiny_models, monkeypatch, isolated_home):
+    """The later of two concurrent exports swapped the earlier one's folder out (rename, rename, delete) while
+    the first process was opening it: it now keeps the export it finds and discards its own copy."""
+    import shutil
+
+    dest = ex.cached_export_dir(tiny_models["llama"], "fp32", "cpu")
+    real_build = ex.build_export
+
+    def with_a_concurrent_export(folder, out, **kwargs):
+        meta = real_build(folder, out, **kwargs)
+        shutil.copytree(out, dest)  # the other process published first
+        (dest / "theirs").touch()
+        return meta
+
+    with monkeypatch.context() as patched:  # not monkeypatch.undo(): that would undo the isolated home too
+        patched.setattr(ex, "build_export", with_a_concurrent_export)
+        export = ex.ensure_export(tiny_models["llama"])
+    assert export.folder == dest and (dest / "theirs").exists()
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temporary folder left
+    assert ex.read_export(dest).meta["cache_key"] == export.meta["cache_key"]
+    ex.ensure_export(tiny_models["llama"], force=True)  # --force still replaces it
+    assert not (dest / "theirs").exists() and dest.is_relative_to(isolated_home)
+
+
 def test_interrupted_export_leaves_nothing_behind(tiny_models, monkeypatch, isolated_home):
     def interrupted(folder, out, **_):
         (out / "model.onnx").write_bytes(b"half")

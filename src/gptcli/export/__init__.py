@@ -164,7 +164,9 @@ def ensure_export(
     tmp = temp_dir_beside(dest)
     try:
         meta = build_export(folder, tmp, precision=precision, device=device, notify=notify)
-        publish_dir(tmp, dest)  # an old export at dest is replaced as a whole
+        # An old export at dest is replaced as a whole, when asked to (--force, or an --output of another
+        # model); in the cache, one at dest now is a concurrent export's: kept, not swapped under its readers.
+        publish_dir(tmp, dest, replace=force or output is not None)
     except OSError as exc:
         if not exc.filename:  # a full disk inside onnx's writer names no file: the error names the export
             exc.filename = str(dest)
