@@ -171,12 +171,19 @@ def test_corrupt_graph_is_exit_5_not_a_crash(tiny_models, isolated_home):
     assert result.stderr.decode().startswith("error: cannot load ONNX model")
 
 
-def test_truncated_weights_are_exit_5(tiny_models, isolated_home):
+def test_truncated_or_deleted_weights_are_exit_5_saying_which(tiny_models, isolated_home):
+    """Both said '(size mismatch)': a deleted file now says it is missing, a cut one its size and the sidecar's."""
     folder = tiny_models["gpt2"]
     OnnxBackend.load(folder, CPU32)
     data = _export_dir(isolated_home) / "model.onnx.data"
+    size = data.stat().st_size
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(ModelError, match="corrupt or incomplete ONNX export"):
+    with pytest.raises(
+        ModelError, match=rf"corrupt or incomplete ONNX export: .*data \(100 bytes, its sidecar says {size:,}\)"
+    ):
+        OnnxBackend.load(folder, CPU32)
+    data.unlink()
+    with pytest.raises(ModelError, match=r"corrupt or incomplete ONNX export: .*model\.onnx\.data \(missing\)$"):
         OnnxBackend.load(folder, CPU32)
 
 
@@ -270,3 +277,4 @@ def test_an_export_folder_is_a_model_for_the_onnx_backend(tiny_models, tmp_path)
     (out / "tokenizer.json").unlink()  # as an export made before exports carried their tokenizer
     old = run_cli("generate", "hello", "-m", str(out), "--backend", "onnx", "-n", "2")
     assert old.returncode == 5 and "export it again" in old.stderr.decode()
+    assert "without its tokenizer.json (deleted since, or made by an older gptcli)" in old.stderr.decode()

@@ -152,7 +152,7 @@ def resolve_model(
         if path.is_dir() and is_onnx_export(path):
             if not (path / "tokenizer.json").is_file():
                 raise ModelError(
-                    f"{path} is an ONNX export without its tokenizer (made by an older gptcli)",
+                    f"{path} is an ONNX export without its tokenizer.json (deleted since, or made by an older gptcli)",
                     hint="export it again with `gptcli export SOURCE --output FOLDER --force`",
                 )
             return LocalModel(path.resolve(), path.name, str(path.resolve()))

@@ -38,19 +38,25 @@ def read_export(folder: Path) -> Export:
     hint = "delete the folder and export again (`gptcli export`)"
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        expected_size = int(meta["files"][MODEL_FILE])
-        data_size = meta["files"].get(MODEL_FILE + ".data")
+        sizes = {MODEL_FILE: int(meta["files"][MODEL_FILE])}
+        if (data_size := meta["files"].get(MODEL_FILE + ".data")) is not None:
+            sizes[MODEL_FILE + ".data"] = int(data_size)
     except FileNotFoundError:
         raise ModelError(f"{folder} is not a gptcli ONNX export (no {SIDECAR_FILE})", hint=hint) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"corrupt export sidecar {sidecar}: {exc}", hint=hint) from None
-    graph = folder / MODEL_FILE
-    if not graph.is_file() or graph.stat().st_size != expected_size:
-        raise ModelError(f"corrupt or incomplete ONNX export: {graph} (size mismatch)", hint=hint)
-    data = folder / (MODEL_FILE + ".data")
-    if data_size is not None and (not data.is_file() or data.stat().st_size != int(data_size)):
-        raise ModelError(f"corrupt or incomplete ONNX export: {data} (size mismatch)", hint=hint)
+    for name, size in sizes.items():
+        if (damage := _damage(folder / name, size)) is not None:
+            raise ModelError(f"corrupt or incomplete ONNX export: {folder / name} ({damage})", hint=hint)
     return Export(folder, meta)
+
+
+def _damage(file: Path, size: int) -> str | None:
+    """What is wrong with an export's file that should hold `size` bytes ("missing", "N bytes, ..."), or None."""
+    if not file.is_file():
+        return "missing"
+    found = file.stat().st_size
+    return None if found == size else f"{found:,} bytes, its sidecar says {size:,}"
 
 
 def io_record(arch: Architecture, kv_dtype: str) -> dict[str, Any]:
