@@ -1,8 +1,8 @@
 """A plugin whose load raises, or whose logits break the protocol, is a one-line BackendError naming it (exit 4).
 
 A wrong shape was sampled from (a wrong answer, exit 0) or failed deep in the engine, NaN logits failed in
-sampling, a step with fewer rows than asked failed in a zip, and a raising load was an internal error: all exit 1
-with a traceback hint, none naming the plugin.
+sampling, a step with fewer rows than asked failed in a zip, and a raising load or forward was an internal error
+(which says gptcli has a bug): all exit 1 with a traceback hint, none naming the plugin.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ class Fewer(Good):
         return np.stack([row for row, _ in rows])[:-1], [cache for _, cache in rows]
 
 
+class Boom(Good):
+    name = "boom"
+
+    def forward(self, ids, cache):
+        raise RuntimeError("CUDA kernel launch failed")
+
+
 class Score(Good):
     name = "score"
 
@@ -71,6 +78,7 @@ EXPECTED = {
     "raises": "backend 'raises' failed to load tiny-llama: RuntimeError: libfoo went away",
     "short": "backend 'short': forward() gave logits of shape (390,), not (400,) (vocabulary,)",
     "nan": "backend 'nan': forward() gave NaN logits",
+    "boom": "backend 'boom' failed in forward(): RuntimeError: CUDA kernel launch failed",
     "fewer": "backend 'fewer': step() gave logits of shape (0, 400), not (1, 400) (rows, vocabulary)",
 }
 

@@ -17,12 +17,12 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from gptcli.errors import BackendError, ModelError
+from gptcli.errors import BackendError, GptcliError, ModelError
 
 if TYPE_CHECKING:  # numpy only types the protocol: listing backends (shell completion) stays light
     import numpy as np
@@ -114,11 +114,13 @@ def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]])
         raise ValueError("batched_step() needs at least one sequence")
     native = getattr(backend, "step", None)
     if native is not None:
-        logits, caches = native(batch)
+        with _blaming(backend, "step()"):
+            logits, caches = native(batch)
         return checked_logits(backend, logits, len(batch), "step()"), checked_caches(backend, caches, len(batch))
     rows, caches = [], []
     for ids, cache in batch:
-        logits, cache = backend.forward(ids, cache)
+        with _blaming(backend, "forward()"):
+            logits, cache = backend.forward(ids, cache)
         rows.append(checked_logits(backend, logits, None, "forward()"))
         caches.append(cache)
     return np.stack(rows), caches
@@ -154,6 +156,22 @@ def checked_caches(backend: Backend, caches: Sequence[Cache], rows: int) -> list
     return list(caches)
 
 
+@contextlib.contextmanager
+def _blaming(backend: Backend, call: str) -> Iterator[None]:
+    """A plugin's own exception in `call` becomes a BackendError naming it (not 'internal error', which says
+    gptcli has a bug); a built-in's stays as it is, and so does a GptcliError (a prompt past the context)."""
+    try:
+        yield
+    except GptcliError:
+        raise
+    except Exception as exc:
+        who, hint = _blamed(backend)
+        if hint is None:
+            raise
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise BackendError(f"{who} failed in {call}: {message}", hint=hint) from None
+
+
 def _blamed(backend: Backend) -> tuple[str, str | None]:
     """How an error names `backend`, and its hint (a plugin's: reinstall or remove it)."""
     name = getattr(backend, "name", type(backend).__name__)
@@ -180,11 +198,13 @@ def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple
         raise ValueError("score_positions() needs at least one token")
     native = getattr(backend, "score", None)
     if native is not None:
-        logits, cache = native(ids, cache)
+        with _blaming(backend, "score()"):
+            logits, cache = native(ids, cache)
         return checked_logits(backend, logits, len(ids), "score()"), cache
     rows = []
     for token in ids:
-        logits, cache = backend.forward([token], cache)
+        with _blaming(backend, "forward()"):
+            logits, cache = backend.forward([token], cache)
         rows.append(checked_logits(backend, logits, None, "forward()"))
     return np.stack(rows), cache
 
