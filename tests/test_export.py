@@ -38,6 +38,15 @@ def test_io_names_follow_hugging_face_with_dynamic_dims(tiny_models, family):
     assert result.meta["io"]["inputs"] == inputs and result.meta["io"]["outputs"] == outputs
 
 
+def test_every_file_of_an_export_has_the_mode_a_new_file_gets(tiny_models):
+    """onnx wrote model.onnx.data 0600 beside 0644 files: another user of a shared cache could not read it."""
+    from gptcli.atomicio import default_mode
+
+    folder = ex.ensure_export(tiny_models["llama"]).model_path.parent
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir() if path.is_file()}
+    assert "model.onnx.data" in modes and set(modes.values()) == {default_mode()}, modes
+
+
 @pytest.mark.parametrize(
     ("family", "fused"),
     [

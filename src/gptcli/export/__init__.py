@@ -30,6 +30,7 @@ nbits_choice (which compute type is fastest on this CPU), cache (keys and stale 
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import time
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from gptcli import __version__
-from gptcli.atomicio import publish_dir, temp_dir_beside
+from gptcli.atomicio import default_mode, publish_dir, temp_dir_beside
 from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.export import graph
 from gptcli.export.cache import (
@@ -228,6 +229,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         location=MODEL_FILE + ".data",
         size_threshold=1024,
     )
+    os.chmod(out / (MODEL_FILE + ".data"), default_mode())  # onnx writes it 0600: a shared cache could not read it
     for name in MODEL_SIDE_FILES:  # the tokenizer and configs: the folder alone is a model for --backend onnx
         if (folder / name).is_file():
             shutil.copy2(folder / name, out / name)
