@@ -239,6 +239,16 @@ def test_idle_threads_spin_unless_gptcli_ort_spin_is_off(tiny_models, monkeypatc
         assert options.get_session_config_entry(key) == expected
 
 
+@pytest.mark.parametrize("env", ["banana", "of", "2"])
+def test_a_gptcli_ort_spin_that_is_no_switch_value_is_a_config_error(tiny_models, monkeypatch, env):
+    """Any unknown value meant "on": GPTCLI_ORT_SPIN=of kept the threads spinning without a word."""
+    from gptcli.errors import ConfigError
+
+    monkeypatch.setenv("GPTCLI_ORT_SPIN", env)
+    with pytest.raises(ConfigError, match=f"GPTCLI_ORT_SPIN must be 1 or 0 .*got '{env}'"):
+        OnnxBackend.load(tiny_models["llama"], CPU32)
+
+
 def test_loads_an_export_folder_directly(tiny_models, tmp_path):
     from gptcli.export import ensure_export
 

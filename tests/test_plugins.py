@@ -219,7 +219,13 @@ def test_two_plugins_claiming_one_name_conflict(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("none", set()), ("good", {"good"}), ("good, broken", {"good", "broken"}), ("all", {"good", "broken"})],
+    [
+        ("none", set()),
+        ("good", {"good"}),
+        ("good, broken", {"good", "broken"}),
+        ("all", {"good", "broken"}),
+        (",", {"good", "broken"}),  # names none: as unset (it hid every plugin without a word)
+    ],
 )
 def test_gptcli_plugins_limits_loading(plugin_env, value, expected):
     rows = _rows(run_cli("backends", "--json", env={**plugin_env, "GPTCLI_PLUGINS": value}))

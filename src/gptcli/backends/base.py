@@ -283,7 +283,7 @@ def _plugin_filter() -> set[str] | None:
         return None
     if value.strip() == "none":
         return set()
-    return {v.strip() for v in value.split(",") if v.strip()}
+    return {v.strip() for v in value.split(",") if v.strip()} or None  # "," names none: as unset, not "none"
 
 
 def _plugin_entry_points() -> list[Any]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
 from gptcli.backends.onnx_kvpool import KvPool
-from gptcli.errors import BackendError, InputError, ModelError
+from gptcli.errors import BackendError, ConfigError, InputError, ModelError
 from gptcli.export.graph import LOGITS_TO_KEEP
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
@@ -35,6 +35,16 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # default model, 2 threads: fp32 55.5 vs 47.8 tok/s, int8 130 vs 123). On a busy or shared CPU the
 # spinning threads steal the cores the next node needs; GPTCLI_ORT_SPIN=0 makes them sleep.
 SPIN_ENV = "GPTCLI_ORT_SPIN"
+SPIN_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def spin_from_env() -> bool:
+    """GPTCLI_ORT_SPIN (unset or empty: on); a value that is none of 1/0, true/false, yes/no, on/off is an
+    error, not silently "on" (GPTCLI_ORT_SPIN=of would have kept the threads spinning)."""
+    value = os.environ.get(SPIN_ENV, "").strip().lower()
+    if value and value not in SPIN_VALUES:
+        raise ConfigError(f"{SPIN_ENV} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+    return SPIN_VALUES.get(value, True)
 
 
 @dataclass(eq=False)
@@ -112,7 +122,7 @@ class OnnxBackend:
         precision = options.precision or "fp32"
         spin = options.extra.get("ort_spinning")
         if spin is None:
-            spin = os.environ.get(SPIN_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+            spin = spin_from_env()
         if precision == "fp16" and device == "cpu":
             raise BackendError(
                 "fp16 ONNX models run on CUDA only", hint="use --precision fp32, int8 or int4 on the CPU"
