@@ -212,6 +212,25 @@ def test_ctrl_c_prints_the_perplexity_of_what_was_scored_and_exits_130(
         assert out.startswith("perplexity  ") and f"tokens      {scored} scored of 100" in out
 
 
+def test_ctrl_c_while_the_model_loads_still_gives_json_its_partial_object(tiny_models, tmp_path, monkeypatch, capsys):
+    """It exited 130 with stdout empty: a script reading --json had nothing to parse (generate's gets its object)."""
+    import gptcli.cli.local_run
+    from gptcli.cli.app import run
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gptcli.cli.local_run, "load_runtime", interrupted)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(CORPUS), encoding="utf-8")
+    assert run(["eval", "perplexity", str(text), "-m", str(tiny_models["llama"]), "--json"]) == 130
+    record = json.loads(capsys.readouterr().out)
+    assert record["partial"] is True and record["perplexity"] is None and record["scored_tokens"] == 0
+    assert record["file"] == str(text) and record["model"] is None
+    assert run(["eval", "perplexity", str(text), "-m", str(tiny_models["llama"])]) == 130
+    assert capsys.readouterr().out == ""  # no object asked for: nothing on stdout, as before
+
+
 class _NoScore:
     """A backend seen without its native `score`: perplexity falls back to one forward per token."""
 

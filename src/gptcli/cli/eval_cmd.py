@@ -56,7 +56,7 @@ def perplexity(
     """
     from gptcli.cli.local_run import load_runtime
     from gptcli.errors import InputError, UsageError
-    from gptcli.evaluate import PerplexityInterrupted, encode_file_start, encode_text
+    from gptcli.evaluate import PerplexityInterrupted, PerplexityResult, encode_file_start, encode_text
     from gptcli.evaluate import perplexity as measure
 
     if max_tokens is not None and max_tokens < 2:
@@ -76,11 +76,18 @@ def perplexity(
     text, whole = read_text_head(file, EVAL_TEXT, EVAL_TEXT.max_bytes if max_tokens is None else CHUNK)
     if whole and not text.strip():
         raise InputError(f"{file} is empty", hint="pass a file with some text")
-    runtime = load_runtime(settings)
-    if whole:
-        ids = encode_text(runtime.tokenizer, text, max_tokens)
-    else:
-        ids = encode_file_start(runtime.tokenizer, file, EVAL_TEXT, max_tokens or 0)  # only with -n
+    try:
+        runtime = load_runtime(settings)
+        if whole:
+            ids = encode_text(runtime.tokenizer, text, max_tokens)
+        else:
+            ids = encode_file_start(runtime.tokenizer, file, EVAL_TEXT, max_tokens or 0)  # only with -n
+    except KeyboardInterrupt:  # while the model loads (a first run converts it): --json still gets its object
+        if as_json:
+            nothing = PerplexityResult(None, None, 0, 0, 0, window or 0, stride or 0, 0.0, partial=True)
+            unknown = dict.fromkeys(("model", "backend", "device", "dtype"))  # not loaded yet
+            print(json.dumps({"file": str(file), **unknown, **nothing.as_dict()}))
+        raise
     del text
     console = render.stderr_console()
     progress_shown = False
