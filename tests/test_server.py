@@ -80,7 +80,9 @@ class Live:
 
 
 @contextlib.contextmanager
-def serve_runtime(runtime: Any, *, delay: float = 0.0, api_key: str | None = None, **limits: Any) -> Iterator[Live]:
+def serve_runtime(
+    runtime: Any, *, delay: float = 0.0, api_key: str | None = None, connections: int = 1024, **limits: Any
+) -> Iterator[Live]:
     """The real app and engine over an already loaded runtime, served from a thread."""
     from gptcli.config import SamplingConfig
     from gptcli.engine import Engine, EngineLimits
@@ -100,7 +102,7 @@ def serve_runtime(runtime: Any, *, delay: float = 0.0, api_key: str | None = Non
         metrics=Metrics(engine.snapshot),
     )
     app = create_app(state, ServerConfig(api_key=api_key))
-    with ThreadedServer(app, grace_s=1.0, drain=engine.stop) as url:
+    with ThreadedServer(app, grace_s=1.0, drain=engine.stop, max_connections=connections) as url:
         yield Live(url, state, engine)
 
 
@@ -251,6 +253,30 @@ def test_completions_with_several_prompts_answer_each_as_alone(live, runtime):
     for body in ({"prompt": ["x"] * 65}, {"prompt": ["x", ""]}, {"prompt": [[1, 2], []]}):
         response = httpx.post(live.v1 + "/completions", json={**body, "max_tokens": 2})
         assert response.status_code == 400 and error_of(response)["param"].startswith("prompt"), response.text
+
+
+def test_connections_past_the_limit_get_503_until_one_closes(runtime):
+    """--max-queue bounds the engine's requests, but nothing bounded the connections: each client that stopped
+    reading kept its finished stream's output in the server's memory, 200 of them in an audit."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    with serve_runtime(runtime, connections=2) as server:
+        address = urlsplit(server.url)
+        held = [socket.create_connection((address.hostname, address.port)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 5  # until the server has taken both
+            while httpx.get(server.url + "/health").status_code != 503:
+                assert time.monotonic() < deadline, "a third connection was served past the limit of two"
+                time.sleep(0.05)
+        finally:
+            for connection in held:
+                connection.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "the server stayed full after the connections closed"
+            time.sleep(0.05)
 
 
 def test_a_prompt_list_the_queue_cannot_take_runs_none_of_its_prompts(runtime):

@@ -64,6 +64,9 @@ def url_of(sock: socket.socket) -> str:
 
 # uvicorn's own limit, past ours: by then the engine has cancelled what was left and the streams ended.
 BACKSTOP_S = 3.0
+# Open connections at once; past it uvicorn answers 503. --max-queue bounds the requests the engine holds, but a
+# client that stops reading keeps its finished stream's output in memory: this bounds how many can.
+MAX_CONNECTIONS = 1024
 
 
 def make_server(
@@ -73,6 +76,7 @@ def make_server(
     drain: Callable[[float], None] | None = None,
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> Any:
     """A uvicorn.Server for the app. When shutdown begins, `drain(grace_s)` runs in a thread (the engine's
     stop: refuse new work, let running sequences finish for grace_s, cancel the rest), so every stream
@@ -106,6 +110,7 @@ def make_server(
         timeout_graceful_shutdown=grace_s + BACKSTOP_S,  # type: ignore[arg-type]  (a float works: asyncio.timeout)
         lifespan="on",
         server_header=False,
+        limit_concurrency=max_connections,
     )
     return Server(config)
 
@@ -143,10 +148,13 @@ class ThreadedServer:
         port: int = 0,
         grace_s: float = 2.0,
         drain: Callable[[float], None] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.sock = bind_socket(host, port)
         self.url = url_of(self.sock)
-        self.server = make_server(app, grace_s=grace_s, drain=drain, log_level="warning")
+        self.server = make_server(
+            app, grace_s=grace_s, drain=drain, log_level="warning", max_connections=max_connections
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
