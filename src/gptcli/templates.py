@@ -215,8 +215,7 @@ def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> lis
     found: dict[str, Template] = {}
     for path in sorted(BUILTIN_DIR.glob("*.yaml")):
         found[path.stem] = _load_file(path, "built-in")
-    folder = user_templates_dir()
-    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+    for path in _user_entries():
         try:
             if _is_user_file(path):
                 found[path.stem] = _load_file(path, "user")
@@ -227,9 +226,10 @@ def list_templates(on_error: Callable[[ConfigError], None] | None = None) -> lis
     return list(found.values())
 
 
-def _user_files() -> list[Path]:
+def _user_entries() -> list[Path]:
+    """Every NAME.yaml in the user's templates folder, files or not (_is_user_file tells)."""
     folder = user_templates_dir()
-    return sorted(p for p in folder.glob("*.yaml") if p.is_file()) if folder.is_dir() else []  # not a FIFO
+    return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 def _is_user_file(path: Path) -> bool:
@@ -258,7 +258,7 @@ def get_template(name: str) -> Template:
     builtin = BUILTIN_DIR / f"{name}.yaml"
     if builtin.is_file():
         return _load_file(builtin, "built-in")
-    names = sorted({path.stem for path in [*BUILTIN_DIR.glob("*.yaml"), *_user_files()]})
+    names = sorted({path.stem for path in [*BUILTIN_DIR.glob("*.yaml"), *(p for p in _user_entries() if p.is_file())]})
     raise UsageError(f"unknown template '{name}'{suggest(name, names)}", hint="`gptcli templates list` shows them all")
 
 

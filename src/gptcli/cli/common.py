@@ -171,19 +171,20 @@ KvBudgetOpt = Annotated[
 ]
 
 
-def nonempty_path(value: str) -> Path:
-    """A path option's value: an empty one (`--data "$DIR"`, DIR unset) is a usage error, not Path(""): the current
-    folder, which `train` would have read as its corpus or written its run into."""
-    if not value.strip():
-        raise typer.BadParameter("an empty path (to mean this folder, give '.')")
-    return Path(value)
+def _nonempty(fix: str) -> Callable[[str], Path]:
+    """A path's parser that refuses an empty value (`--data "$DIR"`, DIR unset) as a usage error naming `fix`:
+    Path("") is the current folder, which `train` would have read as its corpus or written its run into."""
+
+    def parse(value: str) -> Path:
+        if not value.strip():
+            raise typer.BadParameter(f"an empty path ({fix})")
+        return Path(value)
+
+    return parse
 
 
-def nonempty_file(value: str) -> Path:
-    """A file option's value: an empty one is a usage error, not Path("") ('. is a folder')."""
-    if not value.strip():
-        raise typer.BadParameter("an empty path (give a file)")
-    return Path(value)
+nonempty_path = _nonempty("to mean this folder, give '.'")  # a path that may name a folder
+nonempty_file = _nonempty("give a file")
 
 
 def path_option(*names: str, help: str, folder: bool = False) -> Any:

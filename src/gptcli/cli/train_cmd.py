@@ -19,13 +19,7 @@ from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 def train(
     data: Annotated[
         Path | None,
-        typer.Option(
-            "--data",
-            "-d",
-            parser=c.nonempty_path,
-            metavar="<path>",
-            help="A text file, a folder of them, or JSONL (text / messages).",
-        ),
+        c.path_option("--data", "-d", folder=True, help="A text file, a folder of them, or JSONL (text / messages)."),
     ] = None,
     preset: Annotated[
         str | None,
@@ -38,14 +32,10 @@ def train(
         list[str] | None, typer.Option("--set", help="Override one key, e.g. --set optim.lr=3e-4 (repeatable).")
     ] = None,
     out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", parser=c.nonempty_path, metavar="<path>", help="The run folder (default runs/<data name>)."
-        ),
+        Path | None, c.path_option("--out", "-o", folder=True, help="The run folder (default runs/<data name>).")
     ] = None,
     resume: Annotated[
-        Path | None,
-        typer.Option("--resume", parser=c.nonempty_path, metavar="<path>", help="Continue this run where it stopped."),
+        Path | None, c.path_option("--resume", folder=True, help="Continue this run where it stopped.")
     ] = None,
     init: Annotated[str | None, typer.Option("--init", help="Fine-tune this model instead of a fresh GPT-2.")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="char | bpe | init.")] = None,
