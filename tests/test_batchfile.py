@@ -220,19 +220,25 @@ def test_a_result_behind_a_slower_line_waits_in_memory_until_an_interrupt_writes
     assert [json.loads(line)["id"] for line in stream.getvalue().splitlines()] == ["fast"]
 
 
-def test_ctrl_c_keeps_what_finished_and_resume_completes_it(model, monkeypatch):
-    _, tok = model
-    backend = NeverEnds([], tok.vocab_size, context_length=128)
+def _interrupt_engine_at_step(step: int, monkeypatch):
+    """Ctrl-C in the engine's `step`-th step (as a signal would land); returns the real Engine.step."""
     original = Engine.step
     calls = {"n": 0}
 
     def interrupting(self):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == step:
             raise KeyboardInterrupt
         return original(self)
 
     monkeypatch.setattr(Engine, "step", interrupting)
+    return original
+
+
+def test_ctrl_c_keeps_what_finished_and_resume_completes_it(model, monkeypatch):
+    _, tok = model
+    backend = NeverEnds([], tok.vocab_size, context_length=128)
+    original = _interrupt_engine_at_step(6, monkeypatch)
     lines = [json.dumps({"id": f"r{i}", "prompt": "hi", "max_tokens": 2 + 6 * i}) for i in range(3)]
     summary, first = _run((backend, tok), lines, parallel=3)
     assert summary.interrupted
@@ -248,16 +254,7 @@ def test_ctrl_c_before_a_line_finishes_never_lets_its_duplicates_error_mark_it_d
     id as done and never ran the first line (its result lost, the run 'complete')."""
     _, tok = model
     backend = NeverEnds([], tok.vocab_size, context_length=128)
-    original = Engine.step
-    calls = {"n": 0}
-
-    def interrupting(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Engine, "step", interrupting)
+    original = _interrupt_engine_at_step(4, monkeypatch)
     lines = [
         json.dumps({"id": "x", "prompt": "hi", "max_tokens": 20}),
         json.dumps({"id": "x", "prompt": "again", "max_tokens": 1}),

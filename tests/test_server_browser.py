@@ -71,6 +71,15 @@ def open_chat(page, url: str, *, temperature: str = "0", max_tokens: str = "10")
     page.fill("#max-tokens", max_tokens)
 
 
+def ignore_eos(page) -> None:
+    """The page's chat requests ask the server to go on past the end-of-text token (the tiny random model may
+    sample it at once), so a reply is still streaming when the test acts on it."""
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
+    )
+
+
 def say(page, text: str) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -109,10 +118,7 @@ def test_the_stop_button_cancels_on_the_server(page, runtime):
         # The tiny random model's vocabulary is small enough that it may sample its end-of-text token
         # before Stop is pressed; the request asks the server to ignore it. (The CI failures blamed on that
         # were a pending repaint wiping the "stopped" note: fixed in the page.)
-        page.route(
-            "**/v1/chat/completions",
-            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
-        )
+        ignore_eos(page)
         say(page, "tell me a long story")
         page.wait_for_function("() => document.body.dataset.state === 'streaming'")
         page.wait_for_function(
@@ -160,10 +166,7 @@ def test_a_streaming_reply_leaves_a_reader_who_scrolled_up_where_they_are(page, 
         say(page, "a long first answer")
         page.wait_for_selector(".msg.assistant[data-state=done]")
         page.unroute("**/v1/chat/completions")
-        page.route(
-            "**/v1/chat/completions",
-            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
-        )
+        ignore_eos(page)
         say(page, "go on")
         page.wait_for_function(grown, arg=0)
         page.evaluate("document.getElementById('messages').scrollTop = 0")
@@ -319,10 +322,7 @@ def test_a_reload_keeps_the_conversation_until_new_chat(page, runtime):
 def test_a_reply_streaming_when_the_page_reloads_is_kept_as_far_as_it_got(page, runtime):
     with serve_runtime(runtime, delay=0.05, max_running=1) as slow:
         open_chat(page, slow.url, temperature="0.7", max_tokens="100")
-        page.route(
-            "**/v1/chat/completions",
-            lambda route: route.continue_(post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})),
-        )
+        ignore_eos(page)
         say(page, "tell me a long story")
         page.wait_for_function("() => streamingReply && streamingReply.length > 5")
         so_far = page.evaluate("streamingReply")
