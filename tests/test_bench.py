@@ -414,3 +414,29 @@ def test_peak_flops_table_and_cpu_estimate():
     assert peak_tflops_for("cuda", "Mystery GPU", 1, half=True)[0] is None
     peak, source = peak_tflops_for("cpu", "", 2, half=False)
     assert peak is None or (peak > 0 and source.startswith("est. 2 cores"))
+
+
+# --- progress -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("requested", "runs_at"), [("auto", "bf16"), ("float32", "fp32"), ("bfloat16", "bf16")])
+def test_progress_names_the_precision_the_row_names(tiny_models, monkeypatch, requested, runs_at):
+    """torch's --precision fp32 runs the weights at --dtype (auto: bf16 on an AVX-512 BF16 CPU): no progress
+    line may name another precision than the result row does."""
+    from gptcli import hardware
+    from gptcli.bench.job import Job
+    from gptcli.bench.runner import run_plan
+    from gptcli.config import Settings
+    from tests.test_hardware import AVX512_BF16
+
+    monkeypatch.setattr(hardware, "cpu_isa", lambda: AVX512_BF16)
+    folder = str(tiny_models["llama"])
+    settings = Settings(model=folder, device="cpu", dtype=requested, threads=1)
+    job = Job("micro", "tiny", 1, settings, model_path=folder, tests=(MicroTest(8, 0),), warmup=False)
+    lines: list[str] = []
+    run = run_plan(plan_configs(["torch"], ["fp32"], [1], "cpu"), job, isolate=False, notify=lines.append)
+    (record,) = run.records
+    assert record["precision"] == runs_at
+    named = {word for line in lines for word in line.replace(":", " ").split() if word in {"fp32", "bf16", "fp16"}}
+    assert named == {runs_at}, lines
+    assert "loaded torch cpu " + runs_at in lines and "torch cpu " + runs_at + ": pp8" in lines

@@ -103,8 +103,10 @@ def test_a_test_whose_kv_caches_would_not_fit_is_skipped_before_any_is_made(monk
     records: list[dict] = []
     skipped: list[dict] = []
     job = Job("micro", "m", 1, tests=tests, warmup=False)
-    runner.run_micro_tests(job, backend, {"backend": "stepping", "precision": "fp32"}, records, skipped,
-                           clock=itertools.count().__next__, notify=lambda _: None)  # fmt: skip
+    common = {"backend": "stepping", "device": "cpu", "precision": "fp32"}
+    runner.run_micro_tests(
+        job, backend, common, records, skipped, clock=itertools.count().__next__, notify=lambda _: None
+    )
     assert [r["test"] for r in records] == ["tg4 npl2", "pp8"]
     assert skipped == [
         {"test": "pp8 npl4", "reason": "its KV caches (4 x 8 positions) need 32 MiB, over half the 40 MiB free"}

@@ -41,7 +41,8 @@ def _memory(record: dict[str, Any]) -> str:
     return text
 
 
-def _backend(record: dict[str, Any]) -> str:
+def config_label(record: dict[str, Any]) -> str:
+    """A result's configuration as the backend column shows it (and bench's progress): 'torch cpu bf16'."""
     return f"{record['backend']} {record['device']} {record['precision']}"
 
 
@@ -68,7 +69,7 @@ def micro_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             r["model"],
             _bytes_cell(r.get("size_bytes")),
             human_count(r.get("params")),
-            _backend(r),
+            config_label(r),
             str(r["threads"]),
             r["test"],
             mean_sd_text(r["tokens_per_s"], r["tokens_per_s_sd"], r.get("reps", 2)),
@@ -94,7 +95,7 @@ def latency_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
         for key, label in LATENCY_METRICS:
             dist = r.get(key)
             cells = [f"{dist[k]:.2f}" for k in ("mean", "median", "p90", "p99")] if dist else ["", "", "", ""]
-            row = [r["model"], _backend(r), str(r["threads"]), str(r["requests"]), label, *cells]
+            row = [r["model"], config_label(r), str(r["threads"]), str(r["requests"]), label, *cells]
             is_e2e = key == "e2e_ms"
             row += [_ratio(r.get("speedup")) if is_e2e else ""] * speedup
             row += [_base(r) if is_e2e else ""] * baseline
@@ -113,7 +114,7 @@ def train_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         row = [
             r["model"],
             human_count(r.get("params")),
-            _backend(r),
+            config_label(r),
             str(r["threads"]),
             r["test"],
             mean_sd_text(r["ms_per_iter"], r["ms_per_iter_sd"], r.get("reps", 2), digits=1),

@@ -13,6 +13,7 @@ from gptcli.bench.isolation import run_isolated
 from gptcli.bench.job import Job
 from gptcli.bench.measure import peak_memory, time_micro, time_requests
 from gptcli.bench.plan import Plan
+from gptcli.bench.report import config_label
 from gptcli.bench.roofline import (
     DecodeShape,
     bandwidth,
@@ -68,14 +69,12 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
         # measured process's peak memory is what every later run costs.
         load_backend(backend_cls, settings, folder)
         return {"records": [], "skipped": []}
-    honours = job.honours_precision
-    notify(f"loading {settings.backend}{f' {settings.precision}' if honours else ''} ({settings.threads} threads)")
+    # What the weights run at is known once the backend has loaded (torch: --precision fp32 runs them at
+    # --dtype, which auto resolves per CPU; onnx: an export folder's own), so no line before says it.
+    notify(f"loading {settings.backend} ({settings.threads} threads)")
     backend = load_backend(backend_cls, settings, folder)
     info = backend.info
-    # A backend may say what its weights run at (torch: --precision fp32 runs them at --dtype).
-    precision = getattr(backend, "precision", None) or (
-        settings.precision if honours else DTYPE_PRECISION.get(info.dtype, info.dtype)
-    )
+    precision = weights_precision(backend, settings.precision, job.honours_precision)
     shape = _decode_shape_or_none(folder)
     weights_bytes = getattr(backend, "weights_bytes", None)
     if weights_bytes is None and shape is not None and known_precision(precision):
@@ -90,6 +89,7 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
         "dtype": info.dtype,
         "threads": settings.threads,
     }
+    notify(f"loaded {config_label(common)}")
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     interrupted = False
@@ -119,6 +119,13 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
     return {"records": records, "skipped": skipped, "interrupted": interrupted}
 
 
+def weights_precision(backend: Any, requested: str, honours: bool) -> str:
+    """What a loaded backend's weights run at, as every row and progress line names it: its own word where
+    it says (torch: the dtype --precision fp32 resolved to), else the precision asked for, or its dtype."""
+    dtype = backend.info.dtype
+    return getattr(backend, "precision", None) or (requested if honours else DTYPE_PRECISION.get(dtype, dtype))
+
+
 def run_micro_tests(
     job: Job,
     backend: Any,
@@ -140,7 +147,7 @@ def run_micro_tests(
         if shortfall is not None:
             skipped.append({"test": test.name, "reason": shortfall})
             continue
-        notify(f"{common['backend']} {common['precision']}: {test.name}")
+        notify(f"{config_label(common)}: {test.name}")
         samples = time_micro(backend, test, job.reps, clock=clock, warmup=job.warmup, notify=notify)
         records.append(micro_record(common, test, samples))
 
@@ -255,8 +262,8 @@ def run_plan(plan: Plan, template: Job, *, isolate: bool = True, notify: Notify 
             honours_precision=config.honours_precision,
             remeasure=template.remeasure and index == 0,
         )
-        label = f" {config.precision}" if config.honours_precision else ""
-        notify(f"[{index + 1}/{len(plan.configs)}] {config.backend}{label} threads={config.threads}")
+        # The precision this configuration runs at is named once its backend has loaded (run_job).
+        notify(f"[{index + 1}/{len(plan.configs)}] {config.backend} threads={config.threads}")
         try:
             if isolate and run_isolated(replace(job, prepare_only=True)).get("interrupted"):
                 raise KeyboardInterrupt

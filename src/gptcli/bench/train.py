@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.bench.job import Job
+from gptcli.bench.report import config_label
 from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.config import Settings
 
@@ -81,6 +82,7 @@ def run_train_job(job: Job, *, notify: Notify, clock: Callable[[], float] = time
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
 
     precision = mixed_precision(device, cfg.train.dtype)
+    notify(f"loaded {config_label({'backend': 'torch', 'device': device, 'precision': precision.name})}")
     optimizer = new_optimizer(model, cfg)
     step_model = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(cfg.train.seed)
