@@ -115,3 +115,30 @@ def test_scored_logits_of_the_wrong_shape_are_named(tiny_models, plugins):
     backend = get_backend_class("score").load(tiny_models["llama"], LoadOptions())
     with pytest.raises(BackendError, match=r"'score': score\(\) gave logits of shape \(1, 400\), not \(2, 400\)"):
         score_positions(backend, [5, 6], backend.new_cache())
+
+
+INSTALLED = {  # entry point → (its class, what the error says after the backend's name)
+    "llamacpp": ("Boom", " failed in forward(): RuntimeError: CUDA kernel launch failed"),
+    "llamacpp-nan": ("Nan", ": forward() gave NaN logits"),
+    "llamacpp-load": ("Raises", " failed to load tiny-llama: RuntimeError: libfoo went away"),
+}
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_an_installed_plugins_error_names_its_entry_point_and_distribution(
+    tiny_models, plugins, tmp_path, monkeypatch, capsys, name
+):
+    """The user typed `--backend llamacpp`: the error names that and its distribution, not what the plugin's class
+    calls itself ('boom')."""
+    from gptcli.cli.app import run
+    from tests.test_plugins import _install
+
+    site = tmp_path / "site"
+    _install(site, "gptcli-llamacpp", "0.1.0", {n: f"odd_outputs:{cls}" for n, (cls, _) in INSTALLED.items()})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("GPTCLI_BACKEND_PATHS")
+    assert run(["generate", "--model", str(tiny_models["llama"]), "--max-tokens", "3", "hi", "--backend", name]) == 4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: backend '{name}' (gptcli-llamacpp 0.1.0){INSTALLED[name][1]}",
+        "hint: reinstall or remove the plugin; `gptcli backends` lists every backend",
+    ]

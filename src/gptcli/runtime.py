@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.backends.base import BUILTINS, PLUGIN_HINT, Backend, LoadOptions, get_backend_class, unavailable_reason
+from gptcli.backends.base import Backend, LoadOptions, blamed, get_backend_class, unavailable_reason
 from gptcli.config import Settings
 from gptcli.errors import BackendError, GptcliError, UsageError
 from gptcli.gguf_convert import Progress
@@ -25,12 +25,10 @@ class Runtime:
 def check_backend(settings: Settings) -> type[Backend]:
     """Fail early (exit 4) when the backend is unknown or cannot run here, before any loading."""
     backend_cls = get_backend_class(settings.backend)
-    reason = unavailable_reason(backend_cls, f"backend '{settings.backend}'", settings.device)
+    who, _ = blamed(backend_cls)
+    reason = unavailable_reason(backend_cls, who, settings.device)
     if reason:
-        raise BackendError(
-            f"backend '{settings.backend}' cannot run here: {reason}",
-            hint="`gptcli backends` lists what can run here",
-        )
+        raise BackendError(f"{who} cannot run here: {reason}", hint="`gptcli backends` lists what can run here")
     return backend_cls
 
 
@@ -53,12 +51,11 @@ def load_backend(backend_cls: type[Backend], settings: Settings, folder: Path) -
     except GptcliError:
         raise
     except Exception as exc:
-        if settings.backend in BUILTINS:
+        who, hint = blamed(backend_cls)
+        if hint is None:
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        raise BackendError(
-            f"backend '{settings.backend}' failed to load {folder.name}: {message}", hint=PLUGIN_HINT
-        ) from None
+        raise BackendError(f"{who} failed to load {folder.name}: {message}", hint=hint) from None
 
 
 def open_model(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> LocalModel:

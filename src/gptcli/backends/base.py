@@ -134,7 +134,7 @@ def checked_logits(backend: Backend, logits: Any, rows: int | None, call: str) -
 
     vocab = backend.info.vocab_size
     want = (vocab,) if rows is None else (rows, vocab)
-    who, hint = _blamed(backend)
+    who, hint = blamed(backend)
     shape = getattr(logits, "shape", None)
     if shape != want:
         got = f"logits of shape {tuple(shape)}" if shape is not None else f"{type(logits).__name__} for logits"
@@ -151,7 +151,7 @@ def checked_logits(backend: Backend, logits: Any, rows: int | None, call: str) -
 def checked_caches(backend: Backend, caches: Sequence[Cache], rows: int) -> list[Cache]:
     """The caches a step gave, one per entry of its batch (else a BackendError naming the backend)."""
     if len(caches) != rows:
-        who, hint = _blamed(backend)
+        who, hint = blamed(backend)
         raise BackendError(f"{who}: step() gave {len(caches)} caches for {rows} rows", hint=hint)
     return list(caches)
 
@@ -165,17 +165,23 @@ def _blaming(backend: Backend, call: str) -> Iterator[None]:
     except GptcliError:
         raise
     except Exception as exc:
-        who, hint = _blamed(backend)
+        who, hint = blamed(backend)
         if hint is None:
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         raise BackendError(f"{who} failed in {call}: {message}", hint=hint) from None
 
 
-def _blamed(backend: Backend) -> tuple[str, str | None]:
-    """How an error names `backend`, and its hint (a plugin's: reinstall or remove it)."""
-    name = getattr(backend, "name", type(backend).__name__)
-    return f"backend '{name}'", (None if name in BUILTINS else PLUGIN_HINT)
+def blamed(backend: Backend | type[Backend]) -> tuple[str, str | None]:
+    """How an error names `backend` (a loaded one or its class), and its hint (a plugin's: reinstall or remove
+    it): by the name it was chosen by (`--backend x`, its entry point's name) and the distribution it came
+    from, not by what its class calls itself."""
+    spec = registered_spec(backend)
+    if spec is None:  # a backend made without the registry (a test's, an embedding program's)
+        name = getattr(backend, "name", None) or (backend if isinstance(backend, type) else type(backend)).__name__
+        return f"backend '{name}'", (None if name in BUILTINS else PLUGIN_HINT)
+    where = f" ({spec.origin})" if spec.distribution is not None else ""
+    return f"backend '{spec.name}'{where}", (None if spec.origin == "built-in" else PLUGIN_HINT)
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
@@ -249,7 +255,18 @@ class BackendSpec:
         if not isinstance(loaded, type) or missing:
             what = f"{self.target} is not a backend class" + (f" (no {', '.join(missing)})" if missing else "")
             raise BackendError(f"backend '{self.name}' ({self.origin}): {what}", hint=hint)
+        _CHOSEN_AS[loaded] = self
         return loaded
+
+
+# Each backend class the registry handed out, with the entry it was chosen by (errors name that entry).
+_CHOSEN_AS: dict[type, BackendSpec] = {}
+
+
+def registered_spec(backend: Backend | type[Backend]) -> BackendSpec | None:
+    """The registry entry a backend (or its class, or a class it derives from) was loaded by; None if none."""
+    cls = backend if isinstance(backend, type) else type(backend)
+    return next((_CHOSEN_AS[c] for c in cls.__mro__ if c in _CHOSEN_AS), None)
 
 
 PLUGIN_HINT = "reinstall or remove the plugin; `gptcli backends` lists every backend"
