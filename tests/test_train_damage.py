@@ -443,6 +443,48 @@ def test_a_hand_edited_optimizer_setting_in_train_config_is_refused_as_the_flag_
     assert config.read_text().count(edit[1]) == 1 and steps(trained)[-1] == 20  # nothing rewritten, nothing trained
 
 
+@pytest.mark.parametrize(
+    ("edits", "said"),
+    [
+        ({"batch_size: 4": "batch_size: 8"}, "gives train.batch_size 8, but the run trained with 4"),
+        ({"grad_clip: 1.0": "grad_clip: 0.5"}, "gives optim.grad_clip 0.5, but the run trained with 1"),
+        (
+            {"val_fraction: 0.1": "val_fraction: 0.2", "dedup_lines: false": "dedup_lines: true"},
+            "gives data.val_fraction 0.2 and data.dedup_lines true, but the run trained with 0.1 and false",
+        ),
+    ],
+)
+def test_a_hand_edited_batch_data_or_clip_setting_is_refused_as_the_flag_is(trained, edits, said, capsys):
+    """`--batch-size 8` on a resume is refused; the same change made in train_config.yaml resumed (exit 0) and
+    trained another run: the checkpoint did not record it."""
+    config = trained / "train_config.yaml"
+    text = config.read_text()
+    for before, after in edits.items():
+        assert text.count(before) == 1
+        text = text.replace(before, after)
+    config.write_text(text)
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    assert f"error: cannot resume {trained}: its train_config.yaml {said} (step-0000020 records it)" in err, err
+    assert f"hint: undo that change to {config}, or start a new run" in err
+    assert steps(trained)[-1] == 20  # nothing trained
+
+
+def test_a_checkpoint_from_before_the_config_was_recorded_still_resumes(trained, capsys):
+    """Its hand-edited batch size is taken as given, as it was: nothing records the one it trained with."""
+    import torch
+
+    for checkpoint in (trained / "checkpoints").iterdir():
+        path = checkpoint / "training_state.pt"
+        state = torch.load(path, weights_only=True)
+        assert state.pop("config")["train"]["batch_size"] == 4
+        torch.save(state, path)
+    config = trained / "train_config.yaml"
+    config.write_text(config.read_text().replace("batch_size: 4", "batch_size: 8"))
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 0, capsys.readouterr().err
+    assert steps(trained)[-1] == 21
+
+
 def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")

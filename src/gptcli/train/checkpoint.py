@@ -38,7 +38,7 @@ PLOT_FILE = "loss.png"
 STATE_FILE = "training_state.pt"
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged-"  # a checkpoint that did not read back on --resume is kept under this prefix
-# What a resume needs from training_state.pt (scaler and best_step are optional).
+# What a resume needs from training_state.pt (scaler, best_step and config are optional: config came later).
 STATE_KEYS = ("step", "optimizer", "torch_rng", "best_val_loss")
 # The temporary files gptcli writes beside a run's own files: write_atomic's `.run.json.<random>.tmp`,
 # publish's `.config.json.<pid>.tmp` and the `.loss.png.<pid>.tmp.png` plot_losses wrote before it used write_atomic.

@@ -266,9 +266,11 @@ def load_config(
     return build(flat, where, min_lr_follows=min_lr_follows)
 
 
-def incompatible_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """Dotted keys whose change would make a resumed run a different run."""
-    old_flat, new_flat = _flat_values(saved.to_dict()), _flat_values(new.to_dict())
+def incompatible_changes(saved: TrainConfig | Mapping[str, Any], new: TrainConfig) -> list[str]:
+    """Dotted keys whose change would make a resumed run a different run. `saved` may be the config a checkpoint
+    records (TrainConfig.to_dict() of its run): keys it lacks are not compared."""
+    old_flat = flat_values(saved if isinstance(saved, Mapping) else saved.to_dict())
+    new_flat = flat_values(new.to_dict())
     return [
         key
         for key in old_flat
@@ -276,11 +278,12 @@ def incompatible_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
     ]
 
 
-def _flat_values(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_values(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"optim": {"lr": 1e-3}} → {"optim.lr": 1e-3}."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            out.update(_flat_values(value, f"{prefix}{key}."))
+            out.update(flat_values(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -28,7 +28,7 @@ from gptcli.train.errors import DivergedError, RunError
 from gptcli.train.events import Checkpointed, Evaluated, Finished, Note, Started, Step, TrainEvent
 from gptcli.train.lock import run_lock
 from gptcli.train.metrics import MetricsLog, plot_losses, truncate_metrics
-from gptcli.train.resume import check_checkpoint, check_recorded_optimizer
+from gptcli.train.resume import check_checkpoint, check_recorded_config, check_recorded_optimizer
 from gptcli.train.sample import sample_text
 from gptcli.train.setup import RunSetup, build_model, check_unchanged, describe, resolve_run
 from gptcli.train.signals import StopSignals
@@ -160,8 +160,9 @@ class _Run:
                 if isinstance(exc, MemoryError) or "out of memory" in str(exc):
                     raise  # not the checkpoint's fault: an older one would not fit either
                 self.unreadable.append((checkpoint, ckpt.short_reason(exc)))
-            else:  # it reads back: the run's config must still give the optimizer it records
+            else:  # it reads back: the run's config must still give the settings and the optimizer it records
                 check_recorded_optimizer(self.out, checkpoint, self.cfg, state)
+                check_recorded_config(self.out, checkpoint, self.cfg, state)
                 return state
         what = "; ".join(f"{path.name}: {why}" for path, why in self.unreadable)
         raise RunError(
@@ -352,6 +353,7 @@ class _Run:
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "best_val_loss": self.best_val,
             "best_step": self.best_step,
+            "config": self.cfg.to_dict(),  # what a resume must still be given (resume.check_recorded_config)
         }
         best_val = self.best_val if self.best_step else None
         return ckpt.save_checkpoint(

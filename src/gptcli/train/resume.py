@@ -10,7 +10,7 @@ from typing import Any
 from gptcli.errors import ConfigError, GptcliError, InputError, ModelError
 from gptcli.textio import read_yaml
 from gptcli.train import checkpoint as ckpt
-from gptcli.train.config import TrainConfig, incompatible_changes, load_config
+from gptcli.train.config import TrainConfig, flat_values, incompatible_changes, load_config
 from gptcli.train.errors import RunError
 from gptcli.train.step import lr_at
 
@@ -104,13 +104,45 @@ def check_checkpoint(
         raise RunError(f"cannot resume {run}: {checkpoint} holds another tokenizer than this run's", hint=foreign)
 
 
+def check_recorded_config(run: Path, checkpoint: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """The run's train_config.yaml against the config its checkpoint records (state["config"]): a hand edit of a
+    setting the same flag may not change on a resume (train.batch_size, data.*, optim.grad_clip, ...) is refused as
+    the flag is (RunError naming the keys, both values and the file). A checkpoint from before gptcli recorded its
+    config has none (check_recorded_optimizer, which runs first, still sees what its optimizer state holds)."""
+    recorded = state.get("config")
+    if not isinstance(recorded, dict):
+        return
+    changed = incompatible_changes(recorded, cfg)
+    if changed:
+        given, trained = flat_values(cfg.to_dict()), flat_values(recorded)
+        raise RunError(
+            f"cannot resume {run}: its {ckpt.CONFIG_FILE} gives {_listed(changed, given, named=True)}, but the run"
+            f" trained with {_listed(changed, trained, named=False)} ({checkpoint.name} records it)",
+            hint=f"undo that change to {run / ckpt.CONFIG_FILE}, or start a new run with it (a new --out):"
+            f" on a resume {MAY_CHANGE}",
+        )
+
+
+def _listed(keys: list[str], values: dict[str, Any], *, named: bool) -> str:
+    """'train.batch_size 8 and optim.grad_clip 0.5' (named), or '4 and 1' (not): values as the YAML file writes them."""
+    shown = [_yaml_value(values.get(key)) for key in keys]
+    parts = [f"{key} {value}" for key, value in zip(keys, shown, strict=True)] if named else shown
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def check_recorded_optimizer(run: Path, checkpoint: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
     """The optimizer settings the run's train_config.yaml gives against those its checkpoint's optimizer state
     records: a hand edit of optim.* that the same flags could not make (RunError naming the key and the file).
 
     The state records the betas, the weight decay and the learning rate of the last step (the schedule's:
-    optim.lr, min_lr, warmup_iters, lr_decay_iters, decay_lr). It does not record train.batch_size, data.* or
-    optim.grad_clip, so edits of those are not seen here."""
+    optim.lr, min_lr, warmup_iters, lr_decay_iters, decay_lr); check_recorded_config sees the rest where the
+    checkpoint records its config."""
     optim, step = cfg.optim, state["step"]
     try:
         group = state["optimizer"]["param_groups"][0]  # the decayed parameters' (the other's decay is 0)
