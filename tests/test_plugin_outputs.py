@@ -142,3 +142,22 @@ def test_an_installed_plugins_error_names_its_entry_point_and_distribution(
         f"error: backend '{name}' (gptcli-llamacpp 0.1.0){INSTALLED[name][1]}",
         "hint: reinstall or remove the plugin; `gptcli backends` lists every backend",
     ]
+
+
+def test_outputs_name_a_plugin_by_its_entry_point(tiny_models, plugins, tmp_path, monkeypatch, capsys):
+    """`--backend mine` for a class that calls itself 'good': --json and --stats say 'mine', as errors do."""
+    import json
+
+    from gptcli.cli.app import run
+    from tests.test_plugins import _install
+
+    site = tmp_path / "site"
+    _install(site, "gptcli-mine", "0.2.0", {"mine": "odd_outputs:Good"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("GPTCLI_BACKEND_PATHS")
+    common = ["generate", "--model", str(tiny_models["llama"]), "--max-tokens", "3", "hi", "--backend", "mine"]
+    assert run([*common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "mine"
+    assert run([*common, "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "mine" in err and "good" not in err

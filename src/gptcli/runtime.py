@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.backends.base import Backend, LoadOptions, blamed, get_backend_class, unavailable_reason
+from gptcli.backends.base import Backend, LoadOptions, blamed, chosen_name, get_backend_class, unavailable_reason
 from gptcli.config import Settings
 from gptcli.errors import BackendError, GptcliError, UsageError
 from gptcli.gguf_convert import Progress
@@ -20,6 +20,11 @@ class Runtime:
     model: LocalModel
     backend: Backend
     tokenizer: Tokenizer
+
+    @property
+    def backend_name(self) -> str:
+        """The backend as the user chose it (`--backend x`), not what its class calls itself."""
+        return chosen_name(self.backend)
 
 
 def check_backend(settings: Settings) -> type[Backend]:
@@ -80,5 +85,5 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
         prepare(settings.sampling.constraint, tokenizer)
     backend = load_backend(backend_cls, settings, model.path)
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
-        notify(f"{backend.name}: {backend.fallback_reason}")
+        notify(f"{chosen_name(backend)}: {backend.fallback_reason}")
     return Runtime(model, backend, tokenizer)

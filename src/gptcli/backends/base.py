@@ -172,13 +172,21 @@ def _blaming(backend: Backend, call: str) -> Iterator[None]:
         raise BackendError(f"{who} failed in {call}: {message}", hint=hint) from None
 
 
+def chosen_name(backend: Backend | type[Backend]) -> str:
+    """The name a backend was chosen by (`--backend x`, its entry point's name), as every output names it."""
+    spec = registered_spec(backend)
+    if spec is not None:
+        return spec.name
+    return getattr(backend, "name", None) or (backend if isinstance(backend, type) else type(backend)).__name__
+
+
 def blamed(backend: Backend | type[Backend]) -> tuple[str, str | None]:
     """How an error names `backend` (a loaded one or its class), and its hint (a plugin's: reinstall or remove
     it): by the name it was chosen by (`--backend x`, its entry point's name) and the distribution it came
     from, not by what its class calls itself."""
     spec = registered_spec(backend)
     if spec is None:  # a backend made without the registry (a test's, an embedding program's)
-        name = getattr(backend, "name", None) or (backend if isinstance(backend, type) else type(backend)).__name__
+        name = chosen_name(backend)
         return f"backend '{name}'", (None if name in BUILTINS else PLUGIN_HINT)
     where = f" ({spec.origin})" if spec.distribution is not None else ""
     return f"backend '{spec.name}'{where}", (None if spec.origin == "built-in" else PLUGIN_HINT)

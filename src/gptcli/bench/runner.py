@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gptcli.backends.base import chosen_name
 from gptcli.bench.isolation import run_isolated
 from gptcli.bench.job import Job
 from gptcli.bench.measure import peak_memory, time_micro, time_requests
@@ -83,7 +84,7 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
         "model": job.model_name,
         "size_bytes": weights_bytes,
         "params": info.params,
-        "backend": backend_cls.name,
+        "backend": chosen_name(backend_cls),
         "device": info.device,
         "precision": precision,
         "dtype": info.dtype,

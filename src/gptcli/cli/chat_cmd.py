@@ -141,7 +141,7 @@ def chat(
         )
         if settings.system and not runtime.tokenizer.chat_template:
             render.warn("this model has no chat template: the conversation is sent as a plain transcript")
-        where = runtime.backend.name
+        where = runtime.backend_name
     if isatty(sys.stdin) and isatty(sys.stdout) and not jsonl:
         from gptcli.cli.chat_repl import Repl
 

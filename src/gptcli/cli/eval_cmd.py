@@ -108,7 +108,7 @@ def perplexity(
     record = {
         "file": str(file),
         "model": runtime.model.name,
-        "backend": runtime.backend.name,
+        "backend": runtime.backend_name,
         "device": info.device,
         "dtype": info.dtype,
         **result.as_dict(),
@@ -120,7 +120,7 @@ def perplexity(
         print(f"nll/token   {result.mean_nll:.4f}")
         print(f"tokens      {result.scored_tokens} scored of {result.total_tokens}")
         print(f"windows     {result.windows} (window {result.window}, stride {result.stride})")
-        print(f"model       {runtime.model.name} · {runtime.backend.name}/{info.device} · {info.dtype}")
+        print(f"model       {runtime.model.name} · {runtime.backend_name}/{info.device} · {info.dtype}")
     if result.partial:
         sys.stdout.flush()
         said = "the perplexity is of those" if result.scored_tokens else "none scored yet"

@@ -21,7 +21,7 @@ def load_runtime(settings: Any) -> Any:
     render.detail(
         f"loaded {runtime.model.name} ({runtime.model.path}): {info.architecture}, {info.params:,} parameters,"
         f" {info.num_layers} layers, context {info.context_length}, vocab {info.vocab_size}"
-        f" · {runtime.backend.name}/{info.device}/{info.dtype} · {time.perf_counter() - started:.2f} s"
+        f" · {runtime.backend_name}/{info.device}/{info.dtype} · {time.perf_counter() - started:.2f} s"
     )
     return runtime
 
@@ -75,7 +75,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
         payload = {
             **render.result_fields(finished),
             "model": runtime.model.name if runtime else None,  # None: interrupted before the model was loaded
-            "backend": runtime.backend.name if runtime else None,
+            "backend": runtime.backend_name if runtime else None,
             "device": info.device if info else None,
             "dtype": info.dtype if info else None,
             "seed": settings.sampling.seed,
@@ -87,7 +87,7 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     fail_if_errored(finished)
     render.warn_if_incomplete(finished, settings.sampling)
     if show_stats or render.verbosity() >= render.VERBOSE:
-        render.print_stats(finished, runtime.backend.name, runtime.backend.info.device, settings.sampling.seed)
+        render.print_stats(finished, runtime.backend_name, runtime.backend.info.device, settings.sampling.seed)
 
 
 def fail_if_errored(finished: Any) -> None:

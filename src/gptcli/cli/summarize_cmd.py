@@ -166,7 +166,7 @@ def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options
     summarizer = Summarizer(
         runtime.backend, runtime.tokenizer, template, settings.sampling, kv_budget_tokens=budget, **options
     )
-    where = {"model": runtime.model.name, "backend": runtime.backend.name, "device": runtime.backend.info.device}
+    where = {"model": runtime.model.name, "backend": runtime.backend_name, "device": runtime.backend.info.device}
     return summarizer, where
 
 
