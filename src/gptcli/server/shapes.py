@@ -1,0 +1,138 @@
+"""How a response is written: a choice as chat (message/delta) or text completion, in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptcli.decoding import Finished, IncrementalDetokenizer, Stats
+from gptcli.sampling import TokenLogprob
+from gptcli.tokenizer import Tokenizer
+
+
+@dataclass
+class Shape:
+    """How one choice of a response is written: chat (message/delta) or text completion, with the response's
+    id and model. A completions request with several prompts has one choice, and one Shape, per prompt.
+
+    Logprobs, when asked for, come in each kind's own OpenAI format: chat's `content` list of
+    {token, logprob, bytes, top_logprobs}, the legacy completion's parallel lists (tokens,
+    token_logprobs, top_logprobs, text_offset). A token is named by its own decoded text."""
+
+    kind: str
+    model: str
+    echo: str = ""
+    tokenizer: Tokenizer | None = None
+    prompt_ids: list[int] = field(default_factory=list)  # the echoed prompt's tokens (its logprobs)
+    index: int = 0  # the choice's index
+    response_id: str = ""  # shared by a response's choices (made here when empty)
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.response_id:
+            self.response_id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+            self.created = int(time.time())
+        self._text_offset = len(self.echo)  # where the next token's text starts (legacy text_offset)
+        self._text: IncrementalDetokenizer | None = None  # the reply's text as the decoder writes it
+
+    def envelope(self, chunk: bool) -> dict[str, Any]:
+        obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(
+        self,
+        *,
+        text: str | None = None,
+        finish: str | None = None,
+        role: bool = False,
+        logprobs: list[tuple[int, TokenLogprob]] | None = None,
+    ) -> dict[str, Any]:
+        scored = self.logprobs(logprobs) if logprobs else None
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": self.index, "delta": delta, "logprobs": scored, "finish_reason": finish}
+        else:
+            choice = {"index": self.index, "text": text or "", "logprobs": scored, "finish_reason": finish}
+        return {**self.envelope(True), "choices": [choice]}
+
+    def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
+        """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
+        (None: the prompt's first token, which has no logprob)."""
+        if self.kind == "chat":
+            content = [
+                {
+                    **self._named(token, scored.logprob),
+                    "top_logprobs": [self._named(other, value) for other, value in scored.top],
+                }
+                for token, scored in tokens
+                if scored is not None
+            ]
+            return {"content": content, "refusal": None}
+        names = [self._token_text(token) for token, _ in tokens]
+        offsets = []
+        self._text = self._text or IncrementalDetokenizer(self.tokenizer)  # type: ignore[arg-type]
+        for token, name in zip((token for token, _ in tokens), names, strict=True):
+            # Offsets index the returned text: the pieces of a split character all point at its start.
+            written = len(self._text.add(token))
+            offsets.append(max(self._text_offset, self._text_offset + written - len(name)))
+            self._text_offset += written
+        tops: list[dict[str, float] | None] = []
+        for (_, scored), name in zip(tokens, names, strict=True):
+            if scored is None:
+                tops.append(None)
+                continue
+            top: dict[str, float] = {}
+            for other, value in scored.top:  # tokens that read the same (byte pieces): the likelier one stays
+                top.setdefault(self._token_text(other), value)
+            top.setdefault(name, scored.logprob)  # the chosen token is always listed, as OpenAI does
+            tops.append(top)
+        return {
+            "tokens": names,
+            "token_logprobs": [None if scored is None else scored.logprob for _, scored in tokens],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _named(self, token: int, logprob: float) -> dict[str, Any]:
+        assert self.tokenizer is not None, "logprobs need the tokenizer"
+        data = list(self.tokenizer.token_bytes(token))  # a piece of a character: its own bytes, not U+FFFD's
+        return {"token": self._token_text(token), "logprob": logprob, "bytes": data}
+
+    def _token_text(self, token: int) -> str:
+        assert self.tokenizer is not None, "logprobs need the tokenizer"
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def usage_chunk(self, stats: list[Stats]) -> dict[str, Any]:
+        return {**self.envelope(True), "choices": [], "usage": usage(stats)}
+
+    def choice(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
+        """The whole (not streamed) choice."""
+        text = self.echo + finished.text
+        scored = None
+        if with_logprobs:
+            tokens: list[tuple[int, TokenLogprob | None]] = [*zip(finished.token_ids, finished.logprobs, strict=True)]
+            if finished.prompt_logprobs:  # echo: the prompt's tokens come first, text offsets from its start
+                self._text_offset = 0
+                self._text = None
+                tokens = list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)) + tokens
+            scored = self.logprobs(tokens)
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            return {"index": self.index, "message": message, "logprobs": scored, "finish_reason": finish}
+        return {"index": self.index, "text": text, "logprobs": scored, "finish_reason": finish}
+
+
+def usage(stats: list[Stats]) -> dict[str, Any]:
+    """A response's usage: the sums over its choices."""
+    prompt = sum(s.prompt_tokens for s in stats)
+    completion = sum(s.new_tokens for s in stats)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in stats)},
+    }
