@@ -376,7 +376,7 @@ def test_stop_strings_and_ignored_parameters(live, runtime):
         seed=3,
         user="someone",
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-        tool_choice="auto",  # the model's choice: it answers in text
+        tool_choice="none",  # it answers in text (tool calls: tests/test_server_tools.py)
         extra_body={"top_k": 5, "min_p": 0.0, "repetition_penalty": 1.0, "logit_bias": {}},
     )
     assert reply.choices[0].message.content == expected
@@ -653,7 +653,7 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        # A demanded tool call would come back as text, which the client would take for a broken call.
+        # A call demanded with no tool to call, or in the older form, which would come back as text.
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": "required"}, "tool_choice"),
         ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "function"}}, "tool_choice"),
         ({"messages": [{"role": "user", "content": "hi"}], "function_call": {"name": "f"}}, "function_call"),

@@ -36,12 +36,20 @@ class ConfigError(GptcliError):
     http_status = 400
 
 
-class ResponseFormatError(ConfigError):
-    """A `response_format` (server request, batch line) that cannot be used; `param` names the field."""
+class FieldError(ConfigError):
+    """A field of a request (server request, batch line) that cannot be used; `param` names the field."""
 
     def __init__(self, message: str, param: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.param = param
+
+
+class ResponseFormatError(FieldError):
+    """A `response_format` that cannot be used."""
+
+
+class ToolError(FieldError):
+    """`tools`, `tool_choice` or a message's tool call that cannot be used."""
 
 
 class BackendError(GptcliError):

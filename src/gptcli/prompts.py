@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from gptcli.config import SamplingConfig
 from gptcli.errors import InputError
@@ -18,7 +19,7 @@ class Prompt:
     warning: str | None = None
 
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # role and content; tool calls and results (gptcli.tools) add keys
 # The roles a message may have (OpenAI's): batch files and the server take the same ones.
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -56,12 +57,14 @@ def build_prompt(
     *,
     raw: bool = False,
     plain: Callable[[Messages], str] = user_text,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Prompt:
     """The one prompt builder: messages through the model's chat template, or, for a model without one
-    (or with `raw`), the text `plain(messages)` encoded as is. Chat, generate and summarize all come here."""
+    (or with `raw`), the text `plain(messages)` encoded as is. Chat, generate and summarize all come here.
+    `tools` go to a template that reads them (gptcli.tools decides)."""
     if raw or not tokenizer.chat_template:
         return Prompt(tokenizer.encode(plain(messages), add_special_tokens=True), templated=False)
-    rendered = tokenizer.render_chat(messages)
+    rendered = tokenizer.render_chat(messages, tools=tools)
     return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
 
 

@@ -158,7 +158,23 @@ class Tokenizer:
         return self._tok.to_str()
 
     @cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads `tools`, so it writes tool definitions, calls and results itself."""
+        if not self.chat_template:
+            return False
+        from jinja2 import TemplateSyntaxError, meta
+
+        try:
+            return "tools" in meta.find_undeclared_variables(self._environment.parse(self.chat_template))
+        except TemplateSyntaxError:  # rendering it says what is wrong
+            return False
+
+    @cached_property
     def _compiled_template(self) -> Any:
+        return self._environment.from_string(self.chat_template or "")
+
+    @cached_property
+    def _environment(self) -> Any:
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -172,18 +188,26 @@ class Tokenizer:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template or "")
+        return env
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to messages, as text (tokenize with add_special_tokens=False)."""
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template applied to messages (and `tools`, OpenAI's definitions, for a template that
+        reads them), as text (tokenize with add_special_tokens=False)."""
         if not self.chat_template:
             raise ModelError("this model has no chat template", hint="use --raw for plain completion")
         special = {k: _token_text(v) for k, v in self._config.items() if k.endswith("_token")}
+        extra = {k: v for k, v in special.items() if v is not None}
+        if tools is not None:
+            extra["tools"] = tools
         try:
             return self._compiled_template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                **{k: v for k, v in special.items() if v is not None},
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **extra
             )
         except GptcliError:
             raise

@@ -29,6 +29,7 @@ from gptcli.server.schemas import (
 from gptcli.server.shapes import Shape, usage
 from gptcli.server.sse import DONE, EventStreamResponse, sse
 from gptcli.server.state import ServerState
+from gptcli.server.tool_replies import ToolShape
 
 router = APIRouter(prefix="/v1")
 
@@ -59,9 +60,13 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, ChatRequest)
     state.check_model(body.model)
-    # Off the event loop: a long prompt takes a while to tokenize.
-    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages)
-    return await respond(request, state, body, [ids], [Shape("chat", state.model_name, tokenizer=state.tokenizer)])
+    # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
+    tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
+    if tools is not None and body.stream:
+        raise APIError(400, "stream: tool calls are not streamed yet; ask with stream false", param="stream")
+    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
+    shape = (Shape if tools is None else ToolShape)("chat", state.model_name, tokenizer=state.tokenizer)
+    return await respond(request, state, body, [ids], [shape])
 
 
 @router.post("/completions")
@@ -108,9 +113,8 @@ async def respond(
         try:
             await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
         except ConfigError as exc:  # it matches nothing, or fails at its first token: the request's own format
-            raise APIError(
-                400, f"response_format: {exc.message}", param="response_format", code="invalid_value"
-            ) from None
+            param = shapes[0].constraint_param
+            raise APIError(400, f"{param}: {exc.message}", param=param, code="invalid_value") from None
     check_fits(state.engine, prompts, params, prompt_param="messages" if shapes[0].kind == "chat" else "prompt")
     streams: list[EngineStream] = []
     try:
@@ -144,7 +148,7 @@ async def respond(
     if any(f.reason == "cancelled" for f in finished):
         raise shutdown_error()
     if failed := next((f for f in finished if f.reason == "error"), None):
-        raise failure_error(failed)
+        raise failure_error(failed, shapes[0].constraint_param)
     with_logprobs = params.logprobs is not None
     choices = [
         shape.choice(done, OPENAI_FINISH.get(done.reason, "stop"), with_logprobs=with_logprobs)
@@ -159,10 +163,11 @@ def shutdown_error() -> APIError:
     return APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "1"})
 
 
-def failure_error(finished: Finished) -> APIError:
-    """A reply that ended in error: the request's output grammar (400, with why), else the engine (500)."""
-    if finished.error:  # only structured output says why: the request's own schema or format
-        return APIError(400, f"response_format: {finished.error}", param="response_format", code="invalid_value")
+def failure_error(finished: Finished, param: str) -> APIError:
+    """A reply that ended in error: the request's output grammar (400, with why, naming `param`), else the
+    engine (500)."""
+    if finished.error:  # only structured output says why: the request's own schema, format or tools
+        return APIError(400, f"{param}: {finished.error}", param=param, code="invalid_value")
     return APIError(500, "the engine failed while generating this response")
 
 
@@ -253,7 +258,9 @@ async def stream_body(
                 # An error event rather than a silent end, so that a client (OpenAI's SDK raises on it) does not
                 # take a cut-off reply for a whole one. A client that left reads nothing more: only the server's
                 # shutdown cancels a sequence whose stream is still read.
-                error = shutdown_error() if event.reason == "cancelled" else failure_error(event)
+                error = (
+                    shutdown_error() if event.reason == "cancelled" else failure_error(event, shape.constraint_param)
+                )
                 yield sse(error_body(error.status, error.message, param=error.param, code=error.code))
                 yield DONE
                 return

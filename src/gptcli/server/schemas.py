@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI routes (pydantic), and how they become prompt ids and sampling settings.
 
-Parameters OpenAI defines that we do not implement (tools, audio, ...) are accepted and ignored
-(`extra="allow"`), so existing clients keep working; the README lists them. A demanded tool call is the
-exception (ChatRequest): it would come back as text. The known ones are strictly
+Parameters OpenAI defines that we do not implement (audio, ...) are accepted and ignored
+(`extra="allow"`), so existing clients keep working; the README lists them. A demanded function call in the
+older form (`function_call`) is the exception: it would come back as text. The known ones are strictly
 typed, as OpenAI checks them. `response_format` (text, json_object, json_schema) is enforced by
-gptcli.constraints; `logit_bias` and `logprobs` go to the sampling settings (gptcli.sampling).
+gptcli.constraints, `tools` by gptcli.tools; `logit_bias` and `logprobs` go to the sampling settings
+(gptcli.sampling).
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import re
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from starlette.requests import Request
 
 from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
-from gptcli.errors import ModelError, ResponseFormatError
+from gptcli.errors import ModelError, ResponseFormatError, ToolError
 from gptcli.prompts import MESSAGE_ROLES, build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
+from gptcli.tools import ToolSpec, prompt_messages, template_tools, tool_spec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
@@ -258,20 +260,38 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Tools are not called here: `tools` is ignored, and so is a choice the model may make ("auto", "none");
-    # a client that demands a call would take the text reply for a broken one, so that is a 400.
+    # Checked by gptcli.tools (tool_spec), which names the field that does not fit.
+    tools: Any = None
     tool_choice: Any = None
-    function_call: Any = None  # the older name
+    parallel_tool_calls: bool | None = None
+    # The older form (`functions`) is ignored, so a demanded call would come back as text: a 400.
+    function_call: Any = None
+    _tools: ToolSpec | None = PrivateAttr(None)
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
     def _no_forced_call(cls, value: Any) -> Any:
         if value in (None, "auto", "none"):
             return value
-        raise ValueError(
-            "this server does not call tools or functions (it answers in text; 'auto' and 'none' are accepted "
-            "and ignored); for JSON output, use response_format"
-        )
+        raise ValueError("functions and function_call are not supported (only ignored): use tools and tool_choice")
+
+    def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
+        """The tools the reply may call (checked once: a 400 naming the field); None: a text reply."""
+        if self._tools is None and (self.tools is not None or self.tool_choice is not None):
+            try:
+                self._tools = tool_spec(
+                    self.tools, self.tool_choice, self.parallel_tool_calls, native=tokenizer.supports_tools
+                )
+            except ToolError as exc:
+                raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+            if self._tools is not None and self.response_format is not None and self.response_format.type != "text":
+                message = "response_format: a reply that may call tools is JSON of its own; drop one of them"
+                raise APIError(400, message, param="response_format", code="invalid_value")
+        return self._tools
+
+    def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
+        params = super().sampling(defaults, vocab_size)
+        return params if self._tools is None else replace(params, constraint=self._tools.constraint)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -324,13 +344,17 @@ class CompletionRequest(SamplingRequest):
         return value
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base model."""
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], tools: ToolSpec | None = None) -> list[int]:
+    """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base
+    model; with the tools the reply may call, and how to call them (gptcli.tools)."""
     turns = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
     ]
+    native = tokenizer.supports_tools
+    turns = prompt_messages(turns, tools, native=native)
     try:
-        ids = build_prompt(tokenizer, turns, plain=transcript).ids
+        listed = template_tools(tools) if tools is not None and native else None
+        ids = build_prompt(tokenizer, turns, plain=transcript, tools=listed).ids
     except ModelError as exc:  # the template's raise_exception: roles out of order and the like
         raise APIError(400, exc.message, param="messages") from None
     if not ids:

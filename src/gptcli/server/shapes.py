@@ -29,6 +29,7 @@ class Shape:
     index: int = 0  # the choice's index
     response_id: str = ""  # shared by a response's choices (made here when empty)
     created: int = 0
+    constraint_param: str = "response_format"  # the field that set the reply's grammar (its errors name it)
 
     def __post_init__(self) -> None:
         if not self.response_id:

@@ -1,0 +1,345 @@
+"""Tool calls (OpenAI's `tools` and `tool_choice`) for any model, the way llama.cpp's generic handler does it.
+
+The model is told the tools and how to answer in a system message (a chat template that reads `tools` writes
+them itself), and its reply is constrained to JSON (gptcli.constraints): `{"tool_calls": [{"name", "arguments"},
+...]}`, each call's arguments fitting that tool's `parameters` schema, or, when the choice is "auto",
+`{"response": "<text>"}`. `ReplyReader` reads that reply back, as it streams or whole: the response's text as it
+comes, the calls at the end. Conversations that hold calls and their results are written for the template:
+as they are where it reads `tools`, else as text any model can read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gptcli.config import OutputConstraint
+from gptcli.constraints import schema_constraint
+from gptcli.errors import ConfigError, ToolError
+from gptcli.prompts import Messages
+
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_NAME = 256  # characters of a tool's name (OpenAI's names are shorter; other servers take longer ones)
+CHOICES = ("none", "auto", "required")
+CHOICE_SHAPE = 'none, auto, required or {"type": "function", "function": {"name": "<a tool\'s name>"}}'
+TOOL_SHAPE = '{"type": "function", "function": {"name", "description", "parameters"}}'
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # JSON values in a schema, not schemas
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # a JSON Schema of an object
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What a request allows: the tools the reply may call, whether it must call one, and how many at once."""
+
+    tools: tuple[Tool, ...]  # those the reply may call (a named choice: that one)
+    required: bool  # a call, not a text reply ("required", or a named function)
+    parallel: bool  # several calls in one reply
+    native: bool = False  # the chat template writes the tools itself
+    constraint: OutputConstraint | None = None  # on the reply's JSON (reply_schema)
+
+    @property
+    def named(self) -> str | None:
+        return self.tools[0].name if self.required and len(self.tools) == 1 else None
+
+
+def parse_tools(value: Any) -> list[Tool]:
+    """OpenAI's `tools` list, checked; ToolError names the field that does not fit."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ToolError(f"tools: must be a list of {TOOL_SHAPE}", "tools")
+    if len(value) > MAX_TOOLS:
+        raise ToolError(f"tools: at most {MAX_TOOLS} tools, not {len(value)}", "tools")
+    tools: list[Tool] = []
+    for index, item in enumerate(value):
+        where = f"tools.{index}"
+        if not isinstance(item, dict) or item.get("type") != "function":
+            raise ToolError(f"{where}.type: must be 'function' (a tool is {TOOL_SHAPE})", f"{where}.type")
+        function = item.get("function")
+        if not isinstance(function, dict):
+            raise ToolError(
+                f"{where}.function: must be an object {{name, description, parameters}}", f"{where}.function"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+            raise ToolError(
+                f"{where}.function.name: must be a name of 1 to {MAX_NAME} characters", f"{where}.function.name"
+            )
+        if any(tool.name == name for tool in tools):
+            raise ToolError(f"{where}.function.name: '{name}' names two tools", f"{where}.function.name")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            message = f"{where}.function.description: must be a string"
+            raise ToolError(message, f"{where}.function.description")
+        tools.append(
+            Tool(name, description or "", _parameters(function.get("parameters"), f"{where}.function.parameters"))
+        )
+    return tools
+
+
+def _parameters(schema: Any, where: str) -> dict[str, Any]:
+    """A tool's `parameters`: a JSON Schema of an object that llguidance can enforce (none: no arguments)."""
+    if schema is None:
+        return NO_ARGUMENTS
+    if not isinstance(schema, dict):
+        raise ToolError(f"{where}: must be a JSON Schema object, not {type(schema).__name__}", where)
+    if schema.get("type", "object") != "object":
+        raise ToolError(f"{where}: must describe an object (type: object), not type {schema['type']!r}", where)
+    # Arguments are an object (also where the schema leaves type out) holding the properties it names.
+    schema = _closed({"type": "object", **schema})
+    try:
+        schema_constraint(schema, where)
+    except ConfigError as exc:
+        raise ToolError(exc.message, where, hint=exc.hint) from None
+    return schema
+
+
+NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of `schema` whose objects that name their properties take no others unless they say so, as
+    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them)."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in NAMED_SCHEMAS and isinstance(value, dict):
+            copy[key] = {name: _closed(item) for name, item in value.items()}
+        else:
+            copy[key] = value if key in VALUE_KEYWORDS else _closed(value)
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        copy["additionalProperties"] = False
+    return copy
+
+
+def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = False) -> ToolSpec | None:
+    """The tools a reply may call, checked, with the constraint on its JSON; None when it calls none."""
+    listed = parse_tools(tools)
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise ToolError(f"tool_choice: must be {CHOICE_SHAPE}", "tool_choice")
+        chosen = [tool for tool in listed if tool.name == name]
+        if not chosen:
+            known = ", ".join(tool.name for tool in listed) or "none given"
+            message = f"tool_choice.function.name: no tool named '{name}' in tools ({known})"
+            raise ToolError(message, "tool_choice.function.name")
+        listed = chosen
+    elif choice not in CHOICES:
+        raise ToolError(f"tool_choice: must be {CHOICE_SHAPE}", "tool_choice")
+    elif choice == "none" or (choice == "auto" and not listed):
+        return None
+    elif not listed:
+        raise ToolError("tool_choice: 'required' needs tools to call; list them in tools", "tool_choice")
+    spec = ToolSpec(tuple(listed), choice != "auto", True if parallel is None else parallel, native)
+    try:
+        constraint = schema_constraint(reply_schema(spec), "tools")
+    except ConfigError as exc:
+        raise ToolError(exc.message, "tools", hint=exc.hint) from None
+    return replace(spec, constraint=constraint)
+
+
+def reply_schema(spec: ToolSpec) -> dict[str, Any]:
+    """The JSON Schema of the reply: the calls (each tool's name and its arguments), or, for "auto", a text reply."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": tool.name}, "arguments": {"$ref": f"#/$defs/tool_{index}"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for index, tool in enumerate(spec.tools)
+    ]
+    items = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    array = {"type": "array", "items": items, "minItems": 1, **({} if spec.parallel else {"maxItems": 1})}
+    schema: dict[str, Any] = _object("tool_calls", array)
+    if not spec.required:
+        schema = {"anyOf": [schema, _object("response", {"type": "string"})]}
+    # Each tool's schema sits under $defs, its own references (#/$defs/X, #) pointed there.
+    schema["$defs"] = {f"tool_{i}": _rebased(tool.parameters, f"#/$defs/tool_{i}") for i, tool in enumerate(spec.tools)}
+    return schema
+
+
+def _object(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {key: schema}, "required": [key], "additionalProperties": False}
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """A copy of `schema` whose local references (`#`, `#/...`) point under `root`."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            copy[key] = root + value[1:]
+        else:
+            copy[key] = value if key in VALUE_KEYWORDS else _rebased(value, root)
+    return copy
+
+
+TEXT_REPLY = '{"response": "..."} (your answer in the string)'
+SEVERAL = " (a call per item: several only when the request needs several)"
+
+
+def instructions(spec: ToolSpec) -> str:
+    """The system message's text: the tools (unless the template writes them) and the JSON to answer in."""
+    name = spec.named or "<tool name>"
+    calls = f'{{"tool_calls": [{{"name": "{name}", "arguments": {{<its arguments>}}}}]}}'
+    calls += SEVERAL if spec.parallel else ""
+    if spec.named:
+        answer = f"Call the tool {spec.named}. Reply with JSON only: {calls}"
+    elif spec.required:
+        answer = f"Call {'one or more tools' if spec.parallel else 'one tool'}. Reply with JSON only: {calls}"
+    else:
+        answer = f"Reply with JSON only: to call tools, {calls}; to answer the user directly, {TEXT_REPLY}"
+    if spec.native:
+        return answer
+    listed = "\n".join(
+        f"- {tool.name}: {tool.description or '(no description)'} {_schema(tool)}" for tool in spec.tools
+    )
+    return f"{LISTING}\n{listed}\n{answer}"
+
+
+LISTING = "You can call these tools (each: its name, what it does, the JSON Schema of its arguments):"
+
+
+def _schema(tool: Tool) -> str:
+    return "Arguments: " + json.dumps(tool.parameters, ensure_ascii=False)
+
+
+def template_tools(spec: ToolSpec) -> list[dict[str, Any]]:
+    """The tools in OpenAI's shape, as chat templates that read `tools` take them."""
+    return [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in spec.tools
+    ]
+
+
+def prompt_messages(messages: Messages, spec: ToolSpec | None, *, native: bool) -> Messages:
+    """The conversation for the prompt builder: the instructions in the system message, and the calls
+    (assistant `tool_calls`) and results (`tool` messages) as the template takes them (`native`: as they
+    are, with parsed arguments) or as text: a call as the JSON the model answers in, results as the
+    user's "Result of <name>: ..."."""
+    names = {
+        call.get("id"): call["function"]["name"] for message in messages for call in message.get("tool_calls") or ()
+    }
+    written: Messages = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if native:
+            turn = {**message, "content": message.get("content") or ""}
+            if calls:
+                turn["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c)}} for c in calls]
+            written.append(turn)
+        elif message["role"] == "tool":
+            name = message.get("name") or names.get(message.get("tool_call_id")) or "the tool"
+            result = f"Result of {name}: {message.get('content') or ''}"
+            if written and written[-1].get("results"):  # one user turn holds a round of results
+                written[-1] = {**written[-1], "content": written[-1]["content"] + "\n" + result}
+            else:
+                written.append({"role": "user", "content": result, "results": True})
+        else:
+            text = message.get("content") or ""
+            if calls:
+                said = [{"name": c["function"]["name"], "arguments": _arguments(c)} for c in calls]
+                text = (text + "\n" if text else "") + json.dumps({"tool_calls": said}, ensure_ascii=False)
+            written.append({"role": message["role"], "content": text})
+    written = [{key: value for key, value in m.items() if key != "results"} for m in written]
+    if spec is not None:
+        said = instructions(spec)
+        if written and written[0]["role"] == "system":
+            written[0] = {**written[0], "content": f"{written[0]['content']}\n\n{said}"}
+        else:
+            written.insert(0, {"role": "system", "content": said})
+    return written
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    """A call's arguments as JSON (OpenAI sends them as a JSON string); text that is no JSON stays text."""
+    text = call["function"].get("arguments")
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class ToolReply:
+    """The reply read back: its calls, or its text (a `response`, or the raw JSON of a reply cut short)."""
+
+    calls: tuple[ToolCall, ...]
+    content: str | None
+
+
+RESPONSE_START = '{"response": "'  # how the constrained reply begins (constraints.JSON_OPTIONS: ", " and ": ")
+CALLS_START = '{"tool_calls": '
+# JSON string pieces that decode alone: plain characters, a simple escape, or a \u escape (a UTF-16 pair whole)
+STRING_PIECE = re.compile(
+    r'[^"\\]+|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u(?![dD][89abAB])[0-9a-fA-F]{4}'
+)
+
+
+class ReplyReader:
+    """Reads the constrained reply as the decoder writes it: `push` returns the text of a `response`
+    as it comes, `finish` the calls, or, for a reply cut short, the text it holds (no partial call)."""
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self._read = len(RESPONSE_START)  # where the response's string is read up to
+        self._text: list[str] = []
+
+    @property
+    def is_response(self) -> bool:
+        return self.raw.startswith(RESPONSE_START)
+
+    def push(self, text: str) -> str:
+        """Add the reply's next text; the response's text it completes ("" for calls, or until it is known)."""
+        self.raw += text
+        if not self.is_response:
+            return ""
+        pieces = []
+        while match := STRING_PIECE.match(self.raw, self._read):
+            piece = match.group()
+            pieces.append(piece if piece[0] != "\\" else json.loads(f'"{piece}"'))
+            self._read = match.end()
+        said = "".join(pieces)
+        self._text.append(said)
+        return said
+
+    def finish(self) -> ToolReply:
+        try:
+            reply = json.loads(self.raw)
+        except ValueError:  # cut short: the response's text so far, or the calls' raw JSON (no call is whole)
+            return ToolReply((), "".join(self._text) if self.is_response else self.raw)
+        if "response" in reply:
+            return ToolReply((), reply["response"])
+        calls = tuple(
+            ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], json.dumps(call["arguments"], ensure_ascii=False))
+            for call in reply["tool_calls"]
+        )
+        return ToolReply(calls, None)

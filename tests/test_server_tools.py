@@ -1,0 +1,249 @@
+"""Tool calls on the OpenAI-compatible server (gptcli.tools, server/tool_replies.py), with the real `openai`
+client against a server on a free loopback port over the tiny random Llama (its context widened: the tools'
+system message is longer than its 128 positions); the core's reading of a reply, piece by piece, below."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("fastapi")
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "maxLength": 8}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The forecast.", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a zone.", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def widened(source: Path, folder: Path, template: str | None = None) -> Path:
+    """A copy of a tiny model whose context holds 2,048 positions (rope needs no more weights)."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    if template is not None:
+        (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def live(tiny_models, tmp_path_factory) -> Iterator[Any]:
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+    from tests.test_server import serve_runtime
+
+    folder = widened(tiny_models["llama"], tmp_path_factory.mktemp("tools") / "tiny-llama")
+    runtime = open_runtime(Settings(model=str(folder)), lambda message: None)
+    with serve_runtime(runtime, max_running=4) as server:
+        yield server
+
+
+def ask(live: Any, **fields: Any) -> Any:
+    client = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+    request = {"model": "tiny-llama", "messages": ASK, "temperature": 0, "max_tokens": 120, **fields}
+    return client.chat.completions.create(**request)
+
+
+def checked_calls(choice: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The choice's calls as (name, arguments), each validated against its tool's schema."""
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    calls = []
+    for call in choice.message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_"), call
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, SCHEMAS[call.function.name])
+        calls.append((call.function.name, arguments))
+    return calls
+
+
+def test_required_returns_a_call_whose_arguments_fit_its_schema(live):
+    # One call: the random model, free to add calls, adds them until max_tokens (a cut reply, tested below).
+    reply = ask(live, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    calls = checked_calls(reply.choices[0])
+    assert len(calls) == 1 and calls[0][0] in SCHEMAS, calls
+
+
+def test_a_named_choice_calls_that_tool(live):
+    for name in SCHEMAS:
+        choice = {"type": "function", "function": {"name": name}}
+        calls = checked_calls(ask(live, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False).choices[0])
+        assert [called for called, _ in calls] == [name], calls
+
+
+def test_auto_answers_in_text_or_with_a_call(live):
+    kinds = set()
+    for seed in range(8):
+        choice = ask(live, tools=TOOLS, temperature=1.0, seed=seed, parallel_tool_calls=False).choices[0]
+        kinds.add(choice.finish_reason)
+        if choice.finish_reason == "tool_calls":
+            checked_calls(choice)
+        else:
+            assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str), choice
+            assert not choice.message.tool_calls and not choice.message.content.startswith('{"'), choice
+    assert "tool_calls" in kinds and len(kinds) > 1, kinds  # both kinds of reply, over these seeds
+
+
+def test_parallel_calls_are_one_or_more_and_a_single_call_is_one():
+    from gptcli.tools import reply_schema, tool_spec
+
+    many, one = (tool_spec(TOOLS, "required", parallel) for parallel in (None, False))
+    for spec, most in ((many, None), (one, 1)):
+        calls = reply_schema(spec)["properties"]["tool_calls"]
+        assert calls["minItems"] == 1 and calls.get("maxItems") == most
+        named = {call["properties"]["name"]["const"] for call in calls["items"]["anyOf"]}
+        assert named == set(SCHEMAS)
+    auto = reply_schema(tool_spec(TOOLS, "auto", None))
+    assert [sorted(option["properties"]) for option in auto["anyOf"]] == [["tool_calls"], ["response"]]
+
+
+def test_a_reply_cut_by_max_tokens_is_no_call(live):
+    choice = ask(live, tools=TOOLS, tool_choice="required", max_tokens=24).choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert choice.message.content.startswith('{"tool_calls": [{"'), choice.message.content  # what it wrote
+
+
+def test_none_and_no_tools_answer_as_before(live):
+    plain = ask(live, max_tokens=8).choices[0]
+    for fields in ({"tools": TOOLS, "tool_choice": "none"}, {"tools": [], "tool_choice": "auto"}):
+        choice = ask(live, max_tokens=8, **fields).choices[0]
+        assert choice.message.content == plain.message.content and not choice.message.tool_calls, fields
+
+
+def test_tool_requests_that_cannot_be_used_are_400s_naming_the_field(live):
+    bad_schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    named = {"type": "function", "function": {"name": "get_news"}}
+    cases = [
+        ({"tools": TOOLS, "tool_choice": named}, "tool_choice.function.name", "no tool named 'get_news'"),
+        ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice", "must be none, auto, required"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            "tools.0.function.parameters",
+            "not str",
+        ),
+        (
+            {"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools.1.function.parameters",
+            "must describe an object",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": bad_schema}}]},
+            "tools.0.function.parameters",
+            "keyword not supported: uniqueItems",
+        ),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools.1.function.name", "names two tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "must be 'function'"),
+        ({"tools": {"get_weather": WEATHER}}, "tools", "must be a list"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "drop one"),
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", "valid boolean"),
+    ]
+    for fields, param, says in cases:
+        response = httpx.post(live.v1 + "/chat/completions", json={"messages": ASK, **fields})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param and says in error["message"], (fields, error)
+
+
+# ---------------------------------------------------------------------------------------------- the core
+
+
+def test_the_reply_schema_keeps_each_tools_references_its_own():
+    from gptcli.tools import tool_spec
+
+    item = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    nested = {"type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "$defs": {"Item": item}}
+    tools = [{"type": "function", "function": {"name": "put", "parameters": nested}}]
+    spec = tool_spec(tools, "required", None)  # was "Pointer '/$defs/Item' does not exist" once nested
+    assert spec is not None and '"$ref": "#/$defs/tool_0/$defs/Item"' in spec.constraint.source
+    assert tool_spec(tools, "none", None) is None and tool_spec(None, None, None) is None
+
+
+def test_the_reader_streams_a_responses_text_split_anywhere():
+    from gptcli.tools import ReplyReader
+
+    text = 'Line one\n"quoted" \\ tab\t café 🙂 \u2028 end'
+    raw = json.dumps({"response": text}, ensure_ascii=True)  # every escape kind: \n, \", \\, \t, \u00e9, a pair
+    for size in (1, 2, 3, 5, 7):
+        reader = ReplyReader()
+        said = "".join(reader.push(raw[i : i + size]) for i in range(0, len(raw), size))
+        reply = reader.finish()
+        assert said == text and reply.content == text and not reply.calls, size
+    cut = ReplyReader()
+    streamed = cut.push(raw[:30])
+    assert cut.finish().content == streamed == text[: len(streamed)] and streamed  # cut short: what was said
+
+
+def test_the_reader_returns_calls_only_when_whole():
+    from gptcli.tools import ReplyReader
+
+    raw = '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "CET"}}]}'
+    reader = ReplyReader()
+    assert reader.push(raw) == ""
+    reply = reader.finish()
+    assert reply.content is None and [(c.name, json.loads(c.arguments)) for c in reply.calls] == [
+        ("get_time", {"zone": "CET"})
+    ]
+    cut = ReplyReader()
+    cut.push(raw[:-3])
+    assert cut.finish() == type(reply)((), raw[:-3])
+
+
+def test_a_template_that_reads_tools_is_given_them(tiny_models, tmp_path):
+    from gptcli.prompts import build_prompt
+    from gptcli.tokenizer import Tokenizer
+    from gptcli.tools import prompt_messages, template_tools, tool_spec
+    from tests.conftest import CHATML
+
+    native = "{% if tools %}TOOLS {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}" + CHATML
+    tok = Tokenizer(widened(tiny_models["llama"], tmp_path / "native", native))
+    plain = Tokenizer(tiny_models["llama"])
+    assert tok.supports_tools and not plain.supports_tools
+    spec = tool_spec(TOOLS, "required", False, native=True)
+    rendered = tok.render_chat(prompt_messages(ASK, spec, native=True), tools=template_tools(spec))
+    assert rendered.startswith("TOOLS get_weather,get_time\n<|im_start|>system\nCall one tool.")
+    assert "get_weather:" not in rendered  # the template lists them; the system message only says how to answer
+    spec = tool_spec(TOOLS, "required", False)
+    listed = plain.decode(build_prompt(plain, prompt_messages(ASK, spec, native=False)).ids, skip_special_tokens=False)
+    assert "- get_weather: The forecast. Arguments: {" in listed and listed.startswith("<|im_start|>system\n")
+
+
+def test_arguments_hold_only_the_properties_a_schema_names_unless_it_says_otherwise():
+    from gptcli.tools import tool_spec
+
+    open_ended = {"type": "object", "properties": {"tags": {"type": "object", "additionalProperties": True}}}
+    odd = {"properties": {"properties": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
+    tools = [
+        {"type": "function", "function": {"name": "tag", "parameters": open_ended}},
+        {"type": "function", "function": {"name": "odd", "parameters": odd}},  # type left out; a key named properties
+        {"type": "function", "function": {"name": "bare"}},  # no parameters: no arguments
+    ]
+    tag, odd_one, bare = (tool.parameters for tool in tool_spec(tools, "auto", None).tools)
+    assert tag["additionalProperties"] is False and tag["properties"]["tags"]["additionalProperties"] is True
+    assert odd_one["type"] == "object" and odd_one["additionalProperties"] is False
+    assert odd_one["properties"]["properties"]["additionalProperties"] is False and set(odd_one["properties"]) == {
+        "properties"
+    }
+    assert bare == {"type": "object", "properties": {}, "additionalProperties": False}
