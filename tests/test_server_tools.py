@@ -126,6 +126,61 @@ def test_a_reply_cut_by_max_tokens_is_no_call(live):
     assert choice.message.content.startswith('{"tool_calls": [{"'), choice.message.content  # what it wrote
 
 
+def streamed(live: Any, **fields: Any) -> tuple[str | None, list[dict[str, Any]], str, list[Any]]:
+    """A streamed reply reassembled as a client does: (content, calls, finish reason, chunks)."""
+    chunks = list(ask(live, stream=True, **fields))
+    content, calls, finish = None, [], None
+    for chunk in chunks:
+        delta, finish = chunk.choices[0].delta, chunk.choices[0].finish_reason or finish
+        if delta.content:
+            content = (content or "") + delta.content
+        for call in delta.tool_calls or []:
+            if call.index == len(calls):
+                calls.append({"id": call.id, "type": call.type, "name": call.function.name, "arguments": ""})
+            calls[call.index]["arguments"] += call.function.arguments or ""
+    return content, calls, finish, chunks
+
+
+def test_a_streamed_call_reassembles_to_the_same_call_as_whole(live):
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        fields = {"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False}
+        whole = ask(live, **fields).choices[0]
+        content, calls, finish, chunks = streamed(live, **fields)
+        expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert [(c["name"], c["arguments"]) for c in calls] == expected and finish == "tool_calls", calls
+        assert content is None and all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+        first = next(chunk for chunk in chunks if chunk.choices[0].delta.tool_calls).choices[0].delta.tool_calls[0]
+        assert first.id and first.function.name and first.function.arguments == ""  # the name comes first
+    fields = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "logprobs": True}
+    scored = [
+        token.token
+        for c in streamed(live, **fields)[3]
+        if c.choices[0].logprobs
+        for token in c.choices[0].logprobs.content
+    ]
+    assert scored == [token.token for token in ask(live, **fields).choices[0].logprobs.content]  # none lost on the way
+
+
+def test_a_streamed_text_reply_comes_as_content_as_it_is_written(live):
+    for seed in range(8):  # the seeds of test_auto_answers_in_text_or_with_a_call: some answer in text
+        fields = {"tools": TOOLS, "temperature": 1.0, "seed": seed, "parallel_tool_calls": False}
+        whole = ask(live, **fields).choices[0]
+        if whole.finish_reason == "tool_calls":
+            continue
+        content, calls, finish, chunks = streamed(live, **fields)
+        assert content == whole.message.content and not calls and finish == whole.finish_reason, seed
+        assert sum(bool(chunk.choices[0].delta.content) for chunk in chunks) > 3  # piece by piece, not at the end
+        return
+    pytest.fail("no seed answered in text")
+
+
+def test_a_streamed_reply_cut_short_is_no_call(live):
+    fields = {"tools": TOOLS, "tool_choice": "required", "max_tokens": 24}
+    whole = ask(live, **fields).choices[0]
+    content, calls, finish, _ = streamed(live, **fields)
+    assert (content, calls, finish) == (whole.message.content, [], "length") and content.startswith('{"tool_calls"')
+
+
 def test_none_and_no_tools_answer_as_before(live):
     plain = ask(live, max_tokens=8).choices[0]
     for fields in ({"tools": TOOLS, "tool_choice": "none"}, {"tools": [], "tool_choice": "auto"}):

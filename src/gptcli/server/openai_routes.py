@@ -62,8 +62,6 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(body.model)
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
-    if tools is not None and body.stream:
-        raise APIError(400, "stream: tool calls are not streamed yet; ask with stream false", param="stream")
     ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
     shape = (Shape if tools is None else ToolShape)("chat", state.model_name, tokenizer=state.tokenizer)
     return await respond(request, state, body, [ids], [shape])
@@ -250,8 +248,9 @@ async def stream_body(
             if isinstance(event, Token):
                 if event.id is not None and event.logprob is not None:
                     scored[index].append((event.id, event.logprob))
-                if event.text:
-                    yield sse(shape.chunk(text=event.text, logprobs=scored[index]))
+                if event.text and (chunks := shape.text_chunks(event.text, scored[index])):
+                    for chunk in chunks:
+                        yield sse(chunk)
                     scored[index] = []
                 continue
             if event.reason in ("cancelled", "error"):
@@ -264,9 +263,8 @@ async def stream_body(
                 yield sse(error_body(error.status, error.message, param=error.param, code=error.code))
                 yield DONE
                 return
-            if scored[index]:
-                yield sse(shape.chunk(text="", logprobs=scored[index]))
-            yield sse(shape.chunk(finish=OPENAI_FINISH.get(event.reason, "stop")))
+            for chunk in shape.finish_chunks(OPENAI_FINISH.get(event.reason, "stop"), scored[index]):
+                yield sse(chunk)
             stats.append(event.stats)
         if include_usage:
             yield sse(shapes[0].usage_chunk(stats))

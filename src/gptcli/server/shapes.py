@@ -60,6 +60,15 @@ class Shape:
             choice = {"index": self.index, "text": text or "", "logprobs": scored, "finish_reason": finish}
         return {**self.envelope(True), "choices": [choice]}
 
+    def text_chunks(self, text: str, logprobs: list[tuple[int, TokenLogprob]]) -> list[dict[str, Any]]:
+        """The chunks that stream the reply's next text (with its tokens' logprobs); none: held back, and
+        the logprobs wait for the next chunk."""
+        return [self.chunk(text=text, logprobs=logprobs)]
+
+    def finish_chunks(self, finish: str, logprobs: list[tuple[int, TokenLogprob]]) -> list[dict[str, Any]]:
+        """The chunks that end the streamed choice: logprobs still unsent, then the finish reason."""
+        return [*([self.chunk(text="", logprobs=logprobs)] if logprobs else []), self.chunk(finish=finish)]
+
     def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
         """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
         (None: the prompt's first token, which has no logprob)."""

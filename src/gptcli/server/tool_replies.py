@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptcli.decoding import Finished
+from gptcli.sampling import TokenLogprob
 from gptcli.server.shapes import Shape
 from gptcli.tools import ReplyReader, ToolReply
 
@@ -17,6 +18,37 @@ class ToolShape(Shape):
     calls: no partial call is presented as one)."""
 
     constraint_param: str = "tools"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._reader = ReplyReader()  # the streamed reply
+
+    def text_chunks(self, text: str, logprobs: list[tuple[int, TokenLogprob]]) -> list[dict[str, Any]]:
+        """A text reply's text as it comes; a call's JSON is held until it is whole."""
+        said = self._reader.push(text)
+        return [self.chunk(text=said, logprobs=logprobs)] if said else []
+
+    def finish_chunks(self, finish: str, logprobs: list[tuple[int, TokenLogprob]]) -> list[dict[str, Any]]:
+        """Each call as OpenAI streams one (its index, id, type and name, then its arguments, here whole), or
+        the text of a reply cut short that was not streamed yet; then the finish reason."""
+        reply = self._reader.finish()
+        chunks = []
+        if reply.calls:
+            for index, call in enumerate(openai_calls(reply)):
+                named = {**call, "index": index, "function": {"name": call["function"]["name"], "arguments": ""}}
+                arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+                chunks += [self._calls_chunk(named, logprobs if index == 0 else None), self._calls_chunk(arguments)]
+            finish = "tool_calls"
+        elif not self._reader.is_response and reply.content:  # the raw JSON of calls cut short
+            chunks.append(self.chunk(text=reply.content, logprobs=logprobs))
+        elif logprobs:
+            chunks.append(self.chunk(text="", logprobs=logprobs))
+        return [*chunks, self.chunk(finish=finish)]
+
+    def _calls_chunk(self, call: dict[str, Any], logprobs: list[tuple[int, TokenLogprob]] | None = None) -> dict:
+        chunk = self.chunk(logprobs=logprobs)
+        chunk["choices"][0]["delta"]["tool_calls"] = [call]
+        return chunk
 
     def choice(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
         whole = super().choice(finished, finish, with_logprobs=with_logprobs)
