@@ -312,7 +312,8 @@ def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(ti
     """One prompt builder: a conversation is the chat template, or a plain transcript for a base model."""
     from gptcli.batchfile import _encode_messages
     from gptcli.prompts import build_prompt, transcript
-    from gptcli.server.schemas import ChatMessage, chat_prompt_ids
+    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.schemas import ChatMessage
 
     tok = Tokenizer(tiny_models[family])
     turns = [

@@ -18,14 +18,8 @@ from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, check_fits, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
-from gptcli.server.schemas import (
-    ChatRequest,
-    CompletionRequest,
-    SamplingRequest,
-    chat_prompt_ids,
-    completion_prompts,
-    parse_body,
-)
+from gptcli.server.prompt_ids import chat_prompt_ids, completion_prompts
+from gptcli.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
 from gptcli.server.shapes import Shape, usage
 from gptcli.server.sse import DONE, EventStreamResponse, sse
 from gptcli.server.state import ServerState

@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, model_validator
 
 from gptcli.server.errors import APIError
-from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, chat_prompt_ids, parse_body
+from gptcli.server.prompt_ids import chat_prompt_ids
+from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, parse_body
 from gptcli.server.state import ServerState
 
 router = APIRouter()
