@@ -302,3 +302,73 @@ def test_arguments_hold_only_the_properties_a_schema_names_unless_it_says_otherw
         "properties"
     }
     assert bare == {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+
+CALLED = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
+    ],
+}
+RESULTS = [
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    {"role": "tool", "tool_call_id": "call_2", "name": "get_time", "content": "14:05"},
+]
+
+
+def test_calls_and_results_in_the_conversation_are_text_the_model_reads(tiny_models):
+    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.schemas import ChatMessage
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_models["llama"])
+    messages = [ChatMessage(**m) for m in [*ASK, CALLED, *RESULTS]]
+    prompt = tok.decode(chat_prompt_ids(tok, messages), skip_special_tokens=False)
+    said = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {"zone": "CET"}}]
+    calls = json.dumps({"tool_calls": said})
+    # A call as the JSON the model answers in; a round of results as one user turn, each named (by its call's id).
+    assert f"<|im_start|>assistant\n{calls}<|im_end|>" in prompt, prompt
+    assert "<|im_start|>user\nResult of get_weather: Sunny, 21 C\nResult of get_time: 14:05<|im_end|>" in prompt
+
+
+def test_a_template_that_reads_tools_gets_calls_and_results_as_they_are(tiny_models, tmp_path):
+    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.schemas import ChatMessage
+    from gptcli.tokenizer import Tokenizer
+
+    native = (
+        "{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.id }} {{ c.function.name }}"
+        " {{ c.function.arguments | tojson }}\n{% endfor %}{% elif m.role == 'tool' %}RESULT {{ m.tool_call_id }}"
+        " {{ m.content }}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}{{ tools | length }} tools"
+    )
+    tok = Tokenizer(widened(tiny_models["llama"], tmp_path / "native", native))
+    messages = [ChatMessage(**m) for m in [*ASK, CALLED, *RESULTS]]
+    prompt = tok.decode(chat_prompt_ids(tok, messages), skip_special_tokens=False)
+    assert 'CALL call_1 get_weather {"city": "Paris"}\nCALL call_2 get_time {"zone": "CET"}\n' in prompt  # objects
+    assert "RESULT call_1 Sunny, 21 C\nRESULT call_2 14:05\n0 tools" in prompt
+
+
+def test_a_follow_up_with_the_tools_results_is_answered(live):
+    first = ask(live, tools=TOOLS, tool_choice="required", parallel_tool_calls=False).choices[0].message
+    call = first.tool_calls[0]
+    result = {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}
+    follow_up = [*ASK, first.model_dump(exclude_none=True), result]
+    for stream in (False, True):
+        reply = ask(live, messages=follow_up, tools=TOOLS, parallel_tool_calls=False, stream=stream)
+        if stream:
+            assert [chunk.choices[0].finish_reason for chunk in reply][-1] in ("stop", "length", "tool_calls")
+        else:
+            assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_calls_a_conversation_cannot_hold_are_400s(live):
+    on_user = {"role": "user", "content": "hi", "tool_calls": CALLED["tool_calls"]}
+    nameless = {**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"arguments": "{}"}}]}
+    cases = [([on_user], "messages.0.tool_calls"), ([*ASK, nameless], "messages.1.tool_calls.0.function.name")]
+    for messages, param in cases:
+        response = httpx.post(live.v1 + "/chat/completions", json={"messages": messages})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -13,11 +13,8 @@ from gptcli.tools import ToolSpec, prompt_messages, template_tools
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], tools: ToolSpec | None = None) -> list[int]:
     """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base
     model; with the tools the reply may call, and how to call them (gptcli.tools)."""
-    turns = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
-    ]
     native = tokenizer.supports_tools
-    turns = prompt_messages(turns, tools, native=native)
+    turns = prompt_messages([m.turn(i) for i, m in enumerate(messages)], tools, native=native)
     try:
         listed = template_tools(tools) if tools is not None and native else None
         ids = build_prompt(tokenizer, turns, plain=transcript, tools=listed).ids

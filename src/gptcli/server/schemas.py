@@ -232,10 +232,43 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = REQUEST_MODEL
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI's JSON text; ollama's clients send the object
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier reply made, as the client sends the conversation back."""
+
+    model_config = REQUEST_MODEL
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = REQUEST_MODEL
     role: Literal[MESSAGE_ROLES]  # type: ignore[valid-type]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+    name: str | None = None  # a tool's result: the tool's name (another role's is ignored, as OpenAI's models do)
+
+    def turn(self, index: int) -> dict[str, Any]:
+        """The message as gptcli.tools takes it: role and text, and an assistant's calls, a tool's call id."""
+        turn: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(index),
+        }
+        if self.tool_calls:
+            if self.role != "assistant":
+                message = f"messages.{index}.tool_calls: only an assistant's message holds tool calls"
+                raise APIError(400, message, param=f"messages.{index}.tool_calls", code="invalid_value")
+            turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            turn.update({key: value for key in ("tool_call_id", "name") if (value := getattr(self, key)) is not None})
+        return turn
 
     def text(self, index: int) -> str:
         if self.content is None:
