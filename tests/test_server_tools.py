@@ -162,11 +162,14 @@ def test_a_streamed_call_reassembles_to_the_same_call_as_whole(live):
 
 
 def test_a_streamed_text_reply_comes_as_content_as_it_is_written(live):
-    for seed in range(8):  # the seeds of test_auto_answers_in_text_or_with_a_call: some answer in text
+    called = False
+    for seed in range(8):  # the seeds of test_auto_answers_in_text_or_with_a_call: calls first, then text
         fields = {"tools": TOOLS, "temperature": 1.0, "seed": seed, "parallel_tool_calls": False}
         whole = ask(live, **fields).choices[0]
         if whole.finish_reason == "tool_calls":
+            called = True
             continue
+        assert called, "the first text reply came before any call: are the tools in use?"
         content, calls, finish, chunks = streamed(live, **fields)
         assert content == whole.message.content and not calls and finish == whole.finish_reason, seed
         assert sum(bool(chunk.choices[0].delta.content) for chunk in chunks) > 3  # piece by piece, not at the end
@@ -372,3 +375,37 @@ def test_tool_calls_a_conversation_cannot_hold_are_400s(live):
     for messages, param in cases:
         response = httpx.post(live.v1 + "/chat/completions", json={"messages": messages})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+# ---------------------------------------------------------------------------------------------- the default model
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_default_model_calls_the_weather_tool_and_reads_its_result(default_model):
+    from gptcli.config import Settings
+    from gptcli.runtime import open_runtime
+    from tests.test_server import serve_runtime
+
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather = {"name": "get_weather", "description": "The current weather in a city.", "parameters": city}
+    tools = [{"type": "function", "function": weather}]
+    runtime = open_runtime(Settings(model=str(default_model.path)), lambda message: None)
+    with serve_runtime(runtime, max_running=2) as live:
+        settings = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools}
+        reply = ask(live, **settings, tool_choice="required", parallel_tool_calls=False).choices[0]
+        assert reply.finish_reason == "tool_calls", reply
+        call = reply.message.tool_calls[0]
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, city)
+        assert call.function.name == "get_weather" and arguments["city"] == "Paris", call
+        _, calls, finish, _ = streamed(live, **settings, parallel_tool_calls=False)  # "auto": it calls too
+        assert (calls[0]["name"], calls[0]["arguments"], finish) == (
+            "get_weather",
+            call.function.arguments,
+            "tool_calls",
+        )
+        result = {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees Celsius"}
+        settings["messages"] += [reply.message.model_dump(exclude_none=True), result]
+        answer = ask(live, **settings, parallel_tool_calls=False).choices[0]
+        assert answer.finish_reason == "stop" and "21" in answer.message.content, answer  # it read the result
