@@ -242,7 +242,7 @@ def prompt_messages(messages: Messages, spec: ToolSpec | None, *, native: bool) 
         call.get("id"): call["function"]["name"] for message in messages for call in message.get("tool_calls") or ()
     }
     written: Messages = []
-    for message in messages:
+    for at, message in enumerate(messages):
         calls = message.get("tool_calls") or []
         if native:
             turn = {**message, "content": message.get("content") or ""}
@@ -252,17 +252,16 @@ def prompt_messages(messages: Messages, spec: ToolSpec | None, *, native: bool) 
         elif message["role"] == "tool":
             name = message.get("name") or names.get(message.get("tool_call_id")) or "the tool"
             result = f"Result of {name}: {message.get('content') or ''}"
-            if written and written[-1].get("results"):  # one user turn holds a round of results
-                written[-1] = {**written[-1], "content": written[-1]["content"] + "\n" + result}
+            if at and messages[at - 1]["role"] == "tool":  # one user turn holds a round of results
+                written[-1] = {"role": "user", "content": written[-1]["content"] + "\n" + result}
             else:
-                written.append({"role": "user", "content": result, "results": True})
+                written.append({"role": "user", "content": result})
         else:
             text = message.get("content") or ""
             if calls:
                 said = [{"name": c["function"]["name"], "arguments": _arguments(c)} for c in calls]
                 text = (text + "\n" if text else "") + json.dumps({"tool_calls": said}, ensure_ascii=False)
             written.append({"role": message["role"], "content": text})
-    written = [{key: value for key, value in m.items() if key != "results"} for m in written]
     if spec is not None:
         said = instructions(spec)
         if written and written[0]["role"] == "system":
@@ -297,7 +296,6 @@ class ToolReply:
 
 
 RESPONSE_START = '{"response": "'  # how the constrained reply begins (constraints.JSON_OPTIONS: ", " and ": ")
-CALLS_START = '{"tool_calls": '
 # JSON string pieces that decode alone: plain characters, a simple escape, or a \u escape (a UTF-16 pair whole)
 STRING_PIECE = re.compile(
     r'[^"\\]+|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u(?![dD][89abAB])[0-9a-fA-F]{4}'
