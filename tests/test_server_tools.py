@@ -108,10 +108,12 @@ def test_auto_answers_in_text_or_with_a_call(live):
 
 
 def test_parallel_calls_are_one_or_more_and_a_single_call_is_one():
+    """parallel_tool_calls left out is one call, as llama-server's default (a small model allowed several
+    repeats its call until max_tokens)."""
     from gptcli.tools import reply_schema, tool_spec
 
-    many, one = (tool_spec(TOOLS, "required", parallel) for parallel in (None, False))
-    for spec, most in ((many, None), (one, 1)):
+    many, one, unsaid = (tool_spec(TOOLS, "required", parallel) for parallel in (True, False, None))
+    for spec, most in ((many, None), (one, 1), (unsaid, 1)):
         calls = reply_schema(spec)["properties"]["tool_calls"]
         assert calls["minItems"] == 1 and calls.get("maxItems") == most
         named = {call["properties"]["name"]["const"] for call in calls["items"]["anyOf"]}

@@ -147,7 +147,8 @@ def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = 
         return None
     elif not listed:
         raise ToolError("tool_choice: 'required' needs tools to call; list them in tools", "tool_choice")
-    spec = ToolSpec(tuple(listed), choice != "auto", True if parallel is None else parallel, native)
+    # One call a reply unless asked for more: llama-server's default; a small model allowed several repeats one.
+    spec = ToolSpec(tuple(listed), choice != "auto", bool(parallel), native)
     try:
         constraint = schema_constraint(reply_schema(spec), "tools")
     except ConfigError as exc:
