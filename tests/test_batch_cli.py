@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -84,6 +85,27 @@ def test_ctrl_c_keeps_finished_results_and_resume_finishes(tiny_models, tmp_path
     assert again.returncode == 0, again.stderr.decode()
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == ["r0", "r1", "r2"] and len(ids) == 3
+
+
+def test_a_line_from_a_quiet_pipe_is_written_at_once_and_ctrl_c_ends_the_wait(tiny_models):
+    """`(echo line; sleep 20; echo line) | gptcli generate --batch -`: the first result waited for the second
+    line. Now it is written as soon as it is done; Ctrl-C while the pipe is quiet writes what finished and
+    exits 130 (not an abort at exit: stdin's reader, locked by the thread still waiting in a read)."""
+    args = ["generate", "--batch", "-", "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    env = {**os.environ, **SCRIPTED, "GPTCLI_TEST_SCRIPT": json.dumps([7] * 50)}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", *args], env=env, cwd=REPO, **pipes)  # type: ignore[call-overload]
+    proc.stdin.write(json.dumps({"id": "a", "prompt": "hi", "max_tokens": 3}).encode() + b"\n")
+    proc.stdin.flush()  # and no other line, nor the end of the input
+    readable, _, _ = select.select([proc.stdout], [], [], 60)
+    first = proc.stdout.readline() if readable else b""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    proc.stdin.close()
+    assert first and json.loads(first)["id"] == "a", err
+    assert proc.returncode == 130 and "1 done" in err and "interrupted" in err, err
+    assert "Traceback" not in err and "Fatal" not in err and proc.stdout.read() == b""
 
 
 def test_resume_into_a_pipe_is_refused_at_once(tiny_models, tmp_path):

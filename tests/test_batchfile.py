@@ -2,14 +2,17 @@
 
 import io
 import json
+import os
 import re
+import threading
 
 import pytest
 
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
-from gptcli.batchfile import LocalLines, parse_request, run_batch
+from gptcli.batchfile import LocalLines, RemoteLines, parse_request, run_batch
 from gptcli.config import Settings, with_sampling
+from gptcli.decoding import NO_STATS, Finished, Token
 from gptcli.engine import Engine, EngineLimits, generate
 from gptcli.errors import InputError
 from gptcli.jsonl import MAX_LINE_BYTES, ResultWriter, completed_ids, count_lines, open_results, read_lines
@@ -399,3 +402,110 @@ def test_finished_results_are_written_before_an_unexpected_failure_ends_the_run(
         run_batch(LocalLines(engine), iter(requests), ResultWriter(stream, sync=False), on_result=broken)
     # line 2 finished first and waited for line 1 in the writer: it is on disk, not lost
     assert [json.loads(line)["id"] for line in stream.getvalue().splitlines()] == ["2"]
+
+
+class _Written(io.StringIO):
+    """The results stream: each result's id goes into `happened` as it is written."""
+
+    def __init__(self, happened: list[str]) -> None:
+        super().__init__()
+        self.happened = happened
+
+    def write(self, text: str) -> int:
+        self.happened.append("wrote " + json.loads(text)["id"])
+        return super().write(text)
+
+
+def _producer(
+    lines: list[bytes], happened: list[str], before_the_last: threading.Event
+) -> tuple[io.BufferedReader, threading.Thread]:
+    """A pipe and the slow producer writing into it: every line but the last at once, the last only after
+    `before_the_last` is set (after 10 s at worst, so that a run that waits for it fails rather than hangs)."""
+    read_fd, write_fd = os.pipe()
+
+    def produce() -> None:
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(b"".join(lines[:-1]))
+            pipe.flush()
+            before_the_last.wait(timeout=10)
+            happened.append("sent the last")
+            pipe.write(lines[-1])
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    return os.fdopen(read_fd, "rb"), producer
+
+
+def test_lines_run_and_are_written_while_a_pipe_is_quiet(model):
+    """`--batch -` from a slow producer: the engine read the next line on its own thread, so every line running
+    (and the writing of finished ones) waited for it. Now both lines finish and are written before the third
+    is sent; then it runs, and the pipe's end ends the run."""
+    _, tok = model
+    backend = NeverEnds([], tok.vocab_size, context_length=128)
+    happened: list[str] = []
+    both_written = threading.Event()
+
+    class Written(_Written):
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if self.happened.count("wrote a") + self.happened.count("wrote b") == 2:
+                both_written.set()
+            return written
+
+    lines = [
+        json.dumps({"id": i, "prompt": "hi", "max_tokens": n}).encode() + b"\n"
+        for i, n in [("a", 2), ("b", 20), ("c", 2)]
+    ]
+    pipe, producer = _producer(lines, happened, both_written)
+    requests = (parse_request(n, raw, tok, SETTINGS, 128) for n, raw in read_lines(pipe))
+    engine = Engine(backend, tok, EngineLimits(max_running=4))
+    summary = run_batch(LocalLines(engine), requests, ResultWriter(Written(happened), sync=False), read_ahead=True)
+    producer.join()
+    assert happened == ["wrote a", "wrote b", "sent the last", "wrote c"] and summary.ok == 3
+
+
+def test_client_mode_writes_results_and_starts_a_line_as_it_arrives(model):
+    """Through --url the lines' requests run on threads, but the next line was read on the run's own: a
+    finished result waited for it. Now it is written at once, and a line that arrives while a request runs
+    silently starts at once (the wait for the server's next event wakes up for it)."""
+    happened: list[str] = []
+    first_written = threading.Event()
+    last_started = threading.Event()
+
+    class Written(_Written):
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            first_written.set()
+            return written
+
+    class Server:
+        def chat(self, messages, params):
+            name = messages[-1]["content"]
+            if name == "last":
+                last_started.set()
+            elif name == "silent":  # says nothing until the last line's request has started
+                name += " saw the last start" if last_started.wait(timeout=10) else " waited in vain"
+            yield Token(name, None, 0.0)
+            yield Finished("stop", NO_STATS, name, ())
+
+    lines = [json.dumps({"prompt": p}).encode() + b"\n" for p in ("first", "silent", "last")]
+    pipe, producer = _producer(lines, happened, first_written)
+    requests = (parse_request(n, raw, None, SETTINGS, 0) for n, raw in read_lines(pipe))
+    stream = Written(happened)
+    summary = run_batch(RemoteLines(Server(), 4), requests, ResultWriter(stream, sync=False), read_ahead=True)
+    producer.join()
+    assert happened == ["wrote 1", "sent the last", "wrote 2", "wrote 3"] and summary.ok == 3
+    texts = [json.loads(line)["text"] for line in stream.getvalue().splitlines()]
+    assert texts == ["first", "silent saw the last start", "last"]
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_a_read_error_after_a_line_started_ends_the_run(model, read_ahead):
+    """A NUL byte on line 2 (binary data) ends the run with its error, whether line 1 is still running when
+    it is read (a file, read between steps) or the line is read ahead on a thread (a pipe)."""
+    backend, tok = model
+    data = io.BytesIO(b'{"id": "a", "prompt": "hi"}\n\0\n')
+    requests = (parse_request(n, raw, tok, SETTINGS, backend.info.context_length) for n, raw in read_lines(data))
+    lines = LocalLines(Engine(backend, tok, EngineLimits(max_running=2)))
+    with pytest.raises(InputError, match=r"^line 2 holds a NUL byte"):
+        run_batch(lines, requests, ResultWriter(io.StringIO(), sync=False), read_ahead=read_ahead)

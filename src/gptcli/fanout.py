@@ -18,17 +18,25 @@ Start = Callable[[], Iterator[Event]]
 
 
 def run_streams(
-    starts: Iterable[Start], parallel: int, *, may_start: Callable[[], bool] | None = None
+    starts: Iterable[Start],
+    parallel: int,
+    *,
+    may_start: Callable[[], bool] | None = None,
+    wake: Callable[[Callable[[], None]], None] | None = None,
 ) -> Iterator[tuple[int, Event | GptcliError]]:
     """(stream index, event) as events arrive, from at most `parallel` streams at once (and, while some
-    run, only when `may_start` says yes: the caller's own bound, as in `engine.run_all`).
+    run, only when `may_start` says yes: the caller's own bound, as in `engine.run_all`). `wake`, when
+    given, registers a call that another thread makes when `may_start` may have turned yes (a batch line
+    became ready while streams ran): the wait for the next event ends and `may_start` is asked again.
 
     A stream that fails with a GptcliError yields it in place of its Finished (the caller decides whether
     that ends the run); any other exception is raised here. Ctrl-C stops every stream: the unfinished ones
     end "interrupted", and the starts not yet read are never started.
     """
-    results: queue.Queue[tuple[int, Event | BaseException]] = queue.Queue()
+    results: queue.Queue[tuple[int, Event | BaseException] | None] = queue.Queue()  # None: look again
     stop = threading.Event()
+    if wake is not None:
+        wake(lambda: results.put(None))
 
     def work(index: int, start: Start) -> None:
         try:
@@ -55,7 +63,10 @@ def run_streams(
                 threading.Thread(target=work, args=item, name="gptcli-stream", daemon=True).start()
             if not live:
                 return
-            index, event = results.get()
+            arrived = results.get()
+            if arrived is None:
+                continue
+            index, event = arrived
             if isinstance(event, BaseException) and not isinstance(event, GptcliError):
                 raise event
             if isinstance(event, (Finished, GptcliError)):

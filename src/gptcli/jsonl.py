@@ -1,6 +1,7 @@
 """JSON Lines files, read and written in bounded pieces: a batch's requests in, its results out.
 
-Lines are read at most MAX_LINE_BYTES at a time (a longer one is reported, never held whole). Results
+Lines are read at most MAX_LINE_BYTES at a time (a longer one is reported, never held whole), and read
+ahead on a thread of their own (`ReadAhead`): a pipe whose producer is slow never stalls the run. Results
 are written in input order as soon as every earlier one is done, each line flushed and synced, and read
 back for --resume: a torn last line is settled first.
 """
@@ -13,13 +14,18 @@ import errno
 import io
 import json
 import os
-from collections.abc import Collection, Iterator
+import queue
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from gptcli.errors import InputError
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
+READ_AHEAD = 8  # items a ReadAhead holds: a huge file is still read lazily
+
+T = TypeVar("T")
 
 
 def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
@@ -44,16 +50,95 @@ def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
             yield number, line
 
 
+class ReadAhead(Generic[T]):
+    """The items of `source`, read on a thread of their own at most `depth` ahead, so that whoever takes them
+    can ask whether the next one is `ready` instead of waiting for a slow source (a pipe, `tail -f`).
+
+    `next()` waits for the next item; the end (StopIteration) and the source's error are raised in order,
+    and again on every later call. `notify(callback)`: the reader thread calls it after each item (and
+    after the end or the error) is ready. `close()` lets the reader go (a thread that waits in a read ends
+    with the process: give it a file object of its own, not one the interpreter closes at exit, such as
+    sys.stdin's). With `depth` 0 nothing is read ahead: next() reads in the caller's thread and `ready` is
+    always true (a regular file, a list: the run takes its items in the same order at the same steps)."""
+
+    def __init__(self, source: Iterable[T], depth: int = READ_AHEAD) -> None:
+        self._source = iter(source)
+        # A SimpleQueue: its wait, in C, leaves no lock half-released when Ctrl-C lands in it (twice, say);
+        # the bound is the reader's to wait for, on its own thread.
+        self._items: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()  # (is the end, item or error)
+        self._room = threading.Semaphore(depth)
+        self._ended: BaseException | None = None  # StopIteration, or the source's error, once taken
+        self._closed = False
+        self._listeners: list[Callable[[], None]] = []
+        self._inline = depth == 0
+        if not self._inline:
+            threading.Thread(target=self._read, args=(self._source,), name="gptcli-read-ahead", daemon=True).start()
+
+    def _read(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put(False, item):
+                    return
+        except BaseException as exc:  # raised again on the taking thread, in its place
+            self._put(True, exc)
+        else:
+            self._put(True, StopIteration())
+
+    def _put(self, ended: bool, value: Any) -> bool:
+        self._room.acquire()  # waits while `depth` items are ready: memory stays bounded
+        if self._closed:
+            return False
+        self._items.put((ended, value))
+        for listener in list(self._listeners):
+            listener()
+        return True
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def ready(self) -> bool:
+        """Whether next() returns (an item, the end or the error) without waiting."""
+        return self._inline or self._ended is not None or not self._items.empty()
+
+    def __iter__(self) -> ReadAhead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._ended is None:
+            if self._inline:
+                try:
+                    return next(self._source)
+                except Exception as exc:  # the end, or the source's error: kept, as the reader keeps it
+                    self._ended = exc
+                    raise
+            ended, value = self._items.get()  # Ctrl-C interrupts the wait
+            self._room.release()
+            if not ended:
+                return value
+            self._ended = value
+        raise self._ended
+
+    def close(self) -> None:
+        self._closed = True
+        self._room.release()  # a reader waiting for room wakes, sees it is closed and ends
+
+
 def _text(piece: bytes, number: int) -> bytes:
     if b"\0" in piece:
         raise InputError(f"line {number} holds a NUL byte: this is binary data, not JSON Lines", hint="check the file")
     return piece
 
 
+def may_wait(path: Path) -> bool:
+    """Whether reading `path` may wait for a writer (stdin, a pipe such as <(…), a FIFO, a device: read only
+    once, as it comes), not a regular file."""
+    return str(path) == "-" or not path.is_file()
+
+
 def count_lines(path: Path) -> int | None:
     """Non-blank lines (those read_lines yields) in a regular file, read in bounded blocks (for a progress
-    total); None for anything else (stdin, a pipe such as <(…), a device), which can be read only once."""
-    if str(path) == "-" or not path.is_file():
+    total); None for anything else (`may_wait`), which can be read only once."""
+    if may_wait(path):
         return None
     lines, pending = 0, False  # pending: the line read so far holds more than blanks
     with path.open("rb") as handle:

@@ -34,6 +34,7 @@ def run_batch_file(
         completed_ids,
         count_lines,
         holds_results,
+        may_wait,
         open_results,
         read_lines,
     )
@@ -51,8 +52,7 @@ def run_batch_file(
     if output is not None and resume:
         check_results_file(output)
     try:
-        # `-` is stdin; one that was closed (`<&-`, sys.stdin None) holds no lines, as an empty one.
-        source = batch.open("rb") if str(batch) != "-" else getattr(sys.stdin, "buffer", None) or io.BytesIO()
+        source = batch.open("rb") if str(batch) != "-" else _stdin_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
     skip = completed_ids(output) if resume and output is not None else set()
@@ -65,7 +65,15 @@ def run_batch_file(
         lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
-        summary = run_batch(lines, requests, ResultWriter(sink), skip=skip, on_token=counter, on_result=counter.result)
+        summary = run_batch(
+            lines,
+            requests,
+            ResultWriter(sink),
+            skip=skip,
+            on_token=counter,
+            on_result=counter.result,
+            read_ahead=may_wait(batch),
+        )
     render.note(
         f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
         f"{summary.completion_tokens} tokens at {counter.rate(summary.completion_tokens):.1f} tok/s"
@@ -77,6 +85,20 @@ def run_batch_file(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _stdin_bytes() -> IO[bytes]:
+    """`-`: stdin, through a reader of its own. The lines are read on a thread that may still wait in a read
+    when the run ends (Ctrl-C while a pipe is quiet), and sys.stdin's own reader is closed at exit: waited
+    for by that thread, the close aborted the process ('could not acquire lock ... at interpreter shutdown').
+    A stdin that was closed (`<&-`, sys.stdin None) holds no lines, as an empty one."""
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
+        return io.BytesIO()
+    try:
+        return open(stdin.fileno(), "rb", closefd=False)
+    except (OSError, ValueError):  # no file behind it (a test's stdin): read as it is
+        return stdin
 
 
 @contextlib.contextmanager
