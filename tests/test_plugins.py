@@ -198,7 +198,7 @@ def test_a_builtin_backend_loads_without_reading_any_entry_point(monkeypatch):
     from gptcli.backends import base
     from gptcli.backends.onnx_backend import OnnxBackend
 
-    monkeypatch.setattr(base, "_plugin_entry_points", lambda: pytest.fail("entry points read for a built-in"))
+    monkeypatch.setattr(base, "plugin_entry_points", lambda: pytest.fail("entry points read for a built-in"))
     assert base.get_backend_class("onnx") is OnnxBackend
 
 

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from gptcli.backends.plugin_discovery import PLUGINS_ENV, plugin_entry_points, plugin_filter
 from gptcli.errors import BackendError, GptcliError, ModelError
 
 if TYPE_CHECKING:  # numpy only types the protocol: listing backends (shell completion) stays light
     import numpy as np
-
-ENTRY_POINT_GROUP = "gptcli.backends"
 
 
 @dataclass(frozen=True)
@@ -298,32 +297,6 @@ BUILTINS = {
     "torch": "gptcli.backends.torch_backend:TorchBackend",
     "onnx": "gptcli.backends.onnx_backend:OnnxBackend",
 }
-PLUGINS_ENV = "GPTCLI_PLUGINS"
-
-
-def _plugin_filter() -> set[str] | None:
-    """GPTCLI_PLUGINS=none|name,...: which plugins may load (unset, empty or "all": every one)."""
-    value = os.environ.get(PLUGINS_ENV)
-    if value is None or value.strip() in {"", "all"}:
-        return None
-    if value.strip() == "none":
-        return set()
-    return {v.strip() for v in value.split(",") if v.strip()} or None  # "," names none: as unset, not "none"
-
-
-def _plugin_entry_points() -> list[Any]:
-    """Every `gptcli.backends` entry point, one per (distribution, name); reading them imports no plugin."""
-    from importlib import metadata  # ~10 ms to import: only where plugins are looked for
-
-    seen: set[tuple[str, str]] = set()
-    points = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        key = (dist.name if dist is not None else "", ep.name)
-        if key not in seen:  # a distribution found twice on sys.path is still one plugin
-            seen.add(key)
-            points.append(ep)
-    return points
 
 
 def _builtin_spec(name: str) -> BackendSpec | None:
@@ -346,8 +319,8 @@ def list_backends() -> list[BackendSpec]:
     for item in filter(None, os.environ.get("GPTCLI_BACKEND_PATHS", "").split(",")):
         name, _, target = item.partition("=")
         specs.append(BackendSpec(name.strip(), target.strip(), "GPTCLI_BACKEND_PATHS"))
-    allowed = _plugin_filter()
-    for ep in _plugin_entry_points():
+    allowed = plugin_filter()
+    for ep in plugin_entry_points():
         if allowed is not None and ep.name not in allowed:
             continue
         dist = getattr(ep, "dist", None)
@@ -362,25 +335,6 @@ def list_backends() -> list[BackendSpec]:
     return specs
 
 
-def plugin_filter_warning() -> str | None:
-    """What to tell a user whose GPTCLI_PLUGINS names a plugin that is not installed (a typo there hides
-    every plugin silently), or None."""
-    allowed = _plugin_filter()
-    if not allowed:
-        return None
-    installed = sorted({ep.name for ep in _plugin_entry_points()})
-    unmatched = sorted(allowed - set(installed))
-    if not unmatched:
-        return None
-    from gptcli.config import suggest
-
-    names = ", ".join(f"'{name}'{suggest(name, installed)}" for name in unmatched)
-    return (
-        f"{PLUGINS_ENV} names {names}, which no installed plugin has"
-        f" (installed plugins: {', '.join(installed) or 'none'})"
-    )
-
-
 def get_backend_class(name: str) -> type[Backend]:
     """Import and return only the selected backend's class."""
     builtin = _builtin_spec(name)
@@ -391,7 +345,7 @@ def get_backend_class(name: str) -> type[Backend]:
     specs = list_backends()
     chosen = [s for s in specs if s.name == name and not s.conflict]
     if not chosen:
-        if any(ep.name == name for ep in _plugin_entry_points()):
+        if any(ep.name == name for ep in plugin_entry_points()):
             raise BackendError(
                 f"backend '{name}' is a plugin turned off by {PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')}",
                 hint=f"add '{name}' to {PLUGINS_ENV}, or unset it",

@@ -21,7 +21,8 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
       gptcli backends --json
       GPTCLI_PLUGINS=none gptcli backends
     """
-    from gptcli.backends.base import list_backends, plugin_filter_warning
+    from gptcli.backends.base import list_backends
+    from gptcli.backends.plugin_discovery import plugin_filter_warning
 
     rows = [backend_row(spec) for spec in list_backends()]
     filter_warning = plugin_filter_warning()
