@@ -729,3 +729,14 @@ def test_an_empty_path_is_a_usage_error_not_the_current_folder(argv, fix, tmp_pa
     assert run(argv) == 2
     assert f"an empty path ({fix})" in capsys.readouterr().err.splitlines()[0]
     assert list(tmp_path.iterdir()) == []  # nothing written here
+
+
+def test_runs_list_without_a_folder_lists_the_default_one(tmp_path, monkeypatch, capsys):
+    """`gptcli runs list` (its folder defaults to ./runs, a Path the empty-path parser also sees) ended with
+    'internal error: AttributeError: 'PosixPath' object has no attribute 'strip''."""
+    from gptcli.cli.app import run
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run(["runs", "list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"

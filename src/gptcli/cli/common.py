@@ -171,11 +171,14 @@ KvBudgetOpt = Annotated[
 ]
 
 
-def _nonempty(fix: str) -> Callable[[str], Path]:
+def _nonempty(fix: str) -> Callable[[str | Path], Path]:
     """A path's parser that refuses an empty value (`--data "$DIR"`, DIR unset) as a usage error naming `fix`:
-    Path("") is the current folder, which `train` would have read as its corpus or written its run into."""
+    Path("") is the current folder, which `train` would have read as its corpus or written its run into.
+    A default is parsed too: a Path (`runs list`'s ./runs) passes as it is."""
 
-    def parse(value: str) -> Path:
+    def parse(value: str | Path) -> Path:
+        if isinstance(value, Path):
+            return value
         if not value.strip():
             raise typer.BadParameter(f"an empty path ({fix})")
         return Path(value)
