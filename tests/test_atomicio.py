@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 
-from gptcli.atomicio import publish_dir, remove_abandoned, temp_dir_beside
+import pytest
+
+from gptcli.atomicio import failed_write, publish_dir, remove_abandoned, temp_dir_beside
 
 
 def _dead_pid() -> int:
@@ -42,3 +45,26 @@ def test_an_old_file_a_killed_writer_left_is_removed_and_nothing_else(tmp_path):
     remove_abandoned(dest)
     assert not left.exists()
     assert all(path.is_file() for path in kept) and link.is_symlink()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "/x/.tmp-model-1-2/model.safetensors"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "OSError: [Errno 28] No space left on device: 'a.whl' -> 'b/a.whl'",
+    ],
+)
+def test_failed_write_names_the_path_being_made(failure, tmp_path):
+    error = failed_write(failure, tmp_path / "model")
+    assert isinstance(error, OSError)
+    assert (error.errno, error.strerror, error.filename) == (
+        errno.ENOSPC,
+        os.strerror(errno.ENOSPC),
+        str(tmp_path / "model"),
+    )
+
+
+def test_failed_write_is_none_for_what_is_no_write_refused(tmp_path):
+    assert failed_write(RuntimeError("shape mismatch in layer 28"), tmp_path) is None
+    assert failed_write("ERROR: No matching distribution found for tiny==1.0", tmp_path) is None

@@ -141,3 +141,24 @@ def test_an_empty_file_or_one_that_is_no_gguf_says_which(content, said, tmp_path
     assert run(["generate", "-m", str(path), "hi"]) == 5
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines()[0] == f"error: cannot read GGUF file {path}: {said}"
+
+
+def test_a_full_disk_in_the_conversion_is_one_line_naming_the_cache_and_keeps_nothing(tiny_gguf, capsys, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError ('... No space left on device (os error 28)'):
+    it ended with 'internal error: SafetensorError: ...' (exit 1, the hint to set GPTCLI_DEBUG)."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.modeling_utils, "safe_save_file", full)
+        assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        rf"error: cannot write {re.escape(str(models_dir()))}/gguf-tiny-\w+: No space left on device", err[-2]
+    )
+    assert err[-1] == "hint: free some space, or set GPTCLI_HOME to a folder on another disk"
+    assert leftovers() == [] and not any(models_dir().iterdir())
+    assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 0  # space again: it converts

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -82,6 +83,24 @@ def _copy_lines(path: Path, handle: BinaryIO) -> None:
             old.seek(-1, os.SEEK_END)
             if old.read(1) != b"\n":
                 handle.write(b"\n")
+
+
+# How a library that drops the OSError keeps the OS's error number in its message: Rust's std::io (safetensors:
+# "I/O error: No space left on device (os error 28)") and Python's OSError text (the last line of pip's traceback).
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def failed_write(failure: BaseException | str, path: Path) -> OSError | None:
+    """A write the OS refused, as an OSError naming `path` (the file or folder being made, not a temporary one
+    inside it), so paths.environment_error can say it in one line: `failure` is an OSError, or a library's error
+    (or output) that kept only the error number in its text. None when it is not one."""
+    if isinstance(failure, OSError) and failure.errno is not None:
+        number = failure.errno
+    elif match := _ERRNO_IN_TEXT.search(str(failure)):
+        number = int(match[1] or match[2])
+    else:
+        return None
+    return OSError(number, os.strerror(number), str(path))
 
 
 def temp_dir_beside(dest: Path) -> Path:
