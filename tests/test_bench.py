@@ -379,6 +379,27 @@ def test_bandwidth_is_cached_until_remeasured(monkeypatch, isolated_home):
     assert Path(roofline.bandwidth_cache_file()).is_relative_to(isolated_home)
 
 
+def test_a_bandwidth_that_cannot_be_cached_still_serves_this_run(monkeypatch):
+    """A full disk under GPTCLI_HOME said 'warning: cannot measure memory bandwidth on cpu: OSError: [Errno 28] ...'
+    and dropped the roofline column, though the bandwidth had just been measured."""
+    import errno
+
+    from gptcli.bench import roofline
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(roofline, "measure_cpu_bandwidth", lambda: (5e9, "fake"))
+    monkeypatch.setattr(roofline, "write_json_atomic", full)
+    notes: list[str] = []
+    measured = roofline.bandwidth("cpu", notify=notes.append)
+    assert (measured["bytes_per_s"], measured["cached"]) == (5e9, False)
+    assert notes[-1] == (
+        f"warning: cannot cache the memory bandwidth in {roofline.bandwidth_cache_file()}: No space left on device "
+        "(measured again next time)"
+    )
+
+
 # --- train mode ---------------------------------------------------------------------------------------------------
 
 

@@ -174,3 +174,17 @@ def test_numpy_blas_steps_stop_where_attention_reads_a_tenth_of_the_weights(tiny
     assert lean._numpy_step(1, 0) and lean._numpy_step(1, limit)
     assert not lean._numpy_step(1, limit + 1)  # attention on torch's full pool from here on
     assert not lean._numpy_step(2, 0)  # a prefill chunk or a batched step: oneDNN/MKL with torch's threads
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_choice_for_this_run(monkeypatch):
+    """A full disk under GPTCLI_HOME ended `generate --dtype float32` (the default model) with 'cannot write
+    .../tuning.json: No space left on device' once the kernels were timed."""
+    import errno
+
+    def full(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(tuning, "write_atomic", full)
+    monkeypatch.setattr(lean_tuning, "measure", lambda threads: {"kernel": lean_tuning.ONEDNN, "reason": "fake"})
+    assert lean_tuning.one_row_kernel(BIG) == lean_tuning.ONEDNN
+    assert not tuning.tuning_file().exists()

@@ -96,3 +96,24 @@ def test_backends_json_says_which_level_this_machine_uses(capsys):
     assert run(["backends", "--json"]) == 0
     onnx_row = next(row for row in json.loads(capsys.readouterr().out) if row["name"] == "onnx")
     assert onnx_row["auto"]["matmulnbits_accuracy_level"] == {"int4": 4, "int8": 4}
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_choice_for_this_export(tiny_models, monkeypatch, tmp_path):
+    """With GPTCLI_HOME full or read-only, `export --output` elsewhere ended with 'cannot write .../cache:
+    Read-only file system' after measuring: tuning.json, a cache, failed the export it was measured for."""
+    import errno
+
+    import gptcli.export as ex
+
+    def refused(path, data, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(tuning, "write_atomic", refused)
+    monkeypatch.setattr(
+        nbits_choice,
+        "ort_timer",
+        lambda threads: fake_timer({(b, lv, r): 0.001 * lv for b in (4, 8) for lv in (1, 4) for r in (1, 8)}, []),
+    )
+    result = ex.ensure_export(tiny_models["llama"], precision="int8", output=tmp_path / "out")
+    assert result.meta["quantization"]["accuracy_level"]["8"] == 1  # the measured choice
+    assert not tuning.tuning_file().exists()  # nothing kept: the next export measures again

@@ -9,6 +9,7 @@ the onnx export (the MatMulNBits compute type, export/nbits_choice.py) and the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,8 @@ def tuned(name: str, key: str, measure: Callable[[], dict[str, Any]]) -> dict[st
 
 
 def store(name: str, key: str, record: dict[str, Any]) -> None:
+    """Cache `record`. A cache that cannot be written (a full disk, a read-only GPTCLI_HOME) keeps nothing and
+    fails nothing: the choice holds for this run (an export into --output, a generate), the next measures again."""
     path = tuning_file()
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -65,4 +68,5 @@ def store(name: str, key: str, record: dict[str, Any]) -> None:
         stored = {}
     section = stored.get(name)
     stored[name] = {**(section if isinstance(section, dict) else {}), key: record}
-    write_atomic(path, json.dumps(stored, indent=2) + "\n")
+    with contextlib.suppress(OSError):
+        write_atomic(path, json.dumps(stored, indent=2) + "\n")

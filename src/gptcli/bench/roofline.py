@@ -200,5 +200,8 @@ def bandwidth(
     }
     cache = _read_cache(path)  # another process may have written meanwhile
     cache[key] = entry
-    write_json_atomic(path, cache)
+    try:
+        write_json_atomic(path, cache)
+    except OSError as exc:  # a full disk, a read-only GPTCLI_HOME: the measurement still serves this run
+        notify(f"warning: cannot cache the memory bandwidth in {path}: {exc.strerror} (measured again next time)")
     return {**entry, "cached": False}
