@@ -98,3 +98,21 @@ def test_a_piped_line_over_the_limit_is_answered_with_its_error_and_the_chat_goe
     assert "over the 1 MiB limit for one chat message" in records[0]["error"]
     assert "not valid UTF-8" in records[1]["error"]
     assert records[2]["content"] == "Fine."
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_reply_stdout_cannot_take_is_kept_in_the_chat_file(tiny_models, tok, isolated_home):
+    """`printf 'Hi\\n' | gptcli chat > /dev/full` (or `| head -c 1`) saved the user's message and lost the reply:
+    the chat file now keeps what was generated, marked interrupted, as Ctrl-C does."""
+    env = {**os.environ, **scripted_env(say(tok, "One. Two. Three."))}
+    command = [sys.executable, "-m", "gptcli", "chat", "-m", str(tiny_models["llama"]), "-b", "scripted"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, input=b"Hi\n", stdout=full, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert result.returncode == 1
+    assert (
+        result.stderr.decode().splitlines()[-1] == "error: cannot write to stdout (/dev/full): No space left on device"
+    )
+    [saved] = (isolated_home / "data" / "chats").glob("*.json")
+    user, reply = json.loads(saved.read_text())["messages"]
+    assert (user["content"], reply["role"], reply["interrupted"]) == ("Hi", "assistant", True)
+    assert reply["content"] and "One. Two. Three.".startswith(reply["content"])

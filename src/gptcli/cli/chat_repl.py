@@ -50,6 +50,9 @@ def stream_plain(turn: Any) -> bool:
             render.stream_text(turn)
     except (KeyboardInterrupt, SecondInterrupt):
         turn.close()
+    except OSError:  # stdout failed (a full disk, a closed pipe): the chat file keeps the reply as far as it got
+        turn.close()
+        raise
     return turn.interrupted
 
 
