@@ -194,6 +194,18 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+def fill_up(folder: Path) -> None:
+    """Fill the disk that holds `folder` to its last byte (a small_disk), with a file named `filler`."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: full, to its last byte
+        pass
+    finally:
+        os.close(fd)
+
+
 def run_cli(
     *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:

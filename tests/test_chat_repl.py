@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, fill_up
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -258,3 +258,28 @@ def test_repl_shows_structured_output_as_written_not_as_markdown(tiny_models, to
     child.expect_exact("Some **bold** text.")
     child.expect_exact(PROMPT)
     leave(child)
+
+
+def test_repl_on_a_full_disk_keeps_going_without_prompt_toolkit_s_traceback(tiny_models, tok, small_disk, monkeypatch):
+    """The input history's write failed inside prompt_toolkit, which printed its traceback and 'Press ENTER to
+    continue...' at every line typed; it is one warning now, and the chat goes on as on a read-only home."""
+    home = small_disk("64k")
+    data = home / "data"
+    data.mkdir()
+    (data / "chat-input-history").touch()  # there already: only a write can fail
+    fill_up(home)
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    child = spawn(tiny_models, say(tok, "Still here.") + say(tok, "And here."), "--plain")
+    child.sendline("Hi")
+    child.expect_exact(f"warning: cannot write {data}/chat-input-history: No space left on device: the input history")
+    child.expect_exact("Still here.")
+    child.expect_exact(PROMPT)
+    child.sendline("Again")
+    child.expect_exact("And here.")
+    assert "chat-input-history" not in child.before  # said once
+    child.expect_exact(PROMPT)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before and "Press ENTER" not in child.before
+    assert child.exitstatus == 1  # the chat file could not be written either: said on leaving

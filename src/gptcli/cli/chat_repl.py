@@ -75,6 +75,8 @@ class Repl:
         self.backend_name = backend_name
         self.markdown = markdown
         self.err = render.stderr_console()
+        self.history_failure: str | None = None  # the input history's file could not be written: why
+        self.history_unsaid = False
         self.prompt = self._make_prompt()
 
     @property
@@ -90,12 +92,27 @@ class Repl:
         from gptcli.paths import data_dir
 
         history_file = data_dir() / "chat-input-history"
+        repl = self
+
+        class KeptHistory(FileHistory):
+            """A failed write (a full disk) stops the file, not the chat: prompt_toolkit showed its traceback and
+            'Press ENTER to continue...' at every line typed. The history is kept in memory from then on."""
+
+            def store_string(self, string: str) -> None:
+                if repl.history_failure is not None:
+                    return
+                try:
+                    super().store_string(string)
+                except OSError as exc:  # said once the prompt has returned (read), not over the prompt being drawn
+                    repl.history_failure = f"cannot write {history_file}: {exc.strerror or exc}"
+                    repl.history_unsaid = True
+
         history: Any
         try:
             history_file.parent.mkdir(parents=True, exist_ok=True)
             history_file.touch(mode=0o600, exist_ok=True)
             os.chmod(history_file, 0o600)
-            history = FileHistory(str(history_file))
+            history = KeptHistory(str(history_file))
         except OSError as exc:  # a read-only home: keep the input history for this session only
             from prompt_toolkit.history import InMemoryHistory
 
@@ -118,7 +135,12 @@ class Repl:
         return PromptSession(history=history, key_bindings=bindings, multiline=False)
 
     def read(self, continuation: bool = False) -> str:
-        return self.prompt.prompt("... " if continuation else ">>> ")
+        try:
+            return self.prompt.prompt("... " if continuation else ">>> ")
+        finally:
+            if self.history_unsaid:
+                self.history_unsaid = False
+                render.warn(f"{self.history_failure}: the input history is not kept from here on")
 
     def _more(self) -> str | None:
         try:
