@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gptcli.atomicio import failed_write, publish_dir, remove_abandoned, temp_dir_beside
+from gptcli.atomicio import disk_full, publish_dir, remove_abandoned, temp_dir_beside
 
 
 def _dead_pid() -> int:
@@ -55,8 +55,8 @@ def test_an_old_file_a_killed_writer_left_is_removed_and_nothing_else(tmp_path):
         "OSError: [Errno 28] No space left on device: 'a.whl' -> 'b/a.whl'",
     ],
 )
-def test_failed_write_names_the_path_being_made(failure, tmp_path):
-    error = failed_write(failure, tmp_path / "model")
+def test_disk_full_names_the_path_being_made(failure, tmp_path):
+    error = disk_full(failure, tmp_path / "model")
     assert isinstance(error, OSError)
     assert (error.errno, error.strerror, error.filename) == (
         errno.ENOSPC,
@@ -65,6 +65,8 @@ def test_failed_write_names_the_path_being_made(failure, tmp_path):
     )
 
 
-def test_failed_write_is_none_for_what_is_no_write_refused(tmp_path):
-    assert failed_write(RuntimeError("shape mismatch in layer 28"), tmp_path) is None
-    assert failed_write("ERROR: No matching distribution found for tiny==1.0", tmp_path) is None
+def test_disk_full_is_none_for_anything_else(tmp_path):
+    assert disk_full(RuntimeError("shape mismatch in layer 28"), tmp_path) is None
+    assert disk_full("ERROR: No matching distribution found for tiny==1.0", tmp_path) is None
+    assert disk_full("[Errno 28] No space left ... then: [Errno 111] Connection refused", tmp_path) is None
+    assert disk_full(PermissionError(errno.EACCES, "Permission denied", "/models/a/tokenizer.json"), tmp_path) is None

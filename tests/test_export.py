@@ -332,6 +332,28 @@ def test_a_full_disk_during_an_export_names_the_export(tiny_models, monkeypatch,
     assert list(dest.parent.iterdir()) == []
 
 
+def test_a_full_disk_while_the_tokenizer_is_copied_names_the_export_not_the_model(
+    tiny_models, monkeypatch, tmp_path, capsys
+):
+    """shutil.copy2's OSError names its source first: a full disk said 'error: <the model>/tokenizer.json: No space
+    left on device', as if the user's model folder were the problem."""
+    import errno
+
+    from gptcli.cli.app import run
+
+    def full(src, dst, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(ex.shutil, "copy2", full)
+    out = tmp_path / "out"
+    assert run(["export", str(tiny_models["gpt2"]), "--output", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: {out}: No space left on device",
+        "hint: free some space, or choose a path on another disk",
+    ]
+    assert not out.exists()
+
+
 def test_an_export_killed_with_9_leaves_no_folder_for_good(tiny_models, isolated_home):
     """kill -9 skips every `finally`: the next export of the same folder removes what the dead one left."""
     import subprocess

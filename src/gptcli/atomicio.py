@@ -90,17 +90,17 @@ def _copy_lines(path: Path, handle: BinaryIO) -> None:
 _ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 
 
-def failed_write(failure: BaseException | str, path: Path) -> OSError | None:
-    """A write the OS refused, as an OSError naming `path` (the file or folder being made, not a temporary one
-    inside it), so paths.environment_error can say it in one line: `failure` is an OSError, or a library's error
-    (or output) that kept only the error number in its text. None when it is not one."""
-    if isinstance(failure, OSError) and failure.errno is not None:
+def disk_full(failure: BaseException | str, path: Path) -> OSError | None:
+    """A full disk (ENOSPC, EDQUOT) as an OSError naming `path` (what is being made, not the temporary file inside
+    it, nor the source a copy read from), so paths.environment_error says it in one line; None for any other
+    failure. `failure` is an OSError, or a library's error (or output) that kept only the error number in its text."""
+    if isinstance(failure, OSError):
         number = failure.errno
     elif found := _ERRNO_IN_TEXT.findall(str(failure)):
         number = int("".join(found[-1]))  # the last: pip's retries may say other errors first
     else:
         return None
-    return OSError(number, os.strerror(number), str(path))
+    return OSError(number, os.strerror(number), str(path)) if number in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def temp_dir_beside(dest: Path) -> Path:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from gptcli.atomicio import failed_write, publish_dir, temp_dir_beside
+from gptcli.atomicio import disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
 from gptcli.gguf_header import check_gguf_file
 from gptcli.hf import has_source, write_source
@@ -173,13 +173,11 @@ def convert_gguf(
                 shutil.copyfile(extra, tmp / extra.name)
             write_source(tmp, source)
             publish_dir(tmp, dest, replace=not has_source(dest))
-        except (
-            Exception
-        ) as exc:  # a full disk: safetensors says it in a SafetensorError, the rest name a temporary file
-            error = failed_write(exc, dest)
-            if error is None:
+        except Exception as exc:  # safetensors says a full disk in a SafetensorError, the rest name a temporary file
+            full = disk_full(exc, dest)
+            if full is None:
                 raise
-            raise error from None
+            raise full from None
         published = True
         step(len(STEPS))
     except KeyboardInterrupt:

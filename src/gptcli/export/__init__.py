@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from gptcli import __version__
-from gptcli.atomicio import default_mode, publish_dir, temp_dir_beside
+from gptcli.atomicio import default_mode, disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.export import graph
 from gptcli.export.cache import (
@@ -169,7 +169,9 @@ def ensure_export(
         # model); in the cache, one at dest now is a concurrent export's: kept, not swapped under its readers.
         publish_dir(tmp, dest, replace=force or output is not None)
     except OSError as exc:
-        if not exc.filename:  # a full disk inside onnx's writer names no file: the error names the export
+        if (full := disk_full(exc, dest)) is not None:  # named by the export, not by a source file copied into it
+            raise full from None
+        if not exc.filename:  # an error inside onnx's writer names no file: the error names the export
             exc.filename = str(dest)
         raise
     finally:
