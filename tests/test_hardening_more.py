@@ -517,3 +517,5 @@ def test_batch_and_summarize_check_their_paths_and_budget_before_loading(tiny_mo
         args = ("generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "2")
         result = run_cli(*args, "--batch", str(tmp_path / "in.jsonl"), "-o", "/dev/full", env=scripted(tok, "ok"))
         assert first_error(result) == "error: /dev/full: No space left on device" and result.returncode == 1
+        hint = "hint: free some space, then continue with --resume -o /dev/full: the results written so far are kept"
+        assert hint in result.stderr.decode().splitlines()

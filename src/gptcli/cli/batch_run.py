@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import IO, Any
 import typer
 
 from gptcli.cli import render
-from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError, UsageError
 
 
 def run_batch_file(
@@ -65,15 +66,23 @@ def run_batch_file(
         lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
         bar = stack.enter_context(render.StageProgress())
         counter = _TokenRate(bar, count_lines(batch))
-        summary = run_batch(
-            lines,
-            requests,
-            ResultWriter(sink),
-            skip=skip,
-            on_token=counter,
-            on_result=counter.result,
-            read_ahead=may_wait(batch),
-        )
+        try:
+            summary = run_batch(
+                lines,
+                requests,
+                ResultWriter(sink),
+                skip=skip,
+                on_token=counter,
+                on_result=counter.result,
+                read_ahead=may_wait(batch),
+            )
+        except OSError as exc:  # a full disk under the results: what was written stays, and --resume goes on from it
+            if output is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or exc.filename != str(output):
+                raise
+            raise GptcliError(
+                f"{output}: {exc.strerror}",
+                hint=f"free some space, then continue with --resume -o {output}: the results written so far are kept",
+            ) from None
     render.note(
         f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
         f"{summary.completion_tokens} tokens at {counter.rate(summary.completion_tokens):.1f} tok/s"
