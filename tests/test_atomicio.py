@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from gptcli.atomicio import disk_full, publish_dir, remove_abandoned, temp_dir_beside
+from gptcli.atomicio import disk_full, publish_dir, remove_abandoned, temp_dir_beside, write_atomic
 
 
 def _dead_pid() -> int:
@@ -70,3 +71,31 @@ def test_disk_full_is_none_for_anything_else(tmp_path):
     assert disk_full("ERROR: No matching distribution found for tiny==1.0", tmp_path) is None
     assert disk_full("[Errno 28] No space left ... then: [Errno 111] Connection refused", tmp_path) is None
     assert disk_full(PermissionError(errno.EACCES, "Permission denied", "/models/a/tokenizer.json"), tmp_path) is None
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    """`bench --output` (an append) and `config init --force` made a private (0600) file 0644: readable by all."""
+    private = tmp_path / "runs.jsonl"
+    private.write_text('{"a": 1}\n')
+    private.chmod(0o600)
+    write_atomic(private, '{"b": 2}\n', keep_old=True)
+    assert private.read_text() == '{"a": 1}\n{"b": 2}\n'
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    write_atomic(private, "x", mode=0o640)  # a mode asked for still wins (chat files: 0600)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o640
+
+
+def test_a_read_only_file_is_refused_not_replaced(tmp_path):
+    """A file made read-only (chmod a-w) was replaced all the same (a rename needs only the folder writable):
+    `chats export ID -o notes.md` over a protected notes.md destroyed it, where open() says Permission denied."""
+    from tests.test_hardening import _without_file_permission_bypass
+
+    kept = tmp_path / "notes.md"
+    kept.write_text("mine\n")
+    kept.chmod(0o444)
+    code = "import sys, pathlib, gptcli.atomicio as a; a.write_atomic(pathlib.Path(sys.argv[1]), 'new')"
+    command = [*_without_file_permission_bypass(), sys.executable, "-c", code, str(kept)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == f"PermissionError: [Errno 13] Permission denied: '{kept}'"
+    assert kept.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["notes.md"]

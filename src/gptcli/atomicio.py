@@ -8,6 +8,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ def default_mode() -> int:
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep_old: bool = False) -> None:
-    """Temp file in the same folder + fsync + os.replace. mode defaults to what open() would give.
+    """Temp file in the same folder + fsync + os.replace. mode defaults to the old file's, else what open() would
+    give; a file open() could not write (made read-only) is refused as open() refuses it, never replaced.
 
     A symlink is followed: its target is replaced and the link stays. A FIFO or a device (`-o /dev/stdout`)
     is written through, never replaced. An OSError names `path`, so the one-line error can say which file.
@@ -50,12 +52,13 @@ def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = F
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file where one of the path's folders should be
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+    old_mode = _writable_mode(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # named by its temporary file: the error names `path`, and the folder as the cause
         raise type(exc)(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})") from None
     try:
-        os.fchmod(fd, default_mode() if mode is None else mode)
+        os.fchmod(fd, mode if mode is not None else old_mode if old_mode is not None else default_mode())
         with os.fdopen(fd, "wb") as handle:
             if keep_old:
                 _copy_lines(path, handle)
@@ -69,6 +72,17 @@ def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = F
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _writable_mode(path: Path) -> int | None:
+    """The permission bits of the file at `path` (None when there is none), once open() could write it: a file
+    made read-only (chmod a-w) is a PermissionError naming it, as open(path, "w") would raise."""
+    try:
+        bits = stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except FileNotFoundError:
+        return None
+    os.close(os.open(path, os.O_WRONLY))  # opened, not truncated: the kernel's own answer (owner, ACLs, root)
+    return bits
 
 
 def _copy_lines(path: Path, handle: BinaryIO) -> None:
