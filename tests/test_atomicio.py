@@ -99,3 +99,64 @@ def test_a_read_only_file_is_refused_not_replaced(tmp_path):
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == f"PermissionError: [Errno 13] Permission denied: '{kept}'"
     assert kept.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+
+
+# A writer held between its write and its rename (os.replace blocks until stdin closes): where kill -9 leaves it.
+_HELD_WRITER = """
+import os, sys, pathlib, gptcli.atomicio as a
+def held(src, dst):
+    print(src, flush=True)
+    sys.stdin.read()
+os.replace = held
+a.write_atomic(pathlib.Path(sys.argv[1]), "never published")
+"""
+
+
+def _held_writer(path):
+    """A child process holding its temporary file of `path`; returns it and the temporary file's path."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _HELD_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    return writer, path.parent / os.path.basename(writer.stdout.readline().strip())
+
+
+def _killed(writer):
+    writer.kill()  # SIGKILL: no finally, no cleanup
+    writer.wait(timeout=60)
+    writer.stdin.close()
+    writer.stdout.close()
+
+
+def test_a_temporary_file_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    """kill -9 between the write and the rename left `.NAME.<random>.tmp` for good (chats, config, tuning cache)."""
+    target = tmp_path / "chat.json"
+    writer, left = _held_writer(target)
+    assert left.is_file() and left.name.startswith(f".chat.json.{writer.pid}-")
+    _killed(writer)
+    write_atomic(tmp_path / "other.json", "{}")  # any write to the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
+
+
+def test_a_temporary_file_being_written_is_kept(tmp_path):
+    """Another gptcli saving the same conversation: its temporary file is never taken from under it."""
+    target = tmp_path / "chat.json"
+    writer, held = _held_writer(target)
+    try:
+        write_atomic(target, "mine")
+        assert held.is_file() and target.read_text() == "mine"
+    finally:
+        _killed(writer)
+    user_file = tmp_path / f".chat.json.{writer.pid}-notes.tmp"  # a name of the same shape, not ours: kept
+    user_file.write_text("kept")
+    write_atomic(target, "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["chat.json", user_file.name])
+
+
+def test_chats_list_removes_what_a_killed_save_left(tmp_path):
+    from gptcli.chat.conversation import ConversationStore
+
+    store = ConversationStore(tmp_path)
+    writer, left = _held_writer(store.path("20260101-000000-abcd"))
+    _killed(writer)
+    assert left.is_file() and store.list() == []
+    assert list(tmp_path.iterdir()) == []

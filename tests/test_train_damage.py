@@ -164,7 +164,7 @@ def test_stale_temporaries_of_the_run_files_are_removed(tmp_path):
     (run_dir / "checkpoints" / "step-0000010").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-0000010" / "model.safetensors").write_bytes(b"x")
     stale = [".run.json.k2j4h5g1.tmp", ".metrics.jsonl.a_b9c8d7.tmp", ".model.safetensors.4242.tmp"]
-    stale.append(".loss.png.4242.tmp.png")
+    stale += [".loss.png.4242.tmp.png", ".train_config.yaml.4242-0a1b2c3d-k2j4h5g1.tmp"]  # write_atomic's today
     users = ["run.json", ".notes.txt.k2j4h5g1.tmp", "my.run.json.tmp", ".run.json.k2j4h5g1.tmp.bak"]
     for name in stale + users:
         (run_dir / name).write_text("x")

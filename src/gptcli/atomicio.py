@@ -8,9 +8,11 @@ import glob
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,8 +55,9 @@ def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = F
     except FileExistsError:  # a file where one of the path's folders should be
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
     old_mode = _writable_mode(path)
+    remove_abandoned_writes(path.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_HOST}-", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # named by its temporary file: the error names `path`, and the folder as the cause
         raise type(exc)(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})") from None
     try:
@@ -72,6 +75,28 @@ def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = F
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# write_atomic's temporary files are `.<name>.<pid>-<host>-<random>.tmp`: the writer's process and machine (a
+# folder shared between machines) tell a temporary file whose writer was killed (-9) from one still being written.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_WRITE_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]+\.tmp")
+
+
+def remove_abandoned_writes(folder: Path) -> None:
+    """Delete the temporary files write_atomic left in `folder` when killed between its write and its rename,
+    once their writer (a process of this machine) has ended; one still being written stays."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        found = _WRITE_TEMPORARY.fullmatch(entry.name)
+        if found is None or found["host"] != _HOST or not entry.is_file(follow_symlinks=False):
+            continue  # not one of ours, or another machine's (its pid says nothing here)
+        if not _running(int(found["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def _writable_mode(path: Path) -> int | None:
@@ -162,7 +187,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # another user's process: alive
+    except (OSError, OverflowError):  # another user's process: alive (a number no pid can be: not ours to judge)
         return True
     return True
 

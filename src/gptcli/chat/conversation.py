@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gptcli.atomicio import write_atomic
+from gptcli.atomicio import remove_abandoned_writes, write_atomic
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
@@ -328,6 +328,7 @@ class ConversationStore:
         """Every saved conversation, most recently updated first (unreadable files are skipped)."""
         found = []
         self.skipped = []
+        remove_abandoned_writes(self.root)  # a save killed (-9) before its rename
         for conv_id in self.ids():
             try:
                 found.append(self._read(conv_id))

@@ -40,9 +40,10 @@ CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged-"  # a checkpoint that did not read back on --resume is kept under this prefix
 # What a resume needs from training_state.pt (scaler, best_step and config are optional: config came later).
 STATE_KEYS = ("step", "optimizer", "torch_rng", "best_val_loss")
-# The temporary files gptcli writes beside a run's own files: write_atomic's `.run.json.<random>.tmp`,
-# publish's `.config.json.<pid>.tmp` and the `.loss.png.<pid>.tmp.png` plot_losses wrote before it used write_atomic.
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]+\.tmp|[0-9]+\.tmp\.png)")
+# The temporary files gptcli writes beside a run's own files: write_atomic's `.run.json.<pid>-<host>-<random>.tmp`
+# (`.run.json.<random>.tmp` before), publish's `.config.json.<pid>.tmp` and the `.loss.png.<pid>.tmp.png`
+# plot_losses wrote before it used write_atomic.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_-]+\.tmp|[0-9]+\.tmp\.png)")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
