@@ -386,3 +386,40 @@ def test_a_full_disk_is_one_line_naming_the_model_folder_and_leaves_nothing(
     ]
     assert leftovers(home) == [] and not CATALOGUE["tiny-pull"].pulled_dir().exists()
     assert conversions == []
+
+
+# `models rm mine` held half way through deleting a folder (rmtree deletes one file, then waits), to be killed.
+_HELD_RM = """
+import os, shutil, sys
+from pathlib import Path
+def held(path, *args, **kwargs):
+    os.unlink(next(p for p in sorted(Path(path).rglob("*")) if p.is_file()))
+    print(path, flush=True)
+    sys.stdin.read()
+shutil.rmtree = held
+from gptcli.model_cache import remove_model
+remove_model("mine")
+"""
+
+
+@pytest.mark.parametrize("next_command", [["models", "list"], ["models", "rm", "other"]])
+def test_a_killed_models_rm_leaves_no_damaged_model_and_the_next_command_cleans_up(next_command, tiny_models, capsys):
+    """`models rm` killed mid-delete left a half-deleted folder, which the next run called damaged."""
+    import subprocess
+    import sys
+
+    from gptcli.paths import models_dir
+
+    mine, other = models_dir() / "mine", models_dir() / "other"
+    for folder in (mine, other):
+        shutil.copytree(tiny_models["llama"], folder)
+    remover = subprocess.Popen([sys.executable, "-c", _HELD_RM], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    deleting = Path(remover.stdout.readline().decode().strip())
+    remover.kill()
+    remover.wait(timeout=60)
+    remover.stdin.close()
+    remover.stdout.close()
+    assert not mine.exists() and deleting.parent == models_dir() and deleting.name.startswith(".old-mine-")
+    assert run(next_command) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in models_dir().iterdir()) == ([] if "rm" in next_command else ["other"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import os
 import re
 import shutil
@@ -161,14 +160,35 @@ def temp_dir_beside(dest: Path) -> Path:
 def remove_abandoned(dest: Path) -> None:
     """Delete `.tmp-`/`.old-` folders of `dest` (temp_dir_beside, publish_dir) whose process has ended,
     and `.old-` files (a file that stood where publish_dir put a folder)."""
-    for kind in (".tmp-", ".old-"):
-        for left in dest.parent.glob(f"{kind}{glob.escape(dest.name)}-*-*"):
-            pid, _, stamp = left.name[len(kind) + len(dest.name) + 1 :].partition("-")
-            ours = left.is_dir() or (kind == ".old-" and left.is_file())
-            if not (pid.isdigit() and stamp.isdigit()) or left.is_symlink() or not ours:
-                continue  # not one of ours (another name that starts like this one)
-            if not _running(int(pid)):
-                _remove(left)
+    remove_abandoned_in(dest.parent, dest.name)
+
+
+def remove_abandoned_in(folder: Path, name: str | None = None) -> None:
+    """remove_abandoned for every name in `folder` (or only `name`): what killed writers and removers left there."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for left in entries:
+        kind, rest = left.name[:5], left.name[5:]
+        named, pid, stamp = [*rest.rsplit("-", 2), "", ""][:3]
+        ours = left.is_dir() or (kind == ".old-" and left.is_file())
+        if kind not in (".tmp-", ".old-") or name not in (None, named) or left.is_symlink() or not ours:
+            continue  # not one of ours (another name that starts like this one)
+        if pid.isdigit() and stamp.isdigit() and not _running(int(pid)):
+            _remove(left)
+
+
+def remove_whole(path: Path) -> None:
+    """Delete a folder so that no one sees it half deleted: one rename moves it aside (`.old-`), then it goes;
+    a kill in between leaves only the hidden folder, which remove_abandoned(_in) deletes later."""
+    _remove(_moved_aside(path))
+
+
+def _moved_aside(path: Path) -> Path:
+    aside = path.parent / f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.replace(path, aside)
+    return aside
 
 
 def _remove(path: Path) -> None:
@@ -204,8 +224,7 @@ def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = dest.parent / f".old-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(dest, old)
+        old = _moved_aside(dest)
         os.replace(tmp, dest)
         _remove(old)  # a folder, or the file that stood at `dest`
         return

@@ -3,13 +3,13 @@ the ONNX exports made from it. Nothing outside the cache is ever touched: a mode
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptcli.atomicio import remove_whole
 from gptcli.errors import InputError
 from gptcli.export.cache import exports_of
-from gptcli.models import catalogue_entry, catalogue_name, folder_size
+from gptcli.models import catalogue_entry, catalogue_name, folder_size, remove_abandoned_copies
 from gptcli.paths import models_dir
 
 
@@ -23,7 +23,9 @@ class Removed:
 
 def remove_model(ref: str) -> Removed:
     """Delete every cached copy of the model `ref` names (a catalogue name, an alias, or a cache entry of
-    `gptcli models list`); an InputError when there is none."""
+    `gptcli models list`); an InputError when there is none. Each folder is renamed aside, then deleted: a kill
+    leaves a whole model or a hidden folder (deleted by the next rm, list or pull), never a damaged model."""
+    remove_abandoned_copies()
     name = catalogue_name(ref) or ref
     converted = models_dir() / name
     if not name or name in {".", ".."} or converted.resolve().parent != models_dir().resolve():
@@ -36,5 +38,5 @@ def remove_model(ref: str) -> Removed:
         raise InputError(f"{ref} is not in the cache", hint="`gptcli models list` shows what is")
     size = sum(folder_size(folder) for folder in folders)
     for folder in folders:
-        shutil.rmtree(folder)
+        remove_whole(folder)
     return Removed(name, folders, size, entry is not None and entry.gguf_path() is not None)

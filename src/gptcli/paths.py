@@ -39,6 +39,16 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
+def pulled_models_dir() -> Path:
+    """Where `gptcli models pull` keeps each catalogue model's download, a folder per model."""
+    return cache_dir() / "pulled"
+
+
+def exports_dir() -> Path:
+    """The export cache: a folder per ONNX export (gptcli.export.cache)."""
+    return cache_dir() / "onnx"
+
+
 def config_dir() -> Path:
     """The user config folder: $XDG_CONFIG_HOME/gptcli (GPTCLI_HOME does not move it)."""
     xdg = os.environ.get("XDG_CONFIG_HOME")

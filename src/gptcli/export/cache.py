@@ -14,8 +14,8 @@ from gptcli.export import graph
 from gptcli.export.nbits_choice import machine_key
 from gptcli.export.sidecar import SIDECAR_FILE
 from gptcli.hf import CONFIG_FILE, weight_files
-from gptcli.paths import cache_dir
 from gptcli.paths import cache_key as files_key
+from gptcli.paths import exports_dir
 
 
 def ort_version() -> str:
@@ -54,7 +54,7 @@ def cache_key(folder: Path, precision: str, device: str) -> str:
 
 
 def cached_export_dir(folder: Path, precision: str, device: str) -> Path:
-    return cache_dir() / "onnx" / f"{folder.name}-{precision}-{device}-{cache_key(folder, precision, device)}"
+    return exports_dir() / f"{folder.name}-{precision}-{device}-{cache_key(folder, precision, device)}"
 
 
 def remove_stale_exports(current: Path, source: Path) -> None:
@@ -73,7 +73,7 @@ def remove_stale_exports(current: Path, source: Path) -> None:
 
 def exports_of(source: Path) -> list[Path]:
     """Every cached export made from the model folder `source` (its sidecar names where it came from)."""
-    root = cache_dir() / "onnx"
+    root = exports_dir()
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         try:
