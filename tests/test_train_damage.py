@@ -485,6 +485,19 @@ def test_a_checkpoint_from_before_the_config_was_recorded_still_resumes(trained,
     assert steps(trained)[-1] == 21
 
 
+def test_a_hand_edited_tokenizer_in_train_config_is_named_not_the_corpus(trained, capsys):
+    """It was 'the corpus gives another tokenizer now' with the hint to use the same --data (the data was the same)."""
+    config = trained / "train_config.yaml"
+    assert config.read_text().count("tokenizer: char") == 1
+    config.write_text(config.read_text().replace("tokenizer: char", "tokenizer: bpe"))
+    assert run(["train", "--resume", str(trained), "--max-iters", "21"]) == 6
+    err = capsys.readouterr().err
+    said = "gives data.tokenizer bpe, but the run trained with char (step-0000020 records it)"
+    assert f"error: cannot resume {trained}: its train_config.yaml {said}" in err, err
+    assert f"hint: undo that change to {config}, or start a new run" in err and "corpus" not in err
+    assert steps(trained)[-1] == 20  # nothing trained
+
+
 def test_a_corpus_that_gives_another_tokenizer_now_is_named_as_such(trained, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus.read_text() + "\N{SNOWMAN}")

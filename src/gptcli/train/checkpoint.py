@@ -225,6 +225,19 @@ def rotate(run: Path, keep_last: int, best_step: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def recorded_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config a checkpoint records it trained with (training_state.pt's "config", its tensors mapped, not
+    read); None when it records none or does not read back (the resume then reports what it can)."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """training_state.pt, read with weights_only=True and checked for what a resume needs (else RunError)."""
     import torch

@@ -57,14 +57,17 @@ def check_checkpoint(
 ) -> None:
     """The corpus still gives the run's tokenizer, and the checkpoint to resume holds this run's model and tokenizer:
     one copied in from another run (`cp -r other/checkpoints/step-N run/checkpoints/`) was trained on silently,
-    whatever its shape (RunError)."""
-    corpus_changed = RunError(
-        f"cannot resume {run}: the corpus gives another tokenizer now", hint="use the same --data"
-    )
+    whatever its shape (RunError). A tokenizer changed by a hand edit of the run's train_config.yaml (data.tokenizer,
+    data.vocab_size) is blamed on that edit, as check_recorded_config names it, not on the corpus."""
+
+    def corpus_changed() -> RunError:
+        check_recorded_config(run, checkpoint, cfg, {"config": ckpt.recorded_config(checkpoint)})
+        return RunError(f"cannot resume {run}: the corpus gives another tokenizer now", hint="use the same --data")
+
     foreign = FOREIGN_HINT.format(where=checkpoint.parent)
     own = _read(run / "tokenizer.json")  # each start and resume writes the run's own
     if own is not None and own != tokenizer:
-        raise corpus_changed
+        raise corpus_changed()
     expected = _sizes(
         init
         or {
@@ -99,7 +102,7 @@ def check_checkpoint(
     except OSError as exc:
         raise RunError(f"cannot resume {run}: cannot read {checkpoint / 'tokenizer.json'} ({exc})") from None
     if not same and own is None:
-        raise corpus_changed
+        raise corpus_changed()
     if not same:
         raise RunError(f"cannot resume {run}: {checkpoint} holds another tokenizer than this run's", hint=foreign)
 
