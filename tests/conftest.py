@@ -195,6 +195,16 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.fixture
+def read_only_disk(small_disk) -> Path:
+    """A folder on a tmpfs mounted read-only (root only, skipped elsewhere): writes in it fail with EROFS."""
+    folder = small_disk("64k")
+    done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount a tmpfs read-only here: {done.stderr.decode().strip()}")
+    return folder
+
+
 def fill_up(folder: Path) -> None:
     """Fill the disk that holds `folder` to its last byte (a small_disk), with a file named `filler`."""
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)

@@ -8,7 +8,6 @@ import errno
 import itertools
 import json
 import os
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from gptcli.bench import baseline as base_mod
 from gptcli.bench import runner, spec
 from gptcli.bench.job import Job
 from gptcli.bench.spec import MicroTest
-from gptcli.errors import InputError, UsageError
+from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.textio import Limit
 from tests import test_bench_npl
 from tests.conftest import run_cli
@@ -200,12 +199,16 @@ def test_output_checks_name_an_unwritable_folder_and_an_unreadable_file(tmp_path
     base_mod.check_output(None)
     assert not new.parent.exists()
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(InputError, match=re.escape(f"--output {new}: cannot write in {tmp_path}")):
+    with pytest.raises(GptcliError) as refused:  # the environment (exit 1), as any output path not ours to write
         base_mod.check_output(new)
+    assert refused.value.exit_code == 1
+    assert refused.value.message == f"{new}: cannot create a file in {tmp_path} (Permission denied)"
     existing = tmp_path / "runs.jsonl"
     existing.write_text("")
-    with pytest.raises(InputError, match="cannot be read"):
+    with pytest.raises(GptcliError) as refused:
         base_mod.check_output(existing)
+    assert refused.value.exit_code == 1
+    assert refused.value.message == f"{existing}: cannot be read (the results are appended to it)"
 
 
 def test_a_failed_output_write_is_one_line_naming_the_file(tiny_models, env, tmp_path, capsys, monkeypatch):

@@ -239,7 +239,9 @@ def _result_id(raw: bytes | None) -> str | None:
 def open_results(output: Path, *, resume: bool) -> IO[str]:
     """The results file, opened for appending (its folder made); on --resume, a torn last line is
     settled first so the next result starts on a line of its own: kept with its newline when it is a
-    whole record (it counts as done), cut off when it is not (its request runs again)."""
+    whole record (it counts as done), cut off when it is not (its request runs again). A path that cannot be
+    written (a read-only disk, a folder not ours) is an OSError naming it, which paths.environment_error says as it
+    says every output path that cannot be written (exit 1)."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if resume and output.exists():
@@ -249,8 +251,6 @@ def open_results(output: Path, *, resume: bool) -> IO[str]:
         # a file where one of the path's folders should be (mkdir says "File exists"): left to the caller's
         # paths.environment_error, which names that file
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(output)) from None
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror}", hint="check the path and its permissions") from None
 
 
 def _settle_last_line(output: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from gptcli.atomicio import write_atomic
 from gptcli.bench.runner import headline
 from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
+from gptcli.paths import environment_error
 from gptcli.textio import Limit, MiB, decode_text, read_bounded
 
 KEY_FIELDS = ("model", "backend", "precision", "test", "threads")
@@ -141,7 +143,7 @@ def check_output(path: Path | None) -> None:
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"--output {path} is not a regular file", hint=hint)
     if mode is not None and not os.access(path, os.R_OK):
-        raise InputError(f"--output {path} cannot be read (the results are appended to it)", hint=hint)
+        raise _unwritable(path, "cannot be read (the results are appended to it)", errno.EACCES)
     if mode is not None and not _holds_results(path):  # a -o json document, a prompts file: lines would break it
         raise InputError(
             f"--output {path} does not hold bench results as JSON lines (its first line is not one)",
@@ -155,7 +157,13 @@ def check_output(path: Path | None) -> None:
     if folder_mode is None or not stat.S_ISDIR(folder_mode):
         raise InputError(f"--output {path}: {folder} is not a folder", hint=hint)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--output {path}: cannot write in {folder}", hint="choose a folder you may write in")
+        number = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        raise _unwritable(path, f"cannot create a file in {folder} ({os.strerror(number)})", number)
+
+
+def _unwritable(path: Path, cause: str, number: int) -> GptcliError:
+    """--output refused by the disk or the permissions, said (and its exit code chosen) as for any output path."""
+    return environment_error(OSError(number, cause, str(path))) or GptcliError(f"{path}: {cause}")
 
 
 def _holds_results(path: Path) -> bool:
@@ -175,8 +183,10 @@ def _mode_of(path: Path) -> int | None:
         return path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as exc:
-        raise InputError(f"--output {path}: {exc.strerror or exc}", hint="check the path and its permissions") from None
+    except OSError as exc:  # a folder on the way that may not be looked in
+        raise environment_error(exc) or InputError(
+            f"--output {path}: {exc.strerror or exc}", hint="check the path"
+        ) from None
 
 
 def save_results(path: Path, lines: list[str]) -> None:
