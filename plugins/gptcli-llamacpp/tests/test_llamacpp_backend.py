@@ -242,4 +242,5 @@ def test_cuda_without_gpu_support_is_a_backend_error():
     assert "no GPU support" in LlamaCppBackend.unavailable_reason("cuda")
     result = run_cli("generate", "hi", "--backend", "llamacpp", "--device", "cuda")
     assert result.returncode == 4
-    assert result.stderr.decode().startswith("error: backend 'llamacpp' (gptcli-llamacpp 0.1.0) cannot run here: this llama-cpp-python build")
+    said = "error: backend 'llamacpp' (gptcli-llamacpp 0.1.0) cannot run here: this llama-cpp-python build"
+    assert result.stderr.decode().startswith(said)
