@@ -242,7 +242,7 @@ def test_the_reply_schema_keeps_each_tools_references_its_own():
 
 
 def test_the_reader_streams_a_responses_text_split_anywhere():
-    from gptcli.tools import ReplyReader
+    from gptcli.tool_reply import ReplyReader
 
     text = 'Line one\n"quoted" \\ tab\t café 🙂 \u2028 end'
     raw = json.dumps({"response": text}, ensure_ascii=True)  # every escape kind: \n, \", \\, \t, \u00e9, a pair
@@ -257,7 +257,7 @@ def test_the_reader_streams_a_responses_text_split_anywhere():
 
 
 def test_the_reader_returns_calls_only_when_whole():
-    from gptcli.tools import ReplyReader
+    from gptcli.tool_reply import ReplyReader
 
     raw = '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "CET"}}]}'
     reader = ReplyReader()

@@ -3,23 +3,21 @@
 The model is told the tools and how to answer in a system message (a chat template that reads `tools` writes
 them itself), and its reply is constrained to JSON (gptcli.constraints): `{"tool_calls": [{"name", "arguments"},
 ...]}`, each call's arguments fitting that tool's `parameters` schema, or, when the choice is "auto",
-`{"response": "<text>"}`. `ReplyReader` reads that reply back, as it streams or whole: the response's text as it
-comes, the calls at the end. Conversations that hold calls and their results are written for the template:
-as they are where it reads `tools`, else as text any model can read.
+`{"response": "<text>"}` (gptcli.tool_reply reads it back). Conversations that hold calls and their results
+are written for the template: as they are where it reads `tools`, else as text any model can read.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
 from gptcli.config import OutputConstraint
 from gptcli.constraints import schema_constraint
 from gptcli.errors import ConfigError, ToolError
-from gptcli.prompts import Messages
+from gptcli.prompts import Messages, Prompt, build_prompt, transcript
+from gptcli.tokenizer import Tokenizer
 
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_NAME = 256  # characters of a tool's name (OpenAI's names are shorter; other servers take longer ones)
@@ -281,64 +279,46 @@ def _arguments(call: dict[str, Any]) -> Any:
         return text
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
+def chat_prompt(tokenizer: Tokenizer, turns: Messages, spec: ToolSpec | None) -> Prompt:
+    """A conversation's prompt as `gptcli chat` builds it (the chat template, or a plain transcript for a base
+    model), with the tools the reply may call and how to call them; the server's and batch files' one builder."""
+    native = tokenizer.supports_tools
+    listed = template_tools(spec) if spec is not None and native else None
+    return build_prompt(tokenizer, prompt_messages(turns, spec, native=native), plain=transcript, tools=listed)
 
 
-@dataclass(frozen=True)
-class ToolReply:
-    """The reply read back: its calls, or its text (a `response`, or the raw JSON of a reply cut short)."""
-
-    calls: tuple[ToolCall, ...]
-    content: str | None
+CALL_SHAPE = '{"id", "type": "function", "function": {"name", "arguments"}}'
 
 
-RESPONSE_START = '{"response": "'  # how the constrained reply begins (constraints.JSON_OPTIONS: ", " and ": ")
-# JSON string pieces that decode alone: plain characters, a simple escape, or a \u escape (a UTF-16 pair whole)
-STRING_PIECE = re.compile(
-    r'[^"\\]+|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u(?![dD][89abAB])[0-9a-fA-F]{4}'
-)
+def call_fields(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """The tool-call fields of the conversation's message `index`, checked, as prompt_messages takes them: an
+    assistant's `tool_calls` (arguments a JSON string, or an object as ollama's clients send them), a tool
+    result's `tool_call_id` and `name`. ToolError names the field that does not fit."""
+    where = f"messages.{index}"
+    fields: dict[str, Any] = {}
+    if calls := message.get("tool_calls"):
+        if message.get("role") != "assistant":
+            raise ToolError(f"{where}.tool_calls: only an assistant's message holds tool calls", f"{where}.tool_calls")
+        if not isinstance(calls, list):
+            raise ToolError(f"{where}.tool_calls: must be a list of {CALL_SHAPE}", f"{where}.tool_calls")
+        fields["tool_calls"] = [_call(call, f"{where}.tool_calls.{at}") for at, call in enumerate(calls)]
+    if message.get("role") == "tool":
+        for key in ("tool_call_id", "name"):
+            if (value := message.get(key)) is not None and not isinstance(value, str):
+                raise ToolError(f"{where}.{key}: must be a string", f"{where}.{key}")
+            fields.update({key: value} if value is not None else {})
+    return fields
 
 
-class ReplyReader:
-    """Reads the constrained reply as the decoder writes it: `push` returns the text of a `response`
-    as it comes, `finish` the calls, or, for a reply cut short, the text it holds (no partial call)."""
-
-    def __init__(self) -> None:
-        self.raw = ""
-        self._read = len(RESPONSE_START)  # where the response's string is read up to
-        self._text: list[str] = []
-
-    @property
-    def is_response(self) -> bool:
-        return self.raw.startswith(RESPONSE_START)
-
-    def push(self, text: str) -> str:
-        """Add the reply's next text; the response's text it completes ("" for calls, or until it is known)."""
-        self.raw += text
-        if not self.is_response:
-            return ""
-        pieces = []
-        while match := STRING_PIECE.match(self.raw, self._read):
-            piece = match.group()
-            pieces.append(piece if piece[0] != "\\" else json.loads(f'"{piece}"'))
-            self._read = match.end()
-        said = "".join(pieces)
-        self._text.append(said)
-        return said
-
-    def finish(self) -> ToolReply:
-        try:
-            reply = json.loads(self.raw)
-        except ValueError:  # cut short: the response's text so far, or the calls' raw JSON (no call is whole)
-            return ToolReply((), "".join(self._text) if self.is_response else self.raw)
-        if "response" in reply:
-            return ToolReply((), reply["response"])
-        calls = tuple(
-            ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], json.dumps(call["arguments"], ensure_ascii=False))
-            for call in reply["tool_calls"]
-        )
-        return ToolReply(calls, None)
+def _call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise ToolError(f"{where}: must be {CALL_SHAPE}", where)
+    if not isinstance(call.get("id"), (str, type(None))):
+        raise ToolError(f"{where}.id: must be a string", f"{where}.id")
+    if not isinstance(name := function.get("name"), str):
+        raise ToolError(f"{where}.function.name: must be the called tool's name", f"{where}.function.name")
+    if not isinstance(arguments := function.get("arguments"), (str, dict)):
+        message = f"{where}.function.arguments: must be a JSON string or an object"
+        raise ToolError(message, f"{where}.function.arguments")
+    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments}}

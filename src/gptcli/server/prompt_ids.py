@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from gptcli.errors import ModelError
-from gptcli.prompts import build_prompt, transcript
 from gptcli.server.errors import APIError
 from gptcli.server.schemas import ChatMessage
 from gptcli.tokenizer import Tokenizer
-from gptcli.tools import ToolSpec, prompt_messages, template_tools
+from gptcli.tools import ToolSpec, chat_prompt
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], tools: ToolSpec | None = None) -> list[int]:
     """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base
     model; with the tools the reply may call, and how to call them (gptcli.tools)."""
-    native = tokenizer.supports_tools
-    turns = prompt_messages([m.turn(i) for i, m in enumerate(messages)], tools, native=native)
+    turns = [m.turn(i) for i, m in enumerate(messages)]
     try:
-        listed = template_tools(tools) if tools is not None and native else None
-        ids = build_prompt(tokenizer, turns, plain=transcript, tools=listed).ids
+        ids = chat_prompt(tokenizer, turns, tools).ids
     except ModelError as exc:  # the template's raise_exception: roles out of order and the like
         raise APIError(400, exc.message, param="messages") from None
     if not ids:

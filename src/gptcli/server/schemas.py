@@ -24,7 +24,7 @@ from gptcli.prompts import MESSAGE_ROLES
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
-from gptcli.tools import ToolSpec, tool_spec
+from gptcli.tools import ToolSpec, call_fields, tool_spec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
@@ -261,13 +261,10 @@ class ChatMessage(BaseModel):
             "role": "system" if self.role == "developer" else self.role,
             "content": self.text(index),
         }
-        if self.tool_calls:
-            if self.role != "assistant":
-                message = f"messages.{index}.tool_calls: only an assistant's message holds tool calls"
-                raise APIError(400, message, param=f"messages.{index}.tool_calls", code="invalid_value")
-            turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
-        if self.role == "tool":
-            turn.update({key: value for key in ("tool_call_id", "name") if (value := getattr(self, key)) is not None})
+        try:
+            turn.update(call_fields(self.model_dump(include={"role", "tool_calls", "tool_call_id", "name"}), index))
+        except ToolError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
         return turn
 
     def text(self, index: int) -> str:

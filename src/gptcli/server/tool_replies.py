@@ -1,4 +1,4 @@
-"""A chat choice whose reply may call tools: the constrained JSON read back (gptcli.tools) into OpenAI's shape."""
+"""A chat choice whose reply may call tools: the constrained JSON read back (gptcli.tool_reply) into OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from gptcli.decoding import Finished
 from gptcli.sampling import TokenLogprob
 from gptcli.server.shapes import Shape
-from gptcli.tools import ReplyReader, ToolReply
+from gptcli.tool_reply import ReplyReader, openai_calls
 
 
 @dataclass
@@ -59,11 +59,3 @@ class ToolShape(Shape):
         if reply.calls:
             message["tool_calls"] = openai_calls(reply)
         return {**whole, "message": message, "finish_reason": "tool_calls" if reply.calls else finish}
-
-
-def openai_calls(reply: ToolReply) -> list[dict[str, Any]]:
-    """The calls as OpenAI's `message.tool_calls`."""
-    return [
-        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-        for call in reply.calls
-    ]
