@@ -10,7 +10,8 @@ import pytest
 
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
-from gptcli.batchfile import LocalLines, RemoteLines, parse_request, run_batch
+from gptcli.batch_requests import parse_request
+from gptcli.batchfile import LocalLines, RemoteLines, run_batch
 from gptcli.config import Settings, with_sampling
 from gptcli.decoding import NO_STATS, Finished, Token
 from gptcli.engine import Engine, EngineLimits, generate
@@ -313,7 +314,7 @@ def test_a_request_over_the_kv_budget_is_that_lines_error(model):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(tiny_models, family):
     """One prompt builder: a conversation is the chat template, or a plain transcript for a base model."""
-    from gptcli.batchfile import _encode_messages
+    from gptcli.batch_requests import _encode_messages
     from gptcli.prompts import build_prompt, transcript
     from gptcli.server.prompt_ids import chat_prompt_ids
     from gptcli.server.schemas import ChatMessage

@@ -520,7 +520,7 @@ def test_a_grammar_that_gives_out_after_its_first_mask_is_refused_before_decodin
 
 def test_a_stop_string_never_cuts_a_structured_output_short_of_a_match(llama, tiny_models):
     """A stop string inside the match gave `{"a` with finish_reason "stop" (which is to mean a whole match)."""
-    from gptcli.batchfile import parse_request
+    from gptcli.batch_requests import parse_request
     from gptcli.config import Settings
     from gptcli.remote import RemoteModel
 

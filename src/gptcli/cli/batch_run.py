@@ -124,7 +124,8 @@ def _closed_after(handle: IO[str]) -> Iterator[IO[str]]:
 
 def _lines(settings: Any, numbered_lines: Any, running: int, kv_budget: str | None, remote: Any) -> tuple[Any, Any]:
     """Where the lines run (this machine's engine, or the server), and the parsed requests, read lazily."""
-    from gptcli.batchfile import LocalLines, RemoteLines, parse_request
+    from gptcli.batch_requests import parse_request
+    from gptcli.batchfile import LocalLines, RemoteLines
 
     if remote is not None:  # the server applies its template and checks its context
         return RemoteLines(remote, running), (parse_request(n, raw, None, settings, 0) for n, raw in numbered_lines)
