@@ -4,8 +4,9 @@ and a finished line as its JSON result (`result_record`, `error_record`); gptcli
 A request line is an object with `prompt` (text) or `messages` (chat messages), and optionally an
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
 `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
-`seed`, `stop`). A line that cannot be run (bad JSON, unknown keys, a prompt over the context) becomes an
-error result for that line.
+`seed`, `stop`); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
+(gptcli.tools, as the server takes them), and its result then holds the reply's `tool_calls`. A line that
+cannot be run (bad JSON, unknown keys, a prompt over the context) becomes an error result for that line.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from typing import Any
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
 from gptcli.constraints import response_format
 from gptcli.decoding import Finished
-from gptcli.errors import ConfigError, InputError
+from gptcli.errors import ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
-from gptcli.prompts import MESSAGE_ROLES, build_prompt, fit_prompt, messages_for, transcript, transcript_sampling
+from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, transcript_sampling
 from gptcli.tokenizer import Tokenizer
+from gptcli.tool_reply import openai_calls, reply_of
+from gptcli.tools import BESIDE_FORMAT, ToolSpec, call_fields, chat_prompt, tool_spec
 
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
-REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS}
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS, *TOOL_KEYS}
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 
 
@@ -34,30 +38,50 @@ class BatchRequest:
     id: str
     prompt_ids: list[int] = field(default_factory=list)  # run here: the prompt, templated and encoded
     settings: Settings | None = None
-    messages: list[dict[str, str]] | None = None  # run on a server: the chat to send
+    messages: Messages | None = None  # run on a server: the chat to send
     text: str | None = None  # run on a server: a `raw` prompt, sent to /v1/completions as is
     error: str | None = None
     numbered: bool = False  # the line has no `id`: its id is its line number
+    tools: dict[str, Any] | None = None  # the line's TOOL_KEYS, where its reply may call tools (sent to a server)
 
 
-def _checked_messages(messages: Any) -> list[dict[str, str]]:
+def _checked_messages(messages: Any) -> Messages:
+    """Role and content (null for an assistant's tool calls), with the calls and results the server takes."""
     if not isinstance(messages, list) or not messages:
         raise InputError("`messages` must be a non-empty list")
-    for message in messages:
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
+    turns = []
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
+            raise InputError("each message needs a string `role` and `content`")
+        content = message.get("content")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
             raise InputError("each message needs a string `role` and `content`")
         if message["role"] not in MESSAGE_ROLES:
             raise InputError(f"unknown message role {message['role']!r} (known: {', '.join(MESSAGE_ROLES)})")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        turns.append({"role": message["role"], "content": content, **call_fields(message, index)})
+    return turns
 
 
-def _encode_messages(tokenizer: Tokenizer, messages: Any) -> list[int]:
-    # As `gptcli chat` builds a conversation: the chat template, or a plain transcript for a base model.
-    return build_prompt(tokenizer, _checked_messages(messages), plain=transcript).ids
+def _encode_messages(tokenizer: Tokenizer, messages: Any, tools: ToolSpec | None = None) -> list[int]:
+    # As `gptcli chat` builds a conversation (the chat template, or a plain transcript), with the server's tools.
+    return chat_prompt(tokenizer, _checked_messages(messages), tools).ids
+
+
+def _line_tools(data: dict, tokenizer: Tokenizer | None, formatted: bool) -> ToolSpec | None:
+    """The tools the line's reply may call, checked as the server checks them; None: a text reply.
+    `formatted`: the line's own `response_format` asks for JSON."""
+    if not any(key in data for key in TOOL_KEYS):
+        return None
+    if "messages" not in data:
+        raise InputError("`tools`, `tool_choice` and `parallel_tool_calls` go with `messages`, not `prompt`")
+    parallel = data.get("parallel_tool_calls")
+    if not isinstance(parallel, (bool, type(None))):
+        raise ToolError("parallel_tool_calls: must be true or false", "parallel_tool_calls")
+    native = tokenizer is not None and tokenizer.supports_tools
+    spec = tool_spec(data.get("tools"), data.get("tool_choice"), parallel, native=native)
+    if spec is not None and formatted:
+        raise ToolError(BESIDE_FORMAT, "response_format")
+    return spec
 
 
 def parse_request(
@@ -85,19 +109,28 @@ def parse_request(
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
         line_settings = with_sampling(settings, "the line", **changes) if changes else settings
+        formatted = False
         if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
             constraint = response_format(data["response_format"], "the line's `response_format`")
+            formatted = constraint is not None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
-        if "stop" in data and any(line_settings.sampling.stop) and line_settings.sampling.constraint is not None:
-            raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
-        system = data.get("system", line_settings.system)
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")
+        # The reply's JSON, constrained here (a server constrains it itself: only the tools are sent)
+        if (tools := _line_tools(data, tokenizer, formatted)) is not None:
+            constraint = tools.constraint if tokenizer is not None else None
+            line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
+        stop = "stop" in data and any(line_settings.sampling.stop)
+        if stop and (line_settings.sampling.constraint is not None or tools is not None):
+            raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
+        system = data.get("system", line_settings.system)
         _check_prompt_options(data)
+        sent = {key: data[key] for key in TOOL_KEYS if key in data} if tools is not None else None
         if tokenizer is None:
-            return BatchRequest(number, line_id, settings=line_settings, numbered=numbered, **_to_send(data, system))
+            send = _to_send(data, system)
+            return BatchRequest(number, line_id, settings=line_settings, numbered=numbered, tools=sent, **send)
         if "messages" in data:
-            ids = _encode_messages(tokenizer, data["messages"])
+            ids = _encode_messages(tokenizer, data["messages"], tools)
             if len(ids) >= context_length:
                 raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
             line_settings = replace(line_settings, sampling=transcript_sampling(line_settings.sampling, tokenizer))
@@ -111,7 +144,7 @@ def parse_request(
                 system=system,
                 raw=data.get("raw", False),
             ).ids
-        return BatchRequest(number, line_id, ids, line_settings, numbered=numbered)
+        return BatchRequest(number, line_id, ids, line_settings, numbered=numbered, tools=sent)
     except (InputError, ConfigError) as exc:
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
@@ -143,10 +176,16 @@ def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
     if finished.reason == "error":  # the line's output grammar could not go on (its own schema or format)
         return error_record(request.id, finished.error or "generation failed")
     stats = finished.stats
+    record: dict[str, Any] = {"id": request.id, "text": finished.text}
+    finish = FINISH_NAMES.get(finished.reason, finished.reason)
+    if request.tools is not None:  # as the server's message: its calls (text null), or its text
+        reply = reply_of(finished)
+        record["text"] = reply.content
+        if reply.calls:
+            record["tool_calls"], finish = openai_calls(reply), "tool_calls"
     return {
-        "id": request.id,
-        "text": finished.text,
-        "finish_reason": FINISH_NAMES.get(finished.reason, finished.reason),
+        **record,
+        "finish_reason": finish,
         "usage": {
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.new_tokens,

@@ -123,6 +123,8 @@ class RemoteLines:
         params = request.settings.sampling  # type: ignore[union-attr]
         if request.text is not None:
             return functools.partial(self.remote.complete, request.text, params)
+        if request.tools is not None:  # the server's calls come back in a CallsFinished
+            return functools.partial(self.remote.chat, request.messages, params, request.tools)
         return functools.partial(self.remote.chat, request.messages, params)
 
 

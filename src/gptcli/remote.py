@@ -22,6 +22,7 @@ from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
 from gptcli.remote_http import Reply, default_opener, retry_after
+from gptcli.tool_reply import StreamedCalls
 
 DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
@@ -201,9 +202,13 @@ class RemoteModel:
         return int(value) if isinstance(value, int) else None
 
     # --- generation -------------------------------------------------------------------------------
-    def chat(self, messages: Sequence[Mapping[str, str]], params: SamplingConfig) -> Iterator[Event]:
-        payload = {"messages": [dict(m) for m in messages], **self._sampling(params)}
-        return self._stream("/chat/completions", payload, chat=True)
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], params: SamplingConfig, tools: Mapping[str, Any] | None = None
+    ) -> Iterator[Event]:
+        """The chat's events; with `tools` (OpenAI's tools, tool_choice, parallel_tool_calls) the last one is a
+        CallsFinished holding the calls the server made, or its text."""
+        payload = {"messages": [dict(m) for m in messages], **self._sampling(params), **(tools or {})}
+        return self._stream("/chat/completions", payload, chat=True, calls=StreamedCalls() if tools else None)
 
     def complete(self, prompt: str, params: SamplingConfig) -> Iterator[Event]:
         return self._stream("/completions", {"prompt": prompt, **self._sampling(params)}, chat=False)
@@ -239,7 +244,9 @@ class RemoteModel:
             body["response_format"] = response_format(params.constraint)
         return body
 
-    def _stream(self, path: str, payload: dict[str, Any], *, chat: bool) -> Iterator[Event]:
+    def _stream(
+        self, path: str, payload: dict[str, Any], *, chat: bool, calls: StreamedCalls | None = None
+    ) -> Iterator[Event]:
         start = time.perf_counter()
         reply = self._request("POST", path, payload)
         pieces: list[str] = []
@@ -263,6 +270,8 @@ class RemoteModel:
                         pieces.append(text)
                         yield Token(text, None, now)
                     reason = choice.get("finish_reason") or reason
+                    if calls is not None and (called := (choice.get("delta") or {}).get("tool_calls")):
+                        calls.add(called)
         except KeyboardInterrupt:
             reason, done = "interrupted", True
         except TimeoutError:
@@ -286,7 +295,8 @@ class RemoteModel:
             decode_s=end - first,
             total_s=end - start,
         )
-        yield Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
+        finished = Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
+        yield finished if calls is None else calls.finished(finished)
 
     def _chunks(self, reply: Reply, *, chat: bool) -> Iterator[dict[str, Any] | None]:
         """The stream's chunks, then None at its end ([DONE]). A server that ignores `stream` and sends the
@@ -368,6 +378,9 @@ def _chunk_problem(chunk: dict[str, Any], *, chat: bool) -> str | None:
         name, text = ("delta.content", (delta or {}).get("content")) if chat else ("text", choice.get("text"))
         if text is not None and not isinstance(text, str):
             return f"a {name} is not a string"
+        called = (delta or {}).get("tool_calls") if chat else None
+        if called is not None and not (isinstance(called, list) and all(isinstance(c, dict) for c in called)):
+            return "a delta.tool_calls is not a list of objects"
         if not isinstance(choice.get("finish_reason"), (str, type(None))):
             return "a finish_reason is not a string"
     return None

@@ -1,13 +1,16 @@
 """A reply that may call tools, read back: the constrained JSON gptcli.tools asks for (`ReplyReader`, as it
-streams or whole) into its calls or its text, and the calls in OpenAI's shape (`openai_calls`)."""
+streams or whole) into its calls or its text, the calls in OpenAI's shape (`openai_calls`), and a server's
+calls in that shape read back (`StreamedCalls`, for a client: gptcli.remote)."""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
+
+from gptcli.decoding import Finished
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,46 @@ def openai_calls(reply: ToolReply) -> list[dict[str, Any]]:
         {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
         for call in reply.calls
     ]
+
+
+def read_reply(text: str) -> ToolReply:
+    """A whole reply's calls, or its text."""
+    reader = ReplyReader()
+    reader.push(text)
+    return reader.finish()
+
+
+@dataclass(frozen=True)
+class CallsFinished(Finished):
+    """The end of a reply that a server already read into calls or text (its `tool_calls` and `content`)."""
+
+    reply: ToolReply = ToolReply((), None)
+
+
+def reply_of(finished: Finished) -> ToolReply:
+    """The calls or text of a reply that may call tools: as a server read it, or read here from its JSON."""
+    return finished.reply if isinstance(finished, CallsFinished) else read_reply(finished.text)
+
+
+class StreamedCalls:
+    """A server's `tool_calls` put back together: OpenAI streams each call's index, id and name first and its
+    arguments in pieces after; a whole answer's `message.tool_calls` (no index) reads the same way."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, pieces: list[dict[str, Any]]) -> None:
+        for position, piece in enumerate(pieces):
+            index = piece["index"] if isinstance(piece.get("index"), int) else position
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+            call["id"] = call["id"] or str(piece.get("id") or "")
+            call["name"] = call["name"] or str(function.get("name") or "")
+            arguments = function.get("arguments") or ""
+            call["arguments"] += arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+    def finished(self, finished: Finished) -> CallsFinished:
+        """`finished` (the content streamed as its text) with the calls, or that text, as its reply."""
+        calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(self._calls.items()))
+        reply = ToolReply(calls, None if calls else finished.text)
+        return CallsFinished(**{f.name: getattr(finished, f.name) for f in fields(finished)}, reply=reply)

@@ -23,6 +23,7 @@ MAX_TOOLS = 128  # OpenAI's limit
 MAX_NAME = 256  # characters of a tool's name (OpenAI's names are shorter; other servers take longer ones)
 CHOICES = ("none", "auto", "required")
 CHOICE_SHAPE = 'none, auto, required or {"type": "function", "function": {"name": "<a tool\'s name>"}}'
+BESIDE_FORMAT = "response_format: a reply that may call tools is JSON of its own; drop one of them"
 TOOL_SHAPE = '{"type": "function", "function": {"name", "description", "parameters"}}'
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # JSON values in a schema, not schemas

@@ -24,7 +24,7 @@ from gptcli.prompts import MESSAGE_ROLES
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
-from gptcli.tools import ToolSpec, call_fields, tool_spec
+from gptcli.tools import BESIDE_FORMAT, ToolSpec, call_fields, tool_spec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
@@ -315,8 +315,7 @@ class ChatRequest(SamplingRequest):
             except ToolError as exc:
                 raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
             if self._tools is not None and self.response_format is not None and self.response_format.type != "text":
-                message = "response_format: a reply that may call tools is JSON of its own; drop one of them"
-                raise APIError(400, message, param="response_format", code="invalid_value")
+                raise APIError(400, BESIDE_FORMAT, param="response_format", code="invalid_value")
         return self._tools
 
     def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:

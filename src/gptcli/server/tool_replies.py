@@ -8,7 +8,7 @@ from typing import Any
 from gptcli.decoding import Finished
 from gptcli.sampling import TokenLogprob
 from gptcli.server.shapes import Shape
-from gptcli.tool_reply import ReplyReader, openai_calls
+from gptcli.tool_reply import ReplyReader, openai_calls, read_reply
 
 
 @dataclass
@@ -52,9 +52,7 @@ class ToolShape(Shape):
 
     def choice(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
         whole = super().choice(finished, finish, with_logprobs=with_logprobs)
-        reader = ReplyReader()
-        reader.push(finished.text)
-        reply = reader.finish()
+        reply = read_reply(finished.text)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.calls:
             message["tool_calls"] = openai_calls(reply)
