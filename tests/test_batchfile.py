@@ -329,6 +329,10 @@ def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(ti
     expected = build_prompt(tok, turns, plain=transcript).ids
     assert _encode_messages(tok, turns) == expected
     assert chat_prompt_ids(tok, [ChatMessage(**t) for t in turns]) == expected
+    # OpenAI's `developer` message is the system message, to both
+    newer = [{"role": "developer", "content": "Be brief."}, *turns[1:]]
+    assert _encode_messages(tok, newer) == expected
+    assert chat_prompt_ids(tok, [ChatMessage(**t) for t in newer]) == expected
 
 
 def test_openai_penalties_are_per_line_settings(model):

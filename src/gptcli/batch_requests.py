@@ -19,7 +19,7 @@ from gptcli.constraints import response_format
 from gptcli.decoding import Finished
 from gptcli.errors import ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
-from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, transcript_sampling
+from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
 from gptcli.tools import BESIDE_FORMAT, ToolSpec, call_fields, chat_prompt, tool_spec
@@ -58,7 +58,7 @@ def _checked_messages(messages: Any) -> Messages:
             raise InputError("each message needs a string `role` and `content`")
         if message["role"] not in MESSAGE_ROLES:
             raise InputError(f"unknown message role {message['role']!r} (known: {', '.join(MESSAGE_ROLES)})")
-        turns.append({"role": message["role"], "content": content, **call_fields(message, index)})
+        turns.append({"role": template_role(message["role"]), "content": content, **call_fields(message, index)})
     return turns
 
 

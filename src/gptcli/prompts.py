@@ -24,6 +24,12 @@ Messages = list[dict[str, Any]]  # role and content; tool calls and results (gpt
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def template_role(role: str) -> str:
+    """The role a chat template is given: OpenAI's `developer` message is a system message (no template
+    knows the newer name), for batch files and the server alike."""
+    return "system" if role == "developer" else role
+
+
 def messages_for(text: str, system: str | None) -> Messages:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 

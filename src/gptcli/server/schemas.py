@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
-from gptcli.prompts import MESSAGE_ROLES
+from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
@@ -258,7 +258,7 @@ class ChatMessage(BaseModel):
     def turn(self, index: int) -> dict[str, Any]:
         """The message as gptcli.tools takes it: role and text, and an assistant's calls, a tool's call id."""
         turn: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
+            "role": template_role(self.role),
             "content": self.text(index),
         }
         try:
