@@ -285,25 +285,15 @@ class ChatMessage(BaseModel):
         return "".join(pieces)
 
 
-class ChatRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+class ToolFields(BaseModel):
+    """The tools a chat's reply may call: chat completions, and /tokenize counting the prompt they are part of."""
+
+    model_config = REQUEST_MODEL
     # Checked by gptcli.tools (tool_spec), which names the field that does not fit.
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    # The older form (`functions`) is ignored, so a demanded call would come back as text: a 400.
-    function_call: Any = None
     _tools: ToolSpec | None = PrivateAttr(None)
-
-    @field_validator("function_call")
-    @classmethod
-    def _no_forced_call(cls, value: Any) -> Any:
-        if value in (None, "auto", "none"):
-            return value
-        raise ValueError("functions and function_call are not supported (only ignored): use tools and tool_choice")
 
     def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
         """The tools the reply may call (checked once: a 400 naming the field); None: a text reply."""
@@ -314,9 +304,29 @@ class ChatRequest(SamplingRequest):
                 )
             except ToolError as exc:
                 raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
-            if self._tools is not None and self.response_format is not None and self.response_format.type != "text":
-                raise APIError(400, BESIDE_FORMAT, param="response_format", code="invalid_value")
         return self._tools
+
+
+class ChatRequest(SamplingRequest, ToolFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The older form (`functions`) is ignored, so a demanded call would come back as text: a 400.
+    function_call: Any = None
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_forced_call(cls, value: Any) -> Any:
+        if value in (None, "auto", "none"):
+            return value
+        raise ValueError("functions and function_call are not supported (only ignored): use tools and tool_choice")
+
+    def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
+        spec = super().tool_spec(tokenizer)
+        if spec is not None and self.response_format is not None and self.response_format.type != "text":
+            raise APIError(400, BESIDE_FORMAT, param="response_format", code="invalid_value")
+        return spec
 
     def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
         params = super().sampling(defaults, vocab_size)

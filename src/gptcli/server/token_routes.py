@@ -3,7 +3,8 @@
 A client that counts tokens before it sends (to fit a context, to price a prompt) asks the server that
 will read them. Both peers' request fields are taken: vLLM's `prompt` / `messages` and
 `add_special_tokens` (default true), llama.cpp's `content`, `add_special` (default false) and
-`with_pieces`. The answer carries both peers' fields too.
+`with_pieces`. The answer carries both peers' fields too. A chat's `tools` (with `tool_choice` and
+`parallel_tool_calls`) count as the chat route writes them into the prompt.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from pydantic import BaseModel, Field, model_validator
 
 from gptcli.server.errors import APIError
 from gptcli.server.prompt_ids import chat_prompt_ids
-from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, parse_body
+from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, ToolFields, parse_body
 from gptcli.server.state import ServerState
+from gptcli.tokenizer import Tokenizer
+from gptcli.tools import ToolSpec
 
 router = APIRouter()
 MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize request (the body limit comes first in practice)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = REQUEST_MODEL
+class TokenizeRequest(ToolFields):
     model: str | None = None
     prompt: str | None = None  # vLLM
     content: str | None = None  # llama.cpp
@@ -39,6 +41,13 @@ class TokenizeRequest(BaseModel):
         if len(given) != 1:
             raise ValueError("send exactly one of prompt, content (text) or messages (a chat)")
         return self
+
+    def chat_tools(self, tokenizer: Tokenizer) -> ToolSpec | None:
+        """The tools in the chat's prompt, as the chat route reads them; a 400 beside a text to tokenize."""
+        if self.messages is None and (self.tools is not None or self.tool_choice is not None):
+            message = "tools: only a chat's prompt holds them; send the messages with the tools"
+            raise APIError(400, message, param="tools", code="invalid_value")
+        return self.tool_spec(tokenizer)
 
 
 class DetokenizeRequest(BaseModel):
@@ -56,8 +65,9 @@ async def tokenize(request: Request) -> dict[str, Any]:
     state = _state(request)
     body = await parse_body(request, TokenizeRequest)
     state.check_model(body.model)
+    tools = await asyncio.to_thread(body.chat_tools, state.tokenizer)  # off the event loop, as the chat route
     if body.messages is not None:
-        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages)  # off the event loop
+        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
     else:
         text = body.prompt if body.prompt is not None else body.content
         special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
