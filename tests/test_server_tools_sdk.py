@@ -49,3 +49,43 @@ def test_tokenize_refuses_tools_it_cannot_count(live):
     for body, param in cases:
         response = httpx.post(live.url + "/tokenize", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def allowed(mode: str, *names: str) -> dict[str, Any]:
+    """OpenAI's tool_choice that limits the calls to some of the tools."""
+    tools = [{"type": "function", "function": {"name": name}} for name in names]
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}}
+
+
+def test_allowed_tools_limits_the_calls_to_the_tools_it_names(live):
+    """The openai SDK's `tool_choice={"type": "allowed_tools", ...}` (was a 400: tool_choice must be ...)."""
+    from tests.test_server_tools import ask, checked_calls
+
+    for seed in range(3):
+        reply = ask(live, tools=TOOLS, tool_choice=allowed("required", "get_time"), temperature=1.0, seed=seed)
+        assert [name for name, _ in checked_calls(reply.choices[0])] == ["get_time"], reply
+
+
+def test_allowed_tools_takes_its_mode_and_names_what_does_not_fit(live):
+    from gptcli.tools import tool_spec
+
+    auto = tool_spec(TOOLS, allowed("auto", "get_weather", "get_weather"), None)
+    required = tool_spec(TOOLS, allowed("required", "get_time", "get_weather"), None)
+    assert [tool.name for tool in auto.tools] == ["get_weather"] and not auto.required
+    assert [tool.name for tool in required.tools] == ["get_time", "get_weather"] and required.required
+    flat = [{"type": "function", "name": "get_time"}]  # the Responses API's form of a tool's name
+    responses_form = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": flat}}
+    assert [tool.name for tool in tool_spec(TOOLS, responses_form, None).tools] == ["get_time"]
+    where = "tool_choice.allowed_tools"
+    cases = [
+        (allowed("any", "get_time"), f"{where}.mode", "must be auto or required"),
+        (allowed("auto"), f"{where}.tools", "must list the tools allowed"),
+        (allowed("auto", "get_news"), f"{where}.tools.0.function.name", "no tool named 'get_news'"),
+        ({"type": "allowed_tools"}, f"{where}.mode", "must be auto or required"),
+    ]
+    for choice, param, says in cases:
+        response = httpx.post(
+            live.v1 + "/chat/completions", json={"messages": ASK, "tools": TOOLS, "tool_choice": choice}
+        )
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param and says in error["message"], (choice, error)

@@ -22,7 +22,11 @@ from gptcli.tokenizer import Tokenizer
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_NAME = 256  # characters of a tool's name (OpenAI's names are shorter; other servers take longer ones)
 CHOICES = ("none", "auto", "required")
-CHOICE_SHAPE = 'none, auto, required or {"type": "function", "function": {"name": "<a tool\'s name>"}}'
+CHOICE_SHAPE = (
+    'none, auto, required, {"type": "function", "function": {"name": "<a tool\'s name>"}} or'
+    ' {"type": "allowed_tools", "allowed_tools": {"mode": "auto" or "required", "tools": [...]}}'
+)
+ALLOWED_SHAPE = '{"type": "function", "function": {"name": "<a tool\'s name>"}}'
 BESIDE_FORMAT = "response_format: a reply that may call tools is JSON of its own; drop one of them"
 TOOL_SHAPE = '{"type": "function", "function": {"name", "description", "parameters"}}'
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -129,22 +133,18 @@ def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = 
     listed = parse_tools(tools)
     if choice is None:
         choice = "auto"
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if choice.get("type") != "function" or not isinstance(name, str):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        listed, choice = _allowed(listed, choice.get("allowed_tools"))
+    elif isinstance(choice, dict):
+        name = _function_name(choice)
+        if choice.get("type") != "function" or name is None:
             raise ToolError(f"tool_choice: must be {CHOICE_SHAPE}", "tool_choice")
-        chosen = [tool for tool in listed if tool.name == name]
-        if not chosen:
-            known = ", ".join(tool.name for tool in listed) or "none given"
-            message = f"tool_choice.function.name: no tool named '{name}' in tools ({known})"
-            raise ToolError(message, "tool_choice.function.name")
-        listed = chosen
+        listed, choice = [_named(listed, name, "tool_choice.function.name")], "required"
     elif choice not in CHOICES:
         raise ToolError(f"tool_choice: must be {CHOICE_SHAPE}", "tool_choice")
-    elif choice == "none" or (choice == "auto" and not listed):
+    if choice == "none" or (choice == "auto" and not listed):
         return None
-    elif not listed:
+    if not listed:
         raise ToolError("tool_choice: 'required' needs tools to call; list them in tools", "tool_choice")
     # One call a reply unless asked for more: llama-server's default; a small model allowed several repeats one.
     spec = ToolSpec(tuple(listed), choice != "auto", bool(parallel), native)
@@ -153,6 +153,40 @@ def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = 
     except ConfigError as exc:
         raise ToolError(exc.message, "tools", hint=exc.hint) from None
     return replace(spec, constraint=constraint)
+
+
+def _function_name(choice: dict[str, Any]) -> str | None:
+    """The name in `{"function": {"name"}}` (Chat Completions), or in `{"name"}` (the Responses API)."""
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    return name if isinstance(name, str) else None
+
+
+def _named(listed: list[Tool], name: str, where: str) -> Tool:
+    found = next((tool for tool in listed if tool.name == name), None)
+    if found is None:
+        known = ", ".join(tool.name for tool in listed) or "none given"
+        raise ToolError(f"{where}: no tool named '{name}' in tools ({known})", where)
+    return found
+
+
+def _allowed(listed: list[Tool], allowed: Any) -> tuple[list[Tool], str]:
+    """OpenAI's `{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}`: the tools of `tools` it
+    names, and the mode ("auto" or "required") the reply takes with them."""
+    where = "tool_choice.allowed_tools"
+    if not isinstance(allowed, dict) or allowed.get("mode") not in ("auto", "required"):
+        raise ToolError(f"{where}.mode: must be auto or required", f"{where}.mode")
+    entries = allowed.get("tools")
+    if not isinstance(entries, list) or not entries:
+        raise ToolError(f"{where}.tools: must list the tools allowed, each {ALLOWED_SHAPE}", f"{where}.tools")
+    chosen: list[Tool] = []
+    for index, entry in enumerate(entries):
+        name = _function_name(entry) if isinstance(entry, dict) and entry.get("type") == "function" else None
+        if name is None:
+            raise ToolError(f"{where}.tools.{index}: must be {ALLOWED_SHAPE}", f"{where}.tools.{index}")
+        tool = _named(listed, name, f"{where}.tools.{index}.function.name")
+        chosen += [] if tool in chosen else [tool]
+    return chosen, allowed["mode"]
 
 
 def reply_schema(spec: ToolSpec) -> dict[str, Any]:
