@@ -18,6 +18,7 @@ from gptcli.constraints import schema_constraint
 from gptcli.errors import ConfigError, ToolError
 from gptcli.prompts import Messages, Prompt, build_prompt, transcript
 from gptcli.tokenizer import Tokenizer
+from gptcli.tool_schemas import closed, rebased
 
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_NAME = 256  # characters of a tool's name (OpenAI's names are shorter; other servers take longer ones)
@@ -30,7 +31,6 @@ ALLOWED_SHAPE = '{"type": "function", "function": {"name": "<a tool\'s name>"}}'
 BESIDE_FORMAT = "response_format: a reply that may call tools is JSON of its own; drop one of them"
 TOOL_SHAPE = '{"type": "function", "function": {"name", "description", "parameters"}}'
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
-VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # JSON values in a schema, not schemas
 
 
 @dataclass(frozen=True)
@@ -99,33 +99,12 @@ def _parameters(schema: Any, where: str) -> dict[str, Any]:
     if schema.get("type", "object") != "object":
         raise ToolError(f"{where}: must describe an object (type: object), not type {schema['type']!r}", where)
     # Arguments are an object (also where the schema leaves type out) holding the properties it names.
-    schema = _closed({"type": "object", **schema})
+    schema = closed({"type": "object", **schema})
     try:
         schema_constraint(schema, where)
     except ConfigError as exc:
         raise ToolError(exc.message, where, hint=exc.hint) from None
     return schema
-
-
-NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-
-
-def _closed(schema: Any) -> Any:
-    """A copy of `schema` whose objects that name their properties take no others unless they say so, as
-    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them)."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    copy: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in NAMED_SCHEMAS and isinstance(value, dict):
-            copy[key] = {name: _closed(item) for name, item in value.items()}
-        else:
-            copy[key] = value if key in VALUE_KEYWORDS else _closed(value)
-    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
-        copy["additionalProperties"] = False
-    return copy
 
 
 def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = False) -> ToolSpec | None:
@@ -206,27 +185,12 @@ def reply_schema(spec: ToolSpec) -> dict[str, Any]:
     if not spec.required:
         schema = {"anyOf": [schema, _object("response", {"type": "string"})]}
     # Each tool's schema sits under $defs, its own references (#/$defs/X, #) pointed there.
-    schema["$defs"] = {f"tool_{i}": _rebased(tool.parameters, f"#/$defs/tool_{i}") for i, tool in enumerate(spec.tools)}
+    schema["$defs"] = {f"tool_{i}": rebased(tool.parameters, f"#/$defs/tool_{i}") for i, tool in enumerate(spec.tools)}
     return schema
 
 
 def _object(key: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": {key: schema}, "required": [key], "additionalProperties": False}
-
-
-def _rebased(schema: Any, root: str) -> Any:
-    """A copy of `schema` whose local references (`#`, `#/...`) point under `root`."""
-    if isinstance(schema, list):
-        return [_rebased(item, root) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    copy: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
-            copy[key] = root + value[1:]
-        else:
-            copy[key] = value if key in VALUE_KEYWORDS else _rebased(value, root)
-    return copy
 
 
 TEXT_REPLY = '{"response": "..."} (your answer in the string)'
