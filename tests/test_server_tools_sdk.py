@@ -4,6 +4,7 @@ port over the tiny random Llama (its context widened, as in test_server_tools)."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,3 +90,42 @@ def test_allowed_tools_takes_its_mode_and_names_what_does_not_fit(live):
         )
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == param and says in error["message"], (choice, error)
+
+
+def reads(constraint: Any, text: str) -> bool:
+    """Whether the constrained reply may be exactly `text` (a matcher fed one byte at a time)."""
+    import llguidance
+
+    from gptcli.constraints import grammar
+    from gptcli.schema_width import _bytes_tokenizer
+
+    matcher = llguidance.LLMatcher(_bytes_tokenizer(), grammar(constraint), log_level=0)
+    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+
+BASE = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}}, "required": ["a"]}
+EXTENSION = {"properties": {"b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["b"]}
+COMPOSED = [  # one object of a base and an extension, as OpenAPI's inheritance and zod's intersections write it
+    {"allOf": [{"$ref": "#/$defs/Base"}, EXTENSION], "$defs": {"Base": BASE}},
+    {"type": "object", "allOf": [BASE, EXTENSION]},
+    {**BASE, "allOf": [EXTENSION]},
+]
+
+
+def test_allof_parts_make_one_object_holding_the_properties_they_name_together(live):
+    """Each part was closed to its own properties, so a base and its extension refused each other: a 400
+    "required property 'a' is unsatisfiable" for a schema llguidance (and llama.cpp) read as it is."""
+    from gptcli.tools import tool_spec
+    from tests.test_server_tools import ask
+
+    jsonschema = pytest.importorskip("jsonschema")
+    for schema in COMPOSED:
+        tools = [{"type": "function", "function": {"name": "put", "parameters": schema}}]
+        spec = tool_spec(tools, "required", None)
+        call = '{"tool_calls": [{"name": "put", "arguments": %s}]}'
+        assert reads(spec.constraint, call % '{"a": "x", "b": 1}'), schema
+        assert not reads(spec.constraint, call % '{"a": "x", "b": 1, "c": 2}'), schema  # still closed, as a whole
+        assert not reads(spec.constraint, call % '{"a": "x"}'), schema  # each part's own rules hold
+        reply = ask(live, tools=tools, tool_choice="required").choices[0]
+        assert reply.finish_reason == "tool_calls", reply
+        jsonschema.validate(json.loads(reply.message.tool_calls[0].function.arguments), schema)

@@ -87,7 +87,7 @@ def _self_contained(probe: dict[str, Any], root: Any) -> dict[str, Any]:
 
     def target(ref: str) -> str:
         if ref not in names:
-            found = _resolve(root, ref)
+            found = resolve(root, ref)
             if found is None:
                 return ref
             names[ref] = f"ref{len(names)}"  # named before its target is copied: a recursive $ref ends here
@@ -126,11 +126,11 @@ def _open_at_brace(node: Any, root: Any, seen: set[str]) -> int:
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith("#") and ref not in seen:  # a local reference, followed once
         seen.add(ref)
-        count += _open_at_brace(_resolve(root, ref), root, seen)
+        count += _open_at_brace(resolve(root, ref), root, seen)
     return count
 
 
-def _resolve(root: Any, ref: str) -> Any:
+def resolve(root: Any, ref: str) -> Any:
     """The schema a local `$ref` points at ("#/$defs/item", a JSON pointer in a URI fragment, or "#item",
     a schema's `$anchor`), or None."""
     if ref != "#" and not ref.startswith("#/"):

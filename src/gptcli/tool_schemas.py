@@ -3,27 +3,65 @@ grammars read a schema, and its local references pointed to where the reply's sc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from gptcli.schema_width import DATA_KEYWORDS, NAMED_SCHEMAS
+from gptcli.schema_width import DATA_KEYWORDS, NAMED_SCHEMAS, resolve
 
 
 def closed(schema: Any) -> Any:
     """A copy of `schema` whose objects that name their properties take no others unless they say so, as
-    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them)."""
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
+    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them).
+
+    The parts of an `allOf` describe one object, as llama.cpp merges them: each part stays open (closed, a
+    base's properties would refuse an extension's), and the object they make takes the properties they name
+    together; a part that is a local `$ref` (OpenAPI's base schema) is copied in, as the part it is."""
+    return _closed(schema, schema, part=False, copying=frozenset())
+
+
+def _closed(node: Any, root: Any, *, part: bool, copying: frozenset[str]) -> Any:
+    if isinstance(node, list):
+        return [_closed(item, root, part=False, copying=copying) for item in node]
+    if not isinstance(node, dict):
+        return node
     copy: dict[str, Any] = {}
-    for key, value in schema.items():
+    for key, value in node.items():
         if key in NAMED_SCHEMAS and isinstance(value, dict):
-            copy[key] = {name: closed(item) for name, item in value.items()}
+            copy[key] = {name: _closed(item, root, part=False, copying=copying) for name, item in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            copy[key] = [_closed(item, root, part=True, copying=seen) for item, seen in _copied(value, root, copying)]
         else:
-            copy[key] = value if key in DATA_KEYWORDS else closed(value)
-    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
-        copy["additionalProperties"] = False
+            copy[key] = value if key in DATA_KEYWORDS else _closed(value, root, part=False, copying=copying)
+    parts = list(_parts(copy))
+    if part or not any("properties" in p for p in parts):
+        return copy
+    if any("additionalProperties" in p or "patternProperties" in p for p in parts):
+        return copy
+    named = {name: {} for p in parts if isinstance(p.get("properties"), dict) for name in p["properties"]}
+    if len(parts) > 1:  # the parts' properties named here too, so that additionalProperties lets them through
+        copy["properties"] = {**named, **copy.get("properties", {})}
+    copy["additionalProperties"] = False
     return copy
+
+
+def _copied(parts: list[Any], root: Any, copying: frozenset[str]) -> Iterator[tuple[Any, frozenset[str]]]:
+    """allOf's parts, each with what a local `$ref` points at copied in (once per reference: a cycle stays
+    one), and the references copied on the way to it."""
+    for part in parts:
+        ref = part.get("$ref") if isinstance(part, dict) else None
+        target = resolve(root, ref) if isinstance(ref, str) and ref.startswith("#") and ref not in copying else None
+        if isinstance(target, dict):  # else as it is: llguidance names a reference that points at nothing
+            yield {**target, **{key: value for key, value in part.items() if key != "$ref"}}, copying | {ref}
+        else:
+            yield part, copying
+
+
+def _parts(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The schema and the allOf parts it is made of, theirs too."""
+    yield schema
+    for part in schema.get("allOf") or ():
+        if isinstance(part, dict):
+            yield from _parts(part)
 
 
 def rebased(schema: Any, root: str) -> Any:
