@@ -129,3 +129,25 @@ def test_allof_parts_make_one_object_holding_the_properties_they_name_together(l
         reply = ask(live, tools=tools, tool_choice="required").choices[0]
         assert reply.finish_reason == "tool_calls", reply
         jsonschema.validate(json.loads(reply.message.tool_calls[0].function.arguments), schema)
+
+
+def test_choices_beside_an_objects_properties_are_rules_on_that_object():
+    """{"properties": {"kind"}, "anyOf": [{"properties": {"kind": {"const": "x"}, "a"}}, ...]}: each choice was
+    closed to its own properties, which the object's closing refused in turn (a 400, 'required property ... is
+    unsatisfiable', or a choice that could never be taken); a choice without properties beside them is closed."""
+    from gptcli.tools import tool_spec
+
+    kinds = [
+        {"properties": {"kind": {"const": "x"}, "a": {"type": "string"}}, "required": ["kind", "a"]},
+        {"properties": {"kind": {"const": "y"}, "b": {"type": "integer"}}, "required": ["kind", "b"]},
+    ]
+    beside = {"type": "object", "properties": {"kind": {"enum": ["x", "y"]}}, "required": ["kind"], "anyOf": kinds}
+    whole = {"anyOf": kinds}  # no properties of its own: each choice is a whole object, closed as before
+    call = '{"tool_calls": [{"name": "f", "arguments": %s}]}'
+    wrong = ['{"kind": "x", "b": 1}', '{"kind": "x", "a": "s", "z": 1}']  # x's rule broken; a property none names
+    for schema, also_wrong in ((beside, []), (whole, ['{"kind": "y", "a": "s", "b": 1}'])):  # beside: a is named
+        spec = tool_spec([{"type": "function", "function": {"name": "f", "parameters": schema}}], "required", None)
+        for right in ('{"kind": "x", "a": "s"}', '{"kind": "y", "b": 1}'):
+            assert reads(spec.constraint, call % right), (schema, right)
+        for arguments in wrong + also_wrong:
+            assert not reads(spec.constraint, call % arguments), (schema, arguments)

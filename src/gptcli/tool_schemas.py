@@ -13,9 +13,11 @@ def closed(schema: Any) -> Any:
     """A copy of `schema` whose objects that name their properties take no others unless they say so, as
     llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them).
 
-    The parts of an `allOf` describe one object, as llama.cpp merges them: each part stays open (closed, a
-    base's properties would refuse an extension's), and the object they make takes the properties they name
-    together; a part that is a local `$ref` (OpenAPI's base schema) is copied in, as the part it is."""
+    The parts of an `allOf` describe one object, as llama.cpp merges them, and so do the choices of an
+    `anyOf` or `oneOf` beside the object's own properties: each part stays open (closed, a base's properties
+    would refuse an extension's), and the object they make takes the properties they name together; a part
+    that is a local `$ref` (OpenAPI's base schema) is copied in, as the part it is. The choices of an object
+    that names no properties of its own are whole objects, each closed."""
     return _closed(schema, schema, part=False, copying=frozenset())
 
 
@@ -28,14 +30,14 @@ def _closed(node: Any, root: Any, *, part: bool, copying: frozenset[str]) -> Any
     for key, value in node.items():
         if key in NAMED_SCHEMAS and isinstance(value, dict):
             copy[key] = {name: _closed(item, root, part=False, copying=copying) for name, item in value.items()}
-        elif key == "allOf" and isinstance(value, list):
+        elif key in _part_keys(node) and isinstance(value, list):
             copy[key] = [_closed(item, root, part=True, copying=seen) for item, seen in _copied(value, root, copying)]
         else:
             copy[key] = value if key in DATA_KEYWORDS else _closed(value, root, part=False, copying=copying)
     parts = list(_parts(copy))
     if part or not any("properties" in p for p in parts):
         return copy
-    if any("additionalProperties" in p or "patternProperties" in p for p in parts):
+    if any("patternProperties" in p or p.get("additionalProperties", False) is not False for p in parts):
         return copy
     named = {name: {} for p in parts if isinstance(p.get("properties"), dict) for name in p["properties"]}
     if len(parts) > 1:  # the parts' properties named here too, so that additionalProperties lets them through
@@ -45,7 +47,7 @@ def _closed(node: Any, root: Any, *, part: bool, copying: frozenset[str]) -> Any
 
 
 def _copied(parts: list[Any], root: Any, copying: frozenset[str]) -> Iterator[tuple[Any, frozenset[str]]]:
-    """allOf's parts, each with what a local `$ref` points at copied in (once per reference: a cycle stays
+    """An object's parts, each with what a local `$ref` points at copied in (once per reference: a cycle stays
     one), and the references copied on the way to it."""
     for part in parts:
         ref = part.get("$ref") if isinstance(part, dict) else None
@@ -56,12 +58,19 @@ def _copied(parts: list[Any], root: Any, copying: frozenset[str]) -> Iterator[tu
             yield part, copying
 
 
+def _part_keys(schema: dict[str, Any]) -> tuple[str, ...]:
+    """The keywords whose schemas are parts of this object: allOf's, and the choices beside its own properties
+    (each a rule on the same object, such as {"properties": {"kind": {"const": "x"}}, "required": ["a"]})."""
+    return ("allOf", "anyOf", "oneOf") if "properties" in schema else ("allOf",)
+
+
 def _parts(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The schema and the allOf parts it is made of, theirs too."""
+    """The schema and the parts it is made of, theirs too."""
     yield schema
-    for part in schema.get("allOf") or ():
-        if isinstance(part, dict):
-            yield from _parts(part)
+    for key in _part_keys(schema):
+        for part in schema.get(key) or ():
+            if isinstance(part, dict):
+                yield from _parts(part)
 
 
 def rebased(schema: Any, root: str) -> Any:
