@@ -151,3 +151,28 @@ def test_choices_beside_an_objects_properties_are_rules_on_that_object():
             assert reads(spec.constraint, call % right), (schema, right)
         for arguments in wrong + also_wrong:
             assert not reads(spec.constraint, call % arguments), (schema, arguments)
+
+
+def test_the_sdks_stream_helper_assembles_a_call_as_the_whole_reply_has_it(live):
+    """client.chat.completions.stream: its events fire and its final message is the non-streamed one (content
+    was "" there, from the role's chunk, and a content.delta event of "" fired before the call)."""
+    fields = {"model": "tiny-llama", "messages": ASK, "tools": TOOLS, "tool_choice": "required", "temperature": 0}
+    client = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+    whole = client.chat.completions.create(**fields, max_tokens=120).choices[0].message
+    with client.chat.completions.stream(**fields, max_tokens=120) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_completion().choices[0]
+    assert "content.delta" not in kinds and "tool_calls.function.arguments.done" in kinds, kinds
+    assert final.finish_reason == "tool_calls" and final.message.content is None is whole.content
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.tool_calls
+    ]
+
+
+def test_a_streamed_empty_text_reply_is_content_not_null():
+    """With the role's content null, an empty text reply ({"response": ""}) sends its "" before it ends."""
+    from gptcli.server.tool_replies import ToolShape
+
+    shape = ToolShape("chat", "tiny-llama")
+    deltas = [shape.chunk(role=True), *shape.text_chunks('{"response": ""}', []), *shape.finish_chunks("stop", [])]
+    assert [chunk["choices"][0]["delta"].get("content") for chunk in deltas] == [None, "", None]

@@ -23,6 +23,14 @@ class ToolShape(Shape):
         super().__post_init__()
         self._reader = ReplyReader()  # the streamed reply
 
+    def chunk(self, *, role: bool = False, **fields: Any) -> dict[str, Any]:
+        """As Shape's, but the role's chunk says content null, as OpenAI's first chunk of a call does: whether
+        the reply calls or answers is not known yet, and a client joining a call's chunks keeps content null."""
+        chunk = super().chunk(role=role, **fields)
+        if role:
+            chunk["choices"][0]["delta"]["content"] = None
+        return chunk
+
     def text_chunks(self, text: str, logprobs: list[tuple[int, TokenLogprob]]) -> list[dict[str, Any]]:
         """A text reply's text as it comes; a call's JSON is held until it is whole."""
         said = self._reader.push(text)
@@ -41,7 +49,7 @@ class ToolShape(Shape):
             finish = "tool_calls"
         elif not self._reader.is_response and reply.content:  # the raw JSON of calls cut short
             chunks.append(self.chunk(text=reply.content, logprobs=logprobs))
-        elif logprobs:
+        elif logprobs or (self._reader.is_response and not reply.content):  # unsent logprobs; an empty text's ""
             chunks.append(self.chunk(text="", logprobs=logprobs))
         return [*chunks, self.chunk(finish=finish)]
 
