@@ -218,7 +218,7 @@ def test_tool_requests_that_cannot_be_used_are_400s_naming_the_field(live):
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools.1.function.name", "names two tools"),
         ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "must be 'function'"),
         ({"tools": {"get_weather": WEATHER}}, "tools", "must be a list"),
-        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "drop one"),
+        ({"tools": TOOLS, "response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
         ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", "valid boolean"),
     ]
     for fields, param, says in cases:

@@ -33,7 +33,12 @@ def test_tokenize_counts_a_chats_tools_as_the_chat_route_writes_them(live):
     """vLLM's /tokenize takes a chat's tools: the count a client checks against the context must be the
     prompt's (the tools' system message was left out: 34 tokens counted for a 140-token prompt)."""
     plain = httpx.post(live.url + "/tokenize", json={"messages": ASK}).json()["count"]
-    for fields in ({"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": True}):
+    answer = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    for fields in (
+        {"tools": TOOLS},
+        {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": True},
+        {"tools": TOOLS, "response_format": answer},  # the answer's format, in the instructions
+    ):
         chat = httpx.post(live.v1 + "/chat/completions", json={"messages": ASK, "max_tokens": 1, **fields})
         counted = httpx.post(live.url + "/tokenize", json={"messages": ASK, **fields}).json()["count"]
         assert counted == chat.json()["usage"]["prompt_tokens"] > plain, (fields, counted, plain)
@@ -176,3 +181,51 @@ def test_a_streamed_empty_text_reply_is_content_not_null():
     shape = ToolShape("chat", "tiny-llama")
     deltas = [shape.chunk(role=True), *shape.text_chunks('{"response": ""}', []), *shape.finish_chunks("stop", [])]
     assert [chunk["choices"][0]["delta"].get("content") for chunk in deltas] == [None, "", None]
+
+
+def test_response_format_beside_tools_is_the_answers_format(live):
+    """OpenAI's Agents SDK sends tools and the final answer's response_format together (was a 400: 'a reply that
+    may call tools is JSON of its own'): a reply that calls no tool answers in the format, as `parsed`."""
+    from typing import Literal
+
+    from openai.lib._parsing._completions import type_to_response_format_param
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        city: Literal["Paris", "Rome"]
+        days: int = Field(ge=1, le=7)
+
+    client = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+    strict = [{**tool, "function": {**tool["function"], "strict": True}} for tool in TOOLS]  # as parse() wants them
+    kinds = set()
+    for seed in range(8):
+        fields = {"model": "tiny-llama", "messages": ASK, "tools": strict, "temperature": 1.0, "seed": seed}
+        choice = client.chat.completions.parse(**fields, response_format=Answer, max_tokens=120).choices[0]
+        kinds.add(choice.finish_reason)
+        if choice.finish_reason != "stop":
+            assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+            continue
+        assert isinstance(choice.message.parsed, Answer) and not choice.message.tool_calls, choice
+        sent = type_to_response_format_param(Answer)  # what parse() sent, streamed
+        chunks = client.chat.completions.create(**fields, response_format=sent, max_tokens=120, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == choice.message.content, seed
+    assert kinds == {"stop", "tool_calls"}, kinds  # both kinds of reply, over these seeds
+
+
+def test_an_answer_in_response_format_comes_back_as_it_was_written():
+    """The answer's JSON as the model wrote it (a string answer stays JSON, not its text); cut short, what it
+    wrote of it; as response_format alone returns it."""
+    from gptcli.tool_reply import ReplyReader
+
+    for raw, content in (
+        ('{"response": "yes"}', '"yes"'),  # a schema {"enum": ["yes", "no"]}: JSON, as parse() reads it
+        ('{"response": {"n": 1e5, "s": "caf\\u00e9"}}', '{"n": 1e5, "s": "caf\\u00e9"}'),
+        ('{"response": {"n": 1', '{"n": 1'),  # cut short by max_tokens
+        ('{"tool_calls": [{"na', '{"tool_calls": [{"na'),
+    ):
+        reader = ReplyReader(text=False)
+        assert "".join(reader.push(piece) for piece in raw) == ""  # nothing streams as text
+        assert reader.finish().content == content, raw
+    text = ReplyReader()
+    text.push('{"response": "yes"}')
+    assert text.finish().content == "yes"  # a text reply's text

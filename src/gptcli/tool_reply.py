@@ -28,7 +28,8 @@ class ToolReply:
     content: str | None
 
 
-RESPONSE_START = '{"response": "'  # how the constrained reply begins (constraints.JSON_OPTIONS: ", " and ": ")
+ANSWER_START = '{"response": '  # how a reply that calls no tool begins (constraints.JSON_OPTIONS: ", " and ": ")
+RESPONSE_START = ANSWER_START + '"'  # a text reply's
 # JSON string pieces that decode alone: plain characters, a simple escape, or a \u escape (a UTF-16 pair whole)
 STRING_PIECE = re.compile(
     r'[^"\\]+|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u(?![dD][89abAB])[0-9a-fA-F]{4}'
@@ -39,14 +40,15 @@ class ReplyReader:
     """Reads the constrained reply as the decoder writes it: `push` returns the text of a `response`
     as it comes, `finish` the calls, or, for a reply cut short, the text it holds (no partial call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, text: bool = True) -> None:
+        self.text = text  # a reply that calls no tool is text (else JSON of response_format's schema)
         self.raw = ""
         self._read = len(RESPONSE_START)  # where the response's string is read up to
         self._text: list[str] = []
 
     @property
     def is_response(self) -> bool:
-        return self.raw.startswith(RESPONSE_START)
+        return self.text and self.raw.startswith(RESPONSE_START)
 
     def push(self, text: str) -> str:
         """Add the reply's next text; the response's text it completes ("" for calls, or until it is known)."""
@@ -62,13 +64,17 @@ class ReplyReader:
         self._text.append(said)
         return said
 
+    @staticmethod
+    def _answer(raw: str) -> str:
+        return raw.removeprefix(ANSWER_START)
+
     def finish(self) -> ToolReply:
         try:
             reply = json.loads(self.raw)
-        except ValueError:  # cut short: the response's text so far, or the calls' raw JSON (no call is whole)
-            return ToolReply((), "".join(self._text) if self.is_response else self.raw)
-        if "response" in reply:
-            return ToolReply((), reply["response"])
+        except ValueError:  # cut short: the response's text so far, an answer's JSON so far, or the calls' raw JSON
+            return ToolReply((), "".join(self._text) if self.is_response else self._answer(self.raw))
+        if "response" in reply:  # text, or the JSON of an answer in response_format's schema, as it was written
+            return ToolReply((), reply["response"] if self.is_response else self._answer(self.raw[:-1]))
         calls = tuple(
             ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], json.dumps(call["arguments"], ensure_ascii=False))
             for call in reply["tool_calls"]
@@ -84,9 +90,9 @@ def openai_calls(reply: ToolReply) -> list[dict[str, Any]]:
     ]
 
 
-def read_reply(text: str) -> ToolReply:
-    """A whole reply's calls, or its text."""
-    reader = ReplyReader()
+def read_reply(text: str, *, text_replies: bool = True) -> ToolReply:
+    """A whole reply's calls, or its text (`text_replies` false: the JSON of response_format's answer)."""
+    reader = ReplyReader(text=text_replies)
     reader.push(text)
     return reader.finish()
 

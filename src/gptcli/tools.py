@@ -3,8 +3,9 @@
 The model is told the tools and how to answer in a system message (a chat template that reads `tools` writes
 them itself), and its reply is constrained to JSON (gptcli.constraints): `{"tool_calls": [{"name", "arguments"},
 ...]}`, each call's arguments fitting that tool's `parameters` schema, or, when the choice is "auto",
-`{"response": "<text>"}` (gptcli.tool_reply reads it back). Conversations that hold calls and their results
-are written for the template: as they are where it reads `tools`, else as text any model can read.
+`{"response": "<text>"}` (with a response_format, `{"response": <JSON of its schema>}`; gptcli.tool_reply
+reads it back). Conversations that hold calls and their results are written for the template: as they are
+where it reads `tools`, else as text any model can read.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ToolSpec:
     parallel: bool  # several calls in one reply
     native: bool = False  # the chat template writes the tools itself
     constraint: OutputConstraint | None = None  # on the reply's JSON (reply_schema)
+    answer: dict[str, Any] | None = None  # the JSON Schema a text reply's answer fits (response_format's); None: text
 
     @property
     def named(self) -> str | None:
@@ -107,8 +109,11 @@ def _parameters(schema: Any, where: str) -> dict[str, Any]:
     return schema
 
 
-def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = False) -> ToolSpec | None:
-    """The tools a reply may call, checked, with the constraint on its JSON; None when it calls none."""
+def tool_spec(
+    tools: Any, choice: Any, parallel: bool | None, *, native: bool = False, answer: dict[str, Any] | None = None
+) -> ToolSpec | None:
+    """The tools a reply may call, checked, with the constraint on its JSON; None when it calls none. `answer`:
+    the JSON Schema a reply that calls none answers in (response_format's), else text."""
     listed = parse_tools(tools)
     if choice is None:
         choice = "auto"
@@ -126,7 +131,7 @@ def tool_spec(tools: Any, choice: Any, parallel: bool | None, *, native: bool = 
     if not listed:
         raise ToolError("tool_choice: 'required' needs tools to call; list them in tools", "tool_choice")
     # One call a reply unless asked for more: llama-server's default; a small model allowed several repeats one.
-    spec = ToolSpec(tuple(listed), choice != "auto", bool(parallel), native)
+    spec = ToolSpec(tuple(listed), choice != "auto", bool(parallel), native, answer=answer)
     try:
         constraint = schema_constraint(reply_schema(spec), "tools")
     except ConfigError as exc:
@@ -182,10 +187,13 @@ def reply_schema(spec: ToolSpec) -> dict[str, Any]:
     items = calls[0] if len(calls) == 1 else {"anyOf": calls}
     array = {"type": "array", "items": items, "minItems": 1, **({} if spec.parallel else {"maxItems": 1})}
     schema: dict[str, Any] = _object("tool_calls", array)
+    defs = {f"tool_{i}": tool.parameters for i, tool in enumerate(spec.tools)}
     if not spec.required:
-        schema = {"anyOf": [schema, _object("response", {"type": "string"})]}
-    # Each tool's schema sits under $defs, its own references (#/$defs/X, #) pointed there.
-    schema["$defs"] = {f"tool_{i}": rebased(tool.parameters, f"#/$defs/tool_{i}") for i, tool in enumerate(spec.tools)}
+        answer = {"type": "string"} if spec.answer is None else {"$ref": "#/$defs/answer"}
+        schema = {"anyOf": [schema, _object("response", answer)]}
+        defs.update({} if spec.answer is None else {"answer": spec.answer})
+    # Each tool's schema (and the answer's) sits under $defs, its own references (#/$defs/X, #) pointed there.
+    schema["$defs"] = {name: rebased(part, f"#/$defs/{name}") for name, part in defs.items()}
     return schema
 
 
@@ -194,6 +202,7 @@ def _object(key: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 TEXT_REPLY = '{"response": "..."} (your answer in the string)'
+ANSWER_REPLY = '{"response": <your answer>}, your answer JSON of this JSON Schema: '
 SEVERAL = " (a call per item: several only when the request needs several)"
 
 
@@ -207,7 +216,8 @@ def instructions(spec: ToolSpec) -> str:
     elif spec.required:
         answer = f"Call {'one or more tools' if spec.parallel else 'one tool'}. Reply with JSON only: {calls}"
     else:
-        answer = f"Reply with JSON only: to call tools, {calls}; to answer the user directly, {TEXT_REPLY}"
+        text = TEXT_REPLY if spec.answer is None else ANSWER_REPLY + json.dumps(spec.answer, ensure_ascii=False)
+        answer = f"Reply with JSON only: to call tools, {calls}; to answer the user directly, {text}"
     if spec.native:
         return answer
     listed = "\n".join(

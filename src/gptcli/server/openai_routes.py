@@ -57,7 +57,10 @@ async def chat_completions(request: Request) -> Response:
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
     ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
-    shape = (Shape if tools is None else ToolShape)("chat", state.model_name, tokenizer=state.tokenizer)
+    if tools is None:
+        shape = Shape("chat", state.model_name, tokenizer=state.tokenizer)
+    else:
+        shape = ToolShape("chat", state.model_name, tokenizer=state.tokenizer, text_replies=tools.answer is None)
     return await respond(request, state, body, [ids], [shape])
 
 

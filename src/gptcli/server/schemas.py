@@ -24,7 +24,7 @@ from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
-from gptcli.tools import BESIDE_FORMAT, ToolSpec, call_fields, tool_spec
+from gptcli.tools import ToolSpec, call_fields, tool_spec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
@@ -119,6 +119,13 @@ class ResponseFormat(BaseModel):
             return constraints.response_format(self.model_dump(by_alias=True), "response_format")
         except ResponseFormatError as exc:
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON Schema of a JSON format (json_object's: any object; a schema `true`: any JSON); None: text."""
+        constraint = self.constraint()
+        if constraint is None:
+            return None
+        return json.loads(constraint.source) if constraint.kind == "json_schema" else {}
 
 
 class SamplingRequest(BaseModel):
@@ -286,21 +293,29 @@ class ChatMessage(BaseModel):
 
 
 class ToolFields(BaseModel):
-    """The tools a chat's reply may call: chat completions, and /tokenize counting the prompt they are part of."""
+    """The tools a chat's reply may call: chat completions, and /tokenize counting the prompt they are part of.
+    With a JSON response_format, a reply that calls none answers in its schema (OpenAI's Agents SDK sends both:
+    the tools, and the format of the final answer)."""
 
     model_config = REQUEST_MODEL
     # Checked by gptcli.tools (tool_spec), which names the field that does not fit.
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     _tools: ToolSpec | None = PrivateAttr(None)
 
     def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
         """The tools the reply may call (checked once: a 400 naming the field); None: a text reply."""
         if self._tools is None and (self.tools is not None or self.tool_choice is not None):
+            answer = self.response_format.schema() if self.response_format is not None else None
             try:
                 self._tools = tool_spec(
-                    self.tools, self.tool_choice, self.parallel_tool_calls, native=tokenizer.supports_tools
+                    self.tools,
+                    self.tool_choice,
+                    self.parallel_tool_calls,
+                    native=tokenizer.supports_tools,
+                    answer=answer,
                 )
             except ToolError as exc:
                 raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
@@ -321,12 +336,6 @@ class ChatRequest(SamplingRequest, ToolFields):
         if value in (None, "auto", "none"):
             return value
         raise ValueError("functions and function_call are not supported (only ignored): use tools and tool_choice")
-
-    def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
-        spec = super().tool_spec(tokenizer)
-        if spec is not None and self.response_format is not None and self.response_format.type != "text":
-            raise APIError(400, BESIDE_FORMAT, param="response_format", code="invalid_value")
-        return spec
 
     def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
         params = super().sampling(defaults, vocab_size)

@@ -3,8 +3,8 @@
 A client that counts tokens before it sends (to fit a context, to price a prompt) asks the server that
 will read them. Both peers' request fields are taken: vLLM's `prompt` / `messages` and
 `add_special_tokens` (default true), llama.cpp's `content`, `add_special` (default false) and
-`with_pieces`. The answer carries both peers' fields too. A chat's `tools` (with `tool_choice` and
-`parallel_tool_calls`) count as the chat route writes them into the prompt.
+`with_pieces`. The answer carries both peers' fields too. A chat's `tools` (with `tool_choice`,
+`parallel_tool_calls` and `response_format`) count as the chat route writes them into the prompt.
 """
 
 from __future__ import annotations

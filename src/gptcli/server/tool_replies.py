@@ -18,10 +18,11 @@ class ToolShape(Shape):
     calls: no partial call is presented as one)."""
 
     constraint_param: str = "tools"
+    text_replies: bool = True  # a reply that calls no tool is text (else JSON: response_format's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._reader = ReplyReader()  # the streamed reply
+        self._reader = ReplyReader(text=self.text_replies)  # the streamed reply
 
     def chunk(self, *, role: bool = False, **fields: Any) -> dict[str, Any]:
         """As Shape's, but the role's chunk says content null, as OpenAI's first chunk of a call does: whether
@@ -47,7 +48,7 @@ class ToolShape(Shape):
                 arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
                 chunks += [self._calls_chunk(named, logprobs if index == 0 else None), self._calls_chunk(arguments)]
             finish = "tool_calls"
-        elif not self._reader.is_response and reply.content:  # the raw JSON of calls cut short
+        elif not self._reader.is_response and reply.content:  # an answer's JSON, or the raw JSON of calls cut short
             chunks.append(self.chunk(text=reply.content, logprobs=logprobs))
         elif logprobs or (self._reader.is_response and not reply.content):  # unsent logprobs; an empty text's ""
             chunks.append(self.chunk(text="", logprobs=logprobs))
@@ -60,7 +61,7 @@ class ToolShape(Shape):
 
     def choice(self, finished: Finished, finish: str, *, with_logprobs: bool = False) -> dict[str, Any]:
         whole = super().choice(finished, finish, with_logprobs=with_logprobs)
-        reply = read_reply(finished.text)
+        reply = read_reply(finished.text, text_replies=self.text_replies)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.calls:
             message["tool_calls"] = openai_calls(reply)
