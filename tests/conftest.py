@@ -235,3 +235,14 @@ def run_cli(
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
+
+
+def reads(constraint, text: str) -> bool:
+    """Whether a constrained reply may be exactly `text` (a matcher fed one byte at a time)."""
+    import llguidance
+
+    from gptcli.constraints import grammar
+    from gptcli.schema_width import _bytes_tokenizer
+
+    matcher = llguidance.LLMatcher(_bytes_tokenizer(), grammar(constraint), log_level=0)
+    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import reads
 from tests.test_server_tools import ASK, TOOLS, widened
 
 openai = pytest.importorskip("openai")
@@ -95,17 +96,6 @@ def test_allowed_tools_takes_its_mode_and_names_what_does_not_fit(live):
         )
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == param and says in error["message"], (choice, error)
-
-
-def reads(constraint: Any, text: str) -> bool:
-    """Whether the constrained reply may be exactly `text` (a matcher fed one byte at a time)."""
-    import llguidance
-
-    from gptcli.constraints import grammar
-    from gptcli.schema_width import _bytes_tokenizer
-
-    matcher = llguidance.LLMatcher(_bytes_tokenizer(), grammar(constraint), log_level=0)
-    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
 
 
 BASE = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}}, "required": ["a"]}
@@ -229,3 +219,30 @@ def test_an_answer_in_response_format_comes_back_as_it_was_written():
     text = ReplyReader()
     text.push('{"response": "yes"}')
     assert text.finish().content == "yes"  # a text reply's text
+
+
+def test_a_pydantic_tool_with_formats_llguidance_does_not_know_is_called(live):
+    """openai.pydantic_function_tool of a model with a Path, bytes and a SecretStr (formats "path", "binary",
+    "password": a 400, 'Unknown format: path'); the formats are annotations, each value a string."""
+    from pathlib import Path
+
+    from pydantic import BaseModel, SecretStr
+
+    from tests.test_server_tools import ask
+
+    class Save(BaseModel):
+        path: Path
+        data: bytes
+        key: SecretStr
+
+    tool = openai.pydantic_function_tool(Save)
+    schema = tool["function"]["parameters"]
+    assert [schema["properties"][name]["format"] for name in ("path", "data", "key")] == ["path", "binary", "password"]
+    for value in schema["properties"].values():
+        value["maxLength"] = 8  # so that the random model's strings end
+    reply = ask(live, tools=[tool], tool_choice="required").choices[0]
+    assert reply.finish_reason == "tool_calls", reply
+    arguments = json.loads(reply.message.tool_calls[0].function.arguments)
+    Save.model_validate(arguments)
+    answer = ask(live, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    Save.model_validate_json(answer.choices[0].message.content)  # a response_format of it too

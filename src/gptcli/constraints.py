@@ -180,8 +180,9 @@ def grammar(constraint: OutputConstraint) -> str:
         return llguidance.LLMatcher.grammar_from_regex(constraint.source)
     if constraint.kind == "json":
         return llguidance.LLMatcher.grammar_from_json_schema("{}", defaults=JSON_OPTIONS)
-    if constraint.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(constraint.source, defaults=JSON_OPTIONS)
+    if constraint.kind == "json_schema":  # a `format` it does not implement is an annotation: not enforced
+        source = json.dumps(schema_width.enforced_formats(json.loads(constraint.source)))
+        return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
     raise ConfigError(f"unknown structured output kind '{constraint.kind}'", hint="use json, json_schema or regex")
 
 
@@ -211,7 +212,8 @@ def wide_object(constraint: OutputConstraint) -> str:
     """Why an object nested anywhere in a JSON Schema cannot be opened (too many optional properties), or ""."""
     if constraint.kind != "json_schema":
         return ""
-    found = schema_width.first_too_wide(json.loads(constraint.source), JSON_OPTIONS)
+    schema = schema_width.enforced_formats(json.loads(constraint.source))
+    found = schema_width.first_too_wide(schema, JSON_OPTIONS)
     if found is None:
         return ""
     items, limit, pointer = found

@@ -11,6 +11,8 @@ meet. Past a required property the next run of optional ones opens a row of its 
 probed as an object of its own; choices (anyOf, oneOf, allOf) whose objects open many properties at
 one `{` together are probed whole, each local `$ref` it holds copied into its own `$defs` (wherever the
 reference points: `#/$defs/...` or `#/parts/a`). A probe that still cannot compile alone is skipped.
+
+And the `format`s llguidance does not implement ("Unknown format: path"), dropped before it compiles a schema.
 """
 
 from __future__ import annotations
@@ -30,12 +32,36 @@ WIDE = 100  # properties in one run before it is worth a probe (a probe of 1,000
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "type", "pattern", "format"})
 CHOICES = ("anyOf", "oneOf", "allOf")
 NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+# The string formats llguidance enforces (1.9: any other is "Unknown format: X"). In JSON Schema 2020-12 a
+# `format` is an annotation unless a validator implements it: pydantic writes "path", "binary", "password",
+# OpenAPI "int32", so another one is dropped (the value is then any string, or number, of its schema).
+ENFORCED_FORMATS = frozenset(
+    {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid", "unknown"}
+)
 
 
 def too_wide(message: str) -> tuple[str, str] | None:
     """The (items, limit) of llguidance's "Current row has N items; max is M", or None for another message."""
     row = TOO_WIDE.search(message)
     return (row.group(1), row.group(2)) if row else None
+
+
+def enforced_formats(schema: Any, named: bool = False) -> Any:
+    """A copy of `schema` without the `format`s llguidance does not enforce (annotations: see ENFORCED_FORMATS);
+    the one form of a schema that llguidance compiles (constraints.grammar) and probes (first_too_wide) read."""
+    if isinstance(schema, list):
+        return [enforced_formats(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy: dict[str, Any] = {}
+    for key, value in schema.items():
+        if named:  # {name: schema}: a property may be named "format"
+            copy[key] = enforced_formats(value)
+        elif key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS:
+            continue
+        else:
+            copy[key] = value if key in DATA_KEYWORDS else enforced_formats(value, named=key in NAMED_SCHEMAS)
+    return copy
 
 
 def first_too_wide(schema: Any, options: dict[str, Any]) -> tuple[str, str, str] | None:
