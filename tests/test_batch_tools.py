@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import pytest
 
 from gptcli.batch_requests import parse_request
@@ -97,7 +98,7 @@ def test_a_lines_calls_are_the_servers_for_the_same_request_here_and_through_url
         ({"messages": ASK, "tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name:"),
         ({"messages": ASK, "tools": TOOLS, "tool_choice": "always"}, "tool_choice: must be none, auto, required"),
         ({"messages": ASK, "tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls: must be true or"),
-        ({"messages": ASK, "tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format: a reply"),
+        ({"messages": ASK, "tools": TOOLS, "response_format": {"type": "json"}}, "the line's `response_format`.type:"),
         ({"messages": ASK, "tools": TOOLS, "stop": ["."]}, "`stop` does not go with structured output"),
         ({"messages": [{**ASK[0], "tool_calls": CALLED["tool_calls"]}]}, "messages.0.tool_calls: only an assistant"),
         (
@@ -129,3 +130,39 @@ def test_a_servers_calls_are_read_back_however_they_are_split():
     ]
     assert reply.content is None
     assert StreamedCalls().finished(Finished("stop", NO_STATS, "Hello", ())).reply.content == "Hello"
+
+
+ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+FORMATTED = [  # OpenAI's Agents SDK sends tools with the final answer's format: a reply that calls none answers in it
+    {
+        "id": f"{seed}-{kind}",
+        "messages": ASK,
+        "tools": TOOLS,
+        "response_format": rf,
+        "temperature": 1.0,
+        "seed": seed,
+        "max_tokens": 60,
+    }
+    for seed in range(6)
+    for kind, rf in (
+        ("schema", {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}),
+        ("object", {"type": "json_object"}),
+    )
+]
+
+
+def test_a_lines_response_format_beside_tools_is_the_answers_format_as_the_servers(live):
+    """It was the line's error ('a reply that may call tools is JSON of its own') though the server takes both."""
+    _, server = live
+    here = run_lines(live, FORMATTED, remote=False)
+    there = run_lines(live, FORMATTED, remote=True)
+    for line, mine, theirs in zip(FORMATTED, here, there, strict=True):
+        body = {key: value for key, value in line.items() if key != "id"}
+        reply = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60).json()["choices"][0]
+        message = reply["message"]
+        served = {"text": message["content"], "finish_reason": reply["finish_reason"], **message}
+        assert answer(mine) == answer(theirs) == answer(served), line["id"]
+    answered = [(line, r["text"]) for line, r in zip(FORMATTED, here, strict=True) if r["finish_reason"] == "stop"]
+    assert {line["id"].split("-")[1] for line, _ in answered} == {"schema", "object"}, here  # both, over these seeds
+    for line, text in answered:  # the answer's JSON, as the model wrote it
+        jsonschema.validate(json.loads(text), ANSWER if line["id"].endswith("schema") else {"type": "object"})

@@ -5,8 +5,9 @@ A request line is an object with `prompt` (text) or `messages` (chat messages), 
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
 `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
 `seed`, `stop`); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
-(gptcli.tools, as the server takes them), and its result then holds the reply's `tool_calls`. A line that
-cannot be run (bad JSON, unknown keys, a prompt over the context) becomes an error result for that line.
+(gptcli.tools, as the server takes them; a JSON `response_format` is then the format of a reply that calls
+none), and its result then holds the reply's `tool_calls`. A line that cannot be run (bad JSON, unknown keys,
+a prompt over the context) becomes an error result for that line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gptcli.jsonl import MAX_LINE_BYTES, parse_line
 from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
-from gptcli.tools import BESIDE_FORMAT, ToolSpec, call_fields, chat_prompt, tool_spec
+from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool_spec
 
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
@@ -42,7 +43,8 @@ class BatchRequest:
     text: str | None = None  # run on a server: a `raw` prompt, sent to /v1/completions as is
     error: str | None = None
     numbered: bool = False  # the line has no `id`: its id is its line number
-    tools: dict[str, Any] | None = None  # the line's TOOL_KEYS, where its reply may call tools (sent to a server)
+    tools: dict[str, Any] | None = None  # the line's TOOL_KEYS (and response_format), where its reply may call tools
+    text_replies: bool = True  # a reply that calls no tool is text (else the JSON of its response_format's schema)
 
 
 def _checked_messages(messages: Any) -> Messages:
@@ -67,9 +69,9 @@ def _encode_messages(tokenizer: Tokenizer, messages: Any, tools: ToolSpec | None
     return chat_prompt(tokenizer, _checked_messages(messages), tools).ids
 
 
-def _line_tools(data: dict, tokenizer: Tokenizer | None, formatted: bool) -> ToolSpec | None:
+def _line_tools(data: dict, tokenizer: Tokenizer | None, answer: dict[str, Any] | None) -> ToolSpec | None:
     """The tools the line's reply may call, checked as the server checks them; None: a text reply.
-    `formatted`: the line's own `response_format` asks for JSON."""
+    `answer`: the JSON Schema of the line's own `response_format`, which a reply that calls none answers in."""
     if not any(key in data for key in TOOL_KEYS):
         return None
     if "messages" not in data:
@@ -78,10 +80,7 @@ def _line_tools(data: dict, tokenizer: Tokenizer | None, formatted: bool) -> Too
     if not isinstance(parallel, (bool, type(None))):
         raise ToolError("parallel_tool_calls: must be true or false", "parallel_tool_calls")
     native = tokenizer is not None and tokenizer.supports_tools
-    spec = tool_spec(data.get("tools"), data.get("tool_choice"), parallel, native=native)
-    if spec is not None and formatted:
-        raise ToolError(BESIDE_FORMAT, "response_format")
-    return spec
+    return tool_spec(data.get("tools"), data.get("tool_choice"), parallel, native=native, answer=answer)
 
 
 def parse_request(
@@ -109,15 +108,15 @@ def parse_request(
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
         line_settings = with_sampling(settings, "the line", **changes) if changes else settings
-        formatted = False
+        answer = None
         if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
             constraint = response_format(data["response_format"], "the line's `response_format`")
-            formatted = constraint is not None
+            answer = answer_schema(constraint)
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")
-        # The reply's JSON, constrained here (a server constrains it itself: only the tools are sent)
-        if (tools := _line_tools(data, tokenizer, formatted)) is not None:
+        # The reply's JSON, constrained here (a server constrains it itself: the tools and the format are sent)
+        if (tools := _line_tools(data, tokenizer, answer)) is not None:
             constraint = tools.constraint if tokenizer is not None else None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
         stop = "stop" in data and any(line_settings.sampling.stop)
@@ -125,10 +124,12 @@ def parse_request(
             raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         _check_prompt_options(data)
-        sent = {key: data[key] for key in TOOL_KEYS if key in data} if tools is not None else None
+        sent = {key: data[key] for key in (*TOOL_KEYS, "response_format") if key in data}
+        sent = sent if tools is not None else None
+        shape = {"numbered": numbered, "tools": sent, "text_replies": tools is None or tools.answer is None}
         if tokenizer is None:
             send = _to_send(data, system)
-            return BatchRequest(number, line_id, settings=line_settings, numbered=numbered, tools=sent, **send)
+            return BatchRequest(number, line_id, settings=line_settings, **shape, **send)
         if "messages" in data:
             ids = _encode_messages(tokenizer, data["messages"], tools)
             if len(ids) >= context_length:
@@ -144,7 +145,7 @@ def parse_request(
                 system=system,
                 raw=data.get("raw", False),
             ).ids
-        return BatchRequest(number, line_id, ids, line_settings, numbered=numbered, tools=sent)
+        return BatchRequest(number, line_id, ids, line_settings, **shape)
     except (InputError, ConfigError) as exc:
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
@@ -179,7 +180,7 @@ def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
     record: dict[str, Any] = {"id": request.id, "text": finished.text}
     finish = FINISH_NAMES.get(finished.reason, finished.reason)
     if request.tools is not None:  # as the server's message: its calls (text null), or its text
-        reply = reply_of(finished)
+        reply = reply_of(finished, text_replies=request.text_replies)
         record["text"] = reply.content
         if reply.calls:
             record["tool_calls"], finish = openai_calls(reply), "tool_calls"

@@ -104,9 +104,12 @@ class CallsFinished(Finished):
     reply: ToolReply = ToolReply((), None)
 
 
-def reply_of(finished: Finished) -> ToolReply:
-    """The calls or text of a reply that may call tools: as a server read it, or read here from its JSON."""
-    return finished.reply if isinstance(finished, CallsFinished) else read_reply(finished.text)
+def reply_of(finished: Finished, *, text_replies: bool = True) -> ToolReply:
+    """The calls or text of a reply that may call tools: as a server read it, or read here from its JSON
+    (`text_replies` false: a reply that calls none is the JSON of response_format's answer)."""
+    if isinstance(finished, CallsFinished):
+        return finished.reply
+    return read_reply(finished.text, text_replies=text_replies)
 
 
 class StreamedCalls:

@@ -29,7 +29,6 @@ CHOICE_SHAPE = (
     ' {"type": "allowed_tools", "allowed_tools": {"mode": "auto" or "required", "tools": [...]}}'
 )
 ALLOWED_SHAPE = '{"type": "function", "function": {"name": "<a tool\'s name>"}}'
-BESIDE_FORMAT = "response_format: a reply that may call tools is JSON of its own; drop one of them"
 TOOL_SHAPE = '{"type": "function", "function": {"name", "description", "parameters"}}'
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -107,6 +106,14 @@ def _parameters(schema: Any, where: str) -> dict[str, Any]:
     except ConfigError as exc:
         raise ToolError(exc.message, where, hint=exc.hint) from None
     return schema
+
+
+def answer_schema(constraint: OutputConstraint | None) -> dict[str, Any] | None:
+    """The JSON Schema a reply that calls no tool answers in, for a `response_format`'s constraint (json_object's:
+    any object; a schema `true`: any JSON, `{}`); None: text (type text, or no response_format)."""
+    if constraint is None:
+        return None
+    return json.loads(constraint.source) if constraint.kind == "json_schema" else {}
 
 
 def tool_spec(

@@ -24,7 +24,7 @@ from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
-from gptcli.tools import ToolSpec, call_fields, tool_spec
+from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
@@ -121,11 +121,8 @@ class ResponseFormat(BaseModel):
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
     def schema(self) -> dict[str, Any] | None:
-        """The JSON Schema of a JSON format (json_object's: any object; a schema `true`: any JSON); None: text."""
-        constraint = self.constraint()
-        if constraint is None:
-            return None
-        return json.loads(constraint.source) if constraint.kind == "json_schema" else {}
+        """The JSON Schema a reply that calls no tool answers in (tools.answer_schema); None: text."""
+        return answer_schema(self.constraint())
 
 
 class SamplingRequest(BaseModel):
