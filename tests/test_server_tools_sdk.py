@@ -246,3 +246,32 @@ def test_a_pydantic_tool_with_formats_llguidance_does_not_know_is_called(live):
     Save.model_validate(arguments)
     answer = ask(live, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
     Save.model_validate_json(answer.choices[0].message.content)  # a response_format of it too
+
+
+def test_a_property_named_like_a_keyword_keeps_its_reference():
+    """pydantic's field `type: Kind` (an Enum) is {"$ref": "#/$defs/Kind"} under properties.type: that schema was
+    taken for the keyword's data, its reference not pointed under the reply's $defs (a 400, "Pointer '/$defs/Kind'
+    does not exist"), in a tool's parameters and in a response_format beside tools alike."""
+    from enum import Enum
+
+    from pydantic import BaseModel
+
+    from gptcli.tools import tool_spec
+
+    class Kind(str, Enum):
+        a = "a"
+        b = "b"
+
+    class Item(BaseModel):
+        type: Kind
+        format: Kind
+
+    tool = openai.pydantic_function_tool(Item)
+    assert tool["function"]["parameters"]["properties"]["type"] == {"$ref": "#/$defs/Kind"}
+    call = '{"tool_calls": [{"name": "Item", "arguments": %s}]}'
+    spec = tool_spec([tool], "required", None)
+    assert reads(spec.constraint, call % '{"type": "a", "format": "b"}')
+    assert not reads(spec.constraint, call % '{"type": "c", "format": "b"}')
+    answered = tool_spec(TOOLS, "auto", None, answer=tool["function"]["parameters"])
+    assert reads(answered.constraint, '{"response": {"type": "b", "format": "a"}}')
+    assert not reads(answered.constraint, '{"response": {"type": "b", "format": "z"}}')

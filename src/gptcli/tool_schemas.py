@@ -73,16 +73,18 @@ def _parts(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield from _parts(part)
 
 
-def rebased(schema: Any, root: str) -> Any:
+def rebased(schema: Any, root: str, named: bool = False) -> Any:
     """A copy of `schema` whose local references (`#`, `#/...`) point under `root`."""
     if isinstance(schema, list):
         return [rebased(item, root) for item in schema]
     if not isinstance(schema, dict):
         return schema
+    if named:  # {name: schema}: a property may be named "type" or "format"
+        return {name: rebased(item, root) for name, item in schema.items()}
     copy: dict[str, Any] = {}
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
             copy[key] = root + value[1:]
         else:
-            copy[key] = value if key in DATA_KEYWORDS else rebased(value, root)
+            copy[key] = value if key in DATA_KEYWORDS else rebased(value, root, named=key in NAMED_SCHEMAS)
     return copy
