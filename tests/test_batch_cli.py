@@ -38,6 +38,23 @@ def test_batch_file_results_match_single_generations(tiny_models, tmp_path):
         assert records[[0, 2, 3, 4][i]]["finish_reason"] == alone["finish_reason"]
 
 
+def test_a_batch_whose_every_line_failed_exits_6_with_its_error_results(tiny_models, tmp_path):
+    """One line that cannot run fails as `gptcli generate` does with that prompt (exit 6), its result written;
+    one line that ran is enough for exit 0."""
+    batch, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    batch.write_text('{oops\n{"id": "b", "prompt": "x", "temperature": -1}\n')
+    args = ["-m", str(tiny_models["llama"]), "-n", "2", "--batch", str(batch), "-o", str(out)]
+    result = run_cli("generate", *args)
+    assert result.returncode == 6, result.stderr.decode()
+    err = result.stderr.decode()
+    assert "0 done, 2 failed" in err
+    assert f"error: every line that ran failed (2): each error is its result in {out}" in err
+    assert [("error" in json.loads(line)) for line in out.read_text().splitlines()] == [True, True]
+    batch.write_text('{oops\n{"id": "c", "prompt": "x"}\n')
+    out.unlink()
+    assert run_cli("generate", *args).returncode == 0
+
+
 def test_batch_misuse_is_a_usage_error(tiny_models, tmp_path):
     batch = tmp_path / "in.jsonl"
     batch.write_text('{"prompt": "hi"}\n')

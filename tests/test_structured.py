@@ -455,7 +455,7 @@ def test_a_batch_lines_response_format_follows_the_same_shape(tiny_models, tmp_p
     rows.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     run = run_cli("generate", "--batch", str(rows), "-m", str(tiny_models["llama"]), "-n", "4", "-o", str(out))
-    assert run.returncode == 0, run.stderr.decode()
+    assert run.returncode == 6, run.stderr.decode()  # every line failed, each with its own error result
     got = [json.loads(text)["error"]["message"] for text in out.read_text(encoding="utf-8").splitlines()]
     expected = [param.replace("response_format", "the line's `response_format`", 1) for _, param in MISMATCHED_FORMATS]
     assert [message.split(": ")[0] for message in got] == expected, got

@@ -94,6 +94,12 @@ def run_batch_file(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.failed and not summary.ok:  # as `gptcli generate` fails on the one prompt a one-line batch holds
+        where = f"in {output}" if output else "on stdout"
+        raise InputError(
+            f"every line that ran failed ({summary.failed}): each error is its result {where}",
+            hint="fix those lines, then run them again",
+        )
 
 
 def _stdin_bytes() -> IO[bytes]:
