@@ -99,7 +99,7 @@ def test_a_lines_calls_are_the_servers_for_the_same_request_here_and_through_url
         ({"messages": ASK, "tools": TOOLS, "tool_choice": "always"}, "tool_choice: must be none, auto, required"),
         ({"messages": ASK, "tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls: must be true or"),
         ({"messages": ASK, "tools": TOOLS, "response_format": {"type": "json"}}, "the line's `response_format`.type:"),
-        ({"messages": ASK, "tools": TOOLS, "stop": ["."]}, "`stop` does not go with structured output"),
+        ({"messages": ASK, "tools": TOOLS, "stop": ["."]}, "`stop` does not go with `tools`"),
         ({"messages": [{**ASK[0], "tool_calls": CALLED["tool_calls"]}]}, "messages.0.tool_calls: only an assistant"),
         (
             {"messages": [*ASK, {**CALLED, "tool_calls": [{"function": {"arguments": "{}"}}]}], "tools": TOOLS},

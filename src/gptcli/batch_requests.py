@@ -120,7 +120,9 @@ def parse_request(
             constraint = tools.constraint if tokenizer is not None else None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
         stop = "stop" in data and any(line_settings.sampling.stop)
-        if stop and (line_settings.sampling.constraint is not None or tools is not None):
+        if stop and tools is not None:  # the reply is JSON, a text reply's included
+            raise InputError("`stop` does not go with `tools`: the reply is JSON and ends where its grammar does")
+        if stop and line_settings.sampling.constraint is not None:
             raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         _check_prompt_options(data)
