@@ -241,6 +241,17 @@ def test_the_reply_schema_keeps_each_tools_references_its_own():
     assert tool_spec(tools, "none", None) is None and tool_spec(None, None, None) is None
 
 
+def test_the_instructions_write_a_named_tool_as_the_json_the_reply_holds():
+    from gptcli.tools import instructions, tool_spec
+
+    name = 'say "hi" \\ now'  # a name may hold quotes and backslashes: the call to copy must still be JSON
+    spec = tool_spec([{"type": "function", "function": {"name": name}}], "required", None)
+    assert spec is not None and spec.named == name
+    assert '{"tool_calls": [{"name": "say \\"hi\\" \\\\ now", "arguments": {' in instructions(spec)
+    auto = tool_spec([{"type": "function", "function": {"name": name}}], "auto", None)
+    assert '{"tool_calls": [{"name": "<tool name>", "arguments": {' in instructions(auto)
+
+
 def test_the_reader_streams_a_responses_text_split_anywhere():
     from gptcli.tool_reply import ReplyReader
 

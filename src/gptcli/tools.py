@@ -215,8 +215,8 @@ SEVERAL = " (a call per item: several only when the request needs several)"
 
 def instructions(spec: ToolSpec) -> str:
     """The system message's text: the tools (unless the template writes them) and the JSON to answer in."""
-    name = spec.named or "<tool name>"
-    calls = f'{{"tool_calls": [{{"name": "{name}", "arguments": {{<its arguments>}}}}]}}'
+    name = json.dumps(spec.named, ensure_ascii=False) if spec.named else '"<tool name>"'  # a name's quotes escaped
+    calls = f'{{"tool_calls": [{{"name": {name}, "arguments": {{<its arguments>}}}}]}}'
     calls += SEVERAL if spec.parallel else ""
     if spec.named:
         answer = f"Call the tool {spec.named}. Reply with JSON only: {calls}"
