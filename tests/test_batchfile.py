@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import threading
 
 import pytest
@@ -134,6 +135,32 @@ def test_a_message_role_the_server_would_refuse_is_the_lines_error(model):
     line = json.dumps({"messages": [{"role": "bot", "content": "hi"}]}).encode()
     request = parse_request(1, line, tok, SETTINGS, backend.info.context_length)
     assert request.error is not None and request.error.startswith("unknown message role 'bot' (known: system,")
+
+
+def test_messages_the_chat_template_refuses_are_that_lines_error(model, tiny_models, tmp_path):
+    """A template's raise_exception (roles out of order; a `tool` result it cannot place) is a 400 in the server,
+    and the line's error here: a bad line never stops the run (it ended it: 'chat template error', exit 5). A
+    template that fails is the model's fault, and still ends the run (exit 5)."""
+    from gptcli.errors import ModelError
+    from tests.conftest import CHATML
+
+    folder = tmp_path / "strict"
+    shutil.copytree(tiny_models["llama"], folder)
+    first = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('a chat starts with the user') }}{% endif %}"
+    (folder / "chat_template.jinja").write_text(first + CHATML)
+    lines = [
+        json.dumps({"id": "bad", "messages": [{"role": "assistant", "content": "hi"}]}),
+        json.dumps({"id": "good", "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    summary, records = _run((model[0], Tokenizer(folder)), lines)
+    assert (
+        records[0]["id"] == "bad"
+        and "chat template error: a chat starts with the user" in records[0]["error"]["message"]
+    )
+    assert records[1]["id"] == "good" and "text" in records[1] and (summary.ok, summary.failed) == (1, 1)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] + 1 }}")
+    with pytest.raises(ModelError, match="the chat template fails: TypeError"):
+        _run((model[0], Tokenizer(folder)), lines)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ A request line is an object with `prompt` (text) or `messages` (chat messages), 
 `seed`, `stop`); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
 (gptcli.tools, as the server takes them; a JSON `response_format` is then the format of a reply that calls
 none), and its result then holds the reply's `tool_calls`. A line that cannot be run (bad JSON, unknown keys,
-a prompt over the context) becomes an error result for that line.
+a prompt over the context, messages its chat template refuses) becomes an error result for that line.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
 from gptcli.constraints import response_format
 from gptcli.decoding import Finished
-from gptcli.errors import ConfigError, InputError, ToolError
+from gptcli.errors import ChatTemplateRefusal, ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
 from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
 from gptcli.tokenizer import Tokenizer
@@ -148,7 +148,7 @@ def parse_request(
                 raw=data.get("raw", False),
             ).ids
         return BatchRequest(number, line_id, ids, line_settings, **shape)
-    except (InputError, ConfigError) as exc:
+    except (InputError, ConfigError, ChatTemplateRefusal) as exc:
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
 

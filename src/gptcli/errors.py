@@ -64,6 +64,11 @@ class ModelError(GptcliError):
     exit_code = EXIT_MODEL
 
 
+class ChatTemplateRefusal(ModelError):
+    """The chat template's own raise_exception: it does not take these messages (roles out of order, a tool result
+    it cannot place), where a template that fails is the model's fault; a batch line's error, a 400 in the server."""
+
+
 class InputError(GptcliError):
     """Bad user input: empty prompt, unreadable or binary file, prompt too long for the context."""
 

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import GptcliError, InputError, ModelError
+from gptcli.errors import ChatTemplateRefusal, GptcliError, InputError, ModelError
 from gptcli.textio import MiB, human_bytes, lone_surrogate, read_json_file
 
 MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json and its config: Gemma 3's 262k vocabulary is 33 MB
@@ -179,7 +179,7 @@ class Tokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
-            raise ModelError(f"{self.chat_template_file}: chat template error: {message}")
+            raise ChatTemplateRefusal(f"{self.chat_template_file}: chat template error: {message}")
 
         def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
             return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
