@@ -320,6 +320,22 @@ def test_arguments_hold_only_the_properties_a_schema_names_unless_it_says_otherw
     assert bare == {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+def test_a_required_property_the_schema_does_not_describe_stays_allowed_once_closed():
+    """JSON Schema lets a required property that `properties` does not describe take any value; closing the object
+    to its described properties made such a schema a 400 ('required property 'a' is unsatisfiable')."""
+    from gptcli.tools import tool_spec
+
+    schemas = [
+        {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["a", "b"]},
+        {"type": "object", "properties": {}, "required": ["a"]},
+        {"properties": {"b": {"type": "string"}}, "allOf": [{"required": ["a"]}]},
+    ]
+    for schema in schemas:
+        tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        (closed,) = (tool.parameters for tool in tool_spec(tools, "required", None).tools)
+        assert closed["properties"]["a"] == {} and closed["additionalProperties"] is False, closed
+
+
 # ---------------------------------------------------------------------------------------------- conversations
 
 CALLED = {

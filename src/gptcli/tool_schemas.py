@@ -11,7 +11,8 @@ from gptcli.schema_width import DATA_KEYWORDS, NAMED_SCHEMAS, resolve
 
 def closed(schema: Any) -> Any:
     """A copy of `schema` whose objects that name their properties take no others unless they say so, as
-    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them).
+    llama.cpp's grammars read a schema (JSON Schema allows any: a small model copies the schema into them); a
+    property it requires but does not describe is named too, any value (closed without it: unsatisfiable).
 
     The parts of an `allOf` describe one object, as llama.cpp merges them, and so do the choices of an
     `anyOf` or `oneOf` beside the object's own properties: each part stays open (closed, a base's properties
@@ -39,8 +40,10 @@ def _closed(node: Any, root: Any, *, part: bool, copying: frozenset[str]) -> Any
         return copy
     if any("patternProperties" in p or p.get("additionalProperties", False) is not False for p in parts):
         return copy
-    named = {name: {} for p in parts if isinstance(p.get("properties"), dict) for name in p["properties"]}
-    if len(parts) > 1:  # the parts' properties named here too, so that additionalProperties lets them through
+    named = {name: {} for p in parts for name in _named(p)}
+    if len(parts) > 1 or named.keys() - copy.get("properties", {}).keys():
+        # the parts' properties, and a required one left unnamed (any value), named here too, so that
+        # additionalProperties lets them through: closing never makes a schema unsatisfiable
         copy["properties"] = {**named, **copy.get("properties", {})}
     copy["additionalProperties"] = False
     return copy
@@ -56,6 +59,14 @@ def _copied(parts: list[Any], root: Any, copying: frozenset[str]) -> Iterator[tu
             yield {**target, **{key: value for key, value in part.items() if key != "$ref"}}, copying | {ref}
         else:
             yield part, copying
+
+
+def _named(schema: dict[str, Any]) -> list[str]:
+    """The properties a schema names: those it describes, and those it requires (a required one it does not
+    describe takes any value)."""
+    described = list(schema["properties"]) if isinstance(schema.get("properties"), dict) else []
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    return described + [name for name in required if isinstance(name, str)]
 
 
 def _part_keys(schema: dict[str, Any]) -> tuple[str, ...]:
