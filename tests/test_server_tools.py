@@ -241,6 +241,22 @@ def test_the_reply_schema_keeps_each_tools_references_its_own():
     assert tool_spec(tools, "none", None) is None and tool_spec(None, None, None) is None
 
 
+def test_a_tools_schema_with_an_id_keeps_its_references_its_own():
+    """A schema's `$id` (TypeBox, hand-written schemas) is the base its `#/...` references resolve against: under the
+    reply schema's $defs it sent them to that URI ('Pointer '/$defs/tool_0/definitions/A' does not exist', a 400)."""
+    from gptcli.tools import tool_spec
+
+    schema = {
+        "$id": "https://example.com/put.json",
+        "type": "object",
+        "properties": {"item": {"$ref": "#/definitions/A"}},
+        "definitions": {"A": {"type": "string"}},
+    }
+    spec = tool_spec([{"type": "function", "function": {"name": "put", "parameters": schema}}], "auto", None)
+    assert spec is not None and '"$ref": "#/$defs/tool_0/definitions/A"' in spec.constraint.source
+    assert spec.tools[0].parameters["$id"] == schema["$id"]  # the tool as the model is told of it keeps it
+
+
 def test_the_instructions_write_a_named_tool_as_the_json_the_reply_holds():
     from gptcli.tools import instructions, tool_spec
 

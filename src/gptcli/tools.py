@@ -199,8 +199,10 @@ def reply_schema(spec: ToolSpec) -> dict[str, Any]:
         answer = {"type": "string"} if spec.answer is None else {"$ref": "#/$defs/answer"}
         schema = {"anyOf": [schema, _object("response", answer)]}
         defs.update({} if spec.answer is None else {"answer": spec.answer})
-    # Each tool's schema (and the answer's) sits under $defs, its own references (#/$defs/X, #) pointed there.
-    schema["$defs"] = {name: rebased(part, f"#/$defs/{name}") for name, part in defs.items()}
+    # Each tool's schema (and the answer's) sits under $defs, its own references (#/$defs/X, #) pointed there; its
+    # `$id` goes, as a base URI there would resolve those references against that URI instead.
+    moved = {name: {k: v for k, v in part.items() if k != "$id"} for name, part in defs.items()}
+    schema["$defs"] = {name: rebased(part, f"#/$defs/{name}") for name, part in moved.items()}
     return schema
 
 
