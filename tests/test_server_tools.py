@@ -317,6 +317,23 @@ def test_a_template_that_reads_tools_is_given_them(tiny_models, tmp_path):
     assert "- get_weather: The forecast. Arguments: {" in listed and listed.startswith("<|im_start|>system\n")
 
 
+def test_a_chat_without_tools_gives_a_template_tools_none_as_transformers_does(tiny_models, tmp_path):
+    """Templates test `tools is not none` (transformers always passes tools, None without them): left undefined,
+    that test was true and such a template wrote its tools section, empty, into every prompt."""
+    from gptcli.tokenizer import Tokenizer
+    from gptcli.tools import chat_prompt, tool_spec
+    from tests.conftest import CHATML
+
+    native = "{% if tools is not none %}TOOLS {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    tok = Tokenizer(widened(tiny_models["llama"], tmp_path / "native", native + CHATML))
+    without = tok.decode(chat_prompt(tok, ASK, None).ids, skip_special_tokens=False)
+    assert "TOOLS" not in without and without.startswith("<|im_start|>user\n"), without
+    spec = tool_spec(TOOLS, "auto", None, native=True)
+    assert tok.decode(chat_prompt(tok, ASK, spec).ids, skip_special_tokens=False).startswith(
+        "TOOLS get_weather,get_time"
+    )
+
+
 def test_arguments_hold_only_the_properties_a_schema_names_unless_it_says_otherwise():
     from gptcli.tools import tool_spec
 
@@ -391,7 +408,8 @@ def test_a_template_that_reads_tools_gets_calls_and_results_as_they_are(tiny_mod
     native = (
         "{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.id }} {{ c.function.name }}"
         " {{ c.function.arguments | tojson }}\n{% endfor %}{% elif m.role == 'tool' %}RESULT {{ m.tool_call_id }}"
-        " {{ m.content }}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}{{ tools | length }} tools"
+        " {{ m.content }}\n{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+        "{{ (tools or []) | length }} tools"
     )
     tok = Tokenizer(widened(tiny_models["llama"], tmp_path / "native", native))
     messages = [ChatMessage(**m) for m in [*ASK, CALLED, *RESULTS]]

@@ -203,11 +203,9 @@ class Tokenizer:
             raise ModelError("this model has no chat template", hint="use --raw for plain completion")
         special = {k: _token_text(v) for k, v in self._config.items() if k.endswith("_token")}
         extra = {k: v for k, v in special.items() if v is not None}
-        if tools is not None:
-            extra["tools"] = tools
-        try:
+        try:  # `tools` always given, None without tools, as transformers renders it: `tools is not none` reads so
             return self._compiled_template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **extra
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **extra, tools=tools
             )
         except GptcliError:
             raise
