@@ -4,6 +4,7 @@ system message is longer than its 128 positions); the core's reading of a reply,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -50,15 +51,21 @@ def widened(source: Path, folder: Path, template: str | None = None) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def live(tiny_models, tmp_path_factory) -> Iterator[Any]:
+@contextlib.contextmanager
+def widened_server(tiny_models, folder: Path) -> Iterator[Any]:
+    """A server on a free loopback port over the tiny Llama, its context widened (a copy in `folder`)."""
     from gptcli.config import Settings
     from gptcli.runtime import open_runtime
     from tests.test_server import serve_runtime
 
-    folder = widened(tiny_models["llama"], tmp_path_factory.mktemp("tools") / "tiny-llama")
-    runtime = open_runtime(Settings(model=str(folder)), lambda message: None)
+    runtime = open_runtime(Settings(model=str(widened(tiny_models["llama"], folder))), lambda message: None)
     with serve_runtime(runtime, max_running=4) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def live(tiny_models, tmp_path_factory) -> Iterator[Any]:
+    with widened_server(tiny_models, tmp_path_factory.mktemp("tools") / "tiny-llama") as server:
         yield server
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import reads
-from tests.test_server_tools import ASK, TOOLS, widened
+from tests.test_server_tools import ASK, TOOLS, widened_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -20,13 +20,7 @@ pytest.importorskip("fastapi")
 
 @pytest.fixture(scope="module")
 def live(tiny_models, tmp_path_factory) -> Iterator[Any]:
-    from gptcli.config import Settings
-    from gptcli.runtime import open_runtime
-    from tests.test_server import serve_runtime
-
-    folder = widened(tiny_models["llama"], tmp_path_factory.mktemp("tools-sdk") / "tiny-llama")
-    runtime = open_runtime(Settings(model=str(folder)), lambda message: None)
-    with serve_runtime(runtime, max_running=4) as server:
+    with widened_server(tiny_models, tmp_path_factory.mktemp("tools-sdk") / "tiny-llama") as server:
         yield server
 
 
