@@ -6,9 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.backends.base import Backend, LoadOptions, blamed, chosen_name, get_backend_class, unavailable_reason
+from gptcli.backends.base import (
+    Backend,
+    LoadOptions,
+    blamed,
+    blaming,
+    chosen_name,
+    get_backend_class,
+    unavailable_reason,
+)
 from gptcli.config import Settings
-from gptcli.errors import BackendError, GptcliError, UsageError
+from gptcli.errors import BackendError, UsageError
 from gptcli.gguf_convert import Progress
 from gptcli.hardware import usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
@@ -51,16 +59,9 @@ def load_options(settings: Settings) -> LoadOptions:
 def load_backend(backend_cls: type[Backend], settings: Settings, folder: Path) -> Backend:
     """Load `folder` with the chosen backend; a plugin that raises anything but a GptcliError is a
     BackendError naming it (a built-in's own failure stays an internal error: a bug to report)."""
-    try:
-        return backend_cls.load(folder, load_options(settings))
-    except GptcliError:
-        raise
-    except Exception as exc:
-        who, hint = blamed(backend_cls)
-        if hint is None:
-            raise
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        raise BackendError(f"{who} failed to load {folder.name}: {message}", hint=hint) from None
+    with blaming(backend_cls, f"to load {folder.name}"):
+        backend = backend_cls.load(folder, load_options(settings))
+    return backend
 
 
 def open_model(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> LocalModel:

@@ -113,12 +113,12 @@ def batched_step(backend: Backend, batch: Sequence[tuple[Sequence[int], Cache]])
         raise ValueError("batched_step() needs at least one sequence")
     native = getattr(backend, "step", None)
     if native is not None:
-        with _blaming(backend, "step()"):
+        with blaming(backend, "in step()"):
             logits, caches = native(batch)
         return checked_logits(backend, logits, len(batch), "step()"), checked_caches(backend, caches, len(batch))
     rows, caches = [], []
     for ids, cache in batch:
-        with _blaming(backend, "forward()"):
+        with blaming(backend, "in forward()"):
             logits, cache = backend.forward(ids, cache)
         rows.append(checked_logits(backend, logits, None, "forward()"))
         caches.append(cache)
@@ -156,9 +156,10 @@ def checked_caches(backend: Backend, caches: Sequence[Cache], rows: int) -> list
 
 
 @contextlib.contextmanager
-def _blaming(backend: Backend, call: str) -> Iterator[None]:
-    """A plugin's own exception in `call` becomes a BackendError naming it (not 'internal error', which says
-    gptcli has a bug); a built-in's stays as it is, and so does a GptcliError (a prompt past the context)."""
+def blaming(backend: Backend | type[Backend], doing: str) -> Iterator[None]:
+    """A plugin's own exception while `doing` ("in forward()", "to load X") becomes a BackendError naming it
+    (not 'internal error', which says gptcli has a bug); a built-in's stays as it is, and so does a GptcliError
+    (a prompt past the context)."""
     try:
         yield
     except GptcliError:
@@ -168,7 +169,7 @@ def _blaming(backend: Backend, call: str) -> Iterator[None]:
         if hint is None:
             raise
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        raise BackendError(f"{who} failed in {call}: {message}", hint=hint) from None
+        raise BackendError(f"{who} failed {doing}: {message}", hint=hint) from None
 
 
 def chosen_name(backend: Backend | type[Backend]) -> str:
@@ -211,12 +212,12 @@ def score_positions(backend: Backend, ids: Sequence[int], cache: Cache) -> tuple
         raise ValueError("score_positions() needs at least one token")
     native = getattr(backend, "score", None)
     if native is not None:
-        with _blaming(backend, "score()"):
+        with blaming(backend, "in score()"):
             logits, cache = native(ids, cache)
         return checked_logits(backend, logits, len(ids), "score()"), cache
     rows = []
     for token in ids:
-        with _blaming(backend, "forward()"):
+        with blaming(backend, "in forward()"):
             logits, cache = backend.forward([token], cache)
         rows.append(checked_logits(backend, logits, None, "forward()"))
     return np.stack(rows), cache
