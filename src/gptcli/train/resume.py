@@ -121,9 +121,14 @@ def check_recorded_config(run: Path, checkpoint: Path, cfg: TrainConfig, state: 
         raise RunError(
             f"cannot resume {run}: its {ckpt.CONFIG_FILE} gives {_listed(changed, given, named=True)}, but the run"
             f" trained with {_listed(changed, trained, named=False)} ({checkpoint.name} records it)",
-            hint=f"undo that change to {run / ckpt.CONFIG_FILE}, or start a new run with it (a new --out):"
-            f" on a resume {MAY_CHANGE}",
+            hint=_undo_edit(run),
         )
+
+
+def _undo_edit(run: Path) -> str:
+    """The hint for a hand edit of the run's config that a resume refuses."""
+    config = run / ckpt.CONFIG_FILE
+    return f"undo that change to {config}, or start a new run with it (a new --out): on a resume {MAY_CHANGE}"
 
 
 def _listed(keys: list[str], values: dict[str, Any], *, named: bool) -> str:
@@ -168,8 +173,7 @@ def check_recorded_optimizer(run: Path, checkpoint: Path, cfg: TrainConfig, stat
             raise RunError(
                 f"cannot resume {run}: its {ckpt.CONFIG_FILE} gives {what}, but the run trained with {trained:g}"
                 f" ({checkpoint.name} records it)",
-                hint=f"undo that change to {run / ckpt.CONFIG_FILE}, or start a new run with it (a new --out):"
-                f" on a resume {MAY_CHANGE}",
+                hint=_undo_edit(run),
             )
 
 
