@@ -118,7 +118,8 @@ def test_stop_list_from_yaml_and_env(tmp_path):
 
 
 def test_one_engine_for_settings_and_training_config():
-    from gptcli.config import Settings, coerce_value, flatten
+    from gptcli.coercion import coerce_value
+    from gptcli.config import Settings, flatten
     from gptcli.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match=r"^f.yaml: optim -> lrr: unknown key \(did you mean 'lr'\?\)$"):

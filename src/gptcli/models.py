@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import publish_dir, remove_abandoned_in, temp_dir_beside
-from gptcli.config import DEFAULT_MODEL, suggest
+from gptcli.coercion import suggest
+from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
 from gptcli.gguf_convert import Notify, Progress, convert_gguf
 from gptcli.hf import (

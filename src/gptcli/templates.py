@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import FIELDS, Resolved, Settings, coerce, coerce_value, flatten_file, suggest
+from gptcli.coercion import coerce_value, suggest
+from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file
 from gptcli.errors import ConfigError, InputError, UsageError
 from gptcli.paths import config_dir
 from gptcli.textio import PROMPT, human_bytes, read_yaml

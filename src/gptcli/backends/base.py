@@ -351,7 +351,7 @@ def get_backend_class(name: str) -> type[Backend]:
                 f"backend '{name}' is a plugin turned off by {PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')}",
                 hint=f"add '{name}' to {PLUGINS_ENV}, or unset it",
             )
-        from gptcli.config import suggest
+        from gptcli.coercion import suggest
 
         names = sorted({s.name for s in specs if not s.conflict})
         raise BackendError(f"unknown backend '{name}'{suggest(name, names)}", hint=f"choose one of: {', '.join(names)}")

@@ -47,7 +47,7 @@ def plugin_filter_warning() -> str | None:
     unmatched = sorted(allowed - set(installed))
     if not unmatched:
         return None
-    from gptcli.config import suggest
+    from gptcli.coercion import suggest
 
     names = ", ".join(f"'{name}'{suggest(name, installed)}" for name in unmatched)
     return (

@@ -12,15 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.chat.conversation import ChatFileError, Conversation, ConversationStore, new_id, now
-from gptcli.config import (
-    FIELDS,
-    OutputConstraint,
-    SamplingConfig,
-    Settings,
-    suggest,
-    with_output,
-    with_sampling,
-)
+from gptcli.coercion import suggest
+from gptcli.config import FIELDS, OutputConstraint, SamplingConfig, Settings, with_output, with_sampling
 from gptcli.constraints import check
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate

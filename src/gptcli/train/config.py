@@ -12,7 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import MAX_THREADS, coerce_value, field_types, flatten, suggest
+from gptcli.coercion import coerce_value, suggest
+from gptcli.config import MAX_THREADS, field_types, flatten
 from gptcli.errors import ConfigError
 from gptcli.textio import read_yaml
 
