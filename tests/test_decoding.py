@@ -1,8 +1,9 @@
 import pytest
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, StopMatcher, Token, common_prefix
+from gptcli.decoding import Finished, IncrementalDetokenizer, KVSession, Token, common_prefix
 from gptcli.engine import generate
+from gptcli.stopping import StopMatcher
 from gptcli.tokenizer import Tokenizer
 from tests.scripted import ScriptedBackend
 
@@ -177,7 +178,7 @@ def test_repetition_stop_can_be_turned_off_and_spares_ordinary_text(tokenizer):
 
 
 def test_repetition_detector_finds_every_period():
-    from gptcli.decoding import RepetitionDetector
+    from gptcli.stopping import RepetitionDetector
 
     for period in (1, 2, 7, 40, 96):
         detector = RepetitionDetector()
