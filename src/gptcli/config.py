@@ -71,6 +71,10 @@ class SamplingConfig:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo with logprobs)
+    # vLLM's stopping options, per request too (gptcli.stopping checks them):
+    min_tokens: int = 0  # end-of-sequence, stop_token_ids and stop strings wait until this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the reply as end-of-sequence does
+    include_stop_str_in_output: bool = False  # the stop string (or stop token) that ends the reply stays in its text
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from gptcli.sampling import TokenLogprob, make_rng, sample, token_logprobs
 from gptcli.stopping import RepetitionDetector, StopMatcher
 from gptcli.tokenizer import Tokenizer
 
-# stop: end-of-sequence, a stop string, or a structured output that is complete; length: max_tokens;
+# stop: end-of-sequence, a stop token or string, or a structured output that is complete; length: max_tokens;
 # context: the context window is full; repetition: the reply only repeats itself; interrupted: Ctrl-C;
 # cancelled: the caller gave up on it (a client disconnected); error: the step failed.
 FINISH_REASONS = ("stop", "length", "context", "repetition", "interrupted", "cancelled", "error")
@@ -183,11 +183,14 @@ class SequenceDecoder:
         self.clock = clock
         self.rng = make_rng(params.seed)
         self.detok = IncrementalDetokenizer(tokenizer)
-        # A stop string would cut a structured output short of a match and still say "stop": the grammar
-        # alone says where such a reply ends (the front doors refuse or warn about stop strings with one).
-        self.stopper = StopMatcher(params.stop if params.constraint is None else ())
+        # A stop string (or stop token) would cut a structured output short of a match and still say "stop": the
+        # grammar alone says where such a reply ends (the front doors refuse or warn about stop strings with one).
+        free = params.constraint is None
+        self.stopper = StopMatcher(params.stop if free else (), keep=params.include_stop_str_in_output)
+        self.stop_ids = frozenset(params.stop_token_ids if free else ())
         self.loops = RepetitionDetector() if params.repetition_stop else None
         self.eos = frozenset() if params.ignore_eos else tokenizer.eos_ids
+        self.enders = sorted(self.eos | self.stop_ids)  # masked out until min_tokens tokens were generated
         # Structured output: a token mask before every sample (sampling.py never sees a disallowed token).
         # The front doors check the grammar first; one that still fails ends only this sequence ("error"),
         # never the engine's step that the other sequences share.
@@ -228,30 +231,33 @@ class SequenceDecoder:
         if self.params.max_tokens == 0:  # only the prompt was wanted (its logprobs: the server's echo)
             return self.finish("length")
         if self.params.constraint is None:
-            token_id = sample(logits, self.params, self.rng, self.history, self.detok.ids)
+            token_id = sample(self._held_open(logits), self.params, self.rng, self.history, self.detok.ids)
         else:
             picked = self._constrained_pick(logits)
             if isinstance(picked, str):
                 return self.finish(picked)
             token_id = picked
-        if token_id in self.eos:
+        stop_token = token_id in self.stop_ids  # its text is the reply's only with include_stop_str_in_output
+        if token_id in self.eos or (stop_token and not self.params.include_stop_str_in_output):
             return self.finish("stop")
         logprob = None
         if self.params.logprobs is not None:
             logprob = token_logprobs(logits, token_id, self.params.logprobs)
             self.logprobs.append(logprob)
         self.history.append(token_id)
-        text, hit_stop = self.stopper.push(self.detok.add(token_id))
+        piece = self.detok.add(token_id)
+        text, hit_stop = self.stopper.push(piece, match=len(self.detok.ids) > self.params.min_tokens)
         emitted = self.clock()
         if len(self.detok.ids) == 1:
             self.first_token_at = emitted
         self.pieces.append(text)
         events: list[Event] = [Token(text, token_id, emitted, logprob)]
-        if hit_stop:
-            return events + self.finish("stop", stopped=True)
-        if self.constraint is not None and self.constraint.complete:
+        if hit_stop or stop_token:
+            return events + self.finish("stop", stopped=hit_stop)
+        if self.constraint is not None and self.constraint.complete:  # a grammar that can only end, ends
             return events + self.finish("stop")
-        if self.loops is not None and not self.forced and self.loops.add(token_id):
+        looping = self.loops is not None and not self.forced and self.loops.add(token_id)
+        if looping and len(self.detok.ids) >= self.params.min_tokens:  # min_tokens holds off the repetition stop too
             return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
             return events + self.finish("length")
@@ -274,7 +280,8 @@ class SequenceDecoder:
             else:
                 self.failure = f"no token can continue the output grammar ({constraint.error or 'no match'})"
             return "error"
-        if self.params.ignore_eos:  # end-of-sequence only where the grammar allows nothing else
+        if self.params.ignore_eos or len(self.detok.ids) < self.params.min_tokens:
+            # End-of-sequence only where the grammar allows nothing else (min_tokens never makes a reply invalid).
             others = masked.copy()
             others[[i for i in constraint.eos_ids if i < others.shape[-1]]] = -np.inf
             masked = others if np.isfinite(others).any() else masked
@@ -289,6 +296,14 @@ class SequenceDecoder:
         self.failure = f"the output grammar failed: {constraint.error or 'a token did not fit'}"
         return "error"
 
+    def _held_open(self, logits: np.ndarray) -> np.ndarray:
+        """vLLM's min_tokens: until that many tokens were generated, no token that ends the reply can be sampled."""
+        if len(self.detok.ids) >= self.params.min_tokens or not self.enders:
+            return logits
+        held = logits.copy()
+        held[[i for i in self.enders if i < held.shape[-1]]] = -np.inf
+        return held
+
     def finish(self, reason: str, *, stopped: bool = False) -> list[Event]:
         """End the sequence: release held-back text (unless a stop string cut it) and report the stats."""
         if self.finished is not None:
@@ -296,7 +311,7 @@ class SequenceDecoder:
         events: list[Event] = []
         if not stopped:
             # Release what was held back: bytes of an unfinished character, the start of a stop string.
-            tail, hit_stop = self.stopper.push(self.detok.flush())
+            tail, hit_stop = self.stopper.push(self.detok.flush(), match=len(self.detok.ids) > self.params.min_tokens)
             tail += "" if hit_stop else self.stopper.flush()
             if tail:
                 self.pieces.append(tail)
