@@ -4,7 +4,8 @@ and a finished line as its JSON result (`result_record`, `error_record`); gptcli
 A request line is an object with `prompt` (text) or `messages` (chat messages), and optionally an
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
 `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
-`seed`, `stop`); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
+`seed`, `stop`, and vLLM's `min_tokens`, `stop_token_ids`, `include_stop_str_in_output`: gptcli.stopping checks
+them as it checks the server's); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
 (gptcli.tools, as the server takes them; a JSON `response_format` is then the format of a reply that calls
 none), and its result then holds the reply's `tool_calls`. A line that cannot be run (bad JSON, unknown keys,
 a prompt over the context, messages its chat template refuses) becomes an error result for that line.
@@ -21,6 +22,7 @@ from gptcli.decoding import Finished
 from gptcli.errors import ChatTemplateRefusal, ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
 from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
+from gptcli.stopping import STOP_FIELDS, stop_options
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
 from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool_spec
@@ -28,6 +30,7 @@ from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
 REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS, *TOOL_KEYS}
+REQUEST_KEYS |= set(STOP_FIELDS)  # vLLM's stopping options, checked by gptcli.stopping
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 
 
@@ -108,6 +111,9 @@ def parse_request(
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
         changes = {k: data[k] for k in SAMPLING_KEYS if k in data}
         line_settings = with_sampling(settings, "the line", **changes) if changes else settings
+        vocab_size = tokenizer.vocab_size if tokenizer is not None else None  # with --url, the server checks the ids
+        sampling = stop_options(data, line_settings.sampling, vocab_size)
+        line_settings = replace(line_settings, sampling=sampling)
         answer = None
         if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
             constraint = response_format(data["response_format"], "the line's `response_format`")
@@ -119,11 +125,12 @@ def parse_request(
         if (tools := _line_tools(data, tokenizer, answer)) is not None:
             constraint = tools.constraint if tokenizer is not None else None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
-        stop = "stop" in data and any(line_settings.sampling.stop)
+        stop = "stop" if "stop" in data and any(line_settings.sampling.stop) else ""
+        stop = stop or ("stop_token_ids" if line_settings.sampling.stop_token_ids else "")
         if stop and tools is not None:  # the reply is JSON, a text reply's included
-            raise InputError("`stop` does not go with `tools`: the reply is JSON and ends where its grammar does")
+            raise InputError(f"`{stop}` does not go with `tools`: the reply is JSON and ends where its grammar does")
         if stop and line_settings.sampling.constraint is not None:
-            raise InputError("`stop` does not go with structured output: the reply ends where its grammar does")
+            raise InputError(f"`{stop}` does not go with structured output: the reply ends where its grammar does")
         system = data.get("system", line_settings.system)
         _check_prompt_options(data)
         sent = {key: data[key] for key in (*TOOL_KEYS, "response_format") if key in data}

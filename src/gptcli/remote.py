@@ -26,7 +26,8 @@ from gptcli.tool_reply import StreamedCalls
 
 DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
-EXTRAS = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p, repetition_penalty=1.0)
+EXTRAS: dict[str, Any] = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p)
+EXTRAS.update(repetition_penalty=1.0, min_tokens=0, stop_token_ids=(), include_stop_str_in_output=False)
 
 
 # How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".

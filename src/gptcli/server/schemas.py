@@ -22,6 +22,7 @@ from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
+from gptcli.server.stop_fields import StopFields
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
@@ -125,7 +126,7 @@ class ResponseFormat(BaseModel):
         return answer_schema(self.constraint())
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(StopFields):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
     model_config = REQUEST_MODEL
@@ -227,7 +228,7 @@ class SamplingRequest(BaseModel):
             changes["logit_bias"] = bias
         changes["logprobs"] = self.requested_logprobs()
         changes["prompt_logprobs"] = self.requested_prompt_logprobs()
-        return replace(defaults, **changes)
+        return self.stop_options(replace(defaults, **changes), vocab_size)
 
 
 class ContentPart(BaseModel):

@@ -1,0 +1,30 @@
+"""vLLM's stopping options on chat and text completions: `min_tokens`, `stop_token_ids`,
+`include_stop_str_in_output` (its "extra sampling parameters"). gptcli.stopping checks them, as it checks a
+batch line's, and a bad one is a 400 that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from gptcli.config import SamplingConfig
+from gptcli.errors import FieldError
+from gptcli.server.errors import APIError
+from gptcli.stopping import STOP_FIELDS, stop_options
+
+
+class StopFields(BaseModel):
+    """The request fields; typed Any so that gptcli.stopping alone checks them (strictly: true is not 1)."""
+
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+
+    def stop_options(self, params: SamplingConfig, vocab_size: int) -> SamplingConfig:
+        """`params` (with the request's max_tokens) and these fields, checked against the model's vocabulary."""
+        try:
+            return stop_options({name: getattr(self, name) for name in STOP_FIELDS}, params, vocab_size)
+        except FieldError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
