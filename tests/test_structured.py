@@ -10,7 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from gptcli import constraints
+from gptcli import constraints, output_requests
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
 from gptcli.config import OutputConstraint, SamplingConfig
@@ -237,18 +237,18 @@ def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^--regex: invalid regex '\(': unclosed group$"):
         constraints.regex("(")
     with pytest.raises(UsageError, match="--format and --regex cannot be used together"):
-        constraints.from_flags(None, "json", "[a-z]")
+        output_requests.from_flags(None, "json", "[a-z]")
     with pytest.raises(UsageError, match="unknown format 'yaml'"):
-        constraints.from_flags(None, "yaml", None)
-    assert constraints.from_flags(None, "text", None) is None
-    assert constraints.from_flags(None, "json", None) == OutputConstraint("json")
+        output_requests.from_flags(None, "yaml", None)
+    assert output_requests.from_flags(None, "text", None) is None
+    assert output_requests.from_flags(None, "json", None) == OutputConstraint("json")
     schema = tmp_path / "s.json"
     schema.write_text('{"type": "object"', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: not valid JSON"):
-        constraints.from_flags(schema, None, None)
+        output_requests.from_flags(schema, None, None)
     schema.write_text('{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000, encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: nested too deeply"):  # was RecursionError
-        constraints.from_flags(schema, None, None)
+        output_requests.from_flags(schema, None, None)
 
 
 def test_cli_bad_schema_exits_3_with_one_line(tiny_models, tmp_path):
@@ -592,11 +592,11 @@ def test_a_schema_with_a_key_twice_or_a_nan_is_refused_by_name(tmp_path):
     schema = tmp_path / "s.json"
     schema.write_text('{"type": "integer", "properties": {"a": {}, "a": {}}}', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: the key 'a' is given twice in one object$"):
-        constraints.from_flags(schema, None, None)
+        output_requests.from_flags(schema, None, None)
     for number in ("NaN", "-Infinity", "1e999"):
         schema.write_text('{"type": "number", "maximum": ' + number + "}", encoding="utf-8")
         with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: NaN and Infinity are not JSON numbers$"):
-            constraints.from_flags(schema, None, None)
+            output_requests.from_flags(schema, None, None)
     with pytest.raises(ConfigError, match=r"^body: NaN and Infinity are not JSON numbers$"):  # the server's way in
         constraints.schema_constraint({"enum": [float("nan")]}, "body")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
-from gptcli.constraints import response_format
 from gptcli.decoding import Finished
 from gptcli.errors import ChatTemplateRefusal, ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
+from gptcli.output_requests import response_format
 from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
 from gptcli.stopping import STOP_FIELDS, stop_options
 from gptcli.tokenizer import Tokenizer

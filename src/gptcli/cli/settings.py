@@ -32,8 +32,8 @@ def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
 
 def output_constraint(json_schema: Path | None, output_format: str | None, regex: str | None, url: str | None) -> Any:
     """--json-schema / --format / --regex as a checked `OutputConstraint` (or None), before any model loads."""
-    from gptcli.constraints import from_flags
     from gptcli.errors import UsageError
+    from gptcli.output_requests import from_flags
 
     constraint = from_flags(json_schema, output_format, regex)
     if constraint is not None and constraint.kind == "regex" and url is not None:

@@ -114,10 +114,10 @@ class ResponseFormat(BaseModel):
     def constraint(self) -> OutputConstraint | None:
         """The structured-output constraint, checked now: a bad schema, or a field that does not fit the
         type (`json_schema` with type json_object, an unknown field), is a 400 that names the field."""
-        from gptcli import constraints
+        from gptcli import output_requests
 
         try:
-            return constraints.response_format(self.model_dump(by_alias=True), "response_format")
+            return output_requests.response_format(self.model_dump(by_alias=True), "response_format")
         except ResponseFormatError as exc:
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
