@@ -1,4 +1,4 @@
-"""Structured output: a grammar (a JSON Schema, any JSON, a regex) as a mask over each row of logits.
+"""Structured output: a grammar (a JSON Schema, any JSON, a regex, Lark or GBNF) as a mask over each row of logits.
 
 The decoding state machine (`decoding.SequenceDecoder`) asks `mask` for the allowed tokens before it
 samples and calls `advance` with the token it picked, so every sampler, backend and caller (generate,
@@ -43,6 +43,8 @@ JSON_OBJECT = OutputConstraint("json_schema", '{"type": "object"}')
 MAX_GRAMMARS = 64  # compiled grammars kept per tokenizer (the server may see many schemas)
 MAX_GRAMMAR_SOURCE = 2 * 1024 * 1024  # and at most this much schema/regex text behind them (~70 MB compiled)
 REGEX_HINT = "the syntax is Rust's regex crate: no look-around, no back-references"
+GRAMMAR_HINT = "a grammar is Lark (llguidance's syntax, `start: ...`) or llama.cpp's GBNF (`root ::= ...`)"
+GBNF_RULE = re.compile(r"^[ \t]*[A-Za-z0-9_-]+[ \t]*::=", re.MULTILINE)  # llama.cpp's rules; Lark's are `name: ...`
 SCHEMA_HINT = "see the README's Structured output section for the JSON Schema subset gptcli supports"
 
 
@@ -83,6 +85,44 @@ def regex(pattern: str, where: str = "--regex") -> OutputConstraint:
     return constraint
 
 
+def grammar_text(text: Any, where: str) -> OutputConstraint:
+    """The whole reply must match a grammar: Lark (llguidance's own syntax, vLLM's with its guidance backend), or
+    llama.cpp's GBNF (`root ::= ...`, told by its `::=` rules), which llguidance's converter turns into Lark."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: must be a grammar (text)", hint=GRAMMAR_HINT)
+    return _bounded(OutputConstraint("grammar", text), where)
+
+
+def choice(values: Any, where: str) -> OutputConstraint:
+    """The reply is exactly one of `values` (non-empty strings), as vLLM's `choice` asks."""
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{where}: must be a list of one or more non-empty strings", hint='e.g. ["yes", "no"]')
+    # A JSON string is a Lark string literal (llguidance's own `choice` writes it so): each value matched exactly.
+    alternatives = " | ".join(json.dumps(value, ensure_ascii=False) for value in dict.fromkeys(values))
+    return _bounded(OutputConstraint("grammar", f"start: {alternatives}\n"), where)
+
+
+def _bounded(constraint: OutputConstraint, where: str) -> OutputConstraint:
+    """A grammar no larger than the compiled-grammar cache holds in all, checked."""
+    if len(constraint.source) > MAX_GRAMMAR_SOURCE:
+        size = f"{len(constraint.source) // 1024} KiB, at most {MAX_GRAMMAR_SOURCE // 1024} KiB"
+        raise ConfigError(f"{where}: the grammar is too large ({size})", hint="make it smaller")
+    check(constraint, where)
+    return constraint
+
+
+def lark(source: str) -> str:
+    """A grammar as Lark: GBNF converted by llguidance; a ValueError names the line a conversion fails at."""
+    if not GBNF_RULE.search(source):
+        return source
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(source)
+    except Exception as exc:  # GbnfToLarkError names the line; a missing rule is a plain Exception
+        raise ValueError(f"invalid GBNF grammar: {' '.join(str(exc).split())}") from None
+
+
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint."""
@@ -90,12 +130,16 @@ def grammar(constraint: OutputConstraint) -> str:
 
     if constraint.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(constraint.source)
+    if constraint.kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(lark(constraint.source))
     if constraint.kind == "json":
         return llguidance.LLMatcher.grammar_from_json_schema("{}", defaults=JSON_OPTIONS)
     if constraint.kind == "json_schema":  # a `format` it does not implement is an annotation: not enforced
         source = json.dumps(schema_width.enforced_formats(json.loads(constraint.source)))
         return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
-    raise ConfigError(f"unknown structured output kind '{constraint.kind}'", hint="use json, json_schema or regex")
+    raise ConfigError(
+        f"unknown structured output kind '{constraint.kind}'", hint="use json, json_schema, regex or grammar"
+    )
 
 
 def check(constraint: OutputConstraint, where: str) -> None:
@@ -107,8 +151,9 @@ def check(constraint: OutputConstraint, where: str) -> None:
     except ValueError as exc:
         failed, messages = True, [str(exc)]
     if failed:
-        hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
-        raise ConfigError(f"{where}: {describe(constraint, messages[0] if messages else '')}", hint=hint)
+        raise ConfigError(
+            f"{where}: {describe(constraint, messages[0] if messages else '')}", hint=hint_for(constraint)
+        )
     if wide := wide_object(constraint):  # it compiles, but the reply would fail at this object's `{`
         raise ConfigError(f"{where}: {wide}", hint=SCHEMA_HINT)
 
@@ -132,6 +177,10 @@ def wide_object(constraint: OutputConstraint) -> str:
     return TOO_WIDE_SAYS.format(items, limit, "" if pointer == "/" else f" in the object at {pointer}")
 
 
+def hint_for(constraint: OutputConstraint) -> str:
+    return {"regex": REGEX_HINT, "grammar": GRAMMAR_HINT}.get(constraint.kind, SCHEMA_HINT)
+
+
 def too_wide(message: str) -> str:
     """llguidance's "Current row has N items; max is M" in our words, or "" for any other message."""
     row = schema_width.too_wide(message)
@@ -151,11 +200,35 @@ def describe(constraint: OutputConstraint, message: str) -> str:
     if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
         return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if constraint.kind == "grammar":
+        return grammar_error(constraint.source, lines)
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
     detail = errors[0] if errors else (lines[0] if lines else "unknown error")
     if constraint.kind == "regex":
         return f"invalid regex '{constraint.source}': {detail}"
     return f"invalid JSON Schema: {detail}"
+
+
+def grammar_error(source: str, lines: list[str]) -> str:
+    """llguidance's message on a Lark grammar as one line: where (`2(6): ...`: line 2), that line, and why."""
+    if not lines:
+        return "invalid grammar"
+    if lines[0].startswith("invalid GBNF grammar"):
+        return lines[0]
+    found = re.match(r"(?:at )?(\d+)\((\d+)\): (.*)", lines[0].removeprefix("error: "))
+    detail = found.group(3) if found else lines[0].removeprefix("error: ")
+    cause = next((line.removeprefix("error: ") for line in lines[1:] if line.startswith("error:")), "")
+    detail = f"{detail.rstrip(':')}: {cause}" if cause else detail
+    if found is None or GBNF_RULE.search(source):  # a converted grammar's lines are not the ones written
+        return f"invalid grammar: {detail}"
+    text = lark_line(source, int(found.group(1)))
+    return f"invalid grammar at line {found.group(1)} ({text}): {detail}"
+
+
+def lark_line(source: str, number: int) -> str:
+    lines = source.splitlines()
+    text = lines[number - 1].strip() if 0 < number <= len(lines) else ""
+    return repr(text if len(text) <= 60 else text[:59] + "…")
 
 
 class TokenConstraint:
@@ -277,12 +350,11 @@ class _Bridge:
             if forced and probe.consume_tokens(forced):
                 after = np.zeros_like(bits)  # held by a name: a temporary's buffer is freed before the call writes it
                 probe.unsafe_compute_mask_ptr(after.ctypes.data, after.nbytes)
-        hint = REGEX_HINT if constraint.kind == "regex" else SCHEMA_HINT
         message = probe.get_error() if probe.is_error() else ""
         if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
             message = "error: it matches no text at all"
         if message:
-            raise ConfigError(describe(constraint, message), hint=hint)
+            raise ConfigError(describe(constraint, message), hint=hint_for(constraint))
 
 
 _BRIDGES: weakref.WeakKeyDictionary[Tokenizer, _Bridge] = weakref.WeakKeyDictionary()

@@ -7,22 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.config import OutputConstraint
-from gptcli.constraints import ANY_JSON, JSON_OBJECT, SCHEMA_HINT, json_schema, regex, schema_constraint
+from gptcli.constraints import ANY_JSON, JSON_OBJECT, SCHEMA_HINT, grammar_text, json_schema, regex, schema_constraint
 from gptcli.errors import ConfigError, ResponseFormatError, UsageError
-from gptcli.textio import SCHEMA_FILE, read_text_file
+from gptcli.textio import GRAMMAR_FILE, SCHEMA_FILE, read_text_file
 
 FORMATS = ("text", "json")  # the values of --format
 
 
-def from_flags(schema_file: Path | None, output_format: str | None, pattern: str | None) -> OutputConstraint | None:
-    """`--json-schema FILE`, `--format json|text`, `--regex PATTERN` (at most one) as a constraint, or None."""
-    given = [f for f, v in (("--json-schema", schema_file), ("--format", output_format), ("--regex", pattern)) if v]
+def from_flags(
+    schema_file: Path | None, output_format: str | None, pattern: str | None, grammar_file: Path | None = None
+) -> OutputConstraint | None:
+    """`--json-schema FILE`, `--format json|text`, `--regex PATTERN`, `--grammar FILE` (at most one) as a
+    constraint, or None."""
+    flags = (("--json-schema", schema_file), ("--format", output_format), ("--regex", pattern))
+    given = [flag for flag, value in (*flags, ("--grammar", grammar_file)) if value]
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} cannot be used together", hint="pick one kind of structured output")
     if schema_file is not None:
         return json_schema(read_text_file(schema_file, SCHEMA_FILE), str(schema_file))
     if pattern is not None:
         return regex(pattern)
+    if grammar_file is not None:
+        return grammar_text(read_text_file(grammar_file, GRAMMAR_FILE), str(grammar_file))
     if output_format is not None and output_format not in FORMATS:
         raise UsageError(f"--format: unknown format '{output_format}'", hint="use --format json (or text)")
     return ANY_JSON if output_format == "json" else None

@@ -59,6 +59,7 @@ CHAT_FILE = Limit(16 * MiB, "a chat file", "a chat this long is unusual: trim th
 CHAT_MESSAGE = Limit(1 * MiB, "one chat message", "shorten it, or use `gptcli summarize` for a long document")
 CONFIG_FILE = Limit(1 * MiB, "a config or template file", "a settings file is small: check that it is the right file")
 SCHEMA_FILE = Limit(1 * MiB, "a JSON Schema file", "a schema is small: check that it is the right file")
+GRAMMAR_FILE = Limit(1 * MiB, "a grammar file", "a grammar is small: check that it is the right file")
 CORPUS_FILE = Limit(128 * MiB, "one training corpus file", "split it into several files in a folder (split -C 100M)")
 
 

@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "/help": "list these commands",
     "/system TEXT": "set the system message (no TEXT: show it; none: clear it)",
     "/set KEY VALUE": "change a sampling setting: " + ", ".join(SAMPLING_KEYS),
-    "/format KIND": "the replies' output format: text, json, schema FILE or regex PATTERN (no KIND: show it)",
+    "/format KIND": "the replies' format: text, json, schema FILE, regex PATTERN or grammar FILE (no KIND: show it)",
     "/show": "settings, model and the token budget used/left",
     "/reset": "start a new conversation (the old one stays saved)",
     "/retry": "regenerate the last reply",
@@ -69,23 +69,25 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
 
 
 def _output_format(constraint: OutputConstraint | None) -> str:
-    """The structured output the replies must follow (--json-schema, --format json, --regex), in one line."""
+    """The structured output the replies must follow (--json-schema, --format json, --regex, --grammar), in one line."""
     if constraint is None:
         return "free text"
     if constraint.kind == "json":
         return "any JSON (--format json)"
     source = " ".join(constraint.source.split())
     shown = source if len(source) <= 60 else source[:59] + "…"
-    return f"regex {shown} (--regex)" if constraint.kind == "regex" else f"JSON Schema {shown} (--json-schema)"
+    if constraint.kind in ("regex", "grammar"):
+        return f"{constraint.kind} {shown} (--{constraint.kind})"
+    return f"JSON Schema {shown} (--json-schema)"
 
 
-FORMAT_USAGE = "usage: /format text | json | schema FILE | regex PATTERN"
+FORMAT_USAGE = "usage: /format text | json | schema FILE | regex PATTERN | grammar FILE"
 
 
 def parse_format(arg: str) -> OutputConstraint | None:
     """`/format`'s argument as an output format, checked as the flags are (None: free text)."""
     from gptcli import constraints
-    from gptcli.textio import SCHEMA_FILE, read_text_file
+    from gptcli.textio import GRAMMAR_FILE, SCHEMA_FILE, read_text_file
 
     kind, _, rest = arg.partition(" ")
     rest = rest.strip()
@@ -96,7 +98,12 @@ def parse_format(arg: str) -> OutputConstraint | None:
         return constraints.json_schema(read_text_file(path, SCHEMA_FILE), str(path))
     if kind == "regex" and rest:
         return constraints.regex(rest, "/format regex")
-    raise UsageError(FORMAT_USAGE, hint="text: free replies; json: any JSON; a JSON Schema file; a regex")
+    if kind == "grammar" and rest:  # llama.cpp's GBNF or Lark, as --grammar
+        path = Path(rest).expanduser()
+        return constraints.grammar_text(read_text_file(path, GRAMMAR_FILE), str(path))
+    raise UsageError(
+        FORMAT_USAGE, hint="text: free replies; json: any JSON; a JSON Schema file; a regex; a grammar file"
+    )
 
 
 def _shown(value: object) -> str:

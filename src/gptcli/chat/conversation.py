@@ -179,13 +179,15 @@ def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
     return dict(sampling)
 
 
+OUTPUT_SHAPES = '{"format": "json"}, {"json_schema": {...}}, {"regex": "..."} or {"grammar": "..."}'
+
+
 def output_to_json(constraint: OutputConstraint) -> dict[str, Any]:
-    """The output format as a chat file keeps it, named as the flags are: {"format": "json"},
-    {"json_schema": {...}} or {"regex": "..."}."""
+    """The output format as a chat file keeps it, named as the flags are (OUTPUT_SHAPES)."""
     if constraint.kind == "json_schema":
         return {"json_schema": json.loads(constraint.source)}
-    if constraint.kind == "regex":
-        return {"regex": constraint.source}
+    if constraint.kind in ("regex", "grammar"):
+        return {constraint.kind: constraint.source}
     return {"format": "json"}
 
 
@@ -198,17 +200,15 @@ def output_from_json(value: Any, where: str) -> OutputConstraint | None:
     item = value[kind] if kind is not None else None
     if kind == "format" and item == "json":
         return OutputConstraint("json")
-    if kind == "regex" and isinstance(item, str) and item:
-        return OutputConstraint("regex", item)
+    if kind in ("regex", "grammar") and isinstance(item, str) and item:
+        return OutputConstraint(kind, item)
     if kind == "json_schema" and isinstance(item, dict):
         try:
             return OutputConstraint("json_schema", json.dumps(item, allow_nan=False))
         except ValueError:  # NaN: no JSON Schema
             pass
-    raise InputError(
-        f'{where}: \'output\' must be {{"format": "json"}}, {{"json_schema": {{...}}}} or {{"regex": "..."}}',
-        hint="fix or remove 'output' in the file (without it, replies are free text)",
-    )
+    hint = "fix or remove 'output' in the file (without it, replies are free text)"
+    raise InputError(f"{where}: 'output' must be {OUTPUT_SHAPES}", hint=hint)
 
 
 def to_markdown(conv: Conversation) -> str:

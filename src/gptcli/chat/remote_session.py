@@ -93,10 +93,10 @@ class RemoteChatSession(ChatSession):
         return self.conversation.window()
 
     def check_output(self, constraint: OutputConstraint, where: str) -> None:
-        """The server enforces the format: OpenAI's `response_format` has no regex (see cli.settings)."""
-        if constraint.kind == "regex":
+        """The server enforces the format: OpenAI's `response_format` has no regex or grammar (see cli.settings)."""
+        if constraint.kind in ("regex", "grammar"):
             raise UsageError(
-                f"{where}: a regex does not work with --url: OpenAI's API has no regex format",
+                f"{where}: a {constraint.kind} does not work with --url: OpenAI's API has no {constraint.kind} format",
                 hint="use /format json or /format schema FILE here",
             )
         check(constraint, where)  # no prepare: the vocabulary is the server's

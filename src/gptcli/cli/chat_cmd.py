@@ -42,6 +42,7 @@ def chat(
     json_schema: c.JsonSchemaOpt = None,
     output_format: c.FormatOpt = None,
     regex: c.RegexOpt = None,
+    grammar: c.GrammarOpt = None,
     continue_: Annotated[bool, typer.Option("--continue", help="Resume the most recent conversation.")] = False,
     resume: Annotated[str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text replies (no Markdown rendering).")] = False,
@@ -86,7 +87,7 @@ def chat(
     )
     if continue_ and resume is not None:
         raise UsageError("--continue and --resume cannot be used together")
-    structured = output_constraint(json_schema, output_format, regex, url)
+    structured = output_constraint(json_schema, output_format, regex, url, grammar)
     resolved = resolve_settings(
         config,
         model=model,

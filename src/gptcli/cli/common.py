@@ -250,10 +250,14 @@ ApiKeyOpt = Annotated[
         show_default=False,
     ),
 ]
-# Structured output (generate, chat): at most one of the three; the reply is constrained token by token.
+# Structured output (generate, chat): at most one of the four; the reply is constrained token by token.
 JsonSchemaOpt = Annotated[
     Path | None,
     path_option("--json-schema", help="Make the output JSON that validates against this JSON Schema file."),
 ]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="json: the output is valid JSON (text: free text).")]
 RegexOpt = Annotated[str | None, typer.Option("--regex", help="Make the output match this regular expression.")]
+GrammarOpt = Annotated[
+    Path | None,
+    path_option("--grammar", help="Make the output match this grammar file: llama.cpp's GBNF or Lark (llguidance)."),
+]

@@ -68,6 +68,7 @@ def generate(
     json_schema: c.JsonSchemaOpt = None,
     output_format: c.FormatOpt = None,
     regex: c.RegexOpt = None,
+    grammar: c.GrammarOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     config: c.ConfigOpt = None,
     allow_pickle: c.AllowPickleOpt = None,
@@ -86,6 +87,7 @@ def generate(
       gptcli generate --batch prompts.jsonl --url http://127.0.0.1:8080/v1
       gptcli generate "hi" --url http://127.0.0.1:8080/v1    # on that server
       gptcli generate -f invoice.txt --json-schema schema.json
+      gptcli generate -f mail.txt --grammar yes-no.gbnf    # root ::= "yes" | "no"
     """
     from gptcli.cli.remote_run import check_client_flags
 
@@ -101,7 +103,7 @@ def generate(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
-    structured = output_constraint(json_schema, output_format, regex, url)
+    structured = output_constraint(json_schema, output_format, regex, url, grammar)
     resolved = resolve_settings(
         config,
         model=model,

@@ -246,8 +246,8 @@ def warn_if_incomplete(finished: Any, sampling: Any) -> None:
     if sampling.constraint is None or where is None:
         return
     cut = f"the output was cut {where.format(max_tokens=sampling.max_tokens)}"
-    if sampling.constraint.kind == "regex":
-        warn(f"{cut}: it may not match --regex in full")
+    if sampling.constraint.kind in ("regex", "grammar"):
+        warn(f"{cut}: it may not match --{sampling.constraint.kind} in full")
         return
     try:
         json.loads(finished.text)

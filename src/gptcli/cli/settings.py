@@ -30,15 +30,18 @@ def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
     return resolve(config_file=config_file, flags=dotted)
 
 
-def output_constraint(json_schema: Path | None, output_format: str | None, regex: str | None, url: str | None) -> Any:
-    """--json-schema / --format / --regex as a checked `OutputConstraint` (or None), before any model loads."""
+def output_constraint(
+    json_schema: Path | None, output_format: str | None, regex: str | None, url: str | None, grammar: Path | None = None
+) -> Any:
+    """--json-schema / --format / --regex / --grammar as a checked `OutputConstraint` (or None), before any model
+    loads."""
     from gptcli.errors import UsageError
     from gptcli.output_requests import from_flags
 
-    constraint = from_flags(json_schema, output_format, regex)
-    if constraint is not None and constraint.kind == "regex" and url is not None:
+    constraint = from_flags(json_schema, output_format, regex, grammar)
+    if constraint is not None and constraint.kind in ("regex", "grammar") and url is not None:
         raise UsageError(
-            "--regex does not work with --url: OpenAI's API has no regex format",
+            f"--{constraint.kind} does not work with --url: OpenAI's API has no {constraint.kind} format",
             hint="use --json-schema or --format json there, or drop --url to run the model here",
         )
     return constraint
