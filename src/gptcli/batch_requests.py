@@ -5,10 +5,12 @@ A request line is an object with `prompt` (text) or `messages` (chat messages), 
 `id`, a `system` message, `raw` (no chat template) and per-line sampling settings (`temperature`,
 `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`,
 `seed`, `stop`, and vLLM's `min_tokens`, `stop_token_ids`, `include_stop_str_in_output`: gptcli.stopping checks
-them as it checks the server's); a `messages` line may carry OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
-(gptcli.tools, as the server takes them; a JSON `response_format` is then the format of a reply that calls
-none), and its result then holds the reply's `tool_calls`. A line that cannot be run (bad JSON, unknown keys,
-a prompt over the context, messages its chat template refuses) becomes an error result for that line.
+them as it checks the server's), structured output (OpenAI's `response_format`, or vLLM's and llama-server's
+fields, checked as the server checks them: gptcli.output_requests); a `messages` line may carry OpenAI's `tools`,
+`tool_choice` and `parallel_tool_calls` (gptcli.tools, as the server takes them; a JSON `response_format`
+is then the format of a reply that calls none), and its result then holds the reply's `tool_calls`. A line
+that cannot be run (bad JSON, unknown keys, a prompt over the context, messages its chat template refuses)
+becomes an error result for that line.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gptcli.config import SAMPLING_KNOBS, Settings, with_sampling
+from gptcli.config import SAMPLING_KNOBS, OutputConstraint, Settings, with_sampling
 from gptcli.decoding import Finished
 from gptcli.errors import ChatTemplateRefusal, ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
-from gptcli.output_requests import response_format
+from gptcli.output_requests import IGNORED_FIELDS, OUTPUT_FIELDS, beside_tools, requested_output, response_format
 from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
 from gptcli.stopping import STOP_FIELDS, stop_options
 from gptcli.tokenizer import Tokenizer
@@ -29,7 +31,8 @@ from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool
 
 SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
-REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", "response_format", *SAMPLING_KEYS, *TOOL_KEYS}
+OUTPUT_KEYS = ("response_format", *OUTPUT_FIELDS, *IGNORED_FIELDS)  # structured output, as the server takes it
+REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *OUTPUT_KEYS, *SAMPLING_KEYS, *TOOL_KEYS}
 REQUEST_KEYS |= set(STOP_FIELDS)  # vLLM's stopping options, checked by gptcli.stopping
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 
@@ -114,15 +117,16 @@ def parse_request(
         vocab_size = tokenizer.vocab_size if tokenizer is not None else None  # with --url, the server checks the ids
         sampling = stop_options(data, line_settings.sampling, vocab_size)
         line_settings = replace(line_settings, sampling=sampling)
-        answer = None
-        if "response_format" in data:  # OpenAI's, as a server takes it: over the run's --json-schema/--format
-            constraint = response_format(data["response_format"], "the line's `response_format`")
-            answer = answer_schema(constraint)
-            line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
+        answer, asked = None, _asked_output(data)
+        if asked is not None:  # OpenAI's, vLLM's or llama-server's, as a server takes it: over the run's flags
+            answer = answer_schema(asked[1]) if asked[0] == "response_format" else None
+            line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=asked[1]))
         if ("prompt" in data) == ("messages" in data):
             raise InputError("give exactly one of `prompt` or `messages`")
         # The reply's JSON, constrained here (a server constrains it itself: the tools and the format are sent)
         if (tools := _line_tools(data, tokenizer, answer)) is not None:
+            if asked is not None and asked[0] != "response_format":
+                raise beside_tools(asked[0])
             constraint = tools.constraint if tokenizer is not None else None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=constraint))
         stop = "stop" if "stop" in data and any(line_settings.sampling.stop) else ""
@@ -137,6 +141,8 @@ def parse_request(
         sent = sent if tools is not None else None
         shape = {"numbered": numbered, "tools": sent, "text_replies": tools is None or tools.answer is None}
         if tokenizer is None:
+            if asked is not None and asked[1] is not None and asked[1].kind in ("regex", "grammar"):  # or a choice
+                raise InputError(f"{asked[0]}: does not work with --url: OpenAI's response_format has only JSON")
             send = _to_send(data, system)
             return BatchRequest(number, line_id, settings=line_settings, **shape, **send)
         if "messages" in data:
@@ -166,6 +172,16 @@ def _to_send(data: dict, system: str | None) -> dict[str, Any]:
     if data.get("raw"):
         return {"text": data["prompt"]}
     return {"messages": messages_for(data["prompt"], system)}
+
+
+def _asked_output(data: dict) -> tuple[str, OutputConstraint | None] | None:
+    """The line's structured output, as (the key that asks for it, its constraint; None: text); None: not asked."""
+    formatted = None
+    if "response_format" in data:
+        formatted = response_format(data["response_format"], "the line's `response_format`")
+    beside = "response_format" if formatted is not None else None
+    found = requested_output({key: data.get(key) for key in OUTPUT_FIELDS}, beside=beside)
+    return found or (("response_format", formatted) if "response_format" in data else None)
 
 
 def _check_prompt_options(data: dict) -> None:

@@ -1,5 +1,6 @@
-"""Structured output as it is asked for: the CLI's flags (`from_flags`) and OpenAI's `response_format` (a server
-request, a batch line), each checked into an `OutputConstraint` that gptcli.constraints compiles."""
+"""Structured output as it is asked for: the CLI's flags (`from_flags`), OpenAI's `response_format`, and the fields
+vLLM's and llama-server's clients send (`requested_output`), in a server request or a batch line; each is checked
+into an `OutputConstraint` that gptcli.constraints compiles."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.config import OutputConstraint
-from gptcli.constraints import ANY_JSON, JSON_OBJECT, SCHEMA_HINT, grammar_text, json_schema, regex, schema_constraint
-from gptcli.errors import ConfigError, ResponseFormatError, UsageError
+from gptcli.constraints import (
+    ANY_JSON,
+    JSON_OBJECT,
+    SCHEMA_HINT,
+    choice,
+    grammar_text,
+    json_schema,
+    regex,
+    schema_constraint,
+)
+from gptcli.errors import ConfigError, FieldError, ResponseFormatError, UsageError
 from gptcli.textio import GRAMMAR_FILE, SCHEMA_FILE, read_text_file
 
 FORMATS = ("text", "json")  # the values of --format
@@ -103,3 +113,88 @@ def response_format(value: Any, where: str) -> OutputConstraint | None:
         return schema_constraint(found[1], param)
     except ConfigError as exc:
         raise ResponseFormatError(exc.message, param, hint=exc.hint) from None
+
+
+# vLLM's `structured_outputs` (0.10 on): one kind of output, and options; those it defines that we do not implement
+# are refused by name, not ignored. `disable_fallback` (we have no other backend to fall back from) and
+# `disable_any_whitespace` (JSON never has free whitespace here) are accepted and change nothing.
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_OPTIONS = ("disable_fallback", "disable_any_whitespace")
+STRUCTURED_REFUSED = ("disable_additional_properties", "whitespace_pattern", "structural_tag")
+# One kind each: vLLM's older fields (before structured_outputs), and llama-server's.
+KIND_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "json_schema": "json",
+    "grammar": "grammar",
+}
+OUTPUT_FIELDS = ("structured_outputs", *KIND_FIELDS)
+IGNORED_FIELDS = ("guided_decoding_backend", "guided_whitespace_pattern")  # vLLM's older options: accepted
+KINDS_SAID = "json, regex, choice, grammar or json_object"
+ONE_KIND = "give one kind of structured output per request"
+
+
+def asked_fields(fields: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """Each kind of structured output the fields ask for, as (its param, its kind, its value); a null counts as
+    not given, and so does a false `json_object`."""
+    asked = [(name, kind, fields[name]) for name, kind in KIND_FIELDS.items() if fields.get(name) is not None]
+    outputs = fields.get("structured_outputs")
+    if outputs is None:
+        return asked
+    if not isinstance(outputs, dict):
+        raise FieldError(f"structured_outputs: must be an object with one of {KINDS_SAID}", "structured_outputs")
+    named = []
+    for key, value in outputs.items():
+        param = f"structured_outputs.{key}"
+        if key in STRUCTURED_KINDS and value is not None and value is not False:
+            named.append((param, key, value))
+        elif key in STRUCTURED_REFUSED and value is not None and value is not False:
+            raise FieldError(f"{param}: not supported by gptcli (it is vLLM's)", param, hint="drop it")
+        elif key not in (*STRUCTURED_KINDS, *STRUCTURED_OPTIONS, *STRUCTURED_REFUSED):
+            raise FieldError(f"{param}: not a field of structured_outputs ({KINDS_SAID})", param)
+    return named + asked
+
+
+def requested_output(fields: dict[str, Any], beside: str | None = None) -> tuple[str, OutputConstraint] | None:
+    """The structured output a request's vLLM or llama-server fields ask for, checked, as (the param that asks,
+    its constraint); None: none asked. `beside`: a field that already asks for one (a JSON response_format).
+    FieldError names the field: a bad value, an option we do not implement, two kinds in one request."""
+    asked = asked_fields(fields)
+    if beside is not None:
+        asked.insert(0, (beside, "", None))
+    if len(asked) > 1:
+        first, second = asked[0][0], asked[1][0]
+        raise FieldError(f"{second}: goes with no other structured output ({first} is given)", second, ONE_KIND)
+    if not asked or beside is not None:
+        return None
+    param, kind, value = asked[0]
+    try:
+        return param, _constraint(kind, value, param)
+    except FieldError:
+        raise
+    except ConfigError as exc:
+        raise FieldError(exc.message, param, hint=exc.hint) from None
+
+
+def _constraint(kind: str, value: Any, param: str) -> OutputConstraint:
+    if kind == "json":  # a JSON Schema, or its JSON text
+        return json_schema(value, param) if isinstance(value, str) else schema_constraint(value, param)
+    if kind == "json_object":
+        if value is not True:
+            raise FieldError(f"{param}: must be true or false", param)
+        return JSON_OBJECT
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise FieldError(f"{param}: must be a regular expression (a string)", param)
+        return regex(value, param)
+    if kind == "choice":
+        return choice(value, param)
+    return grammar_text(value, param)
+
+
+def beside_tools(param: str) -> FieldError:
+    """Structured output asked for beside tools, whose reply is JSON of its own."""
+    message = f"{param}: does not go with tools (a reply that may call tools is JSON of its own)"
+    return FieldError(message, param, hint="give the format of a reply that calls no tool as a JSON response_format")

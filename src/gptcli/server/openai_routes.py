@@ -58,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
     ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
     if tools is None:
-        shape = Shape("chat", state.model_name, tokenizer=state.tokenizer)
+        shape = Shape("chat", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param())
     else:
         shape = ToolShape("chat", state.model_name, tokenizer=state.tokenizer, text_replies=tools.answer is None)
     return await respond(request, state, body, [ids], [shape])
@@ -70,7 +70,8 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     state.check_model(body.model)
     prompts = await asyncio.to_thread(completion_prompts, state.tokenizer, body.prompt)
-    one = Shape("text", state.model_name, tokenizer=state.tokenizer)  # the response's id, for every choice
+    # the response's id, for every choice
+    one = Shape("text", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param())
     shapes = [
         replace(one, echo=text if body.echo else "", prompt_ids=ids, index=index)
         for index, (ids, text) in enumerate(prompts)

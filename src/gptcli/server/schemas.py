@@ -4,8 +4,8 @@ Parameters OpenAI defines that we do not implement (audio, ...) are accepted and
 (`extra="allow"`), so existing clients keep working; the README lists them. A demanded function call in the
 older form (`function_call`) is the exception: it would come back as text. The known ones are strictly
 typed, as OpenAI checks them. `response_format` (text, json_object, json_schema) is enforced by
-gptcli.constraints, `tools` by gptcli.tools; `logit_bias` and `logprobs` go to the sampling settings
-(gptcli.sampling).
+gptcli.constraints (vLLM's and llama-server's structured-output fields too: structured_fields.py), `tools` by
+gptcli.tools; `logit_bias` and `logprobs` go to the sampling settings (gptcli.sampling).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
 from gptcli.server.stop_fields import StopFields
+from gptcli.server.structured_fields import StructuredFields
 from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
@@ -126,7 +127,7 @@ class ResponseFormat(BaseModel):
         return answer_schema(self.constraint())
 
 
-class SamplingRequest(StopFields):
+class SamplingRequest(StopFields, StructuredFields):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
     model_config = REQUEST_MODEL
@@ -216,10 +217,11 @@ class SamplingRequest(StopFields):
         if self.ignore_eos:
             changes["ignore_eos"] = True
             changes["repetition_stop"] = False
-        if self.response_format is not None:
-            # With a JSON format, stop strings are accepted and not applied (the decoder's rule: the grammar ends
-            # the reply; a stop would cut the JSON short of a match). Not a 400: clients send `stop` routinely.
-            changes["constraint"] = self.response_format.constraint()
+        # With structured output, stop strings are accepted and not applied (the decoder's rule: the grammar ends
+        # the reply; a stop would cut the JSON short of a match). Not a 400: clients send `stop` routinely.
+        formatted = self.response_format.constraint() if self.response_format is not None else None
+        if (constraint := self.output_constraint(formatted)) is not None:  # vLLM's and llama-server's fields too
+            changes["constraint"] = constraint
         if self.logit_bias:
             bias = tuple((int(key), float(value)) for key, value in self.logit_bias.items())
             if (worst := max(token for token, _ in bias)) >= vocab_size:
@@ -334,6 +336,11 @@ class ChatRequest(SamplingRequest, ToolFields):
         if value in (None, "auto", "none"):
             return value
         raise ValueError("functions and function_call are not supported (only ignored): use tools and tool_choice")
+
+    def tool_spec(self, tokenizer: Tokenizer) -> ToolSpec | None:
+        if (tools := super().tool_spec(tokenizer)) is not None:
+            self.refuse_beside_tools()  # tools make the reply JSON of their own
+        return tools
 
     def sampling(self, defaults: SamplingConfig, vocab_size: int) -> SamplingConfig:
         params = super().sampling(defaults, vocab_size)
