@@ -39,10 +39,12 @@ def test_the_fastest_level_wins_per_bit_width_and_a_far_slower_one_is_not_timed_
 def test_the_choice_is_measured_once_per_machine_and_cached():
     calls: list[tuple] = []
     times = {(bits, level, rows): 0.001 * level for bits in (4, 8) for level in CANDIDATES for rows in (1, 8)}
-    first = choose_levels((8,), 64, fake_timer(times, calls))
-    assert first.levels == {8: 1} and calls
+    told: list[str] = []
+    first = choose_levels((8,), 64, fake_timer(times, calls), on_measure=lambda: told.append("measuring"))
+    assert first.levels == {8: 1} and calls and told == ["measuring"]
     calls.clear()
-    assert choose_levels((8,), 64, fake_timer(times, calls)) == first and calls == []
+    again = choose_levels((8,), 64, fake_timer(times, calls), on_measure=lambda: told.append("measuring"))
+    assert again == first and calls == [] and told == ["measuring"]  # from the cache: nothing to announce
     both = choose_levels((4, 8), 64, fake_timer(times, calls))  # a bit width not measured yet: measured now
     assert both.levels == {4: 1, 8: 1} and calls
     stored = json.loads(tuning.tuning_file().read_text())

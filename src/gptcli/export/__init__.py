@@ -220,8 +220,13 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         model = quantize(model, precision)
         if device == "cpu":
             embedding = quantize_embedding(model)
-            notify("choosing the MatMulNBits compute type for this CPU (timed once per machine, then cached)")
-            levels = choose_levels((8,) if precision == "int8" else (4, 8), arch.hidden)
+            levels = choose_levels(
+                (8,) if precision == "int8" else (4, 8),
+                arch.hidden,
+                on_measure=lambda: notify(
+                    "choosing the MatMulNBits compute type for this CPU (timed once, then cached)"
+                ),
+            )
             apply_accuracy_levels(model, levels.levels)
     onnx.save_model(
         model,

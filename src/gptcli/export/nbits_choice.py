@@ -77,12 +77,17 @@ def cached_choice(threads: int | None = None) -> NbitsChoice | None:
         return None
 
 
-def choose_levels(bit_widths: tuple[int, ...], k: int, timer: Timer | None = None) -> NbitsChoice:
-    """The fastest accuracy level for each bit width, from this machine's cache or measured now (and cached)."""
+def choose_levels(
+    bit_widths: tuple[int, ...], k: int, timer: Timer | None = None, on_measure: Callable[[], None] | None = None
+) -> NbitsChoice:
+    """The fastest accuracy level for each bit width, from this machine's cache or measured now (and cached);
+    `on_measure` is told first when it is measured (the export says so: it takes a few seconds)."""
     threads = default_threads()
     cached = cached_choice(threads)
     if cached is not None and all(bits in cached.levels for bits in bit_widths):
         return cached
+    if on_measure is not None:
+        on_measure()
     measured = measure_levels(bit_widths, k, threads, timer or ort_timer(threads))
     tuning.store(TUNING_NAME, machine_key(threads), measured.as_dict())
     return measured
