@@ -572,6 +572,20 @@ def test_cli_says_when_max_tokens_cut_the_json_short(tiny_models, tmp_path):
     assert "warning" not in whole.stderr.decode()
 
 
+def test_cli_says_when_a_cut_json_still_parses(capsys):
+    """`1.1331428571818` cut as a loop parses, so the warning (given only when json.loads failed) never came."""
+    from types import SimpleNamespace
+
+    from gptcli.cli import render
+
+    sampling = SimpleNamespace(constraint=constraints.ANY_JSON, max_tokens=64)
+    render.warn_if_incomplete(SimpleNamespace(reason="repetition", text="1.1331428571818"), sampling)
+    said = capsys.readouterr().err
+    assert "the output was cut as a loop" in said and "it parses, but may be missing its end" in said
+    render.warn_if_incomplete(SimpleNamespace(reason="stop", text="1.5"), sampling)
+    assert capsys.readouterr().err == ""
+
+
 def test_ignore_eos_keeps_a_constrained_reply_going_while_its_grammar_can(llama):
     """ignore_eos (the server's benchmark switch) ended `(ab)+` at `ab`: the grammar let EOS through."""
     backend, tok = llama

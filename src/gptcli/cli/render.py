@@ -253,3 +253,5 @@ def warn_if_incomplete(finished: Any, sampling: Any) -> None:
         json.loads(finished.text)
     except ValueError:
         warn(f"{cut} before the JSON was complete: it does not parse")
+        return
+    warn(f"{cut} before the JSON was complete: it parses, but may be missing its end (a number's last digits)")
