@@ -34,6 +34,7 @@ from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError
 from gptcli.jsonl import RepeatedKeyError, unique_keys
 from gptcli.tokenizer import Tokenizer
+from gptcli.tool_schemas import closed
 
 # Compact JSON the way json.dumps writes it: no free whitespace, so a small model cannot wander off
 # into blank lines, and ", " / ": " as separators because models have read a lot of that.
@@ -123,6 +124,12 @@ def lark(source: str) -> str:
         raise ValueError(f"invalid GBNF grammar: {' '.join(str(exc).split())}") from None
 
 
+def compiled_schema(constraint: OutputConstraint) -> Any:
+    """A JSON Schema constraint's schema as its grammar reads it: objects that name their properties closed (as
+    llama.cpp, xgrammar and outlines read a schema), a `format` llguidance does not implement an annotation."""
+    return schema_width.enforced_formats(closed(json.loads(constraint.source)))
+
+
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint."""
@@ -134,8 +141,8 @@ def grammar(constraint: OutputConstraint) -> str:
         return llguidance.LLMatcher.grammar_from_lark(lark(constraint.source))
     if constraint.kind == "json":
         return llguidance.LLMatcher.grammar_from_json_schema("{}", defaults=JSON_OPTIONS)
-    if constraint.kind == "json_schema":  # a `format` it does not implement is an annotation: not enforced
-        source = json.dumps(schema_width.enforced_formats(json.loads(constraint.source)))
+    if constraint.kind == "json_schema":
+        source = json.dumps(compiled_schema(constraint))
         return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
     raise ConfigError(
         f"unknown structured output kind '{constraint.kind}'", hint="use json, json_schema, regex or grammar"
@@ -169,8 +176,7 @@ def wide_object(constraint: OutputConstraint) -> str:
     """Why an object nested anywhere in a JSON Schema cannot be opened (too many optional properties), or ""."""
     if constraint.kind != "json_schema":
         return ""
-    schema = schema_width.enforced_formats(json.loads(constraint.source))
-    found = schema_width.first_too_wide(schema, JSON_OPTIONS)
+    found = schema_width.first_too_wide(compiled_schema(constraint), JSON_OPTIONS)
     if found is None:
         return ""
     items, limit, pointer = found
