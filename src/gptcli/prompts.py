@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from gptcli.config import SamplingConfig
-from gptcli.errors import InputError
+from gptcli.errors import FieldError, InputError
 from gptcli.textio import PIECE_CHARS, text_pieces
 from gptcli.tokenizer import Tokenizer
 
@@ -39,10 +39,48 @@ def user_text(messages: Messages) -> str:
     return messages[-1]["content"]
 
 
-def transcript(messages: Messages) -> str:
-    """Without a chat template, a chat is a plain transcript the base model can continue."""
+# How a chat's prompt ends: the model's new turn (the template's generation prompt), the last message (the
+# assistant's) left open for the reply to continue (llama-server's assistant prefill, vLLM's
+# continue_final_message), or the messages alone (vLLM's add_generation_prompt: false).
+NEW_TURN, CONTINUE, BARE = "new turn", "continue", "bare"
+PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")  # vLLM's request fields that choose it
+
+
+def transcript(messages: Messages, ending: str = NEW_TURN) -> str:
+    """Without a chat template, a chat is a plain transcript the base model can continue: after a last
+    "Assistant:" for a new turn, else after the last message (an assistant's continues its own line)."""
     lines = [m["content"] if m["role"] == "system" else f"{m['role'].title()}: {m['content']}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])
+    return "\n".join([*lines, "Assistant:"] if ending == NEW_TURN else lines)
+
+
+def prompt_ending(fields: Mapping[str, Any], messages: Messages, *, tools: bool = False) -> str:
+    """How a request's chat prompt ends, from its PREFILL_FIELDS (the server's and batch lines' one rule).
+
+    A last message from the assistant (text, no tool calls) is continued unless continue_final_message is
+    false or add_generation_prompt true (llama-server continues it always; vLLM when asked). A reply that may
+    call tools is JSON of its own: it starts a new turn. add_generation_prompt: false ends the prompt after
+    the messages, as vLLM renders it. FieldError names the field that does not fit."""
+    carry_on, new_turn = (fields.get(name) for name in PREFILL_FIELDS)
+    for name, value in zip(PREFILL_FIELDS, (carry_on, new_turn), strict=True):
+        if value is not None and not isinstance(value, bool):
+            raise FieldError(f"{name}: must be true or false", name)
+    last = messages[-1] if messages else {}
+    open_reply = last.get("role") == "assistant" and not last.get("tool_calls")
+    if carry_on:
+        why = ""
+        if new_turn:
+            why = "does not go with add_generation_prompt: true (a new turn); send add_generation_prompt: false"
+        elif not open_reply:
+            why = "the last message must be the assistant's text to continue (this one is "
+            why += "its tool calls)" if last.get("role") == "assistant" else f"the {last.get('role')}'s)"
+        elif tools:
+            why = "does not go with tools: a reply that may call tools is JSON, not the rest of a text"
+        if why:
+            raise FieldError(f"continue_final_message: {why}", "continue_final_message")
+        return CONTINUE
+    if carry_on is None and new_turn is not True and open_reply and not tools:
+        return CONTINUE
+    return BARE if new_turn is False else NEW_TURN
 
 
 # Where a base model continuing a transcript starts the user's next turn: its reply ends there (it went on
@@ -64,14 +102,43 @@ def build_prompt(
     raw: bool = False,
     plain: Callable[[Messages], str] = user_text,
     tools: list[dict[str, Any]] | None = None,
+    ending: str = NEW_TURN,
 ) -> Prompt:
     """The one prompt builder: messages through the model's chat template, or, for a model without one
     (or with `raw`), the text `plain(messages)` encoded as is. Chat, generate and summarize all come here.
-    `tools` go to a template that reads them (gptcli.tools decides)."""
+    `tools` go to a template that reads them (gptcli.tools decides); `ending`: how the rendering ends
+    (prompt_ending; `plain` writes the same ending itself)."""
     if raw or not tokenizer.chat_template:
         return Prompt(tokenizer.encode(plain(messages), add_special_tokens=True), templated=False)
-    rendered = tokenizer.render_chat(messages, tools=tools)
+    if ending == CONTINUE:
+        rendered = continued_rendering(tokenizer, messages, tools)
+    else:
+        rendered = tokenizer.render_chat(messages, tools=tools, add_generation_prompt=ending == NEW_TURN)
     return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
+
+
+OPEN_END = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where the final message's content ends
+
+
+def continued_rendering(tokenizer: Tokenizer, messages: Messages, tools: list[dict[str, Any]] | None) -> str:
+    """The chat template's rendering (no generation prompt) cut right after the last message's content, as
+    transformers' `continue_final_message` cuts it: a marker follows the content, and the text ends where it
+    starts. A template that trims the content (the marker's space gone) trims the content's trailing spaces too.
+    A rendering that does not end the content as sent (a template that rewrites or drops it) is a FieldError."""
+    content = messages[-1].get("content") or ""
+    marked = [*messages[:-1], {**messages[-1], "content": content + OPEN_END}]
+    rendered = tokenizer.render_chat(marked, tools=tools, add_generation_prompt=False)
+    at = rendered.rfind(OPEN_END.strip())
+    cut = rendered[: max(at, 0)]
+    if at >= 0 and rendered[at : at + len(OPEN_END)] != OPEN_END and content.strip():
+        cut = cut.rstrip()
+    if at < 0 or not cut.rstrip().endswith(content.strip()):
+        raise FieldError(
+            "messages: the chat template does not write the last message (the assistant's) as sent, so the reply"
+            " cannot continue it; send continue_final_message: false to answer in a new turn",
+            "messages",
+        )
+    return cut
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, *, system: str | None = None, raw: bool = False) -> Prompt:

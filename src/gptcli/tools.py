@@ -10,6 +10,7 @@ where it reads `tools`, else as text any model can read.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from gptcli.config import OutputConstraint
 from gptcli.constraints import schema_constraint
 from gptcli.errors import ConfigError, ToolError
-from gptcli.prompts import Messages, Prompt, build_prompt, transcript
+from gptcli.prompts import NEW_TURN, Messages, Prompt, build_prompt, transcript
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_schemas import closed, rebased
 
@@ -297,12 +298,15 @@ def _arguments(call: dict[str, Any]) -> Any:
         return text
 
 
-def chat_prompt(tokenizer: Tokenizer, turns: Messages, spec: ToolSpec | None) -> Prompt:
+def chat_prompt(tokenizer: Tokenizer, turns: Messages, spec: ToolSpec | None, ending: str = NEW_TURN) -> Prompt:
     """A conversation's prompt as `gptcli chat` builds it (the chat template, or a plain transcript for a base
-    model), with the tools the reply may call and how to call them; the server's and batch files' one builder."""
+    model), with the tools the reply may call and how to call them; the server's and batch files' one builder.
+    `ending`: a new turn, the last message continued, or none (gptcli.prompts.prompt_ending)."""
     native = tokenizer.supports_tools
     listed = template_tools(spec) if spec is not None and native else None
-    return build_prompt(tokenizer, prompt_messages(turns, spec, native=native), plain=transcript, tools=listed)
+    written = prompt_messages(turns, spec, native=native)
+    plain = functools.partial(transcript, ending=ending)
+    return build_prompt(tokenizer, written, plain=plain, tools=listed, ending=ending)
 
 
 CALL_SHAPE = '{"id", "type": "function", "function": {"name", "arguments"}}'
