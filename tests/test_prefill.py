@@ -1,19 +1,25 @@
 """Assistant prefill: a chat whose last message is the assistant's is continued (llama-server's default, vLLM's
-continue_final_message), by one rule (gptcli.prompts.prompt_ending) and one rendering (the chat template cut right
-after the message's content, or the plain transcript)."""
+continue_final_message), on the server, /tokenize and in batch lines, by one rule (gptcli.prompts.prompt_ending)
+and one rendering (the chat template cut right after the message's content, or the plain transcript)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gptcli.config import Settings, with_sampling
 from gptcli.errors import FieldError
 from gptcli.prompts import BARE, CONTINUE, NEW_TURN, prompt_ending
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import chat_prompt
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
 
 ASK = {"role": "user", "content": "List three colours."}
 BEGUN = {"role": "assistant", "content": "1. Red\n2."}
@@ -21,6 +27,7 @@ PREFILLED = [ASK, BEGUN]
 PREFIX = "<|im_start|>user\nList three colours.<|im_end|>\n<|im_start|>assistant\n1. Red\n2."  # ChatML's, cut
 CALLS = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
 TOOLS = [{"type": "function", "function": {"name": "f"}}]
+SETTINGS = with_sampling(Settings(), temperature=0.0, max_tokens=12)
 
 
 @pytest.mark.parametrize(
@@ -126,3 +133,138 @@ def test_a_template_that_does_not_write_the_message_as_sent_cannot_continue_it(t
     with pytest.raises(FieldError, match="continue_final_message: false to answer in a new turn") as caught:
         chat_prompt(tok, PREFILLED, None, CONTINUE)
     assert caught.value.param == "messages"
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_models):
+    from gptcli.runtime import open_runtime
+
+    return open_runtime(Settings(model=str(tiny_models["llama"])), lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def live(runtime) -> Iterator[Any]:
+    from tests.test_server import serve_runtime
+
+    with serve_runtime(runtime, max_running=4) as server:
+        yield server
+
+
+@pytest.mark.parametrize("template", UNWRITTEN)
+def test_a_template_that_cannot_continue_the_message_is_a_400_naming_messages(tiny_models, tmp_path, template):
+    from gptcli.server.errors import APIError
+    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.schemas import ChatMessage
+
+    tok = with_template(tiny_models, tmp_path, template)
+    with pytest.raises(APIError) as caught:
+        chat_prompt_ids(tok, [ChatMessage(**m) for m in PREFILLED])
+    assert (caught.value.status, caught.value.param) == (400, "messages")
+    assert caught.value.message.startswith("messages: the chat template does not write the last message")
+
+
+def chat(live: Any, messages: list[dict[str, Any]], **fields: Any) -> httpx.Response:
+    body = {"model": "tiny-llama", "messages": messages, "temperature": 0, "max_tokens": 12, **fields}
+    return httpx.post(live.v1 + "/chat/completions", json=body, timeout=60)
+
+
+def prefix_tokens(runtime: Any) -> int:
+    return len(runtime.tokenizer.encode(PREFIX, add_special_tokens=False))
+
+
+def raw_reply(runtime: Any, text: str) -> str:
+    """What `gptcli generate --raw` gives for the text at temperature 0 (the same loop, in-process)."""
+    from tests.test_server import reference
+
+    return reference(runtime, text, 12, raw=True).text
+
+
+def test_the_reply_continues_the_assistants_text_as_generate_raw_does_its_prefix(live, runtime):
+    continued = raw_reply(runtime, PREFIX)
+    reply = chat(live, PREFILLED).json()
+    assert reply["choices"][0]["message"]["content"] == continued  # only the continuation
+    assert reply["usage"]["prompt_tokens"] == prefix_tokens(runtime)
+    vllm = {"continue_final_message": True, "add_generation_prompt": False}
+    assert chat(live, PREFILLED, **vllm).json()["choices"][0]["message"]["content"] == continued
+    turn = chat(live, PREFILLED, continue_final_message=False).json()  # as before: a new turn after the finished one
+    new_turn = runtime.tokenizer.decode(
+        chat_prompt(runtime.tokenizer, PREFILLED, None, NEW_TURN).ids, skip_special_tokens=False
+    )
+    assert turn["choices"][0]["message"]["content"] == raw_reply(runtime, new_turn)
+    assert turn["usage"]["prompt_tokens"] > reply["usage"]["prompt_tokens"]
+
+
+def test_a_streamed_reply_is_only_the_continuation_too(live, runtime):
+    body = {"stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream(
+        "POST",
+        live.v1 + "/chat/completions",
+        json={"model": "tiny-llama", "messages": PREFILLED, "temperature": 0, "max_tokens": 12, **body},
+        timeout=60,
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == raw_reply(runtime, PREFIX)
+    assert events[-1]["usage"]["prompt_tokens"] == prefix_tokens(runtime)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"continue_final_message": True, "add_generation_prompt": False}, {"continue_final_message": False}],
+)
+def test_tokenize_counts_the_prompt_the_chat_route_runs(live, runtime, fields):
+    tokens = httpx.post(live.url + "/tokenize", json={"messages": PREFILLED, **fields}, timeout=60).json()
+    assert tokens["count"] == chat(live, PREFILLED, **fields).json()["usage"]["prompt_tokens"]
+    prefix = PREFIX + ("<|im_end|>\n<|im_start|>assistant\n" if fields.get("continue_final_message") is False else "")
+    assert tokens["tokens"] == runtime.tokenizer.encode(prefix, add_special_tokens=False)
+
+
+def test_tokenize_without_a_generation_prompt(live, runtime):
+    tokens = httpx.post(live.url + "/tokenize", json={"messages": [ASK], "add_generation_prompt": False}).json()
+    text = "<|im_start|>user\nList three colours.<|im_end|>\n"
+    assert tokens["tokens"] == runtime.tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "messages", "param"),
+    [
+        ({"continue_final_message": True}, [ASK], "continue_final_message"),
+        ({"continue_final_message": True, "add_generation_prompt": True}, PREFILLED, "continue_final_message"),
+        ({"continue_final_message": "true"}, PREFILLED, "continue_final_message"),
+        ({"add_generation_prompt": "no"}, PREFILLED, "add_generation_prompt"),
+        ({"continue_final_message": True, "tools": TOOLS}, PREFILLED, "continue_final_message"),
+    ],
+)
+def test_a_prefill_field_that_does_not_fit_is_a_400_naming_it(live, fields, messages, param):
+    for route, body in (("/v1/chat/completions", {"temperature": 0}), ("/tokenize", {})):
+        response = httpx.post(live.url + route, json={"messages": messages, **fields, **body}, timeout=60)
+        assert response.status_code == 400, route
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"].startswith(f"{param}: "), (route, error)
+
+
+def test_structured_output_constrains_the_continuation(live, runtime):
+    steer = [ASK, {"role": "assistant", "content": "My answer (yes or no): "}]
+    reply = chat(live, steer, structured_outputs={"choice": ["yes", "no"]}).json()
+    assert reply["choices"][0]["message"]["content"] in ("yes", "no")
+    text = PREFIX.replace("1. Red\n2.", steer[1]["content"])
+    assert reply["usage"]["prompt_tokens"] == len(runtime.tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.integration
+def test_the_default_model_continues_a_begun_list_rather_than_repeating_it(default_model):
+    from types import SimpleNamespace
+
+    from gptcli.backends.base import LoadOptions, get_backend_class
+    from tests.test_server import serve_runtime
+
+    backend = get_backend_class("torch").load(default_model.path, LoadOptions(device="cpu", dtype="float32"))
+    served = SimpleNamespace(backend=backend, tokenizer=Tokenizer(default_model.path))
+    with serve_runtime(served) as server:
+        reply = chat(server, PREFILLED, max_tokens=8).json()["choices"][0]["message"]["content"]
+        again = chat(server, PREFILLED, max_tokens=8, continue_final_message=False).json()
+    assert reply.startswith(" ") and "3." in reply and "1. Red" not in reply, reply  # " Blue\n3. Green"
+    assert again["choices"][0]["message"]["content"].startswith("1. Red"), again  # a new turn repeats it

@@ -56,7 +56,7 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(body.model)
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
-    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools)
+    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools, body)
     if tools is None:
         shape = Shape("chat", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param())
     else:

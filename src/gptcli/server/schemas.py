@@ -22,6 +22,7 @@ from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
+from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.stop_fields import StopFields
 from gptcli.server.structured_fields import StructuredFields
 from gptcli.textio import lone_surrogate
@@ -322,7 +323,7 @@ class ToolFields(BaseModel):
         return self._tools
 
 
-class ChatRequest(SamplingRequest, ToolFields):
+class ChatRequest(SamplingRequest, ToolFields, PrefillFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
