@@ -4,6 +4,7 @@ and one rendering (the chat template cut right after the message's content, or t
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -252,6 +253,67 @@ def test_structured_output_constrains_the_continuation(live, runtime):
     assert reply["choices"][0]["message"]["content"] in ("yes", "no")
     text = PREFIX.replace("1. Red\n2.", steer[1]["content"])
     assert reply["usage"]["prompt_tokens"] == len(runtime.tokenizer.encode(text, add_special_tokens=False))
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def run_lines(live: Any, runtime: Any, lines: list[dict[str, Any]], *, remote: bool) -> list[dict[str, Any]]:
+    from gptcli.batch_requests import parse_request
+    from gptcli.batchfile import LocalLines, RemoteLines, run_batch
+    from gptcli.engine import Engine, EngineLimits
+    from gptcli.jsonl import ResultWriter, read_lines
+    from gptcli.remote import RemoteModel
+
+    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    if remote:
+        where: Any = RemoteLines(RemoteModel(live.v1, api_key="unused"), 2)
+        requests = (parse_request(n, raw, None, SETTINGS, 0) for n, raw in read_lines(data))
+    else:
+        where = LocalLines(Engine(runtime.backend, runtime.tokenizer, EngineLimits(max_running=2)))
+        context = runtime.backend.info.context_length
+        requests = (parse_request(n, raw, runtime.tokenizer, SETTINGS, context) for n, raw in read_lines(data))
+    stream = io.StringIO()
+    run_batch(where, requests, ResultWriter(stream, sync=False))
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+LINES = [
+    {"id": "prefilled", "messages": PREFILLED},
+    {"id": "vllm", "messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": False},
+    {"id": "new turn", "messages": PREFILLED, "continue_final_message": False},
+]
+
+
+def test_a_batch_line_is_continued_as_the_server_continues_it_here_and_through_url(live, runtime):
+    here = run_lines(live, runtime, LINES, remote=False)
+    there = run_lines(live, runtime, LINES, remote=True)
+    for line, mine, theirs in zip(LINES, here, there, strict=True):
+        fields = {key: value for key, value in line.items() if key not in ("id", "messages")}
+        served = chat(live, PREFILLED, **fields).json()
+        assert mine["text"] == theirs["text"] == served["choices"][0]["message"]["content"], line["id"]
+        assert mine["usage"]["prompt_tokens"] == served["usage"]["prompt_tokens"], line["id"]
+    assert here[0]["text"] == here[1]["text"] != here[2]["text"]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ({"messages": [ASK], "continue_final_message": True}, "continue_final_message: the last message must be"),
+        ({"messages": PREFILLED, "add_generation_prompt": "no"}, "add_generation_prompt: must be true or false"),
+        ({"prompt": "hi", "continue_final_message": True}, "`continue_final_message` goes with `messages`"),
+        (
+            {"messages": PREFILLED, "continue_final_message": True, "tools": TOOLS},
+            "continue_final_message: does not go with tools",
+        ),
+    ],
+)
+def test_a_prefill_field_that_does_not_fit_is_that_lines_error_naming_it(runtime, line, error):
+    from gptcli.batch_requests import parse_request
+
+    for tokenizer in (runtime.tokenizer, None):  # here, and before a line is sent to a server
+        request = parse_request(1, json.dumps(line).encode(), tokenizer, SETTINGS, 128)
+        assert request.error is not None and request.error.startswith(error), (tokenizer, request.error)
 
 
 @pytest.mark.integration

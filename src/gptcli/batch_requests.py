@@ -8,7 +8,9 @@ A request line is an object with `prompt` (text) or `messages` (chat messages), 
 them as it checks the server's), structured output (OpenAI's `response_format`, or vLLM's and llama-server's
 fields, checked as the server checks them: gptcli.output_requests); a `messages` line may carry OpenAI's `tools`,
 `tool_choice` and `parallel_tool_calls` (gptcli.tools, as the server takes them; a JSON `response_format`
-is then the format of a reply that calls none), and its result then holds the reply's `tool_calls`. A line
+is then the format of a reply that calls none), and its result then holds the reply's `tool_calls`; and vLLM's
+`continue_final_message` and `add_generation_prompt` (a last message from the assistant is continued, as the
+server continues it: gptcli.prompts.prompt_ending). A line
 that cannot be run (bad JSON, unknown keys, a prompt over the context, messages its chat template refuses)
 becomes an error result for that line.
 """
@@ -23,7 +25,16 @@ from gptcli.decoding import Finished
 from gptcli.errors import ChatTemplateRefusal, ConfigError, InputError, ToolError
 from gptcli.jsonl import MAX_LINE_BYTES, parse_line
 from gptcli.output_requests import IGNORED_FIELDS, OUTPUT_FIELDS, beside_tools, requested_output, response_format
-from gptcli.prompts import MESSAGE_ROLES, Messages, fit_prompt, messages_for, template_role, transcript_sampling
+from gptcli.prompts import (
+    MESSAGE_ROLES,
+    PREFILL_FIELDS,
+    Messages,
+    fit_prompt,
+    messages_for,
+    prompt_ending,
+    template_role,
+    transcript_sampling,
+)
 from gptcli.stopping import STOP_FIELDS, stop_options
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
@@ -33,7 +44,7 @@ SAMPLING_KEYS = (*SAMPLING_KNOBS, "max_tokens", "seed", "stop")
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
 OUTPUT_KEYS = ("response_format", *OUTPUT_FIELDS, *IGNORED_FIELDS)  # structured output, as the server takes it
 REQUEST_KEYS = {"id", "prompt", "messages", "system", "raw", *OUTPUT_KEYS, *SAMPLING_KEYS, *TOOL_KEYS}
-REQUEST_KEYS |= set(STOP_FIELDS)  # vLLM's stopping options, checked by gptcli.stopping
+REQUEST_KEYS |= {*STOP_FIELDS, *PREFILL_FIELDS}  # vLLM's stopping options (gptcli.stopping), and prefill
 FINISH_NAMES = {"context": "length"}  # OpenAI's names: a full context is a length stop
 
 
@@ -50,6 +61,7 @@ class BatchRequest:
     error: str | None = None
     numbered: bool = False  # the line has no `id`: its id is its line number
     tools: dict[str, Any] | None = None  # the line's TOOL_KEYS (and response_format), where its reply may call tools
+    prefill: dict[str, Any] | None = None  # run on a server: the line's PREFILL_FIELDS, sent as given
     text_replies: bool = True  # a reply that calls no tool is text (else the JSON of its response_format's schema)
 
 
@@ -70,9 +82,13 @@ def _checked_messages(messages: Any) -> Messages:
     return turns
 
 
-def _encode_messages(tokenizer: Tokenizer, messages: Any, tools: ToolSpec | None = None) -> list[int]:
-    # As `gptcli chat` builds a conversation (the chat template, or a plain transcript), with the server's tools.
-    return chat_prompt(tokenizer, _checked_messages(messages), tools).ids
+def _encode_messages(
+    tokenizer: Tokenizer, messages: Any, tools: ToolSpec | None = None, fields: dict[str, Any] | None = None
+) -> list[int]:
+    # As the server builds a chat (the chat template, or a plain transcript), with its tools and the line's
+    # PREFILL_FIELDS (in `fields`: by default a last message from the assistant is continued).
+    turns = _checked_messages(messages)
+    return chat_prompt(tokenizer, turns, tools, prompt_ending(fields or {}, turns, tools=tools is not None)).ids
 
 
 def _line_tools(data: dict, tokenizer: Tokenizer | None, answer: dict[str, Any] | None) -> ToolSpec | None:
@@ -143,10 +159,10 @@ def parse_request(
         if tokenizer is None:
             if asked is not None and asked[1] is not None and asked[1].kind in ("regex", "grammar"):  # or a choice
                 raise InputError(f"{asked[0]}: does not work with --url: OpenAI's response_format has only JSON")
-            send = _to_send(data, system)
+            send = _to_send(data, system, tools is not None)
             return BatchRequest(number, line_id, settings=line_settings, **shape, **send)
         if "messages" in data:
-            ids = _encode_messages(tokenizer, data["messages"], tools)
+            ids = _encode_messages(tokenizer, data["messages"], tools, data)
             if len(ids) >= context_length:
                 raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
             line_settings = replace(line_settings, sampling=transcript_sampling(line_settings.sampling, tokenizer))
@@ -165,10 +181,14 @@ def parse_request(
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
 
-def _to_send(data: dict, system: str | None) -> dict[str, Any]:
-    """What a server is sent for a line: its messages, a prompt as a user message, or a raw prompt as text."""
+def _to_send(data: dict, system: str | None, tools: bool) -> dict[str, Any]:
+    """What a server is sent for a line: its messages (and its PREFILL_FIELDS, checked), a prompt as a user
+    message, or a raw prompt as text."""
     if "messages" in data:
-        return {"messages": _checked_messages(data["messages"])}
+        turns = _checked_messages(data["messages"])
+        prompt_ending(data, turns, tools=tools)  # the server decides; a bad field is the line's error
+        prefill = {key: data[key] for key in PREFILL_FIELDS if key in data}
+        return {"messages": turns, "prefill": prefill or None}
     if data.get("raw"):
         return {"text": data["prompt"]}
     return {"messages": messages_for(data["prompt"], system)}
@@ -192,6 +212,8 @@ def _check_prompt_options(data: dict) -> None:
         raise InputError("`system` must be text")
     if "raw" in data and not isinstance(data["raw"], bool):
         raise InputError("`raw` must be true or false")
+    if "prompt" in data and (given := next((key for key in PREFILL_FIELDS if key in data), None)):
+        raise InputError(f"`{given}` goes with `messages`: a `prompt` is the user's message")
     if "messages" in data and ("system" in data or "raw" in data):
         raise InputError('`system` and `raw` go with `prompt`; in `messages`, give a {"role": "system"} message')
     if data.get("raw") and "system" in data:

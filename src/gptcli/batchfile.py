@@ -123,9 +123,10 @@ class RemoteLines:
         params = request.settings.sampling  # type: ignore[union-attr]
         if request.text is not None:
             return functools.partial(self.remote.complete, request.text, params)
+        extra = {"extra": request.prefill} if request.prefill else {}  # the line's prefill fields, as it gives them
         if request.tools is not None:  # the server's calls come back in a CallsFinished
-            return functools.partial(self.remote.chat, request.messages, params, request.tools)
-        return functools.partial(self.remote.chat, request.messages, params)
+            return functools.partial(self.remote.chat, request.messages, params, request.tools, **extra)
+        return functools.partial(self.remote.chat, request.messages, params, **extra)
 
 
 def _is_new_token(event: Event | GptcliError, lines: Lines) -> bool:

@@ -204,11 +204,15 @@ class RemoteModel:
 
     # --- generation -------------------------------------------------------------------------------
     def chat(
-        self, messages: Sequence[Mapping[str, Any]], params: SamplingConfig, tools: Mapping[str, Any] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: SamplingConfig,
+        tools: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> Iterator[Event]:
         """The chat's events; with `tools` (OpenAI's tools, tool_choice, parallel_tool_calls) the last one is a
-        CallsFinished holding the calls the server made, or its text."""
-        payload = {"messages": [dict(m) for m in messages], **self._sampling(params), **(tools or {})}
+        CallsFinished holding the calls the server made, or its text. `extra`: more request fields, as they are."""
+        payload = {"messages": [dict(m) for m in messages], **self._sampling(params), **(tools or {}), **(extra or {})}
         return self._stream("/chat/completions", payload, chat=True, calls=StreamedCalls() if tools else None)
 
     def complete(self, prompt: str, params: SamplingConfig) -> Iterator[Event]:
