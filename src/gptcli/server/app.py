@@ -18,6 +18,7 @@ from gptcli import __version__
 from gptcli.server.errors import install_error_handlers
 from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CrossSiteGuard, RequestCounter
 from gptcli.server.openai_routes import router
+from gptcli.server.responses_routes import router as responses_router
 from gptcli.server.state import ServerState
 from gptcli.server.token_routes import router as token_router
 
@@ -72,6 +73,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     app.state.gptcli = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(responses_router)
     app.include_router(token_router)
     page = chat_page()
     headers = page_headers(page)
@@ -89,7 +91,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # Added innermost first: the counter sees every answer, the key is checked before the body is read.
-    served = [*router.routes, *token_router.routes]
+    served = [*router.routes, *responses_router.routes, *token_router.routes]
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(CrossSiteGuard)

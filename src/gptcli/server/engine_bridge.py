@@ -35,9 +35,16 @@ class EngineLike(Protocol):
     def stop(self, grace_s: float = 0.0) -> None: ...
 
 
-def check_fits(engine: EngineLike, prompts: list[list[int]], params: SamplingConfig, *, prompt_param: str) -> None:
+def check_fits(
+    engine: EngineLike,
+    prompts: list[list[int]],
+    params: SamplingConfig,
+    *,
+    prompt_param: str,
+    tokens_param: str = "max_tokens",
+) -> None:
     """A request the KV budget can never hold: a 400 in the request's own terms, naming what would make it fit
-    (fewer tokens asked for, or a shorter prompt when the prompt alone fills the budget)."""
+    (fewer tokens asked for in `tokens_param`, or a shorter prompt when the prompt alone fills the budget)."""
     for ids in prompts:
         try:
             engine.check_fits(len(ids), params)
@@ -46,8 +53,8 @@ def check_fits(engine: EngineLike, prompts: list[list[int]], params: SamplingCon
             if len(ids) >= engine.kv_budget:
                 message = f"{prompt_param}: {exc.message}; shorten it ({server})"
                 raise APIError(400, message, param=prompt_param, code="context_length_exceeded") from None
-            message = f"max_tokens: {exc.message}; ask for fewer tokens ({server})"
-            raise APIError(400, message, param="max_tokens", code="invalid_value") from None
+            message = f"{tokens_param}: {exc.message}; ask for fewer tokens ({server})"
+            raise APIError(400, message, param=tokens_param, code="invalid_value") from None
 
 
 class EngineStream:

@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Stats, Token
 from gptcli.errors import ConfigError
 from gptcli.prompts import transcript_sampling
@@ -83,6 +84,55 @@ async def respond(
     request: Request, state: ServerState, body: SamplingRequest, prompts: list[list[int]], shapes: list[Shape]
 ) -> Response:
     """Check each prompt fits, submit them all to the engine, then stream or wait for the whole answer."""
+    chat = shapes[0].kind == "chat"
+    submitted = await submit(
+        state, body, prompts, chat=chat, constraint_param=shapes[0].constraint_param, prompt_param=PROMPT_PARAM[chat]
+    )
+    if body.stream:
+        events = stream_body(submitted.events, shapes, include_usage=body.include_usage)
+        return EventStreamResponse(events, on_close=submitted.cancel)
+    finished = await whole(request, submitted)
+    if finished is None:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+    with_logprobs = submitted.params.logprobs is not None
+    choices = [
+        shape.choice(done, OPENAI_FINISH.get(done.reason, "stop"), with_logprobs=with_logprobs)
+        for shape, done in zip(shapes, finished, strict=True)
+    ]
+    whole_body = {**shapes[0].envelope(False), "choices": choices, "usage": usage([f.stats for f in finished])}
+    return JSONResponse(whole_body)
+
+
+PROMPT_PARAM = {True: "messages", False: "prompt"}  # the field that holds a chat's (True) or a completion's prompt
+
+
+@dataclass
+class Submitted:
+    """A request's sequences in the engine: their merged events, and the sampling settings they run with."""
+
+    streams: list[EngineStream]
+    events: AsyncIterator[tuple[int, Token | Finished]]
+    params: SamplingConfig
+    constraint_param: str  # the field that set the reply's grammar (a failing one's 400 names it)
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()
+
+
+async def submit(
+    state: ServerState,
+    body: SamplingRequest,
+    prompts: list[list[int]],
+    *,
+    chat: bool,
+    constraint_param: str,
+    prompt_param: str,
+    tokens_param: str = "max_tokens",
+) -> Submitted:
+    """Check each prompt fits (a 400 naming `prompt_param`, or `tokens_param` where fewer tokens would fit), then
+    submit them all to the engine (chat: a base model's transcript stops where it would write the user's turn);
+    the routes of every API share it."""
     limits = state.engine.limits
     if len(prompts) > limits.max_running + limits.max_queue:  # a 503 would send the client round forever
         message = (
@@ -96,12 +146,12 @@ async def respond(
             raise APIError(
                 400,
                 f"the prompt is {len(ids)} tokens but the model's context holds {state.context_length}",
-                param="messages" if shapes[0].kind == "chat" else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
     arrived = time.perf_counter()
     params = body.sampling(state.defaults, state.tokenizer.vocab_size)
-    if shapes[0].kind == "chat":  # a base model's transcript: its reply ends where it would write the user's turn
+    if chat:  # a base model's transcript: its reply ends where it would write the user's turn
         params = transcript_sampling(params, state.tokenizer)
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step
         from gptcli.constraints import prepare
@@ -109,9 +159,10 @@ async def respond(
         try:
             await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
         except ConfigError as exc:  # it matches nothing, or fails at its first token: the request's own format
-            param = shapes[0].constraint_param
-            raise APIError(400, f"{param}: {exc.message}", param=param, code="invalid_value") from None
-    check_fits(state.engine, prompts, params, prompt_param="messages" if shapes[0].kind == "chat" else "prompt")
+            raise APIError(
+                400, f"{constraint_param}: {exc.message}", param=constraint_param, code="invalid_value"
+            ) from None
+    check_fits(state.engine, prompts, params, prompt_param=prompt_param, tokens_param=tokens_param)
     streams: list[EngineStream] = []
     try:
         for ids in prompts:
@@ -120,38 +171,31 @@ async def respond(
         for stream in streams:
             stream.cancel()
         raise
-
-    def cancel_all() -> None:
-        for stream in streams:
-            stream.cancel()
-
     events = merged([timed_events(stream, state, arrived) for stream in streams])
-    if body.stream:
-        return EventStreamResponse(stream_body(events, shapes, include_usage=body.include_usage), on_close=cancel_all)
+    return Submitted(streams, events, params, constraint_param)
+
+
+async def whole(request: Request, submitted: Submitted) -> list[Finished] | None:
+    """Each sequence's Finished event once all have ended; None when the client left first (generation stops).
+    A sequence the engine cancelled (shutdown) or that failed raises the API error it causes."""
     waiter = asyncio.ensure_future(wait_for_disconnect(request))
-    collector = asyncio.ensure_future(last_events(events, len(streams)))
+    collector = asyncio.ensure_future(last_events(submitted.events, len(submitted.streams)))
     try:
         await asyncio.wait({waiter, collector}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
         client_left = not collector.done()
         if client_left:  # (or this task was cancelled): stop generating for it
-            cancel_all()
+            submitted.cancel()
             collector.cancel()
     if client_left:
-        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        return None
     finished = collector.result()
     if any(f.reason == "cancelled" for f in finished):
         raise shutdown_error()
     if failed := next((f for f in finished if f.reason == "error"), None):
-        raise failure_error(failed, shapes[0].constraint_param)
-    with_logprobs = params.logprobs is not None
-    choices = [
-        shape.choice(done, OPENAI_FINISH.get(done.reason, "stop"), with_logprobs=with_logprobs)
-        for shape, done in zip(shapes, finished, strict=True)
-    ]
-    whole = {**shapes[0].envelope(False), "choices": choices, "usage": usage([f.stats for f in finished])}
-    return JSONResponse(whole)
+        raise failure_error(failed, submitted.constraint_param)
+    return finished
 
 
 def shutdown_error() -> APIError:

@@ -18,8 +18,10 @@ from starlette.responses import StreamingResponse
 DONE = "data: [DONE]\n\n"
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+def sse(payload: dict[str, Any], *, event: str | None = None) -> str:
+    """One event: its JSON payload, named (`event: ...`, as the Responses API's events are) when `event` is given."""
+    named = f"event: {event}\n" if event else ""
+    return named + "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
