@@ -80,6 +80,22 @@ def test_input_items_and_instructions_give_the_chat_routes_tokens(live):
     assert create(live).output_text == plain.choices[0].message.content  # a string is one user message
 
 
+def test_a_last_assistant_item_is_history_and_the_reply_a_new_message(live):
+    """The chat route continues a last assistant message (assistant prefill); this API has no prefill: its output
+    is a new message, so such an item is history, as the chat route's continue_final_message false reads it."""
+    items = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Red"}]
+    chat = live.client().chat.completions.create(
+        model="tiny-llama",
+        messages=items,
+        temperature=0,
+        max_tokens=12,
+        extra_body={"continue_final_message": False},
+    )
+    response = create(live, input=items)
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def test_a_streamed_response_is_the_same_response(live):
     whole = create(live)
     events = list(create(live, stream=True))

@@ -12,11 +12,15 @@ from starlette.responses import JSONResponse, Response
 from gptcli.decoding import Finished
 from gptcli.server.errors import APIError
 from gptcli.server.openai_routes import failure_error, shutdown_error, state_of, submit, whole
+from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.prompt_ids import chat_prompt_ids
 from gptcli.server.responses_request import STATELESS, ResponsesRequest
 from gptcli.server.responses_shapes import ResponseWriter
 from gptcli.server.schemas import parse_body
 from gptcli.server.sse import EventStreamResponse
+
+# This API has no assistant prefill: its output is a new message, so a last assistant item is history.
+NEW_TURN = PrefillFields(continue_final_message=False)
 
 router = APIRouter(prefix="/v1")
 
@@ -31,7 +35,7 @@ async def create_response(request: Request) -> Response:
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
     try:
-        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools)
+        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools, NEW_TURN)
     except APIError as exc:  # the chat template refused the conversation: it is this API's input
         raise APIError(exc.status, exc.message, param="input", code=exc.code) from None
     constraint_param = "tools" if tools is not None else body.output_param()
