@@ -96,6 +96,17 @@ def test_a_last_assistant_item_is_history_and_the_reply_a_new_message(live):
     assert response.usage.input_tokens == chat.usage.prompt_tokens
 
 
+def test_input_tokens_counts_the_prompt_a_response_reads(live):
+    """POST /v1/responses/input_tokens was the 404 of a stored response ("no response 'input_tokens'")."""
+    client = live.client()
+    for fields in ({"input": "Hello there"}, {"input": ITEMS[1:], "instructions": "Answer briefly."}):
+        counted = client.responses.input_tokens.count(model="tiny-llama", **fields)
+        assert counted.object == "response.input_tokens"
+        assert counted.input_tokens == create(live, **fields).usage.input_tokens, fields
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model="tiny-llama", input="hi", previous_response_id="resp_1")
+
+
 def test_a_streamed_response_is_the_same_response(live):
     whole = create(live)
     events = list(create(live, stream=True))

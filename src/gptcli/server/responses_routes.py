@@ -5,6 +5,7 @@ there is no response to GET, and previous_response_id is a 400 (responses_reques
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
@@ -18,6 +19,7 @@ from gptcli.server.responses_request import STATELESS, ResponsesRequest
 from gptcli.server.responses_shapes import ResponseWriter
 from gptcli.server.schemas import parse_body
 from gptcli.server.sse import EventStreamResponse
+from gptcli.tools import ToolSpec
 
 # This API has no assistant prefill: its output is a new message, so a last assistant item is history.
 NEW_TURN = PrefillFields(continue_final_message=False)
@@ -29,15 +31,7 @@ router = APIRouter(prefix="/v1")
 async def create_response(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, ResponsesRequest)
-    body.check()
-    state.check_model(body.model)
-    messages = body.messages()
-    # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
-    tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
-    try:
-        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools, NEW_TURN)
-    except APIError as exc:  # the chat template refused the conversation: it is this API's input
-        raise APIError(exc.status, exc.message, param="input", code=exc.code) from None
+    tools, ids = await _prompt(state, body)
     constraint_param = "tools" if tools is not None else body.output_param()
     submitted = await submit(
         state,
@@ -62,6 +56,29 @@ async def create_response(request: Request) -> Response:
     if finished is None:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     return JSONResponse(writer.whole(finished[0]))
+
+
+@router.post("/responses/input_tokens")
+async def count_input_tokens(request: Request) -> Response:
+    """OpenAI's token count of a request (`client.responses.input_tokens.count`): its prompt, as created."""
+    state = state_of(request)
+    body = await parse_body(request, ResponsesRequest)
+    _, ids = await _prompt(state, body)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
+
+
+async def _prompt(state: Any, body: ResponsesRequest) -> tuple[ToolSpec | None, list[int]]:
+    """A request's tools and prompt ids, checked: what the response is made from."""
+    body.check()
+    state.check_model(body.model)
+    messages = body.messages()
+    # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
+    tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
+    try:
+        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools, NEW_TURN)
+    except APIError as exc:  # the chat template refused the conversation: it is this API's input
+        raise APIError(exc.status, exc.message, param="input", code=exc.code) from None
+    return tools, ids
 
 
 @router.api_route("/responses/{response_id:path}", methods=["GET", "POST", "DELETE"])
