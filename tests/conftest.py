@@ -84,10 +84,14 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def build_tiny_models(root: Path) -> dict[str, Path]:
+    """The tiny GPT-2 and Llama in `root` (scripts/fuzz_server.py serves the Llama too)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("tiny-models")
     tok = _train_tokenizer()
     vocab = tok.get_vocab_size()
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
