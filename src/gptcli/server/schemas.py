@@ -25,7 +25,7 @@ from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.stop_fields import StopFields
 from gptcli.server.structured_fields import StructuredFields
-from gptcli.textio import lone_surrogate
+from gptcli.textio import LONE_SURROGATE, lone_surrogate
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
 
@@ -82,8 +82,10 @@ def lone_surrogate_at(data: Any) -> str | None:
                 return path or "body"
         elif isinstance(value, dict):
             for key, item in value.items():
-                where = f"{path}.{key}" if path else str(key)
-                if lone_surrogate(str(key)):
+                # A key's surrogate is written as its escape: the message must be text (UTF-8) to be sent.
+                shown = LONE_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", key)
+                where = f"{path}.{shown}" if path else shown
+                if shown != key:
                     return where
                 stack.append((where, item))
         elif isinstance(value, list):

@@ -1,0 +1,51 @@
+"""scripts/fuzz_server.py's seeded subset (mutated requests to the in-process app, mutated batch lines), and the
+failures it found, each as the one request or line that shows it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+pytest.importorskip("httpx")  # starlette's TestClient
+pytest.importorskip("fastapi")
+
+
+def _load_fuzzer() -> Any:
+    spec = importlib.util.spec_from_file_location("fuzz_server", REPO / "scripts" / "fuzz_server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_server"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzzer()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models, tmp_path_factory) -> Iterator[Any]:
+    folder = tmp_path_factory.mktemp("fuzz") / "tiny-llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    with fuzz.app_client(fuzz.widen_context(folder)) as client:
+        yield client
+
+
+def error_of(response: Any, status: int = 400) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert not fuzz.error_problems(response.json()), response.text
+    return response.json()["error"]
+
+
+def test_a_lone_surrogate_in_a_key_is_a_400_naming_it(client):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "min_token\\ud800s": 1}'
+    error = error_of(client.post("/v1/chat/completions", content=body))  # was a 500: the message was no UTF-8
+    assert error["param"] == "min_token\\ud800s" and "lone UTF-16 surrogate" in error["message"]
+    nested = b'{"messages": [{"role": "user", "\\udc80": "x", "content": "hi"}]}'
+    assert error_of(client.post("/v1/chat/completions", content=nested))["param"] == "messages.0.\\udc80"
