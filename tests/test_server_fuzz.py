@@ -49,3 +49,16 @@ def test_a_lone_surrogate_in_a_key_is_a_400_naming_it(client):
     assert error["param"] == "min_token\\ud800s" and "lone UTF-16 surrogate" in error["message"]
     nested = b'{"messages": [{"role": "user", "\\udc80": "x", "content": "hi"}]}'
     assert error_of(client.post("/v1/chat/completions", content=nested))["param"] == "messages.0.\\udc80"
+
+
+def test_a_tools_schema_whose_keywords_have_the_wrong_type_is_a_400_naming_the_parameters(client):
+    for schema, why in (
+        ({"properties": [None]}, "properties must be an object"),  # was a 500: closing took it for an object
+        ({"properties": "city"}, "properties must be an object"),
+        ({"allOf": 1}, "allOf must be an array"),  # a 500: closing took it for a list of parts
+        ({"properties": {"a": {}}, "anyOf": True}, "anyOf must be an array"),
+    ):
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+        error = error_of(client.post("/v1/chat/completions", json=body))
+        assert error["param"] == "tools.0.function.parameters" and why in error["message"], (schema, error)

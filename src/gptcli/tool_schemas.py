@@ -36,8 +36,8 @@ def _closed(node: Any, root: Any, *, part: bool, copying: frozenset[str]) -> Any
         else:
             copy[key] = value if key in DATA_KEYWORDS else _closed(value, root, part=False, copying=copying)
     parts = list(_parts(copy))
-    if part or not any("properties" in p for p in parts):
-        return copy
+    if part or not any("properties" in p for p in parts) or not isinstance(copy.get("properties", {}), dict):
+        return copy  # (properties that are not an object: not a schema, which the check after closing says)
     if any("patternProperties" in p or p.get("additionalProperties", False) is not False for p in parts):
         return copy
     named = {name: {} for p in parts for name in _named(p)}
@@ -79,7 +79,8 @@ def _parts(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The schema and the parts it is made of, theirs too."""
     yield schema
     for key in _part_keys(schema):
-        for part in schema.get(key) or ():
+        parts = schema.get(key)
+        for part in parts if isinstance(parts, list) else ():  # else not a schema: the check says so
             if isinstance(part, dict):
                 yield from _parts(part)
 
