@@ -62,3 +62,20 @@ def test_a_tools_schema_whose_keywords_have_the_wrong_type_is_a_400_naming_the_p
         body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
         error = error_of(client.post("/v1/chat/completions", json=body))
         assert error["param"] == "tools.0.function.parameters" and why in error["message"], (schema, error)
+
+
+def test_a_schema_nested_past_what_python_walks_is_a_400_and_a_batch_lines_error(client):
+    from gptcli.batch_requests import parse_request
+    from gptcli.config import Settings
+
+    deep = b"[" * 600 + b"]" * 600  # was a 500 (RecursionError): json.loads reads it, the schema's walks did not
+    hi = b'"messages": [{"role": "user", "content": "hi"}]'
+    tools = b'"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": %s}}}]' % deep
+    format_ = (
+        b'"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"items": %s}}}' % deep
+    )
+    for field, param in ((tools, "tools.0.function.parameters"), (format_, "response_format.json_schema.schema")):
+        error = error_of(client.post("/v1/chat/completions", content=b"{%s, %s}" % (hi, field)))
+        assert error["param"] == param and "nested too deeply" in error["message"], error
+        line = parse_request(1, b"{%s, %s}" % (hi, field), client.runtime.tokenizer, Settings(), 2048)
+        assert line.error is not None and "nested too deeply" in line.error  # it ended the run

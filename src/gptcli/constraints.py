@@ -68,6 +68,7 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
         return ANY_JSON
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {type(schema).__name__}")
+    schema_width.check_depth(schema, where)
     try:
         source = json.dumps(schema, allow_nan=False)  # key order kept: properties come in it
     except ValueError:

@@ -26,6 +26,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from gptcli.errors import ConfigError
+
 TOO_WIDE = re.compile(r"Current row has (\d+) items; max is (\d+)")
 WIDE = 100  # properties in one run before it is worth a probe (a probe of 1,000 takes ~80 ms)
 # The keywords whose values are data, not schemas, and those whose values map names to schemas.
@@ -38,6 +40,26 @@ NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definiti
 ENFORCED_FORMATS = frozenset(
     {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid", "unknown"}
 )
+
+
+# Arrays and objects in one another: serde_json's limit, past which llguidance reads no schema.
+MAX_DEPTH = 128
+
+
+def check_depth(schema: Any, where: str) -> None:
+    """A ConfigError naming `where` for a schema nested past MAX_DEPTH, found without recursion: llguidance
+    refuses it anyway, and the walks of it here (a tool's objects closed, formats dropped) ran past Python's
+    recursion limit (a RecursionError for a schema some 500 lists deep: a 500 on the server)."""
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"{where}: nested too deeply to be a usable JSON Schema (over {MAX_DEPTH} arrays and objects deep)",
+                hint="describe a recursive structure with a $ref to its own $defs entry",
+            )
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
 
 
 def too_wide(message: str) -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ from gptcli.config import OutputConstraint
 from gptcli.constraints import schema_constraint
 from gptcli.errors import ConfigError, ToolError
 from gptcli.prompts import NEW_TURN, Messages, Prompt, build_prompt, transcript
+from gptcli.schema_width import check_depth
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_schemas import closed, rebased
 
@@ -100,9 +101,10 @@ def _parameters(schema: Any, where: str) -> dict[str, Any]:
         raise ToolError(f"{where}: must be a JSON Schema object, not {type(schema).__name__}", where)
     if schema.get("type", "object") != "object":
         raise ToolError(f"{where}: must describe an object (type: object), not type {schema['type']!r}", where)
-    # Arguments are an object (also where the schema leaves type out) holding the properties it names.
-    schema = closed({"type": "object", **schema})
     try:
+        check_depth(schema, where)  # before closing walks it
+        # Arguments are an object (also where the schema leaves type out) holding the properties it names.
+        schema = closed({"type": "object", **schema})
         schema_constraint(schema, where)
     except ConfigError as exc:
         raise ToolError(exc.message, where, hint=exc.hint) from None
