@@ -437,6 +437,21 @@ def test_text_that_is_not_text_is_an_input_error_and_a_batch_lines_own(tiny_mode
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert result.returncode == 0, result.stderr.decode()
     assert "U+D800, a lone surrogate" in records[0]["error"]["message"] and records[1]["text"]
+    # An id or a tool's name (which an error message quotes) that holds one ended the run: no result could hold it.
+    batch.write_text(
+        '{"id": "a\\udc00", "prompt": "x"}\n'
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+        '{"name": "f\\ud800"}}, {"type": "function", "function": {"name": "f\\ud800"}}]}\n'
+        '{"id": "b", "prompt": "fine"}\n'
+    )
+    result = run_cli(
+        "generate", "-m", model, "-b", "scripted", "-n", "2", "--batch", str(batch), env=scripted(tok, "ok")
+    )
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 0, result.stderr.decode()
+    assert records[0]["error"]["message"] == "`id` holds U+DC00, a lone surrogate that is not text"
+    assert records[1]["error"]["message"] == "`tools.1.function.name` holds U+D800, a lone surrogate that is not text"
+    assert [record["id"] for record in records] == ["1", "2", "b"] and records[2]["text"]
     result = subprocess.run(
         [sys.executable, "-m", "gptcli", "generate", "-m", model, "--to", os.fsdecode(b"\xff"), "hi"],
         capture_output=True,

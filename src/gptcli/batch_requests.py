@@ -36,6 +36,7 @@ from gptcli.prompts import (
     transcript_sampling,
 )
 from gptcli.stopping import STOP_FIELDS, stop_options
+from gptcli.textio import lone_surrogate_at
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
 from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool_spec
@@ -121,6 +122,8 @@ def parse_request(
             raise InputError(str(exc)) from None
         if not isinstance(data, dict):
             raise InputError("a line must be a JSON object")
+        if (found := lone_surrogate_at(raw, data)) is not None:  # no result holding it could be written (UTF-8)
+            raise InputError(f"`{found[0]}` holds {found[1]}, a lone surrogate that is not text")
         if "id" in data:
             if not isinstance(data["id"], (str, int)) or isinstance(data["id"], bool):
                 raise InputError("`id` must be a string or a whole number")

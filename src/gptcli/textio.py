@@ -77,6 +77,35 @@ def lone_surrogate(text: str) -> str | None:
     return f"U+{ord(found.group()):04X}" if found else None
 
 
+# How a lone surrogate reaches parsed JSON: an escape (\ud800) or its UTF-8-like bytes, which json.loads lets
+# through. A valid escaped pair (an emoji as ASCII JSON sends it) matches too, and the walk then finds nothing:
+# it only runs for such JSON.
+MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def lone_surrogate_at(raw: bytes, data: Any) -> tuple[str, str] | None:
+    """(dotted path, "U+D800") of a string or key in `data`, parsed from the JSON `raw`, that holds a
+    lone surrogate, else None. A key's surrogate is written in the path as its escape: the path is text."""
+    if not MAYBE_SURROGATE.search(raw):
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if char := lone_surrogate(value):
+                return path or "body", char
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                shown = LONE_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", key)
+                where = f"{path}.{shown}" if path else shown
+                if shown != key:
+                    return where, f"U+{ord(LONE_SURROGATE.search(key).group()):04X}"  # type: ignore[union-attr]
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value) if isinstance(item, (str, dict, list)))
+    return None
+
+
 def decode_text(data: bytes, where: str, *, final: bool = True) -> str:
     """UTF-8 text (a byte-order mark dropped); with final=False `data` is only a file's start, and a
     character its end cuts is left off."""

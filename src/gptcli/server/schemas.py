@@ -25,7 +25,7 @@ from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.stop_fields import StopFields
 from gptcli.server.structured_fields import StructuredFields
-from gptcli.textio import LONE_SURROGATE, lone_surrogate
+from gptcli.textio import lone_surrogate_at
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
 
@@ -52,8 +52,9 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    if MAYBE_SURROGATE.search(raw) and (where := lone_surrogate_at(data)) is not None:
-        message = f"{where}: holds a lone UTF-16 surrogate, which is not text"
+    if (found := lone_surrogate_at(raw, data)) is not None:
+        where, char = found
+        message = f"{where}: holds {char}, a lone UTF-16 surrogate that is not text"
         raise APIError(400, message, param=where, code="invalid_value")
     try:
         return model.model_validate(data)
@@ -64,33 +65,6 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         param = ".".join(loc) or None
         message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
-
-
-# How a lone surrogate reaches a JSON body: an escape (\ud800) or its UTF-8-like bytes, which json.loads
-# lets through. A valid escaped pair (an emoji as ASCII JSON sends it) matches too, and the walk then finds
-# nothing: it only runs for such bodies.
-MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-
-
-def lone_surrogate_at(data: Any) -> str | None:
-    """The dotted path of the first string (or key) in `data` that holds a lone surrogate, else None."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if lone_surrogate(value):
-                return path or "body"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                # A key's surrogate is written as its escape: the message must be text (UTF-8) to be sent.
-                shown = LONE_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", key)
-                where = f"{path}.{shown}" if path else shown
-                if shown != key:
-                    return where
-                stack.append((where, item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value) if isinstance(item, (str, dict, list)))
-    return None
 
 
 class StreamOptions(BaseModel):
