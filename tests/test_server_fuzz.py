@@ -79,3 +79,20 @@ def test_a_schema_nested_past_what_python_walks_is_a_400_and_a_batch_lines_error
         assert error["param"] == param and "nested too deeply" in error["message"], error
         line = parse_request(1, b"{%s, %s}" % (hi, field), client.runtime.tokenizer, Settings(), 2048)
         assert line.error is not None and "nested too deeply" in line.error  # it ended the run
+
+
+def test_an_error_that_quotes_what_it_was_sent_is_one_short_line(client):
+    hi = [{"role": "user", "content": "hi"}]
+    error = error_of(client.post("/v1/chat/completions", json={"model": "a\nb", "messages": hi}), 404)
+    assert error["message"] == "the model 'a\\nb' does not exist: this server serves 'tiny'"  # was two lines
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": ["x" * 100] * 5000}}}
+    error = error_of(client.post("/v1/chat/completions", json={"messages": hi, "tools": [tool]}))
+    assert error["message"].startswith("tools.0.function.parameters: must describe an object")
+    assert len(error["message"]) <= 1000 and error["message"].endswith("characters more)")  # was 700,000
+
+
+def test_a_batch_lines_error_is_one_short_line():
+    from gptcli.batch_requests import error_record
+
+    message = error_record("1", "tools.1.function.name: 'a\nb' names two tools" + "x" * 5000)["error"]["message"]
+    assert message.startswith("tools.1.function.name: 'a\\nb' names two tools") and len(message) <= 1000

@@ -36,7 +36,7 @@ from gptcli.prompts import (
     transcript_sampling,
 )
 from gptcli.stopping import STOP_FIELDS, stop_options
-from gptcli.textio import lone_surrogate_at
+from gptcli.textio import lone_surrogate_at, one_line
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
 from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool_spec
@@ -247,4 +247,4 @@ def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
 
 
 def error_record(request_id: str, message: str) -> dict[str, Any]:
-    return {"id": request_id, "error": {"message": message, "type": "invalid_request_error"}}
+    return {"id": request_id, "error": {"message": one_line(message), "type": "invalid_request_error"}}

@@ -77,6 +77,19 @@ def lone_surrogate(text: str) -> str | None:
     return f"U+{ord(found.group()):04X}" if found else None
 
 
+MAX_MESSAGE = 1000  # characters of an error message sent back (a server's answer, a batch line's result)
+LINE_BREAKS = re.compile("\r\n|[\r\n\u2028\u2029\x0b\x0c\x1c-\x1e\x85]")
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message as one line of at most about `limit` characters: a message quotes what it was sent
+    (a model's name, a schema's type), which may hold line breaks or run to a megabyte."""
+    message = LINE_BREAKS.sub(lambda found: repr(found.group())[1:-1], message)
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message) - limit + 40:,} characters more)"
+
+
 # How a lone surrogate reaches parsed JSON: an escape (\ud800) or its UTF-8-like bytes, which json.loads lets
 # through. A valid escaped pair (an emoji as ASCII JSON sends it) matches too, and the walk then finds nothing:
 # it only runs for such JSON.

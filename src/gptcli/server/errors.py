@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from gptcli.errors import GptcliError, QueueFullError
+from gptcli.textio import one_line
 
 # OpenAI's error types by status (what its SDK and other clients look at besides the status).
 ERROR_TYPES = {
@@ -52,7 +53,8 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    shown = one_line(param) if param is not None else None
+    return {"error": {"message": one_line(message), "type": kind, "param": shown, "code": code}}
 
 
 def from_gptcli_error(error: GptcliError) -> APIError:
