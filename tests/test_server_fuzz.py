@@ -96,3 +96,10 @@ def test_a_batch_lines_error_is_one_short_line():
 
     message = error_record("1", "tools.1.function.name: 'a\nb' names two tools" + "x" * 5000)["error"]["message"]
     assert message.startswith("tools.1.function.name: 'a\\nb' names two tools") and len(message) <= 1000
+
+
+def test_a_logit_bias_key_of_thousands_of_digits_is_a_400_that_says_so(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7" * 5000: 1}}
+    error = error_of(client.post("/v1/chat/completions", json=body))
+    # was "Exceeds the limit (4300 digits) for integer string conversion ...; use sys.set_int_max_str_digits()"
+    assert error["message"] == "logit_bias: token 777777777777777777... (5000 digits) is in no vocabulary"

@@ -32,6 +32,7 @@ from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 to 100
+MAX_TOKEN_DIGITS = 18  # a logit_bias key longer than this is no token id (and Python's int() takes 4,300 digits)
 MAX_PROMPTS = 64  # prompts in one completions request (each is one choice)
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (vLLM's default too); legacy completions share it here
 Body = TypeVar("Body", bound=BaseModel)
@@ -140,6 +141,8 @@ class SamplingRequest(StopFields, StructuredFields):
         for key, bias in value.items():
             if not (key.strip().isascii() and key.strip().isdigit()):
                 raise ValueError(f"keys are token ids (as strings), not {key!r}")
+            if len(digits := key.strip().lstrip("0")) > MAX_TOKEN_DIGITS:  # int() refuses over 4,300 digits
+                raise ValueError(f"token {digits[:MAX_TOKEN_DIGITS]}... ({len(digits)} digits) is in no vocabulary")
             if not -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE:
                 raise ValueError(f"a bias is between -100 and 100, not {bias} (token {key})")
             if (token := int(key)) in tokens:
