@@ -208,12 +208,22 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
+MAX_INT_DIGITS = 4300  # Python's default limit for int(str)
+
+
+def _whole_number(text: str) -> int:
+    """A JSON integer; one of thousands of digits is a ValueError that says so (int()'s own names a Python call)."""
+    if (digits := len(text.lstrip("-"))) > MAX_INT_DIGITS:
+        raise ValueError(f"a number of {digits:,} digits, over {MAX_INT_DIGITS:,}")
+    return int(text)
+
+
 def parse_line(raw: bytes) -> Any:
     """One JSON Lines line as a value; any line that is not one (not UTF-8, not JSON, a key given twice,
     nested too deeply for the parser, an integer of thousands of digits) is a ValueError saying why, never
     another exception."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_int=_whole_number)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:
