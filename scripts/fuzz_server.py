@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,6 +169,25 @@ def odd_values(rng: random.Random) -> Any:
     return copy.deepcopy(rng.choice(choices))
 
 
+def same_type(value: Any, rng: random.Random) -> Any:
+    """Another value of `value`'s JSON type, often at an edge (the mutations that reach generation)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return rng.choice([0, 1, 2, 20, 21, 63, 64, 65, 127, 128, 399, 400, 2047, 2048, 10**9, 2**63 - 1, -2])
+    if isinstance(value, float):
+        return rng.choice([0.0, 1e-308, 5e-324, 0.999999, 1.0, 2.0, 2.000001, 100.0, -100.0])
+    if isinstance(value, str):
+        return rng.choice(
+            ["", " ", "\n", "🙂", "中文", "<|im_end|>", "<|endoftext|>", "END", "a" * 300, "\u200b", value * 3]
+        )
+    if isinstance(value, list):
+        return rng.choice([[], value * rng.choice([2, 16, 65]), value[:1], value[::-1]])
+    if isinstance(value, dict):
+        return rng.choice([{}, {**value, "extra": 1}])
+    return value
+
+
 def paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
     """Every path to a value inside `value` (dict keys and list indexes), the root included."""
     yield prefix
@@ -228,6 +248,12 @@ def mutate(rng: random.Random) -> Case:
             if isinstance(body, dict):
                 body[key] = odd_values(rng) if rng.random() < 0.5 else True
                 steps.append(f"add {key}")
+        elif kind < 0.65:
+            parent: Any = body
+            for part in where:
+                parent = parent[part]
+            body = set_at(body, where, same_type(parent, rng))
+            steps.append(f"edge {where}")
         else:
             body = set_at(body, where, odd_values(rng))
             steps.append(f"set {where}")
@@ -400,7 +426,7 @@ class Failure:
         return f"{self.case.route} [{self.case.what}] {self.case.body[:400]!r}\n    " + "\n    ".join(self.problems)
 
 
-def send(client: Any, case: Case, timeout: float) -> list[str]:
+def send(client: Any, case: Case, timeout: float, statuses: Counter[int]) -> list[str]:
     try:
         streamed = case.route.startswith("/v1/") and json.loads(case.body).get("stream") is True
     except Exception:  # any body
@@ -413,13 +439,17 @@ def send(client: Any, case: Case, timeout: float) -> list[str]:
         return [f"hang: {exc}"]
     except Exception:  # the point: nothing may escape the app
         return ["an exception escaped the app: " + traceback.format_exc(limit=-4).replace("\n", " | ")[-1500:]]
+    statuses[response.status_code] += 1
     problems = response_problems(response.status_code, response.headers, response.content, streamed)
     if time.monotonic() - started > timeout:
         problems.append(f"took {time.monotonic() - started:.1f} s")
     return problems
 
 
-def fuzz_server(client: Any, cases: int, seed: int, timeout: float = 10.0) -> list[Failure]:
+def fuzz_server(
+    client: Any, cases: int, seed: int, timeout: float = 10.0, statuses: Counter[int] | None = None
+) -> list[Failure]:
+    statuses = Counter() if statuses is None else statuses
     rng = random.Random(seed)
     logged = LoggedErrors()
     logging.getLogger().addHandler(logged)
@@ -427,7 +457,7 @@ def fuzz_server(client: Any, cases: int, seed: int, timeout: float = 10.0) -> li
     try:
         for _ in range(cases):
             case = mutate(rng)
-            problems = send(client, case, timeout)
+            problems = send(client, case, timeout, statuses)
             if logged.records:
                 problems += [f"logged: {line}" for line in logged.records]
                 logged.records.clear()
@@ -499,6 +529,7 @@ def main() -> int:
     parser.add_argument("--batch-cases", type=int, default=None, help="batch lines to parse (default: --cases)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (default 10)")
+    parser.add_argument("--max-rss-growth", type=float, default=1024, help="MiB the process may grow by (1024)")
     args = parser.parse_args()
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory() as folder:
@@ -506,7 +537,8 @@ def main() -> int:
         before = rss_mib()
         with app_client(model) as client:
             started = time.monotonic()
-            failures = fuzz_server(client, args.cases, args.seed, args.timeout)
+            statuses: Counter[int] = Counter()
+            failures = fuzz_server(client, args.cases, args.seed, args.timeout, statuses)
             batch_cases = args.cases if args.batch_cases is None else args.batch_cases
             failures += fuzz_batch(client.runtime, batch_cases, args.seed)
     for failure in failures:
@@ -514,8 +546,11 @@ def main() -> int:
     print(
         f"{args.cases} requests and {batch_cases} batch lines (seed {args.seed}) in "
         f"{time.monotonic() - started:.0f} s: {len(failures)} failures; "
-        f"peak RSS {rss_mib():.0f} MiB (from {before:.0f})"
+        f"peak RSS {rss_mib():.0f} MiB (from {before:.0f}); statuses {dict(sorted(statuses.items()))}"
     )
+    if (grown := rss_mib() - before) > args.max_rss_growth:  # coarse: a request that ate memory unbounded
+        print(f"the process grew by {grown:.0f} MiB, over --max-rss-growth {args.max_rss_growth:g}")
+        return 1
     return 1 if failures else 0
 
 

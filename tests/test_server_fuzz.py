@@ -37,6 +37,12 @@ def client(tiny_models, tmp_path_factory) -> Iterator[Any]:
         yield client
 
 
+def test_mutated_requests_get_a_documented_answer_and_batch_lines_a_result(client):
+    """A seeded few hundred of scripts/fuzz_server.py's cases (its --cases N --seed S runs thousands)."""
+    failures = fuzz.fuzz_server(client, cases=500, seed=0) + fuzz.fuzz_batch(client.runtime, cases=500, seed=0)
+    assert not failures, "\n".join(str(failure) for failure in failures[:5])
+
+
 def error_of(response: Any, status: int = 400) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert not fuzz.error_problems(response.json()), response.text
