@@ -199,6 +199,12 @@ def paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
             yield from paths(item, (*prefix, index))
 
 
+def value_at(value: Any, path: tuple) -> Any:
+    for part in path:
+        value = value[part]
+    return value
+
+
 def set_at(value: Any, path: tuple, new: Any) -> Any:
     if not path:
         return new
@@ -249,10 +255,7 @@ def mutate(rng: random.Random) -> Case:
                 body[key] = odd_values(rng) if rng.random() < 0.5 else True
                 steps.append(f"add {key}")
         elif kind < 0.65:
-            parent: Any = body
-            for part in where:
-                parent = parent[part]
-            body = set_at(body, where, same_type(parent, rng))
+            body = set_at(body, where, same_type(value_at(body, where), rng))
             steps.append(f"edge {where}")
         else:
             body = set_at(body, where, odd_values(rng))
@@ -482,8 +485,12 @@ def mutate_line(rng: random.Random) -> bytes:
     line = copy.deepcopy(rng.choice(BATCH_CORPUS))
     for _ in range(rng.choice([1, 2])):
         where = rng.choice(list(paths(line)))
-        dropped = where and rng.random() < 0.3
-        line = drop_at(line, where) if dropped else set_at(line, where, odd_values(rng))
+        roll = rng.random()
+        if where and roll < 0.3:
+            line = drop_at(line, where)
+        else:
+            value = odd_values(rng) if roll > 0.6 else same_type(value_at(line, where), rng)
+            line = set_at(line, where, value)
     raw = serialize(line, ascii_only=rng.random() < 0.5)
     roll = rng.random()
     if roll < 0.05:
