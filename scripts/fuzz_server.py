@@ -120,6 +120,40 @@ CORPUS: list[tuple[str, dict[str, Any]]] = [
     ("/tokenize", {"content": "Hello", "with_pieces": True, "add_special": True}),
     ("/tokenize", {"messages": HI, "tools": TOOLS, "response_format": {"type": "json_object"}}),
     ("/detokenize", {"model": "tiny", "tokens": [5, 6, 7]}),
+    # vLLM's and llama-server's structured output, assistant prefill, the Responses API
+    ("/v1/chat/completions", {"messages": HI, "structured_outputs": {"choice": ["yes", "no"]}, "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": HI, "guided_regex": "[0-9]{2}", "stream": True}),
+    ("/v1/completions", {"prompt": "Hi", "grammar": 'root ::= "a" | "b"', "max_tokens": 3}),
+    ("/v1/completions", {"prompt": "Hi", "json_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}),
+    (
+        "/v1/chat/completions",
+        {"messages": [*HI, {"role": "assistant", "content": "Well,"}], "continue_final_message": True, "max_tokens": 4},
+    ),
+    ("/tokenize", {"messages": [*HI, {"role": "assistant", "content": "So"}], "add_generation_prompt": False}),
+    ("/v1/responses", {"model": "tiny", "input": "Hello", "instructions": "Be brief.", "max_output_tokens": 4}),
+    (
+        "/v1/responses",
+        {
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+            "stream": True,
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
+            "max_output_tokens": 6,
+        },
+    ),
+    (
+        "/v1/responses",
+        {
+            "input": [
+                {"role": "user", "content": "Weather?"},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            ],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "tool_choice": "auto",
+            "max_output_tokens": 8,
+        },
+    ),
+    ("/v1/responses/input_tokens", {"input": "Hello there", "instructions": "Be brief."}),
 ]
 
 DEEP = 10_000
@@ -326,10 +360,34 @@ def error_problems(payload: Any) -> list[str]:
     return problems
 
 
+RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")  # the Responses API's last event
+
+
+def named_stream_problems(events: list[str]) -> list[str]:
+    """The Responses API's stream: `event: NAME` then `data: {...}` (its type NAME) each, ending in RESPONSE_ENDS."""
+    names = []
+    for event in events:
+        head, _, data = event.partition("\n")
+        if not (head.startswith("event: ") and data.startswith("data: ")):
+            return [f"not a named SSE event: {event[:200]!r}"]
+        try:
+            payload = json.loads(data[6:])
+        except ValueError:
+            return [f"an event is not JSON: {event[:200]!r}"]
+        if payload.get("type") != head[7:]:
+            return [f"an event's type is not its name: {event[:200]!r}"]
+        names.append(head[7:])
+    if not names or names[-1] not in RESPONSE_ENDS:
+        return [f"the stream does not end with one of {RESPONSE_ENDS}: {names[-3:]}"]
+    return []
+
+
 def stream_problems(text: str) -> list[str]:
     events = text.split("\n\n")
     if events and events[-1] == "":
         events.pop()
+    if events and events[0].startswith("event: "):
+        return named_stream_problems(events)
     if not events or events[-1] != "data: [DONE]":
         return [f"the stream does not end with [DONE]: {text[-300:]!r}"]
     for event in events[:-1]:
@@ -431,7 +489,8 @@ class Failure:
 
 def send(client: Any, case: Case, timeout: float, statuses: Counter[int]) -> list[str]:
     try:
-        streamed = case.route.startswith("/v1/") and json.loads(case.body).get("stream") is True
+        streams = case.route.startswith("/v1/") and not case.route.endswith("/input_tokens")  # a count never streams
+        streamed = streams and json.loads(case.body).get("stream") is True
     except Exception:  # any body
         streamed = False
     started = time.monotonic()
@@ -478,6 +537,9 @@ BATCH_CORPUS: list[dict[str, Any]] = [
     {"id": 7, "messages": HI, "response_format": {"type": "json_object"}},
     {"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": CALLED}], "tools": TOOLS},
     {"messages": HI, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": True},
+    {"prompt": "Hi", "structured_outputs": {"regex": "[a-z]+"}, "max_tokens": 4},
+    {"messages": HI, "guided_choice": ["yes", "no"]},
+    {"messages": [*HI, {"role": "assistant", "content": "Well,"}], "continue_final_message": True},
 ]
 
 
