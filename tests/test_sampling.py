@@ -128,3 +128,15 @@ def test_frequency_and_presence_penalties_count_the_reply_only():
     assert sample(logits, greedy, make_rng(0), history=[0], generated=[]) == 0
     # A negative frequency penalty favours what was said already.
     assert sample(logits, SamplingConfig(temperature=0, frequency_penalty=-2.0), make_rng(0), generated=[1]) == 1
+
+
+def test_logits_a_penalty_spread_over_the_whole_float_range_sample_without_a_warning():
+    """A tiny repetition penalty scaled logits to ±1e308; shifting by the max overflowed to -inf (probability 0,
+    as it should be) with numpy's "overflow encountered in subtract" on the server's stderr."""
+    import warnings
+
+    logits = np.array([1.5e308, -1.5e308, 0.5, 2.0], dtype=np.float64)
+    params = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sample(logits, params, np.random.default_rng(0)) == 0

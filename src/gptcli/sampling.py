@@ -129,7 +129,8 @@ def sample(
     scaled = logits.astype(np.float64) / params.temperature
     # A tiny repetition penalty can push a logit to inf: it is then the (only) likeliest token, not a NaN.
     scaled = np.nan_to_num(scaled, nan=-np.inf, posinf=np.finfo(np.float64).max)
-    scaled -= scaled.max()
+    with np.errstate(over="ignore"):  # -1e308 less that max is -inf: probability 0, as it should be, not a warning
+        scaled -= scaled.max()
     probs = np.exp(scaled)
     probs /= probs.sum()
     ids, kept = filter_probs(probs, params.top_k, params.top_p, params.min_p)
