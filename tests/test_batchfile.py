@@ -343,7 +343,7 @@ def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(ti
     """One prompt builder: a conversation is the chat template, or a plain transcript for a base model."""
     from gptcli.batch_requests import _encode_messages
     from gptcli.prompts import build_prompt, transcript
-    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.prompt_ids import chat_request_prompt
     from gptcli.server.schemas import ChatMessage
 
     tok = Tokenizer(tiny_models[family])
@@ -354,12 +354,12 @@ def test_messages_become_the_prompt_chat_builds_in_batch_files_and_the_server(ti
         {"role": "user", "content": "through yonder window"},
     ]
     expected = build_prompt(tok, turns, plain=transcript).ids
-    assert _encode_messages(tok, turns) == expected
-    assert chat_prompt_ids(tok, [ChatMessage(**t) for t in turns]) == expected
+    assert _encode_messages(tok, turns).ids == expected
+    assert chat_request_prompt(tok, [ChatMessage(**t) for t in turns]).ids == expected
     # OpenAI's `developer` message is the system message, to both
     newer = [{"role": "developer", "content": "Be brief."}, *turns[1:]]
-    assert _encode_messages(tok, newer) == expected
-    assert chat_prompt_ids(tok, [ChatMessage(**t) for t in newer]) == expected
+    assert _encode_messages(tok, newer).ids == expected
+    assert chat_request_prompt(tok, [ChatMessage(**t) for t in newer]).ids == expected
 
 
 def test_openai_penalties_are_per_line_settings(model):

@@ -157,12 +157,12 @@ def live(runtime) -> Iterator[Any]:
 @pytest.mark.parametrize("template", UNWRITTEN)
 def test_a_template_that_cannot_continue_the_message_is_a_400_naming_messages(tiny_models, tmp_path, template):
     from gptcli.server.errors import APIError
-    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.prompt_ids import chat_request_prompt
     from gptcli.server.schemas import ChatMessage
 
     tok = with_template(tiny_models, tmp_path, template)
     with pytest.raises(APIError) as caught:
-        chat_prompt_ids(tok, [ChatMessage(**m) for m in PREFILLED])
+        chat_request_prompt(tok, [ChatMessage(**m) for m in PREFILLED])
     assert (caught.value.status, caught.value.param) == (400, "messages")
     assert caught.value.message.startswith("messages: the chat template does not write the last message")
 

@@ -393,13 +393,13 @@ RESULTS = [
 
 
 def test_calls_and_results_in_the_conversation_are_text_the_model_reads(tiny_models):
-    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.prompt_ids import chat_request_prompt
     from gptcli.server.schemas import ChatMessage
     from gptcli.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_models["llama"])
     messages = [ChatMessage(**m) for m in [*ASK, CALLED, *RESULTS]]
-    prompt = tok.decode(chat_prompt_ids(tok, messages), skip_special_tokens=False)
+    prompt = tok.decode(chat_request_prompt(tok, messages).ids, skip_special_tokens=False)
     said = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {"zone": "CET"}}]
     calls = json.dumps({"tool_calls": said})
     # A call as the JSON the model answers in; a round of results as one user turn, each named (by its call's id).
@@ -408,7 +408,7 @@ def test_calls_and_results_in_the_conversation_are_text_the_model_reads(tiny_mod
 
 
 def test_a_template_that_reads_tools_gets_calls_and_results_as_they_are(tiny_models, tmp_path):
-    from gptcli.server.prompt_ids import chat_prompt_ids
+    from gptcli.server.prompt_ids import chat_request_prompt
     from gptcli.server.schemas import ChatMessage
     from gptcli.tokenizer import Tokenizer
 
@@ -420,7 +420,7 @@ def test_a_template_that_reads_tools_gets_calls_and_results_as_they_are(tiny_mod
     )
     tok = Tokenizer(widened(tiny_models["llama"], tmp_path / "native", native))
     messages = [ChatMessage(**m) for m in [*ASK, CALLED, *RESULTS]]
-    prompt = tok.decode(chat_prompt_ids(tok, messages), skip_special_tokens=False)
+    prompt = tok.decode(chat_request_prompt(tok, messages).ids, skip_special_tokens=False)
     assert 'CALL call_1 get_weather {"city": "Paris"}\nCALL call_2 get_time {"zone": "CET"}\n' in prompt  # objects
     assert "RESULT call_1 Sunny, 21 C\nRESULT call_2 14:05\n0 tools" in prompt
 

@@ -29,6 +29,7 @@ from gptcli.prompts import (
     MESSAGE_ROLES,
     PREFILL_FIELDS,
     Messages,
+    Prompt,
     fit_prompt,
     messages_for,
     prompt_ending,
@@ -85,11 +86,11 @@ def _checked_messages(messages: Any) -> Messages:
 
 def _encode_messages(
     tokenizer: Tokenizer, messages: Any, tools: ToolSpec | None = None, fields: dict[str, Any] | None = None
-) -> list[int]:
+) -> Prompt:
     # As the server builds a chat (the chat template, or a plain transcript), with its tools and the line's
     # PREFILL_FIELDS (in `fields`: by default a last message from the assistant is continued).
     turns = _checked_messages(messages)
-    return chat_prompt(tokenizer, turns, tools, prompt_ending(fields or {}, turns, tools=tools is not None)).ids
+    return chat_prompt(tokenizer, turns, tools, prompt_ending(fields or {}, turns, tools=tools is not None))
 
 
 def _line_tools(data: dict, tokenizer: Tokenizer | None, answer: dict[str, Any] | None) -> ToolSpec | None:
@@ -165,12 +166,13 @@ def parse_request(
             send = _to_send(data, system, tools is not None)
             return BatchRequest(number, line_id, settings=line_settings, **shape, **send)
         if "messages" in data:
-            ids = _encode_messages(tokenizer, data["messages"], tools, data)
-            if len(ids) >= context_length:
-                raise InputError(f"the prompt is {len(ids)} tokens but the model's context holds {context_length}")
+            prompt = _encode_messages(tokenizer, data["messages"], tools, data)
+            if len(prompt.ids) >= context_length:
+                message = f"the prompt is {len(prompt.ids)} tokens but the model's context holds {context_length}"
+                raise InputError(message)
             line_settings = replace(line_settings, sampling=transcript_sampling(line_settings.sampling, tokenizer))
         else:
-            ids = fit_prompt(
+            prompt = fit_prompt(
                 tokenizer,
                 data["prompt"],
                 context_length=context_length,
@@ -178,8 +180,10 @@ def parse_request(
                 on_overflow=line_settings.on_overflow,
                 system=system,
                 raw=data.get("raw", False),
-            ).ids
-        return BatchRequest(number, line_id, ids, line_settings, **shape)
+            )
+        # A `prompt` completed as is, or messages whose last one is continued: the reply reads on from its text.
+        sampling = replace(line_settings.sampling, continues_prompt=prompt.continues)
+        return BatchRequest(number, line_id, prompt.ids, replace(line_settings, sampling=sampling), **shape)
     except (InputError, ConfigError, ChatTemplateRefusal) as exc:
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 

@@ -75,6 +75,10 @@ class SamplingConfig:
     min_tokens: int = 0  # end-of-sequence, stop_token_ids and stop strings wait until this many tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the reply as end-of-sequence does
     include_stop_str_in_output: bool = False  # the stop string (or stop token) that ends the reply stays in its text
+    # The reply continues the prompt's text (a raw completion, an assistant's message continued), so it is decoded
+    # after the prompt's last tokens: its first word keeps its space on sentencepiece tokenizers. A new chat turn's
+    # reply reads alone (the prompt ends with the template's generation prompt). Set where the prompt is built.
+    continues_prompt: bool = False
 
 
 @dataclass(frozen=True)

@@ -93,28 +93,45 @@ class Finished:
 Event = Token | Finished
 
 
-class IncrementalDetokenizer:
-    """Emit only text that later tokens cannot change (no `�` from split UTF-8 characters)."""
+# The prompt's last tokens a reply that continues its text is decoded after: a word's space (a sentencepiece
+# decoder strips the first one: "▁42" alone is "42") and the first bytes of a character split across the two.
+CONTEXT_TOKENS = 6
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+
+class IncrementalDetokenizer:
+    """Emit only text that later tokens cannot change (no `�` from split UTF-8 characters).
+
+    `context`: tokens the text follows (a prompt's last ones), decoded before it but never emitted, so the text
+    reads as it does after them (" 42", as vLLM decodes a completion); `ids` are the text's own tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._decode = tokenizer.decode
         self.ids: list[int] = []
+        self._window: list[int] = []  # what is decoded: the tokens from the last one emitted on
         self._prefix = 0  # start of the window that gives decoding its context
         self._read = 0  # tokens before this are already emitted
+        for token_id in list(context)[-CONTEXT_TOKENS:]:
+            self._advance(token_id)  # the context's own text, dropped
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
+        return self._advance(token_id)
+
+    def _advance(self, token_id: int) -> str:
+        self._window.append(token_id)
+        before = self._decode(self._window[self._prefix : self._read])
+        after = self._decode(self._window[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
+            del self._window[: self._read]  # the emitted token before this one stays, as the next one's context
+            self._prefix, self._read = 0, len(self._window)
             return after[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
+        before = self._decode(self._window[self._prefix : self._read])
+        after = self._decode(self._window[self._prefix :])
+        self._window.clear()
+        self._prefix = self._read = 0
         return after[len(before) :]
 
 
@@ -182,7 +199,8 @@ class SequenceDecoder:
         self.context_length = context_length
         self.clock = clock
         self.rng = make_rng(params.seed)
-        self.detok = IncrementalDetokenizer(tokenizer)
+        # A reply that continues the prompt's text (a completion, a message continued) reads as it does after it.
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids if params.continues_prompt else ())
         # A stop string (or stop token) would cut a structured output short of a match and still say "stop": the
         # grammar alone says where such a reply ends (the front doors refuse or warn about stop strings with one).
         free = params.constraint is None

@@ -17,6 +17,7 @@ class Prompt:
     ids: list[int]
     templated: bool
     warning: str | None = None
+    continues: bool = False  # the reply continues this text (SamplingConfig.continues_prompt), not a new turn
 
 
 Messages = list[dict[str, Any]]  # role and content; tool calls and results (gptcli.tools) add keys
@@ -108,13 +109,16 @@ def build_prompt(
     (or with `raw`), the text `plain(messages)` encoded as is. Chat, generate and summarize all come here.
     `tools` go to a template that reads them (gptcli.tools decides); `ending`: how the rendering ends
     (prompt_ending; `plain` writes the same ending itself)."""
+    # The reply reads on from the prompt's text (the last message continued, or the messages alone: the model
+    # writes the next header itself), unless it is a new turn's.
+    continues = ending != NEW_TURN
     if raw or not tokenizer.chat_template:
-        return Prompt(tokenizer.encode(plain(messages), add_special_tokens=True), templated=False)
+        return Prompt(tokenizer.encode(plain(messages), add_special_tokens=True), templated=False, continues=continues)
     if ending == CONTINUE:
         rendered = continued_rendering(tokenizer, messages, tools)
     else:
         rendered = tokenizer.render_chat(messages, tools=tools, add_generation_prompt=ending == NEW_TURN)
-    return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True)
+    return Prompt(tokenizer.encode(rendered, add_special_tokens=False), templated=True, continues=continues)
 
 
 OPEN_END = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where the final message's content ends
@@ -142,8 +146,10 @@ def continued_rendering(tokenizer: Tokenizer, messages: Messages, tools: list[di
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, *, system: str | None = None, raw: bool = False) -> Prompt:
-    """Wrap text as a user message when the model has a chat template (unless raw)."""
-    return build_prompt(tokenizer, messages_for(text, system), raw=raw)
+    """Wrap text as a user message when the model has a chat template (unless raw); text sent as is is
+    completed: its reply continues it."""
+    prompt = build_prompt(tokenizer, messages_for(text, system), raw=raw)
+    return prompt if prompt.templated else replace(prompt, continues=True)
 
 
 def fit_prompt(
@@ -191,7 +197,7 @@ def fit_prompt(
         kept_text = kept_text[len(kept_text) // 10 + 1 :]  # re-tokenizing can grow a little; trim more
         fitted = encode_prompt(tokenizer, kept_text, system=system, raw=raw)
     warning = f"the prompt was {total} tokens; kept its last {len(fitted.ids)} to fit the context"
-    return Prompt(fitted.ids, fitted.templated, warning)
+    return replace(fitted, warning=warning)
 
 
 def _tail_holding(tokenizer: Tokenizer, text: str, tokens: int) -> tuple[str, int]:

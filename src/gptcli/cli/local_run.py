@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from gptcli.cli import render
@@ -65,7 +66,8 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     else:
         if prompt.warning:
             render.warn(prompt.warning)
-        events = generate(runtime.backend, runtime.tokenizer, prompt.ids, settings.sampling)
+        sampling = replace(settings.sampling, continues_prompt=prompt.continues)  # text sent as is is completed
+        events = generate(runtime.backend, runtime.tokenizer, prompt.ids, sampling)
         finished = stream_or_exit(events, show=not as_json)
         if finished.reason == "context":  # as llama-cli does: say why it stopped short of --max-tokens
             context = runtime.backend.info.context_length

@@ -19,7 +19,7 @@ from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, check_fits, wait_for_disconnect
 from gptcli.server.errors import APIError, error_body
-from gptcli.server.prompt_ids import chat_prompt_ids, completion_prompts
+from gptcli.server.prompt_ids import chat_request_prompt, completion_prompts
 from gptcli.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
 from gptcli.server.shapes import Shape, usage
 from gptcli.server.sse import DONE, EventStreamResponse, sse
@@ -57,12 +57,18 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(body.model)
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
-    ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools, body)
+    prompt = await asyncio.to_thread(chat_request_prompt, state.tokenizer, body.messages, tools, body)
+    context = prompt.ids if prompt.continues else []  # an assistant's message continued: its text reads on
     if tools is None:
-        shape = Shape("chat", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param())
+        shape = Shape(
+            "chat", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param(), context=context
+        )
     else:
-        shape = ToolShape("chat", state.model_name, tokenizer=state.tokenizer, text_replies=tools.answer is None)
-    return await respond(request, state, body, [ids], [shape])
+        text_replies = tools.answer is None
+        shape = ToolShape(
+            "chat", state.model_name, tokenizer=state.tokenizer, text_replies=text_replies, context=context
+        )
+    return await respond(request, state, body, [prompt.ids], [shape], continues=prompt.continues)
 
 
 @router.post("/completions")
@@ -74,19 +80,33 @@ async def completions(request: Request) -> Response:
     # the response's id, for every choice
     one = Shape("text", state.model_name, tokenizer=state.tokenizer, constraint_param=body.output_param())
     shapes = [
-        replace(one, echo=text if body.echo else "", prompt_ids=ids, index=index)
+        replace(one, echo=text if body.echo else "", prompt_ids=ids, context=ids, index=index)
         for index, (ids, text) in enumerate(prompts)
     ]
-    return await respond(request, state, body, [ids for ids, _ in prompts], shapes)
+    return await respond(request, state, body, [ids for ids, _ in prompts], shapes, continues=True)
 
 
 async def respond(
-    request: Request, state: ServerState, body: SamplingRequest, prompts: list[list[int]], shapes: list[Shape]
+    request: Request,
+    state: ServerState,
+    body: SamplingRequest,
+    prompts: list[list[int]],
+    shapes: list[Shape],
+    *,
+    continues: bool,
 ) -> Response:
-    """Check each prompt fits, submit them all to the engine, then stream or wait for the whole answer."""
+    """Check each prompt fits, submit them all to the engine, then stream or wait for the whole answer.
+    `continues`: the replies continue the prompts' text (completions, a message continued), not a new turn."""
     chat = shapes[0].kind == "chat"
+    param = PROMPT_PARAM[chat]
     submitted = await submit(
-        state, body, prompts, chat=chat, constraint_param=shapes[0].constraint_param, prompt_param=PROMPT_PARAM[chat]
+        state,
+        body,
+        prompts,
+        chat=chat,
+        constraint_param=shapes[0].constraint_param,
+        prompt_param=param,
+        continues=continues,
     )
     if body.stream:
         events = stream_body(submitted.events, shapes, include_usage=body.include_usage)
@@ -129,10 +149,11 @@ async def submit(
     constraint_param: str,
     prompt_param: str,
     tokens_param: str = "max_tokens",
+    continues: bool = False,
 ) -> Submitted:
     """Check each prompt fits (a 400 naming `prompt_param`, or `tokens_param` where fewer tokens would fit), then
-    submit them all to the engine (chat: a base model's transcript stops where it would write the user's turn);
-    the routes of every API share it."""
+    submit them all to the engine (chat: a base model's transcript stops where it would write the user's turn;
+    `continues`: each reply continues its prompt's text, decoded after it); the routes of every API share it."""
     limits = state.engine.limits
     if len(prompts) > limits.max_running + limits.max_queue:  # a 503 would send the client round forever
         message = (
@@ -150,7 +171,7 @@ async def submit(
                 code="context_length_exceeded",
             )
     arrived = time.perf_counter()
-    params = body.sampling(state.defaults, state.tokenizer.vocab_size)
+    params = replace(body.sampling(state.defaults, state.tokenizer.vocab_size), continues_prompt=continues)
     if chat:  # a base model's transcript: its reply ends where it would write the user's turn
         params = transcript_sampling(params, state.tokenizer)
     if params.constraint is not None:  # the token table and grammar, built here rather than in the engine's step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gptcli.errors import FieldError, ModelError
+from gptcli.prompts import Prompt
 from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.schemas import ChatMessage
@@ -10,26 +11,26 @@ from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, chat_prompt
 
 
-def chat_prompt_ids(
+def chat_request_prompt(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
     tools: ToolSpec | None = None,
     prefill: PrefillFields | None = None,
-) -> list[int]:
+) -> Prompt:
     """Messages as `gptcli chat` builds them: the model's chat template, or a plain transcript for a base
     model; with the tools the reply may call, and how to call them (gptcli.tools); a last message from the
-    assistant continued as `prefill`'s fields say (by default it is)."""
+    assistant continued as `prefill`'s fields say (by default it is: then `continues`)."""
     turns = [m.turn(i) for i, m in enumerate(messages)]
     ending = (prefill or PrefillFields()).prompt_ending(turns, tools=tools is not None)
     try:
-        ids = chat_prompt(tokenizer, turns, tools, ending).ids
+        prompt = chat_prompt(tokenizer, turns, tools, ending)
     except ModelError as exc:  # the template's raise_exception: roles out of order and the like
         raise APIError(400, exc.message, param="messages") from None
     except FieldError as exc:  # a last message the template does not write as sent cannot be continued
         raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
-    if not ids:
+    if not prompt.ids:
         raise APIError(400, "the messages are empty", param="messages")
-    return ids
+    return prompt
 
 
 def completion_prompts(

@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished
+from gptcli.prompts import Prompt
 from gptcli.server.errors import APIError
 from gptcli.server.openai_routes import failure_error, shutdown_error, state_of, submit, whole
 from gptcli.server.prefill_fields import PrefillFields
-from gptcli.server.prompt_ids import chat_prompt_ids
+from gptcli.server.prompt_ids import chat_request_prompt
 from gptcli.server.responses_request import STATELESS, ResponsesRequest
 from gptcli.server.responses_shapes import ResponseWriter
 from gptcli.server.schemas import parse_body
@@ -31,12 +32,12 @@ router = APIRouter(prefix="/v1")
 async def create_response(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, ResponsesRequest)
-    tools, ids = await _prompt(state, body)
+    tools, prompt = await _prompt(state, body)
     constraint_param = "tools" if tools is not None else body.output_param()
     submitted = await submit(
         state,
         body,
-        [ids],
+        [prompt.ids],
         chat=True,
         constraint_param=constraint_param,
         prompt_param="input",
@@ -63,22 +64,22 @@ async def count_input_tokens(request: Request) -> Response:
     """OpenAI's token count of a request (`client.responses.input_tokens.count`): its prompt, as created."""
     state = state_of(request)
     body = await parse_body(request, ResponsesRequest)
-    _, ids = await _prompt(state, body)
-    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
+    _, prompt = await _prompt(state, body)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prompt.ids)})
 
 
-async def _prompt(state: Any, body: ResponsesRequest) -> tuple[ToolSpec | None, list[int]]:
-    """A request's tools and prompt ids, checked: what the response is made from."""
+async def _prompt(state: Any, body: ResponsesRequest) -> tuple[ToolSpec | None, Prompt]:
+    """A request's tools and prompt, checked: what the response is made from."""
     body.check()
     state.check_model(body.model)
     messages = body.messages()
     # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
     tools = await asyncio.to_thread(body.tool_spec, state.tokenizer)
     try:
-        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools, NEW_TURN)
+        prompt = await asyncio.to_thread(chat_request_prompt, state.tokenizer, messages, tools, NEW_TURN)
     except APIError as exc:  # the chat template refused the conversation: it is this API's input
         raise APIError(exc.status, exc.message, param="input", code=exc.code) from None
-    return tools, ids
+    return tools, prompt
 
 
 @router.api_route("/responses/{response_id:path}", methods=["GET", "POST", "DELETE"])

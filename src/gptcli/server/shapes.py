@@ -19,7 +19,8 @@ class Shape:
 
     Logprobs, when asked for, come in each kind's own OpenAI format: chat's `content` list of
     {token, logprob, bytes, top_logprobs}, the legacy completion's parallel lists (tokens,
-    token_logprobs, top_logprobs, text_offset). A token is named by its own decoded text."""
+    token_logprobs, top_logprobs, text_offset). A token is named by its text after the token before it, as the
+    reply's text reads it (a sentencepiece decoder strips a text's first space: "▁42" alone is "42")."""
 
     kind: str
     model: str
@@ -30,6 +31,7 @@ class Shape:
     response_id: str = ""  # shared by a response's choices (made here when empty)
     created: int = 0
     constraint_param: str = "response_format"  # the field that set the reply's grammar (its errors name it)
+    context: list[int] = field(default_factory=list)  # the prompt's tokens when the reply continues its text
 
     def __post_init__(self) -> None:
         if not self.response_id:
@@ -37,6 +39,8 @@ class Shape:
             self.created = int(time.time())
         self._text_offset = len(self.echo)  # where the next token's text starts (legacy text_offset)
         self._text: IncrementalDetokenizer | None = None  # the reply's text as the decoder writes it
+        self._context: list[int] = self.context  # what that text follows (the echoed prompt's tokens: nothing)
+        self._previous: int | None = self.context[-1] if self.context else None  # the token before the next one
 
     def envelope(self, chunk: bool) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "text" else ("chat.completion.chunk" if chunk else "chat.completion")
@@ -72,32 +76,34 @@ class Shape:
     def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
         """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
         (None: the prompt's first token, which has no logprob)."""
+        afters = [self._previous, *(token for token, _ in tokens[:-1])]
+        self._previous = tokens[-1][0] if tokens else self._previous
         if self.kind == "chat":
             content = [
                 {
-                    **self._named(token, scored.logprob),
-                    "top_logprobs": [self._named(other, value) for other, value in scored.top],
+                    **self._named(token, scored.logprob, after),
+                    "top_logprobs": [self._named(other, value, after) for other, value in scored.top],
                 }
-                for token, scored in tokens
+                for (token, scored), after in zip(tokens, afters, strict=True)
                 if scored is not None
             ]
             return {"content": content, "refusal": None}
-        names = [self._token_text(token) for token, _ in tokens]
+        names = [self._token_text(token, after) for (token, _), after in zip(tokens, afters, strict=True)]
         offsets = []
-        self._text = self._text or IncrementalDetokenizer(self.tokenizer)  # type: ignore[arg-type]
+        self._text = self._text or IncrementalDetokenizer(self.tokenizer, self._context)  # type: ignore[arg-type]
         for token, name in zip((token for token, _ in tokens), names, strict=True):
             # Offsets index the returned text: the pieces of a split character all point at its start.
             written = len(self._text.add(token))
             offsets.append(max(self._text_offset, self._text_offset + written - len(name)))
             self._text_offset += written
         tops: list[dict[str, float] | None] = []
-        for (_, scored), name in zip(tokens, names, strict=True):
+        for (_, scored), name, after in zip(tokens, names, afters, strict=True):
             if scored is None:
                 tops.append(None)
                 continue
             top: dict[str, float] = {}
             for other, value in scored.top:  # tokens that read the same (byte pieces): the likelier one stays
-                top.setdefault(self._token_text(other), value)
+                top.setdefault(self._token_text(other, after), value)
             top.setdefault(name, scored.logprob)  # the chosen token is always listed, as OpenAI does
             tops.append(top)
         return {
@@ -107,14 +113,25 @@ class Shape:
             "text_offset": offsets,
         }
 
-    def _named(self, token: int, logprob: float) -> dict[str, Any]:
+    def _named(self, token: int, logprob: float, after: int | None) -> dict[str, Any]:
         assert self.tokenizer is not None, "logprobs need the tokenizer"
-        data = list(self.tokenizer.token_bytes(token))  # a piece of a character: its own bytes, not U+FFFD's
-        return {"token": self._token_text(token), "logprob": logprob, "bytes": data}
+        name = self._token_text(token, after)
+        # A piece of a character: its own bytes, not U+FFFD's.
+        data = list(self.tokenizer.token_bytes(token) if "\ufffd" in name else name.encode())
+        return {"token": name, "logprob": logprob, "bytes": data}
 
-    def _token_text(self, token: int) -> str:
+    def _token_text(self, token: int, after: int | None = None) -> str:
+        """The token's text after the token `after` (None: where a text starts), or alone where it adds no
+        whole characters to it (a piece of a character, a special token)."""
         assert self.tokenizer is not None, "logprobs need the tokenizer"
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        alone = self.tokenizer.decode([token], skip_special_tokens=False)
+        if after is None or "\ufffd" in alone:
+            return alone
+        head = self.tokenizer.decode([after])
+        both = self.tokenizer.decode([after, token])
+        if not head or "\ufffd" in both or len(both) <= len(head) or not both.startswith(head):
+            return alone
+        return both[len(head) :]
 
     def usage_chunk(self, stats: list[Stats]) -> dict[str, Any]:
         return {**self.envelope(True), "choices": [], "usage": usage(stats)}
@@ -127,7 +144,7 @@ class Shape:
             tokens: list[tuple[int, TokenLogprob | None]] = [*zip(finished.token_ids, finished.logprobs, strict=True)]
             if finished.prompt_logprobs:  # echo: the prompt's tokens come first, text offsets from its start
                 self._text_offset = 0
-                self._text = None
+                self._text, self._context, self._previous = None, [], None
                 tokens = list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)) + tokens
             scored = self.logprobs(tokens)
         if self.kind == "chat":

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
-from gptcli.server.prompt_ids import chat_prompt_ids
+from gptcli.server.prompt_ids import chat_request_prompt
 from gptcli.server.schemas import REQUEST_MODEL, ChatMessage, ToolFields, parse_body
 from gptcli.server.state import ServerState
 from gptcli.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     state.check_model(body.model)
     tools = await asyncio.to_thread(body.chat_tools, state.tokenizer)  # off the event loop, as the chat route
     if body.messages is not None:
-        ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, body.messages, tools, body)
+        ids = (await asyncio.to_thread(chat_request_prompt, state.tokenizer, body.messages, tools, body)).ids
     else:
         text = body.prompt if body.prompt is not None else body.content
         special = body.add_special_tokens if body.add_special_tokens is not None else body.add_special
