@@ -261,3 +261,15 @@ def test_byte_level_tokens_are_named_as_before(tiny_models):
     shape = Shape("text", "m", tokenizer=tok, context=ids[:2])
     names = shape.logprobs([(i, TokenLogprob(0.0, ())) for i in ids[2:]])["tokens"]
     assert names == [tok.decode([i]) for i in ids[2:]]
+
+
+def test_a_reply_with_no_tokens_has_empty_logprobs(tiny_models):
+    """A chat reply whose only tokens a stop string took (logprobs asked for) was a 500: the tokens before
+    each token were one more than the tokens ('zip() argument 2 is longer than argument 1'). Found by the fuzzer."""
+    from gptcli.server.shapes import Shape
+
+    tok = Tokenizer(tiny_models["llama"])
+    for kind in ("chat", "text"):
+        shape = Shape(kind, "m", tokenizer=tok, context=tok.encode("Hello", add_special_tokens=False))
+        scored = shape.logprobs([])
+        assert scored.get("content", scored.get("tokens")) == [], kind

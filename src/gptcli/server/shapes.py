@@ -76,7 +76,7 @@ class Shape:
     def logprobs(self, tokens: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
         """The `logprobs` object of a choice for these (token id, logprob) pairs, in this kind's format
         (None: the prompt's first token, which has no logprob)."""
-        afters = [self._previous, *(token for token, _ in tokens[:-1])]
+        afters = [self._previous, *(token for token, _ in tokens[:-1])][: len(tokens)]  # none for no tokens
         self._previous = tokens[-1][0] if tokens else self._previous
         if self.kind == "chat":
             content = [
