@@ -81,13 +81,20 @@ class Live:
 
 @contextlib.contextmanager
 def serve_runtime(
-    runtime: Any, *, delay: float = 0.0, api_key: str | None = None, connections: int = 1024, **limits: Any
+    runtime: Any,
+    *,
+    delay: float = 0.0,
+    api_key: str | None = None,
+    connections: int = 1024,
+    allowed_origins: tuple[str, ...] = (),
+    **limits: Any,
 ) -> Iterator[Live]:
     """The real app and engine over an already loaded runtime, served from a thread."""
     from gptcli.config import SamplingConfig
     from gptcli.engine import Engine, EngineLimits
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
+    from gptcli.server.origins import AllowedOrigins
     from gptcli.server.serving import ThreadedServer
     from gptcli.server.state import ServerState
 
@@ -101,7 +108,8 @@ def serve_runtime(
         defaults=SamplingConfig(),
         metrics=Metrics(engine.snapshot),
     )
-    app = create_app(state, ServerConfig(api_key=api_key))
+    origins = AllowedOrigins.parse(allowed_origins, api_key)
+    app = create_app(state, ServerConfig(api_key=api_key, allowed_origins=origins))
     with ThreadedServer(app, grace_s=1.0, drain=engine.stop, max_connections=connections) as url:
         yield Live(url, state, engine)
 

@@ -5,10 +5,13 @@ scripts/setup-browser.sh installs both; without chromium these tests skip and sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -521,3 +524,55 @@ def test_setup_script_is_a_no_op_when_everything_is_there():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == result.stderr == ""
+
+
+@contextlib.contextmanager
+def page_elsewhere() -> Iterator[str]:
+    """An empty page served by Python's http.server from another loopback port: another origin than the API's."""
+    import http.server
+
+    class Blank(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!doctype html><title>front end</title>")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+ASK_FROM_THE_PAGE = """async ([url, key]) => {
+    const headers = {"Content-Type": "application/json", "x-stainless-lang": "js"};
+    if (key) headers["Authorization"] = "Bearer " + key;
+    const body = JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 3, stream: true});
+    try {
+        const answer = await fetch(url + "/v1/chat/completions", {method: "POST", headers, body});
+        return {status: answer.status, text: await answer.text()};
+    } catch (error) {
+        return {error: String(error)};
+    }
+}"""
+
+
+def test_a_front_end_on_another_origin_works_once_it_is_allowed(page, runtime):
+    """A web app served from elsewhere could not use the server at all (403, and no CORS answers to read one)."""
+    with page_elsewhere() as front_end:
+        page.goto(front_end + "/")
+        with serve_runtime(runtime) as closed:
+            refused = page.evaluate(ASK_FROM_THE_PAGE, [closed.url, None])
+            assert "error" in refused, refused  # the browser hides the 403 from a page it did not allow
+        with serve_runtime(runtime, api_key="sesame", allowed_origins=(front_end,)) as open_to_it:
+            answered = page.evaluate(ASK_FROM_THE_PAGE, [open_to_it.url, "sesame"])  # preflighted: a key, a header
+            assert answered.get("status") == 200 and answered["text"].rstrip().endswith("data: [DONE]"), answered
+            unkeyed = page.evaluate(ASK_FROM_THE_PAGE, [open_to_it.url, None])
+            assert unkeyed.get("status") == 401 and "API key" in unkeyed["text"], unkeyed

@@ -50,6 +50,14 @@ def serve(
     insecure_no_key: Annotated[
         bool, typer.Option("--insecure-no-key", help="Allow a non-loopback --host without --api-key.")
     ] = False,
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-origin",
+            envvar="GPTCLI_ALLOWED_ORIGINS",
+            help="Let web pages from this origin use the API (CORS), e.g. http://localhost:3000; repeatable.",
+        ),
+    ] = None,
     grace: Annotated[
         float, typer.Option("--grace", help="Seconds in-flight requests get to finish on shutdown.", min=0)
     ] = 10.0,
@@ -70,9 +78,11 @@ def serve(
       gptcli serve
       gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --parallel 8
       gptcli serve --host 0.0.0.0 --port 9000 --api-key "$KEY"
+      gptcli serve --allowed-origin http://localhost:3000
       curl localhost:8080/v1/chat/completions \\
         -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
     """
+    from gptcli.server.origins import AllowedOrigins
     from gptcli.server.serving import bind_socket, is_loopback, url_of
 
     if not math.isfinite(grace):
@@ -86,6 +96,7 @@ def serve(
             f"listening on {host} would let anyone who can reach it use the model",
             hint="pass --api-key KEY (or set GPTCLI_API_KEY), or --insecure-no-key if that is what you want",
         )
+    origins = AllowedOrigins.parse(allowed_origins or (), api_key)
     settings = resolve_settings(
         config,
         model=model,
@@ -99,7 +110,7 @@ def serve(
     ).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
-        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache)
+        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache, origins)
         from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
@@ -125,7 +136,9 @@ def check_api_key(key: str) -> None:
         )
 
 
-def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None):
+def build_app(
+    settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None, origins=None
+):
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
 
@@ -133,6 +146,7 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
     from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
     from gptcli.server.app import ServerConfig, create_app
     from gptcli.server.metrics import Metrics
+    from gptcli.server.origins import AllowedOrigins
     from gptcli.server.state import ServerState
 
     runtime = load_runtime(settings)
@@ -150,4 +164,5 @@ def build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, serve
         created=int(time.time()),
         metrics=Metrics(engine.snapshot),
     )
-    return create_app(state, ServerConfig(api_key=api_key, max_body_bytes=max_body))
+    config = ServerConfig(api_key=api_key, max_body_bytes=max_body, allowed_origins=origins or AllowedOrigins())
+    return create_app(state, config)

@@ -8,7 +8,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI
@@ -16,8 +16,9 @@ from starlette.responses import HTMLResponse, PlainTextResponse
 
 from gptcli import __version__
 from gptcli.server.errors import install_error_handlers
-from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CrossSiteGuard, RequestCounter
+from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CorsHeaders, CrossSiteGuard, RequestCounter
 from gptcli.server.openai_routes import router
+from gptcli.server.origins import AllowedOrigins
 from gptcli.server.responses_routes import router as responses_router
 from gptcli.server.state import ServerState
 from gptcli.server.token_routes import router as token_router
@@ -48,6 +49,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     manage_engine: bool = True  # start the engine with the app, stop it when the app stops
+    allowed_origins: AllowedOrigins = field(default_factory=AllowedOrigins)  # other sites' pages (--allowed-origin)
 
 
 def chat_page() -> str:
@@ -90,11 +92,14 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    # Added innermost first: the counter sees every answer, the key is checked before the body is read.
+    # Added innermost first: the counter sees every answer, the key is checked before the body is read, and an
+    # allowed origin's page can read a 401 (a preflight needs no key).
     served = [*router.routes, *responses_router.routes, *token_router.routes]
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(CrossSiteGuard)
+    app.add_middleware(CrossSiteGuard, allowed=config.allowed_origins)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
+    if config.allowed_origins:
+        app.add_middleware(CorsHeaders, allowed=config.allowed_origins)
     app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)
     return app

@@ -1,20 +1,25 @@
-"""Pure ASGI middleware: request counting, the API key, other sites' pages, and the body-size limit.
+"""Pure ASGI middleware: request counting, CORS for the allowed origins, the API key, other sites' pages, and the
+body-size limit.
 
-They wrap the app outermost-first in that order, so a refused request is still counted, and an
-unauthenticated or cross-site client never gets its body read.
+They wrap the app outermost-first in that order, so a refused request is still counted, a browser can read
+why its request was refused (a 401), and an unauthenticated or cross-site client never gets its body read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.responses import Response
+
 from gptcli.server.errors import APIError
 from gptcli.server.metrics import Metrics
+from gptcli.server.origins import AllowedOrigins
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -89,16 +94,68 @@ class ApiKeyGuard:
         await error.response()(scope, receive, send)
 
 
+class CorsHeaders:
+    """Let the pages of the allowed origins read the answers (CORS): a preflight (OPTIONS with
+    Access-Control-Request-Method) is answered here, with no key, and every other answer to such a page (a stream
+    too, and a 401) names its origin in Access-Control-Allow-Origin. Other origins pass by untouched."""
+
+    def __init__(self, app: ASGIApp, allowed: AllowedOrigins) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = _header(scope, b"origin") if scope["type"] == "http" else None
+        if origin is None or not self.allowed.allows(origin):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method") is not None:
+            await Response(status_code=204, headers=preflight_headers(scope, origin))(scope, receive, send)
+            return
+        added = [(b"access-control-allow-origin", origin.encode("latin-1")), *CORS_HEADERS]
+
+        async def with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
+            await send(message)
+
+        await self.app(scope, receive, with_cors)
+
+
+CORS_HEADERS = [(b"vary", b"Origin"), (b"access-control-expose-headers", b"Retry-After")]
+# What a page may send when it asks for no headers, or for some that are not header names.
+DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type"
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9a-z-]+)*", re.IGNORECASE)
+PREFLIGHT_MAX_AGE_S = 600  # how long a browser may reuse the answer (Chromium keeps it at most 2 hours)
+
+
+def preflight_headers(scope: Scope, origin: str) -> dict[str, str]:
+    """The answer to an allowed origin's preflight: its methods, the headers it asked for (OpenAI's JS SDK sends its
+    own x-stainless-* ones beside Authorization: the key still guards every request that follows)."""
+    asked = (_header(scope, b"access-control-request-headers") or "").strip()
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": asked if _HEADER_NAMES.fullmatch(asked) else DEFAULT_ALLOWED_HEADERS,
+        "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_S),
+        "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+    }
+    if (_header(scope, b"access-control-request-private-network") or "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"  # a public site's page calling this machine
+    return headers
+
+
 class CrossSiteGuard:
-    """Refuse (403) a request that another site's web page made a browser send, as ollama does by default.
+    """Refuse (403) a request that another site's web page made a browser send, as ollama does by default, unless
+    that site's origin is allowed (--allowed-origin).
 
     A page anywhere could otherwise POST to a keyless server on the user's loopback and make the model
     generate (it cannot read the answer: no CORS headers are sent, but the machine works for it). The chat
     page is this origin's own; API clients (curl, SDKs) send no Origin. Reading (GET) stays open.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, allowed: AllowedOrigins | None = None) -> None:
         self.app = app
+        self.allowed = allowed or AllowedOrigins()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] not in {"GET", "HEAD", "OPTIONS"}:
@@ -106,14 +163,17 @@ class CrossSiteGuard:
             fetch_site = _header(scope, b"sec-fetch-site")
             host = (_header(scope, b"host") or "").lower()
             # The browser's own word first (behind a reverse proxy, Host is the proxy's upstream); else Origin.
-            if fetch_site in {"cross-site", "same-site"} or (
-                fetch_site is None
-                and origin is not None
-                and (origin == "null" or urlsplit(origin).netloc.lower() != host)
+            if not self.allowed.allows(origin) and (
+                fetch_site in {"cross-site", "same-site"}
+                or (
+                    fetch_site is None
+                    and origin is not None
+                    and (origin == "null" or urlsplit(origin).netloc.lower() != host)
+                )
             ):
                 message = (
-                    f"a web page from {origin or 'another site'} may not use this server: only its own chat page "
-                    "and programs (curl, OpenAI's SDK) may"
+                    f"a web page from {origin or 'another site'} may not use this server: only its own chat page, "
+                    "programs (curl, OpenAI's SDK) and the origins the server was started with --allowed-origin may"
                 )
                 await APIError(403, message, code="cross_origin").response()(scope, receive, send)
                 return

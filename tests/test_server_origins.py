@@ -1,0 +1,138 @@
+"""gptcli serve --allowed-origin: web pages from other origins (a local web app, an extension) use the API (CORS).
+
+The browser's side is in tests/test_server_browser.py; here the headers, the refusals and the flag's checks, against
+`python -m gptcli serve` over the scripted backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_server import error_of, scripted_env, serve_process
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+APP = "http://localhost:3000"
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+# What OpenAI's JS SDK (v4/v5) asks a preflight to allow, besides the key and the JSON body.
+SDK_HEADERS = (
+    "authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-os,x-stainless-package-version,"
+    "x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from gptcli.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_models["llama"])
+
+
+def preflight(url: str, origin: str, **headers: str) -> httpx.Response:
+    asked = {"Origin": origin, "Access-Control-Request-Method": "POST", **headers}
+    return httpx.options(url + "/v1/chat/completions", headers=asked, timeout=30)
+
+
+def test_an_allowed_origins_page_gets_the_cors_answers_and_still_needs_the_key(tiny_models, tok):
+    env = scripted_env(tok, "one two three")
+    flags = ("--allowed-origin", APP, "--api-key", "sesame", "--log-level", "warning")
+    with serve_process(tiny_models["llama"], *flags, env=env) as (_, url):
+        # The preflight: no key (a browser sends none with it), the SDK's headers allowed.
+        asked = preflight(url, APP, **{"Access-Control-Request-Headers": SDK_HEADERS})
+        assert asked.status_code == 204, asked.text
+        assert asked.headers["access-control-allow-origin"] == APP
+        assert asked.headers["access-control-allow-methods"] == "GET, POST, OPTIONS"
+        assert asked.headers["access-control-allow-headers"] == SDK_HEADERS
+        assert int(asked.headers["access-control-max-age"]) > 0 and "Origin" in asked.headers["vary"]
+        plain = preflight(url, APP)
+        assert plain.headers["access-control-allow-headers"] == "Authorization, Content-Type"
+        assert "access-control-allow-private-network" not in plain.headers
+        # Chromium's Private Network Access: a public site's page asks before calling this machine.
+        public = preflight(url, APP, **{"Access-Control-Request-Private-Network": "true"})
+        assert public.headers["access-control-allow-private-network"] == "true"
+        # The request itself: Sec-Fetch-Site says cross-site (it is: another port), and it is let through.
+        page = {"Origin": APP, "Sec-Fetch-Site": "cross-site"}
+        key = {"Authorization": "Bearer sesame"}
+        answered = httpx.post(url + "/v1/chat/completions", json=BODY, headers={**page, **key}, timeout=30)
+        assert answered.status_code == 200, answered.text
+        assert answered.headers["access-control-allow-origin"] == APP and answered.headers["vary"] == "Origin"
+        assert answered.headers["access-control-expose-headers"] == "Retry-After"  # a full queue's wait, to the SDK
+        streamed = httpx.post(
+            url + "/v1/chat/completions", json={**BODY, "stream": True}, headers={**page, **key}, timeout=30
+        )
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+        assert streamed.headers["access-control-allow-origin"] == APP
+        # The key still guards it, and the page can read why it was refused.
+        refused = httpx.post(url + "/v1/chat/completions", json=BODY, headers=page, timeout=30)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == APP
+        # Any other origin: today's 403, no CORS answers (its preflight is not answered for it either).
+        for other in ("http://localhost:3001", "https://localhost:3000", "null"):
+            refused = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Origin": other, **key}, timeout=30)
+            assert refused.status_code == 403 and error_of(refused)["code"] == "cross_origin", other
+            assert "--allowed-origin" in error_of(refused)["message"]
+            assert "access-control-allow-origin" not in refused.headers
+            assert "access-control-allow-origin" not in preflight(url, other).headers
+        # Programs (no Origin) and reading are as before.
+        assert httpx.post(url + "/v1/chat/completions", json=BODY, headers=key, timeout=30).status_code == 200
+        listed = httpx.get(url + "/v1/models", headers={"Origin": APP, **key}, timeout=30)
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == APP
+
+
+def test_any_origin_with_a_key_but_null_only_by_name(tiny_models, tok):
+    env = scripted_env(tok, "one two three")
+    key = {"Authorization": "Bearer sesame"}
+    with serve_process(
+        tiny_models["llama"], "--api-key", "sesame", "--log-level", "warning", env=env | {"GPTCLI_ALLOWED_ORIGINS": "*"}
+    ) as (_, url):
+        for origin in ("https://chat.example.com", "chrome-extension://abcdefghijklmnop"):
+            answered = httpx.post(
+                url + "/v1/chat/completions", json=BODY, headers={"Origin": origin, **key}, timeout=30
+            )
+            assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+        file_page = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Origin": "null", **key}, timeout=30)
+        assert file_page.status_code == 403
+    flags = ("--allowed-origin", "null", "--log-level", "warning")
+    with serve_process(tiny_models["llama"], *flags, env=env) as (_, url):
+        file_page = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Origin": "null"}, timeout=30)
+        assert file_page.status_code == 200 and file_page.headers["access-control-allow-origin"] == "null"
+
+
+@pytest.mark.parametrize(
+    ("given", "hint"),
+    [
+        ("http://localhost:3000/", "did you mean --allowed-origin http://localhost:3000?"),
+        ("https://app.example.com/chat?x=1", "did you mean --allowed-origin https://app.example.com?"),
+        ("localhost:3000", "e.g. --allowed-origin http://localhost:3000"),
+        ("http://localhost:99999", "e.g. --allowed-origin http://localhost:3000"),
+        ("http://user@host", "e.g. --allowed-origin http://localhost:3000"),
+        ("https://*.example.com", "e.g. --allowed-origin http://localhost:3000"),
+    ],
+)
+def test_what_is_not_an_origin_is_a_usage_error_naming_the_fix(given, hint):
+    result = run_cli("serve", "--port", "9", "--allowed-origin", given)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"error: allowed origin {given!r} (--allowed-origin or GPTCLI_ALLOWED_ORIGINS) is not an origin: "
+        "scheme://host[:port], without a path",
+        f"hint: {hint}",
+    ]
+
+
+def test_any_origin_on_a_keyless_server_is_a_usage_error():
+    result = run_cli("serve", "--port", "9", "--allowed-origin", "*")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("error: --allowed-origin '*' would let any web page make this keyless")
+    assert "--api-key" in result.stderr.decode()
+
+
+def test_origins_are_compared_as_browsers_write_them():
+    from gptcli.server.origins import AllowedOrigins
+
+    allowed = AllowedOrigins.parse(["HTTP://LocalHost:80, https://[::1]:8443", "vscode-webview://1abc"], None)
+    assert allowed.origins == {"http://localhost", "https://[::1]:8443", "vscode-webview://1abc"}
+    assert allowed.allows("http://localhost") and allowed.allows("https://[::1]:8443")
+    assert not allowed.allows("http://localhost:8080") and not allowed.allows("null") and not allowed.allows(None)
+    assert not AllowedOrigins.parse(["*"], "key").allows("null")
+    assert not AllowedOrigins()
