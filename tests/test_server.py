@@ -869,9 +869,10 @@ def serve_process(model: Path, *flags: str, env: dict[str, str]) -> Iterator[tup
         text=True,
     )
     try:
-        line = process.stderr.readline()  # "serving on http://…": the app has started
-        assert line.startswith("serving on http://127.0.0.1:"), line + process.stderr.read()
-        yield process, f"http://127.0.0.1:{port}"
+        line = process.stderr.readline()  # "serving on http://…" (https with a certificate): the app has started
+        scheme = "https" if "--ssl-certfile" in flags else "http"
+        assert line.startswith(f"serving on {scheme}://127.0.0.1:{port} "), line + process.stderr.read()
+        yield process, f"{scheme}://127.0.0.1:{port}"
     finally:
         if process.poll() is None:
             process.kill()

@@ -37,6 +37,7 @@ _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.
 LOOKUP_TIMEOUT_S = 30.0
 MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the first line or two
 MAX_JSON_BYTES = 16 << 20  # of a whole JSON answer (/models, /tokenize, an answer that was not streamed)
+CONNECT_HINT = "is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)"
 MIN_RETRY_S = 0.25  # the least wait before sending again after a busy answer (a "Retry-After: 0" too)
 
 
@@ -102,7 +103,7 @@ class RemoteModel:
             except ConnectionError as exc:
                 raise busy or RemoteError(
                     f"cannot connect to {self.base_url}: {exc}",
-                    hint="is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)",
+                    hint=getattr(exc, "hint", None) or CONNECT_HINT,
                 ) from None
             if reply.status < 400:
                 return reply

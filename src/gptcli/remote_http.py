@@ -75,6 +75,23 @@ class Reply:
             yield b"".join(parts).decode("utf-8", errors="replace").removesuffix("\r")
 
 
+# The fix a TLS failure's reason points to (RemoteModel gives it as the error's hint).
+TLS_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "a server of yours with a self-signed certificate? trust it: SSL_CERT_FILE=cert.pem "
+    "(which then stands in for the system's CA bundle)",
+    "WRONG_VERSION_NUMBER": "the server speaks plain HTTP: use http://",
+    "disconnected without sending a response": "does the server speak HTTPS? then use https://",
+}
+
+
+class ConnectFailure(ConnectionError):
+    """No connection to the server; `hint` is the fix where the reason names one (a certificate not trusted)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.hint = next((hint for key, hint in TLS_HINTS.items() if key in reason), None)
+
+
 @functools.cache
 def _tls_context() -> Any:
     """One TLS context for every request (SSL_CERT_FILE and SSL_CERT_DIR still apply). A client built without
@@ -98,7 +115,7 @@ def open_httpx(
         raise TimeoutError(str(exc)) from None
     except httpx.TransportError as exc:
         client.close()
-        raise ConnectionError(str(exc) or type(exc).__name__) from None
+        raise ConnectFailure(str(exc) or type(exc).__name__) from None
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -130,7 +147,7 @@ def open_urllib(
         reason = exc.reason
         if isinstance(reason, TimeoutError):
             raise TimeoutError(str(reason)) from None
-        raise ConnectionError(getattr(reason, "strerror", None) or str(reason)) from None
+        raise ConnectFailure(getattr(reason, "strerror", None) or str(reason)) from None
     except TimeoutError as exc:
         raise TimeoutError(str(exc)) from None
 

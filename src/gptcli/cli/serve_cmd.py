@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,6 +59,12 @@ def serve(
             help="Let web pages from this origin use the API (CORS), e.g. http://localhost:3000; repeatable.",
         ),
     ] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option("--ssl-certfile", help="Serve HTTPS with this certificate (PEM).", dir_okay=False)
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option("--ssl-keyfile", help="The certificate's private key (PEM).", dir_okay=False)
+    ] = None,
     grace: Annotated[
         float, typer.Option("--grace", help="Seconds in-flight requests get to finish on shutdown.", min=0)
     ] = 10.0,
@@ -78,12 +85,12 @@ def serve(
       gptcli serve
       gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --parallel 8
       gptcli serve --host 0.0.0.0 --port 9000 --api-key "$KEY"
-      gptcli serve --allowed-origin http://localhost:3000
+      gptcli serve --allowed-origin http://localhost:3000 --ssl-certfile cert.pem --ssl-keyfile key.pem
       curl localhost:8080/v1/chat/completions \\
         -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
     """
     from gptcli.server.origins import AllowedOrigins
-    from gptcli.server.serving import bind_socket, is_loopback, url_of
+    from gptcli.server.serving import bind_socket, is_loopback, tls_files, url_of
 
     if not math.isfinite(grace):
         raise UsageError(f"--grace must be a number of seconds, not {grace}", hint="e.g. --grace 10")
@@ -97,6 +104,7 @@ def serve(
             hint="pass --api-key KEY (or set GPTCLI_API_KEY), or --insecure-no-key if that is what you want",
         )
     origins = AllowedOrigins.parse(allowed_origins or (), api_key)
+    tls = tls_files(ssl_certfile, ssl_keyfile)
     settings = resolve_settings(
         config,
         model=model,
@@ -114,10 +122,10 @@ def serve(
         from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
-            render.note(f"serving on {url_of(sock)} (chat page /, API /v1) · Ctrl-C to stop")
+            render.note(f"serving on {url_of(sock, tls=tls is not None)} (chat page /, API /v1) · Ctrl-C to stop")
 
         engine = app.state.gptcli.engine
-        server = make_server(app, grace_s=grace, drain=engine.stop, log_level=log_level, on_ready=ready)
+        server = make_server(app, grace_s=grace, drain=engine.stop, log_level=log_level, on_ready=ready, tls=tls)
         run_server(server, sock)
     finally:
         sock.close()

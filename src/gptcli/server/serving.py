@@ -15,13 +15,16 @@ import ipaddress
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError, UsageError
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -56,10 +59,65 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, *, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The certificate (PEM, its chain after it) and private key that HTTPS is served with."""
+
+    certfile: Path
+    keyfile: Path
+
+
+SELF_SIGNED = (
+    "a self-signed pair for this machine: openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem -out cert.pem "
+    "-days 365 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost"
+)
+
+
+def tls_files(certfile: Path | None, keyfile: Path | None) -> TlsFiles | None:
+    """--ssl-certfile and --ssl-keyfile checked as uvicorn will load them (so a bad one is a one-line error before
+    the model loads, not a traceback after), or None for plain HTTP."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        given, missing = ("--ssl-certfile", "--ssl-keyfile") if keyfile is None else ("--ssl-keyfile", "--ssl-certfile")
+        raise UsageError(f"{given} needs {missing} too: HTTPS takes a certificate and its private key")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        try:
+            with path.open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise InputError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    try:
+        ssl.create_default_context(cafile=str(certfile))
+    except ssl.SSLError:
+        raise InputError(f"--ssl-certfile {certfile} holds no PEM certificate", hint=SELF_SIGNED) from None
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:  # else OpenSSL would ask for one on the terminal
+        asked.append(True)
+        return b""
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if asked:
+            raise InputError(
+                f"the key in --ssl-keyfile {keyfile} is encrypted, and gptcli serve takes no passphrase",
+                hint=f"decrypt it: openssl pkey -in {keyfile} -out key.pem",
+            ) from None
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise InputError(
+                f"the key in --ssl-keyfile {keyfile} is not the one of the certificate in --ssl-certfile {certfile}",
+                hint="pass the private key the certificate was made with",
+            ) from None
+        raise InputError(f"--ssl-keyfile {keyfile} holds no PEM private key", hint=SELF_SIGNED) from None
+    return TlsFiles(certfile, keyfile)
 
 
 # uvicorn's own limit, past ours: by then the engine has cancelled what was left and the streams ended.
@@ -77,10 +135,12 @@ def make_server(
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    tls: TlsFiles | None = None,
 ) -> Any:
-    """A uvicorn.Server for the app. When shutdown begins, `drain(grace_s)` runs in a thread (the engine's
-    stop: refuse new work, let running sequences finish for grace_s, cancel the rest), so every stream
-    ends cleanly, before uvicorn's own timeout would cut the connections.
+    """A uvicorn.Server for the app (HTTPS with `tls`, checked by tls_files). When shutdown begins,
+    `drain(grace_s)` runs in a thread (the engine's stop: refuse new work, let running sequences finish for
+    grace_s, cancel the rest), so every stream ends cleanly, before uvicorn's own timeout would cut the
+    connections.
     """
     import uvicorn
 
@@ -111,6 +171,8 @@ def make_server(
         lifespan="on",
         server_header=False,
         limit_concurrency=max_connections,
+        ssl_certfile=tls and tls.certfile,
+        ssl_keyfile=tls and tls.keyfile,
     )
     return Server(config)
 
