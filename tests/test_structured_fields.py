@@ -17,7 +17,12 @@ CODE = r"[A-Z]{2}-[0-9]{3}"
 CODE_GBNF = 'root ::= [A-Z] [A-Z] "-" digit digit digit\ndigit ::= [0-9]\n'
 CODE_LARK = 'start: /[A-Z]{2}/ "-" DIGITS\nDIGITS: /[0-9]{3}/\n'
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-ARRAY = {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3}
+ARRAY = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": 999},
+    "minItems": 1,
+    "maxItems": 3,
+}  # fits -n 40
 GIVEN = {  # each field, the kind of reply it must give
     "guided_choice": (COLOURS, "choice"),
     "structured_outputs": ({"choice": COLOURS}, "choice"),
