@@ -222,7 +222,11 @@ def fill_up(folder: Path) -> None:
 
 
 def run_cli(
-    *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str,
+    input: str | bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
     """Run the real `gptcli` program in a subprocess (the environment of the calling test)."""
     data = input.encode() if isinstance(input, str) else input
@@ -233,7 +237,7 @@ def run_cli(
         capture_output=True,
         env=full_env,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
     )
 
 

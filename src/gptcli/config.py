@@ -93,6 +93,7 @@ class Settings:
     threads: int | None = None
     on_overflow: str = "error"
     system: str | None = None
+    chat_template: str | None = None  # a Jinja file rendered in place of the model's chat template
     allow_pickle: bool = False
     trust_remote_code: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -126,6 +127,9 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("threads", int, "--threads", lambda v: 1 <= v <= MAX_THREADS, f"in 1..{MAX_THREADS}", optional=True),
         FieldSpec("on_overflow", str, "--on-overflow", choices=("error", "truncate")),
         FieldSpec("system", str, "--system", optional=True),
+        FieldSpec(
+            "chat_template", str, "--chat-template", lambda v: bool(v.strip()), "a Jinja file's path", optional=True
+        ),
         FieldSpec("allow_pickle", bool, "--allow-pickle"),
         FieldSpec("trust_remote_code", bool, "--trust-remote-code"),
         FieldSpec("sampling.temperature", float, "--temperature", lambda v: v >= 0, ">= 0"),
@@ -198,15 +202,9 @@ def flatten(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
             # A section's key at the top level, as written or misspelt: point at it in its section.
             inside = {f"{s} -> {k}": k for s, t in top.items() if is_dataclass(t) for k in field_types(t)}
             nested = [path for path, k in inside.items() if k == key]
-            nested = (
-                nested
-                or difflib.get_close_matches(key, list(top), n=1)
-                or [
-                    path
-                    for path, k in inside.items()
-                    if k in difflib.get_close_matches(key, list(inside.values()), n=1)
-                ]
-            )
+            if not nested:  # the closest name of all, top-level or in a section ('temprature': temperature's)
+                closest = difflib.get_close_matches(key, [*top, *inside.values()], n=1)
+                nested = [name for name in closest if name in top] or [p for p, k in inside.items() if k in closest]
             hint = f" (did you mean '{nested[0]}'?)" if nested else ""
             raise ConfigError(f"{where}: {key}: unknown key{hint}")
         kind = top[key]

@@ -20,7 +20,7 @@ from gptcli.errors import BackendError, UsageError
 from gptcli.gguf_convert import Progress
 from gptcli.hardware import usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
-from gptcli.tokenizer import Tokenizer
+from gptcli.tokenizer import Tokenizer, read_chat_template
 
 
 @dataclass
@@ -70,7 +70,10 @@ def open_model(settings: Settings, notify: Callable[[str], None], progress: Prog
 
 
 def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Progress | None = None) -> Runtime:
+    """The settings' model, backend and tokenizer; `settings.chat_template` (a file, checked before the model
+    is opened) is the tokenizer's chat template in place of the model's own, for every prompt built over it."""
     backend_cls = check_backend(settings)
+    given = read_chat_template(Path(settings.chat_template).expanduser()) if settings.chat_template else None
     model = open_model(settings, notify, progress)
     if is_onnx_export(model.path) and settings.backend != "onnx":
         raise UsageError(f"{model.path} is an ONNX export", hint="run it with --backend onnx")
@@ -79,7 +82,7 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
         notify(
             f"warning: --threads {settings.threads} is more than the {cpus} CPUs here: sharing cores slows every step"
         )
-    tokenizer = Tokenizer(model.path)
+    tokenizer = Tokenizer(model.path, given)
     if settings.sampling.constraint is not None:  # a grammar that compiles only with the vocabulary fails here,
         from gptcli.constraints import prepare  # before the model loads (the tokenizer-free check let it pass)
 

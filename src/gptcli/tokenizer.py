@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ChatTemplateRefusal, GptcliError, InputError, ModelError
-from gptcli.textio import MiB, human_bytes, lone_surrogate, read_json_file
+from gptcli.errors import ChatTemplateRefusal, ConfigError, GptcliError, InputError, ModelError
+from gptcli.textio import CONFIG_FILE, MiB, human_bytes, lone_surrogate, one_line, read_json_file, read_text_file
 
 MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json and its config: Gemma 3's 262k vocabulary is 33 MB
 BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte tokens (Llama 2, Mistral)
@@ -51,10 +52,72 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class Tokenizer:
-    """Encode/decode text for one model folder, plus its chat template and end-of-sequence ids."""
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template the user gave (`--chat-template FILE`), rendered in place of the model's own."""
 
-    def __init__(self, folder: Path) -> None:
+    text: str
+    path: Path
+
+
+def read_chat_template(path: Path) -> ChatTemplate:
+    """A chat template file, read (bounded) and compiled in the sandbox templates render in, before any model
+    loads: a file that cannot be read, or is not Jinja, is a one-line ConfigError naming it (and the line)."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        text = read_text_file(path, CONFIG_FILE)
+    except InputError as exc:  # not found, a folder, binary, not UTF-8, too big: a setting that cannot be used
+        raise ConfigError(f"chat template: {exc.message}", hint=exc.hint) from None
+    if not text.strip():
+        raise ConfigError(f"chat template {path} is empty", hint="give a Jinja chat template file")
+    try:
+        template_environment(path).from_string(text)
+    except TemplateSyntaxError as exc:
+        raise ConfigError(
+            f"{path}:{exc.lineno}: not a valid chat template: {one_line(exc.message or 'syntax error')}",
+            hint="fix the Jinja syntax on that line",
+        ) from None
+    return ChatTemplate(text, path)
+
+
+def template_environment(source: Path) -> Any:
+    """The sandboxed jinja2 environment chat templates render in, as transformers renders them (trim and lstrip
+    blocks, loop controls, tojson, raise_exception, strftime_now); `source` names the template in its errors."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateRefusal(f"{source}: chat template error: {message}")
+
+    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def template_origin(folder: Path, given: str | None = None) -> str | None:
+    """Where a model's chats get their template, as `models info` says it: the given file (--chat-template), the
+    model's own file, or None (a plain transcript). Read from the files alone, without loading the tokenizer."""
+    if given:
+        return given
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder / "chat_template.jinja")
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and _read_json_object(config).get("chat_template"):
+        return str(config)
+    return None
+
+
+class Tokenizer:
+    """Encode/decode text for one model folder, plus its chat template (the model's own, or `chat_template`,
+    the user's in its place) and end-of-sequence ids."""
+
+    def __init__(self, folder: Path, chat_template: ChatTemplate | None = None) -> None:
         from tokenizers import Tokenizer as FastTokenizer
 
         self.folder = folder
@@ -76,7 +139,7 @@ class Tokenizer:
         self._config: dict[str, Any] = _read_json_object(cfg_path) if cfg_path.is_file() else {}
         self.bos_token = _token_text(self._config.get("bos_token"))
         self.eos_token = _token_text(self._config.get("eos_token"))
-        self.chat_template = self._find_chat_template()
+        self.chat_template = self._find_chat_template(chat_template)
         self.eos_ids = self._find_eos_ids()
 
     @staticmethod
@@ -88,7 +151,10 @@ class Tokenizer:
         except Exception as exc:
             raise ModelError(f"{folder}: no usable tokenizer ({exc})", hint="add a tokenizer.json") from None
 
-    def _find_chat_template(self) -> str | None:
+    def _find_chat_template(self, given: ChatTemplate | None) -> str | None:
+        if given is not None:
+            self.chat_template_file = given.path
+            return given.text
         jinja = self.folder / "chat_template.jinja"
         self.chat_template_file = jinja  # where the template comes from, for error messages
         if jinja.is_file():
@@ -175,20 +241,7 @@ class Tokenizer:
 
     @cached_property
     def _environment(self) -> Any:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise ChatTemplateRefusal(f"{self.chat_template_file}: chat template error: {message}")
-
-        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env
+        return template_environment(self.chat_template_file)
 
     def render_chat(
         self,

@@ -45,6 +45,9 @@ def help_text() -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in COMMANDS.items())
 
 
+MODEL_TEMPLATE = "the model's"  # /info's chat template without --chat-template
+
+
 def show_text(chat: ChatSession, backend_name: str = "") -> str:
     conv = chat.conversation
     s = chat.settings.sampling
@@ -58,6 +61,7 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
         f"model              {conv.model}{chat.where(backend_name)}",
         f"conversation       {conv.id} ({len(conv.messages)} messages)",
         f"system             {conv.system or '-'}",
+        f"chat template      {conv.chat_template or MODEL_TEMPLATE}",
         f"tokens             {chat.budget_line()}",
         f"trimmed            {trimmed}",
     ]

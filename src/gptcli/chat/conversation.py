@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.atomicio import remove_abandoned_writes, write_atomic
+from gptcli.chat.file_fields import checked_chat_template, checked_sampling, output_from_json, output_to_json
 from gptcli.config import OutputConstraint
-from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
+from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import data_dir
 from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
 
@@ -63,6 +64,7 @@ class Conversation:
     sampling: dict[str, Any] = field(default_factory=dict)  # /set changes, re-applied on resume
     window_start: int = 0
     output: OutputConstraint | None = None  # the structured output replies follow (None: free text)
+    chat_template: str | None = None  # the --chat-template file its prompts were rendered with (None: the model's)
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
 
@@ -90,6 +92,7 @@ class Conversation:
             "sampling": self.sampling,
             "window_start": self.window_start,
             **({"output": output_to_json(self.output)} if self.output is not None else {}),
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
             "messages": self.messages,
         }
 
@@ -132,9 +135,10 @@ class Conversation:
             model=str(data.get("model") or ""),
             system=system,
             messages=messages,
-            sampling=_checked_sampling(data.get("sampling"), where),
+            sampling=checked_sampling(data.get("sampling"), where),
             window_start=window_start,
             output=output_from_json(data.get("output"), where),
+            chat_template=checked_chat_template(data.get("chat_template"), where),
         )
         conv.created = _time_stamp(data, "created", where) or default_time or conv.created
         conv.updated = _time_stamp(data, "updated", where) or default_time or conv.updated
@@ -162,53 +166,6 @@ def _time_stamp(data: dict[str, Any], key: str, where: str) -> str | None:
 def sort_time(stamp: str) -> float:
     """A conversation's time stamp as seconds since the epoch, to sort by (one without a zone is local time)."""
     return datetime.fromisoformat(stamp).timestamp()
-
-
-def _checked_sampling(sampling: Any, where: str) -> dict[str, Any]:
-    """A saved chat's sampling settings, each checked as a config file's would be (a bad file is exit 6)."""
-    from gptcli.config import Settings, with_sampling
-
-    if not sampling:
-        return {}
-    if not isinstance(sampling, dict):
-        raise InputError(f"{where}: 'sampling' must be a mapping of settings")
-    try:
-        with_sampling(Settings(), where.replace("{", "{{").replace("}", "}}"), **sampling)
-    except ConfigError as exc:
-        raise InputError(exc.message, hint="fix or remove that setting in the file") from None
-    return dict(sampling)
-
-
-OUTPUT_SHAPES = '{"format": "json"}, {"json_schema": {...}}, {"regex": "..."} or {"grammar": "..."}'
-
-
-def output_to_json(constraint: OutputConstraint) -> dict[str, Any]:
-    """The output format as a chat file keeps it, named as the flags are (OUTPUT_SHAPES)."""
-    if constraint.kind == "json_schema":
-        return {"json_schema": json.loads(constraint.source)}
-    if constraint.kind in ("regex", "grammar"):
-        return {constraint.kind: constraint.source}
-    return {"format": "json"}
-
-
-def output_from_json(value: Any, where: str) -> OutputConstraint | None:
-    """A chat file's `output` (absent in files from before it was kept: free text). Its shape is checked
-    here; the grammar is compiled when the chat is resumed or loaded (`chats list` stays quick)."""
-    if value is None:
-        return None
-    kind = next(iter(value), None) if isinstance(value, dict) and len(value) == 1 else None
-    item = value[kind] if kind is not None else None
-    if kind == "format" and item == "json":
-        return OutputConstraint("json")
-    if kind in ("regex", "grammar") and isinstance(item, str) and item:
-        return OutputConstraint(kind, item)
-    if kind == "json_schema" and isinstance(item, dict):
-        try:
-            return OutputConstraint("json_schema", json.dumps(item, allow_nan=False))
-        except ValueError:  # NaN: no JSON Schema
-            pass
-    hint = "fix or remove 'output' in the file (without it, replies are free text)"
-    raise InputError(f"{where}: 'output' must be {OUTPUT_SHAPES}", hint=hint)
 
 
 def to_markdown(conv: Conversation) -> str:

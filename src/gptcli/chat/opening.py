@@ -21,7 +21,8 @@ def open_conversation(
 ) -> tuple[Settings, Conversation]:
     """The conversation to hold (a new one, the latest, or `ref`) and the settings to hold it with.
 
-    A resumed conversation keeps its model unless one is given now, takes a new system message only
+    A resumed conversation keeps its model unless one is given now, and with it its chat template file unless
+    one is given now (another model starts from its own template); it takes a new system message only
     when one is given now, gets back its `/set` changes except those given again as flags, and keeps
     its output format unless one is given now (`output_given`: --json-schema, --format, --regex).
     """
@@ -32,6 +33,8 @@ def open_conversation(
     else:
         if conversation.model and resolved.sources["model"] == "default":
             settings = replace(settings, model=conversation.model)
+            if resolved.sources["chat_template"] == "default":
+                settings = replace(settings, chat_template=conversation.chat_template)
         if resolved.sources["system"] != "default":
             conversation.system = settings.system
         for key in list(conversation.sampling):
@@ -44,4 +47,7 @@ def open_conversation(
     if Path(settings.model).expanduser().exists():  # a folder or file: remember where, for a later --resume
         settings = replace(settings, model=str(Path(settings.model).expanduser().resolve()))
     conversation.model = settings.model
+    if settings.chat_template:  # its absolute path, for a later --resume from another folder
+        settings = replace(settings, chat_template=str(Path(settings.chat_template).expanduser().resolve()))
+    conversation.chat_template = settings.chat_template
     return with_output(settings, conversation.output), conversation

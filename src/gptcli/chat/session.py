@@ -270,10 +270,14 @@ class ChatSession:
         return removed
 
     def reset(self) -> None:
-        """Start a new conversation with the same model, system message and settings."""
+        """Start a new conversation with the same model, system message, chat template and settings."""
         old = self.conversation
         self.conversation = Conversation(
-            model=old.model, system=old.system, sampling=dict(old.sampling), output=old.output
+            model=old.model,
+            system=old.system,
+            sampling=dict(old.sampling),
+            output=old.output,
+            chat_template=old.chat_template,
         )
         self._warned_trim = False
 
@@ -285,7 +289,8 @@ class ChatSession:
         output = conv.output if conv.output is not None else self.conversation.output
         if output is not None and output != self.conversation.output:
             self.check_output(output, "the file's output format")
-        conv = replace(conv, id=new_id(), model=self.conversation.model, output=output)
+        held = self.conversation  # its model renders the loaded chat, with the chat template it was opened with
+        conv = replace(conv, id=new_id(), model=held.model, chat_template=held.chat_template, output=output)
         settings = with_sampling(self.settings, **conv.sampling) if conv.sampling else self.settings  # may refuse
         self.conversation, self.settings = conv, with_output(settings, output)
         self._warned_trim = False

@@ -13,7 +13,7 @@ from gptcli.cli.chat_pipe import run_piped
 from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt
 from gptcli.cli.inputs import isatty
 from gptcli.cli.settings import constrain, output_constraint, resolve_settings
-from gptcli.errors import ModelError, UsageError
+from gptcli.errors import ConfigError, ModelError, UsageError
 
 __all__ = ["ReplyInterrupts", "SecondInterrupt", "chat", "run_piped"]
 
@@ -39,6 +39,7 @@ def chat(
     seed: c.SeedOpt = None,
     stop: c.StopOpt = None,
     system: c.SystemOpt = None,
+    chat_template: c.ChatTemplateOpt = None,
     json_schema: c.JsonSchemaOpt = None,
     output_format: c.FormatOpt = None,
     regex: c.RegexOpt = None,
@@ -84,6 +85,7 @@ def chat(
         threads=threads,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
     )
     if continue_ and resume is not None:
         raise UsageError("--continue and --resume cannot be used together")
@@ -108,6 +110,7 @@ def chat(
         seed=seed,
         stop=stop,
         system=system,
+        chat_template=chat_template,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
@@ -131,6 +134,11 @@ def chat(
                 raise
             hint = f"{exc.hint}, or continue it with another model: --model NAME" if exc.hint else "pass --model NAME"
             raise ModelError(f"conversation {conversation.id}'s model: {exc.message}", hint=hint) from None
+        except ConfigError as exc:  # a resumed chat's chat template file, moved or deleted since
+            if resolved.sources["chat_template"] != "default" or not settings.chat_template:
+                raise
+            hint = "restore it, pass --chat-template FILE, or --model NAME to render with the model's own"
+            raise ConfigError(f"conversation {conversation.id}'s {exc.message}", hint=hint) from None
         session = ChatSession(
             runtime.backend,
             runtime.tokenizer,

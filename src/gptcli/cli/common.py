@@ -229,6 +229,10 @@ RepetitionStopOpt = Annotated[
 ]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System message for chat models.")]
+ChatTemplateOpt = Annotated[
+    Path | None,
+    path_option("--chat-template", help="A Jinja chat template file, rendered in place of the model's own."),
+]
 OverflowOpt = Annotated[
     str | None, typer.Option("--on-overflow", help="error | truncate: a prompt longer than the context.")
 ]

@@ -154,6 +154,7 @@ KEY_HELP = {
     "threads": "CPU threads for the backend (null: the backend decides)",
     "on_overflow": "a prompt longer than the context: fail, or keep its end",
     "system": "system message for chat models",
+    "chat_template": "a chat template rendered in place of the model's own (null: the model's)",
     "allow_pickle": "load pickled (.bin/.pt) weights; only for files you trust",
     "trust_remote_code": "run model code shipped with a model folder",
     "sampling.temperature": "0 = greedy",

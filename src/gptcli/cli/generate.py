@@ -40,6 +40,7 @@ def generate(
     repetition_stop: c.RepetitionStopOpt = None,
     system: c.SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
+    chat_template: c.ChatTemplateOpt = None,
     on_overflow: c.OverflowOpt = None,
     template: Annotated[
         str | None,
@@ -102,6 +103,7 @@ def generate(
         on_overflow=on_overflow,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
     )
     structured = output_constraint(json_schema, output_format, regex, url, grammar)
     resolved = resolve_settings(
@@ -124,6 +126,7 @@ def generate(
         stop=stop,
         repetition_stop=repetition_stop,
         system=system,
+        chat_template=chat_template,
         on_overflow=on_overflow,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,

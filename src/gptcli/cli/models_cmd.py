@@ -119,16 +119,18 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: c.ConfigOpt = None,
 ) -> None:
-    """Architecture, parameters, layers, context, vocab, dtype, size, source and cache path.
+    """Architecture, parameters, layers, context, vocab, dtype, size, source, cache path and chat template.
 
     Example: gptcli models info smollm2-135m-instruct
     """
     from gptcli.cli.local_run import open_local_model
     from gptcli.models import describe, is_onnx_export
+    from gptcli.tokenizer import template_origin
 
     settings = c.resolve_settings(config, model=model or None).settings
     local = open_local_model(settings)
     facts = describe(local)
+    facts["chat_template"] = template_origin(local.path, settings.chat_template)
     if is_onnx_export(local.path):  # no safetensors to count: the sidecar knows what was exported
         from gptcli.export.sidecar import read_export
 
@@ -141,6 +143,7 @@ def info(
         return
     facts["params"] = f"{facts['params']:,} ({facts['params'] / 1e6:.1f} M)"
     facts["size_bytes"] = human_size(facts["size_bytes"])
+    facts["chat_template"] = facts["chat_template"] or "none (a chat is a plain User:/Assistant: transcript)"
     width = max(len(k) for k in facts)
     for key, value in facts.items():
         print(f"{key.replace('_bytes', '').ljust(width)}  {value}")

@@ -21,6 +21,7 @@ def serve(
     dtype: c.DtypeOpt = None,
     precision: c.PrecisionOpt = None,
     threads: c.ThreadsOpt = None,
+    chat_template: c.ChatTemplateOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (others than loopback need a key).")] = (
         "127.0.0.1"
     ),
@@ -113,6 +114,7 @@ def serve(
         dtype=dtype,
         precision=precision,
         threads=threads,
+        chat_template=chat_template,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     ).settings

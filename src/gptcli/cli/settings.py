@@ -26,6 +26,8 @@ def resolve_settings(config_file: Path | None, **flags: Any) -> Any:
             raise TypeError(f"resolve_settings: no setting named {name!r}")
         if name == "stop" and value is not None:
             value = tuple(value) or None
+        if isinstance(value, Path):  # --chat-template: a setting holds the path as text, as a config file does
+            value = str(value)
         dotted[key] = value
     return resolve(config_file=config_file, flags=dotted)
 

@@ -50,6 +50,7 @@ def summarize(
     seed: c.SeedOpt = None,
     parallel: c.ParallelOpt = None,
     kv_budget: c.KvBudgetOpt = None,
+    chat_template: c.ChatTemplateOpt = None,
     config: c.ConfigOpt = None,
     allow_pickle: c.AllowPickleOpt = None,
     trust_remote_code: c.TrustRemoteCodeOpt = None,
@@ -78,8 +79,8 @@ def summarize(
         kv_budget=kv_budget,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
     )
-
     options = SummaryOptions("medium" if length is None else length, fmt, strategy, chunk_tokens, overlap)
     options.check()
     resolved = resolve_settings(
@@ -100,6 +101,7 @@ def summarize(
         repetition_stop=repetition_stop,
         max_tokens=max_tokens,
         seed=seed,
+        chat_template=chat_template,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
@@ -152,10 +154,8 @@ def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options
         from gptcli.cli.remote_run import open_remote, remote_summarizer
 
         remote = open_remote(url, api_key, model)
-        return remote_summarizer(remote, template, settings.sampling, **options), {
-            "model": remote.model,
-            "url": remote.base_url,
-        }
+        where = {"model": remote.model, "url": remote.base_url}
+        return remote_summarizer(remote, template, settings.sampling, **options), where
     from gptcli.cli.local_run import load_runtime
     from gptcli.engine import parse_kv_budget
     from gptcli.summarize import Summarizer
