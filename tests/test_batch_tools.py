@@ -4,7 +4,6 @@ for the tools' system message, as in test_server_tools)."""
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -13,9 +12,8 @@ import jsonschema
 import pytest
 
 from gptcli.batch_requests import parse_request
-from gptcli.batchfile import LocalLines, RemoteLines, run_batch
 from gptcli.config import Settings, with_sampling
-from gptcli.jsonl import ResultWriter, read_lines
+from tests import batch_lines
 from tests.test_server_tools import ASK, CALLED, RESULTS, TOOLS, widened
 
 httpx = pytest.importorskip("httpx")
@@ -45,21 +43,8 @@ def live(tiny_models, tmp_path_factory) -> Iterator[tuple[Any, Any]]:
 
 
 def run_lines(live: Any, lines: list[dict[str, Any]], *, remote: bool) -> list[dict[str, Any]]:
-    from gptcli.engine import Engine, EngineLimits
-    from gptcli.remote import RemoteModel
-
     here, server = live
-    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
-    if remote:
-        where = RemoteLines(RemoteModel(server.v1, api_key="unused"), 4)
-        requests = (parse_request(n, raw, None, SETTINGS, 0) for n, raw in read_lines(data))
-    else:
-        where = LocalLines(Engine(here.backend, here.tokenizer, EngineLimits(max_running=4)))
-        context = here.backend.info.context_length
-        requests = (parse_request(n, raw, here.tokenizer, SETTINGS, context) for n, raw in read_lines(data))
-    stream = io.StringIO()
-    run_batch(where, requests, ResultWriter(stream, sync=False))
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
+    return batch_lines.run_lines(here, server.v1, lines, SETTINGS, remote=remote)
 
 
 def answer(record: dict[str, Any]) -> tuple[Any, ...]:

@@ -4,7 +4,6 @@ and one rendering (the chat template cut right after the message's content, or t
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from gptcli.errors import FieldError
 from gptcli.prompts import BARE, CONTINUE, NEW_TURN, prompt_ending
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import chat_prompt
+from tests import batch_lines
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -259,23 +259,7 @@ def test_structured_output_constrains_the_continuation(live, runtime):
 
 
 def run_lines(live: Any, runtime: Any, lines: list[dict[str, Any]], *, remote: bool) -> list[dict[str, Any]]:
-    from gptcli.batch_requests import parse_request
-    from gptcli.batchfile import LocalLines, RemoteLines, run_batch
-    from gptcli.engine import Engine, EngineLimits
-    from gptcli.jsonl import ResultWriter, read_lines
-    from gptcli.remote import RemoteModel
-
-    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
-    if remote:
-        where: Any = RemoteLines(RemoteModel(live.v1, api_key="unused"), 2)
-        requests = (parse_request(n, raw, None, SETTINGS, 0) for n, raw in read_lines(data))
-    else:
-        where = LocalLines(Engine(runtime.backend, runtime.tokenizer, EngineLimits(max_running=2)))
-        context = runtime.backend.info.context_length
-        requests = (parse_request(n, raw, runtime.tokenizer, SETTINGS, context) for n, raw in read_lines(data))
-    stream = io.StringIO()
-    run_batch(where, requests, ResultWriter(stream, sync=False))
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
+    return batch_lines.run_lines(runtime, live.v1, lines, SETTINGS, remote=remote, running=2)
 
 
 LINES = [
