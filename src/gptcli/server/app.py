@@ -1,4 +1,4 @@
-"""The ASGI app factory: OpenAI routes, the chat page, /health and /metrics, guarded by the middleware."""
+"""The ASGI app factory: OpenAI and ollama routes, the chat page, /health and /metrics, guarded by the middleware."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from starlette.responses import HTMLResponse, PlainTextResponse
 from gptcli import __version__
 from gptcli.server.errors import install_error_handlers
 from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CorsHeaders, CrossSiteGuard, RequestCounter
+from gptcli.server.ollama_routes import router as ollama_router
+from gptcli.server.ollama_shapes import OllamaErrors
 from gptcli.server.openai_routes import router
 from gptcli.server.origins import AllowedOrigins
 from gptcli.server.responses_routes import router as responses_router
@@ -77,6 +79,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(token_router)
+    app.include_router(ollama_router)  # ollama's API (/api/*), for the apps that speak it
     page = chat_page()
     headers = page_headers(page)
 
@@ -94,12 +97,13 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
 
     # Added innermost first: the counter sees every answer, the key is checked before the body is read, and an
     # allowed origin's page can read a 401 (a preflight needs no key).
-    served = [*router.routes, *responses_router.routes, *token_router.routes]
+    served = [*router.routes, *responses_router.routes, *token_router.routes, *ollama_router.routes]
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(CrossSiteGuard, allowed=config.allowed_origins)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     if config.allowed_origins:
         app.add_middleware(CorsHeaders, allowed=config.allowed_origins)
+    app.add_middleware(OllamaErrors)  # /api/*'s errors, the middleware's above too, in ollama's shape
     app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)
     return app

@@ -57,6 +57,11 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         where, char = found
         message = f"{where}: holds {char}, a lone UTF-16 surrogate that is not text"
         raise APIError(400, message, param=where, code="invalid_value")
+    return validate_body(model, data)
+
+
+def validate_body(model: type[Body], data: dict[str, Any]) -> Body:
+    """A JSON object as `model`: its first problem a 400 naming the field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
