@@ -86,7 +86,8 @@ def serve(
       gptcli serve
       gptcli serve -m ./runs/mygpt --backend onnx --precision int4 --parallel 8
       gptcli serve --host 0.0.0.0 --port 9000 --api-key "$KEY"
-      gptcli serve --allowed-origin http://localhost:3000 --ssl-certfile cert.pem --ssl-keyfile key.pem
+      gptcli serve --allowed-origin http://localhost:3000 --api-key "$KEY"
+      gptcli serve --ssl-certfile cert.pem --ssl-keyfile key.pem
       curl localhost:8080/v1/chat/completions \\
         -d '{"model":"default","messages":[{"role":"user","content":"hi"}]}'
     """
