@@ -90,6 +90,9 @@ REFUSED = [  # (fields, the param the 400 names, what its message starts with)
     ),
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn", "not a field of structured_outputs"),
     ({"structured_outputs": "regex"}, "structured_outputs", "must be an object"),
+    ({"structured_outputs": {}}, "structured_outputs", "names no kind of structured output"),  # not free text
+    ({"structured_outputs": {"disable_fallback": True}}, "structured_outputs", "names no kind of structured output"),
+    ({"structured_outputs": {"json": None}}, "structured_outputs", "names no kind of structured output"),
     ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object", "must be true or false"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice", "goes with no other"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "goes with no other structured output (guided_"),
@@ -151,6 +154,7 @@ def test_batch_lines_take_the_same_fields_each_bad_one_that_lines_error(tiny_mod
         {"id": "json", "prompt": "x", "json_schema": ARRAY},
         {"id": "two", "prompt": "x", "guided_regex": "a", "response_format": {"type": "json_object"}},
         {"id": "tag", "prompt": "x", "structured_outputs": {"structural_tag": "{}"}},
+        {"id": "none", "prompt": "x", "structured_outputs": {"disable_any_whitespace": True}},
         {"id": "bad", "prompt": "x", "grammar": 'root ::= "a" (\n'},
         {"id": "tools", "messages": [{"role": "user", "content": "x"}], "guided_json": {}, "tools": [TOOL]},
     ]
@@ -163,9 +167,10 @@ def test_batch_lines_take_the_same_fields_each_bad_one_that_lines_error(tiny_mod
     kinds = {"choice": "choice", "regex": "code", "gbnf": "code", "lark": "code", "json": "array"}
     for line_id, kind in kinds.items():
         assert fits(kind, results[line_id]["text"]), results[line_id]
-    errors = {line_id: results[line_id]["error"]["message"] for line_id in ("two", "tag", "bad", "tools")}
+    errors = {line_id: results[line_id]["error"]["message"] for line_id in ("two", "tag", "none", "bad", "tools")}
     assert errors["two"].startswith("guided_regex: goes with no other structured output (response_format")
     assert errors["tag"].startswith("structured_outputs.structural_tag: not supported")
+    assert errors["none"].startswith("structured_outputs: names no kind of structured output")
     assert errors["bad"].startswith("grammar: invalid GBNF grammar: Expected ')' at line 2")
     assert errors["tools"].startswith("guided_json: does not go with tools")
 

@@ -138,7 +138,8 @@ ONE_KIND = "give one kind of structured output per request"
 
 def asked_fields(fields: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """Each kind of structured output the fields ask for, as (its param, its kind, its value); a null counts as
-    not given, and so does a false `json_object`."""
+    not given, and so does a false `json_object`, but a `structured_outputs` that names no kind is a FieldError
+    (it would silently give free text)."""
     asked = [(name, kind, fields[name]) for name, kind in KIND_FIELDS.items() if fields.get(name) is not None]
     outputs = fields.get("structured_outputs")
     if outputs is None:
@@ -154,6 +155,9 @@ def asked_fields(fields: dict[str, Any]) -> list[tuple[str, str, Any]]:
             raise FieldError(f"{param}: not supported by gptcli (it is vLLM's)", param, hint="drop it")
         elif key not in (*STRUCTURED_KINDS, *STRUCTURED_OPTIONS, *STRUCTURED_REFUSED):
             raise FieldError(f"{param}: not a field of structured_outputs ({KINDS_SAID})", param)
+    if not any(outputs.get(key) is not None for key in STRUCTURED_KINDS):  # vLLM refuses it too: nothing asked
+        message = f"structured_outputs: names no kind of structured output (give one of {KINDS_SAID})"
+        raise FieldError(message, "structured_outputs", hint="or leave structured_outputs out for free text")
     return named + asked
 
 
