@@ -269,6 +269,15 @@ def test_each_field_this_server_cannot_use_is_a_400_naming_it(live):
     assert raised.value.body["param"] == "previous_response_id"
 
 
+def test_min_tokens_over_the_reply_length_names_max_output_tokens(live):
+    # This API's length field is max_output_tokens: naming max_tokens (a 400 here) would not name the fix.
+    for fields, limit in (({"max_output_tokens": 4}, 4), ({}, 512)):  # as asked, or the server's default
+        response = httpx.post(live.v1 + "/responses", json={"input": "hi", "min_tokens": 600, **fields}, timeout=30)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "min_tokens", error
+        assert error["message"] == f"min_tokens: must be at most max_output_tokens ({limit}), got 600"
+
+
 def test_unknown_model_and_stored_responses_are_404s(live):
     with pytest.raises(openai.NotFoundError):
         create(live, model="gpt-5")

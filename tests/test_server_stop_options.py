@@ -115,6 +115,7 @@ def test_a_bad_stop_option_is_a_400_naming_it(live, fields, param):
         live.v1 + "/chat/completions", json={"messages": hi, "max_completion_tokens": 2, "min_tokens": 3}
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens"
+    assert response.json()["error"]["message"] == "min_tokens: must be at most max_completion_tokens (2), got 3"
 
 
 def test_batch_lines_take_the_stop_options(model):

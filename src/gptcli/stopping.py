@@ -23,16 +23,19 @@ MAX_STOP_TOKEN_IDS = 64  # entries in one request's stop_token_ids
 STOP_FIELDS = ("min_tokens", "stop_token_ids", "include_stop_str_in_output")
 
 
-def stop_options(fields: Mapping[str, Any], params: SamplingConfig, vocab_size: int | None) -> SamplingConfig:
+def stop_options(
+    fields: Mapping[str, Any], params: SamplingConfig, vocab_size: int | None, max_tokens_field: str = "max_tokens"
+) -> SamplingConfig:
     """`params` with the request's STOP_FIELDS (absent or None: unchanged), checked alike for the server and batch
-    lines: a FieldError names the field. `params.max_tokens` is the request's own; `vocab_size` None: the model is
-    on a server (a batch run with --url), which checks the ids against its vocabulary."""
+    lines: a FieldError names the field. `params.max_tokens` is the request's own, which it sets in
+    `max_tokens_field` (the Responses API's max_output_tokens); `vocab_size` None: the model is on a server (a
+    batch run with --url), which checks the ids against its vocabulary."""
     changes: dict[str, Any] = {}
     if (minimum := fields.get("min_tokens")) is not None:
         if not _whole(minimum) or minimum < 0:
             raise FieldError(f"min_tokens: must be a whole number >= 0, got {_short(minimum)}", "min_tokens")
         if minimum > params.max_tokens:
-            message = f"min_tokens: must be at most max_tokens ({params.max_tokens}), got {minimum}"
+            message = f"min_tokens: must be at most {max_tokens_field} ({params.max_tokens}), got {minimum}"
             raise FieldError(message, "min_tokens")
         changes["min_tokens"] = minimum
     if (ids := fields.get("stop_token_ids")) is not None:

@@ -86,6 +86,9 @@ class ResponsesRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_output_tokens
 
+    def max_tokens_field(self) -> str:
+        return "max_output_tokens"
+
     # ----------------------------------------------------------------------------------------------- the input
 
     def messages(self) -> list[ChatMessage]:

@@ -172,6 +172,10 @@ class SamplingRequest(StopFields, StructuredFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def max_tokens_field(self) -> str:
+        """The field that sets the reply's length in this request, as an error names it."""
+        return "max_tokens"
+
     def requested_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs entry lists (0: the token only); None: no logprobs."""
         return None
@@ -215,7 +219,7 @@ class SamplingRequest(StopFields, StructuredFields):
             changes["logit_bias"] = bias
         changes["logprobs"] = self.requested_logprobs()
         changes["prompt_logprobs"] = self.requested_prompt_logprobs()
-        return self.stop_options(replace(defaults, **changes), vocab_size)
+        return self.stop_options(replace(defaults, **changes), vocab_size, self.max_tokens_field())
 
 
 class ContentPart(BaseModel):
@@ -333,6 +337,9 @@ class ChatRequest(SamplingRequest, ToolFields, PrefillFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def requested_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

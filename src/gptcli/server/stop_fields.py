@@ -22,9 +22,11 @@ class StopFields(BaseModel):
     stop_token_ids: Any = None
     include_stop_str_in_output: Any = None
 
-    def stop_options(self, params: SamplingConfig, vocab_size: int) -> SamplingConfig:
-        """`params` (with the request's max_tokens) and these fields, checked against the model's vocabulary."""
+    def stop_options(self, params: SamplingConfig, vocab_size: int, max_tokens_field: str) -> SamplingConfig:
+        """`params` (with the request's max_tokens, which it sets in `max_tokens_field`) and these fields, checked
+        against the model's vocabulary."""
         try:
-            return stop_options({name: getattr(self, name) for name in STOP_FIELDS}, params, vocab_size)
+            fields = {name: getattr(self, name) for name in STOP_FIELDS}
+            return stop_options(fields, params, vocab_size, max_tokens_field)
         except FieldError as exc:
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
