@@ -278,6 +278,14 @@ def test_min_tokens_over_the_reply_length_names_max_output_tokens(live):
         assert error["message"] == f"min_tokens: must be at most max_output_tokens ({limit}), got 600"
 
 
+def test_structured_output_fields_beside_tools_point_to_text_format(live):
+    # response_format, which the chat route's hint names, is a 400 on this route: the fix is text.format.
+    body = {"input": "hi", "tools": FLAT_TOOLS, "guided_choice": ["a", "b"], "max_output_tokens": 4}
+    error = httpx.post(live.v1 + "/responses", json=body, timeout=30).json()["error"]
+    assert error["param"] == "guided_choice" and "does not go with tools" in error["message"], error
+    assert error["message"].endswith("as a JSON text.format"), error
+
+
 def test_unknown_model_and_stored_responses_are_404s(live):
     with pytest.raises(openai.NotFoundError):
         create(live, model="gpt-5")

@@ -198,7 +198,8 @@ def _constraint(kind: str, value: Any, param: str) -> OutputConstraint:
     return grammar_text(value, param)
 
 
-def beside_tools(param: str) -> FieldError:
-    """Structured output asked for beside tools, whose reply is JSON of its own."""
+def beside_tools(param: str, format_field: str = "response_format") -> FieldError:
+    """Structured output asked for beside tools, whose reply is JSON of its own. `format_field`: where the request
+    gives the format of a reply that calls no tool (the Responses API's text.format)."""
     message = f"{param}: does not go with tools (a reply that may call tools is JSON of its own)"
-    return FieldError(message, param, hint="give the format of a reply that calls no tool as a JSON response_format")
+    return FieldError(message, param, hint=f"give the format of a reply that calls no tool as a JSON {format_field}")

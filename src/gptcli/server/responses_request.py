@@ -141,7 +141,7 @@ class ResponsesRequest(SamplingRequest):
                 message, param = responses_param(exc.message), responses_param(exc.param)
                 raise APIError(400, message, param=param, code="invalid_value") from None
             if self._tools is not None:
-                self.refuse_beside_tools()  # vLLM's structured-output fields: tools make the reply JSON of their own
+                self.refuse_beside_tools("text.format")  # vLLM's structured-output fields: tools make the reply JSON
         return self._tools
 
     def _chat_tools(self) -> list[dict[str, Any]] | None:

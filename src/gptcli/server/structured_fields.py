@@ -50,8 +50,9 @@ class StructuredFields(BaseModel):
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
         return formatted if found is None else found[1]
 
-    def refuse_beside_tools(self) -> None:
-        """Tools make the reply JSON of their own: structured output asked for beside them is a 400."""
+    def refuse_beside_tools(self, format_field: str = "response_format") -> None:
+        """Tools make the reply JSON of their own: structured output asked for beside them is a 400, whose hint
+        names `format_field`, where this route takes the format of a reply that calls no tool."""
         if (field := self.output_field()) is not None:
-            error = beside_tools(field)
+            error = beside_tools(field, format_field)
             raise APIError(400, f"{error.message}; {error.hint}", param=field, code="invalid_value")
