@@ -155,6 +155,7 @@ def test_batch_lines_take_the_same_fields_each_bad_one_that_lines_error(tiny_mod
         {"id": "two", "prompt": "x", "guided_regex": "a", "response_format": {"type": "json_object"}},
         {"id": "tag", "prompt": "x", "structured_outputs": {"structural_tag": "{}"}},
         {"id": "none", "prompt": "x", "structured_outputs": {"disable_any_whitespace": True}},
+        {"id": "empty", "prompt": "x", "grammar": "root ::= [a&&b]"},  # found against the vocabulary, as the server
         {"id": "bad", "prompt": "x", "grammar": 'root ::= "a" (\n'},
         {"id": "tools", "messages": [{"role": "user", "content": "x"}], "guided_json": {}, "tools": [TOOL]},
     ]
@@ -167,10 +168,12 @@ def test_batch_lines_take_the_same_fields_each_bad_one_that_lines_error(tiny_mod
     kinds = {"choice": "choice", "regex": "code", "gbnf": "code", "lark": "code", "json": "array"}
     for line_id, kind in kinds.items():
         assert fits(kind, results[line_id]["text"]), results[line_id]
-    errors = {line_id: results[line_id]["error"]["message"] for line_id in ("two", "tag", "none", "bad", "tools")}
+    named = ("two", "tag", "none", "empty", "bad", "tools")
+    errors = {line_id: results[line_id]["error"]["message"] for line_id in named}
     assert errors["two"].startswith("guided_regex: goes with no other structured output (response_format")
     assert errors["tag"].startswith("structured_outputs.structural_tag: not supported")
     assert errors["none"].startswith("structured_outputs: names no kind of structured output")
+    assert errors["empty"] == "grammar: invalid grammar: it matches no text at all"
     assert errors["bad"].startswith("grammar: invalid GBNF grammar: Expected ')' at line 2")
     assert errors["tools"].startswith("guided_json: does not go with tools")
 

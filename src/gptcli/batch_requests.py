@@ -139,6 +139,8 @@ def parse_request(
         line_settings = replace(line_settings, sampling=sampling)
         answer, asked = None, _asked_output(data)
         if asked is not None:  # OpenAI's, vLLM's or llama-server's, as a server takes it: over the run's flags
+            if asked[1] is not None and tokenizer is not None:
+                _check_opens(asked[0], asked[1], tokenizer)
             answer = answer_schema(asked[1]) if asked[0] == "response_format" else None
             line_settings = replace(line_settings, sampling=replace(line_settings.sampling, constraint=asked[1]))
         if ("prompt" in data) == ("messages" in data):
@@ -209,6 +211,17 @@ def _asked_output(data: dict) -> tuple[str, OutputConstraint | None] | None:
     beside = "response_format" if formatted is not None else None
     found = requested_output({key: data.get(key) for key in OUTPUT_FIELDS}, beside=beside)
     return found or (("response_format", formatted) if "response_format" in data else None)
+
+
+def _check_opens(field: str, constraint: OutputConstraint, tokenizer: Tokenizer) -> None:
+    """As the server checks a request's before it answers: a grammar no token can start (`[a&&b]`, found only
+    against the vocabulary) is the line's error naming its field, as the server's 400 names it."""
+    from gptcli.constraints import prepare  # the grammar engine, only for a line that asks for one
+
+    try:
+        prepare(constraint, tokenizer)
+    except ConfigError as exc:
+        raise InputError(f"{field}: {exc.message}") from None
 
 
 def _check_prompt_options(data: dict) -> None:
