@@ -210,7 +210,7 @@ def test_tool_requests_that_cannot_be_used_are_400s_naming_the_field(live):
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
             "tools.0.function.parameters",
-            "not str",
+            "not a string",
         ),
         (
             {"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},

@@ -238,7 +238,8 @@ def test_running_out_of_tokens_mid_object_is_length_with_the_partial_text(model)
         ({"not": {"type": "string"}}, "test: JSON Schema keyword not supported: not"),
         ({"type": "strin"}, "test: invalid JSON Schema: Invalid type: strin"),
         ({"required": "name"}, "test: invalid JSON Schema: Expected array for 'required', got \"name\""),
-        ([1, 2], "test: a JSON Schema must be a JSON object, not list"),
+        ([1, 2], "test: a JSON Schema must be a JSON object, not an array"),
+        (None, "test: a JSON Schema must be a JSON object, not null"),
         (
             {"oneOf": [{"type": "integer"}, {"type": "number"}]},  # it said to enable an llguidance option
             "test: JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)",

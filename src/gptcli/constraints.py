@@ -32,7 +32,7 @@ import numpy as np
 from gptcli import schema_width
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError
-from gptcli.jsonl import RepeatedKeyError, unique_keys
+from gptcli.jsonl import RepeatedKeyError, json_kind, unique_keys
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_schemas import closed
 
@@ -67,7 +67,7 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
     if schema is True:
         return ANY_JSON
     if not isinstance(schema, dict):
-        raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {type(schema).__name__}")
+        raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {json_kind(schema)}")
     schema_width.check_depth(schema, where)
     try:
         source = json.dumps(schema, allow_nan=False)  # key order kept: properties come in it

@@ -191,6 +191,19 @@ def completed_ids(output: Path) -> set[str]:
     return done
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (an error names what it was sent: "null", not "NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
 class RepeatedKeyError(ValueError):
     """A JSON object that gives one key twice: json.loads would quietly keep the last (a value lost)."""
 

@@ -18,6 +18,7 @@ from typing import Any
 from gptcli.config import OutputConstraint
 from gptcli.constraints import schema_constraint
 from gptcli.errors import ConfigError, ToolError
+from gptcli.jsonl import json_kind
 from gptcli.prompts import NEW_TURN, Messages, Prompt, build_prompt, transcript
 from gptcli.schema_width import check_depth
 from gptcli.tokenizer import Tokenizer
@@ -98,7 +99,7 @@ def _parameters(schema: Any, where: str) -> dict[str, Any]:
     if schema is None:
         return NO_ARGUMENTS
     if not isinstance(schema, dict):
-        raise ToolError(f"{where}: must be a JSON Schema object, not {type(schema).__name__}", where)
+        raise ToolError(f"{where}: must be a JSON Schema object, not {json_kind(schema)}", where)
     if schema.get("type", "object") != "object":
         raise ToolError(f"{where}: must describe an object (type: object), not type {schema['type']!r}", where)
     try:
