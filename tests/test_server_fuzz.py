@@ -109,3 +109,35 @@ def test_a_logit_bias_key_of_thousands_of_digits_is_a_400_that_says_so(client):
     error = error_of(client.post("/v1/chat/completions", json=body))
     # was "Exceeds the limit (4300 digits) for integer string conversion ...; use sys.set_int_max_str_digits()"
     assert error["message"] == "logit_bias: token 777777777777777777... (5000 digits) is in no vocabulary"
+
+
+def test_an_integer_the_grammar_engine_crashes_on_is_refused_in_every_form():
+    """`{"const": -9223372036854775807}` (a const or enum integer within 512 of -2^63) made llguidance crash the
+    whole process with a segmentation fault: any request or batch line with it took the server down. Run in a
+    child process, so that the crash on the old sources fails this test rather than the test run."""
+    import subprocess
+
+    probe = """
+import json
+from gptcli import constraints
+from gptcli.config import OutputConstraint
+from gptcli.errors import ConfigError
+for where, make in [
+    ("schema", lambda: constraints.schema_constraint({"const": -9223372036854775807}, "schema")),
+    ("enum", lambda: constraints.schema_constraint({"properties": {"a": {"enum": [-2**63, "x"]}}}, "enum")),
+    ("lark", lambda: constraints.check(OutputConstraint("grammar", 'start: %json {"const": -2**63}'), "lark")),
+]:
+    try:
+        make()
+        print(where, "accepted")
+    except ConfigError as exc:
+        print(exc.message)
+print(constraints.schema_constraint({"const": -9223372036854775295}, "near").kind)
+"""
+    probe = probe.replace("-2**63", "-9223372036854775808")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, f"the child died ({run.returncode}): {run.stderr[-500:]}"
+    lines = run.stdout.splitlines()
+    for where, line in zip(("schema", "enum", "lark"), lines, strict=False):
+        assert line.startswith(f"{where}: ") and "too close to -2^63 for the grammar engine" in line, line
+    assert lines[3] == "json_schema"  # 512 above -2^63 compiles, as before

@@ -131,9 +131,21 @@ def compiled_schema(constraint: OutputConstraint) -> Any:
     return schema_width.enforced_formats(closed(json.loads(constraint.source)))
 
 
+# llguidance crashes the process (a segfault, found by scripts/fuzz_server.py) on a `const` or `enum` integer
+# from -2^63 to -2^63 + 512, in a schema or a grammar's %json: any such literal is refused before it compiles.
+CRASHING_INTEGER, CRASHING_BELOW = re.compile(r"(?<![\d.])-(922337203685477\d{4})(?![\d.eE])"), 9223372036854775296
+
+
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
-    """The llguidance grammar (a JSON string) for a constraint."""
+    """The llguidance grammar (a JSON string) for a constraint; a ValueError for one llguidance cannot take."""
+    text = _grammar(constraint)
+    if crash := next((m for m in CRASHING_INTEGER.finditer(text) if int(m.group(1)) >= CRASHING_BELOW), None):
+        raise ValueError(f"the integer {crash.group(0)} is too close to -2^63 for the grammar engine: use a larger one")
+    return text
+
+
+def _grammar(constraint: OutputConstraint) -> str:
     import llguidance
 
     if constraint.kind == "regex":
