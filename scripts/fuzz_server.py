@@ -154,6 +154,16 @@ CORPUS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("/v1/responses/input_tokens", {"input": "Hello there", "instructions": "Be brief."}),
+    # ollama's own API (its answers stream as JSON lines by default; its errors are {"error": "..."})
+    ("/api/chat", {"model": "tiny", "messages": HI, "options": {"temperature": 0.5, "num_predict": 4, "seed": 1}}),
+    ("/api/chat", {"model": "default", "messages": HI, "stream": False, "format": "json", "options": {"top_k": 3}}),
+    (
+        "/api/chat",
+        {"model": "tiny:latest", "messages": HI, "tools": TOOLS, "stream": False, "options": {"num_predict": 24}},
+    ),
+    ("/api/generate", {"model": "tiny", "prompt": "Once", "system": "Be brief.", "options": {"num_predict": 3}}),
+    ("/api/generate", {"model": "tiny", "prompt": "Once", "raw": True, "stream": False, "context": [5, 6]}),
+    ("/api/show", {"model": "tiny"}),
 ]
 
 DEEP = 10_000
@@ -402,18 +412,45 @@ def stream_problems(text: str) -> list[str]:
     return []
 
 
-def response_problems(status: int, headers: Any, content: bytes, streamed: bool) -> list[str]:
-    if status not in STATUSES:
+def ollama_error_problems(payload: Any) -> list[str]:
+    """ollama's error body: {"error": "one line"}."""
+    if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], str):
+        return [f"not ollama's error shape: {str(payload)[:200]}"]
+    message = payload["error"]
+    if not message or "\n" in message or "Traceback" in message or len(message) > 2000:
+        return [f"message is not one short line: {message[:300]!r}"]
+    return []
+
+
+def ndjson_problems(text: str) -> list[str]:
+    """ollama's stream: JSON lines, the last one done (or an error line)."""
+    lines = [line for line in text.split("\n") if line]
+    try:
+        payloads = [json.loads(line) for line in lines]
+    except ValueError:
+        return [f"a line of the stream is not JSON: {text[-300:]!r}"]
+    if not payloads:
+        return ["an empty stream"]
+    last = payloads[-1]
+    if "error" in last:
+        return ollama_error_problems(last)
+    return [] if last.get("done") is True else [f"the stream does not end with done: {lines[-1][:200]!r}"]
+
+
+def response_problems(status: int, headers: Any, content: bytes, streamed: bool, ollama: bool = False) -> list[str]:
+    if status not in STATUSES | ({405} if ollama else set()):
         return [f"status {status}: {content[:300]!r}"]
     kind = headers.get("content-type", "")
     if status == 200 and kind.startswith("text/event-stream"):
         return stream_problems(content.decode("utf-8"))
+    if status == 200 and kind.startswith("application/x-ndjson"):
+        return ndjson_problems(content.decode("utf-8"))
     try:
         payload = json.loads(content)
     except ValueError:
         return [f"status {status} with a body that is not JSON: {content[:300]!r}"]
     if status != 200:
-        return error_problems(payload)
+        return ollama_error_problems(payload) if ollama else error_problems(payload)
     if streamed:
         return ["asked for a stream, got JSON"]
     return []
@@ -502,7 +539,8 @@ def send(client: Any, case: Case, timeout: float, statuses: Counter[int]) -> lis
     except Exception:  # the point: nothing may escape the app
         return ["an exception escaped the app: " + traceback.format_exc(limit=-4).replace("\n", " | ")[-1500:]]
     statuses[response.status_code] += 1
-    problems = response_problems(response.status_code, response.headers, response.content, streamed)
+    ollama = case.route.startswith("/api/")
+    problems = response_problems(response.status_code, response.headers, response.content, streamed, ollama)
     if time.monotonic() - started > timeout:
         problems.append(f"took {time.monotonic() - started:.1f} s")
     return problems
