@@ -53,6 +53,8 @@ def test_a_choice_list_of_anything_but_non_empty_strings_is_refused(values, said
         ('root ::= "a" (\n', "invalid GBNF grammar: Expected ')' at line 2"),
         ('root ::= "a" b\n', "invalid GBNF grammar: Rule 'b' not found"),
         ('answer ::= "a"\n', "invalid GBNF grammar: No 'root' rule found"),
+        # Python's "maximum recursion depth exceeded while calling a Python object" (the converter recurses)
+        ("root ::= " + "(" * 3000 + '"a"' + ")" * 3000, "invalid GBNF grammar: nested too deeply"),
         ("   \n", "must be a grammar (text)"),
     ],
 )

@@ -121,18 +121,18 @@ def lark(source: str) -> str:
 
     try:
         return gbnf_to_lark(source)
+    except RecursionError:  # groups within groups some 1,000 deep: the converter recurses
+        raise ValueError("invalid GBNF grammar: nested too deeply (groups within groups)") from None
     except Exception as exc:  # GbnfToLarkError names the line; a missing rule is a plain Exception
         raise ValueError(f"invalid GBNF grammar: {' '.join(str(exc).split())}") from None
 
 
 def compiled_schema(constraint: OutputConstraint) -> Any:
-    """A JSON Schema constraint's schema as its grammar reads it: objects that name their properties closed (as
-    llama.cpp, xgrammar and outlines read a schema), a `format` llguidance does not implement an annotation."""
+    """A schema as its grammar reads it: objects closed (as llama.cpp, xgrammar, outlines), unenforced formats out."""
     return schema_width.enforced_formats(closed(json.loads(constraint.source)))
 
 
-# llguidance crashes the process (a segfault, found by scripts/fuzz_server.py) on a `const` or `enum` integer
-# from -2^63 to -2^63 + 512, in a schema or a grammar's %json: any such literal is refused before it compiles.
+# llguidance segfaults on a const/enum integer within 512 of -2^63 (found by scripts/fuzz_server.py): refused.
 CRASHING_INTEGER, CRASHING_BELOW = re.compile(r"(?<![\d.])-(922337203685477\d{4})(?![\d.eE])"), 9223372036854775296
 
 
