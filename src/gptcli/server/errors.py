@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from gptcli.errors import GptcliError, QueueFullError
+from gptcli.errors import FieldError, GptcliError, QueueFullError
 from gptcli.textio import one_line
 
 # OpenAI's error types by status (what its SDK and other clients look at besides the status).
@@ -55,6 +55,11 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     shown = one_line(param) if param is not None else None
     return {"error": {"message": one_line(message), "type": kind, "param": shown, "code": code}}
+
+
+def field_error(error: FieldError) -> APIError:
+    """A request field the core refused (gptcli.stopping, output_requests, prompts) as the 400 that names it."""
+    return APIError(400, error.message, param=error.param, code="invalid_value")
 
 
 def from_gptcli_error(error: GptcliError) -> APIError:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from gptcli.errors import FieldError
 from gptcli.prompts import PREFILL_FIELDS, Messages, prompt_ending
-from gptcli.server.errors import APIError
+from gptcli.server.errors import field_error
 
 
 class PrefillFields(BaseModel):
@@ -24,4 +24,4 @@ class PrefillFields(BaseModel):
         try:
             return prompt_ending({name: getattr(self, name) for name in PREFILL_FIELDS}, turns, tools=tools)
         except FieldError as exc:
-            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+            raise field_error(exc) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gptcli.errors import FieldError, ModelError
 from gptcli.prompts import Prompt
-from gptcli.server.errors import APIError
+from gptcli.server.errors import APIError, field_error
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.schemas import ChatMessage
 from gptcli.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ def chat_request_prompt(
     except ModelError as exc:  # the template's raise_exception: roles out of order and the like
         raise APIError(400, exc.message, param="messages") from None
     except FieldError as exc:  # a last message the template does not write as sent cannot be continued
-        raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+        raise field_error(exc) from None
     if not prompt.ids:
         raise APIError(400, "the messages are empty", param="messages")
     return prompt

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from gptcli.config import SamplingConfig
 from gptcli.errors import FieldError
-from gptcli.server.errors import APIError
+from gptcli.server.errors import field_error
 from gptcli.stopping import STOP_FIELDS, stop_options
 
 
@@ -29,4 +29,4 @@ class StopFields(BaseModel):
             fields = {name: getattr(self, name) for name in STOP_FIELDS}
             return stop_options(fields, params, vocab_size, max_tokens_field)
         except FieldError as exc:
-            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+            raise field_error(exc) from None

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from gptcli.config import OutputConstraint
 from gptcli.errors import FieldError
 from gptcli.output_requests import OUTPUT_FIELDS, asked_fields, beside_tools, requested_output
-from gptcli.server.errors import APIError
+from gptcli.server.errors import APIError, field_error
 
 
 class StructuredFields(BaseModel):
@@ -47,7 +47,7 @@ class StructuredFields(BaseModel):
         try:
             found = requested_output(self._output_values(), beside=None if formatted is None else "response_format")
         except FieldError as exc:
-            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+            raise field_error(exc) from None
         return formatted if found is None else found[1]
 
     def refuse_beside_tools(self, format_field: str = "response_format") -> None:
