@@ -9,4 +9,5 @@ venv="${GPTCLI_VENV:-.venv}"
 "$venv/bin/ruff" check src tests benchmarks plugins scripts
 # The layering (ARCHITECTURE.md; contracts in pyproject.toml), on this checkout's sources.
 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/lint-imports" --no-cache
-"$venv/bin/python" -m pytest -q "$@"
+# --durations: the slowest tests, to keep the suite under its 15-minute budget on a 2-core machine.
+"$venv/bin/python" -m pytest -q --durations=25 "$@"
