@@ -107,6 +107,28 @@ def test_a_character_split_across_the_prompt_and_the_reply_reads_whole(spm):
     assert spm.decode(prompt).removesuffix("\ufffd\ufffd") + text == spm.decode(prompt + reply)
 
 
+def detokenized(tok: Tokenizer, context: Sequence[int], reply: Sequence[int]) -> str:
+    detok = IncrementalDetokenizer(tok, context)
+    return "".join(detok.add(token) for token in reply) + detok.flush()
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "strip"])
+def test_a_prompt_that_ends_in_replacement_characters_keeps_them(kind, tiny_models, spm):
+    """A prompt's U+FFFD (a literal one, or bytes that end it inside a character the reply does not finish) was
+    written again before the reply's text: "abc\ufffd" + " is" read "\ufffd is"."""
+    tok = spm if kind == "strip" else Tokenizer(tiny_models["llama"])
+    reply = ids_of(spm, "▁is") if kind == "strip" else tok.encode(" is", add_special_tokens=False)
+    rocket = tok.encode("abc 🚀", add_special_tokens=False)
+    unfinished = rocket[:-1]  # the rocket's last byte is missing
+    assert tok.decode(unfinished).endswith("\ufffd")
+    for prompt in (tok.encode("abc\ufffd"), unfinished):
+        assert detokenized(tok, prompt, reply) == " is"
+        assert tok.decode(prompt) + " is" == tok.decode([*prompt, *reply])
+    # The reply that finishes the character writes it whole, and nothing of the prompt (GPT-2's byte-level BPE
+    # has the rocket's first byte in the space's token: " 🚀" wrote that space again).
+    assert detokenized(tok, unfinished, [rocket[-1], *reply]) == "🚀 is"
+
+
 def run_reply(tok: Tokenizer, prompt: Sequence[int], reply: Sequence[int], params: SamplingConfig) -> list:
     backend = ScriptedBackend([*reply, 2], tok.vocab_size, context_length=128)
     return list(generate(backend, tok, list(prompt), params))
@@ -235,6 +257,15 @@ def test_a_completion_of_token_ids_that_end_inside_a_character_writes_it_whole(s
     assert spm.decode(prompt).removesuffix("\ufffd\ufffd") + text == spm.decode(
         [*prompt, split[-1], *ids_of(spm, "▁is")]
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completion_writes_none_of_its_prompts_replacement_characters(live, spm, stream):
+    unfinished = spm.encode("The 日")[:-1]  # token ids that end inside "日"
+    for prompt in ("abc\ufffd", unfinished):
+        reply = post(live, "completions", prompt=prompt, stream=stream)
+        texts = [c["choices"][0]["text"] for c in streamed(reply)] if stream else [reply.json()["choices"][0]["text"]]
+        assert "".join(texts) == " 42. Hello", prompt
 
 
 def test_a_new_chat_turn_reads_alone_and_a_continued_message_reads_on(live):

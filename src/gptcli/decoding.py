@@ -102,37 +102,41 @@ class IncrementalDetokenizer:
     """Emit only text that later tokens cannot change (no `�` from split UTF-8 characters).
 
     `context`: tokens the text follows (a prompt's last ones), decoded before it but never emitted, so the text
-    reads as it does after them (" 42", as vLLM decodes a completion); `ids` are the text's own tokens."""
+    reads as it does after them (" 42", as vLLM decodes a completion); `ids` are the text's own tokens. The
+    context's text is all its own, U+FFFD included (a literal one, or bytes that end it inside a character): a
+    character the context began is emitted whole when the text's tokens finish it, else it stays the context's."""
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._decode = tokenizer.decode
         self.ids: list[int] = []
-        self._window: list[int] = []  # what is decoded: the tokens from the last one emitted on
-        self._prefix = 0  # start of the window that gives decoding its context
-        self._read = 0  # tokens before this are already emitted
-        for token_id in list(context)[-CONTEXT_TOKENS:]:
-            self._advance(token_id)  # the context's own text, dropped
+        self._window: list[int] = list(context)[-CONTEXT_TOKENS:]  # what is decoded: the last text written on
+        self._read = len(self._window)  # tokens before this are already written (or the context's)
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        return self._advance(token_id)
-
-    def _advance(self, token_id: int) -> str:
         self._window.append(token_id)
-        before = self._decode(self._window[self._prefix : self._read])
-        after = self._decode(self._window[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            del self._window[: self._read]  # the emitted token before this one stays, as the next one's context
-            self._prefix, self._read = 0, len(self._window)
-            return after[len(before) :]
+        text = self._unread()
+        if text and not text.endswith("\ufffd"):
+            del self._window[: self._read]  # the tokens written now stay, as the next one's context
+            self._read = len(self._window)
+            return text
         return ""
 
     def flush(self) -> str:
-        before = self._decode(self._window[self._prefix : self._read])
-        after = self._decode(self._window[self._prefix :])
+        text = self._unread()
         self._window.clear()
-        self._prefix = self._read = 0
-        return after[len(before) :]
+        self._read = 0
+        return text
+
+    def _unread(self) -> str:
+        """The text the unread tokens add after the read ones. Where the read ones end inside a character (their
+        text ends in U+FFFD) that the unread ones finish, the character is the new text's, whole."""
+        read = self._decode(self._window[: self._read])
+        whole = self._decode(self._window)
+        start = len(read)  # back over the U+FFFD of a character the unread tokens finish
+        while start and read[start - 1] == "\ufffd" and not whole.startswith(read[:start]):
+            start -= 1
+        return whole[start:]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
