@@ -235,6 +235,37 @@ def test_the_server_completes_a_prompt_with_its_first_space(live, spm):
     assert tokens[-3:] == [" 42", ".", " Hello"]
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "strip"])
+def test_echoed_text_offsets_index_the_prompt_as_sent(kind, tiny_models, spm):
+    """With echo, text_offset counted the prompt's decoded text, which can read otherwise than the prompt the
+    client sent (a special token's text written in it is skipped when decoded; a strip decoder reads a segment
+    after it with one more space), so the reply's offsets were off by the difference."""
+    from gptcli.decoding import NO_STATS
+    from gptcli.sampling import TokenLogprob
+    from gptcli.server.shapes import Shape
+
+    tok = spm if kind == "strip" else Tokenizer(tiny_models["llama"])
+    reply = ids_of(spm, "▁42", ".") if kind == "strip" else tok.encode(" 42.", add_special_tokens=False)
+    for sent in (f"Hi{tok.eos_token} there", " leading"):
+        ids = tok.encode(sent)
+        shape = Shape("text", "m", echo=sent, tokenizer=tok, prompt_ids=ids, context=ids)
+        scored = tuple(TokenLogprob(-1.0, ()) for _ in ids)
+        done = Finished("length", NO_STATS, " 42.", tuple(reply), scored[: len(reply)], (None, *scored[1:]))
+        choice = shape.choice(done, "length", with_logprobs=True)
+        text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+        assert text == sent + " 42." and len(tokens) == len(offsets) == len(ids) + len(reply)
+        assert offsets[len(ids)] == len(sent), sent  # the reply starts where the prompt as sent ends
+        assert offsets == sorted(offsets)
+        assert all(text[offset:].startswith(token) for token, offset in zip(tokens[1:], offsets[1:], strict=True))
+
+
+def test_the_server_echoes_the_prompt_as_sent_and_offsets_index_it(live):
+    echoed = post(live, "completions", prompt="Hi</s> there", echo=True, logprobs=1).json()["choices"][0]
+    assert echoed["text"] == "Hi</s> there 42. Hello"
+    assert echoed["logprobs"]["tokens"][-3:] == [" 42", ".", " Hello"]
+    assert echoed["logprobs"]["text_offset"][-3:] == [12, 15, 16]
+
+
 @pytest.mark.parametrize(("keep", "text"), [(False, ""), (True, " 4")])
 def test_a_stop_string_may_begin_with_the_first_words_space(live, keep, text):
     asked = dict(prompt="The answer is", stop=[" 4"], include_stop_str_in_output=keep)

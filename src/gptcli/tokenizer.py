@@ -200,6 +200,12 @@ class Tokenizer:
         # engine thread and every stream for a second); the same ids.
         return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def token_starts(self, text: str, ids: Sequence[int]) -> list[int] | None:
+        """Where each of `ids` starts in `text` (a character index), when they are what `text` encodes to (with
+        special tokens); None when they are not. A token the tokenizer adds (a BOS) starts at 0."""
+        encoding = self._tok.encode_batch([text], add_special_tokens=True)[0]
+        return [start for start, _ in encoding.offsets] if encoding.ids == list(ids) else None
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -113,6 +113,22 @@ class Shape:
             "text_offset": offsets,
         }
 
+    def _echoed_logprobs(
+        self, prompt_logprobs: tuple[TokenLogprob | None, ...], reply: list[tuple[int, TokenLogprob | None]]
+    ) -> dict[str, Any]:
+        """Completions' logprobs of the echoed prompt's tokens, then the reply's. Offsets index the returned text:
+        the prompt's its tokens' places in the prompt as sent (its decoded text can read otherwise: a special
+        token's text a decoder skips, a space it strips), the reply's from the prompt's end."""
+        assert self.tokenizer is not None, "logprobs need the tokenizer"
+        context, previous = self._context, self._previous
+        self._text_offset, self._text, self._context, self._previous = 0, None, [], None
+        prompt = self.logprobs(list(zip(self.prompt_ids, prompt_logprobs, strict=True)))
+        starts = self.tokenizer.token_starts(self.echo, self.prompt_ids)  # None: a prompt of token ids
+        prompt["text_offset"] = prompt["text_offset"] if starts is None else starts
+        self._text_offset, self._text, self._context, self._previous = len(self.echo), None, context, previous
+        scored = self.logprobs(reply)
+        return {key: prompt[key] + scored[key] for key in prompt}
+
     def _named(self, token: int, logprob: float, after: int | None) -> dict[str, Any]:
         assert self.tokenizer is not None, "logprobs need the tokenizer"
         name = self._token_text(token, after)
@@ -142,11 +158,10 @@ class Shape:
         scored = None
         if with_logprobs:
             tokens: list[tuple[int, TokenLogprob | None]] = [*zip(finished.token_ids, finished.logprobs, strict=True)]
-            if finished.prompt_logprobs:  # echo: the prompt's tokens come first, text offsets from its start
-                self._text_offset = 0
-                self._text, self._context, self._previous = None, [], None
-                tokens = list(zip(self.prompt_ids, finished.prompt_logprobs, strict=True)) + tokens
-            scored = self.logprobs(tokens)
+            if finished.prompt_logprobs:  # echo: the prompt's tokens come first
+                scored = self._echoed_logprobs(finished.prompt_logprobs, tokens)
+            else:
+                scored = self.logprobs(tokens)
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
             return {"index": self.index, "message": message, "logprobs": scored, "finish_reason": finish}
