@@ -482,7 +482,7 @@ def test_a_batch_lines_response_format_follows_the_same_shape(tiny_models, tmp_p
 
 def test_a_grammar_that_matches_nothing_or_gives_out_is_an_error_not_a_quiet_empty_reply(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
-    said = "error: invalid regex '[^\\s\\S]': it matches no text at all"
+    said = "error: --regex: invalid regex '[^\\s\\S]': it matches no text at all"  # named as the flag's other errors
     nothing = run_cli("generate", "hi", "-m", model, "-n", "4", "--regex", r"[^\s\S]", "--json")
     assert nothing.returncode == 3 and nothing.stdout == b"", nothing.stderr.decode()  # before any decoding
     assert nothing.stderr.decode().startswith(said)

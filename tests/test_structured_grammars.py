@@ -111,6 +111,30 @@ def test_cli_refuses_a_bad_grammar_with_exit_3_and_a_grammar_with_url(tiny_model
     assert remote.returncode == 2 and "--grammar does not work with --url" in remote.stderr.decode()
 
 
+def test_a_grammar_or_schema_file_that_matches_no_text_is_named_in_generate_and_in_a_chats_format(
+    tiny_models, tmp_path
+):
+    """Found only against the vocabulary, after the flags were read: the error named no file (and /format's
+    said `/format`, not the file or `/format regex`)."""
+    model = str(tiny_models["llama"])
+    grammar, schema = tmp_path / "empty.gbnf", tmp_path / "loop.json"
+    grammar.write_text("root ::= [a&&b]\n", encoding="utf-8")
+    schema.write_text('{"$ref": "#"}', encoding="utf-8")
+    said = {
+        grammar: f"error: {grammar}: invalid grammar: it matches no text at all",
+        schema: f"error: {schema}: invalid JSON Schema: it matches no text at all",
+    }
+    for flag, path in (("--grammar", grammar), ("--json-schema", schema)):
+        run = run_cli("generate", "hi", "-m", model, "-n", "4", flag, str(path))
+        assert run.returncode == 3 and run.stdout == b"", run.stderr.decode()
+        assert run.stderr.decode().splitlines()[0] == said[path]
+    lines = f"/format grammar {grammar}\n/format schema {schema}\n/format regex [a&&b]\n"
+    chat = run_cli("chat", "-m", model, "-n", "4", input=lines)
+    errors = [line for line in chat.stderr.decode().splitlines() if line.startswith("error: ")]
+    regex = "error: /format regex: invalid regex '[a&&b]': it matches no text at all"
+    assert errors == [said[grammar], said[schema], regex], chat.stderr.decode()
+
+
 def test_a_chat_keeps_its_grammar_in_its_file_and_over_url_refuses_it(tiny_models, isolated_home, tmp_path):
     from gptcli.chat.conversation import Conversation, output_from_json, output_to_json
     from gptcli.chat.remote_session import RemoteChatSession

@@ -34,8 +34,9 @@ MAX_THREADS = 1024
 class OutputConstraint:
     """Structured output (JSON, a JSON Schema or a regex), set per run or request: `gptcli.constraints` compiles it."""
 
-    kind: str  # "json" | "json_schema" | "regex"
+    kind: str  # "json" | "json_schema" | "regex" | "grammar"
     source: str = ""
+    where: str = field(default="", compare=False)  # what asked for it (`--regex`, a flag's file), for later errors
 
 
 # The numeric sampling settings a single request may set (a batch-file line, a server request), by name.

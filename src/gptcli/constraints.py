@@ -32,6 +32,15 @@ import numpy as np
 from gptcli import schema_width
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError
+from gptcli.grammar_messages import (
+    GBNF_RULE,
+    GRAMMAR_HINT,
+    SCHEMA_HINT,
+    TOO_WIDE_SAYS,
+    describe,
+    hint_for,
+    too_wide,
+)
 from gptcli.jsonl import RepeatedKeyError, json_kind, unique_keys
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_schemas import closed
@@ -43,10 +52,6 @@ ANY_JSON = OutputConstraint("json")
 JSON_OBJECT = OutputConstraint("json_schema", '{"type": "object"}')
 MAX_GRAMMARS = 64  # compiled grammars kept per tokenizer (the server may see many schemas)
 MAX_GRAMMAR_SOURCE = 2 * 1024 * 1024  # and at most this much schema/regex text behind them (~70 MB compiled)
-REGEX_HINT = "the syntax is Rust's regex crate: no look-around, no back-references"
-GRAMMAR_HINT = "a grammar is Lark (llguidance's syntax, `start: ...`) or llama.cpp's GBNF (`root ::= ...`)"
-GBNF_RULE = re.compile(r"^[ \t]*[A-Za-z0-9_-]+[ \t]*::=", re.MULTILINE)  # llama.cpp's rules; Lark's are `name: ...`
-SCHEMA_HINT = "see the README's Structured output section for the JSON Schema subset gptcli supports"
 
 
 def json_schema(text: str, where: str) -> OutputConstraint:
@@ -73,7 +78,7 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
         source = json.dumps(schema, allow_nan=False)  # key order kept: properties come in it
     except ValueError:
         raise ConfigError(f"{where}: NaN and Infinity are not JSON numbers", hint="write a finite number") from None
-    constraint = OutputConstraint("json_schema", source)
+    constraint = OutputConstraint("json_schema", source, where)
     check(constraint, where)
     return constraint
 
@@ -82,7 +87,7 @@ def regex(pattern: str, where: str = "--regex") -> OutputConstraint:
     """The whole reply must match `pattern` (Rust regex syntax, anchored at both ends)."""
     if not pattern:
         raise ConfigError(f"{where}: the pattern is empty", hint="give a regular expression, e.g. '[0-9]+'")
-    constraint = OutputConstraint("regex", pattern)
+    constraint = OutputConstraint("regex", pattern, where)
     check(constraint, where)
     return constraint
 
@@ -92,7 +97,7 @@ def grammar_text(text: Any, where: str) -> OutputConstraint:
     llama.cpp's GBNF (`root ::= ...`, told by its `::=` rules), which llguidance's converter turns into Lark."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{where}: must be a grammar (text)", hint=GRAMMAR_HINT)
-    return _bounded(OutputConstraint("grammar", text), where)
+    return _bounded(OutputConstraint("grammar", text, where), where)
 
 
 def choice(values: Any, where: str) -> OutputConstraint:
@@ -101,7 +106,7 @@ def choice(values: Any, where: str) -> OutputConstraint:
         raise ConfigError(f"{where}: must be a list of one or more non-empty strings", hint='e.g. ["yes", "no"]')
     # A JSON string is a Lark string literal (llguidance's own `choice` writes it so): each value matched exactly.
     alternatives = " | ".join(json.dumps(value, ensure_ascii=False) for value in dict.fromkeys(values))
-    return _bounded(OutputConstraint("grammar", f"start: {alternatives}\n"), where)
+    return _bounded(OutputConstraint("grammar", f"start: {alternatives}\n", where), where)
 
 
 def _bounded(constraint: OutputConstraint, where: str) -> OutputConstraint:
@@ -178,12 +183,6 @@ def check(constraint: OutputConstraint, where: str) -> None:
         raise ConfigError(f"{where}: {wide}", hint=SCHEMA_HINT)
 
 
-TOO_WIDE_SAYS = "too many choices open at one point ({} items, at most {}){}: give fewer optional properties or choices"
-# llguidance's message when a schema has more than its 50,000 subschemas (`max_size`), and ours
-TOO_LARGE = "schema too large"
-TOO_LARGE_SAYS = "the JSON Schema is too large to compile (over 50,000 subschemas): make it smaller or split it"
-
-
 @lru_cache(maxsize=MAX_GRAMMARS)
 def wide_object(constraint: OutputConstraint) -> str:
     """Why an object nested anywhere in a JSON Schema cannot be opened (too many optional properties), or ""."""
@@ -194,60 +193,6 @@ def wide_object(constraint: OutputConstraint) -> str:
         return ""
     items, limit, pointer = found
     return TOO_WIDE_SAYS.format(items, limit, "" if pointer == "/" else f" in the object at {pointer}")
-
-
-def hint_for(constraint: OutputConstraint) -> str:
-    return {"regex": REGEX_HINT, "grammar": GRAMMAR_HINT}.get(constraint.kind, SCHEMA_HINT)
-
-
-def too_wide(message: str) -> str:
-    """llguidance's "Current row has N items; max is M" in our words, or "" for any other message."""
-    row = schema_width.too_wide(message)
-    return TOO_WIDE_SAYS.format(*row, "") if row else ""
-
-
-def describe(constraint: OutputConstraint, message: str) -> str:
-    """llguidance's (sometimes multi-line) message as one line that names the offending keyword."""
-    keys = re.match(r"Unimplemented keys: \[(.*)\]", message)
-    if keys:
-        names = ", ".join(k.strip().strip('"') for k in keys.group(1).split(","))
-        return f"JSON Schema keyword not supported: {names}"
-    if wide := too_wide(message):
-        return wide
-    if message.strip().removeprefix("error: ") == TOO_LARGE:
-        return TOO_LARGE_SAYS
-    if message.startswith("oneOf constraints are not supported"):  # it names an llguidance option, not ours
-        return "JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)"
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if constraint.kind == "grammar":
-        return grammar_error(constraint.source, lines)
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
-    detail = errors[0] if errors else (lines[0] if lines else "unknown error")
-    if constraint.kind == "regex":
-        return f"invalid regex '{constraint.source}': {detail}"
-    return f"invalid JSON Schema: {detail}"
-
-
-def grammar_error(source: str, lines: list[str]) -> str:
-    """llguidance's message on a Lark grammar as one line: where (`2(6): ...`: line 2), that line, and why."""
-    if not lines:
-        return "invalid grammar"
-    if lines[0].startswith("invalid GBNF grammar"):
-        return lines[0]
-    found = re.match(r"(?:at )?(\d+)\((\d+)\): (.*)", lines[0].removeprefix("error: "))
-    detail = found.group(3) if found else lines[0].removeprefix("error: ")
-    cause = next((line.removeprefix("error: ") for line in lines[1:] if line.startswith("error:")), "")
-    detail = f"{detail.rstrip(':')}: {cause}" if cause else detail
-    if found is None or GBNF_RULE.search(source):  # a converted grammar's lines are not the ones written
-        return f"invalid grammar: {detail}"
-    text = lark_line(source, int(found.group(1)))
-    return f"invalid grammar at line {found.group(1)} ({text}): {detail}"
-
-
-def lark_line(source: str, number: int) -> str:
-    lines = source.splitlines()
-    text = lines[number - 1].strip() if 0 < number <= len(lines) else ""
-    return repr(text if len(text) <= 60 else text[:59] + "…")
 
 
 class TokenConstraint:
@@ -388,9 +333,15 @@ def _prototype(constraint: OutputConstraint, tokenizer: Tokenizer) -> tuple[Any,
         return bridge.matcher(constraint), bridge
 
 
-def prepare(constraint: OutputConstraint, tokenizer: Tokenizer) -> None:
-    """Build the token table and compile the grammar now (the server, off the engine's thread)."""
-    _prototype(constraint, tokenizer)
+def prepare(constraint: OutputConstraint, tokenizer: Tokenizer, where: str = "") -> None:
+    """Build the token table and compile the grammar now (the server, off the engine's thread); a grammar that
+    fails only against the vocabulary (it matches no text at all) is a ConfigError naming `where` if given."""
+    try:
+        _prototype(constraint, tokenizer)
+    except ConfigError as exc:
+        if not where:
+            raise
+        raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def open_constraint(constraint: OutputConstraint, tokenizer: Tokenizer) -> TokenConstraint:

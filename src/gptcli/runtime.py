@@ -86,7 +86,7 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
     if settings.sampling.constraint is not None:  # a grammar that compiles only with the vocabulary fails here,
         from gptcli.constraints import prepare  # before the model loads (the tokenizer-free check let it pass)
 
-        prepare(settings.sampling.constraint, tokenizer)
+        prepare(settings.sampling.constraint, tokenizer, settings.sampling.constraint.where)  # named as the flag's
     backend = load_backend(backend_cls, settings, model.path)
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
         notify(f"{chosen_name(backend)}: {backend.fallback_reason}")

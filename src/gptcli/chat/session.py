@@ -17,7 +17,7 @@ from gptcli.config import FIELDS, OutputConstraint, SamplingConfig, Settings, wi
 from gptcli.constraints import check
 from gptcli.decoding import Event, Finished, KVSession, Stats, Token
 from gptcli.engine import generate
-from gptcli.errors import ConfigError, GptcliError, InputError, UsageError
+from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.paths import environment_error
 from gptcli.prompts import build_prompt, transcript, transcript_sampling
 
@@ -301,14 +301,12 @@ class ChatSession:
             raise
 
     def check_output(self, constraint: OutputConstraint, where: str) -> None:
-        """Compile a new output format against this model's vocabulary (a ConfigError naming `where`)."""
+        """Compile a new output format against this model's vocabulary (a ConfigError naming what asked for it:
+        its file or `/format regex`, else `where`)."""
         from gptcli.constraints import prepare
 
         check(constraint, where)
-        try:
-            prepare(constraint, self.tokenizer)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+        prepare(constraint, self.tokenizer, constraint.where or where)
 
     def set_output(self, constraint: OutputConstraint | None) -> None:
         """Follow another output format from the next reply on (None: free text); the chat file keeps it."""
