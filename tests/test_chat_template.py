@@ -173,6 +173,18 @@ def test_every_command_that_builds_chat_prompts_checks_the_file_first(tmp_path, 
     assert result.stderr.decode().splitlines()[0] == f"error: {bad}:1: not a valid chat template: unexpected '}}'"
 
 
+def test_generate_raw_reads_no_template_and_says_it_is_ignored_as_system_is(tiny_models, tmp_path):
+    """--raw sends the text without a chat template: a broken file was read and refused (exit 3) all the same."""
+    bad = write(tmp_path, "{{ messages[0] }\n")
+    model = ["-m", str(tiny_models["gpt2"]), "--raw", "Once", "-n", "1", "--temperature", "0"]
+    result = run_cli("generate", *model, "--chat-template", str(bad), "--system", "x")
+    assert result.returncode == 0, result.stderr.decode()
+    said = ["warning: --chat-template is ignored with --raw", "warning: --system is ignored with --raw"]
+    assert result.stderr.decode().splitlines() == said
+    plain = run_cli("generate", *model)
+    assert result.stdout == plain.stdout and plain.stderr == b"", plain.stderr.decode()
+
+
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["summarize", "-"]])
 def test_with_url_it_is_a_usage_error(chatml_file, command):
     url = ["--url", "http://127.0.0.1:9/v1"]
