@@ -120,6 +120,18 @@ def test_what_is_not_an_origin_is_a_usage_error_naming_the_fix(given, hint):
     ]
 
 
+@pytest.mark.parametrize("given", ["", " ", ","])
+def test_an_origin_flag_that_names_none_is_a_usage_error_as_an_empty_key_is(given: str, tmp_path):
+    """`--allowed-origin "$UNSET"` was silently ignored: the page it was meant for then got every POST refused."""
+    origins = ("--allowed-origin", "http://localhost:3000", "--allowed-origin", given)
+    result = run_cli("serve", "--port", "0", "-m", str(tmp_path / "no-model"), *origins)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"error: --allowed-origin {given!r} (or GPTCLI_ALLOWED_ORIGINS) names no origin",
+        "hint: is the variable set? e.g. --allowed-origin http://localhost:3000",
+    ]
+
+
 def test_any_origin_on_a_keyless_server_is_a_usage_error():
     result = run_cli("serve", "--port", "9", "--allowed-origin", "*")
     assert result.returncode == 2

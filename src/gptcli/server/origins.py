@@ -64,10 +64,17 @@ class AllowedOrigins:
     @classmethod
     def parse(cls, values: Iterable[str], api_key: str | None) -> AllowedOrigins:
         """The origins given to `--allowed-origin` (each value may list several, separated by commas or spaces),
-        checked: one that is not an origin, or `*` on a server without a key, is a UsageError."""
+        checked: one that is not an origin, an empty one (`--allowed-origin "$UNSET"`), or `*` on a server without a
+        key, is a UsageError."""
         origins: set[str] = set()
         any_origin = False
-        for text in (part for value in values for part in re.split(r"[,\s]+", value) if part):
+        parts = {value: [part for part in re.split(r"[,\s]+", value) if part] for value in values}
+        if (empty := next((value for value, named in parts.items() if not named), None)) is not None:
+            raise UsageError(
+                f"--allowed-origin {empty!r} (or GPTCLI_ALLOWED_ORIGINS) names no origin",
+                hint=f"is the variable set? {EXAMPLE}",
+            )
+        for text in (part for named in parts.values() for part in named):
             if text == ANY:
                 any_origin = True
             elif text.lower() == NULL:
