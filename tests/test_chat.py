@@ -469,6 +469,7 @@ def test_show_names_the_output_format_a_structured_chat_follows(tok):
     from dataclasses import replace
 
     from gptcli.chat import run_command
+    from gptcli.chat.commands import format_flag
     from gptcli.config import OutputConstraint
 
     chat = make_chat(tok, say(tok, "ok"))
@@ -478,7 +479,26 @@ def test_show_names_the_output_format_a_structured_chat_follows(tok):
         (OutputConstraint("json_schema", '{"type": "object",\n "properties": {}}'), 'JSON Schema {"type": "object",'),
     ):
         chat.settings = replace(chat.settings, sampling=replace(chat.settings.sampling, constraint=constraint))
+        chat.output_source = format_flag(constraint)  # as `gptcli chat` sets it for a flag
         assert f"output             {said}" in run_command(chat, "/show").output
+
+
+def test_show_names_what_set_the_output_format_a_flag_format_or_the_chat_file(tok, tmp_path):
+    """`/format grammar FILE` (and every other /format KIND) was shown as set by its flag: `(--grammar)`."""
+    from gptcli.chat import run_command
+
+    grammar = tmp_path / "yes-no.lark"
+    grammar.write_text('start: "yes" | "no"\n', encoding="utf-8")
+    chat = make_chat(tok, say(tok, "ok"))
+    shown = {arg: run_command(chat, f"/format {arg}").output for arg in (f"grammar {grammar}", "regex [ab]+", "json")}
+    assert list(shown.values()) == [
+        'output: grammar start: "yes" | "no" (/format grammar)',
+        "output: regex [ab]+ (/format regex)",
+        "output: any JSON (/format json)",
+    ]
+    assert "output             any JSON (/format json)" in run_command(chat, "/show").output
+    run_command(chat, "/reset")  # a new conversation keeps the format, and what set it
+    assert run_command(chat, "/format").output == "output: any JSON (/format json)"
 
 
 def test_show_after_a_long_reply_counts_what_the_next_turn_sends(tok):

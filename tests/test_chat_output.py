@@ -32,7 +32,7 @@ def test_a_resumed_chat_keeps_its_output_format_unless_a_flag_replaces_it(tiny_m
     assert saved(isolated_home)["output"] == {"regex": DIGITS}
     replies, said = chat(tiny_models, "--continue", lines="/show\nagain\n")
     assert re.fullmatch(DIGITS, replies[0]), replies
-    assert f"output             regex {DIGITS} (--regex)" in said
+    assert f"output             regex {DIGITS} (saved with the conversation)" in said  # what set it: its file
     replies, _ = chat(tiny_models, "--continue", "--format", "text", lines="again\n")  # a flag given now wins
     assert not re.fullmatch(DIGITS, replies[0]), replies
     assert "output" not in saved(isolated_home) and len(saved(isolated_home)["messages"]) == 6
@@ -45,10 +45,10 @@ def test_format_changes_or_clears_the_output_format_during_a_chat(tiny_models, i
     replies, said = chat(tiny_models, lines=lines)
     assert re.fullmatch("[ab]{4}", replies[0]) and not re.fullmatch("[ab]{4}", replies[1]), replies
     assert said.splitlines()[:5] == [
-        "output: regex [ab]{4} (--regex)",
+        "output: regex [ab]{4} (/format regex)",  # what set it: /format, not --regex
         f"error: {schema}: JSON Schema keyword not supported: uniqueItems",
         "hint: see the README's Structured output section for the JSON Schema subset gptcli supports",
-        "output: regex [ab]{4} (--regex)",  # the bad schema changed nothing
+        "output: regex [ab]{4} (/format regex)",  # the bad schema changed nothing
         "output: free text",
     ], said
     assert "error: usage: /format text | json | schema FILE | regex PATTERN" in said
@@ -65,7 +65,7 @@ def test_a_chat_file_without_an_output_format_resumes_as_free_text(tiny_models, 
     lines = f"/format\nmore\n/load {copy}\n/format\n"
     replies, said = chat(tiny_models, "--resume", "20200101-000000-0ld1", lines=lines)
     assert replies and said.splitlines()[0] == "output: free text", said
-    assert said.splitlines()[-1] == "output: any JSON (--format json)", said
+    assert said.splitlines()[-1] == "output: any JSON (saved with the conversation)", said
     bad = {**old, "output": {"regex": ""}}
     (chats / "20200101-000000-0ld1.json").write_text(json.dumps(bad), encoding="utf-8")
     run = run_cli("chat", "-m", str(tiny_models["llama"]), "--resume", "20200101-000000-0ld1", input="x\n")

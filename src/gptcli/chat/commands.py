@@ -68,21 +68,32 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     for key in SAMPLING_KEYS:
         value = getattr(s, key)
         lines.append(f"{key.ljust(18)} {_shown(value)}")
-    lines.append(f"{'output'.ljust(18)} {_output_format(s.constraint)}")
+    lines.append(f"{'output'.ljust(18)} {_output_format(s.constraint, chat.output_source)}")
     return "\n".join(lines)
 
 
-def _output_format(constraint: OutputConstraint | None) -> str:
-    """The structured output the replies must follow (--json-schema, --format json, --regex, --grammar), in one line."""
+FORMAT_FLAGS = {"json": "--format json", "json_schema": "--json-schema", "regex": "--regex", "grammar": "--grammar"}
+FORMAT_KINDS = {"json": "json", "json_schema": "schema", "regex": "regex", "grammar": "grammar"}  # /format's words
+
+
+def format_flag(constraint: OutputConstraint | None) -> str:
+    """The flag that gives a chat this output format (a ChatSession's `output_source` when it was given)."""
+    return FORMAT_FLAGS[constraint.kind] if constraint is not None else ""
+
+
+def _output_format(constraint: OutputConstraint | None, set_by: str) -> str:
+    """The structured output the replies must follow, in one line, with what set it: a flag (--json-schema, --format
+    json, --regex, --grammar), `/format KIND`, or the chat file it was resumed or loaded from."""
     if constraint is None:
         return "free text"
+    label = f"({set_by or 'saved with the conversation'})"
     if constraint.kind == "json":
-        return "any JSON (--format json)"
+        return f"any JSON {label}"
     source = " ".join(constraint.source.split())
     shown = source if len(source) <= 60 else source[:59] + "…"
     if constraint.kind in ("regex", "grammar"):
-        return f"{constraint.kind} {shown} (--{constraint.kind})"
-    return f"JSON Schema {shown} (--json-schema)"
+        return f"{constraint.kind} {shown} {label}"
+    return f"JSON Schema {shown} {label}"
 
 
 FORMAT_USAGE = "usage: /format text | json | schema FILE | regex PATTERN | grammar FILE"
@@ -149,8 +160,9 @@ def run_command(chat: ChatSession, line: str, backend_name: str = "") -> Command
         return CommandResult(f"{key} = {_shown(stored)}")
     if name == "/format":
         if arg:
-            chat.set_output(parse_format(arg))
-        return CommandResult(f"output: {_output_format(chat.settings.sampling.constraint)}")
+            constraint = parse_format(arg)
+            chat.set_output(constraint, f"/format {FORMAT_KINDS[constraint.kind]}" if constraint else "")
+        return CommandResult(f"output: {_output_format(chat.settings.sampling.constraint, chat.output_source)}")
     if name == "/show":
         return CommandResult(show_text(chat, backend_name))
     if name == "/reset":

@@ -90,6 +90,7 @@ class ChatSession:
         self.warn = warn
         self.reuse_context = reuse_context
         self.settings = settings
+        self.output_source = ""  # what set the output format, for /show: a flag, `/format KIND`; "" its chat file
         if conversation.sampling:
             self.settings = with_sampling(settings, **conversation.sampling)
         if conversation.output is not None:  # a resumed chat's too: compiled for this model (a regex: not over --url)
@@ -289,6 +290,7 @@ class ChatSession:
         output = conv.output if conv.output is not None else self.conversation.output
         if output is not None and output != self.conversation.output:
             self.check_output(output, "the file's output format")
+        source = "" if conv.output is not None else self.output_source
         held = self.conversation  # its model renders the loaded chat, with the chat template it was opened with
         conv = replace(conv, id=new_id(), model=held.model, chat_template=held.chat_template, output=output)
         settings = with_sampling(self.settings, **conv.sampling) if conv.sampling else self.settings  # may refuse
@@ -299,6 +301,7 @@ class ChatSession:
         except ChatFileError:
             self.conversation, self.settings, self._warned_trim = before
             raise
+        self.output_source = source
 
     def check_output(self, constraint: OutputConstraint, where: str) -> None:
         """Compile a new output format against this model's vocabulary (a ConfigError naming what asked for it:
@@ -308,14 +311,15 @@ class ChatSession:
         check(constraint, where)
         prepare(constraint, self.tokenizer, constraint.where or where)
 
-    def set_output(self, constraint: OutputConstraint | None) -> None:
-        """Follow another output format from the next reply on (None: free text); the chat file keeps it."""
+    def set_output(self, constraint: OutputConstraint | None, source: str = "") -> None:
+        """Follow another output format from the next reply on (None: free text); the chat file keeps it. `source`
+        says what set it (`/format grammar`), for /show."""
         if constraint is not None:
             self.check_output(constraint, "/format")
             if any(self.settings.sampling.stop):
                 self.warn("stop strings are ignored with structured output: it ends where its grammar does")
         self.settings = with_output(self.settings, constraint)
-        self.conversation.output = constraint
+        self.conversation.output, self.output_source = constraint, source
         self.save()
 
     def set_system(self, text: str) -> None:

@@ -72,6 +72,7 @@ def chat(
       gptcli chat --url http://127.0.0.1:8080/v1    # the model on that server
     """
     from gptcli.chat import ChatSession, ConversationStore
+    from gptcli.chat.commands import format_flag
     from gptcli.chat.opening import open_conversation
     from gptcli.cli.local_run import load_runtime
     from gptcli.cli.remote_run import check_client_flags
@@ -151,6 +152,7 @@ def chat(
         if settings.system and not runtime.tokenizer.chat_template:
             render.warn("this model has no chat template: the conversation is sent as a plain transcript")
         where = runtime.backend_name
+    session.output_source = format_flag(structured) if given else ""  # else its file's, for /show
     if isatty(sys.stdin) and isatty(sys.stdout) and not jsonl:
         from gptcli.cli.chat_repl import Repl
 
