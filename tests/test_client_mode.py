@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import CHATML, REPO, run_cli
 from tests.test_server import free_port, scripted_env, serve_process
 
 pytest.importorskip("fastapi")
@@ -113,6 +113,24 @@ def test_chat_pipe_two_turns_are_saved(server, isolated_home):
     replies = [m["content"] for m in saved.messages[1::2]]
     assert there == "".join(r if r.endswith("\n") else r + "\n" for r in replies)
     assert all("stats" in m for m in saved.messages[1::2])
+
+
+def test_a_chat_over_url_records_no_chat_template_it_did_not_use(server, isolated_home, tmp_path):
+    """The server renders the chat: a template from the environment or a config file was not used, but was saved
+    with the conversation, so resuming it here rendered it with a template it never had. A resumed chat's own stays."""
+    from gptcli.chat import ConversationStore
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"chat_template: {template}\n", encoding="utf-8")
+    for args, env in (([], {"GPTCLI_CHAT_TEMPLATE": str(template)}), (["--config", str(config)], None)):
+        ok(run_cli("chat", *remote(server, "-t", "0", "-n", "2", *args), input="Hi\n", env=env))
+        latest = ConversationStore().latest()
+        assert latest.chat_template is None and len(latest.messages) == 2, args or env
+    ok(run_cli("chat", "-m", server["model"], "-n", "2", "--chat-template", str(template), input="Hi\n"))
+    ok(run_cli("chat", *remote(server, "--continue", "-n", "2"), input="More\n"))
+    assert ConversationStore().latest().chat_template == str(template)  # the chat's own: its first turn used it
 
 
 def test_summarize_gives_the_local_summary(server):

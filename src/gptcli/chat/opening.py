@@ -18,6 +18,7 @@ def open_conversation(
     ref: str | None = None,
     output: OutputConstraint | None = None,
     output_given: bool = False,
+    remote: bool = False,
 ) -> tuple[Settings, Conversation]:
     """The conversation to hold (a new one, the latest, or `ref`) and the settings to hold it with.
 
@@ -25,6 +26,7 @@ def open_conversation(
     one is given now (another model starts from its own template); it takes a new system message only
     when one is given now, gets back its `/set` changes except those given again as flags, and keeps
     its output format unless one is given now (`output_given`: --json-schema, --format, --regex).
+    A `remote` chat (--url) is rendered by the server's template: it records none but a resumed chat's own.
     """
     settings = resolved.settings
     conversation = store.latest() if latest else store.load(ref) if ref is not None else None  # '': no such id
@@ -40,6 +42,8 @@ def open_conversation(
         for key in list(conversation.sampling):
             if resolved.sources.get(f"sampling.{key}") == "flag":
                 del conversation.sampling[key]
+    if remote:  # a template from a config file or the environment is not used, so not recorded either
+        settings = replace(settings, chat_template=conversation.chat_template)
     if output_given:
         conversation.output = output
     elif conversation.output is not None:  # checked before the model loads, as the flags are

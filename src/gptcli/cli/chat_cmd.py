@@ -118,7 +118,7 @@ def chat(
     store = ConversationStore()
     given = structured is not None or output_format == "text"  # a resumed chat keeps its own otherwise
     settings, conversation = open_conversation(
-        resolved, store, latest=continue_, ref=resume, output=structured, output_given=given
+        resolved, store, latest=continue_, ref=resume, output=structured, output_given=given, remote=url is not None
     )
     for reason in store.skipped:  # --continue went past a file it could not read: it may have been the newest
         render.warn(f"skipped {reason}")
