@@ -118,6 +118,28 @@ def test_a_bad_stop_option_is_a_400_naming_it(live, fields, param):
     assert response.json()["error"]["message"] == "min_tokens: must be at most max_completion_tokens (2), got 3"
 
 
+MORE_THAN_THE_CONTEXT = {"max_tokens": 1000, "min_tokens": 200}  # the tiny Llama's context is 128 tokens
+
+
+def test_min_tokens_the_context_cannot_hold_after_the_prompt_is_a_400_naming_the_bound(live, runtime):
+    """It ran to the context's end, never reaching min_tokens (minutes on a real model); max_tokens left out is the
+    server's default (512), which min_tokens 200 was within."""
+    prompt = len(runtime.tokenizer.encode("hi", add_special_tokens=False))
+    for fields in (MORE_THAN_THE_CONTEXT, {"min_tokens": 200}):
+        response = httpx.post(live.v1 + "/completions", json={"prompt": "hi", **fields})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "min_tokens"
+        assert response.json()["error"]["message"] == (
+            f"min_tokens: must be at most {128 - prompt}, what the model's context (128 tokens) holds after the"
+            f" prompt ({prompt} tokens), got 200"
+        )
+    chat = {"messages": [{"role": "user", "content": "hi"}], **MORE_THAN_THE_CONTEXT}
+    response = httpx.post(live.v1 + "/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens", response.text
+    fits = complete(live, prompt="hi", max_tokens=1000, extra_body={"min_tokens": 128 - prompt})
+    assert fits.finish_reason == "length"  # the whole context, as min_tokens asked
+
+
 def test_batch_lines_take_the_stop_options(model):
     prompt = "The capital of France is"
     first, second = _alone(model, prompt, raw=True).token_ids[:2]
@@ -152,6 +174,9 @@ def test_a_bad_stop_option_is_that_lines_error_as_the_server_words_it(model):
         assert result["error"]["message"].startswith(f"{param}: "), (fields, result)
     assert results[0]["error"]["message"] == "min_tokens: must be at most max_tokens (4), got 5"
     assert results[-1]["error"]["message"].startswith("`stop_token_ids` does not go with structured output")
+    _, (beyond,) = _run(model, [json.dumps({"prompt": "hi", "raw": True, **MORE_THAN_THE_CONTEXT})])
+    assert beyond["error"]["message"].startswith("min_tokens: must be at most 12"), beyond  # not a whole context run
+    assert "what the model's context (128 tokens) holds after the prompt" in beyond["error"]["message"]
 
 
 def test_the_stop_options_go_to_a_server_as_a_batch_run_with_url_sends_them(live, runtime):

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 from gptcli.batch_requests import BatchRequest, error_record, result_record
 from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, run_all
-from gptcli.errors import GptcliError, InputError
+from gptcli.errors import FieldError, GptcliError, InputError
 from gptcli.fanout import run_streams
 from gptcli.jsonl import READ_AHEAD, ReadAhead, ResultWriter
+from gptcli.stopping import check_min_tokens
 
 # Results held back for input order behind a line still running (a long first line, thousands of short ones
 # after it, each finished and kept until the first is written): past this many, no line starts until the
@@ -97,6 +98,12 @@ class LocalLines:
     def check(self, request: BatchRequest) -> None:
         assert request.settings is not None
         self.engine.check_fits(len(request.prompt_ids), request.settings.sampling)
+        try:  # as the server's 400: a min_tokens the context cannot hold after the prompt
+            check_min_tokens(
+                request.settings.sampling, len(request.prompt_ids), self.engine.backend.info.context_length
+            )
+        except FieldError as exc:
+            raise InputError(exc.message) from None
 
     def run(self, requests: Intake, may_start: Callable[[], bool]) -> Iterator[tuple[int, Event | GptcliError]]:
         jobs = ((r.prompt_ids, r.settings.sampling) for r in requests)  # type: ignore[union-attr]

@@ -61,6 +61,18 @@ def stop_options(
     return replace(params, **changes) if changes else params
 
 
+def check_min_tokens(params: SamplingConfig, prompt_tokens: int, context: int) -> None:
+    """A min_tokens the model's context cannot hold after this prompt (the reply would run to the context's end,
+    never reaching it): a FieldError naming the bound, as stop_options names max_tokens."""
+    room = context - prompt_tokens
+    if params.min_tokens > room:
+        message = (
+            f"min_tokens: must be at most {room}, what the model's context ({context} tokens) holds after the prompt"
+            f" ({prompt_tokens} tokens), got {params.min_tokens}"
+        )
+        raise FieldError(message, "min_tokens")
+
+
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # strict, as the server's types: true is not 1
 
