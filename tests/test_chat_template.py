@@ -185,6 +185,19 @@ def test_generate_raw_reads_no_template_and_says_it_is_ignored_as_system_is(tiny
     assert result.stdout == plain.stdout and plain.stderr == b"", plain.stderr.decode()
 
 
+def test_generate_raw_quietly_leaves_a_system_and_template_the_config_or_environment_set(tiny_models, tmp_path):
+    """Set for chat turns (a config file, GPTCLI_*), not for this command: no warning on every raw completion."""
+    bad = write(tmp_path, "{{ messages[0] }\n")
+    config = write(tmp_path, f"system: be brief\nchat_template: {bad}\n", "c.yaml")
+    model = ["-m", str(tiny_models["gpt2"]), "--raw", "Once", "-n", "1", "--temperature", "0"]
+    from_file = run_cli("generate", "-c", str(config), *model)
+    from_env = run_cli("generate", *model, env={"GPTCLI_SYSTEM": "be brief", "GPTCLI_CHAT_TEMPLATE": str(bad)})
+    plain = run_cli("generate", *model)
+    for result in (from_file, from_env):
+        assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+        assert result.stdout == plain.stdout
+
+
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["summarize", "-"]])
 def test_with_url_it_is_a_usage_error(chatml_file, command):
     url = ["--url", "http://127.0.0.1:9/v1"]

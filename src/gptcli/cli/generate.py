@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
 from gptcli.cli.inputs import gather_prompt
 from gptcli.cli.settings import constrain, output_constraint, resolve_settings
 from gptcli.config import with_drawn_seed
@@ -174,6 +176,8 @@ def generate(
                 text = f"{system_text}\n\n{text}"
             else:
                 settings = replace(settings, system=system_text)
+    if raw:
+        settings = without_chat_turn(settings, resolved.sources)
     settings = with_drawn_seed(constrain(settings, structured))  # local or --url, --json reports the seed
     if url is not None:
         from gptcli.cli.remote_run import open_remote, run_remote_generation
@@ -183,3 +187,14 @@ def generate(
     from gptcli.cli.local_run import run_generation
 
     run_generation(settings, text, raw=raw, as_json=as_json, show_stats=stats)
+
+
+def without_chat_turn(settings: Any, sources: Mapping[str, str]) -> Any:
+    """--raw sends the text as is: no system message, no chat template (neither file is read). A flag given for
+    either is said to be ignored; one from a config file or the environment is for chat turns, and is quietly left."""
+    from dataclasses import replace
+
+    for key, flag in (("chat_template", "--chat-template"), ("system", "--system")):
+        if getattr(settings, key) and sources[key] == "flag":
+            render.warn(f"{flag} is ignored with --raw")
+    return replace(settings, system=None, chat_template=None)

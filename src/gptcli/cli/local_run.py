@@ -44,14 +44,9 @@ def run_generation(settings, text: str, *, raw: bool, as_json: bool, show_stats:
     from gptcli.prompts import fit_prompt
 
     runtime = prompt = None
-    if raw and settings.chat_template:  # as --system: the text goes without a chat template, so it is not even read
-        render.warn("--chat-template is ignored with --raw")
-        settings = replace(settings, chat_template=None)
     try:
         runtime = load_runtime(settings)
-        if raw and settings.system:
-            render.warn("--system is ignored with --raw")
-        elif settings.system and not runtime.tokenizer.chat_template:
+        if settings.system and not runtime.tokenizer.chat_template:
             render.warn("this model has no chat template: --system is ignored")
         prompt = fit_prompt(
             runtime.tokenizer,

@@ -89,8 +89,6 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
     """`generate --url`: the prompt as a user message (or raw text), streamed as a local one is."""
     from gptcli.prompts import messages_for
 
-    if raw and settings.system:
-        render.warn("--system is ignored with --raw")
     sampling = settings.sampling
     events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
     first = next(events)  # the request is made here: a refusal is an error before anything is printed
