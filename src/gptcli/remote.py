@@ -21,6 +21,7 @@ from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
+from gptcli.remote_answers import count, error_message, parse_chunk
 from gptcli.remote_http import Reply, default_opener, retry_after
 from gptcli.tool_reply import StreamedCalls
 
@@ -124,7 +125,7 @@ class RemoteModel:
             text = reply.text(MAX_ERROR_BYTES, min(reply.deadline, time.monotonic() + self.lookup_timeout))
         except (TimeoutError, ConnectionError):
             text = ""
-        message, code = _error_message(text)
+        message, code = error_message(text)
         status = reply.status
         where = f"{self.base_url} answered {status}"
         message = " ".join((message or _REASONS.get(status, "request failed")).split())
@@ -289,11 +290,11 @@ class RemoteModel:
         if not done and reason is None:
             raise RemoteError(f"{self.base_url} closed the stream before the answer finished")
         end = time.perf_counter()
-        new = _count(usage, "completion_tokens") or chunks
+        new = count(usage, "completion_tokens") or chunks
         first = first_at if first_at is not None else end
         stats = Stats(
-            prompt_tokens=_count(usage, "prompt_tokens"),
-            cached_tokens=_count(usage.get("prompt_tokens_details"), "cached_tokens"),
+            prompt_tokens=count(usage, "prompt_tokens"),
+            cached_tokens=count(usage.get("prompt_tokens_details"), "cached_tokens"),
             new_tokens=new,
             decode_steps=max(new - 1, 0),
             ttft_s=first - start,
@@ -310,14 +311,14 @@ class RemoteModel:
         content_type = (reply.header("Content-Type") or "").lower()
         if "application/json" in content_type and "event-stream" not in content_type:
             whole = self._whole_body(reply, self.base_url).decode("utf-8", errors="replace")
-            yield _parse_chunk(whole, self.base_url, chat=chat, whole=True)
+            yield parse_chunk(whole, self.base_url, chat=chat, whole=True)
             yield None
             return
         for line in reply.lines(idle_s=self.timeout):  # a long answer, but never a long wait for its next line
             if not line.startswith("data:"):
                 continue  # blank separators, ": comments", "event:" lines
             data = line[5:].strip()
-            yield None if data == "[DONE]" else _parse_chunk(data, self.base_url, chat=chat)
+            yield None if data == "[DONE]" else parse_chunk(data, self.base_url, chat=chat)
 
 
 def response_format(constraint: OutputConstraint) -> dict[str, Any]:
@@ -332,68 +333,3 @@ def response_format(constraint: OutputConstraint) -> dict[str, Any]:
 
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
 _REASON_NAMES = {"stop": "stop", "length": "length", "interrupted": "interrupted"}
-
-
-def _error_message(text: str) -> tuple[str, str | None]:
-    """OpenAI's {"error": {"message", "code"}}, vLLM's {"object": "error", "message"}, FastAPI's {"detail"}, or
-    the body's first line."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return (text.strip().splitlines() or [""])[0][:200], None
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message") or ""), error.get("code")
-    if isinstance(error, str):
-        return error, None
-    if isinstance(data, dict) and isinstance(data.get("message"), str):
-        return data["message"], data.get("code") if isinstance(data.get("code"), str) else None
-    if isinstance(data, dict) and isinstance(data.get("detail"), str):
-        return data["detail"], None
-    return text.strip()[:200], None
-
-
-def _parse_chunk(data: str, base_url: str, *, chat: bool, whole: bool = False) -> dict[str, Any]:
-    """A stream chunk, checked; or (`whole`) a whole answer as one chunk, each chat message as its delta."""
-    what = "an answer" if whole else "a stream chunk"
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise RemoteError(f"{base_url} sent {what} that is not JSON: {data[:80]}") from None
-    if not isinstance(chunk, dict):
-        raise RemoteError(f"{base_url} sent {what} that is not an object")
-    if chunk.get("error") is not None:  # a field "error": null (beside the text) is no error
-        message, _ = _error_message(data)
-        raise RemoteError(f"{base_url} failed mid-answer: {message}")
-    if whole and chat and isinstance(chunk.get("choices"), list):
-        chunk["choices"] = [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in chunk["choices"]]
-    if problem := _chunk_problem(chunk, chat=chat):
-        raise RemoteError(f"{base_url} sent {what} not in OpenAI's shape ({problem}): {data[:80]}")
-    return chunk
-
-
-def _chunk_problem(chunk: dict[str, Any], *, chat: bool) -> str | None:
-    """What of a chunk's choices is not in OpenAI's shape (a list of objects, their text a string), else None."""
-    choices = chunk.get("choices")
-    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
-        return "choices is not a list of objects"
-    for choice in choices or []:
-        delta = choice.get("delta")
-        if delta is not None and not isinstance(delta, dict):
-            return "a delta is not an object"
-        name, text = ("delta.content", (delta or {}).get("content")) if chat else ("text", choice.get("text"))
-        if text is not None and not isinstance(text, str):
-            return f"a {name} is not a string"
-        called = (delta or {}).get("tool_calls") if chat else None
-        if called is not None and not (isinstance(called, list) and all(isinstance(c, dict) for c in called)):
-            return "a delta.tool_calls is not a list of objects"
-        if not isinstance(choice.get("finish_reason"), (str, type(None))):
-            return "a finish_reason is not a string"
-    return None
-
-
-def _count(usage: Any, key: str) -> int:
-    """A token count from a server's usage object; 0 where it gives none or one that is not a count, as for a
-    server that sends no usage (the new tokens are then counted from the chunks)."""
-    value = usage.get(key) if isinstance(usage, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -1,0 +1,74 @@
+"""What an OpenAI-compatible server answered, read: an error body's message (in any server's shape), a stream
+chunk or a whole answer checked against OpenAI's shape, and the token counts of its usage object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gptcli.errors import RemoteError
+
+
+def error_message(text: str) -> tuple[str, str | None]:
+    """OpenAI's {"error": {"message", "code"}}, vLLM's {"object": "error", "message"}, FastAPI's {"detail"}, or
+    the body's first line."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return (text.strip().splitlines() or [""])[0][:200], None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or ""), error.get("code")
+    if isinstance(error, str):
+        return error, None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data["message"], data.get("code") if isinstance(data.get("code"), str) else None
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return data["detail"], None
+    return text.strip()[:200], None
+
+
+def parse_chunk(data: str, base_url: str, *, chat: bool, whole: bool = False) -> dict[str, Any]:
+    """A stream chunk, checked; or (`whole`) a whole answer as one chunk, each chat message as its delta."""
+    what = "an answer" if whole else "a stream chunk"
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise RemoteError(f"{base_url} sent {what} that is not JSON: {data[:80]}") from None
+    if not isinstance(chunk, dict):
+        raise RemoteError(f"{base_url} sent {what} that is not an object")
+    if chunk.get("error") is not None:  # a field "error": null (beside the text) is no error
+        message, _ = error_message(data)
+        raise RemoteError(f"{base_url} failed mid-answer: {message}")
+    if whole and chat and isinstance(chunk.get("choices"), list):
+        chunk["choices"] = [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in chunk["choices"]]
+    if problem := chunk_problem(chunk, chat=chat):
+        raise RemoteError(f"{base_url} sent {what} not in OpenAI's shape ({problem}): {data[:80]}")
+    return chunk
+
+
+def chunk_problem(chunk: dict[str, Any], *, chat: bool) -> str | None:
+    """What of a chunk's choices is not in OpenAI's shape (a list of objects, their text a string), else None."""
+    choices = chunk.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+        return "choices is not a list of objects"
+    for choice in choices or []:
+        delta = choice.get("delta")
+        if delta is not None and not isinstance(delta, dict):
+            return "a delta is not an object"
+        name, text = ("delta.content", (delta or {}).get("content")) if chat else ("text", choice.get("text"))
+        if text is not None and not isinstance(text, str):
+            return f"a {name} is not a string"
+        called = (delta or {}).get("tool_calls") if chat else None
+        if called is not None and not (isinstance(called, list) and all(isinstance(c, dict) for c in called)):
+            return "a delta.tool_calls is not a list of objects"
+        if not isinstance(choice.get("finish_reason"), (str, type(None))):
+            return "a finish_reason is not a string"
+    return None
+
+
+def count(usage: Any, key: str) -> int:
+    """A token count from a server's usage object; 0 where it gives none or one that is not a count, as for a
+    server that sends no usage (the new tokens are then counted from the chunks)."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
