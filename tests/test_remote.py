@@ -165,6 +165,18 @@ class Canned(BaseHTTPRequestHandler):
                 time.sleep(0.05)
                 self.wfile.write(b"x")
 
+    def _endless(self, event: str, pause: float = 0.0) -> None:
+        """`event` again and again, a stream that never ends (for 20 s at most, or until the client leaves)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        until = time.monotonic() + 20
+        with contextlib.suppress(OSError):
+            while time.monotonic() < until:
+                self.wfile.write(event.encode())
+                self.wfile.flush()
+                time.sleep(pause)
+
     def do_GET(self) -> None:
         Canned.seen.append(dict(self.headers))
         if self.path.startswith("/drip/"):
@@ -222,6 +234,14 @@ class Canned(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"choices": [choice], "usage": {"completion_tokens": 2}}).encode())
         elif route == "cut":
             self._stream([chunk])
+        elif route == "endless":  # max_tokens is the server's to keep: this one never stops
+            self._endless(chunk)
+        elif route == "endless-empty":  # nor this one, of chunks without text
+            self._endless('data: {"choices":[]}\n\n')
+        elif route == "endless-text":  # a long text in each chunk
+            self._endless(chunk.replace("Hel", "x" * 4000))
+        elif route == "keep-alive":  # comments, and never a chunk
+            self._endless(": keep-alive\n\n", pause=0.05)
         elif route == "garbled":  # a text that is not a string: a proxy or a server of another API
             self._stream([chunk, 'data: {"choices":[{"index":0,"text":["lo"]}]}\n\n'])
         elif route == "odd-usage":  # counts that are not counts: the text still stands, the stats estimate
@@ -333,6 +353,25 @@ def test_a_server_that_sends_a_byte_at_a_time_cannot_hold_the_client(canned, ope
         with pytest.raises(RemoteError, match=message):
             call()
         assert time.monotonic() - started < 2, message
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ("endless", "sent more than 56 events for a reply of at most 10 tokens: cut there"),
+        ("endless-empty", "sent more than 56 events for a reply of at most 10 tokens: cut there"),
+        ("endless-text", "sent more than 640 characters for a reply of at most 10 tokens: cut there"),
+        ("keep-alive", "did not answer in time"),
+    ],
+)
+def test_a_stream_that_never_ends_is_cut(canned, opener, route, message):
+    # A server that does not keep max_tokens streamed into the client's memory without end, and one sending
+    # only keep-alive comments held it forever (each line restarted the wait for the next).
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as caught:
+        list(remote(canned, route, opener, timeout=1).complete("hi", GREEDY))
+    assert message in caught.value.message
+    assert time.monotonic() - started < 10
 
 
 def test_an_error_body_is_read_no_further_than_its_first_64_kib():

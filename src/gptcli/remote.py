@@ -40,6 +40,10 @@ MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the firs
 MAX_JSON_BYTES = 16 << 20  # of a whole JSON answer (/models, /tokenize, an answer that was not streamed)
 CONNECT_HINT = "is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)"
 MIN_RETRY_S = 0.25  # the least wait before sending again after a busy answer (a "Retry-After: 0" too)
+# A server may not keep max_tokens (one that never ends its stream): a reply is cut past these, per token asked.
+REPLY_CHARS_PER_TOKEN = 64  # of text and tool calls' arguments (a token is 4 characters on average)
+REPLY_EVENTS_PER_TOKEN = 4  # of data lines (one a token in practice, and a few more: the role, the end, usage)
+REPLY_EVENTS_MORE = 16  # ... and these more
 
 
 class RemoteModel:
@@ -260,10 +264,12 @@ class RemoteModel:
         first_at: float | None = None
         reason: str | None = None
         usage: dict[str, Any] = {}
-        chunks = 0
+        chunks = size = 0
         done = False
+        max_tokens = payload.get("max_tokens") or DEFAULTS.max_tokens
+        most = max_tokens * REPLY_CHARS_PER_TOKEN
         try:
-            for chunk in self._chunks(reply, chat=chat):
+            for chunk in self._chunks(reply, chat=chat, max_tokens=max_tokens):
                 if chunk is None:
                     done = True
                     break
@@ -274,11 +280,15 @@ class RemoteModel:
                         now = time.perf_counter()
                         first_at = first_at or now
                         chunks += 1
+                        size += len(text)
                         pieces.append(text)
                         yield Token(text, None, now)
                     reason = choice.get("finish_reason") or reason
                     if calls is not None and (called := (choice.get("delta") or {}).get("tool_calls")):
+                        size += len(json.dumps(called))
                         calls.add(called)
+                if size > most:
+                    raise self._endless(f"more than {most} characters", max_tokens)
         except KeyboardInterrupt:
             reason, done = "interrupted", True
         except TimeoutError:
@@ -305,20 +315,38 @@ class RemoteModel:
         finished = Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
         yield finished if calls is None else calls.finished(finished)
 
-    def _chunks(self, reply: Reply, *, chat: bool) -> Iterator[dict[str, Any] | None]:
+    def _endless(self, what: str, max_tokens: int) -> RemoteError:
+        return RemoteError(
+            f"{self.base_url} sent {what} for a reply of at most {max_tokens} tokens: cut there",
+            hint="the server does not keep max_tokens: is it an OpenAI-compatible server?",
+        )
+
+    def _chunks(self, reply: Reply, *, chat: bool, max_tokens: int) -> Iterator[dict[str, Any] | None]:
         """The stream's chunks, then None at its end ([DONE]). A server that ignores `stream` and sends the
-        whole answer as one JSON object (Content-Type application/json) gives it as one chunk and its end."""
+        whole answer as one JSON object (Content-Type application/json) gives it as one chunk and its end.
+
+        Only data lines are progress: comments and blank lines (keep-alives) do not stop the wait for the
+        next one from timing out, and data lines past REPLY_EVENTS_PER_TOKEN a token asked (and
+        REPLY_EVENTS_MORE) are cut."""
         content_type = (reply.header("Content-Type") or "").lower()
         if "application/json" in content_type and "event-stream" not in content_type:
             whole = self._whole_body(reply, self.base_url).decode("utf-8", errors="replace")
             yield parse_chunk(whole, self.base_url, chat=chat, whole=True)
             yield None
             return
+        most = max_tokens * REPLY_EVENTS_PER_TOKEN + REPLY_EVENTS_MORE
+        events, last = 0, time.monotonic()
         for line in reply.lines(idle_s=self.timeout):  # a long answer, but never a long wait for its next line
-            if not line.startswith("data:"):
-                continue  # blank separators, ": comments", "event:" lines
+            if not line.startswith("data:"):  # blank separators, ": comments", "event:" lines
+                if time.monotonic() - last > self.timeout:
+                    raise TimeoutError(f"no data in {self.timeout:g} s")
+                continue
+            events += 1
+            if events > most:
+                raise self._endless(f"more than {most} events", max_tokens)
             data = line[5:].strip()
             yield None if data == "[DONE]" else parse_chunk(data, self.base_url, chat=chat)
+            last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
 
 
 def response_format(constraint: OutputConstraint) -> dict[str, Any]:
