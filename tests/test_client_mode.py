@@ -302,6 +302,39 @@ def test_a_refused_window_drops_the_oldest_exchange_and_sends_again():
     assert len(chat.conversation.messages) == 6 and chat.conversation.window_start == 2
 
 
+class Breaking:
+    """A server whose stream breaks after its first text."""
+
+    base_url = "http://server/v1"
+
+    def chat(self, messages, params) -> Iterator[Any]:
+        from gptcli.decoding import Token
+        from gptcli.errors import RemoteError
+
+        yield Token("Partial", None, 0.0)
+        raise RemoteError("http://server/v1 closed the stream before the answer finished")
+
+
+def test_a_reply_whose_stream_breaks_is_kept_as_far_as_it_came(tmp_path):
+    # The error went up and the reply was never recorded: the chat file ended at the user's message, the text
+    # already shown was lost, and the next message made two user messages in a row.
+    from gptcli.chat import Conversation, ConversationStore
+    from gptcli.chat.remote_session import RemoteChatSession
+    from gptcli.config import Settings
+    from gptcli.errors import RemoteError
+    from gptcli.remote_tokens import EstimatedTokenizer
+
+    store = ConversationStore(tmp_path)
+    chat = RemoteChatSession(Breaking(), EstimatedTokenizer(), Settings(), Conversation(), store)
+    with pytest.raises(RemoteError, match="closed the stream"):
+        list(chat.say("hello"))
+    saved = store.load(chat.conversation.id).messages
+    assert [(m["role"], m["content"], m.get("interrupted")) for m in saved] == [
+        ("user", "hello", None),
+        ("assistant", "Partial", True),
+    ]
+
+
 def test_the_estimate_trims_before_sending_when_the_server_says_its_context():
     from gptcli.chat import Conversation, show_text
     from gptcli.chat.remote_session import RemoteChatSession

@@ -48,14 +48,20 @@ class Turn:
     recorded: bool = False
 
     def __iter__(self) -> Iterator[Event]:
-        for event in self.events:
-            if isinstance(event, Token):
-                self.text += event.text
-            else:
-                self.finished = event
-                self.chat._record_reply(event.text, event.reason == "interrupted", event.stats)
+        try:
+            for event in self.events:
+                if isinstance(event, Token):
+                    self.text += event.text
+                else:
+                    self.finished = event
+                    self.chat._record_reply(event.text, event.reason == "interrupted", event.stats)
+                    self.recorded = True
+                yield event
+        except GptcliError:  # the reply broke off (a server's stream cut short): kept as far as it came, as Ctrl-C
+            if not self.recorded:
+                self.chat._record_reply(self.text, True, None)
                 self.recorded = True
-            yield event
+            raise
 
     def close(self) -> None:
         """Stop generating; keep the partial reply (marked interrupted)."""
