@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -333,6 +335,49 @@ def test_a_reply_whose_stream_breaks_is_kept_as_far_as_it_came(tmp_path):
         ("user", "hello", None),
         ("assistant", "Partial", True),
     ]
+
+
+class CutShort(BaseHTTPRequestHandler):
+    """A server whose chat stream breaks off after "Partial" (no finish reason, no [DONE]); no /tokenize."""
+
+    protocol_version = "HTTP/1.0"  # the stream ends where the connection closes
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(200, json.dumps({"object": "list", "data": [{"id": "cut"}]}).encode(), "application/json")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("tokenize"):
+            self._send(404, b"Not Found", "text/plain")
+            return
+        chunk = {"choices": [{"index": 0, "delta": {"content": "Partial"}, "finish_reason": None}]}
+        self._send(200, f"data: {json.dumps(chunk)}\n\n".encode(), "text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def cut_short() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_stream_broken_off_still_gives_chat_jsonl_its_record(cut_short, isolated_home):
+    # chat --jsonl wrote no record for the message, where each message gets exactly one.
+    result = run_cli("chat", "--jsonl", "--url", cut_short, input="hello\n")
+    assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert records == [{"error": f"{cut_short} closed the stream before the answer finished", "hint": None}]
 
 
 def test_the_estimate_trims_before_sending_when_the_server_says_its_context():

@@ -59,7 +59,12 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
             break
         if step.turn is None:
             continue
-        interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
+        try:
+            interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
+        except GptcliError as exc:  # the reply broke off (a server's stream): kept in the chat; its record, the end
+            if jsonl:
+                write_record({"error": exc.message, "hint": exc.hint})
+            raise
         report_end(step.turn, session.settings.sampling)
         render.detail(stats_text(session))  # -v: the reply's timings
         if interrupted:
