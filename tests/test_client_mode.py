@@ -372,6 +372,16 @@ def cut_short() -> Iterator[str]:
     server.server_close()
 
 
+def test_a_stream_broken_off_still_gives_generate_json_its_object(cut_short, isolated_home):
+    # generate --json printed nothing of the text that came (a plain generate had streamed it).
+    result = run_cli("generate", "hi", "--json", "--url", cut_short)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and err.count("error:") == 1 and "Traceback" not in err
+    data = json.loads(result.stdout)
+    assert (data["text"], data["finish_reason"], data["usage"]["completion_tokens"]) == ("Partial", "error", 1)
+    assert data["error"] == f"{cut_short} closed the stream before the answer finished"
+
+
 def test_a_stream_broken_off_still_gives_chat_jsonl_its_record(cut_short, isolated_home):
     # chat --jsonl wrote no record for the message, where each message gets exactly one.
     result = run_cli("chat", "--jsonl", "--url", cut_short, input="hello\n")

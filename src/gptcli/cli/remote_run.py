@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from gptcli.cli import render
-from gptcli.errors import EXIT_INTERRUPTED, UsageError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 
 DEFAULT_CONTEXT = 4096  # for summarize, when the server does not say its model's context
 
@@ -92,21 +92,48 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
     sampling = settings.sampling
     events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
     first = next(events)  # the request is made here: a refusal is an error before anything is printed
-    finished = stream_or_exit(itertools.chain([first], events), show=not as_json)
+    received: list[Any] = []
+    try:
+        finished = stream_or_exit(_kept(itertools.chain([first], events), received), show=not as_json)
+    except GptcliError as exc:  # the stream broke off: --json still gets its object, with the text so far
+        if as_json:
+            from dataclasses import replace
+
+            from gptcli.decoding import NO_STATS, Finished
+
+            stats = replace(NO_STATS, new_tokens=len(received))
+            text = "".join(token.text for token in received)
+            write_json(Finished("error", stats, text, (), error=exc.message), remote, sampling, raw=raw)
+        raise
     if as_json:
-        payload = {
-            **render.result_fields(finished),
-            "model": remote.model,
-            "url": remote.base_url,
-            "seed": sampling.seed,
-            "templated": not raw,
-        }
-        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        write_json(finished, remote, sampling, raw=raw)
     exit_if_interrupted(finished)
     render.warn_if_incomplete(finished, sampling)
     if show_stats:
         print_remote_stats(finished, remote)
+
+
+def _kept(events: Any, received: list[Any]) -> Any:
+    """`events`, each Token also put in `received`."""
+    from gptcli.decoding import Token
+
+    for event in events:
+        if isinstance(event, Token):
+            received.append(event)
+        yield event
+
+
+def write_json(finished: Any, remote: Any, sampling: Any, *, raw: bool) -> None:
+    """`generate --url --json`'s object."""
+    payload = {
+        **render.result_fields(finished),
+        "model": remote.model,
+        "url": remote.base_url,
+        "seed": sampling.seed,
+        "templated": not raw,
+    }
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def stream_or_exit(events: Any, *, show: bool) -> Any:
