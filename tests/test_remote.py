@@ -234,6 +234,9 @@ class Canned(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"choices": [choice], "usage": {"completion_tokens": 2}}).encode())
         elif route == "cut":
             self._stream([chunk])
+        elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
+            moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
+            self._send(301, b"<html>Moved</html>", {"Location": moved})
         elif route == "endless":  # max_tokens is the server's to keep: this one never stops
             self._endless(chunk)
         elif route == "endless-empty":  # nor this one, of chunks without text
@@ -353,6 +356,15 @@ def test_a_server_that_sends_a_byte_at_a_time_cannot_hold_the_client(canned, ope
         with pytest.raises(RemoteError, match=message):
             call()
         assert time.monotonic() - started < 2, message
+
+
+def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):
+    # httpx answered the 301 as a stream, "closed the stream before the answer finished"; urllib followed it
+    # (a POST as a GET, the API key to wherever it pointed).
+    with pytest.raises(RemoteError) as caught:
+        list(remote(canned, "moved", opener).complete("hi", GREEDY))
+    assert caught.value.message == f"{canned}/moved/v1 answered 301: moved to https://new.example/v1/completions"
+    assert caught.value.hint == "use --url https://new.example/v1 (redirects are not followed)"
 
 
 @pytest.mark.parametrize(

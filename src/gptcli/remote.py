@@ -9,6 +9,7 @@ HTTP itself (httpx, or the standard library) is gptcli.remote_http.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -110,8 +111,11 @@ class RemoteModel:
                     f"cannot connect to {self.base_url}: {exc}",
                     hint=getattr(exc, "hint", None) or CONNECT_HINT,
                 ) from None
-            if reply.status < 400:
+            if reply.status < 300:
                 return reply
+            if reply.status < 400:
+                reply.close()
+                raise self._moved(reply, url, path)
             wait = retry_after(reply) if reply.status in (429, 503) else None
             busy = self._status_error(reply)
             # A full queue (or a rate limit) that says when to come back: wait, as the request would have
@@ -119,6 +123,20 @@ class RemoteModel:
             if wait is None or time.monotonic() + wait >= deadline:
                 raise busy
             time.sleep(max(wait, MIN_RETRY_S))
+
+    def _moved(self, reply: Reply, url: str, path: str) -> RemoteError:
+        """A redirect, not followed: it would take the request (and its API key) where --url did not say."""
+        from urllib.parse import urljoin
+
+        where = f"{self.base_url} answered {reply.status}"
+        location = " ".join((reply.header("Location") or "").split())[:200]
+        if not location:
+            return RemoteError(f"{where}, a redirect to nowhere", hint="is this an OpenAI-style URL?")
+        with contextlib.suppress(ValueError):  # not a URL: shown as sent
+            location = urljoin(url, location)
+        moved = location.removesuffix(path) if location.endswith(path) else None
+        hint = f"use --url {moved}" if moved else "give --url the new address"
+        return RemoteError(f"{where}: moved to {location}", hint=f"{hint} (redirects are not followed)")
 
     def _timeout_error(self) -> RemoteError:
         return RemoteError(f"{self.base_url} did not answer in time", hint="is the server overloaded?")

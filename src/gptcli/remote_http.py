@@ -140,7 +140,7 @@ def open_urllib(
 
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # one limit for connecting and reading
+        response = _no_redirects().open(request, timeout=timeout)  # one limit for connecting and reading
     except urllib.error.HTTPError as exc:
         response = exc  # an error status: its body is the OpenAI error
     except urllib.error.URLError as exc:
@@ -161,6 +161,18 @@ def open_urllib(
             raise ConnectionError(str(exc)) from None
 
     return Reply(response.status, dict(response.headers.items()), chunks(), response.close)
+
+
+@functools.cache
+def _no_redirects() -> Any:
+    """urllib's opener without its redirect handling: a redirect is answered as it is (httpx's default too)."""
+    import urllib.request
+
+    class Unfollowed(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None  # urllib then raises the 3xx as an HTTPError: its answer
+
+    return urllib.request.build_opener(Unfollowed)
 
 
 def default_opener() -> Callable[..., Reply]:
