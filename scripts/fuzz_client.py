@@ -380,10 +380,16 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(answer.pause)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that left mid-answer: not the client's traceback (stderr is the command's, captured)
+
+
 @contextlib.contextmanager
 def serving() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
