@@ -234,6 +234,9 @@ class Canned(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"choices": [choice], "usage": {"completion_tokens": 2}}).encode())
         elif route == "cut":
             self._stream([chunk])
+        elif route.startswith("retry-after-"):  # a Retry-After that is no number of seconds
+            after = {"retry-after-date": "Wed, 21 Oct 2015 07:28:00 GMT", "retry-after-word": "soon"}[route]
+            self._error(429, "slow down", **{"Retry-After": after, "Connection": "close"})
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
@@ -356,6 +359,14 @@ def test_a_server_that_sends_a_byte_at_a_time_cannot_hold_the_client(canned, ope
         with pytest.raises(RemoteError, match=message):
             call()
         assert time.monotonic() - started < 2, message
+
+
+@pytest.mark.parametrize("route", ["retry-after-date", "retry-after-word"])
+def test_a_retry_after_that_is_no_number_of_seconds_says_retry_later(canned, opener, route):
+    # The hint was the header as sent, in seconds: 'retry in Wed, 21 Oct 2015 07:28:00 GMT s', 'retry in soon s'.
+    with pytest.raises(RemoteError) as caught:
+        list(remote(canned, route, opener).complete("hi", GREEDY))
+    assert caught.value.message.endswith("answered 429: slow down") and caught.value.hint == "retry later"
 
 
 def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):

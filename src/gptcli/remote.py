@@ -160,8 +160,8 @@ class RemoteModel:
         if status in (401, 403):
             return RemoteError(f"{where}: {message}", hint="pass --api-key KEY or set OPENAI_API_KEY")
         if status in (429, 503):
-            retry = reply.header("Retry-After")
-            hint = f"retry in {retry} s" if retry else "retry later"
+            retry = retry_after(reply)  # seconds; not a date, nor what is not a time at all ("retry in abc s")
+            hint = f"retry in {retry:g} s" if retry is not None else "retry later"
             return RemoteError(f"{where}: {message}", hint=hint)
         if status == 404:
             return RemoteError(f"{where}: {message}", hint="the URL usually ends in /v1")
