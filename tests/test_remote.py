@@ -234,6 +234,8 @@ class Canned(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"choices": [choice], "usage": {"completion_tokens": 2}}).encode())
         elif route == "cut":
             self._stream([chunk])
+        elif route == "cut-mid-line":  # the connection closes in the middle of a chunk
+            self._stream([chunk, 'data: {"choices":[{"index":0,"te'])
         elif route.startswith("retry-after-"):  # a Retry-After that is no number of seconds
             after = {"retry-after-date": "Wed, 21 Oct 2015 07:28:00 GMT", "retry-after-word": "soon"}[route]
             self._error(429, "slow down", **{"Retry-After": after, "Connection": "close"})
@@ -314,6 +316,8 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
         ("cut", RemoteError, "closed the stream before the answer finished", None),
+        # was 'sent a stream chunk that is not JSON: {"choices":[{"index":0,"te': the cut, not what it sent
+        ("cut-mid-line", RemoteError, "closed the stream mid-line, before the answer finished", None),
         ("garbled", RemoteError, "sent a stream chunk not in OpenAI's shape (a text is not a string)", None),
     ],
 )

@@ -363,7 +363,15 @@ class RemoteModel:
             if events > most:
                 raise self._endless(f"more than {most} events", max_tokens)
             data = line[5:].strip()
-            yield None if data == "[DONE]" else parse_chunk(data, self.base_url, chat=chat)
+            try:
+                chunk = None if data == "[DONE]" else parse_chunk(data, self.base_url, chat=chat)
+            except RemoteError:
+                if reply.cut:  # not what it sent: what came of it before the connection closed
+                    raise RemoteError(
+                        f"{self.base_url} closed the stream mid-line, before the answer finished"
+                    ) from None
+                raise
+            yield chunk
             last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
 
 

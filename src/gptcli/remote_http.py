@@ -26,6 +26,7 @@ class Reply:
     chunks: Iterator[bytes]
     close: Callable[[], None]
     deadline: float = float("inf")  # time.monotonic() by which the request as a whole must be answered
+    cut: bool = False  # lines() gave a last line that had no line end: the connection closed in the middle of it
 
     def header(self, name: str) -> str | None:
         """A header's value, whatever case the server (or the HTTP library) gave its name."""
@@ -72,6 +73,7 @@ class Reply:
             if size > MAX_LINE_BYTES:
                 raise ConnectionError(f"a line of over {MAX_LINE_BYTES >> 20} MiB")
         if size:
+            self.cut = True
             yield b"".join(parts).decode("utf-8", errors="replace").removesuffix("\r")
 
 
