@@ -239,6 +239,8 @@ class Canned(BaseHTTPRequestHandler):
         elif route.startswith("retry-after-"):  # a Retry-After that is no number of seconds
             after = {"retry-after-date": "Wed, 21 Oct 2015 07:28:00 GMT", "retry-after-word": "soon"}[route]
             self._error(429, "slow down", **{"Retry-After": after, "Connection": "close"})
+        elif route == "listed-message":  # a message that is not a string
+            self._send(500, json.dumps({"error": {"message": ["engine", "failed"], "code": 500}}).encode())
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
@@ -314,6 +316,7 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("bad", InputError, "answered 400: temperature: must be <= 2", None),
         ("vllm-bad", InputError, "answered 400: temperature must be non-negative, got -1.0.", None),
         ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
+        ("listed-message", RemoteError, 'answered 500: ["engine", "failed"]', None),  # was ['engine', 'failed']
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
         ("cut", RemoteError, "closed the stream before the answer finished", None),
         # was 'sent a stream chunk that is not JSON: {"choices":[{"index":0,"te': the cut, not what it sent

@@ -18,7 +18,10 @@ def error_message(text: str) -> tuple[str, str | None]:
         return (text.strip().splitlines() or [""])[0][:200], None
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message") or ""), error.get("code")
+        message = error.get("message") or ""
+        if not isinstance(message, str):  # shown as the JSON it was, not in Python's words (['a', 'b'])
+            message = json.dumps(message)[:200]
+        return message, error.get("code")
     if isinstance(error, str):
         return error, None
     if isinstance(data, dict) and isinstance(data.get("message"), str):
