@@ -7,6 +7,7 @@ server (stdlib http.server) that answers what a real one might, so they need no 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import threading
 import time
@@ -241,6 +242,10 @@ class Canned(BaseHTTPRequestHandler):
             self._error(429, "slow down", **{"Retry-After": after, "Connection": "close"})
         elif route == "listed-message":  # a message that is not a string
             self._send(500, json.dumps({"error": {"message": ["engine", "failed"], "code": 500}}).encode())
+        elif route == "gzip":  # compressed though the client did not ask (a proxy's doing)
+            end = 'data: {"choices":[{"index":0,"text":"lo","finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+            body = gzip.compress((chunk + end).encode())
+            self._send(200, body, {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
@@ -374,6 +379,23 @@ def test_a_retry_after_that_is_no_number_of_seconds_says_retry_later(canned, ope
     with pytest.raises(RemoteError) as caught:
         list(remote(canned, route, opener).complete("hi", GREEDY))
     assert caught.value.message.endswith("answered 429: slow down") and caught.value.hint == "retry later"
+
+
+def test_a_gzip_stream_is_read_whichever_the_http_library(canned, opener):
+    # urllib (the client without httpx) read the compressed bytes as the stream: 'closed the stream before the
+    # answer finished', where httpx inflates them.
+    events = list(remote(canned, "gzip", opener).complete("hi", GREEDY))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo"] and (events[-1].reason, events[-1].text) == ("stop", "Hello")
+
+
+def test_a_body_that_inflates_far_comes_a_read_at_a_time():
+    from gptcli.remote_http import READ_BYTES, inflated
+
+    bomb = gzip.compress(b"x" * (64 << 20))  # 64 KiB that inflate to 64 MiB
+    pieces = inflated(iter([bomb]))
+    assert len(next(pieces)) <= READ_BYTES
+    with pytest.raises(ConnectionError, match="does not inflate"):
+        list(inflated(iter([b"\x1f\x8b not gzip"])))
 
 
 def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):

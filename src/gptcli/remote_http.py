@@ -162,7 +162,28 @@ def open_urllib(
         except OSError as exc:
             raise ConnectionError(str(exc)) from None
 
-    return Reply(response.status, dict(response.headers.items()), chunks(), response.close)
+    headers = dict(response.headers.items())
+    encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+    body = inflated(chunks()) if encoding in ("gzip", "x-gzip", "deflate") else chunks()
+    return Reply(response.status, headers, body, response.close)
+
+
+def inflated(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A gzip or zlib body (a server or proxy that compresses unasked: urllib does not) as it inflates, at most
+    READ_BYTES at a time, however much a read inflates to; ConnectionError for one that is corrupt."""
+    import zlib
+
+    inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib, by its header
+    try:
+        for chunk in chunks:
+            while chunk:
+                if data := inflate.decompress(chunk, READ_BYTES):
+                    yield data
+                chunk = inflate.unconsumed_tail
+        if data := inflate.flush():
+            yield data
+    except zlib.error as exc:
+        raise ConnectionError(f"a compressed body that does not inflate ({exc})") from None
 
 
 @functools.cache
