@@ -537,8 +537,10 @@ def run_case(
     CASES[number] = case
     name, argv, stdin, _ = command(rng, url, folder)
     bound = timeout * 4 + 10
+    library = rng.choice(["httpx", "urllib"])  # httpx when it is installed, else the standard library
     try:
-        outcome = run_cli(argv, stdin, bound)
+        with http_library(library):
+            outcome = run_cli(argv, stdin, bound)
     finally:
         case.stop.set()
         del CASES[number]
@@ -550,7 +552,7 @@ def run_case(
     for path in home.glob("**/chats/*.json"):  # each case's chat alone
         path.unlink()
     kinds = ",".join(kind for _, kind, _ in case.answers) or "no request"
-    label = f"case {number}: {' '.join(argv)} [{kinds}] -> exit {outcome.code} in {outcome.seconds:.1f} s"
+    label = f"case {number}: {' '.join(argv)} [{kinds}] ({library}) -> exit {outcome.code} in {outcome.seconds:.1f} s"
     errors = [line for line in outcome.stderr.splitlines() if line.startswith(("error:", "hint:"))]
     if errors:
         label += "\n    " + " | ".join(errors)[:300]
@@ -558,6 +560,21 @@ def run_case(
         err = " | ".join(outcome.stderr.strip().splitlines()[-3:])
         label += f"\n    {'; '.join(found)}\n    stderr: {err[:300]}\n    stdout: {outcome.stdout[:120]!r}"
     return label, found
+
+
+@contextlib.contextmanager
+def http_library(name: str) -> Iterator[None]:
+    """The client's requests through httpx or urllib."""
+    import gptcli.remote
+    from gptcli import remote_http
+
+    saved = gptcli.remote.default_opener
+    opener = remote_http.open_httpx if name == "httpx" else remote_http.open_urllib
+    gptcli.remote.default_opener = lambda: opener
+    try:
+        yield
+    finally:
+        gptcli.remote.default_opener = saved
 
 
 @contextlib.contextmanager
