@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -396,6 +397,48 @@ def test_a_body_that_inflates_far_comes_a_read_at_a_time():
     assert len(next(pieces)) <= READ_BYTES
     with pytest.raises(ConnectionError, match="does not inflate"):
         list(inflated(iter([b"\x1f\x8b not gzip"])))
+
+
+@contextlib.contextmanager
+def raw_server(answer: bytes) -> Iterator[str]:
+    """A port that answers every connection with `answer`, HTTP or not, then closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "cannot connect to"),  # another program on the port
+        (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 70000, "cannot connect to"),  # a header past http.client's limit
+        (STREAM_HEAD + b'a\r\ndata: {"ch\r\nzz\r\n', "the connection broke mid-answer"),  # a chunk size not hex
+        (STREAM_HEAD + b'40\r\ndata: {"ch', "the connection broke mid-answer"),  # a chunk cut short
+    ],
+    ids=["not-http", "long-header", "garbled-chunk", "cut-chunk"],
+)
+def test_an_answer_that_is_not_http_or_breaks_its_framing_is_one_line(opener, answer, message):
+    # Over urllib, http.client's own errors (BadStatusLine, LineTooLong, IncompleteRead) are not OSErrors:
+    # they went up as 'internal error: BadStatusLine: SSH-2.0-OpenSSH_9.6'.
+    with raw_server(answer) as url, pytest.raises(RemoteError) as caught:
+        list(RemoteModel(url, model="m", opener=opener).complete("hi", GREEDY))
+    assert caught.value.message.startswith(f"{message} " if message.startswith("cannot") else f"{url}: {message}")
+    assert "\n" not in caught.value.message
 
 
 def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):

@@ -77,8 +77,9 @@ class Reply:
             yield b"".join(parts).decode("utf-8", errors="replace").removesuffix("\r")
 
 
-# The fix a TLS failure's reason points to (RemoteModel gives it as the error's hint).
+# The fix a failed connection's reason points to (RemoteModel gives it as the error's hint).
 TLS_HINTS = {
+    "not an HTTP answer": "is that the server's port? (another program answers there)",
     "CERTIFICATE_VERIFY_FAILED": "a server of yours with a self-signed certificate? trust it: SSL_CERT_FILE=cert.pem "
     "(which then stands in for the system's CA bundle)",
     "WRONG_VERSION_NUMBER": "the server speaks plain HTTP: use http://",
@@ -137,6 +138,7 @@ def open_httpx(
 def open_urllib(
     method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float, connect_timeout: float
 ) -> Reply:
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -152,6 +154,10 @@ def open_urllib(
         raise ConnectFailure(getattr(reason, "strerror", None) or str(reason)) from None
     except TimeoutError as exc:
         raise TimeoutError(str(exc)) from None
+    except OSError as exc:  # the answer's status line and headers are read outside urllib's own error handling
+        raise ConnectFailure(str(exc) or type(exc).__name__) from None
+    except http.client.HTTPException as exc:  # no HTTP answer (another protocol on the port), a header too long
+        raise ConnectFailure(f"not an HTTP answer: {_said(exc)}") from None
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -161,11 +167,19 @@ def open_urllib(
             raise TimeoutError(str(exc)) from None
         except OSError as exc:
             raise ConnectionError(str(exc)) from None
+        except http.client.HTTPException as exc:  # a chunked body cut short or garbled
+            raise ConnectionError(f"the body was cut short or garbled: {_said(exc)}") from None
 
     headers = dict(response.headers.items())
     encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
     body = inflated(chunks()) if encoding in ("gzip", "x-gzip", "deflate") else chunks()
     return Reply(response.status, headers, body, response.close)
+
+
+def _said(exc: Exception) -> str:
+    """An http.client error in one short line: its name, and what the server sent where it says (printably)."""
+    name, said = type(exc).__name__, " ".join(str(exc).split())[:80]
+    return said if said.startswith(name) else f"{name} {said!r}" if said else name
 
 
 def inflated(chunks: Iterator[bytes]) -> Iterator[bytes]:
