@@ -63,6 +63,7 @@ class Answer:
     pause: float = 0.0  # between pieces
     endless: bytes | None = None  # sent again and again after the pieces
     never: bool = False  # accept, read the request, never answer
+    raw: bytes | None = None  # sent as it is, no HTTP of ours around it
     sent: int = 0  # body bytes written (the oracle reads it)
 
 
@@ -154,6 +155,7 @@ def split_pieces(body: bytes, rng: random.Random) -> list[bytes]:
     return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
 
 
+NOT_HTTP = [b"SSH-2.0-OpenSSH_9.6\r\n", b"\x15\x03\x01\x00\x02\x02\x50", b"220 smtp ready\r\n"]  # SSH, TLS, SMTP
 RETRY_AFTERS = ["0", "1", "0.2", "abc", "-1", "1e9", "Wed, 21 Oct 2015 07:28:00 GMT"]
 ERROR_BODIES: list[Callable[[int], tuple[str, bytes]]] = [
     lambda s: ("application/json", json.dumps({"error": {"message": f"openai says {s}", "code": None}}).encode()),
@@ -175,8 +177,9 @@ def generation_answer(chat: bool, rng: random.Random) -> tuple[str, Answer, list
     """A mutated answer to a chat or text completion: (its name, it, the texts sent before anything broke)."""
     kind = rng.choices(
         ["stream", "stream-fields", "stream-extra", "stream-cut", "whole", "whole-fields", "error", "redirect",
-         "never", "drip", "endless", "endless-comments", "huge", "wrong-type", "sse-as-json", "gzip", "http10"],
-        weights=[10, 8, 5, 8, 4, 4, 10, 2, 1, 1, 1, 1, 1, 2, 2, 3, 3],
+         "never", "drip", "endless", "endless-comments", "huge", "wrong-type", "sse-as-json", "gzip", "http10",
+         "chunked", "chunked-cut", "chunked-garbled", "not-http", "long-header"],
+        weights=[10, 8, 5, 8, 4, 4, 10, 2, 1, 1, 1, 1, 1, 2, 2, 3, 3, 3, 2, 1, 1, 1],
     )[0]  # fmt: skip
     chunks = valid_chunks(chat, rng)
     sent = [
@@ -253,6 +256,13 @@ def generation_answer(chat: bool, rng: random.Random) -> tuple[str, Answer, list
         answer.pieces = [gzip.compress(sse(chunks, rng))]
     elif kind == "http10":
         answer.pieces, answer.framing = split_pieces(sse(chunks, rng), rng), "close"
+    elif kind.startswith("chunked"):  # Transfer-Encoding: chunked, whole, cut inside a chunk, or a size not hex
+        answer.pieces, answer.framing = split_pieces(sse(chunks, rng), rng), kind
+        sent = [] if kind != "chunked" else sent
+    elif kind == "not-http":  # another program on the port
+        answer.raw, sent = rng.choice(NOT_HTTP), []
+    elif kind == "long-header":
+        answer.raw, sent = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 70000 + b"\r\n\r\n", []
     return kind, answer, sent
 
 
@@ -356,8 +366,14 @@ class Handler(BaseHTTPRequestHandler):
             (stop or threading.Event()).wait(60)
             self.close_connection = True
             return
+        if answer.raw is not None:
+            self.wfile.write(answer.raw)
+            self.close_connection = True
+            return
         if answer.framing == "close":
             self.protocol_version = "HTTP/1.0"
+        if answer.framing.startswith("chunked"):
+            answer.headers = {**answer.headers, "Transfer-Encoding": "chunked"}
         self.send_response(answer.status)
         for name, value in answer.headers.items():
             self.send_header(name, value)
@@ -366,8 +382,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        for piece in answer.pieces:
-            self.wfile.write(piece)
+        for index, piece in enumerate(answer.pieces):
+            self.wfile.write(framed(piece, answer.framing, last=index == len(answer.pieces) - 1))
             self.wfile.flush()
             answer.sent += len(piece)
             if answer.pause:
@@ -379,6 +395,16 @@ class Handler(BaseHTTPRequestHandler):
             answer.sent += len(answer.endless)
             if answer.pause:
                 time.sleep(answer.pause)
+
+
+def framed(piece: bytes, framing: str, *, last: bool) -> bytes:
+    """A piece as it goes on the wire: as it is, or as a chunk (the last one cut, or with a size not in hex)."""
+    if not framing.startswith("chunked") or not piece:
+        return piece
+    if last and framing == "chunked-cut":
+        return b"%x\r\n%s" % (len(piece) + 10, piece)
+    size = b"zz" if last and framing == "chunked-garbled" else b"%x" % len(piece)
+    return size + b"\r\n" + piece + b"\r\n" + (b"0\r\n\r\n" if last and framing == "chunked" else b"")
 
 
 class Server(ThreadingHTTPServer):
