@@ -187,6 +187,7 @@ class Canned(BaseHTTPRequestHandler):
         if self.path.startswith("/slow/"):
             time.sleep(3)
         cards = {"null-id": [{"id": None}, {"id": "second"}], "no-id": [{"id": None}, {"object": "model"}]}
+        cards |= {f"context-{n}": [{"id": "canned", "max_model_len": json.loads(n)}] for n in ("-5", "true", "2048")}
         data = cards.get(self.path.split("/")[1], [{"id": "canned", "object": "model"}])
         self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
@@ -344,6 +345,13 @@ def test_a_model_listed_without_an_id_is_never_asked_for(canned, opener):
         RemoteModel(f"{canned}/no-id/v1", opener=opener).model  # noqa: B018
     assert caught.value.message.endswith("/no-id/v1/models listed no model with an id")
     assert "--model" in (caught.value.hint or "")
+
+
+def test_a_context_that_is_no_count_of_tokens_is_unknown(canned, opener):
+    # -5 and true (1 to Python) were taken for the context: "the model's context (-5 tokens) is too small to
+    # summarise this text", where a server that does not say its context gets the default.
+    contexts = [RemoteModel(f"{canned}/context-{n}/v1", opener=opener).context_length for n in ("-5", "true", "2048")]
+    assert contexts == [None, None, 2048]
 
 
 def test_a_whole_json_answer_to_a_stream_request_is_taken_as_it_comes(canned, opener):

@@ -223,8 +223,8 @@ class RemoteModel:
         """The served model's context, where the server says it (gptcli serve and vLLM: max_model_len)."""
         if self._card is None:
             self._card = next((c for c in self.models() if c.get("id") == self.model), {})
-        value = self._card.get("max_model_len") or self._card.get("context_length")
-        return int(value) if isinstance(value, int) else None
+        # A count of tokens, or unknown: not a negative one, nor true (an int to Python) taken for 1
+        return count(self._card, "max_model_len") or count(self._card, "context_length") or None
 
     # --- generation -------------------------------------------------------------------------------
     def chat(
