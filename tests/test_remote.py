@@ -248,6 +248,9 @@ class Canned(BaseHTTPRequestHandler):
             end = 'data: {"choices":[{"index":0,"text":"lo","finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
             body = gzip.compress((chunk + end).encode())
             self._send(200, body, {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
+        elif route == "labelled-json":  # a stream whose Content-Type a proxy made application/json
+            end = 'data: {"choices":[{"index":0,"text":"lo","finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+            self._send(200, (": ok\n\n" + chunk + end).encode())
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
@@ -345,6 +348,12 @@ def test_a_model_listed_without_an_id_is_never_asked_for(canned, opener):
         RemoteModel(f"{canned}/no-id/v1", opener=opener).model  # noqa: B018
     assert caught.value.message.endswith("/no-id/v1/models listed no model with an id")
     assert "--model" in (caught.value.hint or "")
+
+
+def test_a_stream_labelled_json_is_read_as_a_stream(canned, opener):
+    # It was 'sent an answer that is not JSON: : ok data: {"choices"...'.
+    events = list(remote(canned, "labelled-json", opener).complete("hi", GREEDY))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo"] and (events[-1].reason, events[-1].text) == ("stop", "Hello")
 
 
 def test_a_context_that_is_no_count_of_tokens_is_unknown(canned, opener):

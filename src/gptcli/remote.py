@@ -347,14 +347,17 @@ class RemoteModel:
         next one from timing out, and data lines past REPLY_EVENTS_PER_TOKEN a token asked (and
         REPLY_EVENTS_MORE) are cut."""
         content_type = (reply.header("Content-Type") or "").lower()
+        lines = reply.lines(idle_s=self.timeout)  # a long answer, but never a long wait for its next line
         if "application/json" in content_type and "event-stream" not in content_type:
             whole = self._whole_body(reply, self.base_url).decode("utf-8", errors="replace")
-            yield parse_chunk(whole, self.base_url, chat=chat, whole=True)
-            yield None
-            return
+            if not whole.lstrip().startswith(("data:", ":", "event:")):
+                yield parse_chunk(whole, self.base_url, chat=chat, whole=True)
+                yield None
+                return
+            lines = iter(whole.splitlines())  # a stream labelled JSON (a proxy's doing): read whole, then as one
         most = max_tokens * REPLY_EVENTS_PER_TOKEN + REPLY_EVENTS_MORE
         events, last = 0, time.monotonic()
-        for line in reply.lines(idle_s=self.timeout):  # a long answer, but never a long wait for its next line
+        for line in lines:
             if not line.startswith("data:"):  # blank separators, ": comments", "event:" lines
                 if time.monotonic() - last > self.timeout:
                     raise TimeoutError(f"no data in {self.timeout:g} s")
