@@ -337,6 +337,34 @@ def test_a_reply_whose_stream_breaks_is_kept_as_far_as_it_came(tmp_path):
     ]
 
 
+def test_the_repl_goes_on_after_a_reply_the_server_broke_off(tmp_path, monkeypatch, capsys):
+    # The error ended the session (exit 1, no 'saved as'), where a message the server refuses is reported and
+    # the prompt comes back; the reply is kept as far as it came.
+    from gptcli.chat import Conversation, ConversationStore
+    from gptcli.chat.remote_session import RemoteChatSession
+    from gptcli.cli.chat_repl import Repl
+    from gptcli.config import Settings
+    from gptcli.remote_tokens import EstimatedTokenizer
+
+    monkeypatch.setattr(Repl, "_make_prompt", lambda self: None)
+    lines = ["hello", "again"]
+
+    def read(self: Any, continuation: bool = False) -> str:
+        if not lines:
+            raise EOFError  # Ctrl-D
+        return lines.pop(0)
+
+    monkeypatch.setattr(Repl, "read", read)
+    store = ConversationStore(tmp_path)
+    session = RemoteChatSession(Breaking(), EstimatedTokenizer(), Settings(), Conversation(), store)
+    Repl(session, "server", markdown=False).run()
+    err = capsys.readouterr().err
+    assert f"saved as {session.conversation.id}" in err
+    assert err.count("error: http://server/v1 closed the stream before the answer finished") == 2
+    replies = [m["content"] for m in store.load(session.conversation.id).messages if m["role"] == "assistant"]
+    assert replies == ["Partial", "Partial"]
+
+
 class CutShort(BaseHTTPRequestHandler):
     """A server whose chat stream breaks off after "Partial" (no finish reason, no [DONE]); no /tokenize."""
 

@@ -179,7 +179,10 @@ class Repl:
             if step.exit:
                 break
             if step.turn is not None:
-                self.show_reply(step.turn)
+                try:
+                    self.show_reply(step.turn)
+                except GptcliError as exc:  # the reply broke off (a server's stream): kept as far as it came
+                    render.report(exc)
         self._say_saved()
 
     def _say_saved(self) -> None:
