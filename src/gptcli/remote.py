@@ -18,19 +18,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from gptcli.config import OutputConstraint, SamplingConfig
+from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
 from gptcli.remote_answers import count, error_message, parse_chunk
 from gptcli.remote_http import Reply, default_opener, retry_after
+from gptcli.remote_requests import DEFAULTS, sampling_fields
 from gptcli.tool_reply import StreamedCalls
-
-DEFAULTS = SamplingConfig()
-# Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
-EXTRAS: dict[str, Any] = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p)
-EXTRAS.update(repetition_penalty=1.0, min_tokens=0, stop_token_ids=(), include_stop_str_in_output=False)
-
 
 # How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
 _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
@@ -254,24 +249,7 @@ class RemoteModel:
             yield index, event
 
     def _sampling(self, params: SamplingConfig) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "max_tokens": params.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if params.stop and params.constraint is None:  # a structured output ends where its grammar does
-            body["stop"] = list(params.stop)
-        body.update(
-            {name: getattr(params, name) for name, neutral in EXTRAS.items() if getattr(params, name) != neutral}
-        )
-        if params.constraint is not None:
-            body["response_format"] = response_format(params.constraint)
-        return body
+        return sampling_fields(params, self.model)
 
     def _stream(
         self, path: str, payload: dict[str, Any], *, chat: bool, calls: StreamedCalls | None = None
@@ -376,16 +354,6 @@ class RemoteModel:
                 raise
             yield chunk
             last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
-
-
-def response_format(constraint: OutputConstraint) -> dict[str, Any]:
-    """Structured output in OpenAI's words: `--format json` as a JSON object, `--json-schema` as itself."""
-    if constraint.kind == "json":
-        return {"type": "json_object"}
-    if constraint.kind != "json_schema":
-        raise InputError(f"a {constraint.kind} constraint has no OpenAI format", hint="run the model here")
-    schema = json.loads(constraint.source)
-    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
 
 
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
