@@ -251,6 +251,10 @@ class Canned(BaseHTTPRequestHandler):
         elif route == "labelled-json":  # a stream whose Content-Type a proxy made application/json
             end = 'data: {"choices":[{"index":0,"text":"lo","finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
             self._send(200, (": ok\n\n" + chunk + end).encode())
+        elif route == "unlabelled-whole":  # a whole answer, though a stream was asked, labelled as text
+            choice = {"index": 0, "text": "hi", "finish_reason": "length"}
+            answer = {"choices": [choice], "usage": {"completion_tokens": 2}}
+            self._send(200, json.dumps(answer, indent=2).encode(), {"Content-Type": "text/plain"})
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
@@ -348,6 +352,12 @@ def test_a_model_listed_without_an_id_is_never_asked_for(canned, opener):
         RemoteModel(f"{canned}/no-id/v1", opener=opener).model  # noqa: B018
     assert caught.value.message.endswith("/no-id/v1/models listed no model with an id")
     assert "--model" in (caught.value.hint or "")
+
+
+def test_a_whole_answer_labelled_as_text_is_read_whole(canned, opener):
+    # It was 'closed the stream before the answer finished': none of its lines was a data line.
+    events = list(remote(canned, "unlabelled-whole", opener).complete("hi", GREEDY))
+    assert [e.text for e in events[:-1]] == ["hi"] and (events[-1].reason, events[-1].stats.new_tokens) == ("length", 2)
 
 
 def test_a_stream_labelled_json_is_read_as_a_stream(canned, opener):

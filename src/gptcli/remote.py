@@ -317,6 +317,18 @@ class RemoteModel:
             hint="the server does not keep max_tokens: is it an OpenAI-compatible server?",
         )
 
+    def _rest(self, first: str, lines: Iterator[str], reply: Reply) -> str:
+        """A whole answer's text from its `first` line on, within a whole answer's limits (size and deadline)."""
+        text, size = [first], len(first)
+        for line in lines:
+            text.append(line)
+            size += len(line) + 1
+            if size > MAX_JSON_BYTES:
+                raise RemoteError(f"{self.base_url} answered more than {MAX_JSON_BYTES >> 20} MiB")
+            if time.monotonic() > reply.deadline:
+                raise TimeoutError("the answer did not end in time")
+        return "\n".join(text)
+
     def _chunks(self, reply: Reply, *, chat: bool, max_tokens: int) -> Iterator[dict[str, Any] | None]:
         """The stream's chunks, then None at its end ([DONE]). A server that ignores `stream` and sends the
         whole answer as one JSON object (Content-Type application/json) gives it as one chunk and its end.
@@ -337,6 +349,10 @@ class RemoteModel:
         events, last = 0, time.monotonic()
         for line in lines:
             if not line.startswith("data:"):  # blank separators, ": comments", "event:" lines
+                if events == 0 and line.startswith("{"):  # a whole answer labelled otherwise (text/plain, none)
+                    yield parse_chunk(self._rest(line, lines, reply), self.base_url, chat=chat, whole=True)
+                    yield None
+                    return
                 if time.monotonic() - last > self.timeout:
                     raise TimeoutError(f"no data in {self.timeout:g} s")
                 continue
