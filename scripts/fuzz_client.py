@@ -212,8 +212,9 @@ def generation_answer(chat: bool, rng: random.Random) -> tuple[str, Answer, list
         reply = whole_answer(chat, rng)
         if kind == "whole-fields":
             mutate_fields(reply, rng, rng.randint(1, 3))
-        answer.headers = dict(json_type)
-        answer.pieces = split_pieces(json.dumps(reply).encode(), rng)
+        labels = [json_type, json_type, {}, stream_type, {"Content-Type": "text/plain"}]  # mostly JSON, else not
+        answer.headers = dict(rng.choice(labels))
+        answer.pieces = split_pieces(json.dumps(reply, indent=rng.choice([None, 2])).encode(), rng)
         sent = []
     elif kind == "error":
         status = rng.choice([400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504])
