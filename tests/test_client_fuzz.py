@@ -4,27 +4,14 @@ The failures it found have their own tests beside the behaviour (tests/test_remo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from typing import Any
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 pytest.importorskip("httpx")
 
 
-def _load_fuzzer() -> Any:
-    spec = importlib.util.spec_from_file_location("fuzz_client", REPO / "scripts" / "fuzz_client.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_client"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzzer()
+fuzz = load_script("fuzz_client")
 
 
 def test_client_commands_against_a_misbehaving_server_end_as_documented(isolated_home):

@@ -3,7 +3,6 @@ failures it found, each as the one request or line that shows it."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from collections.abc import Iterator
@@ -11,22 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 pytest.importorskip("httpx")  # starlette's TestClient
 pytest.importorskip("fastapi")
 
 
-def _load_fuzzer() -> Any:
-    spec = importlib.util.spec_from_file_location("fuzz_server", REPO / "scripts" / "fuzz_server.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_server"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzzer()
+fuzz = load_script("fuzz_server")
 
 
 @pytest.fixture(scope="module")
