@@ -76,3 +76,25 @@ def test_a_batch_file_under_a_run_wide_yes_no_grammar_and_stop_y(model, seen, tm
     problems = stress.run_cli_batch(model, cases, tmp_path, yes_no_flags=True)
     assert not problems, "\n".join(problems[:10])
     assert seen["gbnf-yes-no stop"] >= 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_default_model_answers_only_yes_or_no_under_the_yes_no_grammar(default_model, seen):
+    """The review twice saw `No` from the default model under `root ::= "yes" | "no"` (not seen again): its free
+    replies to these questions start with "No", so a reply that escaped the grammar would show here."""
+    yes_no = next(kind for kind in stress._kinds() if kind.name == "gbnf-yes-no")
+    questions = ["Is fire cold? Answer with one word.", "Can fish climb trees? Answer Yes or No.", "Is the sun cold?"]
+    cases = [
+        stress.Case(
+            f"q{n}",
+            questions[n % 3],
+            n % 2 == 0,
+            yes_no,
+            {"temperature": t, "top_k": 0, "seed": n, "max_tokens": 4, **yes_no.fields("llama")},
+        )
+        for n, t in enumerate([0.0, 1.5] * 24)
+    ]
+    problems = stress.run_engine(default_model.path, cases)
+    assert not problems, "\n".join(problems[:10])
+    assert seen["gbnf-yes-no stop"] == len(cases)
