@@ -8,7 +8,9 @@ with minItems/maxItems), a choice list and free text with stop strings, min_toke
 cuts, and runs them through every caller: the engine as `generate --batch` drives it (lines parsed, then
 run_all), a batch file through the CLI (with and without a run-wide `--grammar` and `--stop y`), and the server
 (chat and text completions, streamed and not, concurrently, a long prompt shared through its prefix cache, a
-`logit_bias` pushing a token the grammar forbids, `stop: ["y"]` beside a grammar, some clients leaving mid-stream).
+`logit_bias` pushing a token the grammar forbids, `stop: ["y"]` and `ignore_eos` beside a grammar, logprobs, some
+clients leaving mid-stream, JSON Schemas through ollama's /api/chat and the Responses API too); penalties
+(repetition, presence, frequency) change the masked logits of some.
 The oracle, over a tiny random-weight model (tests/conftest.py), whose replies are random: a reply that ended
 ("stop") is a whole match (Python's own check: json.loads and jsonschema, re.fullmatch, the list of choices, plus
 llguidance over its bytes), one cut short (length, context, a client gone) can still be completed into a match,
@@ -178,6 +180,7 @@ class Case:
     fields: dict[str, Any]
     cancel_after: int = 0  # the server, streamed: the client leaves after this many chunks (0: never)
     stream: bool = False
+    route: str = "openai"  # the server: or "ollama" (/api/chat), "responses" (/v1/responses), for a JSON Schema
 
     @property
     def stops(self) -> list[str]:
@@ -215,6 +218,12 @@ def draw_cases(rng: random.Random, count: int, *, server: bool = False, prefix: 
             fields["max_tokens"] = rng.choice([8, 150, 200, 200])
         if rng.random() < 0.3:
             fields["min_tokens"] = rng.randrange(0, fields["max_tokens"] + 1)
+        if rng.random() < 0.3:  # penalties change the masked logits too (a forbidden -inf must stay -inf)
+            fields["repetition_penalty"] = rng.choice([0.5, 1.3, 2.0])
+            fields["presence_penalty"] = rng.choice([-2.0, 0.0, 2.0])
+            fields["frequency_penalty"] = rng.choice([-2.0, 0.0, 2.0])
+        if server and rng.random() < 0.2:
+            fields["ignore_eos"] = True  # the grammar alone ends the reply
         if kind is not None:
             fields.update(kind.fields(rng.choice(["vllm", "structured", "llama"])))
             if server and rng.random() < 0.5:  # accepted and not applied: the grammar ends the reply
@@ -230,7 +239,11 @@ def draw_cases(rng: random.Random, count: int, *, server: bool = False, prefix: 
                 fields["include_stop_str_in_output"] = True
         case = Case(f"{prefix}{number}", prompt, chat=rng.random() < 0.5, kind=kind, fields=fields)
         if server:
+            if rng.random() < 0.2:  # each token's logprob and two alternatives, beside the sampling
+                fields.update({"logprobs": True, "top_logprobs": 2} if case.chat else {"logprobs": 2})
             case.stream = rng.random() < 0.5
+            if kind is not None and "schema" in kind.name and rng.random() < 0.4:
+                case.route, case.stream = rng.choice(["ollama", "responses"]), False
             case.cancel_after = rng.choice([0, 0, 0, 1, 2]) if case.stream else 0
         cases.append(case)
     return cases
@@ -382,6 +395,16 @@ def run_server(url: str, cases: list[Case], workers: int = 12) -> list[str]:
     lock = threading.Lock()
 
     def one(case: Case) -> None:
+        with lock:
+            SEEN[f"route {case.route}"] += 1
+        if case.route != "openai":
+            try:
+                found = _schema_route(url, case)
+            except Exception as exc:
+                found = [f"{case.name}: {type(exc).__name__}: {exc}"]
+            with lock:
+                problems.extend(found)
+            return
         route = "/v1/chat/completions" if case.chat else "/v1/completions"
         body = {**case.fields, "stream": case.stream}
         body.update({"messages": [{"role": "user", "content": case.prompt}]} if case.chat else {"prompt": case.prompt})
@@ -422,6 +445,34 @@ def _whole(url: str, body: dict[str, Any], case: Case) -> list[str]:
     SEEN["cached prompt tokens"] += answer["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
     choice = answer["choices"][0]
     return reply_problems(case, _text_of(choice), choice["finish_reason"], answer["usage"]["completion_tokens"])
+
+
+def _schema_route(url: str, case: Case) -> list[str]:
+    """A JSON Schema case through ollama's /api/chat (its `format`) or the Responses API (its `text.format`)."""
+    import httpx
+
+    assert case.kind is not None
+    schema, fields = case.kind.fields("llama")["json_schema"], case.fields
+    sampling = {key: fields[key] for key in ("temperature", "top_p", "top_k", "min_p", "seed")}
+    if case.route == "ollama":
+        messages = [{"role": "user", "content": case.prompt}]
+        options = {**sampling, "num_predict": fields["max_tokens"]}
+        body = {"model": "tiny-llama", "messages": messages, "format": schema, "stream": False, "options": options}
+        response = httpx.post(url + "/api/chat", json=body, timeout=120)
+        if response.status_code != 200:
+            return [f"{case.name}: {response.status_code} {response.text[:300]}"]
+        reply = response.json()
+        return reply_problems(case, reply["message"]["content"], reply["done_reason"], reply["eval_count"])
+    text_format = {"format": {"type": "json_schema", "name": "s", "schema": schema}}
+    body = {"input": case.prompt, "max_output_tokens": fields["max_tokens"], "text": text_format}
+    body.update({key: sampling[key] for key in ("temperature", "top_p")})
+    response = httpx.post(url + "/v1/responses", json=body, timeout=120)
+    if response.status_code != 200:
+        return [f"{case.name}: {response.status_code} {response.text[:300]}"]
+    reply = response.json()
+    finish = {"completed": "stop", "incomplete": "length"}.get(reply["status"], reply["status"])
+    text = reply["output"][0]["content"][0]["text"]
+    return reply_problems(case, text, finish, reply["usage"]["output_tokens"])
 
 
 def _stream(url: str, body: dict[str, Any], case: Case) -> list[str]:

@@ -50,7 +50,7 @@ def seen() -> Iterator[Any]:
 
 def _finishes(seen: Any) -> set[str]:
     """The finish reasons constrained replies had."""
-    return {key.split()[-1] for key in seen if not key.startswith(("free", "cached"))}
+    return {key.split()[-1] for key in seen if not key.startswith(("free", "cached", "route"))}
 
 
 def test_sixty_four_constraints_in_one_engine_batch_each_hold(model, seen):
@@ -68,6 +68,7 @@ def test_concurrent_server_requests_each_keep_their_constraint(model, seen):
         assert stress.wait_idle(live.engine)  # the clients that left were cancelled, nothing is left running
     assert {"stop", "length", "cancelled"} <= _finishes(seen)
     assert seen["cached prompt tokens"] > 0  # the shared long prompt came from the prefix cache
+    assert seen["route ollama"] and seen["route responses"]  # JSON Schemas through ollama's API and the Responses API
 
 
 def test_a_batch_file_under_a_run_wide_yes_no_grammar_and_stop_y(model, seen, tmp_path):
