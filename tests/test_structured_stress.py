@@ -8,29 +8,17 @@ run here is one its grammar allowed. `scripts/stress_constraints.py --rounds N -
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-
-def _load_stress() -> Any:
-    spec = importlib.util.spec_from_file_location("stress_constraints", REPO / "scripts" / "stress_constraints.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stress_constraints"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-stress = _load_stress()
+stress = load_script("stress_constraints")
 
 
 @pytest.fixture(scope="module")
