@@ -1,0 +1,45 @@
+"""scripts/fuzz_cli.py's seeded subset (mutated invocations of every command, in process), and the failures it
+found, each as the one invocation that shows it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _load_fuzzer() -> Any:
+    spec = importlib.util.spec_from_file_location("fuzz_cli", REPO / "scripts" / "fuzz_cli.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_cli"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzzer()
+
+
+@pytest.fixture(scope="module")
+def world(tiny_models, tmp_path_factory) -> Any:
+    return fuzz.make_world(tmp_path_factory.mktemp("cli-fuzz"), tiny_models)
+
+
+def gptcli(world: Any, tmp_path: Path, *argv: str, stdin: bytes = b"", **env: str) -> Any:
+    """One invocation in process, as the fuzzer runs it; its oracle must find nothing wrong."""
+    scratch = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+    scratch.mkdir()
+    outcome = fuzz.run_case(fuzz.Case(list(argv), stdin=stdin, env=env), world, scratch, timeout=60)
+    assert not outcome.problems, outcome
+    return outcome
+
+
+def test_mutated_invocations_exit_with_a_documented_code_and_one_error_line(world):
+    """A seeded hundred of scripts/fuzz_cli.py's cases (its --cases N --seed S runs thousands)."""
+    failures = fuzz.fuzz_cli(world, cases=100, seed=0)
+    assert not failures, "\n".join(str(failure) for failure in failures[:5])
