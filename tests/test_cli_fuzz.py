@@ -43,3 +43,29 @@ def test_mutated_invocations_exit_with_a_documented_code_and_one_error_line(worl
     """A seeded hundred of scripts/fuzz_cli.py's cases (its --cases N --seed S runs thousands)."""
     failures = fuzz.fuzz_cli(world, cases=100, seed=0)
     assert not failures, "\n".join(str(failure) for failure in failures[:5])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "-f", "{long}"],
+        ["summarize", "{long}"],
+        ["models", "info", "{long}"],
+        ["generate", "--batch", "{prompt}", "-o", "{long}"],
+        ["config", "init", "{long}"],
+    ],
+)
+def test_a_path_too_long_to_name_a_file_says_so_not_that_it_cannot_be_written(world, tmp_path, argv):
+    long = "y" * 300  # a name over 255 bytes: stat() fails with ENAMETOOLONG, for a read as for a write
+    argv = [arg.format(long=long, prompt=world.files["prompt"]) for arg in argv]
+    outcome = gptcli(world, tmp_path, *argv)
+    # was 'error: cannot write yyy...: File name too long' for the files it reads too
+    assert outcome.code == 6 and outcome.stderr.startswith(f"error: {long}: File name too long\n"), outcome.stderr
+    assert outcome.stderr.endswith("hint: use a shorter path\n")
+
+
+def test_a_config_file_that_cannot_be_opened_is_a_config_error_naming_it(world, tmp_path):
+    long = "y" * 300
+    outcome = gptcli(world, tmp_path, "config", "show", "--config", long)
+    assert outcome.code == 3, outcome.stderr  # was exit 6, 'cannot write': is_dir() raised in the error's hint
+    assert outcome.stderr.startswith(f"error: cannot read config file {long}: File name too long")

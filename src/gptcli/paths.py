@@ -80,10 +80,13 @@ def cache_key(*parts: str, files: Iterable[Path] = (), length: int = 16) -> str:
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # A path of the wrong shape (a folder where a file goes, a file where a folder goes): the user's input.
 PATH_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP})
+# Of those, a path that names no file at all (a name over 255 bytes, a loop of links): a read fails as a write does.
+PATH_ITSELF = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
 
 
 def environment_error(exc: OSError) -> GptcliError | None:
-    """A one-line error naming the path and the cause of a write the environment refused, or None.
+    """A one-line error naming the path and the cause of a write the environment refused (or of a path that can
+    name no file, read or written), or None.
 
     A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME); a path
     of the wrong shape elsewhere (`-o` a folder, a file where a folder goes) is the user's input (exit 6).
@@ -94,6 +97,9 @@ def environment_error(exc: OSError) -> GptcliError | None:
     if not exc.filename:  # a write to an open file: Python does not say which
         return GptcliError(f"a write failed: {cause}", hint="set GPTCLI_DEBUG=1 to see where")
     path = Path(os.fsdecode(exc.filename))
+    if exc.errno in PATH_ITSELF:  # the path cannot name a file at all, to read one or to write it
+        hint = "use a shorter path" if exc.errno == errno.ENAMETOOLONG else "check the path's symbolic links"
+        return InputError(f"{path}: {cause}", hint=hint)
     if exc.errno == errno.ENOTDIR and (blocker := _file_on_the_way(path)):
         cause = f"{blocker} is a file, where a folder should be"
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names

@@ -9,6 +9,7 @@ README's table, "Exit codes and errors") live here, in one place, and so does th
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import re
 from collections import deque
@@ -284,7 +285,7 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{kind} not found: {path}", hint="check the path") from None
     except OSError as exc:
-        hint = "give a YAML file, not a folder" if path.is_dir() else "check its permissions"
+        hint = "give a YAML file, not a folder" if exc.errno == errno.EISDIR else "check the path and its permissions"
         raise ConfigError(f"cannot read {kind} {path}: {exc.strerror or exc}", hint=hint) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
