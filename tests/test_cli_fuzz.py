@@ -69,3 +69,30 @@ def test_a_config_file_that_cannot_be_opened_is_a_config_error_naming_it(world, 
     outcome = gptcli(world, tmp_path, "config", "show", "--config", long)
     assert outcome.code == 3, outcome.stderr  # was exit 6, 'cannot write': is_dir() raised in the error's hint
     assert outcome.stderr.startswith(f"error: cannot read config file {long}: File name too long")
+
+
+@pytest.mark.parametrize(
+    "config, env",
+    [
+        ("precision: '{huge}'\n", {}),
+        ("sampling:\n  presence_penalty: '{huge}'\n", {}),
+        ("", {"GPTCLI_DEVICE": "{huge}"}),
+        ("", {"GPTCLI_TOP_P": "{huge}"}),
+        ("chat_template: '{huge}'\n", {}),
+    ],
+)
+def test_a_huge_value_in_the_config_or_environment_is_quoted_short(world, tmp_path, config, env):
+    huge = "x" * 100_000
+    scratch = tmp_path / "run"
+    scratch.mkdir()
+    model = f"model: {world.models['llama']}\n"
+    case = fuzz.Case(
+        ["generate", "hi", "-n", "1"],
+        env={key: value.format(huge=huge) for key, value in env.items()},
+        config=(model + config.format(huge=huge)).encode(),
+    )
+    outcome = fuzz.run_case(case, world, scratch, timeout=60)
+    error = outcome.stderr.splitlines()[0]
+    assert outcome.code in (3, 6) and error.startswith("error: "), outcome.stderr[:300]
+    # was the whole value: an error line of 100,000 characters for a value the command line never showed
+    assert len(error) < 1500 and "characters more)" in error, error[:300]

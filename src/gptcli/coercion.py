@@ -10,7 +10,7 @@ import types
 import typing
 from typing import Any
 
-from gptcli.errors import ConfigError
+from gptcli.errors import ConfigError, clipped
 
 # How a value's expected type reads in an error ("must be a whole number, got 'x'").
 KIND_NAMES: dict[type, str] = {
@@ -83,7 +83,7 @@ def coerce_value(
                 raise ValueError(value)
             value = float(value)
             if value != value or value in (float("inf"), float("-inf")):  # nan, ±inf: no setting means them
-                raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}", hint=hint)
+                raise ConfigError(f"{where}: {key} must be a finite number, got {clipped(repr(value))}", hint=hint)
         elif kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
@@ -93,10 +93,11 @@ def coerce_value(
         raise ConfigError(f"{where}: {key} is not valid UTF-8 text", hint=hint) from None
     except (TypeError, ValueError):
         described = KIND_NAMES.get(kind, f"a {kind.__name__}")
-        raise ConfigError(f"{where}: {key} must be {described}, got {value!r}", hint=hint) from None
+        raise ConfigError(f"{where}: {key} must be {described}, got {clipped(repr(value))}", hint=hint) from None
     if choices and value not in choices:
         raise ConfigError(
-            f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}" + suggest(str(value), list(choices)),
+            f"{where}: {key} must be one of {', '.join(choices)}, got {clipped(repr(value))}"
+            + suggest(str(value), list(choices)),
             hint=hint,
         )
     return value

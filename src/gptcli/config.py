@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.coercion import coerce_value, suggest
-from gptcli.errors import ConfigError
+from gptcli.errors import ConfigError, clipped
 from gptcli.paths import user_config_file
 from gptcli.textio import read_yaml
 
@@ -185,7 +185,7 @@ def coerce(spec: FieldSpec, value: Any, where: str, origin: str = "flag") -> Any
     if spec.choices:
         value = coerce_value(spec.key, spec.kind, value, where, choices=spec.choices, hint=long_hint)
     if spec.check is not None and not spec.check(value):
-        raise ConfigError(f"{where}: {spec.key} must be {spec.expect}, got {value!r}", hint=long_hint)
+        raise ConfigError(f"{where}: {spec.key} must be {spec.expect}, got {clipped(repr(value))}", hint=long_hint)
     return value
 
 

@@ -11,6 +11,14 @@ EXIT_MODEL = 5
 EXIT_INPUT = 6
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+QUOTED_VALUE = 200  # characters of a value an error quotes (a config file's or variable's may run to a megabyte)
+
+
+def clipped(text: str, limit: int = QUOTED_VALUE) -> str:
+    """`text` as an error quotes it: at most about `limit` characters, then how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40:,} characters more)"
 
 
 class GptcliError(Exception):

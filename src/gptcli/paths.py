@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.errors import GptcliError, InputError
+from gptcli.errors import GptcliError, InputError, clipped
 
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
 
@@ -99,7 +99,7 @@ def environment_error(exc: OSError) -> GptcliError | None:
     path = Path(os.fsdecode(exc.filename))
     if exc.errno in PATH_ITSELF:  # the path cannot name a file at all, to read one or to write it
         hint = "use a shorter path" if exc.errno == errno.ENAMETOOLONG else "check the path's symbolic links"
-        return InputError(f"{path}: {cause}", hint=hint)
+        return InputError(f"{clipped(str(path), 1000)}: {cause}", hint=hint)
     if exc.errno == errno.ENOTDIR and (blocker := _file_on_the_way(path)):
         cause = f"{blocker} is a file, where a folder should be"
     if path.name.startswith((".tmp-", ".old-")) or path.name.endswith(".tmp"):  # atomicio's temporary names

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gptcli.errors import ConfigError, InputError
+from gptcli.errors import ConfigError, InputError, clipped
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024  # the first chunk is checked for NUL bytes before more is read
@@ -85,10 +85,7 @@ LINE_BREAKS = re.compile("\r\n|[\r\n\u2028\u2029\x0b\x0c\x1c-\x1e\x85]")
 def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
     """An error message as one line of at most about `limit` characters: a message quotes what it was sent
     (a model's name, a schema's type), which may hold line breaks or run to a megabyte."""
-    message = LINE_BREAKS.sub(lambda found: repr(found.group())[1:-1], message)
-    if len(message) <= limit:
-        return message
-    return f"{message[: limit - 40]}... ({len(message) - limit + 40:,} characters more)"
+    return clipped(LINE_BREAKS.sub(lambda found: repr(found.group())[1:-1], message), limit)
 
 
 # How a lone surrogate reaches parsed JSON: an escape (\ud800) or its UTF-8-like bytes, which json.loads lets
