@@ -224,7 +224,7 @@ def make_world(root: Path, models: dict[str, Path] | None = None) -> World:
 
 
 def leaf_commands() -> dict[str, list[tuple[list[str], bool, bool]]]:
-    """Each command's path → its options: (names, takes a value?, repeatable?)."""
+    """Each command's path → its options: (names, takes a value?, repeatable?)."""  # see typed_values
     import typer
 
     from gptcli.cli.app import build_app
@@ -239,9 +239,53 @@ def leaf_commands() -> dict[str, list[tuple[list[str], bool, bool]]]:
         found[" ".join(path)] = [
             (list(p.opts), not p.is_flag, bool(p.multiple)) for p in command.params if p.param_type_name == "option"
         ]
+        OPTION_TYPES.update({p.opts[0]: p.type.name for p in command.params if p.param_type_name == "option"})
 
     walk(typer.main.get_command(build_app()), [])
     return found
+
+
+OPTION_TYPES: dict[str, str] = {}  # an option's first name → its Click type's name (int, float, parse: a path, ...)
+TYPED_VALUES = {
+    "int": ["-1", "0", "1", "2", "3", str(2**31), str(2**63), str(2**64), "10" * 20, "1e3", "0x10", " 5", "-0"],
+    "float": ["-1", "0", "-0.0", "1e-320", "1e309", "-1e309", "nan", "inf", "-inf", "1e30", "0.5", "2", "1e-9"],
+}
+PATH_OPTIONS = {"parse", "file", "path"}
+TRAIN_KEYS = [
+    "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "data.tokenizer",
+    "data.vocab_size", "data.val_fraction", "train.batch_size", "train.grad_accum", "train.max_iters", "train.seed",
+    "train.device", "train.dtype", "train.threads", "train.compile", "optim.lr", "optim.min_lr", "optim.warmup_iters",
+    "optim.lr_decay_iters", "optim.beta1", "optim.beta2", "optim.weight_decay", "optim.grad_clip", "eval.interval",
+    "eval.iters", "eval.sample_tokens", "eval.sample_prompt", "checkpoint.interval", "checkpoint.keep_last",
+]  # fmt: skip
+SETTINGS_KEYS = [
+    "model", "backend", "device", "dtype", "precision", "threads", "on_overflow", "system", "chat_template",
+    "allow_pickle", "trust_remote_code", "sampling", "sampling.temperature", "sampling.top_k", "sampling.top_p",
+    "sampling.min_p", "sampling.repetition_penalty", "sampling.frequency_penalty", "sampling.presence_penalty",
+    "sampling.max_tokens", "sampling.seed", "sampling.stop", "sampling.repetition_stop", "sampling.ignore_eos",
+]  # fmt: skip
+YAML_VALUES = [
+    "-1", "0", "1", ".nan", ".inf", "-.inf", "1e309", str(2**64), "''", "' '", "[]", "{}", "null", "true", "[1, 2]",
+    "{a: 1}", '"\\ud800"', "'x'", "2.5", "0x10", "0o17", "1_000", "~", "'" + "x" * 100_000 + "'", "!!binary aGk=",
+    "2001-12-14", "[[[[[]]]]]",
+]  # fmt: skip
+SLASH_LINES = [
+    "/set temperature nan", "/set top_k -1", "/set max_tokens 99999999999999999999", "/set seed -1", "/set", "/set x",
+    "/set temperature", "/format schema /dev/null", "/format regex (", "/format grammar /nonexistent", "/format json",
+    "/format xml", "/format", "/system", "/system none", "/save /", "/save out.json", "/save out.md", "/save out.txt",
+    "/save", "/load /dev/null", "/load /", "/load out.json", "/load", "/retry", "/undo", "/undo", "/reset", "/show",
+    "/stats", "/help", "/?", "/nope", "//not a command", "/", "/exit now", "/load " + "y" * 300, "/save " + "y" * 300,
+]  # fmt: skip
+
+
+def typed_value(option: str, rng: random.Random, world: World) -> str:
+    """A value for `option` at an edge of its own type (a number for a number, a file for a path), or any."""
+    kind = OPTION_TYPES.get(option, "")
+    if kind.split()[0] in TYPED_VALUES and rng.random() < 0.8:
+        return rng.choice(TYPED_VALUES[kind.split()[0]])
+    if kind in PATH_OPTIONS and rng.random() < 0.8:
+        return rng.choice(world.odd_files)
+    return odd_value(rng, world)
 
 
 def odd_value(rng: random.Random, world: World) -> str:
@@ -265,7 +309,9 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
         case.stdin = rng.choice([b"hello\n", b"hi\n/show\n/stats\n/help\nbye\n", b"/load nothing\n", b"\n"])
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
         kind = rng.choice(
-            ["drop", "duplicate", "value", "value", "flag", "flag", "other", "file", "stdin", "env", "config"]
+            ["drop", "duplicate", "value", "flag", "other", "file", "stdin", "env", "config"]
+            + ["set"] * 6
+            + ["train", "yaml", "slash"] * 2
         )
         start = 1 + (command is not None and " " in command)
         options = commands.get(command or "", [])
@@ -280,6 +326,25 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
         elif kind == "flag" and options:
             names, takes_value, _ = rng.choice(options)
             argv += [rng.choice(names), odd_value(rng, world)] if takes_value else [rng.choice(names)]
+        elif kind == "set" and options:  # an option of this command, with a value at an edge of its type
+            names, takes_value, _ = rng.choice(options)
+            spots = [i for i, a in enumerate(argv[:-1]) if a in names]
+            value = typed_value(names[0], rng, world)
+            if not takes_value:
+                argv.append(rng.choice(names))
+            elif spots:
+                argv[rng.choice(spots) + 1] = value
+            else:
+                argv += [rng.choice(names), value]
+        elif kind == "train" and command == "train":
+            argv += ["--set", f"{rng.choice(TRAIN_KEYS)}={rng.choice([*TYPED_VALUES['float'], *ODD_VALUES[:30]])}"]
+        elif kind == "yaml":
+            key, value = rng.choice(SETTINGS_KEYS), rng.choice(YAML_VALUES)
+            nested = f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {value}" if "." in key else f"{key}: {value}"
+            case.config = f"model: {world.models['llama']}\n{nested}\n".encode()
+        elif kind == "slash" and command == "chat":
+            lines = [rng.choice(SLASH_LINES) for _ in range(rng.randint(1, 4))]
+            case.stdin = "\n".join(["hi", *lines, "bye"]).encode("utf-8", "surrogateescape") + b"\n"
         elif kind == "other":
             names, takes_value, _ = rng.choice(rng.choice(list(commands.values())) or [(["--json"], False, False)])
             argv += [rng.choice(names), odd_value(rng, world)] if takes_value else [rng.choice(names)]
@@ -289,7 +354,7 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
                 argv[rng.choice(spots)] = rng.choice(world.odd_files)
         elif kind == "stdin":
             case.stdin = rng.choice(
-                [b"", b"\x00\x01\x02binary", b"caf\xe9\n", b"\xff" * 10, b"hi\n" * 200, b"x" * 2_000_000, b"\n"]
+                [b"", b"\x00\x01\x02binary", b"caf\xe9\n", b"\xff" * 10, b"hi\n" * 30, b"x" * 2_000_000, b"\n"]
             )
         elif kind == "env":
             case.env[rng.choice(ENV_VARS)] = rng.choice([*ODD_VALUES[:60], *world.odd_files])
@@ -354,9 +419,9 @@ def output_problems(code: int, stdout: str, stderr: str, quoted: int = 0) -> lis
     if code not in (0, 130, 143):
         lines = [line for line in stderr.splitlines() if line.strip()]
         errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-        if not errors:
+        if not errors and not (code == 2 and "Usage: " in stdout + stderr):  # a command group alone: its help
             problems.append(f"exit {code} without an error: line: {stderr[-400:]!r}")
-        else:
+        elif errors:
             tail = lines[errors[-1] :]
             if len(tail) > 2 or (len(tail) == 2 and not tail[1].startswith("hint: ")):
                 problems.append(f"the error is not one error: line and one hint: line: {tail[:4]!r}")
