@@ -228,6 +228,18 @@ def test_the_progress_total_counts_the_lines_that_run(tmp_path):
     assert count_lines(batch) == len(list(read_lines(batch.open("rb")))) == 2
 
 
+def test_the_progress_total_is_not_counted_through_binary_data(tmp_path):
+    """`generate --batch disk.img` (20 GiB, sparse: NULs) read all 20 GiB for the bar's total, two minutes, before
+    its first line's error ('line 1 holds a NUL byte'); the count stops at the first NUL (found by fuzz_cli.py)."""
+    image = tmp_path / "disk.img"
+    with image.open("wb") as handle:
+        handle.write(b'{"prompt": "a"}\n')
+        handle.truncate(64 << 20)  # 64 MiB of holes (NULs), as an image's
+    assert count_lines(image) is None
+    with pytest.raises(InputError, match="line 2 holds a NUL byte"):
+        list(read_lines(image.open("rb")))
+
+
 class NeverEnds(ScriptedBackend):
     """Always the same non-EOS token: a sequence runs exactly max_tokens steps."""
 

@@ -137,13 +137,16 @@ def may_wait(path: Path) -> bool:
 
 def count_lines(path: Path) -> int | None:
     """Non-blank lines (those read_lines yields) in a regular file, read in bounded blocks (for a progress
-    total); None for anything else (`may_wait`), which can be read only once."""
+    total); None for anything else (`may_wait`), which can be read only once, and for binary data (a NUL
+    byte: read_lines refuses that line, so a 20 GiB image fails at once, not after it was all read here)."""
     if may_wait(path):
         return None
     lines, pending = 0, False  # pending: the line read so far holds more than blanks
     with path.open("rb") as handle:
         block = handle.read(1 << 20).removeprefix(codecs.BOM_UTF8)
         while block:
+            if b"\0" in block:
+                return None
             *ended, rest = block.split(b"\n")
             for piece in ended:
                 lines += pending or bool(piece.strip())
