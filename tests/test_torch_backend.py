@@ -25,6 +25,17 @@ def test_torch_backend_passes_the_contract(tiny_models, family, impl):
     assert backend.implementation == impl
 
 
+@pytest.mark.parametrize("value", ["HF", "transformers", " lean2", "x" * 100_000])
+def test_an_unknown_torch_impl_is_a_config_error_not_silently_auto(tiny_models, monkeypatch, value):
+    """GPTCLI_TORCH_IMPL=HF ran the lean engine without a word (anything but hf and lean meant auto)."""
+    from gptcli.errors import ConfigError
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", value)
+    with pytest.raises(ConfigError, match="GPTCLI_TORCH_IMPL must be auto, hf or lean, got ") as caught:
+        TorchBackend.load(tiny_models["llama"], CPU32)
+    assert len(caught.value.message) < 300  # a long value is quoted short
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_lean_engine_matches_transformers_logits_while_the_cache_grows(tiny_models, family, monkeypatch):
     from gptcli.backends import torch_lean

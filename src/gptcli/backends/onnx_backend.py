@@ -26,7 +26,7 @@ import numpy as np
 
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
 from gptcli.backends.onnx_kvpool import KvPool
-from gptcli.errors import BackendError, ConfigError, InputError, ModelError
+from gptcli.errors import BackendError, ConfigError, InputError, ModelError, clipped
 from gptcli.export.graph import LOGITS_TO_KEEP
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
@@ -43,7 +43,7 @@ def spin_from_env() -> bool:
     error, not silently "on" (GPTCLI_ORT_SPIN=of would have kept the threads spinning)."""
     value = os.environ.get(SPIN_ENV, "").strip().lower()
     if value and value not in SPIN_VALUES:
-        raise ConfigError(f"{SPIN_ENV} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+        raise ConfigError(f"{SPIN_ENV} must be 1 or 0 (or true/false, yes/no, on/off), got {clipped(repr(value))}")
     return SPIN_VALUES.get(value, True)
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
-from gptcli.errors import BackendError, ModelError
+from gptcli.errors import BackendError, ConfigError, ModelError, clipped
 from gptcli.hardware import (
     TORCH,
     cpu_dtype,
@@ -33,6 +33,18 @@ from gptcli.hardware import (
     set_torch_threads,
 )
 from gptcli.hf import context_length, read_config, weight_files
+
+IMPL_ENV = "GPTCLI_TORCH_IMPL"
+IMPLS = ("auto", "hf", "lean")
+
+
+def impl_from_env() -> str:
+    """GPTCLI_TORCH_IMPL (unset or empty: auto); any other value than auto, hf or lean is an error, not silently
+    auto (GPTCLI_TORCH_IMPL=HF ran the lean engine it meant to compare against)."""
+    value = os.environ.get(IMPL_ENV, "").strip() or "auto"
+    if value not in IMPLS:
+        raise ConfigError(f"{IMPL_ENV} must be auto, hf or lean, got {clipped(repr(value))}", hint=f"unset {IMPL_ENV}")
+    return value
 
 
 @dataclass
@@ -233,7 +245,7 @@ class TorchBackend:
         # measured, 2 threads: int4 73 tok/s around float32, 52 around bf16)
         dtype = resolve_dtype("float32" if quantized and options.dtype == "auto" else options.dtype, device)
         cfg = read_config(folder)
-        impl = os.environ.get("GPTCLI_TORCH_IMPL", "auto")
+        impl = impl_from_env()
         files = weight_files(folder)
         refusal, known = torch_lean_refusal(cfg, folder / "config.json") if impl != "hf" else (None, False)
         if impl != "hf" and files and refusal is None:
