@@ -17,6 +17,7 @@ argv, stdin and environment (cut short) and the run exits 1; tests/test_cli_fuzz
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -77,7 +78,7 @@ CORPUS: list[str] = [
     "train --data {corpus} --preset tiny --max-iters 2 --out {out} --set optim.lr=3e-4 --batch-size 2",
     "train --data {corpus} --preset gpt2-small --dry-run",
     "train --data {corpus} --preset tiny --max-iters 2 --tokenizer bpe --vocab-size 300 --out {out}",
-    "eval perplexity {prompt} -m {gpt2} --window 16 --stride 8 --json",
+    "eval perplexity {prompt} -m {gpt2} --window 64 --stride 32 --json",
     "eval perplexity {prompt} -m {gpt2} -n 20",
     "export {gpt2} --precision fp32 -o {out} --json",
     "models list",
@@ -87,6 +88,14 @@ CORPUS: list[str] = [
     "models pull no-such-model",
     "models rm nothing-here",
     "chats list --json",
+    "chats show 20200101-000000-fuzz",
+    "chats export 20200101-000000-fuzz --format json",
+    "chats export 20200101-000000-fuzz --format md -o {out}.md",
+    "chat --resume 20200101-000000-fuzz -m {llama} -n 2 --plain",
+    "chat --continue -n 2 --jsonl",
+    "generate -f - -m {llama} -n 2",
+    "summarize - -m {llama} -n 2",
+    "eval perplexity - -m {gpt2} --window 64 --stride 64",
     "chats show 20261129-210101-322a",
     "chats export 20261129-2101 --format md -o {out}.md",
     "chats rm 20261129-210101-322a",
@@ -146,6 +155,7 @@ class Case:
     stdin: bytes = b""
     env: dict[str, str] = field(default_factory=dict)
     config: bytes | None = None  # the user config file's bytes, when the case writes one
+    chat: bytes | None = None  # a saved conversation's file (20200101-000000-fuzz), when the case writes one
     what: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -153,6 +163,7 @@ class Case:
         extra = f" stdin={self.stdin[:80]!r}" if self.stdin else ""
         extra += f" env={ {k: v[:80] for k, v in self.env.items()} }" if self.env else ""
         extra += f" config={self.config[:120]!r}" if self.config is not None else ""
+        extra += f" chat={self.chat[:300]!r}" if self.chat is not None else ""
         return f"[{', '.join(self.what)}] gptcli {argv}{extra}"
 
 
@@ -251,6 +262,7 @@ TYPED_VALUES = {
     "float": ["-1", "0", "-0.0", "1e-320", "1e309", "-1e309", "nan", "inf", "-inf", "1e30", "0.5", "2", "1e-9"],
 }
 PATH_OPTIONS = {"parse", "file", "path"}
+OUTPUT_FLAGS = {"-o", "--output", "--out"}
 TRAIN_KEYS = [
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "data.tokenizer",
     "data.vocab_size", "data.val_fraction", "train.batch_size", "train.grad_accum", "train.max_iters", "train.seed",
@@ -300,6 +312,31 @@ def command_of(argv: list[str], commands: dict[str, Any]) -> str | None:
     return None
 
 
+def chat_file(rng: random.Random, world: World) -> bytes:
+    """A saved conversation (as `gptcli chat` writes one) with one field or message changed, or odd bytes."""
+    if rng.random() < 0.15:
+        return rng.choice([b"", b"\x00\x01", b"{", b"[]", b"null", b"\xff\xfe{}", b'{"format": 1}', b"{}" * 100_000])
+    said = {"role": "assistant", "content": "Hi!", "time": "2020-01-01T00:00:01+0000", "stats": {"new_tokens": 2}}
+    chat: dict[str, Any] = {
+        "format": 1, "id": "20200101-000000-fuzz", "title": "hi", "model": str(world.models["llama"]),
+        "created": "2020-01-01T00:00:00+0000", "updated": "2020-01-01T00:00:01+0000", "system": "be brief",
+        "sampling": {"temperature": 0.5}, "window_start": 0, "output": {"format": "json"},
+        "messages": [{"role": "user", "content": "hi", "time": "2020-01-01T00:00:00+0000"}, said],
+    }  # fmt: skip
+    odd: list[Any] = [None, -1, 0, 2**64, 1e308, "", "x" * 100_000, SURROGATE, [], {}, [None], {"a": 1}, True, "\x00"]
+    spots: list[tuple[Any, Any]] = [(chat, key) for key in chat] + [(chat["sampling"], "temperature")]
+    spots += [(chat["output"], "format")] + [(m, key) for m in chat["messages"] for key in m]
+    spots += [(chat["messages"], i) for i in range(2)] + [(said["stats"], "new_tokens")]
+    holder, key = rng.choice(spots)
+    if rng.random() < 0.2 and isinstance(holder, dict):
+        del holder[key]
+    else:
+        holder[key] = rng.choice(odd)
+    if rng.random() < 0.2 and isinstance(chat.get("messages"), list):
+        chat["messages"] = chat["messages"] * rng.choice([0, 3, 5000])
+    return json.dumps(chat, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+
+
 def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, Any]) -> Case:
     template = rng.choice(CORPUS)
     argv = [part.format(**world.paths(scratch)) for part in shlex.split(template)]
@@ -311,7 +348,7 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
         kind = rng.choice(
             ["drop", "duplicate", "value", "flag", "other", "file", "stdin", "env", "config"]
             + ["set"] * 6
-            + ["train", "yaml", "slash"] * 2
+            + ["train", "yaml", "slash", "chatfile"] * 2
         )
         start = 1 + (command is not None and " " in command)
         options = commands.get(command or "", [])
@@ -345,6 +382,8 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
         elif kind == "slash" and command == "chat":
             lines = [rng.choice(SLASH_LINES) for _ in range(rng.randint(1, 4))]
             case.stdin = "\n".join(["hi", *lines, "bye"]).encode("utf-8", "surrogateescape") + b"\n"
+        elif kind == "chatfile":
+            case.chat = chat_file(rng, world)
         elif kind == "other":
             names, takes_value, _ = rng.choice(rng.choice(list(commands.values())) or [(["--json"], False, False)])
             argv += [rng.choice(names), odd_value(rng, world)] if takes_value else [rng.choice(names)]
@@ -361,6 +400,8 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
         elif kind == "config":
             case.config = rng.choice(BAD_CONFIGS)
         case.what.append(kind)
+    if case.chat is None and ("fuzz" in template or "--continue" in template):
+        case.chat = chat_file(rng, world)
     if command_of(argv, commands) == "serve" and not {"--help", "-h"} & set(argv):
         argv.append("--help")  # a server would start and wait
     return case
@@ -408,6 +449,20 @@ def feed_fifo(path: str, seconds: float) -> None:
         return
 
 
+def drain_fifo(path: str, seconds: float) -> None:
+    """Read the FIFO a command writes to (as `>(gzip > x)` does) for `seconds`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                os.read(fd, 1 << 16) or time.sleep(0.05)
+            except BlockingIOError:
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
 def output_problems(code: int, stdout: str, stderr: str, quoted: int = 0) -> list[str]:
     """What is wrong with a run's exit code and output (`quoted`: its arguments' length, which an error may quote)."""
     problems = []
@@ -451,6 +506,9 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
     # The user config makes the tiny Llama the default model (a run without -m would convert the real one).
     config = f"model: {world.models['llama']}\n".encode() if case.config is None else case.config
     (config_home / "gptcli" / "config.yaml").write_bytes(config)
+    if case.chat is not None:
+        (home / "data" / "chats").mkdir(parents=True, exist_ok=True)
+        (home / "data" / "chats" / "20200101-000000-fuzz.json").write_bytes(case.chat)
     env = {
         "GPTCLI_HOME": str(home),
         "XDG_CONFIG_HOME": str(config_home),
@@ -463,7 +521,8 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
     }
     fifo = str(world.root / "files" / "odd-fifo")
     if fifo in case.argv or fifo in case.env.values():
-        threading.Thread(target=feed_fifo, args=(fifo, timeout), daemon=True).start()
+        written = any(a == fifo and b in OUTPUT_FLAGS for b, a in zip(case.argv, case.argv[1:], strict=False))
+        threading.Thread(target=drain_fifo if written else feed_fifo, args=(fifo, timeout), daemon=True).start()
     cwd = os.getcwd()
     os.chdir(scratch)
     started = time.monotonic()
@@ -508,6 +567,10 @@ def fuzz_cli(
         case = mutate(rng, world, scratch, commands)
         outcome = run_case(case, world, scratch, timeout)
         codes[outcome.code] += 1
+        if (
+            verbose and outcome.code == 1 and not outcome.problems and "cannot connect" not in outcome.stderr
+        ):  # not the user's input: worth a look
+            print(f"note: {case}\n    exit 1: {outcome.stderr.strip()[-300:]!r}"[:1200], flush=True)
         if outcome.problems:
             failures.append(Failure(case, outcome.code, outcome.problems))
             if verbose:
@@ -524,7 +587,11 @@ def main() -> int:
         "--timeout", type=float, default=20.0, help="CPU seconds a case may take (20; 5x that of wall time)"
     )
     parser.add_argument("--max-rss-growth", type=float, default=2048, help="MiB the process may grow by (2048)")
-    parser.add_argument("--verbose", action="store_true", help="print each failure as it is found")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print each failure as it is found, and each exit 1",
+    )
     args = parser.parse_args()
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory() as folder:
