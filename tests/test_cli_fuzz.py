@@ -4,13 +4,14 @@ found, each as the one invocation that shows it."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def _load_fuzzer() -> Any:
@@ -96,3 +97,20 @@ def test_a_huge_value_in_the_config_or_environment_is_quoted_short(world, tmp_pa
     assert outcome.code in (3, 6) and error.startswith("error: "), outcome.stderr[:300]
     # was the whole value: an error line of 100,000 characters for a value the command line never showed
     assert len(error) < 1500 and "characters more)" in error, error[:300]
+
+
+def test_a_name_that_is_not_utf8_on_a_strict_stdout_is_named_as_such(world, tmp_path):
+    """`train --out $'out\\xff' --dry-run` prints the path; on a stdout that refuses what is not UTF-8 (a UTF-8 locale
+    such as en_US.UTF-8, or in process) it said 'its encoding (utf-8) cannot hold U+DCFF, use a UTF-8 locale', and in
+    process an exception escaped run() (stdout had no descriptor to point at /dev/null)."""
+    out = str(tmp_path / os.fsdecode(b"out\xff"))
+    argv = ["train", "--data", str(world.files["corpus"]), "--preset", "tiny", "--out", out, "--dry-run"]
+    outcome = gptcli(world, tmp_path, *argv)
+    assert outcome.code == 1
+    assert outcome.stderr.splitlines()[-2:] == [
+        "error: cannot write to stdout: the text holds the byte \\xff, which is not UTF-8 (from a file or folder "
+        "name, or an argument)",
+        "hint: rename it to UTF-8, or set PYTHONIOENCODING=utf-8:surrogateescape to pass such bytes through",
+    ]
+    real = run_cli(*argv, env={"PYTHONIOENCODING": "utf-8:strict", "GPTCLI_HOME": str(tmp_path / "home")})
+    assert real.returncode == 1 and b"holds the byte \\xff, which is not UTF-8" in real.stderr, real.stderr

@@ -202,12 +202,7 @@ def _run(argv: list[str] | None) -> int:
             report(_internal(exc))
             return EXIT_RUNTIME
         _discard_stdout()
-        report(
-            GptcliError(
-                f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{ord(exc.object[exc.start]):04X}",
-                hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
-            )
-        )
+        report(_unencodable(exc))
         return EXIT_RUNTIME
     except MemoryError as exc:
         if debug_enabled():
@@ -243,6 +238,22 @@ def _command_path(cli: typer.Typer, argv: list[str]) -> str:
     return " ".join(words)
 
 
+def _unencodable(exc: UnicodeEncodeError) -> GptcliError:
+    """The error for text stdout's encoding cannot hold: a character, or a byte that was never UTF-8 (a file name's
+    or an argument's, which Python carries as a lone surrogate: no UTF-8 stdout holds it unless told to)."""
+    char = ord(exc.object[exc.start])
+    if 0xDC80 <= char <= 0xDCFF:
+        return GptcliError(
+            f"cannot write to stdout: the text holds the byte \\x{char - 0xDC00:02x}, which is not UTF-8 "
+            "(from a file or folder name, or an argument)",
+            hint="rename it to UTF-8, or set PYTHONIOENCODING=utf-8:surrogateescape to pass such bytes through",
+        )
+    return GptcliError(
+        f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{char:04X}",
+        hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
+    )
+
+
 def _internal(exc: BaseException) -> GptcliError:
     return GptcliError(f"internal error: {type(exc).__name__}: {exc}", hint="set GPTCLI_DEBUG=1 for the traceback")
 
@@ -259,9 +270,14 @@ def _reader_went_away() -> bool:
 
 
 def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's flush at exit neither fails nor complains."""
+    """Point stdout at /dev/null, so that Python's flush at exit neither fails nor complains (a stdout with no
+    descriptor, as an in-process caller's, is left as it is: run() never raises)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, fd)
 
 
 def _stdout_error(exc: OSError) -> GptcliError | None:
