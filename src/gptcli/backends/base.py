@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from gptcli.backends.plugin_discovery import PLUGINS_ENV, plugin_entry_points, plugin_filter
-from gptcli.errors import BackendError, GptcliError, ModelError
+from gptcli.errors import BackendError, GptcliError, ModelError, clipped
 
 if TYPE_CHECKING:  # numpy only types the protocol: listing backends (shell completion) stays light
     import numpy as np
@@ -354,7 +354,9 @@ def get_backend_class(name: str) -> type[Backend]:
         from gptcli.coercion import suggest
 
         names = sorted({s.name for s in specs if not s.conflict})
-        raise BackendError(f"unknown backend '{name}'{suggest(name, names)}", hint=f"choose one of: {', '.join(names)}")
+        raise BackendError(
+            f"unknown backend {clipped(repr(name))}{suggest(name, names)}", hint=f"choose one of: {', '.join(names)}"
+        )
     return chosen[0].load_class()
 
 
