@@ -3,27 +3,15 @@ found, each as the one invocation that shows it."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import load_script, run_cli
 
-
-def _load_fuzzer() -> Any:
-    spec = importlib.util.spec_from_file_location("fuzz_cli", REPO / "scripts" / "fuzz_cli.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_cli"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzzer()
+fuzz = load_script("fuzz_cli")
 
 
 @pytest.fixture(scope="module")
