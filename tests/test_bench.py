@@ -66,6 +66,18 @@ def test_bad_list_syntax_is_a_usage_error(text):
     assert info.value.exit_code == 2 and "empty item" in info.value.message
 
 
+def test_a_word_in_a_list_is_quoted_once_and_short():
+    """`-n abc` said "'abc' in 'abc'", and a 5,000-character value made a 10 KB error line."""
+    with pytest.raises(UsageError) as info:
+        spec.int_list("abc", "-n")
+    assert info.value.message == "-n: 'abc' is not a whole number"
+    with pytest.raises(UsageError) as info:
+        spec.pair("x" * 5000, "--pg")
+    assert len(info.value.message) < 300 and info.value.hint == "e.g. --pg 512,128"
+    with pytest.raises(UsageError, match="'two' in '1,two' is not"):
+        spec.int_list("1,two", "-p")
+
+
 def test_lists_reject_words_and_negatives_and_zero_sizes():
     with pytest.raises(UsageError, match="not a whole number"):
         spec.int_list("1,two", "-p")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptcli.errors import UsageError
+from gptcli.errors import UsageError, clipped
 
 # Each parallel sequence costs a cache and a row of every batched step; llama-batched-bench runs go to a
 # few dozen. The KV caches themselves are checked against the free memory before each test (runner).
@@ -63,12 +63,7 @@ def int_list(
 ) -> list[int]:
     values = []
     for item in split_list(text, flag):
-        try:
-            value = int(item)
-        except ValueError:
-            raise UsageError(
-                f"{flag}: '{item}' in '{text}' is not a whole number", hint=f"e.g. {flag} {example}"
-            ) from None
+        value = whole_number(item, text, flag, example)
         if value < minimum:
             raise UsageError(f"{flag}: {value} is below {minimum}", hint=f"e.g. {flag} {example}")
         if maximum is not None and value > maximum:
@@ -93,13 +88,18 @@ def pair(text: str, flag: str) -> tuple[int, int]:
 
 def int_list_raw(text: str, flag: str) -> list[int]:
     """Like int_list but keeps duplicates and order (for pairs)."""
-    out = []
-    for item in split_list(text, flag):
-        try:
-            out.append(int(item))
-        except ValueError:
-            raise UsageError(f"{flag}: '{item}' in '{text}' is not a whole number") from None
-    return out
+    return [whole_number(item, text, flag, "512,128") for item in split_list(text, flag)]
+
+
+def whole_number(item: str, text: str, flag: str, example: str) -> int:
+    """One item of a flag's comma-separated list; the list is named only when it holds more than the item."""
+    try:
+        return int(item)
+    except ValueError:
+        where = "" if item == text.strip() else f" in '{clipped(text)}'"
+        raise UsageError(
+            f"{flag}: '{clipped(item)}'{where} is not a whole number", hint=f"e.g. {flag} {example}"
+        ) from None
 
 
 def npl_list(text: str | None) -> list[int | None]:
