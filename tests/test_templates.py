@@ -282,3 +282,14 @@ def test_a_template_name_that_is_a_folder_or_a_broken_link_is_named_not_skipped(
     names = [t.name for t in list_templates(on_error=lambda exc: left_out.append(exc.message))]
     assert "pirate" not in names and len(left_out) == 2
     assert get_template("translate").source == "built-in"  # the others still load
+
+
+def test_a_name_too_long_for_a_file_is_an_unknown_template_not_a_file_error(isolated_home):
+    """`templates show yyy…` (300 characters) said '…/templates_builtin/yyy…: File name too long' (exit 6)."""
+    from gptcli.errors import UsageError
+    from gptcli.templates import get_template
+
+    with pytest.raises(UsageError) as info:
+        get_template("y" * 300)
+    assert info.value.exit_code == 2 and info.value.message.startswith("unknown template 'yyy")
+    assert len(info.value.message) < 300

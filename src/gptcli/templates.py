@@ -14,7 +14,7 @@ from typing import Any
 
 from gptcli.coercion import coerce_value, suggest
 from gptcli.config import FIELDS, Resolved, Settings, coerce, flatten_file
-from gptcli.errors import ConfigError, InputError, UsageError
+from gptcli.errors import ConfigError, InputError, UsageError, clipped
 from gptcli.paths import config_dir
 from gptcli.textio import PROMPT, human_bytes, read_yaml
 
@@ -247,20 +247,26 @@ def _is_user_file(path: Path) -> bool:
     )
 
 
+MAX_FILE_NAME = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
 def get_template(name: str) -> Template:
     if Path(name).name != name:  # './pirate' named templates/./pirate.yaml, never ./pirate.yaml here
         raise UsageError(
             f"'{name}' is a path: a template is named by its file NAME.yaml in {user_templates_dir()}",
             hint="put the file in that folder (`gptcli templates path`) and give its name",
         )
-    user_file = user_templates_dir() / f"{name}.yaml"
-    if _is_user_file(user_file):
-        return _load_file(user_file, "user")
-    builtin = BUILTIN_DIR / f"{name}.yaml"
-    if builtin.is_file():
-        return _load_file(builtin, "built-in")
+    if len(f"{name}.yaml".encode(errors="surrogateescape")) <= MAX_FILE_NAME:  # a longer name can be no file's
+        user_file = user_templates_dir() / f"{name}.yaml"
+        if _is_user_file(user_file):
+            return _load_file(user_file, "user")
+        builtin = BUILTIN_DIR / f"{name}.yaml"
+        if builtin.is_file():
+            return _load_file(builtin, "built-in")
     names = sorted({path.stem for path in [*BUILTIN_DIR.glob("*.yaml"), *(p for p in _user_entries() if p.is_file())]})
-    raise UsageError(f"unknown template '{name}'{suggest(name, names)}", hint="`gptcli templates list` shows them all")
+    raise UsageError(
+        f"unknown template '{clipped(name)}'{suggest(name, names)}", hint="`gptcli templates list` shows them all"
+    )
 
 
 def parse_vars(pairs: Sequence[str]) -> dict[str, str]:
