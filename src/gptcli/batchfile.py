@@ -25,7 +25,6 @@ from gptcli.engine import Engine, run_all
 from gptcli.errors import FieldError, GptcliError, InputError
 from gptcli.fanout import run_streams
 from gptcli.jsonl import READ_AHEAD, ReadAhead, ResultWriter
-from gptcli.stopping import check_min_tokens
 
 # Results held back for input order behind a line still running (a long first line, thousands of short ones
 # after it, each finished and kept until the first is written): past this many, no line starts until the
@@ -97,12 +96,9 @@ class LocalLines:
 
     def check(self, request: BatchRequest) -> None:
         assert request.settings is not None
-        self.engine.check_fits(len(request.prompt_ids), request.settings.sampling)
-        try:  # as the server's 400: a min_tokens the context cannot hold after the prompt
-            check_min_tokens(
-                request.settings.sampling, len(request.prompt_ids), self.engine.backend.info.context_length
-            )
-        except FieldError as exc:
+        try:
+            self.engine.check_fits(len(request.prompt_ids), request.settings.sampling)
+        except FieldError as exc:  # as the server's 400: a min_tokens the context cannot hold after the prompt
             raise InputError(exc.message) from None
 
     def run(self, requests: Intake, may_start: Callable[[], bool]) -> Iterator[tuple[int, Event | GptcliError]]:

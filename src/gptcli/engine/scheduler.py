@@ -48,6 +48,7 @@ from gptcli.engine.scoring import step_scoring_prompts
 from gptcli.engine.sequence import SequenceState
 from gptcli.errors import ConfigError, QueueFullError
 from gptcli.sampling import TokenLogprob
+from gptcli.stopping import check_min_tokens
 from gptcli.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -89,8 +90,12 @@ class Engine:
         self._background = False
 
     def check_fits(self, prompt_tokens: int, params: SamplingConfig) -> int:
-        """The KV positions a sequence reserves; an InputError when it could never run."""
-        return kv_reserve(prompt_tokens, params.max_tokens, self.backend.info.context_length, self.kv_budget)
+        """The KV positions a sequence reserves; an InputError when it could never run, a FieldError naming
+        min_tokens when the context cannot hold that many tokens after the prompt."""
+        context = self.backend.info.context_length
+        reserve = kv_reserve(prompt_tokens, params.max_tokens, context, self.kv_budget)
+        check_min_tokens(params, prompt_tokens, context)
+        return reserve
 
     def submit(
         self,

@@ -16,8 +16,8 @@ from starlette.requests import Request
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished
-from gptcli.errors import InputError
-from gptcli.server.errors import APIError
+from gptcli.errors import FieldError, InputError
+from gptcli.server.errors import APIError, field_error
 
 
 class EngineLike(Protocol):
@@ -48,6 +48,8 @@ def check_fits(
     for ids in prompts:
         try:
             engine.check_fits(len(ids), params)
+        except FieldError as exc:  # min_tokens past what the context holds after the prompt
+            raise field_error(exc) from None
         except InputError as exc:
             server = "the server's --kv-budget sets the budget"
             if len(ids) >= engine.kv_budget:

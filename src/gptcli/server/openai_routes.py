@@ -14,18 +14,17 @@ from starlette.responses import JSONResponse, Response
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Stats, Token
-from gptcli.errors import ConfigError, FieldError
+from gptcli.errors import ConfigError
 from gptcli.prompts import transcript_sampling
 from gptcli.sampling import TokenLogprob
 from gptcli.server.engine_bridge import EngineStream, check_fits, wait_for_disconnect
-from gptcli.server.errors import APIError, error_body, field_error
+from gptcli.server.errors import APIError, error_body
 from gptcli.server.prompt_ids import chat_request_prompt, completion_prompts
 from gptcli.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
 from gptcli.server.shapes import Shape, usage
 from gptcli.server.sse import DONE, EventStreamResponse, sse
 from gptcli.server.state import ServerState
 from gptcli.server.tool_replies import ToolShape
-from gptcli.stopping import check_min_tokens
 
 router = APIRouter(prefix="/v1")
 
@@ -185,11 +184,6 @@ async def submit(
                 400, f"{constraint_param}: {exc.message}", param=constraint_param, code="invalid_value"
             ) from None
     check_fits(state.engine, prompts, params, prompt_param=prompt_param, tokens_param=tokens_param)
-    try:
-        for ids in prompts:
-            check_min_tokens(params, len(ids), state.context_length)
-    except FieldError as exc:
-        raise field_error(exc) from None
     streams: list[EngineStream] = []
     try:
         for ids in prompts:
