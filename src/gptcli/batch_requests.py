@@ -219,9 +219,9 @@ def _check_opens(field: str, constraint: OutputConstraint, tokenizer: Tokenizer)
     from gptcli.constraints import prepare  # the grammar engine, only for a line that asks for one
 
     try:
-        prepare(constraint, tokenizer)
+        prepare(constraint, tokenizer, field)
     except ConfigError as exc:
-        raise InputError(f"{field}: {exc.message}") from None
+        raise InputError(exc.message) from None
 
 
 def _check_prompt_options(data: dict) -> None:

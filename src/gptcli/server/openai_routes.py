@@ -178,11 +178,9 @@ async def submit(
         from gptcli.constraints import prepare
 
         try:
-            await asyncio.to_thread(prepare, params.constraint, state.tokenizer)
+            await asyncio.to_thread(prepare, params.constraint, state.tokenizer, constraint_param)
         except ConfigError as exc:  # it matches nothing, or fails at its first token: the request's own format
-            raise APIError(
-                400, f"{constraint_param}: {exc.message}", param=constraint_param, code="invalid_value"
-            ) from None
+            raise APIError(400, exc.message, param=constraint_param, code="invalid_value") from None
     check_fits(state.engine, prompts, params, prompt_param=prompt_param, tokens_param=tokens_param)
     streams: list[EngineStream] = []
     try:
