@@ -28,6 +28,15 @@ def test_a_gbnf_or_lark_grammar_matches_exactly_its_language(source):
     assert not reads(grammar, "yes") and not reads(grammar, "maybe.") and not reads(grammar, "yes. ")
 
 
+def test_a_grammar_string_that_starts_with_a_byte_order_mark_reads_as_without_it():
+    """A server's `grammar` field (or a batch line's) as an editor saved it: the mark is dropped, as from a file."""
+    from gptcli.output_requests import requested_output
+
+    param, grammar = requested_output({"grammar": "\ufeff" + YES_NO_GBNF})
+    assert (param, grammar.source) == ("grammar", YES_NO_GBNF)
+    assert reads(grammar, "no.") and not reads(grammar, "No.")
+
+
 def test_a_choice_list_is_an_exact_alternation_of_its_strings_escaped():
     values = ['say "hi"', "back\\slash", "(.*)", "line\nbreak", "é😀", "\x01"]
     choice = constraints.choice(values, "choice")

@@ -95,6 +95,8 @@ def regex(pattern: str, where: str = "--regex") -> OutputConstraint:
 def grammar_text(text: Any, where: str) -> OutputConstraint:
     """The whole reply must match a grammar: Lark (llguidance's own syntax, vLLM's with its guidance backend), or
     llama.cpp's GBNF (`root ::= ...`, told by its `::=` rules), which llguidance's converter turns into Lark."""
+    if isinstance(text, str):
+        text = text.removeprefix("\ufeff")  # a byte-order mark an editor wrote, as a grammar file has it dropped
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{where}: must be a grammar (text)", hint=GRAMMAR_HINT)
     return _bounded(OutputConstraint("grammar", text, where), where)
