@@ -20,7 +20,7 @@ import pytest
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Finished, Token
-from gptcli.errors import InputError, ModelError, RemoteError
+from gptcli.errors import ContextLengthError, InputError, ModelError, RemoteError
 from gptcli.remote import RemoteModel
 from gptcli.remote_http import open_httpx, open_urllib
 from gptcli.remote_tokens import ServedTokenizer
@@ -242,6 +242,13 @@ class Canned(BaseHTTPRequestHandler):
         elif route.startswith("retry-after-"):  # a Retry-After that is no number of seconds
             after = {"retry-after-date": "Wed, 21 Oct 2015 07:28:00 GMT", "retry-after-word": "soon"}[route]
             self._error(429, "slow down", **{"Retry-After": after, "Connection": "close"})
+        elif route == "traceback":  # a server that sends its whole traceback (or echoes a prompt) as the message
+            self._error(500, "Traceback (most recent call last):\n" + '  File "x.py", line 1\n' * 500)
+        elif route == "long-context":  # the prompt echoed first, the words that say what failed past 200 characters
+            self._error(400, "prompt '" + "hi " * 100 + "' is too long: over the model's context length of 2048")
+        elif route == "midway-traceback":
+            traceback = json.dumps({"error": {"message": "boom\n" + "frame\n" * 2000}})
+            self._stream([chunk, f"data: {traceback}\n\n"])
         elif route == "listed-message":  # a message that is not a string
             self._send(500, json.dumps({"error": {"message": ["engine", "failed"], "code": 500}}).encode())
         elif route == "gzip":  # compressed though the client did not ask (a proxy's doing)
@@ -332,6 +339,10 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
         ("listed-message", RemoteError, 'answered 500: ["engine", "failed"]', None),  # was ['engine', 'failed']
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
+        # were printed whole: 10,000 characters over 501 lines, 12,000 over 2,001
+        ("traceback", RemoteError, 'answered 500: Traceback (most recent call last): File "x.py", line 1', None),
+        ("midway-traceback", RemoteError, "failed mid-answer: boom frame frame", None),
+        ("long-context", ContextLengthError, "answered 400: prompt 'hi hi hi", None),  # known by the whole message
         ("cut", RemoteError, "closed the stream before the answer finished", None),
         # was 'sent a stream chunk that is not JSON: {"choices":[{"index":0,"te': the cut, not what it sent
         ("cut-mid-line", RemoteError, "closed the stream mid-line, before the answer finished", None),
@@ -342,6 +353,7 @@ def test_server_failures_are_one_line_errors(canned, opener, route, error, messa
     with pytest.raises(error) as caught:  # (a timeout under the busy server's Retry-After: no waiting for it)
         list(remote(canned, route, opener, timeout=5).complete("hi", GREEDY))
     assert message in caught.value.message and "\n" not in caught.value.message
+    assert len(caught.value.message) < 300
     assert caught.value.hint == hint or (hint and hint in (caught.value.hint or ""))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Stats, Token
-from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError
+from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError, clipped
 from gptcli.fanout import run_streams
 from gptcli.remote_answers import count, error_message, parse_chunk
 from gptcli.remote_http import Reply, default_opener, retry_after
@@ -145,22 +145,23 @@ class RemoteModel:
         message, code = error_message(text)
         status = reply.status
         where = f"{self.base_url} answered {status}"
-        message = " ".join((message or _REASONS.get(status, "request failed")).split())
+        message = message or _REASONS.get(status, "request failed")  # the whole of it decides the kind
+        said = clipped(message)
         if status == 404 and (code == "model_not_found" or "model" in message.lower()):
-            return ModelError(f"{where}: {message}", hint="`curl <url>/models` lists what it serves")
+            return ModelError(f"{where}: {said}", hint="`curl <url>/models` lists what it serves")
         if status == 400 and (code == "context_length_exceeded" or _CONTEXT_WORDS.search(message)):
-            return ContextLengthError(f"{where}: {message}")
+            return ContextLengthError(f"{where}: {said}")
         if status in (400, 413, 422):
-            return InputError(f"{where}: {message}")
+            return InputError(f"{where}: {said}")
         if status in (401, 403):
-            return RemoteError(f"{where}: {message}", hint="pass --api-key KEY or set OPENAI_API_KEY")
+            return RemoteError(f"{where}: {said}", hint="pass --api-key KEY or set OPENAI_API_KEY")
         if status in (429, 503):
             retry = retry_after(reply)  # seconds; not a date, nor what is not a time at all ("retry in abc s")
             hint = f"retry in {retry:g} s" if retry is not None else "retry later"
-            return RemoteError(f"{where}: {message}", hint=hint)
+            return RemoteError(f"{where}: {said}", hint=hint)
         if status == 404:
-            return RemoteError(f"{where}: {message}", hint="the URL usually ends in /v1")
-        return RemoteError(f"{where}: {message}")
+            return RemoteError(f"{where}: {said}", hint="the URL usually ends in /v1")
+        return RemoteError(f"{where}: {said}")
 
     def post_json(self, path: str, payload: dict[str, Any], *, at_root: bool = False) -> Any:
         """POST `payload` to `path` (under the base URL, or the server's root) and read the JSON answer."""

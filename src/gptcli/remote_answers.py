@@ -6,21 +6,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gptcli.errors import RemoteError
+from gptcli.errors import RemoteError, clipped
 
 
 def error_message(text: str) -> tuple[str, str | None]:
     """OpenAI's {"error": {"message", "code"}}, vLLM's {"object": "error", "message"}, FastAPI's {"detail"}, or
-    the body's first line."""
+    the body's first line; the message as one line (a server may send a traceback), whole: errors quote it
+    clipped, after it decided what kind of error it is."""
+    message, code = _error_parts(text)
+    return " ".join(message.split()), code
+
+
+def _error_parts(text: str) -> tuple[str, str | None]:
     try:
         data = json.loads(text)
     except ValueError:
-        return (text.strip().splitlines() or [""])[0][:200], None
+        return (text.strip().splitlines() or [""])[0], None
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
         message = error.get("message") or ""
         if not isinstance(message, str):  # shown as the JSON it was, not in Python's words (['a', 'b'])
-            message = json.dumps(message)[:200]
+            message = json.dumps(message)
         return message, error.get("code")
     if isinstance(error, str):
         return error, None
@@ -28,7 +34,7 @@ def error_message(text: str) -> tuple[str, str | None]:
         return data["message"], data.get("code") if isinstance(data.get("code"), str) else None
     if isinstance(data, dict) and isinstance(data.get("detail"), str):
         return data["detail"], None
-    return text.strip()[:200], None
+    return text.strip(), None
 
 
 def parse_chunk(data: str, base_url: str, *, chat: bool, whole: bool = False) -> dict[str, Any]:
@@ -42,7 +48,7 @@ def parse_chunk(data: str, base_url: str, *, chat: bool, whole: bool = False) ->
         raise RemoteError(f"{base_url} sent {what} that is not an object")
     if chunk.get("error") is not None:  # a field "error": null (beside the text) is no error
         message, _ = error_message(data)
-        raise RemoteError(f"{base_url} failed mid-answer: {message}")
+        raise RemoteError(f"{base_url} failed mid-answer: {clipped(message)}")
     if whole and chat and isinstance(chunk.get("choices"), list):
         chunk["choices"] = [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in chunk["choices"]]
     if problem := chunk_problem(chunk, chat=chat):
