@@ -555,3 +555,31 @@ def test_models_info_on_an_export_folder_reports_its_parameters_and_precision(ti
     assert facts["params"] == expected["params"] > 0
     assert facts["dtype"] == "onnx int8 (cpu)"
     assert facts["source"] == f"ONNX export of tiny-llama ({tiny_models['llama']})"
+
+
+def test_the_graph_builder_writes_the_model_onnx_helper_would_byte_for_byte():
+    """GraphBuilder writes initializers into its model in place (no copies); the bytes are make_model's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    arrays = {
+        "w": np.arange(12, dtype=np.float64).reshape(3, 4).T,  # not contiguous, and cast to the graph's float
+        "ids": np.array([[1, 2]], dtype=np.int64),
+        "scalar": np.array(7, dtype=np.int64),
+        "codes": np.arange(6, dtype=np.uint8).reshape(2, 3),
+    }
+    g = ex.GraphBuilder(TensorProto.FLOAT)
+    g.weight("w", arrays["w"])
+    for name in ("ids", "scalar", "codes"):
+        g.const(name, arrays[name])
+    y = g.op("MatMul", ["x", "w"], "mm")
+    g.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]))
+    g.outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 3]))
+    opsets = [helper.make_opsetid("", ex.OPSET)]
+    ours = g.finish("g", opsets, producer_name="gptcli", ir_version=10)
+
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(arrays["w"], dtype=np.float32), "w")]
+    tensors += [numpy_helper.from_array(arrays[name], name) for name in ("ids", "scalar", "codes")]
+    graph = helper.make_graph(g.nodes, "g", g.inputs, g.outputs, tensors)
+    theirs = helper.make_model(graph, opset_imports=opsets, producer_name="gptcli")
+    theirs.ir_version = 10
+    assert ours.SerializeToString() == theirs.SerializeToString()

@@ -57,12 +57,10 @@ def build_graph(arch: Architecture, weights: dict[str, np.ndarray], *, precision
         logits = g.op("Cast", [logits], "logits/cast", to=TensorProto.FLOAT)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/identity"))
 
-    graph = helper.make_graph(g.nodes, "gptcli-decoder", g.inputs, g.outputs, g.initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
+    return g.finish(
+        "gptcli-decoder",
+        [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
         producer_name="gptcli",
         producer_version=__version__,
+        ir_version=10,
     )
-    model.ir_version = 10
-    return model

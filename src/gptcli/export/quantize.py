@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from gptcli.export.graph import add_tensor
+
 QUANT_BLOCK = 32
 QUANT_ACCURACY_LEVEL = 4
 
@@ -93,13 +95,9 @@ def quantize_embedding(model: Any) -> list[str]:
         codes, scales, zeros = eight_bit_blocks(array.astype(np.float32))
         graph.initializer.remove(table)
         name = node.name + "Quantized"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(codes.reshape(array.shape), f"{name}.q8"),
-                numpy_helper.from_array(scales.astype(array.dtype), f"{name}.scales"),
-                numpy_helper.from_array(zeros, f"{name}.zero_points"),
-            ]
-        )
+        add_tensor(graph.initializer, codes.reshape(array.shape), f"{name}.q8")
+        add_tensor(graph.initializer, scales.astype(array.dtype), f"{name}.scales")
+        add_tensor(graph.initializer, zeros, f"{name}.zero_points")
         gather = helper.make_node(
             "GatherBlockQuantized", [f"{name}.q8", node.input[1], f"{name}.scales", f"{name}.zero_points"],
             list(node.output), name=name, domain="com.microsoft",
@@ -164,16 +162,12 @@ def fine_grid_kept(model: Any) -> list[str]:
 def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
     """A MatMulNBits over x [.., k] from unpacked codes [N, blocks, 32] (k zero-padded to whole
     blocks), scales and zero points [N, blocks]."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     n, _, block = codes.shape
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(pack_codes(codes, bits), f"{name}.q{bits}"),
-            numpy_helper.from_array(np.ascontiguousarray(scales).reshape(-1), f"{name}.scales"),
-            numpy_helper.from_array(pack_codes(zeros, bits).reshape(-1), f"{name}.zero_points"),
-        ]
-    )
+    add_tensor(graph.initializer, pack_codes(codes, bits), f"{name}.q{bits}")
+    add_tensor(graph.initializer, np.ascontiguousarray(scales).reshape(-1), f"{name}.scales")
+    add_tensor(graph.initializer, pack_codes(zeros, bits).reshape(-1), f"{name}.zero_points")
     return helper.make_node(
         "MatMulNBits",
         [x, f"{name}.q{bits}", f"{name}.scales", f"{name}.zero_points"],
