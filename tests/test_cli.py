@@ -368,6 +368,15 @@ def test_config_show_reports_sources(tmp_path):
     assert data["model"]["source"] == "default"
 
 
+def test_config_show_says_a_config_read_from_a_pipe_was_found():
+    """`--config <(…)` or /dev/stdin: read once, its settings applied, the file listed as found (was 'not found')."""
+    result = run_cli("config", "show", "--config", "/dev/stdin", input="sampling:\n  top_p: 0.5\n")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "  --config  /dev/stdin (found)" in out.splitlines()
+    assert re.search(r"sampling\.top_p +0\.5 +/dev/stdin", out)
+
+
 def test_tables_print_user_text_literally(tmp_path):
     env = {"GPTCLI_SYSTEM": "Answer in [/] style", "GPTCLI_MODEL": "[bold]x"}
     result = run_cli("config", "show", env=env)  # was: MarkupError, and "[bold]x" shown as "x"

@@ -77,7 +77,7 @@ def looked_for(config: Path | None) -> list[str]:
 
 
 def _exists(path: Path) -> str:
-    return "found" if path.is_file() else "not found"  # a folder stopped resolve_settings before
+    return "found" if path.exists() else "not found"  # a pipe too (<(…), /dev/stdin); a folder stopped it before
 
 
 @app.command()
