@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gzip
 import io
 import json
@@ -93,7 +94,10 @@ ODD_VALUES: list[Any] = [None, 0, -1, 1.5, True, "", "x", [], {}, [None], {"a": 
 
 
 def odd_value(rng: random.Random) -> Any:
-    return rng.choice([*ODD_VALUES, "unknown_reason", [{"index": 0}], [{"function": None}], {"content": None}])
+    """A fresh copy: a shared list placed twice in one answer could be mutated into itself (a cycle)."""
+    return copy.deepcopy(
+        rng.choice([*ODD_VALUES, "unknown_reason", [{"index": 0}], [{"function": None}], {"content": None}])
+    )
 
 
 def field_paths(node: Any) -> Iterator[tuple[Any, Any]]:
