@@ -431,10 +431,11 @@ def time_limit(seconds: float) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def feed_fifo(path: str, seconds: float) -> None:
-    """Write a line into the FIFO once a reader opens it (as `<(echo ...)` does), giving up after `seconds`."""
+def feed_fifo(path: str, seconds: float, done: threading.Event) -> None:
+    """Write a line into the FIFO once a reader opens it (as `<(echo ...)` does), giving up after `seconds` or
+    when the case is `done` (a feeder left from an earlier case would feed the wrong reader)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not done.is_set():
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:  # ENXIO: no reader yet
@@ -449,12 +450,14 @@ def feed_fifo(path: str, seconds: float) -> None:
         return
 
 
-def drain_fifo(path: str, seconds: float) -> None:
-    """Read the FIFO a command writes to (as `>(gzip > x)` does) for `seconds`."""
+def drain_fifo(path: str, seconds: float, done: threading.Event) -> None:
+    """Read the FIFO a command writes to (as `>(gzip > x)` does) for `seconds`, or until the case is `done`: a
+    drainer left open would take the line a later case's feeder writes for its command, which then waits for
+    a writer forever."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     deadline = time.monotonic() + seconds
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done.is_set():
             try:
                 os.read(fd, 1 << 16) or time.sleep(0.05)
             except BlockingIOError:
@@ -520,9 +523,12 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
         **case.env,
     }
     fifo = str(world.root / "files" / "odd-fifo")
+    done = threading.Event()
+    helper = None
     if fifo in case.argv or fifo in case.env.values():
         written = any(a == fifo and b in OUTPUT_FLAGS for b, a in zip(case.argv, case.argv[1:], strict=False))
-        threading.Thread(target=drain_fifo if written else feed_fifo, args=(fifo, timeout), daemon=True).start()
+        helper = threading.Thread(target=drain_fifo if written else feed_fifo, args=(fifo, timeout, done), daemon=True)
+        helper.start()
     cwd = os.getcwd()
     os.chdir(scratch)
     started = time.monotonic()
@@ -539,6 +545,9 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
             err = stderr.getvalue().decode("utf-8", "replace")
     finally:
         os.chdir(cwd)
+        done.set()
+        if helper is not None:
+            helper.join()
     problems = output_problems(code, out, err, quoted=sum(map(len, [*case.argv, *case.env.values()])))
     if time.monotonic() - started > 5 * timeout:
         problems.append(f"took {time.monotonic() - started:.1f} s")
