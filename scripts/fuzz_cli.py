@@ -21,21 +21,19 @@ import json
 import math
 import os
 import random
-import resource
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fuzz_limits import Hang, rss_mib, time_limit
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 130, 143}
@@ -143,10 +141,6 @@ BAD_CONFIGS: list[bytes] = [
     b"backend: ''", b"model: ''", b"sampling: {top_p: .nan}", b"sampling: {temperature: .inf}", b"",
     b"x: " + b"a" * 2_000_000, b"model: \"\\ud800\"", b"sampling: {top_k: true}", b"---\n...\n---\nmodel: x",
 ]  # fmt: skip
-
-
-class Hang(BaseException):
-    """A case over its time bound (raised by the alarm, past every `except Exception`)."""
 
 
 @dataclass
@@ -407,30 +401,6 @@ def mutate(rng: random.Random, world: World, scratch: Path, commands: dict[str, 
     return case
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """At most `seconds` of CPU time (all threads: the machine may be busy with others) and 5 times that of wall
-    time (a wait: a FIFO, a lock, a network), as a Hang raised in the main thread."""
-
-    def alarm(signum: int, _: Any) -> None:
-        raise Hang(f"over {seconds} s of {'CPU' if signum == signal.SIGPROF else '5x wall'} time")
-
-    previous = {number: signal.signal(number, alarm) for number in (signal.SIGPROF, signal.SIGALRM)}
-    signal.setitimer(signal.ITIMER_PROF, seconds)
-    signal.setitimer(signal.ITIMER_REAL, 5 * seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def feed_fifo(path: str, seconds: float, done: threading.Event) -> None:
     """Write a line into the FIFO once a reader opens it (as `<(echo ...)` does), giving up after `seconds` or
     when the case is `done` (a feeder left from an earlier case would feed the wrong reader)."""
@@ -535,7 +505,7 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
     try:
         with CliRunner().isolation(input=case.stdin, env=env) as (stdout, stderr, _):
             try:
-                with time_limit(timeout):
+                with time_limit(timeout, cpu=True):
                     code = run(case.argv)
             except Hang as exc:
                 return Outcome(-1, "", "", [f"hang: {exc}"])

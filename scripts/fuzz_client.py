@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
 import threading
@@ -41,15 +40,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from fuzz_limits import Hang, time_limit
+
 REPO = Path(__file__).resolve().parents[1]
 EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 130, 143}
 TEXTS = ["Hel", "lo", " wörld", " 🚀", "!"]  # multi-byte characters, so cuts can land inside one
 ENDLESS_BYTES = 64 << 20  # an endless answer the client reads this far was not cut
 MODEL = "fuzz-model"
-
-
-class Hang(BaseException):
-    """The case ran past its bound (raised by the alarm in the main thread)."""
 
 
 # --- what the server sends ------------------------------------------------------------------------------
@@ -452,20 +449,13 @@ def run_cli(argv: list[str], stdin: bytes, bound: float) -> Outcome:
         io.TextIOWrapper(err, encoding="utf-8", write_through=True),
     )
     sys.stdin, sys.stdout, sys.stderr = streams
-
-    def alarm(signum: int, frame: Any) -> None:
-        raise Hang()
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, bound)
     started = time.monotonic()
     try:
-        code = run(argv)
+        with time_limit(bound):
+            code = run(argv)
     except Hang:
         code = -1
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdin, sys.stdout, sys.stderr = saved

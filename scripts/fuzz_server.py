@@ -20,8 +20,6 @@ import json
 import logging
 import random
 import re
-import resource
-import signal
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fuzz_limits import Hang, rss_mib, time_limit
 
 REPO = Path(__file__).resolve().parents[1]
 STATUSES = {200, 400, 401, 403, 404, 408, 413, 503}
@@ -336,24 +336,6 @@ def mutate(rng: random.Random) -> Case:
     return Case(route, raw, headers, "; ".join(steps))
 
 
-class Hang(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def alarm(*_: Any) -> None:
-        raise Hang(f"over {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def error_problems(payload: Any) -> list[str]:
     """What is wrong with an error body, against OpenAI's shape with a one-line message."""
     if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], dict):
@@ -511,10 +493,6 @@ class LoggedErrors(logging.Handler):
             self.records.append(f"{record.name}: {record.getMessage()[:300]}")
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class Failure:
     case: Case
@@ -617,7 +595,7 @@ def fuzz_batch(runtime: Any, cases: int, seed: int) -> list[Failure]:
         try:
             with time_limit(10.0):
                 request = parse_request(number, raw, runtime.tokenizer, settings, context)
-        except Exception:  # the point: a line never raises
+        except (Exception, Hang):  # the point: a line never raises, nor runs past its bound
             trace = traceback.format_exc(limit=-4).replace("\n", " | ")[-1500:]
             failures.append(Failure(case, [f"parse_request raised: {trace}"]))
             continue

@@ -15,9 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    """scripts/NAME.py imported as the module NAME (the fuzzers' seeded subsets run their code in the suite)."""
+    """scripts/NAME.py imported as the module NAME (the fuzzers' seeded subsets run their code in the suite), with
+    scripts/ on the path, as when it runs, for the siblings it imports (fuzz_limits)."""
     import importlib.util
 
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
