@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -168,8 +169,6 @@ def generate(
         raise UsageError("--var needs --template", hint="e.g. --template translate --var to=French")
     text = gather_prompt(prompt, file)
     if chosen is not None:
-        from dataclasses import replace
-
         system_text, text = chosen.render(text, variables)
         if resolved.sources["system"] == "default" and system_text:
             if raw:
@@ -192,8 +191,6 @@ def generate(
 def without_chat_turn(settings: Any, sources: Mapping[str, str]) -> Any:
     """--raw sends the text as is: no system message, no chat template (neither file is read). A flag given for
     either is said to be ignored; one from a config file or the environment is for chat turns, and is quietly left."""
-    from dataclasses import replace
-
     for key, flag in (("chat_template", "--chat-template"), ("system", "--system")):
         if getattr(settings, key) and sources[key] == "flag":
             render.warn(f"{flag} is ignored with --raw")
