@@ -294,3 +294,18 @@ def test_chats_list_sorts_by_time_not_by_the_text_of_the_time_stamps(isolated_ho
     for conv_id, updated in (("a", "2024-05-01T12:00:00+0000"), ("b", "2024-05-01T11:00:00-0300")):
         store.path(conv_id).write_text(json.dumps({"updated": updated, "messages": []}))
     assert [c.id for c in store.list()] == ["b", "a"]  # 14:00 UTC, then 12:00 UTC
+
+
+def test_chats_list_shows_a_servers_model_name_and_a_pasted_title_as_text(isolated_home):
+    # A model id from `chat --url` (the server's) and a first message went into the table raw: a terminal acted
+    # on what they held.
+    from gptcli.chat import ConversationStore
+    from gptcli.chat.conversation import Conversation
+
+    store = ConversationStore()
+    messages = [{"role": "user", "content": "look \x1b[2Jhere"}, {"role": "assistant", "content": "ok"}]
+    store.save(Conversation(model="m\x1b]0;pwned\x07", messages=messages))
+    listing = run_cli("chats", "list")
+    out = listing.stdout.decode()
+    assert listing.returncode == 0 and "\x1b" not in out and "\x07" not in out
+    assert "m\\x1b]0;pwned\\x07" in out and "look \\x1b[2Jhere" in out

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -414,6 +415,16 @@ def test_models_info_and_list_on_local_folder(tiny_models):
     assert info["layers"] == 2 and info["architecture"] == "LlamaForCausalLM"
     listing = json.loads(run_cli("models", "list", "--json").stdout)
     assert listing[0]["name"] == "smollm2-135m-instruct"
+
+
+def test_models_info_shows_a_folder_name_as_text_not_as_control_sequences(tiny_models, tmp_path):
+    # The path (a folder's name) and the card's words were printed raw: ESC in a name reached the terminal.
+    folder = tmp_path / "m\x1b]0;pwned\x07"
+    shutil.copytree(tiny_models["llama"], folder)
+    result = run_cli("models", "info", str(folder))
+    out = result.stdout.decode()
+    assert result.returncode == 0 and "\x1b" not in out and "\x07" not in out
+    assert "m\\x1b]0;pwned\\x07" in out
 
 
 def test_resuming_a_chat_reuses_its_model_system_and_set_values(tiny_models, llama_tok, capsys, monkeypatch):

@@ -499,3 +499,44 @@ def test_ctrl_c_during_summarize_prints_the_partial_result_and_exits_130(tiny_mo
                 break
             time.sleep(0.1)
         assert running(url) == 0
+
+
+class Hostile(BaseHTTPRequestHandler):
+    """A server whose model id and error message hold what a terminal acts on: OSC (retitle), CSI (clear the
+    screen, colour) and a right-to-left override."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(200, {"object": "list", "data": [{"id": "m\x1b]0;pwned\x07\x1b[2J"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(400, {"error": {"message": "bad \x1b[31mred\x1b[0m \u202etxet", "type": "invalid_request_error"}})
+
+
+def test_what_a_server_says_reaches_the_terminal_as_text_not_as_control_sequences(isolated_home):
+    # The model id in "using …" and the error message went to stderr raw: a server could retitle, clear or
+    # recolour the user's terminal, or reorder the error line.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        result = run_cli("generate", "hi", "--url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = result.stderr.decode()
+    assert result.returncode == 6 and err.count("error:") == 1
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    assert "using m\\x1b]0;pwned\\x07\\x1b[2J at" in err
+    assert "bad \\x1b[31mred\\x1b[0m \\u202etxet" in err

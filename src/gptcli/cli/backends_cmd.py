@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli.render import add_row
 
 
 def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
@@ -37,7 +38,7 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
     for column in ("backend", "from", "status"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["origin"], row["status"])
+        add_row(table, row["name"], row["origin"], row["status"])
     c.stdout_console().print(table)
 
 

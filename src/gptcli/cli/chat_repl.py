@@ -157,9 +157,8 @@ class Repl:
 
         conv = self.session.conversation
         resumed = f" · resumed {conv.id} ({len(conv.messages)} messages)" if conv.messages else ""
-        self.err.print(
-            f"gptcli chat · {conv.model}{resumed} · /help for commands · Ctrl-D to leave", markup=False, style="dim"
-        )
+        banner = f"gptcli chat · {conv.model}{resumed} · /help for commands · Ctrl-D to leave"
+        self.err.print(render.inert(banner), markup=False, style="dim")
         while True:
             try:
                 text = collect_message(self.read(), self._more)
@@ -175,7 +174,7 @@ class Repl:
                 render.report(exc)
                 continue
             if step.output:
-                print(step.output, flush=True)
+                print(render.inert(step.output), flush=True)
             if step.exit:
                 break
             if step.turn is not None:

@@ -50,7 +50,8 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     for column in ("id", "updated", "messages", "model", "title"):
         table.add_column(column)
     for cv in convs:
-        table.add_row(cv.id, cv.updated[:16].replace("T", " "), str(len(cv.messages)), cv.model, cv.title)
+        # the model's name may be a server's (chat --url) and the title is what was typed or pasted
+        render.add_row(table, cv.id, cv.updated[:16].replace("T", " "), str(len(cv.messages)), cv.model, cv.title)
     render.stdout_console().print(table)
 
 

@@ -11,7 +11,7 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli.helpfmt import HelpGroup
-from gptcli.cli.render import stdout_console
+from gptcli.cli.render import add_row, stdout_console
 from gptcli.cli.settings import resolve_settings
 
 app = typer.Typer(
@@ -46,7 +46,7 @@ def show(
     for column in ("key", "value", "source"):
         table.add_column(column)
     for key, value, source in rows:
-        table.add_row(key, json.dumps(value) if not isinstance(value, str) else value, source)
+        add_row(table, key, json.dumps(value) if not isinstance(value, str) else value, source)
     stdout_console().print(table)
 
 

@@ -9,6 +9,7 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli.helpfmt import HelpGroup
+from gptcli.cli.render import add_row, inert
 
 app = typer.Typer(
     help="List, fetch and inspect models.",
@@ -53,7 +54,8 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
         size = human_size(row["size_bytes"])
         if row["status"] == "pullable":
             size = f"{human_size(row['download_bytes'])} to pull"
-        table.add_row(
+        add_row(
+            table,
             row["name"],
             ", ".join(row["aliases"]) or "-",
             row["status"],
@@ -89,7 +91,7 @@ def pull(
     with c.StageProgress(plain_lines=True) as conversion:
         pulled = pull_model(entry, notify=c.note, progress=conversion)
     if pulled.notice:
-        c.stderr_console().print(f"notice: {pulled.notice}", markup=False)
+        c.stderr_console().print(f"notice: {inert(pulled.notice)}", markup=False)
     if pulled.already:
         c.note(f"{entry.name} is already pulled and converted")
     print(pulled.model.path)
@@ -146,4 +148,4 @@ def info(
     facts["chat_template"] = facts["chat_template"] or "none (a chat is a plain User:/Assistant: transcript)"
     width = max(len(k) for k in facts)
     for key, value in facts.items():
-        print(f"{key.replace('_bytes', '').ljust(width)}  {value}")
+        print(f"{key.replace('_bytes', '').ljust(width)}  {inert(str(value))}")  # a folder's name, a card's words

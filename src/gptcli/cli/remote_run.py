@@ -180,7 +180,7 @@ def print_remote_stats(finished: Any, remote: Any) -> None:
     from gptcli.timings import timings_line
 
     line = f"{timings_line(finished.stats)} · finish {finished.reason} · {remote.model} at {remote.base_url}"
-    render.stderr_console().print(line, markup=False, style="dim")
+    render.stderr_console().print(render.inert(line), markup=False, style="dim")
 
 
 def remote_chat_session(remote: Any, settings: Any, conversation: Any, store: Any) -> Any:

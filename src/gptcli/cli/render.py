@@ -5,6 +5,7 @@ line and stage progress. Model text is written literally, never parsed as Rich m
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -13,6 +14,9 @@ from typing import Any, TextIO
 from gptcli.errors import GptcliError
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+# What a terminal acts on rather than shows: C0 controls but tab and line feed (ESC starts a sequence that can
+# set the title or clear the screen), DEL, C1 controls, and the bidirectional overrides that reorder a line.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _verbosity = NORMAL
 
 
@@ -61,30 +65,42 @@ def note(message: str) -> None:
 
     Under `-q` only safety warnings pass (`warning: pickle loading is on …`, said every time it is used)."""
     console = _error_console() if message.startswith("warning: pickle") else stderr_console()
-    console.print(message, markup=False, style="dim")
+    console.print(inert(message), markup=False, style="dim")
 
 
 def detail(message: str) -> None:
     """A line shown only under `-v`: what was loaded from where, how long things took."""
     if _verbosity >= VERBOSE:
-        stderr_console().print(message, markup=False, style="dim")
+        stderr_console().print(inert(message), markup=False, style="dim")
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"warning: {message}", markup=False, style="yellow")
+    stderr_console().print(f"warning: {inert(message)}", markup=False, style="yellow")
 
 
 def report(error: GptcliError) -> None:
     """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`)."""
     console = _error_console()
-    console.print(f"error: {one_line(error.message)}", markup=False, style="bold red")
+    console.print(f"error: {inert(one_line(error.message))}", markup=False, style="bold red")
     if error.hint:
-        console.print(f"hint: {one_line(error.hint)}", markup=False)
+        console.print(f"hint: {inert(one_line(error.hint))}", markup=False)
 
 
 def one_line(text: str) -> str:
     """A message that a library wrote over several lines, on one (an error is one line, then its hint)."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def inert(text: str) -> str:
+    """`text` with what a terminal would act on written as escapes (`\\x1b`): a message quotes what a server,
+    a file or a model's card said, and none of it may retitle, clear or rewrite the user's terminal."""
+    return _TERMINAL_CONTROLS.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def add_row(table: Any, *cells: str) -> None:
+    """A Rich table's row, each cell inert: names, paths, descriptions and statuses come from folders, files,
+    config values and plugins' errors."""
+    table.add_row(*(inert(cell) for cell in cells))
 
 
 def _error_console() -> Any:
@@ -207,7 +223,7 @@ class StageProgress:
         started = self.started.setdefault(stage, now)
         if self.plain and self.said.get(stage) != detail and (total is None or done < total):
             self.said[stage] = detail
-            self.console.print(f"{stage}: {detail} ({now - started:.0f} s)", markup=False, style="dim")
+            self.console.print(inert(f"{stage}: {detail} ({now - started:.0f} s)"), markup=False, style="dim")
         if not self.enabled:
             return
         if stage not in self.tasks:

@@ -12,6 +12,7 @@ import typer
 
 from gptcli.cli import common as c
 from gptcli.cli.helpfmt import HelpGroup
+from gptcli.cli.render import add_row
 from gptcli.errors import InputError
 from gptcli.paths import RUNS_DIR
 
@@ -94,7 +95,8 @@ def list_runs(
 
     table = Table("run", "step", "train loss", "val loss", "best val", "created", box=None, pad_edge=False)
     for r in rows:
-        table.add_row(
+        add_row(
+            table,
             r["run"],
             _fmt(r["step"]),
             _fmt(r["train_loss"]),

@@ -50,7 +50,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     for t in templates:
         names, required = [k for k in t.fields if k != "input"], set(t.required)
         variables = ", ".join(k if k in required else f"{k}={t.variables[k]!r}" for k in names)
-        table.add_row(t.name, t.source, variables or "-", t.description)
+        render.add_row(table, t.name, t.source, variables or "-", t.description)
     render.stdout_console().print(table)
 
 
