@@ -615,9 +615,9 @@ def client_settings(timeout: float, home: Path) -> Iterator[None]:
     import gptcli.remote
 
     defaults = gptcli.remote.RemoteModel.__init__.__kwdefaults__
-    saved = dict(defaults), gptcli.remote.LOOKUP_TIMEOUT_S, dict(os.environ)
-    defaults["timeout"], defaults["connect_timeout"] = timeout, timeout
-    gptcli.remote.LOOKUP_TIMEOUT_S = timeout
+    saved = dict(defaults), (gptcli.remote.DEFAULT_TIMEOUT_S, gptcli.remote.LOOKUP_TIMEOUT_S), dict(os.environ)
+    defaults["connect_timeout"] = timeout
+    gptcli.remote.DEFAULT_TIMEOUT_S = gptcli.remote.LOOKUP_TIMEOUT_S = timeout
     for name in ("GPTCLI_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
         os.environ[name] = str(home / name.lower())
     os.environ.pop("OPENAI_API_KEY", None)
@@ -625,7 +625,7 @@ def client_settings(timeout: float, home: Path) -> Iterator[None]:
         yield
     finally:
         defaults.update(saved[0])
-        gptcli.remote.LOOKUP_TIMEOUT_S = saved[1]
+        gptcli.remote.DEFAULT_TIMEOUT_S, gptcli.remote.LOOKUP_TIMEOUT_S = saved[1]
         os.environ.clear()
         os.environ.update(saved[2])
 

@@ -7,6 +7,7 @@ local run does: at temperature 0 the text must then be the text of the same comm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -258,6 +259,73 @@ def test_flags_for_a_local_model_are_usage_errors(args):
     result = run_cli(*args, "--url", "http://127.0.0.1:9/v1", input="text")
     assert result.returncode == 2, result.stderr.decode()
     assert "--url" in result.stderr.decode() and "Traceback" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("generate", "hi", "--timeout", "5"), "--timeout: only used with --url"),
+        (("chat", "--timeout", "0", "--url", "http://127.0.0.1:9/v1"), "--timeout 0: not a number of seconds"),
+        (("summarize", "--timeout", "nan", "--url", "http://127.0.0.1:9/v1"), "--timeout nan: not a number"),
+        (("generate", "hi", "--timeout", "inf", "--url", "http://127.0.0.1:9/v1"), "--timeout inf: not a number"),
+    ],
+)
+def test_a_timeout_without_a_server_or_of_no_seconds_is_a_usage_error(args, message):
+    result = run_cli(*args, input="text")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and message in err and "Traceback" not in err
+
+
+class Slow(BaseHTTPRequestHandler):
+    """A server that lists its model at once and answers a completion after 4 s."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, body: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(json.dumps({"object": "list", "data": [{"id": "slow"}]}).encode(), "application/json")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("tokenize"):
+            self._send(json.dumps({"tokens": [1, 2]}).encode(), "application/json")
+            return
+        time.sleep(4)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "late"}, "finish_reason": "stop"}]}
+        with contextlib.suppress(OSError):  # the client that gave up has gone
+            self._send(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up is what is tested
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture(scope="module")
+def slow() -> Iterator[str]:
+    server = QuietServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_timeout_sets_how_long_a_slow_server_is_waited_for(slow, isolated_home):
+    # The 600 s wait had no setting: a user could neither give up sooner nor wait longer for a loaded server.
+    result = run_cli("generate", "hi", "--url", slow, "--timeout", "1")  # the answer comes after 4 s
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert f"error: {slow} did not answer in 1 s" in err and "hint: is the server overloaded? (--timeout" in err
+    result = run_cli("generate", "hi", "--url", slow, "--timeout", "30")
+    assert (result.returncode, result.stdout.decode().strip()) == (0, "late"), result.stderr.decode()
 
 
 # ------------------------------------------------------------------ the chat session, without a server

@@ -412,8 +412,8 @@ def test_a_server_that_sends_a_byte_at_a_time_cannot_hold_the_client(canned, ope
 
     monkeypatch.setattr(gptcli.remote, "LOOKUP_TIMEOUT_S", 0.5)
     calls = [
-        ("did not answer in time", lambda: RemoteModel(f"{canned}/drip/v1", opener=opener).model),
-        ("did not answer in time", lambda: list(remote(canned, "drip", opener, timeout=0.5).complete("hi", GREEDY))),
+        ("did not answer in", lambda: RemoteModel(f"{canned}/drip/v1", opener=opener).model),
+        ("did not answer in", lambda: list(remote(canned, "drip", opener, timeout=0.5).complete("hi", GREEDY))),
         ("answered 500", lambda: list(remote(canned, "drip-error", opener).complete("hi", GREEDY))),
     ]
     for message, call in calls:
@@ -505,7 +505,7 @@ def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):
         ("endless", "sent more than 56 events for a reply of at most 10 tokens: cut there"),
         ("endless-empty", "sent more than 56 events for a reply of at most 10 tokens: cut there"),
         ("endless-text", "sent more than 640 characters for a reply of at most 10 tokens: cut there"),
-        ("keep-alive", "did not answer in time"),
+        ("keep-alive", "did not answer in"),
     ],
 )
 def test_a_stream_that_never_ends_is_cut(canned, opener, route, message):
@@ -574,7 +574,7 @@ def test_a_lookup_that_never_answers_fails_in_seconds_not_minutes(canned, opener
 
     monkeypatch.setattr(gptcli.remote, "LOOKUP_TIMEOUT_S", 0.5)
     started = time.monotonic()
-    with pytest.raises(RemoteError, match="did not answer in time"):
+    with pytest.raises(RemoteError, match="did not answer in"):
         RemoteModel(f"{canned}/slow/v1", opener=opener).model  # noqa: B018  (the stream timeout stays 600 s)
     assert time.monotonic() - started < 2.5
 
@@ -590,7 +590,7 @@ def test_an_api_key_a_header_cannot_carry_is_a_usage_error_that_does_not_show_it
 
 def test_a_timeout(canned, opener):
     started = time.monotonic()
-    with pytest.raises(RemoteError, match="did not answer in time"):
+    with pytest.raises(RemoteError, match="did not answer in"):
         list(remote(canned, "slow", opener, timeout=0.5).complete("hi", GREEDY))
     assert time.monotonic() - started < 2.5
 

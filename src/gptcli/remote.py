@@ -31,6 +31,7 @@ from gptcli.tool_reply import StreamedCalls
 _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
 
 
+DEFAULT_TIMEOUT_S = 600.0  # as OpenAI's own client: a busy server's queue, then a long answer not streamed
 LOOKUP_TIMEOUT_S = 30.0
 MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the first line or two
 MAX_JSON_BYTES = 16 << 20  # of a whole JSON answer (/models, /tokenize, an answer that was not streamed)
@@ -51,7 +52,7 @@ class RemoteModel:
         *,
         api_key: str | None = None,
         model: str | None = None,
-        timeout: float = 600.0,
+        timeout: float | None = None,
         connect_timeout: float = 10.0,
         opener: Callable[..., Reply] | None = None,
     ) -> None:
@@ -62,8 +63,8 @@ class RemoteModel:
                 "the API key (--api-key or OPENAI_API_KEY) holds characters an HTTP header cannot carry",
                 hint="check the key: keys are printable ASCII without spaces",
             )
-        self.timeout = timeout  # a stream's first byte may wait for a busy server's queue
-        self.lookup_timeout = min(timeout, LOOKUP_TIMEOUT_S)  # /models, /tokenize: answered at once by any server
+        self.timeout = timeout or DEFAULT_TIMEOUT_S  # a stream's first byte may wait for a busy server's queue
+        self.lookup_timeout = min(self.timeout, LOOKUP_TIMEOUT_S)  # /models, /tokenize: answered at once by any server
         self.connect_timeout = connect_timeout
         self._open = opener or default_opener()
         self._model = model
@@ -98,9 +99,9 @@ class RemoteModel:
         while True:
             try:
                 reply = self._open(method, url, headers, body, timeout, self.connect_timeout)
-                reply.deadline = deadline
+                reply.deadline, reply.timeout = deadline, timeout
             except TimeoutError:
-                raise busy or self._timeout_error() from None
+                raise busy or self._timeout_error(timeout) from None
             except ConnectionError as exc:
                 raise busy or RemoteError(
                     f"cannot connect to {self.base_url}: {exc}",
@@ -133,8 +134,10 @@ class RemoteModel:
         hint = f"use --url {moved}" if moved else "give --url the new address"
         return RemoteError(f"{where}: moved to {location}", hint=f"{hint} (redirects are not followed)")
 
-    def _timeout_error(self) -> RemoteError:
-        return RemoteError(f"{self.base_url} did not answer in time", hint="is the server overloaded?")
+    def _timeout_error(self, waited: float) -> RemoteError:
+        """No answer (or no next line of one) in `waited` seconds: --timeout's, or a lookup's shorter wait."""
+        longer = " (--timeout SECONDS waits longer)" if waited >= self.timeout else ""
+        return RemoteError(f"{self.base_url} did not answer in {waited:g} s", hint=f"is the server overloaded?{longer}")
 
     def _status_error(self, reply: Reply) -> GptcliError:
         """An error status as the GptcliError it means, with the server's own message."""
@@ -183,7 +186,7 @@ class RemoteModel:
         try:
             data = reply.body(MAX_JSON_BYTES + 1)
         except TimeoutError:
-            raise self._timeout_error() from None
+            raise self._timeout_error(reply.timeout) from None
         except ConnectionError as exc:
             raise RemoteError(f"{self.base_url}: the connection failed while reading: {exc}") from None
         if len(data) > MAX_JSON_BYTES:
@@ -289,7 +292,7 @@ class RemoteModel:
         except KeyboardInterrupt:
             reason, done = "interrupted", True
         except TimeoutError:
-            raise self._timeout_error() from None
+            raise self._timeout_error(self.timeout) from None
         except ConnectionError as exc:
             raise RemoteError(f"{self.base_url}: the connection broke mid-answer: {exc}") from None
         finally:

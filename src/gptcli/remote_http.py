@@ -26,6 +26,7 @@ class Reply:
     chunks: Iterator[bytes]
     close: Callable[[], None]
     deadline: float = float("inf")  # time.monotonic() by which the request as a whole must be answered
+    timeout: float = float("inf")  # the seconds it was given: what the deadline was set from
     cut: bool = False  # lines() gave a last line that had no line end: the connection closed in the middle of it
 
     def header(self, name: str) -> str | None:

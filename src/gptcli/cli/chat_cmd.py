@@ -22,6 +22,7 @@ def chat(
     model: c.ModelOpt = None,
     url: c.UrlOpt = None,
     api_key: c.ApiKeyOpt = None,
+    timeout: c.TimeoutOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -79,6 +80,7 @@ def chat(
 
     check_client_flags(
         url,
+        timeout,
         backend=backend,
         device=device,
         dtype=dtype,
@@ -126,7 +128,8 @@ def chat(
     if url is not None:
         from gptcli.cli.remote_run import open_remote, remote_chat_session
 
-        session, where = remote_chat_session(open_remote(url, api_key, model), settings, conversation, store), "remote"
+        remote = open_remote(url, api_key, model, timeout)
+        session, where = remote_chat_session(remote, settings, conversation, store), "remote"
     else:
         try:
             runtime = load_runtime(settings)

@@ -254,6 +254,14 @@ ApiKeyOpt = Annotated[
         show_default=False,
     ),
 ]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="With --url: seconds to wait for an answer, or for each line of a streamed one (default 600).",
+        show_default=False,
+    ),
+]
 # Structured output (generate, chat): at most one of the four; the reply is constrained token by token.
 JsonSchemaOpt = Annotated[
     Path | None,

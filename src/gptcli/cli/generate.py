@@ -25,6 +25,7 @@ def generate(
     model: c.ModelOpt = None,
     url: c.UrlOpt = None,
     api_key: c.ApiKeyOpt = None,
+    timeout: c.TimeoutOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -97,6 +98,7 @@ def generate(
 
     check_client_flags(
         url,
+        timeout,
         backend=backend,
         device=device,
         dtype=dtype,
@@ -147,7 +149,7 @@ def generate(
         if url is not None:
             from gptcli.cli.remote_run import open_remote
 
-            remote = open_remote(url, api_key, model)
+            remote = open_remote(url, api_key, model, timeout)
         options = dict(output=output, resume=resume, parallel=parallel, kv_budget=kv_budget, remote=remote)
         return run_batch_file(settings, batch, **options)
     if output is not None or resume or kv_budget is not None:
@@ -181,7 +183,7 @@ def generate(
     if url is not None:
         from gptcli.cli.remote_run import open_remote, run_remote_generation
 
-        remote = open_remote(url, api_key, model)
+        remote = open_remote(url, api_key, model, timeout)
         return run_remote_generation(remote, settings, text, raw=raw, as_json=as_json, show_stats=stats)
     from gptcli.cli.local_run import run_generation
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,15 @@ from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 DEFAULT_CONTEXT = 4096  # for summarize, when the server does not say its model's context
 
 
-def check_client_flags(url: str | None, **flags: Any) -> None:
-    """Flags about running the model here make no sense with --url: a usage error (exit 2) names them."""
+def check_client_flags(url: str | None, timeout: float | None = None, **flags: Any) -> None:
+    """Flags about running the model here make no sense with --url, nor --timeout without it: a usage error
+    (exit 2) names them."""
     if url is not None:
         check_url(url)
+    if timeout is not None and url is None:
+        raise UsageError("--timeout: only used with --url (how long to wait for a server)", hint="add --url or drop it")
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise UsageError(f"--timeout {timeout:g}: not a number of seconds above 0", hint="e.g. --timeout 1800")
     given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value not in (None, False)]
     if url is not None and given:
         raise UsageError(
@@ -54,11 +60,11 @@ def check_url(url: str) -> None:
         )
 
 
-def open_remote(url: str, api_key: str | None, model: str | None) -> Any:
+def open_remote(url: str, api_key: str | None, model: str | None, timeout: float | None = None) -> Any:
     """The server's model (`model`, or the first it lists); a refused connection fails here, before any work."""
     from gptcli.remote import RemoteModel
 
-    remote = RemoteModel(url, api_key=api_key, model=model)
+    remote = RemoteModel(url, api_key=api_key, model=model, timeout=timeout)
     render.note(f"using {remote.model} at {remote.base_url}")
     return remote
 

@@ -33,6 +33,7 @@ def summarize(
     model: c.ModelOpt = None,
     url: c.UrlOpt = None,
     api_key: c.ApiKeyOpt = None,
+    timeout: c.TimeoutOpt = None,
     backend: c.BackendOpt = None,
     device: c.DeviceOpt = None,
     dtype: c.DtypeOpt = None,
@@ -65,12 +66,13 @@ def summarize(
       gptcli summarize book.txt --parallel 4 --kv-budget 1GiB
       gptcli summarize doc.txt --url http://127.0.0.1:8080/v1    # on that server
     """
-    from gptcli.cli.remote_run import check_client_flags
+    from gptcli.cli.remote_run import check_client_flags, open_remote
     from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions, SummaryResult
     from gptcli.templates import apply_sampling_defaults, get_template
 
     check_client_flags(
         url,
+        timeout,
         backend=backend,
         device=device,
         dtype=dtype,
@@ -117,10 +119,9 @@ def summarize(
     text = _read_input(file)
     with render.StageProgress() as progress:
         try:
+            remote = open_remote(url, api_key, model, timeout) if url is not None else None
             summarizer, where = _summarizer(
-                url,
-                api_key,
-                model,
+                remote,
                 settings,
                 template,
                 progress=lambda update: progress(update.stage, update.done, update.total, _detail(update)),
@@ -148,12 +149,11 @@ def summarize(
         sys.stdout.flush()
 
 
-def _summarizer(url, api_key, model, settings, template, *, kv_budget, **options):
+def _summarizer(remote, settings, template, *, kv_budget, **options):
     """The Summarizer over the model loaded here, or over a server's (--url); and where it runs, for --json."""
-    if url is not None:
-        from gptcli.cli.remote_run import open_remote, remote_summarizer
+    if remote is not None:
+        from gptcli.cli.remote_run import remote_summarizer
 
-        remote = open_remote(url, api_key, model)
         where = {"model": remote.model, "url": remote.base_url}
         return remote_summarizer(remote, template, settings.sampling, **options), where
     from gptcli.cli.local_run import load_runtime
