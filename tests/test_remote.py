@@ -468,6 +468,7 @@ def raw_server(answer: bytes) -> Iterator[str]:
         listener.close()
 
 
+BROKE = "the connection broke mid-answer"
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
@@ -476,8 +477,8 @@ STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-E
     [
         (b"SSH-2.0-OpenSSH_9.6\r\n", "cannot connect to"),  # another program on the port
         (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 70000, "cannot connect to"),  # a header past http.client's limit
-        (STREAM_HEAD + b'a\r\ndata: {"ch\r\nzz\r\n', "the connection broke mid-answer"),  # a chunk size not hex
-        (STREAM_HEAD + b'40\r\ndata: {"ch', "the connection broke mid-answer"),  # a chunk cut short
+        (STREAM_HEAD + b'a\r\ndata: {"ch\r\nzz\r\n', f"{BROKE}: the body was cut short or garbled"),  # a size not hex
+        (STREAM_HEAD + b'40\r\ndata: {"ch', BROKE),  # a chunk cut short
     ],
     ids=["not-http", "long-header", "garbled-chunk", "cut-chunk"],
 )

@@ -126,6 +126,9 @@ def open_httpx(
             yield from response.iter_bytes()  # what each read brings (decompressed), each read under `timeout`
         except httpx.TimeoutException as exc:
             raise TimeoutError(str(exc)) from None
+        except httpx.RemoteProtocolError as exc:  # as urllib's: h11's words, without the bytes it quotes
+            said = str(exc).split(":", 1)[0] or type(exc).__name__
+            raise ConnectionError(f"the body was cut short or garbled: {said}") from None
         except httpx.TransportError as exc:
             raise ConnectionError(str(exc) or type(exc).__name__) from None
 
