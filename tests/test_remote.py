@@ -266,6 +266,8 @@ class Canned(BaseHTTPRequestHandler):
         elif route == "moved":  # a proxy's redirect (http to https, a new host): the body is the proxy's page
             moved = "https://new.example/v1" + self.path.removeprefix("/moved/v1")
             self._send(301, b"<html>Moved</html>", {"Location": moved})
+        elif route == "moved-far":  # a Location of 5,000 characters
+            self._send(302, b"", {"Location": "https://new.example/" + "a" * 5000 + "/v1/completions"})
         elif route == "endless":  # max_tokens is the server's to keep: this one never stops
             self._endless(chunk)
         elif route == "endless-empty":  # nor this one, of chunks without text
@@ -498,6 +500,16 @@ def test_a_redirect_is_an_error_that_names_the_new_address(canned, opener):
         list(remote(canned, "moved", opener).complete("hi", GREEDY))
     assert caught.value.message == f"{canned}/moved/v1 answered 301: moved to https://new.example/v1/completions"
     assert caught.value.hint == "use --url https://new.example/v1 (redirects are not followed)"
+
+
+def test_a_redirect_to_a_long_address_says_how_much_of_it_is_not_shown(canned, opener):
+    # It was cut at 200 characters without a word: a shown URL that looked whole, and was not.
+    with pytest.raises(RemoteError) as caught:
+        list(remote(canned, "moved-far", opener).complete("hi", GREEDY))
+    assert caught.value.message.startswith(f"{canned}/moved-far/v1 answered 302: moved to https://new.example/aaa")
+    assert caught.value.message.endswith(" characters more)") and len(caught.value.message) < 300
+    assert caught.value.hint.startswith("use --url https://new.example/aaa")
+    assert caught.value.hint.endswith(" characters more) (redirects are not followed)")
 
 
 @pytest.mark.parametrize(

@@ -125,14 +125,14 @@ class RemoteModel:
         from urllib.parse import urljoin
 
         where = f"{self.base_url} answered {reply.status}"
-        location = " ".join((reply.header("Location") or "").split())[:200]
+        location = " ".join((reply.header("Location") or "").split())
         if not location:
             return RemoteError(f"{where}, a redirect to nowhere", hint="is this an OpenAI-style URL?")
         with contextlib.suppress(ValueError):  # not a URL: shown as sent
             location = urljoin(url, location)
         moved = location.removesuffix(path) if location.endswith(path) else None
-        hint = f"use --url {moved}" if moved else "give --url the new address"
-        return RemoteError(f"{where}: moved to {location}", hint=f"{hint} (redirects are not followed)")
+        hint = f"use --url {clipped(moved)}" if moved else "give --url the new address"
+        return RemoteError(f"{where}: moved to {clipped(location)}", hint=f"{hint} (redirects are not followed)")
 
     def _timeout_error(self, waited: float) -> RemoteError:
         """No answer (or no next line of one) in `waited` seconds: --timeout's, or a lookup's shorter wait."""
