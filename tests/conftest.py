@@ -7,7 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,6 +261,27 @@ def run_cli(
         timeout=timeout,
         cwd=cwd,
     )
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A test server whose client hangs up on purpose (a timeout, an endless or slow answer): that is what the
+    test looks at, not a traceback for stderr; any other error in a handler is still printed."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on a free loopback port in a thread: its root URL (http://127.0.0.1:PORT)."""
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def write_json(path: Path, data) -> None:

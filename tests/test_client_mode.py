@@ -14,15 +14,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
-from tests.conftest import CHATML, REPO, run_cli
+from tests.conftest import CHATML, REPO, http_server, run_cli
 from tests.test_server import free_port, scripted_env, serve_process
 
 pytest.importorskip("fastapi")
@@ -303,19 +302,10 @@ class Slow(BaseHTTPRequestHandler):
             self._send(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up is what is tested
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def slow() -> Iterator[str]:
-    server = QuietServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with http_server(Slow) as url:
+        yield f"{url}/v1"
 
 
 def test_timeout_sets_how_long_a_slow_server_is_waited_for(slow, isolated_home):
@@ -461,11 +451,8 @@ class CutShort(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def cut_short() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with http_server(CutShort) as url:
+        yield f"{url}/v1"
 
 
 def test_a_stream_broken_off_still_gives_generate_json_its_object(cut_short, isolated_home):
@@ -595,14 +582,8 @@ class Hostile(BaseHTTPRequestHandler):
 def test_what_a_server_says_reaches_the_terminal_as_text_not_as_control_sequences(isolated_home):
     # The model id in "using …" and the error message went to stderr raw: a server could retitle, clear or
     # recolour the user's terminal, or reorder the error line.
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        result = run_cli("generate", "hi", "--url", url)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Hostile) as root:
+        result = run_cli("generate", "hi", "--url", f"{root}/v1")
     err = result.stderr.decode()
     assert result.returncode == 6 and err.count("error:") == 1
     assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err

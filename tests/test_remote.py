@@ -10,11 +10,10 @@ import contextlib
 import gzip
 import json
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import pytest
@@ -25,6 +24,7 @@ from gptcli.errors import ContextLengthError, InputError, ModelError, RemoteErro
 from gptcli.remote import RemoteModel
 from gptcli.remote_http import open_httpx, open_urllib
 from gptcli.remote_tokens import ServedTokenizer
+from tests.conftest import http_server
 from tests.test_server import PROMPTS, free_port, reference, serve_runtime
 
 pytest.importorskip("fastapi")
@@ -295,23 +295,10 @@ class Canned(BaseHTTPRequestHandler):
             )
 
 
-class CannedServer(ThreadingHTTPServer):
-    """Many tests here leave a canned answer on purpose (an endless stream, a slow one): the client's hang-up is
-    what they test, not a failure of the server to report on stderr."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def canned() -> Iterator[str]:
-    server = CannedServer(("127.0.0.1", 0), Canned)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(Canned) as url:
+        yield url
 
 
 def remote(canned: str, route: str, opener: Any, **kwargs: Any) -> RemoteModel:

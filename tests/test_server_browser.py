@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import http_server
 from tests.test_server import PROMPTS, reference, serve_runtime, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -541,14 +541,8 @@ def page_elsewhere() -> Iterator[str]:
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Blank) as url:
+        yield url
 
 
 ASK_FROM_THE_PAGE = """async ([url, key]) => {
