@@ -240,6 +240,15 @@ def test_the_progress_total_is_not_counted_through_binary_data(tmp_path):
         list(read_lines(image.open("rb")))
 
 
+def test_a_utf16_batch_file_is_said_to_be_utf16_not_binary(tmp_path):
+    """Notepad's "Unicode" JSONL was 'line 1 holds a NUL byte: this is binary data'."""
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"prompt": "a"}\n', encoding="utf-16")
+    with pytest.raises(InputError, match=r"^line 1 is UTF-16 text: JSON Lines is UTF-8$") as caught:
+        list(read_lines(batch.open("rb")))
+    assert caught.value.hint == "convert it, e.g. iconv -f UTF-16 -t UTF-8"
+
+
 class NeverEnds(ScriptedBackend):
     """Always the same non-EOS token: a sequence runs exactly max_tokens steps."""
 

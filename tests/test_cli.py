@@ -267,7 +267,7 @@ def test_binary_and_invalid_utf8_files(tmp_path):
     latin.write_bytes("café".encode("latin-1"))
     r1 = run_cli("generate", "-f", str(binary))
     r2 = run_cli("generate", "-f", str(latin))
-    r3 = run_cli("generate", input=b"\xff\xfe bad")
+    r3 = run_cli("generate", input=b"\xc3( bad")
     assert (r1.returncode, r2.returncode, r3.returncode) == (6, 6, 6)
     assert "looks like a binary file" in r1.stderr.decode()
     assert "is not valid UTF-8" in r2.stderr.decode()
@@ -284,6 +284,46 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
     assert read_text_stream(io.BytesIO("\ufeffhello".encode()), "standard input", PROMPT) == "hello"
     inside = "a\ufeffb"  # only a leading mark goes
     assert read_text_stream(io.BytesIO(inside.encode()), "standard input", PROMPT) == inside
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_with_its_byte_order_mark_is_read_as_text(tmp_path, codec):
+    """Notepad's "Unicode" and Windows PowerShell's `>` write UTF-16 with a mark: it was 'a binary file'."""
+    from gptcli.errors import InputError
+    from gptcli.textio import PROMPT, decode_text, read_text_file, read_text_head, read_text_stream
+
+    text = "Résumé 🙂\r\nline two"  # an accent, a character beyond the BMP (a surrogate pair), CRLF
+    data = "\ufeff".encode(codec) + text.encode(codec)
+    saved = tmp_path / "notes.txt"
+    saved.write_bytes(data)
+    assert read_text_file(saved) == text
+    assert read_text_stream(io.BytesIO(data), "standard input", PROMPT) == text
+    for size in range(2, len(data)):  # the head of the file, ending on a whole character wherever it is cut
+        head, whole = read_text_head(saved, PROMPT, size)
+        assert not whole and text.startswith(head), size
+    with pytest.raises(InputError, match="is UTF-16 text, read line by line only as UTF-8"):
+        decode_text(data, "standard input", line=True)
+    with pytest.raises(InputError, match="is not valid UTF-16"):  # a lone surrogate
+        read_text_stream(
+            io.BytesIO("\ufeff".encode(codec) + b"\xd8\x00"[:: 1 if codec.endswith("be") else -1]), "x", PROMPT
+        )
+    utf32 = tmp_path / "wide.txt"  # UTF-32LE starts with UTF-16LE's mark, then NULs
+    utf32.write_bytes("\ufeffhello".encode("utf-32-le"))
+    with pytest.raises(InputError, match="looks like a binary file"):
+        read_text_file(utf32)
+
+
+def test_a_utf16_prompt_file_gives_the_utf8_files_answer(tiny_models, tmp_path):
+    utf8, utf16 = tmp_path / "a.txt", tmp_path / "b.txt"
+    utf8.write_text("ROMEO: café", encoding="utf-8")
+    utf16.write_text("ROMEO: café", encoding="utf-16")  # Python writes the mark, in the machine's order
+    model = ("-m", str(tiny_models["llama"]), "-n", "4", "--raw", "--temperature", "0", "--json")
+    first, second = (run_cli("generate", "-f", str(path), *model) for path in (utf8, utf16))
+    assert first.returncode == second.returncode == 0, second.stderr.decode()
+    (text, tokens), again = (
+        (a["text"], a["usage"]["prompt_tokens"]) for a in map(json.loads, (first.stdout, second.stdout))
+    )
+    assert again == (text, tokens) and tokens > 3  # the same prompt, not a mark or mojibake in it
 
 
 def test_prompt_longer_than_context(tiny_models):

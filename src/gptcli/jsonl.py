@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 from gptcli.errors import InputError
+from gptcli.textio import UTF16_BOMS, UTF16_TO_UTF8
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one request line; a longer one is an error result, never read whole
 READ_AHEAD = 8  # items a ReadAhead holds: a huge file is still read lazily
@@ -125,6 +126,8 @@ class ReadAhead(Generic[T]):
 
 def _text(piece: bytes, number: int) -> bytes:
     if b"\0" in piece:
+        if number == 1 and piece[:2] in UTF16_BOMS:
+            raise InputError("line 1 is UTF-16 text: JSON Lines is UTF-8", hint=UTF16_TO_UTF8)
         raise InputError(f"line {number} holds a NUL byte: this is binary data, not JSON Lines", hint="check the file")
     return piece
 

@@ -23,6 +23,9 @@ from gptcli.errors import ConfigError, InputError, clipped
 MiB = 1024 * 1024
 CHUNK = 64 * 1024  # the first chunk is checked for NUL bytes before more is read
 BINARY_PROBE = 65536
+TO_UTF8 = "convert it, e.g. iconv -t UTF-8"
+UTF16_TO_UTF8 = "convert it, e.g. iconv -f UTF-16 -t UTF-8"
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Notepad's "Unicode", Windows PowerShell's `>`
 PIECE_CHARS = 1 << 20  # a long text is tokenized a piece at a time: one encoding of a whole big text costs GBs
 
 
@@ -117,19 +120,25 @@ def lone_surrogate_at(raw: bytes, data: Any) -> tuple[str, str] | None:
     return None
 
 
-def decode_text(data: bytes, where: str, *, final: bool = True) -> str:
-    """UTF-8 text (a byte-order mark dropped); with final=False `data` is only a file's start, and a
-    character its end cuts is left off."""
-    if b"\x00" in data[:BINARY_PROBE]:
+def decode_text(data: bytes, where: str, *, final: bool = True, line: bool = False) -> str:
+    """UTF-8 text, or UTF-16 that starts with its byte-order mark (the mark dropped either way); with
+    final=False `data` is only a file's start, and a character its end cuts is left off. A `line` of a stream
+    read line by line must be UTF-8: UTF-16's line ends are two bytes, which a split at b"\\n" cuts."""
+    utf16 = data[:2] in UTF16_BOMS
+    if utf16 and line:
+        raise InputError(f"{where} is UTF-16 text, read line by line only as UTF-8", hint=UTF16_TO_UTF8)
+    if b"\x00" in data[:BINARY_PROBE] and not utf16:
         raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
+    codec = "utf-16" if utf16 else "utf-8-sig"  # a byte-order mark (Windows editors write one) is not text
     try:
-        if not final:
-            return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=False)
-        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
+        text = codecs.getincrementaldecoder(codec)().decode(data, final=final)
     except UnicodeDecodeError as exc:
         raise InputError(
-            f"{where} is not valid UTF-8 (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
+            f"{where} is not valid {'UTF-16' if utf16 else 'UTF-8'} (byte {exc.start})", hint=TO_UTF8
         ) from None
+    if utf16 and "\x00" in text[:BINARY_PROBE]:  # UTF-32 starts with UTF-16's mark, then NULs
+        raise InputError(f"{where} looks like a binary file (it has NUL characters)", hint="pass a text file")
+    return text
 
 
 def read_bounded(stream: BinaryIO, where: str, limit: Limit) -> bytes:
@@ -141,15 +150,17 @@ def read_bounded(stream: BinaryIO, where: str, limit: Limit) -> bytes:
 
 
 def read_upto(stream: BinaryIO, where: str, size: int) -> bytes:
-    """At most `size` bytes from `stream`; binary input fails on its first chunk."""
+    """At most `size` bytes from `stream`; binary input fails on its first chunk (UTF-16 text has NUL bytes,
+    and is decoded by decode_text)."""
     data = bytearray()
     while len(data) < size:
         chunk = stream.read(min(CHUNK if not data else MiB, size - len(data)))
         if not chunk:
             break
-        if len(data) < BINARY_PROBE and b"\x00" in chunk[: BINARY_PROBE - len(data)]:
-            raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
+        probed = len(data) < BINARY_PROBE
         data += chunk
+        if probed and b"\x00" in data[:BINARY_PROBE] and data[:2] not in UTF16_BOMS:
+            raise InputError(f"{where} looks like a binary file (it has NUL bytes)", hint="pass a text file")
     return bytes(data)
 
 

@@ -74,7 +74,7 @@ def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str | InputError]:
             yield over_limit(f"{STDIN}, a line", limit)
             continue
         try:
-            yield decode_text(raw, STDIN).rstrip("\r\n")
+            yield decode_text(raw, STDIN, line=True).rstrip("\r\n")
         except InputError as exc:
             yield exc
 

@@ -89,7 +89,7 @@ def _jsonl_documents(file: Path, chat: ChatRenderer | None) -> Iterator[str]:
             number += 1
             if len(raw) > CORPUS_FILE.max_bytes and not raw.endswith(b"\n"):
                 raise over_limit(f"{file}:{number}", CORPUS_FILE)
-            line = decode_text(raw, f"{file}:{number}")
+            line = decode_text(raw, f"{file}:{number}", line=True)
             if not line.strip():
                 continue
             try:
