@@ -255,6 +255,8 @@ TYPED_VALUES = {
     "int": ["-1", "0", "1", "2", "3", str(2**31), str(2**63), str(2**64), "10" * 20, "1e3", "0x10", " 5", "-0"],
     "float": ["-1", "0", "-0.0", "1e-320", "1e309", "-1e309", "nan", "inf", "-inf", "1e30", "0.5", "2", "1e-9"],
 }
+# A value that is a real run's length, not an edge of the option: 2**31 training steps is a long run, as asked.
+LONG_RUNS = {"--max-iters": str(2**31)}
 PATH_OPTIONS = {"parse", "file", "path"}
 OUTPUT_FLAGS = {"-o", "--output", "--out"}
 TRAIN_KEYS = [
@@ -288,7 +290,7 @@ def typed_value(option: str, rng: random.Random, world: World) -> str:
     """A value for `option` at an edge of its own type (a number for a number, a file for a path), or any."""
     kind = OPTION_TYPES.get(option, "")
     if kind.split()[0] in TYPED_VALUES and rng.random() < 0.8:
-        return rng.choice(TYPED_VALUES[kind.split()[0]])
+        return rng.choice([value for value in TYPED_VALUES[kind.split()[0]] if value != LONG_RUNS.get(option)])
     if kind in PATH_OPTIONS and rng.random() < 0.8:
         return rng.choice(world.odd_files)
     return odd_value(rng, world)
