@@ -4,6 +4,7 @@ found, each as the one invocation that shows it."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,13 @@ def test_a_huge_value_in_the_config_or_environment_is_quoted_short(world, tmp_pa
 
 
 def test_a_name_that_is_not_utf8_on_a_strict_stdout_is_named_as_such(world, tmp_path):
-    """`train --out $'out\\xff' --dry-run` prints the path; on a stdout that refuses what is not UTF-8 (a UTF-8 locale
-    such as en_US.UTF-8, or in process) it said 'its encoding (utf-8) cannot hold U+DCFF, use a UTF-8 locale', and in
-    process an exception escaped run() (stdout had no descriptor to point at /dev/null)."""
-    out = str(tmp_path / os.fsdecode(b"out\xff"))
-    argv = ["train", "--data", str(world.files["corpus"]), "--preset", "tiny", "--out", out, "--dry-run"]
+    """`train --data $'corpus\\xff' --dry-run` prints the path; on a stdout that refuses what is not UTF-8 (a UTF-8
+    locale such as en_US.UTF-8, or in process) it said 'its encoding (utf-8) cannot hold U+DCFF, use a UTF-8 locale',
+    and in process an exception escaped run() (stdout had no descriptor to point at /dev/null). (It was `--out
+    $'out\\xff'`, which is now refused before anything is printed: the tokenizers library cannot write there.)"""
+    data = tmp_path / os.fsdecode(b"corpus\xff.txt")
+    shutil.copyfile(world.files["corpus"], data)
+    argv = ["train", "--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "run"), "--dry-run"]
     outcome = gptcli(world, tmp_path, *argv)
     assert outcome.code == 1
     assert outcome.stderr.splitlines()[-2:] == [

@@ -502,6 +502,34 @@ def test_an_output_under_a_file_says_a_file_is_in_the_way(tiny_models, tmp_path,
     assert (tmp_path / "ok.txt").read_text() == "mine"
 
 
+def test_an_output_whose_name_is_not_utf8_is_refused_before_any_work(tiny_models, tmp_path, capsys):
+    # onnx's writer takes only UTF-8 paths: 'internal error: TypeError: _open_external_data(): incompatible
+    # function arguments' once the graph was built (fuzz_cli.py, seed 9094).
+    from gptcli.cli.app import run
+
+    out = tmp_path / os.fsdecode(b"caf\xc3\xa9-\xff\xfe")  # an é, then bytes that are not UTF-8
+    assert run(["export", str(tiny_models["gpt2"]), "--precision", "fp32", "--output", str(out)]) == 6
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: {tmp_path}/café-\\xff\\xfe: its name is not UTF-8 (the byte \\xff), and ONNX takes only UTF-8 paths",
+        "hint: choose a folder whose name is UTF-8",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_cache_whose_name_is_not_utf8_is_a_config_error(tiny_models, tmp_path):
+    # It failed only once a library wrote there: the default model's conversion ended in 'cannot write to stdout:
+    # the text holds the byte \\xff' (exit 1), an ONNX export in onnx's internal TypeError.
+    home = tmp_path / os.fsdecode(b"home-\xff")
+    args = ("generate", "hi", "-m", str(tiny_models["gpt2"]), "--backend", "onnx")
+    result = run_cli(*args, env={"GPTCLI_HOME": str(home)})
+    assert result.returncode == 3 and result.stderr.decode().splitlines() == [
+        f"error: {tmp_path}/home-\\xff/cache: its name is not UTF-8 (the byte \\xff), and the model libraries"
+        " (safetensors, tokenizers, ONNX) take only UTF-8 paths",
+        "hint: set GPTCLI_HOME (or XDG_CACHE_HOME) to a folder whose name is UTF-8",
+    ]
+    assert not home.exists()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_an_output_in_a_folder_that_takes_no_folders_names_the_output(tiny_models, capsys):
     from gptcli.cli.app import run

@@ -422,6 +422,19 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not a training run" in fails(["train", "--resume", str(tmp_path / "notarun")], capsys, 6)
 
 
+def test_an_out_whose_name_is_not_utf8_is_refused_before_training(corpus, tmp_path, capsys):
+    # It trained, then failed at the tokenizer's save as 'corrupt run\\udcff/tokenizer.json', with a hint to
+    # re-download it (found by hand beside fuzz_cli.py's export case).
+    out = tmp_path / os.fsdecode(b"run-\xff")
+    assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "2"]) == 6
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: {tmp_path}/run-\\xff: its name is not UTF-8 (the byte \\xff), and the tokenizers library takes only"
+        " UTF-8 paths",
+        "hint: give --out a folder whose name is UTF-8",
+    ]
+    assert not out.exists()
+
+
 def test_resume_with_an_incompatible_config(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--max-iters", "2"]) == 0

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.errors import GptcliError, InputError, clipped
+from gptcli.errors import ConfigError, GptcliError, InputError, clipped
 
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
 
@@ -31,8 +31,12 @@ def home_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
+    """Converted models and ONNX exports: written and read by safetensors, tokenizers and ONNX, by name."""
     home = home_dir()
-    return home / "cache" if home else _platform_dir("cache")
+    folder = home / "cache" if home else _platform_dir("cache")
+    fix = "set GPTCLI_HOME (or XDG_CACHE_HOME) to a folder whose name is UTF-8"
+    check_utf8_path(folder, "the model libraries (safetensors, tokenizers, ONNX) take", hint=fix, error=ConfigError)
+    return folder
 
 
 def models_dir() -> Path:
@@ -62,6 +66,19 @@ def user_config_file() -> Path:
 def data_dir() -> Path:
     home = home_dir()
     return home / "data" if home else _platform_dir("data")
+
+
+def check_utf8_path(path: Path, reader: str, hint: str, error: type[GptcliError] = InputError) -> None:
+    """An `error` for a path whose name holds bytes that are not UTF-8 (Python keeps them as surrogates), where
+    `reader` ("ONNX takes", "the tokenizers library takes": libraries that take a path as UTF-8 text) would otherwise
+    fail deep inside."""
+    text = str(path)
+    bad = next((char for char in text if 0xDC80 <= ord(char) <= 0xDCFF), None)  # os.fsdecode's escapes
+    if bad is not None:
+        shown = clipped(os.fsencode(text).decode("utf-8", "backslashreplace"))
+        byte = f"\\x{ord(bad) - 0xDC00:02x}"
+        said = f"its name is not UTF-8 (the byte {byte}), and {reader} only UTF-8 paths"
+        raise error(f"{shown}: {said}", hint=hint)
 
 
 def file_stamp(path: Path) -> str:

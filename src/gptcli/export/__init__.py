@@ -73,6 +73,7 @@ from gptcli.export.quantize import (
 from gptcli.export.sidecar import MODEL_FILE, SIDECAR_FILE, Export, io_record, model_record, read_export, write_sidecar
 from gptcli.hf import FAMILIES, FAST_PATH_FAMILIES, Architecture, read_architecture, weight_files
 from gptcli.models import MODEL_SIDE_FILES
+from gptcli.paths import check_utf8_path
 
 __all__ = [
     "DEVICES", "GRAPH_VERSION", "GRID_TOLERANCE", "INT4_KEEP_8BIT", "MODEL_FILE", "MS_OPSET", "OPSET", "PRECISIONS",
@@ -146,6 +147,8 @@ def ensure_export(
     # Before the cache too: an export made before a rule refused its model must not run (and fail in ORT).
     check_exportable(read_architecture(folder), device)
     dest = output if output is not None else cached_export_dir(folder, precision, device)
+    if output is not None:  # the cache's own folder is checked where it is named (paths.cache_dir)
+        check_utf8_path(output, "ONNX takes", hint="choose a folder whose name is UTF-8")
     if not force and (dest / SIDECAR_FILE).is_file():
         try:
             existing = read_export(dest)

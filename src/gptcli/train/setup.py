@@ -13,7 +13,7 @@ from typing import Any
 from gptcli.errors import ConfigError, ModelError, UsageError
 from gptcli.hardware import resolve_device
 from gptcli.models import TOKENIZER_FILES
-from gptcli.paths import RUNS_DIR, cache_dir
+from gptcli.paths import RUNS_DIR, cache_dir, check_utf8_path
 from gptcli.textio import human_bytes
 from gptcli.train import checkpoint as ckpt
 from gptcli.train.config import TrainConfig, load_config
@@ -191,6 +191,7 @@ def resolve_run(
             raise ConfigError("no training data", hint="pass --data FILE_OR_FOLDER (or --resume RUN)")
         cfg = load_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
         out = out or default_out(data_path)
+        check_utf8_path(out, "the tokenizers library takes", hint="give --out a folder whose name is UTF-8")
         check_unlocked(out)
         leftovers = _reusable(out)
 
