@@ -501,6 +501,7 @@ def run_case(case: Case, world: World, scratch: Path, timeout: float) -> Outcome
     helper = None
     if fifo in case.argv or fifo in case.env.values():
         written = any(a == fifo and b in OUTPUT_FLAGS for b, a in zip(case.argv, case.argv[1:], strict=False))
+        written |= {"config", "init"} <= set(case.argv)  # its argument is where it writes (a FIFO: written through)
         helper = threading.Thread(target=drain_fifo if written else feed_fifo, args=(fifo, timeout, done), daemon=True)
         helper.start()
     cwd = os.getcwd()
