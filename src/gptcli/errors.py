@@ -21,6 +21,13 @@ def clipped(text: str, limit: int = QUOTED_VALUE) -> str:
     return f"{text[: limit - 40]}... ({len(text) - limit + 40:,} characters more)"
 
 
+def escaped_byte(char: str) -> str | None:
+    """`\\xff` for a character that stands for a byte that was not UTF-8 (how Python carries such a byte of a file
+    name or an argument: a lone surrogate, U+DC80-U+DCFF), else None."""
+    code = ord(char)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else None
+
+
 class GptcliError(Exception):
     """Base of all user-facing errors: a one-line message, an optional hint, an exit code."""
 

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.errors import ConfigError, GptcliError, InputError, clipped
+from gptcli.errors import ConfigError, GptcliError, InputError, clipped, escaped_byte
 
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
 
@@ -73,10 +73,9 @@ def check_utf8_path(path: Path, reader: str, hint: str, error: type[GptcliError]
     `reader` ("ONNX takes", "the tokenizers library takes": libraries that take a path as UTF-8 text) would otherwise
     fail deep inside."""
     text = str(path)
-    bad = next((char for char in text if 0xDC80 <= ord(char) <= 0xDCFF), None)  # os.fsdecode's escapes
-    if bad is not None:
+    byte = next((byte for byte in map(escaped_byte, text) if byte is not None), None)
+    if byte is not None:
         shown = clipped(os.fsencode(text).decode("utf-8", "backslashreplace"))
-        byte = f"\\x{ord(bad) - 0xDC00:02x}"
         said = f"its name is not UTF-8 (the byte {byte}), and {reader} only UTF-8 paths"
         raise error(f"{shown}: {said}", hint=hint)
 

@@ -296,9 +296,7 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
         hint = "give a YAML file, not a folder" if exc.errno == errno.EISDIR else "check the path and its permissions"
         raise ConfigError(f"cannot read {kind} {path}: {exc.strerror or exc}", hint=hint) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"cannot read {kind} {path}: not UTF-8 text (byte {exc.start})", hint="convert it, e.g. iconv -t UTF-8"
-        ) from None
+        raise ConfigError(f"cannot read {kind} {path}: not UTF-8 text (byte {exc.start})", hint=TO_UTF8) from None
     if len(raw) > CONFIG_FILE.max_bytes:
         raise over_limit(str(path), CONFIG_FILE)
     try:

@@ -40,6 +40,7 @@ from gptcli.errors import (
     GptcliError,
     Terminated,
     UsageError,
+    escaped_byte,
 )
 from gptcli.paths import environment_error
 
@@ -241,15 +242,15 @@ def _command_path(cli: typer.Typer, argv: list[str]) -> str:
 def _unencodable(exc: UnicodeEncodeError) -> GptcliError:
     """The error for text stdout's encoding cannot hold: a character, or a byte that was never UTF-8 (a file name's
     or an argument's, which Python carries as a lone surrogate: no UTF-8 stdout holds it unless told to)."""
-    char = ord(exc.object[exc.start])
-    if 0xDC80 <= char <= 0xDCFF:
+    char = exc.object[exc.start]
+    if (byte := escaped_byte(char)) is not None:
         return GptcliError(
-            f"cannot write to stdout: the text holds the byte \\x{char - 0xDC00:02x}, which is not UTF-8 "
+            f"cannot write to stdout: the text holds the byte {byte}, which is not UTF-8 "
             "(from a file or folder name, or an argument)",
             hint="rename it to UTF-8, or set PYTHONIOENCODING=utf-8:surrogateescape to pass such bytes through",
         )
     return GptcliError(
-        f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{char:04X}",
+        f"cannot write to stdout: its encoding ({exc.encoding}) cannot hold U+{ord(char):04X}",
         hint="use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
     )
 
