@@ -263,6 +263,23 @@ def run_cli(
     )
 
 
+class CannedHandler(BaseHTTPRequestHandler):
+    """A hand-written test server's handler: no log lines, and `answer` sends one whole body."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def answer(self, status: int, body: bytes, content_type: str = "application/json", *, length: bool = True) -> None:
+        """The status, the body's type (and, unless `length` is False, its length: the body then ends where the
+        connection closes, as an HTTP/1.0 stream does), then the body."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class _QuietServer(ThreadingHTTPServer):
     """A test server whose client hangs up on purpose (a timeout, an endless or slow answer): that is what the
     test looks at, not a traceback for stderr; any other error in a handler is still printed."""

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
-from tests.conftest import CHATML, REPO, http_server, run_cli
+from tests.conftest import CHATML, REPO, CannedHandler, http_server, run_cli
 from tests.test_server import free_port, scripted_env, serve_process
 
 pytest.importorskip("fastapi")
@@ -275,31 +274,21 @@ def test_a_timeout_without_a_server_or_of_no_seconds_is_a_usage_error(args, mess
     assert result.returncode == 2 and message in err and "Traceback" not in err
 
 
-class Slow(BaseHTTPRequestHandler):
+class Slow(CannedHandler):
     """A server that lists its model at once and answers a completion after 4 s."""
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, body: bytes, content_type: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_GET(self) -> None:
-        self._send(json.dumps({"object": "list", "data": [{"id": "slow"}]}).encode(), "application/json")
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "slow"}]}).encode())
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path.endswith("tokenize"):
-            self._send(json.dumps({"tokens": [1, 2]}).encode(), "application/json")
+            self.answer(200, json.dumps({"tokens": [1, 2]}).encode())
             return
         time.sleep(4)
         chunk = {"choices": [{"index": 0, "delta": {"content": "late"}, "finish_reason": "stop"}]}
         with contextlib.suppress(OSError):  # the client that gave up has gone
-            self._send(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+            self.answer(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
 
 
 @pytest.fixture(scope="module")
@@ -423,30 +412,21 @@ def test_the_repl_goes_on_after_a_reply_the_server_broke_off(tmp_path, monkeypat
     assert replies == ["Partial", "Partial"]
 
 
-class CutShort(BaseHTTPRequestHandler):
+class CutShort(CannedHandler):
     """A server whose chat stream breaks off after "Partial" (no finish reason, no [DONE]); no /tokenize."""
 
     protocol_version = "HTTP/1.0"  # the stream ends where the connection closes
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_GET(self) -> None:
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "cut"}]}).encode(), "application/json")
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "cut"}]}).encode(), length=False)
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path.endswith("tokenize"):
-            self._send(404, b"Not Found", "text/plain")
+            self.answer(404, b"Not Found", "text/plain", length=False)
             return
         chunk = {"choices": [{"index": 0, "delta": {"content": "Partial"}, "finish_reason": None}]}
-        self._send(200, f"data: {json.dumps(chunk)}\n\n".encode(), "text/event-stream")
+        self.answer(200, f"data: {json.dumps(chunk)}\n\n".encode(), "text/event-stream", length=False)
 
 
 @pytest.fixture(scope="module")
@@ -556,27 +536,17 @@ def test_ctrl_c_during_summarize_prints_the_partial_result_and_exits_130(tiny_mo
         assert running(url) == 0
 
 
-class Hostile(BaseHTTPRequestHandler):
+class Hostile(CannedHandler):
     """A server whose model id and error message hold what a terminal acts on: OSC (retitle), CSI (clear the
     screen, colour) and a right-to-left override."""
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_GET(self) -> None:
-        self._send(200, {"object": "list", "data": [{"id": "m\x1b]0;pwned\x07\x1b[2J"}]})
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "m\x1b]0;pwned\x07\x1b[2J"}]}).encode())
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self._send(400, {"error": {"message": "bad \x1b[31mred\x1b[0m \u202etxet", "type": "invalid_request_error"}})
+        error = {"message": "bad \x1b[31mred\x1b[0m \u202etxet", "type": "invalid_request_error"}
+        self.answer(400, json.dumps({"error": error}).encode())
 
 
 def test_what_a_server_says_reaches_the_terminal_as_text_not_as_control_sequences(isolated_home):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import http_server
+from tests.conftest import CannedHandler, http_server
 from tests.test_server import PROMPTS, reference, serve_runtime, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -529,17 +529,10 @@ def test_setup_script_is_a_no_op_when_everything_is_there():
 @contextlib.contextmanager
 def page_elsewhere() -> Iterator[str]:
     """An empty page served by Python's http.server from another loopback port: another origin than the API's."""
-    import http.server
 
-    class Blank(http.server.BaseHTTPRequestHandler):
+    class Blank(CannedHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.end_headers()
-            self.wfile.write(b"<!doctype html><title>front end</title>")
-
-        def log_message(self, *args) -> None:
-            pass
+            self.answer(200, b"<!doctype html><title>front end</title>", "text/html")
 
     with http_server(Blank) as url:
         yield url
