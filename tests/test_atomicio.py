@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,26 @@ def test_a_folder_published_where_a_file_stood_leaves_no_old_file_behind(tmp_pat
     (tmp / "config.json").write_text("{}")
     publish_dir(tmp, dest)
     assert (dest / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_folder_another_process_published_between_the_check_and_the_rename(tmp_path, monkeypatch, replace):
+    """Two first runs converting the default model at once: the later rename met a full folder (ENOTEMPTY)."""
+    dest = tmp_path / "model"
+    ours, theirs = temp_dir_beside(dest), temp_dir_beside(dest)
+    (ours / "config.json").write_text("ours")
+    (theirs / "config.json").write_text("theirs")
+    real_replace = os.replace
+
+    def racing(src, dst):
+        if Path(src) == ours and theirs.exists():
+            real_replace(theirs, dest)  # the other process wins the race, once
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing)
+    publish_dir(ours, dest, replace=replace)
+    assert (dest / "config.json").read_text() == ("ours" if replace else "theirs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

@@ -216,19 +216,24 @@ def publish_dir(tmp: Path, dest: Path, *, replace: bool = True) -> None:
     """Move a finished temp folder to `dest` with a rename, so readers see all of it or nothing.
 
     An existing `dest` is swapped out as a whole when `replace` (moved aside, then deleted), else it
-    is kept (a concurrent writer finished first) and `tmp` is deleted. A link to a folder is followed (as
-    temp_dir_beside does): its target is replaced and the link stays.
+    is kept (a concurrent writer finished first, even between this check and the rename) and `tmp` is
+    deleted. A link to a folder is followed (as temp_dir_beside does): its target is replaced and the link
+    stays.
     """
     dest = _followed(dest)
-    if dest.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not dest.exists():
+        try:
+            os.replace(tmp, dest)
             return
-        old = _moved_aside(dest)
-        os.replace(tmp, dest)
-        _remove(old)  # a folder, or the file that stood at `dest`
+        except OSError as exc:  # another process published `dest` since (two first runs converting at once)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.is_dir():
+                raise
+    if not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
         return
+    old = _moved_aside(dest)
     os.replace(tmp, dest)
+    _remove(old)  # a folder, or the file that stood at `dest`
 
 
 def _followed(path: Path) -> Path:
