@@ -64,7 +64,9 @@ def test_https_with_the_certificate_trusted(tiny_models, tok, pair, monkeypatch)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         reply = client.chat.completions.create(model="tiny-llama", **BODY)
-        assert reply.model == "tiny-llama" and reply.choices[0].message.content
+        # A whole answer came back over TLS. Its text is a sample from flat logits (the script was the first
+        # request's), which ends at once when the first token drawn is the end of text (a CI run drew it).
+        assert reply.model == "tiny-llama" and reply.choices[0].finish_reason in {"stop", "length"}
         monkeypatch.delenv("SSL_CERT_FILE")
         result = run_cli(*generate, env={"SSL_CERT_FILE": ""})
         error, hint = result.stderr.decode().splitlines()[:2]
