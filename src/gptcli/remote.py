@@ -292,7 +292,7 @@ class RemoteModel:
         except KeyboardInterrupt:
             reason, done = "interrupted", True
         except TimeoutError:
-            raise self._timeout_error(self.timeout) from None
+            raise self._timeout_error(reply.timeout) from None
         except ConnectionError as exc:
             raise RemoteError(f"{self.base_url}: the connection broke mid-answer: {exc}") from None
         finally:

@@ -85,10 +85,15 @@ MAX_MESSAGE = 1000  # characters of an error message sent back (a server's answe
 LINE_BREAKS = re.compile("\r\n|[\r\n\u2028\u2029\x0b\x0c\x1c-\x1e\x85]")
 
 
+def escaped_matches(pattern: re.Pattern[str], text: str) -> str:
+    """`text` with what `pattern` matches written as Python writes it in a string (`\\n`, `\\x1b`, `\\u202e`)."""
+    return pattern.sub(lambda found: repr(found.group())[1:-1], text)
+
+
 def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
     """An error message as one line of at most about `limit` characters: a message quotes what it was sent
     (a model's name, a schema's type), which may hold line breaks or run to a megabyte."""
-    return clipped(LINE_BREAKS.sub(lambda found: repr(found.group())[1:-1], message), limit)
+    return clipped(escaped_matches(LINE_BREAKS, message), limit)
 
 
 # How a lone surrogate reaches parsed JSON: an escape (\ud800) or its UTF-8-like bytes, which json.loads lets

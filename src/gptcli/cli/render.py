@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from gptcli.errors import GptcliError
+from gptcli.textio import escaped_matches
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 # What a terminal acts on rather than shows: C0 controls but tab and line feed (ESC starts a sequence that can
@@ -94,7 +95,7 @@ def one_line(text: str) -> str:
 def inert(text: str) -> str:
     """`text` with what a terminal would act on written as escapes (`\\x1b`): a message quotes what a server,
     a file or a model's card said, and none of it may retitle, clear or rewrite the user's terminal."""
-    return _TERMINAL_CONTROLS.sub(lambda found: repr(found.group())[1:-1], text)
+    return escaped_matches(_TERMINAL_CONTROLS, text)
 
 
 def add_row(table: Any, *cells: str) -> None:
