@@ -82,13 +82,14 @@ def warn(message: str) -> None:
 def report(error: GptcliError) -> None:
     """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`)."""
     console = _error_console()
-    console.print(f"error: {inert(one_line(error.message))}", markup=False, style="bold red")
+    console.print(f"error: {inert(joined_lines(error.message))}", markup=False, style="bold red")
     if error.hint:
-        console.print(f"hint: {inert(one_line(error.hint))}", markup=False)
+        console.print(f"hint: {inert(joined_lines(error.hint))}", markup=False)
 
 
-def one_line(text: str) -> str:
-    """A message that a library wrote over several lines, on one (an error is one line, then its hint)."""
+def joined_lines(text: str) -> str:
+    """A message that a library wrote over several lines, on one (an error is one line, then its hint).
+    Not `textio.one_line`, which escapes the breaks of a quoted value and clips it, for JSON answers."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
