@@ -162,6 +162,9 @@ class GptcliRuntime:
             _, (tokens,) = self.generate([ids], 1, n_gen)
             self.alone[index] = tokens
 
+    def warm_up(self, prompts: Sequence[list[int]]) -> None:
+        self.generate(prompts[:1], 1, 4)
+
     def run(self, prompts: Sequence[list[int]], npl: int, n_gen: int) -> Measure:
         measure, outputs = self.generate(prompts[:npl], npl, n_gen)
         for index, tokens in enumerate(outputs):
@@ -189,6 +192,9 @@ class TransformersRuntime:
         self.model.generation_config.eos_token_id = None  # a fixed number of new tokens, like the other rows
         self.pad_id = pad_id
         self.outputs: dict[int, list[tuple[int, ...]]] = {}
+
+    def warm_up(self, prompts: Sequence[list[int]]) -> None:
+        self.run(prompts, 1, 4)  # its npl-1 outputs are replaced by the timed run's
 
     def run(self, prompts: Sequence[list[int]], npl: int, n_gen: int) -> Measure:
         from transformers import LogitsProcessor, LogitsProcessorList
@@ -435,12 +441,16 @@ def main() -> None:
         log(f"{row.label}: each prompt alone (warm-up and greedy reference)")
         row.check_alone(prompts, args.tokens)
     if hf is not None:
-        hf.run(prompts, 1, 4)  # warm-up
+        hf.warm_up(prompts)
 
     order = [*gptcli_rows, hf, *llama_rows]  # the table's row order
     results: dict[str, dict[int, list[Measure]]] = {runtime.label: {} for runtime in order if runtime}
 
     def sweep(runtime: GptcliRuntime | TransformersRuntime) -> None:
+        # Untimed first: the runtime that ran before may leave threads spinning on the cores (an idle ONNX
+        # Runtime session's worker spins for tens of ms: a step of one fp32 session right after another's
+        # took 50 ms instead of 22), which slowed this runtime's npl-1 row and flattered its TG x npl1.
+        runtime.warm_up(prompts)
         for npl in npls:
             results.setdefault(runtime.label, {}).setdefault(npl, []).append(runtime.run(prompts, npl, args.tokens))
 
