@@ -440,8 +440,6 @@ def main() -> None:
     for row in gptcli_rows:
         log(f"{row.label}: each prompt alone (warm-up and greedy reference)")
         row.check_alone(prompts, args.tokens)
-    if hf is not None:
-        hf.warm_up(prompts)
 
     order = [*gptcli_rows, hf, *llama_rows]  # the table's row order
     results: dict[str, dict[int, list[Measure]]] = {runtime.label: {} for runtime in order if runtime}
