@@ -751,6 +751,20 @@ def test_unknown_model_is_404(live):
     assert missing.status_code == 404 and error_of(missing)["type"] == "not_found_error"
 
 
+def test_an_openai_route_this_server_lacks_says_what_it_answers(live):
+    """The SDK's embeddings call got a bare "Not Found"; it now reads which routes there are."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        live.client().embeddings.create(model="tiny-llama", input="hi")
+    message = caught.value.message
+    assert "/v1/embeddings is not supported" in message and "/v1/chat/completions" in message, message
+    assert "{" not in error_of(caught.value.response)["message"]  # no route templates in it
+    wrong = httpx.get(live.v1 + "/chat/completions")  # a route of its own, another method: 405, not 404
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert error_of(wrong)["message"] == "/v1/chat/completions takes POST, not GET"
+    assert httpx.get(live.v1 + "/models").status_code == 200  # the routes before it still answer
+    assert httpx.post(live.v1 + "/responses/input_tokens", json={"input": "hi"}).status_code == 200
+
+
 def test_prompt_over_the_context_is_context_length_exceeded(live):
     with pytest.raises(openai.BadRequestError) as caught:
         live.client().chat.completions.create(

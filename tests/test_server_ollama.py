@@ -202,6 +202,9 @@ def test_errors_are_ollamas_shape_with_the_status(live):
     assert xml.status_code == 400 and xml.json() == {"error": 'format: must be "json" or a JSON Schema (an object)'}
     wrong = httpx.get(live.url + "/api/chat")
     assert wrong.status_code == 405 and wrong.json() == {"error": "/api/chat takes POST, not GET"}
+    for path in ("/api/tags", "/api/version"):  # ollama answers HEAD there too (apps probe for a server with it)
+        head = httpx.head(live.url + path)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     picture = [{"role": "user", "content": "What is it?", "images": ["iVBORw0KGgo="]}]
     refused = httpx.post(live.url + "/api/chat", json={"messages": picture})
     assert refused.status_code == 400 and refused.json()["error"].startswith("messages.0.images: ")

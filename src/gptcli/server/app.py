@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
-from fastapi import FastAPI
-from starlette.responses import HTMLResponse, PlainTextResponse
+from fastapi import FastAPI, Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from gptcli import __version__
-from gptcli.server.errors import install_error_handlers
+from gptcli.server.errors import install_error_handlers, route_not_served
 from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CorsHeaders, CrossSiteGuard, RequestCounter
 from gptcli.server.ollama_routes import router as ollama_router
 from gptcli.server.ollama_shapes import OllamaErrors
@@ -95,9 +95,20 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    served = [*router.routes, *responses_router.routes, *token_router.routes, *ollama_router.routes]
+    openai_paths = sorted({path for route in served if (path := getattr(route, "path", "")).startswith("/v1/")})
+    openai_answers = ", ".join(path for path in openai_paths if "{" not in path) + " (and ollama's API under /api)"
+
+    # Last, so that it takes only what no route above serves: OpenAI's other routes (embeddings, images, audio,
+    # files...) get a line naming what this server answers, not a bare "Not Found".
+    every_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+
+    @app.api_route("/v1/{rest:path}", methods=every_method, include_in_schema=False)
+    async def unsupported(rest: str, request: Request) -> Response:
+        raise route_not_served(f"/v1/{rest}", request.method, served, openai_answers)
+
     # Added innermost first: the counter sees every answer, the key is checked before the body is read, and an
     # allowed origin's page can read a 401 (a preflight needs no key).
-    served = [*router.routes, *responses_router.routes, *token_router.routes, *ollama_router.routes]
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(CrossSiteGuard, allowed=config.allowed_origins)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute
 
 from gptcli.errors import FieldError, GptcliError, QueueFullError
 from gptcli.textio import one_line
@@ -49,6 +51,16 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def route_not_served(path: str, method: str, routes: Iterable[BaseRoute], answers: str) -> APIError:
+    """The answer to a path no route serves with this method: 405 naming the methods where one serves it with
+    others, else 404 saying what the server answers instead (`answers`), as one line a client can act on."""
+    methods = next((route.methods for route in routes if getattr(route, "path", None) == path), None)
+    if methods and method not in methods:
+        allowed = ", ".join(sorted(methods))
+        return APIError(405, f"{path} takes {allowed}, not {method}", headers={"Allow": allowed})
+    return APIError(404, f"{path} is not supported: gptcli serve answers {answers}", code="not_found")
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished
-from gptcli.server.errors import APIError
+from gptcli.server.errors import APIError, route_not_served
 from gptcli.server.ollama_request import OllamaBody, OllamaChat, OllamaGenerate, OllamaShow, ollama_names
 from gptcli.server.ollama_shapes import (
     NDJSON,
@@ -35,12 +35,12 @@ OLLAMA_VERSION = "0.12.0"  # the version of ollama's API this one follows (clien
 ROUTES = "/api/chat, /api/generate, /api/tags, /api/show, /api/ps and /api/version"
 
 
-@router.get("/version")
+@router.api_route("/version", methods=["GET", "HEAD"])  # HEAD: how some apps check for an ollama server
 async def version() -> dict[str, str]:
     return {"version": OLLAMA_VERSION}
 
 
-@router.get("/tags")
+@router.api_route("/tags", methods=["GET", "HEAD"])
 async def tags(request: Request) -> dict[str, Any]:
     return {"models": [model_entry(state_of(request))]}
 
@@ -125,12 +125,7 @@ async def generate(request: Request) -> Response:
 async def unsupported(rest: str, request: Request) -> Response:
     """ollama's other routes (pull, create, copy, delete, push, embed): this server serves one model. One of its
     own with another method is a 405 (this route would otherwise take it)."""
-    methods = next((route.methods for route in router.routes if getattr(route, "path", "") == f"/api/{rest}"), None)
-    if methods and request.method not in methods:
-        allowed = ", ".join(sorted(methods))
-        raise APIError(405, f"/api/{rest} takes {allowed}, not {request.method}", headers={"Allow": allowed})
-    message = f"/api/{rest} is not supported: gptcli serve answers {ROUTES} for the one model it serves"
-    raise APIError(404, message, code="not_found")
+    raise route_not_served(f"/api/{rest}", request.method, router.routes, f"{ROUTES} for the one model it serves")
 
 
 def room(state: ServerState) -> int:
