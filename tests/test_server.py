@@ -683,6 +683,10 @@ def test_bad_parameters_are_400_in_openai_shape(live):
         assert response.status_code == 400 and error_of(response)["param"] == param, (body, response.text)
     broken = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 400 and error_of(broken)["code"] == "invalid_json"
+    # Valid JSON that Python will not read as an int: it was told "not valid JSON".
+    long_number = httpx.post(url, content=b'{"max_tokens": ' + b"9" * 5000 + b"}")
+    assert long_number.status_code == 400, long_number.text
+    assert error_of(long_number)["message"] == "the request body holds a number of 5,000 digits, over 4,300"
 
 
 def test_nan_and_infinity_are_400s_that_say_a_number_must_be_finite(live):

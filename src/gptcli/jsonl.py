@@ -230,10 +230,15 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 MAX_INT_DIGITS = 4300  # Python's default limit for int(str)
 
 
-def _whole_number(text: str) -> int:
-    """A JSON integer; one of thousands of digits is a ValueError that says so (int()'s own names a Python call)."""
+class TooManyDigits(ValueError):
+    """A JSON integer longer than Python reads (valid JSON all the same, so not "not valid JSON")."""
+
+
+def whole_number(text: str) -> int:
+    """json.loads' parse_int: one of thousands of digits is a TooManyDigits that says so (int()'s own error
+    names a Python call)."""
     if (digits := len(text.lstrip("-"))) > MAX_INT_DIGITS:
-        raise ValueError(f"a number of {digits:,} digits, over {MAX_INT_DIGITS:,}")
+        raise TooManyDigits(f"a number of {digits:,} digits, over {MAX_INT_DIGITS:,}")
     return int(text)
 
 
@@ -242,7 +247,7 @@ def parse_line(raw: bytes) -> Any:
     nested too deeply for the parser, an integer of thousands of digits) is a ValueError saying why, never
     another exception."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_int=_whole_number)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_int=whole_number)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:

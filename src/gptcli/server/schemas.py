@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
+from gptcli.jsonl import TooManyDigits, whole_number
 from gptcli.prompts import MESSAGE_ROLES, template_role
 from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
@@ -46,7 +47,9 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     """The JSON body as `model`, whatever Content-Type says (curl -d sends a form type); 400 otherwise."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=whole_number)
+    except TooManyDigits as exc:
+        raise APIError(400, f"the request body holds {exc}", code="invalid_value") from None
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     except RecursionError:
