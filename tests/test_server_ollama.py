@@ -186,7 +186,11 @@ def test_errors_are_ollamas_shape_with_the_status(live):
         (lambda: client(live).chat(model="llama3", messages=MESSAGES), 404, "model 'llama3' not found"),
         (lambda: client(live).show("llama3:latest"), 404, "model 'llama3:latest' not found"),
         (lambda: client(live).chat(model="tiny-llama", messages=MESSAGES, options={"temperature": "hot"}), 400, ""),
-        (lambda: client(live).chat(model="tiny-llama", messages=MESSAGES, options={"num_predict": 0}), 400, ""),
+        (
+            lambda: client(live).chat(model="tiny-llama", messages=MESSAGES, options={"num_predict": 0}),
+            400,
+            "options.num_predict: must be 1 or more tokens, or -1 or -2 (until the context is full)",
+        ),
         (lambda: client(live).generate(model="tiny-llama", prompt="a", suffix="b"), 400, "suffix: "),
         (lambda: client(live).generate(model="tiny-llama", prompt="a", images=[b"\x89PNG"]), 400, "images: "),
         (lambda: client(live).pull("llama3"), 404, "/api/pull is not supported"),

@@ -129,7 +129,8 @@ class OllamaBody(BaseModel):
                 fields[field] = value
         if options.num_predict is not None and options.num_predict not in UNTIL_CONTEXT:
             if options.num_predict < 1:
-                raise invalid("options.num_predict", "must be 1 or more tokens, or -1 (until the context is full)")
+                until = "-1 or -2 (until the context is full)"
+                raise invalid("options.num_predict", f"must be 1 or more tokens, or {until}")
             fields["max_tokens"] = options.num_predict
         if (response_format := self.response_format()) is not None:
             fields["response_format"] = response_format
