@@ -132,6 +132,20 @@ def test_repl_typing_commands_multiline_ctrl_c_ctrl_d_and_resume(tiny_models, to
     assert conv2["id"] == conv["id"] and conv2["messages"][-1]["content"] == "Resumed."
 
 
+def test_a_markdown_reply_wider_than_the_terminal_wraps_instead_of_being_cut(tiny_models, tok, isolated_home):
+    """Live cropped every line at the terminal's width (the console left wrapping to the terminal): a
+    paragraph showed as its first 60 characters, the rest only in the saved chat."""
+    words = [f"w{i:02d}" for i in range(40)]  # 159 characters in one paragraph, in a 60-column terminal
+    child = spawn(tiny_models, say(tok, " ".join(words)))
+    child.setwinsize(40, 60)
+    child.sendline("Hi")
+    child.expect_exact(words[-1])  # cut at the edge, the paragraph's end never reached the screen
+    shown = child.before + child.after
+    assert all(word in shown for word in words), shown[-400:]
+    child.expect_exact(PROMPT)
+    leave(child)
+
+
 def test_repl_renders_markdown_and_retry(tiny_models, tok, isolated_home):
     child = spawn(tiny_models, say(tok, "Some **bold** text.") + say(tok, "Other text."))
     child.sendline("Hi")

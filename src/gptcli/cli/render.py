@@ -138,14 +138,21 @@ def stream_text(events: Iterable[Any], out: TextIO | None = None, *, show: bool 
 
 
 def stream_markdown(events: Iterable[Any]) -> None:
-    """Render a reply as Markdown on stdout, redrawn live as tokens arrive (a terminal only)."""
+    """Render a reply as Markdown on stdout, redrawn live as tokens arrive (a terminal only).
+
+    Its own console wraps paragraphs at the terminal's width: the tables' console (`stdout_console`) leaves
+    wrapping to the terminal, and Live crops each line it draws at that width, so a reply showed one
+    line of each paragraph.
+    """
+    from rich.console import Console
     from rich.live import Live
     from rich.markdown import Markdown
 
     from gptcli.decoding import Token
 
     text = ""
-    with Live(console=stdout_console(), refresh_per_second=12, vertical_overflow="visible") as live:
+    console = Console(highlight=False, markup=False)
+    with Live(console=console, refresh_per_second=12, vertical_overflow="visible") as live:
         for event in events:
             if isinstance(event, Token) and event.text:
                 text += event.text
