@@ -322,9 +322,11 @@ def test_train_mode_on_the_tiny_preset(env):
     assert bad.returncode == 3 and bad.stderr.decode().startswith("error: unknown preset 'tinyy'")
 
 
-def _slow_bench_under_way(tiny_models, env, backends: str):
-    """`gptcli bench` in a session of its own, returned once pp8 is done and tg2 is under way."""
+def _slow_bench_under_way(tiny_models, env, backends: str, *, ignore_ctrl_c: bool = False):
+    """`gptcli bench` in a session of its own, returned once pp8 is done and tg2 is under way. With
+    `ignore_ctrl_c`, started as `cmd &` in a script starts it: SIGINT ignored, which its worker inherits."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -338,6 +340,7 @@ def _slow_bench_under_way(tiny_models, env, backends: str):
         env={**os.environ, **env, "GPTCLI_TEST_DELAY": "0.02"},
         cwd=REPO,
         start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_ctrl_c else None,
     )
     for line in proc.stderr:
         if b"tg2: repetition 3/500" in line:
@@ -359,13 +362,28 @@ def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):
     assert "interrupted" in err.decode()
 
 
-def test_sigterm_reaches_the_worker_as_ctrl_c_keeps_the_finished_results_and_exits_143(tiny_models, env):
+@pytest.mark.parametrize(
+    ("how", "ignore_ctrl_c"),
+    [
+        ("a kill: only the parent gets it", False),
+        ("timeout: the whole process group gets it", False),
+        ("a kill of a run started with Ctrl-C ignored (`cmd &` in a script)", True),
+    ],
+)
+def test_sigterm_reaches_the_worker_as_ctrl_c_keeps_the_finished_results_and_exits_143(
+    tiny_models, env, how, ignore_ctrl_c
+):
+    """A SIGTERM to the process group killed the worker with its finished tests (empty stdout); one to the parent
+    of a run that ignores Ctrl-C was passed on as a Ctrl-C the worker ignored, and the run went on to its end."""
     import os
     import signal
     import time
 
-    proc = _slow_bench_under_way(tiny_models, env, "scripted")
-    proc.send_signal(signal.SIGTERM)  # a kill: only the parent gets it, not the worker
+    proc = _slow_bench_under_way(tiny_models, env, "scripted", ignore_ctrl_c=ignore_ctrl_c)
+    if how.startswith("timeout"):
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err.decode()
     rows = [json.loads(line) for line in out.decode().splitlines()]

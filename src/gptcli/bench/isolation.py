@@ -27,9 +27,9 @@ def error_from_exit_code(code: int) -> type[GptcliError]:
 def run_isolated(job: Job) -> dict[str, Any]:
     """Run `run_job` in a fresh interpreter; its progress goes straight to our stderr.
 
-    Ctrl-C reaches the worker too (same process group): it stops, and hands over what it finished; a
-    SIGTERM, which reaches only this process, is passed on to it as Ctrl-C.
-    Here the first Ctrl-C only sets a flag (a raising handler could drop the worker's answer in
+    The first Ctrl-C or SIGTERM here is passed on to the worker as Ctrl-C (a `kill` reaches only this process;
+    a terminal's Ctrl-C or `timeout` reach both, and the worker stops once): it stops, and hands over what it
+    finished. Here that first one only sets a flag (a raising handler could drop the worker's answer in
     flight); a second one kills the worker.
     """
     import signal
@@ -45,11 +45,12 @@ def run_isolated(job: Job) -> dict[str, Any]:
 
     def on_interrupt(signum: int, _frame: Any) -> None:
         interrupts.append(signum)
-        if signum == signal.SIGTERM:  # a kill reaches only us: pass it on as Ctrl-C (gptcli still exits 143)
-            Terminated.seen = True
+        if signum == signal.SIGTERM:
+            Terminated.seen = True  # gptcli exits 143
+        if len(interrupts) == 1:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)
-        if len(interrupts) > 1:
+        else:
             proc.kill()
 
     main_thread = threading.current_thread() is threading.main_thread()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from typing import Any
 
 from gptcli.bench.job import Job
 from gptcli.bench.runner import run_job
@@ -18,7 +20,22 @@ def _notify(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
+def _stop_once(signum: int, _frame: Any) -> None:
+    """The first Ctrl-C or SIGTERM stops the run, which hands over what finished; the later ones are ignored, so
+    the hand-over is never cut. A terminal's Ctrl-C and `timeout`'s SIGTERM reach the whole process group and
+    the parent passes its own on as Ctrl-C, so one stop often comes twice; a second Ctrl-C at the parent kills
+    this process (SIGKILL) instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Set here, not inherited: a gptcli started with Ctrl-C ignored (`cmd &` in a script, nohup) passed that on,
+    # and the parent's Ctrl-C for a kill then did nothing until the run was over; SIGTERM killed this process
+    # outright, with the finished tests.
+    signal.signal(signal.SIGINT, _stop_once)
+    signal.signal(signal.SIGTERM, _stop_once)
     job = Job.from_json(sys.stdin.read())
     try:
         result = run_job(job, notify=_notify)
