@@ -59,6 +59,14 @@ def test_invalid_yaml_names_line(tmp_path):
         resolve(config_file=bad, environ={}, user_file=tmp_path / "none.yaml")
 
 
+def test_a_character_yaml_refuses_is_named_with_its_line_and_column(tmp_path):
+    """A NUL byte said "invalid YAML: invalid YAML", with no place (PyYAML's ReaderError has no mark)."""
+    bad = write(tmp_path, "nul.yaml", "sampling:\n  temperature: 0.5\x00\n")
+    with pytest.raises(ConfigError) as caught:
+        resolve(config_file=bad, environ={}, user_file=tmp_path / "none.yaml")
+    assert caught.value.message == f"{bad}:2:19: invalid YAML: special characters are not allowed (U+0000)"
+
+
 def test_a_key_given_twice_is_an_error_not_a_setting_quietly_lost(tmp_path):
     twice = write(tmp_path, "twice.yaml", "sampling:\n  temperature: 0.2\n  top_p: 0.9\n  temperature: 0.8\n")
     with pytest.raises(ConfigError, match=r"twice\.yaml:4: 'temperature' is given twice in the same mapping"):
