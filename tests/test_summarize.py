@@ -241,6 +241,30 @@ def test_cli_map_reduce_on_a_small_context(tiny_models, tok, tmp_path):
     assert "map-reduce:" in result.stderr.decode()
 
 
+def test_the_default_overlap_fits_a_small_chunk_and_a_given_one_that_cannot_fails_before_the_model_loads(
+    tiny_models, tok, tmp_path
+):
+    """`--chunk-tokens 200` alone failed after the model loaded with "--overlap 100 must be under half of the chunk
+    size", naming a flag that was never given: the default now repeats at most a quarter of a chunk."""
+    from gptcli.summarize import SummaryOptions
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(20))
+    words = [*tok.encode("Part.", add_special_tokens=False), 2] * 200
+    env = {**SCRIPTED, "GPTCLI_TEST_CONTEXT": "600", "GPTCLI_TEST_SCRIPT": json.dumps(words)}
+    args = ["summarize", str(doc), "-m", str(tiny_models["llama"]), "-b", "scripted", "--json", "--chunk-tokens", "120"]
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["chunks"] >= 3
+    assert SummaryOptions(chunk_tokens=120).overlap_for(120) == 30 and SummaryOptions().overlap_for(4000) == 100
+    refused = run_cli(*args, "--overlap", "60", "-m", str(tmp_path / "no-such-model"), env=env)
+    assert refused.returncode == 2, refused.stderr.decode()  # a usage error, found before the (missing) model
+    assert refused.stderr.decode().splitlines() == [
+        "error: --overlap 60 must be under half of --chunk-tokens 120",
+        "hint: pass --overlap 59 or less, or a larger --chunk-tokens",
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "code", "message"),
     [

@@ -24,16 +24,10 @@ from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, EngineLimits, run_all
 from gptcli.errors import InputError, UsageError
 from gptcli.prompts import Messages, build_prompt, messages_for
+from gptcli.summary_options import FORMATS, LENGTHS, SummaryOptions
 from gptcli.templates import Template
 from gptcli.textio import split_text, text_pieces
 
-LENGTHS = {
-    "short": ("in one or two sentences", 96),
-    "medium": ("in one short paragraph", 256),
-    "long": ("in a few detailed paragraphs", 512),
-}
-FORMATS = {"paragraph": "as plain prose", "bullets": "as a bulleted list of the key points"}
-STRATEGIES = ("auto", "stuff", "map-reduce")
 COMBINE_SYSTEM = "You merge partial summaries of one document into a single faithful summary. Never invent facts."
 COMBINE_USER = (
     "These are summaries of consecutive parts of one document. Combine them into one summary of the whole "
@@ -67,27 +61,6 @@ class SummaryInterrupted(Exception):
     def __init__(self, result: SummaryResult) -> None:
         super().__init__("interrupted")
         self.result = result
-
-
-@dataclass(frozen=True)
-class SummaryOptions:
-    length: str = "medium"
-    format: str = "paragraph"
-    strategy: str = "auto"
-    chunk_tokens: int | None = None  # None: as large as the context allows
-    overlap: int = 100
-
-    def check(self) -> None:
-        if self.length not in LENGTHS:
-            raise UsageError(f"--length must be one of {', '.join(LENGTHS)}, got {self.length!r}")
-        if self.format not in FORMATS:
-            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.chunk_tokens is not None and self.chunk_tokens < 16:
-            raise UsageError(f"--chunk-tokens must be at least 16, got {self.chunk_tokens}")
-        if self.overlap < 0:
-            raise UsageError(f"--overlap must be >= 0, got {self.overlap}")
 
 
 @dataclass
@@ -274,17 +247,18 @@ class Summarizer:
             self.sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, limit))
         budget, combine_budget = self.input_budget(), self.input_budget(combine=True)
         chunk_budget = budget if options.chunk_tokens is None else min(options.chunk_tokens, budget)
+        overlap = options.overlap_for(chunk_budget)
         if options.chunk_tokens is None and self.parallel > 1:
-            chunk_budget = self.parallel_chunk(total, budget, options.overlap)
+            chunk_budget = self.parallel_chunk(total, budget, overlap)
         result.strategy, result.chunk_budget = strategy, chunk_budget
         if strategy == "stuff":
             result.summary = self._calls("stuff", 0, [text], result)[0]
         else:
-            chunks = self.chunk(text, chunk_budget, options.overlap)
+            chunks = self.chunk(text, chunk_budget, overlap)
             # Paragraph cuts leave chunks short: grow the size until one wave fits the batch (no lone 9th chunk).
             while options.chunk_tokens is None and len(chunks) > self.parallel > 1 and chunk_budget < budget:
                 chunk_budget = min(budget, chunk_budget + max(chunk_budget // 8, 16))
-                chunks = self.chunk(text, chunk_budget, options.overlap)
+                chunks = self.chunk(text, chunk_budget, overlap)
             result.chunk_budget = chunk_budget
             result.chunks = [self.count(c) for c in chunks]
             result.summary = self.reduce(self._calls("map", 0, chunks, result), combine_budget, result)

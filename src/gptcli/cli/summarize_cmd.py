@@ -26,7 +26,7 @@ def summarize(
     chunk_tokens: Annotated[
         int | None, typer.Option("--chunk-tokens", help="Most tokens per chunk (default: what the context allows).")
     ] = None,
-    overlap: Annotated[int, typer.Option("--overlap", help="Tokens repeated from the previous chunk.")] = 100,
+    overlap: Annotated[int | None, typer.Option("--overlap", help="Tokens repeated from the previous chunk.")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object: summary, chunks, token counts, timings.")
     ] = False,
@@ -67,7 +67,8 @@ def summarize(
       gptcli summarize doc.txt --url http://127.0.0.1:8080/v1    # on that server
     """
     from gptcli.cli.remote_run import check_client_flags, open_remote
-    from gptcli.summarize import FORMATS, LENGTHS, SummaryInterrupted, SummaryOptions, SummaryResult
+    from gptcli.summarize import SummaryInterrupted, SummaryResult
+    from gptcli.summary_options import FORMATS, LENGTHS, SummaryOptions
     from gptcli.templates import apply_sampling_defaults, get_template
 
     check_client_flags(
