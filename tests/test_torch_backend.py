@@ -178,6 +178,55 @@ def test_bfloat16_decode_attention_groups_query_heads_like_sdpa_gqa(tiny_models,
     assert (out.float() - expected).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_rows_attend_with_the_numbers_of_each_sequence_alone(tiny_models, monkeypatch, window):
+    """A decode-only step's attention (lean_base._attend_decode_rows) is bit-identical to `_attend` per sequence."""
+    import torch
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    lean = TorchBackend.load(tiny_models["llama"], CPU32).engine.lean
+    assert lean.heads > lean.kv_heads > 1
+    lean.windows = [window] * lean.num_layers
+    generator = torch.Generator().manual_seed(0)
+    lengths = [0, 3, 11, 40]  # an empty cache, inside the window and past it
+
+    def caches() -> list:
+        made = []
+        for length in lengths:
+            cache = lean.new_cache()
+            past = torch.randn(lean.kv_heads, 2, length, lean.head_dim, generator=torch.Generator().manual_seed(length))
+            cache.keys[1][:, :length], cache.values[1][:, :length], cache.length = past[:, 0], past[:, 1], length
+            made.append(cache)
+        return made
+
+    q = torch.randn(lean.heads, len(lengths), lean.head_dim, generator=generator)
+    k, v = torch.randn(2, lean.kv_heads, len(lengths), lean.head_dim, generator=generator)
+    with torch.inference_mode():
+        together_caches, alone_caches = caches(), caches()
+        together = lean._attend_decode_rows(q, k, v, 1, together_caches)
+        alone = torch.cat([lean._attend(q[:, [i]], k[:, [i]], v[:, [i]], 1, c) for i, c in enumerate(alone_caches)])
+    assert torch.equal(together, alone)
+    for a, b, length in zip(together_caches, alone_caches, lengths, strict=True):
+        assert torch.equal(a.keys[1][:, : length + 1], b.keys[1][:, : length + 1])
+        assert torch.equal(a.values[1][:, : length + 1], b.values[1][:, : length + 1])
+
+
+def test_a_decode_only_step_takes_the_decode_rows_path(tiny_models, monkeypatch):
+    """Several one-token sequences go through `_attend_decode_rows`; a step with a prefill chunk does not."""
+    from gptcli.backends import lean_base
+
+    monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    lean = TorchBackend.load(tiny_models["llama"], CPU32).engine.lean
+    calls = []
+    real = lean_base.LeanModel._attend_decode_rows
+    monkeypatch.setattr(lean_base.LeanModel, "_attend_decode_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    first, second = lean.new_cache(), lean.new_cache()
+    lean.step([([5, 6], first), ([7], second)])
+    assert calls == []
+    lean.step([([8], first), ([9], second)])
+    assert len(calls) == lean.num_layers
+
+
 def test_batched_steps_of_many_row_counts_do_not_grow_memory_for_ever(tiny_models):
     """A server's steps have as many row counts as its prompts have lengths; oneDNN compiled and kept a kernel
     per shape (1,024 per cache), so RSS grew by ~2 MB per new row count here (270 MB over this test). Bounded now.

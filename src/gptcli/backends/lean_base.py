@@ -259,12 +259,44 @@ class LeanModel:
         """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
         if len(spans) == 1:
             return self._attend(q, k, v, layer, spans[0].cache)
+        grouped_one_row = self.heads != self.kv_heads and self.dtype != torch.float32  # `_attend`'s own n=1 path
+        if not grouped_one_row and all(span.end - span.begin == 1 for span in spans):
+            return self._attend_decode_rows(q, k, v, layer, [span.cache for span in spans])
         # One SDPA call per sequence: exactly what that sequence would compute alone.
         outs = []
         for span in spans:
             rows = slice(span.begin, span.end)
             outs.append(self._attend(q[:, rows], k[:, rows], v[:, rows], layer, span.cache))
         return torch.cat(outs)
+
+    def _attend_decode_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, caches: list[LeanCache]
+    ) -> torch.Tensor:
+        """One new token per sequence: q [heads, B, hd], k/v [kv_heads, B, hd] → [B, heads*hd].
+
+        The same SDPA call per sequence as `_attend` makes for it alone, on the same memory (so the same
+        numbers), with the views around it taken once for all sequences: `_attend` costs ~15 small ops a
+        sequence a layer, which at 8 sequences were a fifth of a float32 step.
+        """
+        window = self.windows[layer] if self.windows else None
+        queries = q.transpose(0, 1)[:, None, :, None, :].unbind(0)  # B × [1, heads, 1, hd]
+        new_keys, new_values = k.unbind(1), v.unbind(1)  # B × [kv_heads, hd]
+        outs = []
+        for i, cache in enumerate(caches):
+            position, keys, values = cache.length, cache.keys[layer], cache.values[layer]
+            keys[:, position] = new_keys[i]
+            values[:, position] = new_values[i]
+            first = 0 if window is None else max(0, position + 1 - window)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    queries[i],
+                    keys[None, :, first : position + 1],
+                    values[None, :, first : position + 1],
+                    enable_gqa=self.heads != self.kv_heads,
+                    scale=self.attention_scale,
+                )
+            )
+        return torch.cat(outs, 2)[0].transpose(0, 1).reshape(len(caches), self.heads * self.head_dim)
 
     def forward(self, ids: Sequence[int], cache: LeanCache) -> torch.Tensor:
         """Logits (float32, [vocab]) of the last position; the cache grows by len(ids)."""
