@@ -237,22 +237,41 @@ def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(model):
     assert len(backend.released) == 2
 
 
-def test_a_burst_of_prompts_is_read_oldest_first_within_the_steps_prefill_budget(model):
+def test_a_burst_of_prompts_is_read_oldest_first_and_short_ones_do_not_wait_for_long_ones(model):
     _, tok = model
     backend = CountingBackend([7] * 200, tok.vocab_size, context_length=128)
-    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=4, step_prefill_tokens=6))
+    engine = Engine(backend, tok, EngineLimits(max_running=5, prefill_chunk=4, step_prefill_tokens=6))
     params = SamplingConfig(temperature=0, max_tokens=3)
     first = engine.submit([1, 2], params)
     engine.step()  # decoding from now on
-    burst = [engine.submit(list(range(10, 10 + n)), params) for n in (5, 3, 2)]
+    burst = [engine.submit(list(range(10, 10 + n)), params) for n in (5, 9, 3, 2)]
     while not all(h.done for h in [first, *burst]):
         engine.step()
     lengths = [[len(ids) for ids in batch] for batch in backend.batches]
-    # Step 2: the decoding one and the oldest prompt's first chunk (4); 4 + 3 would pass the budget of 6,
-    # and the youngest (2) may not jump the queue. Step 3: the rest of the oldest (1), the next (3) and
-    # the youngest (2): 6 in all. Step 4: the three of the burst decode (the first has its 3 tokens).
-    assert lengths[:4] == [[2], [1, 4], [1, 1, 3, 2], [1, 1, 1]]
-    assert [h.result.stats.new_tokens for h in burst] == [3, 3, 3]
+    # Step 2: the decoding one and the oldest prompt's first chunk (4); the 9-token prompt's chunk (4) would
+    # pass the budget of 6 and waits, but the 3- and 2-token prompts end in this step and take the second
+    # budget (4 + 3 + 2 = 9 <= 12). Step 3: the oldest's last token, the 9-token one's first chunk (1 + 4 = 5),
+    # and two decodes. Step 4: its second chunk. Step 5: its last token, beside the oldest's decode.
+    assert lengths[:5] == [[2], [1, 4, 3, 2], [1, 1, 4, 1, 1], [1, 4, 1, 1], [1, 1]]
+    assert [h.result.stats.new_tokens for h in burst] == [3, 3, 3, 3]
+
+
+def test_a_short_prompt_gets_its_first_token_while_a_long_one_is_still_read(model):
+    """A 31-token chat waited for all of a 4,000-token prompt's chunks (38 s) before its first token."""
+    _, tok = model
+    backend = CountingBackend([7] * 400, tok.vocab_size, context_length=256)
+    engine = Engine(backend, tok, EngineLimits(max_running=4, prefill_chunk=8, step_prefill_tokens=8))
+    long = engine.submit(list(range(10, 90)), SamplingConfig(temperature=0, max_tokens=2))  # 10 chunks
+    engine.step()
+    short = engine.submit([5, 6, 7], SamplingConfig(temperature=0, max_tokens=2))
+    engine.step()
+    assert short.result is None and [len(ids) for ids in backend.batches[-1]] == [8, 3]
+    engine.step()
+    assert short.done and not long.done  # its 2 tokens, while the long prompt has 7 chunks to go
+    while not long.done:
+        engine.step()
+    assert [len(ids) for ids in backend.batches[2]] == [8, 1]  # the short one decodes beside the next chunk
+    assert sum(len(batch[0]) for batch in backend.batches if len(batch[0]) > 1) == 80  # every chunk whole
 
 
 def test_one_chunk_always_goes_even_over_the_steps_prefill_budget(model):

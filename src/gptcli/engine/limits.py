@@ -24,7 +24,8 @@ class EngineLimits:
     kv_budget_tokens: int | None = None  # KV positions across running sequences (None: from free memory)
     max_queue: int = 256  # waiting sequences before submit() refuses
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per sequence per step
-    step_prefill_tokens: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step in all (one chunk always goes)
+    # prompt tokens per step in all (one chunk always goes; prompts that end in the step may use twice this)
+    step_prefill_tokens: int = DEFAULT_PREFILL_CHUNK
     prefix_cache: int = 0  # finished sequences whose prompt KV is kept for later prompts that start alike
 
 

@@ -8,7 +8,8 @@ running ones; each `step()`:
   3. builds one batch: one token for each decoding sequence and prefill chunks for sequences still
      reading their prompt (at most `prefill_chunk` tokens each, at fixed offsets, so a sequence is cut
      the same way alone or in company; at most `step_prefill_tokens` in all, oldest first, so a burst
-     of long prompts never stalls the sequences already decoding),
+     of long prompts never stalls the sequences already decoding; a prompt's last chunk may also use a
+     second budget, so a short prompt never waits for a long one),
   4. runs `batched_step` once, and hands each finished prompt's logits to that sequence's
      `SequenceDecoder` (the one decoding state machine), which emits its events. A sequence that asks
      for its prompt's logprobs reads its prompt beside the batch instead (scoring.py).
@@ -212,17 +213,20 @@ class Engine:
 
         Capping the prompt tokens per step keeps a burst of long prompts from stalling the sequences
         already decoding (their inter-token latency) and gives the earliest arrivals their first token first.
+        A prompt's last chunk may use a second budget: a short request that comes while a long prompt is read
+        starts at the next step, not after it (a 31-token chat waited 38 s behind a 4,000-token one).
         """
         batch: list[SequenceState] = []
         inputs: list[tuple[list[int], object]] = []
-        prefill, full = 0, False
+        prefill, full, budget = 0, False, self.limits.step_prefill_tokens
         for seq in self._running:
             if seq.pending:
                 self._share(seq)
-                ids = seq.pending[: self._chunk_size(seq)]
-                full = full or (prefill > 0 and prefill + len(ids) > self.limits.step_prefill_tokens)
-                if full:
-                    continue  # it and every later arrival wait for a later step; chunk boundaries do not move
+                ids = seq.next_chunk(self.limits.prefill_chunk)
+                ends = len(ids) == len(seq.pending)
+                full = full or (not ends and prefill > 0 and prefill + len(ids) > budget)
+                if (full and not ends) or (prefill > 0 and prefill + len(ids) > 2 * budget):
+                    continue  # a later step (a long prompt waits with every later one); chunk boundaries hold
                 prefill += len(ids)
             elif seq.decoder is not None and not seq.decoder.done:
                 assert seq.decoder.next_token is not None
@@ -239,11 +243,6 @@ class Engine:
             others = [(o.session, len(o.prompt)) for o in self._running if o is not seq and o.shares_prefix]
             if reused := self._prefixes.share(seq.session, seq.prompt, others):
                 seq.pending, seq.cached = seq.prompt[reused:], reused
-
-    def _chunk_size(self, seq: SequenceState) -> int:
-        """Prompt chunks at fixed offsets from where the prompt starts: the same cuts alone or batched."""
-        done = len(seq.prompt) - len(seq.pending) - seq.cached
-        return self.limits.prefill_chunk - done % self.limits.prefill_chunk
 
     def _new_decoder(self, seq: SequenceState, params: SamplingConfig | None = None) -> SequenceDecoder:
         return SequenceDecoder(

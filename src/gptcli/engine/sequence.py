@@ -31,6 +31,12 @@ class SequenceState:
         """It wants its prompt's own logprobs: every prompt position is read, none copied."""
         return self.params.prompt_logprobs is not None
 
+    def next_chunk(self, size: int) -> list[int]:
+        """The next `size`-token prompt chunk, cut at fixed offsets from where the prompt starts: the same cuts
+        alone or batched, whatever the step's budget."""
+        done = len(self.prompt) - len(self.pending) - self.cached
+        return self.pending[: size - done % size]
+
     @property
     def shares_prefix(self) -> bool:
         """Its prompt's KV may come from the prefix cache or another sequence, and go to the cache."""
