@@ -311,9 +311,8 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses (a NUL, a control): no mark
-            line_start = text.rfind("\n", 0, exc.position) + 1
-            where = f"{path}:{text.count(chr(10), 0, exc.position) + 1}:{exc.position - line_start + 1}"
-            problem = f"{exc.reason} (U+{exc.character:04X})"  # the code point, as an int
+            line, column = text.count("\n", 0, exc.position), exc.position - text.rfind("\n", 0, exc.position) - 1
+            where, problem = f"{path}:{line + 1}:{column + 1}", f"{exc.reason} (U+{exc.character:04X})"
         raise ConfigError(f"{where}: invalid YAML: {problem}", hint="fix the YAML syntax") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None

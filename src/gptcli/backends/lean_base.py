@@ -221,6 +221,16 @@ class LeanModel:
                 grown[:, : cache.length] = old[:, : cache.length]
                 buffers[i] = grown
 
+    @property
+    def _groups_one_row(self) -> bool:
+        """A one-row step attends per key-head group (`_attend`): grouped query heads in bf16/fp16."""
+        return self.heads != self.kv_heads and self.dtype != torch.float32
+
+    def _first_seen(self, layer: int, start: int) -> int:
+        """The first cached position that a query at `start` (or after it) can see: 0, or a sliding layer's window."""
+        window = self.windows[layer] if self.windows else None
+        return 0 if window is None else max(0, start + 1 - window)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: LeanCache) -> torch.Tensor:
         """q [heads, n, hd], k/v [kv_heads, n, hd] → [n, heads*hd], after writing k/v into the cache.
 
@@ -232,7 +242,7 @@ class LeanModel:
         cache.keys[layer][:, start:end] = k
         cache.values[layer][:, start:end] = v
         window = self.windows[layer] if self.windows else None
-        first = 0 if window is None else max(0, start + 1 - window)
+        first = self._first_seen(layer, start)
         keys = cache.keys[layer][:, first:end].unsqueeze(0)
         values = cache.values[layer][:, first:end].unsqueeze(0)
         gqa = self.heads != self.kv_heads
@@ -241,7 +251,7 @@ class LeanModel:
             rows = torch.arange(start, end, device=self.device)[:, None]
             cols = torch.arange(first, end, device=self.device)[None, :]
             mask = cols <= rows if window is None else (cols <= rows) & (cols > rows - window)
-        if gqa and n == 1 and self.dtype != torch.float32:
+        if n == 1 and self._groups_one_row:
             # One query row in bf16/fp16: a query head group shares its key head, so the group is one
             # attention of `heads / kv_heads` rows. The same numbers as enable_gqa, ~7x faster on CPU
             # (bf16 SDPA with enable_gqa copies the keys per head); fp32 keeps SDPA's own GQA (faster there).
@@ -259,8 +269,7 @@ class LeanModel:
         """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
         if len(spans) == 1:
             return self._attend(q, k, v, layer, spans[0].cache)
-        grouped_one_row = self.heads != self.kv_heads and self.dtype != torch.float32  # `_attend`'s own n=1 path
-        if not grouped_one_row and all(span.end - span.begin == 1 for span in spans):
+        if not self._groups_one_row and all(span.end - span.begin == 1 for span in spans):
             return self._attend_decode_rows(q, k, v, layer, [span.cache for span in spans])
         # One SDPA call per sequence: exactly what that sequence would compute alone.
         outs = []
@@ -278,7 +287,6 @@ class LeanModel:
         numbers), with the views around it taken once for all sequences: `_attend` costs ~15 small ops a
         sequence a layer, which at 8 sequences were a fifth of a float32 step.
         """
-        window = self.windows[layer] if self.windows else None
         queries = q.transpose(0, 1)[:, None, :, None, :].unbind(0)  # B × [1, heads, 1, hd]
         new_keys, new_values = k.unbind(1), v.unbind(1)  # B × [kv_heads, hd]
         outs = []
@@ -286,7 +294,7 @@ class LeanModel:
             position, keys, values = cache.length, cache.keys[layer], cache.values[layer]
             keys[:, position] = new_keys[i]
             values[:, position] = new_values[i]
-            first = 0 if window is None else max(0, position + 1 - window)
+            first = self._first_seen(layer, position)
             outs.append(
                 F.scaled_dot_product_attention(
                     queries[i],
