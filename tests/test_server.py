@@ -778,6 +778,23 @@ def test_prompt_over_the_context_is_context_length_exceeded(live):
     assert "128" in caught.value.message
 
 
+def test_a_message_without_content_is_a_400_unless_it_holds_tool_calls(live):
+    for message in ({"role": "user", "content": None}, {"role": "system"}, {"role": "assistant", "content": None}):
+        body = {"messages": [message, {"role": "user", "content": "hi"}], "max_tokens": 2}
+        refused = httpx.post(live.v1 + "/chat/completions", json=body, timeout=30)
+        error = error_of(refused)
+        assert refused.status_code == 400 and error["param"] == "messages.0.content", refused.text
+        assert (
+            error["message"]
+            == f"messages.0.content: a {message['role']} message needs content (text, or a list of text parts)"
+        )
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    turns.append({"role": "tool", "tool_call_id": "c1", "content": "42"})
+    ran = httpx.post(live.v1 + "/chat/completions", json={"messages": turns, "max_tokens": 2}, timeout=30)
+    assert ran.status_code == 200, ran.text
+
+
 # ---------------------------------------------------------------------------------------------- disconnects
 
 
@@ -910,6 +927,9 @@ def test_a_request_the_kv_budget_cannot_hold_names_max_tokens_not_a_cli_flag(run
         assert "KV budget is 64" in error["message"] and "--max-tokens" not in error["message"]
         body["max_tokens"] = 8
         assert httpx.post(server.v1 + "/chat/completions", json=body, timeout=30).status_code == 200
+        newer = {"messages": body["messages"], "max_completion_tokens": 100}  # it named max_tokens, not sent
+        error = error_of(httpx.post(server.v1 + "/chat/completions", json=newer, timeout=30))
+        assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens: ")
 
 
 def test_a_prompt_that_alone_fills_the_kv_budget_says_to_shorten_it_not_to_ask_fewer_tokens(runtime):

@@ -88,6 +88,13 @@ def test_chat_options_are_the_sampling_settings(live):
     )
 
 
+def test_a_message_may_leave_content_out(live):
+    """As ollama reads it: empty. The /v1 routes' 400 for a message without content is not this API's."""
+    body = {"messages": [{"role": "system"}, *MESSAGES], "options": GREEDY, "stream": False}
+    reply = httpx.post(live.url + "/api/chat", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.json()["done"], reply.text
+
+
 def test_format_json_and_a_pydantic_schema_give_json_that_fits(live):
     schema = Digit.model_json_schema()
     reply = client(live).chat(model="tiny-llama", messages=MESSAGES, format=schema, options={"num_predict": 30})

@@ -175,6 +175,7 @@ def openai_message(message: Any, index: int) -> dict[str, Any]:
     if message.get("images"):
         raise invalid(f"{where}.images", "images are not supported: the served model reads text only")
     turn = {key: message[key] for key in ("role", "content", "tool_calls") if message.get(key) is not None}
+    turn.setdefault("content", "")  # ollama reads a message without content as empty
     if message.get("tool_name") is not None:
         turn["name"] = message["tool_name"]
     return turn

@@ -148,12 +148,14 @@ async def submit(
     chat: bool,
     constraint_param: str,
     prompt_param: str,
-    tokens_param: str = "max_tokens",
+    tokens_param: str | None = None,
     continues: bool = False,
 ) -> Submitted:
-    """Check each prompt fits (a 400 naming `prompt_param`, or `tokens_param` where fewer tokens would fit), then
-    submit them all to the engine (chat: a base model's transcript stops where it would write the user's turn;
-    `continues`: each reply continues its prompt's text, decoded after it); the routes of every API share it."""
+    """Check each prompt fits (a 400 naming `prompt_param`, or `tokens_param` where fewer tokens would fit: by
+    default the body's own max_tokens field), then submit them all to the engine (chat: a base model's transcript
+    stops where it would write the user's turn; `continues`: each reply continues its prompt's text, decoded after
+    it); the routes of every API share it."""
+    tokens_param = tokens_param or body.max_tokens_field()
     limits = state.engine.limits
     if len(prompts) > limits.max_running + limits.max_queue:  # a 503 would send the client round forever
         message = (

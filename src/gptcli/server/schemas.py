@@ -268,7 +268,10 @@ class ChatMessage(BaseModel):
 
     def text(self, index: int) -> str:
         if self.content is None:
-            return ""
+            if self.tool_calls:  # an assistant's calls, without words: OpenAI's own replies send null
+                return ""
+            message = f"messages.{index}.content: a {self.role} message needs content (text, or a list of text parts)"
+            raise APIError(400, message, param=f"messages.{index}.content", code="invalid_value")
         if isinstance(self.content, str):
             return self.content
         pieces = []
