@@ -140,8 +140,21 @@ def test_batch_from_a_closed_stdin_runs_no_line(tiny_models):
     args = [sys.executable, "-m", "gptcli", "generate", "--batch", "-", "-m", str(tiny_models["llama"])]
     result = subprocess.run(args, env={**os.environ, **SCRIPTED}, cwd=REPO, capture_output=True, timeout=120,
                             stdin=None, preexec_fn=lambda: os.close(0))  # fmt: skip
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == b"" and "0 done, 0 failed, 0 skipped" in result.stderr.decode()
+    assert result.returncode == 6, result.stderr.decode()  # as an empty file: below
+    assert result.stdout == b"" and "error: stdin holds no requests" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_an_empty_batch_is_an_input_error_before_the_model_loads(tmp_path):
+    """It printed "0 done" and exited 0: a wrong path, or a producer that wrote nothing, passed as success."""
+    batch = tmp_path / "in.jsonl"
+    for text in ("", "\n  \n\t\n"):
+        batch.write_text(text)
+        # A model that does not exist: the batch's error comes first, so no model was loaded for nothing.
+        result = run_cli("generate", "--batch", str(batch), "-m", str(tmp_path / "no-model"), timeout=60)
+        err = result.stderr.decode()
+        assert result.returncode == 6 and f"error: {batch} holds no requests" in err, err
+        assert '{"prompt": "Hello"}' in err and "Traceback" not in err
 
 
 def test_a_requests_file_as_the_output_is_never_taken_for_results(tiny_models, tmp_path):

@@ -56,6 +56,8 @@ def run_batch_file(
         source = batch.open("rb") if str(batch) != "-" else _stdin_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {batch}: {exc.strerror}", hint="check the path") from None
+    if (total := count_lines(batch)) == 0:  # before the model loads; a pipe is known to be empty only at its end
+        raise _no_requests(batch)
     skip = completed_ids(output) if resume and output is not None else set()
     if skip:
         render.note(f"resuming: {len(skip)} results already in {output}")
@@ -65,7 +67,7 @@ def run_batch_file(
         sink = stack.enter_context(_closed_after(open_results(output, resume=resume))) if output else sys.stdout
         lines, requests = _lines(settings, read_lines(source), parallel or 8, kv_budget, remote)
         bar = stack.enter_context(render.StageProgress())
-        counter = _TokenRate(bar, count_lines(batch))
+        counter = _TokenRate(bar, total)
         try:
             summary = run_batch(
                 lines,
@@ -94,12 +96,20 @@ def run_batch_file(
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
+    if not (summary.ok or summary.failed or summary.skipped):
+        raise _no_requests(batch)
     if summary.failed and not summary.ok:  # as `gptcli generate` fails on the one prompt a one-line batch holds
         where = f"in {output}" if output else "on stdout"
         raise InputError(
             f"every line that ran failed ({summary.failed}): each error is its result {where}",
             hint="fix those lines, then run them again",
         )
+
+
+def _no_requests(batch: Path) -> InputError:
+    """An empty (or all blank) batch: "0 done" and exit 0 hid a wrong path or a producer that wrote nothing."""
+    name = "stdin" if str(batch) == "-" else str(batch)
+    return InputError(f"{name} holds no requests", hint='give one JSON object per line, e.g. {"prompt": "Hello"}')
 
 
 def _stdin_bytes() -> IO[bytes]:
