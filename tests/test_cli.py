@@ -180,7 +180,9 @@ def test_ctrl_c_under_json_prints_the_partial_reply_and_exits_130(tiny_models, l
     assert proc.returncode == 130, err
     reply = json.loads(out)
     assert reply["finish_reason"] == "interrupted" and reply["text"].startswith("word word")
-    assert 0 < reply["usage"]["completion_tokens"] < 500
+    assert (
+        0 < reply["usage"]["completion_tokens"] < 500 and 0 < reply["timings"]["ttft_s"] < reply["timings"]["total_s"]
+    )
     assert b"Traceback" not in err and b"interrupted" in err
 
 
@@ -203,6 +205,7 @@ def test_ctrl_c_while_the_model_loads_still_gives_json_its_interrupted_object(ti
     reply = json.loads(out)
     assert reply["text"] == "" and reply["finish_reason"] == "interrupted" and reply["seed"] == 7
     assert reply["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert reply["timings"]["ttft_s"] is None  # no token came: not the time to the interrupt
     assert [reply[key] for key in ("model", "backend", "device", "dtype", "templated")] == [None] * 5
     assert "interrupted" in err
 

@@ -127,6 +127,17 @@ def test_stats_are_consistent(tokenizer):
     assert stats.as_dict()["new_tokens"] == len(ids)
 
 
+def test_a_reply_without_a_token_has_no_time_to_first_token(tokenizer):
+    """It reported the time to the end (to Ctrl-C, for an interrupted --json run) as ttft_s."""
+    from gptcli.timings import timings_line
+
+    empty = run(tokenizer, [])[0][-1].stats  # end-of-sequence first: nothing to show
+    assert empty.new_tokens == 0 and empty.timings()["ttft_s"] is None and empty.as_dict()["ttft_s"] is None
+    assert "TTFT none (no token)" in timings_line(empty)
+    said = run(tokenizer, tokenizer.encode("Paris", add_special_tokens=False))[0][-1].stats
+    assert said.timings()["ttft_s"] == round(said.ttft_s, 4) and "TTFT none" not in timings_line(said)
+
+
 def test_session_reuses_the_shared_prefix(tokenizer):
     backend = ScriptedBackend([5] * 10, tokenizer.vocab_size)
     session = KVSession(backend)

@@ -49,15 +49,22 @@ class Stats:
         # The first new token comes out of the prefill; each later one costs one decode step.
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
-    def as_dict(self) -> dict[str, float | int]:
+    def timings(self) -> dict[str, float | None]:
+        """What `--json` reports under "timings"; ttft_s is null for a reply that never had a token (cut before
+        its first, or an empty one), where a time to the first token would be the time to the end."""
+        return {
+            "ttft_s": round(self.ttft_s, 4) if self.new_tokens else None,
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "total_s": round(self.total_s, 4),
+        }
+
+    def as_dict(self) -> dict[str, float | int | None]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "new_tokens": self.new_tokens,
-            "ttft_s": round(self.ttft_s, 4),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "total_s": round(self.total_s, 4),
+            **self.timings(),
         }
 
 

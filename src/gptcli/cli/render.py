@@ -171,12 +171,7 @@ def result_fields(finished: Any) -> dict[str, Any]:
             "completion_tokens": stats.new_tokens,
             "total_tokens": stats.prompt_tokens + stats.new_tokens,
         },
-        "timings": {
-            "ttft_s": round(stats.ttft_s, 4),
-            "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
-            "total_s": round(stats.total_s, 4),
-        },
+        "timings": stats.timings(),
     }
 
 
