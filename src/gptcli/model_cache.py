@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptcli.atomicio import remove_whole
-from gptcli.errors import InputError
+from gptcli.errors import InputError, ModelError
 from gptcli.export.cache import exports_of
 from gptcli.models import catalogue_entry, catalogue_name, folder_size, remove_abandoned_copies
 from gptcli.paths import models_dir
@@ -23,8 +23,9 @@ class Removed:
 
 def remove_model(ref: str) -> Removed:
     """Delete every cached copy of the model `ref` names (a catalogue name, an alias, or a cache entry of
-    `gptcli models list`); an InputError when there is none. Each folder is renamed aside, then deleted: a kill
-    leaves a whole model or a hidden folder (deleted by the next rm, list or pull), never a damaged model."""
+    `gptcli models list`); a ModelError when there is none (exit 5, as `models info` of an unknown model). Each
+    folder is renamed aside, then deleted: a kill leaves a whole model or a hidden folder (deleted by the next rm,
+    list or pull), never a damaged model."""
     remove_abandoned_copies()
     name = catalogue_name(ref) or ref
     converted = models_dir() / name
@@ -35,7 +36,7 @@ def remove_model(ref: str) -> Removed:
     folders = [folder for folder in (converted, pulled) if folder is not None and folder.is_dir()]
     folders += exports_of(converted) if converted.is_dir() else []
     if not folders:
-        raise InputError(f"{ref} is not in the cache", hint="`gptcli models list` shows what is")
+        raise ModelError(f"{ref} is not in the cache", hint="`gptcli models list` shows what is")  # as models info
     size = sum(folder_size(folder) for folder in folders)
     for folder in folders:
         remove_whole(folder)
