@@ -138,6 +138,10 @@ def test_min_tokens_the_context_cannot_hold_after_the_prompt_is_a_400_naming_the
     assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens", response.text
     fits = complete(live, prompt="hi", max_tokens=1000, extra_body={"min_tokens": 128 - prompt})
     assert fits.finish_reason == "length"  # the whole context, as min_tokens asked
+    # The reply ran one token past what min_tokens' bound said fits: prompt and reply now fill the context.
+    body = {"prompt": [5] * 126, "max_tokens": 16, "ignore_eos": True, "min_tokens": 2}
+    usage = httpx.post(live.v1 + "/completions", json=body).json()["usage"]
+    assert (usage["completion_tokens"], usage["total_tokens"]) == (2, 128)
 
 
 def test_batch_lines_take_the_stop_options(model):

@@ -290,7 +290,7 @@ class SequenceDecoder:
             return events + self.finish("repetition")
         if len(self.detok.ids) >= self.params.max_tokens:
             return events + self.finish("length")
-        if positions + 1 > self.context_length:
+        if positions + 1 >= self.context_length:  # prompt + reply fill the context (this token need not be read)
             return events + self.finish("context")
         self.next_token = token_id
         return events
