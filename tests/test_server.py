@@ -767,6 +767,21 @@ def test_an_openai_route_this_server_lacks_says_what_it_answers(live):
     assert error_of(wrong)["message"] == "/v1/chat/completions takes POST, not GET"
     assert httpx.get(live.v1 + "/models").status_code == 200  # the routes before it still answer
     assert httpx.post(live.v1 + "/responses/input_tokens", json={"input": "hi"}).status_code == 200
+    counting = httpx.get(live.v1 + "/responses/input_tokens")  # was a 404 for a stored response of that name
+    assert counting.status_code == 405 and counting.headers["allow"] == "POST", counting.text
+
+
+def test_a_path_or_method_outside_v1_gets_the_same_404_or_405(live):
+    """/favicon.ico, /v2/... got a bare "Not Found" with code null, POST /health a bare "Method Not Allowed";
+    /v1 (no slash) a redirect to /v1/, itself a 404."""
+    for path in ("/favicon.ico", "/v2/chat/completions", "/health/x", "/v1"):
+        missing = httpx.get(live.url + path)
+        error = error_of(missing)
+        assert missing.status_code == 404 and error["code"] == "not_found", (path, missing.text)
+        assert error["message"].startswith(f"{path} is not supported: gptcli serve answers "), error
+    wrong = httpx.post(live.url + "/health")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD"
+    assert error_of(wrong)["message"] == "/health takes GET, HEAD, not POST"
 
 
 def test_prompt_over_the_context_is_context_length_exceeded(live):

@@ -98,14 +98,20 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     served = [*router.routes, *responses_router.routes, *token_router.routes, *ollama_router.routes]
     openai_paths = sorted({path for route in served if (path := getattr(route, "path", "")).startswith("/v1/")})
     openai_answers = ", ".join(path for path in openai_paths if "{" not in path) + " (and ollama's API under /api)"
+    other_answers = "/ (the chat page), /health, /metrics, /tokenize, /detokenize, OpenAI's API under /v1 and ollama's"
+    other_answers += " under /api"
 
     # Last, so that it takes only what no route above serves: OpenAI's other routes (embeddings, images, audio,
-    # files...) get a line naming what this server answers, not a bare "Not Found".
+    # files...) get a line naming what this server answers, and any other path (/favicon.ico, /v2/...) or
+    # method (POST /health) the same 404 or 405 in OpenAI's shape, not a bare "Not Found" without a code.
     every_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 
-    @app.api_route("/v1/{rest:path}", methods=every_method, include_in_schema=False)
+    @app.api_route("/{rest:path}", methods=every_method, include_in_schema=False)
     async def unsupported(rest: str, request: Request) -> Response:
-        raise route_not_served(f"/v1/{rest}", request.method, served, openai_answers)
+        path = f"/{rest}"
+        answers = openai_answers if path == "/v1" or path.startswith("/v1/") else other_answers
+        # app.routes holds this app's own routes (/, /health, /metrics); an included router's are in `served`.
+        raise route_not_served(path, request.method, [*served, *app.routes], answers)
 
     # Added innermost first: the counter sees every answer, the key is checked before the body is read, and an
     # allowed origin's page can read a 401 (a preflight needs no key).

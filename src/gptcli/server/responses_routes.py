@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished
 from gptcli.prompts import Prompt
-from gptcli.server.errors import APIError
+from gptcli.server.errors import APIError, route_not_served
 from gptcli.server.openai_routes import failure_error, shutdown_error, state_of, submit, whole
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.prompt_ids import chat_request_prompt
@@ -83,7 +83,11 @@ async def _prompt(state: Any, body: ResponsesRequest) -> tuple[ToolSpec | None, 
 
 
 @router.api_route("/responses/{response_id:path}", methods=["GET", "POST", "DELETE"])
-async def stored_response(response_id: str) -> Response:
-    """Reading, cancelling or deleting a response: none is kept here."""
+async def stored_response(response_id: str, request: Request) -> Response:
+    """Reading, cancelling or deleting a response: none is kept here. A route of its own asked with another
+    method (GET /v1/responses/input_tokens) is that route's 405, not a response of that name."""
+    wrong_method = route_not_served(request.url.path, request.method, router.routes, "")
+    if wrong_method.status == 405:
+        raise wrong_method
     message = f"no response '{response_id}': {STATELESS} (store is accepted and changes nothing)"
     raise APIError(404, message, param="response_id", code="not_found")
