@@ -269,6 +269,24 @@ def test_each_field_this_server_cannot_use_is_a_400_naming_it(live):
     assert raised.value.body["param"] == "previous_response_id"
 
 
+def test_a_tool_choice_error_shows_this_apis_shapes_not_chat_completions(live):
+    """They showed Chat Completions' nesting ({"function": {"name"}}, {"allowed_tools": {...}}), which this route
+    then refused when a client sent it as shown."""
+    chat_nesting = ('"function": {', '"allowed_tools": {')
+    for choice, param in (
+        ({"type": "function"}, "tool_choice"),
+        ({"type": "allowed_tools", "mode": "auto", "tools": []}, "tool_choice.tools"),
+        ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function"}]}, "tool_choice.tools.0"),
+    ):
+        body = {"input": "hi", "tools": FLAT_TOOLS, "tool_choice": choice}
+        error = httpx.post(live.v1 + "/responses", json=body, timeout=30).json()["error"]
+        assert error["param"] == param and not any(nested in error["message"] for nested in chat_nesting), error
+        assert '{"type": "function", "name"' in error["message"], error
+    shown = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]}
+    body = {"input": "hi", "tools": FLAT_TOOLS, "tool_choice": shown, "max_output_tokens": 120}
+    assert httpx.post(live.v1 + "/responses", json=body, timeout=60).status_code == 200
+
+
 def test_min_tokens_over_the_reply_length_names_max_output_tokens(live):
     # This API's length field is max_output_tokens: naming max_tokens (a 400 here) would not name the fix.
     for fields, limit in (({"max_output_tokens": 4}, 4), ({}, 512)):  # as asked, or the server's default

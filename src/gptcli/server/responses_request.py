@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr
 
+from gptcli import tools as chat_tools
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.server.errors import APIError
@@ -35,9 +36,20 @@ def invalid(param: str, says: str) -> APIError:
     return APIError(400, f"{param}: {says}", param=param, code="invalid_value")
 
 
+# The shapes a tools error shows, as Chat Completions nests them (gptcli.tools) and as this API writes them.
+RESPONSES_SHAPES = {
+    chat_tools.CHOICE_SHAPE: CHOICE_SHAPE,
+    chat_tools.ALLOWED_SHAPE: '{"type": "function", "name": "<a tool\'s name>"}',
+    chat_tools.TOOL_SHAPE: TOOL_SHAPE,
+}
+
+
 def responses_param(text: str) -> str:
     """A tools error as the Responses API names its fields: `tools.0.function.name` is `tools.0.name` there,
-    `tool_choice.function.name` is `tool_choice.name`, `tool_choice.allowed_tools.mode` is `tool_choice.mode`."""
+    `tool_choice.function.name` is `tool_choice.name`, `tool_choice.allowed_tools.mode` is `tool_choice.mode`;
+    the shapes it shows are this API's (a chat shape sent here is refused)."""
+    for chat_shape, shape in RESPONSES_SHAPES.items():
+        text = text.replace(chat_shape, shape)
     text = text.replace("tool_choice.allowed_tools.", "tool_choice.")
     return re.sub(r"\.function\.(?=name|description|parameters)", ".", text)
 
