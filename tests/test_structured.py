@@ -459,6 +459,7 @@ def test_llama_servers_schema_beside_the_type_constrains_the_reply(server, tiny_
     wrong = {"type": "json_object", "schema": {"$ref": "#"}}
     refused = httpx.post(server.v1 + "/completions", json={"prompt": "x", "response_format": wrong}, timeout=30)
     assert refused.status_code == 400 and "matches no text" in refused.json()["error"]["message"], refused.text
+    assert refused.json()["error"]["param"] == "response_format.schema"
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": "x", "response_format": f}) + "\n" for f in forms), encoding="utf-8")
     out = tmp_path / "out.jsonl"
@@ -499,11 +500,16 @@ def test_server_schema_that_matches_nothing_is_a_400(server):
         "max_tokens": 4,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
     }
+    # The schema's place, as a keyword it cannot enforce names it (it named response_format).
+    where = "response_format.json_schema.schema"
     response = httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format", response.text
-    assert "matches no text" in response.json()["error"]["message"]
+    assert response.status_code == 400 and response.json()["error"]["param"] == where, response.text
+    assert response.json()["error"]["message"] == f"{where}: invalid JSON Schema: it matches no text at all"
     streamed = httpx.post(server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=30)
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "response_format"  # before any event
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == where  # before any event
+    text_format = {"type": "json_schema", "name": "x", "schema": {"$ref": "#"}}
+    responses = httpx.post(server.v1 + "/responses", json={"input": "hi", "text": {"format": text_format}}, timeout=30)
+    assert responses.status_code == 400 and responses.json()["error"]["param"] == "text.format.schema", responses.text
 
 
 def test_the_compiled_grammar_cache_is_bounded_by_the_size_of_its_schemas(tiny_models, monkeypatch):

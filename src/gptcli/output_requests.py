@@ -98,6 +98,14 @@ def response_format_schema(value: dict[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
+def response_format_param(value: dict[str, Any] | None) -> str:
+    """The field a 400 about a response_format's grammar names: where its JSON Schema is, else response_format."""
+    if value is None or response_format_mismatch(value) is not None:
+        return "response_format"
+    found = response_format_schema(value)
+    return "response_format" + (found[0] if found else "")
+
+
 def response_format(value: Any, where: str) -> OutputConstraint | None:
     """OpenAI's `response_format` (a request, a batch line) as a constraint; ResponseFormatError names a bad field."""
     if not isinstance(value, dict):

@@ -229,8 +229,12 @@ class ResponsesRequest(SamplingRequest):
         return self._format[0]
 
     def output_param(self) -> str:
-        """The field a failing grammar's 400 names: vLLM's structured-output field if one asks, else text.format."""
-        return self.output_field() or "text.format"
+        """The field a failing grammar's 400 names: vLLM's structured-output field if one asks, else text.format
+        (text.format.schema for a schema, as a keyword it cannot enforce names it)."""
+        if (field := self.output_field()) is not None:
+            return field
+        found = self.text.get("format") if isinstance(self.text, dict) else None
+        return "text.format.schema" if isinstance(found, dict) and found.get("type") == "json_schema" else "text.format"
 
     def output_constraint(self, formatted: OutputConstraint | None) -> OutputConstraint | None:
         """SamplingRequest's hook: text.format stands where a chat's response_format does."""

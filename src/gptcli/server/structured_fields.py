@@ -9,7 +9,13 @@ from pydantic import BaseModel
 
 from gptcli.config import OutputConstraint
 from gptcli.errors import FieldError
-from gptcli.output_requests import OUTPUT_FIELDS, asked_fields, beside_tools, requested_output
+from gptcli.output_requests import (
+    OUTPUT_FIELDS,
+    asked_fields,
+    beside_tools,
+    requested_output,
+    response_format_param,
+)
 from gptcli.server.errors import APIError, field_error
 
 
@@ -39,8 +45,11 @@ class StructuredFields(BaseModel):
         return asked[0][0] if asked else None
 
     def output_param(self) -> str:
-        """The field a failing grammar's 400 names: the one that asks for structured output, else response_format."""
-        return self.output_field() or "response_format"
+        """The field a failing grammar's 400 names: the one that asks for structured output, else where the request's
+        response_format holds its schema (`response_format.json_schema.schema`, as a keyword it cannot enforce names
+        it), else response_format."""
+        formatted = getattr(self, "response_format", None)  # a chat's or a completion's (SamplingRequest's field)
+        return self.output_field() or response_format_param(formatted.model_dump(by_alias=True) if formatted else None)
 
     def output_constraint(self, formatted: OutputConstraint | None) -> OutputConstraint | None:
         """The constraint these fields ask for, else `formatted` (a JSON response_format's): both is a 400."""
