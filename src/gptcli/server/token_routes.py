@@ -77,8 +77,17 @@ async def tokenize(request: Request) -> dict[str, Any]:
         ids = await asyncio.to_thread(state.tokenizer.encode, text or "", add_special_tokens=special)
     tokens: list[Any] = ids
     if body.with_pieces:
-        tokens = [{"id": i, "piece": state.tokenizer.decode([i], skip_special_tokens=False)} for i in ids]
+        tokens = [{"id": i, "piece": _piece(state.tokenizer.token_bytes(i))} for i in ids]
     return {"tokens": tokens, "count": len(ids), "max_model_len": state.context_length}
+
+
+def _piece(data: bytes) -> str | list[int]:
+    """A token's text, or, as llama-server gives it, its bytes where they are part of a character ("日" split
+    over two tokens): a "\ufffd" for each would lose them."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
 
 
 @router.post("/detokenize")
