@@ -726,6 +726,7 @@ def test_hostile_bodies_are_400s_that_name_the_field(live):
         (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "/chat/completions", "messages.0.content"),
         (b'{"prompt": "x", "model": "\\udfff"}', "/completions", "model"),
         (b'{"prompt": ["ok", "\\ud800"]}', "/completions", "prompt.1"),
+        (b'{"prompt": [[1], [999999]]}', "/completions", "prompt.1"),  # its message named prompt.1, its param prompt
         (b"[" * 5000 + b"]" * 5000, "/chat/completions", None),
         (json.dumps({"messages": hi, "max_tokens": True}).encode(), "/chat/completions", "max_tokens"),
         (json.dumps({"messages": hi, "max_tokens": "5"}).encode(), "/chat/completions", "max_tokens"),

@@ -51,11 +51,11 @@ def completion_prompts(
             ids = [int(i) for i in item]
             if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
                 message = f"{where}: token ids must be in [0, {tokenizer.vocab_size})"
-                raise APIError(400, message, param="prompt", code="invalid_value")
+                raise APIError(400, message, param=where, code="invalid_value")
             prompts.append((ids, tokenizer.decode(ids)))
             continue
         ids = tokenizer.encode(item, add_special_tokens=True)
         if not ids:
-            raise APIError(400, f"{where}: the prompt is empty", param="prompt", code="invalid_value")
+            raise APIError(400, f"{where}: the prompt is empty", param=where, code="invalid_value")
         prompts.append((ids, item))
     return prompts
