@@ -322,9 +322,18 @@ def test_train_mode_on_the_tiny_preset(env):
     assert bad.returncode == 3 and bad.stderr.decode().startswith("error: unknown preset 'tinyy'")
 
 
-def _slow_bench_under_way(tiny_models, env, backends: str, *, ignore_ctrl_c: bool = False):
-    """`gptcli bench` in a session of its own, returned once pp8 is done and tg2 is under way. With
-    `ignore_ctrl_c`, started as `cmd &` in a script starts it: SIGINT ignored, which its worker inherits."""
+def _slow_bench_under_way(
+    tiny_models,
+    env,
+    backends: str,
+    *,
+    ignore_ctrl_c: bool = False,
+    test: tuple[str, ...] = ("-p", "8", "-n", "2", "-r", "500"),
+    under_way: bytes = b"tg2: repetition 3/500",
+):
+    """`gptcli bench` in a session of its own, returned once pp8 is done and tg2 is under way (or the line
+    `under_way` of another `test`). With `ignore_ctrl_c`, started as `cmd &` in a script starts it: SIGINT
+    ignored, which its worker inherits."""
     import os
     import signal
     import subprocess
@@ -332,7 +341,7 @@ def _slow_bench_under_way(tiny_models, env, backends: str, *, ignore_ctrl_c: boo
 
     from tests.conftest import REPO
 
-    args = ["bench", "-m", str(tiny_models["llama"]), "-b", backends, "-p", "8", "-n", "2", "-r", "500", "-o", "jsonl"]
+    args = ["bench", "-m", str(tiny_models["llama"]), "-b", backends, *test, "-o", "jsonl"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptcli", *args],
         stdout=subprocess.PIPE,
@@ -343,9 +352,60 @@ def _slow_bench_under_way(tiny_models, env, backends: str, *, ignore_ctrl_c: boo
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_ctrl_c else None,
     )
     for line in proc.stderr:
-        if b"tg2: repetition 3/500" in line:
+        if under_way in line:
             break
     return proc
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stopped_latency_run_ends_at_once_with_the_requests_that_finished(tiny_models, env, stop):
+    """One Ctrl-C (or timeout's SIGTERM, to the whole group) cut only the request it hit, counted it, and ran
+    every other one; a SIGTERM that came with the Ctrl-C could print "Signal 15 ignored due to race condition"."""
+    import os
+    import signal
+    import time
+
+    test = ("--mode", "latency", "--max-tokens", "20", "-r", "50")  # 4 prompts x 50: 200 requests, ~80 s
+    proc = _slow_bench_under_way(tiny_models, env, "scripted", test=test, under_way=b"latency: request 3/200")
+    stopped = time.monotonic()
+    os.killpg(proc.pid, getattr(signal, stop))  # the worker gets it, and again from gptcli bench, which passes it on
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop] and time.monotonic() - stopped < 15, err.decode()
+    [row] = [json.loads(line) for line in out.decode().splitlines()]
+    reasons = row["samples"]["finish_reasons"]
+    assert len(reasons) == 2 and "interrupted" not in reasons, row["samples"]  # the cut one is not counted
+    assert "Traceback" not in err.decode() and "race condition" not in err.decode(), err.decode()
+
+
+def test_the_benchmark_workers_later_stops_are_ignored_without_a_race_warning(monkeypatch):
+    """Its first stop set SIG_IGN for the rest: a second signal already on its way then found SIG_IGN, and Python
+    printed "OSError: Signal 15 ignored due to race condition" with a traceback (timeout's SIGTERM to the group)."""
+    import signal
+    import sys
+    import threading
+
+    from gptcli.bench import worker
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    both = {signal.SIGINT, signal.SIGTERM}
+    before = {kind: signal.getsignal(kind) for kind in both}
+    try:
+        for kind in both:
+            signal.signal(kind, worker._stop_once)
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        main = threading.main_thread().ident  # to this thread, which blocks them: both wait, as if they came at once
+        signal.pthread_kill(main, signal.SIGINT)
+        signal.pthread_kill(main, signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # both arrive together: the first stops, the second finds _ignore
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+            for _ in range(1000):  # the handlers run between bytecodes
+                pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+        for kind, handler in before.items():
+            signal.signal(kind, handler)
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
 
 
 def test_ctrl_c_prints_the_finished_results_and_exits_130(tiny_models, env):

@@ -161,6 +161,20 @@ class LatencySamples:
     prompt_tokens: list[int] = field(default_factory=list)
     output_tokens: list[int] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C (or SIGTERM) ended the run: these are the requests that finished before it
+
+    def add(self, start: float, times: list[float], end: float, prompt_tokens: int, reason: str) -> None:
+        """One finished request: its start, each token's time, its end."""
+        e2e = end - start
+        ttft = (times[0] - start) if times else e2e
+        self.ttft.append(ttft)
+        self.e2e.append(e2e)
+        if len(times) > 1:
+            self.tpot.append((e2e - ttft) / (len(times) - 1))
+        self.itl += [b - a for a, b in itertools.pairwise(times)]
+        self.prompt_tokens.append(prompt_tokens)
+        self.output_tokens.append(len(times))
+        self.finish_reasons.append(reason)
 
     def summary(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
@@ -197,12 +211,13 @@ def time_requests(
     notify: Notify = _quiet,
 ) -> LatencySamples:
     """Each prompt, `reps` times, one request after another (batch 1), timed from the raw text:
-    chat template + tokenizer + prefill + sampling + detokenizer, i.e. what a user waits for."""
+    chat template + tokenizer + prefill + sampling + detokenizer, i.e. what a user waits for. Ctrl-C ends the
+    run: the requests that finished are returned (`interrupted` set), the one it cut is not counted."""
     from gptcli.decoding import Finished, Token
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
-    def request(text: str) -> tuple[float, list[float], float, int, int, str]:
+    def request(text: str) -> tuple[float, list[float], float, int, str]:
         start = clock()
         prompt = fit_prompt(
             tokenizer,
@@ -219,28 +234,23 @@ def time_requests(
             elif isinstance(event, Finished):
                 reason = event.reason
         end = clock()
-        return start, times, end, len(prompt.ids), len(times), reason
+        return start, times, end, len(prompt.ids), reason
 
-    if warmup:
-        request(prompts[0])
     samples = LatencySamples()
-    total = reps * len(prompts)
-    done = 0
-    for _ in range(reps):
-        for text in prompts:
-            done += 1
+    try:
+        if warmup and request(prompts[0])[-1] == "interrupted":
+            samples.interrupted = True
+            return samples
+        total = reps * len(prompts)
+        for done, text in enumerate(itertools.chain.from_iterable(itertools.repeat(prompts, reps)), 1):
             notify(f"latency: request {done}/{total}")
-            start, times, end, n_prompt, n_out, reason = request(text)
-            e2e = end - start
-            ttft = (times[0] - start) if times else e2e
-            samples.ttft.append(ttft)
-            samples.e2e.append(e2e)
-            if n_out > 1:
-                samples.tpot.append((e2e - ttft) / (n_out - 1))
-            samples.itl += [b - a for a, b in itertools.pairwise(times)]
-            samples.prompt_tokens.append(n_prompt)
-            samples.output_tokens.append(n_out)
-            samples.finish_reasons.append(reason)
+            start, times, end, n_prompt, reason = request(text)
+            if reason == "interrupted":  # the decoding loop ends a Ctrl-C'd request so: the run ends with it
+                samples.interrupted = True
+                break
+            samples.add(start, times, end, n_prompt, reason)
+    except KeyboardInterrupt:  # between two requests, outside the decoding loop
+        samples.interrupted = True
     return samples
 
 

@@ -98,7 +98,7 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
         if job.mode == "micro":
             run_micro_tests(job, backend, common, records, skipped, clock=clock, notify=notify)
         else:
-            records.append(run_latency(job, backend, folder, common, clock=clock, notify=notify))
+            run_latency(job, backend, folder, common, records, clock=clock, notify=notify)
     except KeyboardInterrupt:  # keep what finished; the parent prints it
         interrupted = True
     memory = peak_memory()
@@ -173,10 +173,12 @@ def run_latency(
     backend: Any,
     folder: Path,
     common: dict[str, Any],
+    records: list[dict[str, Any]],
     *,
     clock: Callable[[], float],
     notify: Notify,
-) -> dict[str, Any]:
+) -> None:
+    """The latency record of the requests that finished (KeyboardInterrupt after it when Ctrl-C cut the run)."""
     from gptcli.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(folder)
@@ -184,14 +186,11 @@ def run_latency(
     samples = time_requests(
         backend, tokenizer, list(job.prompts), sampling, job.reps, clock=clock, notify=notify, warmup=job.warmup
     )
-    return {
-        "mode": "latency",
-        **common,
-        "test": "latency",
-        "max_tokens": sampling.max_tokens,
-        "reps": job.reps,
-        **samples.summary(),
-    }
+    if samples.e2e:
+        summary = {"test": "latency", "max_tokens": sampling.max_tokens, "reps": job.reps, **samples.summary()}
+        records.append({"mode": "latency", **common, **summary})
+    if samples.interrupted:
+        raise KeyboardInterrupt
 
 
 def _decode_shape_or_none(folder: Path) -> DecodeShape | None:
