@@ -181,3 +181,11 @@ def test_chats_list_removes_what_a_killed_save_left(tmp_path):
     _killed(writer)
     assert left.is_file() and store.list() == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dev_stdout_on_a_pipe_is_written_through():
+    """`-o /dev/stdout | less` failed: its real path is "/proc/<pid>/fd/pipe:[N]", taken for a new file to make
+    beside it ("cannot create a file in /proc/<pid>/fd")."""
+    code = "from pathlib import Path; from gptcli.atomicio import write_atomic; write_atomic(Path('/dev/stdout'), 'hi')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "hi", done.stderr

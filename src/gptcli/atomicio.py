@@ -34,14 +34,14 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        target = Path(os.path.realpath(path))
-        if target.exists() and not target.is_file():
-            if target.is_dir():
+        # Asked of `path`, not of its real path: /dev/stdout on a pipe links to "pipe:[N]", which names no file.
+        if path.exists() and not path.is_file():
+            if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            with target.open("wb") as handle:
+            with path.open("wb") as handle:
                 handle.write(payload)
             return
-        _replace(target, payload, mode, keep_old=keep_old)
+        _replace(Path(os.path.realpath(path)), payload, mode, keep_old=keep_old)
     except OSError as exc:
         if exc.filename or exc.errno is None:
             raise
