@@ -370,6 +370,14 @@ def test_models_rm_deletes_a_models_cached_copies_and_its_exports_only(tiny_mode
     ):
         assert run(["models", "rm", ref]) == code  # 5 as `models info` of a model it does not know
         assert said in capsys.readouterr().err
+    # An empty name ("$NAME" unset) is a usage error: `info` and `pull` took it for the default model.
+    for command, fix in (
+        ("rm", "give a name that `gptcli models list` shows"),
+        ("info", "leave it out"),
+        ("pull", "leave it out"),
+    ):
+        assert run(["models", command, ""]) == 2
+        assert f"an empty model name ({fix}" in capsys.readouterr().err
     assert other.is_dir()
 
 

