@@ -233,6 +233,20 @@ def test_a_pipe_in_the_chats_or_templates_folder_is_skipped_not_waited_for(isola
     assert run_cli("templates", "list", timeout=60).returncode == 0
 
 
+def test_a_file_where_the_chats_folder_goes_is_an_error_not_an_empty_list(isolated_home):
+    """`chats list` said "no saved conversations yet" (exit 0), though no chat could be saved there."""
+    from gptcli.chat import ConversationStore
+
+    store = ConversationStore()
+    store.root.parent.mkdir(parents=True, exist_ok=True)
+    store.root.write_text("not a folder")
+    for command in (("chats", "list"), ("chats", "list", "--json"), ("chats", "show", "x")):
+        done = run_cli(*command, timeout=60)
+        err = done.stderr.decode()
+        assert done.returncode == 1 and err.startswith(f"error: {store.root} is not a folder"), (command, err)
+        assert done.stdout == b""
+
+
 def test_chats_rm_of_a_folder_in_the_chats_folder_says_it_is_not_a_chat(isolated_home):
     """It was "cannot write <folder>: Is a directory" with a hint to make GPTCLI_HOME writable (exit 1)."""
     from gptcli.chat import ConversationStore

@@ -278,6 +278,8 @@ class ConversationStore:
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
+            if self.root.exists():  # a file where the folder goes is not "no chats yet": none could be saved
+                raise GptcliError(f"{self.root} is not a folder", hint="move it aside: gptcli keeps saved chats there")
             return []
         return sorted(p.stem for p in self.root.glob("*.json"))
 
