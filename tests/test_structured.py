@@ -255,6 +255,8 @@ def test_a_bad_schema_is_a_config_error_naming_the_problem(schema, message):
 def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^--regex: invalid regex '\(': unclosed group$"):
         constraints.regex("(")
+    with pytest.raises(ConfigError, match=r"^--regex: the pattern is not valid UTF-8 text$"):  # a non-UTF-8 argv
+        constraints.regex("a\udcff")  # was the codec's "can't encode character '\udcff' ... surrogates not allowed"
     with pytest.raises(UsageError, match="--format and --regex cannot be used together"):
         output_requests.from_flags(None, "json", "[a-z]")
     with pytest.raises(UsageError, match="unknown format 'yaml'"):

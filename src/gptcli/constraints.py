@@ -42,6 +42,7 @@ from gptcli.grammar_messages import (
     too_wide,
 )
 from gptcli.jsonl import RepeatedKeyError, json_kind, unique_keys
+from gptcli.textio import lone_surrogate
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_schemas import closed
 
@@ -87,6 +88,9 @@ def regex(pattern: str, where: str = "--regex") -> OutputConstraint:
     """The whole reply must match `pattern` (Rust regex syntax, anchored at both ends)."""
     if not pattern:
         raise ConfigError(f"{where}: the pattern is empty", hint="give a regular expression, e.g. '[0-9]+'")
+    if lone_surrogate(pattern):  # bytes from the command line that are not UTF-8 (the regex engine's own error
+        # quoted Python's codec: "can't encode character '\udcff' ... surrogates not allowed")
+        raise ConfigError(f"{where}: the pattern is not valid UTF-8 text", hint="write it in UTF-8")
     constraint = OutputConstraint("regex", pattern, where)
     check(constraint, where)
     return constraint
