@@ -222,6 +222,9 @@ class Canned(BaseHTTPRequestHandler):
             self._drip(500, "application/json", b'{"error": {"message": "')
         elif route == "html":
             self._send(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
+        elif route == "web-server":  # python -m http.server's 404: not an OpenAI-compatible server at all
+            page = b'<!DOCTYPE HTML>\n<html lang="en">\n<head><title>Error response</title></head><body>404</body>'
+            self._send(404, page, {"Content-Type": "text/html"})
         elif route == "slow":
             time.sleep(3)
             with contextlib.suppress(OSError):  # the client gave up long ago
@@ -335,7 +338,14 @@ def test_the_api_key_comes_from_the_flag_or_openai_api_key(canned, opener, monke
         ("busy", RemoteError, "answered 503: 120 requests are already waiting", "retry in 7 s"),
         ("bad", InputError, "answered 400: temperature: must be <= 2", None),
         ("vllm-bad", InputError, "answered 400: temperature must be non-negative, got -1.0.", None),
-        ("html", RemoteError, "answered 502: <html>Bad Gateway</html>", None),
+        ("html", RemoteError, "answered 502: an HTML page (Bad Gateway), not an OpenAI-style answer", None),
+        # was "answered 404: <!DOCTYPE HTML>", and a hint to end a URL that ends in /v1 with /v1
+        (
+            "web-server",
+            RemoteError,
+            "answered 404: an HTML page (Error response), not an OpenAI-style answer",
+            "is it an OpenAI-compatible server?",
+        ),
         ("listed-message", RemoteError, 'answered 500: ["engine", "failed"]', None),  # was ['engine', 'failed']
         ("midway-error", RemoteError, "failed mid-answer: the engine failed", None),
         # were printed whole: 10,000 characters over 501 lines, 12,000 over 2,001

@@ -163,7 +163,9 @@ class RemoteModel:
             hint = f"retry in {retry:g} s" if retry is not None else "retry later"
             return RemoteError(f"{where}: {said}", hint=hint)
         if status == 404:
-            return RemoteError(f"{where}: {said}", hint="the URL usually ends in /v1")
+            hint = "the URL usually ends in /v1"
+            hint = "is it an OpenAI-compatible server?" if self.base_url.endswith("/v1") else hint
+            return RemoteError(f"{where}: {said}", hint=hint)
         return RemoteError(f"{where}: {said}")
 
     def post_json(self, path: str, payload: dict[str, Any], *, at_root: bool = False) -> Any:

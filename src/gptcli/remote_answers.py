@@ -4,9 +4,13 @@ chunk or a whole answer checked against OpenAI's shape, and the token counts of 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from gptcli.errors import RemoteError, clipped
+
+HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+HTML_TAG = re.compile(r"<[^>]*>")
 
 
 def error_message(text: str) -> tuple[str, str | None]:
@@ -21,7 +25,12 @@ def _error_parts(text: str) -> tuple[str, str | None]:
     try:
         data = json.loads(text)
     except ValueError:
-        return (text.strip().splitlines() or [""])[0], None
+        page = text.strip()
+        if page.startswith("<"):  # a web server's page (python -m http.server, a proxy): its title, not "<!DOCTYPE"
+            found = HTML_TITLE.search(page[:8192])
+            title = " ".join((found.group(1) if found else HTML_TAG.sub(" ", page[:8192])).split())[:80]
+            return f"an HTML page{f' ({title})' if title else ''}, not an OpenAI-style answer", None
+        return (page.splitlines() or [""])[0], None
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
         message = error.get("message") or ""
