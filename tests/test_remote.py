@@ -104,6 +104,9 @@ def test_the_servers_own_tokenizer_counts_as_the_model_does(live, runtime, opene
     monkeypatch.setattr(remote_tokens, "PIECE_CHARS", 16)  # a long text goes in pieces, cut before spaces
     assert ServedTokenizer.probe(RemoteModel(live.v1, opener=opener)).encode(text) == ids
     assert served.decode([]) == ""
+    # A model the server does not serve: its 404 was taken for "no /tokenize" (a false note before the error).
+    with pytest.raises(ModelError, match=r"answered 404: the model 'gpt-9' does not exist"):
+        ServedTokenizer.probe(RemoteModel(live.v1, model="gpt-9", opener=opener))
 
 
 def test_server_errors_from_gptcli_serve(live, opener):

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gptcli.errors import GptcliError, RemoteError
+from gptcli.errors import GptcliError, ModelError, RemoteError
 from gptcli.textio import text_pieces
 
 CHARS_PER_TOKEN = 4
@@ -64,6 +64,8 @@ class ServedTokenizer:
             try:
                 if tokenizer._tokenize(PROBE_TEXT, add_special_tokens=False):
                     return tokenizer
+            except ModelError:  # it does not serve this model (-m): that, not "no /tokenize", is the error
+                raise
             except GptcliError:
                 continue  # 404 (no such route), 400/422 (not this shape), a body that is not token ids
         return None
