@@ -49,11 +49,17 @@ class Stats:
         # The first new token comes out of the prefill; each later one costs one decode step.
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
+    @property
+    def first_token_s(self) -> float | None:
+        """The time to the first token; None for a reply that never had one (cut before its first, or an empty
+        one), whose ttft_s is the time to its end."""
+        return self.ttft_s if self.new_tokens else None
+
     def timings(self) -> dict[str, float | None]:
-        """What `--json` reports under "timings"; ttft_s is null for a reply that never had a token (cut before
-        its first, or an empty one), where a time to the first token would be the time to the end."""
+        """What `--json` reports under "timings" (ttft_s null for a reply without a token)."""
+        first = self.first_token_s
         return {
-            "ttft_s": round(self.ttft_s, 4) if self.new_tokens else None,
+            "ttft_s": round(first, 4) if first is not None else None,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "total_s": round(self.total_s, 4),

@@ -16,7 +16,7 @@ def timings_line(stats: Stats, *, reused: bool = False) -> str:
     prompt = f"prompt {stats.prompt_tokens} tok"
     if reused:
         prompt += f" ({stats.cached_tokens} reused from the last turn)"
-    ttft = f"{stats.ttft_s * 1000:.0f} ms" if stats.new_tokens else "none (no token)"
+    ttft = f"{first * 1000:.0f} ms" if (first := stats.first_token_s) is not None else "none (no token)"
     return (
         f"{prompt} · TTFT {ttft} · prefill {stats.prefill_tokens_per_s:.1f} tok/s"
         f" · {stats.new_tokens} new tok · decode {stats.decode_tokens_per_s:.1f} tok/s · total {stats.total_s:.2f} s"

@@ -171,17 +171,18 @@ KvBudgetOpt = Annotated[
 ]
 
 
-def _nonempty(fix: str) -> Callable[[str | Path], Path]:
-    """A path's parser that refuses an empty value (`--data "$DIR"`, DIR unset) as a usage error naming `fix`:
-    Path("") is the current folder, which `train` would have read as its corpus or written its run into.
-    A default is parsed too: a Path (`runs list`'s ./runs) passes as it is."""
+def _nonempty(fix: str, what: str = "path", make: Callable[[str], Any] = Path) -> Callable[[Any], Any]:
+    """A parser that refuses an empty value as a usage error naming `fix`: a path (`--data "$DIR"`, DIR unset;
+    Path("") is the current folder, which `train` would have read as its corpus or written its run into), or a
+    model name (`models info "$NAME"`: `models info ''` showed the default model). A default is parsed too: a
+    Path (`runs list`'s ./runs) passes as it is."""
 
-    def parse(value: str | Path) -> Path:
+    def parse(value: Any) -> Any:
         if isinstance(value, Path):
             return value
         if not value.strip():
-            raise typer.BadParameter(f"an empty path ({fix})")
-        return Path(value)
+            raise typer.BadParameter(f"an empty {what} ({fix})")
+        return make(value)
 
     return parse
 
@@ -190,16 +191,9 @@ nonempty_path = _nonempty("to mean this folder, give '.'")  # a path that may na
 nonempty_file = _nonempty("give a file")
 
 
-def nonempty_model(fix: str) -> Callable[[str], str]:
-    """A model reference's parser that refuses an empty one (`models info "$NAME"`, NAME unset) as a usage error
-    naming `fix`: `models info ''` showed the default model, `models rm ''` said '' was not in the cache."""
-
-    def parse(value: str) -> str:
-        if not value.strip():
-            raise typer.BadParameter(f"an empty model name ({fix})")
-        return value
-
-    return parse
+def nonempty_model(fix: str) -> Callable[[Any], Any]:
+    """A model reference's parser (_nonempty) that refuses an empty one, naming `fix`."""
+    return _nonempty(fix, "model name", str)
 
 
 def path_option(*names: str, help: str, folder: bool = False) -> Any:
