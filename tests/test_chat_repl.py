@@ -243,6 +243,48 @@ def test_sigterm_at_the_prompt_keeps_the_chat_and_exits_143(tiny_models, tok, is
     assert [m["content"] for m in conv["messages"]] == ["Hello", "Kept."]
 
 
+def test_sigterm_at_the_prompt_ends_it_even_where_a_raised_exception_would_be_swallowed():
+    """CI: a chat killed at its prompt printed a Terminated traceback and went on waiting. gptcli's handler raises
+    wherever the main thread is, inside prompt_toolkit and asyncio there, and some spots (a __del__, a callback
+    whose errors are printed) swallow what is raised. At the prompt the handler now asks the app to exit."""
+    import asyncio
+    import signal
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from gptcli.cli.chat_repl import prompt_ending_on_sigterm
+    from gptcli.errors import Terminated
+
+    def raise_terminated(signum, frame):  # as gptcli.cli.app installs it
+        raise Terminated()
+
+    swallowed = []
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with create_pipe_input() as pipe:
+            session = PromptSession(input=pipe, output=DummyOutput())
+
+            def deliver_where_errors_are_swallowed():
+                try:
+                    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+                except BaseException as exc:
+                    swallowed.append(exc)
+                    pipe.send_text("typed on\r")  # the prompt went on: end it so that the test can fail
+
+            session.app.pre_run_callables.append(
+                lambda: asyncio.get_running_loop().call_later(0.05, deliver_where_errors_are_swallowed)
+            )
+            with pytest.raises(Terminated):
+                prompt_ending_on_sigterm(session, ">>> ")
+        assert swallowed == [] and Terminated.seen
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        Terminated.seen = False
+
+
 def test_sigterm_during_a_reply_or_a_block_keeps_the_chat_and_exits_143(tiny_models, tok, isolated_home):
     import signal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -41,6 +42,38 @@ class ReplyInterrupts:
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGINT, self._previous)
+
+
+def prompt_ending_on_sigterm(session: Any, message: str) -> str:
+    """`session.prompt(message)`, where SIGTERM ends the prompt with Terminated through prompt_toolkit's own loop.
+
+    gptcli's handler raises Terminated wherever the main thread is. At the prompt that is inside prompt_toolkit and
+    asyncio, where it could land in a spot that prints an exception and goes on (CI saw a killed chat print the
+    traceback and wait at the prompt). Here the handler only asks the running app to exit (as prompt_toolkit does
+    with SIGINT); a SIGTERM before the app runs ends it as it starts, one after it ended is raised on return."""
+    app = session.app
+    arrived = False
+
+    def end_app() -> None:
+        if arrived and app.is_running and app.future is not None and not app.future.done():
+            app.exit(exception=Terminated)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal arrived
+        arrived = Terminated.seen = True
+        loop = app.loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: raised once the prompt returns
+                loop.call_soon_threadsafe(end_app)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        text = session.prompt(message, pre_run=end_app)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if arrived:
+        raise Terminated()
+    return text
 
 
 def stream_plain(turn: Any) -> bool:
@@ -136,7 +169,7 @@ class Repl:
 
     def read(self, continuation: bool = False) -> str:
         try:
-            return self.prompt.prompt("... " if continuation else ">>> ")
+            return prompt_ending_on_sigterm(self.prompt, "... " if continuation else ">>> ")
         finally:
             if self.history_unsaid:
                 self.history_unsaid = False
