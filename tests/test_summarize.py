@@ -528,6 +528,69 @@ def test_ctrl_c_keeps_the_finished_chunk_summaries_in_the_documents_order(tok):
     assert len(result.chunks) == 20 and result.partials == ["Part 0.", "Part 2.", "Part 3."]  # not 3, 0, 2
 
 
+def _calls_failing_after(finished: list[int], error):
+    """StageCalls that finish the map calls `finished`, then raise `error` (a server that went away)."""
+    from gptcli.decoding import Finished, Stats
+
+    def calls(requests, sampling):
+        stats = Stats(1, 0, 1, 1, 0.0, 0.0, 0.0, 0.0)
+        for index in finished:
+            yield index, Finished("stop", stats, f"Part {index}.", ())
+        raise error
+
+    return calls
+
+
+def test_an_error_after_chunk_summaries_finished_keeps_them_and_is_still_the_error(tok):
+    """`summarize --url` whose server died mid-run lost the chunk summaries that had come back (Ctrl-C kept them)."""
+    from gptcli.config import SamplingConfig
+    from gptcli.errors import BackendError
+    from gptcli.summarize import Summarizer, SummaryInterrupted, SummaryOptions
+    from gptcli.templates import get_template
+
+    def run(finished):
+        error = BackendError("the server closed the connection")
+        calls = _calls_failing_after(finished, error)
+        s = Summarizer(
+            None, tok, get_template("summarize"), SamplingConfig(max_tokens=16), calls=calls, context_length=600
+        )
+        return s.run(document(20), SummaryOptions(strategy="map-reduce", chunk_tokens=200, overlap=0)), error
+
+    with pytest.raises(SummaryInterrupted) as stop:
+        run([2, 0])
+    assert stop.value.result.partials == ["Part 0.", "Part 2."] and stop.value.result.interrupted
+    assert str(stop.value.error) == "the server closed the connection"
+    with pytest.raises(BackendError):  # nothing finished: only the error
+        run([])
+
+
+def test_summarize_prints_the_kept_chunk_summaries_then_exits_with_the_error(tok, tmp_path, monkeypatch, capsys):
+    from gptcli.cli import summarize_cmd
+    from gptcli.cli.app import run
+    from gptcli.config import SamplingConfig
+    from gptcli.errors import BackendError
+    from gptcli.summarize import Summarizer
+
+    def failing_summarizer(remote, settings, template, **options):
+        calls = _calls_failing_after([1, 0], BackendError("the server closed the connection"))
+        summarizer = Summarizer(None, tok, template, SamplingConfig(max_tokens=16), calls=calls, context_length=600)
+        return summarizer, {"model": "m", "url": "http://127.0.0.1:9/v1"}
+
+    monkeypatch.setattr(summarize_cmd, "_summarizer", failing_summarizer)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(20))
+    args = ["summarize", str(doc), "--url", "http://127.0.0.1:9/v1", "-m", "m", "--strategy", "map-reduce"]
+    code = run([*args, "--chunk-tokens", "200", "--overlap", "0"])
+    out, err = capsys.readouterr()
+    assert code == BackendError.exit_code, err
+    assert out == "Part 0.\n\nPart 1.\n"
+    assert "stopped by an error: 2 of 20 chunk summaries were finished" in err
+    assert "the server closed the connection" in err and "Traceback" not in err
+    code = run([*args, "--chunk-tokens", "200", "--overlap", "0", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == BackendError.exit_code and data["partial"] is True and data["partials"] == ["Part 0.", "Part 1."]
+
+
 def test_ctrl_c_while_the_text_is_counted_is_an_interrupted_summary(tok):
     """Ctrl-C before the first model call (a long text is still being counted and cut) used to leave
     `--json` with no output at all."""

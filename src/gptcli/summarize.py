@@ -22,7 +22,7 @@ from typing import Any
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Token
 from gptcli.engine import Engine, EngineLimits, run_all
-from gptcli.errors import InputError, UsageError
+from gptcli.errors import GptcliError, InputError, UsageError
 from gptcli.prompts import Messages, build_prompt, messages_for
 from gptcli.summary_options import FORMATS, LENGTHS, SummaryOptions
 from gptcli.templates import Template
@@ -56,11 +56,13 @@ StageCalls = Callable[[list[Messages], SamplingConfig], Iterator[tuple[int, Even
 
 
 class SummaryInterrupted(Exception):
-    """Ctrl-C during a summary: `result.partials` holds the chunk summaries that were finished."""
+    """Ctrl-C during a summary, or an `error` after chunk summaries had finished (a server that went away):
+    `result.partials` holds the chunk summaries that were finished."""
 
-    def __init__(self, result: SummaryResult) -> None:
-        super().__init__("interrupted")
+    def __init__(self, result: SummaryResult, error: GptcliError | None = None) -> None:
+        super().__init__("interrupted" if error is None else str(error))
         self.result = result
+        self.error = error
 
 
 @dataclass
@@ -215,6 +217,12 @@ class Summarizer:
             result.interrupted = True
             result.seconds = time.perf_counter() - start
             raise SummaryInterrupted(result) from None
+        except GptcliError as exc:
+            if not result.partials:
+                raise
+            result.interrupted = True  # the finished chunk summaries are the user's: kept, then the error
+            result.seconds = time.perf_counter() - start
+            raise SummaryInterrupted(result, exc) from exc
 
     def _run(self, text: str, options: SummaryOptions, result: SummaryResult) -> SummaryResult:
         start = result.seconds

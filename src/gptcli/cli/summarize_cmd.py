@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -14,7 +14,7 @@ from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.inputs import is_stdin, read_stdin_if_piped
 from gptcli.cli.settings import resolve_settings
-from gptcli.errors import EXIT_INTERRUPTED, InputError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError
 from gptcli.textio import DOCUMENT, read_text_file
 
 
@@ -117,7 +117,7 @@ def summarize(
         length is not None or "max_tokens" not in template.sampling
     ):
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[options.length][1]))
-    text = _read_input(file)
+    text, error = _read_input(file), None
     with render.StageProgress() as progress:
         try:
             remote = open_remote(url, api_key, model, timeout) if url is not None else None
@@ -132,17 +132,14 @@ def summarize(
             )
             result = summarizer.run(text, options)
         except SummaryInterrupted as stop:
-            result = stop.result
+            result, error = stop.result, stop.error
         except KeyboardInterrupt:  # while the model loads: --json still gets its partial object
             result = SummaryResult("", "", 0, 0, 0, interrupted=True)
     if result.interrupted:
-        _print_partial(result, as_json)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _stop_with_partial(result, as_json, error)
     if result.strategy == "map-reduce":
-        render.note(
-            f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, "
-            f"{result.combine_levels} combine level(s)"
-        )
+        levels = f"{result.combine_levels} combine level(s)"
+        render.note(f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, {levels}")
     if as_json:
         print(json.dumps({**result.as_dict(), **where}, ensure_ascii=False, indent=2))
     else:
@@ -177,8 +174,8 @@ def _detail(update) -> str:
     return f"{update.tokens:,} tokens, {update.tokens_per_s:.1f} tok/s{eta}" if update.tokens else ""
 
 
-def _print_partial(result, as_json: bool) -> None:
-    """Ctrl-C: the chunk summaries that finished go to stdout (JSON: marked partial), then exit 130."""
+def _stop_with_partial(result, as_json: bool, error: GptcliError | None) -> NoReturn:
+    """Ctrl-C or an error mid-run: finished chunk summaries to stdout (JSON: marked partial); exit 130 or the error"""
     if as_json:
         print(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
     elif result.partials:
@@ -186,7 +183,9 @@ def _print_partial(result, as_json: bool) -> None:
         sys.stdout.flush()
     done = len(result.partials)
     said = f"{done} of {len(result.chunks)} chunk summaries were finished" if result.chunks else "no summary yet"
-    render.stderr_console().print(f"interrupted: {said}", style="yellow", markup=False)
+    why = "interrupted" if error is None else "stopped by an error"
+    render.stderr_console().print(f"{why}: {said}", style="yellow", markup=False)
+    raise typer.Exit(EXIT_INTERRUPTED) if error is None else error
 
 
 def _read_input(file: Path | None) -> str:
