@@ -234,6 +234,11 @@ BAD = [
     ),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role", "must be one of"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id", "non-empty string"),
+    (  # stateless: an output whose call is not in the input answers nothing (OpenAI: 400 too)
+        {"input": [{"type": "function_call_output", "call_id": "call_1", "output": "21 C"}]},
+        "input.0.call_id",
+        "no function_call item before it has call_id 'call_1'",
+    ),
     ({"tools": [{"type": "web_search_preview"}]}, "tools.0.type", "only function tools"),
     (
         {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},

@@ -128,6 +128,9 @@ class ResponsesRequest(SamplingRequest):
                     turns.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
                 call_id = _string(item, "call_id", where)
+                if call_id not in names:  # stateless: the call it answers is in this input, or it answers none
+                    message = f"no function_call item before it has call_id {call_id!r}: send the call with its output"
+                    raise invalid(f"{where}.call_id", message)
                 output = _text(item.get("output"), f"{where}.output")
                 turns.append({"role": "tool", "tool_call_id": call_id, "name": names.get(call_id), "content": output})
             else:
