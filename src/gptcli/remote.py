@@ -301,18 +301,13 @@ class RemoteModel:
             reply.close()
         if not done and reason is None:
             raise RemoteError(f"{self.base_url} closed the stream before the answer finished")
-        end = time.perf_counter()
-        new = count(usage, "completion_tokens") or chunks
-        first = first_at if first_at is not None else end
-        stats = Stats(
+        stats = streamed_stats(
+            start,
+            first_at,
+            time.perf_counter(),
+            count(usage, "completion_tokens") or chunks,
             prompt_tokens=count(usage, "prompt_tokens"),
             cached_tokens=count(usage.get("prompt_tokens_details"), "cached_tokens"),
-            new_tokens=new,
-            decode_steps=max(new - 1, 0),
-            ttft_s=first - start,
-            prefill_s=first - start,
-            decode_s=end - first,
-            total_s=end - start,
         )
         finished = Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
         yield finished if calls is None else calls.finished(finished)
@@ -376,6 +371,18 @@ class RemoteModel:
                 raise
             yield chunk
             last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
+
+
+def streamed_stats(
+    start: float, first: float | None, end: float, new_tokens: int, *, prompt_tokens: int = 0, cached_tokens: int = 0
+) -> Stats:
+    """A streamed reply's stats, from when it was asked for, its first token's time (None: none came) and its end.
+    The server's own prefill is not seen here: it is the time to the first token."""
+    first = end if first is None else first
+    steps = max(new_tokens - 1, 0)
+    return Stats(
+        prompt_tokens, cached_tokens, new_tokens, steps, first - start, first - start, end - first, end - start
+    )
 
 
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,19 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
 
     sampling = settings.sampling
     events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
+    start = time.perf_counter()
     first = next(events)  # the request is made here: a refusal is an error before anything is printed
     received: list[Any] = []
     try:
         finished = stream_or_exit(_kept(itertools.chain([first], events), received), show=not as_json)
     except GptcliError as exc:  # the stream broke off: --json still gets its object, with the text so far
         if as_json:
-            from dataclasses import replace
+            from gptcli.decoding import Finished
+            from gptcli.remote import streamed_stats
 
-            from gptcli.decoding import NO_STATS, Finished
-
-            stats = replace(NO_STATS, new_tokens=len(received))
+            # The prompt's tokens are unknown (a server says them at the end); the times are the client's.
+            end = received[-1].t if received else time.perf_counter()
+            stats = streamed_stats(start, received[0].t if received else None, end, len(received))
             text = "".join(token.text for token in received)
             write_json(Finished("error", stats, text, (), error=exc.message), remote, sampling, raw=raw)
         raise
