@@ -51,6 +51,33 @@ def test_multibyte_characters_really_span_tokens(tokenizer):
     assert [detok.add(i) for i in ids][:-1] == [""] * (len(ids) - 1)
 
 
+def test_a_reply_cut_inside_a_character_ends_before_it_not_with_a_replacement_character(tokenizer):
+    """QA: a reply cut by max_tokens mid-emoji ended in U+FFFD (the server's content too): its bytes are no text."""
+    ids = tokenizer.encode("Party 🎉🐍🚀", add_special_tokens=False)
+    whole = tokenizer.encode("Party 🎉🐍", add_special_tokens=False)
+    assert ids[: len(whole)] == whole and len(ids) - len(whole) > 1  # the rocket is several tokens
+    for cut in range(len(whole) + 1, len(ids)):  # the rocket begun, not finished
+        events, _ = run(tokenizer, ids, SamplingConfig(temperature=0, max_tokens=cut))
+        assert events[-1].reason == "length" and events[-1].text == "Party 🎉🐍", cut
+        assert "".join(e.text for e in events[:-1]) == "Party 🎉🐍" and len(events[-1].token_ids) == cut
+    literal = tokenizer.encode("odd \ufffd", add_special_tokens=False)  # the model's own U+FFFD is text: kept
+    events, _ = run(tokenizer, literal, SamplingConfig(temperature=0, max_tokens=len(literal)))
+    assert events[-1].text == "odd \ufffd"
+
+
+def test_a_stray_byte_is_written_at_once_not_held_to_the_replys_end(tokenizer):
+    """A byte no later token can make a character was held back as a character's start: the stream stopped there
+    and every later token decoded the whole held window again (a random model's 900-token reply took 14 s)."""
+    from gptcli.tokenizer import BYTE_LEVEL_ALPHABET
+
+    stray = tokenizer.token_to_id(next(char for char, byte in BYTE_LEVEL_ALPHABET.items() if byte == 0x80))
+    ids = [stray, *tokenizer.encode(" and then more words", add_special_tokens=False)]
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(token) for token in ids]
+    assert pieces[0] == "\ufffd" and "".join(pieces) + detok.flush() == tokenizer.decode(ids)
+    assert len(detok._window) <= 2  # written tokens leave the window
+
+
 STOP_CASES = [
     # (text the model produces, stops, what the user sees, finish reason)
     ("The capital of France is Paris. END of text", ["END"], "The capital of France is Paris. ", "stop"),

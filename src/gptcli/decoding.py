@@ -7,6 +7,7 @@ batched backend step for summarize, batch files and the server.
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._decode = tokenizer.decode
+        self._bytes = tokenizer.token_bytes
         self.ids: list[int] = []
         self._window: list[int] = list(context)[-CONTEXT_TOKENS:]  # what is decoded: the last text written on
         self._read = len(self._window)  # tokens before this are already written (or the context's)
@@ -129,17 +131,33 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         self._window.append(token_id)
         text = self._unread()
-        if text and not text.endswith("\ufffd"):
+        # Held back: no text yet, or the first bytes of a character. A U+FFFD of bytes no later token can make a
+        # character (a stray continuation byte) is written now: held, it stopped the stream and grew the window,
+        # decoded whole at every token, to the reply's end (a random model's replies took seconds).
+        if text and not (text.endswith("\ufffd") and self._whole_characters() < len(self._window) - self._read):
             del self._window[: self._read]  # the tokens written now stay, as the next one's context
             self._read = len(self._window)
             return text
         return ""
 
     def flush(self) -> str:
+        """The text held back, less a character the last tokens began and did not finish (a reply cut by max_tokens
+        mid-emoji): its bytes are no text, and a U+FFFD for them is not the model's (vLLM drops them too)."""
+        del self._window[self._read + self._whole_characters() :]
         text = self._unread()
         self._window.clear()
         self._read = 0
         return text
+
+    def _whole_characters(self) -> int:
+        """How many of the unread tokens end on a character's end (all of them, unless the last leave one open)."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        whole = 0
+        for at, token in enumerate(self._window):
+            utf8.decode(self._bytes(token))
+            if at >= self._read and not utf8.getstate()[0]:  # no bytes of an unfinished character are waiting
+                whole = at + 1 - self._read
+        return whole
 
     def _unread(self) -> str:
         """The text the unread tokens add after the read ones. Where the read ones end inside a character (their
