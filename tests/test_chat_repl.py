@@ -25,7 +25,7 @@ def say(tok, text):
     return [*tok.encode(text, add_special_tokens=False), min(tok.eos_ids)]
 
 
-def spawn(tiny_models, script, *args, delay="0", backend="scripted"):
+def spawn(tiny_models, script, *args, delay="0", backend="scripted", cursor_reports=False):
     env = {
         **os.environ,
         "GPTCLI_BACKEND_PATHS": BACKENDS,
@@ -33,7 +33,7 @@ def spawn(tiny_models, script, *args, delay="0", backend="scripted"):
         "GPTCLI_TEST_CONTEXT": "100000",
         "GPTCLI_TEST_DELAY": delay,
         "TERM": "xterm",
-        "PROMPT_TOOLKIT_NO_CPR": "1",
+        **({} if cursor_reports else {"PROMPT_TOOLKIT_NO_CPR": "1"}),
     }
     cmd = [sys.executable, "-m", "gptcli", "chat", "-m", str(tiny_models["llama"]), "-b", backend, *args]
     child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO), timeout=30, dimensions=(40, 120), encoding="utf-8")
@@ -283,6 +283,61 @@ def test_sigterm_at_the_prompt_ends_it_even_where_a_raised_exception_would_be_sw
     finally:
         signal.signal(signal.SIGTERM, previous)
         Terminated.seen = False
+
+
+def test_sigterm_as_the_line_is_accepted_returns_the_line_and_says_it_came():
+    """QA: `kill` in the second after Enter (prompt_toolkit still closing: it waits up to a second for a terminal's
+    cursor report) lost the message just typed: the prompt raised instead of returning it."""
+    import asyncio
+    import signal
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from gptcli.cli.chat_repl import prompt_ending_on_sigterm
+    from gptcli.errors import Terminated
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with create_pipe_input() as pipe:
+            session = PromptSession(input=pipe, output=DummyOutput())
+
+            def accept_then_kill():
+                session.app.exit(result="the line typed")  # accepted: the app is still running its close
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+            session.app.pre_run_callables.append(lambda: asyncio.get_running_loop().call_later(0.05, accept_then_kill))
+            try:
+                line = prompt_ending_on_sigterm(session, ">>> ")
+            except Terminated:  # (a KeyboardInterrupt let out would end pytest itself)
+                pytest.fail("the line accepted before the kill was lost")
+            assert line == "the line typed" and Terminated.seen
+            with pytest.raises(Terminated):  # no further line is read (a block's next): the caller leaves
+                prompt_ending_on_sigterm(session, "... ")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        Terminated.seen = False
+
+
+def test_sigterm_right_after_enter_keeps_the_message_and_exits_143(tiny_models, tok, isolated_home):
+    """With cursor reports asked for (a real terminal's default), prompt_toolkit closes after Enter by waiting for
+    one; pexpect never answers, so the kill lands there. The message was lost (no chat file at all)."""
+    import signal
+
+    child = spawn(tiny_models, say(tok, "Never read."), "--plain", delay="0.05", cursor_reports=True)
+    child.sendline("Keep me")
+    child.expect_exact("Keep me")
+    child.expect_exact("\n")
+    child.kill(signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143
+    [conv] = saved_conversations(isolated_home)
+    assert conv["messages"][0]["content"] == "Keep me"
 
 
 def test_sigterm_during_a_reply_or_a_block_keeps_the_chat_and_exits_143(tiny_models, tok, isolated_home):

@@ -50,7 +50,11 @@ def prompt_ending_on_sigterm(session: Any, message: str) -> str:
     gptcli's handler raises Terminated wherever the main thread is. At the prompt that is inside prompt_toolkit and
     asyncio, where it could land in a spot that prints an exception and goes on (CI saw a killed chat print the
     traceback and wait at the prompt). Here the handler only asks the running app to exit (as prompt_toolkit does
-    with SIGINT); a SIGTERM before the app runs ends it as it starts, one after it ended is raised on return."""
+    with SIGINT); a SIGTERM before the app runs ends it as it starts. One after the line was accepted (prompt_toolkit
+    may still be closing: it waits up to a second for a terminal's cursor report) returns the line, with
+    Terminated.seen set: the caller keeps what was typed, then leaves."""
+    if Terminated.seen:  # a kill came with an earlier line (a block's first): no more lines
+        raise Terminated()
     app = session.app
     arrived = False
 
@@ -68,12 +72,9 @@ def prompt_ending_on_sigterm(session: Any, message: str) -> str:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        text = session.prompt(message, pre_run=end_app)
+        return session.prompt(message, pre_run=end_app)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if arrived:
-        raise Terminated()
-    return text
 
 
 def stream_plain(turn: Any) -> bool:
@@ -200,12 +201,18 @@ class Repl:
             except (EOFError, KeyboardInterrupt):
                 break
             if not text.strip():
+                if Terminated.seen:
+                    break
                 continue
             try:
                 step = dispatch(self.session, text, self.backend_name)
             except GptcliError as exc:
                 render.report(exc)
                 continue
+            if Terminated.seen:  # killed as the line was read: the message is saved as sent; no reply is started
+                if step.turn is not None:
+                    step.turn.close()
+                break
             if step.output:
                 print(render.inert(step.output), flush=True)
             if step.exit:
