@@ -140,8 +140,14 @@ def debug_enabled() -> bool:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    if Terminated.seen:  # a second kill: the first is being handled (what was made is being kept): not cut again
+        return
     Terminated.seen = True
     raise Terminated()
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """After the command: a signal during the interpreter's shutdown is not raised in its atexit callbacks."""
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -338,4 +344,8 @@ def _is_usage_error(exc: Exception) -> bool:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _ignore)
+        signal.signal(signal.SIGTERM, _ignore)
+    sys.exit(code)
