@@ -699,3 +699,22 @@ def test_training_yields_typed_events_in_order(corpus, tmp_path):
     early = replace(finished, val_loss=math.nan, best_val_loss=None).as_dict()
     assert early["val_loss"] is None and json.loads(json.dumps(early, allow_nan=False))["val_loss"] is None
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
+def test_ctrl_c_while_the_model_is_built_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    """QA: a signal after the data was ready and before the first step (the model being built, the loop not yet
+    holding the signals) exited 130/143 without a word about what was kept."""
+    from gptcli.cli.app import run
+    from gptcli.train import loop
+
+    def interrupted(setup, on_event):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    out = tmp_path / "run"
+    code = run(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "interrupted before the first step (the model being built): nothing was saved" in err

@@ -111,7 +111,14 @@ def train(
             print_dry_run(setup, as_json=as_json)
             return
         with renderer:
-            finished = loop.train(setup, renderer.show)
+            try:
+                finished = loop.train(setup, renderer.show)
+            except KeyboardInterrupt:  # before the loop took the signals (the model being built), or a second one
+                if renderer.last_step is not None:
+                    raise
+                if main_rank:
+                    _say_interrupted_before_training("the model being built")
+                raise typer.Exit(EXIT_INTERRUPTED) from None
         shutdown_distributed(together=True)
     except RankStopped as exc:  # rank 0 failed and says why: the other ranks of a torchrun leave quietly
         raise typer.Exit(exc.exit_code) from None
