@@ -192,6 +192,8 @@ class Canned(BaseHTTPRequestHandler):
             time.sleep(3)
         cards = {"null-id": [{"id": None}, {"id": "second"}], "no-id": [{"id": None}, {"object": "model"}]}
         cards |= {f"context-{n}": [{"id": "canned", "max_model_len": json.loads(n)}] for n in ("-5", "true", "2048")}
+        # llama-server: its slot's context under meta (n_ctx_train is the model's, more than a slot may hold)
+        cards["llama-server"] = [{"id": "m.gguf", "meta": {"n_ctx": 1024, "n_ctx_train": 8192, "n_vocab": 49152}}]
         data = cards.get(self.path.split("/")[1], [{"id": "canned", "object": "model"}])
         self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
@@ -395,6 +397,11 @@ def test_a_context_that_is_no_count_of_tokens_is_unknown(canned, opener):
     # summarise this text", where a server that does not say its context gets the default.
     contexts = [RemoteModel(f"{canned}/context-{n}/v1", opener=opener).context_length for n in ("-5", "true", "2048")]
     assert contexts == [None, None, 2048]
+
+
+def test_llama_servers_context_is_read_from_its_meta(canned, opener):
+    """QA: against llama-server (-c 2048 -np 2: 1,024 a slot) summarize assumed 4,096 and every chunk got a 400."""
+    assert RemoteModel(f"{canned}/llama-server/v1", opener=opener).context_length == 1024
 
 
 def test_a_whole_json_answer_to_a_stream_request_is_taken_as_it_comes(canned, opener):
@@ -693,3 +700,22 @@ def test_requests_share_one_tls_context(canned, monkeypatch):
         events = list(remote(canned, "ok", open_httpx).complete("hi", GREEDY))
         assert events[-1].text == "Hello"
     assert len(loads) <= 1
+
+
+def test_ctrl_c_while_a_busy_server_holds_the_request_ends_the_reply_as_interrupted(canned, opener):
+    """QA (llama-server, all slots busy): Ctrl-C before the answer's headers came was outside the stream's handling:
+    a chat left at once (exit 130) without saving the message, `generate --json` printed no object."""
+    import os
+    import signal
+
+    model = remote(canned, "slow", opener)  # answers after 3 s
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        events = list(model.complete("hi", SamplingConfig(max_tokens=4)))
+    except KeyboardInterrupt:  # (let out, it would end pytest itself)
+        pytest.fail("Ctrl-C while the request waited was let out of the stream")
+    finally:
+        timer.cancel()
+    assert [(type(e), e.reason, e.text) for e in events] == [(Finished, "interrupted", "")]
+    assert events[0].stats.new_tokens == 0 and events[0].stats.first_token_s is None

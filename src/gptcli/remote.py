@@ -221,11 +221,13 @@ class RemoteModel:
 
     @property
     def context_length(self) -> int | None:
-        """The served model's context, where the server says it (gptcli serve and vLLM: max_model_len)."""
+        """The served model's context, where the server says it: max_model_len (gptcli serve, vLLM), context_length,
+        or meta.n_ctx (llama-server: what one of its slots holds, not the model's n_ctx_train)."""
         if self._card is None:
             self._card = next((c for c in self.models() if c.get("id") == self.model), {})
         # A count of tokens, or unknown: not a negative one, nor true (an int to Python) taken for 1
-        return count(self._card, "max_model_len") or count(self._card, "context_length") or None
+        said = count(self._card, "max_model_len") or count(self._card, "context_length")
+        return said or count(self._card.get("meta"), "n_ctx") or None
 
     # --- generation -------------------------------------------------------------------------------
     def chat(
@@ -261,7 +263,11 @@ class RemoteModel:
         self, path: str, payload: dict[str, Any], *, chat: bool, calls: StreamedCalls | None = None
     ) -> Iterator[Event]:
         start = time.perf_counter()
-        reply = self._request("POST", path, payload)
+        try:
+            reply = self._request("POST", path, payload)
+        except KeyboardInterrupt:  # while a busy server queues it: the reply ends before its first token
+            yield Finished("interrupted", streamed_stats(start, None, time.perf_counter(), 0), "", ())
+            return
         pieces: list[str] = []
         first_at: float | None = None
         reason: str | None = None
