@@ -719,3 +719,11 @@ def test_ctrl_c_while_a_busy_server_holds_the_request_ends_the_reply_as_interrup
         timer.cancel()
     assert [(type(e), e.reason, e.text) for e in events] == [(Finished, "interrupted", "")]
     assert events[0].stats.new_tokens == 0 and events[0].stats.first_token_s is None
+
+
+def test_ignore_eos_is_sent_as_the_other_extras_are():
+    """QA: `/set ignore_eos true` in a `--url` chat was accepted and never sent (vLLM and llama-server take it)."""
+    from gptcli.remote_requests import sampling_fields
+
+    assert sampling_fields(SamplingConfig(ignore_eos=True), "m")["ignore_eos"] is True
+    assert "ignore_eos" not in sampling_fields(SamplingConfig(), "m")  # the neutral value is not sent

@@ -12,7 +12,9 @@ from gptcli.errors import InputError
 DEFAULTS = SamplingConfig()
 # Sent only when set away from neutral: OpenAI's penalties, and our extras (which api.openai.com refuses).
 EXTRAS: dict[str, Any] = dict(frequency_penalty=0.0, presence_penalty=0.0, top_k=0, min_p=DEFAULTS.min_p)
-EXTRAS.update(repetition_penalty=1.0, min_tokens=0, stop_token_ids=(), include_stop_str_in_output=False)
+EXTRAS.update(
+    repetition_penalty=1.0, min_tokens=0, stop_token_ids=(), include_stop_str_in_output=False, ignore_eos=False
+)
 
 
 def sampling_fields(params: SamplingConfig, model: str) -> dict[str, Any]:
