@@ -727,3 +727,17 @@ def test_ignore_eos_is_sent_as_the_other_extras_are():
 
     assert sampling_fields(SamplingConfig(ignore_eos=True), "m")["ignore_eos"] is True
     assert "ignore_eos" not in sampling_fields(SamplingConfig(), "m")  # the neutral value is not sent
+
+
+def test_a_server_that_answered_then_went_away_is_said_so_not_a_wrong_url(opener):
+    """QA: llama-server killed mid-batch gave 'cannot connect ... Server disconnected without sending a response'
+    with the hint 'does the server speak HTTPS?', though it had answered plain HTTP all along."""
+    with http_server(Canned) as url:
+        model = RemoteModel(f"{url}/v1", opener=opener)
+        assert model.model == "canned"  # it answers
+    with pytest.raises(RemoteError) as gone:
+        model.complete("hi", SamplingConfig(max_tokens=2)).__next__()
+    assert gone.value.message.startswith(f"lost {url}/v1: ") and "did the server stop" in gone.value.hint
+    with pytest.raises(RemoteError) as never:  # a client that never had an answer: still the URL's fault
+        RemoteModel(f"{url}/v1", opener=opener).models()
+    assert never.value.message.startswith(f"cannot connect to {url}/v1") and "is the server running" in never.value.hint

@@ -36,6 +36,7 @@ LOOKUP_TIMEOUT_S = 30.0
 MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the first line or two
 MAX_JSON_BYTES = 16 << 20  # of a whole JSON answer (/models, /tokenize, an answer that was not streamed)
 CONNECT_HINT = "is the server running? (`gptcli serve` starts one; the URL usually ends in /v1)"
+GONE_HINT = "it answered earlier in this run: did the server stop or restart?"
 MIN_RETRY_S = 0.25  # the least wait before sending again after a busy answer (a "Retry-After: 0" too)
 # A server may not keep max_tokens (one that never ends its stream): a reply is cut past these, per token asked.
 REPLY_CHARS_PER_TOKEN = 64  # of text and tool calls' arguments (a token is 4 characters on average)
@@ -69,6 +70,7 @@ class RemoteModel:
         self._open = opener or default_opener()
         self._model = model
         self._card: dict[str, Any] | None = None
+        self._answered = False  # a request had an answer: a later failure to connect is the server gone, not the URL
 
     # --- requests -------------------------------------------------------------------------------
     @property
@@ -103,10 +105,13 @@ class RemoteModel:
             except TimeoutError:
                 raise busy or self._timeout_error(timeout) from None
             except ConnectionError as exc:
+                if self._answered:  # not a wrong scheme or port (its hint): it answered this run, then went away
+                    raise busy or RemoteError(f"lost {self.base_url}: {exc}", hint=GONE_HINT) from None
                 raise busy or RemoteError(
                     f"cannot connect to {self.base_url}: {exc}",
                     hint=getattr(exc, "hint", None) or CONNECT_HINT,
                 ) from None
+            self._answered = True
             if reply.status < 300:
                 return reply
             if reply.status < 400:
