@@ -709,7 +709,7 @@ def test_ctrl_c_while_a_busy_server_holds_the_request_ends_the_reply_as_interrup
     import signal
 
     model = remote(canned, "slow", opener)  # answers after 3 s
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # well inside the 3 s wait
     timer.start()
     try:
         events = list(model.complete("hi", SamplingConfig(max_tokens=4)))
