@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -119,3 +122,15 @@ class Terminated(KeyboardInterrupt):
     installs: every command keeps what it made as on Ctrl-C, then gptcli exits 143."""
 
     seen = False  # one arrived in this process (also where it was passed on as Ctrl-C: bench's worker)
+
+
+def ignore_stops() -> None:
+    """From here on SIGINT and SIGTERM do nothing: a stop is being handled (what finished is handed over) or the
+    process is ending. A handler that does nothing, not SIG_IGN: a signal that came before this ran finds SIG_IGN
+    and Python prints "OSError: Signal 15 ignored due to race condition". Main thread only."""
+    signal.signal(signal.SIGINT, _do_nothing)
+    signal.signal(signal.SIGTERM, _do_nothing)
+
+
+def _do_nothing(signum: int, frame: Any) -> None:
+    """A stop after the one being handled (see ignore_stops)."""

@@ -213,16 +213,13 @@ class Summarizer:
         result.seconds = start  # until the end: when the run started (an interrupted result reports its time)
         try:
             return self._run(text, options, result)
-        except KeyboardInterrupt:
-            result.interrupted = True
-            result.seconds = time.perf_counter() - start
-            raise SummaryInterrupted(result) from None
-        except GptcliError as exc:
-            if not result.partials:
+        except (KeyboardInterrupt, GptcliError) as exc:
+            error = exc if isinstance(exc, GptcliError) else None
+            if error is not None and not result.partials:
                 raise
-            result.interrupted = True  # the finished chunk summaries are the user's: kept, then the error
+            result.interrupted = True  # the finished chunk summaries are the user's: kept (then the error)
             result.seconds = time.perf_counter() - start
-            raise SummaryInterrupted(result, exc) from exc
+            raise SummaryInterrupted(result, error) from error
 
     def _run(self, text: str, options: SummaryOptions, result: SummaryResult) -> SummaryResult:
         start = result.seconds

@@ -13,7 +13,7 @@ from typing import Any
 
 from gptcli.bench.job import Job
 from gptcli.bench.runner import run_job
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, ignore_stops
 
 
 def _notify(message: str) -> None:
@@ -24,15 +24,9 @@ def _stop_once(signum: int, _frame: Any) -> None:
     """The first Ctrl-C or SIGTERM stops the run, which hands over what finished; the later ones are ignored, so
     the hand-over is never cut. A terminal's Ctrl-C and `timeout`'s SIGTERM reach the whole process group and
     the parent passes its own on as Ctrl-C, so one stop often comes twice; a second Ctrl-C at the parent kills
-    this process (SIGKILL) instead. Ignored by a handler that does nothing, not SIG_IGN: a signal that came
-    before this one ran finds SIG_IGN and Python prints "OSError: Signal 15 ignored due to race condition"."""
-    signal.signal(signal.SIGINT, _ignore)
-    signal.signal(signal.SIGTERM, _ignore)
+    this process (SIGKILL) instead."""
+    ignore_stops()
     raise KeyboardInterrupt
-
-
-def _ignore(signum: int, _frame: Any) -> None:
-    """A stop after the first (see _stop_once)."""
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ from gptcli.errors import (
     Terminated,
     UsageError,
     escaped_byte,
+    ignore_stops,
 )
 from gptcli.paths import environment_error
 
@@ -144,10 +145,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         return
     Terminated.seen = True
     raise Terminated()
-
-
-def _ignore(signum: int, frame: Any) -> None:
-    """After the command: a signal during the interpreter's shutdown is not raised in its atexit callbacks."""
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -346,6 +343,5 @@ def _is_usage_error(exc: Exception) -> bool:
 def main() -> None:
     code = run()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _ignore)
-        signal.signal(signal.SIGTERM, _ignore)
+        ignore_stops()  # a signal during the interpreter's shutdown is not raised in its atexit callbacks
     sys.exit(code)

@@ -132,7 +132,7 @@ class ResponsesRequest(SamplingRequest):
                     message = f"no function_call item before it has call_id {call_id!r}: send the call with its output"
                     raise invalid(f"{where}.call_id", message)
                 output = _text(item.get("output"), f"{where}.output")
-                turns.append({"role": "tool", "tool_call_id": call_id, "name": names.get(call_id), "content": output})
+                turns.append({"role": "tool", "tool_call_id": call_id, "name": names[call_id], "content": output})
             else:
                 message = f"{kind!r} items are not supported here, only {ITEMS}"
                 raise invalid(f"{where}.type", message)
