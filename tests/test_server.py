@@ -842,6 +842,9 @@ def test_a_client_that_disconnects_frees_its_slot(runtime):
         metrics = httpx.get(slow.url + "/metrics").text
         assert re.search(r"^gptcli_running_sequences 0$", metrics, re.M)
         assert re.search(r"^gptcli_kv_used_tokens 0$", metrics, re.M)
+        # An abandoned stream is no success, though its 200 went out first: nginx's 499, as for an unsent body.
+        assert re.search(r'^gptcli_requests_total\{route="/v1/chat/completions",status="499"\} 1$', metrics, re.M)
+        assert 'route="/v1/chat/completions",status="200"' not in metrics
         # The slot is free again: the next request runs to the end.
         after = httpx.post(slow.v1 + "/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=30)
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
@@ -856,6 +859,8 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled_too(runtime):
             httpx.post(slow.v1 + "/completions", json=body, timeout=0.5)
         assert wait_until(lambda: slow.engine.snapshot().running == 0, 10)
         assert slow.engine.snapshot().tokens_generated < 60
+        left = r'^gptcli_requests_total\{route="/v1/completions",status="499"\} 1$'
+        assert wait_until(lambda: re.search(left, httpx.get(slow.url + "/metrics").text, re.M))
 
 
 def test_a_client_that_resets_mid_stream_leaves_no_asyncio_warning(runtime, caplog):

@@ -55,21 +55,35 @@ class RequestCounter:
             return
         route = self.label(scope["path"])
         status: int | None = None
-        failed = True
+        finished = failed = False
 
         async def counting_send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
 
         try:
             await self.app(scope, receive, counting_send)
-            failed = False
+        except BaseException:
+            failed = True
+            raise
         finally:
-            # No answer at all: the app failed (500), or the client left before one was due (499, as nginx
-            # logs a client that closed its request), e.g. while sending its body. Not a server error.
-            self.metrics.count_request(route, status or (500 if failed else 499))
+            self.metrics.count_request(route, _final_status(status, finished, failed))
+
+
+def _final_status(status: int | None, finished: bool, failed: bool) -> int:
+    """The status a request counts under: what was sent, or nginx's 499 for a client that left first.
+
+    A client can leave before an answer was due (e.g. while sending its body) or in the middle of one (a stream
+    it stopped reading): both are 499, not the 200 whose headers went out. An app that failed before its answer
+    was complete is a 500.
+    """
+    if status is not None and finished:
+        return status
+    return 500 if failed else 499
 
 
 class ApiKeyGuard:
