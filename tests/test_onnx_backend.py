@@ -270,6 +270,19 @@ def test_an_int4_export_folder_runs_and_is_labelled_int4_whatever_precision_says
     assert backend.precision == "int4"  # bench's precision column once said fp32 for such a folder
 
 
+def test_a_precision_an_export_folder_was_not_made_at_is_a_warning(tiny_models, tmp_path):
+    from gptcli.export import ensure_export
+
+    out = ensure_export(tiny_models["llama"], output=tmp_path / "llama-onnx").folder
+    result = run_cli("generate", "hi", "-m", str(out), "--backend", "onnx", "--precision", "int8", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {out} is an fp32 export, so --precision int8 does not apply" in result.stderr.decode()
+    # fp32 is the default too: an int8 folder run without --precision says nothing (it was silent throughout).
+    int8 = ensure_export(tiny_models["llama"], precision="int8", output=tmp_path / "llama-int8").folder
+    quiet = run_cli("generate", "hi", "-m", str(int8), "--backend", "onnx", "-n", "2")
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr.decode()
+
+
 def test_an_export_folder_is_a_model_for_the_onnx_backend(tiny_models, tmp_path):
     from gptcli.export import ensure_export
 

@@ -132,6 +132,12 @@ class OnnxBackend:
             if export.meta["device"] == "cuda" and device == "cpu":
                 raise BackendError(f"{folder} was exported for CUDA", hint="export it again with --device cpu")
             device = export.meta["device"]
+            made = export.meta["precision"]
+            if precision not in ("fp32", made):  # fp32 is also the default: a folder's own precision goes unsaid
+                notify(
+                    f"warning: {folder} is an {made} export, so --precision {precision} does not apply"
+                    f" (`gptcli export --precision {precision}` makes one)"
+                )
         else:
             if device == "cuda" and options.device == "auto" and precision != "fp16":
                 device = _cpu_for_what_cuda_cannot(folder, notify)
