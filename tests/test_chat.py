@@ -370,6 +370,23 @@ def test_chats_list_show_export_rm(tiny_models, tok, isolated_home):
     assert not os.listdir(isolated_home / "data" / "chats")
 
 
+def test_chats_export_keeps_a_file_that_is_there_unless_forced(tmp_path, capsys):
+    from gptcli.chat import Conversation, ConversationStore
+    from gptcli.cli.app import run
+
+    conv = Conversation(messages=[{"role": "user", "content": "hi"}])
+    ConversationStore().save(conv)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    assert run(["chats", "export", conv.id, "-o", str(notes)]) == 6  # it was replaced without a word
+    assert notes.read_text() == "my notes\n"
+    assert f"error: {notes} already exists" in capsys.readouterr().err
+    assert run(["chats", "export", conv.id, "-o", str(notes), "--force"]) == 0 and "hi" in notes.read_text()
+    empty = tmp_path / "empty.md"
+    empty.touch()  # as generate --batch -o: a new or empty file
+    assert run(["chats", "export", conv.id, "-o", str(empty)]) == 0 and "hi" in empty.read_text()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_chats_export_into_a_folder_that_takes_no_files_names_the_file(capsys):
     from gptcli.chat import Conversation, ConversationStore

@@ -12,7 +12,7 @@ import typer
 from gptcli.cli import common as c
 from gptcli.cli import render
 from gptcli.cli.helpfmt import HelpGroup
-from gptcli.errors import UsageError
+from gptcli.errors import InputError, UsageError
 
 app = typer.Typer(
     help="List, show, export and delete saved chat conversations.",
@@ -71,6 +71,7 @@ def export(
     conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")],
     fmt: Annotated[str, typer.Option("--format", help="md | json")] = "md",
     output: Annotated[Path | None, c.path_option("--output", "-o", help="Write to a file instead of stdout.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file that is already there.")] = False,
 ) -> None:
     """Export a conversation as Markdown or JSON.
 
@@ -84,6 +85,8 @@ def export(
 
     if fmt not in {"md", "json"}:
         raise UsageError(f"--format must be md or json, got {fmt!r}")
+    if output is not None and output.is_file() and output.stat().st_size and not force:
+        raise InputError(f"{output} already exists", hint="add --force to replace it, or choose another -o")
     conv = ConversationStore().load(conversation_id)
     # JSON as the store writes it (compact when long), so that /load takes back what the store holds
     text = to_markdown(conv) if fmt == "md" else conversation_json(conv).decode("utf-8")
