@@ -794,6 +794,17 @@ def test_an_empty_path_is_a_usage_error_not_the_current_folder(argv, fix, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing written here
 
 
+@pytest.mark.parametrize(
+    "argv", [["chats", "show", ""], ["chats", "export", " "], ["chats", "rm", "x", ""], ["chat", "--resume", ""]]
+)
+def test_an_empty_conversation_id_is_a_usage_error(argv, capsys):
+    """`chat --resume "$ID"` with ID unset was exit 6, "no saved conversation ''": an input no one gave."""
+    from gptcli.cli.app import run
+
+    assert run(argv) == 2
+    assert "an empty conversation id (give an id or a unique start of one" in capsys.readouterr().err.splitlines()[0]
+
+
 def test_runs_list_without_a_folder_lists_the_default_one(tmp_path, monkeypatch, capsys):
     """`gptcli runs list` (its folder defaults to ./runs, a Path the empty-path parser also sees) ended with
     'internal error: AttributeError: 'PosixPath' object has no attribute 'strip''."""

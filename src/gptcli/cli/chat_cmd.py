@@ -46,7 +46,9 @@ def chat(
     regex: c.RegexOpt = None,
     grammar: c.GrammarOpt = None,
     continue_: Annotated[bool, typer.Option("--continue", help="Resume the most recent conversation.")] = False,
-    resume: Annotated[str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).")] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).", parser=c.nonempty_id)
+    ] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text replies (no Markdown rendering).")] = False,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Pipe mode with one JSON object per reply on stdout (even on a terminal).")

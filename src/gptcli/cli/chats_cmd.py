@@ -56,7 +56,9 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
 
 
 @app.command()
-def show(conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")]) -> None:
+def show(
+    conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).", parser=c.nonempty_id)],
+) -> None:
     """Print a conversation as Markdown.
 
     Example: gptcli chats show 20260101-120000-ab12
@@ -68,7 +70,7 @@ def show(conversation_id: Annotated[str, typer.Argument(help="Conversation id (o
 
 @app.command()
 def export(
-    conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).")],
+    conversation_id: Annotated[str, typer.Argument(help="Conversation id (or a unique prefix).", parser=c.nonempty_id)],
     fmt: Annotated[str, typer.Option("--format", help="md | json")] = "md",
     output: Annotated[Path | None, c.path_option("--output", "-o", help="Write to a file instead of stdout.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a file that is already there.")] = False,
@@ -98,7 +100,11 @@ def export(
 
 
 @app.command("rm")
-def rm(conversation_ids: Annotated[list[str], typer.Argument(help="Conversation ids (or unique prefixes).")]) -> None:
+def rm(
+    conversation_ids: Annotated[
+        list[str], typer.Argument(help="Conversation ids (or unique prefixes).", parser=c.nonempty_id)
+    ],
+) -> None:
     """Delete saved conversations.
 
     Example: gptcli chats rm 20260101-120000-ab12

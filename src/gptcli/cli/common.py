@@ -191,6 +191,9 @@ nonempty_path = _nonempty("to mean this folder, give '.'")  # a path that may na
 nonempty_file = _nonempty("give a file")
 
 
+nonempty_id = _nonempty("give an id or a unique start of one: `gptcli chats list` shows them", "conversation id", str)
+
+
 def nonempty_model(fix: str) -> Callable[[Any], Any]:
     """A model reference's parser (_nonempty) that refuses an empty one, naming `fix`."""
     return _nonempty(fix, "model name", str)
