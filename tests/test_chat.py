@@ -184,6 +184,8 @@ def test_slash_commands(tok, tmp_path):
     show = run_command(chat, "/show").output
     assert "tokens" in show and "left of 4096" in show and "temperature        0.0" in show
     assert "output             free text" in show
+    assert "repetition_stop    True\n" in show  # it applies here (a --url chat says it does not)
+    assert "reused from the last turn)" in run_command(chat, "/stats").output
     md, js = tmp_path / "c.md", tmp_path / "c.json"
     run_command(chat, f"/save {md}")
     run_command(chat, f"/save {js}")

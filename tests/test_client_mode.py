@@ -105,6 +105,9 @@ def test_chat_pipe_two_turns_are_saved(server, isolated_home):
     assert there == here
     err = result.stderr.decode()
     assert f"at {server['url']}" in err and "about " in err and "tok/s" in err  # /show, then /stats
+    # The server decodes: gptcli's repetition stop cannot apply, and its cache is the server's, not the last turn's.
+    assert "repetition_stop    True (not applied: the server decodes the reply)" in err
+    assert "cached by the server)" in err and "reused from the last turn" not in err
     conversations = ConversationStore().list()
     assert len(conversations) == 2
     saved = ConversationStore().latest()

@@ -8,14 +8,14 @@ from __future__ import annotations
 from gptcli.decoding import Stats
 
 
-def timings_line(stats: Stats, *, reused: bool = False) -> str:
+def timings_line(stats: Stats, *, cached: str = "") -> str:
     """`prompt … tok · TTFT … ms · prefill … tok/s · … new tok · decode … tok/s · total … s`.
 
-    `reused` adds how many prompt tokens came from the previous turn's cache (chat).
+    `cached` says where the prompt's cached tokens came from, after their count (chat: "reused from the last turn").
     """
     prompt = f"prompt {stats.prompt_tokens} tok"
-    if reused:
-        prompt += f" ({stats.cached_tokens} reused from the last turn)"
+    if cached:
+        prompt += f" ({stats.cached_tokens} {cached})"
     ttft = f"{first * 1000:.0f} ms" if (first := stats.first_token_s) is not None else "none (no token)"
     return (
         f"{prompt} · TTFT {ttft} · prefill {stats.prefill_tokens_per_s:.1f} tok/s"

@@ -67,7 +67,7 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     ]
     for key in SAMPLING_KEYS:
         value = getattr(s, key)
-        lines.append(f"{key.ljust(18)} {_shown(value)}")
+        lines.append(f"{key.ljust(18)} {_shown(value)}{chat.setting_note(key)}")
     lines.append(f"{'output'.ljust(18)} {_output_format(s.constraint, chat.output_source)}")
     return "\n".join(lines)
 
@@ -129,7 +129,7 @@ def _shown(value: object) -> str:
 def stats_text(chat: ChatSession) -> str:
     if chat.last_stats is None:
         return "no reply yet"
-    return timings_line(chat.last_stats, reused=True)
+    return timings_line(chat.last_stats, cached=chat.cached_tokens_are)
 
 
 def run_command(chat: ChatSession, line: str, backend_name: str = "") -> CommandResult:

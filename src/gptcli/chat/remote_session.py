@@ -33,6 +33,8 @@ class ChatServer(Protocol):
 class RemoteChatSession(ChatSession):
     """A ChatSession whose replies come from a server; saving, /commands and trimming are the local ones."""
 
+    cached_tokens_are = "cached by the server"  # its prefix cache: from this chat's last turn or from anyone's
+
     def __init__(
         self,
         server: ChatServer,
@@ -57,6 +59,10 @@ class RemoteChatSession(ChatSession):
 
     def where(self, backend_name: str) -> str:
         return f" (at {self.server.base_url})"
+
+    def setting_note(self, key: str) -> str:
+        # The stop works on the reply's token ids, which the server keeps; a server has no such setting to send.
+        return " (not applied: the server decodes the reply)" if key == "repetition_stop" else ""
 
     def estimate(self, start: int | None = None) -> int:
         window = self.conversation.window(start)

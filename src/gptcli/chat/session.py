@@ -79,6 +79,8 @@ class Turn:
 class ChatSession:
     """A conversation bound to a loaded model: fits the context, generates, saves after every change."""
 
+    cached_tokens_are = "reused from the last turn"  # /stats: where a turn's cached prompt tokens came from
+
     def __init__(
         self,
         backend: Any,
@@ -117,6 +119,10 @@ class ChatSession:
     def _fresh_cache(self) -> None:
         """An empty KV cache: the next turn prefills the whole window."""
         self.kv = KVSession(self.backend)
+
+    def setting_note(self, key: str) -> str:
+        """What /show adds after a sampling setting's value: nothing where the setting applies as shown."""
+        return ""
 
     def where(self, backend_name: str) -> str:
         """Where the model runs, for /show."""
