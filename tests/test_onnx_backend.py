@@ -66,6 +66,23 @@ def test_backend_imports_neither_torch_nor_transformers(tiny_models, isolated_ho
     assert "exporting" not in out.stderr  # the cached export was reused
 
 
+def test_a_greedy_generate_loads_no_module_it_does_not_use(tiny_models, isolated_home):
+    """Start-up time: Rich (progress bars, for a first-use conversion) and numpy.random (sampled tokens) cost
+    ~30 ms of a cold start that needs neither; a sampled reply does import numpy.random."""
+    args = ("generate", "hi", "-m", str(tiny_models["llama"]), "--backend", "onnx", "-n", "3", "--raw")
+    assert run_cli(*args, "--temperature", "0").returncode == 0  # the export, once
+
+    def imported(*extra: str) -> set[str]:
+        result = run_cli(*args, *extra, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 0, result.stderr
+        return {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
+
+    greedy = imported("--temperature", "0")
+    assert "onnxruntime" in greedy  # the probe works
+    assert {"rich", "rich.console", "numpy.random", "torch", "transformers"} & greedy == set()
+    assert "numpy.random" in imported("--temperature", "0.7", "--seed", "1")
+
+
 def test_fp16_on_cpu_is_a_backend_error(tiny_models):
     with pytest.raises(BackendError, match="CUDA only"):
         OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cpu", precision="fp16"))

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Any, TextIO
 
 from gptcli.errors import GptcliError
@@ -198,16 +199,27 @@ class StageProgress:
     def __init__(
         self, *, enabled: bool = True, show_after: float = 0.0, transient: bool = True, plain_lines: bool = False
     ) -> None:
-        self.console = stderr_console()
-        shown = enabled and _verbosity > QUIET
-        self.enabled = shown and self.console.is_terminal
-        self.plain = shown and plain_lines and not self.console.is_terminal
+        self.shown = enabled and _verbosity > QUIET
+        self.plain_lines = plain_lines
         self.show_after = show_after
         self.transient = transient
         self.progress: Any = None
         self.started: dict[str, float] = {}
         self.tasks: dict[str, Any] = {}
         self.said: dict[str, str] = {}
+
+    # Rich is imported when a stage is first reported, not before: most loads report none (a start-up's ~20 ms).
+    @cached_property
+    def console(self) -> Any:
+        return stderr_console()
+
+    @cached_property
+    def enabled(self) -> bool:
+        return self.shown and self.console.is_terminal
+
+    @cached_property
+    def plain(self) -> bool:
+        return self.shown and self.plain_lines and not self.console.is_terminal
 
     def __enter__(self) -> StageProgress:
         return self
