@@ -186,3 +186,20 @@ def test_a_batch_lines_regex_or_grammar_is_refused_with_url_naming_the_field():
     assert refused.error == "grammar: does not work with --url: OpenAI's response_format has only JSON"
     sent = parse_request(2, json.dumps({"prompt": "x", "guided_json": ARRAY}).encode(), None, Settings(), 2048)
     assert sent.error is None and sent.settings.sampling.constraint.kind == "json_schema"  # as response_format
+
+
+def test_a_schema_too_deep_for_the_grammar_engine_is_a_400_and_the_server_lives_on(server):
+    """One request with a 5,000-link $ref chain (in `response_format`, or a tool's parameters) killed the whole
+    server with SIGSEGV: every client's connection dropped."""
+    httpx = pytest.importorskip("httpx")
+    from tests.test_structured_grammars import ref_chain
+
+    deep = ref_chain(5000)
+    schema = {"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", **deep}}}
+    messages = [{"role": "user", "content": "hi"}]
+    for extra in ({"response_format": schema}, {"tools": [tool], "tool_choice": "required"}):
+        reply = httpx.post(server.v1 + "/chat/completions", json={"messages": messages, **extra}, timeout=60)
+        assert reply.status_code == 400, reply.text
+        assert "5,00" in reply.json()["error"]["message"] and "deep" in reply.json()["error"]["message"]
+    assert httpx.post(server.v1 + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200

@@ -160,3 +160,66 @@ def test_a_chat_keeps_its_grammar_in_its_file_and_over_url_refuses_it(tiny_model
     conversation = Conversation(id="c1", output=grammar)
     with pytest.raises(UsageError, match=r"^conversation c1: its output format: a grammar does not work with --url"):
         RemoteChatSession(None, None, Settings(), conversation)
+
+
+def rule_chain(links: int, gbnf: bool = False) -> str:
+    """A grammar of `links` rules, each naming the next (the shape that overflowed llguidance's stack)."""
+    arrow = " ::= " if gbnf else ": "
+    rules = [f"{'root' if gbnf else 'start'}{arrow}r0"] + [f'r{i}{arrow}r{i + 1} "x"' for i in range(links)]
+    return "\n".join([*rules, f'r{links}{arrow}"z"']) + "\n"
+
+
+def ref_chain(links: int, around: bool = False) -> dict:
+    """A schema whose $defs each lead to the next by $ref (or by an anyOf around that $ref)."""
+    defs = {
+        f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]}
+        if around
+        else {"$ref": f"#/$defs/d{i + 1}"}
+        for i in range(links)
+    }
+    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{links}": {"type": "string"}}}
+
+
+def test_how_deep_references_chain_is_measured_cycles_cut():
+    from gptcli.grammar_depth import lark_chain, schema_chain
+
+    assert lark_chain(rule_chain(10)) == 12  # start, r0 ... r10
+    assert lark_chain(constraints.lark(rule_chain(10, gbnf=True))) == 12
+    # Recursion (a rule naming itself or an ancestor) is read lazily by the engine: the cycle adds nothing.
+    assert lark_chain('start: list\nlist: "[" (item ("," item)*)? "]"\nitem: NUMBER | list\nNUMBER: /[0-9]+/\n') == 4
+    assert lark_chain('start: "a" // b c d\n  | "/" e\ne: "b"\n') == 2  # comments and literals name no rule
+    assert schema_chain(ref_chain(10)) == 12
+    assert schema_chain(ref_chain(10, around=True)) == 22  # the anyOf's item is a subschema too
+    tree = {"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}}}
+    assert (
+        schema_chain({**tree, "$ref": "#/$defs/node"}) == 4
+    )  # root, node, kids, its items; their $ref back to the root: cut
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "said"),
+    [
+        ("--grammar", rule_chain(3000), "its rules name one another 3,002 deep"),
+        ("--grammar", rule_chain(3000, gbnf=True), "its rules name one another 3,002 deep"),
+        ("--json-schema", json.dumps(ref_chain(5000)), "its subschemas and $refs go 5,002 deep"),
+        ("--json-schema", json.dumps(ref_chain(2000, around=True)), "its subschemas and $refs go 4,002 deep"),
+    ],
+)
+def test_a_reference_chain_too_deep_for_the_grammar_engine_is_exit_3_not_a_crash(
+    tiny_models, tmp_path, flag, text, said
+):
+    """Each of these (180 KB at most) killed the process with SIGSEGV inside llguidance: no output, exit 139."""
+    path = tmp_path / "deep"
+    path.write_text(text, encoding="utf-8")
+    run = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "-n", "2", flag, str(path))
+    assert run.returncode == 3, run.stderr.decode()
+    assert run.stderr.decode().startswith(f"error: {path}: {said}, past the 256 the grammar engine can follow\n")
+
+
+def test_a_chain_within_the_limit_still_compiles():
+    from gptcli.grammar_depth import MAX_CHAIN
+
+    assert reads(constraints.grammar_text(rule_chain(MAX_CHAIN - 2), "--grammar"), "z" + "x" * (MAX_CHAIN - 2))
+    assert reads(constraints.schema_constraint(ref_chain(MAX_CHAIN - 2), "--json-schema"), '"a"')
+    with pytest.raises(ConfigError, match="257 deep"):
+        constraints.grammar_text(rule_chain(MAX_CHAIN - 1), "--grammar")

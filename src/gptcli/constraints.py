@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli import schema_width
+from gptcli import grammar_depth, schema_width
 from gptcli.config import OutputConstraint
 from gptcli.errors import ConfigError
 from gptcli.grammar_messages import (
@@ -49,6 +49,7 @@ from gptcli.tool_schemas import closed
 # Compact JSON the way json.dumps writes it: no free whitespace, so a small model cannot wander off
 # into blank lines, and ", " / ": " as separators because models have read a lot of that.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CHAIN_HINT = "inline the rules (or $defs entries) that only pass on to another one"
 ANY_JSON = OutputConstraint("json")
 JSON_OBJECT = OutputConstraint("json_schema", '{"type": "object"}')
 MAX_GRAMMARS = 64  # compiled grammars kept per tokenizer (the server may see many schemas)
@@ -147,9 +148,23 @@ def compiled_schema(constraint: OutputConstraint) -> Any:
 CRASHING_INTEGER, CRASHING_BELOW = re.compile(r"(?<![\d.])-(922337203685477\d{4})(?![\d.eE])"), 9223372036854775296
 
 
+class ChainTooDeep(ValueError):
+    """A grammar whose references chain too deep for llguidance (grammar_depth)."""
+
+
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint; a ValueError for one llguidance cannot take."""
+    if constraint.kind == "grammar":
+        chain = grammar_depth.too_deep(grammar_depth.lark_chain(lark(constraint.source)), "its rules name one another")
+    elif constraint.kind == "json_schema":
+        chain = grammar_depth.too_deep(
+            grammar_depth.schema_chain(compiled_schema(constraint)), "its subschemas and $refs go"
+        )
+    else:
+        chain = ""
+    if chain:  # llguidance would recurse along it past the thread's stack: a segmentation fault
+        raise ChainTooDeep(chain)
     text = _grammar(constraint)
     if crash := next((m for m in CRASHING_INTEGER.finditer(text) if int(m.group(1)) >= CRASHING_BELOW), None):
         raise ValueError(f"the integer {crash.group(0)} is too close to -2^63 for the grammar engine: use a larger one")
@@ -179,6 +194,8 @@ def check(constraint: OutputConstraint, where: str) -> None:
 
     try:
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar(constraint))
+    except ChainTooDeep as exc:
+        raise ConfigError(f"{where}: {exc}", hint=CHAIN_HINT) from None
     except ValueError as exc:
         failed, messages = True, [str(exc)]
     if failed:

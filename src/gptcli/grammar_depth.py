@@ -1,0 +1,90 @@
+"""How deep a grammar's references chain: rules naming rules (Lark), schemas reaching schemas (JSON Schema `$ref`).
+
+llguidance compiles a grammar by recursion along those chains, on the calling thread's stack: a chain of some
+3,000 Lark rules or 5,000 `$ref`s (a 180 KB file) overflows an 8 MiB stack, and the process dies of SIGSEGV,
+the server with it. Such a chain is refused here first, long before that. Real grammars are far shallower
+(an expression grammar's precedence levels are a few dozen rules).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from gptcli.schema_width import DATA_KEYWORDS, NAMED_SCHEMAS, resolve
+
+MAX_CHAIN = 256  # at most ~6 KB of stack a link (an anyOf around a $ref): 1.5 MiB, inside any thread's stack
+
+_RULE_START = re.compile(r"^\s*[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:)", re.M)
+# What a rule's body holds besides names: string literals, /regexes/flags, comments.
+_NOT_NAMES = re.compile(r'"(?:[^"\\\n]|\\.)*"i?|/(?![/*])(?:[^/\\\n]|\\.)+/[imslux]*|//[^\n]*|#[^\n]*')
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def longest_chain(starts: Iterable[Hashable], links: Callable[[Any], Iterable[Hashable]]) -> int:
+    """The most nodes on a path that follows `links` from any of `starts`, a cycle cut where it closes (a
+    recursive rule recurses lazily, as the input is read). Iterative: the chains measured can be deeper than
+    Python's own recursion limit."""
+    depth: dict[Hashable, int] = {}
+    for start in starts:
+        if start in depth:
+            continue
+        on_path = {start}
+        stack = [(start, iter(links(start)))]
+        while stack:
+            node, pending = stack[-1]
+            child = next(pending, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(node)
+                depth[node] = 1 + max((depth.get(c, 0) for c in links(node) if c not in on_path), default=0)
+            elif child not in depth and child not in on_path:
+                on_path.add(child)
+                stack.append((child, iter(links(child))))
+    return max(depth.values(), default=0)
+
+
+def lark_chain(source: str) -> int:
+    """The longest chain of rules (and terminals) naming one another in a Lark grammar."""
+    bodies: dict[str, list[str]] = {}
+    starts = [(m.start(), m.end(), m.group(1)) for m in _RULE_START.finditer(source)]
+    for (_, body_start, name), following in zip(starts, [*starts[1:], (len(source), 0, "")], strict=True):
+        body = _NOT_NAMES.sub(" ", source[body_start : following[0]])
+        bodies.setdefault(name, []).extend(_NAME.findall(body))
+    edges = {name: [n for n in dict.fromkeys(names) if n in bodies and n != name] for name, names in bodies.items()}
+    return longest_chain(edges, lambda name: edges[name])
+
+
+def schema_chain(schema: Any) -> int:
+    """The longest chain of subschemas, a `$ref` followed to its target, in a JSON Schema."""
+    nodes: dict[int, dict[str, Any]] = {}
+
+    def key(node: dict[str, Any]) -> int:
+        nodes[id(node)] = node
+        return id(node)
+
+    def links(node_id: int) -> list[int]:
+        node = nodes[node_id]
+        found: list[int] = []
+        for keyword, value in node.items():
+            if keyword in DATA_KEYWORDS:
+                continue
+            if keyword == "$ref" and isinstance(value, str) and isinstance(target := resolve(schema, value), dict):
+                found.append(key(target))
+            elif keyword in NAMED_SCHEMAS and isinstance(value, dict):
+                found.extend(key(v) for v in value.values() if isinstance(v, dict))
+            elif isinstance(value, dict):
+                found.append(key(value))
+            elif isinstance(value, list):
+                found.extend(key(v) for v in value if isinstance(v, dict))
+        return found
+
+    return longest_chain([key(schema)], links) if isinstance(schema, dict) else 0
+
+
+def too_deep(chain: int, what: str) -> str:
+    """The error for a chain over MAX_CHAIN (`what` goes that deep), or ""."""
+    if chain <= MAX_CHAIN:
+        return ""
+    return f"{what} {chain:,} deep, past the {MAX_CHAIN} the grammar engine can follow"
