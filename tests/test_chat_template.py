@@ -74,6 +74,51 @@ def test_a_template_that_refuses_the_messages_is_still_a_refusal_naming_the_file
     assert build_prompt(tokenizer, ASK).templated
 
 
+MESSAGES = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{{ 'x' * 10**8 }}" + MESSAGES, "a repetition of 100,000,000 items, over 1,048,576"),  # 10 GB when tokenized
+        ("{{ [messages] * 10**7 }}" + MESSAGES, "a repetition of 10,000,000 items, over 1,048,576"),
+        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "over 2,000,000 lines"),
+        ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "it renders over 16,777,216 characters"),
+    ],
+)
+def test_a_template_is_bounded_in_what_it_makes_and_how_long_it_runs(tiny_models, tmp_path, text, says):
+    """Each of these ate gigabytes or ran for hours (in the server, holding one of its few worker threads, which no
+    client leaving and no SIGTERM could end): a template is code."""
+    import time
+
+    from gptcli.errors import InputError
+
+    template = write(tmp_path, text)
+    tokenizer = open_with(tiny_models["llama"], template).tokenizer
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=f"^{template}: the chat template stopped: .*{says}"):
+        build_prompt(tokenizer, ASK)
+    assert time.perf_counter() - started < 30
+    assert build_prompt(open_with(tiny_models["llama"], write(tmp_path, MESSAGES, "ok.jinja")).tokenizer, ASK).templated
+
+
+def test_a_templates_bounds_leave_a_debuggers_trace_function_in_place(tiny_models, tmp_path):
+    import sys
+
+    tokenizer = open_with(tiny_models["llama"], write(tmp_path, MESSAGES)).tokenizer
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        return None
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        assert build_prompt(tokenizer, ASK).templated
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(before)
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
