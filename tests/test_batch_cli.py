@@ -192,3 +192,23 @@ def test_resume_reads_a_results_file_an_editor_saved_with_a_byte_order_mark(tiny
     result = run_cli("generate", "--batch", str(batch), "-o", str(out), "--resume", "-m", str(tiny_models["llama"]))
     assert "0 done, 0 failed, 1 skipped" in result.stderr.decode()
     assert out.read_bytes() == b'\xef\xbb\xbf{"id": "a", "text": "done"}\n'
+
+
+def test_stop_strings_are_at_most_16_everywhere_as_in_the_server(tiny_models, tmp_path):
+    """Each stop string is looked for after every token: a batch line of 300,000 (3.5 MB, under the 4 MiB line
+    limit) ran at 0.5 s a token; `--stop` and a config file took any number too. The server refused them already."""
+    many = [f"zq{i:05d}" for i in range(17)]
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(
+        json.dumps({"id": "many", "prompt": "hi", "max_tokens": 2, "stop": many})
+        + "\n"
+        + json.dumps({"id": "ok", "prompt": "hi", "max_tokens": 2, "stop": many[:16]})
+        + "\n"
+    )
+    run = run_cli("generate", "--batch", str(lines), "-m", str(tiny_models["llama"]))
+    results = {r["id"]: r for r in map(json.loads, run.stdout.decode().splitlines())}
+    assert run.returncode == 0 and "at most 16 strings" in results["many"]["error"]["message"]
+    assert results["ok"]["usage"]["completion_tokens"] >= 1
+    flags = [arg for stop in many for arg in ("--stop", stop)]
+    flagged = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), *flags)
+    assert flagged.returncode == 3 and "sampling.stop must be at most 16 strings" in flagged.stderr.decode()

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from starlette.requests import Request
 
-from gptcli.config import SAMPLING_KNOBS, OutputConstraint, SamplingConfig
+from gptcli.config import MAX_STOP_STRINGS, SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.jsonl import TooManyDigits, whole_number
 from gptcli.prompts import MESSAGE_ROLES, template_role
@@ -30,7 +30,6 @@ from gptcli.textio import lone_surrogate_at
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import ToolSpec, answer_schema, call_fields, tool_spec
 
-MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 to 100
 MAX_TOKEN_DIGITS = 18  # a logit_bias key longer than this is no token id (and Python's int() takes 4,300 digits)
