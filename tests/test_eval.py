@@ -56,6 +56,27 @@ def test_single_window_matches_a_direct_computation(tiny_models):
     assert result.perplexity == pytest.approx(math.exp(result.mean_nll))
 
 
+def test_no_pass_reads_more_positions_than_the_engine_reads_of_a_prompt(tiny_models, monkeypatch):
+    """A pass's positions were bounded by the logits alone: a 400-token vocabulary and a 100,000-token window made
+    passes of 41,943 positions, whose attention took 17 GB (killed by the kernel). Here at a 9-position bound."""
+    import gptcli.evaluate
+
+    folder = tiny_models["llama"]
+    ids = Tokenizer(folder).encode(" ".join(CORPUS))[:100]
+    backend = TorchBackend.load(folder, CPU32)
+    whole = perplexity(backend, ids, window=64, stride=24)
+    monkeypatch.setattr(gptcli.evaluate, "DEFAULT_PREFILL_CHUNK", 9)
+    lengths = []
+    for name in ("forward", "score"):
+        real = getattr(backend, name)
+        monkeypatch.setattr(
+            backend, name, lambda ids, cache, real=real: (lengths.append(len(ids)), real(ids, cache))[1]
+        )
+    chunked = perplexity(backend, ids, window=64, stride=24)
+    assert max(lengths) == 9 and chunked.scored_tokens == whole.scored_tokens
+    assert chunked.mean_nll == pytest.approx(whole.mean_nll, rel=1e-5)
+
+
 def test_strided_windows_on_onnx_match_torch(tiny_models):
     from gptcli.backends.onnx_backend import OnnxBackend
 

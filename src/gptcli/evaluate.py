@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from gptcli.backends.base import Backend, check_token_ids, score_positions
+from gptcli.engine.limits import DEFAULT_PREFILL_CHUNK
 from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.textio import CHUNK, Limit, read_text_head, text_pieces
 
@@ -142,7 +143,9 @@ def perplexity(
         raise UsageError(f"--stride must be in 1..{window} (the window)")
     plans = plan_windows(len(ids), window, stride)
     total_scored = sum(end - first for _, first, end in plans)
-    chunk = max(1, SCORE_LOGITS_BYTES // (4 * backend.info.vocab_size))
+    # Positions a pass: as many as the logits budget holds, and no more than the engine reads of a prompt in a step
+    # (attention grows with positions x window: a 400-token vocabulary made passes of 41,943 positions, 17 GB).
+    chunk = max(1, min(SCORE_LOGITS_BYTES // (4 * backend.info.vocab_size), DEFAULT_PREFILL_CHUNK))
     started = time.perf_counter()
     nll = 0.0
     done = 0
@@ -150,8 +153,9 @@ def perplexity(
     try:
         for begin, first, end in plans:
             cache = backend.new_cache()
-            if first - 1 > begin:  # the context before the first scored token's predecessor
-                _, cache = backend.forward(ids[begin : first - 1].tolist(), cache)
+            # The context before the first scored token's predecessor, read as the engine reads a prompt.
+            for at in range(begin, first - 1, DEFAULT_PREFILL_CHUNK):
+                _, cache = backend.forward(ids[at : min(at + DEFAULT_PREFILL_CHUNK, first - 1)].tolist(), cache)
             # Position p's logits predict token p + 1: score positions first-1 .. end-2.
             for at in range(first - 1, end - 1, chunk):
                 upto = min(at + chunk, end - 1)
