@@ -106,6 +106,19 @@ def test_pp_samples_are_the_injected_prefill_times():
     assert record["synthetic_ids"] is True
 
 
+def test_a_long_prompt_is_read_512_tokens_a_call_alone_and_in_a_batch():
+    """`-p 100000` was one call: its attention grew to 10 GB, then 'internal error: ... allocate 40000000000 bytes'."""
+    from tests.test_bench_backends import BatchedTimedBackend
+
+    clock = FakeClock()
+    alone = TimedBackend(clock, lambda n, i: 0.001)
+    time_micro(alone, MicroTest(1200, 0, depth=600), 1, clock=clock, warmup=False)
+    assert alone.calls == [(0, 512), (512, 88), (600, 512), (1112, 512), (1624, 176)]
+    batched = BatchedTimedBackend(clock, lambda n, i: 0.001)
+    time_micro(batched, MicroTest(1200, 0, npl=2), 1, clock=clock, warmup=False)
+    assert [[fed for _, fed in step] for step in batched.steps] == [[512, 512], [512, 512], [176, 176]]
+
+
 def test_tg_times_only_the_decode_steps_after_an_untimed_one_token_prompt():
     clock = FakeClock()
     backend = TimedBackend(clock, lambda n, i: 1.0 if n > 1 or i % 9 == 0 else 0.01)  # 1-token prompt costs 1 s

@@ -22,6 +22,7 @@ from gptcli.backends.base import Backend, batched_step, release_cache
 from gptcli.bench.spec import MicroTest
 from gptcli.bench.stats import distribution
 from gptcli.config import SamplingConfig
+from gptcli.engine.limits import DEFAULT_PREFILL_CHUNK as PREFILL_CHUNK
 from gptcli.textio import read_text_file
 from gptcli.tokenizer import Tokenizer
 
@@ -45,6 +46,7 @@ def time_micro(
 ) -> list[float]:
     """Seconds per repetition of `test`; only the test's own forward calls are inside the clock.
 
+    A prompt is read PREFILL_CHUNK tokens a call, as the engine (and llama-bench's default ubatch) reads one.
     Depth is prefilled once (untimed) and the cache truncated back to it before each repetition.
     A pure tgN runs after an untimed 1-token prompt. The warm-up (not recorded) runs the prefill and
     a few decode steps, as llama-bench does.
@@ -57,9 +59,14 @@ def time_micro(
     def ids(n: int) -> list[int]:
         return rng.integers(0, vocab, size=n).tolist()
 
+    def prefill(prompt: list[int], cache: Any) -> Any:
+        for at in range(0, len(prompt), PREFILL_CHUNK):
+            _, cache = backend.forward(prompt[at : at + PREFILL_CHUNK], cache)
+        return cache
+
     depth_cache = None
     if test.depth:
-        _, depth_cache = backend.forward(ids(test.depth), backend.new_cache())
+        depth_cache = prefill(ids(test.depth), backend.new_cache())
 
     def fresh_cache() -> Any:
         if depth_cache is None:
@@ -72,8 +79,7 @@ def time_micro(
             _, cache = backend.forward(ids(1), cache)
         prompt, steps = ids(test.n_prompt), ids(n_gen)
         start = clock()
-        if prompt:
-            _, cache = backend.forward(prompt, cache)
+        cache = prefill(prompt, cache)
         for token in steps:
             _, cache = backend.forward([token], cache)
         return clock() - start
@@ -99,7 +105,7 @@ def time_batched(
 ) -> list[float]:
     """llama-batched-bench: seconds per repetition for `test.npl` sequences, each with its own cache.
 
-    The prefill is ONE `batched_step` of npl entries of n_prompt tokens; each decode step is ONE
+    The prefill is ONE `batched_step` of npl entries of n_prompt tokens (per PREFILL_CHUNK); each decode step is ONE
     `batched_step` of npl single tokens. Depth is prefilled once per sequence (untimed) and cut back
     before each repetition; a pure tgN runs after an untimed 1-token prompt per sequence. Caches are
     released once a repetition (or, with depth, the whole test) is done with them.
@@ -110,9 +116,16 @@ def time_batched(
     def ids(n: int) -> list[list[int]]:
         return rng.integers(0, vocab, size=(npl, n)).tolist()
 
+    def prefill(prompts: list[list[int]], caches: list[Any]) -> list[Any]:
+        for at in range(0, len(prompts[0]), PREFILL_CHUNK):
+            _, caches = batched_step(
+                backend, [(p[at : at + PREFILL_CHUNK], c) for p, c in zip(prompts, caches, strict=True)]
+            )
+        return caches
+
     depth_caches: list[Any] | None = None
     if test.depth:
-        _, depth_caches = batched_step(backend, [(row, backend.new_cache()) for row in ids(test.depth)])
+        depth_caches = prefill(ids(test.depth), [backend.new_cache() for _ in range(npl)])
 
     def fresh_caches() -> list[Any]:
         if depth_caches is None:
@@ -125,8 +138,7 @@ def time_batched(
             _, caches = batched_step(backend, list(zip(ids(1), caches, strict=True)))
         prompts, steps = ids(test.n_prompt), ids(n_gen)
         start = clock()
-        if test.n_prompt:
-            _, caches = batched_step(backend, list(zip(prompts, caches, strict=True)))
+        caches = prefill(prompts, caches)
         for step in range(n_gen):
             _, caches = batched_step(backend, [([row[step]], cache) for row, cache in zip(steps, caches, strict=True)])
         elapsed = clock() - start

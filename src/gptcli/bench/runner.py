@@ -35,13 +35,13 @@ SYNTHETIC_NOTE = (
     "micro tests feed synthetic token ids straight to backend.forward: tokenization and sampling are not timed"
 )
 NPL_NOTE = (
-    "nplN: N sequences, each with its own cache, every prefill and decode step ONE batched step over all N "
-    "(a loop over forward where the backend has no native step); t/s is the aggregate over the N sequences "
+    "nplN: N sequences, each with its own cache, every prefill chunk (512 tokens) and decode step ONE batched step "
+    "over all N (a loop over forward where the backend has no native step); t/s is the aggregate over the N sequences "
     "(N x tokens / time), t/s/seq = t/s / N"
 )
 
 # A test runs only when its KV caches fit in this share of the free memory; the rest is for the
-# activations of its batched steps (a prefill of --npl N prompts is one step of N x n_prompt tokens).
+# activations of its batched steps (a prefill of --npl N prompts is steps of N x 512 tokens).
 KV_MEMORY_SHARE = 0.5
 
 
