@@ -125,6 +125,23 @@ def test_a_line_from_a_quiet_pipe_is_written_at_once_and_ctrl_c_ends_the_wait(ti
     assert "Traceback" not in err and "Fatal" not in err and proc.stdout.read() == b""
 
 
+def test_an_over_long_line_from_a_pipe_gets_its_error_before_the_line_ends(tiny_models):
+    """`tr '\\0' a </dev/zero | gptcli generate --batch -` read on for 31 minutes without a word: the error result
+    waited for the line's newline, which its writer never sent."""
+    args = ["generate", "--batch", "-", "-m", str(tiny_models["llama"]), "-n", "1"]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", *args], cwd=REPO, **pipes)  # type: ignore[call-overload]
+    try:
+        proc.stdin.write(b'{"prompt": "' + b"a" * (5 * 1024 * 1024))  # over the 4 MiB a line, and no newline
+        proc.stdin.flush()
+        readable, _, _ = select.select([proc.stdout], [], [], 60)
+        first = json.loads(proc.stdout.readline()) if readable else {}
+        assert first.get("id") == "1" and "over 4 MiB" in first["error"]["message"], first
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_resume_into_a_pipe_is_refused_at_once(tiny_models, tmp_path):
     batch = tmp_path / "in.jsonl"
     batch.write_text(json.dumps({"prompt": "hi"}) + "\n")

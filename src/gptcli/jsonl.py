@@ -44,9 +44,9 @@ def read_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
         if number == 1:
             line = line.removeprefix(codecs.BOM_UTF8)
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            yield number, None  # its error now: the rest may be long in coming, or never end (a pipe's writer)
             while line and not line.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
                 line = _text(handle.readline(MAX_LINE_BYTES), number)
-            yield number, None
         elif line.strip():
             yield number, line
 
