@@ -155,16 +155,6 @@ class ChainTooDeep(ValueError):
 @lru_cache(maxsize=MAX_GRAMMARS)
 def grammar(constraint: OutputConstraint) -> str:
     """The llguidance grammar (a JSON string) for a constraint; a ValueError for one llguidance cannot take."""
-    if constraint.kind == "grammar":
-        chain = grammar_depth.too_deep(grammar_depth.lark_chain(lark(constraint.source)), "its rules name one another")
-    elif constraint.kind == "json_schema":
-        chain = grammar_depth.too_deep(
-            grammar_depth.schema_chain(compiled_schema(constraint)), "its subschemas and $refs go"
-        )
-    else:
-        chain = ""
-    if chain:  # llguidance would recurse along it past the thread's stack: a segmentation fault
-        raise ChainTooDeep(chain)
     text = _grammar(constraint)
     if crash := next((m for m in CRASHING_INTEGER.finditer(text) if int(m.group(1)) >= CRASHING_BELOW), None):
         raise ValueError(f"the integer {crash.group(0)} is too close to -2^63 for the grammar engine: use a larger one")
@@ -177,15 +167,24 @@ def _grammar(constraint: OutputConstraint) -> str:
     if constraint.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(constraint.source)
     if constraint.kind == "grammar":
-        return llguidance.LLMatcher.grammar_from_lark(lark(constraint.source))
+        text = lark(constraint.source)
+        _check_chain(grammar_depth.lark_chain(text), "its rules name one another")
+        return llguidance.LLMatcher.grammar_from_lark(text)
     if constraint.kind == "json":
         return llguidance.LLMatcher.grammar_from_json_schema("{}", defaults=JSON_OPTIONS)
     if constraint.kind == "json_schema":
-        source = json.dumps(compiled_schema(constraint))
-        return llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
+        schema = compiled_schema(constraint)
+        _check_chain(grammar_depth.schema_chain(schema), "its subschemas and $refs go")
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
     raise ConfigError(
         f"unknown structured output kind '{constraint.kind}'", hint="use json, json_schema, regex or grammar"
     )
+
+
+def _check_chain(chain: int, what: str) -> None:
+    """Refuse a chain llguidance would follow by recursion past the thread's stack (a segmentation fault)."""
+    if too_deep := grammar_depth.too_deep(chain, what):
+        raise ChainTooDeep(too_deep)
 
 
 def check(constraint: OutputConstraint, where: str) -> None:

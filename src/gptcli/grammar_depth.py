@@ -31,17 +31,19 @@ def longest_chain(starts: Iterable[Hashable], links: Callable[[Any], Iterable[Ha
         if start in depth:
             continue
         on_path = {start}
-        stack = [(start, iter(links(start)))]
+        stack = [(start, list(links(start)), 0)]  # a node, its links (asked once), how many of them are done
         while stack:
-            node, pending = stack[-1]
-            child = next(pending, None)
-            if child is None:
+            node, children, done = stack[-1]
+            if done == len(children):
                 stack.pop()
                 on_path.discard(node)
-                depth[node] = 1 + max((depth.get(c, 0) for c in links(node) if c not in on_path), default=0)
-            elif child not in depth and child not in on_path:
+                depth[node] = 1 + max((depth.get(c, 0) for c in children if c not in on_path), default=0)
+                continue
+            stack[-1] = (node, children, done + 1)
+            child = children[done]
+            if child not in depth and child not in on_path:
                 on_path.add(child)
-                stack.append((child, iter(links(child))))
+                stack.append((child, list(links(child)), 0))
     return max(depth.values(), default=0)
 
 
@@ -59,6 +61,7 @@ def lark_chain(source: str) -> int:
 def schema_chain(schema: Any) -> int:
     """The longest chain of subschemas, a `$ref` followed to its target, in a JSON Schema."""
     nodes: dict[int, dict[str, Any]] = {}
+    targets: dict[str, Any] = {}  # each $ref resolved once: an anchor's is a walk of the whole schema
 
     def key(node: dict[str, Any]) -> int:
         nodes[id(node)] = node
@@ -70,8 +73,11 @@ def schema_chain(schema: Any) -> int:
         for keyword, value in node.items():
             if keyword in DATA_KEYWORDS:
                 continue
-            if keyword == "$ref" and isinstance(value, str) and isinstance(target := resolve(schema, value), dict):
-                found.append(key(target))
+            if keyword == "$ref" and isinstance(value, str):
+                if value not in targets:
+                    targets[value] = resolve(schema, value)
+                if isinstance(targets[value], dict):
+                    found.append(key(targets[value]))
             elif keyword in NAMED_SCHEMAS and isinstance(value, dict):
                 found.extend(key(v) for v in value.values() if isinstance(v, dict))
             elif isinstance(value, dict):

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ChatTemplateRefusal, ConfigError, GptcliError, InputError, ModelError
-from gptcli.textio import CONFIG_FILE, MiB, human_bytes, lone_surrogate, one_line, read_json_file, read_text_file
+from gptcli.textio import (
+    CONFIG_FILE,
+    PROMPT,
+    MiB,
+    human_bytes,
+    lone_surrogate,
+    one_line,
+    read_json_file,
+    read_text_file,
+)
 
 MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json and its config: Gemma 3's 262k vocabulary is 33 MB
 BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte tokens (Llama 2, Mistral)
@@ -84,7 +93,7 @@ def read_chat_template(path: Path) -> ChatTemplate:
 
 # What one render of a chat template may do: a template is code, and `{{ 'x' * 10**9 }}` or two nested
 # `range(100000)` loops would take the memory or the time of the process (a server's, for every client).
-MAX_RENDERED = 16 * MiB  # characters out: the prompt limit (textio.PROMPT)
+MAX_RENDERED = PROMPT.max_bytes  # characters out: no more than a prompt may hold
 MAX_REPEATED = 1 * MiB  # characters or items one `*` may make
 MAX_TEMPLATE_LINES = 2_000_000  # lines of the template's code run (~1 s): loops bounded by count, not by a clock
 
