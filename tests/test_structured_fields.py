@@ -203,3 +203,36 @@ def test_a_schema_too_deep_for_the_grammar_engine_is_a_400_and_the_server_lives_
         assert reply.status_code == 400, reply.text
         assert "5,00" in reply.json()["error"]["message"] and "deep" in reply.json()["error"]["message"]
     assert httpx.post(server.v1 + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_a_structured_reply_the_repetition_stop_cut_is_not_said_to_have_finished(server):
+    """A schema's string that the model spun in a loop was cut by the repetition stop and served as `stop`, so
+    OpenAI's `parse()` and LangChain read its partial JSON as a whole match (a pydantic "EOF" error instead of
+    `LengthFinishReasonError`). Every API says it was cut: `length`, `incomplete`, `done_reason` "length"."""
+    httpx = pytest.importorskip("httpx")
+    spin = {"type": "string", "pattern": "^(ab)+c$"}  # the tiny model writes "abab..." at temperature 0
+    messages = [{"role": "user", "content": "hi"}]
+    chat = {"temperature": 0, "max_tokens": 100, "messages": messages}
+    chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "spin", "schema": spin}}
+    whole = httpx.post(server.v1 + "/chat/completions", json=chat, timeout=60).json()
+    assert whole["choices"][0]["finish_reason"] == "length", whole
+    assert whole["usage"]["completion_tokens"] < 100  # cut by the repetition stop, not by max_tokens
+    streamed = httpx.post(server.v1 + "/chat/completions", json={**chat, "stream": True}, timeout=60).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if "finish_reason" in line]
+    reasons = [chunk["choices"][0]["finish_reason"] for chunk in chunks]
+    assert reasons[-1] == "length", streamed
+    text = {"temperature": 0, "max_tokens": 100, "prompt": "x", "guided_regex": "(ab)+c"}
+    done_text = httpx.post(server.v1 + "/completions", json=text, timeout=60).json()
+    assert done_text["choices"][0]["finish_reason"] == "length", done_text
+    fmt = {"type": "json_schema", "name": "spin", "schema": spin}
+    response = {"temperature": 0, "max_output_tokens": 100, "input": "hi", "text": {"format": fmt}}
+    answer = httpx.post(server.v1 + "/responses", json=response, timeout=60).json()
+    assert (answer["status"], answer["incomplete_details"]) == ("incomplete", {"reason": "max_output_tokens"}), answer
+    options = {"temperature": 0, "num_predict": 100}
+    ollama = {"stream": False, "options": options, "messages": messages, "format": spin}
+    done = httpx.post(server.v1.removesuffix("/v1") + "/api/chat", json=ollama, timeout=60).json()
+    assert done["done_reason"] == "length", done
+    # Without a grammar, a loop cut is still `stop` (the README's choice): one token forced by its logit bias.
+    free = {"temperature": 0, "max_tokens": 100, "prompt": "x", "logit_bias": {"70": 100}}
+    plain = httpx.post(server.v1 + "/completions", json=free, timeout=60).json()
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 100, plain

@@ -192,7 +192,8 @@ async def submit(
         for stream in streams:
             stream.cancel()
         raise
-    events = merged([timed_events(stream, state, arrived) for stream in streams])
+    constrained = params.constraint is not None
+    events = merged([timed_events(stream, state, arrived, constrained=constrained) for stream in streams])
     return Submitted(streams, events, params, constraint_param)
 
 
@@ -260,8 +261,15 @@ async def merged(sources: list[AsyncIterator[Token | Finished]]) -> AsyncIterato
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def timed_events(stream: EngineStream, state: ServerState, arrived: float) -> AsyncIterator[Token | Finished]:
-    """The sequence's events, recording time to first token and end-to-end latency as they pass."""
+async def timed_events(
+    stream: EngineStream, state: ServerState, arrived: float, *, constrained: bool = False
+) -> AsyncIterator[Token | Finished]:
+    """The sequence's events, recording time to first token and end-to-end latency as they pass.
+
+    A `constrained` reply (structured output, tools) that the repetition stop cut is an unfinished match: it
+    ends as "length", as one cut at max_tokens does (and as vLLM, which has no such stop, reports the same
+    runaway reply), so that no API says it finished (OpenAI's `parse()` and LangChain read `stop` as a whole
+    match; Responses: `incomplete`; ollama: `done_reason` "length")."""
     first = True
     async with aclosing(stream.events()) as events:
         async for event in events:
@@ -275,6 +283,8 @@ async def timed_events(stream: EngineStream, state: ServerState, arrived: float)
                     new_tokens=event.stats.new_tokens,
                     e2e_s=time.perf_counter() - arrived,
                 )
+                if constrained and event.reason == "repetition":
+                    event = replace(event, reason="length")
             yield event
 
 
