@@ -113,7 +113,7 @@ def test_server_errors_from_gptcli_serve(live, opener):
     with pytest.raises(ModelError, match=r"answered 404: the model 'gpt-9' does not exist"):
         list(RemoteModel(live.v1, model="gpt-9", opener=opener).complete("hi", GREEDY))
     too_long = RemoteModel(live.v1, opener=opener).chat([{"role": "user", "content": "autumn " * 300}], GREEDY)
-    with pytest.raises(InputError, match=r"answered 400: the prompt is \d+ tokens"):
+    with pytest.raises(InputError, match=r"answered 400: This model's maximum context length is \d+ tokens"):
         list(too_long)
 
 

@@ -166,12 +166,8 @@ async def submit(
         raise APIError(400, message, param="prompt", code="invalid_value")
     for ids in prompts:
         if len(ids) >= state.context_length:
-            raise APIError(
-                400,
-                f"the prompt is {len(ids)} tokens but the model's context holds {state.context_length}",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
+            message = context_exceeded(len(ids), state.context_length, prompt_param)
+            raise APIError(400, message, param=prompt_param, code="context_length_exceeded")
     arrived = time.perf_counter()
     params = replace(body.sampling(state.defaults, state.tokenizer.vocab_size), continues_prompt=continues)
     if chat:  # a base model's transcript: its reply ends where it would write the user's turn
@@ -218,6 +214,15 @@ async def whole(request: Request, submitted: Submitted) -> list[Finished] | None
     if failed := next((f for f in finished if f.reason == "error"), None):
         raise failure_error(failed, submitted.constraint_param)
     return finished
+
+
+def context_exceeded(prompt_tokens: int, context: int, prompt_param: str) -> str:
+    """A prompt over the context, in OpenAI's and vLLM's words: clients such as litellm know the error by them
+    (OpenAI's SDK puts only the message in the exception's text; `code` is context_length_exceeded too)."""
+    return (
+        f"This model's maximum context length is {context} tokens. However, your {prompt_param} resulted in "
+        f"{prompt_tokens} tokens. Please reduce the length of the {prompt_param}."
+    )
 
 
 def shutdown_error() -> APIError:
