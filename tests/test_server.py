@@ -342,6 +342,23 @@ def test_tokenize_and_detokenize_in_both_peers_shapes(live, runtime):
     assert httpx.post(live.url + "/tokenize", json={"model": "gpt-4o", "prompt": "a"}).status_code == 404
 
 
+def test_a_messages_text_parts_are_joined_a_line_each(live):
+    """`[{"type": "text", "text": "Context: ..."}, {"type": "text", "text": "Question: ..."}]` (LangChain's
+    multi-part content) reached the model as "...green.Question: ...": the parts now read as vLLM joins them."""
+    context, question = "Context: the sky is green.", "Question: what colour is the sky?"
+    parts = [{"type": "text", "text": context}, {"type": "text", "text": question}]
+
+    def count(content: object) -> list[int]:
+        body = {"messages": [{"role": "user", "content": content}]}
+        return httpx.post(live.url + "/tokenize", json=body).json()["tokens"]
+
+    assert count(parts) == count(f"{context}\n{question}") != count(context + question)
+    reply = live.client().chat.completions.create(
+        model="default", messages=[{"role": "user", "content": parts}], max_tokens=1
+    )
+    assert reply.usage.prompt_tokens == len(count(parts))
+
+
 def test_prompts_are_tokenized_off_the_event_loop_without_the_gil(live, runtime, monkeypatch):
     """A 1 MB prompt took a second to tokenize on the event loop, holding the GIL: no stream moved meanwhile."""
     import asyncio

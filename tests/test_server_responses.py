@@ -23,9 +23,10 @@ pytest.importorskip("fastapi")
 FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
 ITEMS = [
     {"role": "developer", "content": "Answer briefly."},
-    {"role": "user", "content": [{"type": "input_text", "text": "Name a "}, {"type": "input_text", "text": "color."}]},
+    {"role": "user", "content": [{"type": "input_text", "text": t} for t in ("One word.", "A color?")]},
 ]
-CHAT_ITEMS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]
+# A message's parts are joined a line each (as vLLM joins them).
+CHAT_ITEMS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "One word.\nA color?"}]
 
 
 @pytest.fixture(scope="module")

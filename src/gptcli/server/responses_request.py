@@ -15,7 +15,7 @@ from gptcli import tools as chat_tools
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.server.errors import APIError
-from gptcli.server.schemas import ChatMessage, SamplingRequest
+from gptcli.server.schemas import ChatMessage, SamplingRequest, joined_parts
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import CHOICES, ToolSpec, answer_schema, tool_spec
 
@@ -284,7 +284,7 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
 
 
 def _text(content: Any, where: str) -> str:
-    """A message's content (or a call's output): a string, or a list of text parts joined."""
+    """A message's content (or a call's output): a string, or a list of text parts joined (`joined_parts`)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -298,7 +298,7 @@ def _text(content: Any, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise invalid(f"{where}.{index}.text", "must be a string")
         pieces.append(part["text"])
-    return "".join(pieces)
+    return joined_parts(pieces)
 
 
 def _call(item: dict[str, Any], where: str) -> dict[str, Any]:

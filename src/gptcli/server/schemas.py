@@ -283,7 +283,13 @@ class ChatMessage(BaseModel):
                     code="invalid_value",
                 )
             pieces.append(part.text)
-        return "".join(pieces)
+        return joined_parts(pieces)
+
+
+def joined_parts(texts: list[str]) -> str:
+    """A message's text parts as one text, a line each, as vLLM joins them: a "Context: ..." part and a
+    "Question: ..." part (LangChain's and RAG chains' way) must not run together."""
+    return "\n".join(texts)
 
 
 class ToolFields(BaseModel):
