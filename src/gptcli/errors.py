@@ -82,6 +82,11 @@ class ModelError(GptcliError):
     exit_code = EXIT_MODEL
 
 
+class MemoryShortError(GptcliError):
+    """A model whose weights alone need more memory than the machine has left (exit 1: the machine, not the input):
+    refused before loading, where the kernel would otherwise kill the load minutes later without a word."""
+
+
 class ChatTemplateRefusal(ModelError):
     """The chat template's own raise_exception: it does not take these messages (roles out of order, a tool result
     it cannot place), where a template that fails is the model's fault; a batch line's error, a 400 in the server."""

@@ -359,11 +359,33 @@ def free_memory_bytes(device: str) -> int | None:
 
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
+    return _meminfo().get("MemAvailable")
+
+
+def loadable_memory_bytes() -> int | None:
+    """The most a model's load may take before the kernel kills it: MemAvailable plus free swap, within what the
+    process's cgroup (a container's limit) has left; None when unknown (not Linux)."""
+    info = _meminfo()
+    if "MemAvailable" not in info:
+        return None
+    room = info["MemAvailable"] + info.get("SwapFree", 0)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return room
+    return min(room, int(limit) - used) if limit.isdigit() else room
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo's fields in bytes; empty where there is none."""
+    fields: dict[str, int] = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+                name, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    fields[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return fields

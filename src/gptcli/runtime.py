@@ -16,10 +16,11 @@ from gptcli.backends.base import (
     unavailable_reason,
 )
 from gptcli.config import Settings
-from gptcli.errors import BackendError, UsageError
+from gptcli.errors import BackendError, MemoryShortError, UsageError
 from gptcli.gguf_convert import Progress
-from gptcli.hardware import usable_cpus
+from gptcli.hardware import loadable_memory_bytes, usable_cpus
 from gptcli.models import LocalModel, is_onnx_export, resolve_model
+from gptcli.textio import human_bytes
 from gptcli.tokenizer import Tokenizer, read_chat_template
 
 
@@ -59,8 +60,10 @@ def load_options(settings: Settings) -> LoadOptions:
 def load_backend(backend_cls: type[Backend], settings: Settings, folder: Path) -> Backend:
     """Load `folder` with the chosen backend; a plugin that raises anything but a GptcliError is a
     BackendError naming it (a built-in's own failure stays an internal error: a bug to report)."""
+    options = load_options(settings)
+    check_memory(backend_cls, folder, options)
     with blaming(backend_cls, f"to load {folder.name}"):
-        backend = backend_cls.load(folder, load_options(settings))
+        backend = backend_cls.load(folder, options)
     return backend
 
 
@@ -91,3 +94,20 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
         notify(f"{chosen_name(backend)}: {backend.fallback_reason}")
     return Runtime(model, backend, tokenizer)
+
+
+def check_memory(backend_cls: type[Backend], folder: Path, options: LoadOptions) -> None:
+    """Refuse, before loading, a model whose weights alone (the backend's `memory_floor`) are more than the memory
+    left (RAM and swap, within a container's limit), as ollama does: the load would end in the kernel's kill
+    (exit 137) minutes later, without a word."""
+    floor_of = getattr(backend_cls, "memory_floor", None)  # optional: a plugin's memory is its own to judge
+    if floor_of is None:
+        return
+    floor = floor_of(folder, options)
+    if floor is None or (room := loadable_memory_bytes()) is None or floor.bytes <= room:
+        return
+    raise MemoryShortError(
+        f"{folder.name}'s {floor.params:,} parameters need at least {human_bytes(floor.bytes)} of memory as"
+        f" {floor.held_as}, but {human_bytes(room)} is free here",
+        hint=floor.hint,
+    )

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
+from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensors_floor
 from gptcli.backends.onnx_kvpool import KvPool
 from gptcli.errors import BackendError, ConfigError, InputError, ModelError, clipped
 from gptcli.export.graph import LOGITS_TO_KEEP
@@ -112,6 +113,21 @@ class OnnxBackend:
             "reason": choice.reason,
             "timings_ms": choice.timings_ms,
         }
+
+    @classmethod
+    def memory_floor(cls, folder: Path, options: LoadOptions) -> MemoryFloor | None:
+        """The weights as the load holds them (backends/load_memory.py): an export not made yet reads every one
+        as float32 first; a made one is read at its precision. None for an export folder (ORT's own files)."""
+        from gptcli.export import SIDECAR_FILE
+        from gptcli.export.cache import cached_export_dir
+
+        precision = options.precision or "fp32"
+        if precision == "fp16" or (folder / SIDECAR_FILE).is_file() or may_load_on_gpu(options.device):
+            return None
+        if (cached_export_dir(folder, precision, "cpu") / SIDECAR_FILE).is_file():
+            return safetensors_floor(folder, precision, "pick a smaller --precision (int8, int4), or free memory")
+        hint = "its export reads the weights as float32 once: make it (`gptcli export`) on a machine with the room"
+        return safetensors_floor(folder, "float32", hint)
 
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> OnnxBackend:

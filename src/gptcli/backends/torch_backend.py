@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
+from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensors_floor
 from gptcli.errors import BackendError, ConfigError, ModelError, clipped
 from gptcli.hardware import (
     TORCH,
@@ -215,6 +216,21 @@ class TorchBackend:
                 return f"{package} is not installed"
         reason = cuda_unusable_reason(TORCH) if device == "cuda" else None
         return f"CUDA requested but {reason}" if reason else None
+
+    @classmethod
+    def memory_floor(cls, folder: Path, options: LoadOptions) -> MemoryFloor | None:
+        """The weights at the load's dtype (backends/load_memory.py); quantized ones are made from float32 ones."""
+        quantized = (options.precision or "fp32") != "fp32"
+        if not quantized and may_load_on_gpu(options.device):
+            return None
+        dtype = cpu_dtype("float32" if quantized and options.dtype == "auto" else options.dtype).dtype
+        if quantized:
+            hint = "pick a smaller model (the quantized weights are made from float32 ones), or free memory"
+        elif dtype == "float32":
+            hint = "--dtype bfloat16 holds half (slower on a CPU without bf16), or pick a smaller model"
+        else:
+            hint = "pick a smaller model, or free memory"
+        return safetensors_floor(folder, dtype, hint)
 
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:

@@ -33,9 +33,11 @@ def export(
       gptcli export ./my-gpt2 --precision int4 --output ./my-gpt2-onnx
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
+    from gptcli.backends.base import LoadOptions, get_backend_class
     from gptcli.cli.local_run import open_local_model
     from gptcli.config import FIELDS, coerce
     from gptcli.export import ensure_export
+    from gptcli.runtime import check_memory
 
     if output is not None and output.exists() and not output.is_dir():
         from gptcli.errors import InputError
@@ -49,6 +51,7 @@ def export(
         device = "cuda" if precision == "fp16" else resolve_device("auto", ONNXRUNTIME)
     settings = c.resolve_settings(config, model=model, allow_pickle=allow_pickle).settings
     local = open_local_model(settings)
+    check_memory(get_backend_class("onnx"), local.path, LoadOptions(device=device, precision=precision))
     result = ensure_export(local.path, precision=precision, device=device, output=output, force=force, notify=c.note)
     if as_json:
         print(json.dumps({"folder": str(result.folder), **result.meta}, indent=2))
