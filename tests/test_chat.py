@@ -430,6 +430,20 @@ def test_plain_transcript_for_a_model_without_a_chat_template(tok):
     assert prompt.ids == tok.encode(transcript(messages), add_special_tokens=True)
 
 
+def test_a_transcript_reply_keeps_the_space_the_model_wrote_and_adds_none(tok):
+    """A base model writes " Hi" after "Assistant:"; the next turn wrote "Assistant:  Hi" (two spaces) and the
+    model copied the indentation, one more space each turn. The next prompt now reads on from this one."""
+    from gptcli.prompts import transcript
+
+    asked = [{"role": "user", "content": "Hi, my name is Bob."}]
+    said = " Hi, I'm Bob."  # what the model wrote after "Assistant:"
+    following = transcript([*asked, {"role": "assistant", "content": said}, {"role": "user", "content": "And?"}])
+    assert following == "User: Hi, my name is Bob.\nAssistant: Hi, I'm Bob.\nUser: And?\nAssistant:"
+    assert following.startswith(transcript(asked) + said)  # text (and so the cache) carry on
+    typed = transcript([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "\nfoo"}])
+    assert typed == "Assistant: Hello.\nUser:\nfoo\nAssistant:"  # text without a space gets one; none doubles
+
+
 def test_undo_of_the_only_exchange_leaves_no_saved_copy(tok, isolated_home):
     from gptcli.chat import ConversationStore, run_command
 

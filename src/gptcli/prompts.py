@@ -50,8 +50,15 @@ PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")  # vLLM's r
 def transcript(messages: Messages, ending: str = NEW_TURN) -> str:
     """Without a chat template, a chat is a plain transcript the base model can continue: after a last
     "Assistant:" for a new turn, else after the last message (an assistant's continues its own line)."""
-    lines = [m["content"] if m["role"] == "system" else f"{m['role'].title()}: {m['content']}" for m in messages]
+    lines = [m["content"] if m["role"] == "system" else _turn(m["role"], m["content"]) for m in messages]
     return "\n".join([*lines, "Assistant:"] if ending == NEW_TURN else lines)
+
+
+def _turn(role: str, content: str) -> str:
+    """One line of the transcript, "Role: content". A reply the model wrote after "Assistant:" keeps the space
+    it wrote (" Hi"), so the next turn's prompt reads on from this one's, text and tokens, and no turn adds a
+    space the model then copies (replies began with 1, 2, 3 spaces, turn after turn)."""
+    return f"{role.title()}:{'' if content[:1].isspace() else ' '}{content}"
 
 
 def prompt_ending(fields: Mapping[str, Any], messages: Messages, *, tools: bool = False) -> str:
