@@ -565,3 +565,44 @@ def test_what_a_server_says_reaches_the_terminal_as_text_not_as_control_sequence
     assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
     assert "using m\\x1b]0;pwned\\x07\\x1b[2J at" in err
     assert "bad \\x1b[31mred\\x1b[0m \\u202etxet" in err
+
+
+@pytest.fixture(scope="module")
+def plain_server(tiny_models, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """`gptcli serve` of the tiny Llama without its chat template (a base model, a `gptcli train` run)."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama-plain"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    home = tmp_path_factory.mktemp("plain-home")
+    env = {"GPTCLI_HOME": str(home), "XDG_CONFIG_HOME": str(home / "xdg"), "HF_HUB_OFFLINE": "1"}
+    flags = ("--backend", "torch", "--api-key", KEY, "--served-model-name", str(folder), "--log-level", "warning")
+    with serve_process(folder, *flags, env={**env, "GPTCLI_BACKEND_PATHS": ""}) as (_, url):
+        yield {"model": str(folder), "url": url + "/v1"}
+
+
+def test_a_served_model_without_a_chat_template_completes_prompts_as_a_local_run_does(plain_server, tmp_path):
+    """Here such a model completes the prompt's text; --url sent it as a chat message, which the server framed
+    as a "User: ... Assistant:" transcript: another prompt, another answer (generate, batch lines, summarize)."""
+    server = plain_server
+    args = ("generate", "Once upon a time", "-t", "0", "-n", "12", "--json", "--system", "Be brief.")
+    local = run_cli(*args, "-m", server["model"])
+    served = run_cli(*remote(server, *args))
+    here, there = json.loads(ok(local)), json.loads(ok(served))
+    assert (there["text"], there["usage"], there["templated"]) == (here["text"], here["usage"], False)
+    for result in (local, served):
+        assert "this model has no chat template: --system is ignored" in result.stderr.decode()
+    lines = [{"id": "a", "prompt": "Once upon a time"}, {"id": "b", "prompt": "The river rose", "max_tokens": 5}]
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    batch_args = ("generate", "--batch", str(batch), "-t", "0", "-n", "8")
+    mine = [json.loads(line) for line in ok(run_cli(*batch_args, "-m", server["model"])).splitlines()]
+    theirs = [json.loads(line) for line in ok(run_cli(*remote(server, *batch_args))).splitlines()]
+    assert [(r["text"], r["usage"]) for r in theirs] == [(r["text"], r["usage"]) for r in mine]
+    summary = ("summarize", "-t", "0", "-n", "8", "--chunk-tokens", "120", "--overlap", "0", "--json")
+    summary += ("--strategy", "map-reduce")
+    here = json.loads(ok(run_cli(*summary, "-m", server["model"], input=DOCUMENT)))
+    there = json.loads(ok(run_cli(*remote(server, *summary), input=DOCUMENT)))
+    assert there["summary"] == here["summary"] and there["calls"] and len(there["calls"]) == len(here["calls"])
+    assert [c["prompt_tokens"] for c in there["calls"]] == [c["prompt_tokens"] for c in here["calls"]]

@@ -108,11 +108,18 @@ def _line_tools(data: dict, tokenizer: Tokenizer | None, answer: dict[str, Any] 
 
 
 def parse_request(
-    number: int, raw: bytes | None, tokenizer: Tokenizer | None, settings: Settings, context_length: int
+    number: int,
+    raw: bytes | None,
+    tokenizer: Tokenizer | None,
+    settings: Settings,
+    context_length: int,
+    *,
+    plain_prompts: bool = False,
 ) -> BatchRequest:
     """Turn one line into a request; every problem becomes the line's error, never an exception.
 
-    Without a tokenizer (the model is on a server) the request keeps its messages, or its raw text, to send."""
+    Without a tokenizer (the model is on a server) the request keeps its messages, or its raw text, to send;
+    `plain_prompts`: the served model has no chat template, so a `prompt` is text to complete, as it is here."""
     line_id, numbered = str(number), True
     try:
         if raw is None:
@@ -165,7 +172,7 @@ def parse_request(
         if tokenizer is None:
             if asked is not None and asked[1] is not None and asked[1].kind in ("regex", "grammar"):  # or a choice
                 raise InputError(f"{asked[0]}: does not work with --url: OpenAI's response_format has only JSON")
-            send = _to_send(data, system, tools is not None)
+            send = _to_send(data, system, tools is not None, plain_prompts)
             return BatchRequest(number, line_id, settings=line_settings, **shape, **send)
         if "messages" in data:
             prompt = _encode_messages(tokenizer, data["messages"], tools, data)
@@ -190,15 +197,15 @@ def parse_request(
         return BatchRequest(number, line_id, error=exc.message, numbered=numbered)
 
 
-def _to_send(data: dict, system: str | None, tools: bool) -> dict[str, Any]:
+def _to_send(data: dict, system: str | None, tools: bool, plain: bool) -> dict[str, Any]:
     """What a server is sent for a line: its messages (and its PREFILL_FIELDS, checked), a prompt as a user
-    message, or a raw prompt as text."""
+    message, or a raw prompt (any prompt, `plain`: the served model has no template; tools aside) as text."""
     if "messages" in data:
         turns = _checked_messages(data["messages"])
         prompt_ending(data, turns, tools=tools)  # the server decides; a bad field is the line's error
         prefill = {key: data[key] for key in PREFILL_FIELDS if key in data}
         return {"messages": turns, "prefill": prefill or None}
-    if data.get("raw"):
+    if data.get("raw") or (plain and not tools):
         return {"text": data["prompt"]}
     return {"messages": messages_for(data["prompt"], system)}
 

@@ -9,7 +9,6 @@ HTTP itself (httpx, or the standard library) is gptcli.remote_http.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -19,10 +18,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from gptcli.config import SamplingConfig
-from gptcli.decoding import Event, Finished, Stats, Token
+from gptcli.decoding import Event, Finished, Token
 from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError, clipped
 from gptcli.fanout import run_streams
-from gptcli.remote_answers import count, error_message, parse_chunk
+from gptcli.remote_answers import count, error_message, parse_chunk, redirect_error, streamed_stats
 from gptcli.remote_http import Reply, default_opener, retry_after
 from gptcli.remote_requests import DEFAULTS, sampling_fields
 from gptcli.tool_reply import StreamedCalls
@@ -116,7 +115,7 @@ class RemoteModel:
                 return reply
             if reply.status < 400:
                 reply.close()
-                raise self._moved(reply, url, path)
+                raise redirect_error(self.base_url, reply, url, path)
             wait = retry_after(reply) if reply.status in (429, 503) else None
             busy = self._status_error(reply)
             # A full queue (or a rate limit) that says when to come back: wait, as the request would have
@@ -124,20 +123,6 @@ class RemoteModel:
             if wait is None or time.monotonic() + wait >= deadline:
                 raise busy
             time.sleep(max(wait, MIN_RETRY_S))
-
-    def _moved(self, reply: Reply, url: str, path: str) -> RemoteError:
-        """A redirect, not followed: it would take the request (and its API key) where --url did not say."""
-        from urllib.parse import urljoin
-
-        where = f"{self.base_url} answered {reply.status}"
-        location = " ".join((reply.header("Location") or "").split())
-        if not location:
-            return RemoteError(f"{where}, a redirect to nowhere", hint="is this an OpenAI-style URL?")
-        with contextlib.suppress(ValueError):  # not a URL: shown as sent
-            location = urljoin(url, location)
-        moved = location.removesuffix(path) if location.endswith(path) else None
-        hint = f"use --url {clipped(moved)}" if moved else "give --url the new address"
-        return RemoteError(f"{where}: moved to {clipped(location)}", hint=f"{hint} (redirects are not followed)")
 
     def _timeout_error(self, waited: float) -> RemoteError:
         """No answer (or no next line of one) in `waited` seconds: --timeout's, or a lookup's shorter wait."""
@@ -228,11 +213,21 @@ class RemoteModel:
     def context_length(self) -> int | None:
         """The served model's context, where the server says it: max_model_len (gptcli serve, vLLM), context_length,
         or meta.n_ctx (llama-server: what one of its slots holds, not the model's n_ctx_train)."""
+        card = self._served_card()  # a count of tokens, or unknown: not a negative one, nor true taken for 1
+        return count(card, "max_model_len") or count(card, "context_length") or count(card.get("meta"), "n_ctx") or None
+
+    @property
+    def templated(self) -> bool | None:
+        """Whether the served model has a chat template, where the server says it (gptcli serve's
+        has_chat_template); None when it does not say (most servers: their models have one)."""
+        said = self._served_card().get("has_chat_template")
+        return said if isinstance(said, bool) else None
+
+    def _served_card(self) -> dict[str, Any]:
+        """The served model's entry in /models (an empty one when it is not listed), asked once."""
         if self._card is None:
             self._card = next((c for c in self.models() if c.get("id") == self.model), {})
-        # A count of tokens, or unknown: not a negative one, nor true (an int to Python) taken for 1
-        said = count(self._card, "max_model_len") or count(self._card, "context_length")
-        return said or count(self._card.get("meta"), "n_ctx") or None
+        return self._card
 
     # --- generation -------------------------------------------------------------------------------
     def chat(
@@ -251,11 +246,19 @@ class RemoteModel:
         return self._stream("/completions", {"prompt": prompt, **self._sampling(params)}, chat=False)
 
     def chat_many(
-        self, requests: Sequence[Sequence[Mapping[str, str]]], params: SamplingConfig, parallel: int
+        self,
+        requests: Sequence[Sequence[Mapping[str, str]]],
+        params: SamplingConfig,
+        parallel: int,
+        as_text: Callable[[Any], str] | None = None,
     ) -> Iterator[tuple[int, Event]]:
         """(request index, event) for many chats sent `parallel` at a time from threads, so the server
-        batches them (as `engine.run_all` does locally). Ctrl-C stops them all: unfinished ones end "interrupted"."""
-        starts = (functools.partial(self.chat, messages, params) for messages in requests)
+        batches them (as `engine.run_all` does locally). Ctrl-C stops them all: unfinished ones end "interrupted".
+        `as_text`: each chat sent as this text to complete (a served model without a chat template)."""
+        if as_text is not None:
+            starts = (functools.partial(self.complete, as_text(messages), params) for messages in requests)
+        else:
+            starts = (functools.partial(self.chat, messages, params) for messages in requests)
         for index, event in run_streams(starts, parallel):
             if isinstance(event, GptcliError):
                 raise event
@@ -382,18 +385,6 @@ class RemoteModel:
                 raise
             yield chunk
             last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
-
-
-def streamed_stats(
-    start: float, first: float | None, end: float, new_tokens: int, *, prompt_tokens: int = 0, cached_tokens: int = 0
-) -> Stats:
-    """A streamed reply's stats, from when it was asked for, its first token's time (None: none came) and its end.
-    The server's own prefill is not seen here: it is the time to the first token."""
-    first = end if first is None else first
-    steps = max(new_tokens - 1, 0)
-    return Stats(
-        prompt_tokens, cached_tokens, new_tokens, steps, first - start, first - start, end - first, end - start
-    )
 
 
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}

@@ -1,12 +1,15 @@
 """What an OpenAI-compatible server answered, read: an error body's message (in any server's shape), a stream
-chunk or a whole answer checked against OpenAI's shape, and the token counts of its usage object."""
+chunk or a whole answer checked against OpenAI's shape, the token counts of its usage object, a streamed
+reply's stats, and a redirect (not followed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
 
+from gptcli.decoding import Stats
 from gptcli.errors import RemoteError, clipped
 
 HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -90,3 +93,30 @@ def count(usage: Any, key: str) -> int:
     server that sends no usage (the new tokens are then counted from the chunks)."""
     value = usage.get(key) if isinstance(usage, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def streamed_stats(
+    start: float, first: float | None, end: float, new_tokens: int, *, prompt_tokens: int = 0, cached_tokens: int = 0
+) -> Stats:
+    """A streamed reply's stats, from when it was asked for, its first token's time (None: none came) and its end.
+    The server's own prefill is not seen here: it is the time to the first token."""
+    first = end if first is None else first
+    steps = max(new_tokens - 1, 0)
+    return Stats(
+        prompt_tokens, cached_tokens, new_tokens, steps, first - start, first - start, end - first, end - start
+    )
+
+
+def redirect_error(base_url: str, reply: Any, url: str, path: str) -> RemoteError:
+    """A redirect, not followed: it would take the request (and its API key) where --url did not say."""
+    from urllib.parse import urljoin
+
+    where = f"{base_url} answered {reply.status}"
+    location = " ".join((reply.header("Location") or "").split())
+    if not location:
+        return RemoteError(f"{where}, a redirect to nowhere", hint="is this an OpenAI-style URL?")
+    with contextlib.suppress(ValueError):  # not a URL: shown as sent
+        location = urljoin(url, location)
+    moved = location.removesuffix(path) if location.endswith(path) else None
+    hint = f"use --url {clipped(moved)}" if moved else "give --url the new address"
+    return RemoteError(f"{where}: moved to {clipped(location)}", hint=f"{hint} (redirects are not followed)")

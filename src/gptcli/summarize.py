@@ -113,7 +113,7 @@ class SummaryResult:
         }
 
 
-def _plain_summary_prompt(messages: Messages) -> str:
+def plain_summary_prompt(messages: Messages) -> str:
     """Without a chat template: the instructions, the text, and a cue to start the summary."""
     head = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
     return f"{head}{messages[-1]['content']}\n\nSummary:"
@@ -178,10 +178,10 @@ class Summarizer:
         return chunks + ([self.tokenizer.decode(ids)] if ids else [])
 
     def prompt_ids(self, system: str | None, user: str) -> list[int]:
-        return build_prompt(self.tokenizer, messages_for(user, system), plain=_plain_summary_prompt).ids
+        return build_prompt(self.tokenizer, messages_for(user, system), plain=plain_summary_prompt).ids
 
     def _engine_calls(self, requests: list[Messages], sampling: SamplingConfig) -> Iterator[tuple[int, Event]]:
-        prompts = (build_prompt(self.tokenizer, messages, plain=_plain_summary_prompt).ids for messages in requests)
+        prompts = (build_prompt(self.tokenizer, messages, plain=plain_summary_prompt).ids for messages in requests)
         return run_all(self.engine, [(ids, sampling) for ids in prompts])
 
     def _render(self, combine: bool, text: str) -> tuple[str | None, str]:

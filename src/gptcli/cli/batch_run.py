@@ -144,7 +144,9 @@ def _lines(settings: Any, numbered_lines: Any, running: int, kv_budget: str | No
     from gptcli.batchfile import LocalLines, RemoteLines
 
     if remote is not None:  # the server applies its template and checks its context
-        return RemoteLines(remote, running), (parse_request(n, raw, None, settings, 0) for n, raw in numbered_lines)
+        plain = remote.templated is False  # no template there: a prompt is text to complete, as it is here
+        lines = (parse_request(n, raw, None, settings, 0, plain_prompts=plain) for n, raw in numbered_lines)
+        return RemoteLines(remote, running), lines
     from gptcli.cli.local_run import load_runtime
     from gptcli.engine import Engine, EngineLimits, default_prefix_cache, parse_kv_budget
 

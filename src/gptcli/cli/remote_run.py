@@ -97,6 +97,10 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
     from gptcli.prompts import messages_for
 
     sampling = settings.sampling
+    if not raw and remote.templated is False:  # as a local run of a model without one: the text is completed
+        if settings.system:
+            render.warn("this model has no chat template: --system is ignored")
+        raw = True
     events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
     start = time.perf_counter()
     first = next(events)  # the request is made here: a refusal is an error before anything is printed
@@ -106,7 +110,7 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
     except GptcliError as exc:  # the stream broke off: --json still gets its object, with the text so far
         if as_json:
             from gptcli.decoding import Finished
-            from gptcli.remote import streamed_stats
+            from gptcli.remote_answers import streamed_stats
 
             # The prompt's tokens are unknown (a server says them at the end); the times are the client's.
             end = received[-1].t if received else time.perf_counter()
@@ -210,15 +214,16 @@ def remote_chat_session(remote: Any, settings: Any, conversation: Any, store: An
 
 def remote_summarizer(remote: Any, template: Any, sampling: Any, *, parallel: int | None, **options: Any) -> Any:
     """`summarize --url`: the one pipeline, each stage's calls sent `parallel` (8) at a time for the server to batch."""
-    from gptcli.summarize import DEFAULT_PARALLEL, Summarizer
+    from gptcli.summarize import DEFAULT_PARALLEL, Summarizer, plain_summary_prompt
 
     context = remote.context_length
     if context is None:
         render.note(f"the server does not say its model's context: assuming {DEFAULT_CONTEXT} tokens")
     threads = parallel or DEFAULT_PARALLEL
+    as_text = plain_summary_prompt if remote.templated is False else None  # as a local run of such a model
 
     def calls(requests: list, params: Any) -> Any:
-        return remote.chat_many(requests, params, threads)
+        return remote.chat_many(requests, params, threads, as_text)
 
     tokenizer = served_tokenizer(remote)
     return Summarizer(

@@ -42,4 +42,7 @@ class ServerState:
             "created": self.created,
             "owned_by": "gptcli",
             "max_model_len": self.context_length,
+            # gptcli's own: without a template, a client sends a prompt as text to complete (as a local run
+            # does), not as a chat message the server would frame as a "User:" / "Assistant:" transcript
+            "has_chat_template": bool(self.tokenizer.chat_template),
         }
