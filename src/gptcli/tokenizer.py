@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ChatTemplateRefusal, ConfigError, GptcliError, InputError, ModelError
+from gptcli.paths import SOURCE_FILE
 from gptcli.textio import (
     CONFIG_FILE,
     PROMPT,
@@ -174,6 +175,31 @@ def template_origin(folder: Path, given: str | None = None) -> str | None:
     return None
 
 
+# The tokens llama.cpp ends a reply at besides a GGUF's own EOS, known by their text (its vocabulary's
+# end-of-generation rule). A GGUF names one EOS (Gemma 3's is <eos>, while its turns end with <end_of_turn>), so a
+# model converted from one stops where llama.cpp stops on the same file.
+END_OF_GENERATION = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<end_of_utterance>",
+)
+
+
+def _converted_from_gguf(folder: Path) -> bool:
+    """Whether gptcli's cache made `folder` from a GGUF (its source record names a .gguf file)."""
+    try:
+        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(source, str) and source.lower().endswith(".gguf")
+
+
 class Tokenizer:
     """Encode/decode text for one model folder, plus its chat template (the model's own, or `chat_template`,
     the user's in its place) and end-of-sequence ids."""
@@ -244,6 +270,8 @@ class Tokenizer:
             token_id = self._tok.token_to_id(self.eos_token)
             if token_id is not None:
                 ids.add(token_id)
+        if _converted_from_gguf(self.folder):  # as llama.cpp reads the same file: its end-of-generation tokens
+            ids.update(i for text in END_OF_GENERATION if (i := self._tok.token_to_id(text)) is not None)
         return frozenset(ids)
 
     @property

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ModelError
+from gptcli.paths import SOURCE_FILE
 from gptcli.textio import MiB, read_json_file
 
 CONFIG_FILE = "config.json"
-SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
 DEFAULT_CONTEXT = 2048
 # Bytes per element of the safetensors dtypes, to check that a header's shapes match its byte ranges.
 DTYPE_SIZES = {
