@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,6 +13,15 @@ from gptcli.errors import ConfigError, GptcliError, InputError, clipped, escaped
 
 SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
+
+
+def read_source(folder: Path) -> str | None:
+    """Where a cached model folder came from (SOURCE_FILE), or None when it has no readable record."""
+    try:
+        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source is not None else None
 
 
 def _platform_dir(kind: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ChatTemplateRefusal, ConfigError, GptcliError, InputError, ModelError
-from gptcli.paths import SOURCE_FILE
+from gptcli.paths import read_source
 from gptcli.textio import (
     CONFIG_FILE,
     PROMPT,
@@ -193,11 +193,7 @@ END_OF_GENERATION = (
 
 def _converted_from_gguf(folder: Path) -> bool:
     """Whether gptcli's cache made `folder` from a GGUF (its source record names a .gguf file)."""
-    try:
-        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("source")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(source, str) and source.lower().endswith(".gguf")
+    return (read_source(folder) or "").lower().endswith(".gguf")
 
 
 class Tokenizer:

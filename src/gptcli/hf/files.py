@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ModelError
-from gptcli.paths import SOURCE_FILE
+from gptcli.paths import SOURCE_FILE, read_source  # noqa: F401  (read_source: hf names it too)
 from gptcli.textio import MiB, read_json_file
 
 CONFIG_FILE = "config.json"
@@ -144,15 +144,6 @@ def header_tensors(folder: Path) -> Iterator[TensorHeader]:
 
 
 # --------------------------------------------------------------------------- the source sidecar
-
-
-def read_source(folder: Path) -> str | None:
-    """Where a cached model folder came from (gptcli-source.json), or None when it has no readable record."""
-    try:
-        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(source) if source is not None else None
 
 
 def write_source(folder: Path, source: str) -> None:
