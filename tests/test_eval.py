@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
@@ -289,3 +290,27 @@ def test_scoring_hf_engine_matches_its_decoding(tiny_models, monkeypatch):
     backend = TorchBackend.load(tiny_models["llama"], CPU32)
     assert backend.implementation == "hf"
     check_scoring(backend, Tokenizer(tiny_models["llama"]).encode(CORPUS[0])[:12])
+
+
+def test_a_model_whose_weights_hold_nan_is_a_model_error_in_generate_too(tiny_models, tmp_path, capsys, monkeypatch):
+    """generate said exit 4 (backend unavailable) with no word of the weights, where eval says exit 5 (the model):
+    a built-in backend's NaN logits are the model's (damaged weights, or a float16 overflow such as Gemma's)."""
+    import io
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gptcli.cli.app import run
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_models["llama"], damaged)
+    weights = load_file(damaged / "model.safetensors")
+    name = next(k for k in weights if k.endswith("norm.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no piped text: the prompt is the argument
+    capsys.readouterr()
+    assert run(["generate", "-m", str(damaged), "-n", "2", "--backend", "torch", "hi"]) == 5
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("error: the model gives NaN logits (backend 'torch'")
+    assert lines[1] == "hint: try --dtype float32 (--precision fp32 on onnx); if NaN again, the weights are damaged"

@@ -140,9 +140,12 @@ def checked_logits(backend: Backend, logits: Any, rows: int | None, call: str) -
         axes = "(vocabulary,)" if rows is None else "(rows, vocabulary)"
         raise BackendError(f"{who}: {call} gave {got}, not {want} {axes}", hint=hint)
     if np.isnan(logits).any():
-        raise BackendError(
-            f"{who}: {call} gave NaN logits",
-            hint=hint or "the model's weights hold NaN, or its arithmetic overflowed: try --dtype float32",
+        if hint is not None:  # a plugin's NaN is the plugin's to answer for
+            raise BackendError(f"{who}: {call} gave NaN logits", hint=hint)
+        # A built-in backend's NaN is the model's (damaged weights, or an overflow at this precision), as in eval.
+        raise ModelError(
+            f"the model gives NaN logits ({who}, {call})",
+            hint="try --dtype float32 (--precision fp32 on onnx); if NaN again, the weights are damaged",
         )
     return logits
 
