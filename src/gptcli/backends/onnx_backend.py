@@ -29,6 +29,7 @@ from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensor
 from gptcli.backends.onnx_kvpool import KvPool
 from gptcli.errors import BackendError, ConfigError, InputError, ModelError, clipped
 from gptcli.export.graph import LOGITS_TO_KEEP
+from gptcli.export.sidecar import MODEL_FILE
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -94,6 +95,13 @@ class OnnxBackend:
             reason = cuda_unusable_reason(ONNXRUNTIME)
             return f"CUDA requested but {reason}" if reason else None
         return None
+
+    @property
+    def weights_bytes(self) -> int:
+        """The graph's files as exported (what `bench`'s size column shows, as llama-bench shows a GGUF's): an
+        int4 export keeps some matrices at 8 bits (a large tied head), which params x 4 bits would not say."""
+        files = self.meta["files"]
+        return sum(int(files[name]) for name in (MODEL_FILE, MODEL_FILE + ".data") if name in files)
 
     @property
     def precision(self) -> str:
