@@ -394,3 +394,25 @@ def test_repl_on_a_full_disk_keeps_going_without_prompt_toolkit_s_traceback(tiny
     child.close()
     assert "Traceback" not in child.before and "Press ENTER" not in child.before
     assert child.exitstatus == 1  # the chat file could not be written either: said on leaving
+
+
+def test_a_closed_terminal_keeps_the_chat_as_sigterm_does(tiny_models, tok, isolated_home):
+    """QA: SIGHUP (the terminal closed, an ssh session dropped) killed the chat as kill -9 does: the ~190 tokens
+    of the reply it cut were lost, with no word. It now stops as SIGTERM does, at a reply or at the prompt."""
+    import signal
+
+    child = spawn(tiny_models, say(tok, "word " * 400) + say(tok, "Kept."), "--plain", delay="0.05")
+    child.sendline("Count")
+    child.expect_exact("word word")
+    child.kill(signal.SIGHUP)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143, child.signalstatus
+    [conv] = saved_conversations(isolated_home)
+    assert conv["messages"][-1]["interrupted"] is True and conv["messages"][-1]["content"].startswith("word word")
+
+    child = spawn(tiny_models, say(tok, "Kept."), "--plain", "--continue")
+    child.kill(signal.SIGHUP)  # at the prompt, inside prompt_toolkit's loop
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 143, child.signalstatus

@@ -479,8 +479,11 @@ def test_urls_that_cannot_be_used_are_usage_errors(url, message):
     assert result.returncode == 2
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
 @pytest.mark.parametrize("extra", [["--json"], []], ids=["json", "text"])
-def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, tok, extra):
+def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, tok, extra, stop):
+    """SIGHUP (a closed terminal, a dropped ssh session) killed every command but train as kill -9 does: the
+    `--json` object, summarize's partials, a batch's held results were lost. It now stops them as SIGTERM does."""
     import time
 
     text = "the leaves fall and the wind carries them over the hill " * 4
@@ -490,7 +493,7 @@ def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, t
         [sys.executable, "-m", "gptcli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     time.sleep(4)  # loaded, and some tokens in
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, stop))
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err.decode()
     assert b"Traceback" not in err and err.decode().rstrip().endswith("interrupted")
@@ -552,6 +555,28 @@ def test_a_second_sigterm_is_not_raised_while_the_first_is_handled():
             pytest.fail("the second SIGTERM raised again")  # (a KeyboardInterrupt would end pytest itself)
     finally:
         Terminated.seen = False
+
+
+def test_a_stop_while_the_interpreter_shuts_down_does_not_kill_the_process():
+    """QA: a second SIGTERM 50-400 ms after the first (the output already written) killed the process by the
+    signal (returncode -15 to a supervisor, not 143): the interpreter's shutdown puts Python handlers back to the
+    default, the no-op one included. SIG_IGN it leaves alone. Here the stop comes as late as it can: from a
+    module global's finalizer."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from gptcli.errors import ignore_stops\n"
+        "class Late:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.2)\n"
+        "late = Late()\n"
+        "ignore_stops({})\n"
+        "sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for keyword, code_seen in (("for_good=True", 3), ("", -signal.SIGTERM)):  # the second: the mechanism, shown
+        result = subprocess.run([sys.executable, "-c", code.format(keyword)], env=env, capture_output=True)
+        assert result.returncode == code_seen, result.stderr.decode()
+        assert b"Traceback" not in result.stderr
 
 
 def test_ctrl_c_while_gptcli_is_imported_exits_130_without_a_traceback():

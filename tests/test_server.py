@@ -1102,7 +1102,10 @@ def test_key_limits_and_queue_in_a_real_process(tiny_models, llama_tok):
         assert caught.value.response.headers["retry-after"] == "1"
 
 
-def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok, stop):
+    """SIGHUP (the terminal `gptcli serve` ran in closed) killed the server at once, the request in flight with
+    it: uvicorn takes only SIGINT and SIGTERM. It now stops as gracefully as SIGTERM."""
     text = "Once upon a time there was a tiny model"
     env = scripted_env(llama_tok, text, delay=0.1)
     with serve_process(tiny_models["llama"], "--grace", "20", "--log-level", "warning", env=env) as (process, url):
@@ -1115,7 +1118,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_models, llama_tok):
         asking = threading.Thread(target=ask)
         asking.start()
         time.sleep(0.5)  # the request is in flight: ~10 steps of 0.1 s
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(getattr(signal, stop))
         time.sleep(0.3)
         with pytest.raises(httpx.ConnectError):  # it no longer accepts connections
             httpx.get(url + "/health", timeout=2)

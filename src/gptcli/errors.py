@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -129,12 +130,40 @@ class Terminated(KeyboardInterrupt):
     seen = False  # one arrived in this process (also where it was passed on as Ctrl-C: bench's worker)
 
 
-def ignore_stops() -> None:
-    """From here on SIGINT and SIGTERM do nothing: a stop is being handled (what finished is handed over) or the
-    process is ending. A handler that does nothing, not SIG_IGN: a signal that came before this ran finds SIG_IGN
-    and Python prints "OSError: Signal 15 ignored due to race condition". Main thread only."""
-    signal.signal(signal.SIGINT, _do_nothing)
-    signal.signal(signal.SIGTERM, _do_nothing)
+# What stops a command as Ctrl-C does: SIGTERM (`kill`, a timeout, a service manager) and SIGHUP (the terminal
+# closed, an ssh session dropped), which would otherwise kill it as kill -9 does, losing what it made.
+TERMINATING_SIGNALS = tuple(sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None)
+STOP_SIGNALS = (signal.SIGINT, *TERMINATING_SIGNALS)
+
+
+def ignore_stops(*, for_good: bool = False) -> None:
+    """From here on SIGINT, SIGTERM and SIGHUP do nothing: a stop is being handled (what finished is handed over)
+    or the process is ending. A handler that does nothing, not SIG_IGN: a signal that came before this ran finds
+    SIG_IGN and Python prints "OSError: Signal 15 ignored due to race condition". `for_good` (the process is about
+    to exit) then sets SIG_IGN as well: the interpreter's shutdown puts a Python handler back to the default, which
+    kills the process by the signal (its exit status lost) when a second stop comes while it shuts down (~0.4 s
+    after a model ran), but leaves SIG_IGN alone. signal.signal runs what is pending first (with the no-op
+    handler), so the race above is down to a few instructions. Main thread only."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _do_nothing)
+    if for_good:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def silence_terminal() -> None:
+    """Point stdout and stderr, where they are a terminal, at /dev/null: after SIGHUP the terminal is gone, and a
+    write there fails (EIO) and would end a command before it keeps what it made."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
 
 
 def _do_nothing(signum: int, frame: Any) -> None:

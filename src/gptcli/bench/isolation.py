@@ -13,7 +13,17 @@ from dataclasses import replace
 from typing import Any
 
 from gptcli.bench.job import Job
-from gptcli.errors import BackendError, ConfigError, GptcliError, InputError, ModelError, Terminated, UsageError
+from gptcli.errors import (
+    STOP_SIGNALS,
+    BackendError,
+    ConfigError,
+    GptcliError,
+    InputError,
+    ModelError,
+    Terminated,
+    UsageError,
+    silence_terminal,
+)
 
 
 def error_from_exit_code(code: int) -> type[GptcliError]:
@@ -45,8 +55,10 @@ def run_isolated(job: Job) -> dict[str, Any]:
 
     def on_interrupt(signum: int, _frame: Any) -> None:
         interrupts.append(signum)
-        if signum == signal.SIGTERM:
+        if signum != signal.SIGINT:
             Terminated.seen = True  # gptcli exits 143
+            if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone
+                silence_terminal()
         if len(interrupts) == 1:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)
@@ -54,7 +66,7 @@ def run_isolated(job: Job) -> dict[str, Any]:
             proc.kill()
 
     main_thread = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    signals = STOP_SIGNALS if main_thread else ()
     previous = {sig: signal.signal(sig, on_interrupt) for sig in signals}
     try:
         out, _ = proc.communicate(replace(job, isolated=True).to_json().encode())

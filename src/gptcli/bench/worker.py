@@ -13,7 +13,7 @@ from typing import Any
 
 from gptcli.bench.job import Job
 from gptcli.bench.runner import run_job
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError, ignore_stops
+from gptcli.errors import EXIT_INTERRUPTED, STOP_SIGNALS, GptcliError, ignore_stops
 
 
 def _notify(message: str) -> None:
@@ -33,8 +33,8 @@ def main() -> int:
     # Set here, not inherited: a gptcli started with Ctrl-C ignored (`cmd &` in a script, nohup) passed that on,
     # and the parent's Ctrl-C for a kill then did nothing until the run was over; SIGTERM killed this process
     # outright, with the finished tests.
-    signal.signal(signal.SIGINT, _stop_once)
-    signal.signal(signal.SIGTERM, _stop_once)
+    for sig in STOP_SIGNALS:  # SIGHUP too: a closed terminal's reaches the whole process group
+        signal.signal(sig, _stop_once)
     job = Job.from_json(sys.stdin.read())
     try:
         result = run_job(job, notify=_notify)

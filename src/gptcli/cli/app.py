@@ -37,11 +37,13 @@ from gptcli.errors import (
     EXIT_OK,
     EXIT_RUNTIME,
     EXIT_TERMINATED,
+    TERMINATING_SIGNALS,
     GptcliError,
     Terminated,
     UsageError,
     escaped_byte,
     ignore_stops,
+    silence_terminal,
 )
 from gptcli.paths import environment_error
 
@@ -141,6 +143,9 @@ def debug_enabled() -> bool:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM or SIGHUP: an interrupt that keeps what was made, then exit 143 (run)."""
+    if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone, and writing to it would fail
+        silence_terminal()
     if Terminated.seen:  # a second kill: the first is being handled (what was made is being kept): not cut again
         return
     Terminated.seen = True
@@ -157,7 +162,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     if threading.current_thread() is threading.main_thread():  # train and serve set their own while they run
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in TERMINATING_SIGNALS:
+            signal.signal(sig, _on_sigterm)
     _mark_stdout_errors()
     set_verbosity(NORMAL)  # the root callback sets -q/-v; a run that never reaches it starts from normal
     try:
@@ -343,5 +349,6 @@ def _is_usage_error(exc: Exception) -> bool:
 def main() -> None:
     code = run()
     if threading.current_thread() is threading.main_thread():
-        ignore_stops()  # a signal during the interpreter's shutdown is not raised in its atexit callbacks
+        # A signal during the interpreter's shutdown is not raised in its atexit callbacks, nor kills the process.
+        ignore_stops(for_good=True)
     sys.exit(code)

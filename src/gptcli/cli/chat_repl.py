@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import typer
 
 from gptcli.cli import render
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError, Terminated
+from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, Terminated, silence_terminal
 
 
 class SecondInterrupt(BaseException):
@@ -45,7 +45,7 @@ class ReplyInterrupts:
 
 
 def prompt_ending_on_sigterm(session: Any, message: str) -> str:
-    """`session.prompt(message)`, where SIGTERM ends the prompt with Terminated through prompt_toolkit's own loop.
+    """`session.prompt(message)`, where SIGTERM or SIGHUP ends the prompt with Terminated through prompt_toolkit's loop.
 
     gptcli's handler raises Terminated wherever the main thread is. At the prompt that is inside prompt_toolkit and
     asyncio, where it could land in a spot that prints an exception and goes on (CI saw a killed chat print the
@@ -64,17 +64,20 @@ def prompt_ending_on_sigterm(session: Any, message: str) -> str:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         nonlocal arrived
+        if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone (prompt_toolkit's last writes would fail)
+            silence_terminal()
         arrived = Terminated.seen = True
         loop = app.loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: raised once the prompt returns
                 loop.call_soon_threadsafe(end_app)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_sigterm) for sig in TERMINATING_SIGNALS}
     try:
         return session.prompt(message, pre_run=end_app)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stream_plain(turn: Any) -> bool:

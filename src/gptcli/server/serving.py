@@ -1,9 +1,9 @@
 """Run the app under uvicorn: bind first (fail fast, before the model loads), graceful stop on signals.
 
-SIGTERM or Ctrl-C: uvicorn stops accepting; the engine lets in-flight requests finish for `grace_s`
-seconds and cancels the rest (their streams end with an error event, non-streamed ones get 503); then
-the app's lifespan stops the engine's thread. uvicorn then re-raises the signal it
-caught: SIGINT becomes KeyboardInterrupt (the CLI exits 130); SIGTERM meets the no-op handler set
+SIGTERM, SIGHUP (the terminal closed) or Ctrl-C: uvicorn stops accepting; the engine lets in-flight requests
+finish for `grace_s` seconds and cancels the rest (their streams end with an error event, non-streamed ones
+get 503); then the app's lifespan stops the engine's thread. uvicorn then re-raises the signal it caught:
+SIGINT becomes KeyboardInterrupt (the CLI exits 130); SIGTERM meets the no-op handler set
 here, so the process exits 0 instead of dying by the signal. A second Ctrl-C during that wait ends the
 process at once (exit 130): uvicorn's own "force exit" would cancel the tasks in flight, print a
 traceback for each and answer their clients with a bare 500.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError, UsageError
+from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, InputError, UsageError, silence_terminal
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -186,11 +186,21 @@ def run_server(server: Any, sock: socket.socket) -> None:
         if not server.started:
             raise SystemExit(0)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def on_sighup(signum: int, frame: Any) -> None:
+        # The terminal closed (uvicorn does not take SIGHUP, which would kill the process as kill -9 does): the
+        # same graceful stop as SIGTERM, with the terminal's output sent to /dev/null, where writing cannot fail.
+        silence_terminal()
+        if not server.started:
+            raise SystemExit(0)
+        server.handle_exit(signal.SIGTERM, frame)
+
+    handlers = {signal.SIGTERM: on_sigterm, **{sig: on_sighup for sig in TERMINATING_SIGNALS if sig != signal.SIGTERM}}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         server.run(sockets=[sock])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise GptcliError("the server did not start", hint="see the log lines above")
 

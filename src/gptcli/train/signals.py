@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
 
-from gptcli.errors import Terminated
+from gptcli.errors import STOP_SIGNALS, Terminated, silence_terminal
 
 
 class StopSignals:
@@ -24,7 +23,7 @@ class StopSignals:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if signum == getattr(signal, "SIGHUP", None):
-            _silence_terminal()
+            silence_terminal()
         if signum != signal.SIGINT:
             Terminated.seen = True  # the run still ends as on Ctrl-C, then gptcli exits 143
         if self.received is not None:
@@ -33,25 +32,10 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if sig is not None:
-                    self._old[sig] = signal.signal(sig, self._handle)
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _silence_terminal() -> None:
-    """Point stdout and stderr, where they are a terminal, at /dev/null."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            try:
-                if os.isatty(fd):
-                    os.dup2(devnull, fd)
-            except OSError:
-                pass
-    finally:
-        os.close(devnull)
