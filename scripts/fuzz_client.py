@@ -521,7 +521,8 @@ def problems(outcome: Outcome, case: Case, name: str, url: str, bound: float) ->
 
 
 def partial_kept(outcome: Outcome, name: str, sent: list[str], home: Path) -> str | None:
-    """A stream that broke after some text: generate printed it (--json: in its object), a chat saved it."""
+    """A stream that broke after some text: generate printed it (--json: in its object), a chat saved it (and
+    --jsonl wrote it in its record)."""
     text = "".join(sent)
     if not sent or outcome.code == 0:
         return None
@@ -539,6 +540,13 @@ def partial_kept(outcome: Outcome, name: str, sent: list[str], home: Path) -> st
         replies = [m.get("content") for c in saved for m in c.get("messages", []) if m.get("role") == "assistant"]
         if not any(text in (reply or "") for reply in replies):
             return f"the text received before the break ({text!r}) was not saved in the chat"
+    if name == "jsonl":  # ... and is in the message's one record (it was an error alone)
+        try:
+            content = json.loads(outcome.stdout.splitlines()[-1]).get("content")
+        except (ValueError, IndexError, AttributeError):
+            return f"the text received before the break ({text!r}): no --jsonl record"
+        if text not in (content or ""):
+            return f"the text received before the break ({text!r}) is not in the --jsonl record"
     return None
 
 

@@ -455,8 +455,18 @@ def test_a_stream_broken_off_still_gives_chat_jsonl_its_record(cut_short, isolat
     # chat --jsonl wrote no record for the message, where each message gets exactly one.
     result = run_cli("chat", "--jsonl", "--url", cut_short, input="hello\n")
     assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
-    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
-    assert records == [{"error": f"{cut_short} closed the stream before the answer finished", "hint": None}]
+    [record] = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    # ... and that record had no text nor conversation id, where the chat file kept what came (QA)
+    conversation = record.pop("conversation")
+    assert record == {
+        "role": "assistant",
+        "content": "Partial",
+        "finish_reason": "error",
+        "error": f"{cut_short} closed the stream before the answer finished",
+        "hint": None,
+    }
+    saved = json.loads(next((isolated_home / "data" / "chats").glob("*.json")).read_text())
+    assert saved["id"] == conversation and saved["messages"][-1]["content"] == "Partial"
 
 
 def test_the_estimate_trims_before_sending_when_the_server_says_its_context():

@@ -3,8 +3,9 @@
 Plain mode writes each reply as it streams, ending with a newline. `--jsonl` writes one JSON object per
 user message, so a reply spanning lines stays one record:
 `{"role": "assistant", "content": …, "finish_reason": …, "conversation": …, "usage": {…}}`;
-a message that could not be answered gets `{"error": …, "hint": …}` in its place, and when the fault is
-not the message's own (the server is gone, the model unknown) the chat ends there with that error's exit code.
+a message that could not be answered gets `{"error": …, "hint": …}` in its place (a reply that broke off: its
+record with what came, `"finish_reason": "error"` and the error), and when the fault is not the message's own
+(the server is gone, the model unknown) the chat ends there with that error's exit code.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def run_piped(session: Any, backend_name: str, *, jsonl: bool = False) -> None:
         try:
             interrupted = collect_json(step.turn, session) if jsonl else stream_plain(step.turn)
         except GptcliError as exc:  # the reply broke off (a server's stream): kept in the chat; its record, the end
-            if jsonl:
-                write_record({"error": exc.message, "hint": exc.hint})
+            if jsonl:  # what came of the reply, as `generate --json` gives it: finish_reason "error"
+                cut = reply_record(step.turn, session.conversation.id)
+                write_record({**cut, "finish_reason": "error", "error": exc.message, "hint": exc.hint})
             raise
         report_end(step.turn, session.settings.sampling)
         render.detail(stats_text(session))  # -v: the reply's timings
