@@ -390,6 +390,22 @@ def test_a_thing_of_the_wrong_kind_in_gptcli_folders_is_named_with_the_fix(isola
     assert error.hint == "move it out of the way, or set GPTCLI_HOME to another folder"
 
 
+def test_a_file_of_gptcli_removed_while_it_was_read_is_not_a_folder_to_make_writable(isolated_home):
+    """QA: `gptcli models rm` while another process loaded or exported that model said "cannot write
+    .../config.json: No such file or directory" with a hint to make GPTCLI_HOME writable (exit 1): it was a read."""
+    import errno
+
+    from gptcli.paths import cache_dir, data_dir, environment_error
+
+    config = cache_dir() / "models" / "smollm2-135m-instruct" / "config.json"
+    error = environment_error(FileNotFoundError(errno.ENOENT, "No such file or directory", str(config)))
+    assert error is not None and error.message == f"{config} was removed while gptcli used it"
+    assert error.exit_code == 5 and "another process removed it" in error.hint
+    chat = data_dir() / "chats" / "20240101-000000-gone.json"
+    error = environment_error(FileNotFoundError(errno.ENOENT, "No such file or directory", str(chat)))
+    assert error is not None and error.exit_code == 1 and error.message.endswith("was removed while gptcli used it")
+
+
 def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))

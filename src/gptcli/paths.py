@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gptcli.errors import ConfigError, GptcliError, InputError, clipped, escaped_byte
+from gptcli.errors import ConfigError, GptcliError, InputError, ModelError, clipped, escaped_byte
 
 SOURCE_FILE = "gptcli-source.json"  # where a cached model came from (catalogue entry, .gguf path, hub id)
 RUNS_DIR = Path("runs")  # where `gptcli train` puts a run by default (relative to the working folder), and `runs` looks
@@ -135,6 +135,12 @@ def environment_error(exc: OSError) -> GptcliError | None:
         cause = "a file is there, where a folder should be"
     roots = [cache_dir(), data_dir(), *([home] if (home := home_dir()) is not None else [])]
     if any(path == root or root in path.parents for root in roots):
+        if exc.errno == errno.ENOENT:  # gptcli made it: another process removed it while this one used it
+            gone = ModelError if cache_dir() in path.parents else GptcliError  # a model (exit 5), or a chat's file
+            return gone(
+                f"{path} was removed while gptcli used it",
+                hint="another process removed it (`gptcli models rm`, `chats rm`?): run the command again",
+            )
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = "free some space, or set GPTCLI_HOME to a folder on another disk"
         elif exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a thing of the wrong kind in the way
