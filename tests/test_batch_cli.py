@@ -229,3 +229,32 @@ def test_stop_strings_are_at_most_16_everywhere_as_in_the_server(tiny_models, tm
     flags = [arg for stop in many for arg in ("--stop", stop)]
     flagged = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), *flags)
     assert flagged.returncode == 3 and "sampling.stop must be at most 16 strings" in flagged.stderr.decode()
+
+
+def test_a_results_file_another_run_is_writing_is_refused_naming_its_pid(tiny_models, tmp_path):
+    """QA: two runs on one -o started together, or a --resume while the first still ran, passed the "already
+    holds results" check (nothing was written yet) and each wrote every result: every id twice in the file. The
+    run that writes a results file now holds its lock (as `train` holds a run folder's)."""
+    from gptcli.errors import InputError
+    from gptcli.jsonl import results_lock_path
+    from gptcli.locks import owner_lock
+
+    batch, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    batch.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    args = ["generate", "-m", str(tiny_models["llama"]), "-n", "2", "--batch", str(batch), "-o", str(out)]
+
+    def never(pid: str) -> InputError:
+        raise AssertionError("the lock was free")
+
+    with owner_lock(results_lock_path(out), never):  # a run writing it (this process stands for it)
+        for extra in ([], ["--resume"]):
+            result = run_cli(*args, *extra)
+            lines = result.stderr.decode().strip().splitlines()
+            assert result.returncode == 6 and lines[0] == (
+                f"error: {out} is being written by another gptcli process (pid {os.getpid()})"
+            ), result.stderr.decode()
+            assert lines[1] == "hint: wait for it to finish (or stop it), then --resume; or write to another file"
+    assert not out.exists()
+    assert run_cli(*args).returncode == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no lock file left behind

@@ -565,3 +565,36 @@ def test_system_none_clears_the_system_message(tok, isolated_home):
     reply(chat.say("Two?"))
     assert chat.conversation.window()[0] == {"role": "user", "content": "One?"}  # the next turn sends none
     assert ConversationStore().load(chat.conversation.id).system is None
+
+
+def test_two_chats_saving_one_conversation_at_the_same_moment_lose_neither_turn(isolated_home, monkeypatch):
+    """QA: a save's check (the file is as this chat last saw it) and its write were not one step: another chat's
+    save that came between them was overwritten (its turn lost, exit 0, no warning). The store's lock makes them
+    one. Here the other save is started inside this one's window, deterministically."""
+    import threading
+
+    import gptcli.chat.conversation as conversation
+    from gptcli.chat import Conversation, ConversationStore
+
+    mine, theirs = ConversationStore(), ConversationStore()
+    conv = Conversation(messages=[{"role": "user", "content": "base"}])
+    mine.save(conv)
+    other = theirs.load(conv.id)
+    conv.messages.append({"role": "user", "content": "mine"})
+    other.messages.append({"role": "user", "content": "theirs"})
+    real = conversation.write_atomic
+    racing: list[threading.Thread] = []
+
+    def write_with_a_rival(path, payload, **kwargs):
+        if not racing:  # this chat's write: the other chat saves now, between the check and the write
+            racing.append(threading.Thread(target=theirs.save, args=(other,)))
+            racing[0].start()
+            racing[0].join(0.5)  # it waits for the lock (before: it wrote at once, and was overwritten below)
+        real(path, payload, **kwargs)
+
+    monkeypatch.setattr(conversation, "write_atomic", write_with_a_rival)
+    mine.save(conv)
+    racing[0].join(15)
+    saved = {c.id: [m["content"] for m in c.messages] for c in ConversationStore().list()}
+    assert saved[conv.id] == ["base", "mine"]
+    assert other.id != conv.id and saved[other.id] == ["base", "theirs"]  # saved on under a new id

@@ -270,6 +270,11 @@ def _result_id(raw: bytes | None) -> str | None:
     return str(record["id"])
 
 
+def results_lock_path(output: Path) -> Path:
+    """The lock a run holds on its results file while it writes it (gptcli.locks.owner_lock)."""
+    return output.parent / f".{output.name}.gptcli-lock"
+
+
 def open_results(output: Path, *, resume: bool) -> IO[str]:
     """The results file, opened for appending (its folder made); on --resume, a torn last line is
     settled first so the next result starts on a line of its own: kept with its newline when it is a

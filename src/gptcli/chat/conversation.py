@@ -6,6 +6,7 @@ import json
 import re
 import secrets
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from gptcli.atomicio import remove_abandoned_writes, write_atomic
 from gptcli.chat.file_fields import checked_chat_template, checked_sampling, output_from_json, output_to_json
 from gptcli.config import OutputConstraint
 from gptcli.errors import GptcliError, InputError, UsageError
+from gptcli.locks import short_lock
 from gptcli.paths import data_dir
 from gptcli.textio import CHAT_FILE, CHAT_MESSAGE, human_bytes, lone_surrogate, over_limit, read_text_file
 
@@ -262,19 +264,25 @@ class ConversationStore:
                 hint="/reset starts a new conversation (this one stays saved as it was)",
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if conv.id in self.seen and _stamp(self.path(conv.id)) not in {self.seen[conv.id], None}:
-            conv.id = _unused_id(self.root)
-            payload = conversation_json(conv)
-        path = self.path(conv.id)
-        write_atomic(path, payload, mode=0o600)
-        self.seen[conv.id] = _stamp(path)
+        with self._held():  # the check and the write as one: another chat's save could come between them
+            if conv.id in self.seen and _stamp(self.path(conv.id)) not in {self.seen[conv.id], None}:
+                conv.id = _unused_id(self.root)
+                payload = conversation_json(conv)
+            path = self.path(conv.id)
+            write_atomic(path, payload, mode=0o600)
+            self.seen[conv.id] = _stamp(path)
         return path
 
     def discard(self, conv_id: str) -> None:
         """Remove a conversation's file, unless another chat changed it since this store read or wrote it."""
         path = self.path(conv_id)
-        if self.seen.get(conv_id, _stamp(path)) == _stamp(path):
-            path.unlink(missing_ok=True)
+        with self._held():
+            if self.seen.get(conv_id, _stamp(path)) == _stamp(path):
+                path.unlink(missing_ok=True)
+
+    def _held(self) -> AbstractContextManager[None]:
+        """The store's folder, held by one gptcli process's save (or discard) at a time."""
+        return short_lock(self.root)
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():

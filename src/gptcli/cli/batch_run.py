@@ -28,6 +28,43 @@ def run_batch_file(
     remote: Any = None,
 ) -> None:
     """Load the model once (or use the server's: `remote`), run every line, write results in input order."""
+    with _results_lock(output):
+        _run(settings, batch, output=output, resume=resume, parallel=parallel, kv_budget=kv_budget, remote=remote)
+
+
+@contextlib.contextmanager
+def _results_lock(output: Path | None) -> Iterator[None]:
+    """One gptcli process at a time writes a results file (two runs, or a --resume beside the run, each wrote
+    every result: twice in the file). Its lock is a file beside it, removed at the end."""
+    from gptcli.jsonl import results_lock_path
+    from gptcli.locks import owner_lock
+
+    if output is None or (output.exists() and not output.is_file()):  # stdout, a pipe, a device: nothing to share
+        yield
+        return
+
+    def busy(pid: str) -> InputError:
+        return InputError(
+            f"{output} is being written by another gptcli process (pid {pid or '?'})",
+            hint="wait for it to finish (or stop it), then --resume; or write to another file",
+        )
+
+    with contextlib.suppress(OSError):  # a folder that cannot be made fails as the results are opened
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with owner_lock(results_lock_path(output), busy):
+        yield
+
+
+def _run(
+    settings: Any,
+    batch: Path,
+    *,
+    output: Path | None,
+    resume: bool,
+    parallel: int | None,
+    kv_budget: str | None,
+    remote: Any = None,
+) -> None:
     from gptcli.batchfile import run_batch
     from gptcli.jsonl import (
         ResultWriter,
