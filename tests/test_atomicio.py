@@ -189,3 +189,30 @@ def test_dev_stdout_on_a_pipe_is_written_through():
     code = "from pathlib import Path; from gptcli.atomicio import write_atomic; write_atomic(Path('/dev/stdout'), 'hi')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "hi", done.stderr
+
+
+def test_an_exclusive_write_never_replaces_a_file_however_late_it_came(tmp_path, monkeypatch):
+    """QA: `chats export -o F` (and `config init F`) checked that F was not there, then replaced whatever was:
+    two exports at once both said "wrote F", one replacing the other. An exclusive write claims the name itself."""
+    import gptcli.atomicio as atomicio
+
+    path = tmp_path / "exp.md"
+    write_atomic(path, "first", exclusive=True)
+    assert path.read_text() == "first"
+    with pytest.raises(FileExistsError) as raised:
+        write_atomic(path, "second", exclusive=True)
+    assert raised.value.filename == str(path) and path.read_text() == "first"
+    late = tmp_path / "late.md"
+    real = atomicio.tempfile.mkstemp
+
+    def another_writer_first(*args, **kwargs):  # the other process's file appears while this one writes its own
+        late.write_text("theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atomicio.tempfile, "mkstemp", another_writer_first)
+    with pytest.raises(FileExistsError):
+        write_atomic(late, "mine", exclusive=True)
+    assert late.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.md", "late.md"]  # no temporary file left
+    write_atomic(late, "mine")  # not exclusive: replaced, as before
+    assert late.read_text() == "mine"

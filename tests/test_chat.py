@@ -598,3 +598,26 @@ def test_two_chats_saving_one_conversation_at_the_same_moment_lose_neither_turn(
     saved = {c.id: [m["content"] for m in c.messages] for c in ConversationStore().list()}
     assert saved[conv.id] == ["base", "mine"]
     assert other.id != conv.id and saved[other.id] == ["base", "theirs"]  # saved on under a new id
+
+
+def test_chats_export_does_not_replace_a_file_another_export_made_meanwhile(tiny_models, tok, isolated_home, tmp_path):
+    """QA: two `chats export -o F` at once both passed the "already exists" check and both wrote F (exit 0)."""
+    from gptcli.chat import ConversationStore
+    from gptcli.cli.app import run
+
+    env = scripted_env(say(tok, "An answer."))
+    run_cli("chat", "-m", str(tiny_models["llama"]), "-b", "scripted", input="Question?\n", env=env)
+    conv_id = json.loads(run_cli("chats", "list", "--json").stdout)[0]["id"]
+    out = tmp_path / "exp.md"
+    real = ConversationStore.load
+
+    def load_while_another_export_writes(self, ref):
+        out.write_text("the other export")
+        return real(self, ref)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(ConversationStore, "load", load_while_another_export_writes)
+        assert run(["chats", "export", conv_id, "--format", "md", "-o", str(out)]) == 6
+    assert out.read_text() == "the other export"
+    assert run(["chats", "export", conv_id, "--format", "md", "-o", str(out), "--force"]) == 0
+    assert "An answer." in out.read_text()

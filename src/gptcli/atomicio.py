@@ -23,7 +23,9 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep_old: bool = False) -> None:
+def write_atomic(
+    path: Path, data: bytes | str, *, mode: int | None = None, keep_old: bool = False, exclusive: bool = False
+) -> None:
     """Temp file in the same folder + fsync + os.replace. mode defaults to the old file's, else what open() would
     give; a file open() could not write (made read-only) is refused as open() refuses it, never replaced.
 
@@ -31,6 +33,8 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep
     is written through, never replaced. An OSError names `path`, so the one-line error can say which file.
     With `keep_old`, the new file is the old one's bytes (copied in pieces, never read whole), a newline if
     its last line lacked one, then `data`: an append that a crash or a full disk cannot leave half done.
+    `exclusive`: a FileExistsError naming `path` when a file is there, however late it came (a check before the
+    call could not see another process's file made meanwhile, which was then replaced).
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -41,14 +45,14 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None, keep
             with path.open("wb") as handle:
                 handle.write(payload)
             return
-        _replace(Path(os.path.realpath(path)), payload, mode, keep_old=keep_old)
+        _replace(Path(os.path.realpath(path)), payload, mode, keep_old=keep_old, exclusive=exclusive)
     except OSError as exc:
         if exc.filename or exc.errno is None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None
 
 
-def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = False) -> None:
+def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = False, exclusive: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file where one of the path's folders should be
@@ -67,9 +71,13 @@ def _replace(path: Path, payload: bytes, mode: int | None, *, keep_old: bool = F
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        if exclusive:  # claim the name first (O_EXCL: one process gets it), then put the file in its place
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             os.replace(tmp, path)
         except OSError as exc:
+            if exclusive:
+                path.unlink(missing_ok=True)  # the name this call claimed
             raise type(exc)(exc.errno, exc.strerror) from None  # named by the temporary file: write_atomic names path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

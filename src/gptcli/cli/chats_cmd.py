@@ -87,15 +87,20 @@ def export(
 
     if fmt not in {"md", "json"}:
         raise UsageError(f"--format must be md or json, got {fmt!r}")
-    if output is not None and output.is_file() and output.stat().st_size and not force:
-        raise InputError(f"{output} already exists", hint="add --force to replace it, or choose another -o")
+    exists = InputError(f"{output} already exists", hint="add --force to replace it, or choose another -o")
+    replace = force or (output is not None and output.is_file() and not output.stat().st_size)  # new or empty
+    if output is not None and output.is_file() and not replace:
+        raise exists
     conv = ConversationStore().load(conversation_id)
     # JSON as the store writes it (compact when long), so that /load takes back what the store holds
     text = to_markdown(conv) if fmt == "md" else conversation_json(conv).decode("utf-8")
     if output is None:
         sys.stdout.write(text)
     else:
-        write_atomic(output, text, mode=0o600)
+        try:  # exclusive: another export's file made since the check above is not replaced either
+            write_atomic(output, text, mode=0o600, exclusive=not replace)
+        except FileExistsError:
+            raise exists from None
         render.note(f"wrote {output}")
 
 

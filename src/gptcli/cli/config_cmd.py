@@ -107,9 +107,13 @@ def init(
     path = target if target is not None else user_config_file()
     if path.is_dir():
         raise InputError(f"{path} is a folder", hint="give a file name, e.g. config.yaml")
+    exists = InputError(f"{path} already exists", hint="add --force to replace it")
     if path.exists() and not force:
-        raise InputError(f"{path} already exists", hint="add --force to replace it")
-    write_atomic(path, commented_config())
+        raise exists
+    try:  # exclusive: a file another process made since the check above is not replaced either
+        write_atomic(path, commented_config(), exclusive=not force)
+    except FileExistsError:
+        raise exists from None
     c.note(f"wrote {path}")
 
 
