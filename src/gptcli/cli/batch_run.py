@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,19 +18,15 @@ from gptcli.cli import render
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError, UsageError
 
 
-def run_batch_file(
-    settings: Any,
-    batch: Path,
-    *,
-    output: Path | None,
-    resume: bool,
-    parallel: int | None,
-    kv_budget: str | None,
-    remote: Any = None,
-) -> None:
-    """Load the model once (or use the server's: `remote`), run every line, write results in input order."""
-    with _results_lock(output):
-        _run(settings, batch, output=output, resume=resume, parallel=parallel, kv_budget=kv_budget, remote=remote)
+def _holding_results_lock(run: Callable[..., None]) -> Callable[..., None]:
+    """`run` with the lock of its `output` held (see _results_lock)."""
+
+    @functools.wraps(run)
+    def locked(*args: Any, output: Path | None, **kwargs: Any) -> None:
+        with _results_lock(output):
+            run(*args, output=output, **kwargs)
+
+    return locked
 
 
 @contextlib.contextmanager
@@ -55,7 +52,8 @@ def _results_lock(output: Path | None) -> Iterator[None]:
         yield
 
 
-def _run(
+@_holding_results_lock
+def run_batch_file(
     settings: Any,
     batch: Path,
     *,
@@ -65,6 +63,7 @@ def _run(
     kv_budget: str | None,
     remote: Any = None,
 ) -> None:
+    """Load the model once (or use the server's: `remote`), run every line, write results in input order."""
     from gptcli.batchfile import run_batch
     from gptcli.jsonl import (
         ResultWriter,
