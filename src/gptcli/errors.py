@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from typing import Any
 
 EXIT_OK = 0
@@ -158,12 +159,25 @@ def silence_terminal() -> None:
     try:
         for fd in (1, 2):
             try:
-                if os.isatty(fd):
+                if _is_terminal(fd):
                     os.dup2(devnull, fd)
             except OSError:
                 pass
     finally:
         os.close(devnull)
+
+
+def _is_terminal(fd: int) -> bool:
+    """Whether `fd` is a terminal, also one that hung up: isatty asks the terminal itself (tcgetattr), which fails
+    once it is gone, so Linux's terminal devices are also known by their numbers (ttys 4, /dev/tty 5, ptys 136-143)."""
+    try:
+        if os.isatty(fd):
+            return True
+        info = os.fstat(fd)
+    except OSError:
+        return False
+    major = os.major(info.st_rdev)
+    return stat.S_ISCHR(info.st_mode) and (major in (4, 5) or 136 <= major <= 143)
 
 
 def _do_nothing(signum: int, frame: Any) -> None:
