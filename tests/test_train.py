@@ -498,7 +498,10 @@ def test_nan_loss_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, 
     monkeypatch.setattr(loop, "optimisation_step", nan_at_the_second_step)
     capsys.readouterr()
     argv = ["train", "--resume", str(out), "--max-iters", "20", "--set", "checkpoint.interval=1"]
-    assert "the training loss became nan at step 12; the last good checkpoint is kept" in fails(argv, capsys, 1)
+    err = fails(argv, capsys, 1)
+    assert "the training loss became nan at step 12; the checkpoints before it are kept" in err
+    # the hint said "lower --lr ..., then --resume", which a resume refuses (it keeps the run's optim settings)
+    assert "start again with a lower --lr, or --set optim.grad_clip=1.0 (a --resume keeps" in err
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-0000010", "step-0000011"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000011"]
     run_info = json.loads((out / "run.json").read_text())
@@ -718,3 +721,29 @@ def test_ctrl_c_while_the_model_is_built_says_nothing_was_saved(tmp_path, monkey
     err = capsys.readouterr().err
     assert code == 130, err
     assert "interrupted before the first step (the model being built): nothing was saved" in err
+
+
+def test_a_fine_tune_whose_init_was_a_relative_folder_resumes_from_anywhere(tiny_models, tmp_path, capsys, monkeypatch):
+    """QA: `--init runs/base` was recorded as typed, and looked up again on every resume: from another folder, or
+    once the init folder moved, the resume failed (exit 5, "cannot fetch 'runs/base' from the hub"). A local init
+    is now recorded whole; one not found on a resume is stood for by the checkpoint, which holds what is read."""
+    import shutil
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    shutil.copytree(tiny_models["llama"], tmp_path / "runs" / "base")
+    data = tmp_path / "chats.jsonl"
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
+    data.write_text("\n".join(json.dumps(c) for c in chats * 40) + "\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "tiny", "--data", str(data), "--set", "checkpoint.interval=2"]
+    assert run(["train", *argv, "--init", "runs/base", "--max-iters", "2", "--out", "runs/ft"]) == 0
+    assert f"init: {tmp_path / 'runs' / 'base'}" in (tmp_path / "runs" / "ft" / "train_config.yaml").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert run(["train", "--resume", str(tmp_path / "runs" / "ft"), "--max-iters", "4"]) == 0, capsys.readouterr().err
+    (tmp_path / "runs" / "base").rename(tmp_path / "moved")  # the init folder moved since
+    assert run(["train", "--resume", str(tmp_path / "runs" / "ft"), "--max-iters", "6"]) == 0, capsys.readouterr().err
+    assert "its checkpoint stands for it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "runs" / "ft" / "run.json").read_text())["step"] == 6

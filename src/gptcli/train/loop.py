@@ -281,11 +281,13 @@ class _Run:
         self.step_seconds += seconds
         if not math.isfinite(loss):
             saved = ckpt.list_checkpoints(self.out)
+            # The checkpoints are kept (a finite loss, however large), but a resume keeps the run's optim settings
+            # (resume.MAY_CHANGE): the fix is a new run. QA: the hint said "--resume", which refused --lr.
             raise DivergedError(
                 f"the training loss became {loss} at step {step}; "
-                + ("the last good checkpoint is kept" if saved else "no checkpoint was saved yet"),
-                hint="lower --lr or set optim.grad_clip, then "
-                + ("--resume (or start again)" if saved else "start again"),
+                + ("the checkpoints before it are kept" if saved else "no checkpoint was saved yet"),
+                hint="start again with a lower --lr, or --set optim.grad_clip=1.0"
+                + (" (a --resume keeps this run's optimizer settings)" if saved else ""),
             )
         mfu = round(self.flops_per_step / seconds / (self.peak * self.dist.world), 4) if self.peak else None
         event = Step(step, loss, lr, round(seconds * 1000, 3), round(self.tokens_per_step / seconds), mfu)

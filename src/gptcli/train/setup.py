@@ -190,6 +190,8 @@ def resolve_run(
         if data_path is None:
             raise ConfigError("no training data", hint="pass --data FILE_OR_FOLDER (or --resume RUN)")
         cfg = load_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
+        if cfg.init and Path(cfg.init).exists():  # a folder or file: recorded whole, so a resume finds it from anywhere
+            cfg = load_config(base={**cfg.to_dict(), "init": str(Path(cfg.init).resolve())})
         out = out or default_out(data_path)
         check_utf8_path(out, "the tokenizers library takes", hint="give --out a folder whose name is UTF-8")
         check_unlocked(out)
@@ -202,7 +204,15 @@ def resolve_run(
         from gptcli.models import resolve_model
         from gptcli.tokenizer import Tokenizer
 
-        init_folder = resolve_model(cfg.init, notify=notify, progress=progress).path
+        try:
+            init_folder = resolve_model(cfg.init, notify=notify, progress=progress).path
+        except ModelError:
+            if resume_from is None or not (resume_from / "tokenizer.json").is_file():
+                raise
+            # The --init as typed is not found from here (a relative path from another folder, or moved since): the
+            # checkpoint to resume holds what a resume reads of it (its tokenizer, chat template and shape).
+            notify(f"note: this run's --init {cfg.init} is not found from here; its checkpoint stands for it")
+            init_folder = resume_from
         if cfg.data.tokenizer != "init":
             cfg = load_config(base={**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "tokenizer": "init"}})
         tok = Tokenizer(init_folder)
