@@ -519,6 +519,29 @@ def test_sigterm_keeps_what_was_made_as_ctrl_c_does_and_exits_143(tiny_models, t
         assert json.loads(out)["finish_reason"] == "interrupted"
 
 
+def test_a_command_started_with_nohup_outlives_the_terminal_as_asked(tiny_models, tok):
+    """SIGHUP stops a command as SIGTERM does, but one started with it ignored (`nohup gptcli ... &`: to go on
+    after logout) keeps it ignored, as nohup asks."""
+    import time
+
+    text = "the leaves fall and the wind carries them over the hill " * 4
+    env = {**os.environ, **scripted(tok, text), "GPTCLI_TEST_DELAY": "0.05"}
+    args = ["generate", "-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "200", "hi", "--json"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does before it runs gptcli
+    )
+    time.sleep(4)  # loaded, and some tokens in (as in the test above, whose SIGTERM cuts the text short)
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["text"] == text and json.loads(out)["finish_reason"] == "stop"
+
+
 def test_options_and_environment_that_were_ignored_or_crashed(tmp_path):
     result = run_cli("generate", "hi", "--kv-budget", "lots")
     assert first_error(result) == "error: --output, --resume and --kv-budget go with --batch"

@@ -131,9 +131,15 @@ class Terminated(KeyboardInterrupt):
     seen = False  # one arrived in this process (also where it was passed on as Ctrl-C: bench's worker)
 
 
+def _hangup() -> int | None:
+    """SIGHUP, unless this process started with it ignored (`nohup`, asked to outlive the terminal: kept so)."""
+    sig = getattr(signal, "SIGHUP", None)
+    return None if sig is None or signal.getsignal(sig) == signal.SIG_IGN else sig
+
+
 # What stops a command as Ctrl-C does: SIGTERM (`kill`, a timeout, a service manager) and SIGHUP (the terminal
 # closed, an ssh session dropped), which would otherwise kill it as kill -9 does, losing what it made.
-TERMINATING_SIGNALS = tuple(sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None)
+TERMINATING_SIGNALS = tuple(sig for sig in (signal.SIGTERM, _hangup()) if sig is not None)
 STOP_SIGNALS = (signal.SIGINT, *TERMINATING_SIGNALS)
 
 

@@ -14,7 +14,8 @@ class StopSignals:
 
     SIGHUP (the terminal closed, an ssh session dropped) used to kill the run as kill -9 does, losing up to
     a checkpoint interval: it now stops it as SIGTERM does (exit 143), with the output that went to the
-    closed terminal sent to /dev/null, since writing there fails and would end the run before it saves.
+    closed terminal sent to /dev/null, since writing there fails and would end the run before it saves. Under
+    `nohup` (SIGHUP ignored from the start) SIGHUP stays ignored: the run goes on, as asked.
     """
 
     def __init__(self) -> None:
