@@ -343,3 +343,23 @@ def test_readme_points_only_inside_the_checkout():
     for target in re.findall(r"\]\(([^)#\s]+)\)", readme):
         if not re.match(r"[a-z]+:", target):
             assert (REPO / target).exists(), target
+
+
+def test_train_whose_output_reader_went_away_keeps_its_steps_with_a_checkpoint(tmp_path):
+    """QA: `gptcli train ... 2>&1 | head -n 4` ended at head's exit with exit 0 and no word, the steps since the
+    last checkpoint lost (run.json at step 700 after 750 steps). The run now goes on quietly to the step's end,
+    saves a checkpoint there and exits 0, as a closed pipe does everywhere."""
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(CORPUS_TEXT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptcli", "train", "--preset", "tiny", "--data", str(corpus), "--out", str(out),
+         "--max-iters", "100000", "--set", "eval.interval=5", "--set", "checkpoint.interval=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(4)]  # `| head -n 4`
+    assert any(line.startswith(b"step 5:") for line in lines), lines
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["step"] >= 5 and info["latest"] == f"step-{info['step']:07d}"  # saved where it stopped

@@ -161,16 +161,49 @@ def ignore_stops(*, for_good: bool = False) -> None:
 def silence_terminal() -> None:
     """Point stdout and stderr, where they are a terminal, at /dev/null: after SIGHUP the terminal is gone, and a
     write there fails (EIO) and would end a command before it keeps what it made."""
+    _to_devnull(_is_terminal)
+
+
+def silence_closed_pipes() -> None:
+    """Point stdout and stderr, where they are a pipe whose reader went away (`| head`), at /dev/null."""
+    _to_devnull(_reader_gone)
+
+
+def _to_devnull(which: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
             try:
-                if _is_terminal(fd):
+                if which(fd):
                     os.dup2(devnull, fd)
             except OSError:
                 pass
     finally:
         os.close(devnull)
+
+
+def stdout_reader_went_away() -> bool:
+    """After a SystemExit(1): whether it is how Typer or Rich answered a closed stdout pipe (Typer after wrapping
+    stdout in a PacifyFlushWrapper, Rich after pointing stdout at /dev/null)."""
+    import sys
+
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):
+        return False
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe (or socket) nobody reads any more: poll says POLLERR for its write end."""
+    import select
+
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _is_terminal(fd: int) -> bool:

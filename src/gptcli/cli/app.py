@@ -44,6 +44,7 @@ from gptcli.errors import (
     escaped_byte,
     ignore_stops,
     silence_terminal,
+    stdout_reader_went_away,
 )
 from gptcli.paths import environment_error
 
@@ -193,7 +194,7 @@ def _run(argv: list[str] | None) -> int:
         _discard_stdout()  # the reader went away (`| head`): stop quietly, exit 0
         return EXIT_OK
     except SystemExit as exc:
-        if exc.code != 1 or not _reader_went_away():
+        if exc.code != 1 or not stdout_reader_went_away():
             raise
         _discard_stdout()
         return EXIT_OK
@@ -266,17 +267,6 @@ def _unencodable(exc: UnicodeEncodeError) -> GptcliError:
 
 def _internal(exc: BaseException) -> GptcliError:
     return GptcliError(f"internal error: {type(exc).__name__}: {exc}", hint="set GPTCLI_DEBUG=1 for the traceback")
-
-
-def _reader_went_away() -> bool:
-    """Typer and Rich answer a closed stdout pipe with SystemExit(1): Typer after wrapping stdout in a
-    PacifyFlushWrapper, Rich after pointing stdout at /dev/null."""
-    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
-        return True
-    try:
-        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
-    except (OSError, ValueError):
-        return False
 
 
 def _discard_stdout() -> None:

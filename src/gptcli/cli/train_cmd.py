@@ -137,7 +137,8 @@ def train(
     )
     if finished.interrupted:
         c.stderr_console().print(f"resume with: gptcli train --resume {setup.out}", markup=False, style="dim")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        if not renderer.output_closed:  # a closed pipe stops quietly, exit 0, as every command's does
+            raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _say_interrupted_before_training(stage: str | None) -> None:

@@ -37,6 +37,7 @@ class TrainRenderer:
         self.last_step: Any = None  # the latest Step event
         self.data_progress: Any = None  # the data steps' bars (a StageProgress), while the data is prepared
         self.console = c.stderr_console()
+        self.output_closed = False  # the reader of stdout or stderr went away (the run then stops, as asked)
 
     def __enter__(self) -> TrainRenderer:
         return self
@@ -46,6 +47,25 @@ class TrainRenderer:
             self.progress.stop()
 
     def show(self, event: Any) -> None:
+        """Show `event`; when the output's reader went away (`2>&1 | head`), go on quietly and stop the run at the
+        step's end with a checkpoint (a BrokenPipeError ended it at once, exit 0, the steps since the last
+        checkpoint lost)."""
+        from gptcli.errors import silence_closed_pipes, stdout_reader_went_away
+
+        try:
+            self._show(event)
+        except (BrokenPipeError, SystemExit) as exc:  # Rich says a closed pipe with SystemExit(1)
+            if isinstance(exc, SystemExit) and not (exc.code == 1 and stdout_reader_went_away()):
+                raise
+            import signal
+
+            from gptcli.train.signals import request_stop
+
+            self.output_closed = True
+            silence_closed_pipes()
+            request_stop(signal.SIGPIPE)
+
+    def _show(self, event: Any) -> None:
         from gptcli.train import events as ev
 
         if not self.enabled:

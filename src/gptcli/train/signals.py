@@ -18,6 +18,8 @@ class StopSignals:
     `nohup` (SIGHUP ignored from the start) SIGHUP stays ignored: the run goes on, as asked.
     """
 
+    active: StopSignals | None = None  # the run's, while it trains (request_stop reaches it)
+
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
@@ -32,11 +34,21 @@ class StopSignals:
         self.received = signum
 
     def __enter__(self) -> StopSignals:
+        StopSignals.active = self
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        StopSignals.active = None
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def request_stop(reason: int) -> None:
+    """Stop the training run at its next step boundary, saving a checkpoint first, as a signal would (`reason`:
+    the signal it stands for; the output's reader went away: SIGPIPE). Nothing when no run trains."""
+    active = StopSignals.active
+    if active is not None and active.received is None:
+        active.received = reason
