@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import sys
+from collections.abc import Callable
 from typing import Any
 
 EXIT_OK = 0
@@ -158,6 +160,12 @@ def ignore_stops(*, for_good: bool = False) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def after_hangup(signum: int) -> None:
+    """A stop handler's first step: after SIGHUP the terminal is gone, so what went to it goes to /dev/null."""
+    if signum == getattr(signal, "SIGHUP", None):
+        silence_terminal()
+
+
 def silence_terminal() -> None:
     """Point stdout and stderr, where they are a terminal, at /dev/null: after SIGHUP the terminal is gone, and a
     write there fails (EIO) and would end a command before it keeps what it made."""
@@ -169,7 +177,7 @@ def silence_closed_pipes() -> None:
     _to_devnull(_reader_gone)
 
 
-def _to_devnull(which: Any) -> None:
+def _to_devnull(which: Callable[[int], bool]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
@@ -185,8 +193,6 @@ def _to_devnull(which: Any) -> None:
 def stdout_reader_went_away() -> bool:
     """After a SystemExit(1): whether it is how Typer or Rich answered a closed stdout pipe (Typer after wrapping
     stdout in a PacifyFlushWrapper, Rich after pointing stdout at /dev/null)."""
-    import sys
-
     if type(sys.stdout).__name__ == "PacifyFlushWrapper":
         return True
     try:
@@ -199,7 +205,8 @@ def _reader_gone(fd: int) -> bool:
     """Whether `fd` is a pipe (or socket) nobody reads any more: poll says POLLERR for its write end."""
     import select
 
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISFIFO(mode) and not stat.S_ISSOCK(mode):
         return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)

@@ -106,7 +106,6 @@ def owner_lock(path: Path, busy: Callable[[str], GptcliError]) -> Iterator[None]
 def short_lock(folder: Path, *, wait_s: float = SHORT_WAIT_S) -> Iterator[None]:
     """An exclusive hold of `folder` (an flock on the folder itself: no file of its own in it), waited for up to
     `wait_s` seconds; past that a GptcliError, since another process's hold is meant to last a moment."""
-    path = folder
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -121,7 +120,7 @@ def short_lock(folder: Path, *, wait_s: float = SHORT_WAIT_S) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise GptcliError(
-                        f"{path} is held by another gptcli process for more than {wait_s:g} s",
+                        f"{folder} is held by another gptcli process for more than {wait_s:g} s",
                         hint="see whether one is stuck (`ps`), then run the command again",
                     ) from None
                 time.sleep(0.01)

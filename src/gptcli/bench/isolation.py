@@ -22,7 +22,7 @@ from gptcli.errors import (
     ModelError,
     Terminated,
     UsageError,
-    silence_terminal,
+    after_hangup,
 )
 
 
@@ -55,10 +55,9 @@ def run_isolated(job: Job) -> dict[str, Any]:
 
     def on_interrupt(signum: int, _frame: Any) -> None:
         interrupts.append(signum)
+        after_hangup(signum)
         if signum != signal.SIGINT:
             Terminated.seen = True  # gptcli exits 143
-            if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone
-                silence_terminal()
         if len(interrupts) == 1:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)

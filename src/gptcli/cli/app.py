@@ -41,9 +41,9 @@ from gptcli.errors import (
     GptcliError,
     Terminated,
     UsageError,
+    after_hangup,
     escaped_byte,
     ignore_stops,
-    silence_terminal,
     stdout_reader_went_away,
 )
 from gptcli.paths import environment_error
@@ -145,8 +145,7 @@ def debug_enabled() -> bool:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM or SIGHUP: an interrupt that keeps what was made, then exit 143 (run)."""
-    if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone, and writing to it would fail
-        silence_terminal()
+    after_hangup(signum)
     if Terminated.seen:  # a second kill: the first is being handled (what was made is being kept): not cut again
         return
     Terminated.seen = True

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import typer
 
 from gptcli.cli import render
-from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, Terminated, silence_terminal
+from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, Terminated, after_hangup
 
 
 class SecondInterrupt(BaseException):
@@ -64,8 +64,7 @@ def prompt_ending_on_sigterm(session: Any, message: str) -> str:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         nonlocal arrived
-        if signum != signal.SIGTERM:  # SIGHUP: the terminal is gone (prompt_toolkit's last writes would fail)
-            silence_terminal()
+        after_hangup(signum)  # (prompt_toolkit's last writes to a gone terminal would fail)
         arrived = Terminated.seen = True
         loop = app.loop
         if loop is not None:

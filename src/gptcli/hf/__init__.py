@@ -24,18 +24,17 @@ from gptcli.hf.files import (
     CONTEXT_KEYS,
     DEFAULT_CONTEXT,
     DTYPE_SIZES,
-    SOURCE_FILE,
     TensorHeader,
     context_length,
     file_tensors,
     has_source,
     header_tensors,
     read_config,
-    read_source,
     safetensors_header,
     weight_files,
     write_source,
 )
+from gptcli.paths import SOURCE_FILE, read_source
 
 __all__ = [
     "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",

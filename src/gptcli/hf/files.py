@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ModelError
-from gptcli.paths import SOURCE_FILE, read_source  # noqa: F401  (read_source: hf names it too)
+from gptcli.paths import SOURCE_FILE
 from gptcli.textio import MiB, read_json_file
 
 CONFIG_FILE = "config.json"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, InputError, UsageError, silence_terminal
+from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, InputError, UsageError, after_hangup
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -189,7 +189,7 @@ def run_server(server: Any, sock: socket.socket) -> None:
     def on_sighup(signum: int, frame: Any) -> None:
         # The terminal closed (uvicorn does not take SIGHUP, which would kill the process as kill -9 does): the
         # same graceful stop as SIGTERM, with the terminal's output sent to /dev/null, where writing cannot fail.
-        silence_terminal()
+        after_hangup(signum)
         if not server.started:
             raise SystemExit(0)
         server.handle_exit(signal.SIGTERM, frame)

@@ -6,7 +6,7 @@ import signal
 import threading
 from typing import Any
 
-from gptcli.errors import STOP_SIGNALS, Terminated, silence_terminal
+from gptcli.errors import STOP_SIGNALS, Terminated, after_hangup
 
 
 class StopSignals:
@@ -25,8 +25,7 @@ class StopSignals:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
-            silence_terminal()
+        after_hangup(signum)
         if signum != signal.SIGINT:
             Terminated.seen = True  # the run still ends as on Ctrl-C, then gptcli exits 143
         if self.received is not None:
