@@ -747,3 +747,23 @@ def test_a_fine_tune_whose_init_was_a_relative_folder_resumes_from_anywhere(tiny
     assert run(["train", "--resume", str(tmp_path / "runs" / "ft"), "--max-iters", "6"]) == 0, capsys.readouterr().err
     assert "its checkpoint stands for it" in capsys.readouterr().err
     assert json.loads((tmp_path / "runs" / "ft" / "run.json").read_text())["step"] == 6
+
+
+def test_an_init_runs_config_shows_the_init_models_shape_and_the_block_it_trains_at(
+    tiny_models, corpus, tmp_path, capsys
+):
+    """QA: `--dry-run` and `runs show` printed the preset's model section for an --init run (1 layer, 32 wide under
+    `tiny`) where the model is the init's, and a block_size past the init's context was capped without a word."""
+    out = tmp_path / "ft"
+    argv = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--init", str(tiny_models["llama"])]
+    assert run([*argv, "--set", "model.block_size=4096", "--dry-run", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"note: model.block_size 4096 is past {tiny_models['llama']}'s context: training at 128" in captured.err
+    model = json.loads(captured.out)["config"]["model"]
+    assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"]) == (2, 4, 64, 128)
+    assert run([*argv, "--set", "model.block_size=32", "--max-iters", "1"]) == 0
+    capsys.readouterr()
+    assert run(["runs", "show", str(out), "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["model"]["n_layer"], config["model"]["n_embd"], config["model"]["block_size"]) == (2, 64, 32)
+    assert config["data"]["vocab_size"] == json.loads((tiny_models["llama"] / "config.json").read_text())["vocab_size"]

@@ -125,11 +125,14 @@ def show(
 
     from gptcli.textio import read_yaml
     from gptcli.train import checkpoint as ckpt
+    from gptcli.train.checkpoint import config_as_trained
 
     if not run.exists() and not run.is_absolute() and (RUNS_DIR / run).is_dir():
         run = RUNS_DIR / run
     summary = _summary(run)
-    summary["config"] = read_yaml(run / ckpt.CONFIG_FILE)
+    config = read_yaml(run / ckpt.CONFIG_FILE)
+    # the run folder holds its latest weights: an --init run's model is read from there
+    summary["config"] = config_as_trained(config, run) if isinstance(config, dict) else config
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return

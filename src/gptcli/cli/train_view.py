@@ -15,13 +15,15 @@ def print_dry_run(setup: Any, *, as_json: bool) -> None:
     JSON object with --json (it printed YAML then)."""
     import yaml
 
+    from gptcli.train.checkpoint import config_as_trained
     from gptcli.train.setup import describe
 
     info = {**describe(setup).as_dict(), "memory_estimate_bytes": setup.memory_bytes}
+    config = config_as_trained(setup.cfg.to_dict(), setup.init_folder)
     if as_json:
-        sys.stdout.write(json.dumps({"config": setup.cfg.to_dict(), **info}, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps({"config": config, **info}, allow_nan=False) + "\n")
         return
-    sys.stdout.write(yaml.safe_dump({"config": setup.cfg.to_dict()}, sort_keys=False))
+    sys.stdout.write(yaml.safe_dump({"config": config}, sort_keys=False))
     for key, value in info.items():
         shown = f"{value:,}" if isinstance(value, int) else (f"{value:.3e}" if isinstance(value, float) else value)
         sys.stdout.write(f"{key}: {shown}\n")

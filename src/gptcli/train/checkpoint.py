@@ -238,6 +238,26 @@ def recorded_config(checkpoint: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def config_as_trained(config: dict[str, Any], model: Path | None) -> dict[str, Any]:
+    """A run's config as the model it trains: for an --init run, the model section's shape and data.vocab_size are
+    those of `model` (the init model's folder, or the run's own: the same shape), where the config keeps its preset's
+    numbers, which an --init run does not use; block_size is what it trains at (capped at the model's context)."""
+    if not config.get("init") or model is None:
+        return config
+    from gptcli.errors import ModelError
+    from gptcli.hf import context_length, read_architecture, read_config
+
+    try:
+        arch, context = read_architecture(model), context_length(read_config(model))
+    except (ModelError, OSError):
+        return config  # the run's files are gone or damaged: the config as written
+    section = dict(config.get("model") or {})
+    block = section.get("block_size")
+    trained_block = min(block, context) if isinstance(block, int) else context
+    section.update(n_layer=arch.layers, n_head=arch.heads, n_embd=arch.hidden, block_size=trained_block)
+    return {**config, "model": section, "data": {**(config.get("data") or {}), "vocab_size": arch.vocab}}
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """training_state.pt, read with weights_only=True and checked for what a resume needs (else RunError)."""
     import torch

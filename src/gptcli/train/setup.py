@@ -227,6 +227,8 @@ def resolve_run(
         from gptcli.hf import context_length, read_config
 
         block = min(block, context_length(read_config(init_folder)))
+        if block < cfg.model.block_size:
+            notify(f"note: model.block_size {cfg.model.block_size} is past {cfg.init}'s context: training at {block}")
         try:
             shape = folder_shape(init_folder)
         except ModelError:
