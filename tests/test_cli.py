@@ -460,6 +460,16 @@ def test_models_info_and_list_on_local_folder(tiny_models):
     assert listing[0]["name"] == "smollm2-135m-instruct"
 
 
+def test_models_info_on_a_checkpoint_counts_the_model_not_its_optimizer_state(tiny_models, tmp_path):
+    """QA: a training checkpoint's size counted its training_state.pt (1.6 GB for a 540 MB model)."""
+    folder = tmp_path / "step-0000010"
+    shutil.copytree(tiny_models["llama"], folder)
+    model_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    (folder / "training_state.pt").write_bytes(b"\0" * 3 * model_bytes)
+    info = json.loads(run_cli("models", "info", str(folder), "--json").stdout)
+    assert info["size_bytes"] == model_bytes
+
+
 def test_models_info_shows_a_folder_name_as_text_not_as_control_sequences(tiny_models, tmp_path):
     # The path (a folder's name) and the card's words were printed raw: ESC in a name reached the terminal.
     folder = tmp_path / "m\x1b]0;pwned\x07"

@@ -20,6 +20,7 @@ from gptcli.config import DEFAULT_MODEL
 from gptcli.errors import ModelError
 from gptcli.gguf_convert import Notify, Progress, convert_gguf
 from gptcli.hf import (
+    TRAINING_STATE_FILE,
     has_source,
     header_tensors,
     read_architecture,
@@ -293,7 +294,8 @@ def describe(model: LocalModel) -> dict[str, Any]:
     for tensor in header_tensors(model.path):
         params += tensor.count
         dtypes.add(tensor.dtype)
-    size = sum(p.stat().st_size for p in model.path.iterdir() if p.is_file())
+    # a checkpoint's optimizer state is not the model (twice its weights' size, or more)
+    size = sum(p.stat().st_size for p in model.path.iterdir() if p.is_file() and p.name != TRAINING_STATE_FILE)
     return {
         "name": model.name,
         "architecture": arch.architecture,

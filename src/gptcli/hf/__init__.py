@@ -24,6 +24,7 @@ from gptcli.hf.files import (
     CONTEXT_KEYS,
     DEFAULT_CONTEXT,
     DTYPE_SIZES,
+    TRAINING_STATE_FILE,
     TensorHeader,
     context_length,
     file_tensors,
@@ -38,7 +39,7 @@ from gptcli.paths import SOURCE_FILE, read_source
 
 __all__ = [
     "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",
-    "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "Architecture", "TensorHeader", "context_length",
-    "file_tensors", "has_source", "header_tensors", "read_architecture", "read_config", "read_source",
+    "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "TRAINING_STATE_FILE", "Architecture", "TensorHeader",
+    "context_length", "file_tensors", "has_source", "header_tensors", "read_architecture", "read_config", "read_source",
     "safetensors_header", "validate_model_dir", "weight_files", "write_source",
 ]  # fmt: skip

@@ -16,6 +16,8 @@ from gptcli.paths import SOURCE_FILE
 from gptcli.textio import MiB, read_json_file
 
 CONFIG_FILE = "config.json"
+# A training checkpoint is a model folder with its optimizer state beside the weights (not part of the model).
+TRAINING_STATE_FILE = "training_state.pt"
 DEFAULT_CONTEXT = 2048
 # Bytes per element of the safetensors dtypes, to check that a header's shapes match its byte ranges.
 DTYPE_SIZES = {

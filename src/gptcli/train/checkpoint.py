@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli import atomicio
+from gptcli.hf import TRAINING_STATE_FILE
 from gptcli.jsonl import parse_line
 from gptcli.train.errors import DiskFullError, RunError
 
@@ -35,7 +36,7 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-STATE_FILE = "training_state.pt"
+STATE_FILE = TRAINING_STATE_FILE
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged-"  # a checkpoint that did not read back on --resume is kept under this prefix
 # What a resume needs from training_state.pt (scaler, best_step and config are optional: config came later).
