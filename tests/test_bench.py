@@ -486,3 +486,15 @@ def test_progress_names_the_precision_the_row_names(tiny_models, monkeypatch, re
     named = {word for line in lines for word in line.replace(":", " ").split() if word in {"fp32", "bf16", "fp16"}}
     assert named == {runs_at}, lines
     assert "loaded torch cpu " + runs_at in lines and "torch cpu " + runs_at + ": pp8" in lines
+
+
+def test_train_mode_counts_a_char_model_with_its_unknown_token():
+    """QA: `bench --mode train` built a 65-token char model where a shakespeare-char run has 66 (its <unk>)."""
+    from gptcli.bench.train import CHAR_VOCAB, build_model
+    from gptcli.train.config import load_config
+    from gptcli.train.vocab import char_tokenizer
+
+    shakespeare_chars = "\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
+    assert char_tokenizer(shakespeare_chars).get_vocab_size() == CHAR_VOCAB
+    _, vocab = build_model(load_config(preset="shakespeare-char"), notify=lambda _: None)
+    assert vocab == CHAR_VOCAB

@@ -20,7 +20,7 @@ from gptcli.bench.stats import mean, sample_sd, spread_words
 from gptcli.config import Settings
 
 Notify = Callable[[str], None]
-CHAR_VOCAB = 65  # nanoGPT's Shakespeare character set: the vocabulary a char preset ends up with
+CHAR_VOCAB = 65 + 1  # nanoGPT's Shakespeare characters and the <unk> every char tokenizer adds (train/vocab.py)
 
 
 def train_config(preset: str | None, config_file: Path | None) -> Any:
