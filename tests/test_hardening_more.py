@@ -633,3 +633,25 @@ def test_ctrl_c_while_gptcli_is_imported_exits_130_without_a_traceback():
     )
     result = subprocess.run([sys.executable, "-c", code, "--version"], cwd=REPO, capture_output=True, timeout=60)
     assert result.returncode == 130 and b"Traceback" not in result.stderr, result.stderr.decode()
+
+
+def test_a_file_size_limit_is_no_room_named_with_its_fix_not_an_internal_error(tiny_models, tok, tmp_path):
+    """QA: `ulimit -f` (or FAT's 4 GiB) under a batch's results was "internal error: OSError: [Errno 27] File too
+    large", where a full disk names the file and how to go on (--resume)."""
+    import resource
+
+    lines = "".join(json.dumps({"id": str(i), "prompt": "hi"}) + "\n" for i in range(40))
+    (tmp_path / "in.jsonl").write_text(lines)
+    out = tmp_path / "out.jsonl"
+    args = ["-m", str(tiny_models["llama"]), "-b", "scripted", "-n", "2", "--batch", str(tmp_path / "in.jsonl")]
+    result = subprocess.run(
+        [sys.executable, "-m", "gptcli", "generate", *args, "-o", str(out)],
+        env={**os.environ, **scripted(tok, "ok")},
+        capture_output=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)),
+        timeout=120,
+    )
+    assert first_error(result) == f"error: {out}: File too large" and result.returncode == 1
+    hint = f"hint: raise the file-size limit (`ulimit -f`), then continue with --resume -o {out}"
+    assert hint in result.stderr.decode()
+    assert 0 < len(out.read_bytes()) <= 1024

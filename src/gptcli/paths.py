@@ -103,8 +103,10 @@ def cache_key(*parts: str, files: Iterable[Path] = (), length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-# A failed write that the environment causes (full disk, read-only or foreign folder), not gptcli.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# No room for a write: a full disk, a quota, or a file past what its file system (FAT: 4 GiB) or `ulimit -f` allows.
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# A failed write that the environment causes (no room, a read-only or foreign folder), not gptcli.
+ENVIRONMENT_ERRNOS = NO_ROOM_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
 # A path of the wrong shape (a folder where a file goes, a file where a folder goes): the user's input.
 PATH_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP})
 # Of those, a path that names no file at all (a name over 255 bytes, a loop of links): a read fails as a write does.
@@ -141,8 +143,8 @@ def environment_error(exc: OSError) -> GptcliError | None:
                 f"{path} was removed while gptcli used it",
                 hint="another process removed it (`gptcli models rm`, `chats rm`?): run the command again",
             )
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = "free some space, or set GPTCLI_HOME to a folder on another disk"
+        if exc.errno in NO_ROOM_ERRNOS:
+            hint = f"{no_room_fix(exc.errno)}, or set GPTCLI_HOME to a folder on another disk"
         elif exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a thing of the wrong kind in the way
             cause = "it is a folder" if exc.errno == errno.EISDIR and path.is_dir() else cause
             hint = "move it out of the way, or set GPTCLI_HOME to another folder"
@@ -155,13 +157,18 @@ def environment_error(exc: OSError) -> GptcliError | None:
                 f"cannot write {path}: it is a folder", hint="give the path of a file (or move that folder away)"
             )
         return InputError(f"cannot write {path}: {cause}", hint="check the path")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free some space, or choose a path on another disk"
+    if exc.errno in NO_ROOM_ERRNOS:
+        hint = f"{no_room_fix(exc.errno)}, or choose a path on another disk"
     elif exc.errno == errno.EROFS:
         hint = "choose a path on a writable disk"
     else:
         hint = "check its permissions, or choose another path"
     return GptcliError(f"{path}: {cause}", hint=hint)
+
+
+def no_room_fix(number: int | None) -> str:
+    """What makes room for a write that found none (an errno of NO_ROOM_ERRNOS)."""
+    return "raise the file-size limit (`ulimit -f`)" if number == errno.EFBIG else "free some space"
 
 
 def _file_on_the_way(path: Path) -> Path | None:

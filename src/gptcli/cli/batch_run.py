@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import io
 import sys
@@ -16,6 +15,7 @@ import typer
 
 from gptcli.cli import render
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, InputError, UsageError
+from gptcli.paths import NO_ROOM_ERRNOS, no_room_fix
 
 
 def _holding_results_lock(run: Callable[..., None]) -> Callable[..., None]:
@@ -115,11 +115,12 @@ def run_batch_file(
                 read_ahead=may_wait(batch),
             )
         except OSError as exc:  # a full disk under the results: what was written stays, and --resume goes on from it
-            if output is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or exc.filename != str(output):
+            if output is None or exc.errno not in NO_ROOM_ERRNOS or exc.filename != str(output):
                 raise
+            kept = "the results written so far are kept"
             raise GptcliError(
                 f"{output}: {exc.strerror}",
-                hint=f"free some space, then continue with --resume -o {output}: the results written so far are kept",
+                hint=f"{no_room_fix(exc.errno)}, then continue with --resume -o {output}: {kept}",
             ) from None
     render.note(
         f"{summary.ok} done, {summary.failed} failed, {summary.skipped} skipped; "
