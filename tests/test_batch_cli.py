@@ -231,6 +231,28 @@ def test_stop_strings_are_at_most_16_everywhere_as_in_the_server(tiny_models, tm
     assert flagged.returncode == 3 and "sampling.stop must be at most 16 strings" in flagged.stderr.decode()
 
 
+def test_a_lock_whose_pid_cannot_be_written_still_holds(tmp_path, monkeypatch):
+    """QA: on a full disk the lock's pid write failed first, and a batch's --resume or a train said "a write failed:
+    No space left on device (set GPTCLI_DEBUG=1 to see where)" instead of naming its results file or run."""
+    import errno
+
+    from gptcli.locks import owner_lock
+
+    def no_room(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def busy(pid: str) -> AssertionError:
+        return AssertionError(f"held by {pid!r}")
+
+    lock = tmp_path / ".out.jsonl.gptcli-lock"
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", no_room)
+        # held, and a second holder is still refused
+        with owner_lock(lock, busy), pytest.raises(AssertionError, match="held by"), owner_lock(lock, busy):
+            pass
+    assert not lock.exists()
+
+
 def test_a_results_file_another_run_is_writing_is_refused_naming_its_pid(tiny_models, tmp_path):
     """QA: two runs on one -o started together, or a --resume while the first still ran, passed the "already
     holds results" check (nothing was written yet) and each wrote every result: every id twice in the file. The

@@ -94,8 +94,11 @@ def owner_lock(path: Path, busy: Callable[[str], GptcliError]) -> Iterator[None]
             break
         os.close(fd)  # the previous owner removed this file while we waited for it: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same (the pid only names its owner to another process)
+            pass
         yield
     finally:
         path.unlink(missing_ok=True)
