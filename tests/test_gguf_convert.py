@@ -39,6 +39,16 @@ def test_the_conversion_reports_each_step_in_order(tiny_gguf):
     assert updates == []  # converted once: the next start reads the cache
 
 
+def test_every_file_of_a_converted_model_has_the_mode_a_new_file_gets(tiny_gguf):
+    """QA: safetensors wrote the weights 0600 beside 0644 files: another user of a shared GPTCLI_HOME could not load
+    the default model ("cannot write .../model.safetensors: Permission denied")."""
+    from gptcli.atomicio import default_mode
+
+    folder = resolve_model(str(tiny_gguf)).path
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir() if path.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {default_mode()}, modes
+
+
 def test_the_conversion_parses_the_gguf_once_and_leaves_gguf_as_it_was(tiny_gguf, monkeypatch):
     """transformers parsed the file three times (tokenizer, config, weights: ~2.5 s each for the default model)."""
     import gguf

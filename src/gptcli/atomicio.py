@@ -23,6 +23,15 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
+def apply_umask(folder: Path) -> None:
+    """Give each file in `folder` the mode open() would (the umask's): safetensors and onnx write theirs 0600,
+    which a cache shared by several users, or a run handed to another, could not read."""
+    mode = default_mode()
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_atomic(
     path: Path, data: bytes | str, *, mode: int | None = None, keep_old: bool = False, exclusive: bool = False
 ) -> None:

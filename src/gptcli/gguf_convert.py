@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from gptcli.atomicio import disk_full, publish_dir, temp_dir_beside
+from gptcli.atomicio import apply_umask, disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
 from gptcli.gguf_header import check_gguf_file
 from gptcli.hf import has_source, write_source
@@ -172,6 +172,7 @@ def convert_gguf(
             for extra in extra_files:
                 shutil.copyfile(extra, tmp / extra.name)
             write_source(tmp, source)
+            apply_umask(tmp)
             publish_dir(tmp, dest, replace=not has_source(dest))
         except Exception as exc:  # safetensors says a full disk in a SafetensorError, the rest name a temporary file
             full = disk_full(exc, dest)

@@ -30,7 +30,6 @@ nbits_choice (which compute type is fastest on this CPU), cache (keys and stale 
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import time
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from gptcli import __version__
-from gptcli.atomicio import default_mode, disk_full, publish_dir, temp_dir_beside
+from gptcli.atomicio import apply_umask, disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import InputError, ModelError, UsageError
 from gptcli.export import graph
 from gptcli.export.cache import (
@@ -239,10 +238,10 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         location=MODEL_FILE + ".data",
         size_threshold=1024,
     )
-    os.chmod(out / (MODEL_FILE + ".data"), default_mode())  # onnx writes it 0600: a shared cache could not read it
     for name in MODEL_SIDE_FILES:  # the tokenizer and configs: the folder alone is a model for --backend onnx
         if (folder / name).is_file():
             shutil.copy2(folder / name, out / name)
+    apply_umask(out)  # onnx writes the weights 0600; copy2 keeps the source's mode (0600 in a converted model before)
     quantization = {
         "method": "MatMulNBits",
         "bits": 8 if precision == "int8" else 4,

@@ -151,8 +151,8 @@ def save_checkpoint(
                 (tmp / name).write_bytes(data)
             with open(tmp / STATE_FILE, "wb") as fh:  # a full disk is then an OSError, not torch's iostream error
                 torch.save(state, fh)
+            atomicio.apply_umask(tmp)  # transformers writes the weights 0600, the rest as open()
             for p in tmp.iterdir():
-                os.chmod(p, atomicio.default_mode())  # transformers writes the weights 0600, the rest as open()
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
             os.replace(tmp, final)
