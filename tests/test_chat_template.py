@@ -5,6 +5,7 @@ messages (generate, chat, summarize, batch lines, the server's routes and /token
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 import gptcli
 from gptcli.config import Settings
-from gptcli.errors import EXIT_CONFIG, EXIT_USAGE, ChatTemplateRefusal, ConfigError
+from gptcli.errors import EXIT_CONFIG, EXIT_USAGE, ChatTemplateRefusal, ConfigError, InputError
 from gptcli.prompts import build_prompt, messages_for
 from tests.conftest import CHATML, run_cli
 
@@ -100,6 +101,65 @@ def test_a_template_is_bounded_in_what_it_makes_and_how_long_it_runs(tiny_models
         build_prompt(tokenizer, ASK)
     assert time.perf_counter() - started < 30
     assert build_prompt(open_with(tiny_models["llama"], write(tmp_path, MESSAGES, "ok.jinja")).tokenizer, ASK).templated
+
+
+DOUBLING = "{% set x = namespace(s='a') %}{% for i in range(40) %}{% set x.s = x.s OP x.s %}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (DOUBLING.replace("OP", "~"), "a text of 33,554,432 characters"),
+        (DOUBLING.replace("OP", "+"), "a concatenation of 33,554,432 characters"),
+        (
+            "{% set x = namespace(s='a') %}{% for i in range(40) %}{% set y %}{{ x.s }}{{ x.s }}{% endset %}"
+            "{% set x.s = y %}{% endfor %}",
+            "a text of",
+        ),  # a {% set %} block
+        (
+            "{% macro twice(s) %}{{ s }}{{ s }}{% endmacro %}{% set x = namespace(s='a') %}"
+            "{% for i in range(40) %}{% set x.s = twice(x.s) %}{% endfor %}",
+            "a text of",
+        ),
+        ("{{ 'a'.ljust(2000000000) }}", "a ljust 2,000,000,000 wide"),
+        ("{{ 'a'.zfill(10**9) }}", "a zfill 1,000,000,000 wide"),
+        ("{{ ('\t' * 1000).expandtabs(10**6) }}", "an expandtabs of 1,000,001,000 characters"),
+        ("{{ ('a' * 10**6).replace('a', 'a' * 1000) }}", "a replace of 1,000,000,000 characters"),
+        ("{{ '{:>1000000000}'.format('a') }}", "a formatted field 1,000,000,000 wide"),
+        ("{{ '%1000000000s' % 'a' }}", "a formatted field 1,000,000,000 wide"),
+        ("{{ '%*s' % (10**9, 'a') }}", "a formatted field 1,000,000,000 wide"),
+        ("{{ '%1000000000s'|format('a') }}", "a formatted field 1,000,000,000 wide"),
+        ("{{ 'a'|center(10**9) }}", "a center 1,000,000,000 wide"),
+        ("{{ ('a\n' * 10**5)|indent(10**5) }}", "an indent of"),
+        ("{{ (['a' * 10**6] * 1000)|join }}", "a join of 1,000,000,000 characters"),
+        ("{{ ('a' * 10**6)|replace('a', 'a' * 100) }}", "a replace of 100,000,000 characters"),
+        ("{{ [1]|batch(10**9, 0)|list }}", "a batch of 1,000,000,000 items"),
+        ("{{ [1]|slice(10**9)|list }}", "a slice into parts of 1,000,000,000 items"),
+        ("{{ messages|tojson(indent=10**9) }}", "a tojson indent of 1,000,000,000"),
+    ],
+)
+def test_every_way_a_template_builds_a_value_is_bounded_before_it_is_made(tiny_models, tmp_path, text, says):
+    """QA: only `*` was bounded. A doubling loop with `~` (or `+`, a set block, a macro) took 3.8 GB at range(31)
+    and 20 GB (killed) at range(40); 'a'.ljust(2e9), '%1000000000s' % 'a' and the like 2.6-4.5 GB before the
+    render's size check saw their output."""
+    import resource
+
+    template = write(tmp_path, text + MESSAGES)
+    tokenizer = open_with(tiny_models["llama"], template).tokenizer
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=f"^{re.escape(str(template))}: the chat template stopped: .*{says}"):
+        build_prompt(tokenizer, ASK)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: under 512 MB more
+
+
+def test_bounded_templates_still_render_what_real_ones_do(tiny_models, tmp_path):
+    text = (
+        "{% set sep = ', ' %}{{ messages|map(attribute='content')|join(sep) }}|{{ 'x'.ljust(5, '.') }}|"
+        "{{ '%5s' % 'ab' }}|{{ '{:>4}'.format('c') }}|{{ 'a b'|replace(' ', '-') }}|{{ 'a' ~ 'b' ~ 1 }}|"
+        "{{ 'q'|center(5) }}|{{ messages|tojson(indent=2)|length > 0 }}|{% set b %}in{% endset %}{{ b }}"
+    )
+    tokenizer = open_with(tiny_models["llama"], write(tmp_path, text)).tokenizer
+    assert tokenizer.render_chat(ASK) == "Name a colour.|x....|   ab|   c|a-b|ab1|  q  |True|in"
 
 
 def test_a_templates_bounds_leave_a_debuggers_trace_function_in_place(tiny_models, tmp_path):

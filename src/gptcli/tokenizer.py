@@ -6,21 +6,18 @@ fast, and renders chat templates the way transformers does (sandboxed jinja2, tr
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gptcli.errors import ChatTemplateRefusal, ConfigError, GptcliError, InputError, ModelError
+from gptcli.errors import ConfigError, GptcliError, InputError, ModelError
 from gptcli.paths import read_source
+from gptcli.template_sandbox import TemplateTooCostly, render_bounded, template_environment
 from gptcli.textio import (
     CONFIG_FILE,
-    PROMPT,
     MiB,
     human_bytes,
     lone_surrogate,
@@ -90,76 +87,6 @@ def read_chat_template(path: Path) -> ChatTemplate:
             hint="fix the Jinja syntax on that line",
         ) from None
     return ChatTemplate(text, path)
-
-
-# What one render of a chat template may do: a template is code, and `{{ 'x' * 10**9 }}` or two nested
-# `range(100000)` loops would take the memory or the time of the process (a server's, for every client).
-MAX_RENDERED = PROMPT.max_bytes  # characters out: no more than a prompt may hold
-MAX_REPEATED = 1 * MiB  # characters or items one `*` may make
-MAX_TEMPLATE_LINES = 2_000_000  # lines of the template's code run (~1 s): loops bounded by count, not by a clock
-
-
-class TemplateTooCostly(Exception):
-    """A chat template's render went past one of the bounds above."""
-
-
-def template_environment(source: Path) -> Any:
-    """The sandboxed jinja2 environment chat templates render in, as transformers renders them (trim and lstrip
-    blocks, loop controls, tojson, raise_exception, strftime_now); `source` names the template in its errors.
-    A repetition (`*`) is bounded here, the whole render by render_bounded."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*"})
-
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            count, seq = (left, right) if isinstance(left, int) else (right, left)
-            if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEATED:
-                raise TemplateTooCostly(f"a repetition of {len(seq) * count:,} items, over {MAX_REPEATED:,}")
-            return super().call_binop(context, operator, left, right)
-
-    def raise_exception(message: str) -> None:
-        raise ChatTemplateRefusal(f"{source}: chat template error: {message}")
-
-    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
-
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
-def render_bounded(template: Any, **variables: Any) -> str:
-    """A compiled chat template's text; a TemplateTooCostly past MAX_RENDERED characters out or MAX_TEMPLATE_LINES
-    lines of the template run (counted by a trace function on the template's own frames, this thread only)."""
-    lines = 0
-
-    def count_lines(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal lines
-        if event == "line":
-            lines += 1
-            if lines > MAX_TEMPLATE_LINES:
-                raise TemplateTooCostly(f"it ran over {MAX_TEMPLATE_LINES:,} lines of template code")
-        return count_lines
-
-    def template_frames(frame: Any, event: str, arg: Any) -> Any:
-        return count_lines if frame.f_code.co_filename == "<template>" else None
-
-    before = sys.gettrace()  # a debugger's or coverage's, given back after
-    sys.settrace(template_frames)
-    try:
-        parts, size = [], 0
-        for part in template.generate(**variables):
-            size += len(part)
-            if size > MAX_RENDERED:
-                raise TemplateTooCostly(f"it renders over {MAX_RENDERED:,} characters")
-            parts.append(part)
-        return "".join(parts)
-    finally:
-        sys.settrace(before)
 
 
 def template_origin(folder: Path, given: str | None = None) -> str | None:
