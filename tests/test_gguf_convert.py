@@ -184,3 +184,54 @@ def test_a_converted_gguf_ends_replies_where_llama_cpp_does(tiny_gguf, tiny_mode
     im_end, endoftext = tok._tok.token_to_id("<|im_end|>"), tok._tok.token_to_id("<|endoftext|>")
     assert tok.eos_ids == {im_end, endoftext}  # the GGUF says <|im_end|> only
     assert Tokenizer(tiny_models["llama"]).eos_ids == {im_end}  # its generation_config's own
+
+
+def _nothing_built(*args, **kwargs):
+    raise AssertionError("transformers built a model from the GGUF")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("llama.block_count", 4_000_000_000, "must be a positive integer, at most 16,777,216"),
+        ("llama.block_count", 100_000, "its tensors hold 2 layers"),
+        ("llama.attention.head_count_kv", 3, "does not divide 4 attention heads"),
+        ("llama.attention.layer_norm_rms_epsilon", -1.0, "must be a positive number"),
+    ],
+)
+def test_an_impossible_gguf_header_value_is_refused_before_transformers_builds_a_model(
+    key, value, why, tiny_gguf, tmp_path, capsys, monkeypatch
+):
+    """QA: llama.block_count = 4,000,000,000 grew memory ~50 MB/s without limit (transformers built the layers one
+    by one before any check); the config.json checks now run on the header's values, naming the GGUF's key."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_gguf import patched_gguf
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _nothing_built)
+    damaged = patched_gguf(tiny_gguf, tmp_path / "damaged.gguf", key, value)
+    assert run(["generate", "hi", "-n", "4", "-m", str(damaged)]) == 5
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: {damaged}: {key} = {value!r} is impossible ({why})",
+        "hint: the file is damaged, or not a model gptcli can run: download it again, or use another file",
+    ]
+    assert not models_dir().exists()
+
+
+def test_a_gguf_with_context_length_0_is_not_converted_and_each_run_blames_the_gguf(tiny_gguf, tmp_path, capsys):
+    """QA: it was converted and cached; the error named gptcli's config.json ('fix or replace the config.json'), and
+    the next run called gptcli's copy damaged ('delete ..., the next run makes it again': it made the same)."""
+    from tests.tiny_gguf import patched_gguf
+
+    damaged = patched_gguf(tiny_gguf, tmp_path / "ctx0.gguf", "llama.context_length", 0)
+    said = [
+        f"error: {damaged}: llama.context_length = 0 is impossible (must be a positive integer, at most 16,777,216)",
+        "hint: the file is damaged, or not a model gptcli can run: download it again, or use another file",
+    ]
+    for _ in range(2):
+        assert run(["models", "info", str(damaged)]) == 5
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines() == said
+        assert not models_dir().exists()  # nothing converted, nothing cached

@@ -57,3 +57,20 @@ def write_tiny_gguf(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def patched_gguf(source: Path, dest: Path, key: str, value: float) -> Path:
+    """A copy of `source` with one numeric header value rewritten in place (as a damaged or hand-edited file has it)."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    shutil.copyfile(source, dest)
+    reader = gguf.GGUFReader(str(dest), "r+")
+    field = reader.fields[key]
+    part = field.parts[field.data[0]]
+    part[0] = np.array(value).astype(part.dtype)
+    reader.data.flush()
+    del reader
+    return dest

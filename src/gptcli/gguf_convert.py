@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from gptcli.atomicio import apply_umask, disk_full, publish_dir, temp_dir_beside
 from gptcli.errors import ModelError
-from gptcli.gguf_header import check_gguf_file
-from gptcli.hf import has_source, write_source
+from gptcli.gguf_header import DAMAGED, GGUFHeader, check_gguf_file
+from gptcli.hf import SIZE_KEYS, Architecture, ImpossibleValue, config_key, has_source, layers_held, write_source
 
 Notify = Callable[[str], None]
 # (stage, steps done, steps in all, the step under way): the shape `cli.render.StageProgress` draws.
@@ -99,6 +99,43 @@ def _one_gguf_parse() -> Iterator[None]:
         readers.clear()  # the reader maps the whole file
 
 
+def _config_names(architecture: str) -> Mapping[str, object]:
+    """transformers' names for a GGUF architecture's header keys (`context_length` -> `max_position_embeddings`);
+    its own spelling of the architecture may differ (`qwen2moe` is its `qwen2_moe`)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    plain = architecture.replace("-", "").replace("_", "")
+    return next((names for name, names in GGUF_CONFIG_MAPPING.items() if name.replace("_", "") == plain), {})
+
+
+def check_gguf_sizes(path: Path, header: GGUFHeader) -> None:
+    """The config.json size checks (hf.Architecture) on the values a GGUF's header gives, under the names
+    transformers gives them, before it builds anything from them: it built 4,000,000,000 layers one by one until
+    memory ran out, and converted and cached a context_length of 0 (whose error then blamed gptcli's copy).
+
+    Only what the header gives is checked (the config has no model_type, so nothing is required: transformers
+    fills what is missing), and a layer count past the layers the tensors hold (`blk.N.`) is refused. A
+    ModelError names the GGUF and its own key.
+    """
+    architecture = str(header.metadata.get("general.architecture", ""))
+    config: dict[str, object] = {}
+    keys: dict[str, str] = {}  # config name -> the GGUF's key
+    for suffix, name in _config_names(architecture).items():
+        key = f"{architecture}.{suffix}"
+        if isinstance(name, str) and key in header.metadata:
+            config[name], keys[name] = header.metadata[key], key
+    try:
+        layers = Architecture.from_config(config, source=path).layers
+    except ImpossibleValue as exc:
+        raise ModelError(
+            f"{path}: {keys.get(exc.key, exc.key)} = {exc.value!r} is impossible ({exc.why})", hint=DAMAGED
+        ) from None
+    held = layers_held(header.tensors)
+    if held and layers > held:
+        key = keys[config_key(config, SIZE_KEYS["layers"])]
+        raise ModelError(f"{path}: {key} = {layers} is impossible (its tensors hold {held} layers)", hint=DAMAGED)
+
+
 def _no_random_init() -> AbstractContextManager[object]:
     """transformers' switch that builds a model without drawing its random initial weights (a no-op elsewhere)."""
     try:
@@ -122,7 +159,9 @@ def convert_gguf(
     `extra_files` (a licence, a notice) are copied into the folder as they are. Interrupted (Ctrl-C), it
     says so and leaves nothing in the cache: the next run converts again.
     """
-    check_gguf_file(gguf)  # an empty, foreign or cut-short file, said in a millisecond rather than by numpy
+    header = check_gguf_file(gguf)  # an empty, foreign or cut-short file, said in a millisecond rather than by numpy
+    if header is not None:
+        check_gguf_sizes(gguf, header)  # before transformers builds a model of the sizes it says
     notify(f"converting {gguf.name} to safetensors (once; cached in {dest})")
     started = time.monotonic()
     stage = f"converting {gguf.name}"

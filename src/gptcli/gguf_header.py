@@ -3,11 +3,13 @@
 A download cut short, or a copy that ran out of disk, made transformers' reader fail deep in numpy
 ("cannot reshape array of size 399424 into shape (576,960)"). The header says where the last tensor's
 data ends; comparing that with the file's size takes milliseconds, where the conversion takes tens of seconds.
+The same read keeps the header's scalar values and tensor names, for the size checks before a conversion.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +21,15 @@ STRING, ARRAY = 8, 9
 # Fixed-size value types (GGUF's type id -> struct code); STRING and ARRAY are read piece by piece.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _REDOWNLOAD = "the file is incomplete (an interrupted download or copy?): download or copy it again"
+DAMAGED = "the file is damaged, or not a model gptcli can run: download it again, or use another file"
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF's header says, as far as the checks before its conversion need it."""
+
+    metadata: dict[str, object]  # the scalar values by key, strings decoded (arrays are left out)
+    tensors: tuple[str, ...]  # the tensors' names
 
 
 class _CutShort(Exception):
@@ -78,30 +89,39 @@ def _tensor_bytes(kind: int, dims: list[int]) -> int | None:
     return elements // block * size
 
 
-def _expected_size(header: _Header) -> int | None:
-    """The byte where the last tensor's data ends, read from the header (None where it cannot tell)."""
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _read(header: _Header) -> tuple[GGUFHeader, int | None]:
+    """The header's values and tensor names, and the byte where the last tensor's data ends (None where it
+    cannot tell)."""
     tensors, entries = header.count(), header.count()
-    alignment = DEFAULT_ALIGNMENT
+    metadata: dict[str, object] = {}
     for _ in range(entries):
-        key = header.string()
+        key = _text(header.string())
         value = header.value(int(header.unpack("I")))
-        if key == b"general.alignment" and isinstance(value, int) and value > 0:
-            alignment = value
-    end = 0
+        if value is not None:
+            metadata[key] = _text(value) if isinstance(value, bytes) else value
+    alignment = metadata.get("general.alignment")
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
+        alignment = DEFAULT_ALIGNMENT
+    end: int | None = 0
+    names = []
     for _ in range(tensors):
-        header.string()
+        names.append(_text(header.string()))
         dims = [header.count() for _ in range(int(header.unpack("I")))]
         kind, offset = int(header.unpack("I")), header.count()
         size = _tensor_bytes(kind, dims)
-        if size is None:
-            return None
-        end = max(end, offset + size)
+        end = None if size is None or end is None else max(end, offset + size)
     start = header.file.tell()
-    return start + (-start % alignment) + end
+    expected = None if end is None else start + (-start % alignment) + end
+    return GGUFHeader(metadata, tuple(names)), expected
 
 
-def check_gguf_file(path: Path) -> None:
-    """Raise ModelError, naming what is wrong, for an empty file, one that is no GGUF, or one cut short."""
+def check_gguf_file(path: Path) -> GGUFHeader | None:
+    """Raise ModelError, naming what is wrong, for an empty file, one that is no GGUF, or one cut short; else what
+    its header says (None for a header this reader does not follow: the conversion's reader says what it thinks)."""
     size = path.stat().st_size
     if size == 0:
         raise ModelError(f"cannot read GGUF file {path}: it is empty", hint=_REDOWNLOAD)
@@ -114,15 +134,16 @@ def check_gguf_file(path: Path) -> None:
         version = file.read(4)
         order = ">" if len(version) == 4 and struct.unpack("<I", version)[0] & 0xFFFF == 0 else "<"
         try:
-            expected = _expected_size(_Header(file, order, size))
+            header, expected = _read(_Header(file, order, size))
         except _CutShort:
             raise ModelError(
                 f"cannot read GGUF file {path}: it is cut short in its header ({size} bytes)", hint=_REDOWNLOAD
             ) from None
         except (ValueError, struct.error):
-            return  # a header this reader does not follow: the conversion's reader says what it thinks
+            return None
     if expected is not None and size < expected:
         raise ModelError(
             f"cannot read GGUF file {path}: it is cut short (a complete file has {expected} bytes, this one {size})",
             hint=_REDOWNLOAD,
         )
+    return header

@@ -15,10 +15,11 @@ from gptcli.hf.architecture import (
     FAST_PATH_FAMILIES,
     SIZE_KEYS,
     Architecture,
+    layers_held,
     read_architecture,
     validate_model_dir,
 )
-from gptcli.hf.families import FAMILIES, FULL, LLAMA_LIKE, SLIDING
+from gptcli.hf.families import FAMILIES, FULL, LLAMA_LIKE, SLIDING, ImpossibleValue, config_key
 from gptcli.hf.files import (
     CONFIG_FILE,
     CONTEXT_KEYS,
@@ -39,7 +40,8 @@ from gptcli.paths import SOURCE_FILE, read_source
 
 __all__ = [
     "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",
-    "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "TRAINING_STATE_FILE", "Architecture", "TensorHeader",
-    "context_length", "file_tensors", "has_source", "header_tensors", "read_architecture", "read_config", "read_source",
-    "safetensors_header", "validate_model_dir", "weight_files", "write_source",
+    "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "TRAINING_STATE_FILE", "Architecture", "ImpossibleValue",
+    "TensorHeader", "config_key", "context_length", "file_tensors", "has_source", "header_tensors", "layers_held",
+    "read_architecture", "read_config", "read_source", "safetensors_header", "validate_model_dir", "weight_files",
+    "write_source",
 ]  # fmt: skip

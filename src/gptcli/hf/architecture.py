@@ -234,12 +234,7 @@ class Architecture:
         """A family without known shapes: its layer count must not outgrow the numbered stacks its weights hold
         (`model.layers.N.`, `transformer.h.N.`, ...). transformers builds every layer the config names before
         it loads a weight: 100,000 of them filled the memory."""
-        stacks: dict[str, set[int]] = {}
-        for name in tensors:
-            match = NUMBERED.match(name)
-            if match:
-                stacks.setdefault(match.group(1), set()).add(int(match.group(2)))
-        held = max((len(indices) for indices in stacks.values()), default=0)
+        held = layers_held(tensors)
         if held and self.layers > held:
             raise ModelError(
                 f"{self.source}: {self.layers} layers disagree with the weights, which hold {held}",
@@ -248,6 +243,17 @@ class Architecture:
 
 
 NUMBERED = re.compile(r"^(.*?\.)(\d+)\.")  # a tensor in a numbered stack: its prefix and its layer
+
+
+def layers_held(names: Iterable[str]) -> int:
+    """How many layers the tensors named hold: the longest numbered stack (`model.layers.N.`, GGUF's `blk.N.`);
+    0 when none is numbered."""
+    stacks: dict[str, set[int]] = {}
+    for name in names:
+        match = NUMBERED.match(name)
+        if match:
+            stacks.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return max((len(indices) for indices in stacks.values()), default=0)
 
 
 def _decoder_shapes(arch: Architecture) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

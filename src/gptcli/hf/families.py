@@ -163,8 +163,17 @@ def config_key(cfg: Mapping[str, Any], keys: Iterable[str]) -> str:
     return next((k for k in keys if cfg.get(k) is not None), next(iter(keys)))
 
 
+class ImpossibleValue(ModelError):
+    """A config value no model can have. `key`, `value` and `why` let a caller that read the value from elsewhere
+    (a GGUF's header, under its own key) say it its own way."""
+
+    def __init__(self, where: str, key: str, value: Any, why: str) -> None:
+        super().__init__(f"{where}: {key} = {value!r} is impossible ({why})", hint="fix or replace the config.json")
+        self.key, self.value, self.why = key, value, why
+
+
 def impossible(where: str, key: str, value: Any, why: str) -> None:
-    raise ModelError(f"{where}: {key} = {value!r} is impossible ({why})", hint="fix or replace the config.json")
+    raise ImpossibleValue(where, key, value, why)
 
 
 def config_size(cfg: Mapping[str, Any], keys: Iterable[str], where: str, *, known: bool, required: bool) -> int:
