@@ -235,3 +235,36 @@ def test_a_gguf_with_context_length_0_is_not_converted_and_each_run_blames_the_g
         out, err = capsys.readouterr()
         assert out == "" and err.splitlines() == said
         assert not models_dir().exists()  # nothing converted, nothing cached
+
+
+def _nested_gguf(path, levels: int):
+    """A GGUF whose one metadata value is an empty uint32 array inside `levels - 1` arrays, and no tensor."""
+    import struct
+
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a" + struct.pack("<I", 9)
+    data += struct.pack("<IQ", 9, 1) * (levels - 1) + struct.pack("<IQ", 4, 0)
+    path.write_bytes(data + b"\0" * (-len(data) % 32))  # the (empty) data section starts aligned
+    return path
+
+
+def test_a_gguf_header_nesting_arrays_200000_deep_is_a_corrupt_file_not_an_internal_error(tmp_path, capsys):
+    """QA: 'internal error: RecursionError' (exit 1): each nested array was a Python call."""
+    nested = _nested_gguf(tmp_path / "nest.gguf", 200_000)
+    assert run(["models", "info", str(nested)]) == 5
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: cannot read GGUF file {nested}: its metadata nests arrays more than 8 deep"
+        " (real GGUFs nest one or two)",
+        "hint: the file is damaged, or not a model gptcli can run: download it again, or use another file",
+    ]
+
+
+def test_arrays_nested_8_deep_are_read_and_9_deep_are_refused(tmp_path):
+    from gptcli.errors import ModelError
+    from gptcli.gguf_header import check_gguf_file
+
+    header = check_gguf_file(_nested_gguf(tmp_path / "eight.gguf", 8))
+    assert header is not None and header.metadata == {} and header.tensors == ()
+    with pytest.raises(ModelError, match="nests arrays more than 8 deep"):
+        check_gguf_file(_nested_gguf(tmp_path / "nine.gguf", 9))

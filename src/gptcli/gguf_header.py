@@ -22,6 +22,9 @@ STRING, ARRAY = 8, 9
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _REDOWNLOAD = "the file is incomplete (an interrupted download or copy?): download or copy it again"
 DAMAGED = "the file is damaged, or not a model gptcli can run: download it again, or use another file"
+# Arrays of arrays nested deeper than this are refused: real GGUFs nest one or two, and each level is a Python
+# call here and in gguf's own reader (200,000 levels were a RecursionError, an "internal error").
+MAX_NESTING = 8
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class GGUFHeader:
 
 class _CutShort(Exception):
     """The header asked for bytes past the end of the file."""
+
+
+class _TooDeep(Exception):
+    """The header nests arrays past MAX_NESTING."""
 
 
 class _Header:
@@ -58,17 +65,20 @@ class _Header:
     def string(self) -> bytes:
         return self.read(self.count())
 
-    def value(self, kind: int) -> object:
-        """One metadata value of type `kind` (an array's items are skipped: only scalars are kept)."""
+    def value(self, kind: int, depth: int = 0) -> object:
+        """One metadata value of type `kind` (an array's items are skipped: only scalars are kept); `depth` is how
+        many arrays hold it."""
         if kind == STRING:
             return self.string()
         if kind == ARRAY:
+            if depth >= MAX_NESTING:
+                raise _TooDeep
             item_kind, items = int(self.unpack("I")), self.count()
             if item_kind in _SCALARS:
                 self.read(items * struct.calcsize(_SCALARS[item_kind]))
             else:
                 for _ in range(items):
-                    self.value(item_kind)
+                    self.value(item_kind, depth + 1)
             return None
         if kind not in _SCALARS:
             raise ValueError(f"unknown metadata type {kind}")
@@ -138,6 +148,12 @@ def check_gguf_file(path: Path) -> GGUFHeader | None:
         except _CutShort:
             raise ModelError(
                 f"cannot read GGUF file {path}: it is cut short in its header ({size} bytes)", hint=_REDOWNLOAD
+            ) from None
+        except _TooDeep:
+            raise ModelError(
+                f"cannot read GGUF file {path}: its metadata nests arrays more than {MAX_NESTING} deep"
+                " (real GGUFs nest one or two)",
+                hint=DAMAGED,
             ) from None
         except (ValueError, struct.error):
             return None
