@@ -268,3 +268,39 @@ def test_arrays_nested_8_deep_are_read_and_9_deep_are_refused(tmp_path):
     assert header is not None and header.metadata == {} and header.tensors == ()
     with pytest.raises(ModelError, match="nests arrays more than 8 deep"):
         check_gguf_file(_nested_gguf(tmp_path / "nine.gguf", 9))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_gguf_whose_model_gives_nan_logits_is_a_damaged_file_not_gptclis_bug(value, tiny_gguf, tmp_path, capsys):
+    """QA: a GGUF that makes its model output NaN was 'converting eps.gguf changed the model's outputs / hint: report
+    this bug' (allclose is False wherever NaN is); the file is at fault, and nothing is cached."""
+    from tests.tiny_gguf import poisoned_gguf
+
+    damaged = poisoned_gguf(tiny_gguf, tmp_path / "nan.gguf", "output_norm.weight", value)
+    assert run(["-q", "models", "info", str(damaged)]) == 5
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: cannot convert GGUF file {damaged}: its model gives NaN or infinite logits"
+        " (damaged weights or metadata)",
+        "hint: the file is damaged, or not a model gptcli can run: download it again, or use another file",
+    ]
+    assert leftovers() == [] and not any(models_dir().iterdir())
+
+
+def test_outputs_the_rebuilt_model_changes_are_still_gptclis_bug(tiny_gguf, capsys, monkeypatch):
+    import torch
+
+    rebuilt = torch.nn.Module.load_state_dict
+
+    def changed(module, state, *args, **kwargs):
+        state = dict(state)
+        state["model.norm.weight"] = state["model.norm.weight"] * 2
+        return rebuilt(module, state, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", changed)
+    assert run(["-q", "models", "info", str(tiny_gguf)]) == 5
+    assert capsys.readouterr().err.splitlines() == [
+        "error: converting tiny.gguf changed the model's outputs",
+        "hint: report this bug",
+    ]

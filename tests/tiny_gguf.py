@@ -74,3 +74,17 @@ def patched_gguf(source: Path, dest: Path, key: str, value: float) -> Path:
     reader.data.flush()
     del reader
     return dest
+
+
+def poisoned_gguf(source: Path, dest: Path, tensor: str, value: float) -> Path:
+    """A copy of `source` with every weight of one float32 tensor set to `value` (NaN: a damaged file)."""
+    import shutil
+
+    import gguf
+
+    shutil.copyfile(source, dest)
+    reader = gguf.GGUFReader(str(dest), "r+")
+    next(t for t in reader.tensors if t.name == tensor).data[...] = value
+    reader.data.flush()
+    del reader
+    return dest

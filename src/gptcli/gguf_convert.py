@@ -201,8 +201,14 @@ def convert_gguf(
         plain.eval()
         probe = torch.tensor([[1, 2, 3, 4]])
         with torch.inference_mode():
-            same = torch.allclose(loaded(probe).logits, plain(probe).logits, atol=1e-5)
-        if not same:
+            read, rebuilt = loaded(probe).logits, plain(probe).logits
+        if not torch.isfinite(read).all():  # the GGUF's own model, before any rebuild: its file is at fault, not us
+            raise ModelError(
+                f"cannot convert GGUF file {gguf}: its model gives NaN or infinite logits"
+                " (damaged weights or metadata)",
+                hint=DAMAGED,
+            )
+        if not torch.allclose(read, rebuilt, atol=1e-5):
             raise ModelError(f"converting {gguf.name} changed the model's outputs", hint="report this bug")
         step(4)
         try:
