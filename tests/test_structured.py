@@ -244,12 +244,26 @@ def test_running_out_of_tokens_mid_object_is_length_with_the_partial_text(model)
             {"oneOf": [{"type": "integer"}, {"type": "number"}]},  # it said to enable an llguidance option
             "test: JSON Schema keyword not supported: oneOf whose choices overlap (use anyOf, or make them exclusive)",
         ),
+        (  # QA: clamped to 2**63 - 1, which then passed for a match (finish_reason "stop")
+            {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10**20, "maximum": 10**20 + 5}}},
+            f"test: minimum {10**20} is past the 64-bit integers structured output can enforce (-2**63 to 2**63 - 1)",
+        ),
+        (
+            {"type": ["integer", "null"], "exclusiveMaximum": 1e20},
+            "test: exclusiveMaximum 1e+20 is past the 64-bit integers structured output can enforce"
+            " (-2**63 to 2**63 - 1)",
+        ),
     ],
 )
 def test_a_bad_schema_is_a_config_error_naming_the_problem(schema, message):
     with pytest.raises(ConfigError) as info:
         constraints.schema_constraint(schema, "test")
     assert str(info.value) == message and "\n" not in str(info.value)
+
+
+def test_integer_bounds_within_64_bits_and_properties_named_as_bounds_are_kept():
+    constraints.schema_constraint({"type": "integer", "minimum": -(2**62), "maximum": 2**63 - 1}, "test")
+    constraints.schema_constraint({"type": "object", "properties": {"minimum": {"type": "integer"}}}, "test")
 
 
 def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):

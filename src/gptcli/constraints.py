@@ -76,6 +76,7 @@ def schema_constraint(schema: Any, where: str) -> OutputConstraint:
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON Schema must be a JSON object, not {json_kind(schema)}")
     schema_width.check_depth(schema, where)
+    schema_width.check_integer_bounds(schema, where)
     try:
         source = json.dumps(schema, allow_nan=False)  # key order kept: properties come in it
     except ValueError:

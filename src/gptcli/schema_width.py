@@ -62,6 +62,35 @@ def check_depth(schema: Any, where: str) -> None:
         stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
 
 
+# The integers llguidance's bounds hold (i64): a bound past them was clamped to 2**63 - 1, and a reply of
+# 9223372036854775807 then passed for a match of {"minimum": 1e20}.
+INTEGER_RANGE = (-(2**63), 2**63 - 1)
+BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def check_integer_bounds(schema: Any, where: str) -> None:
+    """A ConfigError naming the keyword for an integer's bound past the 64-bit range llguidance enforces (walked
+    without recursion: check_depth bounds the nesting first)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+                for keyword in BOUND_KEYWORDS:
+                    bound = node.get(keyword)
+                    number = isinstance(bound, (int, float)) and not isinstance(bound, bool)
+                    if number and not INTEGER_RANGE[0] <= bound <= INTEGER_RANGE[1]:
+                        raise ConfigError(
+                            f"{where}: {keyword} {bound} is past the 64-bit integers structured output can"
+                            " enforce (-2**63 to 2**63 - 1)",
+                            hint="keep integer bounds within that range, or use a string with a pattern",
+                        )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def too_wide(message: str) -> tuple[str, str] | None:
     """The (items, limit) of llguidance's "Current row has N items; max is M", or None for another message."""
     row = TOO_WIDE.search(message)
