@@ -454,6 +454,13 @@ def test_text_that_is_not_text_is_an_input_error_and_a_batch_lines_own(tiny_mode
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert result.returncode == 0, result.stderr.decode()
     assert "U+D800, a lone surrogate" in records[0]["error"]["message"] and records[1]["text"]
+    assert [record["id"] for record in records] == ["a", "b"]  # QA: it was "1", the line's number
+    batch.write_text('{"id": "x", "prompt": "\\ud800 x"}\n{"id": "1", "prompt": "fine"}\n')  # "1" is no duplicate
+    result = run_cli(
+        "generate", "-m", model, "-b", "scripted", "-n", "2", "--batch", str(batch), env=scripted(tok, "ok")
+    )
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [record["id"] for record in records] == ["x", "1"] and records[1]["text"], result.stderr.decode()
     # An id or a tool's name (which an error message quotes) that holds one ended the run: no result could hold it.
     batch.write_text(
         '{"id": "a\\udc00", "prompt": "x"}\n'

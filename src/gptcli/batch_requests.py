@@ -130,12 +130,13 @@ def parse_request(
             raise InputError(str(exc)) from None
         if not isinstance(data, dict):
             raise InputError("a line must be a JSON object")
-        if (found := lone_surrogate_at(raw, data)) is not None:  # no result holding it could be written (UTF-8)
-            raise InputError(f"`{found[0]}` holds {found[1]}, a lone surrogate that is not text")
-        if "id" in data:
+        found = lone_surrogate_at(raw, data)  # no result holding it could be written (UTF-8)
+        if "id" in data and (found is None or found[0] != "id"):  # the line's own id, for its error result too
             if not isinstance(data["id"], (str, int)) or isinstance(data["id"], bool):
                 raise InputError("`id` must be a string or a whole number")
             line_id, numbered = str(data["id"]), False
+        if found is not None:
+            raise InputError(f"`{found[0]}` holds {found[1]}, a lone surrogate that is not text")
         unknown = sorted(set(data) - REQUEST_KEYS)
         if unknown:
             raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})")
