@@ -121,3 +121,54 @@ def test_the_floor_is_the_weights_as_each_load_holds_them(tiny_models, tmp_path,
     check_memory(TorchBackend, folder, LoadOptions(dtype="bfloat16", **cpu))  # half of it fits
     monkeypatch.setattr("gptcli.runtime.loadable_memory_bytes", lambda: None)  # unknown: no check
     check_memory(TorchBackend, folder, LoadOptions(dtype="float32", **cpu))
+
+
+@pytest.mark.parametrize(
+    ("backend", "target", "failure"),
+    [
+        ("torch", "gptcli.backends.torch_lean.build", RuntimeError("DefaultCPUAllocator: can't allocate memory")),
+        (
+            "onnx",
+            "onnxruntime.InferenceSession",
+            RuntimeError("RUNTIME_EXCEPTION : std::bad_alloc"),
+        ),
+    ],
+)
+def test_memory_running_out_in_a_load_is_out_of_memory_not_a_damaged_model(
+    tiny_models, monkeypatch, capsys, backend, target, failure
+):
+    """QA: under `ulimit -v` a load that ran out of memory was "cannot load model" (exit 5) and, for an export,
+    "delete the export folder and export again": a good model blamed, and its export thrown away."""
+    import io
+
+    from gptcli.cli.app import run
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # generate reads a piped stdin first
+    args = ["generate", "hi", "-n", "1", "-m", str(tiny_models["llama"]), "-b", backend, "--dtype", "float32"]
+    if backend == "onnx":
+        assert run([*args, "--precision", "fp32"]) == 0  # exported first, while there is memory
+    capsys.readouterr()
+    monkeypatch.setattr(target, fails)
+    assert run([*args, *(["--precision", "fp32"] if backend == "onnx" else [])]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: out of memory loading ") and "export" not in err[1], err
+    assert err[1] == (
+        "hint: free some memory, or use a smaller model or precision (--precision int8/int4); a `ulimit -v` counts too"
+    )
+
+
+def test_an_error_reported_with_no_memory_left_for_rich_goes_out_plain(monkeypatch, capfd):
+    """QA: under a tight `ulimit -v` the error's own printing raised MemoryError (Rich imports as it prints): an
+    80-line traceback instead of the error."""
+    from gptcli.cli import render
+    from gptcli.errors import GptcliError
+
+    def no_memory():
+        raise MemoryError
+
+    monkeypatch.setattr(render, "_error_console", no_memory)
+    render.report(GptcliError("out of memory", hint="free some"))
+    assert capfd.readouterr().err == "error: out of memory\nhint: free some\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -89,6 +90,31 @@ class ModelError(GptcliError):
 class MemoryShortError(GptcliError):
     """A model whose weights alone need more memory than the machine has left (exit 1: the machine, not the input):
     refused before loading, where the kernel would otherwise kill the load minutes later without a word."""
+
+
+def debug_enabled() -> bool:
+    """GPTCLI_DEBUG=1: let errors out with their traceback (and the libraries' own error logs)."""
+    return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
+
+
+# How the C and C++ libraries underneath say an allocation failed, in the text of what they raise (torch's
+# "DefaultCPUAllocator: can't allocate memory", ONNX Runtime's "std::bad_alloc", an OSError's ENOMEM).
+ALLOCATION_FAILED = ("bad_alloc", "can't allocate memory", "Cannot allocate memory", "Failed to allocate memory")
+
+
+def allocation_failed(exc: BaseException) -> bool:
+    """`exc` says that memory ran out (a MemoryError, ENOMEM, or a library's allocator failing)."""
+    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
+        return True
+    return any(text in str(exc) for text in ALLOCATION_FAILED)
+
+
+def out_of_memory(doing: str = "") -> MemoryShortError:
+    """Memory ran out (while `doing`: "loading model X"): the machine's, or a `ulimit -v`'s (exit 1)."""
+    return MemoryShortError(
+        f"out of memory {doing}".rstrip(),
+        hint="free some memory, or use a smaller model or precision (--precision int8/int4); a `ulimit -v` counts too",
+    )
 
 
 class ChatTemplateRefusal(ModelError):

@@ -27,7 +27,16 @@ import numpy as np
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
 from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensors_floor
 from gptcli.backends.onnx_kvpool import KvPool
-from gptcli.errors import BackendError, ConfigError, InputError, ModelError, clipped
+from gptcli.errors import (
+    BackendError,
+    ConfigError,
+    InputError,
+    ModelError,
+    allocation_failed,
+    clipped,
+    debug_enabled,
+    out_of_memory,
+)
 from gptcli.export.graph import LOGITS_TO_KEEP
 from gptcli.export.sidecar import MODEL_FILE
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
@@ -194,9 +203,12 @@ class OnnxBackend:
     def _session(path: Path, device: str, threads: int | None, spin: bool = True) -> Any:
         import onnxruntime as ort
 
-        ort.set_default_logger_severity(3)  # errors only, also from provider loading outside the session
+        # Fatal only: what fails is raised and said in gptcli's own words ("std::bad_alloc" came twice, once as a
+        # red log line); GPTCLI_DEBUG=1 shows ORT's errors too. Also for provider loading outside the session.
+        severity = 3 if debug_enabled() else 4
+        ort.set_default_logger_severity(severity)
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+        opts.log_severity_level = severity
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.inter_op_num_threads = 1
@@ -212,6 +224,8 @@ class OnnxBackend:
             session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for a bad graph
             message = str(exc).splitlines()[0][:300]
+            if allocation_failed(exc):  # a good export: no hint to delete it
+                raise out_of_memory(f"loading {path}") from None
             if "CUDA" in message or "cuda" in message:
                 raise BackendError(f"CUDA execution provider failed: {message}") from None
             raise ModelError(

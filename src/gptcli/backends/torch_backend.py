@@ -21,7 +21,7 @@ import numpy as np
 
 from gptcli.backends.base import LoadOptions, ModelInfo
 from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensors_floor
-from gptcli.errors import BackendError, ConfigError, ModelError, clipped
+from gptcli.errors import BackendError, ConfigError, ModelError, allocation_failed, clipped, out_of_memory
 from gptcli.hardware import (
     TORCH,
     cpu_dtype,
@@ -295,7 +295,9 @@ class TorchBackend:
 
         try:
             lean = torch_lean.build(cfg, files, device, dtype)
-        except (KeyError, RuntimeError, ValueError) as exc:
+        except (KeyError, RuntimeError, ValueError, MemoryError) as exc:
+            if allocation_failed(exc):
+                raise out_of_memory(f"loading {folder}") from None
             raise ModelError(f"cannot load model from {folder}: {type(exc).__name__}: {exc}") from None
         quantized_bytes = lean_quant.quantize_model(lean, precision)
         if not quantized_bytes:
@@ -335,7 +337,9 @@ class TorchBackend:
                     f"{folder} needs custom code to load", hint="pass --trust-remote-code if you trust it"
                 ) from None
             raise ModelError(f"cannot load model from {folder}: {exc}") from None
-        except (OSError, RuntimeError, KeyError) as exc:
+        except (OSError, RuntimeError, KeyError, MemoryError) as exc:
+            if allocation_failed(exc):
+                raise out_of_memory(f"loading {folder}") from None
             raise ModelError(f"cannot load model from {folder}: {exc}") from None
         model.to(device).eval()
         engine = HFEngine(model)

@@ -42,8 +42,11 @@ from gptcli.errors import (
     Terminated,
     UsageError,
     after_hangup,
+    allocation_failed,
+    debug_enabled,
     escaped_byte,
     ignore_stops,
+    out_of_memory,
     stdout_reader_went_away,
 )
 from gptcli.paths import environment_error
@@ -138,11 +141,6 @@ def completing() -> bool:
     return any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ)
 
 
-def debug_enabled() -> bool:
-    """GPTCLI_DEBUG=1: let errors out with their traceback."""
-    return os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM or SIGHUP: an interrupt that keeps what was made, then exit 143 (run)."""
     after_hangup(signum)
@@ -202,7 +200,7 @@ def _run(argv: list[str] | None) -> int:
     except OSError as exc:
         if debug_enabled():
             raise
-        error = _stdout_error(exc) or environment_error(exc)
+        error = _stdout_error(exc) or environment_error(exc) or (out_of_memory() if allocation_failed(exc) else None)
         report(error or _internal(exc))
         return error.exit_code if error else EXIT_RUNTIME
     except UnicodeEncodeError as exc:  # stdout set to an encoding that cannot hold the text (PYTHONIOENCODING=ascii)
@@ -217,7 +215,7 @@ def _run(argv: list[str] | None) -> int:
     except MemoryError as exc:
         if debug_enabled():
             raise
-        report(GptcliError(f"out of memory{': ' if str(exc) else ''}{exc}", hint="try a smaller model or input"))
+        report(out_of_memory(f"({exc})" if str(exc) else ""))
         return EXIT_RUNTIME
     except Exception as exc:
         if _is_usage_error(exc):  # Typer's (vendored) click errors, in gptcli's own two lines

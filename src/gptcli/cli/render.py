@@ -5,6 +5,7 @@ line and stage progress. Model text is written literally, never parsed as Rich m
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -81,11 +82,18 @@ def warn(message: str) -> None:
 
 
 def report(error: GptcliError) -> None:
-    """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`)."""
-    console = _error_console()
-    console.print(f"error: {inert(joined_lines(error.message))}", markup=False, style="bold red")
+    """`error: …` and, where there is one, `hint: …` on stderr (even under `-q`). With no memory left for Rich (it
+    imports modules as it prints: a MemoryError there showed a traceback), the lines go out plain."""
+    lines = [f"error: {inert(joined_lines(error.message))}"]
     if error.hint:
-        console.print(f"hint: {inert(joined_lines(error.hint))}", markup=False)
+        lines.append(f"hint: {inert(joined_lines(error.hint))}")
+    try:
+        console = _error_console()
+        console.print(lines[0], markup=False, style="bold red")
+        for line in lines[1:]:
+            console.print(line, markup=False)
+    except MemoryError:
+        os.write(2, "".join(line + "\n" for line in lines).encode("utf-8", "replace"))
 
 
 def joined_lines(text: str) -> str:
