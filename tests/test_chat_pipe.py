@@ -116,3 +116,22 @@ def test_a_reply_stdout_cannot_take_is_kept_in_the_chat_file(tiny_models, tok, i
     user, reply = json.loads(saved.read_text())["messages"]
     assert (user["content"], reply["role"], reply["interrupted"]) == ("Hi", "assistant", True)
     assert reply["content"] and "One. Two. Three.".startswith(reply["content"])
+
+
+def test_an_over_long_line_from_a_pipe_gets_its_error_before_the_line_ends(tiny_models, isolated_home):
+    """QA: a piped chat line over 1 MiB got its error record only when its newline came; one that never ends (`tr
+    '\\0' a </dev/zero | gptcli chat --jsonl`) got none at all, as `generate --batch -` did before."""
+    import select
+
+    args = ["chat", "-m", str(tiny_models["llama"]), "--jsonl", "-n", "1"]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", *args], cwd=REPO, **pipes)  # type: ignore[call-overload]
+    try:
+        proc.stdin.write(b"a" * (2 * 1024 * 1024))  # over the 1 MiB a message, and no newline
+        proc.stdin.flush()
+        readable, _, _ = select.select([proc.stdout], [], [], 60)
+        first = json.loads(proc.stdout.readline()) if readable else {}
+        assert first.get("error") == "standard input, a line: over the 1 MiB limit for one chat message", first
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

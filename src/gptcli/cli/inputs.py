@@ -69,9 +69,9 @@ def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str | InputError]:
         return
     while raw := buffer.readline(limit.max_bytes + 1):
         if len(raw) > limit.max_bytes and not raw.endswith(b"\n"):
+            yield over_limit(f"{STDIN}, a line", limit)  # at once: a pipe's line may never end
             while (rest := buffer.readline(limit.max_bytes)) and not rest.endswith(b"\n"):
                 pass
-            yield over_limit(f"{STDIN}, a line", limit)
             continue
         try:
             yield decode_text(raw, STDIN, line=True).rstrip("\r\n")
