@@ -620,6 +620,17 @@ def test_quiet_leaves_only_errors_and_asked_for_output(tiny_models, llama_tok):
     assert failed.returncode == 4 and failed.stderr.decode().startswith("error: unknown backend 'nope'")
 
 
+def test_quiet_hides_an_exports_steps_and_a_bench_workers_progress(tiny_models, isolated_home):
+    """QA: `-q` left the first ONNX export's lines (exporting ..., building the llama graph ..., exported in 6.6 s)
+    and every line of bench's worker process (loading torch (2 threads), pp8: repetition 1/1, ...)."""
+    model = str(tiny_models["llama"])
+    quiet = run_cli("-q", "generate", "-m", model, "-b", "onnx", "--precision", "fp32", "hi", "-n", "2")
+    assert quiet.returncode == 0 and quiet.stderr.decode() == "", quiet.stderr.decode()
+    bench = run_cli("-q", "bench", "-m", model, "-b", "torch", "-p", "8", "-n", "0", "-r", "1", "--threads", "1")
+    assert bench.returncode == 0 and bench.stderr.decode() == "", bench.stderr.decode()
+    assert "pp8" in bench.stdout.decode()
+
+
 def test_verbose_says_what_was_loaded_and_the_timings(tiny_models, llama_tok):
     model = tiny_models["llama"]
     env = scripted_env(say(llama_tok, "Hi"))

@@ -57,10 +57,15 @@ def load_options(settings: Settings) -> LoadOptions:
     )
 
 
-def load_backend(backend_cls: type[Backend], settings: Settings, folder: Path) -> Backend:
+def load_backend(
+    backend_cls: type[Backend], settings: Settings, folder: Path, notify: Callable[[str], None] | None = None
+) -> Backend:
     """Load `folder` with the chosen backend; a plugin that raises anything but a GptcliError is a
-    BackendError naming it (a built-in's own failure stays an internal error: a bug to report)."""
+    BackendError naming it (a built-in's own failure stays an internal error: a bug to report). `notify` hears
+    the load's progress (an ONNX export's steps), as the caller shows it (`-q` hides it)."""
     options = load_options(settings)
+    if notify is not None:
+        options.extra["notify"] = notify
     check_memory(backend_cls, folder, options)
     with blaming(backend_cls, f"to load {folder.name}"):
         backend = backend_cls.load(folder, options)
@@ -90,7 +95,7 @@ def open_runtime(settings: Settings, notify: Callable[[str], None], progress: Pr
         from gptcli.constraints import prepare  # before the model loads (the tokenizer-free check let it pass)
 
         prepare(settings.sampling.constraint, tokenizer, settings.sampling.constraint.where)  # named as the flag's
-    backend = load_backend(backend_cls, settings, model.path)
+    backend = load_backend(backend_cls, settings, model.path, notify)
     if getattr(backend, "fallback_reason", None):  # a slower engine runs: say why
         notify(f"{chosen_name(backend)}: {backend.fallback_reason}")
     return Runtime(model, backend, tokenizer)

@@ -49,6 +49,7 @@ class Job:
     warmup_iters: int = 2
     prepare_only: bool = False  # only the one-time work (an export, a conversion): no timing
     isolated: bool = False  # run in its own worker process
+    quiet: bool = False  # `gptcli -q bench`: a worker says its warnings only, not its progress
 
     def to_json(self) -> str:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -68,12 +68,12 @@ def run_job(job: Job, *, notify: Notify = _quiet, clock: Callable[[], float] = t
     if job.prepare_only:
         # One-time work (an ONNX export, a conversion) happens here, in a throwaway process, so the
         # measured process's peak memory is what every later run costs.
-        load_backend(backend_cls, settings, folder)
+        load_backend(backend_cls, settings, folder, notify)
         return {"records": [], "skipped": []}
     # What the weights run at is known once the backend has loaded (torch: --precision fp32 runs them at
     # --dtype, which auto resolves per CPU; onnx: an export folder's own), so no line before says it.
     notify(f"loading {settings.backend} ({settings.threads} threads)")
-    backend = load_backend(backend_cls, settings, folder)
+    backend = load_backend(backend_cls, settings, folder, notify)
     info = backend.info
     precision = weights_precision(backend, settings.precision, job.honours_precision)
     shape = _decode_shape_or_none(folder)

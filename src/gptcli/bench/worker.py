@@ -20,6 +20,11 @@ def _notify(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
+def _warnings_only(message: str) -> None:
+    if message.startswith("warning:"):
+        _notify(message)
+
+
 def _stop_once(signum: int, _frame: Any) -> None:
     """The first Ctrl-C or SIGTERM stops the run, which hands over what finished; the later ones are ignored, so
     the hand-over is never cut. A terminal's Ctrl-C and `timeout`'s SIGTERM reach the whole process group and
@@ -37,7 +42,7 @@ def main() -> int:
         signal.signal(sig, _stop_once)
     job = Job.from_json(sys.stdin.read())
     try:
-        result = run_job(job, notify=_notify)
+        result = run_job(job, notify=_warnings_only if job.quiet else _notify)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except GptcliError as exc:

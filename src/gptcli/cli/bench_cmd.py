@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gptcli.cli import common as c
+from gptcli.cli import render
 from gptcli.errors import EXIT_INTERRUPTED, InputError, UsageError
 
 
@@ -154,8 +155,6 @@ def bench(
 
         plan = plan_configs(["torch"], ["fp32"], thread_counts, settings.device)
         job = train_job(preset, train_config_file, repetitions, peak_tflops, settings)
-        run = run_plan(plan, job, isolate=not in_process, notify=c.note)
-        notes = train_notes(repetitions)
     else:
         plan = plan_configs(backends, precisions or [settings.precision], thread_counts, settings.device)
         for name, reason in plan.unavailable:
@@ -175,8 +174,9 @@ def bench(
             sampling=sampling,
             remeasure=remeasure,
         )
-        run = run_plan(plan, job, isolate=not in_process, notify=c.note)
-        notes = notes_for(mode, repetitions, run, in_process)
+    quiet = render.verbosity() == render.QUIET  # a worker process's progress lines too
+    run = run_plan(plan, replace(job, quiet=quiet), isolate=not in_process, notify=c.note)
+    notes = train_notes(repetitions) if mode == "train" else notes_for(mode, repetitions, run, in_process)
     records = run.records
 
     if baseline_records is not None:
