@@ -406,6 +406,30 @@ def test_a_file_of_gptcli_removed_while_it_was_read_is_not_a_folder_to_make_writ
     assert error is not None and error.exit_code == 1 and error.message.endswith("was removed while gptcli used it")
 
 
+def test_a_folder_above_gptcli_home_that_cannot_be_made_names_gptcli_home(tmp_path, monkeypatch):
+    """QA: GPTCLI_HOME=/ro/nope/home (or HOME=/nonexistent) said "error: /ro/nope: Read-only file system / hint:
+    choose a path on a writable disk": a path the user never chose, and no word of GPTCLI_HOME."""
+    import errno
+
+    from gptcli.paths import environment_error
+
+    home = tmp_path / "ro" / "nope" / "home"
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    error = environment_error(OSError(errno.EROFS, "Read-only file system", str(home.parent)))
+    assert error is not None and error.message == f"cannot write {home.parent}: Read-only file system"
+    assert error.hint == f"make {home} writable, or set GPTCLI_HOME to a writable folder"
+    monkeypatch.delenv("GPTCLI_HOME")
+    monkeypatch.setenv("HOME", "/nonexistent")
+    for variable in ("XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    error = environment_error(PermissionError(errno.EACCES, "Permission denied", "/nonexistent"))
+    assert error is not None and error.message == "cannot write /nonexistent: Permission denied"
+    assert error.hint == "make /nonexistent writable, or set GPTCLI_HOME to a writable folder"
+    monkeypatch.setenv("GPTCLI_HOME", str(home))  # a folder above it given where a file goes is the user's input
+    error = environment_error(IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp_path)))
+    assert error is not None and error.hint == "give the path of a file (or move that folder away)"
+
+
 def test_config_init_into_a_path_of_the_wrong_shape(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = run_cli("config", "init", str(tmp_path / "a-file" / "config.yaml"))

@@ -136,8 +136,12 @@ def environment_error(exc: OSError) -> GptcliError | None:
     if exc.errno == errno.EEXIST and path.exists() and not path.is_dir():  # mkdir met a file on the way
         cause = "a file is there, where a folder should be"
     roots = [cache_dir(), data_dir(), *([home] if (home := home_dir()) is not None else [])]
-    if any(path == root or root in path.parents for root in roots):
-        if exc.errno == errno.ENOENT:  # gptcli made it: another process removed it while this one used it
+    inside = any(path == root or root in path.parents for root in roots)
+    # or a folder above them that making them could not write (GPTCLI_HOME=/ro/new/home, HOME=/nonexistent); not
+    # `-o /tmp` (a folder, where a file goes) with the home under /tmp: that path is the user's
+    above = exc.errno in ENVIRONMENT_ERRNOS and any(path in root.parents for root in roots)
+    if inside or above:
+        if exc.errno == errno.ENOENT and inside:  # gptcli made it: another process removed it while this one used it
             gone = ModelError if cache_dir() in path.parents else GptcliError  # a model (exit 5), or a chat's file
             return gone(
                 f"{path} was removed while gptcli used it",
