@@ -631,6 +631,27 @@ def test_quiet_hides_an_exports_steps_and_a_bench_workers_progress(tiny_models, 
     assert "pp8" in bench.stdout.decode()
 
 
+def test_a_rust_librarys_panic_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """QA: under a low process limit (`prlimit --nproc=5`) tokenizers panicked ("The global thread pool has not been
+    initialized ... ThreadPoolBuildError"): pyo3's PanicException is no Exception, and 215 lines of traceback came."""
+    from gptcli.cli import app
+
+    class PanicException(BaseException):  # pyo3_runtime's, as tokenizers raises it
+        pass
+
+    def panics(*args, **kwargs):
+        raise PanicException("The global thread pool has not been initialized.: ThreadPoolBuildError { kind: IO }")
+
+    monkeypatch.setattr("gptcli.cli.config_cmd.resolve_settings", panics)
+    assert app.run(["config", "show"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: a library could not start its threads (The global thread pool has not been initialized.:"
+        " ThreadPoolBuildError { kind: IO })",
+        "hint: a process limit (`ulimit -u`) is too low for gptcli's threads: raise it",
+    ]
+
+
 def test_verbose_says_what_was_loaded_and_the_timings(tiny_models, llama_tok):
     model = tiny_models["llama"]
     env = scripted_env(say(llama_tok, "Hi"))

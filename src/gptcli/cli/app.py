@@ -43,6 +43,7 @@ from gptcli.errors import (
     UsageError,
     after_hangup,
     allocation_failed,
+    clipped,
     debug_enabled,
     escaped_byte,
     ignore_stops,
@@ -231,6 +232,22 @@ def _run(argv: list[str] | None) -> int:
             raise
         report(_internal(exc))
         return EXIT_RUNTIME
+    except BaseException as exc:  # a Rust library's panic (pyo3's PanicException is no Exception): one line too
+        if type(exc).__name__ != "PanicException" or debug_enabled():
+            raise
+        report(_panic(exc))
+        return EXIT_RUNTIME
+
+
+def _panic(exc: BaseException) -> GptcliError:
+    """A Rust library (tokenizers, llguidance) that panicked: most often it could not start its threads."""
+    message = clipped((str(exc).splitlines() or [type(exc).__name__])[0], 300)
+    if "thread" in message.lower():
+        return GptcliError(
+            f"a library could not start its threads ({message})",
+            hint="a process limit (`ulimit -u`) is too low for gptcli's threads: raise it",
+        )
+    return GptcliError(f"a library failed: {message}", hint="set GPTCLI_DEBUG=1 for the traceback, and report it")
 
 
 def _command_path(cli: typer.Typer, argv: list[str]) -> str:
