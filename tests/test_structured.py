@@ -269,6 +269,13 @@ def test_integer_bounds_within_64_bits_and_properties_named_as_bounds_are_kept()
 def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^--regex: invalid regex '\(': unclosed group$"):
         constraints.regex("(")
+    with pytest.raises(ConfigError) as info:  # QA: all 601 characters quoted, with the syntax hint
+        constraints.regex("(" * 300 + "a" + ")" * 300)
+    assert str(info.value) == (
+        f"--regex: invalid regex '{'(' * 160}... (441 characters more)': exceed the maximum number of nested"
+        " parentheses/brackets (250)"
+    )
+    assert info.value.hint.startswith("make the pattern smaller")
     with pytest.raises(ConfigError, match=r"^--regex: the pattern is not valid UTF-8 text$"):  # a non-UTF-8 argv
         constraints.regex("a\udcff")  # was the codec's "can't encode character '\udcff' ... surrogates not allowed"
     with pytest.raises(UsageError, match="--format and --regex cannot be used together"):

@@ -200,7 +200,8 @@ def check(constraint: OutputConstraint, where: str) -> None:
         failed, messages = True, [str(exc)]
     if failed:
         raise ConfigError(
-            f"{where}: {describe(constraint, messages[0] if messages else '')}", hint=hint_for(constraint)
+            f"{where}: {describe(constraint, messages[0] if messages else '')}",
+            hint=hint_for(constraint, messages[0] if messages else ""),
         )
     if wide := wide_object(constraint):  # it compiles, but the reply would fail at this object's `{`
         raise ConfigError(f"{where}: {wide}", hint=SCHEMA_HINT)
@@ -341,7 +342,7 @@ class _Bridge:
         if not bits.any() or message.startswith("NoExtensionBias"):  # llguidance: no token can start a match
             message = "error: it matches no text at all"
         if message:
-            raise ConfigError(describe(constraint, message), hint=hint_for(constraint))
+            raise ConfigError(describe(constraint, message), hint=hint_for(constraint, message))
 
 
 _BRIDGES: weakref.WeakKeyDictionary[Tokenizer, _Bridge] = weakref.WeakKeyDictionary()

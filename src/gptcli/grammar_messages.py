@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 from gptcli import schema_width
+from gptcli.errors import clipped
 
 if TYPE_CHECKING:
     from gptcli.config import OutputConstraint
@@ -21,7 +22,14 @@ TOO_LARGE = "schema too large"
 TOO_LARGE_SAYS = "the JSON Schema is too large to compile (over 50,000 subschemas): make it smaller or split it"
 
 
-def hint_for(constraint: OutputConstraint) -> str:
+# llguidance's words for a regex that is valid but too big to compile (nesting, repetitions), not a syntax error
+REGEX_TOO_BIG = ("exceed the maximum", "too many expressions", "size limit", "too big")
+REGEX_TOO_BIG_HINT = "make the pattern smaller: fewer nested groups, smaller counted repetitions ({n})"
+
+
+def hint_for(constraint: OutputConstraint, message: str = "") -> str:
+    if constraint.kind == "regex" and any(words in message for words in REGEX_TOO_BIG):
+        return REGEX_TOO_BIG_HINT
     return {"regex": REGEX_HINT, "grammar": GRAMMAR_HINT}.get(constraint.kind, SCHEMA_HINT)
 
 
@@ -49,7 +57,7 @@ def describe(constraint: OutputConstraint, message: str) -> str:
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
     detail = errors[0] if errors else (lines[0] if lines else "unknown error")
     if constraint.kind == "regex":
-        return f"invalid regex '{constraint.source}': {detail}"
+        return f"invalid regex '{clipped(constraint.source)}': {detail}"
     return f"invalid JSON Schema: {detail}"
 
 
