@@ -11,6 +11,7 @@ traceback for each and answer their clients with a bare 500.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import signal
@@ -125,6 +126,58 @@ BACKSTOP_S = 3.0
 # Open connections at once; past it uvicorn answers 503. --max-queue bounds the requests the engine holds, but a
 # client that stops reading keeps its finished stream's output in memory: this bounds how many can.
 MAX_CONNECTIONS = 1024
+# A request's headers must be whole within this long of the connection opening or of the answer before (nginx's
+# client_header_timeout): a client that sent nothing, half a request line or a header a minute held a connection,
+# and a thousand such ones shut everyone else out with 503s. Idle keep-alive stays uvicorn's (5 s), bodies BodyLimit's.
+HEADER_TIMEOUT_S = 30.0
+
+
+def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (h11, or httptools where installed) that closes a connection whose next
+    request's headers are not whole `timeout_s` after it opened or its last answer ended."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeout(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.watch_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.watch_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.watch_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_header_timer()
+            super().connection_lost(exc)
+
+        def waiting_for_headers(self) -> bool:
+            """No request is being answered (none yet, or the last one's answer is complete) on an open connection."""
+            return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+        def watch_headers(self) -> None:
+            """Arm the timer while a request's headers are due, and stop it once they came (a request began)."""
+            if not self.waiting_for_headers():
+                self.stop_header_timer()
+            elif self.header_timer is None:
+                self.header_timer = self.loop.call_later(timeout_s, self.headers_too_late)
+
+        def stop_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_too_late(self) -> None:
+            self.header_timer = None
+            if self.waiting_for_headers():
+                self.transport.close()
+
+    return HeaderTimeout
 
 
 def make_server(
@@ -171,6 +224,7 @@ def make_server(
         lifespan="on",
         server_header=False,
         limit_concurrency=max_connections,
+        http=header_timeout_protocol(HEADER_TIMEOUT_S),
         ssl_certfile=tls and tls.certfile,
         ssl_keyfile=tls and tls.keyfile,
     )
