@@ -109,7 +109,7 @@ def serve_runtime(
         metrics=Metrics(engine.snapshot),
     )
     origins = AllowedOrigins.parse(allowed_origins, api_key)
-    app = create_app(state, ServerConfig(api_key=api_key, allowed_origins=origins))
+    app = create_app(state, ServerConfig(api_key=api_key, allowed_origins=origins, host="127.0.0.1"))
     with ThreadedServer(app, grace_s=1.0, drain=engine.stop, max_connections=connections) as url:
         yield Live(url, state, engine)
 
@@ -656,7 +656,7 @@ def test_metrics(live):
     # A client that leaves while sending its body is no server error (it was counted a 500): nginx's 499.
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"prompt"')
     left = r'^gptcli_requests_total\{route="/v1/completions",status="499"\} 1$'
     assert wait_until(lambda: re.search(left, httpx.get(live.url + "/metrics").text, re.M))
     assert 'route="/v1/completions",status="500"' not in httpx.get(live.url + "/metrics").text
@@ -908,7 +908,7 @@ def test_a_client_that_resets_mid_stream_leaves_no_asyncio_warning(runtime, capl
         context = runtime.backend.info.context_length
         body = {"prompt": "Once", "max_tokens": context - 8, "ignore_eos": True, "stream": True}
         data = json.dumps(body).encode()
-        request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         request += b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
         with caplog.at_level("WARNING", logger="asyncio"):
             with socket.create_connection((host, int(port))) as sock:

@@ -148,3 +148,51 @@ def test_origins_are_compared_as_browsers_write_them():
     assert not allowed.allows("http://localhost:8080") and not allowed.allows("null") and not allowed.allows(None)
     assert not AllowedOrigins.parse(["*"], "key").allows("null")
     assert not AllowedOrigins()
+
+
+def test_a_name_that_dns_rebinding_points_at_this_loopback_server_is_refused(tiny_models, tok):
+    """A page on rebind.attacker.example, its name turned into 127.0.0.1 by the attacker's DNS, is this server's
+    own origin to the browser: it passed the cross-site check (a 200) and could read every answer."""
+    import socket
+
+    with serve_process(tiny_models["llama"], "--log-level", "warning", env=scripted_env(tok, "one two")) as (_, url):
+        port = url.rsplit(":", 1)[1]
+        rebound = f"rebind.attacker.example:{port}"
+        page = {"Host": rebound, "Origin": f"http://{rebound}", "Sec-Fetch-Site": "same-origin"}
+        refused = httpx.post(url + "/v1/chat/completions", json=BODY, headers=page, timeout=30)
+        assert refused.status_code == 403, refused.text
+        error = error_of(refused)
+        assert error["code"] == "host_not_allowed" and error["type"] == "permission_error", error
+        assert f"not for {rebound!r}" in error["message"], error
+        for path in ("/v1/models", "/metrics", "/api/tags"):  # reading too: the page could read the answers
+            assert httpx.get(url + path, headers={"Host": rebound}, timeout=30).status_code == 403, path
+        for host in ("localhost", f"localhost:{port}", "app.localhost", f"127.0.0.1:{port}", "127.1.2.3", "[::1]"):
+            answered = httpx.post(url + "/v1/chat/completions", json=BODY, headers={"Host": host}, timeout=30)
+            assert answered.status_code == 200, (host, answered.text)
+        with socket.create_connection(("127.0.0.1", int(port))) as sock:  # HTTP/1.0 without a Host
+            sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+
+
+def test_a_server_beyond_loopback_answers_any_host():
+    """Listening on 0.0.0.0 (with a key), the server is reached by whatever name its network gives it."""
+    import asyncio
+
+    from gptcli.server.middleware import CrossSiteGuard
+
+    def status(listen_host: str | None, host: bytes) -> int:
+        sent: list[dict] = []
+
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"host", host)]}
+        asyncio.run(CrossSiteGuard(app, listen_host=listen_host)(scope, None, send))
+        return sent[0]["status"]
+
+    assert status("0.0.0.0", b"gpu-box.lan:8080") == 200 and status("192.168.1.5", b"rebind.example") == 200
+    assert status("127.0.0.1", b"gpu-box.lan:8080") == 403 and status("::1", b"rebind.example") == 403
+    assert status("localhost", b"LOCALHOST:8080") == 200 and status("127.0.0.1", b"[::1]:8080") == 200

@@ -121,7 +121,9 @@ def serve(
     ).settings
     sock = bind_socket(host, port)  # before loading: a busy port fails in a second, not after the model loads
     try:
-        app = build_app(settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache, origins)
+        app = build_app(
+            settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache, origins, host
+        )
         from gptcli.server.serving import make_server, run_server
 
         def ready() -> None:
@@ -148,7 +150,7 @@ def check_api_key(key: str) -> None:
 
 
 def build_app(
-    settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None, origins=None
+    settings, parallel, kv_budget, max_queue, api_key, max_body, served_name, prefix_cache=None, origins=None, host=None
 ):
     """Load the model, build the engine around it, and the ASGI app around both."""
     import time
@@ -175,5 +177,7 @@ def build_app(
         created=int(time.time()),
         metrics=Metrics(engine.snapshot),
     )
-    config = ServerConfig(api_key=api_key, max_body_bytes=max_body, allowed_origins=origins or AllowedOrigins())
+    config = ServerConfig(
+        api_key=api_key, max_body_bytes=max_body, allowed_origins=origins or AllowedOrigins(), host=host
+    )
     return create_app(state, config)

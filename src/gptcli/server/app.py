@@ -52,6 +52,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     manage_engine: bool = True  # start the engine with the app, stop it when the app stops
     allowed_origins: AllowedOrigins = field(default_factory=AllowedOrigins)  # other sites' pages (--allowed-origin)
+    host: str | None = None  # the address it listens on (--host): on loopback, requests for other names are refused
 
 
 def chat_page() -> str:
@@ -117,7 +118,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     # allowed origin's page can read a 401 (a preflight needs no key).
     routes = ["/", "/health", "/metrics", *(getattr(route, "path", "") for route in served)]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(CrossSiteGuard, allowed=config.allowed_origins)
+    app.add_middleware(CrossSiteGuard, allowed=config.allowed_origins, listen_host=config.host)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     if config.allowed_origins:
         app.add_middleware(CorsHeaders, allowed=config.allowed_origins)

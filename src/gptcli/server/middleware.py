@@ -20,6 +20,7 @@ from starlette.responses import Response
 from gptcli.server.errors import APIError
 from gptcli.server.metrics import Metrics
 from gptcli.server.origins import AllowedOrigins
+from gptcli.server.serving import is_loopback
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -165,13 +166,38 @@ class CrossSiteGuard:
     A page anywhere could otherwise POST to a keyless server on the user's loopback and make the model
     generate (it cannot read the answer: no CORS headers are sent, but the machine works for it). The chat
     page is this origin's own; API clients (curl, SDKs) send no Origin. Reading (GET) stays open.
+
+    A server on a loopback address (`listen_host`, as --host gave it) also refuses any request for a name that
+    is not this machine's (DNS rebinding: a page whose name an attacker's DNS turned into 127.0.0.1 is this
+    server's own origin to the browser, so it could read every answer and pass the checks above).
     """
 
-    def __init__(self, app: ASGIApp, allowed: AllowedOrigins | None = None) -> None:
+    def __init__(self, app: ASGIApp, allowed: AllowedOrigins | None = None, listen_host: str | None = None) -> None:
         self.app = app
         self.allowed = allowed or AllowedOrigins()
+        self.on_loopback = listen_host is not None and is_loopback(listen_host)
+
+    def foreign_host(self, scope: Scope) -> str | None:
+        """The request's Host when the server is on loopback and that is not a name for this machine."""
+        host = _header(scope, b"host")
+        if not self.on_loopback or not host:  # HTTP/1.0 sends none
+            return None
+        try:
+            name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
+        except ValueError:  # "[::1" and the like
+            return host
+        local = name.endswith(".localhost") or is_loopback(name)  # --host's own name is one of these
+        return None if local else host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (host := self.foreign_host(scope)) is not None:
+            message = (
+                f"this server answers requests for localhost or a loopback address, not for {host!r}: a web page "
+                "may have had that name point at this machine (DNS rebinding)"
+            )
+            hint = "a reverse proxy in front of it should send the Host it connects to, as nginx does by default"
+            await APIError(403, f"{message} ({hint})", code="host_not_allowed").response()(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] not in {"GET", "HEAD", "OPTIONS"}:
             origin = _header(scope, b"origin")
             fetch_site = _header(scope, b"sec-fetch-site")
