@@ -814,6 +814,16 @@ def test_a_path_or_method_outside_v1_gets_the_same_404_or_405(live):
     assert error_of(wrong)["message"] == "/health takes GET, HEAD, not POST"
 
 
+def test_options_gets_the_same_404_or_405_as_any_other_method(live):
+    """Without --allowed-origin (whose preflights are answered), OPTIONS got a bare "Method Not Allowed" 405 with
+    Allow: GET, DELETE, PATCH, HEAD, POST, PUT on any path: the catch-all route's methods left it out."""
+    missing = httpx.options(live.url + "/no/such/path")
+    assert missing.status_code == 404 and error_of(missing)["code"] == "not_found", missing.text
+    wrong = httpx.options(live.v1 + "/chat/completions", headers={"Origin": "http://localhost:3000"})
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST", wrong.text
+    assert error_of(wrong)["message"] == "/v1/chat/completions takes POST, not OPTIONS"
+
+
 def test_prompt_over_the_context_is_context_length_exceeded(live):
     with pytest.raises(openai.BadRequestError) as caught:
         live.client().chat.completions.create(

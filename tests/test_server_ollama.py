@@ -213,6 +213,12 @@ def test_errors_are_ollamas_shape_with_the_status(live):
     assert xml.status_code == 400 and xml.json() == {"error": 'format: must be "json" or a JSON Schema (an object)'}
     wrong = httpx.get(live.url + "/api/chat")
     assert wrong.status_code == 405 and wrong.json() == {"error": "/api/chat takes POST, not GET"}
+    for method in ("OPTIONS", "PUT", "PATCH"):  # OPTIONS was a bare 405 (PUT and PATCH named the OpenAI routes)
+        wrong = httpx.request(method, live.url + "/api/chat")
+        assert wrong.status_code == 405 and wrong.json() == {"error": f"/api/chat takes POST, not {method}"}
+        missing = httpx.request(method, live.url + "/api/pull")
+        assert missing.status_code == 404 and missing.json()["error"].startswith("/api/pull is not supported: ")
+        assert "for the one model it serves" in missing.json()["error"], missing.text
     for path in ("/api/tags", "/api/version"):  # ollama answers HEAD there too (apps probe for a server with it)
         head = httpx.head(live.url + path)
         assert head.status_code == 200 and head.content == b"", (path, head.status_code)

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from gptcli import __version__
-from gptcli.server.errors import install_error_handlers, route_not_served
+from gptcli.server.errors import EVERY_METHOD, install_error_handlers, route_not_served
 from gptcli.server.middleware import ApiKeyGuard, BodyLimit, CorsHeaders, CrossSiteGuard, RequestCounter
 from gptcli.server.ollama_routes import router as ollama_router
 from gptcli.server.ollama_shapes import OllamaErrors
@@ -105,9 +105,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     # Last, so that it takes only what no route above serves: OpenAI's other routes (embeddings, images, audio,
     # files...) get a line naming what this server answers, and any other path (/favicon.ico, /v2/...) or
     # method (POST /health) the same 404 or 405 in OpenAI's shape, not a bare "Not Found" without a code.
-    every_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
-
-    @app.api_route("/{rest:path}", methods=every_method, include_in_schema=False)
+    @app.api_route("/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
     async def unsupported(rest: str, request: Request) -> Response:
         path = f"/{rest}"
         answers = openai_answers if path == "/v1" or path.startswith("/v1/") else other_answers

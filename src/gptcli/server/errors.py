@@ -53,6 +53,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# The methods a catch-all route takes, so that route_not_served answers each of them (OPTIONS too: left out, Starlette
+# answered it with a bare 405 on any path).
+EVERY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
 def route_not_served(path: str, method: str, routes: Iterable[BaseRoute], answers: str) -> APIError:
     """The answer to a path no route serves with this method: 405 naming the methods where one serves it with
     others, else 404 saying what the server answers instead (`answers`), as one line a client can act on."""

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from gptcli.decoding import Finished
-from gptcli.server.errors import APIError, route_not_served
+from gptcli.server.errors import EVERY_METHOD, APIError, route_not_served
 from gptcli.server.ollama_request import OllamaBody, OllamaChat, OllamaGenerate, OllamaShow, ollama_names
 from gptcli.server.ollama_shapes import (
     NDJSON,
@@ -121,7 +121,7 @@ async def generate(request: Request) -> Response:
     return await answer(request, body, writer, submitted)
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "DELETE", "HEAD"], include_in_schema=False)
+@router.api_route("/{rest:path}", methods=EVERY_METHOD, include_in_schema=False)
 async def unsupported(rest: str, request: Request) -> Response:
     """ollama's other routes (pull, create, copy, delete, push, embed): this server serves one model. One of its
     own with another method is a 405 (this route would otherwise take it)."""
