@@ -824,6 +824,40 @@ def test_options_gets_the_same_404_or_405_as_any_other_method(live):
     assert error_of(wrong)["message"] == "/v1/chat/completions takes POST, not OPTIONS"
 
 
+def test_an_unexpected_exception_is_a_500_in_openai_shape_logged_once(live, monkeypatch):
+    """A route that failed unexpectedly (asyncio.to_thread's "can't start new thread" under memory pressure) answered
+    Starlette's plain-text "Internal Server Error"."""
+    import logging
+
+    from gptcli.server import ollama_routes, openai_routes
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(openai_routes, "chat_request_prompt", no_thread)
+    monkeypatch.setattr(ollama_routes, "chat_request_prompt", no_thread)
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        failed = httpx.post(live.v1 + "/chat/completions", json=body, timeout=30)
+        ollama = httpx.post(live.url + "/api/chat", json={**body, "stream": False}, timeout=30)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert failed.status_code == 500, failed.text
+    error = error_of(failed)
+    assert error["type"] == "server_error" and error["code"] == "internal_error", error
+    assert "Traceback" not in failed.text and "can't start new thread" not in failed.text
+    assert ollama.status_code == 500 and set(ollama.json()) == {"error"}, ollama.text  # ollama's shape there
+    tracebacks = [
+        record for record in logged if record.exc_info and "can't start new thread" in str(record.exc_info[1])
+    ]
+    assert len(tracebacks) == 2, [record.getMessage() for record in logged]  # one each
+    assert httpx.get(live.url + "/health").status_code == 200  # still serving
+
+
 def test_prompt_over_the_context_is_context_length_exceeded(live):
     with pytest.raises(openai.BadRequestError) as caught:
         live.client().chat.completions.create(

@@ -119,6 +119,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return APIError(400, message, param=param, code="invalid_value").response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, _: Exception) -> JSONResponse:
+        # Starlette's outermost middleware calls this (Starlette's own was a plain-text "Internal Server Error"), then
+        # raises the exception on to uvicorn, which logs its traceback, once, and goes on serving.
+        error = APIError(500, "the server failed to answer this request (its log says why)", code="internal_error")
+        if request.url.path.startswith("/api/"):  # outside OllamaErrors, which writes ollama's shape on its routes
+            return JSONResponse({"error": error.message}, status_code=500)
+        return error.response()
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
