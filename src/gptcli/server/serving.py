@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import EXIT_INTERRUPTED, TERMINATING_SIGNALS, GptcliError, InputError, UsageError, after_hangup
+from gptcli.server.descriptors import connection_cap, quiet_accept_errors
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -124,7 +125,8 @@ def tls_files(certfile: Path | None, keyfile: Path | None) -> TlsFiles | None:
 # uvicorn's own limit, past ours: by then the engine has cancelled what was left and the streams ended.
 BACKSTOP_S = 3.0
 # Open connections at once; past it uvicorn answers 503. --max-queue bounds the requests the engine holds, but a
-# client that stops reading keeps its finished stream's output in memory: this bounds how many can.
+# client that stops reading keeps its finished stream's output in memory: this bounds how many can. Fewer where the
+# limit on open files leaves less room (descriptors.connection_cap).
 MAX_CONNECTIONS = 1024
 # A request's headers must be whole within this long of the connection opening or of the answer before (nginx's
 # client_header_timeout): a client that sent nothing, half a request line or a header a minute held a connection,
@@ -199,6 +201,7 @@ def make_server(
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            quiet_accept_errors(asyncio.get_running_loop())
             await super().startup(sockets=sockets)
             if self.started and on_ready is not None:
                 on_ready()
@@ -223,11 +226,11 @@ def make_server(
         timeout_graceful_shutdown=grace_s + BACKSTOP_S,  # type: ignore[arg-type]  (a float works: asyncio.timeout)
         lifespan="on",
         server_header=False,
-        limit_concurrency=max_connections,
         http=header_timeout_protocol(HEADER_TIMEOUT_S),
         ssl_certfile=tls and tls.certfile,
         ssl_keyfile=tls and tls.keyfile,
     )
+    config.limit_concurrency = connection_cap(max_connections)  # once Config has set up the log it may write to
     return Server(config)
 
 
