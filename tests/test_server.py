@@ -718,6 +718,23 @@ def test_bad_parameters_are_400_in_openai_shape(live):
     assert error_of(long_number)["message"] == "the request body holds a number of 5,000 digits, over 4,300"
 
 
+def test_vllm_and_llama_cpps_off_values_for_top_k_and_min_p_are_taken(live):
+    """top_k -1 (vLLM's and llama.cpp's "all tokens") and min_p 1 (vLLM takes [0, 1]) were 400s."""
+    url = live.v1 + "/chat/completions"
+    asked = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 1.0, "seed": 3}
+
+    def reply(**fields: Any) -> str:
+        response = httpx.post(url, json={**asked, **fields}, timeout=30)
+        assert response.status_code == 200, (fields, response.text)
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert reply(top_k=-1, min_p=0) == reply(top_k=0, min_p=0)  # every token
+    assert reply(min_p=1) == reply(temperature=0)  # the likeliest alone
+    for field, value in (("top_k", -2), ("min_p", 1.01)):
+        refused = httpx.post(url, json={**asked, field: value}, timeout=30)
+        assert refused.status_code == 400 and error_of(refused)["param"] == field, refused.text
+
+
 def test_nan_and_infinity_are_400s_that_say_a_number_must_be_finite(live):
     # Python's JSON reads NaN and Infinity; "temperature: NaN" was told it must be at most 2, and
     # "repetition_penalty: Infinity" (only bounded below) was taken.

@@ -88,6 +88,17 @@ def test_chat_options_are_the_sampling_settings(live):
     )
 
 
+def test_ollamas_off_values_for_top_k_and_repeat_penalty_are_taken(live):
+    """top_k -1 and repeat_penalty 0 (off in ollama's runner) were 400s; a penalty of 0 would divide logits by 0."""
+    sampled = {"temperature": 1.0, "seed": 5, "num_predict": 8, "min_p": 0}
+    off = client(live).chat(model="tiny-llama", messages=MESSAGES, options={**sampled, "top_k": 0, "repeat_penalty": 1})
+    for options in ({"top_k": -1}, {"repeat_penalty": 0}):
+        reply = client(live).chat(model="tiny-llama", messages=MESSAGES, options={**sampled, **options})
+        assert reply.message.content == off.message.content, options
+    refused = httpx.post(live.url + "/api/chat", json={"messages": MESSAGES, "options": {"repeat_penalty": -1}})
+    assert refused.status_code == 400 and refused.json()["error"].startswith("options.repeat_penalty: "), refused.text
+
+
 def test_a_message_may_leave_content_out(live):
     """As ollama reads it: empty. The /v1 routes' 400 for a message without content is not this API's."""
     body = {"messages": [{"role": "system"}, *MESSAGES], "options": GREEDY, "stream": False}

@@ -127,6 +127,8 @@ class OllamaBody(BaseModel):
         for option, field in OPTION_FIELDS.items():
             if (value := getattr(options, option)) is not None:
                 fields[field] = value
+        if options.repeat_penalty == 0:  # off in ollama's runner, as 1 is: the sampler would divide logits by 0
+            fields["repetition_penalty"] = 1.0
         if options.num_predict is not None and options.num_predict not in UNTIL_CONTEXT:
             if options.num_predict < 1:
                 until = "-1 or -2 (until the context is full)"

@@ -129,8 +129,8 @@ class SamplingRequest(StopFields, StructuredFields):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extras (vLLM and llama.cpp accept them too).
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, lt=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 and 0: every token (vLLM, llama.cpp)
+    min_p: float | None = Field(None, ge=0, le=1)  # 1: the likeliest token alone (vLLM takes [0, 1])
     repetition_penalty: float | None = Field(None, gt=0)
     # vLLM's and llama.cpp's benchmark switch: generate exactly max_tokens (no EOS, no repetition stop).
     ignore_eos: bool | None = None
@@ -200,8 +200,9 @@ class SamplingRequest(StopFields, StructuredFields):
             raise APIError(400, message, param="stream_options", code="invalid_value")
         if self.seed == -1:
             changes["seed"] = None
-        max_tokens = self.requested_max_tokens()
-        if max_tokens is not None:
+        if self.top_k == -1:
+            changes["top_k"] = 0  # the sampler's "off"
+        if (max_tokens := self.requested_max_tokens()) is not None:
             changes["max_tokens"] = max_tokens
         if self.stop is not None:
             changes["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -219,8 +220,7 @@ class SamplingRequest(StopFields, StructuredFields):
                 message = f"logit_bias: token {worst} is not in the vocabulary [0, {vocab_size})"
                 raise APIError(400, message, param="logit_bias", code="invalid_value")
             changes["logit_bias"] = bias
-        changes["logprobs"] = self.requested_logprobs()
-        changes["prompt_logprobs"] = self.requested_prompt_logprobs()
+        changes.update(logprobs=self.requested_logprobs(), prompt_logprobs=self.requested_prompt_logprobs())
         return self.stop_options(replace(defaults, **changes), vocab_size, self.max_tokens_field())
 
 
