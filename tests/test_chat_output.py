@@ -77,6 +77,12 @@ def test_a_chat_file_without_an_output_format_resumes_as_free_text(tiny_models, 
     assert run.returncode == 3 and said.startswith(
         "error: conversation 20200101-000000-0ld1: its output format: JSON Schema keyword not supported: uniqueItems"
     ), said
+    nothing = {**old, "output": {"json_schema": {"$ref": "#"}}}  # refused only against the vocabulary (QA)
+    (chats / "20200101-000000-0ld1.json").write_text(json.dumps(nothing), encoding="utf-8")
+    run = run_cli("chat", "-m", str(tiny_models["llama"]), "--resume", "20200101-000000-0ld1", input="x\n")
+    assert run.stderr.decode().startswith(
+        "error: conversation 20200101-000000-0ld1: its output format: invalid JSON Schema: it matches no text at all"
+    ), run.stderr.decode()
     replies, _ = chat(tiny_models, "--resume", "20200101-000000-0ld1", "--format", "text", lines="x\n")
     assert replies  # a format given now replaces it (exit 0: chat() checks)
 

@@ -47,7 +47,9 @@ def open_conversation(
     if output_given:
         conversation.output = output
     elif conversation.output is not None:  # checked before the model loads, as the flags are
-        check(conversation.output, f"conversation {conversation.id}: its output format")
+        where = f"conversation {conversation.id}: its output format"  # named too where the vocabulary refuses it
+        conversation.output = replace(conversation.output, where=where)
+        check(conversation.output, where)
     if Path(settings.model).expanduser().exists():  # a folder or file: remember where, for a later --resume
         settings = replace(settings, model=str(Path(settings.model).expanduser().resolve()))
     conversation.model = settings.model
