@@ -209,6 +209,11 @@ def test_generate_with_template(tiny_models):
     )
     assert shorthand.returncode == 0, shorthand.stderr.decode()
     assert json.loads(shorthand.stdout)["usage"] == data["usage"]
+    both = run_cli("generate", "Hello", "--to", "French", "--question", "what")  # QA: "translate has no 'question'"
+    assert both.returncode == 2 and both.stderr.decode().splitlines() == [
+        "error: --to and --question ask for two templates (translate, qa)",
+        "hint: give one of them",
+    ]
 
 
 def test_a_summarize_template_with_a_variable_summarize_does_not_fill_names_the_file(tmp_path):

@@ -269,6 +269,21 @@ def get_template(name: str) -> Template:
     )
 
 
+# generate's shorthands: a flag that sets one variable of a built-in template, and the template it implies
+SHORTHANDS = (("to", "translate"), ("question", "qa"))
+
+
+def with_shorthands(template: str | None, variables: list[str], **given: str | None) -> tuple[str | None, list[str]]:
+    """The template and `--var`s after `--to` and `--question` (the translate and qa templates' variables): one
+    template at a time, so not both (the second read as an unknown variable of the first)."""
+    named = [(name, value, implied) for name, implied in SHORTHANDS if (value := given.get(name)) is not None]
+    if len(named) > 1:
+        raise UsageError("--to and --question ask for two templates (translate, qa)", hint="give one of them")
+    for name, value, implied in named:
+        variables, template = [*variables, f"{name}={value}"], template or implied
+    return template, variables
+
+
 def parse_vars(pairs: Sequence[str]) -> dict[str, str]:
     """`k=v` strings (from repeated --var) into a dict."""
     out: dict[str, str] = {}

@@ -154,11 +154,9 @@ def generate(
         return run_batch_file(settings, batch, **options)
     if output is not None or resume or kv_budget is not None:
         raise UsageError("--output, --resume and --kv-budget go with --batch", hint="one completion needs none of them")
-    # --to and --question are shorthands for the translate and qa templates' variables.
-    for name, value, implied in (("to", to, "translate"), ("question", question, "qa")):
-        if value is not None:
-            var = [*(var or []), f"{name}={value}"]
-            template = template or implied
+    from gptcli.templates import with_shorthands
+
+    template, var = with_shorthands(template, var or [], to=to, question=question)
     chosen = None
     if template is not None:
         from gptcli.templates import apply_sampling_defaults, get_template, parse_vars
