@@ -135,3 +135,13 @@ def test_an_over_long_line_from_a_pipe_gets_its_error_before_the_line_ends(tiny_
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_a_piped_line_that_is_not_utf8_is_named_by_its_line(tiny_models, tok, isolated_home):
+    """QA: 'standard input is not valid UTF-8 (byte 3)' counted the byte within its line, not within stdin."""
+    env = scripted_env(say(tok, "One.") + say(tok, "Two."))
+    result = run_cli(
+        "chat", "-m", str(tiny_models["llama"]), "-b", "scripted", "--jsonl", input=b"hi\nab\xffc\n", env=env
+    )
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert records[1]["error"] == "standard input, line 2, is not valid UTF-8 (byte 2)", records

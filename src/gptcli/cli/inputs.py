@@ -67,14 +67,16 @@ def stdin_lines(limit: Limit = CHAT_MESSAGE) -> Iterator[str | InputError]:
     if buffer is None:
         yield from (line.rstrip("\n") for line in sys.stdin)
         return
+    number = 0
     while raw := buffer.readline(limit.max_bytes + 1):
+        number += 1
         if len(raw) > limit.max_bytes and not raw.endswith(b"\n"):
             yield over_limit(f"{STDIN}, a line", limit)  # at once: a pipe's line may never end
             while (rest := buffer.readline(limit.max_bytes)) and not rest.endswith(b"\n"):
                 pass
             continue
-        try:
-            yield decode_text(raw, STDIN, line=True).rstrip("\r\n")
+        try:  # a bad byte's place is counted in its line: the line is named
+            yield decode_text(raw, f"{STDIN}, line {number},", line=True).rstrip("\r\n")
         except InputError as exc:
             yield exc
 
