@@ -6,6 +6,8 @@ The browser's side is in tests/test_server_browser.py; here the headers, the ref
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests.conftest import run_cli
@@ -196,3 +198,8 @@ def test_a_server_beyond_loopback_answers_any_host():
     assert status("0.0.0.0", b"gpu-box.lan:8080") == 200 and status("192.168.1.5", b"rebind.example") == 200
     assert status("127.0.0.1", b"gpu-box.lan:8080") == 403 and status("::1", b"rebind.example") == 403
     assert status("localhost", b"LOCALHOST:8080") == 200 and status("127.0.0.1", b"[::1]:8080") == 200
+    # QA: ollama's clients with OLLAMA_HOST=0.0.0.0:PORT send that Host; ollama allows these names and addresses too
+    for allowed in (b"0.0.0.0:8080", b"[::]:8080", b"192.168.1.5", b"printer.local", b"box.internal"):
+        assert status("127.0.0.1", allowed) == 200, allowed
+    assert status("127.0.0.1", socket.gethostname().encode()) == 200
+    assert status("127.0.0.1", b"8.8.8.8") == 403 and status("127.0.0.1", b"local.attacker.example") == 403

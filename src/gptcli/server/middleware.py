@@ -8,8 +8,10 @@ why its request was refused (a 401), and an unauthenticated or cross-site client
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -159,6 +161,23 @@ def preflight_headers(scope: Scope, origin: str) -> dict[str, str]:
     return headers
 
 
+# Names a DNS rebinding cannot take (ollama's list): special-use or local-network domains no public DNS answers for
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+def this_machine(name: str) -> bool:
+    """`name` (a Host's, lowercase, port and trailing dot left off) names this machine or its local network, as
+    ollama allows on a loopback server: localhost and *.localhost, *.local and *.internal, the machine's own host
+    name, or an IP address that is loopback, private or unspecified (`OLLAMA_HOST=0.0.0.0:11434` clients send that)."""
+    if name == "localhost" or name.endswith(LOCAL_SUFFIXES) or is_loopback(name):
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return name == socket.gethostname().lower()
+    return address.is_private or address.is_unspecified
+
+
 class CrossSiteGuard:
     """Refuse (403) a request that another site's web page made a browser send, as ollama does by default, unless
     that site's origin is allowed (--allowed-origin).
@@ -186,16 +205,15 @@ class CrossSiteGuard:
             name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
         except ValueError:  # "[::1" and the like
             return host
-        local = name.endswith(".localhost") or is_loopback(name)  # --host's own name is one of these
-        return None if local else host
+        return None if this_machine(name) else host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (host := self.foreign_host(scope)) is not None:
             message = (
-                f"this server answers requests for localhost or a loopback address, not for {host!r}: a web page "
+                f"this server answers requests for this machine's names and addresses, not for {host!r}: a web page "
                 "may have had that name point at this machine (DNS rebinding)"
             )
-            hint = "a reverse proxy in front of it should send the Host it connects to, as nginx does by default"
+            hint = "a reverse proxy before it should send this machine's Host (nginx: proxy_set_header Host localhost)"
             await APIError(403, f"{message} ({hint})", code="host_not_allowed").response()(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] not in {"GET", "HEAD", "OPTIONS"}:
