@@ -875,6 +875,24 @@ def test_an_unexpected_exception_is_a_500_in_openai_shape_logged_once(live, monk
     assert httpx.get(live.url + "/health").status_code == 200  # still serving
 
 
+def test_an_allowed_origins_page_can_read_the_500_too(runtime, monkeypatch):
+    """QA: the 500 (written outside every middleware) had no CORS headers, so an allowed page could not read it."""
+    from gptcli.server import openai_routes
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(openai_routes, "chat_request_prompt", no_thread)
+    page = "http://localhost:3000"
+    with serve_runtime(runtime, allowed_origins=(page,)) as server:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        failed = httpx.post(server.v1 + "/chat/completions", json=body, headers={"Origin": page}, timeout=30)
+        other = httpx.post(server.v1 + "/chat/completions", json=body, headers={"Origin": "http://x.test"}, timeout=30)
+    assert failed.status_code == 500 and failed.headers["access-control-allow-origin"] == page, failed.headers
+    assert "Origin" in failed.headers["vary"]
+    assert "access-control-allow-origin" not in other.headers  # another origin's: refused before, and no CORS
+
+
 def test_prompt_over_the_context_is_context_length_exceeded(live):
     with pytest.raises(openai.BadRequestError) as caught:
         live.client().chat.completions.create(

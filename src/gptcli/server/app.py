@@ -120,6 +120,7 @@ def create_app(state: ServerState, config: ServerConfig | None = None) -> FastAP
     app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     if config.allowed_origins:
         app.add_middleware(CorsHeaders, allowed=config.allowed_origins)
+        app.state.allowed_origins = config.allowed_origins  # the 500 handler, outside every middleware, adds them too
     app.add_middleware(OllamaErrors)  # /api/*'s errors, the middleware's above too, in ollama's shape
     app.add_middleware(RequestCounter, metrics=state.metrics, routes=routes)
     return app

@@ -125,8 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
         # raises the exception on to uvicorn, which logs its traceback, once, and goes on serving.
         error = APIError(500, "the server failed to answer this request (its log says why)", code="internal_error")
         if request.url.path.startswith("/api/"):  # outside OllamaErrors, which writes ollama's shape on its routes
-            return JSONResponse({"error": error.message}, status_code=500)
-        return error.response()
+            response = JSONResponse({"error": error.message}, status_code=500)
+        else:
+            response = error.response()
+        allowed = getattr(request.app.state, "allowed_origins", None)  # outside CorsHeaders too: its headers here
+        if allowed is not None:
+            response.raw_headers.extend(allowed.answer_headers(request.headers.get("origin")))
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -128,7 +128,7 @@ class CorsHeaders:
         if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method") is not None:
             await Response(status_code=204, headers=preflight_headers(scope, origin))(scope, receive, send)
             return
-        added = [(b"access-control-allow-origin", origin.encode("latin-1")), *CORS_HEADERS]
+        added = self.allowed.answer_headers(origin)
 
         async def with_cors(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -138,7 +138,6 @@ class CorsHeaders:
         await self.app(scope, receive, with_cors)
 
 
-CORS_HEADERS = [(b"vary", b"Origin"), (b"access-control-expose-headers", b"Retry-After")]
 # What a page may send when it asks for no headers, or for some that are not header names.
 DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type"
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9a-z-]+)*", re.IGNORECASE)

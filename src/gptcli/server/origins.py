@@ -53,6 +53,17 @@ class AllowedOrigins:
     def __bool__(self) -> bool:
         return self.any_origin or bool(self.origins)
 
+    def answer_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
+        """The CORS headers every answer to a page of `origin` carries when it is allowed (none otherwise): it may
+        read the answer, and Retry-After on a 503 or a 429."""
+        if origin is None or not self.allows(origin):
+            return []
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"vary", b"Origin"),
+            (b"access-control-expose-headers", b"Retry-After"),
+        ]
+
     def allows(self, origin: str | None) -> bool:
         if origin is None:
             return False
