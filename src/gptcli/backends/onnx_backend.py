@@ -197,7 +197,12 @@ class OnnxBackend:
             device=device,
             kv_bytes_per_token=_kv_bytes_per_token(model, meta["io"]["kv_dtype"]),
         )
-        return cls(session, info, meta, device)
+        try:
+            return cls(session, info, meta, device)
+        except (OSError, MemoryError) as exc:  # the KV pool's pages (ENOMEM under `ulimit -v`)
+            if allocation_failed(exc):
+                raise out_of_memory(f"loading {export.model_path}") from None
+            raise
 
     @staticmethod
     def _session(path: Path, device: str, threads: int | None, spin: bool = True) -> Any:
