@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gptcli.server.errors import APIError
 from gptcli.server.schemas import REQUEST_MODEL, ChatRequest, SamplingRequest, validate_body
@@ -75,7 +75,7 @@ class OllamaOptions(BaseModel):
     seed: int | None = None
     num_predict: int | None = None
     stop: str | list[str] | None = None
-    repeat_penalty: float | None = None
+    repeat_penalty: float | None = Field(None, ge=0)  # 0 is off, as 1 is (openai_fields)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_ctx: int | None = None  # the model's own context is used
