@@ -136,6 +136,7 @@ DOUBLING = "{% set x = namespace(s='a') %}{% for i in range(40) %}{% set x.s = x
         ("{{ [1]|batch(10**9, 0)|list }}", "a batch of 1,000,000,000 items"),
         ("{{ [1]|slice(10**9)|list }}", "a slice into parts of 1,000,000,000 items"),
         ("{{ messages|tojson(indent=10**9) }}", "a tojson indent of 1,000,000,000"),
+        ("{{ messages|tojson(indent=' ' * 10**6) }}", "a tojson indent of 1,000,000"),
     ],
 )
 def test_every_way_a_template_builds_a_value_is_bounded_before_it_is_made(tiny_models, tmp_path, text, says):
@@ -150,6 +151,17 @@ def test_every_way_a_template_builds_a_value_is_bounded_before_it_is_made(tiny_m
     with pytest.raises(InputError, match=f"^{re.escape(str(template))}: the chat template stopped: .*{says}"):
         build_prompt(tokenizer, ASK)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: under 512 MB more
+
+
+def test_tojson_takes_transformers_arguments_in_its_order(tiny_models, tmp_path):
+    """QA: sort_keys and separators were dropped, and a positional argument was the indent (transformers':
+    ensure_ascii)."""
+    text = (
+        "{{ {'b': 1, 'a': 'é'}|tojson(sort_keys=true) }}|{{ {'b': 1, 'a': 'é'}|tojson(separators=(',', ':')) }}|"
+        "{{ 'é'|tojson(true) }}|{{ [1]|tojson(indent=1) }}"
+    )
+    tokenizer = open_with(tiny_models["llama"], write(tmp_path, text)).tokenizer
+    assert tokenizer.render_chat(ASK) == '{"a": "é", "b": 1}|{"b":1,"a":"é"}|"\\u00e9"|[\n 1\n]'
 
 
 def test_bounded_templates_still_render_what_real_ones_do(tiny_models, tmp_path):

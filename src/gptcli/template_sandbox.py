@@ -202,10 +202,14 @@ def template_environment(source: Path) -> Any:
     def raise_exception(message: str) -> None:
         raise ChatTemplateRefusal(f"{source}: chat template error: {message}")
 
-    def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-        if isinstance(indent, int) and indent > MAX_JSON_INDENT:
-            raise TemplateTooCostly(f"a tojson indent of {indent:,}, over {MAX_JSON_INDENT}")
-        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+    def tojson(
+        value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        """transformers' tojson (its arguments in its order: no HTML escaping), its indent bounded."""
+        width = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
+        if width > MAX_JSON_INDENT:
+            raise TemplateTooCostly(f"a tojson indent of {width:,}, over {MAX_JSON_INDENT}")
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters.update({name: _checked(env.filters[name], check) for name, check in FILTER_CHECKS.items()})
