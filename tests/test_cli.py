@@ -580,7 +580,7 @@ def test_help_at_80_columns_keeps_words_and_examples_whole(argv, command, capsys
     monkeypatch.setenv("COLUMNS", "80")
     assert run([*argv, "--help"]) == 0
     out = capsys.readouterr().out
-    assert "<bool>" not in out
+    assert "<bool>" not in out and "<parse>" not in out  # QA: `-r, --resume <parse>` (its parser's name)
     assert max(len(line) for line in out.splitlines()) <= 80, out
     shown = {line.strip() for line in out.splitlines()}
     doc = _docstring(command)

@@ -47,7 +47,8 @@ def chat(
     grammar: c.GrammarOpt = None,
     continue_: Annotated[bool, typer.Option("--continue", help="Resume the most recent conversation.")] = False,
     resume: Annotated[
-        str | None, typer.Option("--resume", "-r", help="Resume a saved conversation (id).", parser=c.nonempty_id)
+        str | None,
+        typer.Option("--resume", "-r", help="Resume a saved conversation (id).", parser=c.nonempty_id, metavar="<id>"),
     ] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text replies (no Markdown rendering).")] = False,
     jsonl: Annotated[
