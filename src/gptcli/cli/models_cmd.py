@@ -34,7 +34,7 @@ def human_size(n: int | None) -> str:
 
 @app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The catalogue (cached, pulled or pullable) and what else is in the cache, with sizes and licences.
+    """The catalogue (cached, installed, pulled or pullable) and what else is in the cache, with sizes and licences.
 
     Example: gptcli models list
     """
