@@ -161,9 +161,9 @@ def test_slash_commands(tok, tmp_path):
     assert "/retry" in run_command(chat, "/help").output
     assert run_command(chat, "/set temperature 0.4").output == "temperature = 0.4"
     assert chat.settings.sampling.temperature == 0.4
-    assert run_command(chat, "/set seed none").output == "seed = None"
+    assert run_command(chat, "/set seed none").output == "seed = none"  # as /set takes it (it said None)
     assert run_command(chat, "/set stop a,b").output == "stop = a, b"  # was the tuple's repr: ('a', 'b')
-    assert run_command(chat, "/set stop none").output == "stop = "  # none again, as for seed
+    assert run_command(chat, "/set stop none").output == "stop = none"  # none again, as for seed
     with pytest.raises(UsageError, match="unknown setting 'temprature' \\(did you mean 'temperature'\\?\\)"):
         run_command(chat, "/set temprature 1")
     with pytest.raises(UsageError, match=r"^/set: sampling\.top_p must be in \(0, 1\]"):

@@ -321,6 +321,7 @@ def test_with_url_it_is_a_usage_error(chatml_file, command):
     result = run_cli(*command, *url, "--chat-template", str(chatml_file), input="text\n")
     assert result.returncode == EXIT_USAGE, result.stderr.decode()
     assert "--chat-template: not used with --url (the model runs on the server)" in result.stderr.decode()
+    assert "hint: drop it, or drop --url to run the model here" in result.stderr.decode()  # one flag: "it" (QA)
 
 
 # ------------------------------------------------------------------------------------------------ chat

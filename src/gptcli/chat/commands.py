@@ -122,8 +122,11 @@ def parse_format(arg: str) -> OutputConstraint | None:
 
 
 def _shown(value: object) -> str:
-    """A setting's value as /show and /set print it: stop strings comma-separated, as /set takes them."""
-    return ", ".join(value) if isinstance(value, tuple) else str(value)
+    """A setting's value as /show and /set print it, as /set takes it: stop strings comma-separated, no value as
+    `none` (a seed's: random), not Python's None or an empty line."""
+    if isinstance(value, tuple):
+        return ", ".join(value) or "none"
+    return "none" if value is None else str(value)
 
 
 def stats_text(chat: ChatSession) -> str:

@@ -36,7 +36,7 @@ def check_client_flags(url: str | None, timeout: float | None = None, **flags: A
     if url is not None and given:
         raise UsageError(
             f"{', '.join(given)}: not used with --url (the model runs on the server)",
-            hint="drop them, or drop --url to run the model here",
+            hint=f"drop {'them' if len(given) > 1 else 'it'}, or drop --url to run the model here",
         )
 
 
