@@ -106,7 +106,7 @@ def test_any_origin_with_a_key_but_null_only_by_name(tiny_models, tok):
     [
         ("http://localhost:3000/", "did you mean --allowed-origin http://localhost:3000?"),
         ("https://app.example.com/chat?x=1", "did you mean --allowed-origin https://app.example.com?"),
-        ("localhost:3000", "e.g. --allowed-origin http://localhost:3000"),
+        ("localhost:4000", "did you mean --allowed-origin http://localhost:4000?"),  # QA: it gave the fixed example
         ("http://localhost:99999", "e.g. --allowed-origin http://localhost:3000"),
         ("http://user@host", "e.g. --allowed-origin http://localhost:3000"),
         ("https://*.example.com", "e.g. --allowed-origin http://localhost:3000"),

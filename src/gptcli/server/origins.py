@@ -105,7 +105,9 @@ def _checked(text: str) -> str:
     if origin is not None:
         return origin
     scheme, sep, rest = text.partition("://")
-    cut = origin_of(f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0]}") if sep else None
+    if not sep:  # `localhost:4000`: a page's origin has its scheme (http:// for a local dev server)
+        scheme, rest = "http", text
+    cut = origin_of(f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0]}")
     raise UsageError(
         f"allowed origin {text!r} (--allowed-origin or GPTCLI_ALLOWED_ORIGINS) is not an origin: "
         "scheme://host[:port], without a path",
