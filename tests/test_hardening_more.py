@@ -582,6 +582,8 @@ def test_options_and_environment_that_were_ignored_or_crashed(tmp_path):
     result = run_cli("generate", "hi", "-b", "x", env={"GPTCLI_BACKEND_PATHS": "x=os:path"})
     message = "error: backend 'x' (GPTCLI_BACKEND_PATHS): os:path is not a backend class (no load, unavailable_reason)"
     assert first_error(result) == message and result.returncode == 4
+    hint = "hint: check GPTCLI_BACKEND_PATHS (name=module:Class, its module importable)"
+    assert hint in result.stderr.decode()  # QA: "reinstall or remove the plugin", of nothing installed
     (tmp_path / "a-file").write_text("")
     home = tmp_path / "a-file" / "home"
     result = run_cli("generate", "hi", "-n", "2", env={"GPTCLI_HOME": str(home)})

@@ -253,7 +253,7 @@ class BackendSpec:
         if self.conflict:
             raise BackendError(self.conflict, hint="uninstall the plugin or rename its entry point")
         module_name, _, attr = self.target.partition(":")
-        hint = PLUGIN_HINT
+        hint = PATHS_HINT if self.origin == PATHS_VARIABLE else PLUGIN_HINT  # the variable named what did not load
         try:
             with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints must not mix into stdout (--json)
                 module = importlib.import_module(module_name)
@@ -281,6 +281,8 @@ def registered_spec(backend: Backend | type[Backend]) -> BackendSpec | None:
 
 
 PLUGIN_HINT = "reinstall or remove the plugin; `gptcli backends` lists every backend"
+PATHS_VARIABLE = "GPTCLI_BACKEND_PATHS"  # name=module:Class,... : backends from importable modules, no install
+PATHS_HINT = f"check {PATHS_VARIABLE} (name=module:Class, its module importable); `gptcli backends` lists them all"
 
 
 def unavailable_reason(backend: type[Backend], who: str, device: str) -> str | None:
@@ -320,9 +322,9 @@ def list_backends() -> list[BackendSpec]:
     specs = [spec for spec in map(_builtin_spec, BUILTINS) if spec is not None]
     # GPTCLI_BACKEND_PATHS="name=module:Class,..." registers backends from importable modules
     # without packaging them (for trying out a backend, and for tests).
-    for item in filter(None, os.environ.get("GPTCLI_BACKEND_PATHS", "").split(",")):
+    for item in filter(None, os.environ.get(PATHS_VARIABLE, "").split(",")):
         name, _, target = item.partition("=")
-        specs.append(BackendSpec(name.strip(), target.strip(), "GPTCLI_BACKEND_PATHS"))
+        specs.append(BackendSpec(name.strip(), target.strip(), PATHS_VARIABLE))
     allowed = plugin_filter()
     for ep in plugin_entry_points():
         if allowed is not None and ep.name not in allowed:
