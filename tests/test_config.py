@@ -84,6 +84,8 @@ def test_a_key_given_twice_is_an_error_not_a_setting_quietly_lost(tmp_path):
         ({"sampling.top_p": 1.5}, "sampling.top_p must be in (0, 1], got 1.5"),
         ({"sampling.max_tokens": 0}, "sampling.max_tokens must be >= 1, got 0"),
         ({"device": "gpu"}, "device must be one of auto, cpu, cuda, got 'gpu'"),
+        ({"sampling.top_k": -2}, "sampling.top_k must be >= -1 (0 or -1, vLLM's, turns it off), got -2"),
+        ({"sampling.min_p": 1.5}, "sampling.min_p must be in [0, 1] (1: the likeliest token alone), got 1.5"),
     ],
 )
 def test_range_errors_name_key_and_flag(tmp_path, flags, message):
@@ -91,6 +93,12 @@ def test_range_errors_name_key_and_flag(tmp_path, flags, message):
         resolve(flags=flags, environ={}, user_file=tmp_path / "none.yaml")
     assert message in str(info.value)
     assert "--" in info.value.hint
+
+
+def test_the_off_values_the_server_takes_are_taken_by_flags_and_batch_lines_too(tmp_path):
+    """QA: the server took vLLM's top_k -1 and min_p 1, and a batch line or --top-k -1 refused them."""
+    settings = resolve(flags={"sampling.top_k": -1, "sampling.min_p": 1}, environ={}, user_file=tmp_path / "n.yaml")
+    assert (settings.settings.sampling.top_k, settings.settings.sampling.min_p) == (-1, 1)
 
 
 def test_bad_env_value_names_the_variable(tmp_path):

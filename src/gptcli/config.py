@@ -138,9 +138,11 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("allow_pickle", bool, "--allow-pickle"),
         FieldSpec("trust_remote_code", bool, "--trust-remote-code"),
         FieldSpec("sampling.temperature", float, "--temperature", lambda v: v >= 0, ">= 0"),
-        FieldSpec("sampling.top_k", int, "--top-k", lambda v: v >= 0, ">= 0 (0 turns it off)"),
+        FieldSpec("sampling.top_k", int, "--top-k", lambda v: v >= -1, ">= -1 (0 or -1, vLLM's, turns it off)"),
         FieldSpec("sampling.top_p", float, "--top-p", lambda v: 0 < v <= 1, "in (0, 1]"),
-        FieldSpec("sampling.min_p", float, "--min-p", lambda v: 0 <= v < 1, "in [0, 1)"),
+        FieldSpec(
+            "sampling.min_p", float, "--min-p", lambda v: 0 <= v <= 1, "in [0, 1] (1: the likeliest token alone)"
+        ),
         FieldSpec("sampling.repetition_penalty", float, "--repetition-penalty", lambda v: v > 0, "> 0"),
         FieldSpec("sampling.frequency_penalty", float, "--frequency-penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
         FieldSpec("sampling.presence_penalty", float, "--presence-penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
