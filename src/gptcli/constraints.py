@@ -199,10 +199,8 @@ def check(constraint: OutputConstraint, where: str) -> None:
     except ValueError as exc:
         failed, messages = True, [str(exc)]
     if failed:
-        raise ConfigError(
-            f"{where}: {describe(constraint, messages[0] if messages else '')}",
-            hint=hint_for(constraint, messages[0] if messages else ""),
-        )
+        message = messages[0] if messages else ""
+        raise ConfigError(f"{where}: {describe(constraint, message)}", hint=hint_for(constraint, message))
     if wide := wide_object(constraint):  # it compiles, but the reply would fail at this object's `{`
         raise ConfigError(f"{where}: {wide}", hint=SCHEMA_HINT)
 

@@ -91,6 +91,17 @@ def _check_str_method(text: str, name: str, args: tuple[Any, ...], kwargs: dict[
         _check_format(text, args, kwargs if name == "format" else (args[0] if args else {}))
 
 
+def _joined(parts: Iterable[str], too_long: Callable[[int], str]) -> str:
+    """`parts` joined, stopped (TemplateTooCostly, saying too_long(length so far)) once they pass MAX_RENDERED."""
+    pieces, size = [], 0
+    for piece in parts:
+        size += len(piece)
+        if size > MAX_RENDERED:
+            raise TemplateTooCostly(too_long(size))
+        pieces.append(piece)
+    return "".join(pieces)
+
+
 def _checked(original: Callable[..., Any], check: Callable[..., None]) -> Callable[..., Any]:
     """A jinja2 filter that calls check(value, *args, **kwargs) before `original`; an eval context or environment
     the filter takes first is passed through to it, not to the check."""
@@ -111,10 +122,8 @@ def _over_repeated(count: Any, what: str) -> None:
 
 
 def _check_indent(value: Any, width: Any = 4, *_: Any, **__: Any) -> None:
-    text = str(value)
-    _check_text(
-        len(text) + (text.count("\n") + 1) * (width if isinstance(width, int) else len(str(width))), "an indent"
-    )
+    text, pad = str(value), width if isinstance(width, int) else len(str(width))
+    _check_text(len(text) + (text.count("\n") + 1) * pad, "an indent")
 
 
 def _check_join(value: Any, d: Any = "", attribute: Any = None) -> None:
@@ -162,18 +171,13 @@ def template_environment(source: Path) -> Any:
         intercepted_binops = frozenset({"*", "+", "%"})
 
         def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]  # `~`, {% set %} blocks, macros
-            pieces, size = [], 0
-            for piece in parts:
-                size += len(piece)
-                _check_text(size, "a text")
-                pieces.append(piece)
-            return "".join(pieces)
+            return _joined(parts, lambda size: f"a text of {size:,} characters, over {MAX_RENDERED:,}")
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "*":
                 count, seq = (left, right) if isinstance(left, int) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEATED:
-                    raise TemplateTooCostly(f"a repetition of {len(seq) * count:,} items, over {MAX_REPEATED:,}")
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                    _over_repeated(len(seq) * count, "a repetition")
             elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 _check_text(len(left) + len(right), "a concatenation")
             elif operator == "%" and isinstance(left, str):
@@ -239,12 +243,6 @@ def render_bounded(template: Any, **variables: Any) -> str:
     before = sys.gettrace()  # a debugger's or coverage's, given back after
     sys.settrace(template_frames)
     try:
-        parts, size = [], 0
-        for part in template.generate(**variables):
-            size += len(part)
-            if size > MAX_RENDERED:
-                raise TemplateTooCostly(f"it renders over {MAX_RENDERED:,} characters")
-            parts.append(part)
-        return "".join(parts)
+        return _joined(template.generate(**variables), lambda _: f"it renders over {MAX_RENDERED:,} characters")
     finally:
         sys.settrace(before)

@@ -6,14 +6,13 @@ which starts it, is `gptcli.bench.isolation.run_isolated`.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from typing import Any
 
 from gptcli.bench.job import Job
 from gptcli.bench.runner import run_job
-from gptcli.errors import EXIT_INTERRUPTED, STOP_SIGNALS, GptcliError, ignore_stops
+from gptcli.errors import EXIT_INTERRUPTED, STOP_SIGNALS, GptcliError, debug_enabled, ignore_stops
 
 
 def _notify(message: str) -> None:
@@ -48,7 +47,7 @@ def main() -> int:
     except GptcliError as exc:
         result = {"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
     except Exception as exc:
-        if os.environ.get("GPTCLI_DEBUG", "") not in {"", "0", "false"}:
+        if debug_enabled():
             raise
         result = {"error": f"internal error: {type(exc).__name__}: {exc}", "hint": "set GPTCLI_DEBUG=1", "exit_code": 1}
     print(json.dumps(result), flush=True)

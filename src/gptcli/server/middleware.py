@@ -22,7 +22,7 @@ from starlette.responses import Response
 from gptcli.server.errors import APIError
 from gptcli.server.metrics import Metrics
 from gptcli.server.origins import AllowedOrigins
-from gptcli.server.serving import is_loopback
+from gptcli.server.serving import LOOPBACK_NAMES, is_loopback
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -168,13 +168,13 @@ def this_machine(name: str) -> bool:
     """`name` (a Host's, lowercase, port and trailing dot left off) names this machine or its local network, as
     ollama allows on a loopback server: localhost and *.localhost, *.local and *.internal, the machine's own host
     name, or an IP address that is loopback, private or unspecified (`OLLAMA_HOST=0.0.0.0:11434` clients send that)."""
-    if name == "localhost" or name.endswith(LOCAL_SUFFIXES) or is_loopback(name):
+    if name in LOOPBACK_NAMES or name.endswith(LOCAL_SUFFIXES):
         return True
     try:
         address = ipaddress.ip_address(name.strip("[]"))
     except ValueError:
         return name == socket.gethostname().lower()
-    return address.is_private or address.is_unspecified
+    return address.is_private or address.is_unspecified  # private: loopback addresses too
 
 
 class CrossSiteGuard:

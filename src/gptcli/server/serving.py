@@ -247,8 +247,7 @@ def run_server(server: Any, sock: socket.socket) -> None:
         # The terminal closed (uvicorn does not take SIGHUP, which would kill the process as kill -9 does): the
         # same graceful stop as SIGTERM, with the terminal's output sent to /dev/null, where writing cannot fail.
         after_hangup(signum)
-        if not server.started:
-            raise SystemExit(0)
+        on_sigterm(signum, frame)
         server.handle_exit(signal.SIGTERM, frame)
 
     handlers = {signal.SIGTERM: on_sigterm, **{sig: on_sighup for sig in TERMINATING_SIGNALS if sig != signal.SIGTERM}}

@@ -239,6 +239,13 @@ def recorded_config(checkpoint: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def init_block(block_size: int, model: Path) -> int:
+    """The tokens an --init run trains on at a time: its model.block_size, capped at `model`'s context."""
+    from gptcli.hf import context_length, read_config
+
+    return min(block_size, context_length(read_config(model)))
+
+
 def config_as_trained(config: dict[str, Any], model: Path | None) -> dict[str, Any]:
     """A run's config as the model it trains: for an --init run, the model section's shape and data.vocab_size are
     those of `model` (the init model's folder, or the run's own: the same shape), where the config keeps its preset's
@@ -246,15 +253,15 @@ def config_as_trained(config: dict[str, Any], model: Path | None) -> dict[str, A
     if not config.get("init") or model is None:
         return config
     from gptcli.errors import ModelError
-    from gptcli.hf import context_length, read_architecture, read_config
+    from gptcli.hf import read_architecture
 
-    try:
-        arch, context = read_architecture(model), context_length(read_config(model))
-    except (ModelError, OSError):
-        return config  # the run's files are gone or damaged: the config as written
     section = dict(config.get("model") or {})
     block = section.get("block_size")
-    trained_block = min(block, context) if isinstance(block, int) else context
+    try:
+        arch = read_architecture(model)
+        trained_block = init_block(block if isinstance(block, int) else arch.context, model)
+    except (ModelError, OSError):
+        return config  # the run's files are gone or damaged: the config as written
     section.update(n_layer=arch.layers, n_head=arch.heads, n_embd=arch.hidden, block_size=trained_block)
     return {**config, "model": section, "data": {**(config.get("data") or {}), "vocab_size": arch.vocab}}
 

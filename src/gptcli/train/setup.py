@@ -224,9 +224,7 @@ def resolve_run(
 
     block = cfg.model.block_size
     if init_folder is not None:
-        from gptcli.hf import context_length, read_config
-
-        block = min(block, context_length(read_config(init_folder)))
+        block = ckpt.init_block(block, init_folder)
         if block < cfg.model.block_size:
             notify(f"note: model.block_size {cfg.model.block_size} is past {cfg.init}'s context: training at {block}")
         try:
