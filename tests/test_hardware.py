@@ -156,18 +156,23 @@ def test_dtype_auto_stays_float32_on_transformers_engine(tiny_models, monkeypatc
 
 
 def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
+    from gptcli.backends.int8_native import reported_choice
     from gptcli.bench.environment import environment
 
     assert run(["backends", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     expected = hardware.isa_summary()
+    int8 = reported_choice(hardware.default_threads())  # this machine's (no int8 model loaded in this home yet)
     assert rows["torch"]["auto"] == {
         **expected,
         "float32_one_row_kernel": None,  # nothing decoded in this home yet
         "float32_one_row_reason": "measured when a model is first decoded here",
+        "int8_kernel": int8["kernel"],
+        "int8_kernel_reason": int8["reason"],
     }
     env = environment()
     assert env["torch_cpu_dtype_auto"] == expected["torch_cpu_dtype_auto"] and env["cpu_isa"] == expected["cpu_isa"]
+    assert env["torch_int8_kernel"] == int8["kernel"]
 
 
 def test_default_threads_counts_the_physical_cores_under_our_cpus(tmp_path, monkeypatch):

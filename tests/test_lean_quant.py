@@ -91,7 +91,7 @@ def test_tied_embedding_reads_the_int8_head_rows(tiny_models):
     lean = backend.engine.lean
     assert isinstance(lean.embed, lean_quant.Int8Rows)
     assert isinstance(lean.head, lean_quant.Int8Matrix)  # the head stays at 8 bits under int4
-    assert lean.embed.codes is lean.head.codes
+    assert lean.embed.matrix is lean.head
     assert isinstance(lean.layers[0].qkv, lean_quant.Int4Matrix)
 
 

@@ -1,13 +1,14 @@
 """Weight-only int8 and int4 matrices for the lean engine (`--precision int8|int4` on torch, CPU).
 
 Each [in, out] matrix of a LeanModel is replaced by a QuantMatrix that `LeanModel._mm` multiplies
-with torch's own CPU kernels for weight-only quantized products:
-- int8: `torch._weight_int8pack_mm(x, w [out, in] int8, scales [out])`, one symmetric scale per
-  output row (127 levels each side);
+with a CPU kernel for weight-only quantized products:
+- int8: one symmetric scale per output row (127 levels each side), multiplied by gptcli's own kernel
+  (int8_native.py: built here, activations rounded to 14-16 bits per row, exact integer sums) where it
+  is this machine's choice, else by `torch._weight_int8pack_mm(x, w [out, in] int8, scales [out])`;
 - int4: `torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`,
   asymmetric groups of GROUP_SIZE inputs (min/max, 16 levels: w ≈ q·scale + min). Block 32, as the
   onnx export's MatMulNBits: a model whose weights came from a 32-block 4-bit GGUF keeps its grid.
-The activations go into these kernels as bfloat16 and come back in the model's dtype: with float32
+The activations go into torch's kernels as bfloat16 and come back in the model's dtype: with float32
 activations torch 2.13's kernels take a scalar path 5-10x slower than the float32 product they
 replace (measured on AVX-512, 1 thread: the 49152-row head took 31 ms int8/f32 vs 4.1 ms int8/bf16
 and 5.9 ms for the float32 product), while the bf16 path is vectorised.
@@ -15,16 +16,19 @@ and 5.9 ms for the float32 product), while the bf16 path is vectorised.
 Under int4 the lm_head stays at 8 bits (HEAD_BITS). A tied embedding is read from the int8 head's rows
 (`Int8Rows`: the same codes and scales), so the float matrix is not kept at all. Norms, rope,
 attention and the KV cache stay in the model's dtype. A matrix whose shape the int4 kernel cannot take
-(in % GROUP_SIZE, out % 16) is quantized to int8 instead, and one the int8 kernel cannot take
-(in % 16) stays as it is.
+(in % GROUP_SIZE, out % 16) is quantized to int8 instead, and one torch's int8 kernel cannot take
+(in % 16) stays as it is (whichever int8 kernel runs: a model holds the same weights on every machine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # imported when a model is quantized: a float32 or bf16 start-up does not pay for it
+    from gptcli.backends.int8_native import NativeInt8, PackedInt8
 
 PRECISIONS = ("fp32", "int8", "int4")  # what --precision means on the torch backend ("fp32": --dtype decides)
 GROUP_SIZE = 32
@@ -55,28 +59,42 @@ class QuantMatrix:
 
 
 class Int8Matrix(QuantMatrix):
-    """Symmetric int8 with one scale per output row."""
+    """Symmetric int8 with one scale per output row; `native`: gptcli's kernel (its layout), else torch's."""
 
     bits = 8
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, native: NativeInt8 | None = None) -> None:
         rows = weight.t().float()  # [out, in]
         self.out_features, self.in_features = rows.shape
         scales = rows.abs().amax(1).clamp(min=1e-12) / 127
-        self.codes = torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        codes = torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scales  # float32, for dequantising rows
-        self._scales = scales.to(ACTIVATION_DTYPE)
+        self.native = native
+        if native is None:
+            self.codes = codes
+            self._scales = scales.to(ACTIVATION_DTYPE)
+        else:
+            self.packed: PackedInt8 = native.pack(codes, scales)
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.native is not None:
+            return self._finish(self.native.mm(x, self.packed), x, bias)
         y = torch._weight_int8pack_mm(x.to(ACTIVATION_DTYPE), self.codes, self._scales)
         return self._finish(y, x, bias)
 
+    def code_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 codes of output rows `ids`, [len(ids), in]."""
+        return self.codes[ids] if self.native is None else self.packed.rows(ids)
+
     def dequantized(self) -> torch.Tensor:
         """The [in, out] float32 matrix this one stands for (tests, and the reference of the error)."""
-        return (self.codes.float() * self.scales[:, None]).t()
+        codes = self.code_rows(torch.arange(self.out_features))
+        return (codes.float() * self.scales[:, None]).t()
 
     @property
     def nbytes(self) -> int:
+        if self.native is not None:
+            return self.packed.nbytes
         return self.codes.numel() + 2 * self._scales.numel()
 
 
@@ -112,23 +130,19 @@ class Int4Matrix(QuantMatrix):
 
 
 class Int8Rows:
-    """An embedding table kept as int8 rows (one scale each): `table[ids]` gives float rows in `dtype`."""
+    """An embedding table kept as an Int8Matrix's rows (one scale each): `table[ids]` gives float rows in `dtype`."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
-        self.codes, self.scales, self.dtype = codes, scales, dtype
+    def __init__(self, matrix: Int8Matrix, dtype: torch.dtype) -> None:
+        self.matrix, self.dtype = matrix, dtype
 
     @classmethod
     def of(cls, table: torch.Tensor) -> Int8Rows:
-        """From a float [rows, dim] table."""
-        matrix = Int8Matrix(table.t())
-        return cls(matrix.codes, matrix.scales, table.dtype)
+        """From a float [rows, dim] table (torch's layout: lookups only, no products)."""
+        return cls(Int8Matrix(table.t()), table.dtype)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.codes[ids].float() * self.scales[ids, None]).to(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.numel() + 4 * self.scales.numel()
+        rows = self.matrix.code_rows(ids.reshape(-1)).float() * self.matrix.scales[ids.reshape(-1), None]
+        return rows.reshape(*ids.shape, -1).to(self.dtype)
 
 
 def fits(weight: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> bool:
@@ -141,12 +155,15 @@ def fits(weight: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> bool:
     return k % 16 == 0  # torch 2.13's int8 kernel reads past the row otherwise (a segfault at in=40)
 
 
-def quantize_matrix(weight: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> QuantMatrix | torch.Tensor:
-    """An [in, out] matrix at `bits` (4 falls back to 8 where the int4 kernel cannot take its shape)."""
+def quantize_matrix(
+    weight: torch.Tensor, bits: int, group: int = GROUP_SIZE, native: NativeInt8 | None = None
+) -> QuantMatrix | torch.Tensor:
+    """An [in, out] matrix at `bits` (4 falls back to 8 where the int4 kernel cannot take its shape);
+    int8 ones multiplied by `native` when given."""
     if bits == 4 and fits(weight, 4, group):
         return Int4Matrix(weight, group)
     if fits(weight, 8):
-        return Int8Matrix(weight)
+        return Int8Matrix(weight, native)
     return weight
 
 
@@ -168,16 +185,15 @@ def quantize_model(model: Any, precision: str, group: int = GROUP_SIZE) -> int:
         return 0
     if model.device.type != "cpu":
         raise ValueError("quantized weights run on the CPU only (--device cpu)")
-    replace_layer_matrices(model, lambda weight: quantize_matrix(weight, bits, group))
+    from gptcli.backends.int8_native import native_for
+
+    native = native_for(model.params)
+    replace_layer_matrices(model, lambda weight: quantize_matrix(weight, bits, group, native))
     tied_table = model.head.t() if model.embed is None else None
-    model.head = quantize_matrix(model.head, HEAD_BITS if bits == 4 else bits, group)
+    model.head = quantize_matrix(model.head, HEAD_BITS if bits == 4 else bits, group, native)
     if tied_table is not None:  # tied: the lookups read int8 rows of the embedding the head is made of
         head = model.head
-        model.embed = (
-            Int8Rows(head.codes, head.scales, tied_table.dtype)
-            if isinstance(head, Int8Matrix)
-            else Int8Rows.of(tied_table)
-        )
+        model.embed = Int8Rows(head, tied_table.dtype) if isinstance(head, Int8Matrix) else Int8Rows.of(tied_table)
     return weight_bytes(model)
 
 
@@ -241,7 +257,9 @@ def weight_bytes(model: Any) -> int:
         seen.add(id(value))
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
-        if isinstance(value, (QuantMatrix, Int8Rows)):
+        if isinstance(value, Int8Rows):  # a tied embedding's rows are the head's: counted once
+            return size(value.matrix)
+        if isinstance(value, QuantMatrix):
             return value.nbytes
         if isinstance(value, (tuple, list)):
             return sum(size(v) for v in value)

@@ -1,0 +1,344 @@
+/* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py.
+
+   y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
+
+   Each row of x is rounded to fixed point with its own scale (s = max|x| / Q): q = round(x / s), kept as
+   u = q + 2^(B-1) in two unsigned halves, u = hi * 2^H + lo. The products with the int8 weights are summed
+   as exact integers, so a row's result is the same bits whatever rows share the call (batching never
+   changes answers), and then y = s * wscale * (2^H * sum(hi w) + sum(lo w) - 2^(B-1) * sum(w)).
+   - AVX-512 VNNI: B = 16 bits (Q = 32767), bytes of 8 bits, vpdpbusd (64 products an instruction).
+   - AVX2: B = 14 bits (Q = 8191), halves of 7 bits, so vpmaddubsw's pair sums (at most 2 * 127 * 127)
+     never saturate.
+   Either way the activations keep 14-16 bits, finer than the bf16 that torch's own int8 kernel takes.
+
+   The weights are packed as [ceil(N/16)][KP/4][16][4] (KP: K rounded up to 4, zero padded): 64 bytes
+   hold 4 inputs of 16 outputs, so each lane of a 512-bit sum is one output and no horizontal sums are
+   needed. Scales and code sums are padded to ceil(N/16) * 16.
+
+   Built by int8_native.py with -O3 -fopenmp and the CPU's ISA flags by name; the OpenMP regions run on the
+   libgomp that torch has already loaded. gptcli_int8_isa() says which path this build has (0: none). */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define ISA 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA 1
+#else
+#define ISA 0
+#endif
+
+int gptcli_int8_isa(void) { return ISA; }
+
+#if ISA > 0
+#include <immintrin.h>
+
+#if ISA == 2
+#define QMAX 32767
+#define HALF_BITS 8
+#else
+#define QMAX 8191
+#define HALF_BITS 7
+#endif
+#define OFFSET (QMAX + 1)
+#define HALF_MASK ((1 << HALF_BITS) - 1)
+
+/* One row of x -> its scale and the hi/lo halves of its codes (KP bytes each, zero padded). */
+static void quantize_row(const float *x, int64_t K, int64_t KP, uint8_t *hi, uint8_t *lo, float *scale) {
+    memset(hi, 0, (size_t)KP);
+    memset(lo, 0, (size_t)KP);
+    float amax = 0.f;
+    int bad = 0;
+#if ISA == 2
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 unordered = 0;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    bad = unordered != 0;
+#else
+    int64_t k = 0;
+#endif
+    for (; k < K; k++) {
+        float a = fabsf(x[k]);
+        bad |= a != a;
+        amax = a > amax ? a : amax;
+    }
+    if (bad || !(amax <= 3.4e38f)) { /* NaN or inf: the row's outputs are NaN, as a float product's would be */
+        *scale = NAN;
+        return;
+    }
+    float inv = amax > 0.f ? (float)QMAX / amax : 0.f;
+    *scale = amax > 0.f ? amax / (float)QMAX : 0.f;
+    k = 0;
+#if ISA == 2
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i top = _mm512_set1_epi32(QMAX), bottom = _mm512_set1_epi32(-QMAX);
+    const __m512i offset = _mm512_set1_epi32(OFFSET), mask = _mm512_set1_epi32(HALF_MASK);
+    for (; k + 16 <= K; k += 16) { /* rounds to nearest even, as lrintf does below */
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+        __m512i u = _mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(q, top), bottom), offset);
+        _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, HALF_BITS)));
+        _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(_mm512_and_si512(u, mask)));
+    }
+#endif
+    for (; k < K; k++) {
+        int32_t q = (int32_t)lrintf(x[k] * inv);
+        q = q > QMAX ? QMAX : (q < -QMAX ? -QMAX : q);
+        uint32_t u = (uint32_t)(q + OFFSET);
+        hi[k] = (uint8_t)(u >> HALF_BITS);
+        lo[k] = (uint8_t)(u & HALF_MASK);
+    }
+}
+
+#define BCAST(p) set1_epi32(*(const int32_t *)(p))
+
+#if ISA == 2
+typedef __m512i acc_t; /* 16 outputs */
+#define set1_epi32 _mm512_set1_epi32
+#define DP(a, b, w) a = _mm512_dpbusd_epi32(a, b, w)
+#define LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define ZERO _mm512_setzero_si512()
+
+/* 16 outputs' sums (h, l lanes) -> y, in double: exact integers there (|h| < 2^31, so 256 h < 2^39). */
+static void finish16(acc_t h, acc_t l, const int32_t *wsum, const float *wscale, float xscale, float *y, int64_t n) {
+    __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    __m512i sums = _mm512_loadu_si512((const void *)wsum);
+    __m256 halves[2];
+    for (int half = 0; half < 2; half++) {
+        __m256i hh = half ? _mm512_extracti64x4_epi64(h, 1) : _mm512_castsi512_si256(h);
+        __m256i ll = half ? _mm512_extracti64x4_epi64(l, 1) : _mm512_castsi512_si256(l);
+        __m256i ss = half ? _mm512_extracti64x4_epi64(sums, 1) : _mm512_castsi512_si256(sums);
+        __m512d v = _mm512_fmadd_pd(_mm512_cvtepi32_pd(hh), _mm512_set1_pd(1 << HALF_BITS), _mm512_cvtepi32_pd(ll));
+        v = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(ss), _mm512_set1_pd(OFFSET), v);
+        halves[half] = _mm512_cvtpd_ps(v);
+    }
+    __m512 total = _mm512_insertf32x8(_mm512_castps256_ps512(halves[0]), halves[1], 1);
+    __m512 out = _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(xscale)), _mm512_loadu_ps(wscale));
+    _mm512_mask_storeu_ps(y, keep, out);
+}
+
+/* One row, 4 blocks of 16 outputs (bb bytes apart). */
+static void rows1_blocks4(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, int64_t bb,
+                          acc_t out[8]) {
+    acc_t h0 = ZERO, h1 = ZERO, h2 = ZERO, h3 = ZERO, l0 = ZERO, l1 = ZERO, l2 = ZERO, l3 = ZERO;
+    for (int64_t k = 0; k < KP; k += 4) {
+        acc_t bh = BCAST(hi + k), bl = BCAST(lo + k);
+        const int8_t *p = w + k * 16;
+        acc_t w0 = LOAD(p), w1 = LOAD(p + bb), w2 = LOAD(p + 2 * bb), w3 = LOAD(p + 3 * bb);
+        DP(h0, bh, w0); DP(l0, bl, w0); DP(h1, bh, w1); DP(l1, bl, w1);
+        DP(h2, bh, w2); DP(l2, bl, w2); DP(h3, bh, w3); DP(l3, bl, w3);
+    }
+    out[0] = h0; out[1] = l0; out[2] = h1; out[3] = l1; out[4] = h2; out[5] = l2; out[6] = h3; out[7] = l3;
+}
+
+/* Four rows (KP apart), 2 blocks: out[(row * 2 + block) * 2 + (0: h, 1: l)]. */
+static void rows4_blocks2(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, int64_t bb,
+                          acc_t out[16]) {
+    acc_t a0 = ZERO, a1 = ZERO, a2 = ZERO, a3 = ZERO, a4 = ZERO, a5 = ZERO, a6 = ZERO, a7 = ZERO;
+    acc_t c0 = ZERO, c1 = ZERO, c2 = ZERO, c3 = ZERO, c4 = ZERO, c5 = ZERO, c6 = ZERO, c7 = ZERO;
+    for (int64_t k = 0; k < KP; k += 4) {
+        const int8_t *p = w + k * 16;
+        acc_t w0 = LOAD(p), w1 = LOAD(p + bb), b;
+        b = BCAST(hi + k); DP(a0, b, w0); DP(a1, b, w1);
+        b = BCAST(lo + k); DP(c0, b, w0); DP(c1, b, w1);
+        b = BCAST(hi + KP + k); DP(a2, b, w0); DP(a3, b, w1);
+        b = BCAST(lo + KP + k); DP(c2, b, w0); DP(c3, b, w1);
+        b = BCAST(hi + 2 * KP + k); DP(a4, b, w0); DP(a5, b, w1);
+        b = BCAST(lo + 2 * KP + k); DP(c4, b, w0); DP(c5, b, w1);
+        b = BCAST(hi + 3 * KP + k); DP(a6, b, w0); DP(a7, b, w1);
+        b = BCAST(lo + 3 * KP + k); DP(c6, b, w0); DP(c7, b, w1);
+    }
+    acc_t r[16] = {a0, c0, a1, c1, a2, c2, a3, c3, a4, c4, a5, c5, a6, c6, a7, c7};
+    memcpy(out, r, sizeof r);
+}
+
+/* One row, one block. */
+static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, acc_t out[2]) {
+    acc_t h = ZERO, l = ZERO;
+    for (int64_t k = 0; k < KP; k += 4) {
+        acc_t w0 = LOAD(w + k * 16);
+        DP(h, BCAST(hi + k), w0); DP(l, BCAST(lo + k), w0);
+    }
+    out[0] = h; out[1] = l;
+}
+#define ROWS_MANY 4   /* rows4_blocks2 */
+#define BLOCKS_MANY 2
+#define BLOCKS_ONE_ROW 4 /* rows1_blocks4 */
+
+#else /* AVX2: a block's 16 outputs are two 8-lane halves (A: outputs 0-7, B: 8-15) */
+static inline float finish_one(int64_t h, int64_t l, int32_t wsum, float wscale, float xscale) {
+    int64_t total = h * (1 << HALF_BITS) + l - (int64_t)OFFSET * wsum; /* exact: |total| < 2^50 */
+    return (float)total * xscale * wscale;
+}
+
+typedef __m256i acc_t;
+#define set1_epi32 _mm256_set1_epi32
+#define LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define ZERO _mm256_setzero_si256()
+/* a += the 4-input dot products of the broadcast halves b with the weights w, per 32-bit lane */
+#define DP(a, b, w) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(b, w), ones))
+
+/* The AVX2 accumulators come in (A, B) pairs: out[2 * i] = outputs 0-7, out[2 * i + 1] = 8-15. */
+static void finish16(const acc_t hv[2], const acc_t lv[2], const int32_t *wsum, const float *wscale, float xscale,
+                     float *y, int64_t n) {
+    int32_t hs[16], ls[16];
+    _mm256_storeu_si256((__m256i *)hs, hv[0]);
+    _mm256_storeu_si256((__m256i *)(hs + 8), hv[1]);
+    _mm256_storeu_si256((__m256i *)ls, lv[0]);
+    _mm256_storeu_si256((__m256i *)(ls + 8), lv[1]);
+    for (int64_t j = 0; j < n && j < 16; j++) y[j] = finish_one(hs[j], ls[j], wsum[j], wscale[j], xscale);
+}
+
+/* Two rows (KP apart), one block: out = (row 0) hA hB lA lB, (row 1) hA hB lA lB. */
+static void rows2_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, acc_t out[8]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    acc_t h0a = ZERO, h0b = ZERO, l0a = ZERO, l0b = ZERO, h1a = ZERO, h1b = ZERO, l1a = ZERO, l1b = ZERO;
+    for (int64_t k = 0; k < KP; k += 4) {
+        const int8_t *p = w + k * 16;
+        acc_t wa = LOAD(p), wb = LOAD(p + 32), b;
+        b = BCAST(hi + k); DP(h0a, b, wa); DP(h0b, b, wb);
+        b = BCAST(lo + k); DP(l0a, b, wa); DP(l0b, b, wb);
+        b = BCAST(hi + KP + k); DP(h1a, b, wa); DP(h1b, b, wb);
+        b = BCAST(lo + KP + k); DP(l1a, b, wa); DP(l1b, b, wb);
+    }
+    acc_t r[8] = {h0a, h0b, l0a, l0b, h1a, h1b, l1a, l1b};
+    memcpy(out, r, sizeof r);
+}
+
+static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, acc_t out[4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    acc_t ha = ZERO, hb = ZERO, la = ZERO, lb = ZERO;
+    for (int64_t k = 0; k < KP; k += 4) {
+        const int8_t *p = w + k * 16;
+        acc_t wa = LOAD(p), wb = LOAD(p + 32), bh = BCAST(hi + k), bl = BCAST(lo + k);
+        DP(ha, bh, wa); DP(hb, bh, wb); DP(la, bl, wa); DP(lb, bl, wb);
+    }
+    out[0] = ha; out[1] = hb; out[2] = la; out[3] = lb;
+}
+#define ROWS_MANY 2   /* rows2_blocks1 */
+#define BLOCKS_MANY 1
+#define BLOCKS_ONE_ROW 1 /* rows1_blocks1: two blocks at once spill registers (1.4x slower, measured) */
+#endif
+
+/* Row m of the output over blocks [b0, b0 + nb), one block at a time (the tails of the grouped kernels). */
+static void blocks_one_by_one(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
+                              const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m,
+                              int64_t N, int64_t b0, int64_t nb) {
+    for (int64_t b = b0; b < b0 + nb; b++) {
+        int64_t n = b * 16;
+#if ISA == 2
+        acc_t r[2];
+        rows1_blocks1(hi + m * KP, lo + m * KP, KP, packed + b * bb, r);
+        finish16(r[0], r[1], wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
+#else
+        acc_t r[4];
+        rows1_blocks1(hi + m * KP, lo + m * KP, KP, packed + b * bb, r);
+        finish16(r, r + 2, wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
+#endif
+    }
+}
+
+/* Rows [m0, m0 + ROWS_MANY) over blocks [b0, b0 + BLOCKS_MANY). */
+static void many_rows(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
+                      const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m0, int64_t N,
+                      int64_t b0) {
+#if ISA == 2
+    acc_t r[16];
+    rows4_blocks2(hi + m0 * KP, lo + m0 * KP, KP, packed + b0 * bb, bb, r);
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 2; j++) {
+            int64_t n = (b0 + j) * 16;
+            finish16(r[(i * 2 + j) * 2], r[(i * 2 + j) * 2 + 1], wsum + n, wscale + n, xs[m0 + i],
+                     y + (m0 + i) * N + n, N - n);
+        }
+#else
+    acc_t r[8];
+    rows2_blocks1(hi + m0 * KP, lo + m0 * KP, KP, packed + b0 * bb, r);
+    int64_t n = b0 * 16;
+    for (int i = 0; i < 2; i++)
+        finish16(r + 4 * i, r + 4 * i + 2, wsum + n, wscale + n, xs[m0 + i], y + (m0 + i) * N + n, N - n);
+#endif
+}
+
+/* Row m over blocks [b0, b0 + BLOCKS_ONE_ROW). */
+static void one_row(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
+                    const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m, int64_t N,
+                    int64_t b0) {
+    acc_t r[8];
+    (void)bb;
+#if ISA == 2
+    rows1_blocks4(hi + m * KP, lo + m * KP, KP, packed + b0 * bb, bb, r);
+    for (int j = 0; j < 4; j++) {
+        int64_t n = (b0 + j) * 16;
+        finish16(r[2 * j], r[2 * j + 1], wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
+    }
+#else
+    rows1_blocks1(hi + m * KP, lo + m * KP, KP, packed + b0 * bb, r);
+    int64_t n = b0 * 16;
+    finish16(r, r + 2, wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
+#endif
+}
+
+#endif
+
+/* A packed matrix, as int8_native.py's PackedInt8 holds it. */
+struct gptcli_int8_matrix {
+    const int8_t *packed;
+    const float *wscale;
+    const int32_t *wsum;
+    int64_t N, K;
+};
+
+#if ISA > 0
+/* work: M * (2 * KP + 4) bytes (the halves of the rows' codes, then their scales). */
+void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y, int64_t M, uint8_t *work,
+                    int threads) {
+    const int8_t *packed = w->packed;
+    const float *wscale = w->wscale;
+    const int32_t *wsum = w->wsum;
+    int64_t N = w->N, K = w->K, KP = (K + 3) & ~(int64_t)3, NB = (N + 15) / 16, bb = KP * 16;
+    uint8_t *hi = work, *lo = work + M * KP;
+    float *xs = (float *)(void *)(work + 2 * M * KP);
+    if (M <= 4) /* a decode step's few rows: here, without a barrier in the parallel region */
+        for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, KP, hi + m * KP, lo + m * KP, xs + m);
+#pragma omp parallel num_threads(threads)
+    {
+        if (M > 4) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, KP, hi + m * KP, lo + m * KP, xs + m);
+        }
+        if (M < ROWS_MANY) { /* a few rows: more blocks at once, the weights read once per row from cache */
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < (NB + BLOCKS_ONE_ROW - 1) / BLOCKS_ONE_ROW; g++) {
+                int64_t b0 = g * BLOCKS_ONE_ROW, nb = NB - b0 < BLOCKS_ONE_ROW ? NB - b0 : BLOCKS_ONE_ROW;
+                for (int64_t m = 0; m < M; m++) {
+                    if (nb == BLOCKS_ONE_ROW)
+                        one_row(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0);
+                    else
+                        blocks_one_by_one(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0, nb);
+                }
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < (NB + BLOCKS_MANY - 1) / BLOCKS_MANY; g++) {
+                int64_t b0 = g * BLOCKS_MANY, nb = NB - b0 < BLOCKS_MANY ? NB - b0 : BLOCKS_MANY;
+                for (int64_t m0 = 0; m0 < M; m0 += ROWS_MANY) {
+                    if (nb == BLOCKS_MANY && M - m0 >= ROWS_MANY) {
+                        many_rows(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m0, N, b0);
+                    } else {
+                        for (int64_t m = m0; m < M && m < m0 + ROWS_MANY; m++)
+                            blocks_one_by_one(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0, nb);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif

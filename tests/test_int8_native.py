@@ -1,0 +1,202 @@
+"""gptcli's own int8 kernel for the torch backend (backends/int8_native.py, int8_native.c): built with the
+system's C compiler, exact per row, chosen per machine, and torch's kernel wherever it cannot be had."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcli.backends import int8_native, lean_quant
+from gptcli.backends.int8_native import NativeInt8
+from gptcli.tuning import kernel_flags, tuning_file
+
+HAS_AVX2 = {"avx2", "fma"} <= set(kernel_flags())
+HAS_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(kernel_flags())
+CAN_BUILD = HAS_AVX2 and int8_native.compiler() is not None
+needs_build = pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no C compiler here")
+# The AVX2 path, built on any AVX2 CPU (an AVX-512 one too).
+AVX2_FLAGS = (*int8_native.BUILD_FLAGS, *int8_native.ISA_BUILDS[-1][1])
+
+
+@pytest.fixture(autouse=True)
+def fresh_loads():
+    int8_native._load.cache_clear()
+    yield
+    int8_native._load.cache_clear()
+
+
+def _native() -> NativeInt8:
+    native = int8_native.native_kernel()
+    assert isinstance(native, NativeInt8), native
+    return native
+
+
+def _avx2(tmp_path: Path) -> NativeInt8:
+    target = tmp_path / "avx2.so"
+    int8_native.build(int8_native.compiler(), target, AVX2_FLAGS)
+    native = NativeInt8(ctypes.CDLL(str(target)))
+    assert native.isa == 1
+    return native
+
+
+def _kernels(tmp_path: Path) -> list[NativeInt8]:
+    return [_native(), _avx2(tmp_path)] if HAS_VNNI else [_avx2(tmp_path)]
+
+
+def _case(n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    scales = torch.rand(n, generator=generator) / 100 + 1e-3
+    x = torch.randn(m, k, generator=generator)
+    x[0, 0] = 40.0  # an outlier: the row's scale follows it, the rest keep their bits
+    return codes, scales, x
+
+
+@needs_build
+@pytest.mark.parametrize(("n", "k"), [(40, 36), (577, 1000), (5, 4), (16, 64), (3, 7)])
+def test_products_match_float64_and_each_row_alone(tmp_path, n, k):
+    for native in _kernels(tmp_path):
+        for seed, m in enumerate((1, 2, 3, 4, 5, 9)):
+            codes, scales, x = _case(n, k, m, seed)
+            packed = native.pack(codes, scales)
+            y = native.mm(x, packed)
+            expected = (x.double() @ codes.double().t()) * scales.double()
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            error = ((y.double() - expected).norm() / expected.norm()).item()
+            # 14-16 bits a row (torch's kernel takes bf16 activations: ~3e-3 here)
+            assert error < (2e-3 if native.isa == 1 else 5e-4), (native.name, n, k, m, error)
+            rows_alone = torch.cat([native.mm(x[i : i + 1], packed) for i in range(m)])
+            assert torch.equal(y, rows_alone), (native.name, n, k, m)  # bit for bit: batching changes nothing
+
+
+@needs_build
+def test_a_row_with_nan_or_inf_is_nan_and_the_others_are_untouched(tmp_path):
+    for native in _kernels(tmp_path):
+        codes, scales, x = _case(48, 40, 4, 7)
+        x[1, 5] = float("nan")
+        x[2, 0] = float("inf")
+        x[3] = 0.0
+        y = native.mm(x, native.pack(codes, scales))
+        assert y[1].isnan().all() and y[2].isnan().all()
+        assert torch.equal(y[3], torch.zeros(48))
+        assert torch.isfinite(y[0]).all()
+        assert torch.equal(y[0], native.mm(x[:1], native.pack(codes, scales))[0])
+
+
+@needs_build
+def test_packed_rows_are_the_codes_and_a_three_dimensional_input_keeps_its_shape():
+    native = _native()
+    codes, scales, x = _case(37, 20, 6, 3)
+    packed = native.pack(codes, scales)
+    ids = torch.tensor([0, 36, 15, 16, 5])
+    assert torch.equal(packed.rows(ids), codes[ids])
+    y = native.mm(x.reshape(2, 3, 20).to(torch.bfloat16), packed)
+    assert y.shape == (2, 3, 37) and y.dtype == torch.float32
+
+
+@needs_build
+def test_the_library_is_built_once_into_the_cache_and_a_damaged_one_is_built_again(isolated_home, monkeypatch):
+    _native()
+    built = list((isolated_home / "cache" / "kernels").glob("int8-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    int8_native._load.cache_clear()
+    _native()
+    assert built[0].stat().st_mtime_ns == stamp  # read back, not built again
+    # A damaged file in another home (a loaded library's own file is never rewritten in place: builds rename)
+    other = isolated_home.parent / "other-home"
+    damaged = other / "cache" / "kernels" / built[0].name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a library")
+    monkeypatch.setenv("GPTCLI_HOME", str(other))
+    int8_native._load.cache_clear()
+    _native()
+    assert damaged.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_build
+def test_a_cache_that_cannot_be_written_builds_elsewhere(isolated_home):
+    cache = isolated_home / "cache"
+    cache.mkdir(parents=True)
+    (cache / "kernels").write_text("a file where the folder goes")
+    _native()
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")
+def test_without_a_compiler_or_switched_off_int8_runs_on_torch_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    reason = int8_native.native_kernel()
+    assert isinstance(reason, str) and "no C compiler" in reason
+    assert int8_native.native_for(1000) is None
+    matrix = lean_quant.quantize_matrix(torch.randn(64, 48), 8, native=int8_native.native_for(1000))
+    assert isinstance(matrix, lean_quant.Int8Matrix) and matrix.native is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(int8_native.OFF_SWITCH, "0")
+    assert int8_native.native_kernel() == f"turned off by {int8_native.OFF_SWITCH}=0"
+    said = int8_native.reported_choice(1)  # what `gptcli backends --json` says, with nothing built
+    assert said == {"kernel": "torch", "reason": "torch's _weight_int8pack_mm: turned off by GPTCLI_NATIVE_KERNELS=0"}
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")
+def test_a_compiler_that_fails_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    script = tmp_path / "bad-cc"
+    script.write_text("#!/bin/sh\necho 'bad-cc: error: cannot do this' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    reason = int8_native.native_kernel()
+    assert isinstance(reason, str)
+    assert reason == "could not build it: bad-cc failed: bad-cc: error: cannot do this"
+    assert not list(Path(os.environ["GPTCLI_HOME"]).rglob(".building-*"))  # no half-built file left
+
+
+@needs_build
+def test_a_model_large_enough_measures_once_and_keeps_the_choice(monkeypatch):
+    calls = []
+
+    def measure(native, threads):
+        calls.append(threads)
+        return {"kernel": int8_native.TORCH, "timings_ms": {}, "reason": "measured: torch's was faster"}
+
+    monkeypatch.setattr(int8_native, "measure", measure)
+    assert int8_native.native_for(int8_native.MIN_PARAMS) is None  # the record says torch
+    assert int8_native.native_for(int8_native.MIN_PARAMS) is None
+    assert len(calls) == 1
+    record = json.loads(tuning_file().read_text())[int8_native.TUNING_NAME]
+    assert [r["reason"] for r in record.values()] == ["measured: torch's was faster"]
+    assert int8_native.cached_choice(torch.get_num_threads())["kernel"] == int8_native.TORCH
+    assert isinstance(int8_native.native_for(1000), NativeInt8)  # a tiny model takes it unmeasured
+
+
+@needs_build
+def test_the_real_measurement_names_a_kernel_and_its_reason():
+    record = int8_native.measure(_native(), 1)
+    assert record["kernel"] in (int8_native.NATIVE, int8_native.TORCH)
+    assert set(record["timings_ms"]) == {int8_native.NATIVE, int8_native.TORCH}
+    assert "1 threads" in record["reason"]
+
+
+@needs_build
+def test_the_tiny_models_int8_path_runs_the_native_kernel_and_ties_the_embedding(tiny_models):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+
+    options = LoadOptions(device="cpu", dtype="float32", precision="int8", threads=1)
+    lean = TorchBackend.load(tiny_models["llama"], options).engine.lean
+    assert isinstance(lean.head, lean_quant.Int8Matrix) and lean.head.native is not None
+    assert lean.embed.matrix is lean.head
+    ids = torch.tensor([[1, 2], [3, 0]])
+    rows = lean.embed[ids]
+    expected = lean.head.dequantized().t()[ids]
+    assert rows.shape == (2, 2, lean.head.in_features)
+    assert torch.allclose(rows, expected)
+
+
+def test_the_source_ships_with_the_package():
+    assert int8_native.SOURCE.is_file()
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"backends/*.c"' in pyproject  # package data: a wheel carries the source it builds from
