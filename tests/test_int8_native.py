@@ -13,6 +13,7 @@ import torch
 
 from gptcli.backends import int8_native, lean_quant
 from gptcli.backends.int8_native import NativeInt8
+from gptcli.errors import ConfigError
 from gptcli.tuning import kernel_flags, tuning_file
 
 HAS_AVX2 = {"avx2", "fma"} <= set(kernel_flags())
@@ -140,6 +141,21 @@ def test_without_a_compiler_or_switched_off_int8_runs_on_torch_kernel(monkeypatc
     assert int8_native.native_kernel() == f"turned off by {int8_native.OFF_SWITCH}=0"
     said = int8_native.reported_choice(1)  # what `gptcli backends --json` says, with nothing built
     assert said == {"kernel": "torch", "reason": "torch's _weight_int8pack_mm: turned off by GPTCLI_NATIVE_KERNELS=0"}
+    monkeypatch.setenv(int8_native.OFF_SWITCH, "Off")  # the words every on/off variable takes
+    assert int8_native.native_kernel() == "turned off by GPTCLI_NATIVE_KERNELS=Off"
+
+
+def test_a_switch_value_that_is_neither_on_nor_off_is_a_config_error(monkeypatch, tiny_models):
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv(int8_native.OFF_SWITCH, "of")
+    with pytest.raises(ConfigError, match="GPTCLI_NATIVE_KERNELS must be 1 or 0"):
+        int8_native.native_for(1000)
+    assert "must be 1 or 0" in int8_native.reported_choice(1)["reason"]  # `backends --json` says it, runs on
+    done = run_cli(
+        "generate", "hi", "-n", "2", "-m", str(tiny_models["llama"]), "--backend", "torch", "--precision", "int8"
+    )
+    assert done.returncode == 3 and b"GPTCLI_NATIVE_KERNELS must be 1 or 0" in done.stderr
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")

@@ -6,11 +6,25 @@ config and the prompt templates use them too.
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from typing import Any
 
 from gptcli.errors import ConfigError, clipped
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable (unset or empty: `default`). A value that is none of 1/0, true/false,
+    yes/no, on/off is an error, not silently the default (`=of` would have kept it on)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value and value not in TRUE_WORDS | FALSE_WORDS:
+        raise ConfigError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {clipped(repr(value))}")
+    return value in TRUE_WORDS if value else default
+
 
 # How a value's expected type reads in an error ("must be a whole number, got 'x'").
 KIND_NAMES: dict[type, str] = {
@@ -61,9 +75,9 @@ def coerce_value(
         if kind is bool:
             if isinstance(value, str):
                 lowered = value.strip().lower()
-                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                if lowered not in TRUE_WORDS | FALSE_WORDS:
                     raise ValueError(value)
-                value = lowered in {"1", "true", "yes", "on"}
+                value = lowered in TRUE_WORDS
             elif not isinstance(value, bool):
                 raise ValueError(value)
         elif kind is tuple:

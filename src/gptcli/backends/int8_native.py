@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from gptcli import tuning
+from gptcli.coercion import env_switch
+from gptcli.errors import ConfigError
 from gptcli.hardware import cpu_flags
 from gptcli.paths import cache_dir, cache_key
 
 SOURCE = Path(__file__).with_name("int8_native.c")
-OFF_SWITCH = "GPTCLI_NATIVE_KERNELS"  # "0": torch's kernel, no build, no measuring
+OFF_SWITCH = "GPTCLI_NATIVE_KERNELS"  # 0/false/no/off: torch's kernel, no build, no measuring
 TUNING_NAME = "torch-int8-kernel"
 NATIVE, TORCH = "gptcli-native", "torch"
 ISA_NAMES = {2: "AVX-512 VNNI", 1: "AVX2"}
@@ -212,8 +214,8 @@ def build(cc: str, target: Path, flags: tuple[str, ...]) -> None:
 
 def unavailable_reason() -> str | None:
     """Why the native kernel cannot run here, found without building it (None: it can be built and tried)."""
-    if os.environ.get(OFF_SWITCH, "").strip() == "0":
-        return f"turned off by {OFF_SWITCH}=0"
+    if not env_switch(OFF_SWITCH):
+        return f"turned off by {OFF_SWITCH}={os.environ[OFF_SWITCH].strip()}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"no native int8 kernel for {platform.machine()} CPUs"
     if isa_flags() is None:
@@ -292,7 +294,10 @@ def cached_choice(threads: int) -> dict[str, Any] | None:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say: the record, or why there is none (no build)."""
-    reason = unavailable_reason()
+    try:
+        reason = unavailable_reason()
+    except ConfigError as exc:  # a bad GPTCLI_NATIVE_KERNELS: said here, an error when a model loads
+        return {"kernel": None, "reason": str(exc)}
     if reason is not None:
         return {"kernel": TORCH, "reason": f"torch's _weight_int8pack_mm: {reason}"}
     return cached_choice(threads) or {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +26,12 @@ import numpy as np
 from gptcli.backends.base import Cache, LoadOptions, ModelInfo
 from gptcli.backends.load_memory import MemoryFloor, may_load_on_gpu, safetensors_floor
 from gptcli.backends.onnx_kvpool import KvPool
+from gptcli.coercion import env_switch
 from gptcli.errors import (
     BackendError,
-    ConfigError,
     InputError,
     ModelError,
     allocation_failed,
-    clipped,
     debug_enabled,
     out_of_memory,
 )
@@ -46,16 +44,11 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # default model, 2 threads: fp32 55.5 vs 47.8 tok/s, int8 130 vs 123). On a busy or shared CPU the
 # spinning threads steal the cores the next node needs; GPTCLI_ORT_SPIN=0 makes them sleep.
 SPIN_ENV = "GPTCLI_ORT_SPIN"
-SPIN_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def spin_from_env() -> bool:
-    """GPTCLI_ORT_SPIN (unset or empty: on); a value that is none of 1/0, true/false, yes/no, on/off is an
-    error, not silently "on" (GPTCLI_ORT_SPIN=of would have kept the threads spinning)."""
-    value = os.environ.get(SPIN_ENV, "").strip().lower()
-    if value and value not in SPIN_VALUES:
-        raise ConfigError(f"{SPIN_ENV} must be 1 or 0 (or true/false, yes/no, on/off), got {clipped(repr(value))}")
-    return SPIN_VALUES.get(value, True)
+    """GPTCLI_ORT_SPIN (unset or empty: on; anything but 1/0, true/false, yes/no, on/off is exit 3)."""
+    return env_switch(SPIN_ENV)
 
 
 @dataclass(eq=False)
