@@ -3,22 +3,22 @@ system's C compiler, exact per row, chosen per machine, and torch's kernel where
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from gptcli.backends import int8_native, lean_quant
+from gptcli.backends import int8_native, lean_quant, native_build
 from gptcli.backends.int8_native import NativeInt8
 from gptcli.errors import ConfigError
 from gptcli.tuning import kernel_flags, tuning_file
 
 HAS_AVX2 = {"avx2", "fma"} <= set(kernel_flags())
 HAS_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(kernel_flags())
-CAN_BUILD = HAS_AVX2 and int8_native.compiler() is not None
+CAN_BUILD = HAS_AVX2 and native_build.compiler() is not None
 needs_build = pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no C compiler here")
 # The AVX2 path, built on any AVX2 CPU (an AVX-512 one too).
 AVX2_FLAGS = (*int8_native.BUILD_FLAGS, *int8_native.ISA_BUILDS[-1][1])
@@ -38,11 +38,17 @@ def _native() -> NativeInt8:
 
 
 def _avx2(tmp_path: Path) -> NativeInt8:
-    target = tmp_path / "avx2.so"
-    int8_native.build(int8_native.compiler(), target, AVX2_FLAGS)
-    native = NativeInt8(ctypes.CDLL(str(target)))
+    library = native_build.built_library(int8_native.SOURCE, native_build.compiler(), AVX2_FLAGS, tmp_path, "avx2")
+    native = NativeInt8(library)
     assert native.isa == 1
     return native
+
+
+def _script(tmp_path: Path, name: str, body: str) -> str:
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    script.chmod(0o755)
+    return str(script)
 
 
 def _kernels(tmp_path: Path) -> list[NativeInt8]:
@@ -101,42 +107,37 @@ def test_packed_rows_are_the_codes_and_a_three_dimensional_input_keeps_its_shape
 
 
 @needs_build
-def test_the_library_is_built_once_into_the_cache_and_a_damaged_one_is_built_again(isolated_home, monkeypatch):
-    _native()
-    built = list((isolated_home / "cache" / "kernels").glob("int8-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    int8_native._load.cache_clear()
-    _native()
-    assert built[0].stat().st_mtime_ns == stamp  # read back, not built again
-    # A damaged file in another home (a loaded library's own file is never rewritten in place: builds rename)
-    other = isolated_home.parent / "other-home"
-    damaged = other / "cache" / "kernels" / built[0].name
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"not a library")
-    monkeypatch.setenv("GPTCLI_HOME", str(other))
-    int8_native._load.cache_clear()
-    _native()
-    assert damaged.read_bytes()[:4] == b"\x7fELF"
+def test_rows_of_tiny_values_keep_their_signs(tmp_path):
+    for native in _kernels(tmp_path):
+        codes, scales, x = _case(40, 36, 5, 11)
+        for i, peak in enumerate((1e-30, 9e-35, 1e-38, 1e-40, 1e-44)):
+            x[i] = x[i] / x[i].abs().max() * peak  # past ~1e-34 the row's 1/scale would overflow a float
+        y = native.mm(x, native.pack(codes, scales)).double()
+        expected = (x.double() @ codes.double().t()) * scales.double()
+        for i in range(4):  # (1e-44 is a subnormal with 3 significant bits: only its sign is kept)
+            error = ((y[i] - expected[i]).norm() / expected[i].norm()).item()
+            assert error < 2e-3, (native.name, i, error)
+        assert (torch.sign(y[4]) == torch.sign(expected[4])).float().mean() > 0.9
 
 
 @needs_build
-def test_a_cache_that_cannot_be_written_builds_elsewhere(isolated_home):
-    cache = isolated_home / "cache"
-    cache.mkdir(parents=True)
-    (cache / "kernels").write_text("a file where the folder goes")
+def test_the_library_and_its_digest_are_built_into_the_cache(isolated_home):
     _native()
+    folder = isolated_home / "cache" / "kernels"
+    (library,) = folder.glob("int8-*.so")
+    assert native_build.intact(library)
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")
 def test_without_a_compiler_or_switched_off_int8_runs_on_torch_kernel(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
     reason = int8_native.native_kernel()
     assert isinstance(reason, str) and "no C compiler" in reason
     assert int8_native.native_for(1000) is None
     matrix = lean_quant.quantize_matrix(torch.randn(64, 48), 8, native=int8_native.native_for(1000))
     assert isinstance(matrix, lean_quant.Int8Matrix) and matrix.native is None
-    monkeypatch.delenv("CC")
+    monkeypatch.undo()
     monkeypatch.setenv(int8_native.OFF_SWITCH, "0")
     assert int8_native.native_kernel() == f"turned off by {int8_native.OFF_SWITCH}=0"
     said = int8_native.reported_choice(1)  # what `gptcli backends --json` says, with nothing built
@@ -159,15 +160,32 @@ def test_a_switch_value_that_is_neither_on_nor_off_is_a_config_error(monkeypatch
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")
-def test_a_compiler_that_fails_is_a_reason_not_an_error(monkeypatch, tmp_path):
-    script = tmp_path / "bad-cc"
-    script.write_text("#!/bin/sh\necho 'bad-cc: error: cannot do this' >&2\nexit 1\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("CC", str(script))
+def test_a_failed_build_is_recorded_said_and_not_tried_again(monkeypatch, tmp_path):
+    runs = tmp_path / "runs"
+    cc = _script(tmp_path, "bad-cc", f"echo run >> {runs}\necho 'bad-cc: error: cannot do this' >&2\nexit 1\n")
+    monkeypatch.setenv("CC", cc)
     reason = int8_native.native_kernel()
-    assert isinstance(reason, str)
     assert reason == "could not build it: bad-cc failed: bad-cc: error: cannot do this"
-    assert not list(Path(os.environ["GPTCLI_HOME"]).rglob(".building-*"))  # no half-built file left
+    tried = len(runs.read_text().splitlines())  # each path this CPU has (AVX-512, then AVX2)
+    int8_native._load.cache_clear()  # a later process
+    assert int8_native.native_kernel() == reason
+    assert len(runs.read_text().splitlines()) == tried  # recorded: the compiler was not run again
+    said = int8_native.reported_choice(1)
+    assert said == {"kernel": "torch", "reason": f"torch's _weight_int8pack_mm: {reason}"}
+    assert not list(Path(os.environ["GPTCLI_HOME"]).rglob(".building-*"))
+
+
+@needs_build
+def test_a_compiler_that_builds_something_else_is_a_failed_build(monkeypatch, tmp_path):
+    other = tmp_path / "other.c"
+    other.write_text("int unrelated(void) { return 1; }\n")
+    real = " ".join(native_build.compiler())
+    cc = _script(
+        tmp_path, "wrong-cc", f'while [ "$1" != "-o" ]; do shift; done\n{real} -shared -fPIC -o "$2" {other}\n'
+    )
+    monkeypatch.setenv("CC", cc)
+    reason = int8_native.native_kernel()
+    assert isinstance(reason, str) and "has no gptcli int8 kernel in it" in reason
 
 
 @needs_build
@@ -186,6 +204,20 @@ def test_a_model_large_enough_measures_once_and_keeps_the_choice(monkeypatch):
     assert [r["reason"] for r in record.values()] == ["measured: torch's was faster"]
     assert int8_native.cached_choice(torch.get_num_threads())["kernel"] == int8_native.TORCH
     assert isinstance(int8_native.native_for(1000), NativeInt8)  # a tiny model takes it unmeasured
+
+
+@needs_build
+def test_a_damaged_choice_is_measured_again_and_never_shown(monkeypatch):
+    threads = torch.get_num_threads()
+    tuning_file().parent.mkdir(parents=True, exist_ok=True)
+    tuning_file().write_text(
+        json.dumps({int8_native.TUNING_NAME: {int8_native.machine_key(threads): {"kernel": "bogus"}}})
+    )
+    assert int8_native.cached_choice(threads) is None
+    assert int8_native.reported_choice(threads)["kernel"] is None
+    monkeypatch.setattr(int8_native, "measure", lambda native, n: {"kernel": "torch", "reason": "measured again"})
+    assert int8_native.native_for(int8_native.MIN_PARAMS) is None
+    assert int8_native.cached_choice(threads)["reason"] == "measured again"
 
 
 @needs_build

@@ -46,7 +46,7 @@ int gptcli_int8_isa(void) { return ISA; }
 #define HALF_MASK ((1 << HALF_BITS) - 1)
 
 /* One row of x -> its scale and the hi/lo halves of its codes (KP bytes each, zero padded). */
-static void quantize_row(const float *x, int64_t K, int64_t KP, uint8_t *hi, uint8_t *lo, float *scale) {
+static void quantize_row(const float *x, int64_t K, int64_t KP, uint8_t *hi, uint8_t *lo, double *scale) {
     memset(hi, 0, (size_t)KP);
     memset(lo, 0, (size_t)KP);
     float amax = 0.f;
@@ -74,22 +74,25 @@ static void quantize_row(const float *x, int64_t K, int64_t KP, uint8_t *hi, uin
         *scale = NAN;
         return;
     }
-    float inv = amax > 0.f ? (float)QMAX / amax : 0.f;
-    *scale = amax > 0.f ? amax / (float)QMAX : 0.f;
+    /* A row of tiny values (max < 2^-64) is first scaled up by 2^64, exactly, so that QMAX / max stays finite
+       (past ~1e-34 it would be inf, and the codes garbage). The scale is a double, which holds it whole. */
+    float pre = amax < 0x1p-64f ? 0x1p64f : 1.f, peak = amax * pre;
+    float inv = peak > 0.f ? (float)QMAX / peak : 0.f;
+    *scale = peak > 0.f ? (double)peak / QMAX / pre : 0.0;
     k = 0;
 #if ISA == 2
-    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512 vinv = _mm512_set1_ps(inv), vpre = _mm512_set1_ps(pre);
     const __m512i top = _mm512_set1_epi32(QMAX), bottom = _mm512_set1_epi32(-QMAX);
     const __m512i offset = _mm512_set1_epi32(OFFSET), mask = _mm512_set1_epi32(HALF_MASK);
     for (; k + 16 <= K; k += 16) { /* rounds to nearest even, as lrintf does below */
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), vpre), vinv));
         __m512i u = _mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(q, top), bottom), offset);
         _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, HALF_BITS)));
         _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(_mm512_and_si512(u, mask)));
     }
 #endif
     for (; k < K; k++) {
-        int32_t q = (int32_t)lrintf(x[k] * inv);
+        int32_t q = (int32_t)lrintf(x[k] * pre * inv);
         q = q > QMAX ? QMAX : (q < -QMAX ? -QMAX : q);
         uint32_t u = (uint32_t)(q + OFFSET);
         hi[k] = (uint8_t)(u >> HALF_BITS);
@@ -97,7 +100,13 @@ static void quantize_row(const float *x, int64_t K, int64_t KP, uint8_t *hi, uin
     }
 }
 
-#define BCAST(p) set1_epi32(*(const int32_t *)(p))
+/* 4 bytes as one 32-bit lane in every lane (memcpy: no aliasing of the byte arrays; compiles to one load) */
+static inline int32_t four_bytes(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#define BCAST(p) set1_epi32(four_bytes(p))
 
 #if ISA == 2
 typedef __m512i acc_t; /* 16 outputs */
@@ -106,8 +115,9 @@ typedef __m512i acc_t; /* 16 outputs */
 #define LOAD(p) _mm512_loadu_si512((const void *)(p))
 #define ZERO _mm512_setzero_si512()
 
-/* 16 outputs' sums (h, l lanes) -> y, in double: exact integers there (|h| < 2^31, so 256 h < 2^39). */
-static void finish16(acc_t h, acc_t l, const int32_t *wsum, const float *wscale, float xscale, float *y, int64_t n) {
+/* 16 outputs' sums (h, l lanes) -> y, in double: the integers exactly (|h| < 2^31, so 256 h < 2^39), then
+   times the row's and the outputs' scales, rounded to float once. */
+static void finish16(acc_t h, acc_t l, const int32_t *wsum, const float *wscale, double xscale, float *y, int64_t n) {
     __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
     __m512i sums = _mm512_loadu_si512((const void *)wsum);
     __m256 halves[2];
@@ -117,10 +127,10 @@ static void finish16(acc_t h, acc_t l, const int32_t *wsum, const float *wscale,
         __m256i ss = half ? _mm512_extracti64x4_epi64(sums, 1) : _mm512_castsi512_si256(sums);
         __m512d v = _mm512_fmadd_pd(_mm512_cvtepi32_pd(hh), _mm512_set1_pd(1 << HALF_BITS), _mm512_cvtepi32_pd(ll));
         v = _mm512_fnmadd_pd(_mm512_cvtepi32_pd(ss), _mm512_set1_pd(OFFSET), v);
+        v = _mm512_mul_pd(_mm512_mul_pd(v, _mm512_set1_pd(xscale)), _mm512_cvtps_pd(_mm256_loadu_ps(wscale + half * 8)));
         halves[half] = _mm512_cvtpd_ps(v);
     }
-    __m512 total = _mm512_insertf32x8(_mm512_castps256_ps512(halves[0]), halves[1], 1);
-    __m512 out = _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(xscale)), _mm512_loadu_ps(wscale));
+    __m512 out = _mm512_insertf32x8(_mm512_castps256_ps512(halves[0]), halves[1], 1);
     _mm512_mask_storeu_ps(y, keep, out);
 }
 
@@ -173,9 +183,9 @@ static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, cons
 #define BLOCKS_ONE_ROW 4 /* rows1_blocks4 */
 
 #else /* AVX2: a block's 16 outputs are two 8-lane halves (A: outputs 0-7, B: 8-15) */
-static inline float finish_one(int64_t h, int64_t l, int32_t wsum, float wscale, float xscale) {
+static inline float finish_one(int64_t h, int64_t l, int32_t wsum, float wscale, double xscale) {
     int64_t total = h * (1 << HALF_BITS) + l - (int64_t)OFFSET * wsum; /* exact: |total| < 2^50 */
-    return (float)total * xscale * wscale;
+    return (float)((double)total * xscale * (double)wscale);
 }
 
 typedef __m256i acc_t;
@@ -186,7 +196,7 @@ typedef __m256i acc_t;
 #define DP(a, b, w) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(b, w), ones))
 
 /* The AVX2 accumulators come in (A, B) pairs: out[2 * i] = outputs 0-7, out[2 * i + 1] = 8-15. */
-static void finish16(const acc_t hv[2], const acc_t lv[2], const int32_t *wsum, const float *wscale, float xscale,
+static void finish16(const acc_t hv[2], const acc_t lv[2], const int32_t *wsum, const float *wscale, double xscale,
                      float *y, int64_t n) {
     int32_t hs[16], ls[16];
     _mm256_storeu_si256((__m256i *)hs, hv[0]);
@@ -229,7 +239,7 @@ static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, cons
 
 /* Row m of the output over blocks [b0, b0 + nb), one block at a time (the tails of the grouped kernels). */
 static void blocks_one_by_one(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
-                              const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m,
+                              const float *wscale, const int32_t *wsum, const double *xs, float *y, int64_t m,
                               int64_t N, int64_t b0, int64_t nb) {
     for (int64_t b = b0; b < b0 + nb; b++) {
         int64_t n = b * 16;
@@ -247,7 +257,7 @@ static void blocks_one_by_one(const uint8_t *hi, const uint8_t *lo, int64_t KP, 
 
 /* Rows [m0, m0 + ROWS_MANY) over blocks [b0, b0 + BLOCKS_MANY). */
 static void many_rows(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
-                      const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m0, int64_t N,
+                      const float *wscale, const int32_t *wsum, const double *xs, float *y, int64_t m0, int64_t N,
                       int64_t b0) {
 #if ISA == 2
     acc_t r[16];
@@ -269,7 +279,7 @@ static void many_rows(const uint8_t *hi, const uint8_t *lo, int64_t KP, const in
 
 /* Row m over blocks [b0, b0 + BLOCKS_ONE_ROW). */
 static void one_row(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
-                    const float *wscale, const int32_t *wsum, const float *xs, float *y, int64_t m, int64_t N,
+                    const float *wscale, const int32_t *wsum, const double *xs, float *y, int64_t m, int64_t N,
                     int64_t b0) {
     acc_t r[8];
     (void)bb;
@@ -297,7 +307,7 @@ struct gptcli_int8_matrix {
 };
 
 #if ISA > 0
-/* work: M * (2 * KP + 4) bytes (the halves of the rows' codes, then their scales). */
+/* work: M * (2 * KP + 8) bytes (the halves of the rows' codes, then their scales as doubles). */
 void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y, int64_t M, uint8_t *work,
                     int threads) {
     const int8_t *packed = w->packed;
@@ -305,7 +315,7 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
     const int32_t *wsum = w->wsum;
     int64_t N = w->N, K = w->K, KP = (K + 3) & ~(int64_t)3, NB = (N + 15) / 16, bb = KP * 16;
     uint8_t *hi = work, *lo = work + M * KP;
-    float *xs = (float *)(void *)(work + 2 * M * KP);
+    double *xs = (double *)(void *)(work + 2 * M * KP); /* 8-byte aligned: KP is a multiple of 4 */
     if (M <= 4) /* a decode step's few rows: here, without a barrier in the parallel region */
         for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, KP, hi + m * KP, lo + m * KP, xs + m);
 #pragma omp parallel num_threads(threads)

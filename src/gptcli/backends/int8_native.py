@@ -8,25 +8,21 @@ activations to 14-16 bits with its own scale and sums the products with the int8
 on the rows beside it (batching never changes answers), and the activations keep more bits than the bf16
 that torch's kernel takes.
 
-The C file is built with the system's C compiler (`$CC`, else `cc`, else `gcc`; `-O3 -fopenmp` and the
-CPU's AVX-512/AVX2 flags by name, ISA_BUILDS) into the cache (`kernels/int8-<key>.so`, the key: the source,
-the flags and the compiler), then loaded with ctypes; its OpenMP regions run on the libgomp that torch has
-already loaded (the same soname), so the two never fight over the cores. The first model to need it times
-both kernels on decode-shaped products; which one runs, and why, is a tuning record (`gptcli backends
---json`). torch's kernel runs where there is no compiler, the build fails, the CPU has neither path, the
-native one is slower, or `GPTCLI_NATIVE_KERNELS=0`.
+The C file is built by native_build (the system's C compiler, `-O3 -fopenmp` and the CPU's AVX-512 or
+AVX2 flags by name, ISA_BUILDS) into the cache, then loaded with ctypes; its OpenMP regions run on the
+libgomp that torch has already loaded (the same soname), so the two never fight over the cores. The first
+model to need it times both kernels on decode-shaped products; which one runs, and why, is a tuning
+record (`gptcli backends --json`), and so is a build that failed (not tried again until the source, the
+compiler or the CPU changes). torch's kernel runs where there is no compiler, the build fails, the CPU
+has neither path, the native one is slower, or `GPTCLI_NATIVE_KERNELS=0`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import platform
-import shutil
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from gptcli import tuning
+from gptcli.backends.native_build import BuildError, built_library, compiler, compiler_key
 from gptcli.coercion import env_switch
 from gptcli.errors import ConfigError
 from gptcli.hardware import cpu_flags
-from gptcli.paths import cache_dir, cache_key
+from gptcli.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("int8_native.c")
 OFF_SWITCH = "GPTCLI_NATIVE_KERNELS"  # 0/false/no/off: torch's kernel, no build, no measuring
 TUNING_NAME = "torch-int8-kernel"
+BUILD_FAILED = "torch-int8-kernel-build-failed"  # a failed build, recorded so later runs do not pay for it again
 NATIVE, TORCH = "gptcli-native", "torch"
 ISA_NAMES = {2: "AVX-512 VNNI", 1: "AVX2"}
 BUILD_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -56,7 +54,6 @@ ISA_BUILDS = (
     ),
     (("avx2", "fma"), ("-mavx2", "-mfma")),
 )
-BUILD_TIMEOUT_S = 120
 # Twelve decoder layers of the default model ([out, in]: qkv, o, gate-up, down): 42 MB of int8, past a
 # typical L3 as a decode step's weights are. One row: a sequence decoding, the case the choice is for.
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536)) * 12
@@ -94,8 +91,8 @@ class PackedInt8:
 
     @property
     def work_per_row(self) -> int:
-        """Bytes of scratch a row of input needs: its codes' two halves and its scale."""
-        return 2 * (-(-self.in_features // 4) * 4) + 4
+        """Bytes of scratch a row of input needs: its codes' two halves and its scale (a double)."""
+        return 2 * (-(-self.in_features // 4) * 4) + 8
 
     @property
     def nbytes(self) -> int:
@@ -106,8 +103,11 @@ class NativeInt8:
     """The loaded library: pack a matrix once, then `mm` (x @ W^T, float32) as often as needed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self.isa = int(library.gptcli_int8_isa())
-        self._mm = library.gptcli_int8_mm if self.isa else None
+        try:
+            self.isa = int(library.gptcli_int8_isa())
+            self._mm = library.gptcli_int8_mm if self.isa else None
+        except AttributeError:  # a library, but not this one (a compiler that built something else)
+            raise BuildError(f"{library._name} has no gptcli int8 kernel in it") from None
         if self._mm is not None:
             self._mm.restype = None
             self._mm.argtypes = [
@@ -163,53 +163,10 @@ class NativeInt8:
         return work
 
 
-class BuildError(Exception):
-    """The compiler refused the source (its first line of complaint is the message)."""
-
-
-def compiler() -> str | None:
-    """The C compiler to build with: $CC, else cc, else gcc (None: none found)."""
-    named = os.environ.get("CC")
-    if named:
-        return shutil.which(named)
-    return shutil.which("cc") or shutil.which("gcc")
-
-
-def isa_flags() -> tuple[str, ...] | None:
-    """The compiler flags for the widest path this CPU runs (ISA_BUILDS), or None: neither."""
+def isa_builds() -> list[tuple[str, ...]]:
+    """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first."""
     have = cpu_flags()
-    return next((flags for needs, flags in ISA_BUILDS if set(needs) <= have), None)
-
-
-def library_key(cc: str, flags: tuple[str, ...]) -> str:
-    """What decides the built file: the source, the flags and the compiler (path and stamp)."""
-    return cache_key(SOURCE.read_text(encoding="utf-8"), *flags, cc, files=[Path(cc)])
-
-
-def build(cc: str, target: Path, flags: tuple[str, ...]) -> None:
-    """Compile SOURCE with `flags` into `target` (a temporary name first, then renamed: a reader never sees
-    half a file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".building-", suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
-    try:
-        try:
-            done = subprocess.run(
-                [cc, *flags, "-o", str(partial), str(SOURCE)],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise BuildError(f"{Path(cc).name} took over {BUILD_TIMEOUT_S} s") from None
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if line.strip()), f"exit {done.returncode}")
-            raise BuildError(f"{Path(cc).name} failed: {first.strip()[:200]}")
-        os.replace(partial, target)
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
+    return [flags for needs, flags in ISA_BUILDS if set(needs) <= have]
 
 
 def unavailable_reason() -> str | None:
@@ -218,48 +175,48 @@ def unavailable_reason() -> str | None:
         return f"turned off by {OFF_SWITCH}={os.environ[OFF_SWITCH].strip()}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"no native int8 kernel for {platform.machine()} CPUs"
-    if isa_flags() is None:
+    if not isa_builds():
         return "the CPU has no AVX2"
     if compiler() is None:
-        return "no C compiler found (cc, gcc or $CC) to build it"
+        return "no C compiler found ($CC, cc or gcc) to build it"
+    failed = tuning.cached(BUILD_FAILED, failure_key())
+    if failed is not None:
+        return str(failed.get("reason", "it did not build here"))
     return None
+
+
+def failure_key() -> str:
+    """A recorded build failure holds until the source, the compiler or the CPU changes."""
+    cc = compiler()
+    return tuning.machine_key(SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler")
 
 
 def native_kernel() -> NativeInt8 | str:
     """The library (built once per machine, compiler and cache), or why it cannot be had here."""
     reason = unavailable_reason()
-    cc, flags = compiler(), isa_flags()
-    if reason is not None or cc is None or flags is None:
-        return reason or "no C compiler or no AVX2"
-    return _load(cc, (*BUILD_FLAGS, *flags), cache_dir() / "kernels")
+    cc = compiler()
+    if reason is not None or cc is None:
+        return reason or "no C compiler"
+    return _load(cc, cache_dir() / "kernels")
 
 
 @cache
-def _load(cc: str, flags: tuple[str, ...], folder: Path) -> NativeInt8 | str:
-    target = folder / f"int8-{library_key(cc, flags)}.so"
-    try:
+def _load(cc: tuple[str, ...], folder: Path) -> NativeInt8 | str:
+    complaints = []
+    for flags in isa_builds():  # a compiler too old for the AVX-512 flags may still build the AVX2 path
         try:
-            native = NativeInt8(ctypes.CDLL(str(_built(cc, flags, target))))
-        except OSError:  # a damaged file (built again), or a cache that cannot be written (built elsewhere)
-            with contextlib.suppress(OSError):
-                target.unlink()
-            try:
-                build(cc, target, flags)
-            except OSError:
-                target = Path(tempfile.mkdtemp(prefix="gptcli-kernels-")) / target.name
-                build(cc, target, flags)
-            native = NativeInt8(ctypes.CDLL(str(target)))
-    except (BuildError, OSError) as exc:
-        return f"could not build it: {exc}"
-    if native.isa == 0:
-        return "the compiler built it without AVX2 or AVX-512 VNNI"
-    return native
-
-
-def _built(cc: str, flags: tuple[str, ...], target: Path) -> Path:
-    if not target.is_file():
-        build(cc, target, flags)
-    return target
+            native = NativeInt8(built_library(SOURCE, cc, (*BUILD_FLAGS, *flags), folder, "int8"))
+        except BuildError as exc:
+            complaints.append(str(exc))
+            continue
+        except OSError as exc:  # nowhere to build (a full disk, no temporary folder): not recorded, tried again
+            return f"could not build it: {exc}"
+        if native.isa:
+            return native
+        complaints.append("the compiler built it without AVX2 or AVX-512 VNNI")
+    reason = f"could not build it: {complaints[0] if complaints else 'no path for this CPU'}"
+    tuning.store(BUILD_FAILED, failure_key(), {"reason": reason})
+    return reason
 
 
 def native_for(params: int) -> NativeInt8 | None:
@@ -278,18 +235,26 @@ def choice(native: NativeInt8) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
-    record = tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(native, threads))
-    return record if record.get("kernel") in (NATIVE, TORCH) else {"kernel": TORCH, "reason": "a damaged record"}
+    record = cached_choice(threads)
+    if record is None:  # not measured yet, or a damaged record: measured (again)
+        record = measure(native, threads)
+        tuning.store(TUNING_NAME, machine_key(threads), record)
+    return record
 
 
 def machine_key(threads: int) -> str:
-    cc = compiler() or "no compiler"
-    return tuning.machine_key(version("torch"), SOURCE.read_text(encoding="utf-8"), cc, str(threads))
+    cc = compiler()
+    parts = (version("torch"), SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler")
+    return tuning.machine_key(*parts, str(threads))
 
 
 def cached_choice(threads: int) -> dict[str, Any] | None:
-    """This machine's record at `threads` (None until an int8 model has measured it); imports no torch."""
-    return tuning.cached(TUNING_NAME, machine_key(threads))
+    """This machine's record at `threads` (None until an int8 model has measured it, or a damaged one);
+    imports no torch."""
+    record = tuning.cached(TUNING_NAME, machine_key(threads))
+    if record is None or record.get("kernel") not in (NATIVE, TORCH) or not isinstance(record.get("reason"), str):
+        return None
+    return record
 
 
 def reported_choice(threads: int) -> dict[str, Any]:
