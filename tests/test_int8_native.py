@@ -224,8 +224,17 @@ def test_a_damaged_choice_is_measured_again_and_never_shown(monkeypatch):
 def test_the_real_measurement_names_a_kernel_and_its_reason():
     record = int8_native.measure(_native(), 1)
     assert record["kernel"] in (int8_native.NATIVE, int8_native.TORCH)
-    assert set(record["timings_ms"]) == {int8_native.NATIVE, int8_native.TORCH}
+    assert set(record["timings_ms"]) == {"1 row", f"{int8_native.PREFILL_ROWS} rows"}
+    assert all(set(times) == {int8_native.NATIVE, int8_native.TORCH} for times in record["timings_ms"].values())
     assert "1 threads" in record["reason"]
+
+
+def test_a_faster_decode_must_not_cost_the_prefill():
+    native, torch_ = int8_native.NATIVE, int8_native.TORCH
+    assert int8_native.prefer_native({native: 1.0, torch_: 1.7}, {native: 7.6, torch_: 18.5})  # AVX-512 VNNI here
+    # the AVX2 path on the same CPU: faster at one row, 1.37x slower at 64: torch's kernel
+    assert not int8_native.prefer_native({native: 1.06, torch_: 1.69}, {native: 31.0, torch_: 22.7})
+    assert not int8_native.prefer_native({native: 1.8, torch_: 1.7}, {native: 7.0, torch_: 18.0})
 
 
 @needs_build

@@ -58,6 +58,8 @@ ISA_BUILDS = (
 # typical L3 as a decode step's weights are. One row: a sequence decoding, the case the choice is for.
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536)) * 12
 PASSES = 7
+PREFILL_ROWS = 64  # a prompt's chunk, or a batch: timed too, so a faster decode cannot cost the prefill
+PREFILL_SLACK = 1.1
 MIN_PARAMS = 20_000_000  # smaller models take the native kernel unmeasured: too small for the choice to matter
 
 
@@ -272,7 +274,10 @@ def reported_choice(threads: int) -> dict[str, Any]:
 
 
 def measure(native: NativeInt8, threads: int) -> dict[str, Any]:
-    """Time one-row products over SHAPES with both kernels (medians of PASSES after a warm-up) and pick the faster."""
+    """Time both kernels over SHAPES at one row (a sequence decoding) and at PREFILL_ROWS (a prompt, or a
+    batch), medians of PASSES after a warm-up. The native kernel is chosen where it is the faster at one row
+    and not slower by more than PREFILL_SLACK at many: on AVX2 its many-row path does more work a weight
+    than its one-row path does, and a faster decode must not cost the prefill."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -281,26 +286,35 @@ def measure(native: NativeInt8, threads: int) -> dict[str, Any]:
         scales = [torch.rand(shape[0], generator=generator) / 100 for shape in SHAPES]
         packed = [native.pack(c, s) for c, s in zip(codes, scales, strict=True)]
         bf16_scales = [s.to(torch.bfloat16) for s in scales]
-        inputs = [torch.randn(1, shape[1], generator=generator) for shape in SHAPES]
-        kernels = {
-            NATIVE: lambda: [native.mm(x, p) for x, p in zip(inputs, packed, strict=True)],
-            TORCH: lambda: [
-                torch._weight_int8pack_mm(x.to(torch.bfloat16), c, s).float()
-                for x, c, s in zip(inputs, codes, bf16_scales, strict=True)
-            ],
-        }
-        times: dict[str, list[float]] = {name: [] for name in kernels}
-        for _ in range(PASSES + 1):
-            for name, run in kernels.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: round(statistics.median(values[1:]) * 1e3, 3) for name, values in times.items()}
-    kernel = min(medians, key=lambda name: medians[name])
-    label = native.name if kernel == NATIVE else "torch's _weight_int8pack_mm"
+        medians: dict[str, dict[str, float]] = {}
+        for rows, passes in ((1, PASSES), (PREFILL_ROWS, 3)):
+            inputs = [torch.randn(rows, shape[1], generator=generator) for shape in SHAPES]
+            kernels = {
+                NATIVE: lambda inputs=inputs: [native.mm(x, p) for x, p in zip(inputs, packed, strict=True)],
+                TORCH: lambda inputs=inputs: [
+                    torch._weight_int8pack_mm(x.to(torch.bfloat16), c, s).float()
+                    for x, c, s in zip(inputs, codes, bf16_scales, strict=True)
+                ],
+            }
+            times: dict[str, list[float]] = {name: [] for name in kernels}
+            for _ in range(passes + 1):
+                for name, run in kernels.items():
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+            medians[f"{rows} row" + ("s" if rows > 1 else "")] = {
+                name: round(statistics.median(values[1:]) * 1e3, 3) for name, values in times.items()
+            }
+    native_wins = prefer_native(medians["1 row"], medians[f"{PREFILL_ROWS} rows"])
+    label = native.name if native_wins else "torch's _weight_int8pack_mm"
     flags = " ".join(tuning.kernel_flags())
     return {
-        "kernel": kernel,
+        "kernel": NATIVE if native_wins else TORCH,
         "timings_ms": medians,
-        "reason": f"fastest for one-row int8 products here ({flags}; {threads} threads): {label}",
+        "reason": f"fastest for int8 products here ({flags}; {threads} threads): {label}",
     }
+
+
+def prefer_native(one_row: dict[str, float], many_rows: dict[str, float]) -> bool:
+    """The native kernel: faster at one row, and within PREFILL_SLACK of torch's at many."""
+    return one_row[NATIVE] < one_row[TORCH] and many_rows[NATIVE] <= many_rows[TORCH] * PREFILL_SLACK
