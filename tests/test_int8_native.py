@@ -38,7 +38,8 @@ def _native() -> NativeInt8:
 
 
 def _avx2(tmp_path: Path) -> NativeInt8:
-    library = native_build.built_library(int8_native.SOURCE, native_build.compiler(), AVX2_FLAGS, tmp_path, "avx2")
+    cc = native_build.compiler()
+    library = native_build.built_library(int8_native.SOURCE, cc, AVX2_FLAGS, tmp_path, "avx2", "gptcli_int8_isa")
     native = NativeInt8(library)
     assert native.isa == 1
     return native
@@ -176,6 +177,51 @@ def test_a_failed_build_is_recorded_said_and_not_tried_again(monkeypatch, tmp_pa
 
 
 @needs_build
+def test_a_compiler_that_hangs_on_one_isa_is_waited_for_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_build, "BUILD_TIMEOUT_S", 1)
+    runs = tmp_path / "runs"
+    real = " ".join(native_build.compiler())
+    cc = _script(
+        tmp_path,
+        "hang-cc",
+        f'echo run >> {runs}\ncase "$*" in *-mavx512vnni*|*-mavx2*) sleep 30;; esac\nexec {real} "$@"\n',
+    )
+    monkeypatch.setenv("CC", cc)
+    reason = int8_native.native_kernel()
+    assert reason == "could not build it: hang-cc took over 1 s"
+    assert len(runs.read_text().splitlines()) == 1  # not tried again with the next ISA's flags
+    int8_native._load.cache_clear()
+    assert int8_native.native_kernel() == reason
+    assert len(runs.read_text().splitlines()) == 1  # nor in a later process
+
+
+@pytest.mark.skipif(not (CAN_BUILD and HAS_VNNI), reason="needs an AVX-512 VNNI CPU and a C compiler")
+def test_a_compiler_without_avx512_builds_the_avx2_path_and_is_not_asked_again(monkeypatch, tmp_path):
+    runs = tmp_path / "runs"
+    real = " ".join(native_build.compiler())
+    cc = _script(
+        tmp_path, "old-cc", f'echo "$*" >> {runs}\ncase "$*" in *-mavx512vnni*) exit 1;; esac\nexec {real} "$@"\n'
+    )
+    monkeypatch.setenv("CC", cc)
+    assert int8_native.native_kernel().isa == 1
+    int8_native._load.cache_clear()
+    assert int8_native.native_kernel().isa == 1
+    assert sum("-mavx512vnni" in line for line in runs.read_text().splitlines()) == 1  # its failure is recorded
+
+
+@needs_build
+def test_where_torch_was_chosen_nothing_is_built(monkeypatch, isolated_home):
+    monkeypatch.setattr(int8_native, "measure", lambda native, n: {"kernel": "torch", "reason": "torch's was faster"})
+    assert int8_native.native_for(int8_native.MIN_PARAMS) is None  # built, timed: torch's
+    kernels = isolated_home / "cache" / "kernels"
+    for built in kernels.iterdir():
+        built.unlink()
+    int8_native._load.cache_clear()
+    assert int8_native.native_for(int8_native.MIN_PARAMS) is None
+    assert list(kernels.iterdir()) == []
+
+
+@needs_build
 def test_a_compiler_that_builds_something_else_is_a_failed_build(monkeypatch, tmp_path):
     other = tmp_path / "other.c"
     other.write_text("int unrelated(void) { return 1; }\n")
@@ -185,7 +231,7 @@ def test_a_compiler_that_builds_something_else_is_a_failed_build(monkeypatch, tm
     )
     monkeypatch.setenv("CC", cc)
     reason = int8_native.native_kernel()
-    assert isinstance(reason, str) and "has no gptcli int8 kernel in it" in reason
+    assert isinstance(reason, str) and "has no gptcli_int8_isa in it" in reason
 
 
 @needs_build

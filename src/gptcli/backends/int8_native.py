@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli import tuning
-from gptcli.backends.native_build import BuildError, built_library, compiler, compiler_key
+from gptcli.backends.native_build import BuildError, BuildTimeout, built_library, compiler, compiler_key
 from gptcli.coercion import env_switch
 from gptcli.errors import ConfigError
 from gptcli.hardware import cpu_flags
@@ -181,16 +181,23 @@ def unavailable_reason() -> str | None:
         return "the CPU has no AVX2"
     if compiler() is None:
         return "no C compiler found ($CC, cc or gcc) to build it"
-    failed = tuning.cached(BUILD_FAILED, failure_key())
-    if failed is not None:
-        return str(failed.get("reason", "it did not build here"))
-    return None
+    failures = [recorded_failure(flags) for flags in isa_builds()]
+    return failures[0] if all(failures) else None
 
 
-def failure_key() -> str:
-    """A recorded build failure holds until the source, the compiler or the CPU changes."""
+def failure_key(flags: tuple[str, ...]) -> str:
+    """A build failure is recorded per ISA's flags, and holds until the source, the compiler or the CPU changes."""
     cc = compiler()
-    return tuning.machine_key(SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler")
+    return tuning.machine_key(SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler", *flags)
+
+
+def recorded_failure(flags: tuple[str, ...]) -> str | None:
+    """Why the build with `flags` failed here before (None: it did not, or was never tried)."""
+    record = tuning.cached(BUILD_FAILED, failure_key(flags))
+    if record is None:
+        return None
+    reason = record.get("reason")
+    return reason if isinstance(reason, str) and reason else "could not build it here"
 
 
 def native_kernel() -> NativeInt8 | str:
@@ -205,25 +212,44 @@ def native_kernel() -> NativeInt8 | str:
 @cache
 def _load(cc: tuple[str, ...], folder: Path) -> NativeInt8 | str:
     complaints = []
-    for flags in isa_builds():  # a compiler too old for the AVX-512 flags may still build the AVX2 path
+    builds = isa_builds()  # widest first: a compiler too old for the AVX-512 flags may still build the AVX2 path
+    for at, flags in enumerate(builds):
+        failed = recorded_failure(flags)
+        if failed is not None:
+            complaints.append(failed)
+            continue
         try:
-            native = NativeInt8(built_library(SOURCE, cc, (*BUILD_FLAGS, *flags), folder, "int8"))
+            native = NativeInt8(built_library(SOURCE, cc, (*BUILD_FLAGS, *flags), folder, "int8", "gptcli_int8_isa"))
+        except BuildTimeout as exc:  # a hung compiler would hang again: no second wait, now or later
+            complaints.append(f"could not build it: {exc}")
+            for rest in builds[at:]:
+                tuning.store(BUILD_FAILED, failure_key(rest), {"reason": complaints[-1]})
+            break
         except BuildError as exc:
-            complaints.append(str(exc))
+            complaints.append(f"could not build it: {exc}")
+            tuning.store(BUILD_FAILED, failure_key(flags), {"reason": complaints[-1]})
             continue
         except OSError as exc:  # nowhere to build (a full disk, no temporary folder): not recorded, tried again
             return f"could not build it: {exc}"
         if native.isa:
             return native
-        complaints.append("the compiler built it without AVX2 or AVX-512 VNNI")
-    reason = f"could not build it: {complaints[0] if complaints else 'no path for this CPU'}"
-    tuning.store(BUILD_FAILED, failure_key(), {"reason": reason})
-    return reason
+        complaints.append("could not build it: the compiler built it without AVX2 or AVX-512 VNNI")
+        tuning.store(BUILD_FAILED, failure_key(flags), {"reason": complaints[-1]})
+    return complaints[0] if complaints else "could not build it: no path for this CPU"
 
 
 def native_for(params: int) -> NativeInt8 | None:
     """The int8 kernel for a model of `params` weights: the native one where it is this machine's choice
-    (a model under MIN_PARAMS, the tests' tiny ones, takes it unmeasured), else None (torch's)."""
+    (a model under MIN_PARAMS, the tests' tiny ones, takes it unmeasured), else None (torch's). Where the
+    recorded choice is torch's, nothing is built."""
+    if unavailable_reason() is not None:
+        return None
+    if params >= MIN_PARAMS:
+        import torch
+
+        recorded = cached_choice(torch.get_num_threads())
+        if recorded is not None and recorded["kernel"] == TORCH:
+            return None
     native = native_kernel()
     if isinstance(native, str):
         return None

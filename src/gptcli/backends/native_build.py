@@ -38,22 +38,32 @@ class BuildError(Exception):
     """The compiler could not build the source, or what it built does not load (the message says which)."""
 
 
+class BuildTimeout(BuildError):
+    """The compiler hung: it would hang again with other flags, so nothing else is tried."""
+
+
 def compiler() -> tuple[str, ...] | None:
     """The C compiler's command: $CC (split as a shell would: `ccache gcc`), else cc, else gcc; None: none."""
-    named = shlex.split(os.environ.get("CC", ""))
-    if named and shutil.which(named[0]):
-        return (shutil.which(named[0]) or named[0], *named[1:])
+    try:
+        named = shlex.split(os.environ.get("CC", ""))
+    except ValueError:  # an unclosed quote: not a command, so cc or gcc as if unset
+        named = []
+    program = shutil.which(named[0]) if named else None
+    if program:
+        return (program, *named[1:])
     found = shutil.which("cc") or shutil.which("gcc")
     return (found,) if found else None
 
 
 def compiler_key(cc: tuple[str, ...]) -> str:
-    """The compiler as a cache key's part: its command and its program file's stamp (an upgrade changes it)."""
-    try:
-        stamp = file_stamp(Path(cc[0]))
-    except OSError:
-        stamp = "?"
-    return " ".join(cc) + "|" + stamp
+    """The compiler as a cache key's part: its command and the stamps of the programs it names (`ccache gcc`:
+    both), so an upgrade changes it."""
+    stamps = []
+    for word in cc:
+        program = shutil.which(word) if not word.startswith("-") and "=" not in word else None
+        with contextlib.suppress(OSError):
+            stamps.append(file_stamp(Path(program)) if program else "")
+    return " ".join(cc) + "|" + ",".join(stamps)
 
 
 def library_key(source: Path, cc: tuple[str, ...], flags: tuple[str, ...]) -> str:
@@ -71,8 +81,15 @@ def build(source: Path, cc: tuple[str, ...], flags: tuple[str, ...], target: Pat
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".building-", suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        _compile([*cc, *flags, "-o", str(partial), str(source)], Path(cc[0]).name)
-        digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+        name = Path(cc[0]).name
+        _compile([*cc, *flags, "-o", str(partial), str(source)], name)
+        try:
+            built = partial.read_bytes()
+        except FileNotFoundError:
+            built = b""
+        if not built:
+            raise BuildError(f"{name} wrote no library")
+        digest = hashlib.sha256(built).hexdigest()
         os.replace(partial, target)
         write_atomic(digest_file(target), digest + "\n")
     finally:
@@ -90,7 +107,7 @@ def _compile(command: list[str], name: str) -> None:
             code = process.wait(timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             _kill_group(process)
-            raise BuildError(f"{name} took over {BUILD_TIMEOUT_S} s") from None
+            raise BuildTimeout(f"{name} took over {BUILD_TIMEOUT_S} s") from None
         except BaseException:  # Ctrl-C: the compiler runs in its own session, so it is stopped here
             _kill_group(process)
             raise
@@ -129,20 +146,27 @@ def intact(target: Path) -> bool:
         return False
 
 
-def load(target: Path) -> ctypes.CDLL:
-    """dlopen a built library; BuildError when it is not one (what the compiler wrote does not load)."""
+def load(target: Path, symbol: str) -> ctypes.CDLL:
+    """dlopen a built library that exports `symbol`; BuildError when it is not one (what the compiler wrote
+    does not load, or is some other library)."""
     try:
-        return ctypes.CDLL(str(target))
+        library = ctypes.CDLL(str(target))
     except OSError as exc:
         raise BuildError(f"what the compiler built does not load: {exc}") from None
+    if not hasattr(library, symbol):
+        raise BuildError(f"what the compiler built has no {symbol} in it")
+    return library
 
 
-def built_library(source: Path, cc: tuple[str, ...], flags: tuple[str, ...], folder: Path, stem: str) -> ctypes.CDLL:
-    """The library for (source, compiler, flags): from `folder` when intact there, else built now (in a
-    temporary folder, removed once loaded, when `folder` cannot be written)."""
+def built_library(
+    source: Path, cc: tuple[str, ...], flags: tuple[str, ...], folder: Path, stem: str, symbol: str
+) -> ctypes.CDLL:
+    """The library for (source, compiler, flags), which must export `symbol`: from `folder` when intact
+    there, else built now (in a temporary folder, removed once loaded, when `folder` cannot be written)."""
     target = folder / f"{stem}-{library_key(source, cc, flags)}.so"
     if intact(target):
-        return load(target)
+        with contextlib.suppress(BuildError):
+            return load(target, symbol)
     for stale in (target, digest_file(target)):
         with contextlib.suppress(OSError):
             stale.unlink()
@@ -153,11 +177,11 @@ def built_library(source: Path, cc: tuple[str, ...], flags: tuple[str, ...], fol
         try:
             elsewhere = scratch / target.name
             build(source, cc, flags, elsewhere)
-            return load(elsewhere)  # the mapping outlives the file
+            return load(elsewhere, symbol)  # the mapping outlives the file
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     try:
-        return load(target)
+        return load(target, symbol)
     except BuildError:  # not kept: the failure is the caller's to record
         for wrong in (target, digest_file(target)):
             with contextlib.suppress(OSError):
