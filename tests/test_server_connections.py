@@ -212,6 +212,15 @@ def test_the_accept_error_filter_passes_other_errors_on():
         quiet_accept_errors(loop, every_s=3600)
         for _ in range(2048):  # asyncio's once per backlog slot
             loop.call_exception_handler({"message": ACCEPT_ERROR, "exception": OSError(24, "Too many open files")})
+
+        # the accept() retries asyncio scheduled, firing after the listening socket closed (the server stopping)
+        def _start_serving() -> None:
+            pass
+
+        retry = asyncio.Handle(_start_serving, (), loop)
+        for _ in range(2048):
+            failure = {"message": "Exception in callback", "handle": retry, "exception": ValueError("fd: -1")}
+            loop.call_exception_handler(failure)
         loop.call_exception_handler({"message": "Task exception was never retrieved"})
     finally:
         logging.getLogger("uvicorn.error").removeHandler(handler)
