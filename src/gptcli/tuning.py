@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,22 +39,32 @@ def machine_key(*parts: str) -> str:
     return files_key(",".join(kernel_flags()), *parts, length=16)
 
 
-def cached(name: str, key: str) -> dict[str, Any] | None:
-    """The record stored for `name` under `key`, or None."""
+Valid = Callable[[dict[str, Any]], bool]
+
+
+def cached(name: str, key: str, valid: Valid | None = None) -> dict[str, Any] | None:
+    """The record stored for `name` under `key`, or None (also for one that `valid` refuses: damaged)."""
     try:
         record = json.loads(tuning_file().read_text(encoding="utf-8"))[name][key]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict) or (valid is not None and not valid(record)):
+        return None
+    return record
 
 
-def tuned(name: str, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The record for `name` under `key`: cached, or measured now and stored."""
-    record = cached(name, key)
+def tuned(name: str, key: str, measure: Callable[[], dict[str, Any]], valid: Valid | None = None) -> dict[str, Any]:
+    """The record for `name` under `key`: cached, or measured now (again, where `valid` refuses it) and stored."""
+    record = cached(name, key, valid)
     if record is None:
         record = measure()
         store(name, key, record)
     return record
+
+
+def median_ms(seconds: list[float]) -> float:
+    """The median of timed passes in ms, the first (warm-up) pass left out."""
+    return round(statistics.median(seconds[1:]) * 1e3, 3)
 
 
 def store(name: str, key: str, record: dict[str, Any]) -> None:

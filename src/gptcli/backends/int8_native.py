@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -105,11 +104,8 @@ class NativeInt8:
     """The loaded library: pack a matrix once, then `mm` (x @ W^T, float32) as often as needed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        try:
-            self.isa = int(library.gptcli_int8_isa())
-            self._mm = library.gptcli_int8_mm if self.isa else None
-        except AttributeError:  # a library, but not this one (a compiler that built something else)
-            raise BuildError(f"{library._name} has no gptcli int8 kernel in it") from None
+        self.isa = int(library.gptcli_int8_isa())  # (native_build.built_library checked it is there)
+        self._mm = library.gptcli_int8_mm if self.isa else None
         if self._mm is not None:
             self._mm.restype = None
             self._mm.argtypes = [
@@ -165,6 +161,12 @@ class NativeInt8:
         return work
 
 
+@cache
+def source_text() -> str:
+    """The kernel's C source, read once: it is part of every cache key here."""
+    return SOURCE.read_text(encoding="utf-8")
+
+
 def isa_builds() -> list[tuple[str, ...]]:
     """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first."""
     have = cpu_flags()
@@ -188,7 +190,7 @@ def unavailable_reason() -> str | None:
 def failure_key(flags: tuple[str, ...]) -> str:
     """A build failure is recorded per ISA's flags, and holds until the source, the compiler or the CPU changes."""
     cc = compiler()
-    return tuning.machine_key(SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler", *flags)
+    return tuning.machine_key(source_text(), compiler_key(cc) if cc else "no compiler", *flags)
 
 
 def recorded_failure(flags: tuple[str, ...]) -> str | None:
@@ -259,30 +261,28 @@ def native_for(params: int) -> NativeInt8 | None:
 
 
 def choice(native: NativeInt8) -> dict[str, Any]:
-    """This machine's record: "kernel" (NATIVE or TORCH), "reason", "timings_ms" (measured once, cached)."""
+    """This machine's record: "kernel" (NATIVE or TORCH), "reason", "timings_ms" (measured once, cached; a
+    damaged record is measured again)."""
     import torch
 
     threads = torch.get_num_threads()
-    record = cached_choice(threads)
-    if record is None:  # not measured yet, or a damaged record: measured (again)
-        record = measure(native, threads)
-        tuning.store(TUNING_NAME, machine_key(threads), record)
-    return record
+    return tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(native, threads), _valid_choice)
 
 
 def machine_key(threads: int) -> str:
     cc = compiler()
-    parts = (version("torch"), SOURCE.read_text(encoding="utf-8"), compiler_key(cc) if cc else "no compiler")
+    parts = (version("torch"), source_text(), compiler_key(cc) if cc else "no compiler")
     return tuning.machine_key(*parts, str(threads))
 
 
 def cached_choice(threads: int) -> dict[str, Any] | None:
     """This machine's record at `threads` (None until an int8 model has measured it, or a damaged one);
     imports no torch."""
-    record = tuning.cached(TUNING_NAME, machine_key(threads))
-    if record is None or record.get("kernel") not in (NATIVE, TORCH) or not isinstance(record.get("reason"), str):
-        return None
-    return record
+    return tuning.cached(TUNING_NAME, machine_key(threads), _valid_choice)
+
+
+def _valid_choice(record: dict[str, Any]) -> bool:
+    return record.get("kernel") in (NATIVE, TORCH) and isinstance(record.get("reason"), str)
 
 
 def reported_choice(threads: int) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def measure(native: NativeInt8, threads: int) -> dict[str, Any]:
                     run()
                     times[name].append(time.perf_counter() - start)
             medians[f"{rows} row" + ("s" if rows > 1 else "")] = {
-                name: round(statistics.median(values[1:]) * 1e3, 3) for name, values in times.items()
+                name: tuning.median_ms(values) for name, values in times.items()
             }
     native_wins = prefer_native(medians["1 row"], medians[f"{PREFILL_ROWS} rows"])
     label = native.name if native_wins else "torch's _weight_int8pack_mm"

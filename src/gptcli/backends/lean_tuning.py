@@ -20,7 +20,6 @@ benchmarks/README.md).
 
 from __future__ import annotations
 
-import statistics
 import time
 from importlib.metadata import version
 from typing import Any
@@ -103,7 +102,7 @@ def measure(threads: int) -> dict[str, Any]:
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-    medians = {name: _median_ms(values) for name, values in times.items()}
+    medians = {name: tuning.median_ms(values) for name, values in times.items()}
     kernel = min(medians, key=lambda name: medians[name])
     flags = " ".join(tuning.kernel_flags()) or "no AVX2"
     chosen = f"{kernel} ({blas_name()})" if kernel == NUMPY_BLAS else kernel
@@ -138,9 +137,4 @@ def measure_tall(threads: int) -> dict[str, float]:
                 for w in weights:
                     numpy_product(x, w)
                 times[name].append(time.perf_counter() - start)
-    return {name: _median_ms(values) for name, values in times.items()}
-
-
-def _median_ms(seconds: list[float]) -> float:
-    """The median of timed passes in ms, the first (warm-up) pass left out."""
-    return round(statistics.median(seconds[1:]) * 1e3, 3)
+    return {name: tuning.median_ms(values) for name, values in times.items()}
