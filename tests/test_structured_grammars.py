@@ -203,6 +203,12 @@ def test_how_deep_references_chain_is_measured_cycles_cut():
         ("--grammar", rule_chain(3000, gbnf=True), "its rules name one another 3,002 deep"),
         ("--json-schema", json.dumps(ref_chain(5000)), "its subschemas and $refs go 5,002 deep"),
         ("--json-schema", json.dumps(ref_chain(2000, around=True)), "its subschemas and $refs go 4,002 deep"),
+        # A Lark grammar embeds a schema with llguidance's %json: its $refs chain as a --json-schema's do.
+        (
+            "--grammar",
+            f"start: %json {json.dumps(ref_chain(5000))}\n",
+            "the subschemas and $refs of its %json go 5,002 deep",
+        ),
     ],
 )
 def test_a_reference_chain_too_deep_for_the_grammar_engine_is_exit_3_not_a_crash(
@@ -214,6 +220,14 @@ def test_a_reference_chain_too_deep_for_the_grammar_engine_is_exit_3_not_a_crash
     run = run_cli("generate", "hi", "-m", str(tiny_models["llama"]), "-n", "2", flag, str(path))
     assert run.returncode == 3, run.stderr.decode()
     assert run.stderr.decode().startswith(f"error: {path}: {said}, past the 256 the grammar engine can follow\n")
+
+
+def test_the_schemas_a_lark_grammar_embeds_are_found():
+    from gptcli.grammar_depth import lark_json_schemas
+
+    text = 'start: "a" %json {"type": "integer"} | b\nb: %json{"$ref": "#/$defs/x",\n "$defs": {"x": {}}}\nc: "%json"\n'
+    assert lark_json_schemas(text) == [{"type": "integer"}, {"$ref": "#/$defs/x", "$defs": {"x": {}}}]
+    assert reads(constraints.grammar_text(f"start: %json {json.dumps(ref_chain(10))}\n", "--grammar"), '"a"')
 
 
 def test_a_chain_within_the_limit_still_compiles():

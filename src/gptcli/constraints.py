@@ -170,6 +170,8 @@ def _grammar(constraint: OutputConstraint) -> str:
     if constraint.kind == "grammar":
         text = lark(constraint.source)
         _check_chain(grammar_depth.lark_chain(text), "its rules name one another")
+        for schema in grammar_depth.lark_json_schemas(text):
+            _check_chain(grammar_depth.schema_chain(schema), "the subschemas and $refs of its %json go")
         return llguidance.LLMatcher.grammar_from_lark(text)
     if constraint.kind == "json":
         return llguidance.LLMatcher.grammar_from_json_schema("{}", defaults=JSON_OPTIONS)

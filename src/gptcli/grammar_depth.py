@@ -8,6 +8,7 @@ the server with it. Such a chain is refused here first, long before that. Real g
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -20,6 +21,7 @@ _RULE_START = re.compile(r"^\s*[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:
 # What a rule's body holds besides names: string literals, /regexes/flags, comments.
 _NOT_NAMES = re.compile(r'"(?:[^"\\\n]|\\.)*"i?|/(?![/*])(?:[^/\\\n]|\\.)+/[imslux]*|//[^\n]*|#[^\n]*')
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JSON_DIRECTIVE = re.compile(r"%json\b\s*")  # llguidance's Lark: `%json { <a JSON Schema> }` embeds a schema
 
 
 def longest_chain(starts: Iterable[Hashable], links: Callable[[Any], Iterable[Hashable]]) -> int:
@@ -56,6 +58,21 @@ def lark_chain(source: str) -> int:
         bodies.setdefault(name, []).extend(_NAME.findall(body))
     edges = {name: [n for n in dict.fromkeys(names) if n in bodies and n != name] for name, names in bodies.items()}
     return longest_chain(edges, lambda name: edges[name])
+
+
+def lark_json_schemas(source: str) -> list[Any]:
+    """The JSON Schemas a Lark grammar embeds with llguidance's `%json {...}`: the grammar engine compiles each by
+    recursion along its `$ref`s as it does a `--json-schema`, so their chains need the same bound. One that is not
+    JSON is left to the grammar engine's own error."""
+    decoder = json.JSONDecoder()
+    found: list[Any] = []
+    for match in _JSON_DIRECTIVE.finditer(source):
+        try:
+            value, _ = decoder.raw_decode(source, match.end())
+        except (ValueError, RecursionError):  # nested past Python's limit: far past the engine's 128, which it refuses
+            continue
+        found.append(value)
+    return found
 
 
 def schema_chain(schema: Any) -> int:
