@@ -18,7 +18,7 @@ from gptcli.decoding import Finished, Token
 from gptcli.engine import Engine, EngineLimits, generate, run_all
 from gptcli.errors import ConfigError, UsageError
 from gptcli.tokenizer import Tokenizer
-from tests.conftest import run_cli
+from tests.conftest import reads, run_cli
 
 CPU32 = LoadOptions(device="cpu", dtype="float32")
 SAMPLED = SamplingConfig(temperature=1.0, top_p=0.95, min_p=0.0, max_tokens=80, repetition_stop=False)
@@ -291,6 +291,24 @@ def test_a_bad_regex_and_conflicting_flags_are_clear_errors(tmp_path):
     schema.write_text('{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000, encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(schema))}: nested too deeply"):  # was RecursionError
         output_requests.from_flags(schema, None, None)
+
+
+def test_the_deepest_schema_allowed_compiles_and_one_level_deeper_is_the_nesting_error():
+    from gptcli.schema_width import MAX_DEPTH
+
+    def nested(depth: int) -> dict:
+        schema: dict = {"type": "string"}
+        for _ in range(depth - 1):
+            schema = {"type": "array", "items": schema}
+        return schema
+
+    assert reads(
+        constraints.schema_constraint(nested(MAX_DEPTH), "s.json"), "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)
+    )
+    # One level more was llguidance's "invalid JSON Schema: recursion limit exceeded at line 1 column 3026" up to 128.
+    for depth in (MAX_DEPTH + 1, 128):
+        with pytest.raises(ConfigError, match=rf"^s.json: nested too deeply .*over {MAX_DEPTH} arrays and objects"):
+            constraints.schema_constraint(nested(depth), "s.json")
 
 
 def test_cli_bad_schema_exits_3_with_one_line(tiny_models, tmp_path):

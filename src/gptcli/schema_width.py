@@ -42,8 +42,10 @@ ENFORCED_FORMATS = frozenset(
 )
 
 
-# Arrays and objects in one another: serde_json's limit, past which llguidance reads no schema.
-MAX_DEPTH = 128
+# Arrays and objects in one another: serde_json's limit is 128, and llguidance reads a schema 3 levels inside
+# its grammar's JSON (`{"grammars": [{"json_schema": ...}]}`), so a schema 125 deep already failed there with
+# serde's "recursion limit exceeded at line 1 column N" (a column of text the user never wrote).
+MAX_DEPTH = 124
 
 
 def check_depth(schema: Any, where: str) -> None:
