@@ -307,6 +307,7 @@ def test_piped_chat_one_turn_per_line(tiny_models, tok, isolated_home):
     assert again.returncode == 0, again.stderr.decode()
     assert again.stdout.decode() == "Still here.\n"  # /show output goes to stderr on a pipe
     assert "4 messages" in again.stderr.decode()
+    assert "chat template      the model's\n" in again.stderr.decode()  # the tiny Llama has its own
     messages = json.loads(saved[0].read_text())["messages"]
     assert len(messages) == 6
 

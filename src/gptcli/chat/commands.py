@@ -45,7 +45,8 @@ def help_text() -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in COMMANDS.items())
 
 
-MODEL_TEMPLATE = "the model's"  # /info's chat template without --chat-template
+MODEL_TEMPLATE = "the model's"  # /show's chat template without --chat-template
+NO_TEMPLATE = "none: a plain transcript (User: / Assistant: lines)"  # a model without one (chat warns at start)
 
 
 def show_text(chat: ChatSession, backend_name: str = "") -> str:
@@ -53,6 +54,7 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
     s = chat.settings.sampling
     dropped = conv.window_start
     trimmed = f"{dropped} oldest messages no longer sent to the model" if dropped else "none"
+    template = conv.chat_template or (MODEL_TEMPLATE if chat.tokenizer.chat_template else NO_TEMPLATE)
     more = chat.next_turn()[0] - dropped  # a long last reply leaves no room for older exchanges
     if more > 0:
         trimmed += f"; the next message drops the oldest {more}" if not dropped else f"; the next drops {more} more"
@@ -61,7 +63,7 @@ def show_text(chat: ChatSession, backend_name: str = "") -> str:
         f"model              {conv.model}{chat.where(backend_name)}",
         f"conversation       {conv.id} ({len(conv.messages)} messages)",
         f"system             {conv.system or '-'}",
-        f"chat template      {conv.chat_template or MODEL_TEMPLATE}",
+        f"chat template      {template}",
         f"tokens             {chat.budget_line()}",
         f"trimmed            {trimmed}",
     ]
