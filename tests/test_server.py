@@ -1084,6 +1084,31 @@ def test_a_prompt_that_alone_fills_the_kv_budget_says_to_shorten_it_not_to_ask_f
         assert refused.status_code == 400 and error_of(refused)["param"] == "prompt", refused.text
 
 
+def test_max_model_len_is_what_one_request_may_hold_under_a_small_kv_budget(runtime):
+    """Clients plan by max_model_len (summarize --url cuts its chunks to it, chat --url its window): with a
+    --kv-budget under the model's context, the context was advertised, and every request past the budget was
+    refused as too long (summarize --url sent its whole document in one call and failed, exit 6)."""
+    context = runtime.backend.info.context_length
+    budget = max(16, context // 2)
+    with serve_runtime(runtime, kv_budget_tokens=budget) as server:
+        card = httpx.get(server.v1 + "/models", timeout=30).json()["data"][0]
+        assert card["max_model_len"] == budget < context
+        counted = httpx.post(server.url + "/tokenize", json={"prompt": "hi"}, timeout=30).json()
+        assert counted["max_model_len"] == budget
+        [running] = httpx.get(server.url + "/api/ps", timeout=30).json()["models"]  # ollama's clients read these
+        shown = httpx.post(server.url + "/api/show", json={"model": "tiny-llama"}, timeout=30).json()
+        assert running["context_length"] == budget and f"num_ctx         {budget}" in shown["parameters"]
+        assert shown["model_info"]["llama.context_length"] == context  # the model's own, as it was trained
+        # what it advertises is what it takes: a prompt and reply that fill it are answered
+        prompt = [5] * (budget - 4)
+        body = {"prompt": prompt, "max_tokens": 4, "ignore_eos": True}
+        answer = httpx.post(server.v1 + "/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["total_tokens"] == budget
+    with serve_runtime(runtime) as server:  # a budget over the context: the context, as before
+        assert httpx.get(server.v1 + "/models", timeout=30).json()["data"][0]["max_model_len"] == context
+
+
 def test_another_sites_page_may_not_make_the_server_generate(live):
     """Any web page could POST to a keyless loopback server (a form or a no-cors fetch) and spend the machine."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

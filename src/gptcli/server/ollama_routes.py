@@ -27,7 +27,6 @@ from gptcli.server.openai_routes import Submitted, failure_error, shutdown_error
 from gptcli.server.prompt_ids import chat_request_prompt, completion_prompts
 from gptcli.server.schemas import parse_body
 from gptcli.server.sse import EventStreamResponse
-from gptcli.server.state import ServerState
 
 router = APIRouter(prefix="/api")
 
@@ -71,7 +70,7 @@ async def chat(request: Request) -> Response:
         # Off the event loop: a long prompt takes a while to tokenize, and tools' schemas to compile.
         tools = await asyncio.to_thread(asked.tool_spec, state.tokenizer)
         prompt = await asyncio.to_thread(chat_request_prompt, state.tokenizer, asked.messages, tools)
-        body.fit_max_tokens(asked, len(prompt.ids), room(state))
+        body.fit_max_tokens(asked, len(prompt.ids), state.max_model_len)
         submitted = await submit(
             state,
             asked,
@@ -106,7 +105,7 @@ async def generate(request: Request) -> Response:
             prompt = await asyncio.to_thread(chat_request_prompt, state.tokenizer, asked.messages)
             ids, continues = prompt.ids, False
         ids = body.context_ids(state.tokenizer.vocab_size) + ids
-        body.fit_max_tokens(asked, len(ids), room(state))
+        body.fit_max_tokens(asked, len(ids), state.max_model_len)
         submitted = await submit(
             state,
             asked,
@@ -126,11 +125,6 @@ async def unsupported(rest: str, request: Request) -> Response:
     """ollama's other routes (pull, create, copy, delete, push, embed): this server serves one model. One of its
     own with another method is a 405 (this route would otherwise take it)."""
     raise route_not_served(f"/api/{rest}", request.method, router.routes, f"{ROUTES} for the one model it serves")
-
-
-def room(state: ServerState) -> int:
-    """The positions a sequence may hold: the model's context, or less where the KV budget is smaller."""
-    return min(state.context_length, state.engine.kv_budget)
 
 
 def loaded(body: OllamaBody, writer: ReplyWriter) -> Response:

@@ -110,7 +110,7 @@ def running_entry(state: ServerState) -> dict[str, Any]:
     entry = model_entry(state)
     entry.pop("modified_at")
     vram = entry["size"] if on_gpu else 0
-    return {**entry, "expires_at": timestamp(NEVER), "size_vram": vram, "context_length": state.context_length}
+    return {**entry, "expires_at": timestamp(NEVER), "size_vram": vram, "context_length": state.max_model_len}
 
 
 def show_body(state: ServerState) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def show_body(state: ServerState) -> dict[str, Any]:
         "min_p": defaults.min_p,
         "repeat_penalty": defaults.repetition_penalty,
         "num_predict": defaults.max_tokens,
-        "num_ctx": state.context_length,
+        "num_ctx": state.max_model_len,  # what a request may hold (the model's own is in model_info)
     }
     found = details(state)
     family = found["family"] or "general"

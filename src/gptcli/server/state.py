@@ -35,13 +35,20 @@ class ServerState:
             code="model_not_found",
         )
 
+    @property
+    def max_model_len(self) -> int:
+        """The most positions one request may hold, prompt and reply together: the model's context, or the KV
+        budget where --kv-budget is smaller (what a request can never pass, as vLLM's max_model_len never passes
+        its KV cache). Clients plan by it: summarize --url cuts its chunks to it, chat --url its window."""
+        return min(self.context_length, self.engine.kv_budget)
+
     def model_card(self) -> dict[str, Any]:
         return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
             "owned_by": "gptcli",
-            "max_model_len": self.context_length,
+            "max_model_len": self.max_model_len,
             # gptcli's own: without a template, a client sends a prompt as text to complete (as a local run
             # does), not as a chat message the server would frame as a "User:" / "Assistant:" transcript
             "has_chat_template": bool(self.tokenizer.chat_template),

@@ -78,7 +78,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     tokens: list[Any] = ids
     if body.with_pieces:
         tokens = [{"id": i, "piece": _piece(state.tokenizer.token_bytes(i))} for i in ids]
-    return {"tokens": tokens, "count": len(ids), "max_model_len": state.context_length}
+    return {"tokens": tokens, "count": len(ids), "max_model_len": state.max_model_len}
 
 
 def _piece(data: bytes) -> str | list[int]:
