@@ -451,6 +451,44 @@ def test_a_stream_broken_off_still_gives_generate_json_its_object(cut_short, iso
     assert data["error"] == f"{cut_short} closed the stream before the answer finished"
 
 
+class FailsFirst(CannedHandler):
+    """A server whose chat stream begins (a 200, the role) and then fails before any text: an error event, as
+    gptcli serve's shutdown sends one for a request still queued when --grace runs out; or nothing more."""
+
+    protocol_version = "HTTP/1.0"  # the stream ends where the connection closes
+
+    def do_GET(self) -> None:
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "fails"}]}).encode(), length=False)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("tokenize"):
+            self.answer(404, b"Not Found", "text/plain", length=False)
+            return
+        role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        body = f"data: {json.dumps(role)}\n\n"
+        if "/error/" in self.path:
+            error = {"error": {"message": "the server is shutting down", "type": "server_overloaded", "code": None}}
+            body += f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+        self.answer(200, body.encode(), "text/event-stream", length=False)
+
+
+@pytest.mark.parametrize("how", ["error", "cut"])
+def test_a_stream_that_fails_before_its_first_token_still_gives_generate_json_its_object(how, isolated_home):
+    # generate --json printed no object when the answer broke off before any text (its first event was the
+    # error), though it began as a 200: a script reading stdout got nothing to parse (QA)
+    with http_server(FailsFirst) as url:
+        result = run_cli("generate", "hi", "--json", "--url", f"{url}/{how}/v1")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and err.count("error:") == 1 and "Traceback" not in err
+    data = json.loads(result.stdout)
+    assert (data["text"], data["finish_reason"], data["usage"]["completion_tokens"]) == ("", "error", 0)
+    assert data["error"] in err and data["timings"]["ttft_s"] is None
+    # no answer at all (the server gone: a refused connection) is still an error before anything is printed
+    refused = run_cli("generate", "hi", "--json", "--url", f"{url}/v1")
+    assert refused.returncode == 1 and refused.stdout == b""
+
+
 def test_a_stream_broken_off_still_gives_chat_jsonl_its_record(cut_short, isolated_home):
     # chat --jsonl wrote no record for the message, where each message gets exactly one.
     result = run_cli("chat", "--jsonl", "--url", cut_short, input="hello\n")

@@ -276,6 +276,16 @@ class RemoteModel:
         except KeyboardInterrupt:  # while a busy server queues it: the reply ends before its first token
             yield Finished("interrupted", streamed_stats(start, None, time.perf_counter(), 0), "", ())
             return
+        try:
+            yield from self._read(reply, payload, start, chat=chat, calls=calls)
+        except GptcliError as exc:  # the answer had begun (a 200): it broke off, with or without text before
+            exc.mid_answer = True  # type: ignore[attr-defined]
+            raise
+
+    def _read(
+        self, reply: Reply, payload: dict[str, Any], start: float, *, chat: bool, calls: StreamedCalls | None
+    ) -> Iterator[Event]:
+        """The events of an answer that has begun (its status was a success), as they stream."""
         pieces: list[str] = []
         first_at: float | None = None
         reason: str | None = None

@@ -103,11 +103,11 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
         raw = True
     events = remote.complete(text, sampling) if raw else remote.chat(messages_for(text, settings.system), sampling)
     start = time.perf_counter()
-    first = next(events)  # the request is made here: a refusal is an error before anything is printed
     received: list[Any] = []
-    try:
-        finished = stream_or_exit(_kept(itertools.chain([first], events), received), show=not as_json)
-    except GptcliError as exc:  # the stream broke off: --json still gets its object, with the text so far
+
+    def broken_off(exc: GptcliError) -> None:
+        """The stream broke off: --json still gets its object, with the text so far (none, when it broke before
+        its first token: an error event first, a connection cut after the 200)."""
         if as_json:
             from gptcli.decoding import Finished
             from gptcli.remote_answers import streamed_stats
@@ -117,6 +117,17 @@ def run_remote_generation(remote: Any, settings: Any, text: str, *, raw: bool, a
             stats = streamed_stats(start, received[0].t if received else None, end, len(received))
             text = "".join(token.text for token in received)
             write_json(Finished("error", stats, text, (), error=exc.message), remote, sampling, raw=raw)
+
+    try:
+        first = next(events)  # the request is made here: a refusal is an error before anything is printed
+    except GptcliError as exc:
+        if getattr(exc, "mid_answer", False):  # not a refusal: an answer that began, then broke off
+            broken_off(exc)
+        raise
+    try:
+        finished = stream_or_exit(_kept(itertools.chain([first], events), received), show=not as_json)
+    except GptcliError as exc:
+        broken_off(exc)
         raise
     if as_json:
         write_json(finished, remote, sampling, raw=raw)
