@@ -117,6 +117,17 @@ def test_server_errors_from_gptcli_serve(live, opener):
         list(too_long)
 
 
+def test_a_url_without_its_v1_is_the_urls_error_not_an_unknown_model(live, opener):
+    # gptcli serve's 404 for /models names "/models", and was taken for an unknown model: exit 5 and a hint to
+    # list the models at the very URL that has none, where the fix is to add /v1 (QA)
+    for url in (live.url, live.url + "/api"):
+        with pytest.raises(RemoteError, match=r"answered 404: /(api/)?models is not supported") as raised:
+            RemoteModel(url, opener=opener).model  # noqa: B018
+        assert not isinstance(raised.value, ModelError) and raised.value.hint == "the URL usually ends in /v1"
+    with pytest.raises(ModelError):  # an unknown model is still one
+        list(RemoteModel(live.v1, model="gpt-9", opener=opener).complete("hi", GREEDY))
+
+
 # ------------------------------------------------------------------------------ a canned server
 
 

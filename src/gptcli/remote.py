@@ -117,7 +117,7 @@ class RemoteModel:
                 reply.close()
                 raise redirect_error(self.base_url, reply, url, path)
             wait = retry_after(reply) if reply.status in (429, 503) else None
-            busy = self._status_error(reply)
+            busy = self._status_error(reply, path)
             # A full queue (or a rate limit) that says when to come back: wait, as the request would have
             # waited in a queue with room, for as long as the request's own timeout allows.
             if wait is None or time.monotonic() + wait >= deadline:
@@ -129,8 +129,10 @@ class RemoteModel:
         longer = " (--timeout SECONDS waits longer)" if waited >= self.timeout else ""
         return RemoteError(f"{self.base_url} did not answer in {waited:g} s", hint=f"is the server overloaded?{longer}")
 
-    def _status_error(self, reply: Reply) -> GptcliError:
-        """An error status as the GptcliError it means, with the server's own message."""
+    def _status_error(self, reply: Reply, path: str = "") -> GptcliError:
+        """An error status as the GptcliError it means, with the server's own message. A 404 for `/models`
+        itself, or one a server says is a route's (`code: not_found`), is the URL's (it lacks its /v1, say),
+        whatever its message says of models: not an unknown model (exit 5)."""
         try:  # answered at once by any server: neither a large body nor a slow one is waited for
             text = reply.text(MAX_ERROR_BYTES, min(reply.deadline, time.monotonic() + self.lookup_timeout))
         except (TimeoutError, ConnectionError):
@@ -140,7 +142,8 @@ class RemoteModel:
         where = f"{self.base_url} answered {status}"
         message = message or _REASONS.get(status, "request failed")  # the whole of it decides the kind
         said = clipped(message)
-        if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+        route_missing = path == "/models" or code == "not_found"
+        if status == 404 and (code == "model_not_found" or ("model" in message.lower() and not route_missing)):
             return ModelError(f"{where}: {said}", hint="`curl <url>/models` lists what it serves")
         if status == 400 and (code == "context_length_exceeded" or _CONTEXT_WORDS.search(message)):
             return ContextLengthError(f"{where}: {said}")
