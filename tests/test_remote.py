@@ -128,6 +128,32 @@ def test_a_url_without_its_v1_is_the_urls_error_not_an_unknown_model(live, opene
         list(RemoteModel(live.v1, model="gpt-9", opener=opener).complete("hi", GREEDY))
 
 
+def test_a_connection_that_never_opens_is_said_so_not_a_server_slow_to_answer():
+    # httpx's connect timeout (10 s) read "did not answer in 30 s" (--timeout's or the lookup's seconds, not the
+    # 10 s waited), with the hint of an overloaded server, for a host that never took the connection (QA)
+    pytest.importorskip("httpx")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: once its backlog is full, a new connection waits for nothing
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            model = RemoteModel(f"http://127.0.0.1:{port}/v1", opener=open_httpx, timeout=30, connect_timeout=0.5)
+            started = time.monotonic()
+            with pytest.raises(RemoteError, match=r"cannot connect to .*: no connection in 0.5 s") as raised:
+                model.model  # noqa: B018
+            assert time.monotonic() - started < 10 and "is the server running?" in (raised.value.hint or "")
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
 # ------------------------------------------------------------------------------ a canned server
 
 

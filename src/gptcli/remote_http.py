@@ -114,6 +114,9 @@ def open_httpx(
     client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), verify=_tls_context())
     try:
         response = client.send(client.build_request(method, url, headers=headers, content=body), stream=True)
+    except httpx.ConnectTimeout:  # never connected: not a server slow to answer (the request's own timeout)
+        client.close()
+        raise ConnectFailure(f"no connection in {connect_timeout:g} s") from None
     except httpx.TimeoutException as exc:
         client.close()
         raise TimeoutError(str(exc)) from None
