@@ -347,6 +347,10 @@ def test_queue_full_is_its_own_error(model):
         engine.submit(ids, GREEDY)
     with pytest.raises(QueueFullError, match="2 requests are already waiting for a slot"):
         engine.submit(ids, GREEDY)
+    unqueued = Engine(backend, tok, EngineLimits(max_running=1, max_queue=0))
+    unqueued.submit(ids, GREEDY)
+    with pytest.raises(QueueFullError, match=r"^every slot is taken and nothing may wait for one \(--max-queue 0\)$"):
+        unqueued.submit(ids, GREEDY)
 
 
 def test_slots_the_kv_budget_cannot_fill_are_not_free_either(model):
@@ -358,7 +362,7 @@ def test_slots_the_kv_budget_cannot_fill_are_not_free_either(model):
     engine = Engine(backend, tok, EngineLimits(max_running=4, max_queue=1, kv_budget_tokens=reserve + 5))
     engine.submit(ids, GREEDY)  # the next step starts it
     engine.submit(ids, GREEDY)  # no KV room left beside it: the queue
-    with pytest.raises(QueueFullError, match="1 requests are already waiting"):
+    with pytest.raises(QueueFullError, match=r"^1 request is already waiting for a slot"):
         engine.submit(ids, GREEDY)
     engine.step()
     assert engine.snapshot().running == 1 and engine.snapshot().waiting == 1

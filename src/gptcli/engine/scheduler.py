@@ -119,10 +119,12 @@ class Engine:
             reserves = [*(s.reserve for s in self._waiting), reserve]  # with this one
             room = self.kv_budget - self._kv_used  # the prefix cache's positions give way (_admit)
             if (queued := len(reserves) - startable(reserves, free, room)) > self.limits.max_queue:
-                raise QueueFullError(
-                    f"{queued - 1} requests are already waiting for a slot (--max-queue {self.limits.max_queue})",
-                    hint="retry in a moment",
-                )
+                waiting = f"{queued - 1} requests are already waiting for a slot"
+                if queued == 2:
+                    waiting = "1 request is already waiting for a slot"
+                if not self.limits.max_queue:  # not "0 requests are already waiting"
+                    waiting = "every slot is taken and nothing may wait for one"
+                raise QueueFullError(f"{waiting} (--max-queue {self.limits.max_queue})", hint="retry in a moment")
             handle = SequenceHandle(next(self._ids), len(prompt), on_event)
             owned = session is None
             self._waiting.append(
