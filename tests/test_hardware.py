@@ -156,6 +156,7 @@ def test_dtype_auto_stays_float32_on_transformers_engine(tiny_models, monkeypatc
 
 
 def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
+    from gptcli.backends import int4_native
     from gptcli.backends.int8_native import reported_choice
     from gptcli.bench.environment import environment
 
@@ -163,16 +164,19 @@ def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     expected = hardware.isa_summary()
     int8 = reported_choice(hardware.default_threads())  # this machine's (no int8 model loaded in this home yet)
+    int4 = int4_native.reported_choice(hardware.default_threads())
     assert rows["torch"]["auto"] == {
         **expected,
         "float32_one_row_kernel": None,  # nothing decoded in this home yet
         "float32_one_row_reason": "measured when a model is first decoded here",
         "int8_kernel": int8["kernel"],
         "int8_kernel_reason": int8["reason"],
+        "int4_kernel": int4["kernel"],
+        "int4_kernel_reason": int4["reason"],
     }
     env = environment()
     assert env["torch_cpu_dtype_auto"] == expected["torch_cpu_dtype_auto"] and env["cpu_isa"] == expected["cpu_isa"]
-    assert env["torch_int8_kernel"] == int8["kernel"]
+    assert env["torch_int8_kernel"] == int8["kernel"] and env["torch_int4_kernel"] == int4["kernel"]
 
 
 def test_default_threads_counts_the_physical_cores_under_our_cpus(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcli.backends import int8_native, lean_quant, native_build
+from gptcli.backends import int4_native, int8_native, lean_quant, native_build
 from gptcli.backends.int8_native import NativeInt8
 from gptcli.errors import ConfigError
 from gptcli.tuning import kernel_flags, tuning_file
@@ -20,6 +20,7 @@ HAS_AVX2 = {"avx2", "fma"} <= set(kernel_flags())
 HAS_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(kernel_flags())
 CAN_BUILD = HAS_AVX2 and native_build.compiler() is not None
 needs_build = pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no C compiler here")
+needs_vnni = pytest.mark.skipif(not (CAN_BUILD and HAS_VNNI), reason="needs an AVX-512 VNNI CPU and a C compiler")
 # The AVX2 path, built on any AVX2 CPU (an AVX-512 one too).
 AVX2_FLAGS = (*int8_native.BUILD_FLAGS, *int8_native.ISA_BUILDS[-1][1])
 
@@ -234,22 +235,30 @@ def test_a_compiler_that_builds_something_else_is_a_failed_build(monkeypatch, tm
     assert isinstance(reason, str) and "has no gptcli_int8_isa in it" in reason
 
 
-@needs_build
-def test_a_model_large_enough_measures_once_and_keeps_the_choice(monkeypatch):
+@pytest.mark.parametrize(
+    ("module", "kernel_for", "kind"),
+    [
+        pytest.param(int8_native, "native_for", "NativeInt8", marks=needs_build),
+        pytest.param(int4_native, "native4_for", "NativeInt4", marks=needs_vnni),
+    ],
+)
+def test_a_model_large_enough_measures_once_and_keeps_the_choice(monkeypatch, module, kernel_for, kind):
     calls = []
 
     def measure(native, threads):
         calls.append(threads)
         return {"kernel": int8_native.TORCH, "timings_ms": {}, "reason": "measured: torch's was faster"}
 
-    monkeypatch.setattr(int8_native, "measure", measure)
-    assert int8_native.native_for(int8_native.MIN_PARAMS) is None  # the record says torch
-    assert int8_native.native_for(int8_native.MIN_PARAMS) is None
+    monkeypatch.setattr(module, "measure", measure)
+    kernel_for = getattr(module, kernel_for)
+    assert kernel_for(int8_native.MIN_PARAMS) is None  # the record says torch
+    assert kernel_for(int8_native.MIN_PARAMS) is None
     assert len(calls) == 1
-    record = json.loads(tuning_file().read_text())[int8_native.TUNING_NAME]
+    record = json.loads(tuning_file().read_text())[module.TUNING_NAME]
     assert [r["reason"] for r in record.values()] == ["measured: torch's was faster"]
-    assert int8_native.cached_choice(torch.get_num_threads())["kernel"] == int8_native.TORCH
-    assert isinstance(int8_native.native_for(1000), NativeInt8)  # a tiny model takes it unmeasured
+    assert module.cached_choice(torch.get_num_threads())["kernel"] == int8_native.TORCH
+    assert module.reported_choice(torch.get_num_threads())["kernel"] == int8_native.TORCH
+    assert type(kernel_for(1000)).__name__ == kind  # a tiny model takes it unmeasured
 
 
 @needs_build

@@ -1,4 +1,5 @@
-/* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py.
+/* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py. The int4
+   product (--precision int4, AVX-512 VNNI only) is at the end of this file; see int4_native.py.
 
    y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
 
@@ -345,6 +346,184 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
                     } else {
                         for (int64_t m = m0; m < M && m < m0 + ROWS_MANY; m++)
                             blocks_one_by_one(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0, nb);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------- int4 (groups of 32)
+
+   y [M, N] = x [M, K] @ W^T, W [N, K] = q * scale + low, q in 0..15, one (scale, low) per output and group of 32
+   inputs (K a multiple of 32). AVX-512 VNNI only (gptcli_int4_isa() says 0 elsewhere: torch's int4 kernel runs).
+
+   Each row of x is rounded to 15 bits with its own scale s = max|x| / 16383: c = round(x / s), kept as a signed high
+   byte and a 7-bit low one, c = 128 hi + lo. vpdpbusd takes the codes q as its unsigned operand and the activation
+   bytes as its signed one, so a group's t = sum(q c) = 128 sum(q hi) + sum(q lo) is an exact integer (|t| < 2^23,
+   so exact in a float too), and so is the group's code sum C = sum(c). Then, groups in order,
+   acc = fma(scale, t, acc); acc = fma(low, C, acc); y = s * acc. Every row is computed alone in the same order,
+   so a row gives the same bits in any batch.
+
+   Packed codes: [ceil(N/16)][K/8][64] bytes; byte o*4 + j of chunk c of a block holds input 8c + j of output o in
+   its low nibble and input 8c + 4 + j in its high one. Scales and lows: float16, [ceil(N/16)][K/32][2][16]. */
+
+#if ISA == 2
+#define Q4MAX 16383
+#define GROUP 32
+
+/* One row of x -> its scale (a double), its code bytes hi/lo (K each) and each group's code sum (a float). */
+static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *gsum, double *scale) {
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 unordered = 0;
+    for (int64_t k = 0; k < K; k += 16) { /* K is a multiple of 32 */
+        __m512 v = _mm512_loadu_ps(x + k);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    float amax = _mm512_reduce_max_ps(vmax);
+    if (unordered || !(amax <= 3.4e38f)) { /* NaN or inf: the row's outputs are NaN */
+        *scale = NAN;
+        memset(hi, 0, (size_t)K);
+        memset(lo, 0, (size_t)K);
+        memset(gsum, 0, sizeof(float) * (size_t)(K / GROUP));
+        return;
+    }
+    float pre = amax < 0x1p-64f ? 0x1p64f : 1.f, peak = amax * pre; /* as quantize_row */
+    float inv = peak > 0.f ? (float)Q4MAX / peak : 0.f;
+    *scale = peak > 0.f ? (double)peak / Q4MAX / pre : 0.0;
+    const __m512 vinv = _mm512_set1_ps(inv), vpre = _mm512_set1_ps(pre);
+    const __m512i top = _mm512_set1_epi32(Q4MAX), bottom = _mm512_set1_epi32(-Q4MAX), seven = _mm512_set1_epi32(127);
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 16) {
+            __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), vpre), vinv));
+            c = _mm512_max_epi32(_mm512_min_epi32(c, top), bottom);
+            total = _mm512_add_epi32(total, c);
+            _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(c, 7)));
+            _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(_mm512_and_si512(c, seven)));
+        }
+        gsum[g] = (float)_mm512_reduce_add_epi32(total);
+    }
+}
+
+/* R rows (K bytes apart) x B blocks of 16 outputs (bb bytes apart): acc[r * B + b] (floats, before the row scale). */
+#define INT4_TILE(NAME, R, B)                                                                                        \
+    static void NAME(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w, int64_t bb, \
+                     const uint16_t *sl, int64_t sb, __m512 acc[R * B]) {                                           \
+        const __m512i nibble = _mm512_set1_epi8(0x0F);                                                               \
+        for (int i = 0; i < R * B; i++) acc[i] = _mm512_setzero_ps();                                               \
+        for (int64_t g = 0; g < K / GROUP; g++) {                                                                    \
+            __m512i h[R * B], l[R * B];                                                                              \
+            for (int i = 0; i < R * B; i++) h[i] = l[i] = _mm512_setzero_si512();                                   \
+            for (int c = 0; c < 4; c++) {                                                                            \
+                int64_t k = g * GROUP + 8 * c;                                                                       \
+                __m512i w0[B], w1[B];                                                                                \
+                for (int b = 0; b < B; b++) {                                                                        \
+                    __m512i v = _mm512_loadu_si512((const void *)(w + b * bb + k * 8));                              \
+                    w0[b] = _mm512_and_si512(v, nibble);                                                             \
+                    w1[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);                                       \
+                }                                                                                                    \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    __m512i h0 = BCAST4(hi + r * K + k), l0 = BCAST4(lo + r * K + k);                                \
+                    __m512i h1 = BCAST4(hi + r * K + k + 4), l1 = BCAST4(lo + r * K + k + 4);                        \
+                    for (int b = 0; b < B; b++) {                                                                    \
+                        h[r * B + b] = _mm512_dpbusd_epi32(h[r * B + b], w0[b], h0);                                 \
+                        l[r * B + b] = _mm512_dpbusd_epi32(l[r * B + b], w0[b], l0);                                 \
+                        h[r * B + b] = _mm512_dpbusd_epi32(h[r * B + b], w1[b], h1);                                 \
+                        l[r * B + b] = _mm512_dpbusd_epi32(l[r * B + b], w1[b], l1);                                 \
+                    }                                                                                                \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int b = 0; b < B; b++) {                                                                            \
+                const uint16_t *p = sl + b * sb + g * 32;                                                            \
+                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));                              \
+                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));                         \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    __m512i t = _mm512_add_epi32(_mm512_slli_epi32(h[r * B + b], 7), l[r * B + b]);                   \
+                    acc[r * B + b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[r * B + b]);                  \
+                    acc[r * B + b] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[r * (K / GROUP) + g]), acc[r * B + b]); \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+#define BCAST4(p) _mm512_set1_epi32(four_bytes((const uint8_t *)(p)))
+INT4_TILE(int4_rows1_blocks4, 1, 4)
+INT4_TILE(int4_rows4_blocks2, 4, 2)
+INT4_TILE(int4_rows1_blocks1, 1, 1)
+
+/* 16 outputs: acc times the row's scale, in double (a tiny row's scale is past a float's range), rounded once. */
+static void int4_store(__m512 acc, double xscale, float *y, int64_t n) {
+    __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    const __m512d s = _mm512_set1_pd(xscale);
+    __m256 a = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(acc)), s));
+    __m256 b = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(acc, 1)), s));
+    _mm512_mask_storeu_ps(y, keep, _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+}
+#endif
+
+struct gptcli_int4_matrix {
+    const uint8_t *packed;
+    const uint16_t *scales_lows; /* float16 */
+    int64_t N, K;
+};
+
+int gptcli_int4_isa(void) { return ISA == 2 ? 2 : 0; }
+
+#if ISA == 2
+/* work: M * (2 * K + 4 * K / 32 + 8) bytes. */
+void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M, uint8_t *work,
+                    int threads) {
+    int64_t N = w->N, K = w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * 8, sb = G * 32;
+    int8_t *hi = (int8_t *)work, *lo = hi + M * K;
+    double *xs = (double *)(void *)(work + 2 * M * K); /* 8-byte aligned: K is a multiple of 32 */
+    float *gsum = (float *)(void *)(xs + M);
+    const uint8_t *packed = w->packed;
+    const uint16_t *sl = w->scales_lows;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
+        if (M < 4) {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < (NB + 3) / 4; q++) {
+                int64_t b0 = q * 4;
+                for (int64_t m = 0; m < M; m++) {
+                    __m512 acc[4];
+                    if (NB - b0 >= 4) {
+                        int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb,
+                                           sb, acc);
+                        for (int b = 0; b < 4; b++) int4_store(acc[b], xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
+                    } else {
+                        for (int64_t b = b0; b < NB; b++) {
+                            int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb,
+                                               sb, acc);
+                            int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                        }
+                    }
+                }
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < (NB + 1) / 2; q++) {
+                int64_t b0 = q * 2, nb = NB - b0 < 2 ? NB - b0 : 2;
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                    __m512 acc[8];
+                    if (nb == 2 && M - m0 >= 4) {
+                        int4_rows4_blocks2(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb,
+                                           sl + b0 * sb, sb, acc);
+                        for (int r = 0; r < 4; r++)
+                            for (int b = 0; b < 2; b++)
+                                int4_store(acc[r * 2 + b], xs[m0 + r], y + (m0 + r) * N + (b0 + b) * 16,
+                                           N - (b0 + b) * 16);
+                    } else {
+                        for (int64_t m = m0; m < M && m < m0 + 4; m++)
+                            for (int64_t b = b0; b < b0 + nb; b++) {
+                                int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb,
+                                                   sl + b * sb, sb, acc);
+                                int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                            }
                     }
                 }
             }

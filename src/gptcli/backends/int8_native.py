@@ -24,6 +24,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version
@@ -74,6 +75,20 @@ class MatrixArgs(ctypes.Structure):
     ]
 
 
+def bind_product(function: Any, matrix: type[ctypes.Structure]) -> Any:
+    """A kernel's product, `(x, matrix, y, M, work, threads)`, typed for ctypes."""
+    function.restype = None
+    function.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(matrix),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    return function
+
+
 @dataclass(frozen=True)
 class PackedInt8:
     """An int8 [out, in] matrix in the kernel's layout, with its scales and code sums padded to 16 rows."""
@@ -104,18 +119,9 @@ class NativeInt8:
     """The loaded library: pack a matrix once, then `mm` (x @ W^T, float32) as often as needed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library  # int4_native's product is in it too
         self.isa = int(library.gptcli_int8_isa())  # (native_build.built_library checked it is there)
-        self._mm = library.gptcli_int8_mm if self.isa else None
-        if self._mm is not None:
-            self._mm.restype = None
-            self._mm.argtypes = [
-                ctypes.c_void_p,
-                ctypes.POINTER(MatrixArgs),
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int,
-            ]
+        self._mm = bind_product(library.gptcli_int8_mm, MatrixArgs) if self.isa else None
         self._scratch = threading.local()  # a growing work buffer per calling thread
 
     @property
@@ -312,33 +318,52 @@ def measure(native: NativeInt8, threads: int) -> dict[str, Any]:
         scales = [torch.rand(shape[0], generator=generator) / 100 for shape in SHAPES]
         packed = [native.pack(c, s) for c, s in zip(codes, scales, strict=True)]
         bf16_scales = [s.to(torch.bfloat16) for s in scales]
-        medians: dict[str, dict[str, float]] = {}
-        for rows, passes in ((1, PASSES), (PREFILL_ROWS, 3)):
-            inputs = [torch.randn(rows, shape[1], generator=generator) for shape in SHAPES]
-            kernels = {
-                NATIVE: lambda inputs=inputs: [native.mm(x, p) for x, p in zip(inputs, packed, strict=True)],
-                TORCH: lambda inputs=inputs: [
+
+        def kernels(inputs: list[Any]) -> dict[str, Callable[[], object]]:
+            return {
+                NATIVE: lambda: [native.mm(x, p) for x, p in zip(inputs, packed, strict=True)],
+                TORCH: lambda: [
                     torch._weight_int8pack_mm(x.to(torch.bfloat16), c, s).float()
                     for x, c, s in zip(inputs, codes, bf16_scales, strict=True)
                 ],
             }
-            times: dict[str, list[float]] = {name: [] for name in kernels}
-            for _ in range(passes + 1):
-                for name, run in kernels.items():
-                    start = time.perf_counter()
-                    run()
-                    times[name].append(time.perf_counter() - start)
-            medians[f"{rows} row" + ("s" if rows > 1 else "")] = {
-                name: tuning.median_ms(values) for name, values in times.items()
-            }
+
+        medians = time_kernels(kernels, generator)
+    return verdict(medians, "int8", native.name, "torch's _weight_int8pack_mm", threads)
+
+
+def time_kernels(
+    kernels: Callable[[list[Any]], dict[str, Callable[[], object]]], generator: Any
+) -> dict[str, dict[str, float]]:
+    """Each kernel's median ms over SHAPES' products, at one row (PASSES) and at PREFILL_ROWS (3), after a warm-up;
+    `kernels(inputs)` gives the runs over one input a shape."""
+    import torch
+
+    medians: dict[str, dict[str, float]] = {}
+    for rows, passes in ((1, PASSES), (PREFILL_ROWS, 3)):
+        runs = kernels([torch.randn(rows, shape[1], generator=generator) for shape in SHAPES])
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(passes + 1):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        medians[f"{rows} row" + ("s" if rows > 1 else "")] = {
+            name: tuning.median_ms(values) for name, values in times.items()
+        }
+    return medians
+
+
+def verdict(medians: dict[str, dict[str, float]], what: str, native: str, torchs: str, threads: int) -> dict[str, Any]:
+    """The tuning record of a kernel choice from time_kernels' medians (prefer_native's rule)."""
     native_wins = prefer_native(medians["1 row"], medians[f"{PREFILL_ROWS} rows"])
-    label = native.name if native_wins else "torch's _weight_int8pack_mm"
     flags = " ".join(tuning.kernel_flags())
-    return {
+    record = {
         "kernel": NATIVE if native_wins else TORCH,
         "timings_ms": medians,
-        "reason": f"fastest for int8 products here ({flags}; {threads} threads): {label}",
+        "reason": f"fastest for {what} products here ({flags}; {threads} threads): {native if native_wins else torchs}",
     }
+    return record
 
 
 def prefer_native(one_row: dict[str, float], many_rows: dict[str, float]) -> bool:

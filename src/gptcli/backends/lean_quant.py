@@ -5,9 +5,10 @@ with a CPU kernel for weight-only quantized products:
 - int8: one symmetric scale per output row (127 levels each side), multiplied by gptcli's own kernel
   (int8_native.py: built here, activations rounded to 14-16 bits per row, exact integer sums) where it
   is this machine's choice, else by `torch._weight_int8pack_mm(x, w [out, in] int8, scales [out])`;
-- int4: `torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`,
-  asymmetric groups of GROUP_SIZE inputs (min/max, 16 levels: w ≈ q·scale + min). Block 32, as the
-  onnx export's MatMulNBits: a model whose weights came from a 32-block 4-bit GGUF keeps its grid.
+- int4: asymmetric groups of GROUP_SIZE inputs (min/max, 16 levels: w ≈ q·scale + min), multiplied by
+  gptcli's own kernel (int4_native.py, AVX-512 VNNI) where it is this machine's choice, else by
+  `torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`. Block 32, as
+  the onnx export's MatMulNBits: a model whose weights came from a 32-block 4-bit GGUF keeps its grid.
 The activations go into torch's kernels as bfloat16 and come back in the model's dtype: with float32
 activations torch 2.13's kernels take a scalar path 5-10x slower than the float32 product they
 replace (measured on AVX-512, 1 thread: the 49152-row head took 31 ms int8/f32 vs 4.1 ms int8/bf16
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # imported when a model is quantized: a float32 or bf16 start-up does not pay for it
+    from gptcli.backends.int4_native import NativeInt4, PackedInt4
     from gptcli.backends.int8_native import NativeInt8, PackedInt8
 
 PRECISIONS = ("fp32", "int8", "int4")  # what --precision means on the torch backend ("fp32": --dtype decides)
@@ -99,11 +101,12 @@ class Int8Matrix(QuantMatrix):
 
 
 class Int4Matrix(QuantMatrix):
-    """Asymmetric int4 in groups of `group` inputs: w ≈ q·scale + min, q in 0..15."""
+    """Asymmetric int4 in groups of `group` inputs: w ≈ q·scale + min, q in 0..15; `native`: gptcli's kernel (its
+    layout, float16 scales and minimums; groups of 32 only), else torch's (bf16 scales and zeros)."""
 
     bits = 4
 
-    def __init__(self, weight: torch.Tensor, group: int = GROUP_SIZE) -> None:
+    def __init__(self, weight: torch.Tensor, group: int = GROUP_SIZE, native: NativeInt4 | None = None) -> None:
         rows = weight.t().float()  # [out, in]
         self.out_features, self.in_features = rows.shape
         self.group = group
@@ -112,20 +115,29 @@ class Int4Matrix(QuantMatrix):
         scales = ((high - low) / 15).clamp(min=1e-12)
         codes = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
         self.scales, self.lows = scales, low  # [out, in/group], float32
-        self.codes = codes.reshape(self.out_features, self.in_features)  # kept only until packed
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(self.codes, 1)
-        del self.codes
+        codes = codes.reshape(self.out_features, self.in_features)
+        # gptcli's kernel keeps the scales and minimums as float16: a matrix with one past its range stays with torch's
+        fp16 = bool(torch.cat([scales, low]).abs().max() < torch.finfo(torch.float16).max)
+        self.native = native if group == 32 and fp16 else None
+        if self.native is not None:
+            self.native_packed: PackedInt4 = self.native.pack(codes, scales, low)
+            return
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         # The kernel computes (q - 8)·scale + zero, so zero = min + 8·scale; layout [in/group, out, 2].
         self.scales_zeros = (
             torch.stack([scales, low + 8 * scales], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE)
         )
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.native is not None:
+            return self._finish(self.native.mm(x, self.native_packed), x, bias)
         y = torch._weight_int4pack_mm_for_cpu(x.to(ACTIVATION_DTYPE), self.packed, self.group, self.scales_zeros)
         return self._finish(y, x, bias)
 
     @property
     def nbytes(self) -> int:
+        if self.native is not None:
+            return self.native_packed.nbytes
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
 
@@ -156,12 +168,16 @@ def fits(weight: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> bool:
 
 
 def quantize_matrix(
-    weight: torch.Tensor, bits: int, group: int = GROUP_SIZE, native: NativeInt8 | None = None
+    weight: torch.Tensor,
+    bits: int,
+    group: int = GROUP_SIZE,
+    native: NativeInt8 | None = None,
+    native4: NativeInt4 | None = None,
 ) -> QuantMatrix | torch.Tensor:
     """An [in, out] matrix at `bits` (4 falls back to 8 where the int4 kernel cannot take its shape);
-    int8 ones multiplied by `native` when given."""
+    int8 ones multiplied by `native` when given, int4 ones by `native4`."""
     if bits == 4 and fits(weight, 4, group):
-        return Int4Matrix(weight, group)
+        return Int4Matrix(weight, group, native4)
     if fits(weight, 8):
         return Int8Matrix(weight, native)
     return weight
@@ -185,10 +201,12 @@ def quantize_model(model: Any, precision: str, group: int = GROUP_SIZE) -> int:
         return 0
     if model.device.type != "cpu":
         raise ValueError("quantized weights run on the CPU only (--device cpu)")
+    from gptcli.backends.int4_native import native4_for
     from gptcli.backends.int8_native import native_for
 
     native = native_for(model.params)
-    replace_layer_matrices(model, lambda weight: quantize_matrix(weight, bits, group, native))
+    native4 = native4_for(model.params) if bits == 4 else None
+    replace_layer_matrices(model, lambda weight: quantize_matrix(weight, bits, group, native, native4))
     tied_table = model.head.t() if model.embed is None else None
     model.head = quantize_matrix(model.head, HEAD_BITS if bits == 4 else bits, group, native)
     if tied_table is not None:  # tied: the lookups read int8 rows of the embedding the head is made of

@@ -234,19 +234,23 @@ class TorchBackend:
 
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:
-        """What `--dtype auto` picks on this CPU and why, and the float32 one-row and int8 kernels measured
+        """What `--dtype auto` picks on this CPU and why, and the float32 one-row, int8 and int4 kernels measured
         here (for `gptcli backends --json`; imports no torch)."""
+        from gptcli.backends import int4_native
         from gptcli.backends.int8_native import reported_choice
         from gptcli.backends.lean_tuning import cached_choice
 
         one_row = cached_choice(default_threads())
         int8 = reported_choice(default_threads())
+        int4 = int4_native.reported_choice(default_threads())
         return {
             **isa_summary(),
             "float32_one_row_kernel": one_row["kernel"] if one_row else None,
             "float32_one_row_reason": one_row["reason"] if one_row else "measured when a model is first decoded here",
             "int8_kernel": int8["kernel"],
             "int8_kernel_reason": int8["reason"],
+            "int4_kernel": int4["kernel"],
+            "int4_kernel_reason": int4["reason"],
         }
 
     @classmethod

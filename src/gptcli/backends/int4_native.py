@@ -1,0 +1,182 @@
+"""gptcli's own int4 matrix product for the torch backend's `--precision int4` (CPU, AVX-512 VNNI).
+
+The second kernel in `int8_native.c` (see its int4 section), in the library int8_native builds: each row of
+activations rounded to 15 bits with its own scale, each group of 32 products summed as an exact integer by
+`vpdpbusd`, then scaled by the group's float16 scale and offset by its minimum. No weight is converted to a float
+(torch's `_weight_int4pack_mm_for_cpu` turns every one into bf16), and a row gives the same bits in any batch.
+As for int8, the first model of MIN_PARAMS+ weights times it against torch's kernel; which runs, and why, is a
+tuning record (`gptcli backends --json`). torch's kernel runs where int8_native's cannot be had, on CPUs without
+AVX-512 VNNI, where it is slower, or with `GPTCLI_NATIVE_KERNELS=0`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gptcli import tuning
+from gptcli.backends import int8_native
+from gptcli.backends.int8_native import MIN_PARAMS, NATIVE, TORCH, NativeInt8
+from gptcli.errors import ConfigError
+
+TUNING_NAME = "torch-int4-kernel"
+NAME, TORCHS = f"{NATIVE} (AVX-512 VNNI)", "torch's _weight_int4pack_mm_for_cpu"
+GROUP = 32  # inputs a scale and minimum cover (the C kernel's GROUP)
+SHAPES = int8_native.SHAPES  # the int8 choice's twelve layers of the default model: 21 MB at 4 bits, past an L3
+
+
+class Int4Args(ctypes.Structure):
+    """int8_native.c's `struct gptcli_int4_matrix`."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("scales_lows", ctypes.c_void_p),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """An int4 [out, in] matrix in the kernel's layout: codes two to a byte, float16 scales and minimums."""
+
+    codes: Any  # uint8 [ceil(out/16), in/8, 64]
+    scales_lows: Any  # float16 [ceil(out/16), in/32, 2, 16]
+    out_features: int
+    in_features: int
+    args: Int4Args  # pointers into the tensors above, which this object keeps alive
+
+    @property
+    def work_per_row(self) -> int:
+        """Scratch bytes a row of input needs: its code bytes (two halves), its scale and its group sums."""
+        return 2 * self.in_features + 8 + 4 * (self.in_features // GROUP)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + 2 * self.scales_lows.numel()
+
+
+class NativeInt4:
+    """The int4 product of a loaded int8_native library: `pack` once, then `mm` (x @ W^T, float32)."""
+
+    def __init__(self, native: NativeInt8) -> None:
+        self._mm = int8_native.bind_product(native.library.gptcli_int4_mm, Int4Args)
+        self._scratch = threading.local()
+
+    @staticmethod
+    def pack(codes: Any, scales: Any, lows: Any) -> PackedInt4:
+        """codes [out, in] in 0..15, scales and lows float32 [out, in/32] -> the kernel's layout (zero padded)."""
+        import torch
+
+        n, k = codes.shape
+        blocks = -(-n // 16)
+        padded = torch.zeros(blocks * 16, k, dtype=torch.uint8)
+        padded[:n] = codes.to(torch.uint8)
+        # [block, output, chunk of 8 inputs, half, 4] -> [block, chunk, output, 4] with the second half's codes high
+        split = padded.reshape(blocks, 16, k // 8, 2, 4)
+        nibbles = (split[:, :, :, 0] | (split[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+        both = torch.zeros(blocks * 16, k // GROUP, 2, dtype=torch.float16)
+        both[:n, :, 0], both[:n, :, 1] = scales, lows
+        scales_lows = both.reshape(blocks, 16, k // GROUP, 2).permute(0, 2, 3, 1).contiguous()
+        args = Int4Args(nibbles.data_ptr(), scales_lows.data_ptr(), n, k)
+        return PackedInt4(nibbles, scales_lows, n, k, args)
+
+    def mm(self, x: Any, matrix: PackedInt4) -> Any:
+        """x [..., in] (any float dtype) @ W^T -> float32 [..., out]."""
+        import torch
+
+        k, n = matrix.in_features, matrix.out_features
+        rows = x if x.dim() == 2 else x.reshape(-1, k)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.to(torch.float32).contiguous()
+        m = rows.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        size = m * matrix.work_per_row
+        work = getattr(self._scratch, "buffer", None)
+        if work is None or work.numel() < size:
+            work = self._scratch.buffer = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
+        self._mm(rows.data_ptr(), ctypes.byref(matrix.args), y.data_ptr(), m, work.data_ptr(), torch.get_num_threads())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def native_int4(native: NativeInt8 | None) -> NativeInt4 | None:
+    """The int4 product of a loaded library where it has one (an AVX-512 VNNI build), else None."""
+    if native is None or not int(native.library.gptcli_int4_isa()):
+        return None
+    return NativeInt4(native)
+
+
+def native4_for(params: int) -> NativeInt4 | None:
+    """The int4 kernel for a model of `params` weights: the native one where it is this machine's choice (a model
+    under MIN_PARAMS takes it unmeasured), else None (torch's). Where the record says torch, nothing is built."""
+    if int8_native.unavailable_reason() is not None:
+        return None
+    import torch
+
+    if params >= MIN_PARAMS and (recorded := cached_choice(torch.get_num_threads())) and recorded["kernel"] == TORCH:
+        return None
+    loaded = int8_native.native_kernel()
+    native = native_int4(loaded if isinstance(loaded, NativeInt8) else None)
+    if native is None or params < MIN_PARAMS:
+        return native
+    return native if choice(native)["kernel"] == NATIVE else None
+
+
+def choice(native: NativeInt4) -> dict[str, Any]:
+    """This machine's record: "kernel" (NATIVE or TORCH), "reason", "timings_ms" (measured once, cached)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return tuning.tuned(TUNING_NAME, int8_native.machine_key(threads), lambda: measure(native, threads), _valid)
+
+
+def cached_choice(threads: int) -> dict[str, Any] | None:
+    return tuning.cached(TUNING_NAME, int8_native.machine_key(threads), _valid)
+
+
+def _valid(record: dict[str, Any]) -> bool:
+    return record.get("kernel") in (NATIVE, TORCH) and isinstance(record.get("reason"), str)
+
+
+def reported_choice(threads: int) -> dict[str, Any]:
+    """What `gptcli backends --json` and bench's environment say of the int4 kernel."""
+    try:
+        reason = int8_native.unavailable_reason()
+    except ConfigError as exc:
+        return {"kernel": None, "reason": str(exc)}
+    if reason is not None:
+        return {"kernel": TORCH, "reason": f"{TORCHS}: {reason}"}
+    if "avx512_vnni" not in tuning.kernel_flags():
+        return {"kernel": TORCH, "reason": f"{TORCHS}: gptcli's int4 kernel needs AVX-512 VNNI"}
+    return cached_choice(threads) or {
+        "kernel": None,
+        "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at int4 here",
+    }
+
+
+def measure(native: NativeInt4, threads: int) -> dict[str, Any]:
+    """Both kernels over int8_native's SHAPES at one row and at PREFILL_ROWS; the int8 choice's rule picks."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        codes = [torch.randint(0, 16, shape, dtype=torch.int32, generator=generator) for shape in SHAPES]
+        scales = [torch.rand(s[0], s[1] // GROUP, generator=generator) / 100 for s in SHAPES]
+        packed = [native.pack(c, s, -8 * s) for c, s in zip(codes, scales, strict=True)]
+        theirs = [torch._convert_weight_to_int4pack_for_cpu(c, 1) for c in codes]
+        zeros = [torch.stack([s, 0 * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16) for s in scales]
+
+        def kernels(inputs: list[Any]) -> dict[str, Callable[[], object]]:
+            return {
+                NATIVE: lambda: [native.mm(x, p) for x, p in zip(inputs, packed, strict=True)],
+                TORCH: lambda: [
+                    torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, GROUP, z).float()
+                    for x, w, z in zip(inputs, theirs, zeros, strict=True)
+                ],
+            }
+
+        medians = int8_native.time_kernels(kernels, generator)
+    return int8_native.verdict(medians, "int4", NAME, TORCHS, threads)

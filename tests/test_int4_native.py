@@ -1,0 +1,122 @@
+"""gptcli's own int4 kernel for the torch backend (backends/int4_native.py, the int4 part of int8_native.c): exact
+integer sums per group of 32, a row's bits the same in any batch, chosen per machine, torch's kernel elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptcli.backends import int4_native, int8_native, lean_quant, native_build
+from gptcli.backends.int4_native import NativeInt4
+from gptcli.tuning import kernel_flags
+from tests.test_int8_native import AVX2_FLAGS, _native, fresh_loads, needs_vnni
+
+__all__ = ["fresh_loads"]  # int8_native's autouse fixture: each test loads the library anew
+
+
+def _native4() -> NativeInt4:
+    native = int4_native.native_int4(_native())
+    assert native is not None
+    return native
+
+
+def _case(n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=generator)
+    scales = torch.rand(n, k // 32, generator=generator) / 100 + 1e-3
+    lows = -8 * scales + torch.randn(n, k // 32, generator=generator) / 1000
+    x = torch.randn(m, k, generator=generator)
+    x[0, 0] = 40.0  # an outlier: the row's scale follows it
+    return codes, scales, lows, x
+
+
+def _float64(codes: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
+    """The [out, in] matrix the kernel stands for: its scales and minimums as the float16 it keeps."""
+    n, k = codes.shape
+    grouped = codes.double().reshape(n, k // 32, 32)
+    return (grouped * scales.half().double()[..., None] + lows.half().double()[..., None]).reshape(n, k)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (40, 64), (3, 96), (577, 1024)])
+def test_products_match_float64_and_each_row_alone(n, k):
+    native = _native4()
+    for seed, m in enumerate((1, 2, 3, 4, 5, 9)):
+        codes, scales, lows, x = _case(n, k, m, seed)
+        packed = native.pack(codes, scales, lows)
+        y = native.mm(x, packed)
+        expected = x.double() @ _float64(codes, scales, lows).t()
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        error = ((y.double() - expected).norm() / expected.norm()).item()
+        assert error < 1.5e-3, (n, k, m, error)  # 15 bits a row, an outlier of 40 (torch's kernel, bf16: 2-4e-3)
+        rows_alone = torch.cat([native.mm(x[i : i + 1], packed) for i in range(m)])
+        assert torch.equal(y, rows_alone), (n, k, m)  # bit for bit: batching changes nothing
+    assert native.mm(x.reshape(m, 1, k), packed).shape == (m, 1, n)
+
+
+@needs_vnni
+def test_rows_of_nan_zeros_and_tiny_values():
+    native = _native4()
+    codes, scales, lows, x = _case(48, 64, 4, 7)
+    x[1, 5] = float("nan")
+    x[2] = 0.0
+    x[3] *= 1e-30  # past a float's range once divided by its 15-bit scale: scaled up first, exactly
+    y = native.mm(x, native.pack(codes, scales, lows))
+    assert y[1].isnan().all() and torch.equal(y[2], torch.zeros(48))
+    expected = x[3].double() @ _float64(codes, scales, lows).t()
+    assert ((y[3].double() - expected).norm() / expected.norm()).item() < 3e-4
+    assert torch.isfinite(y[0]).all()
+
+
+@pytest.mark.skipif(native_build.compiler() is None or "avx2" not in kernel_flags(), reason="no AVX2 or compiler")
+def test_an_avx2_build_has_no_int4_path(tmp_path):
+    library = native_build.built_library(
+        int8_native.SOURCE, native_build.compiler(), AVX2_FLAGS, tmp_path, "avx2", "gptcli_int8_isa"
+    )
+    assert int4_native.native_int4(int8_native.NativeInt8(library)) is None
+
+
+def test_switched_off_or_without_vnni_int4_runs_on_torchs_kernel(monkeypatch):
+    monkeypatch.setenv(int8_native.OFF_SWITCH, "0")
+    assert int4_native.native4_for(int8_native.MIN_PARAMS) is None
+    said = int4_native.reported_choice(1)
+    assert said["kernel"] == int8_native.TORCH and "GPTCLI_NATIVE_KERNELS=0" in said["reason"]
+    monkeypatch.delenv(int8_native.OFF_SWITCH)
+    monkeypatch.setattr("gptcli.tuning.kernel_flags", lambda: ["avx2", "fma"])
+    said = int4_native.reported_choice(1)
+    assert said["kernel"] == int8_native.TORCH and said["reason"].endswith("needs AVX-512 VNNI")
+
+
+@needs_vnni
+def test_the_real_measurement_names_a_kernel_and_its_reason():
+    record = int4_native.measure(_native4(), 1)
+    assert record["kernel"] in (int8_native.NATIVE, int8_native.TORCH)
+    assert set(record["timings_ms"]) == {"1 row", f"{int8_native.PREFILL_ROWS} rows"}
+    assert "int4 products" in record["reason"] and "1 threads" in record["reason"]
+
+
+@needs_vnni
+def test_a_matrix_past_float16s_range_stays_with_torchs_kernel():
+    native = _native4()
+    assert lean_quant.Int4Matrix(torch.randn(64, 32), native=native).native is native
+    huge = torch.randn(64, 32) * 1e6  # its minimums are past float16's 65504
+    kept = lean_quant.Int4Matrix(huge, native=native)
+    assert kept.native is None
+    x = torch.randn(2, 64)
+    assert torch.allclose(kept.mm(x), x @ huge, rtol=0.1, atol=0.1 * (x @ huge).abs().max().item())
+
+
+@needs_vnni
+def test_the_tiny_models_int4_path_runs_the_native_kernel_and_batching_changes_nothing(tiny_models):
+    from gptcli.backends.base import LoadOptions
+    from gptcli.backends.torch_backend import TorchBackend
+
+    options = LoadOptions(device="cpu", dtype="float32", precision="int4", threads=1)
+    backend = TorchBackend.load(tiny_models["llama"], options)
+    layer = backend.engine.lean.layers[0]
+    assert isinstance(layer.gate_up, lean_quant.Int4Matrix) and layer.gate_up.native is not None
+    ids = [[5, 9, 2, 7], [3, 1], [8]]
+    alone = [backend.step([(seq, backend.new_cache())])[0][0] for seq in ids]
+    together = backend.step([(seq, backend.new_cache()) for seq in ids])[0]
+    for one, batched in zip(alone, together, strict=True):
+        assert torch.equal(torch.as_tensor(one), torch.as_tensor(batched))
