@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptcli import tuning
 from gptcli.backends import int4_native, int8_native, lean_quant, native_build
 from gptcli.backends.int8_native import NativeInt8
 from gptcli.errors import ConfigError
@@ -290,6 +291,24 @@ def test_a_faster_decode_must_not_cost_the_prefill():
     # the AVX2 path on the same CPU: faster at one row, 1.37x slower at 64: torch's kernel
     assert not int8_native.prefer_native({native: 1.06, torch_: 1.69}, {native: 31.0, torch_: 22.7})
     assert not int8_native.prefer_native({native: 1.8, torch_: 1.7}, {native: 7.0, torch_: 18.0})
+
+
+def test_a_choice_timed_on_a_busy_machine_holds_for_this_run_only(monkeypatch):
+    """Another process on one of two cores stalled every OpenMP region: both kernels took ~370 ms for what takes 1,
+    torch's won by chance, and the record kept torch's kernel at 1.6x slower decoding for good."""
+    native, torch_ = int8_native.NATIVE, int8_native.TORCH
+    stalled = {"1 row": {native: 371.3, torch_: 368.7}, "64 rows": {native: 364.3, torch_: 770.9}}
+    weight_bytes = sum(n * k for n, k in int8_native.SHAPES)
+    record = int8_native.verdict(stalled, "int8", "ours", "theirs", 2, weight_bytes)
+    assert record["provisional"] and record["reason"].endswith("timed again at the next load)")
+    calm = {"1 row": {native: 0.98, torch_: 1.80}, "64 rows": {native: 8.0, torch_: 19.5}}
+    assert "provisional" not in int8_native.verdict(calm, "int8", "ours", "theirs", 2, weight_bytes)
+    timings = iter([record, {**record, "provisional": False, "reason": "calm"}])
+    monkeypatch.setattr(int8_native, "measure", lambda native, threads: next(timings))
+    assert tuning.tuned("choice", "key", lambda: int8_native.measure(None, 2))["provisional"]
+    assert tuning.cached("choice", "key") is None  # not kept: the next load times it again
+    assert tuning.tuned("choice", "key", lambda: int8_native.measure(None, 2))["reason"] == "calm"
+    assert tuning.cached("choice", "key")["reason"] == "calm"
 
 
 @needs_build

@@ -54,11 +54,13 @@ def cached(name: str, key: str, valid: Valid | None = None) -> dict[str, Any] | 
 
 
 def tuned(name: str, key: str, measure: Callable[[], dict[str, Any]], valid: Valid | None = None) -> dict[str, Any]:
-    """The record for `name` under `key`: cached, or measured now (again, where `valid` refuses it) and stored."""
+    """The record for `name` under `key`: cached, or measured now (again, where `valid` refuses it) and stored,
+    unless it says it is `provisional` (a measurement the machine disturbed: it holds for this run only)."""
     record = cached(name, key, valid)
     if record is None:
         record = measure()
-        store(name, key, record)
+        if not record.get("provisional"):
+            store(name, key, record)
     return record
 
 

@@ -179,4 +179,5 @@ def measure(native: NativeInt4, threads: int) -> dict[str, Any]:
             }
 
         medians = int8_native.time_kernels(kernels, generator)
-    return int8_native.verdict(medians, "int4", NAME, TORCHS, threads)
+    weight_bytes = sum(n * k for n, k in SHAPES) * 5 // 8  # 4-bit codes, a float16 scale and minimum per 32
+    return int8_native.verdict(medians, "int4", NAME, TORCHS, threads, weight_bytes)
