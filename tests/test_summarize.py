@@ -629,3 +629,24 @@ def test_ctrl_c_while_the_model_loads_still_gives_json_its_partial_object(tiny_m
     assert code == 130, err
     assert json.loads(out)["partial"] is True and json.loads(out)["partials"] == []
     assert "interrupted: no summary yet" in err
+
+
+def test_chunks_of_cjk_and_emoji_text_never_cut_a_character_in_two(tok):
+    """A byte-level tokenizer spells a CJK character or an emoji in several tokens: a chunk cut (a paragraph with
+    no sentence break the splitter knows, as Japanese has none followed by a space) or an overlap tail that fell
+    between them turned the character into U+FFFD on both sides, dropping it from the text the model read."""
+    from gptcli.config import SamplingConfig
+    from gptcli.summarize import Summarizer
+    from gptcli.templates import get_template
+
+    template, sampling = get_template("summarize"), SamplingConfig(max_tokens=16)
+    s = Summarizer(None, tok, template, sampling, calls=lambda *a: iter(()), context_length=600)
+    text = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。😀🎉🐈" * 12
+    assert "\ufffd" not in text and len(tok.encode("吾", add_special_tokens=False)) > 1  # several tokens a character
+    for budget in (17, 40, 101):
+        pieces = s.cut(text, budget)
+        assert "".join(pieces) == text and all(len(tok.encode(p, add_special_tokens=False)) <= budget for p in pieces)
+    for overlap in (0, 7, 20):
+        chunks = s.chunk(text, 60, overlap)
+        assert len(chunks) > 3 and not [c for c in chunks if "\ufffd" in c]
+    assert "\ufffd" not in s._clip("名前はまだ無い" * 20, 25)

@@ -167,15 +167,33 @@ class Summarizer:
         return sum(len(self.tokenizer.encode(piece, add_special_tokens=False)) for piece in text_pieces(text))
 
     def cut(self, text: str, budget: int) -> list[str]:
-        """`text` cut every `budget` tokens, encoded a piece at a time."""
+        """`text` cut every `budget` tokens (or up to 7 fewer: never inside a character), a piece at a time."""
         chunks: list[str] = []
         ids: list[int] = []
         for piece in text_pieces(text):
             ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
-            whole = len(ids) - len(ids) % budget
-            chunks.extend(self.tokenizer.decode(ids[i : i + budget]) for i in range(0, whole, budget))
-            del ids[:whole]
+            start = 0
+            while len(ids) - start >= budget:
+                end = self._whole_char_end(ids, start + budget, start)
+                chunks.append(self.tokenizer.decode(ids[start:end]))
+                start = end
+            del ids[:start]
         return chunks + ([self.tokenizer.decode(ids)] if ids else [])
+
+    def _splits_char(self, ids: Sequence[int], at: int) -> bool:
+        """Whether a cut before ids[at] falls inside a character: a byte-level tokenizer spells a CJK character
+        or an emoji in several tokens (one may end a character and start the next), each side decoding to U+FFFD."""
+        if at <= 0 or at >= len(ids):
+            return False
+        before = self.tokenizer.decode(ids[max(0, at - 8) : at])
+        return not self.tokenizer.decode(ids[max(0, at - 8) : at + 8]).startswith(before)
+
+    def _whole_char_end(self, ids: Sequence[int], end: int, start: int = 0) -> int:
+        """`end`, or the nearest of the 7 tokens before it (after `start`) that cuts no character."""
+        for at in range(end, max(start, end - 8), -1):
+            if not self._splits_char(ids, at):
+                return at
+        return end
 
     def prompt_ids(self, system: str | None, user: str) -> list[int]:
         return build_prompt(self.tokenizer, messages_for(user, system), plain=plain_summary_prompt).ids
@@ -292,8 +310,11 @@ class Summarizer:
             return pieces
         chunks = [pieces[0]]
         for prev, piece in itertools.pairwise(pieces):
-            tail_ids = self.tokenizer.encode(prev, add_special_tokens=False)[-overlap:]
-            tail = self.tokenizer.decode(tail_ids).lstrip()
+            prev_ids = self.tokenizer.encode(prev, add_special_tokens=False)
+            begin = max(0, len(prev_ids) - overlap)
+            while begin < len(prev_ids) - overlap + 7 and self._splits_char(prev_ids, begin):
+                begin += 1  # the tail starts at a whole character
+            tail = self.tokenizer.decode(prev_ids[begin:]).lstrip()
             candidate = f"{tail} {piece}" if tail else piece
             chunks.append(candidate if self.count(candidate) <= budget else piece)
         return chunks
@@ -324,7 +345,7 @@ class Summarizer:
 
     def _clip(self, text: str, budget: int) -> str:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
+        return text if len(ids) <= budget else self.tokenizer.decode(ids[: self._whole_char_end(ids, budget)])
 
     def _calls(self, stage: str, level: int, texts: list[str], result: SummaryResult) -> list[str]:
         """Run one stage's calls concurrently; their summaries in input order. Ctrl-C keeps what finished."""
