@@ -137,6 +137,22 @@ def test_a_message_role_the_server_would_refuse_is_the_lines_error(model):
     assert request.error is not None and request.error.startswith("unknown message role 'bot' (known: system,")
 
 
+def test_content_as_a_list_of_text_parts_runs_as_the_server_takes_it(model):
+    """OpenAI's batch files and SDKs write a message's content as [{"type": "text", "text": ...}]: the server took
+    it (joined a line each) but a batch line was 'each message needs a string `role` and `content`'."""
+    backend, tok = model
+
+    def parsed(content):
+        line = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+        return parse_request(1, line, tok, SETTINGS, backend.info.context_length)
+
+    parts = parsed([{"type": "text", "text": "Paris is"}, {"type": "text", "text": "the capital"}])
+    assert parts.error is None and parts.prompt_ids == parsed("Paris is\nthe capital").prompt_ids
+    image = parsed([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])
+    assert image.error == "messages.0: only text content is supported (a string, or a list of text parts)"
+    assert parsed([{"type": "text", "text": 3}]).error == "messages.0: each text part needs a string `text`"
+
+
 def test_messages_the_chat_template_refuses_are_that_lines_error(model, tiny_models, tmp_path):
     """A template's raise_exception (roles out of order; a `tool` result it cannot place) is a 400 in the server,
     and the line's error here: a bad line never stops the run (it ended it: 'chat template error', exit 5). A

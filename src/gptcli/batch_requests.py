@@ -31,6 +31,7 @@ from gptcli.prompts import (
     Messages,
     Prompt,
     fit_prompt,
+    joined_parts,
     messages_for,
     prompt_ending,
     template_role,
@@ -67,6 +68,18 @@ class BatchRequest:
     text_replies: bool = True  # a reply that calls no tool is text (else the JSON of its response_format's schema)
 
 
+def _text_of(content: Any, index: int) -> Any:
+    """A message's content as the server reads it: a string, or OpenAI's list of text parts
+    ([{"type": "text", "text": "..."}], as OpenAI's batch files and SDKs write it) joined a line each."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        raise InputError(f"messages.{index}: only text content is supported (a string, or a list of text parts)")
+    if not all(isinstance(part.get("text"), str) for part in content):
+        raise InputError(f"messages.{index}: each text part needs a string `text`")
+    return joined_parts([part["text"] for part in content])
+
+
 def _checked_messages(messages: Any) -> Messages:
     """Role and content (null for an assistant's tool calls), with the calls and results the server takes."""
     if not isinstance(messages, list) or not messages:
@@ -75,7 +88,7 @@ def _checked_messages(messages: Any) -> Messages:
     for index, message in enumerate(messages):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
             raise InputError("each message needs a string `role` and `content`")
-        content = message.get("content")
+        content = _text_of(message.get("content"), index)
         if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
             raise InputError("each message needs a string `role` and `content`")
         if message["role"] not in MESSAGE_ROLES:

@@ -47,6 +47,13 @@ NEW_TURN, CONTINUE, BARE = "new turn", "continue", "bare"
 PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")  # vLLM's request fields that choose it
 
 
+def joined_parts(texts: list[str]) -> str:
+    """A message's text parts as one text, a line each, as vLLM joins them: a "Context: ..." part and a
+    "Question: ..." part (LangChain's and RAG chains' way) must not run together. The server's and batch
+    files' one rule."""
+    return "\n".join(texts)
+
+
 def transcript(messages: Messages, ending: str = NEW_TURN) -> str:
     """Without a chat template, a chat is a plain transcript the base model can continue: after a last
     "Assistant:" for a new turn, else after the last message (an assistant's continues its own line)."""

@@ -14,8 +14,9 @@ from pydantic import Field, PrivateAttr
 from gptcli import tools as chat_tools
 from gptcli.config import OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
+from gptcli.prompts import joined_parts
 from gptcli.server.errors import APIError
-from gptcli.server.schemas import ChatMessage, SamplingRequest, joined_parts
+from gptcli.server.schemas import ChatMessage, SamplingRequest
 from gptcli.tokenizer import Tokenizer
 from gptcli.tools import CHOICES, ToolSpec, answer_schema, tool_spec
 

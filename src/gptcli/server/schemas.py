@@ -21,7 +21,7 @@ from starlette.requests import Request
 from gptcli.config import MAX_STOP_STRINGS, SAMPLING_KNOBS, OutputConstraint, SamplingConfig
 from gptcli.errors import ResponseFormatError, ToolError
 from gptcli.jsonl import TooManyDigits, whole_number
-from gptcli.prompts import MESSAGE_ROLES, template_role
+from gptcli.prompts import MESSAGE_ROLES, joined_parts, template_role
 from gptcli.server.errors import APIError
 from gptcli.server.prefill_fields import PrefillFields
 from gptcli.server.stop_fields import StopFields
@@ -284,12 +284,6 @@ class ChatMessage(BaseModel):
                 )
             pieces.append(part.text)
         return joined_parts(pieces)
-
-
-def joined_parts(texts: list[str]) -> str:
-    """A message's text parts as one text, a line each, as vLLM joins them: a "Context: ..." part and a
-    "Question: ..." part (LangChain's and RAG chains' way) must not run together."""
-    return "\n".join(texts)
 
 
 class ToolFields(BaseModel):
