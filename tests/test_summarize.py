@@ -650,3 +650,35 @@ def test_chunks_of_cjk_and_emoji_text_never_cut_a_character_in_two(tok):
         chunks = s.chunk(text, 60, overlap)
         assert len(chunks) > 3 and not [c for c in chunks if "\ufffd" in c]
     assert "\ufffd" not in s._clip("名前はまだ無い" * 20, 25)
+
+
+def test_the_partial_json_object_has_the_keys_of_the_whole_one(tiny_models, tok, tmp_path, monkeypatch, capsys):
+    """`--json` cut short (Ctrl-C, or a server that went away) printed the object without `model`, `backend` and
+    `device` (with --url: `model` and `url`), so a script reading the finished object's keys failed on it."""
+    from gptcli.cli import local_run, summarize_cmd
+    from gptcli.cli.app import run
+    from gptcli.config import SamplingConfig
+    from gptcli.errors import BackendError
+    from gptcli.summarize import Summarizer
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(20))
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_run, "load_runtime", interrupted)
+    assert run(["summarize", str(doc), "-m", str(tiny_models["llama"]), "--json"]) == 130
+    data = json.loads(capsys.readouterr().out)
+    assert data["partial"] is True and data["model"] is None and data["backend"] is None and data["device"] is None
+
+    def failing_summarizer(remote, settings, template, **options):
+        calls = _calls_failing_after([1, 0], BackendError("the server closed the connection"))
+        summarizer = Summarizer(None, tok, template, SamplingConfig(max_tokens=16), calls=calls, context_length=600)
+        return summarizer, {"model": "m", "url": "http://127.0.0.1:9/v1"}
+
+    monkeypatch.setattr(summarize_cmd, "_summarizer", failing_summarizer)
+    args = ["summarize", str(doc), "--url", "http://127.0.0.1:9/v1", "-m", "m", "--chunk-tokens", "200", "--json"]
+    assert run([*args, "--strategy", "map-reduce", "--overlap", "0"]) == BackendError.exit_code
+    data = json.loads(capsys.readouterr().out)
+    assert data["partials"] == ["Part 0.", "Part 1."] and (data["model"], data["url"]) == ("m", "http://127.0.0.1:9/v1")

@@ -118,6 +118,7 @@ def summarize(
     ):
         settings = replace(settings, sampling=replace(settings.sampling, max_tokens=LENGTHS[options.length][1]))
     text, error = _read_input(file), None
+    where = {"model": model, "url": url} if url is not None else dict.fromkeys(("model", "backend", "device"))
     with render.StageProgress() as progress:
         try:
             remote = open_remote(url, api_key, model, timeout) if url is not None else None
@@ -135,8 +136,8 @@ def summarize(
             result, error = stop.result, stop.error
         except KeyboardInterrupt:  # while the model loads: --json still gets its partial object
             result = SummaryResult("", "", 0, 0, 0, interrupted=True)
-    if result.interrupted:
-        _stop_with_partial(result, as_json, error)
+    if result.interrupted:  # --json: the whole object's keys, model and backend null while it loaded
+        _stop_with_partial({**result.as_dict(), **where}, result, as_json, error)
     if result.strategy == "map-reduce":
         levels = f"{result.combine_levels} combine level(s)"
         render.note(f"map-reduce: {len(result.chunks)} chunks of at most {result.chunk_budget} tokens, {levels}")
@@ -174,10 +175,10 @@ def _detail(update) -> str:
     return f"{update.tokens:,} tokens, {update.tokens_per_s:.1f} tok/s{eta}" if update.tokens else ""
 
 
-def _stop_with_partial(result, as_json: bool, error: GptcliError | None) -> NoReturn:
-    """Ctrl-C or an error mid-run: finished chunk summaries to stdout (JSON: marked partial); exit 130 or the error"""
+def _stop_with_partial(data: dict, result, as_json: bool, error: GptcliError | None) -> NoReturn:
+    """Ctrl-C or an error mid-run: finished chunk summaries to stdout (JSON: `data`); exit 130 or the error"""
     if as_json:
-        print(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
+        print(json.dumps(data, ensure_ascii=False, indent=2))
     elif result.partials:
         sys.stdout.write("\n\n".join(p.rstrip("\n") for p in result.partials) + "\n")
         sys.stdout.flush()
