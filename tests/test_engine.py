@@ -526,3 +526,22 @@ def test_a_tokenizer_that_outgrows_the_embeddings_is_a_model_error_not_an_index_
     assert failed.returncode == 5 and re.search(r"gives token id \d+, past the model's \d+ embeddings", err), err
     assert "Traceback" not in err
     assert run_cli("generate", "--raw", "ab", "-m", str(model), "-n", "2").returncode == 0  # the ids it has: fine
+
+
+def test_a_max_tokens_past_the_context_says_its_reserve_is_capped_there():
+    """A batch line's max_tokens of 100000 under --kv-budget 2000 read 'needs 8192 KV positions (prompt 33 + max
+    tokens 100000)': a sum that does not add up, with no word of the context that capped it."""
+    from gptcli.engine.limits import kv_reserve
+
+    with pytest.raises(InputError) as capped:
+        kv_reserve(33, 100_000, 8192, 2000)
+    assert capped.value.message == (
+        "this sequence needs 8192 KV positions (prompt 33 + max tokens 100000, up to the context's 8192)"
+        " but the KV budget is 2000"
+    )
+    with pytest.raises(InputError) as plain:
+        kv_reserve(33, 3000, 8192, 2000)
+    assert (
+        plain.value.message
+        == "this sequence needs 3033 KV positions (prompt 33 + max tokens 3000) but the KV budget is 2000"
+    )

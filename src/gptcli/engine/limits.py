@@ -119,9 +119,10 @@ def kv_reserve(prompt_tokens: int, max_tokens: int, context: int, kv_budget: int
             hint="raise --kv-budget, or shorten the prompt",
         )
     reserve = min(prompt_tokens + max(max_tokens, 1), context)
-    if reserve > kv_budget:
+    if reserve > kv_budget:  # a max_tokens past the context reserves up to the context: say so, or 33 + 100000 = 8192
+        capped = f", up to the context's {context}" if reserve < prompt_tokens + max(max_tokens, 1) else ""
         raise InputError(
-            f"this sequence needs {reserve} KV positions (prompt {prompt_tokens} + max tokens {max_tokens})"
+            f"this sequence needs {reserve} KV positions (prompt {prompt_tokens} + max tokens {max_tokens}{capped})"
             f" but the KV budget is {kv_budget}",
             hint="raise --kv-budget, or lower --max-tokens",
         )
