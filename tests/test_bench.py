@@ -334,6 +334,30 @@ def test_baseline_matches_by_key_and_flags_regressions(tmp_path):
     assert [r["vs baseline"] for r in table] == ["1.00x", "1.00x", "0.80x", "n/a"]
 
 
+def test_a_latency_run_matches_a_baseline_of_the_same_workload_only(tmp_path):
+    """Latency's test is "latency" whatever --max-tokens and the prompts: a run with -n 16 compared with one
+    saved at -n 8 was a 0.53x regression (exit 1 under --fail-below), and one with -n 8 against -n 16 passed."""
+
+    def latency(e2e, max_tokens=8, prompt_tokens=104, requests=3):
+        key = {"model": "m", "backend": "torch", "precision": "bf16", "test": "latency", "threads": 1}
+        shape = {"max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "requests": requests}
+        return {"mode": "latency", **key, **shape, "e2e_ms": {"mean": e2e}}
+
+    path = tmp_path / "runs.jsonl"
+    base_mod.append_jsonl(path, [json.dumps(latency(130.0))])
+    saved = base_mod.load_records(path)
+    longer, prompts, same, more_reps = (
+        latency(250.0, 16),
+        latency(300.0, 8, 900),
+        latency(140.0),
+        latency(140.0, 8, 208, 6),
+    )
+    base_mod.compare([longer, prompts, same, more_reps], saved)
+    assert longer["baseline"] is None and prompts["baseline"] is None  # another workload: nothing to compare
+    assert same["baseline"]["ratio"] == pytest.approx(130 / 140, abs=0.001)
+    assert more_reps["baseline"]["ratio"] == same["baseline"]["ratio"]  # -r 2 over the same prompts: the same test
+
+
 def test_baseline_reads_a_json_document_and_rejects_junk(tmp_path):
     doc = tmp_path / "run.json"
     doc.write_text(report.render("json", sample_records(), environment={}, notes=[]))

@@ -24,7 +24,15 @@ MAX_FAIL_BELOW = 10.0  # a ratio; a larger value is a percentage by mistake (--f
 
 
 def key_of(record: dict[str, Any]) -> tuple:
-    return tuple(record.get(k) for k in KEY_FIELDS)
+    """What a result matches by; a latency run also by its workload (its E2E grows with --max-tokens and the
+    prompts' length: a run with -n 16 against one with -n 8 was a '0.53x' regression)."""
+    key = tuple(record.get(k) for k in KEY_FIELDS)
+    if record.get("mode") != "latency":
+        return key
+    prompt_tokens, requests = record.get("prompt_tokens"), record.get("requests")
+    numbers = all(isinstance(n, int) and not isinstance(n, bool) for n in (prompt_tokens, requests))
+    mean_prompt = round(prompt_tokens / requests, 1) if numbers and requests else None
+    return (*key, record.get("max_tokens"), mean_prompt)
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -119,7 +127,8 @@ def check_regressions(records: list[dict[str, Any]], fail_below: float, baseline
     if not any(record.get("baseline") for record in records):
         raise GptcliError(
             f"no result matched one in {baseline}: nothing was compared",
-            hint="results match by model, backend, precision, test and threads; run the same configuration",
+            hint="results match by model, backend, precision, test and threads (latency: also --max-tokens and the"
+            " prompts); run the same configuration",
         )
     slow = regressions(records, fail_below)
     if slow:
