@@ -12,22 +12,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from gptcli.config import SamplingConfig
 from gptcli.decoding import Event, Finished, Token
-from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, UsageError, clipped
+from gptcli.errors import GptcliError, ModelError, RemoteError, UsageError
 from gptcli.fanout import run_streams
-from gptcli.remote_answers import count, error_message, parse_chunk, redirect_error, streamed_stats
+from gptcli.remote_answers import count, parse_chunk, redirect_error, status_error, streamed_stats
 from gptcli.remote_http import Reply, default_opener, retry_after
 from gptcli.remote_requests import DEFAULTS, sampling_fields
 from gptcli.tool_reply import StreamedCalls
 
 # How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
-_CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
 
 
 DEFAULT_TIMEOUT_S = 600.0  # as OpenAI's own client: a busy server's queue, then a long answer not streamed
@@ -130,36 +128,13 @@ class RemoteModel:
         return RemoteError(f"{self.base_url} did not answer in {waited:g} s", hint=f"is the server overloaded?{longer}")
 
     def _status_error(self, reply: Reply, path: str = "") -> GptcliError:
-        """An error status as the GptcliError it means, with the server's own message. A 404 for `/models`
-        itself, or one a server says is a route's (`code: not_found`), is the URL's (it lacks its /v1, say),
-        whatever its message says of models: not an unknown model (exit 5)."""
+        """An error status as the GptcliError it means, with the server's own message (status_error)."""
         try:  # answered at once by any server: neither a large body nor a slow one is waited for
             text = reply.text(MAX_ERROR_BYTES, min(reply.deadline, time.monotonic() + self.lookup_timeout))
         except (TimeoutError, ConnectionError):
             text = ""
-        message, code = error_message(text)
-        status = reply.status
-        where = f"{self.base_url} answered {status}"
-        message = message or _REASONS.get(status, "request failed")  # the whole of it decides the kind
-        said = clipped(message)
-        route_missing = path == "/models" or code == "not_found"
-        if status == 404 and (code == "model_not_found" or ("model" in message.lower() and not route_missing)):
-            return ModelError(f"{where}: {said}", hint="`curl <url>/models` lists what it serves")
-        if status == 400 and (code == "context_length_exceeded" or _CONTEXT_WORDS.search(message)):
-            return ContextLengthError(f"{where}: {said}")
-        if status in (400, 413, 422):
-            return InputError(f"{where}: {said}")
-        if status in (401, 403):
-            return RemoteError(f"{where}: {said}", hint="pass --api-key KEY or set OPENAI_API_KEY")
-        if status in (429, 503):
-            retry = retry_after(reply)  # seconds; not a date, nor what is not a time at all ("retry in abc s")
-            hint = f"retry in {retry:g} s" if retry is not None else "retry later"
-            return RemoteError(f"{where}: {said}", hint=hint)
-        if status == 404:
-            hint = "the URL usually ends in /v1"
-            hint = "is it an OpenAI-compatible server?" if self.base_url.endswith("/v1") else hint
-            return RemoteError(f"{where}: {said}", hint=hint)
-        return RemoteError(f"{where}: {said}")
+        retry = retry_after(reply) if reply.status in (429, 503) else None
+        return status_error(self.base_url, reply.status, text, retry, path)
 
     def post_json(self, path: str, payload: dict[str, Any], *, at_root: bool = False) -> Any:
         """POST `payload` to `path` (under the base URL, or the server's root) and read the JSON answer."""
@@ -400,5 +375,4 @@ class RemoteModel:
             last = time.monotonic()  # (the time the caller spends on a chunk is not the server's)
 
 
-_REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
 _REASON_NAMES = {"stop": "stop", "length": "length", "interrupted": "interrupted"}

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from gptcli.decoding import Stats
-from gptcli.errors import RemoteError, clipped
+from gptcli.errors import ContextLengthError, GptcliError, InputError, ModelError, RemoteError, clipped
 
 HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 HTML_TAG = re.compile(r"<[^>]*>")
@@ -120,3 +120,32 @@ def redirect_error(base_url: str, reply: Any, url: str, path: str) -> RemoteErro
     moved = location.removesuffix(path) if location.endswith(path) else None
     hint = f"use --url {clipped(moved)}" if moved else "give --url the new address"
     return RemoteError(f"{where}: moved to {clipped(location)}", hint=f"{hint} (redirects are not followed)")
+
+
+_CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
+_REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
+
+
+def status_error(base_url: str, status: int, text: str, retry: float | None, path: str = "") -> GptcliError:
+    """An error status (and its body's `text`, its Retry-After in seconds) as the GptcliError it means, with the
+    server's own message. A 404 for `/models` itself, or one a server says is a route's (`code: not_found`), is the
+    URL's (it lacks its /v1, say), whatever its message says of models: not an unknown model (exit 5)."""
+    message, code = error_message(text)
+    where = f"{base_url} answered {status}"
+    message = message or _REASONS.get(status, "request failed")  # the whole of it decides the kind
+    said = clipped(message)
+    route_missing = path == "/models" or code == "not_found"
+    if status == 404 and (code == "model_not_found" or ("model" in message.lower() and not route_missing)):
+        return ModelError(f"{where}: {said}", hint="`curl <url>/models` lists what it serves")
+    if status == 400 and (code == "context_length_exceeded" or _CONTEXT_WORDS.search(message)):
+        return ContextLengthError(f"{where}: {said}")
+    if status in (400, 413, 422):
+        return InputError(f"{where}: {said}")
+    if status in (401, 403):
+        return RemoteError(f"{where}: {said}", hint="pass --api-key KEY or set OPENAI_API_KEY")
+    if status in (429, 503):  # retry: seconds; not a date, nor what is not a time at all ("retry in abc s")
+        return RemoteError(f"{where}: {said}", hint=f"retry in {retry:g} s" if retry is not None else "retry later")
+    if status == 404:
+        hint = "is it an OpenAI-compatible server?" if base_url.endswith("/v1") else "the URL usually ends in /v1"
+        return RemoteError(f"{where}: {said}", hint=hint)
+    return RemoteError(f"{where}: {said}")
