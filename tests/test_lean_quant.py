@@ -66,6 +66,25 @@ def test_a_shape_the_int4_kernel_cannot_take_falls_back_to_int8():
     assert lean_quant.quantize_matrix(odd, 8) is odd
 
 
+def _on_grid(levels: int, block: int, shape: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """An [in, out] matrix as a GGUF block type leaves it: per block of `block` inputs, low + step·q, q < levels."""
+    generator = torch.Generator().manual_seed(levels)
+    out, inputs = shape[1], shape[0]
+    codes = torch.randint(0, levels, (out, inputs // block, block), generator=generator).float()
+    steps = torch.rand(out, inputs // block, 1, generator=generator) / 100 + 1e-3
+    lows = -steps * (levels - 1) / 2
+    return (lows + steps * codes).reshape(out, inputs).t().contiguous()
+
+
+def test_int4_keeps_a_weight_on_a_finer_grid_at_8_bits_as_the_onnx_export_does():
+    """Gemma 3 270M's Q4_K_M GGUF keeps 99 of its 126 matrices at 5 to 8 bits: rounded to 4, torch int4's holdout
+    perplexity was 37.5 against fp32's 29.4 (29.97 with them at 8 bits)."""
+    assert isinstance(lean_quant.quantize_matrix(_on_grid(64, 32), 4), lean_quant.Int8Matrix)  # Q6_K-like
+    assert isinstance(lean_quant.quantize_matrix(_on_grid(256, 32), 4), lean_quant.Int8Matrix)  # Q8_0-like
+    assert isinstance(lean_quant.quantize_matrix(_on_grid(16, 32), 4), lean_quant.Int4Matrix)  # Q4_1-like
+    assert isinstance(lean_quant.quantize_matrix(torch.randn(64, 64), 4), lean_quant.Int4Matrix)  # float weights
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_logits_stay_close_and_greedy_runs(tiny_models, family, precision):

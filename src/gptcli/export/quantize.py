@@ -298,6 +298,14 @@ def _blocks_on_grid(blocks: np.ndarray, steps: int) -> tuple[Grid | None, int]:
     return (np.clip(codes, 0, steps).astype(np.uint8), low.astype(np.float32), step.astype(np.float32)), coarse_misses
 
 
+def finer_grid(wt: np.ndarray, rows: int = 8) -> bool:
+    """Whether `wt` [N, K] sits on a grid finer than 4 bits (a GGUF's Q5_0, Q6_K or Q8_0 tensor), which an int4
+    model keeps at 8 bits, judged by its first `rows` (a GGUF block type is the whole tensor's). The export judges
+    whole matrices (quantize), as it finds their grids anyway; the torch backend, at every load, this sample."""
+    sample = wt[:rows]
+    return grid_of(sample, 15, QUANT_BLOCK) is None and grid_of(sample, 255, FINE_GRID_BLOCK) is not None
+
+
 def on_grid(wt: np.ndarray, steps: int, block: int) -> bool:
     """Whether every block of `wt` [N, K] is min + d·q with integer q in [0, steps] (a 4-bit GGUF source)."""
     return grid_of(wt, steps, block) is not None
