@@ -481,10 +481,15 @@ void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y
     float *gsum = (float *)(void *)(xs + M);
     const uint8_t *packed = w->packed;
     const uint16_t *sl = w->scales_lows;
+    if (M < 4) /* a decode step's few rows: here, without a barrier in the parallel region (as gptcli_int8_mm) */
+        for (int64_t m = 0; m < M; m++) quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
 #pragma omp parallel num_threads(threads)
     {
+        if (M >= 4) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
+            for (int64_t m = 0; m < M; m++)
+                quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
+        }
         if (M < 4) {
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < (NB + 3) / 4; q++) {
