@@ -85,6 +85,15 @@ def test_int4_keeps_a_weight_on_a_finer_grid_at_8_bits_as_the_onnx_export_does()
     assert isinstance(lean_quant.quantize_matrix(torch.randn(64, 64), 4), lean_quant.Int4Matrix)  # float weights
 
 
+def test_a_fused_matrix_with_a_finer_grid_part_after_its_first_rows_stays_at_8_bits():
+    """A Q4_K_M GGUF keeps attn_q and attn_k at Q4_K and attn_v at Q6_K (half the layers of a Llama-family model):
+    the fused qkv's first rows are q's, on a 4-bit grid, yet its v rows are finer. The onnx export judges the whole
+    fused matrix (8 bits); judged by its first rows only, v was rounded to 4 bits."""
+    q, v = _on_grid(16, 32, (64, 48)), _on_grid(64, 32, (64, 16))  # [in, out]: q then v outputs, as fused
+    assert isinstance(lean_quant.quantize_matrix(q, 4), lean_quant.Int4Matrix)
+    assert isinstance(lean_quant.quantize_matrix(torch.cat([q, v], 1), 4), lean_quant.Int8Matrix)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_logits_stay_close_and_greedy_runs(tiny_models, family, precision):

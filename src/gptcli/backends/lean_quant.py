@@ -167,6 +167,16 @@ def fits(weight: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> bool:
     return k % 16 == 0  # torch 2.13's int8 kernel reads past the row otherwise (a segfault at in=40)
 
 
+def grid_sample(weight: torch.Tensor, rows: int = 8) -> Any:
+    """The output rows of an [in, out] matrix that finer_grid judges, [rows2, in] float32 numpy: its first and last
+    `rows`. A fused matrix is several GGUF tensors (qkv: q, k, v; gate_up: gate, up), and a Q4_K_M file keeps v at
+    Q6_K where q is Q4_K: the first rows alone are q's, and would round v to 4 bits too (the onnx export judges
+    the whole fused matrix)."""
+    outputs = weight.t()
+    sample = outputs if outputs.shape[0] <= 2 * rows else torch.cat([outputs[:rows], outputs[-rows:]])
+    return sample.float().numpy()
+
+
 def quantize_matrix(
     weight: torch.Tensor,
     bits: int,
@@ -179,7 +189,7 @@ def quantize_matrix(
     export); int8 ones multiplied by `native` when given, int4 ones by `native4`."""
     from gptcli.export.quantize import finer_grid
 
-    if bits == 4 and fits(weight, 4, group) and not finer_grid(weight[:, :8].t().float().numpy()):
+    if bits == 4 and fits(weight, 4, group) and not finer_grid(sample := grid_sample(weight), len(sample)):
         return Int4Matrix(weight, group, native4)
     if fits(weight, 8):
         return Int8Matrix(weight, native)

@@ -301,7 +301,8 @@ def _blocks_on_grid(blocks: np.ndarray, steps: int) -> tuple[Grid | None, int]:
 def finer_grid(wt: np.ndarray, rows: int = 8) -> bool:
     """Whether `wt` [N, K] sits on a grid finer than 4 bits (a GGUF's Q5_0, Q6_K or Q8_0 tensor), which an int4
     model keeps at 8 bits, judged by its first `rows` (a GGUF block type is the whole tensor's). The export judges
-    whole matrices (quantize), as it finds their grids anyway; the torch backend, at every load, this sample."""
+    whole matrices (quantize), as it finds their grids anyway; the torch backend, at every load, a sample of each
+    end of a matrix (lean_quant.grid_sample: a fused qkv's q and v may be of different block types)."""
     sample = wt[:rows]
     return grid_of(sample, 15, QUANT_BLOCK) is None and grid_of(sample, 255, FINE_GRID_BLOCK) is not None
 
