@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptcli import tuning
 from gptcli.backends import int4_native, int8_native, lean_quant, native_build
 from gptcli.backends.int4_native import NativeInt4
 from gptcli.tuning import kernel_flags
@@ -85,6 +86,19 @@ def test_switched_off_or_without_vnni_int4_runs_on_torchs_kernel(monkeypatch):
     monkeypatch.setattr("gptcli.tuning.kernel_flags", lambda: ["avx2", "fma"])
     said = int4_native.reported_choice(1)
     assert said["kernel"] == int8_native.TORCH and said["reason"].endswith("needs AVX-512 VNNI")
+
+
+@needs_vnni
+def test_where_the_avx512_build_failed_int4_is_reported_on_torchs_kernel():
+    """The AVX2 library has no int4 path: torch's kernel runs, and nothing measures the choice, so the report must
+    not say "measured when a model ... is first loaded", nor repeat an earlier record's "gptcli-native"."""
+    avx512 = next(flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags)
+    tuning.store(int8_native.BUILD_FAILED, int8_native.failure_key(avx512), {"reason": "could not build it: boom"})
+    earlier = {"kernel": int8_native.NATIVE, "reason": "an earlier build's"}
+    tuning.store(int4_native.TUNING_NAME, int8_native.machine_key(1), earlier)
+    assert int4_native.native4_for(int8_native.MIN_PARAMS) is None  # (the AVX2 library, built now)
+    said = int4_native.reported_choice(1)
+    assert said["kernel"] == int8_native.TORCH and said["reason"].endswith("boom")
 
 
 @needs_vnni

@@ -151,6 +151,12 @@ def reported_choice(threads: int) -> dict[str, Any]:
         return {"kernel": TORCH, "reason": f"{TORCHS}: {reason}"}
     if "avx512_vnni" not in tuning.kernel_flags():
         return {"kernel": TORCH, "reason": f"{TORCHS}: gptcli's int4 kernel needs AVX-512 VNNI"}
+    # Only the AVX-512 VNNI build has the int4 path: where it failed here (the AVX2 one built), torch's runs,
+    # whatever an earlier record says, and nothing will measure it
+    vnni = next((flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags), None)
+    failed = int8_native.recorded_failure(vnni) if vnni is not None else None
+    if failed is not None:
+        return {"kernel": TORCH, "reason": f"{TORCHS}: gptcli's int4 kernel is in the AVX-512 VNNI build: {failed}"}
     return cached_choice(threads) or {
         "kernel": None,
         "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at int4 here",
