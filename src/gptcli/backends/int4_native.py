@@ -20,7 +20,6 @@ from typing import Any
 from gptcli import tuning
 from gptcli.backends import int8_native
 from gptcli.backends.int8_native import MIN_PARAMS, NATIVE, TORCH, NativeInt8
-from gptcli.errors import ConfigError
 
 TUNING_NAME = "torch-int4-kernel"
 NAME, TORCHS = f"{NATIVE} (AVX-512 VNNI)", "torch's _weight_int4pack_mm_for_cpu"
@@ -143,24 +142,17 @@ def _valid(record: dict[str, Any]) -> bool:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say of the int4 kernel."""
-    try:
-        reason = int8_native.unavailable_reason()
-    except ConfigError as exc:
-        return {"kernel": None, "reason": str(exc)}
-    if reason is not None:
-        return {"kernel": TORCH, "reason": f"{TORCHS}: {reason}"}
+    return int8_native.report(TORCHS, "int4", _refused, lambda: cached_choice(threads))
+
+
+def _refused() -> str | None:
+    """Why no int4 kernel of gptcli's can run on a machine where int8_native's can: only the AVX-512 VNNI build
+    has it, so not on an AVX2 CPU, nor where that build failed (the AVX2 one built), whatever an earlier record says."""
     if "avx512_vnni" not in tuning.kernel_flags():
-        return {"kernel": TORCH, "reason": f"{TORCHS}: gptcli's int4 kernel needs AVX-512 VNNI"}
-    # Only the AVX-512 VNNI build has the int4 path: where it failed here (the AVX2 one built), torch's runs,
-    # whatever an earlier record says, and nothing will measure it
+        return "gptcli's int4 kernel needs AVX-512 VNNI"
     vnni = next((flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags), None)
     failed = int8_native.recorded_failure(vnni) if vnni is not None else None
-    if failed is not None:
-        return {"kernel": TORCH, "reason": f"{TORCHS}: gptcli's int4 kernel is in the AVX-512 VNNI build: {failed}"}
-    return cached_choice(threads) or {
-        "kernel": None,
-        "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at int4 here",
-    }
+    return f"gptcli's int4 kernel is in the AVX-512 VNNI build: {failed}" if failed is not None else None
 
 
 def measure(native: NativeInt4, threads: int) -> dict[str, Any]:

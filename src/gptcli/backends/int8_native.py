@@ -294,15 +294,23 @@ def _valid_choice(record: dict[str, Any]) -> bool:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say: the record, or why there is none (no build)."""
+    return report("torch's _weight_int8pack_mm", "int8", lambda: None, lambda: cached_choice(threads))
+
+
+def report(
+    torchs: str, what: str, refused: Callable[[], str | None], recorded: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any]:
+    """A kernel choice as `backends --json` says it: torch's where no native kernel can run here (unavailable_reason,
+    else `refused()`), the `recorded()` choice, or when it will be measured."""
     try:
         reason = unavailable_reason()
     except ConfigError as exc:  # a bad GPTCLI_NATIVE_KERNELS: said here, an error when a model loads
         return {"kernel": None, "reason": str(exc)}
-    if reason is not None:
-        return {"kernel": TORCH, "reason": f"torch's _weight_int8pack_mm: {reason}"}
-    return cached_choice(threads) or {
+    if (reason := reason or refused()) is not None:
+        return {"kernel": TORCH, "reason": f"{torchs}: {reason}"}
+    return recorded() or {
         "kernel": None,
-        "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at int8 here",
+        "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at {what} here",
     }
 
 
