@@ -618,6 +618,24 @@ def test_a_busy_server_that_says_when_to_come_back_is_asked_again(canned, opener
         list(remote(canned, "busy-then-ok-2", opener, timeout=0.3).complete("hi", GREEDY))
 
 
+def test_a_server_that_goes_away_while_a_busy_answer_is_waited_out_is_lost_not_busy(canned, opener):
+    """It answered 503 with Retry-After, then stopped: the error said 'answered 503 ... retry in 0.2 s', of a server
+    that was no longer there."""
+    Canned.busy.clear()
+    calls = []
+
+    def stopping(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) > 1:
+            raise ConnectionError("Connection refused")
+        return opener(*args)
+
+    with pytest.raises(RemoteError) as caught:
+        list(remote(canned, "busy-then-ok-3", stopping).complete("hi", GREEDY))
+    assert caught.value.message == f"lost {canned}/busy-then-ok-3/v1: Connection refused" and len(calls) == 2
+    assert "did the server stop or restart?" in caught.value.hint
+
+
 def test_a_refused_connection(opener):
     port = free_port()  # bound and closed again: nothing listens there now
     with pytest.raises(RemoteError) as caught:

@@ -102,9 +102,10 @@ class RemoteModel:
             except TimeoutError:
                 raise busy or self._timeout_error(timeout) from None
             except ConnectionError as exc:
-                if self._answered:  # not a wrong scheme or port (its hint): it answered this run, then went away
-                    raise busy or RemoteError(f"lost {self.base_url}: {exc}", hint=GONE_HINT) from None
-                raise busy or RemoteError(
+                # not a wrong scheme or port (its hint): it answered this run (busy, perhaps), then went away
+                if self._answered:
+                    raise RemoteError(f"lost {self.base_url}: {exc}", hint=GONE_HINT) from None
+                raise RemoteError(
                     f"cannot connect to {self.base_url}: {exc}",
                     hint=getattr(exc, "hint", None) or CONNECT_HINT,
                 ) from None
