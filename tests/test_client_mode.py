@@ -421,16 +421,21 @@ class CutShort(CannedHandler):
 
     protocol_version = "HTTP/1.0"  # the stream ends where the connection closes
 
+    model = "cut"
+
     def do_GET(self) -> None:
-        self.answer(200, json.dumps({"object": "list", "data": [{"id": "cut"}]}).encode(), length=False)
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": self.model}]}).encode(), length=False)
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path.endswith("tokenize"):
             self.answer(404, b"Not Found", "text/plain", length=False)
             return
+        self.answer(200, self.stream().encode(), "text/event-stream", length=False)
+
+    def stream(self) -> str:
         chunk = {"choices": [{"index": 0, "delta": {"content": "Partial"}, "finish_reason": None}]}
-        self.answer(200, f"data: {json.dumps(chunk)}\n\n".encode(), "text/event-stream", length=False)
+        return f"data: {json.dumps(chunk)}\n\n"
 
 
 @pytest.fixture(scope="module")
@@ -451,26 +456,19 @@ def test_a_stream_broken_off_still_gives_generate_json_its_object(cut_short, iso
     assert data["error"] == f"{cut_short} closed the stream before the answer finished"
 
 
-class FailsFirst(CannedHandler):
+class FailsFirst(CutShort):
     """A server whose chat stream begins (a 200, the role) and then fails before any text: an error event, as
     gptcli serve's shutdown sends one for a request still queued when --grace runs out; or nothing more."""
 
-    protocol_version = "HTTP/1.0"  # the stream ends where the connection closes
+    model = "fails"
 
-    def do_GET(self) -> None:
-        self.answer(200, json.dumps({"object": "list", "data": [{"id": "fails"}]}).encode(), length=False)
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path.endswith("tokenize"):
-            self.answer(404, b"Not Found", "text/plain", length=False)
-            return
+    def stream(self) -> str:
         role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         body = f"data: {json.dumps(role)}\n\n"
         if "/error/" in self.path:
             error = {"error": {"message": "the server is shutting down", "type": "server_overloaded", "code": None}}
             body += f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
-        self.answer(200, body.encode(), "text/event-stream", length=False)
+        return body
 
 
 @pytest.mark.parametrize("how", ["error", "cut"])
