@@ -12,14 +12,14 @@ AVX-512 VNNI, where it is slower, or with `GPTCLI_NATIVE_KERNELS=0`.
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gptcli import tuning
 from gptcli.backends import int8_native
-from gptcli.backends.int8_native import MIN_PARAMS, NATIVE, TORCH, NativeInt8
+from gptcli.backends.int8_native import NATIVE, TORCH, NativeInt8
+from gptcli.backends.native_product import NativeProduct, bind_product
 
 TUNING_NAME = "torch-int4-kernel"
 NAME, TORCHS = f"{NATIVE} (AVX-512 VNNI)", "torch's _weight_int4pack_mm_for_cpu"
@@ -58,12 +58,11 @@ class PackedInt4:
         return self.codes.numel() + 2 * self.scales_lows.numel()
 
 
-class NativeInt4:
+class NativeInt4(NativeProduct):
     """The int4 product of a loaded int8_native library: `pack` once, then `mm` (x @ W^T, float32)."""
 
     def __init__(self, native: NativeInt8) -> None:
-        self._mm = int8_native.bind_product(native.library.gptcli_int4_mm, Int4Args)
-        self._scratch = threading.local()
+        super().__init__(bind_product(native.library.gptcli_int4_mm, Int4Args))
 
     @staticmethod
     def pack(codes: Any, scales: Any, lows: Any) -> PackedInt4:
@@ -83,23 +82,6 @@ class NativeInt4:
         args = Int4Args(nibbles.data_ptr(), scales_lows.data_ptr(), n, k)
         return PackedInt4(nibbles, scales_lows, n, k, args)
 
-    def mm(self, x: Any, matrix: PackedInt4) -> Any:
-        """x [..., in] (any float dtype) @ W^T -> float32 [..., out]."""
-        import torch
-
-        k, n = matrix.in_features, matrix.out_features
-        rows = x if x.dim() == 2 else x.reshape(-1, k)
-        if rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.to(torch.float32).contiguous()
-        m = rows.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        size = m * matrix.work_per_row
-        work = getattr(self._scratch, "buffer", None)
-        if work is None or work.numel() < size:
-            work = self._scratch.buffer = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
-        self._mm(rows.data_ptr(), ctypes.byref(matrix.args), y.data_ptr(), m, work.data_ptr(), torch.get_num_threads())
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
-
 
 def native_int4(native: NativeInt8 | None) -> NativeInt4 | None:
     """The int4 product of a loaded library where it has one (an AVX-512 VNNI build), else None."""
@@ -109,19 +91,13 @@ def native_int4(native: NativeInt8 | None) -> NativeInt4 | None:
 
 
 def native4_for(params: int) -> NativeInt4 | None:
-    """The int4 kernel for a model of `params` weights: the native one where it is this machine's choice (a model
-    under MIN_PARAMS takes it unmeasured), else None (torch's). Where the record says torch, nothing is built."""
-    if int8_native.unavailable_reason() is not None:
-        return None
-    import torch
+    """The int4 kernel for a model of `params` weights, chosen as int8_native.native_for chooses the int8 one."""
 
-    if params >= MIN_PARAMS and (recorded := cached_choice(torch.get_num_threads())) and recorded["kernel"] == TORCH:
-        return None
-    loaded = int8_native.native_kernel()
-    native = native_int4(loaded if isinstance(loaded, NativeInt8) else None)
-    if native is None or params < MIN_PARAMS:
-        return native
-    return native if choice(native)["kernel"] == NATIVE else None
+    def loaded() -> NativeInt4 | None:
+        native = int8_native.native_kernel()
+        return native_int4(native if isinstance(native, NativeInt8) else None)
+
+    return int8_native.chosen(params, cached_choice, loaded, choice)
 
 
 def choice(native: NativeInt4) -> dict[str, Any]:
@@ -129,15 +105,12 @@ def choice(native: NativeInt4) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
-    return tuning.tuned(TUNING_NAME, int8_native.machine_key(threads), lambda: measure(native, threads), _valid)
+    key = int8_native.machine_key(threads)
+    return tuning.tuned(TUNING_NAME, key, lambda: measure(native, threads), int8_native.valid_choice)
 
 
 def cached_choice(threads: int) -> dict[str, Any] | None:
-    return tuning.cached(TUNING_NAME, int8_native.machine_key(threads), _valid)
-
-
-def _valid(record: dict[str, Any]) -> bool:
-    return record.get("kernel") in (NATIVE, TORCH) and isinstance(record.get("reason"), str)
+    return tuning.cached(TUNING_NAME, int8_native.machine_key(threads), int8_native.valid_choice)
 
 
 def reported_choice(threads: int) -> dict[str, Any]:

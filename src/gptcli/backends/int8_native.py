@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 
 from gptcli import tuning
 from gptcli.backends.native_build import BuildError, BuildTimeout, built_library, compiler, compiler_key
+from gptcli.backends.native_product import NativeProduct, bind_product
 from gptcli.coercion import env_switch
 from gptcli.errors import ConfigError
 from gptcli.hardware import cpu_flags
@@ -76,20 +76,6 @@ class MatrixArgs(ctypes.Structure):
     ]
 
 
-def bind_product(function: Any, matrix: type[ctypes.Structure]) -> Any:
-    """A kernel's product, `(x, matrix, y, M, work, threads)`, typed for ctypes."""
-    function.restype = None
-    function.argtypes = [
-        ctypes.c_void_p,
-        ctypes.POINTER(matrix),
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
-    return function
-
-
 @dataclass(frozen=True)
 class PackedInt8:
     """An int8 [out, in] matrix in the kernel's layout, with its scales and code sums padded to 16 rows."""
@@ -116,14 +102,13 @@ class PackedInt8:
         return self.codes.numel() + 4 * self.scales.numel() + 4 * self.sums.numel()
 
 
-class NativeInt8:
+class NativeInt8(NativeProduct):
     """The loaded library: pack a matrix once, then `mm` (x @ W^T, float32) as often as needed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library  # int4_native's product is in it too
         self.isa = int(library.gptcli_int8_isa())  # (native_build.built_library checked it is there)
-        self._mm = bind_product(library.gptcli_int8_mm, MatrixArgs) if self.isa else None
-        self._scratch = threading.local()  # a growing work buffer per calling thread
+        super().__init__(bind_product(library.gptcli_int8_mm, MatrixArgs) if self.isa else None)
 
     @property
     def name(self) -> str:
@@ -144,28 +129,6 @@ class NativeInt8:
         sums = padded.sum(1, dtype=torch.int32)
         args = MatrixArgs(packed.data_ptr(), row_scales.data_ptr(), sums.data_ptr(), n, k)
         return PackedInt8(packed, row_scales, sums, n, k, args)
-
-    def mm(self, x: Any, matrix: PackedInt8) -> Any:
-        """x [..., in] (any float dtype) @ W^T -> float32 [..., out]."""
-        import torch
-
-        k, n = matrix.in_features, matrix.out_features
-        rows = x if x.dim() == 2 else x.reshape(-1, k)  # (a reshape costs ~0.8 us: 0.1 ms a decode step)
-        if rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.to(torch.float32).contiguous()
-        m = rows.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        work = self._work(m * matrix.work_per_row)
-        self._mm(rows.data_ptr(), ctypes.byref(matrix.args), y.data_ptr(), m, work.data_ptr(), torch.get_num_threads())
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
-
-    def _work(self, size: int) -> Any:
-        work = getattr(self._scratch, "buffer", None)
-        if work is None or work.numel() < size:
-            import torch
-
-            work = self._scratch.buffer = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
-        return work
 
 
 @cache
@@ -251,20 +214,33 @@ def native_for(params: int) -> NativeInt8 | None:
     """The int8 kernel for a model of `params` weights: the native one where it is this machine's choice
     (a model under MIN_PARAMS, the tests' tiny ones, takes it unmeasured), else None (torch's). Where the
     recorded choice is torch's, nothing is built."""
+
+    def loaded() -> NativeInt8 | None:
+        native = native_kernel()
+        return None if isinstance(native, str) else native
+
+    return chosen(params, cached_choice, loaded, choice)
+
+
+def chosen(
+    params: int,
+    recorded: Callable[[int], dict[str, Any] | None],
+    loaded: Callable[[], Any],
+    choose: Callable[[Any], dict[str, Any]],
+) -> Any:
+    """A native kernel for a model of `params` weights, or None for torch's: none where it cannot run or the
+    `recorded(threads)` choice is torch's (nothing is built), the `loaded()` one unmeasured for a model under
+    MIN_PARAMS, else as `choose(native)` (measured once, cached) says."""
     if unavailable_reason() is not None:
         return None
-    if params >= MIN_PARAMS:
-        import torch
+    import torch
 
-        recorded = cached_choice(torch.get_num_threads())
-        if recorded is not None and recorded["kernel"] == TORCH:
-            return None
-    native = native_kernel()
-    if isinstance(native, str):
+    if params >= MIN_PARAMS and (record := recorded(torch.get_num_threads())) and record["kernel"] == TORCH:
         return None
-    if params < MIN_PARAMS:
+    native = loaded()
+    if native is None or params < MIN_PARAMS:
         return native
-    return native if choice(native)["kernel"] == NATIVE else None
+    return native if choose(native)["kernel"] == NATIVE else None
 
 
 def choice(native: NativeInt8) -> dict[str, Any]:
@@ -273,7 +249,7 @@ def choice(native: NativeInt8) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
-    return tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(native, threads), _valid_choice)
+    return tuning.tuned(TUNING_NAME, machine_key(threads), lambda: measure(native, threads), valid_choice)
 
 
 def machine_key(threads: int) -> str:
@@ -285,10 +261,11 @@ def machine_key(threads: int) -> str:
 def cached_choice(threads: int) -> dict[str, Any] | None:
     """This machine's record at `threads` (None until an int8 model has measured it, or a damaged one);
     imports no torch."""
-    return tuning.cached(TUNING_NAME, machine_key(threads), _valid_choice)
+    return tuning.cached(TUNING_NAME, machine_key(threads), valid_choice)
 
 
-def _valid_choice(record: dict[str, Any]) -> bool:
+def valid_choice(record: dict[str, Any]) -> bool:
+    """A kernel choice's record as stored: anything else is damaged, and measured again."""
     return record.get("kernel") in (NATIVE, TORCH) and isinstance(record.get("reason"), str)
 
 
