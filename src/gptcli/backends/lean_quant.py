@@ -190,10 +190,11 @@ def quantize_matrix(
     """An [in, out] matrix at `bits` (4 falls back to 8 where the int4 kernel cannot take its shape, and where
     the weight sits on a finer grid than 4 bits: a Q4_K_M GGUF's 5- to 8-bit tensors stay at 8, as in the onnx
     export); int8 ones multiplied by `native` when given, int4 ones by `native4`."""
-    from gptcli.export.quantize import finer_grid
+    if bits == 4 and fits(weight, 4, group):
+        from gptcli.export.quantize import finer_grid  # (an int8 model does not import the export package)
 
-    if bits == 4 and fits(weight, 4, group) and not finer_grid(sample := grid_sample(weight), len(sample)):
-        return Int4Matrix(weight, group, native4)
+        if not finer_grid(sample := grid_sample(weight), len(sample)):
+            return Int4Matrix(weight, group, native4)
     if fits(weight, 8):
         return Int8Matrix(weight, native)
     return weight

@@ -167,9 +167,7 @@ def built_library(
     if intact(target):
         with contextlib.suppress(BuildError):
             return load(target, symbol)
-    for stale in (target, digest_file(target)):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    _discard(target)
     try:
         build(source, cc, flags, target)
     except OSError:  # a read-only or full cache, or a file where its folder goes
@@ -183,7 +181,12 @@ def built_library(
     try:
         return load(target, symbol)
     except BuildError:  # not kept: the failure is the caller's to record
-        for wrong in (target, digest_file(target)):
-            with contextlib.suppress(OSError):
-                wrong.unlink()
+        _discard(target)
         raise
+
+
+def _discard(target: Path) -> None:
+    """A built file and its digest, gone (either may be missing)."""
+    for path in (target, digest_file(target)):
+        with contextlib.suppress(OSError):
+            path.unlink()
