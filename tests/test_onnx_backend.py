@@ -324,11 +324,13 @@ def test_an_export_folder_is_a_model_for_the_onnx_backend(tiny_models, tmp_path)
 def test_the_weights_size_is_the_exports_files_as_bench_shows_it(tiny_models):
     """bench's size column counted every parameter at 4 bits for int4, where the export keeps matrices at 8 bits
     (a large tied head: Gemma's 262k rows): the size is now the graph's files, as llama-bench's is a GGUF's."""
+    from gptcli.backends.int4_native import onnx_op_refusal
     from gptcli.export.cache import cached_export_dir
     from gptcli.export.sidecar import MODEL_FILE
 
     for precision in ("fp32", "int4"):
         backend = OnnxBackend.load(tiny_models["llama"], LoadOptions(device="cpu", precision=precision))
-        folder = cached_export_dir(tiny_models["llama"], precision, "cpu")
+        native = precision == "int4" and onnx_op_refusal() is None  # an export for gptcli's int4 operator
+        folder = cached_export_dir(tiny_models["llama"], precision, "cpu", native)
         files = [folder / MODEL_FILE, folder / (MODEL_FILE + ".data")]
         assert backend.weights_bytes == sum(f.stat().st_size for f in files)

@@ -7,6 +7,9 @@ activations rounded to 15 bits with its own scale, each group of 32 products sum
 As for int8, the first model of MIN_PARAMS+ weights times it against torch's kernel; which runs, and why, is a
 tuning record (`gptcli backends --json`). torch's kernel runs where int8_native's cannot be had, on CPUs without
 AVX-512 VNNI, where it is slower, or with `GPTCLI_NATIVE_KERNELS=0`.
+
+The same library registers the product with ONNX Runtime as the `ai.gptcli` Int4MatMul operator: the onnx backend's
+int4 exports use it for weights on a 4-bit grid wherever this kernel can run (onnx_op_library, operators_of).
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gptcli import tuning
 from gptcli.backends import int8_native
 from gptcli.backends.int8_native import NATIVE, TORCH, NativeInt8
 from gptcli.backends.native_product import NativeProduct, bind_product
+from gptcli.errors import ModelError
+
+if TYPE_CHECKING:
+    from gptcli.export.sidecar import Export
 
 TUNING_NAME = "torch-int4-kernel"
 NAME, TORCHS = f"{NATIVE} (AVX-512 VNNI)", "torch's _weight_int4pack_mm_for_cpu"
@@ -69,18 +77,13 @@ class NativeInt4(NativeProduct):
         """codes [out, in] in 0..15, scales and lows float32 [out, in/32] -> the kernel's layout (zero padded)."""
         import torch
 
+        from gptcli.export.quantize import pack_int4
+
         n, k = codes.shape
-        blocks = -(-n // 16)
-        padded = torch.zeros(blocks * 16, k, dtype=torch.uint8)
-        padded[:n] = codes.to(torch.uint8)
-        # [block, output, chunk of 8 inputs, half, 4] -> [block, chunk, output, 4] with the second half's codes high
-        split = padded.reshape(blocks, 16, k // 8, 2, 4)
-        nibbles = (split[:, :, :, 0] | (split[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
-        both = torch.zeros(blocks * 16, k // GROUP, 2, dtype=torch.float16)
-        both[:n, :, 0], both[:n, :, 1] = scales, lows
-        scales_lows = both.reshape(blocks, 16, k // GROUP, 2).permute(0, 2, 3, 1).contiguous()
-        args = Int4Args(nibbles.data_ptr(), scales_lows.data_ptr(), n, k)
-        return PackedInt4(nibbles, scales_lows, n, k, args)
+        packed, scales_lows = pack_int4(codes.to(torch.uint8).numpy(), scales.float().numpy(), lows.float().numpy())
+        nibbles, both = torch.from_numpy(packed), torch.from_numpy(scales_lows)
+        args = Int4Args(nibbles.data_ptr(), both.data_ptr(), n, k)
+        return PackedInt4(nibbles, both, n, k, args)
 
 
 def native_int4(native: NativeInt8 | None) -> NativeInt4 | None:
@@ -126,6 +129,65 @@ def _refused() -> str | None:
     vnni = next((flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags), None)
     failed = int8_native.recorded_failure(vnni) if vnni is not None else None
     return f"gptcli's int4 kernel is in the AVX-512 VNNI build: {failed}" if failed is not None else None
+
+
+ORT_FOR_OP = (1, 17)  # the operator runs on the session's threads through KernelContext_ParallelFor (1.17 on)
+ONNX_OP_NAME = "gptcli's Int4MatMul (AVX-512 VNNI)"
+
+
+def onnx_op_refusal() -> str | None:
+    """Why the onnx backend's int4 exports cannot use gptcli's kernel here, found without building it (None: they
+    can, as the Int4MatMul operator that int8_native.c registers with ONNX Runtime)."""
+    reason = int8_native.unavailable_reason() or _refused()
+    if reason is not None:
+        return reason
+    from gptcli.export.cache import ort_version
+
+    try:
+        have = tuple(int(part) for part in ort_version().split(".")[:2])
+    except ValueError:
+        have = (0, 0)
+    if have < ORT_FOR_OP:
+        return f"gptcli's int4 operator needs ONNX Runtime {'.'.join(map(str, ORT_FOR_OP))} or later"
+    return None
+
+
+def onnx_op_choice() -> dict[str, str]:
+    """What `gptcli backends --json` and bench's environment say of the onnx backend's int4 kernel."""
+    refusal = onnx_op_refusal()
+    if refusal is None:
+        reason = "int4 weights on a 4-bit grid (a Q4_1 or Q4_K GGUF's) as one operator each, exactly, no block sums"
+        return {"kernel": ONNX_OP_NAME, "reason": reason}
+    return {"kernel": "MatMulNBits", "reason": refusal}
+
+
+def onnx_op_library() -> Path | None:
+    """The built library that holds the Int4MatMul operator (built here on first use), or None: int4 exports then
+    keep ONNX Runtime's MatMulNBits. Not a library built in a temporary folder: ONNX Runtime loads it by its path."""
+    if onnx_op_refusal() is not None:
+        return None
+    native = int8_native.native_kernel()
+    if not isinstance(native, NativeInt8) or native_int4(native) is None:
+        return None
+    path = Path(native.library._name)
+    return path if path.is_file() else None
+
+
+def operators_of(export: Export) -> Path | None:
+    """The library of the custom operators `export` uses (None: it uses ONNX Runtime's own only); a ModelError where
+    it uses gptcli's int4 operator and that cannot run here (an export folder made on another machine)."""
+    from gptcli.export.quantize import INT4_OP
+
+    if (export.meta.get("quantization") or {}).get("int4_kernel") != INT4_OP:
+        return None
+    library = onnx_op_library()
+    if library is None:
+        raise ModelError(
+            f"{export.folder} uses gptcli's int4 kernel, which cannot run here: "
+            f"{onnx_op_refusal() or 'it could not be built'}",
+            hint="export the model again on this machine (`gptcli export --precision int4 --force`)",
+        )
+    return library
 
 
 def measure(native: NativeInt4, threads: int) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 /* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py. The int4
-   product (--precision int4, AVX-512 VNNI only) is at the end of this file; see int4_native.py.
+   product (--precision int4, AVX-512 VNNI only) follows it (see int4_native.py), and at the end of the file the same
+   int4 product as an ONNX Runtime operator, for the onnx backend's int4 exports (see export/quantize.py).
 
    y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
 
@@ -472,67 +473,272 @@ struct gptcli_int4_matrix {
 int gptcli_int4_isa(void) { return ISA == 2 ? 2 : 0; }
 
 #if ISA == 2
-/* work: M * (2 * K + 4 * K / 32 + 8) bytes. */
+/* One product's operands and scratch (work: M * (2 * K + 4 * K / 32 + 8) bytes), split into parts that any thread may
+   run in any order: the rows' quantization (int4_quantize), then int4_parts(c) groups of output blocks (int4_part). */
+struct int4_call {
+    const float *x;
+    const struct gptcli_int4_matrix *w;
+    float *y;
+    int64_t M;
+    int8_t *hi, *lo;
+    double *xs;
+    float *gsum;
+};
+
+static struct int4_call int4_setup(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M, uint8_t *work) {
+    int64_t K = w->K;
+    struct int4_call c = {x, w, y, M, (int8_t *)work, (int8_t *)work + M * K, NULL, NULL};
+    c.xs = (double *)(void *)(work + 2 * M * K); /* 8-byte aligned: K is a multiple of 32 */
+    c.gsum = (float *)(void *)(c.xs + M);
+    return c;
+}
+
+static void int4_quantize(const struct int4_call *c, int64_t m) {
+    int64_t K = c->w->K, G = K / GROUP;
+    quantize_row4(c->x + m * K, K, c->hi + m * K, c->lo + m * K, c->gsum + m * G, c->xs + m);
+}
+
+/* A decode step's few rows (M < 4): groups of 4 blocks, each row alone; more rows: tiles of 4 rows x 2 blocks. */
+static int64_t int4_parts(const struct int4_call *c) {
+    int64_t NB = (c->w->N + 15) / 16;
+    return c->M < 4 ? (NB + 3) / 4 : (NB + 1) / 2;
+}
+
+static void int4_part(const struct int4_call *c, int64_t q) {
+    int64_t N = c->w->N, K = c->w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * 8, sb = G * 32, M = c->M;
+    const int8_t *hi = c->hi, *lo = c->lo;
+    const float *gsum = c->gsum;
+    const double *xs = c->xs;
+    const uint8_t *packed = c->w->packed;
+    const uint16_t *sl = c->w->scales_lows;
+    float *y = c->y;
+    if (M < 4) {
+        int64_t b0 = q * 4;
+        for (int64_t m = 0; m < M; m++) {
+            __m512 acc[4];
+            if (NB - b0 >= 4) {
+                int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+                for (int b = 0; b < 4; b++) int4_store(acc[b], xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
+            } else {
+                for (int64_t b = b0; b < NB; b++) {
+                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                }
+            }
+        }
+        return;
+    }
+    int64_t b0 = q * 2, nb = NB - b0 < 2 ? NB - b0 : 2;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        __m512 acc[8];
+        if (nb == 2 && M - m0 >= 4) {
+            int4_rows4_blocks2(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+            for (int r = 0; r < 4; r++)
+                for (int b = 0; b < 2; b++)
+                    int4_store(acc[r * 2 + b], xs[m0 + r], y + (m0 + r) * N + (b0 + b) * 16, N - (b0 + b) * 16);
+        } else {
+            for (int64_t m = m0; m < M && m < m0 + 4; m++)
+                for (int64_t b = b0; b < b0 + nb; b++) {
+                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                }
+        }
+    }
+}
+
 void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M, uint8_t *work,
                     int threads) {
-    int64_t N = w->N, K = w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * 8, sb = G * 32;
-    int8_t *hi = (int8_t *)work, *lo = hi + M * K;
-    double *xs = (double *)(void *)(work + 2 * M * K); /* 8-byte aligned: K is a multiple of 32 */
-    float *gsum = (float *)(void *)(xs + M);
-    const uint8_t *packed = w->packed;
-    const uint16_t *sl = w->scales_lows;
+    struct int4_call c = int4_setup(x, w, y, M, work);
+    int64_t parts = int4_parts(&c);
     if (M < 4) /* a decode step's few rows: here, without a barrier in the parallel region (as gptcli_int8_mm) */
-        for (int64_t m = 0; m < M; m++) quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
+        for (int64_t m = 0; m < M; m++) int4_quantize(&c, m);
 #pragma omp parallel num_threads(threads)
     {
         if (M >= 4) {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++)
-                quantize_row4(x + m * K, K, hi + m * K, lo + m * K, gsum + m * G, xs + m);
+            for (int64_t m = 0; m < M; m++) int4_quantize(&c, m);
         }
-        if (M < 4) {
 #pragma omp for schedule(static)
-            for (int64_t q = 0; q < (NB + 3) / 4; q++) {
-                int64_t b0 = q * 4;
-                for (int64_t m = 0; m < M; m++) {
-                    __m512 acc[4];
-                    if (NB - b0 >= 4) {
-                        int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb,
-                                           sb, acc);
-                        for (int b = 0; b < 4; b++) int4_store(acc[b], xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
-                    } else {
-                        for (int64_t b = b0; b < NB; b++) {
-                            int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb,
-                                               sb, acc);
-                            int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
-                        }
-                    }
-                }
-            }
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t q = 0; q < (NB + 1) / 2; q++) {
-                int64_t b0 = q * 2, nb = NB - b0 < 2 ? NB - b0 : 2;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) {
-                    __m512 acc[8];
-                    if (nb == 2 && M - m0 >= 4) {
-                        int4_rows4_blocks2(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb,
-                                           sl + b0 * sb, sb, acc);
-                        for (int r = 0; r < 4; r++)
-                            for (int b = 0; b < 2; b++)
-                                int4_store(acc[r * 2 + b], xs[m0 + r], y + (m0 + r) * N + (b0 + b) * 16,
-                                           N - (b0 + b) * 16);
-                    } else {
-                        for (int64_t m = m0; m < M && m < m0 + 4; m++)
-                            for (int64_t b = b0; b < b0 + nb; b++) {
-                                int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb,
-                                                   sl + b * sb, sb, acc);
-                                int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
-                            }
-                    }
-                }
-            }
+        for (int64_t q = 0; q < parts; q++) int4_part(&c, q);
+    }
+}
+#endif
+
+/* -------------------------------------------------------------------- the int4 product as an ONNX Runtime operator
+
+   ai.gptcli.Int4MatMul(X float [..., K], codes uint8 [ceil(N/16), K/8, 16, 4], scales_lows float16 [ceil(N/16), K/32,
+   2, 16]) -> Y float [..., N], attribute N: gptcli_int4_mm in an exported int4 graph (the layout above), in place of
+   MatMulNBits and its Q4_1 block sums. The parts of a product (int4_quantize, int4_part) run on the session's own
+   intra-op threads (KernelContext_ParallelFor): an OpenMP team beside ONNX Runtime's spinning pool fought it for the
+   two cores (decode 74-98 tok/s against 227-231 with MatMulNBits; 308-317 on the pool).
+   RegisterCustomOps is the entry point of ONNX Runtime's SessionOptions.register_custom_ops_library. ONNX Runtime's C
+   API is a table of function pointers that only ever grows at its end (onnxruntime_c_api.cc asserts each version's
+   last place), so the few called here are named by their fixed place in it (ORT_FN); the operator's own table
+   (struct ort_custom_op) is its version-8 part, which ONNX Runtime reads as such. AVX-512 VNNI builds only. */
+
+#if ISA == 2
+#include <stdlib.h>
+
+typedef void (*ort_any_fn)(void);
+struct ort_api_base {
+    const ort_any_fn *(*get_api)(uint32_t version);
+    const char *(*get_version_string)(void);
+};
+#define ORT_API_VERSION_USED 17 /* ONNX Runtime 1.17: KernelContext_ParallelFor; every other entry is version 1's */
+#define ORT_CREATE_STATUS 0
+#define ORT_CREATE_CUSTOM_OP_DOMAIN 26
+#define ORT_CUSTOM_OP_DOMAIN_ADD 27
+#define ORT_ADD_CUSTOM_OP_DOMAIN 28
+#define ORT_GET_TENSOR_MUTABLE_DATA 51
+#define ORT_GET_DIMENSIONS_COUNT 61
+#define ORT_GET_DIMENSIONS 62
+#define ORT_GET_TENSOR_TYPE_AND_SHAPE 65
+#define ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64 86
+#define ORT_KERNEL_CONTEXT_GET_INPUT 90
+#define ORT_KERNEL_CONTEXT_GET_OUTPUT 91
+#define ORT_RELEASE_STATUS 93
+#define ORT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO 99
+#define ORT_KERNEL_CONTEXT_PARALLEL_FOR 274
+#define ORT_FN(api, index, type) ((type)(api)[index])
+#define ORT_FAIL 1
+#define ORT_TENSOR_FLOAT 1
+#define ORT_TENSOR_UINT8 2
+#define ORT_TENSOR_FLOAT16 10
+#define MAX_DIMS 8
+
+struct ort_custom_op { /* version 8 of ONNX Runtime's OrtCustomOp: the fields to its output characteristics */
+    uint32_t version;
+    void *(*create_kernel)(const struct ort_custom_op *op, const ort_any_fn *api, const void *info);
+    const char *(*get_name)(const struct ort_custom_op *op);
+    const char *(*get_execution_provider_type)(const struct ort_custom_op *op);
+    int (*get_input_type)(const struct ort_custom_op *op, size_t index);
+    size_t (*get_input_type_count)(const struct ort_custom_op *op);
+    int (*get_output_type)(const struct ort_custom_op *op, size_t index);
+    size_t (*get_output_type_count)(const struct ort_custom_op *op);
+    void (*kernel_compute)(void *kernel, void *context);
+    void (*kernel_destroy)(void *kernel);
+    int (*get_input_characteristic)(const struct ort_custom_op *op, size_t index);  /* version 8 on, but */
+    int (*get_output_characteristic)(const struct ort_custom_op *op, size_t index); /* read by every version */
+};
+
+struct int4_op_kernel {
+    const ort_any_fn *api;
+    int64_t N;
+};
+
+static void release(const ort_any_fn *api, void *status) {
+    if (status) ORT_FN(api, ORT_RELEASE_STATUS, void (*)(void *))(status);
+}
+
+static void *int4_op_create(const struct ort_custom_op *op, const ort_any_fn *api, const void *info) {
+    (void)op;
+    struct int4_op_kernel *kernel = calloc(1, sizeof *kernel);
+    if (!kernel) return NULL;
+    kernel->api = api;
+    release(api, ORT_FN(api, ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64, void *(*)(const void *, const char *, int64_t *))(
+                     info, "N", &kernel->N));
+    return kernel;
+}
+
+/* The dimensions of a tensor (at most MAX_DIMS): their count, or -1. */
+static int tensor_dims(const ort_any_fn *api, const void *value, int64_t dims[MAX_DIMS]) {
+    void *info = NULL;
+    size_t count = 0;
+    int ok = 0;
+    void *status = ORT_FN(api, ORT_GET_TENSOR_TYPE_AND_SHAPE, void *(*)(const void *, void **))(value, &info);
+    if (!status) {
+        status = ORT_FN(api, ORT_GET_DIMENSIONS_COUNT, void *(*)(const void *, size_t *))(info, &count);
+        if (!status && count >= 1 && count <= MAX_DIMS) {
+            status = ORT_FN(api, ORT_GET_DIMENSIONS, void *(*)(const void *, int64_t *, size_t))(info, dims, count);
+            ok = !status;
         }
     }
+    release(api, status);
+    if (info) ORT_FN(api, ORT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, void (*)(void *))(info);
+    return ok ? (int)count : -1;
+}
+
+static void *tensor_data(const ort_any_fn *api, const void *value) {
+    void *data = NULL;
+    release(api, ORT_FN(api, ORT_GET_TENSOR_MUTABLE_DATA, void *(*)(const void *, void **))(value, &data));
+    return data;
+}
+
+static void int4_op_quantize(void *call, size_t m) { int4_quantize(call, (int64_t)m); }
+static void int4_op_part(void *call, size_t q) { int4_part(call, (int64_t)q); }
+
+/* fn(call, 0 .. count - 1) on the session's own threads (its intra-op pool: no second pool to fight over the cores),
+   or here one by one where ONNX Runtime says it cannot. */
+static void on_pool(const ort_any_fn *api, void *context, void (*fn)(void *, size_t), size_t count, void *call) {
+    typedef void *(*parallel_for_fn)(const void *, void (*)(void *, size_t), size_t, size_t, void *);
+    void *status = ORT_FN(api, ORT_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(context, fn, count, 0, call);
+    if (status) {
+        release(api, status);
+        for (size_t i = 0; i < count; i++) fn(call, i);
+    }
+}
+
+static void int4_op_compute(void *opaque, void *context) {
+    const struct int4_op_kernel *kernel = opaque;
+    const ort_any_fn *api = kernel->api;
+    typedef void *(*get_input_fn)(void *, size_t, const void **);
+    const void *inputs[3] = {NULL, NULL, NULL};
+    for (size_t i = 0; i < 3; i++) release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_INPUT, get_input_fn)(context, i, &inputs[i]));
+    int64_t xd[MAX_DIMS], cd[MAX_DIMS], sd[MAX_DIMS];
+    int xn = inputs[0] ? tensor_dims(api, inputs[0], xd) : -1;
+    int cn = inputs[1] ? tensor_dims(api, inputs[1], cd) : -1;
+    int sn = inputs[2] ? tensor_dims(api, inputs[2], sd) : -1;
+    if (xn < 1) return;
+    int64_t N = kernel->N, K = xd[xn - 1], M = 1;
+    for (int i = 0; i < xn - 1; i++) M *= xd[i];
+    xd[xn - 1] = N;
+    void *output = NULL;
+    release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_OUTPUT, void *(*)(void *, size_t, const int64_t *, size_t, void **))(
+                     context, 0, xd, (size_t)xn, &output));
+    float *y = output ? tensor_data(api, output) : NULL;
+    if (!y || M == 0 || N == 0) return;
+    int64_t NB = (N + 15) / 16;
+    int fits = cn == 4 && sn == 4 && K % GROUP == 0 && cd[0] == NB && cd[1] * 8 == K && cd[2] == 16 && cd[3] == 4 && sd[0] == NB &&
+               sd[1] * GROUP == K && sd[2] == 2 && sd[3] == 16;
+    uint8_t *work = fits ? malloc((size_t)(M * (2 * K + 4 * (K / GROUP) + 8))) : NULL;
+    if (!work) { /* shapes the exporter never writes, or no memory: NaN, never a read out of bounds */
+        for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
+        return;
+    }
+    struct gptcli_int4_matrix w = {tensor_data(api, inputs[1]), tensor_data(api, inputs[2]), N, K};
+    struct int4_call c = int4_setup(tensor_data(api, inputs[0]), &w, y, M, work);
+    if (M < 4) /* a decode step's rows: quicker here than a trip through the pool */
+        for (int64_t m = 0; m < M; m++) int4_quantize(&c, m);
+    else
+        on_pool(api, context, int4_op_quantize, (size_t)M, &c);
+    on_pool(api, context, int4_op_part, (size_t)int4_parts(&c), &c);
+    free(work);
+}
+
+static void int4_op_destroy(void *kernel) { free(kernel); }
+static const char *int4_op_name(const struct ort_custom_op *op) { (void)op; return "Int4MatMul"; }
+static const char *int4_op_provider(const struct ort_custom_op *op) { (void)op; return NULL; } /* the CPU's */
+static int int4_op_input_type(const struct ort_custom_op *op, size_t index) {
+    (void)op;
+    return index == 0 ? ORT_TENSOR_FLOAT : index == 1 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT16;
+}
+static size_t int4_op_input_count(const struct ort_custom_op *op) { (void)op; return 3; }
+static int int4_op_output_type(const struct ort_custom_op *op, size_t index) { (void)op; (void)index; return ORT_TENSOR_FLOAT; }
+static size_t int4_op_output_count(const struct ort_custom_op *op) { (void)op; return 1; }
+static int int4_op_required(const struct ort_custom_op *op, size_t index) { (void)op; (void)index; return 0; }
+
+static const struct ort_custom_op int4_op = {
+    8, int4_op_create, int4_op_name, int4_op_provider, int4_op_input_type, int4_op_input_count, int4_op_output_type,
+    int4_op_output_count, int4_op_compute, int4_op_destroy, int4_op_required, int4_op_required,
+};
+
+void *RegisterCustomOps(void *options, const struct ort_api_base *base) {
+    const ort_any_fn *api = base->get_api(ORT_API_VERSION_USED);
+    if (!api) return NULL; /* cannot say so: no table to make a status with; the graph then fails to load */
+    void *domain = NULL;
+    void *status = ORT_FN(api, ORT_CREATE_CUSTOM_OP_DOMAIN, void *(*)(const char *, void **))("ai.gptcli", &domain);
+    if (!status) status = ORT_FN(api, ORT_CUSTOM_OP_DOMAIN_ADD, void *(*)(void *, const void *))(domain, &int4_op);
+    if (!status) status = ORT_FN(api, ORT_ADD_CUSTOM_OP_DOMAIN, void *(*)(void *, void *))(options, domain);
+    return status; /* the domain lives as long as the process: sessions keep using it */
 }
 #endif

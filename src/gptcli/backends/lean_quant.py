@@ -116,12 +116,10 @@ class Int4Matrix(QuantMatrix):
         codes = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
         self.scales, self.lows = scales, low  # [out, in/group], float32
         codes = codes.reshape(self.out_features, self.in_features)
-        # gptcli's kernel keeps the scales and minimums as float16: a matrix with one past its range stays with torch's,
-        # and so does one whose scales are all below float16's normal range (|w| ~ 1e-6: subnormal scales, a step
-        # of 6e-8, would cost it more than the 4-bit rounding does; a real model's largest scale is ~1e-2)
-        finfo = torch.finfo(torch.float16)
-        fp16 = bool(torch.cat([scales, low]).abs().max() < finfo.max and scales.max() >= finfo.tiny)
-        self.native = native if group == 32 and fp16 else None
+        from gptcli.export.quantize import fits_float16  # (an int8 model does not import the export package)
+
+        # gptcli's kernel keeps the scales and minimums as float16: a matrix they do not fit stays with torch's
+        self.native = native if group == 32 and fits_float16(scales.numpy(), low.numpy()) else None
         if self.native is not None:
             self.native_packed: PackedInt4 = self.native.pack(codes, scales, low)
             return

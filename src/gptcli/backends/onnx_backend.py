@@ -36,7 +36,7 @@ from gptcli.errors import (
     out_of_memory,
 )
 from gptcli.export.graph import LOGITS_TO_KEEP
-from gptcli.export.sidecar import MODEL_FILE
+from gptcli.export.sidecar import MODEL_FILE, Export
 from gptcli.hardware import CUDA_PROVIDER, ONNXRUNTIME, cuda_unusable_reason, resolve_device
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -112,16 +112,25 @@ class OnnxBackend:
 
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:
-        """The MatMulNBits compute type int8/int4 exports use on this CPU (for `gptcli backends --json`)."""
+        """The MatMulNBits compute type int8/int4 exports use on this CPU, and the int4 kernel (for `gptcli backends
+        --json`)."""
+        from gptcli.backends.int4_native import onnx_op_choice
         from gptcli.export.nbits_choice import cached_choice
 
+        int4 = onnx_op_choice()
+        kernel = {"int4_kernel": int4["kernel"], "int4_kernel_reason": int4["reason"]}
         choice = cached_choice()
         if choice is None:
-            return {"matmulnbits_accuracy_level": None, "reason": "measured at this machine's first int8/int4 export"}
+            return {
+                "matmulnbits_accuracy_level": None,
+                "reason": "measured at this machine's first int8/int4 export",
+                **kernel,
+            }
         return {
             "matmulnbits_accuracy_level": {f"int{bits}": level for bits, level in choice.levels.items()},
             "reason": choice.reason,
             "timings_ms": choice.timings_ms,
+            **kernel,
         }
 
     @classmethod
@@ -134,14 +143,18 @@ class OnnxBackend:
         precision = options.precision or "fp32"
         if precision == "fp16" or (folder / SIDECAR_FILE).is_file() or may_load_on_gpu(options.device):
             return None
-        if (cached_export_dir(folder, precision, "cpu") / SIDECAR_FILE).is_file():
+        from gptcli.backends.int4_native import onnx_op_refusal
+
+        native = precision == "int4" and onnx_op_refusal() is None
+        if (cached_export_dir(folder, precision, "cpu", native) / SIDECAR_FILE).is_file():
             return safetensors_floor(folder, precision, "pick a smaller --precision (int8, int4), or free memory")
         hint = "its export reads the weights as float32 once: make it (`gptcli export`) on a machine with the room"
         return safetensors_floor(folder, "float32", hint)
 
     @classmethod
     def load(cls, folder: Path, options: LoadOptions) -> OnnxBackend:
-        from gptcli.export import SIDECAR_FILE, ensure_export, read_export
+        from gptcli.backends.int4_native import operators_of
+        from gptcli.export import SIDECAR_FILE, read_export
 
         notify = options.extra.get("notify") or _stderr
         device = resolve_device(options.device, ONNXRUNTIME)
@@ -167,16 +180,16 @@ class OnnxBackend:
         else:
             if device == "cuda" and options.device == "auto" and precision != "fp16":
                 device = _cpu_for_what_cuda_cannot(folder, notify)
-            export = ensure_export(folder, precision=precision, device=device, notify=notify)
+            export = _cached_export(folder, precision, device, notify)
         try:
-            session = cls._session(export.model_path, device, options.threads, spin)
+            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export))
         except BackendError:
             if options.device != "auto" or precision == "fp16" or export.folder == folder:
                 raise
             notify("warning: CUDA is not usable; running the ONNX model on the CPU")
             device = "cpu"
-            export = ensure_export(folder, precision=precision, device=device, notify=notify)
-            session = cls._session(export.model_path, device, options.threads, spin)
+            export = _cached_export(folder, precision, device, notify)
+            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export))
         meta = export.meta
         model = meta["model"]
         info = ModelInfo(
@@ -198,7 +211,7 @@ class OnnxBackend:
             raise
 
     @staticmethod
-    def _session(path: Path, device: str, threads: int | None, spin: bool = True) -> Any:
+    def _session(path: Path, device: str, threads: int | None, spin: bool = True, operators: Path | None = None) -> Any:
         import onnxruntime as ort
 
         # Fatal only: what fails is raised and said in gptcli's own words ("std::bad_alloc" came twice, once as a
@@ -214,6 +227,8 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if operators is not None:  # gptcli's Int4MatMul (export.quantize), on the session's own threads
+            opts.register_custom_ops_library(str(operators))
         if device == "cuda" and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
             with contextlib.redirect_stdout(sys.stderr):  # it reports what it cannot load on stdout
                 ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (pip install "gptcli[gpu]")
@@ -348,6 +363,15 @@ class OnnxBackend:
                     binding.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, pointer)
             self._bindings[(start, count)] = binding
         return binding
+
+
+def _cached_export(folder: Path, precision: str, device: str, notify: Any) -> Export:
+    """The cache's export for this load: an int4 CPU one with gptcli's Int4MatMul where its kernel can run here."""
+    from gptcli.backends.int4_native import onnx_op_library
+    from gptcli.export import ensure_export
+
+    native = precision == "int4" and device == "cpu" and onnx_op_library() is not None
+    return ensure_export(folder, precision=precision, device=device, notify=notify, native_int4=native)
 
 
 def _cpu_for_what_cuda_cannot(folder: Path, notify: Any) -> str:

@@ -97,4 +97,5 @@ def measured_kernels() -> dict[str, Any]:
         "torch_int8_kernel": reported_choice(default_threads())["kernel"],
         "torch_int4_kernel": int4_native.reported_choice(default_threads())["kernel"],
         "onnx_matmulnbits_accuracy_level": {f"int{b}": level for b, level in nbits.levels.items()} if nbits else None,
+        "onnx_int4_kernel": int4_native.onnx_op_choice()["kernel"],
     }

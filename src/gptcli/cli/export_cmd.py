@@ -34,6 +34,7 @@ def export(
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
     from gptcli.backends.base import LoadOptions, get_backend_class
+    from gptcli.backends.int4_native import onnx_op_library
     from gptcli.cli.local_run import open_local_model
     from gptcli.config import FIELDS, coerce
     from gptcli.export import ensure_export
@@ -52,7 +53,12 @@ def export(
     settings = c.resolve_settings(config, model=model, allow_pickle=allow_pickle).settings
     local = open_local_model(settings)
     check_memory(get_backend_class("onnx"), local.path, LoadOptions(device=device, precision=precision))
-    result = ensure_export(local.path, precision=precision, device=device, output=output, force=force, notify=c.note)
+    # Into the cache: the export `--backend onnx` loads, with gptcli's int4 operator where it runs here; an --output
+    # folder is for any ONNX Runtime, so it keeps MatMulNBits.
+    native = output is None and precision == "int4" and device == "cpu" and onnx_op_library() is not None
+    result = ensure_export(
+        local.path, precision=precision, device=device, output=output, force=force, notify=c.note, native_int4=native
+    )
     if as_json:
         print(json.dumps({"folder": str(result.folder), **result.meta}, indent=2))
     else:

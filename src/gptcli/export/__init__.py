@@ -57,6 +57,7 @@ from gptcli.export.nbits_choice import choose_levels
 from gptcli.export.quantize import (
     GRID_TOLERANCE,
     INT4_KEEP_8BIT,
+    INT4_OP,
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
     apply_accuracy_levels,
@@ -135,9 +136,12 @@ def ensure_export(
     output: Path | None = None,
     force: bool = False,
     notify: Notify = _noop,
+    native_int4: bool = False,
 ) -> Export:
-    """Return the cached export of `folder`, building it first when missing (progress through notify)."""
+    """Return the cached export of `folder`, building it first when missing (progress through notify).
+    `native_int4`: an int4 CPU export uses gptcli's Int4MatMul operator (the onnx backend has its kernel)."""
     check_choice(precision, device)
+    native_int4 = native_int4 and precision == "int4" and device == "cpu"
     if (folder / SIDECAR_FILE).is_file():  # it has no weights to build from: "weight ... is missing" misled
         raise ModelError(
             f"{folder} is already an ONNX export",
@@ -145,7 +149,7 @@ def ensure_export(
         )
     # Before the cache too: an export made before a rule refused its model must not run (and fail in ORT).
     check_exportable(read_architecture(folder), device)
-    dest = output if output is not None else cached_export_dir(folder, precision, device)
+    dest = output if output is not None else cached_export_dir(folder, precision, device, native_int4)
     if output is not None:  # the cache's own folder is checked where it is named (paths.cache_dir)
         check_utf8_path(output, "ONNX takes", hint="choose a folder whose name is UTF-8")
     if not force and (dest / SIDECAR_FILE).is_file():
@@ -155,7 +159,7 @@ def ensure_export(
             again = ["gptcli", "export", str(folder), "--precision", precision, "--device", device]
             again += ["--output", str(output)] if output is not None else []
             raise ModelError(exc.message, hint=f"`{shlex.join([*again, '--force'])}` exports it again") from None
-        if output is None or existing.meta.get("cache_key") == cache_key(folder, precision, device):
+        if output is None or existing.meta.get("cache_key") == cache_key(folder, precision, device, native_int4):
             return existing
     if output is not None and output.exists() and any(output.iterdir()) and not (output / SIDECAR_FILE).is_file():
         raise InputError(f"{output} exists and is not a gptcli ONNX export", hint="choose an empty or new folder")
@@ -166,7 +170,7 @@ def ensure_export(
     started = time.perf_counter()
     tmp = temp_dir_beside(dest)
     try:
-        meta = build_export(folder, tmp, precision=precision, device=device, notify=notify)
+        meta = build_export(folder, tmp, precision=precision, device=device, notify=notify, native_int4=native_int4)
         # An old export at dest is replaced as a whole, when asked to (--force, or an --output of another
         # model); in the cache, one at dest now is a concurrent export's: kept, not swapped under its readers.
         publish_dir(tmp, dest, replace=force or output is not None)
@@ -203,7 +207,9 @@ def load_weights(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def build_export(folder: Path, out: Path, *, precision: str, device: str, notify: Notify = _noop) -> dict[str, Any]:
+def build_export(
+    folder: Path, out: Path, *, precision: str, device: str, notify: Notify = _noop, native_int4: bool = False
+) -> dict[str, Any]:
     """Build, optionally quantize, and save the graph plus its sidecar into `out` (an empty folder)."""
     import onnx
 
@@ -219,7 +225,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
     levels, embedding = None, []
     if precision in {"int8", "int4"}:
         notify(f"quantizing weights to {precision} (block {QUANT_BLOCK})")
-        model = quantize(model, precision)
+        model = quantize(model, precision, native_int4=native_int4)
         if device == "cpu":
             embedding = quantize_embedding(model)
             levels = choose_levels(
@@ -253,7 +259,9 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
         "embedding_8_bit_gathers": embedding,
         "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),
+        "int4_op_matmuls": sum(n.op_type == INT4_OP for n in model.graph.node),
     }
+    quantization["int4_kernel"] = INT4_OP if quantization["int4_op_matmuls"] else "MatMulNBits"
     meta = {
         "format": "gptcli-onnx",
         "graph_version": graph.GRAPH_VERSION,
@@ -263,7 +271,7 @@ def build_export(folder: Path, out: Path, *, precision: str, device: str, notify
             "sha256": content_hash(folder),
             "fingerprint": source_fingerprint(folder),
         },
-        "cache_key": cache_key(folder, precision, device),
+        "cache_key": cache_key(folder, precision, device, native_int4),
         "precision": precision,
         "device": device,
         "opset": OPSET,

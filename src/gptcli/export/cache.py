@@ -45,16 +45,21 @@ def content_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(folder: Path, precision: str, device: str) -> str:
+def cache_key(folder: Path, precision: str, device: str, native_int4: bool = False) -> str:
+    """`native_int4`: an int4 CPU export with gptcli's Int4MatMul operator (it loads only where the backend has
+    the kernel), kept apart from the plain MatMulNBits one."""
     # graph.GRAPH_VERSION is read at call time, so a bumped version (or a test patching it) takes effect.
     versions = [str(graph.OPSET), str(graph.GRAPH_VERSION), ort_version(), __version__]
     if precision in {"int8", "int4"} and device == "cpu":  # its compute type is chosen per machine
         versions.append(machine_key())
+    if native_int4:
+        versions.append("int4-op")
     return files_key(source_fingerprint(folder), precision, device, *versions)
 
 
-def cached_export_dir(folder: Path, precision: str, device: str) -> Path:
-    return exports_dir() / f"{folder.name}-{precision}-{device}-{cache_key(folder, precision, device)}"
+def cached_export_dir(folder: Path, precision: str, device: str, native_int4: bool = False) -> Path:
+    key = cache_key(folder, precision, device, native_int4)
+    return exports_dir() / f"{folder.name}-{precision}-{device}-{key}"
 
 
 def remove_stale_exports(current: Path, source: Path) -> None:

@@ -1,7 +1,8 @@
 """Weight-only block quantization of the exported graph: every MatMul with a constant weight becomes a
 MatMulNBits (block 32, asymmetric; accuracy level 4 until apply_accuracy_levels writes the per-CPU
 choice); 4-bit weights already on a grid keep their grid, and in an int4 export weights on a finer
-grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits."""
+grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits. Where the onnx backend has gptcli's own int4 kernel
+(`native_int4`), a weight on a 4-bit grid becomes one ai.gptcli Int4MatMul node instead (see pack_int4)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ GRID_TOLERANCE = 1e-3
 # rounding them to 4 costs Gemma 3 270M +37 % perplexity.
 FINE_GRID_BLOCK = 16
 GRID_ROWS = 16384  # blocks per slice in grid_of: its float64 temporaries stay a few MB
+# gptcli's int4 product as an ONNX Runtime operator (int8_native.c's last section, registered by the onnx backend).
+INT4_OP_DOMAIN, INT4_OP = "ai.gptcli", "Int4MatMul"
+INT4_OP_GROUP = 32  # inputs a scale and minimum cover (the C kernel's GROUP)
 
 
-def quantize(model: Any, precision: str) -> Any:
+def quantize(model: Any, precision: str, *, native_int4: bool = False) -> Any:
     """Weight-only block quantization: every MatMul with a constant weight becomes a MatMulNBits.
 
     int8: 8 bits everywhere, the (untied) lm_head included. int4: 4 bits, the MatMuls named in
@@ -38,7 +42,9 @@ def quantize(model: Any, precision: str) -> Any:
     8-bit tensors: see fine_grid_kept). Blocks are asymmetric (scale + integer zero point, block
     32, accuracy level 4 until apply_accuracy_levels). A 4-bit weight already on a per-block
     16-level grid keeps its grid (see _grid_int4): on the default model (Q4_1) re-rounding costs
-    +36 % perplexity, keeping the grid -0.1 %. The embedding Gather stays float.
+    +36 % perplexity, keeping the grid -0.1 %. The embedding Gather stays float. `native_int4`: such a
+    weight becomes an Int4MatMul (gptcli's kernel: the grid exactly, with no block sums) where its scales
+    and minimums fit float16.
     """
     from onnx import numpy_helper
 
@@ -59,7 +65,9 @@ def quantize(model: Any, precision: str) -> Any:
         grid = grid_of(wt, 15, QUANT_BLOCK) if bits == 4 else None
         if bits == 4 and grid is None and grid_of(wt, 255, FINE_GRID_BLOCK) is not None:
             bits = 8
-        if grid is not None:
+        if grid is not None and native_int4 and _fits_int4_op(grid):
+            nodes.append(_int4_op(graph, node, grid))
+        elif grid is not None:
             nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
         else:
             codes, scales, zeros = eight_bit_blocks(wt) if bits == 8 else quantize_blocks(wt, 4, QUANT_BLOCK)
@@ -70,6 +78,10 @@ def quantize(model: Any, precision: str) -> Any:
             )
     del graph.node[:]
     graph.node.extend(nodes)
+    if any(node.domain == INT4_OP_DOMAIN for node in nodes):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(INT4_OP_DOMAIN, 1))
     return model
 
 
@@ -222,6 +234,51 @@ def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[st
         _nbits(graph, node.name + "NBits", augmented[source], node.output[0], k + blocks, 4, codes, scales, zeros)
     )
     return nodes
+
+
+def _fits_int4_op(grid: Grid) -> bool:
+    codes, low, step = grid
+    return codes.shape[2] == INT4_OP_GROUP and fits_float16(step, low)
+
+
+def fits_float16(scales: np.ndarray, lows: np.ndarray) -> bool:
+    """Whether gptcli's int4 kernel, which keeps scales and minimums as float16, can hold these: none past its range,
+    and not all scales below its normal range (|w| ~ 1e-6: subnormal scales, a step of 6e-8, would cost more than
+    the 4-bit rounding does; a real model's largest scale is ~1e-2)."""
+    finfo = np.finfo(np.float16)
+    largest = max(float(np.abs(scales).max(initial=0)), float(np.abs(lows).max(initial=0)))
+    return largest < finfo.max and float(scales.max(initial=0)) >= finfo.tiny
+
+
+def pack_int4(codes: np.ndarray, scales: np.ndarray, lows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes [out, in] in 0..15, scales and lows [out, in/32] -> gptcli's int4 kernel's layout (int8_native.c):
+    codes two to a byte, uint8 [ceil(out/16), in/8, 16, 4] (byte 4o + j of chunk c of a block: input 8c + j of
+    output o low, 8c + 4 + j high), and float16 [ceil(out/16), in/32, 2, 16] scales then minimums, zero padded."""
+    n, k = codes.shape
+    blocks = -(-n // 16)
+    padded = np.zeros((blocks * 16, k), dtype=np.uint8)
+    padded[:n] = codes
+    # [block, output, chunk of 8 inputs, half, 4] -> [block, chunk, output, 4] with the second half's codes high
+    split = padded.reshape(blocks, 16, k // 8, 2, 4)
+    nibbles = np.ascontiguousarray((split[:, :, :, 0] | (split[:, :, :, 1] << 4)).transpose(0, 2, 1, 3))
+    both = np.zeros((blocks * 16, k // INT4_OP_GROUP, 2), dtype=np.float16)
+    both[:n, :, 0], both[:n, :, 1] = scales, lows
+    scales_lows = np.ascontiguousarray(both.reshape(blocks, 16, k // INT4_OP_GROUP, 2).transpose(0, 2, 3, 1))
+    return nibbles, scales_lows
+
+
+def _int4_op(graph: Any, node: Any, grid: Grid) -> Any:
+    """A weight on a per-block grid as one Int4MatMul: the grid itself, float16 steps and minimums (see pack_int4)."""
+    from onnx import helper
+
+    codes, low, step = grid
+    n = codes.shape[0]
+    name = node.name + "Int4"
+    packed, scales_lows = pack_int4(codes.reshape(n, -1), step, low)
+    add_tensor(graph.initializer, packed, f"{name}.codes")
+    add_tensor(graph.initializer, scales_lows, f"{name}.scales_lows")
+    inputs = [node.input[0], f"{name}.codes", f"{name}.scales_lows"]
+    return helper.make_node(INT4_OP, inputs, [node.output[0]], name=name, domain=INT4_OP_DOMAIN, N=n)
 
 
 def _node(op_type: str, inputs: list[str], output: str, name: str, **attrs: Any) -> Any:

@@ -1,0 +1,131 @@
+"""gptcli's int4 kernel as an ONNX Runtime operator (ai.gptcli Int4MatMul): int4 CPU exports of weights on a 4-bit grid
+(a Q4_1 GGUF's) use it where the kernel runs (AVX-512 VNNI, a C compiler), and MatMulNBits elsewhere."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from gptcli.backends.base import LoadOptions
+from gptcli.backends.int4_native import onnx_op_library, onnx_op_refusal
+from gptcli.backends.onnx_backend import OnnxBackend
+from gptcli.export import quantize
+from gptcli.export.quantize import INT4_OP, INT4_OP_DOMAIN
+from gptcli.testing import check_batched_step, greedy_ids
+
+needs_kernel = pytest.mark.skipif(onnx_op_refusal() is not None, reason=f"no int4 operator here: {onnx_op_refusal()}")
+
+
+def _grid_weight(k: int, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
+    """[k, n] Q4_1-style: per output and block of 32 inputs, min + step * q (q in 0..15), the steps and minima float16
+    values times `scale`."""
+    rng = np.random.default_rng(seed)
+    steps = rng.uniform(0.01, 0.03, (n, k // 32, 1)).astype(np.float16).astype(np.float32) * scale
+    minima = rng.uniform(-0.3, -0.05, (n, k // 32, 1)).astype(np.float16).astype(np.float32) * scale
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    return np.ascontiguousarray((minima + steps * q).reshape(n, k).T, dtype=np.float32)
+
+
+def _one_matmul_model(weight: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="layers.0/mlp/down/MatMul")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "m", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    return model
+
+
+def _session(model, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(onnx_op_library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_a_grid_weight_becomes_one_operator_only_when_asked_and_when_float16_holds_it():
+    weight = _grid_weight(64, 40)
+    native = quantize(_one_matmul_model(weight), "int4", native_int4=True)
+    assert [(n.op_type, n.domain) for n in native.graph.node] == [(INT4_OP, INT4_OP_DOMAIN)]
+    assert any(o.domain == INT4_OP_DOMAIN for o in native.opset_import)
+    plain = quantize(_one_matmul_model(weight), "int4")
+    assert [n.op_type for n in plain.graph.node] == ["Reshape", "ReduceSum", "Concat", "MatMulNBits"]
+    # steps past float16's range (the kernel keeps them as float16): the MatMulNBits path, exact all the same
+    huge = quantize(_one_matmul_model(_grid_weight(64, 40, scale=2.0**22)), "int4", native_int4=True)
+    assert [n.op_type for n in huge.graph.node] == ["Reshape", "ReduceSum", "Concat", "MatMulNBits"]
+    # a weight on no grid is rounded as ever, operator or not
+    off = weight + np.random.default_rng(3).normal(0, 1e-3, weight.shape).astype(np.float32)
+    assert [n.op_type for n in quantize(_one_matmul_model(off), "int4", native_int4=True).graph.node] == ["MatMulNBits"]
+
+
+@needs_kernel
+def test_the_operator_multiplies_by_the_grid_and_a_row_gives_the_same_bits_in_any_batch():
+    k, n = 96, 40  # 40 outputs: two full blocks of 16 and a padded one
+    weight = _grid_weight(k, n)
+    model = quantize(_one_matmul_model(weight), "int4", native_int4=True)
+    x = np.random.default_rng(2).standard_normal((3, 5, k)).astype(np.float32)
+    got = _session(model).run(None, {"x": x})[0]
+    exact = x.astype(np.float64) @ weight.astype(np.float64)
+    # 15-bit activations against the exact grid: ~1e-4 of the largest output, where a layout mistake is ~100 %
+    assert np.abs(got - exact).max() < 1e-3 * np.abs(exact).max()
+    two_threads = _session(model, threads=2).run(None, {"x": x})[0]
+    assert np.array_equal(got, two_threads)
+    for rows in ((0, 0), (1, 2), (2, 4)):  # each row alone: the bits it had among 15 (the 4-row tiles included)
+        alone = _session(model).run(None, {"x": x[rows[0] : rows[0] + 1, rows[1] : rows[1] + 1]})[0]
+        assert np.array_equal(alone[0, 0], got[rows])
+
+
+def _grid_model(source, target):
+    """A copy of a tiny model with every layer matrix moved onto a Q4_1 grid (as a Q4_1 GGUF's weights are)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights_file = target / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    for name, tensor in tensors.items():
+        if tensor.dim() != 2 or "embed" in name or "lm_head" in name or tensor.shape[1] % 32:
+            continue
+        blocks = tensor.float().reshape(tensor.shape[0], -1, 32)
+        low = blocks.amin(-1, keepdim=True).half().float()
+        step = ((blocks.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-4).half().float()
+        codes = torch.round((blocks - low) / step).clamp(0, 15)
+        tensors[name] = (low + step * codes).reshape(tensor.shape).to(tensor.dtype).contiguous()
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    return target
+
+
+@needs_kernel
+def test_an_int4_export_on_a_grid_uses_the_operator_and_batches_as_it_runs_alone(tiny_models, tmp_path, monkeypatch):
+    folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
+    native = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4", threads=2))
+    quantization = native.meta["quantization"]
+    assert quantization["int4_kernel"] == INT4_OP and quantization["int4_op_matmuls"] == 8  # qkv, o, gate-up, down
+    prompt = [5, 9, 14, 3, 7, 11]
+    check_batched_step(native, prompt)
+    reference = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="fp32"))
+    logits, _ = native.forward(prompt, native.new_cache())
+    expected, _ = reference.forward(prompt, reference.new_cache())
+    # the layers exact, the 8-bit head and embedding rounded: as close to fp32 as the MatMulNBits export is
+    assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
+    assert greedy_ids(native, prompt, 12) == greedy_ids(reference, prompt, 12)
+
+    monkeypatch.setenv("GPTCLI_NATIVE_KERNELS", "0")  # off: the plain MatMulNBits export, in a folder of its own
+    plain = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4"))
+    assert plain.meta["quantization"]["int4_kernel"] == "MatMulNBits"
+    assert plain.meta["quantization"]["grid_kept_matmuls"] == 8
+    assert greedy_ids(plain, prompt, 12) == greedy_ids(reference, prompt, 12)
