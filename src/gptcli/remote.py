@@ -25,9 +25,6 @@ from gptcli.remote_http import Reply, default_opener, retry_after
 from gptcli.remote_requests import DEFAULTS, sampling_fields
 from gptcli.tool_reply import StreamedCalls
 
-# How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
-
-
 DEFAULT_TIMEOUT_S = 600.0  # as OpenAI's own client: a busy server's queue, then a long answer not streamed
 LOOKUP_TIMEOUT_S = 30.0
 MAX_ERROR_BYTES = 65536  # of an error answer's body: its message is in the first line or two

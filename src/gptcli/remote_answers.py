@@ -122,6 +122,7 @@ def redirect_error(base_url: str, reply: Any, url: str, path: str) -> RemoteErro
     return RemoteError(f"{where}: moved to {clipped(location)}", hint=f"{hint} (redirects are not followed)")
 
 
+# How servers word it when the code is missing: vLLM "maximum context length", llama-server "context size".
 _CONTEXT_WORDS = re.compile(r"context (length|size|window)|model's context", re.IGNORECASE)
 _REASONS = {401: "unauthorized", 403: "forbidden", 404: "not found", 429: "too many requests", 503: "busy"}
 
