@@ -129,3 +129,12 @@ def test_an_int4_export_on_a_grid_uses_the_operator_and_batches_as_it_runs_alone
     assert plain.meta["quantization"]["int4_kernel"] == "MatMulNBits"
     assert plain.meta["quantization"]["grid_kept_matmuls"] == 8
     assert greedy_ids(plain, prompt, 12) == greedy_ids(reference, prompt, 12)
+
+
+def test_an_export_into_an_output_folder_keeps_matmulnbits_for_any_onnx_runtime(tiny_models, tmp_path):
+    from gptcli.export import ensure_export
+
+    folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
+    made = ensure_export(folder, precision="int4", output=tmp_path / "out", native_int4=True)
+    assert made.meta["quantization"]["int4_kernel"] == "MatMulNBits"
+    assert made.meta["quantization"]["grid_kept_matmuls"] == 8

@@ -50,7 +50,7 @@ class Int4Args(ctypes.Structure):
 class PackedInt4:
     """An int4 [out, in] matrix in the kernel's layout: codes two to a byte, float16 scales and minimums."""
 
-    codes: Any  # uint8 [ceil(out/16), in/8, 64]
+    codes: Any  # uint8 [ceil(out/16), in/8, 16, 4]
     scales_lows: Any  # float16 [ceil(out/16), in/32, 2, 16]
     out_features: int
     in_features: int
@@ -173,14 +173,21 @@ def onnx_op_library() -> Path | None:
     return path if path.is_file() else None
 
 
-def operators_of(export: Export) -> Path | None:
-    """The library of the custom operators `export` uses (None: it uses ONNX Runtime's own only); a ModelError where
-    it uses gptcli's int4 operator and that cannot run here (an export folder made on another machine)."""
+def onnx_op_for(precision: str, device: str) -> Path | None:
+    """The operator's library for an export of `precision` on `device`: only an int4 CPU one can use it (nothing is
+    built for any other)."""
+    return onnx_op_library() if precision == "int4" and device == "cpu" else None
+
+
+def operators_of(export: Export, library: Path | None = None) -> Path | None:
+    """The library of the custom operators `export` uses (None: it uses ONNX Runtime's own only), `library` where
+    the caller already has it; a ModelError where it uses gptcli's int4 operator and that cannot run here (an
+    export folder made on another machine)."""
     from gptcli.export.quantize import INT4_OP
 
     if (export.meta.get("quantization") or {}).get("int4_kernel") != INT4_OP:
         return None
-    library = onnx_op_library()
+    library = library or onnx_op_library()
     if library is None:
         raise ModelError(
             f"{export.folder} uses gptcli's int4 kernel, which cannot run here: "

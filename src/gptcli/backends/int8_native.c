@@ -367,7 +367,7 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
    acc = fma(scale, t, acc); acc = fma(low, C, acc); y = s * acc. Every row is computed alone in the same order,
    so a row gives the same bits in any batch.
 
-   Packed codes: [ceil(N/16)][K/8][64] bytes; byte o*4 + j of chunk c of a block holds input 8c + j of output o in
+   Packed codes: [ceil(N/16)][K/8][16][4] bytes; byte o*4 + j of chunk c of a block holds input 8c + j of output o in
    its low nibble and input 8c + 4 + j in its high one. Scales and lows: float16, [ceil(N/16)][K/32][2][16]. */
 
 #if ISA == 2
@@ -485,7 +485,8 @@ struct int4_call {
     float *gsum;
 };
 
-static struct int4_call int4_setup(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M, uint8_t *work) {
+static struct int4_call int4_setup(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M,
+                                   uint8_t *work) {
     int64_t K = w->K;
     struct int4_call c = {x, w, y, M, (int8_t *)work, (int8_t *)work + M * K, NULL, NULL};
     c.xs = (double *)(void *)(work + 2 * M * K); /* 8-byte aligned: K is a multiple of 32 */
@@ -517,11 +518,13 @@ static void int4_part(const struct int4_call *c, int64_t q) {
         for (int64_t m = 0; m < M; m++) {
             __m512 acc[4];
             if (NB - b0 >= 4) {
-                int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+                int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb,
+                                   acc);
                 for (int b = 0; b < 4; b++) int4_store(acc[b], xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
             } else {
                 for (int64_t b = b0; b < NB; b++) {
-                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb,
+                                       acc);
                     int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
                 }
             }
@@ -539,7 +542,8 @@ static void int4_part(const struct int4_call *c, int64_t q) {
         } else {
             for (int64_t m = m0; m < M && m < m0 + 4; m++)
                 for (int64_t b = b0; b < b0 + nb; b++) {
-                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb,
+                                       acc);
                     int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
                 }
         }
@@ -585,7 +589,6 @@ struct ort_api_base {
     const char *(*get_version_string)(void);
 };
 #define ORT_API_VERSION_USED 17 /* ONNX Runtime 1.17: KernelContext_ParallelFor; every other entry is version 1's */
-#define ORT_CREATE_STATUS 0
 #define ORT_CREATE_CUSTOM_OP_DOMAIN 26
 #define ORT_CUSTOM_OP_DOMAIN_ADD 27
 #define ORT_ADD_CUSTOM_OP_DOMAIN 28
@@ -600,7 +603,6 @@ struct ort_api_base {
 #define ORT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO 99
 #define ORT_KERNEL_CONTEXT_PARALLEL_FOR 274
 #define ORT_FN(api, index, type) ((type)(api)[index])
-#define ORT_FAIL 1
 #define ORT_TENSOR_FLOAT 1
 #define ORT_TENSOR_UINT8 2
 #define ORT_TENSOR_FLOAT16 10
@@ -683,7 +685,8 @@ static void int4_op_compute(void *opaque, void *context) {
     const ort_any_fn *api = kernel->api;
     typedef void *(*get_input_fn)(void *, size_t, const void **);
     const void *inputs[3] = {NULL, NULL, NULL};
-    for (size_t i = 0; i < 3; i++) release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_INPUT, get_input_fn)(context, i, &inputs[i]));
+    for (size_t i = 0; i < 3; i++)
+        release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_INPUT, get_input_fn)(context, i, &inputs[i]));
     int64_t xd[MAX_DIMS], cd[MAX_DIMS], sd[MAX_DIMS];
     int xn = inputs[0] ? tensor_dims(api, inputs[0], xd) : -1;
     int cn = inputs[1] ? tensor_dims(api, inputs[1], cd) : -1;
@@ -693,13 +696,13 @@ static void int4_op_compute(void *opaque, void *context) {
     for (int i = 0; i < xn - 1; i++) M *= xd[i];
     xd[xn - 1] = N;
     void *output = NULL;
-    release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_OUTPUT, void *(*)(void *, size_t, const int64_t *, size_t, void **))(
-                     context, 0, xd, (size_t)xn, &output));
+    typedef void *(*get_output_fn)(void *, size_t, const int64_t *, size_t, void **);
+    release(api, ORT_FN(api, ORT_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(context, 0, xd, (size_t)xn, &output));
     float *y = output ? tensor_data(api, output) : NULL;
     if (!y || M == 0 || N == 0) return;
     int64_t NB = (N + 15) / 16;
-    int fits = cn == 4 && sn == 4 && K % GROUP == 0 && cd[0] == NB && cd[1] * 8 == K && cd[2] == 16 && cd[3] == 4 && sd[0] == NB &&
-               sd[1] * GROUP == K && sd[2] == 2 && sd[3] == 16;
+    int fits = cn == 4 && sn == 4 && K % GROUP == 0 && cd[0] == NB && cd[1] * 8 == K && cd[2] == 16 && cd[3] == 4 &&
+               sd[0] == NB && sd[1] * GROUP == K && sd[2] == 2 && sd[3] == 16;
     uint8_t *work = fits ? malloc((size_t)(M * (2 * K + 4 * (K / GROUP) + 8))) : NULL;
     if (!work) { /* shapes the exporter never writes, or no memory: NaN, never a read out of bounds */
         for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
@@ -723,7 +726,11 @@ static int int4_op_input_type(const struct ort_custom_op *op, size_t index) {
     return index == 0 ? ORT_TENSOR_FLOAT : index == 1 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT16;
 }
 static size_t int4_op_input_count(const struct ort_custom_op *op) { (void)op; return 3; }
-static int int4_op_output_type(const struct ort_custom_op *op, size_t index) { (void)op; (void)index; return ORT_TENSOR_FLOAT; }
+static int int4_op_output_type(const struct ort_custom_op *op, size_t index) {
+    (void)op;
+    (void)index;
+    return ORT_TENSOR_FLOAT;
+}
 static size_t int4_op_output_count(const struct ort_custom_op *op) { (void)op; return 1; }
 static int int4_op_required(const struct ort_custom_op *op, size_t index) { (void)op; (void)index; return 0; }
 

@@ -166,6 +166,7 @@ class OnnxBackend:
             raise BackendError(
                 "fp16 ONNX models run on CUDA only", hint="use --precision fp32, int8 or int4 on the CPU"
             )
+        library = None  # gptcli's int4 operator, where the cache's export uses it
         if (folder / SIDECAR_FILE).is_file():  # an export folder made with `gptcli export --output`
             export = read_export(folder)
             if export.meta["device"] == "cuda" and device == "cpu":
@@ -180,16 +181,16 @@ class OnnxBackend:
         else:
             if device == "cuda" and options.device == "auto" and precision != "fp16":
                 device = _cpu_for_what_cuda_cannot(folder, notify)
-            export = _cached_export(folder, precision, device, notify)
+            export, library = _cached_export(folder, precision, device, notify)
         try:
-            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export))
+            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export, library))
         except BackendError:
             if options.device != "auto" or precision == "fp16" or export.folder == folder:
                 raise
             notify("warning: CUDA is not usable; running the ONNX model on the CPU")
             device = "cpu"
-            export = _cached_export(folder, precision, device, notify)
-            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export))
+            export, library = _cached_export(folder, precision, device, notify)
+            session = cls._session(export.model_path, device, options.threads, spin, operators_of(export, library))
         meta = export.meta
         model = meta["model"]
         info = ModelInfo(
@@ -365,13 +366,14 @@ class OnnxBackend:
         return binding
 
 
-def _cached_export(folder: Path, precision: str, device: str, notify: Any) -> Export:
-    """The cache's export for this load: an int4 CPU one with gptcli's Int4MatMul where its kernel can run here."""
-    from gptcli.backends.int4_native import onnx_op_library
+def _cached_export(folder: Path, precision: str, device: str, notify: Any) -> tuple[Export, Path | None]:
+    """The cache's export for this load, and the library of gptcli's Int4MatMul where an int4 CPU export uses it."""
+    from gptcli.backends.int4_native import onnx_op_for
     from gptcli.export import ensure_export
 
-    native = precision == "int4" and device == "cpu" and onnx_op_library() is not None
-    return ensure_export(folder, precision=precision, device=device, notify=notify, native_int4=native)
+    library = onnx_op_for(precision, device)
+    native = library is not None
+    return ensure_export(folder, precision=precision, device=device, notify=notify, native_int4=native), library
 
 
 def _cpu_for_what_cuda_cannot(folder: Path, notify: Any) -> str:

@@ -34,7 +34,7 @@ def export(
       gptcli export smollm2-135m-instruct --precision fp16 --device cuda
     """
     from gptcli.backends.base import LoadOptions, get_backend_class
-    from gptcli.backends.int4_native import onnx_op_library
+    from gptcli.backends.int4_native import onnx_op_for
     from gptcli.cli.local_run import open_local_model
     from gptcli.config import FIELDS, coerce
     from gptcli.export import ensure_export
@@ -53,9 +53,8 @@ def export(
     settings = c.resolve_settings(config, model=model, allow_pickle=allow_pickle).settings
     local = open_local_model(settings)
     check_memory(get_backend_class("onnx"), local.path, LoadOptions(device=device, precision=precision))
-    # Into the cache: the export `--backend onnx` loads, with gptcli's int4 operator where it runs here; an --output
-    # folder is for any ONNX Runtime, so it keeps MatMulNBits.
-    native = output is None and precision == "int4" and device == "cpu" and onnx_op_library() is not None
+    # Into the cache: the export `--backend onnx` loads, with gptcli's int4 operator where it runs here.
+    native = onnx_op_for(precision, device) is not None
     result = ensure_export(
         local.path, precision=precision, device=device, output=output, force=force, notify=c.note, native_int4=native
     )

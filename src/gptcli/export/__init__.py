@@ -139,9 +139,10 @@ def ensure_export(
     native_int4: bool = False,
 ) -> Export:
     """Return the cached export of `folder`, building it first when missing (progress through notify).
-    `native_int4`: an int4 CPU export uses gptcli's Int4MatMul operator (the onnx backend has its kernel)."""
+    `native_int4`: an int4 CPU export in the cache uses gptcli's Int4MatMul operator (the onnx backend has its
+    kernel); an `output` folder is for any ONNX Runtime, so it keeps MatMulNBits."""
     check_choice(precision, device)
-    native_int4 = native_int4 and precision == "int4" and device == "cpu"
+    native_int4 = native_int4 and precision == "int4" and device == "cpu" and output is None
     if (folder / SIDECAR_FILE).is_file():  # it has no weights to build from: "weight ... is missing" misled
         raise ModelError(
             f"{folder} is already an ONNX export",
