@@ -1,5 +1,6 @@
 """gptcli's own int4 kernel for the torch backend (backends/int4_native.py, the int4 part of int8_native.c): exact
-integer sums per group of 32, a row's bits the same in any batch, chosen per machine, torch's kernel elsewhere."""
+integer sums per group of 32, a row's bits the same in any batch and on either path (AVX-512 VNNI, AVX2), chosen per
+machine, torch's kernel elsewhere."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 from gptcli import tuning
-from gptcli.backends import int4_native, int8_native, lean_quant, native_build
+from gptcli.backends import int4_native, int8_native, lean_quant
 from gptcli.backends.int4_native import NativeInt4
-from gptcli.tuning import kernel_flags
-from tests.test_int8_native import AVX2_FLAGS, _native, fresh_loads, needs_vnni
+from gptcli.errors import ConfigError
+from tests.test_int8_native import _avx2, _native, fresh_loads, needs_build, needs_vnni
 
 __all__ = ["fresh_loads"]  # int8_native's autouse fixture: each test loads the library anew
 
@@ -38,7 +39,7 @@ def _float64(codes: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> t
     return (grouped * scales.half().double()[..., None] + lows.half().double()[..., None]).reshape(n, k)
 
 
-@needs_vnni
+@needs_build
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (40, 64), (3, 96), (577, 1024)])
 def test_products_match_float64_and_each_row_alone(n, k):
     native = _native4()
@@ -55,7 +56,7 @@ def test_products_match_float64_and_each_row_alone(n, k):
     assert native.mm(x.reshape(m, 1, k), packed).shape == (m, 1, n)
 
 
-@needs_vnni
+@needs_build
 def test_rows_of_nan_zeros_and_tiny_values():
     native = _native4()
     codes, scales, lows, x = _case(48, 64, 4, 7)
@@ -69,39 +70,52 @@ def test_rows_of_nan_zeros_and_tiny_values():
     assert torch.isfinite(y[0]).all()
 
 
-@pytest.mark.skipif(native_build.compiler() is None or "avx2" not in kernel_flags(), reason="no AVX2 or compiler")
-def test_an_avx2_build_has_no_int4_path(tmp_path):
-    library = native_build.built_library(
-        int8_native.SOURCE, native_build.compiler(), AVX2_FLAGS, tmp_path, "avx2", "gptcli_int8_isa"
-    )
-    assert int4_native.native_int4(int8_native.NativeInt8(library)) is None
+@needs_build
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (40, 64), (577, 1024)])
+def test_the_avx2_path_gives_the_same_bits_as_the_widest(tmp_path, n, k):
+    """Same integers, same float operations in the same order: an AVX2-only CPU answers as an AVX-512 one does."""
+    avx2 = int4_native.native_int4(_avx2(tmp_path))
+    assert avx2 is not None and avx2.name.endswith("(AVX2)")
+    widest = _native4()
+    for seed, m in enumerate((1, 3, 4, 9)):
+        codes, scales, lows, x = _case(n, k, m, seed)
+        x[-1, 3] = float("nan") if m > 1 else x[-1, 3]
+        y = avx2.mm(x, avx2.pack(codes, scales, lows))
+        theirs = widest.mm(x, widest.pack(codes, scales, lows))
+        assert torch.equal(y.view(torch.int32), theirs.view(torch.int32)), (n, k, m)  # bit for bit, NaN too
+        finite = x[:-1].double() if m > 1 else x.double()
+        expected = finite @ _float64(codes, scales, lows).t()
+        error = ((y[: len(finite)].double() - expected).norm() / expected.norm()).item()
+        assert error < 1.5e-3, (n, k, m, error)
 
 
-def test_switched_off_or_without_vnni_int4_runs_on_torchs_kernel(monkeypatch):
+@needs_build
+def test_gptcli_native_isa_avx2_builds_and_runs_the_avx2_path_alone(monkeypatch):
+    monkeypatch.setenv(int8_native.ISA_SWITCH, "avx2")
+    assert int8_native.isa_builds() == [int8_native.ISA_BUILDS[-1][1]]
+    assert _native4().name.endswith("(AVX2)")
+    assert int4_native.onnx_op_choice()["reason"].startswith("gptcli's Int4MatMul (AVX2)")
+    monkeypatch.setenv(int8_native.ISA_SWITCH, "sse")
+    with pytest.raises(ConfigError, match="GPTCLI_NATIVE_ISA"):
+        int8_native.isa_builds()
+
+
+def test_switched_off_int4_runs_on_torchs_kernel(monkeypatch):
     monkeypatch.setenv(int8_native.OFF_SWITCH, "0")
     assert int4_native.native4_for(int8_native.MIN_PARAMS) is None
     said = int4_native.reported_choice(1)
     assert said["kernel"] == int8_native.TORCH and "GPTCLI_NATIVE_KERNELS=0" in said["reason"]
-    monkeypatch.delenv(int8_native.OFF_SWITCH)
-    monkeypatch.setattr("gptcli.tuning.kernel_flags", lambda: ["avx2", "fma"])
-    said = int4_native.reported_choice(1)
-    assert said["kernel"] == int8_native.TORCH and said["reason"].endswith("needs AVX-512 VNNI")
 
 
 @needs_vnni
-def test_where_the_avx512_build_failed_int4_is_reported_on_torchs_kernel():
-    """The AVX2 library has no int4 path: torch's kernel runs, and nothing measures the choice, so the report must
-    not say "measured when a model ... is first loaded", nor repeat an earlier record's "gptcli-native"."""
+def test_where_the_avx512_build_failed_int4_runs_on_the_avx2_path():
     avx512 = next(flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags)
     tuning.store(int8_native.BUILD_FAILED, int8_native.failure_key(avx512), {"reason": "could not build it: boom"})
-    earlier = {"kernel": int8_native.NATIVE, "reason": "an earlier build's"}
-    tuning.store(int4_native.TUNING_NAME, int8_native.machine_key(1), earlier)
-    assert int4_native.native4_for(int8_native.MIN_PARAMS) is None  # (the AVX2 library, built now)
-    said = int4_native.reported_choice(1)
-    assert said["kernel"] == int8_native.TORCH and said["reason"].endswith("boom")
+    native = int4_native.native4_for(int8_native.MIN_PARAMS - 1)  # (the AVX2 library, built now; unmeasured)
+    assert native is not None and native.name.endswith("(AVX2)")
 
 
-@needs_vnni
+@needs_build
 def test_the_real_measurement_names_a_kernel_and_its_reason():
     record = int4_native.measure(_native4(), 1)
     assert record["kernel"] in (int8_native.NATIVE, int8_native.TORCH)
@@ -109,7 +123,7 @@ def test_the_real_measurement_names_a_kernel_and_its_reason():
     assert "int4 products" in record["reason"] and "1 threads" in record["reason"]
 
 
-@needs_vnni
+@needs_build
 def test_a_matrix_past_float16s_range_stays_with_torchs_kernel():
     native = _native4()
     assert lean_quant.Int4Matrix(torch.randn(64, 32), native=native).native is native
@@ -120,7 +134,7 @@ def test_a_matrix_past_float16s_range_stays_with_torchs_kernel():
     assert torch.allclose(kept.mm(x), x @ huge, rtol=0.1, atol=0.1 * (x @ huge).abs().max().item())
 
 
-@needs_vnni
+@needs_build
 def test_a_matrix_of_tiny_weights_stays_with_torchs_kernel():
     """Its scales would be float16 subnormals (a step of 6e-8): at |w| ~ 1e-7 the product's error was 2x the
     product's size on gptcli's kernel, 8 % (the 4-bit rounding) on torch's (bf16 scales)."""
@@ -132,7 +146,7 @@ def test_a_matrix_of_tiny_weights_stays_with_torchs_kernel():
     assert (kept.mm(x) - x @ tiny).norm() < 0.2 * (x @ tiny).norm()
 
 
-@needs_vnni
+@needs_build
 def test_the_tiny_models_int4_path_runs_the_native_kernel_and_batching_changes_nothing(tiny_models):
     from gptcli.backends.base import LoadOptions
     from gptcli.backends.torch_backend import TorchBackend

@@ -1,5 +1,6 @@
 """gptcli's int4 kernel as an ONNX Runtime operator (ai.gptcli Int4MatMul): int4 CPU exports of weights on a 4-bit grid
-(a Q4_1 GGUF's) use it where the kernel runs (AVX-512 VNNI, a C compiler), and MatMulNBits elsewhere."""
+(a Q4_1 GGUF's) use it where the kernel runs (AVX-512 VNNI or AVX2, a C compiler) and was timed faster than
+MatMulNBits on this machine, and MatMulNBits elsewhere."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from gptcli import tuning
+from gptcli.backends import int4_native, int4_op_choice, int8_native
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.int4_native import onnx_op_library, onnx_op_refusal
 from gptcli.backends.onnx_backend import OnnxBackend
@@ -48,12 +51,12 @@ def _one_matmul_model(weight: np.ndarray):
     return model
 
 
-def _session(model, threads: int = 1):
+def _session(model, threads: int = 1, library=None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(onnx_op_library()))
+    options.register_custom_ops_library(str(library or onnx_op_library()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -138,3 +141,53 @@ def test_an_export_into_an_output_folder_keeps_matmulnbits_for_any_onnx_runtime(
     made = ensure_export(folder, precision="int4", output=tmp_path / "out", native_int4=True)
     assert made.meta["quantization"]["int4_kernel"] == "MatMulNBits"
     assert made.meta["quantization"]["grid_kept_matmuls"] == 8
+
+
+@needs_kernel
+def test_the_avx2_operator_gives_the_bits_of_the_widest_build(monkeypatch):
+    model = quantize(_one_matmul_model(_grid_weight(96, 40)), "int4", native_int4=True)
+    x = np.random.default_rng(4).standard_normal((2, 5, 96)).astype(np.float32)
+    widest_library = onnx_op_library()
+    widest = _session(model, threads=2).run(None, {"x": x})[0]
+    monkeypatch.setenv(int8_native.ISA_SWITCH, "avx2")
+    int8_native._load.cache_clear()
+    try:
+        library = onnx_op_library()
+        assert library is not None and (library != widest_library or "avx512_vnni" not in tuning.kernel_flags())
+        assert int4_native.onnx_op_choice()["reason"].startswith("gptcli's Int4MatMul (AVX2)")
+        assert np.array_equal(_session(model, threads=2, library=library).run(None, {"x": x})[0], widest)
+    finally:
+        int8_native._load.cache_clear()
+
+
+def _record(kernel: str) -> None:
+    from gptcli.hardware import default_threads
+
+    record = {"kernel": kernel, "reason": f"chosen by the test: {kernel}"}
+    tuning.store(int4_op_choice.TUNING_NAME, int4_op_choice.machine_key(default_threads()), record)
+
+
+@needs_kernel
+def test_this_machines_timing_decides_whether_an_export_uses_the_operator(tiny_models, tmp_path, monkeypatch):
+    folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
+    said = int4_native.onnx_op_choice()
+    assert said["kernel"] is None and "timed at the first int4 export here" in said["reason"]
+    monkeypatch.setattr(int8_native, "MIN_PARAMS", 0)  # as a model big enough to be timed for
+    _record(int8_native.TORCH)
+    assert int4_native.onnx_op_for("int4", "cpu", folder) is None
+    slower = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4"))
+    assert slower.meta["quantization"]["int4_kernel"] == "MatMulNBits"
+    assert int4_native.onnx_op_choice() == {"kernel": "MatMulNBits", "reason": "chosen by the test: torch"}
+    _record(int8_native.NATIVE)
+    faster = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4"))
+    assert faster.meta["quantization"]["int4_kernel"] == INT4_OP
+    assert int4_native.onnx_op_choice()["kernel"].startswith("gptcli's Int4MatMul")
+
+
+@needs_kernel
+def test_the_real_timing_names_a_form_and_its_reason():
+    record = int4_op_choice.measure(onnx_op_library(), 1)
+    assert record["kernel"] in (int8_native.NATIVE, int8_native.TORCH)
+    assert set(record["timings_ms"]) == {"1 row", f"{int8_native.PREFILL_ROWS} rows"}
+    assert all(set(times) == {int8_native.NATIVE, int8_native.TORCH} for times in record["timings_ms"].values())
+    assert "int4 onnx products" in record["reason"] and "1 threads" in record["reason"]

@@ -1,12 +1,13 @@
-"""gptcli's own int4 matrix product for the torch backend's `--precision int4` (CPU, AVX-512 VNNI).
+"""gptcli's own int4 matrix product for the torch backend's `--precision int4` (CPU: AVX-512 VNNI or AVX2).
 
 The second kernel in `int8_native.c` (see its int4 section), in the library int8_native builds: each row of
 activations rounded to 15 bits with its own scale, each group of 32 products summed as an exact integer by
-`vpdpbusd`, then scaled by the group's float16 scale and offset by its minimum. No weight is converted to a float
-(torch's `_weight_int4pack_mm_for_cpu` turns every one into bf16), and a row gives the same bits in any batch.
+`vpdpbusd` (AVX2: `vpmaddubsw`, the same integers, so the same bits), then scaled by the group's float16 scale and
+offset by its minimum. No weight is converted to a float (torch's `_weight_int4pack_mm_for_cpu` turns every one into
+bf16), and a row gives the same bits in any batch.
 As for int8, the first model of MIN_PARAMS+ weights times it against torch's kernel; which runs, and why, is a
-tuning record (`gptcli backends --json`). torch's kernel runs where int8_native's cannot be had, on CPUs without
-AVX-512 VNNI, where it is slower, or with `GPTCLI_NATIVE_KERNELS=0`.
+tuning record (`gptcli backends --json`). torch's kernel runs where int8_native's cannot be had, where it is
+slower, or with `GPTCLI_NATIVE_KERNELS=0`.
 
 The same library registers the product with ONNX Runtime as the `ai.gptcli` Int4MatMul operator: the onnx backend's
 int4 exports use it for weights on a 4-bit grid wherever this kernel can run (onnx_op_library, operators_of).
@@ -25,12 +26,13 @@ from gptcli.backends import int8_native
 from gptcli.backends.int8_native import NATIVE, TORCH, NativeInt8
 from gptcli.backends.native_product import NativeProduct, bind_product
 from gptcli.errors import ModelError
+from gptcli.hardware import default_threads
 
 if TYPE_CHECKING:
     from gptcli.export.sidecar import Export
 
 TUNING_NAME = "torch-int4-kernel"
-NAME, TORCHS = f"{NATIVE} (AVX-512 VNNI)", "torch's _weight_int4pack_mm_for_cpu"
+TORCHS = "torch's _weight_int4pack_mm_for_cpu"
 GROUP = 32  # inputs a scale and minimum cover (the C kernel's GROUP)
 SHAPES = int8_native.SHAPES  # the int8 choice's twelve layers of the default model: 21 MB at 4 bits, past an L3
 
@@ -71,6 +73,7 @@ class NativeInt4(NativeProduct):
 
     def __init__(self, native: NativeInt8) -> None:
         super().__init__(bind_product(native.library.gptcli_int4_mm, Int4Args))
+        self.name = native.name
 
     @staticmethod
     def pack(codes: Any, scales: Any, lows: Any) -> PackedInt4:
@@ -87,7 +90,7 @@ class NativeInt4(NativeProduct):
 
 
 def native_int4(native: NativeInt8 | None) -> NativeInt4 | None:
-    """The int4 product of a loaded library where it has one (an AVX-512 VNNI build), else None."""
+    """The int4 product of a loaded library where it has one (an AVX-512 VNNI or AVX2 build), else None."""
     if native is None or not int(native.library.gptcli_int4_isa()):
         return None
     return NativeInt4(native)
@@ -118,27 +121,16 @@ def cached_choice(threads: int) -> dict[str, Any] | None:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say of the int4 kernel."""
-    return int8_native.report(TORCHS, "int4", _refused, lambda: cached_choice(threads))
-
-
-def _refused() -> str | None:
-    """Why no int4 kernel of gptcli's can run on a machine where int8_native's can: only the AVX-512 VNNI build
-    has it, so not on an AVX2 CPU, nor where that build failed (the AVX2 one built), whatever an earlier record says."""
-    if "avx512_vnni" not in tuning.kernel_flags():
-        return "gptcli's int4 kernel needs AVX-512 VNNI"
-    vnni = next((flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags), None)
-    failed = int8_native.recorded_failure(vnni) if vnni is not None else None
-    return f"gptcli's int4 kernel is in the AVX-512 VNNI build: {failed}" if failed is not None else None
+    return int8_native.report(TORCHS, "int4", lambda: None, lambda: cached_choice(threads))
 
 
 ORT_FOR_OP = (1, 17)  # the operator runs on the session's threads through KernelContext_ParallelFor (1.17 on)
-ONNX_OP_NAME = "gptcli's Int4MatMul (AVX-512 VNNI)"
 
 
 def onnx_op_refusal() -> str | None:
     """Why the onnx backend's int4 exports cannot use gptcli's kernel here, found without building it (None: they
     can, as the Int4MatMul operator that int8_native.c registers with ONNX Runtime)."""
-    reason = int8_native.unavailable_reason() or _refused()
+    reason = int8_native.unavailable_reason()
     if reason is not None:
         return reason
     from gptcli.export.cache import ort_version
@@ -152,13 +144,19 @@ def onnx_op_refusal() -> str | None:
     return None
 
 
-def onnx_op_choice() -> dict[str, str]:
-    """What `gptcli backends --json` and bench's environment say of the onnx backend's int4 kernel."""
+def onnx_op_choice() -> dict[str, Any]:
+    """What `gptcli backends --json` and bench's environment say of the onnx backend's int4 kernel: MatMulNBits where
+    the operator cannot run here, else this machine's timing of the two (int4_op_choice), or when it is timed."""
     refusal = onnx_op_refusal()
-    if refusal is None:
-        reason = "int4 weights on a 4-bit grid (a Q4_1 or Q4_K GGUF's) as one operator each, exactly, no block sums"
-        return {"kernel": ONNX_OP_NAME, "reason": reason}
-    return {"kernel": "MatMulNBits", "reason": refusal}
+    if refusal is not None:
+        return {"kernel": "MatMulNBits", "reason": refusal}
+    from gptcli.backends.int4_op_choice import cached_choice
+
+    operator = f"gptcli's Int4MatMul ({int8_native.isa_name(int8_native.isa_builds()[0])})"
+    record = cached_choice(default_threads())
+    if record is None:
+        return {"kernel": None, "reason": f"{operator} or MatMulNBits: timed at the first int4 export here"}
+    return {"kernel": operator if record["kernel"] == NATIVE else "MatMulNBits", "reason": record["reason"]}
 
 
 def onnx_op_library() -> Path | None:
@@ -173,10 +171,26 @@ def onnx_op_library() -> Path | None:
     return path if path.is_file() else None
 
 
-def onnx_op_for(precision: str, device: str) -> Path | None:
-    """The operator's library for an export of `precision` on `device`: only an int4 CPU one can use it (nothing is
-    built for any other)."""
-    return onnx_op_library() if precision == "int4" and device == "cpu" else None
+def onnx_op_for(precision: str, device: str, folder: Path, notify: Callable[[str], None] | None = None) -> Path | None:
+    """The operator's library for an export of `precision` on `device` of the model in `folder`: only an int4 CPU
+    one can use it (nothing is built for any other), where it runs here and was timed faster than MatMulNBits
+    (int4_op_choice; `notify` hears when that is timed). A model under MIN_PARAMS (the tests' tiny ones) takes it
+    unmeasured, as the torch kernels do."""
+    library = onnx_op_library() if precision == "int4" and device == "cpu" else None
+    if library is None:
+        return None
+    from gptcli.backends.int4_op_choice import uses_operator
+    from gptcli.hf import param_count
+
+    params = param_count(folder)
+    if params is not None and params < int8_native.MIN_PARAMS:
+        return library
+
+    def timing() -> None:
+        if notify is not None:
+            notify("timing gptcli's int4 operator against MatMulNBits on this CPU (once, a few seconds)")
+
+    return library if uses_operator(library, default_threads(), timing) else None
 
 
 def operators_of(export: Export, library: Path | None = None) -> Path | None:
@@ -220,4 +234,4 @@ def measure(native: NativeInt4, threads: int) -> dict[str, Any]:
 
         medians = int8_native.time_kernels(kernels, generator)
     weight_bytes = sum(n * k for n, k in SHAPES) * 5 // 8  # 4-bit codes, a float16 scale and minimum per 32
-    return int8_native.verdict(medians, "int4", NAME, TORCHS, threads, weight_bytes)
+    return int8_native.verdict(medians, "int4", native.name, TORCHS, threads, weight_bytes)

@@ -1,5 +1,5 @@
 /* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py. The int4
-   product (--precision int4, AVX-512 VNNI only) follows it (see int4_native.py), and at the end of the file the same
+   product (--precision int4) follows it (see int4_native.py), and at the end of the file the same
    int4 product as an ONNX Runtime operator, for the onnx backend's int4 exports (see export/quantize.py).
 
    y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
@@ -358,7 +358,7 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
 /* ---------------------------------------------------------------------------------------------- int4 (groups of 32)
 
    y [M, N] = x [M, K] @ W^T, W [N, K] = q * scale + low, q in 0..15, one (scale, low) per output and group of 32
-   inputs (K a multiple of 32). AVX-512 VNNI only (gptcli_int4_isa() says 0 elsewhere: torch's int4 kernel runs).
+   inputs (K a multiple of 32). AVX-512 VNNI and AVX2 (+F16C) builds, the same bits (gptcli_int4_isa() says which).
 
    Each row of x is rounded to 15 bits with its own scale s = max|x| / 16383: c = round(x / s), kept as a signed high
    byte and a 7-bit low one, c = 128 hi + lo. vpdpbusd takes the codes q as its unsigned operand and the activation
@@ -370,9 +370,32 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
    Packed codes: [ceil(N/16)][K/8][16][4] bytes; byte o*4 + j of chunk c of a block holds input 8c + j of output o in
    its low nibble and input 8c + 4 + j in its high one. Scales and lows: float16, [ceil(N/16)][K/32][2][16]. */
 
-#if ISA == 2
+#if ISA > 0
 #define Q4MAX 16383
 #define GROUP 32
+
+/* A row's scale from its largest |x|, as quantize_row: 0 with the multipliers pre and inv that take x to its codes,
+   or -1 for a row with a NaN or inf (`bad`), whose codes are zeros and whose outputs are NaN. */
+static int row4_scale(float amax, int bad, int64_t K, int8_t *hi, int8_t *lo, float *gsum, double *scale, float *pre,
+                      float *inv) {
+    if (bad || !(amax <= 3.4e38f)) {
+        *scale = NAN;
+        memset(hi, 0, (size_t)K);
+        memset(lo, 0, (size_t)K);
+        memset(gsum, 0, sizeof(float) * (size_t)(K / GROUP));
+        return -1;
+    }
+    *pre = amax < 0x1p-64f ? 0x1p64f : 1.f;
+    float peak = amax * *pre;
+    *inv = peak > 0.f ? (float)Q4MAX / peak : 0.f;
+    *scale = peak > 0.f ? (double)peak / Q4MAX / *pre : 0.0;
+    return 0;
+}
+#endif
+
+#if ISA == 2
+typedef __m512 acc4_t;
+#define VECS_PER_BLOCK 1 /* a block's 16 outputs are one vector */
 
 /* One row of x -> its scale (a double), its code bytes hi/lo (K each) and each group's code sum (a float). */
 static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *gsum, double *scale) {
@@ -383,17 +406,8 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
         unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
     }
-    float amax = _mm512_reduce_max_ps(vmax);
-    if (unordered || !(amax <= 3.4e38f)) { /* NaN or inf: the row's outputs are NaN */
-        *scale = NAN;
-        memset(hi, 0, (size_t)K);
-        memset(lo, 0, (size_t)K);
-        memset(gsum, 0, sizeof(float) * (size_t)(K / GROUP));
-        return;
-    }
-    float pre = amax < 0x1p-64f ? 0x1p64f : 1.f, peak = amax * pre; /* as quantize_row */
-    float inv = peak > 0.f ? (float)Q4MAX / peak : 0.f;
-    *scale = peak > 0.f ? (double)peak / Q4MAX / pre : 0.0;
+    float pre, inv;
+    if (row4_scale(_mm512_reduce_max_ps(vmax), unordered != 0, K, hi, lo, gsum, scale, &pre, &inv)) return;
     const __m512 vinv = _mm512_set1_ps(inv), vpre = _mm512_set1_ps(pre);
     const __m512i top = _mm512_set1_epi32(Q4MAX), bottom = _mm512_set1_epi32(-Q4MAX), seven = _mm512_set1_epi32(127);
     for (int64_t g = 0; g < K / GROUP; g++) {
@@ -450,17 +464,139 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
         }                                                                                                            \
     }
 #define BCAST4(p) _mm512_set1_epi32(four_bytes((const uint8_t *)(p)))
-INT4_TILE(int4_rows1_blocks4, 1, 4)
-INT4_TILE(int4_rows4_blocks2, 4, 2)
-INT4_TILE(int4_rows1_blocks1, 1, 1)
+#define ONE_ROW_BLOCKS 4 /* int4_one_row */
+#define MANY_ROWS 4      /* int4_many_rows */
+#define MANY_BLOCKS 2
+INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
+INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
+INT4_TILE(int4_one_block, 1, 1)
 
-/* 16 outputs: acc times the row's scale, in double (a tiny row's scale is past a float's range), rounded once. */
-static void int4_store(__m512 acc, double xscale, float *y, int64_t n) {
+/* A block's 16 outputs: acc times the row's scale, in double (a tiny row's scale is past a float's range), rounded
+   once; n of them kept. */
+static void int4_store(const acc4_t *acc, double xscale, float *y, int64_t n) {
     __mmask16 keep = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
     const __m512d s = _mm512_set1_pd(xscale);
-    __m256 a = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(acc)), s));
-    __m256 b = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(acc, 1)), s));
+    __m256 a = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(acc[0])), s));
+    __m256 b = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(acc[0], 1)), s));
     _mm512_mask_storeu_ps(y, keep, _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+}
+
+#elif ISA == 1
+/* AVX2 (with F16C): the same integers and the same float operations in the same order as the AVX-512 path, so the
+   same bits. A block's 16 outputs are two 8-lane halves; vpmaddubsw multiplies the codes (unsigned, at most 15) by
+   the activation bytes (signed) in pairs, at most 2 * 15 * 128 = 3840, and a group's 8 of them add up in 16 bits
+   (at most 30720) before vpmaddwd widens them: t = 128 sum(q hi) + sum(q lo) exactly, as vpdpbusd gives it. */
+typedef __m256 acc4_t;
+#define VECS_PER_BLOCK 2
+
+static inline int32_t sum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float max8_ps(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 codes (each within a signed byte) -> 8 bytes at p */
+static inline void store8_epi8(int8_t *p, __m256i c) {
+    __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64((__m128i *)(void *)p, _mm_packs_epi16(words, words));
+}
+
+/* As the AVX-512 quantize_row4, 8 lanes at a time. */
+static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *gsum, double *scale) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    }
+    float pre, inv;
+    if (row4_scale(max8_ps(vmax), _mm256_movemask_ps(unordered) != 0, K, hi, lo, gsum, scale, &pre, &inv)) return;
+    const __m256 vinv = _mm256_set1_ps(inv), vpre = _mm256_set1_ps(pre);
+    const __m256i top = _mm256_set1_epi32(Q4MAX), bottom = _mm256_set1_epi32(-Q4MAX), seven = _mm256_set1_epi32(127);
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        __m256i total = _mm256_setzero_si256();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 8) {
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vpre), vinv));
+            c = _mm256_max_epi32(_mm256_min_epi32(c, top), bottom);
+            total = _mm256_add_epi32(total, c);
+            store8_epi8(hi + k, _mm256_srai_epi32(c, 7));
+            store8_epi8(lo + k, _mm256_and_si256(c, seven));
+        }
+        gsum[g] = (float)sum8_epi32(total);
+    }
+}
+
+/* R rows x B blocks: acc[(r * B + b) * 2 + half], half 0: outputs 0-7, 1: 8-15. */
+#define INT4_TILE(NAME, R, B)                                                                                        \
+    static void NAME(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w, int64_t bb, \
+                     const uint16_t *sl, int64_t sb, __m256 acc[R * B * 2]) {                                       \
+        const __m256i nibble = _mm256_set1_epi8(0x0F);                                                               \
+        const __m256i by128 = _mm256_set1_epi16(128), ones = _mm256_set1_epi16(1);                                   \
+        for (int i = 0; i < R * B * 2; i++) acc[i] = _mm256_setzero_ps();                                           \
+        for (int64_t g = 0; g < K / GROUP; g++) {                                                                    \
+            __m256i h[R * B * 2], l[R * B * 2];                                                                      \
+            for (int i = 0; i < R * B * 2; i++) h[i] = l[i] = _mm256_setzero_si256();                               \
+            for (int c = 0; c < 4; c++) {                                                                            \
+                int64_t k = g * GROUP + 8 * c;                                                                       \
+                __m256i w0[B * 2], w1[B * 2];                                                                        \
+                for (int i = 0; i < B * 2; i++) {                                                                    \
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(w + (i / 2) * bb + k * 8 + (i % 2) * 32));      \
+                    w0[i] = _mm256_and_si256(v, nibble);                                                             \
+                    w1[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);                                       \
+                }                                                                                                    \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    __m256i h0 = BCAST4(hi + r * K + k), l0 = BCAST4(lo + r * K + k);                                \
+                    __m256i h1 = BCAST4(hi + r * K + k + 4), l1 = BCAST4(lo + r * K + k + 4);                        \
+                    for (int i = 0; i < B * 2; i++) {                                                                \
+                        int a = r * B * 2 + i;                                                                       \
+                        h[a] = _mm256_add_epi16(h[a], _mm256_maddubs_epi16(w0[i], h0));                              \
+                        l[a] = _mm256_add_epi16(l[a], _mm256_maddubs_epi16(w0[i], l0));                              \
+                        h[a] = _mm256_add_epi16(h[a], _mm256_maddubs_epi16(w1[i], h1));                              \
+                        l[a] = _mm256_add_epi16(l[a], _mm256_maddubs_epi16(w1[i], l1));                              \
+                    }                                                                                                \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int i = 0; i < B * 2; i++) {                                                                        \
+                const uint16_t *p = sl + (i / 2) * sb + g * 32 + (i % 2) * 8;                                        \
+                __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));                   \
+                __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 16)));              \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    int a = r * B * 2 + i;                                                                           \
+                    __m256i t = _mm256_add_epi32(_mm256_madd_epi16(h[a], by128), _mm256_madd_epi16(l[a], ones));     \
+                    acc[a] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(t), acc[a]);                                  \
+                    acc[a] = _mm256_fmadd_ps(low, _mm256_set1_ps(gsum[r * (K / GROUP) + g]), acc[a]);                \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+#define BCAST4(p) _mm256_set1_epi32(four_bytes((const uint8_t *)(p)))
+/* Measured on Zen 5 (int4_native.measure): one block at a time, 0.81-0.88 ms a pass at one row against 1.2 for two
+   (their 16-bit sums spill); 4 rows x 1 block 24-26 ms at 64 rows against 30 for 2 x 1 (the codes unpacked once). */
+#define ONE_ROW_BLOCKS 1
+#define MANY_ROWS 4
+#define MANY_BLOCKS 1
+INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
+INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
+INT4_TILE(int4_one_block, 1, 1)
+
+static void int4_store(const acc4_t *acc, double xscale, float *y, int64_t n) {
+    const __m256d s = _mm256_set1_pd(xscale);
+    float out[16];
+    for (int half = 0; half < 2; half++) {
+        __m128 a = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(acc[half])), s));
+        __m128 b = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(acc[half], 1)), s));
+        _mm256_storeu_ps(out + 8 * half, _mm256_set_m128(b, a));
+    }
+    memcpy(y, out, sizeof(float) * (size_t)(n >= 16 ? 16 : n));
 }
 #endif
 
@@ -470,9 +606,9 @@ struct gptcli_int4_matrix {
     int64_t N, K;
 };
 
-int gptcli_int4_isa(void) { return ISA == 2 ? 2 : 0; }
+int gptcli_int4_isa(void) { return ISA; }
 
-#if ISA == 2
+#if ISA > 0
 /* One product's operands and scratch (work: M * (2 * K + 4 * K / 32 + 8) bytes), split into parts that any thread may
    run in any order: the rows' quantization (int4_quantize), then int4_parts(c) groups of output blocks (int4_part). */
 struct int4_call {
@@ -499,10 +635,11 @@ static void int4_quantize(const struct int4_call *c, int64_t m) {
     quantize_row4(c->x + m * K, K, c->hi + m * K, c->lo + m * K, c->gsum + m * G, c->xs + m);
 }
 
-/* A decode step's few rows (M < 4): groups of 4 blocks, each row alone; more rows: tiles of 4 rows x 2 blocks. */
+/* A decode step's few rows (M < 4): groups of ONE_ROW_BLOCKS blocks, each row alone; more rows: tiles of MANY_ROWS
+   rows x MANY_BLOCKS blocks. */
 static int64_t int4_parts(const struct int4_call *c) {
     int64_t NB = (c->w->N + 15) / 16;
-    return c->M < 4 ? (NB + 3) / 4 : (NB + 1) / 2;
+    return c->M < 4 ? (NB + ONE_ROW_BLOCKS - 1) / ONE_ROW_BLOCKS : (NB + MANY_BLOCKS - 1) / MANY_BLOCKS;
 }
 
 static void int4_part(const struct int4_call *c, int64_t q) {
@@ -513,38 +650,36 @@ static void int4_part(const struct int4_call *c, int64_t q) {
     const uint8_t *packed = c->w->packed;
     const uint16_t *sl = c->w->scales_lows;
     float *y = c->y;
+    acc4_t acc[MANY_ROWS * MANY_BLOCKS * VECS_PER_BLOCK + ONE_ROW_BLOCKS * VECS_PER_BLOCK];
     if (M < 4) {
-        int64_t b0 = q * 4;
+        int64_t b0 = q * ONE_ROW_BLOCKS;
         for (int64_t m = 0; m < M; m++) {
-            __m512 acc[4];
-            if (NB - b0 >= 4) {
-                int4_rows1_blocks4(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb,
-                                   acc);
-                for (int b = 0; b < 4; b++) int4_store(acc[b], xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
+            if (NB - b0 >= ONE_ROW_BLOCKS) {
+                int4_one_row(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+                for (int b = 0; b < ONE_ROW_BLOCKS; b++)
+                    int4_store(acc + b * VECS_PER_BLOCK, xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
             } else {
                 for (int64_t b = b0; b < NB; b++) {
-                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb,
-                                       acc);
-                    int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                    int4_one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_store(acc, xs[m], y + m * N + b * 16, N - b * 16);
                 }
             }
         }
         return;
     }
-    int64_t b0 = q * 2, nb = NB - b0 < 2 ? NB - b0 : 2;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        __m512 acc[8];
-        if (nb == 2 && M - m0 >= 4) {
-            int4_rows4_blocks2(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
-            for (int r = 0; r < 4; r++)
-                for (int b = 0; b < 2; b++)
-                    int4_store(acc[r * 2 + b], xs[m0 + r], y + (m0 + r) * N + (b0 + b) * 16, N - (b0 + b) * 16);
+    int64_t b0 = q * MANY_BLOCKS, nb = NB - b0 < MANY_BLOCKS ? NB - b0 : MANY_BLOCKS;
+    for (int64_t m0 = 0; m0 < M; m0 += MANY_ROWS) {
+        if (nb == MANY_BLOCKS && M - m0 >= MANY_ROWS) {
+            int4_many_rows(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+            for (int r = 0; r < MANY_ROWS; r++)
+                for (int b = 0; b < MANY_BLOCKS; b++)
+                    int4_store(acc + (r * MANY_BLOCKS + b) * VECS_PER_BLOCK, xs[m0 + r],
+                               y + (m0 + r) * N + (b0 + b) * 16, N - (b0 + b) * 16);
         } else {
-            for (int64_t m = m0; m < M && m < m0 + 4; m++)
+            for (int64_t m = m0; m < M && m < m0 + MANY_ROWS; m++)
                 for (int64_t b = b0; b < b0 + nb; b++) {
-                    int4_rows1_blocks1(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb,
-                                       acc);
-                    int4_store(acc[0], xs[m], y + m * N + b * 16, N - b * 16);
+                    int4_one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    int4_store(acc, xs[m], y + m * N + b * 16, N - b * 16);
                 }
         }
     }
@@ -578,9 +713,9 @@ void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y
    RegisterCustomOps is the entry point of ONNX Runtime's SessionOptions.register_custom_ops_library. ONNX Runtime's C
    API is a table of function pointers that only ever grows at its end (onnxruntime_c_api.cc asserts each version's
    last place), so the few called here are named by their fixed place in it (ORT_FN); the operator's own table
-   (struct ort_custom_op) is its version-8 part, which ONNX Runtime reads as such. AVX-512 VNNI builds only. */
+   (struct ort_custom_op) is its version-8 part, which ONNX Runtime reads as such. Both builds have it. */
 
-#if ISA == 2
+#if ISA > 0
 #include <stdlib.h>
 
 typedef void (*ort_any_fn)(void);

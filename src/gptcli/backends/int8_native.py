@@ -52,8 +52,9 @@ ISA_BUILDS = (
         ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx2", "fma"),
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"),
     ),
-    (("avx2", "fma"), ("-mavx2", "-mfma")),
+    (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),  # F16C: the int4 path's float16 scales
 )
+ISA_SWITCH = "GPTCLI_NATIVE_ISA"  # avx2: only the AVX2 path, on an AVX-512 CPU too (what an AVX2-only CPU runs)
 # Twelve decoder layers of the default model ([out, in]: qkv, o, gate-up, down): 42 MB of int8, past a
 # typical L3 as a decode step's weights are. One row: a sequence decoding, the case the choice is for.
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536)) * 12
@@ -138,9 +139,21 @@ def source_text() -> str:
 
 
 def isa_builds() -> list[tuple[str, ...]]:
-    """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first."""
+    """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first; the AVX2 one alone where
+    GPTCLI_NATIVE_ISA=avx2 asks for it."""
     have = cpu_flags()
-    return [flags for needs, flags in ISA_BUILDS if set(needs) <= have]
+    builds = [flags for needs, flags in ISA_BUILDS if set(needs) <= have]
+    wanted = os.environ.get(ISA_SWITCH, "").strip().lower()
+    if wanted in ("", "auto"):
+        return builds
+    if wanted != "avx2":
+        raise ConfigError(f"{ISA_SWITCH}={wanted!r} names no kernel path", hint=f"set {ISA_SWITCH} to avx2 or auto")
+    return [flags for flags in builds if flags == ISA_BUILDS[-1][1]]
+
+
+def isa_name(flags: tuple[str, ...]) -> str:
+    """The path a build's flags make: "AVX-512 VNNI" or "AVX2"."""
+    return ISA_NAMES[2 if "-mavx512vnni" in flags else 1]
 
 
 def unavailable_reason() -> str | None:
@@ -254,7 +267,9 @@ def choice(native: NativeInt8) -> dict[str, Any]:
 
 def machine_key(threads: int) -> str:
     cc = compiler()
-    parts = (version("torch"), source_text(), compiler_key(cc) if cc else "no compiler")
+    builds = isa_builds()
+    path = " ".join(builds[0]) if builds else "no path"  # GPTCLI_NATIVE_ISA=avx2 keeps its own records
+    parts = (version("torch"), source_text(), compiler_key(cc) if cc else "no compiler", path)
     return tuning.machine_key(*parts, str(threads))
 
 

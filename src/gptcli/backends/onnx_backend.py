@@ -371,7 +371,7 @@ def _cached_export(folder: Path, precision: str, device: str, notify: Any) -> tu
     from gptcli.backends.int4_native import onnx_op_for
     from gptcli.export import ensure_export
 
-    library = onnx_op_for(precision, device)
+    library = onnx_op_for(precision, device, folder, notify)
     native = library is not None
     return ensure_export(folder, precision=precision, device=device, notify=notify, native_int4=native), library
 

@@ -54,7 +54,7 @@ def export(
     local = open_local_model(settings)
     check_memory(get_backend_class("onnx"), local.path, LoadOptions(device=device, precision=precision))
     # Into the cache: the export `--backend onnx` loads, with gptcli's int4 operator where it runs here.
-    native = onnx_op_for(precision, device) is not None
+    native = output is None and onnx_op_for(precision, device, local.path, c.note) is not None
     result = ensure_export(
         local.path, precision=precision, device=device, output=output, force=force, notify=c.note, native_int4=native
     )

@@ -65,10 +65,8 @@ def quantize(model: Any, precision: str, *, native_int4: bool = False) -> Any:
         grid = grid_of(wt, 15, QUANT_BLOCK) if bits == 4 else None
         if bits == 4 and grid is None and grid_of(wt, 255, FINE_GRID_BLOCK) is not None:
             bits = 8
-        if grid is not None and native_int4 and _fits_int4_op(grid):
-            nodes.append(_int4_op(graph, node, grid))
-        elif grid is not None:
-            nodes += _grid_int4(graph, node, grid, array.dtype, augmented)
+        if grid is not None:
+            nodes += grid_matmul(graph, node, grid, array.dtype, augmented, native_int4=native_int4)
         else:
             codes, scales, zeros = eight_bit_blocks(wt) if bits == 8 else quantize_blocks(wt, 4, QUANT_BLOCK)
             scales = scales.astype(array.dtype)
@@ -194,6 +192,15 @@ def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any,
     )
 
 
+def grid_matmul(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str], *, native_int4: bool) -> list:
+    """The nodes for a MatMul whose weight is on a 4-bit grid: one Int4MatMul (`native_int4`, where float16 holds
+    the grid), else a MatMulNBits and the block sums of its input (`augmented`: those already made, by input)."""
+    codes, low, step = grid
+    if native_int4 and codes.shape[2] == INT4_OP_GROUP and fits_float16(step, low):
+        return [_int4_op(graph, node, grid)]
+    return _grid_int4(graph, node, grid, dtype, augmented)
+
+
 def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str]) -> list[Any]:
     """A weight on a per-block grid, w = step·code + low (Q4_1), as one MatMulNBits with no rounding.
 
@@ -236,11 +243,6 @@ def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[st
     return nodes
 
 
-def _fits_int4_op(grid: Grid) -> bool:
-    codes, low, step = grid
-    return codes.shape[2] == INT4_OP_GROUP and fits_float16(step, low)
-
-
 def fits_float16(scales: np.ndarray, lows: np.ndarray) -> bool:
     """Whether gptcli's int4 kernel, which keeps scales and minimums as float16, can hold these: none past its range,
     and not all scales below its normal range (|w| ~ 1e-6: subnormal scales, a step of 6e-8, would cost more than
@@ -272,8 +274,7 @@ def _int4_op(graph: Any, node: Any, grid: Grid) -> Any:
     from onnx import helper
 
     codes, low, step = grid
-    n = codes.shape[0]
-    name = node.name + "Int4"
+    n, name = codes.shape[0], node.name + "Int4"
     packed, scales_lows = pack_int4(codes.reshape(n, -1), step, low)
     add_tensor(graph.initializer, packed, f"{name}.codes")
     add_tensor(graph.initializer, scales_lows, f"{name}.scales_lows")

@@ -31,6 +31,7 @@ from gptcli.hf.files import (
     file_tensors,
     has_source,
     header_tensors,
+    param_count,
     read_config,
     safetensors_header,
     weight_files,
@@ -42,6 +43,6 @@ __all__ = [
     "CONFIG_FILE", "CONTEXT_KEYS", "DEFAULT_CONTEXT", "DTYPE_SIZES", "FAMILIES", "FAST_PATH_FAMILIES", "FULL",
     "LLAMA_LIKE", "SIZE_KEYS", "SLIDING", "SOURCE_FILE", "TRAINING_STATE_FILE", "Architecture", "ImpossibleValue",
     "TensorHeader", "config_key", "context_length", "file_tensors", "has_source", "header_tensors", "layers_held",
-    "read_architecture", "read_config", "read_source", "safetensors_header", "validate_model_dir", "weight_files",
-    "write_source",
+    "param_count", "read_architecture", "read_config", "read_source", "safetensors_header", "validate_model_dir",
+    "weight_files", "write_source",
 ]  # fmt: skip

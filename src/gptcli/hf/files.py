@@ -145,6 +145,12 @@ def header_tensors(folder: Path) -> Iterator[TensorHeader]:
     return file_tensors(weight_files(folder))
 
 
+def param_count(folder: Path) -> int | None:
+    """How many weights a folder's safetensors hold, from their headers (None without safetensors: a pickle)."""
+    files = weight_files(folder)
+    return sum(tensor.count for tensor in file_tensors(files)) if files else None
+
+
 # --------------------------------------------------------------------------- the source sidecar
 
 
