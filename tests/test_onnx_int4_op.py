@@ -191,3 +191,18 @@ def test_the_real_timing_names_a_form_and_its_reason():
     assert set(record["timings_ms"]) == {"1 row", f"{int8_native.PREFILL_ROWS} rows"}
     assert all(set(times) == {int8_native.NATIVE, int8_native.TORCH} for times in record["timings_ms"].values())
     assert "int4 onnx products" in record["reason"] and "1 threads" in record["reason"]
+
+
+def test_the_operator_and_the_plain_int4_exports_are_both_kept_and_each_replaced_by_its_own_kind(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Turning the kernels off (or a new timing) and back on does not export again each time."""
+    from gptcli.export import ensure_export, graph
+
+    folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
+    operator = ensure_export(folder, precision="int4", device="cpu", native_int4=True).folder
+    plain = ensure_export(folder, precision="int4", device="cpu").folder
+    assert operator != plain and operator.is_dir() and plain.is_dir()
+    monkeypatch.setattr(graph, "GRAPH_VERSION", graph.GRAPH_VERSION + 1)
+    newer = ensure_export(folder, precision="int4", device="cpu").folder
+    assert newer.is_dir() and not plain.exists() and operator.is_dir()

@@ -63,8 +63,11 @@ def cached_export_dir(folder: Path, precision: str, device: str, native_int4: bo
 
 
 def remove_stale_exports(current: Path, source: Path) -> None:
-    """Older cached exports of the same source, precision and device (a changed source or version)."""
+    """Older cached exports of the same source, precision, device and int4 kernel (a changed source or version).
+    An int4 export on gptcli's operator and a plain MatMulNBits one are both kept: `GPTCLI_NATIVE_KERNELS=0` or a
+    new timing of the two does not export again each time it changes its mind."""
     prefix = current.name.rsplit("-", 1)[0] + "-"
+    kind = _int4_kernel(current)
     for sibling in current.parent.glob(prefix + "*"):
         if sibling == current or not sibling.is_dir():
             continue
@@ -72,8 +75,19 @@ def remove_stale_exports(current: Path, source: Path) -> None:
             record = json.loads((sibling / SIDECAR_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if _int4_kernel(sibling, record) != kind:
+            continue
         if Path(record.get("source", {}).get("path", "")).resolve() == source.resolve():
             shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _int4_kernel(export: Path, record: dict | None = None) -> object:
+    """What an export's int4 weights run on ("Int4MatMul", "MatMulNBits"; None for other precisions)."""
+    try:
+        record = record if record is not None else json.loads((export / SIDECAR_FILE).read_text(encoding="utf-8"))
+        return (record.get("quantization") or {}).get("int4_kernel")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def exports_of(source: Path) -> list[Path]:
