@@ -27,11 +27,11 @@ class MemoryFloor:
 def safetensors_floor(folder: Path, held_as: str, hint: str) -> MemoryFloor | None:
     """`folder`'s weights (counted from the safetensors headers, nothing read) held as `held_as`; None
     without safetensors (a pickle, a GGUF: their size is not known here)."""
-    from gptcli.hf import header_tensors, weight_files
+    from gptcli.hf import param_count
 
-    if not weight_files(folder):
+    params = param_count(folder)
+    if params is None:
         return None
-    params = sum(tensor.count for tensor in header_tensors(folder))
     return MemoryFloor(int(params * BYTES_PER_PARAM[held_as]), params, held_as, hint)
 
 

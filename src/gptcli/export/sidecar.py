@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcli.errors import ModelError
-from gptcli.hf import Architecture, header_tensors
+from gptcli.hf import Architecture, param_count
 from gptcli.models import ONNX_EXPORT_SIDECAR
 
 MODEL_FILE = "model.onnx"
@@ -83,7 +83,7 @@ def model_record(arch: Architecture, folder: Path) -> dict[str, Any]:
         "head_dim": arch.head_dim,
         "vocab_size": arch.vocab,
         "context_length": arch.context,
-        "params": sum(tensor.count for tensor in header_tensors(folder)),
+        "params": param_count(folder) or 0,
     }
 
 

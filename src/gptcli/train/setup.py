@@ -55,14 +55,14 @@ def gpt2_shape(cfg: TrainConfig, vocab: int, block: int) -> ModelShape:
 def folder_shape(folder: Path) -> ModelShape:
     """A model folder's size from config.json and the safetensors headers: nothing is loaded (ModelError
     for a missing or corrupt file)."""
-    from gptcli.hf import header_tensors, read_architecture, read_config, weight_files
+    from gptcli.hf import param_count, read_architecture, read_config, weight_files
 
     if not isinstance(read_config(folder).get("model_type"), str):
         raise ModelError(f"{folder / 'config.json'} names no model_type")
     if not weight_files(folder):
         raise ModelError(f"{folder / 'model.safetensors'} is missing")
     arch = read_architecture(folder)
-    params = sum(t.count for t in header_tensors(folder))
+    params = param_count(folder) or 0
     return ModelShape(params, arch.layers, arch.hidden, arch.vocab, folder)
 
 
