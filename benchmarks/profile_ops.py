@@ -26,6 +26,8 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
+from gptcli.export.quantize import INT4_OP_DOMAIN
+
 NP_TYPES = {
     "tensor(float)": np.float32,
     "tensor(int32)": np.int32,
@@ -110,6 +112,10 @@ def main() -> None:
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(profile_dir) / "ort")
     options.log_severity_level = 3
+    if any(node.domain == INT4_OP_DOMAIN for node in model.graph.node):  # gptcli's Int4MatMul: its library
+        from gptcli.backends.int4_native import onnx_op_library
+
+        options.register_custom_ops_library(str(onnx_op_library()))
     session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
     kv_names = [o.name for o in session.get_outputs() if o.name.startswith("present")]
     past = empty_past(session, args.model)
