@@ -158,6 +158,22 @@ def test_latency_metrics_from_injected_prefill_and_step_times(tiny_models):
     assert len(summary["samples"]["itl_ms"]) == 4 * 4
 
 
+def test_a_latency_prompt_over_the_context_is_timed_by_its_end_and_said_so_once(tiny_models):
+    """It was shortened silently: the table timed a prompt the user never wrote out."""
+    from gptcli.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_models["gpt2"])
+    clock = FakeClock()
+    backend = TimedBackend(clock, lambda n, i: 0.01, vocab=tokenizer.vocab_size, token=5)
+    long = "word " * (2 * backend.info.context_length)
+    said: list[str] = []
+    sampling = SamplingConfig(temperature=0.0, max_tokens=2, seed=0)
+    samples = time_requests(backend, tokenizer, ["short", long], sampling, 3, clock=clock, notify=said.append)
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "kept its last" in warnings[0] and warnings[0].endswith("(prompt 2)")
+    assert max(samples.prompt_tokens) < backend.info.context_length
+
+
 # --- the roofline -----------------------------------------------------------------------------------------
 
 

@@ -229,6 +229,8 @@ def time_requests(
     from gptcli.engine import generate
     from gptcli.prompts import fit_prompt
 
+    warned: set[str] = set()
+
     def request(text: str) -> tuple[float, list[float], float, int, str]:
         start = clock()
         prompt = fit_prompt(
@@ -238,6 +240,9 @@ def time_requests(
             max_tokens=sampling.max_tokens,
             on_overflow="truncate",
         )
+        if prompt.warning is not None and text not in warned:  # what is timed is its end: said once a prompt
+            warned.add(text)
+            notify(f"warning: latency: {prompt.warning} (prompt {prompts.index(text) + 1})")
         times: list[float] = []
         reason = "length"
         for event in generate(backend, tokenizer, prompt.ids, sampling, clock=clock):
