@@ -369,6 +369,19 @@ def test_a_write_refused_outside_gptcli_folders_names_the_fix(tmp_path):
         assert error.exit_code == 1
 
 
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="no /proc here")
+def test_a_results_file_under_proc_is_named_not_an_internal_error(tmp_path):
+    """`generate --batch -o /proc/version` said "internal error: OSError: [Errno 22] Invalid argument" (exit 1)."""
+    from gptcli.jsonl import open_results
+    from gptcli.paths import environment_error
+
+    with pytest.raises(OSError) as raised:
+        open_results(Path("/proc/version"), resume=False)
+    error = environment_error(raised.value)
+    assert error is not None and error.exit_code == 1
+    assert "/proc/version: " in error.message and "choose another path" in (error.hint or "")  # (EACCES unprivileged)
+
+
 def test_a_thing_of_the_wrong_kind_in_gptcli_folders_is_named_with_the_fix(isolated_home):
     """A file named like the chats folder said "File exists" with a hint to make GPTCLI_HOME writable."""
     import errno

@@ -290,6 +290,10 @@ def open_results(output: Path, *, resume: bool) -> IO[str]:
         # a file where one of the path's folders should be (mkdir says "File exists"): left to the caller's
         # paths.environment_error, which names that file
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(output)) from None
+    except OSError as exc:
+        if exc.filename is None:  # opening for appending seeks to the end: a /proc file refuses, naming nothing
+            raise OSError(exc.errno, exc.strerror, str(output)) from None
+        raise
 
 
 def _settle_last_line(output: Path) -> None:

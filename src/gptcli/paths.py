@@ -111,6 +111,8 @@ ENVIRONMENT_ERRNOS = NO_ROOM_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
 PATH_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP})
 # Of those, a path that names no file at all (a name over 255 bytes, a loop of links): a read fails as a write does.
 PATH_ITSELF = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+# A path that is there but takes no file written to it (a /proc or /sys entry, a device, a FIFO with no reader).
+NOT_A_FILE_ERRNOS = frozenset({errno.EINVAL, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP})
 
 
 def environment_error(exc: OSError) -> GptcliError | None:
@@ -120,6 +122,12 @@ def environment_error(exc: OSError) -> GptcliError | None:
     A path inside gptcli's own folders (the cache, chats) comes with how to move them (GPTCLI_HOME); a path
     of the wrong shape elsewhere (`-o` a folder, a file where a folder goes) is the user's input (exit 6).
     """
+    if exc.errno in NOT_A_FILE_ERRNOS and exc.filename:
+        path = os.fsdecode(exc.filename)
+        return GptcliError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            hint="it is no regular file (a /proc or /sys entry, a device?): choose another path",
+        )
     if exc.errno not in ENVIRONMENT_ERRNOS | PATH_ERRNOS or (exc.errno in PATH_ERRNOS and not exc.filename):
         return None
     cause = exc.strerror or str(exc)
