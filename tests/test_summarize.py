@@ -671,6 +671,9 @@ def test_the_partial_json_object_has_the_keys_of_the_whole_one(tiny_models, tok,
     assert run(["summarize", str(doc), "-m", str(tiny_models["llama"]), "--json"]) == 130
     data = json.loads(capsys.readouterr().out)
     assert data["partial"] is True and data["model"] is None and data["backend"] is None and data["device"] is None
+    assert data["parallel"] is None  # it was 1: chosen from the KV budget once the model is loaded, so not yet
+    assert run(["summarize", str(doc), "-m", str(tiny_models["llama"]), "--json", "-P", "3"]) == 130
+    assert json.loads(capsys.readouterr().out)["parallel"] == 3  # asked for
 
     def failing_summarizer(remote, settings, template, **options):
         calls = _calls_failing_after([1, 0], BackendError("the server closed the connection"))

@@ -89,7 +89,7 @@ class SummaryResult:
     combine_levels: int = 0
     calls: list[Call] = field(default_factory=list)
     seconds: float = 0.0
-    parallel: int = 1
+    parallel: int | None = 1  # None: cut short before it was chosen (from the KV budget, as the model loaded)
     partials: list[str] = field(default_factory=list)  # the map stage's finished chunk summaries, in order
     interrupted: bool = False
 

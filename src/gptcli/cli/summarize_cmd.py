@@ -135,7 +135,7 @@ def summarize(
         except SummaryInterrupted as stop:
             result, error = stop.result, stop.error
         except KeyboardInterrupt:  # while the model loads: --json still gets its partial object
-            result = SummaryResult("", "", 0, 0, 0, interrupted=True)
+            result = SummaryResult("", "", 0, 0, 0, parallel=parallel, interrupted=True)  # (None: not chosen yet)
     if result.interrupted:  # --json: the whole object's keys, model and backend null while it loaded
         _stop_with_partial({**result.as_dict(), **where}, result, as_json, error)
     if result.strategy == "map-reduce":
