@@ -26,7 +26,7 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 
-from gptcli.export.quantize import INT4_OP_DOMAIN
+from gptcli.export.native_ops import INT4_OP_DOMAIN
 
 NP_TYPES = {
     "tensor(float)": np.float32,

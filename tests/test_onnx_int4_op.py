@@ -15,7 +15,7 @@ from gptcli.backends.base import LoadOptions
 from gptcli.backends.int4_native import onnx_op_library, onnx_op_refusal
 from gptcli.backends.onnx_backend import OnnxBackend
 from gptcli.export import quantize
-from gptcli.export.quantize import INT4_OP, INT4_OP_DOMAIN
+from gptcli.export.native_ops import INT4_OP, INT4_OP_DOMAIN
 from gptcli.testing import check_batched_step, greedy_ids
 
 needs_kernel = pytest.mark.skipif(onnx_op_refusal() is not None, reason=f"no int4 operator here: {onnx_op_refusal()}")
@@ -93,7 +93,8 @@ def test_the_operator_multiplies_by_the_grid_and_a_row_gives_the_same_bits_in_an
 
 
 def _grid_model(source, target):
-    """A copy of a tiny model with every layer matrix moved onto a Q4_1 grid (as a Q4_1 GGUF's weights are)."""
+    """A copy of a tiny model with every layer matrix moved onto a Q4_1 grid and its (tied) embedding onto a Q8_0 one,
+    as a Q4_1 GGUF's weights are."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -101,6 +102,11 @@ def _grid_model(source, target):
     weights_file = target / "model.safetensors"
     tensors = load_file(str(weights_file))
     for name, tensor in tensors.items():
+        if tensor.dim() == 2 and "embed" in name and tensor.shape[1] % 32 == 0:  # the tied head, as Q8_0
+            blocks = tensor.float().reshape(tensor.shape[0], -1, 32)
+            step = (blocks.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-4).half().float()
+            tensors[name] = (step * torch.round(blocks / step)).reshape(tensor.shape).to(tensor.dtype).contiguous()
+            continue
         if tensor.dim() != 2 or "embed" in name or "lm_head" in name or tensor.shape[1] % 32:
             continue
         blocks = tensor.float().reshape(tensor.shape[0], -1, 32)
@@ -117,7 +123,8 @@ def test_an_int4_export_on_a_grid_uses_the_operator_and_batches_as_it_runs_alone
     folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
     native = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4", threads=2))
     quantization = native.meta["quantization"]
-    assert quantization["int4_kernel"] == INT4_OP and quantization["int4_op_matmuls"] == 8  # qkv, o, gate-up, down
+    assert quantization["int4_kernel"] == INT4_OP and quantization["int4_op_matmuls"] == 9  # qkv, o, gate-up, down
+    assert quantization["int4_op_8bit_matmuls"] == 1  # and the Q8_0 head
     prompt = [5, 9, 14, 3, 7, 11]
     check_batched_step(native, prompt)
     reference = OnnxBackend.load(folder, LoadOptions(device="cpu", precision="fp32"))
@@ -206,3 +213,52 @@ def test_the_operator_and_the_plain_int4_exports_are_both_kept_and_each_replaced
     monkeypatch.setattr(graph, "GRAPH_VERSION", graph.GRAPH_VERSION + 1)
     newer = ensure_export(folder, precision="int4", device="cpu").folder
     assert newer.is_dir() and not plain.exists() and operator.is_dir()
+
+
+def _q8_weight(k: int, n: int, seed: int = 2) -> np.ndarray:
+    """[k, n] as a GGUF's Q8_0 holds it: per output and block of 32 inputs, a float16 step times codes in -127..127."""
+    rng = np.random.default_rng(seed)
+    steps = rng.uniform(1e-3, 3e-3, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(-127, 128, (n, k // 32, 32))
+    return np.ascontiguousarray((steps * q).reshape(n, k).T, dtype=np.float32)
+
+
+def _head_model(weight: np.ndarray):
+    model = _one_matmul_model(weight)
+    model.graph.node[0].name = "lm_head/MatMul"  # the MatMul an int4 export keeps at 8 bits
+    return model
+
+
+def test_an_8_bit_head_on_a_q8_grid_becomes_the_operator_with_bits_8_only_when_float16_holds_it():
+    from gptcli.export.native_ops import int8_op
+
+    q8 = quantize(_head_model(_q8_weight(64, 40)), "int4", native_int4=True)
+    (node,) = q8.graph.node
+    assert node.op_type == INT4_OP and {a.name: a.i for a in node.attribute} == {"N": 40, "bits": 8}
+    assert [n.op_type for n in quantize(_head_model(_q8_weight(64, 40)), "int4").graph.node] == ["MatMulNBits"]
+    assert [n.op_type for n in quantize(_head_model(_q8_weight(64, 40)), "int8").graph.node] == ["MatMulNBits"]
+    # a float weight: its 8-bit steps are float32 values that float16 would round, so MatMulNBits keeps it
+    floats = np.random.default_rng(3).standard_normal((64, 40)).astype(np.float32)
+    assert [n.op_type for n in quantize(_head_model(floats), "int4", native_int4=True).graph.node] == ["MatMulNBits"]
+    assert int8_op(None, None, np.ones((4, 48), np.float32)) is None  # inputs not a multiple of 32
+
+
+@needs_kernel
+def test_the_8_bit_operator_multiplies_by_the_grid_and_gives_the_same_bits_alone_in_a_batch_and_on_avx2(monkeypatch):
+    k, n = 96, 40
+    weight = _q8_weight(k, n)
+    model = quantize(_head_model(weight), "int4", native_int4=True)
+    x = np.random.default_rng(6).standard_normal((3, 5, k)).astype(np.float32)
+    got = _session(model).run(None, {"x": x})[0]
+    exact = x.astype(np.float64) @ weight.astype(np.float64)
+    assert np.abs(got - exact).max() < 1e-3 * np.abs(exact).max()  # 15-bit activations on the exact grid
+    for rows in ((0, 0), (1, 2), (2, 4)):
+        alone = _session(model).run(None, {"x": x[rows[0] : rows[0] + 1, rows[1] : rows[1] + 1]})[0]
+        assert np.array_equal(alone[0, 0], got[rows])
+    assert np.array_equal(_session(model, threads=2).run(None, {"x": x})[0], got)
+    monkeypatch.setenv(int8_native.ISA_SWITCH, "avx2")
+    int8_native._load.cache_clear()
+    try:
+        assert np.array_equal(_session(model, library=onnx_op_library()).run(None, {"x": x})[0], got)
+    finally:
+        int8_native._load.cache_clear()

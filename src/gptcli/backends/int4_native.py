@@ -80,7 +80,7 @@ class NativeInt4(NativeProduct):
         """codes [out, in] in 0..15, scales and lows float32 [out, in/32] -> the kernel's layout (zero padded)."""
         import torch
 
-        from gptcli.export.quantize import pack_int4
+        from gptcli.export.native_ops import pack_int4
 
         n, k = codes.shape
         packed, scales_lows = pack_int4(codes.to(torch.uint8).numpy(), scales.float().numpy(), lows.float().numpy())
@@ -197,7 +197,7 @@ def operators_of(export: Export, library: Path | None = None) -> Path | None:
     """The library of the custom operators `export` uses (None: it uses ONNX Runtime's own only), `library` where
     the caller already has it; a ModelError where it uses gptcli's int4 operator and that cannot run here (an
     export folder made on another machine)."""
-    from gptcli.export.quantize import INT4_OP
+    from gptcli.export.native_ops import INT4_OP
 
     if (export.meta.get("quantization") or {}).get("int4_kernel") != INT4_OP:
         return None

@@ -471,6 +471,44 @@ INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
 INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT4_TILE(int4_one_block, 1, 1)
 
+/* 8-bit codes (0..255; the operator's `bits` 8: a Q8_0 head), [ceil(N/16)][K/4][16][4] bytes, the same scales and
+   minimums: a group's 32 inputs are 8 chunks of 4, one vpdpbusd each per half of the activations. t < 2^27 is exact
+   as an integer; as a float it is rounded once (2^-24), then the same finish as the 4-bit tiles. */
+#define INT8_TILE(NAME, R, B)                                                                                        \
+    static void NAME(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w, int64_t bb, \
+                     const uint16_t *sl, int64_t sb, __m512 acc[R * B]) {                                           \
+        for (int i = 0; i < R * B; i++) acc[i] = _mm512_setzero_ps();                                               \
+        for (int64_t g = 0; g < K / GROUP; g++) {                                                                    \
+            __m512i h[R * B], l[R * B];                                                                              \
+            for (int i = 0; i < R * B; i++) h[i] = l[i] = _mm512_setzero_si512();                                   \
+            for (int c = 0; c < 8; c++) {                                                                            \
+                int64_t k = g * GROUP + 4 * c;                                                                       \
+                __m512i v[B];                                                                                        \
+                for (int b = 0; b < B; b++) v[b] = _mm512_loadu_si512((const void *)(w + b * bb + k * 16));          \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    __m512i bh = BCAST4(hi + r * K + k), bl = BCAST4(lo + r * K + k);                                \
+                    for (int b = 0; b < B; b++) {                                                                    \
+                        h[r * B + b] = _mm512_dpbusd_epi32(h[r * B + b], v[b], bh);                                  \
+                        l[r * B + b] = _mm512_dpbusd_epi32(l[r * B + b], v[b], bl);                                  \
+                    }                                                                                                \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int b = 0; b < B; b++) {                                                                            \
+                const uint16_t *p = sl + b * sb + g * 32;                                                            \
+                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));                              \
+                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));                         \
+                for (int r = 0; r < R; r++) {                                                                        \
+                    __m512i t = _mm512_add_epi32(_mm512_slli_epi32(h[r * B + b], 7), l[r * B + b]);                   \
+                    acc[r * B + b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[r * B + b]);                  \
+                    acc[r * B + b] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[r * (K / GROUP) + g]), acc[r * B + b]); \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+INT8_TILE(int8_one_row, 1, ONE_ROW_BLOCKS)
+INT8_TILE(int8_many_rows, MANY_ROWS, MANY_BLOCKS)
+INT8_TILE(int8_one_block, 1, 1)
+
 /* A block's 16 outputs: acc times the row's scale, in double (a tiny row's scale is past a float's range), rounded
    once; n of them kept. */
 static void int4_store(const acc4_t *acc, double xscale, float *y, int64_t n) {
@@ -588,6 +626,57 @@ INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
 INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT4_TILE(int4_one_block, 1, 1)
 
+/* 8-bit codes on AVX2: each byte as its two nibbles, c = 16 ch + cl, so every vpmaddubsw multiplies at most 15 by an
+   activation byte, as the 4-bit tiles do; t = 2048 sum(ch hi) + 128 sum(cl hi) + 16 sum(ch lo) + sum(cl lo), the
+   integer the AVX-512 path sums, so the same bits. One row, one block (two halves) at a time. */
+static void int8_one_block(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
+                           int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2]) {
+    (void)bb;
+    (void)sb;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), by2048 = _mm256_set1_epi16(2048), by128 = _mm256_set1_epi16(128);
+    const __m256i by16 = _mm256_set1_epi16(16), ones = _mm256_set1_epi16(1);
+    acc[0] = acc[1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        __m256i s[2][4];
+        for (int half = 0; half < 2; half++)
+            for (int i = 0; i < 4; i++) s[half][i] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            int64_t k = g * GROUP + 4 * c;
+            __m256i bh = BCAST4(hi + k), bl = BCAST4(lo + k);
+            for (int half = 0; half < 2; half++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + k * 16 + half * 32));
+                __m256i ch = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), cl = _mm256_and_si256(v, nibble);
+                s[half][0] = _mm256_add_epi16(s[half][0], _mm256_maddubs_epi16(ch, bh));
+                s[half][1] = _mm256_add_epi16(s[half][1], _mm256_maddubs_epi16(cl, bh));
+                s[half][2] = _mm256_add_epi16(s[half][2], _mm256_maddubs_epi16(ch, bl));
+                s[half][3] = _mm256_add_epi16(s[half][3], _mm256_maddubs_epi16(cl, bl));
+            }
+        }
+        for (int half = 0; half < 2; half++) {
+            const uint16_t *p = sl + g * 32 + half * 8;
+            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+            __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 16)));
+            __m256i t = _mm256_add_epi32(_mm256_madd_epi16(s[half][0], by2048), _mm256_madd_epi16(s[half][1], by128));
+            __m256i u = _mm256_add_epi32(_mm256_madd_epi16(s[half][2], by16), _mm256_madd_epi16(s[half][3], ones));
+            t = _mm256_add_epi32(t, u);
+            acc[half] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(t), acc[half]);
+            acc[half] = _mm256_fmadd_ps(low, _mm256_set1_ps(gsum[g]), acc[half]);
+        }
+    }
+}
+
+/* ONE_ROW_BLOCKS (1) blocks of one row, and MANY_ROWS rows of MANY_BLOCKS (1) block: one block at a time. */
+static void int8_one_row(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
+                         int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2 * ONE_ROW_BLOCKS]) {
+    for (int b = 0; b < ONE_ROW_BLOCKS; b++)
+        int8_one_block(hi, lo, gsum, K, w + b * bb, bb, sl + b * sb, sb, acc + 2 * b);
+}
+static void int8_many_rows(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
+                           int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2 * MANY_ROWS]) {
+    for (int r = 0; r < MANY_ROWS; r++)
+        int8_one_block(hi + r * K, lo + r * K, gsum + r * (K / GROUP), K, w, bb, sl, sb, acc + 2 * r);
+}
+
 static void int4_store(const acc4_t *acc, double xscale, float *y, int64_t n) {
     const __m256d s = _mm256_set1_pd(xscale);
     float out[16];
@@ -619,12 +708,16 @@ struct int4_call {
     int8_t *hi, *lo;
     double *xs;
     float *gsum;
+    int bits; /* 4, or 8 (the 8-bit tiles: codes a byte each) */
 };
 
+typedef void (*tile_fn)(const int8_t *, const int8_t *, const float *, int64_t, const uint8_t *, int64_t,
+                        const uint16_t *, int64_t, acc4_t *);
+
 static struct int4_call int4_setup(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M,
-                                   uint8_t *work) {
+                                   uint8_t *work, int bits) {
     int64_t K = w->K;
-    struct int4_call c = {x, w, y, M, (int8_t *)work, (int8_t *)work + M * K, NULL, NULL};
+    struct int4_call c = {x, w, y, M, (int8_t *)work, (int8_t *)work + M * K, NULL, NULL, bits};
     c.xs = (double *)(void *)(work + 2 * M * K); /* 8-byte aligned: K is a multiple of 32 */
     c.gsum = (float *)(void *)(c.xs + M);
     return c;
@@ -643,7 +736,11 @@ static int64_t int4_parts(const struct int4_call *c) {
 }
 
 static void int4_part(const struct int4_call *c, int64_t q) {
-    int64_t N = c->w->N, K = c->w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * 8, sb = G * 32, M = c->M;
+    int eight = c->bits == 8;
+    tile_fn one_row = eight ? int8_one_row : int4_one_row, many_rows = eight ? int8_many_rows : int4_many_rows;
+    tile_fn one_block = eight ? int8_one_block : int4_one_block;
+    int64_t N = c->w->N, K = c->w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * (eight ? 16 : 8), sb = G * 32;
+    int64_t M = c->M;
     const int8_t *hi = c->hi, *lo = c->lo;
     const float *gsum = c->gsum;
     const double *xs = c->xs;
@@ -655,12 +752,12 @@ static void int4_part(const struct int4_call *c, int64_t q) {
         int64_t b0 = q * ONE_ROW_BLOCKS;
         for (int64_t m = 0; m < M; m++) {
             if (NB - b0 >= ONE_ROW_BLOCKS) {
-                int4_one_row(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+                one_row(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
                 for (int b = 0; b < ONE_ROW_BLOCKS; b++)
                     int4_store(acc + b * VECS_PER_BLOCK, xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
             } else {
                 for (int64_t b = b0; b < NB; b++) {
-                    int4_one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
                     int4_store(acc, xs[m], y + m * N + b * 16, N - b * 16);
                 }
             }
@@ -670,7 +767,7 @@ static void int4_part(const struct int4_call *c, int64_t q) {
     int64_t b0 = q * MANY_BLOCKS, nb = NB - b0 < MANY_BLOCKS ? NB - b0 : MANY_BLOCKS;
     for (int64_t m0 = 0; m0 < M; m0 += MANY_ROWS) {
         if (nb == MANY_BLOCKS && M - m0 >= MANY_ROWS) {
-            int4_many_rows(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
+            many_rows(hi + m0 * K, lo + m0 * K, gsum + m0 * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
             for (int r = 0; r < MANY_ROWS; r++)
                 for (int b = 0; b < MANY_BLOCKS; b++)
                     int4_store(acc + (r * MANY_BLOCKS + b) * VECS_PER_BLOCK, xs[m0 + r],
@@ -678,7 +775,7 @@ static void int4_part(const struct int4_call *c, int64_t q) {
         } else {
             for (int64_t m = m0; m < M && m < m0 + MANY_ROWS; m++)
                 for (int64_t b = b0; b < b0 + nb; b++) {
-                    int4_one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
+                    one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
                     int4_store(acc, xs[m], y + m * N + b * 16, N - b * 16);
                 }
         }
@@ -687,7 +784,7 @@ static void int4_part(const struct int4_call *c, int64_t q) {
 
 void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y, int64_t M, uint8_t *work,
                     int threads) {
-    struct int4_call c = int4_setup(x, w, y, M, work);
+    struct int4_call c = int4_setup(x, w, y, M, work, 4);
     int64_t parts = int4_parts(&c);
     if (M < 4) /* a decode step's few rows: here, without a barrier in the parallel region (as gptcli_int8_mm) */
         for (int64_t m = 0; m < M; m++) int4_quantize(&c, m);
@@ -761,6 +858,7 @@ struct ort_custom_op { /* version 8 of ONNX Runtime's OrtCustomOp: the fields to
 struct int4_op_kernel {
     const ort_any_fn *api;
     int64_t N;
+    int64_t bits; /* 4 (absent), or 8: codes a byte each, [ceil(N/16)][K/4][16][4] */
 };
 
 static void release(const ort_any_fn *api, void *status) {
@@ -772,8 +870,10 @@ static void *int4_op_create(const struct ort_custom_op *op, const ort_any_fn *ap
     struct int4_op_kernel *kernel = calloc(1, sizeof *kernel);
     if (!kernel) return NULL;
     kernel->api = api;
-    release(api, ORT_FN(api, ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64, void *(*)(const void *, const char *, int64_t *))(
-                     info, "N", &kernel->N));
+    typedef void *(*get_int64_fn)(const void *, const char *, int64_t *);
+    kernel->bits = 4;
+    release(api, ORT_FN(api, ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64, get_int64_fn)(info, "N", &kernel->N));
+    release(api, ORT_FN(api, ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64, get_int64_fn)(info, "bits", &kernel->bits));
     return kernel;
 }
 
@@ -836,15 +936,17 @@ static void int4_op_compute(void *opaque, void *context) {
     float *y = output ? tensor_data(api, output) : NULL;
     if (!y || M == 0 || N == 0) return;
     int64_t NB = (N + 15) / 16;
-    int fits = cn == 4 && sn == 4 && K % GROUP == 0 && cd[0] == NB && cd[1] * 8 == K && cd[2] == 16 && cd[3] == 4 &&
-               sd[0] == NB && sd[1] * GROUP == K && sd[2] == 2 && sd[3] == 16;
+    int64_t per_lane = kernel->bits == 8 ? 4 : 8; /* inputs a 4-byte lane of a block holds */
+    int fits = (kernel->bits == 4 || kernel->bits == 8) && cn == 4 && sn == 4 && K % GROUP == 0 && cd[0] == NB &&
+               cd[1] * per_lane == K && cd[2] == 16 && cd[3] == 4 && sd[0] == NB && sd[1] * GROUP == K && sd[2] == 2 &&
+               sd[3] == 16;
     uint8_t *work = fits ? malloc((size_t)(M * (2 * K + 4 * (K / GROUP) + 8))) : NULL;
     if (!work) { /* shapes the exporter never writes, or no memory: NaN, never a read out of bounds */
         for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
         return;
     }
     struct gptcli_int4_matrix w = {tensor_data(api, inputs[1]), tensor_data(api, inputs[2]), N, K};
-    struct int4_call c = int4_setup(tensor_data(api, inputs[0]), &w, y, M, work);
+    struct int4_call c = int4_setup(tensor_data(api, inputs[0]), &w, y, M, work, (int)kernel->bits);
     if (M < 4) /* a decode step's rows: quicker here than a trip through the pool */
         for (int64_t m = 0; m < M; m++) int4_quantize(&c, m);
     else

@@ -116,7 +116,7 @@ class Int4Matrix(QuantMatrix):
         codes = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
         self.scales, self.lows = scales, low  # [out, in/group], float32
         codes = codes.reshape(self.out_features, self.in_features)
-        from gptcli.export.quantize import fits_float16  # (an int8 model does not import the export package)
+        from gptcli.export.native_ops import fits_float16  # (an int8 model does not import the export package)
 
         # gptcli's kernel keeps the scales and minimums as float16: a matrix they do not fit stays with torch's
         self.native = native if group == 32 and fits_float16(scales.numpy(), low.numpy()) else None

@@ -53,11 +53,11 @@ from gptcli.export.cache import (
 )
 from gptcli.export.decoder import build_graph
 from gptcli.export.graph import GRAPH_VERSION, MS_OPSET, OPSET, GraphBuilder, compute_dtype
+from gptcli.export.native_ops import INT4_OP
 from gptcli.export.nbits_choice import choose_levels
 from gptcli.export.quantize import (
     GRID_TOLERANCE,
     INT4_KEEP_8BIT,
-    INT4_OP,
     QUANT_ACCURACY_LEVEL,
     QUANT_BLOCK,
     apply_accuracy_levels,
@@ -261,6 +261,9 @@ def build_export(
         "finer_source_kept_at_8_bits": [] if precision == "int8" else fine_grid_kept(model),
         "grid_kept_matmuls": sum(n.input[0].endswith("/with_block_sums") for n in model.graph.node),
         "int4_op_matmuls": sum(n.op_type == INT4_OP for n in model.graph.node),
+        "int4_op_8bit_matmuls": sum(
+            n.op_type == INT4_OP and any(a.name == "bits" and a.i == 8 for a in n.attribute) for n in model.graph.node
+        ),
     }
     quantization["int4_kernel"] = INT4_OP if quantization["int4_op_matmuls"] else "MatMulNBits"
     meta = {

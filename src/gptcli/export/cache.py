@@ -53,7 +53,7 @@ def cache_key(folder: Path, precision: str, device: str, native_int4: bool = Fal
     if precision in {"int8", "int4"} and device == "cpu":  # its compute type is chosen per machine
         versions.append(machine_key())
     if native_int4:
-        versions.append("int4-op")
+        versions.append("int4-op-8bit-head")  # (-8bit-head: the Q8_0 head on the operator too)
     return files_key(source_fingerprint(folder), precision, device, *versions)
 
 

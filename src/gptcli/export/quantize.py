@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from gptcli.export.graph import add_tensor
+from gptcli.export.native_ops import INT4_OP_DOMAIN, INT4_OP_GROUP, Grid, fits_float16, int4_op, int8_op
 
 QUANT_BLOCK = 32
 QUANT_ACCURACY_LEVEL = 4
@@ -29,9 +30,6 @@ GRID_TOLERANCE = 1e-3
 # rounding them to 4 costs Gemma 3 270M +37 % perplexity.
 FINE_GRID_BLOCK = 16
 GRID_ROWS = 16384  # blocks per slice in grid_of: its float64 temporaries stay a few MB
-# gptcli's int4 product as an ONNX Runtime operator (int8_native.c's last section, registered by the onnx backend).
-INT4_OP_DOMAIN, INT4_OP = "ai.gptcli", "Int4MatMul"
-INT4_OP_GROUP = 32  # inputs a scale and minimum cover (the C kernel's GROUP)
 
 
 def quantize(model: Any, precision: str, *, native_int4: bool = False) -> Any:
@@ -67,12 +65,14 @@ def quantize(model: Any, precision: str, *, native_int4: bool = False) -> Any:
             bits = 8
         if grid is not None:
             nodes += grid_matmul(graph, node, grid, array.dtype, augmented, native_int4=native_int4)
+        elif bits == 8 and native_int4 and precision == "int4" and (op := int8_op(graph, node, wt)) is not None:
+            nodes.append(op)  # the head a GGUF keeps as Q8_0, on gptcli's operator too
         else:
             codes, scales, zeros = eight_bit_blocks(wt) if bits == 8 else quantize_blocks(wt, 4, QUANT_BLOCK)
             scales = scales.astype(array.dtype)
             k = wt.shape[1]
             nodes.append(
-                _nbits(graph, node.name + "NBits", node.input[0], node.output[0], k, bits, codes, scales, zeros)
+                nbits_node(graph, node.name + "NBits", node.input[0], node.output[0], k, bits, codes, scales, zeros)
             )
     del graph.node[:]
     graph.node.extend(nodes)
@@ -169,7 +169,7 @@ def fine_grid_kept(model: Any) -> list[str]:
     ]
 
 
-def _nbits(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
+def nbits_node(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: Any, scales: Any, zeros: Any) -> Any:
     """A MatMulNBits over x [.., k] from unpacked codes [N, blocks, 32] (k zero-padded to whole
     blocks), scales and zero points [N, blocks]."""
     from onnx import helper
@@ -197,7 +197,7 @@ def grid_matmul(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[s
     the grid), else a MatMulNBits and the block sums of its input (`augmented`: those already made, by input)."""
     codes, low, step = grid
     if native_int4 and codes.shape[2] == INT4_OP_GROUP and fits_float16(step, low):
-        return [_int4_op(graph, node, grid)]
+        return [int4_op(graph, node, grid)]
     return _grid_int4(graph, node, grid, dtype, augmented)
 
 
@@ -238,58 +238,15 @@ def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[st
     scales = np.concatenate([step, r_scales], axis=1).astype(dtype)
     zeros = np.concatenate([zeros, r_zeros], axis=1)
     nodes.append(
-        _nbits(graph, node.name + "NBits", augmented[source], node.output[0], k + blocks, 4, codes, scales, zeros)
+        nbits_node(graph, node.name + "NBits", augmented[source], node.output[0], k + blocks, 4, codes, scales, zeros)
     )
     return nodes
-
-
-def fits_float16(scales: np.ndarray, lows: np.ndarray) -> bool:
-    """Whether gptcli's int4 kernel, which keeps scales and minimums as float16, can hold these: none past its range,
-    and not all scales below its normal range (|w| ~ 1e-6: subnormal scales, a step of 6e-8, would cost more than
-    the 4-bit rounding does; a real model's largest scale is ~1e-2)."""
-    finfo = np.finfo(np.float16)
-    largest = max(float(np.abs(scales).max(initial=0)), float(np.abs(lows).max(initial=0)))
-    return largest < finfo.max and float(scales.max(initial=0)) >= finfo.tiny
-
-
-def pack_int4(codes: np.ndarray, scales: np.ndarray, lows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """codes [out, in] in 0..15, scales and lows [out, in/32] -> gptcli's int4 kernel's layout (int8_native.c):
-    codes two to a byte, uint8 [ceil(out/16), in/8, 16, 4] (byte 4o + j of chunk c of a block: input 8c + j of
-    output o low, 8c + 4 + j high), and float16 [ceil(out/16), in/32, 2, 16] scales then minimums, zero padded."""
-    n, k = codes.shape
-    blocks = -(-n // 16)
-    padded = np.zeros((blocks * 16, k), dtype=np.uint8)
-    padded[:n] = codes
-    # [block, output, chunk of 8 inputs, half, 4] -> [block, chunk, output, 4] with the second half's codes high
-    split = padded.reshape(blocks, 16, k // 8, 2, 4)
-    nibbles = np.ascontiguousarray((split[:, :, :, 0] | (split[:, :, :, 1] << 4)).transpose(0, 2, 1, 3))
-    both = np.zeros((blocks * 16, k // INT4_OP_GROUP, 2), dtype=np.float16)
-    both[:n, :, 0], both[:n, :, 1] = scales, lows
-    scales_lows = np.ascontiguousarray(both.reshape(blocks, 16, k // INT4_OP_GROUP, 2).transpose(0, 2, 3, 1))
-    return nibbles, scales_lows
-
-
-def _int4_op(graph: Any, node: Any, grid: Grid) -> Any:
-    """A weight on a per-block grid as one Int4MatMul: the grid itself, float16 steps and minimums (see pack_int4)."""
-    from onnx import helper
-
-    codes, low, step = grid
-    n, name = codes.shape[0], node.name + "Int4"
-    packed, scales_lows = pack_int4(codes.reshape(n, -1), step, low)
-    add_tensor(graph.initializer, packed, f"{name}.codes")
-    add_tensor(graph.initializer, scales_lows, f"{name}.scales_lows")
-    inputs = [node.input[0], f"{name}.codes", f"{name}.scales_lows"]
-    return helper.make_node(INT4_OP, inputs, [node.output[0]], name=name, domain=INT4_OP_DOMAIN, N=n)
 
 
 def _node(op_type: str, inputs: list[str], output: str, name: str, **attrs: Any) -> Any:
     from onnx import helper
 
     return helper.make_node(op_type, inputs, [output], name=name, **attrs)
-
-
-# A weight on a per-block grid: codes [N, blocks, block] (uint8), block minima and steps [N, blocks].
-Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def grid_of(wt: np.ndarray, steps: int, block: int) -> Grid | None:
