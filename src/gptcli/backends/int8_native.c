@@ -804,7 +804,8 @@ void gptcli_int4_mm(const float *x, const struct gptcli_int4_matrix *w, float *y
 
    ai.gptcli.Int4MatMul(X float [..., K], codes uint8 [ceil(N/16), K/8, 16, 4], scales_lows float16 [ceil(N/16), K/32,
    2, 16]) -> Y float [..., N], attribute N: gptcli_int4_mm in an exported int4 graph (the layout above), in place of
-   MatMulNBits and its Q4_1 block sums. The parts of a product (int4_quantize, int4_part) run on the session's own
+   MatMulNBits and its Q4_1 block sums. Attribute bits 8 (a Q8_0 head): codes a byte each, [ceil(N/16), K/4, 16, 4],
+   the 8-bit tiles. The parts of a product (int4_quantize, int4_part) run on the session's own
    intra-op threads (KernelContext_ParallelFor): an OpenMP team beside ONNX Runtime's spinning pool fought it for the
    two cores (decode 74-98 tok/s against 227-231 with MatMulNBits; 308-317 on the pool).
    RegisterCustomOps is the entry point of ONNX Runtime's SessionOptions.register_custom_ops_library. ONNX Runtime's C
