@@ -240,7 +240,8 @@ def test_an_8_bit_head_on_a_q8_grid_becomes_the_operator_with_bits_8_only_when_f
     # a float weight: its 8-bit steps are float32 values that float16 would round, so MatMulNBits keeps it
     floats = np.random.default_rng(3).standard_normal((64, 40)).astype(np.float32)
     assert [n.op_type for n in quantize(_head_model(floats), "int4", native_int4=True).graph.node] == ["MatMulNBits"]
-    assert int8_op(None, None, np.ones((4, 48), np.float32)) is None  # inputs not a multiple of 32
+    codes, step = np.full((4, 2, 32), 128, np.uint8), np.full((4, 2), 1e-3, np.float16).astype(np.float32)
+    assert int8_op(None, None, 48, codes, step, -128 * step) is None  # inputs not a multiple of 32
 
 
 @needs_kernel

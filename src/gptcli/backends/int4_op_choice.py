@@ -131,7 +131,7 @@ def _head(graph: Any, *, native_int4: bool) -> Any:
     """The head on a Q8_0 grid (float16 steps, codes 128 -/+ 127), as the export writes it in either form."""
     from onnx import helper
 
-    from gptcli.export.native_ops import int8_codes_op
+    from gptcli.export.native_ops import int8_op
     from gptcli.export.quantize import nbits_node
 
     n, k = HEAD
@@ -139,7 +139,7 @@ def _head(graph: Any, *, native_int4: bool) -> Any:
     codes = rng.integers(1, 256, (n, k // 32, 32), dtype=np.uint8)
     step = (rng.random((n, k // 32), dtype=np.float32) / 1000 + 1e-4).astype(np.float16).astype(np.float32)
     node = helper.make_node("MatMul", ["x_head", "head_w"], ["head"], name="lm_head/MatMul")
-    op = int8_codes_op(graph, node, codes, step, -128 * step) if native_int4 else None
+    op = int8_op(graph, node, k, codes, step, -128 * step) if native_int4 else None
     if op is not None:
         return op
     zeros = np.full(step.shape, 128, dtype=np.uint8)

@@ -72,24 +72,15 @@ def int4_op(graph: Any, node: Any, grid: Grid) -> Any:
     return _op(graph, node, n, pack_int4(codes.reshape(n, -1), step, low))
 
 
-def int8_op(graph: Any, node: Any, wt: np.ndarray) -> Any | None:
-    """The 8-bit weight wt [N, K] as one Int4MatMul with `bits` 8, where it sits on an 8-bit grid whose steps and
-    minimums float16 holds exactly (a GGUF's Q8_0: a float16 step and codes about 128); else None."""
-    from gptcli.export.quantize import eight_bit_blocks
-
-    if wt.shape[1] % INT4_OP_GROUP:
-        return None
-    codes, step, zero = eight_bit_blocks(wt)  # w = step * (code - zero)
-    step = np.asarray(step, dtype=np.float32)
-    return int8_codes_op(graph, node, codes, step, -step * zero.astype(np.float32))
-
-
-def int8_codes_op(graph: Any, node: Any, codes: np.ndarray, step: np.ndarray, low: np.ndarray) -> Any | None:
-    """int8_op from codes [N, blocks, 32] (0..255), steps and minimums [N, blocks]: w = low + step * code."""
-    if codes.shape[2] != INT4_OP_GROUP or not fits_float16(step, low):
+def int8_op(graph: Any, node: Any, k: int, codes: np.ndarray, step: np.ndarray, low: np.ndarray) -> Any | None:
+    """An 8-bit weight of k inputs, w = low + step * code (codes [N, blocks, 32] in 0..255, steps and minimums
+    [N, blocks]), as one Int4MatMul with `bits` 8 where float16 holds its steps and minimums exactly (a GGUF's Q8_0:
+    float16 steps, minimums 128 steps down); else None (MatMulNBits keeps float32 steps)."""
+    step, low = np.asarray(step, dtype=np.float32), np.asarray(low, dtype=np.float32)
+    if k % INT4_OP_GROUP or codes.shape[2] != INT4_OP_GROUP or not fits_float16(step, low):
         return None
     if not (np.array_equal(step.astype(np.float16), step) and np.array_equal(low.astype(np.float16), low)):
-        return None  # float16 would round them: MatMulNBits keeps float32 steps
+        return None
     return _op(graph, node, codes.shape[0], pack_int8(codes.reshape(codes.shape[0], -1), step, low), bits=8)
 
 

@@ -2,7 +2,8 @@
 MatMulNBits (block 32, asymmetric; accuracy level 4 until apply_accuracy_levels writes the per-CPU
 choice); 4-bit weights already on a grid keep their grid, and in an int4 export weights on a finer
 grid (a GGUF's 5- to 8-bit tensors) stay at 8 bits. Where the onnx backend has gptcli's own int4 kernel
-(`native_int4`), a weight on a 4-bit grid becomes one ai.gptcli Int4MatMul node instead (see pack_int4)."""
+(`native_int4`), a weight on a 4-bit grid becomes one ai.gptcli Int4MatMul node instead, and so does an 8-bit one
+whose steps float16 holds (a GGUF's Q8_0 head; see export.native_ops)."""
 
 from __future__ import annotations
 
@@ -65,15 +66,15 @@ def quantize(model: Any, precision: str, *, native_int4: bool = False) -> Any:
             bits = 8
         if grid is not None:
             nodes += grid_matmul(graph, node, grid, array.dtype, augmented, native_int4=native_int4)
-        elif bits == 8 and native_int4 and precision == "int4" and (op := int8_op(graph, node, wt)) is not None:
-            nodes.append(op)  # the head a GGUF keeps as Q8_0, on gptcli's operator too
         else:
             codes, scales, zeros = eight_bit_blocks(wt) if bits == 8 else quantize_blocks(wt, 4, QUANT_BLOCK)
-            scales = scales.astype(array.dtype)
             k = wt.shape[1]
-            nodes.append(
-                nbits_node(graph, node.name + "NBits", node.input[0], node.output[0], k, bits, codes, scales, zeros)
-            )
+            # the head a GGUF keeps as Q8_0: on gptcli's operator too, where float16 holds its steps
+            op = int8_op(graph, node, k, codes, scales, -scales * zeros) if bits == 8 and native_int4 else None
+            if op is None:
+                name, scales = node.name + "NBits", scales.astype(array.dtype)
+                op = nbits_node(graph, name, node.input[0], node.output[0], k, bits, codes, scales, zeros)
+            nodes.append(op)
     del graph.node[:]
     graph.node.extend(nodes)
     if any(node.domain == INT4_OP_DOMAIN for node in nodes):
