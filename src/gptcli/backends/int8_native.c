@@ -423,6 +423,20 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
     }
 }
 
+/* Group g's sums h, l (R rows x B blocks) into acc: t = 128 h + l (exact), acc += scale t + low C, C the row's code
+   sum over the group; the scales and minimums float16, [block][group][2][16]. */
+#define GROUP_FINISH(R, B)                                                                                           \
+    for (int b = 0; b < B; b++) {                                                                                    \
+        const uint16_t *p = sl + b * sb + g * 32;                                                                    \
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));                                      \
+        __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));                                 \
+        for (int r = 0; r < R; r++) {                                                                                \
+            __m512i t = _mm512_add_epi32(_mm512_slli_epi32(h[r * B + b], 7), l[r * B + b]);                          \
+            acc[r * B + b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[r * B + b]);                          \
+            acc[r * B + b] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[r * (K / GROUP) + g]), acc[r * B + b]);        \
+        }                                                                                                            \
+    }
+
 /* R rows (K bytes apart) x B blocks of 16 outputs (bb bytes apart): acc[r * B + b] (floats, before the row scale). */
 #define INT4_TILE(NAME, R, B)                                                                                        \
     static void NAME(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w, int64_t bb, \
@@ -451,16 +465,7 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
                     }                                                                                                \
                 }                                                                                                    \
             }                                                                                                        \
-            for (int b = 0; b < B; b++) {                                                                            \
-                const uint16_t *p = sl + b * sb + g * 32;                                                            \
-                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));                              \
-                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));                         \
-                for (int r = 0; r < R; r++) {                                                                        \
-                    __m512i t = _mm512_add_epi32(_mm512_slli_epi32(h[r * B + b], 7), l[r * B + b]);                   \
-                    acc[r * B + b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[r * B + b]);                  \
-                    acc[r * B + b] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[r * (K / GROUP) + g]), acc[r * B + b]); \
-                }                                                                                                    \
-            }                                                                                                        \
+            GROUP_FINISH(R, B);                                                                                      \
         }                                                                                                            \
     }
 #define BCAST4(p) _mm512_set1_epi32(four_bytes((const uint8_t *)(p)))
@@ -493,16 +498,7 @@ INT4_TILE(int4_one_block, 1, 1)
                     }                                                                                                \
                 }                                                                                                    \
             }                                                                                                        \
-            for (int b = 0; b < B; b++) {                                                                            \
-                const uint16_t *p = sl + b * sb + g * 32;                                                            \
-                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));                              \
-                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));                         \
-                for (int r = 0; r < R; r++) {                                                                        \
-                    __m512i t = _mm512_add_epi32(_mm512_slli_epi32(h[r * B + b], 7), l[r * B + b]);                   \
-                    acc[r * B + b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[r * B + b]);                  \
-                    acc[r * B + b] = _mm512_fmadd_ps(low, _mm512_set1_ps(gsum[r * (K / GROUP) + g]), acc[r * B + b]); \
-                }                                                                                                    \
-            }                                                                                                        \
+            GROUP_FINISH(R, B);                                                                                      \
         }                                                                                                            \
     }
 INT8_TILE(int8_one_row, 1, ONE_ROW_BLOCKS)
