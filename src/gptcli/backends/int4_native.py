@@ -121,7 +121,7 @@ def cached_choice(threads: int) -> dict[str, Any] | None:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say of the int4 kernel."""
-    return int8_native.report(TORCHS, "int4", lambda: None, lambda: cached_choice(threads))
+    return int8_native.report(TORCHS, "int4", lambda: cached_choice(threads))
 
 
 ORT_FOR_OP = (1, 17)  # the operator runs on the session's threads through KernelContext_ParallelFor (1.17 on)
@@ -152,7 +152,7 @@ def onnx_op_choice() -> dict[str, Any]:
         return {"kernel": "MatMulNBits", "reason": refusal}
     from gptcli.backends.int4_op_choice import cached_choice
 
-    operator = f"gptcli's Int4MatMul ({int8_native.isa_name(int8_native.isa_builds()[0])})"
+    operator = f"gptcli's Int4MatMul ({int8_native.widest_path()})"
     record = cached_choice(default_threads())
     if record is None:
         return {"kernel": None, "reason": f"{operator} or MatMulNBits: timed at the first int4 export here"}
@@ -177,20 +177,23 @@ def onnx_op_for(precision: str, device: str, folder: Path, notify: Callable[[str
     (int4_op_choice; `notify` hears when that is timed). A model under MIN_PARAMS (the tests' tiny ones) takes it
     unmeasured, as the torch kernels do."""
     library = onnx_op_library() if precision == "int4" and device == "cpu" else None
-    if library is None:
-        return None
-    from gptcli.backends.int4_op_choice import uses_operator
-    from gptcli.hf import param_count
-
-    params = param_count(folder)
-    if params is not None and params < int8_native.MIN_PARAMS:
+    if library is None or _untimed(folder):
         return library
+    from gptcli.backends.int4_op_choice import uses_operator
 
     def timing() -> None:
         if notify is not None:
             notify("timing gptcli's int4 operator against MatMulNBits on this CPU (once, a few seconds)")
 
     return library if uses_operator(library, default_threads(), timing) else None
+
+
+def _untimed(folder: Path) -> bool:
+    """A model under MIN_PARAMS: it takes the operator unmeasured."""
+    from gptcli.hf import param_count
+
+    params = param_count(folder)
+    return params is not None and params < int8_native.MIN_PARAMS
 
 
 def operators_of(export: Export, library: Path | None = None) -> Path | None:

@@ -35,9 +35,8 @@ OPERATOR, NBITS = "gptcli's Int4MatMul", "ONNX Runtime's MatMulNBits"
 def machine_key(threads: int) -> str:
     import onnxruntime
 
-    builds = int8_native.isa_builds()
-    path = " ".join(builds[0]) if builds else "no path"
-    return tuning.machine_key(onnxruntime.__version__, int8_native.source_text(), path, str(threads))
+    parts = (onnxruntime.__version__, int8_native.source_text(), int8_native.widest_path())
+    return tuning.machine_key(*parts, str(threads))
 
 
 def cached_choice(threads: int) -> dict[str, Any] | None:

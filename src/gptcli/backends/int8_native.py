@@ -151,9 +151,11 @@ def isa_builds() -> list[tuple[str, ...]]:
     return [flags for flags in builds if flags == ISA_BUILDS[-1][1]]
 
 
-def isa_name(flags: tuple[str, ...]) -> str:
-    """The path a build's flags make: "AVX-512 VNNI" or "AVX2"."""
-    return ISA_NAMES[2 if "-mavx512vnni" in flags else 1]
+def widest_path() -> str:
+    """The path the library built here has, "AVX-512 VNNI" or "AVX2" ("no path" on a CPU with neither): the
+    tuning records keep it in their keys, so GPTCLI_NATIVE_ISA=avx2 has records of its own."""
+    builds = isa_builds()
+    return ISA_NAMES[2 if "-mavx512vnni" in builds[0] else 1] if builds else "no path"
 
 
 def unavailable_reason() -> str | None:
@@ -267,9 +269,7 @@ def choice(native: NativeInt8) -> dict[str, Any]:
 
 def machine_key(threads: int) -> str:
     cc = compiler()
-    builds = isa_builds()
-    path = " ".join(builds[0]) if builds else "no path"  # GPTCLI_NATIVE_ISA=avx2 keeps its own records
-    parts = (version("torch"), source_text(), compiler_key(cc) if cc else "no compiler", path)
+    parts = (version("torch"), source_text(), compiler_key(cc) if cc else "no compiler", widest_path())
     return tuning.machine_key(*parts, str(threads))
 
 
@@ -286,19 +286,17 @@ def valid_choice(record: dict[str, Any]) -> bool:
 
 def reported_choice(threads: int) -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say: the record, or why there is none (no build)."""
-    return report("torch's _weight_int8pack_mm", "int8", lambda: None, lambda: cached_choice(threads))
+    return report("torch's _weight_int8pack_mm", "int8", lambda: cached_choice(threads))
 
 
-def report(
-    torchs: str, what: str, refused: Callable[[], str | None], recorded: Callable[[], dict[str, Any] | None]
-) -> dict[str, Any]:
-    """A kernel choice as `backends --json` says it: torch's where no native kernel can run here (unavailable_reason,
-    else `refused()`), the `recorded()` choice, or when it will be measured."""
+def report(torchs: str, what: str, recorded: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+    """A kernel choice as `backends --json` says it: torch's where no native kernel can run here (unavailable_reason),
+    the `recorded()` choice, or when it will be measured."""
     try:
         reason = unavailable_reason()
     except ConfigError as exc:  # a bad GPTCLI_NATIVE_KERNELS: said here, an error when a model loads
         return {"kernel": None, "reason": str(exc)}
-    if (reason := reason or refused()) is not None:
+    if reason is not None:
         return {"kernel": TORCH, "reason": f"{torchs}: {reason}"}
     return recorded() or {
         "kernel": None,

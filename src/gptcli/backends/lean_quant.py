@@ -6,7 +6,7 @@ with a CPU kernel for weight-only quantized products:
   (int8_native.py: built here, activations rounded to 14-16 bits per row, exact integer sums) where it
   is this machine's choice, else by `torch._weight_int8pack_mm(x, w [out, in] int8, scales [out])`;
 - int4: asymmetric groups of GROUP_SIZE inputs (min/max, 16 levels: w ≈ q·scale + min), multiplied by
-  gptcli's own kernel (int4_native.py, AVX-512 VNNI) where it is this machine's choice, else by
+  gptcli's own kernel (int4_native.py, AVX-512 VNNI or AVX2) where it is this machine's choice, else by
   `torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`. Block 32, as
   the onnx export's MatMulNBits: a model whose weights came from a 32-block 4-bit GGUF keeps its grid.
 The activations go into torch's kernels as bfloat16 and come back in the model's dtype: with float32
