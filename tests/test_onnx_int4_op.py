@@ -263,3 +263,15 @@ def test_the_8_bit_operator_multiplies_by_the_grid_and_gives_the_same_bits_alone
         assert np.array_equal(_session(model, library=onnx_op_library()).run(None, {"x": x})[0], got)
     finally:
         int8_native._load.cache_clear()
+
+
+@needs_kernel
+def test_the_memory_floor_looks_for_the_export_this_machines_timing_chose(tiny_models, tmp_path, monkeypatch):
+    """It looked for the operator's export wherever the operator could run: after a timing that chose MatMulNBits,
+    a model already exported was floored as float32 weights to export again."""
+    folder = _grid_model(tiny_models["llama"], tmp_path / "tiny-llama-q4")
+    monkeypatch.setattr(int8_native, "MIN_PARAMS", 0)
+    _record(int8_native.TORCH)
+    OnnxBackend.load(folder, LoadOptions(device="cpu", precision="int4"))  # the MatMulNBits export, now cached
+    floor = OnnxBackend.memory_floor(folder, LoadOptions(device="cpu", precision="int4"))
+    assert floor is not None and floor.held_as == "int4"

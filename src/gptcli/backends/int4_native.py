@@ -188,6 +188,19 @@ def onnx_op_for(precision: str, device: str, folder: Path, notify: Callable[[str
     return library if uses_operator(library, default_threads(), timing) else None
 
 
+def onnx_op_expected(precision: str, device: str, folder: Path) -> bool:
+    """Whether onnx_op_for would give the operator, as far as is known without building or timing anything (the
+    memory floor asks before a load): where it can run, unless this machine's timing chose MatMulNBits."""
+    if precision != "int4" or device != "cpu" or onnx_op_refusal() is not None:
+        return False
+    if _untimed(folder):
+        return True
+    from gptcli.backends.int4_op_choice import cached_choice
+
+    record = cached_choice(default_threads())
+    return record is None or record["kernel"] == NATIVE
+
+
 def _untimed(folder: Path) -> bool:
     """A model under MIN_PARAMS: it takes the operator unmeasured."""
     from gptcli.hf import param_count

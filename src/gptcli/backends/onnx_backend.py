@@ -143,9 +143,9 @@ class OnnxBackend:
         precision = options.precision or "fp32"
         if precision == "fp16" or (folder / SIDECAR_FILE).is_file() or may_load_on_gpu(options.device):
             return None
-        from gptcli.backends.int4_native import onnx_op_refusal
+        from gptcli.backends.int4_native import onnx_op_expected
 
-        native = precision == "int4" and onnx_op_refusal() is None
+        native = onnx_op_expected(precision, "cpu", folder)  # the export the load will look for
         if (cached_export_dir(folder, precision, "cpu", native) / SIDECAR_FILE).is_file():
             return safetensors_floor(folder, precision, "pick a smaller --precision (int8, int4), or free memory")
         hint = "its export reads the weights as float32 once: make it (`gptcli export`) on a machine with the room"
