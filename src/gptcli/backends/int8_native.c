@@ -1,6 +1,6 @@
 /* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py. The int4
    product (--precision int4) follows it (see int4_native.py), and at the end of the file the same
-   int4 product as an ONNX Runtime operator, for the onnx backend's int4 exports (see export/quantize.py).
+   int4 product as an ONNX Runtime operator, for the onnx backend's int4 exports (see export/native_ops.py).
 
    y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
 

@@ -228,7 +228,7 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if operators is not None:  # gptcli's Int4MatMul (export.quantize), on the session's own threads
+        if operators is not None:  # gptcli's Int4MatMul (export.native_ops), on the session's own threads
             opts.register_custom_ops_library(str(operators))
         if device == "cuda" and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
             with contextlib.redirect_stdout(sys.stderr):  # it reports what it cannot load on stdout
