@@ -11,6 +11,12 @@ Servers whose binaries or packages are missing are skipped with a note. 2 thread
 `--prefix-len N` every prompt of a level starts with the same N tokens (a shared system prompt or
 document), and gptcli int4 also runs with `--prefix-cache 0` to show what its prefix cache saves.
 
+Issue 14's concurrency-1 target is "within 10 % of `gptcli generate`'s own decode rate". So at concurrency 1 each
+request to a gptcli server is followed by `gptcli generate` on the same prompt with the same backend flags (greedy,
+`ignore_eos` through a config file, one process per prompt, the server idle meanwhile): the machine's drift reaches
+both alike. The table's last column gives the server's 1000 / TPOT median, generate's median `--stats` decode tok/s
+(the same quantity: decode steps over decode time), and the median over the prompts of each pair's ratio.
+
 `llama_cpp.server` serves one request at a time. It is started with `--interrupt_requests False`, so a new
 request waits instead of cutting the running one short. It has no `ignore_eos`, so its requests bias the
 end-of-sequence tokens out of reach (`logit_bias` -100) to get the same output length.
@@ -20,11 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,14 +124,68 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> b
     return False
 
 
+# `serve` flags that `generate` takes too, with their values: the reference runs on the same backend.
+SHARED_FLAGS = ("--backend", "--precision", "--dtype", "--threads")
+DECODE_RATE = re.compile(r"(\d+) new tok · decode ([0-9.]+) tok/s")
+
+
+class GenerateReference:
+    """`gptcli generate --stats` on the backend flags of a `gptcli serve` command: greedy, exactly `output_len`
+    tokens (`ignore_eos` through a config file), one process per prompt."""
+
+    def __init__(self, command: list[str], output_len: int, folder: Path) -> None:
+        pairs = itertools.pairwise(command)
+        self.flags = [part for flag, value in pairs if flag in SHARED_FLAGS for part in (flag, value)]
+        self.output_len = output_len
+        self.folder = folder
+        self.config = folder / "ignore_eos.yaml"
+        self.config.write_text("sampling:\n  ignore_eos: true\n  repetition_stop: false\n")
+
+    def decode_rate(self, prompt: str) -> float | None:
+        """generate's decode tok/s on `prompt`; None (with the reason on stderr) when it fails or stops short."""
+        source = self.folder / "prompt.txt"
+        source.write_text(prompt)
+        argv = [sys.executable, "-m", "gptcli", "generate", *self.flags, "-c", str(self.config), "--raw", "-t", "0"]
+        argv += ["-n", str(self.output_len), "--stats", "-f", str(source)]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+        found = DECODE_RATE.search(done.stderr)
+        if done.returncode != 0 or not found or int(found.group(1)) != self.output_len:
+            print(f"generate reference failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+        return float(found.group(2))
+
+
+def interleaved_level(opts, prompts: list[str], model: str, reference: GenerateReference) -> tuple[list, float, dict]:
+    """Concurrency 1, each request followed by `gptcli generate` on the same prompt (the server idle meanwhile),
+    so the machine's drift reaches both alike: the results, their duration, and the reference's numbers (the
+    median of each pair's 1000 / TPOT over generate's decode rate, and generate's median rate)."""
+    results, duration, ratios, rates = [], 0.0, [], []
+    for prompt in prompts:
+        (result,), seconds = asyncio.run(bench_serve.run_level(opts, [prompt], [], 1, model))
+        results.append(result)
+        duration += seconds
+        rate = reference.decode_rate(prompt)
+        steps = result.output_tokens - 1
+        if rate is None or not result.ok or steps < 1:
+            return results, duration, {}
+        tpot_s = (result.e2e_s - result.ttft_s) / steps
+        ratios.append(1 / tpot_s / rate)
+        rates.append(rate)
+    return results, duration, {"generate_tps": statistics.median(rates), "vs_generate": statistics.median(ratios)}
+
+
 def measure(name: str, command: list[str], env: dict[str, str], body: dict, args, rows: list[dict]) -> None:
     """Run one server through every load, appending each finished cell to `rows` as it finishes (an
-    interrupted run keeps them); a server that does not start is skipped."""
+    interrupted run keeps them); a server that does not start is skipped. A gptcli server's concurrency-1
+    cells alternate with `gptcli generate` on the same prompts (`generate_tps`, `vs_generate`)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     argv = [part.replace("{port}", str(port)) for part in command]
     log = open(REPO / ".cache" / f"serve-{name.replace(' ', '_')}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
+    scratch = tempfile.TemporaryDirectory()
+    referenced = name.startswith("gptcli serve") and "--prefix-cache" not in command
+    reference = GenerateReference(command, args.output_len, Path(scratch.name)) if referenced else None
     try:
         if not wait_ready(base_url, proc):
             print(f"skip {name}: did not start (see {log.name})", file=sys.stderr)
@@ -141,14 +205,20 @@ def measure(name: str, command: list[str], env: dict[str, str], body: dict, args
                 count = args.num_prompts or max(8, 2 * concurrency)
                 seed = bench_serve.level_seed(0, input_len, concurrency)
                 prompts = bench_serve.make_prompts(count + 1, input_len, seed, args.tokenizer, args.prefix_len)
-                results, duration = asyncio.run(
-                    bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
-                )
+                own: dict = {}
+                if concurrency == 1 and reference is not None:
+                    asyncio.run(bench_serve.run_level(opts, [], prompts[:1], 1, model))  # the warm-up
+                    results, duration, own = interleaved_level(opts, prompts[1:], model, reference)
+                else:
+                    results, duration = asyncio.run(
+                        bench_serve.run_level(opts, prompts[1:], prompts[:1], concurrency, model)
+                    )
                 row = {
                     "server": name,
                     "input_len": input_len,
                     "concurrency": concurrency,
                     **bench_serve.summarize(results, duration),
+                    **own,
                 }
                 rows.append(row)
                 print(
@@ -163,6 +233,7 @@ def measure(name: str, command: list[str], env: dict[str, str], body: dict, args
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        scratch.cleanup()
 
 
 def main() -> int:
@@ -200,7 +271,8 @@ def main() -> int:
         stopped = True
         print(f"stopped: the table has the {len(rows)} cells that finished", file=sys.stderr)
     header = (
-        "| server | in | conc | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len | × llama-server |"
+        "| server | in | conc | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len | × llama-server "
+        "| 1000/TPOT ÷ generate's decode t/s: median pair ratio |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -216,11 +288,14 @@ def main() -> int:
             if match and match["output_throughput"]
             else "–"
         )
+        own = "–"
+        if r.get("vs_generate"):
+            own = f"{1000 / r['median_tpot_ms']:.1f} ÷ {r['generate_tps']:.1f}: {r['vs_generate']:.2f}"
         print(
             f"| {r['server']} | {r['input_len']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
             f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} | "
             f"{r['median_e2e_ms']:.0f} | "
-            f"{r['mean_output_tokens']:.0f} | {ratio} |"
+            f"{r['mean_output_tokens']:.0f} | {ratio} | {own} |"
         )
     return 130 if stopped else 0
 
