@@ -11,7 +11,7 @@ from gptcli import tuning
 from gptcli.backends import int4_native, int8_native, lean_quant
 from gptcli.backends.int4_native import NativeInt4
 from gptcli.errors import ConfigError
-from tests.test_int8_native import _avx2, _native, fresh_loads, needs_build, needs_vnni
+from tests.test_int8_native import HAS_AVX_VNNI, _avx2, _avx_vnni, _native, fresh_loads, needs_build, needs_vnni
 
 __all__ = ["fresh_loads"]  # int8_native's autouse fixture: each test loads the library anew
 
@@ -70,17 +70,26 @@ def test_rows_of_nan_zeros_and_tiny_values():
     assert torch.isfinite(y[0]).all()
 
 
+NARROWER_PATHS = [
+    pytest.param(_avx2, "AVX2", id="avx2"),
+    pytest.param(
+        _avx_vnni, "AVX-VNNI", id="avxvnni", marks=pytest.mark.skipif(not HAS_AVX_VNNI, reason="no AVX-VNNI CPU")
+    ),
+]
+
+
 @needs_build
+@pytest.mark.parametrize(("build", "path"), NARROWER_PATHS)
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (40, 64), (577, 1024)])
-def test_the_avx2_path_gives_the_same_bits_as_the_widest(tmp_path, n, k):
+def test_the_narrower_paths_give_the_same_bits_as_the_widest(tmp_path, n, k, build, path):
     """Same integers, same float operations in the same order: an AVX2-only CPU answers as an AVX-512 one does."""
-    avx2 = int4_native.native_int4(_avx2(tmp_path))
-    assert avx2 is not None and avx2.name.endswith("(AVX2)")
+    narrow = int4_native.native_int4(build(tmp_path))
+    assert narrow is not None and narrow.name.endswith(f"({path})")
     widest = _native4()
     for seed, m in enumerate((1, 3, 4, 9)):
         codes, scales, lows, x = _case(n, k, m, seed)
         x[-1, 3] = float("nan") if m > 1 else x[-1, 3]
-        y = avx2.mm(x, avx2.pack(codes, scales, lows))
+        y = narrow.mm(x, narrow.pack(codes, scales, lows))
         theirs = widest.mm(x, widest.pack(codes, scales, lows))
         assert torch.equal(y.view(torch.int32), theirs.view(torch.int32)), (n, k, m)  # bit for bit, NaN too
         finite = x[:-1].double() if m > 1 else x.double()
@@ -100,6 +109,20 @@ def test_gptcli_native_isa_avx2_builds_and_runs_the_avx2_path_alone(monkeypatch)
         int8_native.isa_builds()
 
 
+def test_gptcli_native_isa_avxvnni_runs_that_path_alone_and_refuses_a_cpu_without_it(monkeypatch):
+    flags = {"avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+    monkeypatch.setattr(int8_native, "cpu_flags", lambda: flags)
+    assert int8_native.widest_path() == "AVX-512 VNNI"
+    monkeypatch.setenv(int8_native.ISA_SWITCH, "avxvnni")
+    assert int8_native.isa_builds() == [int8_native.ISA_BUILDS[1][1]]
+    assert int8_native.widest_path() == "AVX-VNNI"
+    monkeypatch.setattr(int8_native, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2-only CPU without it
+    with pytest.raises(ConfigError, match="this CPU cannot run that path"):
+        int8_native.isa_builds()
+    monkeypatch.delenv(int8_native.ISA_SWITCH)
+    assert int8_native.widest_path() == "AVX2"
+
+
 def test_switched_off_int4_runs_on_torchs_kernel(monkeypatch):
     monkeypatch.setenv(int8_native.OFF_SWITCH, "0")
     assert int4_native.native4_for(int8_native.MIN_PARAMS) is None
@@ -108,11 +131,11 @@ def test_switched_off_int4_runs_on_torchs_kernel(monkeypatch):
 
 
 @needs_vnni
-def test_where_the_avx512_build_failed_int4_runs_on_the_avx2_path():
+def test_where_the_avx512_build_failed_int4_runs_on_the_next_path():
     avx512 = next(flags for flags in int8_native.isa_builds() if "-mavx512vnni" in flags)
     tuning.store(int8_native.BUILD_FAILED, int8_native.failure_key(avx512), {"reason": "could not build it: boom"})
-    native = int4_native.native4_for(int8_native.MIN_PARAMS - 1)  # (the AVX2 library, built now; unmeasured)
-    assert native is not None and native.name.endswith("(AVX2)")
+    native = int4_native.native4_for(int8_native.MIN_PARAMS - 1)  # (the next library, built now; unmeasured)
+    assert native is not None and native.name.endswith("(AVX-VNNI)" if HAS_AVX_VNNI else "(AVX2)")
 
 
 @needs_build

@@ -15,15 +15,19 @@ from gptcli import tuning
 from gptcli.backends import int4_native, int8_native, lean_quant, native_build
 from gptcli.backends.int8_native import NativeInt8
 from gptcli.errors import ConfigError
+from gptcli.hardware import cpu_flags
 from gptcli.tuning import kernel_flags, tuning_file
 
 HAS_AVX2 = {"avx2", "fma"} <= set(kernel_flags())
 HAS_VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(kernel_flags())
+HAS_AVX_VNNI = {"avx2", "fma", "f16c", "avx_vnni"} <= cpu_flags()
 CAN_BUILD = HAS_AVX2 and native_build.compiler() is not None
 needs_build = pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no C compiler here")
 needs_vnni = pytest.mark.skipif(not (CAN_BUILD and HAS_VNNI), reason="needs an AVX-512 VNNI CPU and a C compiler")
-# The AVX2 path, built on any AVX2 CPU (an AVX-512 one too).
+needs_avx_vnni = pytest.mark.skipif(not (CAN_BUILD and HAS_AVX_VNNI), reason="needs an AVX-VNNI CPU and a C compiler")
+# The AVX2 path, built on any AVX2 CPU (an AVX-512 one too); the AVX-VNNI one, on a CPU that has it.
 AVX2_FLAGS = (*int8_native.BUILD_FLAGS, *int8_native.ISA_BUILDS[-1][1])
+AVX_VNNI_FLAGS = (*int8_native.BUILD_FLAGS, *int8_native.ISA_BUILDS[1][1])
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +51,15 @@ def _avx2(tmp_path: Path) -> NativeInt8:
     return native
 
 
+def _avx_vnni(tmp_path: Path) -> NativeInt8:
+    cc = native_build.compiler()
+    flags = AVX_VNNI_FLAGS
+    library = native_build.built_library(int8_native.SOURCE, cc, flags, tmp_path, "avxvnni", "gptcli_int8_isa")
+    native = NativeInt8(library)
+    assert native.isa == 3 and native.name.endswith("(AVX-VNNI)")
+    return native
+
+
 def _script(tmp_path: Path, name: str, body: str) -> str:
     script = tmp_path / name
     script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
@@ -56,6 +69,17 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
 
 def _kernels(tmp_path: Path) -> list[NativeInt8]:
     return [_native(), _avx2(tmp_path)] if HAS_VNNI else [_avx2(tmp_path)]
+
+
+@needs_avx_vnni
+def test_the_avx_vnni_path_gives_the_avx2_paths_bits(tmp_path):
+    """vpdpbusd sums what vpmaddubsw + vpmaddwd sum (no pair saturates at 7-bit halves): the same integers."""
+    vnni, avx2 = _avx_vnni(tmp_path / "vnni"), _avx2(tmp_path / "avx2")
+    for seed, (n, k, m) in enumerate(((40, 36, 1), (577, 1000, 3), (16, 64, 9), (3, 7, 2))):
+        codes, scales, x = _case(n, k, m, seed)
+        x[-1, 0] = float("nan") if m > 1 else x[-1, 0]
+        y = vnni.mm(x, vnni.pack(codes, scales))
+        assert torch.equal(y.view(torch.int32), avx2.mm(x, avx2.pack(codes, scales)).view(torch.int32)), (n, k, m)
 
 
 def _case(n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,16 +223,18 @@ def test_a_compiler_that_hangs_on_one_isa_is_waited_for_once(monkeypatch, tmp_pa
 
 @pytest.mark.skipif(not (CAN_BUILD and HAS_VNNI), reason="needs an AVX-512 VNNI CPU and a C compiler")
 def test_a_compiler_without_avx512_builds_the_avx2_path_and_is_not_asked_again(monkeypatch, tmp_path):
+    """An old compiler knows neither the AVX-512 VNNI flags nor AVX-VNNI's (GCC 11+): the AVX2 path, built once."""
     runs = tmp_path / "runs"
     real = " ".join(native_build.compiler())
-    cc = _script(
-        tmp_path, "old-cc", f'echo "$*" >> {runs}\ncase "$*" in *-mavx512vnni*) exit 1;; esac\nexec {real} "$@"\n'
-    )
+    refuse = 'case "$*" in *-mavx512vnni*|*-mavxvnni*) exit 1;; esac'
+    cc = _script(tmp_path, "old-cc", f'echo "$*" >> {runs}\n{refuse}\nexec {real} "$@"\n')
     monkeypatch.setenv("CC", cc)
     assert int8_native.native_kernel().isa == 1
     int8_native._load.cache_clear()
     assert int8_native.native_kernel().isa == 1
-    assert sum("-mavx512vnni" in line for line in runs.read_text().splitlines()) == 1  # its failure is recorded
+    lines = runs.read_text().splitlines()
+    assert sum("-mavx512vnni" in line for line in lines) == 1  # its failure is recorded
+    assert sum("-mavxvnni" in line for line in lines) == (1 if HAS_AVX_VNNI else 0)
 
 
 @needs_build

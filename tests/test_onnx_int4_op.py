@@ -19,6 +19,16 @@ from gptcli.export.native_ops import INT4_OP, INT4_OP_DOMAIN
 from gptcli.testing import check_batched_step, greedy_ids
 
 needs_kernel = pytest.mark.skipif(onnx_op_refusal() is not None, reason=f"no int4 operator here: {onnx_op_refusal()}")
+# GPTCLI_NATIVE_ISA's narrower paths, each with the name the operator's reason gives it
+NARROWER = [
+    pytest.param("avx2", "AVX2", id="avx2"),
+    pytest.param(
+        "avxvnni",
+        "AVX-VNNI",
+        id="avxvnni",
+        marks=pytest.mark.skipif("avx_vnni" not in tuning.kernel_flags(), reason="no AVX-VNNI CPU"),
+    ),
+]
 
 
 def _grid_weight(k: int, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
@@ -151,17 +161,18 @@ def test_an_export_into_an_output_folder_keeps_matmulnbits_for_any_onnx_runtime(
 
 
 @needs_kernel
-def test_the_avx2_operator_gives_the_bits_of_the_widest_build(monkeypatch):
+@pytest.mark.parametrize(("switch", "path"), NARROWER)
+def test_the_narrower_operators_give_the_bits_of_the_widest_build(monkeypatch, switch, path):
     model = quantize(_one_matmul_model(_grid_weight(96, 40)), "int4", native_int4=True)
     x = np.random.default_rng(4).standard_normal((2, 5, 96)).astype(np.float32)
     widest_library = onnx_op_library()
     widest = _session(model, threads=2).run(None, {"x": x})[0]
-    monkeypatch.setenv(int8_native.ISA_SWITCH, "avx2")
+    monkeypatch.setenv(int8_native.ISA_SWITCH, switch)
     int8_native._load.cache_clear()
     try:
         library = onnx_op_library()
         assert library is not None and (library != widest_library or "avx512_vnni" not in tuning.kernel_flags())
-        assert int4_native.onnx_op_choice()["reason"].startswith("gptcli's Int4MatMul (AVX2)")
+        assert int4_native.onnx_op_choice()["reason"].startswith(f"gptcli's Int4MatMul ({path})")
         assert np.array_equal(_session(model, threads=2, library=library).run(None, {"x": x})[0], widest)
     finally:
         int8_native._load.cache_clear()
@@ -245,7 +256,10 @@ def test_an_8_bit_head_on_a_q8_grid_becomes_the_operator_with_bits_8_only_when_f
 
 
 @needs_kernel
-def test_the_8_bit_operator_multiplies_by_the_grid_and_gives_the_same_bits_alone_in_a_batch_and_on_avx2(monkeypatch):
+@pytest.mark.parametrize(("switch", "path"), NARROWER)
+def test_the_8_bit_operator_multiplies_by_the_grid_and_gives_the_same_bits_alone_in_a_batch_and_narrower(
+    monkeypatch, switch, path
+):
     k, n = 96, 40
     weight = _q8_weight(k, n)
     model = quantize(_head_model(weight), "int4", native_int4=True)
@@ -257,9 +271,10 @@ def test_the_8_bit_operator_multiplies_by_the_grid_and_gives_the_same_bits_alone
         alone = _session(model).run(None, {"x": x[rows[0] : rows[0] + 1, rows[1] : rows[1] + 1]})[0]
         assert np.array_equal(alone[0, 0], got[rows])
     assert np.array_equal(_session(model, threads=2).run(None, {"x": x})[0], got)
-    monkeypatch.setenv(int8_native.ISA_SWITCH, "avx2")
+    monkeypatch.setenv(int8_native.ISA_SWITCH, switch)
     int8_native._load.cache_clear()
     try:
+        assert f"Int4MatMul ({path})" in int4_native.onnx_op_choice()["reason"]
         assert np.array_equal(_session(model, library=onnx_op_library()).run(None, {"x": x})[0], got)
     finally:
         int8_native._load.cache_clear()

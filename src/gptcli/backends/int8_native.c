@@ -31,8 +31,16 @@
 #else
 #define ISA 0
 #endif
+/* AVX-VNNI (vpdpbusd on 256-bit vectors, VEX-encoded: Intel Alder Lake and later, Sierra Forest; not AVX-512): the
+   AVX2 path's numbers and layouts with each dot product in one instruction, so the same bits as the AVX2 build. */
+#if ISA == 1 && defined(__AVXVNNI__)
+#define AVX_VNNI 1
+#else
+#define AVX_VNNI 0
+#endif
+#define ISA_ID (AVX_VNNI ? 3 : ISA) /* what gptcli_int8_isa() and gptcli_int4_isa() say: 2, 3, 1, or 0 for none */
 
-int gptcli_int8_isa(void) { return ISA; }
+int gptcli_int8_isa(void) { return ISA_ID; }
 
 #if ISA > 0
 #include <immintrin.h>
@@ -194,8 +202,13 @@ typedef __m256i acc_t;
 #define set1_epi32 _mm256_set1_epi32
 #define LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 #define ZERO _mm256_setzero_si256()
-/* a += the 4-input dot products of the broadcast halves b with the weights w, per 32-bit lane */
+/* a += the 4-input dot products of the broadcast halves b with the weights w, per 32-bit lane (the pair sums of
+   vpmaddubsw are at most 2 * 127 * 128, never saturated, so both forms give the same integers) */
+#if AVX_VNNI
+#define DP(a, b, w) a = _mm256_dpbusd_avx_epi32(a, b, w)
+#else
 #define DP(a, b, w) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(b, w), ones))
+#endif
 
 /* The AVX2 accumulators come in (A, B) pairs: out[2 * i] = outputs 0-7, out[2 * i + 1] = 8-15. */
 static void finish16(const acc_t hv[2], const acc_t lv[2], const int32_t *wsum, const float *wscale, double xscale,
@@ -211,6 +224,7 @@ static void finish16(const acc_t hv[2], const acc_t lv[2], const int32_t *wsum, 
 /* Two rows (KP apart), one block: out = (row 0) hA hB lA lB, (row 1) hA hB lA lB. */
 static void rows2_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, acc_t out[8]) {
     const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones; /* not with AVX-VNNI */
     acc_t h0a = ZERO, h0b = ZERO, l0a = ZERO, l0b = ZERO, h1a = ZERO, h1b = ZERO, l1a = ZERO, l1b = ZERO;
     for (int64_t k = 0; k < KP; k += 4) {
         const int8_t *p = w + k * 16;
@@ -226,6 +240,7 @@ static void rows2_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, cons
 
 static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, acc_t out[4]) {
     const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
     acc_t ha = ZERO, hb = ZERO, la = ZERO, lb = ZERO;
     for (int64_t k = 0; k < KP; k += 4) {
         const int8_t *p = w + k * 16;
@@ -519,8 +534,16 @@ static void int4_store(const acc4_t *acc, double xscale, float *y, int64_t n) {
 /* AVX2 (with F16C): the same integers and the same float operations in the same order as the AVX-512 path, so the
    same bits. A block's 16 outputs are two 8-lane halves; vpmaddubsw multiplies the codes (unsigned, at most 15) by
    the activation bytes (signed) in pairs, at most 2 * 15 * 128 = 3840, and a group's 8 of them add up in 16 bits
-   (at most 30720) before vpmaddwd widens them: t = 128 sum(q hi) + sum(q lo) exactly, as vpdpbusd gives it. */
+   (at most 30720) before vpmaddwd widens them: t = 128 sum(q hi) + sum(q lo) exactly, as vpdpbusd gives it. With
+   AVX-VNNI, vpdpbusd sums them in 32 bits (DOT4, GROUP_T): the same t. */
 typedef __m256 acc4_t;
+#if AVX_VNNI
+#define DOT4(s, u, a) s = _mm256_dpbusd_avx_epi32(s, u, a)
+#define GROUP_T(h, l) _mm256_add_epi32(_mm256_slli_epi32(h, 7), l)
+#else
+#define DOT4(s, u, a) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u, a))
+#define GROUP_T(h, l) _mm256_add_epi32(_mm256_madd_epi16(h, by128), _mm256_madd_epi16(l, ones))
+#endif
 #define VECS_PER_BLOCK 2
 
 static inline int32_t sum8_epi32(__m256i v) {
@@ -575,6 +598,8 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
                      const uint16_t *sl, int64_t sb, __m256 acc[R * B * 2]) {                                       \
         const __m256i nibble = _mm256_set1_epi8(0x0F);                                                               \
         const __m256i by128 = _mm256_set1_epi16(128), ones = _mm256_set1_epi16(1);                                   \
+        (void)by128;                                                                                                 \
+        (void)ones;                                                                                                  \
         for (int i = 0; i < R * B * 2; i++) acc[i] = _mm256_setzero_ps();                                           \
         for (int64_t g = 0; g < K / GROUP; g++) {                                                                    \
             __m256i h[R * B * 2], l[R * B * 2];                                                                      \
@@ -592,10 +617,10 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
                     __m256i h1 = BCAST4(hi + r * K + k + 4), l1 = BCAST4(lo + r * K + k + 4);                        \
                     for (int i = 0; i < B * 2; i++) {                                                                \
                         int a = r * B * 2 + i;                                                                       \
-                        h[a] = _mm256_add_epi16(h[a], _mm256_maddubs_epi16(w0[i], h0));                              \
-                        l[a] = _mm256_add_epi16(l[a], _mm256_maddubs_epi16(w0[i], l0));                              \
-                        h[a] = _mm256_add_epi16(h[a], _mm256_maddubs_epi16(w1[i], h1));                              \
-                        l[a] = _mm256_add_epi16(l[a], _mm256_maddubs_epi16(w1[i], l1));                              \
+                        DOT4(h[a], w0[i], h0);                                                                       \
+                        DOT4(l[a], w0[i], l0);                                                                       \
+                        DOT4(h[a], w1[i], h1);                                                                       \
+                        DOT4(l[a], w1[i], l1);                                                                       \
                     }                                                                                                \
                 }                                                                                                    \
             }                                                                                                        \
@@ -605,7 +630,7 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
                 __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 16)));              \
                 for (int r = 0; r < R; r++) {                                                                        \
                     int a = r * B * 2 + i;                                                                           \
-                    __m256i t = _mm256_add_epi32(_mm256_madd_epi16(h[a], by128), _mm256_madd_epi16(l[a], ones));     \
+                    __m256i t = GROUP_T(h[a], l[a]);                                                                 \
                     acc[a] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(t), acc[a]);                                  \
                     acc[a] = _mm256_fmadd_ps(low, _mm256_set1_ps(gsum[r * (K / GROUP) + g]), acc[a]);                \
                 }                                                                                                    \
@@ -614,14 +639,47 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
     }
 #define BCAST4(p) _mm256_set1_epi32(four_bytes((const uint8_t *)(p)))
 /* Measured on Zen 5 (int4_native.measure): one block at a time, 0.81-0.88 ms a pass at one row against 1.2 for two
-   (their 16-bit sums spill); 4 rows x 1 block 24-26 ms at 64 rows against 30 for 2 x 1 (the codes unpacked once). */
+   (their 16-bit sums spill); 4 rows x 1 block 24-26 ms at 64 rows against 30 for 2 x 1 (the codes unpacked once).
+   With AVX-VNNI (no 16-bit sums), 2 x 1: 16-21 ms against 20-25 for 4 x 1, whose 16 accumulators spill. */
 #define ONE_ROW_BLOCKS 1
-#define MANY_ROWS 4
+#define MANY_ROWS (AVX_VNNI ? 2 : 4)
 #define MANY_BLOCKS 1
 INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
 INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT4_TILE(int4_one_block, 1, 1)
 
+/* Group g's integer t (8 outputs, one half of a block) into acc: the same finish as the 4-bit tiles. */
+static inline __m256 int8_group_finish(__m256i t, const uint16_t *p, float gsum, __m256 acc) {
+    __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+    __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 16)));
+    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(t), acc);
+    return _mm256_fmadd_ps(low, _mm256_set1_ps(gsum), acc);
+}
+
+#if AVX_VNNI
+/* 8-bit codes with AVX-VNNI: each byte whole, as the AVX-512 tile, t = 128 sum(c hi) + sum(c lo). One row, one block
+   (two halves) at a time. */
+static void int8_one_block(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
+                           int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2]) {
+    (void)bb;
+    (void)sb;
+    acc[0] = acc[1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        __m256i h[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, l[2] = {h[0], h[0]};
+        for (int c = 0; c < 8; c++) {
+            int64_t k = g * GROUP + 4 * c;
+            __m256i bh = BCAST4(hi + k), bl = BCAST4(lo + k);
+            for (int half = 0; half < 2; half++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + k * 16 + half * 32));
+                h[half] = _mm256_dpbusd_avx_epi32(h[half], v, bh);
+                l[half] = _mm256_dpbusd_avx_epi32(l[half], v, bl);
+            }
+        }
+        for (int half = 0; half < 2; half++)
+            acc[half] = int8_group_finish(GROUP_T(h[half], l[half]), sl + g * 32 + half * 8, gsum[g], acc[half]);
+    }
+}
+#else
 /* 8-bit codes on AVX2: each byte as its two nibbles, c = 16 ch + cl, so every vpmaddubsw multiplies at most 15 by an
    activation byte, as the 4-bit tiles do; t = 2048 sum(ch hi) + 128 sum(cl hi) + 16 sum(ch lo) + sum(cl lo), the
    integer the AVX-512 path sums, so the same bits. One row, one block (two halves) at a time. */
@@ -649,17 +707,13 @@ static void int8_one_block(const int8_t *hi, const int8_t *lo, const float *gsum
             }
         }
         for (int half = 0; half < 2; half++) {
-            const uint16_t *p = sl + g * 32 + half * 8;
-            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
-            __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 16)));
             __m256i t = _mm256_add_epi32(_mm256_madd_epi16(s[half][0], by2048), _mm256_madd_epi16(s[half][1], by128));
             __m256i u = _mm256_add_epi32(_mm256_madd_epi16(s[half][2], by16), _mm256_madd_epi16(s[half][3], ones));
-            t = _mm256_add_epi32(t, u);
-            acc[half] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(t), acc[half]);
-            acc[half] = _mm256_fmadd_ps(low, _mm256_set1_ps(gsum[g]), acc[half]);
+            acc[half] = int8_group_finish(_mm256_add_epi32(t, u), sl + g * 32 + half * 8, gsum[g], acc[half]);
         }
     }
 }
+#endif
 
 /* ONE_ROW_BLOCKS (1) blocks of one row, and MANY_ROWS rows of MANY_BLOCKS (1) block: one block at a time. */
 static void int8_one_row(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
@@ -691,7 +745,7 @@ struct gptcli_int4_matrix {
     int64_t N, K;
 };
 
-int gptcli_int4_isa(void) { return ISA; }
+int gptcli_int4_isa(void) { return ISA_ID; }
 
 #if ISA > 0
 /* One product's operands and scratch (work: M * (2 * K + 4 * K / 32 + 8) bytes), split into parts that any thread may

@@ -4,9 +4,9 @@ torch 2.13's `_weight_int8pack_mm` is compute-bound on a CPU: it converts every 
 int8 weights at ~25 GB/s on 2 AVX-512 cores, ~8 GB/s on 2 AVX2 ones (benchmarks/README.md), so an int8
 decode step was 2.0-2.2x a float32 one, not the 4x fewer bytes. `int8_native.c` rounds each row of
 activations to 14-16 bits with its own scale and sums the products with the int8 codes as exact integers
-(AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`): no weight is converted, a row's result does not depend
-on the rows beside it (batching never changes answers), and the activations keep more bits than the bf16
-that torch's kernel takes.
+(AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or AVX-VNNI's 256-bit `vpdpbusd`): no weight is converted, a
+row's result does not depend on the rows beside it (batching never changes answers), and the activations keep
+more bits than the bf16 that torch's kernel takes.
 
 The C file is built by native_build (the system's C compiler, `-O3 -fopenmp` and the CPU's AVX-512 or
 AVX2 flags by name, ISA_BUILDS) into the cache, then loaded with ctypes; its OpenMP regions run on the
@@ -43,18 +43,24 @@ OFF_SWITCH = "GPTCLI_NATIVE_KERNELS"  # 0/false/no/off: torch's kernel, no build
 TUNING_NAME = "torch-int8-kernel"
 BUILD_FAILED = "torch-int8-kernel-build-failed"  # a failed build, recorded so later runs do not pay for it again
 NATIVE, TORCH = "gptcli-native", "torch"
-ISA_NAMES = {2: "AVX-512 VNNI", 1: "AVX2"}
+ISA_NAMES = {2: "AVX-512 VNNI", 3: "AVX-VNNI", 1: "AVX2"}  # gptcli_int8_isa() -> the path's name
 BUILD_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 # The instructions a build may use, named rather than -march=native: a file built on one CPU never holds an
 # instruction another CPU sharing the cache (an NFS home) lacks, and a CPU's name for them is the cache key.
+# Widest first: (the CPU flags it needs, the compiler's flags, its name in GPTCLI_NATIVE_ISA).
 ISA_BUILDS = (
     (
         ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx2", "fma"),
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"),
+        "avx512",
     ),
-    (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),  # F16C: the int4 path's float16 scales
+    # The AVX2 path with its dot products in AVX-VNNI's one instruction (the same bits): Intel's AVX2-only CPUs
+    # since Alder Lake have it.
+    (("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"), "avxvnni"),
+    (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "avx2"),  # F16C: the int4 path's float16 scales
 )
-ISA_SWITCH = "GPTCLI_NATIVE_ISA"  # avx2: only the AVX2 path, on an AVX-512 CPU too (what an AVX2-only CPU runs)
+# avx2 (or avxvnni): only that path, on a wider CPU too (avx2: what an AVX2-only CPU without AVX-VNNI runs)
+ISA_SWITCH = "GPTCLI_NATIVE_ISA"
 # Twelve decoder layers of the default model ([out, in]: qkv, o, gate-up, down): 42 MB of int8, past a
 # typical L3 as a decode step's weights are. One row: a sequence decoding, the case the choice is for.
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536)) * 12
@@ -139,23 +145,31 @@ def source_text() -> str:
 
 
 def isa_builds() -> list[tuple[str, ...]]:
-    """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first; the AVX2 one alone where
-    GPTCLI_NATIVE_ISA=avx2 asks for it."""
+    """The compiler flags of each path this CPU runs (ISA_BUILDS), widest first; the one that GPTCLI_NATIVE_ISA
+    names alone where it names one (a ConfigError for a name that is no path, or a path this CPU lacks)."""
     have = cpu_flags()
-    builds = [flags for needs, flags in ISA_BUILDS if set(needs) <= have]
+    builds = {name: flags for needs, flags, name in ISA_BUILDS if set(needs) <= have}
     wanted = os.environ.get(ISA_SWITCH, "").strip().lower()
     if wanted in ("", "auto"):
-        return builds
-    if wanted != "avx2":
-        raise ConfigError(f"{ISA_SWITCH}={wanted!r} names no kernel path", hint=f"set {ISA_SWITCH} to avx2 or auto")
-    return [flags for flags in builds if flags == ISA_BUILDS[-1][1]]
+        return list(builds.values())
+    names = [name for *_, name in ISA_BUILDS if name != "avx512"]
+    if wanted not in names:
+        raise ConfigError(
+            f"{ISA_SWITCH}={wanted!r} names no kernel path", hint=f"set {ISA_SWITCH} to {', '.join(names)} or auto"
+        )
+    if wanted not in builds:
+        raise ConfigError(f"{ISA_SWITCH}={wanted}: this CPU cannot run that path", hint=f"set {ISA_SWITCH} to auto")
+    return [builds[wanted]]
 
 
 def widest_path() -> str:
-    """The path the library built here has, "AVX-512 VNNI" or "AVX2" ("no path" on a CPU with neither): the
-    tuning records keep it in their keys, so GPTCLI_NATIVE_ISA=avx2 has records of its own."""
+    """The path the library built here has: "AVX-512 VNNI", "AVX-VNNI" or "AVX2" ("no path" on a CPU with none).
+    The tuning records keep it in their keys, so each GPTCLI_NATIVE_ISA path has records of its own."""
     builds = isa_builds()
-    return ISA_NAMES[2 if "-mavx512vnni" in builds[0] else 1] if builds else "no path"
+    if not builds:
+        return "no path"
+    widest = ("-mavx512vnni" in builds[0] and 2) or ("-mavxvnni" in builds[0] and 3) or 1
+    return ISA_NAMES[widest]
 
 
 def unavailable_reason() -> str | None:
