@@ -144,20 +144,6 @@ static void finish16(acc_t h, acc_t l, const int32_t *wsum, const float *wscale,
     _mm512_mask_storeu_ps(y, keep, out);
 }
 
-/* One row, 4 blocks of 16 outputs (bb bytes apart). */
-static void rows1_blocks4(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, int64_t bb,
-                          acc_t out[8]) {
-    acc_t h0 = ZERO, h1 = ZERO, h2 = ZERO, h3 = ZERO, l0 = ZERO, l1 = ZERO, l2 = ZERO, l3 = ZERO;
-    for (int64_t k = 0; k < KP; k += 4) {
-        acc_t bh = BCAST(hi + k), bl = BCAST(lo + k);
-        const int8_t *p = w + k * 16;
-        acc_t w0 = LOAD(p), w1 = LOAD(p + bb), w2 = LOAD(p + 2 * bb), w3 = LOAD(p + 3 * bb);
-        DP(h0, bh, w0); DP(l0, bl, w0); DP(h1, bh, w1); DP(l1, bl, w1);
-        DP(h2, bh, w2); DP(l2, bl, w2); DP(h3, bh, w3); DP(l3, bl, w3);
-    }
-    out[0] = h0; out[1] = l0; out[2] = h1; out[3] = l1; out[4] = h2; out[5] = l2; out[6] = h3; out[7] = l3;
-}
-
 /* Four rows (KP apart), 2 blocks: out[(row * 2 + block) * 2 + (0: h, 1: l)]. */
 static void rows4_blocks2(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *w, int64_t bb,
                           acc_t out[16]) {
@@ -188,9 +174,8 @@ static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, cons
     }
     out[0] = h; out[1] = l;
 }
-#define ROWS_MANY 4   /* rows4_blocks2 */
+#define ROWS_MANY 4 /* rows4_blocks2 */
 #define BLOCKS_MANY 2
-#define BLOCKS_ONE_ROW 4 /* rows1_blocks4 */
 
 #else /* AVX2: a block's 16 outputs are two 8-lane halves (A: outputs 0-7, B: 8-15) */
 static inline float finish_one(int64_t h, int64_t l, int32_t wsum, float wscale, double xscale) {
@@ -249,12 +234,11 @@ static void rows1_blocks1(const uint8_t *hi, const uint8_t *lo, int64_t KP, cons
     }
     out[0] = ha; out[1] = hb; out[2] = la; out[3] = lb;
 }
-#define ROWS_MANY 2   /* rows2_blocks1 */
+#define ROWS_MANY 2 /* rows2_blocks1 */
 #define BLOCKS_MANY 1
-#define BLOCKS_ONE_ROW 1 /* rows1_blocks1: two blocks at once spill registers (1.4x slower, measured) */
 #endif
 
-/* Row m of the output over blocks [b0, b0 + nb), one block at a time (the tails of the grouped kernels). */
+/* Row m of the output over blocks [b0, b0 + nb), one block at a time (a few rows, and the tails of many_rows). */
 static void blocks_one_by_one(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
                               const float *wscale, const int32_t *wsum, const double *xs, float *y, int64_t m,
                               int64_t N, int64_t b0, int64_t nb) {
@@ -294,25 +278,6 @@ static void many_rows(const uint8_t *hi, const uint8_t *lo, int64_t KP, const in
 #endif
 }
 
-/* Row m over blocks [b0, b0 + BLOCKS_ONE_ROW). */
-static void one_row(const uint8_t *hi, const uint8_t *lo, int64_t KP, const int8_t *packed, int64_t bb,
-                    const float *wscale, const int32_t *wsum, const double *xs, float *y, int64_t m, int64_t N,
-                    int64_t b0) {
-    acc_t r[8];
-    (void)bb;
-#if ISA == 2
-    rows1_blocks4(hi + m * KP, lo + m * KP, KP, packed + b0 * bb, bb, r);
-    for (int j = 0; j < 4; j++) {
-        int64_t n = (b0 + j) * 16;
-        finish16(r[2 * j], r[2 * j + 1], wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
-    }
-#else
-    rows1_blocks1(hi + m * KP, lo + m * KP, KP, packed + b0 * bb, r);
-    int64_t n = b0 * 16;
-    finish16(r, r + 2, wsum + n, wscale + n, xs[m], y + m * N + n, N - n);
-#endif
-}
-
 #endif
 
 /* A packed matrix, as int8_native.py's PackedInt8 holds it. */
@@ -341,17 +306,15 @@ void gptcli_int8_mm(const float *x, const struct gptcli_int8_matrix *w, float *y
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, KP, hi + m * KP, lo + m * KP, xs + m);
         }
-        if (M < ROWS_MANY) { /* a few rows: more blocks at once, the weights read once per row from cache */
+        if (M < ROWS_MANY) {
+            /* A few rows: one block at a time, its weights read once per row from cache. Four blocks at a time (on
+               AVX-512) decoded the default model ~6 % slower on Zen 5 (torch int8 tg128, three alternating rounds),
+               likely because parts of four split its 36-block matrices 5 : 4 between two threads. On AVX2 two
+               blocks at once spill registers (1.4x slower, measured). */
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < (NB + BLOCKS_ONE_ROW - 1) / BLOCKS_ONE_ROW; g++) {
-                int64_t b0 = g * BLOCKS_ONE_ROW, nb = NB - b0 < BLOCKS_ONE_ROW ? NB - b0 : BLOCKS_ONE_ROW;
-                for (int64_t m = 0; m < M; m++) {
-                    if (nb == BLOCKS_ONE_ROW)
-                        one_row(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0);
-                    else
-                        blocks_one_by_one(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b0, nb);
-                }
-            }
+            for (int64_t b = 0; b < NB; b++)
+                for (int64_t m = 0; m < M; m++)
+                    blocks_one_by_one(hi, lo, KP, packed, bb, wscale, wsum, xs, y, m, N, b, 1);
         } else {
 #pragma omp for schedule(static)
             for (int64_t g = 0; g < (NB + BLOCKS_MANY - 1) / BLOCKS_MANY; g++) {
