@@ -447,13 +447,8 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
         }                                                                                                            \
     }
 #define BCAST4(p) _mm512_set1_epi32(four_bytes((const uint8_t *)(p)))
-/* One row (a sequence decoding): one block a part. On Zen 5, 2 threads, four a part decoded the default model 10 %
-   slower (onnx tg128 275-298 against 317-336 tok/s, three alternating rounds; int4_native.measure's one-row pass
-   0.91-0.97 against 0.77-0.93 ms), likely because its 576-output matrices (36 blocks) split 5 : 4 in parts of four. */
-#define ONE_ROW_BLOCKS 1 /* int4_one_row */
-#define MANY_ROWS 4      /* int4_many_rows */
+#define MANY_ROWS 4 /* int4_many_rows */
 #define MANY_BLOCKS 2
-INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
 INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT4_TILE(int4_one_block, 1, 1)
 
@@ -482,7 +477,6 @@ INT4_TILE(int4_one_block, 1, 1)
             GROUP_FINISH(R, B);                                                                                      \
         }                                                                                                            \
     }
-INT8_TILE(int8_one_row, 1, ONE_ROW_BLOCKS)
 INT8_TILE(int8_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT8_TILE(int8_one_block, 1, 1)
 
@@ -604,13 +598,11 @@ static void quantize_row4(const float *x, int64_t K, int8_t *hi, int8_t *lo, flo
         }                                                                                                            \
     }
 #define BCAST4(p) _mm256_set1_epi32(four_bytes((const uint8_t *)(p)))
-/* Measured on Zen 5 (int4_native.measure): one block at a time, 0.81-0.88 ms a pass at one row against 1.2 for two
-   (their 16-bit sums spill); 4 rows x 1 block 24-26 ms at 64 rows against 30 for 2 x 1 (the codes unpacked once).
-   With AVX-VNNI (no 16-bit sums), 2 x 1: 16-21 ms against 20-25 for 4 x 1, whose 16 accumulators spill. */
-#define ONE_ROW_BLOCKS 1
+/* Measured on Zen 5 (int4_native.measure): 4 rows x 1 block 24-26 ms at 64 rows against 30 for 2 x 1 (the codes
+   unpacked once). With AVX-VNNI (no 16-bit sums), 2 x 1: 16-21 ms against 20-25 for 4 x 1, whose 16 accumulators
+   spill. */
 #define MANY_ROWS (AVX_VNNI ? 2 : 4)
 #define MANY_BLOCKS 1
-INT4_TILE(int4_one_row, 1, ONE_ROW_BLOCKS)
 INT4_TILE(int4_many_rows, MANY_ROWS, MANY_BLOCKS)
 INT4_TILE(int4_one_block, 1, 1)
 
@@ -681,12 +673,7 @@ static void int8_one_block(const int8_t *hi, const int8_t *lo, const float *gsum
 }
 #endif
 
-/* ONE_ROW_BLOCKS (1) blocks of one row, and MANY_ROWS rows of MANY_BLOCKS (1) block: one block at a time. */
-static void int8_one_row(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
-                         int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2 * ONE_ROW_BLOCKS]) {
-    for (int b = 0; b < ONE_ROW_BLOCKS; b++)
-        int8_one_block(hi, lo, gsum, K, w + b * bb, bb, sl + b * sb, sb, acc + 2 * b);
-}
+/* MANY_ROWS rows of MANY_BLOCKS (1) block: one row at a time. */
 static void int8_many_rows(const int8_t *hi, const int8_t *lo, const float *gsum, int64_t K, const uint8_t *w,
                            int64_t bb, const uint16_t *sl, int64_t sb, __m256 acc[2 * MANY_ROWS]) {
     for (int r = 0; r < MANY_ROWS; r++)
@@ -744,17 +731,19 @@ static void int4_quantize(const struct int4_call *c, int64_t m) {
     quantize_row4(c->x + m * K, K, c->hi + m * K, c->lo + m * K, c->gsum + m * G, c->xs + m);
 }
 
-/* A decode step's few rows (M < 4): groups of ONE_ROW_BLOCKS blocks, each row alone; more rows: tiles of MANY_ROWS
-   rows x MANY_BLOCKS blocks. */
+/* A decode step's few rows (M < 4): one block a part, each row alone; more rows: tiles of MANY_ROWS rows x MANY_BLOCKS
+   blocks. Measured on Zen 5, 2 threads: parts of four blocks (AVX-512) decoded the default model 10 % slower (onnx
+   tg128 275-298 against 317-336 tok/s, three alternating rounds; int4_native.measure's one-row pass 0.91-0.97 against
+   0.77-0.93 ms), likely because they split its 576-output matrices (36 blocks) 5 : 4 between two threads; on AVX2,
+   two blocks at once spill their 16-bit sums (1.2 against 0.81-0.88 ms a pass). */
 static int64_t int4_parts(const struct int4_call *c) {
     int64_t NB = (c->w->N + 15) / 16;
-    return c->M < 4 ? (NB + ONE_ROW_BLOCKS - 1) / ONE_ROW_BLOCKS : (NB + MANY_BLOCKS - 1) / MANY_BLOCKS;
+    return c->M < 4 ? NB : (NB + MANY_BLOCKS - 1) / MANY_BLOCKS;
 }
 
 static void int4_part(const struct int4_call *c, int64_t q) {
     int eight = c->bits == 8;
-    tile_fn one_row = eight ? int8_one_row : int4_one_row, many_rows = eight ? int8_many_rows : int4_many_rows;
-    tile_fn one_block = eight ? int8_one_block : int4_one_block;
+    tile_fn one_block = eight ? int8_one_block : int4_one_block, many_rows = eight ? int8_many_rows : int4_many_rows;
     int64_t N = c->w->N, K = c->w->K, G = K / GROUP, NB = (N + 15) / 16, bb = K * (eight ? 16 : 8), sb = G * 32;
     int64_t M = c->M;
     const int8_t *hi = c->hi, *lo = c->lo;
@@ -763,20 +752,11 @@ static void int4_part(const struct int4_call *c, int64_t q) {
     const uint8_t *packed = c->w->packed;
     const uint16_t *sl = c->w->scales_lows;
     float *y = c->y;
-    acc4_t acc[MANY_ROWS * MANY_BLOCKS * VECS_PER_BLOCK + ONE_ROW_BLOCKS * VECS_PER_BLOCK];
-    if (M < 4) {
-        int64_t b0 = q * ONE_ROW_BLOCKS;
+    acc4_t acc[MANY_ROWS * MANY_BLOCKS * VECS_PER_BLOCK];
+    if (M < 4) { /* part q: block q */
         for (int64_t m = 0; m < M; m++) {
-            if (NB - b0 >= ONE_ROW_BLOCKS) {
-                one_row(hi + m * K, lo + m * K, gsum + m * G, K, packed + b0 * bb, bb, sl + b0 * sb, sb, acc);
-                for (int b = 0; b < ONE_ROW_BLOCKS; b++)
-                    int4_store(acc + b * VECS_PER_BLOCK, xs[m], y + m * N + (b0 + b) * 16, N - (b0 + b) * 16);
-            } else {
-                for (int64_t b = b0; b < NB; b++) {
-                    one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + b * bb, bb, sl + b * sb, sb, acc);
-                    int4_store(acc, xs[m], y + m * N + b * 16, N - b * 16);
-                }
-            }
+            one_block(hi + m * K, lo + m * K, gsum + m * G, K, packed + q * bb, bb, sl + q * sb, sb, acc);
+            int4_store(acc, xs[m], y + m * N + q * 16, N - q * 16);
         }
         return;
     }
