@@ -6,7 +6,9 @@
 Each server is started in turn on a free loopback port with the same model (the default model: gptcli
 fp32 and int4 against llama-server on the F32 and Q4_0 GGUFs made from the same weights, `-np 8 -cb`),
 given the same load by bench_serve.py (vLLM's `bench serve` definitions, `ignore_eos`, greedy), then
-stopped. The table puts every server's output tok/s and TTFT/E2E beside its matched peer, with ratios.
+stopped. The table puts every server's output tok/s and TTFT/E2E beside its matched peer, with ratios. With
+`--passes N` every server runs N times, every other pass in reverse order, and each cell is matched with its peer's
+cell of the same pass: the machine's drift over a run of many minutes reaches both sides alike.
 Servers whose binaries or packages are missing are skipped with a note. 2 threads each. With
 `--prefix-len N` every prompt of a level starts with the same N tokens (a shared system prompt or
 document), and gptcli int4 also runs with `--prefix-cache 0` to show what its prefix cache saves.
@@ -248,6 +250,9 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="model folder: prompts of exact token counts")
     parser.add_argument("--prefix-len", type=int, default=0, help="a shared prefix of this many tokens per level")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,8, input 128, 32 output tokens")
+    parser.add_argument(
+        "--passes", type=int, default=1, help="passes over every server, every other one in reverse order (drift)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.input_len, args.output_len = [1, 8], [128], 32
@@ -265,34 +270,40 @@ def main() -> int:
     # A stopped run (Ctrl-C, or `timeout`'s SIGTERM) still prints the table of the cells that finished.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for name, _, command, env, body in chosen:
-            measure(name, command, env, body, args, rows)
+        for number in range(1, args.passes + 1):
+            for name, _, command, env, body in chosen if number % 2 else chosen[::-1]:
+                done = len(rows)
+                measure(name, command, env, body, args, rows)
+                for row in rows[done:]:
+                    row["pass"] = number
     except KeyboardInterrupt:
         stopped = True
         print(f"stopped: the table has the {len(rows)} cells that finished", file=sys.stderr)
     header = (
-        "| server | in | conc | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len | × llama-server "
-        "| 1000/TPOT ÷ generate's decode t/s: median pair ratio |"
+        "| server | in | conc | pass | out tok/s | TTFT med/p99 ms | TPOT med ms | E2E med ms | out len "
+        "| × llama-server: out tok/s, TTFT p99 | 1000/TPOT ÷ generate's decode t/s: median pair ratio |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     peer = {
-        (r["input_len"], r["concurrency"], precision_of[r["server"]]): r
+        (r["input_len"], r["concurrency"], precision_of[r["server"]], r["pass"]): r
         for r in rows
         if r["server"].startswith("llama-server")
     }
-    for r in rows:
-        match = peer.get((r["input_len"], r["concurrency"], precision_of[r["server"]]))
-        ratio = (
-            f"{r['output_throughput'] / match['output_throughput']:.2f}"
-            if match and match["output_throughput"]
-            else "–"
-        )
+    order = {name: index for index, (name, *_) in enumerate(chosen)}
+    for r in sorted(rows, key=lambda r: (order[r["server"]], r["input_len"], r["concurrency"], r["pass"])):
+        match = peer.get((r["input_len"], r["concurrency"], precision_of[r["server"]], r["pass"]))
+        ratio = "–"
+        if match and match["output_throughput"] and match["p99_ttft_ms"]:
+            ratio = (
+                f"{r['output_throughput'] / match['output_throughput']:.2f}, "
+                f"{r['p99_ttft_ms'] / match['p99_ttft_ms']:.2f}"
+            )
         own = "–"
         if r.get("vs_generate"):
             own = f"{1000 / r['median_tpot_ms']:.1f} ÷ {r['generate_tps']:.1f}: {r['vs_generate']:.2f}"
         print(
-            f"| {r['server']} | {r['input_len']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
+            f"| {r['server']} | {r['input_len']} | {r['concurrency']} | {r['pass']} | {r['output_throughput']:.1f} | "
             f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} | "
             f"{r['median_e2e_ms']:.0f} | "
             f"{r['mean_output_tokens']:.0f} | {ratio} | {own} |"
