@@ -68,7 +68,17 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def _kernels(tmp_path: Path) -> list[NativeInt8]:
-    return [_native(), _avx2(tmp_path)] if HAS_VNNI else [_avx2(tmp_path)]
+    """Every path this CPU runs: AVX-512 VNNI, AVX2 and AVX-VNNI where it has them."""
+    return [*([_native()] if HAS_VNNI else []), _avx2(tmp_path), *([_avx_vnni(tmp_path)] if HAS_AVX_VNNI else [])]
+
+
+def _case(n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    scales = torch.rand(n, generator=generator) / 100 + 1e-3
+    x = torch.randn(m, k, generator=generator)
+    x[0, 0] = 40.0  # an outlier: the row's scale follows it, the rest keep their bits
+    return codes, scales, x
 
 
 @needs_avx_vnni
@@ -80,15 +90,6 @@ def test_the_avx_vnni_path_gives_the_avx2_paths_bits(tmp_path):
         x[-1, 0] = float("nan") if m > 1 else x[-1, 0]
         y = vnni.mm(x, vnni.pack(codes, scales))
         assert torch.equal(y.view(torch.int32), avx2.mm(x, avx2.pack(codes, scales)).view(torch.int32)), (n, k, m)
-
-
-def _case(n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
-    scales = torch.rand(n, generator=generator) / 100 + 1e-3
-    x = torch.randn(m, k, generator=generator)
-    x[0, 0] = 40.0  # an outlier: the row's scale follows it, the rest keep their bits
-    return codes, scales, x
 
 
 @needs_build
@@ -103,7 +104,7 @@ def test_products_match_float64_and_each_row_alone(tmp_path, n, k):
             assert y.shape == (m, n) and y.dtype == torch.float32
             error = ((y.double() - expected).norm() / expected.norm()).item()
             # 14-16 bits a row (torch's kernel takes bf16 activations: ~3e-3 here)
-            assert error < (2e-3 if native.isa == 1 else 5e-4), (native.name, n, k, m, error)
+            assert error < (5e-4 if native.isa == 2 else 2e-3), (native.name, n, k, m, error)  # 16 or 14 bits
             rows_alone = torch.cat([native.mm(x[i : i + 1], packed) for i in range(m)])
             assert torch.equal(y, rows_alone), (native.name, n, k, m)  # bit for bit: batching changes nothing
 
