@@ -160,26 +160,31 @@ class GenerateReference:
 def interleaved_level(opts, prompts: list[str], model: str, reference: GenerateReference) -> tuple[list, float, dict]:
     """Concurrency 1, each request followed by `gptcli generate` on the same prompt (the server idle meanwhile),
     so the machine's drift reaches both alike: the results, their duration, and the reference's numbers (the
-    median of each pair's 1000 / TPOT over generate's decode rate, and generate's median rate)."""
+    median of each pair's 1000 / TPOT over generate's decode rate, and generate's median rate; none once a pair
+    fails, while the server's requests go on)."""
     results, duration, ratios, rates = [], 0.0, [], []
+    paired = True
     for prompt in prompts:
         (result,), seconds = asyncio.run(bench_serve.run_level(opts, [prompt], [], 1, model))
         results.append(result)
         duration += seconds
-        rate = reference.decode_rate(prompt)
+        rate = reference.decode_rate(prompt) if paired else None
         steps = result.output_tokens - 1
-        if rate is None or not result.ok or steps < 1:
-            return results, duration, {}
-        tpot_s = (result.e2e_s - result.ttft_s) / steps
-        ratios.append(1 / tpot_s / rate)
-        rates.append(rate)
+        paired = rate is not None and result.ok and steps >= 1
+        if paired:
+            ratios.append(1 / ((result.e2e_s - result.ttft_s) / steps) / rate)
+            rates.append(rate)
+    if not paired:
+        return results, duration, {}
     return results, duration, {"generate_tps": statistics.median(rates), "vs_generate": statistics.median(ratios)}
 
 
-def measure(name: str, command: list[str], env: dict[str, str], body: dict, args, rows: list[dict]) -> None:
+def measure(
+    name: str, command: list[str], env: dict[str, str], body: dict, args, rows: list[dict], number: int = 1
+) -> None:
     """Run one server through every load, appending each finished cell to `rows` as it finishes (an
     interrupted run keeps them); a server that does not start is skipped. A gptcli server's concurrency-1
-    cells alternate with `gptcli generate` on the same prompts (`generate_tps`, `vs_generate`)."""
+    cells alternate with `gptcli generate` on the same prompts (`generate_tps`, `vs_generate`). `number`: the pass."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     argv = [part.replace("{port}", str(port)) for part in command]
@@ -219,6 +224,7 @@ def measure(name: str, command: list[str], env: dict[str, str], body: dict, args
                     "server": name,
                     "input_len": input_len,
                     "concurrency": concurrency,
+                    "pass": number,
                     **bench_serve.summarize(results, duration),
                     **own,
                 }
@@ -272,10 +278,7 @@ def main() -> int:
     try:
         for number in range(1, args.passes + 1):
             for name, _, command, env, body in chosen if number % 2 else chosen[::-1]:
-                done = len(rows)
-                measure(name, command, env, body, args, rows)
-                for row in rows[done:]:
-                    row["pass"] = number
+                measure(name, command, env, body, args, rows, number)
     except KeyboardInterrupt:
         stopped = True
         print(f"stopped: the table has the {len(rows)} cells that finished", file=sys.stderr)
