@@ -217,7 +217,7 @@ class CpuIsa:
     amx: bool = False
 
     @classmethod
-    def from_flags(cls, flags: set[str]) -> CpuIsa:
+    def from_flags(cls, flags: frozenset[str] | set[str]) -> CpuIsa:
         return cls(
             avx2="avx2" in flags,
             fma="fma" in flags,
@@ -228,15 +228,17 @@ class CpuIsa:
         )
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), read once a process: an onnx int4 load
+    asks ~20 times (tuning keys, kernel paths), and /proc/cpuinfo is ~1.5 KB a core."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_isa() -> CpuIsa:
