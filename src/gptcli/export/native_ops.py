@@ -65,9 +65,12 @@ def _scales_lows(scales: np.ndarray, lows: np.ndarray, blocks: int) -> np.ndarra
     return np.ascontiguousarray(both.reshape(blocks, 16, groups, 2).transpose(0, 2, 3, 1))
 
 
-def int4_op(graph: Any, node: Any, grid: Grid) -> Any:
-    """A weight on a per-block grid as one Int4MatMul: the grid itself, float16 steps and minimums (see pack_int4)."""
+def int4_op(graph: Any, node: Any, grid: Grid) -> Any | None:
+    """A weight on a per-block grid as one Int4MatMul: the grid itself, float16 steps and minimums (see pack_int4);
+    None where the operator cannot hold it (blocks of another size, steps or minimums float16 does not hold)."""
     codes, low, step = grid
+    if codes.shape[2] != INT4_OP_GROUP or not fits_float16(step, low):
+        return None
     n = codes.shape[0]
     return _op(graph, node, n, pack_int4(codes.reshape(n, -1), step, low))
 

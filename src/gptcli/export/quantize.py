@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from gptcli.export.graph import add_tensor
-from gptcli.export.native_ops import INT4_OP_DOMAIN, INT4_OP_GROUP, Grid, fits_float16, int4_op, int8_op
+from gptcli.export.native_ops import INT4_OP_DOMAIN, Grid, int4_op, int8_op
 
 QUANT_BLOCK = 32
 QUANT_ACCURACY_LEVEL = 4
@@ -196,10 +196,8 @@ def nbits_node(graph: Any, name: str, x: str, y: str, k: int, bits: int, codes: 
 def grid_matmul(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str], *, native_int4: bool) -> list:
     """The nodes for a MatMul whose weight is on a 4-bit grid: one Int4MatMul (`native_int4`, where float16 holds
     the grid), else a MatMulNBits and the block sums of its input (`augmented`: those already made, by input)."""
-    codes, low, step = grid
-    if native_int4 and codes.shape[2] == INT4_OP_GROUP and fits_float16(step, low):
-        return [int4_op(graph, node, grid)]
-    return _grid_int4(graph, node, grid, dtype, augmented)
+    op = int4_op(graph, node, grid) if native_int4 else None
+    return [op] if op is not None else _grid_int4(graph, node, grid, dtype, augmented)
 
 
 def _grid_int4(graph: Any, node: Any, grid: Grid, dtype: Any, augmented: dict[str, str]) -> list[Any]:
