@@ -11,7 +11,7 @@ from gptcli import tuning
 from gptcli.backends import int4_native, int8_native, lean_quant
 from gptcli.backends.int4_native import NativeInt4
 from gptcli.errors import ConfigError
-from tests.test_int8_native import HAS_AVX_VNNI, _avx2, _avx_vnni, _native, fresh_loads, needs_build, needs_vnni
+from tests.test_int8_native import HAS_AVX_VNNI, NARROWER, _narrow, _native, fresh_loads, needs_build, needs_vnni
 
 __all__ = ["fresh_loads"]  # int8_native's autouse fixture: each test loads the library anew
 
@@ -70,20 +70,12 @@ def test_rows_of_nan_zeros_and_tiny_values():
     assert torch.isfinite(y[0]).all()
 
 
-NARROWER_PATHS = [
-    pytest.param(_avx2, "AVX2", id="avx2"),
-    pytest.param(
-        _avx_vnni, "AVX-VNNI", id="avxvnni", marks=pytest.mark.skipif(not HAS_AVX_VNNI, reason="no AVX-VNNI CPU")
-    ),
-]
-
-
 @needs_build
-@pytest.mark.parametrize(("build", "path"), NARROWER_PATHS)
+@pytest.mark.parametrize(("switch", "path"), NARROWER)
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (40, 64), (577, 1024)])
-def test_the_narrower_paths_give_the_same_bits_as_the_widest(tmp_path, n, k, build, path):
+def test_the_narrower_paths_give_the_same_bits_as_the_widest(tmp_path, n, k, switch, path):
     """Same integers, same float operations in the same order: an AVX2-only CPU answers as an AVX-512 one does."""
-    narrow = int4_native.native_int4(build(tmp_path))
+    narrow = int4_native.native_int4(_narrow(switch, tmp_path))
     assert narrow is not None and narrow.name.endswith(f"({path})")
     widest = _native4()
     for seed, m in enumerate((1, 3, 4, 9)):

@@ -60,6 +60,20 @@ def _avx_vnni(tmp_path: Path) -> NativeInt8:
     return native
 
 
+# GPTCLI_NATIVE_ISA's narrower paths (a wider CPU builds and runs them too), each with the name a kernel gives it
+NARROWER = [
+    pytest.param("avx2", "AVX2", id="avx2"),
+    pytest.param(
+        "avxvnni", "AVX-VNNI", id="avxvnni", marks=pytest.mark.skipif(not HAS_AVX_VNNI, reason="no AVX-VNNI CPU")
+    ),
+]
+
+
+def _narrow(switch: str, tmp_path: Path) -> NativeInt8:
+    """The library of one of the NARROWER paths, built in tmp_path."""
+    return {"avx2": _avx2, "avxvnni": _avx_vnni}[switch](tmp_path)
+
+
 def _script(tmp_path: Path, name: str, body: str) -> str:
     script = tmp_path / name
     script.write_text("#!/bin/sh\n" + textwrap.dedent(body))

@@ -17,18 +17,9 @@ from gptcli.backends.onnx_backend import OnnxBackend
 from gptcli.export import quantize
 from gptcli.export.native_ops import INT4_OP, INT4_OP_DOMAIN
 from gptcli.testing import check_batched_step, greedy_ids
+from tests.test_int8_native import NARROWER
 
 needs_kernel = pytest.mark.skipif(onnx_op_refusal() is not None, reason=f"no int4 operator here: {onnx_op_refusal()}")
-# GPTCLI_NATIVE_ISA's narrower paths, each with the name the operator's reason gives it
-NARROWER = [
-    pytest.param("avx2", "AVX2", id="avx2"),
-    pytest.param(
-        "avxvnni",
-        "AVX-VNNI",
-        id="avxvnni",
-        marks=pytest.mark.skipif("avx_vnni" not in tuning.kernel_flags(), reason="no AVX-VNNI CPU"),
-    ),
-]
 
 
 def _grid_weight(k: int, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
