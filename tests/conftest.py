@@ -158,6 +158,16 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
+SHARED_KERNELS = REPO / ".cache" / "test-kernels"
+
+
+@pytest.fixture
+def own_kernels(isolated_home, monkeypatch) -> Path:
+    """This test's kernels folder: its home's own (GPTCLI_KERNELS_DIR unset), not the run's shared one."""
+    monkeypatch.delenv("GPTCLI_KERNELS_DIR")
+    return isolated_home / "cache" / "kernels"
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own gptcli home and user config, and no stray GPTCLI_* settings."""
@@ -166,6 +176,8 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
             monkeypatch.delenv(key, raising=False)
     home = tmp_path / "gptcli-home"
     monkeypatch.setenv("GPTCLI_HOME", str(home))
+    # The torch backend builds gptcli's native library (int8_native.c) on first use: once a run, not once a test.
+    monkeypatch.setenv("GPTCLI_KERNELS_DIR", str(SHARED_KERNELS))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("NO_COLOR", "1")

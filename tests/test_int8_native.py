@@ -163,11 +163,18 @@ def test_rows_of_tiny_values_keep_their_signs(tmp_path):
 
 
 @needs_build
-def test_the_library_and_its_digest_are_built_into_the_cache(isolated_home):
+def test_the_library_and_its_digest_are_built_into_the_cache(own_kernels):
     _native()
-    folder = isolated_home / "cache" / "kernels"
-    (library,) = folder.glob("int8-*.so")
+    (library,) = own_kernels.glob("int8-*.so")
     assert native_build.intact(library)
+
+
+@needs_build
+def test_gptcli_kernels_dir_names_where_the_library_is_built(monkeypatch, tmp_path, own_kernels):
+    monkeypatch.setenv("GPTCLI_KERNELS_DIR", str(tmp_path / "shared"))
+    _native()
+    (library,) = (tmp_path / "shared").glob("int8-*.so")
+    assert native_build.intact(library) and not own_kernels.exists()
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 CPU")
@@ -253,10 +260,10 @@ def test_a_compiler_without_avx512_builds_the_avx2_path_and_is_not_asked_again(m
 
 
 @needs_build
-def test_where_torch_was_chosen_nothing_is_built(monkeypatch, isolated_home):
+def test_where_torch_was_chosen_nothing_is_built(monkeypatch, own_kernels):
     monkeypatch.setattr(int8_native, "measure", lambda native, n: {"kernel": "torch", "reason": "torch's was faster"})
     assert int8_native.native_for(int8_native.MIN_PARAMS) is None  # built, timed: torch's
-    kernels = isolated_home / "cache" / "kernels"
+    kernels = own_kernels
     for built in kernels.iterdir():
         built.unlink()
     int8_native._load.cache_clear()

@@ -50,6 +50,13 @@ def cache_dir() -> Path:
     return folder
 
 
+def kernels_dir() -> Path:
+    """Where gptcli keeps the native kernels it builds: $GPTCLI_KERNELS_DIR, else the cache's kernels/. A built file
+    is named by its source, compiler and flags, so homes on one machine can share one folder."""
+    named = os.environ.get("GPTCLI_KERNELS_DIR", "").strip()
+    return Path(named).expanduser() if named else cache_dir() / "kernels"
+
+
 def models_dir() -> Path:
     return cache_dir() / "models"
 

@@ -36,7 +36,7 @@ from gptcli.backends.native_product import NativeProduct, bind_product
 from gptcli.coercion import env_switch
 from gptcli.errors import ConfigError
 from gptcli.hardware import cpu_flags
-from gptcli.paths import cache_dir
+from gptcli.paths import kernels_dir
 
 SOURCE = Path(__file__).with_name("int8_native.c")
 OFF_SWITCH = "GPTCLI_NATIVE_KERNELS"  # 0/false/no/off: torch's kernel, no build, no measuring
@@ -207,7 +207,7 @@ def native_kernel() -> NativeInt8 | str:
     cc = compiler()
     if reason is not None or cc is None:
         return reason or "no C compiler"
-    return _load(cc, cache_dir() / "kernels")
+    return _load(cc, kernels_dir())
 
 
 @cache
