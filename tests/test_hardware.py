@@ -156,7 +156,7 @@ def test_dtype_auto_stays_float32_on_transformers_engine(tiny_models, monkeypatc
 
 
 def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
-    from gptcli.backends import int4_native
+    from gptcli.backends import int4_native, int8_native, native_attention
     from gptcli.backends.int8_native import reported_choice
     from gptcli.bench.environment import environment
 
@@ -173,10 +173,23 @@ def test_backends_json_and_bench_environment_say_what_auto_picks(capsys):
         "int8_kernel_reason": int8["reason"],
         "int4_kernel": int4["kernel"],
         "int4_kernel_reason": int4["reason"],
+        "attention": "gptcli-native" if int8_native.unavailable_reason() is None else "sdpa",
+        "attention_reason": native_attention.reported()["reason"],
     }
     env = environment()
     assert env["torch_cpu_dtype_auto"] == expected["torch_cpu_dtype_auto"] and env["cpu_isa"] == expected["cpu_isa"]
     assert env["torch_int8_kernel"] == int8["kernel"] and env["torch_int4_kernel"] == int4["kernel"]
+    assert env["torch_attention"] == rows["torch"]["auto"]["attention"]
+
+
+def test_backends_json_says_why_attention_keeps_sdpa(monkeypatch):
+    from gptcli.backends import native_attention
+
+    monkeypatch.setenv("GPTCLI_NATIVE_KERNELS", "0")
+    assert native_attention.reported() == {
+        "kernel": "sdpa",
+        "reason": "torch's SDPA: turned off by GPTCLI_NATIVE_KERNELS=0",
+    }
 
 
 def test_default_threads_counts_the_physical_cores_under_our_cpus(tmp_path, monkeypatch):

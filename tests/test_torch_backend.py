@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from gptcli.backends import int8_native
 from gptcli.backends.base import LoadOptions
 from gptcli.backends.torch_backend import TorchBackend
 from gptcli.config import SamplingConfig
@@ -178,12 +179,20 @@ def test_bfloat16_decode_attention_groups_query_heads_like_sdpa_gqa(tiny_models,
     assert (out.float() - expected).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_decode_rows_attend_with_the_numbers_of_each_sequence_alone(tiny_models, monkeypatch, window):
-    """A decode-only step's attention (lean_base._attend_decode_rows) is bit-identical to `_attend` per sequence."""
+def test_decode_rows_attend_with_the_numbers_of_each_sequence_alone(tiny_models, monkeypatch, window, native):
+    """A decode-only step's attention (the native decode attention, or `_attend_decode_rows` where there is none)
+    is bit-identical to `_attend` per sequence."""
     import torch
 
+    from gptcli.backends.lean_base import Span
+
     monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    if not native:
+        monkeypatch.setenv("GPTCLI_NATIVE_KERNELS", "0")
+    elif isinstance(int8_native.native_kernel(), str):
+        pytest.skip(f"no native library here: {int8_native.native_kernel()}")
     lean = TorchBackend.load(tiny_models["llama"], CPU32).engine.lean
     assert lean.heads > lean.kv_heads > 1
     lean.windows = [window] * lean.num_layers
@@ -203,8 +212,10 @@ def test_decode_rows_attend_with_the_numbers_of_each_sequence_alone(tiny_models,
     k, v = torch.randn(2, lean.kv_heads, len(lengths), lean.head_dim, generator=generator)
     with torch.inference_mode():
         together_caches, alone_caches = caches(), caches()
-        together = lean._attend_decode_rows(q, k, v, 1, together_caches)
+        spans = [Span(i, i + 1, cache) for i, cache in enumerate(together_caches)]
+        together = lean._attend_spans(q, k, v, 1, spans)
         alone = torch.cat([lean._attend(q[:, [i]], k[:, [i]], v[:, [i]], 1, c) for i, c in enumerate(alone_caches)])
+    assert (lean.native_attention() is not None) == native
     assert torch.equal(together, alone)
     for a, b, length in zip(together_caches, alone_caches, lengths, strict=True):
         assert torch.equal(a.keys[1][:, : length + 1], b.keys[1][:, : length + 1])
@@ -212,10 +223,12 @@ def test_decode_rows_attend_with_the_numbers_of_each_sequence_alone(tiny_models,
 
 
 def test_a_decode_only_step_takes_the_decode_rows_path(tiny_models, monkeypatch):
-    """Several one-token sequences go through `_attend_decode_rows`; a step with a prefill chunk does not."""
+    """Without the native decode attention, several one-token sequences go through `_attend_decode_rows`; a step
+    with a prefill chunk does not."""
     from gptcli.backends import lean_base
 
     monkeypatch.setenv("GPTCLI_TORCH_IMPL", "lean")
+    monkeypatch.setenv("GPTCLI_NATIVE_KERNELS", "0")
     lean = TorchBackend.load(tiny_models["llama"], CPU32).engine.lean
     calls = []
     real = lean_base.LeanModel._attend_decode_rows

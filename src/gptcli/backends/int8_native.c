@@ -1,6 +1,7 @@
 /* gptcli's int8 matrix product for the torch backend (--precision int8 on a CPU); see int8_native.py. The int4
-   product (--precision int4) follows it (see int4_native.py), and at the end of the file the same
-   int4 product as an ONNX Runtime operator, for the onnx backend's int4 exports (see export/native_ops.py).
+   product (--precision int4) follows it (see int4_native.py), then the same int4 product as an ONNX Runtime
+   operator, for the onnx backend's int4 exports (see export/native_ops.py), and at the end of the file the torch
+   backend's attention (see native_attention.py).
 
    y [M, N] = x [M, K] @ W^T, W int8 [N, K] with one float scale per output row.
 
@@ -981,5 +982,326 @@ void *RegisterCustomOps(void *options, const struct ort_api_base *base) {
     if (!status) status = ORT_FN(api, ORT_CUSTOM_OP_DOMAIN_ADD, void *(*)(void *, const void *))(domain, &int4_op);
     if (!status) status = ORT_FN(api, ORT_ADD_CUSTOM_OP_DOMAIN, void *(*)(void *, void *))(options, domain);
     return status; /* the domain lives as long as the process: sessions keep using it */
+}
+#endif
+
+/* ---- Attention for the torch backend (native_attention.py), over one sequence's cache at a time. ----
+
+   gptcli_decode_attention: for each sequence b and key head h, the new key and value rows are written into the
+   cache at position length[b] - 1, then the `group` query heads of h attend over positions [first, length[b])
+   (first: 0, or the sliding window's start). gptcli_prefill_attention: one sequence's chunk of n positions, each
+   position over the ones before it (within the window). Scores in float32, a softmax with this file's own exp, and
+   the weighted sum of the values, divided by the softmax's sum. Each (sequence, key head) or block of positions
+   is computed alone, in the same order whatever else is in the call and however many threads run it, so a
+   sequence gets the same bits alone or in a batch. Caches are [kv_heads][capacity][hd], float32 or bfloat16
+   (`bf16`). torch's SDPA read a 2,000-position bf16 cache at ~12 GB/s a decode call here (its per-block GEMM calls
+   dominate a 3-row query), and ran a 512-position chunk at 70-140 GFLOP/s. */
+
+#if ISA > 0
+#if ISA == 2
+#define AW 16
+typedef __m512 vecf;
+static inline vecf av_load(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+#define av_set1 _mm512_set1_ps
+#define av_loadf _mm512_loadu_ps
+#define av_storef _mm512_storeu_ps
+#define av_fma _mm512_fmadd_ps
+#define av_add _mm512_add_ps
+#define av_sub _mm512_sub_ps
+#define av_mul _mm512_mul_ps
+#define av_max _mm512_max_ps
+#define av_sum _mm512_reduce_add_ps
+#define av_hmax _mm512_reduce_max_ps
+#define av_round(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define av_pow2(n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define av_zero_below(x, limit, r) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GE_OQ), r)
+#else
+#define AW 8
+typedef __m256 vecf;
+static inline vecf av_load(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+static inline float av_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define av_hmax max8_ps /* the int4 AVX2 path's */
+#define av_set1 _mm256_set1_ps
+#define av_loadf _mm256_loadu_ps
+#define av_storef _mm256_storeu_ps
+#define av_fma _mm256_fmadd_ps
+#define av_add _mm256_add_ps
+#define av_sub _mm256_sub_ps
+#define av_mul _mm256_mul_ps
+#define av_max _mm256_max_ps
+#define av_round(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define av_pow2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define av_zero_below(x, limit, r) _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_GE_OQ), r)
+#endif
+#define ATTN_ROWS 8  /* query heads of one group held at once */
+#define ATTN_BLOCK 64 /* keys whose values are summed a block at a time (stay in L1 across the head's chunks) */
+
+/* exp(x) for x <= 0: 2^n * p(r), x = n ln2 + r (Cephes' expf polynomial); 0 below -87 (and for -inf). */
+static inline vecf av_exp(vecf x) {
+    const vecf limit = av_set1(-87.0f);
+    vecf c = av_max(x, limit);
+    vecf n = av_round(av_mul(c, av_set1(1.44269504088896341f)));
+    vecf r = av_fma(n, av_set1(-0.693359375f), c);
+    r = av_fma(n, av_set1(2.12194440e-4f), r);
+    vecf p = av_set1(1.9875691500e-4f);
+    p = av_fma(p, r, av_set1(1.3981999507e-3f));
+    p = av_fma(p, r, av_set1(8.3334519073e-3f));
+    p = av_fma(p, r, av_set1(4.1665795894e-2f));
+    p = av_fma(p, r, av_set1(1.6666665459e-1f));
+    p = av_fma(p, r, av_set1(5.0000001201e-1f));
+    p = av_fma(p, av_mul(r, r), av_add(r, av_set1(1.0f)));
+    return av_zero_below(x, limit, av_mul(p, av_pow2(n)));
+}
+
+static inline float attn_scalar(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Four sums at once: lane i of the result is the sum of v[i]'s lanes. */
+static inline __m128 av_sum4(const vecf v[4]) {
+#if ISA == 2
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    __m128 a = _mm512_castps512_ps128(u), b = _mm512_extractf32x4_ps(u, 1);
+    __m128 c = _mm512_extractf32x4_ps(u, 2), d = _mm512_extractf32x4_ps(u, 3);
+#else
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v[0]), _mm256_extractf128_ps(v[0], 1));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(v[1]), _mm256_extractf128_ps(v[1], 1));
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(v[2]), _mm256_extractf128_ps(v[2], 1));
+    __m128 d = _mm_add_ps(_mm256_castps256_ps128(v[3]), _mm256_extractf128_ps(v[3], 1));
+#endif
+    return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
+}
+
+/* Scores of `rows` query rows (q, qs apart) against n keys, into s (rows of `pad`, the tail -inf), scaled.
+   Four keys a pass, their sums folded together; `rows` is a constant where it is inlined. */
+static inline __attribute__((always_inline)) void attn_scores(const float *q, int64_t qs, const int64_t rows,
+                                                              const void *K, int64_t n, int64_t hd, float scale,
+                                                              const int bf16, float *s, int64_t pad) {
+    int64_t j = 0;
+    if (hd % AW == 0) {
+        const __m128 scale4 = _mm_set1_ps(scale);
+        for (; j + 4 <= n; j += 4) {
+            for (int64_t r0 = 0; r0 < rows; r0 += 4) { /* four rows at a time: 16 sums in registers */
+                const int64_t some = rows - r0 < 4 ? rows - r0 : 4;
+                vecf acc[4][4];
+                for (int64_t r = 0; r < some; r++)
+                    for (int t = 0; t < 4; t++) acc[r][t] = av_set1(0.0f);
+                for (int64_t c = 0; c < hd; c += AW) {
+                    vecf k[4];
+                    for (int t = 0; t < 4; t++) k[t] = av_load(K, (j + t) * hd + c, bf16);
+                    for (int64_t r = 0; r < some; r++) {
+                        vecf x = av_loadf(q + (r0 + r) * qs + c);
+                        for (int t = 0; t < 4; t++) acc[r][t] = av_fma(x, k[t], acc[r][t]);
+                    }
+                }
+                for (int64_t r = 0; r < some; r++)
+                    _mm_storeu_ps(s + (r0 + r) * pad + j, _mm_mul_ps(av_sum4(acc[r]), scale4));
+            }
+        }
+    }
+    for (; j < n; j++)
+        for (int64_t r = 0; r < rows; r++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < hd; d++) acc += q[r * qs + d] * attn_scalar(K, j * hd + d, bf16);
+            s[r * pad + j] = acc * scale;
+        }
+    for (int64_t r = 0; r < rows; r++)
+        for (j = n; j < pad; j++) s[r * pad + j] = -INFINITY;
+}
+
+/* Row r sees keys [lo[r], hi[r]) of the n scored: the rest become -inf (NULL: every row sees all n). */
+static inline void attn_mask(float *s, int64_t rows, int64_t pad, const int64_t *lo, const int64_t *hi) {
+    if (!lo) return;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t j = 0; j < lo[r]; j++) s[r * pad + j] = -INFINITY;
+        for (int64_t j = hi[r]; j < pad; j++) s[r * pad + j] = -INFINITY;
+    }
+}
+
+/* Each score row -> exp(score - max) in place, and the row's sum into `sums`. */
+static inline void attn_softmax(float *s, int64_t rows, int64_t pad, float *sums) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = s + r * pad;
+        vecf m = av_set1(-INFINITY);
+        for (int64_t j = 0; j < pad; j += AW) m = av_max(m, av_loadf(row + j));
+        vecf top = av_set1(av_hmax(m)), total = av_set1(0.0f);
+        for (int64_t j = 0; j < pad; j += AW) {
+            vecf e = av_exp(av_sub(av_loadf(row + j), top));
+            av_storef(row + j, e);
+            total = av_add(total, e);
+        }
+        sums[r] = av_sum(total);
+    }
+}
+
+/* out rows (hd floats each, os apart) = sum over n keys of p[r][j] * V[j], then / sums[r]. */
+static inline __attribute__((always_inline)) void attn_values(const float *p, const int64_t rows, int64_t pad,
+                                                              const void *V, int64_t n, int64_t hd, const int bf16,
+                                                              const float *sums, float *out, int64_t os) {
+    for (int64_t r = 0; r < rows; r++) memset(out + r * os, 0, (size_t)hd * sizeof(float));
+    for (int64_t j0 = 0; j0 < n; j0 += ATTN_BLOCK) {
+        int64_t j1 = j0 + ATTN_BLOCK < n ? j0 + ATTN_BLOCK : n;
+        if (hd % AW == 0) {
+            for (int64_t c = 0; c < hd; c += AW) {
+                vecf acc[ATTN_ROWS];
+                for (int64_t r = 0; r < rows; r++) acc[r] = av_loadf(out + r * os + c);
+                for (int64_t j = j0; j < j1; j++) {
+                    vecf v = av_load(V, j * hd + c, bf16);
+                    for (int64_t r = 0; r < rows; r++) acc[r] = av_fma(av_set1(p[r * pad + j]), v, acc[r]);
+                }
+                for (int64_t r = 0; r < rows; r++) av_storef(out + r * os + c, acc[r]);
+            }
+        } else {
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t d = 0; d < hd; d++)
+                        out[r * os + d] += p[r * pad + j] * attn_scalar(V, j * hd + d, bf16);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < hd; d++) out[r * os + d] /= sums[r];
+}
+
+static inline __attribute__((always_inline)) void attn_rows(const float *q, int64_t qs, const int64_t rows,
+                                                            const void *K, const void *V, int64_t n, int64_t hd,
+                                                            float scale, const int bf16, float *scores, float *out,
+                                                            int64_t os, const int64_t *lo, const int64_t *hi) {
+    int64_t pad = (n + AW - 1) / AW * AW;
+    float sums[ATTN_ROWS];
+    attn_scores(q, qs, rows, K, n, hd, scale, bf16, scores, pad);
+    attn_mask(scores, rows, pad, lo, hi);
+    attn_softmax(scores, rows, pad, sums);
+    attn_values(scores, rows, pad, V, n, hd, bf16, sums, out, os);
+}
+
+/* `count` query rows (qs apart) over n keys from K/V, out rows os apart, in passes of 8, 4 or fewer rows, each its own
+   compiled loop (its sums in registers: 1-4 and 8 only, which keeps the build ~1 s); lo/hi (or NULL) the keys each
+   row sees. */
+#define ATTN_CASE(R)                                                                                      \
+    case R:                                                                                               \
+        attn_rows(q + r0 * qs, qs, R, K, V, n, hd, scale, bf16, scores, out + r0 * os, os, lo, hi);       \
+        break;
+
+static void attn_block(const float *q, int64_t qs, int64_t count, const void *K, const void *V, int64_t n, int64_t hd,
+                       float scale, int bf16, float *scores, float *out, int64_t os, const int64_t *lo,
+                       const int64_t *hi) {
+    for (int64_t r0 = 0, rows; r0 < count; r0 += rows, lo = lo ? lo + rows : lo, hi = hi ? hi + rows : hi) {
+        rows = count - r0 >= 8 ? 8 : count - r0 >= 4 ? 4 : count - r0; /* 5-7: a pass of 4, then the rest */
+        switch (rows) {
+            ATTN_CASE(1) ATTN_CASE(2) ATTN_CASE(3) ATTN_CASE(4) ATTN_CASE(8)
+        }
+    }
+}
+
+/* A thread's score rows (ATTN_ROWS of `pad` floats), or NULL with *failed set (the caller's output left unwritten). */
+static float *attn_buffer(int64_t pad, int *failed) {
+    float *scores = malloc((size_t)(ATTN_ROWS * pad) * sizeof(float));
+    if (!scores) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return scores;
+}
+
+/* Decode rows: q float32 [heads][B][hd], the new rows [kv_heads][B][hd] in the cache's type, out float32
+   [B][heads][hd]; keys/values/capacity/length: each sequence's cache addresses (this layer's), its capacity and its
+   length counting the new position. Returns 0, or 1 where a thread could not allocate its scores (out unwritten). */
+int gptcli_decode_attention(const float *q, const void *new_k, const void *new_v, const int64_t *keys,
+                             const int64_t *values, const int64_t *capacity, const int64_t *length, int64_t B,
+                             int64_t heads, int64_t kv_heads, int64_t hd, int64_t window, float scale, int bf16,
+                             float *out, int threads) {
+    const int64_t group = heads / kv_heads, items = B * kv_heads;
+    const size_t es = bf16 ? 2 : 4, row = (size_t)hd * es;
+    int64_t longest = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        longest = length[b] > longest ? length[b] : longest;
+        work += length[b] * kv_heads;
+    }
+    const int64_t pad = (longest + AW - 1) / AW * AW;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (items > 1 && work >= 4096)
+    {
+        float *scores = attn_buffer(pad, &failed);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!scores) continue;
+            const int64_t b = it / kv_heads, h = it % kv_heads, n = length[b];
+            const int64_t first = window > 0 && n > window ? n - window : 0;
+            char *K = (char *)(intptr_t)keys[b] + (size_t)(h * capacity[b]) * row;
+            char *V = (char *)(intptr_t)values[b] + (size_t)(h * capacity[b]) * row;
+            memcpy(K + (size_t)(n - 1) * row, (const char *)new_k + (size_t)(h * B + b) * row, row);
+            memcpy(V + (size_t)(n - 1) * row, (const char *)new_v + (size_t)(h * B + b) * row, row);
+            attn_block(q + (h * group * B + b) * hd, B * hd, group, K + (size_t)first * row, V + (size_t)first * row,
+                       n - first, hd, scale, bf16, scores, out + (b * heads + h * group) * hd, hd, NULL, NULL);
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+/* A prompt's chunk of one sequence: n new positions from `start`, its keys and values ([kv_heads][n][hd], the cache's
+   type) written into the cache ([kv_heads][capacity][hd]) first; q float32 [heads][n][hd], out float32
+   [n][heads][hd]. Position p sees the positions (p - window, p] (window 0: all up to p). Work items are one query
+   head's ATTN_ROWS consecutive positions, scored against the keys the block's rows see together, the rest masked.
+   Returns 0, or 1 where a thread could not allocate its scores (out unwritten). */
+int gptcli_prefill_attention(const float *q, const void *new_k, const void *new_v, void *keys, void *values,
+                              int64_t capacity, int64_t start, int64_t n, int64_t heads, int64_t kv_heads, int64_t hd,
+                              int64_t window, float scale, int bf16, float *out, int threads) {
+    const int64_t group = heads / kv_heads, blocks = (n + ATTN_ROWS - 1) / ATTN_ROWS, items = heads * blocks;
+    const size_t es = bf16 ? 2 : 4, row = (size_t)hd * es;
+    for (int64_t h = 0; h < kv_heads; h++) {
+        memcpy((char *)keys + (size_t)(h * capacity + start) * row, (const char *)new_k + (size_t)(h * n) * row,
+               (size_t)n * row);
+        memcpy((char *)values + (size_t)(h * capacity + start) * row, (const char *)new_v + (size_t)(h * n) * row,
+               (size_t)n * row);
+    }
+    const int64_t pad = (start + n + AW - 1) / AW * AW;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (items > 1)
+    {
+        float *scores = attn_buffer(pad, &failed);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!scores) continue;
+            const int64_t hq = it / blocks, p0 = (it % blocks) * ATTN_ROWS, h = hq / group;
+            const int64_t count = n - p0 < ATTN_ROWS ? n - p0 : ATTN_ROWS, first_pos = start + p0;
+            const int64_t first = window > 0 && first_pos + 1 > window ? first_pos + 1 - window : 0;
+            const int64_t seen = first_pos + count - first; /* keys [first, last position] */
+            int64_t lo[ATTN_ROWS], hi[ATTN_ROWS];
+            for (int64_t r = 0; r < count; r++) {
+                const int64_t p = first_pos + r;
+                lo[r] = (window > 0 && p + 1 > window ? p + 1 - window : 0) - first;
+                hi[r] = p + 1 - first;
+            }
+            attn_block(q + (hq * n + p0) * hd, hd, count, (const char *)keys + (size_t)(h * capacity + first) * row,
+                       (const char *)values + (size_t)(h * capacity + first) * row, seen, hd, scale, bf16, scores,
+                       out + (p0 * heads + hq) * hd, heads * hd, lo, hi);
+        }
+        free(scores);
+    }
+    return failed;
 }
 #endif

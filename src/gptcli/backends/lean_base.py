@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gptcli.backends.lean_quant import QuantMatrix
 from gptcli.backends.lean_tuning import MKL, NUMPY_BLAS, PACK_ROWS, TALL_OUT_IN, numpy_product, one_row_choice
+from gptcli.backends.native_attention import NativeAttention, native_attention_for
 from gptcli.hardware import set_blas_threads, torch_threads
 from gptcli.hf import safetensors_header
 
@@ -122,6 +123,7 @@ class LeanModel:
         self.initial_cache = 256  # positions a new cache holds before its first regrowth
         self.windows: list[int | None] = []  # per layer: attend to at most this many last positions (None: all)
         self.attention_scale: float | None = None  # None: head_dim ** -0.5
+        self._native: NativeAttention | bool | None = False  # False: not looked for yet (`native_attention`)
 
     def _mm(
         self, x: torch.Tensor, weight: torch.Tensor | QuantMatrix, bias: torch.Tensor | None = None
@@ -231,13 +233,30 @@ class LeanModel:
         window = self.windows[layer] if self.windows else None
         return 0 if window is None else max(0, start + 1 - window)
 
+    def native_attention(self) -> NativeAttention | None:
+        """gptcli's own attention (native_attention.py), looked for once (`build` does at load); None: SDPA."""
+        if self._native is False:
+            scale = self.attention_scale or self.head_dim**-0.5
+            self._native = native_attention_for(
+                self.device, self.dtype, self.heads, self.kv_heads, self.head_dim, scale
+            )
+        return self._native or None
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: LeanCache) -> torch.Tensor:
         """q [heads, n, hd], k/v [kv_heads, n, hd] → [n, heads*hd], after writing k/v into the cache.
 
         A sliding layer's query at position p sees positions (p - window, p], as transformers' mask; the
-        cache keeps every position, so only the keys some query of this chunk can see are read.
+        cache keeps every position, so only the keys some query of this chunk can see are read. gptcli's own
+        attention runs it where it can (one row: the same call as in company, so the same bits).
         """
         n, start = q.shape[1], cache.length
+        if (native := self.native_attention()) is not None:
+            window = self.windows[layer] if self.windows else None
+            return (
+                native.decode(q, k, v, [cache], layer, window)
+                if n == 1
+                else native.prefill(q, k, v, cache, layer, window)
+            )
         end = start + n
         cache.keys[layer][:, start:end] = k
         cache.values[layer][:, start:end] = v
@@ -269,7 +288,11 @@ class LeanModel:
         """Attention of every sequence over its own cache: q [heads, N, hd], k/v [kv_heads, N, hd] → [N, heads*hd]."""
         if len(spans) == 1:
             return self._attend(q, k, v, layer, spans[0].cache)
-        if not self._groups_one_row and all(span.end - span.begin == 1 for span in spans):
+        decoding = all(span.end - span.begin == 1 for span in spans)
+        if decoding and (native := self.native_attention()) is not None:
+            window = self.windows[layer] if self.windows else None
+            return native.decode(q, k, v, [span.cache for span in spans], layer, window)
+        if decoding and not self._groups_one_row:
             return self._attend_decode_rows(q, k, v, layer, [span.cache for span in spans])
         # One SDPA call per sequence: exactly what that sequence would compute alone.
         outs = []

@@ -234,15 +234,13 @@ class TorchBackend:
 
     @classmethod
     def auto_choices(cls) -> dict[str, Any]:
-        """What `--dtype auto` picks on this CPU and why, and the float32 one-row, int8 and int4 kernels measured
-        here (for `gptcli backends --json`; imports no torch)."""
-        from gptcli.backends import int4_native
-        from gptcli.backends.int8_native import reported_choice
+        """What `--dtype auto` picks on this CPU and why, the float32 one-row, int8 and int4 kernels measured
+        here and the attention (`gptcli backends --json`; imports no torch)."""
+        from gptcli.backends import int4_native, int8_native, native_attention
         from gptcli.backends.lean_tuning import cached_choice
 
-        one_row = cached_choice(default_threads())
-        int8 = reported_choice(default_threads())
-        int4 = int4_native.reported_choice(default_threads())
+        one_row, attention = cached_choice(default_threads()), native_attention.reported()
+        int8, int4 = int8_native.reported_choice(default_threads()), int4_native.reported_choice(default_threads())
         return {
             **isa_summary(),
             "float32_one_row_kernel": one_row["kernel"] if one_row else None,
@@ -251,6 +249,8 @@ class TorchBackend:
             "int8_kernel_reason": int8["reason"],
             "int4_kernel": int4["kernel"],
             "int4_kernel_reason": int4["reason"],
+            "attention": attention["kernel"],
+            "attention_reason": attention["reason"],
         }
 
     @classmethod

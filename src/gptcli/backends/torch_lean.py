@@ -265,4 +265,5 @@ def build(config: Architecture | Mapping[str, Any], files: list[Path], device: s
     cls = LeanGPT2 if arch.family == "gpt2" else LeanDecoder
     model = cls(arch, tensors, torch.device(device), dtype)
     model.initial_cache = INITIAL_CACHE
+    model.native_attention()  # built here, not in the first request (and a bad GPTCLI_NATIVE_KERNELS fails the load)
     return model

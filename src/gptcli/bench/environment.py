@@ -81,7 +81,7 @@ def environment() -> dict[str, Any]:
 
 def measured_kernels() -> dict[str, Any]:
     """The kernel choices this machine has measured (gptcli.tuning): None for one not measured yet."""
-    from gptcli.backends import int4_native
+    from gptcli.backends import int4_native, native_attention
     from gptcli.backends.int8_native import reported_choice
     from gptcli.backends.lean_tuning import cached_choice
 
@@ -96,6 +96,7 @@ def measured_kernels() -> dict[str, Any]:
         "torch_float32_one_row_kernel": one_row["kernel"] if one_row else None,
         "torch_int8_kernel": reported_choice(default_threads())["kernel"],
         "torch_int4_kernel": int4_native.reported_choice(default_threads())["kernel"],
+        "torch_attention": native_attention.reported()["kernel"],
         "onnx_matmulnbits_accuracy_level": {f"int{b}": level for b, level in nbits.levels.items()} if nbits else None,
         "onnx_int4_kernel": int4_native.onnx_op_choice()["kernel"],
     }
