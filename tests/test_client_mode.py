@@ -451,6 +451,8 @@ def test_a_stream_broken_off_still_gives_generate_json_its_object(cut_short, iso
     assert result.returncode == 1 and err.count("error:") == 1 and "Traceback" not in err
     data = json.loads(result.stdout)
     assert (data["text"], data["finish_reason"], data["usage"]["completion_tokens"]) == ("Partial", "error", 1)
+    # The prompt's tokens are not known (a server says them at the end): null, where it said 0
+    assert data["usage"]["prompt_tokens"] is None and data["usage"]["total_tokens"] is None
     # Its times are the client's own (they were all 0.0, and ttft_s 0.0 for a token that came).
     assert data["timings"]["ttft_s"] > 0 and data["timings"]["total_s"] >= data["timings"]["ttft_s"]
     assert data["error"] == f"{cut_short} closed the stream before the answer finished"

@@ -599,6 +599,15 @@ def test_a_null_error_in_a_chunk_is_no_error(canned, opener):
     assert [e.text for e in events[:-1]] == ["Hel", "lo"] and (events[-1].reason, events[-1].text) == ("stop", "Hello")
 
 
+def test_a_stream_without_usage_leaves_the_prompts_count_unknown_not_zero(canned, opener):
+    from gptcli.timings import timings_line, usage
+
+    (*_, finished) = remote(canned, "null-error", opener).complete("hi", GREEDY)  # its stream sends no usage
+    assert finished.stats.prompt_tokens is None and finished.stats.new_tokens == 2  # counted from the chunks
+    assert usage(finished.stats) == {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": None}
+    assert timings_line(finished.stats).startswith("prompt ? tok · ") and finished.stats.prefill_tokens_per_s == 0
+
+
 def test_usage_counts_that_are_not_counts_leave_the_text_and_estimate_the_stats(canned, opener):
     events = list(remote(canned, "odd-usage", opener).complete("hi", GREEDY))
     finished = events[-1]

@@ -685,3 +685,14 @@ def test_the_partial_json_object_has_the_keys_of_the_whole_one(tiny_models, tok,
     assert run([*args, "--strategy", "map-reduce", "--overlap", "0"]) == BackendError.exit_code
     data = json.loads(capsys.readouterr().out)
     assert data["partials"] == ["Part 0.", "Part 1."] and (data["model"], data["url"]) == ("m", "http://127.0.0.1:9/v1")
+
+
+def test_the_prompt_token_total_is_null_where_a_server_did_not_say_one_calls_count():
+    from gptcli.summarize import Call, SummaryResult
+
+    def result(*counts):
+        calls = [Call("map", 0, count, 10, 5, 0.1, "stop") for count in counts]
+        return SummaryResult("s", "map-reduce", 20, 600, 200, calls=calls).as_dict()
+
+    assert result(12, 30)["prompt_tokens"] == 42
+    assert result(12, None)["prompt_tokens"] is None  # not 12: one call's count is not known

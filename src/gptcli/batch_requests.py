@@ -39,6 +39,7 @@ from gptcli.prompts import (
 )
 from gptcli.stopping import STOP_FIELDS, stop_options
 from gptcli.textio import lone_surrogate_at, one_line
+from gptcli.timings import usage
 from gptcli.tokenizer import Tokenizer
 from gptcli.tool_reply import openai_calls, reply_of
 from gptcli.tools import ToolSpec, answer_schema, call_fields, chat_prompt, tool_spec
@@ -275,12 +276,7 @@ def result_record(request: BatchRequest, finished: Finished) -> dict[str, Any]:
     return {
         **record,
         "finish_reason": finish,
-        "usage": {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-        },
+        "usage": {**usage(stats), "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}},
     }
 
 

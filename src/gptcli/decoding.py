@@ -31,7 +31,7 @@ FINISH_REASONS = ("stop", "length", "context", "repetition", "interrupted", "can
 class Stats:
     """Timings of one generation, all derived from event timestamps."""
 
-    prompt_tokens: int
+    prompt_tokens: int | None  # None: not known (a server's reply that did not say, or was cut before it could)
     cached_tokens: int
     new_tokens: int
     decode_steps: int
@@ -42,8 +42,9 @@ class Stats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        computed = self.prompt_tokens - self.cached_tokens
-        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
+        if self.prompt_tokens is None or self.prefill_s <= 0:
+            return 0.0
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s
 
     @property
     def decode_tokens_per_s(self) -> float:

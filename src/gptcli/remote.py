@@ -307,7 +307,7 @@ class RemoteModel:
             time.perf_counter(),
             count(usage, "completion_tokens") or chunks,
             prompt_tokens=count(usage, "prompt_tokens"),
-            cached_tokens=count(usage.get("prompt_tokens_details"), "cached_tokens"),
+            cached_tokens=count(usage.get("prompt_tokens_details"), "cached_tokens") or 0,
         )
         finished = Finished(_REASON_NAMES.get(reason or "stop", "stop"), stats, "".join(pieces), ())
         yield finished if calls is None else calls.finished(finished)

@@ -88,18 +88,25 @@ def chunk_problem(chunk: dict[str, Any], *, chat: bool) -> str | None:
     return None
 
 
-def count(usage: Any, key: str) -> int:
-    """A token count from a server's usage object; 0 where it gives none or one that is not a count, as for a
-    server that sends no usage (the new tokens are then counted from the chunks)."""
+def count(usage: Any, key: str) -> int | None:
+    """A token count from a server's usage object; None where it gives none or one that is not a count, as for a
+    server that sends no usage (its new tokens are then counted from the chunks)."""
     value = usage.get(key) if isinstance(usage, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def streamed_stats(
-    start: float, first: float | None, end: float, new_tokens: int, *, prompt_tokens: int = 0, cached_tokens: int = 0
+    start: float,
+    first: float | None,
+    end: float,
+    new_tokens: int,
+    *,
+    prompt_tokens: int | None = None,
+    cached_tokens: int = 0,
 ) -> Stats:
     """A streamed reply's stats, from when it was asked for, its first token's time (None: none came) and its end.
-    The server's own prefill is not seen here: it is the time to the first token."""
+    The server's own prefill is not seen here: it is the time to the first token. The prompt's tokens are the
+    server's count (None: it gave none, or the stream broke before its end)."""
     first = end if first is None else first
     steps = max(new_tokens - 1, 0)
     return Stats(

@@ -71,7 +71,7 @@ class Call:
 
     stage: str  # "stuff" | "map" | "combine"
     level: int
-    prompt_tokens: int
+    prompt_tokens: int | None  # None: a server that did not say
     input_tokens: int
     output_tokens: int
     seconds: float
@@ -107,7 +107,7 @@ class SummaryResult:
             "chunk_tokens": self.chunks,
             "combine_levels": self.combine_levels,
             "calls": [c.__dict__ for c in self.calls],
-            "prompt_tokens": sum(c.prompt_tokens for c in self.calls),
+            "prompt_tokens": None if None in (counts := [c.prompt_tokens for c in self.calls]) else sum(counts),
             "completion_tokens": sum(c.output_tokens for c in self.calls),
             "total_s": round(self.seconds, 3),
         }

@@ -20,6 +20,7 @@ from gptcli.cli import render
 from gptcli.cli.chat_repl import ReplyInterrupts, SecondInterrupt, report_end, stream_plain
 from gptcli.cli.inputs import stdin_lines
 from gptcli.errors import EXIT_INTERRUPTED, ConfigError, GptcliError, InputError, UsageError
+from gptcli.timings import usage
 
 # What one line can get wrong (too long, a bad command or /set value): that line is answered with the
 # error and the chat goes on. Anything else (a server gone, an unknown model) ends it with its exit code.
@@ -98,11 +99,7 @@ def reply_record(turn: Any, conversation_id: str) -> dict[str, Any]:
     }
     if finished is not None and finished.stats is not None:
         stats = finished.stats
-        record["usage"] = {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens,
-        }
+        record["usage"] = usage(stats)
     return record
 
 

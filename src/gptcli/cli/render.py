@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from gptcli.errors import GptcliError
 from gptcli.textio import escaped_matches
+from gptcli.timings import usage
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 # What a terminal acts on rather than shows: C0 controls but tab and line feed (ESC starts a sequence that can
@@ -175,11 +176,7 @@ def result_fields(finished: Any) -> dict[str, Any]:
         "text": finished.text,
         "finish_reason": finished.reason,
         **({"error": finished.error} if getattr(finished, "error", "") else {}),
-        "usage": {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens,
-        },
+        "usage": usage(stats),
         "timings": stats.timings(),
     }
 
