@@ -49,13 +49,16 @@ def _inputs(heads: int, kv_heads: int, head_dim: int, count: int, dtype: torch.d
     return q, k, v
 
 
-def _sdpa(q, cache: LeanCache, row: int, window: int | None) -> torch.Tensor:
-    """What SDPA computes for sequence `row` (in float32), over the cache with its new row written."""
-    end = cache.length + 1
-    first = 0 if window is None else max(0, end - window)
+def _sdpa_chunk(q, cache: LeanCache, start: int, window: int | None) -> torch.Tensor:
+    """What SDPA computes for a chunk (or a decode row) written at `start`, in float32: each position over itself and
+    the ones before it."""
+    end = start + q.shape[1]
+    first = 0 if window is None else max(0, start + 1 - window)
+    rows, cols = torch.arange(start, end)[:, None], torch.arange(first, end)[None, :]
+    mask = cols <= rows if window is None else (cols <= rows) & (cols > rows - window)
     keys, values = cache.keys[1][:, first:end].float(), cache.values[1][:, first:end].float()
-    out = F.scaled_dot_product_attention(q[:, [row]].float()[None], keys[None], values[None], enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(-1)
+    out = F.scaled_dot_product_attention(q.float()[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
 # (heads, kv heads, head dim): the default model's; one key head of 256 (Gemma 3 270M); a head dim that fits no
@@ -79,7 +82,7 @@ def test_it_computes_what_sdpa_computes_on_every_path(libraries, shape, window, 
         for row, cache in enumerate(caches):
             assert torch.equal(cache.keys[1][:, cache.length], k[:, row])  # the new rows, written at the length
             assert torch.equal(cache.values[1][:, cache.length], v[:, row])
-            error = (out[row].float() - _sdpa(q, cache, row, window)).abs().max().item()
+            error = (out[row].float() - _sdpa_chunk(q[:, [row]], cache, cache.length, window)[0]).abs().max().item()
             assert error < (1e-5 if dtype == torch.float32 else 2e-2), (library, row, error)
             assert cache.length == lengths[row]  # the step advances it, not the attention
 
@@ -105,17 +108,6 @@ def test_a_sequence_gets_the_same_bits_alone_in_company_and_on_any_thread_count(
         finally:
             torch.set_num_threads(before)
         assert torch.equal(one_thread, together)
-
-
-def _sdpa_chunk(q, cache: LeanCache, start: int, window: int | None) -> torch.Tensor:
-    """What SDPA computes for a chunk written at `start` (float32): each position over itself and the ones before."""
-    end = start + q.shape[1]
-    first = 0 if window is None else max(0, start + 1 - window)
-    rows, cols = torch.arange(start, end)[:, None], torch.arange(first, end)[None, :]
-    mask = cols <= rows if window is None else (cols <= rows) & (cols > rows - window)
-    keys, values = cache.keys[1][:, first:end].float(), cache.values[1][:, first:end].float()
-    out = F.scaled_dot_product_attention(q.float()[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
 # (past positions, chunk positions, window): a first chunk, one after a past, one whose rows reach back past the

@@ -303,15 +303,17 @@ def reported_choice(threads: int) -> dict[str, Any]:
     return report("torch's _weight_int8pack_mm", "int8", lambda: cached_choice(threads))
 
 
-def report(torchs: str, what: str, recorded: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
-    """A kernel choice as `backends --json` says it: torch's where no native kernel can run here (unavailable_reason),
-    the `recorded()` choice, or when it will be measured."""
+def report(
+    torchs: str, what: str, recorded: Callable[[], dict[str, Any] | None], fallback: str = TORCH
+) -> dict[str, Any]:
+    """A kernel choice as `backends --json` says it: torch's (`fallback`) where no native kernel can run here
+    (unavailable_reason), the `recorded()` choice, or when it will be measured."""
     try:
         reason = unavailable_reason()
     except ConfigError as exc:  # a bad GPTCLI_NATIVE_KERNELS: said here, an error when a model loads
         return {"kernel": None, "reason": str(exc)}
     if reason is not None:
-        return {"kernel": TORCH, "reason": f"{torchs}: {reason}"}
+        return {"kernel": fallback, "reason": f"{torchs}: {reason}"}
     return recorded() or {
         "kernel": None,
         "reason": f"measured when a model of {MIN_PARAMS // 1_000_000}M+ parameters is first loaded at {what} here",

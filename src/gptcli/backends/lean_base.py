@@ -228,9 +228,13 @@ class LeanModel:
         """A one-row step attends per key-head group (`_attend`): grouped query heads in bf16/fp16."""
         return self.heads != self.kv_heads and self.dtype != torch.float32
 
+    def _window(self, layer: int) -> int | None:
+        """How many last positions the layer attends to (a sliding layer's window), or None: all."""
+        return self.windows[layer] if self.windows else None
+
     def _first_seen(self, layer: int, start: int) -> int:
         """The first cached position that a query at `start` (or after it) can see: 0, or a sliding layer's window."""
-        window = self.windows[layer] if self.windows else None
+        window = self._window(layer)
         return 0 if window is None else max(0, start + 1 - window)
 
     def native_attention(self) -> NativeAttention | None:
@@ -249,9 +253,8 @@ class LeanModel:
         cache keeps every position, so only the keys some query of this chunk can see are read. gptcli's own
         attention runs it where it can (one row: the same call as in company, so the same bits).
         """
-        n, start = q.shape[1], cache.length
+        n, start, window = q.shape[1], cache.length, self._window(layer)
         if (native := self.native_attention()) is not None:
-            window = self.windows[layer] if self.windows else None
             return (
                 native.decode(q, k, v, [cache], layer, window)
                 if n == 1
@@ -260,7 +263,6 @@ class LeanModel:
         end = start + n
         cache.keys[layer][:, start:end] = k
         cache.values[layer][:, start:end] = v
-        window = self.windows[layer] if self.windows else None
         first = self._first_seen(layer, start)
         keys = cache.keys[layer][:, first:end].unsqueeze(0)
         values = cache.values[layer][:, first:end].unsqueeze(0)
@@ -290,8 +292,7 @@ class LeanModel:
             return self._attend(q, k, v, layer, spans[0].cache)
         decoding = all(span.end - span.begin == 1 for span in spans)
         if decoding and (native := self.native_attention()) is not None:
-            window = self.windows[layer] if self.windows else None
-            return native.decode(q, k, v, [span.cache for span in spans], layer, window)
+            return native.decode(q, k, v, [span.cache for span in spans], layer, self._window(layer))
         if decoding and not self._groups_one_row:
             return self._attend_decode_rows(q, k, v, layer, [span.cache for span in spans])
         # One SDPA call per sequence: exactly what that sequence would compute alone.

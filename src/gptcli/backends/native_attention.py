@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from gptcli.backends import int8_native
-from gptcli.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -124,14 +123,12 @@ def native_attention_for(
 
 def reported() -> dict[str, Any]:
     """What `gptcli backends --json` and bench's environment say: which attention the lean engine runs, and why."""
-    try:
-        reason = int8_native.unavailable_reason()
-    except ConfigError as exc:  # a bad GPTCLI_NATIVE_KERNELS: said here, an error when a model loads
-        return {"kernel": None, "reason": str(exc)}
-    if reason is not None:
-        return {"kernel": SDPA, "reason": f"torch's SDPA: {reason}"}
-    return {
-        "kernel": int8_native.NATIVE,
-        "reason": f"{int8_native.widest_path()}: decode rows (every sequence of a layer in one call) and prompt chunks,"
-        " float32 and bfloat16 caches on a CPU (SDPA for the rest)",
-    }
+
+    def native() -> dict[str, Any]:
+        paths = "decode rows (every sequence of a layer in one call) and prompt chunks"
+        return {
+            "kernel": int8_native.NATIVE,
+            "reason": f"{int8_native.widest_path()}: {paths}, float32 and bfloat16 caches on a CPU (SDPA for the rest)",
+        }
+
+    return int8_native.report("torch's SDPA", "attention", native, fallback=SDPA)
